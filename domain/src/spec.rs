@@ -1,0 +1,710 @@
+//! The validated parts of a task specification.
+//!
+//! Input is parsed into these newtypes at the edge (`CommitId::parse(s)?`);
+//! inside the platform the types guarantee validity, so a task that was
+//! accepted can always be fetched, built and run as written.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// A reason why one field of an input is not acceptable.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{field}: {reason}")]
+pub struct FieldError {
+    /// The field's path in the request body, such as `resources.cpus`.
+    pub field: String,
+    /// What is wrong, in words a person can act on.
+    pub reason: String,
+}
+
+impl FieldError {
+    /// A new error for `field`.
+    pub fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// A full git commit id: 40 hexadecimal digits (SHA-1) or 64 (SHA-256),
+/// kept in lower case. Abbreviated ids are refused because they can become
+/// ambiguous as a repository grows, and a task must name exactly one commit.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct CommitId(String);
+
+impl CommitId {
+    /// Parses a full commit id.
+    ///
+    /// # Errors
+    /// A reason when `s` is not 40 or 64 hexadecimal digits.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        if s.len() != 40 && s.len() != 64 {
+            return Err(format!(
+                "must be a full commit id of 40 (or 64) hexadecimal digits, got {} characters",
+                s.chars().count()
+            ));
+        }
+        if !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err("must contain only hexadecimal digits 0-9 and a-f".into());
+        }
+        Ok(Self(s.to_ascii_lowercase()))
+    }
+
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for CommitId {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        Self::parse(&s)
+    }
+}
+impl From<CommitId> for String {
+    fn from(c: CommitId) -> String {
+        c.0
+    }
+}
+impl fmt::Display for CommitId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A path to a Dockerfile inside the env repository: relative, with `/`
+/// separators, never absolute and never climbing out with `..`. Stored
+/// normalised (`./a//b` becomes `a/b`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct DockerfilePath(String);
+
+impl DockerfilePath {
+    /// Parses and normalises a path inside a repository.
+    ///
+    /// # Errors
+    /// A reason when the path is empty, absolute, uses `\`, contains `..`
+    /// or a NUL, or is longer than 1024 bytes.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        if s.is_empty() {
+            return Err("must not be empty".into());
+        }
+        if s.len() > 1024 {
+            return Err("must be at most 1024 bytes".into());
+        }
+        if s.contains('\0') || s.chars().any(char::is_control) {
+            return Err("must not contain control characters".into());
+        }
+        if s.contains('\\') {
+            return Err("must use / as the separator".into());
+        }
+        if s.starts_with('/') || s.as_bytes().get(1) == Some(&b':') {
+            return Err("must be relative to the env repository, not absolute".into());
+        }
+        let mut parts = Vec::new();
+        for part in s.split('/') {
+            match part {
+                "" | "." => {}
+                ".." => return Err("must not contain '..': it would leave the repository".into()),
+                p => parts.push(p),
+            }
+        }
+        if parts.is_empty() {
+            return Err("must name a file".into());
+        }
+        if parts.first().is_some_and(|p| *p == ".git") {
+            return Err("must not point into .git".into());
+        }
+        Ok(Self(parts.join("/")))
+    }
+
+    /// The normalised path.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for DockerfilePath {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        Self::parse(&s)
+    }
+}
+impl From<DockerfilePath> for String {
+    fn from(c: DockerfilePath) -> String {
+        c.0
+    }
+}
+impl fmt::Display for DockerfilePath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Which repository URLs a server accepts beyond `https`, `ssh` and `git`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct UrlPolicy {
+    /// Whether `file://` URLs are accepted. Only sensible when agents run
+    /// on the same machine as the repositories (as with `unidesk dev`).
+    pub allow_file: bool,
+}
+
+/// A git repository URL with scheme `https`, `ssh` or `git`, the scp-like
+/// `user@host:path` form (ssh), or `file://` where the server allows it.
+/// Passwords inside the URL are refused so that no secret reaches the event
+/// log.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct RepoUrl(String);
+
+impl RepoUrl {
+    /// Parses a repository URL under `policy`.
+    ///
+    /// # Errors
+    /// A reason when the scheme is not allowed, the URL is malformed, holds
+    /// a password, whitespace or control characters, or starts with `-`.
+    pub fn parse(s: &str, policy: UrlPolicy) -> Result<Self, String> {
+        if s.is_empty() {
+            return Err("must not be empty".into());
+        }
+        if s.len() > 2048 {
+            return Err("must be at most 2048 bytes".into());
+        }
+        if s.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err("must not contain whitespace or control characters".into());
+        }
+        if s.starts_with('-') {
+            return Err("must not start with '-'".into());
+        }
+        if let Some((scheme, rest)) = s.split_once("://") {
+            let scheme = scheme.to_ascii_lowercase();
+            match scheme.as_str() {
+                "https" | "ssh" | "git" => {
+                    let authority = rest.split('/').next().unwrap_or_default();
+                    if authority.is_empty() {
+                        return Err("must name a host".into());
+                    }
+                    if let Some((userinfo, _)) = authority.rsplit_once('@') {
+                        if userinfo.contains(':') {
+                            return Err(
+                                "must not contain a password; give nodes credentials another way"
+                                    .into(),
+                            );
+                        }
+                    }
+                    if rest.len() <= authority.len() + 1 {
+                        return Err("must name a repository path".into());
+                    }
+                }
+                "file" => {
+                    if !policy.allow_file {
+                        return Err(
+                            "file:// URLs are not allowed on this server; use https, ssh or git"
+                                .into(),
+                        );
+                    }
+                    if !rest.starts_with('/') {
+                        return Err("file:// URLs must hold an absolute path".into());
+                    }
+                }
+                other => {
+                    return Err(format!(
+                        "scheme {other:?} is not allowed; use https, ssh or git"
+                    ))
+                }
+            }
+            return Ok(Self(s.to_string()));
+        }
+        // scp-like syntax: [user@]host:path, which git treats as ssh.
+        match s.split_once(':') {
+            Some((host, path)) if !host.is_empty() && !path.is_empty() && !host.contains('/') => {
+                Ok(Self(s.to_string()))
+            }
+            _ => Err("must be a URL with scheme https, ssh or git (or user@host:path)".into()),
+        }
+    }
+
+    /// The URL as given.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for RepoUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// What a task needs from a node.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Resources {
+    /// CPU cores, fractions allowed (0.5 is half a core).
+    pub cpus: f64,
+    /// Memory in MiB.
+    pub memory_mb: u64,
+    /// Whole GPUs.
+    pub gpus: u32,
+}
+
+impl Default for Resources {
+    fn default() -> Self {
+        Self {
+            cpus: 1.0,
+            memory_mb: 1024,
+            gpus: 0,
+        }
+    }
+}
+
+impl Resources {
+    /// CPU in thousandths of a core, the unit the scheduler adds up.
+    pub fn millicpus(&self) -> u64 {
+        (self.cpus * 1000.0).round() as u64
+    }
+}
+
+/// A validated task specification: what to run, where it comes from and
+/// what it needs. Immutable once submitted.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskSpec {
+    /// The project the task belongs to.
+    pub project_id: Uuid,
+    /// The repository holding the code.
+    pub code_repo_url: RepoUrl,
+    /// The exact code commit to run.
+    pub code_commit_id: CommitId,
+    /// The repository holding the environment definition.
+    pub env_repo_url: RepoUrl,
+    /// The exact env commit to build.
+    pub env_commit_id: CommitId,
+    /// The Dockerfile inside the env repository.
+    pub dockerfile_path: DockerfilePath,
+    /// The argv to run; empty runs the image's default command.
+    pub command: Vec<String>,
+    /// Environment variables for the container.
+    pub env: BTreeMap<String, String>,
+    /// CPUs, memory and GPUs the task needs.
+    pub resources: Resources,
+    /// Node labels the task requires (all must match).
+    pub labels: BTreeMap<String, String>,
+    /// Higher runs first; ties go to the oldest.
+    pub priority: i32,
+    /// Wall-clock limit of one attempt's run, if any.
+    pub timeout_s: Option<u64>,
+    /// How many times the task is retried after its node is lost.
+    pub max_retries: u32,
+}
+
+/// The raw, unvalidated form of a resources request.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResourcesDraft {
+    /// CPU cores.
+    pub cpus: Option<f64>,
+    /// Memory in MiB.
+    pub memory_mb: Option<i64>,
+    /// Whole GPUs.
+    pub gpus: Option<i64>,
+}
+
+/// The raw, unvalidated form of a task submission, as it arrives at the
+/// edge. [`TaskSpecDraft::validate`] names every field that is wrong at once.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskSpecDraft {
+    /// See [`TaskSpec::project_id`].
+    pub project_id: Option<Uuid>,
+    /// See [`TaskSpec::code_repo_url`].
+    pub code_repo_url: Option<String>,
+    /// See [`TaskSpec::code_commit_id`].
+    pub code_commit_id: Option<String>,
+    /// See [`TaskSpec::env_repo_url`].
+    pub env_repo_url: Option<String>,
+    /// See [`TaskSpec::env_commit_id`].
+    pub env_commit_id: Option<String>,
+    /// See [`TaskSpec::dockerfile_path`].
+    pub dockerfile_path: Option<String>,
+    /// See [`TaskSpec::command`].
+    pub command: Option<Vec<String>>,
+    /// See [`TaskSpec::env`].
+    pub env: Option<BTreeMap<String, String>>,
+    /// See [`TaskSpec::resources`].
+    pub resources: Option<ResourcesDraft>,
+    /// See [`TaskSpec::labels`].
+    pub labels: Option<BTreeMap<String, String>>,
+    /// See [`TaskSpec::priority`].
+    pub priority: Option<i64>,
+    /// See [`TaskSpec::timeout_s`].
+    pub timeout_s: Option<i64>,
+    /// See [`TaskSpec::max_retries`].
+    pub max_retries: Option<i64>,
+}
+
+/// Limits on a task specification.
+pub mod limits {
+    /// Most arguments in `command`.
+    pub const MAX_ARGS: usize = 1024;
+    /// Most bytes in one argument.
+    pub const MAX_ARG_BYTES: usize = 64 * 1024;
+    /// Most environment variables.
+    pub const MAX_ENV: usize = 256;
+    /// Most bytes in one environment value.
+    pub const MAX_ENV_VALUE_BYTES: usize = 32 * 1024;
+    /// Most labels.
+    pub const MAX_LABELS: usize = 64;
+    /// Largest `timeout_s`: one year.
+    pub const MAX_TIMEOUT_S: i64 = 365 * 24 * 3600;
+    /// Largest `max_retries`.
+    pub const MAX_RETRIES: i64 = 100;
+    /// Default `max_retries`: a task survives two lost nodes.
+    pub const DEFAULT_RETRIES: u32 = 2;
+}
+
+/// Checks one label map (used for task selectors and node labels).
+///
+/// # Errors
+/// A [`FieldError`] under `field` naming the first bad key or value.
+pub fn validate_labels(field: &str, labels: &BTreeMap<String, String>) -> Result<(), FieldError> {
+    if labels.len() > limits::MAX_LABELS {
+        return Err(FieldError::new(
+            field,
+            format!("at most {} labels", limits::MAX_LABELS),
+        ));
+    }
+    for (k, v) in labels {
+        let key_ok = !k.is_empty()
+            && k.len() <= 63
+            && k.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
+            && k.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-/".contains(&b));
+        if !key_ok {
+            return Err(FieldError::new(
+                format!("{field}.{k}"),
+                "label keys are 1-63 characters of letters, digits, '.', '_', '-' or '/', starting with a letter or digit",
+            ));
+        }
+        let value_ok = v.len() <= 63
+            && v.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+        if !value_ok {
+            return Err(FieldError::new(
+                format!("{field}.{k}"),
+                "label values are at most 63 characters of letters, digits, '.', '_' or '-'",
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn required<T>(errors: &mut Vec<FieldError>, field: &str, v: Option<T>) -> Option<T> {
+    if v.is_none() {
+        errors.push(FieldError::new(field, "is required"));
+    }
+    v
+}
+
+fn parsed<T>(
+    errors: &mut Vec<FieldError>,
+    field: &str,
+    v: Option<String>,
+    parse: impl FnOnce(&str) -> Result<T, String>,
+) -> Option<T> {
+    let s = required(errors, field, v)?;
+    parse(&s)
+        .map_err(|reason| errors.push(FieldError::new(field, reason)))
+        .ok()
+}
+
+fn ranged(
+    errors: &mut Vec<FieldError>,
+    field: &str,
+    v: i64,
+    range: std::ops::RangeInclusive<i64>,
+) -> Option<i64> {
+    if range.contains(&v) {
+        Some(v)
+    } else {
+        errors.push(FieldError::new(
+            field,
+            format!(
+                "must be between {} and {}, got {v}",
+                range.start(),
+                range.end()
+            ),
+        ));
+        None
+    }
+}
+
+impl ResourcesDraft {
+    fn validate(self, errors: &mut Vec<FieldError>) -> Resources {
+        let d = Resources::default();
+        let cpus = match self.cpus {
+            None => d.cpus,
+            Some(c) if c.is_finite() && c > 0.0 && c <= 4096.0 => c,
+            Some(c) => {
+                errors.push(FieldError::new(
+                    "resources.cpus",
+                    format!("must be more than 0 and at most 4096, got {c}"),
+                ));
+                d.cpus
+            }
+        };
+        let memory_mb = self
+            .memory_mb
+            .and_then(|m| ranged(errors, "resources.memory_mb", m, 1..=64 * 1024 * 1024))
+            .map_or(d.memory_mb, |m| m as u64);
+        let gpus = self
+            .gpus
+            .and_then(|g| ranged(errors, "resources.gpus", g, 0..=64))
+            .map_or(d.gpus, |g| g as u32);
+        Resources {
+            cpus,
+            memory_mb,
+            gpus,
+        }
+    }
+}
+
+impl TaskSpecDraft {
+    /// Validates every field and returns the spec, or every problem found.
+    ///
+    /// # Errors
+    /// One [`FieldError`] per bad or missing field.
+    pub fn validate(self, policy: UrlPolicy) -> Result<TaskSpec, Vec<FieldError>> {
+        let mut e = Vec::new();
+        let project_id = required(&mut e, "project_id", self.project_id);
+        let url = |s: &str| RepoUrl::parse(s, policy);
+        let code_repo_url = parsed(&mut e, "code_repo_url", self.code_repo_url, url);
+        let code_commit_id = parsed(
+            &mut e,
+            "code_commit_id",
+            self.code_commit_id,
+            CommitId::parse,
+        );
+        let env_repo_url = parsed(&mut e, "env_repo_url", self.env_repo_url, url);
+        let env_commit_id = parsed(&mut e, "env_commit_id", self.env_commit_id, CommitId::parse);
+        let dockerfile_path = parsed(
+            &mut e,
+            "dockerfile_path",
+            self.dockerfile_path,
+            DockerfilePath::parse,
+        );
+        let command = self.command.unwrap_or_default();
+        if command.len() > limits::MAX_ARGS {
+            e.push(FieldError::new(
+                "command",
+                format!("at most {} arguments", limits::MAX_ARGS),
+            ));
+        }
+        for (i, arg) in command.iter().enumerate() {
+            if arg.contains('\0') || arg.len() > limits::MAX_ARG_BYTES {
+                e.push(FieldError::new(
+                    format!("command[{i}]"),
+                    "must be at most 64 KiB without NUL bytes",
+                ));
+            }
+        }
+        let env = self.env.unwrap_or_default();
+        if env.len() > limits::MAX_ENV {
+            e.push(FieldError::new(
+                "env",
+                format!("at most {} variables", limits::MAX_ENV),
+            ));
+        }
+        for (k, v) in &env {
+            let name_ok = k
+                .bytes()
+                .next()
+                .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+                && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+                && k.len() <= 256;
+            if !name_ok {
+                e.push(FieldError::new(
+                    format!("env.{k}"),
+                    "names are letters, digits and '_', not starting with a digit",
+                ));
+            }
+            if v.contains('\0') || v.len() > limits::MAX_ENV_VALUE_BYTES {
+                e.push(FieldError::new(
+                    format!("env.{k}"),
+                    "values are at most 32 KiB without NUL bytes",
+                ));
+            }
+        }
+        let resources = self.resources.unwrap_or_default().validate(&mut e);
+        let labels = self.labels.unwrap_or_default();
+        if let Err(err) = validate_labels("labels", &labels) {
+            e.push(err);
+        }
+        let priority = self
+            .priority
+            .and_then(|p| ranged(&mut e, "priority", p, -1000..=1000))
+            .unwrap_or(0) as i32;
+        let timeout_s = self
+            .timeout_s
+            .and_then(|t| ranged(&mut e, "timeout_s", t, 1..=limits::MAX_TIMEOUT_S))
+            .map(|t| t as u64);
+        let max_retries = self
+            .max_retries
+            .and_then(|r| ranged(&mut e, "max_retries", r, 0..=limits::MAX_RETRIES))
+            .map_or(limits::DEFAULT_RETRIES, |r| r as u32);
+        match (
+            project_id,
+            code_repo_url,
+            code_commit_id,
+            env_repo_url,
+            env_commit_id,
+            dockerfile_path,
+        ) {
+            (Some(project_id), Some(cru), Some(cci), Some(eru), Some(eci), Some(dp))
+                if e.is_empty() =>
+            {
+                Ok(TaskSpec {
+                    project_id,
+                    code_repo_url: cru,
+                    code_commit_id: cci,
+                    env_repo_url: eru,
+                    env_commit_id: eci,
+                    dockerfile_path: dp,
+                    command,
+                    env,
+                    resources,
+                    labels,
+                    priority,
+                    timeout_s,
+                    max_retries,
+                })
+            }
+            _ => Err(e),
+        }
+    }
+}
+
+/// Checks a name for a user, node or project: 1-63 characters of lower-case
+/// letters, digits, '.', '_' or '-', starting with a letter or digit.
+///
+/// # Errors
+/// A reason when the name does not fit.
+pub fn validate_name(s: &str) -> Result<(), String> {
+    let ok = !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err("must be 1-63 characters of lower-case letters, digits, '.', '_' or '-', starting with a letter or digit".into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SHA: &str = "0123456789abcdef0123456789abcdef01234567";
+
+    fn draft() -> TaskSpecDraft {
+        TaskSpecDraft {
+            project_id: Some(Uuid::nil()),
+            code_repo_url: Some("https://example.com/a/code.git".into()),
+            code_commit_id: Some(SHA.into()),
+            env_repo_url: Some("git@example.com:a/env.git".into()),
+            env_commit_id: Some(SHA.to_uppercase()),
+            dockerfile_path: Some("./docker//gpu/Dockerfile".into()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_complete_draft_becomes_a_normalised_spec_with_defaults() {
+        let spec = draft().validate(UrlPolicy::default()).unwrap();
+        assert_eq!(spec.dockerfile_path.as_str(), "docker/gpu/Dockerfile");
+        assert_eq!(spec.env_commit_id.as_str(), SHA);
+        assert_eq!(spec.resources, Resources::default());
+        assert_eq!(spec.max_retries, limits::DEFAULT_RETRIES);
+        assert_eq!(spec.priority, 0);
+    }
+
+    #[test]
+    fn short_and_non_hex_commit_ids_are_refused() {
+        assert!(CommitId::parse("abc1234").is_err());
+        assert!(CommitId::parse(&"g".repeat(40)).is_err());
+        assert!(CommitId::parse(&"a".repeat(64)).is_ok());
+    }
+
+    #[test]
+    fn dockerfile_paths_cannot_leave_the_repository() {
+        for bad in [
+            "/etc/passwd",
+            "../Dockerfile",
+            "a/../../b",
+            "a\\b",
+            "",
+            ".",
+            "C:/x",
+            ".git/config",
+        ] {
+            assert!(DockerfilePath::parse(bad).is_err(), "{bad} was accepted");
+        }
+        assert_eq!(DockerfilePath::parse("a/./b").unwrap().as_str(), "a/b");
+    }
+
+    #[test]
+    fn only_https_ssh_and_git_urls_pass_unless_file_is_allowed() {
+        let p = UrlPolicy::default();
+        assert!(RepoUrl::parse("https://h/r.git", p).is_ok());
+        assert!(RepoUrl::parse("ssh://git@h:22/r.git", p).is_ok());
+        assert!(RepoUrl::parse("git://h/r", p).is_ok());
+        assert!(RepoUrl::parse("git@h:r.git", p).is_ok());
+        assert!(RepoUrl::parse("http://h/r.git", p).is_err());
+        assert!(RepoUrl::parse("ftp://h/r.git", p).is_err());
+        assert!(RepoUrl::parse("https://u:secret@h/r.git", p).is_err());
+        assert!(RepoUrl::parse("-uhttps://h/r", p).is_err());
+        assert!(RepoUrl::parse("file:///srv/r.git", p).is_err());
+        let dev = UrlPolicy { allow_file: true };
+        assert!(RepoUrl::parse("file:///srv/r.git", dev).is_ok());
+        assert!(RepoUrl::parse("file://relative", dev).is_err());
+    }
+
+    #[test]
+    fn every_bad_field_is_named_at_once() {
+        let mut d = draft();
+        d.code_commit_id = Some("abc".into());
+        d.dockerfile_path = None;
+        d.resources = Some(ResourcesDraft {
+            cpus: Some(-1.0),
+            memory_mb: Some(-5),
+            gpus: None,
+        });
+        let errs = d.validate(UrlPolicy::default()).unwrap_err();
+        let fields: Vec<_> = errs.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "code_commit_id",
+                "dockerfile_path",
+                "resources.cpus",
+                "resources.memory_mb"
+            ]
+        );
+    }
+
+    #[test]
+    fn names_are_lower_case_words() {
+        assert!(validate_name("gpu-3").is_ok());
+        assert!(validate_name("Alice").is_err());
+        assert!(validate_name("-x").is_err());
+        assert!(validate_name(&"a".repeat(64)).is_err());
+    }
+}

@@ -1,0 +1,474 @@
+//! What may be asked of a task, and the rules that decide the answer.
+
+use chrono::{DateTime, Utc};
+use cqrs_es::event_sink::EventSink;
+use cqrs_es::Aggregate;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use super::{Task, TaskError, TaskEvent, TaskState};
+use crate::spec::TaskSpec;
+use crate::Actor;
+
+/// How an attempt ended, as reported by its node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum Outcome {
+    /// Exit status 0.
+    Succeeded,
+    /// Anything else that ends the task.
+    Failed {
+        /// The exit status, if the command ran.
+        exit_code: Option<i64>,
+        /// Why, for a person.
+        reason: String,
+    },
+    /// Stopped after a cancel request.
+    Cancelled,
+    /// Stopped by the node at the task's time limit.
+    TimedOut,
+}
+
+/// The commands of the Task aggregate.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum TaskCommand {
+    /// Queue a new task.
+    Submit {
+        /// The new task's id.
+        task_id: Uuid,
+        /// What to run.
+        spec: TaskSpec,
+        /// Who asks.
+        by: Actor,
+        /// When.
+        at: DateTime<Utc>,
+    },
+    /// Place the next attempt on a node (the scheduler).
+    Assign {
+        /// The node.
+        node_id: Uuid,
+        /// Why this node, for the timeline.
+        reason: String,
+        /// When.
+        at: DateTime<Utc>,
+    },
+    /// The node took the attempt on.
+    Accept {
+        /// The reporting node.
+        node_id: Uuid,
+        /// The attempt it reports for.
+        attempt: u32,
+        /// When.
+        at: DateTime<Utc>,
+    },
+    /// The node is preparing the attempt.
+    ReportPreparing {
+        /// The reporting node.
+        node_id: Uuid,
+        /// The attempt.
+        attempt: u32,
+        /// Which step.
+        stage: String,
+        /// When.
+        at: DateTime<Utc>,
+    },
+    /// The attempt's container started.
+    ReportStarted {
+        /// The reporting node.
+        node_id: Uuid,
+        /// The attempt.
+        attempt: u32,
+        /// The container id.
+        container: String,
+        /// When.
+        at: DateTime<Utc>,
+    },
+    /// The attempt ended.
+    ReportExited {
+        /// The reporting node.
+        node_id: Uuid,
+        /// The attempt.
+        attempt: u32,
+        /// How.
+        outcome: Outcome,
+        /// When.
+        at: DateTime<Utc>,
+    },
+    /// Stop the task: at once when queued, through its node otherwise.
+    RequestCancel {
+        /// Who asks.
+        by: Actor,
+        /// When.
+        at: DateTime<Utc>,
+    },
+    /// The attempt's node went away (the scheduler's liveness check).
+    MarkLost {
+        /// The node that was lost.
+        node_id: Uuid,
+        /// The attempt it held.
+        attempt: u32,
+        /// Why, for the timeline.
+        reason: String,
+        /// When.
+        at: DateTime<Utc>,
+    },
+    /// The attempt ran past `timeout_s`.
+    TimeOut {
+        /// The attempt.
+        attempt: u32,
+        /// Who noticed.
+        by: Actor,
+        /// When.
+        at: DateTime<Utc>,
+    },
+    /// An output of the attempt was stored.
+    RecordArtifact {
+        /// The reporting node.
+        node_id: Uuid,
+        /// The attempt.
+        attempt: u32,
+        /// The output's name.
+        name: String,
+        /// The object key.
+        key: String,
+        /// Bytes.
+        size: u64,
+        /// Hex SHA-256.
+        sha256: String,
+        /// When.
+        at: DateTime<Utc>,
+    },
+}
+
+/// How a report relates to the task's current attempt.
+enum Report {
+    /// The attempt is live on this node.
+    Live,
+    /// The attempt already ended; the report may only repeat how.
+    Ended,
+}
+
+impl Task {
+    /// Checks that `node_id` may report for `attempt`.
+    fn check_report(&self, node_id: Uuid, attempt: u32) -> Result<Report, TaskError> {
+        if self.state == TaskState::New {
+            return Err(TaskError::NotFound);
+        }
+        let Some(last) = self.attempts.last() else {
+            return Err(TaskError::StaleAttempt {
+                current: 0,
+                reported: attempt,
+            });
+        };
+        if attempt != self.attempt {
+            return Err(TaskError::StaleAttempt {
+                current: self.attempt,
+                reported: attempt,
+            });
+        }
+        if last.node_id != node_id {
+            return Err(TaskError::WrongNode {
+                assigned: last.node_id,
+                reporter: node_id,
+            });
+        }
+        if self.state.holds_node() {
+            return Ok(Report::Live);
+        }
+        if let Some(outcome) = last.outcome.as_deref().filter(|o| *o == "lost") {
+            return Err(TaskError::ConflictingReport {
+                attempt,
+                outcome: outcome.to_string(),
+            });
+        }
+        Ok(Report::Ended)
+    }
+
+    fn transition_error(&self, action: &'static str) -> TaskError {
+        if self.state == TaskState::New {
+            TaskError::NotFound
+        } else {
+            TaskError::InvalidTransition {
+                state: self.state,
+                action,
+            }
+        }
+    }
+
+    /// Decides which events `command` produces, without changing anything.
+    ///
+    /// # Errors
+    /// A [`TaskError`] when the command is refused; nothing is appended.
+    pub fn decide(&self, command: TaskCommand) -> Result<Vec<TaskEvent>, TaskError> {
+        use TaskCommand as C;
+        use TaskEvent as E;
+        match command {
+            C::Submit {
+                task_id,
+                spec,
+                by,
+                at,
+            } => {
+                if self.state != TaskState::New {
+                    return Err(TaskError::AlreadyExists);
+                }
+                Ok(vec![E::Submitted {
+                    task_id,
+                    spec: Box::new(spec),
+                    by,
+                    at,
+                }])
+            }
+            C::Assign {
+                node_id,
+                reason,
+                at,
+            } => {
+                if self.state != TaskState::Queued {
+                    return Err(self.transition_error("assign"));
+                }
+                Ok(vec![E::Assigned {
+                    node_id,
+                    attempt: self.attempt + 1,
+                    reason,
+                    at,
+                }])
+            }
+            C::Accept {
+                node_id,
+                attempt,
+                at,
+            } => match self.check_report(node_id, attempt)? {
+                Report::Live if self.state == TaskState::Assigned => {
+                    Ok(vec![E::Accepted { attempt, at }])
+                }
+                _ => Ok(vec![]),
+            },
+            C::ReportPreparing {
+                node_id,
+                attempt,
+                stage,
+                at,
+            } => match self.check_report(node_id, attempt)? {
+                Report::Live => match self.state {
+                    TaskState::Preparing if self.stage.as_deref() == Some(stage.as_str()) => {
+                        Ok(vec![])
+                    }
+                    TaskState::Assigned | TaskState::Accepted | TaskState::Preparing => {
+                        Ok(vec![E::Preparing { attempt, stage, at }])
+                    }
+                    _ => Err(self.transition_error("report preparing for")),
+                },
+                Report::Ended => Err(self.transition_error("report preparing for")),
+            },
+            C::ReportStarted {
+                node_id,
+                attempt,
+                container,
+                at,
+            } => match self.check_report(node_id, attempt)? {
+                Report::Live if self.state == TaskState::Running => {
+                    if self.container.as_deref() == Some(container.as_str()) {
+                        Ok(vec![])
+                    } else {
+                        Err(TaskError::ConflictingReport {
+                            attempt,
+                            outcome: format!(
+                                "running in container {}",
+                                self.container.as_deref().unwrap_or("?")
+                            ),
+                        })
+                    }
+                }
+                Report::Live => Ok(vec![E::Started {
+                    attempt,
+                    container,
+                    at,
+                }]),
+                Report::Ended => Err(self.transition_error("report started for")),
+            },
+            C::ReportExited {
+                node_id,
+                attempt,
+                outcome,
+                at,
+            } => match self.check_report(node_id, attempt)? {
+                Report::Live => Ok(vec![match outcome {
+                    Outcome::Succeeded => E::Succeeded { attempt, at },
+                    Outcome::Failed { exit_code, reason } => E::Failed {
+                        attempt: Some(attempt),
+                        exit_code,
+                        reason,
+                        at,
+                    },
+                    Outcome::Cancelled => E::Cancelled {
+                        attempt: Some(attempt),
+                        at,
+                    },
+                    Outcome::TimedOut => E::TimedOut {
+                        attempt,
+                        by: crate::Actor::Node(node_id.to_string()),
+                        at,
+                    },
+                }]),
+                Report::Ended => {
+                    let same = match (&outcome, self.state) {
+                        (Outcome::Succeeded, TaskState::Succeeded)
+                        | (Outcome::Cancelled, TaskState::Cancelled)
+                        | (Outcome::TimedOut, TaskState::TimedOut) => true,
+                        (Outcome::Failed { exit_code, reason }, TaskState::Failed) => {
+                            *exit_code == self.exit_code
+                                && Some(reason.as_str()) == self.reason.as_deref()
+                        }
+                        _ => false,
+                    };
+                    if same {
+                        Ok(vec![])
+                    } else {
+                        Err(TaskError::ConflictingReport {
+                            attempt,
+                            outcome: self.state.to_string(),
+                        })
+                    }
+                }
+            },
+            C::RequestCancel { by, at } => match self.state {
+                TaskState::Queued => Ok(vec![
+                    E::CancelRequested { by, at },
+                    E::Cancelled { attempt: None, at },
+                ]),
+                s if s.holds_node() && self.cancel_requested => Ok(vec![]),
+                s if s.holds_node() => Ok(vec![E::CancelRequested { by, at }]),
+                _ => Err(self.transition_error("cancel")),
+            },
+            C::MarkLost {
+                node_id,
+                attempt,
+                reason,
+                at,
+            } => {
+                if let Report::Ended = self.check_report(node_id, attempt)? {
+                    return Ok(vec![]);
+                }
+                let mut events = vec![E::Lost {
+                    node_id,
+                    attempt,
+                    reason: reason.clone(),
+                    at,
+                }];
+                if self.cancel_requested {
+                    events.push(E::Cancelled {
+                        attempt: Some(attempt),
+                        at,
+                    });
+                } else if self.retries_left() > 0 {
+                    events.push(E::Requeued {
+                        previous_attempt: attempt,
+                        at,
+                    });
+                } else {
+                    let max = self.spec.as_ref().map_or(0, |s| s.max_retries);
+                    events.push(E::Failed {
+                        attempt: Some(attempt),
+                        exit_code: None,
+                        reason: format!(
+                            "{reason}; no retries left after {attempt} attempt(s) (max_retries = {max})"
+                        ),
+                        at,
+                    });
+                }
+                Ok(events)
+            }
+            C::TimeOut { attempt, by, at } => {
+                if self.state == TaskState::New {
+                    return Err(TaskError::NotFound);
+                }
+                if attempt != self.attempt {
+                    return Err(TaskError::StaleAttempt {
+                        current: self.attempt,
+                        reported: attempt,
+                    });
+                }
+                match self.state {
+                    TaskState::TimedOut => Ok(vec![]),
+                    s if s.holds_node() => Ok(vec![E::TimedOut { attempt, by, at }]),
+                    _ => Err(self.transition_error("time out")),
+                }
+            }
+            C::RecordArtifact {
+                node_id,
+                attempt,
+                name,
+                key,
+                size,
+                sha256,
+                at,
+            } => {
+                if self.state == TaskState::New {
+                    return Err(TaskError::NotFound);
+                }
+                let Some(a) = self.attempts.iter().find(|a| a.number == attempt) else {
+                    return Err(TaskError::StaleAttempt {
+                        current: self.attempt,
+                        reported: attempt,
+                    });
+                };
+                if a.node_id != node_id {
+                    return Err(TaskError::WrongNode {
+                        assigned: a.node_id,
+                        reporter: node_id,
+                    });
+                }
+                if let Some(existing) = self
+                    .artifacts
+                    .iter()
+                    .find(|x| x.attempt == attempt && x.name == name)
+                {
+                    return if existing.key == key
+                        && existing.size == size
+                        && existing.sha256 == sha256
+                    {
+                        Ok(vec![])
+                    } else {
+                        Err(TaskError::ConflictingReport {
+                            attempt,
+                            outcome: format!("artifact {name} recorded with other content"),
+                        })
+                    };
+                }
+                Ok(vec![E::ArtifactRecorded {
+                    attempt,
+                    name,
+                    key,
+                    size,
+                    sha256,
+                    at,
+                }])
+            }
+        }
+    }
+}
+
+impl Aggregate for Task {
+    const TYPE: &'static str = "task";
+    type Command = TaskCommand;
+    type Event = TaskEvent;
+    type Error = TaskError;
+    type Services = ();
+
+    async fn handle(
+        &mut self,
+        command: Self::Command,
+        _services: &Self::Services,
+        sink: &EventSink<Self>,
+    ) -> Result<(), Self::Error> {
+        for event in self.decide(command)? {
+            sink.write(event, self).await;
+        }
+        Ok(())
+    }
+
+    fn apply(&mut self, event: Self::Event) {
+        self.apply_event(event);
+    }
+}

@@ -1,0 +1,48 @@
+//! Why a task command was refused.
+
+use uuid::Uuid;
+
+use super::TaskState;
+
+/// A refused task command. Nothing is appended when one is returned.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum TaskError {
+    /// The task was never submitted.
+    #[error("task not found")]
+    NotFound,
+    /// A task with this id exists already.
+    #[error("task already exists")]
+    AlreadyExists,
+    /// The command does not apply in the task's current state.
+    #[error("cannot {action} a task that is {state}")]
+    InvalidTransition {
+        /// The state the task is in.
+        state: TaskState,
+        /// What was attempted.
+        action: &'static str,
+    },
+    /// A report names an attempt that is not the current one.
+    #[error("attempt {reported} is not current (current attempt is {current})")]
+    StaleAttempt {
+        /// The task's current attempt.
+        current: u32,
+        /// The attempt named by the report.
+        reported: u32,
+    },
+    /// A report came from a node the attempt is not assigned to.
+    #[error("attempt is assigned to node {assigned}, not {reporter}")]
+    WrongNode {
+        /// The node the attempt belongs to.
+        assigned: Uuid,
+        /// The node that reported.
+        reporter: Uuid,
+    },
+    /// A report contradicts one already recorded for the same attempt.
+    #[error("attempt {attempt} already ended differently: {outcome}")]
+    ConflictingReport {
+        /// The attempt.
+        attempt: u32,
+        /// What was recorded before.
+        outcome: String,
+    },
+}

@@ -1,0 +1,539 @@
+//! Given/when/then tests of every Task command, rejections included.
+
+use chrono::{DateTime, TimeZone, Utc};
+use cqrs_es::test::TestFramework;
+use uuid::Uuid;
+
+use super::*;
+use crate::spec::{CommitId, DockerfilePath, RepoUrl, Resources, TaskSpec, UrlPolicy};
+use crate::Actor;
+
+type F = TestFramework<Task>;
+
+fn at(s: i64) -> DateTime<Utc> {
+    Utc.timestamp_opt(1_800_000_000 + s, 0).unwrap()
+}
+fn task_id() -> Uuid {
+    Uuid::from_u128(1)
+}
+fn node() -> Uuid {
+    Uuid::from_u128(7)
+}
+fn other_node() -> Uuid {
+    Uuid::from_u128(8)
+}
+fn alice() -> Actor {
+    Actor::User("alice".into())
+}
+
+fn spec(max_retries: u32) -> TaskSpec {
+    let sha = CommitId::parse(&"a".repeat(40)).unwrap();
+    let url = RepoUrl::parse("https://example.com/r.git", UrlPolicy::default()).unwrap();
+    TaskSpec {
+        project_id: Uuid::from_u128(3),
+        code_repo_url: url.clone(),
+        code_commit_id: sha.clone(),
+        env_repo_url: url,
+        env_commit_id: sha,
+        dockerfile_path: DockerfilePath::parse("Dockerfile").unwrap(),
+        command: vec!["python".into(), "train.py".into()],
+        env: Default::default(),
+        resources: Resources::default(),
+        labels: Default::default(),
+        priority: 0,
+        timeout_s: Some(60),
+        max_retries,
+    }
+}
+
+fn submitted(max_retries: u32) -> TaskEvent {
+    TaskEvent::Submitted {
+        task_id: task_id(),
+        spec: Box::new(spec(max_retries)),
+        by: alice(),
+        at: at(0),
+    }
+}
+fn assigned(attempt: u32, node_id: Uuid) -> TaskEvent {
+    TaskEvent::Assigned {
+        node_id,
+        attempt,
+        reason: "fits".into(),
+        at: at(1),
+    }
+}
+fn accepted(attempt: u32) -> TaskEvent {
+    TaskEvent::Accepted { attempt, at: at(2) }
+}
+fn started(attempt: u32) -> TaskEvent {
+    TaskEvent::Started {
+        attempt,
+        container: "c1".into(),
+        at: at(3),
+    }
+}
+fn running() -> Vec<TaskEvent> {
+    vec![submitted(1), assigned(1, node()), accepted(1), started(1)]
+}
+fn exited(attempt: u32, outcome: Outcome) -> TaskCommand {
+    TaskCommand::ReportExited {
+        node_id: node(),
+        attempt,
+        outcome,
+        at: at(9),
+    }
+}
+fn lost(attempt: u32) -> TaskCommand {
+    TaskCommand::MarkLost {
+        node_id: node(),
+        attempt,
+        reason: "node went offline".into(),
+        at: at(5),
+    }
+}
+
+#[test]
+fn submitting_queues_the_task() {
+    F::with(())
+        .given_no_previous_events()
+        .when(TaskCommand::Submit {
+            task_id: task_id(),
+            spec: spec(1),
+            by: alice(),
+            at: at(0),
+        })
+        .then_expect_events(vec![submitted(1)]);
+}
+
+#[test]
+fn submitting_twice_is_refused() {
+    F::with(())
+        .given(vec![submitted(1)])
+        .when(TaskCommand::Submit {
+            task_id: task_id(),
+            spec: spec(1),
+            by: alice(),
+            at: at(0),
+        })
+        .then_expect_error(TaskError::AlreadyExists);
+}
+
+#[test]
+fn assigning_a_queued_task_starts_attempt_one() {
+    F::with(())
+        .given(vec![submitted(1)])
+        .when(TaskCommand::Assign {
+            node_id: node(),
+            reason: "fits".into(),
+            at: at(1),
+        })
+        .then_expect_events(vec![assigned(1, node())]);
+}
+
+#[test]
+fn an_assigned_task_is_never_assigned_again() {
+    F::with(())
+        .given(vec![submitted(1), assigned(1, node())])
+        .when(TaskCommand::Assign {
+            node_id: other_node(),
+            reason: "fits".into(),
+            at: at(1),
+        })
+        .then_expect_error(TaskError::InvalidTransition {
+            state: TaskState::Assigned,
+            action: "assign",
+        });
+}
+
+#[test]
+fn commands_on_a_task_never_submitted_say_not_found() {
+    F::with(())
+        .given_no_previous_events()
+        .when(TaskCommand::RequestCancel {
+            by: alice(),
+            at: at(1),
+        })
+        .then_expect_error(TaskError::NotFound);
+    F::with(())
+        .given_no_previous_events()
+        .when(TaskCommand::Accept {
+            node_id: node(),
+            attempt: 1,
+            at: at(1),
+        })
+        .then_expect_error(TaskError::NotFound);
+}
+
+#[test]
+fn the_node_accepts_then_a_repeated_accept_appends_nothing() {
+    F::with(())
+        .given(vec![submitted(1), assigned(1, node())])
+        .when(TaskCommand::Accept {
+            node_id: node(),
+            attempt: 1,
+            at: at(2),
+        })
+        .then_expect_events(vec![accepted(1)]);
+    F::with(())
+        .given(vec![submitted(1), assigned(1, node()), accepted(1)])
+        .when(TaskCommand::Accept {
+            node_id: node(),
+            attempt: 1,
+            at: at(2),
+        })
+        .then_expect_events(vec![]);
+}
+
+#[test]
+fn a_report_from_another_node_is_rejected() {
+    F::with(())
+        .given(vec![submitted(1), assigned(1, node())])
+        .when(TaskCommand::Accept {
+            node_id: other_node(),
+            attempt: 1,
+            at: at(2),
+        })
+        .then_expect_error(TaskError::WrongNode {
+            assigned: node(),
+            reporter: other_node(),
+        });
+}
+
+#[test]
+fn preparing_stages_are_recorded_once_each() {
+    let prep = |stage: &str| TaskCommand::ReportPreparing {
+        node_id: node(),
+        attempt: 1,
+        stage: stage.into(),
+        at: at(2),
+    };
+    let prepared = TaskEvent::Preparing {
+        attempt: 1,
+        stage: "fetching code".into(),
+        at: at(2),
+    };
+    F::with(())
+        .given(vec![submitted(1), assigned(1, node()), accepted(1)])
+        .when(prep("fetching code"))
+        .then_expect_events(vec![prepared.clone()]);
+    F::with(())
+        .given(vec![
+            submitted(1),
+            assigned(1, node()),
+            accepted(1),
+            prepared.clone(),
+        ])
+        .when(prep("fetching code"))
+        .then_expect_events(vec![]);
+    F::with(())
+        .given(running())
+        .when(prep("fetching code"))
+        .then_expect_error(TaskError::InvalidTransition {
+            state: TaskState::Running,
+            action: "report preparing for",
+        });
+}
+
+#[test]
+fn a_started_report_moves_the_task_to_running_once() {
+    let start = |container: &str| TaskCommand::ReportStarted {
+        node_id: node(),
+        attempt: 1,
+        container: container.into(),
+        at: at(3),
+    };
+    F::with(())
+        .given(vec![submitted(1), assigned(1, node()), accepted(1)])
+        .when(start("c1"))
+        .then_expect_events(vec![started(1)]);
+    F::with(())
+        .given(running())
+        .when(start("c1"))
+        .then_expect_events(vec![]);
+    F::with(())
+        .given(running())
+        .when(start("c2"))
+        .then_expect_error(TaskError::ConflictingReport {
+            attempt: 1,
+            outcome: "running in container c1".into(),
+        });
+}
+
+#[test]
+fn a_successful_exit_ends_the_task_and_a_repeat_appends_nothing() {
+    let mut done = running();
+    done.push(TaskEvent::Succeeded {
+        attempt: 1,
+        at: at(9),
+    });
+    F::with(())
+        .given(running())
+        .when(exited(1, Outcome::Succeeded))
+        .then_expect_events(vec![TaskEvent::Succeeded {
+            attempt: 1,
+            at: at(9),
+        }]);
+    F::with(())
+        .given(done.clone())
+        .when(exited(1, Outcome::Succeeded))
+        .then_expect_events(vec![]);
+    F::with(())
+        .given(done)
+        .when(exited(1, Outcome::Cancelled))
+        .then_expect_error(TaskError::ConflictingReport {
+            attempt: 1,
+            outcome: "succeeded".into(),
+        });
+}
+
+#[test]
+fn a_failed_exit_keeps_the_exit_code_and_reason() {
+    let failure = Outcome::Failed {
+        exit_code: Some(3),
+        reason: "exited with status 3".into(),
+    };
+    let validator = F::with(()).given(running()).when(exited(1, failure));
+    let events = validator.inspect_result().unwrap();
+    let mut task = Task::default();
+    for e in running().into_iter().chain(events) {
+        task.apply_event(e);
+    }
+    assert_eq!(task.state, TaskState::Failed);
+    assert_eq!(task.exit_code, Some(3));
+    assert_eq!(task.reason.as_deref(), Some("exited with status 3"));
+    assert_eq!(task.attempts[0].outcome.as_deref(), Some("failed"));
+}
+
+#[test]
+fn the_node_may_report_a_timeout_and_the_watchdog_too() {
+    F::with(())
+        .given(running())
+        .when(exited(1, Outcome::TimedOut))
+        .then_expect_events(vec![TaskEvent::TimedOut {
+            attempt: 1,
+            by: Actor::Node(node().to_string()),
+            at: at(9),
+        }]);
+    let scheduler = Actor::System("scheduler".into());
+    F::with(())
+        .given(running())
+        .when(TaskCommand::TimeOut {
+            attempt: 1,
+            by: scheduler.clone(),
+            at: at(9),
+        })
+        .then_expect_events(vec![TaskEvent::TimedOut {
+            attempt: 1,
+            by: scheduler,
+            at: at(9),
+        }]);
+}
+
+#[test]
+fn a_watchdog_timeout_for_an_old_attempt_is_rejected() {
+    F::with(())
+        .given(running())
+        .when(TaskCommand::TimeOut {
+            attempt: 2,
+            by: Actor::System("scheduler".into()),
+            at: at(9),
+        })
+        .then_expect_error(TaskError::StaleAttempt {
+            current: 1,
+            reported: 2,
+        });
+}
+
+#[test]
+fn cancelling_a_queued_task_ends_it_at_once() {
+    F::with(())
+        .given(vec![submitted(1)])
+        .when(TaskCommand::RequestCancel {
+            by: alice(),
+            at: at(4),
+        })
+        .then_expect_events(vec![
+            TaskEvent::CancelRequested {
+                by: alice(),
+                at: at(4),
+            },
+            TaskEvent::Cancelled {
+                attempt: None,
+                at: at(4),
+            },
+        ]);
+}
+
+#[test]
+fn cancelling_a_running_task_asks_its_node_once() {
+    let req = TaskEvent::CancelRequested {
+        by: alice(),
+        at: at(4),
+    };
+    F::with(())
+        .given(running())
+        .when(TaskCommand::RequestCancel {
+            by: alice(),
+            at: at(4),
+        })
+        .then_expect_events(vec![req.clone()]);
+    let mut given = running();
+    given.push(req);
+    F::with(())
+        .given(given.clone())
+        .when(TaskCommand::RequestCancel {
+            by: alice(),
+            at: at(4),
+        })
+        .then_expect_events(vec![]);
+    F::with(())
+        .given(given)
+        .when(exited(1, Outcome::Cancelled))
+        .then_expect_events(vec![TaskEvent::Cancelled {
+            attempt: Some(1),
+            at: at(9),
+        }]);
+}
+
+#[test]
+fn a_finished_task_cannot_be_cancelled() {
+    let mut given = running();
+    given.push(TaskEvent::Succeeded {
+        attempt: 1,
+        at: at(9),
+    });
+    F::with(())
+        .given(given)
+        .when(TaskCommand::RequestCancel {
+            by: alice(),
+            at: at(10),
+        })
+        .then_expect_error(TaskError::InvalidTransition {
+            state: TaskState::Succeeded,
+            action: "cancel",
+        });
+}
+
+#[test]
+fn a_lost_attempt_is_requeued_while_retries_remain() {
+    F::with(())
+        .given(running())
+        .when(lost(1))
+        .then_expect_events(vec![
+            TaskEvent::Lost {
+                node_id: node(),
+                attempt: 1,
+                reason: "node went offline".into(),
+                at: at(5),
+            },
+            TaskEvent::Requeued {
+                previous_attempt: 1,
+                at: at(5),
+            },
+        ]);
+}
+
+#[test]
+fn a_lost_attempt_fails_the_task_when_no_retries_remain() {
+    let given = vec![submitted(0), assigned(1, node()), accepted(1), started(1)];
+    let events = F::with(())
+        .given(given)
+        .when(lost(1))
+        .inspect_result()
+        .unwrap();
+    assert!(matches!(events[1], TaskEvent::Failed { ref reason, .. }
+        if reason.contains("no retries left") && reason.contains("max_retries = 0")));
+}
+
+#[test]
+fn a_lost_attempt_of_a_cancelled_task_ends_it_cancelled() {
+    let mut given = running();
+    given.push(TaskEvent::CancelRequested {
+        by: alice(),
+        at: at(4),
+    });
+    let events = F::with(())
+        .given(given)
+        .when(lost(1))
+        .inspect_result()
+        .unwrap();
+    assert!(matches!(
+        events[1],
+        TaskEvent::Cancelled {
+            attempt: Some(1),
+            ..
+        }
+    ));
+}
+
+#[test]
+fn report_for_a_superseded_attempt_is_rejected() {
+    let mut history = running();
+    history.push(TaskEvent::Lost {
+        node_id: node(),
+        attempt: 1,
+        reason: "offline".into(),
+        at: at(5),
+    });
+    history.push(TaskEvent::Requeued {
+        previous_attempt: 1,
+        at: at(5),
+    });
+    // The node comes back and reports the old attempt before a new one exists.
+    F::with(())
+        .given(history.clone())
+        .when(exited(1, Outcome::Succeeded))
+        .then_expect_error(TaskError::ConflictingReport {
+            attempt: 1,
+            outcome: "lost".into(),
+        });
+    // Once attempt 2 runs elsewhere, attempt 1's reports are stale.
+    history.push(assigned(2, other_node()));
+    F::with(())
+        .given(history)
+        .when(exited(1, Outcome::Succeeded))
+        .then_expect_error(TaskError::StaleAttempt {
+            current: 2,
+            reported: 1,
+        });
+}
+
+#[test]
+fn artifacts_are_recorded_once_per_attempt_and_name() {
+    let record = TaskCommand::RecordArtifact {
+        node_id: node(),
+        attempt: 1,
+        name: "model".into(),
+        key: "k".into(),
+        size: 10,
+        sha256: "ab".into(),
+        at: at(8),
+    };
+    let recorded = TaskEvent::ArtifactRecorded {
+        attempt: 1,
+        name: "model".into(),
+        key: "k".into(),
+        size: 10,
+        sha256: "ab".into(),
+        at: at(8),
+    };
+    F::with(())
+        .given(running())
+        .when(record.clone())
+        .then_expect_events(vec![recorded.clone()]);
+    let mut given = running();
+    given.push(recorded);
+    F::with(())
+        .given(given)
+        .when(record)
+        .then_expect_events(vec![]);
+}
+
+#[test]
+fn retries_left_counts_the_attempts_used() {
+    let mut t = Task::default();
+    for e in running() {
+        t.apply_event(e);
+    }
+    assert_eq!(t.retries_left(), 1);
+}

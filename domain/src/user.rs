@@ -1,0 +1,354 @@
+//! The User aggregate: a person (or program) who calls the API, and their
+//! tokens.
+//!
+//! A user's aggregate id is their name, so names are unique by construction.
+//! Tokens are stored only as the SHA-256 of their secret; the secret is shown
+//! once when issued.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use cqrs_es::event_sink::EventSink;
+use cqrs_es::{Aggregate, DomainEvent};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::Actor;
+
+/// The events of a user.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum UserEvent {
+    /// The user was created.
+    Created {
+        /// Their unique name.
+        name: String,
+        /// Whether they administer the whole platform.
+        admin: bool,
+        /// Who created them.
+        by: Actor,
+        /// When.
+        at: DateTime<Utc>,
+    },
+    /// A token was issued.
+    TokenIssued {
+        /// The token's id, which is part of the token.
+        token_id: Uuid,
+        /// Hex SHA-256 of the token's secret.
+        fingerprint: String,
+        /// What the token is for.
+        label: String,
+        /// Who issued it.
+        by: Actor,
+        /// When.
+        at: DateTime<Utc>,
+    },
+    /// A token was revoked.
+    TokenRevoked {
+        /// The token's id.
+        token_id: Uuid,
+        /// Who revoked it.
+        by: Actor,
+        /// When.
+        at: DateTime<Utc>,
+    },
+}
+
+impl DomainEvent for UserEvent {
+    fn event_type(&self) -> String {
+        match self {
+            UserEvent::Created { .. } => "UserCreated",
+            UserEvent::TokenIssued { .. } => "UserTokenIssued",
+            UserEvent::TokenRevoked { .. } => "UserTokenRevoked",
+        }
+        .to_string()
+    }
+
+    fn event_version(&self) -> String {
+        crate::EVENT_VERSION.to_string()
+    }
+}
+
+/// The commands of a user.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum UserCommand {
+    /// Create the user.
+    Create {
+        /// Their name (also the aggregate id).
+        name: String,
+        /// Whether they are an admin.
+        admin: bool,
+        /// Who asks.
+        by: Actor,
+        /// When.
+        at: DateTime<Utc>,
+    },
+    /// Issue a token.
+    IssueToken {
+        /// The new token's id.
+        token_id: Uuid,
+        /// Hex SHA-256 of its secret.
+        fingerprint: String,
+        /// What it is for.
+        label: String,
+        /// Who asks.
+        by: Actor,
+        /// When.
+        at: DateTime<Utc>,
+    },
+    /// Revoke a token.
+    RevokeToken {
+        /// The token's id.
+        token_id: Uuid,
+        /// Who asks.
+        by: Actor,
+        /// When.
+        at: DateTime<Utc>,
+    },
+}
+
+/// Why a user command was refused.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum UserError {
+    /// The user does not exist.
+    #[error("user not found")]
+    NotFound,
+    /// A user with this name exists already.
+    #[error("a user with this name already exists")]
+    AlreadyExists,
+    /// The user has no such token.
+    #[error("token not found")]
+    TokenNotFound,
+}
+
+/// One API token of a user.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Token {
+    /// Hex SHA-256 of the secret.
+    pub fingerprint: String,
+    /// What it is for.
+    pub label: String,
+    /// When it was issued.
+    pub issued_at: DateTime<Utc>,
+    /// When it was revoked, if it was.
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
+/// The User aggregate's state.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct User {
+    /// Their name; empty before creation.
+    pub name: String,
+    /// Whether they administer the platform.
+    pub admin: bool,
+    /// Their tokens by id.
+    pub tokens: BTreeMap<Uuid, Token>,
+    /// When they were created.
+    pub created_at: Option<DateTime<Utc>>,
+}
+
+impl User {
+    /// Whether the user exists.
+    pub fn exists(&self) -> bool {
+        self.created_at.is_some()
+    }
+
+    /// The fingerprint of a live (unrevoked) token.
+    pub fn live_token(&self, token_id: Uuid) -> Option<&str> {
+        self.tokens
+            .get(&token_id)
+            .filter(|t| t.revoked_at.is_none())
+            .map(|t| t.fingerprint.as_str())
+    }
+
+    /// Decides which events `command` produces, without changing anything.
+    ///
+    /// # Errors
+    /// A [`UserError`] when the command is refused; nothing is appended.
+    pub fn decide(&self, command: UserCommand) -> Result<Vec<UserEvent>, UserError> {
+        match command {
+            UserCommand::Create {
+                name,
+                admin,
+                by,
+                at,
+            } => {
+                if self.exists() {
+                    return Err(UserError::AlreadyExists);
+                }
+                Ok(vec![UserEvent::Created {
+                    name,
+                    admin,
+                    by,
+                    at,
+                }])
+            }
+            _ if !self.exists() => Err(UserError::NotFound),
+            UserCommand::IssueToken {
+                token_id,
+                fingerprint,
+                label,
+                by,
+                at,
+            } => Ok(vec![UserEvent::TokenIssued {
+                token_id,
+                fingerprint,
+                label,
+                by,
+                at,
+            }]),
+            UserCommand::RevokeToken { token_id, by, at } => match self.tokens.get(&token_id) {
+                None => Err(UserError::TokenNotFound),
+                Some(t) if t.revoked_at.is_some() => Ok(vec![]),
+                Some(_) => Ok(vec![UserEvent::TokenRevoked { token_id, by, at }]),
+            },
+        }
+    }
+
+    /// Applies one event.
+    pub fn apply_event(&mut self, event: UserEvent) {
+        match event {
+            UserEvent::Created {
+                name, admin, at, ..
+            } => {
+                self.name = name;
+                self.admin = admin;
+                self.created_at = Some(at);
+            }
+            UserEvent::TokenIssued {
+                token_id,
+                fingerprint,
+                label,
+                at,
+                ..
+            } => {
+                self.tokens.insert(
+                    token_id,
+                    Token {
+                        fingerprint,
+                        label,
+                        issued_at: at,
+                        revoked_at: None,
+                    },
+                );
+            }
+            UserEvent::TokenRevoked { token_id, at, .. } => {
+                if let Some(t) = self.tokens.get_mut(&token_id) {
+                    t.revoked_at = Some(at);
+                }
+            }
+        }
+    }
+}
+
+impl Aggregate for User {
+    const TYPE: &'static str = "user";
+    type Command = UserCommand;
+    type Event = UserEvent;
+    type Error = UserError;
+    type Services = ();
+
+    async fn handle(
+        &mut self,
+        command: Self::Command,
+        _services: &Self::Services,
+        sink: &EventSink<Self>,
+    ) -> Result<(), Self::Error> {
+        for event in self.decide(command)? {
+            sink.write(event, self).await;
+        }
+        Ok(())
+    }
+
+    fn apply(&mut self, event: Self::Event) {
+        self.apply_event(event);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::TimeZone;
+    use cqrs_es::test::TestFramework;
+
+    use super::*;
+
+    type F = TestFramework<User>;
+
+    fn at(s: i64) -> DateTime<Utc> {
+        Utc.timestamp_opt(1_800_000_000 + s, 0).unwrap()
+    }
+    fn admin() -> Actor {
+        Actor::User("admin".into())
+    }
+    fn created() -> UserEvent {
+        UserEvent::Created {
+            name: "alice".into(),
+            admin: false,
+            by: admin(),
+            at: at(0),
+        }
+    }
+    fn issued() -> UserEvent {
+        UserEvent::TokenIssued {
+            token_id: Uuid::from_u128(5),
+            fingerprint: "ff".into(),
+            label: "laptop".into(),
+            by: admin(),
+            at: at(1),
+        }
+    }
+
+    #[test]
+    fn a_name_is_taken_once() {
+        F::with(())
+            .given(vec![created()])
+            .when(UserCommand::Create {
+                name: "alice".into(),
+                admin: true,
+                by: admin(),
+                at: at(0),
+            })
+            .then_expect_error(UserError::AlreadyExists);
+    }
+
+    #[test]
+    fn tokens_are_issued_to_existing_users_only() {
+        let issue = UserCommand::IssueToken {
+            token_id: Uuid::from_u128(5),
+            fingerprint: "ff".into(),
+            label: "laptop".into(),
+            by: admin(),
+            at: at(1),
+        };
+        F::with(())
+            .given(vec![created()])
+            .when(issue.clone())
+            .then_expect_events(vec![issued()]);
+        F::with(())
+            .given_no_previous_events()
+            .when(issue)
+            .then_expect_error(UserError::NotFound);
+    }
+
+    #[test]
+    fn a_revoked_token_is_no_longer_live() {
+        let revoke = UserCommand::RevokeToken {
+            token_id: Uuid::from_u128(5),
+            by: admin(),
+            at: at(2),
+        };
+        let events = F::with(())
+            .given(vec![created(), issued()])
+            .when(revoke.clone())
+            .inspect_result()
+            .unwrap();
+        let mut u = User::default();
+        for e in [created(), issued()].into_iter().chain(events) {
+            u.apply_event(e);
+        }
+        assert_eq!(u.live_token(Uuid::from_u128(5)), None);
+        F::with(())
+            .given(vec![created()])
+            .when(revoke)
+            .then_expect_error(UserError::TokenNotFound);
+    }
+}
