@@ -1,1 +1,270 @@
-//! stub
+//! UniDesk's persistence: the event log on PostgreSQL through cqrs-es and
+//! postgres-es, the ordered outbox that gives the log a global order, consumer
+//! checkpoints, unique names, schema migrations, and local PostgreSQL clusters
+//! for `unidesk dev` and the tests.
+
+pub mod cluster;
+mod error;
+pub mod names;
+pub mod outbox;
+pub mod tokens;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use cqrs_es::event_sink::EventSink;
+use cqrs_es::persist::PersistedEventStore;
+use cqrs_es::{Aggregate, AggregateContext, AggregateError, EventEnvelope, EventStore};
+use domain::node::Node;
+use domain::project::Project;
+use domain::task::Task;
+use domain::user::User;
+use domain::Actor;
+use postgres_es::PostgresEventRepository;
+use sqlx::PgPool;
+
+pub use error::StoreError;
+pub use outbox::{Checkpoint, Notifier, RecordedEvent, Wakeup};
+
+/// The embedded migrations from `migrations/`, the only DDL of the project.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
+
+/// Applies every migration not yet applied.
+///
+/// # Errors
+/// The migrator's error when a migration fails or the applied ones differ
+/// from the embedded ones.
+pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
+    MIGRATOR.run(pool).await
+}
+
+/// Whether every embedded migration has been applied to the database.
+///
+/// # Errors
+/// A database error when the migrations table cannot be read.
+pub async fn migrations_current(pool: &PgPool) -> Result<bool, sqlx::Error> {
+    let applied: Vec<i64> = match sqlx::query_scalar(
+        "SELECT version FROM _sqlx_migrations WHERE success ORDER BY version",
+    )
+    .fetch_all(pool)
+    .await
+    {
+        Ok(v) => v,
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P01") => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    let wanted: Vec<i64> = MIGRATOR.iter().map(|m| m.version).collect();
+    Ok(applied == wanted)
+}
+
+/// Nodes gather events for months: their state is snapshotted every this
+/// many events so loading one never replays its whole history.
+pub const NODE_SNAPSHOT_EVERY: usize = 50;
+
+/// How often a command is retried when another writer changed the same
+/// aggregate between our load and our commit.
+const CONFLICT_RETRIES: usize = 8;
+
+type EsStore<A> = PersistedEventStore<PostgresEventRepository, A>;
+
+/// The result of a command that was accepted.
+#[derive(Debug)]
+pub struct Executed<A: Aggregate> {
+    /// The aggregate's state after the command.
+    pub state: A,
+    /// The events appended, empty when the command changed nothing.
+    pub events: Vec<EventEnvelope<A>>,
+    /// The aggregate's last sequence number after the command.
+    pub sequence: usize,
+}
+
+/// An aggregate's current state as loaded from the log.
+#[derive(Debug)]
+pub struct Loaded<A> {
+    /// The state.
+    pub state: A,
+    /// The sequence number of its last event.
+    pub sequence: usize,
+}
+
+/// An aggregate kept in the event log by [`Store`].
+pub trait Stored: Aggregate<Services = ()> + Clone + 'static
+where
+    Self::Command: Clone + Send,
+{
+    /// This aggregate's event store inside `store`.
+    fn event_store(store: &Store) -> &EsStore<Self>;
+}
+
+macro_rules! stored {
+    ($a:ty, $field:ident) => {
+        impl Stored for $a {
+            fn event_store(store: &Store) -> &EsStore<Self> {
+                &store.$field
+            }
+        }
+    };
+}
+stored!(Task, tasks);
+stored!(Node, nodes);
+stored!(Project, projects);
+stored!(User, users);
+
+/// The event log: executes commands on aggregates and wakes outbox
+/// consumers after each commit. Cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    pool: PgPool,
+    notifier: Notifier,
+    tasks: std::sync::Arc<EsStore<Task>>,
+    nodes: std::sync::Arc<EsStore<Node>>,
+    projects: std::sync::Arc<EsStore<Project>>,
+    users: std::sync::Arc<EsStore<User>>,
+}
+
+impl Store {
+    /// A store on `pool`. Spawns the coalescing notifier, so call it inside
+    /// a Tokio runtime.
+    pub fn new(pool: PgPool) -> Self {
+        let repo = || PostgresEventRepository::new(pool.clone());
+        Self {
+            notifier: Notifier::spawn(pool.clone(), outbox::NOTIFY_EVERY),
+            tasks: PersistedEventStore::new_event_store(repo()).into(),
+            nodes: PersistedEventStore::new_snapshot_store(repo(), NODE_SNAPSHOT_EVERY).into(),
+            projects: PersistedEventStore::new_event_store(repo()).into(),
+            users: PersistedEventStore::new_event_store(repo()).into(),
+            pool,
+        }
+    }
+
+    /// The connection pool.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// The notifier that wakes outbox consumers.
+    pub fn notifier(&self) -> &Notifier {
+        &self.notifier
+    }
+
+    /// Executes `command` on aggregate `id` on behalf of `actor` at `at`.
+    ///
+    /// The command is decided against the current state and its events are
+    /// appended with optimistic concurrency; when another writer got there
+    /// first the command is decided again on the new state, a few times.
+    /// The actor and time are stored as the events' metadata.
+    ///
+    /// # Errors
+    /// [`StoreError::Rejected`] when the aggregate refuses the command
+    /// (nothing is appended), [`StoreError::Conflict`] when writers kept
+    /// colliding, or a database error.
+    pub async fn execute<A>(
+        &self,
+        id: &str,
+        command: A::Command,
+        actor: &Actor,
+        at: DateTime<Utc>,
+    ) -> Result<Executed<A>, StoreError<A::Error>>
+    where
+        A: Stored,
+        A::Command: Clone + Send,
+    {
+        let es = A::event_store(self);
+        let metadata = HashMap::from([
+            ("actor".to_string(), actor.to_string()),
+            ("at".to_string(), at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)),
+        ]);
+        for round in 0..CONFLICT_RETRIES {
+            let mut context = es.load_aggregate(id).await.map_err(StoreError::from_aggregate)?;
+            // Decide on a copy: the context must keep the state as loaded, because
+            // committing a snapshot applies the new events to it once more.
+            let mut state = context.aggregate().clone();
+            let sink = EventSink::default();
+            state
+                .handle(command.clone(), &(), &sink)
+                .await
+                .map_err(StoreError::Rejected)?;
+            let events = sink.collect().await;
+            if events.is_empty() {
+                return Ok(Executed {
+                    state,
+                    events: vec![],
+                    sequence: context.current_sequence,
+                });
+            }
+            match es.commit(events, context, metadata.clone()).await {
+                Ok(events) => {
+                    self.notifier.poke();
+                    let sequence = events.last().map_or(0, |e| e.sequence);
+                    return Ok(Executed {
+                        state,
+                        events,
+                        sequence,
+                    });
+                }
+                Err(AggregateError::AggregateConflict) => {
+                    let backoff = 1u64 << round.min(6);
+                    tokio::time::sleep(Duration::from_millis(rand::random::<u64>() % backoff + 1))
+                        .await;
+                }
+                Err(e) => return Err(StoreError::from_aggregate(e)),
+            }
+        }
+        Err(StoreError::Conflict)
+    }
+
+    /// Loads aggregate `id`, or `None` when it has no events.
+    ///
+    /// # Errors
+    /// A database or deserialisation error.
+    pub async fn load<A>(&self, id: &str) -> Result<Option<Loaded<A>>, StoreError<A::Error>>
+    where
+        A: Stored,
+        A::Command: Clone + Send,
+    {
+        let context = A::event_store(self)
+            .load_aggregate(id)
+            .await
+            .map_err(StoreError::from_aggregate)?;
+        if context.current_sequence == 0 {
+            return Ok(None);
+        }
+        Ok(Some(Loaded {
+            state: context.aggregate,
+            sequence: context.current_sequence,
+        }))
+    }
+
+    /// Replays aggregate `id` from its first event up to and including
+    /// sequence `until` (all events when `None`), returning each event with
+    /// the state after it. Never uses snapshots: this is what debugging
+    /// and audits read.
+    ///
+    /// # Errors
+    /// A database or deserialisation error.
+    pub async fn replay<A>(
+        &self,
+        id: &str,
+        until: Option<usize>,
+    ) -> Result<Vec<(EventEnvelope<A>, A)>, StoreError<A::Error>>
+    where
+        A: Stored,
+        A::Command: Clone + Send,
+    {
+        let events = A::event_store(self)
+            .load_events(id)
+            .await
+            .map_err(StoreError::from_aggregate)?;
+        let mut state = A::default();
+        let mut out = Vec::with_capacity(events.len());
+        for envelope in events {
+            if until.is_some_and(|u| envelope.sequence > u) {
+                break;
+            }
+            state.apply(envelope.payload.clone());
+            out.push((envelope, state.clone()));
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,328 @@
+//! The outbox: the event log in one global order, and how consumers are
+//! woken.
+//!
+//! A trigger copies each event's key into `outbox` in the event's own
+//! transaction. Positions are taken before commit, so a lower position can
+//! become visible after a higher one; a reader that only asked for
+//! `position > checkpoint` would skip it forever. Readers here only see rows
+//! whose transaction is older than every transaction still running
+//! (`txid < pg_snapshot_xmin(pg_current_snapshot())`) and order them by
+//! `(txid, position)`: that prefix of the log never changes once seen.
+//!
+//! Wake-ups are coalesced: writers poke a [`Notifier`], which sends at most
+//! one `NOTIFY` per [`NOTIFY_EVERY`], and every consumer also polls on a
+//! bounded interval ([`Wakeup`]), so a lost notification delays nothing by
+//! more than that interval.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use sqlx::postgres::{PgListener, PgRow};
+use sqlx::{PgExecutor, PgPool, Row};
+use tokio::sync::Notify;
+
+/// The channel consumers LISTEN on.
+pub const CHANNEL: &str = "unidesk_outbox";
+
+/// The least time between two NOTIFYs from one process.
+pub const NOTIFY_EVERY: Duration = Duration::from_millis(3);
+
+/// A place in the global order of the log: the last `(txid, position)` read.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Checkpoint {
+    /// The transaction id of the last event read.
+    pub txid: i64,
+    /// The outbox position of the last event read.
+    pub position: i64,
+}
+
+/// One event of the log with its place in the global order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RecordedEvent {
+    /// Its outbox position, the id it is referred to by.
+    pub position: i64,
+    /// The id of the transaction that wrote it.
+    pub txid: i64,
+    /// `task`, `node`, `project` or `user`.
+    pub aggregate_type: String,
+    /// The aggregate's id.
+    pub aggregate_id: String,
+    /// Its number within the aggregate, from 1.
+    pub sequence: i64,
+    /// Such as `TaskSubmitted`.
+    pub event_type: String,
+    /// The version of the event's shape.
+    pub event_version: String,
+    /// The event as stored: `{"Variant": {...}}`.
+    pub payload: serde_json::Value,
+    /// `actor` and `at`.
+    pub metadata: serde_json::Value,
+    /// When it was appended.
+    pub recorded_at: DateTime<Utc>,
+}
+
+impl RecordedEvent {
+    /// Where this event stands in the global order.
+    pub fn checkpoint(&self) -> Checkpoint {
+        Checkpoint {
+            txid: self.txid,
+            position: self.position,
+        }
+    }
+
+    /// The actor from the metadata, such as `user:alice`.
+    pub fn actor(&self) -> &str {
+        self.metadata
+            .get("actor")
+            .and_then(|a| a.as_str())
+            .unwrap_or("unknown")
+    }
+
+    /// The event's fields without the variant wrapper.
+    pub fn body(&self) -> &serde_json::Value {
+        match &self.payload {
+            serde_json::Value::Object(m) if m.len() == 1 => m.values().next().unwrap_or(&self.payload),
+            other => other,
+        }
+    }
+
+    fn from_row(row: &PgRow) -> Result<Self, sqlx::Error> {
+        let metadata: serde_json::Value = row.try_get("metadata")?;
+        let recorded_at = metadata
+            .get("at")
+            .and_then(|a| a.as_str())
+            .and_then(|a| DateTime::parse_from_rfc3339(a).ok())
+            .map(|a| a.with_timezone(&Utc));
+        Ok(Self {
+            position: row.try_get("position")?,
+            txid: row.try_get("txid")?,
+            aggregate_type: row.try_get("aggregate_type")?,
+            aggregate_id: row.try_get("aggregate_id")?,
+            sequence: row.try_get("sequence")?,
+            event_type: row.try_get("event_type")?,
+            event_version: row.try_get("event_version")?,
+            payload: row.try_get("payload")?,
+            recorded_at: match recorded_at {
+                Some(t) => t,
+                None => row.try_get("recorded_at")?,
+            },
+            metadata,
+        })
+    }
+}
+
+/// Which events to read.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    /// Only this aggregate type.
+    pub aggregate_type: Option<String>,
+    /// Only this aggregate id.
+    pub aggregate_id: Option<String>,
+}
+
+const SELECT: &str = "SELECT o.position, o.txid::text::bigint AS txid, o.recorded_at, \
+    e.aggregate_type, e.aggregate_id, e.sequence, e.event_type, e.event_version, e.payload, e.metadata \
+    FROM outbox o JOIN events e USING (aggregate_type, aggregate_id, sequence)";
+
+/// Reads up to `limit` events after `after` in the global order, only from
+/// transactions that have all finished, so nothing read later can sort
+/// before what was read now.
+///
+/// # Errors
+/// A database error.
+pub async fn read_after<'e>(
+    db: impl PgExecutor<'e>,
+    after: Checkpoint,
+    limit: i64,
+    filter: &Filter,
+) -> Result<Vec<RecordedEvent>, sqlx::Error> {
+    let sql = format!(
+        "{SELECT} WHERE (o.txid, o.position) > ($1::text::xid8, $2) \
+         AND o.txid < pg_snapshot_xmin(pg_current_snapshot()) \
+         AND ($4::text IS NULL OR o.aggregate_type = $4) \
+         AND ($5::text IS NULL OR o.aggregate_id = $5) \
+         ORDER BY o.txid, o.position LIMIT $3"
+    );
+    sqlx::query(&sql)
+        .bind(after.txid.to_string())
+        .bind(after.position)
+        .bind(limit)
+        .bind(filter.aggregate_type.as_deref())
+        .bind(filter.aggregate_id.as_deref())
+        .try_map(|row: PgRow| RecordedEvent::from_row(&row))
+        .fetch_all(db)
+        .await
+}
+
+/// The checkpoint of the event at outbox `position`, to continue reading
+/// after it; `None` when there is no such event.
+///
+/// # Errors
+/// A database error.
+pub async fn checkpoint_of<'e>(
+    db: impl PgExecutor<'e>,
+    position: i64,
+) -> Result<Option<Checkpoint>, sqlx::Error> {
+    let txid: Option<i64> =
+        sqlx::query_scalar("SELECT txid::text::bigint FROM outbox WHERE position = $1")
+            .bind(position)
+            .fetch_optional(db)
+            .await?;
+    Ok(txid.map(|txid| Checkpoint { txid, position }))
+}
+
+/// The checkpoint of the newest event readers may already see: where a
+/// consumer stands once it has caught up.
+///
+/// # Errors
+/// A database error.
+pub async fn head<'e>(db: impl PgExecutor<'e>) -> Result<Checkpoint, sqlx::Error> {
+    let row: Option<(i64, i64)> = sqlx::query_as(
+        "SELECT txid::text::bigint, position FROM outbox \
+         WHERE txid < pg_snapshot_xmin(pg_current_snapshot()) \
+         ORDER BY txid DESC, position DESC LIMIT 1",
+    )
+    .fetch_optional(db)
+    .await?;
+    Ok(row.map_or_else(Checkpoint::default, |(txid, position)| Checkpoint {
+        txid,
+        position,
+    }))
+}
+
+/// Loads consumer `name`'s checkpoint, creating it at the start of the log.
+/// With `for_update` the row stays locked until the transaction ends, so
+/// two copies of one consumer never process the same batch.
+///
+/// # Errors
+/// A database error.
+pub async fn load_checkpoint(
+    conn: &mut sqlx::PgConnection,
+    name: &str,
+    for_update: bool,
+) -> Result<Checkpoint, sqlx::Error> {
+    sqlx::query("INSERT INTO checkpoints (name) VALUES ($1) ON CONFLICT DO NOTHING")
+        .bind(name)
+        .execute(&mut *conn)
+        .await?;
+    let sql = if for_update {
+        "SELECT txid, position FROM checkpoints WHERE name = $1 FOR UPDATE"
+    } else {
+        "SELECT txid, position FROM checkpoints WHERE name = $1"
+    };
+    let (txid, position): (i64, i64) = sqlx::query_as(sql).bind(name).fetch_one(conn).await?;
+    Ok(Checkpoint { txid, position })
+}
+
+/// Stores consumer `name`'s checkpoint; call it in the transaction that
+/// made the consumer's changes, so both commit or neither does.
+///
+/// # Errors
+/// A database error.
+pub async fn save_checkpoint(
+    conn: &mut sqlx::PgConnection,
+    name: &str,
+    at: Checkpoint,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO checkpoints (name, txid, position) VALUES ($1, $2, $3) \
+         ON CONFLICT (name) DO UPDATE SET txid = EXCLUDED.txid, position = EXCLUDED.position",
+    )
+    .bind(name)
+    .bind(at.txid)
+    .bind(at.position)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Sends coalesced NOTIFYs after commits: however many writers poke it, at
+/// most one NOTIFY goes out per interval, outside any event transaction
+/// (a NOTIFY inside each one would serialise all commits on a global lock).
+#[derive(Clone)]
+pub struct Notifier {
+    wake: Arc<Notify>,
+}
+
+impl Notifier {
+    /// Starts the notifier's task on `pool`.
+    pub fn spawn(pool: PgPool, every: Duration) -> Self {
+        let wake = Arc::new(Notify::new());
+        let w = wake.clone();
+        tokio::spawn(async move {
+            // Ends when every Notifier clone is gone and no permit is left.
+            while Arc::strong_count(&w) > 1 {
+                tokio::select! {
+                    _ = w.notified() => {}
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                }
+                if let Err(e) = sqlx::query("SELECT pg_notify($1, '')")
+                    .bind(CHANNEL)
+                    .execute(&pool)
+                    .await
+                {
+                    tracing::debug!(error = %e, "outbox notify failed; consumers will poll");
+                }
+                tokio::time::sleep(every).await;
+            }
+        });
+        Self { wake }
+    }
+
+    /// Asks for a NOTIFY soon. Never blocks.
+    pub fn poke(&self) {
+        self.wake.notify_one();
+    }
+}
+
+/// Waits for new events: returns when a NOTIFY arrives or after the poll
+/// interval, whichever comes first.
+pub struct Wakeup {
+    pool: PgPool,
+    listener: Option<PgListener>,
+    poll: Duration,
+}
+
+impl Wakeup {
+    /// A waker on `pool` that polls at least every `poll`.
+    pub async fn new(pool: PgPool, poll: Duration) -> Self {
+        let mut w = Self {
+            pool,
+            listener: None,
+            poll,
+        };
+        w.listen().await;
+        w
+    }
+
+    async fn listen(&mut self) {
+        match PgListener::connect_with(&self.pool).await {
+            Ok(mut l) => match l.listen(CHANNEL).await {
+                Ok(()) => self.listener = Some(l),
+                Err(e) => tracing::warn!(error = %e, "LISTEN failed; polling only"),
+            },
+            Err(e) => tracing::warn!(error = %e, "LISTEN connection failed; polling only"),
+        }
+    }
+
+    /// Waits for a notification or the poll interval.
+    pub async fn wait(&mut self) {
+        let Some(listener) = self.listener.as_mut() else {
+            tokio::time::sleep(self.poll).await;
+            self.listen().await;
+            return;
+        };
+        match tokio::time::timeout(self.poll, listener.try_recv()).await {
+            Err(_) | Ok(Ok(Some(_))) => {}
+            // The connection dropped: notifications may have been lost; the
+            // caller reads anyway, and we reconnect.
+            Ok(Ok(None)) => {}
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "LISTEN connection failed; reconnecting");
+                self.listener = None;
+            }
+        }
+    }
+}
