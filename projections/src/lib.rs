@@ -1,1 +1,230 @@
-//! stub
+//! UniDesk's read models and the projector that writes them.
+//!
+//! Every read model is a function of the event log. The projector reads the
+//! outbox in its global order and applies each event to each read model in
+//! one transaction together with that model's checkpoint, so a crash
+//! anywhere replays cleanly and applying an event twice changes nothing.
+//! [`Projector::rebuild`] drops a model and replays the whole log into it in
+//! one transaction: readers keep seeing the old content until the new one is
+//! complete.
+
+mod models;
+pub mod summary;
+
+use std::future::Future;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use sqlx::{PgConnection, PgPool};
+use store::outbox::{self, Checkpoint, Filter, RecordedEvent};
+use store::Wakeup;
+
+pub use models::all;
+
+/// Why a projection could not advance.
+#[derive(Debug, thiserror::Error)]
+pub enum ProjectionError {
+    /// The database failed.
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    /// A stored event could not be read by this version of the code.
+    #[error("event at position {position} ({event_type}) cannot be applied: {reason}")]
+    Undecodable {
+        /// The event's outbox position.
+        position: i64,
+        /// Its type.
+        event_type: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// No projection has that name.
+    #[error("no projection is named {0:?}")]
+    Unknown(String),
+}
+
+/// One read model.
+pub trait Projection: Send + Sync {
+    /// Its name, also its checkpoint's name.
+    fn name(&self) -> &'static str;
+    /// The tables it writes, emptied before a rebuild.
+    fn tables(&self) -> &'static [&'static str];
+    /// Applies one event inside the projector's transaction. Must be
+    /// idempotent and depend on nothing but the log.
+    fn apply<'a>(
+        &'a self,
+        conn: &'a mut PgConnection,
+        event: &'a RecordedEvent,
+    ) -> BoxFuture<'a, Result<(), ProjectionError>>;
+}
+
+/// Where one projection stands.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Status {
+    /// The projection's name.
+    pub name: &'static str,
+    /// The last event it applied.
+    pub checkpoint: Checkpoint,
+    /// How many visible events it has not applied yet.
+    pub lag: i64,
+}
+
+/// Applies the log to every read model.
+pub struct Projector {
+    pool: PgPool,
+    projections: Vec<Box<dyn Projection>>,
+    batch: i64,
+}
+
+/// Events applied per projection per transaction.
+pub const BATCH: i64 = 500;
+
+impl Projector {
+    /// A projector for every read model on `pool`.
+    pub fn new(pool: PgPool) -> Self {
+        Self {
+            pool,
+            projections: all(),
+            batch: BATCH,
+        }
+    }
+
+    /// The names of the read models.
+    pub fn names(&self) -> Vec<&'static str> {
+        self.projections.iter().map(|p| p.name()).collect()
+    }
+
+    /// Applies at most one batch of new events to each read model and
+    /// returns how many event applications were made (0 when caught up).
+    ///
+    /// # Errors
+    /// A database error or an event this code cannot apply; the failing
+    /// batch is rolled back whole.
+    pub async fn run_once(&self) -> Result<usize, ProjectionError> {
+        let mut applied = 0;
+        for p in &self.projections {
+            applied += self.advance(p.as_ref(), self.batch).await?;
+        }
+        Ok(applied)
+    }
+
+    async fn advance(&self, p: &dyn Projection, limit: i64) -> Result<usize, ProjectionError> {
+        let mut tx = self.pool.begin().await?;
+        let from = outbox::load_checkpoint(&mut tx, p.name(), true).await?;
+        let events = outbox::read_after(&mut *tx, from, limit, &Filter::default()).await?;
+        let Some(last) = events.last().map(RecordedEvent::checkpoint) else {
+            return Ok(0);
+        };
+        for event in &events {
+            p.apply(&mut tx, event).await?;
+        }
+        outbox::save_checkpoint(&mut tx, p.name(), last).await?;
+        tx.commit().await?;
+        Ok(events.len())
+    }
+
+    /// Applies everything committed so far.
+    ///
+    /// # Errors
+    /// As [`Projector::run_once`].
+    pub async fn catch_up(&self) -> Result<usize, ProjectionError> {
+        let mut total = 0;
+        loop {
+            let n = self.run_once().await?;
+            if n == 0 {
+                return Ok(total);
+            }
+            total += n;
+        }
+    }
+
+    /// Runs until `shutdown` completes: catches up, then waits for a NOTIFY
+    /// or the poll interval. Errors are logged and retried after a pause.
+    pub async fn run(&self, poll: Duration, shutdown: impl Future<Output = ()>) {
+        let mut wake = Wakeup::new(self.pool.clone(), poll).await;
+        tokio::pin!(shutdown);
+        loop {
+            if let Err(e) = self.catch_up().await {
+                tracing::error!(error = %e, "projector failed; retrying");
+                tokio::select! {
+                    _ = &mut shutdown => return,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                }
+            }
+            tokio::select! {
+                _ = &mut shutdown => return,
+                _ = wake.wait() => {}
+            }
+        }
+    }
+
+    /// Empties the named read model (all of them with `None`) and replays
+    /// the whole log into it, in one transaction per model. Readers see the
+    /// old content until the rebuilt one commits; the running projector
+    /// waits on the checkpoint meanwhile. Returns the events applied.
+    ///
+    /// # Errors
+    /// [`ProjectionError::Unknown`] for a name that is no read model, or as
+    /// [`Projector::run_once`].
+    pub async fn rebuild(&self, name: Option<&str>) -> Result<usize, ProjectionError> {
+        let chosen: Vec<&dyn Projection> = self
+            .projections
+            .iter()
+            .map(AsRef::as_ref)
+            .filter(|p| name.is_none_or(|n| n == p.name()))
+            .collect();
+        if chosen.is_empty() {
+            return Err(ProjectionError::Unknown(name.unwrap_or_default().into()));
+        }
+        let mut total = 0;
+        for p in chosen {
+            let mut tx = self.pool.begin().await?;
+            outbox::load_checkpoint(&mut tx, p.name(), true).await?;
+            for table in p.tables() {
+                sqlx::query(&format!("DELETE FROM {table}"))
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            let mut at = Checkpoint::default();
+            loop {
+                let events = outbox::read_after(&mut *tx, at, 5000, &Filter::default()).await?;
+                let Some(last) = events.last().map(RecordedEvent::checkpoint) else {
+                    break;
+                };
+                for event in &events {
+                    p.apply(&mut tx, event).await?;
+                }
+                total += events.len();
+                at = last;
+            }
+            outbox::save_checkpoint(&mut tx, p.name(), at).await?;
+            tx.commit().await?;
+        }
+        Ok(total)
+    }
+
+    /// Each read model's checkpoint and lag.
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn status(&self) -> Result<Vec<Status>, ProjectionError> {
+        let mut conn = self.pool.acquire().await?;
+        let mut out = Vec::new();
+        for p in &self.projections {
+            let checkpoint = outbox::load_checkpoint(&mut conn, p.name(), false).await?;
+            let lag: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM outbox WHERE (txid, position) > ($1::text::xid8, $2) \
+                 AND txid < pg_snapshot_xmin(pg_current_snapshot())",
+            )
+            .bind(checkpoint.txid.to_string())
+            .bind(checkpoint.position)
+            .fetch_one(&mut *conn)
+            .await?;
+            out.push(Status {
+                name: p.name(),
+                checkpoint,
+                lag,
+            });
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,199 @@
+//! One-line summaries of events, for the audit timeline and the replay
+//! tools. One function per aggregate's event type, so that every view that
+//! explains an event says the same thing.
+
+use domain::node::NodeEvent;
+use domain::project::ProjectEvent;
+use domain::task::TaskEvent;
+use domain::user::UserEvent;
+use store::outbox::RecordedEvent;
+use uuid::Uuid;
+
+/// The node an event refers to, whose name a summary would mention.
+pub fn node_of(event: &RecordedEvent) -> Option<Uuid> {
+    match event.aggregate_type.as_str() {
+        "node" => event.aggregate_id.parse().ok(),
+        "task" => match serde_json::from_value::<TaskEvent>(event.payload.clone()).ok()? {
+            TaskEvent::Assigned { node_id, .. } | TaskEvent::Lost { node_id, .. } => Some(node_id),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// Summarises a stored event. `node_name` is the name of the node from
+/// [`node_of`], when known.
+///
+/// # Errors
+/// The decoding error when the payload does not fit its aggregate's events.
+pub fn summarize(event: &RecordedEvent, node_name: Option<&str>) -> Result<String, serde_json::Error> {
+    let p = event.payload.clone();
+    let actor = event.actor();
+    Ok(match event.aggregate_type.as_str() {
+        "task" => task(&serde_json::from_value(p)?, actor, node_name),
+        "node" => node(&serde_json::from_value(p)?, node_name),
+        "project" => project(&serde_json::from_value(p)?),
+        "user" => user(&serde_json::from_value(p)?, &event.aggregate_id),
+        other => format!("{} on {other} {}", event.event_type, event.aggregate_id),
+    })
+}
+
+fn node_label(id: &Uuid, name: Option<&str>) -> String {
+    match name {
+        Some(n) => format!("node {n}"),
+        None => format!("node {id}"),
+    }
+}
+
+/// Summarises a task event.
+pub fn task(e: &TaskEvent, actor: &str, node_name: Option<&str>) -> String {
+    match e {
+        TaskEvent::Submitted { spec, by, .. } => format!(
+            "{by} submitted `{}` at code {} / env {} ({}), needing {} CPU, {} MiB, {} GPU",
+            if spec.command.is_empty() {
+                "<image default command>".to_string()
+            } else {
+                spec.command.join(" ")
+            },
+            &spec.code_commit_id.as_str()[..12],
+            &spec.env_commit_id.as_str()[..12],
+            spec.dockerfile_path,
+            spec.resources.cpus,
+            spec.resources.memory_mb,
+            spec.resources.gpus
+        ),
+        TaskEvent::Assigned {
+            node_id,
+            attempt,
+            reason,
+            ..
+        } => format!(
+            "{actor} assigned attempt {attempt} to {}: {reason}",
+            node_label(node_id, node_name)
+        ),
+        TaskEvent::Accepted { attempt, .. } => format!("node accepted attempt {attempt}"),
+        TaskEvent::Preparing { attempt, stage, .. } => {
+            format!("attempt {attempt} preparing: {stage}")
+        }
+        TaskEvent::Started {
+            attempt, container, ..
+        } => format!(
+            "attempt {attempt} started in container {}",
+            &container[..container.len().min(12)]
+        ),
+        TaskEvent::Succeeded { attempt, .. } => format!("attempt {attempt} succeeded (exit 0)"),
+        TaskEvent::Failed {
+            attempt,
+            exit_code,
+            reason,
+            ..
+        } => {
+            let which = attempt.map_or("task".to_string(), |a| format!("attempt {a}"));
+            match exit_code {
+                Some(c) => format!("{which} failed with exit code {c}: {reason}"),
+                None => format!("{which} failed: {reason}"),
+            }
+        }
+        TaskEvent::TimedOut { attempt, by, .. } => {
+            format!("attempt {attempt} timed out ({by} stopped it)")
+        }
+        TaskEvent::CancelRequested { by, .. } => format!("{by} asked to cancel the task"),
+        TaskEvent::Cancelled { attempt, .. } => match attempt {
+            Some(a) => format!("attempt {a} cancelled"),
+            None => "task cancelled before it ran".to_string(),
+        },
+        TaskEvent::Lost {
+            node_id,
+            attempt,
+            reason,
+            ..
+        } => format!(
+            "attempt {attempt} lost on {}: {reason}",
+            node_label(node_id, node_name)
+        ),
+        TaskEvent::Requeued {
+            previous_attempt, ..
+        } => format!(
+            "task requeued for attempt {} after attempt {previous_attempt} was lost",
+            previous_attempt + 1
+        ),
+        TaskEvent::ArtifactRecorded {
+            attempt,
+            name,
+            size,
+            sha256,
+            ..
+        } => format!(
+            "attempt {attempt} stored output {name}: {size} bytes, sha256 {}",
+            &sha256[..sha256.len().min(12)]
+        ),
+    }
+}
+
+/// Summarises a node event.
+pub fn node(e: &NodeEvent, name: Option<&str>) -> String {
+    let me = name.map_or_else(|| "node".to_string(), |n| format!("node {n}"));
+    match e {
+        NodeEvent::Provisioned { name, labels, by, .. } => {
+            let labels: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            if labels.is_empty() {
+                format!("{by} provisioned node {name}")
+            } else {
+                format!("{by} provisioned node {name} with labels {}", labels.join(", "))
+            }
+        }
+        NodeEvent::Connected {
+            agent_version,
+            resources,
+            ..
+        } => format!(
+            "{me} connected (agent {agent_version}): {} CPU, {} MiB, {} GPU",
+            resources.cpus,
+            resources.memory_mb,
+            resources.gpus.len()
+        ),
+        NodeEvent::Disconnected { reason, .. } => format!("{me} disconnected: {reason}"),
+        NodeEvent::MarkedOffline { last_seen, at } => format!(
+            "{me} marked offline: no heartbeat for {} s",
+            (*at - *last_seen).num_seconds()
+        ),
+        NodeEvent::Drained { by, .. } => format!("{by} drained {me}: no new tasks"),
+        NodeEvent::Undrained { by, .. } => format!("{by} undrained {me}: takes tasks again"),
+        NodeEvent::TokenRevoked { by, .. } => format!("{by} revoked the token of {me}"),
+    }
+}
+
+/// Summarises a project event.
+pub fn project(e: &ProjectEvent) -> String {
+    match e {
+        ProjectEvent::Created { name, owner, .. } => {
+            format!("user:{owner} created project {name}")
+        }
+        ProjectEvent::Renamed { name, by, .. } => format!("{by} renamed the project to {name}"),
+        ProjectEvent::MemberAdded { user, role, by, .. } => {
+            format!("{by} made {user} a {role}")
+        }
+        ProjectEvent::MemberRemoved { user, by, .. } => format!("{by} removed {user}"),
+        ProjectEvent::QuotaSet {
+            max_running, by, ..
+        } => match max_running {
+            Some(n) => format!("{by} limited the project to {n} running tasks"),
+            None => format!("{by} removed the project's running-task limit"),
+        },
+        ProjectEvent::Archived { by, .. } => format!("{by} archived the project"),
+    }
+}
+
+/// Summarises a user event.
+pub fn user(e: &UserEvent, name: &str) -> String {
+    match e {
+        UserEvent::Created { admin: true, by, .. } => format!("{by} created admin {name}"),
+        UserEvent::Created { by, .. } => format!("{by} created user {name}"),
+        UserEvent::TokenIssued { label, by, .. } => {
+            format!("{by} issued a token for {name} ({label})")
+        }
+        UserEvent::TokenRevoked { token_id, by, .. } => {
+            format!("{by} revoked token {} of {name}", token_id.simple())
+        }
+    }
+}
