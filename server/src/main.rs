@@ -1,1 +1,30 @@
-fn main() {}
+//! `unidesk`: the UniDesk server and its admin tools.
+//!
+//! One binary runs any set of the stateless roles (`serve --roles
+//! api,projector`), a whole single-machine platform (`dev`), schema
+//! migrations (`migrate`) and read-model maintenance (`projections`).
+
+mod cli;
+mod dev;
+mod roles;
+
+use clap::Parser;
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = cli::Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,sqlx=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match cli::run(cli).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,1 +1,223 @@
-fn main() {}
+//! `unidesk-bench`: commands per second through the event-sourced core,
+//! measured next to plain single-row INSERTs on the same database in the
+//! same run, and optionally next to `shared/bench/ceiling.sh`.
+//!
+//! ```text
+//! unidesk-bench [--database-url URL] [--seconds 10] [--writers 1,16] [--ceiling PATH/ceiling.sh]
+//! ```
+//! Without a URL it starts a private PostgreSQL cluster of its own.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use chrono::Utc;
+use clap::Parser;
+use domain::spec::{TaskSpecDraft, UrlPolicy};
+use domain::task::{Outcome, Task, TaskCommand};
+use domain::Actor;
+use sqlx::postgres::PgPoolOptions;
+use sqlx::PgPool;
+use store::Store;
+use uuid::Uuid;
+
+/// Benchmark the event-sourced core.
+#[derive(Debug, Parser)]
+struct Args {
+    /// Database to measure on; a private cluster is started when absent.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
+    /// Seconds per measurement.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Concurrent writer counts to measure.
+    #[arg(long, value_delimiter = ',', default_value = "1,16")]
+    writers: Vec<usize>,
+    /// Path to shared/bench/ceiling.sh, to run as the reference in this run.
+    #[arg(long)]
+    ceiling: Option<std::path::PathBuf>,
+}
+
+const PAYLOAD: &str = r#"{"task_id":1,"type":"task.submitted","node":"node-7f3c2a1e-9b4d-4e8f-a6c1-2d3e4f5a6b7c","attempt":1,"at":"2026-01-01T00:00:00.000000Z","meta":{"actor":"user/alice","priority":5,"labels":["gpu","linux","x86_64"],"trace":"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"}}"#;
+
+/// Runs `writers` copies of `work` for `secs` seconds; each call of `work`
+/// returns how many commits it made. Returns commits per second.
+async fn measure<F, Fut>(writers: usize, secs: u64, work: F) -> anyhow::Result<f64>
+where
+    F: Fn() -> Fut + Send + Sync + 'static + Clone,
+    Fut: std::future::Future<Output = anyhow::Result<u64>> + Send,
+{
+    let stop = Arc::new(AtomicBool::new(false));
+    let count = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let mut handles = Vec::new();
+    for _ in 0..writers {
+        let (stop, count, work) = (stop.clone(), count.clone(), work.clone());
+        handles.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let n = work().await?;
+                count.fetch_add(n, Ordering::Relaxed);
+            }
+            anyhow::Ok(())
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(secs)).await;
+    stop.store(true, Ordering::Relaxed);
+    for h in handles {
+        h.await??;
+    }
+    Ok(count.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64())
+}
+
+/// One task's life through the cqrs framework: five commands, each loading
+/// the aggregate and appending one event in its own transaction.
+async fn lifecycle(store: &Store, node: Uuid, project: Uuid) -> anyhow::Result<u64> {
+    let id = Uuid::now_v7();
+    let t = id.to_string();
+    let now = Utc::now;
+    let spec = TaskSpecDraft {
+        project_id: Some(project),
+        code_repo_url: Some("https://example.com/code.git".into()),
+        code_commit_id: Some("a".repeat(40)),
+        env_repo_url: Some("https://example.com/env.git".into()),
+        env_commit_id: Some("b".repeat(40)),
+        dockerfile_path: Some("Dockerfile".into()),
+        command: Some(vec!["python".into(), "train.py".into()]),
+        ..Default::default()
+    }
+    .validate(UrlPolicy::default())
+    .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let user = Actor::User("bench".into());
+    let agent = Actor::Node(node.to_string());
+    let commands = [
+        (
+            TaskCommand::Submit {
+                task_id: id,
+                spec,
+                by: user.clone(),
+                at: now(),
+            },
+            user,
+        ),
+        (
+            TaskCommand::Assign {
+                node_id: node,
+                reason: "bench".into(),
+                at: now(),
+            },
+            Actor::System("scheduler".into()),
+        ),
+        (
+            TaskCommand::Accept {
+                node_id: node,
+                attempt: 1,
+                at: now(),
+            },
+            agent.clone(),
+        ),
+        (
+            TaskCommand::ReportStarted {
+                node_id: node,
+                attempt: 1,
+                container: "c".into(),
+                at: now(),
+            },
+            agent.clone(),
+        ),
+        (
+            TaskCommand::ReportExited {
+                node_id: node,
+                attempt: 1,
+                outcome: Outcome::Succeeded,
+                at: now(),
+            },
+            agent,
+        ),
+    ];
+    for (cmd, actor) in commands {
+        store
+            .execute::<Task>(&t, cmd, &actor, now())
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    Ok(5)
+}
+
+async fn pool(url: &str, size: u32) -> anyhow::Result<PgPool> {
+    PgPoolOptions::new()
+        .max_connections(size)
+        .connect(url)
+        .await
+        .context("connecting")
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let (url, _cluster) = match &args.database_url {
+        Some(u) => (u.clone(), None),
+        None => {
+            let c = store::cluster::LocalCluster::start_ephemeral()
+                .await
+                .context("starting a private PostgreSQL")?;
+            (c.url(), Some(c))
+        }
+    };
+    let setup = pool(&url, 2).await?;
+    store::migrate(&setup).await?;
+    sqlx::query("CREATE TABLE IF NOT EXISTS bench_plain (id bigserial PRIMARY KEY, payload jsonb NOT NULL)")
+        .execute(&setup)
+        .await?;
+    println!("unidesk-bench: {} s per figure", args.seconds);
+    println!("{:<44} {:>8} {:>14}", "what", "writers", "commits/s");
+    for &w in &args.writers {
+        let p = pool(&url, w as u32 + 2).await?;
+        let plain = {
+            let p = p.clone();
+            measure(w, args.seconds, move || {
+                let p = p.clone();
+                async move {
+                    sqlx::query("INSERT INTO bench_plain (payload) VALUES ($1::jsonb)")
+                        .bind(PAYLOAD)
+                        .execute(&p)
+                        .await?;
+                    Ok(1)
+                }
+            })
+            .await?
+        };
+        println!("{:<44} {:>8} {:>14.0}", "plain single-row INSERT", w, plain);
+        let store = Store::new(p.clone());
+        let (node, project) = (Uuid::new_v4(), Uuid::new_v4());
+        let cqrs = measure(w, args.seconds, move || {
+            let store = store.clone();
+            async move { lifecycle(&store, node, project).await }
+        })
+        .await?;
+        println!(
+            "{:<44} {:>8} {:>14.0}   ({:.0} task lifecycles/s, {:.0}% of plain)",
+            "cqrs command (load + decide + append)",
+            w,
+            cqrs,
+            cqrs / 5.0,
+            100.0 * cqrs / plain
+        );
+        p.close().await;
+    }
+    if let Some(script) = &args.ceiling {
+        println!("reference, same database, same run: {}", script.display());
+        let status = tokio::process::Command::new("bash")
+            .arg(script)
+            .arg(&url)
+            .status()
+            .await
+            .context("running ceiling.sh")?;
+        anyhow::ensure!(status.success(), "ceiling.sh failed");
+    }
+    setup.close().await;
+    if let Some(c) = _cluster {
+        c.stop().await?;
+    }
+    Ok(())
+}

@@ -1,0 +1,171 @@
+//! The command line: flags with environment fallbacks, checked at start.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+use sqlx::postgres::PgPoolOptions;
+use sqlx::PgPool;
+
+use crate::{dev, roles};
+
+/// UniDesk: a distributed work platform.
+#[derive(Debug, Parser)]
+#[command(name = "unidesk", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run everything on this machine: a private PostgreSQL under
+    /// ./.unidesk (unless DATABASE_URL is set) and every role.
+    Dev(dev::DevArgs),
+    /// Run server roles against an existing database.
+    Serve(ServeArgs),
+    /// Apply database migrations and exit.
+    Migrate(DbArgs),
+    /// Inspect or rebuild the read models.
+    Projections {
+        #[command(subcommand)]
+        command: ProjectionsCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ProjectionsCommand {
+    /// Drop read models and rebuild them from the event log.
+    Rebuild {
+        /// Only this read model (tasks, nodes, projects, users, timeline).
+        name: Option<String>,
+        #[command(flatten)]
+        db: DbArgs,
+    },
+    /// Show each read model's checkpoint and lag.
+    Status {
+        #[command(flatten)]
+        db: DbArgs,
+    },
+}
+
+/// Where the database is.
+#[derive(Debug, Args)]
+pub struct DbArgs {
+    /// PostgreSQL connection URL. Defaults to the private cluster of a
+    /// `unidesk dev` running in this directory.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+}
+
+/// The roles a `serve` process runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Role {
+    /// REST API and web views.
+    Api,
+    /// Read models from the outbox.
+    Projector,
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    db: DbArgs,
+    /// Which roles to run.
+    #[arg(long, env = "UNIDESK_ROLES", value_delimiter = ',', default_value = "api,projector")]
+    roles: Vec<Role>,
+    /// Where the API listens.
+    #[arg(long, env = "UNIDESK_LISTEN", default_value = "0.0.0.0:8080")]
+    listen: SocketAddr,
+    #[command(flatten)]
+    server: roles::ServerArgs,
+    /// Where to write a bootstrap admin token when no admin exists yet.
+    #[arg(long, env = "UNIDESK_ADMIN_TOKEN_FILE")]
+    admin_token_file: Option<PathBuf>,
+}
+
+/// Connects to `url` with a pool sized for a server process.
+pub async fn connect(url: &str) -> anyhow::Result<PgPool> {
+    PgPoolOptions::new()
+        .max_connections(32)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect(url)
+        .await
+        .context("connecting to PostgreSQL")
+}
+
+/// The database URL from the flag, the environment, or a `unidesk dev`
+/// running in this directory.
+fn database_url(db: &DbArgs) -> anyhow::Result<String> {
+    if let Some(url) = &db.database_url {
+        return Ok(url.clone());
+    }
+    match dev::running_url(std::path::Path::new(dev::DEFAULT_DIR))? {
+        Some(url) => Ok(url),
+        None => bail!(
+            "no database: pass --database-url or set DATABASE_URL, \
+             or run this in a directory where `unidesk dev` is running"
+        ),
+    }
+}
+
+/// Runs the chosen command.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Dev(args) => dev::run(args).await,
+        Command::Serve(args) => {
+            let pool = connect(&database_url(&args.db)?).await?;
+            store::migrate(&pool).await.context("applying migrations")?;
+            let listener = tokio::net::TcpListener::bind(args.listen)
+                .await
+                .with_context(|| format!("listening on {}", args.listen))?;
+            let store = store::Store::new(pool.clone());
+            if let Some(file) = &args.admin_token_file {
+                api::bootstrap_admin(&store, file)
+                    .await
+                    .context("creating the bootstrap admin token")?;
+                eprintln!("admin token in {}", file.display());
+            }
+            let services = roles::start(store, listener, &args.roles, &args.server)?;
+            tracing::info!(listen = %args.listen, roles = ?args.roles, "serving");
+            roles::shutdown_signal().await;
+            services.stop().await;
+            pool.close().await;
+            Ok(())
+        }
+        Command::Migrate(db) => {
+            let pool = connect(&database_url(&db)?).await?;
+            store::migrate(&pool).await.context("applying migrations")?;
+            println!("migrations applied");
+            Ok(())
+        }
+        Command::Projections { command } => match command {
+            ProjectionsCommand::Rebuild { name, db } => {
+                let pool = connect(&database_url(&db)?).await?;
+                let projector = projections::Projector::new(pool);
+                let started = std::time::Instant::now();
+                let n = projector.rebuild(name.as_deref()).await?;
+                println!(
+                    "rebuilt {} from {n} event applications in {:.2} s",
+                    name.as_deref().unwrap_or("all read models"),
+                    started.elapsed().as_secs_f64()
+                );
+                Ok(())
+            }
+            ProjectionsCommand::Status { db } => {
+                let pool = connect(&database_url(&db)?).await?;
+                let projector = projections::Projector::new(pool);
+                println!("{:<10} {:>12} {:>12} {:>8}", "name", "txid", "position", "lag");
+                for s in projector.status().await? {
+                    println!(
+                        "{:<10} {:>12} {:>12} {:>8}",
+                        s.name, s.checkpoint.txid, s.checkpoint.position, s.lag
+                    );
+                }
+                Ok(())
+            }
+        },
+    }
+}

@@ -1,0 +1,113 @@
+//! `unidesk dev`: the whole platform on one machine with zero set-up.
+//!
+//! A private PostgreSQL cluster is created under `./.unidesk/pg` with the
+//! system's `initdb` (unless `DATABASE_URL` is given), migrations are
+//! applied, a bootstrap admin token is written to `./.unidesk/admin.token`,
+//! and every role runs until Ctrl-C, which stops PostgreSQL too. The next
+//! start finds all data again.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use clap::Args;
+
+use crate::cli::{connect, Role};
+use crate::roles::{self, ServerArgs};
+
+/// Where `dev` keeps its state, relative to the working directory.
+pub const DEFAULT_DIR: &str = ".unidesk";
+
+/// Flags of `unidesk dev`.
+#[derive(Debug, Args)]
+pub struct DevArgs {
+    /// Where the web UI and API listen.
+    #[arg(long, env = "UNIDESK_LISTEN", default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Where to keep the database, tokens and objects.
+    #[arg(long, env = "UNIDESK_DEV_DIR", default_value = DEFAULT_DIR)]
+    dir: PathBuf,
+    /// Use this database instead of a private cluster.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
+    /// Refuse `file://` repository URLs (allowed by default in dev, so
+    /// local repositories work).
+    #[arg(long)]
+    no_file_urls: bool,
+    /// How often outbox consumers poll when no NOTIFY arrives, in ms.
+    #[arg(long, env = "UNIDESK_POLL_MS", default_value_t = 250)]
+    poll_ms: u64,
+}
+
+/// The URL of the private cluster of a `dev` running in `dir`, if any.
+///
+/// # Errors
+/// When the cluster's files exist but cannot be read.
+pub fn running_url(dir: &Path) -> anyhow::Result<Option<String>> {
+    store::cluster::running_url(&dir.join("pg")).context("reading the dev cluster's settings")
+}
+
+fn ensure_private_dir(dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        // Traversable so PostgreSQL's own user can reach pg/, but not listable.
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))
+            .with_context(|| format!("setting permissions of {}", dir.display()))?;
+    }
+    Ok(())
+}
+
+/// Runs the platform until Ctrl-C.
+pub async fn run(args: DevArgs) -> anyhow::Result<()> {
+    ensure_private_dir(&args.dir)?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on {} (is another unidesk running? choose another with --listen)",
+                args.listen
+            )
+        })?;
+    let (url, cluster) = match &args.database_url {
+        Some(url) => (url.clone(), None),
+        None => {
+            eprintln!("starting PostgreSQL under {}", args.dir.join("pg").display());
+            let cluster = store::cluster::LocalCluster::start(&args.dir.join("pg"))
+                .await
+                .context("starting the private PostgreSQL cluster")?;
+            (cluster.url(), Some(cluster))
+        }
+    };
+    let result = serve(&args, listener, &url).await;
+    if let Some(cluster) = cluster {
+        eprintln!("stopping PostgreSQL");
+        cluster.stop().await.context("stopping PostgreSQL")?;
+    }
+    result
+}
+
+async fn serve(args: &DevArgs, listener: tokio::net::TcpListener, url: &str) -> anyhow::Result<()> {
+    let pool = connect(url).await?;
+    store::migrate(&pool).await.context("applying migrations")?;
+    let store = store::Store::new(pool.clone());
+    let token_file = args.dir.join("admin.token");
+    let token = api::bootstrap_admin(&store, &token_file)
+        .await
+        .context("creating the bootstrap admin token")?;
+    let server = ServerArgs {
+        allow_file_urls: !args.no_file_urls,
+        body_limit: 1024 * 1024,
+        poll_ms: args.poll_ms,
+    };
+    let services = roles::start(store, listener, &[Role::Api, Role::Projector], &server)?;
+    println!("UniDesk is running at http://{}", args.listen);
+    println!("admin token: {token}");
+    println!("(also in {}; Ctrl-C stops everything)", token_file.display());
+    roles::shutdown_signal().await;
+    eprintln!("shutting down");
+    services.stop().await;
+    pool.close().await;
+    Ok(())
+}

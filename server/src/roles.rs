@@ -1,0 +1,113 @@
+//! The server roles and their life cycle: each runs until told to stop, so
+//! a test can start them on a port-0 listener and shut them down cleanly.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::cli::Role;
+
+/// Settings shared by the roles.
+#[derive(Debug, Clone, Args)]
+pub struct ServerArgs {
+    /// Accept `file://` repository URLs (only for agents on this machine).
+    #[arg(long, env = "UNIDESK_ALLOW_FILE_URLS")]
+    pub allow_file_urls: bool,
+    /// Largest accepted request body, in bytes.
+    #[arg(long, env = "UNIDESK_BODY_LIMIT", default_value_t = 1024 * 1024)]
+    pub body_limit: usize,
+    /// How often outbox consumers poll when no NOTIFY arrives, in ms.
+    #[arg(long, env = "UNIDESK_POLL_MS", default_value_t = 250)]
+    pub poll_ms: u64,
+}
+
+/// Running roles.
+pub struct Services {
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Services {
+    /// Stops every role and waits for each to finish its current work.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+/// Resolves once Ctrl-C or SIGTERM arrives.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+fn stopped(mut rx: watch::Receiver<bool>) -> impl std::future::Future<Output = ()> {
+    async move {
+        let _ = rx.wait_for(|s| *s).await;
+    }
+}
+
+/// Starts `roles` on `store`; the API serves on `listener`.
+pub fn start(
+    store: store::Store,
+    listener: TcpListener,
+    roles: &[Role],
+    args: &ServerArgs,
+) -> anyhow::Result<Services> {
+    let (stop, rx) = watch::channel(false);
+    let mut tasks = Vec::new();
+    if roles.contains(&Role::Api) {
+        let config = api::Config {
+            url_policy: domain::spec::UrlPolicy {
+                allow_file: args.allow_file_urls,
+            },
+            body_limit: args.body_limit,
+        };
+        let app = api::router(api::AppState::new(store.clone(), config));
+        let shutdown = stopped(rx.clone());
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown)
+                .await
+            {
+                tracing::error!(error = %e, "api server failed");
+            }
+        }));
+    }
+    if roles.contains(&Role::Projector) {
+        let projector = projections::Projector::new(store.pool().clone());
+        let poll = Duration::from_millis(args.poll_ms);
+        let shutdown = stopped(rx.clone());
+        tasks.push(tokio::spawn(async move {
+            projector.run(poll, shutdown).await;
+        }));
+    }
+    if tasks.is_empty() {
+        return Err(anyhow::anyhow!("no roles chosen")).context("--roles");
+    }
+    Ok(Services { stop, tasks })
+}
