@@ -1,1 +1,104 @@
-//! stub
+//! UniDesk's REST API under `/api/v1`.
+//!
+//! Every request is authenticated with a bearer token ([`auth::Caller`]),
+//! every input is parsed and validated at the edge before anything is
+//! appended to the log, and every error leaves as one JSON envelope
+//! ([`ApiError`]). Commands go to the event log through [`store::Store`];
+//! single resources are read from their aggregates (so a client reads its own
+//! writes at once), lists from the read models the projector maintains.
+//!
+//! The server binary uses [`AppState::new`], [`router`] and
+//! [`bootstrap_admin`]; the OpenAPI document is generated from the handlers
+//! themselves and served at `/api/v1/openapi.json` ([`openapi()`]).
+
+pub mod access;
+pub mod auth;
+pub mod bootstrap;
+pub mod error;
+pub mod extract;
+pub mod openapi;
+pub mod routes;
+pub mod schema;
+
+use std::sync::Arc;
+
+use axum::extract::DefaultBodyLimit;
+use domain::spec::UrlPolicy;
+use store::Store;
+use tower_http::trace::TraceLayer;
+
+pub use auth::Caller;
+pub use bootstrap::{bootstrap_admin, BootstrapError};
+pub use error::ApiError;
+pub use openapi::openapi;
+
+/// The largest request body accepted by default: 1 MiB, far above any
+/// legitimate task specification and small enough that a client cannot
+/// make the server buffer much.
+pub const DEFAULT_BODY_LIMIT: usize = 1024 * 1024;
+
+/// How the API behaves, fixed at start-up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// Which repository URL schemes task submissions may use.
+    pub url_policy: UrlPolicy,
+    /// The largest request body in bytes; larger ones get 413.
+    pub body_limit: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            url_policy: UrlPolicy::default(),
+            body_limit: DEFAULT_BODY_LIMIT,
+        }
+    }
+}
+
+/// What every handler shares: the event log and the configuration.
+/// Cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    store: Store,
+    config: Arc<Config>,
+}
+
+impl AppState {
+    /// State for a router over `store`.
+    pub fn new(store: Store, config: Config) -> Self {
+        Self {
+            store,
+            config: Arc::new(config),
+        }
+    }
+
+    /// The event log.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The connection pool, for reading read models.
+    pub fn pool(&self) -> &sqlx::PgPool {
+        self.store.pool()
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+}
+
+/// The whole HTTP surface: `/healthz`, `/readyz`, `/api/v1/...` and
+/// `/api/v1/openapi.json`, with the body limit, request tracing and JSON
+/// errors for unknown routes and methods.
+pub fn router(state: AppState) -> axum::Router {
+    let body_limit = state.config.body_limit;
+    let (router, doc) = routes::all().split_for_parts();
+    router
+        .fallback(error::no_route)
+        .method_not_allowed_fallback(error::method_not_allowed)
+        .layer(axum::Extension(Arc::new(doc)))
+        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(TraceLayer::new_for_http())
+        .with_state(state)
+}

@@ -1,0 +1,118 @@
+//! Who may see and do what in a project.
+//!
+//! Admins see and do everything. Anybody else sees a project, and its tasks,
+//! only as one of its members; to everyone else the project does not exist
+//! (404, never 403, so that ids cannot be probed). Among members, viewers
+//! read, members also submit and cancel tasks, maintainers also manage the
+//! project. Membership is read from the Project aggregate itself, so a new
+//! member can act at once.
+
+use domain::project::{Project, Role};
+use domain::task::Task;
+use uuid::Uuid;
+
+use crate::auth::Caller;
+use crate::error::ApiError;
+use crate::AppState;
+
+/// A project the caller may see, with the caller's standing in it.
+#[derive(Debug, Clone)]
+pub struct ProjectAccess {
+    /// The project's current state.
+    pub project: Project,
+    /// The caller's role, when a member.
+    pub role: Option<Role>,
+    /// Whether the caller is an admin.
+    pub admin: bool,
+}
+
+impl ProjectAccess {
+    /// Refuses callers below `min` (admins always pass).
+    ///
+    /// # Errors
+    /// 403 saying which role `what` needs.
+    pub fn require(&self, min: Role, what: &str) -> Result<(), ApiError> {
+        if self.admin || self.role.is_some_and(|r| r >= min) {
+            return Ok(());
+        }
+        let have = self.role.map_or("no role", Role::as_str);
+        let need = match min {
+            Role::Viewer => "a viewer or more",
+            Role::Member => "a member or maintainer",
+            Role::Maintainer => "a maintainer",
+        };
+        Err(ApiError::Forbidden(format!(
+            "only {need} of the project may {what}; you are {have}"
+        )))
+    }
+}
+
+/// Loads project `id` if the caller may see it.
+///
+/// # Errors
+/// 404 (naming `field` when given) when it does not exist or the caller is
+/// neither a member nor an admin; 500 when the log cannot be read.
+pub async fn project(
+    state: &AppState,
+    caller: &Caller,
+    id: Uuid,
+    field: Option<&str>,
+) -> Result<ProjectAccess, ApiError> {
+    let hidden = || {
+        let detail = format!("project {id} not found");
+        match field {
+            Some(f) => ApiError::not_found_field(f, detail),
+            None => ApiError::not_found(detail),
+        }
+    };
+    let Some(loaded) = state.store().load::<Project>(&id.to_string()).await? else {
+        return Err(hidden());
+    };
+    let role = loaded.state.role_of(&caller.user);
+    if role.is_none() && !caller.admin {
+        return Err(hidden());
+    }
+    Ok(ProjectAccess {
+        project: loaded.state,
+        role,
+        admin: caller.admin,
+    })
+}
+
+/// A task the caller may see, with their access to its project.
+#[derive(Debug, Clone)]
+pub struct TaskAccess {
+    /// The task's current state.
+    pub task: Task,
+    /// The sequence number of its last event.
+    pub sequence: usize,
+    /// The caller's standing in the task's project.
+    pub project: ProjectAccess,
+}
+
+/// Loads task `id` if the caller may see its project.
+///
+/// # Errors
+/// 404 when it does not exist or its project is hidden from the caller;
+/// 500 when the log cannot be read.
+pub async fn task(state: &AppState, caller: &Caller, id: Uuid) -> Result<TaskAccess, ApiError> {
+    let hidden = || ApiError::not_found(format!("task {id} not found"));
+    let Some(loaded) = state.store().load::<Task>(&id.to_string()).await? else {
+        return Err(hidden());
+    };
+    let Some(project_id) = loaded.state.spec.as_ref().map(|s| s.project_id) else {
+        return Err(ApiError::internal(format!(
+            "task {id} has events but no spec"
+        )));
+    };
+    let project = match project(state, caller, project_id, None).await {
+        Ok(p) => p,
+        Err(ApiError::NotFound(_)) => return Err(hidden()),
+        Err(e) => return Err(e),
+    };
+    Ok(TaskAccess {
+        task: loaded.state,
+        sequence: loaded.sequence,
+        project,
+    })
+}

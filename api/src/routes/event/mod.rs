@@ -1,0 +1,12 @@
+//! The event log in its global order.
+
+pub mod list;
+
+use utoipa_axum::router::OpenApiRouter;
+
+use crate::AppState;
+
+/// Every event route.
+pub fn router() -> OpenApiRouter<AppState> {
+    list::router()
+}

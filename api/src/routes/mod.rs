@@ -1,0 +1,32 @@
+//! Every route, one file per action under `routes/<resource>/`, each with
+//! a `router()` that registers its handler and documents it.
+
+pub mod event;
+pub mod health;
+pub mod node;
+pub mod openapi;
+pub mod project;
+pub mod task;
+pub mod user;
+
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+
+use crate::AppState;
+
+/// Where the versioned API lives.
+pub const API_PREFIX: &str = "/api/v1";
+
+/// Every route, with the OpenAPI document they make up.
+pub fn all() -> OpenApiRouter<AppState> {
+    let v1 = OpenApiRouter::new()
+        .merge(task::router())
+        .merge(project::router())
+        .merge(node::router())
+        .merge(user::router())
+        .merge(event::router())
+        .merge(openapi::router());
+    OpenApiRouter::with_openapi(crate::openapi::ApiDoc::openapi())
+        .merge(health::router())
+        .nest(API_PREFIX, v1)
+}

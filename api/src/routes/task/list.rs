@@ -1,0 +1,167 @@
+//! `GET /api/v1/tasks`: tasks newest first, from the task read model, with
+//! cursor pagination.
+//!
+//! The list is eventually consistent: a task just submitted appears once
+//! the projector has applied its event (usually within milliseconds);
+//! `GET /api/v1/tasks/{id}` always reads the task itself.
+
+use axum::extract::State;
+use axum::Json;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use domain::task::TaskState;
+use serde::Deserialize;
+use utoipa::IntoParams;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::auth::Caller;
+use crate::error::{ApiError, ErrorBody};
+use crate::extract::{parse_limit, parse_uuid, Query};
+use crate::schema::task::{Task, TaskPage};
+use crate::{access, AppState};
+
+/// Tasks per page unless `limit` says otherwise.
+pub const DEFAULT_LIMIT: i64 = 50;
+/// The most tasks per page.
+pub const MAX_LIMIT: i64 = 500;
+
+/// This route.
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(list))
+}
+
+/// Filters and paging of the task list. Parameters arrive as text and are
+/// parsed one by one, so that an error names its parameter.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+struct ListTasks {
+    /// Only this project's tasks.
+    #[param(value_type = Option<Uuid>)]
+    project: Option<String>,
+    /// Only tasks in this state (`queued`, `running`, `succeeded`, ...).
+    #[param(value_type = Option<String>, example = "queued")]
+    state: Option<String>,
+    /// Only tasks whose current attempt is on this node.
+    #[param(value_type = Option<Uuid>)]
+    node: Option<String>,
+    /// Tasks per page, 1 to 500 (default 50).
+    #[param(value_type = Option<i64>, minimum = 1, maximum = 500)]
+    limit: Option<String>,
+    /// The `next_cursor` of the previous page.
+    cursor: Option<String>,
+}
+
+/// A list position as an opaque cursor.
+fn encode_cursor(position: i64) -> String {
+    URL_SAFE_NO_PAD.encode(format!("v1:{position}"))
+}
+
+fn decode_cursor(cursor: &str) -> Result<i64, ApiError> {
+    URL_SAFE_NO_PAD
+        .decode(cursor.trim())
+        .ok()
+        .and_then(|b| String::from_utf8(b).ok())
+        .and_then(|s| s.strip_prefix("v1:").and_then(|p| p.parse().ok()))
+        .ok_or_else(|| {
+            ApiError::bad_request("cursor", "not a cursor from a previous page's next_cursor")
+        })
+}
+
+/// Tasks the caller may see, newest first.
+#[utoipa::path(
+    get,
+    path = "/tasks",
+    tag = "tasks",
+    params(ListTasks),
+    responses(
+        (status = 200, description = "One page of tasks", body = TaskPage),
+        (status = 400, description = "A bad parameter, named", body = ErrorBody),
+        (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 404, description = "The project filter names a project that is not the caller's", body = ErrorBody)
+    ),
+    security(("bearer" = []))
+)]
+async fn list(
+    State(state): State<AppState>,
+    caller: Caller,
+    Query(q): Query<ListTasks>,
+) -> Result<Json<TaskPage>, ApiError> {
+    let project = q
+        .project
+        .as_deref()
+        .map(|p| parse_uuid("project", p))
+        .transpose()?;
+    let task_state = q
+        .state
+        .as_deref()
+        .map(|s| {
+            TaskState::parse(s.trim()).ok_or_else(|| {
+                let names: Vec<_> = TaskState::ALL[1..].iter().map(|s| s.as_str()).collect();
+                ApiError::bad_request("state", format!("{s:?} is not one of {}", names.join(", ")))
+            })
+        })
+        .transpose()?;
+    let node = q
+        .node
+        .as_deref()
+        .map(|n| parse_uuid("node", n))
+        .transpose()?;
+    let limit = parse_limit("limit", q.limit.as_deref(), DEFAULT_LIMIT, MAX_LIMIT)?;
+    let before = q.cursor.as_deref().map(decode_cursor).transpose()?;
+    // A project filter is checked against the project itself; without one,
+    // non-admins see the projects the member read model lists for them.
+    let member = match project {
+        Some(p) => {
+            access::project(&state, &caller, p, Some("project")).await?;
+            None
+        }
+        None if caller.admin => None,
+        None => Some(caller.user.as_str()),
+    };
+    let rows: Vec<(serde_json::Value, i64)> = sqlx::query_as(
+        "SELECT doc, list_position FROM task_view \
+         WHERE ($1::uuid IS NULL OR project_id = $1) \
+           AND ($2::text IS NULL OR state = $2) \
+           AND ($3::uuid IS NULL OR node_id = $3) \
+           AND ($4::bigint IS NULL OR list_position < $4) \
+           AND ($5::text IS NULL OR project_id IN \
+                (SELECT project_id FROM project_member_view WHERE user_name = $5)) \
+         ORDER BY list_position DESC LIMIT $6",
+    )
+    .bind(project)
+    .bind(task_state.map(TaskState::as_str))
+    .bind(node)
+    .bind(before)
+    .bind(member)
+    .bind(limit + 1)
+    .fetch_all(state.pool())
+    .await?;
+    let more = rows.len() as i64 > limit;
+    let mut items = Vec::with_capacity(rows.len());
+    let mut last = None;
+    for (doc, position) in rows.into_iter().take(limit as usize) {
+        let task: domain::task::Task = serde_json::from_value(doc)
+            .map_err(|e| ApiError::internal(format!("task_view doc does not decode: {e}")))?;
+        items.push(Task::try_from(task)?);
+        last = Some(position);
+    }
+    Ok(Json(TaskPage {
+        items,
+        next_cursor: last.filter(|_| more).map(encode_cursor),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursors_round_trip_and_garbage_is_refused() {
+        assert_eq!(decode_cursor(&encode_cursor(42)).ok(), Some(42));
+        for bad in ["", "42", "!!", &URL_SAFE_NO_PAD.encode("v2:1")] {
+            assert!(decode_cursor(bad).is_err(), "{bad}");
+        }
+    }
+}

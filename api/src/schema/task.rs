@@ -1,0 +1,327 @@
+//! Tasks: the submission body, the task as shown, pages of tasks and a task's
+//! state as of one event.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use domain::spec::{ResourcesDraft, TaskSpecDraft};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::error::ApiError;
+use crate::schema::event::EventRecord;
+
+/// What to run: the body of `POST /api/v1/tasks`. Every field is checked
+/// and every problem reported at once; unknown fields are refused.
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SubmitTask {
+    /// The project the task belongs to; the caller must be one of its
+    /// members or maintainers.
+    pub project_id: Option<Uuid>,
+    /// The code repository: `https://`, `ssh://`, `git://` or `user@host:path`.
+    #[schema(example = "https://git.example.com/lab/model.git")]
+    pub code_repo_url: Option<String>,
+    /// The full code commit id: 40 (or 64) hexadecimal digits.
+    #[schema(example = "0123456789abcdef0123456789abcdef01234567")]
+    pub code_commit_id: Option<String>,
+    /// The repository with the environment's Dockerfile.
+    #[schema(example = "git@git.example.com:lab/env.git")]
+    pub env_repo_url: Option<String>,
+    /// The full env commit id.
+    #[schema(example = "89abcdef0123456789abcdef0123456789abcdef")]
+    pub env_commit_id: Option<String>,
+    /// The Dockerfile's path inside the env repository: relative, no `..`.
+    #[schema(example = "docker/gpu/Dockerfile")]
+    pub dockerfile_path: Option<String>,
+    /// The argv to run; empty or absent runs the image's default command.
+    pub command: Option<Vec<String>>,
+    /// Environment variables.
+    pub env: Option<BTreeMap<String, String>>,
+    /// What the task needs; defaults to 1 CPU, 1024 MiB, no GPU.
+    pub resources: Option<SubmitResources>,
+    /// Node labels the task requires.
+    pub labels: Option<BTreeMap<String, String>>,
+    /// -1000 to 1000; higher runs first.
+    pub priority: Option<i64>,
+    /// Wall-clock limit of one attempt in seconds.
+    pub timeout_s: Option<i64>,
+    /// Retries after a lost node, 0 to 100 (default 2).
+    pub max_retries: Option<i64>,
+}
+
+/// What a task needs from a node.
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SubmitResources {
+    /// CPU cores, more than 0, fractions allowed.
+    pub cpus: Option<f64>,
+    /// Memory in MiB, at least 1.
+    pub memory_mb: Option<i64>,
+    /// Whole GPUs, 0 to 64.
+    pub gpus: Option<i64>,
+}
+
+impl From<SubmitTask> for TaskSpecDraft {
+    fn from(s: SubmitTask) -> Self {
+        TaskSpecDraft {
+            project_id: s.project_id,
+            code_repo_url: s.code_repo_url,
+            code_commit_id: s.code_commit_id,
+            env_repo_url: s.env_repo_url,
+            env_commit_id: s.env_commit_id,
+            dockerfile_path: s.dockerfile_path,
+            command: s.command,
+            env: s.env,
+            resources: s.resources.map(|r| ResourcesDraft {
+                cpus: r.cpus,
+                memory_mb: r.memory_mb,
+                gpus: r.gpus,
+            }),
+            labels: s.labels,
+            priority: s.priority,
+            timeout_s: s.timeout_s,
+            max_retries: s.max_retries,
+        }
+    }
+}
+
+/// What a task needs, after defaults were applied.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Resources {
+    /// CPU cores.
+    pub cpus: f64,
+    /// Memory in MiB.
+    pub memory_mb: u64,
+    /// Whole GPUs.
+    pub gpus: u32,
+}
+
+/// A validated, normalised task specification.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct TaskSpec {
+    /// The project.
+    pub project_id: Uuid,
+    /// The code repository.
+    pub code_repo_url: String,
+    /// The code commit, lower case.
+    pub code_commit_id: String,
+    /// The env repository.
+    pub env_repo_url: String,
+    /// The env commit, lower case.
+    pub env_commit_id: String,
+    /// The Dockerfile's normalised path.
+    pub dockerfile_path: String,
+    /// The argv.
+    pub command: Vec<String>,
+    /// Environment variables.
+    pub env: BTreeMap<String, String>,
+    /// What it needs.
+    pub resources: Resources,
+    /// Required node labels.
+    pub labels: BTreeMap<String, String>,
+    /// Scheduling priority.
+    pub priority: i32,
+    /// Time limit of one attempt in seconds.
+    pub timeout_s: Option<u64>,
+    /// Retries after a lost node.
+    pub max_retries: u32,
+}
+
+impl From<domain::spec::TaskSpec> for TaskSpec {
+    fn from(s: domain::spec::TaskSpec) -> Self {
+        Self {
+            project_id: s.project_id,
+            code_repo_url: s.code_repo_url.as_str().to_string(),
+            code_commit_id: s.code_commit_id.as_str().to_string(),
+            env_repo_url: s.env_repo_url.as_str().to_string(),
+            env_commit_id: s.env_commit_id.as_str().to_string(),
+            dockerfile_path: s.dockerfile_path.as_str().to_string(),
+            command: s.command,
+            env: s.env,
+            resources: Resources {
+                cpus: s.resources.cpus,
+                memory_mb: s.resources.memory_mb,
+                gpus: s.resources.gpus,
+            },
+            labels: s.labels,
+            priority: s.priority,
+            timeout_s: s.timeout_s,
+            max_retries: s.max_retries,
+        }
+    }
+}
+
+/// One try at running a task on one node.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Attempt {
+    /// From 1.
+    pub number: u32,
+    /// The node it was placed on.
+    pub node_id: Uuid,
+    /// When it was placed.
+    pub assigned_at: DateTime<Utc>,
+    /// When its container started.
+    pub started_at: Option<DateTime<Utc>>,
+    /// When it ended.
+    pub ended_at: Option<DateTime<Utc>>,
+    /// How it ended: a task state or `lost`.
+    pub outcome: Option<String>,
+}
+
+/// A stored output of a task.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Artifact {
+    /// The attempt that produced it.
+    pub attempt: u32,
+    /// Its name.
+    pub name: String,
+    /// Its object key.
+    pub key: String,
+    /// Bytes.
+    pub size: u64,
+    /// Hex SHA-256.
+    pub sha256: String,
+}
+
+/// A task as it stands.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Task {
+    /// Its id.
+    pub id: Uuid,
+    /// Its project.
+    pub project_id: Uuid,
+    /// `queued`, `assigned`, `accepted`, `preparing`, `running`,
+    /// `succeeded`, `failed`, `timed_out` or `cancelled`.
+    #[schema(example = "queued")]
+    pub state: String,
+    /// What it runs.
+    pub spec: TaskSpec,
+    /// Who submitted it, such as `user:alice`.
+    pub submitted_by: Option<String>,
+    /// When.
+    pub submitted_at: Option<DateTime<Utc>>,
+    /// The current attempt, 0 before the first.
+    pub attempt: u32,
+    /// The node holding the current attempt.
+    pub node_id: Option<Uuid>,
+    /// The preparation step, while preparing.
+    pub stage: Option<String>,
+    /// The current attempt's container.
+    pub container: Option<String>,
+    /// Whether a cancel was asked for.
+    pub cancel_requested: bool,
+    /// The exit status, once known.
+    pub exit_code: Option<i64>,
+    /// Why it ended as it did, when it did not succeed.
+    pub reason: Option<String>,
+    /// When its current attempt's container started.
+    pub started_at: Option<DateTime<Utc>>,
+    /// When it ended.
+    pub finished_at: Option<DateTime<Utc>>,
+    /// When it last changed.
+    pub updated_at: Option<DateTime<Utc>>,
+    /// Every attempt so far.
+    pub attempts: Vec<Attempt>,
+    /// Stored outputs.
+    pub artifacts: Vec<Artifact>,
+}
+
+impl TryFrom<domain::task::Task> for Task {
+    type Error = ApiError;
+
+    fn try_from(t: domain::task::Task) -> Result<Self, ApiError> {
+        let (Some(id), Some(spec)) = (t.id, t.spec) else {
+            return Err(ApiError::internal("a task state without id or spec"));
+        };
+        Ok(Self {
+            id,
+            project_id: spec.project_id,
+            state: t.state.as_str().to_string(),
+            spec: spec.into(),
+            submitted_by: t.submitted_by.map(|a| a.to_string()),
+            submitted_at: t.submitted_at,
+            attempt: t.attempt,
+            node_id: t.node_id,
+            stage: t.stage,
+            container: t.container,
+            cancel_requested: t.cancel_requested,
+            exit_code: t.exit_code,
+            reason: t.reason,
+            started_at: t.started_at,
+            finished_at: t.finished_at,
+            updated_at: t.updated_at,
+            attempts: t
+                .attempts
+                .into_iter()
+                .map(|a| Attempt {
+                    number: a.number,
+                    node_id: a.node_id,
+                    assigned_at: a.assigned_at,
+                    started_at: a.started_at,
+                    ended_at: a.ended_at,
+                    outcome: a.outcome,
+                })
+                .collect(),
+            artifacts: t
+                .artifacts
+                .into_iter()
+                .map(|a| Artifact {
+                    attempt: a.attempt,
+                    name: a.name,
+                    key: a.key,
+                    size: a.size,
+                    sha256: a.sha256,
+                })
+                .collect(),
+        })
+    }
+}
+
+/// One page of tasks, newest first.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct TaskPage {
+    /// The tasks.
+    pub items: Vec<Task>,
+    /// Pass as `cursor` to get the next page; absent on the last page.
+    pub next_cursor: Option<String>,
+}
+
+/// A task's state right after one of its events, replayed from the log.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct TaskStateAt {
+    /// The event the state is as of.
+    pub event: EventRecord,
+    /// The task's last sequence number now, to walk its history.
+    pub last_sequence: u64,
+    /// The task as it was right after `event`.
+    pub state: Task,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_submission_body_has_exactly_the_fields_of_the_domain_draft() {
+        let draft = serde_json::to_value(TaskSpecDraft::default()).expect("serialises");
+        let mut draft_fields: Vec<_> = draft
+            .as_object()
+            .expect("an object")
+            .keys()
+            .cloned()
+            .collect();
+        draft_fields.sort();
+        let schema = serde_json::to_value(<SubmitTask as utoipa::PartialSchema>::schema())
+            .expect("serialises");
+        let mut body_fields: Vec<_> = schema["properties"]
+            .as_object()
+            .expect("properties")
+            .keys()
+            .cloned()
+            .collect();
+        body_fields.sort();
+        assert_eq!(body_fields, draft_fields);
+    }
+}
