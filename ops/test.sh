@@ -1,0 +1,244 @@
+#!/usr/bin/env bash
+# The test command of UniDesk, for people and CI alike.
+#
+# Installs what the build and the tests need when it is missing (on Debian
+# and Ubuntu, as root or through sudo), starts one private PostgreSQL
+# cluster for the whole run, then checks formatting, runs clippy and runs
+# every test. Extra arguments go to `cargo test`; when they select crates
+# with -p/--package, formatting and clippy are limited to those crates too.
+#
+#   bash ops/test.sh                      # everything
+#   bash ops/test.sh -p store             # one crate
+#   bash ops/test.sh -- --nocapture       # arguments for the test binaries
+#
+# To test against a server of your own instead of a private cluster, set
+# UNIDESK_TEST_DATABASE_URL to a URL of a user who may CREATE DATABASE,
+# such as postgres://me:secret@127.0.0.1:5432/postgres.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+# Debian packages the build and the tests need. Add to this list when a
+# crate needs another system library or tool. The PostgreSQL server is
+# handled apart: it is installed only when no initdb is found.
+APT_PACKAGES=(pkg-config libssl-dev)
+
+STEP="setup"
+PG_DIR=""
+PG_BIN=""
+PG_AS=()       # the command prefix that runs a program as the postgres user
+APT_UPDATED=0
+
+say() { printf '%s\n' "$*" >&2; }
+
+begin() {
+    STEP=$1
+    printf '\n==> %s\n' "$STEP" >&2
+}
+
+on_exit() {
+    local status=$?
+    stop_cluster
+    if ((status != 0)); then
+        say ""
+        say "ops/test.sh: FAILED at step: $STEP (exit status $status)"
+    fi
+    exit "$status"
+}
+trap on_exit EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+die() {
+    say "ops/test.sh: $*"
+    exit 1
+}
+
+# as_root CMD...: runs CMD as root, through sudo when we are not root.
+as_root() {
+    if ((EUID == 0)); then
+        "$@"
+    elif command -v sudo >/dev/null 2>&1; then
+        sudo "$@"
+    else
+        die "this needs root: run as root, or install sudo, to do: $*"
+    fi
+}
+
+apt_install() {
+    command -v apt-get >/dev/null 2>&1 ||
+        die "missing $*: install it with your system's package manager (this script knows apt-get only)"
+    if ((APT_UPDATED == 0)); then
+        as_root apt-get update
+        APT_UPDATED=1
+    fi
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y "$@"
+}
+
+# The directory of initdb, pg_ctl and postgres: initdb on PATH, else the
+# newest /usr/lib/postgresql/*/bin (where Debian keeps them, off PATH).
+find_pg_bin() {
+    local initdb dir
+    if initdb=$(command -v initdb 2>/dev/null); then
+        dirname "$(readlink -f "$initdb")"
+        return 0
+    fi
+    dir=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1 || true)
+    if [[ -n $dir && -x $dir/initdb ]]; then
+        printf '%s\n' "$dir"
+        return 0
+    fi
+    return 1
+}
+
+check_toolchain() {
+    command -v cargo >/dev/null 2>&1 ||
+        die "cargo not found: install Rust with rustup (https://rustup.rs) and open a new shell"
+    cargo fmt --version >/dev/null 2>&1 ||
+        die "rustfmt not found: rustup component add rustfmt"
+    cargo clippy --version >/dev/null 2>&1 ||
+        die "clippy not found: rustup component add clippy"
+}
+
+install_packages() {
+    local missing=() pkg
+    if command -v dpkg-query >/dev/null 2>&1; then
+        for pkg in "${APT_PACKAGES[@]}"; do
+            if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed'; then
+                missing+=("$pkg")
+            fi
+        done
+    fi
+    if ! find_pg_bin >/dev/null; then
+        missing+=(postgresql)
+    fi
+    if ((${#missing[@]} == 0)); then
+        say "nothing to install"
+        return 0
+    fi
+    say "installing: ${missing[*]}"
+    apt_install "${missing[@]}"
+}
+
+# A TCP port on 127.0.0.1 that nothing listens on (pg_ctl is retried when
+# another process takes it first).
+free_port() {
+    local port _
+    for _ in $(seq 1 200); do
+        port=$((20000 + RANDOM % 40000))
+        if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+            printf '%s\n' "$port"
+            return 0
+        fi
+    done
+    return 1
+}
+
+# run_pg PROGRAM ARGS...: runs a PostgreSQL program from $PG_BIN, as the
+# postgres user when we are root (PostgreSQL refuses to run as root), from /
+# so that the working directory is always readable.
+run_pg() {
+    local program=$1
+    shift
+    (cd / && "${PG_AS[@]}" "$PG_BIN/$program" "$@")
+}
+
+start_cluster() {
+    if [[ -n ${UNIDESK_TEST_DATABASE_URL:-} ]]; then
+        say "using the server in UNIDESK_TEST_DATABASE_URL"
+        return 0
+    fi
+    PG_BIN=$(find_pg_bin) ||
+        die "initdb not found: install the PostgreSQL server (Debian/Ubuntu: apt-get install postgresql)"
+    # Under /tmp: short enough for a unix socket path, and open to postgres.
+    PG_DIR=$(mktemp -d /tmp/unidesk-test-pg.XXXXXX)
+    if ((EUID == 0)); then
+        id postgres >/dev/null 2>&1 ||
+            die "no postgres user: PostgreSQL refuses to run as root; install the PostgreSQL server or run as an ordinary user"
+        command -v runuser >/dev/null 2>&1 || die "runuser not found: apt-get install util-linux"
+        chown postgres: "$PG_DIR"
+        PG_AS=(runuser -u postgres --)
+    fi
+    local password port attempt
+    password=$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')
+    (umask 077 && printf '%s\n' "$password" >"$PG_DIR/password")
+    if ((EUID == 0)); then chown postgres: "$PG_DIR/password"; fi
+
+    if ! run_pg initdb -D "$PG_DIR/data" -U unidesk --auth=scram-sha-256 \
+        --pwfile="$PG_DIR/password" -E UTF8 --locale=C --no-sync >"$PG_DIR/initdb.log" 2>&1; then
+        cat "$PG_DIR/initdb.log" >&2
+        return 1
+    fi
+    for attempt in 1 2 3 4 5; do
+        port=$(free_port) || die "no free TCP port found on 127.0.0.1"
+        if run_pg pg_ctl start -w -D "$PG_DIR/data" -l "$PG_DIR/server.log" \
+            -o "-c listen_addresses=127.0.0.1 -p $port -c unix_socket_directories=$PG_DIR -c max_connections=300 -c fsync=off -c synchronous_commit=off -c full_page_writes=off" \
+            >/dev/null; then
+            export UNIDESK_TEST_DATABASE_URL="postgres://unidesk:$password@127.0.0.1:$port/postgres"
+            say "PostgreSQL $(basename "$(dirname "$PG_BIN")") on 127.0.0.1:$port, data in $PG_DIR"
+            return 0
+        fi
+        grep -qE 'could not bind|could not create any TCP/IP sockets' "$PG_DIR/server.log" || break
+        say "port $port was taken, trying another (attempt $attempt)"
+    done
+    say "PostgreSQL did not start; the end of $PG_DIR/server.log:"
+    tail -n 30 "$PG_DIR/server.log" >&2 || true
+    return 1
+}
+
+stop_cluster() {
+    if [[ -n $PG_DIR && -d $PG_DIR ]]; then
+        if [[ -n $PG_BIN && -f $PG_DIR/data/postmaster.pid ]]; then
+            run_pg pg_ctl stop -D "$PG_DIR/data" -m immediate -w >/dev/null 2>&1 || true
+        fi
+        rm -rf -- "$PG_DIR"
+    fi
+    PG_DIR=""
+}
+
+# The -p/--package arguments among the ones for cargo test.
+PACKAGES=()
+args=("$@")
+for ((i = 0; i < ${#args[@]}; i++)); do
+    case ${args[i]} in
+    --) break ;;
+    -p | --package)
+        PACKAGES+=("${args[i]}" "${args[i + 1]:-}")
+        i=$((i + 1))
+        ;;
+    -p?* | --package=*) PACKAGES+=("${args[i]}") ;;
+    esac
+done
+
+begin "checking the Rust toolchain"
+check_toolchain
+
+begin "installing missing system packages"
+install_packages
+
+begin "starting a private PostgreSQL cluster"
+start_cluster
+
+if ((${#PACKAGES[@]})); then
+    begin "cargo fmt ${PACKAGES[*]} -- --check"
+    cargo fmt "${PACKAGES[@]}" -- --check
+
+    begin "cargo clippy ${PACKAGES[*]} --all-targets -- -D warnings"
+    cargo clippy "${PACKAGES[@]}" --all-targets -- -D warnings
+
+    begin "cargo test $*"
+    cargo test "$@"
+else
+    begin "cargo fmt --all -- --check"
+    cargo fmt --all -- --check
+
+    begin "cargo clippy --workspace --all-targets -- -D warnings"
+    cargo clippy --workspace --all-targets -- -D warnings
+
+    begin "cargo test --workspace $*"
+    cargo test --workspace "$@"
+fi
+
+STEP="done"
+say ""
+say "ops/test.sh: all steps passed"
