@@ -281,16 +281,19 @@ impl Projection for Users {
             if ev.aggregate_type != "user" {
                 return Ok(());
             }
-            let last: Option<i64> =
-                sqlx::query_scalar("SELECT last_sequence FROM user_view WHERE name = $1 FOR UPDATE")
-                    .bind(&ev.aggregate_id)
-                    .fetch_optional(&mut *conn)
-                    .await?;
+            let last: Option<i64> = sqlx::query_scalar(
+                "SELECT last_sequence FROM user_view WHERE name = $1 FOR UPDATE",
+            )
+            .bind(&ev.aggregate_id)
+            .fetch_optional(&mut *conn)
+            .await?;
             if last.is_some_and(|l| ev.sequence <= l) {
                 return Ok(());
             }
             let delta = match decode::<UserEvent>(ev)? {
-                UserEvent::Created { name, admin, at, .. } => {
+                UserEvent::Created {
+                    name, admin, at, ..
+                } => {
                     sqlx::query(
                         "INSERT INTO user_view (name, admin, created_at, tokens, last_sequence) \
                          VALUES ($1, $2, $3, 0, $4) ON CONFLICT (name) DO NOTHING",
@@ -372,8 +375,8 @@ impl Projection for Timeline {
                     }),
                 None => None,
             };
-            let text = summary::summarize(ev, node_name.as_deref())
-                .map_err(|e| undecodable(ev, e))?;
+            let text =
+                summary::summarize(ev, node_name.as_deref()).map_err(|e| undecodable(ev, e))?;
             sqlx::query(
                 "INSERT INTO timeline (position, txid, aggregate_type, aggregate_id, sequence, event_type, \
                    actor, recorded_at, project_id, summary) \

@@ -26,7 +26,10 @@ pub fn node_of(event: &RecordedEvent) -> Option<Uuid> {
 ///
 /// # Errors
 /// The decoding error when the payload does not fit its aggregate's events.
-pub fn summarize(event: &RecordedEvent, node_name: Option<&str>) -> Result<String, serde_json::Error> {
+pub fn summarize(
+    event: &RecordedEvent,
+    node_name: Option<&str>,
+) -> Result<String, serde_json::Error> {
     let p = event.payload.clone();
     let actor = event.actor();
     Ok(match event.aggregate_type.as_str() {
@@ -134,12 +137,17 @@ pub fn task(e: &TaskEvent, actor: &str, node_name: Option<&str>) -> String {
 pub fn node(e: &NodeEvent, name: Option<&str>) -> String {
     let me = name.map_or_else(|| "node".to_string(), |n| format!("node {n}"));
     match e {
-        NodeEvent::Provisioned { name, labels, by, .. } => {
+        NodeEvent::Provisioned {
+            name, labels, by, ..
+        } => {
             let labels: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
             if labels.is_empty() {
                 format!("{by} provisioned node {name}")
             } else {
-                format!("{by} provisioned node {name} with labels {}", labels.join(", "))
+                format!(
+                    "{by} provisioned node {name} with labels {}",
+                    labels.join(", ")
+                )
             }
         }
         NodeEvent::Connected {
@@ -187,7 +195,9 @@ pub fn project(e: &ProjectEvent) -> String {
 /// Summarises a user event.
 pub fn user(e: &UserEvent, name: &str) -> String {
     match e {
-        UserEvent::Created { admin: true, by, .. } => format!("{by} created admin {name}"),
+        UserEvent::Created {
+            admin: true, by, ..
+        } => format!("{by} created admin {name}"),
         UserEvent::Created { by, .. } => format!("{by} created user {name}"),
         UserEvent::TokenIssued { label, by, .. } => {
             format!("{by} issued a token for {name} ({label})")

@@ -1,6 +1,11 @@
 //! The read models against a real PostgreSQL: they follow the log, apply
 //! each event once, and rebuild to the same bytes.
 
+#![expect(
+    clippy::unwrap_used,
+    reason = "a test fails loudly at the first surprise"
+)]
+
 use chrono::Utc;
 use domain::node::{Node, NodeCommand};
 use domain::project::{Project, ProjectCommand, Role};
@@ -229,7 +234,10 @@ async fn read_models_follow_the_log() {
     .fetch_one(&db.pool)
     .await
     .unwrap();
-    assert_eq!(summary, "system:scheduler assigned attempt 1 to node gpu-3: fits");
+    assert_eq!(
+        summary,
+        "system:scheduler assigned attempt 1 to node gpu-3: fits"
+    );
     let with_project: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM timeline WHERE aggregate_type = 'task' AND project_id = $1",
     )

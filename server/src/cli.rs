@@ -74,7 +74,12 @@ struct ServeArgs {
     #[command(flatten)]
     db: DbArgs,
     /// Which roles to run.
-    #[arg(long, env = "UNIDESK_ROLES", value_delimiter = ',', default_value = "api,projector")]
+    #[arg(
+        long,
+        env = "UNIDESK_ROLES",
+        value_delimiter = ',',
+        default_value = "api,projector"
+    )]
     roles: Vec<Role>,
     /// Where the API listens.
     #[arg(long, env = "UNIDESK_LISTEN", default_value = "0.0.0.0:8080")]
@@ -157,7 +162,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             ProjectionsCommand::Status { db } => {
                 let pool = connect(&database_url(&db)?).await?;
                 let projector = projections::Projector::new(pool);
-                println!("{:<10} {:>12} {:>12} {:>8}", "name", "txid", "position", "lag");
+                println!(
+                    "{:<10} {:>12} {:>12} {:>8}",
+                    "name", "txid", "position", "lag"
+                );
                 for s in projector.status().await? {
                     println!(
                         "{:<10} {:>12} {:>12} {:>8}",

@@ -73,7 +73,10 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let (url, cluster) = match &args.database_url {
         Some(url) => (url.clone(), None),
         None => {
-            eprintln!("starting PostgreSQL under {}", args.dir.join("pg").display());
+            eprintln!(
+                "starting PostgreSQL under {}",
+                args.dir.join("pg").display()
+            );
             let cluster = store::cluster::LocalCluster::start(&args.dir.join("pg"))
                 .await
                 .context("starting the private PostgreSQL cluster")?;
@@ -104,7 +107,10 @@ async fn serve(args: &DevArgs, listener: tokio::net::TcpListener, url: &str) -> 
     let services = roles::start(store, listener, &[Role::Api, Role::Projector], &server)?;
     println!("UniDesk is running at http://{}", args.listen);
     println!("admin token: {token}");
-    println!("(also in {}; Ctrl-C stops everything)", token_file.display());
+    println!(
+        "(also in {}; Ctrl-C stops everything)",
+        token_file.display()
+    );
     roles::shutdown_signal().await;
     eprintln!("shutting down");
     services.stop().await;

@@ -538,14 +538,7 @@ impl LocalCluster {
     }
 
     fn read_password(&self) -> Result<String, ClusterError> {
-        let path = self.root.join("password");
-        match fs::read_to_string(&path) {
-            Ok(s) => Ok(s.trim().to_owned()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                Err(ClusterError::PasswordMissing(path))
-            }
-            Err(e) => Err(io_error("reading", &path)(e)),
-        }
+        read_password(&self.root)
     }
 
     /// Writes a file with `mode`, owned by the user the server runs as.
@@ -931,6 +924,35 @@ fn make_temp_dir() -> Result<PathBuf, ClusterError> {
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
             Err(e) => return Err(io_error("creating", &dir)(e)),
         }
+    }
+}
+
+/// The URL of the `unidesk` database of a cluster in `dir` whose server is
+/// running (its `postmaster.pid` exists), so admin commands run beside a
+/// `unidesk dev` find it by themselves. `None` when no cluster runs there.
+///
+/// # Errors
+/// [`ClusterError::PasswordMissing`] or an I/O error when the cluster's
+/// files exist but cannot be read.
+pub fn running_url(dir: &Path) -> Result<Option<String>, ClusterError> {
+    if !dir.join("data").join("postmaster.pid").exists() {
+        return Ok(None);
+    }
+    let Some(port) = read_port(dir) else {
+        return Ok(None);
+    };
+    let password = read_password(dir)?;
+    Ok(Some(format!(
+        "postgres://{SUPERUSER}:{password}@127.0.0.1:{port}/{DATABASE}"
+    )))
+}
+
+fn read_password(root: &Path) -> Result<String, ClusterError> {
+    let path = root.join("password");
+    match fs::read_to_string(&path) {
+        Ok(s) => Ok(s.trim().to_owned()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Err(ClusterError::PasswordMissing(path)),
+        Err(e) => Err(io_error("reading", &path)(e)),
     }
 }
 

@@ -173,10 +173,16 @@ impl Store {
         let es = A::event_store(self);
         let metadata = HashMap::from([
             ("actor".to_string(), actor.to_string()),
-            ("at".to_string(), at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)),
+            (
+                "at".to_string(),
+                at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+            ),
         ]);
         for round in 0..CONFLICT_RETRIES {
-            let mut context = es.load_aggregate(id).await.map_err(StoreError::from_aggregate)?;
+            let mut context = es
+                .load_aggregate(id)
+                .await
+                .map_err(StoreError::from_aggregate)?;
             // Decide on a copy: the context must keep the state as loaded, because
             // committing a snapshot applies the new events to it once more.
             let mut state = context.aggregate().clone();

@@ -30,7 +30,9 @@ pub const CHANNEL: &str = "unidesk_outbox";
 pub const NOTIFY_EVERY: Duration = Duration::from_millis(3);
 
 /// A place in the global order of the log: the last `(txid, position)` read.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 pub struct Checkpoint {
     /// The transaction id of the last event read.
     pub txid: i64,
@@ -83,7 +85,9 @@ impl RecordedEvent {
     /// The event's fields without the variant wrapper.
     pub fn body(&self) -> &serde_json::Value {
         match &self.payload {
-            serde_json::Value::Object(m) if m.len() == 1 => m.values().next().unwrap_or(&self.payload),
+            serde_json::Value::Object(m) if m.len() == 1 => {
+                m.values().next().unwrap_or(&self.payload)
+            }
             other => other,
         }
     }
@@ -186,10 +190,12 @@ pub async fn head<'e>(db: impl PgExecutor<'e>) -> Result<Checkpoint, sqlx::Error
     )
     .fetch_optional(db)
     .await?;
-    Ok(row.map_or_else(Checkpoint::default, |(txid, position)| Checkpoint {
-        txid,
-        position,
-    }))
+    Ok(
+        row.map_or_else(Checkpoint::default, |(txid, position)| Checkpoint {
+            txid,
+            position,
+        }),
+    )
 }
 
 /// Loads consumer `name`'s checkpoint, creating it at the start of the log.

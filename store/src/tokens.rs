@@ -140,8 +140,15 @@ mod tests {
     fn node_tokens_parse_and_garbage_does_not() {
         let id = Uuid::new_v4();
         let issued = issue_node(id);
-        assert!(matches!(parse(&issued.token), Some(Presented::Node { node_id, .. }) if node_id == id));
-        for bad in ["", "udu~a~b~c", "udn~notauuid~xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx", "Bearer x"] {
+        assert!(
+            matches!(parse(&issued.token), Some(Presented::Node { node_id, .. }) if node_id == id)
+        );
+        for bad in [
+            "",
+            "udu~a~b~c",
+            "udn~notauuid~xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx",
+            "Bearer x",
+        ] {
             assert!(parse(bad).is_none(), "{bad}");
         }
     }

@@ -1,6 +1,11 @@
 //! The event log against a real PostgreSQL: ordering under concurrent
 //! writers with late commits, wake-ups, snapshots and conflicts.
 
+#![expect(
+    clippy::unwrap_used,
+    reason = "a test fails loudly at the first surprise"
+)]
+
 use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
 
@@ -105,16 +110,26 @@ async fn a_consumer_sees_every_event_once_and_in_order_despite_late_commits() {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let done = writers.iter().all(|w| w.is_finished());
-        let batch = outbox::read_after(&db.pool, at, 7, &Filter::default()).await.unwrap();
+        let batch = outbox::read_after(&db.pool, at, 7, &Filter::default())
+            .await
+            .unwrap();
         for e in &batch {
             if e.position < max_position {
                 late_seen += 1;
             }
             max_position = max_position.max(e.position);
-            seen.push((e.aggregate_type.clone(), e.aggregate_id.clone(), e.sequence, e.position));
+            seen.push((
+                e.aggregate_type.clone(),
+                e.aggregate_id.clone(),
+                e.sequence,
+                e.position,
+            ));
         }
         if let Some(last) = batch.last() {
-            assert!(last.checkpoint() > at, "the checkpoint must only move forward");
+            assert!(
+                last.checkpoint() > at,
+                "the checkpoint must only move forward"
+            );
             at = last.checkpoint();
         }
         if done && batch.is_empty() {
@@ -136,9 +151,16 @@ async fn a_consumer_sees_every_event_once_and_in_order_despite_late_commits() {
     .fetch_all(&db.pool)
     .await
     .unwrap();
-    let unique: HashSet<_> = seen.iter().map(|(t, i, s, _)| (t.clone(), i.clone(), *s)).collect();
+    let unique: HashSet<_> = seen
+        .iter()
+        .map(|(t, i, s, _)| (t.clone(), i.clone(), *s))
+        .collect();
     assert_eq!(unique.len(), seen.len(), "an event was delivered twice");
-    assert_eq!(unique, all.iter().cloned().collect::<HashSet<_>>(), "an event was skipped");
+    assert_eq!(
+        unique,
+        all.iter().cloned().collect::<HashSet<_>>(),
+        "an event was skipped"
+    );
     assert_eq!(all.len(), 8 * 12 + 3 + 8 * 15);
 
     // Per aggregate, events arrive in sequence order with no gap.
@@ -152,7 +174,10 @@ async fn a_consumer_sees_every_event_once_and_in_order_despite_late_commits() {
     }
     // The run really produced commits that became visible out of position
     // order: a reader of `position > last` would have lost these.
-    assert!(late_seen > 0, "no late commit happened; the test proved nothing");
+    assert!(
+        late_seen > 0,
+        "no late commit happened; the test proved nothing"
+    );
 }
 
 #[tokio::test]
@@ -171,7 +196,10 @@ async fn a_commit_wakes_a_listening_consumer_before_its_poll_interval() {
         .await
         .expect("no wake-up")
         .unwrap();
-    assert!(waited < Duration::from_secs(20), "woken only by the poll: {waited:?}");
+    assert!(
+        waited < Duration::from_secs(20),
+        "woken only by the poll: {waited:?}"
+    );
 }
 
 #[tokio::test]
@@ -212,10 +240,11 @@ async fn a_snapshotted_node_loads_the_same_state_as_a_full_replay() {
             .await
             .unwrap();
     }
-    let snapshots: i64 = sqlx::query_scalar("SELECT count(*) FROM snapshots WHERE aggregate_type = 'node'")
-        .fetch_one(&db.pool)
-        .await
-        .unwrap();
+    let snapshots: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM snapshots WHERE aggregate_type = 'node'")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
     assert_eq!(snapshots, 1, "the node should be snapshotted");
     let loaded = store.load::<Node>(&id.to_string()).await.unwrap().unwrap();
     let replayed = store.replay::<Node>(&id.to_string(), None).await.unwrap();
@@ -280,7 +309,9 @@ async fn a_name_claim_is_exclusive_until_its_aggregate_fails_to_appear() {
     let db = testkit::fresh_db().await;
     let store = Store::new(db.pool.clone());
     let first = Uuid::new_v4();
-    store::names::claim(&db.pool, "project", "vision", &first.to_string()).await.unwrap();
+    store::names::claim(&db.pool, "project", "vision", &first.to_string())
+        .await
+        .unwrap();
     create_project(&store, first, "vision").await;
     let second = Uuid::new_v4().to_string();
     assert!(matches!(
@@ -288,10 +319,16 @@ async fn a_name_claim_is_exclusive_until_its_aggregate_fails_to_appear() {
         Err(store::names::ClaimError::Taken(_))
     ));
     // A claim whose aggregate never appeared is taken over.
-    store::names::claim(&db.pool, "project", "orphan", "ghost").await.unwrap();
-    store::names::claim(&db.pool, "project", "orphan", &second).await.unwrap();
+    store::names::claim(&db.pool, "project", "orphan", "ghost")
+        .await
+        .unwrap();
+    store::names::claim(&db.pool, "project", "orphan", &second)
+        .await
+        .unwrap();
     assert_eq!(
-        store::names::lookup(&db.pool, "project", "orphan").await.unwrap(),
+        store::names::lookup(&db.pool, "project", "orphan")
+            .await
+            .unwrap(),
         Some(second)
     );
 }

@@ -31,6 +31,10 @@ pub enum Outcome {
 
 /// The commands of the Task aggregate.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "a command lives for one call; boxing the spec would only add noise"
+)]
 pub enum TaskCommand {
     /// Queue a new task.
     Submit {

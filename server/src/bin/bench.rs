@@ -166,9 +166,11 @@ async fn main() -> anyhow::Result<()> {
     };
     let setup = pool(&url, 2).await?;
     store::migrate(&setup).await?;
-    sqlx::query("CREATE TABLE IF NOT EXISTS bench_plain (id bigserial PRIMARY KEY, payload jsonb NOT NULL)")
-        .execute(&setup)
-        .await?;
+    sqlx::query(
+        "CREATE TABLE IF NOT EXISTS bench_plain (id bigserial PRIMARY KEY, payload jsonb NOT NULL)",
+    )
+    .execute(&setup)
+    .await?;
     println!("unidesk-bench: {} s per figure", args.seconds);
     println!("{:<44} {:>8} {:>14}", "what", "writers", "commits/s");
     for &w in &args.writers {

@@ -1,0 +1,172 @@
+//! `unidesk dev` as a new user runs it: the real binary, a private
+//! PostgreSQL, Ctrl-C, and a second start that finds everything again.
+
+#![expect(
+    clippy::unwrap_used,
+    reason = "a test fails loudly at the first surprise"
+)]
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde_json::{json, Value};
+
+struct Dev {
+    child: Child,
+    base: String,
+    token: String,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A working directory PostgreSQL's own user can reach.
+fn workdir() -> tempfile::TempDir {
+    let d = tempfile::Builder::new()
+        .prefix("unidesk-dev-")
+        .tempdir()
+        .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    d
+}
+
+fn start(dir: &Path) -> Dev {
+    let port = free_port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_unidesk"))
+        .args(["dev", "--listen", &format!("127.0.0.1:{port}")])
+        .current_dir(dir)
+        .env_remove("DATABASE_URL")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(t) = line.strip_prefix("admin token: ") {
+                let _ = tx.send(t.to_string());
+            }
+        }
+    });
+    let token = rx
+        .recv_timeout(Duration::from_secs(120))
+        .expect("dev printed no admin token");
+    Dev {
+        child,
+        base: format!("http://127.0.0.1:{port}"),
+        token,
+    }
+}
+
+fn interrupt(mut dev: Dev) {
+    kill(Pid::from_raw(dev.child.id() as i32), Signal::SIGINT).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(status) = dev.child.try_wait().unwrap() {
+            assert!(status.success(), "dev exited with {status}");
+            return;
+        }
+        assert!(Instant::now() < deadline, "dev did not stop on Ctrl-C");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn postmaster_running(pg: &Path) -> bool {
+    pg.join("postmaster.pid").exists()
+}
+
+async fn projects(client: &reqwest::Client, dev: &Dev) -> Vec<String> {
+    let body: Value = client
+        .get(format!("{}/api/v1/projects", dev.base))
+        .bearer_auth(&dev.token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let items = body
+        .get("items")
+        .or(Some(&body))
+        .and_then(Value::as_array)
+        .cloned();
+    items
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|p| p["name"].as_str().map(str::to_string))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dev_starts_stops_on_ctrl_c_and_finds_its_data_again() {
+    let dir = workdir();
+    let state = dir.path().join(".unidesk");
+    let client = reqwest::Client::new();
+
+    let dev = start(dir.path());
+    // The token is printed and kept in a file only its owner can read.
+    let file = state.join("admin.token");
+    assert_eq!(std::fs::read_to_string(&file).unwrap().trim(), dev.token);
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+
+    for path in ["/healthz", "/readyz"] {
+        let r = client
+            .get(format!("{}{path}", dev.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{path}");
+    }
+    let r = client
+        .post(format!("{}/api/v1/projects", dev.base))
+        .bearer_auth(&dev.token)
+        .json(&json!({"name": "kept", "description": "survives a restart"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+
+    // A second dev in another directory runs side by side.
+    let other_dir = workdir();
+    let other = start(other_dir.path());
+    assert_ne!(other.token, dev.token);
+    assert!(projects(&client, &other).await.is_empty());
+    interrupt(other);
+
+    let first_token = dev.token.clone();
+    interrupt(dev);
+    assert!(
+        !postmaster_running(&state.join("pg").join("data")),
+        "PostgreSQL kept running after Ctrl-C"
+    );
+
+    let dev = start(dir.path());
+    assert_eq!(dev.token, first_token, "the kept token is reused");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if projects(&client, &dev).await.contains(&"kept".to_string()) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the project did not survive the restart"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    interrupt(dev);
+}
