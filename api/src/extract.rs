@@ -117,9 +117,13 @@ fn json_error(e: serde_path_to_error::Error<serde_json::Error>) -> ApiError {
     let message = without_position(&inner);
     match inner.classify() {
         serde_json::error::Category::Data => {
-            let field = named_field(&message)
-                .map(|name| join(&path, name))
-                .unwrap_or_else(|| if path == "." { "body".into() } else { path });
+            // serde_path_to_error's path already ends at an unknown field,
+            // but stops at the parent of a missing one.
+            let field = match missing_field(&message) {
+                Some(name) => join(&path, name),
+                None if path == "." => named_field(&message).unwrap_or("body").to_string(),
+                None => path,
+            };
             ApiError::Invalid(vec![Problem::field(field, message)])
         }
         serde_json::error::Category::Eof
@@ -144,8 +148,13 @@ fn without_position(e: &serde_json::Error) -> String {
     }
 }
 
+/// The field named in serde's "missing field `x`" message.
+fn missing_field(message: &str) -> Option<&str> {
+    message.strip_prefix("missing field `")?.split('`').next()
+}
+
 /// The field named in serde's "missing field `x`" and "unknown field `x`"
-/// messages, which belong to that field rather than to its parent.
+/// messages.
 fn named_field(message: &str) -> Option<&str> {
     let rest = message
         .strip_prefix("missing field `")
@@ -184,6 +193,14 @@ impl From<PathRejection> for ApiError {
                 };
                 return ApiError::bad_request(key.clone(), format!("{value:?} is not {expected}"));
             }
+            if let ErrorKind::DeserializeError {
+                key,
+                value,
+                message,
+            } = e.kind()
+            {
+                return ApiError::bad_request(key.clone(), format!("{value:?}: {message}"));
+            }
         }
         ApiError::bad_request("path", rejection.body_text())
     }
@@ -201,7 +218,16 @@ impl From<QueryRejection> for ApiError {
             .strip_prefix("Failed to deserialize query string: ")
             .unwrap_or(&text)
             .to_string();
-        let field = named_field(&message).unwrap_or("query").to_string();
+        // axum reports the parameter as a `name: ` prefix of the message.
+        let (field, message) = match message.split_once(": ") {
+            Some((field, rest)) if !field.is_empty() && !field.contains(' ') => {
+                (field.to_string(), rest.to_string())
+            }
+            _ => (
+                named_field(&message).unwrap_or("query").to_string(),
+                message.clone(),
+            ),
+        };
         ApiError::bad_request(field, message)
     }
 }
@@ -280,6 +306,10 @@ mod tests {
     fn missing_and_unknown_fields_are_named() {
         let e = parse_json::<Outer>(br#"{"inner":null}"#).expect_err("must be refused");
         assert_eq!(field_of(e).1.as_deref(), Some("name"));
+        let e = parse_json::<Outer>(br#"{"name":"a","inner":{}}"#).expect_err("must be refused");
+        assert_eq!(field_of(e).1.as_deref(), Some("inner.cpus"));
+        let e = parse_json::<Outer>(br#"{"name":"a","colour":1}"#).expect_err("must be refused");
+        assert_eq!(field_of(e).1.as_deref(), Some("colour"));
         let e = parse_json::<Outer>(br#"{"name":"a","inner":{"cpus":1,"gpus":2}}"#)
             .expect_err("must be refused");
         assert_eq!(field_of(e).1.as_deref(), Some("inner.gpus"));
@@ -287,7 +317,7 @@ mod tests {
 
     #[test]
     fn malformed_json_is_a_bad_request() {
-        for body in [&br#"{"name":"#[..], b"", b"{} trailing"] {
+        for body in [&br#"{"name":"#[..], b"", br#"{"name":"a"} trailing"#] {
             let e = parse_json::<Outer>(body).expect_err("must be refused");
             assert_eq!(field_of(e).0, StatusCode::BAD_REQUEST, "{body:?}");
         }

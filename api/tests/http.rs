@@ -1,0 +1,1377 @@
+//! The REST API over real HTTP against a real PostgreSQL: a fresh database
+//! per test, the router served on port 0, called with reqwest.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+
+use api::{AppState, Config};
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+use sqlx::PgPool;
+use store::Store;
+
+const SHA: &str = "0123456789abcdef0123456789abcdef01234567";
+
+/// A running API on its own database.
+struct App {
+    base: String,
+    client: reqwest::Client,
+    pool: PgPool,
+    store: Store,
+    admin: String,
+    token_file: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+/// What one call answered.
+#[derive(Debug)]
+struct Answer {
+    status: StatusCode,
+    headers: reqwest::header::HeaderMap,
+    body: Value,
+}
+
+impl Answer {
+    /// The `field`s of the error envelope.
+    fn fields(&self) -> Vec<String> {
+        self.errors()
+            .iter()
+            .filter_map(|e| e["field"].as_str().map(str::to_string))
+            .collect()
+    }
+
+    /// The error envelope's entries; panics when the body is not one.
+    fn errors(&self) -> Vec<Value> {
+        self.body["errors"]
+            .as_array()
+            .unwrap_or_else(|| panic!("not an error envelope: {:?}", self.body))
+            .clone()
+    }
+
+    fn details(&self) -> String {
+        self.errors()
+            .iter()
+            .map(|e| e["detail"].as_str().unwrap_or_default().to_string())
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
+    #[track_caller]
+    fn expect(&self, status: u16) -> &Value {
+        assert_eq!(
+            self.status.as_u16(),
+            status,
+            "unexpected answer: {:?}",
+            self.body
+        );
+        &self.body
+    }
+
+    #[track_caller]
+    fn expect_error(&self, status: u16, field: &str) {
+        self.expect(status);
+        assert!(
+            self.fields().iter().any(|f| f == field),
+            "expected field {field:?} in {:?}",
+            self.body
+        );
+    }
+}
+
+async fn start() -> App {
+    start_with(Config::default()).await
+}
+
+async fn start_with(config: Config) -> App {
+    let db = testkit::fresh_db().await;
+    let store = Store::new(db.pool.clone());
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let token_file = dir.path().join("secrets").join("admin.token");
+    let admin = api::bootstrap_admin(&store, &token_file)
+        .await
+        .expect("bootstrap admin");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind port 0");
+    let addr = listener.local_addr().expect("local address");
+    let app = api::router(AppState::new(store.clone(), config));
+    tokio::spawn(async move {
+        axum::serve(listener, app).await.expect("serve");
+    });
+    App {
+        base: format!("http://{addr}"),
+        client: reqwest::Client::new(),
+        pool: db.pool,
+        store,
+        admin,
+        token_file,
+        _dir: dir,
+    }
+}
+
+impl App {
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> Answer {
+        let mut request = self.client.request(method, format!("{}{path}", self.base));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        self.send(request).await
+    }
+
+    async fn send(&self, request: reqwest::RequestBuilder) -> Answer {
+        let response = request.send().await.expect("the request is answered");
+        let status = response.status();
+        let headers = response.headers().clone();
+        let text = response.text().await.expect("a body");
+        let body = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or_else(|_| panic!("{status}: not JSON: {text:?}"))
+        };
+        Answer {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    async fn get(&self, path: &str, token: &str) -> Answer {
+        self.call(Method::GET, path, Some(token), None).await
+    }
+
+    async fn post(&self, path: &str, token: &str, body: Value) -> Answer {
+        self.call(Method::POST, path, Some(token), Some(body)).await
+    }
+
+    async fn put(&self, path: &str, token: &str, body: Value) -> Answer {
+        self.call(Method::PUT, path, Some(token), Some(body)).await
+    }
+
+    async fn post_empty(&self, path: &str, token: &str) -> Answer {
+        self.call(Method::POST, path, Some(token), None).await
+    }
+
+    async fn events(&self) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM events")
+            .fetch_one(&self.pool)
+            .await
+            .expect("count events")
+    }
+
+    /// Waits until every committed event is visible to outbox readers.
+    ///
+    /// Readers only see events older than every transaction still open in
+    /// the whole cluster (so that none is ever skipped), and other tests
+    /// share the cluster, so an event can stay invisible for a moment.
+    async fn settle(&self) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let hidden: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM outbox WHERE txid >= pg_snapshot_xmin(pg_current_snapshot())",
+            )
+            .fetch_one(&self.pool)
+            .await
+            .expect("count hidden events");
+            if hidden == 0 {
+                return;
+            }
+            assert!(std::time::Instant::now() < deadline, "events stayed hidden");
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Lets the read models catch up with everything committed so far.
+    async fn catch_up(&self) {
+        self.settle().await;
+        projections::Projector::new(self.pool.clone())
+            .catch_up()
+            .await
+            .expect("projections catch up");
+    }
+
+    /// Creates user `name` and returns a token for them.
+    async fn user(&self, name: &str) -> String {
+        self.post("/api/v1/users", &self.admin, json!({ "name": name }))
+            .await
+            .expect(201);
+        let issued = self
+            .post(
+                &format!("/api/v1/users/{name}/tokens"),
+                &self.admin,
+                json!({"label": "test"}),
+            )
+            .await;
+        issued.expect(201)["token"]
+            .as_str()
+            .expect("a token")
+            .to_string()
+    }
+
+    /// Creates project `name` as the holder of `token` and returns its id.
+    async fn project(&self, token: &str, name: &str) -> String {
+        let answer = self
+            .post(
+                "/api/v1/projects",
+                token,
+                json!({ "name": name, "description": "for tests" }),
+            )
+            .await;
+        answer.expect(201)["id"]
+            .as_str()
+            .expect("an id")
+            .to_string()
+    }
+
+    async fn add_member(&self, project: &str, user: &str, role: &str) {
+        self.post(
+            &format!("/api/v1/projects/{project}/members"),
+            &self.admin,
+            json!({ "user": user, "role": role }),
+        )
+        .await
+        .expect(200);
+    }
+
+    async fn submit(&self, token: &str, project: &str) -> String {
+        let answer = self.post("/api/v1/tasks", token, task_body(project)).await;
+        answer.expect(201)["id"]
+            .as_str()
+            .expect("an id")
+            .to_string()
+    }
+}
+
+fn task_body(project: &str) -> Value {
+    json!({
+        "project_id": project,
+        "code_repo_url": "https://git.example.com/lab/code.git",
+        "code_commit_id": SHA,
+        "env_repo_url": "git@git.example.com:lab/env.git",
+        "env_commit_id": SHA.to_uppercase(),
+        "dockerfile_path": "./docker//Dockerfile",
+        "command": ["python", "train.py"],
+        "env": {"EPOCHS": "3"},
+        "resources": {"cpus": 2, "memory_mb": 4096, "gpus": 0},
+        "labels": {"gpu": "a100"},
+        "priority": 5,
+        "timeout_s": 3600
+    })
+}
+
+fn with(mut body: Value, pointer: &str, value: Option<Value>) -> Value {
+    let (parent, key) = pointer.rsplit_once('/').expect("a pointer");
+    let target = if parent.is_empty() {
+        &mut body
+    } else {
+        body.pointer_mut(parent).expect("the parent exists")
+    };
+    let map = target.as_object_mut().expect("an object");
+    match value {
+        Some(v) => map.insert(key.to_string(), v),
+        None => map.remove(key),
+    };
+    body
+}
+
+fn ids(page: &Value) -> Vec<String> {
+    page["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .map(|t| t["id"].as_str().expect("an id").to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn the_full_happy_path_from_bootstrap_to_the_state_at_a_sequence() {
+    let app = start().await;
+    let alice = app.user("alice").await;
+    let bob = app.user("bob").await;
+    let project = app.project(&alice, "vision").await;
+    app.add_member(&project, "bob", "member").await;
+
+    let shown = app.get(&format!("/api/v1/projects/{project}"), &bob).await;
+    let members = &shown.expect(200)["members"];
+    assert_eq!(
+        members,
+        &json!([{"user": "alice", "role": "maintainer"}, {"user": "bob", "role": "member"}])
+    );
+
+    let submitted = app.post("/api/v1/tasks", &bob, task_body(&project)).await;
+    let task = submitted.expect(201);
+    let id = task["id"].as_str().expect("an id").to_string();
+    assert_eq!(task["state"], "queued");
+    assert_eq!(task["project_id"], project.as_str());
+    assert_eq!(task["submitted_by"], "user:bob");
+    assert_eq!(task["spec"]["dockerfile_path"], "docker/Dockerfile");
+    assert_eq!(task["spec"]["env_commit_id"], SHA);
+    assert_eq!(
+        task["spec"]["resources"],
+        json!({"cpus": 2.0, "memory_mb": 4096, "gpus": 0})
+    );
+    assert_eq!(
+        submitted.headers["location"].to_str().expect("text"),
+        format!("/api/v1/tasks/{id}")
+    );
+
+    let fetched = app.get(&format!("/api/v1/tasks/{id}"), &alice).await;
+    assert_eq!(fetched.expect(200), task);
+
+    let second = app.submit(&alice, &project).await;
+    let third = app.submit(&bob, &project).await;
+    app.catch_up().await;
+    let first_page = app.get("/api/v1/tasks?limit=2", &bob).await;
+    let first_page = first_page.expect(200);
+    assert_eq!(ids(first_page), [third.clone(), second.clone()]);
+    let cursor = first_page["next_cursor"].as_str().expect("a next cursor");
+    let second_page = app
+        .get(&format!("/api/v1/tasks?limit=2&cursor={cursor}"), &bob)
+        .await;
+    let second_page = second_page.expect(200);
+    assert_eq!(ids(second_page), [id.as_str()]);
+    assert!(second_page["next_cursor"].is_null());
+    let filtered = app
+        .get(
+            &format!("/api/v1/tasks?project={project}&state=queued&limit=500"),
+            &bob,
+        )
+        .await;
+    assert_eq!(ids(filtered.expect(200)).len(), 3);
+
+    let cancelled = app
+        .post_empty(&format!("/api/v1/tasks/{id}/cancel"), &bob)
+        .await;
+    let cancelled = cancelled.expect(200);
+    assert_eq!(cancelled["state"], "cancelled");
+    assert_eq!(cancelled["cancel_requested"], true);
+
+    app.settle().await;
+    let history = app
+        .get(
+            &format!("/api/v1/events?aggregate_type=task&aggregate_id={id}"),
+            &bob,
+        )
+        .await;
+    let history = history.expect(200);
+    let types: Vec<_> = history["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .map(|e| e["event_type"].as_str().expect("a type").to_string())
+        .collect();
+    assert_eq!(
+        types,
+        ["TaskSubmitted", "TaskCancelRequested", "TaskCancelled"]
+    );
+    let first_event = &history["items"][0];
+    assert_eq!(first_event["actor"], "user:bob");
+    assert_eq!(first_event["sequence"], 1);
+    assert_eq!(first_event["payload"]["spec"]["code_commit_id"], SHA);
+    assert_eq!(history["next_after"], history["items"][2]["position"]);
+
+    let at_one = app
+        .get(&format!("/api/v1/tasks/{id}/state?at_sequence=1"), &bob)
+        .await;
+    let at_one = at_one.expect(200);
+    assert_eq!(at_one["state"]["state"], "queued");
+    assert_eq!(at_one["event"]["event_type"], "TaskSubmitted");
+    assert_eq!(at_one["event"]["actor"], "user:bob");
+    assert_eq!(at_one["last_sequence"], 3);
+    let at_three = app
+        .get(&format!("/api/v1/tasks/{id}/state?at_sequence=3"), &bob)
+        .await;
+    assert_eq!(at_three.expect(200)["state"]["state"], "cancelled");
+    let latest = app.get(&format!("/api/v1/tasks/{id}/state"), &bob).await;
+    assert_eq!(latest.expect(200)["event"]["sequence"], 3);
+    app.get(&format!("/api/v1/tasks/{id}/state?at_sequence=4"), &bob)
+        .await
+        .expect_error(404, "at_sequence");
+    for bad in ["0", "-1", "x"] {
+        app.get(&format!("/api/v1/tasks/{id}/state?at_sequence={bad}"), &bob)
+            .await
+            .expect_error(400, "at_sequence");
+    }
+}
+
+#[tokio::test]
+async fn bootstrap_is_idempotent_keeps_its_file_private_and_replaces_a_revoked_token() {
+    let app = start().await;
+    let again = api::bootstrap_admin(&app.store, &app.token_file)
+        .await
+        .expect("bootstrap again");
+    assert_eq!(again, app.admin);
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&app.token_file)
+            .expect("the token file")
+            .permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600);
+    let me = app.get("/api/v1/users/admin", &app.admin).await;
+    let me = me.expect(200);
+    assert_eq!(me["admin"], true);
+    let token_id = me["tokens"][0]["token_id"].as_str().expect("a token id");
+    assert_eq!(me["tokens"][0]["label"], "bootstrap");
+    assert!(!me.to_string().contains("fingerprint"));
+
+    app.call(
+        Method::DELETE,
+        &format!("/api/v1/users/admin/tokens/{token_id}"),
+        Some(&app.admin),
+        None,
+    )
+    .await
+    .expect(204);
+    let fresh = api::bootstrap_admin(&app.store, &app.token_file)
+        .await
+        .expect("bootstrap after revocation");
+    assert_ne!(fresh, app.admin);
+    assert_eq!(
+        std::fs::read_to_string(&app.token_file)
+            .expect("the token file")
+            .trim(),
+        fresh
+    );
+    app.get("/api/v1/users", &fresh).await.expect(200);
+}
+
+#[tokio::test]
+async fn every_bad_task_input_is_refused_with_its_field_named_and_nothing_appended() {
+    let app = start().await;
+    let project = app.project(&app.admin, "inputs").await;
+    let good = task_body(&project);
+    let cases: Vec<(&str, Value, u16, &str)> = vec![
+        (
+            "short commit id",
+            with(good.clone(), "/code_commit_id", Some(json!("abc1234"))),
+            422,
+            "code_commit_id",
+        ),
+        (
+            "non-hex commit id",
+            with(good.clone(), "/env_commit_id", Some(json!("z".repeat(40)))),
+            422,
+            "env_commit_id",
+        ),
+        (
+            "absolute dockerfile",
+            with(good.clone(), "/dockerfile_path", Some(json!("/etc/passwd"))),
+            422,
+            "dockerfile_path",
+        ),
+        (
+            "dockerfile leaving the repo",
+            with(
+                good.clone(),
+                "/dockerfile_path",
+                Some(json!("a/../../Dockerfile")),
+            ),
+            422,
+            "dockerfile_path",
+        ),
+        (
+            "http scheme",
+            with(
+                good.clone(),
+                "/code_repo_url",
+                Some(json!("http://h/r.git")),
+            ),
+            422,
+            "code_repo_url",
+        ),
+        (
+            "file scheme",
+            with(
+                good.clone(),
+                "/env_repo_url",
+                Some(json!("file:///srv/env.git")),
+            ),
+            422,
+            "env_repo_url",
+        ),
+        (
+            "ftp scheme",
+            with(
+                good.clone(),
+                "/env_repo_url",
+                Some(json!("ftp://h/env.git")),
+            ),
+            422,
+            "env_repo_url",
+        ),
+        (
+            "missing code repo",
+            with(good.clone(), "/code_repo_url", None),
+            422,
+            "code_repo_url",
+        ),
+        (
+            "missing project",
+            with(good.clone(), "/project_id", None),
+            422,
+            "project_id",
+        ),
+        (
+            "negative cpus",
+            with(good.clone(), "/resources/cpus", Some(json!(-1))),
+            422,
+            "resources.cpus",
+        ),
+        (
+            "negative memory",
+            with(good.clone(), "/resources/memory_mb", Some(json!(-5))),
+            422,
+            "resources.memory_mb",
+        ),
+        (
+            "negative gpus",
+            with(good.clone(), "/resources/gpus", Some(json!(-1))),
+            422,
+            "resources.gpus",
+        ),
+        (
+            "cpus of the wrong type",
+            with(good.clone(), "/resources/cpus", Some(json!("many"))),
+            422,
+            "resources.cpus",
+        ),
+        (
+            "a malformed project id",
+            with(good.clone(), "/project_id", Some(json!("not-a-uuid"))),
+            422,
+            "project_id",
+        ),
+        (
+            "an unknown field",
+            with(good.clone(), "/colour", Some(json!("blue"))),
+            422,
+            "colour",
+        ),
+        (
+            "an unknown nested field",
+            with(good.clone(), "/resources/tpus", Some(json!(1))),
+            422,
+            "resources.tpus",
+        ),
+        (
+            "a bad label",
+            with(good.clone(), "/labels", Some(json!({"": "x"}))),
+            422,
+            "labels.",
+        ),
+        (
+            "an unknown project",
+            with(good.clone(), "/project_id", Some(json!(uuid_v4()))),
+            404,
+            "project_id",
+        ),
+    ];
+    let before = app.events().await;
+    for (case, body, status, field) in cases {
+        let answer = app.post("/api/v1/tasks", &app.admin, body).await;
+        assert_eq!(answer.status.as_u16(), status, "{case}: {:?}", answer.body);
+        assert!(
+            answer.fields().iter().any(|f| f == field),
+            "{case}: {:?}",
+            answer.body
+        );
+        assert!(!answer.details().is_empty(), "{case} has no reason");
+    }
+    assert_eq!(
+        app.events().await,
+        before,
+        "a refused submission appended events"
+    );
+
+    let many = with(
+        with(good.clone(), "/code_commit_id", Some(json!("abc"))),
+        "/dockerfile_path",
+        Some(json!("/abs")),
+    );
+    let many = with(many, "/resources/cpus", Some(json!(0)));
+    let answer = app.post("/api/v1/tasks", &app.admin, many).await;
+    answer.expect(422);
+    assert_eq!(
+        answer.fields(),
+        ["code_commit_id", "dockerfile_path", "resources.cpus"]
+    );
+
+    let url = format!("{}/api/v1/tasks", app.base);
+    let raw = |body: String, content_type: Option<&str>| {
+        let mut request = app.client.post(&url).bearer_auth(&app.admin).body(body);
+        if let Some(ct) = content_type {
+            request = request.header("content-type", ct);
+        }
+        request
+    };
+    let malformed = app
+        .send(raw("{\"project_id\": ".into(), Some("application/json")))
+        .await;
+    malformed.expect_error(400, "project_id");
+    let not_an_object = app
+        .send(raw("[1, 2]".into(), Some("application/json")))
+        .await;
+    assert_eq!(
+        not_an_object.status.as_u16(),
+        422,
+        "{:?}",
+        not_an_object.body
+    );
+    let wrong_type = app.send(raw(good.to_string(), Some("text/plain"))).await;
+    wrong_type.expect(415);
+    let no_type = app.send(raw(good.to_string(), None)).await;
+    no_type.expect(415);
+    let huge = with(
+        good.clone(),
+        "/command",
+        Some(json!(["x".repeat(1_500_000)])),
+    );
+    let too_large = app
+        .send(raw(huge.to_string(), Some("application/json")))
+        .await;
+    too_large.expect(413);
+    assert!(!too_large.errors().is_empty());
+    assert_eq!(
+        app.events().await,
+        before,
+        "a refused request appended events"
+    );
+
+    let fine = app
+        .send(raw(
+            good.to_string(),
+            Some("application/json; charset=utf-8"),
+        ))
+        .await;
+    fine.expect(201);
+}
+
+fn uuid_v4() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+#[tokio::test]
+async fn file_urls_are_accepted_only_where_the_server_allows_them() {
+    let app = start_with(Config {
+        url_policy: domain::spec::UrlPolicy { allow_file: true },
+        ..Config::default()
+    })
+    .await;
+    let project = app.project(&app.admin, "local").await;
+    let body = with(
+        task_body(&project),
+        "/env_repo_url",
+        Some(json!("file:///srv/env.git")),
+    );
+    let answer = app.post("/api/v1/tasks", &app.admin, body).await;
+    assert_eq!(
+        answer.expect(201)["spec"]["env_repo_url"],
+        "file:///srv/env.git"
+    );
+}
+
+#[tokio::test]
+async fn a_member_of_one_project_gets_404_for_everything_of_another() {
+    let app = start().await;
+    let alice = app.user("alice").await;
+    let carol = app.user("carol").await;
+    let a = app.project(&alice, "project-a").await;
+    let b = app.project(&alice, "project-b").await;
+    app.add_member(&a, "carol", "member").await;
+    let task_a = app.submit(&carol, &a).await;
+    let task_b = app.submit(&alice, &b).await;
+    app.catch_up().await;
+    let before = app.events().await;
+
+    for path in [
+        format!("/api/v1/projects/{b}"),
+        format!("/api/v1/tasks/{task_b}"),
+        format!("/api/v1/tasks/{task_b}/state?at_sequence=1"),
+        format!("/api/v1/events?aggregate_type=task&aggregate_id={task_b}"),
+        format!("/api/v1/events?aggregate_type=project&aggregate_id={b}"),
+    ] {
+        let answer = app.get(&path, &carol).await;
+        assert_eq!(answer.status.as_u16(), 404, "{path}: {:?}", answer.body);
+    }
+    app.get(&format!("/api/v1/tasks?project={b}"), &carol)
+        .await
+        .expect_error(404, "project");
+    app.post("/api/v1/tasks", &carol, task_body(&b))
+        .await
+        .expect_error(404, "project_id");
+    for path in [
+        format!("/api/v1/tasks/{task_b}/cancel"),
+        format!("/api/v1/projects/{b}/archive"),
+    ] {
+        let answer = app.post_empty(&path, &carol).await;
+        assert_eq!(answer.status.as_u16(), 404, "{path}: {:?}", answer.body);
+    }
+    let join = app
+        .post(
+            &format!("/api/v1/projects/{b}/members"),
+            &carol,
+            json!({"user": "carol", "role": "maintainer"}),
+        )
+        .await;
+    join.expect(404);
+    let kick = app
+        .call(
+            Method::DELETE,
+            &format!("/api/v1/projects/{b}/members/alice"),
+            Some(&carol),
+            None,
+        )
+        .await;
+    kick.expect(404);
+    assert_eq!(app.events().await, before);
+
+    let tasks = app.get("/api/v1/tasks", &carol).await;
+    assert_eq!(ids(tasks.expect(200)), [task_a.as_str()]);
+    let projects = app.get("/api/v1/projects", &carol).await;
+    assert_eq!(ids(projects.expect(200)), [a.as_str()]);
+    let everything = app.get("/api/v1/tasks", &app.admin).await;
+    assert_eq!(ids(everything.expect(200)), [task_b, task_a]);
+    let all_projects = app.get("/api/v1/projects", &app.admin).await;
+    assert_eq!(ids(all_projects.expect(200)).len(), 2);
+}
+
+#[tokio::test]
+async fn a_viewer_reads_but_cannot_submit_or_cancel() {
+    let app = start().await;
+    let alice = app.user("alice").await;
+    let victor = app.user("victor").await;
+    let project = app.project(&alice, "watched").await;
+    app.add_member(&project, "victor", "viewer").await;
+    let task = app.submit(&alice, &project).await;
+    let before = app.events().await;
+
+    app.get(&format!("/api/v1/tasks/{task}"), &victor)
+        .await
+        .expect(200);
+    app.get(&format!("/api/v1/projects/{project}"), &victor)
+        .await
+        .expect(200);
+    app.post("/api/v1/tasks", &victor, task_body(&project))
+        .await
+        .expect(403);
+    app.post_empty(&format!("/api/v1/tasks/{task}/cancel"), &victor)
+        .await
+        .expect(403);
+    app.post_empty(&format!("/api/v1/projects/{project}/archive"), &victor)
+        .await
+        .expect(403);
+    app.post(
+        &format!("/api/v1/projects/{project}/members"),
+        &victor,
+        json!({"user": "victor", "role": "maintainer"}),
+    )
+    .await
+    .expect(403);
+    assert_eq!(app.events().await, before);
+}
+
+#[tokio::test]
+async fn a_revoked_token_stops_working_at_once_and_a_new_one_works_at_once() {
+    let app = start().await;
+    let dana = app.user("dana").await;
+    app.get("/api/v1/users/dana", &dana).await.expect(200);
+    let second = app
+        .post("/api/v1/users/dana/tokens", &dana, json!({}))
+        .await;
+    let second = second.expect(201).clone();
+    let second_token = second["token"].as_str().expect("a token").to_string();
+    app.get("/api/v1/projects", &second_token).await.expect(200);
+
+    let token_id = second["token_id"].as_str().expect("a token id");
+    app.call(
+        Method::DELETE,
+        &format!("/api/v1/users/dana/tokens/{token_id}"),
+        Some(&dana),
+        None,
+    )
+    .await
+    .expect(204);
+    let refused = app.get("/api/v1/projects", &second_token).await;
+    refused.expect(401);
+    assert_eq!(refused.headers["www-authenticate"], "Bearer");
+    app.get("/api/v1/projects", &dana).await.expect(200);
+
+    let unlabelled = app.post_empty("/api/v1/users/dana/tokens", &dana).await;
+    let third = unlabelled.expect(201)["token"]
+        .as_str()
+        .expect("a token")
+        .to_string();
+    app.get("/api/v1/projects", &third).await.expect(200);
+    app.call(
+        Method::DELETE,
+        &format!("/api/v1/users/dana/tokens/{}", uuid_v4()),
+        Some(&dana),
+        None,
+    )
+    .await
+    .expect_error(404, "token_id");
+}
+
+#[tokio::test]
+async fn requests_without_a_valid_user_token_get_401_with_a_bearer_challenge() {
+    let app = start().await;
+    let node = app
+        .post("/api/v1/nodes", &app.admin, json!({"name": "gpu-1"}))
+        .await;
+    let node_token = node.expect(201)["token"]
+        .as_str()
+        .expect("a token")
+        .to_string();
+    let mut forged = app.admin.clone();
+    forged.pop();
+    forged.push(if app.admin.ends_with('A') { 'B' } else { 'A' });
+    let before = app.events().await;
+    for token in [
+        None,
+        Some("garbage"),
+        Some(node_token.as_str()),
+        Some(forged.as_str()),
+    ] {
+        let answer = app
+            .call(
+                Method::POST,
+                "/api/v1/projects",
+                token,
+                Some(json!({"name": "x"})),
+            )
+            .await;
+        answer.expect(401);
+        assert_eq!(answer.headers["www-authenticate"], "Bearer", "{token:?}");
+        assert!(!answer.details().is_empty());
+    }
+    let basic = app
+        .send(
+            app.client
+                .get(format!("{}/api/v1/tasks", app.base))
+                .header("authorization", "Basic YWRtaW46YWRtaW4="),
+        )
+        .await;
+    basic.expect(401);
+    assert_eq!(app.events().await, before);
+}
+
+#[tokio::test]
+async fn cancelling_a_finished_task_is_a_conflict_with_the_domains_message() {
+    let app = start().await;
+    let project = app.project(&app.admin, "done").await;
+    let task = app.submit(&app.admin, &project).await;
+    app.post_empty(&format!("/api/v1/tasks/{task}/cancel"), &app.admin)
+        .await
+        .expect(200);
+    let before = app.events().await;
+    let again = app
+        .post_empty(&format!("/api/v1/tasks/{task}/cancel"), &app.admin)
+        .await;
+    again.expect(409);
+    assert!(
+        again
+            .details()
+            .contains("cannot cancel a task that is cancelled"),
+        "{:?}",
+        again.body
+    );
+    assert_eq!(app.events().await, before);
+    app.post_empty(&format!("/api/v1/tasks/{}/cancel", uuid_v4()), &app.admin)
+        .await
+        .expect(404);
+    app.get("/api/v1/tasks/not-a-uuid", &app.admin)
+        .await
+        .expect_error(400, "id");
+}
+
+#[tokio::test]
+async fn task_list_parameters_are_checked_and_named() {
+    let app = start().await;
+    for (query, field) in [
+        ("state=sleeping", "state"),
+        ("limit=0", "limit"),
+        ("limit=501", "limit"),
+        ("limit=ten", "limit"),
+        ("cursor=garbage", "cursor"),
+        ("project=nope", "project"),
+        ("node=nope", "node"),
+        ("colour=blue", "colour"),
+    ] {
+        app.get(&format!("/api/v1/tasks?{query}"), &app.admin)
+            .await
+            .expect_error(400, field);
+    }
+    let empty = app
+        .get("/api/v1/tasks?limit=500&state=running", &app.admin)
+        .await;
+    assert_eq!(
+        empty.expect(200),
+        &json!({"items": [], "next_cursor": null})
+    );
+}
+
+#[tokio::test]
+async fn events_are_read_in_global_order_and_only_where_the_caller_may_look() {
+    let app = start().await;
+    let erin = app.user("erin").await;
+    let project = app.project(&erin, "history").await;
+    app.submit(&erin, &project).await;
+    app.settle().await;
+
+    let all = app.get("/api/v1/events?limit=1000", &app.admin).await;
+    let all = all.expect(200).clone();
+    let items = all["items"].as_array().expect("items");
+    assert_eq!(items.len() as i64, app.events().await);
+    let positions: Vec<i64> = items
+        .iter()
+        .map(|e| e["position"].as_i64().expect("a position"))
+        .collect();
+    assert!(positions.windows(2).all(|w| w[0] < w[1]), "{positions:?}");
+    assert!(
+        !all.to_string().contains("fingerprint"),
+        "a fingerprint leaked"
+    );
+
+    let first_two = app.get("/api/v1/events?limit=2", &app.admin).await;
+    let after = first_two.expect(200)["next_after"]
+        .as_i64()
+        .expect("next_after");
+    let rest = app
+        .get(&format!("/api/v1/events?after={after}"), &app.admin)
+        .await;
+    assert_eq!(
+        rest.expect(200)["items"].as_array().expect("items").len(),
+        items.len() - 2
+    );
+    let users = app
+        .get("/api/v1/events?aggregate_type=user", &app.admin)
+        .await;
+    assert!(users.expect(200)["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .all(|e| e["aggregate_type"] == "user"));
+    let caught_up = app
+        .get(
+            &format!("/api/v1/events?after={}", positions[positions.len() - 1]),
+            &app.admin,
+        )
+        .await;
+    assert_eq!(
+        caught_up.expect(200)["next_after"],
+        positions[positions.len() - 1]
+    );
+
+    app.get("/api/v1/events?after=999999", &app.admin)
+        .await
+        .expect_error(400, "after");
+    app.get("/api/v1/events?after=-3", &app.admin)
+        .await
+        .expect_error(400, "after");
+    app.get("/api/v1/events?limit=0", &app.admin)
+        .await
+        .expect_error(400, "limit");
+    app.get("/api/v1/events?aggregate_type=robot", &app.admin)
+        .await
+        .expect_error(400, "aggregate_type");
+    app.get("/api/v1/events?aggregate_id=admin", &app.admin)
+        .await
+        .expect_error(400, "aggregate_type");
+    app.get(
+        "/api/v1/events?aggregate_type=task&aggregate_id=nope",
+        &app.admin,
+    )
+    .await
+    .expect_error(400, "aggregate_id");
+
+    app.get("/api/v1/events", &erin).await.expect(403);
+    app.get(
+        "/api/v1/events?aggregate_type=user&aggregate_id=admin",
+        &erin,
+    )
+    .await
+    .expect(403);
+    let mine = app
+        .get(
+            "/api/v1/events?aggregate_type=user&aggregate_id=erin",
+            &erin,
+        )
+        .await;
+    let mine = mine.expect(200);
+    assert_eq!(mine["items"][1]["event_type"], "UserTokenIssued");
+    assert!(mine["items"][1]["payload"].get("fingerprint").is_none());
+    let of_project = app
+        .get(
+            &format!("/api/v1/events?aggregate_type=project&aggregate_id={project}"),
+            &erin,
+        )
+        .await;
+    assert_eq!(
+        of_project.expect(200)["items"][0]["event_type"],
+        "ProjectCreated"
+    );
+}
+
+#[tokio::test]
+async fn nodes_are_provisioned_by_admins_with_a_token_shown_once_and_unique_names() {
+    let app = start().await;
+    let frank = app.user("frank").await;
+    let before = app.events().await;
+    app.post("/api/v1/nodes", &frank, json!({"name": "gpu-1"}))
+        .await
+        .expect(403);
+    app.post("/api/v1/nodes", &app.admin, json!({"name": "GPU 1"}))
+        .await
+        .expect_error(422, "name");
+    app.post(
+        "/api/v1/nodes",
+        &app.admin,
+        json!({"name": "gpu-1", "labels": {"-bad": "x"}}),
+    )
+    .await
+    .expect_error(422, "labels.-bad");
+    app.post("/api/v1/nodes", &app.admin, json!({"labels": {}}))
+        .await
+        .expect_error(422, "name");
+    assert_eq!(app.events().await, before);
+
+    let created = app
+        .post(
+            "/api/v1/nodes",
+            &app.admin,
+            json!({"name": "gpu-1", "labels": {"gpu": "a100"}}),
+        )
+        .await;
+    let created = created.expect(201).clone();
+    let id = created["id"].as_str().expect("an id").to_string();
+    assert!(created["token"]
+        .as_str()
+        .expect("a token")
+        .starts_with("udn~"));
+    assert_eq!(created["status"], "provisioned");
+    assert_eq!(created["labels"], json!({"gpu": "a100"}));
+    assert!(!created.to_string().contains("fingerprint"));
+
+    let before = app.events().await;
+    app.post("/api/v1/nodes", &app.admin, json!({"name": "gpu-1"}))
+        .await
+        .expect_error(409, "name");
+    assert_eq!(app.events().await, before);
+
+    let shown = app.get(&format!("/api/v1/nodes/{id}"), &frank).await;
+    let shown = shown.expect(200);
+    assert!(shown.get("token").is_none());
+    assert!(!shown.to_string().contains("fingerprint"));
+    app.get(&format!("/api/v1/nodes/{}", uuid_v4()), &frank)
+        .await
+        .expect(404);
+
+    app.post_empty(&format!("/api/v1/nodes/{id}/drain"), &frank)
+        .await
+        .expect(403);
+    let drained = app
+        .post_empty(&format!("/api/v1/nodes/{id}/drain"), &app.admin)
+        .await;
+    assert_eq!(drained.expect(200)["drained"], true);
+    let undrained = app
+        .post_empty(&format!("/api/v1/nodes/{id}/undrain"), &app.admin)
+        .await;
+    assert_eq!(undrained.expect(200)["drained"], false);
+    let revoked = app
+        .post_empty(&format!("/api/v1/nodes/{id}/revoke"), &app.admin)
+        .await;
+    assert_eq!(revoked.expect(200)["status"], "revoked");
+    app.post_empty(&format!("/api/v1/nodes/{}/drain", uuid_v4()), &app.admin)
+        .await
+        .expect(404);
+
+    app.catch_up().await;
+    let list = app.get("/api/v1/nodes", &frank).await;
+    let list = list.expect(200);
+    assert_eq!(ids(list), [id]);
+    assert!(!list.to_string().contains("fingerprint"));
+}
+
+#[tokio::test]
+async fn projects_have_unique_names_checked_roles_an_admin_quota_and_an_archive() {
+    let app = start().await;
+    let gina = app.user("gina").await;
+    app.user("hank").await;
+    let project = app.project(&gina, "quota").await;
+    let members = format!("/api/v1/projects/{project}/members");
+    let quota = format!("/api/v1/projects/{project}/quota");
+    let before = app.events().await;
+
+    app.post("/api/v1/projects", &gina, json!({"name": "quota"}))
+        .await
+        .expect_error(409, "name");
+    app.post("/api/v1/projects", &gina, json!({"name": "Bad Name"}))
+        .await
+        .expect_error(422, "name");
+    app.post("/api/v1/projects", &gina, json!({"description": "no name"}))
+        .await
+        .expect_error(422, "name");
+    app.post(&members, &gina, json!({"user": "hank", "role": "owner"}))
+        .await
+        .expect_error(422, "role");
+    app.post(&members, &gina, json!({"user": "nobody", "role": "member"}))
+        .await
+        .expect_error(404, "user");
+    app.call(
+        Method::DELETE,
+        &format!("{members}/hank"),
+        Some(&gina),
+        None,
+    )
+    .await
+    .expect_error(404, "user");
+    app.call(
+        Method::DELETE,
+        &format!("{members}/gina"),
+        Some(&gina),
+        None,
+    )
+    .await
+    .expect(409);
+    app.put(&quota, &gina, json!({"max_running": 3}))
+        .await
+        .expect(403);
+    app.put(&quota, &app.admin, json!({"max_running": -1}))
+        .await
+        .expect_error(422, "max_running");
+    app.put(&quota, &app.admin, json!({}))
+        .await
+        .expect_error(422, "max_running");
+    app.put(&quota, &app.admin, json!({"max_running": "3"}))
+        .await
+        .expect_error(422, "max_running");
+    assert_eq!(app.events().await, before);
+
+    assert_eq!(
+        app.put(&quota, &app.admin, json!({"max_running": 3}))
+            .await
+            .expect(200)["max_running"],
+        3
+    );
+    assert!(app
+        .put(&quota, &app.admin, json!({"max_running": null}))
+        .await
+        .expect(200)["max_running"]
+        .is_null());
+    app.call(
+        Method::PUT,
+        &format!("/api/v1/projects/{}/quota", uuid_v4()),
+        Some(&app.admin),
+        Some(json!({"max_running": 1})),
+    )
+    .await
+    .expect(404);
+
+    let added = app
+        .post(&members, &gina, json!({"user": "hank", "role": "member"}))
+        .await;
+    assert_eq!(
+        added.expect(200)["members"][1],
+        json!({"user": "hank", "role": "member"})
+    );
+    let archived = app
+        .post_empty(&format!("/api/v1/projects/{project}/archive"), &gina)
+        .await;
+    assert_eq!(archived.expect(200)["archived"], true);
+    let before = app.events().await;
+    app.post("/api/v1/tasks", &gina, task_body(&project))
+        .await
+        .expect_error(409, "project_id");
+    app.post(&members, &gina, json!({"user": "hank", "role": "viewer"}))
+        .await
+        .expect(409);
+    assert_eq!(app.events().await, before);
+}
+
+#[tokio::test]
+async fn users_are_managed_by_admins_and_tokens_by_their_owners() {
+    let app = start().await;
+    let ivy = app.user("ivy").await;
+    app.user("jack").await;
+    let before = app.events().await;
+    app.post("/api/v1/users", &ivy, json!({"name": "kate"}))
+        .await
+        .expect(403);
+    app.get("/api/v1/users", &ivy).await.expect(403);
+    app.post("/api/v1/users", &app.admin, json!({"name": "Kate!"}))
+        .await
+        .expect_error(422, "name");
+    app.post("/api/v1/users", &app.admin, json!({"name": "ivy"}))
+        .await
+        .expect_error(409, "name");
+    app.post("/api/v1/users", &app.admin, json!({"admin": true}))
+        .await
+        .expect_error(422, "name");
+    app.post(
+        "/api/v1/users",
+        &app.admin,
+        json!({"name": "kate", "admin": "yes"}),
+    )
+    .await
+    .expect_error(422, "admin");
+    app.post("/api/v1/users/jack/tokens", &ivy, json!({}))
+        .await
+        .expect(403);
+    app.get("/api/v1/users/jack", &ivy).await.expect(403);
+    app.post("/api/v1/users/nobody/tokens", &app.admin, json!({}))
+        .await
+        .expect(404);
+    app.post(
+        "/api/v1/users/ivy/tokens",
+        &ivy,
+        json!({"label": "x".repeat(101)}),
+    )
+    .await
+    .expect_error(422, "label");
+    assert_eq!(app.events().await, before);
+
+    let created = app
+        .post(
+            "/api/v1/users",
+            &app.admin,
+            json!({"name": "kate", "admin": true}),
+        )
+        .await;
+    assert_eq!(
+        created.expect(201),
+        &json!({"name": "kate", "admin": true, "created_at": created.body["created_at"], "tokens": []})
+    );
+    app.catch_up().await;
+    let list = app.get("/api/v1/users", &app.admin).await;
+    let names: Vec<_> = list.expect(200)["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .map(|u| u["name"].as_str().expect("a name").to_string())
+        .collect();
+    assert_eq!(names, ["admin", "ivy", "jack", "kate"]);
+}
+
+#[tokio::test]
+async fn health_and_readiness_answer_in_json() {
+    let app = start().await;
+    let health = app.call(Method::GET, "/healthz", None, None).await;
+    assert_eq!(health.expect(200), &json!({"status": "ok"}));
+    let ready = app.call(Method::GET, "/readyz", None, None).await;
+    assert_eq!(ready.expect(200), &json!({"status": "ready"}));
+    sqlx::query(
+        "DELETE FROM _sqlx_migrations WHERE version = (SELECT max(version) FROM _sqlx_migrations)",
+    )
+    .execute(&app.pool)
+    .await
+    .expect("forget a migration");
+    let unready = app.call(Method::GET, "/readyz", None, None).await;
+    unready.expect(503);
+    assert!(unready.details().contains("migrate"));
+}
+
+#[tokio::test]
+async fn unknown_routes_and_methods_answer_in_the_json_envelope() {
+    let app = start().await;
+    let missing = app.get("/api/v1/nothing-here", &app.admin).await;
+    missing.expect(404);
+    assert!(missing.details().contains("no route"));
+    let wrong_method = app
+        .call(Method::PATCH, "/api/v1/tasks", Some(&app.admin), None)
+        .await;
+    wrong_method.expect(405);
+    assert!(!wrong_method.errors().is_empty());
+}
+
+/// Every operation the API must offer, as (method, path).
+const EXPECTED_ROUTES: &[(&str, &str)] = &[
+    ("get", "/healthz"),
+    ("get", "/readyz"),
+    ("get", "/api/v1/openapi.json"),
+    ("post", "/api/v1/users"),
+    ("get", "/api/v1/users"),
+    ("get", "/api/v1/users/{name}"),
+    ("post", "/api/v1/users/{name}/tokens"),
+    ("delete", "/api/v1/users/{name}/tokens/{token_id}"),
+    ("post", "/api/v1/projects"),
+    ("get", "/api/v1/projects"),
+    ("get", "/api/v1/projects/{id}"),
+    ("post", "/api/v1/projects/{id}/members"),
+    ("delete", "/api/v1/projects/{id}/members/{user}"),
+    ("put", "/api/v1/projects/{id}/quota"),
+    ("post", "/api/v1/projects/{id}/archive"),
+    ("post", "/api/v1/tasks"),
+    ("get", "/api/v1/tasks"),
+    ("get", "/api/v1/tasks/{id}"),
+    ("post", "/api/v1/tasks/{id}/cancel"),
+    ("get", "/api/v1/tasks/{id}/state"),
+    ("post", "/api/v1/nodes"),
+    ("get", "/api/v1/nodes"),
+    ("get", "/api/v1/nodes/{id}"),
+    ("post", "/api/v1/nodes/{id}/drain"),
+    ("post", "/api/v1/nodes/{id}/undrain"),
+    ("post", "/api/v1/nodes/{id}/revoke"),
+    ("get", "/api/v1/events"),
+];
+
+#[tokio::test]
+async fn the_openapi_document_covers_every_route_and_every_documented_route_is_served() {
+    let app = start().await;
+    let doc = app
+        .call(Method::GET, "/api/v1/openapi.json", None, None)
+        .await;
+    let doc = doc.expect(200).clone();
+    assert_eq!(
+        doc,
+        serde_json::to_value(api::openapi()).expect("serialises")
+    );
+    assert_eq!(
+        doc["components"]["securitySchemes"]["bearer"],
+        json!({"type": "http", "scheme": "bearer", "description": doc["components"]["securitySchemes"]["bearer"]["description"]})
+    );
+
+    let mut documented = BTreeSet::new();
+    for (path, item) in doc["paths"].as_object().expect("paths") {
+        for (method, operation) in item.as_object().expect("a path item") {
+            documented.insert((method.clone(), path.clone()));
+            let public = path == "/healthz" || path == "/readyz" || path.ends_with("openapi.json");
+            assert_eq!(
+                operation.get("security").is_some(),
+                !public,
+                "{method} {path} has the wrong security"
+            );
+        }
+    }
+    let expected: BTreeSet<_> = EXPECTED_ROUTES
+        .iter()
+        .map(|(m, p)| (m.to_string(), p.to_string()))
+        .collect();
+    assert_eq!(documented, expected);
+
+    // Every documented operation is served: unauthenticated, each answers
+    // 401 (or 200 when public), never the router's 404 or 405.
+    let id = uuid_v4();
+    for (method, path) in &documented {
+        let concrete = path
+            .replace("{id}", &id)
+            .replace("{token_id}", &id)
+            .replace("{name}", "admin")
+            .replace("{user}", "admin");
+        let method: Method = method.to_uppercase().parse().expect("a method");
+        let answer = app.call(method.clone(), &concrete, None, None).await;
+        let status = answer.status.as_u16();
+        assert!(
+            status == 401 || status == 200,
+            "{method} {concrete} answered {status}: {:?}",
+            answer.body
+        );
+    }
+}
