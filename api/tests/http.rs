@@ -167,31 +167,8 @@ impl App {
             .expect("count events")
     }
 
-    /// Waits until every committed event is visible to outbox readers.
-    ///
-    /// Readers only see events older than every transaction still open in
-    /// the whole cluster (so that none is ever skipped), and other tests
-    /// share the cluster, so an event can stay invisible for a moment.
-    async fn settle(&self) {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        loop {
-            let hidden: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM outbox WHERE txid >= pg_snapshot_xmin(pg_current_snapshot())",
-            )
-            .fetch_one(&self.pool)
-            .await
-            .expect("count hidden events");
-            if hidden == 0 {
-                return;
-            }
-            assert!(std::time::Instant::now() < deadline, "events stayed hidden");
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        }
-    }
-
     /// Lets the read models catch up with everything committed so far.
     async fn catch_up(&self) {
-        self.settle().await;
         projections::Projector::new(self.pool.clone())
             .catch_up()
             .await

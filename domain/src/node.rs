@@ -357,6 +357,9 @@ impl Node {
                     vec![]
                 }
             }
+            C::Drain { .. } | C::Undrain { .. } if self.status == NodeStatus::Revoked => {
+                return Err(NodeError::Revoked)
+            }
             C::Drain { by, at } => {
                 if self.drained {
                     vec![]
@@ -644,6 +647,17 @@ mod tests {
                 by: admin(),
                 at: at(5),
             }]);
+    }
+
+    #[test]
+    fn a_revoked_node_cannot_be_drained_or_undrained() {
+        F::with(())
+            .given(vec![provisioned(), revoked()])
+            .when(NodeCommand::Drain {
+                by: admin(),
+                at: at(4),
+            })
+            .then_expect_error(NodeError::Revoked);
     }
 
     #[test]

@@ -75,6 +75,10 @@ pub struct Projector {
     batch: i64,
 }
 
+/// The longest [`Projector::catch_up`] waits for events hidden behind an
+/// older open transaction.
+pub const CATCH_UP_WAIT: Duration = Duration::from_secs(30);
+
 /// Events applied per projection per transaction.
 pub const BATCH: i64 = 500;
 
@@ -122,11 +126,11 @@ impl Projector {
         Ok(events.len())
     }
 
-    /// Applies everything committed so far.
+    /// Applies everything visible now, without waiting.
     ///
     /// # Errors
     /// As [`Projector::run_once`].
-    pub async fn catch_up(&self) -> Result<usize, ProjectionError> {
+    pub async fn drain(&self) -> Result<usize, ProjectionError> {
         let mut total = 0;
         loop {
             let n = self.run_once().await?;
@@ -137,13 +141,39 @@ impl Projector {
         }
     }
 
+    /// Applies everything committed before the call. Events stay invisible
+    /// to readers while an older transaction is open anywhere on the
+    /// server, so this waits for them, at most [`CATCH_UP_WAIT`]; after that
+    /// it returns with what it could apply.
+    ///
+    /// # Errors
+    /// As [`Projector::run_once`].
+    pub async fn catch_up(&self) -> Result<usize, ProjectionError> {
+        let target = outbox::committed_head(&self.pool).await?;
+        let deadline = tokio::time::Instant::now() + CATCH_UP_WAIT;
+        let mut total = self.drain().await?;
+        loop {
+            let mut conn = self.pool.acquire().await?;
+            let mut behind = false;
+            for p in &self.projections {
+                behind |= outbox::load_checkpoint(&mut conn, p.name(), false).await? < target;
+            }
+            drop(conn);
+            if !behind || tokio::time::Instant::now() >= deadline {
+                return Ok(total);
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            total += self.drain().await?;
+        }
+    }
+
     /// Runs until `shutdown` completes: catches up, then waits for a NOTIFY
     /// or the poll interval. Errors are logged and retried after a pause.
     pub async fn run(&self, poll: Duration, shutdown: impl Future<Output = ()>) {
         let mut wake = Wakeup::new(self.pool.clone(), poll).await;
         tokio::pin!(shutdown);
         loop {
-            if let Err(e) = self.catch_up().await {
+            if let Err(e) = self.drain().await {
                 tracing::error!(error = %e, "projector failed; retrying");
                 tokio::select! {
                     _ = &mut shutdown => return,

@@ -198,6 +198,24 @@ pub async fn head<'e>(db: impl PgExecutor<'e>) -> Result<Checkpoint, sqlx::Error
     )
 }
 
+/// The checkpoint of the newest committed event, visible to readers or not
+/// yet (an older transaction still open holds readers back). A consumer
+/// that reaches it has seen everything committed before this call.
+///
+/// # Errors
+/// A database error.
+pub async fn committed_head<'e>(db: impl PgExecutor<'e>) -> Result<Checkpoint, sqlx::Error> {
+    let row: Option<(i64, i64)> = sqlx::query_as(
+        "SELECT txid::text::bigint, position FROM outbox ORDER BY txid DESC, position DESC LIMIT 1",
+    )
+    .fetch_optional(db)
+    .await?;
+    Ok(row.map_or_else(Checkpoint::default, |(txid, position)| Checkpoint {
+        txid,
+        position,
+    }))
+}
+
 /// Loads consumer `name`'s checkpoint, creating it at the start of the log.
 /// With `for_update` the row stays locked until the transaction ends, so
 /// two copies of one consumer never process the same batch.
