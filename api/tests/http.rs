@@ -167,6 +167,20 @@ impl App {
             .expect("count events")
     }
 
+    /// Waits until every committed event is visible to outbox readers:
+    /// readers see nothing newer than the oldest transaction still open on
+    /// the server, and other tests share the server.
+    async fn settle(&self) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let target = store::outbox::committed_head(&self.pool)
+            .await
+            .expect("committed head");
+        while store::outbox::head(&self.pool).await.expect("head") < target {
+            assert!(std::time::Instant::now() < deadline, "events stayed hidden");
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    }
+
     /// Lets the read models catch up with everything committed so far.
     async fn catch_up(&self) {
         projections::Projector::new(self.pool.clone())

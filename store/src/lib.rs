@@ -64,7 +64,7 @@ pub const NODE_SNAPSHOT_EVERY: usize = 50;
 
 /// How often a command is retried when another writer changed the same
 /// aggregate between our load and our commit.
-const CONFLICT_RETRIES: usize = 8;
+const CONFLICT_RETRIES: usize = 25;
 
 type EsStore<A> = PersistedEventStore<PostgresEventRepository, A>;
 
@@ -210,7 +210,7 @@ impl Store {
                     });
                 }
                 Err(AggregateError::AggregateConflict) => {
-                    let backoff = 1u64 << round.min(6);
+                    let backoff = 1u64 << round.min(7);
                     tokio::time::sleep(Duration::from_millis(rand::random::<u64>() % backoff + 1))
                         .await;
                 }

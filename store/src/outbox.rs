@@ -183,19 +183,7 @@ pub async fn checkpoint_of<'e>(
 /// # Errors
 /// A database error.
 pub async fn head<'e>(db: impl PgExecutor<'e>) -> Result<Checkpoint, sqlx::Error> {
-    let row: Option<(i64, i64)> = sqlx::query_as(
-        "SELECT txid::text::bigint, position FROM outbox \
-         WHERE txid < pg_snapshot_xmin(pg_current_snapshot()) \
-         ORDER BY txid DESC, position DESC LIMIT 1",
-    )
-    .fetch_optional(db)
-    .await?;
-    Ok(
-        row.map_or_else(Checkpoint::default, |(txid, position)| Checkpoint {
-            txid,
-            position,
-        }),
-    )
+    newest(db, "WHERE txid < pg_snapshot_xmin(pg_current_snapshot())").await
 }
 
 /// The checkpoint of the newest committed event, visible to readers or not
@@ -205,15 +193,19 @@ pub async fn head<'e>(db: impl PgExecutor<'e>) -> Result<Checkpoint, sqlx::Error
 /// # Errors
 /// A database error.
 pub async fn committed_head<'e>(db: impl PgExecutor<'e>) -> Result<Checkpoint, sqlx::Error> {
-    let row: Option<(i64, i64)> = sqlx::query_as(
-        "SELECT txid::text::bigint, position FROM outbox ORDER BY txid DESC, position DESC LIMIT 1",
-    )
+    newest(db, "").await
+}
+
+async fn newest<'e>(db: impl PgExecutor<'e>, filter: &str) -> Result<Checkpoint, sqlx::Error> {
+    let row: Option<(i64, i64)> = sqlx::query_as(&format!(
+        "SELECT txid::text::bigint, position FROM outbox {filter} \
+         ORDER BY txid DESC, position DESC LIMIT 1"
+    ))
     .fetch_optional(db)
     .await?;
-    Ok(row.map_or_else(Checkpoint::default, |(txid, position)| Checkpoint {
-        txid,
-        position,
-    }))
+    Ok(row
+        .map(|(txid, position)| Checkpoint { txid, position })
+        .unwrap_or_default())
 }
 
 /// Loads consumer `name`'s checkpoint, creating it at the start of the log.
