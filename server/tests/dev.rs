@@ -141,6 +141,23 @@ async fn dev_starts_stops_on_ctrl_c_and_finds_its_data_again() {
         .unwrap();
     assert_eq!(r.status(), 201);
 
+    // Admin commands run in the same directory find the private cluster.
+    let cli = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_unidesk"))
+            .args(args)
+            .current_dir(dir.path())
+            .env_remove("DATABASE_URL")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let rebuilt = cli(&["projections", "rebuild"]);
+    assert!(rebuilt.starts_with("rebuilt all read models"), "{rebuilt}");
+    let status = cli(&["projections", "status"]);
+    assert!(status.contains("timeline"), "{status}");
+    assert!(projects(&client, &dev).await.contains(&"kept".to_string()));
+
     // A second dev in another directory runs side by side.
     let other_dir = workdir();
     let other = start(other_dir.path());
