@@ -149,7 +149,11 @@ async fn dev_starts_stops_on_ctrl_c_and_finds_its_data_again() {
             .env_remove("DATABASE_URL")
             .output()
             .unwrap();
-        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8(out.stdout).unwrap()
     };
     let rebuilt = cli(&["projections", "rebuild"]);

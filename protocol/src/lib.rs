@@ -1,0 +1,414 @@
+//! The agent ↔ ingress protocol of UniDesk.
+//!
+//! An agent dials `wss://<server>/agent/v1/ws` with `Authorization: Bearer
+//! <node token>`; the server never dials a node. Every frame is one JSON
+//! text message with a `type` and the `protocol` version it was written
+//! for. Unknown types, malformed JSON and frames over [`MAX_FRAME_BYTES`] are
+//! answered with an [`ServerMessage::Error`] and the connection is closed.
+//!
+//! Delivery is at-least-once both ways:
+//! - server → agent [`Command`]s carry a `command_id` derived from what they
+//!   ask ([`command_id`]), are acknowledged with [`AgentMessage::Ack`], are
+//!   sent again after every reconnect while still wanted, and the agent
+//!   ignores an id it has already handled;
+//! - agent → server [`Status`] reports and [`LogChunk`]s carry an agent-local
+//!   `id`; the server answers [`ServerMessage::Received`] once the report is
+//!   stored (or refused for good), and the agent resends whatever was not
+//!   answered after it reconnects. Reports are idempotent on
+//!   `(task, attempt, state)` and log chunks on `(task, attempt, offset)`.
+//!
+//! This crate depends on no other crate of the project, so the agent links
+//! nothing of the server.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// The protocol version this build speaks.
+pub const VERSION: u32 = 1;
+
+/// The WebSocket path on the server.
+pub const PATH: &str = "/agent/v1/ws";
+
+/// The largest frame either side accepts.
+pub const MAX_FRAME_BYTES: usize = 256 * 1024;
+
+/// The most log bytes an agent puts in one [`LogChunk`].
+pub const MAX_LOG_CHUNK_BYTES: usize = 64 * 1024;
+
+/// Everything the agent sends.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum AgentMessage {
+    /// The first message of every session.
+    Hello(Hello),
+    /// Sent every `heartbeat_s` seconds from [`ServerMessage::Welcome`].
+    Heartbeat {
+        /// Counts up within a session.
+        seq: u64,
+    },
+    /// A command was received and will be handled.
+    Ack {
+        /// The command's id.
+        command_id: Uuid,
+    },
+    /// A change of an attempt's state.
+    Status(Status),
+    /// Output of an attempt.
+    Log(LogChunk),
+}
+
+/// Everything the server sends.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerMessage {
+    /// The answer to a valid [`Hello`].
+    Welcome {
+        /// The node's id.
+        node_id: Uuid,
+        /// This session's id.
+        session: Uuid,
+        /// How often to send heartbeats.
+        heartbeat_s: u64,
+    },
+    /// Something to do.
+    Command {
+        /// Identifies the command across resends.
+        command_id: Uuid,
+        /// What to do.
+        command: Command,
+    },
+    /// A report or log chunk with this agent-local id is stored, or was
+    /// refused for good (`error`); either way, do not send it again.
+    Received {
+        /// The report's id.
+        id: u64,
+        /// Why it was refused, if it was.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+    },
+    /// A problem with the session; the server closes it after this.
+    Error {
+        /// A stable code: `bad_frame`, `unknown_type`, `too_large`,
+        /// `protocol_version`, `hello_expected`, `revoked`, `replaced`.
+        code: String,
+        /// What went wrong, for a person.
+        message: String,
+    },
+}
+
+/// What a node declares when it connects.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct Hello {
+    /// The agent's version.
+    pub agent_version: String,
+    /// What the node has.
+    pub resources: Resources,
+    /// Labels the node declares (the admin's labels win on conflict).
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Attempts the agent is still running.
+    #[serde(default)]
+    pub running: Vec<RunningAttempt>,
+    /// What the node has cached, so the scheduler can prefer it.
+    #[serde(default)]
+    pub cache: Cache,
+}
+
+/// A node's resources.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct Resources {
+    /// CPU cores.
+    pub cpus: f64,
+    /// Memory in MiB.
+    pub memory_mb: u64,
+    /// GPUs.
+    #[serde(default)]
+    pub gpus: Vec<Gpu>,
+}
+
+/// One GPU.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Gpu {
+    /// The device index.
+    pub index: u32,
+    /// The model name.
+    pub name: String,
+    /// Memory in MiB.
+    pub memory_mb: u64,
+}
+
+/// An attempt the agent still runs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunningAttempt {
+    /// The task.
+    pub task_id: Uuid,
+    /// The attempt.
+    pub attempt: u32,
+    /// Its container, once started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<String>,
+}
+
+/// What a node has cached.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct Cache {
+    /// Image tags built from env repositories.
+    #[serde(default)]
+    pub images: Vec<String>,
+    /// Commit ids present in the git cache.
+    #[serde(default)]
+    pub commits: Vec<String>,
+}
+
+/// The state an agent reports for an attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReportedState {
+    /// The agent took the attempt on.
+    Accepted,
+    /// Fetching code, building the image, fetching inputs (see `stage`).
+    Preparing,
+    /// The container started (see `container`).
+    Running,
+    /// Exit status 0.
+    Succeeded,
+    /// It failed (see `exit_code` and `message`).
+    Failed,
+    /// Stopped after a cancel command.
+    Cancelled,
+    /// Stopped at the task's time limit.
+    TimedOut,
+}
+
+/// A report about one attempt.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    /// Agent-local id, answered by [`ServerMessage::Received`].
+    pub id: u64,
+    /// The task.
+    pub task_id: Uuid,
+    /// The attempt.
+    pub attempt: u32,
+    /// The new state.
+    pub state: ReportedState,
+    /// With `preparing`: which step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stage: Option<String>,
+    /// With `running`: the container id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<String>,
+    /// With `failed`: the exit status, if the command ran.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i64>,
+    /// With `failed`: why, for a person.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// A piece of an attempt's output (stdout and stderr interleaved).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LogChunk {
+    /// Agent-local id, answered by [`ServerMessage::Received`].
+    pub id: u64,
+    /// The task.
+    pub task_id: Uuid,
+    /// The attempt.
+    pub attempt: u32,
+    /// Byte offset of `data` in the attempt's output.
+    pub offset: u64,
+    /// The bytes, as UTF-8 (invalid sequences replaced).
+    pub data: String,
+}
+
+/// What the server asks of an agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Command {
+    /// Run an attempt of a task.
+    RunTask(RunTask),
+    /// Stop an attempt: SIGTERM, `grace_s` seconds, then SIGKILL.
+    CancelTask {
+        /// The task.
+        task_id: Uuid,
+        /// The attempt.
+        attempt: u32,
+        /// Seconds between SIGTERM and SIGKILL.
+        grace_s: u64,
+    },
+}
+
+/// Everything an agent needs to run one attempt.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunTask {
+    /// The task.
+    pub task_id: Uuid,
+    /// The attempt.
+    pub attempt: u32,
+    /// The code repository.
+    pub code_repo_url: String,
+    /// The full code commit id.
+    pub code_commit_id: String,
+    /// The env repository.
+    pub env_repo_url: String,
+    /// The full env commit id.
+    pub env_commit_id: String,
+    /// The Dockerfile inside the env repository, relative and normalised.
+    pub dockerfile_path: String,
+    /// The argv; empty runs the image's default command.
+    pub command: Vec<String>,
+    /// Environment variables.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// CPU cores for the container.
+    pub cpus: f64,
+    /// Memory limit in MiB.
+    pub memory_mb: u64,
+    /// GPU device indices handed to this attempt.
+    #[serde(default)]
+    pub gpus: Vec<u32>,
+    /// Wall-clock limit of the run, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_s: Option<u64>,
+}
+
+/// The stable id of a command: the same request always gets the same id, so
+/// an agent can drop a resent command it has already handled.
+pub fn command_id(kind: &str, task_id: Uuid, attempt: u32) -> Uuid {
+    Uuid::new_v5(
+        &Uuid::NAMESPACE_OID,
+        format!("unidesk/{kind}/{task_id}/{attempt}").as_bytes(),
+    )
+}
+
+/// A frame as it travels: the message plus the protocol version.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Frame<M> {
+    /// The protocol version the sender speaks.
+    pub protocol: u32,
+    /// The message.
+    #[serde(flatten)]
+    pub message: M,
+}
+
+/// Why a frame could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    /// Larger than [`MAX_FRAME_BYTES`].
+    #[error("frame of {0} bytes is larger than the limit of {MAX_FRAME_BYTES}")]
+    TooLarge(usize),
+    /// Written for another protocol version.
+    #[error("protocol version {0} is not supported (this side speaks {VERSION})")]
+    Version(u32),
+    /// Not JSON, a `type` this side does not know, or a missing field.
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+}
+
+impl DecodeError {
+    /// The code to send in [`ServerMessage::Error`].
+    pub fn code(&self) -> &'static str {
+        match self {
+            DecodeError::TooLarge(_) => "too_large",
+            DecodeError::Version(_) => "protocol_version",
+            DecodeError::Malformed(m) if m.contains("unknown variant") => "unknown_type",
+            DecodeError::Malformed(_) => "bad_frame",
+        }
+    }
+}
+
+/// Encodes a message as a frame of this protocol version.
+pub fn encode<M: Serialize>(message: &M) -> String {
+    #[derive(Serialize)]
+    struct Out<'a, M> {
+        protocol: u32,
+        #[serde(flatten)]
+        message: &'a M,
+    }
+    // Serialising these plain types to a string cannot fail.
+    serde_json::to_string(&Out {
+        protocol: VERSION,
+        message,
+    })
+    .unwrap_or_default()
+}
+
+/// Decodes a frame, checking its size and version.
+///
+/// # Errors
+/// A [`DecodeError`] saying what is wrong with the frame.
+pub fn decode<M: for<'de> Deserialize<'de>>(text: &str) -> Result<M, DecodeError> {
+    if text.len() > MAX_FRAME_BYTES {
+        return Err(DecodeError::TooLarge(text.len()));
+    }
+    #[derive(Deserialize)]
+    struct Version {
+        protocol: Option<u32>,
+    }
+    let v: Version =
+        serde_json::from_str(text).map_err(|e| DecodeError::Malformed(e.to_string()))?;
+    match v.protocol {
+        Some(VERSION) => {}
+        Some(other) => return Err(DecodeError::Version(other)),
+        None => return Err(DecodeError::Malformed("missing field `protocol`".into())),
+    }
+    let frame: Frame<M> =
+        serde_json::from_str(text).map_err(|e| DecodeError::Malformed(e.to_string()))?;
+    Ok(frame.message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_round_trip_with_type_and_version() {
+        let m = AgentMessage::Heartbeat { seq: 7 };
+        let text = encode(&m);
+        assert_eq!(text, r#"{"protocol":1,"type":"heartbeat","seq":7}"#);
+        assert_eq!(decode::<AgentMessage>(&text).unwrap(), m);
+        let c = ServerMessage::Command {
+            command_id: command_id("run_task", Uuid::nil(), 1),
+            command: Command::CancelTask {
+                task_id: Uuid::nil(),
+                attempt: 1,
+                grace_s: 10,
+            },
+        };
+        assert_eq!(decode::<ServerMessage>(&encode(&c)).unwrap(), c);
+    }
+
+    #[test]
+    fn bad_frames_are_named() {
+        let unknown = decode::<AgentMessage>(r#"{"protocol":1,"type":"launch_missiles"}"#);
+        assert_eq!(unknown.unwrap_err().code(), "unknown_type");
+        let version = decode::<AgentMessage>(r#"{"protocol":9,"type":"heartbeat","seq":1}"#);
+        assert_eq!(version.unwrap_err().code(), "protocol_version");
+        assert_eq!(
+            decode::<AgentMessage>("not json").unwrap_err().code(),
+            "bad_frame"
+        );
+        let big = format!(
+            r#"{{"protocol":1,"type":"heartbeat","pad":"{}"}}"#,
+            "x".repeat(MAX_FRAME_BYTES)
+        );
+        assert_eq!(
+            decode::<AgentMessage>(&big).unwrap_err().code(),
+            "too_large"
+        );
+        let missing = decode::<AgentMessage>(r#"{"protocol":1,"type":"heartbeat"}"#);
+        assert_eq!(missing.unwrap_err().code(), "bad_frame");
+    }
+
+    #[test]
+    fn command_ids_are_stable_per_request() {
+        let t = Uuid::new_v4();
+        assert_eq!(command_id("run_task", t, 1), command_id("run_task", t, 1));
+        assert_ne!(command_id("run_task", t, 1), command_id("run_task", t, 2));
+        assert_ne!(
+            command_id("run_task", t, 1),
+            command_id("cancel_task", t, 1)
+        );
+    }
+}
