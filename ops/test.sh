@@ -21,7 +21,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # Debian packages the build and the tests need. Add to this list when a
 # crate needs another system library or tool. The PostgreSQL server is
 # handled apart: it is installed only when no initdb is found.
-APT_PACKAGES=(pkg-config libssl-dev)
+APT_PACKAGES=(pkg-config libssl-dev busybox-static git)
 
 STEP="setup"
 PG_DIR=""
