@@ -92,6 +92,25 @@ impl Projector {
         }
     }
 
+    /// A projector for the named read models only, such as the ones a
+    /// role must see fresh before it acts.
+    ///
+    /// # Errors
+    /// [`ProjectionError::Unknown`] for a name that is no read model.
+    pub fn only(pool: PgPool, names: &[&str]) -> Result<Self, ProjectionError> {
+        if let Some(unknown) = names.iter().find(|n| !all().iter().any(|p| p.name() == **n)) {
+            return Err(ProjectionError::Unknown((*unknown).to_string()));
+        }
+        Ok(Self {
+            pool,
+            projections: all()
+                .into_iter()
+                .filter(|p| names.contains(&p.name()))
+                .collect(),
+            batch: BATCH,
+        })
+    }
+
     /// The names of the read models.
     pub fn names(&self) -> Vec<&'static str> {
         self.projections.iter().map(|p| p.name()).collect()
