@@ -4,11 +4,8 @@
 //! api,projector`), a whole single-machine platform (`dev`), schema
 //! migrations (`migrate`) and read-model maintenance (`projections`).
 
-mod cli;
-mod dev;
-mod roles;
-
 use clap::Parser;
+use unidesk::cli;
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {

@@ -1,0 +1,7 @@
+//! The UniDesk server: its roles and admin commands, used by the `unidesk`
+//! binary and by the end-to-end tests.
+
+pub mod cli;
+pub mod dev;
+pub mod roles;
+pub mod scheduler;

@@ -1,0 +1,463 @@
+//! The scheduler role: placement, liveness and run timeouts.
+//!
+//! One scheduler leads at a time: it holds a PostgreSQL advisory lock on a
+//! connection of its own, and standbys wait on the same lock and take over
+//! when the leader's session ends. Every decision is a command on an
+//! aggregate with optimistic concurrency, so even two leaders for a moment
+//! could never assign one task twice.
+
+pub mod placement;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use domain::node::{Node, NodeCommand, NodeResources};
+use domain::spec::TaskSpec;
+use domain::task::{Task, TaskCommand, TaskError};
+use domain::Actor;
+use projections::Projector;
+use sqlx::{Connection, PgConnection, PgPool};
+use store::{Store, StoreError, Wakeup};
+use uuid::Uuid;
+
+use placement::{Candidate, Queued};
+
+/// The advisory lock the leader holds ("UniDesk1" in ASCII).
+pub const LEADER_LOCK: i64 = 0x556e_6944_6573_6b31;
+
+/// Scheduler settings.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// A node is offline, and its tasks lost, after this long without a
+    /// heartbeat.
+    pub offline_after: Duration,
+    /// How long past `timeout_s` the server waits for the node's own
+    /// timeout report before timing a task out itself.
+    pub timeout_grace: Duration,
+    /// How often to look again when no event wakes the scheduler.
+    pub poll: Duration,
+    /// The most queued tasks considered per round.
+    pub batch: i64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            offline_after: Duration::from_secs(90),
+            timeout_grace: Duration::from_secs(30),
+            poll: Duration::from_millis(500),
+            batch: 2000,
+        }
+    }
+}
+
+/// What one round did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Outcome {
+    /// Tasks placed on nodes.
+    pub assigned: usize,
+    /// Nodes marked offline.
+    pub offline: usize,
+    /// Attempts given up because their node went away.
+    pub lost: usize,
+    /// Tasks timed out by the watchdog.
+    pub timed_out: usize,
+}
+
+/// A placement made but maybe not yet visible in the read models.
+#[derive(Debug, Clone)]
+struct Pending {
+    node: Uuid,
+    project: Uuid,
+    task: Queued,
+    at: DateTime<Utc>,
+}
+
+/// An attempt holding a node, with the node's state.
+#[derive(sqlx::FromRow)]
+struct HeldAttempt {
+    task: Uuid,
+    attempt: i32,
+    node: Uuid,
+    name: String,
+    status: String,
+    last_seen: Option<DateTime<Utc>>,
+}
+
+/// A schedulable node and its caches.
+#[derive(sqlx::FromRow)]
+struct NodeRow {
+    id: Uuid,
+    doc: serde_json::Value,
+    images: Option<Vec<String>>,
+    commits: Option<Vec<String>>,
+}
+
+/// The scheduler.
+pub struct Scheduler {
+    store: Store,
+    config: Config,
+    projector: Projector,
+    pending: Mutex<HashMap<Uuid, Pending>>,
+}
+
+const HOLDING: &str = "('assigned', 'accepted', 'preparing', 'running')";
+
+fn actor() -> Actor {
+    Actor::System("scheduler".into())
+}
+
+impl Scheduler {
+    /// A scheduler on `store`.
+    pub fn new(store: Store, config: Config) -> Self {
+        let projector = Projector::only(store.pool().clone(), &["tasks", "nodes", "projects"])
+            .unwrap_or_else(|_| unreachable!("these read models exist"));
+        Self {
+            store,
+            config,
+            projector,
+            pending: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn pool(&self) -> &PgPool {
+        self.store.pool()
+    }
+
+    /// Runs until `shutdown`: waits to lead, then schedules on every wake-up
+    /// until the lock's connection is lost (then waits to lead again).
+    pub async fn run(&self, shutdown: impl std::future::Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        loop {
+            let lock = tokio::select! {
+                _ = &mut shutdown => return,
+                lock = self.lead() => lock,
+            };
+            let mut lock = match lock {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot take the scheduler lock; retrying");
+                    tokio::select! {
+                        _ = &mut shutdown => return,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    }
+                }
+            };
+            tracing::info!("scheduler is leading");
+            let mut wake = Wakeup::new(self.pool().clone(), self.config.poll).await;
+            loop {
+                if let Err(e) = sqlx::query("SELECT 1").execute(&mut lock).await {
+                    tracing::warn!(error = %e, "lost the scheduler lock's connection; standing by");
+                    break;
+                }
+                match self.run_once(Utc::now()).await {
+                    Ok(o) if o != Outcome::default() => tracing::debug!(?o, "scheduled"),
+                    Ok(_) => {}
+                    Err(e) => tracing::error!(error = %e, "scheduling round failed"),
+                }
+                tokio::select! {
+                    _ = &mut shutdown => {
+                        let _ = lock.close().await;
+                        return;
+                    }
+                    _ = wake.wait() => {}
+                }
+            }
+        }
+    }
+
+    /// Opens a connection of its own and blocks on the leader lock.
+    async fn lead(&self) -> Result<PgConnection, sqlx::Error> {
+        let options = self.pool().connect_options();
+        let mut conn = PgConnection::connect_with(&options).await?;
+        sqlx::query("SELECT pg_advisory_lock($1)")
+            .bind(LEADER_LOCK)
+            .execute(&mut conn)
+            .await?;
+        Ok(conn)
+    }
+
+    /// One round: liveness, timeouts, then placement, as of `now`.
+    ///
+    /// # Errors
+    /// A database error; a refused command is logged and skipped.
+    pub async fn run_once(&self, now: DateTime<Utc>) -> Result<Outcome, sqlx::Error> {
+        if let Err(e) = self.projector.drain().await {
+            tracing::warn!(error = %e, "read models could not catch up");
+        }
+        let mut outcome = Outcome::default();
+        self.liveness(now, &mut outcome).await?;
+        self.timeouts(now, &mut outcome).await?;
+        self.placement(now, &mut outcome).await?;
+        Ok(outcome)
+    }
+
+    async fn liveness(&self, now: DateTime<Utc>, outcome: &mut Outcome) -> Result<(), sqlx::Error> {
+        let cutoff =
+            now - chrono::Duration::from_std(self.config.offline_after).unwrap_or_default();
+        // Online nodes whose heartbeats stopped.
+        let silent: Vec<(Uuid, DateTime<Utc>)> = sqlx::query_as(
+            "SELECT n.id, coalesce(l.last_seen, n.updated_at) FROM node_view n \
+             LEFT JOIN node_liveness l ON l.node_id = n.id \
+             WHERE n.status = 'online' AND coalesce(l.last_seen, n.updated_at) < $1",
+        )
+        .bind(cutoff)
+        .fetch_all(self.pool())
+        .await?;
+        for (node, last_seen) in silent {
+            let cmd = NodeCommand::MarkOffline { last_seen, at: now };
+            match self
+                .store
+                .execute::<Node>(&node.to_string(), cmd, &actor(), now)
+                .await
+            {
+                Ok(r) if !r.events.is_empty() => outcome.offline += 1,
+                Ok(_) => {}
+                Err(e) => tracing::warn!(%node, error = %e, "cannot mark node offline"),
+            }
+        }
+        // Attempts on nodes that are gone: silent too long, or revoked.
+        let lost: Vec<HeldAttempt> = sqlx::query_as(&format!(
+            "SELECT t.id AS task, t.attempt, t.node_id AS node, n.name, n.status, l.last_seen \
+             FROM task_view t JOIN node_view n ON n.id = t.node_id \
+             LEFT JOIN node_liveness l ON l.node_id = t.node_id \
+             WHERE t.state IN {HOLDING} \
+               AND (n.status = 'revoked' OR coalesce(l.last_seen, t.updated_at) < $1)"
+        ))
+        .bind(cutoff)
+        .fetch_all(self.pool())
+        .await?;
+        for HeldAttempt {
+            task,
+            attempt,
+            node,
+            name,
+            status,
+            last_seen,
+        } in lost
+        {
+            let reason = if status == "revoked" {
+                format!("node {name}'s token was revoked")
+            } else {
+                let silent = last_seen.map_or(self.config.offline_after.as_secs() as i64, |l| {
+                    (now - l).num_seconds()
+                });
+                format!("node {name} sent no heartbeat for {silent} s")
+            };
+            let cmd = TaskCommand::MarkLost {
+                node_id: node,
+                attempt: attempt as u32,
+                reason,
+                at: now,
+            };
+            match self
+                .store
+                .execute::<Task>(&task.to_string(), cmd, &actor(), now)
+                .await
+            {
+                Ok(r) if !r.events.is_empty() => outcome.lost += 1,
+                Ok(_) => {}
+                Err(e) => tracing::debug!(%task, error = %e, "cannot mark attempt lost"),
+            }
+        }
+        Ok(())
+    }
+
+    async fn timeouts(&self, now: DateTime<Utc>, outcome: &mut Outcome) -> Result<(), sqlx::Error> {
+        let grace = self.config.timeout_grace.as_secs_f64();
+        let overdue: Vec<(Uuid, i32)> = sqlx::query_as(
+            "SELECT id, attempt FROM task_view WHERE state = 'running' \
+             AND (doc->'spec'->>'timeout_s') IS NOT NULL \
+             AND (doc->>'started_at')::timestamptz \
+                 + make_interval(secs => (doc->'spec'->>'timeout_s')::float8 + $2) < $1",
+        )
+        .bind(now)
+        .bind(grace)
+        .fetch_all(self.pool())
+        .await?;
+        for (task, attempt) in overdue {
+            let cmd = TaskCommand::TimeOut {
+                attempt: attempt as u32,
+                by: actor(),
+                at: now,
+            };
+            match self
+                .store
+                .execute::<Task>(&task.to_string(), cmd, &actor(), now)
+                .await
+            {
+                Ok(r) if !r.events.is_empty() => outcome.timed_out += 1,
+                Ok(_) => {}
+                Err(e) => tracing::debug!(%task, error = %e, "cannot time out"),
+            }
+        }
+        Ok(())
+    }
+
+    async fn placement(
+        &self,
+        now: DateTime<Utc>,
+        outcome: &mut Outcome,
+    ) -> Result<(), sqlx::Error> {
+        let queued_rows: Vec<(Uuid, Uuid, i32, serde_json::Value)> = sqlx::query_as(
+            "SELECT id, project_id, priority, doc->'spec' FROM task_view WHERE state = 'queued' \
+             ORDER BY priority DESC, submitted_at, id LIMIT $1",
+        )
+        .bind(self.config.batch)
+        .fetch_all(self.pool())
+        .await?;
+        let holding: Vec<(Uuid, Uuid, Uuid, serde_json::Value)> = sqlx::query_as(&format!(
+            "SELECT id, project_id, node_id, doc->'spec'->'resources' FROM task_view \
+             WHERE state IN {HOLDING} AND node_id IS NOT NULL"
+        ))
+        .fetch_all(self.pool())
+        .await?;
+        // Forget our own placements once the read model shows them.
+        let queued_ids: HashSet<Uuid> = queued_rows.iter().map(|r| r.0).collect();
+        let pending: Vec<Pending> = {
+            let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            p.retain(|id, x| queued_ids.contains(id) && now - x.at < chrono::Duration::seconds(60));
+            p.values().cloned().collect()
+        };
+        let pending_ids: HashSet<Uuid> = pending.iter().map(|p| p.task.id).collect();
+        if queued_rows.iter().all(|r| pending_ids.contains(&r.0)) {
+            return Ok(());
+        }
+        let mut nodes = self.candidates().await?;
+        let mut running: HashMap<Uuid, u32> = HashMap::new();
+        let by_id: HashMap<Uuid, usize> =
+            nodes.iter().enumerate().map(|(i, n)| (n.id, i)).collect();
+        for (_, project, node, res) in &holding {
+            *running.entry(*project).or_default() += 1;
+            if let (Some(&i), Ok(r)) = (
+                by_id.get(node),
+                serde_json::from_value::<domain::spec::Resources>(res.clone()),
+            ) {
+                nodes[i].used_millicpus += r.millicpus();
+                nodes[i].used_memory_mb += r.memory_mb;
+                nodes[i].used_gpus += r.gpus;
+            }
+        }
+        for p in &pending {
+            *running.entry(p.project).or_default() += 1;
+            if let Some(&i) = by_id.get(&p.node) {
+                nodes[i].used_millicpus += p.task.millicpus;
+                nodes[i].used_memory_mb += p.task.memory_mb;
+                nodes[i].used_gpus += p.task.gpus;
+            }
+        }
+        let mut queue = Vec::with_capacity(queued_rows.len());
+        for (id, project, priority, spec) in queued_rows {
+            if pending_ids.contains(&id) {
+                continue;
+            }
+            match serde_json::from_value::<TaskSpec>(spec) {
+                Ok(s) => queue.push(Queued {
+                    id,
+                    project,
+                    priority,
+                    millicpus: s.resources.millicpus(),
+                    memory_mb: s.resources.memory_mb,
+                    gpus: s.resources.gpus,
+                    image: protocol::env_image_tag(
+                        s.env_repo_url.as_str(),
+                        s.env_commit_id.as_str(),
+                        s.dockerfile_path.as_str(),
+                    ),
+                    code_commit: s.code_commit_id.to_string(),
+                    labels: s.labels,
+                }),
+                Err(e) => tracing::error!(task = %id, error = %e, "unreadable spec in task_view"),
+            }
+        }
+        let projects: Vec<Uuid> = queue.iter().map(|t| t.project).collect();
+        let quota: HashMap<Uuid, u32> = sqlx::query_as::<_, (Uuid, i64)>(
+            "SELECT id, (doc->>'max_running')::bigint FROM project_view \
+             WHERE id = ANY($1) AND doc->>'max_running' IS NOT NULL",
+        )
+        .bind(&projects)
+        .fetch_all(self.pool())
+        .await?
+        .into_iter()
+        .map(|(id, n)| (id, n.max(0) as u32))
+        .collect();
+        let tasks: HashMap<Uuid, Queued> = queue.iter().map(|t| (t.id, t.clone())).collect();
+        for p in placement::place(queue, &mut nodes, &mut running, &quota) {
+            let cmd = TaskCommand::Assign {
+                node_id: p.node,
+                reason: p.reason,
+                at: now,
+            };
+            match self
+                .store
+                .execute::<Task>(&p.task.to_string(), cmd, &actor(), now)
+                .await
+            {
+                Ok(_) => {
+                    outcome.assigned += 1;
+                    if let Some(t) = tasks.get(&p.task) {
+                        self.pending
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .insert(
+                                p.task,
+                                Pending {
+                                    node: p.node,
+                                    project: t.project,
+                                    task: t.clone(),
+                                    at: now,
+                                },
+                            );
+                    }
+                }
+                Err(StoreError::Rejected(TaskError::InvalidTransition { .. })) => {}
+                Err(e) => tracing::warn!(task = %p.task, error = %e, "cannot assign"),
+            }
+        }
+        Ok(())
+    }
+
+    /// Online, undrained nodes with a recent heartbeat, and their caches.
+    async fn candidates(&self) -> Result<Vec<Candidate>, sqlx::Error> {
+        let rows: Vec<NodeRow> = sqlx::query_as(
+            "SELECT n.id, n.doc, c.images, c.commits FROM node_view n \
+                 LEFT JOIN node_cache c ON c.node_id = n.id \
+                 WHERE n.status = 'online' AND NOT n.drained",
+        )
+        .fetch_all(self.pool())
+        .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for NodeRow {
+            id,
+            doc,
+            images,
+            commits,
+        } in rows
+        {
+            let Ok(node) = serde_json::from_value::<Node>(doc) else {
+                tracing::error!(%id, "unreadable node in node_view");
+                continue;
+            };
+            let r = node
+                .resources
+                .clone()
+                .unwrap_or_else(NodeResources::default);
+            out.push(Candidate {
+                id,
+                labels: node.labels(),
+                name: node.name,
+                millicpus: (r.cpus * 1000.0).round() as u64,
+                memory_mb: r.memory_mb,
+                gpus: r.gpus.len() as u32,
+                used_millicpus: 0,
+                used_memory_mb: 0,
+                used_gpus: 0,
+                images: images.unwrap_or_default().into_iter().collect(),
+                commits: commits.unwrap_or_default().into_iter().collect(),
+            });
+        }
+        Ok(out)
+    }
+}
