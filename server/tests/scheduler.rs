@@ -1,0 +1,339 @@
+//! The scheduler against a real PostgreSQL: placement, liveness, timeouts
+//! and leadership.
+
+#![expect(clippy::unwrap_used, reason = "a test fails loudly at the first surprise")]
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use domain::node::{Node, NodeCommand, NodeResources};
+use domain::project::{Project, ProjectCommand};
+use domain::spec::{ResourcesDraft, TaskSpecDraft, UrlPolicy};
+use domain::task::{Task, TaskCommand, TaskState};
+use domain::Actor;
+use store::Store;
+use unidesk::scheduler::{Config, Scheduler};
+use uuid::Uuid;
+
+fn admin() -> Actor {
+    Actor::User("admin".into())
+}
+
+struct World {
+    store: Store,
+    project: Uuid,
+}
+
+async fn world() -> World {
+    let db = testkit::fresh_db().await;
+    let store = Store::new(db.pool.clone());
+    let project = Uuid::new_v4();
+    store
+        .execute::<Project>(
+            &project.to_string(),
+            ProjectCommand::Create {
+                project_id: project,
+                name: "p".into(),
+                description: String::new(),
+                owner: "admin".into(),
+                at: Utc::now(),
+            },
+            &admin(),
+            Utc::now(),
+        )
+        .await
+        .unwrap();
+    World { store, project }
+}
+
+impl World {
+    /// A provisioned node whose agent is connected and beat at `seen`.
+    async fn node(&self, name: &str, cpus: f64, labels: &[(&str, &str)], seen: DateTime<Utc>) -> Uuid {
+        let id = Uuid::new_v4();
+        let labels = labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        self.store
+            .execute::<Node>(
+                &id.to_string(),
+                NodeCommand::Provision {
+                    node_id: id,
+                    name: name.into(),
+                    labels,
+                    token_fingerprint: "ff".into(),
+                    by: admin(),
+                    at: Utc::now(),
+                },
+                &admin(),
+                Utc::now(),
+            )
+            .await
+            .unwrap();
+        let session = Uuid::new_v4();
+        self.store
+            .execute::<Node>(
+                &id.to_string(),
+                NodeCommand::Connect {
+                    session,
+                    agent_version: "test".into(),
+                    resources: NodeResources {
+                        cpus,
+                        memory_mb: 16384,
+                        gpus: vec![],
+                    },
+                    labels: Default::default(),
+                    at: Utc::now(),
+                },
+                &Actor::Node(id.to_string()),
+                Utc::now(),
+            )
+            .await
+            .unwrap();
+        self.beat(id, session, seen).await;
+        id
+    }
+
+    async fn beat(&self, node: Uuid, session: Uuid, at: DateTime<Utc>) {
+        sqlx::query(
+            "INSERT INTO node_liveness (node_id, session, ingress, connected_at, last_seen) \
+             VALUES ($1, $2, 'test', $3, $3) ON CONFLICT (node_id) DO UPDATE SET last_seen = $3",
+        )
+        .bind(node)
+        .bind(session)
+        .bind(at)
+        .execute(self.store.pool())
+        .await
+        .unwrap();
+    }
+
+    async fn submit(&self, cpus: f64, labels: &[(&str, &str)], retries: i64, timeout: Option<i64>) -> Uuid {
+        let spec = TaskSpecDraft {
+            project_id: Some(self.project),
+            code_repo_url: Some("https://example.com/c.git".into()),
+            code_commit_id: Some("a".repeat(40)),
+            env_repo_url: Some("https://example.com/e.git".into()),
+            env_commit_id: Some("b".repeat(40)),
+            dockerfile_path: Some("Dockerfile".into()),
+            resources: Some(ResourcesDraft {
+                cpus: Some(cpus),
+                memory_mb: Some(512),
+                gpus: None,
+            }),
+            labels: Some(labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
+            max_retries: Some(retries),
+            timeout_s: timeout,
+            ..Default::default()
+        }
+        .validate(UrlPolicy::default())
+        .unwrap();
+        let id = Uuid::now_v7();
+        self.store
+            .execute::<Task>(
+                &id.to_string(),
+                TaskCommand::Submit {
+                    task_id: id,
+                    spec,
+                    by: admin(),
+                    at: Utc::now(),
+                },
+                &admin(),
+                Utc::now(),
+            )
+            .await
+            .unwrap();
+        id
+    }
+
+    async fn task(&self, id: Uuid) -> Task {
+        self.store.load::<Task>(&id.to_string()).await.unwrap().unwrap().state
+    }
+
+    async fn run(&self, node: Uuid, task: Uuid) {
+        let n = Actor::Node(node.to_string());
+        let attempt = self.task(task).await.attempt;
+        for cmd in [
+            TaskCommand::Accept {
+                node_id: node,
+                attempt,
+                at: Utc::now(),
+            },
+            TaskCommand::ReportStarted {
+                node_id: node,
+                attempt,
+                container: "c".into(),
+                at: Utc::now(),
+            },
+        ] {
+            self.store.execute::<Task>(&task.to_string(), cmd, &n, Utc::now()).await.unwrap();
+        }
+    }
+}
+
+fn scheduler(w: &World) -> Scheduler {
+    Scheduler::new(w.store.clone(), Config::default())
+}
+
+#[tokio::test]
+async fn tasks_go_only_where_labels_and_free_resources_fit() {
+    let w = world().await;
+    let now = Utc::now();
+    let small = w.node("small", 2.0, &[], now).await;
+    let gpu = w.node("gpu-1", 8.0, &[("gpu", "a100")], now).await;
+    let needs_gpu_label = w.submit(1.0, &[("gpu", "a100")], 0, None).await;
+    let big = w.submit(6.0, &[], 0, None).await;
+    let too_big = w.submit(9.0, &[], 0, None).await;
+    let unmatched = w.submit(1.0, &[("gpu", "h100")], 0, None).await;
+    let s = scheduler(&w);
+    let outcome = s.run_once(Utc::now()).await.unwrap();
+    assert_eq!(outcome.assigned, 2);
+    assert_eq!(w.task(needs_gpu_label).await.node_id, Some(gpu));
+    assert_eq!(w.task(big).await.node_id, Some(gpu));
+    for t in [too_big, unmatched] {
+        assert_eq!(w.task(t).await.state, TaskState::Queued);
+    }
+    // The gpu node now has 1 CPU left and `small` 2: a 2-CPU task fits only
+    // on `small`, a third one nowhere.
+    let a = w.submit(2.0, &[], 0, None).await;
+    let b = w.submit(2.0, &[], 0, None).await;
+    s.run_once(Utc::now()).await.unwrap();
+    assert_eq!(w.task(a).await.node_id, Some(small));
+    assert_eq!(w.task(b).await.state, TaskState::Queued);
+    // Running again changes nothing: nothing is ever assigned twice.
+    assert_eq!(s.run_once(Utc::now()).await.unwrap().assigned, 0);
+}
+
+#[tokio::test]
+async fn a_projects_max_running_is_never_exceeded() {
+    let w = world().await;
+    w.node("n", 64.0, &[], Utc::now()).await;
+    w.store
+        .execute::<Project>(
+            &w.project.to_string(),
+            ProjectCommand::SetQuota {
+                max_running: Some(2),
+                by: admin(),
+                at: Utc::now(),
+            },
+            &admin(),
+            Utc::now(),
+        )
+        .await
+        .unwrap();
+    let tasks = [
+        w.submit(1.0, &[], 0, None).await,
+        w.submit(1.0, &[], 0, None).await,
+        w.submit(1.0, &[], 0, None).await,
+    ];
+    let s = scheduler(&w);
+    s.run_once(Utc::now()).await.unwrap();
+    s.run_once(Utc::now()).await.unwrap();
+    let mut states = Vec::new();
+    for t in tasks {
+        states.push(w.task(t).await.state);
+    }
+    assert_eq!(states.iter().filter(|s| **s == TaskState::Assigned).count(), 2);
+    assert_eq!(states.iter().filter(|s| **s == TaskState::Queued).count(), 1);
+}
+
+#[tokio::test]
+async fn a_silent_node_goes_offline_and_its_task_runs_elsewhere() {
+    let w = world().await;
+    let now = Utc::now();
+    let first = w.node("first", 4.0, &[], now).await;
+    let task = w.submit(1.0, &[], 1, None).await;
+    let s = scheduler(&w);
+    s.run_once(now).await.unwrap();
+    assert_eq!(w.task(task).await.node_id, Some(first));
+    w.run(first, task).await;
+
+    // 60 s later nothing happens; after 91 s without a heartbeat the node
+    // is offline, the attempt lost and the task queued again.
+    let quiet = s.run_once(now + chrono::Duration::seconds(60)).await.unwrap();
+    assert_eq!((quiet.offline, quiet.lost), (0, 0));
+    let second = w.node("second", 4.0, &[], now + chrono::Duration::seconds(91)).await;
+    let later = now + chrono::Duration::seconds(91);
+    let o = s.run_once(later).await.unwrap();
+    assert_eq!((o.offline, o.lost), (1, 1));
+    let t = w.task(task).await;
+    assert_eq!(t.attempts[0].outcome.as_deref(), Some("lost"));
+    assert!(t.reason.unwrap().contains("no heartbeat"));
+    // Requeued and, in the same or the next round, placed on the live node.
+    s.run_once(later).await.unwrap();
+    let t = w.task(task).await;
+    assert_eq!((t.state, t.attempt, t.node_id), (TaskState::Assigned, 2, Some(second)));
+}
+
+#[tokio::test]
+async fn a_task_whose_retries_are_spent_fails_when_its_node_is_lost() {
+    let w = world().await;
+    let now = Utc::now();
+    let node = w.node("only", 4.0, &[], now).await;
+    let task = w.submit(1.0, &[], 0, None).await;
+    let s = scheduler(&w);
+    s.run_once(now).await.unwrap();
+    w.run(node, task).await;
+    s.run_once(now + chrono::Duration::seconds(120)).await.unwrap();
+    let t = w.task(task).await;
+    assert_eq!(t.state, TaskState::Failed);
+    assert!(t.reason.unwrap().contains("no retries left"));
+}
+
+#[tokio::test]
+async fn the_watchdog_times_out_a_task_whose_node_never_reports() {
+    let w = world().await;
+    let now = Utc::now();
+    let node = w.node("n", 4.0, &[], now).await;
+    let task = w.submit(1.0, &[], 0, Some(60)).await;
+    let s = scheduler(&w);
+    s.run_once(now).await.unwrap();
+    w.run(node, task).await;
+    // The node keeps beating but never reports the timeout itself.
+    let later = Utc::now() + chrono::Duration::seconds(60 + 31);
+    let (session,): (Uuid,) = sqlx::query_as("SELECT session FROM node_liveness WHERE node_id = $1")
+        .bind(node)
+        .fetch_one(w.store.pool())
+        .await
+        .unwrap();
+    w.beat(node, session, later).await;
+    let o = s.run_once(later).await.unwrap();
+    assert_eq!(o.timed_out, 1);
+    assert_eq!(w.task(task).await.state, TaskState::TimedOut);
+}
+
+#[tokio::test]
+async fn a_standby_takes_over_when_the_leader_dies() {
+    let w = world().await;
+    w.node("n", 64.0, &[], Utc::now() + chrono::Duration::hours(1)).await;
+    let fast = Config {
+        poll: Duration::from_millis(50),
+        ..Config::default()
+    };
+    let leader = std::sync::Arc::new(Scheduler::new(w.store.clone(), fast.clone()));
+    let standby = std::sync::Arc::new(Scheduler::new(w.store.clone(), fast));
+    let (stop_leader, rx) = tokio::sync::oneshot::channel::<()>();
+    let l = leader.clone();
+    let leader_task = tokio::spawn(async move {
+        l.run(async {
+            let _ = rx.await;
+        })
+        .await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let s = standby.clone();
+    let standby_task = tokio::spawn(async move { s.run(std::future::pending()).await });
+
+    let first = w.submit(1.0, &[], 0, None).await;
+    wait_assigned(&w, first).await;
+    // The leader dies; its lock's session ends and the standby leads.
+    let _ = stop_leader.send(());
+    leader_task.await.unwrap();
+    let second = w.submit(1.0, &[], 0, None).await;
+    wait_assigned(&w, second).await;
+    standby_task.abort();
+}
+
+async fn wait_assigned(w: &World, task: Uuid) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while w.task(task).await.state != TaskState::Assigned {
+        assert!(tokio::time::Instant::now() < deadline, "task was never assigned");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
