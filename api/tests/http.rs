@@ -1304,6 +1304,7 @@ const EXPECTED_ROUTES: &[(&str, &str)] = &[
     ("get", "/api/v1/tasks/{id}"),
     ("post", "/api/v1/tasks/{id}/cancel"),
     ("get", "/api/v1/tasks/{id}/state"),
+    ("get", "/api/v1/tasks/{id}/logs"),
     ("post", "/api/v1/nodes"),
     ("get", "/api/v1/nodes"),
     ("get", "/api/v1/nodes/{id}"),

@@ -4,6 +4,7 @@
 pub mod cancel;
 pub mod get;
 pub mod list;
+pub mod logs;
 pub mod state_at;
 pub mod submit;
 
@@ -19,4 +20,5 @@ pub fn router() -> OpenApiRouter<AppState> {
         .merge(get::router())
         .merge(cancel::router())
         .merge(state_at::router())
+        .merge(logs::router())
 }
