@@ -132,6 +132,25 @@ impl ApiError {
         Self::Internal(context.to_string())
     }
 
+    /// The error in words, for a command line: each problem as
+    /// `field: detail`.
+    pub fn detail(&self) -> String {
+        let join = |ps: &[Problem]| {
+            ps.iter()
+                .map(|p| match &p.field {
+                    Some(f) => format!("{f}: {}", p.detail),
+                    None => p.detail.clone(),
+                })
+                .collect::<Vec<_>>()
+                .join("; ")
+        };
+        match self {
+            Self::BadRequest(ps) | Self::Invalid(ps) => join(ps),
+            Self::NotFound(p) | Self::Conflict(p) => join(std::slice::from_ref(p)),
+            other => other.to_string(),
+        }
+    }
+
     /// The HTTP status this error is answered with.
     pub fn status(&self) -> StatusCode {
         match self {

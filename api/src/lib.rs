@@ -17,6 +17,7 @@ pub mod bootstrap;
 pub mod error;
 pub mod extract;
 pub mod openapi;
+mod provision;
 pub mod routes;
 pub mod schema;
 
@@ -31,6 +32,7 @@ pub use auth::Caller;
 pub use bootstrap::{bootstrap_admin, BootstrapError};
 pub use error::ApiError;
 pub use openapi::openapi;
+pub use provision::provision_node;
 
 /// The largest request body accepted by default: 1 MiB, far above any
 /// legitimate task specification and small enough that a client cannot

@@ -33,6 +33,32 @@ enum Command {
         #[command(subcommand)]
         command: ProjectionsCommand,
     },
+    /// Manage compute nodes.
+    Node {
+        #[command(subcommand)]
+        command: NodeCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum NodeCommand {
+    /// Provision a node and print its agent's token (shown once).
+    Add {
+        /// The node's unique name, such as gpu-3.
+        name: String,
+        /// A label tasks can select the node by, as key=value; repeatable.
+        #[arg(long = "label", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+        #[command(flatten)]
+        db: DbArgs,
+    },
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("expected key=value, got {s:?}")),
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -144,6 +170,27 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let pool = connect(&database_url(&db)?).await?;
             store::migrate(&pool).await.context("applying migrations")?;
             println!("migrations applied");
+            Ok(())
+        }
+        Command::Node {
+            command: NodeCommand::Add { name, labels, db },
+        } => {
+            let pool = connect(&database_url(&db)?).await?;
+            let store = store::Store::new(pool);
+            let actor = domain::Actor::System("cli".into());
+            let (node, token) =
+                api::provision_node(&store, &name, labels.into_iter().collect(), &actor)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("{}", e.detail()))
+                    .context("provisioning the node")?;
+            println!(
+                "node {name} provisioned with id {}",
+                node.id.unwrap_or_default()
+            );
+            println!("token (shown once): {token}");
+            println!(
+                "run on the node: unidesk-agent --server ws://<this server>:8080 --token <token>"
+            );
             Ok(())
         }
         Command::Projections { command } => match command {
