@@ -93,6 +93,15 @@ pub enum Role {
     Api,
     /// Read models from the outbox.
     Projector,
+    /// Agent WebSockets at /agent/v1/ws.
+    Ingress,
+    /// Placement, liveness and timeouts (one leader at a time).
+    Scheduler,
+}
+
+impl Role {
+    /// Every role.
+    pub const ALL: [Role; 4] = [Role::Api, Role::Projector, Role::Ingress, Role::Scheduler];
 }
 
 #[derive(Debug, Args)]

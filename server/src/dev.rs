@@ -101,10 +101,10 @@ async fn serve(args: &DevArgs, listener: tokio::net::TcpListener, url: &str) -> 
         .context("creating the bootstrap admin token")?;
     let server = ServerArgs {
         allow_file_urls: !args.no_file_urls,
-        body_limit: 1024 * 1024,
         poll_ms: args.poll_ms,
+        ..ServerArgs::defaults()
     };
-    let services = roles::start(store, listener, &[Role::Api, Role::Projector], &server)?;
+    let services = roles::start(store, listener, &Role::ALL, &server)?;
     println!("UniDesk is running at http://{}", args.listen);
     println!("admin token: {token}");
     println!(

@@ -23,6 +23,26 @@ pub struct ServerArgs {
     /// How often outbox consumers poll when no NOTIFY arrives, in ms.
     #[arg(long, env = "UNIDESK_POLL_MS", default_value_t = 250)]
     pub poll_ms: u64,
+    /// How often agents send heartbeats, in seconds.
+    #[arg(long, env = "UNIDESK_HEARTBEAT_S", default_value_t = 15)]
+    pub heartbeat_s: u64,
+    /// A node without a heartbeat for this long is offline and its tasks
+    /// lost, in seconds.
+    #[arg(long, env = "UNIDESK_OFFLINE_AFTER_S", default_value_t = 90)]
+    pub offline_after_s: u64,
+}
+
+impl ServerArgs {
+    /// The defaults of `serve`, for `dev` and tests.
+    pub fn defaults() -> Self {
+        Self {
+            allow_file_urls: false,
+            body_limit: 1024 * 1024,
+            poll_ms: 250,
+            heartbeat_s: 15,
+            offline_after_s: 90,
+        }
+    }
 }
 
 /// Running roles.
@@ -78,6 +98,8 @@ pub fn start(
 ) -> anyhow::Result<Services> {
     let (stop, rx) = watch::channel(false);
     let mut tasks = Vec::new();
+    let poll = Duration::from_millis(args.poll_ms);
+    let mut app = axum::Router::new();
     if roles.contains(&Role::Api) {
         let config = api::Config {
             url_policy: domain::spec::UrlPolicy {
@@ -85,24 +107,55 @@ pub fn start(
             },
             body_limit: args.body_limit,
         };
-        let app = api::router(api::AppState::new(store.clone(), config));
+        app = app.merge(api::router(api::AppState::new(store.clone(), config)));
+    }
+    if roles.contains(&Role::Ingress) {
+        let ingress = ingress::Ingress::new(
+            store.clone(),
+            ingress::Config {
+                ingress_id: format!(
+                    "{}:{}",
+                    std::env::var("HOSTNAME").unwrap_or_else(|_| "ingress".into()),
+                    std::process::id()
+                ),
+                heartbeat_s: args.heartbeat_s,
+                poll,
+                ..ingress::Config::default()
+            },
+        );
+        app = app.merge(ingress.router());
+        let shutdown = stopped(rx.clone());
+        tasks.push(tokio::spawn(async move { ingress.run(shutdown).await }));
+    }
+    if roles.contains(&Role::Api) || roles.contains(&Role::Ingress) {
         let shutdown = stopped(rx.clone());
         tasks.push(tokio::spawn(async move {
             if let Err(e) = axum::serve(listener, app)
                 .with_graceful_shutdown(shutdown)
                 .await
             {
-                tracing::error!(error = %e, "api server failed");
+                tracing::error!(error = %e, "http server failed");
             }
         }));
     }
     if roles.contains(&Role::Projector) {
         let projector = projections::Projector::new(store.pool().clone());
-        let poll = Duration::from_millis(args.poll_ms);
         let shutdown = stopped(rx.clone());
         tasks.push(tokio::spawn(async move {
             projector.run(poll, shutdown).await;
         }));
+    }
+    if roles.contains(&Role::Scheduler) {
+        let scheduler = crate::scheduler::Scheduler::new(
+            store.clone(),
+            crate::scheduler::Config {
+                offline_after: Duration::from_secs(args.offline_after_s),
+                poll: poll.max(Duration::from_millis(100)),
+                ..crate::scheduler::Config::default()
+            },
+        );
+        let shutdown = stopped(rx.clone());
+        tasks.push(tokio::spawn(async move { scheduler.run(shutdown).await }));
     }
     if tasks.is_empty() {
         return Err(anyhow::anyhow!("no roles chosen")).context("--roles");

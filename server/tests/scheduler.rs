@@ -1,7 +1,10 @@
 //! The scheduler against a real PostgreSQL: placement, liveness, timeouts
 //! and leadership.
 
-#![expect(clippy::unwrap_used, reason = "a test fails loudly at the first surprise")]
+#![expect(
+    clippy::unwrap_used,
+    reason = "a test fails loudly at the first surprise"
+)]
 
 use std::time::Duration;
 
@@ -48,9 +51,18 @@ async fn world() -> World {
 
 impl World {
     /// A provisioned node whose agent is connected and beat at `seen`.
-    async fn node(&self, name: &str, cpus: f64, labels: &[(&str, &str)], seen: DateTime<Utc>) -> Uuid {
+    async fn node(
+        &self,
+        name: &str,
+        cpus: f64,
+        labels: &[(&str, &str)],
+        seen: DateTime<Utc>,
+    ) -> Uuid {
         let id = Uuid::new_v4();
-        let labels = labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let labels = labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         self.store
             .execute::<Node>(
                 &id.to_string(),
@@ -104,7 +116,13 @@ impl World {
         .unwrap();
     }
 
-    async fn submit(&self, cpus: f64, labels: &[(&str, &str)], retries: i64, timeout: Option<i64>) -> Uuid {
+    async fn submit(
+        &self,
+        cpus: f64,
+        labels: &[(&str, &str)],
+        retries: i64,
+        timeout: Option<i64>,
+    ) -> Uuid {
         let spec = TaskSpecDraft {
             project_id: Some(self.project),
             code_repo_url: Some("https://example.com/c.git".into()),
@@ -117,7 +135,12 @@ impl World {
                 memory_mb: Some(512),
                 gpus: None,
             }),
-            labels: Some(labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
+            labels: Some(
+                labels
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            ),
             max_retries: Some(retries),
             timeout_s: timeout,
             ..Default::default()
@@ -143,7 +166,12 @@ impl World {
     }
 
     async fn task(&self, id: Uuid) -> Task {
-        self.store.load::<Task>(&id.to_string()).await.unwrap().unwrap().state
+        self.store
+            .load::<Task>(&id.to_string())
+            .await
+            .unwrap()
+            .unwrap()
+            .state
     }
 
     async fn run(&self, node: Uuid, task: Uuid) {
@@ -162,7 +190,10 @@ impl World {
                 at: Utc::now(),
             },
         ] {
-            self.store.execute::<Task>(&task.to_string(), cmd, &n, Utc::now()).await.unwrap();
+            self.store
+                .execute::<Task>(&task.to_string(), cmd, &n, Utc::now())
+                .await
+                .unwrap();
         }
     }
 }
@@ -229,8 +260,14 @@ async fn a_projects_max_running_is_never_exceeded() {
     for t in tasks {
         states.push(w.task(t).await.state);
     }
-    assert_eq!(states.iter().filter(|s| **s == TaskState::Assigned).count(), 2);
-    assert_eq!(states.iter().filter(|s| **s == TaskState::Queued).count(), 1);
+    assert_eq!(
+        states.iter().filter(|s| **s == TaskState::Assigned).count(),
+        2
+    );
+    assert_eq!(
+        states.iter().filter(|s| **s == TaskState::Queued).count(),
+        1
+    );
 }
 
 #[tokio::test]
@@ -246,9 +283,14 @@ async fn a_silent_node_goes_offline_and_its_task_runs_elsewhere() {
 
     // 60 s later nothing happens; after 91 s without a heartbeat the node
     // is offline, the attempt lost and the task queued again.
-    let quiet = s.run_once(now + chrono::Duration::seconds(60)).await.unwrap();
+    let quiet = s
+        .run_once(now + chrono::Duration::seconds(60))
+        .await
+        .unwrap();
     assert_eq!((quiet.offline, quiet.lost), (0, 0));
-    let second = w.node("second", 4.0, &[], now + chrono::Duration::seconds(91)).await;
+    let second = w
+        .node("second", 4.0, &[], now + chrono::Duration::seconds(91))
+        .await;
     let later = now + chrono::Duration::seconds(91);
     let o = s.run_once(later).await.unwrap();
     assert_eq!((o.offline, o.lost), (1, 1));
@@ -258,7 +300,10 @@ async fn a_silent_node_goes_offline_and_its_task_runs_elsewhere() {
     // Requeued and, in the same or the next round, placed on the live node.
     s.run_once(later).await.unwrap();
     let t = w.task(task).await;
-    assert_eq!((t.state, t.attempt, t.node_id), (TaskState::Assigned, 2, Some(second)));
+    assert_eq!(
+        (t.state, t.attempt, t.node_id),
+        (TaskState::Assigned, 2, Some(second))
+    );
 }
 
 #[tokio::test]
@@ -270,7 +315,9 @@ async fn a_task_whose_retries_are_spent_fails_when_its_node_is_lost() {
     let s = scheduler(&w);
     s.run_once(now).await.unwrap();
     w.run(node, task).await;
-    s.run_once(now + chrono::Duration::seconds(120)).await.unwrap();
+    s.run_once(now + chrono::Duration::seconds(120))
+        .await
+        .unwrap();
     let t = w.task(task).await;
     assert_eq!(t.state, TaskState::Failed);
     assert!(t.reason.unwrap().contains("no retries left"));
@@ -287,11 +334,12 @@ async fn the_watchdog_times_out_a_task_whose_node_never_reports() {
     w.run(node, task).await;
     // The node keeps beating but never reports the timeout itself.
     let later = Utc::now() + chrono::Duration::seconds(60 + 31);
-    let (session,): (Uuid,) = sqlx::query_as("SELECT session FROM node_liveness WHERE node_id = $1")
-        .bind(node)
-        .fetch_one(w.store.pool())
-        .await
-        .unwrap();
+    let (session,): (Uuid,) =
+        sqlx::query_as("SELECT session FROM node_liveness WHERE node_id = $1")
+            .bind(node)
+            .fetch_one(w.store.pool())
+            .await
+            .unwrap();
     w.beat(node, session, later).await;
     let o = s.run_once(later).await.unwrap();
     assert_eq!(o.timed_out, 1);
@@ -301,7 +349,8 @@ async fn the_watchdog_times_out_a_task_whose_node_never_reports() {
 #[tokio::test]
 async fn a_standby_takes_over_when_the_leader_dies() {
     let w = world().await;
-    w.node("n", 64.0, &[], Utc::now() + chrono::Duration::hours(1)).await;
+    w.node("n", 64.0, &[], Utc::now() + chrono::Duration::hours(1))
+        .await;
     let fast = Config {
         poll: Duration::from_millis(50),
         ..Config::default()
@@ -333,7 +382,10 @@ async fn a_standby_takes_over_when_the_leader_dies() {
 async fn wait_assigned(w: &World, task: Uuid) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     while w.task(task).await.state != TaskState::Assigned {
-        assert!(tokio::time::Instant::now() < deadline, "task was never assigned");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "task was never assigned"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

@@ -1,0 +1,353 @@
+//! End to end across real processes: the `unidesk` server, real
+//! `unidesk-agent`s over real WebSockets, real Docker containers and real
+//! git repositories. Nothing is mocked.
+
+#![expect(clippy::unwrap_used, reason = "a test fails loudly at the first surprise")]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+/// The base image every test environment builds on: busybox in an empty
+/// image, since nothing can be pulled here.
+const BASE: &str = "unidesk-test-base:1";
+
+fn sh(dir: &Path, cmd: &str) -> String {
+    let out = Command::new("sh").arg("-c").arg(cmd).current_dir(dir).output().unwrap();
+    assert!(out.status.success(), "{cmd}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+fn base_image() {
+    let ok = Command::new("docker").args(["image", "inspect", BASE]).output().unwrap();
+    if ok.status.success() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy("/bin/busybox", dir.path().join("busybox")).unwrap();
+    std::fs::write(
+        dir.path().join("Dockerfile"),
+        "FROM scratch\nCOPY busybox /bin/busybox\nRUN [\"/bin/busybox\", \"--install\", \"-s\", \"/bin\"]\nENV PATH=/bin\n",
+    )
+    .unwrap();
+    // Another test process may build it at the same moment; both succeed.
+    sh(dir.path(), &format!("docker build -q -t {BASE} ."));
+}
+
+/// A git repository with `files`, committed; returns its URL and commit.
+fn repo(root: &Path, name: &str, files: &[(&str, &str)]) -> (String, String) {
+    let dir = root.join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    for (path, content) in files {
+        let p = dir.join(path);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, content).unwrap();
+    }
+    sh(&dir, "git init -q -b main && git add -A && git -c user.name=t -c user.email=t@t commit -q -m init");
+    let sha = sh(&dir, "git rev-parse HEAD");
+    (format!("file://{}", dir.display()), sha)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn agent_binary() -> PathBuf {
+    let server = PathBuf::from(env!("CARGO_BIN_EXE_unidesk"));
+    let agent = server.with_file_name("unidesk-agent");
+    if !agent.exists() {
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "-p", "node-agent", "--bin", "unidesk-agent"])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+    agent
+}
+
+struct Platform {
+    server: Child,
+    base: String,
+    ws: String,
+    token: String,
+    http: reqwest::Client,
+    dir: tempfile::TempDir,
+    agents: Vec<Child>,
+}
+
+impl Drop for Platform {
+    fn drop(&mut self) {
+        let _ = self.server.kill();
+        for a in &mut self.agents {
+            let _ = a.kill();
+        }
+    }
+}
+
+impl Platform {
+    async fn start() -> Platform {
+        base_image();
+        let db = testkit::fresh_db().await;
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let token_file = dir.path().join("admin.token");
+        let server = Command::new(env!("CARGO_BIN_EXE_unidesk"))
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--allow-file-urls"])
+            .args(["--heartbeat-s", "1", "--offline-after-s", "4", "--poll-ms", "100"])
+            .arg("--admin-token-file")
+            .arg(&token_file)
+            .env("DATABASE_URL", &db.url)
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let base = format!("http://127.0.0.1:{port}");
+        let http = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(r) = http.get(format!("{base}/readyz")).send().await {
+                if r.status() == 200 && token_file.exists() {
+                    break;
+                }
+            }
+            assert!(Instant::now() < deadline, "server did not become ready");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let token = std::fs::read_to_string(&token_file).unwrap().trim().to_string();
+        Platform {
+            server,
+            ws: format!("ws://127.0.0.1:{port}"),
+            base,
+            token,
+            http,
+            dir,
+            agents: Vec::new(),
+        }
+    }
+
+    async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
+        let mut req = self
+            .http
+            .request(method, format!("{}/api/v1{path}", self.base))
+            .bearer_auth(&self.token);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let r = req.send().await.unwrap();
+        let status = r.status().as_u16();
+        let text = r.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+
+    async fn post(&self, path: &str, body: Value) -> Value {
+        let (status, v) = self.call(reqwest::Method::POST, path, Some(body)).await;
+        assert!(status < 300, "POST {path}: {status} {v}");
+        v
+    }
+
+    async fn get(&self, path: &str) -> Value {
+        let (status, v) = self.call(reqwest::Method::GET, path, None).await;
+        assert_eq!(status, 200, "GET {path}: {v}");
+        v
+    }
+
+    /// Provisions a node and starts its agent; returns the node id and the
+    /// agent's index.
+    async fn agent(&mut self, name: &str, labels: Value) -> (String, usize) {
+        let node = self.post("/nodes", json!({"name": name, "labels": labels})).await;
+        let work = self.dir.path().join(format!("agent-{name}"));
+        let child = Command::new(agent_binary())
+            .args(["--server", &self.ws, "--cpus", "4", "--memory-mb", "4096", "--no-gpus"])
+            .args(["--reconnect-min-ms", "100", "--reconnect-max-ms", "1000"])
+            .arg("--work-dir")
+            .arg(&work)
+            .env("UNIDESK_NODE_TOKEN", node["token"].as_str().unwrap())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.agents.push(child);
+        let id = node["id"].as_str().unwrap().to_string();
+        self.until(&format!("node {name} online"), || async {
+            self.get(&format!("/nodes/{id}")).await["status"] == "online"
+        })
+        .await;
+        (id, self.agents.len() - 1)
+    }
+
+    async fn until<F, Fut>(&self, what: &str, mut check: F)
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
+        let deadline = Instant::now() + Duration::from_secs(180);
+        while !check().await {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    async fn task_until(&self, id: &str, states: &[&str]) -> Value {
+        let mut last = Value::Null;
+        let deadline = Instant::now() + Duration::from_secs(240);
+        loop {
+            last = self.get(&format!("/tasks/{id}")).await;
+            if states.iter().any(|s| last["state"] == *s) {
+                return last;
+            }
+            assert!(Instant::now() < deadline, "task {id} stuck: {last}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+struct Repos {
+    code: (String, String),
+    env: (String, String),
+}
+
+fn repos(root: &Path) -> Repos {
+    Repos {
+        code: repo(
+            root,
+            "code",
+            &[("run.sh", "echo \"hello from $(cat greeting.txt)\"\necho to-stderr >&2\nexit ${EXIT:-0}\n"), ("greeting.txt", "the task\n")],
+        ),
+        env: repo(root, "env", &[("images/base/Dockerfile", &format!("FROM {BASE}\nRUN echo built > /built\n"))]),
+    }
+}
+
+fn task(project: &str, r: &Repos, command: &[&str], env: Value) -> Value {
+    json!({
+        "project_id": project,
+        "code_repo_url": r.code.0, "code_commit_id": r.code.1,
+        "env_repo_url": r.env.0, "env_commit_id": r.env.1,
+        "dockerfile_path": "images/base/Dockerfile",
+        "command": command, "env": env,
+        "resources": {"cpus": 1, "memory_mb": 256},
+        "max_retries": 1
+    })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_task_runs_in_a_container_on_a_real_agent_and_its_output_is_readable() {
+    let mut p = Platform::start().await;
+    let r = repos(p.dir.path());
+    let project = p.post("/projects", json!({"name": "e2e"})).await["id"].as_str().unwrap().to_string();
+    let (node, _) = p.agent("worker-1", json!({"site": "lab"})).await;
+    let listed = p.get(&format!("/nodes/{node}")).await;
+    assert_eq!(listed["resources"]["cpus"], 4.0, "{listed}");
+
+    let t = p.post("/tasks", task(&project, &r, &["sh", "run.sh"], json!({}))).await;
+    let id = t["id"].as_str().unwrap().to_string();
+    let done = p.task_until(&id, &["succeeded", "failed"]).await;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    assert_eq!(done["node_id"], node);
+    let logs = p.get(&format!("/tasks/{id}/logs")).await;
+    let out = logs["data"].as_str().unwrap();
+    assert!(out.contains("hello from the task"), "{logs}");
+    assert!(out.contains("to-stderr"), "{logs}");
+    // The timeline shows every step, in order.
+    let events = p.get(&format!("/events?aggregate_type=task&aggregate_id={id}")).await;
+    let types: Vec<&str> = events["items"].as_array().unwrap().iter().map(|e| e["event_type"].as_str().unwrap()).collect();
+    assert_eq!(types.first(), Some(&"TaskSubmitted"));
+    assert!(types.contains(&"TaskAssigned") && types.contains(&"TaskAccepted") && types.contains(&"TaskStarted"), "{types:?}");
+    assert_eq!(types.last(), Some(&"TaskSucceeded"));
+
+    // A non-zero exit fails the task with its exit code.
+    let t = p.post("/tasks", task(&project, &r, &["sh", "run.sh"], json!({"EXIT": "3"}))).await;
+    let failed = p.task_until(t["id"].as_str().unwrap(), &["succeeded", "failed"]).await;
+    assert_eq!(failed["state"], "failed");
+    assert_eq!(failed["exit_code"], 3, "{failed}");
+
+    // A commit that does not exist fails with a reason a person understands.
+    let mut bad = task(&project, &r, &["sh", "run.sh"], json!({}));
+    bad["code_commit_id"] = json!("0123456789abcdef0123456789abcdef01234567");
+    let t = p.post("/tasks", bad).await;
+    let failed = p.task_until(t["id"].as_str().unwrap(), &["succeeded", "failed"]).await;
+    assert_eq!(failed["state"], "failed");
+    assert!(failed["reason"].as_str().unwrap().contains("0123456789abcdef"), "{failed}");
+
+    // A Dockerfile that does not build fails with its last lines.
+    let broken = repo(p.dir.path(), "env-broken", &[("Dockerfile", &format!("FROM {BASE}\nRUN echo about-to-fail && false\n"))]);
+    let mut t = task(&project, &r, &["true"], json!({}));
+    t["env_repo_url"] = json!(broken.0);
+    t["env_commit_id"] = json!(broken.1);
+    t["dockerfile_path"] = json!("Dockerfile");
+    let t = p.post("/tasks", t).await;
+    let failed = p.task_until(t["id"].as_str().unwrap(), &["succeeded", "failed"]).await;
+    assert_eq!(failed["state"], "failed");
+    assert!(failed["reason"].as_str().unwrap().contains("about-to-fail"), "{failed}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_agents_task_is_requeued_and_runs_elsewhere_and_revoked_agents_stay_out() {
+    let mut p = Platform::start().await;
+    let r = repos(p.dir.path());
+    let project = p.post("/projects", json!({"name": "e2e-loss"})).await["id"].as_str().unwrap().to_string();
+    let (first, first_agent) = p.agent("doomed", json!({"pool": "a"})).await;
+    let t = p
+        .post("/tasks", {
+            let mut t = task(&project, &r, &["sleep", "600"], json!({}));
+            t["labels"] = json!({"pool": "a"});
+            t
+        })
+        .await;
+    let id = t["id"].as_str().unwrap().to_string();
+    let running = p.task_until(&id, &["running"]).await;
+    assert_eq!(running["node_id"], first);
+    struct Cleanup(String);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            remove_containers(&self.0);
+        }
+    }
+    let _cleanup = Cleanup(id.clone());
+
+    // kill -9: no goodbye. After the offline interval the node is offline,
+    // the attempt lost, and the task queued again.
+    p.agents[first_agent].kill().unwrap();
+    p.until("node offline", || async { p.get(&format!("/nodes/{first}")).await["status"] == "offline" }).await;
+    let requeued = p.task_until(&id, &["queued"]).await;
+    assert_eq!(requeued["attempts"][0]["outcome"], "lost", "{requeued}");
+
+    // A second node with the label takes attempt 2.
+    let (second, _) = p.agent("survivor", json!({"pool": "a"})).await;
+    let again = p.task_until(&id, &["running"]).await;
+    assert_eq!((again["node_id"].as_str(), again["attempt"].as_u64()), (Some(second.as_str()), Some(2)));
+
+    // Draining keeps new work away; revoking closes the session at once and
+    // the agent is refused from then on.
+    p.post(&format!("/nodes/{second}/drain"), json!({})).await;
+    let waiting = p.post("/tasks", {
+        let mut t = task(&project, &r, &["true"], json!({}));
+        t["labels"] = json!({"pool": "a"});
+        t
+    }).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(p.get(&format!("/tasks/{}", waiting["id"].as_str().unwrap())).await["state"], "queued");
+    p.post(&format!("/nodes/{second}/revoke"), json!({})).await;
+    let agent = p.agents.last_mut().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = agent.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "a revoked agent kept running");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(status.code(), Some(2), "a revoked agent exits with status 2");
+    p.until("revoked node marked", || async { p.get(&format!("/nodes/{second}")).await["status"] == "revoked" }).await;
+    // Its attempt is given up at once, and with no retries left the task fails.
+    let ended = p.task_until(&id, &["failed"]).await;
+    assert!(ended["reason"].as_str().unwrap().contains("revoked"), "{ended}");
+    remove_containers(&id);
+}
+
+/// Removes the containers a task left behind on agents that were killed.
+fn remove_containers(task: &str) {
+    let _ = Command::new("sh")
+        .arg("-c")
+        .arg(format!("docker ps -aq --filter label=unidesk.task_id={task} | xargs -r docker rm -f"))
+        .output();
+}
