@@ -1,1 +1,178 @@
-fn main() {}
+//! `unidesk-agent`: joins this machine to a UniDesk server and runs its
+//! tasks in Docker.
+//!
+//! ```text
+//! unidesk-agent --server wss://unidesk.example.org --token-file /etc/unidesk/token \
+//!     --label zone=lab --work-dir /var/lib/unidesk-agent
+//! ```
+//!
+//! Exit status 2 means the server refused the token; the agent never exits
+//! because of a network error.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Parser;
+use node_agent::connection::{self, Agent, Token};
+use node_agent::executor::Context;
+use node_agent::{docker, resources};
+use tracing_subscriber::EnvFilter;
+
+/// Joins this machine to a UniDesk server and runs its tasks in Docker.
+#[derive(Parser)]
+#[command(name = "unidesk-agent", version, about)]
+struct Cli {
+    /// The server, as ws://HOST:PORT or wss://HOST:PORT.
+    #[arg(long, env = "UNIDESK_SERVER")]
+    server: String,
+    /// The node token an admin issued for this machine.
+    #[arg(long, env = "UNIDESK_NODE_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// A file holding the node token (wins over --token).
+    #[arg(long, env = "UNIDESK_NODE_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// PEM file of the private CA that signed the server's certificate (wss).
+    #[arg(long, env = "UNIDESK_CA_FILE")]
+    ca_file: Option<PathBuf>,
+    /// A label KEY=VALUE the node declares; repeatable.
+    #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
+    labels: Vec<(String, String)>,
+    /// CPU cores to declare instead of the detected number.
+    #[arg(long)]
+    cpus: Option<f64>,
+    /// Memory in MiB to declare instead of the detected size.
+    #[arg(long)]
+    memory_mb: Option<u64>,
+    /// Number of GPUs to declare instead of those nvidia-smi lists.
+    #[arg(long, conflicts_with = "no_gpus")]
+    gpus: Option<u32>,
+    /// Declare no GPUs.
+    #[arg(long)]
+    no_gpus: bool,
+    /// Git cache, image build contexts and task workspaces.
+    #[arg(long, env = "UNIDESK_WORK_DIR", default_value = "./.unidesk-agent")]
+    work_dir: PathBuf,
+    /// Upper bound of the first reconnect delay, in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    reconnect_min_ms: u64,
+    /// Largest reconnect delay, in milliseconds.
+    #[arg(long, default_value_t = 60_000)]
+    reconnect_max_ms: u64,
+    /// Docker daemon address (unix:///… or tcp://…); the local socket by default.
+    #[arg(long, env = "DOCKER_HOST")]
+    docker_host: Option<String>,
+}
+
+fn parse_label(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_owned(), v.to_owned())),
+        _ => Err(format!("{text:?} is not KEY=VALUE")),
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .init();
+    let cli = Cli::parse();
+    match start(cli).await {
+        Ok(code) => code,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn start(cli: Cli) -> anyhow::Result<ExitCode> {
+    let config = config(&cli)?;
+    let docker = docker::connect(cli.docker_host.as_deref())
+        .await
+        .context("connecting to Docker")?;
+    let ctx = Context::new(docker, &cli.work_dir)
+        .with_context(|| format!("preparing the work directory {}", cli.work_dir.display()))?;
+    ctx.remove_leftovers().await;
+    tracing::info!(
+        server = %config.server,
+        work_dir = %ctx.work_dir().display(),
+        cpus = config.resources.cpus,
+        memory_mb = config.resources.memory_mb,
+        gpus = config.resources.gpus.len(),
+        "unidesk-agent starting"
+    );
+    let agent = Agent::new(config, Arc::new(ctx));
+    tokio::select! {
+        refused = agent.run() => {
+            tracing::error!("{refused}");
+            Ok(ExitCode::from(2))
+        }
+        _ = shutdown_signal() => {
+            tracing::info!("stopping; running containers are removed on the next start");
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn config(cli: &Cli) -> anyhow::Result<connection::Config> {
+    let token = match (&cli.token_file, &cli.token) {
+        (Some(path), _) => Token::new(
+            &std::fs::read_to_string(path)
+                .with_context(|| format!("reading the token file {}", path.display()))?,
+        ),
+        (None, Some(token)) => Token::new(token),
+        (None, None) => {
+            anyhow::bail!("no node token: pass --token, --token-file or set UNIDESK_NODE_TOKEN")
+        }
+    };
+    anyhow::ensure!(!token.expose().is_empty(), "the node token is empty");
+    anyhow::ensure!(
+        cli.reconnect_min_ms > 0 && cli.reconnect_min_ms <= cli.reconnect_max_ms,
+        "--reconnect-min-ms must be positive and at most --reconnect-max-ms"
+    );
+    let mut resources = resources::detect();
+    if let Some(cpus) = cli.cpus {
+        anyhow::ensure!(cpus > 0.0, "--cpus must be positive");
+        resources.cpus = cpus;
+    }
+    if let Some(memory_mb) = cli.memory_mb {
+        resources.memory_mb = memory_mb;
+    }
+    if cli.no_gpus {
+        resources.gpus.clear();
+    } else if let Some(n) = cli.gpus {
+        resources.gpus = resources::override_gpu_count(resources.gpus, n);
+    }
+    Ok(connection::Config {
+        server: connection::server_address(&cli.server)?,
+        token,
+        tls: connection::tls_config(cli.ca_file.as_deref())?,
+        labels: cli.labels.iter().cloned().collect::<BTreeMap<_, _>>(),
+        resources,
+        reconnect_min: Duration::from_millis(cli.reconnect_min_ms),
+        reconnect_max: Duration::from_millis(cli.reconnect_max_ms),
+    })
+}
+
+/// Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate => {}
+    }
+}

@@ -1,0 +1,575 @@
+//! The connection to the server: dial out, say hello, serve commands, send
+//! reports, and come back after every failure.
+//!
+//! The agent dials `<server>/agent/v1/ws` with `Authorization: Bearer
+//! <token>`. A 401 answer means the token is wrong or revoked: [`Agent::run`]
+//! returns [`Refused`] and the binary exits. Any other failure, and every
+//! dropped session, is followed by a reconnect after a [`backoff`] delay
+//! (reset after a session that got a `welcome`); nothing from the network
+//! makes the agent exit or panic.
+//!
+//! A session sends `hello` (resources, labels, running attempts, cache),
+//! waits for `welcome`, sends every unanswered report again (see
+//! [`queue`]), then heartbeats every `heartbeat_s`, acknowledges every
+//! command as it arrives and passes it to the [`Supervisor`].
+
+pub mod backoff;
+pub mod queue;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use protocol::{AgentMessage, Hello, Resources, ServerMessage, MAX_FRAME_BYTES};
+use rand::SeedableRng;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::CertificateDer;
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, Notify};
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::{header::AUTHORIZATION, HeaderValue, StatusCode};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
+
+use self::backoff::Backoff;
+use self::queue::{Limits, ReportQueue};
+use crate::executor::{Context, Report};
+use crate::supervisor::Supervisor;
+
+/// How long dialling (TCP, TLS, upgrade) may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the server may take to answer `hello`.
+const WELCOME_TIMEOUT: Duration = Duration::from_secs(30);
+/// Reports waiting between the executors and the queue.
+const REPORT_CHANNEL: usize = 256;
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// A node token. It never appears in logs, errors or `Debug` output.
+#[derive(Clone)]
+pub struct Token(String);
+
+impl Token {
+    /// Wraps a token, trimming surrounding whitespace (as a token file has).
+    pub fn new(token: &str) -> Self {
+        Token(token.trim().to_owned())
+    }
+
+    /// The token itself, for the `Authorization` header only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Token([redacted])")
+    }
+}
+
+/// Everything the connection needs, checked at start-up.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// `ws://host:port` or `wss://host:port`, without the path.
+    pub server: String,
+    /// The node token.
+    pub token: Token,
+    /// TLS settings for `wss://`; see [`tls_config`].
+    pub tls: Arc<rustls::ClientConfig>,
+    /// Labels the node declares.
+    pub labels: BTreeMap<String, String>,
+    /// Resources the node declares.
+    pub resources: Resources,
+    /// The first reconnect delay's upper bound.
+    pub reconnect_min: Duration,
+    /// The largest reconnect delay.
+    pub reconnect_max: Duration,
+}
+
+/// A bad `--server` or `--ca-file`.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// Not a `ws://` or `wss://` URL.
+    #[error("server address {0:?} must start with ws:// or wss://")]
+    Scheme(String),
+    /// The CA file could not be read.
+    #[error("could not read CA certificates from {path}: {message}")]
+    CaFile {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        message: String,
+    },
+    /// The CA file holds no certificate.
+    #[error("{0} holds no PEM certificate")]
+    NoCertificates(PathBuf),
+}
+
+/// Checks a server address and returns it without a trailing slash.
+///
+/// # Errors
+/// [`ConfigError::Scheme`] unless it starts with `ws://` or `wss://`.
+pub fn server_address(server: &str) -> Result<String, ConfigError> {
+    let trimmed = server.trim().trim_end_matches('/');
+    let known = ["ws://", "wss://"]
+        .iter()
+        .any(|s| trimmed.len() > s.len() && trimmed.starts_with(s));
+    if known {
+        Ok(trimmed.to_owned())
+    } else {
+        Err(ConfigError::Scheme(server.to_owned()))
+    }
+}
+
+/// TLS settings trusting only the PEM certificates in `ca_file` (a private
+/// CA), or the webpki roots without one. ring is the one crypto provider.
+///
+/// # Errors
+/// [`ConfigError::CaFile`] or [`ConfigError::NoCertificates`] for an
+/// unusable CA file.
+pub fn tls_config(ca_file: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, ConfigError> {
+    let mut roots = rustls::RootCertStore::empty();
+    match ca_file {
+        Some(path) => {
+            let bad = |message: String| ConfigError::CaFile {
+                path: path.to_owned(),
+                message,
+            };
+            let certs = CertificateDer::pem_file_iter(path).map_err(|e| bad(e.to_string()))?;
+            for cert in certs {
+                let cert = cert.map_err(|e| bad(e.to_string()))?;
+                roots.add(cert).map_err(|e| bad(e.to_string()))?;
+            }
+            if roots.is_empty() {
+                return Err(ConfigError::NoCertificates(path.to_owned()));
+            }
+        }
+        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ConfigError::CaFile {
+            path: ca_file.map(Path::to_owned).unwrap_or_default(),
+            message: e.to_string(),
+        })?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+/// The server refused the node's token; reconnecting will not help.
+#[derive(Debug, thiserror::Error)]
+#[error("the server refused this node's token (wrong or revoked); ask an admin for a new one")]
+pub struct Refused;
+
+/// Why dialling failed.
+#[derive(Debug, thiserror::Error)]
+enum DialError {
+    #[error("the server answered 401")]
+    Refused,
+    #[error("the server answered {0} instead of upgrading to a WebSocket")]
+    Status(StatusCode),
+    #[error("no connection within {0:?}")]
+    Timeout(Duration),
+    #[error("the token cannot be sent in an HTTP header (it has control characters)")]
+    BadToken,
+    #[error(transparent)]
+    Ws(#[from] WsError),
+}
+
+/// Why a session ended.
+#[derive(Debug, thiserror::Error)]
+enum SessionEnd {
+    #[error("the server closed the connection{0}")]
+    Closed(String),
+    #[error("the server said {code}: {message}")]
+    ServerError { code: String, message: String },
+    #[error("no welcome within {0:?}")]
+    NoWelcome(Duration),
+    #[error("nothing heard from the server for {0:?}")]
+    Silent(Duration),
+    #[error(transparent)]
+    Ws(#[from] WsError),
+}
+
+/// The agent: its connection, its report queue and its supervisor.
+#[derive(Debug)]
+pub struct Agent {
+    config: Config,
+    ctx: Arc<Context>,
+    supervisor: Supervisor,
+    queue: Arc<Mutex<ReportQueue>>,
+    wake: Arc<Notify>,
+    reports_tx: mpsc::Sender<Report>,
+    reports_rx: mpsc::Receiver<Report>,
+}
+
+impl Agent {
+    /// An agent with this configuration, running tasks with `ctx`.
+    pub fn new(config: Config, ctx: Arc<Context>) -> Self {
+        Agent::with_limits(config, ctx, Limits::default())
+    }
+
+    /// Like [`Agent::new`], with other report queue bounds.
+    pub fn with_limits(config: Config, ctx: Arc<Context>, limits: Limits) -> Self {
+        let (reports_tx, reports_rx) = mpsc::channel(REPORT_CHANNEL);
+        Agent {
+            supervisor: Supervisor::new(Arc::clone(&ctx), reports_tx.clone()),
+            config,
+            ctx,
+            queue: Arc::new(Mutex::new(ReportQueue::new(limits))),
+            wake: Arc::new(Notify::new()),
+            reports_tx,
+            reports_rx,
+        }
+    }
+
+    /// Where executors send their reports; anything sent here reaches the
+    /// server reliably.
+    pub fn reports(&self) -> mpsc::Sender<Report> {
+        self.reports_tx.clone()
+    }
+
+    /// Connects and serves until the server refuses the token; reconnects
+    /// after everything else.
+    pub async fn run(self) -> Refused {
+        let Agent {
+            config,
+            ctx,
+            supervisor,
+            queue,
+            wake,
+            reports_rx,
+            reports_tx: _,
+        } = self;
+        tokio::spawn(collect_reports(
+            reports_rx,
+            supervisor.clone(),
+            Arc::clone(&queue),
+            Arc::clone(&wake),
+        ));
+        let link = Link {
+            endpoint: format!("{}{}", config.server, protocol::PATH),
+            config,
+            ctx,
+            supervisor,
+            queue,
+            wake,
+        };
+        link.run().await
+    }
+}
+
+/// Moves reports from the executors into the queue and wakes the session.
+async fn collect_reports(
+    mut rx: mpsc::Receiver<Report>,
+    supervisor: Supervisor,
+    queue: Arc<Mutex<ReportQueue>>,
+    wake: Arc<Notify>,
+) {
+    while let Some(report) = rx.recv().await {
+        supervisor.observe(&report);
+        queue
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(report);
+        wake.notify_one();
+    }
+}
+
+/// The running connection loop.
+struct Link {
+    endpoint: String,
+    config: Config,
+    ctx: Arc<Context>,
+    supervisor: Supervisor,
+    queue: Arc<Mutex<ReportQueue>>,
+    wake: Arc<Notify>,
+}
+
+impl Link {
+    /// The queue, held only between awaits.
+    fn queue(&self) -> MutexGuard<'_, ReportQueue> {
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    async fn run(self) -> Refused {
+        let mut backoff = Backoff::new(self.config.reconnect_min, self.config.reconnect_max);
+        let mut rng = rand::rngs::StdRng::from_entropy();
+        loop {
+            match self.dial().await {
+                Ok(ws) => {
+                    if self.session(ws).await {
+                        backoff.reset();
+                    }
+                }
+                Err(DialError::Refused) => {
+                    tracing::error!(server = %self.config.server, "{Refused}");
+                    return Refused;
+                }
+                Err(e) => {
+                    tracing::warn!(server = %self.config.server, error = %e, "could not connect")
+                }
+            }
+            let delay = backoff.next_delay(&mut rng);
+            tracing::info!(
+                delay_ms = delay.as_millis() as u64,
+                "reconnecting after a pause"
+            );
+            tokio::time::sleep(delay).await;
+        }
+    }
+
+    async fn dial(&self) -> Result<Ws, DialError> {
+        let mut request = self.endpoint.as_str().into_client_request()?;
+        let mut auth = HeaderValue::from_str(&format!("Bearer {}", self.config.token.expose()))
+            .map_err(|_| DialError::BadToken)?;
+        auth.set_sensitive(true);
+        request.headers_mut().insert(AUTHORIZATION, auth);
+        let ws_config = WebSocketConfig::default()
+            .max_message_size(Some(2 * MAX_FRAME_BYTES))
+            .max_frame_size(Some(2 * MAX_FRAME_BYTES));
+        let connector = if self.endpoint.starts_with("wss://") {
+            Connector::Rustls(Arc::clone(&self.config.tls))
+        } else {
+            Connector::Plain
+        };
+        let dial = tokio_tungstenite::connect_async_tls_with_config(
+            request,
+            Some(ws_config),
+            true,
+            Some(connector),
+        );
+        match tokio::time::timeout(CONNECT_TIMEOUT, dial).await {
+            Err(_) => Err(DialError::Timeout(CONNECT_TIMEOUT)),
+            Ok(Err(WsError::Http(response))) if response.status() == StatusCode::UNAUTHORIZED => {
+                Err(DialError::Refused)
+            }
+            Ok(Err(WsError::Http(response))) => Err(DialError::Status(response.status())),
+            Ok(Err(e)) => Err(DialError::Ws(e)),
+            Ok(Ok((ws, _))) => Ok(ws),
+        }
+    }
+
+    /// Runs one session; returns whether it got a `welcome`.
+    async fn session(&self, ws: Ws) -> bool {
+        let (mut sink, mut stream) = ws.split();
+        let hello = self.hello().await;
+        if let Err(e) = sink.send(frame(&AgentMessage::Hello(hello))).await {
+            tracing::warn!(error = %e, "could not send hello");
+            return false;
+        }
+        let heartbeat_s = match tokio::time::timeout(WELCOME_TIMEOUT, welcome(&mut stream)).await {
+            Ok(Ok(heartbeat_s)) => heartbeat_s,
+            Ok(Err(end)) => {
+                tracing::warn!(reason = %end, "session ended before welcome");
+                return false;
+            }
+            Err(_) => {
+                tracing::warn!(reason = %SessionEnd::NoWelcome(WELCOME_TIMEOUT), "session ended");
+                return false;
+            }
+        };
+        self.queue().rewind();
+        let end = self.serve(&mut sink, &mut stream, heartbeat_s).await;
+        tracing::warn!(reason = %end, "session ended");
+        true
+    }
+
+    async fn hello(&self) -> Hello {
+        Hello {
+            agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+            resources: self.config.resources.clone(),
+            labels: self.config.labels.clone(),
+            running: self.supervisor.running(),
+            cache: self.ctx.cache().await,
+        }
+    }
+
+    /// The welcomed part of a session; returns why it ended.
+    async fn serve(
+        &self,
+        sink: &mut (impl SinkExt<Message, Error = WsError> + Unpin),
+        stream: &mut (impl StreamExt<Item = Result<Message, WsError>> + Unpin),
+        heartbeat_s: u64,
+    ) -> SessionEnd {
+        let period = Duration::from_secs(heartbeat_s.max(1));
+        let silence = period * 3 + Duration::from_secs(10);
+        let mut heartbeat = tokio::time::interval_at(Instant::now() + period, period);
+        let mut seq = 0;
+        let mut last_heard = Instant::now();
+        loop {
+            if let Err(e) = self.flush(sink).await {
+                return e.into();
+            }
+            let step = tokio::select! {
+                incoming = stream.next() => {
+                    last_heard = Instant::now();
+                    self.on_frame(incoming, sink).await
+                }
+                _ = self.wake.notified() => Ok(()),
+                _ = heartbeat.tick() => {
+                    if last_heard.elapsed() > silence {
+                        return SessionEnd::Silent(silence);
+                    }
+                    seq += 1;
+                    send_heartbeat(sink, seq).await
+                }
+            };
+            if let Err(end) = step {
+                return end;
+            }
+        }
+    }
+
+    /// Sends queued reports while the in-flight window allows.
+    async fn flush(
+        &self,
+        sink: &mut (impl SinkExt<Message, Error = WsError> + Unpin),
+    ) -> Result<(), WsError> {
+        loop {
+            let next = self.queue().next_message();
+            match next {
+                Some(message) => sink.send(frame(&message)).await?,
+                None => return Ok(()),
+            }
+        }
+    }
+
+    async fn on_frame(
+        &self,
+        incoming: Option<Result<Message, WsError>>,
+        sink: &mut (impl SinkExt<Message, Error = WsError> + Unpin),
+    ) -> Result<(), SessionEnd> {
+        match incoming {
+            Some(Ok(Message::Text(text))) => self.on_message(text.as_str(), sink).await,
+            Some(Ok(Message::Close(close))) => Err(SessionEnd::Closed(
+                close
+                    .map(|c| format!(" ({} {})", c.code, c.reason))
+                    .unwrap_or_default(),
+            )),
+            Some(Ok(_)) => Ok(()),
+            Some(Err(e)) => Err(e.into()),
+            None => Err(SessionEnd::Closed(String::new())),
+        }
+    }
+
+    async fn on_message(
+        &self,
+        text: &str,
+        sink: &mut (impl SinkExt<Message, Error = WsError> + Unpin),
+    ) -> Result<(), SessionEnd> {
+        let message = match protocol::decode::<ServerMessage>(text) {
+            Ok(message) => message,
+            Err(e) => {
+                tracing::warn!(code = e.code(), error = %e, "ignoring a frame this agent cannot read");
+                return Ok(());
+            }
+        };
+        match message {
+            ServerMessage::Command {
+                command_id,
+                command,
+            } => {
+                sink.send(frame(&AgentMessage::Ack { command_id })).await?;
+                self.supervisor.handle(command_id, command);
+            }
+            ServerMessage::Received { id, error } => {
+                if let Some(error) = error {
+                    tracing::warn!(id, %error, "the server refused a report for good");
+                }
+                self.queue().answer(id);
+            }
+            ServerMessage::Error { code, message } => {
+                tracing::warn!(%code, %message, "the server reported an error");
+                if matches!(code.as_str(), "revoked" | "replaced") {
+                    return Err(SessionEnd::ServerError { code, message });
+                }
+            }
+            ServerMessage::Welcome { .. } => tracing::debug!("ignoring a second welcome"),
+        }
+        Ok(())
+    }
+}
+
+/// Reads frames until `welcome`; returns its heartbeat period.
+async fn welcome(
+    stream: &mut (impl StreamExt<Item = Result<Message, WsError>> + Unpin),
+) -> Result<u64, SessionEnd> {
+    loop {
+        match stream.next().await {
+            Some(Ok(Message::Text(text))) => match protocol::decode::<ServerMessage>(text.as_str())
+            {
+                Ok(ServerMessage::Welcome {
+                    node_id,
+                    session,
+                    heartbeat_s,
+                }) => {
+                    tracing::info!(%node_id, %session, heartbeat_s, "connected");
+                    return Ok(heartbeat_s);
+                }
+                Ok(ServerMessage::Error { code, message }) => {
+                    return Err(SessionEnd::ServerError { code, message })
+                }
+                Ok(other) => tracing::debug!(?other, "ignoring a message before welcome"),
+                Err(e) => tracing::warn!(error = %e, "ignoring a frame this agent cannot read"),
+            },
+            Some(Ok(Message::Close(close))) => {
+                return Err(SessionEnd::Closed(
+                    close
+                        .map(|c| format!(" ({} {})", c.code, c.reason))
+                        .unwrap_or_default(),
+                ))
+            }
+            Some(Ok(_)) => {}
+            Some(Err(e)) => return Err(e.into()),
+            None => return Err(SessionEnd::Closed(String::new())),
+        }
+    }
+}
+
+async fn send_heartbeat(
+    sink: &mut (impl SinkExt<Message, Error = WsError> + Unpin),
+    seq: u64,
+) -> Result<(), SessionEnd> {
+    sink.send(frame(&AgentMessage::Heartbeat { seq })).await?;
+    // A ping the server answers on its own, so a dead link is noticed.
+    sink.send(Message::Ping(Default::default())).await?;
+    Ok(())
+}
+
+fn frame(message: &AgentMessage) -> Message {
+    Message::text(protocol::encode(message))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_token_never_shows_in_debug_output() {
+        let token = Token::new(" s3cret\n");
+        assert_eq!(token.expose(), "s3cret");
+        assert!(!format!("{token:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn server_addresses_need_a_websocket_scheme() {
+        assert_eq!(server_address("ws://h:8080/").unwrap(), "ws://h:8080");
+        assert_eq!(server_address("wss://h").unwrap(), "wss://h");
+        assert!(server_address("http://h").is_err());
+        assert!(server_address("ws://").is_err());
+    }
+
+    #[test]
+    fn a_missing_ca_file_is_named_in_the_error() {
+        let err = tls_config(Some(Path::new("/nonexistent/ca.pem"))).unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/ca.pem"));
+        assert!(tls_config(None).is_ok());
+    }
+}

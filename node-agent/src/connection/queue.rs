@@ -1,0 +1,478 @@
+//! The report queue: reliable delivery of status reports and log chunks.
+//!
+//! Every report gets an increasing agent-local `id` when it is queued and
+//! stays queued until the server answers `received{id}`. Reports go out in
+//! id order, at most [`Limits::in_flight`] unanswered at once; after a
+//! reconnect, [`ReportQueue::rewind`] sends every unanswered one again, in
+//! order, before anything newer.
+//!
+//! Status reports are never dropped. Log output that was never sent is
+//! bounded per attempt ([`Limits::log_bytes_per_attempt`]): past it, the
+//! middle of the unsent output is replaced by one marker line,
+//! `[unidesk: N bytes of output dropped while disconnected]`, keeping the
+//! first part and the newest part. Offsets after the marker are moved so the
+//! server still sees a stream without gaps (`offset + len` of each chunk is
+//! the next chunk's `offset`). A chunk that was ever sent is never changed:
+//! the server may have stored it.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+
+use protocol::{AgentMessage, LogChunk, Status};
+
+use crate::executor::{LogReport, Report, StatusReport};
+use crate::supervisor::AttemptKey;
+
+/// Bookkeeping cost of one queued entry beyond its text.
+const ENTRY_COST: usize = 64;
+
+/// The bounds of a [`ReportQueue`].
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Most reports sent and not yet answered.
+    pub in_flight: usize,
+    /// Most log bytes (plus a small cost per chunk) queued for one attempt.
+    pub log_bytes_per_attempt: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            in_flight: 128,
+            log_bytes_per_attempt: 4 * 1024 * 1024,
+        }
+    }
+}
+
+#[derive(Debug)]
+enum Item {
+    Status(StatusReport),
+    Log {
+        key: AttemptKey,
+        offset: u64,
+        data: String,
+        /// Set on a marker: how many bytes it stands for.
+        dropped: Option<u64>,
+    },
+}
+
+#[derive(Debug)]
+struct Entry {
+    id: u64,
+    /// Sent in some session; such an entry is never changed or dropped.
+    sent: bool,
+    item: Item,
+}
+
+impl Entry {
+    fn cost(&self) -> usize {
+        match &self.item {
+            Item::Log { data, .. } => data.len() + ENTRY_COST,
+            Item::Status(_) => ENTRY_COST,
+        }
+    }
+
+    fn log_of(&self, key: AttemptKey) -> bool {
+        matches!(&self.item, Item::Log { key: k, .. } if *k == key)
+    }
+}
+
+/// Per attempt: queued log bytes and the offset correction after drops.
+#[derive(Debug, Default)]
+struct AttemptLog {
+    queued: usize,
+    /// Added to the executor's offsets: marker length minus dropped bytes.
+    shift: i64,
+}
+
+/// The queue of reports waiting for the server's `received`.
+#[derive(Debug, Default)]
+pub struct ReportQueue {
+    entries: VecDeque<Entry>,
+    /// Index of the next entry to send in this session.
+    cursor: usize,
+    next_id: u64,
+    logs: HashMap<AttemptKey, AttemptLog>,
+    limits: Limits,
+}
+
+impl ReportQueue {
+    /// An empty queue with these bounds.
+    pub fn new(limits: Limits) -> Self {
+        ReportQueue {
+            limits,
+            next_id: 1,
+            ..ReportQueue::default()
+        }
+    }
+
+    /// How many reports wait for an answer (sent or not).
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether nothing waits.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Queues a report and gives it the next id.
+    pub fn push(&mut self, report: Report) {
+        let id = self.next_id;
+        self.next_id += 1;
+        let item = match report {
+            Report::Status(status) => {
+                if status.is_final() {
+                    self.logs.remove(&(status.task_id, status.attempt));
+                }
+                Item::Status(status)
+            }
+            Report::Log(log) => self.log_item(log),
+        };
+        let entry = Entry {
+            id,
+            sent: false,
+            item,
+        };
+        if let Item::Log { key, .. } = entry.item {
+            let over = {
+                let state = self.logs.entry(key).or_default();
+                state.queued += entry.cost();
+                state.queued > self.limits.log_bytes_per_attempt
+            };
+            self.entries.push_back(entry);
+            if over {
+                self.shed(key);
+            }
+        } else {
+            self.entries.push_back(entry);
+        }
+    }
+
+    fn log_item(&mut self, log: LogReport) -> Item {
+        let key = (log.task_id, log.attempt);
+        let shift = self.logs.get(&key).map_or(0, |s| s.shift);
+        Item::Log {
+            key,
+            offset: log.offset.saturating_add_signed(shift),
+            data: log.data,
+            dropped: None,
+        }
+    }
+
+    /// The next report to send in this session, if the in-flight window
+    /// allows one; it counts as sent from now on.
+    pub fn next_message(&mut self) -> Option<AgentMessage> {
+        if self.cursor >= self.limits.in_flight {
+            return None;
+        }
+        let entry = self.entries.get_mut(self.cursor)?;
+        self.cursor += 1;
+        entry.sent = true;
+        Some(message(entry))
+    }
+
+    /// The server answered `received{id}`: forget that report. Returns
+    /// whether it was queued.
+    pub fn answer(&mut self, id: u64) -> bool {
+        let Ok(at) = self.entries.binary_search_by_key(&id, |e| e.id) else {
+            return false;
+        };
+        let Some(entry) = self.entries.remove(at) else {
+            return false;
+        };
+        if at < self.cursor {
+            self.cursor -= 1;
+        }
+        if let Item::Log { key, .. } = entry.item {
+            if let Some(state) = self.logs.get_mut(&key) {
+                state.queued = state.queued.saturating_sub(entry.cost());
+            }
+        }
+        true
+    }
+
+    /// A new session: everything unanswered goes out again, oldest first.
+    pub fn rewind(&mut self) {
+        self.cursor = 0;
+    }
+
+    /// Replaces the middle of `key`'s never-sent output with a marker, so
+    /// its queued bytes drop to three quarters of the limit.
+    fn shed(&mut self, key: AttemptKey) {
+        let limit = self.limits.log_bytes_per_attempt;
+        let unsent: Vec<usize> = (0..self.entries.len())
+            .filter(|&i| !self.entries[i].sent && self.entries[i].log_of(key))
+            .collect();
+        let Some(marker) = self.marker_position(&unsent, limit / 4) else {
+            return;
+        };
+        let last = unsent.last().copied().unwrap_or(marker);
+        let old_end = end_offset(&self.entries[last]);
+        let mut queued = self.logs.get(&key).map_or(0, |s| s.queued);
+        let mut dropped = match &self.entries[marker].item {
+            Item::Log { data, dropped, .. } => {
+                queued -= data.len();
+                dropped.unwrap_or(data.len() as u64)
+            }
+            Item::Status(_) => 0,
+        };
+        let mut removed = HashSet::new();
+        for &i in unsent.iter().skip_while(|&&i| i <= marker) {
+            if queued <= limit * 3 / 4 || i == last {
+                break;
+            }
+            queued -= self.entries[i].cost();
+            dropped += text_len(&self.entries[i]);
+            removed.insert(self.entries[i].id);
+        }
+        let text = marker_text(dropped);
+        queued += text.len();
+        if let Item::Log {
+            data, dropped: d, ..
+        } = &mut self.entries[marker].item
+        {
+            *data = text;
+            *d = Some(dropped);
+        }
+        self.entries.retain(|e| !removed.contains(&e.id));
+        let new_end = self.renumber_after(key, marker);
+        if let Some(state) = self.logs.get_mut(&key) {
+            state.queued = queued;
+            state.shift += new_end as i64 - old_end as i64;
+        }
+    }
+
+    /// Where the marker goes: the existing unsent marker, or the first
+    /// unsent chunk after `head` bytes; `None` if nothing can be dropped.
+    fn marker_position(&self, unsent: &[usize], head: usize) -> Option<usize> {
+        let existing = unsent.iter().copied().find(|&i| {
+            matches!(
+                self.entries[i].item,
+                Item::Log {
+                    dropped: Some(_),
+                    ..
+                }
+            )
+        });
+        if existing.is_some() {
+            return existing;
+        }
+        let mut kept = 0;
+        let position = unsent.iter().position(|&i| {
+            kept += self.entries[i].cost();
+            kept > head
+        })?;
+        // Keep the newest chunk; a marker needs something after it.
+        let at = position + 1;
+        (at + 1 < unsent.len()).then(|| unsent[at])
+    }
+
+    /// Makes `key`'s chunks from `marker` on contiguous; returns the end.
+    fn renumber_after(&mut self, key: AttemptKey, marker: usize) -> u64 {
+        let mut next = None;
+        for entry in self.entries.iter_mut().skip(marker) {
+            if let Item::Log {
+                key: k,
+                offset,
+                data,
+                ..
+            } = &mut entry.item
+            {
+                if *k != key {
+                    continue;
+                }
+                if let Some(n) = next {
+                    *offset = n;
+                }
+                next = Some(*offset + data.len() as u64);
+            }
+        }
+        next.unwrap_or_default()
+    }
+}
+
+fn text_len(entry: &Entry) -> u64 {
+    match &entry.item {
+        Item::Log { data, .. } => data.len() as u64,
+        Item::Status(_) => 0,
+    }
+}
+
+fn end_offset(entry: &Entry) -> u64 {
+    match &entry.item {
+        Item::Log { offset, data, .. } => offset + data.len() as u64,
+        Item::Status(_) => 0,
+    }
+}
+
+/// The line that stands for dropped output.
+pub fn marker_text(dropped: u64) -> String {
+    format!("\n[unidesk: {dropped} bytes of output dropped while disconnected]\n")
+}
+
+fn message(entry: &Entry) -> AgentMessage {
+    match &entry.item {
+        Item::Status(s) => AgentMessage::Status(Status {
+            id: entry.id,
+            task_id: s.task_id,
+            attempt: s.attempt,
+            state: s.state,
+            stage: s.stage.clone(),
+            container: s.container.clone(),
+            exit_code: s.exit_code,
+            message: s.message.clone(),
+        }),
+        Item::Log {
+            key, offset, data, ..
+        } => AgentMessage::Log(LogChunk {
+            id: entry.id,
+            task_id: key.0,
+            attempt: key.1,
+            offset: *offset,
+            data: data.clone(),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use protocol::ReportedState;
+    use uuid::Uuid;
+
+    fn status(task: Uuid, state: ReportedState) -> Report {
+        Report::Status(StatusReport::new(task, 1, state))
+    }
+
+    fn log(task: Uuid, offset: u64, data: &str) -> Report {
+        Report::Log(LogReport {
+            task_id: task,
+            attempt: 1,
+            offset,
+            data: data.into(),
+        })
+    }
+
+    fn id(m: &AgentMessage) -> u64 {
+        match m {
+            AgentMessage::Status(s) => s.id,
+            AgentMessage::Log(l) => l.id,
+            _ => 0,
+        }
+    }
+
+    fn drain(q: &mut ReportQueue) -> Vec<AgentMessage> {
+        std::iter::from_fn(|| q.next_message()).collect()
+    }
+
+    #[test]
+    fn unanswered_reports_are_resent_in_order_after_a_reconnect() {
+        let task = Uuid::new_v4();
+        let mut q = ReportQueue::new(Limits::default());
+        q.push(status(task, ReportedState::Accepted));
+        q.push(log(task, 0, "a"));
+        q.push(status(task, ReportedState::Running));
+        let first: Vec<u64> = drain(&mut q).iter().map(id).collect();
+        assert_eq!(first, vec![1, 2, 3]);
+        assert!(q.answer(2));
+        assert!(!q.answer(2), "an id is answered once");
+        q.push(status(task, ReportedState::Succeeded));
+        q.rewind();
+        let again: Vec<u64> = drain(&mut q).iter().map(id).collect();
+        assert_eq!(again, vec![1, 3, 4]);
+        for n in [1, 3, 4] {
+            q.answer(n);
+        }
+        q.rewind();
+        assert!(q.is_empty());
+        assert!(q.next_message().is_none());
+    }
+
+    #[test]
+    fn no_more_than_the_window_is_in_flight() {
+        let task = Uuid::new_v4();
+        let mut q = ReportQueue::new(Limits {
+            in_flight: 2,
+            ..Limits::default()
+        });
+        for _ in 0..3 {
+            q.push(status(task, ReportedState::Preparing));
+        }
+        assert_eq!(drain(&mut q).len(), 2);
+        q.answer(1);
+        assert_eq!(drain(&mut q).iter().map(id).collect::<Vec<_>>(), vec![3]);
+    }
+
+    #[test]
+    fn output_beyond_the_limit_loses_its_middle_without_gaps() {
+        let task = Uuid::new_v4();
+        let limit = 10_000;
+        let mut q = ReportQueue::new(Limits {
+            in_flight: 1000,
+            log_bytes_per_attempt: limit,
+        });
+        q.push(log(task, 0, "first line sent before the disconnect\n"));
+        drain(&mut q);
+        let line = "x".repeat(99) + "\n";
+        let mut offset = 38;
+        for _ in 0..500 {
+            q.push(log(task, offset, &line));
+            offset += 100;
+        }
+        q.push(status(task, ReportedState::Succeeded));
+        q.rewind();
+        let messages = drain(&mut q);
+        let logs: Vec<&LogChunk> = messages
+            .iter()
+            .filter_map(|m| match m {
+                AgentMessage::Log(l) => Some(l),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(logs[0].data, "first line sent before the disconnect\n");
+        let mut next = 0;
+        for l in &logs {
+            assert_eq!(l.offset, next, "no gap before id {}", l.id);
+            next += l.data.len() as u64;
+        }
+        let markers: Vec<&&LogChunk> = logs
+            .iter()
+            .filter(|l| l.data.contains("[unidesk:"))
+            .collect();
+        assert_eq!(markers.len(), 1);
+        let kept: usize = logs.iter().map(|l| l.data.len()).sum();
+        assert!(kept <= limit, "kept {kept}");
+        let dropped: u64 = markers[0]
+            .data
+            .split_whitespace()
+            .nth(1)
+            .and_then(|n| n.parse().ok())
+            .unwrap();
+        let kept_output = kept as u64 - markers[0].data.len() as u64;
+        assert_eq!(
+            kept_output + dropped,
+            offset,
+            "every byte is kept or counted"
+        );
+        assert_eq!(logs.last().unwrap().data, line, "the newest output is kept");
+        assert!(matches!(messages.last(), Some(AgentMessage::Status(_))));
+    }
+
+    #[test]
+    fn statuses_are_never_dropped() {
+        let task = Uuid::new_v4();
+        let mut q = ReportQueue::new(Limits {
+            in_flight: 1000,
+            log_bytes_per_attempt: 1000,
+        });
+        for i in 0..100 {
+            q.push(status(task, ReportedState::Preparing));
+            q.push(log(task, i * 50, &"y".repeat(50)));
+        }
+        let statuses = drain(&mut q)
+            .iter()
+            .filter(|m| matches!(m, AgentMessage::Status(_)))
+            .count();
+        assert_eq!(statuses, 100);
+    }
+}

@@ -1,0 +1,529 @@
+//! Docker: env images built from a checkout, and task containers.
+//!
+//! Everything here is a thin, typed layer over bollard that turns Docker's
+//! errors into messages a person can act on. The API version is negotiated
+//! with the daemon, so old engines (API 1.41) and new ones both work.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bollard::errors::Error as BollardError;
+use bollard::models::{ContainerCreateBody, DeviceRequest, HostConfig};
+use bollard::query_parameters::{
+    BuildImageOptionsBuilder, ListContainersOptionsBuilder, ListImagesOptionsBuilder,
+    LogsOptionsBuilder, RemoveContainerOptionsBuilder, StopContainerOptionsBuilder,
+};
+use bollard::Docker;
+use futures::{Stream, StreamExt};
+use sha2::{Digest, Sha256};
+
+use crate::keyed_lock::KeyedLocks;
+
+/// The repository part of every env image tag.
+pub const IMAGE_REPOSITORY: &str = "unidesk-env";
+
+/// Label naming the task a container runs.
+pub const LABEL_TASK: &str = "unidesk.task_id";
+/// Label naming the attempt a container runs.
+pub const LABEL_ATTEMPT: &str = "unidesk.attempt";
+/// Label naming the agent (by its work directory) that owns a container.
+pub const LABEL_AGENT: &str = "unidesk.agent";
+
+/// How many build output lines a failed build reports.
+const BUILD_TAIL_LINES: usize = 20;
+
+/// Limit on processes in a task container, against fork bombs.
+pub const PIDS_LIMIT: i64 = 4096;
+
+/// How long one request to Docker may wait for its response to begin. Stop
+/// requests wait for the grace period, so this is generous.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(15 * 60);
+
+/// What went wrong talking to Docker.
+#[derive(Debug, thiserror::Error)]
+pub enum DockerError {
+    /// A Docker call failed; `message` is Docker's own explanation.
+    #[error("{action}: {message}")]
+    Api {
+        /// What the agent was doing.
+        action: &'static str,
+        /// Docker's message.
+        message: String,
+    },
+    /// The image build failed; `tail` holds the last lines of its output.
+    #[error("building the image failed:\n{tail}")]
+    Build {
+        /// The last lines of the build output, ending with the error.
+        tail: String,
+    },
+    /// The build context could not be packed.
+    #[error("packing the build context failed: {0}")]
+    Context(#[source] std::io::Error),
+}
+
+impl DockerError {
+    fn api(action: &'static str, e: &BollardError) -> Self {
+        DockerError::Api {
+            action,
+            message: docker_message(e),
+        }
+    }
+}
+
+/// Docker's own message for an error, without bollard's wrapping.
+fn docker_message(e: &BollardError) -> String {
+    match e {
+        BollardError::DockerResponseServerError { message, .. } => message.trim().to_owned(),
+        BollardError::DockerStreamError { error } => error.trim().to_owned(),
+        other => other.to_string(),
+    }
+}
+
+fn is_not_found(e: &BollardError) -> bool {
+    matches!(
+        e,
+        BollardError::DockerResponseServerError {
+            status_code: 404,
+            ..
+        }
+    )
+}
+
+/// Connects to Docker at `host` (`unix:///…`, `tcp://…`), or the local
+/// default socket, and agrees on an API version with the daemon.
+///
+/// # Errors
+/// [`DockerError::Api`] when the address is unusable or the daemon does not
+/// answer.
+pub async fn connect(host: Option<&str>) -> Result<Docker, DockerError> {
+    let docker = match host {
+        Some(host) => Docker::connect_with_host(host),
+        None => Docker::connect_with_local_defaults(),
+    }
+    .map_err(|e| DockerError::api("connecting to Docker", &e))?
+    .with_timeout(REQUEST_TIMEOUT);
+    docker
+        .negotiate_version()
+        .await
+        .map_err(|e| DockerError::api("asking Docker for its API version", &e))
+}
+
+/// The tag of the env image built from `dockerfile_path` in `env_repo_url`
+/// at `env_commit_id`: equal inputs give equal tags on every node.
+pub fn image_tag(env_repo_url: &str, env_commit_id: &str, dockerfile_path: &str) -> String {
+    let digest = Sha256::digest(format!(
+        "{env_repo_url}\n{env_commit_id}\n{dockerfile_path}"
+    ));
+    format!("{IMAGE_REPOSITORY}:{}", &hex::encode(digest)[..24])
+}
+
+/// Whether [`Images::ensure`] built the image or found it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImageSource {
+    /// The tag existed and was used as it is.
+    Reused,
+    /// The image was built now.
+    Built,
+}
+
+/// Builds env images, one build per tag at a time.
+#[derive(Debug)]
+pub struct Images {
+    docker: Docker,
+    locks: KeyedLocks,
+    builds: AtomicU64,
+}
+
+impl Images {
+    /// Env images on `docker`.
+    pub fn new(docker: Docker) -> Self {
+        Images {
+            docker,
+            locks: KeyedLocks::default(),
+            builds: AtomicU64::new(0),
+        }
+    }
+
+    /// How many builds this process has started.
+    pub fn builds_started(&self) -> u64 {
+        self.builds.load(Ordering::Relaxed)
+    }
+
+    /// Makes sure `tag` exists, building it from `context` (a directory) with
+    /// `dockerfile` (relative to it) when it does not.
+    ///
+    /// # Errors
+    /// [`DockerError::Build`] with the end of the build output when the build
+    /// fails, [`DockerError::Context`] when the directory cannot be read,
+    /// [`DockerError::Api`] when Docker cannot be asked.
+    #[tracing::instrument(skip_all, fields(tag))]
+    pub async fn ensure(
+        &self,
+        tag: &str,
+        context: &Path,
+        dockerfile: &str,
+    ) -> Result<ImageSource, DockerError> {
+        let _one_build_per_tag = self.locks.lock(tag).await;
+        if image_exists(&self.docker, tag).await? {
+            return Ok(ImageSource::Reused);
+        }
+        self.builds.fetch_add(1, Ordering::Relaxed);
+        tracing::info!("building image");
+        let dir = context.to_owned();
+        let tar = tokio::task::spawn_blocking(move || pack_context(&dir))
+            .await
+            .map_err(|e| DockerError::Context(std::io::Error::other(e)))?
+            .map_err(DockerError::Context)?;
+        let options = BuildImageOptionsBuilder::default()
+            .dockerfile(dockerfile)
+            .t(tag)
+            .rm(true)
+            .forcerm(true)
+            .build();
+        let body = bollard::body_full(bytes::Bytes::from(tar));
+        let output = self.docker.build_image(options, None, Some(body));
+        follow_build(output).await?;
+        if !image_exists(&self.docker, tag).await? {
+            return Err(DockerError::Build {
+                tail: "the build ended without producing the image".into(),
+            });
+        }
+        Ok(ImageSource::Built)
+    }
+}
+
+/// Reads a build's output, keeping the last lines for an error message.
+async fn follow_build(
+    output: impl Stream<Item = Result<bollard::models::BuildInfo, BollardError>>,
+) -> Result<(), DockerError> {
+    let mut output = std::pin::pin!(output);
+    let mut tail = VecDeque::with_capacity(BUILD_TAIL_LINES + 1);
+    let mut keep = |line: &str| {
+        if tail.len() == BUILD_TAIL_LINES {
+            tail.pop_front();
+        }
+        tail.push_back(line.to_owned());
+    };
+    while let Some(item) = output.next().await {
+        match item {
+            Ok(info) => {
+                for line in info
+                    .stream
+                    .iter()
+                    .chain(&info.status)
+                    .flat_map(|s| s.lines())
+                {
+                    let line = line.trim_end();
+                    if !line.is_empty() {
+                        tracing::debug!(line, "build");
+                        keep(line);
+                    }
+                }
+            }
+            Err(e) => {
+                keep(&docker_message(&e));
+                let tail: Vec<String> = tail.into_iter().collect();
+                return Err(DockerError::Build {
+                    tail: tail.join("\n"),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Packs `dir` as an uncompressed tar, leaving out `.git` and storing
+/// symlinks as links, so nothing outside the directory gets in.
+fn pack_context(dir: &Path) -> std::io::Result<Vec<u8>> {
+    let mut builder = tar::Builder::new(Vec::new());
+    builder.follow_symlinks(false);
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        if name == ".git" {
+            continue;
+        }
+        let path = entry.path();
+        if entry.file_type()?.is_dir() {
+            builder.append_dir_all(&name, &path)?;
+        } else {
+            builder.append_path_with_name(&path, &name)?;
+        }
+    }
+    builder.into_inner()
+}
+
+/// Whether an image with this tag exists.
+///
+/// # Errors
+/// [`DockerError::Api`] when Docker cannot be asked.
+pub async fn image_exists(docker: &Docker, tag: &str) -> Result<bool, DockerError> {
+    match docker.inspect_image(tag).await {
+        Ok(_) => Ok(true),
+        Err(e) if is_not_found(&e) => Ok(false),
+        Err(e) => Err(DockerError::api("looking up the image", &e)),
+    }
+}
+
+/// The env image tags present, at most `limit`; empty (with a warning) when
+/// Docker cannot be asked.
+pub async fn env_images(docker: &Docker, limit: usize) -> Vec<String> {
+    let filters = HashMap::from([("reference", vec![format!("{IMAGE_REPOSITORY}:*")])]);
+    let options = ListImagesOptionsBuilder::default()
+        .filters(&filters)
+        .build();
+    match docker.list_images(Some(options)).await {
+        Ok(images) => images
+            .into_iter()
+            .flat_map(|image| image.repo_tags)
+            .filter(|tag| tag.starts_with(IMAGE_REPOSITORY))
+            .take(limit)
+            .collect(),
+        Err(e) => {
+            tracing::warn!(error = %docker_message(&e), "could not list cached images");
+            Vec::new()
+        }
+    }
+}
+
+/// What a task container gets.
+#[derive(Debug, Clone)]
+pub struct ContainerSpec<'a> {
+    /// The image tag.
+    pub image: &'a str,
+    /// The argv; empty keeps the image's default command.
+    pub command: &'a [String],
+    /// Environment variables.
+    pub env: &'a BTreeMap<String, String>,
+    /// The host directory mounted read-write at `/workspace`.
+    pub workspace: &'a Path,
+    /// Labels to put on the container.
+    pub labels: HashMap<String, String>,
+    /// CPU cores; 0 or less means no limit.
+    pub cpus: f64,
+    /// Memory in MiB; 0 means no limit.
+    pub memory_mb: u64,
+    /// GPU device indices.
+    pub gpus: &'a [u32],
+}
+
+/// The body of the create call for `spec`.
+pub fn container_body(spec: &ContainerSpec<'_>) -> ContainerCreateBody {
+    let memory = (spec.memory_mb > 0).then(|| (spec.memory_mb * 1024 * 1024) as i64);
+    let device_requests = (!spec.gpus.is_empty()).then(|| {
+        vec![DeviceRequest {
+            driver: Some("nvidia".into()),
+            device_ids: Some(spec.gpus.iter().map(u32::to_string).collect()),
+            capabilities: Some(vec![vec!["gpu".into()]]),
+            ..Default::default()
+        }]
+    });
+    let host_config = HostConfig {
+        binds: Some(vec![format!("{}:/workspace:rw", spec.workspace.display())]),
+        nano_cpus: (spec.cpus > 0.0).then(|| (spec.cpus * 1e9).round() as i64),
+        memory,
+        memory_swap: memory,
+        pids_limit: Some(PIDS_LIMIT),
+        device_requests,
+        ..Default::default()
+    };
+    ContainerCreateBody {
+        image: Some(spec.image.to_owned()),
+        cmd: (!spec.command.is_empty()).then(|| spec.command.to_vec()),
+        env: Some(spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect()),
+        working_dir: Some("/workspace".into()),
+        labels: Some(spec.labels.clone()),
+        host_config: Some(host_config),
+        ..Default::default()
+    }
+}
+
+/// Creates a container for `spec` and returns its id.
+///
+/// # Errors
+/// [`DockerError::Api`] with Docker's message.
+pub async fn create_container(
+    docker: &Docker,
+    spec: &ContainerSpec<'_>,
+) -> Result<String, DockerError> {
+    let created = docker
+        .create_container(None, container_body(spec))
+        .await
+        .map_err(|e| DockerError::api("creating the container failed", &e))?;
+    for warning in &created.warnings {
+        tracing::warn!(warning, "Docker warned about the container");
+    }
+    Ok(created.id)
+}
+
+/// Starts a created container.
+///
+/// # Errors
+/// [`DockerError::Api`] with Docker's message (for example, the command was
+/// not found in the image).
+pub async fn start_container(docker: &Docker, id: &str) -> Result<(), DockerError> {
+    docker
+        .start_container(id, None)
+        .await
+        .map_err(|e| DockerError::api("starting the container failed", &e))
+}
+
+/// The container's combined stdout and stderr from its start, following it
+/// until it exits.
+pub fn output(docker: &Docker, id: &str) -> impl Stream<Item = Result<bytes::Bytes, DockerError>> {
+    let options = LogsOptionsBuilder::default()
+        .follow(true)
+        .stdout(true)
+        .stderr(true)
+        .build();
+    docker.logs(id, Some(options)).map(|item| {
+        item.map(|out| out.into_bytes())
+            .map_err(|e| DockerError::api("reading the container's output failed", &e))
+    })
+}
+
+/// How a container ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Exit {
+    /// The exit status.
+    pub code: i64,
+    /// Whether the kernel killed it for running out of memory.
+    pub oom_killed: bool,
+}
+
+/// Waits until the container has stopped and says how it ended.
+///
+/// # Errors
+/// [`DockerError::Api`] when Docker cannot tell.
+pub async fn wait_exit(docker: &Docker, id: &str) -> Result<Exit, DockerError> {
+    loop {
+        let mut wait = std::pin::pin!(docker.wait_container(id, None));
+        match wait.next().await {
+            Some(Ok(_)) | Some(Err(BollardError::DockerContainerWaitError { .. })) => {}
+            Some(Err(e)) => {
+                tracing::warn!(error = %docker_message(&e), "waiting for the container")
+            }
+            None => {}
+        }
+        let state = docker
+            .inspect_container(id, None)
+            .await
+            .map_err(|e| DockerError::api("inspecting the container failed", &e))?
+            .state
+            .unwrap_or_default();
+        if state.running != Some(true) {
+            return Ok(Exit {
+                code: state.exit_code.unwrap_or(-1),
+                oom_killed: state.oom_killed.unwrap_or(false),
+            });
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// Stops a container: SIGTERM, then SIGKILL after `grace`.
+///
+/// # Errors
+/// [`DockerError::Api`] when Docker refuses.
+pub async fn stop_container(docker: &Docker, id: &str, grace: Duration) -> Result<(), DockerError> {
+    let grace_s = i32::try_from(grace.as_secs()).unwrap_or(i32::MAX);
+    let options = StopContainerOptionsBuilder::default().t(grace_s).build();
+    match docker.stop_container(id, Some(options)).await {
+        Ok(()) => Ok(()),
+        // 304: it had stopped already.
+        Err(BollardError::DockerResponseServerError {
+            status_code: 304, ..
+        }) => Ok(()),
+        Err(e) => Err(DockerError::api("stopping the container failed", &e)),
+    }
+}
+
+/// Removes a container, stopping it first if it still runs; a container
+/// that is gone already is fine.
+///
+/// # Errors
+/// [`DockerError::Api`] when Docker refuses.
+pub async fn remove_container(docker: &Docker, id: &str) -> Result<(), DockerError> {
+    let options = RemoveContainerOptionsBuilder::default()
+        .force(true)
+        .v(true)
+        .build();
+    match docker.remove_container(id, Some(options)).await {
+        Ok(()) => Ok(()),
+        Err(e) if is_not_found(&e) => Ok(()),
+        Err(e) => Err(DockerError::api("removing the container failed", &e)),
+    }
+}
+
+/// Removes the task containers a previous run of this agent (same
+/// `agent_label`) left behind; their attempts cannot be followed any more.
+///
+/// # Errors
+/// [`DockerError::Api`] when Docker cannot list them.
+pub async fn remove_leftovers(docker: &Docker, agent_label: &str) -> Result<usize, DockerError> {
+    let filters = HashMap::from([("label", vec![format!("{LABEL_AGENT}={agent_label}")])]);
+    let options = ListContainersOptionsBuilder::default()
+        .all(true)
+        .filters(&filters)
+        .build();
+    let containers = docker
+        .list_containers(Some(options))
+        .await
+        .map_err(|e| DockerError::api("listing leftover containers failed", &e))?;
+    let mut removed = 0;
+    for id in containers.into_iter().filter_map(|c| c.id) {
+        match remove_container(docker, &id).await {
+            Ok(()) => removed += 1,
+            Err(e) => {
+                tracing::warn!(container = %id, error = %e, "could not remove a leftover container")
+            }
+        }
+    }
+    Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn image_tags_depend_on_all_three_inputs() {
+        let a = image_tag("u", "c", "Dockerfile");
+        assert!(a.starts_with("unidesk-env:"));
+        assert_eq!(a.len(), "unidesk-env:".len() + 24);
+        assert_eq!(a, image_tag("u", "c", "Dockerfile"));
+        assert_ne!(a, image_tag("u", "c", "other/Dockerfile"));
+        assert_ne!(a, image_tag("u", "d", "Dockerfile"));
+    }
+
+    #[test]
+    fn the_container_gets_limits_mounts_and_gpus() {
+        let env = BTreeMap::from([("A".to_owned(), "1".to_owned())]);
+        let command = vec!["run".to_owned()];
+        let spec = ContainerSpec {
+            image: "img",
+            command: &command,
+            env: &env,
+            workspace: Path::new("/w/code"),
+            labels: HashMap::new(),
+            cpus: 1.5,
+            memory_mb: 256,
+            gpus: &[0, 2],
+        };
+        let body = container_body(&spec);
+        let host = body.host_config.unwrap();
+        assert_eq!(host.nano_cpus, Some(1_500_000_000));
+        assert_eq!(host.memory, Some(256 * 1024 * 1024));
+        assert_eq!(host.memory_swap, host.memory);
+        assert_eq!(host.binds.unwrap(), vec!["/w/code:/workspace:rw"]);
+        let gpus = &host.device_requests.unwrap()[0];
+        assert_eq!(
+            gpus.device_ids.as_deref(),
+            Some(&["0".to_owned(), "2".to_owned()][..])
+        );
+        assert_eq!(body.env.unwrap(), vec!["A=1"]);
+        assert_eq!(body.working_dir.as_deref(), Some("/workspace"));
+    }
+}

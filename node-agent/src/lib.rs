@@ -1,0 +1,18 @@
+//! The UniDesk node agent as a library.
+//!
+//! The binary `unidesk-agent` is a thin shell around these modules: it parses
+//! flags, then hands a [`connection::Config`] and an [`executor::Context`] to
+//! [`connection::Agent`]. Keeping everything else here lets the tests drive
+//! the executor against real Docker and git, and the connection against an
+//! in-process WebSocket server, without a UniDesk server.
+//!
+//! The agent links `protocol` and nothing else of the project.
+
+pub mod connection;
+pub mod docker;
+pub mod executor;
+pub mod git;
+pub mod keyed_lock;
+pub mod logs;
+pub mod resources;
+pub mod supervisor;

@@ -1,0 +1,186 @@
+//! Turning a container's output bytes into log chunks.
+//!
+//! Offsets count the bytes of the text the server receives, from 0 for each
+//! attempt, so `offset + data.len()` of one chunk is the `offset` of the
+//! next. Output that is valid UTF-8 keeps its byte offsets exactly; a
+//! multi-byte character split across two reads is held back until its end
+//! arrives, and only truly invalid bytes become U+FFFD.
+//!
+//! A chunk holds at most [`protocol::MAX_LOG_CHUNK_BYTES`] bytes and is cut
+//! earlier if its JSON escaping would push the frame past
+//! [`protocol::MAX_FRAME_BYTES`] (control characters take six bytes each).
+
+use protocol::{MAX_FRAME_BYTES, MAX_LOG_CHUNK_BYTES};
+
+/// Room left in a frame for the chunk's other fields.
+const FRAME_OVERHEAD: usize = 1024;
+
+/// One piece of output, ready to report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Chunk {
+    /// Byte offset of `data` in the attempt's output.
+    pub offset: u64,
+    /// The text.
+    pub data: String,
+}
+
+/// Collects output and cuts it into [`Chunk`]s.
+#[derive(Debug, Default)]
+pub struct LogChunker {
+    /// The start of a UTF-8 sequence whose end has not arrived yet.
+    partial: Vec<u8>,
+    /// Decoded text not yet taken.
+    text: String,
+    /// Offset of the first byte of `text`.
+    offset: u64,
+}
+
+impl LogChunker {
+    /// A chunker at offset 0.
+    pub fn new() -> Self {
+        LogChunker::default()
+    }
+
+    /// Adds output bytes.
+    pub fn push(&mut self, bytes: &[u8]) {
+        let mut input = std::mem::take(&mut self.partial);
+        input.extend_from_slice(bytes);
+        let mut rest = input.as_slice();
+        loop {
+            match std::str::from_utf8(rest) {
+                Ok(valid) => {
+                    self.text.push_str(valid);
+                    return;
+                }
+                Err(e) => {
+                    let (valid, after) = rest.split_at(e.valid_up_to());
+                    // Checked by from_utf8 just above.
+                    self.text
+                        .push_str(std::str::from_utf8(valid).unwrap_or_default());
+                    match e.error_len() {
+                        Some(bad) => {
+                            self.text.push(char::REPLACEMENT_CHARACTER);
+                            rest = &after[bad..];
+                        }
+                        None => {
+                            self.partial = after.to_vec();
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whether enough text is waiting to fill a chunk.
+    pub fn has_full_chunk(&self) -> bool {
+        self.text.len() >= MAX_LOG_CHUNK_BYTES
+    }
+
+    /// Takes one chunk from the waiting text, if there is any.
+    pub fn take(&mut self) -> Option<Chunk> {
+        if self.text.is_empty() {
+            return None;
+        }
+        let cut = chunk_end(&self.text);
+        let rest = self.text.split_off(cut);
+        let data = std::mem::replace(&mut self.text, rest);
+        let chunk = Chunk {
+            offset: self.offset,
+            data,
+        };
+        self.offset += chunk.data.len() as u64;
+        Some(chunk)
+    }
+
+    /// Ends the output: an unfinished UTF-8 sequence becomes U+FFFD, and all
+    /// waiting text is returned as chunks.
+    pub fn finish(&mut self) -> Vec<Chunk> {
+        if !self.partial.is_empty() {
+            let partial = std::mem::take(&mut self.partial);
+            self.text.push_str(&String::from_utf8_lossy(&partial));
+        }
+        std::iter::from_fn(|| self.take()).collect()
+    }
+}
+
+/// Where the first chunk of `text` ends: within both size limits, on a
+/// character boundary, and never at 0 for non-empty text.
+fn chunk_end(text: &str) -> usize {
+    let mut escaped = 0;
+    for (at, c) in text.char_indices() {
+        escaped += json_escaped_len(c);
+        let end = at + c.len_utf8();
+        if at > 0 && (end > MAX_LOG_CHUNK_BYTES || escaped > MAX_FRAME_BYTES - FRAME_OVERHEAD) {
+            return at;
+        }
+    }
+    text.len()
+}
+
+/// The bytes serde_json writes for one character inside a string.
+fn json_escaped_len(c: char) -> usize {
+    match c {
+        '"' | '\\' | '\n' | '\r' | '\t' | '\u{8}' | '\u{c}' => 2,
+        c if (c as u32) < 0x20 => 6,
+        c => c.len_utf8(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn all(chunker: &mut LogChunker) -> Vec<Chunk> {
+        chunker.finish()
+    }
+
+    #[test]
+    fn offsets_follow_the_text_bytes() {
+        let mut c = LogChunker::new();
+        c.push(b"hello\n");
+        let first = c.take().unwrap();
+        c.push(b"world\n");
+        let second = c.take().unwrap();
+        assert_eq!((first.offset, first.data.as_str()), (0, "hello\n"));
+        assert_eq!((second.offset, second.data.as_str()), (6, "world\n"));
+        assert!(c.take().is_none());
+    }
+
+    #[test]
+    fn a_character_split_across_reads_is_kept_whole() {
+        let mut c = LogChunker::new();
+        let snow = "☃".as_bytes();
+        c.push(&snow[..1]);
+        assert!(c.take().is_none());
+        c.push(&snow[1..]);
+        assert_eq!(c.take().unwrap().data, "☃");
+    }
+
+    #[test]
+    fn invalid_bytes_become_replacement_characters() {
+        let mut c = LogChunker::new();
+        c.push(b"a\xffb\xe2\x98");
+        let chunks = all(&mut c);
+        let text: String = chunks.iter().map(|c| c.data.as_str()).collect();
+        assert_eq!(text, "a\u{fffd}b\u{fffd}");
+    }
+
+    #[test]
+    fn big_output_is_cut_within_the_limits_without_gaps() {
+        let mut c = LogChunker::new();
+        c.push(&vec![b'x'; MAX_LOG_CHUNK_BYTES * 2 + 10]);
+        c.push(&vec![1u8; MAX_LOG_CHUNK_BYTES]);
+        assert!(c.has_full_chunk());
+        let chunks = all(&mut c);
+        let mut next = 0;
+        for chunk in &chunks {
+            assert_eq!(chunk.offset, next);
+            assert!(chunk.data.len() <= MAX_LOG_CHUNK_BYTES);
+            let frame = serde_json::to_string(&chunk.data).unwrap();
+            assert!(frame.len() < MAX_FRAME_BYTES - FRAME_OVERHEAD + 8);
+            next += chunk.data.len() as u64;
+        }
+        assert_eq!(next, (MAX_LOG_CHUNK_BYTES * 3 + 10) as u64);
+    }
+}
