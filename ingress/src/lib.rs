@@ -1,1 +1,160 @@
-//! The agent ingress (being written).
+//! UniDesk's agent ingress: the server side of the node agents' WebSockets.
+//!
+//! Compute nodes have no public address, so their agents dial out to
+//! [`protocol::PATH`] and keep one WebSocket open. This crate
+//!
+//! - authenticates the upgrade with the node's token and refuses anything
+//!   else with a 401 before a single byte of WebSocket is spoken
+//!   ([`Ingress::router`]);
+//! - runs one session per connection in one Tokio task: `hello` →
+//!   `NodeConnected` and `welcome`, reconciliation of what the agent still
+//!   runs, every pending command, then heartbeats, reports and log chunks
+//!   until the connection ends (`NodeDisconnected`);
+//! - turns reports into Task commands on behalf of the node the session
+//!   authenticated as, never the node a frame names;
+//! - follows the outbox ([`Ingress::run`]) and delivers `run_task` and
+//!   `cancel_task` to the sessions connected to *this* process, and closes
+//!   sessions whose token was revoked or whose node connected elsewhere.
+//!
+//! Several ingress processes may serve one database side by side: each
+//! delivers only to its own sessions, and a command stays wanted in the log
+//! until the agent reports on it, so a reconnect anywhere resends it.
+//!
+//! The ingress never decides that a task is lost: a closed session only
+//! records `NodeDisconnected`. The scheduler decides from
+//! `node_liveness.last_seen`, which heartbeats keep fresh.
+
+mod auth;
+mod commands;
+mod fanout;
+mod liveness;
+mod registry;
+mod reports;
+mod session;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::routing::get;
+use store::outbox::Checkpoint;
+use store::Store;
+use tokio::sync::OnceCell;
+
+use crate::registry::Registry;
+
+/// How the ingress behaves, fixed at start-up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// This process's name in `node_liveness.ingress`, such as
+    /// `<hostname>-<pid>`: tells operators which replica holds a node.
+    pub ingress_id: String,
+    /// How often agents send heartbeats, told to them in `welcome`. A
+    /// session that stays silent for [`IDLE_HEARTBEATS`] of these is closed.
+    pub heartbeat_s: u64,
+    /// How long a new connection may take to send `hello`.
+    pub hello_timeout: Duration,
+    /// The longest the outbox consumer waits between reads when no NOTIFY
+    /// arrives.
+    pub poll: Duration,
+    /// Seconds between SIGTERM and SIGKILL in `cancel_task`.
+    pub cancel_grace_s: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            ingress_id: format!("ingress-{}", std::process::id()),
+            heartbeat_s: 15,
+            hello_timeout: Duration::from_secs(10),
+            poll: Duration::from_millis(250),
+            cancel_grace_s: 10,
+        }
+    }
+}
+
+/// How many heartbeat intervals a session may stay silent before it is
+/// closed as dead (a half-open TCP connection never says goodbye).
+pub const IDLE_HEARTBEATS: u64 = 4;
+
+/// How long [`Ingress::run`] waits, at shutdown, for its sessions to say
+/// goodbye before it returns.
+pub const SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
+
+/// The agent ingress: a router for the WebSocket endpoint and the outbox
+/// consumer that feeds its sessions. Cheap to clone; clones share the
+/// sessions.
+#[derive(Clone)]
+pub struct Ingress {
+    store: Store,
+    config: Arc<Config>,
+    registry: Registry,
+    /// Where the outbox consumer starts: the head of the outbox when the
+    /// consumer or the first session asked, whichever came first. Every
+    /// session reads its pending commands after this point is fixed, so
+    /// between them the two see every event.
+    start: Arc<OnceCell<Checkpoint>>,
+}
+
+impl Ingress {
+    /// An ingress on `store`. Nothing runs until [`Ingress::router`] is
+    /// served and [`Ingress::run`] is polled.
+    pub fn new(store: Store, config: Config) -> Self {
+        Self {
+            store,
+            config: Arc::new(config),
+            registry: Registry::default(),
+            start: Arc::new(OnceCell::new()),
+        }
+    }
+
+    /// The WebSocket endpoint at [`protocol::PATH`], to merge with the
+    /// REST router on the same listener.
+    pub fn router(&self) -> axum::Router {
+        axum::Router::new()
+            .route(protocol::PATH, get(session::upgrade))
+            .with_state(self.clone())
+    }
+
+    /// Delivers commands from the outbox to the sessions of this process
+    /// until `shutdown` completes, then closes every session (close code
+    /// 1001, "going away") and waits up to [`SHUTDOWN_WAIT`] for them to
+    /// end. Database errors are logged and retried; this never fails.
+    pub async fn run(&self, shutdown: impl Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        tokio::select! {
+            () = fanout::follow(self) => {}
+            () = &mut shutdown => {}
+        }
+        self.registry.close_all();
+        let deadline = tokio::time::Instant::now() + SHUTDOWN_WAIT;
+        while self.registry.len() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tracing::info!(left = self.registry.len(), "ingress stopped");
+    }
+
+    /// How many agent sessions this process holds.
+    pub fn connected(&self) -> usize {
+        self.registry.len()
+    }
+
+    /// Where the outbox consumer starts; fixed on first use.
+    ///
+    /// # Errors
+    /// A database error reading the outbox head.
+    async fn start_point(&self) -> Result<Checkpoint, sqlx::Error> {
+        self.start
+            .get_or_try_init(|| store::outbox::head(self.store.pool()))
+            .await
+            .copied()
+    }
+
+    fn store(&self) -> &Store {
+        &self.store
+    }
+
+    fn config(&self) -> &Config {
+        &self.config
+    }
+}

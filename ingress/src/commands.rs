@@ -1,0 +1,212 @@
+//! What the platform wants of a node, as `run_task` and `cancel_task`
+//! frames.
+//!
+//! Commands are never stored: they are read off the tasks themselves. A
+//! task assigned to a node and not yet accepted wants `run_task`; a task
+//! still holding a node after a cancel request wants `cancel_task`. So a
+//! command stays wanted until the agent reports on it, and every reconnect
+//! sends it again under the same `command_id`, which the agent uses to drop
+//! what it has already handled.
+
+use std::collections::{BTreeSet, HashSet};
+
+use domain::task::{Task, TaskState};
+use protocol::{Command, RunTask, ServerMessage};
+use sqlx::PgPool;
+use store::outbox::{self, Checkpoint, Filter};
+use store::Store;
+use uuid::Uuid;
+
+/// The checkpoint name of the read model that fills `task_view` (the
+/// projections crate's `tasks`; this crate may not link that one). Events
+/// after it are not in `task_view` yet and are read from the outbox.
+pub(crate) const TASK_VIEW_CHECKPOINT: &str = "tasks";
+
+/// The most outbox events read, per connecting agent, to cover what the
+/// projector has not yet written to `task_view`. The projector normally
+/// lags by milliseconds; when it is this far behind, later assignments
+/// reach the agent through the outbox consumer or its next reconnect.
+pub(crate) const MAX_PROJECTION_GAP: i64 = 5_000;
+
+/// Why the wanted commands could not be worked out.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum PendingError {
+    /// The database failed.
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    /// A task could not be loaded.
+    #[error("loading task {task_id}: {reason}")]
+    Load {
+        /// The task.
+        task_id: Uuid,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// One command for an agent, encoded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Encoded {
+    /// The task it is about.
+    pub task_id: Uuid,
+    /// `run_task` or `cancel_task`.
+    pub kind: &'static str,
+    /// The frame.
+    pub frame: String,
+}
+
+/// The `cancel_task` frame for an attempt.
+pub(crate) fn cancel_task(task_id: Uuid, attempt: u32, grace_s: u64) -> Encoded {
+    let message = ServerMessage::Command {
+        command_id: protocol::command_id("cancel_task", task_id, attempt),
+        command: Command::CancelTask {
+            task_id,
+            attempt,
+            grace_s,
+        },
+    };
+    Encoded {
+        task_id,
+        kind: "cancel_task",
+        frame: protocol::encode(&message),
+    }
+}
+
+/// The `run_task` frame for a task's current attempt; `None` for a task
+/// without a spec.
+pub(crate) fn run_task(task: &Task) -> Option<Encoded> {
+    let task_id = task.id?;
+    let spec = task.spec.as_ref()?;
+    let message = ServerMessage::Command {
+        command_id: protocol::command_id("run_task", task_id, task.attempt),
+        command: Command::RunTask(RunTask {
+            task_id,
+            attempt: task.attempt,
+            code_repo_url: spec.code_repo_url.as_str().to_string(),
+            code_commit_id: spec.code_commit_id.as_str().to_string(),
+            env_repo_url: spec.env_repo_url.as_str().to_string(),
+            env_commit_id: spec.env_commit_id.as_str().to_string(),
+            dockerfile_path: spec.dockerfile_path.as_str().to_string(),
+            command: spec.command.clone(),
+            env: spec.env.clone(),
+            cpus: spec.resources.cpus,
+            memory_mb: spec.resources.memory_mb,
+            // GPU devices are not placed yet: the scheduler will name them.
+            gpus: Vec::new(),
+            timeout_s: spec.timeout_s,
+        }),
+    };
+    Some(Encoded {
+        task_id,
+        kind: "run_task",
+        frame: protocol::encode(&message),
+    })
+}
+
+/// What `task` wants of node `node_id` right now, in the order to send it.
+/// Attempts in `running` are already running on the node and get no
+/// `run_task`.
+pub(crate) fn wanted(
+    task: &Task,
+    node_id: Uuid,
+    running: &HashSet<(Uuid, u32)>,
+    grace_s: u64,
+) -> Option<Encoded> {
+    let task_id = task.id?;
+    if task.node_id != Some(node_id) || !task.state.holds_node() {
+        return None;
+    }
+    if task.cancel_requested {
+        // Not run_task first: an agent answers a cancel for an attempt it
+        // never started by reporting it cancelled.
+        return Some(cancel_task(task_id, task.attempt, grace_s));
+    }
+    if task.state == TaskState::Assigned && !running.contains(&(task_id, task.attempt)) {
+        return run_task(task);
+    }
+    None
+}
+
+/// Loads task `task_id`; `None` when it does not exist.
+///
+/// # Errors
+/// [`PendingError::Load`] when the log cannot be read.
+pub(crate) async fn load_task(store: &Store, task_id: Uuid) -> Result<Option<Task>, PendingError> {
+    store
+        .load::<Task>(&task_id.to_string())
+        .await
+        .map(|loaded| loaded.map(|l| l.state))
+        .map_err(|e| PendingError::Load {
+            task_id,
+            reason: e.to_string(),
+        })
+}
+
+/// The tasks that may want something of node `node_id`: those `task_view`
+/// shows holding it, and those the outbox shows assigned to it or asked to
+/// cancel since the projector's checkpoint.
+///
+/// The checkpoint is read before `task_view`, and the projector writes both
+/// in one transaction, so the view read is at least as new as the
+/// checkpoint and nothing falls between the two.
+///
+/// # Errors
+/// A database error.
+pub(crate) async fn candidates(
+    pool: &PgPool,
+    node_id: Uuid,
+) -> Result<BTreeSet<Uuid>, sqlx::Error> {
+    let from: Option<(i64, i64)> =
+        sqlx::query_as("SELECT txid, position FROM checkpoints WHERE name = $1")
+            .bind(TASK_VIEW_CHECKPOINT)
+            .fetch_optional(pool)
+            .await?;
+    let mut at = from
+        .map(|(txid, position)| Checkpoint { txid, position })
+        .unwrap_or_default();
+    let mut ids: BTreeSet<Uuid> = sqlx::query_scalar(
+        "SELECT id FROM task_view WHERE node_id = $1 \
+         AND state IN ('assigned', 'accepted', 'preparing', 'running')",
+    )
+    .bind(node_id)
+    .fetch_all(pool)
+    .await?
+    .into_iter()
+    .collect();
+    let filter = Filter {
+        aggregate_type: Some("task".into()),
+        aggregate_id: None,
+    };
+    let mut read = 0;
+    while read < MAX_PROJECTION_GAP {
+        let events = outbox::read_after(pool, at, 500, &filter).await?;
+        let Some(last) = events.last() else { break };
+        at = last.checkpoint();
+        read += events.len() as i64;
+        for event in &events {
+            let wanted = match event.event_type.as_str() {
+                "TaskAssigned" => assigned_node(event.body()) == Some(node_id),
+                "TaskCancelRequested" => true,
+                _ => false,
+            };
+            if let (true, Ok(id)) = (wanted, Uuid::try_parse(&event.aggregate_id)) {
+                ids.insert(id);
+            }
+        }
+    }
+    if read >= MAX_PROJECTION_GAP {
+        tracing::warn!(
+            %node_id,
+            "task_view is more than {MAX_PROJECTION_GAP} events behind; \
+             pending commands may reach the agent late"
+        );
+    }
+    Ok(ids)
+}
+
+/// The node of a `TaskAssigned` event's body.
+pub(crate) fn assigned_node(body: &serde_json::Value) -> Option<Uuid> {
+    body.get("node_id")
+        .and_then(|n| n.as_str())
+        .and_then(|n| Uuid::try_parse(n).ok())
+}

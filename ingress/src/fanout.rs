@@ -1,0 +1,163 @@
+//! The outbox consumer: delivers what the log asks of the nodes connected
+//! to this process.
+//!
+//! It starts at the head of the outbox, with its checkpoint in memory only:
+//! whatever happened before is picked up by each session when it connects
+//! (see [`crate::commands`]). Sessions read their pending commands only
+//! after the consumer's starting point is fixed, so no event falls between
+//! the two. Per batch it reacts to
+//!
+//! - `TaskAssigned` to a node connected here, and `TaskCancelRequested`:
+//!   the task is loaded once per batch and what its *current* state wants
+//!   of its node is sent (so a task assigned and cancelled in one batch
+//!   gets only `cancel_task`);
+//! - `NodeTokenRevoked`: the node's session is closed at once;
+//! - `NodeConnected` with another session than ours, and
+//!   `NodeMarkedOffline`, newer than our session's `NodeConnected`: ours is
+//!   stale and is closed (the agent reconnects if it is still there).
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use futures::StreamExt;
+use store::outbox::{self, Checkpoint, Filter, RecordedEvent};
+use store::Wakeup;
+use uuid::Uuid;
+
+use crate::commands::{self, PendingError};
+use crate::registry::Ending;
+use crate::Ingress;
+
+/// Events read per batch.
+pub(crate) const BATCH: i64 = 500;
+
+/// Tasks loaded at once while delivering one batch.
+pub(crate) const LOADS_IN_FLIGHT: usize = 8;
+
+/// Follows the outbox for `ingress`, forever. Errors are logged and
+/// retried after a pause.
+pub(crate) async fn follow(ingress: &Ingress) {
+    let pool = ingress.store().pool().clone();
+    let mut at = loop {
+        match ingress.start_point().await {
+            Ok(start) => break start,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the outbox head failed; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    };
+    let mut wake = Wakeup::new(pool, ingress.config().poll).await;
+    loop {
+        loop {
+            match run_once(ingress, at).await {
+                Ok(Some(next)) => at = next,
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "delivering commands failed; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    break;
+                }
+            }
+        }
+        wake.wait().await;
+    }
+}
+
+/// Reads and handles one batch after `after`; returns where it ended, or
+/// `None` when there was nothing new.
+///
+/// # Errors
+/// A database error; the batch is handled again from `after` next time
+/// (what was already sent is sent again, which agents ignore).
+pub(crate) async fn run_once(
+    ingress: &Ingress,
+    after: Checkpoint,
+) -> Result<Option<Checkpoint>, PendingError> {
+    let events =
+        outbox::read_after(ingress.store().pool(), after, BATCH, &Filter::default()).await?;
+    let Some(last) = events.last().map(RecordedEvent::checkpoint) else {
+        return Ok(None);
+    };
+    let mut tasks = Vec::new();
+    let mut seen = HashSet::new();
+    for event in &events {
+        if let Some(task_id) = handle(ingress, event) {
+            if seen.insert(task_id) {
+                tasks.push(task_id);
+            }
+        }
+    }
+    deliver(ingress, tasks).await?;
+    Ok(Some(last))
+}
+
+/// Acts on a node event; returns the task a task event may concern.
+fn handle(ingress: &Ingress, event: &RecordedEvent) -> Option<Uuid> {
+    let registry = &ingress.registry;
+    let id = Uuid::try_parse(&event.aggregate_id).ok()?;
+    match (event.aggregate_type.as_str(), event.event_type.as_str()) {
+        ("task", "TaskAssigned") => commands::assigned_node(event.body())
+            .filter(|node| registry.contains(*node))
+            .map(|_| id),
+        ("task", "TaskCancelRequested") => (registry.len() > 0).then_some(id),
+        ("node", "NodeTokenRevoked") => {
+            registry.close(id, |_, _| true, Ending::Revoked);
+            None
+        }
+        ("node", "NodeConnected") => {
+            let theirs = event
+                .body()
+                .get("session")
+                .and_then(|s| s.as_str())
+                .and_then(|s| Uuid::try_parse(s).ok());
+            registry.close(
+                id,
+                |ours, connected_seq| Some(ours) != theirs && event.sequence > connected_seq,
+                Ending::Replaced,
+            );
+            None
+        }
+        ("node", "NodeMarkedOffline") => {
+            registry.close(
+                id,
+                |_, connected_seq| event.sequence > connected_seq,
+                Ending::Offline,
+            );
+            None
+        }
+        _ => None,
+    }
+}
+
+/// Sends what each task's current state wants of its node, if that node is
+/// connected here.
+async fn deliver(ingress: &Ingress, tasks: Vec<Uuid>) -> Result<(), PendingError> {
+    let store = ingress.store();
+    let mut loaded = futures::stream::iter(tasks)
+        .map(|task_id| commands::load_task(store, task_id))
+        .buffered(LOADS_IN_FLIGHT);
+    let none_running = HashSet::new();
+    while let Some(task) = loaded.next().await {
+        let Some(task) = task? else { continue };
+        let Some(node_id) = task.node_id.filter(|n| ingress.registry.contains(*n)) else {
+            continue;
+        };
+        let grace_s = ingress.config().cancel_grace_s;
+        if let Some(command) = commands::wanted(&task, node_id, &none_running, grace_s) {
+            if command.frame.len() > protocol::MAX_FRAME_BYTES {
+                tracing::error!(
+                    task_id = %command.task_id,
+                    bytes = command.frame.len(),
+                    "{} is larger than a frame; it cannot be delivered",
+                    command.kind
+                );
+                continue;
+            }
+            if ingress.registry.send(node_id, &command.frame) {
+                tracing::debug!(%node_id, task_id = %command.task_id, kind = command.kind, "command queued");
+            }
+        }
+    }
+    Ok(())
+}

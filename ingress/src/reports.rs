@@ -1,0 +1,303 @@
+//! Reports and log chunks from an agent, turned into Task commands and
+//! `task_log` rows.
+//!
+//! The reporting node is always the session's node, never one a frame
+//! names, so an agent can only ever speak for itself; the Task aggregate
+//! then refuses reports for attempts that are not this node's current one.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use domain::task::{Outcome, Task, TaskCommand, TaskError};
+use domain::Actor;
+use protocol::{LogChunk, ReportedState, Status};
+use sqlx::PgPool;
+use store::{Store, StoreError};
+use uuid::Uuid;
+
+/// The longest `stage` or `container` a report may carry.
+pub(crate) const MAX_FIELD_BYTES: usize = 256;
+
+/// The longest failure message kept; longer ones are cut.
+pub(crate) const MAX_MESSAGE_BYTES: usize = 4096;
+
+/// How many (task, attempt) answers a session remembers for log chunks
+/// before it forgets them all and asks again.
+pub(crate) const LOG_PERMISSIONS: usize = 256;
+
+/// What became of a report or chunk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Answer {
+    /// Stored (or already stored): answer `received{id}`.
+    Stored,
+    /// Refused for good: answer `received{id, error}`.
+    Refused(String),
+    /// Not stored this time (the database failed): answer nothing, the
+    /// agent sends it again.
+    Later(String),
+}
+
+/// The Task command for a report from `node_id`.
+///
+/// # Errors
+/// Why the report itself is unacceptable, for `received{id, error}`.
+pub(crate) fn command(
+    node_id: Uuid,
+    status: &Status,
+    at: DateTime<Utc>,
+) -> Result<TaskCommand, String> {
+    let attempt = status.attempt;
+    let bounded = |name: &str, value: &Option<String>| match value.as_deref() {
+        None | Some("") => Err(format!("a {} report needs its {name}", state_name(status))),
+        Some(v) if v.len() > MAX_FIELD_BYTES => {
+            Err(format!("{name} is longer than {MAX_FIELD_BYTES} bytes"))
+        }
+        Some(v) => Ok(v.to_string()),
+    };
+    let exited = |outcome| TaskCommand::ReportExited {
+        node_id,
+        attempt,
+        outcome,
+        at,
+    };
+    Ok(match status.state {
+        ReportedState::Accepted => TaskCommand::Accept {
+            node_id,
+            attempt,
+            at,
+        },
+        ReportedState::Preparing => TaskCommand::ReportPreparing {
+            node_id,
+            attempt,
+            stage: bounded("stage", &status.stage)?,
+            at,
+        },
+        ReportedState::Running => TaskCommand::ReportStarted {
+            node_id,
+            attempt,
+            container: bounded("container", &status.container)?,
+            at,
+        },
+        ReportedState::Succeeded => exited(Outcome::Succeeded),
+        ReportedState::Failed => exited(Outcome::Failed {
+            exit_code: status.exit_code,
+            reason: failure_reason(status.message.as_deref()),
+        }),
+        ReportedState::Cancelled => exited(Outcome::Cancelled),
+        ReportedState::TimedOut => exited(Outcome::TimedOut),
+    })
+}
+
+fn state_name(status: &Status) -> &'static str {
+    match status.state {
+        ReportedState::Accepted => "accepted",
+        ReportedState::Preparing => "preparing",
+        ReportedState::Running => "running",
+        ReportedState::Succeeded => "succeeded",
+        ReportedState::Failed => "failed",
+        ReportedState::Cancelled => "cancelled",
+        ReportedState::TimedOut => "timed_out",
+    }
+}
+
+/// The agent's message, cut to [`MAX_MESSAGE_BYTES`] on a character
+/// boundary, or `failed`.
+fn failure_reason(message: Option<&str>) -> String {
+    match message.map(str::trim).filter(|m| !m.is_empty()) {
+        None => "failed".into(),
+        Some(m) if m.len() <= MAX_MESSAGE_BYTES => m.into(),
+        Some(m) => {
+            let mut end = MAX_MESSAGE_BYTES;
+            while !m.is_char_boundary(end) {
+                end -= 1;
+            }
+            format!("{}…", &m[..end])
+        }
+    }
+}
+
+/// Executes a report from `node_id`.
+pub(crate) async fn report(store: &Store, node_id: Uuid, status: &Status) -> Answer {
+    let at = Utc::now();
+    let command = match command(node_id, status, at) {
+        Ok(c) => c,
+        Err(reason) => return Answer::Refused(reason),
+    };
+    let actor = Actor::Node(node_id.to_string());
+    match store
+        .execute::<Task>(&status.task_id.to_string(), command, &actor, at)
+        .await
+    {
+        Ok(_) => Answer::Stored,
+        Err(StoreError::Rejected(e)) => Answer::Refused(e.to_string()),
+        Err(e) => Answer::Later(e.to_string()),
+    }
+}
+
+/// Which attempts a session may write log chunks for, remembered per
+/// (task, attempt) so the Task aggregate is loaded once, not per chunk.
+#[derive(Debug, Default)]
+pub(crate) struct LogPermissions {
+    known: HashMap<(Uuid, u32), Result<(), String>>,
+}
+
+impl LogPermissions {
+    /// Whether node `node_id` may write output for the chunk's attempt:
+    /// the attempt must have been placed on this node.
+    async fn check(&mut self, store: &Store, node_id: Uuid, chunk: &LogChunk) -> Answer {
+        let key = (chunk.task_id, chunk.attempt);
+        if let Some(known) = self.known.get(&key) {
+            return match known {
+                Ok(()) => Answer::Stored,
+                Err(reason) => Answer::Refused(reason.clone()),
+            };
+        }
+        let task = match store.load::<Task>(&chunk.task_id.to_string()).await {
+            Ok(task) => task.map(|t| t.state),
+            Err(e) => return Answer::Later(e.to_string()),
+        };
+        let verdict = match task {
+            None => Err(TaskError::NotFound.to_string()),
+            Some(task) => match task.attempts.iter().find(|a| a.number == chunk.attempt) {
+                None => Err(TaskError::StaleAttempt {
+                    current: task.attempt,
+                    reported: chunk.attempt,
+                }
+                .to_string()),
+                Some(a) if a.node_id != node_id => Err(TaskError::WrongNode {
+                    assigned: a.node_id,
+                    reporter: node_id,
+                }
+                .to_string()),
+                Some(_) => Ok(()),
+            },
+        };
+        if self.known.len() >= LOG_PERMISSIONS {
+            self.known.clear();
+        }
+        self.known.insert(key, verdict.clone());
+        match verdict {
+            Ok(()) => Answer::Stored,
+            Err(reason) => Answer::Refused(reason),
+        }
+    }
+
+    /// Stores a chunk from node `node_id` once; a chunk sent again changes
+    /// nothing.
+    pub(crate) async fn store(&mut self, store: &Store, node_id: Uuid, chunk: &LogChunk) -> Answer {
+        if chunk.data.len() > protocol::MAX_LOG_CHUNK_BYTES {
+            return Answer::Refused(format!(
+                "a log chunk holds at most {} bytes",
+                protocol::MAX_LOG_CHUNK_BYTES
+            ));
+        }
+        let Ok(offset) = i64::try_from(chunk.offset) else {
+            return Answer::Refused("offset is out of range".into());
+        };
+        let Ok(attempt) = i32::try_from(chunk.attempt) else {
+            return Answer::Refused("attempt is out of range".into());
+        };
+        match self.check(store, node_id, chunk).await {
+            Answer::Stored => {}
+            other => return other,
+        }
+        match insert_chunk(store.pool(), chunk.task_id, attempt, offset, &chunk.data).await {
+            Ok(()) => Answer::Stored,
+            Err(e) => Answer::Later(e.to_string()),
+        }
+    }
+}
+
+async fn insert_chunk(
+    pool: &PgPool,
+    task_id: Uuid,
+    attempt: i32,
+    offset: i64,
+    data: &str,
+) -> Result<(), sqlx::Error> {
+    // PostgreSQL text cannot hold NUL; a space keeps every byte offset.
+    let data = if data.contains('\0') {
+        std::borrow::Cow::Owned(data.replace('\0', " "))
+    } else {
+        std::borrow::Cow::Borrowed(data)
+    };
+    sqlx::query(
+        "INSERT INTO task_log (task_id, attempt, \"offset\", data) VALUES ($1, $2, $3, $4) \
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(task_id)
+    .bind(attempt)
+    .bind(offset)
+    .bind(data.as_ref())
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(state: ReportedState) -> Status {
+        Status {
+            id: 1,
+            task_id: Uuid::nil(),
+            attempt: 2,
+            state,
+            stage: None,
+            container: None,
+            exit_code: None,
+            message: None,
+        }
+    }
+
+    #[test]
+    fn each_reported_state_becomes_its_task_command() {
+        let node = Uuid::from_u128(7);
+        let at = Utc::now();
+        let mut s = status(ReportedState::Failed);
+        s.exit_code = Some(3);
+        assert_eq!(
+            command(node, &s, at),
+            Ok(TaskCommand::ReportExited {
+                node_id: node,
+                attempt: 2,
+                outcome: Outcome::Failed {
+                    exit_code: Some(3),
+                    reason: "failed".into()
+                },
+                at
+            })
+        );
+        assert!(matches!(
+            command(node, &status(ReportedState::Accepted), at),
+            Ok(TaskCommand::Accept { attempt: 2, .. })
+        ));
+        assert!(matches!(
+            command(node, &status(ReportedState::TimedOut), at),
+            Ok(TaskCommand::ReportExited {
+                outcome: Outcome::TimedOut,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn preparing_and_running_reports_need_their_detail() {
+        let node = Uuid::from_u128(7);
+        let at = Utc::now();
+        assert!(command(node, &status(ReportedState::Preparing), at).is_err());
+        assert!(command(node, &status(ReportedState::Running), at).is_err());
+        let mut s = status(ReportedState::Running);
+        s.container = Some("x".repeat(MAX_FIELD_BYTES + 1));
+        assert!(command(node, &s, at).is_err());
+    }
+
+    #[test]
+    fn long_failure_messages_are_cut_on_a_character_boundary() {
+        let long = "é".repeat(MAX_MESSAGE_BYTES);
+        let reason = failure_reason(Some(&long));
+        assert!(reason.len() <= MAX_MESSAGE_BYTES + '…'.len_utf8());
+        assert_eq!(failure_reason(Some("  ")), "failed");
+    }
+}

@@ -1,0 +1,692 @@
+//! One agent's session, from the upgrade to the goodbye.
+//!
+//! ```text
+//! upgrade ─ token ok ─► awaiting hello ─ hello ─► connecting ─► live ─► closing
+//!    │ 401                 │ timeout, bad frame      │ revoked,       │ bad frame, replaced,
+//!    ▼                     ▼ error + close           ▼ db down        ▼ revoked, idle, gone,
+//!  (no socket)          (nothing appended)        error + close    shutdown → NodeDisconnected
+//! ```
+//!
+//! A session is one Tokio task (the one axum spawns for the upgrade) that
+//! owns its socket and selects over the socket, a small queue of frames
+//! from the outbox consumer ([`crate::registry`]) and an idle timer.
+//! Frames are handled one at a time, in order, which is also the back
+//! pressure: an agent that floods waits for its own answers. Buffers are
+//! small (4 KiB) so tens of thousands of idle agents fit in one process.
+
+use std::collections::HashSet;
+use std::error::Error as _;
+use std::time::Duration;
+
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::ws::{close_code, CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
+use chrono::Utc;
+use domain::node::{Gpu, Node, NodeCommand, NodeError, NodeResources, NodeStatus};
+use domain::Actor;
+use protocol::{AgentMessage, DecodeError, Hello, ServerMessage};
+use store::StoreError;
+use tokio::sync::mpsc;
+use tokio::time::{Instant, Sleep};
+use tokio_tungstenite::tungstenite;
+use uuid::Uuid;
+
+use crate::commands::{self, Encoded};
+use crate::registry::{Ending, Outgoing};
+use crate::reports::{self, Answer, LogPermissions};
+use crate::{auth, liveness, Ingress, IDLE_HEARTBEATS};
+
+/// tungstenite's read and write buffers per connection. Its default read
+/// buffer (128 KiB) would cost ~135 KiB per idle agent; 4 KiB costs ~7 KiB.
+pub(crate) const SOCKET_BUFFER: usize = 4096;
+
+/// How long a closing session waits for the agent's close frame.
+pub(crate) const CLOSE_WAIT: Duration = Duration::from_secs(1);
+
+/// The most attempts a `hello` may say are running.
+pub(crate) const MAX_RUNNING: usize = 1024;
+
+/// The longest `agent_version`.
+pub(crate) const MAX_VERSION_BYTES: usize = 128;
+
+/// `GET /agent/v1/ws`: checks the node token, then upgrades.
+pub(crate) async fn upgrade(
+    State(ingress): State<Ingress>,
+    headers: HeaderMap,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    let node_id = match auth::authenticate(ingress.store(), &headers).await {
+        Ok(node_id) => node_id,
+        Err(refusal) => return refusal.into_response(),
+    };
+    let ws = match ws {
+        Ok(ws) => ws,
+        Err(rejection) => return rejection.into_response(),
+    };
+    ws.read_buffer_size(SOCKET_BUFFER)
+        .write_buffer_size(SOCKET_BUFFER)
+        .max_message_size(protocol::MAX_FRAME_BYTES)
+        .max_frame_size(protocol::MAX_FRAME_BYTES)
+        .on_failed_upgrade(move |e| {
+            tracing::info!(%node_id, error = %e, "agent WebSocket upgrade failed");
+        })
+        .on_upgrade(move |socket| serve(ingress, node_id, socket))
+}
+
+/// How a session ends.
+#[derive(Debug)]
+enum End {
+    /// The agent closed the connection or it broke.
+    Gone(String),
+    /// The server closes it, saying why in an `error` frame first.
+    Refused {
+        code: &'static str,
+        message: String,
+        close: u16,
+    },
+    /// This process is stopping: close, no error.
+    ShuttingDown,
+}
+
+impl End {
+    fn refused(code: &'static str, message: impl Into<String>) -> Self {
+        End::Refused {
+            code,
+            message: message.into(),
+            close: close_code::POLICY,
+        }
+    }
+
+    fn bad_frame(e: &DecodeError) -> Self {
+        End::Refused {
+            code: e.code(),
+            message: e.to_string(),
+            close: match e {
+                DecodeError::TooLarge(_) => close_code::SIZE,
+                _ => close_code::POLICY,
+            },
+        }
+    }
+
+    fn from_socket_error(e: &axum::Error) -> Self {
+        let inner = e
+            .source()
+            .and_then(|s| s.downcast_ref::<tungstenite::Error>());
+        match inner {
+            Some(tungstenite::Error::Capacity(c)) => End::Refused {
+                code: "too_large",
+                message: format!("{c}; the limit is {} bytes", protocol::MAX_FRAME_BYTES),
+                close: close_code::SIZE,
+            },
+            Some(tungstenite::Error::Utf8(_)) => {
+                End::refused("bad_frame", "text frame is not UTF-8")
+            }
+            _ => End::Gone(format!("connection failed: {e}")),
+        }
+    }
+
+    fn from_ending(why: Ending) -> Self {
+        match why {
+            Ending::Replaced => End::Refused {
+                code: "replaced",
+                message: "the node connected again; this older session is closed".into(),
+                close: close_code::NORMAL,
+            },
+            Ending::Revoked => End::refused("revoked", "the node's token was revoked"),
+            Ending::Offline => End::Refused {
+                code: "session_ended",
+                message: "the platform marked this node offline; connect again".into(),
+                close: close_code::NORMAL,
+            },
+            Ending::ShuttingDown => End::ShuttingDown,
+        }
+    }
+
+    /// The reason recorded in `NodeDisconnected`.
+    fn reason(&self) -> String {
+        match self {
+            End::Gone(why) => why.clone(),
+            End::Refused { code, message, .. } => format!("{code}: {message}"),
+            End::ShuttingDown => "the ingress shut down".into(),
+        }
+    }
+}
+
+/// Runs a session on an upgraded socket until it ends.
+async fn serve(ingress: Ingress, node_id: Uuid, mut socket: WebSocket) {
+    let hello = match await_hello(&mut socket, ingress.config().hello_timeout).await {
+        Ok(hello) => hello,
+        Err(end) => {
+            log_end(node_id, None, &end);
+            close(&mut socket, end).await;
+            return;
+        }
+    };
+    let mut session = match Session::connect(ingress, node_id, &hello).await {
+        Ok(session) => session,
+        Err(end) => {
+            log_end(node_id, None, &end);
+            close(&mut socket, end).await;
+            return;
+        }
+    };
+    let end = session.live(&mut socket, hello).await;
+    log_end(node_id, Some(session.id), &end);
+    session.end(&end).await;
+    close(&mut socket, end).await;
+}
+
+fn log_end(node_id: Uuid, session: Option<Uuid>, end: &End) {
+    match end {
+        End::Refused { code, message, .. } => {
+            tracing::warn!(%node_id, ?session, code, message, "agent session refused")
+        }
+        End::Gone(why) => tracing::info!(%node_id, ?session, why, "agent session ended"),
+        End::ShuttingDown => {
+            tracing::debug!(%node_id, ?session, "agent session closed at shutdown")
+        }
+    }
+}
+
+/// Says goodbye: the error frame (if any) and a close frame, then waits
+/// briefly for the agent's close frame so the TCP connection ends cleanly.
+async fn close(socket: &mut WebSocket, end: End) {
+    let (code, reason) = match end {
+        End::Gone(_) => return,
+        End::Refused {
+            code,
+            message,
+            close,
+        } => {
+            let error = ServerMessage::Error {
+                code: code.into(),
+                message,
+            };
+            if socket
+                .send(Message::Text(protocol::encode(&error).into()))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            (close, code)
+        }
+        End::ShuttingDown => (close_code::AWAY, "server shutting down"),
+    };
+    let frame = CloseFrame {
+        code,
+        reason: reason.into(),
+    };
+    if socket.send(Message::Close(Some(frame))).await.is_err() {
+        return;
+    }
+    let _ = tokio::time::timeout(CLOSE_WAIT, async {
+        while let Some(Ok(m)) = socket.recv().await {
+            if matches!(m, Message::Close(_)) {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
+/// Waits for the first message, which must be a valid `hello`.
+async fn await_hello(socket: &mut WebSocket, timeout: Duration) -> Result<Hello, End> {
+    let deadline = Instant::now() + timeout;
+    let expected = || {
+        End::refused(
+            "hello_expected",
+            format!(
+                "the first message must be hello, within {} s",
+                timeout.as_secs_f64()
+            ),
+        )
+    };
+    loop {
+        let message = match tokio::time::timeout_at(deadline, socket.recv()).await {
+            Err(_) => return Err(expected()),
+            Ok(None) => return Err(End::Gone("closed before hello".into())),
+            Ok(Some(Err(e))) => return Err(End::from_socket_error(&e)),
+            Ok(Some(Ok(m))) => m,
+        };
+        match message {
+            Message::Text(text) => {
+                return match protocol::decode::<AgentMessage>(text.as_str()) {
+                    Ok(AgentMessage::Hello(hello)) => {
+                        check_hello(&hello).map_err(|m| End::refused("bad_frame", m))?;
+                        Ok(hello)
+                    }
+                    Ok(_) => Err(expected()),
+                    Err(e) => Err(End::bad_frame(&e)),
+                }
+            }
+            Message::Binary(_) => return Err(binary()),
+            Message::Ping(_) | Message::Pong(_) => {}
+            Message::Close(_) => return Err(End::Gone("closed before hello".into())),
+        }
+    }
+}
+
+fn binary() -> End {
+    End::refused(
+        "bad_frame",
+        "binary frames are not part of the protocol; send JSON text frames",
+    )
+}
+
+/// Checks what `hello` declares before it goes into an event.
+fn check_hello(hello: &Hello) -> Result<(), String> {
+    let version = hello.agent_version.trim();
+    if version.is_empty() || version.len() > MAX_VERSION_BYTES {
+        return Err(format!(
+            "agent_version must be 1 to {MAX_VERSION_BYTES} bytes"
+        ));
+    }
+    let r = &hello.resources;
+    if !r.cpus.is_finite() || r.cpus < 0.0 {
+        return Err("resources.cpus must be a number of cores, 0 or more".into());
+    }
+    domain::spec::validate_labels("labels", &hello.labels).map_err(|e| e.to_string())?;
+    if hello.running.len() > MAX_RUNNING {
+        return Err(format!("running lists more than {MAX_RUNNING} attempts"));
+    }
+    Ok(())
+}
+
+fn resources(hello: &Hello) -> NodeResources {
+    NodeResources {
+        cpus: hello.resources.cpus,
+        memory_mb: hello.resources.memory_mb,
+        gpus: hello
+            .resources
+            .gpus
+            .iter()
+            .map(|g| Gpu {
+                index: g.index,
+                name: g.name.clone(),
+                memory_mb: g.memory_mb,
+            })
+            .collect(),
+    }
+}
+
+/// A connected session: `NodeConnected` is in the log and the session is
+/// registered in this process.
+struct Session {
+    ingress: Ingress,
+    node_id: Uuid,
+    id: Uuid,
+    actor: Actor,
+    outgoing: mpsc::Receiver<Outgoing>,
+    /// The attempts the agent said it runs, which never get `run_task`.
+    running: HashSet<(Uuid, u32)>,
+    logs: LogPermissions,
+}
+
+impl Session {
+    /// Records the connection and registers the session.
+    async fn connect(ingress: Ingress, node_id: Uuid, hello: &Hello) -> Result<Self, End> {
+        let id = Uuid::now_v7();
+        let actor = Actor::Node(node_id.to_string());
+        let at = Utc::now();
+        let command = NodeCommand::Connect {
+            session: id,
+            agent_version: hello.agent_version.trim().to_string(),
+            resources: resources(hello),
+            labels: hello.labels.clone(),
+            at,
+        };
+        let store = ingress.store();
+        let connected_seq = match store
+            .execute::<Node>(&node_id.to_string(), command, &actor, at)
+            .await
+        {
+            Ok(executed) => executed.sequence,
+            Err(StoreError::Rejected(NodeError::Revoked)) => {
+                return Err(End::refused("revoked", "the node's token was revoked"))
+            }
+            Err(StoreError::Rejected(e)) => {
+                return Err(End::refused("unauthorized", e.to_string()))
+            }
+            Err(e) => {
+                tracing::error!(%node_id, error = %e, "recording an agent connection failed");
+                return Err(unavailable());
+            }
+        };
+        let outgoing = match ingress.registry.register(
+            node_id,
+            id,
+            i64::try_from(connected_seq).unwrap_or(i64::MAX),
+        ) {
+            Ok(rx) => rx,
+            Err(_) => {
+                // Connected is recorded: record its end too.
+                record_end(&ingress, node_id, id, &actor, &End::ShuttingDown).await;
+                return Err(End::ShuttingDown);
+            }
+        };
+        Ok(Self {
+            ingress,
+            node_id,
+            id,
+            actor,
+            outgoing,
+            running: hello
+                .running
+                .iter()
+                .map(|r| (r.task_id, r.attempt))
+                .collect(),
+            logs: LogPermissions::default(),
+        })
+    }
+
+    /// Welcomes the agent, sends what is pending, then serves it until the
+    /// session ends.
+    async fn live(&mut self, socket: &mut WebSocket, hello: Hello) -> End {
+        // The hello (its cache lists may be large) is dropped once stored.
+        if let Err(end) = self.start(socket, hello).await {
+            return end;
+        }
+        let idle_after =
+            Duration::from_secs(self.ingress.config().heartbeat_s.max(1) * IDLE_HEARTBEATS);
+        let idle = tokio::time::sleep(idle_after);
+        tokio::pin!(idle);
+        loop {
+            let event = tokio::select! {
+                out = self.outgoing.recv() => Event::Outgoing(out),
+                incoming = socket.recv() => Event::Incoming(incoming),
+                () = &mut idle => Event::Idle,
+            };
+            let step = match event {
+                Event::Outgoing(Some(out)) => self.outgoing(socket, out).await,
+                // Dropped from the registry without a word: it fell behind.
+                Event::Outgoing(None) => Err(unavailable()),
+                Event::Incoming(incoming) => {
+                    reset(idle.as_mut(), idle_after);
+                    self.incoming(socket, incoming).await
+                }
+                Event::Idle => Err(End::Gone(format!(
+                    "nothing received for {} s",
+                    idle_after.as_secs()
+                ))),
+            };
+            if let Err(end) = step {
+                return end;
+            }
+        }
+    }
+
+    /// Liveness rows, a last look at the node, reconciliation and pending
+    /// commands, then `welcome` followed by those commands.
+    async fn start(&mut self, socket: &mut WebSocket, hello: Hello) -> Result<(), End> {
+        let pool = self.ingress.store().pool();
+        let ingress_id = &self.ingress.config().ingress_id;
+        if let Err(e) =
+            liveness::connected(pool, self.node_id, self.id, ingress_id, Utc::now()).await
+        {
+            tracing::error!(node_id = %self.node_id, error = %e, "recording liveness failed");
+            return Err(unavailable());
+        }
+        if let Err(e) = liveness::cache(pool, self.node_id, &hello.cache).await {
+            tracing::warn!(node_id = %self.node_id, error = %e, "recording the node's cache failed");
+        }
+        // The outbox consumer may have passed a revoke or a newer
+        // connection before this session was registered.
+        self.check_current().await?;
+        // Everything the consumer will not deliver, worked out before the
+        // welcome: what happens after the agent is welcomed reaches it once.
+        if let Err(e) = self.ingress.start_point().await {
+            tracing::error!(node_id = %self.node_id, error = %e, "reading the outbox head failed");
+            return Err(unavailable());
+        }
+        let mut commands = self.reconcile().await?;
+        commands.extend(self.pending().await?);
+        let welcome = ServerMessage::Welcome {
+            node_id: self.node_id,
+            session: self.id,
+            heartbeat_s: self.ingress.config().heartbeat_s,
+        };
+        send(socket, &protocol::encode(&welcome)).await?;
+        for command in commands {
+            tracing::debug!(node_id = %self.node_id, task_id = %command.task_id, kind = command.kind, "sending pending command");
+            send(socket, &command.frame).await?;
+        }
+        Ok(())
+    }
+
+    /// Fails when the node's current session is not this one any more.
+    async fn check_current(&self) -> Result<(), End> {
+        match self
+            .ingress
+            .store()
+            .load::<Node>(&self.node_id.to_string())
+            .await
+        {
+            Ok(Some(node)) if node.state.session == Some(self.id) => Ok(()),
+            Ok(Some(node)) if node.state.status == NodeStatus::Revoked => {
+                Err(End::from_ending(Ending::Revoked))
+            }
+            Ok(_) => Err(End::from_ending(Ending::Replaced)),
+            Err(e) => {
+                tracing::error!(node_id = %self.node_id, error = %e, "loading the node failed");
+                Err(unavailable())
+            }
+        }
+    }
+
+    /// `cancel_task` for every attempt the agent runs that the platform
+    /// does not want there: its task is gone, ended, or holds another
+    /// attempt or another node.
+    async fn reconcile(&self) -> Result<Vec<Encoded>, End> {
+        let grace_s = self.ingress.config().cancel_grace_s;
+        let mut cancels = Vec::new();
+        let mut sorted: Vec<_> = self.running.iter().copied().collect();
+        sorted.sort();
+        for (task_id, attempt) in sorted {
+            let task = commands::load_task(self.ingress.store(), task_id)
+                .await
+                .map_err(|e| {
+                    tracing::error!(node_id = %self.node_id, error = %e, "reconciling failed");
+                    unavailable()
+                })?;
+            let keep = task.is_some_and(|t| {
+                t.attempt == attempt && t.node_id == Some(self.node_id) && t.state.holds_node()
+            });
+            if !keep {
+                tracing::info!(node_id = %self.node_id, %task_id, attempt, "agent runs an unwanted attempt; cancelling it");
+                cancels.push(commands::cancel_task(task_id, attempt, grace_s));
+            }
+        }
+        Ok(cancels)
+    }
+
+    /// Every command the node's tasks want now.
+    async fn pending(&self) -> Result<Vec<Encoded>, End> {
+        let store = self.ingress.store();
+        let failed = |e: &dyn std::fmt::Display| {
+            tracing::error!(node_id = %self.node_id, error = %e, "finding pending commands failed");
+            unavailable()
+        };
+        let ids = commands::candidates(store.pool(), self.node_id)
+            .await
+            .map_err(|e| failed(&e))?;
+        let grace_s = self.ingress.config().cancel_grace_s;
+        let mut wanted = Vec::new();
+        for task_id in ids {
+            let task = commands::load_task(store, task_id)
+                .await
+                .map_err(|e| failed(&e))?;
+            wanted.extend(
+                task.and_then(|t| commands::wanted(&t, self.node_id, &self.running, grace_s)),
+            );
+        }
+        Ok(wanted)
+    }
+
+    async fn outgoing(&mut self, socket: &mut WebSocket, out: Outgoing) -> Result<(), End> {
+        match out {
+            Outgoing::Frame(frame) => send(socket, &frame).await,
+            Outgoing::Close(why) => Err(End::from_ending(why)),
+        }
+    }
+
+    async fn incoming(
+        &mut self,
+        socket: &mut WebSocket,
+        incoming: Option<Result<Message, axum::Error>>,
+    ) -> Result<(), End> {
+        let text = match incoming {
+            None => return Err(End::Gone("connection closed".into())),
+            Some(Err(e)) => return Err(End::from_socket_error(&e)),
+            Some(Ok(Message::Text(text))) => text,
+            Some(Ok(Message::Binary(_))) => return Err(binary()),
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => return Ok(()),
+            Some(Ok(Message::Close(_))) => return Err(End::Gone("closed by the agent".into())),
+        };
+        let message =
+            protocol::decode::<AgentMessage>(text.as_str()).map_err(|e| End::bad_frame(&e))?;
+        match message {
+            AgentMessage::Hello(_) => Err(End::refused(
+                "bad_frame",
+                "hello is only valid as the first message",
+            )),
+            AgentMessage::Heartbeat { seq } => self.heartbeat(seq).await,
+            AgentMessage::Ack { command_id } => {
+                tracing::debug!(node_id = %self.node_id, %command_id, "command acknowledged");
+                Ok(())
+            }
+            AgentMessage::Status(status) => {
+                let answer = reports::report(self.ingress.store(), self.node_id, &status).await;
+                self.answer(socket, status.id, answer, "report").await
+            }
+            AgentMessage::Log(chunk) => {
+                let answer = self
+                    .logs
+                    .store(self.ingress.store(), self.node_id, &chunk)
+                    .await;
+                self.answer(socket, chunk.id, answer, "log chunk").await
+            }
+        }
+    }
+
+    async fn heartbeat(&self, seq: u64) -> Result<(), End> {
+        let pool = self.ingress.store().pool();
+        match liveness::heartbeat(pool, self.node_id, self.id).await {
+            Ok(true) => Ok(()),
+            Ok(false) => {
+                // The row names another session: if the log still says we
+                // are current (two connects crossed), take the row back.
+                self.check_current().await?;
+                let at = Utc::now();
+                let ingress_id = &self.ingress.config().ingress_id;
+                if let Err(e) =
+                    liveness::connected(pool, self.node_id, self.id, ingress_id, at).await
+                {
+                    tracing::warn!(node_id = %self.node_id, seq, error = %e, "heartbeat not recorded");
+                }
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!(node_id = %self.node_id, seq, error = %e, "heartbeat not recorded");
+                Ok(())
+            }
+        }
+    }
+
+    async fn answer(
+        &self,
+        socket: &mut WebSocket,
+        id: u64,
+        answer: Answer,
+        what: &str,
+    ) -> Result<(), End> {
+        let error = match answer {
+            Answer::Stored => None,
+            Answer::Refused(reason) => {
+                tracing::info!(node_id = %self.node_id, id, reason, "{what} refused");
+                Some(reason)
+            }
+            Answer::Later(reason) => {
+                tracing::warn!(node_id = %self.node_id, id, reason, "{what} not stored; the agent will send it again");
+                return Ok(());
+            }
+        };
+        send(
+            socket,
+            &protocol::encode(&ServerMessage::Received { id, error }),
+        )
+        .await
+    }
+
+    /// Records the end of the session and forgets it.
+    async fn end(&self, end: &End) {
+        // Recorded before the session leaves the registry, so a shutdown
+        // that waits for the registry to empty has recorded every end.
+        record_end(&self.ingress, self.node_id, self.id, &self.actor, end).await;
+        self.ingress.registry.unregister(self.node_id, self.id);
+    }
+}
+
+/// Appends `NodeDisconnected` for `session`, unless the node has moved on
+/// to a newer session (then the aggregate appends nothing).
+async fn record_end(ingress: &Ingress, node_id: Uuid, session: Uuid, actor: &Actor, end: &End) {
+    let at = Utc::now();
+    let command = NodeCommand::Disconnect {
+        session,
+        reason: end.reason(),
+        at,
+    };
+    if let Err(e) = ingress
+        .store()
+        .execute::<Node>(&node_id.to_string(), command, actor, at)
+        .await
+    {
+        tracing::warn!(%node_id, error = %e, "recording the disconnection failed");
+    }
+}
+
+enum Event {
+    Outgoing(Option<Outgoing>),
+    Incoming(Option<Result<Message, axum::Error>>),
+    Idle,
+}
+
+fn reset(idle: std::pin::Pin<&mut Sleep>, after: Duration) {
+    idle.reset(Instant::now() + after);
+}
+
+fn unavailable() -> End {
+    End::Refused {
+        code: "unavailable",
+        message: "the server cannot serve this session right now; connect again later".into(),
+        close: close_code::AGAIN,
+    }
+}
+
+async fn send(socket: &mut WebSocket, frame: &str) -> Result<(), End> {
+    socket
+        .send(Message::Text(frame.into()))
+        .await
+        .map_err(|e| End::Gone(format!("sending failed: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_hello_with_nonsense_resources_is_refused() {
+        let mut hello = Hello {
+            agent_version: "0.1.0".into(),
+            ..Hello::default()
+        };
+        assert!(check_hello(&hello).is_ok());
+        hello.resources.cpus = f64::NAN;
+        assert!(check_hello(&hello).is_err());
+        hello.resources.cpus = 1.0;
+        hello.agent_version = " ".into();
+        assert!(check_hello(&hello).is_err());
+    }
+}
