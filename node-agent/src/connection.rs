@@ -308,10 +308,7 @@ impl Link {
                         backoff.reset();
                     }
                 }
-                Err(DialError::Refused) => {
-                    tracing::error!(server = %self.config.server, "{Refused}");
-                    return Refused;
-                }
+                Err(DialError::Refused) => return Refused,
                 Err(e) => {
                     tracing::warn!(server = %self.config.server, error = %e, "could not connect")
                 }

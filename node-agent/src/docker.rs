@@ -215,6 +215,7 @@ async fn follow_build(
                     .chain(&info.status)
                     .flat_map(|s| s.lines())
                 {
+                    let line = strip_ansi(line);
                     let line = line.trim_end();
                     if !line.is_empty() {
                         tracing::debug!(line, "build");
@@ -232,6 +233,27 @@ async fn follow_build(
         }
     }
     Ok(())
+}
+
+/// Removes terminal colour sequences (`ESC [ … letter`), which the classic
+/// builder puts around a step's stderr.
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            if chars.next() == Some('[') {
+                for c in chars.by_ref() {
+                    if c.is_ascii_alphabetic() {
+                        break;
+                    }
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// Packs `dir` as an uncompressed tar, leaving out `.git` and storing
@@ -487,6 +509,13 @@ pub async fn remove_leftovers(docker: &Docker, agent_label: &str) -> Result<usiz
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn colour_sequences_are_removed_from_build_output() {
+        assert_eq!(strip_ansi("\u{1b}[91mthe-build-broke"), "the-build-broke");
+        assert_eq!(strip_ansi("\u{1b}[0m"), "");
+        assert_eq!(strip_ansi("plain [text]"), "plain [text]");
+    }
 
     #[test]
     fn image_tags_depend_on_all_three_inputs() {

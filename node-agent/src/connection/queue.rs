@@ -211,7 +211,7 @@ impl ReportQueue {
         let mut queued = self.logs.get(&key).map_or(0, |s| s.queued);
         let mut dropped = match &self.entries[marker].item {
             Item::Log { data, dropped, .. } => {
-                queued -= data.len();
+                queued = queued.saturating_sub(data.len());
                 dropped.unwrap_or(data.len() as u64)
             }
             Item::Status(_) => 0,
@@ -221,7 +221,7 @@ impl ReportQueue {
             if queued <= limit * 3 / 4 || i == last {
                 break;
             }
-            queued -= self.entries[i].cost();
+            queued = queued.saturating_sub(self.entries[i].cost());
             dropped += text_len(&self.entries[i]);
             removed.insert(self.entries[i].id);
         }

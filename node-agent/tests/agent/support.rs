@@ -1,0 +1,184 @@
+//! Shared helpers: the busybox base image, git repositories made on the
+//! spot, task specs, and an executor context on a fresh work directory.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bollard::query_parameters::{BuildImageOptionsBuilder, RemoveImageOptionsBuilder};
+use bollard::Docker;
+use futures::StreamExt;
+use node_agent::docker;
+use node_agent::executor::{Context, Report};
+use protocol::RunTask;
+use tempfile::TempDir;
+use tokio::sync::OnceCell;
+use uuid::Uuid;
+
+/// The image every test env repository builds `FROM`.
+pub const BASE_IMAGE: &str = "unidesk-test-base:1";
+
+static BASE: OnceCell<()> = OnceCell::const_new();
+
+/// A Docker client that speaks the daemon's API version.
+pub async fn docker() -> Docker {
+    docker::connect(None).await.unwrap()
+}
+
+/// Builds [`BASE_IMAGE`] once per test process: `FROM scratch` with Debian's
+/// static busybox and its applets linked into `/bin`.
+pub async fn base_image() {
+    BASE.get_or_init(|| async {
+        let docker = docker().await;
+        if docker::image_exists(&docker, BASE_IMAGE).await.unwrap() {
+            return;
+        }
+        let dockerfile = "FROM scratch\nCOPY busybox /bin/busybox\n\
+            RUN [\"/bin/busybox\", \"--install\", \"-s\", \"/bin\"]\n";
+        let mut tar = tar::Builder::new(Vec::new());
+        let mut header = tar::Header::new_gnu();
+        header.set_size(dockerfile.len() as u64);
+        header.set_mode(0o644);
+        tar.append_data(&mut header, "Dockerfile", dockerfile.as_bytes())
+            .unwrap();
+        tar.append_path_with_name("/bin/busybox", "busybox")
+            .unwrap();
+        let body = bollard::body_full(tar.into_inner().unwrap().into());
+        let options = BuildImageOptionsBuilder::default()
+            .t(BASE_IMAGE)
+            .rm(true)
+            .build();
+        let mut build = std::pin::pin!(docker.build_image(options, None, Some(body)));
+        while let Some(step) = build.next().await {
+            step.unwrap();
+        }
+    })
+    .await;
+}
+
+/// Removes an image, ignoring one that is gone.
+pub async fn remove_image(docker: &Docker, tag: &str) {
+    let options = RemoveImageOptionsBuilder::default().force(true).build();
+    let _ = docker.remove_image(tag, Some(options), None).await;
+}
+
+/// A git repository in a temporary directory, used by `file://` URL.
+pub struct Repo {
+    _dir: TempDir,
+    /// The `file://` URL.
+    pub url: String,
+    /// The commit holding the files.
+    pub commit: String,
+}
+
+fn git(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new("git")
+        .args(["-c", "user.name=t", "-c", "user.email=t@example.org"])
+        .args([
+            "-c",
+            "init.defaultBranch=main",
+            "-c",
+            "commit.gpgsign=false",
+        ])
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "git {args:?}: {out:?}");
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+/// Makes a repository with one commit holding `files`.
+pub fn repo(files: &[(&str, &str)]) -> Repo {
+    let dir = tempfile::tempdir().unwrap();
+    git(dir.path(), &["init", "-q"]);
+    for (name, content) in files {
+        let path = dir.path().join(name);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, content).unwrap();
+    }
+    git(dir.path(), &["add", "-A"]);
+    git(dir.path(), &["commit", "-q", "-m", "files"]);
+    let commit = git(dir.path(), &["rev-parse", "HEAD"]);
+    Repo {
+        url: format!("file://{}", dir.path().display()),
+        commit,
+        _dir: dir,
+    }
+}
+
+/// An env repository whose Dockerfile builds on [`BASE_IMAGE`] with `extra`
+/// lines after the `FROM`.
+pub fn env_repo(extra: &str) -> Repo {
+    repo(&[("Dockerfile", &format!("FROM {BASE_IMAGE}\n{extra}\n"))])
+}
+
+/// A spec running `command` (through `sh -c`) on `code` in `env`'s image.
+pub fn spec(code: &Repo, env: &Repo, script: &str) -> RunTask {
+    RunTask {
+        task_id: Uuid::new_v4(),
+        attempt: 1,
+        code_repo_url: code.url.clone(),
+        code_commit_id: code.commit.clone(),
+        env_repo_url: env.url.clone(),
+        env_commit_id: env.commit.clone(),
+        dockerfile_path: "Dockerfile".into(),
+        command: vec!["sh".into(), "-c".into(), script.into()],
+        env: BTreeMap::new(),
+        cpus: 0.5,
+        memory_mb: 64,
+        gpus: Vec::new(),
+        timeout_s: None,
+    }
+}
+
+/// An executor context on a fresh work directory, with a short grace at
+/// the time limit.
+pub async fn context() -> (Arc<Context>, TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let ctx = Context::new(docker().await, dir.path())
+        .unwrap()
+        .with_timeout_grace(Duration::from_secs(1));
+    (Arc::new(ctx), dir)
+}
+
+/// The env image tag a spec uses.
+pub fn tag_of(spec: &RunTask) -> String {
+    docker::image_tag(
+        &spec.env_repo_url,
+        &spec.env_commit_id,
+        &spec.dockerfile_path,
+    )
+}
+
+/// The statuses among `reports`.
+pub fn statuses(reports: &[Report]) -> Vec<&node_agent::executor::StatusReport> {
+    reports
+        .iter()
+        .filter_map(|r| match r {
+            Report::Status(s) => Some(s),
+            Report::Log(_) => None,
+        })
+        .collect()
+}
+
+/// All log text among `reports`, checking offsets are contiguous from 0.
+pub fn output(reports: &[Report]) -> String {
+    let mut text = String::new();
+    for report in reports {
+        if let Report::Log(log) = report {
+            assert_eq!(log.offset, text.len() as u64, "offsets without gaps");
+            text.push_str(&log.data);
+        }
+    }
+    text
+}
+
+/// Removes the image built from `env`'s `Dockerfile`, so tests leave no
+/// images behind.
+pub async fn remove_env_image(ctx: &Context, env: &Repo) {
+    let tag = docker::image_tag(&env.url, &env.commit, "Dockerfile");
+    remove_image(ctx.docker(), &tag).await;
+}
