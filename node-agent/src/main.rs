@@ -23,6 +23,9 @@ use node_agent::executor::Context;
 use node_agent::{docker, resources};
 use tracing_subscriber::EnvFilter;
 
+/// The most labels the server accepts from a node.
+const MAX_LABELS: usize = 64;
+
 /// Joins this machine to a UniDesk server and runs its tasks in Docker.
 #[derive(Parser)]
 #[command(name = "unidesk-agent", version, about)]
@@ -68,11 +71,35 @@ struct Cli {
     docker_host: Option<String>,
 }
 
+/// Parses `KEY=VALUE` with the rules the server applies to node labels, so
+/// a bad label stops start-up instead of every hello being refused.
 fn parse_label(text: &str) -> Result<(String, String), String> {
-    match text.split_once('=') {
-        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_owned(), v.to_owned())),
-        _ => Err(format!("{text:?} is not KEY=VALUE")),
+    let Some((key, value)) = text.split_once('=') else {
+        return Err(format!("{text:?} is not KEY=VALUE"));
+    };
+    let key_ok = (1..=63).contains(&key.len())
+        && key
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_alphanumeric())
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-/".contains(&b));
+    if !key_ok {
+        return Err(format!(
+            "label key {key:?}: 1-63 letters, digits, '.', '_', '-' or '/', starting with a letter or digit"
+        ));
     }
+    let value_ok = value.len() <= 63
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+    if !value_ok {
+        return Err(format!(
+            "label value {value:?}: at most 63 letters, digits, '.', '_' or '-'"
+        ));
+    }
+    Ok((key.to_owned(), value.to_owned()))
 }
 
 #[tokio::main]
@@ -134,6 +161,10 @@ fn config(cli: &Cli) -> anyhow::Result<connection::Config> {
     };
     anyhow::ensure!(!token.expose().is_empty(), "the node token is empty");
     anyhow::ensure!(
+        cli.labels.len() <= MAX_LABELS,
+        "at most {MAX_LABELS} labels"
+    );
+    anyhow::ensure!(
         cli.reconnect_min_ms > 0 && cli.reconnect_min_ms <= cli.reconnect_max_ms,
         "--reconnect-min-ms must be positive and at most --reconnect-max-ms"
     );
@@ -177,5 +208,55 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = terminate => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_follow_the_servers_rules() {
+        assert_eq!(
+            parse_label("zone=lab-1").unwrap(),
+            ("zone".into(), "lab-1".into())
+        );
+        assert_eq!(
+            parse_label("gpu.kind=").unwrap(),
+            ("gpu.kind".into(), String::new())
+        );
+        assert!(parse_label("novalue").is_err());
+        assert!(parse_label("=x").is_err());
+        assert!(parse_label("-zone=x").is_err());
+        assert!(parse_label("zone=a b").is_err());
+    }
+
+    #[test]
+    fn the_cli_reads_flags_and_checks_them() {
+        let cli = Cli::try_parse_from([
+            "unidesk-agent",
+            "--server",
+            "ws://h:8080",
+            "--token",
+            "t",
+            "--label",
+            "a=b",
+            "--gpus",
+            "2",
+        ])
+        .unwrap();
+        let config = config(&cli).unwrap();
+        assert_eq!(config.server, "ws://h:8080");
+        assert_eq!(config.resources.gpus.len(), 2);
+        assert_eq!(config.labels["a"], "b");
+        assert!(Cli::try_parse_from([
+            "unidesk-agent",
+            "--server",
+            "x",
+            "--gpus",
+            "1",
+            "--no-gpus"
+        ])
+        .is_err());
     }
 }
