@@ -113,7 +113,7 @@ struct ServeArgs {
         long,
         env = "UNIDESK_ROLES",
         value_delimiter = ',',
-        default_value = "api,projector"
+        default_value = "api,projector,ingress,scheduler"
     )]
     roles: Vec<Role>,
     /// Where the API listens.

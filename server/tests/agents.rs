@@ -188,10 +188,9 @@ impl Platform {
     }
 
     async fn task_until(&self, id: &str, states: &[&str]) -> Value {
-        let mut last = Value::Null;
         let deadline = Instant::now() + Duration::from_secs(240);
         loop {
-            last = self.get(&format!("/tasks/{id}")).await;
+            let last = self.get(&format!("/tasks/{id}")).await;
             if states.iter().any(|s| last["state"] == *s) {
                 return last;
             }

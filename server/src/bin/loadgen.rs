@@ -1,0 +1,1601 @@
+//! `unidesk-loadgen`: the whole platform under load, driven from outside
+//! exactly as users and nodes drive it: tasks through the REST API, and
+//! simulated agents that speak the real protocol over real WebSockets.
+//!
+//! ```text
+//! unidesk-loadgen lifecycle --agents 100 --tasks 5000   # submit → succeeded, tasks/s
+//! unidesk-loadgen latency --rate 20 --seconds 30 --agents 10   # submit → run_task, ms
+//! unidesk-loadgen idle --agents 10000 --procs 5   # server memory per idle agent
+//! unidesk-loadgen postgres   # a throw-away PostgreSQL for ops/bench.sh, until SIGTERM
+//! ```
+//!
+//! By default each measurement starts everything itself: a private
+//! PostgreSQL cluster and `unidesk serve` with every role, from the same
+//! target directory as this binary. `--server URL --admin-token T` points it
+//! at a running server instead.
+//!
+//! The simulated agents complete tasks instantly: on `run_task` they ack and
+//! report `accepted`, `running` and `succeeded` back to back, so what is
+//! measured is the platform's own work: five events per task, the
+//! scheduler's placement, the outbox fan-out and the projections.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{bail, ensure, Context};
+use clap::{Args, Parser, Subcommand};
+use futures::{SinkExt, StreamExt, TryStreamExt};
+use protocol::{AgentMessage, Command, Hello, ReportedState, Resources, ServerMessage, Status};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_json::json;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinSet;
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::{header::AUTHORIZATION, HeaderValue};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+use uuid::Uuid;
+
+/// Drive a UniDesk server with REST clients and simulated agents.
+#[derive(Debug, Parser)]
+#[command(name = "unidesk-loadgen", about)]
+struct Cli {
+    #[command(subcommand)]
+    mode: Mode,
+}
+
+/// What to measure.
+#[derive(Debug, Subcommand)]
+enum Mode {
+    /// Full task lifecycles (submit → succeeded) per second.
+    Lifecycle(LifecycleArgs),
+    /// Submit → run_task delivery latency at a steady submission rate.
+    Latency(LatencyArgs),
+    /// Server memory per idle connected agent.
+    Idle(IdleArgs),
+    /// Start a throw-away PostgreSQL cluster, print its URLs and keep it
+    /// running until SIGTERM or Ctrl-C (for ops/bench.sh).
+    Postgres(PostgresArgs),
+    /// One process's share of `idle`'s agents (started by `idle` itself).
+    #[command(hide = true)]
+    IdleWorker(IdleWorkerArgs),
+}
+
+/// Which server to drive.
+#[derive(Debug, Args)]
+struct Target {
+    /// A running server's base URL, such as http://127.0.0.1:8080; without
+    /// it a private PostgreSQL and `unidesk serve` are started.
+    #[arg(long, requires = "admin_token")]
+    server: Option<String>,
+    /// An admin token of that server.
+    #[arg(long, env = "UNIDESK_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
+    /// The pid of that server, to read its memory from /proc.
+    #[arg(long)]
+    server_pid: Option<u32>,
+    /// Where the started server writes its log (kept); by default a
+    /// temporary file, summarised and deleted at the end.
+    #[arg(long)]
+    server_log: Option<PathBuf>,
+    /// `--heartbeat-s` of the started server.
+    #[arg(long, default_value_t = 15)]
+    heartbeat_s: u64,
+    /// One more flag for the started `unidesk serve`; repeatable.
+    #[arg(long = "serve-arg", allow_hyphen_values = true)]
+    serve_args: Vec<String>,
+}
+
+/// Flags of `lifecycle`.
+#[derive(Debug, Args)]
+struct LifecycleArgs {
+    #[command(flatten)]
+    target: Target,
+    /// Simulated agents.
+    #[arg(long, default_value_t = 100)]
+    agents: usize,
+    /// Tasks to run.
+    #[arg(long, default_value_t = 5000)]
+    tasks: usize,
+    /// Concurrent REST submitters.
+    #[arg(long, default_value_t = 16)]
+    submitters: usize,
+    /// Give up when the tasks have not all succeeded after this long.
+    #[arg(long, default_value_t = 600)]
+    timeout_s: u64,
+}
+
+/// Flags of `latency`.
+#[derive(Debug, Args)]
+struct LatencyArgs {
+    #[command(flatten)]
+    target: Target,
+    /// Tasks submitted per second.
+    #[arg(long, default_value_t = 20.0)]
+    rate: f64,
+    /// For how long.
+    #[arg(long, default_value_t = 30)]
+    seconds: u64,
+    /// Simulated agents.
+    #[arg(long, default_value_t = 10)]
+    agents: usize,
+}
+
+/// Flags of `idle`.
+#[derive(Debug, Args)]
+struct IdleArgs {
+    #[command(flatten)]
+    target: Target,
+    /// Idle agents to connect.
+    #[arg(long, default_value_t = 10_000)]
+    agents: usize,
+    /// Processes to spread them over (each may hold at most 20,000 files).
+    #[arg(long, default_value_t = 5)]
+    procs: usize,
+    /// How long the agents stay connected and idle before memory is read.
+    #[arg(long, default_value_t = 20)]
+    settle_s: u64,
+    /// Nodes provisioned concurrently through the API.
+    #[arg(long, default_value_t = 32)]
+    provisioners: usize,
+}
+
+/// Flags of `postgres`.
+#[derive(Debug, Args)]
+struct PostgresArgs {
+    /// A second, empty database to create, for tools that want one.
+    #[arg(long, default_value = "scratch")]
+    scratch: String,
+}
+
+/// Flags of the hidden `idle-worker`; agent tokens arrive on stdin, one a
+/// line, ended by a line `go`.
+#[derive(Debug, Args)]
+struct IdleWorkerArgs {
+    /// The server's TCP address.
+    #[arg(long)]
+    connect: SocketAddr,
+    /// The agent WebSocket URL.
+    #[arg(long)]
+    ws_url: String,
+    /// The first source address of this worker, counted from 127.0.0.2.
+    #[arg(long, default_value_t = 0)]
+    offset: usize,
+    /// Handshakes in flight.
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.mode {
+        Mode::Lifecycle(args) => lifecycle(args).await,
+        Mode::Latency(args) => latency(args).await,
+        Mode::Idle(args) => idle(args).await,
+        Mode::Postgres(args) => postgres(args).await,
+        Mode::IdleWorker(args) => idle_worker(args).await,
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("unidesk-loadgen: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The server under test
+// ---------------------------------------------------------------------------
+
+/// The server being driven, and what this process started for it.
+struct Server {
+    /// Base URL, `http://host:port`.
+    base: String,
+    /// An admin's bearer token.
+    admin_token: String,
+    /// The server process, when known.
+    pid: Option<u32>,
+    /// What was started for it, stopped by [`Server::finish`].
+    own: Option<OwnServer>,
+}
+
+/// A server started by this process, with its database.
+struct OwnServer {
+    child: tokio::process::Child,
+    cluster: store::cluster::LocalCluster,
+    log: PathBuf,
+    /// Holds the token file and, unless `--server-log` was given, the log.
+    _dir: tempfile::TempDir,
+}
+
+impl Server {
+    /// Connects to `--server`, or starts PostgreSQL and `unidesk serve`
+    /// and waits until it is ready.
+    async fn start(target: &Target) -> anyhow::Result<Server> {
+        if let Some(base) = &target.server {
+            let admin_token = target
+                .admin_token
+                .clone()
+                .context("--server needs --admin-token")?;
+            return Ok(Server {
+                base: base.trim_end_matches('/').to_string(),
+                admin_token,
+                pid: target.server_pid,
+                own: None,
+            });
+        }
+        let exe = std::env::current_exe()
+            .context("locating this executable")?
+            .with_file_name("unidesk");
+        ensure!(
+            exe.is_file(),
+            "{} not found: build it next to this binary (cargo build --release -p unidesk)",
+            exe.display()
+        );
+        let cluster = store::cluster::LocalCluster::start_ephemeral()
+            .await
+            .context("starting a private PostgreSQL")?;
+        let dir = tempfile::Builder::new()
+            .prefix("unidesk-loadgen-")
+            .tempdir()
+            .context("creating a temporary directory")?;
+        let token_file = dir.path().join("admin.token");
+        let log = target
+            .server_log
+            .clone()
+            .unwrap_or_else(|| dir.path().join("server.log"));
+        let out =
+            std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        let err = out.try_clone().context("duplicating the log file")?;
+        let listen = free_port()?;
+        let child = tokio::process::Command::new(&exe)
+            .arg("serve")
+            .args(["--roles", "api,projector,ingress,scheduler"])
+            .arg("--listen")
+            .arg(listen.to_string())
+            .arg("--admin-token-file")
+            .arg(&token_file)
+            .arg("--heartbeat-s")
+            .arg(target.heartbeat_s.to_string())
+            .args(&target.serve_args)
+            .env("DATABASE_URL", cluster.url())
+            .stdin(std::process::Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {}", exe.display()))?;
+        let mut server = Server {
+            base: format!("http://{listen}"),
+            admin_token: String::new(),
+            pid: child.id(),
+            own: Some(OwnServer {
+                child,
+                cluster,
+                log,
+                _dir: dir,
+            }),
+        };
+        server.wait_ready().await?;
+        server.admin_token = std::fs::read_to_string(&token_file)
+            .with_context(|| format!("reading the admin token from {}", token_file.display()))?
+            .trim()
+            .to_string();
+        Ok(server)
+    }
+
+    /// Polls `/readyz` until it answers 200, failing early when the server
+    /// process exits.
+    async fn wait_ready(&mut self) -> anyhow::Result<()> {
+        let http = reqwest::Client::new();
+        let url = format!("{}/readyz", self.base);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(own) = &mut self.own {
+                if let Some(status) = own.child.try_wait().context("watching the server")? {
+                    bail!(
+                        "the server exited ({status}) before it was ready; the end of its log:\n{}",
+                        tail(&own.log, 20)
+                    );
+                }
+            }
+            if let Ok(r) = http.get(&url).send().await {
+                if r.status().is_success() {
+                    return Ok(());
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("{url} did not answer 200 within 60 s");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The REST client of this server, as its admin.
+    fn api(&self) -> anyhow::Result<Api> {
+        Ok(Api {
+            http: reqwest::Client::builder()
+                .pool_max_idle_per_host(256)
+                .timeout(Duration::from_secs(120))
+                .build()
+                .context("building the HTTP client")?,
+            base: format!("{}/api/v1", self.base),
+            token: self.admin_token.clone(),
+        })
+    }
+
+    /// Where agents connect: the TCP address and the WebSocket URL.
+    async fn agent_endpoint(&self) -> anyhow::Result<Endpoint> {
+        let url = reqwest::Url::parse(&self.base).context("parsing the server URL")?;
+        ensure!(
+            url.scheme() == "http",
+            "the simulated agents speak plain ws://; give the server's http:// address"
+        );
+        let host = url.host_str().context("the server URL has no host")?;
+        let port = url.port_or_known_default().unwrap_or(80);
+        let addr = tokio::net::lookup_host((host, port))
+            .await
+            .with_context(|| format!("resolving {host}"))?
+            .find(SocketAddr::is_ipv4)
+            .with_context(|| format!("{host} has no IPv4 address"))?;
+        Ok(Endpoint {
+            addr,
+            ws_url: format!("ws://{host}:{port}{}", protocol::PATH),
+        })
+    }
+
+    /// The server's resident memory in KiB, when its pid is known.
+    fn rss_kib(&self) -> anyhow::Result<Option<u64>> {
+        self.pid.map(rss_kib).transpose()
+    }
+
+    /// Stops what this process started, and summarises the server's log.
+    async fn finish(self) -> anyhow::Result<()> {
+        let Some(mut own) = self.own else {
+            return Ok(());
+        };
+        if let Some(pid) = own.child.id() {
+            let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).context("pid")?);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        }
+        let asked = Instant::now();
+        match tokio::time::timeout(Duration::from_secs(60), own.child.wait()).await {
+            Ok(status) => {
+                let status = status.context("waiting for the server")?;
+                let secs = asked.elapsed().as_secs_f64();
+                if !status.success() || secs > 6.0 {
+                    println!("server: stopped {secs:.1} s after SIGTERM ({status})");
+                }
+            }
+            Err(_) => {
+                println!("server: still running 60 s after SIGTERM; killed");
+                own.child.kill().await.context("killing the server")?;
+            }
+        }
+        println!("{}", summarise_log(&own.log));
+        own.cluster
+            .stop()
+            .await
+            .context("stopping the private PostgreSQL")?;
+        Ok(())
+    }
+}
+
+/// A free TCP port on 127.0.0.1 (free when asked; the server binds it next).
+fn free_port() -> anyhow::Result<SocketAddr> {
+    let listener = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .context("finding a free port on 127.0.0.1")?;
+    listener.local_addr().context("reading the free port")
+}
+
+/// `VmRSS` of a process, in KiB.
+fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let path = format!("/proc/{pid}/status");
+    let status = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .with_context(|| format!("no VmRSS in {path}"))
+}
+
+/// The last `n` lines of a file, for error messages.
+fn tail(path: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Counts the server log's warnings and errors and names the commonest.
+fn summarise_log(path: &Path) -> String {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return format!("server log: {} unreadable", path.display());
+    };
+    let mut kinds: BTreeMap<(String, String), usize> = BTreeMap::new();
+    for line in text.lines() {
+        let mut words = line.split_whitespace();
+        let Some(level) = words.nth(1).filter(|l| *l == "WARN" || *l == "ERROR") else {
+            continue;
+        };
+        // The message: the words after the target, up to the first field.
+        let what: Vec<&str> = words.skip(1).take_while(|w| !w.contains('=')).collect();
+        *kinds
+            .entry((level.to_string(), what.join(" ")))
+            .or_default() += 1;
+    }
+    let count = |level: &str| -> usize {
+        kinds
+            .iter()
+            .filter(|((l, _), _)| l == level)
+            .map(|(_, n)| n)
+            .sum()
+    };
+    let mut out = format!(
+        "server log: {} lines, {} WARN, {} ERROR ({})",
+        text.lines().count(),
+        count("WARN"),
+        count("ERROR"),
+        path.display()
+    );
+    let mut commonest: Vec<_> = kinds.into_iter().collect();
+    commonest.sort_by_key(|(_, n)| std::cmp::Reverse(*n));
+    for ((level, what), n) in commonest.into_iter().take(8) {
+        out.push_str(&format!("\n  {n:>7} × {level} {what}"));
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------
+// REST
+// ---------------------------------------------------------------------------
+
+/// The REST API as an admin.
+#[derive(Clone)]
+struct Api {
+    http: reqwest::Client,
+    base: String,
+    token: String,
+}
+
+/// The `id` of something created.
+#[derive(Debug, Deserialize)]
+struct Created {
+    id: Uuid,
+}
+
+/// A provisioned node's agent token.
+#[derive(Debug, Deserialize)]
+struct Provisioned {
+    token: String,
+}
+
+/// A page of `GET /tasks`.
+#[derive(Debug, Deserialize)]
+struct TaskPage {
+    items: Vec<TaskItem>,
+    next_cursor: Option<String>,
+}
+
+/// A task as listed.
+#[derive(Debug, Deserialize)]
+struct TaskItem {
+    state: String,
+}
+
+/// `GET /nodes`.
+#[derive(Debug, Deserialize)]
+struct NodeList {
+    items: Vec<NodeItem>,
+}
+
+/// A node as listed.
+#[derive(Debug, Deserialize)]
+struct NodeItem {
+    name: String,
+    status: String,
+}
+
+impl Api {
+    /// Sends `request` with the admin token and decodes a 2xx answer.
+    async fn call<T: DeserializeOwned>(
+        &self,
+        what: &str,
+        request: reqwest::RequestBuilder,
+    ) -> anyhow::Result<T> {
+        let response = request
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .with_context(|| format!("{what}: sending"))?;
+        let status = response.status();
+        if !status.is_success() {
+            let body = response.text().await.unwrap_or_default();
+            bail!("{what}: {status}: {body}");
+        }
+        response
+            .json()
+            .await
+            .with_context(|| format!("{what}: decoding the answer"))
+    }
+
+    /// `POST /projects`.
+    async fn create_project(&self, name: &str) -> anyhow::Result<Uuid> {
+        let request = self
+            .http
+            .post(format!("{}/projects", self.base))
+            .json(&json!({ "name": name }));
+        Ok(self
+            .call::<Created>("creating a project", request)
+            .await?
+            .id)
+    }
+
+    /// `POST /nodes`.
+    async fn provision(&self, name: &str, run: &str) -> anyhow::Result<Provisioned> {
+        let request = self
+            .http
+            .post(format!("{}/nodes", self.base))
+            .json(&json!({ "name": name, "labels": { "loadgen": run } }));
+        self.call("provisioning a node", request).await
+    }
+
+    /// `POST /tasks`: a task only this run's agents match.
+    async fn submit(&self, project: Uuid, run: &str) -> anyhow::Result<Uuid> {
+        let request = self.http.post(format!("{}/tasks", self.base)).json(&json!({
+            "project_id": project,
+            "code_repo_url": "https://example.com/loadgen/code.git",
+            "code_commit_id": "0123456789abcdef0123456789abcdef01234567",
+            "env_repo_url": "https://example.com/loadgen/env.git",
+            "env_commit_id": "89abcdef0123456789abcdef0123456789abcdef",
+            "dockerfile_path": "Dockerfile",
+            "command": ["true"],
+            "resources": { "cpus": 1, "memory_mb": 256, "gpus": 0 },
+            "labels": { "loadgen": run },
+        }));
+        Ok(self.call::<Created>("submitting a task", request).await?.id)
+    }
+
+    /// How many of a project's tasks the task list shows in each state.
+    async fn task_states(&self, project: Uuid) -> anyhow::Result<BTreeMap<String, usize>> {
+        let mut states = BTreeMap::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let mut query = vec![("project", project.to_string()), ("limit", "500".into())];
+            if let Some(c) = cursor.take() {
+                query.push(("cursor", c));
+            }
+            let request = self.http.get(format!("{}/tasks", self.base)).query(&query);
+            let page: TaskPage = self.call("listing tasks", request).await?;
+            for t in page.items {
+                *states.entry(t.state).or_insert(0) += 1;
+            }
+            match page.next_cursor {
+                Some(c) => cursor = Some(c),
+                None => return Ok(states),
+            }
+        }
+    }
+
+    /// How many nodes whose name starts with `prefix` are online.
+    async fn online(&self, prefix: &str) -> anyhow::Result<usize> {
+        let request = self.http.get(format!("{}/nodes", self.base));
+        let list: NodeList = self.call("listing nodes", request).await?;
+        Ok(list
+            .items
+            .iter()
+            .filter(|n| n.name.starts_with(prefix) && n.status == "online")
+            .count())
+    }
+}
+
+/// One run's names and labels, so runs against one server do not mix.
+struct Run {
+    /// Labels this run's nodes and tasks.
+    id: String,
+    project: Uuid,
+    /// Node names are `<prefix><n>`.
+    prefix: String,
+}
+
+impl Run {
+    /// Creates the run's project.
+    async fn create(api: &Api) -> anyhow::Result<Run> {
+        let id = Uuid::new_v4().simple().to_string()[..8].to_string();
+        let project = api.create_project(&format!("loadgen-{id}")).await?;
+        Ok(Run {
+            prefix: format!("lg-{id}-"),
+            id,
+            project,
+        })
+    }
+
+    /// Provisions `n` nodes, `concurrency` at a time; returns their tokens.
+    async fn provision(
+        &self,
+        api: &Api,
+        n: usize,
+        concurrency: usize,
+    ) -> anyhow::Result<Vec<String>> {
+        let started = Instant::now();
+        let done = AtomicUsize::new(0);
+        let tokens: Vec<String> = futures::stream::iter(0..n)
+            .map(|i| {
+                let done = &done;
+                async move {
+                    let node = api
+                        .provision(&format!("{}{i}", self.prefix), &self.id)
+                        .await?;
+                    let d = done.fetch_add(1, Ordering::Relaxed) + 1;
+                    if d.is_multiple_of(2000) {
+                        eprintln!("  provisioned {d}/{n}");
+                    }
+                    anyhow::Ok(node.token)
+                }
+            })
+            .buffer_unordered(concurrency.max(1))
+            .try_collect()
+            .await?;
+        let secs = started.elapsed().as_secs_f64();
+        println!(
+            "provisioned {n} nodes through the API in {secs:.1} s = {:.0} nodes/s ({concurrency} in flight)",
+            n as f64 / secs
+        );
+        Ok(tokens)
+    }
+
+    /// Waits until the node list shows `n` of this run's nodes online, or
+    /// `within` has passed; returns how many it last showed.
+    async fn await_online(&self, api: &Api, n: usize, within: Duration) -> anyhow::Result<usize> {
+        let deadline = Instant::now() + within;
+        loop {
+            let online = api.online(&self.prefix).await?;
+            if online >= n || Instant::now() > deadline {
+                return Ok(online);
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    /// Waits until the task list shows all `n` of the run's tasks
+    /// succeeded, and returns how long that took.
+    async fn await_succeeded(&self, api: &Api, n: usize) -> anyhow::Result<Duration> {
+        let started = Instant::now();
+        let deadline = started + Duration::from_secs(120);
+        loop {
+            let states = api.task_states(self.project).await?;
+            let succeeded = states.get("succeeded").copied().unwrap_or(0);
+            let total: usize = states.values().sum();
+            if succeeded == n && total == n {
+                return Ok(started.elapsed());
+            }
+            if Instant::now() > deadline {
+                bail!("after 120 s the task list shows {states:?} instead of {n} succeeded");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Simulated agents
+// ---------------------------------------------------------------------------
+
+/// Where agents connect.
+#[derive(Debug, Clone)]
+struct Endpoint {
+    addr: SocketAddr,
+    ws_url: String,
+}
+
+/// An agent's WebSocket.
+type Ws = WebSocketStream<TcpStream>;
+
+/// What the agents saw, shared by all of them.
+#[derive(Default)]
+struct Probe {
+    /// When each task's first `run_task` arrived.
+    run_task_at: Mutex<HashMap<Uuid, Instant>>,
+    /// `run_task` commands seen again.
+    resent: AtomicUsize,
+    /// `succeeded` reports the server answered with `received`.
+    succeeded: AtomicUsize,
+    /// When the last of those answers arrived.
+    last_succeeded: Mutex<Option<Instant>>,
+    /// Reports the server refused for good.
+    refused: AtomicUsize,
+    /// Agents through `welcome`.
+    connected: AtomicUsize,
+    /// Agents that never got through `welcome`.
+    failed: AtomicUsize,
+    /// Agents whose session ended before they were told to stop.
+    dropped: AtomicUsize,
+    /// The first few problems, for the report.
+    problems: Mutex<Vec<String>>,
+}
+
+impl Probe {
+    /// Remembers a problem (the first few only).
+    fn problem(&self, what: String) {
+        let mut problems = self.problems.lock().unwrap_or_else(|e| e.into_inner());
+        if problems.len() < 5 {
+            problems.push(what);
+        }
+    }
+
+    /// The problems remembered, one a line.
+    fn problems(&self) -> String {
+        self.problems
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .join("\n  ")
+    }
+
+    /// A `run_task` arrived for `task` at `at`.
+    fn run_task(&self, task: Uuid, at: Instant) {
+        self.run_task_at
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(task)
+            .or_insert(at);
+    }
+
+    /// A `succeeded` report was answered at `at`.
+    fn succeeded(&self, at: Instant) {
+        *self
+            .last_succeeded
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(at);
+        self.succeeded.fetch_add(1, Ordering::Release);
+    }
+}
+
+/// Opens a WebSocket to `endpoint` as the node of `token`, from `source`
+/// when given, with 4 KiB buffers so thousands fit in one process.
+async fn connect(endpoint: &Endpoint, token: &str, source: Option<Ipv4Addr>) -> anyhow::Result<Ws> {
+    let socket = TcpSocket::new_v4().context("creating a socket")?;
+    if let Some(ip) = source {
+        socket
+            .bind(SocketAddr::from((ip, 0)))
+            .with_context(|| format!("binding to {ip}"))?;
+    }
+    let stream = socket
+        .connect(endpoint.addr)
+        .await
+        .with_context(|| format!("connecting to {}", endpoint.addr))?;
+    stream.set_nodelay(true).context("setting TCP_NODELAY")?;
+    let mut request = endpoint
+        .ws_url
+        .as_str()
+        .into_client_request()
+        .context("building the upgrade request")?;
+    request.headers_mut().insert(
+        AUTHORIZATION,
+        HeaderValue::from_str(&format!("Bearer {token}")).context("token header")?,
+    );
+    let config = WebSocketConfig::default()
+        .read_buffer_size(4096)
+        .write_buffer_size(4096);
+    let (ws, _) = tokio_tungstenite::client_async_with_config(request, stream, Some(config))
+        .await
+        .context("WebSocket handshake")?;
+    Ok(ws)
+}
+
+/// Says `hello` as a big node and waits for `welcome`; returns the
+/// heartbeat interval it names.
+async fn hello(ws: &mut Ws) -> anyhow::Result<Duration> {
+    let hello = AgentMessage::Hello(Hello {
+        agent_version: "loadgen".into(),
+        resources: Resources {
+            cpus: 64.0,
+            memory_mb: 256 * 1024,
+            gpus: Vec::new(),
+        },
+        ..Hello::default()
+    });
+    ws.send(Message::text(protocol::encode(&hello)))
+        .await
+        .context("sending hello")?;
+    loop {
+        match ws.next().await {
+            Some(Ok(Message::Text(text))) => {
+                match protocol::decode::<ServerMessage>(text.as_str()).context("decoding")? {
+                    ServerMessage::Welcome { heartbeat_s, .. } => {
+                        return Ok(Duration::from_secs(heartbeat_s.max(1)))
+                    }
+                    ServerMessage::Error { code, message } => bail!("refused: {code}: {message}"),
+                    other => bail!("expected welcome, got {other:?}"),
+                }
+            }
+            Some(Ok(Message::Close(frame))) => bail!("closed before welcome: {frame:?}"),
+            Some(Ok(_)) => {}
+            Some(Err(e)) => return Err(e).context("reading welcome"),
+            None => bail!("closed before welcome"),
+        }
+    }
+}
+
+/// Connects and says hello, trying a few times: a server busy with
+/// thousands of handshakes may turn some away.
+async fn join(
+    endpoint: &Endpoint,
+    token: &str,
+    source: Option<Ipv4Addr>,
+) -> anyhow::Result<(Ws, Duration)> {
+    let mut last = None;
+    for attempt in 0..5u32 {
+        if attempt > 0 {
+            tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
+        }
+        let tried = tokio::time::timeout(Duration::from_secs(30), async {
+            let mut ws = connect(endpoint, token, source).await?;
+            let heartbeat = hello(&mut ws).await?;
+            anyhow::Ok((ws, heartbeat))
+        })
+        .await;
+        match tried {
+            Ok(Ok(joined)) => return Ok(joined),
+            Ok(Err(e)) => last = Some(e),
+            Err(_) => last = Some(anyhow::anyhow!("no welcome within 30 s")),
+        }
+    }
+    Err(last.unwrap_or_else(|| anyhow::anyhow!("no attempt made")))
+}
+
+/// One agent's session after `welcome`: heartbeats, and instant success
+/// for every `run_task`, until `stop` or the server ends it.
+struct Agent {
+    ws: Ws,
+    probe: Arc<Probe>,
+    /// The next report id.
+    next_id: u64,
+    /// Ids of `succeeded` reports not answered yet.
+    unanswered: HashSet<u64>,
+    /// Commands already handled.
+    seen: HashSet<Uuid>,
+}
+
+impl Agent {
+    /// Serves until `stop` turns true (then closes cleanly) or the session
+    /// ends (an error). The first heartbeat comes after `first_beat`, so
+    /// thousands of agents do not beat in step.
+    async fn serve(
+        mut self,
+        heartbeat: Duration,
+        first_beat: Duration,
+        mut stop: watch::Receiver<bool>,
+    ) -> anyhow::Result<()> {
+        let mut beat = tokio::time::interval_at(Instant::now() + first_beat, heartbeat);
+        beat.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut seq = 0;
+        loop {
+            tokio::select! {
+                () = async { let _ = stop.wait_for(|s| *s).await; } => {
+                    let _ = tokio::time::timeout(Duration::from_secs(2), self.ws.close(None)).await;
+                    return Ok(());
+                }
+                _ = beat.tick() => {
+                    seq += 1;
+                    let frame = protocol::encode(&AgentMessage::Heartbeat { seq });
+                    self.ws.send(Message::text(frame)).await.context("sending a heartbeat")?;
+                }
+                message = self.ws.next() => match message {
+                    Some(Ok(Message::Text(text))) => self.handle(text.as_str()).await?,
+                    Some(Ok(Message::Close(frame))) => bail!("closed by the server: {frame:?}"),
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => return Err(e).context("reading"),
+                    None => bail!("the connection ended"),
+                },
+            }
+        }
+    }
+
+    /// Handles one server frame.
+    async fn handle(&mut self, text: &str) -> anyhow::Result<()> {
+        let now = Instant::now();
+        match protocol::decode::<ServerMessage>(text).context("decoding a server frame")? {
+            ServerMessage::Command {
+                command_id,
+                command,
+            } => {
+                let fresh = self.seen.insert(command_id);
+                self.feed(&AgentMessage::Ack { command_id }).await?;
+                match command {
+                    Command::RunTask(run) if fresh => {
+                        self.probe.run_task(run.task_id, now);
+                        for state in [
+                            ReportedState::Accepted,
+                            ReportedState::Running,
+                            ReportedState::Succeeded,
+                        ] {
+                            self.report(run.task_id, run.attempt, state).await?;
+                        }
+                    }
+                    Command::RunTask(_) => {
+                        self.probe.resent.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Command::CancelTask { .. } => {}
+                }
+                self.ws.flush().await.context("sending reports")
+            }
+            ServerMessage::Received { id, error } => {
+                let succeeded = self.unanswered.remove(&id);
+                match error {
+                    None if succeeded => self.probe.succeeded(now),
+                    None => {}
+                    Some(e) => {
+                        self.probe.refused.fetch_add(1, Ordering::Relaxed);
+                        self.probe.problem(format!("report {id} refused: {e}"));
+                    }
+                }
+                Ok(())
+            }
+            ServerMessage::Error { code, message } => bail!("server error {code}: {message}"),
+            ServerMessage::Welcome { .. } => Ok(()),
+        }
+    }
+
+    /// Queues a status report with the next id.
+    async fn report(
+        &mut self,
+        task_id: Uuid,
+        attempt: u32,
+        state: ReportedState,
+    ) -> anyhow::Result<()> {
+        let id = self.next_id;
+        self.next_id += 1;
+        if state == ReportedState::Succeeded {
+            self.unanswered.insert(id);
+        }
+        let status = Status {
+            id,
+            task_id,
+            attempt,
+            state,
+            stage: None,
+            container: (state == ReportedState::Running).then(|| "sim".to_string()),
+            exit_code: None,
+            message: None,
+        };
+        self.feed(&AgentMessage::Status(status)).await
+    }
+
+    /// Queues a frame; the caller flushes.
+    async fn feed(&mut self, message: &AgentMessage) -> anyhow::Result<()> {
+        self.ws
+            .feed(Message::text(protocol::encode(message)))
+            .await
+            .context("sending")
+    }
+}
+
+/// Simulated agents running in this process.
+struct Fleet {
+    stop: watch::Sender<bool>,
+    tasks: JoinSet<()>,
+    probe: Arc<Probe>,
+}
+
+impl Fleet {
+    /// Starts one agent per token, `concurrency` handshakes at a time, the
+    /// i-th bound to `source(i)`; returns once every agent is welcomed or
+    /// has given up.
+    async fn start(
+        endpoint: &Endpoint,
+        tokens: Vec<String>,
+        concurrency: usize,
+        source: impl Fn(usize) -> Option<Ipv4Addr>,
+    ) -> Fleet {
+        let probe = Arc::new(Probe::default());
+        let (stop, stopped) = watch::channel(false);
+        let gate = Arc::new(Semaphore::new(concurrency.max(1)));
+        let mut tasks = JoinSet::new();
+        let n = tokens.len();
+        for (i, token) in tokens.into_iter().enumerate() {
+            let (endpoint, probe, gate, stopped) = (
+                endpoint.clone(),
+                probe.clone(),
+                gate.clone(),
+                stopped.clone(),
+            );
+            let source = source(i);
+            tasks.spawn(async move {
+                let permit = gate.acquire_owned().await;
+                let joined = join(&endpoint, &token, source).await;
+                drop(permit);
+                let (ws, heartbeat) = match joined {
+                    Ok(joined) => joined,
+                    Err(e) => {
+                        probe.failed.fetch_add(1, Ordering::Relaxed);
+                        probe.problem(format!("agent {i} did not connect: {e:#}"));
+                        return;
+                    }
+                };
+                probe.connected.fetch_add(1, Ordering::Relaxed);
+                let first_beat = heartbeat.mul_f64((i % 1000) as f64 / 1000.0);
+                let agent = Agent {
+                    ws,
+                    probe: probe.clone(),
+                    next_id: 1,
+                    unanswered: HashSet::new(),
+                    seen: HashSet::new(),
+                };
+                if let Err(e) = agent.serve(heartbeat, first_beat, stopped).await {
+                    probe.dropped.fetch_add(1, Ordering::Relaxed);
+                    probe.problem(format!("agent {i} lost its session: {e:#}"));
+                }
+            });
+        }
+        while probe.connected.load(Ordering::Relaxed) + probe.failed.load(Ordering::Relaxed) < n {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Fleet { stop, tasks, probe }
+    }
+
+    /// Fails unless every agent connected.
+    fn require_all(&self, n: usize) -> anyhow::Result<()> {
+        let failed = self.probe.failed.load(Ordering::Relaxed);
+        ensure!(
+            failed == 0,
+            "{failed} of {n} agents could not connect:\n  {}",
+            self.probe.problems()
+        );
+        Ok(())
+    }
+
+    /// Closes every agent's session and waits (briefly) for them.
+    async fn stop(mut self) {
+        let _ = self.stop.send(true);
+        let all = async { while self.tasks.join_next().await.is_some() {} };
+        if tokio::time::timeout(Duration::from_secs(15), all)
+            .await
+            .is_err()
+        {
+            self.tasks.abort_all();
+        }
+    }
+}
+
+/// Agents for `lifecycle` and `latency`: provisioned, connected and seen
+/// online by the API before any task is submitted.
+async fn ready_fleet(
+    server: &Server,
+    api: &Api,
+    run: &Run,
+    agents: usize,
+) -> anyhow::Result<Fleet> {
+    let tokens = run.provision(api, agents, 32).await?;
+    let endpoint = server.agent_endpoint().await?;
+    let started = Instant::now();
+    let fleet = Fleet::start(&endpoint, tokens, 64, |_| None).await;
+    fleet.require_all(agents)?;
+    let online = run
+        .await_online(api, agents, Duration::from_secs(60))
+        .await?;
+    ensure!(
+        online == agents,
+        "only {online} of {agents} nodes are online in GET /nodes after 60 s"
+    );
+    println!(
+        "{agents} agents connected and online in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(fleet)
+}
+
+// ---------------------------------------------------------------------------
+// lifecycle
+// ---------------------------------------------------------------------------
+
+/// `lifecycle`: submit `--tasks` through `--submitters` concurrent clients
+/// and time the first submit to the last `received` for `succeeded`.
+async fn lifecycle(args: LifecycleArgs) -> anyhow::Result<()> {
+    ensure!(
+        args.agents > 0 && args.tasks > 0,
+        "--agents and --tasks must be positive"
+    );
+    let server = Server::start(&args.target).await?;
+    let outcome = measure_lifecycle(&server, &args).await;
+    server.finish().await?;
+    outcome
+}
+
+/// The body of `lifecycle`, between starting and stopping the server.
+async fn measure_lifecycle(server: &Server, args: &LifecycleArgs) -> anyhow::Result<()> {
+    let api = server.api()?;
+    let run = Run::create(&api).await?;
+    let fleet = ready_fleet(server, &api, &run, args.agents).await?;
+    let probe = fleet.probe.clone();
+
+    let next = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut submitters = JoinSet::new();
+    for _ in 0..args.submitters.max(1) {
+        let (api, next, project, label, n) = (
+            api.clone(),
+            next.clone(),
+            run.project,
+            run.id.clone(),
+            args.tasks,
+        );
+        submitters.spawn(async move {
+            let mut submitted = Vec::new();
+            while next.fetch_add(1, Ordering::Relaxed) < n {
+                let at = Instant::now();
+                submitted.push((api.submit(project, &label).await?, at));
+            }
+            anyhow::Ok(submitted)
+        });
+    }
+    let mut submitted_at = HashMap::with_capacity(args.tasks);
+    while let Some(joined) = submitters.join_next().await {
+        submitted_at.extend(joined.context("a submitter panicked")??);
+    }
+    let submit_secs = started.elapsed().as_secs_f64();
+
+    let deadline = started + Duration::from_secs(args.timeout_s);
+    let mut report = Instant::now() + Duration::from_secs(5);
+    while probe.succeeded.load(Ordering::Acquire) < args.tasks {
+        if Instant::now() > deadline {
+            bail!(
+                "after {} s only {} of {} tasks succeeded ({} run_task seen, {} refused, {} agents dropped):\n  {}",
+                args.timeout_s,
+                probe.succeeded.load(Ordering::Acquire),
+                args.tasks,
+                probe.run_task_at.lock().unwrap_or_else(|e| e.into_inner()).len(),
+                probe.refused.load(Ordering::Relaxed),
+                probe.dropped.load(Ordering::Relaxed),
+                probe.problems()
+            );
+        }
+        if Instant::now() > report {
+            eprintln!(
+                "  {:.0} s: {} of {} succeeded",
+                started.elapsed().as_secs_f64(),
+                probe.succeeded.load(Ordering::Acquire),
+                args.tasks
+            );
+            report += Duration::from_secs(5);
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let last = (*probe
+        .last_succeeded
+        .lock()
+        .unwrap_or_else(|e| e.into_inner()))
+    .context("no succeeded report was answered")?;
+    let secs = (last - started).as_secs_f64();
+    let projected = run.await_succeeded(&api, args.tasks).await?;
+    let delivery = delays(&submitted_at, &probe);
+    let (resent, refused) = (
+        probe.resent.load(Ordering::Relaxed),
+        probe.refused.load(Ordering::Relaxed),
+    );
+    fleet.stop().await;
+
+    let rate = args.tasks as f64 / secs;
+    println!(
+        "lifecycle: {} tasks in {secs:.1} s = {rate:.0} tasks/s = {:.0} commits/s ({} agents, {} submitters)",
+        args.tasks,
+        rate * 5.0,
+        args.agents,
+        args.submitters
+    );
+    println!(
+        "lifecycle: submitting alone took {submit_secs:.1} s = {:.0} submits/s",
+        args.tasks as f64 / submit_secs
+    );
+    println!(
+        "lifecycle: submit → run_task under this load: {}",
+        delivery.line()
+    );
+    println!(
+        "lifecycle: GET /tasks showed all {} succeeded {:.0} ms after the last received ({resent} run_task resent, {refused} reports refused)",
+        args.tasks,
+        projected.as_secs_f64() * 1000.0
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// latency
+// ---------------------------------------------------------------------------
+
+/// `latency`: submit at a steady rate and time each task's submit-start to
+/// its `run_task` arriving at an agent.
+async fn latency(args: LatencyArgs) -> anyhow::Result<()> {
+    ensure!(
+        args.rate > 0.0 && args.seconds > 0 && args.agents > 0,
+        "--rate, --seconds and --agents must be positive"
+    );
+    let server = Server::start(&args.target).await?;
+    let outcome = measure_latency(&server, &args).await;
+    server.finish().await?;
+    outcome
+}
+
+/// The body of `latency`, between starting and stopping the server.
+async fn measure_latency(server: &Server, args: &LatencyArgs) -> anyhow::Result<()> {
+    let api = server.api()?;
+    let run = Run::create(&api).await?;
+    let fleet = ready_fleet(server, &api, &run, args.agents).await?;
+    let probe = fleet.probe.clone();
+
+    let n = (args.rate * args.seconds as f64).round() as usize;
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / args.rate));
+    tick.set_missed_tick_behavior(MissedTickBehavior::Burst);
+    let mut submits = JoinSet::new();
+    for _ in 0..n {
+        tick.tick().await;
+        let (api, project, label) = (api.clone(), run.project, run.id.clone());
+        submits.spawn(async move {
+            let at = Instant::now();
+            let id = api.submit(project, &label).await?;
+            anyhow::Ok((id, at, at.elapsed()))
+        });
+    }
+    let mut submitted_at = HashMap::with_capacity(n);
+    let mut round_trips = Vec::with_capacity(n);
+    while let Some(joined) = submits.join_next().await {
+        let (id, at, rtt) = joined.context("a submitter panicked")??;
+        submitted_at.insert(id, at);
+        round_trips.push(rtt);
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while probe.succeeded.load(Ordering::Acquire) < n {
+        ensure!(
+            Instant::now() < deadline,
+            "60 s after the last submit only {} of {n} tasks succeeded:\n  {}",
+            probe.succeeded.load(Ordering::Acquire),
+            probe.problems()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    run.await_succeeded(&api, n).await?;
+    let delivery = delays(&submitted_at, &probe);
+    fleet.stop().await;
+
+    println!(
+        "latency: submit → run_task at {} tasks/s for {} s ({n} tasks, {} agents): {}",
+        args.rate,
+        args.seconds,
+        args.agents,
+        delivery.line()
+    );
+    println!(
+        "latency: POST /tasks round trip: {}",
+        Percentiles::of(round_trips).line()
+    );
+    println!("latency: all {n} tasks succeeded (checked through GET /tasks)");
+    Ok(())
+}
+
+/// Submit-start → `run_task` received, for each task seen by both sides.
+fn delays(submitted_at: &HashMap<Uuid, Instant>, probe: &Probe) -> Percentiles {
+    let received = probe.run_task_at.lock().unwrap_or_else(|e| e.into_inner());
+    Percentiles::of(
+        submitted_at
+            .iter()
+            .filter_map(|(id, at)| received.get(id).map(|r| r.saturating_duration_since(*at)))
+            .collect(),
+    )
+}
+
+/// A distribution of durations.
+struct Percentiles {
+    n: usize,
+    p50: Duration,
+    p90: Duration,
+    p99: Duration,
+    max: Duration,
+}
+
+impl Percentiles {
+    /// Nearest-rank percentiles of `samples`.
+    fn of(mut samples: Vec<Duration>) -> Percentiles {
+        samples.sort();
+        let at = |q: f64| {
+            let rank = ((q * samples.len() as f64).ceil() as usize).max(1);
+            samples.get(rank - 1).copied().unwrap_or_default()
+        };
+        Percentiles {
+            n: samples.len(),
+            p50: at(0.50),
+            p90: at(0.90),
+            p99: at(0.99),
+            max: samples.last().copied().unwrap_or_default(),
+        }
+    }
+
+    /// `p50 … ms, p90 … ms, p99 … ms, max … ms (n …)`.
+    fn line(&self) -> String {
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        format!(
+            "p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, max {:.1} ms (n {})",
+            ms(self.p50),
+            ms(self.p90),
+            ms(self.p99),
+            ms(self.max),
+            self.n
+        )
+    }
+}
+
+// ---------------------------------------------------------------------------
+// idle
+// ---------------------------------------------------------------------------
+
+/// `idle`: connect `--agents` idle agents from `--procs` worker processes
+/// and read the server's memory before and after.
+async fn idle(args: IdleArgs) -> anyhow::Result<()> {
+    ensure!(
+        args.agents > 0 && args.procs > 0,
+        "--agents and --procs must be positive"
+    );
+    let server = Server::start(&args.target).await?;
+    let outcome = measure_idle(&server, &args).await;
+    server.finish().await?;
+    outcome
+}
+
+/// The body of `idle`, between starting and stopping the server.
+async fn measure_idle(server: &Server, args: &IdleArgs) -> anyhow::Result<()> {
+    let fresh = server.rss_kib()?;
+    let api = server.api()?;
+    let run = Run::create(&api).await?;
+    let tokens = run.provision(&api, args.agents, args.provisioners).await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let before = server.rss_kib()?;
+
+    let endpoint = server.agent_endpoint().await?;
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    let per = args.agents.div_ceil(args.procs);
+    for (k, share) in tokens.chunks(per).enumerate() {
+        workers.push(Worker::start(&endpoint, k * per, share).await?);
+    }
+    let mut connected = 0;
+    for w in &mut workers {
+        connected += w.ready().await?;
+    }
+    let connect_secs = started.elapsed().as_secs_f64();
+    println!(
+        "idle: {connected} of {} agents connected from {} processes in {connect_secs:.1} s = {:.0} connects/s",
+        args.agents,
+        workers.len(),
+        connected as f64 / connect_secs
+    );
+    ensure!(
+        connected == args.agents,
+        "not every agent connected; see the messages above"
+    );
+    let online = run
+        .await_online(&api, args.agents, Duration::from_secs(300))
+        .await?;
+    println!(
+        "idle: GET /nodes showed {online} of {} nodes online {:.1} s after the last agent was welcomed",
+        args.agents,
+        started.elapsed().as_secs_f64() - connect_secs
+    );
+    let settled_from = Instant::now();
+    let mut samples = Vec::new();
+    while settled_from.elapsed() < Duration::from_secs(args.settle_s) {
+        if let Some(kib) = server.rss_kib()? {
+            samples.push(format!("{:.0}", kib as f64 / 1024.0));
+        }
+        tokio::time::sleep(Duration::from_secs(5).min(Duration::from_secs(args.settle_s))).await;
+    }
+    let after = server.rss_kib()?;
+
+    let mut still = 0;
+    for w in workers {
+        still += w.finish().await?;
+    }
+    match (fresh, before, after) {
+        (Some(fresh), Some(before), Some(after)) => {
+            println!(
+                "idle: server RSS {:.0} MiB fresh, {:.0} MiB with {} nodes provisioned and 0 connected, {:.0} MiB with {connected} agents idle for {} s (samples MiB: {})",
+                fresh as f64 / 1024.0,
+                before as f64 / 1024.0,
+                args.agents,
+                after as f64 / 1024.0,
+                args.settle_s,
+                samples.join(", ")
+            );
+            println!(
+                "idle: {:.1} KiB per idle agent ({:.0} MiB for {connected} agents)",
+                after.saturating_sub(before) as f64 / connected as f64,
+                after.saturating_sub(before) as f64 / 1024.0
+            );
+        }
+        _ => println!("idle: no memory figure (the server's pid is unknown: pass --server-pid)"),
+    }
+    println!("idle: {still} of {connected} agents were still connected at the end");
+    Ok(())
+}
+
+/// A child process holding a share of the idle agents.
+struct Worker {
+    child: tokio::process::Child,
+    stdin: Option<tokio::process::ChildStdin>,
+    lines: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+}
+
+impl Worker {
+    /// Starts `unidesk-loadgen idle-worker` and hands it `tokens`.
+    async fn start(
+        endpoint: &Endpoint,
+        offset: usize,
+        tokens: &[String],
+    ) -> anyhow::Result<Worker> {
+        let exe = std::env::current_exe().context("locating this executable")?;
+        let mut child = tokio::process::Command::new(exe)
+            .arg("idle-worker")
+            .arg("--connect")
+            .arg(endpoint.addr.to_string())
+            .arg("--ws-url")
+            .arg(&endpoint.ws_url)
+            .arg("--offset")
+            .arg(offset.to_string())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting an idle worker")?;
+        let mut stdin = child.stdin.take().context("worker stdin")?;
+        let stdout = child.stdout.take().context("worker stdout")?;
+        let mut text = tokens.join("\n");
+        text.push_str("\ngo\n");
+        stdin
+            .write_all(text.as_bytes())
+            .await
+            .context("handing tokens to a worker")?;
+        stdin.flush().await.context("handing tokens to a worker")?;
+        Ok(Worker {
+            child,
+            stdin: Some(stdin),
+            lines: BufReader::new(stdout).lines(),
+        })
+    }
+
+    /// Waits for the worker's `ready <connected> <failed>` line.
+    async fn ready(&mut self) -> anyhow::Result<usize> {
+        let (connected, failed) = self.expect("ready").await?;
+        if failed > 0 {
+            eprintln!("idle: a worker could not connect {failed} agents");
+        }
+        Ok(connected)
+    }
+
+    /// Tells the worker to stop (end of stdin); returns how many of its
+    /// agents were still connected.
+    async fn finish(mut self) -> anyhow::Result<usize> {
+        drop(self.stdin.take());
+        let (still, dropped) = self.expect("final").await?;
+        if dropped > 0 {
+            eprintln!("idle: a worker lost {dropped} sessions while idle");
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await;
+        Ok(still)
+    }
+
+    /// Reads lines until one reads `<word> <a> <b>`.
+    async fn expect(&mut self, word: &str) -> anyhow::Result<(usize, usize)> {
+        while let Some(line) = self.lines.next_line().await.context("reading a worker")? {
+            let parts: Vec<&str> = line.split_whitespace().collect();
+            if let [w, a, b] = parts[..] {
+                if w == word {
+                    return Ok((a.parse()?, b.parse()?));
+                }
+            }
+            println!("{line}");
+        }
+        bail!("an idle worker ended before saying {word}")
+    }
+}
+
+/// `idle-worker`: connects the agents whose tokens arrive on stdin, says
+/// `ready <connected> <failed>`, idles until stdin ends, then says
+/// `final <still connected> <dropped>` and closes them.
+async fn idle_worker(args: IdleWorkerArgs) -> anyhow::Result<()> {
+    let mut lines = BufReader::new(tokio::io::stdin()).lines();
+    let mut tokens = Vec::new();
+    while let Some(line) = lines.next_line().await.context("reading tokens")? {
+        match line.trim() {
+            "go" => break,
+            "" => {}
+            token => tokens.push(token.to_string()),
+        }
+    }
+    let endpoint = Endpoint {
+        addr: args.connect,
+        ws_url: args.ws_url,
+    };
+    let offset = args.offset;
+    let fleet = Fleet::start(&endpoint, tokens, args.concurrency, |i| {
+        Some(source_address(offset + i))
+    })
+    .await;
+    let probe = fleet.probe.clone();
+    if probe.failed.load(Ordering::Relaxed) > 0 {
+        eprintln!("idle-worker: {}", probe.problems());
+    }
+    println!(
+        "ready {} {}",
+        probe.connected.load(Ordering::Relaxed),
+        probe.failed.load(Ordering::Relaxed)
+    );
+    while lines.next_line().await.ok().flatten().is_some() {}
+    let dropped = probe.dropped.load(Ordering::Relaxed);
+    if dropped > 0 {
+        eprintln!("idle-worker: {}", probe.problems());
+    }
+    println!(
+        "final {} {dropped}",
+        probe
+            .connected
+            .load(Ordering::Relaxed)
+            .saturating_sub(dropped)
+    );
+    fleet.stop().await;
+    Ok(())
+}
+
+/// The i-th source address, round-robin over 127.0.0.2–127.0.0.254: each
+/// address has its own ~28,000 ephemeral ports.
+fn source_address(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(127, 0, 0, 2 + (i % 253) as u8)
+}
+
+// ---------------------------------------------------------------------------
+// postgres
+// ---------------------------------------------------------------------------
+
+/// `postgres`: a throw-away cluster for the reference scripts, on the same
+/// settings as the clusters the benchmarks start (no fsync).
+async fn postgres(args: PostgresArgs) -> anyhow::Result<()> {
+    let cluster = store::cluster::LocalCluster::start_ephemeral()
+        .await
+        .context("starting a private PostgreSQL")?;
+    let scratch = args.scratch;
+    ensure!(
+        !scratch.is_empty() && scratch.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'),
+        "--scratch must be lower-case letters and '_'"
+    );
+    {
+        use sqlx::Connection;
+        let mut conn = sqlx::PgConnection::connect(&cluster.url())
+            .await
+            .context("connecting to the private PostgreSQL")?;
+        sqlx::query(&format!("CREATE DATABASE {scratch}"))
+            .execute(&mut conn)
+            .await
+            .with_context(|| format!("creating the database {scratch}"))?;
+        conn.close().await.ok();
+    }
+    println!("DATABASE_URL={}", cluster.url());
+    println!("SCRATCH_URL={}", cluster.admin_url_for(&scratch));
+    println!("READY");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("watching SIGTERM")?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    cluster
+        .stop()
+        .await
+        .context("stopping the private PostgreSQL")?;
+    Ok(())
+}
