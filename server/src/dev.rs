@@ -37,6 +37,97 @@ pub struct DevArgs {
     /// How often outbox consumers poll when no NOTIFY arrives, in ms.
     #[arg(long, env = "UNIDESK_POLL_MS", default_value_t = 250)]
     poll_ms: u64,
+    /// Start no local agent (tasks then wait for nodes to join).
+    #[arg(long)]
+    no_agent: bool,
+}
+
+/// The name of the node `dev` runs on this machine.
+pub const LOCAL_NODE: &str = "local";
+
+/// Joins this machine as node `local` through a real WebSocket to this very
+/// server, exactly as any other node joins. Its token is kept in
+/// `dir/node.token`. Without Docker the platform still runs, without a node.
+async fn local_agent(
+    store: &store::Store,
+    dir: &Path,
+    listen: SocketAddr,
+) -> Option<tokio::task::JoinHandle<()>> {
+    match start_local_agent(store, dir, listen).await {
+        Ok(handle) => Some(handle),
+        Err(e) => {
+            eprintln!("no local agent: {e:#}; tasks will wait for a node to join");
+            None
+        }
+    }
+}
+
+async fn start_local_agent(
+    store: &store::Store,
+    dir: &Path,
+    listen: SocketAddr,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    use node_agent::connection::{self, Agent, Token};
+    let docker = node_agent::docker::connect(None)
+        .await
+        .context("connecting to Docker")?;
+    let token_file = dir.join("node.token");
+    let token = match std::fs::read_to_string(&token_file) {
+        Ok(t) if !t.trim().is_empty() => t.trim().to_string(),
+        _ => {
+            let (_, token) = api::provision_node(
+                store,
+                LOCAL_NODE,
+                [("host".to_string(), "dev".to_string())].into(),
+                &domain::Actor::System("dev".into()),
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("{}", e.detail()))
+            .context("provisioning the local node")?;
+            write_private(&token_file, &token)?;
+            token
+        }
+    };
+    let ctx = node_agent::executor::Context::new(docker, &dir.join("agent"))
+        .context("preparing the local agent's work directory")?;
+    ctx.remove_leftovers().await;
+    let host = if listen.ip().is_unspecified() {
+        std::net::IpAddr::from([127, 0, 0, 1])
+    } else {
+        listen.ip()
+    };
+    let config = connection::Config {
+        server: connection::server_address(&format!(
+            "ws://{}",
+            SocketAddr::new(host, listen.port())
+        ))?,
+        token: Token::new(&token),
+        tls: connection::tls_config(None)?,
+        labels: Default::default(),
+        resources: node_agent::resources::detect(),
+        reconnect_min: std::time::Duration::from_millis(200),
+        reconnect_max: std::time::Duration::from_secs(5),
+    };
+    let agent = Agent::new(config, std::sync::Arc::new(ctx));
+    Ok(tokio::spawn(async move {
+        let refused = agent.run().await;
+        eprintln!("the local agent stopped: {refused}");
+    }))
+}
+
+fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    #[cfg(unix)]
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    options.mode(0o600);
+    let mut f = options
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    f.write_all(contents.as_bytes())?;
+    Ok(())
 }
 
 /// The URL of the private cluster of a `dev` running in `dir`, if any.
@@ -104,7 +195,12 @@ async fn serve(args: &DevArgs, listener: tokio::net::TcpListener, url: &str) -> 
         poll_ms: args.poll_ms,
         ..ServerArgs::defaults()
     };
-    let services = roles::start(store, listener, &Role::ALL, &server)?;
+    let services = roles::start(store.clone(), listener, &Role::ALL, &server)?;
+    let agent = if args.no_agent {
+        None
+    } else {
+        local_agent(&store, &args.dir, args.listen).await
+    };
     println!("UniDesk is running at http://{}", args.listen);
     println!("admin token: {token}");
     println!(
@@ -113,6 +209,9 @@ async fn serve(args: &DevArgs, listener: tokio::net::TcpListener, url: &str) -> 
     );
     roles::shutdown_signal().await;
     eprintln!("shutting down");
+    if let Some(agent) = agent {
+        agent.abort();
+    }
     services.stop().await;
     pool.close().await;
     Ok(())

@@ -2,7 +2,10 @@
 //! `unidesk-agent`s over real WebSockets, real Docker containers and real
 //! git repositories. Nothing is mocked.
 
-#![expect(clippy::unwrap_used, reason = "a test fails loudly at the first surprise")]
+#![expect(
+    clippy::unwrap_used,
+    reason = "a test fails loudly at the first surprise"
+)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -15,13 +18,25 @@ use serde_json::{json, Value};
 const BASE: &str = "unidesk-test-base:1";
 
 fn sh(dir: &Path, cmd: &str) -> String {
-    let out = Command::new("sh").arg("-c").arg(cmd).current_dir(dir).output().unwrap();
-    assert!(out.status.success(), "{cmd}: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
 fn base_image() {
-    let ok = Command::new("docker").args(["image", "inspect", BASE]).output().unwrap();
+    let ok = Command::new("docker")
+        .args(["image", "inspect", BASE])
+        .output()
+        .unwrap();
     if ok.status.success() {
         return;
     }
@@ -51,7 +66,11 @@ fn repo(root: &Path, name: &str, files: &[(&str, &str)]) -> (String, String) {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn agent_binary() -> PathBuf {
@@ -94,8 +113,20 @@ impl Platform {
         let port = free_port();
         let token_file = dir.path().join("admin.token");
         let server = Command::new(env!("CARGO_BIN_EXE_unidesk"))
-            .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--allow-file-urls"])
-            .args(["--heartbeat-s", "1", "--offline-after-s", "4", "--poll-ms", "100"])
+            .args([
+                "serve",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--allow-file-urls",
+            ])
+            .args([
+                "--heartbeat-s",
+                "1",
+                "--offline-after-s",
+                "4",
+                "--poll-ms",
+                "100",
+            ])
             .arg("--admin-token-file")
             .arg(&token_file)
             .env("DATABASE_URL", &db.url)
@@ -114,7 +145,10 @@ impl Platform {
             assert!(Instant::now() < deadline, "server did not become ready");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        let token = std::fs::read_to_string(&token_file).unwrap().trim().to_string();
+        let token = std::fs::read_to_string(&token_file)
+            .unwrap()
+            .trim()
+            .to_string();
         Platform {
             server,
             ws: format!("ws://127.0.0.1:{port}"),
@@ -137,7 +171,10 @@ impl Platform {
         let r = req.send().await.unwrap();
         let status = r.status().as_u16();
         let text = r.text().await.unwrap();
-        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
     }
 
     async fn post(&self, path: &str, body: Value) -> Value {
@@ -155,10 +192,20 @@ impl Platform {
     /// Provisions a node and starts its agent; returns the node id and the
     /// agent's index.
     async fn agent(&mut self, name: &str, labels: Value) -> (String, usize) {
-        let node = self.post("/nodes", json!({"name": name, "labels": labels})).await;
+        let node = self
+            .post("/nodes", json!({"name": name, "labels": labels}))
+            .await;
         let work = self.dir.path().join(format!("agent-{name}"));
         let child = Command::new(agent_binary())
-            .args(["--server", &self.ws, "--cpus", "4", "--memory-mb", "4096", "--no-gpus"])
+            .args([
+                "--server",
+                &self.ws,
+                "--cpus",
+                "4",
+                "--memory-mb",
+                "4096",
+                "--no-gpus",
+            ])
             .args(["--reconnect-min-ms", "100", "--reconnect-max-ms", "1000"])
             .arg("--work-dir")
             .arg(&work)
@@ -232,12 +279,17 @@ fn task(project: &str, r: &Repos, command: &[&str], env: Value) -> Value {
 async fn a_task_runs_in_a_container_on_a_real_agent_and_its_output_is_readable() {
     let mut p = Platform::start().await;
     let r = repos(p.dir.path());
-    let project = p.post("/projects", json!({"name": "e2e"})).await["id"].as_str().unwrap().to_string();
+    let project = p.post("/projects", json!({"name": "e2e"})).await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let (node, _) = p.agent("worker-1", json!({"site": "lab"})).await;
     let listed = p.get(&format!("/nodes/{node}")).await;
     assert_eq!(listed["resources"]["cpus"], 4.0, "{listed}");
 
-    let t = p.post("/tasks", task(&project, &r, &["sh", "run.sh"], json!({}))).await;
+    let t = p
+        .post("/tasks", task(&project, &r, &["sh", "run.sh"], json!({})))
+        .await;
     let id = t["id"].as_str().unwrap().to_string();
     let done = p.task_until(&id, &["succeeded", "failed"]).await;
     assert_eq!(done["state"], "succeeded", "{done}");
@@ -247,15 +299,34 @@ async fn a_task_runs_in_a_container_on_a_real_agent_and_its_output_is_readable()
     assert!(out.contains("hello from the task"), "{logs}");
     assert!(out.contains("to-stderr"), "{logs}");
     // The timeline shows every step, in order.
-    let events = p.get(&format!("/events?aggregate_type=task&aggregate_id={id}")).await;
-    let types: Vec<&str> = events["items"].as_array().unwrap().iter().map(|e| e["event_type"].as_str().unwrap()).collect();
+    let events = p
+        .get(&format!("/events?aggregate_type=task&aggregate_id={id}"))
+        .await;
+    let types: Vec<&str> = events["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["event_type"].as_str().unwrap())
+        .collect();
     assert_eq!(types.first(), Some(&"TaskSubmitted"));
-    assert!(types.contains(&"TaskAssigned") && types.contains(&"TaskAccepted") && types.contains(&"TaskStarted"), "{types:?}");
+    assert!(
+        types.contains(&"TaskAssigned")
+            && types.contains(&"TaskAccepted")
+            && types.contains(&"TaskStarted"),
+        "{types:?}"
+    );
     assert_eq!(types.last(), Some(&"TaskSucceeded"));
 
     // A non-zero exit fails the task with its exit code.
-    let t = p.post("/tasks", task(&project, &r, &["sh", "run.sh"], json!({"EXIT": "3"}))).await;
-    let failed = p.task_until(t["id"].as_str().unwrap(), &["succeeded", "failed"]).await;
+    let t = p
+        .post(
+            "/tasks",
+            task(&project, &r, &["sh", "run.sh"], json!({"EXIT": "3"})),
+        )
+        .await;
+    let failed = p
+        .task_until(t["id"].as_str().unwrap(), &["succeeded", "failed"])
+        .await;
     assert_eq!(failed["state"], "failed");
     assert_eq!(failed["exit_code"], 3, "{failed}");
 
@@ -263,27 +334,50 @@ async fn a_task_runs_in_a_container_on_a_real_agent_and_its_output_is_readable()
     let mut bad = task(&project, &r, &["sh", "run.sh"], json!({}));
     bad["code_commit_id"] = json!("0123456789abcdef0123456789abcdef01234567");
     let t = p.post("/tasks", bad).await;
-    let failed = p.task_until(t["id"].as_str().unwrap(), &["succeeded", "failed"]).await;
+    let failed = p
+        .task_until(t["id"].as_str().unwrap(), &["succeeded", "failed"])
+        .await;
     assert_eq!(failed["state"], "failed");
-    assert!(failed["reason"].as_str().unwrap().contains("0123456789abcdef"), "{failed}");
+    assert!(
+        failed["reason"]
+            .as_str()
+            .unwrap()
+            .contains("0123456789abcdef"),
+        "{failed}"
+    );
 
     // A Dockerfile that does not build fails with its last lines.
-    let broken = repo(p.dir.path(), "env-broken", &[("Dockerfile", &format!("FROM {BASE}\nRUN echo about-to-fail && false\n"))]);
+    let broken = repo(
+        p.dir.path(),
+        "env-broken",
+        &[(
+            "Dockerfile",
+            &format!("FROM {BASE}\nRUN echo about-to-fail && false\n"),
+        )],
+    );
     let mut t = task(&project, &r, &["true"], json!({}));
     t["env_repo_url"] = json!(broken.0);
     t["env_commit_id"] = json!(broken.1);
     t["dockerfile_path"] = json!("Dockerfile");
     let t = p.post("/tasks", t).await;
-    let failed = p.task_until(t["id"].as_str().unwrap(), &["succeeded", "failed"]).await;
+    let failed = p
+        .task_until(t["id"].as_str().unwrap(), &["succeeded", "failed"])
+        .await;
     assert_eq!(failed["state"], "failed");
-    assert!(failed["reason"].as_str().unwrap().contains("about-to-fail"), "{failed}");
+    assert!(
+        failed["reason"].as_str().unwrap().contains("about-to-fail"),
+        "{failed}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_killed_agents_task_is_requeued_and_runs_elsewhere_and_revoked_agents_stay_out() {
     let mut p = Platform::start().await;
     let r = repos(p.dir.path());
-    let project = p.post("/projects", json!({"name": "e2e-loss"})).await["id"].as_str().unwrap().to_string();
+    let project = p.post("/projects", json!({"name": "e2e-loss"})).await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let (first, first_agent) = p.agent("doomed", json!({"pool": "a"})).await;
     let t = p
         .post("/tasks", {
@@ -306,25 +400,37 @@ async fn a_killed_agents_task_is_requeued_and_runs_elsewhere_and_revoked_agents_
     // kill -9: no goodbye. After the offline interval the node is offline,
     // the attempt lost, and the task queued again.
     p.agents[first_agent].kill().unwrap();
-    p.until("node offline", || async { p.get(&format!("/nodes/{first}")).await["status"] == "offline" }).await;
+    p.until("node offline", || async {
+        p.get(&format!("/nodes/{first}")).await["status"] == "offline"
+    })
+    .await;
     let requeued = p.task_until(&id, &["queued"]).await;
     assert_eq!(requeued["attempts"][0]["outcome"], "lost", "{requeued}");
 
     // A second node with the label takes attempt 2.
     let (second, _) = p.agent("survivor", json!({"pool": "a"})).await;
     let again = p.task_until(&id, &["running"]).await;
-    assert_eq!((again["node_id"].as_str(), again["attempt"].as_u64()), (Some(second.as_str()), Some(2)));
+    assert_eq!(
+        (again["node_id"].as_str(), again["attempt"].as_u64()),
+        (Some(second.as_str()), Some(2))
+    );
 
     // Draining keeps new work away; revoking closes the session at once and
     // the agent is refused from then on.
     p.post(&format!("/nodes/{second}/drain"), json!({})).await;
-    let waiting = p.post("/tasks", {
-        let mut t = task(&project, &r, &["true"], json!({}));
-        t["labels"] = json!({"pool": "a"});
-        t
-    }).await;
+    let waiting = p
+        .post("/tasks", {
+            let mut t = task(&project, &r, &["true"], json!({}));
+            t["labels"] = json!({"pool": "a"});
+            t
+        })
+        .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(p.get(&format!("/tasks/{}", waiting["id"].as_str().unwrap())).await["state"], "queued");
+    assert_eq!(
+        p.get(&format!("/tasks/{}", waiting["id"].as_str().unwrap()))
+            .await["state"],
+        "queued"
+    );
     p.post(&format!("/nodes/{second}/revoke"), json!({})).await;
     let agent = p.agents.last_mut().unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -335,11 +441,21 @@ async fn a_killed_agents_task_is_requeued_and_runs_elsewhere_and_revoked_agents_
         assert!(Instant::now() < deadline, "a revoked agent kept running");
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    assert_eq!(status.code(), Some(2), "a revoked agent exits with status 2");
-    p.until("revoked node marked", || async { p.get(&format!("/nodes/{second}")).await["status"] == "revoked" }).await;
+    assert_eq!(
+        status.code(),
+        Some(2),
+        "a revoked agent exits with status 2"
+    );
+    p.until("revoked node marked", || async {
+        p.get(&format!("/nodes/{second}")).await["status"] == "revoked"
+    })
+    .await;
     // Its attempt is given up at once, and with no retries left the task fails.
     let ended = p.task_until(&id, &["failed"]).await;
-    assert!(ended["reason"].as_str().unwrap().contains("revoked"), "{ended}");
+    assert!(
+        ended["reason"].as_str().unwrap().contains("revoked"),
+        "{ended}"
+    );
     remove_containers(&id);
 }
 
@@ -347,6 +463,8 @@ async fn a_killed_agents_task_is_requeued_and_runs_elsewhere_and_revoked_agents_
 fn remove_containers(task: &str) {
     let _ = Command::new("sh")
         .arg("-c")
-        .arg(format!("docker ps -aq --filter label=unidesk.task_id={task} | xargs -r docker rm -f"))
+        .arg(format!(
+            "docker ps -aq --filter label=unidesk.task_id={task} | xargs -r docker rm -f"
+        ))
         .output();
 }

@@ -132,6 +132,32 @@ async fn dev_starts_stops_on_ctrl_c_and_finds_its_data_again() {
             .unwrap();
         assert_eq!(r.status(), 200, "{path}");
     }
+    // The local agent joins over a real WebSocket, like any node.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let nodes: Value = client
+            .get(format!("{}/api/v1/nodes", dev.base))
+            .bearer_auth(&dev.token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let local = nodes["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n["name"] == "local" && n["status"] == "online");
+        if local {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the local agent never came online: {nodes}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let r = client
         .post(format!("{}/api/v1/projects", dev.base))
         .bearer_auth(&dev.token)
