@@ -98,7 +98,10 @@ impl Projector {
     /// # Errors
     /// [`ProjectionError::Unknown`] for a name that is no read model.
     pub fn only(pool: PgPool, names: &[&str]) -> Result<Self, ProjectionError> {
-        if let Some(unknown) = names.iter().find(|n| !all().iter().any(|p| p.name() == **n)) {
+        if let Some(unknown) = names
+            .iter()
+            .find(|n| !all().iter().any(|p| p.name() == **n))
+        {
             return Err(ProjectionError::Unknown((*unknown).to_string()));
         }
         Ok(Self {

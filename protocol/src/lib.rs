@@ -294,7 +294,9 @@ pub fn command_id(kind: &str, task_id: Uuid, attempt: u32) -> Uuid {
 /// scheduler can tell which nodes already hold a task's image.
 pub fn env_image_tag(env_repo_url: &str, env_commit_id: &str, dockerfile_path: &str) -> String {
     use sha2::Digest;
-    let digest = sha2::Sha256::digest(format!("{env_repo_url}\n{env_commit_id}\n{dockerfile_path}"));
+    let digest = sha2::Sha256::digest(format!(
+        "{env_repo_url}\n{env_commit_id}\n{dockerfile_path}"
+    ));
     format!("unidesk-env:{}", &hex::encode(digest)[..24])
 }
 
@@ -420,8 +422,14 @@ mod tests {
     #[test]
     fn an_environment_has_one_image_tag() {
         let a = env_image_tag("https://h/e.git", &"a".repeat(40), "Dockerfile");
-        assert_eq!(a, env_image_tag("https://h/e.git", &"a".repeat(40), "Dockerfile"));
-        assert_ne!(a, env_image_tag("https://h/e.git", &"a".repeat(40), "gpu/Dockerfile"));
+        assert_eq!(
+            a,
+            env_image_tag("https://h/e.git", &"a".repeat(40), "Dockerfile")
+        );
+        assert_ne!(
+            a,
+            env_image_tag("https://h/e.git", &"a".repeat(40), "gpu/Dockerfile")
+        );
         assert!(a.starts_with("unidesk-env:") && a.len() == "unidesk-env:".len() + 24);
     }
 
