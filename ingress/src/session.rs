@@ -12,7 +12,12 @@
 //! from the outbox consumer ([`crate::registry`]) and an idle timer.
 //! Frames are handled one at a time, in order, which is also the back
 //! pressure: an agent that floods waits for its own answers. Buffers are
-//! small (4 KiB) so tens of thousands of idle agents fit in one process.
+//! small (4 KiB) so tens of thousands of idle agents fit in one process,
+//! and the handlers of each step are boxed (`Box::pin`) so the session's
+//! own future stays about 2 KiB while it waits: a handler's database
+//! futures take memory only while it runs. Measured with 3,000 idle
+//! agents in one process, server and client side together: ~26 KiB each,
+//! against ~23 KiB for a bare axum WebSocket with the same buffers.
 
 use std::collections::HashSet;
 use std::error::Error as _;
@@ -156,26 +161,26 @@ impl End {
 
 /// Runs a session on an upgraded socket until it ends.
 async fn serve(ingress: Ingress, node_id: Uuid, mut socket: WebSocket) {
-    let hello = match await_hello(&mut socket, ingress.config().hello_timeout).await {
+    let hello = match Box::pin(await_hello(&mut socket, ingress.config().hello_timeout)).await {
         Ok(hello) => hello,
         Err(end) => {
             log_end(node_id, None, &end);
-            close(&mut socket, end).await;
+            Box::pin(close(&mut socket, end)).await;
             return;
         }
     };
-    let mut session = match Session::connect(ingress, node_id, &hello).await {
+    let mut session = match Box::pin(Session::connect(ingress, node_id, &hello)).await {
         Ok(session) => session,
         Err(end) => {
             log_end(node_id, None, &end);
-            close(&mut socket, end).await;
+            Box::pin(close(&mut socket, end)).await;
             return;
         }
     };
     let end = session.live(&mut socket, hello).await;
     log_end(node_id, Some(session.id), &end);
-    session.end(&end).await;
-    close(&mut socket, end).await;
+    Box::pin(session.end(&end)).await;
+    Box::pin(close(&mut socket, end)).await;
 }
 
 fn log_end(node_id: Uuid, session: Option<Uuid>, end: &End) {
@@ -386,7 +391,7 @@ impl Session {
     /// session ends.
     async fn live(&mut self, socket: &mut WebSocket, hello: Hello) -> End {
         // The hello (its cache lists may be large) is dropped once stored.
-        if let Err(end) = self.start(socket, hello).await {
+        if let Err(end) = Box::pin(self.start(socket, hello)).await {
             return end;
         }
         let idle_after =
@@ -400,12 +405,12 @@ impl Session {
                 () = &mut idle => Event::Idle,
             };
             let step = match event {
-                Event::Outgoing(Some(out)) => self.outgoing(socket, out).await,
+                Event::Outgoing(Some(out)) => Box::pin(self.outgoing(socket, out)).await,
                 // Dropped from the registry without a word: it fell behind.
                 Event::Outgoing(None) => Err(unavailable()),
                 Event::Incoming(incoming) => {
                     reset(idle.as_mut(), idle_after);
-                    self.incoming(socket, incoming).await
+                    Box::pin(self.incoming(socket, incoming)).await
                 }
                 Event::Idle => Err(End::Gone(format!(
                     "nothing received for {} s",
