@@ -1,0 +1,182 @@
+#!/usr/bin/env bash
+# UniDesk's benchmarks and the references to quote them against, in one run.
+#
+# These machines are shared and noisy: absolute figures drift 2-4x between
+# runs, ratios taken within one run hold (../shared/bench/README.md). So this
+# script measures the references and UniDesk one after the other, on the same
+# machine, and prints every figure, then all of them again as a summary:
+#
+#   1. cargo build --release -p unidesk
+#   2. references, on a throw-away PostgreSQL with the same settings as the
+#      clusters the benchmarks start themselves (no fsync):
+#      - shared/bench/ceiling.sh: what PostgreSQL alone can do for our work;
+#      - shared/bench/peer-procrastinate.sh: a peer task queue (procrastinate,
+#        installed from PyPI into a virtualenv under $TMPDIR);
+#   3. unidesk-bench: commands per second through the event-sourced core;
+#   4. unidesk-loadgen lifecycle, latency and idle: the whole server (every
+#      role in one `unidesk serve`) driven over REST and by simulated agents
+#      on real WebSockets, each on a private PostgreSQL of its own.
+#
+#   bash ops/bench.sh
+#
+# Settings, from the environment (defaults in brackets):
+#   SHARED [../shared]          where bench/ceiling.sh and friends live
+#   BENCH_SECONDS [10]          seconds per unidesk-bench figure
+#   LIFECYCLE_AGENTS [100]  LIFECYCLE_TASKS [5000]
+#   LATENCY_RATE [20]  LATENCY_SECONDS [30]  LATENCY_AGENTS [10]
+#   IDLE_AGENTS [10000]  IDLE_PROCS [5]
+#   SKIP_PEER [0]               1 skips procrastinate (no PyPI access)
+#
+# Run it as root or as an ordinary user; as root, PostgreSQL runs as the
+# `postgres` user (it refuses to run as root). Server logs of the loadgen
+# runs are kept in the work directory printed at the start.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+SHARED=${SHARED:-../shared}
+BENCH_DIR=$SHARED/bench
+BENCH_SECONDS=${BENCH_SECONDS:-10}
+LIFECYCLE_AGENTS=${LIFECYCLE_AGENTS:-100}
+LIFECYCLE_TASKS=${LIFECYCLE_TASKS:-5000}
+LATENCY_RATE=${LATENCY_RATE:-20}
+LATENCY_SECONDS=${LATENCY_SECONDS:-30}
+LATENCY_AGENTS=${LATENCY_AGENTS:-10}
+IDLE_AGENTS=${IDLE_AGENTS:-10000}
+IDLE_PROCS=${IDLE_PROCS:-5}
+SKIP_PEER=${SKIP_PEER:-0}
+
+STEP="setup"
+PG_PID=""
+STEPS=()
+
+say() { printf '%s\n' "$*" >&2; }
+
+die() {
+    say "ops/bench.sh: $*"
+    exit 1
+}
+
+begin() {
+    STEP=$1
+    printf '\n==> %s\n' "$STEP" >&2
+}
+
+stop_reference_db() {
+    if [[ -n $PG_PID ]]; then
+        kill -TERM "$PG_PID" 2>/dev/null || true
+        wait "$PG_PID" 2>/dev/null || true
+        PG_PID=""
+    fi
+}
+
+on_exit() {
+    local status=$?
+    stop_reference_db
+    if ((status != 0)); then
+        say ""
+        say "ops/bench.sh: FAILED at step: $STEP (exit status $status)"
+    fi
+    exit "$status"
+}
+trap on_exit EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+check_tools() {
+    command -v cargo >/dev/null 2>&1 || die "cargo not found: install Rust with rustup (https://rustup.rs)"
+    [[ -f $BENCH_DIR/ceiling.sh ]] || die "$BENCH_DIR/ceiling.sh not found: set SHARED to the shared folder"
+    command -v psql >/dev/null 2>&1 || die "psql not found (Debian/Ubuntu: apt-get install postgresql-client)"
+    command -v pgbench >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/pgbench >/dev/null 2>&1 ||
+        die "pgbench not found (Debian/Ubuntu: apt-get install postgresql-contrib)"
+    if ((SKIP_PEER == 0)); then
+        python3 -c 'import venv' 2>/dev/null ||
+            die "python3 with venv not found (Debian/Ubuntu: apt-get install python3-venv), or set SKIP_PEER=1"
+    fi
+    if ((EUID == 0)); then
+        id postgres >/dev/null 2>&1 ||
+            die "no postgres user: PostgreSQL refuses to run as root and runs as postgres; install the PostgreSQL server"
+    fi
+}
+
+# run NAME CMD...: runs a measurement, showing its output and keeping a copy
+# for the summary.
+run() {
+    local name=$1
+    shift
+    STEPS+=("$name")
+    "$@" 2>&1 | tee "$WORK/$name.out"
+}
+
+# A throw-away PostgreSQL for the reference scripts, run by the loadgen so it
+# is made exactly like the benchmarks' own clusters; it stops when the
+# loadgen gets SIGTERM or dies.
+start_reference_db() {
+    "$BIN/unidesk-loadgen" postgres --scratch peer >"$WORK/pg.env" 2>"$WORK/pg.log" &
+    PG_PID=$!
+    local _
+    for _ in $(seq 1 600); do
+        grep -qx READY "$WORK/pg.env" && break
+        kill -0 "$PG_PID" 2>/dev/null || { cat "$WORK/pg.log" >&2; die "the reference PostgreSQL did not start"; }
+        sleep 0.2
+    done
+    grep -qx READY "$WORK/pg.env" || die "the reference PostgreSQL did not start within 120 s"
+    DB_URL=$(sed -n 's/^DATABASE_URL=//p' "$WORK/pg.env")
+    PEER_URL=$(sed -n 's/^SCRATCH_URL=//p' "$WORK/pg.env")
+    rm -f "$WORK/pg.env"
+}
+
+summary() {
+    local name pattern
+    printf '\n==> summary (%s, %s cores)\n' "$(date -u +%Y-%m-%dT%H:%MZ)" "$(nproc)"
+    for name in "${STEPS[@]}"; do
+        case $name in
+        ceiling) pattern='^ceiling' ;;
+        procrastinate) pattern='^(enqueue jobs/s|e2e burn-down|latency:)' ;;
+        core) pattern='^(plain single-row|cqrs command)' ;;
+        *) pattern="^($name:|provisioned|server( log)?:|[0-9]+ agents connected)" ;;
+        esac
+        grep -E "$pattern" "$WORK/$name.out" | sed "s/^/[$name] /" || true
+    done
+    printf '\nlogs and outputs: %s\n' "$WORK"
+}
+
+begin "checking tools"
+check_tools
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/unidesk-bench.XXXXXX")
+say "work directory: $WORK"
+
+begin "cargo build --release -p unidesk"
+cargo build --release -p unidesk
+BIN=${CARGO_TARGET_DIR:-$PWD/target}/release
+[[ -x $BIN/unidesk-loadgen ]] || die "$BIN/unidesk-loadgen was not built"
+
+begin "starting a throw-away PostgreSQL for the references"
+start_reference_db
+
+begin "reference: ceiling.sh"
+run ceiling bash "$BENCH_DIR/ceiling.sh" "$DB_URL"
+
+if ((SKIP_PEER == 0)); then
+    begin "reference: peer-procrastinate.sh"
+    run procrastinate bash "$BENCH_DIR/peer-procrastinate.sh" "$PEER_URL"
+fi
+stop_reference_db
+
+begin "unidesk-bench: the event-sourced core"
+run core "$BIN/unidesk-bench" --seconds "$BENCH_SECONDS" --writers 1,16
+
+begin "unidesk-loadgen lifecycle"
+run lifecycle "$BIN/unidesk-loadgen" lifecycle --agents "$LIFECYCLE_AGENTS" \
+    --tasks "$LIFECYCLE_TASKS" --server-log "$WORK/lifecycle-server.log"
+
+begin "unidesk-loadgen latency"
+run latency "$BIN/unidesk-loadgen" latency --rate "$LATENCY_RATE" \
+    --seconds "$LATENCY_SECONDS" --agents "$LATENCY_AGENTS" --server-log "$WORK/latency-server.log"
+
+begin "unidesk-loadgen idle"
+run idle "$BIN/unidesk-loadgen" idle --agents "$IDLE_AGENTS" --procs "$IDLE_PROCS" \
+    --server-log "$WORK/idle-server.log"
+
+STEP="done"
+summary
