@@ -172,3 +172,77 @@ impl Registry {
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn closed_with(rx: &mut mpsc::Receiver<Outgoing>) -> Option<Ending> {
+        match rx.try_recv() {
+            Ok(Outgoing::Close(why)) => Some(why),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn a_second_session_of_a_node_replaces_the_first() {
+        let registry = Registry::default();
+        let node = Uuid::from_u128(1);
+        let mut first = registry.register(node, Uuid::from_u128(10), 2).unwrap();
+        let _second = registry.register(node, Uuid::from_u128(11), 3).unwrap();
+        assert_eq!(closed_with(&mut first), Some(Ending::Replaced));
+        assert_eq!(registry.len(), 1);
+        // The first one leaving does not take the second one's place away.
+        registry.unregister(node, Uuid::from_u128(10));
+        assert!(registry.contains(node));
+        registry.unregister(node, Uuid::from_u128(11));
+        assert!(!registry.contains(node));
+    }
+
+    #[test]
+    fn close_asks_the_session_itself_before_ending_it() {
+        let registry = Registry::default();
+        let node = Uuid::from_u128(1);
+        let mut rx = registry.register(node, Uuid::from_u128(10), 5).unwrap();
+        registry.close(node, |_, seq| 4 > seq, Ending::Replaced);
+        assert!(registry.contains(node));
+        registry.close(node, |_, seq| 6 > seq, Ending::Offline);
+        assert!(!registry.contains(node));
+        assert_eq!(closed_with(&mut rx), Some(Ending::Offline));
+    }
+
+    #[test]
+    fn a_session_that_stops_reading_is_dropped_not_waited_for() {
+        let registry = Registry::default();
+        let node = Uuid::from_u128(1);
+        let mut rx = registry.register(node, Uuid::from_u128(10), 1).unwrap();
+        for _ in 0..QUEUE {
+            assert!(registry.send(node, "{}"));
+        }
+        assert!(!registry.send(node, "{}"));
+        assert!(!registry.contains(node));
+        // It still gets what was queued, then the end of its queue.
+        for _ in 0..QUEUE {
+            assert!(matches!(rx.try_recv(), Ok(Outgoing::Frame(_))));
+        }
+        assert!(matches!(
+            rx.try_recv(),
+            Err(mpsc::error::TryRecvError::Disconnected)
+        ));
+    }
+
+    #[test]
+    fn after_close_all_no_session_may_register() {
+        let registry = Registry::default();
+        let mut rx = registry
+            .register(Uuid::from_u128(1), Uuid::from_u128(10), 1)
+            .unwrap();
+        registry.close_all();
+        assert_eq!(closed_with(&mut rx), Some(Ending::ShuttingDown));
+        // Still counted until the session itself has gone.
+        assert_eq!(registry.len(), 1);
+        assert!(registry
+            .register(Uuid::from_u128(2), Uuid::from_u128(20), 1)
+            .is_err());
+    }
+}

@@ -116,6 +116,22 @@ fn failure_reason(message: Option<&str>) -> String {
     }
 }
 
+/// Why a report was refused, for the agent. Whether the task exists, which
+/// node holds it and which attempt is current are not the agent's business
+/// unless the attempt is its own, so those refusals all read the same.
+fn refusal(e: &TaskError, attempt: u32) -> String {
+    match e {
+        TaskError::NotFound | TaskError::WrongNode { .. } | TaskError::StaleAttempt { .. } => {
+            not_ours(attempt)
+        }
+        other => other.to_string(),
+    }
+}
+
+fn not_ours(attempt: u32) -> String {
+    format!("attempt {attempt} of this task is not assigned to this node")
+}
+
 /// Executes a report from `node_id`.
 pub(crate) async fn report(store: &Store, node_id: Uuid, status: &Status) -> Answer {
     let at = Utc::now();
@@ -129,7 +145,7 @@ pub(crate) async fn report(store: &Store, node_id: Uuid, status: &Status) -> Ans
         .await
     {
         Ok(_) => Answer::Stored,
-        Err(StoreError::Rejected(e)) => Answer::Refused(e.to_string()),
+        Err(StoreError::Rejected(e)) => Answer::Refused(refusal(&e, status.attempt)),
         Err(e) => Answer::Later(e.to_string()),
     }
 }
@@ -143,7 +159,9 @@ pub(crate) struct LogPermissions {
 
 impl LogPermissions {
     /// Whether node `node_id` may write output for the chunk's attempt:
-    /// the attempt must have been placed on this node.
+    /// the attempt must have been placed on this node. Output of an attempt
+    /// that ended or was lost is still its own and is kept, so the last
+    /// chunks may arrive after the final report.
     async fn check(&mut self, store: &Store, node_id: Uuid, chunk: &LogChunk) -> Answer {
         let key = (chunk.task_id, chunk.attempt);
         if let Some(known) = self.known.get(&key) {
@@ -156,21 +174,15 @@ impl LogPermissions {
             Ok(task) => task.map(|t| t.state),
             Err(e) => return Answer::Later(e.to_string()),
         };
-        let verdict = match task {
-            None => Err(TaskError::NotFound.to_string()),
-            Some(task) => match task.attempts.iter().find(|a| a.number == chunk.attempt) {
-                None => Err(TaskError::StaleAttempt {
-                    current: task.attempt,
-                    reported: chunk.attempt,
-                }
-                .to_string()),
-                Some(a) if a.node_id != node_id => Err(TaskError::WrongNode {
-                    assigned: a.node_id,
-                    reporter: node_id,
-                }
-                .to_string()),
-                Some(_) => Ok(()),
-            },
+        let placed_here = task.is_some_and(|t| {
+            t.attempts
+                .iter()
+                .any(|a| a.number == chunk.attempt && a.node_id == node_id)
+        });
+        let verdict = if placed_here {
+            Ok(())
+        } else {
+            Err(not_ours(chunk.attempt))
         };
         if self.known.len() >= LOG_PERMISSIONS {
             self.known.clear();
