@@ -73,7 +73,8 @@ pub(crate) fn cancel_task(task_id: Uuid, attempt: u32, grace_s: u64) -> Encoded 
 }
 
 /// The `run_task` frame for a task's current attempt; `None` for a task
-/// without a spec.
+/// without a spec or one whose frame would exceed
+/// [`protocol::MAX_FRAME_BYTES`].
 pub(crate) fn run_task(task: &Task) -> Option<Encoded> {
     let task_id = task.id?;
     let spec = task.spec.as_ref()?;
@@ -96,35 +97,52 @@ pub(crate) fn run_task(task: &Task) -> Option<Encoded> {
             timeout_s: spec.timeout_s,
         }),
     };
+    let frame = protocol::encode(&message);
+    if frame.len() > protocol::MAX_FRAME_BYTES {
+        // The agent would refuse it; the task stays assigned until the
+        // scheduler gives up on it.
+        tracing::error!(
+            %task_id,
+            bytes = frame.len(),
+            "run_task is larger than a frame and cannot be delivered"
+        );
+        return None;
+    }
     Some(Encoded {
         task_id,
         kind: "run_task",
-        frame: protocol::encode(&message),
+        frame,
     })
 }
 
 /// What `task` wants of node `node_id` right now, in the order to send it.
 /// Attempts in `running` are already running on the node and get no
 /// `run_task`.
+///
+/// An attempt asked to cancel before its node accepted it gets
+/// `cancel_task` and then `run_task`: the agent remembers the cancel, and
+/// when the run arrives it reports the attempt cancelled without starting
+/// it (an agent never reports on an attempt it was never asked to run).
 pub(crate) fn wanted(
     task: &Task,
     node_id: Uuid,
     running: &HashSet<(Uuid, u32)>,
     grace_s: u64,
-) -> Option<Encoded> {
-    let task_id = task.id?;
+) -> Vec<Encoded> {
+    let Some(task_id) = task.id else {
+        return Vec::new();
+    };
     if task.node_id != Some(node_id) || !task.state.holds_node() {
-        return None;
+        return Vec::new();
     }
+    let mut wanted = Vec::new();
     if task.cancel_requested {
-        // Not run_task first: an agent answers a cancel for an attempt it
-        // never started by reporting it cancelled.
-        return Some(cancel_task(task_id, task.attempt, grace_s));
+        wanted.push(cancel_task(task_id, task.attempt, grace_s));
     }
     if task.state == TaskState::Assigned && !running.contains(&(task_id, task.attempt)) {
-        return run_task(task);
+        wanted.extend(run_task(task));
     }
-    None
+    wanted
 }
 
 /// Loads task `task_id`; `None` when it does not exist.

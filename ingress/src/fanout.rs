@@ -9,8 +9,7 @@
 //!
 //! - `TaskAssigned` to a node connected here, and `TaskCancelRequested`:
 //!   the task is loaded once per batch and what its *current* state wants
-//!   of its node is sent (so a task assigned and cancelled in one batch
-//!   gets only `cancel_task`);
+//!   of its node is sent (see [`crate::commands::wanted`]);
 //! - `NodeTokenRevoked`: the node's session is closed at once;
 //! - `NodeConnected` with another session than ours, and
 //!   `NodeMarkedOffline`, newer than our session's `NodeConnected`: ours is
@@ -144,16 +143,7 @@ async fn deliver(ingress: &Ingress, tasks: Vec<Uuid>) -> Result<(), PendingError
             continue;
         };
         let grace_s = ingress.config().cancel_grace_s;
-        if let Some(command) = commands::wanted(&task, node_id, &none_running, grace_s) {
-            if command.frame.len() > protocol::MAX_FRAME_BYTES {
-                tracing::error!(
-                    task_id = %command.task_id,
-                    bytes = command.frame.len(),
-                    "{} is larger than a frame; it cannot be delivered",
-                    command.kind
-                );
-                continue;
-            }
+        for command in commands::wanted(&task, node_id, &none_running, grace_s) {
             if ingress.registry.send(node_id, &command.frame) {
                 tracing::debug!(%node_id, task_id = %command.task_id, kind = command.kind, "command queued");
             }

@@ -523,9 +523,14 @@ impl Session {
             let task = commands::load_task(store, task_id)
                 .await
                 .map_err(|e| failed(&e))?;
-            wanted.extend(
-                task.and_then(|t| commands::wanted(&t, self.node_id, &self.running, grace_s)),
-            );
+            if let Some(task) = task {
+                wanted.extend(commands::wanted(
+                    &task,
+                    self.node_id,
+                    &self.running,
+                    grace_s,
+                ));
+            }
         }
         Ok(wanted)
     }

@@ -488,6 +488,13 @@ fn run_task_for(command: &Command) -> Uuid {
     }
 }
 
+fn command_task(command: &Command) -> Uuid {
+    match command {
+        Command::RunTask(r) => r.task_id,
+        Command::CancelTask { task_id, .. } => *task_id,
+    }
+}
+
 fn cancel_task_for(command: &Command) -> (Uuid, u32, u64) {
     match command {
         Command::CancelTask {
@@ -658,6 +665,8 @@ async fn pending_commands_are_sent_when_the_agent_connects() {
     )
     .await;
     p.cancel(cancelled).await;
+    let cancelled_early = p.submit_and_assign(node_id).await;
+    p.cancel(cancelled_early).await;
     let elsewhere = p.submit_and_assign(other_node).await;
     projections::Projector::new(p.pool.clone())
         .catch_up()
@@ -674,22 +683,37 @@ async fn pending_commands_are_sent_when_the_agent_connects() {
         .map(run_task_for)
         .collect();
     runs.sort();
-    let mut wanted = vec![projected, fresh];
+    let mut wanted = vec![projected, fresh, cancelled_early];
     wanted.sort();
     assert_eq!(runs, wanted);
-    let cancels: Vec<_> = commands
+    let mut cancels: Vec<_> = commands
         .iter()
         .filter(|c| matches!(c, Command::CancelTask { .. }))
         .map(cancel_task_for)
         .collect();
-    assert_eq!(cancels, [(cancelled, 1, GRACE_S)]);
+    cancels.sort();
+    let mut cancels_wanted = vec![(cancelled, 1, GRACE_S), (cancelled_early, 1, GRACE_S)];
+    cancels_wanted.sort();
+    assert_eq!(cancels, cancels_wanted);
     assert!(!runs.contains(&elsewhere));
+    // Cancelled before it was accepted: the cancel comes first, so the
+    // agent never starts it.
+    let position = |kind: fn(&Command) -> bool| {
+        commands
+            .iter()
+            .position(|c| kind(c) && command_task(c) == cancelled_early)
+            .unwrap()
+    };
+    assert!(
+        position(|c| matches!(c, Command::CancelTask { .. }))
+            < position(|c| matches!(c, Command::RunTask(_)))
+    );
 
     // Still wanted after a reconnect: sent again, same ids.
     drop(agent);
     server.wait_connected(0).await;
     let (mut again, _) = Agent::join(server.addr, &token, vec![]).await;
-    assert_eq!(again.commands().await.len(), 3);
+    assert_eq!(again.commands().await.len(), 5);
 }
 
 #[tokio::test]
@@ -969,6 +993,25 @@ async fn cancelling_a_running_task_sends_cancel_task_to_its_agent() {
     );
     assert_eq!(
         p.events_of("task", task_id).await.last().unwrap(),
+        "TaskCancelled"
+    );
+
+    // Cancelled before the agent accepted it: cancel_task, then run_task
+    // again (same id) so an agent that missed the first one knows what the
+    // cancel is about.
+    let early = p.submit_and_assign(node_id).await;
+    assert_eq!(run_task_for(&agent.command().await), early);
+    p.cancel(early).await;
+    assert_eq!(cancel_task_for(&agent.command().await), (early, 1, GRACE_S));
+    assert_eq!(run_task_for(&agent.command().await), early);
+    assert_eq!(
+        agent
+            .report(status(4, early, ReportedState::Cancelled))
+            .await,
+        None
+    );
+    assert_eq!(
+        p.events_of("task", early).await.last().unwrap(),
         "TaskCancelled"
     );
 }
