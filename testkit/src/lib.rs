@@ -232,9 +232,18 @@ async fn build_template(
         match execute(admin, &rename).await {
             Ok(()) => break,
             Err(sqlx::Error::Database(e))
-                if e.code().as_deref() == Some("55006") && attempts < 100 =>
+                if e.code().as_deref() == Some("55006") && attempts < 200 =>
             {
+                // Besides our closing session, an autovacuum worker may have
+                // entered the new database: end whoever is still in it.
                 attempts += 1;
+                let _ = sqlx::query(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                     WHERE datname = $1 AND pid <> pg_backend_pid()",
+                )
+                .bind(&building)
+                .execute(&mut *admin)
+                .await;
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
             Err(e) => return Err(e),
