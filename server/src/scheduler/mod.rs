@@ -301,11 +301,21 @@ impl Scheduler {
         now: DateTime<Utc>,
         outcome: &mut Outcome,
     ) -> Result<(), sqlx::Error> {
+        // Our own placements the read model does not show yet: skipped in
+        // the query (so the queue behind them is seen), counted as held.
+        let pending: Vec<Pending> = {
+            let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            p.retain(|_, x| now - x.at < chrono::Duration::seconds(60));
+            p.values().cloned().collect()
+        };
+        let pending_ids: Vec<Uuid> = pending.iter().map(|p| p.task.id).collect();
         let queued_rows: Vec<(Uuid, Uuid, i32, serde_json::Value)> = sqlx::query_as(
-            "SELECT id, project_id, priority, doc->'spec' FROM task_view WHERE state = 'queued' \
+            "SELECT id, project_id, priority, doc->'spec' FROM task_view \
+             WHERE state = 'queued' AND NOT (id = ANY($2)) \
              ORDER BY priority DESC, submitted_at, id LIMIT $1",
         )
         .bind(self.config.batch)
+        .bind(&pending_ids)
         .fetch_all(self.pool())
         .await?;
         let holding: Vec<(Uuid, Uuid, Uuid, serde_json::Value)> = sqlx::query_as(&format!(
@@ -314,15 +324,24 @@ impl Scheduler {
         ))
         .fetch_all(self.pool())
         .await?;
-        // Forget our own placements once the read model shows them.
-        let queued_ids: HashSet<Uuid> = queued_rows.iter().map(|r| r.0).collect();
+        // Once the read model no longer shows a placement queued, it counts
+        // there (holding its node) or it has already ended.
+        let lagging: HashSet<Uuid> =
+            sqlx::query_scalar("SELECT id FROM task_view WHERE id = ANY($1) AND state = 'queued'")
+                .bind(&pending_ids)
+                .fetch_all(self.pool())
+                .await?
+                .into_iter()
+                .collect();
         let pending: Vec<Pending> = {
             let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-            p.retain(|id, x| queued_ids.contains(id) && now - x.at < chrono::Duration::seconds(60));
-            p.values().cloned().collect()
+            p.retain(|id, _| lagging.contains(id));
+            pending
+                .into_iter()
+                .filter(|x| lagging.contains(&x.task.id))
+                .collect()
         };
-        let pending_ids: HashSet<Uuid> = pending.iter().map(|p| p.task.id).collect();
-        if queued_rows.iter().all(|r| pending_ids.contains(&r.0)) {
+        if queued_rows.is_empty() {
             return Ok(());
         }
         let mut nodes = self.candidates().await?;
@@ -350,9 +369,6 @@ impl Scheduler {
         }
         let mut queue = Vec::with_capacity(queued_rows.len());
         for (id, project, priority, spec) in queued_rows {
-            if pending_ids.contains(&id) {
-                continue;
-            }
             match serde_json::from_value::<TaskSpec>(spec) {
                 Ok(s) => queue.push(Queued {
                     id,
