@@ -49,6 +49,7 @@ use uuid::Uuid;
 #[derive(Debug, Parser)]
 #[command(name = "unidesk-loadgen", about)]
 struct Cli {
+    /// What to measure.
     #[command(subcommand)]
     mode: Mode,
 }
@@ -212,8 +213,11 @@ struct Server {
 
 /// A server started by this process, with its database.
 struct OwnServer {
+    /// `unidesk serve`.
     child: tokio::process::Child,
+    /// Its database, stopped after it.
     cluster: store::cluster::LocalCluster,
+    /// Its stdout and stderr.
     log: PathBuf,
     /// Holds the token file and, unless `--server-log` was given, the log.
     _dir: tempfile::TempDir,
@@ -463,46 +467,57 @@ fn summarise_log(path: &Path) -> String {
 /// The REST API as an admin.
 #[derive(Clone)]
 struct Api {
+    /// One connection pool for every request.
     http: reqwest::Client,
+    /// `http://host:port/api/v1`.
     base: String,
+    /// The admin's bearer token.
     token: String,
 }
 
 /// The `id` of something created.
 #[derive(Debug, Deserialize)]
 struct Created {
+    /// Its id.
     id: Uuid,
 }
 
 /// A provisioned node's agent token.
 #[derive(Debug, Deserialize)]
 struct Provisioned {
+    /// Shown this once.
     token: String,
 }
 
 /// A page of `GET /tasks`.
 #[derive(Debug, Deserialize)]
 struct TaskPage {
+    /// The tasks on this page.
     items: Vec<TaskItem>,
+    /// The next page, if any.
     next_cursor: Option<String>,
 }
 
 /// A task as listed.
 #[derive(Debug, Deserialize)]
 struct TaskItem {
+    /// `queued`, `assigned`, ..., `succeeded`.
     state: String,
 }
 
 /// `GET /nodes`.
 #[derive(Debug, Deserialize)]
 struct NodeList {
+    /// Every node.
     items: Vec<NodeItem>,
 }
 
 /// A node as listed.
 #[derive(Debug, Deserialize)]
 struct NodeItem {
+    /// Its unique name.
     name: String,
+    /// `provisioned`, `online`, `offline` or `revoked`.
     status: String,
 }
 
@@ -612,6 +627,7 @@ impl Api {
 struct Run {
     /// Labels this run's nodes and tasks.
     id: String,
+    /// The project its tasks go to.
     project: Uuid,
     /// Node names are `<prefix><n>`.
     prefix: String,
@@ -713,7 +729,9 @@ impl Run {
 /// Where agents connect.
 #[derive(Debug, Clone)]
 struct Endpoint {
+    /// The server's TCP address.
     addr: SocketAddr,
+    /// `ws://host:port/agent/v1/ws`.
     ws_url: String,
 }
 
@@ -875,7 +893,9 @@ async fn join(
 /// One agent's session after `welcome`: heartbeats, and instant success
 /// for every `run_task`, until `stop` or the server ends it.
 struct Agent {
+    /// The session's socket.
     ws: Ws,
+    /// Where it records what it sees.
     probe: Arc<Probe>,
     /// The next report id.
     next_id: u64,
@@ -1001,8 +1021,11 @@ impl Agent {
 
 /// Simulated agents running in this process.
 struct Fleet {
+    /// Set to true to close every session.
     stop: watch::Sender<bool>,
+    /// One task per agent.
     tasks: JoinSet<()>,
+    /// What the agents saw.
     probe: Arc<Probe>,
 }
 
@@ -1315,10 +1338,15 @@ fn delays(submitted_at: &HashMap<Uuid, Instant>, probe: &Probe) -> Percentiles {
 
 /// A distribution of durations.
 struct Percentiles {
+    /// Samples.
     n: usize,
+    /// Median.
     p50: Duration,
+    /// 90th percentile.
     p90: Duration,
+    /// 99th percentile.
     p99: Duration,
+    /// Largest.
     max: Duration,
 }
 
@@ -1448,8 +1476,11 @@ async fn measure_idle(server: &Server, args: &IdleArgs) -> anyhow::Result<()> {
 
 /// A child process holding a share of the idle agents.
 struct Worker {
+    /// `unidesk-loadgen idle-worker`.
     child: tokio::process::Child,
+    /// Closing it tells the worker to stop.
     stdin: Option<tokio::process::ChildStdin>,
+    /// What the worker says.
     lines: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
 }
 
