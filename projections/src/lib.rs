@@ -135,7 +135,9 @@ impl Projector {
 
     async fn advance(&self, p: &dyn Projection, limit: i64) -> Result<usize, ProjectionError> {
         let mut tx = self.pool.begin().await?;
-        let from = outbox::load_checkpoint(&mut tx, p.name(), true).await?;
+        let Some(from) = outbox::try_lock_checkpoint(&mut tx, p.name()).await? else {
+            return Ok(0);
+        };
         let events = outbox::read_after(&mut *tx, from, limit, &Filter::default()).await?;
         let Some(last) = events.last().map(RecordedEvent::checkpoint) else {
             return Ok(0);

@@ -53,9 +53,9 @@ where
     E: DeserializeOwned,
 {
     let row: Option<(i64, serde_json::Value)> = sqlx::query_as(&format!(
-        "SELECT last_sequence, doc FROM {table} WHERE {key}::text = $1 FOR UPDATE"
+        "SELECT last_sequence, doc FROM {table} WHERE {key} = $1 FOR UPDATE"
     ))
-    .bind(id)
+    .bind(id.parse::<Uuid>().map_err(|e| undecodable(event, e))?)
     .fetch_optional(&mut *conn)
     .await?;
     let mut state = match row {

@@ -232,6 +232,29 @@ pub async fn load_checkpoint(
     Ok(Checkpoint { txid, position })
 }
 
+/// Locks consumer `name`'s checkpoint for this transaction unless another
+/// copy of the consumer holds it right now (then `None`: that copy is doing
+/// the work, and waiting for it would only serialise the two).
+///
+/// # Errors
+/// A database error.
+pub async fn try_lock_checkpoint(
+    conn: &mut sqlx::PgConnection,
+    name: &str,
+) -> Result<Option<Checkpoint>, sqlx::Error> {
+    sqlx::query("INSERT INTO checkpoints (name) VALUES ($1) ON CONFLICT DO NOTHING")
+        .bind(name)
+        .execute(&mut *conn)
+        .await?;
+    let row: Option<(i64, i64)> = sqlx::query_as(
+        "SELECT txid, position FROM checkpoints WHERE name = $1 FOR UPDATE SKIP LOCKED",
+    )
+    .bind(name)
+    .fetch_optional(conn)
+    .await?;
+    Ok(row.map(|(txid, position)| Checkpoint { txid, position }))
+}
+
 /// Stores consumer `name`'s checkpoint; call it in the transaction that
 /// made the consumer's changes, so both commit or neither does.
 ///
