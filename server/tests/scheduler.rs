@@ -198,6 +198,17 @@ impl World {
     }
 }
 
+/// One scheduling round once every event committed so far is visible: other
+/// tests share the PostgreSQL server, and an open transaction of theirs can
+/// hold back what the scheduler's read models see.
+async fn round(w: &World, s: &Scheduler, now: DateTime<Utc>) -> unidesk::scheduler::Outcome {
+    projections::Projector::new(w.store.pool().clone())
+        .catch_up()
+        .await
+        .unwrap();
+    s.run_once(now).await.unwrap()
+}
+
 fn scheduler(w: &World) -> Scheduler {
     Scheduler::new(w.store.clone(), Config::default())
 }
@@ -213,7 +224,7 @@ async fn tasks_go_only_where_labels_and_free_resources_fit() {
     let too_big = w.submit(9.0, &[], 0, None).await;
     let unmatched = w.submit(1.0, &[("gpu", "h100")], 0, None).await;
     let s = scheduler(&w);
-    let outcome = s.run_once(Utc::now()).await.unwrap();
+    let outcome = round(&w, &s, Utc::now()).await;
     assert_eq!(outcome.assigned, 2);
     assert_eq!(w.task(needs_gpu_label).await.node_id, Some(gpu));
     assert_eq!(w.task(big).await.node_id, Some(gpu));
@@ -224,11 +235,11 @@ async fn tasks_go_only_where_labels_and_free_resources_fit() {
     // on `small`, a third one nowhere.
     let a = w.submit(2.0, &[], 0, None).await;
     let b = w.submit(2.0, &[], 0, None).await;
-    s.run_once(Utc::now()).await.unwrap();
+    round(&w, &s, Utc::now()).await;
     assert_eq!(w.task(a).await.node_id, Some(small));
     assert_eq!(w.task(b).await.state, TaskState::Queued);
     // Running again changes nothing: nothing is ever assigned twice.
-    assert_eq!(s.run_once(Utc::now()).await.unwrap().assigned, 0);
+    assert_eq!(round(&w, &s, Utc::now()).await.assigned, 0);
 }
 
 #[tokio::test]
@@ -254,8 +265,8 @@ async fn a_projects_max_running_is_never_exceeded() {
         w.submit(1.0, &[], 0, None).await,
     ];
     let s = scheduler(&w);
-    s.run_once(Utc::now()).await.unwrap();
-    s.run_once(Utc::now()).await.unwrap();
+    round(&w, &s, Utc::now()).await;
+    round(&w, &s, Utc::now()).await;
     let mut states = Vec::new();
     for t in tasks {
         states.push(w.task(t).await.state);
@@ -277,28 +288,25 @@ async fn a_silent_node_goes_offline_and_its_task_runs_elsewhere() {
     let first = w.node("first", 4.0, &[], now).await;
     let task = w.submit(1.0, &[], 1, None).await;
     let s = scheduler(&w);
-    s.run_once(now).await.unwrap();
+    round(&w, &s, now).await;
     assert_eq!(w.task(task).await.node_id, Some(first));
     w.run(first, task).await;
 
     // 60 s later nothing happens; after 91 s without a heartbeat the node
     // is offline, the attempt lost and the task queued again.
-    let quiet = s
-        .run_once(now + chrono::Duration::seconds(60))
-        .await
-        .unwrap();
+    let quiet = round(&w, &s, now + chrono::Duration::seconds(60)).await;
     assert_eq!((quiet.offline, quiet.lost), (0, 0));
     let second = w
         .node("second", 4.0, &[], now + chrono::Duration::seconds(91))
         .await;
     let later = now + chrono::Duration::seconds(91);
-    let o = s.run_once(later).await.unwrap();
+    let o = round(&w, &s, later).await;
     assert_eq!((o.offline, o.lost), (1, 1));
     let t = w.task(task).await;
     assert_eq!(t.attempts[0].outcome.as_deref(), Some("lost"));
     assert!(t.reason.unwrap().contains("no heartbeat"));
     // Requeued and, in the same or the next round, placed on the live node.
-    s.run_once(later).await.unwrap();
+    round(&w, &s, later).await;
     let t = w.task(task).await;
     assert_eq!(
         (t.state, t.attempt, t.node_id),
@@ -313,11 +321,9 @@ async fn a_task_whose_retries_are_spent_fails_when_its_node_is_lost() {
     let node = w.node("only", 4.0, &[], now).await;
     let task = w.submit(1.0, &[], 0, None).await;
     let s = scheduler(&w);
-    s.run_once(now).await.unwrap();
+    round(&w, &s, now).await;
     w.run(node, task).await;
-    s.run_once(now + chrono::Duration::seconds(120))
-        .await
-        .unwrap();
+    round(&w, &s, now + chrono::Duration::seconds(120)).await;
     let t = w.task(task).await;
     assert_eq!(t.state, TaskState::Failed);
     assert!(t.reason.unwrap().contains("no retries left"));
@@ -330,7 +336,7 @@ async fn the_watchdog_times_out_a_task_whose_node_never_reports() {
     let node = w.node("n", 4.0, &[], now).await;
     let task = w.submit(1.0, &[], 0, Some(60)).await;
     let s = scheduler(&w);
-    s.run_once(now).await.unwrap();
+    round(&w, &s, now).await;
     w.run(node, task).await;
     // The node keeps beating but never reports the timeout itself.
     let later = Utc::now() + chrono::Duration::seconds(60 + 31);
@@ -341,7 +347,7 @@ async fn the_watchdog_times_out_a_task_whose_node_never_reports() {
             .await
             .unwrap();
     w.beat(node, session, later).await;
-    let o = s.run_once(later).await.unwrap();
+    let o = round(&w, &s, later).await;
     assert_eq!(o.timed_out, 1);
     assert_eq!(w.task(task).await.state, TaskState::TimedOut);
 }
