@@ -10,9 +10,10 @@ use store::outbox::RecordedEvent;
 use uuid::Uuid;
 
 use crate::{summary, Projection, ProjectionError};
-use domain::node::{Node, NodeEvent};
-use domain::project::{Project, ProjectEvent};
-use domain::task::{Task, TaskEvent};
+use cqrs_es::Aggregate;
+use domain::node::Node;
+use domain::project::Project;
+use domain::task::Task;
 use domain::user::UserEvent;
 
 /// Every read model, in the order the projector advances them.
@@ -38,24 +39,29 @@ fn decode<E: DeserializeOwned>(event: &RecordedEvent) -> Result<E, ProjectionErr
     serde_json::from_value(event.payload.clone()).map_err(|e| undecodable(event, e))
 }
 
-/// Loads a view row's state, applies `event` when it is newer than the row,
-/// and returns the new state; `None` when the row already reflects it.
-async fn advance_doc<A, E>(
+/// For an event of aggregate `A`: loads its row of `table` (keyed by the
+/// aggregate's uuid `id`), applies the event when it is newer than the row,
+/// and returns the new state. `None` for other aggregates' events and for
+/// events the row already reflects.
+async fn advance_doc<A>(
     conn: &mut PgConnection,
     table: &str,
-    key: &str,
-    id: &str,
     event: &RecordedEvent,
-    apply: impl FnOnce(&mut A, E),
 ) -> Result<Option<A>, ProjectionError>
 where
-    A: Default + DeserializeOwned,
-    E: DeserializeOwned,
+    A: Aggregate,
 {
+    if event.aggregate_type != A::TYPE {
+        return Ok(None);
+    }
+    let id: Uuid = event
+        .aggregate_id
+        .parse()
+        .map_err(|e| undecodable(event, e))?;
     let row: Option<(i64, serde_json::Value)> = sqlx::query_as(&format!(
-        "SELECT last_sequence, doc FROM {table} WHERE {key} = $1 FOR UPDATE"
+        "SELECT last_sequence, doc FROM {table} WHERE id = $1 FOR UPDATE"
     ))
-    .bind(id.parse::<Uuid>().map_err(|e| undecodable(event, e))?)
+    .bind(id)
     .fetch_optional(&mut *conn)
     .await?;
     let mut state = match row {
@@ -63,7 +69,7 @@ where
         Some((_, doc)) => serde_json::from_value(doc).map_err(|e| undecodable(event, e))?,
         None => A::default(),
     };
-    apply(&mut state, decode(event)?);
+    state.apply(decode(event)?);
     Ok(Some(state))
 }
 
@@ -91,19 +97,7 @@ impl Projection for Tasks {
         ev: &'a RecordedEvent,
     ) -> BoxFuture<'a, Result<(), ProjectionError>> {
         Box::pin(async move {
-            if ev.aggregate_type != "task" {
-                return Ok(());
-            }
-            let Some(task) = advance_doc::<Task, TaskEvent>(
-                conn,
-                "task_view",
-                "id",
-                &ev.aggregate_id,
-                ev,
-                Task::apply_event,
-            )
-            .await?
-            else {
+            let Some(task) = advance_doc::<Task>(conn, "task_view", ev).await? else {
                 return Ok(());
             };
             let (Some(id), Some(spec)) = (task.id, task.spec.as_ref()) else {
@@ -151,19 +145,7 @@ impl Projection for Nodes {
         ev: &'a RecordedEvent,
     ) -> BoxFuture<'a, Result<(), ProjectionError>> {
         Box::pin(async move {
-            if ev.aggregate_type != "node" {
-                return Ok(());
-            }
-            let Some(node) = advance_doc::<Node, NodeEvent>(
-                conn,
-                "node_view",
-                "id",
-                &ev.aggregate_id,
-                ev,
-                Node::apply_event,
-            )
-            .await?
-            else {
+            let Some(node) = advance_doc::<Node>(conn, "node_view", ev).await? else {
                 return Ok(());
             };
             let Some(id) = node.id else {
@@ -206,19 +188,7 @@ impl Projection for Projects {
         ev: &'a RecordedEvent,
     ) -> BoxFuture<'a, Result<(), ProjectionError>> {
         Box::pin(async move {
-            if ev.aggregate_type != "project" {
-                return Ok(());
-            }
-            let Some(project) = advance_doc::<Project, ProjectEvent>(
-                conn,
-                "project_view",
-                "id",
-                &ev.aggregate_id,
-                ev,
-                Project::apply_event,
-            )
-            .await?
-            else {
+            let Some(project) = advance_doc::<Project>(conn, "project_view", ev).await? else {
                 return Ok(());
             };
             let Some(id) = project.id else {
