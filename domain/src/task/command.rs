@@ -51,6 +51,9 @@ pub enum TaskCommand {
     Assign {
         /// The node.
         node_id: Uuid,
+        /// The node's GPU device indices given to the attempt: exactly as
+        /// many as the task asks for, each once.
+        gpus: Vec<u32>,
         /// Why this node, for the timeline.
         reason: String,
         /// When.
@@ -73,6 +76,8 @@ pub enum TaskCommand {
         attempt: u32,
         /// Which step.
         stage: String,
+        /// What the step found, for the timeline.
+        detail: Option<String>,
         /// When.
         at: DateTime<Utc>,
     },
@@ -142,6 +147,17 @@ pub enum TaskCommand {
         /// When.
         at: DateTime<Utc>,
     },
+}
+
+/// The pause before attempt `previous_attempt + 1` after attempt
+/// `previous_attempt` was lost: 5 s, doubling with every further attempt,
+/// at most 5 minutes. A node that keeps losing work is not hammered, and a
+/// flapping network gets time to settle.
+pub fn retry_backoff(previous_attempt: u32) -> chrono::Duration {
+    const BASE_S: i64 = 5;
+    const MAX_S: i64 = 300;
+    let doublings = previous_attempt.saturating_sub(1).min(16);
+    chrono::Duration::seconds((BASE_S << doublings).min(MAX_S))
 }
 
 /// How a report relates to the task's current attempt.
@@ -225,15 +241,26 @@ impl Task {
             }
             C::Assign {
                 node_id,
+                gpus,
                 reason,
                 at,
             } => {
                 if self.state != TaskState::Queued {
                     return Err(self.transition_error("assign"));
                 }
+                let wanted = self.spec.as_ref().map_or(0, |s| s.resources.gpus);
+                let mut distinct = gpus.clone();
+                distinct.sort_unstable();
+                distinct.dedup();
+                if gpus.len() != wanted as usize || distinct.len() != gpus.len() {
+                    return Err(TaskError::InvalidAssignment(format!(
+                        "the task needs {wanted} distinct GPU device(s), the placement names {gpus:?}"
+                    )));
+                }
                 Ok(vec![E::Assigned {
                     node_id,
                     attempt: self.attempt + 1,
+                    gpus,
                     reason,
                     at,
                 }])
@@ -252,14 +279,23 @@ impl Task {
                 node_id,
                 attempt,
                 stage,
+                detail,
                 at,
             } => match self.check_report(node_id, attempt)? {
                 Report::Live => match self.state {
-                    TaskState::Preparing if self.stage.as_deref() == Some(stage.as_str()) => {
+                    TaskState::Preparing
+                        if self.stage.as_deref() == Some(stage.as_str())
+                            && self.stage_detail == detail =>
+                    {
                         Ok(vec![])
                     }
                     TaskState::Assigned | TaskState::Accepted | TaskState::Preparing => {
-                        Ok(vec![E::Preparing { attempt, stage, at }])
+                        Ok(vec![E::Preparing {
+                            attempt,
+                            stage,
+                            detail,
+                            at,
+                        }])
                     }
                     _ => Err(self.transition_error("report preparing for")),
                 },
@@ -368,6 +404,7 @@ impl Task {
                 } else if self.retries_left() > 0 {
                     events.push(E::Requeued {
                         previous_attempt: attempt,
+                        not_before: Some(at + retry_backoff(attempt)),
                         at,
                     });
                 } else {

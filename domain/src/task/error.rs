@@ -37,6 +37,9 @@ pub enum TaskError {
         /// The node that reported.
         reporter: Uuid,
     },
+    /// A placement that does not fit the task (the scheduler's mistake).
+    #[error("invalid assignment: {0}")]
+    InvalidAssignment(String),
     /// A report contradicts one already recorded for the same attempt.
     #[error("attempt {attempt} already ended differently: {outcome}")]
     ConflictingReport {

@@ -28,6 +28,10 @@ pub enum TaskEvent {
         node_id: Uuid,
         /// The attempt's number, from 1.
         attempt: u32,
+        /// The node's GPU device indices reserved for this attempt; no other
+        /// attempt gets them while this one holds the node.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        gpus: Vec<u32>,
         /// Why this node, for the timeline.
         reason: String,
         /// When.
@@ -46,6 +50,10 @@ pub enum TaskEvent {
         attempt: u32,
         /// Which step, such as `fetching code` or `building image`.
         stage: String,
+        /// What the step found, such as `from cache` or `fetched 12
+        /// objects (3.1 KiB)`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        detail: Option<String>,
         /// When.
         at: DateTime<Utc>,
     },
@@ -114,6 +122,10 @@ pub enum TaskEvent {
     Requeued {
         /// The attempt that ended; the next one is `previous_attempt + 1`.
         previous_attempt: u32,
+        /// The next attempt is not placed before this time (the retry
+        /// backoff); absent in events written before backoff existed.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        not_before: Option<DateTime<Utc>>,
         /// When.
         at: DateTime<Utc>,
     },

@@ -15,7 +15,7 @@ mod error;
 mod event;
 mod state;
 
-pub use command::{Outcome, TaskCommand};
+pub use command::{retry_backoff, Outcome, TaskCommand};
 pub use error::TaskError;
 pub use event::TaskEvent;
 pub use state::{Attempt, Task, TaskState};

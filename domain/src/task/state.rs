@@ -111,6 +111,9 @@ pub struct Attempt {
     pub ended_at: Option<DateTime<Utc>>,
     /// How it ended: a task state name or `lost`.
     pub outcome: Option<String>,
+    /// The node's GPU device indices it holds.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gpus: Vec<u32>,
 }
 
 /// A stored output of the task.
@@ -145,6 +148,12 @@ pub struct Task {
     pub node_id: Option<Uuid>,
     /// The stage reported while preparing.
     pub stage: Option<String>,
+    /// What the current stage found, such as `from cache`.
+    #[serde(default)]
+    pub stage_detail: Option<String>,
+    /// A requeued task is not placed before this time (retry backoff).
+    #[serde(default)]
+    pub not_before: Option<DateTime<Utc>>,
     /// The container of the current attempt.
     pub container: Option<String>,
     /// Whether a cancel was asked for.
@@ -187,13 +196,16 @@ impl Task {
             TaskEvent::Assigned {
                 node_id,
                 attempt,
+                gpus,
                 at,
                 ..
             } => {
                 self.state = TaskState::Assigned;
                 self.attempt = attempt;
                 self.node_id = Some(node_id);
+                self.not_before = None;
                 self.stage = None;
+                self.stage_detail = None;
                 self.container = None;
                 self.started_at = None;
                 self.attempts.push(Attempt {
@@ -203,6 +215,7 @@ impl Task {
                     started_at: None,
                     ended_at: None,
                     outcome: None,
+                    gpus,
                 });
                 self.updated_at = Some(at);
             }
@@ -210,9 +223,12 @@ impl Task {
                 self.state = TaskState::Accepted;
                 self.updated_at = Some(at);
             }
-            TaskEvent::Preparing { stage, at, .. } => {
+            TaskEvent::Preparing {
+                stage, detail, at, ..
+            } => {
                 self.state = TaskState::Preparing;
                 self.stage = Some(stage);
+                self.stage_detail = detail;
                 self.updated_at = Some(at);
             }
             TaskEvent::Started { container, at, .. } => {
@@ -259,9 +275,11 @@ impl Task {
                 self.node_id = None;
                 self.updated_at = Some(at);
             }
-            TaskEvent::Requeued { at, .. } => {
+            TaskEvent::Requeued { not_before, at, .. } => {
                 self.state = TaskState::Queued;
+                self.not_before = not_before;
                 self.stage = None;
+                self.stage_detail = None;
                 self.container = None;
                 self.started_at = None;
                 self.updated_at = Some(at);
@@ -300,6 +318,15 @@ impl Task {
         self.state = state;
         self.finished_at = Some(at);
         self.updated_at = Some(at);
+    }
+
+    /// The GPU device indices the current attempt holds on its node; empty
+    /// when no attempt holds a node.
+    pub fn gpus(&self) -> &[u32] {
+        match self.attempts.last() {
+            Some(a) if self.state.holds_node() => &a.gpus,
+            _ => &[],
+        }
     }
 
     /// How many more attempts the task may have after the current one.

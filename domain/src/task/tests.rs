@@ -58,6 +58,7 @@ fn assigned(attempt: u32, node_id: Uuid) -> TaskEvent {
     TaskEvent::Assigned {
         node_id,
         attempt,
+        gpus: vec![],
         reason: "fits".into(),
         at: at(1),
     }
@@ -124,6 +125,7 @@ fn assigning_a_queued_task_starts_attempt_one() {
         .given(vec![submitted(1)])
         .when(TaskCommand::Assign {
             node_id: node(),
+            gpus: vec![],
             reason: "fits".into(),
             at: at(1),
         })
@@ -136,6 +138,7 @@ fn an_assigned_task_is_never_assigned_again() {
         .given(vec![submitted(1), assigned(1, node())])
         .when(TaskCommand::Assign {
             node_id: other_node(),
+            gpus: vec![],
             reason: "fits".into(),
             at: at(1),
         })
@@ -205,11 +208,13 @@ fn preparing_stages_are_recorded_once_each() {
         node_id: node(),
         attempt: 1,
         stage: stage.into(),
+        detail: None,
         at: at(2),
     };
     let prepared = TaskEvent::Preparing {
         attempt: 1,
         stage: "fetching code".into(),
+        detail: None,
         at: at(2),
     };
     F::with(())
@@ -428,9 +433,81 @@ fn a_lost_attempt_is_requeued_while_retries_remain() {
             },
             TaskEvent::Requeued {
                 previous_attempt: 1,
+                not_before: Some(at(10)),
                 at: at(5),
             },
         ]);
+}
+
+#[test]
+fn retries_back_off_exponentially_up_to_a_cap() {
+    assert_eq!(retry_backoff(1).num_seconds(), 5);
+    assert_eq!(retry_backoff(2).num_seconds(), 10);
+    assert_eq!(retry_backoff(3).num_seconds(), 20);
+    assert_eq!(retry_backoff(7).num_seconds(), 300);
+    assert_eq!(retry_backoff(u32::MAX).num_seconds(), 300);
+    let mut t = Task::default();
+    for e in running() {
+        t.apply_event(e);
+    }
+    for e in t.decide(lost(1)).unwrap() {
+        t.apply_event(e);
+    }
+    assert_eq!(t.state, TaskState::Queued);
+    assert_eq!(t.not_before, Some(at(10)));
+    t.apply_event(assigned(2, other_node()));
+    assert_eq!(t.not_before, None, "a placed attempt has no backoff left");
+}
+
+fn gpu_spec(gpus: u32) -> TaskEvent {
+    let mut s = spec(1);
+    s.resources.gpus = gpus;
+    TaskEvent::Submitted {
+        task_id: task_id(),
+        spec: Box::new(s),
+        by: alice(),
+        at: at(0),
+    }
+}
+
+#[test]
+fn an_assignment_names_exactly_the_gpus_the_task_asks_for() {
+    let assign = |gpus: Vec<u32>| TaskCommand::Assign {
+        node_id: node(),
+        gpus,
+        reason: "fits".into(),
+        at: at(1),
+    };
+    F::with(())
+        .given(vec![gpu_spec(2)])
+        .when(assign(vec![1, 3]))
+        .then_expect_events(vec![TaskEvent::Assigned {
+            node_id: node(),
+            attempt: 1,
+            gpus: vec![1, 3],
+            reason: "fits".into(),
+            at: at(1),
+        }]);
+    for bad in [vec![], vec![1], vec![1, 1], vec![0, 1, 2]] {
+        let refused = F::with(())
+            .given(vec![gpu_spec(2)])
+            .when(assign(bad.clone()))
+            .inspect_result();
+        assert!(
+            matches!(refused, Err(TaskError::InvalidAssignment(_))),
+            "{bad:?} was not refused"
+        );
+    }
+    let mut t = Task::default();
+    t.apply_event(gpu_spec(2));
+    for e in t.decide(assign(vec![0, 2])).unwrap() {
+        t.apply_event(e);
+    }
+    assert_eq!(t.gpus(), &[0, 2]);
+    for e in t.decide(lost(1)).unwrap() {
+        t.apply_event(e);
+    }
+    assert!(t.gpus().is_empty(), "a lost attempt frees its GPUs");
 }
 
 #[test]
@@ -477,6 +554,7 @@ fn report_for_a_superseded_attempt_is_rejected() {
     });
     history.push(TaskEvent::Requeued {
         previous_attempt: 1,
+        not_before: None,
         at: at(5),
     });
     // The node comes back and reports the old attempt before a new one exists.
