@@ -2,7 +2,8 @@
 //!
 //! Heartbeats are not events (they update a liveness row); only changes of
 //! state are: provisioned, connected, disconnected, marked offline, drained,
-//! undrained, token revoked.
+//! undrained, token revoked. Host SSH requests and their results are events
+//! too, so every command an admin runs on a node's host is on its timeline.
 
 use std::collections::BTreeMap;
 
@@ -64,6 +65,114 @@ impl NodeStatus {
             NodeStatus::Revoked => "revoked",
         }
     }
+}
+
+/// The longest host SSH command, in bytes.
+pub const MAX_HOST_SSH_COMMAND_BYTES: usize = 4096;
+
+/// The longest time limit of a host SSH command, in seconds.
+pub const MAX_HOST_SSH_TIMEOUT_S: u64 = 600;
+
+/// The most output bytes a host SSH result keeps.
+pub const MAX_HOST_SSH_OUTPUT_BYTES: usize = 64 * 1024;
+
+/// The longest error text a host SSH result keeps, in bytes.
+pub const MAX_HOST_SSH_ERROR_BYTES: usize = 1024;
+
+/// How long after its time limit the answer to a host SSH request is
+/// awaited: delivery, the SSH handshake and the way back. Past it, whoever
+/// waits records that no answer came.
+pub const HOST_SSH_ANSWER_GRACE_S: u64 = 15;
+
+/// How long after its answer was due an unfinished host SSH request is
+/// forgotten by the aggregate, so that one whose waiter died never keeps
+/// the node's state growing.
+pub const HOST_SSH_FORGET_AFTER_S: u64 = 300;
+
+/// The most host SSH requests open on one node at once.
+pub const MAX_OPEN_HOST_SSH: usize = 8;
+
+/// Checks an admin's host SSH command and time limit.
+///
+/// # Errors
+/// A [`crate::spec::FieldError`] naming `command` or `timeout_s`.
+pub fn validate_host_ssh(command: &str, timeout_s: u64) -> Result<(), crate::spec::FieldError> {
+    use crate::spec::FieldError;
+    if command.trim().is_empty() {
+        return Err(FieldError::new("command", "must not be empty"));
+    }
+    if command.len() > MAX_HOST_SSH_COMMAND_BYTES {
+        return Err(FieldError::new(
+            "command",
+            format!("must be at most {MAX_HOST_SSH_COMMAND_BYTES} bytes"),
+        ));
+    }
+    if command.contains('\0') {
+        return Err(FieldError::new(
+            "command",
+            "must not contain NUL characters",
+        ));
+    }
+    if !(1..=MAX_HOST_SSH_TIMEOUT_S).contains(&timeout_s) {
+        return Err(FieldError::new(
+            "timeout_s",
+            format!("must be 1 to {MAX_HOST_SSH_TIMEOUT_S} seconds"),
+        ));
+    }
+    Ok(())
+}
+
+/// How a host SSH command ended, as the node reported it (or as the waiter
+/// recorded it when no answer came).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct HostSshOutcome {
+    /// The SSH client's exit status; `None` when it was killed at the time
+    /// limit or never ran.
+    pub exit_code: Option<i32>,
+    /// Standard output and error, at most [`MAX_HOST_SSH_OUTPUT_BYTES`].
+    pub output: String,
+    /// Whether output beyond the limit was dropped.
+    pub truncated: bool,
+    /// Whether the time limit stopped it.
+    pub timed_out: bool,
+    /// How long it ran, in milliseconds.
+    pub duration_ms: u64,
+    /// Why it did not run, or why no answer came.
+    pub error: Option<String>,
+}
+
+/// A host SSH request that has not ended yet.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OpenHostSsh {
+    /// The command line.
+    pub command: String,
+    /// The time limit in seconds.
+    pub timeout_s: u64,
+    /// Who asked.
+    pub by: Actor,
+    /// When.
+    pub at: DateTime<Utc>,
+}
+
+impl OpenHostSsh {
+    /// When the time limit of the command ends, counted from the request:
+    /// the command must not start on the node after this.
+    pub fn time_limit_ends(&self) -> DateTime<Utc> {
+        self.at + seconds(self.timeout_s)
+    }
+
+    /// When the answer is due at the latest.
+    pub fn answer_due(&self) -> DateTime<Utc> {
+        self.time_limit_ends() + seconds(HOST_SSH_ANSWER_GRACE_S)
+    }
+
+    fn forgotten_by(&self, now: DateTime<Utc>) -> bool {
+        now > self.answer_due() + seconds(HOST_SSH_FORGET_AFTER_S)
+    }
+}
+
+fn seconds(s: u64) -> chrono::Duration {
+    chrono::Duration::seconds(i64::try_from(s).unwrap_or(i64::MAX / 1000))
 }
 
 /// The events of a node.
@@ -134,6 +243,28 @@ pub enum NodeEvent {
         /// When.
         at: DateTime<Utc>,
     },
+    /// An admin asked to run a command on the node's host over SSH.
+    HostSshRequested {
+        /// Names the request in its result.
+        request_id: Uuid,
+        /// The command line.
+        command: String,
+        /// The time limit in seconds.
+        timeout_s: u64,
+        /// Who asked.
+        by: Actor,
+        /// When.
+        at: DateTime<Utc>,
+    },
+    /// A host SSH request ended: the node answered, or no answer came.
+    HostSshFinished {
+        /// The request.
+        request_id: Uuid,
+        /// How it ended.
+        result: HostSshOutcome,
+        /// When.
+        at: DateTime<Utc>,
+    },
 }
 
 impl DomainEvent for NodeEvent {
@@ -146,6 +277,8 @@ impl DomainEvent for NodeEvent {
             NodeEvent::Drained { .. } => "NodeDrained",
             NodeEvent::Undrained { .. } => "NodeUndrained",
             NodeEvent::TokenRevoked { .. } => "NodeTokenRevoked",
+            NodeEvent::HostSshRequested { .. } => "NodeHostSshRequested",
+            NodeEvent::HostSshFinished { .. } => "NodeHostSshFinished",
         }
         .to_string()
     }
@@ -223,6 +356,29 @@ pub enum NodeCommand {
         /// When.
         at: DateTime<Utc>,
     },
+    /// Run a command on the node's host over SSH (admins only; the caller
+    /// checks that).
+    RequestHostSsh {
+        /// A new id for the request.
+        request_id: Uuid,
+        /// The command line; see [`validate_host_ssh`].
+        command: String,
+        /// The time limit in seconds.
+        timeout_s: u64,
+        /// Who asks.
+        by: Actor,
+        /// When.
+        at: DateTime<Utc>,
+    },
+    /// Record how a host SSH request ended.
+    FinishHostSsh {
+        /// The request.
+        request_id: Uuid,
+        /// How it ended.
+        result: HostSshOutcome,
+        /// When.
+        at: DateTime<Utc>,
+    },
 }
 
 /// Why a node command was refused.
@@ -237,6 +393,19 @@ pub enum NodeError {
     /// The node's token was revoked.
     #[error("node's token was revoked")]
     Revoked,
+    /// The node's agent is not connected.
+    #[error("the node is not online; its agent must be connected")]
+    NotOnline,
+    /// A host SSH command or time limit is not acceptable.
+    #[error("{0}")]
+    InvalidHostSsh(String),
+    /// Too many host SSH requests are open on the node.
+    #[error("{MAX_OPEN_HOST_SSH} host SSH commands are already waiting on this node; wait for one to end")]
+    TooManyHostSsh,
+    /// No host SSH request with this id is open: it never existed, ended
+    /// already, or was forgotten long after its answer was due.
+    #[error("no host SSH request {0} is waiting for its result")]
+    UnknownHostSsh(Uuid),
 }
 
 /// The Node aggregate's state.
@@ -268,6 +437,11 @@ pub struct Node {
     pub connected_at: Option<DateTime<Utc>>,
     /// When it last changed.
     pub updated_at: Option<DateTime<Utc>>,
+    /// Host SSH requests waiting for their result, by request id. Small:
+    /// each ends with its result, or is forgotten long after its answer
+    /// was due. Defaulted so snapshots from before the field still load.
+    #[serde(default)]
+    pub host_ssh: BTreeMap<Uuid, OpenHostSsh>,
 }
 
 impl Node {
@@ -381,7 +555,92 @@ impl Node {
                     vec![E::TokenRevoked { by, at }]
                 }
             }
+            C::RequestHostSsh {
+                request_id,
+                command,
+                timeout_s,
+                by,
+                at,
+            } => self.request_host_ssh(request_id, command, timeout_s, by, at)?,
+            C::FinishHostSsh {
+                request_id,
+                result,
+                at,
+            } => self.finish_host_ssh(request_id, result, at)?,
         })
+    }
+
+    fn request_host_ssh(
+        &self,
+        request_id: Uuid,
+        command: String,
+        timeout_s: u64,
+        by: Actor,
+        at: DateTime<Utc>,
+    ) -> Result<Vec<NodeEvent>, NodeError> {
+        match self.status {
+            NodeStatus::Revoked => return Err(NodeError::Revoked),
+            NodeStatus::Online => {}
+            _ => return Err(NodeError::NotOnline),
+        }
+        validate_host_ssh(&command, timeout_s)
+            .map_err(|e| NodeError::InvalidHostSsh(format!("{}: {}", e.field, e.reason)))?;
+        if let Some(open) = self.host_ssh.get(&request_id) {
+            // The same request again changes nothing; another under its id
+            // is refused.
+            return if open.command == command && open.timeout_s == timeout_s && open.by == by {
+                Ok(vec![])
+            } else {
+                Err(NodeError::InvalidHostSsh(format!(
+                    "request {request_id} exists already"
+                )))
+            };
+        }
+        let waiting = self
+            .host_ssh
+            .values()
+            .filter(|open| at <= open.answer_due())
+            .count();
+        if waiting >= MAX_OPEN_HOST_SSH {
+            return Err(NodeError::TooManyHostSsh);
+        }
+        Ok(vec![NodeEvent::HostSshRequested {
+            request_id,
+            command,
+            timeout_s,
+            by,
+            at,
+        }])
+    }
+
+    fn finish_host_ssh(
+        &self,
+        request_id: Uuid,
+        result: HostSshOutcome,
+        at: DateTime<Utc>,
+    ) -> Result<Vec<NodeEvent>, NodeError> {
+        if !self.host_ssh.contains_key(&request_id) {
+            return Err(NodeError::UnknownHostSsh(request_id));
+        }
+        if result.output.len() > MAX_HOST_SSH_OUTPUT_BYTES {
+            return Err(NodeError::InvalidHostSsh(format!(
+                "output must be at most {MAX_HOST_SSH_OUTPUT_BYTES} bytes"
+            )));
+        }
+        if result
+            .error
+            .as_ref()
+            .is_some_and(|e| e.len() > MAX_HOST_SSH_ERROR_BYTES)
+        {
+            return Err(NodeError::InvalidHostSsh(format!(
+                "error must be at most {MAX_HOST_SSH_ERROR_BYTES} bytes"
+            )));
+        }
+        Ok(vec![NodeEvent::HostSshFinished {
+            request_id,
+            result,
+            at,
+        }])
     }
 
     /// Applies one event.
@@ -435,6 +694,27 @@ impl Node {
                 self.status = NodeStatus::Revoked;
                 self.session = None;
                 self.updated_at = Some(at);
+            }
+            NodeEvent::HostSshRequested {
+                request_id,
+                command,
+                timeout_s,
+                by,
+                at,
+            } => {
+                self.host_ssh.retain(|_, open| !open.forgotten_by(at));
+                self.host_ssh.insert(
+                    request_id,
+                    OpenHostSsh {
+                        command,
+                        timeout_s,
+                        by,
+                        at,
+                    },
+                );
+            }
+            NodeEvent::HostSshFinished { request_id, .. } => {
+                self.host_ssh.remove(&request_id);
             }
         }
     }
@@ -674,6 +954,198 @@ mod tests {
             .given(vec![provisioned(), revoked()])
             .when(revoke)
             .then_expect_events(vec![]);
+    }
+
+    fn request_ssh(id: u128, at_s: i64) -> NodeCommand {
+        NodeCommand::RequestHostSsh {
+            request_id: Uuid::from_u128(id),
+            command: "nvidia-smi".into(),
+            timeout_s: 30,
+            by: admin(),
+            at: at(at_s),
+        }
+    }
+    fn ssh_requested(id: u128, at_s: i64) -> NodeEvent {
+        NodeEvent::HostSshRequested {
+            request_id: Uuid::from_u128(id),
+            command: "nvidia-smi".into(),
+            timeout_s: 30,
+            by: admin(),
+            at: at(at_s),
+        }
+    }
+    fn exited(code: i32) -> HostSshOutcome {
+        HostSshOutcome {
+            exit_code: Some(code),
+            output: "GPU 0: A100\n".into(),
+            duration_ms: 120,
+            ..HostSshOutcome::default()
+        }
+    }
+    fn finish_ssh(id: u128, at_s: i64) -> NodeCommand {
+        NodeCommand::FinishHostSsh {
+            request_id: Uuid::from_u128(id),
+            result: exited(0),
+            at: at(at_s),
+        }
+    }
+    fn ssh_finished(id: u128, at_s: i64) -> NodeEvent {
+        NodeEvent::HostSshFinished {
+            request_id: Uuid::from_u128(id),
+            result: exited(0),
+            at: at(at_s),
+        }
+    }
+
+    #[test]
+    fn an_admin_may_run_a_host_command_on_an_online_node() {
+        F::with(())
+            .given(vec![provisioned(), connected()])
+            .when(request_ssh(1, 5))
+            .then_expect_events(vec![ssh_requested(1, 5)]);
+        F::with(())
+            .given(vec![provisioned(), connected(), ssh_requested(1, 5)])
+            .when(request_ssh(1, 5))
+            .then_expect_events(vec![]);
+    }
+
+    #[test]
+    fn host_ssh_is_refused_for_a_node_that_is_not_online() {
+        F::with(())
+            .given(vec![provisioned()])
+            .when(request_ssh(1, 5))
+            .then_expect_error(NodeError::NotOnline);
+        F::with(())
+            .given(vec![
+                provisioned(),
+                connected(),
+                NodeEvent::Disconnected {
+                    session: session(),
+                    reason: "gone".into(),
+                    at: at(3),
+                },
+            ])
+            .when(request_ssh(1, 5))
+            .then_expect_error(NodeError::NotOnline);
+        F::with(())
+            .given(vec![provisioned(), connected(), revoked()])
+            .when(request_ssh(1, 5))
+            .then_expect_error(NodeError::Revoked);
+        F::with(())
+            .given_no_previous_events()
+            .when(request_ssh(1, 5))
+            .then_expect_error(NodeError::NotFound);
+    }
+
+    #[test]
+    fn a_bad_host_command_is_refused() {
+        for (command, timeout_s) in [("  ", 30), ("a\0b", 30), ("ls", 0), ("ls", 601)] {
+            F::with(())
+                .given(vec![provisioned(), connected()])
+                .when(NodeCommand::RequestHostSsh {
+                    request_id: Uuid::from_u128(1),
+                    command: command.into(),
+                    timeout_s,
+                    by: admin(),
+                    at: at(5),
+                })
+                .then_expect_error_message(
+                    &validate_host_ssh(command, timeout_s)
+                        .map(|()| String::new())
+                        .unwrap_or_else(|e| format!("{}: {}", e.field, e.reason)),
+                );
+        }
+        assert!(validate_host_ssh(&"x".repeat(MAX_HOST_SSH_COMMAND_BYTES + 1), 5).is_err());
+        assert!(validate_host_ssh("echo hello; id -un", 600).is_ok());
+    }
+
+    #[test]
+    fn a_host_ssh_result_is_recorded_once() {
+        F::with(())
+            .given(vec![provisioned(), connected(), ssh_requested(1, 5)])
+            .when(finish_ssh(1, 6))
+            .then_expect_events(vec![ssh_finished(1, 6)]);
+        // A late answer after the waiter recorded that none came.
+        F::with(())
+            .given(vec![
+                provisioned(),
+                connected(),
+                ssh_requested(1, 5),
+                ssh_finished(1, 50),
+            ])
+            .when(finish_ssh(1, 51))
+            .then_expect_error(NodeError::UnknownHostSsh(Uuid::from_u128(1)));
+    }
+
+    #[test]
+    fn a_result_for_an_unknown_request_is_refused() {
+        F::with(())
+            .given(vec![provisioned(), connected(), ssh_requested(1, 5)])
+            .when(finish_ssh(2, 6))
+            .then_expect_error(NodeError::UnknownHostSsh(Uuid::from_u128(2)));
+    }
+
+    #[test]
+    fn a_result_larger_than_the_output_cap_is_refused() {
+        F::with(())
+            .given(vec![provisioned(), connected(), ssh_requested(1, 5)])
+            .when(NodeCommand::FinishHostSsh {
+                request_id: Uuid::from_u128(1),
+                result: HostSshOutcome {
+                    output: "x".repeat(MAX_HOST_SSH_OUTPUT_BYTES + 1),
+                    truncated: true,
+                    ..HostSshOutcome::default()
+                },
+                at: at(6),
+            })
+            .then_expect_error_message(&format!(
+                "output must be at most {MAX_HOST_SSH_OUTPUT_BYTES} bytes"
+            ));
+    }
+
+    #[test]
+    fn only_a_few_host_ssh_requests_wait_at_once_and_old_ones_are_forgotten() {
+        let mut given = vec![provisioned(), connected()];
+        given.extend((0..MAX_OPEN_HOST_SSH as u128).map(|i| ssh_requested(i, 5)));
+        F::with(())
+            .given(given.clone())
+            .when(request_ssh(100, 6))
+            .then_expect_error(NodeError::TooManyHostSsh);
+        // Once their answers are overdue they no longer count …
+        let later = 5 + 30 + HOST_SSH_ANSWER_GRACE_S as i64 + 1;
+        F::with(())
+            .given(given.clone())
+            .when(request_ssh(100, later))
+            .then_expect_events(vec![ssh_requested(100, later)]);
+        // … and long after that the state drops them.
+        let mut n = Node::default();
+        for e in given {
+            n.apply_event(e);
+        }
+        assert_eq!(n.host_ssh.len(), MAX_OPEN_HOST_SSH);
+        let much_later = later + HOST_SSH_FORGET_AFTER_S as i64;
+        n.apply_event(ssh_requested(100, much_later));
+        assert_eq!(
+            n.host_ssh.keys().collect::<Vec<_>>(),
+            [&Uuid::from_u128(100)]
+        );
+        n.apply_event(ssh_finished(100, much_later + 1));
+        assert!(n.host_ssh.is_empty());
+    }
+
+    #[test]
+    fn a_node_with_open_host_ssh_requests_survives_a_snapshot() {
+        let mut n = Node::default();
+        for e in [provisioned(), connected(), ssh_requested(1, 5)] {
+            n.apply_event(e);
+        }
+        let json = serde_json::to_value(&n).unwrap();
+        assert_eq!(serde_json::from_value::<Node>(json.clone()).unwrap(), n);
+        // A snapshot written before host SSH existed still loads.
+        let mut old = json;
+        old.as_object_mut().unwrap().remove("host_ssh");
+        let loaded: Node = serde_json::from_value(old).unwrap();
+        assert!(loaded.host_ssh.is_empty());
     }
 
     #[test]

@@ -10,6 +10,8 @@
 //! - `TaskAssigned` to a node connected here, and `TaskCancelRequested`:
 //!   the task is loaded once per batch and what its *current* state wants
 //!   of its node is sent (see [`crate::commands::wanted`]);
+//! - `NodeHostSshRequested` for a node connected here: the host command
+//!   goes to its session (see [`crate::host_ssh`]);
 //! - `NodeTokenRevoked`: the node's session is closed at once;
 //! - `NodeConnected` with another session than ours, and
 //!   `NodeMarkedOffline`, newer than our session's `NodeConnected`: ours is
@@ -115,6 +117,14 @@ fn handle(ingress: &Ingress, event: &RecordedEvent) -> Option<Uuid> {
                 |ours, connected_seq| Some(ours) != theirs && event.sequence > connected_seq,
                 Ending::Replaced,
             );
+            None
+        }
+        ("node", "NodeHostSshRequested") => {
+            if registry.contains(id) {
+                if let Some(pending) = crate::host_ssh::Pending::requested(event) {
+                    registry.send_host_ssh(id, pending);
+                }
+            }
             None
         }
         ("node", "NodeMarkedOffline") => {

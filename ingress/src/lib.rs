@@ -12,8 +12,9 @@
 //!   until the connection ends (`NodeDisconnected`);
 //! - turns reports into Task commands on behalf of the node the session
 //!   authenticated as, never the node a frame names;
-//! - follows the outbox ([`Ingress::run`]) and delivers `run_task` and
-//!   `cancel_task` to the sessions connected to *this* process, and closes
+//! - follows the outbox ([`Ingress::run`]) and delivers `run_task`,
+//!   `cancel_task` and an admin's `host_ssh` to the sessions connected to
+//!   *this* process, and closes
 //!   sessions whose token was revoked or whose node connected elsewhere.
 //!
 //! Several ingress processes may serve one database side by side: each
@@ -27,6 +28,7 @@
 mod auth;
 mod commands;
 mod fanout;
+mod host_ssh;
 mod liveness;
 mod registry;
 mod reports;

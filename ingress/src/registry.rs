@@ -41,6 +41,9 @@ pub(crate) enum Ending {
 pub(crate) enum Outgoing {
     /// Send this encoded server frame.
     Frame(Box<str>),
+    /// Send this host command, if the agent can run it and it is not too
+    /// late (the session decides, at the moment of sending).
+    HostSsh(Box<crate::host_ssh::Pending>),
     /// Close the session.
     Close(Ending),
 }
@@ -125,11 +128,21 @@ impl Registry {
     /// A session whose queue is full is dropped. Returns whether the frame
     /// was queued.
     pub(crate) fn send(&self, node_id: Uuid, frame: &str) -> bool {
+        self.push(node_id, Outgoing::Frame(frame.into()))
+    }
+
+    /// Queues host command `pending` for node `node_id`'s session, if it
+    /// has one here, like [`Registry::send`].
+    pub(crate) fn send_host_ssh(&self, node_id: Uuid, pending: crate::host_ssh::Pending) -> bool {
+        self.push(node_id, Outgoing::HostSsh(Box::new(pending)))
+    }
+
+    fn push(&self, node_id: Uuid, out: Outgoing) -> bool {
         let mut state = self.lock();
         let Some(entry) = state.sessions.get(&node_id) else {
             return false;
         };
-        match entry.tx.try_send(Outgoing::Frame(frame.into())) {
+        match entry.tx.try_send(out) {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
                 tracing::warn!(%node_id, "agent is not reading its commands; closing its session");

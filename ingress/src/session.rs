@@ -39,6 +39,7 @@ use tokio_tungstenite::tungstenite;
 use uuid::Uuid;
 
 use crate::commands::{self, Encoded};
+use crate::host_ssh;
 use crate::registry::{Ending, Outgoing};
 use crate::reports::{self, Answer, LogPermissions};
 use crate::{auth, liveness, Ingress, IDLE_HEARTBEATS};
@@ -328,6 +329,8 @@ struct Session {
     /// The attempts the agent said it runs, which never get `run_task`.
     running: HashSet<(Uuid, u32)>,
     logs: LogPermissions,
+    /// Whether the agent declared a host SSH target in its hello.
+    host_ssh: bool,
 }
 
 impl Session {
@@ -384,6 +387,7 @@ impl Session {
                 .map(|r| (r.task_id, r.attempt))
                 .collect(),
             logs: LogPermissions::default(),
+            host_ssh: hello.host_ssh,
         })
     }
 
@@ -448,6 +452,7 @@ impl Session {
         }
         let mut commands = self.reconcile().await?;
         commands.extend(self.pending().await?);
+        let host_commands = self.pending_host_ssh().await?;
         let welcome = ServerMessage::Welcome {
             node_id: self.node_id,
             session: self.id,
@@ -458,7 +463,47 @@ impl Session {
             tracing::debug!(node_id = %self.node_id, task_id = %command.task_id, kind = command.kind, "sending pending command");
             send(socket, &command.frame).await?;
         }
+        for pending in host_commands {
+            self.host_ssh(socket, &pending).await?;
+        }
         Ok(())
+    }
+
+    /// The host commands still waiting for this node (see
+    /// [`crate::host_ssh`]).
+    async fn pending_host_ssh(&self) -> Result<Vec<host_ssh::Pending>, End> {
+        host_ssh::pending(self.ingress.store(), self.node_id, Utc::now())
+            .await
+            .map_err(|e| {
+                tracing::error!(node_id = %self.node_id, error = %e, "finding pending host commands failed");
+                unavailable()
+            })
+    }
+
+    /// Sends a host command while its window is open, or records at once
+    /// that this agent has no host SSH target.
+    async fn host_ssh(
+        &self,
+        socket: &mut WebSocket,
+        pending: &host_ssh::Pending,
+    ) -> Result<(), End> {
+        let request_id = pending.request_id;
+        if !self.host_ssh {
+            tracing::info!(node_id = %self.node_id, %request_id, "host SSH requested of an agent without a target");
+            let store = self.ingress.store();
+            host_ssh::refuse(store, self.node_id, request_id, host_ssh::NOT_CONFIGURED).await;
+            return Ok(());
+        }
+        match pending.frame(Utc::now()) {
+            Some(frame) => {
+                tracing::info!(node_id = %self.node_id, %request_id, "sending host command");
+                send(socket, &frame).await
+            }
+            None => {
+                tracing::info!(node_id = %self.node_id, %request_id, "host command not sent: its time is up");
+                Ok(())
+            }
+        }
     }
 
     /// Fails when the node's current session is not this one any more.
@@ -538,6 +583,7 @@ impl Session {
     async fn outgoing(&mut self, socket: &mut WebSocket, out: Outgoing) -> Result<(), End> {
         match out {
             Outgoing::Frame(frame) => send(socket, &frame).await,
+            Outgoing::HostSsh(pending) => self.host_ssh(socket, &pending).await,
             Outgoing::Close(why) => Err(End::from_ending(why)),
         }
     }
@@ -577,6 +623,11 @@ impl Session {
                     .store(self.ingress.store(), self.node_id, &chunk)
                     .await;
                 self.answer(socket, chunk.id, answer, "log chunk").await
+            }
+            AgentMessage::HostSshResult(result) => {
+                let answer = host_ssh::finish(self.ingress.store(), self.node_id, &result).await;
+                self.answer(socket, result.id, answer, "host SSH result")
+                    .await
             }
         }
     }

@@ -336,6 +336,7 @@ fn hello(running: Vec<RunningAttempt>) -> Hello {
             images: vec!["unidesk-env:abc".into()],
             commits: vec!["a".repeat(40)],
         },
+        host_ssh: false,
     }
 }
 
@@ -404,6 +405,10 @@ impl Agent {
                     Command::CancelTask {
                         task_id, attempt, ..
                     } => ("cancel_task", *task_id, *attempt),
+                    Command::HostSsh(h) => {
+                        assert_eq!(command_id, protocol::host_ssh_command_id(h.request_id));
+                        return command;
+                    }
                 };
                 assert_eq!(command_id, protocol::command_id(kind, task_id, attempt));
                 command
@@ -492,6 +497,7 @@ fn command_task(command: &Command) -> Uuid {
     match command {
         Command::RunTask(r) => r.task_id,
         Command::CancelTask { task_id, .. } => *task_id,
+        other => panic!("expected a task command, got {other:?}"),
     }
 }
 

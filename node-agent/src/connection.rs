@@ -11,7 +11,8 @@
 //! A session sends `hello` (resources, labels, running attempts, cache),
 //! waits for `welcome`, sends every unanswered report again (see
 //! [`queue`]), then heartbeats every `heartbeat_s`, acknowledges every
-//! command as it arrives and passes it to the [`Supervisor`].
+//! command as it arrives and passes it to the [`Supervisor`] (or, for an
+//! admin's host command, to the [`host_ssh::Runner`]).
 
 pub mod backoff;
 pub mod queue;
@@ -38,6 +39,7 @@ use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
 use self::backoff::Backoff;
 use self::queue::{Limits, ReportQueue};
 use crate::executor::{Context, Report};
+use crate::host_ssh::{self, Outbox};
 use crate::supervisor::Supervisor;
 
 /// How long dialling (TCP, TLS, upgrade) may take.
@@ -46,6 +48,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 const WELCOME_TIMEOUT: Duration = Duration::from_secs(30);
 /// Reports waiting between the executors and the queue.
 const REPORT_CHANNEL: usize = 256;
+/// Host command results waiting between the runner and its outbox.
+const HOST_SSH_CHANNEL: usize = 16;
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
@@ -207,6 +211,9 @@ pub struct Agent {
     wake: Arc<Notify>,
     reports_tx: mpsc::Sender<Report>,
     reports_rx: mpsc::Receiver<Report>,
+    host_ssh: host_ssh::Runner,
+    host_results_tx: mpsc::Sender<protocol::HostSshResult>,
+    host_results_rx: mpsc::Receiver<protocol::HostSshResult>,
 }
 
 impl Agent {
@@ -218,7 +225,11 @@ impl Agent {
     /// Like [`Agent::new`], with other report queue bounds.
     pub fn with_limits(config: Config, ctx: Arc<Context>, limits: Limits) -> Self {
         let (reports_tx, reports_rx) = mpsc::channel(REPORT_CHANNEL);
+        let (host_results_tx, host_results_rx) = mpsc::channel(HOST_SSH_CHANNEL);
         Agent {
+            host_ssh: host_ssh::Runner::new(None, host_results_tx.clone()),
+            host_results_tx,
+            host_results_rx,
             supervisor: Supervisor::new(Arc::clone(&ctx), reports_tx.clone()),
             config,
             ctx,
@@ -227,6 +238,13 @@ impl Agent {
             reports_tx,
             reports_rx,
         }
+    }
+
+    /// Lets admins run commands on this machine's host over SSH to
+    /// `config`'s target, and says so in every hello.
+    pub fn with_host_ssh(mut self, config: host_ssh::Config) -> Self {
+        self.host_ssh = host_ssh::Runner::new(Some(config), self.host_results_tx.clone());
+        self
     }
 
     /// Where executors send their reports; anything sent here reaches the
@@ -246,7 +264,16 @@ impl Agent {
             wake,
             reports_rx,
             reports_tx: _,
+            host_ssh,
+            host_results_tx: _,
+            host_results_rx,
         } = self;
+        let host_results = Arc::new(Mutex::new(Outbox::default()));
+        tokio::spawn(collect_host_results(
+            host_results_rx,
+            Arc::clone(&host_results),
+            Arc::clone(&wake),
+        ));
         tokio::spawn(collect_reports(
             reports_rx,
             supervisor.clone(),
@@ -260,8 +287,25 @@ impl Agent {
             supervisor,
             queue,
             wake,
+            host_ssh,
+            host_results,
         };
         link.run().await
+    }
+}
+
+/// Moves host command results into their outbox and wakes the session.
+async fn collect_host_results(
+    mut rx: mpsc::Receiver<protocol::HostSshResult>,
+    outbox: Arc<Mutex<Outbox>>,
+    wake: Arc<Notify>,
+) {
+    while let Some(result) = rx.recv().await {
+        outbox
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(result);
+        wake.notify_one();
     }
 }
 
@@ -290,9 +334,18 @@ struct Link {
     supervisor: Supervisor,
     queue: Arc<Mutex<ReportQueue>>,
     wake: Arc<Notify>,
+    host_ssh: host_ssh::Runner,
+    host_results: Arc<Mutex<Outbox>>,
 }
 
 impl Link {
+    /// The host command results, held only between awaits.
+    fn host_results(&self) -> MutexGuard<'_, Outbox> {
+        self.host_results
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// The queue, held only between awaits.
     fn queue(&self) -> MutexGuard<'_, ReportQueue> {
         self.queue.lock().unwrap_or_else(PoisonError::into_inner)
@@ -373,6 +426,7 @@ impl Link {
             }
         };
         self.queue().rewind();
+        self.host_results().rewind();
         let end = self.serve(&mut sink, &mut stream, heartbeat_s).await;
         tracing::warn!(reason = %end, "session ended");
         true
@@ -385,6 +439,7 @@ impl Link {
             labels: self.config.labels.clone(),
             running: self.supervisor.running(),
             cache: self.ctx.cache().await,
+            host_ssh: self.host_ssh.configured(),
         }
     }
 
@@ -433,6 +488,13 @@ impl Link {
             let next = self.queue().next_message();
             match next {
                 Some(message) => sink.send(frame(&message)).await?,
+                None => break,
+            }
+        }
+        loop {
+            let next = self.host_results().next_message();
+            match next {
+                Some(message) => sink.send(frame(&message)).await?,
                 None => return Ok(()),
             }
         }
@@ -474,13 +536,20 @@ impl Link {
                 command,
             } => {
                 sink.send(frame(&AgentMessage::Ack { command_id })).await?;
-                self.supervisor.handle(command_id, command);
+                match command {
+                    protocol::Command::HostSsh(request) => self.host_ssh.handle(request),
+                    command => self.supervisor.handle(command_id, command),
+                }
             }
             ServerMessage::Received { id, error } => {
                 if let Some(error) = error {
                     tracing::warn!(id, %error, "the server refused a report for good");
                 }
-                self.queue().answer(id);
+                if Outbox::owns(id) {
+                    self.host_results().answer(id);
+                } else {
+                    self.queue().answer(id);
+                }
             }
             ServerMessage::Error { code, message } => {
                 tracing::warn!(%code, %message, "the server reported an error");

@@ -12,6 +12,7 @@ pub mod connection;
 pub mod docker;
 pub mod executor;
 pub mod git;
+pub mod host_ssh;
 pub mod keyed_lock;
 pub mod logs;
 pub mod resources;

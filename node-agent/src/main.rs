@@ -20,7 +20,7 @@ use anyhow::Context as _;
 use clap::Parser;
 use node_agent::connection::{self, Agent, Token};
 use node_agent::executor::Context;
-use node_agent::{docker, resources};
+use node_agent::{docker, host_ssh, resources};
 use tracing_subscriber::EnvFilter;
 
 /// The most labels the server accepts from a node.
@@ -69,6 +69,18 @@ struct Cli {
     /// Docker daemon address (unix:///… or tcp://…); the local socket by default.
     #[arg(long, env = "DOCKER_HOST")]
     docker_host: Option<String>,
+    /// Lets admins run emergency commands on this machine's host over SSH,
+    /// as USER@HOST or USER@HOST:PORT (from WSL: the Windows host; from a
+    /// container: the Docker host). Needs the OpenSSH client.
+    #[arg(long, env = "UNIDESK_HOST_SSH", value_name = "USER@HOST[:PORT]")]
+    host_ssh: Option<host_ssh::Target>,
+    /// The private key --host-ssh logs in with (ssh's defaults without it).
+    #[arg(long, env = "UNIDESK_HOST_SSH_KEY", requires = "host_ssh")]
+    host_ssh_key: Option<PathBuf>,
+    /// A known_hosts file that must already hold the host's key. Without
+    /// it, the first key seen is trusted and kept in the work directory.
+    #[arg(long, env = "UNIDESK_HOST_SSH_KNOWN_HOSTS", requires = "host_ssh")]
+    host_ssh_known_hosts: Option<PathBuf>,
 }
 
 /// Parses `KEY=VALUE` with the rules the server applies to node labels, so
@@ -135,7 +147,12 @@ async fn start(cli: Cli) -> anyhow::Result<ExitCode> {
         gpus = config.resources.gpus.len(),
         "unidesk-agent starting"
     );
-    let agent = Agent::new(config, Arc::new(ctx));
+    let host = host_ssh_config(&cli, ctx.work_dir())?;
+    let mut agent = Agent::new(config, Arc::new(ctx));
+    if let Some(host) = host {
+        tracing::info!(target = %host.target, "admins may run commands on this host over SSH");
+        agent = agent.with_host_ssh(host);
+    }
     tokio::select! {
         refused = agent.run() => {
             tracing::error!("{refused}");
@@ -190,6 +207,24 @@ fn config(cli: &Cli) -> anyhow::Result<connection::Config> {
         reconnect_min: Duration::from_millis(cli.reconnect_min_ms),
         reconnect_max: Duration::from_millis(cli.reconnect_max_ms),
     })
+}
+
+/// The host SSH settings, checked, when `--host-ssh` is given.
+fn host_ssh_config(
+    cli: &Cli,
+    work_dir: &std::path::Path,
+) -> anyhow::Result<Option<host_ssh::Config>> {
+    let Some(target) = &cli.host_ssh else {
+        return Ok(None);
+    };
+    let config = host_ssh::Config::new(
+        target.clone(),
+        cli.host_ssh_key.clone(),
+        cli.host_ssh_known_hosts.clone(),
+        work_dir,
+    );
+    host_ssh::check(&config).map_err(|e| anyhow::anyhow!("--host-ssh: {e}"))?;
+    Ok(Some(config))
 }
 
 /// Ctrl-C or SIGTERM.
@@ -258,5 +293,26 @@ mod tests {
             "--no-gpus"
         ])
         .is_err());
+    }
+
+    #[test]
+    fn host_ssh_takes_a_target_and_a_key_that_exists() {
+        let base = ["unidesk-agent", "--server", "ws://h:8080", "--token", "t"];
+        let cli = Cli::try_parse_from(base).unwrap();
+        assert!(host_ssh_config(&cli, std::path::Path::new("/w"))
+            .unwrap()
+            .is_none());
+        let args = |extra: &[&'static str]| base.iter().chain(extra).copied().collect::<Vec<_>>();
+        assert!(Cli::try_parse_from(args(&["--host-ssh", "nobody"])).is_err());
+        assert!(Cli::try_parse_from(args(&["--host-ssh-key", "/k"])).is_err());
+        let cli = Cli::try_parse_from(args(&[
+            "--host-ssh",
+            "me@host.docker.internal:2222",
+            "--host-ssh-key",
+            "/nonexistent/key",
+        ]))
+        .unwrap();
+        let err = host_ssh_config(&cli, std::path::Path::new("/w")).unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/key"), "{err}");
     }
 }

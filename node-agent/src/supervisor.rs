@@ -128,6 +128,11 @@ impl Supervisor {
                 attempt,
                 grace_s,
             } => self.cancel((task_id, attempt), Duration::from_secs(grace_s)),
+            // Host commands are no task: the connection hands them to the
+            // host SSH runner before they would get here.
+            Command::HostSsh(request) => {
+                tracing::warn!(request_id = %request.request_id, "host_ssh is not run by the task supervisor");
+            }
         }
     }
 

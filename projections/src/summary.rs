@@ -2,10 +2,11 @@
 //! tools. One function per aggregate's event type, so that every view that
 //! explains an event says the same thing.
 
-use domain::node::NodeEvent;
+use domain::node::{HostSshOutcome, NodeEvent};
 use domain::project::ProjectEvent;
 use domain::task::TaskEvent;
 use domain::user::UserEvent;
+use domain::Actor;
 use store::outbox::RecordedEvent;
 use uuid::Uuid;
 
@@ -168,6 +169,71 @@ pub fn node(e: &NodeEvent, name: Option<&str>) -> String {
         NodeEvent::Drained { by, .. } => format!("{by} drained {me}: no new tasks"),
         NodeEvent::Undrained { by, .. } => format!("{by} undrained {me}: takes tasks again"),
         NodeEvent::TokenRevoked { by, .. } => format!("{by} revoked the token of {me}"),
+        NodeEvent::HostSshRequested {
+            command,
+            timeout_s,
+            by,
+            ..
+        } => host_ssh_requested(command, *timeout_s, by, &me),
+        NodeEvent::HostSshFinished { result, .. } => host_ssh_finished(result, &me),
+    }
+}
+
+/// The longest part of a host command a summary quotes.
+const SUMMARY_COMMAND_CHARS: usize = 200;
+
+/// Summarises `NodeHostSshRequested`: who ran what, with which limit. The
+/// command is quoted on one line and cut if long; the event has it whole.
+fn host_ssh_requested(command: &str, timeout_s: u64, by: &Actor, me: &str) -> String {
+    let one_line: String = command
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+        .replace('`', "'");
+    let quoted = if one_line.chars().count() > SUMMARY_COMMAND_CHARS {
+        let cut: String = one_line.chars().take(SUMMARY_COMMAND_CHARS).collect();
+        format!("{cut}…")
+    } else {
+        one_line
+    };
+    format!("{by} ran on the host of {me} over SSH: `{quoted}` (time limit {timeout_s} s)")
+}
+
+/// Summarises `NodeHostSshFinished`: how it ended and how much output
+/// there is, never the output itself (it is in the event).
+fn host_ssh_finished(result: &HostSshOutcome, me: &str) -> String {
+    let took = duration(result.duration_ms);
+    let mut output = format!("{} output", size(result.output.len()));
+    if result.truncated {
+        output.push_str(", truncated");
+    }
+    match (&result.error, result.exit_code, result.timed_out) {
+        (_, _, true) => format!("host SSH on {me} timed out after {took}, {output}"),
+        (_, Some(code), false) => {
+            format!("host SSH on {me} exited {code} in {took}, {output}")
+        }
+        (Some(error), None, false) => format!("host SSH on {me} failed: {error}"),
+        (None, None, false) => {
+            format!("host SSH on {me} ended without an exit status in {took}, {output}")
+        }
+    }
+}
+
+/// `120 ms`, `2.5 s`.
+fn duration(ms: u64) -> String {
+    if ms < 1000 {
+        format!("{ms} ms")
+    } else {
+        format!("{:.1} s", ms as f64 / 1000.0)
+    }
+}
+
+/// `512 B`, `2.1 KiB`.
+fn size(bytes: usize) -> String {
+    if bytes < 1024 {
+        format!("{bytes} B")
+    } else {
+        format!("{:.1} KiB", bytes as f64 / 1024.0)
     }
 }
 
@@ -205,5 +271,74 @@ pub fn user(e: &UserEvent, name: &str) -> String {
         UserEvent::TokenRevoked { token_id, by, .. } => {
             format!("{by} revoked token {} of {name}", token_id.simple())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::Utc;
+
+    use super::*;
+
+    fn finished(result: HostSshOutcome) -> String {
+        node(
+            &NodeEvent::HostSshFinished {
+                request_id: Uuid::nil(),
+                result,
+                at: Utc::now(),
+            },
+            Some("gpu-3"),
+        )
+    }
+
+    #[test]
+    fn a_host_ssh_request_names_who_ran_what() {
+        let text = node(
+            &NodeEvent::HostSshRequested {
+                request_id: Uuid::nil(),
+                command: "nvidia-smi\n  -L".into(),
+                timeout_s: 30,
+                by: Actor::User("alice".into()),
+                at: Utc::now(),
+            },
+            Some("gpu-3"),
+        );
+        assert_eq!(
+            text,
+            "user:alice ran on the host of node gpu-3 over SSH: `nvidia-smi -L` (time limit 30 s)"
+        );
+    }
+
+    #[test]
+    fn a_host_ssh_result_says_how_it_ended_but_not_what_it_printed() {
+        let text = finished(HostSshOutcome {
+            exit_code: Some(0),
+            output: "secret-ish host detail ".repeat(100),
+            duration_ms: 120,
+            ..HostSshOutcome::default()
+        });
+        assert_eq!(
+            text,
+            "host SSH on node gpu-3 exited 0 in 120 ms, 2.2 KiB output"
+        );
+        let text = finished(HostSshOutcome {
+            timed_out: true,
+            truncated: true,
+            output: "x".repeat(65536),
+            duration_ms: 5003,
+            ..HostSshOutcome::default()
+        });
+        assert_eq!(
+            text,
+            "host SSH on node gpu-3 timed out after 5.0 s, 64.0 KiB output, truncated"
+        );
+        let text = finished(HostSshOutcome {
+            error: Some("no answer from the node within 45 s".into()),
+            ..HostSshOutcome::default()
+        });
+        assert_eq!(
+            text,
+            "host SSH on node gpu-3 failed: no answer from the node within 45 s"
+        );
     }
 }

@@ -37,6 +37,16 @@ pub const MAX_FRAME_BYTES: usize = 256 * 1024;
 /// The most log bytes an agent puts in one [`LogChunk`].
 pub const MAX_LOG_CHUNK_BYTES: usize = 64 * 1024;
 
+/// The most output bytes a [`HostSshResult`] carries: a host probe is for
+/// a person to read, and its result must fit in one frame.
+pub const MAX_HOST_SSH_OUTPUT_BYTES: usize = 64 * 1024;
+
+/// The longest command a [`HostSsh`] may carry, in bytes.
+pub const MAX_HOST_SSH_COMMAND_BYTES: usize = 4096;
+
+/// The longest time limit of a [`HostSsh`], in seconds.
+pub const MAX_HOST_SSH_TIMEOUT_S: u64 = 600;
+
 /// Everything the agent sends.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -57,6 +67,8 @@ pub enum AgentMessage {
     Status(Status),
     /// Output of an attempt.
     Log(LogChunk),
+    /// How a [`Command::HostSsh`] ended.
+    HostSshResult(HostSshResult),
 }
 
 /// Everything the server sends.
@@ -118,6 +130,11 @@ pub struct Hello {
     /// What the node has cached, so the scheduler can prefer it.
     #[serde(default)]
     pub cache: Cache,
+    /// Whether the agent was started with a host SSH target and so can run
+    /// [`Command::HostSsh`]. Agents older than the field say nothing, which
+    /// reads as `false`.
+    #[serde(default)]
+    pub host_ssh: bool,
 }
 
 /// A node's resources.
@@ -229,10 +246,6 @@ pub struct LogChunk {
 /// What the server asks of an agent.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
-#[expect(
-    clippy::large_enum_variant,
-    reason = "a command is decoded, handled and dropped; boxing buys nothing"
-)]
 pub enum Command {
     /// Run an attempt of a task.
     RunTask(RunTask),
@@ -245,6 +258,56 @@ pub enum Command {
         /// Seconds between SIGTERM and SIGKILL.
         grace_s: u64,
     },
+    /// Run one command on the node's own host over SSH, for emergency
+    /// maintenance; never part of a task.
+    HostSsh(HostSsh),
+}
+
+/// An admin's command for the node's host, run by the agent over SSH to the
+/// target it was started with (`--host-ssh`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HostSsh {
+    /// The request, named again in the [`HostSshResult`].
+    pub request_id: Uuid,
+    /// The command line, run by the remote user's shell; at most
+    /// [`MAX_HOST_SSH_COMMAND_BYTES`].
+    pub command: String,
+    /// The hard limit: the SSH client is killed after this many seconds,
+    /// counted from when the agent starts it.
+    pub timeout_s: u64,
+    /// The most output bytes to keep; the agent never keeps more than
+    /// [`MAX_HOST_SSH_OUTPUT_BYTES`].
+    pub output_limit: u64,
+}
+
+/// How a [`HostSsh`] ended.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HostSshResult {
+    /// Agent-local id, answered by [`ServerMessage::Received`].
+    pub id: u64,
+    /// The request.
+    pub request_id: Uuid,
+    /// The SSH client's exit status (the remote command's, or 255 when SSH
+    /// itself failed); `None` when it was killed or never started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    /// Standard output and standard error as they came, as UTF-8 (invalid
+    /// sequences replaced), cut at the output limit.
+    #[serde(default)]
+    pub output: String,
+    /// Whether output was dropped beyond the limit.
+    #[serde(default)]
+    pub truncated: bool,
+    /// Whether the time limit killed the command.
+    #[serde(default)]
+    pub timed_out: bool,
+    /// How long it ran, in milliseconds.
+    #[serde(default)]
+    pub duration_ms: u64,
+    /// Why the command could not run at all (no host SSH target, no `ssh`
+    /// client, too many at once), for a person.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// Everything an agent needs to run one attempt.
@@ -287,6 +350,15 @@ pub fn command_id(kind: &str, task_id: Uuid, attempt: u32) -> Uuid {
     Uuid::new_v5(
         &Uuid::NAMESPACE_OID,
         format!("unidesk/{kind}/{task_id}/{attempt}").as_bytes(),
+    )
+}
+
+/// The stable id of the command that carries host SSH request
+/// `request_id`, so a resent one is dropped by the agent.
+pub fn host_ssh_command_id(request_id: Uuid) -> Uuid {
+    Uuid::new_v5(
+        &Uuid::NAMESPACE_OID,
+        format!("unidesk/host_ssh/{request_id}").as_bytes(),
     )
 }
 
@@ -395,6 +467,81 @@ mod tests {
             },
         };
         assert_eq!(decode::<ServerMessage>(&encode(&c)).unwrap(), c);
+    }
+
+    #[test]
+    fn host_ssh_messages_round_trip() {
+        let request_id = Uuid::new_v4();
+        let c = ServerMessage::Command {
+            command_id: host_ssh_command_id(request_id),
+            command: Command::HostSsh(HostSsh {
+                request_id,
+                command: "nvidia-smi -L".into(),
+                timeout_s: 30,
+                output_limit: MAX_HOST_SSH_OUTPUT_BYTES as u64,
+            }),
+        };
+        let text = encode(&c);
+        assert!(text.contains(r#""kind":"host_ssh""#), "{text}");
+        assert_eq!(decode::<ServerMessage>(&text).unwrap(), c);
+        let r = AgentMessage::HostSshResult(HostSshResult {
+            id: 4,
+            request_id,
+            exit_code: Some(0),
+            output: "GPU 0: A100\n".into(),
+            truncated: false,
+            timed_out: false,
+            duration_ms: 120,
+            error: None,
+        });
+        let text = encode(&r);
+        assert!(text.contains(r#""type":"host_ssh_result""#), "{text}");
+        assert_eq!(decode::<AgentMessage>(&text).unwrap(), r);
+        let refused: AgentMessage = decode(&format!(
+            r#"{{"protocol":1,"type":"host_ssh_result","id":5,"request_id":"{request_id}","error":"no target"}}"#
+        ))
+        .unwrap();
+        let AgentMessage::HostSshResult(refused) = refused else {
+            panic!("not a result: {refused:?}")
+        };
+        assert_eq!(refused.exit_code, None);
+        assert_eq!(refused.error.as_deref(), Some("no target"));
+    }
+
+    #[test]
+    fn a_hello_without_host_ssh_reads_as_false() {
+        let hello: AgentMessage = decode(
+            r#"{"protocol":1,"type":"hello","agent_version":"0.1.0","resources":{"cpus":1,"memory_mb":1}}"#,
+        )
+        .unwrap();
+        let AgentMessage::Hello(hello) = hello else {
+            panic!("not a hello")
+        };
+        assert!(!hello.host_ssh);
+    }
+
+    #[test]
+    fn the_largest_host_ssh_result_fits_in_a_frame() {
+        // Printable output is escaped at most twice over (`"` and `\\`).
+        let r = AgentMessage::HostSshResult(HostSshResult {
+            id: u64::MAX,
+            request_id: Uuid::max(),
+            exit_code: Some(i32::MIN),
+            output: "\"".repeat(MAX_HOST_SSH_OUTPUT_BYTES),
+            truncated: true,
+            timed_out: true,
+            duration_ms: u64::MAX,
+            error: Some("e".repeat(1024)),
+        });
+        assert!(encode(&r).len() <= MAX_FRAME_BYTES);
+    }
+
+    #[test]
+    fn host_ssh_command_ids_are_stable_and_distinct() {
+        let r = Uuid::new_v4();
+        assert_eq!(host_ssh_command_id(r), host_ssh_command_id(r));
+        assert_ne!(host_ssh_command_id(r), host_ssh_command_id(Uuid::new_v4()));
+        assert_ne!(host_ssh_command_id(r), command_id("run_task", r, 0));
     }
 
     #[test]

@@ -964,7 +964,7 @@ impl Agent {
                     Command::RunTask(_) => {
                         self.probe.resent.fetch_add(1, Ordering::Relaxed);
                     }
-                    Command::CancelTask { .. } => {}
+                    Command::CancelTask { .. } | Command::HostSsh(_) => {}
                 }
                 self.ws.flush().await.context("sending reports")
             }
