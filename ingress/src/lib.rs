@@ -17,6 +17,10 @@
 //!   *this* process, and closes
 //!   sessions whose token was revoked or whose node connected elsewhere.
 //!
+//! Task output is stored within bounds no agent can talk its way past (a
+//! size cap per attempt, a rate per session) and announces itself to log
+//! followers; see [`LogLimits`].
+//!
 //! Several ingress processes may serve one database side by side: each
 //! delivers only to its own sessions, and a command stays wanted in the log
 //! until the agent reports on it, so a reconnect anywhere resends it.
@@ -30,6 +34,7 @@ mod commands;
 mod fanout;
 mod host_ssh;
 mod liveness;
+mod logs;
 mod registry;
 mod reports;
 mod session;
@@ -43,7 +48,10 @@ use store::outbox::Checkpoint;
 use store::Store;
 use tokio::sync::OnceCell;
 
+use crate::logs::LogNotifier;
 use crate::registry::Registry;
+
+pub use crate::logs::{cut_marker, LogLimits, CHUNK_COST, MIN_BYTES_PER_S};
 
 /// How the ingress behaves, fixed at start-up.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -96,6 +104,10 @@ pub struct Ingress {
     /// session reads its pending commands after this point is fixed, so
     /// between them the two see every event.
     start: Arc<OnceCell<Checkpoint>>,
+    /// Bounds on stored task output.
+    log_limits: LogLimits,
+    /// Wakes log followers after output is stored.
+    log_notifier: LogNotifier,
 }
 
 impl Ingress {
@@ -107,8 +119,19 @@ impl Ingress {
             config: Arc::new(config),
             registry: Registry::default(),
             start: Arc::new(OnceCell::new()),
+            log_limits: LogLimits::default(),
+            log_notifier: LogNotifier::default(),
         }
     }
+
+    /// The same ingress with other bounds on stored task output (the
+    /// default is [`LogLimits::default`]). Call before serving: sessions
+    /// already running keep the bounds they started with.
+    pub fn with_log_limits(mut self, limits: LogLimits) -> Self {
+        self.log_limits = limits;
+        self
+    }
+
 
     /// The WebSocket endpoint at [`protocol::PATH`], to merge with the
     /// REST router on the same listener.
@@ -118,14 +141,15 @@ impl Ingress {
             .with_state(self.clone())
     }
 
-    /// Delivers commands from the outbox to the sessions of this process
-    /// until `shutdown` completes, then closes every session (close code
+    /// Delivers commands from the outbox to the sessions of this process,
+    /// and sends the wake-ups of log followers, until `shutdown` completes, then closes every session (close code
     /// 1001, "going away") and waits up to [`SHUTDOWN_WAIT`] for them to
     /// end. Database errors are logged and retried; this never fails.
     pub async fn run(&self, shutdown: impl Future<Output = ()>) {
         tokio::pin!(shutdown);
         tokio::select! {
             () = fanout::follow(self) => {}
+            () = self.log_notifier.run(self.store.pool()) => {}
             () = &mut shutdown => {}
         }
         self.registry.close_all();
@@ -158,5 +182,13 @@ impl Ingress {
 
     fn config(&self) -> &Config {
         &self.config
+    }
+
+    fn log_limits(&self) -> LogLimits {
+        self.log_limits
+    }
+
+    fn log_notifier(&self) -> &LogNotifier {
+        &self.log_notifier
     }
 }

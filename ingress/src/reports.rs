@@ -11,9 +11,10 @@ use chrono::{DateTime, Utc};
 use domain::task::{Outcome, Task, TaskCommand, TaskError};
 use domain::Actor;
 use protocol::{LogChunk, ReportedState, Status};
-use sqlx::PgPool;
 use store::{Store, StoreError};
 use uuid::Uuid;
+
+use crate::logs::{self, Capped, LogLimits, LogNotifier, Pace, Place};
 
 /// The longest `stage` or `container` a report may carry.
 pub(crate) const MAX_FIELD_BYTES: usize = 256;
@@ -150,52 +151,94 @@ pub(crate) async fn report(store: &Store, node_id: Uuid, status: &Status) -> Ans
     }
 }
 
-/// Which attempts a session may write log chunks for, remembered per
-/// (task, attempt) so the Task aggregate is loaded once, not per chunk.
-#[derive(Debug, Default)]
+/// A session's log writer: which attempts it may write chunks for, where
+/// each attempt's stored output ends as far as it knows, and its rate
+/// bound. Each (task, attempt) is checked against the Task aggregate once,
+/// not per chunk. The rules are in [`crate::logs`].
+#[derive(Debug)]
 pub(crate) struct LogPermissions {
-    known: HashMap<(Uuid, u32), Result<(), String>>,
+    known: HashMap<(Uuid, u32), Result<Tail, String>>,
+    limits: LogLimits,
+    pace: Pace,
+    notifier: LogNotifier,
+}
+
+/// What a session knows of an attempt's stored output.
+#[derive(Debug, Clone, Copy, Default)]
+struct Tail {
+    /// Where the stored chain ends, when this session knows: a chunk
+    /// starting there is stored without asking the database first.
+    end: Option<u64>,
 }
 
 impl LogPermissions {
+    /// A writer bounded by `limits` that wakes followers through
+    /// `notifier`.
+    pub(crate) fn new(limits: LogLimits, notifier: LogNotifier) -> Self {
+        Self {
+            known: HashMap::new(),
+            pace: Pace::new(&limits),
+            limits,
+            notifier,
+        }
+    }
+
+    /// A report was stored: when it ends an attempt, followers of the task
+    /// are woken to see that its output is complete.
+    pub(crate) fn reported(&self, status: &Status) {
+        let ended = matches!(
+            status.state,
+            ReportedState::Succeeded
+                | ReportedState::Failed
+                | ReportedState::Cancelled
+                | ReportedState::TimedOut
+        );
+        if ended {
+            self.notifier.poke(status.task_id);
+        }
+    }
+
     /// Whether node `node_id` may write output for the chunk's attempt:
     /// the attempt must have been placed on this node. Output of an attempt
     /// that ended or was lost is still its own and is kept, so the last
     /// chunks may arrive after the final report.
-    async fn check(&mut self, store: &Store, node_id: Uuid, chunk: &LogChunk) -> Answer {
+    async fn check(
+        &mut self,
+        store: &Store,
+        node_id: Uuid,
+        chunk: &LogChunk,
+    ) -> Result<&mut Tail, Answer> {
         let key = (chunk.task_id, chunk.attempt);
-        if let Some(known) = self.known.get(&key) {
-            return match known {
-                Ok(()) => Answer::Stored,
-                Err(reason) => Answer::Refused(reason.clone()),
+        if !self.known.contains_key(&key) {
+            let task = match store.load::<Task>(&chunk.task_id.to_string()).await {
+                Ok(task) => task.map(|t| t.state),
+                Err(e) => return Err(Answer::Later(e.to_string())),
             };
+            let placed_here = task.is_some_and(|t| {
+                t.attempts
+                    .iter()
+                    .any(|a| a.number == chunk.attempt && a.node_id == node_id)
+            });
+            let verdict = if placed_here {
+                Ok(Tail::default())
+            } else {
+                Err(not_ours(chunk.attempt))
+            };
+            if self.known.len() >= LOG_PERMISSIONS {
+                self.known.clear();
+            }
+            self.known.insert(key, verdict);
         }
-        let task = match store.load::<Task>(&chunk.task_id.to_string()).await {
-            Ok(task) => task.map(|t| t.state),
-            Err(e) => return Answer::Later(e.to_string()),
-        };
-        let placed_here = task.is_some_and(|t| {
-            t.attempts
-                .iter()
-                .any(|a| a.number == chunk.attempt && a.node_id == node_id)
-        });
-        let verdict = if placed_here {
-            Ok(())
-        } else {
-            Err(not_ours(chunk.attempt))
-        };
-        if self.known.len() >= LOG_PERMISSIONS {
-            self.known.clear();
-        }
-        self.known.insert(key, verdict.clone());
-        match verdict {
-            Ok(()) => Answer::Stored,
-            Err(reason) => Answer::Refused(reason),
+        match self.known.get_mut(&key) {
+            Some(Ok(tail)) => Ok(tail),
+            Some(Err(reason)) => Err(Answer::Refused(reason.clone())),
+            None => Err(Answer::Later("forgotten".into())),
         }
     }
 
-    /// Stores a chunk from node `node_id` once; a chunk sent again changes
-    /// nothing.
+    /// Stores a chunk from node `node_id` once, within the attempt's cap;
+    /// a chunk sent again changes nothing. Returns after the rate bound's
+    /// wait, if any.
     pub(crate) async fn store(&mut self, store: &Store, node_id: Uuid, chunk: &LogChunk) -> Answer {
         if chunk.data.len() > protocol::MAX_LOG_CHUNK_BYTES {
             return Answer::Refused(format!(
@@ -209,41 +252,49 @@ impl LogPermissions {
         let Ok(attempt) = i32::try_from(chunk.attempt) else {
             return Answer::Refused("attempt is out of range".into());
         };
-        match self.check(store, node_id, chunk).await {
-            Answer::Stored => {}
-            other => return other,
+        let cap = self.limits.max_bytes_per_attempt;
+        let pool = store.pool();
+        let tail = match self.check(store, node_id, chunk).await {
+            Ok(tail) => tail,
+            Err(answer) => return answer,
+        };
+        if chunk.data.is_empty() {
+            return Answer::Stored;
         }
-        match insert_chunk(store.pool(), chunk.task_id, attempt, offset, &chunk.data).await {
-            Ok(()) => Answer::Stored,
-            Err(e) => Answer::Later(e.to_string()),
+        let data = match logs::capped(chunk.offset, &chunk.data, cap) {
+            Capped::Whole(data) => std::borrow::Cow::Borrowed(data),
+            Capped::Cut(data) => std::borrow::Cow::Owned(data),
+            // Acknowledged so the agent forgets it; never stored.
+            Capped::Dropped => return Answer::Stored,
+        };
+        if tail.end != Some(chunk.offset) {
+            match logs::place(pool, chunk.task_id, attempt, offset).await {
+                Ok(Place::Next) => {}
+                Ok(Place::Stored { end }) => {
+                    tail.end = Some(end);
+                    return Answer::Stored;
+                }
+                Ok(Place::Wrong { end }) => {
+                    tail.end = None;
+                    return Answer::Refused(format!(
+                        "output of attempt {} continues at offset {end}, not {}",
+                        chunk.attempt, chunk.offset
+                    ));
+                }
+                Err(e) => return Answer::Later(e.to_string()),
+            }
         }
+        if let Err(e) = logs::insert(pool, chunk.task_id, attempt, offset, &data).await {
+            tail.end = None;
+            return Answer::Later(e.to_string());
+        }
+        tail.end = Some(chunk.offset + data.len() as u64);
+        self.notifier.poke(chunk.task_id);
+        if let Some(wait) = self.pace.charge(data.len() as u64 + logs::CHUNK_COST) {
+            tokio::time::sleep(wait).await;
+        }
+        Answer::Stored
     }
-}
-
-async fn insert_chunk(
-    pool: &PgPool,
-    task_id: Uuid,
-    attempt: i32,
-    offset: i64,
-    data: &str,
-) -> Result<(), sqlx::Error> {
-    // PostgreSQL text cannot hold NUL; a space keeps every byte offset.
-    let data = if data.contains('\0') {
-        std::borrow::Cow::Owned(data.replace('\0', " "))
-    } else {
-        std::borrow::Cow::Borrowed(data)
-    };
-    sqlx::query(
-        "INSERT INTO task_log (task_id, attempt, \"offset\", data) VALUES ($1, $2, $3, $4) \
-         ON CONFLICT DO NOTHING",
-    )
-    .bind(task_id)
-    .bind(attempt)
-    .bind(offset)
-    .bind(data.as_ref())
-    .execute(pool)
-    .await?;
-    Ok(())
 }
 
 #[cfg(test)]

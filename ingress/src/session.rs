@@ -375,6 +375,7 @@ impl Session {
                 return Err(End::ShuttingDown);
             }
         };
+        let logs = LogPermissions::new(ingress.log_limits(), ingress.log_notifier().clone());
         Ok(Self {
             ingress,
             node_id,
@@ -386,7 +387,7 @@ impl Session {
                 .iter()
                 .map(|r| (r.task_id, r.attempt))
                 .collect(),
-            logs: LogPermissions::default(),
+            logs,
             host_ssh: hello.host_ssh,
         })
     }
@@ -615,6 +616,9 @@ impl Session {
             }
             AgentMessage::Status(status) => {
                 let answer = reports::report(self.ingress.store(), self.node_id, &status).await;
+                if answer == Answer::Stored {
+                    self.logs.reported(&status);
+                }
                 self.answer(socket, status.id, answer, "report").await
             }
             AgentMessage::Log(chunk) => {
@@ -670,8 +674,12 @@ impl Session {
                 Some(reason)
             }
             Answer::Later(reason) => {
+                // Frames after this one must not be handled before it (a
+                // final report must never overtake the output before it):
+                // end the session, and the agent sends every unanswered
+                // report again, in order, when it is back.
                 tracing::warn!(node_id = %self.node_id, id, reason, "{what} not stored; the agent will send it again");
-                return Ok(());
+                return Err(unavailable());
             }
         };
         send(

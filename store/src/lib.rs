@@ -7,6 +7,7 @@ pub mod cluster;
 mod error;
 pub mod names;
 pub mod outbox;
+pub mod task_log;
 pub mod tokens;
 
 use std::collections::HashMap;

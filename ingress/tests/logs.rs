@@ -1,0 +1,390 @@
+//! Task output through the ingress, against a real PostgreSQL and real
+//! WebSockets: agents played by a tokio-tungstenite client speaking the
+//! protocol. What is checked is what ends up in `task_log` and what the
+//! agent is told: each byte once, no gaps, the cap and its marker, the
+//! rate bound and the wake-ups for followers.
+
+#![expect(
+    clippy::unwrap_used,
+    reason = "test helpers fail the test loudly on anything unexpected"
+)]
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use domain::node::{Node, NodeCommand};
+use domain::spec::{TaskSpecDraft, UrlPolicy};
+use domain::task::{Task, TaskCommand};
+use domain::Actor;
+use futures::{SinkExt, StreamExt};
+use ingress::{Config, Ingress, LogLimits};
+use serde_json::{json, Value};
+use sqlx::postgres::PgListener;
+use sqlx::PgPool;
+use store::{tokens, Store};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use uuid::Uuid;
+
+const PATIENCE: Duration = Duration::from_secs(10);
+
+struct Platform {
+    store: Store,
+    pool: PgPool,
+    addr: SocketAddr,
+}
+
+fn admin() -> Actor {
+    Actor::User("admin".into())
+}
+
+/// A fresh database and an ingress on port 0 with these log bounds.
+async fn platform(limits: LogLimits) -> Platform {
+    let db = testkit::fresh_db().await;
+    let store = Store::new(db.pool.clone());
+    let ingress = Ingress::new(
+        store.clone(),
+        Config {
+            ingress_id: "ingress-logs".into(),
+            poll: Duration::from_millis(50),
+            ..Config::default()
+        },
+    )
+    .with_log_limits(limits);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let router = ingress.router();
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    tokio::spawn(async move { ingress.run(std::future::pending()).await });
+    Platform {
+        store,
+        pool: db.pool,
+        addr,
+    }
+}
+
+impl Platform {
+    /// A node, its token, and a task whose first attempt is placed on it.
+    async fn node_with_task(&self) -> (String, Uuid) {
+        let node_id = Uuid::now_v7();
+        let issued = tokens::issue_node(node_id);
+        let now = Utc::now();
+        self.store
+            .execute::<Node>(
+                &node_id.to_string(),
+                NodeCommand::Provision {
+                    node_id,
+                    name: format!("node-{}", &node_id.simple().to_string()[24..]),
+                    labels: Default::default(),
+                    token_fingerprint: issued.fingerprint,
+                    by: admin(),
+                    at: now,
+                },
+                &admin(),
+                now,
+            )
+            .await
+            .unwrap();
+        let spec = TaskSpecDraft {
+            project_id: Some(Uuid::new_v4()),
+            code_repo_url: Some("https://example.com/code.git".into()),
+            code_commit_id: Some("a".repeat(40)),
+            env_repo_url: Some("https://example.com/env.git".into()),
+            env_commit_id: Some("b".repeat(40)),
+            dockerfile_path: Some("Dockerfile".into()),
+            command: Some(vec!["sh".into()]),
+            ..Default::default()
+        }
+        .validate(UrlPolicy::default())
+        .unwrap();
+        let task_id = Uuid::now_v7();
+        for command in [
+            TaskCommand::Submit {
+                task_id,
+                spec,
+                by: admin(),
+                at: Utc::now(),
+            },
+            TaskCommand::Assign {
+                node_id,
+                gpus: vec![],
+                reason: "test".into(),
+                at: Utc::now(),
+            },
+        ] {
+            self.store
+                .execute::<Task>(&task_id.to_string(), command, &admin(), Utc::now())
+                .await
+                .unwrap();
+        }
+        (issued.token, task_id)
+    }
+
+    async fn rows(&self, task_id: Uuid) -> Vec<(i64, String)> {
+        sqlx::query_as(
+            "SELECT \"offset\", data FROM task_log WHERE task_id = $1 AND attempt = 1 \
+             ORDER BY \"offset\"",
+        )
+        .bind(task_id)
+        .fetch_all(&self.pool)
+        .await
+        .unwrap()
+    }
+
+    async fn output(&self, task_id: Uuid) -> String {
+        self.rows(task_id).await.into_iter().map(|r| r.1).collect()
+    }
+}
+
+/// The agent side of one WebSocket, speaking JSON frames.
+struct Agent {
+    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+}
+
+impl Agent {
+    /// Dials, says hello and waits for the welcome.
+    async fn join(addr: SocketAddr, token: &str) -> Self {
+        let mut request = format!("ws://{addr}{}", protocol::PATH)
+            .into_client_request()
+            .unwrap();
+        request
+            .headers_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        let (ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+        let mut agent = Agent { ws };
+        agent
+            .send(json!({"type": "hello", "agent_version": "0.1.0-test",
+                         "resources": {"cpus": 4.0, "memory_mb": 4096, "gpus": []},
+                         "labels": {}, "running": [], "cache": {"images": [], "commits": []}}))
+            .await;
+        loop {
+            let frame = agent.recv().await;
+            if frame["type"] == "welcome" {
+                return agent;
+            }
+            assert_eq!(frame["type"], "command", "before welcome: {frame}");
+        }
+    }
+
+    async fn send(&mut self, mut message: Value) {
+        message["protocol"] = json!(protocol::VERSION);
+        self.ws
+            .send(Message::Text(message.to_string().into()))
+            .await
+            .unwrap();
+    }
+
+    /// The next JSON frame from the server.
+    async fn recv(&mut self) -> Value {
+        loop {
+            let frame = tokio::time::timeout(PATIENCE, self.ws.next())
+                .await
+                .expect("a frame in time")
+                .expect("the connection is open")
+                .unwrap();
+            match frame {
+                Message::Text(text) => return serde_json::from_str(text.as_str()).unwrap(),
+                Message::Ping(_) | Message::Pong(_) => continue,
+                other => panic!("unexpected frame {other:?}"),
+            }
+        }
+    }
+
+    /// The answer to report `id`, skipping commands: `None` when stored,
+    /// the error when refused.
+    async fn received(&mut self, id: u64) -> Option<String> {
+        loop {
+            let frame = self.recv().await;
+            if frame["type"] == "command" {
+                continue;
+            }
+            assert_eq!(frame["type"], "received", "{frame}");
+            assert_eq!(frame["id"], id, "{frame}");
+            return frame["error"].as_str().map(str::to_string);
+        }
+    }
+
+    async fn log(&mut self, id: u64, task_id: Uuid, offset: u64, data: &str) -> Option<String> {
+        self.send(
+            json!({"type": "log", "id": id, "task_id": task_id, "attempt": 1,
+                         "offset": offset, "data": data}),
+        )
+        .await;
+        self.received(id).await
+    }
+
+    async fn status(&mut self, id: u64, task_id: Uuid, state: &str) -> Option<String> {
+        self.send(
+            json!({"type": "status", "id": id, "task_id": task_id, "attempt": 1,
+                         "state": state, "container": "c0ffee"}),
+        )
+        .await;
+        self.received(id).await
+    }
+
+    async fn close(mut self) {
+        let _ = self.ws.close(None).await;
+    }
+}
+
+#[tokio::test]
+async fn a_chunk_sent_again_after_a_reconnect_is_stored_once() {
+    let p = platform(LogLimits::default()).await;
+    let (token, task_id) = p.node_with_task().await;
+    let mut agent = Agent::join(p.addr, &token).await;
+    assert_eq!(agent.log(1, task_id, 0, "one\n").await, None);
+    assert_eq!(agent.log(2, task_id, 4, "two\n").await, None);
+    // The connection drops before the agent hears about the next chunk.
+    agent
+        .send(
+            json!({"type": "log", "id": 3, "task_id": task_id, "attempt": 1,
+                     "offset": 8, "data": "three\n"}),
+        )
+        .await;
+    agent.close().await;
+
+    // Back again, it sends everything unanswered, then goes on.
+    let mut agent = Agent::join(p.addr, &token).await;
+    assert_eq!(agent.log(3, task_id, 8, "three\n").await, None);
+    assert_eq!(agent.log(4, task_id, 14, "four\n").await, None);
+    // Even an answered chunk sent again changes nothing.
+    assert_eq!(agent.log(1, task_id, 0, "one\n").await, None);
+    assert_eq!(agent.log(2, task_id, 4, "two\n").await, None);
+    assert_eq!(agent.log(5, task_id, 19, "five\n").await, None);
+    assert_eq!(
+        p.rows(task_id).await,
+        [
+            (0, "one\n".to_string()),
+            (4, "two\n".to_string()),
+            (8, "three\n".to_string()),
+            (14, "four\n".to_string()),
+            (19, "five\n".to_string()),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn chunks_that_would_leave_a_gap_or_overlap_are_refused_and_not_stored() {
+    let p = platform(LogLimits::default()).await;
+    let (token, task_id) = p.node_with_task().await;
+    let mut agent = Agent::join(p.addr, &token).await;
+    let gap = agent.log(1, task_id, 5, "late").await.unwrap();
+    assert!(gap.contains("continues at offset 0"), "{gap}");
+    assert_eq!(agent.log(2, task_id, 0, "hello ").await, None);
+    let overlap = agent.log(3, task_id, 3, "lo world").await.unwrap();
+    assert!(overlap.contains("continues at offset 6"), "{overlap}");
+    let gap = agent.log(4, task_id, 9, "x").await.unwrap();
+    assert!(gap.contains("continues at offset 6"), "{gap}");
+    assert_eq!(agent.log(5, task_id, 6, "world\n").await, None);
+    assert_eq!(p.output(task_id).await, "hello world\n");
+}
+
+#[tokio::test]
+async fn output_past_the_cap_is_cut_with_a_marker_and_later_chunks_are_acknowledged_but_dropped() {
+    let cap = 1000;
+    let p = platform(LogLimits {
+        max_bytes_per_attempt: cap,
+        ..LogLimits::default()
+    })
+    .await;
+    let (token, task_id) = p.node_with_task().await;
+    let mut agent = Agent::join(p.addr, &token).await;
+    let line = "x".repeat(299) + "\n";
+    let mut offset = 0;
+    for id in 1..=10 {
+        // Every chunk is acknowledged, so the agent forgets it.
+        assert_eq!(agent.log(id, task_id, offset, &line).await, None);
+        offset += line.len() as u64;
+    }
+    // The chunk that crossed the cap, sent again, changes nothing.
+    assert_eq!(agent.log(4, task_id, 900, &line).await, None);
+    let marker = ingress::cut_marker(cap);
+    assert!(marker.contains("output cut at 1000 bytes"), "{marker}");
+    let output = p.output(task_id).await;
+    assert_eq!(output.len(), cap as usize + marker.len());
+    assert_eq!(output, line.repeat(4)[..cap as usize].to_string() + &marker);
+    // Readers find one chain that ends with the marker.
+    let rows = p.rows(task_id).await;
+    assert_eq!(rows.len(), 4);
+    assert_eq!(
+        store::task_log::stored_end(&p.pool, task_id, 1)
+            .await
+            .unwrap(),
+        Some(cap + marker.len() as u64)
+    );
+    // The attempt still ends normally.
+    assert_eq!(agent.status(11, task_id, "accepted").await, None);
+    assert_eq!(agent.status(12, task_id, "running").await, None);
+    assert_eq!(agent.status(13, task_id, "succeeded").await, None);
+}
+
+#[tokio::test]
+async fn output_reaching_the_cap_exactly_gets_the_marker_with_the_next_chunk() {
+    let p = platform(LogLimits {
+        max_bytes_per_attempt: 10,
+        ..LogLimits::default()
+    })
+    .await;
+    let (token, task_id) = p.node_with_task().await;
+    let mut agent = Agent::join(p.addr, &token).await;
+    assert_eq!(agent.log(1, task_id, 0, "0123456789").await, None);
+    assert_eq!(p.output(task_id).await, "0123456789");
+    assert_eq!(agent.log(2, task_id, 10, "more").await, None);
+    assert_eq!(agent.log(3, task_id, 14, "and more").await, None);
+    assert_eq!(
+        p.output(task_id).await,
+        format!("0123456789{}", ingress::cut_marker(10))
+    );
+}
+
+#[tokio::test]
+async fn a_chatty_session_is_slowed_down_to_its_rate() {
+    let p = platform(LogLimits {
+        max_bytes_per_attempt: 64 * 1024 * 1024,
+        bytes_per_s: 200_000,
+        burst_bytes: 20_000,
+    })
+    .await;
+    let (token, task_id) = p.node_with_task().await;
+    let mut agent = Agent::join(p.addr, &token).await;
+    let chunk = "y".repeat(9_999) + "\n";
+    let started = Instant::now();
+    for i in 0..20u64 {
+        assert_eq!(agent.log(i + 1, task_id, i * 10_000, &chunk).await, None);
+    }
+    let took = started.elapsed();
+    // 20 chunks cost 20 × (10,000 + 4,096) bytes; the burst pays 20,000.
+    let owed = (20 * (10_000 + ingress::CHUNK_COST) - 20_000) as f64 / 200_000.0;
+    assert!(
+        took.as_secs_f64() >= owed * 0.9,
+        "took {took:?}, expected at least {owed} s"
+    );
+    assert_eq!(p.output(task_id).await, chunk.repeat(20));
+}
+
+#[tokio::test]
+async fn followers_are_woken_when_output_is_stored_and_when_the_attempt_ends() {
+    let p = platform(LogLimits::default()).await;
+    let (token, task_id) = p.node_with_task().await;
+    let mut listener = PgListener::connect_with(&p.pool).await.unwrap();
+    listener.listen(store::task_log::CHANNEL).await.unwrap();
+    let mut agent = Agent::join(p.addr, &token).await;
+    assert_eq!(agent.status(1, task_id, "accepted").await, None);
+    assert_eq!(agent.status(2, task_id, "running").await, None);
+    assert_eq!(agent.log(3, task_id, 0, "hello\n").await, None);
+    assert_eq!(notified(&mut listener).await, task_id.to_string());
+    assert_eq!(agent.status(4, task_id, "succeeded").await, None);
+    assert_eq!(notified(&mut listener).await, task_id.to_string());
+}
+
+async fn notified(listener: &mut PgListener) -> String {
+    tokio::time::timeout(PATIENCE, listener.recv())
+        .await
+        .expect("a notification in time")
+        .unwrap()
+        .payload()
+        .to_string()
+}
