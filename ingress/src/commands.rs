@@ -92,8 +92,7 @@ pub(crate) fn run_task(task: &Task) -> Option<Encoded> {
             env: spec.env.clone(),
             cpus: spec.resources.cpus,
             memory_mb: spec.resources.memory_mb,
-            // GPU devices are not placed yet: the scheduler will name them.
-            gpus: Vec::new(),
+            gpus: task.gpus().to_vec(),
             timeout_s: spec.timeout_s,
         }),
     };
@@ -143,6 +142,17 @@ pub(crate) fn wanted(
         wanted.extend(run_task(task));
     }
     wanted
+}
+
+/// `cancel_task` for attempt `attempt` of `task` when the platform gave it
+/// up (lost, or timed out by the server's watchdog) while its node may still
+/// run it, with the node to send it to. The agent ignores a cancel for an
+/// attempt it no longer runs.
+pub(crate) fn stop_given_up(task: &Task, attempt: u32, grace_s: u64) -> Option<(Uuid, Encoded)> {
+    let task_id = task.id?;
+    let a = task.attempts.iter().find(|a| a.number == attempt)?;
+    let given_up = matches!(a.outcome.as_deref(), Some("lost" | "timed_out"));
+    given_up.then(|| (a.node_id, cancel_task(task_id, attempt, grace_s)))
 }
 
 /// Loads task `task_id`; `None` when it does not exist.

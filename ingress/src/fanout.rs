@@ -12,6 +12,9 @@
 //!   of its node is sent (see [`crate::commands::wanted`]);
 //! - `NodeHostSshRequested` for a node connected here: the host command
 //!   goes to its session (see [`crate::host_ssh`]);
+//! - `TaskLost` and `TaskTimedOut`: the attempt's node, if connected here,
+//!   gets `cancel_task`, so a container the platform gave up on (the
+//!   watchdog timed it out, or the node was presumed gone) stops;
 //! - `NodeTokenRevoked`: the node's session is closed at once;
 //! - `NodeConnected` with another session than ours, and
 //!   `NodeMarkedOffline`, newer than our session's `NodeConnected`: ours is
@@ -82,15 +85,50 @@ pub(crate) async fn run_once(
     };
     let mut tasks = Vec::new();
     let mut seen = HashSet::new();
+    let mut given_up = Vec::new();
     for event in &events {
         if let Some(task_id) = handle(ingress, event) {
             if seen.insert(task_id) {
                 tasks.push(task_id);
             }
         }
+        if let Some(stop) = given_up_attempt(ingress, event) {
+            given_up.push(stop);
+        }
     }
     deliver(ingress, tasks).await?;
+    stop(ingress, given_up).await?;
     Ok(Some(last))
+}
+
+/// The task and attempt of a `TaskLost` or `TaskTimedOut`, when some node
+/// is connected here.
+fn given_up_attempt(ingress: &Ingress, event: &RecordedEvent) -> Option<(Uuid, u32)> {
+    if event.aggregate_type != "task"
+        || !matches!(event.event_type.as_str(), "TaskLost" | "TaskTimedOut")
+        || ingress.registry.len() == 0
+    {
+        return None;
+    }
+    let task_id = Uuid::try_parse(&event.aggregate_id).ok()?;
+    let attempt = event.body().get("attempt")?.as_u64()?;
+    Some((task_id, u32::try_from(attempt).ok()?))
+}
+
+/// Sends `cancel_task` for given-up attempts to their nodes connected here.
+async fn stop(ingress: &Ingress, attempts: Vec<(Uuid, u32)>) -> Result<(), PendingError> {
+    let grace_s = ingress.config().cancel_grace_s;
+    for (task_id, attempt) in attempts {
+        let Some(task) = commands::load_task(ingress.store(), task_id).await? else {
+            continue;
+        };
+        if let Some((node_id, command)) = commands::stop_given_up(&task, attempt, grace_s) {
+            if ingress.registry.send(node_id, &command.frame) {
+                tracing::info!(%node_id, %task_id, attempt, "asking the node to stop an attempt the platform gave up");
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Acts on a node event; returns the task a task event may concern.

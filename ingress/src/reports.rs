@@ -71,6 +71,12 @@ pub(crate) fn command(
             node_id,
             attempt,
             stage: bounded("stage", &status.stage)?,
+            detail: status
+                .message
+                .as_deref()
+                .map(str::trim)
+                .filter(|m| !m.is_empty())
+                .map(|m| failure_reason(Some(m))),
             at,
         },
         ReportedState::Running => TaskCommand::ReportStarted {

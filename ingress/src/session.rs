@@ -570,6 +570,10 @@ impl Session {
                 .await
                 .map_err(|e| failed(&e))?;
             if let Some(task) = task {
+                if self.vanished(&task) {
+                    self.mark_vanished(task_id, task.attempt).await;
+                    continue;
+                }
                 wanted.extend(commands::wanted(
                     &task,
                     self.node_id,
@@ -579,6 +583,50 @@ impl Session {
             }
         }
         Ok(wanted)
+    }
+
+    /// Whether `task`'s current attempt was taken on by this node but the
+    /// agent no longer knows it: the agent lists every attempt it runs or
+    /// still has reports for, so one missing after it accepted was lost
+    /// with a restart of the agent (its container, if any, was found by its
+    /// labels and would be listed).
+    fn vanished(&self, task: &domain::task::Task) -> bool {
+        use domain::task::TaskState;
+        task.node_id == Some(self.node_id)
+            && matches!(
+                task.state,
+                TaskState::Accepted | TaskState::Preparing | TaskState::Running
+            )
+            && task
+                .id
+                .is_some_and(|id| !self.running.contains(&(id, task.attempt)))
+    }
+
+    /// Gives up an attempt the agent no longer runs; the task is requeued
+    /// while retries remain.
+    async fn mark_vanished(&self, task_id: Uuid, attempt: u32) {
+        let at = Utc::now();
+        let command = domain::task::TaskCommand::MarkLost {
+            node_id: self.node_id,
+            attempt,
+            reason: format!(
+                "the node's agent reconnected without attempt {attempt}: it restarted and the attempt did not survive"
+            ),
+            at,
+        };
+        match self
+            .ingress
+            .store()
+            .execute::<domain::task::Task>(&task_id.to_string(), command, &self.actor, at)
+            .await
+        {
+            Ok(_) => {
+                tracing::warn!(node_id = %self.node_id, %task_id, attempt, "attempt lost with an agent restart")
+            }
+            Err(e) => {
+                tracing::warn!(node_id = %self.node_id, %task_id, attempt, error = %e, "cannot mark a vanished attempt lost")
+            }
+        }
     }
 
     async fn outgoing(&mut self, socket: &mut WebSocket, out: Outgoing) -> Result<(), End> {

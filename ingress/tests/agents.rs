@@ -203,6 +203,7 @@ impl Platform {
             task_id,
             TaskCommand::Assign {
                 node_id,
+                gpus: vec![],
                 reason: "test".into(),
                 at: Utc::now(),
             },

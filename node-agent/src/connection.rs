@@ -274,6 +274,9 @@ impl Agent {
             Arc::clone(&host_results),
             Arc::clone(&wake),
         ));
+        // Containers of a previous run are taken over before the first
+        // hello, which lists them.
+        supervisor.adopt_leftovers().await;
         tokio::spawn(collect_reports(
             reports_rx,
             supervisor.clone(),
@@ -437,10 +440,31 @@ impl Link {
             agent_version: env!("CARGO_PKG_VERSION").to_owned(),
             resources: self.config.resources.clone(),
             labels: self.config.labels.clone(),
-            running: self.supervisor.running(),
+            running: self.running(),
             cache: self.ctx.cache().await,
             host_ssh: self.host_ssh.configured(),
         }
+    }
+
+    /// What the hello lists as running: the attempts executing here, and
+    /// those that ended but whose reports the server has not stored yet
+    /// (without them the server would take the attempt for lost).
+    fn running(&self) -> Vec<protocol::RunningAttempt> {
+        let mut running = self.supervisor.running();
+        let listed: std::collections::HashSet<_> =
+            running.iter().map(|r| (r.task_id, r.attempt)).collect();
+        let unanswered = self.queue().attempts();
+        running.extend(
+            unanswered
+                .into_iter()
+                .filter(|key| !listed.contains(key))
+                .map(|(task_id, attempt)| protocol::RunningAttempt {
+                    task_id,
+                    attempt,
+                    container: None,
+                }),
+        );
+        running
     }
 
     /// The welcomed part of a session; returns why it ended.

@@ -30,6 +30,9 @@ pub const LABEL_TASK: &str = "unidesk.task_id";
 pub const LABEL_ATTEMPT: &str = "unidesk.attempt";
 /// Label naming the agent (by its work directory) that owns a container.
 pub const LABEL_AGENT: &str = "unidesk.agent";
+/// Label holding the task's `timeout_s`, so an agent that restarts and
+/// adopts the container still enforces it.
+pub const LABEL_TIMEOUT: &str = "unidesk.timeout_s";
 
 /// How many build output lines a failed build reports.
 const BUILD_TAIL_LINES: usize = 20;
@@ -392,18 +395,56 @@ pub async fn start_container(docker: &Docker, id: &str) -> Result<(), DockerErro
         .map_err(|e| DockerError::api("starting the container failed", &e))
 }
 
-/// The container's combined stdout and stderr from its start, following it
-/// until it exits.
-pub fn output(docker: &Docker, id: &str) -> impl Stream<Item = Result<bytes::Bytes, DockerError>> {
+/// One entry of a container's output, with the time Docker logged it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutputEntry {
+    /// When Docker received it; `None` if the stamp could not be read.
+    pub at: Option<chrono::DateTime<chrono::Utc>>,
+    /// The bytes.
+    pub data: bytes::Bytes,
+}
+
+/// The container's combined stdout and stderr from its start (or from
+/// `since_s`, whole seconds since the epoch), following it until it exits
+/// when `follow` is set.
+pub fn output(
+    docker: &Docker,
+    id: &str,
+    follow: bool,
+    since_s: i32,
+) -> impl Stream<Item = Result<OutputEntry, DockerError>> {
     let options = LogsOptionsBuilder::default()
-        .follow(true)
+        .follow(follow)
         .stdout(true)
         .stderr(true)
+        .timestamps(true)
+        .since(since_s)
         .build();
     docker.logs(id, Some(options)).map(|item| {
-        item.map(|out| out.into_bytes())
+        item.map(|out| stamped(out.into_bytes()))
             .map_err(|e| DockerError::api("reading the container's output failed", &e))
     })
+}
+
+/// Splits Docker's `<RFC 3339 time> <data>` log entry.
+fn stamped(entry: bytes::Bytes) -> OutputEntry {
+    let space = entry.iter().position(|b| *b == b' ');
+    let at = space.and_then(|i| {
+        let stamp = std::str::from_utf8(&entry[..i]).ok()?;
+        chrono::DateTime::parse_from_rfc3339(stamp)
+            .ok()
+            .map(|t| t.with_timezone(&chrono::Utc))
+    });
+    match (at, space) {
+        (Some(at), Some(i)) => OutputEntry {
+            at: Some(at),
+            data: entry.slice(i + 1..),
+        },
+        _ => OutputEntry {
+            at: None,
+            data: entry,
+        },
+    }
 }
 
 /// How a container ended.
@@ -479,12 +520,30 @@ pub async fn remove_container(docker: &Docker, id: &str) -> Result<(), DockerErr
     }
 }
 
-/// Removes the task containers a previous run of this agent (same
-/// `agent_label`) left behind; their attempts cannot be followed any more.
+/// A task container a previous run of this agent (same `agent_label`) left
+/// behind, running or stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Leftover {
+    /// The container.
+    pub id: String,
+    /// Its task, from [`LABEL_TASK`].
+    pub task_id: uuid::Uuid,
+    /// Its attempt, from [`LABEL_ATTEMPT`].
+    pub attempt: u32,
+    /// The task's time limit, from [`LABEL_TIMEOUT`].
+    pub timeout_s: Option<u64>,
+    /// Its memory limit in MiB (0: none).
+    pub memory_mb: u64,
+    /// How long ago it started; `None` if it never did.
+    pub running_for: Option<Duration>,
+}
+
+/// The task containers a previous run of this agent left behind. Containers
+/// whose labels cannot be read are removed: nothing can follow them.
 ///
 /// # Errors
 /// [`DockerError::Api`] when Docker cannot list them.
-pub async fn remove_leftovers(docker: &Docker, agent_label: &str) -> Result<usize, DockerError> {
+pub async fn leftovers(docker: &Docker, agent_label: &str) -> Result<Vec<Leftover>, DockerError> {
     let filters = HashMap::from([("label", vec![format!("{LABEL_AGENT}={agent_label}")])]);
     let options = ListContainersOptionsBuilder::default()
         .all(true)
@@ -494,16 +553,66 @@ pub async fn remove_leftovers(docker: &Docker, agent_label: &str) -> Result<usiz
         .list_containers(Some(options))
         .await
         .map_err(|e| DockerError::api("listing leftover containers failed", &e))?;
-    let mut removed = 0;
+    let mut found = Vec::new();
     for id in containers.into_iter().filter_map(|c| c.id) {
-        match remove_container(docker, &id).await {
-            Ok(()) => removed += 1,
+        match inspect_leftover(docker, &id).await {
+            Ok(Some(leftover)) => found.push(leftover),
+            Ok(None) => {
+                tracing::warn!(container = %id, "removing a container without readable task labels");
+                if let Err(e) = remove_container(docker, &id).await {
+                    tracing::warn!(container = %id, error = %e, "could not remove it");
+                }
+            }
             Err(e) => {
-                tracing::warn!(container = %id, error = %e, "could not remove a leftover container")
+                tracing::warn!(container = %id, error = %e, "could not inspect a leftover container")
             }
         }
     }
-    Ok(removed)
+    Ok(found)
+}
+
+async fn inspect_leftover(docker: &Docker, id: &str) -> Result<Option<Leftover>, DockerError> {
+    let info = docker
+        .inspect_container(id, None)
+        .await
+        .map_err(|e| DockerError::api("inspecting the container failed", &e))?;
+    let labels = info
+        .config
+        .as_ref()
+        .and_then(|c| c.labels.clone())
+        .unwrap_or_default();
+    let task_id = labels
+        .get(LABEL_TASK)
+        .and_then(|t| uuid::Uuid::try_parse(t).ok());
+    let attempt = labels.get(LABEL_ATTEMPT).and_then(|a| a.parse().ok());
+    let (Some(task_id), Some(attempt)) = (task_id, attempt) else {
+        return Ok(None);
+    };
+    let started = info
+        .state
+        .as_ref()
+        .and_then(|s| s.started_at.as_deref())
+        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+        // Docker writes 0001-01-01 for a container that never started.
+        .filter(|t| t.timestamp() > 0);
+    let running_for = started.map(|t| {
+        (chrono::Utc::now() - t.with_timezone(&chrono::Utc))
+            .to_std()
+            .unwrap_or_default()
+    });
+    let memory = info
+        .host_config
+        .as_ref()
+        .and_then(|h| h.memory)
+        .unwrap_or(0);
+    Ok(Some(Leftover {
+        id: id.to_owned(),
+        task_id,
+        attempt,
+        timeout_s: labels.get(LABEL_TIMEOUT).and_then(|t| t.parse().ok()),
+        memory_mb: u64::try_from(memory).unwrap_or(0) / (1024 * 1024),
+        running_for,
+    }))
 }
 
 #[cfg(test)]

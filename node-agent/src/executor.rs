@@ -20,9 +20,9 @@ use bollard::Docker;
 use futures::StreamExt;
 use protocol::{Cache, ReportedState, RunTask};
 use sha2::{Digest, Sha256};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::docker::{self, ContainerSpec, DockerError, Exit, Images};
+use crate::docker::{self, ContainerSpec, DockerError, Exit, ImageSource, Images};
 use crate::git::{GitCache, GitError};
 use crate::logs::{Chunk, LogChunker};
 
@@ -32,6 +32,14 @@ pub const STAGE_CODE: &str = "fetching code";
 pub const STAGE_ENV: &str = "fetching environment";
 /// The stage reported while the image is built or found.
 pub const STAGE_IMAGE: &str = "building image";
+/// The stage reported once the code is in the workspace, with where it came
+/// from (`from cache`, `fetched 12 objects, 3.1 KiB`).
+pub const STAGE_CODE_READY: &str = "code ready";
+/// The stage reported once the env repository is checked out, likewise.
+pub const STAGE_ENV_READY: &str = "environment ready";
+/// The stage reported once the image exists, with whether it was reused or
+/// built.
+pub const STAGE_IMAGE_READY: &str = "image ready";
 
 /// How long buffered output may wait before it is reported.
 const LOG_FLUSH_INTERVAL: Duration = Duration::from_millis(200);
@@ -219,19 +227,22 @@ impl Context {
         }
     }
 
-    /// Removes containers a previous run of this agent left behind.
-    pub async fn remove_leftovers(&self) {
-        match docker::remove_leftovers(&self.docker, &self.agent_label).await {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(containers = n, "removed containers left by a previous run"),
-            Err(e) => tracing::warn!(error = %e, "could not look for leftover containers"),
+    /// The task containers a previous run of this agent left behind, to be
+    /// adopted ([`adopt`]); empty (with a warning) when Docker cannot tell.
+    pub async fn leftovers(&self) -> Vec<docker::Leftover> {
+        match docker::leftovers(&self.docker, &self.agent_label).await {
+            Ok(found) => found,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not look for containers left by a previous run");
+                Vec::new()
+            }
         }
     }
 
-    fn workspace(&self, spec: &RunTask) -> PathBuf {
+    fn workspace(&self, task_id: uuid::Uuid, attempt: u32) -> PathBuf {
         self.work_dir
             .join("tasks")
-            .join(format!("{}-{}", spec.task_id, spec.attempt))
+            .join(format!("{task_id}-{attempt}"))
     }
 }
 
@@ -247,6 +258,8 @@ enum PrepareError {
     BadDockerfilePath(String),
     #[error("Dockerfile {path} not found in env repository at {commit}")]
     DockerfileMissing { path: String, commit: String },
+    #[error("Dockerfile {0} is a link to somewhere outside the env repository")]
+    DockerfileEscapes(String),
     #[error(transparent)]
     Docker(#[from] DockerError),
     #[error("preparing the workspace {path} failed: {source}")]
@@ -308,6 +321,14 @@ impl Reporter {
             .await;
     }
 
+    async fn stage_done(&self, stage: &str, detail: String) {
+        self.status(ReportedState::Preparing, |s| {
+            s.stage = Some(stage.into());
+            s.message = Some(detail);
+        })
+        .await;
+    }
+
     async fn log(&self, chunk: Chunk) {
         self.send(Report::Log(LogReport {
             task_id: self.task_id,
@@ -334,7 +355,7 @@ pub async fn run(
         tx: reports,
     };
     out.status(ReportedState::Accepted, |_| {}).await;
-    let workspace = ctx.workspace(&spec);
+    let workspace = ctx.workspace(spec.task_id, spec.attempt);
     let ending = attempt(&spec, &ctx, &out, &mut cancel, &workspace).await;
     remove_workspace(&workspace).await;
     tracing::info!(state = ?ending.state, message = ending.message.as_deref(), "attempt ended");
@@ -355,7 +376,7 @@ async fn attempt(
     let image = tokio::select! {
         prepared = prepare(spec, ctx, out, workspace) => match prepared {
             Ok(image) => image,
-            Err(e) => return Ending::failed(e),
+            Err(e) => return Ending::failed(explain(&e, &ctx.work_dir)),
         },
         _ = cancel.cancelled() => {
             return Ending::plain(ReportedState::Cancelled, Some("cancelled while preparing".into()));
@@ -376,27 +397,44 @@ async fn prepare(
     let (code, env) = (workspace.join("code"), workspace.join("env"));
 
     out.stage(STAGE_CODE).await;
-    ctx.git
+    let fetched = ctx
+        .git
         .checkout(&spec.code_repo_url, &spec.code_commit_id, &code)
         .await
         .map_err(|source| PrepareError::Git {
             role: "code",
             source,
         })?;
+    out.stage_done(
+        STAGE_CODE_READY,
+        format!("commit {}: {fetched}", short(&spec.code_commit_id)),
+    )
+    .await;
 
     out.stage(STAGE_ENV).await;
-    ctx.git
+    let fetched = ctx
+        .git
         .checkout(&spec.env_repo_url, &spec.env_commit_id, &env)
         .await
         .map_err(|source| PrepareError::Git {
             role: "env",
             source,
         })?;
+    out.stage_done(
+        STAGE_ENV_READY,
+        format!("commit {}: {fetched}", short(&spec.env_commit_id)),
+    )
+    .await;
     if !env.join(&dockerfile).is_file() {
         return Err(PrepareError::DockerfileMissing {
             path: spec.dockerfile_path.clone(),
             commit: spec.env_commit_id.clone(),
         });
+    }
+    if !stays_inside(&env, &dockerfile) {
+        return Err(PrepareError::DockerfileEscapes(
+            spec.dockerfile_path.clone(),
+        ));
     }
 
     out.stage(STAGE_IMAGE).await;
@@ -405,9 +443,47 @@ async fn prepare(
         &spec.env_commit_id,
         &spec.dockerfile_path,
     );
+    let started = std::time::Instant::now();
     let source = ctx.images.ensure(&tag, &env, &spec.dockerfile_path).await?;
     tracing::info!(image = %tag, ?source, "image ready");
+    let detail = match source {
+        ImageSource::Reused => format!("{tag} cached"),
+        ImageSource::Built => format!("{tag} built in {:.1} s", started.elapsed().as_secs_f64()),
+    };
+    out.stage_done(STAGE_IMAGE_READY, detail).await;
     Ok(tag)
+}
+
+/// The first 12 digits of a commit id.
+fn short(commit: &str) -> &str {
+    commit.get(..12).unwrap_or(commit)
+}
+
+/// Whether `path` under `root`, with every symbolic link followed, is still
+/// inside `root`: a repository may hold links to anywhere on the node.
+fn stays_inside(root: &Path, path: &Path) -> bool {
+    match (root.canonicalize(), root.join(path).canonicalize()) {
+        (Ok(root), Ok(target)) => target.starts_with(root),
+        _ => false,
+    }
+}
+
+/// A preparation failure in words a person can act on; a full disk under
+/// the work directory says so, whichever step hit it.
+fn explain(e: &PrepareError, work_dir: &Path) -> String {
+    let text = e.to_string();
+    let full = text.contains("No space left on device")
+        || matches!(e, PrepareError::Workspace { source, .. }
+            if source.kind() == std::io::ErrorKind::StorageFull);
+    if full {
+        format!(
+            "the node's disk is full: no space left under its work directory {} ({text}); \
+             free space there or give the agent another --work-dir",
+            work_dir.display()
+        )
+    } else {
+        text
+    }
 }
 
 /// Refuses absolute paths and `..`, although the server checked already.
@@ -470,6 +546,10 @@ async fn run_container(
         (docker::LABEL_ATTEMPT.to_owned(), spec.attempt.to_string()),
         (docker::LABEL_AGENT.to_owned(), ctx.agent_label.clone()),
     ]);
+    let mut labels = labels;
+    if let Some(t) = spec.timeout_s {
+        labels.insert(docker::LABEL_TIMEOUT.to_owned(), t.to_string());
+    }
     let container = ContainerSpec {
         image,
         command: &spec.command,
@@ -507,26 +587,116 @@ async fn follow_container(
         s.container = Some(id.to_owned())
     })
     .await;
-    let pump = tokio::spawn(pump_output(ctx.docker.clone(), id.to_owned(), out.clone()));
-    let limit = spec.timeout_s.map(Duration::from_secs);
+    let limits = Limits {
+        timeout_s: spec.timeout_s,
+        left: spec.timeout_s.map(Duration::from_secs),
+        memory_mb: spec.memory_mb,
+    };
+    watch(ctx, out, cancel, id, limits).await
+}
+
+/// Removes a container a previous run of this agent created but never
+/// started, and its workspace: the attempt did not get to run, and the
+/// server gives it up (and retries it) when the agent does not list it.
+pub async fn discard(found: &docker::Leftover, ctx: &Context) {
+    tracing::info!(task_id = %found.task_id, attempt = found.attempt, "removing a container a previous run never started");
+    if let Err(e) = docker::remove_container(&ctx.docker, &found.id).await {
+        tracing::warn!(container = %found.id, error = %e, "could not remove the container");
+    }
+    remove_workspace(&ctx.workspace(found.task_id, found.attempt)).await;
+}
+
+/// What a started container is held to.
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    /// The task's time limit, for the message.
+    timeout_s: Option<u64>,
+    /// How much of it is left.
+    left: Option<Duration>,
+    /// The memory limit, for the out-of-memory message.
+    memory_mb: u64,
+}
+
+/// Streams a started container's output and waits for the first of: its
+/// exit, a cancel, the time limit.
+async fn watch(
+    ctx: &Context,
+    out: &Reporter,
+    cancel: &mut CancelSignal,
+    id: &str,
+    limits: Limits,
+) -> Ending {
+    let (exited, on_exit) = oneshot::channel();
+    let pump = tokio::spawn(pump_output(
+        ctx.docker.clone(),
+        id.to_owned(),
+        out.clone(),
+        on_exit,
+    ));
     let ending = tokio::select! {
-        exit = docker::wait_exit(&ctx.docker, id) => ended(exit, spec.memory_mb),
+        exit = docker::wait_exit(&ctx.docker, id) => ended(exit, limits.memory_mb),
         grace = cancel.cancelled() => {
             stop(ctx, id, grace).await;
             Ending::plain(ReportedState::Cancelled, None)
         }
-        _ = sleep_or_forever(limit) => {
+        _ = sleep_or_forever(limits.left) => {
             stop(ctx, id, ctx.timeout_grace).await;
-            let secs = spec.timeout_s.unwrap_or_default();
+            let secs = limits.timeout_s.unwrap_or_default();
             Ending::plain(ReportedState::TimedOut, Some(format!("stopped at the time limit of {secs} s")))
         }
     };
+    // The receiver is gone if the output reader already stopped.
+    let _ = exited.send(());
     match tokio::time::timeout(LOG_DRAIN_TIMEOUT, pump).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::warn!(error = %e, "output reader stopped"),
         Err(_) => tracing::warn!("the container's output did not end; some may be missing"),
     }
     ending
+}
+
+/// Takes over a started container a previous run of this agent left behind
+/// (see [`discard`] for one that never started): reports
+/// it running (again), follows its output from the start (the server keeps
+/// only what it does not have yet), and reports how it ended, also when it
+/// ended while no agent watched. The rest of its time limit still applies,
+/// and a cancel stops it as for any attempt.
+#[tracing::instrument(skip_all, fields(task_id = %found.task_id, attempt = found.attempt, container = %found.id))]
+pub async fn adopt(
+    found: docker::Leftover,
+    ctx: Arc<Context>,
+    reports: mpsc::Sender<Report>,
+    mut cancel: CancelSignal,
+) {
+    let out = Reporter {
+        task_id: found.task_id,
+        attempt: found.attempt,
+        tx: reports,
+    };
+    tracing::info!("adopting a container left by a previous run");
+    out.status(ReportedState::Running, |s| {
+        s.container = Some(found.id.clone())
+    })
+    .await;
+    let elapsed = found.running_for.unwrap_or_default();
+    let limits = Limits {
+        timeout_s: found.timeout_s,
+        left: found
+            .timeout_s
+            .map(|t| Duration::from_secs(t).saturating_sub(elapsed)),
+        memory_mb: found.memory_mb,
+    };
+    let ending = watch(&ctx, &out, &mut cancel, &found.id, limits).await;
+    if let Err(e) = docker::remove_container(&ctx.docker, &found.id).await {
+        tracing::warn!(error = %e, "could not remove the container");
+    }
+    remove_workspace(&ctx.workspace(found.task_id, found.attempt)).await;
+    tracing::info!(state = ?ending.state, message = ending.message.as_deref(), "adopted attempt ended");
+    out.status(ending.state, |s| {
+        s.exit_code = ending.exit_code;
+        s.message = ending.message;
+    })
+    .await;
 }
 
 fn ended(exit: Result<Exit, DockerError>, memory_mb: u64) -> Ending {
@@ -562,15 +732,44 @@ async fn sleep_or_forever(limit: Option<Duration>) {
 }
 
 /// Reports the container's output as log chunks until it ends.
-async fn pump_output(docker: Docker, id: String, out: Reporter) {
-    let mut output = std::pin::pin!(docker::output(&docker, &id));
+///
+/// Docker sometimes ends a follow before it has written the container's
+/// last, unterminated line (the line is logged when the output pipe
+/// closes, racing the follower). So once `exited` fires, the entries
+/// logged after the last one seen are read again without following.
+async fn pump_output(docker: Docker, id: String, out: Reporter, exited: oneshot::Receiver<()>) {
     let mut chunker = LogChunker::new();
+    let mut last_seen = None;
+    let mut complete = follow_output(&docker, &id, &out, &mut chunker, &mut last_seen).await;
+    if complete && exited.await.is_ok() {
+        complete = catch_up(&docker, &id, &mut chunker, last_seen).await;
+    }
+    if !complete {
+        tracing::warn!("the container's output could not be read to its end");
+    }
+    for chunk in chunker.finish() {
+        out.log(chunk).await;
+    }
+}
+
+/// Follows the output until the container stops; false if reading failed.
+async fn follow_output(
+    docker: &Docker,
+    id: &str,
+    out: &Reporter,
+    chunker: &mut LogChunker,
+    last_seen: &mut Option<chrono::DateTime<chrono::Utc>>,
+) -> bool {
+    let mut output = std::pin::pin!(docker::output(docker, id, true, 0));
     let mut flush = tokio::time::interval(LOG_FLUSH_INTERVAL);
     loop {
         tokio::select! {
             item = output.next() => match item {
-                Some(Ok(bytes)) => {
-                    chunker.push(&bytes);
+                Some(Ok(entry)) => {
+                    if entry.at.is_some() {
+                        *last_seen = entry.at;
+                    }
+                    chunker.push(&entry.data);
                     while chunker.has_full_chunk() {
                         if let Some(chunk) = chunker.take() {
                             out.log(chunk).await;
@@ -579,9 +778,9 @@ async fn pump_output(docker: Docker, id: String, out: Reporter) {
                 }
                 Some(Err(e)) => {
                     tracing::warn!(error = %e, "reading the output failed");
-                    break;
+                    return false;
                 }
-                None => break,
+                None => return true,
             },
             _ = flush.tick() => {
                 if let Some(chunk) = chunker.take() {
@@ -590,9 +789,37 @@ async fn pump_output(docker: Docker, id: String, out: Reporter) {
             }
         }
     }
-    for chunk in chunker.finish() {
-        out.log(chunk).await;
+}
+
+/// Adds the entries of a stopped container logged after `last_seen`.
+async fn catch_up(
+    docker: &Docker,
+    id: &str,
+    chunker: &mut LogChunker,
+    last_seen: Option<chrono::DateTime<chrono::Utc>>,
+) -> bool {
+    let since = last_seen.map_or(0, |t| i32::try_from(t.timestamp()).unwrap_or(0));
+    let mut output = std::pin::pin!(docker::output(docker, id, false, since));
+    while let Some(item) = output.next().await {
+        match item {
+            Ok(entry) => {
+                let newer = match (entry.at, last_seen) {
+                    (Some(at), Some(seen)) => at > seen,
+                    (_, None) => true,
+                    (None, Some(_)) => false,
+                };
+                if newer {
+                    tracing::debug!(bytes = entry.data.len(), "output the follow missed");
+                    chunker.push(&entry.data);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the rest of the output failed");
+                return false;
+            }
+        }
     }
+    true
 }
 
 #[cfg(test)]

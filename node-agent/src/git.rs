@@ -8,9 +8,11 @@
 //! gets a `refs/cache/<sha>` ref, which keeps it alive and lists it in the
 //! node's cache.
 //!
-//! Fetches into one mirror take turns (a per-mirror lock held by the blocking
-//! fetch itself); checkouts only read the mirror and run in parallel.
-//! libgit2 is blocking, so all of it runs on Tokio's blocking pool.
+//! A commit already pinned in the mirror is checked out without taking any
+//! lock, so tasks sharing a repository never wait for each other then.
+//! Fetches into one mirror take turns (a per-mirror lock held by the
+//! blocking fetch itself); checkouts only read the mirror and run in
+//! parallel. libgit2 is blocking, so all of it runs on Tokio's blocking pool.
 
 use std::path::{Path, PathBuf};
 
@@ -48,6 +50,54 @@ pub enum GitError {
     Local(String),
 }
 
+/// Where a checked-out commit came from, for the timeline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Fetched {
+    /// The commit was in the cache: nothing was fetched.
+    pub from_cache: bool,
+    /// Objects received from the repository.
+    pub objects: usize,
+    /// Bytes received from the repository.
+    pub bytes: usize,
+    /// The repository refused a fetch by commit id, so all branches and
+    /// tags were fetched instead.
+    pub fell_back: bool,
+}
+
+impl std::fmt::Display for Fetched {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.from_cache {
+            return f.write_str("from cache");
+        }
+        write!(
+            f,
+            "fetched {} object{}, {}",
+            self.objects,
+            if self.objects == 1 { "" } else { "s" },
+            human_bytes(self.bytes as u64)
+        )?;
+        if self.fell_back {
+            f.write_str(" (by branches and tags: the server refused a fetch by commit id)")?;
+        }
+        Ok(())
+    }
+}
+
+/// `1.5 MiB`, `320 B`.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut value = n as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
+}
+
 /// The cache of bare mirrors under one directory.
 #[derive(Debug)]
 pub struct GitCache {
@@ -70,7 +120,8 @@ impl GitCache {
     }
 
     /// Makes sure `commit` of `url` is in the cache, then writes its files
-    /// into `dest` (created if missing; no `.git` is written there).
+    /// into `dest` (created if missing; no `.git` is written there). Says
+    /// whether the commit came from the cache or how much was fetched.
     ///
     /// # Errors
     /// [`GitError::BadCommitId`] for an id that is not 40 hex digits,
@@ -78,18 +129,34 @@ impl GitCache {
     /// [`GitError::CommitNotFound`] when it does not hold the commit, and
     /// [`GitError::Local`] when the mirror or `dest` cannot be written.
     #[tracing::instrument(skip_all, fields(url = %redact_url(url), commit))]
-    pub async fn checkout(&self, url: &str, commit: &str, dest: &Path) -> Result<(), GitError> {
+    pub async fn checkout(
+        &self,
+        url: &str,
+        commit: &str,
+        dest: &Path,
+    ) -> Result<Fetched, GitError> {
         let oid = parse_commit_id(commit)?;
         let mirror = self.mirror_path(url);
-        let guard = self.locks.lock(&mirror.to_string_lossy()).await;
-        let (m, u) = (mirror.clone(), url.to_owned());
-        run_blocking(move || {
-            let _held_until_the_fetch_ends = guard;
-            ensure_commit(&m, &u, oid)
-        })
-        .await?;
+        let m = mirror.clone();
+        let pinned = run_blocking(move || Ok(is_pinned(&m, oid))).await?;
+        let fetched = if pinned {
+            tracing::debug!("commit already cached");
+            Fetched {
+                from_cache: true,
+                ..Fetched::default()
+            }
+        } else {
+            let guard = self.locks.lock(&mirror.to_string_lossy()).await;
+            let (m, u) = (mirror.clone(), url.to_owned());
+            run_blocking(move || {
+                let _held_until_the_fetch_ends = guard;
+                ensure_commit(&m, &u, oid)
+            })
+            .await?
+        };
         let dest = dest.to_owned();
-        run_blocking(move || export_commit(&mirror, oid, &dest)).await
+        run_blocking(move || export_commit(&mirror, oid, &dest)).await?;
+        Ok(fetched)
     }
 
     /// The commits this cache holds (its `refs/cache/*` refs), at most
@@ -137,13 +204,28 @@ fn has_commit(repo: &Repository, oid: Oid) -> bool {
     repo.find_commit(oid).is_ok()
 }
 
-/// Fetches `oid` into the mirror unless it is there already.
-fn ensure_commit(mirror: &Path, url: &str, oid: Oid) -> Result<(), GitError> {
+/// Whether the mirror holds `oid` under its `refs/cache/<oid>` pin, read
+/// without a lock: refs and objects are written atomically.
+fn is_pinned(mirror: &Path, oid: Oid) -> bool {
+    let Ok(repo) = Repository::open_bare(mirror) else {
+        return false;
+    };
+    repo.find_reference(&format!("refs/cache/{oid}"))
+        .ok()
+        .and_then(|r| r.target())
+        == Some(oid)
+        && has_commit(&repo, oid)
+}
+
+/// Fetches `oid` into the mirror unless it is there already, and pins it.
+fn ensure_commit(mirror: &Path, url: &str, oid: Oid) -> Result<Fetched, GitError> {
     let repo = open_mirror(mirror)?;
+    let mut fetched = Fetched::default();
     if has_commit(&repo, oid) {
         tracing::debug!("commit already cached");
+        fetched.from_cache = true;
     } else {
-        fetch_commit(&repo, url, oid)?;
+        fetched = fetch_commit(&repo, url, oid)?;
         if !has_commit(&repo, oid) {
             return Err(GitError::CommitNotFound {
                 commit: oid.to_string(),
@@ -153,19 +235,31 @@ fn ensure_commit(mirror: &Path, url: &str, oid: Oid) -> Result<(), GitError> {
     }
     repo.reference(&format!("refs/cache/{oid}"), oid, true, "unidesk: cached")
         .map_err(|e| local("pinning the commit", e))?;
-    Ok(())
+    Ok(fetched)
 }
 
 /// Fetches only `oid`; if the server will not serve it by id, fetches all
-/// branches and tags.
-fn fetch_commit(repo: &Repository, url: &str, oid: Oid) -> Result<(), GitError> {
+/// branches and tags. Counts what was received.
+fn fetch_commit(repo: &Repository, url: &str, oid: Oid) -> Result<Fetched, GitError> {
     let mut remote = repo
         .remote_anonymous(url)
         .map_err(|e| fetch_error(url, &e))?;
     let by_id = format!("+{oid}:refs/cache/{oid}");
+    let mut fetched = Fetched::default();
+    let mut count = |remote: &git2::Remote<'_>| {
+        let stats = remote.stats();
+        fetched.objects += stats.received_objects();
+        fetched.bytes += stats.received_bytes();
+    };
     match remote.fetch(&[by_id.as_str()], Some(&mut fetch_options()), None) {
-        Ok(()) if has_commit(repo, oid) => return Ok(()),
-        Ok(()) => tracing::debug!("fetch by id brought nothing; fetching branches and tags"),
+        Ok(()) if has_commit(repo, oid) => {
+            count(&remote);
+            return Ok(fetched);
+        }
+        Ok(()) => {
+            count(&remote);
+            tracing::debug!("fetch by id brought nothing; fetching branches and tags");
+        }
         Err(e) => tracing::debug!(error = %e, "fetch by id refused; fetching branches and tags"),
     }
     remote
@@ -174,7 +268,10 @@ fn fetch_commit(repo: &Repository, url: &str, oid: Oid) -> Result<(), GitError> 
             Some(&mut fetch_options()),
             None,
         )
-        .map_err(|e| fetch_error(url, &e))
+        .map_err(|e| fetch_error(url, &e))?;
+    count(&remote);
+    fetched.fell_back = true;
+    Ok(fetched)
 }
 
 fn fetch_options() -> FetchOptions<'static> {

@@ -138,7 +138,6 @@ async fn start(cli: Cli) -> anyhow::Result<ExitCode> {
         .context("connecting to Docker")?;
     let ctx = Context::new(docker, &cli.work_dir)
         .with_context(|| format!("preparing the work directory {}", cli.work_dir.display()))?;
-    ctx.remove_leftovers().await;
     tracing::info!(
         server = %config.server,
         work_dir = %ctx.work_dir().display(),
@@ -159,7 +158,7 @@ async fn start(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::from(2))
         }
         _ = shutdown_signal() => {
-            tracing::info!("stopping; running containers are removed on the next start");
+            tracing::info!("stopping; running containers are adopted on the next start");
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -160,6 +160,34 @@ impl Supervisor {
         }
     }
 
+    /// Takes over the containers a previous run of this agent left behind
+    /// (found by their labels), before the first hello lists them: started
+    /// ones are followed to their end like any attempt, never-started ones
+    /// are removed. The server then keeps or cancels each.
+    pub async fn adopt_leftovers(&self) {
+        for found in self.ctx.leftovers().await {
+            if found.running_for.is_none() {
+                executor::discard(&found, &self.ctx).await;
+                continue;
+            }
+            let key = (found.task_id, found.attempt);
+            let (canceller, signal) = executor::cancel_pair();
+            {
+                let mut state = self.state();
+                if state.running.contains_key(&key) {
+                    continue;
+                }
+                let running = Running {
+                    canceller,
+                    container: Some(found.id.clone()),
+                };
+                state.running.insert(key, running);
+            }
+            let (ctx, reports) = (Arc::clone(&self.ctx), self.reports.clone());
+            self.spawn_attempt(key, executor::adopt(found, ctx, reports, signal));
+        }
+    }
+
     fn start(&self, spec: RunTask) {
         let key = (spec.task_id, spec.attempt);
         let (canceller, signal) = executor::cancel_pair();
@@ -181,9 +209,20 @@ impl Supervisor {
             state.running.insert(key, running);
         }
         tracing::info!(task_id = %key.0, attempt = key.1, "starting attempt");
-        let (ctx, reports, me) = (Arc::clone(&self.ctx), self.reports.clone(), self.clone());
+        let (ctx, reports) = (Arc::clone(&self.ctx), self.reports.clone());
+        self.spawn_attempt(key, executor::run(spec, ctx, reports, signal));
+    }
+
+    /// Runs an executor and keeps the books: the attempt counts as running
+    /// until it ends, and a panic still ends it with a final report.
+    fn spawn_attempt(
+        &self,
+        key: AttemptKey,
+        executor: impl std::future::Future<Output = ()> + Send + 'static,
+    ) {
+        let (reports, me) = (self.reports.clone(), self.clone());
         tokio::spawn(async move {
-            let work = tokio::spawn(executor::run(spec, ctx, reports.clone(), signal));
+            let work = tokio::spawn(executor);
             if let Err(e) = work.await {
                 tracing::error!(error = %e, "executor stopped unexpectedly");
                 let mut failed = StatusReport::new(key.0, key.1, ReportedState::Failed);

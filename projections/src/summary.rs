@@ -69,16 +69,35 @@ pub fn task(e: &TaskEvent, actor: &str, node_name: Option<&str>) -> String {
         TaskEvent::Assigned {
             node_id,
             attempt,
+            gpus,
             reason,
             ..
-        } => format!(
-            "{actor} assigned attempt {attempt} to {}: {reason}",
-            node_label(node_id, node_name)
-        ),
-        TaskEvent::Accepted { attempt, .. } => format!("node accepted attempt {attempt}"),
-        TaskEvent::Preparing { attempt, stage, .. } => {
-            format!("attempt {attempt} preparing: {stage}")
+        } => {
+            let devices = match gpus.as_slice() {
+                [] => String::new(),
+                list => format!(
+                    " on GPU device(s) {}",
+                    list.iter()
+                        .map(u32::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            };
+            format!(
+                "{actor} assigned attempt {attempt} to {}{devices}: {reason}",
+                node_label(node_id, node_name)
+            )
         }
+        TaskEvent::Accepted { attempt, .. } => format!("node accepted attempt {attempt}"),
+        TaskEvent::Preparing {
+            attempt,
+            stage,
+            detail,
+            ..
+        } => match detail {
+            Some(d) => format!("attempt {attempt} preparing: {stage} ({d})"),
+            None => format!("attempt {attempt} preparing: {stage}"),
+        },
         TaskEvent::Started {
             attempt, container, ..
         } => format!(
@@ -116,11 +135,19 @@ pub fn task(e: &TaskEvent, actor: &str, node_name: Option<&str>) -> String {
             node_label(node_id, node_name)
         ),
         TaskEvent::Requeued {
-            previous_attempt, ..
-        } => format!(
-            "task requeued for attempt {} after attempt {previous_attempt} was lost",
-            previous_attempt + 1
-        ),
+            previous_attempt,
+            not_before,
+            at,
+        } => {
+            let wait = not_before
+                .map(|t| (t - *at).num_seconds())
+                .filter(|s| *s > 0)
+                .map_or(String::new(), |s| format!(", not before {s} s from now"));
+            format!(
+                "task requeued for attempt {} after attempt {previous_attempt} was lost{wait}",
+                previous_attempt + 1
+            )
+        }
         TaskEvent::ArtifactRecorded {
             attempt,
             name,

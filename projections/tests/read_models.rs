@@ -126,6 +126,7 @@ async fn history(store: &Store) -> (Uuid, Uuid) {
                 &t,
                 TaskCommand::Assign {
                     node_id: node,
+                    gpus: vec![],
                     reason: "fits".into(),
                     at: now(),
                 },

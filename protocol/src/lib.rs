@@ -223,7 +223,8 @@ pub struct Status {
     /// With `failed`: the exit status, if the command ran.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exit_code: Option<i64>,
-    /// With `failed`: why, for a person.
+    /// With `failed`: why, for a person; with `preparing`: what the step
+    /// found (`from cache`, `fetched 12 objects`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
 }

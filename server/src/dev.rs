@@ -90,7 +90,6 @@ async fn start_local_agent(
     };
     let ctx = node_agent::executor::Context::new(docker, &dir.join("agent"))
         .context("preparing the local agent's work directory")?;
-    ctx.remove_leftovers().await;
     let host = if listen.ip().is_unspecified() {
         std::net::IpAddr::from([127, 0, 0, 1])
     } else {

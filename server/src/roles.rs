@@ -30,6 +30,25 @@ pub struct ServerArgs {
     /// lost, in seconds.
     #[arg(long, env = "UNIDESK_OFFLINE_AFTER_S", default_value_t = 90)]
     pub offline_after_s: u64,
+    /// How long past a task's `timeout_s` the server waits for the node to
+    /// stop it before timing it out itself (the watchdog), in seconds.
+    #[arg(long, env = "UNIDESK_TIMEOUT_GRACE_S", default_value_t = 30)]
+    pub timeout_grace_s: u64,
+    /// An assigned attempt its node has not accepted after this long is
+    /// given up and the task requeued, in seconds.
+    #[arg(long, env = "UNIDESK_ACCEPT_TIMEOUT_S", default_value_t = 120)]
+    pub accept_timeout_s: u64,
+    /// The most output kept per task attempt, in MiB: past it the output
+    /// is cut and ends with a marker line.
+    #[arg(long, env = "UNIDESK_MAX_LOG_MB", default_value_t = 64,
+          value_parser = clap::value_parser!(u64).range(1..=1024 * 1024))]
+    pub max_log_mb: u64,
+    /// The rate at which one node may store task output, in KiB/s: a node
+    /// that sends faster is slowed down (and its agent drops the middle of
+    /// what it cannot send, with a marker line). At least 64; 0 for no bound.
+    #[arg(long, env = "UNIDESK_LOG_RATE_KB", default_value_t = 1024,
+          value_parser = parse_log_rate)]
+    pub log_rate_kb: u64,
 }
 
 impl ServerArgs {
@@ -41,6 +60,33 @@ impl ServerArgs {
             poll_ms: 250,
             heartbeat_s: 15,
             offline_after_s: 90,
+            timeout_grace_s: 30,
+            accept_timeout_s: 120,
+            max_log_mb: 64,
+            log_rate_kb: 1024,
+        }
+    }
+}
+
+fn parse_log_rate(s: &str) -> Result<u64, String> {
+    let min = ingress::MIN_BYTES_PER_S / 1024;
+    match s.trim().parse::<u64>() {
+        Ok(0) => Ok(0),
+        Ok(n) if (min..=u64::MAX / 4096).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "expected 0 (no bound) or a rate of at least {min} KiB/s, got {s:?}"
+        )),
+    }
+}
+
+impl ServerArgs {
+    /// The ingress's bounds on stored task output.
+    pub fn log_limits(&self) -> ingress::LogLimits {
+        let bytes_per_s = self.log_rate_kb * 1024;
+        ingress::LogLimits {
+            max_bytes_per_attempt: self.max_log_mb * 1024 * 1024,
+            bytes_per_s,
+            burst_bytes: (bytes_per_s * 4).max(ingress::LogLimits::default().burst_bytes),
         }
     }
 }
@@ -100,6 +146,7 @@ pub fn start(
     let mut tasks = Vec::new();
     let poll = Duration::from_millis(args.poll_ms);
     let mut app = axum::Router::new();
+    let mut followers = None;
     if roles.contains(&Role::Api) {
         let config = api::Config {
             url_policy: domain::spec::UrlPolicy {
@@ -107,7 +154,9 @@ pub fn start(
             },
             body_limit: args.body_limit,
         };
-        app = app.merge(api::router(api::AppState::new(store.clone(), config)));
+        let state = api::AppState::new(store.clone(), config);
+        followers = Some(state.log_followers().clone());
+        app = app.merge(api::router(state));
     }
     if roles.contains(&Role::Ingress) {
         let ingress = ingress::Ingress::new(
@@ -122,13 +171,22 @@ pub fn start(
                 poll,
                 ..ingress::Config::default()
             },
-        );
+        )
+        .with_log_limits(args.log_limits());
         app = app.merge(ingress.router());
         let shutdown = stopped(rx.clone());
         tasks.push(tokio::spawn(async move { ingress.run(shutdown).await }));
     }
     if roles.contains(&Role::Api) || roles.contains(&Role::Ingress) {
-        let shutdown = stopped(rx.clone());
+        let stop_http = stopped(rx.clone());
+        // Live log streams never end by themselves: end them, or the
+        // graceful shutdown would wait for their clients to leave.
+        let shutdown = async move {
+            stop_http.await;
+            if let Some(followers) = followers {
+                followers.stop();
+            }
+        };
         tasks.push(tokio::spawn(async move {
             if let Err(e) = axum::serve(listener, app)
                 .with_graceful_shutdown(shutdown)
@@ -150,6 +208,8 @@ pub fn start(
             store.clone(),
             crate::scheduler::Config {
                 offline_after: Duration::from_secs(args.offline_after_s),
+                timeout_grace: Duration::from_secs(args.timeout_grace_s),
+                accept_timeout: Duration::from_secs(args.accept_timeout_s),
                 poll: poll.max(Duration::from_millis(100)),
                 ..crate::scheduler::Config::default()
             },

@@ -58,6 +58,18 @@ impl World {
         labels: &[(&str, &str)],
         seen: DateTime<Utc>,
     ) -> Uuid {
+        self.node_with_gpus(name, cpus, labels, seen, &[]).await
+    }
+
+    /// Like [`World::node`], declaring GPUs with these device indices.
+    async fn node_with_gpus(
+        &self,
+        name: &str,
+        cpus: f64,
+        labels: &[(&str, &str)],
+        seen: DateTime<Utc>,
+        gpus: &[u32],
+    ) -> Uuid {
         let id = Uuid::new_v4();
         let labels = labels
             .iter()
@@ -89,7 +101,14 @@ impl World {
                     resources: NodeResources {
                         cpus,
                         memory_mb: 16384,
-                        gpus: vec![],
+                        gpus: gpus
+                            .iter()
+                            .map(|&index| domain::node::Gpu {
+                                index,
+                                name: "Test GPU".into(),
+                                memory_mb: 16384,
+                            })
+                            .collect(),
                     },
                     labels: Default::default(),
                     at: Utc::now(),
@@ -123,6 +142,17 @@ impl World {
         retries: i64,
         timeout: Option<i64>,
     ) -> Uuid {
+        self.submit_gpus(cpus, labels, retries, timeout, 0).await
+    }
+
+    async fn submit_gpus(
+        &self,
+        cpus: f64,
+        labels: &[(&str, &str)],
+        retries: i64,
+        timeout: Option<i64>,
+        gpus: i64,
+    ) -> Uuid {
         let spec = TaskSpecDraft {
             project_id: Some(self.project),
             code_repo_url: Some("https://example.com/c.git".into()),
@@ -133,7 +163,7 @@ impl World {
             resources: Some(ResourcesDraft {
                 cpus: Some(cpus),
                 memory_mb: Some(512),
-                gpus: None,
+                gpus: Some(gpus),
             }),
             labels: Some(
                 labels
@@ -305,13 +335,102 @@ async fn a_silent_node_goes_offline_and_its_task_runs_elsewhere() {
     let t = w.task(task).await;
     assert_eq!(t.attempts[0].outcome.as_deref(), Some("lost"));
     assert!(t.reason.unwrap().contains("no heartbeat"));
-    // Requeued and, in the same or the next round, placed on the live node.
-    round(&w, &s, later).await;
+    // Requeued with a backoff of 5 s: not placed before, placed after.
+    let t = w.task(task).await;
+    assert_eq!(t.state, TaskState::Queued);
+    assert_eq!(t.not_before, Some(later + chrono::Duration::seconds(5)));
+    round(&w, &s, later + chrono::Duration::seconds(4)).await;
+    assert_eq!(w.task(task).await.state, TaskState::Queued);
+    round(&w, &s, later + chrono::Duration::milliseconds(5001)).await;
     let t = w.task(task).await;
     assert_eq!(
         (t.state, t.attempt, t.node_id),
         (TaskState::Assigned, 2, Some(second))
     );
+}
+
+#[tokio::test]
+async fn gpu_devices_are_never_given_to_two_attempts_at_once() {
+    let w = world().await;
+    let now = Utc::now() + chrono::Duration::hours(1);
+    let node = w.node_with_gpus("gpu", 64.0, &[], now, &[0, 1, 2]).await;
+    let two = w.submit_gpus(1.0, &[], 0, None, 2).await;
+    let one = w.submit_gpus(1.0, &[], 0, None, 1).await;
+    let waits = w.submit_gpus(1.0, &[], 0, None, 1).await;
+    let s = scheduler(&w);
+    round(&w, &s, Utc::now()).await;
+    round(&w, &s, Utc::now()).await;
+    let (a, b) = (w.task(two).await, w.task(one).await);
+    assert_eq!(a.gpus(), &[0, 1]);
+    assert_eq!(b.gpus(), &[2]);
+    assert_eq!(w.task(waits).await.state, TaskState::Queued);
+    // The two-GPU task ends; its devices go to the waiting task.
+    w.run(node, two).await;
+    w.store
+        .execute::<Task>(
+            &two.to_string(),
+            TaskCommand::ReportExited {
+                node_id: node,
+                attempt: 1,
+                outcome: domain::task::Outcome::Succeeded,
+                at: Utc::now(),
+            },
+            &Actor::Node(node.to_string()),
+            Utc::now(),
+        )
+        .await
+        .unwrap();
+    round(&w, &s, Utc::now()).await;
+    let c = w.task(waits).await;
+    assert_eq!(c.state, TaskState::Assigned);
+    assert_eq!(c.gpus(), &[0]);
+}
+
+#[tokio::test]
+async fn an_attempt_its_node_never_accepts_is_given_up_and_retried() {
+    let w = world().await;
+    let now = Utc::now();
+    let node = w
+        .node("stuck", 4.0, &[], now + chrono::Duration::hours(1))
+        .await;
+    let task = w.submit(1.0, &[], 1, None).await;
+    let s = scheduler(&w);
+    round(&w, &s, now).await;
+    assert_eq!(w.task(task).await.state, TaskState::Assigned);
+    assert_eq!(
+        round(&w, &s, now + chrono::Duration::seconds(60))
+            .await
+            .lost,
+        0
+    );
+    let o = round(&w, &s, now + chrono::Duration::seconds(121)).await;
+    assert_eq!(o.lost, 1);
+    let t = w.task(task).await;
+    assert!(t
+        .reason
+        .unwrap()
+        .contains("did not accept the attempt within 120 s"));
+    assert_eq!(t.attempts[0].node_id, node);
+    assert_eq!(t.state, TaskState::Queued);
+}
+
+#[tokio::test]
+async fn an_overdue_task_on_a_dead_node_times_out_rather_than_retrying() {
+    let w = world().await;
+    let now = Utc::now();
+    let node = w.node("n", 4.0, &[], now).await;
+    let task = w.submit(1.0, &[], 3, Some(80)).await;
+    let s = scheduler(&w);
+    round(&w, &s, now).await;
+    w.run(node, task).await;
+    // No heartbeat since `now`: the node is gone after 90 s, and the
+    // attempt is past its 80 s limit by then (though not past the 30 s
+    // the watchdog grants a live node to report its own timeout).
+    let o = round(&w, &s, now + chrono::Duration::seconds(95)).await;
+    assert_eq!((o.timed_out, o.lost), (1, 0));
+    let t = w.task(task).await;
+    assert_eq!(t.state, TaskState::TimedOut);
+    assert_eq!(t.attempts.len(), 1);
 }
 
 #[tokio::test]

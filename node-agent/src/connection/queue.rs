@@ -191,6 +191,19 @@ impl ReportQueue {
         true
     }
 
+    /// The attempts with status reports still waiting for an answer (an
+    /// attempt that ended here but whose end the server has not stored yet
+    /// is still this node's business).
+    pub fn attempts(&self) -> std::collections::BTreeSet<AttemptKey> {
+        self.entries
+            .iter()
+            .filter_map(|e| match &e.item {
+                Item::Status(s) => Some((s.task_id, s.attempt)),
+                Item::Log { .. } => None,
+            })
+            .collect()
+    }
+
     /// A new session: everything unanswered goes out again, oldest first.
     pub fn rewind(&mut self) {
         self.cursor = 0;

@@ -106,13 +106,31 @@ async fn a_task_that_prints_and_exits_0_succeeds_with_its_output_in_order() {
         vec![
             (ReportedState::Accepted, None),
             stage(executor::STAGE_CODE),
+            stage(executor::STAGE_CODE_READY),
             stage(executor::STAGE_ENV),
+            stage(executor::STAGE_ENV_READY),
             stage(executor::STAGE_IMAGE),
+            stage(executor::STAGE_IMAGE_READY),
             (ReportedState::Running, None),
             (ReportedState::Succeeded, None),
         ]
     );
-    let running = statuses(&reports)[4];
+    let details = |reports: &[Report]| -> Vec<String> {
+        statuses(reports)
+            .iter()
+            .filter(|s| s.state == ReportedState::Preparing)
+            .filter_map(|s| s.message.clone())
+            .collect()
+    };
+    let first = details(&reports);
+    assert_eq!(first.len(), 3, "{first:?}");
+    assert!(
+        first[0].starts_with(&format!("commit {}: fetched ", &code.commit[..12])),
+        "{first:?}"
+    );
+    assert!(first[1].contains(": fetched "), "{first:?}");
+    assert!(first[2].contains(" built in "), "{first:?}");
+    let running = statuses(&reports)[7];
     let container = running.container.clone().unwrap();
     // Docker copies stdout and stderr through separate pipes: each stream
     // keeps its order, but not their interleaving.
@@ -133,6 +151,19 @@ async fn a_task_that_prints_and_exits_0_succeeds_with_its_output_in_order() {
         std::fs::read_dir(tasks).unwrap().count(),
         0,
         "workspace removed"
+    );
+    // The same task again: code and image come from the node's caches.
+    let mut again = spec.clone();
+    again.attempt += 1;
+    let reports = run(&ctx, again).await;
+    let second = details(&reports);
+    assert_eq!(
+        second,
+        vec![
+            format!("commit {}: from cache", &code.commit[..12]),
+            format!("commit {}: from cache", &env.commit[..12]),
+            format!("{} cached", tag_of(&spec)),
+        ]
     );
     support::remove_image(ctx.docker(), &tag_of(&spec)).await;
 }

@@ -9,5 +9,6 @@
 )]
 
 mod connection;
+mod depth;
 mod executor;
 mod support;

@@ -103,6 +103,7 @@ async fn lifecycle(store: &Store, node: Uuid, project: Uuid) -> anyhow::Result<u
         (
             TaskCommand::Assign {
                 node_id: node,
+                gpus: vec![],
                 reason: "bench".into(),
                 at: now(),
             },

@@ -40,6 +40,9 @@ pub struct Config {
     pub poll: Duration,
     /// The most queued tasks considered per round.
     pub batch: i64,
+    /// An attempt assigned this long ago that its (connected) node has not
+    /// accepted is given up and the task requeued.
+    pub accept_timeout: Duration,
 }
 
 impl Default for Config {
@@ -49,6 +52,7 @@ impl Default for Config {
             timeout_grace: Duration::from_secs(30),
             poll: Duration::from_millis(500),
             batch: 2000,
+            accept_timeout: Duration::from_secs(120),
         }
     }
 }
@@ -72,6 +76,7 @@ struct Pending {
     node: Uuid,
     project: Uuid,
     task: Queued,
+    gpus: Vec<u32>,
     at: DateTime<Utc>,
 }
 
@@ -84,6 +89,8 @@ struct HeldAttempt {
     name: String,
     status: String,
     last_seen: Option<DateTime<Utc>>,
+    /// Running past its `timeout_s` already.
+    overdue: bool,
 }
 
 /// A schedulable node and its caches.
@@ -188,8 +195,10 @@ impl Scheduler {
             tracing::warn!(error = %e, "read models could not catch up");
         }
         let mut outcome = Outcome::default();
-        self.liveness(now, &mut outcome).await?;
+        // Timeouts first: an attempt past its time limit on a node that
+        // went away ends timed out, not lost and retried.
         self.timeouts(now, &mut outcome).await?;
+        self.liveness(now, &mut outcome).await?;
         self.placement(now, &mut outcome).await?;
         Ok(outcome)
     }
@@ -220,13 +229,18 @@ impl Scheduler {
         }
         // Attempts on nodes that are gone: silent too long, or revoked.
         let lost: Vec<HeldAttempt> = sqlx::query_as(&format!(
-            "SELECT t.id AS task, t.attempt, t.node_id AS node, n.name, n.status, l.last_seen \
+            "SELECT t.id AS task, t.attempt, t.node_id AS node, n.name, n.status, l.last_seen, \
+                    coalesce(t.state = 'running' \
+                      AND (t.doc->>'started_at')::timestamptz \
+                          + make_interval(secs => (t.doc->'spec'->>'timeout_s')::float8) < $2, \
+                      false) AS overdue \
              FROM task_view t JOIN node_view n ON n.id = t.node_id \
              LEFT JOIN node_liveness l ON l.node_id = t.node_id \
              WHERE t.state IN {HOLDING} \
                AND (n.status = 'revoked' OR coalesce(l.last_seen, t.updated_at) < $1)"
         ))
         .bind(cutoff)
+        .bind(now)
         .fetch_all(self.pool())
         .await?;
         for HeldAttempt {
@@ -236,8 +250,13 @@ impl Scheduler {
             name,
             status,
             last_seen,
+            overdue,
         } in lost
         {
+            if overdue {
+                self.time_out(task, attempt as u32, now, outcome).await;
+                continue;
+            }
             let reason = if status == "revoked" {
                 format!("node {name}'s token was revoked")
             } else {
@@ -262,6 +281,50 @@ impl Scheduler {
                 Err(e) => tracing::debug!(%task, error = %e, "cannot mark attempt lost"),
             }
         }
+        self.unaccepted(now, outcome).await
+    }
+
+    /// Attempts assigned to a node that never took them on: the agent is
+    /// connected but stuck, or the command cannot reach it. The attempt is
+    /// given up like a lost one, so the task runs elsewhere (retries and
+    /// backoff apply).
+    async fn unaccepted(
+        &self,
+        now: DateTime<Utc>,
+        outcome: &mut Outcome,
+    ) -> Result<(), sqlx::Error> {
+        let limit = self.config.accept_timeout;
+        let cutoff = now - chrono::Duration::from_std(limit).unwrap_or_default();
+        let stuck: Vec<(Uuid, i32, Uuid, String)> = sqlx::query_as(
+            "SELECT t.id, t.attempt, t.node_id, n.name FROM task_view t \
+             JOIN node_view n ON n.id = t.node_id \
+             WHERE t.state = 'assigned' AND t.updated_at < $1",
+        )
+        .bind(cutoff)
+        .fetch_all(self.pool())
+        .await?;
+        for (task, attempt, node, name) in stuck {
+            let cmd = TaskCommand::MarkLost {
+                node_id: node,
+                attempt: attempt as u32,
+                reason: format!(
+                    "node {name} did not accept the attempt within {} s",
+                    limit.as_secs()
+                ),
+                at: now,
+            };
+            match self
+                .store
+                .execute::<Task>(&task.to_string(), cmd, &actor(), now)
+                .await
+            {
+                Ok(r) if !r.events.is_empty() => outcome.lost += 1,
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::debug!(%task, error = %e, "cannot give up an unaccepted attempt")
+                }
+            }
+        }
         Ok(())
     }
 
@@ -278,22 +341,28 @@ impl Scheduler {
         .fetch_all(self.pool())
         .await?;
         for (task, attempt) in overdue {
-            let cmd = TaskCommand::TimeOut {
-                attempt: attempt as u32,
-                by: actor(),
-                at: now,
-            };
-            match self
-                .store
-                .execute::<Task>(&task.to_string(), cmd, &actor(), now)
-                .await
-            {
-                Ok(r) if !r.events.is_empty() => outcome.timed_out += 1,
-                Ok(_) => {}
-                Err(e) => tracing::debug!(%task, error = %e, "cannot time out"),
-            }
+            self.time_out(task, attempt as u32, now, outcome).await;
         }
         Ok(())
+    }
+
+    /// Times out an attempt past its limit; the ingress then asks its node
+    /// to stop the container, if the node is still there.
+    async fn time_out(&self, task: Uuid, attempt: u32, now: DateTime<Utc>, outcome: &mut Outcome) {
+        let cmd = TaskCommand::TimeOut {
+            attempt,
+            by: actor(),
+            at: now,
+        };
+        match self
+            .store
+            .execute::<Task>(&task.to_string(), cmd, &actor(), now)
+            .await
+        {
+            Ok(r) if !r.events.is_empty() => outcome.timed_out += 1,
+            Ok(_) => {}
+            Err(e) => tracing::debug!(%task, error = %e, "cannot time out"),
+        }
     }
 
     async fn placement(
@@ -312,18 +381,22 @@ impl Scheduler {
         let queued_rows: Vec<(Uuid, Uuid, i32, serde_json::Value)> = sqlx::query_as(
             "SELECT id, project_id, priority, doc->'spec' FROM task_view \
              WHERE state = 'queued' AND NOT (id = ANY($2)) \
+               AND (doc->>'not_before' IS NULL OR (doc->>'not_before')::timestamptz <= $3) \
              ORDER BY priority DESC, submitted_at, id LIMIT $1",
         )
         .bind(self.config.batch)
         .bind(&pending_ids)
+        .bind(now)
         .fetch_all(self.pool())
         .await?;
-        let holding: Vec<(Uuid, Uuid, Uuid, serde_json::Value)> = sqlx::query_as(&format!(
-            "SELECT id, project_id, node_id, doc->'spec'->'resources' FROM task_view \
-             WHERE state IN {HOLDING} AND node_id IS NOT NULL"
-        ))
-        .fetch_all(self.pool())
-        .await?;
+        let holding: Vec<(Uuid, Uuid, Uuid, serde_json::Value, serde_json::Value)> =
+            sqlx::query_as(&format!(
+                "SELECT id, project_id, node_id, doc->'spec'->'resources', \
+                        coalesce(doc->'attempts'->-1->'gpus', '[]'::jsonb) FROM task_view \
+                 WHERE state IN {HOLDING} AND node_id IS NOT NULL"
+            ))
+            .fetch_all(self.pool())
+            .await?;
         // Once the read model no longer shows a placement queued, it counts
         // there (holding its node) or it has already ended.
         let lagging: HashSet<Uuid> =
@@ -348,23 +421,20 @@ impl Scheduler {
         let mut running: HashMap<Uuid, u32> = HashMap::new();
         let by_id: HashMap<Uuid, usize> =
             nodes.iter().enumerate().map(|(i, n)| (n.id, i)).collect();
-        for (_, project, node, res) in &holding {
+        for (_, project, node, res, devices) in &holding {
             *running.entry(*project).or_default() += 1;
             if let (Some(&i), Ok(r)) = (
                 by_id.get(node),
                 serde_json::from_value::<domain::spec::Resources>(res.clone()),
             ) {
-                nodes[i].used_millicpus += r.millicpus();
-                nodes[i].used_memory_mb += r.memory_mb;
-                nodes[i].used_gpus += r.gpus;
+                let devices: Vec<u32> = serde_json::from_value(devices.clone()).unwrap_or_default();
+                nodes[i].hold(r.millicpus(), r.memory_mb, &devices);
             }
         }
         for p in &pending {
             *running.entry(p.project).or_default() += 1;
             if let Some(&i) = by_id.get(&p.node) {
-                nodes[i].used_millicpus += p.task.millicpus;
-                nodes[i].used_memory_mb += p.task.memory_mb;
-                nodes[i].used_gpus += p.task.gpus;
+                nodes[i].hold(p.task.millicpus, p.task.memory_mb, &p.gpus);
             }
         }
         let mut queue = Vec::with_capacity(queued_rows.len());
@@ -403,6 +473,7 @@ impl Scheduler {
         for p in placement::place(queue, &mut nodes, &mut running, &quota) {
             let cmd = TaskCommand::Assign {
                 node_id: p.node,
+                gpus: p.gpus.clone(),
                 reason: p.reason,
                 at: now,
             };
@@ -423,6 +494,7 @@ impl Scheduler {
                                     node: p.node,
                                     project: t.project,
                                     task: t.clone(),
+                                    gpus: p.gpus,
                                     at: now,
                                 },
                             );
@@ -466,10 +538,10 @@ impl Scheduler {
                 name: node.name,
                 millicpus: (r.cpus * 1000.0).round() as u64,
                 memory_mb: r.memory_mb,
-                gpus: r.gpus.len() as u32,
+                gpus: r.gpus.iter().map(|g| g.index).collect(),
                 used_millicpus: 0,
                 used_memory_mb: 0,
-                used_gpus: 0,
+                used_gpus: Default::default(),
                 images: images.unwrap_or_default().into_iter().collect(),
                 commits: commits.unwrap_or_default().into_iter().collect(),
             });

@@ -8,8 +8,12 @@
 //! turns (round robin) and each project's oldest task goes first. Among
 //! fitting nodes, one that already holds the task's image, then its code
 //! commit, wins; then the least loaded.
+//!
+//! GPUs are devices, not a count: a placement names the node's device
+//! indices the attempt gets (the lowest free ones), and a device held by an
+//! attempt is never handed to another until that attempt lets the node go.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 
 use uuid::Uuid;
 
@@ -49,14 +53,14 @@ pub struct Candidate {
     pub millicpus: u64,
     /// Declared memory in MiB.
     pub memory_mb: u64,
-    /// Declared GPUs.
-    pub gpus: u32,
+    /// Declared GPU device indices.
+    pub gpus: BTreeSet<u32>,
     /// CPU reserved by tasks holding it.
     pub used_millicpus: u64,
     /// Memory reserved.
     pub used_memory_mb: u64,
-    /// GPUs reserved.
-    pub used_gpus: u32,
+    /// GPU device indices held by attempts on it.
+    pub used_gpus: BTreeSet<u32>,
     /// Image tags it holds.
     pub images: HashSet<String>,
     /// Commits it holds.
@@ -68,7 +72,20 @@ impl Candidate {
         t.labels.iter().all(|(k, v)| self.labels.get(k) == Some(v))
             && self.used_millicpus + t.millicpus <= self.millicpus
             && self.used_memory_mb + t.memory_mb <= self.memory_mb
-            && self.used_gpus + t.gpus <= self.gpus
+            && self.free_gpus().count() >= t.gpus as usize
+    }
+
+    /// Declared devices no attempt holds, lowest index first.
+    fn free_gpus(&self) -> impl Iterator<Item = u32> + '_ {
+        self.gpus.difference(&self.used_gpus).copied()
+    }
+
+    /// Counts resources held by an attempt already on the node, `devices`
+    /// being the GPU indices it was given.
+    pub fn hold(&mut self, millicpus: u64, memory_mb: u64, devices: &[u32]) {
+        self.used_millicpus += millicpus;
+        self.used_memory_mb += memory_mb;
+        self.used_gpus.extend(devices.iter().copied());
     }
 
     /// The larger of its CPU and memory use, as a fraction.
@@ -78,10 +95,11 @@ impl Candidate {
         cpu.max(mem)
     }
 
-    fn reserve(&mut self, t: &Queued) {
-        self.used_millicpus += t.millicpus;
-        self.used_memory_mb += t.memory_mb;
-        self.used_gpus += t.gpus;
+    /// Reserves what `t` needs and returns the GPU devices it gets.
+    fn reserve(&mut self, t: &Queued) -> Vec<u32> {
+        let devices: Vec<u32> = self.free_gpus().take(t.gpus as usize).collect();
+        self.hold(t.millicpus, t.memory_mb, &devices);
+        devices
     }
 }
 
@@ -92,6 +110,8 @@ pub struct Placement {
     pub task: Uuid,
     /// The node.
     pub node: Uuid,
+    /// The node's GPU device indices the attempt gets.
+    pub gpus: Vec<u32>,
     /// Why, for the timeline.
     pub reason: String,
 }
@@ -152,12 +172,14 @@ pub fn place(
                             .then(a.name.cmp(&b.name))
                     })
                     .unwrap_or_else(|| unreachable!("a node fits"));
+                let reason = reason(best, &t, candidates);
+                let gpus = best.reserve(&t);
                 out.push(Placement {
                     task: t.id,
                     node: best.id,
-                    reason: reason(best, &t, candidates),
+                    gpus,
+                    reason,
                 });
-                best.reserve(&t);
                 *running.entry(project).or_default() += 1;
                 if !q.is_empty() {
                     next.push((project, q));
@@ -174,10 +196,10 @@ fn reason(n: &Candidate, t: &Queued, candidates: usize) -> String {
         "{:.1} CPU, {} MiB, {} GPU free of {:.1} CPU, {} MiB, {} GPU",
         (n.millicpus - n.used_millicpus) as f64 / 1000.0,
         n.memory_mb - n.used_memory_mb,
-        n.gpus - n.used_gpus,
+        n.free_gpus().count(),
         n.millicpus as f64 / 1000.0,
         n.memory_mb,
-        n.gpus
+        n.gpus.len()
     );
     if n.images.contains(&t.image) {
         r.push_str(", image cached");
@@ -216,10 +238,10 @@ mod tests {
             labels: BTreeMap::new(),
             millicpus: cpus * 1000,
             memory_mb: 10_000,
-            gpus: 0,
+            gpus: BTreeSet::new(),
             used_millicpus: 0,
             used_memory_mb: 0,
-            used_gpus: 0,
+            used_gpus: BTreeSet::new(),
             images: HashSet::new(),
             commits: HashSet::new(),
         }
@@ -258,17 +280,51 @@ mod tests {
         assert_eq!(p[0].node, Uuid::from_u128(1001));
     }
 
+    fn gpu_task(n: u128, gpus: u32) -> Queued {
+        Queued {
+            gpus,
+            ..task(n, 1, 0, 1)
+        }
+    }
+
     #[test]
-    fn gpus_are_counted_like_cpus() {
+    fn gpu_devices_are_never_handed_out_twice() {
         let mut n = node(1, 64);
-        n.gpus = 2;
+        n.gpus = BTreeSet::from([0, 1, 2, 3]);
+        // Device 1 is held by an attempt already running there.
+        n.hold(1000, 100, &[1]);
         let mut nodes = vec![n];
-        let mut a = task(1, 1, 0, 1);
-        a.gpus = 2;
-        let mut b = task(2, 1, 0, 1);
-        b.gpus = 1;
-        let p = place(vec![a, b], &mut nodes, &mut HashMap::new(), &HashMap::new());
-        assert_eq!(placed(&p), [1]);
+        let queue = vec![gpu_task(1, 2), gpu_task(2, 1), gpu_task(3, 1)];
+        let p = place(queue, &mut nodes, &mut HashMap::new(), &HashMap::new());
+        assert_eq!(placed(&p), [1, 2]);
+        assert_eq!(p[0].gpus, [0, 2]);
+        assert_eq!(p[1].gpus, [3]);
+        assert!(p[0].reason.contains("3 GPU free of"), "{}", p[0].reason);
+        assert_eq!(nodes[0].used_gpus, BTreeSet::from([0, 1, 2, 3]));
+        // Task 3 waits until a device is let go.
+        nodes[0].used_gpus.remove(&2);
+        let p = place(
+            vec![gpu_task(3, 1)],
+            &mut nodes,
+            &mut HashMap::new(),
+            &HashMap::new(),
+        );
+        assert_eq!(p[0].gpus, [2]);
+    }
+
+    #[test]
+    fn a_task_without_gpus_gets_no_devices() {
+        let mut n = node(1, 64);
+        n.gpus = BTreeSet::from([0]);
+        let mut nodes = vec![n];
+        let p = place(
+            vec![gpu_task(1, 0)],
+            &mut nodes,
+            &mut HashMap::new(),
+            &HashMap::new(),
+        );
+        assert!(p[0].gpus.is_empty());
+        assert!(nodes[0].used_gpus.is_empty());
     }
 
     #[test]
