@@ -95,6 +95,10 @@ pub enum ApiError {
     /// A dependency (the database) is not ready; try again later.
     #[error("unavailable: {0}")]
     Unavailable(String),
+    /// Something the request waits for (a node's answer) did not come in
+    /// time.
+    #[error("gateway timeout: {0}")]
+    GatewayTimeout(String),
     /// A bug or an infrastructure failure. Logged; the client sees a
     /// generic message.
     #[error("internal error: {0}")]
@@ -164,6 +168,7 @@ impl ApiError {
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::GatewayTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -176,7 +181,8 @@ impl ApiError {
             | Self::Forbidden(d)
             | Self::PayloadTooLarge(d)
             | Self::UnsupportedMediaType(d)
-            | Self::Unavailable(d) => vec![Problem::new(d)],
+            | Self::Unavailable(d)
+            | Self::GatewayTimeout(d) => vec![Problem::new(d)],
             Self::MethodNotAllowed => vec![Problem::new("this method is not allowed here")],
             Self::Internal(_) => vec![Problem::new(
                 "internal server error; the details were logged on the server",

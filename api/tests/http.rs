@@ -1311,6 +1311,7 @@ const EXPECTED_ROUTES: &[(&str, &str)] = &[
     ("post", "/api/v1/nodes/{id}/drain"),
     ("post", "/api/v1/nodes/{id}/undrain"),
     ("post", "/api/v1/nodes/{id}/revoke"),
+    ("post", "/api/v1/nodes/{id}/host-ssh"),
     ("get", "/api/v1/events"),
 ];
 
@@ -1366,4 +1367,219 @@ async fn the_openapi_document_covers_every_route_and_every_documented_route_is_s
             answer.body
         );
     }
+}
+
+/// A node whose agent is connected, as the ingress would record it.
+async fn online_node(app: &App, name: &str) -> String {
+    let created = app
+        .post("/api/v1/nodes", &app.admin, json!({ "name": name }))
+        .await;
+    let id = created.expect(201)["id"]
+        .as_str()
+        .expect("an id")
+        .to_string();
+    let at = chrono::Utc::now();
+    let connect = domain::node::NodeCommand::Connect {
+        session: uuid::Uuid::now_v7(),
+        agent_version: "0.1.0-test".into(),
+        resources: domain::node::NodeResources::default(),
+        labels: Default::default(),
+        at,
+    };
+    app.store
+        .execute::<domain::node::Node>(&id, connect, &domain::Actor::Node(id.clone()), at)
+        .await
+        .expect("connect");
+    id
+}
+
+#[tokio::test]
+async fn host_ssh_is_for_admins_checks_its_input_and_needs_an_online_node() {
+    let app = start().await;
+    let frank = app.user("frank").await;
+    let created = app
+        .post("/api/v1/nodes", &app.admin, json!({"name": "gpu-1"}))
+        .await;
+    let offline = created.expect(201)["id"]
+        .as_str()
+        .expect("an id")
+        .to_string();
+    let online = online_node(&app, "gpu-2").await;
+    let path = format!("/api/v1/nodes/{online}/host-ssh");
+    let before = app.events().await;
+
+    app.call(Method::POST, &path, None, Some(json!({"command": "id"})))
+        .await
+        .expect(401);
+    // Admins only, whatever the body says.
+    app.post(&path, &frank, json!({"command": "id"}))
+        .await
+        .expect(403);
+    app.post(&path, &frank, json!({"command": ""}))
+        .await
+        .expect(403);
+    for (body, field) in [
+        (json!({"command": ""}), "command"),
+        (json!({"command": "   "}), "command"),
+        (json!({"command": "a\0b"}), "command"),
+        (json!({"command": "x".repeat(4097)}), "command"),
+        (json!({"command": 7}), "command"),
+        (json!({"timeout_s": 5}), "command"),
+        (json!({"command": "id", "timeout_s": 0}), "timeout_s"),
+        (json!({"command": "id", "timeout_s": 601}), "timeout_s"),
+        (json!({"command": "id", "timeout_s": -1}), "timeout_s"),
+        (json!({"command": "id", "user": "root"}), "user"),
+    ] {
+        app.post(&path, &app.admin, body.clone())
+            .await
+            .expect_error(422, field);
+    }
+    app.post(
+        &format!("/api/v1/nodes/{}/host-ssh", uuid_v4()),
+        &app.admin,
+        json!({"command": "id"}),
+    )
+    .await
+    .expect(404);
+    let refused = app
+        .post(
+            &format!("/api/v1/nodes/{offline}/host-ssh"),
+            &app.admin,
+            json!({"command": "id"}),
+        )
+        .await;
+    refused.expect(409);
+    assert!(
+        refused.details().contains("not online"),
+        "{:?}",
+        refused.body
+    );
+    assert_eq!(app.events().await, before, "nothing is appended");
+}
+
+#[tokio::test]
+async fn host_ssh_answers_with_the_nodes_result_and_records_when_none_comes() {
+    let app = start().await;
+    let frank = app.user("frank").await;
+    let id = online_node(&app, "gpu-3").await;
+    let path = format!("/api/v1/nodes/{id}/host-ssh");
+
+    // Stands in for the ingress: answers the first request it sees.
+    let store = app.store.clone();
+    let node = id.clone();
+    let answering = tokio::spawn(async move {
+        loop {
+            let state = store
+                .load::<domain::node::Node>(&node)
+                .await
+                .expect("load")
+                .expect("the node")
+                .state;
+            if let Some(request_id) = state.host_ssh.keys().next().copied() {
+                let at = chrono::Utc::now();
+                let finish = domain::node::NodeCommand::FinishHostSsh {
+                    request_id,
+                    result: domain::node::HostSshOutcome {
+                        exit_code: Some(0),
+                        output: "hello\nroot\n".into(),
+                        duration_ms: 42,
+                        ..Default::default()
+                    },
+                    at,
+                };
+                store
+                    .execute::<domain::node::Node>(
+                        &node,
+                        finish,
+                        &domain::Actor::Node(node.clone()),
+                        at,
+                    )
+                    .await
+                    .expect("finish");
+                return request_id;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    });
+    let ran = app
+        .post(&path, &app.admin, json!({"command": "echo hello; id -un"}))
+        .await;
+    let ran = ran.expect(200).clone();
+    let request_id = answering.await.expect("answered");
+    assert_eq!(ran["request_id"], request_id.to_string());
+    assert_eq!(ran["exit_code"], 0);
+    assert_eq!(ran["output"], "hello\nroot\n");
+    assert_eq!(ran["timed_out"], false);
+
+    // Nobody answers this one: after its limit and the grace it is
+    // recorded as unanswered, and a late answer is refused.
+    let started = std::time::Instant::now();
+    let unanswered = app
+        .post(
+            &path,
+            &app.admin,
+            json!({"command": "uptime", "timeout_s": 1}),
+        )
+        .await;
+    unanswered.expect(504);
+    assert!(
+        unanswered.details().contains("no answer"),
+        "{:?}",
+        unanswered.body
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(30));
+    let state = app
+        .store
+        .load::<domain::node::Node>(&id)
+        .await
+        .expect("load")
+        .expect("the node")
+        .state;
+    assert!(state.host_ssh.is_empty(), "nothing is left waiting");
+
+    app.settle().await;
+    let timeline = app
+        .get(
+            &format!("/api/v1/events?aggregate_type=node&aggregate_id={id}"),
+            &app.admin,
+        )
+        .await;
+    let items = timeline.expect(200)["items"]
+        .as_array()
+        .expect("items")
+        .clone();
+    let host: Vec<&Value> = items
+        .iter()
+        .filter(|e| {
+            e["event_type"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("HostSsh")
+        })
+        .collect();
+    let summaries: Vec<&str> = host
+        .iter()
+        .map(|e| e["summary"].as_str().expect("a summary"))
+        .collect();
+    assert_eq!(
+        summaries,
+        [
+            "user:admin ran on the host of node gpu-3 over SSH: `echo hello; id -un` (time limit 30 s)",
+            "host SSH on node gpu-3 exited 0 in 42 ms, 11 B output",
+            "user:admin ran on the host of node gpu-3 over SSH: `uptime` (time limit 1 s)",
+            "host SSH on node gpu-3 failed: no answer from the node within 16 s",
+        ]
+    );
+    assert_eq!(host[1]["payload"]["result"]["output"], "hello\nroot\n");
+    assert_eq!(host[3]["actor"], "system:api");
+    // What the host printed is for admins only.
+    let seen_by_frank = app
+        .get(
+            &format!("/api/v1/events?aggregate_type=node&aggregate_id={id}"),
+            &frank,
+        )
+        .await;
+    let shown = seen_by_frank.expect(200).to_string();
+    assert!(!shown.contains("root\\n"), "{shown}");
+    assert!(shown.contains("exited 0 in 42 ms"));
 }

@@ -53,6 +53,9 @@ pub struct Event {
     /// The event's fields.
     #[schema(value_type = Object)]
     pub payload: Value,
+    /// What happened, in one line, as the timeline says it.
+    #[schema(example = "user:alice drained node gpu-3: no new tasks")]
+    pub summary: Option<String>,
 }
 
 impl From<&RecordedEvent> for Event {
@@ -67,6 +70,7 @@ impl From<&RecordedEvent> for Event {
             actor: e.actor().to_string(),
             recorded_at: e.recorded_at,
             payload: public_payload(e.body()),
+            summary: None,
         }
     }
 }

@@ -7,6 +7,7 @@
 
 pub mod event;
 pub mod health;
+pub mod host_ssh;
 pub mod node;
 pub mod project;
 pub mod task;

@@ -1,11 +1,13 @@
 //! `GET /api/v1/events`: events in the global order of the log, read from
 //! the outbox, for audits and for clients that follow changes.
 
+use std::collections::{BTreeSet, HashMap};
+
 use axum::extract::State;
 use axum::Json;
 use domain::node::Node;
 use serde::Deserialize;
-use store::outbox::{self, Checkpoint, Filter};
+use store::outbox::{self, Checkpoint, Filter, RecordedEvent};
 use utoipa::IntoParams;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -121,10 +123,61 @@ async fn list(
         .last()
         .map(|e| e.position)
         .or(after.map(|(position, _)| position));
-    Ok(Json(EventPage {
-        items: events.iter().map(Event::from).collect(),
-        next_after,
-    }))
+    let mut items = summarized(&state, &events).await?;
+    if !caller.admin {
+        items.iter_mut().for_each(hide_host_output);
+    }
+    Ok(Json(EventPage { items, next_after }))
+}
+
+/// The events as shown, each with its timeline summary (naming nodes by
+/// their names).
+async fn summarized(state: &AppState, events: &[RecordedEvent]) -> Result<Vec<Event>, ApiError> {
+    let nodes: BTreeSet<String> = events
+        .iter()
+        .filter_map(projections::summary::node_of)
+        .map(|id| id.to_string())
+        .collect();
+    let names: HashMap<String, String> = if nodes.is_empty() {
+        HashMap::new()
+    } else {
+        let nodes: Vec<String> = nodes.into_iter().collect();
+        sqlx::query_as::<_, (String, serde_json::Value)>(
+            "SELECT aggregate_id, payload FROM events \
+             WHERE aggregate_type = 'node' AND sequence = 1 AND aggregate_id = ANY($1)",
+        )
+        .bind(&nodes)
+        .fetch_all(state.pool())
+        .await?
+        .into_iter()
+        .filter_map(|(id, payload)| {
+            let name = payload.pointer("/Provisioned/name")?.as_str()?.to_string();
+            Some((id, name))
+        })
+        .collect()
+    };
+    Ok(events
+        .iter()
+        .map(|e| {
+            let name = projections::summary::node_of(e)
+                .and_then(|id| names.get(&id.to_string()))
+                .map(String::as_str);
+            let mut shown = Event::from(e);
+            shown.summary = projections::summary::summarize(e, name).ok();
+            shown
+        })
+        .collect())
+}
+
+/// What a host command printed is for admins: the host's details are not
+/// every user's business. The summary says how much there was.
+fn hide_host_output(event: &mut Event) {
+    if event.aggregate_type != "node" || event.event_type != "NodeHostSshFinished" {
+        return;
+    }
+    if let Some(output) = event.payload.pointer_mut("/result/output") {
+        *output = serde_json::Value::String("[shown to admins only]".into());
+    }
 }
 
 /// The checkpoint of outbox position `raw`; 0 is the start of the log.

@@ -1,7 +1,9 @@
-//! Nodes: provision, list, get, drain, undrain and revoke.
+//! Nodes: provision, list, get, drain, undrain and revoke, and an admin's
+//! emergency command on a node's host (`host-ssh`).
 
 pub mod drain;
 pub mod get;
+pub mod host_ssh;
 pub mod list;
 pub mod provision;
 pub mod revoke;
@@ -26,6 +28,7 @@ pub fn router() -> OpenApiRouter<AppState> {
         .merge(drain::router())
         .merge(undrain::router())
         .merge(revoke::router())
+        .merge(host_ssh::router())
 }
 
 /// Executes an admin's `command` on node `id` and shows the result.
