@@ -281,20 +281,58 @@ impl LogPermissions {
                     return Answer::Stored;
                 }
                 Ok(Place::Wrong { end }) => {
-                    tail.end = None;
-                    return Answer::Refused(format!(
-                        "output of attempt {} continues at offset {end}, not {}",
-                        chunk.attempt, chunk.offset
-                    ));
+                    // An agent that restarted and adopted its container
+                    // reads the output again from the start, cut into other
+                    // chunks: what the server holds is acknowledged, and
+                    // a chunk reaching past the stored end adds the rest.
+                    let skip = end.checked_sub(chunk.offset).map(|n| n as usize);
+                    match skip {
+                        Some(n) if n >= data.len() => {
+                            tail.end = Some(end);
+                            return Answer::Stored;
+                        }
+                        Some(n) if data.is_char_boundary(n) => {
+                            return self.append(store, chunk, attempt, end, &data[n..]).await;
+                        }
+                        _ => {
+                            tail.end = None;
+                            return Answer::Refused(format!(
+                                "output of attempt {} continues at offset {end}, not {}",
+                                chunk.attempt, chunk.offset
+                            ));
+                        }
+                    }
                 }
                 Err(e) => return Answer::Later(e.to_string()),
             }
         }
-        if let Err(e) = logs::insert(pool, chunk.task_id, attempt, offset, &data).await {
-            tail.end = None;
+        self.append(store, chunk, attempt, chunk.offset, &data)
+            .await
+    }
+
+    /// Stores `data` at `at`, the end of the attempt's stored output, then
+    /// pokes followers and applies the rate bound.
+    async fn append(
+        &mut self,
+        store: &Store,
+        chunk: &LogChunk,
+        attempt: i32,
+        at: u64,
+        data: &str,
+    ) -> Answer {
+        let Ok(offset) = i64::try_from(at) else {
+            return Answer::Refused("offset is out of range".into());
+        };
+        let key = (chunk.task_id, chunk.attempt);
+        if let Err(e) = logs::insert(store.pool(), chunk.task_id, attempt, offset, data).await {
+            if let Some(Ok(tail)) = self.known.get_mut(&key) {
+                tail.end = None;
+            }
             return Answer::Later(e.to_string());
         }
-        tail.end = Some(chunk.offset + data.len() as u64);
+        if let Some(Ok(tail)) = self.known.get_mut(&key) {
+            tail.end = Some(at + data.len() as u64);
+        }
         self.notifier.poke(chunk.task_id);
         if let Some(wait) = self.pace.charge(data.len() as u64 + logs::CHUNK_COST) {
             tokio::time::sleep(wait).await;

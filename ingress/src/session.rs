@@ -676,6 +676,13 @@ impl Session {
                     .await;
                 self.answer(socket, chunk.id, answer, "log chunk").await
             }
+            AgentMessage::Cache(cache) => {
+                let pool = self.ingress.store().pool();
+                if let Err(e) = liveness::cache(pool, self.node_id, &cache).await {
+                    tracing::warn!(node_id = %self.node_id, error = %e, "recording the node's cache failed");
+                }
+                Ok(())
+            }
             AgentMessage::HostSshResult(result) => {
                 let answer = host_ssh::finish(self.ingress.store(), self.node_id, &result).await;
                 self.answer(socket, result.id, answer, "host SSH result")

@@ -508,6 +508,10 @@ impl Link {
         &self,
         sink: &mut (impl SinkExt<Message, Error = WsError> + Unpin),
     ) -> Result<(), WsError> {
+        if self.ctx.take_cache_change() {
+            let cache = self.ctx.cache().await;
+            sink.send(frame(&AgentMessage::Cache(cache))).await?;
+        }
         loop {
             let next = self.queue().next_message();
             match next {

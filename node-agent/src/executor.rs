@@ -169,6 +169,9 @@ pub struct Context {
     work_dir: PathBuf,
     agent_label: String,
     timeout_grace: Duration,
+    /// Set when a commit was fetched or an image built since the server
+    /// last heard what is cached.
+    cache_changed: std::sync::atomic::AtomicBool,
 }
 
 impl Context {
@@ -188,6 +191,7 @@ impl Context {
             docker,
             work_dir,
             timeout_grace: Duration::from_secs(10),
+            cache_changed: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -217,6 +221,17 @@ impl Context {
     /// containers.
     pub fn agent_label(&self) -> &str {
         &self.agent_label
+    }
+
+    /// Whether the cache changed since the last call (which resets it).
+    pub fn take_cache_change(&self) -> bool {
+        self.cache_changed
+            .swap(false, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn note_cache_change(&self) {
+        self.cache_changed
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The images and commits cached here, for the hello.
@@ -405,6 +420,9 @@ async fn prepare(
             role: "code",
             source,
         })?;
+    if !fetched.from_cache {
+        ctx.note_cache_change();
+    }
     out.stage_done(
         STAGE_CODE_READY,
         format!("commit {}: {fetched}", short(&spec.code_commit_id)),
@@ -420,6 +438,9 @@ async fn prepare(
             role: "env",
             source,
         })?;
+    if !fetched.from_cache {
+        ctx.note_cache_change();
+    }
     out.stage_done(
         STAGE_ENV_READY,
         format!("commit {}: {fetched}", short(&spec.env_commit_id)),
@@ -448,7 +469,10 @@ async fn prepare(
     tracing::info!(image = %tag, ?source, "image ready");
     let detail = match source {
         ImageSource::Reused => format!("{tag} cached"),
-        ImageSource::Built => format!("{tag} built in {:.1} s", started.elapsed().as_secs_f64()),
+        ImageSource::Built => {
+            ctx.note_cache_change();
+            format!("{tag} built in {:.1} s", started.elapsed().as_secs_f64())
+        }
     };
     out.stage_done(STAGE_IMAGE_READY, detail).await;
     Ok(tag)

@@ -69,6 +69,10 @@ pub enum AgentMessage {
     Log(LogChunk),
     /// How a [`Command::HostSsh`] ended.
     HostSshResult(HostSshResult),
+    /// What the node has cached now, sent when it changed during a session
+    /// (a commit fetched, an image built); it replaces the hello's lists,
+    /// so the scheduler's preference for cached nodes stays current.
+    Cache(Cache),
 }
 
 /// Everything the server sends.

@@ -94,6 +94,8 @@ struct Platform {
     http: reqwest::Client,
     dir: tempfile::TempDir,
     agents: Vec<Child>,
+    /// Per agent: its node token and work directory, to start it again.
+    started: Vec<(String, PathBuf)>,
 }
 
 impl Drop for Platform {
@@ -157,6 +159,7 @@ impl Platform {
             http,
             dir,
             agents: Vec::new(),
+            started: Vec::new(),
         }
     }
 
@@ -196,24 +199,9 @@ impl Platform {
             .post("/nodes", json!({"name": name, "labels": labels}))
             .await;
         let work = self.dir.path().join(format!("agent-{name}"));
-        let child = Command::new(agent_binary())
-            .args([
-                "--server",
-                &self.ws,
-                "--cpus",
-                "4",
-                "--memory-mb",
-                "4096",
-                "--no-gpus",
-            ])
-            .args(["--reconnect-min-ms", "100", "--reconnect-max-ms", "1000"])
-            .arg("--work-dir")
-            .arg(&work)
-            .env("UNIDESK_NODE_TOKEN", node["token"].as_str().unwrap())
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        self.agents.push(child);
+        let token = node["token"].as_str().unwrap().to_string();
+        self.agents.push(spawn_agent(&self.ws, &token, &work));
+        self.started.push((token, work));
         let id = node["id"].as_str().unwrap().to_string();
         self.until(&format!("node {name} online"), || async {
             self.get(&format!("/nodes/{id}")).await["status"] == "online"
@@ -222,6 +210,46 @@ impl Platform {
         (id, self.agents.len() - 1)
     }
 
+    /// Starts agent `index` again as a new process (same token, same work
+    /// directory), as after a crash or an upgrade.
+    fn restart_agent(&mut self, index: usize) {
+        let (token, work) = &self.started[index];
+        self.agents[index] = spawn_agent(&self.ws, token, work);
+    }
+
+    /// The timeline of one task, oldest first.
+    async fn timeline(&self, task: &str) -> Vec<Value> {
+        let page = self
+            .get(&format!(
+                "/events?aggregate_type=task&aggregate_id={task}&limit=1000"
+            ))
+            .await;
+        page["items"].as_array().unwrap().clone()
+    }
+}
+
+/// An agent process for `token`, working in `work`.
+fn spawn_agent(ws: &str, token: &str, work: &Path) -> Child {
+    Command::new(agent_binary())
+        .args([
+            "--server",
+            ws,
+            "--cpus",
+            "4",
+            "--memory-mb",
+            "4096",
+            "--no-gpus",
+        ])
+        .args(["--reconnect-min-ms", "100", "--reconnect-max-ms", "1000"])
+        .arg("--work-dir")
+        .arg(work)
+        .env("UNIDESK_NODE_TOKEN", token)
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+impl Platform {
     async fn until<F, Fut>(&self, what: &str, mut check: F)
     where
         F: FnMut() -> Fut,
@@ -467,4 +495,122 @@ fn remove_containers(task: &str) {
             "docker ps -aq --filter label=unidesk.task_id={task} | xargs -r docker rm -f"
         ))
         .output();
+}
+
+/// The containers of a task still present in Docker.
+fn containers_of(task: &str) -> String {
+    let out = Command::new("docker")
+        .args([
+            "ps",
+            "-aq",
+            "--filter",
+            &format!("label=unidesk.task_id={task}"),
+        ])
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restarted_agent_keeps_its_running_task_and_a_cancel_stops_a_container() {
+    let mut p = Platform::start().await;
+    let r = repos(p.dir.path());
+    let project = p.post("/projects", json!({"name": "e2e-restart"})).await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (node, agent) = p.agent("steady", json!({})).await;
+
+    // The agent dies while the task runs, and comes back (same work
+    // directory) before the server gives the node up: it adopts the
+    // container, and the task ends as if nothing happened.
+    let t = p
+        .post(
+            "/tasks",
+            task(
+                &project,
+                &r,
+                &["sh", "-c", "echo before; sleep 6; echo after"],
+                json!({}),
+            ),
+        )
+        .await;
+    let id = t["id"].as_str().unwrap().to_string();
+    p.task_until(&id, &["running"]).await;
+    p.until("first line stored", || async {
+        p.get(&format!("/tasks/{id}/logs")).await["data"] == "before\n"
+    })
+    .await;
+    p.agents[agent].kill().unwrap();
+    p.agents[agent].wait().unwrap();
+    p.restart_agent(agent);
+    let done = p.task_until(&id, &["succeeded", "failed", "queued"]).await;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    assert_eq!(done["attempt"], 1, "{done}");
+    let logs = p.get(&format!("/tasks/{id}/logs")).await;
+    assert_eq!(logs["data"], "before\nafter\n", "no gap, no duplicate");
+    assert_eq!(logs["complete"], true);
+    assert_eq!(containers_of(&id), "", "the adopted container is removed");
+    let timeline = p.timeline(&id).await;
+    let summaries: Vec<&str> = timeline
+        .iter()
+        .filter_map(|e| e["summary"].as_str())
+        .collect();
+    assert!(
+        summaries
+            .iter()
+            .any(|s| s.contains("code ready") && s.contains("fetched")),
+        "the timeline says the code was fetched: {summaries:#?}"
+    );
+    assert!(
+        summaries
+            .iter()
+            .any(|s| s.contains("image ready") && s.contains("built in")),
+        "{summaries:#?}"
+    );
+
+    // The same code and environment again: both come from the node's cache.
+    let t = p
+        .post("/tasks", task(&project, &r, &["sleep", "600"], json!({})))
+        .await;
+    let cancel_me = t["id"].as_str().unwrap().to_string();
+    let running = p.task_until(&cancel_me, &["running"]).await;
+    assert_eq!(running["node_id"], node);
+    let summaries: Vec<String> = p
+        .timeline(&cancel_me)
+        .await
+        .iter()
+        .filter_map(|e| e["summary"].as_str().map(str::to_owned))
+        .collect();
+    assert!(
+        summaries
+            .iter()
+            .any(|s| s.contains("code ready") && s.contains("from cache")),
+        "{summaries:#?}"
+    );
+    assert!(
+        summaries
+            .iter()
+            .any(|s| s.contains("image ready") && s.contains("cached")),
+        "{summaries:#?}"
+    );
+    assert!(
+        summaries.iter().any(|s| s.contains("image cached")),
+        "the scheduler preferred the node holding the image: {summaries:#?}"
+    );
+    assert_ne!(containers_of(&cancel_me), "");
+    let asked = Instant::now();
+    p.post(&format!("/tasks/{cancel_me}/cancel"), json!({}))
+        .await;
+    let ended = p.task_until(&cancel_me, &["cancelled"]).await;
+    assert_eq!(ended["state"], "cancelled");
+    p.until("container removed", || async {
+        containers_of(&cancel_me).is_empty()
+    })
+    .await;
+    assert!(
+        asked.elapsed() < Duration::from_secs(30),
+        "cancel took {:?}",
+        asked.elapsed()
+    );
 }
