@@ -16,6 +16,7 @@ pub mod auth;
 pub mod bootstrap;
 pub mod error;
 pub mod extract;
+pub mod live_logs;
 pub mod openapi;
 mod provision;
 pub mod routes;
@@ -31,6 +32,7 @@ use tower_http::trace::TraceLayer;
 pub use auth::Caller;
 pub use bootstrap::{bootstrap_admin, BootstrapError};
 pub use error::ApiError;
+pub use live_logs::LogFollowers;
 pub use openapi::openapi;
 pub use provision::provision_node;
 
@@ -63,12 +65,14 @@ impl Default for Config {
 pub struct AppState {
     store: Store,
     config: Arc<Config>,
+    followers: LogFollowers,
 }
 
 impl AppState {
     /// State for a router over `store`.
     pub fn new(store: Store, config: Config) -> Self {
         Self {
+            followers: LogFollowers::new(store.pool().clone()),
             store,
             config: Arc::new(config),
         }
@@ -87,6 +91,12 @@ impl AppState {
     /// The configuration.
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// The live log followers of this process; [`LogFollowers::stop`] ends
+    /// their streams at shutdown.
+    pub fn log_followers(&self) -> &LogFollowers {
+        &self.followers
     }
 }
 

@@ -132,7 +132,6 @@ impl Ingress {
         self
     }
 
-
     /// The WebSocket endpoint at [`protocol::PATH`], to merge with the
     /// REST router on the same listener.
     pub fn router(&self) -> axum::Router {

@@ -1,7 +1,10 @@
 //! `GET /api/v1/tasks/{id}/logs`: an attempt's output as stored from its
-//! node's log chunks, from any byte offset.
+//! node's log chunks, from any byte offset, as one JSON page or, with
+//! `follow=true`, as a stream of Server-Sent Events ([`crate::live_logs`]).
 
 use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
@@ -12,6 +15,7 @@ use uuid::Uuid;
 use crate::auth::Caller;
 use crate::error::{ApiError, ErrorBody};
 use crate::extract::{Path, Query};
+use crate::live_logs::{self, Start};
 use crate::{access, AppState};
 
 /// The most bytes returned by one call.
@@ -33,9 +37,14 @@ struct LogQuery {
     /// The byte offset to start at; 0 when absent.
     #[param(value_type = Option<u64>)]
     offset: Option<String>,
-    /// The most bytes to return (at most 4 MiB, the default).
+    /// The most bytes to return (at most 4 MiB, the default); not with
+    /// `follow`.
     #[param(value_type = Option<u64>)]
     limit: Option<String>,
+    /// `true` to stream the output as Server-Sent Events as it is
+    /// produced, until the attempt ends.
+    #[param(value_type = Option<bool>)]
+    follow: Option<String>,
 }
 
 /// A piece of an attempt's output.
@@ -65,15 +74,63 @@ fn number(field: &str, v: Option<&str>) -> Result<Option<u64>, ApiError> {
     .transpose()
 }
 
-/// An attempt's output from a byte offset.
+fn flag(field: &str, v: Option<&str>) -> Result<bool, ApiError> {
+    match v.map(str::trim) {
+        None | Some("false" | "0") => Ok(false),
+        Some("true" | "1" | "") => Ok(true),
+        Some(other) => Err(ApiError::bad_request(
+            field,
+            format!("must be true or false, got {other:?}"),
+        )),
+    }
+}
+
+/// An attempt's output from a byte offset, or followed live.
+///
+/// Without `follow`, one JSON page of the output from `offset`: read on
+/// from `next_offset` until `complete`.
+///
+/// With `follow=true` the answer is `text/event-stream` (Server-Sent
+/// Events) that delivers the output as the node produces it:
+///
+/// - `event: log`, `id: <attempt>:<next_offset>`, data
+///   `{"attempt", "offset", "next_offset", "data"}`: the next piece of
+///   output (at most 256 KiB), with no gap and no byte twice;
+/// - `event: end`, data `{"attempt", "state", "next_offset"}`, once the
+///   attempt has ended (`state`: `succeeded`, `failed`, `timed_out`,
+///   `cancelled` or `lost`) and all its output has been sent; then the
+///   stream closes. A task that ends without ever running ends with
+///   attempt 0;
+/// - comments every 15 s while nothing happens.
+///
+/// Without `attempt` the stream follows the current attempt, waiting for
+/// the first one if the task has not run yet. A reconnecting client sends
+/// the last id it received as `Last-Event-ID` (browsers' `EventSource`
+/// does so by itself), which takes precedence over `attempt` and
+/// `offset`, and gets exactly the rest.
+///
+/// The platform keeps at most a configured amount of output per attempt
+/// (64 MiB by default); output past it ends with the line
+/// `[unidesk: output cut at …; the rest of this attempt's output was
+/// dropped]`. Output a node could not send fast enough is replaced by a
+/// line `[unidesk: N bytes of output dropped …]`.
 #[utoipa::path(
     get,
     path = "/tasks/{id}/logs",
     tag = "tasks",
-    params(("id" = Uuid, Path, description = "The task's id"), LogQuery),
+    params(
+        ("id" = Uuid, Path, description = "The task's id"),
+        LogQuery,
+        ("Last-Event-ID" = Option<String>, Header,
+            description = "With `follow`: the id of the last event received, `<attempt>:<offset>`, to resume after it")
+    ),
     responses(
-        (status = 200, description = "The output from `offset`", body = TaskLog),
-        (status = 400, description = "Malformed id, attempt, offset or limit", body = ErrorBody),
+        (status = 200, description = "The output from `offset`; with `follow=true`, a stream of Server-Sent Events",
+            content(
+                (TaskLog = "application/json"),
+                (String = "text/event-stream")
+            )),
+        (status = 400, description = "Malformed id, attempt, offset, limit, follow or Last-Event-ID", body = ErrorBody),
         (status = 401, description = "No valid token", body = ErrorBody),
         (status = 404, description = "No such task or attempt", body = ErrorBody)
     ),
@@ -84,45 +141,58 @@ async fn logs(
     caller: Caller,
     Path(id): Path<Uuid>,
     Query(q): Query<LogQuery>,
-) -> Result<Json<TaskLog>, ApiError> {
-    let attempt = number("attempt", q.attempt.as_deref())?;
-    let offset = number("offset", q.offset.as_deref())?.unwrap_or(0);
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let mut attempt = number("attempt", q.attempt.as_deref())?;
+    let mut offset = number("offset", q.offset.as_deref())?.unwrap_or(0);
     let limit = number("limit", q.limit.as_deref())?
         .map_or(MAX_BYTES, |l| (l as usize).clamp(1, MAX_BYTES));
+    let follow = flag("follow", q.follow.as_deref())?;
+    if follow {
+        if let Some(last) = headers.get("last-event-id") {
+            let last = last.to_str().map_err(|_| {
+                ApiError::bad_request("Last-Event-ID", "must be <attempt>:<offset>")
+            })?;
+            let start = live_logs::parse_event_id(last)?;
+            attempt = start.attempt.map(u64::from);
+            offset = start.offset;
+        }
+    }
     let task = access::task(&state, &caller, id).await?.task;
+    if follow {
+        // Checked like below, but a task that has not run yet is waited for.
+        if let Some(a) = attempt {
+            checked_attempt(id, &task, a)?;
+        }
+        let start = Start {
+            attempt: attempt.map(|a| a as u32),
+            offset,
+        };
+        return Ok(live_logs::respond(state, caller, id, start));
+    }
     let attempt = match attempt {
         None => task.attempt,
-        Some(a) if a >= 1 && a <= u64::from(task.attempt) => a as u32,
-        Some(a) => {
-            return Err(ApiError::not_found_field(
-                "attempt",
-                format!(
-                    "task {id} has {} attempt(s); there is no attempt {a}",
-                    task.attempt
-                ),
-            ))
-        }
+        Some(a) => checked_attempt(id, &task, a)?,
     };
     let ended = task
         .attempts
         .iter()
         .find(|a| a.number == attempt)
         .is_none_or(|a| a.ended_at.is_some());
-    let rows: Vec<(i64, String)> = sqlx::query_as(
-        "SELECT \"offset\", data FROM task_log WHERE task_id = $1 AND attempt = $2 \
-         AND \"offset\" + octet_length(data) > $3 ORDER BY \"offset\"",
-    )
-    .bind(id)
-    .bind(attempt as i32)
-    .bind(offset as i64)
-    .fetch_all(state.pool())
-    .await
-    .map_err(|e| ApiError::internal(format!("reading task_log: {e}")))?;
+    // The page is read after the end was seen, so a complete answer holds
+    // everything the attempt stored.
+    let rows: Vec<(i64, String)> = store::task_log::page(state.pool(), id, attempt, offset, limit)
+        .await
+        .map_err(|e| ApiError::internal(format!("reading task_log: {e}")))?
+        .into_iter()
+        .map(|c| (c.offset, c.data))
+        .collect();
     let (data, next_offset) = assemble(&rows, offset, limit);
     let complete = ended
-        && rows
-            .last()
-            .is_none_or(|(o, d)| next_offset >= *o as u64 + d.len() as u64);
+        && store::task_log::stored_end(state.pool(), id, attempt)
+            .await
+            .map_err(|e| ApiError::internal(format!("reading task_log: {e}")))?
+            .is_none_or(|end| next_offset >= end);
     Ok(Json(TaskLog {
         task_id: id,
         attempt,
@@ -130,12 +200,27 @@ async fn logs(
         next_offset,
         data,
         complete,
-    }))
+    })
+    .into_response())
+}
+
+/// Attempt `a` of `task`, when it has one.
+fn checked_attempt(id: Uuid, task: &domain::task::Task, a: u64) -> Result<u32, ApiError> {
+    match a {
+        a if a >= 1 && a <= u64::from(task.attempt) => Ok(a as u32),
+        a => Err(ApiError::not_found_field(
+            "attempt",
+            format!(
+                "task {id} has {} attempt(s); there is no attempt {a}",
+                task.attempt
+            ),
+        )),
+    }
 }
 
 /// Joins contiguous chunks from `offset`, at most `limit` bytes, cut on
 /// character boundaries. Stops at a gap (a chunk not yet stored).
-fn assemble(rows: &[(i64, String)], offset: u64, limit: usize) -> (String, u64) {
+pub(crate) fn assemble(rows: &[(i64, String)], offset: u64, limit: usize) -> (String, u64) {
     let mut out = String::new();
     let mut at = offset;
     for (start, data) in rows {
