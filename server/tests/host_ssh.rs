@@ -1,0 +1,450 @@
+//! End to end: an admin runs commands on a node's host over SSH through
+//! `POST /api/v1/nodes/{id}/host-ssh`, with the real `unidesk` server, a
+//! real `unidesk-agent` and a real OpenSSH `sshd` started by the test on a
+//! free port of 127.0.0.1 (it stands in for the Windows or Linux host the
+//! agent's WSL or container runs on). Nothing is mocked.
+//!
+//! Needs `openssh-server` and `openssh-client` (`ops/test.sh` installs
+//! them) and Docker (the agent connects to it at start-up).
+
+#![expect(
+    clippy::unwrap_used,
+    reason = "a test fails loudly at the first surprise"
+)]
+
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn run(program: &str, args: &[&str]) -> String {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("{program}: {e} (install openssh-server and openssh-client: ops/test.sh does)")
+        });
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// The agent binary, built now: `cargo test -p unidesk` builds the
+/// server's binaries only, and an agent left from an older build would not
+/// know `--host-ssh`.
+fn agent_binary() -> PathBuf {
+    let server = PathBuf::from(env!("CARGO_BIN_EXE_unidesk"));
+    let status = Command::new(env!("CARGO"))
+        .args(["build", "-p", "node-agent", "--bin", "unidesk-agent"])
+        .status()
+        .unwrap();
+    assert!(status.success(), "building unidesk-agent failed");
+    server.with_file_name("unidesk-agent")
+}
+
+/// A real `sshd` on 127.0.0.1 that lets the current user in with one key;
+/// stopped when dropped.
+struct Sshd {
+    child: Child,
+    port: u16,
+    user: String,
+    client_key: PathBuf,
+}
+
+impl Drop for Sshd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Sshd {
+    fn start(dir: &Path) -> Sshd {
+        let sshd = Path::new("/usr/sbin/sshd");
+        assert!(
+            sshd.exists(),
+            "/usr/sbin/sshd is missing: install openssh-server (ops/test.sh does)"
+        );
+        let key = |name: &str| {
+            let path = dir.join(name);
+            run(
+                "ssh-keygen",
+                &[
+                    "-q",
+                    "-t",
+                    "ed25519",
+                    "-N",
+                    "",
+                    "-f",
+                    path.to_str().unwrap(),
+                ],
+            );
+            path
+        };
+        let host_key = key("host_key");
+        let client_key = key("client_key");
+        std::fs::copy(dir.join("client_key.pub"), dir.join("authorized_keys")).unwrap();
+        // sshd insists on its privilege separation directory.
+        let _ = std::fs::create_dir_all("/run/sshd");
+        let user = run("id", &["-un"]);
+        let port = free_port();
+        let config = dir.join("sshd_config");
+        std::fs::write(
+            &config,
+            format!(
+                "Port {port}\n\
+                 ListenAddress 127.0.0.1\n\
+                 HostKey {host_key}\n\
+                 AuthorizedKeysFile {keys}\n\
+                 PidFile {pid}\n\
+                 StrictModes no\n\
+                 UsePAM no\n\
+                 PasswordAuthentication no\n\
+                 KbdInteractiveAuthentication no\n\
+                 PubkeyAuthentication yes\n\
+                 PermitRootLogin prohibit-password\n\
+                 AllowUsers {user}\n",
+                host_key = host_key.display(),
+                keys = dir.join("authorized_keys").display(),
+                pid = dir.join("sshd.pid").display(),
+            ),
+        )
+        .unwrap();
+        let child = Command::new(sshd)
+            .args(["-D", "-e", "-f"])
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let sshd = Sshd {
+            child,
+            port,
+            user,
+            client_key,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "sshd did not start listening");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        sshd
+    }
+
+    fn target(&self) -> String {
+        format!("{}@127.0.0.1:{}", self.user, self.port)
+    }
+}
+
+/// The server and its agents; stopped when dropped.
+struct Platform {
+    server: Child,
+    base: String,
+    ws: String,
+    admin: String,
+    http: reqwest::Client,
+    dir: tempfile::TempDir,
+    agents: Vec<Child>,
+}
+
+impl Drop for Platform {
+    fn drop(&mut self) {
+        for a in &mut self.agents {
+            let _ = a.kill();
+        }
+        let _ = self.server.kill();
+    }
+}
+
+impl Platform {
+    async fn start() -> Platform {
+        let db = testkit::fresh_db().await;
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let token_file = dir.path().join("admin.token");
+        let server = Command::new(env!("CARGO_BIN_EXE_unidesk"))
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+            .args(["--heartbeat-s", "1", "--poll-ms", "100"])
+            .arg("--admin-token-file")
+            .arg(&token_file)
+            .env("DATABASE_URL", &db.url)
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let base = format!("http://127.0.0.1:{port}");
+        let http = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(r) = http.get(format!("{base}/readyz")).send().await {
+                if r.status() == 200 && token_file.exists() {
+                    break;
+                }
+            }
+            assert!(Instant::now() < deadline, "server did not become ready");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let admin = std::fs::read_to_string(&token_file)
+            .unwrap()
+            .trim()
+            .to_string();
+        Platform {
+            server,
+            ws: format!("ws://127.0.0.1:{port}"),
+            base,
+            admin,
+            http,
+            dir,
+            agents: Vec::new(),
+        }
+    }
+
+    async fn call(
+        &self,
+        token: &str,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let mut req = self
+            .http
+            .request(method, format!("{}/api/v1{path}", self.base))
+            .bearer_auth(token);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let r = req.send().await.unwrap();
+        let status = r.status().as_u16();
+        let text = r.text().await.unwrap();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    async fn post(&self, path: &str, body: Value) -> Value {
+        let (status, v) = self
+            .call(&self.admin, reqwest::Method::POST, path, Some(body))
+            .await;
+        assert!(status < 300, "POST {path}: {status} {v}");
+        v
+    }
+
+    async fn get(&self, path: &str) -> Value {
+        let (status, v) = self
+            .call(&self.admin, reqwest::Method::GET, path, None)
+            .await;
+        assert_eq!(status, 200, "GET {path}: {v}");
+        v
+    }
+
+    /// A user who is not an admin; returns their token.
+    async fn user(&self, name: &str) -> String {
+        self.post("/users", json!({ "name": name })).await;
+        let issued = self
+            .post(&format!("/users/{name}/tokens"), json!({"label": "test"}))
+            .await;
+        issued["token"].as_str().unwrap().to_string()
+    }
+
+    /// Provisions node `name`, starts its agent with `extra` flags and
+    /// waits until it is online; returns the node id.
+    async fn agent(&mut self, name: &str, extra: &[String]) -> String {
+        let node = self.post("/nodes", json!({ "name": name })).await;
+        let work = self.dir.path().join(format!("agent-{name}"));
+        let child = Command::new(agent_binary())
+            .args(["--server", &self.ws])
+            .args(["--cpus", "1", "--memory-mb", "512", "--no-gpus"])
+            .args(["--reconnect-min-ms", "100", "--reconnect-max-ms", "1000"])
+            .arg("--work-dir")
+            .arg(&work)
+            .args(extra)
+            .env("UNIDESK_NODE_TOKEN", node["token"].as_str().unwrap())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.agents.push(child);
+        let id = node["id"].as_str().unwrap().to_string();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while self.get(&format!("/nodes/{id}")).await["status"] != "online" {
+            assert!(Instant::now() < deadline, "node {name} did not come online");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        id
+    }
+
+    async fn host_ssh(&self, token: &str, node: &str, body: Value) -> (u16, Value) {
+        self.call(
+            token,
+            reqwest::Method::POST,
+            &format!("/nodes/{node}/host-ssh"),
+            Some(body),
+        )
+        .await
+    }
+}
+
+fn detail(v: &Value) -> String {
+    v["errors"]
+        .as_array()
+        .map(|errors| {
+            errors
+                .iter()
+                .map(|e| format!("{}: {}", e["field"], e["detail"]))
+                .collect::<Vec<_>>()
+                .join("; ")
+        })
+        .unwrap_or_else(|| v.to_string())
+}
+
+#[tokio::test]
+async fn an_admin_runs_bounded_commands_on_a_nodes_host_over_real_ssh() {
+    let keys = tempfile::tempdir().unwrap();
+    let sshd = Sshd::start(keys.path());
+    let mut p = Platform::start().await;
+    let host = p
+        .agent(
+            "gpu-3",
+            &[
+                "--host-ssh".into(),
+                sshd.target(),
+                "--host-ssh-key".into(),
+                sshd.client_key.display().to_string(),
+            ],
+        )
+        .await;
+
+    // A probe: its output and exit status come back.
+    let (status, ran) = p
+        .host_ssh(&p.admin, &host, json!({"command": "echo hello; id -un"}))
+        .await;
+    assert_eq!(status, 200, "{ran}");
+    assert_eq!(ran["exit_code"], 0, "{ran}");
+    let output = ran["output"].as_str().unwrap();
+    assert!(output.contains("hello"), "{ran}");
+    assert!(output.contains(&sshd.user), "{ran}");
+    assert_eq!(ran["timed_out"], false);
+    assert_eq!(ran["truncated"], false);
+    assert!(ran["error"].is_null(), "{ran}");
+
+    // A failing command is a result, not an error.
+    let (status, failed) = p
+        .host_ssh(&p.admin, &host, json!({"command": "echo oops >&2; exit 3"}))
+        .await;
+    assert_eq!(status, 200, "{failed}");
+    assert_eq!(failed["exit_code"], 3);
+    assert!(failed["output"].as_str().unwrap().contains("oops"));
+
+    // The hard time limit: a command that would run 30 s is stopped at 2.
+    let started = Instant::now();
+    let (status, slow) = p
+        .host_ssh(
+            &p.admin,
+            &host,
+            json!({"command": "sleep 30", "timeout_s": 2}),
+        )
+        .await;
+    assert_eq!(status, 200, "{slow}");
+    assert_eq!(slow["timed_out"], true, "{slow}");
+    assert!(slow["exit_code"].is_null(), "{slow}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        started.elapsed()
+    );
+
+    // The output cap: 1 MiB printed, at most 64 KiB kept.
+    let (status, big) = p
+        .host_ssh(
+            &p.admin,
+            &host,
+            json!({"command": "head -c 1048576 /dev/zero | tr '\\0' x", "timeout_s": 60}),
+        )
+        .await;
+    assert_eq!(status, 200, "{}", detail(&big));
+    assert_eq!(big["truncated"], true);
+    assert_eq!(big["exit_code"], 0);
+    let kept = big["output"].as_str().unwrap();
+    assert!(
+        !kept.is_empty() && kept.len() <= 64 * 1024,
+        "{}",
+        kept.len()
+    );
+    assert!(kept.bytes().all(|b| b == b'x'));
+
+    // Admins only; bad bodies are named.
+    let frank = p.user("frank").await;
+    let (status, v) = p.host_ssh(&frank, &host, json!({"command": "id"})).await;
+    assert_eq!(status, 403, "{v}");
+    for (body, field) in [
+        (json!({"command": ""}), "command"),
+        (json!({"command": "id", "timeout_s": 0}), "timeout_s"),
+        (json!({"command": "id", "timeout_s": 601}), "timeout_s"),
+    ] {
+        let (status, v) = p.host_ssh(&p.admin, &host, body).await;
+        assert!(status == 400 || status == 422, "{status} {v}");
+        assert!(
+            v["errors"][0]["field"] == field,
+            "expected {field} named: {v}"
+        );
+    }
+
+    // A node whose agent has no SSH target says how to give it one.
+    let plain = p.agent("cpu-1", &[]).await;
+    let (status, v) = p.host_ssh(&p.admin, &plain, json!({"command": "id"})).await;
+    assert_eq!(status, 409, "{v}");
+    assert!(
+        detail(&v).contains("no host SSH target configured; start the agent with --host-ssh"),
+        "{v}"
+    );
+
+    // Everything is on the node's timeline, said in words.
+    let events = p
+        .get(&format!(
+            "/events?aggregate_type=node&aggregate_id={host}&limit=1000"
+        ))
+        .await;
+    let summaries: Vec<String> = events["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["event_type"].as_str().unwrap().starts_with("NodeHostSsh"))
+        .map(|e| {
+            format!(
+                "{} {}",
+                e["event_type"].as_str().unwrap(),
+                e["summary"].as_str().unwrap()
+            )
+        })
+        .collect();
+    assert_eq!(summaries.len(), 8, "{summaries:#?}");
+    assert_eq!(
+        summaries[0],
+        "NodeHostSshRequested user:admin ran on the host of node gpu-3 over SSH: `echo hello; id -un` (time limit 30 s)"
+    );
+    assert!(
+        summaries[1].starts_with("NodeHostSshFinished host SSH on node gpu-3 exited 0 in "),
+        "{summaries:#?}"
+    );
+    assert!(
+        summaries[5].contains("timed out after 2."),
+        "{summaries:#?}"
+    );
+    assert!(
+        summaries[7].ends_with("64.0 KiB output, truncated"),
+        "{summaries:#?}"
+    );
+    drop(sshd);
+}
