@@ -9,8 +9,11 @@
 //! Status reports are never dropped. Log output that was never sent is
 //! bounded per attempt ([`Limits::log_bytes_per_attempt`]): past it, the
 //! middle of the unsent output is replaced by one marker line,
-//! `[unidesk: N bytes of output dropped while disconnected]`, keeping the
-//! first part and the newest part. Offsets after the marker are moved so the
+//! `[unidesk: N bytes of output dropped: …]`, keeping the first part and
+//! the newest part. That happens while the server is unreachable, and
+//! also when a task prints faster than the server takes output (it bounds
+//! the rate per node and answers slowly past it): either way the agent's
+//! memory stays flat however much a task prints. Offsets after the marker are moved so the
 //! server still sees a stream without gaps (`offset + len` of each chunk is
 //! the next chunk's `offset`). A chunk that was ever sent is never changed:
 //! the server may have stored it.
@@ -320,7 +323,10 @@ fn end_offset(entry: &Entry) -> u64 {
 
 /// The line that stands for dropped output.
 pub fn marker_text(dropped: u64) -> String {
-    format!("\n[unidesk: {dropped} bytes of output dropped while disconnected]\n")
+    format!(
+        "\n[unidesk: {dropped} bytes of output dropped: the task printed faster than \
+         the server took it, or the server was unreachable]\n"
+    )
 }
 
 fn message(entry: &Entry) -> AgentMessage {
@@ -469,6 +475,81 @@ mod tests {
         );
         assert_eq!(logs.last().unwrap().data, line, "the newest output is kept");
         assert!(matches!(messages.last(), Some(AgentMessage::Status(_))));
+    }
+
+    /// What the queue holds, in bytes of text plus bookkeeping.
+    fn held(q: &ReportQueue) -> usize {
+        q.entries.iter().map(Entry::cost).sum()
+    }
+
+    #[test]
+    fn a_task_printing_forever_to_a_slow_server_keeps_the_queue_bounded() {
+        let task = Uuid::new_v4();
+        let limits = Limits::default();
+        let mut q = ReportQueue::new(limits);
+        let chunk = "p".repeat(protocol::MAX_LOG_CHUNK_BYTES - 1) + "\n";
+        let bound = limits.log_bytes_per_attempt
+            + limits.in_flight * (chunk.len() + ENTRY_COST)
+            + 2 * (chunk.len() + ENTRY_COST);
+        let mut logs: Vec<LogChunk> = Vec::new();
+        let mut in_flight = VecDeque::new();
+        let mut send = |q: &mut ReportQueue, in_flight: &mut VecDeque<u64>| {
+            for m in drain(q) {
+                in_flight.push_back(id(&m));
+                if let AgentMessage::Log(l) = m {
+                    logs.push(l);
+                }
+            }
+        };
+        let mut most = 0;
+        let mut offset = 0;
+        // 256 MiB of output; the server answers one report in twenty.
+        for i in 0..4096u64 {
+            q.push(log(task, offset, &chunk));
+            offset += chunk.len() as u64;
+            send(&mut q, &mut in_flight);
+            if i % 20 == 0 {
+                if let Some(id) = in_flight.pop_front() {
+                    q.answer(id);
+                }
+            }
+            most = most.max(held(&q));
+        }
+        assert!(most <= bound, "held {most} bytes, bound {bound}");
+        // The server catches up: what it got is one stream without gaps,
+        // every byte either kept or counted by a marker.
+        while let Some(id) = in_flight.pop_front() {
+            q.answer(id);
+            send(&mut q, &mut in_flight);
+        }
+        assert!(q.is_empty());
+        let mut next = 0;
+        let (mut markers, mut marker_bytes, mut dropped) = (0, 0, 0);
+        for l in &logs {
+            assert_eq!(l.offset, next, "no gap before id {}", l.id);
+            next += l.data.len() as u64;
+            if l.data.contains("[unidesk:") {
+                markers += 1;
+                marker_bytes += l.data.len() as u64;
+                dropped += l
+                    .data
+                    .split_whitespace()
+                    .nth(1)
+                    .and_then(|n| n.parse::<u64>().ok())
+                    .unwrap();
+            }
+        }
+        assert!(markers >= 1);
+        assert_eq!(
+            next - marker_bytes + dropped,
+            offset,
+            "every byte kept or counted"
+        );
+        assert_eq!(
+            logs.last().unwrap().data,
+            chunk,
+            "the newest output is kept"
+        );
     }
 
     #[test]
