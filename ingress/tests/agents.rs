@@ -682,7 +682,15 @@ async fn pending_commands_are_sent_when_the_agent_connects() {
     // Not yet projected: found in the outbox after the projector's checkpoint.
     let fresh = p.submit_and_assign(node_id).await;
 
-    let (mut agent, _) = Agent::join(server.addr, &token, vec![]).await;
+    // The agent took `cancelled` on and still runs it.
+    let still_running = || {
+        vec![RunningAttempt {
+            task_id: cancelled,
+            attempt: 1,
+            container: None,
+        }]
+    };
+    let (mut agent, _) = Agent::join(server.addr, &token, still_running()).await;
     let commands = agent.commands().await;
     let mut runs: Vec<Uuid> = commands
         .iter()
@@ -719,8 +727,49 @@ async fn pending_commands_are_sent_when_the_agent_connects() {
     // Still wanted after a reconnect: sent again, same ids.
     drop(agent);
     server.wait_connected(0).await;
-    let (mut again, _) = Agent::join(server.addr, &token, vec![]).await;
+    let (mut again, _) = Agent::join(server.addr, &token, still_running()).await;
     assert_eq!(again.commands().await.len(), 5);
+}
+
+#[tokio::test]
+async fn an_accepted_attempt_missing_from_the_hello_is_lost_and_retried() {
+    let p = platform().await;
+    let server = Server::start(&p.store, "ingress-a").await;
+    let (node_id, token) = p.provision().await;
+    let task_id = p.submit_and_assign(node_id).await;
+    let (mut agent, _) = Agent::join(server.addr, &token, vec![]).await;
+    agent.command().await;
+    let mut accepted = status(1, task_id, ReportedState::Accepted);
+    accepted.attempt = 1;
+    assert_eq!(agent.report(accepted).await, None);
+    // The agent restarts: its hello no longer lists the attempt (it died
+    // while preparing, before any container existed).
+    drop(agent);
+    server.wait_connected(0).await;
+    let (_again, _) = Agent::join(server.addr, &token, vec![]).await;
+    wait_until("attempt lost", || async {
+        p.events_of("task", task_id)
+            .await
+            .contains(&"TaskRequeued".to_string())
+    })
+    .await;
+    let task = p
+        .store
+        .load::<domain::task::Task>(&task_id.to_string())
+        .await
+        .unwrap()
+        .unwrap()
+        .state;
+    assert_eq!(task.state, domain::task::TaskState::Queued);
+    assert_eq!(task.attempts[0].outcome.as_deref(), Some("lost"));
+    assert!(
+        task.reason
+            .as_deref()
+            .unwrap()
+            .contains("reconnected without attempt 1"),
+        "{:?}",
+        task.reason
+    );
 }
 
 #[tokio::test]
@@ -888,8 +937,38 @@ async fn log_chunks_are_stored_once_each_and_only_for_the_nodes_own_attempts() {
         rows,
         [(0, "hello ".to_string()), (6, "world\n".to_string())]
     );
+    // An agent that adopted its container after a restart reads the output
+    // again from the start, cut differently: the server keeps only what it
+    // did not have.
+    assert_eq!(a.log(chunk(6, 0, "hel")).await, None);
+    assert_eq!(a.log(chunk(7, 3, "lo world\nmore\n")).await, None);
+    let text: Vec<String> =
+        sqlx::query_scalar("SELECT data FROM task_log WHERE task_id = $1 ORDER BY \"offset\"")
+            .bind(task_id)
+            .fetch_all(&p.pool)
+            .await
+            .unwrap();
+    assert_eq!(text.concat(), "hello world\nmore\n");
+    // A gap is still refused.
+    assert!(a.log(chunk(8, 40, "far ahead")).await.is_some());
     // Logs are not events.
     assert_eq!(p.event_count().await, before);
+    // A cache change mid-session replaces what the hello said.
+    a.send(&AgentMessage::Cache(Cache {
+        images: vec!["unidesk-env:abc".into()],
+        commits: vec!["c".repeat(40)],
+    }))
+    .await;
+    wait_until("cache recorded", || async {
+        let images: Option<Vec<String>> =
+            sqlx::query_scalar("SELECT images FROM node_cache WHERE node_id = $1")
+                .bind(node_a)
+                .fetch_optional(&p.pool)
+                .await
+                .unwrap();
+        images == Some(vec!["unidesk-env:abc".to_string()])
+    })
+    .await;
 }
 
 #[tokio::test]
