@@ -37,6 +37,7 @@ use serde::Serialize;
 use sqlx::postgres::PgListener;
 use sqlx::PgPool;
 use tokio::sync::watch;
+use tokio::time::Instant;
 use uuid::Uuid;
 
 use crate::auth::Caller;
@@ -51,6 +52,15 @@ pub const POLL: Duration = Duration::from_secs(3);
 
 /// How often an idle stream sends a comment, so proxies keep it open.
 pub const KEEP_ALIVE: Duration = Duration::from_secs(15);
+
+/// The least time between two reads of one follower woken by
+/// notifications: a task printing without pause makes each follower read
+/// a few times a second, not at every notification.
+pub const MIN_READ_INTERVAL: Duration = Duration::from_millis(200);
+
+/// How often a caught-up follower's access to the task's project is
+/// checked again (in between, only the task is looked at).
+pub const ACCESS_RECHECK: Duration = Duration::from_secs(10);
 
 /// How long the listener waits before connecting again after a failure.
 const RELISTEN: Duration = Duration::from_secs(1);
@@ -291,6 +301,8 @@ pub(crate) fn respond(state: AppState, caller: Caller, task_id: Uuid, start: Sta
         offset: start.offset,
         ended: None,
         done: false,
+        last_read: Instant::now(),
+        access_checked: Some(Instant::now()),
     };
     let stream = futures::stream::unfold(follow, |mut f| async move {
         match f.next_event().await {
@@ -330,6 +342,10 @@ struct Follow {
     done: bool,
     wake: watch::Receiver<u64>,
     stop: watch::Receiver<bool>,
+    /// When the output was last read.
+    last_read: Instant,
+    /// When access was last checked.
+    access_checked: Option<Instant>,
 }
 
 impl Follow {
@@ -343,6 +359,7 @@ impl Follow {
             // Seen before reading: a wake-up during the read is not lost.
             self.wake.borrow_and_update();
             if let Some(attempt) = self.attempt {
+                self.last_read = Instant::now();
                 let pool = self.state.pool();
                 let rows =
                     store::task_log::page(pool, self.task_id, attempt, self.offset, PAGE_BYTES)
@@ -377,11 +394,8 @@ impl Follow {
                     return Ok(Some(event("end", &end).id(event_id(attempt, self.offset))));
                 }
             }
-            // Caught up: has the attempt ended (or begun)? Access is
-            // checked again, so a member who left stops seeing output.
-            let task = access::task(&self.state, &self.caller, self.task_id)
-                .await?
-                .task;
+            // Caught up: has the attempt ended (or begun)?
+            let task = self.task().await?;
             match self.attempt {
                 None if task.attempt >= 1 => {
                     self.attempt = Some(task.attempt);
@@ -410,12 +424,37 @@ impl Follow {
         }
     }
 
+    /// The task as it is now. Access is checked again now and then, so a
+    /// member who left the project stops seeing its output.
+    async fn task(&mut self) -> Result<Task, ApiError> {
+        if self
+            .access_checked
+            .is_some_and(|at| at.elapsed() < ACCESS_RECHECK)
+        {
+            let loaded = self
+                .state
+                .store()
+                .load::<Task>(&self.task_id.to_string())
+                .await?;
+            return loaded
+                .map(|l| l.state)
+                .ok_or_else(|| ApiError::not_found("task not found"));
+        }
+        let task = access::task(&self.state, &self.caller, self.task_id)
+            .await?
+            .task;
+        self.access_checked = Some(Instant::now());
+        Ok(task)
+    }
+
     /// Waits for a wake-up, the poll interval or the stop.
     async fn wait(&mut self) {
         tokio::select! {
             changed = self.wake.changed() => {
                 if changed.is_err() {
                     tokio::time::sleep(POLL).await;
+                } else {
+                    tokio::time::sleep_until(self.last_read + MIN_READ_INTERVAL).await;
                 }
             }
             () = tokio::time::sleep(POLL) => {}
