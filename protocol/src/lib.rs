@@ -11,11 +11,17 @@
 //!   ask ([`command_id`]), are acknowledged with [`AgentMessage::Ack`], are
 //!   sent again after every reconnect while still wanted, and the agent
 //!   ignores an id it has already handled;
-//! - agent → server [`Status`] reports and [`LogChunk`]s carry an agent-local
-//!   `id`; the server answers [`ServerMessage::Received`] once the report is
-//!   stored (or refused for good), and the agent resends whatever was not
-//!   answered after it reconnects. Reports are idempotent on
-//!   `(task, attempt, state)` and log chunks on `(task, attempt, offset)`.
+//! - agent → server [`Status`] reports, [`LogChunk`]s and
+//!   [`HostSshResult`]s carry an agent-local `id`; the server answers
+//!   [`ServerMessage::Received`] once the report is stored (or refused for
+//!   good), and the agent resends whatever was not answered after it
+//!   reconnects. Reports are idempotent on `(task, attempt, state)`, log
+//!   chunks on `(task, attempt, offset)`, and a host SSH result is recorded
+//!   once per request.
+//!
+//! A [`Command::HostSsh`] differs from task commands: an admin waits for it,
+//! so the server resends it only while that admin's window is open, with
+//! its time limit cut to what is left of the window.
 //!
 //! This crate depends on no other crate of the project, so the agent links
 //! nothing of the server.
@@ -99,8 +105,9 @@ pub enum ServerMessage {
         /// What to do.
         command: Command,
     },
-    /// A report or log chunk with this agent-local id is stored, or was
-    /// refused for good (`error`); either way, do not send it again.
+    /// A report, log chunk or host SSH result with this agent-local id is
+    /// stored, or was refused for good (`error`); either way, do not send
+    /// it again.
     Received {
         /// The report's id.
         id: u64,
