@@ -4,12 +4,14 @@
 //! - **Whole chains.** A chunk is stored only where it continues the
 //!   attempt's stored output (at 0, or exactly where the stored output
 //!   ends); one that starts on a stored chunk is a resend and changes
-//!   nothing. Anything else (a gap, an overlap) is refused. An honest
-//!   agent never sends those: it reports in order, a session handles its
-//!   frames in order and ends at the first chunk it could not store, and
-//!   after a reconnect the agent sends everything unanswered again, oldest
-//!   first. So a reader never sees a gap or a byte twice, and an attempt's
-//!   stored bytes are exactly where its output ends.
+//!   nothing, and one that overlaps the stored end (output read again by
+//!   an agent that adopted its container after a restart) adds only its
+//!   part past that end. A chunk that would leave a gap is refused. An
+//!   honest agent never sends one: it reports in order, a session handles
+//!   its frames in order and ends at the first chunk it could not store,
+//!   and after a reconnect the agent sends everything unanswered again,
+//!   oldest first. So a reader never sees a gap or a byte twice, and an
+//!   attempt's stored bytes are exactly where its output ends.
 //! - **A size cap per attempt** ([`LogLimits::max_bytes_per_attempt`]).
 //!   The chunk that crosses the cap is cut there and [`cut_marker`] is
 //!   stored right after the cut; every later chunk is acknowledged, so the

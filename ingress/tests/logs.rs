@@ -267,19 +267,27 @@ async fn a_chunk_sent_again_after_a_reconnect_is_stored_once() {
 }
 
 #[tokio::test]
-async fn chunks_that_would_leave_a_gap_or_overlap_are_refused_and_not_stored() {
+async fn chunks_that_would_leave_a_gap_are_refused_and_overlaps_keep_only_their_new_part() {
     let p = platform(LogLimits::default()).await;
     let (token, task_id) = p.node_with_task().await;
     let mut agent = Agent::join(p.addr, &token).await;
     let gap = agent.log(1, task_id, 5, "late").await.unwrap();
     assert!(gap.contains("continues at offset 0"), "{gap}");
     assert_eq!(agent.log(2, task_id, 0, "hello ").await, None);
-    let overlap = agent.log(3, task_id, 3, "lo world").await.unwrap();
-    assert!(overlap.contains("continues at offset 6"), "{overlap}");
-    let gap = agent.log(4, task_id, 9, "x").await.unwrap();
-    assert!(gap.contains("continues at offset 6"), "{gap}");
-    assert_eq!(agent.log(5, task_id, 6, "world\n").await, None);
+    // Output read again (an agent that adopted its container after a
+    // restart) overlaps what is stored: only what is new is kept.
+    assert_eq!(agent.log(3, task_id, 3, "lo world").await, None);
+    assert_eq!(agent.log(4, task_id, 0, "hel").await, None);
+    let gap = agent.log(5, task_id, 20, "x").await.unwrap();
+    assert!(gap.contains("continues at offset 11"), "{gap}");
+    assert_eq!(agent.log(6, task_id, 11, "\n").await, None);
     assert_eq!(p.output(task_id).await, "hello world\n");
+    assert_eq!(
+        store::task_log::stored_end(&p.pool, task_id, 1)
+            .await
+            .unwrap(),
+        Some(12)
+    );
 }
 
 #[tokio::test]
