@@ -935,3 +935,33 @@ async fn a_real_task_is_followed_live_through_unidesk_serve_and_a_real_agent() {
     let expected: String = (1..=6).map(|i| format!("tick {i}\n")).collect();
     assert_eq!(output, expected);
 }
+
+#[tokio::test]
+async fn the_openapi_document_describes_following_output() {
+    let p = Platform::start(LogLimits::default()).await;
+    let doc: Value = p
+        .http
+        .get(format!("{}/openapi.json", p.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let op = &doc["paths"]["/api/v1/tasks/{id}/logs"]["get"];
+    let params: Vec<&str> = op["parameters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert!(params.contains(&"follow"), "{params:?}");
+    assert!(params.contains(&"Last-Event-ID"), "{params:?}");
+    let content = &op["responses"]["200"]["content"];
+    assert!(content.get("application/json").is_some(), "{content}");
+    assert!(content.get("text/event-stream").is_some(), "{content}");
+    assert!(op["description"]
+        .as_str()
+        .unwrap()
+        .contains("Last-Event-ID"));
+}
