@@ -168,6 +168,8 @@ pub struct Attempt {
     pub ended_at: Option<DateTime<Utc>>,
     /// How it ended: a task state or `lost`.
     pub outcome: Option<String>,
+    /// The node's GPU device indices it holds (or held).
+    pub gpus: Vec<u32>,
 }
 
 /// A stored output of a task.
@@ -208,6 +210,11 @@ pub struct Task {
     pub node_id: Option<Uuid>,
     /// The preparation step, while preparing.
     pub stage: Option<String>,
+    /// What that step found, such as `commit 1a2b3c4d5e6f: from cache`.
+    pub stage_detail: Option<String>,
+    /// A task requeued after a lost attempt is not placed before this time
+    /// (the retry backoff).
+    pub not_before: Option<DateTime<Utc>>,
     /// The current attempt's container.
     pub container: Option<String>,
     /// Whether a cancel was asked for.
@@ -245,6 +252,8 @@ impl TryFrom<domain::task::Task> for Task {
             attempt: t.attempt,
             node_id: t.node_id,
             stage: t.stage,
+            stage_detail: t.stage_detail,
+            not_before: t.not_before,
             container: t.container,
             cancel_requested: t.cancel_requested,
             exit_code: t.exit_code,
@@ -262,6 +271,7 @@ impl TryFrom<domain::task::Task> for Task {
                     started_at: a.started_at,
                     ended_at: a.ended_at,
                     outcome: a.outcome,
+                    gpus: a.gpus,
                 })
                 .collect(),
             artifacts: t
