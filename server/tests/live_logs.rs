@@ -765,17 +765,16 @@ fn repo(root: &Path, name: &str, files: &[(&str, &str)]) -> (String, String) {
     (format!("file://{}", dir.display()), sha)
 }
 
+/// The `unidesk-agent` binary, built (or found up to date) first, so the
+/// test never runs an agent older than the code under test.
 fn agent_binary() -> PathBuf {
     let server = PathBuf::from(env!("CARGO_BIN_EXE_unidesk"));
-    let agent = server.with_file_name("unidesk-agent");
-    if !agent.exists() {
-        let status = Command::new(env!("CARGO"))
-            .args(["build", "-p", "node-agent", "--bin", "unidesk-agent"])
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
-    agent
+    let status = Command::new(env!("CARGO"))
+        .args(["build", "-p", "node-agent", "--bin", "unidesk-agent"])
+        .status()
+        .unwrap();
+    assert!(status.success(), "building unidesk-agent failed");
+    server.with_file_name("unidesk-agent")
 }
 
 /// Kills the processes it holds when the test ends, however it ends.
