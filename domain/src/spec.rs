@@ -300,6 +300,14 @@ pub struct TaskSpec {
     pub timeout_s: Option<u64>,
     /// How many times the task is retried after its node is lost.
     pub max_retries: u32,
+    /// Objects of the project's store downloaded into the workspace before
+    /// the command runs; absent in tasks submitted before inputs existed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub inputs: Vec<Input>,
+    /// Files of the workspace uploaded to the store once the command ended,
+    /// also when it failed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub outputs: Vec<Output>,
 }
 
 /// The raw, unvalidated form of a resources request.
@@ -345,6 +353,10 @@ pub struct TaskSpecDraft {
     pub timeout_s: Option<i64>,
     /// See [`TaskSpec::max_retries`].
     pub max_retries: Option<i64>,
+    /// See [`TaskSpec::inputs`].
+    pub inputs: Option<Vec<InputDraft>>,
+    /// See [`TaskSpec::outputs`].
+    pub outputs: Option<Vec<OutputDraft>>,
 }
 
 /// Limits on a task specification.
@@ -365,6 +377,14 @@ pub mod limits {
     pub const MAX_RETRIES: i64 = 100;
     /// Default `max_retries`: a task survives two lost nodes.
     pub const DEFAULT_RETRIES: u32 = 2;
+    /// Most inputs of one task.
+    pub const MAX_INPUTS: usize = 64;
+    /// Most outputs of one task.
+    pub const MAX_OUTPUTS: usize = 64;
+    /// Longest object name or workspace path, in bytes.
+    pub const MAX_PATH_BYTES: usize = 512;
+    /// Longest output name, in bytes.
+    pub const MAX_OUTPUT_NAME_BYTES: usize = 128;
 }
 
 /// Checks one label map (used for task selectors and node labels).
@@ -556,6 +576,8 @@ impl TaskSpecDraft {
             .max_retries
             .and_then(|r| ranged(&mut e, "max_retries", r, 0..=limits::MAX_RETRIES))
             .map_or(limits::DEFAULT_RETRIES, |r| r as u32);
+        let inputs = validate_inputs(&mut e, self.inputs.unwrap_or_default());
+        let outputs = validate_outputs(&mut e, self.outputs.unwrap_or_default());
         match (
             project_id,
             code_repo_url,
@@ -581,11 +603,268 @@ impl TaskSpecDraft {
                     priority,
                     timeout_s,
                     max_retries,
+                    inputs,
+                    outputs,
                 })
             }
             _ => Err(e),
         }
     }
+}
+
+/// Checks one `/`-separated relative path and returns it normalised (`./a//b`
+/// becomes `a/b`): segments of letters, digits and `. _ - + = @ ,`, never
+/// `..`, never absolute, at most [`limits::MAX_PATH_BYTES`] bytes.
+fn relative_path(s: &str, what: &str) -> Result<String, String> {
+    if s.is_empty() {
+        return Err("must not be empty".into());
+    }
+    if s.len() > limits::MAX_PATH_BYTES {
+        return Err(format!("must be at most {} bytes", limits::MAX_PATH_BYTES));
+    }
+    if s.starts_with('/') || s.as_bytes().get(1) == Some(&b':') {
+        return Err(format!("must be relative to {what}, not absolute"));
+    }
+    if s.contains('\\') {
+        return Err("must use / as the separator".into());
+    }
+    let mut parts = Vec::new();
+    for part in s.split('/') {
+        match part {
+            "" | "." => {}
+            ".." => return Err(format!("must not contain '..': it would leave {what}")),
+            p if p
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-+=@,".contains(&b)) =>
+            {
+                parts.push(p)
+            }
+            _ => {
+                return Err(
+                    "may hold only letters, digits and . _ - + = @ , between the / separators"
+                        .into(),
+                )
+            }
+        }
+    }
+    if parts.is_empty() {
+        return Err("must name a file".into());
+    }
+    Ok(parts.join("/"))
+}
+
+/// The name of an object in a project's store, such as
+/// `datasets/imagenet/train.tar`: a relative path (see the rules of
+/// [`WorkspacePath`]). Each project has its own namespace, so the same name
+/// in two projects names two objects.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct ObjectName(String);
+
+impl ObjectName {
+    /// Parses and normalises an object name.
+    ///
+    /// # Errors
+    /// A reason when the name is empty, absolute, climbs with `..`, holds
+    /// other characters than letters, digits and `. _ - + = @ ,` between its
+    /// `/` separators, or is longer than 512 bytes.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        relative_path(s, "the project's store").map(Self)
+    }
+
+    /// The normalised name.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A file's path inside a task's workspace (the code checkout, mounted at
+/// `/workspace`): relative, normalised, never climbing out with `..` and
+/// never inside `.git`. A symbolic link inside the workspace can still
+/// point out of it; the agent refuses to follow such a link.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct WorkspacePath(String);
+
+impl WorkspacePath {
+    /// Parses and normalises a workspace path.
+    ///
+    /// # Errors
+    /// As for [`ObjectName::parse`], and when the path points into `.git`.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let p = relative_path(s, "the workspace")?;
+        if p == ".git" || p.starts_with(".git/") {
+            return Err("must not point into .git".into());
+        }
+        Ok(Self(p))
+    }
+
+    /// The normalised path.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// The name of a task's output: 1-128 letters, digits, `.`, `_` or `-`,
+/// unique within the task. Its stored object is named after it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct OutputName(String);
+
+impl OutputName {
+    /// Parses an output name.
+    ///
+    /// # Errors
+    /// A reason when the name does not fit.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let ok = !s.is_empty()
+            && s.len() <= limits::MAX_OUTPUT_NAME_BYTES
+            && s != "."
+            && s != ".."
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+        if ok {
+            Ok(Self(s.to_string()))
+        } else {
+            Err(format!(
+                "must be 1-{} letters, digits, '.', '_' or '-'",
+                limits::MAX_OUTPUT_NAME_BYTES
+            ))
+        }
+    }
+
+    /// The name.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+macro_rules! string_newtype {
+    ($t:ty) => {
+        impl TryFrom<String> for $t {
+            type Error = String;
+            fn try_from(s: String) -> Result<Self, String> {
+                Self::parse(&s)
+            }
+        }
+        impl From<$t> for String {
+            fn from(v: $t) -> String {
+                v.0
+            }
+        }
+        impl fmt::Display for $t {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+    };
+}
+string_newtype!(ObjectName);
+string_newtype!(WorkspacePath);
+string_newtype!(OutputName);
+
+/// An object downloaded into the workspace before the command runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Input {
+    /// Where the file goes in the workspace; also how the input is named
+    /// on the timeline and in errors.
+    pub name: WorkspacePath,
+    /// The object of the task's project to download.
+    pub object: ObjectName,
+}
+
+/// A workspace file uploaded once the command ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Output {
+    /// The output's name: the artifact's name.
+    pub name: OutputName,
+    /// The file in the workspace.
+    pub path: WorkspacePath,
+}
+
+/// The raw form of an [`Input`].
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InputDraft {
+    /// See [`Input::name`].
+    pub name: Option<String>,
+    /// See [`Input::object`].
+    pub object: Option<String>,
+}
+
+/// The raw form of an [`Output`].
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutputDraft {
+    /// See [`Output::name`].
+    pub name: Option<String>,
+    /// See [`Output::path`].
+    pub path: Option<String>,
+}
+
+fn validate_inputs(e: &mut Vec<FieldError>, drafts: Vec<InputDraft>) -> Vec<Input> {
+    if drafts.len() > limits::MAX_INPUTS {
+        e.push(FieldError::new(
+            "inputs",
+            format!("at most {} inputs", limits::MAX_INPUTS),
+        ));
+        return Vec::new();
+    }
+    let mut inputs: Vec<Input> = Vec::new();
+    for (i, d) in drafts.into_iter().enumerate() {
+        let name = parsed(
+            e,
+            &format!("inputs[{i}].name"),
+            d.name,
+            WorkspacePath::parse,
+        );
+        let object = parsed(
+            e,
+            &format!("inputs[{i}].object"),
+            d.object,
+            ObjectName::parse,
+        );
+        if let (Some(name), Some(object)) = (name, object) {
+            if inputs.iter().any(|x| x.name == name) {
+                e.push(FieldError::new(
+                    format!("inputs[{i}].name"),
+                    format!("{name} is named by another input already"),
+                ));
+            }
+            inputs.push(Input { name, object });
+        }
+    }
+    inputs
+}
+
+fn validate_outputs(e: &mut Vec<FieldError>, drafts: Vec<OutputDraft>) -> Vec<Output> {
+    if drafts.len() > limits::MAX_OUTPUTS {
+        e.push(FieldError::new(
+            "outputs",
+            format!("at most {} outputs", limits::MAX_OUTPUTS),
+        ));
+        return Vec::new();
+    }
+    let mut outputs: Vec<Output> = Vec::new();
+    for (i, d) in drafts.into_iter().enumerate() {
+        let name = parsed(e, &format!("outputs[{i}].name"), d.name, OutputName::parse);
+        let path = parsed(
+            e,
+            &format!("outputs[{i}].path"),
+            d.path,
+            WorkspacePath::parse,
+        );
+        if let (Some(name), Some(path)) = (name, path) {
+            if outputs.iter().any(|x| x.name == name) {
+                e.push(FieldError::new(
+                    format!("outputs[{i}].name"),
+                    format!("{name} is the name of another output already"),
+                ));
+            }
+            outputs.push(Output { name, path });
+        }
+    }
+    outputs
 }
 
 /// Checks a name for a user, node or project: 1-63 characters of lower-case
@@ -698,6 +977,86 @@ mod tests {
                 "resources.memory_mb"
             ]
         );
+    }
+
+    #[test]
+    fn inputs_and_outputs_stay_inside_the_workspace_and_the_store() {
+        let mut d = draft();
+        d.inputs = Some(vec![
+            InputDraft {
+                name: Some("./data//train.tar".into()),
+                object: Some("datasets/train.tar".into()),
+            },
+            InputDraft {
+                name: Some("../etc/passwd".into()),
+                object: Some("/abs".into()),
+            },
+            InputDraft {
+                name: Some(".git/config".into()),
+                object: None,
+            },
+        ]);
+        d.outputs = Some(vec![
+            OutputDraft {
+                name: Some("model".into()),
+                path: Some("out/model.bin".into()),
+            },
+            OutputDraft {
+                name: Some("model".into()),
+                path: Some("a/../../b".into()),
+            },
+            OutputDraft {
+                name: Some("bad name".into()),
+                path: Some("ok".into()),
+            },
+        ]);
+        let errs = d.clone().validate(UrlPolicy::default()).unwrap_err();
+        let fields: Vec<_> = errs.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "inputs[1].name",
+                "inputs[1].object",
+                "inputs[2].name",
+                "inputs[2].object",
+                "outputs[1].path",
+                "outputs[2].name"
+            ]
+        );
+        d.inputs.as_mut().unwrap().truncate(1);
+        d.outputs.as_mut().unwrap().truncate(1);
+        let spec = d.validate(UrlPolicy::default()).unwrap();
+        assert_eq!(spec.inputs[0].name.as_str(), "data/train.tar");
+        assert_eq!(spec.outputs[0].path.as_str(), "out/model.bin");
+    }
+
+    #[test]
+    fn output_names_are_unique_and_counts_are_bounded() {
+        let mut d = draft();
+        let out = |n: &str| OutputDraft {
+            name: Some(n.into()),
+            path: Some(format!("{n}.bin")),
+        };
+        d.outputs = Some(vec![out("a"), out("a")]);
+        let errs = d.clone().validate(UrlPolicy::default()).unwrap_err();
+        assert_eq!(errs[0].field, "outputs[1].name");
+        d.outputs = Some(
+            (0..=limits::MAX_OUTPUTS)
+                .map(|i| out(&i.to_string()))
+                .collect(),
+        );
+        let errs = d.validate(UrlPolicy::default()).unwrap_err();
+        assert_eq!(errs[0].field, "outputs");
+    }
+
+    #[test]
+    fn a_spec_stored_before_inputs_existed_still_loads() {
+        let spec = draft().validate(UrlPolicy::default()).unwrap();
+        let mut json = serde_json::to_value(&spec).unwrap();
+        assert!(json.get("inputs").is_none());
+        json.as_object_mut().unwrap().remove("outputs");
+        let back: TaskSpec = serde_json::from_value(json).unwrap();
+        assert!(back.inputs.is_empty() && back.outputs.is_empty());
     }
 
     #[test]

@@ -18,7 +18,7 @@ mod state;
 pub use command::{retry_backoff, Outcome, TaskCommand};
 pub use error::TaskError;
 pub use event::TaskEvent;
-pub use state::{Attempt, Task, TaskState};
+pub use state::{Artifact, Attempt, Task, TaskState};
 
 #[cfg(test)]
 mod tests;

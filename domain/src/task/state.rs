@@ -119,6 +119,10 @@ pub struct Attempt {
 /// A stored output of the task.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Artifact {
+    /// Its id: the same for the same task, attempt and name
+    /// ([`Artifact::id_for`]); absent in states stored before ids existed.
+    #[serde(default)]
+    pub id: Uuid,
     /// The attempt that produced it.
     pub attempt: u32,
     /// The output's name.
@@ -129,6 +133,17 @@ pub struct Artifact {
     pub size: u64,
     /// Hex SHA-256.
     pub sha256: String,
+}
+
+impl Artifact {
+    /// The id of output `name` of `attempt` of task `task_id`: derived, so
+    /// a recorded output keeps its id when the log is replayed.
+    pub fn id_for(task_id: Uuid, attempt: u32, name: &str) -> Uuid {
+        Uuid::new_v5(
+            &Uuid::NAMESPACE_OID,
+            format!("unidesk/artifact/{task_id}/{attempt}/{name}").as_bytes(),
+        )
+    }
 }
 
 /// The Task aggregate's state.
@@ -292,7 +307,9 @@ impl Task {
                 sha256,
                 at,
             } => {
+                let id = Artifact::id_for(self.id.unwrap_or_default(), attempt, &name);
                 self.artifacts.push(Artifact {
+                    id,
                     attempt,
                     name,
                     key,

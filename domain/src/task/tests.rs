@@ -43,6 +43,8 @@ fn spec(max_retries: u32) -> TaskSpec {
         priority: 0,
         timeout_s: Some(60),
         max_retries,
+        inputs: Vec::new(),
+        outputs: Vec::new(),
     }
 }
 
@@ -605,6 +607,42 @@ fn artifacts_are_recorded_once_per_attempt_and_name() {
         .given(given)
         .when(record)
         .then_expect_events(vec![]);
+}
+
+#[test]
+fn an_output_of_a_failed_attempt_is_kept_with_a_stable_id() {
+    let mut given = running();
+    given.push(TaskEvent::Failed {
+        attempt: Some(1),
+        exit_code: Some(1),
+        reason: "exited with status 1".into(),
+        at: at(7),
+    });
+    let recorded = TaskEvent::ArtifactRecorded {
+        attempt: 1,
+        name: "log".into(),
+        key: "k".into(),
+        size: 3,
+        sha256: "cd".into(),
+        at: at(8),
+    };
+    F::with(())
+        .given(given.clone())
+        .when(TaskCommand::RecordArtifact {
+            node_id: node(),
+            attempt: 1,
+            name: "log".into(),
+            key: "k".into(),
+            size: 3,
+            sha256: "cd".into(),
+            at: at(8),
+        })
+        .then_expect_events(vec![recorded.clone()]);
+    let mut t = Task::default();
+    for e in given.into_iter().chain([recorded]) {
+        t.apply_event(e);
+    }
+    assert_eq!(t.artifacts[0].id, Artifact::id_for(task_id(), 1, "log"));
 }
 
 #[test]
