@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bollard::errors::Error as BollardError;
-use bollard::models::{ContainerCreateBody, DeviceRequest, HostConfig};
+use bollard::models::{ContainerCreateBody, DeviceRequest, HostConfig, HostConfigLogConfig};
 use bollard::query_parameters::{
     BuildImageOptionsBuilder, ListContainersOptionsBuilder, ListImagesOptionsBuilder,
     LogsOptionsBuilder, RemoveContainerOptionsBuilder, StopContainerOptionsBuilder,
@@ -36,6 +36,12 @@ pub const LABEL_TIMEOUT: &str = "unidesk.timeout_s";
 
 /// How many build output lines a failed build reports.
 const BUILD_TAIL_LINES: usize = 20;
+
+/// How much output Docker keeps per log file of a task container (two
+/// files): a task printing without end cannot fill the node's disk. Far
+/// above what the server stores per attempt, so the agent (and an agent
+/// adopting the container after a restart) still reads all it will send.
+pub const CONTAINER_LOG_MAX_SIZE: &str = "256m";
 
 /// Limit on processes in a task container, against fork bombs.
 pub const PIDS_LIMIT: i64 = 4096;
@@ -352,6 +358,13 @@ pub fn container_body(spec: &ContainerSpec<'_>) -> ContainerCreateBody {
         memory_swap: memory,
         pids_limit: Some(PIDS_LIMIT),
         device_requests,
+        log_config: Some(HostConfigLogConfig {
+            typ: Some("json-file".into()),
+            config: Some(HashMap::from([
+                ("max-size".to_owned(), CONTAINER_LOG_MAX_SIZE.to_owned()),
+                ("max-file".to_owned(), "2".to_owned()),
+            ])),
+        }),
         ..Default::default()
     };
     ContainerCreateBody {
@@ -662,6 +675,9 @@ mod tests {
             Some(&["0".to_owned(), "2".to_owned()][..])
         );
         assert_eq!(body.env.unwrap(), vec!["A=1"]);
+        let logs = host.log_config.unwrap();
+        assert_eq!(logs.typ.as_deref(), Some("json-file"));
+        assert_eq!(logs.config.unwrap()["max-size"], CONTAINER_LOG_MAX_SIZE);
         assert_eq!(body.working_dir.as_deref(), Some("/workspace"));
     }
 }
