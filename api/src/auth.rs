@@ -24,12 +24,36 @@ pub struct Caller {
     pub user: String,
     /// Whether they administer the whole platform.
     pub admin: bool,
+    /// The token they authenticated with, so a long-lived stream can check
+    /// that it was not revoked since.
+    pub token_id: uuid::Uuid,
 }
 
 impl Caller {
     /// The actor recorded on the events this caller causes.
     pub fn actor(&self) -> Actor {
         Actor::User(self.user.clone())
+    }
+
+    /// The caller as the log says now: fails once the token was revoked (or
+    /// the user removed), and picks up a change of the admin flag. Streams
+    /// that outlive a request call this now and then.
+    ///
+    /// # Errors
+    /// 401 when the token is no longer valid; 500 when the log cannot be
+    /// read.
+    pub async fn refresh(&self, store: &Store) -> Result<Caller, ApiError> {
+        let revoked = || ApiError::Unauthorized("the bearer token was revoked".into());
+        let Some(loaded) = store.load::<User>(&self.user).await? else {
+            return Err(revoked());
+        };
+        match loaded.state.live_token(self.token_id) {
+            Some(_) => Ok(Caller {
+                admin: loaded.state.admin,
+                ..self.clone()
+            }),
+            None => Err(revoked()),
+        }
     }
 
     /// Refuses callers who are not admins.
@@ -100,6 +124,7 @@ pub async fn authenticate(store: &Store, token: &str) -> Result<Caller, ApiError
         Some(fingerprint) if tokens::matches(&secret, fingerprint) => Ok(Caller {
             user: state.name,
             admin: state.admin,
+            token_id,
         }),
         _ => Err(invalid()),
     }

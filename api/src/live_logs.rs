@@ -424,8 +424,9 @@ impl Follow {
         }
     }
 
-    /// The task as it is now. Access is checked again now and then, so a
-    /// member who left the project stops seeing its output.
+    /// The task as it is now. The token and access are checked again now
+    /// and then, so a revoked token or a member who left the project stops
+    /// seeing its output.
     async fn task(&mut self) -> Result<Task, ApiError> {
         if self
             .access_checked
@@ -440,6 +441,7 @@ impl Follow {
                 .map(|l| l.state)
                 .ok_or_else(|| ApiError::not_found("task not found"));
         }
+        self.caller = self.caller.refresh(self.state.store()).await?;
         let task = access::task(&self.state, &self.caller, self.task_id)
             .await?
             .task;
