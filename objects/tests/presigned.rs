@@ -1,0 +1,187 @@
+//! Presigned URLs against the real embedded store (s3s over s3s-fs on a
+//! local listener): what they allow and what the store refuses.
+
+#![expect(
+    clippy::unwrap_used,
+    reason = "a test fails loudly at the first surprise"
+)]
+
+use std::time::Duration;
+
+use objects::embedded::{fresh_credentials, Embedded};
+use objects::{ObjectStore, Presigned};
+use sha2::{Digest, Sha256};
+
+struct Running {
+    store: ObjectStore,
+    _dir: tempfile::TempDir,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+async fn embedded(ttl: Duration) -> Running {
+    let dir = tempfile::tempdir().unwrap();
+    let (access, secret) = fresh_credentials();
+    let embedded = Embedded::new(dir.path(), "unidesk", &access, secret).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    let store = ObjectStore::new(&embedded.client_config(&endpoint, ttl)).unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel();
+    tokio::spawn(embedded.run(listener, async {
+        let _ = stopped.await;
+    }));
+    store.check().await.unwrap();
+    Running {
+        store,
+        _dir: dir,
+        stop: Some(stop),
+    }
+}
+
+fn sha(data: &[u8]) -> String {
+    hex::encode(Sha256::digest(data))
+}
+
+async fn put(p: &Presigned, body: Vec<u8>) -> reqwest::Response {
+    let mut req = reqwest::Client::new().put(&p.url).body(body);
+    for (k, v) in &p.headers {
+        req = req.header(k, v);
+    }
+    req.send().await.unwrap()
+}
+
+#[tokio::test]
+async fn an_upload_and_a_download_through_presigned_urls_keep_size_and_sha256() {
+    let s = embedded(Duration::from_secs(60)).await;
+    let data = b"weights".repeat(1000);
+    let url = s
+        .store
+        .presign_put("p/a.bin", Some(&sha(&data)))
+        .await
+        .unwrap();
+    let r = put(&url, data.clone()).await;
+    assert!(r.status().is_success(), "{}", r.text().await.unwrap());
+    let info = s.store.head("p/a.bin").await.unwrap().unwrap();
+    assert_eq!(info.size, data.len() as u64);
+    assert_eq!(info.sha256.as_deref(), Some(sha(&data).as_str()));
+    let get = s.store.presign_get("p/a.bin", Some("a.bin")).await.unwrap();
+    let body = reqwest::get(&get).await.unwrap().bytes().await.unwrap();
+    assert_eq!(body.as_ref(), data.as_slice());
+    assert_eq!(s.store.head("p/missing").await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn a_body_that_does_not_match_its_sha256_is_refused_by_the_store() {
+    let s = embedded(Duration::from_secs(60)).await;
+    let url = s
+        .store
+        .presign_put("p/b.bin", Some(&sha(b"good")))
+        .await
+        .unwrap();
+    let r = put(&url, b"evil".to_vec()).await;
+    // s3s answers 500 (its body check fails inside the write), S3 400.
+    assert!(!r.status().is_success(), "{}", r.text().await.unwrap());
+    assert_eq!(s.store.head("p/b.bin").await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn an_expired_or_tampered_url_is_refused_by_the_store() {
+    let s = embedded(Duration::from_secs(1)).await;
+    let data = b"x".to_vec();
+    let url = s
+        .store
+        .presign_put("p/c.bin", Some(&sha(&data)))
+        .await
+        .unwrap();
+    assert!(put(&url, data.clone()).await.status().is_success());
+
+    let get = s.store.presign_get("p/c.bin", None).await.unwrap();
+    let tampered = {
+        let i = get.rfind("X-Amz-Signature=").unwrap() + "X-Amz-Signature=".len();
+        let mut t = get.clone().into_bytes();
+        t[i] = if t[i] == b'0' { b'1' } else { b'0' };
+        String::from_utf8(t).unwrap()
+    };
+    assert_eq!(reqwest::get(&tampered).await.unwrap().status(), 403);
+
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let r = reqwest::get(&get).await.unwrap();
+    assert_eq!(r.status(), 403);
+    assert!(r.text().await.unwrap().contains("expired"));
+}
+
+#[tokio::test]
+async fn a_url_for_one_object_cannot_read_or_write_another() {
+    let s = embedded(Duration::from_secs(60)).await;
+    for (key, body) in [("p/a", b"aaa"), ("p/b", b"bbb")] {
+        let url = s.store.presign_put(key, Some(&sha(body))).await.unwrap();
+        assert!(put(&url, body.to_vec()).await.status().is_success());
+    }
+    let get_a = s.store.presign_get("p/a", None).await.unwrap();
+    let r = reqwest::get(get_a.replace("/p/a?", "/p/b?")).await.unwrap();
+    assert_eq!(r.status(), 403);
+    let mut put_a = s
+        .store
+        .presign_put("p/a", Some(&sha(b"new")))
+        .await
+        .unwrap();
+    put_a.url = put_a.url.replace("/p/a?", "/p/b?");
+    assert_eq!(put(&put_a, b"new".to_vec()).await.status(), 403);
+    let get_b = s.store.presign_get("p/b", None).await.unwrap();
+    let body = reqwest::get(&get_b).await.unwrap().bytes().await.unwrap();
+    assert_eq!(body.as_ref(), b"bbb");
+}
+
+#[tokio::test]
+async fn a_multipart_upload_checks_each_part_and_assembles_them_in_order() {
+    let s = embedded(Duration::from_secs(60)).await;
+    let part = objects::MIN_PART_BYTES as usize;
+    let data: Vec<u8> = (0..part * 2 + 1000).map(|i| (i % 251) as u8).collect();
+    let whole = sha(&data);
+    let upload = s
+        .store
+        .start_multipart("p/big", Some(&whole))
+        .await
+        .unwrap();
+    let mut etags = Vec::new();
+    for (i, chunk) in data.chunks(part).enumerate() {
+        let n = i as u32 + 1;
+        let bad = s
+            .store
+            .presign_part("p/big", &upload, n, Some(&sha(chunk)))
+            .await
+            .unwrap();
+        let mut corrupted = chunk.to_vec();
+        corrupted[0] ^= 1;
+        assert!(
+            !put(&bad, corrupted).await.status().is_success(),
+            "part {n}"
+        );
+        let url = s
+            .store
+            .presign_part("p/big", &upload, n, Some(&sha(chunk)))
+            .await
+            .unwrap();
+        let r = put(&url, chunk.to_vec()).await;
+        assert!(r.status().is_success(), "part {n}");
+        let etag = r.headers()["etag"].to_str().unwrap().to_string();
+        etags.push((n, etag));
+    }
+    s.store
+        .complete_multipart("p/big", &upload, &etags)
+        .await
+        .unwrap();
+    let info = s.store.head("p/big").await.unwrap().unwrap();
+    assert_eq!(info.size, data.len() as u64);
+    assert_eq!(info.sha256.as_deref(), Some(whole.as_str()));
+    let get = s.store.presign_get("p/big", None).await.unwrap();
+    let body = reqwest::get(&get).await.unwrap().bytes().await.unwrap();
+    assert_eq!(sha(&body), whole);
+}
