@@ -79,6 +79,10 @@ pub enum AgentMessage {
     /// (a commit fetched, an image built); it replaces the hello's lists,
     /// so the scheduler's preference for cached nodes stays current.
     Cache(Cache),
+    /// Asks for a presigned URL for one transfer of a task's input or
+    /// output, right before the transfer; answered by
+    /// [`ServerMessage::TransferUrl`] with the same `id`.
+    TransferRequest(TransferRequest),
 }
 
 /// Everything the server sends.
@@ -115,6 +119,8 @@ pub enum ServerMessage {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         error: Option<String>,
     },
+    /// The answer to a [`AgentMessage::TransferRequest`].
+    TransferUrl(TransferGrant),
     /// A problem with the session; the server closes it after this.
     Error {
         /// A stable code: `bad_frame`, `unknown_type`, `too_large`,
@@ -354,6 +360,140 @@ pub struct RunTask {
     /// Wall-clock limit of the run, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_s: Option<u64>,
+    /// Objects to download into the workspace before the command runs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub inputs: Vec<TaskInput>,
+    /// Workspace files to upload once the command ended, also when it
+    /// failed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub outputs: Vec<TaskOutput>,
+}
+
+/// An input of a [`RunTask`]. The agent asks for its URL by `name` when it
+/// is about to download it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskInput {
+    /// Its path in the workspace, relative and normalised.
+    pub name: String,
+    /// The object of the task's project, for messages.
+    pub object: String,
+}
+
+/// An output of a [`RunTask`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskOutput {
+    /// Its name.
+    pub name: String,
+    /// The file in the workspace, relative and normalised.
+    pub path: String,
+}
+
+/// The most parts an agent splits one upload into, so that the list of
+/// parts completing it fits in one frame.
+pub const MAX_UPLOAD_PARTS: u32 = 2000;
+
+/// A request for a presigned URL. The server answers only for an attempt
+/// of this node that is still running, and only for an input or output the
+/// task's spec names: a node can reach no other object.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransferRequest {
+    /// Agent-local id, named again in the answer.
+    pub id: u64,
+    /// The task.
+    pub task_id: Uuid,
+    /// The attempt.
+    pub attempt: u32,
+    /// What the URL is for.
+    #[serde(flatten)]
+    pub op: TransferOp,
+}
+
+/// What a [`TransferRequest`] asks for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum TransferOp {
+    /// A GET URL for the input named `input`; the answer carries the
+    /// object's size and, when known, SHA-256, to check the download by.
+    Download {
+        /// The input's name.
+        input: String,
+    },
+    /// Begins the upload of output `output`: a PUT URL when `parts` is 1,
+    /// otherwise the id of a new multipart upload.
+    Upload {
+        /// The output's name.
+        output: String,
+        /// The file's size.
+        size: u64,
+        /// The file's SHA-256, lower-case hex.
+        sha256: String,
+        /// Into how many parts it is cut, 1 to [`MAX_UPLOAD_PARTS`].
+        parts: u32,
+    },
+    /// A PUT URL for one part of a multipart upload.
+    UploadPart {
+        /// The output's name.
+        output: String,
+        /// The upload from the answer to [`TransferOp::Upload`].
+        upload_id: String,
+        /// From 1.
+        part_number: u32,
+        /// The part's SHA-256: the store refuses a body that does not
+        /// match.
+        sha256: String,
+    },
+    /// Ends an upload: the server completes a multipart upload from
+    /// `parts`, checks the stored object's size and SHA-256 and records the
+    /// output. Answered without a URL.
+    Complete {
+        /// The output's name.
+        output: String,
+        /// The multipart upload, if it was one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        upload_id: Option<String>,
+        /// Every part, in order (empty for a single PUT).
+        #[serde(default)]
+        parts: Vec<UploadedPart>,
+        /// The file's size.
+        size: u64,
+        /// The file's SHA-256.
+        sha256: String,
+    },
+}
+
+/// One uploaded part of a multipart upload.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UploadedPart {
+    /// From 1.
+    pub part_number: u32,
+    /// The ETag the store answered.
+    pub etag: String,
+}
+
+/// The answer to a [`TransferRequest`]: a URL, or why there is none.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct TransferGrant {
+    /// The request's id.
+    pub id: u64,
+    /// The presigned URL, valid for a short time, for one object and one
+    /// method.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// Headers to send with the URL, unchanged (they are signed).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, String>,
+    /// With a download: the object's size.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
+    /// With a download: the object's SHA-256, when it is known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    /// With the start of a multipart upload: its id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upload_id: Option<String>,
+    /// Why the request was refused, for a person; the transfer fails.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// The stable id of a command: the same request always gets the same id, so
@@ -576,6 +716,53 @@ mod tests {
         );
         let missing = decode::<AgentMessage>(r#"{"protocol":1,"type":"heartbeat"}"#);
         assert_eq!(missing.unwrap_err().code(), "bad_frame");
+    }
+
+    #[test]
+    fn transfer_messages_round_trip() {
+        let r = AgentMessage::TransferRequest(TransferRequest {
+            id: 3,
+            task_id: Uuid::nil(),
+            attempt: 1,
+            op: TransferOp::UploadPart {
+                output: "model".into(),
+                upload_id: "u".into(),
+                part_number: 2,
+                sha256: "a".repeat(64),
+            },
+        });
+        let text = encode(&r);
+        assert!(text.contains(r#""type":"transfer_request""#), "{text}");
+        assert!(text.contains(r#""op":"upload_part""#), "{text}");
+        assert_eq!(decode::<AgentMessage>(&text).unwrap(), r);
+        let g = ServerMessage::TransferUrl(TransferGrant {
+            id: 3,
+            url: Some("http://s/b/k?X-Amz-Signature=1".into()),
+            ..TransferGrant::default()
+        });
+        assert_eq!(decode::<ServerMessage>(&encode(&g)).unwrap(), g);
+    }
+
+    #[test]
+    fn the_largest_completion_fits_in_a_frame() {
+        let r = AgentMessage::TransferRequest(TransferRequest {
+            id: u64::MAX,
+            task_id: Uuid::max(),
+            attempt: u32::MAX,
+            op: TransferOp::Complete {
+                output: "o".repeat(128),
+                upload_id: Some("u".repeat(1024)),
+                parts: (1..=MAX_UPLOAD_PARTS)
+                    .map(|n| UploadedPart {
+                        part_number: n,
+                        etag: format!("\"{}-10000\"", "f".repeat(32)),
+                    })
+                    .collect(),
+                size: u64::MAX,
+                sha256: "f".repeat(64),
+            },
+        });
+        assert!(encode(&r).len() <= MAX_FRAME_BYTES);
     }
 
     #[test]

@@ -982,6 +982,8 @@ impl Agent {
             }
             ServerMessage::Error { code, message } => bail!("server error {code}: {message}"),
             ServerMessage::Welcome { .. } => Ok(()),
+            // Simulated tasks have no inputs or outputs to transfer.
+            ServerMessage::TransferUrl(_) => Ok(()),
         }
     }
 
