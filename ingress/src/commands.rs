@@ -94,6 +94,22 @@ pub(crate) fn run_task(task: &Task) -> Option<Encoded> {
             memory_mb: spec.resources.memory_mb,
             gpus: task.gpus().to_vec(),
             timeout_s: spec.timeout_s,
+            inputs: spec
+                .inputs
+                .iter()
+                .map(|i| protocol::TaskInput {
+                    name: i.name.to_string(),
+                    object: i.object.to_string(),
+                })
+                .collect(),
+            outputs: spec
+                .outputs
+                .iter()
+                .map(|o| protocol::TaskOutput {
+                    name: o.name.to_string(),
+                    path: o.path.to_string(),
+                })
+                .collect(),
         }),
     };
     let frame = protocol::encode(&message);

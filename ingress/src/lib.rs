@@ -38,6 +38,7 @@ mod logs;
 mod registry;
 mod reports;
 mod session;
+mod transfers;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -108,6 +109,8 @@ pub struct Ingress {
     log_limits: LogLimits,
     /// Wakes log followers after output is stored.
     log_notifier: LogNotifier,
+    /// Signs URLs for the nodes' transfers, when the server has a store.
+    objects: Option<objects::ObjectStore>,
 }
 
 impl Ingress {
@@ -121,7 +124,16 @@ impl Ingress {
             start: Arc::new(OnceCell::new()),
             log_limits: LogLimits::default(),
             log_notifier: LogNotifier::default(),
+            objects: None,
         }
+    }
+
+    /// The same ingress signing URLs for the nodes' task inputs and outputs
+    /// with `objects`; without one, every transfer is refused with a
+    /// message saying so. Call before serving.
+    pub fn with_objects(mut self, objects: Option<objects::ObjectStore>) -> Self {
+        self.objects = objects;
+        self
     }
 
     /// The same ingress with other bounds on stored task output (the
@@ -189,5 +201,9 @@ impl Ingress {
 
     fn log_notifier(&self) -> &LogNotifier {
         &self.log_notifier
+    }
+
+    fn objects(&self) -> Option<&objects::ObjectStore> {
+        self.objects.as_ref()
     }
 }

@@ -683,6 +683,20 @@ impl Session {
                 }
                 Ok(())
             }
+            AgentMessage::TransferRequest(request) => {
+                let grant = crate::transfers::answer(
+                    self.ingress.store(),
+                    self.ingress.objects(),
+                    self.node_id,
+                    request,
+                )
+                .await;
+                send(
+                    socket,
+                    &protocol::encode(&ServerMessage::TransferUrl(grant)),
+                )
+                .await
+            }
             AgentMessage::HostSshResult(result) => {
                 let answer = host_ssh::finish(self.ingress.store(), self.node_id, &result).await;
                 self.answer(socket, result.id, answer, "host SSH result")

@@ -1,0 +1,279 @@
+//! Presigned URLs for a node's transfers, signed at the moment it asks.
+//!
+//! A node asks right before each download or upload (and each part of a
+//! multipart upload), so every URL it holds is fresh and short-lived, and a
+//! `run_task` resent hours later carries none. The server answers only for
+//! an attempt placed on the asking node that still holds it, and only for
+//! an input or output its task names: the key is worked out here from the
+//! task's spec, never taken from the node. A completed upload is checked at
+//! the store (its size and SHA-256) before it is recorded as an artifact.
+
+use chrono::Utc;
+use domain::task::{Task, TaskCommand};
+use domain::Actor;
+use objects::{ObjectStore, MAX_OBJECT_BYTES};
+use protocol::{TransferGrant, TransferOp, TransferRequest, UploadedPart, MAX_UPLOAD_PARTS};
+use store::{Store, StoreError};
+use uuid::Uuid;
+
+/// What a node is told when the server has no object store.
+pub(crate) const NO_STORE: &str =
+    "this server has no object store configured (start it with --s3-endpoint and --s3-bucket)";
+
+/// Answers one request of node `node_id`.
+pub(crate) async fn answer(
+    store: &Store,
+    objects: Option<&ObjectStore>,
+    node_id: Uuid,
+    request: TransferRequest,
+) -> TransferGrant {
+    let id = request.id;
+    let result = match objects {
+        None => Err(NO_STORE.to_string()),
+        Some(objects) => grant(store, objects, node_id, request).await,
+    };
+    match result {
+        Ok(grant) => TransferGrant { id, ..grant },
+        Err(error) => {
+            tracing::info!(%node_id, id, %error, "transfer refused");
+            TransferGrant {
+                id,
+                error: Some(error),
+                ..TransferGrant::default()
+            }
+        }
+    }
+}
+
+fn is_sha256(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+/// The task, when attempt `attempt` of it is placed on `node_id` and still
+/// holds the node.
+async fn live_attempt(
+    store: &Store,
+    node_id: Uuid,
+    task_id: Uuid,
+    attempt: u32,
+) -> Result<Task, String> {
+    let not_ours = || format!("attempt {attempt} of this task is not running on this node");
+    let task = store
+        .load::<Task>(&task_id.to_string())
+        .await
+        .map_err(|e| format!("the server cannot read the task now ({e}); try again"))?
+        .map(|l| l.state)
+        .ok_or_else(not_ours)?;
+    if task.attempt == attempt && task.node_id == Some(node_id) && task.state.holds_node() {
+        Ok(task)
+    } else {
+        Err(not_ours())
+    }
+}
+
+async fn grant(
+    store: &Store,
+    objects: &ObjectStore,
+    node_id: Uuid,
+    request: TransferRequest,
+) -> Result<TransferGrant, String> {
+    let task = live_attempt(store, node_id, request.task_id, request.attempt).await?;
+    let Some(spec) = task.spec.as_ref() else {
+        return Err("the task has no spec".into());
+    };
+    let output_key = |output: &str| -> Result<String, String> {
+        spec.outputs
+            .iter()
+            .find(|o| o.name.as_str() == output)
+            .map(|o| {
+                objects::keys::task_output(
+                    spec.project_id,
+                    request.task_id,
+                    request.attempt,
+                    o.name.as_str(),
+                )
+            })
+            .ok_or_else(|| format!("the task has no output named {output:?}"))
+    };
+    match request.op {
+        TransferOp::Download { input } => {
+            let Some(found) = spec.inputs.iter().find(|i| i.name.as_str() == input) else {
+                return Err(format!("the task has no input named {input:?}"));
+            };
+            let object = found.object.as_str();
+            let key = objects::keys::project_object(spec.project_id, object);
+            let info = objects
+                .head(&key)
+                .await
+                .map_err(|e| format!("input {input}: {e}"))?
+                .ok_or_else(|| {
+                    format!(
+                        "input {input}: object {object:?} does not exist in the project's store"
+                    )
+                })?;
+            let url = objects
+                .presign_get(&key, None)
+                .await
+                .map_err(|e| format!("input {input}: {e}"))?;
+            Ok(TransferGrant {
+                url: Some(url),
+                size: Some(info.size),
+                sha256: info.sha256,
+                ..TransferGrant::default()
+            })
+        }
+        TransferOp::Upload {
+            output,
+            size,
+            sha256,
+            parts,
+        } => {
+            let key = output_key(&output)?;
+            if !is_sha256(&sha256) {
+                return Err("sha256 must be 64 lower-case hex digits".into());
+            }
+            if size > MAX_OBJECT_BYTES {
+                return Err(format!(
+                    "output {output} is larger than the store's limit of 5 TiB"
+                ));
+            }
+            if !(1..=MAX_UPLOAD_PARTS).contains(&parts) {
+                return Err(format!("an upload has 1 to {MAX_UPLOAD_PARTS} parts"));
+            }
+            let err = |e: objects::ObjectError| format!("output {output}: {e}");
+            if parts == 1 {
+                let p = objects
+                    .presign_put(&key, Some(&sha256))
+                    .await
+                    .map_err(err)?;
+                Ok(TransferGrant {
+                    url: Some(p.url),
+                    headers: p.headers,
+                    ..TransferGrant::default()
+                })
+            } else {
+                let upload_id = objects
+                    .start_multipart(&key, Some(&sha256))
+                    .await
+                    .map_err(err)?;
+                Ok(TransferGrant {
+                    upload_id: Some(upload_id),
+                    ..TransferGrant::default()
+                })
+            }
+        }
+        TransferOp::UploadPart {
+            output,
+            upload_id,
+            part_number,
+            sha256,
+        } => {
+            let key = output_key(&output)?;
+            if !is_sha256(&sha256) {
+                return Err("sha256 must be 64 lower-case hex digits".into());
+            }
+            let p = objects
+                .presign_part(&key, &upload_id, part_number, Some(&sha256))
+                .await
+                .map_err(|e| format!("output {output}: {e}"))?;
+            Ok(TransferGrant {
+                url: Some(p.url),
+                headers: p.headers,
+                ..TransferGrant::default()
+            })
+        }
+        TransferOp::Complete {
+            output,
+            upload_id,
+            parts,
+            size,
+            sha256,
+        } => {
+            let key = output_key(&output)?;
+            let done = Completed {
+                output: &output,
+                key: &key,
+                size,
+                sha256: &sha256,
+            };
+            done.check(objects, upload_id.as_deref(), &parts).await?;
+            let at = Utc::now();
+            let command = TaskCommand::RecordArtifact {
+                node_id,
+                attempt: request.attempt,
+                name: output.clone(),
+                key,
+                size,
+                sha256,
+                at,
+            };
+            let actor = Actor::Node(node_id.to_string());
+            match store
+                .execute::<Task>(&request.task_id.to_string(), command, &actor, at)
+                .await
+            {
+                Ok(_) => Ok(TransferGrant::default()),
+                Err(StoreError::Rejected(e)) => Err(format!("output {output}: {e}")),
+                Err(e) => Err(format!(
+                    "output {output}: the server cannot record it now ({e}); try again"
+                )),
+            }
+        }
+    }
+}
+
+/// An upload the node says is complete.
+struct Completed<'a> {
+    output: &'a str,
+    key: &'a str,
+    size: u64,
+    sha256: &'a str,
+}
+
+impl Completed<'_> {
+    /// Completes a multipart upload, then checks the stored object's size
+    /// and SHA-256; an object that does not match is deleted.
+    async fn check(
+        &self,
+        objects: &ObjectStore,
+        upload_id: Option<&str>,
+        parts: &[UploadedPart],
+    ) -> Result<(), String> {
+        let output = self.output;
+        let mut completion = Ok(());
+        if let Some(upload_id) = upload_id {
+            let parts: Vec<_> = parts
+                .iter()
+                .map(|p| (p.part_number, p.etag.clone()))
+                .collect();
+            completion = objects
+                .complete_multipart(self.key, upload_id, &parts)
+                .await
+                .map_err(|e| format!("output {output}: completing the upload failed: {e}"));
+        }
+        // A completion sent again after a lost answer finds the upload
+        // gone but the object there: the object decides.
+        let info = match objects.head(self.key).await {
+            Ok(Some(info)) => info,
+            Ok(None) => {
+                completion?;
+                return Err(format!("output {output}: the store does not hold it"));
+            }
+            Err(e) => return Err(format!("output {output}: {e}")),
+        };
+        let sha_ok = info.sha256.as_deref().is_none_or(|s| s == self.sha256);
+        if info.size == self.size && sha_ok {
+            return Ok(());
+        }
+        if let Err(e) = objects.delete(self.key).await {
+            tracing::warn!(key = self.key, error = %e, "could not delete a mismatched object");
+        }
+        Err(format!(
+            "output {output}: the store holds {} bytes with SHA-256 {}, the node sent {} bytes with SHA-256 {}; the object was deleted",
+            info.size,
+            info.sha256.as_deref().unwrap_or("unknown"),
+            self.size,
+            self.sha256
+        ))
+    }
+}
