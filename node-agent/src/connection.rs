@@ -430,6 +430,7 @@ impl Link {
         };
         self.queue().rewind();
         self.host_results().rewind();
+        self.ctx.files().broker().rewind();
         let end = self.serve(&mut sink, &mut stream, heartbeat_s).await;
         tracing::warn!(reason = %end, "session ended");
         true
@@ -489,6 +490,7 @@ impl Link {
                     self.on_frame(incoming, sink).await
                 }
                 _ = self.wake.notified() => Ok(()),
+                _ = self.ctx.files().broker().wanted() => Ok(()),
                 _ = heartbeat.tick() => {
                     if last_heard.elapsed() > silence {
                         return SessionEnd::Silent(silence);
@@ -514,6 +516,13 @@ impl Link {
         }
         loop {
             let next = self.queue().next_message();
+            match next {
+                Some(message) => sink.send(frame(&message)).await?,
+                None => break,
+            }
+        }
+        loop {
+            let next = self.ctx.files().broker().next_message();
             match next {
                 Some(message) => sink.send(frame(&message)).await?,
                 None => break,
@@ -585,6 +594,7 @@ impl Link {
                     return Err(SessionEnd::ServerError { code, message });
                 }
             }
+            ServerMessage::TransferUrl(grant) => self.ctx.files().broker().answer(grant),
             ServerMessage::Welcome { .. } => tracing::debug!("ignoring a second welcome"),
         }
         Ok(())

@@ -25,6 +25,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::docker::{self, ContainerSpec, DockerError, Exit, ImageSource, Images};
 use crate::git::{GitCache, GitError};
 use crate::logs::{Chunk, LogChunker};
+use crate::transfer::{self, Files};
 
 /// The stage reported while the code is fetched.
 pub const STAGE_CODE: &str = "fetching code";
@@ -40,6 +41,15 @@ pub const STAGE_ENV_READY: &str = "environment ready";
 /// The stage reported once the image exists, with whether it was reused or
 /// built.
 pub const STAGE_IMAGE_READY: &str = "image ready";
+/// The stage reported while the task's inputs are downloaded.
+pub const STAGE_INPUTS: &str = "downloading inputs";
+/// The stage reported once every input is in the workspace, with how much
+/// arrived how fast.
+pub const STAGE_INPUTS_READY: &str = "inputs ready";
+/// The file in an attempt's directory (beside, not inside, the workspace
+/// the container sees) naming its outputs, so an agent that adopts the
+/// container after a restart still uploads them.
+const OUTPUTS_FILE: &str = "outputs.json";
 
 /// How long buffered output may wait before it is reported.
 const LOG_FLUSH_INTERVAL: Duration = Duration::from_millis(200);
@@ -172,6 +182,8 @@ pub struct Context {
     /// Set when a commit was fetched or an image built since the server
     /// last heard what is cached.
     cache_changed: std::sync::atomic::AtomicBool,
+    /// Moves task inputs and outputs through presigned URLs.
+    files: Files,
 }
 
 impl Context {
@@ -192,7 +204,21 @@ impl Context {
             work_dir,
             timeout_grace: Duration::from_secs(10),
             cache_changed: std::sync::atomic::AtomicBool::new(false),
+            files: Files::new(Arc::default(), transfer::PART_BYTES),
         })
+    }
+
+    /// Cuts output uploads into parts of `part_bytes` (64 MiB by default,
+    /// at least 5 MiB).
+    pub fn with_part_bytes(mut self, part_bytes: u64) -> Self {
+        self.files = Files::new(Arc::clone(self.files.broker()), part_bytes);
+        self
+    }
+
+    /// What moves task inputs and outputs; its broker is served by the
+    /// connection.
+    pub fn files(&self) -> &Files {
+        &self.files
     }
 
     /// Sets the grace period between SIGTERM and SIGKILL when an attempt
@@ -397,7 +423,99 @@ async fn attempt(
             return Ending::plain(ReportedState::Cancelled, Some("cancelled while preparing".into()));
         }
     };
-    run_container(spec, ctx, out, cancel, &workspace.join("code"), &image).await
+    let code = workspace.join("code");
+    if !spec.inputs.is_empty() {
+        tokio::select! {
+            fetched = download_inputs(spec, ctx, out, &code) => {
+                if let Err(e) = fetched {
+                    return Ending::failed(e);
+                }
+            }
+            _ = cancel.cancelled() => {
+                return Ending::plain(ReportedState::Cancelled, Some("cancelled while downloading inputs".into()));
+            }
+        }
+    }
+    if !spec.outputs.is_empty() {
+        if let Ok(json) = serde_json::to_vec(&spec.outputs) {
+            if let Err(e) = tokio::fs::write(workspace.join(OUTPUTS_FILE), json).await {
+                tracing::warn!(error = %e, "could not note the outputs for a later adoption");
+            }
+        }
+    }
+    let ending = run_container(spec, ctx, out, cancel, &code, &image).await;
+    upload_outputs(
+        ctx,
+        (spec.task_id, spec.attempt),
+        &spec.outputs,
+        &code,
+        ending,
+    )
+    .await
+}
+
+/// Downloads every input into the workspace, reporting the stage.
+async fn download_inputs(
+    spec: &RunTask,
+    ctx: &Context,
+    out: &Reporter,
+    code: &Path,
+) -> Result<(), String> {
+    out.stage(STAGE_INPUTS).await;
+    let started = std::time::Instant::now();
+    let mut total = 0;
+    for input in &spec.inputs {
+        let moved = ctx
+            .files
+            .download(spec.task_id, spec.attempt, input, code)
+            .await?;
+        tracing::info!(input = %input.name, size = moved.size, sha256 = %moved.sha256, "input downloaded");
+        total += moved.size;
+    }
+    let detail = transfer::summary(total, spec.inputs.len(), started);
+    out.stage_done(STAGE_INPUTS_READY, detail).await;
+    Ok(())
+}
+
+/// Uploads every output once the container ended (also when it failed or
+/// timed out; not after a cancel). Outputs that fail do not stop the others;
+/// they fail the attempt, saying which and why.
+async fn upload_outputs(
+    ctx: &Context,
+    (task_id, attempt): (uuid::Uuid, u32),
+    outputs: &[protocol::TaskOutput],
+    code: &Path,
+    ending: Ending,
+) -> Ending {
+    if outputs.is_empty() || ending.state == ReportedState::Cancelled {
+        return ending;
+    }
+    let mut failures = Vec::new();
+    for output in outputs {
+        match ctx.files.upload(task_id, attempt, output, code).await {
+            Ok(moved) => {
+                tracing::info!(output = %output.name, size = moved.size, sha256 = %moved.sha256, "output uploaded")
+            }
+            Err(e) => {
+                tracing::warn!(output = %output.name, error = %e, "output not uploaded");
+                failures.push(e);
+            }
+        }
+    }
+    if failures.is_empty() {
+        return ending;
+    }
+    let what = failures.join("; ");
+    match ending.state {
+        ReportedState::Succeeded => Ending::failed(format!("the command succeeded, but {what}")),
+        _ => Ending {
+            message: Some(match ending.message {
+                Some(m) => format!("{m}; {what}"),
+                None => what,
+            }),
+            ..ending
+        },
+    }
 }
 
 /// Fetches code and env and finds or builds the image; returns its tag.
@@ -714,7 +832,15 @@ pub async fn adopt(
     if let Err(e) = docker::remove_container(&ctx.docker, &found.id).await {
         tracing::warn!(error = %e, "could not remove the container");
     }
-    remove_workspace(&ctx.workspace(found.task_id, found.attempt)).await;
+    let workspace = ctx.workspace(found.task_id, found.attempt);
+    let outputs: Vec<protocol::TaskOutput> =
+        match tokio::fs::read(workspace.join(OUTPUTS_FILE)).await {
+            Ok(json) => serde_json::from_slice(&json).unwrap_or_default(),
+            Err(_) => Vec::new(),
+        };
+    let key = (found.task_id, found.attempt);
+    let ending = upload_outputs(&ctx, key, &outputs, &workspace.join("code"), ending).await;
+    remove_workspace(&workspace).await;
     tracing::info!(state = ?ending.state, message = ending.message.as_deref(), "adopted attempt ended");
     out.status(ending.state, |s| {
         s.exit_code = ending.exit_code;

@@ -17,3 +17,4 @@ pub mod keyed_lock;
 pub mod logs;
 pub mod resources;
 pub mod supervisor;
+pub mod transfer;

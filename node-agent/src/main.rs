@@ -60,6 +60,11 @@ struct Cli {
     /// Git cache, image build contexts and task workspaces.
     #[arg(long, env = "UNIDESK_WORK_DIR", default_value = "./.unidesk-agent")]
     work_dir: PathBuf,
+    /// Part size of multipart uploads of task outputs, in MiB (5 or more):
+    /// a part that fails is sent again alone.
+    #[arg(long, env = "UNIDESK_PART_MB", default_value_t = 64,
+          value_parser = clap::value_parser!(u64).range(5..=5 * 1024))]
+    part_mb: u64,
     /// Upper bound of the first reconnect delay, in milliseconds.
     #[arg(long, default_value_t = 1000)]
     reconnect_min_ms: u64,
@@ -137,7 +142,8 @@ async fn start(cli: Cli) -> anyhow::Result<ExitCode> {
         .await
         .context("connecting to Docker")?;
     let ctx = Context::new(docker, &cli.work_dir)
-        .with_context(|| format!("preparing the work directory {}", cli.work_dir.display()))?;
+        .with_context(|| format!("preparing the work directory {}", cli.work_dir.display()))?
+        .with_part_bytes(cli.part_mb * 1024 * 1024);
     tracing::info!(
         server = %config.server,
         work_dir = %ctx.work_dir().display(),

@@ -88,10 +88,6 @@ pub enum AgentMessage {
 /// Everything the server sends.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
-#[expect(
-    clippy::large_enum_variant,
-    reason = "a message is decoded, handled and dropped; boxing buys nothing"
-)]
 pub enum ServerMessage {
     /// The answer to a valid [`Hello`].
     Welcome {
@@ -264,6 +260,10 @@ pub struct LogChunk {
 /// What the server asks of an agent.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "a command is decoded, handled and dropped; boxing buys nothing"
+)]
 pub enum Command {
     /// Run an attempt of a task.
     RunTask(RunTask),

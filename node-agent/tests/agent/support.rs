@@ -131,6 +131,8 @@ pub fn spec(code: &Repo, env: &Repo, script: &str) -> RunTask {
         memory_mb: 64,
         gpus: Vec::new(),
         timeout_s: None,
+        inputs: Vec::new(),
+        outputs: Vec::new(),
     }
 }
 

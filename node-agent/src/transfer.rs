@@ -1,0 +1,738 @@
+//! Task inputs and outputs: streamed between the workspace and the object
+//! store through presigned URLs, never through the WebSocket.
+//!
+//! The agent holds no credentials for the store. Right before each transfer
+//! (each part of a multipart upload, each retry) it asks the server for a
+//! URL over its session ([`Broker`]); the server signs one for exactly that
+//! object and method, valid for minutes. Files are read and written in
+//! small buffers, so memory stays flat whatever their size:
+//!
+//! - a download is written to a temporary file next to its destination and
+//!   renamed into place only once its size and SHA-256 match what the
+//!   server said; a broken connection resumes from the bytes already
+//!   written (a `Range` request on a fresh URL);
+//! - an upload is hashed first (the whole file and each part), then sent in
+//!   one PUT up to the part size, or in parts; each body carries its SHA-256
+//!   in a signed header, so the store refuses a corrupted part, and a failed
+//!   part is sent again alone. The server completes the upload, checks the
+//!   stored size and SHA-256 and records the output.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use protocol::{AgentMessage, TaskInput, TaskOutput, TransferGrant, TransferOp, TransferRequest};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+use tokio::sync::{oneshot, Notify};
+use uuid::Uuid;
+
+/// The default part size of multipart uploads.
+pub const PART_BYTES: u64 = 64 * 1024 * 1024;
+/// How long the server may take to answer a request for a URL.
+const ASK_TIMEOUT: Duration = Duration::from_secs(60);
+/// How often one transfer (one part) is tried before the output fails.
+const TRIES: u32 = 5;
+/// The read buffer: what one transfer holds in memory at a time.
+const BUFFER: usize = 256 * 1024;
+
+/// Why a transfer failed, for the task's reason.
+pub type TransferError = String;
+
+/// Requests for URLs, waiting for the session to send them and for the
+/// server's answers. Shared by the executors and the connection.
+#[derive(Debug, Default)]
+pub struct Broker {
+    state: Mutex<BrokerState>,
+    wake: Notify,
+}
+
+#[derive(Debug, Default)]
+struct BrokerState {
+    next_id: u64,
+    pending: BTreeMap<u64, Pending>,
+}
+
+#[derive(Debug)]
+struct Pending {
+    request: TransferRequest,
+    sent: bool,
+    reply: oneshot::Sender<TransferGrant>,
+}
+
+impl Broker {
+    fn state(&self) -> MutexGuard<'_, BrokerState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Asks the server for what `op` needs for attempt `attempt` of
+    /// `task_id`, and waits for the answer.
+    ///
+    /// # Errors
+    /// The server's refusal, or that it did not answer in time (also while
+    /// the agent is disconnected).
+    pub async fn ask(
+        &self,
+        task_id: Uuid,
+        attempt: u32,
+        op: TransferOp,
+    ) -> Result<TransferGrant, TransferError> {
+        let (reply, answer) = oneshot::channel();
+        let id = {
+            let mut state = self.state();
+            state.next_id += 1;
+            let id = state.next_id;
+            let request = TransferRequest {
+                id,
+                task_id,
+                attempt,
+                op,
+            };
+            state.pending.insert(
+                id,
+                Pending {
+                    request,
+                    sent: false,
+                    reply,
+                },
+            );
+            id
+        };
+        self.wake.notify_one();
+        let answered = tokio::time::timeout(ASK_TIMEOUT, answer).await;
+        self.state().pending.remove(&id);
+        match answered {
+            Ok(Ok(grant)) => match grant.error {
+                Some(error) => Err(error),
+                None => Ok(grant),
+            },
+            _ => Err(format!(
+                "the server did not answer a request for a transfer URL within {} s",
+                ASK_TIMEOUT.as_secs()
+            )),
+        }
+    }
+
+    /// Resolves when a request waits to be sent.
+    pub async fn wanted(&self) {
+        self.wake.notified().await;
+    }
+
+    /// After a reconnect: every unanswered request is sent again.
+    pub fn rewind(&self) {
+        for p in self.state().pending.values_mut() {
+            p.sent = false;
+        }
+    }
+
+    /// The next request to send in this session, if any.
+    pub fn next_message(&self) -> Option<AgentMessage> {
+        let mut state = self.state();
+        let p = state.pending.values_mut().find(|p| !p.sent)?;
+        p.sent = true;
+        Some(AgentMessage::TransferRequest(p.request.clone()))
+    }
+
+    /// Hands the server's answer to the request waiting for it; an answer
+    /// nobody waits for any more is dropped.
+    pub fn answer(&self, grant: TransferGrant) {
+        if let Some(p) = self.state().pending.remove(&grant.id) {
+            let _ = p.reply.send(grant);
+        }
+    }
+}
+
+/// Moves an attempt's files. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Files {
+    broker: Arc<Broker>,
+    client: reqwest::Client,
+    part_bytes: u64,
+}
+
+/// What a finished transfer moved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Moved {
+    /// Bytes.
+    pub size: u64,
+    /// SHA-256, lower-case hex.
+    pub sha256: String,
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(30))
+        .read_timeout(Duration::from_secs(120))
+        .build()
+        .unwrap_or_default()
+}
+
+impl Files {
+    /// Transfers asking `broker` for URLs, cutting uploads into parts of
+    /// `part_bytes` (at least the store's minimum of 5 MiB).
+    pub fn new(broker: Arc<Broker>, part_bytes: u64) -> Self {
+        Files {
+            broker,
+            client: client(),
+            part_bytes: part_bytes.max(5 * 1024 * 1024),
+        }
+    }
+
+    /// The broker the connection serves.
+    pub fn broker(&self) -> &Arc<Broker> {
+        &self.broker
+    }
+
+    /// Downloads input `input` of the attempt into `root/<input.name>`.
+    ///
+    /// # Errors
+    /// Why, naming the input: it does not exist, the store cannot be
+    /// reached, the path leads out of `root`, the content arrived short or
+    /// corrupted.
+    pub async fn download(
+        &self,
+        task_id: Uuid,
+        attempt: u32,
+        input: &TaskInput,
+        root: &Path,
+    ) -> Result<Moved, TransferError> {
+        let name = &input.name;
+        let dest = inside(root, &input.name)
+            .await
+            .map_err(|e| format!("input {name}: {e}"))?;
+        let temp = dest.with_file_name(format!(
+            ".{}.unidesk-partial",
+            dest.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        ));
+        let result = self.fetch(task_id, attempt, input, &temp).await;
+        match result {
+            Ok(moved) => {
+                tokio::fs::rename(&temp, &dest)
+                    .await
+                    .map_err(|e| format!("input {name}: {e}"))?;
+                Ok(moved)
+            }
+            Err(e) => {
+                let _ = tokio::fs::remove_file(&temp).await;
+                Err(format!("input {name}: {e}"))
+            }
+        }
+    }
+
+    async fn fetch(
+        &self,
+        task_id: Uuid,
+        attempt: u32,
+        input: &TaskInput,
+        temp: &Path,
+    ) -> Result<Moved, TransferError> {
+        let mut file = tokio::fs::File::create(temp)
+            .await
+            .map_err(|e| format!("creating {}: {e}", temp.display()))?;
+        let mut hasher = Sha256::new();
+        let mut written: u64 = 0;
+        let mut expected = None;
+        let mut last_error = String::new();
+        for _ in 0..TRIES {
+            let op = TransferOp::Download {
+                input: input.name.clone(),
+            };
+            let grant = self.broker.ask(task_id, attempt, op).await?;
+            let (Some(url), Some(size)) = (grant.url, grant.size) else {
+                return Err("the server sent no URL".into());
+            };
+            expected = Some((size, grant.sha256));
+            match self
+                .get_from(&url, written, &mut file, &mut hasher, &mut written)
+                .await
+            {
+                Ok(()) if written == size => break,
+                Ok(()) if written > size => break,
+                Ok(()) => {
+                    tracing::warn!(input = %input.name, written, size, "download ended early; resuming");
+                    last_error = "the connection ended early".into();
+                }
+                Err(e) if written > size => return Err(e),
+                Err(e) => {
+                    tracing::warn!(input = %input.name, written, error = %e, "download interrupted; resuming");
+                    last_error = e;
+                }
+            }
+        }
+        file.flush().await.map_err(|e| e.to_string())?;
+        file.sync_all().await.map_err(|e| e.to_string())?;
+        let Some((size, sha256)) = expected else {
+            return Err("no download was possible".into());
+        };
+        if written != size {
+            return Err(format!(
+                "the download of object {:?} is truncated: {written} of {size} bytes arrived ({last_error})",
+                input.object
+            ));
+        }
+        let got = hex::encode(hasher.finalize());
+        if let Some(want) = sha256 {
+            if got != want {
+                return Err(format!(
+                    "object {:?} arrived corrupted: its SHA-256 is {got}, the store says {want}",
+                    input.object
+                ));
+            }
+        }
+        Ok(Moved { size, sha256: got })
+    }
+
+    /// Appends the object from byte `from` on to `file`.
+    async fn get_from(
+        &self,
+        url: &str,
+        from: u64,
+        file: &mut tokio::fs::File,
+        hasher: &mut Sha256,
+        written: &mut u64,
+    ) -> Result<(), TransferError> {
+        let mut request = self.client.get(url);
+        if from > 0 {
+            request = request.header(reqwest::header::RANGE, format!("bytes={from}-"));
+        }
+        let response = request
+            .send()
+            .await
+            .map_err(|e| format!("cannot reach the store: {e}"))?;
+        let status = response.status();
+        if from > 0 && status == reqwest::StatusCode::OK {
+            // The store ignored the range: start over.
+            file.set_len(0).await.map_err(|e| e.to_string())?;
+            file.seek(std::io::SeekFrom::Start(0))
+                .await
+                .map_err(|e| e.to_string())?;
+            *hasher = Sha256::new();
+            *written = 0;
+        } else if !status.is_success() {
+            let body = response.text().await.unwrap_or_default();
+            return Err(store_refusal(status, &body));
+        }
+        let mut body = response.bytes_stream();
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(|e| format!("the connection broke: {e}"))?;
+            file.write_all(&chunk)
+                .await
+                .map_err(|e| format!("writing the file: {e}"))?;
+            hasher.update(&chunk);
+            *written += chunk.len() as u64;
+        }
+        Ok(())
+    }
+
+    /// Uploads output `output` of the attempt from `root/<output.path>`;
+    /// the server records it once the store holds it intact.
+    ///
+    /// # Errors
+    /// Why, naming the output: the file is missing, not a regular file or
+    /// leads out of `root`, the store cannot be reached or refused a part
+    /// every time, or the server refused the upload.
+    pub async fn upload(
+        &self,
+        task_id: Uuid,
+        attempt: u32,
+        output: &TaskOutput,
+        root: &Path,
+    ) -> Result<Moved, TransferError> {
+        let name = &output.name;
+        let path = existing_inside(root, &output.path)
+            .await
+            .map_err(|e| format!("output {name}: {e}"))?;
+        self.send(task_id, attempt, output, &path)
+            .await
+            .map_err(|e| format!("output {name}: {e}"))
+    }
+
+    async fn send(
+        &self,
+        task_id: Uuid,
+        attempt: u32,
+        output: &TaskOutput,
+        path: &Path,
+    ) -> Result<Moved, TransferError> {
+        let size = tokio::fs::metadata(path)
+            .await
+            .map_err(|e| e.to_string())?
+            .len();
+        let part_bytes = part_size(size, self.part_bytes);
+        let hashes = hash_parts(path, part_bytes).await?;
+        let parts = hashes.parts.len().max(1) as u32;
+        let start = TransferOp::Upload {
+            output: output.name.clone(),
+            size,
+            sha256: hashes.whole.clone(),
+            parts,
+        };
+        let mut uploaded = Vec::new();
+        let mut upload_id = None;
+        if parts == 1 {
+            self.with_retries(|| async {
+                let grant = self.broker.ask(task_id, attempt, start.clone()).await?;
+                self.put(&grant, path, 0, size).await.map(|_| ())
+            })
+            .await?;
+        } else {
+            let grant = self.broker.ask(task_id, attempt, start).await?;
+            let id = grant.upload_id.ok_or("the server sent no upload id")?;
+            for (i, sha) in hashes.parts.iter().enumerate() {
+                let number = i as u32 + 1;
+                let offset = i as u64 * part_bytes;
+                let len = part_bytes.min(size - offset);
+                let op = TransferOp::UploadPart {
+                    output: output.name.clone(),
+                    upload_id: id.clone(),
+                    part_number: number,
+                    sha256: sha.clone(),
+                };
+                let etag = self
+                    .with_retries(|| async {
+                        let grant = self.broker.ask(task_id, attempt, op.clone()).await?;
+                        self.put(&grant, path, offset, len).await
+                    })
+                    .await
+                    .map_err(|e| format!("part {number} of {parts}: {e}"))?;
+                uploaded.push(protocol::UploadedPart {
+                    part_number: number,
+                    etag,
+                });
+            }
+            upload_id = Some(id);
+        }
+        let complete = TransferOp::Complete {
+            output: output.name.clone(),
+            upload_id,
+            parts: uploaded,
+            size,
+            sha256: hashes.whole.clone(),
+        };
+        self.broker.ask(task_id, attempt, complete).await?;
+        Ok(Moved {
+            size,
+            sha256: hashes.whole,
+        })
+    }
+
+    /// Runs `once` until it succeeds, at most [`TRIES`] times, pausing a
+    /// little longer each time.
+    async fn with_retries<T, F, Fut>(&self, mut once: F) -> Result<T, TransferError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, TransferError>>,
+    {
+        let mut last = String::new();
+        for i in 0..TRIES {
+            match once().await {
+                Ok(v) => return Ok(v),
+                Err(e) => {
+                    tracing::warn!(try_ = i + 1, error = %e, "transfer failed; trying again");
+                    last = e;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200 << i)).await;
+        }
+        Err(format!("failed {TRIES} times, last: {last}"))
+    }
+
+    /// PUTs `len` bytes of `path` from `offset` to the granted URL; returns
+    /// the ETag the store answered.
+    async fn put(
+        &self,
+        grant: &TransferGrant,
+        path: &Path,
+        offset: u64,
+        len: u64,
+    ) -> Result<String, TransferError> {
+        let url = grant.url.as_deref().ok_or("the server sent no URL")?;
+        let body = reqwest::Body::wrap_stream(read_range(path.to_owned(), offset, len));
+        let mut request = self
+            .client
+            .put(url)
+            .header(reqwest::header::CONTENT_LENGTH, len)
+            .body(body);
+        for (k, v) in &grant.headers {
+            request = request.header(k, v);
+        }
+        let response = request
+            .send()
+            .await
+            .map_err(|e| format!("cannot reach the store: {e}"))?;
+        let status = response.status();
+        if !status.is_success() {
+            let body = response.text().await.unwrap_or_default();
+            return Err(store_refusal(status, &body));
+        }
+        Ok(response
+            .headers()
+            .get(reqwest::header::ETAG)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string())
+    }
+}
+
+/// What the store said when it refused, without the URL.
+fn store_refusal(status: reqwest::StatusCode, body: &str) -> String {
+    let field = |name: &str| {
+        let open = format!("<{name}>");
+        let start = body.find(&open)? + open.len();
+        let end = body[start..].find(&format!("</{name}>"))? + start;
+        Some(body[start..end].to_string())
+    };
+    match (field("Code"), field("Message")) {
+        (Some(c), Some(m)) => format!("the store refused with {status} {c}: {m}"),
+        (Some(c), None) => format!("the store refused with {status} {c}"),
+        _ => format!("the store refused with {status}"),
+    }
+}
+
+/// The part size for a file of `size` bytes: `preferred`, or larger when
+/// the file would need more than [`protocol::MAX_UPLOAD_PARTS`] parts.
+fn part_size(size: u64, preferred: u64) -> u64 {
+    let max_parts = u64::from(protocol::MAX_UPLOAD_PARTS);
+    let needed = size.div_ceil(max_parts);
+    let mib = 1024 * 1024;
+    preferred.max(needed.div_ceil(mib) * mib)
+}
+
+/// The SHA-256 of a whole file and of each of its parts.
+struct Hashes {
+    whole: String,
+    /// Empty when the file fits in one part.
+    parts: Vec<String>,
+}
+
+async fn hash_parts(path: &Path, part_bytes: u64) -> Result<Hashes, TransferError> {
+    let mut file = tokio::fs::File::open(path)
+        .await
+        .map_err(|e| format!("reading {}: {e}", path.display()))?;
+    let size = file.metadata().await.map_err(|e| e.to_string())?.len();
+    let mut whole = Sha256::new();
+    let mut part = Sha256::new();
+    let mut parts = Vec::new();
+    let mut in_part = 0u64;
+    let mut buf = vec![0u8; BUFFER];
+    loop {
+        let want = (part_bytes - in_part).min(BUFFER as u64) as usize;
+        let n = file
+            .read(&mut buf[..want])
+            .await
+            .map_err(|e| format!("reading {}: {e}", path.display()))?;
+        if n == 0 {
+            break;
+        }
+        whole.update(&buf[..n]);
+        part.update(&buf[..n]);
+        in_part += n as u64;
+        if in_part == part_bytes {
+            parts.push(hex::encode(std::mem::take(&mut part).finalize()));
+            in_part = 0;
+        }
+    }
+    if in_part > 0 {
+        parts.push(hex::encode(part.finalize()));
+    }
+    if size <= part_bytes {
+        parts.clear();
+    }
+    Ok(Hashes {
+        whole: hex::encode(whole.finalize()),
+        parts,
+    })
+}
+
+/// `len` bytes of `path` from `offset`, as a stream of small chunks.
+fn read_range(
+    path: PathBuf,
+    offset: u64,
+    len: u64,
+) -> impl futures::Stream<Item = std::io::Result<bytes::Bytes>> + Send + 'static {
+    futures::stream::try_unfold((None::<tokio::fs::File>, len), move |(file, left)| {
+        let path = path.clone();
+        async move {
+            if left == 0 {
+                return Ok(None);
+            }
+            let mut file = match file {
+                Some(f) => f,
+                None => {
+                    let mut f = tokio::fs::File::open(&path).await?;
+                    f.seek(std::io::SeekFrom::Start(offset)).await?;
+                    f
+                }
+            };
+            let mut buf = vec![0u8; (left.min(BUFFER as u64)) as usize];
+            let n = file.read(&mut buf).await?;
+            if n == 0 {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "the file became shorter while it was sent",
+                ));
+            }
+            buf.truncate(n);
+            Ok(Some((
+                bytes::Bytes::from(buf),
+                (Some(file), left - n as u64),
+            )))
+        }
+    })
+}
+
+/// `root/<rel>` for a new file: its parent directories are created, and
+/// neither they nor the file may lead out of `root` through a link.
+async fn inside(root: &Path, rel: &str) -> Result<PathBuf, TransferError> {
+    let plain = Path::new(rel)
+        .components()
+        .all(|c| matches!(c, std::path::Component::Normal(_)));
+    if rel.is_empty() || !plain {
+        return Err(format!("{rel:?} is not a plain relative path"));
+    }
+    let dest = root.join(rel);
+    let parent = dest.parent().unwrap_or(root).to_owned();
+    tokio::fs::create_dir_all(&parent)
+        .await
+        .map_err(|e| format!("creating {}: {e}", parent.display()))?;
+    let (root_c, parent_c) = (root.canonicalize(), parent.canonicalize());
+    match (root_c, parent_c) {
+        (Ok(r), Ok(p)) if p.starts_with(&r) => {}
+        _ => return Err(format!("{rel} leads out of the workspace through a link")),
+    }
+    if let Ok(meta) = tokio::fs::symlink_metadata(&dest).await {
+        if meta.is_dir() {
+            return Err(format!("{rel} is a directory in the workspace"));
+        }
+    }
+    Ok(dest)
+}
+
+/// `root/<rel>` for an existing regular file that, links followed, is
+/// still inside `root`.
+async fn existing_inside(root: &Path, rel: &str) -> Result<PathBuf, TransferError> {
+    let path = root.join(rel);
+    if tokio::fs::symlink_metadata(&path).await.is_err() {
+        return Err(format!("{rel} does not exist in the workspace"));
+    }
+    let (Ok(r), Ok(target)) = (root.canonicalize(), path.canonicalize()) else {
+        return Err(format!("{rel} is a link to something that does not exist"));
+    };
+    if !target.starts_with(&r) {
+        return Err(format!(
+            "{rel} leads out of the workspace (to {}); it is not uploaded",
+            target.display()
+        ));
+    }
+    let meta = tokio::fs::metadata(&target)
+        .await
+        .map_err(|e| e.to_string())?;
+    if !meta.is_file() {
+        return Err(format!("{rel} is not a regular file"));
+    }
+    Ok(target)
+}
+
+/// A human figure of a byte count: `3.1 KiB`, `1.5 GiB`.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
+/// `n` bytes moved in `elapsed`, for the timeline: `1.5 GiB in 3.2 s`.
+pub fn summary(n: u64, files: usize, started: Instant) -> String {
+    format!(
+        "{files} file(s), {} in {:.1} s",
+        human_bytes(n),
+        started.elapsed().as_secs_f64()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn huge_files_get_larger_parts_so_the_completion_fits_a_frame() {
+        assert_eq!(part_size(10, PART_BYTES), PART_BYTES);
+        let huge = 1024 * PART_BYTES * 4;
+        let p = part_size(huge, PART_BYTES);
+        assert!(huge.div_ceil(p) <= u64::from(protocol::MAX_UPLOAD_PARTS));
+        assert_eq!(p % (1024 * 1024), 0);
+    }
+
+    #[tokio::test]
+    async fn parts_are_hashed_alongside_the_whole_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let data: Vec<u8> = (0..(11 * 1024 * 1024)).map(|i| (i % 253) as u8).collect();
+        std::fs::write(&path, &data).unwrap();
+        let part = 5 * 1024 * 1024;
+        let h = hash_parts(&path, part).await.unwrap();
+        assert_eq!(h.whole, hex::encode(Sha256::digest(&data)));
+        assert_eq!(h.parts.len(), 3);
+        assert_eq!(
+            h.parts[2],
+            hex::encode(Sha256::digest(&data[2 * part as usize..]))
+        );
+        let small = hash_parts(&path, 64 * 1024 * 1024).await.unwrap();
+        assert!(small.parts.is_empty());
+    }
+
+    #[tokio::test]
+    async fn paths_that_leave_the_workspace_through_links_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("code");
+        std::fs::create_dir_all(&root).unwrap();
+        std::os::unix::fs::symlink("/etc", root.join("etc")).unwrap();
+        std::os::unix::fs::symlink("/etc/hostname", root.join("host")).unwrap();
+        assert!(inside(&root, "etc/x").await.is_err());
+        assert!(inside(&root, "data/x").await.is_ok());
+        let e = existing_inside(&root, "host").await.unwrap_err();
+        assert!(e.contains("leads out of the workspace"), "{e}");
+        let e = existing_inside(&root, "missing").await.unwrap_err();
+        assert!(e.contains("does not exist"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn the_broker_hands_each_answer_to_its_request() {
+        let broker = Arc::new(Broker::default());
+        let b = Arc::clone(&broker);
+        let asked = tokio::spawn(async move {
+            b.ask(Uuid::nil(), 1, TransferOp::Download { input: "x".into() })
+                .await
+        });
+        let id = loop {
+            if let Some(AgentMessage::TransferRequest(r)) = broker.next_message() {
+                break r.id;
+            }
+            tokio::task::yield_now().await;
+        };
+        assert!(broker.next_message().is_none());
+        broker.rewind();
+        assert!(
+            broker.next_message().is_some(),
+            "sent again after a reconnect"
+        );
+        broker.answer(TransferGrant {
+            id,
+            error: Some("no such input".into()),
+            ..TransferGrant::default()
+        });
+        assert_eq!(asked.await.unwrap().unwrap_err(), "no such input");
+    }
+}
