@@ -41,6 +41,13 @@ pub use provision::provision_node;
 /// make the server buffer much.
 pub const DEFAULT_BODY_LIMIT: usize = 1024 * 1024;
 
+/// The part size of multipart uploads unless configured: 64 MiB.
+pub const DEFAULT_PART_BYTES: u64 = 64 * 1024 * 1024;
+
+/// Why object routes and tasks with inputs or outputs are refused.
+pub const NO_OBJECT_STORE: &str =
+    "this server has no object store configured (start it with --s3-endpoint and --s3-bucket)";
+
 /// How the API behaves, fixed at start-up.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
@@ -66,6 +73,8 @@ pub struct AppState {
     store: Store,
     config: Arc<Config>,
     followers: LogFollowers,
+    objects: Option<objects::ObjectStore>,
+    part_bytes: u64,
 }
 
 impl AppState {
@@ -73,6 +82,8 @@ impl AppState {
     pub fn new(store: Store, config: Config) -> Self {
         Self {
             followers: LogFollowers::new(store.pool().clone()),
+            objects: None,
+            part_bytes: DEFAULT_PART_BYTES,
             store,
             config: Arc::new(config),
         }
@@ -97,6 +108,29 @@ impl AppState {
     /// their streams at shutdown.
     pub fn log_followers(&self) -> &LogFollowers {
         &self.followers
+    }
+
+    /// The same state signing upload and download URLs with `objects`,
+    /// cutting uploads larger than `part_bytes` into parts of that size.
+    /// Without a store, object routes answer 409 and tasks with inputs or
+    /// outputs are refused.
+    pub fn with_objects(mut self, objects: Option<objects::ObjectStore>, part_bytes: u64) -> Self {
+        self.objects = objects;
+        self.part_bytes = part_bytes.max(objects::MIN_PART_BYTES);
+        self
+    }
+
+    /// The object store.
+    ///
+    /// # Errors
+    /// 409 when the server has none.
+    pub fn objects(&self) -> Result<&objects::ObjectStore, ApiError> {
+        self.objects.as_ref().ok_or_else(|| ApiError::conflict(NO_OBJECT_STORE))
+    }
+
+    /// The part size of multipart uploads.
+    pub fn part_bytes(&self) -> u64 {
+        self.part_bytes
     }
 }
 

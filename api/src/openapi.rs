@@ -24,6 +24,7 @@ pub const BEARER: &str = "bearer";
         (name = "nodes", description = "Compute machines and their agents"),
         (name = "users", description = "Users and their API tokens"),
         (name = "events", description = "The event log in its global order"),
+        (name = "objects", description = "Large files: uploads and stored outputs, through presigned URLs"),
         (name = "health", description = "Liveness, readiness and this document")
     )
 )]

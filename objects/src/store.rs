@@ -243,6 +243,11 @@ impl ObjectStore {
         })
     }
 
+    /// The bucket's address as presigned URLs name it.
+    pub fn public_url(&self) -> String {
+        self.public.url()
+    }
+
     /// How long the URLs this store signs stay valid, in seconds.
     pub fn url_ttl_secs(&self) -> u32 {
         self.ttl_secs

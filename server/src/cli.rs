@@ -168,7 +168,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     .context("creating the bootstrap admin token")?;
                 eprintln!("admin token in {}", file.display());
             }
-            let services = roles::start(store, listener, &args.roles, &args.server)?;
+            let mut server = args.server.clone();
+            server.objects = crate::objects::connect(&server.s3).await?;
+            let services = roles::start(store, listener, &args.roles, &server)?;
             tracing::info!(listen = %args.listen, roles = ?args.roles, "serving");
             roles::shutdown_signal().await;
             services.stop().await;

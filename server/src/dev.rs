@@ -40,6 +40,47 @@ pub struct DevArgs {
     /// Start no local agent (tasks then wait for nodes to join).
     #[arg(long)]
     no_agent: bool,
+    /// Where the embedded S3-compatible object store listens (it keeps
+    /// objects under `<dir>/objects`); port 0 picks a free one. Presigned
+    /// URLs name this address, so nodes and users must reach it.
+    #[arg(long, env = "UNIDESK_OBJECTS_LISTEN", default_value = "127.0.0.1:0")]
+    objects_listen: SocketAddr,
+}
+
+/// The bucket of the embedded object store.
+pub const DEV_BUCKET: &str = "unidesk";
+
+/// Starts the embedded object store under `dir/objects` on `listen`;
+/// returns the store's client and the task serving it.
+async fn embedded_objects(
+    dir: &Path,
+    listen: SocketAddr,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<(objects::ObjectStore, tokio::task::JoinHandle<()>)> {
+    let (access, secret) = objects::embedded::fresh_credentials();
+    let embedded =
+        objects::embedded::Embedded::new(&dir.join("objects"), DEV_BUCKET, &access, secret)
+            .context("preparing the embedded object store")?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| {
+            format!("the object store cannot listen on {listen} (--objects-listen)")
+        })?;
+    let bound = listener.local_addr()?;
+    let host = if bound.ip().is_unspecified() {
+        std::net::IpAddr::from([127, 0, 0, 1])
+    } else {
+        bound.ip()
+    };
+    let endpoint = format!("http://{}", SocketAddr::new(host, bound.port()));
+    let config = embedded.client_config(&endpoint, crate::objects::S3Args::defaults().url_ttl());
+    let store = objects::ObjectStore::new(&config).context("the embedded object store")?;
+    let handle = tokio::spawn(async move {
+        if let Err(e) = embedded.run(listener, shutdown).await {
+            tracing::error!(error = %e, "the embedded object store stopped");
+        }
+    });
+    Ok((store, handle))
 }
 
 /// The name of the node `dev` runs on this machine.
@@ -189,9 +230,16 @@ async fn serve(args: &DevArgs, listener: tokio::net::TcpListener, url: &str) -> 
     let token = api::bootstrap_admin(&store, &token_file)
         .await
         .context("creating the bootstrap admin token")?;
+    let (stop_objects, objects_stopped) = tokio::sync::oneshot::channel::<()>();
+    let (objects, objects_task) = embedded_objects(&args.dir, args.objects_listen, async {
+        let _ = objects_stopped.await;
+    })
+    .await?;
+    let objects_endpoint = objects.public_url();
     let server = ServerArgs {
         allow_file_urls: !args.no_file_urls,
         poll_ms: args.poll_ms,
+        objects: Some(objects),
         ..ServerArgs::defaults()
     };
     let services = roles::start(store.clone(), listener, &Role::ALL, &server)?;
@@ -201,6 +249,10 @@ async fn serve(args: &DevArgs, listener: tokio::net::TcpListener, url: &str) -> 
         local_agent(&store, &args.dir, args.listen).await
     };
     println!("UniDesk is running at http://{}", args.listen);
+    println!(
+        "object store (S3, objects under {}): {objects_endpoint}",
+        args.dir.join("objects").display()
+    );
     println!("admin token: {token}");
     println!(
         "(also in {}; Ctrl-C stops everything)",
@@ -212,6 +264,8 @@ async fn serve(args: &DevArgs, listener: tokio::net::TcpListener, url: &str) -> 
         agent.abort();
     }
     services.stop().await;
+    let _ = stop_objects.send(());
+    let _ = objects_task.await;
     pool.close().await;
     Ok(())
 }

@@ -3,5 +3,6 @@
 
 pub mod cli;
 pub mod dev;
+pub mod objects;
 pub mod roles;
 pub mod scheduler;

@@ -49,6 +49,13 @@ pub struct ServerArgs {
     #[arg(long, env = "UNIDESK_LOG_RATE_KB", default_value_t = 1024,
           value_parser = parse_log_rate)]
     pub log_rate_kb: u64,
+    /// The object store for task inputs and outputs (the `--s3-*` flags).
+    #[command(flatten)]
+    pub s3: crate::objects::S3Args,
+    /// The object store itself, once built from `s3` (or the embedded one
+    /// of `dev`); `None` without one.
+    #[arg(skip)]
+    pub objects: Option<objects::ObjectStore>,
 }
 
 impl ServerArgs {
@@ -64,6 +71,8 @@ impl ServerArgs {
             accept_timeout_s: 120,
             max_log_mb: 64,
             log_rate_kb: 1024,
+            s3: crate::objects::S3Args::defaults(),
+            objects: None,
         }
     }
 }
@@ -154,7 +163,8 @@ pub fn start(
             },
             body_limit: args.body_limit,
         };
-        let state = api::AppState::new(store.clone(), config);
+        let state = api::AppState::new(store.clone(), config)
+            .with_objects(args.objects.clone(), args.s3.part_bytes());
         followers = Some(state.log_followers().clone());
         app = app.merge(api::router(state));
     }
@@ -172,7 +182,8 @@ pub fn start(
                 ..ingress::Config::default()
             },
         )
-        .with_log_limits(args.log_limits());
+        .with_log_limits(args.log_limits())
+        .with_objects(args.objects.clone());
         app = app.merge(ingress.router());
         let shutdown = stopped(rx.clone());
         tasks.push(tokio::spawn(async move { ingress.run(shutdown).await }));

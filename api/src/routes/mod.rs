@@ -3,7 +3,9 @@
 
 pub mod event;
 pub mod health;
+pub mod artifact;
 pub mod node;
+pub mod object;
 pub mod openapi;
 pub mod project;
 pub mod task;
@@ -25,6 +27,8 @@ pub fn all() -> OpenApiRouter<AppState> {
         .merge(node::router())
         .merge(user::router())
         .merge(event::router())
+        .merge(object::router())
+        .merge(artifact::router())
         .merge(openapi::router());
     OpenApiRouter::with_openapi(crate::openapi::ApiDoc::openapi())
         .merge(health::router())

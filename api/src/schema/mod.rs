@@ -9,6 +9,7 @@ pub mod event;
 pub mod health;
 pub mod host_ssh;
 pub mod node;
+pub mod object;
 pub mod project;
 pub mod task;
 pub mod user;

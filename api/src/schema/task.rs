@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
-use domain::spec::{ResourcesDraft, TaskSpecDraft};
+use domain::spec::{InputDraft, OutputDraft, ResourcesDraft, TaskSpecDraft};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
@@ -49,6 +49,37 @@ pub struct SubmitTask {
     pub timeout_s: Option<i64>,
     /// Retries after a lost node, 0 to 100 (default 2).
     pub max_retries: Option<i64>,
+    /// Objects of the project's store to download into the workspace
+    /// before the command runs (at most 64).
+    pub inputs: Option<Vec<SubmitInput>>,
+    /// Workspace files to upload once the command ended, also when it
+    /// failed (at most 64).
+    pub outputs: Option<Vec<SubmitOutput>>,
+}
+
+/// An object to download into the workspace.
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SubmitInput {
+    /// Where it goes in the workspace (the command's working directory),
+    /// relative, no `..`.
+    #[schema(example = "data/train.tar")]
+    pub name: Option<String>,
+    /// The object's name in the project's store, as uploaded.
+    #[schema(example = "datasets/train.tar")]
+    pub object: Option<String>,
+}
+
+/// A workspace file to upload once the command ended.
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SubmitOutput {
+    /// The output's name: letters, digits, `.`, `_`, `-`.
+    #[schema(example = "model")]
+    pub name: Option<String>,
+    /// The file in the workspace, relative, no `..`.
+    #[schema(example = "out/model.pt")]
+    pub path: Option<String>,
 }
 
 /// What a task needs from a node.
@@ -83,6 +114,22 @@ impl From<SubmitTask> for TaskSpecDraft {
             priority: s.priority,
             timeout_s: s.timeout_s,
             max_retries: s.max_retries,
+            inputs: s.inputs.map(|list| {
+                list.into_iter()
+                    .map(|i| InputDraft {
+                        name: i.name,
+                        object: i.object,
+                    })
+                    .collect()
+            }),
+            outputs: s.outputs.map(|list| {
+                list.into_iter()
+                    .map(|o| OutputDraft {
+                        name: o.name,
+                        path: o.path,
+                    })
+                    .collect()
+            }),
         }
     }
 }
@@ -127,6 +174,28 @@ pub struct TaskSpec {
     pub timeout_s: Option<u64>,
     /// Retries after a lost node.
     pub max_retries: u32,
+    /// Objects downloaded into the workspace before the command runs.
+    pub inputs: Vec<TaskInput>,
+    /// Workspace files uploaded once the command ended.
+    pub outputs: Vec<TaskOutput>,
+}
+
+/// An input of a task.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct TaskInput {
+    /// Its path in the workspace.
+    pub name: String,
+    /// The object of the project's store.
+    pub object: String,
+}
+
+/// An output of a task.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct TaskOutput {
+    /// Its name.
+    pub name: String,
+    /// The file in the workspace.
+    pub path: String,
 }
 
 impl From<domain::spec::TaskSpec> for TaskSpec {
@@ -149,6 +218,22 @@ impl From<domain::spec::TaskSpec> for TaskSpec {
             priority: s.priority,
             timeout_s: s.timeout_s,
             max_retries: s.max_retries,
+            inputs: s
+                .inputs
+                .into_iter()
+                .map(|i| TaskInput {
+                    name: i.name.to_string(),
+                    object: i.object.to_string(),
+                })
+                .collect(),
+            outputs: s
+                .outputs
+                .into_iter()
+                .map(|o| TaskOutput {
+                    name: o.name.to_string(),
+                    path: o.path.to_string(),
+                })
+                .collect(),
         }
     }
 }

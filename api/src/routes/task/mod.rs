@@ -7,6 +7,7 @@ pub mod list;
 pub mod logs;
 pub mod state_at;
 pub mod submit;
+pub mod artifacts;
 
 use utoipa_axum::router::OpenApiRouter;
 
@@ -21,4 +22,5 @@ pub fn router() -> OpenApiRouter<AppState> {
         .merge(cancel::router())
         .merge(state_at::router())
         .merge(logs::router())
+        .merge(artifacts::router())
 }

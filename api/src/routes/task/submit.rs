@@ -50,6 +50,18 @@ async fn submit(
     let spec = TaskSpecDraft::from(body)
         .validate(state.config().url_policy)
         .map_err(|errors| ApiError::Invalid(errors.into_iter().map(Problem::from).collect()))?;
+    if state.objects().is_err() {
+        let mut problems = Vec::new();
+        if !spec.inputs.is_empty() {
+            problems.push(Problem::field("inputs", crate::NO_OBJECT_STORE));
+        }
+        if !spec.outputs.is_empty() {
+            problems.push(Problem::field("outputs", crate::NO_OBJECT_STORE));
+        }
+        if !problems.is_empty() {
+            return Err(ApiError::Invalid(problems));
+        }
+    }
     let access = access::project(&state, &caller, spec.project_id, Some("project_id")).await?;
     access.require(Role::Member, "submit tasks")?;
     if access.project.archived {

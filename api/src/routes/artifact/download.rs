@@ -1,0 +1,71 @@
+//! `GET /api/v1/artifacts/{id}/download`: a redirect to a presigned URL of
+//! one stored output.
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+use uuid::Uuid;
+
+use crate::auth::Caller;
+use crate::error::{ApiError, ErrorBody};
+use crate::extract::Path;
+use crate::{access, AppState};
+
+/// This route.
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(download))
+}
+
+/// The task holding artifact `id`, from the tasks read model.
+async fn task_of(state: &AppState, id: Uuid) -> Result<Option<Uuid>, ApiError> {
+    let wanted = serde_json::json!([{ "id": id }]);
+    let task: Option<Uuid> =
+        sqlx::query_scalar("SELECT id FROM task_view WHERE doc->'artifacts' @> $1 LIMIT 1")
+            .bind(wanted)
+            .fetch_optional(state.pool())
+            .await?;
+    Ok(task)
+}
+
+/// Redirects (302) to a presigned URL that downloads the output, valid for
+/// a short time; the file arrives straight from the store. Anyone who may
+/// see the task may download it.
+#[utoipa::path(
+    get,
+    path = "/artifacts/{id}/download",
+    tag = "objects",
+    params(("id" = Uuid, Path, description = "The artifact's id")),
+    responses(
+        (status = 302, description = "To the presigned URL, in `Location`"),
+        (status = 400, description = "Malformed id", body = ErrorBody),
+        (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 404, description = "No such artifact, or not in one of the caller's projects", body = ErrorBody),
+        (status = 409, description = "No object store configured", body = ErrorBody)
+    ),
+    security(("bearer" = []))
+)]
+async fn download(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<Uuid>,
+) -> Result<(StatusCode, [(header::HeaderName, String); 1]), ApiError> {
+    let hidden = || ApiError::not_found(format!("artifact {id} not found"));
+    let task_id = task_of(&state, id).await?.ok_or_else(hidden)?;
+    let access = match access::task(&state, &caller, task_id).await {
+        Err(ApiError::NotFound(_)) => return Err(hidden()),
+        other => other?,
+    };
+    let artifact = access
+        .task
+        .artifacts
+        .iter()
+        .find(|a| a.id == id)
+        .ok_or_else(hidden)?;
+    let objects = state.objects()?;
+    let url = objects
+        .presign_get(&artifact.key, Some(&artifact.name))
+        .await
+        .map_err(ApiError::internal)?;
+    Ok((StatusCode::FOUND, [(header::LOCATION, url)]))
+}

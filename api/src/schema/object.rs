@@ -1,0 +1,116 @@
+//! Large files: uploads into a project's store and a task's stored outputs.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+/// The body of `POST /api/v1/projects/{id}/objects`: an object to upload.
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateUpload {
+    /// The object's name in the project's store, a relative path such as
+    /// `datasets/train.tar`; tasks name it as an input's `object`.
+    #[schema(example = "datasets/train.tar")]
+    pub name: Option<String>,
+    /// Its size in bytes.
+    pub size: Option<i64>,
+    /// Its SHA-256, 64 hex digits: the store refuses a single upload whose
+    /// body does not match, and every download is checked against it.
+    pub sha256: Option<String>,
+}
+
+/// Where to send an object's bytes: one presigned PUT, or one per part.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Upload {
+    /// The object's normalised name.
+    pub name: String,
+    /// `put` (send the whole file to `url`) or `multipart` (send each part
+    /// to its URL, then complete the upload).
+    #[schema(example = "put")]
+    pub method: String,
+    /// With `put`: the presigned URL.
+    pub url: Option<String>,
+    /// Headers to send with every PUT, unchanged (they are signed).
+    pub headers: BTreeMap<String, String>,
+    /// With `multipart`: the upload's id, for the completion.
+    pub upload_id: Option<String>,
+    /// With `multipart`: bytes per part (the last may be shorter).
+    pub part_size: Option<u64>,
+    /// With `multipart`: one presigned URL per part, in order.
+    pub parts: Vec<PartUrl>,
+    /// Seconds the URLs stay valid.
+    pub expires_in_s: u32,
+}
+
+/// A presigned URL for one part of a multipart upload.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct PartUrl {
+    /// From 1.
+    pub part_number: u32,
+    /// Where to PUT the part's bytes.
+    pub url: String,
+}
+
+/// The body of `POST /api/v1/projects/{id}/objects/complete`.
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CompleteUpload {
+    /// The object's name, as in the upload.
+    pub name: Option<String>,
+    /// The upload's id.
+    pub upload_id: Option<String>,
+    /// The object's size, as in the upload: checked against what the store
+    /// assembled.
+    pub size: Option<i64>,
+    /// Every part in order, with the `ETag` header the store answered.
+    pub parts: Option<Vec<CompletedPart>>,
+}
+
+/// A part the store took.
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CompletedPart {
+    /// From 1.
+    pub part_number: Option<u32>,
+    /// The `ETag` header of the part's PUT answer.
+    pub etag: Option<String>,
+}
+
+/// An object the store holds.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct StoredObject {
+    /// Its name in the project's store.
+    pub name: String,
+    /// Bytes.
+    pub size: u64,
+    /// Its SHA-256, when it was stored with one.
+    pub sha256: Option<String>,
+}
+
+/// A stored output of a task.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ArtifactItem {
+    /// The artifact's id.
+    pub id: Uuid,
+    /// The attempt that produced it.
+    pub attempt: u32,
+    /// The output's name.
+    pub name: String,
+    /// Bytes.
+    pub size: u64,
+    /// Hex SHA-256 of the content, checked at the store when it was
+    /// uploaded.
+    pub sha256: String,
+    /// Where to download it: answers with a redirect to a presigned URL.
+    #[schema(example = "/api/v1/artifacts/6f1c…/download")]
+    pub download: String,
+}
+
+/// A task's stored outputs, oldest first.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ArtifactList {
+    /// The outputs of every attempt.
+    pub items: Vec<ArtifactItem>,
+}
