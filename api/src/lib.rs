@@ -21,6 +21,8 @@ pub mod openapi;
 mod provision;
 pub mod routes;
 pub mod schema;
+pub mod timeline;
+pub mod web;
 
 use std::sync::Arc;
 
@@ -35,6 +37,7 @@ pub use error::ApiError;
 pub use live_logs::LogFollowers;
 pub use openapi::openapi;
 pub use provision::provision_node;
+pub use timeline::TimelineFeed;
 
 /// The largest request body accepted by default: 1 MiB, far above any
 /// legitimate task specification and small enough that a client cannot
@@ -75,6 +78,7 @@ pub struct AppState {
     followers: LogFollowers,
     objects: Option<objects::ObjectStore>,
     part_bytes: u64,
+    timeline: TimelineFeed,
 }
 
 impl AppState {
@@ -84,6 +88,7 @@ impl AppState {
             followers: LogFollowers::new(store.pool().clone()),
             objects: None,
             part_bytes: DEFAULT_PART_BYTES,
+            timeline: TimelineFeed::new(store.pool().clone()),
             store,
             config: Arc::new(config),
         }
@@ -132,6 +137,12 @@ impl AppState {
     pub fn part_bytes(&self) -> u64 {
         self.part_bytes
     }
+
+    /// The live timeline of this process; [`TimelineFeed::stop`] ends its
+    /// streams at shutdown.
+    pub fn timeline(&self) -> &TimelineFeed {
+        &self.timeline
+    }
 }
 
 /// The whole HTTP surface: `/healthz`, `/readyz`, `/api/v1/...` and
@@ -141,6 +152,7 @@ pub fn router(state: AppState) -> axum::Router {
     let body_limit = state.config.body_limit;
     let (router, doc) = routes::all().split_for_parts();
     router
+        .merge(web::router())
         .fallback(error::no_route)
         .method_not_allowed_fallback(error::method_not_allowed)
         .layer(axum::Extension(Arc::new(doc)))

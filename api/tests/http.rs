@@ -1317,6 +1317,9 @@ const EXPECTED_ROUTES: &[(&str, &str)] = &[
     ("post", "/api/v1/nodes/{id}/revoke"),
     ("post", "/api/v1/nodes/{id}/host-ssh"),
     ("get", "/api/v1/events"),
+    ("get", "/api/v1/events/{position}"),
+    ("get", "/api/v1/timeline"),
+    ("get", "/api/v1/timeline/stream"),
 ];
 
 #[tokio::test]

@@ -349,8 +349,8 @@ impl Projection for Timeline {
                 summary::summarize(ev, node_name.as_deref()).map_err(|e| undecodable(ev, e))?;
             sqlx::query(
                 "INSERT INTO timeline (position, txid, aggregate_type, aggregate_id, sequence, event_type, \
-                   actor, recorded_at, project_id, summary) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT (position) DO NOTHING",
+                   actor, recorded_at, project_id, summary, node_id) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) ON CONFLICT (position) DO NOTHING",
             )
             .bind(ev.position)
             .bind(ev.txid)
@@ -362,6 +362,7 @@ impl Projection for Timeline {
             .bind(ev.recorded_at)
             .bind(project_id)
             .bind(text)
+            .bind(node_id)
             .execute(&mut *conn)
             .await?;
             Ok(())

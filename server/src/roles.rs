@@ -156,6 +156,7 @@ pub fn start(
     let poll = Duration::from_millis(args.poll_ms);
     let mut app = axum::Router::new();
     let mut followers = None;
+    let mut timeline = None;
     if roles.contains(&Role::Api) {
         let config = api::Config {
             url_policy: domain::spec::UrlPolicy {
@@ -166,6 +167,7 @@ pub fn start(
         let state = api::AppState::new(store.clone(), config)
             .with_objects(args.objects.clone(), args.s3.part_bytes());
         followers = Some(state.log_followers().clone());
+        timeline = Some(state.timeline().clone());
         app = app.merge(api::router(state));
     }
     if roles.contains(&Role::Ingress) {
@@ -190,12 +192,15 @@ pub fn start(
     }
     if roles.contains(&Role::Api) || roles.contains(&Role::Ingress) {
         let stop_http = stopped(rx.clone());
-        // Live log streams never end by themselves: end them, or the
-        // graceful shutdown would wait for their clients to leave.
+        // Live log and timeline streams never end by themselves: end them,
+        // or the graceful shutdown would wait for their clients to leave.
         let shutdown = async move {
             stop_http.await;
             if let Some(followers) = followers {
                 followers.stop();
+            }
+            if let Some(timeline) = timeline {
+                timeline.stop();
             }
         };
         tasks.push(tokio::spawn(async move {

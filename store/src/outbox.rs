@@ -160,6 +160,22 @@ pub async fn read_after<'e>(
         .await
 }
 
+/// The event at outbox `position`, whether or not readers in the global
+/// order may see it yet; `None` when there is none.
+///
+/// # Errors
+/// A database error.
+pub async fn read_at<'e>(
+    db: impl PgExecutor<'e>,
+    position: i64,
+) -> Result<Option<RecordedEvent>, sqlx::Error> {
+    sqlx::query(&format!("{SELECT} WHERE o.position = $1"))
+        .bind(position)
+        .try_map(|row: PgRow| RecordedEvent::from_row(&row))
+        .fetch_optional(db)
+        .await
+}
+
 /// The checkpoint of the event at outbox `position`, to continue reading
 /// after it; `None` when there is no such event.
 ///

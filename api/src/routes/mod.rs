@@ -9,6 +9,7 @@ pub mod object;
 pub mod openapi;
 pub mod project;
 pub mod task;
+pub mod timeline;
 pub mod user;
 
 use utoipa::OpenApi;
@@ -29,6 +30,7 @@ pub fn all() -> OpenApiRouter<AppState> {
         .merge(event::router())
         .merge(object::router())
         .merge(artifact::router())
+        .merge(timeline::router())
         .merge(openapi::router());
     OpenApiRouter::with_openapi(crate::openapi::ApiDoc::openapi())
         .merge(health::router())

@@ -12,4 +12,5 @@ pub mod node;
 pub mod object;
 pub mod project;
 pub mod task;
+pub mod timeline;
 pub mod user;

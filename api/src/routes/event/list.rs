@@ -132,7 +132,10 @@ async fn list(
 
 /// The events as shown, each with its timeline summary (naming nodes by
 /// their names).
-async fn summarized(state: &AppState, events: &[RecordedEvent]) -> Result<Vec<Event>, ApiError> {
+pub(crate) async fn summarized(
+    state: &AppState,
+    events: &[RecordedEvent],
+) -> Result<Vec<Event>, ApiError> {
     let nodes: BTreeSet<String> = events
         .iter()
         .filter_map(projections::summary::node_of)
@@ -171,7 +174,7 @@ async fn summarized(state: &AppState, events: &[RecordedEvent]) -> Result<Vec<Ev
 
 /// What a host command printed is for admins: the host's details are not
 /// every user's business. The summary says how much there was.
-fn hide_host_output(event: &mut Event) {
+pub(crate) fn hide_host_output(event: &mut Event) {
     if event.aggregate_type != "node" || event.event_type != "NodeHostSshFinished" {
         return;
     }
@@ -199,7 +202,7 @@ async fn resolve_after(state: &AppState, raw: &str) -> Result<(i64, Checkpoint),
 
 /// Whether a non-admin may read the events of the named aggregate: a task
 /// or project of theirs, any node, or themselves.
-async fn check_visible(
+pub(crate) async fn check_visible(
     state: &AppState,
     caller: &Caller,
     aggregate_type: Option<&str>,

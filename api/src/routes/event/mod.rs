@@ -1,5 +1,6 @@
 //! The event log in its global order.
 
+pub mod get;
 pub mod list;
 
 use utoipa_axum::router::OpenApiRouter;
@@ -8,5 +9,5 @@ use crate::AppState;
 
 /// Every event route.
 pub fn router() -> OpenApiRouter<AppState> {
-    list::router()
+    list::router().merge(get::router())
 }

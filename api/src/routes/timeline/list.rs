@@ -1,0 +1,262 @@
+//! `GET /api/v1/timeline`: the audit timeline newest first, one page at a
+//! time, from the timeline read model.
+
+use axum::extract::State;
+use axum::Json;
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
+use sqlx::{Postgres, QueryBuilder};
+use utoipa::IntoParams;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+use uuid::Uuid;
+
+use crate::auth::Caller;
+use crate::error::{ApiError, ErrorBody};
+use crate::extract::{parse_limit, Query};
+use crate::schema::timeline::{TimelineEntry, TimelinePage};
+use crate::timeline::{RawFilter, TimelineFilter};
+use crate::AppState;
+
+/// Events per page unless `limit` says otherwise.
+pub const DEFAULT_LIMIT: i64 = 50;
+/// The most events per page.
+pub const MAX_LIMIT: i64 = 500;
+
+/// This route.
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(list))
+}
+
+/// Which part of the timeline to read. Every filter narrows it further.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+struct ListTimeline {
+    /// Only this task's events.
+    #[param(value_type = Option<Uuid>)]
+    task: Option<String>,
+    /// Only this node's events and the task events that place work on it
+    /// or lose it there.
+    #[param(value_type = Option<Uuid>)]
+    node: Option<String>,
+    /// Only this project's events and its tasks'.
+    #[param(value_type = Option<Uuid>)]
+    project: Option<String>,
+    /// Only events of `task`, `node`, `project` or `user` aggregates.
+    #[param(value_type = Option<String>, example = "node")]
+    aggregate_type: Option<String>,
+    /// Only events of this type, such as `TaskAssigned`.
+    #[param(value_type = Option<String>, example = "TaskAssigned")]
+    event_type: Option<String>,
+    /// Only events at or after this time (RFC 3339).
+    #[param(value_type = Option<DateTime<Utc>>)]
+    since: Option<String>,
+    /// Only events before this time (RFC 3339).
+    #[param(value_type = Option<DateTime<Utc>>)]
+    until: Option<String>,
+    /// Only events older than the one at this position: the previous
+    /// page's `next_before`.
+    #[param(value_type = Option<i64>)]
+    before: Option<String>,
+    /// Events per page, 1 to 500 (default 50).
+    #[param(value_type = Option<i64>, minimum = 1, maximum = 500)]
+    limit: Option<String>,
+}
+
+/// The audit timeline, newest first: every event with who caused it, when,
+/// and what happened in one line.
+///
+/// Admins see the whole log; anybody else the events of their projects and
+/// those projects' tasks, every node's events and their own. Filters
+/// naming a task, project or node the caller may not see are refused as
+/// those resources' own routes refuse them. The page is read from the
+/// timeline read model, usually a few milliseconds behind the log; its
+/// `live_after` is where `GET /timeline/stream` takes over.
+#[utoipa::path(
+    get,
+    path = "/timeline",
+    tag = "events",
+    params(ListTimeline),
+    responses(
+        (status = 200, description = "One page of the timeline, newest first", body = TimelinePage),
+        (status = 400, description = "A bad parameter, named", body = ErrorBody),
+        (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 404, description = "The task, project or node filtered on does not exist or is not the caller's", body = ErrorBody)
+    ),
+    security(("bearer" = []))
+)]
+async fn list(
+    State(state): State<AppState>,
+    caller: Caller,
+    Query(q): Query<ListTimeline>,
+) -> Result<Json<TimelinePage>, ApiError> {
+    let filter = TimelineFilter::parse(&RawFilter {
+        task: q.task.as_deref(),
+        node: q.node.as_deref(),
+        project: q.project.as_deref(),
+        aggregate_type: q.aggregate_type.as_deref(),
+        event_type: q.event_type.as_deref(),
+        since: q.since.as_deref(),
+        until: q.until.as_deref(),
+    })?;
+    let limit = parse_limit("limit", q.limit.as_deref(), DEFAULT_LIMIT, MAX_LIMIT)?;
+    let before = q
+        .before
+        .as_deref()
+        .map(|raw| {
+            raw.trim()
+                .parse::<i64>()
+                .ok()
+                .filter(|p| *p >= 1)
+                .ok_or_else(|| {
+                    ApiError::bad_request(
+                        "before",
+                        format!("must be an event position, got {raw:?}"),
+                    )
+                })
+        })
+        .transpose()?;
+    super::check_filter(&state, &caller, &filter).await?;
+    let member = (!caller.admin).then_some(caller.user.as_str());
+    Ok(Json(page(&state, &filter, member, before, limit).await?))
+}
+
+/// One page, and where the stream takes over, read in one snapshot.
+async fn page(
+    state: &AppState,
+    filter: &TimelineFilter,
+    member: Option<&str>,
+    before: Option<i64>,
+    limit: i64,
+) -> Result<TimelinePage, ApiError> {
+    let mut tx = state.pool().begin().await?;
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        .execute(&mut *tx)
+        .await?;
+    let live_after: i64 =
+        sqlx::query_scalar("SELECT position FROM checkpoints WHERE name = 'timeline'")
+            .fetch_optional(&mut *tx)
+            .await?
+            .unwrap_or(0);
+    let before = match before {
+        None => None,
+        Some(position) => {
+            let txid: Option<i64> =
+                sqlx::query_scalar("SELECT txid FROM timeline WHERE position = $1")
+                    .bind(position)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            let txid = txid.ok_or_else(|| {
+                ApiError::bad_request(
+                    "before",
+                    format!("there is no event at position {position}"),
+                )
+            })?;
+            Some((txid, position))
+        }
+    };
+    let mut sql = select(filter, member, before);
+    sql.push(" ORDER BY txid DESC, position DESC LIMIT ")
+        .push_bind(limit + 1);
+    let mut items: Vec<TimelineEntry> = sql
+        .build_query_as::<Row>()
+        .fetch_all(&mut *tx)
+        .await?
+        .into_iter()
+        .map(TimelineEntry::from)
+        .collect();
+    tx.commit().await?;
+    let more = items.len() as i64 > limit;
+    items.truncate(limit as usize);
+    let next_before = items.last().map(|e| e.position).filter(|_| more);
+    Ok(TimelinePage {
+        items,
+        next_before,
+        live_after,
+    })
+}
+
+/// The query for `filter`, with only the conditions it names, so that each
+/// combination is planned for the index that serves it.
+fn select<'a>(
+    filter: &'a TimelineFilter,
+    member: Option<&'a str>,
+    before: Option<(i64, i64)>,
+) -> QueryBuilder<'a, Postgres> {
+    let mut sql = QueryBuilder::new(
+        "SELECT position, aggregate_type, aggregate_id, sequence, event_type, actor, \
+         recorded_at, project_id, node_id, summary FROM timeline WHERE true",
+    );
+    if let Some(t) = &filter.aggregate_type {
+        sql.push(" AND aggregate_type = ").push_bind(t);
+    }
+    if let Some(id) = &filter.aggregate_id {
+        sql.push(" AND aggregate_id = ").push_bind(id);
+    }
+    if let Some(p) = filter.project {
+        sql.push(" AND project_id = ").push_bind(p);
+    }
+    if let Some(n) = filter.node {
+        sql.push(" AND node_id = ").push_bind(n);
+    }
+    if let Some(t) = &filter.event_type {
+        sql.push(" AND event_type = ").push_bind(t);
+    }
+    if let Some(t) = filter.since {
+        sql.push(" AND recorded_at >= ").push_bind(t);
+    }
+    if let Some(t) = filter.until {
+        sql.push(" AND recorded_at < ").push_bind(t);
+    }
+    if let Some((txid, position)) = before {
+        sql.push(" AND (txid, position) < (")
+            .push_bind(txid)
+            .push(", ")
+            .push_bind(position)
+            .push(")");
+    }
+    if let Some(user) = member {
+        sql.push(
+            " AND (aggregate_type = 'node' \
+               OR project_id IN (SELECT project_id FROM project_member_view WHERE user_name = ",
+        )
+        .push_bind(user)
+        .push(") OR (aggregate_type = 'user' AND aggregate_id = ")
+        .push_bind(user)
+        .push("))");
+    }
+    sql
+}
+
+/// A row of the timeline read model.
+#[derive(sqlx::FromRow)]
+struct Row {
+    position: i64,
+    aggregate_type: String,
+    aggregate_id: String,
+    sequence: i64,
+    event_type: String,
+    actor: String,
+    recorded_at: DateTime<Utc>,
+    project_id: Option<Uuid>,
+    node_id: Option<Uuid>,
+    summary: String,
+}
+
+impl From<Row> for TimelineEntry {
+    fn from(r: Row) -> Self {
+        Self {
+            position: r.position,
+            aggregate_type: r.aggregate_type,
+            aggregate_id: r.aggregate_id,
+            sequence: r.sequence,
+            event_type: r.event_type,
+            actor: r.actor,
+            recorded_at: r.recorded_at,
+            project_id: r.project_id,
+            node_id: r.node_id,
+            summary: r.summary,
+        }
+    }
+}

@@ -1,0 +1,642 @@
+//! The audit timeline over real HTTP against a real PostgreSQL: pages newest
+//! first under every filter, the live stream from the outbox, one event
+//! with the state before and after it, access exactly as the REST API
+//! grants it, and the web view's files.
+
+use std::time::Duration;
+
+use api::{AppState, Config};
+use chrono::Utc;
+use domain::node::{Node, NodeCommand, NodeResources};
+use domain::task::{Task, TaskCommand};
+use domain::Actor;
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use sqlx::PgPool;
+use store::Store;
+use uuid::Uuid;
+
+const SHA: &str = "0123456789abcdef0123456789abcdef01234567";
+
+/// How long a test waits for something that should happen.
+const PATIENCE: Duration = Duration::from_secs(10);
+
+struct App {
+    base: String,
+    client: reqwest::Client,
+    pool: PgPool,
+    store: Store,
+    admin: String,
+    _dir: tempfile::TempDir,
+}
+
+async fn start() -> App {
+    let db = testkit::fresh_db().await;
+    let store = Store::new(db.pool.clone());
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let admin = api::bootstrap_admin(&store, &dir.path().join("admin.token"))
+        .await
+        .expect("bootstrap admin");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind port 0");
+    let addr = listener.local_addr().expect("local address");
+    let app = api::router(AppState::new(store.clone(), Config::default()));
+    tokio::spawn(async move { axum::serve(listener, app).await.expect("serve") });
+    App {
+        base: format!("http://{addr}"),
+        client: reqwest::Client::new(),
+        pool: db.pool,
+        store,
+        admin,
+        _dir: dir,
+    }
+}
+
+impl App {
+    async fn get(&self, path: &str, token: &str) -> (StatusCode, Value) {
+        let r = self
+            .client
+            .get(format!("{}/api/v1{path}", self.base))
+            .bearer_auth(token)
+            .send()
+            .await
+            .expect("answered");
+        let status = r.status();
+        (status, r.json().await.expect("JSON"))
+    }
+
+    async fn ok(&self, path: &str, token: &str) -> Value {
+        let (status, body) = self.get(path, token).await;
+        assert_eq!(status, 200, "GET {path}: {body}");
+        body
+    }
+
+    async fn post(&self, path: &str, token: &str, body: Value) -> Value {
+        let r = self
+            .client
+            .post(format!("{}/api/v1{path}", self.base))
+            .bearer_auth(token)
+            .json(&body)
+            .send()
+            .await
+            .expect("answered");
+        let status = r.status();
+        let body: Value = r.json().await.expect("JSON");
+        assert!(status.is_success(), "POST {path}: {status} {body}");
+        body
+    }
+
+    async fn user(&self, name: &str) -> String {
+        self.post("/users", &self.admin, json!({ "name": name }))
+            .await;
+        self.post(&format!("/users/{name}/tokens"), &self.admin, json!({}))
+            .await["token"]
+            .as_str()
+            .expect("a token")
+            .to_string()
+    }
+
+    async fn project(&self, name: &str, member: &str) -> String {
+        let id = self
+            .post("/projects", &self.admin, json!({ "name": name }))
+            .await["id"]
+            .as_str()
+            .expect("an id")
+            .to_string();
+        self.post(
+            &format!("/projects/{id}/members"),
+            &self.admin,
+            json!({ "user": member, "role": "member" }),
+        )
+        .await;
+        id
+    }
+
+    async fn submit(&self, project: &str) -> String {
+        let body = json!({
+            "project_id": project,
+            "code_repo_url": "https://git.example.com/lab/code.git",
+            "code_commit_id": SHA,
+            "env_repo_url": "https://git.example.com/lab/env.git",
+            "env_commit_id": SHA,
+            "dockerfile_path": "Dockerfile",
+            "command": ["python", "train.py"],
+        });
+        self.post("/tasks", &self.admin, body).await["id"]
+            .as_str()
+            .expect("an id")
+            .to_string()
+    }
+
+    /// A node whose agent connected, as the ingress records it.
+    async fn node(&self, name: &str) -> String {
+        let id = self
+            .post("/nodes", &self.admin, json!({ "name": name }))
+            .await["id"]
+            .as_str()
+            .expect("an id")
+            .to_string();
+        let at = Utc::now();
+        let connect = NodeCommand::Connect {
+            session: Uuid::now_v7(),
+            agent_version: "0.1.0-test".into(),
+            resources: NodeResources::default(),
+            labels: Default::default(),
+            at,
+        };
+        self.store
+            .execute::<Node>(&id, connect, &Actor::Node(id.clone()), at)
+            .await
+            .expect("connect");
+        id
+    }
+
+    async fn assign(&self, task: &str, node: &str) {
+        let at = Utc::now();
+        let assign = TaskCommand::Assign {
+            node_id: node.parse().expect("a node id"),
+            gpus: vec![],
+            reason: "1 CPU free, image cached".into(),
+            at,
+        };
+        self.store
+            .execute::<Task>(task, assign, &Actor::System("scheduler".into()), at)
+            .await
+            .expect("assign");
+    }
+
+    /// Lets the read models catch up with everything committed so far.
+    async fn catch_up(&self) {
+        projections::Projector::new(self.pool.clone())
+            .catch_up()
+            .await
+            .expect("projections catch up");
+    }
+
+    /// Every page of the timeline for `filter`, newest first.
+    async fn all(&self, filter: &str, token: &str) -> Vec<Value> {
+        let mut items = Vec::new();
+        let mut before: Option<i64> = None;
+        loop {
+            let cursor = before.map_or(String::new(), |b| format!("&before={b}"));
+            let page = self
+                .ok(&format!("/timeline?limit=3{filter}{cursor}"), token)
+                .await;
+            items.extend(page["items"].as_array().expect("items").iter().cloned());
+            match page["next_before"].as_i64() {
+                Some(b) => before = Some(b),
+                None => return items,
+            }
+        }
+    }
+
+    async fn stream(&self, query: &str, token: &str, last_id: Option<&str>) -> Stream {
+        let mut request = self
+            .client
+            .get(format!("{}/api/v1/timeline/stream{query}", self.base))
+            .bearer_auth(token);
+        if let Some(id) = last_id {
+            request = request.header("Last-Event-ID", id);
+        }
+        let response = request.send().await.expect("answered");
+        assert_eq!(response.status(), 200);
+        assert_eq!(
+            response.headers()["content-type"],
+            "text/event-stream",
+            "a stream of events"
+        );
+        Stream {
+            response,
+            buffer: String::new(),
+        }
+    }
+}
+
+fn positions(items: &[Value]) -> Vec<i64> {
+    items
+        .iter()
+        .map(|e| e["position"].as_i64().expect("a position"))
+        .collect()
+}
+
+/// One Server-Sent Events response, read event by event.
+struct Stream {
+    response: reqwest::Response,
+    buffer: String,
+}
+
+impl Stream {
+    /// The next event as (type, data, id), waiting at most `PATIENCE`.
+    async fn next(&mut self) -> Option<(String, Value, Option<String>)> {
+        loop {
+            if let Some(end) = self.buffer.find("\n\n") {
+                let block: String = self.buffer.drain(..end + 2).collect();
+                let (mut kind, mut data, mut id) = ("message".to_string(), String::new(), None);
+                for line in block.lines() {
+                    if let Some(v) = line.strip_prefix("event: ") {
+                        kind = v.to_string();
+                    } else if let Some(v) = line.strip_prefix("data: ") {
+                        data.push_str(v);
+                    } else if let Some(v) = line.strip_prefix("id: ") {
+                        id = Some(v.to_string());
+                    }
+                }
+                if data.is_empty() {
+                    continue;
+                }
+                return Some((kind, serde_json::from_str(&data).expect("JSON data"), id));
+            }
+            let chunk = tokio::time::timeout(PATIENCE, self.response.chunk())
+                .await
+                .ok()?
+                .expect("the stream reads")?;
+            self.buffer
+                .push_str(std::str::from_utf8(&chunk).expect("UTF-8"));
+        }
+    }
+
+    /// Timeline events until `ready`.
+    async fn until_ready(&mut self) -> Vec<Value> {
+        let mut seen = Vec::new();
+        loop {
+            let (kind, data, _) = self.next().await.expect("ready comes");
+            match kind.as_str() {
+                "ready" => return seen,
+                "timeline" => seen.push(data),
+                other => panic!("unexpected event {other}"),
+            }
+        }
+    }
+
+    /// The next `n` timeline events.
+    async fn take(&mut self, n: usize) -> Vec<(Value, String)> {
+        let mut out = Vec::new();
+        while out.len() < n {
+            let (kind, data, id) = self.next().await.expect("an event comes");
+            assert_eq!(kind, "timeline", "{data}");
+            out.push((data, id.expect("an id")));
+        }
+        out
+    }
+
+    /// Whether nothing arrives for a while.
+    async fn quiet(&mut self) -> bool {
+        if self.buffer.contains("\n\n") && !self.buffer.trim_start().starts_with(':') {
+            return false;
+        }
+        match tokio::time::timeout(Duration::from_millis(800), self.response.chunk()).await {
+            Err(_) => true,
+            Ok(chunk) => {
+                let chunk = chunk.expect("reads").unwrap_or_default();
+                std::str::from_utf8(&chunk)
+                    .expect("UTF-8")
+                    .lines()
+                    .all(|l| l.is_empty() || l.starts_with(':'))
+            }
+        }
+    }
+}
+
+/// Alice is a member of `vision`, Bob of `audio`; one task each, and one
+/// more in `vision` placed on node gpu-3.
+struct World {
+    alice: String,
+    bob: String,
+    vision: String,
+    audio: String,
+    t1: String,
+    t2: String,
+    t3: String,
+    node: String,
+}
+
+async fn world(app: &App) -> World {
+    let alice = app.user("alice").await;
+    let bob = app.user("bob").await;
+    let vision = app.project("vision", "alice").await;
+    let audio = app.project("audio", "bob").await;
+    let t1 = app.submit(&vision).await;
+    let t2 = app.submit(&audio).await;
+    let node = app.node("gpu-3").await;
+    let t3 = app.submit(&vision).await;
+    app.assign(&t3, &node).await;
+    app.catch_up().await;
+    World {
+        alice,
+        bob,
+        vision,
+        audio,
+        t1,
+        t2,
+        t3,
+        node,
+    }
+}
+
+#[tokio::test]
+async fn the_timeline_pages_newest_first_under_every_filter() {
+    let app = start().await;
+    let w = world(&app).await;
+    let total: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
+        .fetch_one(&app.pool)
+        .await
+        .expect("count");
+
+    let all = app.all("", &app.admin).await;
+    assert_eq!(all.len() as i64, total, "every event, each once");
+    let p = positions(&all);
+    assert!(p.windows(2).all(|w| w[0] > w[1]), "newest first: {p:?}");
+    let first = &all[0];
+    assert_eq!(first["event_type"], "TaskAssigned");
+    assert_eq!(first["actor"], "system:scheduler");
+    assert_eq!(
+        first["summary"],
+        "system:scheduler assigned attempt 1 to node gpu-3: 1 CPU free, image cached"
+    );
+    assert_eq!(first["node_id"], w.node.as_str());
+    assert_eq!(first["project_id"], w.vision.as_str());
+
+    let task = app.all(&format!("&task={}", w.t1), &app.admin).await;
+    assert!(!task.is_empty());
+    assert!(task.iter().all(|e| e["aggregate_id"] == w.t1.as_str()));
+
+    let node = app.all(&format!("&node={}", w.node), &app.admin).await;
+    let types: Vec<&str> = node
+        .iter()
+        .map(|e| e["event_type"].as_str().expect("a type"))
+        .collect();
+    assert_eq!(types, ["TaskAssigned", "NodeConnected", "NodeProvisioned"]);
+
+    let vision = app.all(&format!("&project={}", w.vision), &app.admin).await;
+    assert!(vision.iter().all(|e| e["project_id"] == w.vision.as_str()));
+    assert!(vision.iter().any(|e| e["aggregate_id"] == w.t3.as_str()));
+    assert!(vision.iter().any(|e| e["aggregate_type"] == "project"));
+
+    let submitted = app.all("&event_type=TaskSubmitted", &app.admin).await;
+    assert_eq!(submitted.len(), 3);
+    let nodes = app.all("&aggregate_type=node", &app.admin).await;
+    assert_eq!(nodes.len(), 2);
+
+    let t = &vision[vision.len() / 2];
+    let at = t["recorded_at"].as_str().expect("a time");
+    let since = app.all(&format!("&since={at}"), &app.admin).await;
+    let until = app.all(&format!("&until={at}"), &app.admin).await;
+    assert_eq!(
+        since.len() + until.len(),
+        all.len(),
+        "a time splits the log"
+    );
+    assert!(app
+        .all("&since=2999-01-01T00:00:00Z", &app.admin)
+        .await
+        .is_empty());
+
+    // The same filters for a member: their project, every node, themselves.
+    let mine = app.all("", &w.alice).await;
+    assert!(!mine.is_empty());
+    for e in &mine {
+        let kind = e["aggregate_type"].as_str().expect("a type");
+        match kind {
+            "task" | "project" => assert_eq!(e["project_id"], w.vision.as_str(), "{e}"),
+            "node" => {}
+            "user" => assert_eq!(e["aggregate_id"], "alice"),
+            other => panic!("{other}"),
+        }
+    }
+    assert!(mine.iter().any(|e| e["aggregate_id"] == w.t1.as_str()));
+    assert!(!mine.iter().any(|e| e["aggregate_id"] == w.t2.as_str()));
+    let bobs = app.all(&format!("&node={}", w.node), &w.bob).await;
+    assert_eq!(
+        bobs.len(),
+        2,
+        "the node's own events, not alice's task on it"
+    );
+}
+
+#[tokio::test]
+async fn filters_for_what_the_caller_may_not_see_and_bad_parameters_are_refused_by_name() {
+    let app = start().await;
+    let w = world(&app).await;
+    let missing = Uuid::new_v4();
+    for (path, status, field) in [
+        (format!("/timeline?task={}", w.t2), 404, "task"),
+        (format!("/timeline?project={}", w.audio), 404, "project"),
+        (format!("/timeline?node={missing}"), 404, "node"),
+        (format!("/timeline/stream?task={}", w.t2), 404, "task"),
+        ("/timeline?limit=0".into(), 400, "limit"),
+        ("/timeline?limit=501".into(), 400, "limit"),
+        ("/timeline?before=x".into(), 400, "before"),
+        ("/timeline?before=999999".into(), 400, "before"),
+        ("/timeline?task=nope".into(), 400, "task"),
+        (
+            "/timeline?aggregate_type=file".into(),
+            400,
+            "aggregate_type",
+        ),
+        (
+            "/timeline?event_type=Task%20Assigned".into(),
+            400,
+            "event_type",
+        ),
+        ("/timeline?since=yesterday".into(), 400, "since"),
+        (
+            "/timeline?since=2026-02-01T00:00:00Z&until=2026-01-01T00:00:00Z".into(),
+            400,
+            "until",
+        ),
+        ("/timeline?colour=red".into(), 400, "colour"),
+        ("/timeline/stream?after=-1".into(), 400, "after"),
+        ("/timeline/stream?after=999999".into(), 400, "after"),
+        ("/events/999999".into(), 404, ""),
+        ("/events/x".into(), 400, "position"),
+    ] {
+        let (got, body) = app.get(&path, &w.alice).await;
+        assert_eq!(got.as_u16(), status, "{path}: {body}");
+        if !field.is_empty() {
+            assert_eq!(body["errors"][0]["field"], field, "{path}: {body}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_stream_takes_over_from_the_page_and_shows_only_what_the_caller_may_see() {
+    let app = start().await;
+    let w = world(&app).await;
+    let page = app.ok("/timeline?limit=5", &w.alice).await;
+    let after = page["live_after"].as_i64().expect("live_after");
+    let newest = page["items"][0]["position"].as_i64().expect("a position");
+    assert!(after >= newest);
+
+    let mut alice = app.stream(&format!("?after={after}"), &w.alice, None).await;
+    assert!(alice.until_ready().await.is_empty(), "the page had it all");
+    let mut task = app
+        .stream(&format!("?task={}", w.t1), &app.admin, None)
+        .await;
+    task.until_ready().await;
+    let mut bob = app.stream("", &w.bob, None).await;
+    bob.until_ready().await;
+
+    // Bob's task changes, then Alice's: Alice sees only hers.
+    app.post(&format!("/tasks/{}/cancel", w.t2), &app.admin, json!({}))
+        .await;
+    app.post(&format!("/tasks/{}/cancel", w.t1), &app.admin, json!({}))
+        .await;
+    let t4 = app.submit(&w.vision).await;
+
+    let seen = alice.take(3).await;
+    let summaries: Vec<&str> = seen
+        .iter()
+        .map(|(e, _)| e["summary"].as_str().expect("a summary"))
+        .collect();
+    assert_eq!(
+        summaries[..2],
+        [
+            "user:admin asked to cancel the task",
+            "task cancelled before it ran"
+        ]
+    );
+    assert!(seen[..2]
+        .iter()
+        .all(|(e, _)| e["aggregate_id"] == w.t1.as_str()));
+    assert_eq!(seen[2].0["aggregate_id"], t4.as_str());
+    let ids: Vec<i64> = seen
+        .iter()
+        .map(|(e, id)| {
+            assert_eq!(e["position"].to_string(), *id);
+            e["position"].as_i64().expect("a position")
+        })
+        .collect();
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "in order: {ids:?}");
+    assert!(alice.quiet().await, "nothing of bob's");
+
+    let of_task = task.take(2).await;
+    assert!(of_task
+        .iter()
+        .all(|(e, _)| e["aggregate_id"] == w.t1.as_str()));
+    assert!(task.quiet().await, "nothing of other tasks");
+    let bobs = bob.take(2).await;
+    assert!(bobs.iter().all(|(e, _)| e["aggregate_id"] == w.t2.as_str()));
+
+    // Resuming after the first event gives exactly the rest.
+    let mut resumed = app.stream("", &w.alice, Some(&seen[0].1)).await;
+    let rest = resumed.until_ready().await;
+    assert_eq!(positions(&rest), ids[1..]);
+
+    // The page, read again, has them too, with the same summaries.
+    app.catch_up().await;
+    let page = app.ok("/timeline?limit=3", &w.alice).await;
+    let listed: Vec<&str> = page["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .rev()
+        .map(|e| e["summary"].as_str().expect("a summary"))
+        .collect();
+    assert_eq!(listed, summaries);
+}
+
+#[tokio::test]
+async fn an_event_shows_its_payload_metadata_and_the_state_before_and_after_it() {
+    let app = start().await;
+    let w = world(&app).await;
+    app.post(&format!("/tasks/{}/cancel", w.t1), &app.admin, json!({}))
+        .await;
+    app.catch_up().await;
+    let events = app.all(&format!("&task={}", w.t1), &app.admin).await;
+    let cancelled = events
+        .iter()
+        .find(|e| e["event_type"] == "TaskCancelled")
+        .expect("cancelled");
+    let position = cancelled["position"].as_i64().expect("a position");
+
+    let d = app.ok(&format!("/events/{position}"), &w.alice).await;
+    assert_eq!(d["event"]["summary"], "task cancelled before it ran");
+    assert_eq!(d["event"]["position"], position);
+    assert_eq!(d["metadata"]["actor"], "user:admin");
+    assert!(d["metadata"]["at"].is_string());
+    assert_eq!(d["before"]["state"], "queued");
+    assert_eq!(d["after"]["state"], "cancelled");
+    assert_eq!(d["after"]["id"], w.t1.as_str());
+
+    let submitted = events.last().expect("the first event");
+    let d = app
+        .ok(&format!("/events/{}", submitted["position"]), &app.admin)
+        .await;
+    assert_eq!(d["before"], Value::Null);
+    assert_eq!(d["after"]["state"], "queued");
+
+    let node = app.all(&format!("&node={}", w.node), &app.admin).await;
+    let connected = node
+        .iter()
+        .find(|e| e["event_type"] == "NodeConnected")
+        .expect("connected");
+    let d = app
+        .ok(&format!("/events/{}", connected["position"]), &w.bob)
+        .await;
+    assert_eq!(d["before"]["status"], "provisioned");
+    assert_eq!(d["after"]["status"], "online");
+    assert!(d["after"].get("token_fingerprint").is_none());
+
+    // Another project's event is not there for alice; another user's is
+    // forbidden.
+    let theirs = app.all(&format!("&task={}", w.t2), &app.admin).await;
+    let (status, _) = app
+        .get(&format!("/events/{}", theirs[0]["position"]), &w.alice)
+        .await;
+    assert_eq!(status, 404);
+    let users = app.all("&aggregate_type=user", &app.admin).await;
+    let bobs = users
+        .iter()
+        .find(|e| e["aggregate_id"] == "bob")
+        .expect("bob's");
+    let (status, _) = app
+        .get(&format!("/events/{}", bobs["position"]), &w.alice)
+        .await;
+    assert_eq!(status, 403);
+}
+
+#[tokio::test]
+async fn the_web_view_is_served_from_the_binary_with_a_strict_policy() {
+    let app = start().await;
+    let client = &app.client;
+    for (path, kind, needle) in [
+        ("/", "text/html", "<script src=\"/app.js\" defer></script>"),
+        ("/app.js", "text/javascript", "/timeline/stream"),
+        ("/app.css", "text/css", ".events"),
+        ("/favicon.svg", "image/svg+xml", "<svg"),
+    ] {
+        let r = client
+            .get(format!("{}{path}", app.base))
+            .send()
+            .await
+            .expect("answered");
+        assert_eq!(r.status(), 200, "{path}");
+        let headers = r.headers().clone();
+        assert!(headers["content-type"]
+            .to_str()
+            .expect("text")
+            .starts_with(kind));
+        let csp = headers["content-security-policy"].to_str().expect("text");
+        assert!(csp.contains("default-src 'none'") && csp.contains("script-src 'self'"));
+        assert_eq!(headers["x-content-type-options"], "nosniff");
+        let body = r.text().await.expect("a body");
+        assert!(body.contains(needle), "{path}");
+        let etag = headers["etag"].clone();
+        let again = client
+            .get(format!("{}{path}", app.base))
+            .header("if-none-match", etag)
+            .send()
+            .await
+            .expect("answered");
+        assert_eq!(again.status(), 304, "{path}");
+    }
+    let r = client
+        .get(format!("{}/nothing-here", app.base))
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(r.status(), 404);
+    let body: Value = r.json().await.expect("the JSON envelope");
+    assert!(body["errors"].is_array());
+}
