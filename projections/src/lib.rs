@@ -4,18 +4,21 @@
 //! outbox in its global order and applies each event to each read model in
 //! one transaction together with that model's checkpoint, so a crash
 //! anywhere replays cleanly and applying an event twice changes nothing.
-//! [`Projector::rebuild`] drops a model and replays the whole log into it in
-//! one transaction: readers keep seeing the old content until the new one is
-//! complete.
+//! [`Projector::rebuild`] replays the whole log into shadow copies of the
+//! models while the server keeps running, then switches them in at once:
+//! readers keep seeing the old content until the new one is complete.
+//! [`replay`] explains the log aggregate by aggregate, for people.
 
 mod models;
+mod rebuild;
+pub mod replay;
 pub mod summary;
 
 use std::future::Future;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use sqlx::{PgConnection, PgPool};
+use sqlx::{Connection, PgConnection, PgPool};
 use store::outbox::{self, Checkpoint, Filter, RecordedEvent};
 use store::Wakeup;
 
@@ -211,14 +214,26 @@ impl Projector {
         }
     }
 
-    /// Empties the named read model (all of them with `None`) and replays
-    /// the whole log into it, in one transaction per model. Readers see the
-    /// old content until the rebuilt one commits; the running projector
-    /// waits on the checkpoint meanwhile. Returns the events applied.
+    /// Rebuilds the named read model (all of them with `None`) from the
+    /// whole log while everything else keeps running, and returns the event
+    /// applications made.
+    ///
+    /// The new content is built on a connection of its own, into temporary
+    /// copies of the model's tables that shadow the real ones on that
+    /// connection only, in short transactions, so the server's outbox
+    /// consumers are never held back by a long transaction and the running
+    /// projector goes on keeping the live tables fresh. Then one short
+    /// transaction takes the models' checkpoints (the running projector
+    /// skips them meanwhile), applies what arrived since, replaces the live
+    /// rows with the rebuilt ones and moves the checkpoints: readers see the
+    /// old content until that commit and the new one after it, never a
+    /// half-built table. Every chosen model is built in the same pass over
+    /// the log and switched in the same transaction.
     ///
     /// # Errors
     /// [`ProjectionError::Unknown`] for a name that is no read model, or as
-    /// [`Projector::run_once`].
+    /// [`Projector::run_once`]. On any error nothing live has changed: the
+    /// temporary tables go with the rebuild's connection.
     pub async fn rebuild(&self, name: Option<&str>) -> Result<usize, ProjectionError> {
         let chosen: Vec<&dyn Projection> = self
             .projections
@@ -229,31 +244,12 @@ impl Projector {
         if chosen.is_empty() {
             return Err(ProjectionError::Unknown(name.unwrap_or_default().into()));
         }
-        let mut total = 0;
-        for p in chosen {
-            let mut tx = self.pool.begin().await?;
-            outbox::load_checkpoint(&mut tx, p.name(), true).await?;
-            for table in p.tables() {
-                sqlx::query(&format!("DELETE FROM {table}"))
-                    .execute(&mut *tx)
-                    .await?;
-            }
-            let mut at = Checkpoint::default();
-            loop {
-                let events = outbox::read_after(&mut *tx, at, 5000, &Filter::default()).await?;
-                let Some(last) = events.last().map(RecordedEvent::checkpoint) else {
-                    break;
-                };
-                for event in &events {
-                    p.apply(&mut tx, event).await?;
-                }
-                total += events.len();
-                at = last;
-            }
-            outbox::save_checkpoint(&mut tx, p.name(), at).await?;
-            tx.commit().await?;
-        }
-        Ok(total)
+        // Never a pooled connection: its temporary tables shadow the live
+        // ones, and must not outlive the rebuild on a connection others use.
+        let mut conn = PgConnection::connect_with(&self.pool.connect_options()).await?;
+        let rebuilt = rebuild::run(&mut conn, &chosen).await;
+        let _ = conn.close().await;
+        rebuilt
     }
 
     /// Each read model's checkpoint and lag.

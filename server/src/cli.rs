@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
 
-use crate::{dev, roles};
+use crate::{dev, replay, roles};
 
 /// UniDesk: a distributed work platform.
 #[derive(Debug, Parser)]
@@ -37,6 +37,19 @@ enum Command {
     Node {
         #[command(subcommand)]
         command: NodeCommand,
+    },
+    /// Print an aggregate's state event by event, or check that this build
+    /// can apply every stored event (--check).
+    Replay {
+        #[command(flatten)]
+        args: replay::ReplayArgs,
+        #[command(flatten)]
+        db: DbArgs,
+    },
+    /// Export the event log as a file, or import one into another database.
+    Events {
+        #[command(subcommand)]
+        command: replay::EventsCommand,
     },
 }
 
@@ -203,6 +216,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 "run on the node: unidesk-agent --server ws://<this server>:8080 --token <token>"
             );
             Ok(())
+        }
+        Command::Replay { args, db } => {
+            let pool = connect(&database_url(&db)?).await?;
+            replay::run_replay(args, &pool).await
+        }
+        Command::Events { command } => {
+            let pool = connect(&database_url(command.db())?).await?;
+            replay::run_events(command, &pool).await
         }
         Command::Projections { command } => match command {
             ProjectionsCommand::Rebuild { name, db } => {

@@ -4,5 +4,6 @@
 pub mod cli;
 pub mod dev;
 pub mod objects;
+pub mod replay;
 pub mod roles;
 pub mod scheduler;

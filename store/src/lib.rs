@@ -5,6 +5,7 @@
 
 pub mod cluster;
 mod error;
+pub mod export;
 pub mod names;
 pub mod outbox;
 pub mod task_log;

@@ -1,0 +1,361 @@
+//! Rebuilding read models while the server keeps running: readers never
+//! see a half-built model, and the running projector (and every other
+//! outbox consumer) keeps up with new events meanwhile.
+
+#![expect(
+    clippy::unwrap_used,
+    reason = "a test fails loudly at the first surprise"
+)]
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use cqrs_es::{Aggregate, DomainEvent};
+use domain::node::{Node, NodeCommand};
+use domain::project::{Project, ProjectCommand};
+use domain::spec::{TaskSpecDraft, UrlPolicy};
+use domain::task::{Outcome, Task, TaskCommand};
+use domain::Actor;
+use projections::Projector;
+use sqlx::PgPool;
+use store::Store;
+use uuid::Uuid;
+
+/// Events as the log stores them: (type, id, sequence, event type,
+/// payload, metadata).
+type Row = (String, String, i64, String, String, String);
+
+/// Decides `commands` on a new `A` in memory and returns the events as
+/// stored rows, exactly as the store would write them.
+fn decided<A>(id: &str, commands: Vec<(A::Command, Actor, DateTime<Utc>)>, out: &mut Vec<Row>)
+where
+    A: Aggregate,
+    A: Decide,
+{
+    let mut state = A::default();
+    let mut sequence = 0;
+    for (command, actor, at) in commands {
+        for event in state.decide_now(command) {
+            sequence += 1;
+            out.push((
+                A::TYPE.to_string(),
+                id.to_string(),
+                sequence,
+                event.event_type(),
+                serde_json::to_string(&event).unwrap(),
+                serde_json::json!({"actor": actor.to_string(), "at": at}).to_string(),
+            ));
+            state.apply(event);
+        }
+    }
+}
+
+/// The domain's `decide`, for the aggregates used here.
+trait Decide: Aggregate {
+    fn decide_now(&self, command: Self::Command) -> Vec<Self::Event>;
+}
+
+impl Decide for Task {
+    fn decide_now(&self, command: TaskCommand) -> Vec<Self::Event> {
+        self.decide(command).unwrap()
+    }
+}
+
+/// Writes `rows` straight into the log (the outbox trigger fires).
+async fn insert(pool: &PgPool, rows: &[Row]) {
+    for chunk in rows.chunks(2000) {
+        let col = |f: fn(&Row) -> String| chunk.iter().map(f).collect::<Vec<_>>();
+        sqlx::query(
+            "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) \
+             SELECT t, i, s, e, '1', p::json, m::json FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::text[]) \
+               WITH ORDINALITY AS u(t, i, s, e, p, m, n) ORDER BY n",
+        )
+        .bind(col(|r| r.0.clone()))
+        .bind(col(|r| r.1.clone()))
+        .bind(chunk.iter().map(|r| r.2).collect::<Vec<_>>())
+        .bind(col(|r| r.3.clone()))
+        .bind(col(|r| r.4.clone()))
+        .bind(col(|r| r.5.clone()))
+        .execute(pool)
+        .await
+        .unwrap();
+    }
+}
+
+fn spec(project: Uuid) -> domain::spec::TaskSpec {
+    TaskSpecDraft {
+        project_id: Some(project),
+        code_repo_url: Some("https://example.com/c.git".into()),
+        code_commit_id: Some("a".repeat(40)),
+        env_repo_url: Some("https://example.com/e.git".into()),
+        env_commit_id: Some("b".repeat(40)),
+        dockerfile_path: Some("Dockerfile".into()),
+        command: Some(vec!["python".into(), "train.py".into()]),
+        ..Default::default()
+    }
+    .validate(UrlPolicy::default())
+    .unwrap()
+}
+
+/// A project, a node and `tasks` whole task lifecycles, written fast.
+async fn big_history(store: &Store, tasks: usize) -> (Uuid, Uuid) {
+    let admin = Actor::User("admin".into());
+    let now = Utc::now();
+    let project = Uuid::new_v4();
+    store
+        .execute::<Project>(
+            &project.to_string(),
+            ProjectCommand::Create {
+                project_id: project,
+                name: "big".into(),
+                description: String::new(),
+                owner: "alice".into(),
+                at: now,
+            },
+            &admin,
+            now,
+        )
+        .await
+        .unwrap();
+    let node = Uuid::new_v4();
+    store
+        .execute::<Node>(
+            &node.to_string(),
+            NodeCommand::Provision {
+                node_id: node,
+                name: "gpu-1".into(),
+                labels: Default::default(),
+                token_fingerprint: "ff".into(),
+                by: admin.clone(),
+                at: now,
+            },
+            &admin,
+            now,
+        )
+        .await
+        .unwrap();
+    let agent = Actor::Node(node.to_string());
+    let mut rows = Vec::new();
+    for _ in 0..tasks {
+        let id = Uuid::new_v4();
+        let commands = vec![
+            (
+                TaskCommand::Submit {
+                    task_id: id,
+                    spec: spec(project),
+                    by: admin.clone(),
+                    at: now,
+                },
+                admin.clone(),
+                now,
+            ),
+            (
+                TaskCommand::Assign {
+                    node_id: node,
+                    gpus: vec![],
+                    reason: "fits".into(),
+                    at: now,
+                },
+                Actor::System("scheduler".into()),
+                now,
+            ),
+            (
+                TaskCommand::ReportStarted {
+                    node_id: node,
+                    attempt: 1,
+                    container: "c".into(),
+                    at: now,
+                },
+                agent.clone(),
+                now,
+            ),
+            (
+                TaskCommand::ReportExited {
+                    node_id: node,
+                    attempt: 1,
+                    outcome: Outcome::Succeeded,
+                    at: now,
+                },
+                agent.clone(),
+                now,
+            ),
+        ];
+        decided::<Task>(&id.to_string(), commands, &mut rows);
+    }
+    insert(store.pool(), &rows).await;
+    (project, node)
+}
+
+async fn count(pool: &PgPool, table: &str) -> i64 {
+    sqlx::query_scalar(&format!("SELECT count(*) FROM {table}"))
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+async fn submit(store: &Store, project: Uuid) -> Uuid {
+    let id = Uuid::new_v4();
+    let user = Actor::User("alice".into());
+    store
+        .execute::<Task>(
+            &id.to_string(),
+            TaskCommand::Submit {
+                task_id: id,
+                spec: spec(project),
+                by: user.clone(),
+                at: Utc::now(),
+            },
+            &user,
+            Utc::now(),
+        )
+        .await
+        .unwrap();
+    id
+}
+
+#[tokio::test]
+async fn a_rebuild_while_the_server_runs_never_shows_a_half_built_model_nor_holds_consumers_back() {
+    let db = testkit::fresh_db().await;
+    let store = Store::new(db.pool.clone());
+    let (project, _) = big_history(&store, 4000).await;
+    let projector = Arc::new(Projector::new(db.pool.clone()));
+    projector.catch_up().await.unwrap();
+    let tasks_before = count(&db.pool, "task_view").await;
+    let timeline_before = count(&db.pool, "timeline").await;
+    assert_eq!(tasks_before, 4000);
+
+    // The server: a projector running as the projector role runs it.
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = {
+        let projector = projector.clone();
+        tokio::spawn(async move {
+            projector
+                .run(Duration::from_millis(20), async {
+                    let _ = stopped.await;
+                })
+                .await;
+        })
+    };
+    // Readers: a model never has fewer rows than before the rebuild.
+    let done = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let (pool, done) = (db.pool.clone(), done.clone());
+        tokio::spawn(async move {
+            let mut reads = 0;
+            while !done.load(Ordering::Relaxed) {
+                let tasks = count(&pool, "task_view").await;
+                let timeline = count(&pool, "timeline").await;
+                assert!(tasks >= tasks_before, "task_view read with {tasks} rows");
+                assert!(
+                    timeline >= timeline_before,
+                    "timeline read with {timeline} rows"
+                );
+                reads += 1;
+            }
+            reads
+        })
+    };
+
+    let rebuild = {
+        let pool = db.pool.clone();
+        tokio::spawn(async move { Projector::new(pool).rebuild(None).await })
+    };
+    // New work during the rebuild reaches the running projector's models
+    // while the rebuild is still going on.
+    let mut seen_during_rebuild = 0;
+    let mut submitted = Vec::new();
+    while !rebuild.is_finished() {
+        let id = submit(&store, project).await;
+        submitted.push(id);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let there: bool =
+                sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM task_view WHERE id = $1)")
+                    .bind(id)
+                    .fetch_one(&db.pool)
+                    .await
+                    .unwrap();
+            if there {
+                if !rebuild.is_finished() {
+                    seen_during_rebuild += 1;
+                }
+                break;
+            }
+            if rebuild.is_finished() || tokio::time::Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    let applied = rebuild.await.unwrap().unwrap();
+    assert!(applied >= 5 * 16_000, "{applied}");
+    assert!(
+        seen_during_rebuild >= 2,
+        "only {seen_during_rebuild} of {} tasks submitted during the rebuild were projected before it ended",
+        submitted.len()
+    );
+    done.store(true, Ordering::Relaxed);
+    assert!(reader.await.unwrap() > 0);
+
+    // Afterwards everything is there, once, and the running projector
+    // carries on from the rebuilt checkpoints.
+    let late = submit(&store, project).await;
+    projector.catch_up().await.unwrap();
+    let _ = stop.send(());
+    running.await.unwrap();
+    let events = count(&db.pool, "events").await;
+    assert_eq!(count(&db.pool, "timeline").await, events);
+    assert_eq!(
+        count(&db.pool, "task_view").await,
+        4000 + submitted.len() as i64 + 1
+    );
+    let state: String = sqlx::query_scalar("SELECT state FROM task_view WHERE id = $1")
+        .bind(late)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(state, "queued");
+    for s in projector.status().await.unwrap() {
+        assert_eq!(s.lag, 0, "{} lags", s.name);
+    }
+    // No shadow table outlives the rebuild.
+    let temporary: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM pg_class WHERE relpersistence = 't'")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(temporary, 0);
+}
+
+#[tokio::test]
+async fn a_rebuild_that_fails_leaves_the_live_models_as_they_were() {
+    let db = testkit::fresh_db().await;
+    let store = Store::new(db.pool.clone());
+    let (project, _) = big_history(&store, 50).await;
+    submit(&store, project).await;
+    let projector = Projector::new(db.pool.clone());
+    projector.catch_up().await.unwrap();
+    let before = count(&db.pool, "task_view").await;
+    // An event this build cannot read, written by hand.
+    sqlx::query(
+        "INSERT INTO events VALUES ('task', $1, 1, 'TaskSubmitted', '1', '{\"Submitted\": {\"task_id\": 5}}', '{}')",
+    )
+    .bind(Uuid::new_v4().to_string())
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let err = projector.rebuild(Some("tasks")).await.unwrap_err();
+    assert!(
+        matches!(err, projections::ProjectionError::Undecodable { .. }),
+        "{err}"
+    );
+    assert_eq!(count(&db.pool, "task_view").await, before);
+    let temporary: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM pg_class WHERE relpersistence = 't'")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(temporary, 0);
+}
