@@ -302,7 +302,7 @@ impl Files {
         let response = request
             .send()
             .await
-            .map_err(|e| format!("cannot reach the store: {e}"))?;
+            .map_err(|e| format!("cannot reach the store: {}", without_url(e)))?;
         let status = response.status();
         if from > 0 && status == reqwest::StatusCode::OK {
             // The store ignored the range: start over.
@@ -318,7 +318,7 @@ impl Files {
         }
         let mut body = response.bytes_stream();
         while let Some(chunk) = body.next().await {
-            let chunk = chunk.map_err(|e| format!("the connection broke: {e}"))?;
+            let chunk = chunk.map_err(|e| format!("the connection broke: {}", without_url(e)))?;
             file.write_all(&chunk)
                 .await
                 .map_err(|e| format!("writing the file: {e}"))?;
@@ -463,7 +463,7 @@ impl Files {
         let response = request
             .send()
             .await
-            .map_err(|e| format!("cannot reach the store: {e}"))?;
+            .map_err(|e| format!("cannot reach the store: {}", without_url(e)))?;
         let status = response.status();
         if !status.is_success() {
             let body = response.text().await.unwrap_or_default();
@@ -476,6 +476,21 @@ impl Files {
             .unwrap_or_default()
             .to_string())
     }
+}
+
+/// A transport error in words, with its causes, never the URL (a presigned
+/// URL is a credential while it lives).
+fn without_url(e: reqwest::Error) -> String {
+    use std::error::Error as _;
+    let e = e.without_url();
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 /// What the store said when it refused, without the URL.

@@ -1,0 +1,451 @@
+//! Large files end to end across real processes: `unidesk serve` pointed
+//! at the embedded S3 store (s3s over s3s-fs, served by this test process
+//! on a local port), a real `unidesk-agent` over a real WebSocket, real
+//! Docker containers and real git repositories. The agent and the API
+//! move every byte through presigned URLs.
+
+#![expect(
+    clippy::unwrap_used,
+    reason = "a test fails loudly at the first surprise"
+)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use objects::embedded::{fresh_credentials, Embedded};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+/// The base image every test environment builds on: busybox in an empty
+/// image, since nothing can be pulled here.
+const BASE: &str = "unidesk-test-base:1";
+
+fn sh(dir: &Path, cmd: &str) -> String {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+fn base_image() {
+    let ok = Command::new("docker")
+        .args(["image", "inspect", BASE])
+        .output()
+        .unwrap();
+    if ok.status.success() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy("/bin/busybox", dir.path().join("busybox")).unwrap();
+    std::fs::write(
+        dir.path().join("Dockerfile"),
+        "FROM scratch\nCOPY busybox /bin/busybox\nRUN [\"/bin/busybox\", \"--install\", \"-s\", \"/bin\"]\nENV PATH=/bin\n",
+    )
+    .unwrap();
+    sh(dir.path(), &format!("docker build -q -t {BASE} ."));
+}
+
+fn repo(root: &Path, name: &str, files: &[(&str, &str)]) -> (String, String) {
+    let dir = root.join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    for (path, content) in files {
+        std::fs::write(dir.join(path), content).unwrap();
+    }
+    sh(&dir, "git init -q -b main && git add -A && git -c user.name=t -c user.email=t@t commit -q -m init");
+    let sha = sh(&dir, "git rev-parse HEAD");
+    (format!("file://{}", dir.display()), sha)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The `unidesk-agent` binary, built (or found up to date) first.
+fn agent_binary() -> PathBuf {
+    let server = PathBuf::from(env!("CARGO_BIN_EXE_unidesk"));
+    let status = Command::new(env!("CARGO"))
+        .args(["build", "-p", "node-agent", "--bin", "unidesk-agent"])
+        .status()
+        .unwrap();
+    assert!(status.success(), "building unidesk-agent failed");
+    server.with_file_name("unidesk-agent")
+}
+
+fn sha(data: &[u8]) -> String {
+    hex::encode(Sha256::digest(data))
+}
+
+struct Platform {
+    server: Child,
+    agent: Option<Child>,
+    base: String,
+    token: String,
+    http: reqwest::Client,
+    dir: tempfile::TempDir,
+    /// Where the embedded store keeps its bucket's files.
+    bucket_dir: PathBuf,
+    stop_store: Option<tokio::sync::oneshot::Sender<()>>,
+    project: String,
+    code: (String, String),
+    env: (String, String),
+}
+
+impl Drop for Platform {
+    fn drop(&mut self) {
+        let _ = self.server.kill();
+        if let Some(a) = &mut self.agent {
+            let _ = a.kill();
+        }
+    }
+}
+
+impl Platform {
+    async fn start() -> Platform {
+        base_image();
+        let db = testkit::fresh_db().await;
+        let dir = tempfile::tempdir().unwrap();
+        // The embedded store, in this process.
+        let (access, secret) = fresh_credentials();
+        let objects_root = dir.path().join("objects");
+        let embedded = Embedded::new(&objects_root, "unidesk", &access, secret.clone()).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let (stop_store, stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(embedded.run(listener, async {
+            let _ = stopped.await;
+        }));
+
+        let port = free_port();
+        let token_file = dir.path().join("admin.token");
+        let server = Command::new(env!("CARGO_BIN_EXE_unidesk"))
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+            .args([
+                "--allow-file-urls",
+                "--heartbeat-s",
+                "1",
+                "--poll-ms",
+                "100",
+            ])
+            .args(["--s3-endpoint", &endpoint, "--s3-bucket", "unidesk"])
+            .args(["--s3-part-mb", "5"])
+            .arg("--admin-token-file")
+            .arg(&token_file)
+            .env("DATABASE_URL", &db.url)
+            .env("UNIDESK_S3_ACCESS_KEY", &access)
+            .env("UNIDESK_S3_SECRET_KEY", secret.expose())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let base = format!("http://127.0.0.1:{port}");
+        let http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(r) = http.get(format!("{base}/readyz")).send().await {
+                if r.status() == 200 && token_file.exists() {
+                    break;
+                }
+            }
+            assert!(Instant::now() < deadline, "server did not become ready");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let token = std::fs::read_to_string(&token_file)
+            .unwrap()
+            .trim()
+            .to_string();
+        let code = repo(dir.path(), "code", &[("README", "code\n")]);
+        let env = repo(
+            dir.path(),
+            "env",
+            &[("Dockerfile", &format!("FROM {BASE}\n"))],
+        );
+        let mut p = Platform {
+            server,
+            agent: None,
+            base,
+            token,
+            http,
+            bucket_dir: objects_root.join("unidesk"),
+            dir,
+            stop_store: Some(stop_store),
+            project: String::new(),
+            code,
+            env,
+        };
+        p.project = p.post("/projects", json!({"name": "files"})).await["id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let node = p.post("/nodes", json!({"name": "worker"})).await;
+        let work = p.dir.path().join("agent");
+        let agent = Command::new(agent_binary())
+            .args(["--server", &format!("ws://127.0.0.1:{port}")])
+            .args(["--cpus", "2", "--memory-mb", "2048", "--no-gpus"])
+            .args(["--part-mb", "5"])
+            .args(["--reconnect-min-ms", "100", "--reconnect-max-ms", "1000"])
+            .arg("--work-dir")
+            .arg(&work)
+            .env("UNIDESK_NODE_TOKEN", node["token"].as_str().unwrap())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        p.agent = Some(agent);
+        p
+    }
+
+    async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
+        let mut req = self
+            .http
+            .request(method, format!("{}/api/v1{path}", self.base))
+            .bearer_auth(&self.token);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let r = req.send().await.unwrap();
+        let status = r.status().as_u16();
+        let text = r.text().await.unwrap();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    async fn post(&self, path: &str, body: Value) -> Value {
+        let (status, v) = self.call(reqwest::Method::POST, path, Some(body)).await;
+        assert!(status < 300, "POST {path}: {status} {v}");
+        v
+    }
+
+    async fn get(&self, path: &str) -> Value {
+        let (status, v) = self.call(reqwest::Method::GET, path, None).await;
+        assert_eq!(status, 200, "GET {path}: {v}");
+        v
+    }
+
+    /// Uploads `data` as object `name` of the project through the API.
+    async fn upload(&self, name: &str, data: &[u8]) {
+        let up = self
+            .post(
+                &format!("/projects/{}/objects", self.project),
+                json!({"name": name, "size": data.len(), "sha256": sha(data)}),
+            )
+            .await;
+        let mut req = reqwest::Client::new()
+            .put(up["url"].as_str().unwrap())
+            .body(data.to_vec());
+        for (k, v) in up["headers"].as_object().unwrap() {
+            req = req.header(k, v.as_str().unwrap());
+        }
+        assert!(req.send().await.unwrap().status().is_success());
+    }
+
+    /// Submits a task running `script` with `inputs` and `outputs`; waits
+    /// for its end.
+    async fn run(&self, script: &str, inputs: Value, outputs: Value) -> Value {
+        let t = self
+            .post(
+                "/tasks",
+                json!({
+                    "project_id": self.project,
+                    "code_repo_url": self.code.0, "code_commit_id": self.code.1,
+                    "env_repo_url": self.env.0, "env_commit_id": self.env.1,
+                    "dockerfile_path": "Dockerfile",
+                    "command": ["sh", "-c", script],
+                    "resources": {"cpus": 1, "memory_mb": 256},
+                    "inputs": inputs, "outputs": outputs, "max_retries": 0
+                }),
+            )
+            .await;
+        let id = t["id"].as_str().unwrap().to_string();
+        let deadline = Instant::now() + Duration::from_secs(240);
+        loop {
+            let last = self.get(&format!("/tasks/{id}")).await;
+            let s = last["state"].as_str().unwrap();
+            if ["succeeded", "failed", "timed_out", "cancelled"].contains(&s) {
+                return last;
+            }
+            assert!(Instant::now() < deadline, "task {id} stuck: {last}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    async fn artifacts(&self, task: &Value) -> Vec<Value> {
+        let id = task["id"].as_str().unwrap();
+        self.get(&format!("/tasks/{id}/artifacts")).await["items"]
+            .as_array()
+            .unwrap()
+            .clone()
+    }
+
+    /// Follows an artifact's download redirect and returns the content.
+    async fn download(&self, artifact: &Value) -> Vec<u8> {
+        let r = self
+            .http
+            .get(format!(
+                "{}{}",
+                self.base,
+                artifact["download"].as_str().unwrap()
+            ))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 302);
+        let url = r.headers()["location"].to_str().unwrap().to_string();
+        reqwest::get(url)
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap()
+            .to_vec()
+    }
+
+    async fn timeline(&self, task: &Value) -> String {
+        let id = task["id"].as_str().unwrap();
+        let page = self
+            .get(&format!(
+                "/events?aggregate_type=task&aggregate_id={id}&limit=1000"
+            ))
+            .await;
+        page.to_string()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn inputs_reach_the_workspace_and_outputs_are_kept_also_when_the_task_fails() {
+    let p = Platform::start().await;
+    let input = b"training data\n".repeat(100);
+    p.upload("datasets/train.txt", &input).await;
+    // 12 MiB of output: more than two 5 MiB parts.
+    let script = "mkdir -p out && cp data/train.txt out/copy.txt \
+                  && head -c 12582912 /dev/urandom > out/big.bin && echo done && exit 3";
+    let done = p
+        .run(
+            script,
+            json!([{"name": "data/train.txt", "object": "datasets/train.txt"}]),
+            json!([{"name": "copy", "path": "out/copy.txt"}, {"name": "big", "path": "out/big.bin"}]),
+        )
+        .await;
+    assert_eq!(done["state"], "failed", "{done}");
+    assert_eq!(done["exit_code"], 3, "{done}");
+    assert!(
+        p.timeline(&done).await.contains("inputs ready"),
+        "the timeline names the input stage"
+    );
+    let artifacts = p.artifacts(&done).await;
+    assert_eq!(artifacts.len(), 2, "{artifacts:?}");
+    let copy = artifacts.iter().find(|a| a["name"] == "copy").unwrap();
+    assert_eq!(copy["size"], input.len());
+    assert_eq!(copy["sha256"], sha(&input));
+    assert_eq!(p.download(copy).await, input);
+    let big = artifacts.iter().find(|a| a["name"] == "big").unwrap();
+    assert_eq!(big["size"], 12_582_912);
+    let content = p.download(big).await;
+    assert_eq!(content.len(), 12_582_912);
+    assert_eq!(big["sha256"], sha(&content));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_inputs_and_outputs_and_a_dead_store_fail_the_task_clearly_keeping_the_rest() {
+    let mut p = Platform::start().await;
+    // An output leading out of the workspace, one missing, one fine.
+    let done = p
+        .run(
+            "mkdir -p out && echo ok > out/ok.txt && ln -s /etc/hostname out/link",
+            json!([]),
+            json!([
+                {"name": "good", "path": "out/ok.txt"},
+                {"name": "escape", "path": "out/link"},
+                {"name": "missing", "path": "out/nothing.bin"}
+            ]),
+        )
+        .await;
+    assert_eq!(done["state"], "failed", "{done}");
+    let reason = done["reason"].as_str().unwrap();
+    assert!(reason.contains("the command succeeded"), "{reason}");
+    assert!(
+        reason.contains("output escape: out/link leads out of the workspace"),
+        "{reason}"
+    );
+    assert!(
+        reason.contains("output missing: out/nothing.bin does not exist"),
+        "{reason}"
+    );
+    let artifacts = p.artifacts(&done).await;
+    assert_eq!(artifacts.len(), 1, "{artifacts:?}");
+    assert_eq!(artifacts[0]["name"], "good");
+    assert_eq!(p.download(&artifacts[0]).await, b"ok\n");
+
+    // An input that is not in the store: the command never runs.
+    let done = p
+        .run(
+            "echo never",
+            json!([{"name": "x", "object": "nowhere/x"}]),
+            json!([]),
+        )
+        .await;
+    assert_eq!(done["state"], "failed");
+    let reason = done["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("input x: object \"nowhere/x\" does not exist in the project's store"),
+        "{reason}"
+    );
+
+    // An input whose stored bytes were corrupted after the upload.
+    let data = b"exact bytes\n".repeat(50);
+    p.upload("datasets/c.txt", &data).await;
+    let stored = p
+        .bucket_dir
+        .join(format!("projects/{}/objects/datasets/c.txt", p.project));
+    let mut bad = std::fs::read(&stored).unwrap();
+    bad[3] ^= 0x20;
+    std::fs::write(&stored, bad).unwrap();
+    let done = p
+        .run(
+            "cat c.txt",
+            json!([{"name": "c.txt", "object": "datasets/c.txt"}]),
+            json!([]),
+        )
+        .await;
+    assert_eq!(done["state"], "failed");
+    let reason = done["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("input c.txt: object \"datasets/c.txt\" arrived corrupted"),
+        "{reason}"
+    );
+
+    // The store goes away: the output fails, saying why.
+    let _ = p.stop_store.take().unwrap().send(());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let done = p
+        .run(
+            "echo x > o.txt",
+            json!([]),
+            json!([{"name": "o", "path": "o.txt"}]),
+        )
+        .await;
+    assert_eq!(done["state"], "failed", "{done}");
+    let reason = done["reason"].as_str().unwrap();
+    assert!(reason.contains("output o:"), "{reason}");
+    assert!(reason.contains("cannot reach the store"), "{reason}");
+    assert!(
+        !reason.contains("X-Amz-Signature"),
+        "a URL leaked: {reason}"
+    );
+}
