@@ -679,6 +679,43 @@ async fn only_members_of_the_tasks_project_may_follow_its_output() {
 }
 
 #[tokio::test]
+async fn revoking_the_token_ends_an_open_stream() {
+    let p = Platform::start(LogLimits::default()).await;
+    let project = p.project("revocation").await;
+    let task = p.submit(&project).await;
+    let token = p.user("rita").await;
+    p.post(
+        &p.admin,
+        &format!("/projects/{project}/members"),
+        json!({"user": "rita", "role": "viewer"}),
+    )
+    .await;
+    let response = p.follow(&token, task, "", None).await;
+    assert_eq!(response.status(), 200);
+    let mut stream = Follower {
+        response,
+        buffer: String::new(),
+    };
+    stream.expect_nothing().await;
+    let token_id = token.split('~').nth(2).unwrap();
+    let revoked = p
+        .http
+        .delete(format!("{}/users/rita/tokens/{token_id}", p.base))
+        .bearer_auth(&p.admin)
+        .send()
+        .await
+        .unwrap();
+    assert!(revoked.status().is_success(), "{revoked:?}");
+    // The stream re-checks its token within the access re-check interval
+    // (10 s) plus one poll.
+    match stream.next(Duration::from_secs(20)).await {
+        Next::Closed => {}
+        Next::Event(e) => assert_ne!(e.event, "log", "{e:?}"),
+        Next::Nothing => panic!("a revoked token kept its stream open"),
+    }
+}
+
+#[tokio::test]
 async fn bad_follow_parameters_are_refused_with_their_name() {
     let p = Platform::start(LogLimits::default()).await;
     let project = p.project("vision").await;
