@@ -130,7 +130,9 @@ impl AppState {
     /// # Errors
     /// 409 when the server has none.
     pub fn objects(&self) -> Result<&objects::ObjectStore, ApiError> {
-        self.objects.as_ref().ok_or_else(|| ApiError::conflict(NO_OBJECT_STORE))
+        self.objects
+            .as_ref()
+            .ok_or_else(|| ApiError::conflict(NO_OBJECT_STORE))
     }
 
     /// The part size of multipart uploads.

@@ -1,9 +1,9 @@
 //! Every route, one file per action under `routes/<resource>/`, each with
 //! a `router()` that registers its handler and documents it.
 
+pub mod artifact;
 pub mod event;
 pub mod health;
-pub mod artifact;
 pub mod node;
 pub mod object;
 pub mod openapi;

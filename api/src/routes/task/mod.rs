@@ -1,13 +1,13 @@
 //! Tasks: submit, list, get, cancel, and a task's state as of one of its
 //! events.
 
+pub mod artifacts;
 pub mod cancel;
 pub mod get;
 pub mod list;
 pub mod logs;
 pub mod state_at;
 pub mod submit;
-pub mod artifacts;
 
 use utoipa_axum::router::OpenApiRouter;
 
