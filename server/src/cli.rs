@@ -25,7 +25,7 @@ enum Command {
     /// ./.unidesk (unless DATABASE_URL is set) and every role.
     Dev(dev::DevArgs),
     /// Run server roles against an existing database.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Apply database migrations and exit.
     Migrate(DbArgs),
     /// Inspect or rebuild the read models.

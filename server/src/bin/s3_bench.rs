@@ -1,0 +1,346 @@
+//! `unidesk-s3-bench`: how fast a large file moves through presigned URLs
+//! to and from the embedded object store, next to a plain `cp` of the same
+//! file on the same disk in the same run, and how much memory the agent's
+//! transfer code needs meanwhile.
+//!
+//! The store (s3s over s3s-fs) runs in this process. Each transfer runs in
+//! a child process of its own (this binary again, `transfer …`) using the
+//! agent's own code (`node_agent::transfer::Files`): it asks for a URL
+//! before each request exactly as an agent does, answered by a signer with
+//! the server's logic, and reports its peak resident memory (`VmHWM`).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use node_agent::transfer::{Broker, Files};
+use objects::embedded::{fresh_credentials, Embedded};
+use objects::{Config, ObjectStore, Secret};
+use protocol::{AgentMessage, TaskInput, TaskOutput, TransferGrant, TransferOp};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncWriteExt;
+use uuid::Uuid;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "unidesk-s3-bench",
+    about = "Large-file throughput through presigned URLs"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Step>,
+    /// Size of the test file in MiB.
+    #[arg(long, default_value_t = 2048)]
+    mib: u64,
+    /// Where to write the test file and the store's objects (one disk).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Part size of the upload, in MiB.
+    #[arg(long, default_value_t = 64)]
+    part_mib: u64,
+}
+
+#[derive(Debug, Subcommand)]
+enum Step {
+    /// One transfer with the agent's code (run by the bench itself).
+    Transfer {
+        /// `up` or `down`.
+        direction: String,
+        /// The store's endpoint.
+        endpoint: String,
+        /// The directory the file is in (or goes to).
+        root: PathBuf,
+        /// The file's name in `root`.
+        file: String,
+        /// Part size in bytes.
+        part_bytes: u64,
+    },
+}
+
+/// What one transfer process reports.
+#[derive(Debug, Serialize, Deserialize)]
+struct Measured {
+    seconds: f64,
+    bytes: u64,
+    sha256: String,
+    vmhwm_kib: u64,
+    baseline_kib: u64,
+}
+
+const KEY: &str = "bench/big.bin";
+
+fn vmhwm_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Answers the agent's requests for URLs as the server does.
+async fn sign(store: &ObjectStore, op: TransferOp) -> Result<TransferGrant, String> {
+    let e = |e: objects::ObjectError| e.to_string();
+    Ok(match op {
+        TransferOp::Download { .. } => {
+            let info = store.head(KEY).await.map_err(e)?.ok_or("no object")?;
+            TransferGrant {
+                url: Some(store.presign_get(KEY, None).await.map_err(e)?),
+                size: Some(info.size),
+                sha256: info.sha256,
+                ..TransferGrant::default()
+            }
+        }
+        TransferOp::Upload {
+            sha256, parts: 1, ..
+        } => {
+            let p = store.presign_put(KEY, Some(&sha256)).await.map_err(e)?;
+            TransferGrant {
+                url: Some(p.url),
+                headers: p.headers,
+                ..TransferGrant::default()
+            }
+        }
+        TransferOp::Upload { sha256, .. } => TransferGrant {
+            upload_id: Some(store.start_multipart(KEY, Some(&sha256)).await.map_err(e)?),
+            ..TransferGrant::default()
+        },
+        TransferOp::UploadPart {
+            upload_id,
+            part_number,
+            sha256,
+            ..
+        } => {
+            let p = store
+                .presign_part(KEY, &upload_id, part_number, Some(&sha256))
+                .await
+                .map_err(e)?;
+            TransferGrant {
+                url: Some(p.url),
+                headers: p.headers,
+                ..TransferGrant::default()
+            }
+        }
+        TransferOp::Complete {
+            upload_id,
+            parts,
+            size,
+            ..
+        } => {
+            if let Some(id) = upload_id {
+                let parts: Vec<_> = parts.into_iter().map(|p| (p.part_number, p.etag)).collect();
+                store
+                    .complete_multipart(KEY, &id, &parts)
+                    .await
+                    .map_err(e)?;
+            }
+            let info = store.head(KEY).await.map_err(e)?.ok_or("no object")?;
+            if info.size != size {
+                return Err(format!("stored {} bytes, sent {size}", info.size));
+            }
+            TransferGrant::default()
+        }
+    })
+}
+
+async fn transfer(
+    direction: &str,
+    endpoint: &str,
+    root: &Path,
+    file: &str,
+    part_bytes: u64,
+) -> anyhow::Result<Measured> {
+    let baseline_kib = vmhwm_kib();
+    let store = ObjectStore::new(&Config {
+        endpoint: Some(endpoint.to_string()),
+        public_endpoint: None,
+        bucket: "unidesk".into(),
+        region: "us-east-1".into(),
+        access_key: std::env::var("BENCH_ACCESS_KEY")?,
+        secret_key: Secret::new(std::env::var("BENCH_SECRET_KEY")?),
+        url_ttl: Duration::from_secs(900),
+    })?;
+    let broker = Arc::new(Broker::default());
+    let signer = Arc::clone(&broker);
+    tokio::spawn(async move {
+        loop {
+            signer.wanted().await;
+            while let Some(AgentMessage::TransferRequest(r)) = signer.next_message() {
+                let grant = match sign(&store, r.op).await {
+                    Ok(g) => TransferGrant { id: r.id, ..g },
+                    Err(error) => TransferGrant {
+                        id: r.id,
+                        error: Some(error),
+                        ..TransferGrant::default()
+                    },
+                };
+                signer.answer(grant);
+            }
+        }
+    });
+    let files = Files::new(broker, part_bytes);
+    let started = Instant::now();
+    let moved = match direction {
+        "up" => {
+            let output = TaskOutput {
+                name: "big".into(),
+                path: file.into(),
+            };
+            files.upload(Uuid::nil(), 1, &output, root).await
+        }
+        "down" => {
+            let input = TaskInput {
+                name: file.into(),
+                object: "big".into(),
+            };
+            files.download(Uuid::nil(), 1, &input, root).await
+        }
+        other => bail!("direction {other:?} is neither up nor down"),
+    }
+    .map_err(|e| anyhow::anyhow!(e))?;
+    Ok(Measured {
+        seconds: started.elapsed().as_secs_f64(),
+        bytes: moved.size,
+        sha256: moved.sha256,
+        vmhwm_kib: vmhwm_kib(),
+        baseline_kib,
+    })
+}
+
+/// Writes `mib` MiB of incompressible bytes; returns their SHA-256.
+async fn make_file(path: &Path, mib: u64) -> anyhow::Result<String> {
+    use rand::RngCore;
+    let mut f = tokio::fs::File::create(path).await?;
+    let mut rng = rand::thread_rng();
+    let mut buf = vec![0u8; 1024 * 1024];
+    let mut hash = Sha256::new();
+    for _ in 0..mib {
+        rng.fill_bytes(&mut buf);
+        hash.update(&buf);
+        f.write_all(&buf).await?;
+    }
+    f.sync_all().await?;
+    Ok(hex::encode(hash.finalize()))
+}
+
+fn child(
+    direction: &str,
+    endpoint: &str,
+    root: &Path,
+    file: &str,
+    part_bytes: u64,
+    keys: &(String, Secret),
+) -> anyhow::Result<Measured> {
+    let out = Command::new(std::env::current_exe()?)
+        .args(["transfer", direction, endpoint])
+        .arg(root)
+        .args([file, &part_bytes.to_string()])
+        .env("BENCH_ACCESS_KEY", &keys.0)
+        .env("BENCH_SECRET_KEY", keys.1.expose())
+        .output()
+        .context("running a transfer process")?;
+    if !out.status.success() {
+        bail!("{direction}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+fn mib_s(bytes: u64, seconds: f64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0) / seconds.max(1e-9)
+}
+
+async fn bench(cli: &Cli) -> anyhow::Result<()> {
+    let dir = match &cli.dir {
+        Some(d) => tempfile::tempdir_in(d)?,
+        None => tempfile::tempdir_in(".")?,
+    };
+    let root = dir.path().join("work");
+    std::fs::create_dir_all(&root)?;
+    let file = root.join("big.bin");
+    eprintln!("writing {} MiB to {}", cli.mib, file.display());
+    let sha = make_file(&file, cli.mib).await?;
+    let bytes = cli.mib * 1024 * 1024;
+
+    let started = Instant::now();
+    let status = Command::new("cp")
+        .arg(&file)
+        .arg(root.join("copy.bin"))
+        .status()?;
+    let cp_s = started.elapsed().as_secs_f64();
+    if !status.success() {
+        bail!("cp failed");
+    }
+    std::fs::remove_file(root.join("copy.bin"))?;
+
+    let keys = fresh_credentials();
+    let embedded = Embedded::new(
+        &dir.path().join("objects"),
+        "unidesk",
+        &keys.0,
+        keys.1.clone(),
+    )?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let endpoint = format!("http://{}", listener.local_addr()?);
+    tokio::spawn(embedded.run(listener, std::future::pending()));
+
+    let part = cli.part_mib * 1024 * 1024;
+    let up = child("up", &endpoint, &root, "big.bin", part, &keys)?;
+    if up.sha256 != sha {
+        bail!("the upload hashed {} but the file is {sha}", up.sha256);
+    }
+    let down = child("down", &endpoint, &root, "down.bin", part, &keys)?;
+    if down.sha256 != sha || down.bytes != bytes {
+        bail!("the download does not match the file");
+    }
+
+    println!("| what | MiB | seconds | MiB/s | peak RSS of the transfer process |");
+    println!("|---|---:|---:|---:|---:|");
+    println!(
+        "| `cp` on the same disk | {} | {cp_s:.2} | {:.0} | |",
+        cli.mib,
+        mib_s(bytes, cp_s)
+    );
+    for (what, m) in [
+        ("upload (hash, then parts of {part} MiB)", &up),
+        ("download (streamed, hashed)", &down),
+    ] {
+        println!(
+            "| {} | {} | {:.2} | {:.0} | {:.1} MiB (at start {:.1} MiB) |",
+            what.replace("{part}", &cli.part_mib.to_string()),
+            cli.mib,
+            m.seconds,
+            mib_s(m.bytes, m.seconds),
+            m.vmhwm_kib as f64 / 1024.0,
+            m.baseline_kib as f64 / 1024.0
+        );
+    }
+    println!(
+        "ratios: upload {:.2}x and download {:.2}x the time of cp",
+        up.seconds / cp_s,
+        down.seconds / cp_s
+    );
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match &cli.command {
+        Some(Step::Transfer {
+            direction,
+            endpoint,
+            root,
+            file,
+            part_bytes,
+        }) => {
+            let m = transfer(direction, endpoint, root, file, *part_bytes).await?;
+            println!("{}", serde_json::to_string(&m)?);
+            Ok(())
+        }
+        None => bench(&cli).await,
+    }
+}
