@@ -15,7 +15,11 @@
 #   3. unidesk-bench: commands per second through the event-sourced core;
 #   4. unidesk-loadgen lifecycle, latency and idle: the whole server (every
 #      role in one `unidesk serve`) driven over REST and by simulated agents
-#      on real WebSockets, each on a private PostgreSQL of its own.
+#      on real WebSockets, each on a private PostgreSQL of its own;
+#   5. unidesk-exec-bench: execution on a node, through a real `unidesk dev`
+#      and Docker: assigned -> running with the node's caches cold and warm,
+#      and what the git cache fetches for a new commit against a clone
+#      (needs Docker, `git daemon` and /bin/busybox).
 #
 #   bash ops/bench.sh
 #
@@ -26,6 +30,8 @@
 #   LATENCY_RATE [20]  LATENCY_SECONDS [30]  LATENCY_AGENTS [10]
 #   IDLE_AGENTS [10000]  IDLE_PROCS [5]
 #   SKIP_PEER [0]               1 skips procrastinate (no PyPI access)
+#   EXEC_RUNS [5]  EXEC_FETCH_RUNS [5]
+#   SKIP_EXEC [0]               1 skips unidesk-exec-bench (no Docker)
 #
 # Run it as root or as an ordinary user; as root, PostgreSQL runs as the
 # `postgres` user (it refuses to run as root). Server logs of the loadgen
@@ -45,6 +51,9 @@ LATENCY_AGENTS=${LATENCY_AGENTS:-10}
 IDLE_AGENTS=${IDLE_AGENTS:-10000}
 IDLE_PROCS=${IDLE_PROCS:-5}
 SKIP_PEER=${SKIP_PEER:-0}
+EXEC_RUNS=${EXEC_RUNS:-5}
+EXEC_FETCH_RUNS=${EXEC_FETCH_RUNS:-5}
+SKIP_EXEC=${SKIP_EXEC:-0}
 
 STEP="setup"
 PG_PID=""
@@ -177,6 +186,16 @@ run latency "$BIN/unidesk-loadgen" latency --rate "$LATENCY_RATE" \
 begin "unidesk-loadgen idle"
 run idle "$BIN/unidesk-loadgen" idle --agents "$IDLE_AGENTS" --procs "$IDLE_PROCS" \
     --server-log "$WORK/idle-server.log"
+
+# --- execution on a node -----------------------------------------------------
+# `unidesk dev` with its local node and Docker, and repositories served by
+# `git daemon`; its `exec:` lines join the summary.
+if ((SKIP_EXEC == 0)); then
+    begin "unidesk-exec-bench: cached vs cold start, incremental fetch"
+    command -v docker >/dev/null 2>&1 || die "docker not found: unidesk-exec-bench runs tasks in Docker (or set SKIP_EXEC=1)"
+    run exec "$BIN/unidesk-exec-bench" --runs "$EXEC_RUNS" --fetch-runs "$EXEC_FETCH_RUNS"
+fi
+# -----------------------------------------------------------------------------
 
 STEP="done"
 summary
