@@ -449,3 +449,68 @@ async fn bad_inputs_and_outputs_and_a_dead_store_fail_the_task_clearly_keeping_t
         "a URL leaked: {reason}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dev_serves_an_embedded_store_from_its_own_directory() {
+    use std::io::{BufRead, BufReader};
+    let db = testkit::fresh_db().await;
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut dev = Command::new(env!("CARGO_BIN_EXE_unidesk"))
+        .args([
+            "dev",
+            "--no-agent",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .current_dir(dir.path())
+        .env("DATABASE_URL", &db.url)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = dev.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(t) = line.strip_prefix("admin token: ") {
+                let _ = tx.send(t.to_string());
+            }
+        }
+    });
+    let token = rx.recv_timeout(Duration::from_secs(120)).unwrap();
+    let api = format!("http://127.0.0.1:{port}/api/v1");
+    let http = reqwest::Client::new();
+    let project: Value = http
+        .post(format!("{api}/projects"))
+        .bearer_auth(&token)
+        .json(&json!({"name": "dev-files"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let project = project["id"].as_str().unwrap();
+    let data = b"kept on this machine\n".to_vec();
+    let up: Value = http
+        .post(format!("{api}/projects/{project}/objects"))
+        .bearer_auth(&token)
+        .json(&json!({"name": "notes/a.txt", "size": data.len(), "sha256": sha(&data)}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let mut put = http.put(up["url"].as_str().unwrap()).body(data.clone());
+    for (k, v) in up["headers"].as_object().unwrap() {
+        put = put.header(k, v.as_str().unwrap());
+    }
+    assert!(put.send().await.unwrap().status().is_success());
+    let stored = dir.path().join(format!(
+        ".unidesk/objects/unidesk/projects/{project}/objects/notes/a.txt"
+    ));
+    assert_eq!(std::fs::read(stored).unwrap(), data);
+    let _ = dev.kill();
+    let _ = dev.wait();
+}
