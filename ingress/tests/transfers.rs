@@ -1,0 +1,235 @@
+//! Transfer URLs against a real PostgreSQL, the embedded S3 store and a
+//! real WebSocket: a node gets URLs only for the inputs and outputs of its
+//! own running attempt, and an upload is recorded only once the store holds
+//! it intact.
+
+#![expect(
+    clippy::unwrap_used,
+    reason = "test helpers fail the test loudly on anything unexpected"
+)]
+
+use std::time::Duration;
+
+use chrono::Utc;
+use domain::node::{Node, NodeCommand};
+use domain::spec::{InputDraft, OutputDraft, TaskSpecDraft, UrlPolicy};
+use domain::task::{Task, TaskCommand};
+use domain::Actor;
+use futures::{SinkExt, StreamExt};
+use ingress::{Config, Ingress};
+use objects::embedded::{fresh_credentials, Embedded};
+use objects::ObjectStore;
+use protocol::{AgentMessage, Hello, ServerMessage, TransferGrant, TransferOp, TransferRequest};
+use sha2::{Digest, Sha256};
+use store::{tokens, Store};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+use uuid::Uuid;
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+fn admin() -> Actor {
+    Actor::User("admin".into())
+}
+
+async fn provision(store: &Store) -> (Uuid, String) {
+    let node_id = Uuid::now_v7();
+    let issued = tokens::issue_node(node_id);
+    let now = Utc::now();
+    let command = NodeCommand::Provision {
+        node_id,
+        name: format!("node-{}", &node_id.simple().to_string()[24..]),
+        labels: Default::default(),
+        token_fingerprint: issued.fingerprint,
+        by: admin(),
+        at: now,
+    };
+    store
+        .execute::<Node>(&node_id.to_string(), command, &admin(), now)
+        .await
+        .unwrap();
+    (node_id, issued.token)
+}
+
+async fn join(addr: std::net::SocketAddr, token: &str) -> Ws {
+    let mut request = format!("ws://{addr}{}", protocol::PATH)
+        .into_client_request()
+        .unwrap();
+    request
+        .headers_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    let hello = AgentMessage::Hello(Hello {
+        agent_version: "0.1.0-test".into(),
+        ..Hello::default()
+    });
+    ws.send(Message::Text(protocol::encode(&hello).into()))
+        .await
+        .unwrap();
+    ask_raw(&mut ws, None).await;
+    ws
+}
+
+/// Sends `request` (if any) and returns the next transfer answer, skipping
+/// everything else (the welcome, commands).
+async fn ask_raw(ws: &mut Ws, request: Option<TransferRequest>) -> Option<TransferGrant> {
+    if let Some(r) = request {
+        let m = AgentMessage::TransferRequest(r);
+        ws.send(Message::Text(protocol::encode(&m).into()))
+            .await
+            .unwrap();
+    }
+    loop {
+        let frame = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        if let Message::Text(text) = frame {
+            match protocol::decode::<ServerMessage>(text.as_str()).unwrap() {
+                ServerMessage::TransferUrl(g) => return Some(g),
+                ServerMessage::Welcome { .. } => return None,
+                _ => {}
+            }
+        }
+    }
+}
+
+async fn ask(ws: &mut Ws, task_id: Uuid, op: TransferOp) -> TransferGrant {
+    let r = TransferRequest {
+        id: 7,
+        task_id,
+        attempt: 1,
+        op,
+    };
+    let g = ask_raw(ws, Some(r)).await.unwrap();
+    assert_eq!(g.id, 7);
+    g
+}
+
+fn sha(data: &[u8]) -> String {
+    hex::encode(Sha256::digest(data))
+}
+
+#[tokio::test]
+async fn a_node_gets_urls_only_for_its_own_running_attempts_named_files() {
+    let db = testkit::fresh_db().await;
+    let store = Store::new(db.pool.clone());
+    let dir = tempfile::tempdir().unwrap();
+    let (access, secret) = fresh_credentials();
+    let embedded = Embedded::new(dir.path(), "unidesk", &access, secret).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    let objects =
+        ObjectStore::new(&embedded.client_config(&endpoint, Duration::from_secs(60))).unwrap();
+    tokio::spawn(embedded.run(listener, std::future::pending()));
+
+    let ingress = Ingress::new(store.clone(), Config::default()).with_objects(Some(objects));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let router = ingress.router();
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+
+    let (node_a, token_a) = provision(&store).await;
+    let (_, token_b) = provision(&store).await;
+    let spec = TaskSpecDraft {
+        project_id: Some(Uuid::new_v4()),
+        code_repo_url: Some("https://example.com/code.git".into()),
+        code_commit_id: Some("a".repeat(40)),
+        env_repo_url: Some("https://example.com/env.git".into()),
+        env_commit_id: Some("b".repeat(40)),
+        dockerfile_path: Some("Dockerfile".into()),
+        inputs: Some(vec![InputDraft {
+            name: Some("in.txt".into()),
+            object: Some("missing/in.txt".into()),
+        }]),
+        outputs: Some(vec![OutputDraft {
+            name: Some("model".into()),
+            path: Some("model.bin".into()),
+        }]),
+        ..Default::default()
+    }
+    .validate(UrlPolicy::default())
+    .unwrap();
+    let task_id = Uuid::now_v7();
+    let at = Utc::now();
+    for command in [
+        TaskCommand::Submit {
+            task_id,
+            spec,
+            by: admin(),
+            at,
+        },
+        TaskCommand::Assign {
+            node_id: node_a,
+            gpus: vec![],
+            reason: "test".into(),
+            at,
+        },
+    ] {
+        store
+            .execute::<Task>(&task_id.to_string(), command, &admin(), at)
+            .await
+            .unwrap();
+    }
+
+    let mut a = join(addr, &token_a).await;
+    let mut b = join(addr, &token_b).await;
+    let data = b"weights".to_vec();
+    let upload = TransferOp::Upload {
+        output: "model".into(),
+        size: data.len() as u64,
+        sha256: sha(&data),
+        parts: 1,
+    };
+
+    let g = ask(&mut b, task_id, upload.clone()).await;
+    assert_eq!(
+        g.error.as_deref(),
+        Some("attempt 1 of this task is not running on this node")
+    );
+    assert!(g.url.is_none());
+
+    let other = TransferOp::Upload {
+        output: "secrets".into(),
+        size: 1,
+        sha256: sha(b"x"),
+        parts: 1,
+    };
+    let g = ask(&mut a, task_id, other).await;
+    assert_eq!(
+        g.error.as_deref(),
+        Some("the task has no output named \"secrets\"")
+    );
+
+    let download = TransferOp::Download {
+        input: "in.txt".into(),
+    };
+    let g = ask(&mut a, task_id, download).await;
+    let e = g.error.unwrap();
+    assert!(e.contains("does not exist in the project's store"), "{e}");
+
+    // The real upload: a URL bound to this output's key, then the record.
+    let g = ask(&mut a, task_id, upload).await;
+    assert_eq!(g.error, None);
+    let url = g.url.unwrap();
+    assert!(url.contains(&format!("/tasks/{task_id}/1/model?")), "{url}");
+    let mut put = reqwest::Client::new().put(&url).body(data.clone());
+    for (k, v) in &g.headers {
+        put = put.header(k, v);
+    }
+    assert!(put.send().await.unwrap().status().is_success());
+    // A completion that lies about the content is refused, and deletes it.
+    let lie = TransferOp::Complete {
+        output: "model".into(),
+        upload_id: None,
+        parts: vec![],
+        size: 999,
+        sha256: sha(&data),
+    };
+    let e = ask(&mut a, task_id, lie).await.error.unwrap();
+    assert!(e.contains("the object was deleted"), "{e}");
+    let task = store.load::<Task>(&task_id.to_string()).await.unwrap();
+    assert!(task.unwrap().state.artifacts.is_empty());
+}
