@@ -37,6 +37,8 @@ const ASK_TIMEOUT: Duration = Duration::from_secs(60);
 const TRIES: u32 = 5;
 /// The read buffer: what one transfer holds in memory at a time.
 const BUFFER: usize = 256 * 1024;
+/// The write buffer of a download.
+const WRITE_BUFFER: usize = 1024 * 1024;
 
 /// Why a transfer failed, for the task's reason.
 pub type TransferError = String;
@@ -230,9 +232,12 @@ impl Files {
         input: &TaskInput,
         temp: &Path,
     ) -> Result<Moved, TransferError> {
-        let mut file = tokio::fs::File::create(temp)
+        let file = tokio::fs::File::create(temp)
             .await
             .map_err(|e| format!("creating {}: {e}", temp.display()))?;
+        // Network reads come in small pieces; each write to a Tokio file is
+        // a trip to a blocking thread, so they are gathered first.
+        let mut file = tokio::io::BufWriter::with_capacity(WRITE_BUFFER, file);
         let mut hasher = Sha256::new();
         let mut written: u64 = 0;
         let mut expected = None;
@@ -264,7 +269,7 @@ impl Files {
             }
         }
         file.flush().await.map_err(|e| e.to_string())?;
-        file.sync_all().await.map_err(|e| e.to_string())?;
+        file.get_ref().sync_all().await.map_err(|e| e.to_string())?;
         let Some((size, sha256)) = expected else {
             return Err("no download was possible".into());
         };
@@ -291,7 +296,7 @@ impl Files {
         &self,
         url: &str,
         from: u64,
-        file: &mut tokio::fs::File,
+        file: &mut tokio::io::BufWriter<tokio::fs::File>,
         hasher: &mut Sha256,
         written: &mut u64,
     ) -> Result<(), TransferError> {
@@ -306,8 +311,10 @@ impl Files {
         let status = response.status();
         if from > 0 && status == reqwest::StatusCode::OK {
             // The store ignored the range: start over.
-            file.set_len(0).await.map_err(|e| e.to_string())?;
-            file.seek(std::io::SeekFrom::Start(0))
+            file.flush().await.map_err(|e| e.to_string())?;
+            file.get_ref().set_len(0).await.map_err(|e| e.to_string())?;
+            file.get_mut()
+                .seek(std::io::SeekFrom::Start(0))
                 .await
                 .map_err(|e| e.to_string())?;
             *hasher = Sha256::new();
