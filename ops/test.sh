@@ -21,8 +21,9 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # Debian packages the build and the tests need. Add to this list when a
 # crate needs another system library or tool. The PostgreSQL server is
 # handled apart: it is installed only when no initdb is found. The OpenSSH
-# server and client are for the host SSH test, which starts its own sshd.
-APT_PACKAGES=(pkg-config libssl-dev busybox-static git openssh-server openssh-client)
+# server and client are for the host SSH test, which starts its own sshd;
+# Chromium and its WebDriver for the web view's browser test.
+APT_PACKAGES=(pkg-config libssl-dev busybox-static git openssh-server openssh-client chromium chromium-driver)
 
 STEP="setup"
 PG_DIR=""

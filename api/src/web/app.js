@@ -234,7 +234,9 @@
     }
   }, 15000);
 
-  const short = (id) => String(id || '').slice(0, 8);
+  // Ids are UUIDv7, whose first digits are a timestamp: the last ones tell
+  // tasks apart.
+  const short = (id) => String(id || '').slice(-8);
 
   function size(bytes) {
     if (bytes < 1024) return `${bytes} B`;
@@ -278,7 +280,7 @@
     project(id) { const p = this.projects.get(id); return p ? p.name : short(id); },
   };
 
-  const taskLink = (id) => h('a', { href: `#/tasks/${id}`, class: 'mono' }, short(id));
+  const taskLink = (id) => h('a', { href: `#/tasks/${id}`, class: 'mono', title: id }, short(id));
   const nodeLink = (id) => (id ? h('a', { href: `#/nodes/${id}` }, names.node(id)) : h('span', { class: 'faint' }, '—'));
   const projectLink = (id) => (id ? h('a', { href: `#/projects/${id}` }, names.project(id)) : h('span', { class: 'faint' }, '—'));
 
@@ -489,7 +491,7 @@
 
   function taskRows(items) {
     return items.map((t) => h('tr', { 'data-task-id': t.id },
-      h('td', {}, h('a', { href: `#/tasks/${t.id}`, class: 'mono', 'data-key': `task-${t.id}` }, short(t.id))),
+      h('td', {}, h('a', { href: `#/tasks/${t.id}`, class: 'mono', title: t.id, 'data-key': `task-${t.id}` }, short(t.id))),
       h('td', {}, badge(t.state)),
       h('td', {}, projectLink(t.project_id)),
       h('td', {}, nodeLink(t.node_id)),
@@ -601,6 +603,9 @@
     const older = h('button', { type: 'button', class: 'more', hidden: true }, 'Older events');
     const detail = h('aside', { class: 'panel detail', hidden: true, 'aria-label': 'Event details' });
     const live = liveBadge();
+    detail.addEventListener('keydown', (e) => {
+      if (e.key === 'Escape') { const close = $('.close', detail); if (close) close.click(); }
+    });
     const listPanel = h('section', { class: 'panel' },
       h('h2', {}, compact ? 'Timeline' : 'Events', live), list, older);
     const layout = h('div', { class: 'timeline-layout closed' }, listPanel, detail);
@@ -619,7 +624,7 @@
         h('div', {}, button,
           h('div', { class: 'meta' },
             h('span', { class: `etype ${eventClass(entry)}` }, entry.event_type),
-            h('span', { class: 'actor' }, entry.actor),
+            actorOf(entry.actor),
             subjectOf(entry),
             entry.project_id && entry.aggregate_type === 'task' ? projectLink(entry.project_id) : null)));
       return item;
@@ -701,6 +706,13 @@
     });
   }
 
+  /** Who caused an event; a node is named rather than numbered. */
+  function actorOf(actor) {
+    const node = /^node:(.+)$/.exec(actor);
+    const text = node ? `node:${names.node(node[1])}` : actor;
+    return h('span', { class: 'actor', title: actor }, text);
+  }
+
   function subjectOf(entry) {
     switch (entry.aggregate_type) {
       case 'task': return h('span', {}, 'task ', taskLink(entry.aggregate_id));
@@ -731,7 +743,11 @@
   function changes(before, after) {
     const a = flatten(before || {}, '', new Map());
     const b = flatten(after || {}, '', new Map());
-    const paths = [...new Set([...a.keys(), ...b.keys()])].sort();
+    // The aggregate's own fields first, then what is nested in lists and
+    // objects.
+    const nested = (p) => /[.[]/.test(p);
+    const paths = [...new Set([...a.keys(), ...b.keys()])]
+      .sort((x, y) => (nested(x) - nested(y)) || (x < y ? -1 : x > y ? 1 : 0));
     return paths.filter((p) => a.get(p) !== b.get(p)).map((p) => ({ path: p, before: a.get(p), after: b.get(p) }));
   }
 
@@ -761,7 +777,7 @@
       h('p', { class: 'summary-line' }, e.summary || ''),
       h('dl', { class: 'facts' },
         h('dt', {}, 'When'), h('dd', {}, full(e.recorded_at), ' · ', when(e.recorded_at)),
-        h('dt', {}, 'Actor'), h('dd', { class: 'mono' }, e.actor),
+        h('dt', {}, 'Actor'), h('dd', {}, actorOf(e.actor)),
         h('dt', {}, 'Subject'), h('dd', {}, subjectOf(e), ` · event ${e.sequence}`),
         h('dt', {}, 'Version'), h('dd', { class: 'mono' }, e.event_version)),
       h('h3', {}, d.before ? `What changed (${diff.length})` : 'Created with'),

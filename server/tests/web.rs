@@ -1,0 +1,320 @@
+//! The web view in a real headless Chromium, against the server's own
+//! roles (API and projector) on a real PostgreSQL: a user signs in with a
+//! token, opens a task, sees a new event arrive without a reload, clicks it
+//! and sees what it changed; a user outside the project sees nothing of it.
+
+#![expect(
+    clippy::unwrap_used,
+    reason = "a test fails loudly at the first surprise"
+)]
+
+mod browser;
+
+use std::time::Duration;
+
+use chrono::Utc;
+use domain::node::{Node, NodeCommand, NodeResources};
+use domain::Actor;
+use fantoccini::Locator;
+use serde_json::{json, Value};
+use store::Store;
+use unidesk::cli::Role;
+use unidesk::roles::{self, ServerArgs, Services};
+use uuid::Uuid;
+
+use browser::Browser;
+
+/// How long a test waits for something that should happen.
+const PATIENCE: Duration = Duration::from_secs(15);
+
+const SHA: &str = "0123456789abcdef0123456789abcdef01234567";
+
+/// The API and the projector on one port, as `unidesk serve` runs them.
+struct Server {
+    base: String,
+    admin: String,
+    store: Store,
+    http: reqwest::Client,
+    services: Services,
+    _dir: tempfile::TempDir,
+}
+
+impl Server {
+    async fn start() -> Server {
+        let db = testkit::fresh_db().await;
+        let store = Store::new(db.pool.clone());
+        let dir = tempfile::tempdir().unwrap();
+        let admin = api::bootstrap_admin(&store, &dir.path().join("admin.token"))
+            .await
+            .unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let args = ServerArgs {
+            poll_ms: 50,
+            ..ServerArgs::defaults()
+        };
+        let services = roles::start(
+            store.clone(),
+            listener,
+            &[Role::Api, Role::Projector],
+            &args,
+        )
+        .unwrap();
+        Server {
+            base,
+            admin,
+            store,
+            http: reqwest::Client::new(),
+            services,
+            _dir: dir,
+        }
+    }
+
+    async fn post(&self, token: &str, path: &str, body: Value) -> Value {
+        let r = self
+            .http
+            .post(format!("{}/api/v1{path}", self.base))
+            .bearer_auth(token)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status();
+        let v: Value = r.json().await.unwrap();
+        assert!(status.is_success(), "POST {path}: {status} {v}");
+        v
+    }
+
+    async fn user(&self, name: &str) -> String {
+        self.post(&self.admin, "/users", json!({ "name": name }))
+            .await;
+        self.post(&self.admin, &format!("/users/{name}/tokens"), json!({}))
+            .await["token"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+
+    /// A node whose agent connected, as the ingress records it.
+    async fn node(&self, name: &str) -> String {
+        let id = self
+            .post(
+                &self.admin,
+                "/nodes",
+                json!({ "name": name, "labels": {"gpu": "a100"} }),
+            )
+            .await["id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let at = Utc::now();
+        let connect = NodeCommand::Connect {
+            session: Uuid::now_v7(),
+            agent_version: "0.1.0".into(),
+            resources: NodeResources {
+                cpus: 32.0,
+                memory_mb: 262_144,
+                gpus: vec![],
+            },
+            labels: Default::default(),
+            at,
+        };
+        self.store
+            .execute::<Node>(&id, connect, &Actor::Node(id.clone()), at)
+            .await
+            .unwrap();
+        id
+    }
+}
+
+/// Signs in through the form with `token`.
+async fn sign_in(b: &Browser, token: &str) {
+    let field = b.wait_for("#token", PATIENCE).await.unwrap();
+    field.send_keys(token).await.unwrap();
+    b.client
+        .find(Locator::Css("#sign-in-form button[type=submit]"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    b.wait_for("#nav:not([hidden])", PATIENCE).await.unwrap();
+}
+
+async fn text(b: &Browser, css: &str) -> String {
+    b.wait_for(css, PATIENCE)
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_follows_a_task_live_and_sees_what_an_event_changed_and_outsiders_see_nothing() {
+    let server = Server::start().await;
+    let bob = server.user("bob").await;
+    let project = server
+        .post(&server.admin, "/projects", json!({"name": "vision"}))
+        .await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let node = server.node("gpu-3").await;
+    let task = server
+        .post(
+            &server.admin,
+            "/tasks",
+            json!({
+                "project_id": project,
+                "code_repo_url": "https://git.example.com/lab/code.git",
+                "code_commit_id": SHA,
+                "env_repo_url": "https://git.example.com/lab/env.git",
+                "env_commit_id": SHA,
+                "dockerfile_path": "Dockerfile",
+                "command": ["python", "train.py", "--epochs", "10"],
+            }),
+        )
+        .await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    let b = Browser::start().await.unwrap();
+    b.client.goto(&server.base).await.unwrap();
+    sign_in(&b, &server.admin).await;
+
+    // The dashboard lists the node and the task, then leads to the task.
+    let node_row = text(&b, &format!("tr[data-node-id=\"{node}\"]")).await;
+    assert!(
+        node_row.contains("gpu-3") && node_row.contains("online"),
+        "{node_row}"
+    );
+    let task_row = text(&b, &format!("tr[data-task-id=\"{task}\"]")).await;
+    assert!(
+        task_row.contains("queued") && task_row.contains("vision"),
+        "{task_row}"
+    );
+    b.client
+        .find(Locator::Css(&format!(
+            "tr[data-task-id=\"{task}\"] a[href=\"#/tasks/{task}\"]"
+        )))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+
+    // The task's timeline, followed live.
+    let submitted = text(&b, ".events li[data-type=\"TaskSubmitted\"]").await;
+    assert!(
+        submitted.contains("user:admin submitted `python train.py --epochs 10`"),
+        "{submitted}"
+    );
+    b.wait_for(".live[data-live=\"on\"]", PATIENCE)
+        .await
+        .unwrap();
+    b.client
+        .execute("window.unideskMark = 'no reload'; return true;", vec![])
+        .await
+        .unwrap();
+
+    // A change made elsewhere appears without a reload.
+    server
+        .post(&server.admin, &format!("/tasks/{task}/cancel"), json!({}))
+        .await;
+    let cancelled = text(&b, ".events li[data-type=\"TaskCancelled\"]").await;
+    assert!(
+        cancelled.contains("task cancelled before it ran"),
+        "{cancelled}"
+    );
+    let mark = b
+        .client
+        .execute("return window.unideskMark || null;", vec![])
+        .await
+        .unwrap();
+    assert_eq!(mark, json!("no reload"), "the page was not reloaded");
+    let newest = b
+        .client
+        .find(Locator::Css(".events li"))
+        .await
+        .unwrap()
+        .attr("data-type")
+        .await
+        .unwrap();
+    assert_eq!(newest.as_deref(), Some("TaskCancelled"), "newest first");
+    // The task's own header follows too.
+    b.wait_for("h1 .badge.cancelled", PATIENCE).await.unwrap();
+
+    // Clicking the event shows the state it left next to the one before.
+    b.client
+        .find(Locator::Css(
+            ".events li[data-type=\"TaskCancelled\"] button.ev",
+        ))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    let before = text(&b, ".diff tr[data-path=\"state\"] td.before").await;
+    let after = text(&b, ".diff tr[data-path=\"state\"] td.after").await;
+    assert_eq!(
+        (before.as_str(), after.as_str()),
+        ("\"queued\"", "\"cancelled\"")
+    );
+    let detail = text(&b, ".detail").await;
+    assert!(
+        detail.contains("TaskCancelled") && detail.contains("user:admin"),
+        "{detail}"
+    );
+
+    // Bob is in no project: the task is not his to see, anywhere.
+    b.client
+        .find(Locator::Css("#sign-out"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    sign_in(&b, &bob).await;
+    b.client
+        .goto(&format!("{}/#/tasks/{task}", server.base))
+        .await
+        .unwrap();
+    let refused = text(&b, ".notice.bad").await;
+    assert!(refused.contains("not found"), "{refused}");
+    b.client
+        .goto(&format!("{}/#/timeline", server.base))
+        .await
+        .unwrap();
+    b.wait_for(".live[data-live=\"on\"]", PATIENCE)
+        .await
+        .unwrap();
+    let shown = b
+        .client
+        .find_all(Locator::Css(&format!(
+            ".events li[data-aggregate-id=\"{task}\"]"
+        )))
+        .await
+        .unwrap();
+    assert!(shown.is_empty(), "bob sees none of the task's events");
+    let nodes_events = b
+        .client
+        .find_all(Locator::Css(&format!(
+            ".events li[data-aggregate-id=\"{node}\"]"
+        )))
+        .await
+        .unwrap();
+    assert!(!nodes_events.is_empty(), "but every node's");
+    b.client.goto(&format!("{}/#/", server.base)).await.unwrap();
+    b.wait_for("#tasks-title", PATIENCE).await.unwrap();
+    let rows = b
+        .client
+        .find_all(Locator::Css(&format!("tr[data-task-id=\"{task}\"]")))
+        .await
+        .unwrap();
+    assert!(rows.is_empty(), "nor the task on the dashboard");
+
+    b.close().await;
+    server.services.stop().await;
+}
