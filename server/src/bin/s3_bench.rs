@@ -69,6 +69,8 @@ struct Measured {
     sha256: String,
     vmhwm_kib: u64,
     baseline_kib: u64,
+    /// CPU time (user + system) the transfer process used.
+    cpu_seconds: f64,
 }
 
 const KEY: &str = "bench/big.bin";
@@ -80,6 +82,23 @@ fn vmhwm_kib() -> u64 {
         .find_map(|l| l.strip_prefix("VmHWM:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or(0)
+}
+
+/// CPU time used by this process so far, from `/proc/self/stat` (ticks of
+/// 1/100 s).
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name, which is in parentheses.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 here.
+    (ticks(11) + ticks(12)) as f64 / 100.0
 }
 
 /// Answers the agent's requests for URLs as the server does.
@@ -208,6 +227,7 @@ async fn transfer(
         sha256: moved.sha256,
         vmhwm_kib: vmhwm_kib(),
         baseline_kib,
+        cpu_seconds: cpu_seconds(),
     })
 }
 
@@ -297,10 +317,10 @@ async fn bench(cli: &Cli) -> anyhow::Result<()> {
         bail!("the download does not match the file");
     }
 
-    println!("| what | MiB | seconds | MiB/s | peak RSS of the transfer process |");
-    println!("|---|---:|---:|---:|---:|");
+    println!("| what | MiB | seconds | MiB/s | peak RSS of the transfer process | its CPU time |");
+    println!("|---|---:|---:|---:|---:|---:|");
     println!(
-        "| `cp` on the same disk | {} | {cp_s:.2} | {:.0} | |",
+        "| `cp` on the same disk | {} | {cp_s:.2} | {:.0} | | |",
         cli.mib,
         mib_s(bytes, cp_s)
     );
@@ -309,13 +329,14 @@ async fn bench(cli: &Cli) -> anyhow::Result<()> {
         ("download (streamed, hashed)", &down),
     ] {
         println!(
-            "| {} | {} | {:.2} | {:.0} | {:.1} MiB (at start {:.1} MiB) |",
+            "| {} | {} | {:.2} | {:.0} | {:.1} MiB (at start {:.1} MiB) | {:.1} s |",
             what.replace("{part}", &cli.part_mib.to_string()),
             cli.mib,
             m.seconds,
             mib_s(m.bytes, m.seconds),
             m.vmhwm_kib as f64 / 1024.0,
-            m.baseline_kib as f64 / 1024.0
+            m.baseline_kib as f64 / 1024.0,
+            m.cpu_seconds
         );
     }
     println!(
