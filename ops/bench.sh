@@ -19,7 +19,10 @@
 #   5. unidesk-exec-bench: execution on a node, through a real `unidesk dev`
 #      and Docker: assigned -> running with the node's caches cold and warm,
 #      and what the git cache fetches for a new commit against a clone
-#      (needs Docker, `git daemon` and /bin/busybox).
+#      (needs Docker, `git daemon` and /bin/busybox);
+#   6. unidesk-replay-bench: `projections rebuild` over a log of a million
+#      events, next to a plain SELECT scan of the same rows, on a private
+#      PostgreSQL of its own.
 #
 #   bash ops/bench.sh
 #
@@ -32,6 +35,8 @@
 #   SKIP_PEER [0]               1 skips procrastinate (no PyPI access)
 #   EXEC_RUNS [5]  EXEC_FETCH_RUNS [5]
 #   SKIP_EXEC [0]               1 skips unidesk-exec-bench (no Docker)
+#   REPLAY_EVENTS [1000000]     events in the log unidesk-replay-bench rebuilds
+#   SKIP_REPLAY [0]             1 skips unidesk-replay-bench
 #
 # Run it as root or as an ordinary user; as root, PostgreSQL runs as the
 # `postgres` user (it refuses to run as root). Server logs of the loadgen
@@ -54,6 +59,8 @@ SKIP_PEER=${SKIP_PEER:-0}
 EXEC_RUNS=${EXEC_RUNS:-5}
 EXEC_FETCH_RUNS=${EXEC_FETCH_RUNS:-5}
 SKIP_EXEC=${SKIP_EXEC:-0}
+REPLAY_EVENTS=${REPLAY_EVENTS:-1000000}
+SKIP_REPLAY=${SKIP_REPLAY:-0}
 
 STEP="setup"
 PG_PID=""
@@ -194,6 +201,16 @@ if ((SKIP_EXEC == 0)); then
     begin "unidesk-exec-bench: cached vs cold start, incremental fetch"
     command -v docker >/dev/null 2>&1 || die "docker not found: unidesk-exec-bench runs tasks in Docker (or set SKIP_EXEC=1)"
     run exec "$BIN/unidesk-exec-bench" --runs "$EXEC_RUNS" --fetch-runs "$EXEC_FETCH_RUNS"
+fi
+# -----------------------------------------------------------------------------
+
+# --- rebuilding read models from the log -------------------------------------
+# Seeds a private PostgreSQL with REPLAY_EVENTS events, scans them with a
+# plain SELECT, then rebuilds every read model from them (twice: into empty
+# models, then over full ones); its `replay:` lines join the summary.
+if ((SKIP_REPLAY == 0)); then
+    begin "unidesk-replay-bench: projections rebuild vs a plain SELECT scan"
+    run replay "$BIN/unidesk-replay-bench" --events "$REPLAY_EVENTS"
 fi
 # -----------------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ use store::outbox::{self, Checkpoint, Filter, RecordedEvent};
 use store::Wakeup;
 
 pub use models::all;
+pub use rebuild::Rebuilt;
 
 /// Why a projection could not advance.
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +44,9 @@ pub enum ProjectionError {
     /// No projection has that name.
     #[error("no projection is named {0:?}")]
     Unknown(String),
+    /// A rebuild could not run or finish.
+    #[error("{0}")]
+    Rebuild(String),
 }
 
 /// One read model.
@@ -218,23 +222,32 @@ impl Projector {
     /// whole log while everything else keeps running, and returns the event
     /// applications made.
     ///
-    /// The new content is built on a connection of its own, into temporary
-    /// copies of the model's tables that shadow the real ones on that
-    /// connection only, in short transactions, so the server's outbox
-    /// consumers are never held back by a long transaction and the running
-    /// projector goes on keeping the live tables fresh. Then one short
-    /// transaction takes the models' checkpoints (the running projector
-    /// skips them meanwhile), applies what arrived since, replaces the live
-    /// rows with the rebuilt ones and moves the checkpoints: readers see the
+    /// The new tables are built beside the live ones in short transactions,
+    /// so the server's outbox consumers are never held back by a long one
+    /// and the running projector goes on keeping the live tables fresh.
+    /// One short transaction then takes the models' checkpoints (the
+    /// running projector skips them meanwhile), applies what arrived since,
+    /// swaps the new tables in and moves the checkpoints: readers see the
     /// old content until that commit and the new one after it, never a
     /// half-built table. Every chosen model is built in the same pass over
-    /// the log and switched in the same transaction.
+    /// the log and switched in the same transaction. One rebuild runs at a
+    /// time. How it works: the `rebuild` module.
     ///
     /// # Errors
     /// [`ProjectionError::Unknown`] for a name that is no read model, or as
-    /// [`Projector::run_once`]. On any error nothing live has changed: the
-    /// temporary tables go with the rebuild's connection.
+    /// [`Projector::run_once`], or [`ProjectionError::Rebuild`] when
+    /// another rebuild is running or readers kept the swap from happening.
+    /// On any error nothing live has changed and the new tables are gone.
     pub async fn rebuild(&self, name: Option<&str>) -> Result<usize, ProjectionError> {
+        Ok(self.rebuild_report(name).await?.applications)
+    }
+
+    /// [`Projector::rebuild`], saying how much it did and how long each
+    /// phase took.
+    ///
+    /// # Errors
+    /// As [`Projector::rebuild`].
+    pub async fn rebuild_report(&self, name: Option<&str>) -> Result<Rebuilt, ProjectionError> {
         let chosen: Vec<&dyn Projection> = self
             .projections
             .iter()
@@ -244,8 +257,8 @@ impl Projector {
         if chosen.is_empty() {
             return Err(ProjectionError::Unknown(name.unwrap_or_default().into()));
         }
-        // Never a pooled connection: its temporary tables shadow the live
-        // ones, and must not outlive the rebuild on a connection others use.
+        // Never a pooled connection: its search path finds the new tables
+        // before the live ones, and must not outlive the rebuild.
         let mut conn = PgConnection::connect_with(&self.pool.connect_options()).await?;
         let rebuilt = rebuild::run(&mut conn, &chosen).await;
         let _ = conn.close().await;

@@ -1,175 +1,412 @@
 //! Rebuilding read models while the server runs.
 //!
-//! A rebuild replays the whole log, which takes minutes on a large one. Done
-//! in one transaction, that transaction would be the oldest one running for
-//! all that time, and every outbox consumer (the projector, the scheduler,
-//! the ingress) only reads events of transactions older than the oldest one
-//! still running: the whole platform would stand still until the rebuild
-//! ends. So the new content is built apart, in short transactions, and
-//! switched in by one short transaction at the end:
+//! A rebuild replays the whole log, which takes minutes on a large one.
+//! Done in one transaction, that transaction would be the oldest one
+//! running all that time, and every outbox consumer (the projector, the
+//! scheduler, the ingress) only reads events of transactions older than
+//! the oldest one still running: the whole platform would stand still
+//! until the rebuild ended. Replacing the live rows in one transaction at
+//! the end holds the consumers back too, for as long as copying a million
+//! timeline rows takes. So the new content is built apart, in short
+//! transactions, and swapped in whole:
 //!
-//! 1. On its own connection, the rebuild creates a temporary table for each
-//!    table of the chosen models, `LIKE` the live one with its keys and
-//!    indexes and with the same name. On that connection the temporary
-//!    table shadows the live one, so the projections' own statements fill
-//!    it unchanged; nobody else sees it.
-//! 2. It replays the log into them in batches, one transaction each.
-//! 3. One transaction locks the models' checkpoints (the running projector
-//!    skips a locked checkpoint), applies the events that arrived since
-//!    step 2, replaces the live rows with the rebuilt ones, and stores the
-//!    checkpoints. Readers see the old rows until it commits, the new ones
-//!    after.
+//! 1. Under an advisory lock (one rebuild at a time), the rebuild creates
+//!    the schema [`SCHEMA`] and in it a table `LIKE` each live table of the
+//!    chosen models, with its keys and indexes and the same name. Its own
+//!    connection puts that schema first on its `search_path`, so the
+//!    projections' own statements fill the new tables unchanged.
+//! 2. It replays the log into them, [`TX_EVENTS`] events per transaction,
+//!    while the running projector keeps the live tables fresh.
+//! 3. One short transaction locks the models' checkpoints (the running
+//!    projector skips a locked checkpoint), applies the events that
+//!    arrived since step 2, drops each live table and moves the new one
+//!    into its place (renaming its indexes to the old names and granting
+//!    what was granted), and stores the checkpoints. Readers see the old
+//!    table until it commits and the new one after, never a half-built
+//!    one; a reader still inside a query of the old table delays the swap,
+//!    which gives up after [`LOCK_WAIT`] and tries again, rather than
+//!    queueing every other reader behind it.
+//!
+//! A live table that something else depends on (a view, a foreign key, a
+//! trigger) cannot be dropped and recreated without losing that: its rows
+//! are replaced instead, in the same switch transaction, which then takes
+//! as long as copying them.
 
-use std::time::Instant;
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
 
 use sqlx::{Connection, PgConnection};
 use store::outbox::{self, Checkpoint, Filter, RecordedEvent};
 
 use crate::{Projection, ProjectionError};
 
-/// Events read and applied per transaction while building.
-const BATCH: i64 = 5000;
+/// The schema the new tables are built in.
+pub const SCHEMA: &str = "unidesk_rebuild";
+
+/// Held (as a session advisory lock) by the rebuild in progress.
+const LOCK: i64 = 0x7265_6275_696c_6400; // "rebuild\0"
+
+/// Events read from the log per query while building.
+const READ: i64 = 2000;
+
+/// Events applied per transaction while building: small, because every
+/// outbox consumer waits for the oldest open transaction.
+pub const TX_EVENTS: usize = 100;
+
+/// How long the swap waits for a live table's readers before it gives up
+/// and tries again.
+/// Readers wait behind the swap meanwhile, so it is short.
+pub const LOCK_WAIT: Duration = Duration::from_millis(500);
+
+/// How often the swap is tried.
+const SWAP_TRIES: u32 = 60;
 
 /// A progress line is logged every this many events.
 const PROGRESS_EVERY: usize = 100_000;
 
-/// A live table and its temporary shadow.
-struct Shadow {
-    /// The table's name as the projections write it, such as `task_view`:
-    /// on the rebuild's connection it names the shadow.
+/// What a rebuild did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rebuilt {
+    /// The names of the models rebuilt.
+    pub models: Vec<&'static str>,
+    /// Events read from the log.
+    pub events: usize,
+    /// Event applications: events times models.
+    pub applications: usize,
+    /// Building the new tables, while everything else ran on.
+    pub build: Duration,
+    /// The switch: the transaction that catches up and swaps the tables
+    /// in, the only time outbox consumers wait for the rebuild.
+    pub switch: Duration,
+}
+
+/// A live table and the one built to replace it.
+struct Table {
+    /// The table's name as the projections write it, such as `task_view`.
     name: &'static str,
-    /// The live table, schema-qualified and quoted.
-    live: String,
-    /// The columns copied from the shadow into the live table.
-    columns: String,
+    /// The live table's schema.
+    schema: String,
+    /// Whether something depends on the live table, so its rows are
+    /// replaced rather than the table itself.
+    copy: bool,
+}
+
+impl Table {
+    fn live(&self) -> String {
+        format!("{}.{}", quote(&self.schema), quote(self.name))
+    }
+
+    fn built(&self) -> String {
+        format!("{}.{}", quote(SCHEMA), quote(self.name))
+    }
 }
 
 /// Runs a rebuild of `chosen` on `conn`, a connection nobody else uses
-/// and that is closed afterwards.
+/// and that is closed afterwards (which also ends the advisory lock).
 pub(crate) async fn run(
     conn: &mut PgConnection,
     chosen: &[&dyn Projection],
-) -> Result<usize, ProjectionError> {
+) -> Result<Rebuilt, ProjectionError> {
+    let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+        .bind(LOCK)
+        .fetch_one(&mut *conn)
+        .await?;
+    if !locked {
+        return Err(ProjectionError::Rebuild(
+            "another rebuild is running on this database; try again when it has finished".into(),
+        ));
+    }
+    let result = rebuild(conn, chosen).await;
+    // Whatever happened, nothing of the build is left behind.
+    let dropped = sqlx::query(&format!("DROP SCHEMA IF EXISTS {} CASCADE", quote(SCHEMA)))
+        .execute(&mut *conn)
+        .await;
+    let rebuilt = result?;
+    dropped?;
+    Ok(rebuilt)
+}
+
+async fn rebuild(
+    conn: &mut PgConnection,
+    chosen: &[&dyn Projection],
+) -> Result<Rebuilt, ProjectionError> {
     let started = Instant::now();
-    // Temporary tables live in this session's memory up to this size, and
-    // the setting must come before the session's first temporary table.
-    sqlx::query("SET temp_buffers = '256MB'")
+    // The new tables need no durability until they are swapped in, and
+    // their many small commits should not each wait for a disk flush.
+    sqlx::query("SET synchronous_commit = off")
         .execute(&mut *conn)
         .await?;
-    let mut shadows = Vec::new();
+    // Left over by a rebuild that died (the lock says none is running).
+    for statement in ["DROP SCHEMA IF EXISTS {} CASCADE", "CREATE SCHEMA {}"] {
+        sqlx::query(&statement.replace("{}", &quote(SCHEMA)))
+            .execute(&mut *conn)
+            .await?;
+    }
+    let mut tables = Vec::new();
     for p in chosen {
-        for table in p.tables() {
-            shadows.push(shadow(conn, table).await?);
+        for name in p.tables() {
+            tables.push(prepare(conn, name).await?);
         }
         // The checkpoint row exists before the switch locks it.
         outbox::load_checkpoint(conn, p.name(), false).await?;
     }
+    sqlx::query(&format!(
+        "SELECT set_config('search_path', '{}, ' || current_setting('search_path'), false)",
+        quote(SCHEMA)
+    ))
+    .execute(&mut *conn)
+    .await?;
+
     let mut at = Checkpoint::default();
-    let mut applied = 0;
     let mut read = 0;
     loop {
-        let mut tx = conn.begin().await?;
-        let n = apply_batch(&mut tx, chosen, &mut at).await?;
-        tx.commit().await?;
-        if n == 0 {
+        let events = outbox::read_after(&mut *conn, at, READ, &Filter::default()).await?;
+        let Some(last) = events.last().map(RecordedEvent::checkpoint) else {
             break;
+        };
+        for slice in events.chunks(TX_EVENTS) {
+            let mut tx = conn.begin().await?;
+            apply(&mut tx, chosen, slice).await?;
+            tx.commit().await?;
         }
-        if (read + n) / PROGRESS_EVERY > read / PROGRESS_EVERY {
-            tracing::info!(events = read + n, "rebuilding read models");
+        if (read + events.len()) / PROGRESS_EVERY > read / PROGRESS_EVERY {
+            tracing::info!(events = read + events.len(), "rebuilding read models");
         }
-        read += n;
-        applied += n * chosen.len();
+        read += events.len();
+        at = last;
     }
-    let built = started.elapsed();
-    let switching = Instant::now();
-    let mut tx = conn.begin().await?;
-    let mut names: Vec<&str> = chosen.iter().map(|p| p.name()).collect();
-    names.sort_unstable();
-    for name in &names {
-        outbox::load_checkpoint(&mut tx, name, true).await?;
-    }
-    loop {
-        let n = apply_batch(&mut tx, chosen, &mut at).await?;
-        if n == 0 {
-            break;
-        }
-        read += n;
-        applied += n * chosen.len();
-    }
-    // Delete in the order the models list their tables, insert in reverse,
-    // as a model lists a table before the one it refers to.
-    for s in &shadows {
-        sqlx::query(&format!("DELETE FROM {}", s.live))
-            .execute(&mut *tx)
+    // Fresh statistics, so that queries on the new tables are planned well
+    // from the start.
+    for t in &tables {
+        sqlx::query(&format!("ANALYZE {}", t.built()))
+            .execute(&mut *conn)
             .await?;
     }
-    for s in shadows.iter().rev() {
-        sqlx::query(&format!(
-            "INSERT INTO {} ({cols}) SELECT {cols} FROM pg_temp.{}",
-            s.live,
-            quote(s.name),
-            cols = s.columns
-        ))
-        .execute(&mut *tx)
-        .await?;
-    }
-    for name in &names {
-        outbox::save_checkpoint(&mut tx, name, at).await?;
-    }
-    tx.commit().await?;
-    tracing::info!(
-        events = read,
-        models = ?names,
-        build_s = built.as_secs_f64(),
-        switch_s = switching.elapsed().as_secs_f64(),
-        "read models rebuilt"
-    );
-    Ok(applied)
+    let build = started.elapsed();
+
+    let mut names: Vec<&'static str> = chosen.iter().map(|p| p.name()).collect();
+    names.sort_unstable();
+    let mut tries = 0;
+    let (caught_up, switch) = loop {
+        let switching = Instant::now();
+        match switch(conn, chosen, &tables, &names, at).await {
+            Ok(n) => break (n, switching.elapsed()),
+            Err(ProjectionError::Database(sqlx::Error::Database(e)))
+                if e.code().as_deref() == Some("55P03") =>
+            {
+                tries += 1;
+                if tries >= SWAP_TRIES {
+                    return Err(ProjectionError::Rebuild(format!(
+                        "readers kept the read models busy through {tries} tries to swap the \
+                         rebuilt tables in; nothing was changed"
+                    )));
+                }
+                tracing::info!(tries, "a reader held a read model; trying the swap again");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    read += caught_up;
+    Ok(Rebuilt {
+        models: names,
+        events: read,
+        applications: read * chosen.len(),
+        build,
+        switch,
+    })
 }
 
-/// Reads one batch after `at`, applies it to every chosen model and moves
-/// `at` past it. Returns how many events were read.
-async fn apply_batch(
+/// Applies `events` to every chosen model.
+async fn apply(
     conn: &mut PgConnection,
     chosen: &[&dyn Projection],
-    at: &mut Checkpoint,
-) -> Result<usize, ProjectionError> {
-    let events = outbox::read_after(&mut *conn, *at, BATCH, &Filter::default()).await?;
-    let Some(last) = events.last().map(RecordedEvent::checkpoint) else {
-        return Ok(0);
-    };
-    for event in &events {
+    events: &[RecordedEvent],
+) -> Result<(), ProjectionError> {
+    for event in events {
         for p in chosen {
             p.apply(conn, event).await?;
         }
     }
-    *at = last;
-    Ok(events.len())
+    Ok(())
 }
 
-/// Creates the temporary shadow of live table `table`.
-async fn shadow(conn: &mut PgConnection, table: &'static str) -> Result<Shadow, sqlx::Error> {
-    let (live, columns): (String, String) = sqlx::query_as(
-        "SELECT format('%I.%I', n.nspname, c.relname), \
-           (SELECT string_agg(quote_ident(a.attname), ', ' ORDER BY a.attnum) FROM pg_attribute a \
-             WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = '') \
-         FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
-         WHERE c.oid = to_regclass($1) AND n.nspname NOT LIKE 'pg_temp%'",
+/// The switch transaction: catches the new tables up from `at`, swaps them
+/// in and stores the checkpoints. Returns the events caught up.
+async fn switch(
+    conn: &mut PgConnection,
+    chosen: &[&dyn Projection],
+    tables: &[Table],
+    names: &[&'static str],
+    mut at: Checkpoint,
+) -> Result<usize, ProjectionError> {
+    let mut tx = conn.begin().await?;
+    for name in names {
+        outbox::load_checkpoint(&mut tx, name, true).await?;
+    }
+    let mut caught_up = 0;
+    loop {
+        let events = outbox::read_after(&mut *tx, at, READ, &Filter::default()).await?;
+        let Some(last) = events.last().map(RecordedEvent::checkpoint) else {
+            break;
+        };
+        apply(&mut tx, chosen, &events).await?;
+        caught_up += events.len();
+        at = last;
+    }
+    sqlx::query(&format!(
+        "SET LOCAL lock_timeout = {}",
+        LOCK_WAIT.as_millis()
+    ))
+    .execute(&mut *tx)
+    .await?;
+    // Delete in the order the models list their tables, insert in reverse,
+    // as a model lists a table before the one it refers to.
+    for t in tables.iter().filter(|t| t.copy) {
+        sqlx::query(&format!("DELETE FROM {}", t.live()))
+            .execute(&mut *tx)
+            .await?;
+    }
+    for t in tables.iter().rev() {
+        if t.copy {
+            copy_rows(&mut tx, t).await?;
+        } else {
+            swap(&mut tx, t).await?;
+        }
+    }
+    for name in names {
+        outbox::save_checkpoint(&mut tx, name, at).await?;
+    }
+    tx.commit().await?;
+    Ok(caught_up)
+}
+
+/// Replaces the live table by the new one, keeping its index names,
+/// owner and grants.
+async fn swap(conn: &mut PgConnection, t: &Table) -> Result<(), sqlx::Error> {
+    let live = t.live();
+    let old_indexes = indexes(conn, &live).await?;
+    let (owner, acl): (String, Vec<String>) = sqlx::query_as(
+        "SELECT pg_get_userbyid(c.relowner)::text, \
+           COALESCE((SELECT array_agg(format('GRANT %s ON %s TO %s%s', a.privilege_type, $1::text, \
+               CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE quote_ident(pg_get_userbyid(a.grantee)) END, \
+               CASE WHEN a.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END)) \
+             FROM aclexplode(c.relacl) a WHERE a.grantee <> c.relowner), '{}') \
+         FROM pg_class c WHERE c.oid = $1::text::regclass",
     )
-    .bind(quote(table))
+    .bind(&live)
     .fetch_one(&mut *conn)
     .await?;
+    sqlx::query(&format!("DROP TABLE {live}"))
+        .execute(&mut *conn)
+        .await?;
     sqlx::query(&format!(
-        "CREATE TEMPORARY TABLE {} (LIKE {live} INCLUDING ALL)",
-        quote(table)
+        "ALTER TABLE {} SET SCHEMA {}",
+        t.built(),
+        quote(&t.schema)
     ))
     .execute(&mut *conn)
     .await?;
-    Ok(Shadow {
-        name: table,
-        live,
-        columns,
-    })
+    // Give each index the name of the old index it replaces: first a name
+    // of its own, so that no two collide on the way.
+    let new_indexes = indexes(conn, &live).await?;
+    let mut wanted: HashMap<&str, Vec<&str>> = HashMap::new();
+    for (name, shape) in &old_indexes {
+        wanted.entry(shape).or_default().push(name);
+    }
+    let mut renames = Vec::new();
+    for (i, (name, shape)) in new_indexes.iter().enumerate() {
+        if let Some(old) = wanted.get_mut(shape.as_str()).and_then(Vec::pop) {
+            if old != name {
+                let interim = format!("unidesk_rebuild_index_{i}");
+                sqlx::query(&format!(
+                    "ALTER INDEX {}.{} RENAME TO {}",
+                    quote(&t.schema),
+                    quote(name),
+                    quote(&interim)
+                ))
+                .execute(&mut *conn)
+                .await?;
+                renames.push((interim, old));
+            }
+        }
+    }
+    for (interim, old) in renames {
+        sqlx::query(&format!(
+            "ALTER INDEX {}.{} RENAME TO {}",
+            quote(&t.schema),
+            quote(&interim),
+            quote(old)
+        ))
+        .execute(&mut *conn)
+        .await?;
+    }
+    sqlx::query(&format!("ALTER TABLE {live} OWNER TO {}", quote(&owner)))
+        .execute(&mut *conn)
+        .await?;
+    for grant in acl {
+        sqlx::query(&grant).execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
+/// A table's indexes: name, and definition without the names.
+async fn indexes(
+    conn: &mut PgConnection,
+    table: &str,
+) -> Result<Vec<(String, String)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT c.relname::text, \
+           (CASE WHEN i.indisunique THEN 'UNIQUE ' ELSE '' END) || \
+           substring(pg_get_indexdef(i.indexrelid) FROM ' USING .*$') \
+         FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid \
+         WHERE i.indrelid = $1::text::regclass ORDER BY c.relname",
+    )
+    .bind(table)
+    .fetch_all(conn)
+    .await
+}
+
+/// Replaces the live table's rows by the new table's.
+async fn copy_rows(conn: &mut PgConnection, t: &Table) -> Result<(), sqlx::Error> {
+    let columns: String = sqlx::query_scalar(
+        "SELECT string_agg(quote_ident(attname), ', ' ORDER BY attnum) FROM pg_attribute \
+         WHERE attrelid = $1::text::regclass AND attnum > 0 AND NOT attisdropped AND attgenerated = ''",
+    )
+    .bind(t.live())
+    .fetch_one(&mut *conn)
+    .await?;
+    sqlx::query(&format!(
+        "INSERT INTO {} ({columns}) SELECT {columns} FROM {}",
+        t.live(),
+        t.built()
+    ))
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Finds live table `name` and creates the table that will replace it.
+async fn prepare(conn: &mut PgConnection, name: &'static str) -> Result<Table, sqlx::Error> {
+    let (schema, copy): (String, bool) = sqlx::query_as(
+        "SELECT n.nspname::text, \
+           EXISTS (SELECT 1 FROM pg_depend d WHERE d.refobjid = c.oid AND d.classid = 'pg_rewrite'::regclass) \
+           OR EXISTS (SELECT 1 FROM pg_constraint f WHERE f.contype = 'f' AND (f.confrelid = c.oid OR f.conrelid = c.oid)) \
+           OR EXISTS (SELECT 1 FROM pg_trigger g WHERE g.tgrelid = c.oid AND NOT g.tgisinternal) \
+         FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = to_regclass($1)",
+    )
+    .bind(quote(name))
+    .fetch_one(&mut *conn)
+    .await?;
+    let t = Table { name, schema, copy };
+    sqlx::query(&format!(
+        "CREATE TABLE {} (LIKE {} INCLUDING ALL)",
+        t.built(),
+        t.live()
+    ))
+    .execute(&mut *conn)
+    .await?;
+    Ok(t)
 }
 
 /// `name` as a quoted SQL identifier.

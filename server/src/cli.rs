@@ -229,12 +229,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             ProjectionsCommand::Rebuild { name, db } => {
                 let pool = connect(&database_url(&db)?).await?;
                 let projector = projections::Projector::new(pool);
-                let started = std::time::Instant::now();
-                let n = projector.rebuild(name.as_deref()).await?;
+                let r = projector.rebuild_report(name.as_deref()).await?;
                 println!(
-                    "rebuilt {} from {n} event applications in {:.2} s",
+                    "rebuilt {} from {} events ({} event applications) in {:.2} s; \
+                     readers switched to the new content in {:.3} s",
                     name.as_deref().unwrap_or("all read models"),
-                    started.elapsed().as_secs_f64()
+                    r.events,
+                    r.applications,
+                    (r.build + r.switch).as_secs_f64(),
+                    r.switch.as_secs_f64()
                 );
                 Ok(())
             }

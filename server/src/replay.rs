@@ -100,7 +100,8 @@ pub(crate) enum EventsCommand {
     },
     /// Load an export into a database without events (or, for an export
     /// made with --after, into the one holding what it continues), in one
-    /// transaction, then bring the read models up to date.
+    /// transaction, after applying the migrations; then bring the read
+    /// models up to date.
     Import {
         /// The export; `-` reads stdin.
         file: PathBuf,
@@ -375,6 +376,11 @@ pub(crate) async fn run_events(command: EventsCommand, pool: &PgPool) -> anyhow:
             no_projections,
             ..
         } => {
+            // A new database needs the schema first, as `unidesk migrate`
+            // gives it.
+            store::migrate(pool)
+                .await
+                .context("applying migrations to the target database")?;
             let imported = if file.as_os_str() == "-" {
                 let mut input = BufReader::with_capacity(1 << 20, io::stdin().lock());
                 store::export::import(pool, &mut input).await

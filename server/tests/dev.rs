@@ -186,6 +186,8 @@ async fn dev_starts_stops_on_ctrl_c_and_finds_its_data_again() {
     assert!(rebuilt.starts_with("rebuilt all read models"), "{rebuilt}");
     let status = cli(&["projections", "status"]);
     assert!(status.contains("timeline"), "{status}");
+    let check = cli(&["replay", "--check"]);
+    assert!(check.contains("every event can be applied"), "{check}");
     assert!(projects(&client, &dev).await.contains(&"kept".to_string()));
 
     // A second dev in another directory runs side by side.

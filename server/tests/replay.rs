@@ -1046,3 +1046,35 @@ async fn an_export_with_a_gap_in_an_aggregate_is_refused_even_with_a_valid_chain
     );
     assert_eq!(count(&target.pool, "SELECT count(*) FROM events").await, 0);
 }
+
+#[tokio::test]
+async fn an_import_migrates_a_brand_new_database_first() {
+    let (source, h) = with_history().await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("events.jsonl");
+    export(&source.url, &file, &[]);
+    // A database as `createdb` leaves it: no tables at all.
+    let admin = testkit::server_url().await;
+    let name = format!("bare_{}", Uuid::new_v4().simple());
+    let pool = PgPool::connect(&admin).await.unwrap();
+    sqlx::query(&format!("CREATE DATABASE \"{name}\""))
+        .execute(&pool)
+        .await
+        .unwrap();
+    let (base, query) = admin.split_once('?').unwrap_or((&admin, ""));
+    let server = base.rsplit_once('/').map_or(base, |(s, _)| s);
+    let url = if query.is_empty() {
+        format!("{server}/{name}")
+    } else {
+        format!("{server}/{name}?{query}")
+    };
+    let out = ok(&url, &["events", "import", file.to_str().unwrap()]);
+    assert!(out.contains("imported 91 events of 9 aggregates"), "{out}");
+    let out = ok(
+        &url,
+        &["replay", "task", &h.done.to_string(), "--final", "--json"],
+    );
+    assert!(out.contains("\"succeeded\""), "{out}");
+    let status = ok(&url, &["projections", "status"]);
+    assert!(status.contains("timeline"), "{status}");
+}
