@@ -77,7 +77,7 @@ impl std::fmt::Display for Fetched {
             human_bytes(self.bytes as u64)
         )?;
         if self.fell_back {
-            f.write_str(" (by branches and tags: the server refused a fetch by commit id)")?;
+            f.write_str(" (all branches and tags: the commit is no branch or tag tip and the server does not serve commits by id)")?;
         }
         Ok(())
     }
@@ -238,30 +238,37 @@ fn ensure_commit(mirror: &Path, url: &str, oid: Oid) -> Result<Fetched, GitError
     Ok(fetched)
 }
 
-/// Fetches only `oid`; if the server will not serve it by id, fetches all
-/// branches and tags. Counts what was received.
+/// Fetches `oid` and as little else as the server allows: the one branch
+/// or tag whose tip it is, else the commit by id (servers that allow it),
+/// else all branches and tags. Counts what was received.
 fn fetch_commit(repo: &Repository, url: &str, oid: Oid) -> Result<Fetched, GitError> {
     let mut remote = repo
         .remote_anonymous(url)
         .map_err(|e| fetch_error(url, &e))?;
-    let by_id = format!("+{oid}:refs/cache/{oid}");
     let mut fetched = Fetched::default();
     let mut count = |remote: &git2::Remote<'_>| {
         let stats = remote.stats();
         fetched.objects += stats.received_objects();
         fetched.bytes += stats.received_bytes();
     };
-    match remote.fetch(&[by_id.as_str()], Some(&mut fetch_options()), None) {
-        Ok(()) if has_commit(repo, oid) => {
-            count(&remote);
-            return Ok(fetched);
-        }
-        Ok(()) => {
-            count(&remote);
-            tracing::debug!("fetch by id brought nothing; fetching branches and tags");
-        }
-        Err(e) => tracing::debug!(error = %e, "fetch by id refused; fetching branches and tags"),
+    let pin = format!("+{oid}:refs/cache/{oid}");
+    let mut tries = Vec::new();
+    if let Some(name) = tip_named(&mut remote, oid) {
+        tries.push(format!("+{name}:refs/cache/{oid}"));
     }
+    tries.push(pin);
+    for refspec in &tries {
+        match remote.fetch(&[refspec.as_str()], Some(&mut fetch_options()), None) {
+            Ok(()) => {
+                count(&remote);
+                if has_commit(repo, oid) {
+                    return Ok(fetched);
+                }
+            }
+            Err(e) => tracing::debug!(refspec, error = %e, "narrow fetch refused"),
+        }
+    }
+    tracing::debug!("fetching all branches and tags");
     remote
         .fetch(
             &["+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*"],
@@ -274,8 +281,32 @@ fn fetch_commit(repo: &Repository, url: &str, oid: Oid) -> Result<Fetched, GitEr
     Ok(fetched)
 }
 
+/// The branch or tag the server advertises with `oid` at its tip, if any.
+/// Most tasks name the commit a branch points at, and fetching that one
+/// ref works with every server, unlike a fetch by commit id, which needs
+/// the server's permission.
+fn tip_named(remote: &mut git2::Remote<'_>, oid: Oid) -> Option<String> {
+    if let Err(e) = remote.connect(git2::Direction::Fetch) {
+        tracing::debug!(error = %e, "listing the remote's refs failed");
+        return None;
+    }
+    let found = remote.list().ok().and_then(|heads| {
+        heads
+            .iter()
+            .filter(|h| h.oid() == oid)
+            .map(|h| h.name().trim_end_matches("^{}").to_owned())
+            .find(|n| n.starts_with("refs/heads/") || n.starts_with("refs/tags/"))
+    });
+    let _ = remote.disconnect();
+    found
+}
+
 fn fetch_options() -> FetchOptions<'static> {
+    let mut callbacks = git2::RemoteCallbacks::new();
+    // libgit2 counts received bytes only while a progress callback is set.
+    callbacks.transfer_progress(|_| true);
     let mut options = FetchOptions::new();
+    options.remote_callbacks(callbacks);
     options.download_tags(AutotagOption::None);
     options
 }

@@ -334,3 +334,129 @@ async fn a_full_disk_fails_the_task_with_a_clear_reason_and_the_agent_goes_on() 
     assert_eq!(output(&reports), "a", "{reports:?}");
     support::remove_env_image(&ctx, &env).await;
 }
+
+/// `git daemon` serving the repositories under a directory, stopped on drop.
+struct GitDaemon {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl GitDaemon {
+    fn start(base: &Path) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new("git")
+            .arg("daemon")
+            .arg("--export-all")
+            .arg("--reuseaddr")
+            .arg("--listen=127.0.0.1")
+            .arg(format!("--port={port}"))
+            .arg(format!("--base-path={}", base.display()))
+            .arg(base)
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "git daemon did not start"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        GitDaemon { child, port }
+    }
+}
+
+impl Drop for GitDaemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn git_in(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new("git")
+        .args(["-c", "user.name=t", "-c", "user.email=t@example.org"])
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "git {args:?}: {out:?}");
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+#[tokio::test]
+async fn a_new_commit_fetches_only_what_is_missing_over_the_git_protocol() {
+    let served = tempfile::tempdir().unwrap();
+    let repo = served.path().join("project");
+    std::fs::create_dir_all(&repo).unwrap();
+    git_in(&repo, &["init", "-q", "-b", "main"]);
+    for i in 0..20 {
+        std::fs::write(
+            repo.join(format!("file{i}.txt")),
+            format!("{i}\n").repeat(500),
+        )
+        .unwrap();
+    }
+    git_in(&repo, &["add", "-A"]);
+    git_in(&repo, &["commit", "-q", "-m", "first"]);
+    let first = git_in(&repo, &["rev-parse", "HEAD"]);
+    let daemon = GitDaemon::start(served.path());
+    let url = format!("git://127.0.0.1:{}/project", daemon.port);
+    let cache = node_agent::git::GitCache::new(served.path().join("cache"));
+    let work = tempfile::tempdir().unwrap();
+
+    // A fresh clone: every object, counted in bytes too.
+    let clone = cache
+        .checkout(&url, &first, &work.path().join("a"))
+        .await
+        .unwrap();
+    assert!(!clone.from_cache && !clone.fell_back, "{clone:?}");
+    assert_eq!(clone.objects, 22, "20 blobs, a tree and a commit");
+    assert!(clone.bytes > 0, "{clone:?}");
+
+    // One file changes: a blob, a tree and a commit come, nothing else.
+    std::fs::write(repo.join("file0.txt"), "changed\n").unwrap();
+    git_in(&repo, &["commit", "-q", "-am", "second"]);
+    let second = git_in(&repo, &["rev-parse", "HEAD"]);
+    let delta = cache
+        .checkout(&url, &second, &work.path().join("b"))
+        .await
+        .unwrap();
+    assert_eq!(delta.objects, 3, "{delta:?}");
+    assert!(
+        delta.bytes > 0 && delta.bytes < clone.bytes,
+        "{delta:?} vs {clone:?}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(work.path().join("b/file0.txt")).unwrap(),
+        "changed\n"
+    );
+
+    // Cached now: nothing fetched at all.
+    let again = cache
+        .checkout(&url, &second, &work.path().join("c"))
+        .await
+        .unwrap();
+    assert!(again.from_cache, "{again:?}");
+
+    // A commit that is no branch tip any more: git daemon does not serve
+    // commits by id, so all branches and tags are fetched, and it is found.
+    std::fs::write(repo.join("file1.txt"), "third\n").unwrap();
+    git_in(&repo, &["commit", "-q", "-am", "third"]);
+    let third = git_in(&repo, &["rev-parse", "HEAD"]);
+    std::fs::write(repo.join("file2.txt"), "fourth\n").unwrap();
+    git_in(&repo, &["commit", "-q", "-am", "fourth"]);
+    let old = cache
+        .checkout(&url, &third, &work.path().join("d"))
+        .await
+        .unwrap();
+    assert!(old.fell_back, "{old:?}");
+    assert_eq!(
+        std::fs::read_to_string(work.path().join("d/file1.txt")).unwrap(),
+        "third\n"
+    );
+}
