@@ -1,0 +1,301 @@
+//! The agent's transfer code against faults: the embedded S3 store behind a
+//! proxy that breaks connections and refuses requests on purpose. A broken
+//! download resumes where it stopped; a failed part is sent again alone.
+//! URLs are signed before each request as the ingress signs them.
+
+#![expect(
+    clippy::unwrap_used,
+    reason = "a test fails loudly at the first surprise"
+)]
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::response::Response;
+use futures::StreamExt;
+use node_agent::transfer::{Broker, Files};
+use objects::embedded::{fresh_credentials, Embedded};
+use objects::ObjectStore;
+use protocol::{AgentMessage, TaskInput, TaskOutput, TransferGrant, TransferOp};
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+const KEY: &str = "faults/object";
+const PART: u64 = 5 * 1024 * 1024;
+
+/// What the proxy saw and what it should break.
+#[derive(Default)]
+struct Faults {
+    /// Every request: method, whether it asked for a range, part number.
+    seen: Vec<(String, bool, Option<u32>)>,
+    /// Cut the body of the first GET after this many bytes.
+    cut_first_get_after: Option<usize>,
+    /// Refuse the first PUT of this part number.
+    refuse_part: Option<u32>,
+}
+
+#[derive(Clone)]
+struct Proxy {
+    store: String,
+    faults: Arc<Mutex<Faults>>,
+    client: reqwest::Client,
+}
+
+fn part_number(query: &str) -> Option<u32> {
+    query
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("partNumber="))
+        .and_then(|n| n.parse().ok())
+}
+
+async fn forward(State(p): State<Proxy>, req: Request) -> Response {
+    let (parts, body) = req.into_parts();
+    let ranged = parts.headers.contains_key("range");
+    let part = part_number(parts.uri.query().unwrap_or_default());
+    let (cut, refuse) = {
+        let mut f = p.faults.lock().unwrap();
+        f.seen.push((parts.method.to_string(), ranged, part));
+        let gets = f.seen.iter().filter(|s| s.0 == "GET").count();
+        let cut = if parts.method == "GET" && gets == 1 {
+            f.cut_first_get_after
+        } else {
+            None
+        };
+        let refuse = parts.method == "PUT" && part.is_some() && f.refuse_part == part;
+        if refuse {
+            f.refuse_part = None;
+        }
+        (cut, refuse)
+    };
+    if refuse {
+        return Response::builder().status(503).body(Body::empty()).unwrap();
+    }
+    // Every header goes on unchanged, `Host` included: it is signed.
+    let mut out = p
+        .client
+        .request(parts.method.clone(), format!("{}{}", p.store, parts.uri))
+        .body(reqwest::Body::wrap_stream(body.into_data_stream()));
+    for (k, v) in &parts.headers {
+        out = out.header(k, v);
+    }
+    let answer = out.send().await.unwrap();
+    let mut response = Response::builder().status(answer.status());
+    for (k, v) in answer.headers() {
+        response = response.header(k, v);
+    }
+    let mut sent = 0usize;
+    let stream = answer.bytes_stream().map(move |chunk| {
+        let chunk = chunk.map_err(std::io::Error::other)?;
+        sent += chunk.len();
+        match cut {
+            Some(limit) if sent > limit => Err(std::io::Error::other("cut on purpose")),
+            _ => Ok(chunk),
+        }
+    });
+    response.body(Body::from_stream(stream)).unwrap()
+}
+
+/// Signs as the ingress does, for one object.
+async fn sign(store: &ObjectStore, op: TransferOp) -> TransferGrant {
+    match op {
+        TransferOp::Download { .. } => {
+            let info = store.head(KEY).await.unwrap().unwrap();
+            TransferGrant {
+                url: Some(store.presign_get(KEY, None).await.unwrap()),
+                size: Some(info.size),
+                sha256: info.sha256,
+                ..TransferGrant::default()
+            }
+        }
+        TransferOp::Upload {
+            sha256, parts: 1, ..
+        } => {
+            let p = store.presign_put(KEY, Some(&sha256)).await.unwrap();
+            TransferGrant {
+                url: Some(p.url),
+                headers: p.headers,
+                ..TransferGrant::default()
+            }
+        }
+        TransferOp::Upload { sha256, .. } => TransferGrant {
+            upload_id: Some(store.start_multipart(KEY, Some(&sha256)).await.unwrap()),
+            ..TransferGrant::default()
+        },
+        TransferOp::UploadPart {
+            upload_id,
+            part_number,
+            sha256,
+            ..
+        } => {
+            let p = store
+                .presign_part(KEY, &upload_id, part_number, Some(&sha256))
+                .await
+                .unwrap();
+            TransferGrant {
+                url: Some(p.url),
+                headers: p.headers,
+                ..TransferGrant::default()
+            }
+        }
+        TransferOp::Complete {
+            upload_id, parts, ..
+        } => {
+            if let Some(id) = upload_id {
+                let parts: Vec<_> = parts.into_iter().map(|p| (p.part_number, p.etag)).collect();
+                store.complete_multipart(KEY, &id, &parts).await.unwrap();
+            }
+            TransferGrant::default()
+        }
+    }
+}
+
+struct Rig {
+    files: Files,
+    faults: Arc<Mutex<Faults>>,
+    root: tempfile::TempDir,
+}
+
+/// The embedded store, the proxy in front of it, and the agent's `Files`
+/// with a signer answering its requests.
+async fn rig() -> Rig {
+    let root = tempfile::tempdir().unwrap();
+    let (access, secret) = fresh_credentials();
+    let embedded = Embedded::new(&root.path().join("objects"), "unidesk", &access, secret).unwrap();
+    let store_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let store_url = format!("http://{}", store_listener.local_addr().unwrap());
+    let proxy_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy_url = format!("http://{}", proxy_listener.local_addr().unwrap());
+    // The server calls the store directly; URLs name the proxy.
+    let mut config = embedded.client_config(&store_url, Duration::from_secs(60));
+    config.public_endpoint = Some(proxy_url);
+    let store = ObjectStore::new(&config).unwrap();
+    tokio::spawn(embedded.run(store_listener, std::future::pending()));
+
+    let faults = Arc::new(Mutex::new(Faults::default()));
+    let proxy = Proxy {
+        store: store_url,
+        faults: Arc::clone(&faults),
+        client: reqwest::Client::new(),
+    };
+    let app = axum::Router::new().fallback(forward).with_state(proxy);
+    tokio::spawn(async move { axum::serve(proxy_listener, app).await });
+
+    let broker = Arc::new(Broker::default());
+    let signer = Arc::clone(&broker);
+    tokio::spawn(async move {
+        loop {
+            signer.wanted().await;
+            while let Some(AgentMessage::TransferRequest(r)) = signer.next_message() {
+                let grant = sign(&store, r.op).await;
+                signer.answer(TransferGrant { id: r.id, ..grant });
+            }
+        }
+    });
+    std::fs::create_dir_all(root.path().join("work")).unwrap();
+    Rig {
+        files: Files::new(broker, PART),
+        faults,
+        root,
+    }
+}
+
+fn sha(data: &[u8]) -> String {
+    hex::encode(Sha256::digest(data))
+}
+
+fn data(len: u64) -> Vec<u8> {
+    (0..len).map(|i| (i * 7 % 251) as u8).collect()
+}
+
+#[tokio::test]
+async fn a_failed_part_is_sent_again_alone_and_a_broken_download_resumes_where_it_stopped() {
+    let rig = rig().await;
+    let work = rig.root.path().join("work");
+    let content = data(2 * PART + 4321);
+    std::fs::write(work.join("model.bin"), &content).unwrap();
+    rig.faults.lock().unwrap().refuse_part = Some(2);
+    let output = TaskOutput {
+        name: "model".into(),
+        path: "model.bin".into(),
+    };
+    let up = rig
+        .files
+        .upload(Uuid::nil(), 1, &output, &work)
+        .await
+        .unwrap();
+    assert_eq!(
+        (up.size, up.sha256.as_str()),
+        (content.len() as u64, sha(&content).as_str())
+    );
+    let puts: Vec<_> = {
+        let f = rig.faults.lock().unwrap();
+        f.seen
+            .iter()
+            .filter(|s| s.0 == "PUT")
+            .map(|s| s.2)
+            .collect()
+    };
+    assert_eq!(
+        puts,
+        [Some(1), Some(2), Some(2), Some(3)],
+        "only part 2 went twice"
+    );
+
+    rig.faults.lock().unwrap().cut_first_get_after = Some(3 * 1024 * 1024);
+    let input = TaskInput {
+        name: "copy/model.bin".into(),
+        object: "model".into(),
+    };
+    let down = rig
+        .files
+        .download(Uuid::nil(), 1, &input, &work)
+        .await
+        .unwrap();
+    assert_eq!(down.sha256, sha(&content));
+    assert_eq!(std::fs::read(work.join("copy/model.bin")).unwrap(), content);
+    let gets: Vec<_> = {
+        let f = rig.faults.lock().unwrap();
+        f.seen
+            .iter()
+            .filter(|s| s.0 == "GET")
+            .map(|s| s.1)
+            .collect()
+    };
+    assert_eq!(
+        gets,
+        [false, true],
+        "the second GET asked for the rest only"
+    );
+}
+
+#[tokio::test]
+async fn a_part_refused_every_time_fails_the_upload_saying_which() {
+    let rig = rig().await;
+    let work = rig.root.path().join("work");
+    std::fs::write(work.join("a.bin"), data(PART + 1)).unwrap();
+    let output = TaskOutput {
+        name: "a".into(),
+        path: "a.bin".into(),
+    };
+    // The proxy refuses part 2 once per arming; arm it before every try.
+    let faults = Arc::clone(&rig.faults);
+    let rearm = tokio::spawn(async move {
+        loop {
+            faults.lock().unwrap().refuse_part = Some(2);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    let e = rig
+        .files
+        .upload(Uuid::nil(), 1, &output, &work)
+        .await
+        .unwrap_err();
+    rearm.abort();
+    assert!(
+        e.starts_with("output a: part 2 of 2: failed 5 times"),
+        "{e}"
+    );
+    assert!(e.contains("503"), "{e}");
+}
