@@ -738,7 +738,9 @@ async fn an_accepted_attempt_missing_from_the_hello_is_lost_and_retried() {
     let (node_id, token) = p.provision().await;
     let task_id = p.submit_and_assign(node_id).await;
     let (mut agent, _) = Agent::join(server.addr, &token, vec![]).await;
-    agent.command().await;
+    // The run_task may come twice (at connect and from the outbox).
+    let runs = agent.commands().await;
+    assert!(!runs.is_empty() && runs.iter().all(|c| run_task_for(c) == task_id));
     let mut accepted = status(1, task_id, ReportedState::Accepted);
     accepted.attempt = 1;
     assert_eq!(agent.report(accepted).await, None);
