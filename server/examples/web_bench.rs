@@ -68,6 +68,13 @@ struct Args {
     /// Where to save a PNG of the dashboard.
     #[arg(long)]
     dashboard_screenshot: Option<std::path::PathBuf>,
+    /// Where to save a PNG of the page of a running task.
+    #[arg(long)]
+    task_screenshot: Option<std::path::PathBuf>,
+    /// Measure the history already in the database instead of seeding one
+    /// (a database a previous run seeded).
+    #[arg(long)]
+    reuse: bool,
 }
 
 /// Hands out event times: the seeded history is written in the order it
@@ -753,7 +760,13 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// The API's own time for one page of the timeline under each filter.
-async fn api_figures(base: &str, token: &str, world: &World) -> anyhow::Result<()> {
+async fn api_figures(
+    base: &str,
+    token: &str,
+    pool: &sqlx::PgPool,
+    node: Uuid,
+    project: Uuid,
+) -> anyhow::Result<()> {
     let http = reqwest::Client::new();
     let get = |path: String| {
         let http = http.clone();
@@ -775,7 +788,7 @@ async fn api_figures(base: &str, token: &str, world: &World) -> anyhow::Result<(
         .map(|e| e["aggregate_id"].as_str().unwrap_or_default().to_string())
         .unwrap_or_default();
     let middle: i64 = sqlx::query_scalar("SELECT position FROM timeline ORDER BY position OFFSET (SELECT count(*) / 2 FROM timeline) LIMIT 1")
-        .fetch_one(world.store.pool())
+        .fetch_one(pool)
         .await?;
     let day_ago = (Utc::now() - chrono::Duration::hours(30))
         .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
@@ -788,13 +801,10 @@ async fn api_figures(base: &str, token: &str, world: &World) -> anyhow::Result<(
             format!("/timeline?limit=50&before={middle}"),
         ),
         ("one task", format!("/timeline?limit=50&task={task}")),
-        (
-            "one node",
-            format!("/timeline?limit=50&node={}", world.nodes[2].id),
-        ),
+        ("one node", format!("/timeline?limit=50&node={node}")),
         (
             "one project",
-            format!("/timeline?limit=50&project={}", world.projects[1].id),
+            format!("/timeline?limit=50&project={project}"),
         ),
         (
             "one event type (TaskLost)",
@@ -856,8 +866,43 @@ async fn paint_figures(b: &Browser, base: &str, token: &str, runs: usize) -> any
             );
             continue;
         }
+        println!(
+            "  load {run}: first contentful paint {:.0} ms, events shown at {:.0} ms",
+            f.unwrap_or(f64::NAN),
+            s.unwrap_or(f64::NAN)
+        );
         fcp.push(f.context("no first-contentful-paint entry")?);
         shown.push(s.context("no timeline-rendered mark")?);
+    }
+    // The reference, in the same browser and run: the sign-in page, which
+    // makes no API call at all.
+    b.client
+        .execute("sessionStorage.clear(); return true;", vec![])
+        .await?;
+    let mut reference = Vec::new();
+    for run in 0..runs {
+        b.client.goto(&format!("{base}/?reference={run}")).await?;
+        b.wait_for("#sign-in:not([hidden])", Duration::from_secs(30))
+            .await
+            .map_err(|e| anyhow!(e))?;
+        // The paint entry is recorded a frame after the paint.
+        let mut fcp = None;
+        for _ in 0..100 {
+            fcp = b
+                .client
+                .execute(
+                    "const f = performance.getEntriesByName('first-contentful-paint')[0];\
+                     return f ? f.startTime : null;",
+                    vec![],
+                )
+                .await?
+                .as_f64();
+            if fcp.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        reference.push(fcp.context("no first-contentful-paint entry")?);
     }
     if runs > 0 {
         let (min_f, max_f) = (
@@ -881,6 +926,16 @@ async fn paint_figures(b: &Browser, base: &str, token: &str, runs: usize) -> any
             min_s,
             max_s
         );
+        let (min_r, max_r) = (
+            reference.iter().cloned().fold(f64::MAX, f64::min),
+            reference.iter().cloned().fold(0.0, f64::max),
+        );
+        println!(
+            "  reference: sign-in page FCP   median {:>6.0}   min {:>6.0}   max {:>6.0}",
+            median(reference),
+            min_r,
+            max_r
+        );
     }
     Ok(())
 }
@@ -903,6 +958,23 @@ async fn screenshots(b: &Browser, base: &str, token: &str, args: &Args) -> anyho
         std::fs::write(path, b.client.screenshot().await?)
             .with_context(|| format!("writing {}", path.display()))?;
         println!("dashboard screenshot in {}", path.display());
+    }
+    if let Some(path) = &args.task_screenshot {
+        b.client
+            .goto(&format!("{base}/?shot=3#/?state=running"))
+            .await?;
+        b.wait_for("tr[data-task-id] a", Duration::from_secs(30))
+            .await
+            .map_err(|e| anyhow!(e))?
+            .click()
+            .await?;
+        b.wait_for(".live[data-live=\"on\"]", Duration::from_secs(30))
+            .await
+            .map_err(|e| anyhow!(e))?;
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        std::fs::write(path, b.client.screenshot().await?)
+            .with_context(|| format!("writing {}", path.display()))?;
+        println!("task screenshot in {}", path.display());
     }
     if let Some(path) = &args.screenshot {
         b.client.goto(&format!("{base}/?shot=2#/timeline")).await?;
@@ -928,26 +1000,10 @@ async fn screenshots(b: &Browser, base: &str, token: &str, args: &Args) -> anyho
     Ok(())
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
-    let (url, _cluster) = match &args.database_url {
-        Some(u) => (u.clone(), None),
-        None => {
-            let c = store::cluster::LocalCluster::start_ephemeral()
-                .await
-                .context("starting a private PostgreSQL")?;
-            (c.url(), Some(c))
-        }
-    };
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(args.writers as u32 + 8)
-        .connect(&url)
-        .await
-        .context("connecting")?;
-    store::migrate(&pool).await?;
-    let store = Store::new(pool.clone());
-
+/// Seeds a history through the event store and brings every read model up
+/// to date, saying how long each took.
+async fn seeded(store: &Store, args: &Args) -> anyhow::Result<Arc<World>> {
+    let pool = store.pool().clone();
     // Spread the history evenly over the span, ending about now.
     let span = chrono::Duration::hours(args.span_hours);
     let step = span / i32::try_from(args.events.max(1)).unwrap_or(i32::MAX);
@@ -957,7 +1013,7 @@ async fn main() -> anyhow::Result<()> {
         tick: AtomicU64::new(0),
     };
     let started = Instant::now();
-    let world = Arc::new(setup(&store, clock).await?);
+    let world = Arc::new(setup(store, clock).await?);
     let target = args.events.saturating_sub(120);
     seed(world.clone(), target, args.writers).await?;
     finale(&world).await?;
@@ -979,6 +1035,80 @@ async fn main() -> anyhow::Result<()> {
         events as f64 / projecting
     );
 
+    Ok(world)
+}
+
+/// A token for the admin of a history seeded before, and a node and a
+/// project of it.
+async fn reused(store: &Store) -> anyhow::Result<(String, Uuid, Uuid)> {
+    let events: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
+        .fetch_one(store.pool())
+        .await?;
+    anyhow::ensure!(events > 0, "--reuse: the database holds no events");
+    println!("measuring the {events} events already in the database");
+    projections::Projector::new(store.pool().clone())
+        .catch_up()
+        .await?;
+    let token_id = Uuid::now_v7();
+    let issued = store::tokens::issue_user("admin", token_id);
+    let admin = Actor::User("admin".into());
+    let now = Utc::now();
+    let issue = UserCommand::IssueToken {
+        token_id,
+        fingerprint: issued.fingerprint,
+        label: "web bench".into(),
+        by: admin.clone(),
+        at: now,
+    };
+    store
+        .execute::<User>("admin", issue, &admin, now)
+        .await
+        .map_err(|e| anyhow!("{e:?}"))?;
+    let nodes: Vec<Uuid> = sqlx::query_scalar("SELECT id FROM node_view ORDER BY name")
+        .fetch_all(store.pool())
+        .await?;
+    let projects: Vec<Uuid> = sqlx::query_scalar("SELECT id FROM project_view ORDER BY name")
+        .fetch_all(store.pool())
+        .await?;
+    let pick = |ids: &[Uuid], i: usize| ids.get(i).or(ids.first()).copied();
+    Ok((
+        issued.token,
+        pick(&nodes, 2).context("no nodes")?,
+        pick(&projects, 1).context("no projects")?,
+    ))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let (url, _cluster) = match &args.database_url {
+        Some(u) => (u.clone(), None),
+        None => {
+            let c = store::cluster::LocalCluster::start_ephemeral()
+                .await
+                .context("starting a private PostgreSQL")?;
+            (c.url(), Some(c))
+        }
+    };
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(args.writers as u32 + 8)
+        .connect(&url)
+        .await
+        .context("connecting")?;
+    store::migrate(&pool).await?;
+    let store = Store::new(pool.clone());
+
+    let (token, node, project) = if args.reuse {
+        reused(&store).await?
+    } else {
+        let world = seeded(&store, &args).await?;
+        (
+            world.admin_token.clone(),
+            world.nodes[2].id,
+            world.projects[1].id,
+        )
+    };
+
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let base = format!("http://{}", listener.local_addr()?);
     let services = roles::start(
@@ -987,8 +1117,7 @@ async fn main() -> anyhow::Result<()> {
         &[Role::Api, Role::Projector],
         &ServerArgs::defaults(),
     )?;
-    let token = world.admin_token.clone();
-    api_figures(&base, &token, &world).await?;
+    api_figures(&base, &token, &pool, node, project).await?;
     let b = Browser::start().await.map_err(|e| anyhow!(e))?;
     if args.runs > 0 {
         paint_figures(&b, &base, &token, args.runs).await?;

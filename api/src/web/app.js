@@ -1069,6 +1069,22 @@
       location.hash = '#/';
     });
     window.addEventListener('hashchange', () => { route(); });
+    // A page kept for the back button must not keep its streams open: the
+    // browser allows only a few connections to one server.
+    window.addEventListener('pagehide', () => { if (current) current.abort(); });
+    window.addEventListener('pageshow', (e) => { if (e.persisted) route(); });
+    // A tab left in the background lets its streams go after a minute, and
+    // picks up again when shown.
+    let idle = null;
+    let suspended = false;
+    document.addEventListener('visibilitychange', () => {
+      if (document.hidden) {
+        idle = setTimeout(() => { if (current) current.abort(); suspended = true; }, 60000);
+      } else {
+        clearTimeout(idle);
+        if (suspended) { suspended = false; route(); }
+      }
+    });
     const token = session.load();
     if (!token) { showSignIn(); return; }
     signIn(token, Boolean(localStorage.getItem(TOKEN_KEY)))
