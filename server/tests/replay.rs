@@ -1078,3 +1078,29 @@ async fn an_import_migrates_a_brand_new_database_first() {
     let status = ok(&url, &["projections", "status"]);
     assert!(status.contains("timeline"), "{status}");
 }
+
+#[tokio::test]
+async fn an_export_goes_to_stdout_and_an_import_reads_stdin() {
+    let (source, _) = with_history().await;
+    let exported = unidesk(&source.url, &["events", "export"]);
+    assert!(exported.status.success(), "{}", stderr(&exported));
+    assert!(stderr(&exported).contains("exported 91 events"));
+    let target = testkit::fresh_db().await;
+    let mut import = Command::new(env!("CARGO_BIN_EXE_unidesk"))
+        .args(["events", "import", "-", "--database-url", &target.url])
+        .env_remove("DATABASE_URL")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = import.stdin.take().unwrap();
+        stdin.write_all(&exported.stdout).unwrap();
+    }
+    let out = import.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("imported 91 events of 9 aggregates"));
+    assert_eq!(events(&target.pool).await, events(&source.pool).await);
+}
