@@ -147,9 +147,9 @@ impl AppState {
     }
 }
 
-/// The whole HTTP surface: `/healthz`, `/readyz`, `/api/v1/...` and
-/// `/api/v1/openapi.json`, with the body limit, request tracing and JSON
-/// errors for unknown routes and methods.
+/// The whole HTTP surface: `/healthz`, `/readyz`, `/api/v1/...`,
+/// `/api/v1/openapi.json` and the web view at `/` ([`web`]), with the body
+/// limit, request tracing and JSON errors for unknown routes and methods.
 pub fn router(state: AppState) -> axum::Router {
     let body_limit = state.config.body_limit;
     let (router, doc) = routes::all().split_for_parts();
