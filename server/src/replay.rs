@@ -64,15 +64,18 @@ pub(crate) struct ReplayArgs {
     #[arg(long, value_name = "TIME", value_parser = parse_time)]
     until: Option<DateTime<Utc>>,
     /// Print only the state after the last event replayed.
-    #[arg(long = "final")]
+    #[arg(long = "final", conflicts_with = "states")]
     final_only: bool,
+    /// Print the whole state after each event, besides what changed.
+    #[arg(long)]
+    states: bool,
     /// Print JSON: one object per event (or the final state, or the
     /// check's report).
     #[arg(long)]
     json: bool,
     /// Replay every aggregate and report each stored event this build can
     /// no longer apply; exits with status 1 when there is any.
-    #[arg(long, conflicts_with_all = ["kind", "id", "until_seq", "until", "final_only"])]
+    #[arg(long, conflicts_with_all = ["kind", "id", "until_seq", "until", "final_only", "states"])]
     check: bool,
 }
 
@@ -179,7 +182,7 @@ pub(crate) async fn run_replay(args: ReplayArgs, pool: &PgPool) -> anyhow::Resul
     if args.final_only {
         print_final(&mut out, &replayed, args.json)?;
     } else {
-        print_steps(&mut out, &replayed, args.json)?;
+        print_steps(&mut out, &replayed, args.json, args.states)?;
     }
     out.flush()?;
     if let Some(b) = &replayed.broken {
@@ -224,7 +227,7 @@ fn change_line(c: &Change) -> String {
     }
 }
 
-fn print_steps(out: &mut impl Write, r: &Replay, as_json: bool) -> io::Result<()> {
+fn print_steps(out: &mut impl Write, r: &Replay, as_json: bool, states: bool) -> io::Result<()> {
     if !as_json {
         writeln!(
             out,
@@ -237,7 +240,7 @@ fn print_steps(out: &mut impl Write, r: &Replay, as_json: bool) -> io::Result<()
     for step in &r.steps {
         let e = &step.event;
         if as_json {
-            let line = json!({
+            let mut line = json!({
                 "aggregate_type": e.aggregate_type,
                 "aggregate_id": e.aggregate_id,
                 "sequence": e.sequence,
@@ -250,6 +253,9 @@ fn print_steps(out: &mut impl Write, r: &Replay, as_json: bool) -> io::Result<()
                 "payload": e.payload,
                 "changes": step.changes,
             });
+            if states {
+                line["state"] = step.state.clone();
+            }
             writeln!(out, "{line}")?;
             continue;
         }
@@ -267,6 +273,12 @@ fn print_steps(out: &mut impl Write, r: &Replay, as_json: bool) -> io::Result<()
         }
         for c in &step.changes {
             writeln!(out, "    {}", change_line(c))?;
+        }
+        if states {
+            let pretty = serde_json::to_string_pretty(&step.state).map_err(io::Error::other)?;
+            for line in pretty.lines() {
+                writeln!(out, "    | {line}")?;
+            }
         }
     }
     Ok(())

@@ -434,6 +434,26 @@ async fn replay_prints_every_event_with_its_summary_and_what_it_changed() {
     assert_eq!(doc["state"]["state"], "succeeded");
     assert_eq!(doc["state"]["attempts"][0]["outcome"], "succeeded");
 
+    // The whole state after each event, too.
+    let out = ok(
+        &db.url,
+        &["replay", "task", &h.cancelled.to_string(), "--states"],
+    );
+    assert!(out.contains("    |   \"state\": \"queued\","), "{out}");
+    assert!(out.contains("    |   \"state\": \"cancelled\","), "{out}");
+    let out = ok(
+        &db.url,
+        &[
+            "replay",
+            "task",
+            &h.cancelled.to_string(),
+            "--json",
+            "--states",
+        ],
+    );
+    let last: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert_eq!(last["state"]["cancel_requested"], true);
+
     // One JSON object per event, each with its changes.
     let out = ok(
         &db.url,
