@@ -141,12 +141,18 @@ impl Projector {
     }
 
     async fn advance(&self, p: &dyn Projection, limit: i64) -> Result<usize, ProjectionError> {
+        // Ended explicitly on every path: a dropped transaction is only
+        // rolled back when its connection is next used, and until then its
+        // transaction id (taken by the checkpoint's row lock) holds back
+        // every outbox reader on the server.
         let mut tx = self.pool.begin().await?;
         let Some(from) = outbox::try_lock_checkpoint(&mut tx, p.name()).await? else {
+            tx.rollback().await?;
             return Ok(0);
         };
         let events = outbox::read_after(&mut *tx, from, limit, &Filter::default()).await?;
         let Some(last) = events.last().map(RecordedEvent::checkpoint) else {
+            tx.rollback().await?;
             return Ok(0);
         };
         for event in &events {

@@ -185,7 +185,17 @@ async fn big_history(store: &Store, tasks: usize) -> (Uuid, Uuid) {
         decided::<Task>(&id.to_string(), commands, &mut rows);
     }
     insert(store.pool(), &rows).await;
+    visible(store.pool()).await;
     (project, node)
+}
+
+/// Waits until every committed event is visible to outbox readers: other
+/// tests' transactions on the same server can hide new ones for a moment.
+async fn visible(pool: &PgPool) {
+    let committed = store::outbox::committed_head(pool).await.unwrap();
+    while store::outbox::head(pool).await.unwrap() < committed {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 async fn count(pool: &PgPool, table: &str) -> i64 {
@@ -340,6 +350,7 @@ async fn a_rebuild_that_fails_leaves_the_live_models_as_they_were() {
     .execute(&db.pool)
     .await
     .unwrap();
+    visible(&db.pool).await;
     let err = projector.rebuild(Some("tasks")).await.unwrap_err();
     assert!(
         matches!(err, projections::ProjectionError::Undecodable { .. }),

@@ -24,15 +24,23 @@ use store::Store;
 use uuid::Uuid;
 
 /// Runs `unidesk ARGS --database-url URL`.
+///
+/// The tests run on a multi-threaded runtime and wait for the command in
+/// place, so that the test's own pools go on working meanwhile: a pooled
+/// connection is cleaned up (a dropped transaction rolled back) by a task
+/// of the runtime, and a transaction left open holds back every outbox
+/// reader on the server, the command's included.
 fn unidesk(url: &str, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_unidesk"))
-        .args(args)
-        .arg("--database-url")
-        .arg(url)
-        .env_remove("DATABASE_URL")
-        .env("RUST_LOG", "warn")
-        .output()
-        .unwrap()
+    tokio::task::block_in_place(|| {
+        Command::new(env!("CARGO_BIN_EXE_unidesk"))
+            .args(args)
+            .arg("--database-url")
+            .arg(url)
+            .env_remove("DATABASE_URL")
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap()
+    })
 }
 
 fn stdout(o: &Output) -> String {
@@ -376,7 +384,7 @@ async fn count(pool: &PgPool, sql: &str) -> i64 {
     sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_prints_every_event_with_its_summary_and_what_it_changed() {
     let (db, h) = with_history().await;
     let out = ok(&db.url, &["replay", "task", &h.retried.to_string()]);
@@ -476,7 +484,7 @@ async fn replay_prints_every_event_with_its_summary_and_what_it_changed() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_and_projects_are_found_by_name_and_users_by_theirs() {
     let (db, h) = with_history().await;
     let out = ok(&db.url, &["replay", "node", "gpu-3"]);
@@ -520,7 +528,7 @@ async fn nodes_and_projects_are_found_by_name_and_users_by_theirs() {
     assert!(out.contains("after #61 of 61"), "{out}");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_aggregates_and_bad_bounds_get_clear_errors() {
     let (db, h) = with_history().await;
     let missing = Uuid::new_v4();
@@ -587,7 +595,7 @@ async fn insert_event(
     .unwrap();
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_check_passes_a_sound_log_and_names_every_event_this_build_cannot_apply() {
     let (db, h) = with_history().await;
     let out = ok(&db.url, &["replay", "--check"]);
@@ -684,7 +692,7 @@ async fn replay_check_passes_a_sound_log_and_names_every_event_this_build_cannot
     assert!(stderr(&o).contains(&format!("task {} #7 (TaskStarted) cannot be applied by this build: its payload does not fit task events: unknown variant `Restarted`", h.done)), "{}", stderr(&o));
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_check_reports_a_snapshot_this_build_cannot_read() {
     let (db, h) = with_history().await;
     sqlx::query(
@@ -749,7 +757,7 @@ fn export(url: &str, file: &Path, extra: &[&str]) -> String {
     stderr(&o)
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_export_imported_into_an_empty_database_replays_to_the_same_states() {
     let (source, h) = with_history().await;
     let dir = tempfile::tempdir().unwrap();
@@ -826,7 +834,7 @@ fn without_position(line: &str) -> serde_json::Value {
     v
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_filtered_export_holds_only_its_aggregates() {
     let (db, h) = with_history().await;
     let dir = tempfile::tempdir().unwrap();
@@ -865,7 +873,7 @@ async fn a_filtered_export_holds_only_its_aggregates() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_export_after_a_position_continues_an_earlier_one() {
     let (source, h) = with_history().await;
     let dir = tempfile::tempdir().unwrap();
@@ -911,7 +919,7 @@ async fn an_export_after_a_position_continues_an_earlier_one() {
     assert!(err.contains("no event has outbox position 999999"), "{err}");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_damaged_export_is_refused_at_its_first_bad_line_and_nothing_is_imported() {
     let (source, _) = with_history().await;
     let dir = tempfile::tempdir().unwrap();
@@ -1046,7 +1054,7 @@ async fn a_damaged_export_is_refused_at_its_first_bad_line_and_nothing_is_import
     assert_eq!(count(&target.pool, "SELECT count(*) FROM events").await, 91);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_export_with_a_gap_in_an_aggregate_is_refused_even_with_a_valid_chain() {
     // A source whose log already has a gap (written by hand): the chain
     // is intact, the history is not.
@@ -1067,7 +1075,7 @@ async fn an_export_with_a_gap_in_an_aggregate_is_refused_even_with_a_valid_chain
     assert_eq!(count(&target.pool, "SELECT count(*) FROM events").await, 0);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_import_migrates_a_brand_new_database_first() {
     let (source, h) = with_history().await;
     let dir = tempfile::tempdir().unwrap();
@@ -1099,7 +1107,7 @@ async fn an_import_migrates_a_brand_new_database_first() {
     assert!(status.contains("timeline"), "{status}");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_export_goes_to_stdout_and_an_import_reads_stdin() {
     let (source, _) = with_history().await;
     let exported = unidesk(&source.url, &["events", "export"]);
@@ -1119,7 +1127,7 @@ async fn an_export_goes_to_stdout_and_an_import_reads_stdin() {
         let mut stdin = import.stdin.take().unwrap();
         stdin.write_all(&exported.stdout).unwrap();
     }
-    let out = import.wait_with_output().unwrap();
+    let out = tokio::task::block_in_place(|| import.wait_with_output().unwrap());
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stdout(&out).contains("imported 91 events of 9 aggregates"));
     assert_eq!(events(&target.pool).await, events(&source.pool).await);

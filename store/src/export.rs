@@ -39,6 +39,7 @@
 
 use std::collections::HashMap;
 use std::io::{self, BufRead, Write};
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -251,8 +252,9 @@ fn exported(row: &PgRow) -> Result<ExportedEvent, sqlx::Error> {
 }
 
 /// Writes the chosen events to `out` in the log's global order, as the
-/// log stands when the export starts: events committed later are left for
-/// the next export (`after` the returned last position).
+/// log stands when the export starts (waiting for transactions still open
+/// then to end): events committed later are left for the next export
+/// (`after` the returned last position).
 ///
 /// # Errors
 /// [`ExportError::UnknownPosition`] when `after` names no event, an I/O
@@ -268,7 +270,7 @@ pub async fn export(
             .ok_or(ExportError::UnknownPosition(p))?,
         None => Checkpoint::default(),
     };
-    let head = outbox::head(pool).await?;
+    let head = committed_head(pool).await?;
     let filter = Filter {
         aggregate_type: options.aggregate_type.clone(),
         aggregate_id: options.aggregate_id.clone(),
@@ -348,6 +350,34 @@ struct Line {
     /// Whether a `\n` ended it: every line of an export has one, so the
     /// last line without is where a copy was cut short.
     complete: bool,
+}
+
+/// The longest an export waits for transactions older than the newest
+/// committed event to end.
+const WAIT_FOR_OLDER: Duration = Duration::from_secs(30);
+
+/// Where the export ends: the newest event committed when it starts, once
+/// every older transaction has ended (so nothing can still appear before
+/// it in the log's order). Should one stay open longer than
+/// [`WAIT_FOR_OLDER`], the export ends where readers can see to.
+async fn committed_head(pool: &PgPool) -> Result<Checkpoint, sqlx::Error> {
+    let target = outbox::committed_head(pool).await?;
+    let deadline = tokio::time::Instant::now() + WAIT_FOR_OLDER;
+    loop {
+        let visible = outbox::head(pool).await?;
+        if visible >= target {
+            return Ok(target);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            tracing::warn!(
+                ?target,
+                ?visible,
+                "an old transaction is still open: exporting what readers can see"
+            );
+            return Ok(visible);
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 /// Reads one line of at most [`MAX_LINE`] bytes; `None` at the end of the
