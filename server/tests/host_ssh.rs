@@ -12,6 +12,8 @@
     reason = "a test fails loudly at the first surprise"
 )]
 
+mod common;
+
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -19,13 +21,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use common::{agent_binary, free_port};
 
 fn run(program: &str, args: &[&str]) -> String {
     let out = Command::new(program)
@@ -40,19 +36,6 @@ fn run(program: &str, args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).unwrap().trim().to_string()
-}
-
-/// The agent binary, built now: `cargo test -p unidesk` builds the
-/// server's binaries only, and an agent left from an older build would not
-/// know `--host-ssh`.
-fn agent_binary() -> PathBuf {
-    let server = PathBuf::from(env!("CARGO_BIN_EXE_unidesk"));
-    let status = Command::new(env!("CARGO"))
-        .args(["build", "-p", "node-agent", "--bin", "unidesk-agent"])
-        .status()
-        .unwrap();
-    assert!(status.success(), "building unidesk-agent failed");
-    server.with_file_name("unidesk-agent")
 }
 
 /// A real `sshd` on 127.0.0.1 that lets the current user in with one key;

@@ -10,8 +10,9 @@
     reason = "a test fails loudly at the first surprise"
 )]
 
+mod common;
+
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -27,6 +28,8 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use uuid::Uuid;
+
+use common::{agent_binary, base_image, repo, BASE};
 
 /// How long a test waits for something that should happen.
 const PATIENCE: Duration = Duration::from_secs(10);
@@ -753,66 +756,6 @@ async fn stopping_the_server_ends_open_streams() {
 }
 
 // ---------------------------------------------------------------- end to end
-
-/// The base image of the end-to-end task: busybox in an empty image,
-/// since nothing can be pulled here (the same one `agents.rs` builds).
-const BASE: &str = "unidesk-test-base:1";
-
-fn sh(dir: &Path, cmd: &str) -> String {
-    let out = Command::new("sh")
-        .arg("-c")
-        .arg(cmd)
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
-}
-
-fn base_image() {
-    let ok = Command::new("docker")
-        .args(["image", "inspect", BASE])
-        .output()
-        .unwrap();
-    if ok.status.success() {
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::copy("/bin/busybox", dir.path().join("busybox")).unwrap();
-    std::fs::write(
-        dir.path().join("Dockerfile"),
-        "FROM scratch\nCOPY busybox /bin/busybox\nRUN [\"/bin/busybox\", \"--install\", \"-s\", \"/bin\"]\nENV PATH=/bin\n",
-    )
-    .unwrap();
-    sh(dir.path(), &format!("docker build -q -t {BASE} ."));
-}
-
-fn repo(root: &Path, name: &str, files: &[(&str, &str)]) -> (String, String) {
-    let dir = root.join(name);
-    std::fs::create_dir_all(&dir).unwrap();
-    for (path, content) in files {
-        std::fs::write(dir.join(path), content).unwrap();
-    }
-    sh(&dir, "git init -q -b main && git add -A && git -c user.name=t -c user.email=t@t commit -q -m init");
-    let sha = sh(&dir, "git rev-parse HEAD");
-    (format!("file://{}", dir.display()), sha)
-}
-
-/// The `unidesk-agent` binary, built (or found up to date) first, so the
-/// test never runs an agent older than the code under test.
-fn agent_binary() -> PathBuf {
-    let server = PathBuf::from(env!("CARGO_BIN_EXE_unidesk"));
-    let status = Command::new(env!("CARGO"))
-        .args(["build", "-p", "node-agent", "--bin", "unidesk-agent"])
-        .status()
-        .unwrap();
-    assert!(status.success(), "building unidesk-agent failed");
-    server.with_file_name("unidesk-agent")
-}
 
 /// Kills the processes it holds when the test ends, however it ends.
 struct Processes(Vec<Child>);

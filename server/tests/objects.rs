@@ -9,7 +9,9 @@
     reason = "a test fails loudly at the first surprise"
 )]
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -17,72 +19,7 @@ use objects::embedded::{fresh_credentials, Embedded};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-/// The base image every test environment builds on: busybox in an empty
-/// image, since nothing can be pulled here.
-const BASE: &str = "unidesk-test-base:1";
-
-fn sh(dir: &Path, cmd: &str) -> String {
-    let out = Command::new("sh")
-        .arg("-c")
-        .arg(cmd)
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
-}
-
-fn base_image() {
-    let ok = Command::new("docker")
-        .args(["image", "inspect", BASE])
-        .output()
-        .unwrap();
-    if ok.status.success() {
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::copy("/bin/busybox", dir.path().join("busybox")).unwrap();
-    std::fs::write(
-        dir.path().join("Dockerfile"),
-        "FROM scratch\nCOPY busybox /bin/busybox\nRUN [\"/bin/busybox\", \"--install\", \"-s\", \"/bin\"]\nENV PATH=/bin\n",
-    )
-    .unwrap();
-    sh(dir.path(), &format!("docker build -q -t {BASE} ."));
-}
-
-fn repo(root: &Path, name: &str, files: &[(&str, &str)]) -> (String, String) {
-    let dir = root.join(name);
-    std::fs::create_dir_all(&dir).unwrap();
-    for (path, content) in files {
-        std::fs::write(dir.join(path), content).unwrap();
-    }
-    sh(&dir, "git init -q -b main && git add -A && git -c user.name=t -c user.email=t@t commit -q -m init");
-    let sha = sh(&dir, "git rev-parse HEAD");
-    (format!("file://{}", dir.display()), sha)
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// The `unidesk-agent` binary, built (or found up to date) first.
-fn agent_binary() -> PathBuf {
-    let server = PathBuf::from(env!("CARGO_BIN_EXE_unidesk"));
-    let status = Command::new(env!("CARGO"))
-        .args(["build", "-p", "node-agent", "--bin", "unidesk-agent"])
-        .status()
-        .unwrap();
-    assert!(status.success(), "building unidesk-agent failed");
-    server.with_file_name("unidesk-agent")
-}
+use common::{agent_binary, base_image, free_port, repo, BASE};
 
 fn sha(data: &[u8]) -> String {
     hex::encode(Sha256::digest(data))
