@@ -8,6 +8,7 @@
 //!
 //! The agent links `protocol` and nothing else of the project.
 
+pub mod beneath;
 pub mod connection;
 pub mod docker;
 pub mod executor;
