@@ -378,6 +378,21 @@ impl Drop for NewFile {
     }
 }
 
+/// Runs `work` on the blocking pool, where everything here belongs.
+///
+/// # Errors
+/// What `work` returned, or that the pool stopped it.
+pub async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, PathError> + Send + 'static,
+) -> Result<T, PathError> {
+    tokio::task::spawn_blocking(work).await.unwrap_or_else(|e| {
+        Err(PathError::Io {
+            path: String::new(),
+            source: io::Error::other(e),
+        })
+    })
+}
+
 /// `rel` as a path of plain components: not empty, not absolute, no `.`
 /// or `..`. The server checks this already; the agent does not rely on it.
 fn plain(rel: &str) -> Result<&Path, PathError> {

@@ -16,9 +16,11 @@ use bollard::query_parameters::{
     LogsOptionsBuilder, RemoveContainerOptionsBuilder, StopContainerOptionsBuilder,
 };
 use bollard::Docker;
+use cap_std::fs::Dir;
 use futures::{Stream, StreamExt};
 use sha2::{Digest, Sha256};
 
+use crate::beneath::Root;
 use crate::keyed_lock::KeyedLocks;
 
 /// The repository part of every env image tag.
@@ -160,8 +162,9 @@ impl Images {
         self.builds.load(Ordering::Relaxed)
     }
 
-    /// Makes sure `tag` exists, building it from `context` (a directory) with
-    /// `dockerfile` (relative to it) when it does not.
+    /// Makes sure `tag` exists, building it from `context` (a directory,
+    /// packed by [`pack_context`]) with `dockerfile` (relative to it) when it
+    /// does not.
     ///
     /// # Errors
     /// [`DockerError::Build`] with the end of the build output when the build
@@ -171,7 +174,7 @@ impl Images {
     pub async fn ensure(
         &self,
         tag: &str,
-        context: &Path,
+        context: &Root,
         dockerfile: &str,
     ) -> Result<ImageSource, DockerError> {
         let _one_build_per_tag = self.locks.lock(tag).await;
@@ -180,7 +183,7 @@ impl Images {
         }
         self.builds.fetch_add(1, Ordering::Relaxed);
         tracing::info!("building image");
-        let dir = context.to_owned();
+        let dir = context.dir().try_clone().map_err(DockerError::Context)?;
         let tar = tokio::task::spawn_blocking(move || pack_context(&dir))
             .await
             .map_err(|e| DockerError::Context(std::io::Error::other(e)))?
@@ -265,25 +268,82 @@ fn strip_ansi(line: &str) -> String {
     out
 }
 
-/// Packs `dir` as an uncompressed tar, leaving out `.git` and storing
-/// symlinks as links, so nothing outside the directory gets in.
-fn pack_context(dir: &Path) -> std::io::Result<Vec<u8>> {
+/// Packs the directory `dir` as an uncompressed tar, leaving out `.git`:
+/// the build context, which is all the Docker daemon can see of the node.
+///
+/// The walk goes by directory handles and never follows a link: links are
+/// stored as links (Docker resolves them inside the context, never on the
+/// node), directories are opened with `O_NOFOLLOW`, files are read from the
+/// handle whose type was checked. Anything else (a FIFO, a device) is left
+/// out.
+fn pack_context(dir: &Dir) -> std::io::Result<Vec<u8>> {
     let mut builder = tar::Builder::new(Vec::new());
     builder.follow_symlinks(false);
-    for entry in std::fs::read_dir(dir)? {
-        let entry = entry?;
-        let name = entry.file_name();
-        if name == ".git" {
+    pack_dir(&mut builder, dir, Path::new(""), 0)?;
+    builder.into_inner()
+}
+
+/// How deep a build context may nest.
+const MAX_CONTEXT_DEPTH: usize = 256;
+
+fn pack_dir(
+    builder: &mut tar::Builder<Vec<u8>>,
+    dir: &Dir,
+    at: &Path,
+    depth: usize,
+) -> std::io::Result<()> {
+    use cap_fs_ext::{DirExt, FollowSymlinks, OpenOptionsFollowExt, OpenOptionsSyncExt};
+    if depth > MAX_CONTEXT_DEPTH {
+        return Err(std::io::Error::other(format!(
+            "{} is nested more than {MAX_CONTEXT_DEPTH} directories deep",
+            at.display()
+        )));
+    }
+    let mut entries = dir
+        .entries()?
+        .map(|e| e.map(|e| e.file_name()))
+        .collect::<std::io::Result<Vec<_>>>()?;
+    entries.sort();
+    for name in entries {
+        if depth == 0 && name == ".git" {
             continue;
         }
-        let path = entry.path();
-        if entry.file_type()?.is_dir() {
-            builder.append_dir_all(&name, &path)?;
-        } else {
-            builder.append_path_with_name(&path, &name)?;
+        let path = at.join(&name);
+        let meta = dir.symlink_metadata(&name)?;
+        // Only the permission bits are kept, and a fixed time and owner,
+        // so the same commit gives the same context (and Docker's cache
+        // its hits) on every checkout.
+        let mut header = tar::Header::new_gnu();
+        header.set_mode(cap_std::fs::PermissionsExt::mode(&meta.permissions()) & 0o7777);
+        header.set_mtime(0);
+        header.set_uid(0);
+        header.set_gid(0);
+        let kind = meta.file_type();
+        if kind.is_symlink() {
+            let target = dir.read_link_contents(&name)?;
+            header.set_entry_type(tar::EntryType::Symlink);
+            header.set_size(0);
+            builder.append_link(&mut header, &path, &target)?;
+        } else if kind.is_dir() {
+            let sub = dir.open_dir_nofollow(&name)?;
+            header.set_entry_type(tar::EntryType::Directory);
+            header.set_size(0);
+            builder.append_data(&mut header, &path, std::io::empty())?;
+            pack_dir(builder, &sub, &path, depth + 1)?;
+        } else if kind.is_file() {
+            let mut options = cap_std::fs::OpenOptions::new();
+            options.read(true).follow(FollowSymlinks::No).nonblock(true);
+            let file = dir.open_with(&name, &options)?;
+            let opened = file.metadata()?;
+            if !opened.is_file() {
+                continue;
+            }
+            header.set_entry_type(tar::EntryType::Regular);
+            header.set_size(opened.len());
+            builder.append_data(&mut header, &path, std::io::Read::take(file, opened.len()))?;
         }
     }
-    builder.into_inner()
+    Ok(())
 }
 
 /// Whether an image with this tag exists.

@@ -10,6 +10,13 @@
 //!
 //! Afterwards the container and the attempt's workspace are removed; the git
 //! mirror and the image stay cached.
+//!
+//! Every file of an attempt is reached through [`Root`] handles
+//! ([`crate::beneath`]): the attempt's directory `<work dir>/tasks/<task>-<n>`
+//! holds the code checkout the container sees (`code/`, also where inputs
+//! land and outputs are read), the env checkout (`env/`, the build context)
+//! and the agent's own note of the outputs. A repository or a task that puts
+//! links anywhere in there cannot make the agent read or write outside.
 
 use std::collections::HashMap;
 use std::path::{Component, Path, PathBuf};
@@ -22,6 +29,7 @@ use protocol::{Cache, ReportedState, RunTask};
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::beneath::{blocking, PathError, Root};
 use crate::docker::{self, ContainerSpec, DockerError, Exit, ImageSource, Images};
 use crate::git::{GitCache, GitError};
 use crate::logs::{Chunk, LogChunker};
@@ -177,6 +185,8 @@ pub struct Context {
     git: GitCache,
     images: Images,
     work_dir: PathBuf,
+    /// `<work dir>/tasks`, where each attempt gets a directory.
+    tasks: Root,
     agent_label: String,
     timeout_grace: Duration,
     /// Set when a commit was fetched or an image built since the server
@@ -195,8 +205,12 @@ impl Context {
     pub fn new(docker: Docker, work_dir: &Path) -> std::io::Result<Self> {
         std::fs::create_dir_all(work_dir)?;
         let work_dir = work_dir.canonicalize()?;
+        let tasks = Root::open(&work_dir, "the work directory")?
+            .create_dir("tasks", "the attempts' directory")
+            .map_err(std::io::Error::other)?;
         let digest = Sha256::digest(work_dir.to_string_lossy().as_bytes());
         Ok(Context {
+            tasks,
             git: GitCache::new(work_dir.join("git")),
             images: Images::new(docker.clone()),
             agent_label: hex::encode(digest)[..16].to_owned(),
@@ -279,12 +293,21 @@ impl Context {
             }
         }
     }
+}
 
-    fn workspace(&self, task_id: uuid::Uuid, attempt: u32) -> PathBuf {
-        self.work_dir
-            .join("tasks")
-            .join(format!("{task_id}-{attempt}"))
-    }
+/// The name of an attempt's directory under `<work dir>/tasks`.
+fn attempt_dir(task_id: uuid::Uuid, attempt: u32) -> String {
+    format!("{task_id}-{attempt}")
+}
+
+/// An attempt's directories, held open.
+#[derive(Debug)]
+struct Workspace {
+    /// `<work dir>/tasks/<task>-<attempt>`: the agent's notes.
+    dir: Root,
+    /// `code/` in it: the code checkout, where inputs land and outputs are
+    /// read; the container's `/workspace`.
+    code: Root,
 }
 
 /// Why an attempt failed before its command could run.
@@ -303,11 +326,8 @@ enum PrepareError {
     DockerfileEscapes(String),
     #[error(transparent)]
     Docker(#[from] DockerError),
-    #[error("preparing the workspace {path} failed: {source}")]
-    Workspace {
-        path: String,
-        source: std::io::Error,
-    },
+    #[error("preparing the workspace failed: {0}")]
+    Workspace(#[source] PathError),
 }
 
 /// How an attempt ended.
@@ -396,9 +416,8 @@ pub async fn run(
         tx: reports,
     };
     out.status(ReportedState::Accepted, |_| {}).await;
-    let workspace = ctx.workspace(spec.task_id, spec.attempt);
-    let ending = attempt(&spec, &ctx, &out, &mut cancel, &workspace).await;
-    remove_workspace(&workspace).await;
+    let ending = attempt(&spec, &ctx, &out, &mut cancel).await;
+    remove_workspace(&ctx, spec.task_id, spec.attempt).await;
     tracing::info!(state = ?ending.state, message = ending.message.as_deref(), "attempt ended");
     out.status(ending.state, |s| {
         s.exit_code = ending.exit_code;
@@ -412,21 +431,20 @@ async fn attempt(
     ctx: &Context,
     out: &Reporter,
     cancel: &mut CancelSignal,
-    workspace: &Path,
 ) -> Ending {
-    let image = tokio::select! {
-        prepared = prepare(spec, ctx, out, workspace) => match prepared {
-            Ok(image) => image,
+    let (workspace, image) = tokio::select! {
+        prepared = prepare(spec, ctx, out) => match prepared {
+            Ok(prepared) => prepared,
             Err(e) => return Ending::failed(explain(&e, &ctx.work_dir)),
         },
         _ = cancel.cancelled() => {
             return Ending::plain(ReportedState::Cancelled, Some("cancelled while preparing".into()));
         }
     };
-    let code = workspace.join("code");
+    let code = &workspace.code;
     if !spec.inputs.is_empty() {
         tokio::select! {
-            fetched = download_inputs(spec, ctx, out, &code) => {
+            fetched = download_inputs(spec, ctx, out, code) => {
                 if let Err(e) = fetched {
                     return Ending::failed(e);
                 }
@@ -437,21 +455,51 @@ async fn attempt(
         }
     }
     if !spec.outputs.is_empty() {
-        if let Ok(json) = serde_json::to_vec(&spec.outputs) {
-            if let Err(e) = tokio::fs::write(workspace.join(OUTPUTS_FILE), json).await {
-                tracing::warn!(error = %e, "could not note the outputs for a later adoption");
-            }
-        }
+        note_outputs(&workspace.dir, &spec.outputs).await;
     }
-    let ending = run_container(spec, ctx, out, cancel, &code, &image).await;
+    let ending = run_container(spec, ctx, out, cancel, code.path(), &image).await;
     upload_outputs(
         ctx,
         (spec.task_id, spec.attempt),
         &spec.outputs,
-        &code,
+        Ok(code),
         ending,
     )
     .await
+}
+
+/// Writes the outputs into the attempt's directory (beside the workspace
+/// the container sees), so an agent that adopts the container after a
+/// restart still uploads them.
+async fn note_outputs(dir: &Root, outputs: &[protocol::TaskOutput]) {
+    let Ok(json) = serde_json::to_vec(outputs) else {
+        return;
+    };
+    let written = match dir.try_clone() {
+        Ok(dir) => blocking(move || dir.write(OUTPUTS_FILE, &json)).await,
+        Err(e) => Err(PathError::Io {
+            path: OUTPUTS_FILE.into(),
+            source: e,
+        }),
+    };
+    if let Err(e) = written {
+        tracing::warn!(error = %e, "could not note the outputs for a later adoption");
+    }
+}
+
+/// The outputs noted by [`note_outputs`]; none when there is no note.
+async fn noted_outputs(dir: &Root) -> Vec<protocol::TaskOutput> {
+    let Ok(dir) = dir.try_clone() else {
+        return Vec::new();
+    };
+    match blocking(move || dir.read_small(OUTPUTS_FILE)).await {
+        Ok(json) => serde_json::from_slice(&json).unwrap_or_default(),
+        Err(PathError::Missing { .. }) => Vec::new(),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not read the noted outputs");
+            Vec::new()
+        }
+    }
 }
 
 /// Downloads every input into the workspace, reporting the stage.
@@ -459,7 +507,7 @@ async fn download_inputs(
     spec: &RunTask,
     ctx: &Context,
     out: &Reporter,
-    code: &Path,
+    code: &Root,
 ) -> Result<(), String> {
     out.stage(STAGE_INPUTS).await;
     let started = std::time::Instant::now();
@@ -479,17 +527,25 @@ async fn download_inputs(
 
 /// Uploads every output once the container ended (also when it failed or
 /// timed out; not after a cancel). Outputs that fail do not stop the others;
-/// they fail the attempt, saying which and why.
+/// they fail the attempt, saying which and why. `code` is the workspace, or
+/// why it could not be opened.
 async fn upload_outputs(
     ctx: &Context,
     (task_id, attempt): (uuid::Uuid, u32),
     outputs: &[protocol::TaskOutput],
-    code: &Path,
+    code: Result<&Root, PathError>,
     ending: Ending,
 ) -> Ending {
     if outputs.is_empty() || ending.state == ReportedState::Cancelled {
         return ending;
     }
+    let code = match code {
+        Ok(code) => code,
+        Err(e) => {
+            let what = format!("no output could be uploaded: {e}");
+            return with_failures(ending, what);
+        }
+    };
     let mut failures = Vec::new();
     for output in outputs {
         match ctx.files.upload(task_id, attempt, output, code).await {
@@ -505,7 +561,12 @@ async fn upload_outputs(
     if failures.is_empty() {
         return ending;
     }
-    let what = failures.join("; ");
+    with_failures(ending, failures.join("; "))
+}
+
+/// `ending`, failed (or with its reason extended) by what went wrong with
+/// the outputs.
+fn with_failures(ending: Ending, what: String) -> Ending {
     match ending.state {
         ReportedState::Succeeded => Ending::failed(format!("the command succeeded, but {what}")),
         _ => Ending {
@@ -518,21 +579,21 @@ async fn upload_outputs(
     }
 }
 
-/// Fetches code and env and finds or builds the image; returns its tag.
+/// Makes the attempt's directory, fetches code and env into it and finds
+/// or builds the image; returns the directory and the image's tag.
 async fn prepare(
     spec: &RunTask,
     ctx: &Context,
     out: &Reporter,
-    workspace: &Path,
-) -> Result<String, PrepareError> {
-    let dockerfile = checked_dockerfile_path(&spec.dockerfile_path)?;
-    fresh_dir(workspace).await?;
-    let (code, env) = (workspace.join("code"), workspace.join("env"));
+) -> Result<(Workspace, String), PrepareError> {
+    checked_dockerfile_path(&spec.dockerfile_path)?;
+    let (workspace, env) = fresh_workspace(ctx, spec.task_id, spec.attempt).await?;
+    let code = &workspace.code;
 
     out.stage(STAGE_CODE).await;
     let fetched = ctx
         .git
-        .checkout(&spec.code_repo_url, &spec.code_commit_id, &code)
+        .checkout(&spec.code_repo_url, &spec.code_commit_id, code)
         .await
         .map_err(|source| PrepareError::Git {
             role: "code",
@@ -564,17 +625,7 @@ async fn prepare(
         format!("commit {}: {fetched}", short(&spec.env_commit_id)),
     )
     .await;
-    if !env.join(&dockerfile).is_file() {
-        return Err(PrepareError::DockerfileMissing {
-            path: spec.dockerfile_path.clone(),
-            commit: spec.env_commit_id.clone(),
-        });
-    }
-    if !stays_inside(&env, &dockerfile) {
-        return Err(PrepareError::DockerfileEscapes(
-            spec.dockerfile_path.clone(),
-        ));
-    }
+    check_dockerfile(spec, &env).await?;
 
     out.stage(STAGE_IMAGE).await;
     let tag = docker::image_tag(
@@ -593,7 +644,57 @@ async fn prepare(
         }
     };
     out.stage_done(STAGE_IMAGE_READY, detail).await;
-    Ok(tag)
+    Ok((workspace, tag))
+}
+
+/// An empty directory for the attempt, with `code/` and `env/` in it;
+/// returns the workspace and the env checkout's directory.
+async fn fresh_workspace(
+    ctx: &Context,
+    task_id: uuid::Uuid,
+    attempt: u32,
+) -> Result<(Workspace, Root), PrepareError> {
+    let tasks = ctx.tasks.try_clone().map_err(|source| {
+        PrepareError::Workspace(PathError::Io {
+            path: ctx.tasks.path().display().to_string(),
+            source,
+        })
+    })?;
+    let name = attempt_dir(task_id, attempt);
+    blocking(move || {
+        let dir = tasks.fresh_dir(&name, "the attempt's directory")?;
+        let code = dir.create_dir("code", "the workspace")?;
+        let env = dir.create_dir("env", "the env repository")?;
+        Ok((Workspace { dir, code }, env))
+    })
+    .await
+    .map_err(PrepareError::Workspace)
+}
+
+/// Checks that the Dockerfile is a regular file inside the env checkout,
+/// opened as Docker will find it: through links that stay inside, never
+/// one that leads out.
+async fn check_dockerfile(spec: &RunTask, env: &Root) -> Result<(), PrepareError> {
+    let env = env.try_clone().map_err(|source| {
+        PrepareError::Workspace(PathError::Io {
+            path: String::new(),
+            source,
+        })
+    })?;
+    let path = spec.dockerfile_path.clone();
+    match blocking(move || env.open_file(&path).map(drop)).await {
+        Ok(()) => Ok(()),
+        Err(PathError::Escapes { .. }) => Err(PrepareError::DockerfileEscapes(
+            spec.dockerfile_path.clone(),
+        )),
+        Err(PathError::Missing { .. } | PathError::NotAFile(_)) => {
+            Err(PrepareError::DockerfileMissing {
+                path: spec.dockerfile_path.clone(),
+                commit: spec.env_commit_id.clone(),
+            })
+        }
+        Err(e) => Err(PrepareError::Workspace(e)),
+    }
 }
 
 /// The first 12 digits of a commit id.
@@ -601,22 +702,13 @@ fn short(commit: &str) -> &str {
     commit.get(..12).unwrap_or(commit)
 }
 
-/// Whether `path` under `root`, with every symbolic link followed, is still
-/// inside `root`: a repository may hold links to anywhere on the node.
-fn stays_inside(root: &Path, path: &Path) -> bool {
-    match (root.canonicalize(), root.join(path).canonicalize()) {
-        (Ok(root), Ok(target)) => target.starts_with(root),
-        _ => false,
-    }
-}
-
 /// A preparation failure in words a person can act on; a full disk under
 /// the work directory says so, whichever step hit it.
 fn explain(e: &PrepareError, work_dir: &Path) -> String {
     let text = e.to_string();
     let full = text.contains("No space left on device")
-        || matches!(e, PrepareError::Workspace { source, .. }
-            if source.kind() == std::io::ErrorKind::StorageFull);
+        || matches!(e, PrepareError::Workspace(p)
+            if p.io().is_some_and(|io| io.kind() == std::io::ErrorKind::StorageFull));
     if full {
         format!(
             "the node's disk is full: no space left under its work directory {} ({text}); \
@@ -641,36 +733,19 @@ fn checked_dockerfile_path(path: &str) -> Result<PathBuf, PrepareError> {
     }
 }
 
-/// Empties (or creates) the attempt's workspace.
-async fn fresh_dir(dir: &Path) -> Result<(), PrepareError> {
-    let d = dir.to_owned();
-    let result = tokio::task::spawn_blocking(move || {
-        if d.exists() {
-            std::fs::remove_dir_all(&d)?;
+/// Removes the attempt's directory with everything in it; links in it are
+/// removed, never followed.
+async fn remove_workspace(ctx: &Context, task_id: uuid::Uuid, attempt: u32) {
+    let tasks = match ctx.tasks.try_clone() {
+        Ok(tasks) => tasks,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not remove the workspace");
+            return;
         }
-        std::fs::create_dir_all(&d)
-    })
-    .await
-    .unwrap_or_else(|e| Err(std::io::Error::other(e)));
-    result.map_err(|source| PrepareError::Workspace {
-        path: dir.display().to_string(),
-        source,
-    })
-}
-
-async fn remove_workspace(dir: &Path) {
-    let d = dir.to_owned();
-    let result = tokio::task::spawn_blocking(move || match std::fs::remove_dir_all(&d) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        other => other,
-    })
-    .await;
-    match result {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => {
-            tracing::warn!(dir = %dir.display(), error = %e, "could not remove the workspace")
-        }
-        Err(e) => tracing::warn!(error = %e, "workspace removal stopped"),
+    };
+    let name = attempt_dir(task_id, attempt);
+    if let Err(e) = blocking(move || tasks.remove(&name)).await {
+        tracing::warn!(error = %e, "could not remove the workspace");
     }
 }
 
@@ -745,7 +820,7 @@ pub async fn discard(found: &docker::Leftover, ctx: &Context) {
     if let Err(e) = docker::remove_container(&ctx.docker, &found.id).await {
         tracing::warn!(container = %found.id, error = %e, "could not remove the container");
     }
-    remove_workspace(&ctx.workspace(found.task_id, found.attempt)).await;
+    remove_workspace(ctx, found.task_id, found.attempt).await;
 }
 
 /// What a started container is held to.
@@ -832,21 +907,58 @@ pub async fn adopt(
     if let Err(e) = docker::remove_container(&ctx.docker, &found.id).await {
         tracing::warn!(error = %e, "could not remove the container");
     }
-    let workspace = ctx.workspace(found.task_id, found.attempt);
-    let outputs: Vec<protocol::TaskOutput> =
-        match tokio::fs::read(workspace.join(OUTPUTS_FILE)).await {
-            Ok(json) => serde_json::from_slice(&json).unwrap_or_default(),
-            Err(_) => Vec::new(),
-        };
-    let key = (found.task_id, found.attempt);
-    let ending = upload_outputs(&ctx, key, &outputs, &workspace.join("code"), ending).await;
-    remove_workspace(&workspace).await;
+    let ending = upload_adopted_outputs(&ctx, &found, ending).await;
+    remove_workspace(&ctx, found.task_id, found.attempt).await;
     tracing::info!(state = ?ending.state, message = ending.message.as_deref(), "adopted attempt ended");
     out.status(ending.state, |s| {
         s.exit_code = ending.exit_code;
         s.message = ending.message;
     })
     .await;
+}
+
+/// Uploads the outputs an adopted attempt noted before the restart.
+async fn upload_adopted_outputs(ctx: &Context, found: &docker::Leftover, ending: Ending) -> Ending {
+    let name = attempt_dir(found.task_id, found.attempt);
+    let workspace = match ctx.tasks.try_clone() {
+        Ok(tasks) => {
+            blocking(move || {
+                let dir = tasks.sub_dir(&name, "the attempt's directory")?;
+                let code = dir.sub_dir("code", "the workspace");
+                Ok((dir, code))
+            })
+            .await
+        }
+        Err(source) => Err(PathError::Io {
+            path: String::new(),
+            source,
+        }),
+    };
+    let (dir, code) = match workspace {
+        Ok(found) => found,
+        Err(e) => {
+            tracing::warn!(error = %e, "the adopted attempt's directory is gone; no outputs");
+            return ending;
+        }
+    };
+    let outputs = noted_outputs(&dir).await;
+    let key = (found.task_id, found.attempt);
+    upload_outputs(
+        ctx,
+        key,
+        &outputs,
+        code.as_ref().map_err(clone_error),
+        ending,
+    )
+    .await
+}
+
+/// A copy of a path error, to report it once more.
+fn clone_error(e: &PathError) -> PathError {
+    PathError::Io {
+        path: String::new(),
+        source: std::io::Error::other(e.to_string()),
+    }
 }
 
 fn ended(exit: Result<Exit, DockerError>, memory_mb: u64) -> Ending {

@@ -13,13 +13,21 @@
 //! Fetches into one mirror take turns (a per-mirror lock held by the
 //! blocking fetch itself); checkouts only read the mirror and run in
 //! parallel. libgit2 is blocking, so all of it runs on Tokio's blocking pool.
+//!
+//! A repository's content is untrusted: its tree may hold links to anywhere
+//! on the node, names such as `..` or `.git`, or one name twice. The files
+//! are therefore written by [`export_commit`] through directory handles,
+//! never by a checkout that resolves paths, and links are written as links
+//! and never followed.
 
 use std::path::{Path, PathBuf};
 
-use git2::build::CheckoutBuilder;
+use cap_fs_ext::{DirExt, FollowSymlinks, OpenOptionsFollowExt};
+use cap_std::fs::Dir;
 use git2::{AutotagOption, FetchOptions, Oid, Repository};
 use sha2::{Digest, Sha256};
 
+use crate::beneath::Root;
 use crate::keyed_lock::KeyedLocks;
 
 /// Why a commit could not be checked out. The messages read well after a
@@ -45,6 +53,11 @@ pub enum GitError {
         /// The repository, with any credentials removed.
         url: String,
     },
+    /// The commit's tree holds something no checkout may write: a name
+    /// such as `..`, `.git` or one with a slash, the same name twice, or a
+    /// depth past any real project's.
+    #[error("the commit cannot be checked out: {0}")]
+    BadTree(String),
     /// The local mirror or the checkout could not be written.
     #[error("checkout failed: {0}")]
     Local(String),
@@ -120,20 +133,22 @@ impl GitCache {
     }
 
     /// Makes sure `commit` of `url` is in the cache, then writes its files
-    /// into `dest` (created if missing; no `.git` is written there). Says
-    /// whether the commit came from the cache or how much was fetched.
+    /// into `dest`, an empty directory (no `.git` is written there); see
+    /// [`export_commit`]. Says whether the commit came from the cache or how
+    /// much was fetched.
     ///
     /// # Errors
     /// [`GitError::BadCommitId`] for an id that is not 40 hex digits,
     /// [`GitError::Fetch`] when the repository cannot be reached,
-    /// [`GitError::CommitNotFound`] when it does not hold the commit, and
+    /// [`GitError::CommitNotFound`] when it does not hold the commit,
+    /// [`GitError::BadTree`] for a tree no checkout may write, and
     /// [`GitError::Local`] when the mirror or `dest` cannot be written.
     #[tracing::instrument(skip_all, fields(url = %redact_url(url), commit))]
     pub async fn checkout(
         &self,
         url: &str,
         commit: &str,
-        dest: &Path,
+        dest: &Root,
     ) -> Result<Fetched, GitError> {
         let oid = parse_commit_id(commit)?;
         let mirror = self.mirror_path(url);
@@ -154,7 +169,10 @@ impl GitCache {
             })
             .await?
         };
-        let dest = dest.to_owned();
+        let dest = dest
+            .dir()
+            .try_clone()
+            .map_err(|e| local("opening the checkout directory", e))?;
         run_blocking(move || export_commit(&mirror, oid, &dest)).await?;
         Ok(fetched)
     }
@@ -311,18 +329,133 @@ fn fetch_options() -> FetchOptions<'static> {
     options
 }
 
-/// Writes the files of `oid` into `dest`, without a `.git`.
-fn export_commit(mirror: &Path, oid: Oid, dest: &Path) -> Result<(), GitError> {
+/// How deep a tree may nest: far past any real project, and it bounds the
+/// directory handles a checkout holds open at once.
+const MAX_TREE_DEPTH: usize = 256;
+
+/// Writes the files of `oid` into `dest`, an empty directory, without a
+/// `.git`.
+///
+/// The tree is written by the agent itself rather than by libgit2's
+/// checkout, so that every file, directory and link is created relative to
+/// a handle on its directory: a directory is created and then opened with
+/// `O_NOFOLLOW`, a file with `O_CREAT | O_EXCL`, a link with `symlinkat`.
+/// A tree that names an entry twice (a link `a` and a directory `a/`, the
+/// classic way to write through a link) fails at the second entry instead
+/// of following the first, as do names no checkout may hold. Links are
+/// written as links, with their target as committed; nothing here ever
+/// follows one. Content is written as committed: no filters or line-ending
+/// conversions.
+fn export_commit(mirror: &Path, oid: Oid, dest: &Dir) -> Result<(), GitError> {
     let repo = Repository::open_bare(mirror).map_err(|e| local("opening the mirror", e))?;
     let commit = repo
         .find_commit(oid)
         .map_err(|e| local("reading the commit", e))?;
     let tree = commit.tree().map_err(|e| local("reading the tree", e))?;
-    std::fs::create_dir_all(dest).map_err(|e| local("creating the workspace", e))?;
-    let mut checkout = CheckoutBuilder::new();
-    checkout.target_dir(dest).force().update_index(false);
-    repo.checkout_tree(tree.as_object(), Some(&mut checkout))
-        .map_err(|e| local("writing the files", e))
+    export_tree(&repo, &tree, dest, "", 0)
+}
+
+fn export_tree(
+    repo: &Repository,
+    tree: &git2::Tree<'_>,
+    dir: &Dir,
+    at: &str,
+    depth: usize,
+) -> Result<(), GitError> {
+    if depth > MAX_TREE_DEPTH {
+        return Err(GitError::BadTree(format!(
+            "{at} is nested more than {MAX_TREE_DEPTH} directories deep"
+        )));
+    }
+    for entry in tree.iter() {
+        let raw = entry.name_bytes();
+        let shown = format!("{at}{}", String::from_utf8_lossy(raw));
+        let name = entry_name(raw)
+            .ok_or_else(|| GitError::BadTree(format!("its tree holds an entry named {shown:?}")))?;
+        let written = match entry.filemode() {
+            0o040000 => {
+                let sub = repo
+                    .find_tree(entry.id())
+                    .map_err(|e| local(&format!("reading {shown}"), e))?;
+                dir.create_dir(name)
+                    .and_then(|()| dir.open_dir_nofollow(name))
+                    .map_err(|e| write_error(&shown, e))
+                    .and_then(|d| export_tree(repo, &sub, &d, &format!("{shown}/"), depth + 1))
+            }
+            mode @ (0o100644 | 0o100755 | 0o100664) => {
+                let blob = repo
+                    .find_blob(entry.id())
+                    .map_err(|e| local(&format!("reading {shown}"), e))?;
+                let executable = mode == 0o100755;
+                write_file(dir, name, blob.content(), executable)
+                    .map_err(|e| write_error(&shown, e))
+            }
+            0o120000 => {
+                let blob = repo
+                    .find_blob(entry.id())
+                    .map_err(|e| local(&format!("reading {shown}"), e))?;
+                let target = link_target(blob.content()).ok_or_else(|| {
+                    GitError::BadTree(format!("{shown} is a link with an unusable target"))
+                })?;
+                dir.symlink_contents(target, name)
+                    .map_err(|e| write_error(&shown, e))
+            }
+            // A submodule: like git, an empty directory.
+            0o160000 => dir.create_dir(name).map_err(|e| write_error(&shown, e)),
+            mode => Err(GitError::BadTree(format!(
+                "{shown} has the unknown file mode {mode:o}"
+            ))),
+        };
+        written?;
+    }
+    Ok(())
+}
+
+/// A tree entry's name as a file name, if a checkout may write it: not
+/// empty, `.` or `..`, no slash or NUL, and not `.git` in any case.
+fn entry_name(raw: &[u8]) -> Option<&std::ffi::OsStr> {
+    use std::os::unix::ffi::OsStrExt;
+    let bad = raw.is_empty()
+        || raw == b"."
+        || raw == b".."
+        || raw.contains(&b'/')
+        || raw.contains(&0)
+        || raw.eq_ignore_ascii_case(b".git");
+    (!bad).then(|| std::ffi::OsStr::from_bytes(raw))
+}
+
+/// A link's committed target, if it is one a link can hold.
+fn link_target(raw: &[u8]) -> Option<&Path> {
+    use std::os::unix::ffi::OsStrExt;
+    let usable = !raw.is_empty() && !raw.contains(&0) && raw.len() < 4096;
+    usable.then(|| Path::new(std::ffi::OsStr::from_bytes(raw)))
+}
+
+fn write_file(
+    dir: &Dir,
+    name: &std::ffi::OsStr,
+    content: &[u8],
+    executable: bool,
+) -> std::io::Result<()> {
+    use cap_std::fs::OpenOptionsExt;
+    use std::io::Write;
+    let mut options = cap_std::fs::OpenOptions::new();
+    options
+        .write(true)
+        .create_new(true)
+        .follow(FollowSymlinks::No)
+        .mode(if executable { 0o755 } else { 0o644 });
+    dir.open_with(name, &options)?.write_all(content)
+}
+
+fn write_error(shown: &str, e: std::io::Error) -> GitError {
+    if e.kind() == std::io::ErrorKind::AlreadyExists {
+        GitError::BadTree(format!(
+            "its tree holds {shown} twice (as a link or file and again, which would write through it)"
+        ))
+    } else {
+        local(&format!("writing {shown}"), e)
+    }
 }
 
 /// Every `refs/cache/<sha>` of every mirror under `root`, up to `limit`.

@@ -11,6 +11,11 @@
 //!   renamed into place only once its size and SHA-256 match what the
 //!   server said; a broken connection resumes from the bytes already
 //!   written (a `Range` request on a fresh URL);
+//! - every file is reached through a [`Root`] handle on the workspace
+//!   ([`crate::beneath`]): a destination, its directories or its temporary
+//!   file, and an output, are never reached through a link out of the
+//!   workspace, and an output is read from the very handle whose type was
+//!   checked;
 //! - an upload is hashed first (the whole file and each part), then sent in
 //!   one PUT up to the part size, or in parts; each body carries its SHA-256
 //!   in a signed header, so the store refuses a corrupted part, and a failed
@@ -18,16 +23,17 @@
 //!   stored size and SHA-256 and records the output.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use protocol::{AgentMessage, TaskInput, TaskOutput, TransferGrant, TransferOp, TransferRequest};
 use sha2::{Digest, Sha256};
-use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+use tokio::io::{AsyncSeekExt, AsyncWriteExt};
 use tokio::sync::{oneshot, Notify};
 use uuid::Uuid;
+
+use crate::beneath::{blocking, Root};
 
 /// The default part size of multipart uploads.
 pub const PART_BYTES: u64 = 64 * 1024 * 1024;
@@ -198,31 +204,23 @@ impl Files {
         task_id: Uuid,
         attempt: u32,
         input: &TaskInput,
-        root: &Path,
+        root: &Root,
     ) -> Result<Moved, TransferError> {
         let name = &input.name;
-        let dest = inside(root, &input.name)
+        let root = root.try_clone().map_err(|e| format!("input {name}: {e}"))?;
+        let rel = input.name.clone();
+        let (new, file) = blocking(move || root.new_file(&rel))
             .await
             .map_err(|e| format!("input {name}: {e}"))?;
-        let temp = dest.with_file_name(format!(
-            ".{}.unidesk-partial",
-            dest.file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default()
-        ));
-        let result = self.fetch(task_id, attempt, input, &temp).await;
-        match result {
-            Ok(moved) => {
-                tokio::fs::rename(&temp, &dest)
-                    .await
-                    .map_err(|e| format!("input {name}: {e}"))?;
-                Ok(moved)
-            }
-            Err(e) => {
-                let _ = tokio::fs::remove_file(&temp).await;
-                Err(format!("input {name}: {e}"))
-            }
-        }
+        let file = tokio::fs::File::from_std(file);
+        let moved = self
+            .fetch(task_id, attempt, input, file)
+            .await
+            .map_err(|e| format!("input {name}: {e}"))?;
+        blocking(move || new.persist())
+            .await
+            .map_err(|e| format!("input {name}: {e}"))?;
+        Ok(moved)
     }
 
     async fn fetch(
@@ -230,11 +228,8 @@ impl Files {
         task_id: Uuid,
         attempt: u32,
         input: &TaskInput,
-        temp: &Path,
+        file: tokio::fs::File,
     ) -> Result<Moved, TransferError> {
-        let file = tokio::fs::File::create(temp)
-            .await
-            .map_err(|e| format!("creating {}: {e}", temp.display()))?;
         // Network reads come in small pieces; each write to a Tokio file is
         // a trip to a blocking thread, so they are gathered first.
         let mut file = tokio::io::BufWriter::with_capacity(WRITE_BUFFER, file);
@@ -347,30 +342,32 @@ impl Files {
         task_id: Uuid,
         attempt: u32,
         output: &TaskOutput,
-        root: &Path,
+        root: &Root,
     ) -> Result<Moved, TransferError> {
         let name = &output.name;
-        let path = existing_inside(root, &output.path)
+        let root = root
+            .try_clone()
+            .map_err(|e| format!("output {name}: {e}"))?;
+        let rel = output.path.clone();
+        let (file, meta) = blocking(move || root.open_file(&rel))
             .await
             .map_err(|e| format!("output {name}: {e}"))?;
-        self.send(task_id, attempt, output, &path)
+        self.send(task_id, attempt, output, Arc::new(file), meta.len())
             .await
             .map_err(|e| format!("output {name}: {e}"))
     }
 
+    /// Sends the first `size` bytes of `file`, an open output.
     async fn send(
         &self,
         task_id: Uuid,
         attempt: u32,
         output: &TaskOutput,
-        path: &Path,
+        file: Arc<std::fs::File>,
+        size: u64,
     ) -> Result<Moved, TransferError> {
-        let size = tokio::fs::metadata(path)
-            .await
-            .map_err(|e| e.to_string())?
-            .len();
         let part_bytes = part_size(size, self.part_bytes);
-        let hashes = hash_parts(path, part_bytes).await?;
+        let hashes = hash_parts(&file, size, part_bytes).await?;
         let parts = hashes.parts.len().max(1) as u32;
         let start = TransferOp::Upload {
             output: output.name.clone(),
@@ -383,7 +380,7 @@ impl Files {
         if parts == 1 {
             self.with_retries(|| async {
                 let grant = self.broker.ask(task_id, attempt, start.clone()).await?;
-                self.put(&grant, path, 0, size).await.map(|_| ())
+                self.put(&grant, &file, 0, size).await.map(|_| ())
             })
             .await?;
         } else {
@@ -402,7 +399,7 @@ impl Files {
                 let etag = self
                     .with_retries(|| async {
                         let grant = self.broker.ask(task_id, attempt, op.clone()).await?;
-                        self.put(&grant, path, offset, len).await
+                        self.put(&grant, &file, offset, len).await
                     })
                     .await
                     .map_err(|e| format!("part {number} of {parts}: {e}"))?;
@@ -448,17 +445,17 @@ impl Files {
         Err(format!("failed {TRIES} times, last: {last}"))
     }
 
-    /// PUTs `len` bytes of `path` from `offset` to the granted URL; returns
+    /// PUTs `len` bytes of `file` from `offset` to the granted URL; returns
     /// the ETag the store answered.
     async fn put(
         &self,
         grant: &TransferGrant,
-        path: &Path,
+        file: &Arc<std::fs::File>,
         offset: u64,
         len: u64,
     ) -> Result<String, TransferError> {
         let url = grant.url.as_deref().ok_or("the server sent no URL")?;
-        let body = reqwest::Body::wrap_stream(read_range(path.to_owned(), offset, len));
+        let body = reqwest::Body::wrap_stream(read_range(Arc::clone(file), offset, len));
         let mut request = self
             .client
             .put(url)
@@ -531,28 +528,29 @@ struct Hashes {
     parts: Vec<String>,
 }
 
-async fn hash_parts(path: &Path, part_bytes: u64) -> Result<Hashes, TransferError> {
-    let mut file = tokio::fs::File::open(path)
-        .await
-        .map_err(|e| format!("reading {}: {e}", path.display()))?;
-    let size = file.metadata().await.map_err(|e| e.to_string())?.len();
+/// Hashes the first `size` bytes of `file`, whole and in parts.
+async fn hash_parts(
+    file: &Arc<std::fs::File>,
+    size: u64,
+    part_bytes: u64,
+) -> Result<Hashes, TransferError> {
     let mut whole = Sha256::new();
     let mut part = Sha256::new();
     let mut parts = Vec::new();
     let mut in_part = 0u64;
-    let mut buf = vec![0u8; BUFFER];
-    loop {
-        let want = (part_bytes - in_part).min(BUFFER as u64) as usize;
-        let n = file
-            .read(&mut buf[..want])
+    let mut offset = 0u64;
+    while offset < size {
+        let want = (part_bytes - in_part).min(BUFFER as u64).min(size - offset);
+        let buf = read_at(Arc::clone(file), offset, want)
             .await
-            .map_err(|e| format!("reading {}: {e}", path.display()))?;
-        if n == 0 {
-            break;
+            .map_err(|e| format!("reading the file: {e}"))?;
+        if buf.is_empty() {
+            return Err("the file became shorter while it was read".into());
         }
-        whole.update(&buf[..n]);
-        part.update(&buf[..n]);
-        in_part += n as u64;
+        whole.update(&buf);
+        part.update(&buf);
+        offset += buf.len() as u64;
+        in_part += buf.len() as u64;
         if in_part == part_bytes {
             parts.push(hex::encode(std::mem::take(&mut part).finalize()));
             in_part = 0;
@@ -570,93 +568,51 @@ async fn hash_parts(path: &Path, part_bytes: u64) -> Result<Hashes, TransferErro
     })
 }
 
-/// `len` bytes of `path` from `offset`, as a stream of small chunks.
+/// Up to `len` bytes of `file` from `offset` (fewer at its end), read on
+/// the blocking pool without moving a shared file position.
+async fn read_at(file: Arc<std::fs::File>, offset: u64, len: u64) -> std::io::Result<Vec<u8>> {
+    tokio::task::spawn_blocking(move || {
+        use std::os::unix::fs::FileExt;
+        let mut buf = vec![0u8; len as usize];
+        let mut filled = 0;
+        while filled < buf.len() {
+            match file.read_at(&mut buf[filled..], offset + filled as u64) {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        buf.truncate(filled);
+        Ok(buf)
+    })
+    .await
+    .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+}
+
+/// `len` bytes of `file` from `offset`, as a stream of small chunks.
 fn read_range(
-    path: PathBuf,
+    file: Arc<std::fs::File>,
     offset: u64,
     len: u64,
 ) -> impl futures::Stream<Item = std::io::Result<bytes::Bytes>> + Send + 'static {
-    futures::stream::try_unfold((None::<tokio::fs::File>, len), move |(file, left)| {
-        let path = path.clone();
+    futures::stream::try_unfold(0u64, move |sent| {
+        let file = Arc::clone(&file);
         async move {
-            if left == 0 {
+            if sent == len {
                 return Ok(None);
             }
-            let mut file = match file {
-                Some(f) => f,
-                None => {
-                    let mut f = tokio::fs::File::open(&path).await?;
-                    f.seek(std::io::SeekFrom::Start(offset)).await?;
-                    f
-                }
-            };
-            let mut buf = vec![0u8; (left.min(BUFFER as u64)) as usize];
-            let n = file.read(&mut buf).await?;
-            if n == 0 {
+            let buf = read_at(file, offset + sent, (len - sent).min(BUFFER as u64)).await?;
+            if buf.is_empty() {
                 return Err(std::io::Error::new(
                     std::io::ErrorKind::UnexpectedEof,
                     "the file became shorter while it was sent",
                 ));
             }
-            buf.truncate(n);
-            Ok(Some((
-                bytes::Bytes::from(buf),
-                (Some(file), left - n as u64),
-            )))
+            let n = buf.len() as u64;
+            Ok(Some((bytes::Bytes::from(buf), sent + n)))
         }
     })
-}
-
-/// `root/<rel>` for a new file: its parent directories are created, and
-/// neither they nor the file may lead out of `root` through a link.
-async fn inside(root: &Path, rel: &str) -> Result<PathBuf, TransferError> {
-    let plain = Path::new(rel)
-        .components()
-        .all(|c| matches!(c, std::path::Component::Normal(_)));
-    if rel.is_empty() || !plain {
-        return Err(format!("{rel:?} is not a plain relative path"));
-    }
-    let dest = root.join(rel);
-    let parent = dest.parent().unwrap_or(root).to_owned();
-    tokio::fs::create_dir_all(&parent)
-        .await
-        .map_err(|e| format!("creating {}: {e}", parent.display()))?;
-    let (root_c, parent_c) = (root.canonicalize(), parent.canonicalize());
-    match (root_c, parent_c) {
-        (Ok(r), Ok(p)) if p.starts_with(&r) => {}
-        _ => return Err(format!("{rel} leads out of the workspace through a link")),
-    }
-    if let Ok(meta) = tokio::fs::symlink_metadata(&dest).await {
-        if meta.is_dir() {
-            return Err(format!("{rel} is a directory in the workspace"));
-        }
-    }
-    Ok(dest)
-}
-
-/// `root/<rel>` for an existing regular file that, links followed, is
-/// still inside `root`.
-async fn existing_inside(root: &Path, rel: &str) -> Result<PathBuf, TransferError> {
-    let path = root.join(rel);
-    if tokio::fs::symlink_metadata(&path).await.is_err() {
-        return Err(format!("{rel} does not exist in the workspace"));
-    }
-    let (Ok(r), Ok(target)) = (root.canonicalize(), path.canonicalize()) else {
-        return Err(format!("{rel} is a link to something that does not exist"));
-    };
-    if !target.starts_with(&r) {
-        return Err(format!(
-            "{rel} leads out of the workspace (to {}); it is not uploaded",
-            target.display()
-        ));
-    }
-    let meta = tokio::fs::metadata(&target)
-        .await
-        .map_err(|e| e.to_string())?;
-    if !meta.is_file() {
-        return Err(format!("{rel} is not a regular file"));
-    }
-    Ok(target)
 }
 
 /// A human figure of a byte count: `3.1 KiB`, `1.5 GiB`.
@@ -704,30 +660,58 @@ mod tests {
         let data: Vec<u8> = (0..(11 * 1024 * 1024)).map(|i| (i % 253) as u8).collect();
         std::fs::write(&path, &data).unwrap();
         let part = 5 * 1024 * 1024;
-        let h = hash_parts(&path, part).await.unwrap();
+        let file = Arc::new(std::fs::File::open(&path).unwrap());
+        let size = data.len() as u64;
+        let h = hash_parts(&file, size, part).await.unwrap();
         assert_eq!(h.whole, hex::encode(Sha256::digest(&data)));
         assert_eq!(h.parts.len(), 3);
         assert_eq!(
             h.parts[2],
             hex::encode(Sha256::digest(&data[2 * part as usize..]))
         );
-        let small = hash_parts(&path, 64 * 1024 * 1024).await.unwrap();
+        let small = hash_parts(&file, size, 64 * 1024 * 1024).await.unwrap();
         assert!(small.parts.is_empty());
     }
 
     #[tokio::test]
-    async fn paths_that_leave_the_workspace_through_links_are_refused() {
+    async fn outputs_that_leave_the_workspace_are_refused_before_any_url_is_asked_for() {
         let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().join("code");
-        std::fs::create_dir_all(&root).unwrap();
-        std::os::unix::fs::symlink("/etc", root.join("etc")).unwrap();
-        std::os::unix::fs::symlink("/etc/hostname", root.join("host")).unwrap();
-        assert!(inside(&root, "etc/x").await.is_err());
-        assert!(inside(&root, "data/x").await.is_ok());
-        let e = existing_inside(&root, "host").await.unwrap_err();
-        assert!(e.contains("leads out of the workspace"), "{e}");
-        let e = existing_inside(&root, "missing").await.unwrap_err();
-        assert!(e.contains("does not exist"), "{e}");
+        let path = dir.path().join("code");
+        std::fs::create_dir_all(path.join("out")).unwrap();
+        std::os::unix::fs::symlink("/etc", path.join("etc")).unwrap();
+        std::os::unix::fs::symlink("/etc/hostname", path.join("host")).unwrap();
+        let root = Root::open(&path, "the workspace").unwrap();
+        let files = Files::new(Arc::default(), PART_BYTES);
+        let output = |path: &str| TaskOutput {
+            name: "o".into(),
+            path: path.into(),
+        };
+        for (rel, says) in [
+            ("host", "host leads out of the workspace"),
+            ("etc/hostname", "etc/hostname leads out of the workspace"),
+            ("missing", "missing does not exist"),
+            ("out", "out is not a regular file"),
+        ] {
+            let e = files
+                .upload(Uuid::nil(), 1, &output(rel), &root)
+                .await
+                .unwrap_err();
+            assert!(e.starts_with("output o: ") && e.contains(says), "{e}");
+        }
+        assert!(
+            files.broker().next_message().is_none(),
+            "nothing was asked of the server"
+        );
+        let input = TaskInput {
+            name: "etc/x".into(),
+            object: "o".into(),
+        };
+        let e = files
+            .download(Uuid::nil(), 1, &input, &root)
+            .await
+            .unwrap_err();
+        assert!(e.contains("etc/x leads out of the workspace"), "{e}");
+        assert!(files.broker().next_message().is_none());
     }
 
     #[tokio::test]

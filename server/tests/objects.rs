@@ -19,7 +19,7 @@ use objects::embedded::{fresh_credentials, Embedded};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-use common::{agent_binary, base_image, free_port, repo, BASE};
+use common::{agent_binary, base_image, free_port, repo, repo_with_links, BASE};
 
 fn sha(data: &[u8]) -> String {
     hex::encode(Sha256::digest(data))
@@ -385,6 +385,83 @@ async fn bad_inputs_and_outputs_and_a_dead_store_fail_the_task_clearly_keeping_t
         !reason.contains("X-Amz-Signature"),
         "a URL leaked: {reason}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_repository_with_links_cannot_make_the_agent_touch_the_nodes_files() {
+    let mut p = Platform::start().await;
+    let outside = tempfile::tempdir().unwrap();
+    let secret = outside.path().join("secret");
+    std::fs::write(&secret, "the node's own file\n").unwrap();
+    let untouched = |outside: &std::path::Path| {
+        let names: Vec<_> = std::fs::read_dir(outside)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("secret")]);
+        assert_eq!(
+            std::fs::read_to_string(outside.join("secret")).unwrap(),
+            "the node's own file\n"
+        );
+    };
+    // The code repository commits links to the node's files: a directory
+    // an input would land in, a file at an input's name, and the temporary
+    // name an agent could derive for a download.
+    p.code = repo_with_links(
+        p.dir.path(),
+        "links",
+        &[("README", "code\n")],
+        &[
+            ("data", outside.path().to_str().unwrap()),
+            ("model.bin", secret.to_str().unwrap()),
+            (".model.bin.unidesk-partial", secret.to_str().unwrap()),
+        ],
+    );
+    p.upload("payload", b"written by a task's owner\n").await;
+
+    let done = p
+        .run(
+            "echo never",
+            json!([{"name": "data/secret", "object": "payload"}]),
+            json!([]),
+        )
+        .await;
+    assert_eq!(done["state"], "failed", "{done}");
+    let reason = done["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("input data/secret: data/secret leads out of the workspace"),
+        "{reason}"
+    );
+    untouched(outside.path());
+
+    let done = p
+        .run(
+            "cat model.bin",
+            json!([{"name": "model.bin", "object": "payload"}]),
+            json!([]),
+        )
+        .await;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    untouched(outside.path());
+
+    // A task links an output to the node's file at run time: not uploaded.
+    let done = p
+        .run(
+            &format!("ln -s {} leak", secret.display()),
+            json!([]),
+            json!([{"name": "leak", "path": "leak"}]),
+        )
+        .await;
+    assert_eq!(done["state"], "failed", "{done}");
+    assert!(
+        done["reason"]
+            .as_str()
+            .unwrap()
+            .contains("output leak: leak leads out of the workspace"),
+        "{done}"
+    );
+    assert!(p.artifacts(&done).await.is_empty());
+    untouched(outside.path());
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -222,7 +222,7 @@ async fn a_failed_part_is_sent_again_alone_and_a_broken_download_resumes_where_i
     };
     let up = rig
         .files
-        .upload(Uuid::nil(), 1, &output, &work)
+        .upload(Uuid::nil(), 1, &output, &workspace(&work))
         .await
         .unwrap();
     assert_eq!(
@@ -250,7 +250,7 @@ async fn a_failed_part_is_sent_again_alone_and_a_broken_download_resumes_where_i
     };
     let down = rig
         .files
-        .download(Uuid::nil(), 1, &input, &work)
+        .download(Uuid::nil(), 1, &input, &workspace(&work))
         .await
         .unwrap();
     assert_eq!(down.sha256, sha(&content));
@@ -289,7 +289,7 @@ async fn a_part_refused_every_time_fails_the_upload_saying_which() {
     });
     let e = rig
         .files
-        .upload(Uuid::nil(), 1, &output, &work)
+        .upload(Uuid::nil(), 1, &output, &workspace(&work))
         .await
         .unwrap_err();
     rearm.abort();
@@ -298,4 +298,9 @@ async fn a_part_refused_every_time_fails_the_upload_saying_which() {
         "{e}"
     );
     assert!(e.contains("503"), "{e}");
+}
+
+/// The work directory, held open as the agent holds a workspace.
+fn workspace(path: &std::path::Path) -> node_agent::beneath::Root {
+    node_agent::beneath::Root::open(path, "the workspace").unwrap()
 }

@@ -348,8 +348,10 @@ impl GitDaemon {
             .local_addr()
             .unwrap()
             .port();
-        let child = Command::new("git")
-            .arg("daemon")
+        // `git daemon` would run git-daemon as a child of its own, which
+        // killing `git` leaves behind: start git-daemon itself.
+        let exec_path = git_in(base, &["--exec-path"]);
+        let child = Command::new(Path::new(&exec_path).join("git-daemon"))
             .arg("--export-all")
             .arg("--reuseaddr")
             .arg("--listen=127.0.0.1")
@@ -408,12 +410,11 @@ async fn a_new_commit_fetches_only_what_is_missing_over_the_git_protocol() {
     let url = format!("git://127.0.0.1:{}/project", daemon.port);
     let cache = node_agent::git::GitCache::new(served.path().join("cache"));
     let work = tempfile::tempdir().unwrap();
+    let root = node_agent::beneath::Root::open(work.path(), "the checkouts").unwrap();
+    let dest = |name: &str| root.create_dir(name, "a checkout").unwrap();
 
     // A fresh clone: every object, counted in bytes too.
-    let clone = cache
-        .checkout(&url, &first, &work.path().join("a"))
-        .await
-        .unwrap();
+    let clone = cache.checkout(&url, &first, &dest("a")).await.unwrap();
     assert!(!clone.from_cache && !clone.fell_back, "{clone:?}");
     assert_eq!(clone.objects, 22, "20 blobs, a tree and a commit");
     assert!(clone.bytes > 0, "{clone:?}");
@@ -422,10 +423,7 @@ async fn a_new_commit_fetches_only_what_is_missing_over_the_git_protocol() {
     std::fs::write(repo.join("file0.txt"), "changed\n").unwrap();
     git_in(&repo, &["commit", "-q", "-am", "second"]);
     let second = git_in(&repo, &["rev-parse", "HEAD"]);
-    let delta = cache
-        .checkout(&url, &second, &work.path().join("b"))
-        .await
-        .unwrap();
+    let delta = cache.checkout(&url, &second, &dest("b")).await.unwrap();
     assert_eq!(delta.objects, 3, "{delta:?}");
     assert!(
         delta.bytes > 0 && delta.bytes < clone.bytes,
@@ -437,10 +435,7 @@ async fn a_new_commit_fetches_only_what_is_missing_over_the_git_protocol() {
     );
 
     // Cached now: nothing fetched at all.
-    let again = cache
-        .checkout(&url, &second, &work.path().join("c"))
-        .await
-        .unwrap();
+    let again = cache.checkout(&url, &second, &dest("c")).await.unwrap();
     assert!(again.from_cache, "{again:?}");
 
     // A commit that is no branch tip any more: git daemon does not serve
@@ -450,10 +445,7 @@ async fn a_new_commit_fetches_only_what_is_missing_over_the_git_protocol() {
     let third = git_in(&repo, &["rev-parse", "HEAD"]);
     std::fs::write(repo.join("file2.txt"), "fourth\n").unwrap();
     git_in(&repo, &["commit", "-q", "-am", "fourth"]);
-    let old = cache
-        .checkout(&url, &third, &work.path().join("d"))
-        .await
-        .unwrap();
+    let old = cache.checkout(&url, &third, &dest("d")).await.unwrap();
     assert!(old.fell_back, "{old:?}");
     assert_eq!(
         std::fs::read_to_string(work.path().join("d/file1.txt")).unwrap(),

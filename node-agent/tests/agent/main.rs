@@ -11,4 +11,5 @@
 mod connection;
 mod depth;
 mod executor;
+mod links;
 mod support;

@@ -109,6 +109,47 @@ pub fn repo(files: &[(&str, &str)]) -> Repo {
     }
 }
 
+/// Makes a repository with one commit holding `files` and symbolic
+/// `links` (name, target), committed as links.
+pub fn repo_with_links(files: &[(&str, &str)], links: &[(&str, &str)]) -> Repo {
+    let dir = tempfile::tempdir().unwrap();
+    git(dir.path(), &["init", "-q"]);
+    for (name, content) in files {
+        let path = dir.path().join(name);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, content).unwrap();
+    }
+    for (name, target) in links {
+        let path = dir.path().join(name);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::os::unix::fs::symlink(target, path).unwrap();
+    }
+    let mut repo = Repo {
+        url: format!("file://{}", dir.path().display()),
+        commit: String::new(),
+        _dir: dir,
+    };
+    repo.commit_all();
+    repo
+}
+
+impl Repo {
+    /// The repository's working directory.
+    pub fn path(&self) -> &Path {
+        self._dir.path()
+    }
+
+    /// Commits every change in the working directory.
+    pub fn commit_all(&mut self) {
+        git(self.path(), &["add", "-A"]);
+        git(
+            self.path(),
+            &["commit", "-q", "--allow-empty", "-m", "files"],
+        );
+        self.commit = git(self.path(), &["rev-parse", "HEAD"]);
+    }
+}
+
 /// An env repository whose Dockerfile builds on [`BASE_IMAGE`] with `extra`
 /// lines after the `FROM`.
 pub fn env_repo(extra: &str) -> Repo {

@@ -510,8 +510,14 @@ impl GitDaemon {
         let port = free_port()?;
         let out =
             std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
-        let mut child = Command::new("git")
-            .arg("daemon")
+        // `git daemon` runs git-daemon as a child that killing `git` would
+        // leave behind: start git-daemon itself.
+        let exec_path = std::process::Command::new("git")
+            .arg("--exec-path")
+            .output()
+            .context("asking git for its exec path")?;
+        let exec_path = String::from_utf8_lossy(&exec_path.stdout).trim().to_owned();
+        let mut child = Command::new(Path::new(&exec_path).join("git-daemon"))
             .arg("--export-all")
             .arg(format!("--base-path={}", base.display()))
             .arg(format!("--port={port}"))
@@ -1366,11 +1372,16 @@ async fn timed_checkout(
     scratch: &Path,
     needed: usize,
 ) -> anyhow::Result<Checkout> {
-    let dest = scratch.join(format!("checkout-{}", Uuid::new_v4().simple()));
+    let name = format!("checkout-{}", Uuid::new_v4().simple());
+    let dest = scratch.join(&name);
+    let into = node_agent::beneath::Root::open(scratch, "the scratch directory")
+        .context("opening the scratch directory")?
+        .create_dir(&name, "a checkout")
+        .context("creating a checkout directory")?;
     let (down, up) = relay.counts();
     let began = Instant::now();
     let fetched = cache
-        .checkout(url, commit, &dest)
+        .checkout(url, commit, &into)
         .await
         .with_context(|| format!("checking out {commit} of {url}"))?;
     let ms = began.elapsed().as_secs_f64() * 1000.0;

@@ -202,6 +202,9 @@ async fn transfer(
         }
     });
     let files = Files::new(broker, part_bytes);
+    let root = node_agent::beneath::Root::open(root, "the work directory")
+        .with_context(|| format!("opening {}", root.display()))?;
+    let root = &root;
     let started = Instant::now();
     let moved = match direction {
         "up" => {

@@ -59,6 +59,21 @@ pub fn repo(root: &Path, name: &str, files: &[(&str, &str)]) -> (String, String)
     (format!("file://{}", dir.display()), sha)
 }
 
+/// Like [`repo`], with symbolic `links` (name, target) committed as links.
+pub fn repo_with_links(
+    root: &Path,
+    name: &str,
+    files: &[(&str, &str)],
+    links: &[(&str, &str)],
+) -> (String, String) {
+    let dir = root.join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    for (path, target) in links {
+        std::os::unix::fs::symlink(target, dir.join(path)).unwrap();
+    }
+    repo(root, name, files)
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
