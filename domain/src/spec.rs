@@ -233,48 +233,48 @@ fn percent_encoded() -> String {
 /// Checks `host` or `host:port` (IPv6 in brackets): ASCII letters, digits,
 /// `.`, `-` and `_`, and a numeric port.
 fn check_host(host_port: &str) -> Result<(), String> {
-    let (host, port) = if let Some(inner) = host_port.strip_prefix('[') {
+    let port = if let Some(inner) = host_port.strip_prefix('[') {
         let Some((v6, after)) = inner.split_once(']') else {
             return Err("has an unclosed '[' in its host".into());
         };
-        if v6.is_empty()
-            || !v6
+        let v6_ok = !v6.is_empty()
+            && v6
                 .chars()
-                .all(|c| c.is_ascii_hexdigit() || c == ':' || c == '.')
-        {
+                .all(|c| c.is_ascii_hexdigit() || c == ':' || c == '.');
+        if !v6_ok {
             return Err(
                 "must name a host: an IPv6 address in brackets holds only hex digits, ':' and '.'"
                     .into(),
             );
         }
         match after {
-            "" => ("[]", None),
-            p => match p.strip_prefix(':') {
-                Some(port) => ("[]", Some(port)),
-                None => return Err("has characters after its IPv6 address".into()),
-            },
+            "" => None,
+            p => Some(
+                p.strip_prefix(':')
+                    .ok_or("has characters after its IPv6 address")?,
+            ),
         }
     } else {
-        match host_port.split_once(':') {
+        let (host, port) = match host_port.split_once(':') {
             Some((h, p)) => (h, Some(p)),
             None => (host_port, None),
+        };
+        if host.is_empty() {
+            return Err("must name a host".into());
         }
-    };
-    if host.is_empty() {
-        return Err("must name a host".into());
-    }
-    if host != "[]"
-        && (host.starts_with('-')
-            || !host
+        let name_ok = !host.starts_with('-')
+            && host
                 .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_')))
-    {
-        return Err(
-            "must name a host of ASCII letters, digits, '.', '-' and '_' (no percent-encoding; \
-             give international names in their xn-- form)"
-                .into(),
-        );
-    }
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'));
+        if !name_ok {
+            return Err(
+                "must name a host of ASCII letters, digits, '.', '-' and '_' (no percent-encoding; \
+                 give international names in their xn-- form)"
+                    .into(),
+            );
+        }
+        port
+    };
     if let Some(port) = port {
         if port.is_empty() || port.len() > 5 || !port.chars().all(|c| c.is_ascii_digit()) {
             return Err("must have a port of 1 to 5 digits after ':'".into());
