@@ -116,3 +116,25 @@ pub async fn task(state: &AppState, caller: &Caller, id: Uuid) -> Result<TaskAcc
         project,
     })
 }
+
+/// The event types only admins see: a host SSH command, its one-line
+/// summary and its output tell a node's host details (and a command line
+/// may hold more) that are no user's business. For anybody else these
+/// events are absent from every read path (`/events`, `/events/{position}`,
+/// `/timeline`, `/timeline/stream` and the web view built on them), not
+/// shown as placeholders, and pages still come back full.
+pub const ADMIN_ONLY_EVENT_TYPES: [&str; 2] = ["NodeHostSshRequested", "NodeHostSshFinished"];
+
+/// Whether events of `event_type` are for admins only.
+pub fn admin_only(event_type: &str) -> bool {
+    ADMIN_ONLY_EVENT_TYPES.contains(&event_type)
+}
+
+/// The event types `caller` may not see: none for admins.
+pub fn hidden_event_types(caller: &Caller) -> &'static [&'static str] {
+    if caller.admin {
+        &[]
+    } else {
+        &ADMIN_ONLY_EVENT_TYPES
+    }
+}

@@ -58,6 +58,9 @@ pub struct Config {
     pub url_policy: UrlPolicy,
     /// The largest request body in bytes; larger ones get 413.
     pub body_limit: usize,
+    /// Whether every user may create projects; by default only admins
+    /// may, as creating projects is an admin's decision.
+    pub users_create_projects: bool,
 }
 
 impl Default for Config {
@@ -65,6 +68,7 @@ impl Default for Config {
         Self {
             url_policy: UrlPolicy::default(),
             body_limit: DEFAULT_BODY_LIMIT,
+            users_create_projects: false,
         }
     }
 }

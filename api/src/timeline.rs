@@ -184,7 +184,8 @@ fn parse_time(field: &str, value: &str) -> Result<DateTime<Utc>, ApiError> {
 /// Which events of the log a caller may see, exactly as the REST API lets
 /// them read events: admins everything; anybody else the events of the
 /// projects they are a member of and of those projects' tasks, every
-/// node's events, and their own.
+/// node's events but its host SSH ones
+/// ([`crate::access::ADMIN_ONLY_EVENT_TYPES`]), and their own.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Visibility {
     /// An admin: the whole log.
@@ -223,6 +224,7 @@ impl Visibility {
     pub fn allows(&self, entry: &TimelineEntry) -> bool {
         match self {
             Self::All => true,
+            Self::Member { .. } if crate::access::admin_only(&entry.event_type) => false,
             Self::Member { user, projects } => match entry.aggregate_type.as_str() {
                 "node" => true,
                 "user" => entry.aggregate_id == *user,

@@ -78,8 +78,15 @@ impl Answer {
     }
 }
 
+/// A server that lets every user create projects, so that tests can make
+/// a user a project's first maintainer by letting them create it. The
+/// default (admins only) is tested with `start_with(Config::default())`.
 async fn start() -> App {
-    start_with(Config::default()).await
+    start_with(Config {
+        users_create_projects: true,
+        ..Config::default()
+    })
+    .await
 }
 
 async fn start_with(config: Config) -> App {
@@ -653,6 +660,7 @@ fn uuid_v4() -> String {
 async fn file_urls_are_accepted_only_where_the_server_allows_them() {
     let app = start_with(Config {
         url_policy: domain::spec::UrlPolicy { allow_file: true },
+        users_create_projects: true,
         ..Config::default()
     })
     .await;
@@ -765,7 +773,7 @@ async fn a_viewer_reads_but_cannot_submit_or_cancel() {
         json!({"user": "victor", "role": "maintainer"}),
     )
     .await
-    .expect(403);
+    .expect_error(404, "user");
     assert_eq!(app.events().await, before);
 }
 
@@ -1579,14 +1587,271 @@ async fn host_ssh_answers_with_the_nodes_result_and_records_when_none_comes() {
     );
     assert_eq!(host[1]["payload"]["result"]["output"], "hello\nroot\n");
     assert_eq!(host[3]["actor"], "system:api");
-    // What the host printed is for admins only.
+    // Host commands, their summaries and their output are for admins only:
+    // to anybody else the events are not there at all.
     let seen_by_frank = app
         .get(
             &format!("/api/v1/events?aggregate_type=node&aggregate_id={id}"),
             &frank,
         )
         .await;
-    let shown = seen_by_frank.expect(200).to_string();
-    assert!(!shown.contains("root\\n"), "{shown}");
-    assert!(shown.contains("exited 0 in 42 ms"));
+    let types: Vec<&str> = seen_by_frank.expect(200)["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .map(|e| e["event_type"].as_str().expect("a type"))
+        .collect();
+    assert_eq!(types, ["NodeProvisioned", "NodeConnected"]);
+    let shown = seen_by_frank.body.to_string();
+    for secret in ["echo hello", "uptime", "root\\n", "exited 0", "no answer"] {
+        assert!(!shown.contains(secret), "{secret:?} in {shown}");
+    }
+    for event in &host {
+        let position = event["position"].as_i64().expect("a position");
+        let one = app.get(&format!("/api/v1/events/{position}"), &frank).await;
+        one.expect(404);
+        assert_eq!(
+            one.details(),
+            format!("there is no event at position {position}"),
+            "as if there were none"
+        );
+        app.get(&format!("/api/v1/events/{position}"), &app.admin)
+            .await
+            .expect(200);
+    }
+}
+
+#[tokio::test]
+async fn only_admins_create_projects_unless_the_server_lets_every_user() {
+    let app = start_with(Config::default()).await;
+    let ivy = app.user("ivy").await;
+    let before = app.events().await;
+    let refused = app
+        .post("/api/v1/projects", &ivy, json!({"name": "mine"}))
+        .await;
+    refused.expect(403);
+    assert_eq!(
+        refused.details(),
+        "only admins may create projects on this server"
+    );
+    // Refused before anything else is looked at, and nothing is kept: not
+    // an event, not the name.
+    app.post("/api/v1/projects", &ivy, json!({"name": "Bad Name"}))
+        .await
+        .expect(403);
+    assert_eq!(app.events().await, before);
+    let project = app.project(&app.admin, "mine").await;
+    let shown = app
+        .get(&format!("/api/v1/projects/{project}"), &app.admin)
+        .await;
+    assert_eq!(shown.expect(200)["members"][0]["user"], "admin");
+
+    let open = start().await;
+    let ivy = open.user("ivy").await;
+    let project = open.project(&ivy, "mine").await;
+    let shown = open.get(&format!("/api/v1/projects/{project}"), &ivy).await;
+    assert_eq!(
+        shown.expect(200)["members"],
+        json!([{"user": "ivy", "role": "maintainer"}])
+    );
+}
+
+#[tokio::test]
+async fn adding_members_tells_a_non_admin_nothing_about_which_users_exist() {
+    let app = start().await;
+    let gina = app.user("gina").await;
+    let vic = app.user("vic").await;
+    let mia = app.user("mia").await;
+    let olga = app.user("olga").await;
+    app.user("hank").await;
+    let project = app.project(&gina, "probe").await;
+    app.add_member(&project, "vic", "viewer").await;
+    app.add_member(&project, "mia", "member").await;
+    let members = format!("/api/v1/projects/{project}/members");
+    let before = app.events().await;
+
+    let add = |token: &str, user: &str| {
+        let request = app
+            .client
+            .post(format!("{}{members}", app.base))
+            .bearer_auth(token)
+            .json(&json!({"user": user, "role": "member"}));
+        app.send(request)
+    };
+    // A maintainer naming nobody, and a viewer or member naming anybody,
+    // get one answer: same status, field and words.
+    let no_such_user = add(&gina, "ghost").await;
+    no_such_user.expect_error(404, "user");
+    assert_eq!(
+        no_such_user.details(),
+        "no user named \"ghost\" can be added to this project (the user must exist and only \
+         maintainers may add members)"
+    );
+    for token in [&vic, &mia] {
+        let not_allowed = add(token, "ghost").await;
+        assert_eq!(not_allowed.status, no_such_user.status);
+        assert_eq!(not_allowed.body, no_such_user.body);
+        let existing = add(token, "hank").await;
+        assert_eq!(existing.status, no_such_user.status);
+        assert_eq!(
+            existing.body.to_string().replace("hank", "ghost"),
+            no_such_user.body.to_string(),
+            "the answer differs in nothing but the name"
+        );
+    }
+    // Somebody outside the project does not see it, whoever they name.
+    let outside_nobody = add(&olga, "ghost").await;
+    let outside_somebody = add(&olga, "hank").await;
+    outside_nobody.expect(404);
+    assert!(outside_nobody.fields().is_empty());
+    assert_eq!(outside_nobody.body, outside_somebody.body);
+    // Names that cannot exist are refused as names, for everybody alike.
+    add(&vic, "Bad Name").await.expect_error(422, "user");
+    // Admins get the precise answer.
+    let admin = add(&app.admin, "ghost").await;
+    admin.expect_error(404, "user");
+    assert_eq!(admin.details(), "there is no user named \"ghost\"");
+    assert_eq!(app.events().await, before, "nothing was appended");
+
+    // A maintainer can add those who exist: that is what the route is for.
+    let added = add(&gina, "hank").await;
+    assert!(added.expect(200)["members"]
+        .as_array()
+        .expect("members")
+        .contains(&json!({"user": "hank", "role": "member"})));
+
+    // An archived project answers 409 before any user is looked up.
+    app.post_empty(&format!("/api/v1/projects/{project}/archive"), &gina)
+        .await
+        .expect(200);
+    let before = app.events().await;
+    let nobody = add(&gina, "ghost").await;
+    let somebody = add(&gina, "olga").await;
+    nobody.expect(409);
+    assert_eq!(nobody.body, somebody.body);
+    assert_eq!(app.events().await, before);
+}
+
+#[tokio::test]
+async fn a_maintainer_still_removes_members_of_an_archived_project() {
+    let app = start().await;
+    let gina = app.user("gina").await;
+    let hank = app.user("hank").await;
+    let vic = app.user("vic").await;
+    let project = app.project(&gina, "old").await;
+    app.add_member(&project, "hank", "member").await;
+    app.add_member(&project, "vic", "viewer").await;
+    app.post_empty(&format!("/api/v1/projects/{project}/archive"), &gina)
+        .await
+        .expect(200);
+    let member = |user: &str| format!("/api/v1/projects/{project}/members/{user}");
+
+    // Removing is what an archive still allows, under the usual rules.
+    app.call(Method::DELETE, &member("gina"), Some(&vic), None)
+        .await
+        .expect(403);
+    app.call(Method::DELETE, &member("gina"), Some(&gina), None)
+        .await
+        .expect(409);
+    let removed = app
+        .call(Method::DELETE, &member("hank"), Some(&gina), None)
+        .await;
+    let shown = removed.expect(200);
+    assert_eq!(shown["archived"], true);
+    assert_eq!(
+        shown["members"],
+        json!([{"user": "gina", "role": "maintainer"}, {"user": "vic", "role": "viewer"}])
+    );
+    app.get(&format!("/api/v1/projects/{project}"), &hank)
+        .await
+        .expect(404);
+    // A member may still leave.
+    app.call(Method::DELETE, &member("vic"), Some(&vic), None)
+        .await
+        .expect(200);
+
+    // Everything else stays refused.
+    let before = app.events().await;
+    app.post(
+        &format!("/api/v1/projects/{project}/members"),
+        &gina,
+        json!({"user": "hank", "role": "member"}),
+    )
+    .await
+    .expect(409);
+    app.put(
+        &format!("/api/v1/projects/{project}/quota"),
+        &app.admin,
+        json!({"max_running": 2}),
+    )
+    .await
+    .expect(409);
+    app.post("/api/v1/tasks", &gina, task_body(&project))
+        .await
+        .expect_error(409, "project_id");
+    assert_eq!(app.events().await, before);
+}
+
+/// Repository URLs that would put a credential into the event log.
+const URLS_WITH_CREDENTIALS: &[&str] = &[
+    "https://alice:hunter2@git.example.com/lab/code.git",
+    "https://ghp_0123456789abcdef0123456789abcdef0123@github.com/lab/code.git",
+    "https://x-access-token:ghs_hunter2@github.com/lab/code.git",
+    "https://hunter2@git.example.com/lab/code.git",
+    "https://git.example.com/lab/code.git?private_token=hunter2",
+    "https://git.example.com/lab/code.git#hunter2",
+    "https://alice%3Ahunter2%40git.example.com/lab/code.git",
+    "https://alice%3Ahunter2@git.example.com/lab/code.git",
+    "git://alice@git.example.com/lab/code.git",
+    "ssh://git:hunter2@git.example.com/lab/code.git",
+    "ssh://ghp_0123456789abcdef0123456789abcdef0123@github.com/lab/code.git",
+    "git:hunter2@git.example.com:lab/code.git",
+    "x-access-token@github.com:lab/code.git",
+    "https://alice\u{200b}:hunter2@git.example.com/lab/code.git",
+    "https://git.example.com/lab/code.git\n?token=hunter2",
+];
+
+#[tokio::test]
+async fn a_task_whose_repository_url_holds_a_credential_is_refused_naming_the_field() {
+    let app = start().await;
+    let project = app.project(&app.admin, "creds").await;
+    let before = app.events().await;
+    for field in ["code_repo_url", "env_repo_url"] {
+        for url in URLS_WITH_CREDENTIALS {
+            let body = with(task_body(&project), &format!("/{field}"), Some(json!(url)));
+            let refused = app.post("/api/v1/tasks", &app.admin, body).await;
+            refused.expect_error(422, field);
+            assert_eq!(refused.fields(), [field], "{url:?}");
+            let detail = refused.details();
+            assert!(
+                !detail.contains("hunter2") && !detail.contains("ghp_0123"),
+                "the answer repeats no secret: {detail}"
+            );
+            if !url.contains(['\n', '\u{200b}']) {
+                assert!(
+                    detail.contains("credentials never go in a URL"),
+                    "{url:?}: {detail}"
+                );
+            }
+        }
+    }
+    app.settle().await;
+    assert_eq!(app.events().await, before, "nothing was appended");
+    let logged: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM events WHERE payload::text LIKE '%hunter2%' \
+         OR metadata::text LIKE '%hunter2%'",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .expect("search the log");
+    assert_eq!(logged, 0);
+    // A plain ssh user name is how private repositories are reached.
+    let body = with(
+        task_body(&project),
+        "/code_repo_url",
+        Some(json!("ssh://git@git.example.com:2222/lab/code.git")),
+    );
+    app.post("/api/v1/tasks", &app.admin, body)
+        .await
+        .expect(201);
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use api::{AppState, Config};
 use chrono::Utc;
-use domain::node::{Node, NodeCommand, NodeResources};
+use domain::node::{HostSshOutcome, Node, NodeCommand, NodeResources};
 use domain::task::{Task, TaskCommand};
 use domain::Actor;
 use reqwest::StatusCode;
@@ -639,4 +639,220 @@ async fn the_web_view_is_served_from_the_binary_with_a_strict_policy() {
     assert_eq!(r.status(), 404);
     let body: Value = r.json().await.expect("the JSON envelope");
     assert!(body["errors"].is_array());
+}
+
+/// A node's events as an admin ran a host command on it and then drained
+/// and undrained it, recorded as the API and the ingress record them.
+async fn host_command(app: &App, node: &str) {
+    let request_id = Uuid::now_v7();
+    let admin = Actor::User("admin".into());
+    let at = Utc::now();
+    let steps = [
+        (
+            NodeCommand::RequestHostSsh {
+                request_id,
+                command: "cat /etc/marker-command".into(),
+                timeout_s: 30,
+                by: admin.clone(),
+                at,
+            },
+            admin.clone(),
+        ),
+        (
+            NodeCommand::FinishHostSsh {
+                request_id,
+                result: HostSshOutcome {
+                    exit_code: Some(0),
+                    output: "marker-output\n".into(),
+                    duration_ms: 7,
+                    ..HostSshOutcome::default()
+                },
+                at,
+            },
+            Actor::Node(node.to_string()),
+        ),
+        (
+            NodeCommand::Drain {
+                by: admin.clone(),
+                at,
+            },
+            admin.clone(),
+        ),
+        (
+            NodeCommand::Undrain {
+                by: admin.clone(),
+                at,
+            },
+            admin,
+        ),
+    ];
+    for (command, actor) in steps {
+        app.store
+            .execute::<Node>(node, command, &actor, at)
+            .await
+            .expect("a node command");
+    }
+}
+
+fn event_types(items: &Value) -> Vec<String> {
+    items
+        .as_array()
+        .expect("items")
+        .iter()
+        .map(|e| e["event_type"].as_str().expect("a type").to_string())
+        .collect()
+}
+
+/// Whether `text` shows anything of the host command.
+fn shows_host_command(text: &str) -> bool {
+    [
+        "HostSsh",
+        "marker-command",
+        "marker-output",
+        "over SSH",
+        "host SSH",
+    ]
+    .iter()
+    .any(|s| text.contains(s))
+}
+
+#[tokio::test]
+async fn host_commands_are_for_admins_on_every_read_path() {
+    let app = start().await;
+    let alice = app.user("alice").await;
+    let node = app.node("gpu-3").await;
+    app.catch_up().await;
+    let mut alice_live = app.stream("", &alice, None).await;
+    alice_live.until_ready().await;
+    let mut admin_live = app.stream("", &app.admin, None).await;
+    admin_live.until_ready().await;
+
+    host_command(&app, &node).await;
+
+    // The live stream: the admin sees all four, Alice the last two only.
+    let admins: Vec<String> = admin_live
+        .take(4)
+        .await
+        .iter()
+        .map(|(e, _)| e["event_type"].as_str().expect("a type").to_string())
+        .collect();
+    assert_eq!(
+        admins,
+        [
+            "NodeHostSshRequested",
+            "NodeHostSshFinished",
+            "NodeDrained",
+            "NodeUndrained"
+        ]
+    );
+    let alices = alice_live.take(2).await;
+    for (e, _) in &alices {
+        assert!(!shows_host_command(&e.to_string()), "{e}");
+    }
+    assert_eq!(alices[0].0["event_type"], "NodeDrained");
+    assert_eq!(alices[1].0["event_type"], "NodeUndrained");
+    assert!(alice_live.quiet().await);
+    // So does a stream that catches up from the log.
+    let mut replayed = app.stream("?after=0", &alice, None).await;
+    let caught_up = replayed.until_ready().await;
+    assert!(caught_up.iter().any(|e| e["event_type"] == "NodeUndrained"));
+    assert!(!caught_up.iter().any(|e| shows_host_command(&e.to_string())));
+    let mut only_host = app
+        .stream("?after=0&event_type=NodeHostSshRequested", &alice, None)
+        .await;
+    assert!(only_host.until_ready().await.is_empty());
+
+    // /events pages come back full: the hidden events take no room.
+    app.catch_up().await;
+    let events = format!("/events?aggregate_type=node&aggregate_id={node}&limit=2");
+    let first = app.ok(&events, &alice).await;
+    assert_eq!(
+        event_types(&first["items"]),
+        ["NodeProvisioned", "NodeConnected"]
+    );
+    let after = first["next_after"].as_i64().expect("next_after");
+    let second = app.ok(&format!("{events}&after={after}"), &alice).await;
+    assert_eq!(
+        event_types(&second["items"]),
+        ["NodeDrained", "NodeUndrained"]
+    );
+    let after = second["next_after"].as_i64().expect("next_after");
+    let third = app.ok(&format!("{events}&after={after}"), &alice).await;
+    assert_eq!(event_types(&third["items"]), Vec::<String>::new());
+    let all = app
+        .ok(
+            &format!("/events?aggregate_type=node&aggregate_id={node}"),
+            &app.admin,
+        )
+        .await;
+    let positions: Vec<i64> = all["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .map(|e| e["position"].as_i64().expect("a position"))
+        .collect();
+    assert_eq!(all["items"].as_array().expect("items").len(), 6);
+    assert!(shows_host_command(&all.to_string()));
+
+    // /events/{position}: not there for Alice, there for the admin; the
+    // events around them show nothing of them either.
+    for (i, position) in positions.iter().enumerate() {
+        let path = format!("/events/{position}");
+        let (status, body) = app.get(&path, &alice).await;
+        if (2..4).contains(&i) {
+            assert_eq!(status, 404, "{body}");
+            assert_eq!(
+                body["errors"][0]["detail"],
+                format!("there is no event at position {position}")
+            );
+            let shown = app.ok(&path, &app.admin).await;
+            assert!(shows_host_command(&shown.to_string()));
+        } else {
+            assert_eq!(status, 200, "{body}");
+            assert!(!shows_host_command(&body.to_string()), "{body}");
+        }
+    }
+
+    // The timeline pages, whole and for the node, come back full too.
+    let node_page = app
+        .ok(&format!("/timeline?node={node}&limit=2"), &alice)
+        .await;
+    assert_eq!(
+        event_types(&node_page["items"]),
+        ["NodeUndrained", "NodeDrained"]
+    );
+    let before = node_page["next_before"].as_i64().expect("next_before");
+    let older = app
+        .ok(
+            &format!("/timeline?node={node}&limit=2&before={before}"),
+            &alice,
+        )
+        .await;
+    assert_eq!(
+        event_types(&older["items"]),
+        ["NodeConnected", "NodeProvisioned"]
+    );
+    assert!(older["next_before"].is_null());
+    let everything = app.all("", &alice).await;
+    assert!(!everything
+        .iter()
+        .any(|e| shows_host_command(&e.to_string())));
+    let asked = app
+        .ok("/timeline?event_type=NodeHostSshFinished", &alice)
+        .await;
+    assert_eq!(event_types(&asked["items"]), Vec::<String>::new());
+    let admins = app.all(&format!("&node={node}"), &app.admin).await;
+    assert_eq!(admins.len(), 6);
+    assert_eq!(
+        admins[3]["summary"],
+        "user:admin ran on the host of node gpu-3 over SSH: `cat /etc/marker-command` (time limit 30 s)"
+    );
+
+    // The node routes and the web view's data show nothing of it.
+    for path in ["/nodes".to_string(), format!("/nodes/{node}")] {
+        let shown = app.ok(&path, &alice).await;
+        assert!(!shows_host_command(&shown.to_string()), "{shown}");
+    }
+    drop(alice_live);
+    drop(admin_live);
 }

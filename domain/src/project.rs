@@ -104,7 +104,8 @@ pub enum ProjectEvent {
         /// When.
         at: DateTime<Utc>,
     },
-    /// The project was archived: read-only, no new tasks.
+    /// The project was archived: read-only, no new tasks; members can
+    /// still be removed.
     Archived {
         /// Who archived it.
         by: Actor,
@@ -279,11 +280,15 @@ impl Project {
         if self.id.is_none() {
             return Err(ProjectError::NotFound);
         }
+        // An archived project is read-only, except that people can still be
+        // taken off it: archiving must not leave someone with access that a
+        // maintainer can no longer withdraw.
         if self.archived {
-            return match command {
-                C::Archive { .. } => Ok(vec![]),
-                _ => Err(ProjectError::Archived),
-            };
+            match command {
+                C::Archive { .. } => return Ok(vec![]),
+                C::RemoveMember { .. } => {}
+                _ => return Err(ProjectError::Archived),
+            }
         }
         Ok(match command {
             C::Create { .. } => unreachable!("handled above"),
@@ -593,5 +598,62 @@ mod tests {
                 at: at(3),
             })
             .then_expect_events(vec![]);
+    }
+
+    fn remove(user: &str) -> ProjectCommand {
+        ProjectCommand::RemoveMember {
+            user: user.into(),
+            by: alice(),
+            at: at(3),
+        }
+    }
+
+    #[test]
+    fn a_member_of_an_archived_project_can_still_be_removed() {
+        F::with(())
+            .given(vec![created(), added("bob", Role::Member), archived()])
+            .when(remove("bob"))
+            .then_expect_events(vec![ProjectEvent::MemberRemoved {
+                user: "bob".into(),
+                by: alice(),
+                at: at(3),
+            }]);
+    }
+
+    #[test]
+    fn removal_from_an_archived_project_keeps_its_other_rules() {
+        F::with(())
+            .given(vec![created(), archived()])
+            .when(remove("alice"))
+            .then_expect_error(ProjectError::LastMaintainer);
+        F::with(())
+            .given(vec![created(), archived()])
+            .when(remove("carol"))
+            .then_expect_error(ProjectError::NotAMember("carol".into()));
+    }
+
+    #[test]
+    fn an_archived_project_refuses_every_other_change() {
+        let given = || vec![created(), added("bob", Role::Member), archived()];
+        F::with(())
+            .given(given())
+            .when(add("bob", Role::Maintainer))
+            .then_expect_error(ProjectError::Archived);
+        F::with(())
+            .given(given())
+            .when(ProjectCommand::Rename {
+                name: "vision2".into(),
+                by: alice(),
+                at: at(3),
+            })
+            .then_expect_error(ProjectError::Archived);
+        F::with(())
+            .given(given())
+            .when(ProjectCommand::SetQuota {
+                max_running: Some(1),
+                by: alice(),
+                at: at(3),
+            })
+            .then_expect_error(ProjectError::Archived);
     }
 }

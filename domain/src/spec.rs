@@ -155,20 +155,164 @@ pub struct UrlPolicy {
     pub allow_file: bool,
 }
 
+/// What a user is told when a repository URL looks like it carries a
+/// secret: the URL is stored as it was given.
+pub const NO_CREDENTIALS_IN_URLS: &str = "credentials never go in a URL: it is stored in the \
+     task's events, which everyone who can see the task reads; give nodes access to private \
+     repositories another way (an ssh deploy key or a git credential helper on the node)";
+
+/// The longest ssh user name accepted in a repository URL. Real login names
+/// are short; a long one is far more likely a token put where a user name
+/// goes.
+const MAX_SSH_USER: usize = 32;
+
+/// Prefixes of access tokens that hosting services hand out and that people
+/// paste in front of `@`; refused as ssh user names even when short.
+const TOKEN_PREFIXES: &[&str] = &[
+    "ghp_",
+    "gho_",
+    "ghu_",
+    "ghs_",
+    "ghr_",
+    "github_pat_",
+    "glpat-",
+    "gldt-",
+    "x-access-token",
+    "x-token-auth",
+    "x-oauth-basic",
+    "oauth2",
+];
+
 /// A git repository URL with scheme `https`, `ssh` or `git`, the scp-like
 /// `user@host:path` form (ssh), or `file://` where the server allows it.
-/// Passwords inside the URL are refused so that no secret reaches the event
-/// log.
+///
+/// Nothing that can carry a secret is accepted, so that none reaches the
+/// event log: no user information at all in `https`, `git` and `file`
+/// URLs (`user:pass@`, `token@`), only a plain short user name such as
+/// `git@` with `ssh` and the scp-like form, no query string or fragment
+/// (`?`, `#`: git never needs them, and they are where tokens hide), no
+/// percent-encoding in the host part (`%40`, `%3A` disguise `@` and `:`),
+/// and no whitespace, control or invisible characters anywhere.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct RepoUrl(String);
+
+/// Whether `c` is invisible or reorders text (soft hyphen, zero-width and
+/// bidirectional marks, byte-order mark): such characters make a URL read
+/// differently from what git is given.
+fn invisible(c: char) -> bool {
+    matches!(
+        c,
+        '\u{ad}'
+            | '\u{34f}'
+            | '\u{61c}'
+            | '\u{115f}'
+            | '\u{1160}'
+            | '\u{17b4}'
+            | '\u{17b5}'
+            | '\u{180e}'
+            | '\u{200b}'..='\u{200f}'
+            | '\u{202a}'..='\u{202e}'
+            | '\u{2060}'..='\u{206f}'
+            | '\u{3164}'
+            | '\u{fe00}'..='\u{fe0f}'
+            | '\u{feff}'
+            | '\u{ffa0}'
+            | '\u{fff0}'..='\u{fffb}'
+    )
+}
+
+/// Why a `%` before the path is refused.
+fn percent_encoded() -> String {
+    format!(
+        "must not percent-encode anything before the path (%40 and %3A disguise the '@' and ':' \
+         of credentials); {NO_CREDENTIALS_IN_URLS}"
+    )
+}
+
+/// Checks `host` or `host:port` (IPv6 in brackets): ASCII letters, digits,
+/// `.`, `-` and `_`, and a numeric port.
+fn check_host(host_port: &str) -> Result<(), String> {
+    let port = if let Some(inner) = host_port.strip_prefix('[') {
+        let Some((v6, after)) = inner.split_once(']') else {
+            return Err("has an unclosed '[' in its host".into());
+        };
+        let v6_ok = !v6.is_empty()
+            && v6
+                .chars()
+                .all(|c| c.is_ascii_hexdigit() || c == ':' || c == '.');
+        if !v6_ok {
+            return Err(
+                "must name a host: an IPv6 address in brackets holds only hex digits, ':' and '.'"
+                    .into(),
+            );
+        }
+        match after {
+            "" => None,
+            p => Some(
+                p.strip_prefix(':')
+                    .ok_or("has characters after its IPv6 address")?,
+            ),
+        }
+    } else {
+        let (host, port) = match host_port.split_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (host_port, None),
+        };
+        if host.is_empty() {
+            return Err("must name a host".into());
+        }
+        let name_ok = !host.starts_with('-')
+            && host
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'));
+        if !name_ok {
+            return Err(
+                "must name a host of ASCII letters, digits, '.', '-' and '_' (no percent-encoding; \
+                 give international names in their xn-- form)"
+                    .into(),
+            );
+        }
+        port
+    };
+    if let Some(port) = port {
+        if port.is_empty() || port.len() > 5 || !port.chars().all(|c| c.is_ascii_digit()) {
+            return Err("must have a port of 1 to 5 digits after ':'".into());
+        }
+    }
+    Ok(())
+}
+
+/// Checks the user name before `@` of an ssh URL: a plain login name, never
+/// a password or a token.
+fn check_ssh_user(user: &str) -> Result<(), String> {
+    let plain = user
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && user
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        && user.len() <= MAX_SSH_USER;
+    let lower = user.to_ascii_lowercase();
+    if !plain || TOKEN_PREFIXES.iter().any(|p| lower.starts_with(p)) {
+        return Err(format!(
+            "may hold only a plain ssh user name before '@' (such as git@), \
+             never a password or a token; {NO_CREDENTIALS_IN_URLS}"
+        ));
+    }
+    Ok(())
+}
 
 impl RepoUrl {
     /// Parses a repository URL under `policy`.
     ///
     /// # Errors
-    /// A reason when the scheme is not allowed, the URL is malformed, holds
-    /// a password, whitespace or control characters, or starts with `-`.
+    /// A reason a person can act on when the scheme is not allowed, the URL
+    /// is malformed, could carry a credential (user information other than
+    /// an ssh user name, a query string or fragment, percent-encoding in the
+    /// host part), holds whitespace, control or invisible characters, or
+    /// starts with `-`.
     pub fn parse(s: &str, policy: UrlPolicy) -> Result<Self, String> {
         if s.is_empty() {
             return Err("must not be empty".into());
@@ -176,28 +320,56 @@ impl RepoUrl {
         if s.len() > 2048 {
             return Err("must be at most 2048 bytes".into());
         }
-        if s.chars().any(|c| c.is_whitespace() || c.is_control()) {
-            return Err("must not contain whitespace or control characters".into());
+        if s.chars()
+            .any(|c| c.is_whitespace() || c.is_control() || invisible(c))
+        {
+            return Err("must not contain whitespace, control or invisible characters".into());
         }
         if s.starts_with('-') {
             return Err("must not start with '-'".into());
         }
+        if s.contains(['?', '#']) {
+            return Err(format!(
+                "must not contain '?' or '#': git needs no query string or fragment, and \
+                 that is where tokens hide; {NO_CREDENTIALS_IN_URLS}"
+            ));
+        }
         if let Some((scheme, rest)) = s.split_once("://") {
             let scheme = scheme.to_ascii_lowercase();
+            let authority = rest.split('/').next().unwrap_or_default();
+            if authority.contains('%') {
+                return Err(percent_encoded());
+            }
+            if !authority.is_ascii() {
+                return Err(
+                    "must name its host in ASCII (international names in their xn-- form)".into(),
+                );
+            }
+            let credentials = || {
+                format!(
+                    "must not hold user information before '@' in {scheme} URLs (user:password@ \
+                     or token@); {NO_CREDENTIALS_IN_URLS}"
+                )
+            };
             match scheme.as_str() {
-                "https" | "ssh" | "git" => {
-                    let authority = rest.split('/').next().unwrap_or_default();
-                    if authority.is_empty() {
-                        return Err("must name a host".into());
+                "https" | "git" => {
+                    if authority.contains('@') {
+                        return Err(credentials());
                     }
-                    if let Some((userinfo, _)) = authority.rsplit_once('@') {
-                        if userinfo.contains(':') {
-                            return Err(
-                                "must not contain a password; give nodes credentials another way"
-                                    .into(),
-                            );
+                    check_host(authority)?;
+                    if rest.len() <= authority.len() + 1 {
+                        return Err("must name a repository path".into());
+                    }
+                }
+                "ssh" => {
+                    let host = match authority.rsplit_once('@') {
+                        Some((user, host)) => {
+                            check_ssh_user(user)?;
+                            host
                         }
-                    }
+                        None => authority,
+                    };
+                    check_host(host)?;
                     if rest.len() <= authority.len() + 1 {
                         return Err("must name a repository path".into());
                     }
@@ -208,6 +380,9 @@ impl RepoUrl {
                             "file:// URLs are not allowed on this server; use https, ssh or git"
                                 .into(),
                         );
+                    }
+                    if authority.contains('@') {
+                        return Err(credentials());
                     }
                     if !rest.starts_with('/') {
                         return Err("file:// URLs must hold an absolute path".into());
@@ -221,13 +396,46 @@ impl RepoUrl {
             }
             return Ok(Self(s.to_string()));
         }
-        // scp-like syntax: [user@]host:path, which git treats as ssh.
-        match s.split_once(':') {
-            Some((host, path)) if !host.is_empty() && !path.is_empty() && !host.contains('/') => {
-                Ok(Self(s.to_string()))
-            }
-            _ => Err("must be a URL with scheme https, ssh or git (or user@host:path)".into()),
+        Self::parse_scp_like(s)
+    }
+
+    /// The scp-like form `[user@]host:path`, which git treats as ssh when
+    /// no `/` comes before the first `:`.
+    fn parse_scp_like(s: &str) -> Result<Self, String> {
+        const SHAPE: &str = "must be a URL with scheme https, ssh or git (or user@host:path)";
+        let Some((user_host, path)) = s.split_once(':') else {
+            return Err(SHAPE.into());
+        };
+        if user_host.is_empty() || path.is_empty() || user_host.contains('/') {
+            return Err(SHAPE.into());
         }
+        if user_host.contains('%') {
+            return Err(percent_encoded());
+        }
+        // `transport::address` runs a git remote helper, not ssh.
+        if path.starts_with(':') {
+            return Err(
+                "must not name a git transport with '::'; use https, ssh or git URLs".into(),
+            );
+        }
+        // An '@' after the first ':' means `user:secret@host:path`.
+        if path.contains('@') {
+            return Err(format!(
+                "must not hold a password or token (user:secret@host); {NO_CREDENTIALS_IN_URLS}"
+            ));
+        }
+        let host = match user_host.rsplit_once('@') {
+            Some((user, host)) => {
+                check_ssh_user(user)?;
+                host
+            }
+            None => user_host,
+        };
+        if host.starts_with('[') {
+            return Err(SHAPE.into());
+        }
+        check_host(host)?;
+        Ok(Self(s.to_string()))
     }
 
     /// The URL as given.
@@ -954,6 +1162,143 @@ mod tests {
         let dev = UrlPolicy { allow_file: true };
         assert!(RepoUrl::parse("file:///srv/r.git", dev).is_ok());
         assert!(RepoUrl::parse("file://relative", dev).is_err());
+    }
+
+    /// Repository URLs that carry, or could smuggle, a credential; each must
+    /// be refused with a reason that says why.
+    const HOSTILE_URLS: &[(&str, &str)] = &[
+        ("https://u:secret@h/r.git", "credentials never go in a URL"),
+        (
+            "https://ghp_0123456789abcdef0123456789abcdef0123@github.com/o/r.git",
+            "credentials never go in a URL",
+        ),
+        (
+            "https://x-access-token:ghs_abc@github.com/o/r.git",
+            "credentials never go in a URL",
+        ),
+        (
+            "https://oauth2:glpat-abc@gitlab.com/o/r.git",
+            "credentials never go in a URL",
+        ),
+        ("https://token@h/r.git", "credentials never go in a URL"),
+        ("https://@h/r.git", "credentials never go in a URL"),
+        ("HTTPS://U:P@H/r.git", "credentials never go in a URL"),
+        ("git://u@h/r.git", "credentials never go in a URL"),
+        ("git://u:p@h/r.git", "credentials never go in a URL"),
+        ("https://h/r.git?private_token=abc", "'?' or '#'"),
+        ("https://h/r.git?access_token=abc&x=1", "'?' or '#'"),
+        ("https://h/r.git#token=abc", "'?' or '#'"),
+        ("https://h?token=abc/r.git", "'?' or '#'"),
+        ("git@h:r.git?token=abc", "'?' or '#'"),
+        ("ssh://git@h/r.git#x", "'?' or '#'"),
+        ("https://u%3Apass%40h/r.git", "percent-encode"),
+        ("https://u%3Apass@h/r.git", "percent-encode"),
+        ("https://h%40evil.com/r.git", "percent-encode"),
+        ("ssh://git%40h/r.git", "percent-encode"),
+        ("git%3Apass@h:r.git", "percent-encode"),
+        ("ssh://git:secret@h/r.git", "credentials never go in a URL"),
+        ("ssh://git:@h/r.git", "credentials never go in a URL"),
+        (
+            "ssh://ghp_0123456789abcdef0123456789abcdef0123@h/r.git",
+            "credentials never go in a URL",
+        ),
+        ("ssh://ghp_short@h/r.git", "credentials never go in a URL"),
+        (
+            "ssh://x-access-token@h/r.git",
+            "credentials never go in a URL",
+        ),
+        ("ssh://a@b@h/r.git", "credentials never go in a URL"),
+        ("ssh://@h/r.git", "credentials never go in a URL"),
+        ("git:secret@h:r.git", "credentials never go in a URL"),
+        (
+            "ghp_0123456789abcdef0123456789abcdef0123@github.com:o/r.git",
+            "credentials never go in a URL",
+        ),
+        (
+            "x-access-token@github.com:o/r.git",
+            "credentials never go in a URL",
+        ),
+        ("https://h\\@evil/r.git", "credentials never go in a URL"),
+        ("https://h\\evil/r.git", "ASCII letters"),
+        ("https://h /r.git", "whitespace"),
+        ("https://h/r.git\n", "whitespace"),
+        ("https://h/r.git\t", "whitespace"),
+        ("https://h/r\u{0}.git", "whitespace"),
+        ("https://h/r\u{7f}.git", "whitespace"),
+        ("https://h/r\u{a0}.git", "whitespace"),
+        ("https://h/r\u{3000}.git", "whitespace"),
+        ("https://h/r\u{2028}.git", "whitespace"),
+        ("https://u\u{200b}:p@h/r.git", "invisible"),
+        ("https://h/r\u{202e}tig.git", "invisible"),
+        ("https://h/r\u{feff}.git", "invisible"),
+        ("https://h\u{ff20}evil/r.git", "ASCII"),
+        ("https://h:/r.git", "port"),
+        ("https://h:443x/r.git", "port"),
+        ("https://[::1/r.git", "unclosed"),
+        ("ext::sh -c touch% /tmp/pwned", "whitespace"),
+        ("ext::sh%20-c%20id", "'::'"),
+        ("fd::17", "'::'"),
+    ];
+
+    #[test]
+    fn urls_that_could_carry_a_credential_are_refused_saying_why() {
+        let dev = UrlPolicy { allow_file: true };
+        for (url, why) in HOSTILE_URLS {
+            match RepoUrl::parse(url, dev) {
+                Ok(_) => panic!("{url:?} was accepted"),
+                Err(reason) => assert!(
+                    reason.contains(why),
+                    "{url:?} was refused with {reason:?}, which does not say {why:?}"
+                ),
+            }
+        }
+        for url in [
+            "file://u:p@/srv/r.git",
+            "file://token@/srv/r.git",
+            "file:///srv/r.git?token=x",
+        ] {
+            assert!(RepoUrl::parse(url, dev).is_err(), "{url:?} was accepted");
+        }
+    }
+
+    #[test]
+    fn ordinary_repository_urls_still_pass() {
+        let dev = UrlPolicy { allow_file: true };
+        for url in [
+            "https://github.com/org/code.git",
+            "https://git.example.com:8443/group/sub/repo.git",
+            "https://[2001:db8::1]:8443/r.git",
+            "https://h/@scope/r.git",
+            "https://h/a%20b.git",
+            "https://h/répertoire.git",
+            "git://h/r",
+            "ssh://h/r.git",
+            "ssh://git@h:2222/r.git",
+            "ssh://deploy-bot@[::1]/srv/r.git",
+            "git@github.com:org/code.git",
+            "h:r.git",
+            "file:///srv/r.git",
+        ] {
+            assert!(
+                RepoUrl::parse(url, dev).is_ok(),
+                "{url:?} was refused: {:?}",
+                RepoUrl::parse(url, dev)
+            );
+        }
+    }
+
+    #[test]
+    fn each_bad_repository_url_names_its_field() {
+        let mut d = draft();
+        d.code_repo_url = Some("https://u:p@h/r.git".into());
+        d.env_repo_url = Some("https://h/e.git?token=x".into());
+        let errs = d.validate(UrlPolicy::default()).unwrap_err();
+        let fields: Vec<&str> = errs.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(fields, ["code_repo_url", "env_repo_url"]);
+        assert!(errs
+            .iter()
+            .all(|e| e.reason.contains(NO_CREDENTIALS_IN_URLS)));
+        assert!(errs.iter().all(|e| !e.reason.contains("secret")));
     }
 
     #[test]

@@ -34,6 +34,9 @@ pub struct DevArgs {
     /// local repositories work).
     #[arg(long)]
     no_file_urls: bool,
+    /// Let every user create projects (by default only admins may).
+    #[arg(long, env = "UNIDESK_USERS_CREATE_PROJECTS")]
+    users_create_projects: bool,
     /// How often outbox consumers poll when no NOTIFY arrives, in ms.
     #[arg(long, env = "UNIDESK_POLL_MS", default_value_t = 250)]
     poll_ms: u64,
@@ -238,6 +241,7 @@ async fn serve(args: &DevArgs, listener: tokio::net::TcpListener, url: &str) -> 
     let objects_endpoint = objects.public_url();
     let server = ServerArgs {
         allow_file_urls: !args.no_file_urls,
+        users_create_projects: args.users_create_projects,
         poll_ms: args.poll_ms,
         objects: Some(objects),
         ..ServerArgs::defaults()

@@ -17,6 +17,9 @@ pub struct ServerArgs {
     /// Accept `file://` repository URLs (only for agents on this machine).
     #[arg(long, env = "UNIDESK_ALLOW_FILE_URLS")]
     pub allow_file_urls: bool,
+    /// Let every user create projects (by default only admins may).
+    #[arg(long, env = "UNIDESK_USERS_CREATE_PROJECTS")]
+    pub users_create_projects: bool,
     /// Largest accepted request body, in bytes.
     #[arg(long, env = "UNIDESK_BODY_LIMIT", default_value_t = 1024 * 1024)]
     pub body_limit: usize,
@@ -63,6 +66,7 @@ impl ServerArgs {
     pub fn defaults() -> Self {
         Self {
             allow_file_urls: false,
+            users_create_projects: false,
             body_limit: 1024 * 1024,
             poll_ms: 250,
             heartbeat_s: 15,
@@ -163,6 +167,7 @@ pub fn start(
                 allow_file: args.allow_file_urls,
             },
             body_limit: args.body_limit,
+            users_create_projects: args.users_create_projects,
         };
         let state = api::AppState::new(store.clone(), config)
             .with_objects(args.objects.clone(), args.s3.part_bytes());

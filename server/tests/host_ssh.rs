@@ -429,5 +429,20 @@ async fn an_admin_runs_bounded_commands_on_a_nodes_host_over_real_ssh() {
         summaries[7].ends_with("64.0 KiB output, truncated"),
         "{summaries:#?}"
     );
+
+    // For anybody but an admin, none of it is there: not the commands,
+    // their summaries nor what they printed, in the log or the timeline.
+    for path in [
+        format!("/events?aggregate_type=node&aggregate_id={host}&limit=1000"),
+        format!("/timeline?node={host}&limit=500"),
+        format!("/nodes/{host}"),
+    ] {
+        let (status, v) = p.call(&frank, reqwest::Method::GET, &path, None).await;
+        assert_eq!(status, 200, "GET {path}: {v}");
+        let shown = v.to_string();
+        for hidden in ["HostSsh", "echo hello", "id -un", "over SSH", "oops"] {
+            assert!(!shown.contains(hidden), "{hidden:?} in {path}: {shown}");
+        }
+    }
     drop(sshd);
 }

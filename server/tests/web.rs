@@ -13,7 +13,7 @@ mod browser;
 use std::time::Duration;
 
 use chrono::Utc;
-use domain::node::{Node, NodeCommand, NodeResources};
+use domain::node::{HostSshOutcome, Node, NodeCommand, NodeResources};
 use domain::Actor;
 use fantoccini::Locator;
 use serde_json::{json, Value};
@@ -314,6 +314,175 @@ async fn a_user_follows_a_task_live_and_sees_what_an_event_changed_and_outsiders
         .await
         .unwrap();
     assert!(rows.is_empty(), "nor the task on the dashboard");
+
+    b.close().await;
+    server.services.stop().await;
+}
+
+impl Server {
+    /// An admin's host command on `node`, then a drain and an undrain, as
+    /// the API and the ingress record them.
+    async fn host_command(&self, node: &str, command: &str) {
+        let request_id = Uuid::now_v7();
+        let admin = Actor::User("admin".into());
+        let at = Utc::now();
+        let steps = [
+            (
+                NodeCommand::RequestHostSsh {
+                    request_id,
+                    command: command.into(),
+                    timeout_s: 30,
+                    by: admin.clone(),
+                    at,
+                },
+                admin.clone(),
+            ),
+            (
+                NodeCommand::FinishHostSsh {
+                    request_id,
+                    result: HostSshOutcome {
+                        exit_code: Some(0),
+                        output: "marker-output\n".into(),
+                        duration_ms: 7,
+                        ..HostSshOutcome::default()
+                    },
+                    at,
+                },
+                Actor::Node(node.to_string()),
+            ),
+            (
+                NodeCommand::Drain {
+                    by: admin.clone(),
+                    at,
+                },
+                admin.clone(),
+            ),
+            (
+                NodeCommand::Undrain {
+                    by: admin.clone(),
+                    at,
+                },
+                admin,
+            ),
+        ];
+        for (command, actor) in steps {
+            self.store
+                .execute::<Node>(node, command, &actor, at)
+                .await
+                .unwrap();
+        }
+    }
+}
+
+/// How many elements match `css` once at least `n` do.
+async fn wait_count(b: &Browser, css: &str, n: usize) -> usize {
+    let deadline = std::time::Instant::now() + PATIENCE;
+    loop {
+        let found = b.client.find_all(Locator::Css(css)).await.unwrap().len();
+        if found >= n {
+            return found;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{css}: {found} of {n}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_commands_on_a_node_are_shown_to_admins_only() {
+    let server = Server::start().await;
+    let bob = server.user("bob").await;
+    let node = server.node("gpu-3").await;
+    server.host_command(&node, "cat /etc/marker-one").await;
+
+    let b = Browser::start().await.unwrap();
+    b.client.goto(&server.base).await.unwrap();
+    sign_in(&b, &bob).await;
+    b.client
+        .goto(&format!("{}/#/nodes/{node}", server.base))
+        .await
+        .unwrap();
+    b.wait_for(".live[data-live=\"on\"]", PATIENCE)
+        .await
+        .unwrap();
+    wait_count(&b, ".events li[data-type=\"NodeUndrained\"]", 1).await;
+
+    // Another command while Bob watches: the drain after it arrives, the
+    // command does not.
+    server.host_command(&node, "cat /etc/marker-two").await;
+    wait_count(&b, ".events li[data-type=\"NodeUndrained\"]", 2).await;
+    let host = b
+        .client
+        .find_all(Locator::Css(".events li[data-type^=\"NodeHostSsh\"]"))
+        .await
+        .unwrap();
+    assert!(host.is_empty(), "bob sees no host command");
+    let page = text(&b, "#view").await;
+    assert!(!page.contains("marker") && !page.contains("SSH"), "{page}");
+    let alerts = b
+        .client
+        .find_all(Locator::Css(".notice.bad"))
+        .await
+        .unwrap();
+    assert!(alerts.is_empty(), "and nothing broke");
+    // Clicking an event next to them shows what it changed.
+    b.client
+        .find(Locator::Css(
+            ".events li[data-type=\"NodeDrained\"] button.ev",
+        ))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    let detail = text(&b, ".detail").await;
+    assert!(detail.contains("NodeDrained"), "{detail}");
+    assert!(!detail.contains("marker"), "{detail}");
+    // The timeline does not offer the host command types as a filter.
+    b.client
+        .goto(&format!("{}/#/timeline", server.base))
+        .await
+        .unwrap();
+    b.wait_for("#event-types", PATIENCE).await.unwrap();
+    let offered = b
+        .client
+        .find_all(Locator::Css("#event-types option[value^=\"NodeHostSsh\"]"))
+        .await
+        .unwrap();
+    assert!(offered.is_empty());
+
+    // The admin sees both commands, live and in words.
+    b.client
+        .find(Locator::Css("#sign-out"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    sign_in(&b, &server.admin).await;
+    b.client
+        .goto(&format!("{}/#/nodes/{node}", server.base))
+        .await
+        .unwrap();
+    wait_count(&b, ".events li[data-type=\"NodeHostSshRequested\"]", 2).await;
+    let page = text(&b, "#view").await;
+    assert!(
+        page.contains("cat /etc/marker-one") && page.contains("cat /etc/marker-two"),
+        "{page}"
+    );
+    b.client
+        .goto(&format!("{}/#/timeline", server.base))
+        .await
+        .unwrap();
+    b.wait_for("#event-types", PATIENCE).await.unwrap();
+    let offered = b
+        .client
+        .find_all(Locator::Css("#event-types option[value^=\"NodeHostSsh\"]"))
+        .await
+        .unwrap();
+    assert_eq!(offered.len(), 2);
 
     b.close().await;
     server.services.stop().await;

@@ -142,11 +142,28 @@ pub async fn read_after<'e>(
     limit: i64,
     filter: &Filter,
 ) -> Result<Vec<RecordedEvent>, sqlx::Error> {
+    read_after_except(db, after, limit, filter, &[]).await
+}
+
+/// As [`read_after`], leaving out events of the types in `except`: the
+/// `limit` counts only the events returned, so a reader that may not see
+/// some types still gets full pages.
+///
+/// # Errors
+/// A database error.
+pub async fn read_after_except<'e>(
+    db: impl PgExecutor<'e>,
+    after: Checkpoint,
+    limit: i64,
+    filter: &Filter,
+    except: &[&str],
+) -> Result<Vec<RecordedEvent>, sqlx::Error> {
     let sql = format!(
         "{SELECT} WHERE (o.txid, o.position) > ($1::text::xid8, $2) \
          AND o.txid < pg_snapshot_xmin(pg_current_snapshot()) \
          AND ($4::text IS NULL OR o.aggregate_type = $4) \
          AND ($5::text IS NULL OR o.aggregate_id = $5) \
+         AND NOT (e.event_type = ANY($6)) \
          ORDER BY o.txid, o.position LIMIT $3"
     );
     sqlx::query(&sql)
@@ -155,6 +172,7 @@ pub async fn read_after<'e>(
         .bind(limit)
         .bind(filter.aggregate_type.as_deref())
         .bind(filter.aggregate_id.as_deref())
+        .bind(except)
         .try_map(|row: PgRow| RecordedEvent::from_row(&row))
         .fetch_all(db)
         .await

@@ -22,6 +22,8 @@
     'ProjectCreated', 'ProjectRenamed', 'ProjectMemberAdded', 'ProjectMemberRemoved',
     'ProjectQuotaSet', 'ProjectArchived', 'UserCreated', 'UserTokenIssued', 'UserTokenRevoked',
   ];
+  // Only admins ever receive these; nobody else is offered them as a filter.
+  const ADMIN_ONLY_TYPES = new Set(['NodeHostSshRequested', 'NodeHostSshFinished']);
 
   // ------------------------------------------------------------------ DOM
 
@@ -567,7 +569,9 @@
       [...names.projects.values()].map((p) => h('option', { value: p.id, selected: p.id === filter.project }, p.name)));
     const kindSelect = h('select', { id: 'f-kind', name: 'aggregate_type' },
       ['', 'task', 'node', 'project', 'user'].map((k) => h('option', { value: k, selected: k === (filter.aggregate_type || '') }, k || 'any kind')));
-    const types = h('datalist', { id: 'event-types' }, EVENT_TYPES.map((t) => h('option', { value: t })));
+    const types = h('datalist', { id: 'event-types' }, EVENT_TYPES
+      .filter((t) => session.admin || !ADMIN_ONLY_TYPES.has(t))
+      .map((t) => h('option', { value: t })));
     const form = h('form', { class: 'filters panel', role: 'search', 'aria-label': 'Filter the timeline' },
       field('f-task', 'Task id', h('input', { id: 'f-task', name: 'task', class: 'wide mono', value: filter.task || '', placeholder: 'a task id', spellcheck: 'false' })),
       field('f-node', 'Node', nodeSelect),

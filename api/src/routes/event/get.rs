@@ -20,7 +20,7 @@ use crate::error::{ApiError, ErrorBody};
 use crate::extract::Path;
 use crate::schema;
 use crate::schema::timeline::EventDetail;
-use crate::AppState;
+use crate::{access, AppState};
 
 /// This route.
 pub fn router() -> OpenApiRouter<AppState> {
@@ -32,7 +32,8 @@ pub fn router() -> OpenApiRouter<AppState> {
 ///
 /// Callers see the events they could list with `GET /events` naming the
 /// event's aggregate: admins any, others those of their projects and
-/// those projects' tasks, of any node, and their own.
+/// those projects' tasks, of any node, and their own; host SSH events
+/// are for admins only and answer 404 to anybody else, like a missing one.
 #[utoipa::path(
     get,
     path = "/events/{position}",
@@ -63,6 +64,9 @@ async fn get(
         return Err(missing());
     };
     if !caller.admin {
+        if access::admin_only(&event.event_type) {
+            return Err(missing());
+        }
         let kind = Some(event.aggregate_type.as_str());
         let id = Some(event.aggregate_id.as_str());
         match super::list::check_visible(&state, &caller, kind, id).await {
@@ -91,13 +95,10 @@ async fn get(
         }
     };
     let metadata = event.metadata.clone();
-    let mut shown = super::list::summarized(&state, std::slice::from_ref(&event))
+    let shown = super::list::summarized(&state, std::slice::from_ref(&event))
         .await?
         .pop()
         .ok_or_else(|| ApiError::internal("summarising one event gave none"))?;
-    if !caller.admin {
-        super::list::hide_host_output(&mut shown);
-    }
     Ok(Json(EventDetail {
         event: shown,
         metadata,

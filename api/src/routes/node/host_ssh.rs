@@ -48,7 +48,7 @@ pub fn router() -> OpenApiRouter<AppState> {
 /// Runs a command on the node's host over SSH, through the node's agent,
 /// and answers when it ends. Admins only; for emergency maintenance. The
 /// node must be online and its agent started with `--host-ssh`. The
-/// request and its result appear on the node's timeline.
+/// request and its result appear on the node's timeline, for admins only.
 #[utoipa::path(
     post,
     path = "/nodes/{id}/host-ssh",

@@ -1,5 +1,6 @@
 //! `POST /api/v1/projects`: create a project; its creator becomes its
-//! maintainer.
+//! maintainer. Only admins may, unless the server lets every user
+//! (`--users-create-projects`).
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -27,7 +28,8 @@ pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new().routes(routes!(create))
 }
 
-/// Creates a project. Its name is claimed before the first event so that
+/// Creates a project. Only admins may, unless the server was started with
+/// `--users-create-projects`. Its name is claimed before the first event so that
 /// two projects never share a name, and released if creation is refused.
 #[utoipa::path(
     post,
@@ -38,6 +40,7 @@ pub fn router() -> OpenApiRouter<AppState> {
         (status = 201, description = "Created", body = project::Project),
         (status = 400, description = "Malformed JSON", body = ErrorBody),
         (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 403, description = "Only admins may create projects on this server", body = ErrorBody),
         (status = 409, description = "The name is taken", body = ErrorBody),
         (status = 413, description = "Body too large", body = ErrorBody),
         (status = 415, description = "Body is not JSON", body = ErrorBody),
@@ -57,6 +60,9 @@ async fn create(
     ),
     ApiError,
 > {
+    if !state.config().users_create_projects {
+        caller.require_admin("create projects on this server")?;
+    }
     validate_name(&body.name).map_err(|reason| ApiError::invalid("name", reason))?;
     let description = body.description.unwrap_or_default();
     if description.len() > MAX_DESCRIPTION || description.contains('\0') {

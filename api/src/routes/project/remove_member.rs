@@ -19,7 +19,9 @@ pub fn router() -> OpenApiRouter<AppState> {
 }
 
 /// Removes a member. Maintainers and admins may remove anybody; any member
-/// may leave. The last maintainer cannot leave.
+/// may leave. The last maintainer cannot leave. Members can be removed
+/// from an archived project too, so that archiving never leaves someone with
+/// access nobody can take back.
 #[utoipa::path(
     delete,
     path = "/projects/{id}/members/{user}",
@@ -34,7 +36,7 @@ pub fn router() -> OpenApiRouter<AppState> {
         (status = 401, description = "No valid token", body = ErrorBody),
         (status = 403, description = "Not a maintainer of the project", body = ErrorBody),
         (status = 404, description = "No such project, or the user is not a member", body = ErrorBody),
-        (status = 409, description = "Archived, or the last maintainer", body = ErrorBody)
+        (status = 409, description = "The last maintainer", body = ErrorBody)
     ),
     security(("bearer" = []))
 )]

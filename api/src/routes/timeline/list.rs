@@ -68,7 +68,8 @@ struct ListTimeline {
 /// and what happened in one line.
 ///
 /// Admins see the whole log; anybody else the events of their projects and
-/// those projects' tasks, every node's events and their own. Filters
+/// those projects' tasks, every node's events but host SSH ones (admins
+/// only), and their own. Filters
 /// naming a task, project or node the caller may not see are refused as
 /// those resources' own routes refuse them. The page is read from the
 /// timeline read model, usually a few milliseconds behind the log; its
@@ -217,6 +218,9 @@ fn select<'a>(
             .push(")");
     }
     if let Some(user) = member {
+        sql.push(" AND NOT (event_type = ANY(")
+            .push_bind(&crate::access::ADMIN_ONLY_EVENT_TYPES[..])
+            .push("))");
         sql.push(
             " AND (aggregate_type = 'node' \
                OR project_id IN (SELECT project_id FROM project_member_view WHERE user_name = ",
