@@ -196,6 +196,7 @@ async fn history(store: &Store) -> History {
             name: name.into(),
             labels: BTreeMap::from([("gpu".to_string(), "a100".to_string())]),
             token_fingerprint: "cd".repeat(32),
+            max_resources: Default::default(),
             by: root.clone(),
             at,
         };
