@@ -279,6 +279,7 @@ impl From<StoreError<NodeError>> for ApiError {
     fn from(e: StoreError<NodeError>) -> Self {
         from_store(e, |e| match e {
             NodeError::NotFound => ApiError::not_found("node not found"),
+            NodeError::Invalid(e) => ApiError::Invalid(vec![e.into()]),
             other => ApiError::conflict(other.to_string()),
         })
     }

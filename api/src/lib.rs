@@ -36,7 +36,7 @@ pub use bootstrap::{bootstrap_admin, BootstrapError};
 pub use error::ApiError;
 pub use live_logs::LogFollowers;
 pub use openapi::openapi;
-pub use provision::provision_node;
+pub use provision::{provision_node, provision_node_with_limits};
 pub use timeline::TimelineFeed;
 
 /// The largest request body accepted by default: 1 MiB, far above any

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use chrono::Utc;
-use domain::node::{Node, NodeCommand};
+use domain::node::{Node, NodeCommand, ResourceLimitsDraft};
 use domain::spec::{validate_labels, validate_name};
 use domain::Actor;
 use store::{names, tokens, Store, StoreError};
@@ -12,16 +12,34 @@ use uuid::Uuid;
 
 use crate::error::{ApiError, Problem};
 
-/// Creates node `name` with `labels` and its agent's token. Returns the
-/// node and the token, which is shown once and stored only as a hash.
+/// Creates node `name` with `labels` and its agent's token, with no
+/// maximum on what it may claim. Returns the node and the token, which is
+/// shown once and stored only as a hash.
 ///
 /// # Errors
-/// 422 for a bad name or labels, 409 when the name is taken, 500 when the
-/// log cannot be written.
+/// As [`provision_node_with_limits`].
 pub async fn provision_node(
     store: &Store,
     name: &str,
     labels: BTreeMap<String, String>,
+    actor: &Actor,
+) -> Result<(Node, String), ApiError> {
+    provision_node_with_limits(store, name, labels, ResourceLimitsDraft::default(), actor).await
+}
+
+/// Creates node `name` with `labels` (the only ones placement matches
+/// until an admin changes them) and `max_resources`, the most it may claim
+/// whatever its agent declares. Returns the node and its agent's token,
+/// which is shown once and stored only as a hash.
+///
+/// # Errors
+/// 422 for a bad name, labels or maximum (naming each field), 409 when the
+/// name is taken, 500 when the log cannot be written.
+pub async fn provision_node_with_limits(
+    store: &Store,
+    name: &str,
+    labels: BTreeMap<String, String>,
+    max_resources: ResourceLimitsDraft,
     actor: &Actor,
 ) -> Result<(Node, String), ApiError> {
     let mut problems = Vec::new();
@@ -31,6 +49,10 @@ pub async fn provision_node(
     if let Err(e) = validate_labels("labels", &labels) {
         problems.push(e.into());
     }
+    let max_resources = max_resources
+        .validate("max_resources")
+        .map_err(|errors| problems.extend(errors.into_iter().map(Problem::from)))
+        .unwrap_or_default();
     if !problems.is_empty() {
         return Err(ApiError::Invalid(problems));
     }
@@ -44,6 +66,7 @@ pub async fn provision_node(
         name: name.to_string(),
         labels,
         token_fingerprint: issued.fingerprint.clone(),
+        max_resources,
         by: actor.clone(),
         at: now,
     };

@@ -1099,6 +1099,314 @@ async fn nodes_are_provisioned_by_admins_with_a_token_shown_once_and_unique_name
     assert!(!list.to_string().contains("fingerprint"));
 }
 
+/// Connects node `id` as the ingress records an agent's hello, declaring
+/// `labels` and 64 CPUs, 512 GiB and 8 GPUs.
+async fn claim(app: &App, id: &str, labels: Value) {
+    let at = chrono::Utc::now();
+    let connect = domain::node::NodeCommand::Connect {
+        session: uuid::Uuid::now_v7(),
+        agent_version: "0.1.0-test".into(),
+        resources: domain::node::NodeResources {
+            cpus: 64.0,
+            memory_mb: 512 * 1024,
+            gpus: (0..8)
+                .map(|index| domain::node::Gpu {
+                    index,
+                    name: "A100".into(),
+                    memory_mb: 81920,
+                })
+                .collect(),
+        },
+        labels: serde_json::from_value(labels).expect("labels"),
+        at,
+    };
+    app.store
+        .execute::<domain::node::Node>(id, connect, &domain::Actor::Node(id.to_string()), at)
+        .await
+        .expect("connect");
+}
+
+#[tokio::test]
+async fn only_admins_set_or_accept_node_labels_and_maxima() {
+    let app = start().await;
+    let frank = app.user("frank").await;
+    let created = app
+        .post("/api/v1/nodes", &app.admin, json!({"name": "gpu-1"}))
+        .await;
+    let id = created.expect(201)["id"]
+        .as_str()
+        .expect("an id")
+        .to_string();
+    claim(&app, &id, json!({"gpu": "a100"})).await;
+    let before = app.events().await;
+    let labels = format!("/api/v1/nodes/{id}/labels");
+    let accept = format!("/api/v1/nodes/{id}/labels/accept");
+    let limits = format!("/api/v1/nodes/{id}/limits");
+    for body in [json!({"labels": {"gpu": "a100"}}), json!({"labels": 5})] {
+        app.put(&labels, &frank, body).await.expect(403);
+    }
+    app.post_empty(&accept, &frank).await.expect(403);
+    app.post(&accept, &frank, json!({"keys": ["gpu"]}))
+        .await
+        .expect(403);
+    for body in [
+        json!({"cpus": 64, "memory_mb": null, "gpus": 8}),
+        json!({"cpus": -1}),
+    ] {
+        app.put(&limits, &frank, body).await.expect(403);
+    }
+    app.post(
+        "/api/v1/nodes",
+        &frank,
+        json!({"name": "gpu-2", "max_resources": {"cpus": 64}}),
+    )
+    .await
+    .expect(403);
+    assert_eq!(app.events().await, before);
+    let shown = app.get(&format!("/api/v1/nodes/{id}"), &frank).await;
+    assert_eq!(shown.expect(200)["labels"], json!({}));
+}
+
+#[tokio::test]
+async fn malformed_node_label_and_maximum_bodies_get_422_naming_the_field() {
+    let app = start().await;
+    let created = app
+        .post("/api/v1/nodes", &app.admin, json!({"name": "gpu-1"}))
+        .await;
+    let id = created.expect(201)["id"]
+        .as_str()
+        .expect("an id")
+        .to_string();
+    claim(&app, &id, json!({"gpu": "a100"})).await;
+    let before = app.events().await;
+    let labels = format!("/api/v1/nodes/{id}/labels");
+    let too_many: serde_json::Map<String, Value> =
+        (0..65).map(|i| (format!("k{i}"), json!("v"))).collect();
+    for (body, field) in [
+        (json!({}), "labels"),
+        (json!({"labels": null}), "labels"),
+        (json!({"labels": ["gpu=a100"]}), "labels"),
+        (json!({"labels": {"gpu": 5}}), "labels.gpu"),
+        (json!({"labels": {"gpu": "a 100"}}), "labels.gpu"),
+        (json!({"labels": {"-gpu": "a100"}}), "labels.-gpu"),
+        (json!({"labels": {"gpu": "x".repeat(64)}}), "labels.gpu"),
+        (json!({"labels": {}, "accept": true}), "accept"),
+        (json!({"labels": too_many}), "labels"),
+    ] {
+        app.put(&labels, &app.admin, body.clone())
+            .await
+            .expect_error(422, field);
+    }
+    let accept = format!("/api/v1/nodes/{id}/labels/accept");
+    for (body, field) in [
+        (json!({"keys": ["gpu", "os"]}), "keys[1]"),
+        (json!({"keys": "gpu"}), "keys"),
+        (json!({"keys": [1]}), "keys[0]"),
+        (json!({"labels": {"gpu": "h100"}}), "labels"),
+    ] {
+        app.post(&accept, &app.admin, body)
+            .await
+            .expect_error(422, field);
+    }
+    let limits = format!("/api/v1/nodes/{id}/limits");
+    let missing = app.put(&limits, &app.admin, json!({})).await;
+    missing.expect(422);
+    assert_eq!(missing.fields(), ["cpus", "memory_mb", "gpus"]);
+    for (body, field) in [
+        (json!({"cpus": 0, "memory_mb": null, "gpus": null}), "cpus"),
+        (json!({"cpus": -4, "memory_mb": null, "gpus": null}), "cpus"),
+        (
+            json!({"cpus": "four", "memory_mb": null, "gpus": null}),
+            "cpus",
+        ),
+        (
+            json!({"cpus": 1e9, "memory_mb": null, "gpus": null}),
+            "cpus",
+        ),
+        (
+            json!({"cpus": null, "memory_mb": 0, "gpus": null}),
+            "memory_mb",
+        ),
+        (json!({"cpus": null, "memory_mb": null, "gpus": -1}), "gpus"),
+        (
+            json!({"cpus": null, "memory_mb": null, "gpus": 1.5}),
+            "gpus",
+        ),
+        (json!({"cpus": null, "memory_mb": null}), "gpus"),
+        (
+            json!({"cpus": 4, "memory_mb": null, "gpus": 1, "disk": 1}),
+            "disk",
+        ),
+    ] {
+        app.put(&limits, &app.admin, body)
+            .await
+            .expect_error(422, field);
+    }
+    for (body, field) in [
+        (
+            json!({"name": "gpu-2", "max_resources": {"cpus": 0}}),
+            "max_resources.cpus",
+        ),
+        (
+            json!({"name": "gpu-2", "max_resources": {"gpus": -1}}),
+            "max_resources.gpus",
+        ),
+        (
+            json!({"name": "gpu-2", "max_resources": {"disk": 1}}),
+            "max_resources.disk",
+        ),
+        (
+            json!({"name": "gpu-2", "max_resources": 4}),
+            "max_resources",
+        ),
+    ] {
+        app.post("/api/v1/nodes", &app.admin, body)
+            .await
+            .expect_error(422, field);
+    }
+    assert_eq!(app.events().await, before);
+    // Nothing was lost: the name is still free.
+    app.post("/api/v1/nodes", &app.admin, json!({"name": "gpu-2"}))
+        .await
+        .expect(201);
+}
+
+#[tokio::test]
+async fn an_admin_decides_which_labels_and_how_much_of_a_node_count() {
+    let app = start().await;
+    let frank = app.user("frank").await;
+    let created = app
+        .post(
+            "/api/v1/nodes",
+            &app.admin,
+            json!({"name": "gpu-1", "labels": {"zone": "lab"},
+                   "max_resources": {"cpus": 4, "gpus": 1}}),
+        )
+        .await;
+    let created = created.expect(201).clone();
+    let id = created["id"].as_str().expect("an id").to_string();
+    assert_eq!(
+        created["max_resources"],
+        json!({"cpus": 4.0, "memory_mb": null, "gpus": 1})
+    );
+    assert_eq!(created["resources"], Value::Null);
+    claim(
+        &app,
+        &id,
+        json!({"gpu": "a100", "os": "linux", "zone": "dc1"}),
+    )
+    .await;
+
+    let node = app.get(&format!("/api/v1/nodes/{id}"), &frank).await;
+    let node = node.expect(200).clone();
+    assert_eq!(node["labels"], json!({"zone": "lab"}));
+    assert_eq!(
+        node["declared_labels"],
+        json!({"gpu": "a100", "os": "linux", "zone": "dc1"})
+    );
+    assert_eq!(node["resources"]["cpus"], 4.0);
+    assert_eq!(node["resources"]["memory_mb"], 512 * 1024);
+    assert_eq!(node["resources"]["gpus"].as_array().map(Vec::len), Some(1));
+    assert_eq!(node["resources"]["gpus"][0]["index"], 0);
+    assert_eq!(node["declared_resources"]["cpus"], 64.0);
+    assert_eq!(
+        node["declared_resources"]["gpus"].as_array().map(Vec::len),
+        Some(8)
+    );
+
+    // Accepting one declared key adds it with its declared value.
+    let accept = format!("/api/v1/nodes/{id}/labels/accept");
+    let accepted = app
+        .post(&accept, &app.admin, json!({"keys": ["gpu"]}))
+        .await;
+    assert_eq!(
+        accepted.expect(200)["labels"],
+        json!({"gpu": "a100", "zone": "lab"})
+    );
+    // Accepting without a body takes the rest, the declared zone included.
+    let all = app.post_empty(&accept, &app.admin).await;
+    assert_eq!(
+        all.expect(200)["labels"],
+        json!({"gpu": "a100", "os": "linux", "zone": "dc1"})
+    );
+    let before = app.events().await;
+    app.post_empty(&accept, &app.admin).await.expect(200);
+    assert_eq!(
+        app.events().await,
+        before,
+        "accepting again appends nothing"
+    );
+
+    // Replacing the set drops whatever is not in it.
+    let labels = format!("/api/v1/nodes/{id}/labels");
+    let set = app
+        .put(&labels, &app.admin, json!({"labels": {"gpu": "h100"}}))
+        .await;
+    let set = set.expect(200).clone();
+    assert_eq!(set["labels"], json!({"gpu": "h100"}));
+    assert_eq!(set["declared_labels"]["gpu"], "a100");
+
+    // Lifting the CPU maximum counts what is declared; GPUs stay capped.
+    let limits = format!("/api/v1/nodes/{id}/limits");
+    let lifted = app
+        .put(
+            &limits,
+            &app.admin,
+            json!({"cpus": null, "memory_mb": 65536, "gpus": 2}),
+        )
+        .await;
+    let lifted = lifted.expect(200).clone();
+    assert_eq!(lifted["resources"]["cpus"], 64.0);
+    assert_eq!(lifted["resources"]["memory_mb"], 65536);
+    assert_eq!(
+        lifted["resources"]["gpus"].as_array().map(Vec::len),
+        Some(2)
+    );
+
+    app.catch_up().await;
+    let list = app.get("/api/v1/nodes", &frank).await;
+    let listed = &list.expect(200)["items"][0];
+    assert_eq!(listed["labels"], json!({"gpu": "h100"}));
+    assert_eq!(listed["max_resources"]["memory_mb"], 65536);
+    assert_eq!(listed["resources"]["memory_mb"], 65536);
+    let timeline: Vec<String> = sqlx::query_scalar(
+        "SELECT summary FROM timeline WHERE aggregate_id = $1 ORDER BY sequence",
+    )
+    .bind(&id)
+    .fetch_all(&app.pool)
+    .await
+    .expect("the timeline");
+    assert!(
+        timeline.contains(&"user:admin set the labels of node gpu-1 to gpu=h100".to_string()),
+        "{timeline:?}"
+    );
+
+    let nobody = uuid_v4();
+    app.put(
+        &format!("/api/v1/nodes/{nobody}/labels"),
+        &app.admin,
+        json!({"labels": {}}),
+    )
+    .await
+    .expect(404);
+    app.post_empty(&format!("/api/v1/nodes/{nobody}/labels/accept"), &app.admin)
+        .await
+        .expect(404);
+    app.put(
+        &format!("/api/v1/nodes/{nobody}/limits"),
+        &app.admin,
+        json!({"cpus": 1, "memory_mb": null, "gpus": null}),
+    )
+    .await
+    .expect(404);
+    app.post_empty(&format!("/api/v1/nodes/{id}/revoke"), &app.admin)
+        .await
+        .expect(200);
+    app.put(&labels, &app.admin, json!({"labels": {}}))
+        .await
+        .expect(409);
+}
+
 #[tokio::test]
 async fn projects_have_unique_names_checked_roles_an_admin_quota_and_an_archive() {
     let app = start().await;
@@ -1324,6 +1632,9 @@ const EXPECTED_ROUTES: &[(&str, &str)] = &[
     ("post", "/api/v1/nodes/{id}/undrain"),
     ("post", "/api/v1/nodes/{id}/revoke"),
     ("post", "/api/v1/nodes/{id}/host-ssh"),
+    ("put", "/api/v1/nodes/{id}/labels"),
+    ("post", "/api/v1/nodes/{id}/labels/accept"),
+    ("put", "/api/v1/nodes/{id}/limits"),
     ("get", "/api/v1/events"),
     ("get", "/api/v1/events/{position}"),
     ("get", "/api/v1/timeline"),

@@ -4,6 +4,12 @@
 //! state are: provisioned, connected, disconnected, marked offline, drained,
 //! undrained, token revoked. Host SSH requests and their results are events
 //! too, so every command an admin runs on a node's host is on its timeline.
+//!
+//! A node's token proves which node is talking, not that what it says about
+//! itself is true: the labels placement matches are the ones an admin set
+//! (labels the agent declares are kept apart until an admin accepts them),
+//! and what it declares is clamped to the maximum an admin may set. See
+//! [`trust`].
 
 use std::collections::BTreeMap;
 
@@ -13,7 +19,12 @@ use cqrs_es::{Aggregate, DomainEvent};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use crate::spec::FieldError;
 use crate::Actor;
+
+pub mod trust;
+
+pub use trust::{ResourceLimits, ResourceLimitsDraft};
 
 /// One GPU as the agent detected it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -188,6 +199,10 @@ pub enum NodeEvent {
         labels: BTreeMap<String, String>,
         /// Hex SHA-256 of the token's secret; the token itself is never stored.
         token_fingerprint: String,
+        /// The most the node may claim; absent in events from before
+        /// maxima existed, and when there is none.
+        #[serde(default, skip_serializing_if = "ResourceLimits::is_unlimited")]
+        max_resources: ResourceLimits,
         /// Who provisioned it.
         by: Actor,
         /// When.
@@ -199,9 +214,11 @@ pub enum NodeEvent {
         session: Uuid,
         /// The agent's version.
         agent_version: String,
-        /// What the node has.
+        /// What the node says it has, as it said it; see
+        /// [`Node::effective_resources`] for what counts.
         resources: NodeResources,
-        /// Labels the agent declares, added to the provisioned ones.
+        /// Labels the agent declares: kept apart, they count for placement
+        /// only once an admin accepts them.
         labels: BTreeMap<String, String>,
         /// When.
         at: DateTime<Utc>,
@@ -265,6 +282,35 @@ pub enum NodeEvent {
         /// When.
         at: DateTime<Utc>,
     },
+    /// An admin replaced the node's labels: from now on placement matches
+    /// exactly these.
+    LabelsSet {
+        /// The whole new set.
+        labels: BTreeMap<String, String>,
+        /// Who set them.
+        by: Actor,
+        /// When.
+        at: DateTime<Utc>,
+    },
+    /// An admin accepted labels the agent declared: they join the node's
+    /// labels (replacing the value of a key already there).
+    DeclaredLabelsAccepted {
+        /// The labels accepted, with the values declared at the time.
+        labels: BTreeMap<String, String>,
+        /// Who accepted them.
+        by: Actor,
+        /// When.
+        at: DateTime<Utc>,
+    },
+    /// An admin set the most the node may claim (or lifted it).
+    LimitsSet {
+        /// The new maximum; a dimension without a value has none.
+        max_resources: ResourceLimits,
+        /// Who set it.
+        by: Actor,
+        /// When.
+        at: DateTime<Utc>,
+    },
 }
 
 impl DomainEvent for NodeEvent {
@@ -279,6 +325,9 @@ impl DomainEvent for NodeEvent {
             NodeEvent::TokenRevoked { .. } => "NodeTokenRevoked",
             NodeEvent::HostSshRequested { .. } => "NodeHostSshRequested",
             NodeEvent::HostSshFinished { .. } => "NodeHostSshFinished",
+            NodeEvent::LabelsSet { .. } => "NodeLabelsSet",
+            NodeEvent::DeclaredLabelsAccepted { .. } => "NodeDeclaredLabelsAccepted",
+            NodeEvent::LimitsSet { .. } => "NodeLimitsSet",
         }
         .to_string()
     }
@@ -297,10 +346,13 @@ pub enum NodeCommand {
         node_id: Uuid,
         /// Its unique name.
         name: String,
-        /// Its labels.
+        /// Its labels; see [`crate::spec::validate_labels`].
         labels: BTreeMap<String, String>,
         /// Hex SHA-256 of its token's secret.
         token_fingerprint: String,
+        /// The most it may claim; [`ResourceLimits::default`] for no
+        /// maximum.
+        max_resources: ResourceLimits,
         /// Who asks.
         by: Actor,
         /// When.
@@ -379,6 +431,36 @@ pub enum NodeCommand {
         /// When.
         at: DateTime<Utc>,
     },
+    /// Replace the node's labels with `labels` (admins only; the caller
+    /// checks that).
+    SetLabels {
+        /// The whole new set; see [`crate::spec::validate_labels`].
+        labels: BTreeMap<String, String>,
+        /// Who asks.
+        by: Actor,
+        /// When.
+        at: DateTime<Utc>,
+    },
+    /// Accept labels the agent declared into the node's labels (admins
+    /// only; the caller checks that).
+    AcceptDeclaredLabels {
+        /// The keys to accept; `None` accepts every declared label.
+        keys: Option<Vec<String>>,
+        /// Who asks.
+        by: Actor,
+        /// When.
+        at: DateTime<Utc>,
+    },
+    /// Set the most the node may claim (admins only; the caller checks
+    /// that).
+    SetLimits {
+        /// The new maximum; [`ResourceLimits::default`] lifts it.
+        max_resources: ResourceLimits,
+        /// Who asks.
+        by: Actor,
+        /// When.
+        at: DateTime<Utc>,
+    },
 }
 
 /// Why a node command was refused.
@@ -406,6 +488,10 @@ pub enum NodeError {
     /// already, or was forgotten long after its answer was due.
     #[error("no host SSH request {0} is waiting for its result")]
     UnknownHostSsh(Uuid),
+    /// A label, a key to accept or a maximum is not acceptable; names the
+    /// field.
+    #[error("{0}")]
+    Invalid(FieldError),
 }
 
 /// The Node aggregate's state.
@@ -415,10 +501,16 @@ pub struct Node {
     pub id: Option<Uuid>,
     /// Its unique name.
     pub name: String,
-    /// Labels set when provisioned.
-    pub provisioned_labels: BTreeMap<String, String>,
-    /// Labels declared by the agent in its last session.
-    pub agent_labels: BTreeMap<String, String>,
+    /// The labels tasks are matched against: only an admin sets them
+    /// (when provisioning, by replacing them, or by accepting declared
+    /// ones). Read from `provisioned_labels` in states stored before.
+    #[serde(alias = "provisioned_labels")]
+    pub labels: BTreeMap<String, String>,
+    /// Labels the agent declared in its last session: shown, never matched
+    /// until an admin accepts them. Read from `agent_labels` in states
+    /// stored before.
+    #[serde(alias = "agent_labels")]
+    pub declared_labels: BTreeMap<String, String>,
     /// Hex SHA-256 of the token's secret.
     pub token_fingerprint: String,
     /// Whether it can take work.
@@ -429,8 +521,15 @@ pub struct Node {
     pub session: Option<Uuid>,
     /// The agent's version, from its last session.
     pub agent_version: Option<String>,
-    /// What it declared in its last session.
-    pub resources: Option<NodeResources>,
+    /// What it declared in its last session, unchecked; see
+    /// [`Node::effective_resources`]. Read from `resources` in states
+    /// stored before.
+    #[serde(alias = "resources")]
+    pub declared_resources: Option<NodeResources>,
+    /// The most it may claim, as an admin set it. Defaulted (no maximum) so
+    /// states stored before still load.
+    #[serde(default)]
+    pub max_resources: ResourceLimits,
     /// When it was provisioned.
     pub provisioned_at: Option<DateTime<Utc>>,
     /// When it last connected.
@@ -445,12 +544,13 @@ pub struct Node {
 }
 
 impl Node {
-    /// The labels tasks are matched against: the agent's, overridden by the
-    /// provisioned ones (an admin's word beats the node's).
-    pub fn labels(&self) -> BTreeMap<String, String> {
-        let mut l = self.agent_labels.clone();
-        l.extend(self.provisioned_labels.clone());
-        l
+    /// What placement may use of the node: what it declared in its last
+    /// session, clamped to [`Node::max_resources`] (GPUs: the first
+    /// declared devices, each index once). `None` before it ever connected.
+    pub fn effective_resources(&self) -> Option<NodeResources> {
+        self.declared_resources
+            .as_ref()
+            .map(|declared| self.max_resources.clamp(declared))
     }
 
     fn exists(&self) -> Result<(), NodeError> {
@@ -476,17 +576,23 @@ impl Node {
                 name,
                 labels,
                 token_fingerprint,
+                max_resources,
                 by,
                 at,
             } => {
                 if self.status != NodeStatus::New {
                     return Err(NodeError::AlreadyExists);
                 }
+                crate::spec::validate_labels("labels", &labels).map_err(NodeError::Invalid)?;
+                max_resources
+                    .validate("max_resources")
+                    .map_err(NodeError::Invalid)?;
                 vec![E::Provisioned {
                     node_id,
                     name,
                     labels,
                     token_fingerprint,
+                    max_resources,
                     by,
                     at,
                 }]
@@ -531,7 +637,13 @@ impl Node {
                     vec![]
                 }
             }
-            C::Drain { .. } | C::Undrain { .. } if self.status == NodeStatus::Revoked => {
+            C::Drain { .. }
+            | C::Undrain { .. }
+            | C::SetLabels { .. }
+            | C::AcceptDeclaredLabels { .. }
+            | C::SetLimits { .. }
+                if self.status == NodeStatus::Revoked =>
+            {
                 return Err(NodeError::Revoked)
             }
             C::Drain { by, at } => {
@@ -567,6 +679,15 @@ impl Node {
                 result,
                 at,
             } => self.finish_host_ssh(request_id, result, at)?,
+            C::SetLabels { labels, by, at } => self.set_labels(labels, by, at)?,
+            C::AcceptDeclaredLabels { keys, by, at } => {
+                self.accept_declared_labels(keys.as_deref(), by, at)?
+            }
+            C::SetLimits {
+                max_resources,
+                by,
+                at,
+            } => self.set_limits(max_resources, by, at)?,
         })
     }
 
@@ -651,12 +772,14 @@ impl Node {
                 name,
                 labels,
                 token_fingerprint,
+                max_resources,
                 at,
                 ..
             } => {
                 self.id = Some(node_id);
                 self.name = name;
-                self.provisioned_labels = labels;
+                self.labels = labels;
+                self.max_resources = max_resources;
                 self.token_fingerprint = token_fingerprint;
                 self.status = NodeStatus::Provisioned;
                 self.provisioned_at = Some(at);
@@ -672,8 +795,8 @@ impl Node {
                 self.status = NodeStatus::Online;
                 self.session = Some(session);
                 self.agent_version = Some(agent_version);
-                self.resources = Some(resources);
-                self.agent_labels = labels;
+                self.declared_resources = Some(resources);
+                self.declared_labels = labels;
                 self.connected_at = Some(at);
                 self.updated_at = Some(at);
             }
@@ -715,6 +838,20 @@ impl Node {
             }
             NodeEvent::HostSshFinished { request_id, .. } => {
                 self.host_ssh.remove(&request_id);
+            }
+            NodeEvent::LabelsSet { labels, at, .. } => {
+                self.labels = labels;
+                self.updated_at = Some(at);
+            }
+            NodeEvent::DeclaredLabelsAccepted { labels, at, .. } => {
+                self.labels.extend(labels);
+                self.updated_at = Some(at);
+            }
+            NodeEvent::LimitsSet {
+                max_resources, at, ..
+            } => {
+                self.max_resources = max_resources;
+                self.updated_at = Some(at);
             }
         }
     }
@@ -768,6 +905,7 @@ mod tests {
             name: "gpu-3".into(),
             labels: [("gpu".to_string(), "a100".to_string())].into(),
             token_fingerprint: "ff".into(),
+            max_resources: ResourceLimits::default(),
             by: admin(),
             at: at(0),
         }
@@ -812,6 +950,7 @@ mod tests {
             name: "gpu-3".into(),
             labels: [("gpu".to_string(), "a100".to_string())].into(),
             token_fingerprint: "ff".into(),
+            max_resources: ResourceLimits::default(),
             by: admin(),
             at: at(0),
         };
@@ -1149,7 +1288,7 @@ mod tests {
     }
 
     #[test]
-    fn provisioned_labels_win_over_the_agents() {
+    fn labels_the_agent_declares_are_kept_apart_and_never_matched() {
         let mut n = Node::default();
         n.apply_event(provisioned());
         let mut c = connected();
@@ -1158,8 +1297,8 @@ mod tests {
             labels.insert("os".into(), "wsl".into());
         }
         n.apply_event(c);
-        let l = n.labels();
-        assert_eq!(l["gpu"], "a100");
-        assert_eq!(l["os"], "wsl");
+        assert_eq!(n.labels, [("gpu".to_string(), "a100".to_string())].into());
+        assert_eq!(n.declared_labels["gpu"], "none");
+        assert_eq!(n.declared_labels["os"], "wsl");
     }
 }

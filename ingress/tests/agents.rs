@@ -134,6 +134,7 @@ impl Platform {
                     name: format!("node-{}", &node_id.simple().to_string()[24..]),
                     labels: Default::default(),
                     token_fingerprint: issued.fingerprint,
+                    max_resources: Default::default(),
                     by: admin(),
                     at: now,
                 },
@@ -577,8 +578,10 @@ async fn hello_records_the_connection_and_is_welcomed() {
         .state;
     assert_eq!(node.session, Some(session));
     assert_eq!(node.agent_version.as_deref(), Some("0.1.0-test"));
-    assert_eq!(node.resources.unwrap().memory_mb, 16384);
-    assert_eq!(node.agent_labels["os"], "linux");
+    assert_eq!(node.declared_resources.unwrap().memory_mb, 16384);
+    // What the agent declares is kept apart: only an admin's labels count.
+    assert_eq!(node.declared_labels["os"], "linux");
+    assert!(node.labels.is_empty(), "{:?}", node.labels);
     let actor: String = sqlx::query_scalar(
         "SELECT metadata->>'actor' FROM events WHERE aggregate_id = $1 AND event_type = 'NodeConnected'",
     )
@@ -597,6 +600,78 @@ async fn hello_records_the_connection_and_is_welcomed() {
             .unwrap();
     assert_eq!(images, ["unidesk-env:abc"]);
     server.wait_connected(1).await;
+}
+
+#[tokio::test]
+async fn a_hello_claiming_labels_and_more_than_the_maximum_gets_neither() {
+    let p = platform().await;
+    let server = Server::start(&p.store, "ingress-a").await;
+    let node_id = Uuid::now_v7();
+    let issued = tokens::issue_node(node_id);
+    let now = Utc::now();
+    p.store
+        .execute::<Node>(
+            &node_id.to_string(),
+            NodeCommand::Provision {
+                node_id,
+                name: "small".into(),
+                labels: [("zone".to_string(), "lab".to_string())].into(),
+                token_fingerprint: issued.fingerprint,
+                max_resources: domain::node::ResourceLimits {
+                    cpus: Some(4.0),
+                    memory_mb: Some(8192),
+                    gpus: Some(1),
+                },
+                by: admin(),
+                at: now,
+            },
+            &admin(),
+            now,
+        )
+        .await
+        .unwrap();
+    let mut claim = hello(vec![]);
+    claim.resources = Resources {
+        cpus: 64.0,
+        memory_mb: 1024 * 1024,
+        gpus: (0..8)
+            .map(|index| protocol::Gpu {
+                index,
+                name: "A100".into(),
+                memory_mb: 81920,
+            })
+            .collect(),
+    };
+    claim.labels = [
+        ("gpu".to_string(), "a100".to_string()),
+        ("zone".to_string(), "dc1".to_string()),
+    ]
+    .into();
+    let mut agent = dial(server.addr, Some(&issued.token)).await.unwrap();
+    agent.send(&AgentMessage::Hello(claim)).await;
+    let ServerMessage::Welcome { .. } = agent.recv().await else {
+        panic!("expected welcome")
+    };
+    let node = p
+        .store
+        .load::<Node>(&node_id.to_string())
+        .await
+        .unwrap()
+        .unwrap()
+        .state;
+    // The claim is on record, but counts for nothing.
+    assert_eq!(node.declared_labels["gpu"], "a100");
+    assert_eq!(
+        node.labels,
+        [("zone".to_string(), "lab".to_string())].into()
+    );
+    assert_eq!(node.declared_resources.as_ref().unwrap().gpus.len(), 8);
+    let effective = node.effective_resources().unwrap();
+    assert_eq!((effective.cpus, effective.memory_mb), (4.0, 8192));
+    assert_eq!(
+        effective.gpus.iter().map(|g| g.index).collect::<Vec<_>>(),
+        [0]
+    );
 }
 
 #[tokio::test]

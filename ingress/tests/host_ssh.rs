@@ -74,6 +74,7 @@ impl Platform {
             name: format!("node-{}", &node_id.simple().to_string()[24..]),
             labels: Default::default(),
             token_fingerprint: issued.fingerprint,
+            max_resources: Default::default(),
             by: admin(),
             at: now,
         };

@@ -42,6 +42,7 @@ async fn provision(store: &Store) -> (Uuid, String) {
         name: format!("node-{}", &node_id.simple().to_string()[24..]),
         labels: Default::default(),
         token_fingerprint: issued.fingerprint,
+        max_resources: Default::default(),
         by: admin(),
         at: now,
     };

@@ -2,7 +2,7 @@
 //! tools. One function per aggregate's event type, so that every view that
 //! explains an event says the same thing.
 
-use domain::node::{HostSshOutcome, NodeEvent};
+use domain::node::{HostSshOutcome, NodeEvent, ResourceLimits};
 use domain::project::ProjectEvent;
 use domain::task::TaskEvent;
 use domain::user::UserEvent;
@@ -166,17 +166,20 @@ pub fn node(e: &NodeEvent, name: Option<&str>) -> String {
     let me = name.map_or_else(|| "node".to_string(), |n| format!("node {n}"));
     match e {
         NodeEvent::Provisioned {
-            name, labels, by, ..
+            name,
+            labels,
+            max_resources,
+            by,
+            ..
         } => {
-            let labels: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-            if labels.is_empty() {
-                format!("{by} provisioned node {name}")
-            } else {
-                format!(
-                    "{by} provisioned node {name} with labels {}",
-                    labels.join(", ")
-                )
+            let mut text = format!("{by} provisioned node {name}");
+            if !labels.is_empty() {
+                text.push_str(&format!(" with labels {}", label_list(labels)));
             }
+            if !max_resources.is_unlimited() {
+                text.push_str(&format!(", {}", at_most(max_resources)));
+            }
+            text
         }
         NodeEvent::Connected {
             agent_version,
@@ -203,7 +206,47 @@ pub fn node(e: &NodeEvent, name: Option<&str>) -> String {
             ..
         } => host_ssh_requested(command, *timeout_s, by, &me),
         NodeEvent::HostSshFinished { result, .. } => host_ssh_finished(result, &me),
+        NodeEvent::LabelsSet { labels, by, .. } if labels.is_empty() => {
+            format!("{by} removed every label of {me}")
+        }
+        NodeEvent::LabelsSet { labels, by, .. } => {
+            format!("{by} set the labels of {me} to {}", label_list(labels))
+        }
+        NodeEvent::DeclaredLabelsAccepted { labels, by, .. } => format!(
+            "{by} accepted labels declared by {me}: {}",
+            label_list(labels)
+        ),
+        NodeEvent::LimitsSet {
+            max_resources, by, ..
+        } if max_resources.is_unlimited() => format!("{by} lifted the maximum of {me}"),
+        NodeEvent::LimitsSet {
+            max_resources, by, ..
+        } => format!("{by} set the maximum of {me}: {}", at_most(max_resources)),
     }
+}
+
+/// `gpu=a100, zone=lab`.
+fn label_list(labels: &std::collections::BTreeMap<String, String>) -> String {
+    labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// `at most 4 CPU, 1 GPU`: the dimensions that have a maximum.
+fn at_most(max: &ResourceLimits) -> String {
+    let mut parts = Vec::new();
+    if let Some(c) = max.cpus {
+        parts.push(format!("{c} CPU"));
+    }
+    if let Some(m) = max.memory_mb {
+        parts.push(format!("{m} MiB"));
+    }
+    if let Some(g) = max.gpus {
+        parts.push(format!("{g} GPU"));
+    }
+    format!("at most {}", parts.join(", "))
 }
 
 /// The longest part of a host command a summary quotes.
@@ -316,6 +359,75 @@ mod tests {
             },
             Some("gpu-3"),
         )
+    }
+
+    #[test]
+    fn label_and_maximum_changes_say_who_set_what() {
+        let admin = || Actor::User("alice".into());
+        let labels = |pairs: &[(&str, &str)]| {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let say = |e: NodeEvent| node(&e, Some("gpu-3"));
+        assert_eq!(
+            say(NodeEvent::LabelsSet {
+                labels: labels(&[("gpu", "a100"), ("zone", "lab")]),
+                by: admin(),
+                at: Utc::now(),
+            }),
+            "user:alice set the labels of node gpu-3 to gpu=a100, zone=lab"
+        );
+        assert_eq!(
+            say(NodeEvent::LabelsSet {
+                labels: labels(&[]),
+                by: admin(),
+                at: Utc::now(),
+            }),
+            "user:alice removed every label of node gpu-3"
+        );
+        assert_eq!(
+            say(NodeEvent::DeclaredLabelsAccepted {
+                labels: labels(&[("gpu", "a100")]),
+                by: admin(),
+                at: Utc::now(),
+            }),
+            "user:alice accepted labels declared by node gpu-3: gpu=a100"
+        );
+        let limits = ResourceLimits {
+            cpus: Some(4.0),
+            memory_mb: None,
+            gpus: Some(1),
+        };
+        assert_eq!(
+            say(NodeEvent::LimitsSet {
+                max_resources: limits,
+                by: admin(),
+                at: Utc::now(),
+            }),
+            "user:alice set the maximum of node gpu-3: at most 4 CPU, 1 GPU"
+        );
+        assert_eq!(
+            say(NodeEvent::LimitsSet {
+                max_resources: ResourceLimits::default(),
+                by: admin(),
+                at: Utc::now(),
+            }),
+            "user:alice lifted the maximum of node gpu-3"
+        );
+        assert_eq!(
+            say(NodeEvent::Provisioned {
+                node_id: Uuid::nil(),
+                name: "gpu-3".into(),
+                labels: labels(&[("gpu", "a100")]),
+                token_fingerprint: "ff".into(),
+                max_resources: limits,
+                by: admin(),
+                at: Utc::now(),
+            }),
+            "user:alice provisioned node gpu-3 with labels gpu=a100, at most 4 CPU, 1 GPU"
+        );
     }
 
     #[test]

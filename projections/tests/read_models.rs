@@ -80,6 +80,7 @@ async fn history(store: &Store) -> (Uuid, Uuid) {
                 name: "gpu-3".into(),
                 labels: Default::default(),
                 token_fingerprint: "ff".into(),
+                max_resources: Default::default(),
                 by: admin(),
                 at: now(),
             },

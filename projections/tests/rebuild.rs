@@ -128,6 +128,7 @@ async fn big_history(store: &Store, tasks: usize) -> (Uuid, Uuid) {
                 name: "gpu-1".into(),
                 labels: Default::default(),
                 token_fingerprint: "ff".into(),
+                max_resources: Default::default(),
                 by: admin.clone(),
                 at: now,
             },

@@ -134,7 +134,8 @@ pub struct Hello {
     pub agent_version: String,
     /// What the node has.
     pub resources: Resources,
-    /// Labels the node declares (the admin's labels win on conflict).
+    /// Labels the node declares: the server shows them but matches tasks
+    /// only against labels an admin set or accepted.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
     /// Attempts the agent is still running.

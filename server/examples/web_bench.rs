@@ -347,6 +347,7 @@ async fn setup(store: &Store, clock: Clock) -> anyhow::Result<World> {
                     name: name.into(),
                     labels,
                     token_fingerprint: store::tokens::issue_node(id).fingerprint,
+                    max_resources: Default::default(),
                     by: admin.clone(),
                     at,
                 },

@@ -60,8 +60,20 @@ enum NodeCommand {
         /// The node's unique name, such as gpu-3.
         name: String,
         /// A label tasks can select the node by, as key=value; repeatable.
+        /// Only these count for placement: labels the agent declares wait
+        /// for an admin to accept them.
         #[arg(long = "label", value_parser = parse_label)]
         labels: Vec<(String, String)>,
+        /// The most CPU cores the node may claim, whatever its agent
+        /// declares.
+        #[arg(long)]
+        max_cpus: Option<f64>,
+        /// The most memory in MiB the node may claim.
+        #[arg(long)]
+        max_memory_mb: Option<i64>,
+        /// How many of the GPUs the agent declares count (the first ones).
+        #[arg(long)]
+        max_gpus: Option<i64>,
         #[command(flatten)]
         db: DbArgs,
     },
@@ -197,16 +209,34 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Node {
-            command: NodeCommand::Add { name, labels, db },
+            command:
+                NodeCommand::Add {
+                    name,
+                    labels,
+                    max_cpus,
+                    max_memory_mb,
+                    max_gpus,
+                    db,
+                },
         } => {
             let pool = connect(&database_url(&db)?).await?;
             let store = store::Store::new(pool);
             let actor = domain::Actor::System("cli".into());
-            let (node, token) =
-                api::provision_node(&store, &name, labels.into_iter().collect(), &actor)
-                    .await
-                    .map_err(|e| anyhow::anyhow!("{}", e.detail()))
-                    .context("provisioning the node")?;
+            let max = domain::node::ResourceLimitsDraft {
+                cpus: max_cpus,
+                memory_mb: max_memory_mb,
+                gpus: max_gpus,
+            };
+            let (node, token) = api::provision_node_with_limits(
+                &store,
+                &name,
+                labels.into_iter().collect(),
+                max,
+                &actor,
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("{}", e.detail()))
+            .context("provisioning the node")?;
             println!(
                 "node {name} provisioned with id {}",
                 node.id.unwrap_or_default()

@@ -196,6 +196,7 @@ async fn history(store: &Store) -> History {
             name: name.into(),
             labels: BTreeMap::from([("gpu".to_string(), "a100".to_string())]),
             token_fingerprint: "cd".repeat(32),
+            max_resources: Default::default(),
             by: root.clone(),
             at,
         };
@@ -709,6 +710,98 @@ async fn replay_check_reports_a_snapshot_this_build_cannot_read() {
         stdout(&o).contains(&format!("node {} #61: the snapshot at #61 cannot be read by this build, so the aggregate cannot be loaded", h.busy_node)),
         "{}",
         stdout(&o)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_written_before_labels_and_maxima_were_split_replays_and_loads() {
+    let db = testkit::fresh_db().await;
+    let id = Uuid::new_v4();
+    let session = Uuid::new_v4();
+    // NodeProvisioned and NodeConnected as older builds wrote them, and a
+    // snapshot of the node as they stored it (one set of merged labels).
+    insert_event(
+        &db.pool,
+        "node",
+        id,
+        1,
+        "NodeProvisioned",
+        &serde_json::json!({"Provisioned": {
+            "node_id": id, "name": "old-1", "labels": {"zone": "lab"},
+            "token_fingerprint": "cd".repeat(32), "by": "user:root",
+            "at": "2026-11-28T10:00:00Z"
+        }})
+        .to_string(),
+    )
+    .await;
+    insert_event(
+        &db.pool,
+        "node",
+        id,
+        2,
+        "NodeConnected",
+        &serde_json::json!({"Connected": {
+            "session": session, "agent_version": "0.0.9",
+            "resources": {"cpus": 8.0, "memory_mb": 4096, "gpus": []},
+            "labels": {"gpu": "a100"}, "at": "2026-11-28T10:00:01Z"
+        }})
+        .to_string(),
+    )
+    .await;
+    sqlx::query(
+        "INSERT INTO snapshots (aggregate_type, aggregate_id, last_sequence, current_snapshot, payload) \
+         VALUES ('node', $1, 2, 1, $2)",
+    )
+    .bind(id.to_string())
+    .bind(serde_json::json!({
+        "id": id, "name": "old-1",
+        "provisioned_labels": {"zone": "lab"}, "agent_labels": {"gpu": "a100"},
+        "token_fingerprint": "cd".repeat(32), "status": "online", "drained": false,
+        "session": session, "agent_version": "0.0.9",
+        "resources": {"cpus": 8.0, "memory_mb": 4096, "gpus": []},
+        "provisioned_at": "2026-11-28T10:00:00Z", "connected_at": "2026-11-28T10:00:01Z",
+        "updated_at": "2026-11-28T10:00:01Z"
+    }))
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let out = ok(&db.url, &["replay", "--check"]);
+    assert!(
+        out.contains("every event can be applied by this build"),
+        "{out}"
+    );
+    // Loaded from the old snapshot, the agent's label is declared only.
+    let store = Store::new(db.pool.clone());
+    let node = store
+        .load::<Node>(&id.to_string())
+        .await
+        .unwrap()
+        .unwrap()
+        .state;
+    assert_eq!(
+        node.labels,
+        BTreeMap::from([("zone".to_string(), "lab".to_string())])
+    );
+    assert_eq!(node.declared_labels["gpu"], "a100");
+    assert_eq!(node.effective_resources().unwrap().cpus, 8.0);
+    // New events follow on, and the log still checks.
+    let at = Utc::now();
+    let root = Actor::User("root".into());
+    let accept = NodeCommand::AcceptDeclaredLabels {
+        keys: None,
+        by: root.clone(),
+        at,
+    };
+    exec::<Node>(&store, id, accept, &root, at).await;
+    let out = ok(&db.url, &["replay", "--check"]);
+    assert!(
+        out.contains("every event can be applied by this build"),
+        "{out}"
+    );
+    let out = ok(&db.url, &["replay", "node", &id.to_string()]);
+    assert!(
+        out.contains("user:root accepted labels declared by node old-1: gpu=a100"),
+        "{out}"
     );
 }
 

@@ -9,7 +9,7 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use domain::node::{Node, NodeCommand, NodeResources};
+use domain::node::{Node, NodeCommand, NodeResources, ResourceLimits};
 use domain::project::{Project, ProjectCommand};
 use domain::spec::{ResourcesDraft, TaskSpecDraft, UrlPolicy};
 use domain::task::{Task, TaskCommand, TaskState};
@@ -83,6 +83,7 @@ impl World {
                     name: name.into(),
                     labels,
                     token_fingerprint: "ff".into(),
+                    max_resources: Default::default(),
                     by: admin(),
                     at: Utc::now(),
                 },
@@ -384,6 +385,196 @@ async fn gpu_devices_are_never_given_to_two_attempts_at_once() {
     let c = w.task(waits).await;
     assert_eq!(c.state, TaskState::Assigned);
     assert_eq!(c.gpus(), &[0]);
+}
+
+/// A node as an agent would present it, however much it claims: provisioned
+/// by an admin with no labels and `max`, then connected declaring `cpus`,
+/// GPU devices `gpus` and `labels`.
+async fn claiming_node(
+    w: &World,
+    name: &str,
+    max: ResourceLimits,
+    cpus: f64,
+    gpus: &[u32],
+    labels: &[(&str, &str)],
+) -> Uuid {
+    let id = Uuid::new_v4();
+    let declared = labels
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    w.store
+        .execute::<Node>(
+            &id.to_string(),
+            NodeCommand::Provision {
+                node_id: id,
+                name: name.into(),
+                labels: Default::default(),
+                token_fingerprint: "ff".into(),
+                max_resources: max,
+                by: admin(),
+                at: Utc::now(),
+            },
+            &admin(),
+            Utc::now(),
+        )
+        .await
+        .unwrap();
+    let session = Uuid::new_v4();
+    w.store
+        .execute::<Node>(
+            &id.to_string(),
+            NodeCommand::Connect {
+                session,
+                agent_version: "test".into(),
+                resources: NodeResources {
+                    cpus,
+                    memory_mb: 1024 * 1024,
+                    gpus: gpus
+                        .iter()
+                        .map(|&index| domain::node::Gpu {
+                            index,
+                            name: "A100".into(),
+                            memory_mb: 40960,
+                        })
+                        .collect(),
+                },
+                labels: declared,
+                at: Utc::now(),
+            },
+            &Actor::Node(id.to_string()),
+            Utc::now(),
+        )
+        .await
+        .unwrap();
+    w.beat(id, session, Utc::now() + chrono::Duration::hours(1))
+        .await;
+    id
+}
+
+async fn as_admin(w: &World, node: Uuid, command: NodeCommand) {
+    w.store
+        .execute::<Node>(&node.to_string(), command, &admin(), Utc::now())
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn an_agent_declaring_a_label_gets_no_task_requiring_it_until_an_admin_accepts() {
+    let w = world().await;
+    let liar = claiming_node(
+        &w,
+        "liar",
+        ResourceLimits::default(),
+        8.0,
+        &[],
+        &[("gpu", "a100")],
+    )
+    .await;
+    let task = w.submit(1.0, &[("gpu", "a100")], 0, None).await;
+    let s = scheduler(&w);
+    assert_eq!(round(&w, &s, Utc::now()).await.assigned, 0);
+    assert_eq!(w.task(task).await.state, TaskState::Queued);
+    // An admin accepts the declared label: now it counts.
+    as_admin(
+        &w,
+        liar,
+        NodeCommand::AcceptDeclaredLabels {
+            keys: Some(vec!["gpu".into()]),
+            by: admin(),
+            at: Utc::now(),
+        },
+    )
+    .await;
+    round(&w, &s, Utc::now()).await;
+    let t = w.task(task).await;
+    assert_eq!((t.state, t.node_id), (TaskState::Assigned, Some(liar)));
+}
+
+#[tokio::test]
+async fn a_node_claiming_more_than_its_maximum_is_given_at_most_its_maximum() {
+    let w = world().await;
+    let max = ResourceLimits {
+        cpus: Some(4.0),
+        memory_mb: None,
+        gpus: Some(1),
+    };
+    let node = claiming_node(&w, "greedy", max, 64.0, &[0, 1, 2, 3, 4, 5, 6, 7], &[]).await;
+    let two_gpus = w.submit_gpus(1.0, &[], 0, None, 2).await;
+    let mut tasks = Vec::new();
+    for _ in 0..3 {
+        tasks.push(w.submit_gpus(1.0, &[], 0, None, 1).await);
+    }
+    for _ in 0..6 {
+        tasks.push(w.submit(1.0, &[], 0, None).await);
+    }
+    let s = scheduler(&w);
+    round(&w, &s, Utc::now()).await;
+    round(&w, &s, Utc::now()).await;
+    let mut cpus = 0;
+    let mut devices = Vec::new();
+    for t in tasks.iter().chain([&two_gpus]) {
+        let t = w.task(*t).await;
+        if t.state == TaskState::Assigned {
+            assert_eq!(t.node_id, Some(node));
+            cpus += 1;
+            devices.extend_from_slice(t.gpus());
+        }
+    }
+    // 4 CPUs' worth of tasks, one of them on the first declared GPU.
+    assert_eq!(cpus, 4);
+    assert_eq!(devices, [0]);
+    assert_eq!(w.task(two_gpus).await.state, TaskState::Queued);
+}
+
+#[tokio::test]
+async fn lowering_a_maximum_below_what_runs_stops_nothing_and_places_nothing_until_it_fits() {
+    let w = world().await;
+    let node = claiming_node(&w, "n", ResourceLimits::default(), 8.0, &[], &[]).await;
+    let big = w.submit(3.0, &[], 0, None).await;
+    let s = scheduler(&w);
+    round(&w, &s, Utc::now()).await;
+    assert_eq!(w.task(big).await.node_id, Some(node));
+    w.run(node, big).await;
+    as_admin(
+        &w,
+        node,
+        NodeCommand::SetLimits {
+            max_resources: ResourceLimits {
+                cpus: Some(2.0),
+                memory_mb: None,
+                gpus: None,
+            },
+            by: admin(),
+            at: Utc::now(),
+        },
+    )
+    .await;
+    let small = w.submit(1.0, &[], 0, None).await;
+    let o = round(&w, &s, Utc::now()).await;
+    assert_eq!((o.assigned, o.lost, o.timed_out), (0, 0, 0));
+    assert_eq!(w.task(big).await.state, TaskState::Running);
+    assert_eq!(w.task(small).await.state, TaskState::Queued);
+    // The running task ends: what the node holds fits, and it takes work
+    // within its new maximum.
+    w.store
+        .execute::<Task>(
+            &big.to_string(),
+            TaskCommand::ReportExited {
+                node_id: node,
+                attempt: 1,
+                outcome: domain::task::Outcome::Succeeded,
+                at: Utc::now(),
+            },
+            &Actor::Node(node.to_string()),
+            Utc::now(),
+        )
+        .await
+        .unwrap();
+    let too_big_now = w.submit(3.0, &[], 0, None).await;
+    round(&w, &s, Utc::now()).await;
+    assert_eq!(w.task(small).await.node_id, Some(node));
+    assert_eq!(w.task(too_big_now).await.state, TaskState::Queued);
 }
 
 #[tokio::test]

@@ -487,3 +487,82 @@ async fn host_commands_on_a_node_are_shown_to_admins_only() {
     b.close().await;
     server.services.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_page_shows_what_its_agent_claims_apart_from_what_counts() {
+    let server = Server::start().await;
+    let id = server
+        .post(
+            &server.admin,
+            "/nodes",
+            json!({"name": "boaster", "labels": {"zone": "lab"}, "max_resources": {"cpus": 4}}),
+        )
+        .await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let at = Utc::now();
+    let connect = NodeCommand::Connect {
+        session: Uuid::now_v7(),
+        agent_version: "0.1.0".into(),
+        resources: NodeResources {
+            cpus: 32.0,
+            memory_mb: 4096,
+            gpus: vec![],
+        },
+        labels: [("gpu".to_string(), "a100".to_string())].into(),
+        at,
+    };
+    server
+        .store
+        .execute::<Node>(&id, connect, &Actor::Node(id.clone()), at)
+        .await
+        .unwrap();
+
+    let b = Browser::start().await.unwrap();
+    b.client.goto(&server.base).await.unwrap();
+    sign_in(&b, &server.admin).await;
+    b.client
+        .goto(&format!("{}/#/nodes/{id}", server.base))
+        .await
+        .unwrap();
+    let facts = text(&b, "dl.facts").await;
+    for shown in [
+        "4 (declares 32)",
+        "at most 4 CPU",
+        "zone=lab",
+        "Declared labels\ngpu=a100\nnot matched until an admin accepts them",
+    ] {
+        assert!(facts.contains(shown), "{shown:?} not in {facts}");
+    }
+    // Once an admin accepts it, the page shows the label as counted.
+    b.wait_for(".live[data-live=\"on\"]", PATIENCE)
+        .await
+        .unwrap();
+    server
+        .post(
+            &server.admin,
+            &format!("/nodes/{id}/labels/accept"),
+            json!({"keys": ["gpu"]}),
+        )
+        .await;
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        // The facts are redrawn when the event arrives: a read may meet the
+        // old element as it goes away, and is then simply tried again.
+        let facts = match b.client.find(Locator::Css("dl.facts")).await {
+            Ok(element) => element.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        };
+        if !facts.contains("not matched") && facts.contains("gpu=a100") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the page still shows {facts}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    b.close().await;
+    server.services.stop().await;
+}

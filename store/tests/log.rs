@@ -220,6 +220,7 @@ async fn a_snapshotted_node_loads_the_same_state_as_a_full_replay() {
                 name: "n1".into(),
                 labels: Default::default(),
                 token_fingerprint: "ff".into(),
+                max_resources: Default::default(),
                 by: admin(),
                 at: Utc::now(),
             },

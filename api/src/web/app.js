@@ -18,7 +18,8 @@
     'TaskSucceeded', 'TaskFailed', 'TaskTimedOut', 'TaskCancelRequested', 'TaskCancelled',
     'TaskLost', 'TaskRequeued', 'TaskArtifactRecorded',
     'NodeProvisioned', 'NodeConnected', 'NodeDisconnected', 'NodeMarkedOffline', 'NodeDrained',
-    'NodeUndrained', 'NodeTokenRevoked', 'NodeHostSshRequested', 'NodeHostSshFinished',
+    'NodeUndrained', 'NodeTokenRevoked', 'NodeLabelsSet', 'NodeDeclaredLabelsAccepted', 'NodeLimitsSet',
+    'NodeHostSshRequested', 'NodeHostSshFinished',
     'ProjectCreated', 'ProjectRenamed', 'ProjectMemberAdded', 'ProjectMemberRemoved',
     'ProjectQuotaSet', 'ProjectArchived', 'UserCreated', 'UserTokenIssued', 'UserTokenRevoked',
   ];
@@ -993,14 +994,35 @@
       head.replaceChildren(h('div', { class: 'grow' },
         h('h1', {}, `Node ${n.name} `, badge(n.status, 'big'), n.drained ? [' ', badge('drained', 'big')] : ''),
         h('p', { class: 'sub' }, 'agent ', n.agent_version || '—', ' · connected ', when(n.connected_at))));
+      // `resources` is what placement counts (at most the admin's maximum);
+      // what the agent claims beyond it is shown beside, never used.
       const r = n.resources;
+      const d = n.declared_resources;
+      const max = n.max_resources || {};
       const fact = (k, v) => [h('dt', {}, k), h('dd', {}, v)];
+      const claimed = (counted, declared, show) => (declared !== counted
+        ? [show(counted), ' ', h('span', { class: 'faint' }, `(declares ${show(declared)})`)]
+        : show(counted));
+      const labelList = (labels) => h('div', { class: 'labels' }, Object.entries(labels).map(([k, v]) => h('span', { class: 'label' }, `${k}=${v}`)));
+      const unaccepted = Object.fromEntries(Object.entries(n.declared_labels || {}).filter(([k, v]) => n.labels[k] !== v));
+      const limits = [
+        max.cpus != null ? `${max.cpus} CPU` : null,
+        max.memory_mb != null ? memory(max.memory_mb) : null,
+        max.gpus != null ? `${max.gpus} GPU` : null,
+      ].filter(Boolean);
       facts.replaceChildren(h('h2', {}, 'Node'), h('dl', { class: 'facts' },
         fact('Id', h('span', { class: 'mono' }, n.id)),
-        fact('CPUs', r ? r.cpus : '—'),
-        fact('Memory', r ? memory(r.memory_mb) : '—'),
-        fact('GPUs', r && r.gpus.length ? r.gpus.map((g) => `#${g.index} ${g.name} (${memory(g.memory_mb)})`).join(', ') : 'none'),
-        fact('Labels', h('div', { class: 'labels' }, Object.entries(n.labels).map(([k, v]) => h('span', { class: 'label' }, `${k}=${v}`)))),
+        fact('CPUs', r ? claimed(r.cpus, d.cpus, (c) => c) : '—'),
+        fact('Memory', r ? claimed(r.memory_mb, d.memory_mb, memory) : '—'),
+        fact('GPUs', [
+          r && r.gpus.length ? r.gpus.map((g) => `#${g.index} ${g.name} (${memory(g.memory_mb)})`).join(', ') : 'none',
+          d && d.gpus.length > (r ? r.gpus.length : 0) ? [' ', h('span', { class: 'faint' }, `(declares ${d.gpus.length})`)] : null,
+        ]),
+        fact('Maximum', limits.length ? `at most ${limits.join(', ')}` : 'none'),
+        fact('Labels', labelList(n.labels)),
+        Object.keys(unaccepted).length
+          ? fact('Declared labels', [labelList(unaccepted), ' ', h('span', { class: 'faint' }, 'not matched until an admin accepts them')])
+          : [],
         fact('Provisioned', when(n.provisioned_at)),
         fact('Changed', when(n.updated_at))));
       tasks.replaceChildren(h('h2', { id: 'node-tasks' }, 'Recent tasks here'),

@@ -454,7 +454,14 @@ impl History for Node {
         }
         let revoked = self.status == NodeStatus::Revoked;
         match event {
-            E::Connected { .. } | E::Drained { .. } | E::Undrained { .. } if revoked => {
+            E::Connected { .. }
+            | E::Drained { .. }
+            | E::Undrained { .. }
+            | E::LabelsSet { .. }
+            | E::DeclaredLabelsAccepted { .. }
+            | E::LimitsSet { .. }
+                if revoked =>
+            {
                 Some("the node's token was revoked".into())
             }
             E::HostSshRequested { .. } if self.status != NodeStatus::Online => {

@@ -411,6 +411,7 @@ async fn seed(pool: &PgPool, events: usize) -> anyhow::Result<usize> {
             name: format!("gpu-{i}"),
             labels: [("gpu".to_string(), "a100".to_string())].into(),
             token_fingerprint: format!("{:016x}", rng.next()).repeat(4),
+            max_resources: Default::default(),
             by: root.clone(),
             at,
         };

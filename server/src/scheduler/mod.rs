@@ -528,13 +528,14 @@ impl Scheduler {
                 tracing::error!(%id, "unreadable node in node_view");
                 continue;
             };
+            // Only what an admin vouched for: the labels an admin set, and
+            // what the agent declared clamped to the node's maximum.
             let r = node
-                .resources
-                .clone()
+                .effective_resources()
                 .unwrap_or_else(NodeResources::default);
             out.push(Candidate {
                 id,
-                labels: node.labels(),
+                labels: node.labels,
                 name: node.name,
                 millicpus: (r.cpus * 1000.0).round() as u64,
                 memory_mb: r.memory_mb,

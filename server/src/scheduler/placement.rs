@@ -1,9 +1,10 @@
 //! Where queued tasks go: a pure function of the queue, the nodes and what
 //! they already hold, so its rules are tested without a database.
 //!
-//! Rules: a task goes only to an online, undrained node whose labels include
-//! all of the task's and whose free CPU, memory and GPUs (declared minus
-//! reserved by tasks holding the node) fit it; never past its project's
+//! Rules: a task goes only to an online, undrained node whose labels (the
+//! ones an admin set, never the agent's own) include all of the task's and
+//! whose free CPU, memory and GPUs (what it declared, at most its maximum,
+//! minus what tasks holding the node reserve) fit it; never past its project's
 //! `max_running`. Higher priority first; within a priority, projects take
 //! turns (round robin) and each project's oldest task goes first. Among
 //! fitting nodes, one that already holds the task's image, then its code
@@ -12,6 +13,12 @@
 //! GPUs are devices, not a count: a placement names the node's device
 //! indices the attempt gets (the lowest free ones), and a device held by an
 //! attempt is never handed to another until that attempt lets the node go.
+//!
+//! A node may hold more than it has: its maximum was lowered, or its agent
+//! came back declaring less, while tasks ran. Nothing is stopped; the node
+//! takes no new task needing a resource it holds too much of until that
+//! fits again (every task needs CPU and memory; a GPU device held outside
+//! the node's current devices still counts against their number).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 
@@ -47,13 +54,13 @@ pub struct Candidate {
     pub id: Uuid,
     /// Its name, for the reason text.
     pub name: String,
-    /// Its labels.
+    /// Its labels, as an admin set them.
     pub labels: BTreeMap<String, String>,
-    /// Declared CPU in thousandths.
+    /// CPU in thousandths it may be given: declared, at most its maximum.
     pub millicpus: u64,
-    /// Declared memory in MiB.
+    /// Memory in MiB it may be given.
     pub memory_mb: u64,
-    /// Declared GPU device indices.
+    /// GPU device indices it may be given.
     pub gpus: BTreeSet<u32>,
     /// CPU reserved by tasks holding it.
     pub used_millicpus: u64,
@@ -75,9 +82,12 @@ impl Candidate {
             && self.free_gpus().count() >= t.gpus as usize
     }
 
-    /// Declared devices no attempt holds, lowest index first.
+    /// Devices no attempt holds, lowest index first, and no more than
+    /// the node's number of devices minus those held (some held devices
+    /// may be outside its current set).
     fn free_gpus(&self) -> impl Iterator<Item = u32> + '_ {
-        self.gpus.difference(&self.used_gpus).copied()
+        let room = self.gpus.len().saturating_sub(self.used_gpus.len());
+        self.gpus.difference(&self.used_gpus).copied().take(room)
     }
 
     /// Counts resources held by an attempt already on the node, `devices`
@@ -194,8 +204,8 @@ pub fn place(
 fn reason(n: &Candidate, t: &Queued, candidates: usize) -> String {
     let mut r = format!(
         "{:.1} CPU, {} MiB, {} GPU free of {:.1} CPU, {} MiB, {} GPU",
-        (n.millicpus - n.used_millicpus) as f64 / 1000.0,
-        n.memory_mb - n.used_memory_mb,
+        n.millicpus.saturating_sub(n.used_millicpus) as f64 / 1000.0,
+        n.memory_mb.saturating_sub(n.used_memory_mb),
         n.free_gpus().count(),
         n.millicpus as f64 / 1000.0,
         n.memory_mb,
@@ -379,6 +389,56 @@ mod tests {
             &HashMap::new(),
         );
         assert_eq!(p[0].node, Uuid::from_u128(1002));
+    }
+
+    #[test]
+    fn a_node_holding_more_cpu_than_its_lowered_maximum_takes_nothing_until_it_fits() {
+        // Its maximum went from 4 CPUs to 2 while a 3-CPU task ran.
+        let mut n = node(1, 2);
+        n.hold(3000, 100, &[]);
+        let mut nodes = vec![n];
+        let p = place(
+            vec![task(1, 1, 0, 1)],
+            &mut nodes,
+            &mut HashMap::new(),
+            &HashMap::new(),
+        );
+        assert!(p.is_empty(), "{p:?}");
+        // Once the task ends, the node takes work within its maximum.
+        nodes[0].used_millicpus = 0;
+        let p = place(
+            vec![task(2, 1, 0, 3), task(3, 1, 0, 2)],
+            &mut nodes,
+            &mut HashMap::new(),
+            &HashMap::new(),
+        );
+        assert_eq!(placed(&p), [3]);
+    }
+
+    #[test]
+    fn a_device_held_outside_a_lowered_gpu_maximum_still_counts() {
+        // Devices {0, 1, 2} became {0} while an attempt held device 2: the
+        // node has room for no more GPUs, though device 0 is idle, but
+        // still for work without GPUs.
+        let mut n = node(1, 8);
+        n.gpus = BTreeSet::from([0]);
+        n.hold(1000, 100, &[2]);
+        let mut nodes = vec![n];
+        let p = place(
+            vec![gpu_task(1, 1), gpu_task(2, 0)],
+            &mut nodes,
+            &mut HashMap::new(),
+            &HashMap::new(),
+        );
+        assert_eq!(placed(&p), [2]);
+        nodes[0].used_gpus.clear();
+        let p = place(
+            vec![gpu_task(1, 1)],
+            &mut nodes,
+            &mut HashMap::new(),
+            &HashMap::new(),
+        );
+        assert_eq!(p[0].gpus, [0]);
     }
 
     #[test]

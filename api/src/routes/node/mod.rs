@@ -1,12 +1,17 @@
 //! Nodes: provision, list, get, drain, undrain and revoke, and an admin's
-//! emergency command on a node's host (`host-ssh`).
+//! emergency command on a node's host (`host-ssh`). What placement trusts
+//! of a node is an admin's: its labels (`labels`, `labels/accept`) and the
+//! most it may claim (`limits`); see `domain::node::trust`.
 
+pub mod accept_labels;
 pub mod drain;
 pub mod get;
 pub mod host_ssh;
 pub mod list;
 pub mod provision;
 pub mod revoke;
+pub mod set_labels;
+pub mod set_limits;
 pub mod undrain;
 
 use chrono::{DateTime, Utc};
@@ -29,6 +34,9 @@ pub fn router() -> OpenApiRouter<AppState> {
         .merge(undrain::router())
         .merge(revoke::router())
         .merge(host_ssh::router())
+        .merge(set_labels::router())
+        .merge(accept_labels::router())
+        .merge(set_limits::router())
 }
 
 /// Executes an admin's `command` on node `id` and shows the result.

@@ -21,6 +21,11 @@ pub fn router() -> OpenApiRouter<AppState> {
 
 /// Provisions a node. The answer holds the agent's token, shown this once:
 /// only its fingerprint is stored. Admins only.
+///
+/// `labels` are the only labels placement matches: labels the agent
+/// declares are shown apart (`declared_labels`) until an admin accepts
+/// them. `max_resources` caps what the agent may claim: CPUs and memory
+/// beyond it, and GPUs past the first `gpus` it declares, are not counted.
 #[utoipa::path(
     post,
     path = "/nodes",
@@ -32,7 +37,9 @@ pub fn router() -> OpenApiRouter<AppState> {
         (status = 401, description = "No valid token", body = ErrorBody),
         (status = 403, description = "Not an admin", body = ErrorBody),
         (status = 409, description = "The name is taken", body = ErrorBody),
-        (status = 422, description = "Invalid name or labels", body = ErrorBody)
+        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 415, description = "Body is not JSON", body = ErrorBody),
+        (status = 422, description = "Invalid name, labels or maximum, naming the field", body = ErrorBody)
     ),
     security(("bearer" = []))
 )]
@@ -49,10 +56,11 @@ async fn provision(
     ApiError,
 > {
     caller.require_admin("provision nodes")?;
-    let (node, token) = crate::provision_node(
+    let (node, token) = crate::provision_node_with_limits(
         state.store(),
         &body.name,
         body.labels.unwrap_or_else(BTreeMap::new),
+        body.max_resources.unwrap_or_default().into(),
         &caller.actor(),
     )
     .await?;
