@@ -57,12 +57,37 @@ async fn late_append(pool: &sqlx::PgPool, aggregate: &str, sequence: i64, hold: 
     tx.commit().await.unwrap();
 }
 
+/// Appends two events whose transaction ids and outbox positions are in
+/// opposite orders, whatever the machine's load: the first transaction
+/// takes its id, the second appends and commits, then the first appends
+/// (a higher position, a lower id) and commits.
+async fn inverted_pair(pool: &sqlx::PgPool) {
+    let mut first = pool.begin().await.unwrap();
+    sqlx::query("SELECT pg_current_xact_id()")
+        .execute(&mut *first)
+        .await
+        .unwrap();
+    late_append(pool, "inverted-second", 1, Duration::ZERO).await;
+    sqlx::query(
+        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) \
+         VALUES ('probe', 'inverted-first', 1, 'ProbeWritten', '1', '{\"ProbeWritten\":{}}', '{\"actor\":\"system:test\"}')",
+    )
+    .execute(&mut *first)
+    .await
+    .unwrap();
+    first.commit().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_consumer_sees_every_event_once_and_in_order_despite_late_commits() {
     let db = testkit::fresh_db().await;
     let store = Store::new(db.pool.clone());
 
     let mut writers = Vec::new();
+    // One pair that is out of order for certain; the writers below make
+    // more at random.
+    let pool = db.pool.clone();
+    writers.push(tokio::spawn(async move { inverted_pair(&pool).await }));
     // Late committers: each holds its transaction open for a while.
     for w in 0..8 {
         let pool = db.pool.clone();
@@ -166,7 +191,7 @@ async fn a_consumer_sees_every_event_once_and_in_order_despite_late_commits() {
         all.iter().cloned().collect::<HashSet<_>>(),
         "an event was skipped"
     );
-    assert_eq!(all.len(), 8 * 12 + 3 + 8 * 15);
+    assert_eq!(all.len(), 2 + 8 * 12 + 3 + 8 * 15);
 
     // Per aggregate, events arrive in sequence order with no gap.
     let mut per: BTreeMap<(String, String), Vec<i64>> = BTreeMap::new();
