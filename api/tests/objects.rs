@@ -1020,3 +1020,45 @@ async fn parts_the_store_will_not_assemble_are_refused_naming_the_parts() {
     assert_eq!(app.upload_state(upload_id).await.0, "pending");
     assert_eq!(app.head(&project, "tiny-parts.bin").await, None);
 }
+
+#[tokio::test]
+async fn two_completions_of_one_upload_at_once_verify_it_once() {
+    let app = start(true).await;
+    let alice = app.user("alice").await;
+    let project = app.project(&[("alice", "member")]).await;
+    let data: Vec<u8> = (0..(2 * PART + 99)).map(|i| (i % 101) as u8).collect();
+    let up = app
+        .start_upload(&project, &alice, "twice.bin", data.len(), &sha(&data))
+        .await;
+    let parts = send_parts(&up, &data).await;
+    let body = json!({"name": "twice.bin", "upload_id": up["upload_id"], "parts": parts});
+    let (one, two) = tokio::join!(
+        app.complete(&project, &alice, body.clone()),
+        app.complete(&project, &alice, body.clone())
+    );
+    let mut verified = 0;
+    for answer in [&one, &two] {
+        match answer.0.as_u16() {
+            200 => {
+                assert_eq!(answer.1["sha256"], sha(&data));
+                verified += 1;
+            }
+            409 => {
+                let (_, field, detail) = refusal(answer);
+                assert_eq!(field, "upload_id");
+                assert!(detail.contains("another completion"), "{detail}");
+            }
+            other => panic!("a completion answered {other}: {}", answer.1),
+        }
+    }
+    assert!(verified >= 1);
+    assert_eq!(
+        app.upload_state(up["upload_id"].as_str().unwrap()).await.0,
+        "verified"
+    );
+    let info = app.head(&project, "twice.bin").await.unwrap();
+    assert_eq!(info.size, data.len() as u64);
+    // Whatever the first answers were, the next one is the object.
+    let (s, stored) = app.complete(&project, &alice, body).await;
+    assert_eq!((s.as_u16(), &stored["sha256"]), (200, &json!(sha(&data))));
+}
