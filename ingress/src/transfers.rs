@@ -5,12 +5,16 @@
 //! `run_task` resent hours later carries none. The server answers only for
 //! an attempt placed on the asking node that still holds it, and only for
 //! an input or output its task names: the key is worked out here from the
-//! task's spec, never taken from the node. A completed upload is checked at
-//! the store (its size and SHA-256) before it is recorded as an artifact.
+//! task's spec, never taken from the node. An input is granted only when
+//! its object was verified by a completed upload through the API, and the
+//! node is given the verified size and SHA-256 to check. A completed upload
+//! is checked at the store (its size and SHA-256) before it is recorded as
+//! an artifact.
 
 use chrono::Utc;
 use domain::task::{Task, TaskCommand};
 use domain::Actor;
+use objects::uploads::{Uploads, VerifiedObject};
 use objects::{ObjectStore, MAX_OBJECT_BYTES};
 use protocol::{TransferGrant, TransferOp, TransferRequest, UploadedPart, MAX_UPLOAD_PARTS};
 use store::{Store, StoreError};
@@ -101,24 +105,16 @@ async fn grant(
                 return Err(format!("the task has no input named {input:?}"));
             };
             let object = found.object.as_str();
+            let verified = verified_input(store, objects, spec.project_id, &input, object).await?;
             let key = objects::keys::project_object(spec.project_id, object);
-            let info = objects
-                .head(&key)
-                .await
-                .map_err(|e| format!("input {input}: {e}"))?
-                .ok_or_else(|| {
-                    format!(
-                        "input {input}: object {object:?} does not exist in the project's store"
-                    )
-                })?;
             let url = objects
                 .presign_get(&key, None)
                 .await
                 .map_err(|e| format!("input {input}: {e}"))?;
             Ok(TransferGrant {
                 url: Some(url),
-                size: Some(info.size),
-                sha256: info.sha256,
+                size: Some(verified.size),
+                sha256: Some(verified.sha256),
                 ..TransferGrant::default()
             })
         }
@@ -220,6 +216,47 @@ async fn grant(
             }
         }
     }
+}
+
+/// Input `input`, object `object` of project `project_id`, when a task may
+/// use it: the store holds the object its last completed upload verified.
+/// The node checks what it downloads against the size and SHA-256 the
+/// server verified, never against what the store says of itself.
+async fn verified_input(
+    store: &Store,
+    objects: &ObjectStore,
+    project_id: Uuid,
+    input: &str,
+    object: &str,
+) -> Result<VerifiedObject, String> {
+    let key = objects::keys::project_object(project_id, object);
+    let verified = Uploads::new(store.pool().clone())
+        .verified_object(project_id, object)
+        .await
+        .map_err(|e| {
+            format!("input {input}: the server cannot read its record now ({e}); try again")
+        })?;
+    let head = objects
+        .head(&key)
+        .await
+        .map_err(|e| format!("input {input}: {e}"))?
+        .ok_or_else(|| {
+            format!("input {input}: object {object:?} does not exist in the project's store")
+        })?;
+    let Some(verified) = verified else {
+        return Err(format!(
+            "input {input}: object {object:?} was never verified: no upload of it through the \
+             API was completed (objects stored before uploads were verified need one too); \
+             upload it and complete the upload"
+        ));
+    };
+    if head.size != verified.size || head.sha256.as_deref() != Some(verified.sha256.as_str()) {
+        return Err(format!(
+            "input {input}: object {object:?} changed after it was verified (a later upload \
+             of it was not completed); complete that upload or upload it again"
+        ));
+    }
+    Ok(verified)
 }
 
 /// An upload the node says is complete.

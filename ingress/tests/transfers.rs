@@ -1,7 +1,8 @@
 //! Transfer URLs against a real PostgreSQL, the embedded S3 store and a
 //! real WebSocket: a node gets URLs only for the inputs and outputs of its
-//! own running attempt, and an upload is recorded only once the store holds
-//! it intact.
+//! own running attempt, an input only while the store holds what a
+//! completed upload verified, and an upload is recorded only once the store
+//! holds it intact.
 
 #![expect(
     clippy::unwrap_used,
@@ -18,6 +19,7 @@ use domain::Actor;
 use futures::{SinkExt, StreamExt};
 use ingress::{Config, Ingress};
 use objects::embedded::{fresh_credentials, Embedded};
+use objects::uploads::{Completion, NewUpload, Uploads};
 use objects::ObjectStore;
 use protocol::{AgentMessage, Hello, ServerMessage, TransferGrant, TransferOp, TransferRequest};
 use sha2::{Digest, Sha256};
@@ -113,8 +115,15 @@ fn sha(data: &[u8]) -> String {
     hex::encode(Sha256::digest(data))
 }
 
-#[tokio::test]
-async fn a_node_gets_urls_only_for_its_own_running_attempts_named_files() {
+/// A database, the embedded store and an ingress serving both.
+struct Platform {
+    store: Store,
+    objects: ObjectStore,
+    addr: std::net::SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+async fn platform() -> Platform {
     let db = testkit::fresh_db().await;
     let store = Store::new(db.pool.clone());
     let dir = tempfile::tempdir().unwrap();
@@ -126,12 +135,140 @@ async fn a_node_gets_urls_only_for_its_own_running_attempts_named_files() {
         ObjectStore::new(&embedded.client_config(&endpoint, Duration::from_secs(60))).unwrap();
     tokio::spawn(embedded.run(listener, std::future::pending()));
 
-    let ingress = Ingress::new(store.clone(), Config::default()).with_objects(Some(objects));
+    let ingress =
+        Ingress::new(store.clone(), Config::default()).with_objects(Some(objects.clone()));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let router = ingress.router();
     tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    Platform {
+        store,
+        objects,
+        addr,
+        _dir: dir,
+    }
+}
 
+/// A task of project `project_id` with input `in.txt` (object `object`)
+/// and output `model`, assigned to `node`.
+async fn assigned_task(store: &Store, project_id: Uuid, object: &str, node: Uuid) -> Uuid {
+    let spec = TaskSpecDraft {
+        project_id: Some(project_id),
+        code_repo_url: Some("https://example.com/code.git".into()),
+        code_commit_id: Some("a".repeat(40)),
+        env_repo_url: Some("https://example.com/env.git".into()),
+        env_commit_id: Some("b".repeat(40)),
+        dockerfile_path: Some("Dockerfile".into()),
+        inputs: Some(vec![InputDraft {
+            name: Some("in.txt".into()),
+            object: Some(object.into()),
+        }]),
+        outputs: Some(vec![OutputDraft {
+            name: Some("model".into()),
+            path: Some("model.bin".into()),
+        }]),
+        ..Default::default()
+    }
+    .validate(UrlPolicy::default())
+    .unwrap();
+    let task_id = Uuid::now_v7();
+    let at = Utc::now();
+    for command in [
+        TaskCommand::Submit {
+            task_id,
+            spec,
+            by: admin(),
+            at,
+        },
+        TaskCommand::Assign {
+            node_id: node,
+            gpus: vec![],
+            reason: "test".into(),
+            at,
+        },
+    ] {
+        store
+            .execute::<Task>(&task_id.to_string(), command, &admin(), at)
+            .await
+            .unwrap();
+    }
+    task_id
+}
+
+/// Puts `data` as the object under `key`, as a presigned single PUT does.
+async fn put_object(objects: &ObjectStore, key: &str, data: &[u8]) {
+    let p = objects.presign_put(key, Some(&sha(data))).await.unwrap();
+    let mut put = reqwest::Client::new().put(&p.url).body(data.to_vec());
+    for (k, v) in &p.headers {
+        put = put.header(k, v);
+    }
+    assert!(put.send().await.unwrap().status().is_success());
+}
+
+#[tokio::test]
+async fn an_input_is_granted_only_while_the_store_holds_what_a_completed_upload_verified() {
+    let p = platform().await;
+    let (node, token) = provision(&p.store).await;
+    let project = Uuid::new_v4();
+    let task = assigned_task(&p.store, project, "data/in.txt", node).await;
+    let mut ws = join(p.addr, &token).await;
+    let download = || TransferOp::Download {
+        input: "in.txt".into(),
+    };
+    let key = objects::keys::project_object(project, "data/in.txt");
+
+    // In the store, but no upload of it was ever completed.
+    let data = b"verified bytes\n".repeat(20);
+    put_object(&p.objects, &key, &data).await;
+    let g = ask(&mut ws, task, download()).await;
+    assert!(g.url.is_none());
+    let e = g.error.unwrap();
+    assert!(
+        e.starts_with("input in.txt: object \"data/in.txt\" was never verified"),
+        "{e}"
+    );
+
+    // Completed through the record: read back and verified.
+    let uploads = Uploads::new(p.store.pool().clone());
+    let now = Utc::now();
+    let upload = uploads
+        .start(NewUpload {
+            project_id: project,
+            name: "data/in.txt".into(),
+            size: data.len() as u64,
+            sha256: sha(&data),
+            multipart_id: None,
+            started_by: "user:admin".into(),
+            started_at: now,
+            expires_at: now + chrono::Duration::seconds(60),
+        })
+        .await
+        .unwrap();
+    let done = uploads.complete(&p.objects, &upload, &[]).await.unwrap();
+    assert!(matches!(done, Completion::Verified(_)), "{done:?}");
+    let g = ask(&mut ws, task, download()).await;
+    assert_eq!(g.error, None);
+    assert!(g.url.unwrap().contains("/objects/data/in.txt?"));
+    assert_eq!(
+        (g.size, g.sha256),
+        (Some(data.len() as u64), Some(sha(&data)))
+    );
+
+    // Replaced by bytes nobody completed: refused again.
+    put_object(&p.objects, &key, b"something else").await;
+    let g = ask(&mut ws, task, download()).await;
+    assert!(g.url.is_none());
+    let e = g.error.unwrap();
+    assert!(
+        e.starts_with("input in.txt: object \"data/in.txt\" changed after it was verified"),
+        "{e}"
+    );
+}
+
+#[tokio::test]
+async fn a_node_gets_urls_only_for_its_own_running_attempts_named_files() {
+    let p = platform().await;
+    let (store, addr) = (p.store.clone(), p.addr);
     let (node_a, token_a) = provision(&store).await;
     let (_, token_b) = provision(&store).await;
     let spec = TaskSpecDraft {

@@ -121,6 +121,23 @@ pub struct ObjectInfo {
     pub sha256: Option<String>,
 }
 
+/// What reading an object back found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReadBack {
+    /// The whole object: its size and SHA-256 (lower-case hex).
+    Whole {
+        /// Bytes read.
+        size: u64,
+        /// The SHA-256 of those bytes.
+        sha256: String,
+    },
+    /// More bytes than the reader would take; reading stopped there.
+    Longer {
+        /// The most bytes the reader would take.
+        than: u64,
+    },
+}
+
 /// A presigned request: the URL and the headers that must be sent with it
 /// exactly as given (they are part of the signature).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -452,19 +469,92 @@ impl ObjectStore {
                 etag: etag.clone(),
             })
             .collect();
-        self.internal
+        let answer = self
+            .internal
             .complete_multipart_upload(key, upload_id, parts)
             .await?;
-        Ok(())
+        // rust-s3 without `fail-on-err` hands a refusal back as data.
+        match answer.status_code() {
+            200..=299 => Ok(()),
+            status => Err(S3Error::HttpFailWithBody(
+                status,
+                String::from_utf8_lossy(answer.as_slice()).into_owned(),
+            )
+            .into()),
+        }
     }
 
-    /// Drops multipart upload `upload_id` of `key` and its parts.
+    /// Drops multipart upload `upload_id` of `key` and its parts. An upload
+    /// the store no longer knows (`NoSuchUpload`) counts as dropped.
     ///
     /// # Errors
     /// [`ObjectError::Store`] when the store refuses or cannot be reached.
     pub async fn abort_multipart(&self, key: &str, upload_id: &str) -> Result<(), ObjectError> {
-        self.internal.abort_upload(key, upload_id).await?;
-        Ok(())
+        match self.internal.abort_upload(key, upload_id).await {
+            Ok(()) => Ok(()),
+            Err(S3Error::HttpFailWithBody(404, _)) => Ok(()),
+            Err(S3Error::HttpFailWithBody(_, body))
+                if xml_field(&body, "Code") == Some("NoSuchUpload") =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Reads object `key` back from the store in a stream and returns its
+    /// size and SHA-256, never holding more than one network read in
+    /// memory. Reading stops as soon as the object proves longer than
+    /// `max_bytes` ([`ReadBack::Longer`]), so a wrong size costs no more
+    /// than the size expected. `None` when there is no such object.
+    ///
+    /// # Errors
+    /// [`ObjectError::Store`] when the store refuses, cannot be reached, or
+    /// sends nothing for [`CALL_TIMEOUT`] in the middle of the object.
+    pub async fn read_back(
+        &self,
+        key: &str,
+        max_bytes: u64,
+    ) -> Result<Option<ReadBack>, ObjectError> {
+        use futures::StreamExt;
+        use sha2::{Digest, Sha256};
+        // The bucket's own timeout covers a whole request, and reading a
+        // large object takes longer: each read gets the timeout instead.
+        let mut reader = self.internal.clone();
+        reader.set_request_timeout(None);
+        let mut response = tokio::time::timeout(CALL_TIMEOUT, reader.get_object_stream(key))
+            .await
+            .map_err(|_| ObjectError::Store("the store did not answer a read".into()))??;
+        match response.status_code {
+            200..=299 => {}
+            404 => return Ok(None),
+            other => {
+                return Err(ObjectError::Store(format!(
+                    "the store answered {other} when an object was read"
+                )))
+            }
+        }
+        let mut hasher = Sha256::new();
+        let mut size: u64 = 0;
+        let stream = response.bytes();
+        loop {
+            let next = tokio::time::timeout(CALL_TIMEOUT, stream.next())
+                .await
+                .map_err(|_| {
+                    ObjectError::Store("the store stopped sending an object it was reading".into())
+                })?;
+            let Some(chunk) = next else { break };
+            let chunk = chunk?;
+            size += chunk.len() as u64;
+            if size > max_bytes {
+                return Ok(Some(ReadBack::Longer { than: max_bytes }));
+            }
+            hasher.update(&chunk);
+        }
+        Ok(Some(ReadBack::Whole {
+            size,
+            sha256: hex::encode(hasher.finalize()),
+        }))
     }
 
     /// Deletes object `key` (a transfer that turned out wrong).

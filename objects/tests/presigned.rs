@@ -185,3 +185,53 @@ async fn a_multipart_upload_checks_each_part_and_assembles_them_in_order() {
     let body = reqwest::get(&get).await.unwrap().bytes().await.unwrap();
     assert_eq!(sha(&body), whole);
 }
+
+#[tokio::test]
+async fn an_object_read_back_gives_its_size_and_sha256_and_stops_past_the_bytes_expected() {
+    use objects::ReadBack;
+    let s = embedded(Duration::from_secs(60)).await;
+    // Larger than one network read, so the hash runs over many chunks.
+    let data: Vec<u8> = (0..3 * 1024 * 1024 + 17).map(|i| (i % 199) as u8).collect();
+    let url = s
+        .store
+        .presign_put("p/r.bin", Some(&sha(&data)))
+        .await
+        .unwrap();
+    assert!(put(&url, data.clone()).await.status().is_success());
+    let whole = ReadBack::Whole {
+        size: data.len() as u64,
+        sha256: sha(&data),
+    };
+    let n = data.len() as u64;
+    assert_eq!(s.store.read_back("p/r.bin", n).await.unwrap(), Some(whole));
+    assert_eq!(
+        s.store.read_back("p/r.bin", n - 1).await.unwrap(),
+        Some(ReadBack::Longer { than: n - 1 })
+    );
+    assert_eq!(s.store.read_back("p/none", n).await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn a_refused_multipart_completion_is_an_error_and_an_aborted_upload_takes_no_part() {
+    let s = embedded(Duration::from_secs(60)).await;
+    let id = s.store.start_multipart("p/m.bin", None).await.unwrap();
+    let part = s.store.presign_part("p/m.bin", &id, 1, None).await.unwrap();
+    let small = put(&part, vec![1; 10]).await;
+    let etag = small.headers()["etag"].to_str().unwrap().to_string();
+    let part2 = s.store.presign_part("p/m.bin", &id, 2, None).await.unwrap();
+    assert!(put(&part2, vec![2; 10]).await.status().is_success());
+    // Part 1 is under 5 MiB and not the last: the store refuses, and so
+    // must the call.
+    let refused = s
+        .store
+        .complete_multipart("p/m.bin", &id, &[(1, etag.clone()), (2, etag)])
+        .await
+        .unwrap_err();
+    assert!(refused.to_string().contains("EntityTooSmall"), "{refused}");
+    assert_eq!(s.store.head("p/m.bin").await.unwrap(), None);
+
+    let id = s.store.start_multipart("p/n.bin", None).await.unwrap();
+    s.store.abort_multipart("p/n.bin", &id).await.unwrap();
+    let part = s.store.presign_part("p/n.bin", &id, 1, None).await.unwrap();
+    assert!(!put(&part, vec![1; 10]).await.status().is_success());
+}

@@ -42,6 +42,12 @@ pub struct S3Args {
     #[arg(long, env = "UNIDESK_S3_PART_MB", default_value_t = 64,
           value_parser = clap::value_parser!(u64).range(5..=5 * 1024))]
     pub s3_part_mb: u64,
+    /// How long after its URLs expired an upload through the API that was
+    /// never completed is aborted (its parts deleted from the store), in
+    /// seconds.
+    #[arg(long, env = "UNIDESK_S3_UPLOAD_GRACE_S", default_value_t = 3600,
+          value_parser = clap::value_parser!(u64).range(0..=30 * 24 * 3600))]
+    pub s3_upload_grace_s: u64,
 }
 
 fn parse_secret(s: &str) -> Result<Secret, String> {
@@ -60,6 +66,7 @@ impl S3Args {
             s3_secret_key: None,
             s3_url_ttl_s: 900,
             s3_part_mb: 64,
+            s3_upload_grace_s: 3600,
         }
     }
 
@@ -71,6 +78,11 @@ impl S3Args {
     /// How long presigned URLs stay valid.
     pub fn url_ttl(&self) -> Duration {
         Duration::from_secs(self.s3_url_ttl_s)
+    }
+
+    /// How long past its URLs' expiry an uncompleted upload is kept.
+    pub fn upload_grace(&self) -> Duration {
+        Duration::from_secs(self.s3_upload_grace_s)
     }
 }
 

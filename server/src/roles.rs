@@ -11,6 +11,9 @@ use tokio::task::JoinHandle;
 
 use crate::cli::Role;
 
+/// How often the scheduler role looks for abandoned uploads to abort.
+const SWEEP_EVERY: Duration = Duration::from_secs(60);
+
 /// Settings shared by the roles.
 #[derive(Debug, Clone, Args)]
 pub struct ServerArgs {
@@ -237,6 +240,19 @@ pub fn start(
         );
         let shutdown = stopped(rx.clone());
         tasks.push(tokio::spawn(async move { scheduler.run(shutdown).await }));
+        // Uploads nobody completed: every scheduler replica sweeps, each
+        // upload is claimed by one of them.
+        if let Some(objects) = args.objects.clone() {
+            let sweeper = objects::uploads::Sweeper::new(
+                store.pool().clone(),
+                objects,
+                args.s3.upload_grace(),
+            );
+            let shutdown = stopped(rx.clone());
+            tasks.push(tokio::spawn(async move {
+                sweeper.run(SWEEP_EVERY, shutdown).await;
+            }));
+        }
     }
     if tasks.is_empty() {
         return Err(anyhow::anyhow!("no roles chosen")).context("--roles");

@@ -174,8 +174,9 @@ impl Platform {
         v
     }
 
-    /// Uploads `data` as object `name` of the project through the API.
-    async fn upload(&self, name: &str, data: &[u8]) {
+    /// Sends `data` as object `name` of the project through the API, in
+    /// one PUT, without completing the upload; returns its `upload_id`.
+    async fn send(&self, name: &str, data: &[u8]) -> Value {
         let up = self
             .post(
                 &format!("/projects/{}/objects", self.project),
@@ -189,24 +190,75 @@ impl Platform {
             req = req.header(k, v.as_str().unwrap());
         }
         assert!(req.send().await.unwrap().status().is_success());
+        up["upload_id"].clone()
+    }
+
+    /// Uploads `data` as object `name` of the project through the API, in
+    /// one PUT or in parts, and completes the upload, so tasks may use it.
+    async fn upload(&self, name: &str, data: &[u8]) {
+        let up = self
+            .post(
+                &format!("/projects/{}/objects", self.project),
+                json!({"name": name, "size": data.len(), "sha256": sha(data)}),
+            )
+            .await;
+        let client = reqwest::Client::new();
+        let mut complete = json!({"name": name, "upload_id": up["upload_id"]});
+        if up["method"] == "put" {
+            let mut req = client.put(up["url"].as_str().unwrap()).body(data.to_vec());
+            for (k, v) in up["headers"].as_object().unwrap() {
+                req = req.header(k, v.as_str().unwrap());
+            }
+            assert!(req.send().await.unwrap().status().is_success());
+        } else {
+            let size = up["part_size"].as_u64().unwrap() as usize;
+            let mut parts = Vec::new();
+            for (i, (part, chunk)) in up["parts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .zip(data.chunks(size))
+                .enumerate()
+            {
+                let r = client
+                    .put(part["url"].as_str().unwrap())
+                    .body(chunk.to_vec())
+                    .send()
+                    .await
+                    .unwrap();
+                assert!(r.status().is_success());
+                let etag = r.headers()["etag"].to_str().unwrap().to_string();
+                parts.push(json!({"part_number": i + 1, "etag": etag}));
+            }
+            complete["parts"] = json!(parts);
+        }
+        let stored = self
+            .post(
+                &format!("/projects/{}/objects/complete", self.project),
+                complete,
+            )
+            .await;
+        assert_eq!(stored["sha256"], sha(data), "{stored}");
+    }
+
+    /// A task running `script` with `inputs` and `outputs`.
+    fn task(&self, script: &str, inputs: Value, outputs: Value) -> Value {
+        json!({
+            "project_id": self.project,
+            "code_repo_url": self.code.0, "code_commit_id": self.code.1,
+            "env_repo_url": self.env.0, "env_commit_id": self.env.1,
+            "dockerfile_path": "Dockerfile",
+            "command": ["sh", "-c", script],
+            "resources": {"cpus": 1, "memory_mb": 256},
+            "inputs": inputs, "outputs": outputs, "max_retries": 0
+        })
     }
 
     /// Submits a task running `script` with `inputs` and `outputs`; waits
     /// for its end.
     async fn run(&self, script: &str, inputs: Value, outputs: Value) -> Value {
         let t = self
-            .post(
-                "/tasks",
-                json!({
-                    "project_id": self.project,
-                    "code_repo_url": self.code.0, "code_commit_id": self.code.1,
-                    "env_repo_url": self.env.0, "env_commit_id": self.env.1,
-                    "dockerfile_path": "Dockerfile",
-                    "command": ["sh", "-c", script],
-                    "resources": {"cpus": 1, "memory_mb": 256},
-                    "inputs": inputs, "outputs": outputs, "max_retries": 0
-                }),
-            )
+            .post("/tasks", self.task(script, inputs, outputs))
             .await;
         let id = t["id"].as_str().unwrap().to_string();
         let deadline = Instant::now() + Duration::from_secs(240);
@@ -269,13 +321,23 @@ async fn inputs_reach_the_workspace_and_outputs_are_kept_also_when_the_task_fail
     let p = Platform::start().await;
     let input = b"training data\n".repeat(100);
     p.upload("datasets/train.txt", &input).await;
+    // 6 MiB and a bit: uploaded in two parts, verified at completion.
+    let weights: Vec<u8> = (0..6 * 1024 * 1024 + 7).map(|i| (i % 253) as u8).collect();
+    p.upload("datasets/weights.bin", &weights).await;
     // 12 MiB of output: more than two 5 MiB parts.
-    let script = "mkdir -p out && cp data/train.txt out/copy.txt \
-                  && head -c 12582912 /dev/urandom > out/big.bin && echo done && exit 3";
+    let script = format!(
+        "mkdir -p out && cp data/train.txt out/copy.txt \
+         && [ \"$(sha256sum w.bin | cut -d' ' -f1)\" = {} ] \
+         && head -c 12582912 /dev/urandom > out/big.bin && echo done && exit 3",
+        sha(&weights)
+    );
     let done = p
         .run(
-            script,
-            json!([{"name": "data/train.txt", "object": "datasets/train.txt"}]),
+            &script,
+            json!([
+                {"name": "data/train.txt", "object": "datasets/train.txt"},
+                {"name": "w.bin", "object": "datasets/weights.bin"}
+            ]),
             json!([{"name": "copy", "path": "out/copy.txt"}, {"name": "big", "path": "out/big.bin"}]),
         )
         .await;
@@ -329,18 +391,34 @@ async fn bad_inputs_and_outputs_and_a_dead_store_fail_the_task_clearly_keeping_t
     assert_eq!(artifacts[0]["name"], "good");
     assert_eq!(p.download(&artifacts[0]).await, b"ok\n");
 
-    // An input that is not in the store: the command never runs.
+    // An input no completed upload verified is refused at submission.
+    let task = p.task(
+        "echo never",
+        json!([{"name": "x", "object": "nowhere/x"}]),
+        json!([]),
+    );
+    let (status, e) = p.call(reqwest::Method::POST, "/tasks", Some(task)).await;
+    assert_eq!(status, 422, "{e}");
+    assert_eq!(e["errors"][0]["field"], "inputs[0].object", "{e}");
+
+    // An input replaced, after its upload was verified, by bytes whose
+    // upload was never completed: the node is refused it, the command
+    // never runs.
+    let first = b"first version\n".repeat(10);
+    p.upload("datasets/v.txt", &first).await;
+    p.send("datasets/v.txt", b"second version, never completed\n")
+        .await;
     let done = p
         .run(
             "echo never",
-            json!([{"name": "x", "object": "nowhere/x"}]),
+            json!([{"name": "v.txt", "object": "datasets/v.txt"}]),
             json!([]),
         )
         .await;
-    assert_eq!(done["state"], "failed");
+    assert_eq!(done["state"], "failed", "{done}");
     let reason = done["reason"].as_str().unwrap();
     assert!(
-        reason.contains("input x: object \"nowhere/x\" does not exist in the project's store"),
+        reason.contains("input v.txt: object \"datasets/v.txt\" changed after it was verified"),
         "{reason}"
     );
 
@@ -521,6 +599,14 @@ async fn dev_serves_an_embedded_store_from_its_own_directory() {
         put = put.header(k, v.as_str().unwrap());
     }
     assert!(put.send().await.unwrap().status().is_success());
+    let completed = http
+        .post(format!("{api}/projects/{project}/objects/complete"))
+        .bearer_auth(&token)
+        .json(&json!({"name": "notes/a.txt", "upload_id": up["upload_id"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(completed.status(), 200);
     let stored = dir.path().join(format!(
         ".unidesk/objects/unidesk/projects/{project}/objects/notes/a.txt"
     ));

@@ -17,7 +17,8 @@ pub struct CreateUpload {
     /// Its size in bytes.
     pub size: Option<i64>,
     /// Its SHA-256, 64 hex digits: the store refuses a single upload whose
-    /// body does not match, and every download is checked against it.
+    /// body does not match, the completion checks the stored object against
+    /// it, and every download is checked against it.
     pub sha256: Option<String>,
 }
 
@@ -34,13 +35,15 @@ pub struct Upload {
     pub url: Option<String>,
     /// Headers to send with every PUT, unchanged (they are signed).
     pub headers: BTreeMap<String, String>,
-    /// With `multipart`: the upload's id, for the completion.
+    /// The upload's id, to name in the completion (every upload ends with
+    /// one). With `multipart` it is also the store's id of the upload.
     pub upload_id: Option<String>,
     /// With `multipart`: bytes per part (the last may be shorter).
     pub part_size: Option<u64>,
     /// With `multipart`: one presigned URL per part, in order.
     pub parts: Vec<PartUrl>,
-    /// Seconds the URLs stay valid.
+    /// Seconds the URLs stay valid. An upload not completed by then, plus
+    /// the server's grace, is aborted.
     pub expires_in_s: u32,
 }
 
@@ -59,12 +62,13 @@ pub struct PartUrl {
 pub struct CompleteUpload {
     /// The object's name, as in the upload.
     pub name: Option<String>,
-    /// The upload's id.
+    /// The upload's id, as the upload answered it.
     pub upload_id: Option<String>,
-    /// The object's size, as in the upload: checked against what the store
-    /// assembled.
+    /// Optional: the object's size, which must be the one the upload
+    /// declared.
     pub size: Option<i64>,
-    /// Every part in order, with the `ETag` header the store answered.
+    /// With `multipart`: every part in order, with the `ETag` header the
+    /// store answered. Left out for a single PUT.
     pub parts: Option<Vec<CompletedPart>>,
 }
 
@@ -78,15 +82,16 @@ pub struct CompletedPart {
     pub etag: Option<String>,
 }
 
-/// An object the store holds.
+/// An object the store holds, read back and found to be what its upload
+/// declared: tasks may use it as an input.
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct StoredObject {
     /// Its name in the project's store.
     pub name: String,
     /// Bytes.
     pub size: u64,
-    /// Its SHA-256, when it was stored with one.
-    pub sha256: Option<String>,
+    /// Its SHA-256, lower-case hex.
+    pub sha256: String,
 }
 
 /// A stored output of a task.

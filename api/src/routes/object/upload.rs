@@ -1,11 +1,14 @@
 //! `POST /api/v1/projects/{id}/objects`: presigned URLs to upload one
-//! object into the project's store, straight to the store.
+//! object into the project's store, straight to the store. Each upload is
+//! recorded with what it declared, to be checked at its completion.
 
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
+use chrono::Utc;
 use domain::project::Role;
 use domain::spec::ObjectName;
+use objects::uploads::{NewUpload, Uploads};
 use objects::{MAX_OBJECT_BYTES, MAX_PARTS};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -90,10 +93,13 @@ fn part_size(size: u64, preferred: u64) -> u64 {
 /// Presigned URLs to upload an object into the project's store. Up to the
 /// part size (64 MiB) it is one PUT of the whole file, which the store
 /// refuses unless its SHA-256 matches; larger files are sent in parts, each
-/// to its own URL, then completed with
-/// `POST /api/v1/projects/{id}/objects/complete`. The URLs are valid for a
-/// short time, for this one object only. Members and maintainers may
-/// upload; an object of the same name is replaced.
+/// to its own URL. Either way the upload ends with
+/// `POST /api/v1/projects/{id}/objects/complete` naming its `upload_id`: the
+/// server reads the stored object back and checks its size and SHA-256, and
+/// only then may tasks use it. The URLs are valid for a short time, for this
+/// one object only; an upload not completed by then (plus a grace) is
+/// aborted. Members and maintainers may upload; an object of the same name
+/// is replaced.
 #[utoipa::path(
     post,
     path = "/projects/{id}/objects",
@@ -107,6 +113,8 @@ fn part_size(size: u64, preferred: u64) -> u64 {
         (status = 403, description = "A viewer of the project", body = ErrorBody),
         (status = 404, description = "No such project, or not one of the caller's", body = ErrorBody),
         (status = 409, description = "No object store configured, or the project is archived", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 415, description = "Body is not JSON", body = ErrorBody),
         (status = 422, description = "Invalid fields, each named", body = ErrorBody),
         (status = 503, description = "The object store cannot be reached", body = ErrorBody)
     ),
@@ -131,17 +139,31 @@ async fn upload(
     let unavailable = |e: objects::ObjectError| ApiError::Unavailable(e.to_string());
     let part = part_size(wanted.size, state.part_bytes());
     let ttl = objects.url_ttl_secs();
+    // Signed now, the URLs expire then: the sweeper counts from here.
+    let started_at = Utc::now();
+    let record = NewUpload {
+        project_id: id,
+        name: wanted.name.to_string(),
+        size: wanted.size,
+        sha256: wanted.sha256.clone(),
+        multipart_id: None,
+        started_by: caller.actor().to_string(),
+        started_at,
+        expires_at: started_at + chrono::Duration::seconds(i64::from(ttl)),
+    };
+    let uploads = Uploads::new(state.pool().clone());
     let answer = if wanted.size <= part {
         let p = objects
             .presign_put(&key, Some(&wanted.sha256))
             .await
             .map_err(unavailable)?;
+        let recorded = uploads.start(record).await.map_err(ApiError::internal)?;
         Upload {
             name: wanted.name.to_string(),
             method: "put".into(),
             url: Some(p.url),
             headers: p.headers,
-            upload_id: None,
+            upload_id: Some(recorded.upload_id),
             part_size: None,
             parts: Vec::new(),
             expires_in_s: ttl,
@@ -151,6 +173,18 @@ async fn upload(
             .start_multipart(&key, Some(&wanted.sha256))
             .await
             .map_err(unavailable)?;
+        let recorded = NewUpload {
+            multipart_id: Some(upload_id.clone()),
+            ..record
+        };
+        if let Err(e) = uploads.start(recorded).await {
+            // Unrecorded, nobody could complete it and no sweeper would
+            // find it: drop it now.
+            if let Err(abort) = objects.abort_multipart(&key, &upload_id).await {
+                tracing::warn!(%key, error = %abort, "cannot abort an unrecorded upload");
+            }
+            return Err(ApiError::internal(e));
+        }
         let count = wanted.size.div_ceil(part) as u32;
         let mut parts = Vec::with_capacity(count as usize);
         for n in 1..=count {

@@ -38,7 +38,7 @@ pub fn router() -> OpenApiRouter<AppState> {
         (status = 409, description = "The project is archived", body = ErrorBody),
         (status = 413, description = "Body too large", body = ErrorBody),
         (status = 415, description = "Body is not JSON", body = ErrorBody),
-        (status = 422, description = "Invalid fields, each named", body = ErrorBody)
+        (status = 422, description = "Invalid fields, each named; an input naming an object with no completed, verified upload", body = ErrorBody)
     ),
     security(("bearer" = []))
 )]
@@ -70,6 +70,7 @@ async fn submit(
             "the project is archived and takes no new tasks",
         )));
     }
+    crate::routes::object::require_verified_inputs(&state, &spec).await?;
     let id = Uuid::now_v7();
     let now = Utc::now();
     let command = TaskCommand::Submit {
