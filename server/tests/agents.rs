@@ -55,8 +55,10 @@ impl Platform {
             .args([
                 "--heartbeat-s",
                 "1",
+                // Eight missed heartbeats: a node is not lost to a loaded
+                // machine's scheduling hiccup, only to the kill below.
                 "--offline-after-s",
-                "4",
+                "8",
                 "--poll-ms",
                 "100",
             ])
