@@ -9,6 +9,7 @@
 //! The agent links `protocol` and nothing else of the project.
 
 pub mod connection;
+pub mod disk;
 pub mod docker;
 pub mod executor;
 pub mod git;
