@@ -237,6 +237,12 @@ impl Context {
         &self.confinement
     }
 
+    /// Whether Docker limits task containers' writable layers on this
+    /// node; `None` before the first task container was created.
+    pub fn layer_quota(&self) -> Option<bool> {
+        self.layer_quota.supported()
+    }
+
     /// Cuts output uploads into parts of `part_bytes` (64 MiB by default,
     /// at least 5 MiB).
     pub fn with_part_bytes(mut self, part_bytes: u64) -> Self {
