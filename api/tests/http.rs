@@ -652,6 +652,63 @@ async fn every_bad_task_input_is_refused_with_its_field_named_and_nothing_append
     fine.expect(201);
 }
 
+#[tokio::test]
+async fn gpu_visibility_cannot_be_set_through_a_tasks_env() {
+    let app = start().await;
+    let project = app.project(&app.admin, "gpus").await;
+    let good = task_body(&project);
+    let before = app.events().await;
+    for name in [
+        "NVIDIA_VISIBLE_DEVICES",
+        "CUDA_VISIBLE_DEVICES",
+        "NVIDIA_DRIVER_CAPABILITIES",
+        "nvidia_visible_devices",
+    ] {
+        let body = with(good.clone(), &format!("/env/{name}"), Some(json!("all")));
+        let answer = app.post("/api/v1/tasks", &app.admin, body).await;
+        answer.expect_error(422, &format!("env.{name}"));
+        assert!(
+            answer.details().contains("resources.gpus"),
+            "{:?}",
+            answer.body
+        );
+    }
+    assert_eq!(
+        app.events().await,
+        before,
+        "a refused submission appended events"
+    );
+}
+
+#[tokio::test]
+async fn a_task_may_ask_for_no_network_and_sees_it_in_its_spec() {
+    let app = start().await;
+    let project = app.project(&app.admin, "offline").await;
+    let good = task_body(&project);
+    let answer = app
+        .post(
+            "/api/v1/tasks",
+            &app.admin,
+            with(good.clone(), "/network", Some(json!("host"))),
+        )
+        .await;
+    answer.expect_error(422, "network");
+    let offline = app
+        .post(
+            "/api/v1/tasks",
+            &app.admin,
+            with(good.clone(), "/network", Some(json!("none"))),
+        )
+        .await;
+    assert_eq!(offline.expect(201)["spec"]["network"], "none");
+    let default = app.post("/api/v1/tasks", &app.admin, good).await;
+    assert!(
+        default.expect(201)["spec"].get("network").is_none(),
+        "absent means the node's choice: {:?}",
+        default.body
+    );
+}
+
 fn uuid_v4() -> String {
     uuid::Uuid::new_v4().to_string()
 }

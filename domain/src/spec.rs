@@ -516,6 +516,62 @@ pub struct TaskSpec {
     /// also when it failed.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub outputs: Vec<Output>,
+    /// The network the task's container gets; absent in tasks submitted
+    /// before the field existed, which get the node's choice.
+    #[serde(default, skip_serializing_if = "TaskNetwork::is_node_default")]
+    pub network: TaskNetwork,
+}
+
+/// The network a task's container gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskNetwork {
+    /// Whatever the node runs tasks with (`--task-network`).
+    #[default]
+    Node,
+    /// No network at all: the container has only its loopback interface,
+    /// whatever the node's choice.
+    None,
+}
+
+impl TaskNetwork {
+    /// Parses the submitted form: only `none` can be asked for; leaving
+    /// the field out leaves the choice to the node.
+    ///
+    /// # Errors
+    /// A reason for any other value.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "none" => Ok(Self::None),
+            other => Err(format!(
+                "must be \"none\" (or left out for the node's choice), got {other:?}"
+            )),
+        }
+    }
+
+    /// Whether this is the node's choice, the value a spec had before the
+    /// field existed.
+    pub fn is_node_default(&self) -> bool {
+        *self == Self::Node
+    }
+
+    /// The submitted form: `Some("none")`, or `None` for the node's choice.
+    pub fn as_submitted(&self) -> Option<&'static str> {
+        match self {
+            Self::Node => None,
+            Self::None => Some("none"),
+        }
+    }
+}
+
+/// Whether `name` is an environment variable that decides which GPUs a
+/// container sees (`NVIDIA_VISIBLE_DEVICES`, `CUDA_VISIBLE_DEVICES` or any
+/// `NVIDIA_*`, in any case). Only the node sets these, from the devices
+/// the scheduler assigned: a task that could set them could reach GPUs
+/// other tasks hold.
+pub fn is_gpu_visibility_variable(name: &str) -> bool {
+    let upper = name.to_ascii_uppercase();
+    upper.starts_with("NVIDIA_") || upper == "CUDA_VISIBLE_DEVICES"
 }
 
 /// The raw, unvalidated form of a resources request.
@@ -565,6 +621,9 @@ pub struct TaskSpecDraft {
     pub inputs: Option<Vec<InputDraft>>,
     /// See [`TaskSpec::outputs`].
     pub outputs: Option<Vec<OutputDraft>>,
+    /// See [`TaskSpec::network`]: `"none"`, or absent for the node's
+    /// choice.
+    pub network: Option<String>,
 }
 
 /// Limits on a task specification.
@@ -760,6 +819,13 @@ impl TaskSpecDraft {
                     "names are letters, digits and '_', not starting with a digit",
                 ));
             }
+            if is_gpu_visibility_variable(k) {
+                e.push(FieldError::new(
+                    format!("env.{k}"),
+                    "NVIDIA_VISIBLE_DEVICES, CUDA_VISIBLE_DEVICES and NVIDIA_* are set by the node \
+                     from the GPUs assigned to the task; ask for GPUs with resources.gpus",
+                ));
+            }
             if v.contains('\0') || v.len() > limits::MAX_ENV_VALUE_BYTES {
                 e.push(FieldError::new(
                     format!("env.{k}"),
@@ -786,6 +852,14 @@ impl TaskSpecDraft {
             .map_or(limits::DEFAULT_RETRIES, |r| r as u32);
         let inputs = validate_inputs(&mut e, self.inputs.unwrap_or_default());
         let outputs = validate_outputs(&mut e, self.outputs.unwrap_or_default());
+        let network = match self.network.as_deref().map(TaskNetwork::parse) {
+            None => TaskNetwork::Node,
+            Some(Ok(network)) => network,
+            Some(Err(reason)) => {
+                e.push(FieldError::new("network", reason));
+                TaskNetwork::Node
+            }
+        };
         match (
             project_id,
             code_repo_url,
@@ -813,6 +887,7 @@ impl TaskSpecDraft {
                     max_retries,
                     inputs,
                     outputs,
+                    network,
                 })
             }
             _ => Err(e),
@@ -1402,6 +1477,65 @@ mod tests {
         json.as_object_mut().unwrap().remove("outputs");
         let back: TaskSpec = serde_json::from_value(json).unwrap();
         assert!(back.inputs.is_empty() && back.outputs.is_empty());
+    }
+
+    #[test]
+    fn gpu_visibility_cannot_be_set_through_env_in_any_case() {
+        for name in [
+            "NVIDIA_VISIBLE_DEVICES",
+            "nvidia_visible_devices",
+            "Cuda_Visible_Devices",
+            "CUDA_VISIBLE_DEVICES",
+            "NVIDIA_DRIVER_CAPABILITIES",
+            "NVIDIA_",
+        ] {
+            let mut d = draft();
+            d.env = Some(BTreeMap::from([
+                ("HOME".to_owned(), "/workspace".to_owned()),
+                (name.to_owned(), "all".to_owned()),
+            ]));
+            let errs = d.validate(UrlPolicy::default()).unwrap_err();
+            assert_eq!(errs.len(), 1, "{name}: {errs:?}");
+            assert_eq!(errs[0].field, format!("env.{name}"));
+            assert!(errs[0].reason.contains("resources.gpus"), "{errs:?}");
+        }
+        for name in [
+            "CUDA_HOME",
+            "MY_NVIDIA_VISIBLE_DEVICES",
+            "NVIDIAX",
+            "CUDA_VISIBLE",
+        ] {
+            let mut d = draft();
+            d.env = Some(BTreeMap::from([(name.to_owned(), "1".to_owned())]));
+            assert!(d.validate(UrlPolicy::default()).is_ok(), "{name} refused");
+        }
+    }
+
+    #[test]
+    fn a_task_may_ask_for_no_network_and_nothing_else() {
+        let spec = draft().validate(UrlPolicy::default()).unwrap();
+        assert_eq!(spec.network, TaskNetwork::Node);
+        let mut d = draft();
+        d.network = Some("none".into());
+        let spec = d.validate(UrlPolicy::default()).unwrap();
+        assert_eq!(spec.network, TaskNetwork::None);
+        assert_eq!(serde_json::to_value(&spec).unwrap()["network"], "none");
+        for bad in ["host", "bridge", "None", "", "container:abc"] {
+            let mut d = draft();
+            d.network = Some(bad.into());
+            let errs = d.validate(UrlPolicy::default()).unwrap_err();
+            assert_eq!(errs[0].field, "network", "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_spec_stored_before_the_network_field_still_loads_with_the_nodes_choice() {
+        let spec = draft().validate(UrlPolicy::default()).unwrap();
+        let json = serde_json::to_value(&spec).unwrap();
+        assert!(json.get("network").is_none(), "the default is not written");
+        let back: TaskSpec = serde_json::from_value(json).unwrap();
+        assert_eq!(back.network, TaskNetwork::Node);
+        assert_eq!(back, spec);
     }
 
     #[test]

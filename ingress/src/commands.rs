@@ -110,6 +110,10 @@ pub(crate) fn run_task(task: &Task) -> Option<Encoded> {
                     path: o.path.to_string(),
                 })
                 .collect(),
+            network: match spec.network {
+                domain::spec::TaskNetwork::Node => protocol::TaskNetwork::Node,
+                domain::spec::TaskNetwork::None => protocol::TaskNetwork::None,
+            },
         }),
     };
     let frame = protocol::encode(&message);

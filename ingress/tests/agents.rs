@@ -180,6 +180,7 @@ impl Platform {
             command: Some(vec!["python".into(), "train.py".into()]),
             env: Some([("SEED".to_string(), "1".to_string())].into()),
             timeout_s: Some(3600),
+            network: Some("none".into()),
             ..Default::default()
         }
         .validate(UrlPolicy::default())
@@ -719,6 +720,7 @@ async fn a_task_assigned_while_connected_reaches_its_node_only() {
     assert_eq!((run.cpus, run.memory_mb), (1.0, 1024));
     assert_eq!(run.timeout_s, Some(3600));
     assert!(run.gpus.is_empty());
+    assert_eq!(run.network, protocol::TaskNetwork::None);
     b.expect_quiet().await;
     a.send(&AgentMessage::Ack {
         command_id: protocol::command_id("run_task", task_id, 1),

@@ -3,19 +3,27 @@
 //! Everything here is a thin, typed layer over bollard that turns Docker's
 //! errors into messages a person can act on. The API version is negotiated
 //! with the daemon, so old engines (API 1.41) and new ones both work.
+//!
+//! A task container cannot gain the host ([`container_body`]): no new
+//! privileges, every capability dropped but [`TASK_CAPABILITIES`], never
+//! privileged, no mount but its workspace, its own IPC, PID and network
+//! namespaces (or no network at all), a process limit, and only the GPUs
+//! assigned to it. Env images are built by the classic builder under the
+//! node's [`BuildLimits`].
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::time::Duration;
 
 use bollard::errors::Error as BollardError;
 use bollard::models::{ContainerCreateBody, DeviceRequest, HostConfig, HostConfigLogConfig};
 use bollard::query_parameters::{
-    BuildImageOptionsBuilder, ListContainersOptionsBuilder, ListImagesOptionsBuilder,
-    LogsOptionsBuilder, RemoveContainerOptionsBuilder, StopContainerOptionsBuilder,
+    BuildImageOptionsBuilder, EventsOptions, InspectContainerOptions, ListContainersOptionsBuilder,
+    ListImagesOptionsBuilder, LogsOptionsBuilder, RemoveContainerOptionsBuilder,
+    StopContainerOptionsBuilder,
 };
-use bollard::Docker;
+use bollard::{BollardRequest, Docker};
 use cap_std::fs::Dir;
 use futures::{Stream, StreamExt};
 use sha2::{Digest, Sha256};
@@ -45,8 +53,41 @@ const BUILD_TAIL_LINES: usize = 20;
 /// adopting the container after a restart) still reads all it will send.
 pub const CONTAINER_LOG_MAX_SIZE: &str = "256m";
 
-/// Limit on processes in a task container, against fork bombs.
+/// The default limit on processes (threads included) in a task container,
+/// against fork bombs; the agent's `--task-pids-limit` sets another.
 pub const PIDS_LIMIT: i64 = 4096;
+
+/// The capabilities a task's processes keep; every other one is dropped.
+/// These are what root inside a container needs for ordinary work:
+/// package managers (`apt`, `dpkg`, `pip`, `conda`) installing files owned
+/// by other users and switching to their sandbox users, and entry points
+/// that start workers as another user and stop them.
+///
+/// - `CHOWN`: give files to another owner (`dpkg`, `tar` extracting as root).
+/// - `DAC_OVERRIDE`: root reads and writes files whatever their mode bits.
+/// - `FOWNER`: root changes modes and times of files it does not own.
+/// - `FSETID`: keep set-user-id bits when root changes such a file.
+/// - `SETUID`, `SETGID`: switch user and group (`su`, `gosu`, `apt`'s `_apt`).
+/// - `KILL`: signal processes of another user in the same container.
+///
+/// Left out of Docker's own default list: `MKNOD` (device nodes),
+/// `NET_RAW` (raw sockets: forged packets on the node's bridge),
+/// `SYS_CHROOT`, `SETFCAP` and `SETPCAP` (handing capabilities to files and
+/// processes), `AUDIT_WRITE` and `NET_BIND_SERVICE` (Docker lets a
+/// container bind ports below 1024 in its own network namespace without it).
+pub const TASK_CAPABILITIES: [&str; 7] = [
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "FOWNER",
+    "FSETID",
+    "SETUID",
+    "SETGID",
+    "KILL",
+];
+
+/// The environment variable that tells the NVIDIA container runtime which
+/// GPUs a container sees. The agent always sets it itself.
+pub const NVIDIA_VISIBLE_DEVICES: &str = "NVIDIA_VISIBLE_DEVICES";
 
 /// How long one request to Docker may wait for its response to begin. Stop
 /// requests wait for the grace period, so this is generous.
@@ -67,6 +108,18 @@ pub enum DockerError {
     #[error("building the image failed:\n{tail}")]
     Build {
         /// The last lines of the build output, ending with the error.
+        tail: String,
+    },
+    /// A build step was killed for going past the node's build memory
+    /// limit.
+    #[error(
+        "building the image failed: a build step ran out of memory; this node gives image \
+         builds {limit_mb} MiB (--build-memory-mb):\n{tail}"
+    )]
+    BuildOutOfMemory {
+        /// The node's build memory limit.
+        limit_mb: u64,
+        /// The last lines of the build output.
         tail: String,
     },
     /// The build context could not be packed.
@@ -139,22 +192,99 @@ pub enum ImageSource {
     Built,
 }
 
+/// What an image build may use: its steps run in containers of the
+/// classic builder (the one bollard asks for by default, and the one that
+/// applies these limits; BuildKit ignores them), each held to this much
+/// memory, without swap, and this many CPUs.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BuildLimits {
+    /// Memory of one build step, in MiB.
+    pub memory_mb: u64,
+    /// CPU cores of one build step.
+    pub cpus: f64,
+}
+
+impl BuildLimits {
+    /// The `/build` query parameters that hold a build to these limits.
+    /// bollard types `memory` as a 32-bit number, too small past 2 GiB,
+    /// so [`Images`] writes them into the request itself.
+    fn query(&self) -> [(&'static str, i64); 4] {
+        let memory = i64::try_from(self.memory_mb.saturating_mul(1024 * 1024)).unwrap_or(i64::MAX);
+        let period = 100_000;
+        let quota = ((self.cpus * period as f64).round() as i64).max(1000);
+        [
+            ("memory", memory),
+            ("memswap", memory),
+            ("cpuperiod", period),
+            ("cpuquota", quota),
+        ]
+    }
+
+    /// `request` with these limits in its query when it is a build;
+    /// other requests pass unchanged.
+    fn apply(&self, mut request: BollardRequest) -> BollardRequest {
+        if request.method() != "POST" || !request.uri().path().ends_with("/build") {
+            return request;
+        }
+        let text = request.uri().to_string();
+        let (base, query) = text.split_once('?').unwrap_or((&text, ""));
+        let ours = self.query();
+        let mut pairs: Vec<String> = query
+            .split('&')
+            .filter(|pair| !pair.is_empty())
+            .filter(|pair| {
+                let key = pair.split('=').next().unwrap_or_default();
+                !ours.iter().any(|(name, _)| *name == key)
+            })
+            .map(str::to_owned)
+            .collect();
+        pairs.extend(ours.iter().map(|(name, value)| format!("{name}={value}")));
+        match format!("{base}?{}", pairs.join("&")).parse() {
+            Ok(uri) => *request.uri_mut() = uri,
+            Err(e) => tracing::warn!(error = %e, "could not put the build limits in the request"),
+        }
+        request
+    }
+}
+
 /// Builds env images, one build per tag at a time.
 #[derive(Debug)]
 pub struct Images {
     docker: Docker,
+    /// The client builds go through: `docker` with the build limits put
+    /// into every build request.
+    builder: Docker,
+    limits: Option<BuildLimits>,
     locks: KeyedLocks,
     builds: AtomicU64,
 }
 
 impl Images {
-    /// Env images on `docker`.
+    /// Env images on `docker`, built without limits until
+    /// [`Images::with_limits`].
     pub fn new(docker: Docker) -> Self {
         Images {
+            builder: docker.clone(),
             docker,
+            limits: None,
             locks: KeyedLocks::default(),
             builds: AtomicU64::new(0),
         }
+    }
+
+    /// Holds every build to `limits`.
+    pub fn with_limits(mut self, limits: BuildLimits) -> Self {
+        self.builder = self
+            .docker
+            .clone()
+            .with_request_modifier(move |request| limits.apply(request));
+        self.limits = Some(limits);
+        self
+    }
+
+    /// The limits builds are held to, if any.
+    pub fn limits(&self) -> Option<BuildLimits> {
+        self.limits
     }
 
     /// How many builds this process has started.
@@ -168,8 +298,9 @@ impl Images {
     ///
     /// # Errors
     /// [`DockerError::Build`] with the end of the build output when the build
-    /// fails, [`DockerError::Context`] when the directory cannot be read,
-    /// [`DockerError::Api`] when Docker cannot be asked.
+    /// fails, [`DockerError::BuildOutOfMemory`] when a step went past the
+    /// build memory limit, [`DockerError::Context`] when the directory
+    /// cannot be read, [`DockerError::Api`] when Docker cannot be asked.
     #[tracing::instrument(skip_all, fields(tag))]
     pub async fn ensure(
         &self,
@@ -195,8 +326,12 @@ impl Images {
             .forcerm(true)
             .build();
         let body = bollard::body_full(bytes::Bytes::from(tar));
-        let output = self.docker.build_image(options, None, Some(body));
-        follow_build(output).await?;
+        let started = chrono::Utc::now();
+        let output = self.builder.build_image(options, None, Some(body));
+        let mut steps = Vec::new();
+        if let Err(e) = follow_build(output, &mut steps).await {
+            return Err(self.explain_build_failure(e, &steps, started).await);
+        }
         if !image_exists(&self.docker, tag).await? {
             return Err(DockerError::Build {
                 tail: "the build ended without producing the image".into(),
@@ -204,11 +339,66 @@ impl Images {
         }
         Ok(ImageSource::Built)
     }
+
+    /// `failure`, or [`DockerError::BuildOutOfMemory`] when Docker saw one
+    /// of the build's step containers (`steps`, short ids) run out of
+    /// memory since `started`.
+    async fn explain_build_failure(
+        &self,
+        failure: DockerError,
+        steps: &[String],
+        started: chrono::DateTime<chrono::Utc>,
+    ) -> DockerError {
+        let (Some(limits), DockerError::Build { tail }) = (self.limits, &failure) else {
+            return failure;
+        };
+        if steps.is_empty() {
+            return failure;
+        }
+        let killed = out_of_memory_since(&self.docker, started).await;
+        if killed
+            .iter()
+            .any(|id| steps.iter().any(|step| id.starts_with(step.as_str())))
+        {
+            DockerError::BuildOutOfMemory {
+                limit_mb: limits.memory_mb,
+                tail: tail.clone(),
+            }
+        } else {
+            failure
+        }
+    }
 }
 
-/// Reads a build's output, keeping the last lines for an error message.
+/// The ids of containers Docker saw run out of memory since `since`.
+async fn out_of_memory_since(docker: &Docker, since: chrono::DateTime<chrono::Utc>) -> Vec<String> {
+    let options = EventsOptions {
+        since: Some((since.timestamp() - 1).to_string()),
+        until: Some((chrono::Utc::now().timestamp() + 1).to_string()),
+        filters: Some(HashMap::from([
+            ("type".to_owned(), vec!["container".to_owned()]),
+            ("event".to_owned(), vec!["oom".to_owned()]),
+        ])),
+    };
+    let mut events = std::pin::pin!(docker.events(Some(options)));
+    let mut ids = Vec::new();
+    while let Some(event) = events.next().await {
+        match event {
+            Ok(event) => ids.extend(event.actor.and_then(|a| a.id)),
+            Err(e) => {
+                tracing::warn!(error = %docker_message(&e), "could not read Docker's events");
+                break;
+            }
+        }
+    }
+    ids
+}
+
+/// Reads a build's output, keeping the last lines for an error message and
+/// the (short) ids of the containers its steps ran in.
 async fn follow_build(
     output: impl Stream<Item = Result<bollard::models::BuildInfo, BollardError>>,
+    steps: &mut Vec<String>,
 ) -> Result<(), DockerError> {
     let mut output = std::pin::pin!(output);
     let mut tail = VecDeque::with_capacity(BUILD_TAIL_LINES + 1);
@@ -229,6 +419,9 @@ async fn follow_build(
                 {
                     let line = strip_ansi(line);
                     let line = line.trim_end();
+                    if let Some(id) = line.trim_start().strip_prefix("---> Running in ") {
+                        steps.push(id.trim().to_owned());
+                    }
                     if !line.is_empty() {
                         tracing::debug!(line, "build");
                         keep(line);
@@ -379,6 +572,89 @@ pub async fn env_images(docker: &Docker, limit: usize) -> Vec<String> {
     }
 }
 
+/// The network a node runs task containers on (`--task-network`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum NetworkMode {
+    /// Docker's default bridge: the container reaches what the node
+    /// reaches, through NAT.
+    #[default]
+    Bridge,
+    /// No network: only a loopback interface.
+    None,
+}
+
+impl NetworkMode {
+    /// Docker's name for it.
+    pub fn as_docker(&self) -> &'static str {
+        match self {
+            NetworkMode::Bridge => "bridge",
+            NetworkMode::None => "none",
+        }
+    }
+
+    /// What a task gets: no network when either the node or the task says
+    /// so.
+    pub fn for_task(self, asked: protocol::TaskNetwork) -> NetworkMode {
+        match asked {
+            protocol::TaskNetwork::None => NetworkMode::None,
+            protocol::TaskNetwork::Node => self,
+        }
+    }
+}
+
+impl std::str::FromStr for NetworkMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "bridge" => Ok(NetworkMode::Bridge),
+            "none" => Ok(NetworkMode::None),
+            other => Err(format!("{other:?} is not bridge or none")),
+        }
+    }
+}
+
+/// How this node confines its task containers, from the agent's flags.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Confinement {
+    /// The most processes in one container (`--task-pids-limit`).
+    pub pids_limit: i64,
+    /// The network tasks get unless they ask for none (`--task-network`).
+    pub network: NetworkMode,
+    /// How large a workspace may grow (`--workspace-limit-mb`,
+    /// `--workspace-check-s`).
+    pub workspace: crate::disk::WorkspaceLimit,
+}
+
+impl Default for Confinement {
+    fn default() -> Self {
+        Confinement {
+            pids_limit: PIDS_LIMIT,
+            network: NetworkMode::Bridge,
+            workspace: crate::disk::WorkspaceLimit::default(),
+        }
+    }
+}
+
+/// Whether `name` is an environment variable that decides which GPUs a
+/// container sees: `NVIDIA_VISIBLE_DEVICES`, `CUDA_VISIBLE_DEVICES` or any
+/// `NVIDIA_*`, in any case. The server refuses tasks that set one; the
+/// agent refuses them too, and never passes one on.
+pub fn is_gpu_visibility_variable(name: &str) -> bool {
+    let upper = name.to_ascii_uppercase();
+    upper.starts_with("NVIDIA_") || upper == "CUDA_VISIBLE_DEVICES"
+}
+
+/// Why a task's `env` cannot be used as it is, naming the first variable
+/// that sets GPU visibility; `None` when it can.
+pub fn refused_env(env: &BTreeMap<String, String>) -> Option<String> {
+    let name = env.keys().find(|k| is_gpu_visibility_variable(k))?;
+    Some(format!(
+        "env.{name}: NVIDIA_VISIBLE_DEVICES, CUDA_VISIBLE_DEVICES and NVIDIA_* are set by the \
+         node from the GPUs assigned to the task, never by the task"
+    ))
+}
+
 /// What a task container gets.
 #[derive(Debug, Clone)]
 pub struct ContainerSpec<'a> {
@@ -386,7 +662,8 @@ pub struct ContainerSpec<'a> {
     pub image: &'a str,
     /// The argv; empty keeps the image's default command.
     pub command: &'a [String],
-    /// Environment variables.
+    /// Environment variables; any that set GPU visibility are left out
+    /// (see [`is_gpu_visibility_variable`]).
     pub env: &'a BTreeMap<String, String>,
     /// The host directory mounted read-write at `/workspace`.
     pub workspace: &'a Path,
@@ -398,9 +675,18 @@ pub struct ContainerSpec<'a> {
     pub memory_mb: u64,
     /// GPU device indices.
     pub gpus: &'a [u32],
+    /// The most processes (threads included) in the container.
+    pub pids_limit: i64,
+    /// The container's network.
+    pub network: NetworkMode,
+    /// The size limit of the container's own writable layer in MiB, on
+    /// storage drivers that support one (see [`LayerQuota`]).
+    pub layer_limit_mb: Option<u64>,
 }
 
-/// The body of the create call for `spec`.
+/// The body of the create call for `spec`. Nothing in `spec` can add a
+/// mount, a device, a capability or a host namespace: those are fixed
+/// here.
 pub fn container_body(spec: &ContainerSpec<'_>) -> ContainerCreateBody {
     let memory = (spec.memory_mb > 0).then(|| (spec.memory_mb * 1024 * 1024) as i64);
     let device_requests = (!spec.gpus.is_empty()).then(|| {
@@ -416,8 +702,17 @@ pub fn container_body(spec: &ContainerSpec<'_>) -> ContainerCreateBody {
         nano_cpus: (spec.cpus > 0.0).then(|| (spec.cpus * 1e9).round() as i64),
         memory,
         memory_swap: memory,
-        pids_limit: Some(PIDS_LIMIT),
+        pids_limit: Some(spec.pids_limit),
         device_requests,
+        privileged: Some(false),
+        security_opt: Some(vec!["no-new-privileges:true".into()]),
+        cap_drop: Some(vec!["ALL".into()]),
+        cap_add: Some(TASK_CAPABILITIES.iter().map(|c| (*c).to_owned()).collect()),
+        network_mode: Some(spec.network.as_docker().into()),
+        ipc_mode: Some("private".into()),
+        storage_opt: spec
+            .layer_limit_mb
+            .map(|mb| HashMap::from([("size".to_owned(), format!("{}", mb * 1024 * 1024))])),
         log_config: Some(HostConfigLogConfig {
             typ: Some("json-file".into()),
             config: Some(HashMap::from([
@@ -430,7 +725,7 @@ pub fn container_body(spec: &ContainerSpec<'_>) -> ContainerCreateBody {
     ContainerCreateBody {
         image: Some(spec.image.to_owned()),
         cmd: (!spec.command.is_empty()).then(|| spec.command.to_vec()),
-        env: Some(spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect()),
+        env: Some(container_env(spec.env, spec.gpus)),
         working_dir: Some("/workspace".into()),
         labels: Some(spec.labels.clone()),
         host_config: Some(host_config),
@@ -438,7 +733,30 @@ pub fn container_body(spec: &ContainerSpec<'_>) -> ContainerCreateBody {
     }
 }
 
-/// Creates a container for `spec` and returns its id.
+/// The container's environment: the task's variables without any that
+/// set GPU visibility, then `NVIDIA_VISIBLE_DEVICES` with the assigned
+/// device indices, or `void` for none. A container's variables win over
+/// its image's, so an image built with `ENV NVIDIA_VISIBLE_DEVICES=all`
+/// still sees no GPU but its own under the NVIDIA runtime.
+fn container_env(env: &BTreeMap<String, String>, gpus: &[u32]) -> Vec<String> {
+    let visible = if gpus.is_empty() {
+        "void".to_owned()
+    } else {
+        gpus.iter()
+            .map(u32::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    env.iter()
+        .filter(|(k, _)| !is_gpu_visibility_variable(k))
+        .map(|(k, v)| format!("{k}={v}"))
+        .chain(std::iter::once(format!(
+            "{NVIDIA_VISIBLE_DEVICES}={visible}"
+        )))
+        .collect()
+}
+
+/// Creates a container for `spec` exactly as asked and returns its id.
 ///
 /// # Errors
 /// [`DockerError::Api`] with Docker's message.
@@ -454,6 +772,100 @@ pub async fn create_container(
         tracing::warn!(warning, "Docker warned about the container");
     }
     Ok(created.id)
+}
+
+/// Whether this node's Docker can limit the size of a container's
+/// writable layer (`storage_opt size`: overlay2 on xfs mounted with
+/// `pquota`, btrfs, zfs). Docker itself is the judge: the first task
+/// container is created with the limit, and if Docker refuses the storage
+/// option, the same container is created without; the node has no such
+/// quota and
+/// the agent counts the writable layer into the workspace limit instead
+/// (see [`crate::disk`]).
+#[derive(Debug, Default)]
+pub struct LayerQuota(AtomicU8);
+
+// 0: not known yet.
+const QUOTA_YES: u8 = 1;
+const QUOTA_NO: u8 = 2;
+
+impl LayerQuota {
+    /// Whether Docker is known to limit writable layers; `None` before the
+    /// first task container.
+    pub fn supported(&self) -> Option<bool> {
+        match self.0.load(Ordering::Relaxed) {
+            QUOTA_YES => Some(true),
+            QUOTA_NO => Some(false),
+            _ => None,
+        }
+    }
+
+    /// Creates a container for `spec` with its writable layer limited to
+    /// `limit_mb` where Docker can, and returns its id and whether the
+    /// limit applies.
+    ///
+    /// # Errors
+    /// [`DockerError::Api`] with Docker's message when the container
+    /// cannot be created even without the limit.
+    pub async fn create(
+        &self,
+        docker: &Docker,
+        spec: &ContainerSpec<'_>,
+        limit_mb: u64,
+    ) -> Result<(String, bool), DockerError> {
+        let plain = ContainerSpec {
+            layer_limit_mb: None,
+            ..spec.clone()
+        };
+        if self.supported() == Some(false) {
+            return Ok((create_container(docker, &plain).await?, false));
+        }
+        let limited = ContainerSpec {
+            layer_limit_mb: Some(limit_mb),
+            ..spec.clone()
+        };
+        let refusal = match create_container(docker, &limited).await {
+            Ok(id) => {
+                if self.0.swap(QUOTA_YES, Ordering::Relaxed) != QUOTA_YES {
+                    tracing::info!(
+                        limit_mb,
+                        "task containers' writable layers are limited by the storage driver"
+                    );
+                }
+                return Ok((id, true));
+            }
+            Err(refusal) => refusal,
+        };
+        let about_storage = {
+            let text = refusal.to_string().to_ascii_lowercase();
+            text.contains("storage") || text.contains("quota")
+        };
+        if !about_storage {
+            return Err(refusal);
+        }
+        let id = create_container(docker, &plain).await?;
+        if self.0.swap(QUOTA_NO, Ordering::Relaxed) != QUOTA_NO {
+            tracing::warn!(
+                docker_said = %refusal,
+                "this node's storage driver cannot limit a container's writable layer; \
+                 the agent counts it into the workspace limit instead"
+            );
+        }
+        Ok((id, false))
+    }
+}
+
+/// How many bytes the container's writable layer holds, as Docker counts
+/// them; `None` when Docker cannot tell.
+pub async fn writable_layer_bytes(docker: &Docker, id: &str) -> Option<u64> {
+    let options = InspectContainerOptions { size: true };
+    match docker.inspect_container(id, Some(options)).await {
+        Ok(info) => info.size_rw.and_then(|b| u64::try_from(b).ok()),
+        Err(e) => {
+            tracing::debug!(error = %docker_message(&e), "could not size the writable layer");
+            None
+        }
+    }
 }
 
 /// Starts a created container.
@@ -609,6 +1021,8 @@ pub struct Leftover {
     pub memory_mb: u64,
     /// How long ago it started; `None` if it never did.
     pub running_for: Option<Duration>,
+    /// Whether its writable layer has a size limit of its own.
+    pub layer_limited: bool,
 }
 
 /// The task containers a previous run of this agent left behind. Containers
@@ -678,6 +1092,11 @@ async fn inspect_leftover(docker: &Docker, id: &str) -> Result<Option<Leftover>,
         .as_ref()
         .and_then(|h| h.memory)
         .unwrap_or(0);
+    let layer_limited = info
+        .host_config
+        .as_ref()
+        .and_then(|h| h.storage_opt.as_ref())
+        .is_some_and(|opts| opts.contains_key("size"));
     Ok(Some(Leftover {
         id: id.to_owned(),
         task_id,
@@ -685,6 +1104,7 @@ async fn inspect_leftover(docker: &Docker, id: &str) -> Result<Option<Leftover>,
         timeout_s: labels.get(LABEL_TIMEOUT).and_then(|t| t.parse().ok()),
         memory_mb: u64::try_from(memory).unwrap_or(0) / (1024 * 1024),
         running_for,
+        layer_limited,
     }))
 }
 
@@ -710,6 +1130,87 @@ mod tests {
     }
 
     #[test]
+    fn build_limits_replace_any_in_the_build_request_and_fit_past_2_gib() {
+        let limits = BuildLimits {
+            memory_mb: 4096,
+            cpus: 1.5,
+        };
+        let request = http_request(
+            "POST",
+            "http://docker/v1.41/build?dockerfile=Dockerfile&memory=1&t=img%3Atag",
+        );
+        let uri = limits.apply(request).uri().to_string();
+        let query = uri.split_once('?').unwrap().1;
+        let mut pairs: Vec<&str> = query.split('&').collect();
+        pairs.sort_unstable();
+        assert_eq!(
+            pairs,
+            [
+                "cpuperiod=100000",
+                "cpuquota=150000",
+                "dockerfile=Dockerfile",
+                "memory=4294967296",
+                "memswap=4294967296",
+                "t=img%3Atag",
+            ]
+        );
+        let other = http_request("POST", "http://docker/v1.41/containers/create");
+        assert_eq!(
+            limits.apply(other).uri().to_string(),
+            "http://docker/v1.41/containers/create"
+        );
+    }
+
+    fn http_request(method: &str, uri: &str) -> BollardRequest {
+        let mut request = BollardRequest::new(bollard::body_full(bytes::Bytes::new()));
+        *request.method_mut() = method.parse().unwrap();
+        *request.uri_mut() = uri.parse().unwrap();
+        request
+    }
+
+    #[test]
+    fn the_task_cannot_set_gpu_visibility_and_the_agent_always_does() {
+        let env = BTreeMap::from([
+            ("A".to_owned(), "1".to_owned()),
+            ("nvidia_visible_devices".to_owned(), "all".to_owned()),
+            ("CUDA_VISIBLE_DEVICES".to_owned(), "0".to_owned()),
+        ]);
+        assert_eq!(
+            container_env(&env, &[]),
+            ["A=1", "NVIDIA_VISIBLE_DEVICES=void"]
+        );
+        assert_eq!(
+            container_env(&env, &[1, 3]),
+            ["A=1", "NVIDIA_VISIBLE_DEVICES=1,3"]
+        );
+        let refused = refused_env(&env).unwrap();
+        assert!(
+            refused.starts_with("env.CUDA_VISIBLE_DEVICES: "),
+            "{refused}"
+        );
+        assert!(refused_env(&BTreeMap::from([("CUDA_HOME".to_owned(), String::new())])).is_none());
+    }
+
+    #[test]
+    fn the_task_network_is_none_when_the_node_or_the_task_says_so() {
+        use protocol::TaskNetwork;
+        assert_eq!(
+            NetworkMode::Bridge.for_task(TaskNetwork::Node),
+            NetworkMode::Bridge
+        );
+        assert_eq!(
+            NetworkMode::Bridge.for_task(TaskNetwork::None),
+            NetworkMode::None
+        );
+        assert_eq!(
+            NetworkMode::None.for_task(TaskNetwork::Node),
+            NetworkMode::None
+        );
+        assert_eq!("none".parse(), Ok(NetworkMode::None));
+        assert!("host".parse::<NetworkMode>().is_err());
+    }
+
+    #[test]
     fn the_container_gets_limits_mounts_and_gpus() {
         let env = BTreeMap::from([("A".to_owned(), "1".to_owned())]);
         let command = vec!["run".to_owned()];
@@ -722,9 +1223,22 @@ mod tests {
             cpus: 1.5,
             memory_mb: 256,
             gpus: &[0, 2],
+            pids_limit: 77,
+            network: NetworkMode::None,
+            layer_limit_mb: Some(3),
         };
         let body = container_body(&spec);
         let host = body.host_config.unwrap();
+        assert_eq!(host.pids_limit, Some(77));
+        assert_eq!(host.privileged, Some(false));
+        assert_eq!(host.security_opt.unwrap(), ["no-new-privileges:true"]);
+        assert_eq!(host.cap_drop.unwrap(), ["ALL"]);
+        assert_eq!(host.cap_add.unwrap(), TASK_CAPABILITIES);
+        assert_eq!(host.network_mode.as_deref(), Some("none"));
+        assert_eq!(host.ipc_mode.as_deref(), Some("private"));
+        assert_eq!(host.storage_opt.unwrap()["size"], "3145728");
+        assert!(host.devices.is_none() && host.mounts.is_none() && host.volumes_from.is_none());
+        assert!(host.pid_mode.is_none() && host.userns_mode.is_none());
         assert_eq!(host.nano_cpus, Some(1_500_000_000));
         assert_eq!(host.memory, Some(256 * 1024 * 1024));
         assert_eq!(host.memory_swap, host.memory);
@@ -734,7 +1248,7 @@ mod tests {
             gpus.device_ids.as_deref(),
             Some(&["0".to_owned(), "2".to_owned()][..])
         );
-        assert_eq!(body.env.unwrap(), vec!["A=1"]);
+        assert_eq!(body.env.unwrap(), vec!["A=1", "NVIDIA_VISIBLE_DEVICES=0,2"]);
         let logs = host.log_config.unwrap();
         assert_eq!(logs.typ.as_deref(), Some("json-file"));
         assert_eq!(logs.config.unwrap()["max-size"], CONTAINER_LOG_MAX_SIZE);

@@ -30,7 +30,11 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::beneath::{blocking, PathError, Root};
-use crate::docker::{self, ContainerSpec, DockerError, Exit, ImageSource, Images};
+use crate::disk;
+use crate::docker::{
+    self, BuildLimits, Confinement, ContainerSpec, DockerError, Exit, ImageSource, Images,
+    LayerQuota,
+};
 use crate::git::{GitCache, GitError};
 use crate::logs::{Chunk, LogChunker};
 use crate::transfer::{self, Files};
@@ -194,6 +198,10 @@ pub struct Context {
     cache_changed: std::sync::atomic::AtomicBool,
     /// Moves task inputs and outputs through presigned URLs.
     files: Files,
+    /// How task containers are confined.
+    confinement: Confinement,
+    /// Whether Docker limits containers' writable layers here.
+    layer_quota: LayerQuota,
 }
 
 impl Context {
@@ -219,7 +227,34 @@ impl Context {
             timeout_grace: Duration::from_secs(10),
             cache_changed: std::sync::atomic::AtomicBool::new(false),
             files: Files::new(Arc::default(), transfer::PART_BYTES),
+            confinement: Confinement::default(),
+            layer_quota: LayerQuota::default(),
         })
+    }
+
+    /// Confines task containers as `confinement` says (by default: 4096
+    /// processes, a bridge network, 100 GiB of workspace measured every
+    /// 30 s).
+    pub fn with_confinement(mut self, confinement: Confinement) -> Self {
+        self.confinement = confinement;
+        self
+    }
+
+    /// Holds every image build to `limits` (no limits by default).
+    pub fn with_build_limits(mut self, limits: BuildLimits) -> Self {
+        self.images = Images::new(self.docker.clone()).with_limits(limits);
+        self
+    }
+
+    /// How task containers are confined.
+    pub fn confinement(&self) -> &Confinement {
+        &self.confinement
+    }
+
+    /// Whether Docker limits task containers' writable layers on this
+    /// node; `None` before the first task container was created.
+    pub fn layer_quota(&self) -> Option<bool> {
+        self.layer_quota.supported()
     }
 
     /// Cuts output uploads into parts of `part_bytes` (64 MiB by default,
@@ -767,6 +802,12 @@ async fn run_container(
     if let Some(t) = spec.timeout_s {
         labels.insert(docker::LABEL_TIMEOUT.to_owned(), t.to_string());
     }
+    // The server refuses such tasks; an older or misbehaving one must not
+    // get them run either.
+    if let Some(refusal) = docker::refused_env(&spec.env) {
+        return Ending::failed(refusal);
+    }
+    let confinement = &ctx.confinement;
     let container = ContainerSpec {
         image,
         command: &spec.command,
@@ -776,12 +817,23 @@ async fn run_container(
         cpus: spec.cpus,
         memory_mb: spec.memory_mb,
         gpus: &spec.gpus,
+        pids_limit: confinement.pids_limit,
+        network: confinement.network.for_task(spec.network),
+        layer_limit_mb: None,
     };
-    let id = match docker::create_container(&ctx.docker, &container).await {
-        Ok(id) => id,
+    let created = ctx
+        .layer_quota
+        .create(&ctx.docker, &container, confinement.workspace.limit_mb)
+        .await;
+    let (id, layer_limited) = match created {
+        Ok(created) => created,
         Err(e) => return Ending::failed(e),
     };
-    let ending = follow_container(spec, ctx, out, cancel, &id).await;
+    let disk = DiskWatch {
+        workspace: code.to_owned(),
+        count_layer: !layer_limited,
+    };
+    let ending = follow_container(spec, ctx, out, cancel, &id, disk).await;
     if let Err(e) = docker::remove_container(&ctx.docker, &id).await {
         tracing::warn!(container = %id, error = %e, "could not remove the container");
     }
@@ -796,6 +848,7 @@ async fn follow_container(
     out: &Reporter,
     cancel: &mut CancelSignal,
     id: &str,
+    disk: DiskWatch,
 ) -> Ending {
     if let Err(e) = docker::start_container(&ctx.docker, id).await {
         return Ending::failed(e);
@@ -808,6 +861,7 @@ async fn follow_container(
         timeout_s: spec.timeout_s,
         left: spec.timeout_s.map(Duration::from_secs),
         memory_mb: spec.memory_mb,
+        disk,
     };
     watch(ctx, out, cancel, id, limits).await
 }
@@ -824,7 +878,7 @@ pub async fn discard(found: &docker::Leftover, ctx: &Context) {
 }
 
 /// What a started container is held to.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Limits {
     /// The task's time limit, for the message.
     timeout_s: Option<u64>,
@@ -832,6 +886,17 @@ struct Limits {
     left: Option<Duration>,
     /// The memory limit, for the out-of-memory message.
     memory_mb: u64,
+    /// What counts against the workspace limit.
+    disk: DiskWatch,
+}
+
+/// What [`disk::watch`] measures for one container.
+#[derive(Debug, Clone)]
+struct DiskWatch {
+    /// The host directory mounted at `/workspace`.
+    workspace: PathBuf,
+    /// Whether the writable layer counts too (it has no quota of its own).
+    count_layer: bool,
 }
 
 /// Streams a started container's output and waits for the first of: its
@@ -860,6 +925,17 @@ async fn watch(
             stop(ctx, id, ctx.timeout_grace).await;
             let secs = limits.timeout_s.unwrap_or_default();
             Ending::plain(ReportedState::TimedOut, Some(format!("stopped at the time limit of {secs} s")))
+        }
+        breach = disk::watch(
+            ctx.docker.clone(),
+            id.to_owned(),
+            limits.disk.workspace.clone(),
+            limits.disk.count_layer,
+            ctx.confinement.workspace,
+        ) => {
+            tracing::warn!(%breach, "stopping the container for its disk use");
+            stop(ctx, id, ctx.timeout_grace).await;
+            Ending::failed(breach)
         }
     };
     // The receiver is gone if the output reader already stopped.
@@ -902,6 +978,14 @@ pub async fn adopt(
             .timeout_s
             .map(|t| Duration::from_secs(t).saturating_sub(elapsed)),
         memory_mb: found.memory_mb,
+        disk: DiskWatch {
+            workspace: ctx
+                .tasks
+                .path()
+                .join(attempt_dir(found.task_id, found.attempt))
+                .join("code"),
+            count_layer: !found.layer_limited,
+        },
     };
     let ending = watch(&ctx, &out, &mut cancel, &found.id, limits).await;
     if let Err(e) = docker::remove_container(&ctx.docker, &found.id).await {

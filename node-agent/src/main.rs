@@ -20,7 +20,7 @@ use anyhow::Context as _;
 use clap::Parser;
 use node_agent::connection::{self, Agent, Token};
 use node_agent::executor::Context;
-use node_agent::{docker, host_ssh, resources};
+use node_agent::{disk, docker, host_ssh, resources};
 use tracing_subscriber::EnvFilter;
 
 /// The most labels the server accepts from a node.
@@ -71,6 +71,32 @@ struct Cli {
     /// Largest reconnect delay, in milliseconds.
     #[arg(long, default_value_t = 60_000)]
     reconnect_max_ms: u64,
+    /// The most processes (threads included) one task container may run.
+    #[arg(long, env = "UNIDESK_TASK_PIDS_LIMIT", default_value_t = docker::PIDS_LIMIT,
+          value_parser = clap::value_parser!(i64).range(16..=1_000_000))]
+    task_pids_limit: i64,
+    /// The network task containers get: bridge (Docker's default bridge)
+    /// or none (loopback only). A task may always ask for none.
+    #[arg(long, env = "UNIDESK_TASK_NETWORK", default_value = "bridge",
+          value_parser = ["bridge", "none"])]
+    task_network: String,
+    /// Memory of each image build step in MiB, without swap.
+    #[arg(long, env = "UNIDESK_BUILD_MEMORY_MB", default_value_t = 4096,
+          value_parser = clap::value_parser!(u64).range(64..=1024 * 1024))]
+    build_memory_mb: u64,
+    /// CPU cores of each image build step; the node's declared CPUs by
+    /// default.
+    #[arg(long, env = "UNIDESK_BUILD_CPUS")]
+    build_cpus: Option<f64>,
+    /// How large one task's workspace may grow, in MiB (the container's
+    /// own writable layer included where Docker cannot limit it apart).
+    #[arg(long, env = "UNIDESK_WORKSPACE_LIMIT_MB", default_value_t = 100 * 1024,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    workspace_limit_mb: u64,
+    /// Seconds between two measurements of a running task's workspace.
+    #[arg(long, env = "UNIDESK_WORKSPACE_CHECK_S", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    workspace_check_s: u64,
     /// Docker daemon address (unix:///… or tcp://…); the local socket by default.
     #[arg(long, env = "DOCKER_HOST")]
     docker_host: Option<String>,
@@ -141,15 +167,23 @@ async fn start(cli: Cli) -> anyhow::Result<ExitCode> {
     let docker = docker::connect(cli.docker_host.as_deref())
         .await
         .context("connecting to Docker")?;
+    let (confinement, build) = task_limits(&cli, config.resources.cpus)?;
     let ctx = Context::new(docker, &cli.work_dir)
         .with_context(|| format!("preparing the work directory {}", cli.work_dir.display()))?
-        .with_part_bytes(cli.part_mb * 1024 * 1024);
+        .with_part_bytes(cli.part_mb * 1024 * 1024)
+        .with_confinement(confinement)
+        .with_build_limits(build);
     tracing::info!(
         server = %config.server,
         work_dir = %ctx.work_dir().display(),
         cpus = config.resources.cpus,
         memory_mb = config.resources.memory_mb,
         gpus = config.resources.gpus.len(),
+        task_network = confinement.network.as_docker(),
+        task_pids_limit = confinement.pids_limit,
+        workspace_limit_mb = confinement.workspace.limit_mb,
+        build_memory_mb = build.memory_mb,
+        build_cpus = build.cpus,
         "unidesk-agent starting"
     );
     let host = host_ssh_config(&cli, ctx.work_dir())?;
@@ -212,6 +246,36 @@ fn config(cli: &Cli) -> anyhow::Result<connection::Config> {
         reconnect_min: Duration::from_millis(cli.reconnect_min_ms),
         reconnect_max: Duration::from_millis(cli.reconnect_max_ms),
     })
+}
+
+/// How task containers and image builds are confined, from the flags;
+/// builds get the node's declared CPUs unless `--build-cpus` says.
+fn task_limits(
+    cli: &Cli,
+    node_cpus: f64,
+) -> anyhow::Result<(docker::Confinement, docker::BuildLimits)> {
+    let build_cpus = cli.build_cpus.unwrap_or(node_cpus);
+    anyhow::ensure!(
+        build_cpus.is_finite() && build_cpus >= 0.01,
+        "--build-cpus must be at least 0.01"
+    );
+    let network = cli
+        .task_network
+        .parse()
+        .map_err(|e| anyhow::anyhow!("--task-network: {e}"))?;
+    let confinement = docker::Confinement {
+        pids_limit: cli.task_pids_limit,
+        network,
+        workspace: disk::WorkspaceLimit {
+            limit_mb: cli.workspace_limit_mb,
+            interval: Duration::from_secs(cli.workspace_check_s),
+        },
+    };
+    let build = docker::BuildLimits {
+        memory_mb: cli.build_memory_mb,
+        cpus: build_cpus,
+    };
+    Ok((confinement, build))
 }
 
 /// The host SSH settings, checked, when `--host-ssh` is given.
@@ -298,6 +362,51 @@ mod tests {
             "--no-gpus"
         ])
         .is_err());
+    }
+
+    #[test]
+    fn containment_flags_have_safe_defaults_and_are_checked() {
+        let base = ["unidesk-agent", "--server", "ws://h:8080", "--token", "t"];
+        let cli = Cli::try_parse_from(base).unwrap();
+        let (confinement, build) = task_limits(&cli, 6.0).unwrap();
+        assert_eq!(confinement.pids_limit, docker::PIDS_LIMIT);
+        assert_eq!(confinement.network, docker::NetworkMode::Bridge);
+        assert_eq!(confinement.workspace.limit_mb, 100 * 1024);
+        assert_eq!(confinement.workspace.interval, Duration::from_secs(30));
+        assert_eq!((build.memory_mb, build.cpus), (4096, 6.0));
+        let args = |extra: &[&'static str]| base.iter().chain(extra).copied().collect::<Vec<_>>();
+        let cli = Cli::try_parse_from(args(&[
+            "--task-network",
+            "none",
+            "--task-pids-limit",
+            "32",
+            "--build-memory-mb",
+            "8192",
+            "--build-cpus",
+            "1.5",
+            "--workspace-limit-mb",
+            "5",
+            "--workspace-check-s",
+            "1",
+        ]))
+        .unwrap();
+        let (confinement, build) = task_limits(&cli, 6.0).unwrap();
+        assert_eq!(confinement.network, docker::NetworkMode::None);
+        assert_eq!(confinement.pids_limit, 32);
+        assert_eq!(confinement.workspace.limit_mb, 5);
+        assert_eq!((build.memory_mb, build.cpus), (8192, 1.5));
+        for bad in [
+            &["--task-network", "host"][..],
+            &["--task-pids-limit", "0"],
+            &["--task-pids-limit", "-1"],
+            &["--workspace-limit-mb", "0"],
+            &["--workspace-check-s", "0"],
+            &["--build-memory-mb", "1"],
+        ] {
+            assert!(Cli::try_parse_from(args(bad)).is_err(), "{bad:?}");
+        }
+        let cli = Cli::try_parse_from(args(&["--build-cpus", "0"])).unwrap();
+        assert!(task_limits(&cli, 6.0).is_err());
     }
 
     #[test]

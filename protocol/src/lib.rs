@@ -368,6 +368,27 @@ pub struct RunTask {
     /// failed.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub outputs: Vec<TaskOutput>,
+    /// The network the task asked for; the node's own choice when absent.
+    #[serde(default, skip_serializing_if = "TaskNetwork::is_node_default")]
+    pub network: TaskNetwork,
+}
+
+/// The network of a [`RunTask`]'s container.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskNetwork {
+    /// What the node runs tasks with (its `--task-network`).
+    #[default]
+    Node,
+    /// No network: only a loopback interface.
+    None,
+}
+
+impl TaskNetwork {
+    /// Whether the node chooses.
+    pub fn is_node_default(&self) -> bool {
+        *self == TaskNetwork::Node
+    }
 }
 
 /// An input of a [`RunTask`]. The agent asks for its URL by `name` when it
@@ -659,6 +680,23 @@ mod tests {
         };
         assert_eq!(refused.exit_code, None);
         assert_eq!(refused.error.as_deref(), Some("no target"));
+    }
+
+    #[test]
+    fn a_run_task_without_network_leaves_it_to_the_node() {
+        let old = r#"{"task_id":"00000000-0000-0000-0000-000000000000","attempt":1,
+            "code_repo_url":"u","code_commit_id":"c","env_repo_url":"u","env_commit_id":"c",
+            "dockerfile_path":"Dockerfile","command":[],"cpus":1,"memory_mb":64}"#;
+        let run: RunTask = serde_json::from_str(old).unwrap();
+        assert_eq!(run.network, TaskNetwork::Node);
+        assert!(!serde_json::to_string(&run).unwrap().contains("network"));
+        let offline = RunTask {
+            network: TaskNetwork::None,
+            ..run
+        };
+        let text = serde_json::to_string(&offline).unwrap();
+        assert!(text.contains(r#""network":"none""#), "{text}");
+        assert_eq!(serde_json::from_str::<RunTask>(&text).unwrap(), offline);
     }
 
     #[test]

@@ -37,7 +37,9 @@ pub struct SubmitTask {
     pub dockerfile_path: Option<String>,
     /// The argv to run; empty or absent runs the image's default command.
     pub command: Option<Vec<String>>,
-    /// Environment variables.
+    /// Environment variables. `NVIDIA_VISIBLE_DEVICES`,
+    /// `CUDA_VISIBLE_DEVICES` and `NVIDIA_*` (in any case) are refused: the
+    /// node sets them from the GPUs assigned to the task.
     pub env: Option<BTreeMap<String, String>>,
     /// What the task needs; defaults to 1 CPU, 1024 MiB, no GPU.
     pub resources: Option<SubmitResources>,
@@ -55,6 +57,11 @@ pub struct SubmitTask {
     /// Workspace files to upload once the command ended, also when it
     /// failed (at most 64).
     pub outputs: Option<Vec<SubmitOutput>>,
+    /// `none` runs the task without any network (only a loopback
+    /// interface); absent leaves it to the node, which runs tasks on a
+    /// bridge network unless its admin chose none for all.
+    #[schema(value_type = Option<String>, example = "none", pattern = "^none$")]
+    pub network: Option<String>,
 }
 
 /// An object to download into the workspace.
@@ -130,6 +137,7 @@ impl From<SubmitTask> for TaskSpecDraft {
                     })
                     .collect()
             }),
+            network: s.network,
         }
     }
 }
@@ -178,6 +186,11 @@ pub struct TaskSpec {
     pub inputs: Vec<TaskInput>,
     /// Workspace files uploaded once the command ended.
     pub outputs: Vec<TaskOutput>,
+    /// `none` when the task runs without network; absent when the node
+    /// chooses.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(example = "none")]
+    pub network: Option<String>,
 }
 
 /// An input of a task.
@@ -234,6 +247,7 @@ impl From<domain::spec::TaskSpec> for TaskSpec {
                     path: o.path.to_string(),
                 })
                 .collect(),
+            network: s.network.as_submitted().map(str::to_owned),
         }
     }
 }

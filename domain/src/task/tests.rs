@@ -45,6 +45,7 @@ fn spec(max_retries: u32) -> TaskSpec {
         max_retries,
         inputs: Vec::new(),
         outputs: Vec::new(),
+        network: Default::default(),
     }
 }
 

@@ -72,6 +72,9 @@ async fn gpus_are_requested_by_device_index() {
         cpus: 2.0,
         memory_mb: 1024,
         gpus: &[1, 3],
+        pids_limit: docker::PIDS_LIMIT,
+        network: docker::NetworkMode::Bridge,
+        layer_limit_mb: None,
     };
     // Created, not started: this machine has no GPUs, but the request is
     // what Docker hands to the NVIDIA runtime on one that does.

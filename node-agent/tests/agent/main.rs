@@ -9,6 +9,7 @@
 )]
 
 mod connection;
+mod containment;
 mod depth;
 mod executor;
 mod links;

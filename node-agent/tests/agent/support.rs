@@ -174,6 +174,7 @@ pub fn spec(code: &Repo, env: &Repo, script: &str) -> RunTask {
         timeout_s: None,
         inputs: Vec::new(),
         outputs: Vec::new(),
+        network: Default::default(),
     }
 }
 
