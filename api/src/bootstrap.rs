@@ -79,6 +79,8 @@ pub async fn bootstrap_admin(store: &Store, token_file: &Path) -> Result<String,
         label: TOKEN_LABEL.into(),
         by: actor.clone(),
         at: now,
+        expires_at: None,
+        max_live: usize::MAX,
     };
     store.execute::<User>(ADMIN, command, &actor, now).await?;
     write_secret(token_file, &issued.token).map_err(|source| BootstrapError::Io {

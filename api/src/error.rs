@@ -92,6 +92,15 @@ pub enum ApiError {
     /// The body is not JSON.
     #[error("unsupported media type: {0}")]
     UnsupportedMediaType(String),
+    /// A limit on the caller's requests or streams was reached; try again
+    /// after `retry_after_s` seconds (sent as `Retry-After`).
+    #[error("too many requests: {detail}")]
+    TooManyRequests {
+        /// Which limit, in words.
+        detail: String,
+        /// Whole seconds to wait before trying again, at least 1.
+        retry_after_s: u64,
+    },
     /// A dependency (the database) is not ready; try again later.
     #[error("unavailable: {0}")]
     Unavailable(String),
@@ -167,6 +176,7 @@ impl ApiError {
             Self::Conflict(_) => StatusCode::CONFLICT,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::GatewayTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -183,6 +193,7 @@ impl ApiError {
             | Self::UnsupportedMediaType(d)
             | Self::Unavailable(d)
             | Self::GatewayTimeout(d) => vec![Problem::new(d)],
+            Self::TooManyRequests { detail, .. } => vec![Problem::new(detail)],
             Self::MethodNotAllowed => vec![Problem::new("this method is not allowed here")],
             Self::Internal(_) => vec![Problem::new(
                 "internal server error; the details were logged on the server",
@@ -200,11 +211,17 @@ impl IntoResponse for ApiError {
             _ => tracing::debug!(error = %self, "request refused"),
         }
         let unauthorized = matches!(self, Self::Unauthorized(_));
+        let retry_after = match &self {
+            Self::TooManyRequests { retry_after_s, .. } => Some((*retry_after_s).max(1)),
+            _ => None,
+        };
         let body = Json(ErrorBody {
             errors: self.into_problems(),
         });
         if unauthorized {
             (status, [(header::WWW_AUTHENTICATE, "Bearer")], body).into_response()
+        } else if let Some(seconds) = retry_after {
+            (status, [(header::RETRY_AFTER, seconds.to_string())], body).into_response()
         } else {
             (status, body).into_response()
         }
@@ -294,6 +311,10 @@ impl From<StoreError<UserError>> for ApiError {
                 "name",
                 "a user with this name already exists",
             )),
+            e @ UserError::TooManyTokens(_) => ApiError::conflict(format!(
+                "{e} (DELETE /api/v1/users/{{name}}/tokens/{{token_id}})"
+            )),
+            e @ UserError::ExpiresBeforeIssue => ApiError::invalid("expires_at", e.to_string()),
         })
     }
 }

@@ -16,8 +16,10 @@ pub mod auth;
 pub mod bootstrap;
 pub mod error;
 pub mod extract;
+pub mod limits;
 pub mod live_logs;
 pub mod openapi;
+pub mod page;
 mod provision;
 pub mod routes;
 pub mod schema;
@@ -34,6 +36,7 @@ use tower_http::trace::TraceLayer;
 pub use auth::Caller;
 pub use bootstrap::{bootstrap_admin, BootstrapError};
 pub use error::ApiError;
+pub use limits::{RateLimit, StreamSlots};
 pub use live_logs::LogFollowers;
 pub use openapi::openapi;
 pub use provision::{provision_node, provision_node_with_limits};
@@ -61,6 +64,15 @@ pub struct Config {
     /// Whether every user may create projects; by default only admins
     /// may, as creating projects is an admin's decision.
     pub users_create_projects: bool,
+    /// The most live (unrevoked, unexpired) tokens a user may hold; issuing
+    /// one more answers 409.
+    pub max_tokens_per_user: usize,
+    /// The most live streams (log follows and timeline streams together)
+    /// one user may hold open on this process; one more answers 429.
+    pub max_streams_per_user: usize,
+    /// The request rate allowed per token (and per client address for
+    /// requests without a valid token); `None` for no limit.
+    pub rate_limit: Option<RateLimit>,
 }
 
 impl Default for Config {
@@ -69,6 +81,9 @@ impl Default for Config {
             url_policy: UrlPolicy::default(),
             body_limit: DEFAULT_BODY_LIMIT,
             users_create_projects: false,
+            max_tokens_per_user: limits::DEFAULT_MAX_TOKENS_PER_USER,
+            max_streams_per_user: limits::DEFAULT_MAX_STREAMS_PER_USER,
+            rate_limit: Some(RateLimit::default()),
         }
     }
 }
@@ -83,6 +98,9 @@ pub struct AppState {
     objects: Option<objects::ObjectStore>,
     part_bytes: u64,
     timeline: TimelineFeed,
+    limiter: Option<Arc<limits::Limiter>>,
+    stream_slots: StreamSlots,
+    limit_counters: Arc<limits::LimitCounters>,
 }
 
 impl AppState {
@@ -93,6 +111,9 @@ impl AppState {
             objects: None,
             part_bytes: DEFAULT_PART_BYTES,
             timeline: TimelineFeed::new(store.pool().clone()),
+            limiter: config.rate_limit.map(|l| Arc::new(limits::Limiter::new(l))),
+            stream_slots: StreamSlots::new(config.max_streams_per_user),
+            limit_counters: Arc::default(),
             store,
             config: Arc::new(config),
         }
@@ -149,11 +170,31 @@ impl AppState {
     pub fn timeline(&self) -> &TimelineFeed {
         &self.timeline
     }
+
+    /// The open live streams of this process, per user.
+    pub fn stream_slots(&self) -> &StreamSlots {
+        &self.stream_slots
+    }
+
+    /// How often the limits refused something, for `/metrics`.
+    pub fn limit_counters(&self) -> &limits::LimitCounters {
+        &self.limit_counters
+    }
+
+    pub(crate) fn limiter(&self) -> Option<&limits::Limiter> {
+        self.limiter.as_deref()
+    }
 }
 
-/// The whole HTTP surface: `/healthz`, `/readyz`, `/api/v1/...`,
-/// `/api/v1/openapi.json` and the web view at `/` ([`web`]), with the body
-/// limit, request tracing and JSON errors for unknown routes and methods.
+/// The whole HTTP surface: `/healthz`, `/readyz`, `/metrics`,
+/// `/api/v1/...`, `/api/v1/openapi.json` and the web view at `/` ([`web`]),
+/// with the body limit, the rate limit ([`limits`]), request tracing and
+/// JSON errors for unknown routes and methods.
+///
+/// The rate limit counts requests without a valid token by client address,
+/// which it finds when the router is served with
+/// `into_make_service_with_connect_info::<SocketAddr>()`; without that
+/// they share one allowance.
 pub fn router(state: AppState) -> axum::Router {
     let body_limit = state.config.body_limit;
     let (router, doc) = routes::all().split_for_parts();
@@ -163,6 +204,10 @@ pub fn router(state: AppState) -> axum::Router {
         .method_not_allowed_fallback(error::method_not_allowed)
         .layer(axum::Extension(Arc::new(doc)))
         .layer(DefaultBodyLimit::max(body_limit))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            limits::rate_limit,
+        ))
         .layer(TraceLayer::new_for_http())
         .with_state(state)
 }

@@ -42,6 +42,7 @@ use uuid::Uuid;
 
 use crate::auth::Caller;
 use crate::error::ApiError;
+use crate::limits::StreamSlot;
 use crate::{access, AppState};
 
 /// The most output one `log` event carries.
@@ -288,10 +289,18 @@ fn event(kind: &'static str, data: &impl Serialize) -> Event {
 }
 
 /// The response of a follow request: the task is known to be visible to
-/// `caller`; attempt numbers are checked by the caller.
-pub(crate) fn respond(state: AppState, caller: Caller, task_id: Uuid, start: Start) -> Response {
+/// `caller`; attempt numbers are checked by the caller. `slot` is held
+/// until the stream is dropped.
+pub(crate) fn respond(
+    state: AppState,
+    caller: Caller,
+    task_id: Uuid,
+    start: Start,
+    slot: StreamSlot,
+) -> Response {
     let followers = state.log_followers().clone();
     let follow = Follow {
+        _slot: slot,
         wake: followers.subscribe(task_id),
         stop: followers.inner.stop.subscribe(),
         state,
@@ -329,6 +338,8 @@ pub(crate) fn respond(state: AppState, caller: Caller, task_id: Uuid, start: Sta
 
 /// One follower's place in one attempt's output.
 struct Follow {
+    /// The caller's stream slot, given back when the client leaves.
+    _slot: StreamSlot,
     state: AppState,
     caller: Caller,
     task_id: Uuid,

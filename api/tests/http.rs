@@ -139,8 +139,14 @@ impl App {
         let status = response.status();
         let headers = response.headers().clone();
         let text = response.text().await.expect("a body");
+        let plain = headers
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/plain"));
         let body = if text.is_empty() {
             Value::Null
+        } else if plain {
+            Value::String(text)
         } else {
             serde_json::from_str(&text).unwrap_or_else(|_| panic!("{status}: not JSON: {text:?}"))
         };
@@ -1659,11 +1665,13 @@ async fn unknown_routes_and_methods_answer_in_the_json_envelope() {
 const EXPECTED_ROUTES: &[(&str, &str)] = &[
     ("get", "/healthz"),
     ("get", "/readyz"),
+    ("get", "/metrics"),
     ("get", "/api/v1/openapi.json"),
     ("post", "/api/v1/users"),
     ("get", "/api/v1/users"),
     ("get", "/api/v1/users/{name}"),
     ("post", "/api/v1/users/{name}/tokens"),
+    ("get", "/api/v1/users/{name}/tokens"),
     ("delete", "/api/v1/users/{name}/tokens/{token_id}"),
     ("post", "/api/v1/projects"),
     ("get", "/api/v1/projects"),
@@ -1718,7 +1726,10 @@ async fn the_openapi_document_covers_every_route_and_every_documented_route_is_s
     for (path, item) in doc["paths"].as_object().expect("paths") {
         for (method, operation) in item.as_object().expect("a path item") {
             documented.insert((method.clone(), path.clone()));
-            let public = path == "/healthz" || path == "/readyz" || path.ends_with("openapi.json");
+            let public = path == "/healthz"
+                || path == "/readyz"
+                || path == "/metrics"
+                || path.ends_with("openapi.json");
             assert_eq!(
                 operation.get("security").is_some(),
                 !public,

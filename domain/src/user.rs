@@ -41,6 +41,10 @@ pub enum UserEvent {
         by: Actor,
         /// When.
         at: DateTime<Utc>,
+        /// When it stops working by itself; never when absent (and in
+        /// events stored before tokens could expire).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        expires_at: Option<DateTime<Utc>>,
     },
     /// A token was revoked.
     TokenRevoked {
@@ -94,6 +98,12 @@ pub enum UserCommand {
         by: Actor,
         /// When.
         at: DateTime<Utc>,
+        /// When it stops working by itself; `None` for never. Must be
+        /// after `at`.
+        expires_at: Option<DateTime<Utc>>,
+        /// The most live tokens the user may hold, this one included; the
+        /// command is refused when they hold that many already.
+        max_live: usize,
     },
     /// Revoke a token.
     RevokeToken {
@@ -118,6 +128,12 @@ pub enum UserError {
     /// The user has no such token.
     #[error("token not found")]
     TokenNotFound,
+    /// The user holds as many live tokens as allowed.
+    #[error("the user holds {0} live tokens, the most allowed; revoke one before issuing another")]
+    TooManyTokens(usize),
+    /// The expiry is not after the time of issue.
+    #[error("a token must expire after it is issued")]
+    ExpiresBeforeIssue,
 }
 
 /// One API token of a user.
@@ -131,6 +147,16 @@ pub struct Token {
     pub issued_at: DateTime<Utc>,
     /// When it was revoked, if it was.
     pub revoked_at: Option<DateTime<Utc>>,
+    /// When it stops working by itself; never when absent.
+    #[serde(default)]
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+impl Token {
+    /// Whether the token works at `now`: not revoked and not expired.
+    pub fn is_live(&self, now: DateTime<Utc>) -> bool {
+        self.revoked_at.is_none() && self.expires_at.is_none_or(|e| now < e)
+    }
 }
 
 /// The User aggregate's state.
@@ -152,12 +178,18 @@ impl User {
         self.created_at.is_some()
     }
 
-    /// The fingerprint of a live (unrevoked) token.
-    pub fn live_token(&self, token_id: Uuid) -> Option<&str> {
+    /// The fingerprint of a token that works at `now` (neither revoked nor
+    /// expired).
+    pub fn live_token(&self, token_id: Uuid, now: DateTime<Utc>) -> Option<&str> {
         self.tokens
             .get(&token_id)
-            .filter(|t| t.revoked_at.is_none())
+            .filter(|t| t.is_live(now))
             .map(|t| t.fingerprint.as_str())
+    }
+
+    /// How many tokens work at `now`.
+    pub fn live_tokens(&self, now: DateTime<Utc>) -> usize {
+        self.tokens.values().filter(|t| t.is_live(now)).count()
     }
 
     /// Decides which events `command` produces, without changing anything.
@@ -189,13 +221,24 @@ impl User {
                 label,
                 by,
                 at,
-            } => Ok(vec![UserEvent::TokenIssued {
-                token_id,
-                fingerprint,
-                label,
-                by,
-                at,
-            }]),
+                expires_at,
+                max_live,
+            } => {
+                if expires_at.is_some_and(|e| e <= at) {
+                    return Err(UserError::ExpiresBeforeIssue);
+                }
+                if self.live_tokens(at) >= max_live {
+                    return Err(UserError::TooManyTokens(max_live));
+                }
+                Ok(vec![UserEvent::TokenIssued {
+                    token_id,
+                    fingerprint,
+                    label,
+                    by,
+                    at,
+                    expires_at,
+                }])
+            }
             UserCommand::RevokeToken { token_id, by, at } => match self.tokens.get(&token_id) {
                 None => Err(UserError::TokenNotFound),
                 Some(t) if t.revoked_at.is_some() => Ok(vec![]),
@@ -219,6 +262,7 @@ impl User {
                 fingerprint,
                 label,
                 at,
+                expires_at,
                 ..
             } => {
                 self.tokens.insert(
@@ -228,6 +272,7 @@ impl User {
                         label,
                         issued_at: at,
                         revoked_at: None,
+                        expires_at,
                     },
                 );
             }
@@ -294,6 +339,7 @@ mod tests {
             label: "laptop".into(),
             by: admin(),
             at: at(1),
+            expires_at: None,
         }
     }
 
@@ -318,6 +364,8 @@ mod tests {
             label: "laptop".into(),
             by: admin(),
             at: at(1),
+            expires_at: None,
+            max_live: 20,
         };
         F::with(())
             .given(vec![created()])
@@ -345,10 +393,85 @@ mod tests {
         for e in [created(), issued()].into_iter().chain(events) {
             u.apply_event(e);
         }
-        assert_eq!(u.live_token(Uuid::from_u128(5)), None);
+        assert_eq!(u.live_token(Uuid::from_u128(5), at(3)), None);
         F::with(())
             .given(vec![created()])
             .when(revoke)
             .then_expect_error(UserError::TokenNotFound);
+    }
+
+    fn issue(id: u128, at_s: i64, expires_at: Option<DateTime<Utc>>) -> UserCommand {
+        UserCommand::IssueToken {
+            token_id: Uuid::from_u128(id),
+            fingerprint: "ff".into(),
+            label: String::new(),
+            by: admin(),
+            at: at(at_s),
+            expires_at,
+            max_live: 2,
+        }
+    }
+
+    fn issued_at(id: u128, at_s: i64, expires_at: Option<DateTime<Utc>>) -> UserEvent {
+        UserEvent::TokenIssued {
+            token_id: Uuid::from_u128(id),
+            fingerprint: "ff".into(),
+            label: String::new(),
+            by: admin(),
+            at: at(at_s),
+            expires_at,
+        }
+    }
+
+    #[test]
+    fn a_user_holds_at_most_max_live_tokens_and_expired_or_revoked_ones_do_not_count() {
+        let two = vec![
+            created(),
+            issued_at(1, 1, None),
+            issued_at(2, 1, Some(at(10))),
+        ];
+        F::with(())
+            .given(two.clone())
+            .when(issue(3, 5, None))
+            .then_expect_error(UserError::TooManyTokens(2));
+        // Token 2 expired at 10.
+        F::with(())
+            .given(two.clone())
+            .when(issue(3, 10, None))
+            .then_expect_events(vec![issued_at(3, 10, None)]);
+        let mut revoked = two;
+        revoked.push(UserEvent::TokenRevoked {
+            token_id: Uuid::from_u128(1),
+            by: admin(),
+            at: at(2),
+        });
+        F::with(())
+            .given(revoked)
+            .when(issue(3, 5, None))
+            .then_expect_events(vec![issued_at(3, 5, None)]);
+    }
+
+    #[test]
+    fn a_token_expires_after_its_issue_and_stops_being_live_then() {
+        F::with(())
+            .given(vec![created()])
+            .when(issue(1, 5, Some(at(5))))
+            .then_expect_error(UserError::ExpiresBeforeIssue);
+        let mut u = User::default();
+        for e in [created(), issued_at(1, 1, Some(at(10)))] {
+            u.apply_event(e);
+        }
+        assert_eq!(u.live_token(Uuid::from_u128(1), at(9)), Some("ff"));
+        assert_eq!(u.live_token(Uuid::from_u128(1), at(10)), None);
+    }
+
+    #[test]
+    fn a_token_event_stored_before_expiry_existed_still_loads() {
+        let old = serde_json::json!({"TokenIssued": {
+            "token_id": Uuid::from_u128(1), "fingerprint": "ff", "label": "",
+            "by": admin(), "at": at(1)
+        }});
+        let event: UserEvent = serde_json::from_value(old).unwrap();
+        assert_eq!(event, issued_at(1, 1, None));
     }
 }

@@ -66,16 +66,6 @@ impl IntoResponse for Refusal {
     }
 }
 
-/// The token of an `Authorization` value with the `Bearer` scheme (any
-/// case, as RFC 7235 says).
-fn bearer(value: &str) -> Option<&str> {
-    let (scheme, token) = value.trim().split_once(' ')?;
-    scheme
-        .eq_ignore_ascii_case("bearer")
-        .then(|| token.trim())
-        .filter(|t| !t.is_empty())
-}
-
 /// The node whose valid token is in `headers`.
 ///
 /// # Errors
@@ -90,7 +80,7 @@ pub(crate) async fn authenticate(store: &Store, headers: &HeaderMap) -> Result<U
         ))?
         .to_str()
         .ok()
-        .and_then(bearer)
+        .and_then(tokens::bearer)
         .ok_or(Refusal::Unauthorized(
             "the Authorization header must be Bearer <node token>",
         ))?;
@@ -119,17 +109,4 @@ pub(crate) async fn authenticate(store: &Store, headers: &HeaderMap) -> Result<U
         return Err(invalid);
     }
     Ok(node_id)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_bearer_scheme_is_case_insensitive_and_others_are_refused() {
-        assert_eq!(bearer("Bearer abc"), Some("abc"));
-        assert_eq!(bearer("bearer  abc "), Some("abc"));
-        assert_eq!(bearer("Basic abc"), None);
-        assert_eq!(bearer("Bearer"), None);
-    }
 }

@@ -202,6 +202,8 @@ async fn setup(store: &Store, clock: Clock) -> anyhow::Result<World> {
                 label: "web bench".into(),
                 by: admin.clone(),
                 at,
+                expires_at: None,
+                max_live: usize::MAX,
             },
             &admin,
         )
@@ -1060,6 +1062,8 @@ async fn reused(store: &Store) -> anyhow::Result<(String, Uuid, Uuid)> {
         label: "web bench".into(),
         by: admin.clone(),
         at: now,
+        expires_at: None,
+        max_live: usize::MAX,
     };
     store
         .execute::<User>("admin", issue, &admin, now)

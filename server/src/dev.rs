@@ -5,6 +5,16 @@
 //! applied, a bootstrap admin token is written to `./.unidesk/admin.token`,
 //! and every role runs until Ctrl-C, which stops PostgreSQL too. The next
 //! start finds all data again.
+//!
+//! Everything under `./.unidesk` — the database, the tokens, the stored
+//! objects, the agent's work — is for its owner only: the process runs
+//! with umask 077, so whatever it (or PostgreSQL, or the object store)
+//! creates later is too, and at start the permissions of a directory left
+//! by an older version are narrowed to directories 0700 and files 0600
+//! (executable bits of the owner kept). Run as root, PostgreSQL runs as
+//! the `postgres` user and must reach `./.unidesk/pg`: the top directory
+//! then belongs to the `postgres` group with mode 0710 (enter, not list or
+//! read), and stays closed to everybody else.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -181,20 +191,77 @@ pub fn running_url(dir: &Path) -> anyhow::Result<Option<String>> {
     store::cluster::running_url(&dir.join("pg")).context("reading the dev cluster's settings")
 }
 
+/// Creates `dir` if needed and closes it and everything under it to anyone
+/// but its owner (see the module's documentation for root).
 fn ensure_private_dir(dir: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    make_private(dir)
+        .with_context(|| format!("restricting the permissions under {}", dir.display()))?;
     #[cfg(unix)]
-    {
+    if nix::unistd::geteuid().is_root() {
         use std::os::unix::fs::PermissionsExt;
-        // Traversable so PostgreSQL's own user can reach pg/, but not listable.
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))
-            .with_context(|| format!("setting permissions of {}", dir.display()))?;
+        if let Some(group) = nix::unistd::User::from_name("postgres")
+            .ok()
+            .flatten()
+            .map(|u| u.gid)
+        {
+            nix::unistd::chown(dir, None, Some(group))
+                .with_context(|| format!("giving {} to the postgres group", dir.display()))?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o710))
+                .with_context(|| format!("setting permissions of {}", dir.display()))?;
+        }
     }
     Ok(())
 }
 
+/// Removes every group and other permission from `path` and everything
+/// under it, and gives directories back their owner's full access.
+/// Symbolic links are neither followed nor changed; entries that vanish
+/// meanwhile (a running PostgreSQL removes files as it likes) are skipped.
+fn make_private(path: &Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::io::ErrorKind::NotFound;
+        use std::os::unix::fs::PermissionsExt;
+        let meta = match std::fs::symlink_metadata(path) {
+            Ok(meta) => meta,
+            Err(e) if e.kind() == NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        if meta.file_type().is_symlink() {
+            return Ok(());
+        }
+        let mode = meta.permissions().mode() & 0o7777;
+        let wanted = if meta.is_dir() { 0o700 } else { mode & 0o700 };
+        if mode != wanted {
+            match std::fs::set_permissions(path, std::fs::Permissions::from_mode(wanted)) {
+                Err(e) if e.kind() != NotFound => return Err(e),
+                _ => {}
+            }
+        }
+        if meta.is_dir() {
+            let entries = match std::fs::read_dir(path) {
+                Ok(entries) => entries,
+                Err(e) if e.kind() == NotFound => return Ok(()),
+                Err(e) => return Err(e),
+            };
+            for entry in entries {
+                make_private(&entry?.path())?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Makes everything this process creates from now on its owner's only.
+fn private_umask() {
+    #[cfg(unix)]
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+}
+
 /// Runs the platform until Ctrl-C.
 pub async fn run(args: DevArgs) -> anyhow::Result<()> {
+    private_umask();
     ensure_private_dir(&args.dir)?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await

@@ -55,6 +55,25 @@ pub struct ServerArgs {
     #[arg(long, env = "UNIDESK_LOG_RATE_KB", default_value_t = 1024,
           value_parser = parse_log_rate)]
     pub log_rate_kb: u64,
+    /// The most live (unrevoked, unexpired) API tokens one user may hold;
+    /// issuing one more answers 409.
+    #[arg(long, env = "UNIDESK_MAX_TOKENS_PER_USER", default_value_t = api::limits::DEFAULT_MAX_TOKENS_PER_USER,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=100_000))]
+    pub max_tokens_per_user: usize,
+    /// The most live streams (log follows and timeline streams together)
+    /// one user may hold open on this API process; one more answers 429.
+    #[arg(long, env = "UNIDESK_MAX_STREAMS_PER_USER", default_value_t = api::limits::DEFAULT_MAX_STREAMS_PER_USER,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=100_000))]
+    pub max_streams_per_user: usize,
+    /// Requests per second one API token may make, sustained (requests
+    /// without a valid token count per client address); past it, 429 with
+    /// Retry-After. 0 for no limit.
+    #[arg(long, env = "UNIDESK_RATE_LIMIT_PER_S", default_value_t = api::limits::DEFAULT_RATE_PER_S)]
+    pub rate_limit_per_s: u32,
+    /// Requests one API token may make at once on top of the steady rate.
+    #[arg(long, env = "UNIDESK_RATE_LIMIT_BURST", default_value_t = api::limits::DEFAULT_RATE_BURST,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub rate_limit_burst: u32,
     /// The object store for task inputs and outputs (the `--s3-*` flags).
     #[command(flatten)]
     pub s3: crate::objects::S3Args,
@@ -78,6 +97,10 @@ impl ServerArgs {
             accept_timeout_s: 120,
             max_log_mb: 64,
             log_rate_kb: 1024,
+            max_tokens_per_user: api::limits::DEFAULT_MAX_TOKENS_PER_USER,
+            max_streams_per_user: api::limits::DEFAULT_MAX_STREAMS_PER_USER,
+            rate_limit_per_s: api::limits::DEFAULT_RATE_PER_S,
+            rate_limit_burst: api::limits::DEFAULT_RATE_BURST,
             s3: crate::objects::S3Args::defaults(),
             objects: None,
         }
@@ -96,6 +119,14 @@ fn parse_log_rate(s: &str) -> Result<u64, String> {
 }
 
 impl ServerArgs {
+    /// The API's request rate limit; `None` when turned off.
+    pub fn rate_limit(&self) -> Option<api::RateLimit> {
+        Some(api::RateLimit {
+            per_s: std::num::NonZeroU32::new(self.rate_limit_per_s)?,
+            burst: std::num::NonZeroU32::new(self.rate_limit_burst)?,
+        })
+    }
+
     /// The ingress's bounds on stored task output.
     pub fn log_limits(&self) -> ingress::LogLimits {
         let bytes_per_s = self.log_rate_kb * 1024;
@@ -171,6 +202,9 @@ pub fn start(
             },
             body_limit: args.body_limit,
             users_create_projects: args.users_create_projects,
+            max_tokens_per_user: args.max_tokens_per_user,
+            max_streams_per_user: args.max_streams_per_user,
+            rate_limit: args.rate_limit(),
         };
         let state = api::AppState::new(store.clone(), config)
             .with_objects(args.objects.clone(), args.s3.part_bytes());
@@ -212,6 +246,9 @@ pub fn start(
             }
         };
         tasks.push(tokio::spawn(async move {
+            // With each connection's address, by which the rate limit counts
+            // requests that carry no valid token.
+            let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
             if let Err(e) = axum::serve(listener, app)
                 .with_graceful_shutdown(shutdown)
                 .await

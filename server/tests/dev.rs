@@ -219,3 +219,131 @@ async fn dev_starts_stops_on_ctrl_c_and_finds_its_data_again() {
     }
     interrupt(dev);
 }
+
+/// Every entry under `dir` that is open to anyone but its owner: the top
+/// directory may only be entered (not read) by the `postgres` group when
+/// the test runs as root, since PostgreSQL then runs as that user.
+fn open_to_others(dir: &Path) -> Vec<String> {
+    use std::os::unix::fs::MetadataExt;
+    let postgres_gid = nix::unistd::User::from_name("postgres")
+        .ok()
+        .flatten()
+        .map(|u| u.gid.as_raw());
+    let mut open = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(path) = stack.pop() {
+        let Ok(meta) = std::fs::symlink_metadata(&path) else {
+            continue; // removed meanwhile by PostgreSQL
+        };
+        if meta.file_type().is_symlink() {
+            continue;
+        }
+        let mode = meta.mode() & 0o777;
+        let allowed = if path == dir
+            && nix::unistd::geteuid().is_root()
+            && Some(meta.gid()) == postgres_gid
+        {
+            0o010
+        } else {
+            0
+        };
+        if mode & 0o077 & !allowed != 0 {
+            open.push(format!("{} {mode:o}", path.display()));
+        }
+        if meta.is_dir() {
+            for entry in std::fs::read_dir(&path).into_iter().flatten().flatten() {
+                stack.push(entry.path());
+            }
+        }
+    }
+    open
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dev_keeps_its_directory_and_everything_in_it_for_its_owner_only() {
+    use sha2::Digest;
+    use std::os::unix::fs::PermissionsExt;
+    let dir = workdir();
+    let state = dir.path().join(".unidesk");
+    // What an older version left: open directories and files.
+    std::fs::create_dir_all(state.join("objects").join("old")).unwrap();
+    std::fs::write(state.join("objects").join("old").join("part"), b"old").unwrap();
+    for (path, mode) in [
+        (state.clone(), 0o755),
+        (state.join("objects"), 0o777),
+        (state.join("objects").join("old"), 0o755),
+        (state.join("objects").join("old").join("part"), 0o666),
+    ] {
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+    std::os::unix::fs::symlink("/etc/hostname", state.join("link")).unwrap();
+
+    let dev = start(dir.path());
+    let client = reqwest::Client::new();
+    let project: Value = client
+        .post(format!("{}/api/v1/projects", dev.base))
+        .bearer_auth(&dev.token)
+        .json(&json!({"name": "private"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = project["id"].as_str().unwrap();
+    let data = b"results".repeat(100);
+    let upload: Value = client
+        .post(format!("{}/api/v1/projects/{id}/objects", dev.base))
+        .bearer_auth(&dev.token)
+        .json(&json!({
+            "name": "data/results.bin",
+            "size": data.len(),
+            "sha256": hex::encode(sha2::Sha256::digest(&data)),
+        }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let mut put = client
+        .put(upload["url"].as_str().unwrap())
+        .body(data.clone());
+    for (k, v) in upload["headers"].as_object().unwrap() {
+        put = put.header(k, v.as_str().unwrap());
+    }
+    assert!(put.send().await.unwrap().status().is_success());
+    let completed = client
+        .post(format!(
+            "{}/api/v1/projects/{id}/objects/complete",
+            dev.base
+        ))
+        .bearer_auth(&dev.token)
+        .json(&json!({"name": "data/results.bin", "upload_id": upload["upload_id"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(completed.status(), 200);
+    let stored = std::fs::read_dir(state.join("objects"))
+        .unwrap()
+        .flatten()
+        .count();
+    assert!(stored >= 2, "the object is under .unidesk/objects");
+
+    assert_eq!(open_to_others(&state), Vec::<String>::new());
+    // The link was left alone, and what it points to too.
+    assert!(std::fs::symlink_metadata(state.join("link"))
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    assert_ne!(
+        std::fs::metadata("/etc/hostname")
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o044,
+        0
+    );
+    interrupt(dev);
+    assert_eq!(open_to_others(&state), Vec::<String>::new());
+}

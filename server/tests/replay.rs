@@ -148,6 +148,8 @@ async fn history(store: &Store) -> History {
                 label: "laptop".into(),
                 by: root.clone(),
                 at,
+                expires_at: None,
+                max_live: usize::MAX,
             },
             &root,
             at,

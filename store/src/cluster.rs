@@ -384,7 +384,7 @@ impl LocalCluster {
         cluster.write_owned(
             &cluster.root.join("port"),
             &format!("{}\n", cluster.port),
-            0o644,
+            0o600,
         )?;
         cluster.ensure_database().await?;
         Ok(cluster)
@@ -484,7 +484,7 @@ impl LocalCluster {
     fn write_conf(&self, port: u16, options: &ClusterOptions) -> Result<(), ClusterError> {
         let socket_dir = self.socket_dir.to_string_lossy().replace('\'', "''");
         let mut conf = format!(
-            "listen_addresses = '127.0.0.1'\nport = {port}\nunix_socket_directories = '{socket_dir}'\nmax_connections = {}\n",
+            "listen_addresses = '127.0.0.1'\nport = {port}\nunix_socket_directories = '{socket_dir}'\nunix_socket_permissions = 0700\nmax_connections = {}\n",
             options.max_connections
         );
         if options.no_sync {

@@ -12,6 +12,8 @@ pub mod task_log;
 pub mod tokens;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -113,12 +115,61 @@ stored!(Node, nodes);
 stored!(Project, projects);
 stored!(User, users);
 
+/// How many times aggregates were loaded from the log (for a command, a
+/// read or a replay), by aggregate type. Loads are what a request costs the
+/// log, so `/metrics` shows them, and tests prove with them that a request
+/// was refused without any.
+#[derive(Debug, Default)]
+pub struct AggregateLoads {
+    task: AtomicU64,
+    node: AtomicU64,
+    project: AtomicU64,
+    user: AtomicU64,
+}
+
+impl AggregateLoads {
+    fn counter(&self, aggregate_type: &str) -> Option<&AtomicU64> {
+        match aggregate_type {
+            Task::TYPE => Some(&self.task),
+            Node::TYPE => Some(&self.node),
+            Project::TYPE => Some(&self.project),
+            User::TYPE => Some(&self.user),
+            _ => None,
+        }
+    }
+
+    fn count(&self, aggregate_type: &str) {
+        if let Some(c) = self.counter(aggregate_type) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Loads of `aggregate_type` (`task`, `node`, `project`, `user`) so far;
+    /// 0 for any other type.
+    pub fn get(&self, aggregate_type: &str) -> u64 {
+        self.counter(aggregate_type)
+            .map_or(0, |c| c.load(Ordering::Relaxed))
+    }
+
+    /// Loads of every aggregate type so far, by type.
+    pub fn all(&self) -> [(&'static str, u64); 4] {
+        [Task::TYPE, Node::TYPE, Project::TYPE, User::TYPE].map(|t| (t, self.get(t)))
+    }
+
+    /// Loads of all types together.
+    pub fn total(&self) -> u64 {
+        self.all().iter().map(|(_, n)| n).sum()
+    }
+}
+
 /// The event log: executes commands on aggregates and wakes outbox
-/// consumers after each commit. Cheap to clone.
+/// consumers after each commit. Cheap to clone; clones share their
+/// [`AggregateLoads`].
 #[derive(Clone)]
 pub struct Store {
     pool: PgPool,
     notifier: Notifier,
+    loads: Arc<AggregateLoads>,
     tasks: std::sync::Arc<EsStore<Task>>,
     nodes: std::sync::Arc<EsStore<Node>>,
     projects: std::sync::Arc<EsStore<Project>>,
@@ -136,8 +187,14 @@ impl Store {
             nodes: PersistedEventStore::new_snapshot_store(repo(), NODE_SNAPSHOT_EVERY).into(),
             projects: PersistedEventStore::new_event_store(repo()).into(),
             users: PersistedEventStore::new_event_store(repo()).into(),
+            loads: Arc::default(),
             pool,
         }
+    }
+
+    /// How many aggregates this store (and its clones) loaded so far.
+    pub fn aggregate_loads(&self) -> &AggregateLoads {
+        &self.loads
     }
 
     /// The connection pool.
@@ -181,6 +238,7 @@ impl Store {
             ),
         ]);
         for round in 0..CONFLICT_RETRIES {
+            self.loads.count(A::TYPE);
             let mut context = es
                 .load_aggregate(id)
                 .await
@@ -231,6 +289,7 @@ impl Store {
         A: Stored,
         A::Command: Clone + Send,
     {
+        self.loads.count(A::TYPE);
         let context = A::event_store(self)
             .load_aggregate(id)
             .await
@@ -260,6 +319,7 @@ impl Store {
         A: Stored,
         A::Command: Clone + Send,
     {
+        self.loads.count(A::TYPE);
         let events = A::event_store(self)
             .load_events(id)
             .await

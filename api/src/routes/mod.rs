@@ -32,7 +32,9 @@ pub fn all() -> OpenApiRouter<AppState> {
         .merge(artifact::router())
         .merge(timeline::router())
         .merge(openapi::router());
-    OpenApiRouter::with_openapi(crate::openapi::ApiDoc::openapi())
+    let mut all = OpenApiRouter::with_openapi(crate::openapi::ApiDoc::openapi())
         .merge(health::router())
-        .nest(API_PREFIX, v1)
+        .nest(API_PREFIX, v1);
+    crate::limits::document(all.get_openapi_mut());
+    all
 }

@@ -83,6 +83,10 @@ pub struct EventPage {
     /// Pass as `after` to read on: the last position returned, or the
     /// `after` given when nothing new was visible.
     pub next_after: Option<i64>,
+    /// Pass as `cursor` to get the next page; absent when this page holds
+    /// the last events committed so far (`next_after` still follows the
+    /// log from there).
+    pub next_cursor: Option<String>,
 }
 
 /// One event of one aggregate, as replayed from the log.

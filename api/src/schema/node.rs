@@ -258,9 +258,11 @@ pub struct ProvisionedNode {
     pub token: String,
 }
 
-/// Nodes, by name.
+/// A page of nodes, by name.
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct NodeList {
     /// The nodes.
     pub items: Vec<Node>,
+    /// Pass as `cursor` to get the next page; absent on the last page.
+    pub next_cursor: Option<String>,
 }

@@ -113,9 +113,11 @@ pub struct ArtifactItem {
     pub download: String,
 }
 
-/// A task's stored outputs, oldest first.
+/// A page of a task's stored outputs, oldest first.
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct ArtifactList {
     /// The outputs of every attempt.
     pub items: Vec<ArtifactItem>,
+    /// Pass as `cursor` to get the next page; absent on the last page.
+    pub next_cursor: Option<String>,
 }

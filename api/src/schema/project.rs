@@ -107,9 +107,11 @@ impl TryFrom<domain::project::Project> for Project {
     }
 }
 
-/// Projects, by name.
+/// A page of projects, by name.
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct ProjectList {
     /// The projects.
     pub items: Vec<Project>,
+    /// Pass as `cursor` to get the next page; absent on the last page.
+    pub next_cursor: Option<String>,
 }

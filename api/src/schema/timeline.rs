@@ -46,6 +46,9 @@ pub struct TimelinePage {
     pub items: Vec<TimelineEntry>,
     /// Pass as `before` for the next, older page; absent on the last one.
     pub next_before: Option<i64>,
+    /// The same as `next_before`, as a `cursor` like every list's; absent
+    /// on the last page.
+    pub next_cursor: Option<String>,
     /// Pass as `after` to `GET /timeline/stream` to receive, live, every
     /// event this page could not contain yet: the page and the stream
     /// together miss nothing and repeat nothing.

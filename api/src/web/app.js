@@ -131,6 +131,18 @@
     return s ? `?${s}` : '';
   }
 
+  // Every item of a list, page after page (lists come 500 at most a page).
+  async function all(path, { signal } = {}) {
+    const items = [];
+    let cursor = null;
+    do {
+      const page = await api(`${path}${query({ limit: 500, cursor })}`, { signal });
+      items.push(...page.items);
+      cursor = page.next_cursor || null;
+    } while (cursor);
+    return { items };
+  }
+
   const sleep = (ms, signal) => new Promise((resolve) => {
     const timer = setTimeout(resolve, ms);
     if (signal) signal.addEventListener('abort', () => { clearTimeout(timer); resolve(); }, { once: true });
@@ -274,7 +286,7 @@
     loaded: 0,
     async load(force) {
       if (!force && Date.now() - this.loaded < 10000) return;
-      const [nodes, projects] = await Promise.all([api('/nodes'), api('/projects')]);
+      const [nodes, projects] = await Promise.all([all('/nodes'), all('/projects')]);
       this.nodes = new Map(nodes.items.map((n) => [n.id, n]));
       this.projects = new Map(projects.items.map((p) => [p.id, p]));
       this.loaded = Date.now();
@@ -388,7 +400,7 @@
     const refresh = async () => {
       await names.load(true);
       const [nodes, tasks, queued, ...holding] = await Promise.all([
-        api('/nodes', { signal }),
+        all('/nodes', { signal }),
         api(`/tasks${query({ limit: PAGE, state: taskFilter.state, project: taskFilter.project })}`, { signal }),
         api('/tasks?state=queued&limit=500', { signal }),
         ...HOLDING.map((s) => api(`/tasks?state=${s}&limit=500`, { signal })),

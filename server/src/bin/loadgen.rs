@@ -272,6 +272,8 @@ impl Server {
             .arg(&token_file)
             .arg("--heartbeat-s")
             .arg(target.heartbeat_s.to_string())
+            // A load generator is one client sending as fast as it can.
+            .args(["--rate-limit-per-s", "0"])
             .args(&target.serve_args)
             .env("DATABASE_URL", cluster.url())
             .stdin(std::process::Stdio::null())
@@ -505,11 +507,13 @@ struct TaskItem {
     state: String,
 }
 
-/// `GET /nodes`.
+/// A page of `GET /nodes`.
 #[derive(Debug, Deserialize)]
 struct NodeList {
-    /// Every node.
+    /// The page's nodes.
     items: Vec<NodeItem>,
+    /// Where the next page starts; absent on the last one.
+    next_cursor: Option<String>,
 }
 
 /// A node as listed.
@@ -613,13 +617,27 @@ impl Api {
 
     /// How many nodes whose name starts with `prefix` are online.
     async fn online(&self, prefix: &str) -> anyhow::Result<usize> {
-        let request = self.http.get(format!("{}/nodes", self.base));
-        let list: NodeList = self.call("listing nodes", request).await?;
-        Ok(list
-            .items
-            .iter()
-            .filter(|n| n.name.starts_with(prefix) && n.status == "online")
-            .count())
+        let mut online = 0;
+        let mut cursor: Option<String> = None;
+        loop {
+            let mut request = self
+                .http
+                .get(format!("{}/nodes", self.base))
+                .query(&[("limit", "500")]);
+            if let Some(c) = &cursor {
+                request = request.query(&[("cursor", c)]);
+            }
+            let page: NodeList = self.call("listing nodes", request).await?;
+            online += page
+                .items
+                .iter()
+                .filter(|n| n.name.starts_with(prefix) && n.status == "online")
+                .count();
+            match page.next_cursor {
+                Some(next) => cursor = Some(next),
+                None => return Ok(online),
+            }
+        }
     }
 }
 

@@ -369,6 +369,8 @@ async fn seed(pool: &PgPool, events: usize) -> anyhow::Result<usize> {
             label: "laptop".into(),
             by: root.clone(),
             at,
+            expires_at: None,
+            max_live: usize::MAX,
         };
         w.run(&mut log, user_decide, token, &root);
     }

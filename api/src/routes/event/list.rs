@@ -15,6 +15,7 @@ use utoipa_axum::routes;
 use crate::auth::Caller;
 use crate::error::{ApiError, ErrorBody};
 use crate::extract::{parse_limit, parse_uuid, Query};
+use crate::page;
 use crate::schema::event::{Event, EventPage};
 use crate::{access, AppState};
 
@@ -22,6 +23,9 @@ use crate::{access, AppState};
 pub const DEFAULT_LIMIT: i64 = 100;
 /// The most events per page.
 pub const MAX_LIMIT: i64 = 1000;
+
+/// The list's name in its cursors.
+const LIST: &str = "events";
 
 /// The aggregate types of the log.
 const AGGREGATE_TYPES: [&str; 4] = ["task", "project", "node", "user"];
@@ -43,8 +47,11 @@ struct ListEvents {
     /// `aggregate_type`. Required for non-admins.
     aggregate_id: Option<String>,
     /// Only events after this outbox position (a previous `next_after`).
+    /// Not together with `cursor`.
     #[param(value_type = Option<i64>)]
     after: Option<String>,
+    /// The `next_cursor` of the previous page. Not together with `after`.
+    cursor: Option<String>,
     /// Events per page, 1 to 1000 (default 100).
     #[param(value_type = Option<i64>, minimum = 1, maximum = 1000)]
     limit: Option<String>,
@@ -63,7 +70,8 @@ struct ListEvents {
         (status = 400, description = "A bad parameter, named", body = ErrorBody),
         (status = 401, description = "No valid token", body = ErrorBody),
         (status = 403, description = "Not an admin, and no visible aggregate named", body = ErrorBody),
-        (status = 404, description = "The aggregate does not exist or is not the caller's", body = ErrorBody)
+        (status = 404, description = "The aggregate does not exist or is not the caller's", body = ErrorBody),
+        (status = 429, description = "Too many requests; see Retry-After", body = ErrorBody)
     ),
     security(("bearer" = []))
 )]
@@ -101,9 +109,19 @@ async fn list(
         (_, id) => id,
     };
     let limit = parse_limit("limit", q.limit.as_deref(), DEFAULT_LIMIT, MAX_LIMIT)?;
-    let after = match q.after.as_deref() {
-        None => None,
-        Some(raw) => Some(resolve_after(&state, raw).await?),
+    let after = match (q.after.as_deref(), q.cursor.as_deref()) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::bad_request(
+                "cursor",
+                "give after or cursor, not both",
+            ))
+        }
+        (Some(raw), None) => Some(resolve_after(&state, raw, "after").await?),
+        (None, Some(cursor)) => {
+            let position: i64 = page::decode(LIST, cursor)?;
+            Some(resolve_after(&state, &position.to_string(), "cursor").await?)
+        }
+        (None, None) => None,
     };
     if !caller.admin {
         check_visible(
@@ -120,13 +138,23 @@ async fn list(
     };
     let from = after.map_or_else(Checkpoint::default, |(_, c)| c);
     let hidden = access::hidden_event_types(&caller);
-    let events = outbox::read_after_except(state.pool(), from, limit, &filter, hidden).await?;
+    let mut events =
+        outbox::read_after_except(state.pool(), from, limit + 1, &filter, hidden).await?;
+    let more = events.len() as i64 > limit;
+    events.truncate(limit as usize);
     let next_after = events
         .last()
         .map(|e| e.position)
         .or(after.map(|(position, _)| position));
+    let next_cursor = next_after
+        .filter(|_| more)
+        .map(|position| page::encode(LIST, &position));
     let items = summarized(&state, &events).await?;
-    Ok(Json(EventPage { items, next_after }))
+    Ok(Json(EventPage {
+        items,
+        next_after,
+        next_cursor,
+    }))
 }
 
 /// The events as shown, each with its timeline summary (naming nodes by
@@ -171,10 +199,15 @@ pub(crate) async fn summarized(
         .collect())
 }
 
-/// The checkpoint of outbox position `raw`; 0 is the start of the log.
-async fn resolve_after(state: &AppState, raw: &str) -> Result<(i64, Checkpoint), ApiError> {
+/// The checkpoint of outbox position `raw`, given as `field`; 0 is the
+/// start of the log.
+async fn resolve_after(
+    state: &AppState,
+    raw: &str,
+    field: &str,
+) -> Result<(i64, Checkpoint), ApiError> {
     let position: i64 = raw.trim().parse().ok().filter(|p| *p >= 0).ok_or_else(|| {
-        ApiError::bad_request("after", format!("must be an event position, got {raw:?}"))
+        ApiError::bad_request(field, format!("must be an event position, got {raw:?}"))
     })?;
     if position == 0 {
         return Ok((0, Checkpoint::default()));
@@ -182,7 +215,7 @@ async fn resolve_after(state: &AppState, raw: &str) -> Result<(i64, Checkpoint),
     match outbox::checkpoint_of(state.pool(), position).await? {
         Some(checkpoint) => Ok((position, checkpoint)),
         None => Err(ApiError::bad_request(
-            "after",
+            field,
             format!("there is no event at position {position}"),
         )),
     }

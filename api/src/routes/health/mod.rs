@@ -1,16 +1,18 @@
-//! Liveness and readiness probes, outside `/api/v1` and without
-//! authentication.
+//! Liveness and readiness probes and the metrics scrape, outside `/api/v1`
+//! and without authentication.
 
 pub mod healthz;
+pub mod metrics;
 pub mod readyz;
 
 use utoipa_axum::router::OpenApiRouter;
 
 use crate::AppState;
 
-/// `GET /healthz` and `GET /readyz`.
+/// `GET /healthz`, `GET /readyz` and `GET /metrics`.
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .merge(healthz::router())
         .merge(readyz::router())
+        .merge(metrics::router())
 }

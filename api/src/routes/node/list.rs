@@ -1,12 +1,19 @@
-//! `GET /api/v1/nodes`: every node, from the node read model.
+//! `GET /api/v1/nodes`: nodes by name, one page at a time, from the node
+//! read model.
 
 use axum::extract::State;
 use axum::Json;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+use serde::Deserialize;
+use utoipa::IntoParams;
+use uuid::Uuid;
+
 use crate::auth::Caller;
 use crate::error::{ApiError, ErrorBody};
+use crate::extract::Query;
+use crate::page;
 use crate::schema::node::{Node, NodeList};
 use crate::AppState;
 
@@ -15,29 +22,65 @@ pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new().routes(routes!(list))
 }
 
-/// Every node, by name. Any user may see nodes.
+/// The list's name in its cursors.
+const LIST: &str = "nodes";
+
+/// Paging of the node list.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+struct ListNodes {
+    /// Nodes per page, 1 to 500 (default 50).
+    #[param(value_type = Option<i64>, minimum = 1, maximum = 500)]
+    limit: Option<String>,
+    /// The `next_cursor` of the previous page.
+    cursor: Option<String>,
+}
+
+/// Nodes by name, a page at a time. Any user may see nodes.
 #[utoipa::path(
     get,
     path = "/nodes",
     tag = "nodes",
+    params(ListNodes),
     responses(
-        (status = 200, description = "The nodes", body = NodeList),
-        (status = 401, description = "No valid token", body = ErrorBody)
+        (status = 200, description = "One page of nodes", body = NodeList),
+        (status = 400, description = "A bad limit or cursor, named", body = ErrorBody),
+        (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 429, description = "Too many requests; see Retry-After", body = ErrorBody)
     ),
     security(("bearer" = []))
 )]
-async fn list(State(state): State<AppState>, _caller: Caller) -> Result<Json<NodeList>, ApiError> {
-    let docs: Vec<serde_json::Value> =
-        sqlx::query_scalar("SELECT doc FROM node_view ORDER BY name, id")
-            .fetch_all(state.pool())
-            .await?;
-    let items = docs
+async fn list(
+    State(state): State<AppState>,
+    _caller: Caller,
+    Query(q): Query<ListNodes>,
+) -> Result<Json<NodeList>, ApiError> {
+    let limit = page::limit(q.limit.as_deref())?;
+    let (name, id) = match q.cursor.as_deref() {
+        Some(c) => {
+            let (name, id): (String, Uuid) = page::decode(LIST, c)?;
+            (Some(name), Some(id))
+        }
+        None => (None, None),
+    };
+    let rows: Vec<(serde_json::Value, String, Uuid)> = sqlx::query_as(
+        "SELECT doc, name, id FROM node_view \
+         WHERE ($1::text IS NULL OR (name, id) > ($1, $2)) ORDER BY name, id LIMIT $3",
+    )
+    .bind(name)
+    .bind(id)
+    .bind(limit + 1)
+    .fetch_all(state.pool())
+    .await?;
+    let (rows, next_cursor) = page::split(LIST, rows, limit, |r| (r.1.clone(), r.2));
+    let items = rows
         .into_iter()
-        .map(|doc| {
+        .map(|(doc, _, _)| {
             let node: domain::node::Node = serde_json::from_value(doc)
                 .map_err(|e| ApiError::internal(format!("node_view doc does not decode: {e}")))?;
             Node::try_from(node)
         })
         .collect::<Result<_, _>>()?;
-    Ok(Json(NodeList { items }))
+    Ok(Json(NodeList { items, next_cursor }))
 }

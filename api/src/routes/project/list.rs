@@ -1,13 +1,20 @@
 //! `GET /api/v1/projects`: all projects for admins, the caller's own for
-//! everybody else, from the project read model.
+//! everybody else, by name, one page at a time, from the project read
+//! model.
 
 use axum::extract::State;
 use axum::Json;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+use serde::Deserialize;
+use utoipa::IntoParams;
+use uuid::Uuid;
+
 use crate::auth::Caller;
 use crate::error::{ApiError, ErrorBody};
+use crate::extract::Query;
+use crate::page;
 use crate::schema::project::{Project, ProjectList};
 use crate::AppState;
 
@@ -16,43 +23,71 @@ pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new().routes(routes!(list))
 }
 
-/// Projects the caller may see, by name.
+/// The list's name in its cursors.
+const LIST: &str = "projects";
+
+/// Paging of the project list.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+struct ListProjects {
+    /// Projects per page, 1 to 500 (default 50).
+    #[param(value_type = Option<i64>, minimum = 1, maximum = 500)]
+    limit: Option<String>,
+    /// The `next_cursor` of the previous page.
+    cursor: Option<String>,
+}
+
+/// Projects the caller may see, by name, a page at a time.
 #[utoipa::path(
     get,
     path = "/projects",
     tag = "projects",
+    params(ListProjects),
     responses(
-        (status = 200, description = "The projects", body = ProjectList),
-        (status = 401, description = "No valid token", body = ErrorBody)
+        (status = 200, description = "One page of projects", body = ProjectList),
+        (status = 400, description = "A bad limit or cursor, named", body = ErrorBody),
+        (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 429, description = "Too many requests; see Retry-After", body = ErrorBody)
     ),
     security(("bearer" = []))
 )]
 async fn list(
     State(state): State<AppState>,
     caller: Caller,
+    Query(q): Query<ListProjects>,
 ) -> Result<Json<ProjectList>, ApiError> {
-    let docs: Vec<serde_json::Value> = if caller.admin {
-        sqlx::query_scalar("SELECT doc FROM project_view ORDER BY name, id")
-            .fetch_all(state.pool())
-            .await?
-    } else {
-        sqlx::query_scalar(
-            "SELECT p.doc FROM project_view p \
-             JOIN project_member_view m ON m.project_id = p.id \
-             WHERE m.user_name = $1 ORDER BY p.name, p.id",
-        )
-        .bind(&caller.user)
-        .fetch_all(state.pool())
-        .await?
+    let limit = page::limit(q.limit.as_deref())?;
+    let (name, id) = match q.cursor.as_deref() {
+        Some(c) => {
+            let (name, id): (String, Uuid) = page::decode(LIST, c)?;
+            (Some(name), Some(id))
+        }
+        None => (None, None),
     };
-    let items = docs
+    let member = (!caller.admin).then_some(caller.user.as_str());
+    let rows: Vec<(serde_json::Value, String, Uuid)> = sqlx::query_as(
+        "SELECT p.doc, p.name, p.id FROM project_view p \
+         WHERE ($1::text IS NULL OR (p.name, p.id) > ($1, $2)) \
+           AND ($3::text IS NULL OR p.id IN \
+                (SELECT project_id FROM project_member_view WHERE user_name = $3)) \
+         ORDER BY p.name, p.id LIMIT $4",
+    )
+    .bind(name)
+    .bind(id)
+    .bind(member)
+    .bind(limit + 1)
+    .fetch_all(state.pool())
+    .await?;
+    let (rows, next_cursor) = page::split(LIST, rows, limit, |r| (r.1.clone(), r.2));
+    let items = rows
         .into_iter()
-        .map(|doc| {
+        .map(|(doc, _, _)| {
             let project: domain::project::Project = serde_json::from_value(doc).map_err(|e| {
                 ApiError::internal(format!("project_view doc does not decode: {e}"))
             })?;
             Project::try_from(project)
         })
         .collect::<Result<_, _>>()?;
-    Ok(Json(ProjectList { items }))
+    Ok(Json(ProjectList { items, next_cursor }))
 }

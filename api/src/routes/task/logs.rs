@@ -109,6 +109,10 @@ fn flag(field: &str, v: Option<&str>) -> Result<bool, ApiError> {
 /// does so by itself), which takes precedence over `attempt` and
 /// `offset`, and gets exactly the rest.
 ///
+/// A user holds at most a configured number of live streams (log follows
+/// and timeline streams together, 16 by default) on one server; one more
+/// is refused with 429 and `Retry-After` until one of theirs closes.
+///
 /// The platform keeps at most a configured amount of output per attempt
 /// (64 MiB by default); output past it ends with the line
 /// `[unidesk: output cut at …; the rest of this attempt's output was
@@ -132,7 +136,8 @@ fn flag(field: &str, v: Option<&str>) -> Result<bool, ApiError> {
             )),
         (status = 400, description = "Malformed id, attempt, offset, limit, follow or Last-Event-ID", body = ErrorBody),
         (status = 401, description = "No valid token", body = ErrorBody),
-        (status = 404, description = "No such task or attempt", body = ErrorBody)
+        (status = 404, description = "No such task or attempt", body = ErrorBody),
+        (status = 429, description = "Too many requests, or (with `follow`) the caller holds the most live streams allowed; see Retry-After", body = ErrorBody)
     ),
     security(("bearer" = []))
 )]
@@ -168,7 +173,8 @@ async fn logs(
             attempt: attempt.map(|a| a as u32),
             offset,
         };
-        return Ok(live_logs::respond(state, caller, id, start));
+        let slot = crate::limits::stream_slot(&state, &caller)?;
+        return Ok(live_logs::respond(state, caller, id, start, slot));
     }
     let attempt = match attempt {
         None => task.attempt,

@@ -14,6 +14,7 @@ use uuid::Uuid;
 use crate::auth::Caller;
 use crate::error::{ApiError, ErrorBody};
 use crate::extract::{parse_limit, Query};
+use crate::page;
 use crate::schema::timeline::{TimelineEntry, TimelinePage};
 use crate::timeline::{RawFilter, TimelineFilter};
 use crate::AppState;
@@ -22,6 +23,9 @@ use crate::AppState;
 pub const DEFAULT_LIMIT: i64 = 50;
 /// The most events per page.
 pub const MAX_LIMIT: i64 = 500;
+
+/// The list's name in its cursors.
+const LIST: &str = "timeline";
 
 /// This route.
 pub fn router() -> OpenApiRouter<AppState> {
@@ -56,9 +60,11 @@ struct ListTimeline {
     #[param(value_type = Option<DateTime<Utc>>)]
     until: Option<String>,
     /// Only events older than the one at this position: the previous
-    /// page's `next_before`.
+    /// page's `next_before`. Not together with `cursor`.
     #[param(value_type = Option<i64>)]
     before: Option<String>,
+    /// The previous page's `next_cursor`. Not together with `before`.
+    cursor: Option<String>,
     /// Events per page, 1 to 500 (default 50).
     #[param(value_type = Option<i64>, minimum = 1, maximum = 500)]
     limit: Option<String>,
@@ -83,7 +89,8 @@ struct ListTimeline {
         (status = 200, description = "One page of the timeline, newest first", body = TimelinePage),
         (status = 400, description = "A bad parameter, named", body = ErrorBody),
         (status = 401, description = "No valid token", body = ErrorBody),
-        (status = 404, description = "The task, project or node filtered on does not exist or is not the caller's", body = ErrorBody)
+        (status = 404, description = "The task, project or node filtered on does not exist or is not the caller's", body = ErrorBody),
+        (status = 429, description = "Too many requests; see Retry-After", body = ErrorBody)
     ),
     security(("bearer" = []))
 )]
@@ -102,8 +109,24 @@ async fn list(
         until: q.until.as_deref(),
     })?;
     let limit = parse_limit("limit", q.limit.as_deref(), DEFAULT_LIMIT, MAX_LIMIT)?;
-    let before = q
-        .before
+    if q.before.is_some() && q.cursor.is_some() {
+        return Err(ApiError::bad_request(
+            "cursor",
+            "give before or cursor, not both",
+        ));
+    }
+    let from_cursor = q
+        .cursor
+        .as_deref()
+        .map(|c| page::decode::<i64>(LIST, c).map(|p| p.to_string()))
+        .transpose()?;
+    let field = if from_cursor.is_some() {
+        "cursor"
+    } else {
+        "before"
+    };
+    let before = from_cursor
+        .or(q.before)
         .as_deref()
         .map(|raw| {
             raw.trim()
@@ -111,24 +134,24 @@ async fn list(
                 .ok()
                 .filter(|p| *p >= 1)
                 .ok_or_else(|| {
-                    ApiError::bad_request(
-                        "before",
-                        format!("must be an event position, got {raw:?}"),
-                    )
+                    ApiError::bad_request(field, format!("must be an event position, got {raw:?}"))
                 })
         })
         .transpose()?;
     super::check_filter(&state, &caller, &filter).await?;
     let member = (!caller.admin).then_some(caller.user.as_str());
-    Ok(Json(page(&state, &filter, member, before, limit).await?))
+    Ok(Json(
+        read_page(&state, &filter, member, before.map(|b| (b, field)), limit).await?,
+    ))
 }
 
 /// One page, and where the stream takes over, read in one snapshot.
-async fn page(
+/// `before` names the parameter it came in.
+async fn read_page(
     state: &AppState,
     filter: &TimelineFilter,
     member: Option<&str>,
-    before: Option<i64>,
+    before: Option<(i64, &str)>,
     limit: i64,
 ) -> Result<TimelinePage, ApiError> {
     let mut tx = state.pool().begin().await?;
@@ -142,17 +165,14 @@ async fn page(
             .unwrap_or(0);
     let before = match before {
         None => None,
-        Some(position) => {
+        Some((position, field)) => {
             let txid: Option<i64> =
                 sqlx::query_scalar("SELECT txid FROM timeline WHERE position = $1")
                     .bind(position)
                     .fetch_optional(&mut *tx)
                     .await?;
             let txid = txid.ok_or_else(|| {
-                ApiError::bad_request(
-                    "before",
-                    format!("there is no event at position {position}"),
-                )
+                ApiError::bad_request(field, format!("there is no event at position {position}"))
             })?;
             Some((txid, position))
         }
@@ -174,6 +194,7 @@ async fn page(
     Ok(TimelinePage {
         items,
         next_before,
+        next_cursor: next_before.map(|p| page::encode(LIST, &p)),
         live_after,
     })
 }

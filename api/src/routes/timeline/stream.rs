@@ -84,6 +84,10 @@ struct StreamTimeline {
 /// send the last id received as `Last-Event-ID`: the stream goes on right
 /// after that event.
 ///
+/// A user holds at most a configured number of live streams (timeline
+/// streams and log follows together, 16 by default) on one server; one
+/// more is refused with 429 and `Retry-After` until one of theirs closes.
+///
 /// [`TimelineEntry`]: crate::schema::timeline::TimelineEntry
 #[utoipa::path(
     get,
@@ -98,7 +102,8 @@ struct StreamTimeline {
         (status = 200, description = "A stream of Server-Sent Events", content_type = "text/event-stream", body = String),
         (status = 400, description = "A bad parameter or Last-Event-ID, named", body = ErrorBody),
         (status = 401, description = "No valid token", body = ErrorBody),
-        (status = 404, description = "The task, project or node filtered on does not exist or is not the caller's", body = ErrorBody)
+        (status = 404, description = "The task, project or node filtered on does not exist or is not the caller's", body = ErrorBody),
+        (status = 429, description = "Too many requests, or the caller holds the most live streams allowed; see Retry-After", body = ErrorBody)
     ),
     security(("bearer" = []))
 )]
@@ -133,6 +138,7 @@ async fn stream(
         })
         .transpose()?;
     super::check_filter(&state, &caller, &filter).await?;
+    let slot = crate::limits::stream_slot(&state, &caller)?;
     let visibility = Visibility::of(state.pool(), &caller).await?;
     // Subscribed before the start is looked up and before the catch-up
     // read, so that nothing falls between them.
@@ -147,6 +153,7 @@ async fn stream(
             })?,
     };
     let follow = Follow {
+        _slot: slot,
         state,
         caller,
         filter,
@@ -180,6 +187,8 @@ async fn stream(
 
 /// One subscriber's place in the log.
 struct Follow {
+    /// The caller's stream slot, given back when the client leaves.
+    _slot: crate::limits::StreamSlot,
     state: AppState,
     caller: Caller,
     filter: TimelineFilter,

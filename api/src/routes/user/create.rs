@@ -66,6 +66,6 @@ async fn create(
     Ok((
         StatusCode::CREATED,
         [(header::LOCATION, location)],
-        Json(executed.state.into()),
+        Json(user::User::at(executed.state, now)),
     ))
 }

@@ -1,5 +1,5 @@
-//! `GET /api/v1/users/{name}`: one user with their tokens (never secrets
-//! or fingerprints), read from the aggregate.
+//! `GET /api/v1/users/{name}`: one user with their live tokens (never
+//! secrets or fingerprints), read from the aggregate.
 
 use axum::extract::State;
 use axum::Json;
@@ -39,7 +39,10 @@ async fn get(
 ) -> Result<Json<schema::user::User>, ApiError> {
     super::require_self_or_admin(&caller, &name, "see the details")?;
     match state.store().load::<User>(&name).await? {
-        Some(loaded) if loaded.state.exists() => Ok(Json(loaded.state.into())),
+        Some(loaded) if loaded.state.exists() => Ok(Json(schema::user::User::at(
+            loaded.state,
+            chrono::Utc::now(),
+        ))),
         _ => Err(ApiError::not_found(format!(
             "there is no user named {name:?}"
         ))),

@@ -1,39 +1,77 @@
-//! `GET /api/v1/users`: every user, from the user read model.
+//! `GET /api/v1/users`: users by name, one page at a time, from the user
+//! read model.
 
 use axum::extract::State;
 use axum::Json;
 use chrono::{DateTime, Utc};
+use serde::Deserialize;
+use utoipa::IntoParams;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::auth::Caller;
 use crate::error::{ApiError, ErrorBody};
+use crate::extract::Query;
+use crate::page;
 use crate::schema::user::{UserList, UserSummary};
 use crate::AppState;
+
+/// The list's name in its cursors.
+const LIST: &str = "users";
 
 /// This route.
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new().routes(routes!(list))
 }
 
-/// Every user, by name. Admins only.
+/// Paging of the user list.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+struct ListUsers {
+    /// Users per page, 1 to 500 (default 50).
+    #[param(value_type = Option<i64>, minimum = 1, maximum = 500)]
+    limit: Option<String>,
+    /// The `next_cursor` of the previous page.
+    cursor: Option<String>,
+}
+
+/// Users by name, a page at a time. Admins only.
 #[utoipa::path(
     get,
     path = "/users",
     tag = "users",
+    params(ListUsers),
     responses(
-        (status = 200, description = "The users", body = UserList),
+        (status = 200, description = "One page of users", body = UserList),
+        (status = 400, description = "A bad limit or cursor, named", body = ErrorBody),
         (status = 401, description = "No valid token", body = ErrorBody),
-        (status = 403, description = "Not an admin", body = ErrorBody)
+        (status = 403, description = "Not an admin", body = ErrorBody),
+        (status = 429, description = "Too many requests; see Retry-After", body = ErrorBody)
     ),
     security(("bearer" = []))
 )]
-async fn list(State(state): State<AppState>, caller: Caller) -> Result<Json<UserList>, ApiError> {
+async fn list(
+    State(state): State<AppState>,
+    caller: Caller,
+    Query(q): Query<ListUsers>,
+) -> Result<Json<UserList>, ApiError> {
     caller.require_admin("list users")?;
-    let rows: Vec<(String, bool, DateTime<Utc>, i32)> =
-        sqlx::query_as("SELECT name, admin, created_at, tokens FROM user_view ORDER BY name")
-            .fetch_all(state.pool())
-            .await?;
+    let limit = page::limit(q.limit.as_deref())?;
+    let after: Option<String> = q
+        .cursor
+        .as_deref()
+        .map(|c| page::decode(LIST, c))
+        .transpose()?;
+    let rows: Vec<(String, bool, DateTime<Utc>, i32)> = sqlx::query_as(
+        "SELECT name, admin, created_at, tokens FROM user_view \
+         WHERE ($1::text IS NULL OR name > $1) ORDER BY name LIMIT $2",
+    )
+    .bind(after)
+    .bind(limit + 1)
+    .fetch_all(state.pool())
+    .await?;
+    let (rows, next_cursor) = page::split(LIST, rows, limit, |r| r.0.clone());
     let items = rows
         .into_iter()
         .map(|(name, admin, created_at, tokens)| UserSummary {
@@ -43,5 +81,5 @@ async fn list(State(state): State<AppState>, caller: Caller) -> Result<Json<User
             tokens,
         })
         .collect();
-    Ok(Json(UserList { items }))
+    Ok(Json(UserList { items, next_cursor }))
 }

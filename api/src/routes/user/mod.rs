@@ -4,6 +4,7 @@ pub mod create;
 pub mod get;
 pub mod issue_token;
 pub mod list;
+pub mod list_tokens;
 pub mod revoke_token;
 
 use utoipa_axum::router::OpenApiRouter;
@@ -19,6 +20,7 @@ pub fn router() -> OpenApiRouter<AppState> {
         .merge(list::router())
         .merge(get::router())
         .merge(issue_token::router())
+        .merge(list_tokens::router())
         .merge(revoke_token::router())
 }
 
