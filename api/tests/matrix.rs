@@ -1059,7 +1059,17 @@ async fn another_project_is_as_absent_as_what_does_not_exist_even_through_the_no
     // What is shared between projects (the node both ran tasks on, and
     // the lists filtered by it) shows nothing of the other project.
     let node = &world.node;
+    let others = world
+        .admin(
+            "get",
+            &format!("/api/v1/events?aggregate_type=user&aggregate_id={OTHER_USER}"),
+            None,
+        )
+        .await;
+    let others = others["items"][0]["position"].as_i64().unwrap();
     let shared = [
+        // Another user's event is no more there than one that never was.
+        (format!("/api/v1/events/{others}"), 404),
         ("/api/v1/events".to_string(), 403),
         (
             format!("/api/v1/events?aggregate_type=node&aggregate_id={node}&limit=1000"),
@@ -1071,7 +1081,7 @@ async fn another_project_is_as_absent_as_what_does_not_exist_even_through_the_no
         (format!("/api/v1/timeline/stream?node={node}&after=0"), 200),
     ];
     let admin_sees = world
-        .call("get", &shared[3].0, world.token(Who::Admin), None)
+        .call("get", &shared[4].0, world.token(Who::Admin), None)
         .await;
     assert!(
         admin_sees.text.contains(&world.q_task) && admin_sees.text.contains(&world.p_task),
