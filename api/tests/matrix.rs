@@ -7,15 +7,20 @@
 //! a row left behind by a route that is gone, fails
 //! `the_table_names_exactly_the_routes_the_server_serves`.
 //!
-//! Each row says what each of nine callers must get: an admin; the
+//! Each row says what each of ten callers must get: an admin; the
 //! maintainer, a member and a viewer of project P; a stranger who
 //! maintains only project Q; a node's token; no token; a revoked and an
-//! expired admin token. Path parameters are real resources of P, bodies
-//! are valid, and a route that changes what it acts on gets a fresh
-//! resource for every call, so that one caller's success never changes the
-//! next caller's answer. Besides the status, no answer to anybody but the
-//! admin may hold anything of the project the caller is not in: ids and
-//! names of the project, its tasks, artifacts, objects and members.
+//! expired admin token; and the admin's token with a made-up secret. Path
+//! parameters are real resources of P, bodies are valid, and a route that
+//! changes what it acts on gets a fresh resource for every call, so that
+//! one caller's success never changes the next caller's answer. Besides
+//! the status, no answer to anybody but the admin may hold anything of the
+//! project the caller is not in: ids and names of the project, its tasks,
+//! artifacts, objects and members; and no answer to anybody holds a
+//! caller's token.
+//!
+//! `another_project_is_as_absent_as_what_does_not_exist_even_through_the_node_both_share`
+//! sends Q's ids to P's users and gets what ids of nothing get.
 
 #![expect(
     clippy::unwrap_used,
@@ -62,9 +67,27 @@ enum Who {
     Revoked,
     /// An admin's token that expired.
     Expired,
+    /// An admin's user name and token id with a made-up secret.
+    Forged,
 }
 
-const CALLERS: [Who; 9] = [
+impl Who {
+    /// What a 401 must say for this caller, so that each column tries what
+    /// it says (a node token that is valid, a token that expired rather
+    /// than one that is unknown).
+    fn refused_because(self) -> Option<&'static str> {
+        match self {
+            Who::Node => Some("node tokens are only valid for agents"),
+            Who::Anonymous => Some("Authorization: Bearer"),
+            Who::Revoked => Some("the bearer token was revoked"),
+            Who::Expired => Some("the token expired"),
+            Who::Forged => Some("the bearer token is invalid or was revoked"),
+            _ => None,
+        }
+    }
+}
+
+const CALLERS: [Who; 10] = [
     Who::Admin,
     Who::Maintainer,
     Who::Member,
@@ -74,17 +97,19 @@ const CALLERS: [Who; 9] = [
     Who::Anonymous,
     Who::Revoked,
     Who::Expired,
+    Who::Forged,
 ];
 
 /// Column headings of [`TABLE`], in the order of [`CALLERS`].
-const HEADINGS: [&str; 9] = [
+const HEADINGS: [&str; 10] = [
     "admin", "maint", "member", "viewer", "stranger", "node", "none", "revoked", "expired",
+    "forged",
 ];
 
 /// One route and what each caller gets, in the order of [`CALLERS`]:
 /// admin, maintainer, member, viewer, stranger, node, none, revoked,
-/// expired.
-struct Row(&'static str, &'static str, [u16; 9]);
+/// expired, forged.
+struct Row(&'static str, &'static str, [u16; 10]);
 
 /// The web view's routes, served but not in the OpenAPI document.
 const OUTSIDE_THE_DOCUMENT: [(&str, &str); 4] = [
@@ -108,51 +133,51 @@ const OUTSIDE_THE_DOCUMENT: [(&str, &str); 4] = [
 /// says after it let the admin in.
 #[rustfmt::skip]
 const TABLE: &[Row] = &[
-    Row("get", "/healthz",                                    [200, 200, 200, 200, 200, 200, 200, 200, 200]),
-    Row("get", "/readyz",                                     [200, 200, 200, 200, 200, 200, 200, 200, 200]),
-    Row("get", "/metrics",                                    [200, 200, 200, 200, 200, 200, 200, 200, 200]),
-    Row("get", "/api/v1/openapi.json",                        [200, 200, 200, 200, 200, 200, 200, 200, 200]),
-    Row("get", "/",                                           [200, 200, 200, 200, 200, 200, 200, 200, 200]),
-    Row("get", "/app.js",                                     [200, 200, 200, 200, 200, 200, 200, 200, 200]),
-    Row("get", "/app.css",                                    [200, 200, 200, 200, 200, 200, 200, 200, 200]),
-    Row("get", "/favicon.svg",                                [200, 200, 200, 200, 200, 200, 200, 200, 200]),
-    Row("post", "/api/v1/users",                              [201, 403, 403, 403, 403, 401, 401, 401, 401]),
-    Row("get", "/api/v1/users",                               [200, 403, 403, 403, 403, 401, 401, 401, 401]),
-    Row("get", "/api/v1/users/{name}",                        [200, 403, 403, 403, 403, 401, 401, 401, 401]),
-    Row("post", "/api/v1/users/{name}/tokens",                [201, 403, 403, 403, 403, 401, 401, 401, 401]),
-    Row("get", "/api/v1/users/{name}/tokens",                 [200, 403, 403, 403, 403, 401, 401, 401, 401]),
-    Row("delete", "/api/v1/users/{name}/tokens/{token_id}",   [204, 403, 403, 403, 403, 401, 401, 401, 401]),
-    Row("post", "/api/v1/projects",                           [201, 403, 403, 403, 403, 401, 401, 401, 401]),
-    Row("get", "/api/v1/projects",                            [200, 200, 200, 200, 200, 401, 401, 401, 401]),
-    Row("get", "/api/v1/projects/{id}",                       [200, 200, 200, 200, 404, 401, 401, 401, 401]),
-    Row("post", "/api/v1/projects/{id}/members",              [200, 200, 404, 404, 404, 401, 401, 401, 401]),
-    Row("delete", "/api/v1/projects/{id}/members/{user}",     [200, 200, 403, 403, 404, 401, 401, 401, 401]),
-    Row("put", "/api/v1/projects/{id}/quota",                 [200, 403, 403, 403, 403, 401, 401, 401, 401]),
-    Row("post", "/api/v1/projects/{id}/archive",              [200, 200, 403, 403, 404, 401, 401, 401, 401]),
-    Row("post", "/api/v1/projects/{id}/objects",              [201, 201, 201, 403, 404, 401, 401, 401, 401]),
-    Row("post", "/api/v1/projects/{id}/objects/complete",     [200, 200, 200, 403, 404, 401, 401, 401, 401]),
-    Row("post", "/api/v1/tasks",                              [201, 201, 201, 403, 404, 401, 401, 401, 401]),
-    Row("get", "/api/v1/tasks",                               [200, 200, 200, 200, 200, 401, 401, 401, 401]),
-    Row("get", "/api/v1/tasks/{id}",                          [200, 200, 200, 200, 404, 401, 401, 401, 401]),
-    Row("post", "/api/v1/tasks/{id}/cancel",                  [200, 200, 200, 403, 404, 401, 401, 401, 401]),
-    Row("get", "/api/v1/tasks/{id}/state",                    [200, 200, 200, 200, 404, 401, 401, 401, 401]),
-    Row("get", "/api/v1/tasks/{id}/logs",                     [200, 200, 200, 200, 404, 401, 401, 401, 401]),
-    Row("get", "/api/v1/tasks/{id}/artifacts",                [200, 200, 200, 200, 404, 401, 401, 401, 401]),
-    Row("get", "/api/v1/artifacts/{id}/download",             [302, 302, 302, 302, 404, 401, 401, 401, 401]),
-    Row("post", "/api/v1/nodes",                              [201, 403, 403, 403, 403, 401, 401, 401, 401]),
-    Row("get", "/api/v1/nodes",                               [200, 200, 200, 200, 200, 401, 401, 401, 401]),
-    Row("get", "/api/v1/nodes/{id}",                          [200, 200, 200, 200, 200, 401, 401, 401, 401]),
-    Row("post", "/api/v1/nodes/{id}/drain",                   [200, 403, 403, 403, 403, 401, 401, 401, 401]),
-    Row("post", "/api/v1/nodes/{id}/undrain",                 [200, 403, 403, 403, 403, 401, 401, 401, 401]),
-    Row("post", "/api/v1/nodes/{id}/revoke",                  [200, 403, 403, 403, 403, 401, 401, 401, 401]),
-    Row("post", "/api/v1/nodes/{id}/host-ssh",                [409, 403, 403, 403, 403, 401, 401, 401, 401]),
-    Row("put", "/api/v1/nodes/{id}/labels",                   [200, 403, 403, 403, 403, 401, 401, 401, 401]),
-    Row("post", "/api/v1/nodes/{id}/labels/accept",           [200, 403, 403, 403, 403, 401, 401, 401, 401]),
-    Row("put", "/api/v1/nodes/{id}/limits",                   [200, 403, 403, 403, 403, 401, 401, 401, 401]),
-    Row("get", "/api/v1/events",                              [200, 200, 200, 200, 404, 401, 401, 401, 401]),
-    Row("get", "/api/v1/events/{position}",                   [200, 200, 200, 200, 404, 401, 401, 401, 401]),
-    Row("get", "/api/v1/timeline",                            [200, 200, 200, 200, 200, 401, 401, 401, 401]),
-    Row("get", "/api/v1/timeline/stream",                     [200, 200, 200, 200, 200, 401, 401, 401, 401]),
+    Row("get", "/healthz",                                    [200, 200, 200, 200, 200, 200, 200, 200, 200, 200]),
+    Row("get", "/readyz",                                     [200, 200, 200, 200, 200, 200, 200, 200, 200, 200]),
+    Row("get", "/metrics",                                    [200, 200, 200, 200, 200, 200, 200, 200, 200, 200]),
+    Row("get", "/api/v1/openapi.json",                        [200, 200, 200, 200, 200, 200, 200, 200, 200, 200]),
+    Row("get", "/",                                           [200, 200, 200, 200, 200, 200, 200, 200, 200, 200]),
+    Row("get", "/app.js",                                     [200, 200, 200, 200, 200, 200, 200, 200, 200, 200]),
+    Row("get", "/app.css",                                    [200, 200, 200, 200, 200, 200, 200, 200, 200, 200]),
+    Row("get", "/favicon.svg",                                [200, 200, 200, 200, 200, 200, 200, 200, 200, 200]),
+    Row("post", "/api/v1/users",                              [201, 403, 403, 403, 403, 401, 401, 401, 401, 401]),
+    Row("get", "/api/v1/users",                               [200, 403, 403, 403, 403, 401, 401, 401, 401, 401]),
+    Row("get", "/api/v1/users/{name}",                        [200, 403, 403, 403, 403, 401, 401, 401, 401, 401]),
+    Row("post", "/api/v1/users/{name}/tokens",                [201, 403, 403, 403, 403, 401, 401, 401, 401, 401]),
+    Row("get", "/api/v1/users/{name}/tokens",                 [200, 403, 403, 403, 403, 401, 401, 401, 401, 401]),
+    Row("delete", "/api/v1/users/{name}/tokens/{token_id}",   [204, 403, 403, 403, 403, 401, 401, 401, 401, 401]),
+    Row("post", "/api/v1/projects",                           [201, 403, 403, 403, 403, 401, 401, 401, 401, 401]),
+    Row("get", "/api/v1/projects",                            [200, 200, 200, 200, 200, 401, 401, 401, 401, 401]),
+    Row("get", "/api/v1/projects/{id}",                       [200, 200, 200, 200, 404, 401, 401, 401, 401, 401]),
+    Row("post", "/api/v1/projects/{id}/members",              [200, 200, 404, 404, 404, 401, 401, 401, 401, 401]),
+    Row("delete", "/api/v1/projects/{id}/members/{user}",     [200, 200, 403, 403, 404, 401, 401, 401, 401, 401]),
+    Row("put", "/api/v1/projects/{id}/quota",                 [200, 403, 403, 403, 403, 401, 401, 401, 401, 401]),
+    Row("post", "/api/v1/projects/{id}/archive",              [200, 200, 403, 403, 404, 401, 401, 401, 401, 401]),
+    Row("post", "/api/v1/projects/{id}/objects",              [201, 201, 201, 403, 404, 401, 401, 401, 401, 401]),
+    Row("post", "/api/v1/projects/{id}/objects/complete",     [200, 200, 200, 403, 404, 401, 401, 401, 401, 401]),
+    Row("post", "/api/v1/tasks",                              [201, 201, 201, 403, 404, 401, 401, 401, 401, 401]),
+    Row("get", "/api/v1/tasks",                               [200, 200, 200, 200, 200, 401, 401, 401, 401, 401]),
+    Row("get", "/api/v1/tasks/{id}",                          [200, 200, 200, 200, 404, 401, 401, 401, 401, 401]),
+    Row("post", "/api/v1/tasks/{id}/cancel",                  [200, 200, 200, 403, 404, 401, 401, 401, 401, 401]),
+    Row("get", "/api/v1/tasks/{id}/state",                    [200, 200, 200, 200, 404, 401, 401, 401, 401, 401]),
+    Row("get", "/api/v1/tasks/{id}/logs",                     [200, 200, 200, 200, 404, 401, 401, 401, 401, 401]),
+    Row("get", "/api/v1/tasks/{id}/artifacts",                [200, 200, 200, 200, 404, 401, 401, 401, 401, 401]),
+    Row("get", "/api/v1/artifacts/{id}/download",             [302, 302, 302, 302, 404, 401, 401, 401, 401, 401]),
+    Row("post", "/api/v1/nodes",                              [201, 403, 403, 403, 403, 401, 401, 401, 401, 401]),
+    Row("get", "/api/v1/nodes",                               [200, 200, 200, 200, 200, 401, 401, 401, 401, 401]),
+    Row("get", "/api/v1/nodes/{id}",                          [200, 200, 200, 200, 200, 401, 401, 401, 401, 401]),
+    Row("post", "/api/v1/nodes/{id}/drain",                   [200, 403, 403, 403, 403, 401, 401, 401, 401, 401]),
+    Row("post", "/api/v1/nodes/{id}/undrain",                 [200, 403, 403, 403, 403, 401, 401, 401, 401, 401]),
+    Row("post", "/api/v1/nodes/{id}/revoke",                  [200, 403, 403, 403, 403, 401, 401, 401, 401, 401]),
+    Row("post", "/api/v1/nodes/{id}/host-ssh",                [409, 403, 403, 403, 403, 401, 401, 401, 401, 401]),
+    Row("put", "/api/v1/nodes/{id}/labels",                   [200, 403, 403, 403, 403, 401, 401, 401, 401, 401]),
+    Row("post", "/api/v1/nodes/{id}/labels/accept",           [200, 403, 403, 403, 403, 401, 401, 401, 401, 401]),
+    Row("put", "/api/v1/nodes/{id}/limits",                   [200, 403, 403, 403, 403, 401, 401, 401, 401, 401]),
+    Row("get", "/api/v1/events",                              [200, 200, 200, 200, 404, 401, 401, 401, 401, 401]),
+    Row("get", "/api/v1/events/{position}",                   [200, 200, 200, 200, 404, 401, 401, 401, 401, 401]),
+    Row("get", "/api/v1/timeline",                            [200, 200, 200, 200, 200, 401, 401, 401, 401, 401]),
+    Row("get", "/api/v1/timeline/stream",                     [200, 200, 200, 200, 200, 401, 401, 401, 401, 401]),
 ];
 
 /// A user in no project and in no column, whose user routes are called.
@@ -256,6 +281,13 @@ fn task_body(project: &str) -> Value {
         "env_commit_id": SHA,
         "dockerfile_path": "Dockerfile",
     })
+}
+
+/// `token` with its secret replaced by a well-formed made-up one.
+fn forged(token: &str) -> String {
+    let (known, secret) = token.rsplit_once('~').unwrap();
+    let made_up = if secret.starts_with('A') { "B" } else { "A" };
+    format!("{known}~{}", made_up.repeat(secret.len()))
 }
 
 fn sha(data: &[u8]) -> String {
@@ -670,6 +702,7 @@ impl World {
             None,
             Some(revoked),
             Some(expiring.0),
+            Some(forged(&world.admin)),
         ];
         world.catch_up().await;
         tokio::time::sleep_until(expires.into()).await;
@@ -677,7 +710,7 @@ impl World {
         world
     }
 
-    /// The request for `method path` as `who`, with real resources of P
+    /// A request for `method path` with real resources of P
     /// and fresh ones where the route changes what it acts on.
     async fn prepare(&self, method: &str, path: &str) -> Call {
         let p = &self.p;
@@ -926,7 +959,7 @@ async fn every_route_answers_every_kind_of_caller_as_the_table_says_and_tells_no
     let mut failures = Vec::new();
     let mut actual = Vec::new();
     for Row(method, path, expected) in TABLE {
-        let mut got = [0u16; 9];
+        let mut got = [0u16; 10];
         for (i, who) in CALLERS.iter().enumerate() {
             let call = world.prepare(method, path).await;
             let reply = world
@@ -939,6 +972,13 @@ async fn every_route_answers_every_kind_of_caller_as_the_table_says_and_tells_no
                     expected[i],
                     reply.status,
                     reply.text.chars().take(300).collect::<String>()
+                ));
+            }
+            let why = who.refused_because().unwrap_or_default();
+            if reply.status == 401 && !reply.text.contains(why) {
+                failures.push(format!(
+                    "{method} {path} as {who:?}: refused, but not because {why:?}: {}",
+                    reply.text
                 ));
             }
             let leaks = world.leaks(*who, &call, &reply);
