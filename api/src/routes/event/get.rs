@@ -32,8 +32,10 @@ pub fn router() -> OpenApiRouter<AppState> {
 ///
 /// Callers see the events they could list with `GET /events` naming the
 /// event's aggregate: admins any, others those of their projects and
-/// those projects' tasks, of any node, and their own; host SSH events
-/// are for admins only and answer 404 to anybody else, like a missing one.
+/// those projects' tasks, of any node, and their own. Any other event
+/// (another project's, another user's, a host SSH event, which are for
+/// admins only) answers 404 like a missing one, so that positions tell
+/// nothing of what the caller may not see.
 #[utoipa::path(
     get,
     path = "/events/{position}",
@@ -43,7 +45,6 @@ pub fn router() -> OpenApiRouter<AppState> {
         (status = 200, description = "The event and the state it left", body = EventDetail),
         (status = 400, description = "A malformed position", body = ErrorBody),
         (status = 401, description = "No valid token", body = ErrorBody),
-        (status = 403, description = "Another user's event, and not an admin", body = ErrorBody),
         (status = 404, description = "No such event, or not the caller's", body = ErrorBody)
     ),
     security(("bearer" = []))
@@ -70,7 +71,7 @@ async fn get(
         let kind = Some(event.aggregate_type.as_str());
         let id = Some(event.aggregate_id.as_str());
         match super::list::check_visible(&state, &caller, kind, id).await {
-            Err(ApiError::NotFound(_)) => return Err(missing()),
+            Err(ApiError::NotFound(_) | ApiError::Forbidden(_)) => return Err(missing()),
             other => other?,
         }
     }
