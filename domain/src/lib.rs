@@ -9,11 +9,15 @@
 //! parts, and each event enum is versioned through [`cqrs_es::DomainEvent`].
 
 pub mod actor;
+mod aggregate;
 pub mod node;
 pub mod project;
 pub mod spec;
 pub mod task;
 pub mod user;
+
+#[cfg(test)]
+mod testing;
 
 pub use actor::Actor;
 

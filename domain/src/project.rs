@@ -4,11 +4,11 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use chrono::{DateTime, Utc};
-use cqrs_es::event_sink::EventSink;
-use cqrs_es::{Aggregate, DomainEvent};
+use cqrs_es::DomainEvent;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use crate::aggregate::decided_by;
 use crate::Actor;
 
 /// What a member may do in a project.
@@ -384,44 +384,25 @@ impl Project {
     }
 }
 
-impl Aggregate for Project {
-    const TYPE: &'static str = "project";
-    type Command = ProjectCommand;
-    type Event = ProjectEvent;
-    type Error = ProjectError;
-    type Services = ();
-
-    async fn handle(
-        &mut self,
-        command: Self::Command,
-        _services: &Self::Services,
-        sink: &EventSink<Self>,
-    ) -> Result<(), Self::Error> {
-        for event in self.decide(command)? {
-            sink.write(event, self).await;
-        }
-        Ok(())
-    }
-
-    fn apply(&mut self, event: Self::Event) {
-        self.apply_event(event);
-    }
-}
+decided_by!(
+    Project,
+    "project",
+    ProjectCommand,
+    ProjectEvent,
+    ProjectError
+);
 
 #[cfg(test)]
 mod tests {
-    use chrono::TimeZone;
     use cqrs_es::test::TestFramework;
 
     use super::*;
+    use crate::testing::{at, user};
 
     type F = TestFramework<Project>;
 
-    fn at(s: i64) -> DateTime<Utc> {
-        Utc.timestamp_opt(1_800_000_000 + s, 0).unwrap()
-    }
     fn alice() -> Actor {
-        Actor::User("alice".into())
+        user("alice")
     }
     fn created() -> ProjectEvent {
         ProjectEvent::Created {

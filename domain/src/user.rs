@@ -8,11 +8,11 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
-use cqrs_es::event_sink::EventSink;
-use cqrs_es::{Aggregate, DomainEvent};
+use cqrs_es::DomainEvent;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use crate::aggregate::decided_by;
 use crate::Actor;
 
 /// The events of a user.
@@ -285,45 +285,17 @@ impl User {
     }
 }
 
-impl Aggregate for User {
-    const TYPE: &'static str = "user";
-    type Command = UserCommand;
-    type Event = UserEvent;
-    type Error = UserError;
-    type Services = ();
-
-    async fn handle(
-        &mut self,
-        command: Self::Command,
-        _services: &Self::Services,
-        sink: &EventSink<Self>,
-    ) -> Result<(), Self::Error> {
-        for event in self.decide(command)? {
-            sink.write(event, self).await;
-        }
-        Ok(())
-    }
-
-    fn apply(&mut self, event: Self::Event) {
-        self.apply_event(event);
-    }
-}
+decided_by!(User, "user", UserCommand, UserEvent, UserError);
 
 #[cfg(test)]
 mod tests {
-    use chrono::TimeZone;
     use cqrs_es::test::TestFramework;
 
     use super::*;
+    use crate::testing::{admin, at};
 
     type F = TestFramework<User>;
 
-    fn at(s: i64) -> DateTime<Utc> {
-        Utc.timestamp_opt(1_800_000_000 + s, 0).unwrap()
-    }
-    fn admin() -> Actor {
-        Actor::User("admin".into())
-    }
     fn created() -> UserEvent {
         UserEvent::Created {
             name: "alice".into(),

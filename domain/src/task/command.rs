@@ -1,12 +1,11 @@
 //! What may be asked of a task, and the rules that decide the answer.
 
 use chrono::{DateTime, Utc};
-use cqrs_es::event_sink::EventSink;
-use cqrs_es::Aggregate;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::{Task, TaskError, TaskEvent, TaskState};
+use crate::aggregate::decided_by;
 use crate::spec::TaskSpec;
 use crate::Actor;
 
@@ -490,26 +489,4 @@ impl Task {
     }
 }
 
-impl Aggregate for Task {
-    const TYPE: &'static str = "task";
-    type Command = TaskCommand;
-    type Event = TaskEvent;
-    type Error = TaskError;
-    type Services = ();
-
-    async fn handle(
-        &mut self,
-        command: Self::Command,
-        _services: &Self::Services,
-        sink: &EventSink<Self>,
-    ) -> Result<(), Self::Error> {
-        for event in self.decide(command)? {
-            sink.write(event, self).await;
-        }
-        Ok(())
-    }
-
-    fn apply(&mut self, event: Self::Event) {
-        self.apply_event(event);
-    }
-}
+decided_by!(Task, "task", TaskCommand, TaskEvent, TaskError);
