@@ -10,6 +10,7 @@
 
 pub mod actor;
 mod aggregate;
+pub mod name;
 pub mod node;
 pub mod project;
 pub mod spec;
@@ -20,6 +21,7 @@ pub mod user;
 mod testing;
 
 pub use actor::Actor;
+pub use name::Name;
 
 /// The version written with every event this build produces. Stored events
 /// are never edited; a change of shape adds a variant or an upcaster and bumps

@@ -9,7 +9,8 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::aggregate::decided_by;
-use crate::Actor;
+use crate::name::NameError;
+use crate::{Actor, Name};
 
 /// What a member may do in a project.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -58,7 +59,7 @@ pub enum ProjectEvent {
         /// Its id.
         project_id: Uuid,
         /// Its name.
-        name: String,
+        name: Name,
         /// What it is for.
         description: String,
         /// Who created it.
@@ -69,7 +70,7 @@ pub enum ProjectEvent {
     /// The project was renamed.
     Renamed {
         /// The new name.
-        name: String,
+        name: Name,
         /// Who renamed it.
         by: Actor,
         /// When.
@@ -213,6 +214,9 @@ pub enum ProjectError {
     /// The change would leave the project without a maintainer.
     #[error("a project needs at least one maintainer")]
     LastMaintainer,
+    /// The name does not fit the rules of a name.
+    #[error("{0}")]
+    InvalidName(#[from] NameError),
 }
 
 /// The Project aggregate's state.
@@ -269,6 +273,7 @@ impl Project {
             if self.id.is_some() {
                 return Err(ProjectError::AlreadyExists);
             }
+            let name = Name::parse(&name)?;
             return Ok(vec![E::Created {
                 project_id,
                 name,
@@ -296,6 +301,7 @@ impl Project {
                 if name == self.name {
                     vec![]
                 } else {
+                    let name = Name::parse(&name)?;
                     vec![E::Renamed { name, by, at }]
                 }
             }
@@ -351,7 +357,7 @@ impl Project {
                 at,
             } => {
                 self.id = Some(project_id);
-                self.name = name;
+                self.name = name.into();
                 self.description = description;
                 self.members.insert(owner.clone(), Role::Maintainer);
                 self.owner = owner;
@@ -359,7 +365,7 @@ impl Project {
                 self.updated_at = Some(at);
             }
             ProjectEvent::Renamed { name, at, .. } => {
-                self.name = name;
+                self.name = name.into();
                 self.updated_at = Some(at);
             }
             ProjectEvent::MemberAdded { user, role, at, .. } => {
@@ -397,7 +403,7 @@ mod tests {
     use cqrs_es::test::TestFramework;
 
     use super::*;
-    use crate::testing::{at, user};
+    use crate::testing::{at, name, user};
 
     type F = TestFramework<Project>;
 
@@ -407,7 +413,7 @@ mod tests {
     fn created() -> ProjectEvent {
         ProjectEvent::Created {
             project_id: Uuid::from_u128(3),
-            name: "vision".into(),
+            name: name("vision"),
             description: String::new(),
             owner: "alice".into(),
             at: at(0),
@@ -467,6 +473,28 @@ mod tests {
                 at: at(0),
             })
             .then_expect_error(ProjectError::AlreadyExists);
+    }
+
+    #[test]
+    fn a_project_is_neither_created_nor_renamed_to_a_bad_name() {
+        F::with(())
+            .given_no_previous_events()
+            .when(ProjectCommand::Create {
+                project_id: Uuid::from_u128(3),
+                name: "-vision".into(),
+                description: String::new(),
+                owner: "bob".into(),
+                at: at(0),
+            })
+            .then_expect_error(ProjectError::InvalidName(NameError));
+        F::with(())
+            .given(vec![created()])
+            .when(ProjectCommand::Rename {
+                name: "Vision 2".into(),
+                by: alice(),
+                at: at(1),
+            })
+            .then_expect_error(ProjectError::InvalidName(NameError));
     }
 
     #[test]
@@ -553,7 +581,7 @@ mod tests {
                 at: at(1),
             })
             .then_expect_events(vec![ProjectEvent::Renamed {
-                name: "vision2".into(),
+                name: name("vision2"),
                 by: alice(),
                 at: at(1),
             }]);

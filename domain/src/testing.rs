@@ -29,3 +29,8 @@ pub(crate) fn state_after<A: Aggregate>(events: impl IntoIterator<Item = A::Even
     }
     state
 }
+
+/// `s` as a name, which it must be.
+pub(crate) fn name(s: &str) -> crate::Name {
+    crate::Name::parse(s).unwrap()
+}

@@ -13,7 +13,8 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::aggregate::decided_by;
-use crate::Actor;
+use crate::name::NameError;
+use crate::{Actor, Name};
 
 /// The events of a user.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -21,7 +22,7 @@ pub enum UserEvent {
     /// The user was created.
     Created {
         /// Their unique name.
-        name: String,
+        name: Name,
         /// Whether they administer the whole platform.
         admin: bool,
         /// Who created them.
@@ -134,6 +135,9 @@ pub enum UserError {
     /// The expiry is not after the time of issue.
     #[error("a token must expire after it is issued")]
     ExpiresBeforeIssue,
+    /// The name does not fit the rules of a name.
+    #[error("{0}")]
+    InvalidName(#[from] NameError),
 }
 
 /// One API token of a user.
@@ -207,6 +211,7 @@ impl User {
                 if self.exists() {
                     return Err(UserError::AlreadyExists);
                 }
+                let name = Name::parse(&name)?;
                 Ok(vec![UserEvent::Created {
                     name,
                     admin,
@@ -253,7 +258,7 @@ impl User {
             UserEvent::Created {
                 name, admin, at, ..
             } => {
-                self.name = name;
+                self.name = name.into();
                 self.admin = admin;
                 self.created_at = Some(at);
             }
@@ -292,13 +297,13 @@ mod tests {
     use cqrs_es::test::TestFramework;
 
     use super::*;
-    use crate::testing::{admin, at};
+    use crate::testing::{admin, at, name};
 
     type F = TestFramework<User>;
 
     fn created() -> UserEvent {
         UserEvent::Created {
-            name: "alice".into(),
+            name: name("alice"),
             admin: false,
             by: admin(),
             at: at(0),
@@ -326,6 +331,19 @@ mod tests {
                 at: at(0),
             })
             .then_expect_error(UserError::AlreadyExists);
+    }
+
+    #[test]
+    fn a_user_whose_name_is_not_a_name_is_refused() {
+        F::with(())
+            .given_no_previous_events()
+            .when(UserCommand::Create {
+                name: "Alice Smith".into(),
+                admin: false,
+                by: admin(),
+                at: at(0),
+            })
+            .then_expect_error(UserError::InvalidName(NameError));
     }
 
     #[test]

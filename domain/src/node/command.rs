@@ -11,7 +11,8 @@ use super::host_ssh::validate_host_ssh;
 use super::host_ssh::HostSshOutcome;
 use super::{Node, NodeError, NodeEvent, NodeResources, NodeStatus, ResourceLimits};
 use crate::aggregate::decided_by;
-use crate::Actor;
+use crate::spec::FieldError;
+use crate::{Actor, Name};
 
 /// The commands of a node.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -174,6 +175,8 @@ impl Node {
                 max_resources
                     .validate("max_resources")
                     .map_err(NodeError::Invalid)?;
+                let name = Name::parse(&name)
+                    .map_err(|e| NodeError::Invalid(FieldError::new("name", e.to_string())))?;
                 vec![E::Provisioned {
                     node_id,
                     name,

@@ -11,7 +11,7 @@ use super::host_ssh::HostSshOutcome;
 #[cfg(doc)]
 use super::Node;
 use super::{NodeResources, ResourceLimits};
-use crate::Actor;
+use crate::{Actor, Name};
 
 /// The events of a node.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -21,7 +21,7 @@ pub enum NodeEvent {
         /// The node's id.
         node_id: Uuid,
         /// Its unique name.
-        name: String,
+        name: Name,
         /// Labels tasks can select it by.
         labels: BTreeMap<String, String>,
         /// Hex SHA-256 of the token's secret; the token itself is never stored.

@@ -134,7 +134,7 @@ impl Node {
                 ..
             } => {
                 self.id = Some(node_id);
-                self.name = name;
+                self.name = name.into();
                 self.labels = labels;
                 self.max_resources = max_resources;
                 self.token_fingerprint = token_fingerprint;

@@ -5,7 +5,8 @@ use cqrs_es::test::TestFramework;
 use uuid::Uuid;
 
 use super::*;
-use crate::testing::{admin, at};
+use crate::name::NameError;
+use crate::testing::{admin, at, name};
 
 mod host_ssh;
 
@@ -17,7 +18,7 @@ fn session() -> Uuid {
 fn provisioned() -> NodeEvent {
     NodeEvent::Provisioned {
         node_id: Uuid::from_u128(7),
-        name: "gpu-3".into(),
+        name: name("gpu-3"),
         labels: [("gpu".to_string(), "a100".to_string())].into(),
         token_fingerprint: "ff".into(),
         max_resources: ResourceLimits::default(),
@@ -76,6 +77,22 @@ fn provisioning_creates_the_node_once() {
         .given(vec![provisioned()])
         .when(provision)
         .then_expect_error(NodeError::AlreadyExists);
+}
+
+#[test]
+fn a_node_whose_name_is_not_a_name_is_refused() {
+    F::with(())
+        .given_no_previous_events()
+        .when(NodeCommand::Provision {
+            node_id: Uuid::from_u128(7),
+            name: "GPU 3".into(),
+            labels: Default::default(),
+            token_fingerprint: "ff".into(),
+            max_resources: ResourceLimits::default(),
+            by: admin(),
+            at: at(0),
+        })
+        .then_expect_error_message(&format!("name: {NameError}"));
 }
 
 #[test]

@@ -236,7 +236,7 @@ mod tests {
 
     use super::super::{Gpu, NodeCommand, NodeEvent};
     use super::*;
-    use crate::testing::{admin, at, state_after};
+    use crate::testing::{admin, at, name, state_after};
 
     type F = TestFramework<Node>;
 
@@ -249,7 +249,7 @@ mod tests {
     fn provisioned() -> NodeEvent {
         NodeEvent::Provisioned {
             node_id: Uuid::from_u128(7),
-            name: "gpu-3".into(),
+            name: name("gpu-3"),
             labels: labels(&[("zone", "lab")]),
             token_fingerprint: "ff".into(),
             max_resources: ResourceLimits::default(),
@@ -558,7 +558,7 @@ mod tests {
         let limit = max(Some(4.0), None, Some(1));
         let with_limit = NodeEvent::Provisioned {
             node_id: Uuid::from_u128(7),
-            name: "gpu-3".into(),
+            name: name("gpu-3"),
             labels: labels(&[("zone", "lab")]),
             token_fingerprint: "ff".into(),
             max_resources: limit,
