@@ -271,14 +271,8 @@ impl Scheduler {
                 reason,
                 at: now,
             };
-            match self
-                .store
-                .execute::<Task>(&task.to_string(), cmd, &actor(), now)
-                .await
-            {
-                Ok(r) if !r.events.is_empty() => outcome.lost += 1,
-                Ok(_) => {}
-                Err(e) => tracing::debug!(%task, error = %e, "cannot mark attempt lost"),
+            if self.command_task(task, cmd, now, "mark attempt lost").await {
+                outcome.lost += 1;
             }
         }
         self.unaccepted(now, outcome).await
@@ -313,16 +307,11 @@ impl Scheduler {
                 ),
                 at: now,
             };
-            match self
-                .store
-                .execute::<Task>(&task.to_string(), cmd, &actor(), now)
+            if self
+                .command_task(task, cmd, now, "give up an unaccepted attempt")
                 .await
             {
-                Ok(r) if !r.events.is_empty() => outcome.lost += 1,
-                Ok(_) => {}
-                Err(e) => {
-                    tracing::debug!(%task, error = %e, "cannot give up an unaccepted attempt")
-                }
+                outcome.lost += 1;
             }
         }
         Ok(())
@@ -354,14 +343,31 @@ impl Scheduler {
             by: actor(),
             at: now,
         };
+        if self.command_task(task, cmd, now, "time out").await {
+            outcome.timed_out += 1;
+        }
+    }
+
+    /// Runs `cmd` on `task` as the scheduler; whether it appended
+    /// anything. A refusal (the task moved on meanwhile) is logged as
+    /// "cannot `what`".
+    async fn command_task(
+        &self,
+        task: Uuid,
+        cmd: TaskCommand,
+        now: DateTime<Utc>,
+        what: &str,
+    ) -> bool {
         match self
             .store
             .execute::<Task>(&task.to_string(), cmd, &actor(), now)
             .await
         {
-            Ok(r) if !r.events.is_empty() => outcome.timed_out += 1,
-            Ok(_) => {}
-            Err(e) => tracing::debug!(%task, error = %e, "cannot time out"),
+            Ok(r) => !r.events.is_empty(),
+            Err(e) => {
+                tracing::debug!(%task, error = %e, "cannot {what}");
+                false
+            }
         }
     }
 
