@@ -287,6 +287,7 @@ impl From<StoreError<ProjectError>> for ApiError {
             ProjectError::NotAMember(user) => {
                 ApiError::not_found_field("user", format!("{user} is not a member of the project"))
             }
+            e @ ProjectError::InvalidName(_) => ApiError::invalid("name", e.to_string()),
             other => ApiError::conflict(other.to_string()),
         })
     }
@@ -315,6 +316,7 @@ impl From<StoreError<UserError>> for ApiError {
                 "{e} (DELETE /api/v1/users/{{name}}/tokens/{{token_id}})"
             )),
             e @ UserError::ExpiresBeforeIssue => ApiError::invalid("expires_at", e.to_string()),
+            e @ UserError::InvalidName(_) => ApiError::invalid("name", e.to_string()),
         })
     }
 }

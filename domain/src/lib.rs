@@ -9,13 +9,19 @@
 //! parts, and each event enum is versioned through [`cqrs_es::DomainEvent`].
 
 pub mod actor;
+mod aggregate;
+pub mod name;
 pub mod node;
 pub mod project;
 pub mod spec;
 pub mod task;
 pub mod user;
 
+#[cfg(test)]
+mod testing;
+
 pub use actor::Actor;
+pub use name::Name;
 
 /// The version written with every event this build produces. Stored events
 /// are never edited; a change of shape adds a variant or an upcaster and bumps

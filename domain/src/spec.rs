@@ -10,6 +10,9 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+/// Kept here too, where callers have long found it.
+pub use crate::name::validate_name;
+
 /// A reason why one field of an input is not acceptable.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 #[error("{field}: {reason}")]
@@ -1150,26 +1153,6 @@ fn validate_outputs(e: &mut Vec<FieldError>, drafts: Vec<OutputDraft>) -> Vec<Ou
     outputs
 }
 
-/// Checks a name for a user, node or project: 1-63 characters of lower-case
-/// letters, digits, '.', '_' or '-', starting with a letter or digit.
-///
-/// # Errors
-/// A reason when the name does not fit.
-pub fn validate_name(s: &str) -> Result<(), String> {
-    let ok = !s.is_empty()
-        && s.len() <= 63
-        && s.bytes()
-            .next()
-            .is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b));
-    if ok {
-        Ok(())
-    } else {
-        Err("must be 1-63 characters of lower-case letters, digits, '.', '_' or '-', starting with a letter or digit".into())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1536,13 +1519,5 @@ mod tests {
         let back: TaskSpec = serde_json::from_value(json).unwrap();
         assert_eq!(back.network, TaskNetwork::Node);
         assert_eq!(back, spec);
-    }
-
-    #[test]
-    fn names_are_lower_case_words() {
-        assert!(validate_name("gpu-3").is_ok());
-        assert!(validate_name("Alice").is_err());
-        assert!(validate_name("-x").is_err());
-        assert!(validate_name(&"a".repeat(64)).is_err());
     }
 }

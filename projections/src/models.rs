@@ -268,7 +268,7 @@ impl Projection for Users {
                         "INSERT INTO user_view (name, admin, created_at, tokens, last_sequence) \
                          VALUES ($1, $2, $3, 0, $4) ON CONFLICT (name) DO NOTHING",
                     )
-                    .bind(name)
+                    .bind(name.as_str())
                     .bind(admin)
                     .bind(at)
                     .bind(ev.sequence)

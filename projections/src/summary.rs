@@ -419,7 +419,7 @@ mod tests {
         assert_eq!(
             say(NodeEvent::Provisioned {
                 node_id: Uuid::nil(),
-                name: "gpu-3".into(),
+                name: domain::Name::parse("gpu-3").unwrap(),
                 labels: labels(&[("gpu", "a100")]),
                 token_fingerprint: "ff".into(),
                 max_resources: limits,

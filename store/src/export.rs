@@ -688,36 +688,9 @@ fn verify<'a>(
 /// cannot take it, or an I/O or database error. Nothing is written in
 /// every case.
 pub async fn import(pool: &PgPool, input: &mut impl BufRead) -> Result<ImportSummary, ImportError> {
-    let Some(first) = read_line(input, 1)? else {
-        return Err(refused(1, "the file is empty: not an events export"));
-    };
-    let header = header(&first.bytes)?;
-    let mut chain = Chain::start(&first.bytes);
+    let (header, chain) = read_header(input)?;
     let mut tx = pool.begin().await?;
-    // Appends wait until the import ends, so the checks below hold.
-    sqlx::query("LOCK TABLE events IN SHARE ROW EXCLUSIVE MODE")
-        .execute(&mut *tx)
-        .await?;
-    let holds_events: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM events)")
-        .fetch_one(&mut *tx)
-        .await?;
-    match (header.after, holds_events) {
-        (None, true) => {
-            return Err(ImportError::Target(
-                "the database already holds events: a whole export is imported only into a \
-                 database without any (create a new one and run `unidesk migrate` on it)"
-                    .into(),
-            ))
-        }
-        (Some(after), false) => {
-            return Err(ImportError::Target(format!(
-                "this export continues another one (it holds the events after position {after} \
-                 of its source), and the database holds no events: import the export it \
-                 continues first"
-            )))
-        }
-        _ => {}
-    }
+    claim_target(&mut tx, &header).await?;
     let mut importer = Importer {
         tx: &mut tx,
         continues: header.after.is_some(),
@@ -726,6 +699,65 @@ pub async fn import(pool: &PgPool, input: &mut impl BufRead) -> Result<ImportSum
         seen: HashMap::new(),
         events: 0,
     };
+    let (hash, end_line) = import_events(input, &mut importer, chain).await?;
+    if read_line(input, end_line + 1)?.is_some() {
+        return Err(refused(end_line + 1, "a line follows the end line"));
+    }
+    importer.flush().await?;
+    let (events, aggregates) = (importer.events, importer.seen.len());
+    claim_names(&mut tx).await?;
+    tx.commit().await?;
+    Ok(ImportSummary {
+        header,
+        events,
+        aggregates,
+        hash,
+    })
+}
+
+/// Reads and checks the header line, which starts the hash chain.
+fn read_header(input: &mut impl BufRead) -> Result<(Header, Chain), ImportError> {
+    let Some(first) = read_line(input, 1)? else {
+        return Err(refused(1, "the file is empty: not an events export"));
+    };
+    Ok((header(&first.bytes)?, Chain::start(&first.bytes)))
+}
+
+/// Blocks other writers of the log until the import ends, so the checks
+/// hold, and checks the database may take the export: a whole one only
+/// where there are no events, one that continues another only where there
+/// are.
+async fn claim_target(tx: &mut PgConnection, header: &Header) -> Result<(), ImportError> {
+    sqlx::query("LOCK TABLE events IN SHARE ROW EXCLUSIVE MODE")
+        .execute(&mut *tx)
+        .await?;
+    let holds_events: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM events)")
+        .fetch_one(&mut *tx)
+        .await?;
+    match (header.after, holds_events) {
+        (None, true) => Err(ImportError::Target(
+            "the database already holds events: a whole export is imported only into a \
+             database without any (create a new one and run `unidesk migrate` on it)"
+                .into(),
+        )),
+        (Some(after), false) => Err(ImportError::Target(format!(
+            "this export continues another one (it holds the events after position {after} \
+             of its source), and the database holds no events: import the export it \
+             continues first"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// Reads the event lines after the header into `importer`, each checked
+/// against the chain and the log's order, up to the end line, which must
+/// count them and close the chain; returns the chain's last hash and the
+/// end line's number.
+async fn import_events(
+    input: &mut impl BufRead,
+    importer: &mut Importer<'_>,
+    mut chain: Chain,
+) -> Result<(String, u64), ImportError> {
     let mut line_no = 1;
     let mut previous: Option<Checkpoint> = None;
     loop {
@@ -737,39 +769,11 @@ pub async fn import(pool: &PgPool, input: &mut impl BufRead) -> Result<ImportSum
             ));
         };
         if line.bytes.starts_with(b"{\"end\":") {
-            // The end line alone may lack its newline (an editor may have
-            // dropped it); a broken one without is a copy cut short.
-            let end: End = match serde_json::from_slice(&line.bytes) {
-                Ok(end) => end,
-                Err(_) if !line.complete => return Err(cut_short(line_no)),
-                Err(e) => return Err(refused(line_no, format!("not an end line: {e}"))),
-            };
-            if end.end.events != importer.events + importer.chunk.len() as u64 {
-                return Err(refused(
-                    line_no,
-                    format!(
-                        "the end line counts {} events, the file holds {}: lines were removed or added",
-                        end.end.events,
-                        importer.events + importer.chunk.len() as u64
-                    ),
-                ));
-            }
-            if end.end.hash != chain.0 {
-                return Err(refused(
-                    line_no,
-                    "the end line's hash is not the chain's: the file was changed",
-                ));
-            }
-            break;
+            let counted = importer.events + importer.chunk.len() as u64;
+            check_end(&line, line_no, counted, &chain)?;
+            return Ok((chain.0, line_no));
         }
-        if !line.complete {
-            return Err(cut_short(line_no));
-        }
-        let (body, hash) = verify(&line.bytes, line_no, &chain)?;
-        let mut json = body.to_vec();
-        json.push(b'}');
-        let event: ExportedEvent = serde_json::from_slice(&json)
-            .map_err(|e| refused(line_no, format!("not an event line: {e}")))?;
+        let (event, hash) = event_line(&line, line_no, &chain)?;
         let here = Checkpoint {
             txid: event.txid,
             position: event.position,
@@ -784,19 +788,52 @@ pub async fn import(pool: &PgPool, input: &mut impl BufRead) -> Result<ImportSum
         chain = Chain(hash);
         importer.push(line_no, event).await?;
     }
-    if read_line(input, line_no + 1)?.is_some() {
-        return Err(refused(line_no + 1, "a line follows the end line"));
+}
+
+/// Checks the end line: it counts the `counted` events read and repeats
+/// the chain's last hash.
+fn check_end(line: &Line, line_no: u64, counted: u64, chain: &Chain) -> Result<(), ImportError> {
+    // The end line alone may lack its newline (an editor may have
+    // dropped it); a broken one without is a copy cut short.
+    let end: End = match serde_json::from_slice(&line.bytes) {
+        Ok(end) => end,
+        Err(_) if !line.complete => return Err(cut_short(line_no)),
+        Err(e) => return Err(refused(line_no, format!("not an end line: {e}"))),
+    };
+    if end.end.events != counted {
+        return Err(refused(
+            line_no,
+            format!(
+                "the end line counts {} events, the file holds {counted}: lines were removed or added",
+                end.end.events,
+            ),
+        ));
     }
-    importer.flush().await?;
-    let (events, aggregates) = (importer.events, importer.seen.len());
-    claim_names(&mut tx).await?;
-    tx.commit().await?;
-    Ok(ImportSummary {
-        header,
-        events,
-        aggregates,
-        hash: chain.0,
-    })
+    if end.end.hash != chain.0 {
+        return Err(refused(
+            line_no,
+            "the end line's hash is not the chain's: the file was changed",
+        ));
+    }
+    Ok(())
+}
+
+/// Reads an event line that must follow `chain`; returns the event and
+/// its hash.
+fn event_line(
+    line: &Line,
+    line_no: u64,
+    chain: &Chain,
+) -> Result<(ExportedEvent, String), ImportError> {
+    if !line.complete {
+        return Err(cut_short(line_no));
+    }
+    let (body, hash) = verify(&line.bytes, line_no, chain)?;
+    let mut json = body.to_vec();
+    json.push(b'}');
+    let event = serde_json::from_slice(&json)
+        .map_err(|e| refused(line_no, format!("not an event line: {e}")))?;
+    Ok((event, hash))
 }
 
 /// Claims nodes' and projects' names as creating them did on the source.

@@ -237,7 +237,7 @@ pub fn parse(token: &str) -> Option<Presented> {
     let parts: Vec<&str> = token.trim().split('~').collect();
     match parts.as_slice() {
         ["udu", user, id, secret]
-            if domain::spec::validate_name(user).is_ok() && is_secret(secret) =>
+            if domain::name::validate_name(user).is_ok() && is_secret(secret) =>
         {
             Some(Presented::User {
                 user: (*user).to_string(),

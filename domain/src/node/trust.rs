@@ -231,21 +231,15 @@ impl Node {
 
 #[cfg(test)]
 mod tests {
-    use chrono::TimeZone;
     use cqrs_es::test::TestFramework;
     use uuid::Uuid;
 
     use super::super::{Gpu, NodeCommand, NodeEvent};
     use super::*;
+    use crate::testing::{admin, at, name, state_after};
 
     type F = TestFramework<Node>;
 
-    fn at(s: i64) -> DateTime<Utc> {
-        Utc.timestamp_opt(1_800_000_000 + s, 0).unwrap()
-    }
-    fn admin() -> Actor {
-        Actor::User("admin".into())
-    }
     fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs
             .iter()
@@ -255,7 +249,7 @@ mod tests {
     fn provisioned() -> NodeEvent {
         NodeEvent::Provisioned {
             node_id: Uuid::from_u128(7),
-            name: "gpu-3".into(),
+            name: name("gpu-3"),
             labels: labels(&[("zone", "lab")]),
             token_fingerprint: "ff".into(),
             max_resources: ResourceLimits::default(),
@@ -294,11 +288,7 @@ mod tests {
         }
     }
     fn state(events: Vec<NodeEvent>) -> Node {
-        let mut n = Node::default();
-        for e in events {
-            n.apply_event(e);
-        }
-        n
+        state_after(events)
     }
     fn max(cpus: Option<f64>, memory_mb: Option<u64>, gpus: Option<u32>) -> ResourceLimits {
         ResourceLimits {
@@ -568,7 +558,7 @@ mod tests {
         let limit = max(Some(4.0), None, Some(1));
         let with_limit = NodeEvent::Provisioned {
             node_id: Uuid::from_u128(7),
-            name: "gpu-3".into(),
+            name: name("gpu-3"),
             labels: labels(&[("zone", "lab")]),
             token_fingerprint: "ff".into(),
             max_resources: limit,

@@ -1,12 +1,11 @@
 //! What may be asked of a task, and the rules that decide the answer.
 
 use chrono::{DateTime, Utc};
-use cqrs_es::event_sink::EventSink;
-use cqrs_es::Aggregate;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::{Task, TaskError, TaskEvent, TaskState};
+use crate::aggregate::decided_by;
 use crate::spec::TaskSpec;
 use crate::Actor;
 
@@ -160,6 +159,29 @@ pub fn retry_backoff(previous_attempt: u32) -> chrono::Duration {
     chrono::Duration::seconds((BASE_S << doublings).min(MAX_S))
 }
 
+/// The event that ends a live attempt as its node reported; a time-out
+/// the node reports is recorded as the node's.
+fn exit_event(node_id: Uuid, attempt: u32, outcome: Outcome, at: DateTime<Utc>) -> TaskEvent {
+    match outcome {
+        Outcome::Succeeded => TaskEvent::Succeeded { attempt, at },
+        Outcome::Failed { exit_code, reason } => TaskEvent::Failed {
+            attempt: Some(attempt),
+            exit_code,
+            reason,
+            at,
+        },
+        Outcome::Cancelled => TaskEvent::Cancelled {
+            attempt: Some(attempt),
+            at,
+        },
+        Outcome::TimedOut => TaskEvent::TimedOut {
+            attempt,
+            by: crate::Actor::Node(node_id.to_string()),
+            at,
+        },
+    }
+}
+
 /// How a report relates to the task's current attempt.
 enum Report {
     /// The attempt is live on this node.
@@ -211,6 +233,77 @@ impl Task {
             TaskError::InvalidTransition {
                 state: self.state,
                 action,
+            }
+        }
+    }
+
+    /// A report that an attempt which already ended ended: nothing when
+    /// it repeats how, a conflict when it says otherwise.
+    fn repeated_exit(&self, attempt: u32, outcome: &Outcome) -> Result<Vec<TaskEvent>, TaskError> {
+        let same = match (outcome, self.state) {
+            (Outcome::Succeeded, TaskState::Succeeded)
+            | (Outcome::Cancelled, TaskState::Cancelled)
+            | (Outcome::TimedOut, TaskState::TimedOut) => true,
+            (Outcome::Failed { exit_code, reason }, TaskState::Failed) => {
+                *exit_code == self.exit_code && Some(reason.as_str()) == self.reason.as_deref()
+            }
+            _ => false,
+        };
+        if same {
+            Ok(vec![])
+        } else {
+            Err(TaskError::ConflictingReport {
+                attempt,
+                outcome: self.state.to_string(),
+            })
+        }
+    }
+
+    /// The events of losing the live `attempt`: [`TaskEvent::Lost`], then
+    /// what follows it ([`Task::after_loss`]).
+    fn lose(
+        &self,
+        node_id: Uuid,
+        attempt: u32,
+        reason: String,
+        at: DateTime<Utc>,
+    ) -> Vec<TaskEvent> {
+        let next = self.after_loss(attempt, &reason, at);
+        vec![
+            TaskEvent::Lost {
+                node_id,
+                attempt,
+                reason,
+                at,
+            },
+            next,
+        ]
+    }
+
+    /// What follows a lost attempt: cancelled when a cancel was asked for,
+    /// else requeued after [`retry_backoff`] while retries are left, else
+    /// failed, saying why and after how many attempts.
+    fn after_loss(&self, attempt: u32, reason: &str, at: DateTime<Utc>) -> TaskEvent {
+        if self.cancel_requested {
+            TaskEvent::Cancelled {
+                attempt: Some(attempt),
+                at,
+            }
+        } else if self.retries_left() > 0 {
+            TaskEvent::Requeued {
+                previous_attempt: attempt,
+                not_before: Some(at + retry_backoff(attempt)),
+                at,
+            }
+        } else {
+            let max = self.spec.as_ref().map_or(0, |s| s.max_retries);
+            TaskEvent::Failed {
+                attempt: Some(attempt),
+                exit_code: None,
+                reason: format!(
+                    "{reason}; no retries left after {attempt} attempt(s) (max_retries = {max})"
+                ),
+                at,
             }
         }
     }
@@ -333,44 +426,8 @@ impl Task {
                 outcome,
                 at,
             } => match self.check_report(node_id, attempt)? {
-                Report::Live => Ok(vec![match outcome {
-                    Outcome::Succeeded => E::Succeeded { attempt, at },
-                    Outcome::Failed { exit_code, reason } => E::Failed {
-                        attempt: Some(attempt),
-                        exit_code,
-                        reason,
-                        at,
-                    },
-                    Outcome::Cancelled => E::Cancelled {
-                        attempt: Some(attempt),
-                        at,
-                    },
-                    Outcome::TimedOut => E::TimedOut {
-                        attempt,
-                        by: crate::Actor::Node(node_id.to_string()),
-                        at,
-                    },
-                }]),
-                Report::Ended => {
-                    let same = match (&outcome, self.state) {
-                        (Outcome::Succeeded, TaskState::Succeeded)
-                        | (Outcome::Cancelled, TaskState::Cancelled)
-                        | (Outcome::TimedOut, TaskState::TimedOut) => true,
-                        (Outcome::Failed { exit_code, reason }, TaskState::Failed) => {
-                            *exit_code == self.exit_code
-                                && Some(reason.as_str()) == self.reason.as_deref()
-                        }
-                        _ => false,
-                    };
-                    if same {
-                        Ok(vec![])
-                    } else {
-                        Err(TaskError::ConflictingReport {
-                            attempt,
-                            outcome: self.state.to_string(),
-                        })
-                    }
-                }
+                Report::Live => Ok(vec![exit_event(node_id, attempt, outcome, at)]),
+                Report::Ended => self.repeated_exit(attempt, &outcome),
             },
             C::RequestCancel { by, at } => match self.state {
                 TaskState::Queued => Ok(vec![
@@ -386,40 +443,10 @@ impl Task {
                 attempt,
                 reason,
                 at,
-            } => {
-                if let Report::Ended = self.check_report(node_id, attempt)? {
-                    return Ok(vec![]);
-                }
-                let mut events = vec![E::Lost {
-                    node_id,
-                    attempt,
-                    reason: reason.clone(),
-                    at,
-                }];
-                if self.cancel_requested {
-                    events.push(E::Cancelled {
-                        attempt: Some(attempt),
-                        at,
-                    });
-                } else if self.retries_left() > 0 {
-                    events.push(E::Requeued {
-                        previous_attempt: attempt,
-                        not_before: Some(at + retry_backoff(attempt)),
-                        at,
-                    });
-                } else {
-                    let max = self.spec.as_ref().map_or(0, |s| s.max_retries);
-                    events.push(E::Failed {
-                        attempt: Some(attempt),
-                        exit_code: None,
-                        reason: format!(
-                            "{reason}; no retries left after {attempt} attempt(s) (max_retries = {max})"
-                        ),
-                        at,
-                    });
-                }
-                Ok(events)
-            }
+            } => match self.check_report(node_id, attempt)? {
+                Report::Live => Ok(self.lose(node_id, attempt, reason, at)),
+                Report::Ended => Ok(vec![]),
+            },
             C::TimeOut { attempt, by, at } => {
                 if self.state == TaskState::New {
                     return Err(TaskError::NotFound);
@@ -490,26 +517,4 @@ impl Task {
     }
 }
 
-impl Aggregate for Task {
-    const TYPE: &'static str = "task";
-    type Command = TaskCommand;
-    type Event = TaskEvent;
-    type Error = TaskError;
-    type Services = ();
-
-    async fn handle(
-        &mut self,
-        command: Self::Command,
-        _services: &Self::Services,
-        sink: &EventSink<Self>,
-    ) -> Result<(), Self::Error> {
-        for event in self.decide(command)? {
-            sink.write(event, self).await;
-        }
-        Ok(())
-    }
-
-    fn apply(&mut self, event: Self::Event) {
-        self.apply_event(event);
-    }
-}
+decided_by!(Task, "task", TaskCommand, TaskEvent, TaskError);

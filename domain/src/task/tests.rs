@@ -1,18 +1,15 @@
 //! Given/when/then tests of every Task command, rejections included.
 
-use chrono::{DateTime, TimeZone, Utc};
 use cqrs_es::test::TestFramework;
 use uuid::Uuid;
 
 use super::*;
 use crate::spec::{CommitId, DockerfilePath, RepoUrl, Resources, TaskSpec, UrlPolicy};
+use crate::testing::{at, user};
 use crate::Actor;
 
 type F = TestFramework<Task>;
 
-fn at(s: i64) -> DateTime<Utc> {
-    Utc.timestamp_opt(1_800_000_000 + s, 0).unwrap()
-}
 fn task_id() -> Uuid {
     Uuid::from_u128(1)
 }
@@ -23,7 +20,7 @@ fn other_node() -> Uuid {
     Uuid::from_u128(8)
 }
 fn alice() -> Actor {
-    Actor::User("alice".into())
+    user("alice")
 }
 
 fn spec(max_retries: u32) -> TaskSpec {

@@ -7,19 +7,19 @@
 //! could never assign one task twice.
 
 pub mod placement;
+mod round;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use domain::node::{Node, NodeCommand, NodeResources};
-use domain::spec::TaskSpec;
-use domain::task::{Task, TaskCommand, TaskError};
+use domain::task::{Task, TaskCommand};
 use domain::Actor;
 use projections::Projector;
 use sqlx::{Connection, PgConnection, PgPool};
-use store::{Store, StoreError, Wakeup};
+use store::{Store, Wakeup};
 use uuid::Uuid;
 
 use placement::{Candidate, Queued};
@@ -271,14 +271,8 @@ impl Scheduler {
                 reason,
                 at: now,
             };
-            match self
-                .store
-                .execute::<Task>(&task.to_string(), cmd, &actor(), now)
-                .await
-            {
-                Ok(r) if !r.events.is_empty() => outcome.lost += 1,
-                Ok(_) => {}
-                Err(e) => tracing::debug!(%task, error = %e, "cannot mark attempt lost"),
+            if self.command_task(task, cmd, now, "mark attempt lost").await {
+                outcome.lost += 1;
             }
         }
         self.unaccepted(now, outcome).await
@@ -313,16 +307,11 @@ impl Scheduler {
                 ),
                 at: now,
             };
-            match self
-                .store
-                .execute::<Task>(&task.to_string(), cmd, &actor(), now)
+            if self
+                .command_task(task, cmd, now, "give up an unaccepted attempt")
                 .await
             {
-                Ok(r) if !r.events.is_empty() => outcome.lost += 1,
-                Ok(_) => {}
-                Err(e) => {
-                    tracing::debug!(%task, error = %e, "cannot give up an unaccepted attempt")
-                }
+                outcome.lost += 1;
             }
         }
         Ok(())
@@ -354,157 +343,32 @@ impl Scheduler {
             by: actor(),
             at: now,
         };
+        if self.command_task(task, cmd, now, "time out").await {
+            outcome.timed_out += 1;
+        }
+    }
+
+    /// Runs `cmd` on `task` as the scheduler; whether it appended
+    /// anything. A refusal (the task moved on meanwhile) is logged as
+    /// "cannot `what`".
+    async fn command_task(
+        &self,
+        task: Uuid,
+        cmd: TaskCommand,
+        now: DateTime<Utc>,
+        what: &str,
+    ) -> bool {
         match self
             .store
             .execute::<Task>(&task.to_string(), cmd, &actor(), now)
             .await
         {
-            Ok(r) if !r.events.is_empty() => outcome.timed_out += 1,
-            Ok(_) => {}
-            Err(e) => tracing::debug!(%task, error = %e, "cannot time out"),
-        }
-    }
-
-    async fn placement(
-        &self,
-        now: DateTime<Utc>,
-        outcome: &mut Outcome,
-    ) -> Result<(), sqlx::Error> {
-        // Our own placements the read model does not show yet: skipped in
-        // the query (so the queue behind them is seen), counted as held.
-        let pending: Vec<Pending> = {
-            let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-            p.retain(|_, x| now - x.at < chrono::Duration::seconds(60));
-            p.values().cloned().collect()
-        };
-        let pending_ids: Vec<Uuid> = pending.iter().map(|p| p.task.id).collect();
-        let queued_rows: Vec<(Uuid, Uuid, i32, serde_json::Value)> = sqlx::query_as(
-            "SELECT id, project_id, priority, doc->'spec' FROM task_view \
-             WHERE state = 'queued' AND NOT (id = ANY($2)) \
-               AND (doc->>'not_before' IS NULL OR (doc->>'not_before')::timestamptz <= $3) \
-             ORDER BY priority DESC, submitted_at, id LIMIT $1",
-        )
-        .bind(self.config.batch)
-        .bind(&pending_ids)
-        .bind(now)
-        .fetch_all(self.pool())
-        .await?;
-        let holding: Vec<(Uuid, Uuid, Uuid, serde_json::Value, serde_json::Value)> =
-            sqlx::query_as(&format!(
-                "SELECT id, project_id, node_id, doc->'spec'->'resources', \
-                        coalesce(doc->'attempts'->-1->'gpus', '[]'::jsonb) FROM task_view \
-                 WHERE state IN {HOLDING} AND node_id IS NOT NULL"
-            ))
-            .fetch_all(self.pool())
-            .await?;
-        // Once the read model no longer shows a placement queued, it counts
-        // there (holding its node) or it has already ended.
-        let lagging: HashSet<Uuid> =
-            sqlx::query_scalar("SELECT id FROM task_view WHERE id = ANY($1) AND state = 'queued'")
-                .bind(&pending_ids)
-                .fetch_all(self.pool())
-                .await?
-                .into_iter()
-                .collect();
-        let pending: Vec<Pending> = {
-            let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-            p.retain(|id, _| lagging.contains(id));
-            pending
-                .into_iter()
-                .filter(|x| lagging.contains(&x.task.id))
-                .collect()
-        };
-        if queued_rows.is_empty() {
-            return Ok(());
-        }
-        let mut nodes = self.candidates().await?;
-        let mut running: HashMap<Uuid, u32> = HashMap::new();
-        let by_id: HashMap<Uuid, usize> =
-            nodes.iter().enumerate().map(|(i, n)| (n.id, i)).collect();
-        for (_, project, node, res, devices) in &holding {
-            *running.entry(*project).or_default() += 1;
-            if let (Some(&i), Ok(r)) = (
-                by_id.get(node),
-                serde_json::from_value::<domain::spec::Resources>(res.clone()),
-            ) {
-                let devices: Vec<u32> = serde_json::from_value(devices.clone()).unwrap_or_default();
-                nodes[i].hold(r.millicpus(), r.memory_mb, &devices);
+            Ok(r) => !r.events.is_empty(),
+            Err(e) => {
+                tracing::debug!(%task, error = %e, "cannot {what}");
+                false
             }
         }
-        for p in &pending {
-            *running.entry(p.project).or_default() += 1;
-            if let Some(&i) = by_id.get(&p.node) {
-                nodes[i].hold(p.task.millicpus, p.task.memory_mb, &p.gpus);
-            }
-        }
-        let mut queue = Vec::with_capacity(queued_rows.len());
-        for (id, project, priority, spec) in queued_rows {
-            match serde_json::from_value::<TaskSpec>(spec) {
-                Ok(s) => queue.push(Queued {
-                    id,
-                    project,
-                    priority,
-                    millicpus: s.resources.millicpus(),
-                    memory_mb: s.resources.memory_mb,
-                    gpus: s.resources.gpus,
-                    image: protocol::env_image_tag(
-                        s.env_repo_url.as_str(),
-                        s.env_commit_id.as_str(),
-                        s.dockerfile_path.as_str(),
-                    ),
-                    code_commit: s.code_commit_id.to_string(),
-                    labels: s.labels,
-                }),
-                Err(e) => tracing::error!(task = %id, error = %e, "unreadable spec in task_view"),
-            }
-        }
-        let projects: Vec<Uuid> = queue.iter().map(|t| t.project).collect();
-        let quota: HashMap<Uuid, u32> = sqlx::query_as::<_, (Uuid, i64)>(
-            "SELECT id, (doc->>'max_running')::bigint FROM project_view \
-             WHERE id = ANY($1) AND doc->>'max_running' IS NOT NULL",
-        )
-        .bind(&projects)
-        .fetch_all(self.pool())
-        .await?
-        .into_iter()
-        .map(|(id, n)| (id, n.max(0) as u32))
-        .collect();
-        let tasks: HashMap<Uuid, Queued> = queue.iter().map(|t| (t.id, t.clone())).collect();
-        for p in placement::place(queue, &mut nodes, &mut running, &quota) {
-            let cmd = TaskCommand::Assign {
-                node_id: p.node,
-                gpus: p.gpus.clone(),
-                reason: p.reason,
-                at: now,
-            };
-            match self
-                .store
-                .execute::<Task>(&p.task.to_string(), cmd, &actor(), now)
-                .await
-            {
-                Ok(_) => {
-                    outcome.assigned += 1;
-                    if let Some(t) = tasks.get(&p.task) {
-                        self.pending
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .insert(
-                                p.task,
-                                Pending {
-                                    node: p.node,
-                                    project: t.project,
-                                    task: t.clone(),
-                                    gpus: p.gpus,
-                                    at: now,
-                                },
-                            );
-                    }
-                }
-                Err(StoreError::Rejected(TaskError::InvalidTransition { .. })) => {}
-                Err(e) => tracing::warn!(task = %p.task, error = %e, "cannot assign"),
-            }
-        }
-        Ok(())
     }
 
     /// Online, undrained nodes with a recent heartbeat, and their caches.

@@ -1,0 +1,170 @@
+//! What an attempt tells the server: its changes of state and its output,
+//! and how it ended.
+
+use protocol::ReportedState;
+use tokio::sync::mpsc;
+
+use crate::logs::Chunk;
+
+/// Something an executor tells the server, before it gets a report id.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Report {
+    /// A change of state.
+    Status(StatusReport),
+    /// A piece of output.
+    Log(LogReport),
+}
+
+impl Report {
+    /// The attempt the report is about.
+    pub fn attempt(&self) -> (uuid::Uuid, u32) {
+        match self {
+            Report::Status(s) => (s.task_id, s.attempt),
+            Report::Log(l) => (l.task_id, l.attempt),
+        }
+    }
+}
+
+/// A change of an attempt's state; see [`protocol::Status`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct StatusReport {
+    /// The task.
+    pub task_id: uuid::Uuid,
+    /// The attempt.
+    pub attempt: u32,
+    /// The new state.
+    pub state: ReportedState,
+    /// With `preparing`: the stage.
+    pub stage: Option<String>,
+    /// With `running`: the container id.
+    pub container: Option<String>,
+    /// With `failed`: the exit status, if the command ran.
+    pub exit_code: Option<i64>,
+    /// Why, for a person.
+    pub message: Option<String>,
+}
+
+impl StatusReport {
+    /// A bare report of `state`.
+    pub fn new(task_id: uuid::Uuid, attempt: u32, state: ReportedState) -> Self {
+        StatusReport {
+            task_id,
+            attempt,
+            state,
+            stage: None,
+            container: None,
+            exit_code: None,
+            message: None,
+        }
+    }
+
+    /// Whether this state ends the attempt.
+    pub fn is_final(&self) -> bool {
+        !matches!(
+            self.state,
+            ReportedState::Accepted | ReportedState::Preparing | ReportedState::Running
+        )
+    }
+}
+
+/// A piece of an attempt's output; see [`protocol::LogChunk`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogReport {
+    /// The task.
+    pub task_id: uuid::Uuid,
+    /// The attempt.
+    pub attempt: u32,
+    /// Byte offset of `data` in the attempt's output.
+    pub offset: u64,
+    /// The text.
+    pub data: String,
+}
+
+/// How an attempt ended.
+#[derive(Debug)]
+pub(super) struct Ending {
+    pub(super) state: ReportedState,
+    pub(super) exit_code: Option<i64>,
+    pub(super) message: Option<String>,
+}
+
+impl Ending {
+    pub(super) fn failed(message: impl std::fmt::Display) -> Self {
+        Ending {
+            state: ReportedState::Failed,
+            exit_code: None,
+            message: Some(message.to_string()),
+        }
+    }
+
+    pub(super) fn plain(state: ReportedState, message: Option<String>) -> Self {
+        Ending {
+            state,
+            exit_code: None,
+            message,
+        }
+    }
+}
+
+/// Sends one attempt's reports.
+#[derive(Debug, Clone)]
+pub(super) struct Reporter {
+    task_id: uuid::Uuid,
+    attempt: u32,
+    tx: mpsc::Sender<Report>,
+}
+
+impl Reporter {
+    /// Sends the reports of `attempt` of `task_id` to `tx`.
+    pub(super) fn new(task_id: uuid::Uuid, attempt: u32, tx: mpsc::Sender<Report>) -> Self {
+        Reporter {
+            task_id,
+            attempt,
+            tx,
+        }
+    }
+
+    /// Reports the final state.
+    pub(super) async fn ended(&self, ending: Ending) {
+        self.status(ending.state, |s| {
+            s.exit_code = ending.exit_code;
+            s.message = ending.message;
+        })
+        .await;
+    }
+
+    pub(super) async fn send(&self, report: Report) {
+        if self.tx.send(report).await.is_err() {
+            tracing::debug!("report dropped: the agent is shutting down");
+        }
+    }
+
+    pub(super) async fn status(&self, state: ReportedState, fill: impl FnOnce(&mut StatusReport)) {
+        let mut status = StatusReport::new(self.task_id, self.attempt, state);
+        fill(&mut status);
+        self.send(Report::Status(status)).await;
+    }
+
+    pub(super) async fn stage(&self, stage: &str) {
+        self.status(ReportedState::Preparing, |s| s.stage = Some(stage.into()))
+            .await;
+    }
+
+    pub(super) async fn stage_done(&self, stage: &str, detail: String) {
+        self.status(ReportedState::Preparing, |s| {
+            s.stage = Some(stage.into());
+            s.message = Some(detail);
+        })
+        .await;
+    }
+
+    pub(super) async fn log(&self, chunk: Chunk) {
+        self.send(Report::Log(LogReport {
+            task_id: self.task_id,
+            attempt: self.attempt,
+            offset: chunk.offset,
+            data: chunk.data,
+        }))
+        .await;
+    }
+}

@@ -1,0 +1,162 @@
+//! The run pipeline of one attempt: accepted, prepared, inputs in place,
+//! container started and followed, outputs uploaded, workspace removed,
+//! final state reported.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use protocol::{ReportedState, RunTask};
+use tokio::sync::mpsc;
+
+use crate::docker::{self, ContainerSpec};
+
+use super::cancel::CancelSignal;
+use super::context::Context;
+use super::prepare::{explain, prepare};
+use super::report::{Ending, Report, Reporter};
+use super::task_files::{download_inputs, note_outputs, upload_outputs};
+use super::watch::{watch, DiskWatch, Limits};
+use super::workspace::remove_workspace;
+
+/// Runs one attempt to its end, sending every report to `reports`; see the
+/// module documentation for the sequence. `cancel` stops it at any point.
+#[tracing::instrument(skip_all, fields(task_id = %spec.task_id, attempt = spec.attempt))]
+pub async fn run(
+    spec: RunTask,
+    ctx: Arc<Context>,
+    reports: mpsc::Sender<Report>,
+    mut cancel: CancelSignal,
+) {
+    let out = Reporter::new(spec.task_id, spec.attempt, reports);
+    out.status(ReportedState::Accepted, |_| {}).await;
+    let ending = attempt(&spec, &ctx, &out, &mut cancel).await;
+    remove_workspace(&ctx, spec.task_id, spec.attempt).await;
+    tracing::info!(state = ?ending.state, message = ending.message.as_deref(), "attempt ended");
+    out.ended(ending).await;
+}
+
+async fn attempt(
+    spec: &RunTask,
+    ctx: &Context,
+    out: &Reporter,
+    cancel: &mut CancelSignal,
+) -> Ending {
+    let (workspace, image) = tokio::select! {
+        prepared = prepare(spec, ctx, out) => match prepared {
+            Ok(prepared) => prepared,
+            Err(e) => return Ending::failed(explain(&e, &ctx.work_dir)),
+        },
+        _ = cancel.cancelled() => {
+            return Ending::plain(ReportedState::Cancelled, Some("cancelled while preparing".into()));
+        }
+    };
+    let code = &workspace.code;
+    if !spec.inputs.is_empty() {
+        tokio::select! {
+            fetched = download_inputs(spec, ctx, out, code) => {
+                if let Err(e) = fetched {
+                    return Ending::failed(e);
+                }
+            }
+            _ = cancel.cancelled() => {
+                return Ending::plain(ReportedState::Cancelled, Some("cancelled while downloading inputs".into()));
+            }
+        }
+    }
+    if !spec.outputs.is_empty() {
+        note_outputs(&workspace.dir, &spec.outputs).await;
+    }
+    let ending = run_container(spec, ctx, out, cancel, code.path(), &image).await;
+    upload_outputs(
+        ctx,
+        (spec.task_id, spec.attempt),
+        &spec.outputs,
+        Ok(code),
+        ending,
+    )
+    .await
+}
+
+/// Creates, starts and follows the container until it ends, then removes it.
+async fn run_container(
+    spec: &RunTask,
+    ctx: &Context,
+    out: &Reporter,
+    cancel: &mut CancelSignal,
+    code: &Path,
+    image: &str,
+) -> Ending {
+    let labels = HashMap::from([
+        (docker::LABEL_TASK.to_owned(), spec.task_id.to_string()),
+        (docker::LABEL_ATTEMPT.to_owned(), spec.attempt.to_string()),
+        (docker::LABEL_AGENT.to_owned(), ctx.agent_label.clone()),
+    ]);
+    let mut labels = labels;
+    if let Some(t) = spec.timeout_s {
+        labels.insert(docker::LABEL_TIMEOUT.to_owned(), t.to_string());
+    }
+    // The server refuses such tasks; an older or misbehaving one must not
+    // get them run either.
+    if let Some(refusal) = docker::refused_env(&spec.env) {
+        return Ending::failed(refusal);
+    }
+    let confinement = &ctx.confinement;
+    let container = ContainerSpec {
+        image,
+        command: &spec.command,
+        env: &spec.env,
+        workspace: code,
+        labels,
+        cpus: spec.cpus,
+        memory_mb: spec.memory_mb,
+        gpus: &spec.gpus,
+        pids_limit: confinement.pids_limit,
+        network: confinement.network.for_task(spec.network),
+        layer_limit_mb: None,
+    };
+    let created = ctx
+        .layer_quota
+        .create(&ctx.docker, &container, confinement.workspace.limit_mb)
+        .await;
+    let (id, layer_limited) = match created {
+        Ok(created) => created,
+        Err(e) => return Ending::failed(e),
+    };
+    let disk = DiskWatch {
+        workspace: code.to_owned(),
+        count_layer: !layer_limited,
+    };
+    let ending = follow_container(spec, ctx, out, cancel, &id, disk).await;
+    if let Err(e) = docker::remove_container(&ctx.docker, &id).await {
+        tracing::warn!(container = %id, error = %e, "could not remove the container");
+    }
+    ending
+}
+
+/// Starts the container, streams its output, and waits for the first of:
+/// its exit, a cancel, the time limit.
+async fn follow_container(
+    spec: &RunTask,
+    ctx: &Context,
+    out: &Reporter,
+    cancel: &mut CancelSignal,
+    id: &str,
+    disk: DiskWatch,
+) -> Ending {
+    if let Err(e) = docker::start_container(&ctx.docker, id).await {
+        return Ending::failed(e);
+    }
+    out.status(ReportedState::Running, |s| {
+        s.container = Some(id.to_owned())
+    })
+    .await;
+    let limits = Limits {
+        timeout_s: spec.timeout_s,
+        left: spec.timeout_s.map(Duration::from_secs),
+        memory_mb: spec.memory_mb,
+        disk,
+    };
+    watch(ctx, out, cancel, id, limits).await
+}
