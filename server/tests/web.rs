@@ -8,8 +8,6 @@
     reason = "a test fails loudly at the first surprise"
 )]
 
-mod browser;
-
 use std::time::Duration;
 
 use chrono::Utc;
@@ -18,11 +16,10 @@ use domain::Actor;
 use fantoccini::Locator;
 use serde_json::{json, Value};
 use store::Store;
+use testkit::browser::Browser;
 use unidesk::cli::Role;
 use unidesk::roles::{self, ServerArgs, Services};
 use uuid::Uuid;
-
-use browser::Browser;
 
 /// How long a test waits for something that should happen.
 const PATIENCE: Duration = Duration::from_secs(15);

@@ -598,7 +598,7 @@ async fn main() -> anyhow::Result<()> {
     let (url, cluster) = match &args.database_url {
         Some(u) => (u.clone(), None),
         None => {
-            let c = store::cluster::LocalCluster::start_ephemeral()
+            let c = pgcluster::LocalCluster::start_ephemeral()
                 .await
                 .context("starting a private PostgreSQL")?;
             (c.url(), Some(c))

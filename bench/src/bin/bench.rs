@@ -1,6 +1,6 @@
 //! `unidesk-bench`: commands per second through the event-sourced core,
 //! measured next to plain single-row INSERTs on the same database in the
-//! same run, and optionally next to `shared/bench/ceiling.sh`.
+//! same run, and optionally next to `bench/reference/ceiling.sh`.
 //!
 //! ```text
 //! unidesk-bench [--database-url URL] [--seconds 10] [--writers 1,16] [--ceiling PATH/ceiling.sh]
@@ -34,7 +34,7 @@ struct Args {
     /// Concurrent writer counts to measure.
     #[arg(long, value_delimiter = ',', default_value = "1,16")]
     writers: Vec<usize>,
-    /// Path to shared/bench/ceiling.sh, to run as the reference in this run.
+    /// Path to bench/reference/ceiling.sh, to run as the reference in this run.
     #[arg(long)]
     ceiling: Option<std::path::PathBuf>,
 }
@@ -159,7 +159,7 @@ async fn main() -> anyhow::Result<()> {
     let (url, _cluster) = match &args.database_url {
         Some(u) => (u.clone(), None),
         None => {
-            let c = store::cluster::LocalCluster::start_ephemeral()
+            let c = pgcluster::LocalCluster::start_ephemeral()
                 .await
                 .context("starting a private PostgreSQL")?;
             (c.url(), Some(c))

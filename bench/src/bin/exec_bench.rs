@@ -1049,7 +1049,7 @@ async fn start_bench(
     };
     ensure!(
         exe.is_file(),
-        "{} not found: build it (cargo build --release -p unidesk --bins) or give --unidesk",
+        "{} not found: build it (cargo build --release -p unidesk) or give --unidesk",
         exe.display()
     );
     let dev_dir = dir.join("dev");

@@ -216,7 +216,7 @@ struct OwnServer {
     /// `unidesk serve`.
     child: tokio::process::Child,
     /// Its database, stopped after it.
-    cluster: store::cluster::LocalCluster,
+    cluster: pgcluster::LocalCluster,
     /// Its stdout and stderr.
     log: PathBuf,
     /// Holds the token file and, unless `--server-log` was given, the log.
@@ -247,7 +247,7 @@ impl Server {
             "{} not found: build it next to this binary (cargo build --release -p unidesk)",
             exe.display()
         );
-        let cluster = store::cluster::LocalCluster::start_ephemeral()
+        let cluster = pgcluster::LocalCluster::start_ephemeral()
             .await
             .context("starting a private PostgreSQL")?;
         let dir = tempfile::Builder::new()
@@ -1637,7 +1637,7 @@ fn source_address(i: usize) -> Ipv4Addr {
 /// `postgres`: a throw-away cluster for the reference scripts, on the same
 /// settings as the clusters the benchmarks start (no fsync).
 async fn postgres(args: PostgresArgs) -> anyhow::Result<()> {
-    let cluster = store::cluster::LocalCluster::start_ephemeral()
+    let cluster = pgcluster::LocalCluster::start_ephemeral()
         .await
         .context("starting a private PostgreSQL")?;
     let scratch = args.scratch;

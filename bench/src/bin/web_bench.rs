@@ -5,8 +5,8 @@
 //! With `--screenshot` it also photographs the timeline for the README.
 //!
 //! ```text
-//! cargo run --release -p unidesk --example web_bench -- --events 100000
-//! cargo run --release -p unidesk --example web_bench -- --events 600 --span-hours 3 \
+//! cargo run --release -p bench --bin unidesk-web-bench -- --events 100000
+//! cargo run --release -p bench --bin unidesk-web-bench -- --events 600 --span-hours 3 \
 //!     --runs 0 --screenshot docs/timeline.png --dashboard-screenshot docs/dashboard.png
 //! ```
 //!
@@ -17,9 +17,6 @@
     clippy::unwrap_used,
     reason = "a benchmark stops at the first surprise"
 )]
-
-#[path = "../tests/browser/mod.rs"]
-mod browser;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -42,7 +39,7 @@ use unidesk::cli::Role;
 use unidesk::roles::{self, ServerArgs};
 use uuid::Uuid;
 
-use browser::Browser;
+use testkit::browser::Browser;
 
 /// Measure the web view with a realistic history.
 #[derive(Debug, Parser)]
@@ -1089,7 +1086,7 @@ async fn main() -> anyhow::Result<()> {
     let (url, _cluster) = match &args.database_url {
         Some(u) => (u.clone(), None),
         None => {
-            let c = store::cluster::LocalCluster::start_ephemeral()
+            let c = pgcluster::LocalCluster::start_ephemeral()
                 .await
                 .context("starting a private PostgreSQL")?;
             (c.url(), Some(c))
