@@ -38,9 +38,10 @@ async fn start(dir: &Path) -> ServerProcess {
 }
 
 /// Ctrl-C: dev must stop, and stop cleanly.
-fn interrupt(mut dev: ServerProcess) {
+async fn interrupt(mut dev: ServerProcess) {
     let status = dev
         .signal_and_wait(Signal::SIGINT, Duration::from_secs(60))
+        .await
         .unwrap();
     assert!(status.success(), "dev exited with {status}");
 }
@@ -131,10 +132,10 @@ async fn dev_starts_stops_on_ctrl_c_and_finds_its_data_again() {
     let other = start(other_dir.path()).await;
     assert_ne!(other.token(), dev.token());
     assert!(projects(&other).await.is_empty());
-    interrupt(other);
+    interrupt(other).await;
 
     let first_token = dev.token().to_string();
-    interrupt(dev);
+    interrupt(dev).await;
     assert!(
         !postmaster_running(&state.join("pg").join("data")),
         "PostgreSQL kept running after Ctrl-C"
@@ -153,7 +154,7 @@ async fn dev_starts_stops_on_ctrl_c_and_finds_its_data_again() {
         },
     )
     .await;
-    interrupt(dev);
+    interrupt(dev).await;
 }
 
 /// Every entry under `dir` that is open to anyone but its owner: the top
@@ -238,6 +239,6 @@ async fn dev_keeps_its_directory_and_everything_in_it_for_its_owner_only() {
             & 0o044,
         0
     );
-    interrupt(dev);
+    interrupt(dev).await;
     assert_eq!(open_to_others(&state), Vec::<String>::new());
 }

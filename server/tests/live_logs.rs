@@ -29,6 +29,7 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use uuid::Uuid;
 
 use support::{base_image, repo, spawn_agent, Agents, BASE};
+use testkit::process::Api;
 
 /// How long a test waits for something that should happen.
 const PATIENCE: Duration = Duration::from_secs(10);
@@ -86,46 +87,26 @@ impl Platform {
         }
     }
 
+    /// The API as the holder of `token`.
+    fn api(&self, token: &str) -> Api {
+        Api {
+            http: self.http.clone(),
+            base: self.base.clone(),
+            token: token.to_string(),
+        }
+    }
+
     async fn post(&self, token: &str, path: &str, body: Value) -> Value {
-        let r = self
-            .http
-            .post(format!("{}{path}", self.base))
-            .bearer_auth(token)
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        let status = r.status();
-        let v: Value = r.json().await.unwrap();
-        assert!(status.is_success(), "POST {path}: {status} {v}");
-        v
+        self.api(token).post(path, body).await
     }
 
     async fn get(&self, token: &str, path: &str) -> (u16, Value) {
-        let r = self
-            .http
-            .get(format!("{}{path}", self.base))
-            .bearer_auth(token)
-            .send()
-            .await
-            .unwrap();
-        let status = r.status().as_u16();
-        (status, r.json().await.unwrap())
+        self.api(token).call(reqwest::Method::GET, path, None).await
     }
 
     /// A user and a token of theirs.
     async fn user(&self, name: &str) -> String {
-        self.post(&self.admin, "/users", json!({"name": name}))
-            .await;
-        self.post(
-            &self.admin,
-            &format!("/users/{name}/tokens"),
-            json!({"label": "test"}),
-        )
-        .await["token"]
-            .as_str()
-            .unwrap()
-            .to_string()
+        support::user(&self.api(&self.admin), name).await
     }
 
     async fn project(&self, name: &str) -> String {

@@ -8,6 +8,8 @@
     reason = "a test fails loudly at the first surprise"
 )]
 
+mod support;
+
 use std::time::Duration;
 
 use chrono::Utc;
@@ -17,6 +19,7 @@ use fantoccini::Locator;
 use serde_json::{json, Value};
 use store::Store;
 use testkit::browser::Browser;
+use testkit::process::Api;
 use unidesk::cli::Role;
 use unidesk::roles::{self, ServerArgs, Services};
 use uuid::Uuid;
@@ -68,28 +71,21 @@ impl Server {
     }
 
     async fn post(&self, token: &str, path: &str, body: Value) -> Value {
-        let r = self
-            .http
-            .post(format!("{}/api/v1{path}", self.base))
-            .bearer_auth(token)
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        let status = r.status();
-        let v: Value = r.json().await.unwrap();
-        assert!(status.is_success(), "POST {path}: {status} {v}");
-        v
+        let api = Api {
+            http: self.http.clone(),
+            base: format!("{}/api/v1", self.base),
+            token: token.to_string(),
+        };
+        api.post(path, body).await
     }
 
     async fn user(&self, name: &str) -> String {
-        self.post(&self.admin, "/users", json!({ "name": name }))
-            .await;
-        self.post(&self.admin, &format!("/users/{name}/tokens"), json!({}))
-            .await["token"]
-            .as_str()
-            .unwrap()
-            .to_string()
+        let admin = Api {
+            http: self.http.clone(),
+            base: format!("{}/api/v1", self.base),
+            token: self.admin.clone(),
+        };
+        support::user(&admin, name).await
     }
 
     /// A node whose agent connected, as the ingress records it.

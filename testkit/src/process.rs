@@ -4,8 +4,9 @@
 //! when dropped (SIGTERM, then SIGKILL if it has not exited in time).
 //!
 //! ```no_run
-//! # async fn example(db_url: &str) {
-//! let server = testkit::process::Launch::serve(env!("CARGO_BIN_EXE_unidesk"))
+//! # async fn example(unidesk: &std::path::Path, db_url: &str) {
+//! // In a test of the server crate: `env!("CARGO_BIN_EXE_unidesk")`.
+//! let server = testkit::process::Launch::serve(unidesk)
 //!     .args(["--poll-ms", "100"])
 //!     .env("DATABASE_URL", db_url)
 //!     .start()
@@ -62,6 +63,9 @@ pub enum ProcessError {
     /// The admin token file could not be read.
     #[error("reading the admin token: {0}")]
     Token(#[source] std::io::Error),
+    /// The log file could not be created.
+    #[error("creating the server's log: {0}")]
+    Log(#[source] std::io::Error),
     /// Waiting on or signalling the process failed.
     #[error("controlling the server process: {0}")]
     Control(String),
@@ -97,6 +101,7 @@ pub struct Launch {
     env: Vec<(OsString, Option<OsString>)>,
     current_dir: Option<PathBuf>,
     stdout: bool,
+    log: Option<PathBuf>,
     ready_within: Duration,
 }
 
@@ -119,6 +124,7 @@ impl Launch {
             env: Vec::new(),
             current_dir: None,
             stdout: false,
+            log: None,
             ready_within: Duration::from_secs(120),
         }
     }
@@ -166,6 +172,14 @@ impl Launch {
         self
     }
 
+    /// Writes the process's standard output and error to `path` (a
+    /// benchmark keeps the server's log). `dev`'s token is then read from
+    /// `.unidesk/admin.token` in its directory instead of its output.
+    pub fn log_to(mut self, path: impl Into<PathBuf>) -> Launch {
+        self.log = Some(path.into());
+        self
+    }
+
     /// How long the process may take to be ready (120 s by default: `dev`
     /// may create a PostgreSQL cluster first).
     pub fn ready_within(mut self, within: Duration) -> Launch {
@@ -200,14 +214,26 @@ impl Launch {
         if let Some(dir) = &self.current_dir {
             command.current_dir(dir);
         }
-        let piped = self.mode == Mode::Dev;
-        command.stdout(if piped {
-            Stdio::piped()
-        } else if self.stdout {
-            Stdio::inherit()
-        } else {
-            Stdio::null()
-        });
+        command.stdin(Stdio::null());
+        let piped = self.mode == Mode::Dev && self.log.is_none();
+        if let Some(log) = &self.log {
+            let out = std::fs::File::create(log).map_err(ProcessError::Log)?;
+            command.stderr(out.try_clone().map_err(ProcessError::Log)?);
+            command.stdout(out);
+        } else if piped {
+            command.stdout(Stdio::piped());
+        } else if !self.stdout {
+            command.stdout(Stdio::null());
+        }
+        let token_file = match (&self.log, self.mode) {
+            (Some(_), Mode::Dev) => self
+                .current_dir
+                .clone()
+                .unwrap_or_default()
+                .join(".unidesk")
+                .join("admin.token"),
+            _ => token_file,
+        };
         let mut child = command.spawn().map_err(|source| ProcessError::Spawn {
             exe: self.exe.clone(),
             source,
@@ -286,7 +312,8 @@ impl ServerProcess {
                             .map_err(ProcessError::Token)?
                             .trim()
                             .to_string(),
-                    ),
+                    )
+                    .filter(|t| !t.is_empty()),
                     None => None,
                 };
             }
@@ -359,32 +386,20 @@ impl ServerProcess {
     ///
     /// # Errors
     /// When the process cannot be signalled, or had to be killed.
-    pub fn signal_and_wait(
+    pub async fn signal_and_wait(
         &mut self,
         signal: Signal,
         within: Duration,
     ) -> Result<ExitStatus, ProcessError> {
-        let Some(mut child) = self.child.take() else {
-            return Err(ProcessError::Control("already stopped".into()));
-        };
-        let pid = i32::try_from(child.id())
-            .map_err(|e| ProcessError::Control(format!("pid out of range: {e}")))?;
-        kill(Pid::from_raw(pid), signal).map_err(|e| ProcessError::Control(e.to_string()))?;
-        let deadline = std::time::Instant::now() + within;
+        let mut child = self.signal(signal)?;
+        let deadline = Instant::now() + within;
         loop {
             match child.try_wait() {
                 Ok(Some(status)) => return Ok(status),
-                Ok(None) if std::time::Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(50));
+                Ok(None) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                 }
-                Ok(None) => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    return Err(ProcessError::Control(format!(
-                        "unidesk {} did not exit within {within:?} of {signal}; killed",
-                        self.command
-                    )));
-                }
+                Ok(None) => return Err(self.killed(child, signal, within)),
                 Err(e) => return Err(ProcessError::Control(e.to_string())),
             }
         }
@@ -394,8 +409,28 @@ impl ServerProcess {
     ///
     /// # Errors
     /// As [`ServerProcess::signal_and_wait`].
-    pub fn stop(mut self) -> Result<ExitStatus, ProcessError> {
-        self.signal_and_wait(Signal::SIGTERM, STOP_PATIENCE)
+    pub async fn stop(mut self) -> Result<ExitStatus, ProcessError> {
+        self.signal_and_wait(Signal::SIGTERM, STOP_PATIENCE).await
+    }
+
+    /// Takes the child and sends it `signal`.
+    fn signal(&mut self, signal: Signal) -> Result<Child, ProcessError> {
+        let Some(child) = self.child.take() else {
+            return Err(ProcessError::Control("already stopped".into()));
+        };
+        let pid = i32::try_from(child.id())
+            .map_err(|e| ProcessError::Control(format!("pid out of range: {e}")))?;
+        kill(Pid::from_raw(pid), signal).map_err(|e| ProcessError::Control(e.to_string()))?;
+        Ok(child)
+    }
+
+    fn killed(&self, mut child: Child, signal: Signal, within: Duration) -> ProcessError {
+        let _ = child.kill();
+        let _ = child.wait();
+        ProcessError::Control(format!(
+            "unidesk {} did not exit within {within:?} of {signal}; killed",
+            self.command
+        ))
     }
 
     /// Kills the process at once, as a crash or power loss would.
@@ -408,10 +443,20 @@ impl ServerProcess {
 }
 
 impl Drop for ServerProcess {
+    /// SIGTERM, then up to [`STOP_PATIENCE`] for the process to exit,
+    /// then SIGKILL. Blocks the thread: a drop cannot await.
     fn drop(&mut self) {
-        if self.child.is_some() {
-            let _ = self.signal_and_wait(Signal::SIGTERM, STOP_PATIENCE);
+        let Ok(mut child) = self.signal(Signal::SIGTERM) else {
+            return;
+        };
+        let deadline = std::time::Instant::now() + STOP_PATIENCE;
+        while std::time::Instant::now() < deadline {
+            if !matches!(child.try_wait(), Ok(None)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
         }
+        let _ = self.killed(child, Signal::SIGTERM, STOP_PATIENCE);
     }
 }
 

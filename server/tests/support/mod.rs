@@ -198,3 +198,18 @@ pub async fn put_object(
     assert_eq!(status, 200, "{stored}");
     stored
 }
+
+/// Creates user `name` as the admin `api` holds and issues them a token;
+/// returns the token.
+pub async fn user(api: &testkit::process::Api, name: &str) -> String {
+    api.post("/users", serde_json::json!({ "name": name }))
+        .await;
+    api.post(
+        &format!("/users/{name}/tokens"),
+        serde_json::json!({"label": "test"}),
+    )
+    .await["token"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
