@@ -156,15 +156,8 @@ async fn pool(url: &str, size: u32) -> anyhow::Result<PgPool> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let (url, _cluster) = match &args.database_url {
-        Some(u) => (u.clone(), None),
-        None => {
-            let c = pgcluster::LocalCluster::start_ephemeral()
-                .await
-                .context("starting a private PostgreSQL")?;
-            (c.url(), Some(c))
-        }
-    };
+    let database = bench::Database::given_or_private(args.database_url.as_deref()).await?;
+    let url = database.url.clone();
     let setup = pool(&url, 2).await?;
     store::migrate(&setup).await?;
     sqlx::query(
@@ -219,8 +212,6 @@ async fn main() -> anyhow::Result<()> {
         anyhow::ensure!(status.success(), "ceiling.sh failed");
     }
     setup.close().await;
-    if let Some(c) = _cluster {
-        c.stop().await?;
-    }
+    database.stop().await?;
     Ok(())
 }

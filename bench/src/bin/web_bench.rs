@@ -1083,15 +1083,8 @@ async fn reused(store: &Store) -> anyhow::Result<(String, Uuid, Uuid)> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let (url, _cluster) = match &args.database_url {
-        Some(u) => (u.clone(), None),
-        None => {
-            let c = pgcluster::LocalCluster::start_ephemeral()
-                .await
-                .context("starting a private PostgreSQL")?;
-            (c.url(), Some(c))
-        }
-    };
+    let database = bench::Database::given_or_private(args.database_url.as_deref()).await?;
+    let url = database.url.clone();
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(args.writers as u32 + 8)
         .connect(&url)
