@@ -16,7 +16,6 @@ use domain::task::{Outcome, Task, TaskCommand};
 use domain::user::{User, UserCommand};
 use domain::Actor;
 use projections::Projector;
-use sqlx::PgPool;
 use store::Store;
 use uuid::Uuid;
 
