@@ -2,15 +2,16 @@
 # UniDesk's benchmarks and the references to quote them against, in one run.
 #
 # These machines are shared and noisy: absolute figures drift 2-4x between
-# runs, ratios taken within one run hold (../shared/bench/README.md). So this
+# runs, ratios taken within one run hold (bench/reference/README.md). So this
 # script measures the references and UniDesk one after the other, on the same
 # machine, and prints every figure, then all of them again as a summary:
 #
-#   1. cargo build --release -p unidesk
+#   1. cargo build --release -p unidesk -p bench (the server and the
+#      benchmark binaries of bench/, side by side in target/release)
 #   2. references, on a throw-away PostgreSQL with the same settings as the
 #      clusters the benchmarks start themselves (no fsync):
-#      - shared/bench/ceiling.sh: what PostgreSQL alone can do for our work;
-#      - shared/bench/peer-procrastinate.sh: a peer task queue (procrastinate,
+#      - bench/reference/ceiling.sh: what PostgreSQL alone can do for our work;
+#      - bench/reference/peer-procrastinate.sh: a peer task queue (procrastinate,
 #        installed from PyPI into a virtualenv under $TMPDIR);
 #   3. unidesk-bench: commands per second through the event-sourced core;
 #   4. unidesk-loadgen lifecycle, latency and idle: the whole server (every
@@ -27,7 +28,7 @@
 #   bash ops/bench.sh
 #
 # Settings, from the environment (defaults in brackets):
-#   SHARED [../shared]          where bench/ceiling.sh and friends live
+#   REFERENCE [bench/reference] where ceiling.sh and friends live
 #   BENCH_SECONDS [10]          seconds per unidesk-bench figure
 #   LIFECYCLE_AGENTS [100]  LIFECYCLE_TASKS [5000]
 #   LATENCY_RATE [20]  LATENCY_SECONDS [30]  LATENCY_AGENTS [10]
@@ -45,8 +46,7 @@ set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-SHARED=${SHARED:-../shared}
-BENCH_DIR=$SHARED/bench
+BENCH_DIR=${REFERENCE:-bench/reference}
 BENCH_SECONDS=${BENCH_SECONDS:-10}
 LIFECYCLE_AGENTS=${LIFECYCLE_AGENTS:-100}
 LIFECYCLE_TASKS=${LIFECYCLE_TASKS:-5000}
@@ -101,7 +101,7 @@ trap 'exit 143' TERM
 
 check_tools() {
     command -v cargo >/dev/null 2>&1 || die "cargo not found: install Rust with rustup (https://rustup.rs)"
-    [[ -f $BENCH_DIR/ceiling.sh ]] || die "$BENCH_DIR/ceiling.sh not found: set SHARED to the shared folder"
+    [[ -f $BENCH_DIR/ceiling.sh ]] || die "$BENCH_DIR/ceiling.sh not found: set REFERENCE to the folder of the reference scripts"
     command -v psql >/dev/null 2>&1 || die "psql not found (Debian/Ubuntu: apt-get install postgresql-client)"
     command -v pgbench >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/pgbench >/dev/null 2>&1 ||
         die "pgbench not found (Debian/Ubuntu: apt-get install postgresql-contrib)"
@@ -162,8 +162,8 @@ check_tools
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/unidesk-bench.XXXXXX")
 say "work directory: $WORK"
 
-begin "cargo build --release -p unidesk"
-cargo build --release -p unidesk
+begin "cargo build --release -p unidesk -p bench"
+cargo build --release -p unidesk -p bench
 BIN=${CARGO_TARGET_DIR:-$PWD/target}/release
 [[ -x $BIN/unidesk-loadgen ]] || die "$BIN/unidesk-loadgen was not built"
 

@@ -28,9 +28,9 @@ pub(crate) const TASK_VIEW_CHECKPOINT: &str = "tasks";
 /// reach the agent through the outbox consumer or its next reconnect.
 pub(crate) const MAX_PROJECTION_GAP: i64 = 5_000;
 
-/// Why the wanted commands could not be worked out.
+/// Why the wanted commands could not be worked out or delivered.
 #[derive(Debug, thiserror::Error)]
-pub(crate) enum PendingError {
+pub enum PendingError {
     /// The database failed.
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),

@@ -38,38 +38,27 @@ pub(crate) const BATCH: i64 = 500;
 /// Tasks loaded at once while delivering one batch.
 pub(crate) const LOADS_IN_FLIGHT: usize = 8;
 
-/// Follows the outbox for `ingress`, forever. Errors are logged and
-/// retried after a pause.
+/// Follows the outbox for `ingress`, forever: [`Ingress::deliver_once`]
+/// whenever the log may have grown. Errors are logged and retried after a
+/// pause.
 pub(crate) async fn follow(ingress: &Ingress) {
     let pool = ingress.store().pool().clone();
-    let mut at = loop {
-        match ingress.start_point().await {
-            Ok(start) => break start,
-            Err(e) => {
-                tracing::warn!(error = %e, "reading the outbox head failed; retrying");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-        }
-    };
+    while let Err(e) = ingress.start_point().await {
+        tracing::warn!(error = %e, "reading the outbox head failed; retrying");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
     let mut wake = Wakeup::new(pool, ingress.config().poll).await;
     loop {
-        loop {
-            match run_once(ingress, at).await {
-                Ok(Some(next)) => at = next,
-                Ok(None) => break,
-                Err(e) => {
-                    tracing::warn!(error = %e, "delivering commands failed; retrying");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    break;
-                }
-            }
+        if let Err(e) = ingress.deliver_once().await {
+            tracing::warn!(error = %e, "delivering commands failed; retrying");
+            tokio::time::sleep(Duration::from_secs(1)).await;
         }
         wake.wait().await;
     }
 }
 
-/// Reads and handles one batch after `after`; returns where it ended, or
-/// `None` when there was nothing new.
+/// Reads and handles one batch after `after`; returns where it ended and
+/// how many events it read, or `None` when there was nothing new.
 ///
 /// # Errors
 /// A database error; the batch is handled again from `after` next time
@@ -77,7 +66,7 @@ pub(crate) async fn follow(ingress: &Ingress) {
 pub(crate) async fn run_once(
     ingress: &Ingress,
     after: Checkpoint,
-) -> Result<Option<Checkpoint>, PendingError> {
+) -> Result<Option<(Checkpoint, usize)>, PendingError> {
     let events =
         outbox::read_after(ingress.store().pool(), after, BATCH, &Filter::default()).await?;
     let Some(last) = events.last().map(RecordedEvent::checkpoint) else {
@@ -98,7 +87,7 @@ pub(crate) async fn run_once(
     }
     deliver(ingress, tasks).await?;
     stop(ingress, given_up).await?;
-    Ok(Some(last))
+    Ok(Some((last, events.len())))
 }
 
 /// The task and attempt of a `TaskLost` or `TaskTimedOut`, when some node

@@ -47,11 +47,12 @@ use std::time::Duration;
 use axum::routing::get;
 use store::outbox::Checkpoint;
 use store::Store;
-use tokio::sync::OnceCell;
+use tokio::sync::{Mutex, OnceCell};
 
 use crate::logs::LogNotifier;
 use crate::registry::Registry;
 
+pub use crate::commands::PendingError;
 pub use crate::logs::{cut_marker, LogLimits, CHUNK_COST, MIN_BYTES_PER_S};
 
 /// How the ingress behaves, fixed at start-up.
@@ -105,6 +106,10 @@ pub struct Ingress {
     /// session reads its pending commands after this point is fixed, so
     /// between them the two see every event.
     start: Arc<OnceCell<Checkpoint>>,
+    /// How far the outbox consumer has delivered; `None` until its first
+    /// step, which starts at `start`. Held through a whole step, so two
+    /// steps never deliver the same events side by side.
+    delivered: Arc<Mutex<Option<Checkpoint>>>,
     /// Bounds on stored task output.
     log_limits: LogLimits,
     /// Wakes log followers after output is stored.
@@ -122,6 +127,7 @@ impl Ingress {
             config: Arc::new(config),
             registry: Registry::default(),
             start: Arc::new(OnceCell::new()),
+            delivered: Arc::new(Mutex::new(None)),
             log_limits: LogLimits::default(),
             log_notifier: LogNotifier::default(),
             objects: None,
@@ -169,6 +175,33 @@ impl Ingress {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         tracing::info!(left = self.registry.len(), "ingress stopped");
+    }
+
+    /// One step of the outbox consumer that [`Ingress::run`] repeats:
+    /// delivers to the sessions of this process what every event since
+    /// the last step asks (commands, host SSH requests, sessions to close)
+    /// and returns how many events it read. When it returns, everything
+    /// appended before the call has been handled, so a test can drive
+    /// delivery itself instead of waiting for the loop.
+    ///
+    /// # Errors
+    /// A database error; the next step starts again from the last batch
+    /// handled in full (what was already sent is sent again, which agents
+    /// ignore).
+    pub async fn deliver_once(&self) -> Result<usize, PendingError> {
+        let mut delivered = self.delivered.lock().await;
+        let mut at = match *delivered {
+            Some(at) => at,
+            None => self.start_point().await?,
+        };
+        let mut events = 0;
+        while let Some((next, read)) = fanout::run_once(self, at).await? {
+            at = next;
+            events += read;
+            *delivered = Some(at);
+        }
+        *delivered = Some(at);
+        Ok(events)
     }
 
     /// How many agent sessions this process holds.

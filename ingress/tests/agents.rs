@@ -8,12 +8,13 @@
     reason = "test helpers fail the test loudly on anything unexpected"
 )]
 
+mod support;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use domain::node::{Node, NodeCommand};
-use domain::spec::{TaskSpecDraft, UrlPolicy};
 use domain::task::{Task, TaskCommand};
 use domain::Actor;
 use futures::{SinkExt, StreamExt};
@@ -24,14 +25,13 @@ use protocol::{
 };
 use sqlx::PgPool;
 use store::{tokens, Store};
-use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use uuid::Uuid;
+
+use support::{admin, Ws};
 
 /// How long a test waits for something that should happen.
 const PATIENCE: Duration = Duration::from_secs(10);
@@ -63,10 +63,7 @@ impl Server {
                 cancel_grace_s: GRACE_S,
             },
         );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let router = ingress.router();
-        tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+        let addr = support::serve(&ingress).await;
         let (stop, stopped) = oneshot::channel::<()>();
         let running = ingress.clone();
         let runner = tokio::spawn(async move {
@@ -92,12 +89,17 @@ impl Server {
             .unwrap();
     }
 
+    /// Delivers everything the outbox holds so far, as the running
+    /// consumer would: afterwards nothing appended before is still on its
+    /// way to this process's sessions.
+    async fn deliver(&self) {
+        self.ingress.deliver_once().await.unwrap();
+    }
+
     /// Waits until this process holds `n` sessions.
     async fn wait_connected(&self, n: usize) {
-        let ingress = self.ingress.clone();
-        wait_until("sessions to settle", move || {
-            let ingress = ingress.clone();
-            async move { ingress.connected() == n }
+        wait_until(&format!("{n} sessions"), || async {
+            self.ingress.connected() == n
         })
         .await;
     }
@@ -116,34 +118,10 @@ async fn platform() -> Platform {
     }
 }
 
-fn admin() -> Actor {
-    Actor::User("admin".into())
-}
-
 impl Platform {
     /// A node and its token.
     async fn provision(&self) -> (Uuid, String) {
-        let node_id = Uuid::now_v7();
-        let issued = tokens::issue_node(node_id);
-        let now = Utc::now();
-        self.store
-            .execute::<Node>(
-                &node_id.to_string(),
-                NodeCommand::Provision {
-                    node_id,
-                    name: format!("node-{}", &node_id.simple().to_string()[24..]),
-                    labels: Default::default(),
-                    token_fingerprint: issued.fingerprint,
-                    max_resources: Default::default(),
-                    by: admin(),
-                    at: now,
-                },
-                &admin(),
-                now,
-            )
-            .await
-            .unwrap();
-        (node_id, issued.token)
+        support::provision(&self.store).await
     }
 
     async fn revoke(&self, node_id: Uuid) {
@@ -163,60 +141,11 @@ impl Platform {
     }
 
     async fn task(&self, id: Uuid, command: TaskCommand) {
-        self.store
-            .execute::<Task>(&id.to_string(), command, &admin(), Utc::now())
-            .await
-            .unwrap();
-    }
-
-    async fn submit(&self) -> Uuid {
-        let spec = TaskSpecDraft {
-            project_id: Some(Uuid::new_v4()),
-            code_repo_url: Some("https://example.com/code.git".into()),
-            code_commit_id: Some("a".repeat(40)),
-            env_repo_url: Some("https://example.com/env.git".into()),
-            env_commit_id: Some("b".repeat(40)),
-            dockerfile_path: Some("docker/Dockerfile".into()),
-            command: Some(vec!["python".into(), "train.py".into()]),
-            env: Some([("SEED".to_string(), "1".to_string())].into()),
-            timeout_s: Some(3600),
-            network: Some("none".into()),
-            ..Default::default()
-        }
-        .validate(UrlPolicy::default())
-        .unwrap();
-        let task_id = Uuid::now_v7();
-        self.task(
-            task_id,
-            TaskCommand::Submit {
-                task_id,
-                spec,
-                by: admin(),
-                at: Utc::now(),
-            },
-        )
-        .await;
-        task_id
-    }
-
-    /// Places the task's next attempt on `node_id`, as the scheduler would.
-    async fn assign(&self, task_id: Uuid, node_id: Uuid) {
-        self.task(
-            task_id,
-            TaskCommand::Assign {
-                node_id,
-                gpus: vec![],
-                reason: "test".into(),
-                at: Utc::now(),
-            },
-        )
-        .await;
+        support::task(&self.store, id, command).await;
     }
 
     async fn submit_and_assign(&self, node_id: Uuid) -> Uuid {
-        let task_id = self.submit().await;
-        self.assign(task_id, node_id).await;
-        task_id
+        support::submit_and_assign(&self.store, node_id).await
     }
 
     async fn cancel(&self, task_id: Uuid) {
@@ -273,21 +202,18 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    while !check().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    testkit::eventually(what, PATIENCE, || {
+        let holds = check();
+        async move { holds.await.then_some(()) }
+    })
+    .await;
 }
 
 // ---------------------------------------------------------------- agent
 
 /// The agent side of one WebSocket.
 struct Agent {
-    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    ws: Ws,
 }
 
 /// What arrived from the server.
@@ -303,26 +229,7 @@ enum Incoming {
 
 /// Dials the ingress; `Err` holds the HTTP status and body of a refusal.
 async fn dial(addr: SocketAddr, token: Option<&str>) -> Result<Agent, (u16, String)> {
-    let mut request = format!("ws://{addr}{}", protocol::PATH)
-        .into_client_request()
-        .unwrap();
-    if let Some(token) = token {
-        request
-            .headers_mut()
-            .insert("authorization", format!("Bearer {token}").parse().unwrap());
-    }
-    match tokio_tungstenite::connect_async(request).await {
-        Ok((ws, _)) => Ok(Agent { ws }),
-        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
-            let body = response
-                .body()
-                .as_ref()
-                .map(|b| String::from_utf8_lossy(b).into_owned())
-                .unwrap_or_default();
-            Err((response.status().as_u16(), body))
-        }
-        Err(e) => panic!("dialling the ingress failed: {e}"),
-    }
+    support::dial(addr, token).await.map(|ws| Agent { ws })
 }
 
 fn hello(running: Vec<RunningAttempt>) -> Hello {
@@ -721,6 +628,7 @@ async fn a_task_assigned_while_connected_reaches_its_node_only() {
     assert_eq!(run.timeout_s, Some(3600));
     assert!(run.gpus.is_empty());
     assert_eq!(run.network, protocol::TaskNetwork::None);
+    server.deliver().await;
     b.expect_quiet().await;
     a.send(&AgentMessage::Ack {
         command_id: protocol::command_id("run_task", task_id, 1),
@@ -1201,6 +1109,7 @@ async fn revoking_a_connected_node_closes_its_session_at_once_for_good() {
     };
     assert_eq!(status, 401);
     other.send(&AgentMessage::Heartbeat { seq: 1 }).await;
+    server.deliver().await;
     other.expect_quiet().await;
 }
 
@@ -1217,6 +1126,8 @@ async fn two_ingresses_on_one_database_deliver_only_to_their_own_agents() {
     let task_w = p.submit_and_assign(node_w).await;
     assert_eq!(run_task_for(&e.command().await), task_e);
     assert_eq!(run_task_for(&w.command().await), task_w);
+    east.deliver().await;
+    west.deliver().await;
     e.expect_quiet().await;
     w.expect_quiet().await;
     assert_eq!(p.liveness(node_e).await.unwrap().1, "ingress-east");
@@ -1254,16 +1165,20 @@ async fn a_node_connecting_again_replaces_its_older_session() {
     let (live, ingress_id, _) = p.liveness(node_id).await.unwrap();
     assert_eq!((live, ingress_id.as_str()), (third_session, "ingress-west"));
     // Replaced sessions end without marking the node disconnected.
-    tokio::time::sleep(QUIET).await;
-    assert_eq!(
-        p.events_of("node", node_id).await,
-        [
-            "NodeProvisioned",
-            "NodeConnected",
-            "NodeConnected",
-            "NodeConnected"
-        ]
-    );
+    testkit::stays(
+        "the node's events without a NodeDisconnected",
+        QUIET,
+        || async {
+            p.events_of("node", node_id).await
+                == [
+                    "NodeProvisioned",
+                    "NodeConnected",
+                    "NodeConnected",
+                    "NodeConnected",
+                ]
+        },
+    )
+    .await;
     let node = p
         .store
         .load::<Node>(&node_id.to_string())
@@ -1301,6 +1216,10 @@ async fn attempts_the_platform_no_longer_wants_are_cancelled_on_hello() {
         attempt: 1,
         container: Some("c".into()),
     };
+    // The outbox consumer has handled every assignment while the node was
+    // away, as on a server that has been up a while: what the agent gets
+    // now is the answer to its hello alone.
+    server.deliver().await;
     let (mut agent, _) = Agent::join(
         server.addr,
         &token,

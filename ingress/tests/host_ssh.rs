@@ -9,21 +9,21 @@
     reason = "test helpers fail the test loudly on anything unexpected"
 )]
 
+mod support;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use domain::node::{Node, NodeCommand, NodeEvent};
-use domain::Actor;
 use futures::{SinkExt, StreamExt};
 use ingress::{Config, Ingress};
 use protocol::{AgentMessage, Command, Hello, HostSsh, HostSshResult, ServerMessage};
-use store::{tokens, Store};
-use tokio::net::TcpStream;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use store::Store;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use uuid::Uuid;
+
+use support::{admin, Ws};
 
 /// How long a test waits for something that should happen.
 const PATIENCE: Duration = Duration::from_secs(10);
@@ -36,6 +36,7 @@ const RESULT_ID: u64 = 1 << 63;
 
 struct Platform {
     store: Store,
+    ingress: Ingress,
     addr: SocketAddr,
 }
 
@@ -52,37 +53,17 @@ async fn platform() -> Platform {
             cancel_grace_s: 5,
         },
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let router = ingress.router();
-    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
-    tokio::spawn(async move { ingress.run(std::future::pending()).await });
-    Platform { store, addr }
-}
-
-fn admin() -> Actor {
-    Actor::User("admin".into())
+    let addr = support::serve_and_run(ingress.clone()).await;
+    Platform {
+        store,
+        ingress,
+        addr,
+    }
 }
 
 impl Platform {
     async fn provision(&self) -> (Uuid, String) {
-        let node_id = Uuid::now_v7();
-        let issued = tokens::issue_node(node_id);
-        let now = Utc::now();
-        let provision = NodeCommand::Provision {
-            node_id,
-            name: format!("node-{}", &node_id.simple().to_string()[24..]),
-            labels: Default::default(),
-            token_fingerprint: issued.fingerprint,
-            max_resources: Default::default(),
-            by: admin(),
-            at: now,
-        };
-        self.store
-            .execute::<Node>(&node_id.to_string(), provision, &admin(), now)
-            .await
-            .unwrap();
-        (node_id, issued.token)
+        support::provision(&self.store).await
     }
 
     /// An admin's request, as the API appends it, made at `at`.
@@ -99,6 +80,9 @@ impl Platform {
             .execute::<Node>(&node_id.to_string(), request, &admin(), Utc::now())
             .await
             .unwrap();
+        // Whatever the request asks of a session here is on its way when
+        // this returns, so an agent listening for it need not guess.
+        self.ingress.deliver_once().await.unwrap();
         request_id
     }
 
@@ -132,31 +116,22 @@ impl Platform {
     }
 
     async fn wait_status(&self, node_id: Uuid, status: &str) {
-        let deadline = tokio::time::Instant::now() + PATIENCE;
-        while self.node(node_id).await.status.as_str() != status {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "node never {status}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        testkit::eventually(&format!("node {status}"), PATIENCE, || async {
+            (self.node(node_id).await.status.as_str() == status).then_some(())
+        })
+        .await;
     }
 }
 
 struct Agent {
-    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    ws: Ws,
 }
 
 impl Agent {
     async fn join(addr: SocketAddr, token: &str, host_ssh: bool) -> Agent {
-        let mut request = format!("ws://{addr}{}", protocol::PATH)
-            .into_client_request()
-            .unwrap();
-        request
-            .headers_mut()
-            .insert("authorization", format!("Bearer {token}").parse().unwrap());
-        let (ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
-        let mut agent = Agent { ws };
+        let mut agent = Agent {
+            ws: support::connect(addr, token).await,
+        };
         let hello = Hello {
             agent_version: "0.1.0-test".into(),
             host_ssh,
@@ -320,15 +295,11 @@ async fn an_agent_without_a_host_ssh_target_gets_no_command_and_the_request_ends
     let mut agent = Agent::join(p.addr, &token, false).await;
     let request_id = p.request(node, Utc::now()).await;
     assert!(agent.host_commands().await.is_empty());
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    let finished = loop {
+    let finished = testkit::eventually("the request to finish", PATIENCE, || async {
         let finished = p.finished(node).await;
-        if !finished.is_empty() {
-            break finished;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "never finished");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+        (!finished.is_empty()).then_some(finished)
+    })
+    .await;
     let NodeEvent::HostSshFinished {
         request_id: r,
         result,

@@ -9,24 +9,18 @@
     reason = "test helpers fail the test loudly on anything unexpected"
 )]
 
+mod support;
+
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use chrono::Utc;
-use domain::node::{Node, NodeCommand};
-use domain::spec::{TaskSpecDraft, UrlPolicy};
-use domain::task::{Task, TaskCommand};
-use domain::Actor;
 use futures::{SinkExt, StreamExt};
 use ingress::{Config, Ingress, LogLimits};
 use serde_json::{json, Value};
 use sqlx::postgres::PgListener;
 use sqlx::PgPool;
-use store::{tokens, Store};
-use tokio::net::TcpStream;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use store::Store;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use uuid::Uuid;
 
 const PATIENCE: Duration = Duration::from_secs(10);
@@ -35,10 +29,6 @@ struct Platform {
     store: Store,
     pool: PgPool,
     addr: SocketAddr,
-}
-
-fn admin() -> Actor {
-    Actor::User("admin".into())
 }
 
 /// A fresh database and an ingress on port 0 with these log bounds.
@@ -54,11 +44,7 @@ async fn platform(limits: LogLimits) -> Platform {
         },
     )
     .with_log_limits(limits);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let router = ingress.router();
-    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
-    tokio::spawn(async move { ingress.run(std::future::pending()).await });
+    let addr = support::serve_and_run(ingress).await;
     Platform {
         store,
         pool: db.pool,
@@ -69,59 +55,9 @@ async fn platform(limits: LogLimits) -> Platform {
 impl Platform {
     /// A node, its token, and a task whose first attempt is placed on it.
     async fn node_with_task(&self) -> (String, Uuid) {
-        let node_id = Uuid::now_v7();
-        let issued = tokens::issue_node(node_id);
-        let now = Utc::now();
-        self.store
-            .execute::<Node>(
-                &node_id.to_string(),
-                NodeCommand::Provision {
-                    node_id,
-                    name: format!("node-{}", &node_id.simple().to_string()[24..]),
-                    labels: Default::default(),
-                    token_fingerprint: issued.fingerprint,
-                    max_resources: Default::default(),
-                    by: admin(),
-                    at: now,
-                },
-                &admin(),
-                now,
-            )
-            .await
-            .unwrap();
-        let spec = TaskSpecDraft {
-            project_id: Some(Uuid::new_v4()),
-            code_repo_url: Some("https://example.com/code.git".into()),
-            code_commit_id: Some("a".repeat(40)),
-            env_repo_url: Some("https://example.com/env.git".into()),
-            env_commit_id: Some("b".repeat(40)),
-            dockerfile_path: Some("Dockerfile".into()),
-            command: Some(vec!["sh".into()]),
-            ..Default::default()
-        }
-        .validate(UrlPolicy::default())
-        .unwrap();
-        let task_id = Uuid::now_v7();
-        for command in [
-            TaskCommand::Submit {
-                task_id,
-                spec,
-                by: admin(),
-                at: Utc::now(),
-            },
-            TaskCommand::Assign {
-                node_id,
-                gpus: vec![],
-                reason: "test".into(),
-                at: Utc::now(),
-            },
-        ] {
-            self.store
-                .execute::<Task>(&task_id.to_string(), command, &admin(), Utc::now())
-                .await
-                .unwrap();
-        }
-        (issued.token, task_id)
+        let (node_id, token) = support::provision(&self.store).await;
+        let task_id = support::submit_and_assign(&self.store, node_id).await;
+        (token, task_id)
     }
 
     async fn rows(&self, task_id: Uuid) -> Vec<(i64, String)> {
@@ -142,20 +78,15 @@ impl Platform {
 
 /// The agent side of one WebSocket, speaking JSON frames.
 struct Agent {
-    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    ws: support::Ws,
 }
 
 impl Agent {
     /// Dials, says hello and waits for the welcome.
     async fn join(addr: SocketAddr, token: &str) -> Self {
-        let mut request = format!("ws://{addr}{}", protocol::PATH)
-            .into_client_request()
-            .unwrap();
-        request
-            .headers_mut()
-            .insert("authorization", format!("Bearer {token}").parse().unwrap());
-        let (ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
-        let mut agent = Agent { ws };
+        let mut agent = Agent {
+            ws: support::connect(addr, token).await,
+        };
         agent
             .send(json!({"type": "hello", "agent_version": "0.1.0-test",
                          "resources": {"cpus": 4.0, "memory_mb": 4096, "gpus": []},

@@ -9,13 +9,13 @@
     reason = "test helpers fail the test loudly on anything unexpected"
 )]
 
+mod support;
+
 use std::time::Duration;
 
 use chrono::Utc;
-use domain::node::{Node, NodeCommand};
 use domain::spec::{InputDraft, OutputDraft, TaskSpecDraft, UrlPolicy};
-use domain::task::{Task, TaskCommand};
-use domain::Actor;
+use domain::task::Task;
 use futures::{SinkExt, StreamExt};
 use ingress::{Config, Ingress};
 use objects::embedded::{fresh_credentials, Embedded};
@@ -23,46 +23,14 @@ use objects::uploads::{Completion, NewUpload, Uploads};
 use objects::ObjectStore;
 use protocol::{AgentMessage, Hello, ServerMessage, TransferGrant, TransferOp, TransferRequest};
 use sha2::{Digest, Sha256};
-use store::{tokens, Store};
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use store::Store;
 use tokio_tungstenite::tungstenite::Message;
 use uuid::Uuid;
 
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-fn admin() -> Actor {
-    Actor::User("admin".into())
-}
-
-async fn provision(store: &Store) -> (Uuid, String) {
-    let node_id = Uuid::now_v7();
-    let issued = tokens::issue_node(node_id);
-    let now = Utc::now();
-    let command = NodeCommand::Provision {
-        node_id,
-        name: format!("node-{}", &node_id.simple().to_string()[24..]),
-        labels: Default::default(),
-        token_fingerprint: issued.fingerprint,
-        max_resources: Default::default(),
-        by: admin(),
-        at: now,
-    };
-    store
-        .execute::<Node>(&node_id.to_string(), command, &admin(), now)
-        .await
-        .unwrap();
-    (node_id, issued.token)
-}
+use support::{provision, Ws};
 
 async fn join(addr: std::net::SocketAddr, token: &str) -> Ws {
-    let mut request = format!("ws://{addr}{}", protocol::PATH)
-        .into_client_request()
-        .unwrap();
-    request
-        .headers_mut()
-        .insert("authorization", format!("Bearer {token}").parse().unwrap());
-    let (mut ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    let mut ws = support::connect(addr, token).await;
     let hello = AgentMessage::Hello(Hello {
         agent_version: "0.1.0-test".into(),
         ..Hello::default()
@@ -137,10 +105,7 @@ async fn platform() -> Platform {
 
     let ingress =
         Ingress::new(store.clone(), Config::default()).with_objects(Some(objects.clone()));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let router = ingress.router();
-    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    let addr = support::serve(&ingress).await;
     Platform {
         store,
         objects,
@@ -171,27 +136,8 @@ async fn assigned_task(store: &Store, project_id: Uuid, object: &str, node: Uuid
     }
     .validate(UrlPolicy::default())
     .unwrap();
-    let task_id = Uuid::now_v7();
-    let at = Utc::now();
-    for command in [
-        TaskCommand::Submit {
-            task_id,
-            spec,
-            by: admin(),
-            at,
-        },
-        TaskCommand::Assign {
-            node_id: node,
-            gpus: vec![],
-            reason: "test".into(),
-            at,
-        },
-    ] {
-        store
-            .execute::<Task>(&task_id.to_string(), command, &admin(), at)
-            .await
-            .unwrap();
-    }
+    let task_id = support::submit_spec(store, spec).await;
+    support::assign(store, task_id, node).await;
     task_id
 }
 
@@ -290,27 +236,8 @@ async fn a_node_gets_urls_only_for_its_own_running_attempts_named_files() {
     }
     .validate(UrlPolicy::default())
     .unwrap();
-    let task_id = Uuid::now_v7();
-    let at = Utc::now();
-    for command in [
-        TaskCommand::Submit {
-            task_id,
-            spec,
-            by: admin(),
-            at,
-        },
-        TaskCommand::Assign {
-            node_id: node_a,
-            gpus: vec![],
-            reason: "test".into(),
-            at,
-        },
-    ] {
-        store
-            .execute::<Task>(&task_id.to_string(), command, &admin(), at)
-            .await
-            .unwrap();
-    }
+    let task_id = support::submit_spec(&store, spec).await;
+    support::assign(&store, task_id, node_a).await;
 
     let mut a = join(addr, &token_a).await;
     let mut b = join(addr, &token_b).await;

@@ -6,6 +6,8 @@
     reason = "a test fails loudly at the first surprise"
 )]
 
+mod support;
+
 use chrono::Utc;
 use domain::node::{Node, NodeCommand};
 use domain::project::{Project, ProjectCommand, Role};
@@ -14,9 +16,10 @@ use domain::task::{Outcome, Task, TaskCommand};
 use domain::user::{User, UserCommand};
 use domain::Actor;
 use projections::Projector;
-use sqlx::PgPool;
 use store::Store;
 use uuid::Uuid;
+
+use support::dump;
 
 fn admin() -> Actor {
     Actor::User("admin".into())
@@ -169,28 +172,6 @@ async fn history(store: &Store) -> (Uuid, Uuid) {
         }
     }
     (project, node)
-}
-
-/// Every read-model table as text, rows in key order.
-async fn dump(pool: &PgPool) -> String {
-    let mut out = String::new();
-    for (table, key) in [
-        ("task_view", "id"),
-        ("node_view", "id"),
-        ("project_view", "id"),
-        ("project_member_view", "project_id, user_name"),
-        ("user_view", "name"),
-        ("timeline", "position"),
-    ] {
-        let rows: Option<String> = sqlx::query_scalar(&format!(
-            "SELECT string_agg(t::text, E'\\n' ORDER BY {key}) FROM {table} t"
-        ))
-        .fetch_one(pool)
-        .await
-        .unwrap();
-        out.push_str(&format!("== {table}\n{}\n", rows.unwrap_or_default()));
-    }
-    out
 }
 
 #[tokio::test]

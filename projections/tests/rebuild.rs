@@ -7,6 +7,8 @@
     reason = "a test fails loudly at the first surprise"
 )]
 
+mod support;
+
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,6 +24,8 @@ use projections::Projector;
 use sqlx::PgPool;
 use store::Store;
 use uuid::Uuid;
+
+use support::dump;
 
 /// Events as the log stores them: (type, id, sequence, event type,
 /// payload, metadata).
@@ -385,28 +389,6 @@ async fn catalog(pool: &PgPool) -> String {
     .await
     .unwrap();
     rows.join("\n")
-}
-
-/// Every read model's rows, in key order.
-async fn dump(pool: &PgPool) -> String {
-    let mut out = String::new();
-    for (table, key) in [
-        ("task_view", "id"),
-        ("node_view", "id"),
-        ("project_view", "id"),
-        ("project_member_view", "project_id, user_name"),
-        ("user_view", "name"),
-        ("timeline", "position"),
-    ] {
-        let rows: Option<String> = sqlx::query_scalar(&format!(
-            "SELECT string_agg(t::text, E'\\n' ORDER BY {key}) FROM {table} t"
-        ))
-        .fetch_one(pool)
-        .await
-        .unwrap();
-        out.push_str(&format!("== {table}\n{}\n", rows.unwrap_or_default()));
-    }
-    out
 }
 
 #[tokio::test]

@@ -188,7 +188,7 @@ fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
 /// # Errors
 /// When the cluster's files exist but cannot be read.
 pub fn running_url(dir: &Path) -> anyhow::Result<Option<String>> {
-    store::cluster::running_url(&dir.join("pg")).context("reading the dev cluster's settings")
+    pgcluster::running_url(&dir.join("pg")).context("reading the dev cluster's settings")
 }
 
 /// Creates `dir` if needed and closes it and everything under it to anyone
@@ -278,7 +278,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
                 "starting PostgreSQL under {}",
                 args.dir.join("pg").display()
             );
-            let cluster = store::cluster::LocalCluster::start(&args.dir.join("pg"))
+            let cluster = pgcluster::LocalCluster::start(&args.dir.join("pg"))
                 .await
                 .context("starting the private PostgreSQL cluster")?;
             (cluster.url(), Some(cluster))

@@ -7,52 +7,34 @@
     reason = "a test fails loudly at the first surprise"
 )]
 
-mod common;
+mod support;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
+use testkit::process::{Api, ServerProcess};
 
-use common::{agent_binary, base_image, free_port, repo, BASE};
+use support::{base_image, repo, spawn_agent, task_in, Agents, BASE};
 
 struct Platform {
-    server: Child,
-    base: String,
-    ws: String,
-    token: String,
-    http: reqwest::Client,
+    api: Api,
     dir: tempfile::TempDir,
-    agents: Vec<Child>,
+    agents: Agents,
     /// Per agent: its node token and work directory, to start it again.
     started: Vec<(String, PathBuf)>,
-}
-
-impl Drop for Platform {
-    fn drop(&mut self) {
-        let _ = self.server.kill();
-        for a in &mut self.agents {
-            let _ = a.kill();
-        }
-    }
+    server: ServerProcess,
 }
 
 impl Platform {
     async fn start() -> Platform {
         base_image();
         let db = testkit::fresh_db().await;
-        let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
-        let token_file = dir.path().join("admin.token");
-        let server = Command::new(env!("CARGO_BIN_EXE_unidesk"))
-            .args([
-                "serve",
-                "--listen",
-                &format!("127.0.0.1:{port}"),
+        let server = support::serve(
+            &db.url,
+            &[
                 "--allow-file-urls",
-            ])
-            .args([
                 "--heartbeat-s",
                 "1",
                 // Eight missed heartbeats: a node is not lost to a loaded
@@ -61,151 +43,77 @@ impl Platform {
                 "8",
                 "--poll-ms",
                 "100",
-            ])
-            .arg("--admin-token-file")
-            .arg(&token_file)
-            .env("DATABASE_URL", &db.url)
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        let base = format!("http://127.0.0.1:{port}");
-        let http = reqwest::Client::new();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Ok(r) = http.get(format!("{base}/readyz")).send().await {
-                if r.status() == 200 && token_file.exists() {
-                    break;
-                }
-            }
-            assert!(Instant::now() < deadline, "server did not become ready");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        let token = std::fs::read_to_string(&token_file)
-            .unwrap()
-            .trim()
-            .to_string();
-        Platform {
-            server,
-            ws: format!("ws://127.0.0.1:{port}"),
-            base,
-            token,
-            http,
-            dir,
-            agents: Vec::new(),
-            started: Vec::new(),
-        }
-    }
-
-    async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
-        let mut req = self
-            .http
-            .request(method, format!("{}/api/v1{path}", self.base))
-            .bearer_auth(&self.token);
-        if let Some(b) = body {
-            req = req.json(&b);
-        }
-        let r = req.send().await.unwrap();
-        let status = r.status().as_u16();
-        let text = r.text().await.unwrap();
-        (
-            status,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+            ],
         )
-    }
-
-    async fn post(&self, path: &str, body: Value) -> Value {
-        let (status, v) = self.call(reqwest::Method::POST, path, Some(body)).await;
-        assert!(status < 300, "POST {path}: {status} {v}");
-        v
-    }
-
-    async fn get(&self, path: &str) -> Value {
-        let (status, v) = self.call(reqwest::Method::GET, path, None).await;
-        assert_eq!(status, 200, "GET {path}: {v}");
-        v
+        .await;
+        Platform {
+            api: server.api(),
+            dir: tempfile::tempdir().unwrap(),
+            agents: Agents::default(),
+            started: Vec::new(),
+            server,
+        }
     }
 
     /// Provisions a node and starts its agent; returns the node id and the
     /// agent's index.
     async fn agent(&mut self, name: &str, labels: Value) -> (String, usize) {
         let node = self
+            .api
             .post("/nodes", json!({"name": name, "labels": labels}))
             .await;
         let work = self.dir.path().join(format!("agent-{name}"));
         let token = node["token"].as_str().unwrap().to_string();
-        self.agents.push(spawn_agent(&self.ws, &token, &work));
+        self.agents.0.push(agent(&self.server.ws(), &token, &work));
         self.started.push((token, work));
         let id = node["id"].as_str().unwrap().to_string();
-        self.until(&format!("node {name} online"), || async {
-            self.get(&format!("/nodes/{id}")).await["status"] == "online"
-        })
-        .await;
-        (id, self.agents.len() - 1)
+        support::node_online(&self.api, &id).await;
+        (id, self.agents.0.len() - 1)
     }
 
     /// Starts agent `index` again as a new process (same token, same work
     /// directory), as after a crash or an upgrade.
     fn restart_agent(&mut self, index: usize) {
         let (token, work) = &self.started[index];
-        self.agents[index] = spawn_agent(&self.ws, token, work);
+        self.agents.0[index] = agent(&self.server.ws(), token, work);
     }
 
     /// The timeline of one task, oldest first.
     async fn timeline(&self, task: &str) -> Vec<Value> {
         let page = self
+            .api
             .get(&format!(
                 "/events?aggregate_type=task&aggregate_id={task}&limit=1000"
             ))
             .await;
         page["items"].as_array().unwrap().clone()
     }
-}
 
-/// An agent process for `token`, working in `work`.
-fn spawn_agent(ws: &str, token: &str, work: &Path) -> Child {
-    Command::new(agent_binary())
-        .args([
-            "--server",
-            ws,
-            "--cpus",
-            "4",
-            "--memory-mb",
-            "4096",
-            "--no-gpus",
-        ])
-        .args(["--reconnect-min-ms", "100", "--reconnect-max-ms", "1000"])
-        .arg("--work-dir")
-        .arg(work)
-        .env("UNIDESK_NODE_TOKEN", token)
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap()
-}
-
-impl Platform {
     async fn until<F, Fut>(&self, what: &str, mut check: F)
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = bool>,
     {
-        let deadline = Instant::now() + Duration::from_secs(180);
-        while !check().await {
-            assert!(Instant::now() < deadline, "timed out waiting for {what}");
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        testkit::eventually(what, Duration::from_secs(180), || {
+            let holds = check();
+            async move { holds.await.then_some(()) }
+        })
+        .await;
     }
 
     async fn task_until(&self, id: &str, states: &[&str]) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(240);
-        loop {
-            let last = self.get(&format!("/tasks/{id}")).await;
-            if states.iter().any(|s| last["state"] == *s) {
-                return last;
-            }
-            assert!(Instant::now() < deadline, "task {id} stuck: {last}");
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        task_in(&self.api, id, states).await
     }
+}
+
+/// An agent process for `token`, working in `work`.
+fn agent(ws: &str, token: &str, work: &Path) -> Child {
+    spawn_agent(
+        ws,
+        token,
+        work,
+        &["--cpus", "4", "--memory-mb", "4096", "--no-gpus"],
+    )
 }
 
 struct Repos {
@@ -240,27 +148,29 @@ fn task(project: &str, r: &Repos, command: &[&str], env: Value) -> Value {
 async fn a_task_runs_in_a_container_on_a_real_agent_and_its_output_is_readable() {
     let mut p = Platform::start().await;
     let r = repos(p.dir.path());
-    let project = p.post("/projects", json!({"name": "e2e"})).await["id"]
+    let project = p.api.post("/projects", json!({"name": "e2e"})).await["id"]
         .as_str()
         .unwrap()
         .to_string();
     let (node, _) = p.agent("worker-1", json!({"site": "lab"})).await;
-    let listed = p.get(&format!("/nodes/{node}")).await;
+    let listed = p.api.get(&format!("/nodes/{node}")).await;
     assert_eq!(listed["resources"]["cpus"], 4.0, "{listed}");
 
     let t = p
+        .api
         .post("/tasks", task(&project, &r, &["sh", "run.sh"], json!({})))
         .await;
     let id = t["id"].as_str().unwrap().to_string();
     let done = p.task_until(&id, &["succeeded", "failed"]).await;
     assert_eq!(done["state"], "succeeded", "{done}");
     assert_eq!(done["node_id"], node);
-    let logs = p.get(&format!("/tasks/{id}/logs")).await;
+    let logs = p.api.get(&format!("/tasks/{id}/logs")).await;
     let out = logs["data"].as_str().unwrap();
     assert!(out.contains("hello from the task"), "{logs}");
     assert!(out.contains("to-stderr"), "{logs}");
     // The timeline shows every step, in order.
     let events = p
+        .api
         .get(&format!("/events?aggregate_type=task&aggregate_id={id}"))
         .await;
     let types: Vec<&str> = events["items"]
@@ -280,6 +190,7 @@ async fn a_task_runs_in_a_container_on_a_real_agent_and_its_output_is_readable()
 
     // A non-zero exit fails the task with its exit code.
     let t = p
+        .api
         .post(
             "/tasks",
             task(&project, &r, &["sh", "run.sh"], json!({"EXIT": "3"})),
@@ -294,7 +205,7 @@ async fn a_task_runs_in_a_container_on_a_real_agent_and_its_output_is_readable()
     // A commit that does not exist fails with a reason a person understands.
     let mut bad = task(&project, &r, &["sh", "run.sh"], json!({}));
     bad["code_commit_id"] = json!("0123456789abcdef0123456789abcdef01234567");
-    let t = p.post("/tasks", bad).await;
+    let t = p.api.post("/tasks", bad).await;
     let failed = p
         .task_until(t["id"].as_str().unwrap(), &["succeeded", "failed"])
         .await;
@@ -320,7 +231,7 @@ async fn a_task_runs_in_a_container_on_a_real_agent_and_its_output_is_readable()
     t["env_repo_url"] = json!(broken.0);
     t["env_commit_id"] = json!(broken.1);
     t["dockerfile_path"] = json!("Dockerfile");
-    let t = p.post("/tasks", t).await;
+    let t = p.api.post("/tasks", t).await;
     let failed = p
         .task_until(t["id"].as_str().unwrap(), &["succeeded", "failed"])
         .await;
@@ -335,12 +246,13 @@ async fn a_task_runs_in_a_container_on_a_real_agent_and_its_output_is_readable()
 async fn a_killed_agents_task_is_requeued_and_runs_elsewhere_and_revoked_agents_stay_out() {
     let mut p = Platform::start().await;
     let r = repos(p.dir.path());
-    let project = p.post("/projects", json!({"name": "e2e-loss"})).await["id"]
+    let project = p.api.post("/projects", json!({"name": "e2e-loss"})).await["id"]
         .as_str()
         .unwrap()
         .to_string();
     let (first, first_agent) = p.agent("doomed", json!({"pool": "a"})).await;
     let t = p
+        .api
         .post("/tasks", {
             let mut t = task(&project, &r, &["sleep", "600"], json!({}));
             t["labels"] = json!({"pool": "a"});
@@ -360,9 +272,9 @@ async fn a_killed_agents_task_is_requeued_and_runs_elsewhere_and_revoked_agents_
 
     // kill -9: no goodbye. After the offline interval the node is offline,
     // the attempt lost, and the task queued again.
-    p.agents[first_agent].kill().unwrap();
+    p.agents.0[first_agent].kill().unwrap();
     p.until("node offline", || async {
-        p.get(&format!("/nodes/{first}")).await["status"] == "offline"
+        p.api.get(&format!("/nodes/{first}")).await["status"] == "offline"
     })
     .await;
     let requeued = p.task_until(&id, &["queued"]).await;
@@ -378,37 +290,39 @@ async fn a_killed_agents_task_is_requeued_and_runs_elsewhere_and_revoked_agents_
 
     // Draining keeps new work away; revoking closes the session at once and
     // the agent is refused from then on.
-    p.post(&format!("/nodes/{second}/drain"), json!({})).await;
+    p.api
+        .post(&format!("/nodes/{second}/drain"), json!({}))
+        .await;
     let waiting = p
+        .api
         .post("/tasks", {
             let mut t = task(&project, &r, &["true"], json!({}));
             t["labels"] = json!({"pool": "a"});
             t
         })
         .await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(
-        p.get(&format!("/tasks/{}", waiting["id"].as_str().unwrap()))
-            .await["state"],
-        "queued"
-    );
-    p.post(&format!("/nodes/{second}/revoke"), json!({})).await;
-    let agent = p.agents.last_mut().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(s) = agent.try_wait().unwrap() {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "a revoked agent kept running");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let waiting = format!("/tasks/{}", waiting["id"].as_str().unwrap());
+    testkit::stays(
+        "a task for a draining node's labels stays queued",
+        Duration::from_secs(2),
+        || async { p.api.get(&waiting).await["state"] == "queued" },
+    )
+    .await;
+    p.api
+        .post(&format!("/nodes/{second}/revoke"), json!({}))
+        .await;
+    let agent = p.agents.0.last_mut().unwrap();
+    let status = testkit::eventually("the revoked agent to exit", Duration::from_secs(30), || {
+        std::future::ready(agent.try_wait().unwrap())
+    })
+    .await;
     assert_eq!(
         status.code(),
         Some(2),
         "a revoked agent exits with status 2"
     );
     p.until("revoked node marked", || async {
-        p.get(&format!("/nodes/{second}")).await["status"] == "revoked"
+        p.api.get(&format!("/nodes/{second}")).await["status"] == "revoked"
     })
     .await;
     // Its attempt is given up at once, and with no retries left the task fails.
@@ -448,7 +362,10 @@ fn containers_of(task: &str) -> String {
 async fn a_restarted_agent_keeps_its_running_task_and_a_cancel_stops_a_container() {
     let mut p = Platform::start().await;
     let r = repos(p.dir.path());
-    let project = p.post("/projects", json!({"name": "e2e-restart"})).await["id"]
+    let project = p
+        .api
+        .post("/projects", json!({"name": "e2e-restart"}))
+        .await["id"]
         .as_str()
         .unwrap()
         .to_string();
@@ -458,6 +375,7 @@ async fn a_restarted_agent_keeps_its_running_task_and_a_cancel_stops_a_container
     // directory) before the server gives the node up: it adopts the
     // container, and the task ends as if nothing happened.
     let t = p
+        .api
         .post(
             "/tasks",
             task(
@@ -471,16 +389,16 @@ async fn a_restarted_agent_keeps_its_running_task_and_a_cancel_stops_a_container
     let id = t["id"].as_str().unwrap().to_string();
     p.task_until(&id, &["running"]).await;
     p.until("first line stored", || async {
-        p.get(&format!("/tasks/{id}/logs")).await["data"] == "before\n"
+        p.api.get(&format!("/tasks/{id}/logs")).await["data"] == "before\n"
     })
     .await;
-    p.agents[agent].kill().unwrap();
-    p.agents[agent].wait().unwrap();
+    p.agents.0[agent].kill().unwrap();
+    p.agents.0[agent].wait().unwrap();
     p.restart_agent(agent);
     let done = p.task_until(&id, &["succeeded", "failed", "queued"]).await;
     assert_eq!(done["state"], "succeeded", "{done}");
     assert_eq!(done["attempt"], 1, "{done}");
-    let logs = p.get(&format!("/tasks/{id}/logs")).await;
+    let logs = p.api.get(&format!("/tasks/{id}/logs")).await;
     assert_eq!(logs["data"], "before\nafter\n", "no gap, no duplicate");
     assert_eq!(logs["complete"], true);
     assert_eq!(containers_of(&id), "", "the adopted container is removed");
@@ -504,6 +422,7 @@ async fn a_restarted_agent_keeps_its_running_task_and_a_cancel_stops_a_container
 
     // The same code and environment again: both come from the node's cache.
     let t = p
+        .api
         .post("/tasks", task(&project, &r, &["sleep", "600"], json!({})))
         .await;
     let cancel_me = t["id"].as_str().unwrap().to_string();
@@ -533,7 +452,8 @@ async fn a_restarted_agent_keeps_its_running_task_and_a_cancel_stops_a_container
     );
     assert_ne!(containers_of(&cancel_me), "");
     let asked = Instant::now();
-    p.post(&format!("/tasks/{cancel_me}/cancel"), json!({}))
+    p.api
+        .post(&format!("/tasks/{cancel_me}/cancel"), json!({}))
         .await;
     let ended = p.task_until(&cancel_me, &["cancelled"]).await;
     assert_eq!(ended["state"], "cancelled");

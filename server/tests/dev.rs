@@ -6,28 +6,15 @@
     reason = "a test fails loudly at the first surprise"
 )]
 
-use std::io::{BufRead, BufReader};
+mod support;
+
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
-use serde_json::{json, Value};
-
-struct Dev {
-    child: Child,
-    base: String,
-    token: String,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use nix::sys::signal::Signal;
+use serde_json::json;
+use testkit::process::{Launch, ServerProcess};
 
 /// A working directory PostgreSQL's own user can reach.
 fn workdir() -> tempfile::TempDir {
@@ -40,69 +27,33 @@ fn workdir() -> tempfile::TempDir {
     d
 }
 
-fn start(dir: &Path) -> Dev {
-    let port = free_port();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_unidesk"))
-        .args(["dev", "--listen", &format!("127.0.0.1:{port}")])
+/// `unidesk dev` in `dir`, with its own PostgreSQL cluster.
+async fn start(dir: &Path) -> ServerProcess {
+    Launch::dev(env!("CARGO_BIN_EXE_unidesk"))
         .current_dir(dir)
         .env_remove("DATABASE_URL")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Some(t) = line.strip_prefix("admin token: ") {
-                let _ = tx.send(t.to_string());
-            }
-        }
-    });
-    let token = rx
-        .recv_timeout(Duration::from_secs(120))
-        .expect("dev printed no admin token");
-    Dev {
-        child,
-        base: format!("http://127.0.0.1:{port}"),
-        token,
-    }
+        .start()
+        .await
+        .unwrap()
 }
 
-fn interrupt(mut dev: Dev) {
-    kill(Pid::from_raw(dev.child.id() as i32), Signal::SIGINT).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Some(status) = dev.child.try_wait().unwrap() {
-            assert!(status.success(), "dev exited with {status}");
-            return;
-        }
-        assert!(Instant::now() < deadline, "dev did not stop on Ctrl-C");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+/// Ctrl-C: dev must stop, and stop cleanly.
+async fn interrupt(mut dev: ServerProcess) {
+    let status = dev
+        .signal_and_wait(Signal::SIGINT, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert!(status.success(), "dev exited with {status}");
 }
 
 fn postmaster_running(pg: &Path) -> bool {
     pg.join("postmaster.pid").exists()
 }
 
-async fn projects(client: &reqwest::Client, dev: &Dev) -> Vec<String> {
-    let body: Value = client
-        .get(format!("{}/api/v1/projects", dev.base))
-        .bearer_auth(&dev.token)
-        .send()
-        .await
+async fn projects(dev: &ServerProcess) -> Vec<String> {
+    dev.api().get("/projects").await["items"]
+        .as_array()
         .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let items = body
-        .get("items")
-        .or(Some(&body))
-        .and_then(Value::as_array)
-        .cloned();
-    items
-        .unwrap_or_default()
         .iter()
         .filter_map(|p| p["name"].as_str().map(str::to_string))
         .collect()
@@ -114,10 +65,10 @@ async fn dev_starts_stops_on_ctrl_c_and_finds_its_data_again() {
     let state = dir.path().join(".unidesk");
     let client = reqwest::Client::new();
 
-    let dev = start(dir.path());
+    let dev = start(dir.path()).await;
     // The token is printed and kept in a file only its owner can read.
     let file = state.join("admin.token");
-    assert_eq!(std::fs::read_to_string(&file).unwrap().trim(), dev.token);
+    assert_eq!(std::fs::read_to_string(&file).unwrap().trim(), dev.token());
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(
         std::fs::metadata(&file).unwrap().permissions().mode() & 0o777,
@@ -125,47 +76,33 @@ async fn dev_starts_stops_on_ctrl_c_and_finds_its_data_again() {
     );
 
     for path in ["/healthz", "/readyz"] {
-        let r = client
-            .get(format!("{}{path}", dev.base))
-            .send()
-            .await
-            .unwrap();
+        let r = client.get(dev.url(path)).send().await.unwrap();
         assert_eq!(r.status(), 200, "{path}");
     }
     // The local agent joins over a real WebSocket, like any node.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let nodes: Value = client
-            .get(format!("{}/api/v1/nodes", dev.base))
-            .bearer_auth(&dev.token)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let local = nodes["items"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|n| n["name"] == "local" && n["status"] == "online");
-        if local {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the local agent never came online: {nodes}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let r = client
-        .post(format!("{}/api/v1/projects", dev.base))
-        .bearer_auth(&dev.token)
-        .json(&json!({"name": "kept", "description": "survives a restart"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 201);
+    let api = dev.api();
+    testkit::eventually(
+        "the local agent to come online",
+        Duration::from_secs(60),
+        || async {
+            let nodes = api.get("/nodes").await;
+            nodes["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|n| n["name"] == "local" && n["status"] == "online")
+                .then_some(())
+        },
+    )
+    .await;
+    let (status, created) = api
+        .call(
+            reqwest::Method::POST,
+            "/projects",
+            Some(json!({"name": "kept", "description": "survives a restart"})),
+        )
+        .await;
+    assert_eq!(status, 201, "{created}");
 
     // Admin commands run in the same directory find the private cluster.
     let cli = |args: &[&str]| {
@@ -188,36 +125,36 @@ async fn dev_starts_stops_on_ctrl_c_and_finds_its_data_again() {
     assert!(status.contains("timeline"), "{status}");
     let check = cli(&["replay", "--check"]);
     assert!(check.contains("every event can be applied"), "{check}");
-    assert!(projects(&client, &dev).await.contains(&"kept".to_string()));
+    assert!(projects(&dev).await.contains(&"kept".to_string()));
 
     // A second dev in another directory runs side by side.
     let other_dir = workdir();
-    let other = start(other_dir.path());
-    assert_ne!(other.token, dev.token);
-    assert!(projects(&client, &other).await.is_empty());
-    interrupt(other);
+    let other = start(other_dir.path()).await;
+    assert_ne!(other.token(), dev.token());
+    assert!(projects(&other).await.is_empty());
+    interrupt(other).await;
 
-    let first_token = dev.token.clone();
-    interrupt(dev);
+    let first_token = dev.token().to_string();
+    interrupt(dev).await;
     assert!(
         !postmaster_running(&state.join("pg").join("data")),
         "PostgreSQL kept running after Ctrl-C"
     );
 
-    let dev = start(dir.path());
-    assert_eq!(dev.token, first_token, "the kept token is reused");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if projects(&client, &dev).await.contains(&"kept".to_string()) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the project did not survive the restart"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    interrupt(dev);
+    let dev = start(dir.path()).await;
+    assert_eq!(dev.token(), first_token, "the kept token is reused");
+    testkit::eventually(
+        "the project to be there after the restart",
+        Duration::from_secs(30),
+        || async {
+            projects(&dev)
+                .await
+                .contains(&"kept".to_string())
+                .then_some(())
+        },
+    )
+    .await;
+    interrupt(dev).await;
 }
 
 /// Every entry under `dir` that is open to anyone but its owner: the top
@@ -261,7 +198,6 @@ fn open_to_others(dir: &Path) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn dev_keeps_its_directory_and_everything_in_it_for_its_owner_only() {
-    use sha2::Digest;
     use std::os::unix::fs::PermissionsExt;
     let dir = workdir();
     let state = dir.path().join(".unidesk");
@@ -278,52 +214,11 @@ async fn dev_keeps_its_directory_and_everything_in_it_for_its_owner_only() {
     }
     std::os::unix::fs::symlink("/etc/hostname", state.join("link")).unwrap();
 
-    let dev = start(dir.path());
-    let client = reqwest::Client::new();
-    let project: Value = client
-        .post(format!("{}/api/v1/projects", dev.base))
-        .bearer_auth(&dev.token)
-        .json(&json!({"name": "private"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let dev = start(dir.path()).await;
+    let api = dev.api();
+    let project = api.post("/projects", json!({"name": "private"})).await;
     let id = project["id"].as_str().unwrap();
-    let data = b"results".repeat(100);
-    let upload: Value = client
-        .post(format!("{}/api/v1/projects/{id}/objects", dev.base))
-        .bearer_auth(&dev.token)
-        .json(&json!({
-            "name": "data/results.bin",
-            "size": data.len(),
-            "sha256": hex::encode(sha2::Sha256::digest(&data)),
-        }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let mut put = client
-        .put(upload["url"].as_str().unwrap())
-        .body(data.clone());
-    for (k, v) in upload["headers"].as_object().unwrap() {
-        put = put.header(k, v.as_str().unwrap());
-    }
-    assert!(put.send().await.unwrap().status().is_success());
-    let completed = client
-        .post(format!(
-            "{}/api/v1/projects/{id}/objects/complete",
-            dev.base
-        ))
-        .bearer_auth(&dev.token)
-        .json(&json!({"name": "data/results.bin", "upload_id": upload["upload_id"]}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(completed.status(), 200);
+    support::put_object(&api, id, "data/results.bin", &b"results".repeat(100)).await;
     let stored = std::fs::read_dir(state.join("objects"))
         .unwrap()
         .flatten()
@@ -344,6 +239,6 @@ async fn dev_keeps_its_directory_and_everything_in_it_for_its_owner_only() {
             & 0o044,
         0
     );
-    interrupt(dev);
+    interrupt(dev).await;
     assert_eq!(open_to_others(&state), Vec::<String>::new());
 }

@@ -12,7 +12,7 @@
     reason = "a test fails loudly at the first surprise"
 )]
 
-mod common;
+mod support;
 
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -21,7 +21,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use common::{agent_binary, free_port};
+use support::{spawn_agent, Agents};
+use testkit::free_port;
+use testkit::process::{Api, ServerProcess};
 
 fn run(program: &str, args: &[&str]) -> String {
     let out = Command::new(program)
@@ -134,63 +136,23 @@ impl Sshd {
 
 /// The server and its agents; stopped when dropped.
 struct Platform {
-    server: Child,
-    base: String,
-    ws: String,
     admin: String,
-    http: reqwest::Client,
+    api: Api,
     dir: tempfile::TempDir,
-    agents: Vec<Child>,
-}
-
-impl Drop for Platform {
-    fn drop(&mut self) {
-        for a in &mut self.agents {
-            let _ = a.kill();
-        }
-        let _ = self.server.kill();
-    }
+    agents: Agents,
+    server: ServerProcess,
 }
 
 impl Platform {
     async fn start() -> Platform {
         let db = testkit::fresh_db().await;
-        let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
-        let token_file = dir.path().join("admin.token");
-        let server = Command::new(env!("CARGO_BIN_EXE_unidesk"))
-            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-            .args(["--heartbeat-s", "1", "--poll-ms", "100"])
-            .arg("--admin-token-file")
-            .arg(&token_file)
-            .env("DATABASE_URL", &db.url)
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        let base = format!("http://127.0.0.1:{port}");
-        let http = reqwest::Client::new();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Ok(r) = http.get(format!("{base}/readyz")).send().await {
-                if r.status() == 200 && token_file.exists() {
-                    break;
-                }
-            }
-            assert!(Instant::now() < deadline, "server did not become ready");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        let admin = std::fs::read_to_string(&token_file)
-            .unwrap()
-            .trim()
-            .to_string();
+        let server = support::serve(&db.url, &["--heartbeat-s", "1", "--poll-ms", "100"]).await;
         Platform {
+            admin: server.token().to_string(),
+            api: server.api(),
+            dir: tempfile::tempdir().unwrap(),
+            agents: Agents::default(),
             server,
-            ws: format!("ws://127.0.0.1:{port}"),
-            base,
-            admin,
-            http,
-            dir,
-            agents: Vec::new(),
         }
     }
 
@@ -201,42 +163,14 @@ impl Platform {
         path: &str,
         body: Option<Value>,
     ) -> (u16, Value) {
-        let mut req = self
-            .http
-            .request(method, format!("{}/api/v1{path}", self.base))
-            .bearer_auth(token);
-        if let Some(b) = body {
-            req = req.json(&b);
-        }
-        let r = req.send().await.unwrap();
-        let status = r.status().as_u16();
-        let text = r.text().await.unwrap();
-        (
-            status,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        )
-    }
-
-    async fn post(&self, path: &str, body: Value) -> Value {
-        let (status, v) = self
-            .call(&self.admin, reqwest::Method::POST, path, Some(body))
-            .await;
-        assert!(status < 300, "POST {path}: {status} {v}");
-        v
-    }
-
-    async fn get(&self, path: &str) -> Value {
-        let (status, v) = self
-            .call(&self.admin, reqwest::Method::GET, path, None)
-            .await;
-        assert_eq!(status, 200, "GET {path}: {v}");
-        v
+        self.api.with_token(token).call(method, path, body).await
     }
 
     /// A user who is not an admin; returns their token.
     async fn user(&self, name: &str) -> String {
-        self.post("/users", json!({ "name": name })).await;
+        self.api.post("/users", json!({ "name": name })).await;
         let issued = self
+            .api
             .post(&format!("/users/{name}/tokens"), json!({"label": "test"}))
             .await;
         issued["token"].as_str().unwrap().to_string()
@@ -245,26 +179,18 @@ impl Platform {
     /// Provisions node `name`, starts its agent with `extra` flags and
     /// waits until it is online; returns the node id.
     async fn agent(&mut self, name: &str, extra: &[String]) -> String {
-        let node = self.post("/nodes", json!({ "name": name })).await;
+        let node = self.api.post("/nodes", json!({ "name": name })).await;
         let work = self.dir.path().join(format!("agent-{name}"));
-        let child = Command::new(agent_binary())
-            .args(["--server", &self.ws])
-            .args(["--cpus", "1", "--memory-mb", "512", "--no-gpus"])
-            .args(["--reconnect-min-ms", "100", "--reconnect-max-ms", "1000"])
-            .arg("--work-dir")
-            .arg(&work)
-            .args(extra)
-            .env("UNIDESK_NODE_TOKEN", node["token"].as_str().unwrap())
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        self.agents.push(child);
+        let mut flags = vec!["--cpus", "1", "--memory-mb", "512", "--no-gpus"];
+        flags.extend(extra.iter().map(String::as_str));
+        self.agents.0.push(spawn_agent(
+            &self.server.ws(),
+            node["token"].as_str().unwrap(),
+            &work,
+            &flags,
+        ));
         let id = node["id"].as_str().unwrap().to_string();
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while self.get(&format!("/nodes/{id}")).await["status"] != "online" {
-            assert!(Instant::now() < deadline, "node {name} did not come online");
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        support::node_online(&self.api, &id).await;
         id
     }
 
@@ -395,6 +321,7 @@ async fn an_admin_runs_bounded_commands_on_a_nodes_host_over_real_ssh() {
 
     // Everything is on the node's timeline, said in words.
     let events = p
+        .api
         .get(&format!(
             "/events?aggregate_type=node&aggregate_id={host}&limit=1000"
         ))

@@ -10,11 +10,10 @@
     reason = "a test fails loudly at the first surprise"
 )]
 
-mod common;
+mod support;
 
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use chrono::Utc;
 use domain::task::{Task, TaskCommand};
@@ -29,7 +28,8 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use uuid::Uuid;
 
-use common::{agent_binary, base_image, repo, BASE};
+use support::{base_image, repo, spawn_agent, Agents, BASE};
+use testkit::process::Api;
 
 /// How long a test waits for something that should happen.
 const PATIENCE: Duration = Duration::from_secs(10);
@@ -87,46 +87,26 @@ impl Platform {
         }
     }
 
+    /// The API as the holder of `token`.
+    fn api(&self, token: &str) -> Api {
+        Api {
+            http: self.http.clone(),
+            base: self.base.clone(),
+            token: token.to_string(),
+        }
+    }
+
     async fn post(&self, token: &str, path: &str, body: Value) -> Value {
-        let r = self
-            .http
-            .post(format!("{}{path}", self.base))
-            .bearer_auth(token)
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        let status = r.status();
-        let v: Value = r.json().await.unwrap();
-        assert!(status.is_success(), "POST {path}: {status} {v}");
-        v
+        self.api(token).post(path, body).await
     }
 
     async fn get(&self, token: &str, path: &str) -> (u16, Value) {
-        let r = self
-            .http
-            .get(format!("{}{path}", self.base))
-            .bearer_auth(token)
-            .send()
-            .await
-            .unwrap();
-        let status = r.status().as_u16();
-        (status, r.json().await.unwrap())
+        self.api(token).call(reqwest::Method::GET, path, None).await
     }
 
     /// A user and a token of theirs.
     async fn user(&self, name: &str) -> String {
-        self.post(&self.admin, "/users", json!({"name": name}))
-            .await;
-        self.post(
-            &self.admin,
-            &format!("/users/{name}/tokens"),
-            json!({"label": "test"}),
-        )
-        .await["token"]
-            .as_str()
-            .unwrap()
-            .to_string()
+        support::user(&self.api(&self.admin), name).await
     }
 
     async fn project(&self, name: &str) -> String {
@@ -757,90 +737,44 @@ async fn stopping_the_server_ends_open_streams() {
 
 // ---------------------------------------------------------------- end to end
 
-/// Kills the processes it holds when the test ends, however it ends.
-struct Processes(Vec<Child>);
-
-impl Drop for Processes {
-    fn drop(&mut self) {
-        for p in &mut self.0 {
-            let _ = p.kill();
-            let _ = p.wait();
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_real_task_is_followed_live_through_unidesk_serve_and_a_real_agent() {
     base_image();
     let db = testkit::fresh_db().await;
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let token_file = dir.path().join("admin.token");
-    let mut processes = Processes(Vec::new());
-    processes.0.push(
-        Command::new(env!("CARGO_BIN_EXE_unidesk"))
-            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-            .args([
-                "--allow-file-urls",
-                "--heartbeat-s",
-                "1",
-                "--poll-ms",
-                "100",
-            ])
-            .args(["--max-log-mb", "8", "--log-rate-kb", "512"])
-            .arg("--admin-token-file")
-            .arg(&token_file)
-            .env("DATABASE_URL", &db.url)
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let base = format!("http://127.0.0.1:{port}/api/v1");
-    let http = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !token_file.exists()
-        || !http
-            .get(format!("http://127.0.0.1:{port}/readyz"))
-            .send()
-            .await
-            .is_ok_and(|r| r.status() == 200)
-    {
-        assert!(Instant::now() < deadline, "the server did not start");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let admin = std::fs::read_to_string(&token_file)
-        .unwrap()
-        .trim()
-        .to_string();
+    let server = support::serve(
+        &db.url,
+        &[
+            "--allow-file-urls",
+            "--heartbeat-s",
+            "1",
+            "--poll-ms",
+            "100",
+            "--max-log-mb",
+            "8",
+            "--log-rate-kb",
+            "512",
+        ],
+    )
+    .await;
+    let api = server.api();
+    let (base, http, admin) = (&api.base, &api.http, &api.token);
     let post = |path: &str, body: Value| {
-        let r = http
-            .post(format!("{base}{path}"))
-            .bearer_auth(&admin)
-            .json(&body)
-            .send();
-        async move { r.await.unwrap().json::<Value>().await.unwrap() }
+        let api = api.clone();
+        let path = path.to_string();
+        async move { api.post(&path, body).await }
     };
     let project = post("/projects", json!({"name": "live"})).await["id"]
         .as_str()
         .unwrap()
         .to_string();
     let node = post("/nodes", json!({"name": "worker-1"})).await;
-    processes.0.push(
-        Command::new(agent_binary())
-            .args(["--server", &format!("ws://127.0.0.1:{port}")])
-            .args(["--cpus", "2", "--memory-mb", "2048", "--no-gpus"])
-            .args(["--reconnect-min-ms", "100", "--reconnect-max-ms", "1000"])
-            .arg("--work-dir")
-            .arg(dir.path().join("agent"))
-            .env("UNIDESK_NODE_TOKEN", node["token"].as_str().unwrap())
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let _agent = Agents(vec![spawn_agent(
+        &server.ws(),
+        node["token"].as_str().unwrap(),
+        &dir.path().join("agent"),
+        &["--cpus", "2", "--memory-mb", "2048", "--no-gpus"],
+    )]);
     let code = repo(
         dir.path(),
         "code",
@@ -871,7 +805,7 @@ async fn a_real_task_is_followed_live_through_unidesk_serve_and_a_real_agent() {
     // Follow from before the task runs.
     let r = http
         .get(format!("{base}/tasks/{id}/logs?follow=true"))
-        .bearer_auth(&admin)
+        .bearer_auth(admin)
         .send()
         .await
         .unwrap();
@@ -892,7 +826,7 @@ async fn a_real_task_is_followed_live_through_unidesk_serve_and_a_real_agent() {
     // Seen while the task still runs.
     let state = http
         .get(format!("{base}/tasks/{id}"))
-        .bearer_auth(&admin)
+        .bearer_auth(admin)
         .send()
         .await
         .unwrap()

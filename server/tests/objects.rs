@@ -9,44 +9,37 @@
     reason = "a test fails loudly at the first surprise"
 )]
 
-mod common;
+mod support;
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use objects::embedded::{fresh_credentials, Embedded};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-use common::{agent_binary, base_image, free_port, repo, repo_with_links, BASE};
+use support::{base_image, repo, repo_with_links, spawn_agent, Agents, BASE};
+use testkit::process::{Api, Launch, ServerProcess};
 
 fn sha(data: &[u8]) -> String {
     hex::encode(Sha256::digest(data))
 }
 
 struct Platform {
-    server: Child,
-    agent: Option<Child>,
+    /// `http://127.0.0.1:PORT` of the server.
     base: String,
-    token: String,
-    http: reqwest::Client,
+    api: Api,
     dir: tempfile::TempDir,
+    /// Where the embedded store listens.
+    store: String,
     /// Where the embedded store keeps its bucket's files.
     bucket_dir: PathBuf,
     stop_store: Option<tokio::sync::oneshot::Sender<()>>,
     project: String,
     code: (String, String),
     env: (String, String),
-}
-
-impl Drop for Platform {
-    fn drop(&mut self) {
-        let _ = self.server.kill();
-        if let Some(a) = &mut self.agent {
-            let _ = a.kill();
-        }
-    }
+    _agent: Agents,
+    _server: ServerProcess,
 }
 
 impl Platform {
@@ -59,125 +52,86 @@ impl Platform {
         let objects_root = dir.path().join("objects");
         let embedded = Embedded::new(&objects_root, "unidesk", &access, secret.clone()).unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let store = listener.local_addr().unwrap().to_string();
+        let endpoint = format!("http://{store}");
         let (stop_store, stopped) = tokio::sync::oneshot::channel::<()>();
         tokio::spawn(embedded.run(listener, async {
             let _ = stopped.await;
         }));
 
-        let port = free_port();
-        let token_file = dir.path().join("admin.token");
-        let server = Command::new(env!("CARGO_BIN_EXE_unidesk"))
-            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-            .args([
+        let server = support::serve_with(
+            &db.url,
+            &[
                 "--allow-file-urls",
                 "--heartbeat-s",
                 "1",
                 "--poll-ms",
                 "100",
-            ])
-            .args(["--s3-endpoint", &endpoint, "--s3-bucket", "unidesk"])
-            .args(["--s3-part-mb", "5"])
-            .arg("--admin-token-file")
-            .arg(&token_file)
-            .env("DATABASE_URL", &db.url)
-            .env("UNIDESK_S3_ACCESS_KEY", &access)
-            .env("UNIDESK_S3_SECRET_KEY", secret.expose())
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        let base = format!("http://127.0.0.1:{port}");
-        let http = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Ok(r) = http.get(format!("{base}/readyz")).send().await {
-                if r.status() == 200 && token_file.exists() {
-                    break;
-                }
-            }
-            assert!(Instant::now() < deadline, "server did not become ready");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        let token = std::fs::read_to_string(&token_file)
-            .unwrap()
-            .trim()
-            .to_string();
+                "--s3-part-mb",
+                "5",
+            ],
+            |launch| {
+                launch
+                    .args(["--s3-endpoint", &endpoint, "--s3-bucket", "unidesk"])
+                    .env("UNIDESK_S3_ACCESS_KEY", &access)
+                    .env("UNIDESK_S3_SECRET_KEY", secret.expose())
+            },
+        )
+        .await;
+        // Downloads answer with a redirect to the store, which the tests
+        // look at rather than follow.
+        let api = Api {
+            http: reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .unwrap(),
+            ..server.api()
+        };
         let code = repo(dir.path(), "code", &[("README", "code\n")]);
         let env = repo(
             dir.path(),
             "env",
             &[("Dockerfile", &format!("FROM {BASE}\n"))],
         );
-        let mut p = Platform {
-            server,
-            agent: None,
-            base,
-            token,
-            http,
-            bucket_dir: objects_root.join("unidesk"),
-            dir,
-            stop_store: Some(stop_store),
-            project: String::new(),
-            code,
-            env,
-        };
-        p.project = p.post("/projects", json!({"name": "files"})).await["id"]
+        let project = api.post("/projects", json!({"name": "files"})).await["id"]
             .as_str()
             .unwrap()
             .to_string();
-        let node = p.post("/nodes", json!({"name": "worker"})).await;
-        let work = p.dir.path().join("agent");
-        let agent = Command::new(agent_binary())
-            .args(["--server", &format!("ws://127.0.0.1:{port}")])
-            .args(["--cpus", "2", "--memory-mb", "2048", "--no-gpus"])
-            .args(["--part-mb", "5"])
-            .args(["--reconnect-min-ms", "100", "--reconnect-max-ms", "1000"])
-            .arg("--work-dir")
-            .arg(&work)
-            .env("UNIDESK_NODE_TOKEN", node["token"].as_str().unwrap())
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        p.agent = Some(agent);
-        p
-    }
-
-    async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
-        let mut req = self
-            .http
-            .request(method, format!("{}/api/v1{path}", self.base))
-            .bearer_auth(&self.token);
-        if let Some(b) = body {
-            req = req.json(&b);
+        let node = api.post("/nodes", json!({"name": "worker"})).await;
+        let agent = spawn_agent(
+            &server.ws(),
+            node["token"].as_str().unwrap(),
+            &dir.path().join("agent"),
+            &[
+                "--cpus",
+                "2",
+                "--memory-mb",
+                "2048",
+                "--no-gpus",
+                "--part-mb",
+                "5",
+            ],
+        );
+        Platform {
+            base: server.base().to_string(),
+            api,
+            bucket_dir: objects_root.join("unidesk"),
+            dir,
+            store,
+            stop_store: Some(stop_store),
+            project,
+            code,
+            env,
+            _agent: Agents(vec![agent]),
+            _server: server,
         }
-        let r = req.send().await.unwrap();
-        let status = r.status().as_u16();
-        let text = r.text().await.unwrap();
-        (
-            status,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        )
-    }
-
-    async fn post(&self, path: &str, body: Value) -> Value {
-        let (status, v) = self.call(reqwest::Method::POST, path, Some(body)).await;
-        assert!(status < 300, "POST {path}: {status} {v}");
-        v
-    }
-
-    async fn get(&self, path: &str) -> Value {
-        let (status, v) = self.call(reqwest::Method::GET, path, None).await;
-        assert_eq!(status, 200, "GET {path}: {v}");
-        v
     }
 
     /// Sends `data` as object `name` of the project through the API, in
     /// one PUT, without completing the upload; returns its `upload_id`.
     async fn send(&self, name: &str, data: &[u8]) -> Value {
         let up = self
+            .api
             .post(
                 &format!("/projects/{}/objects", self.project),
                 json!({"name": name, "size": data.len(), "sha256": sha(data)}),
@@ -197,6 +151,7 @@ impl Platform {
     /// one PUT or in parts, and completes the upload, so tasks may use it.
     async fn upload(&self, name: &str, data: &[u8]) {
         let up = self
+            .api
             .post(
                 &format!("/projects/{}/objects", self.project),
                 json!({"name": name, "size": data.len(), "sha256": sha(data)}),
@@ -233,6 +188,7 @@ impl Platform {
             complete["parts"] = json!(parts);
         }
         let stored = self
+            .api
             .post(
                 &format!("/projects/{}/objects/complete", self.project),
                 complete,
@@ -258,24 +214,21 @@ impl Platform {
     /// for its end.
     async fn run(&self, script: &str, inputs: Value, outputs: Value) -> Value {
         let t = self
+            .api
             .post("/tasks", self.task(script, inputs, outputs))
             .await;
-        let id = t["id"].as_str().unwrap().to_string();
-        let deadline = Instant::now() + Duration::from_secs(240);
-        loop {
-            let last = self.get(&format!("/tasks/{id}")).await;
-            let s = last["state"].as_str().unwrap();
-            if ["succeeded", "failed", "timed_out", "cancelled"].contains(&s) {
-                return last;
-            }
-            assert!(Instant::now() < deadline, "task {id} stuck: {last}");
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        let id = t["id"].as_str().unwrap();
+        support::task_in(
+            &self.api,
+            id,
+            &["succeeded", "failed", "timed_out", "cancelled"],
+        )
+        .await
     }
 
     async fn artifacts(&self, task: &Value) -> Vec<Value> {
         let id = task["id"].as_str().unwrap();
-        self.get(&format!("/tasks/{id}/artifacts")).await["items"]
+        self.api.get(&format!("/tasks/{id}/artifacts")).await["items"]
             .as_array()
             .unwrap()
             .clone()
@@ -284,13 +237,14 @@ impl Platform {
     /// Follows an artifact's download redirect and returns the content.
     async fn download(&self, artifact: &Value) -> Vec<u8> {
         let r = self
+            .api
             .http
             .get(format!(
                 "{}{}",
                 self.base,
                 artifact["download"].as_str().unwrap()
             ))
-            .bearer_auth(&self.token)
+            .bearer_auth(&self.api.token)
             .send()
             .await
             .unwrap();
@@ -308,6 +262,7 @@ impl Platform {
     async fn timeline(&self, task: &Value) -> String {
         let id = task["id"].as_str().unwrap();
         let page = self
+            .api
             .get(&format!(
                 "/events?aggregate_type=task&aggregate_id={id}&limit=1000"
             ))
@@ -397,7 +352,10 @@ async fn bad_inputs_and_outputs_and_a_dead_store_fail_the_task_clearly_keeping_t
         json!([{"name": "x", "object": "nowhere/x"}]),
         json!([]),
     );
-    let (status, e) = p.call(reqwest::Method::POST, "/tasks", Some(task)).await;
+    let (status, e) = p
+        .api
+        .call(reqwest::Method::POST, "/tasks", Some(task))
+        .await;
     assert_eq!(status, 422, "{e}");
     assert_eq!(e["errors"][0]["field"], "inputs[0].object", "{e}");
 
@@ -447,7 +405,17 @@ async fn bad_inputs_and_outputs_and_a_dead_store_fail_the_task_clearly_keeping_t
 
     // The store goes away: the output fails, saying why.
     let _ = p.stop_store.take().unwrap().send(());
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    testkit::eventually(
+        "the object store to stop listening",
+        Duration::from_secs(10),
+        || async {
+            tokio::net::TcpStream::connect(&p.store)
+                .await
+                .is_err()
+                .then_some(())
+        },
+    )
+    .await;
     let done = p
         .run(
             "echo x > o.txt",
@@ -544,73 +512,22 @@ async fn a_repository_with_links_cannot_make_the_agent_touch_the_nodes_files() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn dev_serves_an_embedded_store_from_its_own_directory() {
-    use std::io::{BufRead, BufReader};
     let db = testkit::fresh_db().await;
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let mut dev = Command::new(env!("CARGO_BIN_EXE_unidesk"))
-        .args([
-            "dev",
-            "--no-agent",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-        ])
+    let dev = Launch::dev(env!("CARGO_BIN_EXE_unidesk"))
+        .arg("--no-agent")
         .current_dir(dir.path())
         .env("DATABASE_URL", &db.url)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = dev.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Some(t) = line.strip_prefix("admin token: ") {
-                let _ = tx.send(t.to_string());
-            }
-        }
-    });
-    let token = rx.recv_timeout(Duration::from_secs(120)).unwrap();
-    let api = format!("http://127.0.0.1:{port}/api/v1");
-    let http = reqwest::Client::new();
-    let project: Value = http
-        .post(format!("{api}/projects"))
-        .bearer_auth(&token)
-        .json(&json!({"name": "dev-files"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
+        .start()
         .await
         .unwrap();
+    let api = dev.api();
+    let project = api.post("/projects", json!({"name": "dev-files"})).await;
     let project = project["id"].as_str().unwrap();
     let data = b"kept on this machine\n".to_vec();
-    let up: Value = http
-        .post(format!("{api}/projects/{project}/objects"))
-        .bearer_auth(&token)
-        .json(&json!({"name": "notes/a.txt", "size": data.len(), "sha256": sha(&data)}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let mut put = http.put(up["url"].as_str().unwrap()).body(data.clone());
-    for (k, v) in up["headers"].as_object().unwrap() {
-        put = put.header(k, v.as_str().unwrap());
-    }
-    assert!(put.send().await.unwrap().status().is_success());
-    let completed = http
-        .post(format!("{api}/projects/{project}/objects/complete"))
-        .bearer_auth(&token)
-        .json(&json!({"name": "notes/a.txt", "upload_id": up["upload_id"]}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(completed.status(), 200);
+    support::put_object(&api, project, "notes/a.txt", &data).await;
     let stored = dir.path().join(format!(
         ".unidesk/objects/unidesk/projects/{project}/objects/notes/a.txt"
     ));
     assert_eq!(std::fs::read(stored).unwrap(), data);
-    let _ = dev.kill();
-    let _ = dev.wait();
 }

@@ -8,7 +8,7 @@
     reason = "a test fails loudly at the first surprise"
 )]
 
-mod browser;
+mod support;
 
 use std::time::Duration;
 
@@ -18,11 +18,11 @@ use domain::Actor;
 use fantoccini::Locator;
 use serde_json::{json, Value};
 use store::Store;
+use testkit::browser::Browser;
+use testkit::process::Api;
 use unidesk::cli::Role;
 use unidesk::roles::{self, ServerArgs, Services};
 use uuid::Uuid;
-
-use browser::Browser;
 
 /// How long a test waits for something that should happen.
 const PATIENCE: Duration = Duration::from_secs(15);
@@ -71,28 +71,21 @@ impl Server {
     }
 
     async fn post(&self, token: &str, path: &str, body: Value) -> Value {
-        let r = self
-            .http
-            .post(format!("{}/api/v1{path}", self.base))
-            .bearer_auth(token)
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        let status = r.status();
-        let v: Value = r.json().await.unwrap();
-        assert!(status.is_success(), "POST {path}: {status} {v}");
-        v
+        let api = Api {
+            http: self.http.clone(),
+            base: format!("{}/api/v1", self.base),
+            token: token.to_string(),
+        };
+        api.post(path, body).await
     }
 
     async fn user(&self, name: &str) -> String {
-        self.post(&self.admin, "/users", json!({ "name": name }))
-            .await;
-        self.post(&self.admin, &format!("/users/{name}/tokens"), json!({}))
-            .await["token"]
-            .as_str()
-            .unwrap()
-            .to_string()
+        let admin = Api {
+            http: self.http.clone(),
+            base: format!("{}/api/v1", self.base),
+            token: self.admin.clone(),
+        };
+        support::user(&admin, name).await
     }
 
     /// A node whose agent connected, as the ingress records it.
@@ -148,6 +141,16 @@ async fn text(b: &Browser, css: &str) -> String {
         .text()
         .await
         .unwrap()
+}
+
+/// The text of an event's detail once it has loaded: the panel shows
+/// "Loading…" until the event's state arrives.
+async fn detail(b: &Browser) -> String {
+    testkit::eventually("the event's detail to load", PATIENCE, || async {
+        let detail = text(b, ".detail").await;
+        (!detail.contains("Loading…")).then_some(detail)
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -262,7 +265,7 @@ async fn a_user_follows_a_task_live_and_sees_what_an_event_changed_and_outsiders
         (before.as_str(), after.as_str()),
         ("\"queued\"", "\"cancelled\"")
     );
-    let detail = text(&b, ".detail").await;
+    let detail = detail(&b).await;
     assert!(
         detail.contains("TaskCancelled") && detail.contains("user:admin"),
         "{detail}"
@@ -376,18 +379,11 @@ impl Server {
 
 /// How many elements match `css` once at least `n` do.
 async fn wait_count(b: &Browser, css: &str, n: usize) -> usize {
-    let deadline = std::time::Instant::now() + PATIENCE;
-    loop {
+    testkit::eventually(&format!("{n} of {css}"), PATIENCE, || async {
         let found = b.client.find_all(Locator::Css(css)).await.unwrap().len();
-        if found >= n {
-            return found;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{css}: {found} of {n}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        (found >= n).then_some(found)
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -437,7 +433,7 @@ async fn host_commands_on_a_node_are_shown_to_admins_only() {
         .click()
         .await
         .unwrap();
-    let detail = text(&b, ".detail").await;
+    let detail = detail(&b).await;
     assert!(detail.contains("NodeDrained"), "{detail}");
     assert!(!detail.contains("marker"), "{detail}");
     // The timeline does not offer the host command types as a filter.
@@ -546,23 +542,21 @@ async fn a_node_page_shows_what_its_agent_claims_apart_from_what_counts() {
             json!({"keys": ["gpu"]}),
         )
         .await;
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
-        // The facts are redrawn when the event arrives: a read may meet the
-        // old element as it goes away, and is then simply tried again.
-        let facts = match b.client.find(Locator::Css("dl.facts")).await {
-            Ok(element) => element.text().await.unwrap_or_default(),
-            Err(_) => String::new(),
-        };
-        if !facts.contains("not matched") && facts.contains("gpu=a100") {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the page still shows {facts}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    testkit::eventually(
+        "the node's facts to show gpu=a100 matched",
+        PATIENCE,
+        || async {
+            // The facts are redrawn when the event arrives: a read may meet
+            // the old element as it goes away, and is then simply tried
+            // again.
+            let facts = match b.client.find(Locator::Css("dl.facts")).await {
+                Ok(element) => element.text().await.unwrap_or_default(),
+                Err(_) => String::new(),
+            };
+            (!facts.contains("not matched") && facts.contains("gpu=a100")).then_some(())
+        },
+    )
+    .await;
     b.close().await;
     server.services.stop().await;
 }

@@ -1,9 +1,9 @@
 //! UniDesk's persistence: the event log on PostgreSQL through cqrs-es and
 //! postgres-es, the ordered outbox that gives the log a global order, consumer
-//! checkpoints, unique names, schema migrations, and local PostgreSQL clusters
-//! for `unidesk dev` and the tests.
+//! checkpoints, unique names and schema migrations. The private PostgreSQL
+//! clusters of `unidesk dev`, the tests and the benchmarks are the
+//! `pgcluster` crate's.
 
-pub mod cluster;
 mod error;
 pub mod export;
 pub mod names;

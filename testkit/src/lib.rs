@@ -1,10 +1,13 @@
 //! Test support for UniDesk's crates: a real PostgreSQL server for the test
-//! run and a fresh, fully migrated database for each test.
+//! run and a fresh, fully migrated database for each test; real `unidesk`
+//! processes ([`process`]); waiting without fixed sleeps ([`eventually`],
+//! [`stays`]); and a headless browser ([`browser`]). The benchmarks start
+//! their servers with the same [`process`] code.
 //!
 //! The server is the one named by `UNIDESK_TEST_DATABASE_URL` when that is
 //! set (`ops/test.sh` starts one for the whole run); otherwise each test
 //! process starts one private, throwaway cluster of its own with the
-//! system's PostgreSQL ([`store::cluster::LocalCluster::start_ephemeral`]),
+//! system's PostgreSQL ([`pgcluster::LocalCluster::start_ephemeral`]),
 //! which disappears when the process exits.
 //!
 //! Migrating a database for every test would be slow, so the migrations run
@@ -25,12 +28,18 @@
 //! Only strings live in the process-wide state: each `#[tokio::test]` runs
 //! its own runtime, and a pool made in one runtime breaks in the next.
 
+pub mod browser;
+pub mod process;
+mod wait;
+
+pub use wait::{eventually, free_port, stays, try_eventually};
+
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use pgcluster::LocalCluster;
 use sha2::{Digest, Sha256};
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{Connection, PgConnection, PgPool};
-use store::cluster::LocalCluster;
 use tokio::sync::OnceCell;
 use uuid::Uuid;
 

@@ -4,7 +4,6 @@
 //!
 //! `UNIDESK_CHROMIUM` and `UNIDESK_CHROMEDRIVER` name other binaries.
 
-use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -52,13 +51,6 @@ fn binary(env: &str, candidates: &[&str]) -> Result<PathBuf, String> {
         })
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or(9515)
-}
-
 impl Browser {
     /// Starts chromedriver and opens a headless Chromium session.
     ///
@@ -73,7 +65,7 @@ impl Browser {
             "UNIDESK_CHROMEDRIVER",
             &["/usr/bin/chromedriver", "/usr/lib/chromium/chromedriver"],
         )?;
-        let port = free_port();
+        let port = crate::free_port();
         let driver = Driver(
             Command::new(&chromedriver)
                 .arg(format!("--port={port}"))

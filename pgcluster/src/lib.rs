@@ -1155,12 +1155,7 @@ mod tests {
     async fn an_ephemeral_cluster_vanishes_when_the_process_exits() {
         let exe = std::env::current_exe().expect("test binary");
         let output = tokio::process::Command::new(exe)
-            .args([
-                "cluster::tests::exit_probe",
-                "--exact",
-                "--ignored",
-                "--nocapture",
-            ])
+            .args(["tests::exit_probe", "--exact", "--ignored", "--nocapture"])
             .env("UNIDESK_CLUSTER_EXIT_PROBE", "1")
             .stdin(Stdio::null())
             .output()

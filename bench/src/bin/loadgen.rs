@@ -29,10 +29,12 @@ use std::time::Duration;
 use anyhow::{bail, ensure, Context};
 use clap::{Args, Parser, Subcommand};
 use futures::{SinkExt, StreamExt, TryStreamExt};
+use nix::sys::signal::Signal;
 use protocol::{AgentMessage, Command, Hello, ReportedState, Resources, ServerMessage, Status};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::json;
+use testkit::process::{Launch, ServerProcess};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::{watch, Semaphore};
@@ -214,12 +216,12 @@ struct Server {
 /// A server started by this process, with its database.
 struct OwnServer {
     /// `unidesk serve`.
-    child: tokio::process::Child,
+    process: ServerProcess,
     /// Its database, stopped after it.
-    cluster: store::cluster::LocalCluster,
+    cluster: pgcluster::LocalCluster,
     /// Its stdout and stderr.
     log: PathBuf,
-    /// Holds the token file and, unless `--server-log` was given, the log.
+    /// Holds the log unless `--server-log` was given.
     _dir: tempfile::TempDir,
 }
 
@@ -247,85 +249,45 @@ impl Server {
             "{} not found: build it next to this binary (cargo build --release -p unidesk)",
             exe.display()
         );
-        let cluster = store::cluster::LocalCluster::start_ephemeral()
+        let cluster = pgcluster::LocalCluster::start_ephemeral()
             .await
             .context("starting a private PostgreSQL")?;
         let dir = tempfile::Builder::new()
             .prefix("unidesk-loadgen-")
             .tempdir()
             .context("creating a temporary directory")?;
-        let token_file = dir.path().join("admin.token");
         let log = target
             .server_log
             .clone()
             .unwrap_or_else(|| dir.path().join("server.log"));
-        let out =
-            std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
-        let err = out.try_clone().context("duplicating the log file")?;
-        let listen = free_port()?;
-        let child = tokio::process::Command::new(&exe)
-            .arg("serve")
+        let process = Launch::serve(&exe)
             .args(["--roles", "api,projector,ingress,scheduler"])
-            .arg("--listen")
-            .arg(listen.to_string())
-            .arg("--admin-token-file")
-            .arg(&token_file)
-            .arg("--heartbeat-s")
-            .arg(target.heartbeat_s.to_string())
+            .args(["--heartbeat-s", &target.heartbeat_s.to_string()])
             // A load generator is one client sending as fast as it can.
             .args(["--rate-limit-per-s", "0"])
             .args(&target.serve_args)
             .env("DATABASE_URL", cluster.url())
-            .stdin(std::process::Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("starting {}", exe.display()))?;
-        let mut server = Server {
-            base: format!("http://{listen}"),
-            admin_token: String::new(),
-            pid: child.id(),
+            .log_to(&log)
+            .ready_within(Duration::from_secs(60))
+            .start()
+            .await
+            .with_context(|| {
+                format!(
+                    "starting the server; the end of its log:\n{}",
+                    tail(&log, 20)
+                )
+            })?;
+        Ok(Server {
+            base: process.base().to_string(),
+            admin_token: process.token().to_string(),
+            pid: process.pid(),
             own: Some(OwnServer {
-                child,
+                process,
                 cluster,
                 log,
                 _dir: dir,
             }),
-        };
-        server.wait_ready().await?;
-        server.admin_token = std::fs::read_to_string(&token_file)
-            .with_context(|| format!("reading the admin token from {}", token_file.display()))?
-            .trim()
-            .to_string();
-        Ok(server)
-    }
-
-    /// Polls `/readyz` until it answers 200, failing early when the server
-    /// process exits.
-    async fn wait_ready(&mut self) -> anyhow::Result<()> {
-        let http = reqwest::Client::new();
-        let url = format!("{}/readyz", self.base);
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Some(own) = &mut self.own {
-                if let Some(status) = own.child.try_wait().context("watching the server")? {
-                    bail!(
-                        "the server exited ({status}) before it was ready; the end of its log:\n{}",
-                        tail(&own.log, 20)
-                    );
-                }
-            }
-            if let Ok(r) = http.get(&url).send().await {
-                if r.status().is_success() {
-                    return Ok(());
-                }
-            }
-            if Instant::now() > deadline {
-                bail!("{url} did not answer 200 within 60 s");
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        })
     }
 
     /// The REST client of this server, as its admin.
@@ -371,23 +333,19 @@ impl Server {
         let Some(mut own) = self.own else {
             return Ok(());
         };
-        if let Some(pid) = own.child.id() {
-            let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).context("pid")?);
-            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        }
         let asked = Instant::now();
-        match tokio::time::timeout(Duration::from_secs(60), own.child.wait()).await {
+        match own
+            .process
+            .signal_and_wait(Signal::SIGTERM, Duration::from_secs(60))
+            .await
+        {
             Ok(status) => {
-                let status = status.context("waiting for the server")?;
                 let secs = asked.elapsed().as_secs_f64();
                 if !status.success() || secs > 6.0 {
                     println!("server: stopped {secs:.1} s after SIGTERM ({status})");
                 }
             }
-            Err(_) => {
-                println!("server: still running 60 s after SIGTERM; killed");
-                own.child.kill().await.context("killing the server")?;
-            }
+            Err(e) => println!("server: {e}"),
         }
         println!("{}", summarise_log(&own.log));
         own.cluster
@@ -396,13 +354,6 @@ impl Server {
             .context("stopping the private PostgreSQL")?;
         Ok(())
     }
-}
-
-/// A free TCP port on 127.0.0.1 (free when asked; the server binds it next).
-fn free_port() -> anyhow::Result<SocketAddr> {
-    let listener = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .context("finding a free port on 127.0.0.1")?;
-    listener.local_addr().context("reading the free port")
 }
 
 /// `VmRSS` of a process, in KiB.
@@ -1637,7 +1588,7 @@ fn source_address(i: usize) -> Ipv4Addr {
 /// `postgres`: a throw-away cluster for the reference scripts, on the same
 /// settings as the clusters the benchmarks start (no fsync).
 async fn postgres(args: PostgresArgs) -> anyhow::Result<()> {
-    let cluster = store::cluster::LocalCluster::start_ephemeral()
+    let cluster = pgcluster::LocalCluster::start_ephemeral()
         .await
         .context("starting a private PostgreSQL")?;
     let scratch = args.scratch;

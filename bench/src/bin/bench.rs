@@ -1,6 +1,6 @@
 //! `unidesk-bench`: commands per second through the event-sourced core,
 //! measured next to plain single-row INSERTs on the same database in the
-//! same run, and optionally next to `shared/bench/ceiling.sh`.
+//! same run, and optionally next to `bench/reference/ceiling.sh`.
 //!
 //! ```text
 //! unidesk-bench [--database-url URL] [--seconds 10] [--writers 1,16] [--ceiling PATH/ceiling.sh]
@@ -34,7 +34,7 @@ struct Args {
     /// Concurrent writer counts to measure.
     #[arg(long, value_delimiter = ',', default_value = "1,16")]
     writers: Vec<usize>,
-    /// Path to shared/bench/ceiling.sh, to run as the reference in this run.
+    /// Path to bench/reference/ceiling.sh, to run as the reference in this run.
     #[arg(long)]
     ceiling: Option<std::path::PathBuf>,
 }
@@ -156,15 +156,8 @@ async fn pool(url: &str, size: u32) -> anyhow::Result<PgPool> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let (url, _cluster) = match &args.database_url {
-        Some(u) => (u.clone(), None),
-        None => {
-            let c = store::cluster::LocalCluster::start_ephemeral()
-                .await
-                .context("starting a private PostgreSQL")?;
-            (c.url(), Some(c))
-        }
-    };
+    let database = bench::Database::given_or_private(args.database_url.as_deref()).await?;
+    let url = database.url.clone();
     let setup = pool(&url, 2).await?;
     store::migrate(&setup).await?;
     sqlx::query(
@@ -219,8 +212,6 @@ async fn main() -> anyhow::Result<()> {
         anyhow::ensure!(status.success(), "ceiling.sh failed");
     }
     setup.close().await;
-    if let Some(c) = _cluster {
-        c.stop().await?;
-    }
+    database.stop().await?;
     Ok(())
 }

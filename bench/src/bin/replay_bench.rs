@@ -595,15 +595,8 @@ async fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    let (url, cluster) = match &args.database_url {
-        Some(u) => (u.clone(), None),
-        None => {
-            let c = store::cluster::LocalCluster::start_ephemeral()
-                .await
-                .context("starting a private PostgreSQL")?;
-            (c.url(), Some(c))
-        }
-    };
+    let database = bench::Database::given_or_private(args.database_url.as_deref()).await?;
+    let url = database.url.clone();
     let pool = PgPoolOptions::new()
         .max_connections(8)
         .connect(&url)
@@ -721,8 +714,6 @@ async fn main() -> anyhow::Result<()> {
         );
     }
     pool.close().await;
-    if let Some(c) = cluster {
-        c.stop().await?;
-    }
+    database.stop().await?;
     Ok(())
 }

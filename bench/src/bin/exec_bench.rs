@@ -30,7 +30,7 @@
 //! The report is printed for people, then once more as `exec: ` lines of
 //! `key=value` pairs for scripts (ops/bench.sh collects them).
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::{ExitCode, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -45,6 +45,7 @@ use node_agent::executor::{
 };
 use node_agent::git::{human_bytes, Fetched, GitCache};
 use serde_json::{json, Value};
+use testkit::process::{Launch, ServerProcess};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, Command};
 use tokio::time::Instant;
@@ -475,16 +476,6 @@ async fn env_repo(repos: &Path, name: &str, line: &str) -> anyhow::Result<String
     import_new(repos, name, stream).await
 }
 
-/// A free TCP port on 127.0.0.1 (free when asked; the child binds it next).
-fn free_port() -> anyhow::Result<u16> {
-    let listener = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .context("finding a free port on 127.0.0.1")?;
-    Ok(listener
-        .local_addr()
-        .context("reading the free port")?
-        .port())
-}
-
 /// Sends `signal` to a child process, if it still runs.
 fn signal(child: &Child, signal: nix::sys::signal::Signal) -> anyhow::Result<()> {
     if let Some(pid) = child.id() {
@@ -507,7 +498,7 @@ impl GitDaemon {
     /// Starts the daemon on a free port and waits until it accepts
     /// connections. Its own and its children's messages go to `log`.
     async fn start(base: &Path, log: &Path) -> anyhow::Result<GitDaemon> {
-        let port = free_port()?;
+        let port = testkit::free_port();
         let out =
             std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
         // `git daemon` runs git-daemon as a child that killing `git` would
@@ -625,7 +616,7 @@ async fn remove_images(tags: &[String]) -> anyhow::Result<()> {
 /// `unidesk dev` running as a child process, and its REST API as admin.
 struct Dev {
     /// The `unidesk dev` process.
-    child: Child,
+    process: ServerProcess,
     /// `http://127.0.0.1:<port>/api/v1`.
     api: String,
     /// One connection pool for every request.
@@ -640,70 +631,35 @@ impl Dev {
     /// Starts `exe dev` in `dir` on a free port and waits until it serves
     /// the API and has written its admin token.
     async fn start(exe: &Path, dir: &Path) -> anyhow::Result<Dev> {
-        let port = free_port()?;
         let log = dir.join("dev.log");
-        let out =
-            std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
-        let err = out.try_clone().context("duplicating the log file")?;
-        let child = Command::new(exe)
-            .arg("dev")
-            .arg("--listen")
-            .arg(SocketAddr::from((Ipv4Addr::LOCALHOST, port)).to_string())
+        let process = Launch::dev(exe)
             .current_dir(dir)
             .env_remove("DATABASE_URL")
             .env_remove("UNIDESK_DEV_DIR")
             .env_remove("UNIDESK_LISTEN")
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .spawn()
-            .with_context(|| format!("starting {} dev", exe.display()))?;
-        let mut dev = Dev {
-            child,
-            api: format!("http://127.0.0.1:{port}/api/v1"),
+            .log_to(&log)
+            .ready_within(Duration::from_secs(180))
+            .start()
+            .await
+            .with_context(|| {
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                let lines: Vec<&str> = text.lines().collect();
+                format!(
+                    "starting {} dev; the end of its log:\n{}",
+                    exe.display(),
+                    lines[lines.len().saturating_sub(20)..].join("\n")
+                )
+            })?;
+        Ok(Dev {
+            api: process.url("/api/v1"),
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(60))
                 .build()
                 .context("building the HTTP client")?,
-            token: String::new(),
+            token: process.token().to_string(),
+            process,
             log,
-        };
-        if let Err(e) = dev
-            .wait_ready(&dir.join(".unidesk").join("admin.token"))
-            .await
-        {
-            let _ = dev.stop().await;
-            return Err(e);
-        }
-        Ok(dev)
-    }
-
-    /// Polls `/readyz` and the token file.
-    async fn wait_ready(&mut self, token_file: &Path) -> anyhow::Result<()> {
-        let readyz = self.api.replace("/api/v1", "/readyz");
-        let deadline = Instant::now() + Duration::from_secs(180);
-        loop {
-            if let Some(status) = self.child.try_wait().context("watching unidesk dev")? {
-                bail!(
-                    "unidesk dev exited ({status}) before it was ready; the end of its log:\n{}",
-                    self.tail()
-                );
-            }
-            let ready =
-                matches!(self.http.get(&readyz).send().await, Ok(r) if r.status().is_success());
-            let token = std::fs::read_to_string(token_file).unwrap_or_default();
-            if ready && !token.trim().is_empty() {
-                self.token = token.trim().to_string();
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "unidesk dev was not ready within 180 s; the end of its log:\n{}",
-                    self.tail()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        })
     }
 
     /// The last lines of `dev`'s log, for error messages.
@@ -821,10 +777,12 @@ impl Dev {
     /// Stops `dev` as Ctrl-C does (SIGINT), so it stops its PostgreSQL,
     /// and waits for it; kills it after 60 s.
     async fn stop(mut self) -> anyhow::Result<()> {
-        signal(&self.child, nix::sys::signal::Signal::SIGINT)?;
-        match tokio::time::timeout(Duration::from_secs(60), self.child.wait()).await {
+        match self
+            .process
+            .signal_and_wait(nix::sys::signal::Signal::SIGINT, Duration::from_secs(60))
+            .await
+        {
             Ok(status) => {
-                let status = status.context("waiting for unidesk dev")?;
                 ensure!(
                     status.success(),
                     "unidesk dev exited with {status}; the end of its log:\n{}",
@@ -832,14 +790,10 @@ impl Dev {
                 );
                 Ok(())
             }
-            Err(_) => {
-                self.child.kill().await.context("killing unidesk dev")?;
-                bail!(
-                    "unidesk dev did not stop within 60 s of SIGINT and was killed; \
-                     its PostgreSQL may still run (see {})",
-                    self.log.display()
-                )
-            }
+            Err(e) => bail!(
+                "{e}; its PostgreSQL may still run (see {})",
+                self.log.display()
+            ),
         }
     }
 }
@@ -1049,7 +1003,7 @@ async fn start_bench(
     };
     ensure!(
         exe.is_file(),
-        "{} not found: build it (cargo build --release -p unidesk --bins) or give --unidesk",
+        "{} not found: build it (cargo build --release -p unidesk) or give --unidesk",
         exe.display()
     );
     let dev_dir = dir.join("dev");

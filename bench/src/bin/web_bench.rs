@@ -5,8 +5,8 @@
 //! With `--screenshot` it also photographs the timeline for the README.
 //!
 //! ```text
-//! cargo run --release -p unidesk --example web_bench -- --events 100000
-//! cargo run --release -p unidesk --example web_bench -- --events 600 --span-hours 3 \
+//! cargo run --release -p bench --bin unidesk-web-bench -- --events 100000
+//! cargo run --release -p bench --bin unidesk-web-bench -- --events 600 --span-hours 3 \
 //!     --runs 0 --screenshot docs/timeline.png --dashboard-screenshot docs/dashboard.png
 //! ```
 //!
@@ -17,9 +17,6 @@
     clippy::unwrap_used,
     reason = "a benchmark stops at the first surprise"
 )]
-
-#[path = "../tests/browser/mod.rs"]
-mod browser;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -42,7 +39,7 @@ use unidesk::cli::Role;
 use unidesk::roles::{self, ServerArgs};
 use uuid::Uuid;
 
-use browser::Browser;
+use testkit::browser::Browser;
 
 /// Measure the web view with a realistic history.
 #[derive(Debug, Parser)]
@@ -1086,15 +1083,8 @@ async fn reused(store: &Store) -> anyhow::Result<(String, Uuid, Uuid)> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let (url, _cluster) = match &args.database_url {
-        Some(u) => (u.clone(), None),
-        None => {
-            let c = store::cluster::LocalCluster::start_ephemeral()
-                .await
-                .context("starting a private PostgreSQL")?;
-            (c.url(), Some(c))
-        }
-    };
+    let database = bench::Database::given_or_private(args.database_url.as_deref()).await?;
+    let url = database.url.clone();
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(args.writers as u32 + 8)
         .connect(&url)
