@@ -10,7 +10,12 @@ use uuid::Uuid;
 #[serde(deny_unknown_fields)]
 pub struct CreateUser {
     /// A unique name: 1-63 lower-case letters, digits, '.', '_' or '-'.
-    #[schema(example = "alice")]
+    #[schema(
+        example = "alice",
+        pattern = "^[a-z0-9][a-z0-9._-]*$",
+        min_length = 1,
+        max_length = 63
+    )]
     pub name: String,
     /// Whether the user administers the whole platform (default false).
     #[serde(default)]
@@ -22,7 +27,7 @@ pub struct CreateUser {
 #[serde(deny_unknown_fields)]
 pub struct IssueToken {
     /// What the token is for, up to 100 characters.
-    #[schema(example = "laptop")]
+    #[schema(example = "laptop", max_length = 100)]
     pub label: Option<String>,
     /// Seconds from now until the token stops working by itself, 1 to
     /// 31536000 (a year). Not together with `expires_at`; without either
