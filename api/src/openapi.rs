@@ -7,7 +7,7 @@
 use serde_json::{json, Value};
 use utoipa::openapi::path::{Operation, PathItem};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
-use utoipa::openapi::{ContentBuilder, Ref, RefOr, Response, ResponseBuilder};
+use utoipa::openapi::{ContentBuilder, ObjectBuilder, Ref, RefOr, Response, ResponseBuilder, Type};
 use utoipa::{Modify, OpenApi};
 
 /// The name of the bearer security scheme operations refer to.
@@ -59,7 +59,7 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 }
 
 /// The document as served at `/api/v1/openapi.json`: [`openapi()`] with
-/// the events of the live streams described ([`describe_streams`]).
+/// what utoipa's types cannot say ([`describe_streams`]).
 pub fn document() -> Value {
     finish(openapi())
 }
@@ -82,6 +82,9 @@ pub fn finish(doc: utoipa::openapi::OpenApi) -> Value {
 /// - changing state (POST, PUT, DELETE) under `/api/v1`: 409 (the state
 ///   does not allow it, or others changed it at the same moment).
 ///
+/// The `cursor` parameter of every list gets the pattern of its cursors
+/// ([`crate::page::cursor_pattern`]).
+///
 /// Also gives every operation a unique `operationId`: its handler's name
 /// prefixed with its resource (`tasks_list`, `users_get`), so that links
 /// and generated clients can name it.
@@ -95,6 +98,21 @@ pub fn complete(doc: &mut utoipa::openapi::OpenApi) {
             if let (Some(resource), Some(id)) = (&resource, &operation.operation_id) {
                 if !id.starts_with(resource.as_str()) {
                     operation.operation_id = Some(format!("{resource}_{id}"));
+                }
+            }
+            if let Some(pattern) = path
+                .strip_prefix(crate::routes::API_PREFIX)
+                .and_then(crate::page::cursor_pattern)
+            {
+                for parameter in operation.parameters.iter_mut().flatten() {
+                    if parameter.name == "cursor" {
+                        parameter.schema = Some(
+                            ObjectBuilder::new()
+                                .schema_type(Type::String)
+                                .pattern(Some(pattern.clone()))
+                                .into(),
+                        );
+                    }
                 }
             }
             let responses = &mut operation.responses.responses;
@@ -157,12 +175,25 @@ fn operations_mut(item: &mut PathItem) -> impl Iterator<Item = (&'static str, &m
     .filter_map(|(m, o)| o.as_mut().map(|o| (m, o)))
 }
 
+/// Adds what utoipa's types cannot carry: that a token takes one expiry
+/// at most, and the events of the live streams.
+///
 /// Replaces the `text/event-stream` schemas of the live streams by the
 /// schema of one event, as OpenAPI 3.1 reads a sequential media type's
 /// schema: the event's name, its id and its `data`, which is JSON of the
 /// schema given by `contentSchema` (keywords utoipa's types do not carry,
 /// hence this step on the JSON).
 fn describe_streams(doc: &mut Value) {
+    // Not both expiries (a `null` one counts as absent).
+    if let Some(issue) = doc.pointer_mut("/components/schemas/IssueToken") {
+        issue["not"] = json!({
+            "required": ["expires_in_s", "expires_at"],
+            "properties": {
+                "expires_in_s": {"type": "integer"},
+                "expires_at": {"type": "string"}
+            }
+        });
+    }
     let timeline = json!({
         "oneOf": [
             sse_event(

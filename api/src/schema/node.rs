@@ -25,6 +25,7 @@ pub struct ProvisionNode {
     /// Labels tasks can select the node by: the only ones placement
     /// matches, whatever the agent declares.
     #[serde(default)]
+    #[schema(schema_with = crate::schema::optional_labels)]
     pub labels: Option<BTreeMap<String, String>>,
     /// The most the node may claim, whatever its agent declares; a
     /// missing or `null` field has no maximum.
@@ -64,6 +65,7 @@ impl From<MaxResourcesInput> for domain::node::ResourceLimitsDraft {
 #[serde(deny_unknown_fields)]
 pub struct SetLabels {
     /// The node's whole new label set; `{}` removes every label. Required.
+    #[schema(schema_with = crate::schema::labels)]
     pub labels: BTreeMap<String, String>,
 }
 

@@ -27,7 +27,11 @@ pub struct CreateUser {
 #[serde(deny_unknown_fields)]
 pub struct IssueToken {
     /// What the token is for, up to 100 characters.
-    #[schema(example = "laptop", max_length = 100)]
+    #[schema(
+        example = "laptop",
+        max_length = 100,
+        pattern = "^[^\\x00-\\x1F\\x7F-\\x9F]*$"
+    )]
     pub label: Option<String>,
     /// Seconds from now until the token stops working by itself, 1 to
     /// 31536000 (a year). Not together with `expires_at`; without either
@@ -36,7 +40,8 @@ pub struct IssueToken {
     #[schema(example = 2592000, minimum = 1, maximum = 31536000)]
     pub expires_in_s: Option<u64>,
     /// When the token stops working by itself (RFC 3339): in the future
-    /// and at most a year from now. Not together with `expires_in_s`.
+    /// and at most a year from now, else 409 (the time of the request
+    /// decides). Not together with `expires_in_s`.
     #[serde(default)]
     pub expires_at: Option<DateTime<Utc>>,
 }

@@ -51,10 +51,10 @@ struct StreamTimeline {
     #[param(value_type = Option<Uuid>)]
     project: Option<String>,
     /// Only events of `task`, `node`, `project` or `user` aggregates.
-    #[param(value_type = Option<String>)]
+    #[param(value_type = Option<String>, pattern = "^(task|project|node|user)$")]
     aggregate_type: Option<String>,
     /// Only events of this type.
-    #[param(value_type = Option<String>)]
+    #[param(value_type = Option<String>, pattern = "^[A-Za-z0-9]{1,64}$")]
     event_type: Option<String>,
     /// Only events at or after this time (RFC 3339).
     #[param(value_type = Option<DateTime<Utc>>)]
@@ -65,7 +65,7 @@ struct StreamTimeline {
     /// Start after the event at this position: a page's `live_after`, or
     /// 0 for the start of the log. Without it (and without
     /// `Last-Event-ID`) the stream starts with the next event committed.
-    #[param(value_type = Option<i64>)]
+    #[param(value_type = Option<i64>, minimum = 0)]
     after: Option<String>,
 }
 
@@ -95,7 +95,7 @@ struct StreamTimeline {
     tag = "events",
     params(
         StreamTimeline,
-        ("Last-Event-ID" = Option<String>, Header,
+        ("Last-Event-ID" = Option<String>, Header, pattern = "^[0-9]{1,18}$",
             description = "The id (position) of the last event received, to resume right after it")
     ),
     responses(
@@ -128,10 +128,12 @@ async fn stream(
     };
     let after = after
         .map(|raw| {
-            raw.trim()
-                .parse::<i64>()
-                .ok()
-                .filter(|p| *p >= 0)
+            let raw_digits = raw.trim();
+            let digits = (1..=19).contains(&raw_digits.len())
+                && raw_digits.bytes().all(|b| b.is_ascii_digit());
+            digits
+                .then(|| raw_digits.parse::<i64>().ok())
+                .flatten()
                 .ok_or_else(|| {
                     ApiError::bad_request(field, format!("must be an event position, got {raw:?}"))
                 })
@@ -149,7 +151,10 @@ async fn stream(
         Some(position) => outbox::checkpoint_of(state.pool(), position)
             .await?
             .ok_or_else(|| {
-                ApiError::bad_request(field, format!("there is no event at position {position}"))
+                ApiError::not_found_field(
+                    field,
+                    format!("there is no event at position {position}"),
+                )
             })?,
     };
     let follow = Follow {
