@@ -6,8 +6,11 @@
 
 use serde_json::{json, Value};
 use utoipa::openapi::path::{Operation, PathItem};
+use utoipa::openapi::schema::SchemaType;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
-use utoipa::openapi::{ContentBuilder, ObjectBuilder, Ref, RefOr, Response, ResponseBuilder, Type};
+use utoipa::openapi::{
+    ContentBuilder, ObjectBuilder, Ref, RefOr, Response, ResponseBuilder, Schema, Type,
+};
 use utoipa::{Modify, OpenApi};
 
 /// The name of the bearer security scheme operations refer to.
@@ -115,6 +118,19 @@ pub fn complete(doc: &mut utoipa::openapi::OpenApi) {
                     }
                 }
             }
+            // A parameter is text on the wire: it is absent, never null.
+            for parameter in operation.parameters.iter_mut().flatten() {
+                if let Some(RefOr::T(Schema::Object(object))) = parameter.schema.as_mut() {
+                    if let SchemaType::Array(types) = &object.schema_type {
+                        let types: Vec<Type> = types
+                            .iter()
+                            .filter(|t| **t != Type::Null)
+                            .cloned()
+                            .collect();
+                        object.schema_type = SchemaType::from_iter(types);
+                    }
+                }
+            }
             let responses = &mut operation.responses.responses;
             let mut add = |status: &str, description: &str| {
                 responses
@@ -175,6 +191,14 @@ fn operations_mut(item: &mut PathItem) -> impl Iterator<Item = (&'static str, &m
     .filter_map(|(m, o)| o.as_mut().map(|o| (m, o)))
 }
 
+/// The pattern of a path in a task's workspace.
+const WORKSPACE_PATH: &str = r"^(?:\.(?:/\.?)*/(?:[A-Za-z0-9_+=@,-][A-Za-z0-9._+=@,-]*|\.(?:[A-Za-fh-z0-9_+=@,-][A-Za-z0-9._+=@,-]*|g(?:[A-Za-hj-z0-9._+=@,-][A-Za-z0-9._+=@,-]*|i(?:[A-Za-su-z0-9._+=@,-][A-Za-z0-9._+=@,-]*|t[A-Za-z0-9._+=@,-]+)?)?)|\.\.[A-Za-z0-9._+=@,-]+)(?:/(?:\.|(?:[A-Za-z0-9_+=@,-][A-Za-z0-9._+=@,-]*|\.[A-Za-z0-9_+=@,-][A-Za-z0-9._+=@,-]*|\.\.[A-Za-z0-9._+=@,-]+))?)*|(?:[A-Za-z0-9_+=@,-][A-Za-z0-9._+=@,-]*|\.(?:[A-Za-fh-z0-9_+=@,-][A-Za-z0-9._+=@,-]*|g(?:[A-Za-hj-z0-9._+=@,-][A-Za-z0-9._+=@,-]*|i(?:[A-Za-su-z0-9._+=@,-][A-Za-z0-9._+=@,-]*|t[A-Za-z0-9._+=@,-]+)?)?)|\.\.[A-Za-z0-9._+=@,-]+)(?:/(?:\.|(?:[A-Za-z0-9_+=@,-][A-Za-z0-9._+=@,-]*|\.[A-Za-z0-9_+=@,-][A-Za-z0-9._+=@,-]*|\.\.[A-Za-z0-9._+=@,-]+))?)*)$";
+
+/// The pattern of a Dockerfile's path in its repository: segments of any
+/// characters but control ones, `/` and `\`, none of them `..`, at least
+/// one neither empty nor `.`, the first such not `.git`.
+const DOCKERFILE_PATH: &str = r"^(?:\./(?:\.?/)*)?(?:[^\x00-\x1F\x7F-\x9F\\/.][^\x00-\x1F\x7F-\x9F\\/]*|\.(?:[^\x00-\x1F\x7F-\x9F\\/.g][^\x00-\x1F\x7F-\x9F\\/]*|g(?:[^\x00-\x1F\x7F-\x9F\\/i][^\x00-\x1F\x7F-\x9F\\/]*|i(?:[^\x00-\x1F\x7F-\x9F\\/t][^\x00-\x1F\x7F-\x9F\\/]*|t[^\x00-\x1F\x7F-\x9F\\/]+)?)?)|\.\.[^\x00-\x1F\x7F-\x9F\\/]+)(?:/(?:\.|[^\x00-\x1F\x7F-\x9F\\/.][^\x00-\x1F\x7F-\x9F\\/]*|\.[^\x00-\x1F\x7F-\x9F\\/.][^\x00-\x1F\x7F-\x9F\\/]*|\.\.[^\x00-\x1F\x7F-\x9F\\/]+)?)*$";
+
 /// Adds what utoipa's types cannot carry: that a token takes one expiry
 /// at most, and the events of the live streams.
 ///
@@ -184,6 +208,41 @@ fn operations_mut(item: &mut PathItem) -> impl Iterator<Item = (&'static str, &m
 /// schema given by `contentSchema` (keywords utoipa's types do not carry,
 /// hence this step on the JSON).
 fn describe_streams(doc: &mut Value) {
+    // Paths in a task's workspace ([`domain::spec::WorkspacePath`]): an
+    // object name's rules, and not into `.git`, which a regular
+    // expression without lookahead says segment by segment.
+    let workspace = json!({"type": "string", "maxLength": 512, "pattern": WORKSPACE_PATH});
+    // [`domain::spec::DockerfilePath`]: no control characters or `\`, no
+    // `..` segment, a file, not in `.git`, and no drive letter.
+    let dockerfile = json!({
+        "type": "string",
+        "minLength": 1,
+        "maxLength": 1024,
+        "pattern": DOCKERFILE_PATH,
+        "not": {"pattern": "^[\\x00-\\x7F]:"}
+    });
+    for (pointer, schema) in [
+        (
+            "/components/schemas/SubmitInput/properties/name",
+            workspace.clone(),
+        ),
+        (
+            "/components/schemas/SubmitOutput/properties/path",
+            workspace,
+        ),
+        (
+            "/components/schemas/SubmitTask/properties/dockerfile_path",
+            dockerfile,
+        ),
+    ] {
+        if let Some(property) = doc.pointer_mut(pointer) {
+            let example = property.get("example").cloned();
+            *property = schema;
+            if let Some(example) = example {
+                property["example"] = example;
+            }
+        }
+    }
     // Not both expiries (a `null` one counts as absent).
     if let Some(issue) = doc.pointer_mut("/components/schemas/IssueToken") {
         issue["not"] = json!({

@@ -12,7 +12,7 @@ use uuid::Uuid;
 pub struct CreateUpload {
     /// The object's name in the project's store, a relative path such as
     /// `datasets/train.tar`; tasks name it as an input's `object`.
-    #[schema(example = "datasets/train.tar", value_type = String, required = true, min_length = 1)]
+    #[schema(example = "datasets/train.tar", value_type = String, required = true, max_length = 512, pattern = "^(?:\\.(?:/(?:\\.|(?:[A-Za-z0-9_+=@,-][A-Za-z0-9._+=@,-]*|\\.[A-Za-z0-9_+=@,-][A-Za-z0-9._+=@,-]*|\\.\\.[A-Za-z0-9._+=@,-]+))?)*/(?:[A-Za-z0-9_+=@,-][A-Za-z0-9._+=@,-]*|\\.[A-Za-z0-9_+=@,-][A-Za-z0-9._+=@,-]*|\\.\\.[A-Za-z0-9._+=@,-]+)(?:/(?:\\.|(?:[A-Za-z0-9_+=@,-][A-Za-z0-9._+=@,-]*|\\.[A-Za-z0-9_+=@,-][A-Za-z0-9._+=@,-]*|\\.\\.[A-Za-z0-9._+=@,-]+))?)*|(?:[A-Za-z0-9_+=@,-][A-Za-z0-9._+=@,-]*|\\.[A-Za-z0-9_+=@,-][A-Za-z0-9._+=@,-]*|\\.\\.[A-Za-z0-9._+=@,-]+)(?:/(?:\\.|(?:[A-Za-z0-9_+=@,-][A-Za-z0-9._+=@,-]*|\\.[A-Za-z0-9_+=@,-][A-Za-z0-9._+=@,-]*|\\.\\.[A-Za-z0-9._+=@,-]+))?)*)$")]
     pub name: Option<String>,
     /// Its size in bytes, at most 5 TiB.
     #[schema(value_type = i64, required = true, minimum = 0, maximum = 5497558138880_i64)]
@@ -63,7 +63,7 @@ pub struct PartUrl {
 #[serde(deny_unknown_fields)]
 pub struct CompleteUpload {
     /// The object's name, as in the upload.
-    #[schema(value_type = String, required = true, min_length = 1)]
+    #[schema(value_type = String, required = true, max_length = 512, pattern = "^(?:\\.(?:/(?:\\.|(?:[A-Za-z0-9_+=@,-][A-Za-z0-9._+=@,-]*|\\.[A-Za-z0-9_+=@,-][A-Za-z0-9._+=@,-]*|\\.\\.[A-Za-z0-9._+=@,-]+))?)*/(?:[A-Za-z0-9_+=@,-][A-Za-z0-9._+=@,-]*|\\.[A-Za-z0-9_+=@,-][A-Za-z0-9._+=@,-]*|\\.\\.[A-Za-z0-9._+=@,-]+)(?:/(?:\\.|(?:[A-Za-z0-9_+=@,-][A-Za-z0-9._+=@,-]*|\\.[A-Za-z0-9_+=@,-][A-Za-z0-9._+=@,-]*|\\.\\.[A-Za-z0-9._+=@,-]+))?)*|(?:[A-Za-z0-9_+=@,-][A-Za-z0-9._+=@,-]*|\\.[A-Za-z0-9_+=@,-][A-Za-z0-9._+=@,-]*|\\.\\.[A-Za-z0-9._+=@,-]+)(?:/(?:\\.|(?:[A-Za-z0-9_+=@,-][A-Za-z0-9._+=@,-]*|\\.[A-Za-z0-9_+=@,-][A-Za-z0-9._+=@,-]*|\\.\\.[A-Za-z0-9._+=@,-]+))?)*)$")]
     pub name: Option<String>,
     /// The upload's id, as the upload answered it.
     #[schema(value_type = String, required = true, min_length = 1, max_length = 1024)]

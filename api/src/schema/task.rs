@@ -77,10 +77,10 @@ pub struct SubmitTask {
 pub struct SubmitInput {
     /// Where it goes in the workspace (the command's working directory),
     /// relative, no `..`.
-    #[schema(example = "data/train.tar")]
+    #[schema(example = "data/train.tar", value_type = String, required = true)]
     pub name: Option<String>,
     /// The object's name in the project's store, as uploaded.
-    #[schema(example = "datasets/train.tar")]
+    #[schema(example = "datasets/train.tar", value_type = String, required = true, max_length = 512, pattern = "^(?:\\.(?:/(?:\\.|(?:[A-Za-z0-9_+=@,-][A-Za-z0-9._+=@,-]*|\\.[A-Za-z0-9_+=@,-][A-Za-z0-9._+=@,-]*|\\.\\.[A-Za-z0-9._+=@,-]+))?)*/(?:[A-Za-z0-9_+=@,-][A-Za-z0-9._+=@,-]*|\\.[A-Za-z0-9_+=@,-][A-Za-z0-9._+=@,-]*|\\.\\.[A-Za-z0-9._+=@,-]+)(?:/(?:\\.|(?:[A-Za-z0-9_+=@,-][A-Za-z0-9._+=@,-]*|\\.[A-Za-z0-9_+=@,-][A-Za-z0-9._+=@,-]*|\\.\\.[A-Za-z0-9._+=@,-]+))?)*|(?:[A-Za-z0-9_+=@,-][A-Za-z0-9._+=@,-]*|\\.[A-Za-z0-9_+=@,-][A-Za-z0-9._+=@,-]*|\\.\\.[A-Za-z0-9._+=@,-]+)(?:/(?:\\.|(?:[A-Za-z0-9_+=@,-][A-Za-z0-9._+=@,-]*|\\.[A-Za-z0-9_+=@,-][A-Za-z0-9._+=@,-]*|\\.\\.[A-Za-z0-9._+=@,-]+))?)*)$")]
     pub object: Option<String>,
 }
 
@@ -89,10 +89,10 @@ pub struct SubmitInput {
 #[serde(deny_unknown_fields)]
 pub struct SubmitOutput {
     /// The output's name: letters, digits, `.`, `_`, `-`.
-    #[schema(example = "model")]
+    #[schema(example = "model", value_type = String, required = true, pattern = "^(?:[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}|\\.[A-Za-z0-9_-][A-Za-z0-9._-]{0,126}|\\.\\.[A-Za-z0-9._-]{1,126})$")]
     pub name: Option<String>,
     /// The file in the workspace, relative, no `..`.
-    #[schema(example = "out/model.pt")]
+    #[schema(example = "out/model.pt", value_type = String, required = true)]
     pub path: Option<String>,
 }
 

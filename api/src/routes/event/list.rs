@@ -43,8 +43,9 @@ struct ListEvents {
     /// `task`, `project`, `node` or `user`. Required for non-admins.
     #[param(value_type = Option<String>, example = "task", pattern = "^(task|project|node|user)$")]
     aggregate_type: Option<String>,
-    /// One aggregate's id (a user's name for `user`); needs
-    /// `aggregate_type`. Required for non-admins.
+    /// One aggregate's id (a user's name for `user`); without
+    /// `aggregate_type`, the events of every aggregate with this id.
+    /// Required for non-admins, with `aggregate_type`.
     #[param(pattern = "^[a-z0-9][a-z0-9._-]{0,62}$")]
     aggregate_id: Option<String>,
     /// Only events after this outbox position (a previous `next_after`).
@@ -95,15 +96,17 @@ async fn list(
             }
         })
         .transpose()?;
+    if let Some(id) = &q.aggregate_id {
+        domain::spec::validate_name(id).map_err(|_| {
+            ApiError::bad_request(
+                "aggregate_id",
+                "must be a task, project or node id (a lower-case UUID) or a user's name",
+            )
+        })?;
+    }
     // Ids of tasks, projects and nodes are UUIDs, stored in their canonical
     // lower-case form; users are named.
     let aggregate_id = match (aggregate_type.as_deref(), q.aggregate_id) {
-        (None, Some(_)) => {
-            return Err(ApiError::bad_request(
-                "aggregate_type",
-                "is required together with aggregate_id",
-            ))
-        }
         // A name that is no UUID names no task, project or node.
         (Some(kind), Some(id)) if kind != "user" => Some(
             parse_uuid("aggregate_id", &id)

@@ -153,9 +153,11 @@ async fn logs(
     let limit = number("limit", q.limit.as_deref())?
         .map_or(MAX_BYTES, |l| (l as usize).clamp(1, MAX_BYTES));
     let follow = flag("follow", q.follow.as_deref())?;
-    // Checked whenever sent; it only counts with `follow`.
+    // Checked whenever sent; it only counts with `follow`. Empty, as
+    // EventSource leaves it after an event without id, it is absent.
     let resume = headers
         .get("last-event-id")
+        .filter(|last| !last.as_bytes().trim_ascii().is_empty())
         .map(|last| {
             let last = last.to_str().map_err(|_| {
                 ApiError::bad_request("Last-Event-ID", "must be <attempt>:<offset>")

@@ -122,23 +122,19 @@ async fn stream(
         since: q.since.as_deref(),
         until: q.until.as_deref(),
     })?;
-    let (field, after) = match headers.get("last-event-id") {
-        Some(v) => ("Last-Event-ID", Some(v.to_str().unwrap_or("?").to_string())),
-        None => ("after", q.after),
+    // Both are checked; Last-Event-ID, sent by a reconnecting client,
+    // takes precedence.
+    let given = position("after", q.after.as_deref())?;
+    // Empty, as EventSource leaves it after an event without id, it is
+    // absent.
+    let last = headers
+        .get("last-event-id")
+        .map(|v| v.to_str().unwrap_or("?"))
+        .filter(|v| !v.trim().is_empty());
+    let (field, after) = match position("Last-Event-ID", last)? {
+        Some(p) => ("Last-Event-ID", Some(p)),
+        None => ("after", given),
     };
-    let after = after
-        .map(|raw| {
-            let raw_digits = raw.trim();
-            let digits = (1..=19).contains(&raw_digits.len())
-                && raw_digits.bytes().all(|b| b.is_ascii_digit());
-            digits
-                .then(|| raw_digits.parse::<i64>().ok())
-                .flatten()
-                .ok_or_else(|| {
-                    ApiError::bad_request(field, format!("must be an event position, got {raw:?}"))
-                })
-        })
-        .transpose()?;
     super::check_filter(&state, &caller, &filter).await?;
     let slot = crate::limits::stream_slot(&state, &caller)?;
     let visibility = Visibility::of(state.pool(), &caller).await?;
@@ -188,6 +184,20 @@ async fn stream(
     headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     Ok(response)
+}
+
+/// Parameter `field`, an event position: 1 to 19 digits.
+fn position(field: &str, raw: Option<&str>) -> Result<Option<i64>, ApiError> {
+    raw.map(|raw| {
+        let digits = raw.trim();
+        let ok = (1..=19).contains(&digits.len()) && digits.bytes().all(|b| b.is_ascii_digit());
+        ok.then(|| digits.parse::<i64>().ok())
+            .flatten()
+            .ok_or_else(|| {
+                ApiError::bad_request(field, format!("must be an event position, got {raw:?}"))
+            })
+    })
+    .transpose()
 }
 
 /// One subscriber's place in the log.
