@@ -117,7 +117,10 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
 
 /// The JSON in `bytes`, with whole numbers written as floats made whole.
 fn parse_value(bytes: &[u8]) -> Result<serde_json::Value, ApiError> {
-    let mut value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| {
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let mut value: serde_json::Value =
+        serde_path_to_error::deserialize(&mut de).map_err(json_error)?;
+    de.end().map_err(|e| {
         ApiError::bad_request("body", format!("malformed JSON: {}", without_position(&e)))
     })?;
     whole_numbers(&mut value);

@@ -221,7 +221,30 @@ fn describe_streams(doc: &mut Value) {
         "pattern": DOCKERFILE_PATH,
         "not": {"pattern": "^[\\x00-\\x7F]:"}
     });
+    // [`domain::spec::TaskSpecDraft::validate`]: variable names, not the
+    // GPU visibility ones the node sets; values and arguments without NUL.
+    let no_nul = "^[^\\u0000]*$";
+    let env = json!({
+        "type": ["object", "null"],
+        "maxProperties": domain::spec::limits::MAX_ENV,
+        "propertyNames": {
+            "type": "string",
+            "pattern": "^[A-Za-z_][A-Za-z0-9_]{0,255}$",
+            "not": {"anyOf": [
+                {"pattern": "^[Nn][Vv][Ii][Dd][Ii][Aa]_"},
+                {"pattern": "^[Cc][Uu][Dd][Aa]_[Vv][Ii][Ss][Ii][Bb][Ll][Ee]_[Dd][Ee][Vv][Ii][Cc][Ee][Ss]$"}
+            ]}
+        },
+        "additionalProperties": {"type": "string", "pattern": no_nul}
+    });
+    let command = json!({
+        "type": ["array", "null"],
+        "maxItems": domain::spec::limits::MAX_ARGS,
+        "items": {"type": "string", "pattern": no_nul}
+    });
     for (pointer, schema) in [
+        ("/components/schemas/SubmitTask/properties/env", env),
+        ("/components/schemas/SubmitTask/properties/command", command),
         (
             "/components/schemas/SubmitInput/properties/name",
             workspace.clone(),
@@ -236,11 +259,13 @@ fn describe_streams(doc: &mut Value) {
         ),
     ] {
         if let Some(property) = doc.pointer_mut(pointer) {
-            let example = property.get("example").cloned();
-            *property = schema;
-            if let Some(example) = example {
-                property["example"] = example;
+            let mut schema = schema;
+            for key in ["description", "example"] {
+                if let Some(v) = property.get(key) {
+                    schema[key] = v.clone();
+                }
             }
+            *property = schema;
         }
     }
     // Not both expiries (a `null` one counts as absent).

@@ -703,7 +703,7 @@ async fn an_upload_of_fewer_bytes_than_declared_is_deleted_and_refused() {
     let answer = app
         .post("/tasks", &alice, task_with_input(&project, "small.txt"))
         .await;
-    assert_eq!(refusal(&answer).0, 422);
+    assert_eq!(refusal(&answer).0, 409);
 
     // A body that is not the declared one never gets past the store.
     let up = app

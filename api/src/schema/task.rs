@@ -315,7 +315,8 @@ pub struct Task {
     pub submitted_at: Option<DateTime<Utc>>,
     /// The current attempt, 0 before the first.
     pub attempt: u32,
-    /// The node holding the current attempt.
+    /// The node holding the current attempt; absent when none does.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub node_id: Option<Uuid>,
     /// The preparation step, while preparing.
     pub stage: Option<String>,

@@ -65,10 +65,14 @@ pub struct TaskLog {
     pub complete: bool,
 }
 
+/// A whole number from 0 to `i64::MAX`, as the document's `int64` says.
 fn number(field: &str, v: Option<&str>) -> Result<Option<u64>, ApiError> {
     v.map(|s| {
         s.trim()
-            .parse::<u64>()
+            .parse::<i64>()
+            .ok()
+            .and_then(|n| u64::try_from(n).ok())
+            .ok_or(())
             .map_err(|_| ApiError::bad_request(field, format!("must be a whole number, got {s:?}")))
     })
     .transpose()
@@ -125,8 +129,8 @@ fn flag(field: &str, v: Option<&str>) -> Result<bool, ApiError> {
     params(
         ("id" = Uuid, Path, description = "The task's id"),
         LogQuery,
-        ("Last-Event-ID" = Option<String>, Header, pattern = "^[1-9][0-9]{0,8}:[0-9]{1,18}$",
-            description = "With `follow`: the id of the last event received, `<attempt>:<offset>`, to resume after it")
+        ("Last-Event-ID" = Option<String>, Header, pattern = "^([1-9][0-9]{0,8}:[0-9]{1,18})?$",
+            description = "With `follow`: the id of the last event received, `<attempt>:<offset>`, to resume after it; empty is absent")
     ),
     responses(
         (status = 200, description = "The output from `offset`; with `follow=true`, a stream of Server-Sent Events",

@@ -211,6 +211,9 @@ fn select<'a>(
         "SELECT position, aggregate_type, aggregate_id, sequence, event_type, actor, \
          recorded_at, project_id, node_id, summary FROM timeline WHERE true",
     );
+    if filter.contradictory {
+        sql.push(" AND false");
+    }
     if let Some(t) = &filter.aggregate_type {
         sql.push(" AND aggregate_type = ").push_bind(t);
     }

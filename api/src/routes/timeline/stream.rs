@@ -95,7 +95,7 @@ struct StreamTimeline {
     tag = "events",
     params(
         StreamTimeline,
-        ("Last-Event-ID" = Option<String>, Header, pattern = "^[0-9]{1,18}$",
+        ("Last-Event-ID" = Option<String>, Header, pattern = "^([0-9]{1,18})?$",
             description = "The id (position) of the last event received, to resume right after it")
     ),
     responses(
