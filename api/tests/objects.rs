@@ -759,7 +759,7 @@ async fn completing_another_projects_upload_or_under_another_name_changes_nothin
     );
     // The upload under another name.
     let (status, field, detail) = refusal(&app.complete(&a, &alice, body("other.bin")).await);
-    assert_eq!((status, field.as_str()), (422, "name"));
+    assert_eq!((status, field.as_str()), (409, "name"));
     assert!(detail.contains("is of object \"big.bin\""), "{detail}");
     // No parts, and nothing stored declaring this content.
     let no_parts = json!({"name": "big.bin", "upload_id": upload_id, "parts": []});
@@ -945,7 +945,7 @@ async fn an_object_stored_before_uploads_were_verified_is_usable_only_once_a_com
     let task = task_with_input(&project, "old.txt");
     assert_eq!(
         refusal(&app.post("/tasks", &app.admin, task.clone()).await).0,
-        422
+        409
     );
     // An upload declaring the same, completed without sending anything:
     // the server reads what is there.
