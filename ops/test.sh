@@ -33,7 +33,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 APT_PACKAGES=(pkg-config libssl-dev busybox-static git openssh-server openssh-client chromium chromium-driver python3-venv)
 
 # The schemathesis release the API is checked with, the seed, and how many
-# cases per operation and phase: together about 2 minutes on 2 cores.
+# cases per operation and phase: together about 3 minutes on 2 cores.
 SCHEMATHESIS_VERSION=4.32.5
 SCHEMATHESIS_SEED=${UNIDESK_SCHEMATHESIS_SEED:-20261204}
 SCHEMATHESIS_EXAMPLES=30
