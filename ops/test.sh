@@ -11,6 +11,12 @@
 #   bash ops/test.sh -p store             # one crate
 #   bash ops/test.sh -- --nocapture       # arguments for the test binaries
 #
+# The full run ends by checking the API against its own OpenAPI document:
+# schemathesis (a pinned version, in a virtualenv under
+# ${XDG_CACHE_HOME:-~/.cache}/unidesk) fuzzes every operation of a fresh
+# `unidesk dev` and fails the run on any finding. UNIDESK_SCHEMATHESIS_SEED
+# picks its seed (fixed by default, so a finding can be replayed).
+#
 # To test against a server of your own instead of a private cluster, set
 # UNIDESK_TEST_DATABASE_URL to a URL of a user who may CREATE DATABASE,
 # such as postgres://me:secret@127.0.0.1:5432/postgres.
@@ -22,14 +28,24 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # crate needs another system library or tool. The PostgreSQL server is
 # handled apart: it is installed only when no initdb is found. The OpenSSH
 # server and client are for the host SSH test, which starts its own sshd;
-# Chromium and its WebDriver for the web view's browser test.
-APT_PACKAGES=(pkg-config libssl-dev busybox-static git openssh-server openssh-client chromium chromium-driver)
+# Chromium and its WebDriver for the web view's browser test; Python's venv
+# for schemathesis, which checks the API against its OpenAPI document.
+APT_PACKAGES=(pkg-config libssl-dev busybox-static git openssh-server openssh-client chromium chromium-driver python3-venv)
+
+# The schemathesis release the API is checked with, the seed, and how many
+# cases per operation and phase: together about 3 minutes on 2 cores.
+SCHEMATHESIS_VERSION=4.32.5
+SCHEMATHESIS_SEED=${UNIDESK_SCHEMATHESIS_SEED:-20261204}
+SCHEMATHESIS_EXAMPLES=30
 
 STEP="setup"
 PG_DIR=""
 PG_BIN=""
 PG_AS=()       # the command prefix that runs a program as the postgres user
 APT_UPDATED=0
+DEV_DIR=""     # the working directory of the `unidesk dev` schemathesis tests
+DEV_PID=""
+DEV_URL=""
 
 say() { printf '%s\n' "$*" >&2; }
 
@@ -40,6 +56,7 @@ begin() {
 
 on_exit() {
     local status=$?
+    stop_dev
     stop_cluster
     if ((status != 0)); then
         say ""
@@ -198,6 +215,97 @@ stop_cluster() {
     PG_DIR=""
 }
 
+# A virtualenv with schemathesis $SCHEMATHESIS_VERSION; prints its path.
+# Made once per version under the user's cache directory.
+schemathesis_venv() {
+    local venv="${XDG_CACHE_HOME:-$HOME/.cache}/unidesk/schemathesis-$SCHEMATHESIS_VERSION"
+    if [[ ! -x $venv/bin/st ]]; then
+        command -v python3 >/dev/null 2>&1 || die "python3 not found: apt-get install python3-venv"
+        rm -rf -- "$venv"
+        mkdir -p "$(dirname "$venv")"
+        python3 -m venv "$venv" >&2 ||
+            die "python3 -m venv failed: apt-get install python3-venv"
+        "$venv/bin/pip" install --quiet --disable-pip-version-check \
+            "schemathesis==$SCHEMATHESIS_VERSION" >&2 || {
+            rm -rf -- "$venv"
+            die "installing schemathesis $SCHEMATHESIS_VERSION from PyPI failed"
+        }
+    fi
+    printf '%s\n' "$venv"
+}
+
+# Starts `unidesk dev --no-agent` in a fresh directory on a free port;
+# sets DEV_URL once it is running and its admin token exists.
+start_dev() {
+    local port _ program
+    program="$PWD/target/debug/unidesk"
+    DEV_DIR=$(mktemp -d /tmp/unidesk-schemathesis.XXXXXX)
+    # dev runs PostgreSQL as the postgres user when we are root: it must
+    # pass through this directory to reach its own.
+    chmod 711 "$DEV_DIR"
+    port=$(free_port) || die "no free TCP port found on 127.0.0.1"
+    (cd "$DEV_DIR" && exec "$program" dev --no-agent \
+        --listen "127.0.0.1:$port" >"$DEV_DIR/dev.log" 2>&1) &
+    DEV_PID=$!
+    for _ in $(seq 1 120); do
+        if [[ -s $DEV_DIR/.unidesk/admin.token ]] && grep -q 'UniDesk is running' "$DEV_DIR/dev.log"; then
+            DEV_URL="http://127.0.0.1:$port"
+            return 0
+        fi
+        kill -0 "$DEV_PID" 2>/dev/null || break
+        sleep 1
+    done
+    say "unidesk dev did not start; its log:"
+    cat "$DEV_DIR/dev.log" >&2 || true
+    return 1
+}
+
+# Stops the dev server with Ctrl-C, as a person would (it stops its
+# PostgreSQL then), and removes its directory.
+stop_dev() {
+    local _
+    if [[ -n $DEV_PID ]]; then
+        kill -INT "$DEV_PID" 2>/dev/null || true
+        for _ in $(seq 1 60); do
+            kill -0 "$DEV_PID" 2>/dev/null || break
+            sleep 0.5
+        done
+        if kill -0 "$DEV_PID" 2>/dev/null; then
+            say "unidesk dev did not stop; killing it"
+            kill -KILL "$DEV_PID" 2>/dev/null || true
+        fi
+        wait "$DEV_PID" 2>/dev/null || true
+        DEV_PID=""
+    fi
+    if [[ -n $DEV_DIR && -d $DEV_DIR ]]; then
+        rm -rf -- "$DEV_DIR"
+    fi
+    DEV_DIR=""
+}
+
+# Fuzzes the API of a fresh dev server against its OpenAPI document with
+# every schemathesis check (among them negative_data_rejection and
+# response_schema_conformance); any finding fails the run. One worker:
+# hypothesis is not safe with threads on every Python.
+check_api_document() {
+    local venv base token config
+    config="$PWD/ops/schemathesis.toml"
+    venv=$(schemathesis_venv)
+    cargo build -p unidesk
+    start_dev
+    base=$DEV_URL
+    token=$(cat "$DEV_DIR/.unidesk/admin.token")
+    say "schemathesis $SCHEMATHESIS_VERSION against $base, seed $SCHEMATHESIS_SEED"
+    (cd "$DEV_DIR" && "$venv/bin/st" --config-file "$config" run "$base/api/v1/openapi.json" \
+        --header "Authorization: Bearer $token" \
+        --checks all \
+        --seed "$SCHEMATHESIS_SEED" \
+        --max-examples "$SCHEMATHESIS_EXAMPLES" \
+        --workers 1 \
+        --wait-for-schema 30)
+    stop_dev
+}
+
 # The -p/--package arguments among the ones for cargo test.
 PACKAGES=()
 args=("$@")
@@ -239,6 +347,9 @@ else
 
     begin "cargo test --workspace $*"
     cargo test --workspace "$@"
+
+    begin "schemathesis: the API against its OpenAPI document"
+    check_api_document
 fi
 
 STEP="done"

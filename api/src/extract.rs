@@ -38,8 +38,9 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
     }
 }
 
-/// An optional body: a request with neither a `Content-Type` nor a body
-/// gives `None`; anything else must be valid JSON as for [`JsonBody`].
+/// An optional body: a request with neither a `Content-Type` nor a body,
+/// or with the JSON `null`, gives `None`; anything else must be valid JSON
+/// as for [`JsonBody`].
 impl<T: DeserializeOwned> OptionalFromRequest<AppState> for JsonBody<T> {
     type Rejection = ApiError;
 
@@ -56,7 +57,11 @@ impl<T: DeserializeOwned> OptionalFromRequest<AppState> for JsonBody<T> {
                 Err(not_json())
             };
         }
-        parse_json(&bytes).map(|v| Some(JsonBody(v)))
+        let value = parse_value(&bytes)?;
+        if value.is_null() {
+            return Ok(None);
+        }
+        from_value(value).map(|v| Some(JsonBody(v)))
     }
 }
 
@@ -98,17 +103,63 @@ async fn read_body(req: Request, state: &AppState) -> Result<Bytes, ApiError> {
     })
 }
 
-/// Deserialises `bytes` as JSON into `T`, naming the field of any error.
+/// Deserialises `bytes`, a JSON object, into `T`, naming the field of any
+/// error. A whole number written with a fraction of zero (`4.0`, `1e3`) is
+/// read as that number wherever a whole number is expected, as JSON
+/// Schema's `integer` counts it as one.
 ///
 /// # Errors
 /// 400 for malformed JSON, 422 for JSON of the wrong shape.
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let value = parse_value(bytes)?;
+    from_value(value)
+}
+
+/// The JSON in `bytes`, with whole numbers written as floats made whole.
+fn parse_value(bytes: &[u8]) -> Result<serde_json::Value, ApiError> {
     let mut de = serde_json::Deserializer::from_slice(bytes);
-    let value = serde_path_to_error::deserialize(&mut de).map_err(json_error)?;
+    let mut value: serde_json::Value =
+        serde_path_to_error::deserialize(&mut de).map_err(json_error)?;
     de.end().map_err(|e| {
         ApiError::bad_request("body", format!("malformed JSON: {}", without_position(&e)))
     })?;
+    whole_numbers(&mut value);
     Ok(value)
+}
+
+/// `value`, a JSON object, as `T`.
+fn from_value<T: DeserializeOwned>(value: serde_json::Value) -> Result<T, ApiError> {
+    if !value.is_object() {
+        return Err(ApiError::invalid("body", "must be a JSON object"));
+    }
+    serde_path_to_error::deserialize(&value).map_err(json_error)
+}
+
+/// Turns every float with no fractional part that fits an `i64` or `u64`
+/// into that integer.
+fn whole_numbers(value: &mut serde_json::Value) {
+    use serde_json::{Number, Value};
+    match value {
+        Value::Number(n) if n.is_f64() => {
+            let f = n.as_f64().unwrap_or(f64::NAN);
+            // The bounds are powers of two, exact as floats.
+            let whole = if f.fract() != 0.0 || !f.is_finite() {
+                None
+            } else if (-9_223_372_036_854_775_808.0..9_223_372_036_854_775_808.0).contains(&f) {
+                Some(Number::from(f as i64))
+            } else if (0.0..18_446_744_073_709_551_616.0).contains(&f) {
+                Some(Number::from(f as u64))
+            } else {
+                None
+            };
+            if let Some(whole) = whole {
+                *n = whole;
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(whole_numbers),
+        Value::Object(fields) => fields.values_mut().for_each(whole_numbers),
+        _ => {}
+    }
 }
 
 fn json_error(e: serde_path_to_error::Error<serde_json::Error>) -> ApiError {

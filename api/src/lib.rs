@@ -202,7 +202,7 @@ pub fn router(state: AppState) -> axum::Router {
         .merge(web::router())
         .fallback(error::no_route)
         .method_not_allowed_fallback(error::method_not_allowed)
-        .layer(axum::Extension(Arc::new(doc)))
+        .layer(axum::Extension(Arc::new(openapi::finish(doc))))
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),

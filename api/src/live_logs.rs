@@ -241,12 +241,17 @@ pub fn parse_event_id(id: &str) -> Result<Start, ApiError> {
             format!("must be <attempt>:<offset> as sent in an event's id, got {id:?}"),
         )
     };
+    // Exactly the form of the ids sent: no sign, no leading zero in the
+    // attempt.
     let (attempt, offset) = id.trim().split_once(':').ok_or_else(bad)?;
-    let attempt: u32 = attempt.parse().map_err(|_| bad())?;
-    let offset: u64 = offset.parse().map_err(|_| bad())?;
-    if attempt == 0 {
+    let digits = |s: &str, most: usize| {
+        (1..=most).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_digit())
+    };
+    if !digits(attempt, 9) || attempt.starts_with('0') || !digits(offset, 18) {
         return Err(bad());
     }
+    let attempt: u32 = attempt.parse().map_err(|_| bad())?;
+    let offset: u64 = offset.parse().map_err(|_| bad())?;
     Ok(Start {
         attempt: Some(attempt),
         offset,

@@ -66,6 +66,9 @@ pub struct TimelineFilter {
     pub since: Option<DateTime<Utc>>,
     /// Only events before this time.
     pub until: Option<DateTime<Utc>>,
+    /// Whether two filters contradict each other (a task and another
+    /// aggregate type), so that nothing matches.
+    pub contradictory: bool,
 }
 
 /// The filter parameters as they arrive, before they are checked.
@@ -106,16 +109,12 @@ impl TimelineFilter {
         }
         if let Some(task) = raw.task {
             let id = parse_uuid("task", task)?;
-            if filter
+            // With another aggregate type, the filters together match
+            // nothing, as every filter narrows the result.
+            filter.contradictory = filter
                 .aggregate_type
                 .as_deref()
-                .is_some_and(|t| t != "task")
-            {
-                return Err(ApiError::bad_request(
-                    "aggregate_type",
-                    "must be task, or absent, together with task",
-                ));
-            }
+                .is_some_and(|t| t != "task");
             filter.aggregate_type = Some("task".into());
             filter.aggregate_id = Some(id.to_string());
         }
@@ -133,19 +132,16 @@ impl TimelineFilter {
         }
         filter.since = raw.since.map(|s| parse_time("since", s)).transpose()?;
         filter.until = raw.until.map(|s| parse_time("until", s)).transpose()?;
-        if let (Some(since), Some(until)) = (filter.since, filter.until) {
-            if since >= until {
-                return Err(ApiError::bad_request("until", "must be later than since"));
-            }
-        }
         Ok(filter)
     }
 
     /// Whether `entry` is one the reader asked for.
     pub fn matches(&self, entry: &TimelineEntry) -> bool {
-        self.aggregate_type
-            .as_deref()
-            .is_none_or(|t| entry.aggregate_type == t)
+        !self.contradictory
+            && self
+                .aggregate_type
+                .as_deref()
+                .is_none_or(|t| entry.aggregate_type == t)
             && self
                 .aggregate_id
                 .as_deref()
@@ -567,28 +563,33 @@ mod tests {
                 },
                 "since",
             ),
-            (
-                RawFilter {
-                    since: Some("2026-01-02T00:00:00Z"),
-                    until: Some("2026-01-01T00:00:00Z"),
-                    ..Default::default()
-                },
-                "until",
-            ),
-            (
-                RawFilter {
-                    task: Some("00000000-0000-0000-0000-000000000001"),
-                    aggregate_type: Some("node"),
-                    ..Default::default()
-                },
-                "aggregate_type",
-            ),
         ];
         for (raw, field) in cases {
             match TimelineFilter::parse(&raw) {
                 Err(ApiError::BadRequest(p)) => assert_eq!(p[0].field.as_deref(), Some(field)),
                 other => panic!("{raw:?}: {other:?}"),
             }
+        }
+    }
+
+    #[test]
+    fn filters_that_contradict_each_other_match_nothing() {
+        for raw in [
+            RawFilter {
+                since: Some("2026-01-02T00:00:00Z"),
+                until: Some("2026-01-01T00:00:00Z"),
+                ..Default::default()
+            },
+            RawFilter {
+                task: Some("00000000-0000-0000-0000-000000000001"),
+                aggregate_type: Some("node"),
+                ..Default::default()
+            },
+        ] {
+            let filter = TimelineFilter::parse(&raw).expect("filters combine");
+            let mut e = entry("node", "00000000-0000-0000-0000-000000000001", None);
+            e.recorded_at = "2026-01-01T12:00:00Z".parse().expect("a time");
+            assert!(!filter.matches(&e), "{raw:?}");
         }
     }
 

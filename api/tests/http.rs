@@ -1034,7 +1034,7 @@ async fn events_are_read_in_global_order_and_only_where_the_caller_may_look() {
 
     app.get("/api/v1/events?after=999999", &app.admin)
         .await
-        .expect_error(400, "after");
+        .expect_error(404, "after");
     app.get("/api/v1/events?after=-3", &app.admin)
         .await
         .expect_error(400, "after");
@@ -1044,15 +1044,19 @@ async fn events_are_read_in_global_order_and_only_where_the_caller_may_look() {
     app.get("/api/v1/events?aggregate_type=robot", &app.admin)
         .await
         .expect_error(400, "aggregate_type");
-    app.get("/api/v1/events?aggregate_id=admin", &app.admin)
-        .await
-        .expect_error(400, "aggregate_type");
+    app.get(
+        "/api/v1/events?aggregate_type=task&aggregate_id=Nope",
+        &app.admin,
+    )
+    .await
+    .expect_error(400, "aggregate_id");
+    // A name that is no UUID names no task.
     app.get(
         "/api/v1/events?aggregate_type=task&aggregate_id=nope",
         &app.admin,
     )
     .await
-    .expect_error(400, "aggregate_id");
+    .expect_error(404, "aggregate_id");
 
     app.get("/api/v1/events", &erin).await.expect(403);
     app.get(
@@ -1261,8 +1265,11 @@ async fn malformed_node_label_and_maximum_bodies_get_422_naming_the_field() {
             .expect_error(422, field);
     }
     let accept = format!("/api/v1/nodes/{id}/labels/accept");
+    // A key the agent does not declare names nothing to accept.
+    app.post(&accept, &app.admin, json!({"keys": ["gpu", "os"]}))
+        .await
+        .expect_error(404, "keys[1]");
     for (body, field) in [
-        (json!({"keys": ["gpu", "os"]}), "keys[1]"),
         (json!({"keys": "gpu"}), "keys"),
         (json!({"keys": [1]}), "keys[0]"),
         (json!({"labels": {"gpu": "h100"}}), "labels"),
@@ -1713,10 +1720,7 @@ async fn the_openapi_document_covers_every_route_and_every_documented_route_is_s
         .call(Method::GET, "/api/v1/openapi.json", None, None)
         .await;
     let doc = doc.expect(200).clone();
-    assert_eq!(
-        doc,
-        serde_json::to_value(api::openapi()).expect("serialises")
-    );
+    assert_eq!(doc, api::openapi::document());
     assert_eq!(
         doc["components"]["securitySchemes"]["bearer"],
         json!({"type": "http", "scheme": "bearer", "description": doc["components"]["securitySchemes"]["bearer"]["description"]})
@@ -2233,4 +2237,71 @@ async fn a_task_whose_repository_url_holds_a_credential_is_refused_naming_the_fi
     app.post("/api/v1/tasks", &app.admin, body)
         .await
         .expect(201);
+}
+
+#[tokio::test]
+async fn a_whole_number_written_with_a_zero_fraction_is_that_number_and_a_body_must_be_an_object() {
+    let app = start().await;
+    let project = app.project(&app.admin, "floats").await;
+    let quota = format!("/api/v1/projects/{project}/quota");
+    let answer = app
+        .put(&quota, &app.admin, json!({"max_running": 3.0}))
+        .await;
+    assert_eq!(answer.expect(200)["max_running"], 3);
+    app.put(&quota, &app.admin, json!({"max_running": 3.5}))
+        .await
+        .expect_error(422, "max_running");
+    app.put(&quota, &app.admin, json!([null]))
+        .await
+        .expect_error(422, "body");
+    // An optional body given as null is no body.
+    app.post("/api/v1/users/admin/tokens", &app.admin, Value::Null)
+        .await
+        .expect(201);
+}
+
+#[tokio::test]
+async fn the_document_names_every_status_an_operation_answers_and_describes_the_stream_events() {
+    let app = start().await;
+    let doc = app
+        .call(Method::GET, "/api/v1/openapi.json", None, None)
+        .await
+        .expect(200)
+        .clone();
+    let mut ids = BTreeSet::new();
+    for (path, item) in doc["paths"].as_object().expect("paths") {
+        for (method, operation) in item.as_object().expect("a path item") {
+            let id = operation["operationId"].as_str().expect("an operationId");
+            assert!(ids.insert(id.to_string()), "{id} is not unique");
+            let statuses = operation["responses"].as_object().expect("responses");
+            let has = |s: &str| statuses.contains_key(s);
+            if operation.get("security").is_some() {
+                assert!(has("401") && has("429"), "{method} {path}");
+            }
+            if operation.get("requestBody").is_some() {
+                for s in ["400", "413", "415", "422"] {
+                    assert!(has(s), "{method} {path} lacks {s}");
+                }
+            }
+            if path.starts_with("/api/v1") && method != "get" {
+                assert!(has("409"), "{method} {path} lacks 409");
+            }
+        }
+    }
+    let stream = &doc["paths"]["/api/v1/timeline/stream"]["get"]["responses"]["200"]["content"]
+        ["text/event-stream"]["schema"]["oneOf"];
+    let events: Vec<_> = stream
+        .as_array()
+        .expect("the timeline stream's events")
+        .iter()
+        .map(|e| e["properties"]["event"]["const"].clone())
+        .collect();
+    assert_eq!(events, [json!("timeline"), json!("ready")]);
+    assert_eq!(
+        stream[0]["properties"]["data"]["contentSchema"]["$ref"],
+        "#/components/schemas/TimelineEntry"
+    );
+    let logs = &doc["paths"]["/api/v1/tasks/{id}/logs"]["get"]["responses"]["200"]["content"]
+        ["text/event-stream"]["schema"]["oneOf"];
+    assert_eq!(logs.as_array().map(Vec::len), Some(2));
 }

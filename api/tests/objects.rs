@@ -325,7 +325,7 @@ async fn a_single_put_is_checked_by_the_store_and_usable_only_once_completed() {
     // Stored but not completed: no task may use it yet.
     let task = task_with_input(&project, "datasets/a.bin");
     let (s, e) = app.post("/tasks", &alice, task.clone()).await;
-    assert_eq!(s, 422, "{e}");
+    assert_eq!(s, 409, "{e}");
     assert_eq!(e["errors"][0]["field"], "inputs[0].object");
     assert!(
         e["errors"][0]["detail"]
@@ -390,7 +390,7 @@ async fn a_file_larger_than_a_part_goes_up_in_parts_and_is_checked_when_complete
         .post(
             &format!("/projects/{project}/objects/complete"),
             &alice,
-            json!({"name": "big.bin", "upload_id": "x", "size": -1, "parts": [{"part_number": 2, "etag": "e"}]}),
+            json!({"name": "big.bin", "upload_id": "x", "size": -1, "parts": [{"part_number": 0, "etag": "e"}]}),
         )
         .await;
     assert_eq!(s, 422);
@@ -459,7 +459,7 @@ async fn tasks_name_valid_inputs_and_outputs_and_need_a_store_for_them() {
     assert_eq!(e["errors"][0]["field"], "outputs[0].path");
     // An input must be a verified object of the project.
     let (s, e) = app.post("/tasks", &app.admin, task_body(&project)).await;
-    assert_eq!(s, 422, "{e}");
+    assert_eq!(s, 409, "{e}");
     assert_eq!(e["errors"][0]["field"], "inputs[0].object", "{e}");
     app.upload(&project, &app.admin, "datasets/train.tar", b"tar")
         .await;
@@ -637,7 +637,7 @@ async fn a_multipart_upload_of_other_bytes_than_declared_is_deleted_and_refused_
         .post("/tasks", &alice, task_with_input(&project, "model.bin"))
         .await;
     let (status, field, _) = refusal(&answer);
-    assert_eq!((status, field.as_str()), (422, "inputs[0].object"));
+    assert_eq!((status, field.as_str()), (409, "inputs[0].object"));
 
     // Completing it again cannot bring it back.
     let (status, field, detail) = refusal(&app.complete(&project, &alice, complete).await);
@@ -703,7 +703,7 @@ async fn an_upload_of_fewer_bytes_than_declared_is_deleted_and_refused() {
     let answer = app
         .post("/tasks", &alice, task_with_input(&project, "small.txt"))
         .await;
-    assert_eq!(refusal(&answer).0, 422);
+    assert_eq!(refusal(&answer).0, 409);
 
     // A body that is not the declared one never gets past the store.
     let up = app
@@ -759,7 +759,7 @@ async fn completing_another_projects_upload_or_under_another_name_changes_nothin
     );
     // The upload under another name.
     let (status, field, detail) = refusal(&app.complete(&a, &alice, body("other.bin")).await);
-    assert_eq!((status, field.as_str()), (422, "name"));
+    assert_eq!((status, field.as_str()), (409, "name"));
     assert!(detail.contains("is of object \"big.bin\""), "{detail}");
     // No parts, and nothing stored declaring this content.
     let no_parts = json!({"name": "big.bin", "upload_id": upload_id, "parts": []});
@@ -945,7 +945,7 @@ async fn an_object_stored_before_uploads_were_verified_is_usable_only_once_a_com
     let task = task_with_input(&project, "old.txt");
     assert_eq!(
         refusal(&app.post("/tasks", &app.admin, task.clone()).await).0,
-        422
+        409
     );
     // An upload declaring the same, completed without sending anything:
     // the server reads what is there.

@@ -427,7 +427,7 @@ async fn filters_for_what_the_caller_may_not_see_and_bad_parameters_are_refused_
         ("/timeline?limit=0".into(), 400, "limit"),
         ("/timeline?limit=501".into(), 400, "limit"),
         ("/timeline?before=x".into(), 400, "before"),
-        ("/timeline?before=999999".into(), 400, "before"),
+        ("/timeline?before=999999".into(), 404, "before"),
         ("/timeline?task=nope".into(), 400, "task"),
         (
             "/timeline?aggregate_type=file".into(),
@@ -440,14 +440,9 @@ async fn filters_for_what_the_caller_may_not_see_and_bad_parameters_are_refused_
             "event_type",
         ),
         ("/timeline?since=yesterday".into(), 400, "since"),
-        (
-            "/timeline?since=2026-02-01T00:00:00Z&until=2026-01-01T00:00:00Z".into(),
-            400,
-            "until",
-        ),
         ("/timeline?colour=red".into(), 400, "colour"),
         ("/timeline/stream?after=-1".into(), 400, "after"),
-        ("/timeline/stream?after=999999".into(), 400, "after"),
+        ("/timeline/stream?after=999999".into(), 404, "after"),
         ("/events/999999".into(), 404, ""),
         ("/events/x".into(), 400, "position"),
     ] {

@@ -21,6 +21,10 @@ pub struct FieldError {
     pub field: String,
     /// What is wrong, in words a person can act on.
     pub reason: String,
+    /// Whether the value is fine but taken: another item of the same
+    /// request names it already.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub taken: bool,
 }
 
 impl FieldError {
@@ -29,6 +33,15 @@ impl FieldError {
         Self {
             field: field.into(),
             reason: reason.into(),
+            taken: false,
+        }
+    }
+
+    /// A new error for `field`, whose value another item names already.
+    pub fn taken(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self {
+            taken: true,
+            ..Self::new(field, reason)
         }
     }
 }
@@ -1112,7 +1125,7 @@ fn validate_inputs(e: &mut Vec<FieldError>, drafts: Vec<InputDraft>) -> Vec<Inpu
         );
         if let (Some(name), Some(object)) = (name, object) {
             if inputs.iter().any(|x| x.name == name) {
-                e.push(FieldError::new(
+                e.push(FieldError::taken(
                     format!("inputs[{i}].name"),
                     format!("{name} is named by another input already"),
                 ));
@@ -1142,7 +1155,7 @@ fn validate_outputs(e: &mut Vec<FieldError>, drafts: Vec<OutputDraft>) -> Vec<Ou
         );
         if let (Some(name), Some(path)) = (name, path) {
             if outputs.iter().any(|x| x.name == name) {
-                e.push(FieldError::new(
+                e.push(FieldError::taken(
                     format!("outputs[{i}].name"),
                     format!("{name} is the name of another output already"),
                 ));

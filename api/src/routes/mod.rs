@@ -35,6 +35,7 @@ pub fn all() -> OpenApiRouter<AppState> {
     let mut all = OpenApiRouter::with_openapi(crate::openapi::ApiDoc::openapi())
         .merge(health::router())
         .nest(API_PREFIX, v1);
+    crate::openapi::complete(all.get_openapi_mut());
     crate::limits::document(all.get_openapi_mut());
     all
 }

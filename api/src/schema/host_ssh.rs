@@ -13,7 +13,12 @@ pub const DEFAULT_TIMEOUT_S: u64 = 30;
 pub struct RunHostSsh {
     /// The command line, run by the remote user's shell on the node's host:
     /// 1 to 4096 bytes, no NUL characters.
-    #[schema(example = "nvidia-smi; uptime")]
+    #[schema(
+        example = "nvidia-smi; uptime",
+        min_length = 1,
+        max_length = 4096,
+        pattern = "^[^\\u0000]*[^\\s\\u0000][^\\u0000]*$"
+    )]
     pub command: String,
     /// The hard time limit in seconds, 1 to 600 (default 30). The SSH
     /// client is killed when it is reached.

@@ -15,11 +15,17 @@ use crate::error::ApiError;
 #[serde(deny_unknown_fields)]
 pub struct ProvisionNode {
     /// A unique name: 1-63 lower-case letters, digits, '.', '_' or '-'.
-    #[schema(example = "gpu-3")]
+    #[schema(
+        example = "gpu-3",
+        pattern = "^[a-z0-9][a-z0-9._-]*$",
+        min_length = 1,
+        max_length = 63
+    )]
     pub name: String,
     /// Labels tasks can select the node by: the only ones placement
     /// matches, whatever the agent declares.
     #[serde(default)]
+    #[schema(schema_with = crate::schema::optional_labels)]
     pub labels: Option<BTreeMap<String, String>>,
     /// The most the node may claim, whatever its agent declares; a
     /// missing or `null` field has no maximum.
@@ -33,14 +39,14 @@ pub struct ProvisionNode {
 #[serde(deny_unknown_fields)]
 pub struct MaxResourcesInput {
     /// CPU cores, more than 0; fractions allowed.
-    #[schema(example = 4.0)]
+    #[schema(example = 4.0, exclusive_minimum = 0, maximum = 65536)]
     pub cpus: Option<f64>,
     /// Memory in MiB, 1 or more.
-    #[schema(example = 16384)]
+    #[schema(example = 16384, minimum = 1, maximum = 1073741824_i64)]
     pub memory_mb: Option<i64>,
     /// How many of the GPUs the agent declares count (the first ones), 0
     /// or more.
-    #[schema(example = 1)]
+    #[schema(example = 1, minimum = 0, maximum = 1024)]
     pub gpus: Option<i64>,
 }
 
@@ -59,6 +65,7 @@ impl From<MaxResourcesInput> for domain::node::ResourceLimitsDraft {
 #[serde(deny_unknown_fields)]
 pub struct SetLabels {
     /// The node's whole new label set; `{}` removes every label. Required.
+    #[schema(schema_with = crate::schema::labels)]
     pub labels: BTreeMap<String, String>,
 }
 
@@ -81,16 +88,16 @@ pub struct AcceptLabels {
 pub struct SetLimits {
     /// CPU cores, more than 0 (fractions allowed), or `null`.
     #[serde(default, deserialize_with = "present")]
-    #[schema(value_type = Option<f64>, required = true, example = 4.0)]
+    #[schema(value_type = Option<f64>, required = true, example = 4.0, exclusive_minimum = 0, maximum = 65536)]
     pub cpus: Option<Option<f64>>,
     /// Memory in MiB, 1 or more, or `null`.
     #[serde(default, deserialize_with = "present")]
-    #[schema(value_type = Option<i64>, required = true, example = 16384)]
+    #[schema(value_type = Option<i64>, required = true, example = 16384, minimum = 1, maximum = 1073741824_i64)]
     pub memory_mb: Option<Option<i64>>,
     /// How many of the GPUs the agent declares count (the first ones), 0
     /// or more, or `null`.
     #[serde(default, deserialize_with = "present")]
-    #[schema(value_type = Option<i64>, required = true, example = 1)]
+    #[schema(value_type = Option<i64>, required = true, example = 1, minimum = 0, maximum = 1024)]
     pub gpus: Option<Option<i64>>,
 }
 

@@ -12,13 +12,15 @@ use uuid::Uuid;
 pub struct CreateUpload {
     /// The object's name in the project's store, a relative path such as
     /// `datasets/train.tar`; tasks name it as an input's `object`.
-    #[schema(example = "datasets/train.tar")]
+    #[schema(example = "datasets/train.tar", value_type = String, required = true, max_length = 512, pattern = "^(?:\\.(?:/(?:\\.|(?:[A-Za-z0-9_+=@,-][A-Za-z0-9._+=@,-]*|\\.[A-Za-z0-9_+=@,-][A-Za-z0-9._+=@,-]*|\\.\\.[A-Za-z0-9._+=@,-]+))?)*/(?:[A-Za-z0-9_+=@,-][A-Za-z0-9._+=@,-]*|\\.[A-Za-z0-9_+=@,-][A-Za-z0-9._+=@,-]*|\\.\\.[A-Za-z0-9._+=@,-]+)(?:/(?:\\.|(?:[A-Za-z0-9_+=@,-][A-Za-z0-9._+=@,-]*|\\.[A-Za-z0-9_+=@,-][A-Za-z0-9._+=@,-]*|\\.\\.[A-Za-z0-9._+=@,-]+))?)*|(?:[A-Za-z0-9_+=@,-][A-Za-z0-9._+=@,-]*|\\.[A-Za-z0-9_+=@,-][A-Za-z0-9._+=@,-]*|\\.\\.[A-Za-z0-9._+=@,-]+)(?:/(?:\\.|(?:[A-Za-z0-9_+=@,-][A-Za-z0-9._+=@,-]*|\\.[A-Za-z0-9_+=@,-][A-Za-z0-9._+=@,-]*|\\.\\.[A-Za-z0-9._+=@,-]+))?)*)$")]
     pub name: Option<String>,
-    /// Its size in bytes.
+    /// Its size in bytes, at most 5 TiB.
+    #[schema(value_type = i64, required = true, minimum = 0, maximum = 5497558138880_i64)]
     pub size: Option<i64>,
     /// Its SHA-256, 64 hex digits: the store refuses a single upload whose
     /// body does not match, the completion checks the stored object against
     /// it, and every download is checked against it.
+    #[schema(value_type = String, required = true, pattern = "^[0-9a-fA-F]{64}$")]
     pub sha256: Option<String>,
 }
 
@@ -61,14 +63,18 @@ pub struct PartUrl {
 #[serde(deny_unknown_fields)]
 pub struct CompleteUpload {
     /// The object's name, as in the upload.
+    #[schema(value_type = String, required = true, max_length = 512, pattern = "^(?:\\.(?:/(?:\\.|(?:[A-Za-z0-9_+=@,-][A-Za-z0-9._+=@,-]*|\\.[A-Za-z0-9_+=@,-][A-Za-z0-9._+=@,-]*|\\.\\.[A-Za-z0-9._+=@,-]+))?)*/(?:[A-Za-z0-9_+=@,-][A-Za-z0-9._+=@,-]*|\\.[A-Za-z0-9_+=@,-][A-Za-z0-9._+=@,-]*|\\.\\.[A-Za-z0-9._+=@,-]+)(?:/(?:\\.|(?:[A-Za-z0-9_+=@,-][A-Za-z0-9._+=@,-]*|\\.[A-Za-z0-9_+=@,-][A-Za-z0-9._+=@,-]*|\\.\\.[A-Za-z0-9._+=@,-]+))?)*|(?:[A-Za-z0-9_+=@,-][A-Za-z0-9._+=@,-]*|\\.[A-Za-z0-9_+=@,-][A-Za-z0-9._+=@,-]*|\\.\\.[A-Za-z0-9._+=@,-]+)(?:/(?:\\.|(?:[A-Za-z0-9_+=@,-][A-Za-z0-9._+=@,-]*|\\.[A-Za-z0-9_+=@,-][A-Za-z0-9._+=@,-]*|\\.\\.[A-Za-z0-9._+=@,-]+))?)*)$")]
     pub name: Option<String>,
     /// The upload's id, as the upload answered it.
+    #[schema(value_type = String, required = true, min_length = 1, max_length = 1024)]
     pub upload_id: Option<String>,
     /// Optional: the object's size, which must be the one the upload
     /// declared.
+    #[schema(minimum = 0)]
     pub size: Option<i64>,
     /// With `multipart`: every part in order, with the `ETag` header the
     /// store answered. Left out for a single PUT.
+    #[schema(max_items = 10000)]
     pub parts: Option<Vec<CompletedPart>>,
 }
 
@@ -76,9 +82,11 @@ pub struct CompleteUpload {
 #[derive(Debug, Clone, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CompletedPart {
-    /// From 1.
+    /// From 1: the part's place in the list.
+    #[schema(value_type = u32, required = true, minimum = 1)]
     pub part_number: Option<u32>,
     /// The `ETag` header of the part's PUT answer.
+    #[schema(value_type = String, required = true, min_length = 1)]
     pub etag: Option<String>,
 }
 

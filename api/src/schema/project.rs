@@ -12,7 +12,12 @@ use crate::error::ApiError;
 #[serde(deny_unknown_fields)]
 pub struct CreateProject {
     /// A unique name: 1-63 lower-case letters, digits, '.', '_' or '-'.
-    #[schema(example = "vision")]
+    #[schema(
+        example = "vision",
+        pattern = "^[a-z0-9][a-z0-9._-]*$",
+        min_length = 1,
+        max_length = 63
+    )]
     pub name: String,
     /// What the project is for.
     #[serde(default)]
@@ -24,9 +29,10 @@ pub struct CreateProject {
 #[serde(deny_unknown_fields)]
 pub struct AddMember {
     /// An existing user's name.
+    #[schema(pattern = "^[a-z0-9][a-z0-9._-]*$", min_length = 1, max_length = 63)]
     pub user: String,
     /// `maintainer`, `member` or `viewer`.
-    #[schema(example = "member")]
+    #[schema(example = "member", pattern = "^(maintainer|member|viewer)$")]
     pub role: String,
 }
 
@@ -38,7 +44,7 @@ pub struct SetQuota {
     /// more; `null` removes the limit. Required, so that a forgotten field
     /// never lifts a limit.
     #[serde(default, deserialize_with = "present")]
-    #[schema(value_type = Option<i64>, required = true)]
+    #[schema(value_type = Option<i64>, required = true, minimum = 0, maximum = 4294967295_i64)]
     pub max_running: Option<Option<i64>>,
 }
 

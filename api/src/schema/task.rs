@@ -19,21 +19,22 @@ use crate::schema::event::EventRecord;
 pub struct SubmitTask {
     /// The project the task belongs to; the caller must be one of its
     /// members or maintainers.
+    #[schema(value_type = Uuid, required = true)]
     pub project_id: Option<Uuid>,
     /// The code repository: `https://`, `ssh://`, `git://` or `user@host:path`.
-    #[schema(example = "https://git.example.com/lab/model.git")]
+    #[schema(value_type = String, required = true, example = "https://git.example.com/lab/model.git")]
     pub code_repo_url: Option<String>,
     /// The full code commit id: 40 (or 64) hexadecimal digits.
-    #[schema(example = "0123456789abcdef0123456789abcdef01234567")]
+    #[schema(value_type = String, required = true, example = "0123456789abcdef0123456789abcdef01234567", pattern = "^([0-9a-fA-F]{40}|[0-9a-fA-F]{64})$")]
     pub code_commit_id: Option<String>,
     /// The repository with the environment's Dockerfile.
-    #[schema(example = "git@git.example.com:lab/env.git")]
+    #[schema(value_type = String, required = true, example = "git@git.example.com:lab/env.git")]
     pub env_repo_url: Option<String>,
     /// The full env commit id.
-    #[schema(example = "89abcdef0123456789abcdef0123456789abcdef")]
+    #[schema(value_type = String, required = true, example = "89abcdef0123456789abcdef0123456789abcdef", pattern = "^([0-9a-fA-F]{40}|[0-9a-fA-F]{64})$")]
     pub env_commit_id: Option<String>,
     /// The Dockerfile's path inside the env repository: relative, no `..`.
-    #[schema(example = "docker/gpu/Dockerfile")]
+    #[schema(value_type = String, required = true, example = "docker/gpu/Dockerfile")]
     pub dockerfile_path: Option<String>,
     /// The argv to run; empty or absent runs the image's default command.
     pub command: Option<Vec<String>>,
@@ -44,18 +45,24 @@ pub struct SubmitTask {
     /// What the task needs; defaults to 1 CPU, 1024 MiB, no GPU.
     pub resources: Option<SubmitResources>,
     /// Node labels the task requires.
+    #[schema(schema_with = crate::schema::optional_labels)]
     pub labels: Option<BTreeMap<String, String>>,
     /// -1000 to 1000; higher runs first.
+    #[schema(minimum = -1000, maximum = 1000)]
     pub priority: Option<i64>,
-    /// Wall-clock limit of one attempt in seconds.
+    /// Wall-clock limit of one attempt in seconds, 1 to 31536000 (a year).
+    #[schema(minimum = 1, maximum = 31536000)]
     pub timeout_s: Option<i64>,
     /// Retries after a lost node, 0 to 100 (default 2).
+    #[schema(minimum = 0, maximum = 100)]
     pub max_retries: Option<i64>,
     /// Objects of the project's store to download into the workspace
     /// before the command runs (at most 64).
+    #[schema(max_items = 64)]
     pub inputs: Option<Vec<SubmitInput>>,
     /// Workspace files to upload once the command ended, also when it
     /// failed (at most 64).
+    #[schema(max_items = 64)]
     pub outputs: Option<Vec<SubmitOutput>>,
     /// `none` runs the task without any network (only a loopback
     /// interface); absent leaves it to the node, which runs tasks on a
@@ -70,10 +77,10 @@ pub struct SubmitTask {
 pub struct SubmitInput {
     /// Where it goes in the workspace (the command's working directory),
     /// relative, no `..`.
-    #[schema(example = "data/train.tar")]
+    #[schema(example = "data/train.tar", value_type = String, required = true)]
     pub name: Option<String>,
     /// The object's name in the project's store, as uploaded.
-    #[schema(example = "datasets/train.tar")]
+    #[schema(example = "datasets/train.tar", value_type = String, required = true, max_length = 512, pattern = "^(?:\\.(?:/(?:\\.|(?:[A-Za-z0-9_+=@,-][A-Za-z0-9._+=@,-]*|\\.[A-Za-z0-9_+=@,-][A-Za-z0-9._+=@,-]*|\\.\\.[A-Za-z0-9._+=@,-]+))?)*/(?:[A-Za-z0-9_+=@,-][A-Za-z0-9._+=@,-]*|\\.[A-Za-z0-9_+=@,-][A-Za-z0-9._+=@,-]*|\\.\\.[A-Za-z0-9._+=@,-]+)(?:/(?:\\.|(?:[A-Za-z0-9_+=@,-][A-Za-z0-9._+=@,-]*|\\.[A-Za-z0-9_+=@,-][A-Za-z0-9._+=@,-]*|\\.\\.[A-Za-z0-9._+=@,-]+))?)*|(?:[A-Za-z0-9_+=@,-][A-Za-z0-9._+=@,-]*|\\.[A-Za-z0-9_+=@,-][A-Za-z0-9._+=@,-]*|\\.\\.[A-Za-z0-9._+=@,-]+)(?:/(?:\\.|(?:[A-Za-z0-9_+=@,-][A-Za-z0-9._+=@,-]*|\\.[A-Za-z0-9_+=@,-][A-Za-z0-9._+=@,-]*|\\.\\.[A-Za-z0-9._+=@,-]+))?)*)$")]
     pub object: Option<String>,
 }
 
@@ -82,10 +89,10 @@ pub struct SubmitInput {
 #[serde(deny_unknown_fields)]
 pub struct SubmitOutput {
     /// The output's name: letters, digits, `.`, `_`, `-`.
-    #[schema(example = "model")]
+    #[schema(example = "model", value_type = String, required = true, pattern = "^(?:[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}|\\.[A-Za-z0-9_-][A-Za-z0-9._-]{0,126}|\\.\\.[A-Za-z0-9._-]{1,126})$")]
     pub name: Option<String>,
     /// The file in the workspace, relative, no `..`.
-    #[schema(example = "out/model.pt")]
+    #[schema(example = "out/model.pt", value_type = String, required = true)]
     pub path: Option<String>,
 }
 
@@ -93,11 +100,14 @@ pub struct SubmitOutput {
 #[derive(Debug, Clone, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SubmitResources {
-    /// CPU cores, more than 0, fractions allowed.
+    /// CPU cores, more than 0 and at most 4096, fractions allowed.
+    #[schema(exclusive_minimum = 0, maximum = 4096)]
     pub cpus: Option<f64>,
-    /// Memory in MiB, at least 1.
+    /// Memory in MiB, 1 to 67108864 (64 TiB).
+    #[schema(minimum = 1, maximum = 67108864)]
     pub memory_mb: Option<i64>,
     /// Whole GPUs, 0 to 64.
+    #[schema(minimum = 0, maximum = 64)]
     pub gpus: Option<i64>,
 }
 
@@ -305,7 +315,8 @@ pub struct Task {
     pub submitted_at: Option<DateTime<Utc>>,
     /// The current attempt, 0 before the first.
     pub attempt: u32,
-    /// The node holding the current attempt.
+    /// The node holding the current attempt; absent when none does.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub node_id: Option<Uuid>,
     /// The preparation step, while preparing.
     pub stage: Option<String>,

@@ -27,10 +27,13 @@ pub struct TimelineEntry {
     pub actor: String,
     /// When it happened.
     pub recorded_at: DateTime<Utc>,
-    /// The project of a task or project event.
+    /// The project of a task or project event; absent for others.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub project_id: Option<Uuid>,
     /// The node the event concerns: a node's own events, and task events
-    /// that place an attempt on a node or lose it there.
+    /// that place an attempt on a node or lose it there; absent for
+    /// others.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub node_id: Option<Uuid>,
     /// What happened, in one line, as every view of the log says it.
     #[schema(

@@ -10,7 +10,12 @@ use uuid::Uuid;
 #[serde(deny_unknown_fields)]
 pub struct CreateUser {
     /// A unique name: 1-63 lower-case letters, digits, '.', '_' or '-'.
-    #[schema(example = "alice")]
+    #[schema(
+        example = "alice",
+        pattern = "^[a-z0-9][a-z0-9._-]*$",
+        min_length = 1,
+        max_length = 63
+    )]
     pub name: String,
     /// Whether the user administers the whole platform (default false).
     #[serde(default)]
@@ -22,7 +27,11 @@ pub struct CreateUser {
 #[serde(deny_unknown_fields)]
 pub struct IssueToken {
     /// What the token is for, up to 100 characters.
-    #[schema(example = "laptop")]
+    #[schema(
+        example = "laptop",
+        max_length = 100,
+        pattern = "^[^\\x00-\\x1F\\x7F-\\x9F]*$"
+    )]
     pub label: Option<String>,
     /// Seconds from now until the token stops working by itself, 1 to
     /// 31536000 (a year). Not together with `expires_at`; without either
@@ -31,7 +40,8 @@ pub struct IssueToken {
     #[schema(example = 2592000, minimum = 1, maximum = 31536000)]
     pub expires_in_s: Option<u64>,
     /// When the token stops working by itself (RFC 3339): in the future
-    /// and at most a year from now. Not together with `expires_in_s`.
+    /// and at most a year from now, else 409 (the time of the request
+    /// decides). Not together with `expires_in_s`.
     #[serde(default)]
     pub expires_at: Option<DateTime<Utc>>,
 }

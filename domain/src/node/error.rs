@@ -30,8 +30,10 @@ pub enum NodeError {
     /// already, or was forgotten long after its answer was due.
     #[error("no host SSH request {0} is waiting for its result")]
     UnknownHostSsh(Uuid),
-    /// A label, a key to accept or a maximum is not acceptable; names the
-    /// field.
+    /// A label or a maximum is not acceptable; names the field.
     #[error("{0}")]
     Invalid(FieldError),
+    /// A key to accept names no label the agent declares; names the field.
+    #[error("{0}")]
+    NotDeclared(FieldError),
 }

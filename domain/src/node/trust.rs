@@ -185,7 +185,7 @@ impl Node {
                 let mut chosen = BTreeMap::new();
                 for (i, key) in keys.iter().enumerate() {
                     let Some(value) = self.declared_labels.get(key) else {
-                        return Err(NodeError::Invalid(FieldError::new(
+                        return Err(NodeError::NotDeclared(FieldError::new(
                             format!("keys[{i}]"),
                             format!("the node's agent does not declare a label {key:?}"),
                         )));
@@ -363,7 +363,7 @@ mod tests {
                 by: admin(),
                 at: at(3),
             })
-            .then_expect_error(NodeError::Invalid(FieldError::new(
+            .then_expect_error(NodeError::NotDeclared(FieldError::new(
                 "keys[1]",
                 "the node's agent does not declare a label \"gpu-count\"",
             )));

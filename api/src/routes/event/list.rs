@@ -41,14 +41,16 @@ pub fn router() -> OpenApiRouter<AppState> {
 #[into_params(parameter_in = Query)]
 struct ListEvents {
     /// `task`, `project`, `node` or `user`. Required for non-admins.
-    #[param(value_type = Option<String>, example = "task")]
+    #[param(value_type = Option<String>, example = "task", pattern = "^(task|project|node|user)$")]
     aggregate_type: Option<String>,
-    /// One aggregate's id (a user's name for `user`); needs
-    /// `aggregate_type`. Required for non-admins.
+    /// One aggregate's id (a user's name for `user`); without
+    /// `aggregate_type`, the events of every aggregate with this id.
+    /// Required for non-admins, with `aggregate_type`.
+    #[param(pattern = "^[a-z0-9][a-z0-9._-]{0,62}$")]
     aggregate_id: Option<String>,
     /// Only events after this outbox position (a previous `next_after`).
     /// Not together with `cursor`.
-    #[param(value_type = Option<i64>)]
+    #[param(value_type = Option<i64>, minimum = 0)]
     after: Option<String>,
     /// The `next_cursor` of the previous page. Not together with `after`.
     cursor: Option<String>,
@@ -94,27 +96,33 @@ async fn list(
             }
         })
         .transpose()?;
+    if let Some(id) = &q.aggregate_id {
+        domain::spec::validate_name(id).map_err(|_| {
+            ApiError::bad_request(
+                "aggregate_id",
+                "must be a task, project or node id (a lower-case UUID) or a user's name",
+            )
+        })?;
+    }
     // Ids of tasks, projects and nodes are UUIDs, stored in their canonical
     // lower-case form; users are named.
     let aggregate_id = match (aggregate_type.as_deref(), q.aggregate_id) {
-        (None, Some(_)) => {
-            return Err(ApiError::bad_request(
-                "aggregate_type",
-                "is required together with aggregate_id",
-            ))
-        }
-        (Some(kind), Some(id)) if kind != "user" => {
-            Some(parse_uuid("aggregate_id", &id)?.to_string())
-        }
+        // A name that is no UUID names no task, project or node.
+        (Some(kind), Some(id)) if kind != "user" => Some(
+            parse_uuid("aggregate_id", &id)
+                .map_err(|_| ApiError::not_found_field("aggregate_id", format!("no {kind} {id}")))?
+                .to_string(),
+        ),
         (_, id) => id,
     };
     let limit = parse_limit("limit", q.limit.as_deref(), DEFAULT_LIMIT, MAX_LIMIT)?;
     let after = match (q.after.as_deref(), q.cursor.as_deref()) {
-        (Some(_), Some(_)) => {
-            return Err(ApiError::bad_request(
-                "cursor",
-                "give after or cursor, not both",
-            ))
+        // Both narrow the page: the later position wins.
+        (Some(raw), Some(cursor)) => {
+            let position: i64 = page::decode(LIST, cursor)?;
+            let a = resolve_after(&state, raw, "after").await?;
+            let c = resolve_after(&state, &position.to_string(), "cursor").await?;
+            Some(if a.0 >= c.0 { a } else { c })
         }
         (Some(raw), None) => Some(resolve_after(&state, raw, "after").await?),
         (None, Some(cursor)) => {
@@ -214,7 +222,7 @@ async fn resolve_after(
     }
     match outbox::checkpoint_of(state.pool(), position).await? {
         Some(checkpoint) => Ok((position, checkpoint)),
-        None => Err(ApiError::bad_request(
+        None => Err(ApiError::not_found_field(
             field,
             format!("there is no event at position {position}"),
         )),

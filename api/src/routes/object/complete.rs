@@ -69,15 +69,10 @@ fn validate(body: CompleteUpload) -> Result<Wanted, ApiError> {
         Some(list) if list.len() <= objects::MAX_PARTS as usize => {
             for (i, p) in list.into_iter().enumerate() {
                 match (p.part_number, p.etag) {
-                    (Some(n), Some(etag)) if n as usize == i + 1 && !etag.is_empty() => {
-                        parts.push((n, etag))
-                    }
+                    (Some(n), Some(etag)) if n >= 1 && !etag.is_empty() => parts.push((n, etag)),
                     _ => problems.push(Problem::field(
                         format!("parts[{i}]"),
-                        format!(
-                            "must be part_number {} with the etag its upload answered",
-                            i + 1
-                        ),
+                        "must have a part_number from 1 and the etag its upload answered",
                     )),
                 }
             }
@@ -167,10 +162,11 @@ async fn complete(
     }
 }
 
-/// Refuses a completion that does not name its upload as it was started.
+/// Refuses, as a conflict with the upload, a completion that does not
+/// name it as it was started or lists its parts out of order.
 fn check_matches(upload: &Upload, wanted: &Wanted) -> Result<(), ApiError> {
     if upload.name != wanted.name.as_str() {
-        return Err(ApiError::invalid(
+        return Err(ApiError::Conflict(Problem::field(
             "name",
             format!(
                 "upload {:?} is of object {:?}, not {:?}",
@@ -178,19 +174,33 @@ fn check_matches(upload: &Upload, wanted: &Wanted) -> Result<(), ApiError> {
                 upload.name,
                 wanted.name.as_str()
             ),
-        ));
+        )));
     }
     if let Some(size) = wanted.size.filter(|s| *s != upload.size) {
-        return Err(ApiError::invalid(
+        return Err(ApiError::Conflict(Problem::field(
             "size",
             format!("the upload declared {} bytes, not {size}", upload.size),
-        ));
+        )));
     }
     if upload.method == Method::Put && !wanted.parts.is_empty() {
-        return Err(ApiError::invalid(
+        return Err(ApiError::Conflict(Problem::field(
             "parts",
             "this upload is a single PUT and has no parts",
-        ));
+        )));
+    }
+    if let Some((i, (n, _))) = wanted
+        .parts
+        .iter()
+        .enumerate()
+        .find(|(i, (n, _))| *n as usize != i + 1)
+    {
+        return Err(ApiError::Conflict(Problem::field(
+            format!("parts[{i}]"),
+            format!(
+                "the upload's part {} comes here, not part {n}: list every part in order",
+                i + 1
+            ),
+        )));
     }
     Ok(())
 }

@@ -41,11 +41,13 @@ pub async fn require_verified_inputs(state: &AppState, spec: &TaskSpec) -> Resul
     if missing.is_empty() {
         return Ok(());
     }
-    let problems = spec
+    // A conflict with the project's store as it is, named by the first
+    // such input.
+    let problem = spec
         .inputs
         .iter()
         .enumerate()
-        .filter(|(_, i)| missing.contains(&i.object.as_str().to_string()))
+        .find(|(_, i)| missing.contains(&i.object.as_str().to_string()))
         .map(|(n, i)| {
             Problem::field(
                 format!("inputs[{n}].object"),
@@ -56,7 +58,9 @@ pub async fn require_verified_inputs(state: &AppState, spec: &TaskSpec) -> Resul
                     spec.project_id
                 ),
             )
-        })
-        .collect();
-    Err(ApiError::Invalid(problems))
+        });
+    match problem {
+        Some(problem) => Err(ApiError::Conflict(problem)),
+        None => Ok(()),
+    }
 }

@@ -7,8 +7,6 @@
 
 use axum::extract::State;
 use axum::Json;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use base64::Engine;
 use domain::task::TaskState;
 use serde::Deserialize;
 use utoipa::IntoParams;
@@ -19,7 +17,7 @@ use crate::auth::Caller;
 use crate::error::{ApiError, ErrorBody};
 use crate::extract::{parse_limit, parse_uuid, Query};
 use crate::schema::task::{Task, TaskPage};
-use crate::{access, AppState};
+use crate::{access, page, AppState};
 
 /// Tasks per page unless `limit` says otherwise.
 pub const DEFAULT_LIMIT: i64 = 50;
@@ -41,7 +39,7 @@ struct ListTasks {
     #[param(value_type = Option<Uuid>)]
     project: Option<String>,
     /// Only tasks in this state (`queued`, `running`, `succeeded`, ...).
-    #[param(value_type = Option<String>, example = "queued")]
+    #[param(value_type = Option<String>, example = "queued", pattern = "^(queued|assigned|accepted|preparing|running|succeeded|failed|timed_out|cancelled)$")]
     state: Option<String>,
     /// Only tasks whose current attempt is on this node.
     #[param(value_type = Option<Uuid>)]
@@ -53,21 +51,8 @@ struct ListTasks {
     cursor: Option<String>,
 }
 
-/// A list position as an opaque cursor.
-fn encode_cursor(position: i64) -> String {
-    URL_SAFE_NO_PAD.encode(format!("v1:{position}"))
-}
-
-fn decode_cursor(cursor: &str) -> Result<i64, ApiError> {
-    URL_SAFE_NO_PAD
-        .decode(cursor.trim())
-        .ok()
-        .and_then(|b| String::from_utf8(b).ok())
-        .and_then(|s| s.strip_prefix("v1:").and_then(|p| p.parse().ok()))
-        .ok_or_else(|| {
-            ApiError::bad_request("cursor", "not a cursor from a previous page's next_cursor")
-        })
-}
+/// The list's name in its cursors.
+const LIST: &str = "tasks";
 
 /// Tasks the caller may see, newest first.
 #[utoipa::path(
@@ -109,7 +94,11 @@ async fn list(
         .map(|n| parse_uuid("node", n))
         .transpose()?;
     let limit = parse_limit("limit", q.limit.as_deref(), DEFAULT_LIMIT, MAX_LIMIT)?;
-    let before = q.cursor.as_deref().map(decode_cursor).transpose()?;
+    let before = q
+        .cursor
+        .as_deref()
+        .map(|c| page::decode::<i64>(LIST, c))
+        .transpose()?;
     // A project filter is checked against the project itself; without one,
     // non-admins see the projects the member read model lists for them.
     let member = match project {
@@ -149,19 +138,6 @@ async fn list(
     }
     Ok(Json(TaskPage {
         items,
-        next_cursor: last.filter(|_| more).map(encode_cursor),
+        next_cursor: last.filter(|_| more).map(|p| page::encode(LIST, &p)),
     }))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn cursors_round_trip_and_garbage_is_refused() {
-        assert_eq!(decode_cursor(&encode_cursor(42)).ok(), Some(42));
-        for bad in ["", "42", "!!", &URL_SAFE_NO_PAD.encode("v2:1")] {
-            assert!(decode_cursor(bad).is_err(), "{bad}");
-        }
-    }
 }

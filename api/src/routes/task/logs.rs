@@ -32,7 +32,7 @@ pub fn router() -> OpenApiRouter<AppState> {
 #[into_params(parameter_in = Query)]
 struct LogQuery {
     /// The attempt, from 1; the current one when absent.
-    #[param(value_type = Option<u32>, minimum = 1)]
+    #[param(value_type = Option<u32>, minimum = 1, maximum = 4294967295_i64)]
     attempt: Option<String>,
     /// The byte offset to start at; 0 when absent.
     #[param(value_type = Option<u64>)]
@@ -65,10 +65,14 @@ pub struct TaskLog {
     pub complete: bool,
 }
 
+/// A whole number from 0 to `i64::MAX`, as the document's `int64` says.
 fn number(field: &str, v: Option<&str>) -> Result<Option<u64>, ApiError> {
     v.map(|s| {
         s.trim()
-            .parse::<u64>()
+            .parse::<i64>()
+            .ok()
+            .and_then(|n| u64::try_from(n).ok())
+            .ok_or(())
             .map_err(|_| ApiError::bad_request(field, format!("must be a whole number, got {s:?}")))
     })
     .transpose()
@@ -125,8 +129,8 @@ fn flag(field: &str, v: Option<&str>) -> Result<bool, ApiError> {
     params(
         ("id" = Uuid, Path, description = "The task's id"),
         LogQuery,
-        ("Last-Event-ID" = Option<String>, Header,
-            description = "With `follow`: the id of the last event received, `<attempt>:<offset>`, to resume after it")
+        ("Last-Event-ID" = Option<String>, Header, pattern = "^([1-9][0-9]{0,8}:[0-9]{1,18})?$",
+            description = "With `follow`: the id of the last event received, `<attempt>:<offset>`, to resume after it; empty is absent")
     ),
     responses(
         (status = 200, description = "The output from `offset`; with `follow=true`, a stream of Server-Sent Events",
@@ -153,15 +157,21 @@ async fn logs(
     let limit = number("limit", q.limit.as_deref())?
         .map_or(MAX_BYTES, |l| (l as usize).clamp(1, MAX_BYTES));
     let follow = flag("follow", q.follow.as_deref())?;
-    if follow {
-        if let Some(last) = headers.get("last-event-id") {
+    // Checked whenever sent; it only counts with `follow`. Empty, as
+    // EventSource leaves it after an event without id, it is absent.
+    let resume = headers
+        .get("last-event-id")
+        .filter(|last| !last.as_bytes().trim_ascii().is_empty())
+        .map(|last| {
             let last = last.to_str().map_err(|_| {
                 ApiError::bad_request("Last-Event-ID", "must be <attempt>:<offset>")
             })?;
-            let start = live_logs::parse_event_id(last)?;
-            attempt = start.attempt.map(u64::from);
-            offset = start.offset;
-        }
+            live_logs::parse_event_id(last)
+        })
+        .transpose()?;
+    if let Some(start) = resume.filter(|_| follow) {
+        attempt = start.attempt.map(u64::from);
+        offset = start.offset;
     }
     let task = access::task(&state, &caller, id).await?.task;
     if follow {

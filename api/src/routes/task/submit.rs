@@ -49,7 +49,17 @@ async fn submit(
 ) -> Result<(StatusCode, [(header::HeaderName, String); 1], Json<Task>), ApiError> {
     let spec = TaskSpecDraft::from(body)
         .validate(state.config().url_policy)
-        .map_err(|errors| ApiError::Invalid(errors.into_iter().map(Problem::from).collect()))?;
+        .map_err(|errors| {
+            // Names taken by another input or output of the same task are
+            // a conflict, as a taken name is elsewhere.
+            if errors.iter().all(|e| e.taken) {
+                if let Some(first) = errors.into_iter().next() {
+                    return ApiError::Conflict(first.into());
+                }
+                return ApiError::internal("a refused specification without a reason");
+            }
+            ApiError::Invalid(errors.into_iter().map(Problem::from).collect())
+        })?;
     if state.objects().is_err() {
         let mut problems = Vec::new();
         if !spec.inputs.is_empty() {

@@ -48,10 +48,10 @@ struct ListTimeline {
     #[param(value_type = Option<Uuid>)]
     project: Option<String>,
     /// Only events of `task`, `node`, `project` or `user` aggregates.
-    #[param(value_type = Option<String>, example = "node")]
+    #[param(value_type = Option<String>, example = "node", pattern = "^(task|project|node|user)$")]
     aggregate_type: Option<String>,
     /// Only events of this type, such as `TaskAssigned`.
-    #[param(value_type = Option<String>, example = "TaskAssigned")]
+    #[param(value_type = Option<String>, example = "TaskAssigned", pattern = "^[A-Za-z0-9]{1,64}$")]
     event_type: Option<String>,
     /// Only events at or after this time (RFC 3339).
     #[param(value_type = Option<DateTime<Utc>>)]
@@ -61,7 +61,7 @@ struct ListTimeline {
     until: Option<String>,
     /// Only events older than the one at this position: the previous
     /// page's `next_before`. Not together with `cursor`.
-    #[param(value_type = Option<i64>)]
+    #[param(value_type = Option<i64>, minimum = 1)]
     before: Option<String>,
     /// The previous page's `next_cursor`. Not together with `before`.
     cursor: Option<String>,
@@ -109,24 +109,13 @@ async fn list(
         until: q.until.as_deref(),
     })?;
     let limit = parse_limit("limit", q.limit.as_deref(), DEFAULT_LIMIT, MAX_LIMIT)?;
-    if q.before.is_some() && q.cursor.is_some() {
-        return Err(ApiError::bad_request(
-            "cursor",
-            "give before or cursor, not both",
-        ));
-    }
     let from_cursor = q
         .cursor
         .as_deref()
-        .map(|c| page::decode::<i64>(LIST, c).map(|p| p.to_string()))
+        .map(|c| page::decode::<i64>(LIST, c))
         .transpose()?;
-    let field = if from_cursor.is_some() {
-        "cursor"
-    } else {
-        "before"
-    };
-    let before = from_cursor
-        .or(q.before)
+    let given = q
+        .before
         .as_deref()
         .map(|raw| {
             raw.trim()
@@ -134,14 +123,23 @@ async fn list(
                 .ok()
                 .filter(|p| *p >= 1)
                 .ok_or_else(|| {
-                    ApiError::bad_request(field, format!("must be an event position, got {raw:?}"))
+                    ApiError::bad_request(
+                        "before",
+                        format!("must be an event position, got {raw:?}"),
+                    )
                 })
         })
         .transpose()?;
+    // Both narrow the page: the earlier position wins.
+    let before = match (given, from_cursor) {
+        (Some(b), Some(c)) if c < b => Some((c, "cursor")),
+        (Some(b), _) => Some((b, "before")),
+        (None, c) => c.map(|c| (c, "cursor")),
+    };
     super::check_filter(&state, &caller, &filter).await?;
     let member = (!caller.admin).then_some(caller.user.as_str());
     Ok(Json(
-        read_page(&state, &filter, member, before.map(|b| (b, field)), limit).await?,
+        read_page(&state, &filter, member, before, limit).await?,
     ))
 }
 
@@ -172,7 +170,10 @@ async fn read_page(
                     .fetch_optional(&mut *tx)
                     .await?;
             let txid = txid.ok_or_else(|| {
-                ApiError::bad_request(field, format!("there is no event at position {position}"))
+                ApiError::not_found_field(
+                    field,
+                    format!("there is no event at position {position}"),
+                )
             })?;
             Some((txid, position))
         }
@@ -210,6 +211,9 @@ fn select<'a>(
         "SELECT position, aggregate_type, aggregate_id, sequence, event_type, actor, \
          recorded_at, project_id, node_id, summary FROM timeline WHERE true",
     );
+    if filter.contradictory {
+        sql.push(" AND false");
+    }
     if let Some(t) = &filter.aggregate_type {
         sql.push(" AND aggregate_type = ").push_bind(t);
     }

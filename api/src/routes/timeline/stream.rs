@@ -51,10 +51,10 @@ struct StreamTimeline {
     #[param(value_type = Option<Uuid>)]
     project: Option<String>,
     /// Only events of `task`, `node`, `project` or `user` aggregates.
-    #[param(value_type = Option<String>)]
+    #[param(value_type = Option<String>, pattern = "^(task|project|node|user)$")]
     aggregate_type: Option<String>,
     /// Only events of this type.
-    #[param(value_type = Option<String>)]
+    #[param(value_type = Option<String>, pattern = "^[A-Za-z0-9]{1,64}$")]
     event_type: Option<String>,
     /// Only events at or after this time (RFC 3339).
     #[param(value_type = Option<DateTime<Utc>>)]
@@ -65,7 +65,7 @@ struct StreamTimeline {
     /// Start after the event at this position: a page's `live_after`, or
     /// 0 for the start of the log. Without it (and without
     /// `Last-Event-ID`) the stream starts with the next event committed.
-    #[param(value_type = Option<i64>)]
+    #[param(value_type = Option<i64>, minimum = 0)]
     after: Option<String>,
 }
 
@@ -95,7 +95,7 @@ struct StreamTimeline {
     tag = "events",
     params(
         StreamTimeline,
-        ("Last-Event-ID" = Option<String>, Header,
+        ("Last-Event-ID" = Option<String>, Header, pattern = "^([0-9]{1,18})?$",
             description = "The id (position) of the last event received, to resume right after it")
     ),
     responses(
@@ -122,21 +122,19 @@ async fn stream(
         since: q.since.as_deref(),
         until: q.until.as_deref(),
     })?;
-    let (field, after) = match headers.get("last-event-id") {
-        Some(v) => ("Last-Event-ID", Some(v.to_str().unwrap_or("?").to_string())),
-        None => ("after", q.after),
+    // Both are checked; Last-Event-ID, sent by a reconnecting client,
+    // takes precedence.
+    let given = position("after", q.after.as_deref())?;
+    // Empty, as EventSource leaves it after an event without id, it is
+    // absent.
+    let last = headers
+        .get("last-event-id")
+        .map(|v| v.to_str().unwrap_or("?"))
+        .filter(|v| !v.trim().is_empty());
+    let (field, after) = match position("Last-Event-ID", last)? {
+        Some(p) => ("Last-Event-ID", Some(p)),
+        None => ("after", given),
     };
-    let after = after
-        .map(|raw| {
-            raw.trim()
-                .parse::<i64>()
-                .ok()
-                .filter(|p| *p >= 0)
-                .ok_or_else(|| {
-                    ApiError::bad_request(field, format!("must be an event position, got {raw:?}"))
-                })
-        })
-        .transpose()?;
     super::check_filter(&state, &caller, &filter).await?;
     let slot = crate::limits::stream_slot(&state, &caller)?;
     let visibility = Visibility::of(state.pool(), &caller).await?;
@@ -149,7 +147,10 @@ async fn stream(
         Some(position) => outbox::checkpoint_of(state.pool(), position)
             .await?
             .ok_or_else(|| {
-                ApiError::bad_request(field, format!("there is no event at position {position}"))
+                ApiError::not_found_field(
+                    field,
+                    format!("there is no event at position {position}"),
+                )
             })?,
     };
     let follow = Follow {
@@ -183,6 +184,20 @@ async fn stream(
     headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     Ok(response)
+}
+
+/// Parameter `field`, an event position: 1 to 19 digits.
+fn position(field: &str, raw: Option<&str>) -> Result<Option<i64>, ApiError> {
+    raw.map(|raw| {
+        let digits = raw.trim();
+        let ok = (1..=19).contains(&digits.len()) && digits.bytes().all(|b| b.is_ascii_digit());
+        ok.then(|| digits.parse::<i64>().ok())
+            .flatten()
+            .ok_or_else(|| {
+                ApiError::bad_request(field, format!("must be an event position, got {raw:?}"))
+            })
+    })
+    .transpose()
 }
 
 /// One subscriber's place in the log.

@@ -11,7 +11,7 @@ use utoipa_axum::routes;
 use uuid::Uuid;
 
 use crate::auth::Caller;
-use crate::error::{ApiError, ErrorBody};
+use crate::error::{ApiError, ErrorBody, Problem};
 use crate::extract::{JsonBody, Path};
 use crate::schema::user::{IssueToken, IssuedToken};
 use crate::AppState;
@@ -111,18 +111,20 @@ fn expiry(body: &IssueToken, now: DateTime<Utc>) -> Result<Option<DateTime<Utc>>
             "expires_in_s",
             format!("must be from 1 to {MAX_LIFETIME_S} seconds (a year), got {s}"),
         )),
-        (None, Some(at)) if at <= now => Err(ApiError::invalid(
+        // Refused for the time the request arrives at, not for its form:
+        // the same request was or will be fine at another time.
+        (None, Some(at)) if at <= now => Err(ApiError::Conflict(Problem::field(
             "expires_at",
             format!("must be in the future, got {}", at.to_rfc3339()),
-        )),
-        (None, Some(at)) if at > latest => Err(ApiError::invalid(
+        ))),
+        (None, Some(at)) if at > latest => Err(ApiError::Conflict(Problem::field(
             "expires_at",
             format!(
                 "must be at most a year from now (until {}), got {}",
                 latest.to_rfc3339(),
                 at.to_rfc3339()
             ),
-        )),
+        ))),
         (None, at) => Ok(at),
     }
 }
