@@ -208,7 +208,8 @@ const TOKEN_PREFIXES: &[&str] = &[
 /// `git@` with `ssh` and the scp-like form, no query string or fragment
 /// (`?`, `#`: git never needs them, and they are where tokens hide), no
 /// percent-encoding in the host part (`%40`, `%3A` disguise `@` and `:`),
-/// and no whitespace, control or invisible characters anywhere.
+/// and nothing but printable ASCII (no whitespace, control or invisible
+/// characters; other characters of a path are percent-encoded).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct RepoUrl(String);
@@ -344,6 +345,13 @@ impl RepoUrl {
         if s.starts_with('-') {
             return Err("must not start with '-'".into());
         }
+        if !s.is_ascii() {
+            return Err(
+                "must be ASCII: percent-encode other characters of the path, and give \
+                 international host names in their xn-- form"
+                    .into(),
+            );
+        }
         if s.contains(['?', '#']) {
             return Err(format!(
                 "must not contain '?' or '#': git needs no query string or fragment, and \
@@ -355,11 +363,6 @@ impl RepoUrl {
             let authority = rest.split('/').next().unwrap_or_default();
             if authority.contains('%') {
                 return Err(percent_encoded());
-            }
-            if !authority.is_ascii() {
-                return Err(
-                    "must name its host in ASCII (international names in their xn-- form)".into(),
-                );
             }
             let credentials = || {
                 format!(
@@ -1333,6 +1336,19 @@ mod tests {
     }
 
     #[test]
+    fn repository_urls_are_printable_ascii_with_the_rest_percent_encoded() {
+        let dev = UrlPolicy { allow_file: true };
+        for url in [
+            "https://h/répertoire.git",
+            "git@h:répertoire.git",
+            "https://hôte.example/r.git",
+        ] {
+            let refused = RepoUrl::parse(url, dev).expect_err(url);
+            assert!(refused.contains("ASCII"), "{url:?}: {refused}");
+        }
+    }
+
+    #[test]
     fn ordinary_repository_urls_still_pass() {
         let dev = UrlPolicy { allow_file: true };
         for url in [
@@ -1341,7 +1357,7 @@ mod tests {
             "https://[2001:db8::1]:8443/r.git",
             "https://h/@scope/r.git",
             "https://h/a%20b.git",
-            "https://h/répertoire.git",
+            "https://h/r%C3%A9pertoire.git",
             "git://h/r",
             "ssh://h/r.git",
             "ssh://git@h:2222/r.git",

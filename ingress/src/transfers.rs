@@ -53,6 +53,21 @@ fn is_sha256(s: &str) -> bool {
     s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
+/// What a node is told when the object store failed for `what`: the
+/// store's own error can name its internal address or credentials' owner,
+/// so it goes to the server's log, not to the node or the task's events.
+fn store_failed(what: &str, error: &objects::ObjectError) -> String {
+    tracing::warn!(%error, what, "object store request failed");
+    format!("{what}: the object store cannot be used now (the server's log says why); try again")
+}
+
+/// What a node is told when the database failed for `what`; the error
+/// itself goes to the server's log.
+fn database_failed(what: &str, error: &dyn std::fmt::Display) -> String {
+    tracing::warn!(%error, what, "database request failed");
+    format!("{what}: the server cannot read or write its records now; try again")
+}
+
 /// The task, when attempt `attempt` of it is placed on `node_id` and still
 /// holds the node.
 async fn live_attempt(
@@ -65,7 +80,7 @@ async fn live_attempt(
     let task = store
         .load::<Task>(&task_id.to_string())
         .await
-        .map_err(|e| format!("the server cannot read the task now ({e}); try again"))?
+        .map_err(|e| database_failed("the task", &e))?
         .map(|l| l.state)
         .ok_or_else(not_ours)?;
     if task.attempt == attempt && task.node_id == Some(node_id) && task.state.holds_node() {
@@ -85,98 +100,31 @@ async fn grant(
     let Some(spec) = task.spec.as_ref() else {
         return Err("the task has no spec".into());
     };
-    let output_key = |output: &str| -> Result<String, String> {
-        spec.outputs
-            .iter()
-            .find(|o| o.name.as_str() == output)
-            .map(|o| {
-                objects::keys::task_output(
-                    spec.project_id,
-                    request.task_id,
-                    request.attempt,
-                    o.name.as_str(),
-                )
-            })
-            .ok_or_else(|| format!("the task has no output named {output:?}"))
+    let attempt = Attempt {
+        store,
+        objects,
+        node_id,
+        task_id: request.task_id,
+        attempt: request.attempt,
+        spec,
     };
     match request.op {
-        TransferOp::Download { input } => {
-            let Some(found) = spec.inputs.iter().find(|i| i.name.as_str() == input) else {
-                return Err(format!("the task has no input named {input:?}"));
-            };
-            let object = found.object.as_str();
-            let verified = verified_input(store, objects, spec.project_id, &input, object).await?;
-            let key = objects::keys::project_object(spec.project_id, object);
-            let url = objects
-                .presign_get(&key, None)
-                .await
-                .map_err(|e| format!("input {input}: {e}"))?;
-            Ok(TransferGrant {
-                url: Some(url),
-                size: Some(verified.size),
-                sha256: Some(verified.sha256),
-                ..TransferGrant::default()
-            })
-        }
+        TransferOp::Download { input } => attempt.download(&input).await,
         TransferOp::Upload {
             output,
             size,
             sha256,
             parts,
-        } => {
-            let key = output_key(&output)?;
-            if !is_sha256(&sha256) {
-                return Err("sha256 must be 64 lower-case hex digits".into());
-            }
-            if size > MAX_OBJECT_BYTES {
-                return Err(format!(
-                    "output {output} is larger than the store's limit of 5 TiB"
-                ));
-            }
-            if !(1..=MAX_UPLOAD_PARTS).contains(&parts) {
-                return Err(format!("an upload has 1 to {MAX_UPLOAD_PARTS} parts"));
-            }
-            let err = |e: objects::ObjectError| format!("output {output}: {e}");
-            if parts == 1 {
-                let p = objects
-                    .presign_put(&key, Some(&sha256))
-                    .await
-                    .map_err(err)?;
-                Ok(TransferGrant {
-                    url: Some(p.url),
-                    headers: p.headers,
-                    ..TransferGrant::default()
-                })
-            } else {
-                let upload_id = objects
-                    .start_multipart(&key, Some(&sha256))
-                    .await
-                    .map_err(err)?;
-                Ok(TransferGrant {
-                    upload_id: Some(upload_id),
-                    ..TransferGrant::default()
-                })
-            }
-        }
+        } => attempt.upload(&output, size, &sha256, parts).await,
         TransferOp::UploadPart {
             output,
             upload_id,
             part_number,
             sha256,
         } => {
-            let key = output_key(&output)?;
-            if !is_sha256(&sha256) {
-                return Err("sha256 must be 64 lower-case hex digits".into());
-            }
-            let p = objects
-                .presign_part(&key, &upload_id, part_number, Some(&sha256))
+            attempt
+                .upload_part(&output, &upload_id, part_number, &sha256)
                 .await
-                .map_err(|e| format!("output {output}: {e}"))?;
-            Ok(TransferGrant {
-                url: Some(p.url),
-                headers: p.headers,
-                ..TransferGrant::default()
-            })
         }
         TransferOp::Complete {
             output,
@@ -185,35 +133,167 @@ async fn grant(
             size,
             sha256,
         } => {
-            let key = output_key(&output)?;
             let done = Completed {
                 output: &output,
-                key: &key,
+                key: &attempt.output_key(&output)?,
                 size,
                 sha256: &sha256,
             };
-            done.check(objects, upload_id.as_deref(), &parts).await?;
-            let at = Utc::now();
-            let command = TaskCommand::RecordArtifact {
-                node_id,
-                attempt: request.attempt,
-                name: output.clone(),
-                key,
-                size,
-                sha256,
-                at,
-            };
-            let actor = Actor::Node(node_id.to_string());
-            match store
-                .execute::<Task>(&request.task_id.to_string(), command, &actor, at)
+            attempt.complete(done, upload_id.as_deref(), &parts).await
+        }
+    }
+}
+
+/// The running attempt a node asks for, with what answering needs.
+struct Attempt<'a> {
+    store: &'a Store,
+    objects: &'a ObjectStore,
+    node_id: Uuid,
+    task_id: Uuid,
+    attempt: u32,
+    spec: &'a domain::spec::TaskSpec,
+}
+
+impl Attempt<'_> {
+    /// The store key of output `output`, which the task must name.
+    fn output_key(&self, output: &str) -> Result<String, String> {
+        self.spec
+            .outputs
+            .iter()
+            .find(|o| o.name.as_str() == output)
+            .map(|o| {
+                objects::keys::task_output(
+                    self.spec.project_id,
+                    self.task_id,
+                    self.attempt,
+                    o.name.as_str(),
+                )
+            })
+            .ok_or_else(|| format!("the task has no output named {output:?}"))
+    }
+
+    /// A URL to download input `input`, with the size and SHA-256 its
+    /// upload was verified with.
+    async fn download(&self, input: &str) -> Result<TransferGrant, String> {
+        let Some(found) = self.spec.inputs.iter().find(|i| i.name.as_str() == input) else {
+            return Err(format!("the task has no input named {input:?}"));
+        };
+        let object = found.object.as_str();
+        let project_id = self.spec.project_id;
+        let verified = verified_input(self.store, self.objects, project_id, input, object).await?;
+        let key = objects::keys::project_object(project_id, object);
+        let url = self
+            .objects
+            .presign_get(&key, None)
+            .await
+            .map_err(|e| store_failed(&format!("input {input}"), &e))?;
+        Ok(TransferGrant {
+            url: Some(url),
+            size: Some(verified.size),
+            sha256: Some(verified.sha256),
+            ..TransferGrant::default()
+        })
+    }
+
+    /// A URL for a one-part upload of output `output`, or the id of a
+    /// multipart upload whose parts are asked for one by one.
+    async fn upload(
+        &self,
+        output: &str,
+        size: u64,
+        sha256: &str,
+        parts: u32,
+    ) -> Result<TransferGrant, String> {
+        let key = self.output_key(output)?;
+        if !is_sha256(sha256) {
+            return Err("sha256 must be 64 lower-case hex digits".into());
+        }
+        if size > MAX_OBJECT_BYTES {
+            return Err(format!(
+                "output {output} is larger than the store's limit of 5 TiB"
+            ));
+        }
+        if !(1..=MAX_UPLOAD_PARTS).contains(&parts) {
+            return Err(format!("an upload has 1 to {MAX_UPLOAD_PARTS} parts"));
+        }
+        let failed = |e: objects::ObjectError| store_failed(&format!("output {output}"), &e);
+        if parts == 1 {
+            let p = self
+                .objects
+                .presign_put(&key, Some(sha256))
                 .await
-            {
-                Ok(_) => Ok(TransferGrant::default()),
-                Err(StoreError::Rejected(e)) => Err(format!("output {output}: {e}")),
-                Err(e) => Err(format!(
-                    "output {output}: the server cannot record it now ({e}); try again"
-                )),
-            }
+                .map_err(failed)?;
+            Ok(TransferGrant {
+                url: Some(p.url),
+                headers: p.headers,
+                ..TransferGrant::default()
+            })
+        } else {
+            let upload_id = self
+                .objects
+                .start_multipart(&key, Some(sha256))
+                .await
+                .map_err(failed)?;
+            Ok(TransferGrant {
+                upload_id: Some(upload_id),
+                ..TransferGrant::default()
+            })
+        }
+    }
+
+    /// A URL for part `part_number` of a multipart upload of `output`.
+    async fn upload_part(
+        &self,
+        output: &str,
+        upload_id: &str,
+        part_number: u32,
+        sha256: &str,
+    ) -> Result<TransferGrant, String> {
+        let key = self.output_key(output)?;
+        if !is_sha256(sha256) {
+            return Err("sha256 must be 64 lower-case hex digits".into());
+        }
+        let p = self
+            .objects
+            .presign_part(&key, upload_id, part_number, Some(sha256))
+            .await
+            .map_err(|e| store_failed(&format!("output {output}"), &e))?;
+        Ok(TransferGrant {
+            url: Some(p.url),
+            headers: p.headers,
+            ..TransferGrant::default()
+        })
+    }
+
+    /// Checks a finished upload at the store and records it as an artifact
+    /// of the attempt.
+    async fn complete(
+        &self,
+        done: Completed<'_>,
+        upload_id: Option<&str>,
+        parts: &[UploadedPart],
+    ) -> Result<TransferGrant, String> {
+        done.check(self.objects, upload_id, parts).await?;
+        let output = done.output;
+        let at = Utc::now();
+        let command = TaskCommand::RecordArtifact {
+            node_id: self.node_id,
+            attempt: self.attempt,
+            name: output.to_string(),
+            key: done.key.to_string(),
+            size: done.size,
+            sha256: done.sha256.to_string(),
+            at,
+        };
+        let actor = Actor::Node(self.node_id.to_string());
+        match self
+            .store
+            .execute::<Task>(&self.task_id.to_string(), command, &actor, at)
+            .await
+        {
+            Ok(_) => Ok(TransferGrant::default()),
+            Err(StoreError::Rejected(e)) => Err(format!("output {output}: {e}")),
+            Err(e) => Err(database_failed(&format!("output {output}"), &e)),
         }
     }
 }
@@ -233,13 +313,11 @@ async fn verified_input(
     let verified = Uploads::new(store.pool().clone())
         .verified_object(project_id, object)
         .await
-        .map_err(|e| {
-            format!("input {input}: the server cannot read its record now ({e}); try again")
-        })?;
+        .map_err(|e| database_failed(&format!("input {input}"), &e))?;
     let head = objects
         .head(&key)
         .await
-        .map_err(|e| format!("input {input}: {e}"))?
+        .map_err(|e| store_failed(&format!("input {input}"), &e))?
         .ok_or_else(|| {
             format!("input {input}: object {object:?} does not exist in the project's store")
         })?;
@@ -286,7 +364,9 @@ impl Completed<'_> {
             completion = objects
                 .complete_multipart(self.key, upload_id, &parts)
                 .await
-                .map_err(|e| format!("output {output}: completing the upload failed: {e}"));
+                .map_err(|e| {
+                    store_failed(&format!("output {output}: completing the upload"), &e)
+                });
         }
         // A completion sent again after a lost answer finds the upload
         // gone but the object there: the object decides.
@@ -296,7 +376,7 @@ impl Completed<'_> {
                 completion?;
                 return Err(format!("output {output}: the store does not hold it"));
             }
-            Err(e) => return Err(format!("output {output}: {e}")),
+            Err(e) => return Err(store_failed(&format!("output {output}"), &e)),
         };
         let sha_ok = info.sha256.as_deref().is_none_or(|s| s == self.sha256);
         if info.size == self.size && sha_ok {

@@ -22,13 +22,19 @@ pub struct SubmitTask {
     #[schema(value_type = Uuid, required = true)]
     pub project_id: Option<Uuid>,
     /// The code repository: `https://`, `ssh://`, `git://` or `user@host:path`.
-    #[schema(value_type = String, required = true, example = "https://git.example.com/lab/model.git")]
+    ///
+    /// Printable ASCII only (percent-encode the rest of a path), no query
+    /// string or fragment, no user information but a plain ssh user name.
+    /// The pattern says exactly that, except that the server also takes
+    /// IPv6 hosts in brackets and `file://` URLs where it allows them.
+    #[schema(value_type = String, required = true, max_length = 2048, example = "https://git.example.com/lab/model.git", pattern = r"^(?:(?:[hH][tT][tT][pP][sS]|[gG][iI][tT])://[A-Za-z0-9_.][A-Za-z0-9_.\-]*(?::[0-9]{1,5})?/[\x21\x22\x24-\x3e\x40-\x7e]+|[sS][sS][hH]://(?:(?!(?:[gG][hH][pP]_|[gG][hH][oO]_|[gG][hH][uU]_|[gG][hH][sS]_|[gG][hH][rR]_|[gG][iI][tT][hH][uU][bB]_[pP][aA][tT]_|[gG][lL][pP][aA][tT]-|[gG][lL][dD][tT]-|[xX]-[aA][cC][cC][eE][sS][sS]-[tT][oO][kK][eE][nN]|[xX]-[tT][oO][kK][eE][nN]-[aA][uU][tT][hH]|[xX]-[oO][aA][uU][tT][hH]-[bB][aA][sS][iI][cC]|[oO][aA][uU][tT][hH]2))[A-Za-z_][A-Za-z0-9._\-]{0,31}@)?[A-Za-z0-9_.][A-Za-z0-9_.\-]*(?::[0-9]{1,5})?/[\x21\x22\x24-\x3e\x40-\x7e]+|(?!.*://)(?:(?!(?:[gG][hH][pP]_|[gG][hH][oO]_|[gG][hH][uU]_|[gG][hH][sS]_|[gG][hH][rR]_|[gG][iI][tT][hH][uU][bB]_[pP][aA][tT]_|[gG][lL][pP][aA][tT]-|[gG][lL][dD][tT]-|[xX]-[aA][cC][cC][eE][sS][sS]-[tT][oO][kK][eE][nN]|[xX]-[tT][oO][kK][eE][nN]-[aA][uU][tT][hH]|[xX]-[oO][aA][uU][tT][hH]-[bB][aA][sS][iI][cC]|[oO][aA][uU][tT][hH]2))[A-Za-z_][A-Za-z0-9._\-]{0,31}@)?[A-Za-z0-9_.][A-Za-z0-9_.\-]*:(?!:)[\x21\x22\x24-\x3e\x41-\x7e]+)$")]
     pub code_repo_url: Option<String>,
     /// The full code commit id: 40 (or 64) hexadecimal digits.
     #[schema(value_type = String, required = true, example = "0123456789abcdef0123456789abcdef01234567", pattern = "^([0-9a-fA-F]{40}|[0-9a-fA-F]{64})$")]
     pub code_commit_id: Option<String>,
-    /// The repository with the environment's Dockerfile.
-    #[schema(value_type = String, required = true, example = "git@git.example.com:lab/env.git")]
+    /// The repository with the environment's Dockerfile, in the same forms
+    /// as `code_repo_url`.
+    #[schema(value_type = String, required = true, max_length = 2048, example = "git@git.example.com:lab/env.git", pattern = r"^(?:(?:[hH][tT][tT][pP][sS]|[gG][iI][tT])://[A-Za-z0-9_.][A-Za-z0-9_.\-]*(?::[0-9]{1,5})?/[\x21\x22\x24-\x3e\x40-\x7e]+|[sS][sS][hH]://(?:(?!(?:[gG][hH][pP]_|[gG][hH][oO]_|[gG][hH][uU]_|[gG][hH][sS]_|[gG][hH][rR]_|[gG][iI][tT][hH][uU][bB]_[pP][aA][tT]_|[gG][lL][pP][aA][tT]-|[gG][lL][dD][tT]-|[xX]-[aA][cC][cC][eE][sS][sS]-[tT][oO][kK][eE][nN]|[xX]-[tT][oO][kK][eE][nN]-[aA][uU][tT][hH]|[xX]-[oO][aA][uU][tT][hH]-[bB][aA][sS][iI][cC]|[oO][aA][uU][tT][hH]2))[A-Za-z_][A-Za-z0-9._\-]{0,31}@)?[A-Za-z0-9_.][A-Za-z0-9_.\-]*(?::[0-9]{1,5})?/[\x21\x22\x24-\x3e\x40-\x7e]+|(?!.*://)(?:(?!(?:[gG][hH][pP]_|[gG][hH][oO]_|[gG][hH][uU]_|[gG][hH][sS]_|[gG][hH][rR]_|[gG][iI][tT][hH][uU][bB]_[pP][aA][tT]_|[gG][lL][pP][aA][tT]-|[gG][lL][dD][tT]-|[xX]-[aA][cC][cC][eE][sS][sS]-[tT][oO][kK][eE][nN]|[xX]-[tT][oO][kK][eE][nN]-[aA][uU][tT][hH]|[xX]-[oO][aA][uU][tT][hH]-[bB][aA][sS][iI][cC]|[oO][aA][uU][tT][hH]2))[A-Za-z_][A-Za-z0-9._\-]{0,31}@)?[A-Za-z0-9_.][A-Za-z0-9_.\-]*:(?!:)[\x21\x22\x24-\x3e\x41-\x7e]+)$")]
     pub env_repo_url: Option<String>,
     /// The full env commit id.
     #[schema(value_type = String, required = true, example = "89abcdef0123456789abcdef0123456789abcdef", pattern = "^([0-9a-fA-F]{40}|[0-9a-fA-F]{64})$")]
