@@ -9,6 +9,7 @@
 //! parts, and each event enum is versioned through [`cqrs_es::DomainEvent`].
 
 pub mod actor;
+pub mod catalog;
 pub mod node;
 pub mod project;
 pub mod spec;
