@@ -1709,6 +1709,7 @@ const EXPECTED_ROUTES: &[(&str, &str)] = &[
     ("put", "/api/v1/nodes/{id}/limits"),
     ("get", "/api/v1/events"),
     ("get", "/api/v1/events/{position}"),
+    ("get", "/api/v1/event-types"),
     ("get", "/api/v1/timeline"),
     ("get", "/api/v1/timeline/stream"),
 ];

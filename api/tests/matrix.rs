@@ -114,7 +114,7 @@ struct Row(&'static str, &'static str, [u16; 10]);
 /// The web view's routes, served but not in the OpenAPI document.
 const OUTSIDE_THE_DOCUMENT: [(&str, &str); 4] = [
     ("get", "/"),
-    ("get", "/app.js"),
+    ("get", "/js/{file}"),
     ("get", "/app.css"),
     ("get", "/favicon.svg"),
 ];
@@ -138,7 +138,7 @@ const TABLE: &[Row] = &[
     Row("get", "/metrics",                                    [200, 200, 200, 200, 200, 200, 200, 200, 200, 200]),
     Row("get", "/api/v1/openapi.json",                        [200, 200, 200, 200, 200, 200, 200, 200, 200, 200]),
     Row("get", "/",                                           [200, 200, 200, 200, 200, 200, 200, 200, 200, 200]),
-    Row("get", "/app.js",                                     [200, 200, 200, 200, 200, 200, 200, 200, 200, 200]),
+    Row("get", "/js/{file}",                                  [200, 200, 200, 200, 200, 200, 200, 200, 200, 200]),
     Row("get", "/app.css",                                    [200, 200, 200, 200, 200, 200, 200, 200, 200, 200]),
     Row("get", "/favicon.svg",                                [200, 200, 200, 200, 200, 200, 200, 200, 200, 200]),
     Row("post", "/api/v1/users",                              [201, 403, 403, 403, 403, 401, 401, 401, 401, 401]),
@@ -176,6 +176,7 @@ const TABLE: &[Row] = &[
     Row("put", "/api/v1/nodes/{id}/limits",                   [200, 403, 403, 403, 403, 401, 401, 401, 401, 401]),
     Row("get", "/api/v1/events",                              [200, 200, 200, 200, 404, 401, 401, 401, 401, 401]),
     Row("get", "/api/v1/events/{position}",                   [200, 200, 200, 200, 404, 401, 401, 401, 401, 401]),
+    Row("get", "/api/v1/event-types",                         [200, 200, 200, 200, 200, 401, 401, 401, 401, 401]),
     Row("get", "/api/v1/timeline",                            [200, 200, 200, 200, 200, 401, 401, 401, 401, 401]),
     Row("get", "/api/v1/timeline/stream",                     [200, 200, 200, 200, 200, 401, 401, 401, 401, 401]),
 ];
@@ -717,7 +718,7 @@ impl World {
         let fresh_node = || async { self.node().await.0 };
         match (method, path) {
             ("get", "/healthz" | "/readyz" | "/metrics" | "/api/v1/openapi.json")
-            | ("get", "/" | "/app.js" | "/app.css" | "/favicon.svg")
+            | ("get", "/" | "/app.css" | "/favicon.svg")
             | ("get", "/api/v1/users" | "/api/v1/nodes") => Call::to(path.into()),
             ("post", "/api/v1/users") => {
                 Call::with(path.into(), json!({ "name": self.fresh("new-user") }))
@@ -845,6 +846,8 @@ impl World {
                 "/api/v1/events?aggregate_type=task&aggregate_id={}&limit=1000",
                 self.p_task
             )),
+            ("get", "/api/v1/event-types") => Call::to(path.to_string()),
+            ("get", "/js/{file}") => Call::to("/js/main.js".into()),
             ("get", "/api/v1/events/{position}") => {
                 Call::to(format!("/api/v1/events/{}", self.p_position))
             }

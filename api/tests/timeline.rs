@@ -596,8 +596,21 @@ async fn the_web_view_is_served_from_the_binary_with_a_strict_policy() {
     let app = start().await;
     let client = &app.client;
     for (path, kind, needle) in [
-        ("/", "text/html", "<script src=\"/app.js\" defer></script>"),
-        ("/app.js", "text/javascript", "/timeline/stream"),
+        (
+            "/",
+            "text/html",
+            "<script type=\"module\" src=\"/js/main.js\"></script>",
+        ),
+        ("/js/main.js", "text/javascript", "from './timeline.js'"),
+        ("/js/api.js", "text/javascript", "/event-types"),
+        ("/js/dom.js", "text/javascript", "export function h("),
+        ("/js/dashboard.js", "text/javascript", "/timeline/stream"),
+        ("/js/timeline.js", "text/javascript", "/timeline/stream"),
+        (
+            "/js/pages.js",
+            "text/javascript",
+            "export async function taskPage(",
+        ),
         ("/app.css", "text/css", ".events"),
         ("/favicon.svg", "image/svg+xml", "<svg"),
     ] {
@@ -625,6 +638,39 @@ async fn the_web_view_is_served_from_the_binary_with_a_strict_policy() {
             .await
             .expect("answered");
         assert_eq!(again.status(), 304, "{path}");
+    }
+    // Every module another imports is served.
+    for module in ["main", "api", "dom", "dashboard", "timeline", "pages"] {
+        let body = client
+            .get(format!("{}/js/{module}.js", app.base))
+            .send()
+            .await
+            .expect("answered")
+            .text()
+            .await
+            .expect("a body");
+        for line in body.lines().filter(|l| l.starts_with("import ")) {
+            let name = line
+                .rsplit("from './")
+                .next()
+                .and_then(|rest| rest.strip_suffix("';"))
+                .expect("an import from a sibling module");
+            let r = client
+                .get(format!("{}/js/{name}", app.base))
+                .send()
+                .await
+                .expect("answered");
+            assert_eq!(r.status(), 200, "{module}.js imports {name}");
+        }
+    }
+    // The old single script and names outside the set are not there.
+    for path in ["/app.js", "/js/app.js", "/js/..%2Fmod.rs", "/js/"] {
+        let r = client
+            .get(format!("{}{path}", app.base))
+            .send()
+            .await
+            .expect("answered");
+        assert_eq!(r.status(), 404, "{path}");
     }
     let r = client
         .get(format!("{}/nothing-here", app.base))
@@ -850,4 +896,58 @@ async fn host_commands_are_for_admins_on_every_read_path() {
     }
     drop(alice_live);
     drop(admin_live);
+}
+
+fn listed_types(body: &Value) -> Vec<String> {
+    body["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .map(|t| t["type"].as_str().expect("a type").to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn the_event_types_route_lists_every_type_an_admin_sees_and_hides_admin_only_ones() {
+    let app = start().await;
+    let alice = app.user("alice").await;
+    let node = app.node("gpu-4").await;
+    host_command(&app, &node).await;
+    app.catch_up().await;
+
+    let for_admin = app.ok("/event-types", &app.admin).await;
+    let admin_types = listed_types(&for_admin);
+    for item in for_admin["items"].as_array().expect("items") {
+        let t = item["type"].as_str().expect("a type");
+        let aggregate = item["aggregate"].as_str().expect("an aggregate");
+        assert!(
+            ["task", "node", "project", "user"].contains(&aggregate),
+            "{item}"
+        );
+        assert!(t.to_lowercase().starts_with(aggregate), "{item}");
+    }
+    // Every type the admin meets in the log is in the admin's list.
+    let seen = app.ok("/events?limit=1000", &app.admin).await;
+    let seen = event_types(&seen["items"]);
+    assert!(seen.contains(&"NodeHostSshFinished".to_string()));
+    for t in &seen {
+        assert!(
+            admin_types.contains(t),
+            "{t} is missing from {admin_types:?}"
+        );
+    }
+    for t in ["TaskSubmitted", "ProjectCreated", "UserTokenRevoked"] {
+        assert!(admin_types.contains(&t.to_string()), "{t}");
+    }
+
+    // Others get the same list without the host SSH events.
+    let alices = listed_types(&app.ok("/event-types", &alice).await);
+    assert!(!alices.iter().any(|t| shows_host_command(t)), "{alices:?}");
+    let expected: Vec<String> = admin_types
+        .iter()
+        .filter(|t| !api::access::ADMIN_ONLY_EVENT_TYPES.contains(&t.as_str()))
+        .cloned()
+        .collect();
+    assert_eq!(alices, expected);
+    assert_eq!(alices.len() + 2, admin_types.len());
 }

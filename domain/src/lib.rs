@@ -10,6 +10,7 @@
 
 pub mod actor;
 mod aggregate;
+pub mod catalog;
 pub mod name;
 pub mod node;
 pub mod project;

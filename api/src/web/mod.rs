@@ -1,8 +1,9 @@
 //! The web view: a dashboard of nodes and tasks, the live audit timeline
 //! and a page per task, node and project, served at `/` by the API itself.
 //!
-//! Plain HTML, CSS and JavaScript, shipped inside the binary (no build
-//! step, nothing fetched from elsewhere). The page is a client of the REST
+//! Plain HTML, CSS and JavaScript modules, shipped inside the binary (no
+//! build step, nothing fetched from elsewhere): `main.js` routes between
+//! pages and imports the others, which the browser loads from `/js/`. The page is a client of the REST
 //! API like any other: it signs in with a user token, keeps it in the
 //! browser's session (or local) storage and sends it as a bearer header,
 //! reading Server-Sent Events through `fetch` so that the token never
@@ -15,6 +16,7 @@
 
 use std::sync::LazyLock;
 
+use axum::extract::Path;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -81,23 +83,31 @@ impl Asset {
 
 static INDEX: LazyLock<Asset> =
     LazyLock::new(|| Asset::new(include_str!("index.html"), "text/html; charset=utf-8"));
-static SCRIPT: LazyLock<Asset> =
-    LazyLock::new(|| Asset::new(include_str!("app.js"), "text/javascript; charset=utf-8"));
+/// The JavaScript modules, by the name they are served under in `/js/`.
+static SCRIPTS: LazyLock<[(&str, Asset); 6]> = LazyLock::new(|| {
+    let script = |body| Asset::new(body, "text/javascript; charset=utf-8");
+    [
+        ("main.js", script(include_str!("main.js"))),
+        ("api.js", script(include_str!("api.js"))),
+        ("dom.js", script(include_str!("dom.js"))),
+        ("dashboard.js", script(include_str!("dashboard.js"))),
+        ("timeline.js", script(include_str!("timeline.js"))),
+        ("pages.js", script(include_str!("pages.js"))),
+    ]
+});
 static STYLE: LazyLock<Asset> =
     LazyLock::new(|| Asset::new(include_str!("app.css"), "text/css; charset=utf-8"));
 static ICON: LazyLock<Asset> =
     LazyLock::new(|| Asset::new(include_str!("favicon.svg"), "image/svg+xml"));
 
-/// The web view's routes: `/`, `/app.js`, `/app.css` and `/favicon.svg`.
+/// The web view's routes: `/`, `/js/{file}` for its modules, `/app.css` and
+/// `/favicon.svg`.
 /// Its pages are addressed by the URL's fragment (`/#/tasks/<id>`), so
 /// these are all the server serves.
 pub fn router() -> Router<AppState> {
     Router::new()
         .route("/", get(|h: HeaderMap| async move { INDEX.respond(&h) }))
-        .route(
-            "/app.js",
-            get(|h: HeaderMap| async move { SCRIPT.respond(&h) }),
-        )
+        .route("/js/{file}", get(script))
         .route(
             "/app.css",
             get(|h: HeaderMap| async move { STYLE.respond(&h) }),
@@ -106,4 +116,13 @@ pub fn router() -> Router<AppState> {
             "/favicon.svg",
             get(|h: HeaderMap| async move { ICON.respond(&h) }),
         )
+}
+
+/// One of the modules, or the API's 404 for a name that is not one.
+async fn script(Path(file): Path<String>, request: HeaderMap) -> Response {
+    match SCRIPTS.iter().find(|(name, _)| *name == file) {
+        Some((_, asset)) => asset.respond(&request),
+        None => crate::error::ApiError::not_found(format!("there is no script named {file:?}"))
+            .into_response(),
+    }
 }

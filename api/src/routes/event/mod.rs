@@ -2,6 +2,7 @@
 
 pub mod get;
 pub mod list;
+pub mod types;
 
 use utoipa_axum::router::OpenApiRouter;
 
@@ -9,5 +10,5 @@ use crate::AppState;
 
 /// Every event route.
 pub fn router() -> OpenApiRouter<AppState> {
-    list::router().merge(get::router())
+    list::router().merge(get::router()).merge(types::router())
 }
