@@ -145,6 +145,16 @@ impl ApiError {
         Self::Internal(context.to_string())
     }
 
+    /// The object store failed: its own error can name its internal
+    /// address, so it goes to the server's log and the client gets a 503
+    /// that says only which service to wait for.
+    pub fn object_store(error: impl std::fmt::Display) -> Self {
+        tracing::warn!(%error, "object store request failed");
+        Self::Unavailable(
+            "the object store cannot be reached now (the server's log says why); try again".into(),
+        )
+    }
+
     /// The error in words, for a command line: each problem as
     /// `field: detail`.
     pub fn detail(&self) -> String {
@@ -331,6 +341,20 @@ mod tests {
         let problems = ApiError::internal("password=hunter2 at db:5432").into_problems();
         assert_eq!(problems.len(), 1);
         assert!(!problems[0].detail.contains("hunter2"));
+    }
+
+    #[test]
+    fn object_store_errors_never_show_their_cause_to_the_client() {
+        let e =
+            ApiError::object_store("object store: error sending request to http://10.0.3.7:9000/");
+        assert_eq!(e.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let problems = e.into_problems();
+        assert!(
+            !problems[0].detail.contains("10.0.3.7"),
+            "{:?}",
+            problems[0].detail
+        );
+        assert!(problems[0].detail.contains("object store"));
     }
 
     #[test]

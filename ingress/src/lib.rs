@@ -188,6 +188,7 @@ impl Ingress {
     /// A database error; the next step starts again from the last batch
     /// handled in full (what was already sent is sent again, which agents
     /// ignore).
+    #[tracing::instrument(name = "outbox_delivery", skip_all, fields(events = tracing::field::Empty))]
     pub async fn deliver_once(&self) -> Result<usize, PendingError> {
         let mut delivered = self.delivered.lock().await;
         let mut at = match *delivered {
@@ -201,6 +202,7 @@ impl Ingress {
             *delivered = Some(at);
         }
         *delivered = Some(at);
+        tracing::Span::current().record("events", events);
         Ok(events)
     }
 

@@ -160,7 +160,9 @@ impl End {
     }
 }
 
-/// Runs a session on an upgraded socket until it ends.
+/// Runs a session on an upgraded socket until it ends, in a span naming
+/// the node and, once connected, the session.
+#[tracing::instrument(name = "agent_session", skip_all, fields(%node_id, session = tracing::field::Empty))]
 async fn serve(ingress: Ingress, node_id: Uuid, mut socket: WebSocket) {
     let hello = match Box::pin(await_hello(&mut socket, ingress.config().hello_timeout)).await {
         Ok(hello) => hello,
@@ -178,6 +180,7 @@ async fn serve(ingress: Ingress, node_id: Uuid, mut socket: WebSocket) {
             return;
         }
     };
+    tracing::Span::current().record("session", tracing::field::display(session.id));
     let end = session.live(&mut socket, hello).await;
     log_end(node_id, Some(session.id), &end);
     Box::pin(session.end(&end)).await;

@@ -364,9 +364,7 @@ impl Completed<'_> {
             completion = objects
                 .complete_multipart(self.key, upload_id, &parts)
                 .await
-                .map_err(|e| {
-                    store_failed(&format!("output {output}: completing the upload"), &e)
-                });
+                .map_err(|e| store_failed(&format!("output {output}: completing the upload"), &e));
         }
         // A completion sent again after a lost answer finds the upload
         // gone but the object there: the object decides.

@@ -140,6 +140,11 @@ impl Projector {
         Ok(applied)
     }
 
+    #[tracing::instrument(
+        name = "projector_round",
+        skip_all,
+        fields(projection = p.name(), events = tracing::field::Empty)
+    )]
     async fn advance(&self, p: &dyn Projection, limit: i64) -> Result<usize, ProjectionError> {
         // Ended explicitly on every path: a dropped transaction is only
         // rolled back when its connection is next used, and until then its
@@ -160,6 +165,7 @@ impl Projector {
         }
         outbox::save_checkpoint(&mut tx, p.name(), last).await?;
         tx.commit().await?;
+        tracing::Span::current().record("events", events.len());
         Ok(events.len())
     }
 

@@ -190,6 +190,7 @@ impl Scheduler {
     ///
     /// # Errors
     /// A database error; a refused command is logged and skipped.
+    #[tracing::instrument(name = "scheduler_round", skip_all, fields(%now))]
     pub async fn run_once(&self, now: DateTime<Utc>) -> Result<Outcome, sqlx::Error> {
         if let Err(e) = self.projector.drain().await {
             tracing::warn!(error = %e, "read models could not catch up");

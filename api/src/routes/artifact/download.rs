@@ -41,7 +41,8 @@ async fn task_of(state: &AppState, id: Uuid) -> Result<Option<Uuid>, ApiError> {
         (status = 400, description = "Malformed id", body = ErrorBody),
         (status = 401, description = "No valid token", body = ErrorBody),
         (status = 404, description = "No such artifact, or not in one of the caller's projects", body = ErrorBody),
-        (status = 409, description = "No object store configured", body = ErrorBody)
+        (status = 409, description = "No object store configured", body = ErrorBody),
+        (status = 503, description = "The object store cannot be reached", body = ErrorBody)
     ),
     security(("bearer" = []))
 )]
@@ -66,6 +67,6 @@ async fn download(
     let url = objects
         .presign_get(&artifact.key, Some(&artifact.name))
         .await
-        .map_err(ApiError::internal)?;
+        .map_err(ApiError::object_store)?;
     Ok((StatusCode::FOUND, [(header::LOCATION, url)]))
 }

@@ -156,7 +156,7 @@ async fn complete(
         .map_err(|e| ApiError::internal(format!("completing an upload: {e}")))?;
     match done {
         Ok(completion) => answer(&upload, completion),
-        Err(UploadError::Store(e)) => Err(ApiError::Unavailable(e.to_string())),
+        Err(UploadError::Store(e)) => Err(ApiError::object_store(e)),
         Err(e @ UploadError::ClaimLost(_)) => Err(ApiError::Unavailable(format!("{e}; try again"))),
         Err(e) => Err(ApiError::internal(e)),
     }

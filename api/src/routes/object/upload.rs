@@ -136,7 +136,7 @@ async fn upload(
     }
     let objects = state.objects()?;
     let key = objects::keys::project_object(id, wanted.name.as_str());
-    let unavailable = |e: objects::ObjectError| ApiError::Unavailable(e.to_string());
+    let unavailable = |e: objects::ObjectError| ApiError::object_store(e);
     let part = part_size(wanted.size, state.part_bytes());
     let ttl = objects.url_ttl_secs();
     // Signed now, the URLs expire then: the sweeper counts from here.
