@@ -308,7 +308,7 @@ impl From<StoreError<NodeError>> for ApiError {
         from_store(e, |e| match e {
             NodeError::NotFound => ApiError::not_found("node not found"),
             NodeError::Invalid(e) => ApiError::Invalid(vec![e.into()]),
-            NodeError::NotDeclared(e) => ApiError::NotFound(e.into()),
+            NodeError::NotDeclared(e) => ApiError::Conflict(e.into()),
             other => ApiError::conflict(other.to_string()),
         })
     }

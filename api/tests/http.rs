@@ -1265,10 +1265,10 @@ async fn malformed_node_label_and_maximum_bodies_get_422_naming_the_field() {
             .expect_error(422, field);
     }
     let accept = format!("/api/v1/nodes/{id}/labels/accept");
-    // A key the agent does not declare names nothing to accept.
+    // A key the agent does not declare (now) is nothing to accept.
     app.post(&accept, &app.admin, json!({"keys": ["gpu", "os"]}))
         .await
-        .expect_error(404, "keys[1]");
+        .expect_error(409, "keys[1]");
     for (body, field) in [
         (json!({"keys": "gpu"}), "keys"),
         (json!({"keys": [1]}), "keys[0]"),

@@ -37,7 +37,7 @@ pub fn router() -> OpenApiRouter<AppState> {
         (status = 401, description = "No valid token", body = ErrorBody),
         (status = 403, description = "Not an admin", body = ErrorBody),
         (status = 404, description = "No such node", body = ErrorBody),
-        (status = 409, description = "The node's token was revoked", body = ErrorBody),
+        (status = 409, description = "The node's token was revoked, or its agent does not declare a key to accept", body = ErrorBody),
         (status = 413, description = "Body too large", body = ErrorBody),
         (status = 415, description = "Body is not JSON", body = ErrorBody),
         (status = 422, description = "A key the agent does not declare (keys[i]), or labels beyond the limit", body = ErrorBody)
