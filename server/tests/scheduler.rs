@@ -8,6 +8,8 @@
 
 use std::time::Duration;
 
+use testkit::eventually;
+
 use chrono::{DateTime, Utc};
 use domain::node::{Node, NodeCommand, NodeResources, ResourceLimits};
 use domain::project::{Project, ProjectCommand};
@@ -681,12 +683,12 @@ async fn a_standby_takes_over_when_the_leader_dies() {
         })
         .await
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let s = standby.clone();
-    let standby_task = tokio::spawn(async move { s.run(std::future::pending()).await });
-
+    // The first assignment, made while it runs alone, shows the leader leads
+    // before the standby starts.
     let first = w.submit(1.0, &[], 0, None).await;
     wait_assigned(&w, first).await;
+    let s = standby.clone();
+    let standby_task = tokio::spawn(async move { s.run(std::future::pending()).await });
     // The leader dies; its lock's session ends and the standby leads.
     let _ = stop_leader.send(());
     leader_task.await.unwrap();
@@ -696,12 +698,10 @@ async fn a_standby_takes_over_when_the_leader_dies() {
 }
 
 async fn wait_assigned(w: &World, task: Uuid) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while w.task(task).await.state != TaskState::Assigned {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "task was never assigned"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually(
+        "the task to be assigned",
+        Duration::from_secs(20),
+        || async { (w.task(task).await.state == TaskState::Assigned).then_some(()) },
+    )
+    .await;
 }
