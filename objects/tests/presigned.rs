@@ -111,6 +111,8 @@ async fn an_expired_or_tampered_url_is_refused_by_the_store() {
     };
     assert_eq!(reqwest::get(&tampered).await.unwrap().status(), 403);
 
+    // The expiry itself is under test: the URL's lifetime must pass on the
+    // object store's clock, and nothing but waiting makes it pass.
     tokio::time::sleep(Duration::from_millis(2100)).await;
     let r = reqwest::get(&get).await.unwrap();
     assert_eq!(r.status(), 403);

@@ -23,6 +23,7 @@ use domain::Actor;
 use projections::Projector;
 use sqlx::PgPool;
 use store::Store;
+use testkit::{eventually, try_eventually};
 use uuid::Uuid;
 
 use support::dump;
@@ -198,9 +199,12 @@ async fn big_history(store: &Store, tasks: usize) -> (Uuid, Uuid) {
 /// tests' transactions on the same server can hide new ones for a moment.
 async fn visible(pool: &PgPool) {
     let committed = store::outbox::committed_head(pool).await.unwrap();
-    while store::outbox::head(pool).await.unwrap() < committed {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    eventually(
+        "every committed event to be visible to outbox readers",
+        Duration::from_secs(20),
+        || async { (store::outbox::head(pool).await.unwrap() >= committed).then_some(()) },
+    )
+    .await;
 }
 
 async fn count(pool: &PgPool, table: &str) -> i64 {
@@ -284,24 +288,21 @@ async fn a_rebuild_while_the_server_runs_never_shows_a_half_built_model_nor_hold
     while !rebuild.is_finished() {
         let id = submit(&store, project).await;
         submitted.push(id);
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        loop {
+        // Some(true): the task showed while the rebuild still ran; Some(false):
+        // the rebuild finished first; None: it did not show within 5 s.
+        let during = try_eventually(Duration::from_secs(5), || async {
             let there: bool =
                 sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM task_view WHERE id = $1)")
                     .bind(id)
                     .fetch_one(&db.pool)
                     .await
                     .unwrap();
-            if there {
-                if !rebuild.is_finished() {
-                    seen_during_rebuild += 1;
-                }
-                break;
-            }
-            if rebuild.is_finished() || tokio::time::Instant::now() > deadline {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            let finished = rebuild.is_finished();
+            (there || finished).then_some(there && !finished)
+        })
+        .await;
+        if during == Some(true) {
+            seen_during_rebuild += 1;
         }
     }
     let applied = rebuild.await.unwrap().unwrap();
@@ -438,7 +439,22 @@ async fn a_reader_in_a_long_transaction_delays_the_swap_and_sees_the_old_rows_th
     };
     // Meanwhile new work keeps flowing to the running projector's models.
     let id = submit(&store, project).await;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // The signal: the rebuild's swap is queued behind the reader's lock.
+    eventually(
+        "the rebuild's swap to wait for the reader's lock",
+        Duration::from_secs(30),
+        || async {
+            sqlx::query_scalar::<_, bool>(
+                "SELECT EXISTS (SELECT 1 FROM pg_locks l JOIN pg_database d ON d.oid = l.database \
+                 WHERE NOT l.granted AND d.datname = current_database())",
+            )
+            .fetch_one(&db.pool)
+            .await
+            .unwrap()
+            .then_some(())
+        },
+    )
+    .await;
     assert!(
         !rebuild.is_finished(),
         "the swap did not wait for the reader"
@@ -476,19 +492,20 @@ async fn one_rebuild_runs_at_a_time() {
         let pool = db.pool.clone();
         tokio::spawn(async move { Projector::new(pool).rebuild(None).await })
     };
-    // Wait until the first holds the rebuild lock.
-    loop {
-        let held: bool = sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = 'unidesk_rebuild')",
-        )
-        .fetch_one(&db.pool)
-        .await
-        .unwrap();
-        if held || first.is_finished() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    eventually(
+        "the first rebuild to hold the rebuild lock (or finish)",
+        Duration::from_secs(30),
+        || async {
+            let held: bool = sqlx::query_scalar(
+                "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = 'unidesk_rebuild')",
+            )
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+            (held || first.is_finished()).then_some(())
+        },
+    )
+    .await;
     if !first.is_finished() {
         let err = Projector::new(db.pool.clone())
             .rebuild(Some("timeline"))

@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use support::{spawn_agent, Agents};
+use testkit::eventually;
 use testkit::free_port;
 use testkit::process::{Api, ServerProcess};
 
@@ -57,7 +58,7 @@ impl Drop for Sshd {
 }
 
 impl Sshd {
-    fn start(dir: &Path) -> Sshd {
+    async fn start(dir: &Path) -> Sshd {
         let sshd = Path::new("/usr/sbin/sshd");
         assert!(
             sshd.exists(),
@@ -121,11 +122,12 @@ impl Sshd {
             user,
             client_key,
         };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "sshd did not start listening");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        eventually(
+            "sshd to listen on its port",
+            Duration::from_secs(20),
+            || async { TcpStream::connect(("127.0.0.1", port)).ok().map(drop) },
+        )
+        .await;
         sshd
     }
 
@@ -221,7 +223,7 @@ fn detail(v: &Value) -> String {
 #[tokio::test]
 async fn an_admin_runs_bounded_commands_on_a_nodes_host_over_real_ssh() {
     let keys = tempfile::tempdir().unwrap();
-    let sshd = Sshd::start(keys.path());
+    let sshd = Sshd::start(keys.path()).await;
     let mut p = Platform::start().await;
     let host = p
         .agent(

@@ -8,6 +8,8 @@
 
 use std::time::Duration;
 
+use testkit::eventually;
+
 use chrono::{DateTime, Utc};
 use domain::node::{Node, NodeCommand, NodeResources, ResourceLimits};
 use domain::project::{Project, ProjectCommand};
@@ -49,6 +51,23 @@ async fn world() -> World {
     World { store, project }
 }
 
+/// How a node joins: what the admin provisions, what its agent declares on
+/// connecting, and when it last beat.
+struct Joining<'a> {
+    name: &'a str,
+    /// Labels the admin provisions.
+    provisioned: &'a [(&'a str, &'a str)],
+    /// Limits the admin provisions.
+    max: ResourceLimits,
+    cpus: f64,
+    memory_mb: u64,
+    /// Device indices of the GPUs the agent declares.
+    gpus: &'a [u32],
+    /// Labels the agent declares.
+    declared: &'a [(&'a str, &'a str)],
+    seen: DateTime<Utc>,
+}
+
 impl World {
     /// A provisioned node whose agent is connected and beat at `seen`.
     async fn node(
@@ -70,20 +89,37 @@ impl World {
         seen: DateTime<Utc>,
         gpus: &[u32],
     ) -> Uuid {
+        self.join(Joining {
+            name,
+            provisioned: labels,
+            max: ResourceLimits::default(),
+            cpus,
+            memory_mb: 16384,
+            gpus,
+            declared: &[],
+            seen,
+        })
+        .await
+    }
+
+    /// A node provisioned by an admin and connected by its agent as `j` says.
+    async fn join(&self, j: Joining<'_>) -> Uuid {
         let id = Uuid::new_v4();
-        let labels = labels
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
+        let labels = |pairs: &[(&str, &str)]| {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
         self.store
             .execute::<Node>(
                 &id.to_string(),
                 NodeCommand::Provision {
                     node_id: id,
-                    name: name.into(),
-                    labels,
+                    name: j.name.into(),
+                    labels: labels(j.provisioned),
                     token_fingerprint: "ff".into(),
-                    max_resources: Default::default(),
+                    max_resources: j.max,
                     by: admin(),
                     at: Utc::now(),
                 },
@@ -100,9 +136,10 @@ impl World {
                     session,
                     agent_version: "test".into(),
                     resources: NodeResources {
-                        cpus,
-                        memory_mb: 16384,
-                        gpus: gpus
+                        cpus: j.cpus,
+                        memory_mb: j.memory_mb,
+                        gpus: j
+                            .gpus
                             .iter()
                             .map(|&index| domain::node::Gpu {
                                 index,
@@ -111,7 +148,7 @@ impl World {
                             })
                             .collect(),
                     },
-                    labels: Default::default(),
+                    labels: labels(j.declared),
                     at: Utc::now(),
                 },
                 &Actor::Node(id.to_string()),
@@ -119,7 +156,7 @@ impl World {
             )
             .await
             .unwrap();
-        self.beat(id, session, seen).await;
+        self.beat(id, session, j.seen).await;
         id
     }
 
@@ -398,58 +435,17 @@ async fn claiming_node(
     gpus: &[u32],
     labels: &[(&str, &str)],
 ) -> Uuid {
-    let id = Uuid::new_v4();
-    let declared = labels
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-    w.store
-        .execute::<Node>(
-            &id.to_string(),
-            NodeCommand::Provision {
-                node_id: id,
-                name: name.into(),
-                labels: Default::default(),
-                token_fingerprint: "ff".into(),
-                max_resources: max,
-                by: admin(),
-                at: Utc::now(),
-            },
-            &admin(),
-            Utc::now(),
-        )
-        .await
-        .unwrap();
-    let session = Uuid::new_v4();
-    w.store
-        .execute::<Node>(
-            &id.to_string(),
-            NodeCommand::Connect {
-                session,
-                agent_version: "test".into(),
-                resources: NodeResources {
-                    cpus,
-                    memory_mb: 1024 * 1024,
-                    gpus: gpus
-                        .iter()
-                        .map(|&index| domain::node::Gpu {
-                            index,
-                            name: "A100".into(),
-                            memory_mb: 40960,
-                        })
-                        .collect(),
-                },
-                labels: declared,
-                at: Utc::now(),
-            },
-            &Actor::Node(id.to_string()),
-            Utc::now(),
-        )
-        .await
-        .unwrap();
-    w.beat(id, session, Utc::now() + chrono::Duration::hours(1))
-        .await;
-    id
+    w.join(Joining {
+        name,
+        provisioned: &[],
+        max,
+        cpus,
+        memory_mb: 1024 * 1024,
+        gpus,
+        declared: labels,
+        seen: Utc::now() + chrono::Duration::hours(1),
+    })
+    .await
 }
 
 async fn as_admin(w: &World, node: Uuid, command: NodeCommand) {
@@ -681,12 +677,12 @@ async fn a_standby_takes_over_when_the_leader_dies() {
         })
         .await
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let s = standby.clone();
-    let standby_task = tokio::spawn(async move { s.run(std::future::pending()).await });
-
+    // The first assignment, made while it runs alone, shows the leader leads
+    // before the standby starts.
     let first = w.submit(1.0, &[], 0, None).await;
     wait_assigned(&w, first).await;
+    let s = standby.clone();
+    let standby_task = tokio::spawn(async move { s.run(std::future::pending()).await });
     // The leader dies; its lock's session ends and the standby leads.
     let _ = stop_leader.send(());
     leader_task.await.unwrap();
@@ -696,12 +692,10 @@ async fn a_standby_takes_over_when_the_leader_dies() {
 }
 
 async fn wait_assigned(w: &World, task: Uuid) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while w.task(task).await.state != TaskState::Assigned {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "task was never assigned"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually(
+        "the task to be assigned",
+        Duration::from_secs(20),
+        || async { (w.task(task).await.state == TaskState::Assigned).then_some(()) },
+    )
+    .await;
 }

@@ -280,6 +280,8 @@ async fn a_part_refused_every_time_fails_the_upload_saying_which() {
         path: "a.bin".into(),
     };
     // The proxy refuses part 2 once per arming; arm it before every try.
+    // This re-arming period is no wait for a condition: it keeps the fault
+    // set faster than the uploader's backoff between tries.
     let faults = Arc::clone(&rig.faults);
     let rearm = tokio::spawn(async move {
         loop {

@@ -220,7 +220,8 @@ async fn a_commit_wakes_a_listening_consumer_before_its_poll_interval() {
         wake.wait().await;
         started.elapsed()
     });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // `Wakeup::new` has already run LISTEN, so the notification of this
+    // commit is queued for the waiter even if it has not reached `wait` yet.
     create_project(&store, Uuid::new_v4(), "woken").await;
     let waited = tokio::time::timeout(Duration::from_secs(20), waiting)
         .await

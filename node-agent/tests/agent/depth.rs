@@ -119,7 +119,23 @@ async fn a_restarted_agent_adopts_its_containers_and_reports_their_end() {
         // The agent dies: nothing of it stops the container.
         handle.abort();
     }
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // The short attempt ends while no agent runs: the new one adopts one
+    // container still running and one already exited.
+    let docker = support::docker().await;
+    support::eventually(
+        "the short attempt's container to exit",
+        Duration::from_secs(60),
+        || async {
+            let state = docker
+                .inspect_container(&ids[1], None)
+                .await
+                .unwrap()
+                .state
+                .unwrap_or_default();
+            (state.running != Some(true)).then_some(())
+        },
+    )
+    .await;
 
     // A new agent process on the same work directory.
     let again = Arc::new(
@@ -345,7 +361,7 @@ struct GitDaemon {
 }
 
 impl GitDaemon {
-    fn start(base: &Path) -> Self {
+    async fn start(base: &Path) -> Self {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -363,14 +379,16 @@ impl GitDaemon {
             .arg(base)
             .spawn()
             .unwrap();
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "git daemon did not start"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        support::eventually(
+            "git daemon to listen on its port",
+            Duration::from_secs(10),
+            || async {
+                std::net::TcpStream::connect(("127.0.0.1", port))
+                    .ok()
+                    .map(drop)
+            },
+        )
+        .await;
         GitDaemon { child, port }
     }
 }
@@ -409,7 +427,7 @@ async fn a_new_commit_fetches_only_what_is_missing_over_the_git_protocol() {
     git_in(&repo, &["add", "-A"]);
     git_in(&repo, &["commit", "-q", "-m", "first"]);
     let first = git_in(&repo, &["rev-parse", "HEAD"]);
-    let daemon = GitDaemon::start(served.path());
+    let daemon = GitDaemon::start(served.path()).await;
     let url = format!("git://127.0.0.1:{}/project", daemon.port);
     let cache = node_agent::git::GitCache::new(served.path().join("cache"));
     let work = tempfile::tempdir().unwrap();

@@ -226,3 +226,28 @@ pub async fn remove_env_image(ctx: &Context, env: &Repo) {
     let tag = docker::image_tag(&env.url, &env.commit, "Dockerfile");
     remove_image(ctx.docker(), &tag).await;
 }
+
+/// Polls `check` every 50 ms until it returns `Some`, and returns what it
+/// returned: the wait for another process to get somewhere. (The same as
+/// `testkit::eventually`, which this crate cannot use: testkit pulls
+/// in the store and PostgreSQL.)
+///
+/// # Panics
+/// When `timeout` passes first, naming `what` and the time waited.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "gave up after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
