@@ -52,6 +52,10 @@ use tokio::sync::{Mutex, OnceCell};
 use crate::logs::LogNotifier;
 use crate::registry::Registry;
 
+/// The longest [`Ingress::catch_up`] waits for transactions older than the
+/// events it was asked to deliver.
+pub const CATCH_UP_WAIT: Duration = Duration::from_secs(10);
+
 pub use crate::commands::PendingError;
 pub use crate::logs::{cut_marker, LogLimits, CHUNK_COST, MIN_BYTES_PER_S};
 
@@ -204,6 +208,27 @@ impl Ingress {
         *delivered = Some(at);
         tracing::Span::current().record("events", events);
         Ok(events)
+    }
+
+    /// Delivers everything committed before the call. Events stay
+    /// invisible to readers while an older transaction is open anywhere on
+    /// the database server, so this waits for them, at most
+    /// [`CATCH_UP_WAIT`]; after that it returns with what it delivered.
+    ///
+    /// # Errors
+    /// As [`Ingress::deliver_once`].
+    pub async fn catch_up(&self) -> Result<usize, PendingError> {
+        let target = store::outbox::committed_head(self.store.pool()).await?;
+        let deadline = tokio::time::Instant::now() + CATCH_UP_WAIT;
+        let mut events = 0;
+        loop {
+            events += self.deliver_once().await?;
+            let reached = self.delivered.lock().await.is_some_and(|at| at >= target);
+            if reached || tokio::time::Instant::now() >= deadline {
+                return Ok(events);
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 
     /// How many agent sessions this process holds.

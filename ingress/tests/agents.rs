@@ -89,11 +89,12 @@ impl Server {
             .unwrap();
     }
 
-    /// Delivers everything the outbox holds so far, as the running
-    /// consumer would: afterwards nothing appended before is still on its
-    /// way to this process's sessions.
+    /// Delivers everything committed so far, as the running consumer
+    /// would: afterwards nothing appended before is still on its way to
+    /// this process's sessions, even while transactions of other tests
+    /// hold readers back.
     async fn deliver(&self) {
-        self.ingress.deliver_once().await.unwrap();
+        self.ingress.catch_up().await.unwrap();
     }
 
     /// Waits until this process holds `n` sessions.

@@ -82,7 +82,7 @@ impl Platform {
             .unwrap();
         // Whatever the request asks of a session here is on its way when
         // this returns, so an agent listening for it need not guess.
-        self.ingress.deliver_once().await.unwrap();
+        self.ingress.catch_up().await.unwrap();
         request_id
     }
 
