@@ -356,7 +356,7 @@ async fn bad_inputs_and_outputs_and_a_dead_store_fail_the_task_clearly_keeping_t
         .api
         .call(reqwest::Method::POST, "/tasks", Some(task))
         .await;
-    assert_eq!(status, 422, "{e}");
+    assert_eq!(status, 409, "{e}");
     assert_eq!(e["errors"][0]["field"], "inputs[0].object", "{e}");
 
     // An input replaced, after its upload was verified, by bytes whose
