@@ -254,6 +254,15 @@ impl From<sqlx::Error> for ApiError {
     }
 }
 
+impl From<projections::read::ReadError> for ApiError {
+    fn from(e: projections::read::ReadError) -> Self {
+        match e {
+            projections::read::ReadError::Database(e) => e.into(),
+            undecodable => Self::internal(undecodable.to_string()),
+        }
+    }
+}
+
 impl From<ClaimError> for ApiError {
     fn from(e: ClaimError) -> Self {
         match e {

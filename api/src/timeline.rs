@@ -205,11 +205,7 @@ impl Visibility {
         if caller.admin {
             return Ok(Self::All);
         }
-        let projects: Vec<Uuid> =
-            sqlx::query_scalar("SELECT project_id FROM project_member_view WHERE user_name = $1")
-                .bind(&caller.user)
-                .fetch_all(pool)
-                .await?;
+        let projects = projections::read::projects::of_member(pool, &caller.user).await?;
         Ok(Self::Member {
             user: caller.user.clone(),
             projects: projects.into_iter().collect(),

@@ -10,6 +10,7 @@
 //! [`replay`] explains the log aggregate by aggregate, for people.
 
 mod models;
+pub mod read;
 mod rebuild;
 pub mod replay;
 pub mod summary;

@@ -17,7 +17,7 @@ use chrono::{DateTime, Utc};
 use domain::node::{Node, NodeCommand, NodeResources};
 use domain::task::{Task, TaskCommand};
 use domain::Actor;
-use projections::Projector;
+use projections::{read, Projector};
 use sqlx::{Connection, PgConnection, PgPool};
 use store::{Store, Wakeup};
 use uuid::Uuid;
@@ -80,28 +80,6 @@ struct Pending {
     at: DateTime<Utc>,
 }
 
-/// An attempt holding a node, with the node's state.
-#[derive(sqlx::FromRow)]
-struct HeldAttempt {
-    task: Uuid,
-    attempt: i32,
-    node: Uuid,
-    name: String,
-    status: String,
-    last_seen: Option<DateTime<Utc>>,
-    /// Running past its `timeout_s` already.
-    overdue: bool,
-}
-
-/// A schedulable node and its caches.
-#[derive(sqlx::FromRow)]
-struct NodeRow {
-    id: Uuid,
-    doc: serde_json::Value,
-    images: Option<Vec<String>>,
-    commits: Option<Vec<String>>,
-}
-
 /// The scheduler.
 pub struct Scheduler {
     store: Store,
@@ -109,8 +87,6 @@ pub struct Scheduler {
     projector: Projector,
     pending: Mutex<HashMap<Uuid, Pending>>,
 }
-
-const HOLDING: &str = "('assigned', 'accepted', 'preparing', 'running')";
 
 fn actor() -> Actor {
     Actor::System("scheduler".into())
@@ -208,15 +184,12 @@ impl Scheduler {
         let cutoff =
             now - chrono::Duration::from_std(self.config.offline_after).unwrap_or_default();
         // Online nodes whose heartbeats stopped.
-        let silent: Vec<(Uuid, DateTime<Utc>)> = sqlx::query_as(
-            "SELECT n.id, coalesce(l.last_seen, n.updated_at) FROM node_view n \
-             LEFT JOIN node_liveness l ON l.node_id = n.id \
-             WHERE n.status = 'online' AND coalesce(l.last_seen, n.updated_at) < $1",
-        )
-        .bind(cutoff)
-        .fetch_all(self.pool())
-        .await?;
-        for (node, last_seen) in silent {
+        let silent = read::nodes::silent_online(self.pool(), cutoff).await?;
+        for read::nodes::Silent {
+            id: node,
+            last_seen,
+        } in silent
+        {
             let cmd = NodeCommand::MarkOffline { last_seen, at: now };
             match self
                 .store
@@ -229,22 +202,8 @@ impl Scheduler {
             }
         }
         // Attempts on nodes that are gone: silent too long, or revoked.
-        let lost: Vec<HeldAttempt> = sqlx::query_as(&format!(
-            "SELECT t.id AS task, t.attempt, t.node_id AS node, n.name, n.status, l.last_seen, \
-                    coalesce(t.state = 'running' \
-                      AND (t.doc->>'started_at')::timestamptz \
-                          + make_interval(secs => (t.doc->'spec'->>'timeout_s')::float8) < $2, \
-                      false) AS overdue \
-             FROM task_view t JOIN node_view n ON n.id = t.node_id \
-             LEFT JOIN node_liveness l ON l.node_id = t.node_id \
-             WHERE t.state IN {HOLDING} \
-               AND (n.status = 'revoked' OR coalesce(l.last_seen, t.updated_at) < $1)"
-        ))
-        .bind(cutoff)
-        .bind(now)
-        .fetch_all(self.pool())
-        .await?;
-        for HeldAttempt {
+        let lost = read::tasks::held_on_gone_nodes(self.pool(), cutoff, now).await?;
+        for read::tasks::HeldAttempt {
             task,
             attempt,
             node,
@@ -290,15 +249,14 @@ impl Scheduler {
     ) -> Result<(), sqlx::Error> {
         let limit = self.config.accept_timeout;
         let cutoff = now - chrono::Duration::from_std(limit).unwrap_or_default();
-        let stuck: Vec<(Uuid, i32, Uuid, String)> = sqlx::query_as(
-            "SELECT t.id, t.attempt, t.node_id, n.name FROM task_view t \
-             JOIN node_view n ON n.id = t.node_id \
-             WHERE t.state = 'assigned' AND t.updated_at < $1",
-        )
-        .bind(cutoff)
-        .fetch_all(self.pool())
-        .await?;
-        for (task, attempt, node, name) in stuck {
+        let stuck = read::tasks::unaccepted(self.pool(), cutoff).await?;
+        for read::tasks::Unaccepted {
+            task,
+            attempt,
+            node,
+            node_name: name,
+        } in stuck
+        {
             let cmd = TaskCommand::MarkLost {
                 node_id: node,
                 attempt: attempt as u32,
@@ -320,17 +278,8 @@ impl Scheduler {
 
     async fn timeouts(&self, now: DateTime<Utc>, outcome: &mut Outcome) -> Result<(), sqlx::Error> {
         let grace = self.config.timeout_grace.as_secs_f64();
-        let overdue: Vec<(Uuid, i32)> = sqlx::query_as(
-            "SELECT id, attempt FROM task_view WHERE state = 'running' \
-             AND (doc->'spec'->>'timeout_s') IS NOT NULL \
-             AND (doc->>'started_at')::timestamptz \
-                 + make_interval(secs => (doc->'spec'->>'timeout_s')::float8 + $2) < $1",
-        )
-        .bind(now)
-        .bind(grace)
-        .fetch_all(self.pool())
-        .await?;
-        for (task, attempt) in overdue {
+        let overdue = read::tasks::overdue(self.pool(), now, grace).await?;
+        for read::tasks::Attempt { task, attempt } in overdue {
             self.time_out(task, attempt as u32, now, outcome).await;
         }
         Ok(())
@@ -374,22 +323,16 @@ impl Scheduler {
 
     /// Online, undrained nodes with a recent heartbeat, and their caches.
     async fn candidates(&self) -> Result<Vec<Candidate>, sqlx::Error> {
-        let rows: Vec<NodeRow> = sqlx::query_as(
-            "SELECT n.id, n.doc, c.images, c.commits FROM node_view n \
-                 LEFT JOIN node_cache c ON c.node_id = n.id \
-                 WHERE n.status = 'online' AND NOT n.drained",
-        )
-        .fetch_all(self.pool())
-        .await?;
+        let rows = read::nodes::placeable(self.pool()).await?;
         let mut out = Vec::with_capacity(rows.len());
-        for NodeRow {
+        for read::nodes::Placeable {
             id,
-            doc,
+            node,
             images,
             commits,
         } in rows
         {
-            let Ok(node) = serde_json::from_value::<Node>(doc) else {
+            let Ok(node) = node else {
                 tracing::error!(%id, "unreadable node in node_view");
                 continue;
             };
@@ -408,8 +351,8 @@ impl Scheduler {
                 used_millicpus: 0,
                 used_memory_mb: 0,
                 used_gpus: Default::default(),
-                images: images.unwrap_or_default().into_iter().collect(),
-                commits: commits.unwrap_or_default().into_iter().collect(),
+                images: images.into_iter().collect(),
+                commits: commits.into_iter().collect(),
             });
         }
         Ok(out)

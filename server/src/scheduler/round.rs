@@ -5,20 +5,13 @@
 use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
-use domain::spec::{Resources, TaskSpec};
 use domain::task::{Task, TaskCommand, TaskError};
+use projections::read::{self, tasks::Holding, tasks::QueuedTask};
 use store::StoreError;
 use uuid::Uuid;
 
 use super::placement::{self, Candidate, Placement, Queued};
-use super::{actor, Outcome, Pending, Scheduler, HOLDING};
-
-/// A queued task as `task_view` shows it: id, project, priority, spec.
-type QueuedRow = (Uuid, Uuid, i32, serde_json::Value);
-
-/// A task holding a node as `task_view` shows it: id, project, node, its
-/// resources and its GPU devices.
-type HoldingRow = (Uuid, Uuid, Uuid, serde_json::Value, serde_json::Value);
+use super::{actor, Outcome, Pending, Scheduler};
 
 /// How long a placement of ours may stay unseen by the read models before
 /// it is no longer counted.
@@ -65,29 +58,13 @@ impl Scheduler {
         &self,
         now: DateTime<Utc>,
         pending: &[Uuid],
-    ) -> Result<Vec<QueuedRow>, sqlx::Error> {
-        sqlx::query_as(
-            "SELECT id, project_id, priority, doc->'spec' FROM task_view \
-             WHERE state = 'queued' AND NOT (id = ANY($2)) \
-               AND (doc->>'not_before' IS NULL OR (doc->>'not_before')::timestamptz <= $3) \
-             ORDER BY priority DESC, submitted_at, id LIMIT $1",
-        )
-        .bind(self.config.batch)
-        .bind(pending)
-        .bind(now)
-        .fetch_all(self.pool())
-        .await
+    ) -> Result<Vec<QueuedTask>, sqlx::Error> {
+        read::tasks::queued(self.pool(), self.config.batch, pending, now).await
     }
 
     /// The tasks holding a node.
-    async fn holding(&self) -> Result<Vec<HoldingRow>, sqlx::Error> {
-        sqlx::query_as(&format!(
-            "SELECT id, project_id, node_id, doc->'spec'->'resources', \
-                    coalesce(doc->'attempts'->-1->'gpus', '[]'::jsonb) FROM task_view \
-             WHERE state IN {HOLDING} AND node_id IS NOT NULL"
-        ))
-        .fetch_all(self.pool())
-        .await
+    async fn holding(&self) -> Result<Vec<Holding>, sqlx::Error> {
+        read::tasks::holding(self.pool()).await
     }
 
     /// Of `pending`, the placements the read model still shows queued; the
@@ -99,13 +76,10 @@ impl Scheduler {
         pending: Vec<Pending>,
         pending_ids: &[Uuid],
     ) -> Result<Vec<Pending>, sqlx::Error> {
-        let lagging: HashSet<Uuid> =
-            sqlx::query_scalar("SELECT id FROM task_view WHERE id = ANY($1) AND state = 'queued'")
-                .bind(pending_ids)
-                .fetch_all(self.pool())
-                .await?
-                .into_iter()
-                .collect();
+        let lagging: HashSet<Uuid> = read::tasks::still_queued(self.pool(), pending_ids)
+            .await?
+            .into_iter()
+            .collect();
         let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
         p.retain(|id, _| lagging.contains(id));
         Ok(pending
@@ -117,16 +91,11 @@ impl Scheduler {
     /// The most running tasks of each project of `queue` that has a limit.
     async fn quotas(&self, queue: &[Queued]) -> Result<HashMap<Uuid, u32>, sqlx::Error> {
         let projects: Vec<Uuid> = queue.iter().map(|t| t.project).collect();
-        Ok(sqlx::query_as::<_, (Uuid, i64)>(
-            "SELECT id, (doc->>'max_running')::bigint FROM project_view \
-             WHERE id = ANY($1) AND doc->>'max_running' IS NOT NULL",
-        )
-        .bind(&projects)
-        .fetch_all(self.pool())
-        .await?
-        .into_iter()
-        .map(|(id, n)| (id, n.max(0) as u32))
-        .collect())
+        Ok(read::projects::running_limits(self.pool(), &projects)
+            .await?
+            .into_iter()
+            .map(|(id, n)| (id, n.max(0) as u32))
+            .collect())
     }
 
     /// Assigns the task of placement `p`, counting it and remembering it
@@ -176,21 +145,13 @@ impl Scheduler {
 
 /// Marks on `nodes` what the `holding` tasks and our `pending` placements
 /// use; returns how many tasks each project runs.
-fn occupy(
-    nodes: &mut [Candidate],
-    holding: &[HoldingRow],
-    pending: &[Pending],
-) -> HashMap<Uuid, u32> {
+fn occupy(nodes: &mut [Candidate], holding: &[Holding], pending: &[Pending]) -> HashMap<Uuid, u32> {
     let mut running: HashMap<Uuid, u32> = HashMap::new();
     let by_id: HashMap<Uuid, usize> = nodes.iter().enumerate().map(|(i, n)| (n.id, i)).collect();
-    for (_, project, node, res, devices) in holding {
-        *running.entry(*project).or_default() += 1;
-        if let (Some(&i), Ok(r)) = (
-            by_id.get(node),
-            serde_json::from_value::<Resources>(res.clone()),
-        ) {
-            let devices: Vec<u32> = serde_json::from_value(devices.clone()).unwrap_or_default();
-            nodes[i].hold(r.millicpus(), r.memory_mb, &devices);
+    for h in holding {
+        *running.entry(h.project).or_default() += 1;
+        if let (Some(&i), Some(r)) = (by_id.get(&h.node), &h.resources) {
+            nodes[i].hold(r.millicpus(), r.memory_mb, &h.gpus);
         }
     }
     for p in pending {
@@ -204,10 +165,16 @@ fn occupy(
 
 /// The queued tasks as placement sees them; one whose spec cannot be read
 /// is logged and left out.
-fn queue(rows: Vec<QueuedRow>) -> Vec<Queued> {
+fn queue(rows: Vec<QueuedTask>) -> Vec<Queued> {
     let mut queue = Vec::with_capacity(rows.len());
-    for (id, project, priority, spec) in rows {
-        match serde_json::from_value::<TaskSpec>(spec) {
+    for QueuedTask {
+        id,
+        project,
+        priority,
+        spec,
+    } in rows
+    {
+        match spec {
             Ok(s) => queue.push(Queued {
                 id,
                 project,

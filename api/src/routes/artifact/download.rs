@@ -19,13 +19,7 @@ pub fn router() -> OpenApiRouter<AppState> {
 
 /// The task holding artifact `id`, from the tasks read model.
 async fn task_of(state: &AppState, id: Uuid) -> Result<Option<Uuid>, ApiError> {
-    let wanted = serde_json::json!([{ "id": id }]);
-    let task: Option<Uuid> =
-        sqlx::query_scalar("SELECT id FROM task_view WHERE doc->'artifacts' @> $1 LIMIT 1")
-            .bind(wanted)
-            .fetch_optional(state.pool())
-            .await?;
-    Ok(task)
+    Ok(projections::read::tasks::holding_artifact(state.pool(), id).await?)
 }
 
 /// Redirects (302) to a presigned URL that downloads the output, valid for

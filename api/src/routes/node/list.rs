@@ -64,23 +64,12 @@ async fn list(
         }
         None => (None, None),
     };
-    let rows: Vec<(serde_json::Value, String, Uuid)> = sqlx::query_as(
-        "SELECT doc, name, id FROM node_view \
-         WHERE ($1::text IS NULL OR (name, id) > ($1, $2)) ORDER BY name, id LIMIT $3",
-    )
-    .bind(name)
-    .bind(id)
-    .bind(limit + 1)
-    .fetch_all(state.pool())
-    .await?;
-    let (rows, next_cursor) = page::split(LIST, rows, limit, |r| (r.1.clone(), r.2));
+    let after = name.as_deref().zip(id);
+    let rows = projections::read::nodes::page(state.pool(), after, limit + 1).await?;
+    let (rows, next_cursor) = page::split(LIST, rows, limit, |r| (r.name.clone(), r.id));
     let items = rows
         .into_iter()
-        .map(|(doc, _, _)| {
-            let node: domain::node::Node = serde_json::from_value(doc)
-                .map_err(|e| ApiError::internal(format!("node_view doc does not decode: {e}")))?;
-            Node::try_from(node)
-        })
+        .map(|r| Node::try_from(r.node))
         .collect::<Result<_, _>>()?;
     Ok(Json(NodeList { items, next_cursor }))
 }

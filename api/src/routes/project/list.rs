@@ -66,28 +66,12 @@ async fn list(
         None => (None, None),
     };
     let member = (!caller.admin).then_some(caller.user.as_str());
-    let rows: Vec<(serde_json::Value, String, Uuid)> = sqlx::query_as(
-        "SELECT p.doc, p.name, p.id FROM project_view p \
-         WHERE ($1::text IS NULL OR (p.name, p.id) > ($1, $2)) \
-           AND ($3::text IS NULL OR p.id IN \
-                (SELECT project_id FROM project_member_view WHERE user_name = $3)) \
-         ORDER BY p.name, p.id LIMIT $4",
-    )
-    .bind(name)
-    .bind(id)
-    .bind(member)
-    .bind(limit + 1)
-    .fetch_all(state.pool())
-    .await?;
-    let (rows, next_cursor) = page::split(LIST, rows, limit, |r| (r.1.clone(), r.2));
+    let after = name.as_deref().zip(id);
+    let rows = projections::read::projects::page(state.pool(), after, member, limit + 1).await?;
+    let (rows, next_cursor) = page::split(LIST, rows, limit, |r| (r.name.clone(), r.id));
     let items = rows
         .into_iter()
-        .map(|(doc, _, _)| {
-            let project: domain::project::Project = serde_json::from_value(doc).map_err(|e| {
-                ApiError::internal(format!("project_view doc does not decode: {e}"))
-            })?;
-            Project::try_from(project)
-        })
+        .map(|r| Project::try_from(r.project))
         .collect::<Result<_, _>>()?;
     Ok(Json(ProjectList { items, next_cursor }))
 }

@@ -8,6 +8,7 @@
 use axum::extract::State;
 use axum::Json;
 use domain::task::TaskState;
+use projections::read::tasks::TaskFilter;
 use serde::Deserialize;
 use utoipa::IntoParams;
 use utoipa_axum::router::OpenApiRouter;
@@ -109,32 +110,20 @@ async fn list(
         None if caller.admin => None,
         None => Some(caller.user.as_str()),
     };
-    let rows: Vec<(serde_json::Value, i64)> = sqlx::query_as(
-        "SELECT doc, list_position FROM task_view \
-         WHERE ($1::uuid IS NULL OR project_id = $1) \
-           AND ($2::text IS NULL OR state = $2) \
-           AND ($3::uuid IS NULL OR node_id = $3) \
-           AND ($4::bigint IS NULL OR list_position < $4) \
-           AND ($5::text IS NULL OR project_id IN \
-                (SELECT project_id FROM project_member_view WHERE user_name = $5)) \
-         ORDER BY list_position DESC LIMIT $6",
-    )
-    .bind(project)
-    .bind(task_state.map(TaskState::as_str))
-    .bind(node)
-    .bind(before)
-    .bind(member)
-    .bind(limit + 1)
-    .fetch_all(state.pool())
-    .await?;
+    let filter = TaskFilter {
+        project,
+        state: task_state,
+        node,
+        before,
+        member,
+    };
+    let rows = projections::read::tasks::page(state.pool(), &filter, limit + 1).await?;
     let more = rows.len() as i64 > limit;
     let mut items = Vec::with_capacity(rows.len());
     let mut last = None;
-    for (doc, position) in rows.into_iter().take(limit as usize) {
-        let task: domain::task::Task = serde_json::from_value(doc)
-            .map_err(|e| ApiError::internal(format!("task_view doc does not decode: {e}")))?;
-        items.push(Task::try_from(task)?);
-        last = Some(position);
+    for row in rows.into_iter().take(limit as usize) {
+        items.push(Task::try_from(row.task)?);
+        last = Some(row.list_position);
     }
     Ok(Json(TaskPage {
         items,

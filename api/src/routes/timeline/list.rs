@@ -3,13 +3,11 @@
 
 use axum::extract::State;
 use axum::Json;
-use chrono::{DateTime, Utc};
+use projections::read::timeline::{self, TimelineRow};
 use serde::Deserialize;
-use sqlx::{Postgres, QueryBuilder};
 use utoipa::IntoParams;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
-use uuid::Uuid;
 
 use crate::auth::Caller;
 use crate::error::{ApiError, ErrorBody};
@@ -156,19 +154,11 @@ async fn read_page(
     sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         .execute(&mut *tx)
         .await?;
-    let live_after: i64 =
-        sqlx::query_scalar("SELECT position FROM checkpoints WHERE name = 'timeline'")
-            .fetch_optional(&mut *tx)
-            .await?
-            .unwrap_or(0);
+    let live_after = timeline::projected_up_to(&mut *tx).await?;
     let before = match before {
         None => None,
         Some((position, field)) => {
-            let txid: Option<i64> =
-                sqlx::query_scalar("SELECT txid FROM timeline WHERE position = $1")
-                    .bind(position)
-                    .fetch_optional(&mut *tx)
-                    .await?;
+            let txid = timeline::txid_at(&mut *tx, position).await?;
             let txid = txid.ok_or_else(|| {
                 ApiError::not_found_field(
                     field,
@@ -178,12 +168,22 @@ async fn read_page(
             Some((txid, position))
         }
     };
-    let mut sql = select(filter, member, before);
-    sql.push(" ORDER BY txid DESC, position DESC LIMIT ")
-        .push_bind(limit + 1);
-    let mut items: Vec<TimelineEntry> = sql
-        .build_query_as::<Row>()
-        .fetch_all(&mut *tx)
+    let read = timeline::TimelineFilter {
+        aggregate_type: filter.aggregate_type.as_deref(),
+        aggregate_id: filter.aggregate_id.as_deref(),
+        project: filter.project,
+        node: filter.node,
+        event_type: filter.event_type.as_deref(),
+        since: filter.since,
+        until: filter.until,
+        contradictory: filter.contradictory,
+        before,
+        member: member.map(|user| timeline::Member {
+            user,
+            hidden_event_types: &crate::access::ADMIN_ONLY_EVENT_TYPES,
+        }),
+    };
+    let mut items: Vec<TimelineEntry> = timeline::page(&mut *tx, &read, limit + 1)
         .await?
         .into_iter()
         .map(TimelineEntry::from)
@@ -200,81 +200,8 @@ async fn read_page(
     })
 }
 
-/// The query for `filter`, with only the conditions it names, so that each
-/// combination is planned for the index that serves it.
-fn select<'a>(
-    filter: &'a TimelineFilter,
-    member: Option<&'a str>,
-    before: Option<(i64, i64)>,
-) -> QueryBuilder<'a, Postgres> {
-    let mut sql = QueryBuilder::new(
-        "SELECT position, aggregate_type, aggregate_id, sequence, event_type, actor, \
-         recorded_at, project_id, node_id, summary FROM timeline WHERE true",
-    );
-    if filter.contradictory {
-        sql.push(" AND false");
-    }
-    if let Some(t) = &filter.aggregate_type {
-        sql.push(" AND aggregate_type = ").push_bind(t);
-    }
-    if let Some(id) = &filter.aggregate_id {
-        sql.push(" AND aggregate_id = ").push_bind(id);
-    }
-    if let Some(p) = filter.project {
-        sql.push(" AND project_id = ").push_bind(p);
-    }
-    if let Some(n) = filter.node {
-        sql.push(" AND node_id = ").push_bind(n);
-    }
-    if let Some(t) = &filter.event_type {
-        sql.push(" AND event_type = ").push_bind(t);
-    }
-    if let Some(t) = filter.since {
-        sql.push(" AND recorded_at >= ").push_bind(t);
-    }
-    if let Some(t) = filter.until {
-        sql.push(" AND recorded_at < ").push_bind(t);
-    }
-    if let Some((txid, position)) = before {
-        sql.push(" AND (txid, position) < (")
-            .push_bind(txid)
-            .push(", ")
-            .push_bind(position)
-            .push(")");
-    }
-    if let Some(user) = member {
-        sql.push(" AND NOT (event_type = ANY(")
-            .push_bind(&crate::access::ADMIN_ONLY_EVENT_TYPES[..])
-            .push("))");
-        sql.push(
-            " AND (aggregate_type = 'node' \
-               OR project_id IN (SELECT project_id FROM project_member_view WHERE user_name = ",
-        )
-        .push_bind(user)
-        .push(") OR (aggregate_type = 'user' AND aggregate_id = ")
-        .push_bind(user)
-        .push("))");
-    }
-    sql
-}
-
-/// A row of the timeline read model.
-#[derive(sqlx::FromRow)]
-struct Row {
-    position: i64,
-    aggregate_type: String,
-    aggregate_id: String,
-    sequence: i64,
-    event_type: String,
-    actor: String,
-    recorded_at: DateTime<Utc>,
-    project_id: Option<Uuid>,
-    node_id: Option<Uuid>,
-    summary: String,
-}
-
-impl From<Row> for TimelineEntry {
-    fn from(r: Row) -> Self {
+impl From<TimelineRow> for TimelineEntry {
+    fn from(r: TimelineRow) -> Self {
         Self {
             position: r.position,
             aggregate_type: r.aggregate_type,

@@ -3,7 +3,6 @@
 
 use axum::extract::State;
 use axum::Json;
-use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use utoipa::IntoParams;
 use utoipa_axum::router::OpenApiRouter;
@@ -63,22 +62,15 @@ async fn list(
         .as_deref()
         .map(|c| page::decode(LIST, c))
         .transpose()?;
-    let rows: Vec<(String, bool, DateTime<Utc>, i32)> = sqlx::query_as(
-        "SELECT name, admin, created_at, tokens FROM user_view \
-         WHERE ($1::text IS NULL OR name > $1) ORDER BY name LIMIT $2",
-    )
-    .bind(after)
-    .bind(limit + 1)
-    .fetch_all(state.pool())
-    .await?;
-    let (rows, next_cursor) = page::split(LIST, rows, limit, |r| r.0.clone());
+    let rows = projections::read::users::page(state.pool(), after.as_deref(), limit + 1).await?;
+    let (rows, next_cursor) = page::split(LIST, rows, limit, |r| r.name.clone());
     let items = rows
         .into_iter()
-        .map(|(name, admin, created_at, tokens)| UserSummary {
-            name,
-            admin,
-            created_at,
-            tokens,
+        .map(|r| UserSummary {
+            name: r.name,
+            admin: r.admin,
+            created_at: r.created_at,
+            tokens: r.tokens,
         })
         .collect();
     Ok(Json(UserList { items, next_cursor }))
