@@ -17,10 +17,9 @@ use store::outbox::{self, Checkpoint, Filter};
 use store::Store;
 use uuid::Uuid;
 
-/// The checkpoint name of the read model that fills `task_view` (the
-/// projections crate's `tasks`; this crate may not link that one). Events
+/// The checkpoint name of the read model that fills `task_view`. Events
 /// after it are not in `task_view` yet and are read from the outbox.
-pub(crate) const TASK_VIEW_CHECKPOINT: &str = "tasks";
+pub(crate) const TASK_VIEW_CHECKPOINT: &str = projections::read::tasks::CHECKPOINT;
 
 /// The most outbox events read, per connecting agent, to cover what the
 /// projector has not yet written to `task_view`. The projector normally
@@ -212,15 +211,10 @@ pub(crate) async fn candidates(
     let mut at = from
         .map(|(txid, position)| Checkpoint { txid, position })
         .unwrap_or_default();
-    let mut ids: BTreeSet<Uuid> = sqlx::query_scalar(
-        "SELECT id FROM task_view WHERE node_id = $1 \
-         AND state IN ('assigned', 'accepted', 'preparing', 'running')",
-    )
-    .bind(node_id)
-    .fetch_all(pool)
-    .await?
-    .into_iter()
-    .collect();
+    let mut ids: BTreeSet<Uuid> = projections::read::tasks::held_by(pool, node_id)
+        .await?
+        .into_iter()
+        .collect();
     let filter = Filter {
         aggregate_type: Some("task".into()),
         aggregate_id: None,

@@ -86,7 +86,7 @@ struct Tasks;
 
 impl Projection for Tasks {
     fn name(&self) -> &'static str {
-        "tasks"
+        crate::read::tasks::CHECKPOINT
     }
     fn tables(&self) -> &'static [&'static str] {
         &["task_view"]

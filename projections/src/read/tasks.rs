@@ -257,6 +257,23 @@ pub struct Holding {
     pub gpus: Vec<u32>,
 }
 
+/// The name of the checkpoint of the read model `task_view` belongs to:
+/// events after it are not in `task_view` yet.
+pub const CHECKPOINT: &str = "tasks";
+
+/// The ids of the tasks holding node `node_id`.
+///
+/// # Errors
+/// A database error.
+pub async fn held_by(db: impl PgExecutor<'_>, node_id: Uuid) -> Result<Vec<Uuid>, sqlx::Error> {
+    sqlx::query_scalar(&format!(
+        "SELECT id FROM task_view WHERE node_id = $1 AND state IN {HOLDING}"
+    ))
+    .bind(node_id)
+    .fetch_all(db)
+    .await
+}
+
 /// The tasks holding a node.
 pub async fn holding(db: impl PgExecutor<'_>) -> Result<Vec<Holding>, sqlx::Error> {
     let rows: Vec<(Uuid, Uuid, Uuid, serde_json::Value, serde_json::Value)> =
