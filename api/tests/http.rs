@@ -2,255 +2,36 @@
 //! per test, the router served on port 0, called with reqwest.
 
 use std::collections::BTreeSet;
-use std::path::PathBuf;
 
-use api::{AppState, Config};
-use reqwest::{Method, StatusCode};
+use api::Config;
+use reqwest::Method;
 use serde_json::{json, Value};
-use sqlx::PgPool;
-use store::Store;
 
-const SHA: &str = "0123456789abcdef0123456789abcdef01234567";
+mod support;
 
-/// A running API on its own database.
-struct App {
-    base: String,
-    client: reqwest::Client,
-    pool: PgPool,
-    store: Store,
-    admin: String,
-    token_file: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-/// What one call answered.
-#[derive(Debug)]
-struct Answer {
-    status: StatusCode,
-    headers: reqwest::header::HeaderMap,
-    body: Value,
-}
-
-impl Answer {
-    /// The `field`s of the error envelope.
-    fn fields(&self) -> Vec<String> {
-        self.errors()
-            .iter()
-            .filter_map(|e| e["field"].as_str().map(str::to_string))
-            .collect()
-    }
-
-    /// The error envelope's entries; panics when the body is not one.
-    fn errors(&self) -> Vec<Value> {
-        self.body["errors"]
-            .as_array()
-            .unwrap_or_else(|| panic!("not an error envelope: {:?}", self.body))
-            .clone()
-    }
-
-    fn details(&self) -> String {
-        self.errors()
-            .iter()
-            .map(|e| e["detail"].as_str().unwrap_or_default().to_string())
-            .collect::<Vec<_>>()
-            .join("; ")
-    }
-
-    #[track_caller]
-    fn expect(&self, status: u16) -> &Value {
-        assert_eq!(
-            self.status.as_u16(),
-            status,
-            "unexpected answer: {:?}",
-            self.body
-        );
-        &self.body
-    }
-
-    #[track_caller]
-    fn expect_error(&self, status: u16, field: &str) {
-        self.expect(status);
-        assert!(
-            self.fields().iter().any(|f| f == field),
-            "expected field {field:?} in {:?}",
-            self.body
-        );
-    }
-}
+use support::{App, SHA};
 
 /// A server that lets every user create projects, so that tests can make
 /// a user a project's first maintainer by letting them create it. The
-/// default (admins only) is tested with `start_with(Config::default())`.
+/// default (admins only) is tested with `App::start(Config::default())`.
 async fn start() -> App {
-    start_with(Config {
+    App::start(Config {
         users_create_projects: true,
         ..Config::default()
     })
     .await
 }
 
-async fn start_with(config: Config) -> App {
-    let db = testkit::fresh_db().await;
-    let store = Store::new(db.pool.clone());
-    let dir = tempfile::tempdir().expect("a temporary directory");
-    let token_file = dir.path().join("secrets").join("admin.token");
-    let admin = api::bootstrap_admin(&store, &token_file)
-        .await
-        .expect("bootstrap admin");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind port 0");
-    let addr = listener.local_addr().expect("local address");
-    let app = api::router(AppState::new(store.clone(), config));
-    tokio::spawn(async move {
-        axum::serve(listener, app).await.expect("serve");
-    });
-    App {
-        base: format!("http://{addr}"),
-        client: reqwest::Client::new(),
-        pool: db.pool,
-        store,
-        admin,
-        token_file,
-        _dir: dir,
-    }
-}
-
 impl App {
-    async fn call(
-        &self,
-        method: Method,
-        path: &str,
-        token: Option<&str>,
-        body: Option<Value>,
-    ) -> Answer {
-        let mut request = self.client.request(method, format!("{}{path}", self.base));
-        if let Some(token) = token {
-            request = request.bearer_auth(token);
-        }
-        if let Some(body) = body {
-            request = request.json(&body);
-        }
-        self.send(request).await
-    }
-
-    async fn send(&self, request: reqwest::RequestBuilder) -> Answer {
-        let response = request.send().await.expect("the request is answered");
-        let status = response.status();
-        let headers = response.headers().clone();
-        let text = response.text().await.expect("a body");
-        let plain = headers
-            .get(reqwest::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.starts_with("text/plain"));
-        let body = if text.is_empty() {
-            Value::Null
-        } else if plain {
-            Value::String(text)
-        } else {
-            serde_json::from_str(&text).unwrap_or_else(|_| panic!("{status}: not JSON: {text:?}"))
-        };
-        Answer {
-            status,
-            headers,
-            body,
-        }
-    }
-
-    async fn get(&self, path: &str, token: &str) -> Answer {
-        self.call(Method::GET, path, Some(token), None).await
-    }
-
-    async fn post(&self, path: &str, token: &str, body: Value) -> Answer {
-        self.call(Method::POST, path, Some(token), Some(body)).await
-    }
-
-    async fn put(&self, path: &str, token: &str, body: Value) -> Answer {
-        self.call(Method::PUT, path, Some(token), Some(body)).await
-    }
-
-    async fn post_empty(&self, path: &str, token: &str) -> Answer {
-        self.call(Method::POST, path, Some(token), None).await
-    }
-
-    async fn events(&self) -> i64 {
-        sqlx::query_scalar("SELECT count(*) FROM events")
-            .fetch_one(&self.pool)
-            .await
-            .expect("count events")
-    }
-
-    /// Waits until every committed event is visible to outbox readers:
-    /// readers see nothing newer than the oldest transaction still open on
-    /// the server, and other tests share the server.
-    async fn settle(&self) {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        let target = store::outbox::committed_head(&self.pool)
-            .await
-            .expect("committed head");
-        while store::outbox::head(&self.pool).await.expect("head") < target {
-            assert!(std::time::Instant::now() < deadline, "events stayed hidden");
-            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-        }
-    }
-
-    /// Lets the read models catch up with everything committed so far.
-    async fn catch_up(&self) {
-        projections::Projector::new(self.pool.clone())
-            .catch_up()
-            .await
-            .expect("projections catch up");
-    }
-
-    /// Creates user `name` and returns a token for them.
-    async fn user(&self, name: &str) -> String {
-        self.post("/api/v1/users", &self.admin, json!({ "name": name }))
-            .await
-            .expect(201);
-        let issued = self
-            .post(
-                &format!("/api/v1/users/{name}/tokens"),
-                &self.admin,
-                json!({"label": "test"}),
-            )
-            .await;
-        issued.expect(201)["token"]
-            .as_str()
-            .expect("a token")
-            .to_string()
-    }
-
-    /// Creates project `name` as the holder of `token` and returns its id.
+    /// Creates project `name` as the holder of `token`; its id.
     async fn project(&self, token: &str, name: &str) -> String {
-        let answer = self
-            .post(
-                "/api/v1/projects",
-                token,
-                json!({ "name": name, "description": "for tests" }),
-            )
-            .await;
-        answer.expect(201)["id"]
-            .as_str()
-            .expect("an id")
-            .to_string()
+        self.project_as(token, name).await
     }
 
-    async fn add_member(&self, project: &str, user: &str, role: &str) {
-        self.post(
-            &format!("/api/v1/projects/{project}/members"),
-            &self.admin,
-            json!({ "user": user, "role": role }),
-        )
-        .await
-        .expect(200);
-    }
-
+    /// Submits this file's usual task to `project` as the holder of
+    /// `token`; its id.
     async fn submit(&self, token: &str, project: &str) -> String {
-        let answer = self.post("/api/v1/tasks", token, task_body(project)).await;
-        answer.expect(201)["id"]
-            .as_str()
-            .expect("an id")
-            .to_string()
+        self.submit_as(token, task_body(project)).await
     }
 }
 
@@ -721,7 +502,7 @@ fn uuid_v4() -> String {
 
 #[tokio::test]
 async fn file_urls_are_accepted_only_where_the_server_allows_them() {
-    let app = start_with(Config {
+    let app = App::start(Config {
         url_policy: domain::spec::UrlPolicy { allow_file: true },
         users_create_projects: true,
         ..Config::default()
@@ -2007,7 +1788,7 @@ async fn host_ssh_answers_with_the_nodes_result_and_records_when_none_comes() {
 
 #[tokio::test]
 async fn only_admins_create_projects_unless_the_server_lets_every_user() {
-    let app = start_with(Config::default()).await;
+    let app = App::start(Config::default()).await;
     let ivy = app.user("ivy").await;
     let before = app.events().await;
     let refused = app

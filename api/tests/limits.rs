@@ -9,204 +9,35 @@
 )]
 
 use std::collections::BTreeSet;
-use std::net::SocketAddr;
 use std::num::NonZeroU32;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use api::{AppState, Config, RateLimit};
+use api::{Config, RateLimit};
 use chrono::Utc;
 use domain::task::{Task, TaskCommand};
 use domain::Actor;
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
-use sqlx::PgPool;
 use store::Store;
 use uuid::Uuid;
 
-const SHA: &str = "0123456789abcdef0123456789abcdef01234567";
+mod support;
 
-/// A running API on its own database.
-struct App {
-    base: String,
-    client: reqwest::Client,
-    pool: PgPool,
-    store: Store,
-    state: AppState,
-    admin: String,
-    _dir: tempfile::TempDir,
-}
-
-/// What one call answered.
-#[derive(Debug)]
-struct Answer {
-    status: StatusCode,
-    headers: reqwest::header::HeaderMap,
-    body: Value,
-}
-
-impl Answer {
-    #[track_caller]
-    fn expect(&self, status: u16) -> &Value {
-        assert_eq!(self.status.as_u16(), status, "{:?}", self.body);
-        &self.body
-    }
-
-    #[track_caller]
-    fn expect_error(&self, status: u16, field: &str) {
-        self.expect(status);
-        assert!(
-            self.body["errors"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .any(|e| e["field"] == field),
-            "expected field {field:?} in {:?}",
-            self.body
-        );
-    }
-
-    fn detail(&self) -> String {
-        self.body["errors"][0]["detail"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string()
-    }
-
-    fn retry_after(&self) -> u64 {
-        self.headers["retry-after"]
-            .to_str()
-            .unwrap()
-            .parse()
-            .unwrap()
-    }
-}
+use support::{minimal_task as task_body, Answer, App};
 
 async fn start() -> App {
-    start_with(Config::default()).await
-}
-
-/// Serves the API on `config` over a fresh database, with connection
-/// information as `unidesk serve` has it.
-async fn start_with(config: Config) -> App {
-    let db = testkit::fresh_db().await;
-    start_on(db.pool, config).await
-}
-
-async fn start_on(pool: PgPool, config: Config) -> App {
-    let store = Store::new(pool.clone());
-    let dir = tempfile::tempdir().unwrap();
-    let admin = api::bootstrap_admin(&store, &dir.path().join("admin.token"))
-        .await
-        .unwrap();
-    let state = AppState::new(store.clone(), config);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let app = api::router(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    App {
-        base: format!("http://{addr}"),
-        client: reqwest::Client::new(),
-        pool,
-        store,
-        state,
-        admin,
-        _dir: dir,
-    }
+    App::start(Config::default()).await
 }
 
 impl App {
-    async fn call(
-        &self,
-        method: Method,
-        path: &str,
-        token: Option<&str>,
-        body: Option<Value>,
-    ) -> Answer {
-        let mut request = self.client.request(method, format!("{}{path}", self.base));
-        if let Some(token) = token {
-            request = request.bearer_auth(token);
-        }
-        if let Some(body) = body {
-            request = request.json(&body);
-        }
-        let response = request.send().await.unwrap();
-        let status = response.status();
-        let headers = response.headers().clone();
-        let text = response.text().await.unwrap();
-        let body = if text.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_str(&text).unwrap_or(Value::String(text))
-        };
-        Answer {
-            status,
-            headers,
-            body,
-        }
-    }
-
-    async fn get(&self, path: &str, token: &str) -> Answer {
-        self.call(Method::GET, path, Some(token), None).await
-    }
-
-    async fn post(&self, path: &str, token: &str, body: Value) -> Answer {
-        self.call(Method::POST, path, Some(token), Some(body)).await
-    }
-
-    async fn delete(&self, path: &str, token: &str) -> Answer {
-        self.call(Method::DELETE, path, Some(token), None).await
-    }
-
-    async fn events(&self) -> i64 {
-        sqlx::query_scalar("SELECT count(*) FROM events")
-            .fetch_one(&self.pool)
-            .await
-            .unwrap()
-    }
-
-    async fn catch_up(&self) {
-        projections::Projector::new(self.pool.clone())
-            .catch_up()
-            .await
-            .unwrap();
-    }
-
-    /// Creates user `name` and returns a token for them.
-    async fn user(&self, name: &str) -> String {
-        self.post("/api/v1/users", &self.admin, json!({ "name": name }))
-            .await
-            .expect(201);
-        self.token(name, json!({})).await.0
-    }
-
-    /// Issues a token for `name` as the admin: (token, id).
-    async fn token(&self, name: &str, body: Value) -> (String, String) {
-        let issued = self
-            .post(&format!("/api/v1/users/{name}/tokens"), &self.admin, body)
-            .await;
-        let body = issued.expect(201);
-        (
-            body["token"].as_str().unwrap().to_string(),
-            body["token_id"].as_str().unwrap().to_string(),
-        )
-    }
-
+    /// Creates project `name` as the admin; its id.
     async fn project(&self, name: &str) -> String {
-        self.post("/api/v1/projects", &self.admin, json!({ "name": name }))
-            .await
-            .expect(201)["id"]
-            .as_str()
-            .unwrap()
-            .to_string()
+        self.project_as(&self.admin, name).await
     }
 
+    /// Submits the smallest task to `project` as the admin; its id.
     async fn submit(&self, project: &str) -> String {
-        self.post("/api/v1/tasks", &self.admin, task_body(project))
-            .await
-            .expect(201)["id"]
-            .as_str()
-            .unwrap()
-            .to_string()
+        self.submit_as(&self.admin, task_body(project)).await
     }
 
     /// Every page of `path` (which has no query yet) with `limit`, by
@@ -233,17 +64,6 @@ impl App {
     }
 }
 
-fn task_body(project: &str) -> Value {
-    json!({
-        "project_id": project,
-        "code_repo_url": "https://git.example.com/lab/code.git",
-        "code_commit_id": SHA,
-        "env_repo_url": "https://git.example.com/lab/env.git",
-        "env_commit_id": SHA,
-        "dockerfile_path": "Dockerfile",
-    })
-}
-
 fn field(items: &[Vec<Value>], name: &str) -> Vec<String> {
     items
         .iter()
@@ -253,19 +73,6 @@ fn field(items: &[Vec<Value>], name: &str) -> Vec<String> {
             other => other.to_string(),
         })
         .collect()
-}
-
-/// Waits until `check` holds, failing after `within`.
-async fn eventually<F, Fut>(what: &str, within: Duration, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + within;
-    while !check().await {
-        assert!(Instant::now() < deadline, "{what} did not happen in time");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// A token with `user` and `id` and a well-formed secret.
@@ -298,8 +105,9 @@ async fn a_bad_token_is_refused_without_loading_any_aggregate() {
     .await
     .unwrap();
     let node_token = store::tokens::issue_node(node.id.unwrap()).token;
-    eventually("the token expiring", Duration::from_secs(10), || async {
-        app.get("/api/v1/projects", &expiring).await.status == StatusCode::UNAUTHORIZED
+    testkit::eventually("the token expiring", Duration::from_secs(10), || async {
+        (app.get("/api/v1/projects", &expiring).await.status == StatusCode::UNAUTHORIZED)
+            .then_some(())
     })
     .await;
 
@@ -362,13 +170,13 @@ async fn a_bad_token_is_refused_without_loading_any_aggregate() {
 #[tokio::test]
 async fn a_new_token_works_on_another_replica_at_once_and_a_revoked_one_stops_there_at_once() {
     let db = testkit::fresh_db().await;
-    let one = start_on(db.pool.clone(), Config::default()).await;
+    let one = App::start_on(db.pool.clone(), Config::default(), None).await;
     let other_pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(4)
         .connect(&db.url)
         .await
         .unwrap();
-    let two = start_on(other_pool, Config::default()).await;
+    let two = App::start_on(other_pool, Config::default(), None).await;
     one.user("fay").await;
     for _ in 0..5 {
         let (token, id) = one.token("fay", json!({})).await;
@@ -449,7 +257,7 @@ async fn the_migration_finds_the_users_and_tokens_of_an_older_log() {
     .await;
 
     store::migrate(&db.pool).await.unwrap();
-    let app = start_on(db.pool.clone(), Config::default()).await;
+    let app = App::start_on(db.pool.clone(), Config::default(), None).await;
     app.get("/api/v1/projects", &ivy.token).await.expect(200);
     let me = app.get("/api/v1/users/ivy", &ivy.token).await;
     assert_eq!(me.expect(200)["admin"], false);
@@ -533,7 +341,7 @@ async fn tokens_expire_when_asked_and_bad_expiries_are_refused_with_their_field(
 
 #[tokio::test]
 async fn a_user_holds_a_bounded_number_of_live_tokens_even_when_asking_all_at_once() {
-    let app = start_with(Config {
+    let app = App::start(Config {
         max_tokens_per_user: 3,
         ..Config::default()
     })
@@ -593,7 +401,7 @@ async fn open(app: &App, path: &str, token: &str) -> reqwest::Response {
 
 #[tokio::test]
 async fn a_user_opens_a_bounded_number_of_live_streams_and_a_closed_one_frees_its_slot() {
-    let app = start_with(Config {
+    let app = App::start(Config {
         max_streams_per_user: 3,
         ..Config::default()
     })
@@ -642,10 +450,10 @@ async fn a_user_opens_a_bounded_number_of_live_streams_and_a_closed_one_frees_it
 
     // Closing one gives its slot back as soon as the server sees it.
     drop(streams.remove(1));
-    eventually(
+    testkit::eventually(
         "the closed stream's slot coming back",
         Duration::from_secs(10),
-        || async { app.state.stream_slots().open("ann") == 2 },
+        || async { (app.state.stream_slots().open("ann") == 2).then_some(()) },
     )
     .await;
     let again = open(&app, &logs, &ann).await;
@@ -661,10 +469,10 @@ async fn a_user_opens_a_bounded_number_of_live_streams_and_a_closed_one_frees_it
     drop(streams);
     drop(again);
     drop(other);
-    eventually(
+    testkit::eventually(
         "every slot coming back",
         Duration::from_secs(10),
-        || async { app.state.stream_slots().total() == 0 },
+        || async { (app.state.stream_slots().total() == 0).then_some(()) },
     )
     .await;
 }
@@ -914,7 +722,7 @@ fn limited(per_s: u32, burst: u32) -> Config {
 
 #[tokio::test]
 async fn a_burst_past_the_rate_limit_waits_as_long_as_retry_after_says_and_no_longer() {
-    let app = start_with(limited(1, 5)).await;
+    let app = App::start(limited(1, 5)).await;
     let mia = app.user("mia").await;
     let (ned, ned_id) = app.token("admin", json!({})).await;
 

@@ -31,18 +31,19 @@ use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use api::{AppState, Config};
+use api::Config;
 use chrono::Utc;
 use domain::task::{Task, TaskCommand};
 use domain::Actor;
-use objects::embedded::{fresh_credentials, Embedded};
 use objects::ObjectStore;
 use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
 use store::Store;
 use uuid::Uuid;
 
-const SHA: &str = "0123456789abcdef0123456789abcdef01234567";
+mod support;
+
+use support::{minimal_task as task_body, put, sha, App, Objects, SHA};
+
 /// The part size of uploads: every object here fits in one PUT.
 const PART: u64 = 5 * 1024 * 1024;
 
@@ -272,18 +273,6 @@ fn task_with_files(project: &str, input: &str) -> Value {
     })
 }
 
-/// The smallest valid task of `project`.
-fn task_body(project: &str) -> Value {
-    json!({
-        "project_id": project,
-        "code_repo_url": "https://git.example.com/lab/code.git",
-        "code_commit_id": SHA,
-        "env_repo_url": "https://git.example.com/lab/env.git",
-        "env_commit_id": SHA,
-        "dockerfile_path": "Dockerfile",
-    })
-}
-
 /// `token` with its secret replaced by a well-formed made-up one.
 fn forged(token: &str) -> String {
     let (known, secret) = token.rsplit_once('~').unwrap();
@@ -291,59 +280,19 @@ fn forged(token: &str) -> String {
     format!("{known}~{}", made_up.repeat(secret.len()))
 }
 
-fn sha(data: &[u8]) -> String {
-    hex::encode(Sha256::digest(data))
-}
-
-async fn put(url: &str, headers: &Value, body: Vec<u8>) -> reqwest::Response {
-    let mut req = reqwest::Client::new().put(url).body(body);
-    if let Some(h) = headers.as_object() {
-        for (k, v) in h {
-            req = req.header(k, v.as_str().unwrap());
-        }
-    }
-    req.send().await.unwrap()
-}
-
 /// The server alone, with an admin and the embedded object store; rate
 /// limits off, as one token makes hundreds of calls here.
-async fn serve() -> (
-    String,
-    Store,
-    sqlx::PgPool,
-    ObjectStore,
-    String,
-    tempfile::TempDir,
-) {
+async fn serve() -> App {
     let db = testkit::fresh_db().await;
-    let store = Store::new(db.pool.clone());
-    let dir = tempfile::tempdir().unwrap();
-    let admin = api::bootstrap_admin(&store, &dir.path().join("admin.token"))
-        .await
-        .unwrap();
-    let (access, secret) = fresh_credentials();
-    let embedded = Embedded::new(&dir.path().join("objects"), "unidesk", &access, secret).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let endpoint = format!("http://{}", listener.local_addr().unwrap());
-    let objects =
-        ObjectStore::new(&embedded.client_config(&endpoint, Duration::from_secs(60))).unwrap();
-    tokio::spawn(embedded.run(listener, std::future::pending()));
     let config = Config {
         rate_limit: None,
         ..Config::default()
     };
-    let state = AppState::new(store.clone(), config).with_objects(Some(objects.clone()), PART);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, api::router(state)).await });
-    (base, store, db.pool, objects, admin, dir)
-}
-
-fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .unwrap()
+    let objects = Objects {
+        ttl: Duration::from_secs(60),
+        part: PART,
+    };
+    App::start_on(db.pool, config, Some(objects)).await
 }
 
 /// Sends `method path` with `token` and `body`. A stream is read up to its
@@ -599,13 +548,22 @@ impl World {
     /// Projects P and Q, their users, tasks, artifacts and objects, a node
     /// and every caller's token.
     async fn build() -> Self {
-        let (base, store, pool, objects, admin, dir) = serve().await;
-        let mut world = World {
+        let App {
             base,
-            client: client(),
+            client,
             store,
             pool,
             objects,
+            admin,
+            dir,
+            ..
+        } = serve().await;
+        let mut world = World {
+            base,
+            client,
+            store,
+            pool,
+            objects: objects.expect("the embedded object store"),
             admin,
             tokens: Vec::new(),
             p: String::new(),
@@ -905,8 +863,16 @@ fn documented(doc: &Value) -> BTreeSet<(String, String)> {
 
 #[tokio::test]
 async fn the_table_names_exactly_the_routes_the_server_serves() {
-    let (base, _store, _pool, _objects, _admin, _dir) = serve().await;
-    let reply = send(&client(), &base, "get", "/api/v1/openapi.json", None, None).await;
+    let app = serve().await;
+    let reply = send(
+        &app.client,
+        &app.base,
+        "get",
+        "/api/v1/openapi.json",
+        None,
+        None,
+    )
+    .await;
     assert_eq!(reply.status, 200);
     let documented = documented(&reply.json());
     assert!(documented.len() > 30, "{documented:?}");

@@ -9,119 +9,57 @@
     reason = "a test fails loudly at the first surprise"
 )]
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
-use api::{AppState, Config};
+use api::Config;
 use chrono::Utc;
 use domain::task::{Task, TaskCommand};
 use domain::Actor;
-use objects::embedded::{fresh_credentials, Embedded};
 use objects::uploads::Sweeper;
-use objects::ObjectStore;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
-use store::Store;
 use uuid::Uuid;
 
-const SHA: &str = "0123456789abcdef0123456789abcdef01234567";
 const PART: u64 = 5 * 1024 * 1024;
 /// How long the test store's URLs live.
 const TTL: Duration = Duration::from_secs(60);
 
-struct App {
-    base: String,
-    client: reqwest::Client,
-    store: Store,
-    pool: sqlx::PgPool,
-    objects: Option<ObjectStore>,
-    /// Where the embedded store keeps its files (pending uploads too).
-    objects_root: PathBuf,
-    admin: String,
-    _dirs: Vec<tempfile::TempDir>,
-}
+mod support;
+
+use support::{put, sha, App, Objects, SHA};
 
 async fn start(with_store: bool) -> App {
     let db = testkit::fresh_db().await;
-    let store = Store::new(db.pool.clone());
-    let dir = tempfile::tempdir().unwrap();
-    let admin = api::bootstrap_admin(&store, &dir.path().join("admin.token"))
-        .await
-        .unwrap();
-    let objects_root = dir.path().join("objects");
-    let objects = if with_store {
-        let (access, secret) = fresh_credentials();
-        let embedded = Embedded::new(&objects_root, "unidesk", &access, secret).unwrap();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let endpoint = format!("http://{}", listener.local_addr().unwrap());
-        let objects = ObjectStore::new(&embedded.client_config(&endpoint, TTL)).unwrap();
-        tokio::spawn(embedded.run(listener, std::future::pending()));
-        Some(objects)
-    } else {
-        None
-    };
-    let state = AppState::new(store.clone(), Config::default()).with_objects(objects.clone(), PART);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, api::router(state)).await });
-    App {
-        base,
-        client: reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .unwrap(),
-        store,
-        pool: db.pool,
-        objects,
-        objects_root,
-        admin,
-        _dirs: vec![dir],
-    }
+    let objects = with_store.then_some(Objects {
+        ttl: TTL,
+        part: PART,
+    });
+    App::start_on(db.pool, Config::default(), objects).await
 }
 
 impl App {
-    async fn call(
+    /// `method /api/v1{path}` with `token` and `body`: status and JSON.
+    async fn call_v1(
         &self,
         method: &str,
         path: &str,
         token: &str,
         body: Option<Value>,
     ) -> (StatusCode, Value) {
-        let url = format!("{}/api/v1{path}", self.base);
-        let mut req = self
-            .client
-            .request(method.parse().unwrap(), url)
-            .bearer_auth(token);
-        if let Some(body) = body {
-            req = req.json(&body);
-        }
-        let r = req.send().await.unwrap();
-        let status = r.status();
-        let text = r.text().await.unwrap();
-        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+        let method = method.parse().expect("a method");
+        self.call(method, &format!("/api/v1{path}"), Some(token), body)
+            .await
+            .pair()
     }
 
-    async fn post(&self, path: &str, token: &str, body: Value) -> (StatusCode, Value) {
-        self.call("POST", path, token, Some(body)).await
-    }
-
-    async fn user(&self, name: &str) -> String {
-        self.post("/users", &self.admin, json!({ "name": name }))
-            .await;
-        let (_, t) = self
-            .post(
-                &format!("/users/{name}/tokens"),
-                &self.admin,
-                json!({"label": "t"}),
-            )
-            .await;
-        t["token"].as_str().unwrap().to_string()
+    async fn post_v1(&self, path: &str, token: &str, body: Value) -> (StatusCode, Value) {
+        self.call_v1("POST", path, token, Some(body)).await
     }
 
     async fn project(&self, members: &[(&str, &str)]) -> String {
         let (s, p) = self
-            .post(
+            .post_v1(
                 "/projects",
                 &self.admin,
                 json!({"name": format!("p{}", Uuid::new_v4().simple())}),
@@ -131,7 +69,7 @@ impl App {
         let id = p["id"].as_str().unwrap().to_string();
         for (user, role) in members {
             let (s, b) = self
-                .post(
+                .post_v1(
                     &format!("/projects/{id}/members"),
                     &self.admin,
                     json!({"user": user, "role": role}),
@@ -153,7 +91,7 @@ impl App {
         sha256: &str,
     ) -> Value {
         let (s, up) = self
-            .post(
+            .post_v1(
                 &format!("/projects/{project}/objects"),
                 token,
                 json!({"name": name, "size": size, "sha256": sha256}),
@@ -164,7 +102,7 @@ impl App {
     }
 
     async fn complete(&self, project: &str, token: &str, body: Value) -> (StatusCode, Value) {
-        self.post(
+        self.post_v1(
             &format!("/projects/{project}/objects/complete"),
             token,
             body,
@@ -257,20 +195,6 @@ fn task_with_input(project: &str, object: &str) -> Value {
     t
 }
 
-fn sha(data: &[u8]) -> String {
-    hex::encode(Sha256::digest(data))
-}
-
-async fn put(url: &str, headers: &Value, body: Vec<u8>) -> reqwest::Response {
-    let mut req = reqwest::Client::new().put(url).body(body);
-    if let Some(h) = headers.as_object() {
-        for (k, v) in h {
-            req = req.header(k, v.as_str().unwrap());
-        }
-    }
-    req.send().await.unwrap()
-}
-
 fn task_body(project: &str) -> Value {
     json!({
         "project_id": project,
@@ -291,7 +215,7 @@ async fn a_single_put_is_checked_by_the_store_and_usable_only_once_completed() {
     let project = app.project(&[("alice", "member")]).await;
     let data = b"pixels".repeat(1000);
     let (s, up) = app
-        .post(
+        .post_v1(
             &format!("/projects/{project}/objects"),
             &alice,
             json!({"name": "./datasets//a.bin", "size": data.len(), "sha256": sha(&data)}),
@@ -324,7 +248,7 @@ async fn a_single_put_is_checked_by_the_store_and_usable_only_once_completed() {
     );
     // Stored but not completed: no task may use it yet.
     let task = task_with_input(&project, "datasets/a.bin");
-    let (s, e) = app.post("/tasks", &alice, task.clone()).await;
+    let (s, e) = app.post_v1("/tasks", &alice, task.clone()).await;
     assert_eq!(s, 409, "{e}");
     assert_eq!(e["errors"][0]["field"], "inputs[0].object");
     assert!(
@@ -344,7 +268,7 @@ async fn a_single_put_is_checked_by_the_store_and_usable_only_once_completed() {
     // A completion sent again (its answer lost) gets the same answer.
     let (s, again) = app.complete(&project, &alice, complete).await;
     assert_eq!((s, &again), (StatusCode::OK, &stored));
-    let (s, t) = app.post("/tasks", &alice, task).await;
+    let (s, t) = app.post_v1("/tasks", &alice, task).await;
     assert_eq!(s, 201, "{t}");
 }
 
@@ -355,7 +279,7 @@ async fn a_file_larger_than_a_part_goes_up_in_parts_and_is_checked_when_complete
     let project = app.project(&[("alice", "member")]).await;
     let data: Vec<u8> = (0..(2 * PART + 12345)).map(|i| (i % 241) as u8).collect();
     let (s, up) = app
-        .post(
+        .post_v1(
             &format!("/projects/{project}/objects"),
             &alice,
             json!({"name": "big.bin", "size": data.len(), "sha256": sha(&data)}),
@@ -376,7 +300,7 @@ async fn a_file_larger_than_a_part_goes_up_in_parts_and_is_checked_when_complete
     let complete =
         json!({"name": "big.bin", "upload_id": up["upload_id"], "size": data.len(), "parts": done});
     let (s, stored) = app
-        .post(
+        .post_v1(
             &format!("/projects/{project}/objects/complete"),
             &alice,
             complete,
@@ -387,7 +311,7 @@ async fn a_file_larger_than_a_part_goes_up_in_parts_and_is_checked_when_complete
     assert_eq!(stored["sha256"], sha(&data));
 
     let (s, refused) = app
-        .post(
+        .post_v1(
             &format!("/projects/{project}/objects/complete"),
             &alice,
             json!({"name": "big.bin", "upload_id": "x", "size": -1, "parts": [{"part_number": 0, "etag": "e"}]}),
@@ -414,7 +338,7 @@ async fn bad_uploads_name_each_field_and_strangers_see_nothing() {
         .await;
     let path = format!("/projects/{project}/objects");
     let (s, e) = app
-        .post(
+        .post_v1(
             &path,
             &alice,
             json!({"name": "../x", "size": -3, "sha256": "abc"}),
@@ -423,10 +347,10 @@ async fn bad_uploads_name_each_field_and_strangers_see_nothing() {
     assert_eq!(s, 422);
     assert_eq!(e["errors"].as_array().unwrap().len(), 3, "{e}");
     let body = json!({"name": "a", "size": 1, "sha256": sha(b"a")});
-    assert_eq!(app.post(&path, &viewer, body.clone()).await.0, 403);
-    assert_eq!(app.post(&path, &stranger, body).await.0, 404);
+    assert_eq!(app.post_v1(&path, &viewer, body.clone()).await.0, 403);
+    assert_eq!(app.post_v1(&path, &stranger, body).await.0, 404);
     let (s, _) = app
-        .call(
+        .call_v1(
             "GET",
             &format!("/artifacts/{}/download", Uuid::new_v4()),
             &alice,
@@ -440,13 +364,13 @@ async fn bad_uploads_name_each_field_and_strangers_see_nothing() {
 async fn tasks_name_valid_inputs_and_outputs_and_need_a_store_for_them() {
     let app = start(false).await;
     let project = app.project(&[]).await;
-    let (s, e) = app.post("/tasks", &app.admin, task_body(&project)).await;
+    let (s, e) = app.post_v1("/tasks", &app.admin, task_body(&project)).await;
     assert_eq!(s, 422, "{e}");
     assert_eq!(e["errors"][0]["field"], "inputs");
     assert_eq!(e["errors"][1]["field"], "outputs");
     let upload = json!({"name": "a", "size": 1, "sha256": sha(b"a")});
     let (s, _) = app
-        .post(&format!("/projects/{project}/objects"), &app.admin, upload)
+        .post_v1(&format!("/projects/{project}/objects"), &app.admin, upload)
         .await;
     assert_eq!(s, 409);
 
@@ -454,16 +378,16 @@ async fn tasks_name_valid_inputs_and_outputs_and_need_a_store_for_them() {
     let project = app.project(&[]).await;
     let mut bad = task_body(&project);
     bad["outputs"][0]["path"] = json!("../../etc/passwd");
-    let (s, e) = app.post("/tasks", &app.admin, bad).await;
+    let (s, e) = app.post_v1("/tasks", &app.admin, bad).await;
     assert_eq!(s, 422);
     assert_eq!(e["errors"][0]["field"], "outputs[0].path");
     // An input must be a verified object of the project.
-    let (s, e) = app.post("/tasks", &app.admin, task_body(&project)).await;
+    let (s, e) = app.post_v1("/tasks", &app.admin, task_body(&project)).await;
     assert_eq!(s, 409, "{e}");
     assert_eq!(e["errors"][0]["field"], "inputs[0].object", "{e}");
     app.upload(&project, &app.admin, "datasets/train.tar", b"tar")
         .await;
-    let (s, t) = app.post("/tasks", &app.admin, task_body(&project)).await;
+    let (s, t) = app.post_v1("/tasks", &app.admin, task_body(&project)).await;
     assert_eq!(s, 201, "{t}");
     assert_eq!(t["spec"]["inputs"][0]["object"], "datasets/train.tar");
     assert_eq!(t["spec"]["outputs"][0]["path"], "out/model.bin");
@@ -477,7 +401,7 @@ async fn a_recorded_output_is_listed_and_downloaded_by_members_only() {
     let project = app.project(&[("alice", "viewer")]).await;
     app.upload(&project, &app.admin, "datasets/train.tar", b"tar")
         .await;
-    let (s, t) = app.post("/tasks", &app.admin, task_body(&project)).await;
+    let (s, t) = app.post_v1("/tasks", &app.admin, task_body(&project)).await;
     assert_eq!(s, 201);
     let task_id: Uuid = t["id"].as_str().unwrap().parse().unwrap();
     let node = Uuid::new_v4();
@@ -528,7 +452,7 @@ async fn a_recorded_output_is_listed_and_downloaded_by_members_only() {
         .unwrap();
 
     let (s, list) = app
-        .call("GET", &format!("/tasks/{task_id}/artifacts"), &alice, None)
+        .call_v1("GET", &format!("/tasks/{task_id}/artifacts"), &alice, None)
         .await;
     assert_eq!(s, 200, "{list}");
     let item = &list["items"][0];
@@ -559,9 +483,9 @@ async fn a_recorded_output_is_listed_and_downloaded_by_members_only() {
         .unwrap();
     assert_eq!(body.as_ref(), data.as_slice());
 
-    assert_eq!(app.call("GET", download, &stranger, None).await.0, 404);
+    assert_eq!(app.call_v1("GET", download, &stranger, None).await.0, 404);
     let (s, _) = app
-        .call(
+        .call_v1(
             "GET",
             &format!("/tasks/{task_id}/artifacts"),
             &stranger,
@@ -591,7 +515,7 @@ async fn a_multipart_upload_of_other_bytes_than_declared_is_deleted_and_refused_
     // usable either.
     app.upload(&project, &alice, "model.bin", &declared).await;
     let (s, _) = app
-        .post("/tasks", &alice, task_with_input(&project, "model.bin"))
+        .post_v1("/tasks", &alice, task_with_input(&project, "model.bin"))
         .await;
     assert_eq!(s, 201);
 
@@ -634,7 +558,7 @@ async fn a_multipart_upload_of_other_bytes_than_declared_is_deleted_and_refused_
     assert_eq!(app.upload_state(upload_id).await.0, "rejected");
 
     let answer = app
-        .post("/tasks", &alice, task_with_input(&project, "model.bin"))
+        .post_v1("/tasks", &alice, task_with_input(&project, "model.bin"))
         .await;
     let (status, field, _) = refusal(&answer);
     assert_eq!((status, field.as_str()), (409, "inputs[0].object"));
@@ -701,7 +625,7 @@ async fn an_upload_of_fewer_bytes_than_declared_is_deleted_and_refused() {
     );
     assert_eq!(app.head(&project, "small.txt").await, None);
     let answer = app
-        .post("/tasks", &alice, task_with_input(&project, "small.txt"))
+        .post_v1("/tasks", &alice, task_with_input(&project, "small.txt"))
         .await;
     assert_eq!(refusal(&answer).0, 409);
 
@@ -892,7 +816,7 @@ async fn an_archived_project_takes_no_uploads_and_completes_none() {
     let r = put(up["url"].as_str().unwrap(), &up["headers"], data.clone()).await;
     assert!(r.status().is_success());
     let (s, p) = app
-        .post(
+        .post_v1(
             &format!("/projects/{project}/archive"),
             &app.admin,
             json!({}),
@@ -905,7 +829,7 @@ async fn an_archived_project_takes_no_uploads_and_completes_none() {
     assert_eq!(status, 409);
     assert!(detail.contains("the project is archived"), "{detail}");
     let (status, _, detail) = refusal(
-        &app.post(
+        &app.post_v1(
             &format!("/projects/{project}/objects"),
             &alice,
             json!({"name": "new.txt", "size": 1, "sha256": sha(b"x")}),
@@ -944,7 +868,7 @@ async fn an_object_stored_before_uploads_were_verified_is_usable_only_once_a_com
         .is_success());
     let task = task_with_input(&project, "old.txt");
     assert_eq!(
-        refusal(&app.post("/tasks", &app.admin, task.clone()).await).0,
+        refusal(&app.post_v1("/tasks", &app.admin, task.clone()).await).0,
         409
     );
     // An upload declaring the same, completed without sending anything:
@@ -955,7 +879,7 @@ async fn an_object_stored_before_uploads_were_verified_is_usable_only_once_a_com
     let complete = json!({"name": "old.txt", "upload_id": up["upload_id"]});
     let (s, stored) = app.complete(&project, &app.admin, complete).await;
     assert_eq!(s, 200, "{stored}");
-    let (s, t) = app.post("/tasks", &app.admin, task).await;
+    let (s, t) = app.post_v1("/tasks", &app.admin, task).await;
     assert_eq!(s, 201, "{t}");
 
     // As multipart uploads left objects before: declaring a SHA-256 their

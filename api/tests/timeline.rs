@@ -5,106 +5,54 @@
 
 use std::time::Duration;
 
-use api::{AppState, Config};
+use api::Config;
 use chrono::Utc;
 use domain::node::{HostSshOutcome, Node, NodeCommand, NodeResources};
 use domain::task::{Task, TaskCommand};
 use domain::Actor;
-use reqwest::StatusCode;
 use serde_json::{json, Value};
-use sqlx::PgPool;
-use store::Store;
 use uuid::Uuid;
-
-const SHA: &str = "0123456789abcdef0123456789abcdef01234567";
 
 /// How long a test waits for something that should happen.
 const PATIENCE: Duration = Duration::from_secs(10);
 
-struct App {
-    base: String,
-    client: reqwest::Client,
-    pool: PgPool,
-    store: Store,
-    admin: String,
-    _dir: tempfile::TempDir,
-}
+mod support;
+
+use support::{minimal_task, App};
 
 async fn start() -> App {
-    let db = testkit::fresh_db().await;
-    let store = Store::new(db.pool.clone());
-    let dir = tempfile::tempdir().expect("a temporary directory");
-    let admin = api::bootstrap_admin(&store, &dir.path().join("admin.token"))
-        .await
-        .expect("bootstrap admin");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind port 0");
-    let addr = listener.local_addr().expect("local address");
-    let app = api::router(AppState::new(store.clone(), Config::default()));
-    tokio::spawn(async move { axum::serve(listener, app).await.expect("serve") });
-    App {
-        base: format!("http://{addr}"),
-        client: reqwest::Client::new(),
-        pool: db.pool,
-        store,
-        admin,
-        _dir: dir,
-    }
+    App::start(Config::default()).await
 }
 
 impl App {
-    async fn get(&self, path: &str, token: &str) -> (StatusCode, Value) {
-        let r = self
-            .client
-            .get(format!("{}/api/v1{path}", self.base))
-            .bearer_auth(token)
-            .send()
-            .await
-            .expect("answered");
-        let status = r.status();
-        (status, r.json().await.expect("JSON"))
-    }
-
+    /// The answer to `GET /api/v1{path}`, which must be 200.
     async fn ok(&self, path: &str, token: &str) -> Value {
-        let (status, body) = self.get(path, token).await;
-        assert_eq!(status, 200, "GET {path}: {body}");
-        body
-    }
-
-    async fn post(&self, path: &str, token: &str, body: Value) -> Value {
-        let r = self
-            .client
-            .post(format!("{}/api/v1{path}", self.base))
-            .bearer_auth(token)
-            .json(&body)
-            .send()
+        self.get(&format!("/api/v1{path}"), token)
             .await
-            .expect("answered");
-        let status = r.status();
-        let body: Value = r.json().await.expect("JSON");
-        assert!(status.is_success(), "POST {path}: {status} {body}");
-        body
+            .expect(200)
+            .clone()
     }
 
-    async fn user(&self, name: &str) -> String {
-        self.post("/users", &self.admin, json!({ "name": name }))
-            .await;
-        self.post(&format!("/users/{name}/tokens"), &self.admin, json!({}))
-            .await["token"]
-            .as_str()
-            .expect("a token")
-            .to_string()
+    /// The answer to `POST /api/v1{path}`, which must succeed.
+    async fn post_ok(&self, path: &str, token: &str, body: Value) -> Value {
+        let answer = self.post(&format!("/api/v1{path}"), token, body).await;
+        assert!(
+            answer.status.is_success(),
+            "POST {path}: {} {}",
+            answer.status,
+            answer.body
+        );
+        answer.body
     }
 
     async fn project(&self, name: &str, member: &str) -> String {
         let id = self
-            .post("/projects", &self.admin, json!({ "name": name }))
+            .post_ok("/projects", &self.admin, json!({ "name": name }))
             .await["id"]
             .as_str()
             .expect("an id")
             .to_string();
-        self.post(
+        self.post_ok(
             &format!("/projects/{id}/members"),
             &self.admin,
             json!({ "user": member, "role": "member" }),
@@ -114,16 +62,9 @@ impl App {
     }
 
     async fn submit(&self, project: &str) -> String {
-        let body = json!({
-            "project_id": project,
-            "code_repo_url": "https://git.example.com/lab/code.git",
-            "code_commit_id": SHA,
-            "env_repo_url": "https://git.example.com/lab/env.git",
-            "env_commit_id": SHA,
-            "dockerfile_path": "Dockerfile",
-            "command": ["python", "train.py"],
-        });
-        self.post("/tasks", &self.admin, body).await["id"]
+        let mut body = minimal_task(project);
+        body["command"] = json!(["python", "train.py"]);
+        self.post_ok("/tasks", &self.admin, body).await["id"]
             .as_str()
             .expect("an id")
             .to_string()
@@ -132,7 +73,7 @@ impl App {
     /// A node whose agent connected, as the ingress records it.
     async fn node(&self, name: &str) -> String {
         let id = self
-            .post("/nodes", &self.admin, json!({ "name": name }))
+            .post_ok("/nodes", &self.admin, json!({ "name": name }))
             .await["id"]
             .as_str()
             .expect("an id")
@@ -164,14 +105,6 @@ impl App {
             .execute::<Task>(task, assign, &Actor::System("scheduler".into()), at)
             .await
             .expect("assign");
-    }
-
-    /// Lets the read models catch up with everything committed so far.
-    async fn catch_up(&self) {
-        projections::Projector::new(self.pool.clone())
-            .catch_up()
-            .await
-            .expect("projections catch up");
     }
 
     /// Every page of the timeline for `filter`, newest first.
@@ -446,7 +379,7 @@ async fn filters_for_what_the_caller_may_not_see_and_bad_parameters_are_refused_
         ("/events/999999".into(), 404, ""),
         ("/events/x".into(), 400, "position"),
     ] {
-        let (got, body) = app.get(&path, &w.alice).await;
+        let (got, body) = app.get(&format!("/api/v1{path}"), &w.alice).await.pair();
         assert_eq!(got.as_u16(), status, "{path}: {body}");
         if !field.is_empty() {
             assert_eq!(body["errors"][0]["field"], field, "{path}: {body}");
@@ -473,9 +406,9 @@ async fn the_stream_takes_over_from_the_page_and_shows_only_what_the_caller_may_
     bob.until_ready().await;
 
     // Bob's task changes, then Alice's: Alice sees only hers.
-    app.post(&format!("/tasks/{}/cancel", w.t2), &app.admin, json!({}))
+    app.post_ok(&format!("/tasks/{}/cancel", w.t2), &app.admin, json!({}))
         .await;
-    app.post(&format!("/tasks/{}/cancel", w.t1), &app.admin, json!({}))
+    app.post_ok(&format!("/tasks/{}/cancel", w.t1), &app.admin, json!({}))
         .await;
     let t4 = app.submit(&w.vision).await;
 
@@ -535,7 +468,7 @@ async fn the_stream_takes_over_from_the_page_and_shows_only_what_the_caller_may_
 async fn an_event_shows_its_payload_metadata_and_the_state_before_and_after_it() {
     let app = start().await;
     let w = world(&app).await;
-    app.post(&format!("/tasks/{}/cancel", w.t1), &app.admin, json!({}))
+    app.post_ok(&format!("/tasks/{}/cancel", w.t1), &app.admin, json!({}))
         .await;
     app.catch_up().await;
     let events = app.all(&format!("&task={}", w.t1), &app.admin).await;
@@ -576,19 +509,22 @@ async fn an_event_shows_its_payload_metadata_and_the_state_before_and_after_it()
     // Neither another project's event nor another user's is there for
     // alice: both answer as a position with no event would.
     let theirs = app.all(&format!("&task={}", w.t2), &app.admin).await;
-    let (status, _) = app
-        .get(&format!("/events/{}", theirs[0]["position"]), &w.alice)
+    let answer = app
+        .get(
+            &format!("/api/v1/events/{}", theirs[0]["position"]),
+            &w.alice,
+        )
         .await;
-    assert_eq!(status, 404);
+    assert_eq!(answer.status, 404);
     let users = app.all("&aggregate_type=user", &app.admin).await;
     let bobs = users
         .iter()
         .find(|e| e["aggregate_id"] == "bob")
         .expect("bob's");
-    let (status, _) = app
-        .get(&format!("/events/{}", bobs["position"]), &w.alice)
+    let answer = app
+        .get(&format!("/api/v1/events/{}", bobs["position"]), &w.alice)
         .await;
-    assert_eq!(status, 404);
+    assert_eq!(answer.status, 404);
 }
 
 #[tokio::test]
@@ -839,7 +775,7 @@ async fn host_commands_are_for_admins_on_every_read_path() {
     // events around them show nothing of them either.
     for (i, position) in positions.iter().enumerate() {
         let path = format!("/events/{position}");
-        let (status, body) = app.get(&path, &alice).await;
+        let (status, body) = app.get(&format!("/api/v1{path}"), &alice).await.pair();
         if (2..4).contains(&i) {
             assert_eq!(status, 404, "{body}");
             assert_eq!(
