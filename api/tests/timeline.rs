@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use api::Config;
 use chrono::Utc;
-use domain::node::{HostSshOutcome, Node, NodeCommand, NodeResources};
+use domain::node::{Node, NodeCommand, NodeResources};
 use domain::task::{Task, TaskCommand};
 use domain::Actor;
 use serde_json::{json, Value};
@@ -619,56 +619,9 @@ async fn the_web_view_is_served_from_the_binary_with_a_strict_policy() {
 }
 
 /// A node's events as an admin ran a host command on it and then drained
-/// and undrained it, recorded as the API and the ingress record them.
+/// and undrained it.
 async fn host_command(app: &App, node: &str) {
-    let request_id = Uuid::now_v7();
-    let admin = Actor::User("admin".into());
-    let at = Utc::now();
-    let steps = [
-        (
-            NodeCommand::RequestHostSsh {
-                request_id,
-                command: "cat /etc/marker-command".into(),
-                timeout_s: 30,
-                by: admin.clone(),
-                at,
-            },
-            admin.clone(),
-        ),
-        (
-            NodeCommand::FinishHostSsh {
-                request_id,
-                result: HostSshOutcome {
-                    exit_code: Some(0),
-                    output: "marker-output\n".into(),
-                    duration_ms: 7,
-                    ..HostSshOutcome::default()
-                },
-                at,
-            },
-            Actor::Node(node.to_string()),
-        ),
-        (
-            NodeCommand::Drain {
-                by: admin.clone(),
-                at,
-            },
-            admin.clone(),
-        ),
-        (
-            NodeCommand::Undrain {
-                by: admin.clone(),
-                at,
-            },
-            admin,
-        ),
-    ];
-    for (command, actor) in steps {
-        app.store
-            .execute::<Node>(node, command, &actor, at)
-            .await
-            .expect("a node command");
-    }
+    testkit::scenes::host_command_then_drain(&app.store, node, "cat /etc/marker-command").await;
 }
 
 fn event_types(items: &Value) -> Vec<String> {

@@ -11,16 +11,16 @@
 
 mod support;
 
+use testkit::agent::JsonAgent;
+
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use futures::{SinkExt, StreamExt};
 use ingress::{Config, Ingress, LogLimits};
-use serde_json::{json, Value};
+use serde_json::json;
 use sqlx::postgres::PgListener;
 use sqlx::PgPool;
 use store::Store;
-use tokio_tungstenite::tungstenite::Message;
 use uuid::Uuid;
 
 const PATIENCE: Duration = Duration::from_secs(10);
@@ -77,66 +77,25 @@ impl Platform {
 }
 
 /// The agent side of one WebSocket, speaking JSON frames.
-struct Agent {
-    ws: support::Ws,
+struct Agent(JsonAgent);
+
+impl std::ops::Deref for Agent {
+    type Target = JsonAgent;
+    fn deref(&self) -> &JsonAgent {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Agent {
+    fn deref_mut(&mut self) -> &mut JsonAgent {
+        &mut self.0
+    }
 }
 
 impl Agent {
     /// Dials, says hello and waits for the welcome.
     async fn join(addr: SocketAddr, token: &str) -> Self {
-        let mut agent = Agent {
-            ws: support::connect(addr, token).await,
-        };
-        agent
-            .send(json!({"type": "hello", "agent_version": "0.1.0-test",
-                         "resources": {"cpus": 4.0, "memory_mb": 4096, "gpus": []},
-                         "labels": {}, "running": [], "cache": {"images": [], "commits": []}}))
-            .await;
-        loop {
-            let frame = agent.recv().await;
-            if frame["type"] == "welcome" {
-                return agent;
-            }
-            assert_eq!(frame["type"], "command", "before welcome: {frame}");
-        }
-    }
-
-    async fn send(&mut self, mut message: Value) {
-        message["protocol"] = json!(protocol::VERSION);
-        self.ws
-            .send(Message::Text(message.to_string().into()))
-            .await
-            .unwrap();
-    }
-
-    /// The next JSON frame from the server.
-    async fn recv(&mut self) -> Value {
-        loop {
-            let frame = tokio::time::timeout(PATIENCE, self.ws.next())
-                .await
-                .expect("a frame in time")
-                .expect("the connection is open")
-                .unwrap();
-            match frame {
-                Message::Text(text) => return serde_json::from_str(text.as_str()).unwrap(),
-                Message::Ping(_) | Message::Pong(_) => continue,
-                other => panic!("unexpected frame {other:?}"),
-            }
-        }
-    }
-
-    /// The answer to report `id`, skipping commands: `None` when stored,
-    /// the error when refused.
-    async fn received(&mut self, id: u64) -> Option<String> {
-        loop {
-            let frame = self.recv().await;
-            if frame["type"] == "command" {
-                continue;
-            }
-            assert_eq!(frame["type"], "received", "{frame}");
-            assert_eq!(frame["id"], id, "{frame}");
-            return frame["error"].as_str().map(str::to_string);
-        }
+        Agent(JsonAgent::join(addr, token, json!([])).await)
     }
 
     async fn log(&mut self, id: u64, task_id: Uuid, offset: u64, data: &str) -> Option<String> {
@@ -157,8 +116,8 @@ impl Agent {
         self.received(id).await
     }
 
-    async fn close(mut self) {
-        let _ = self.ws.close(None).await;
+    async fn close(self) {
+        self.0.close().await;
     }
 }
 

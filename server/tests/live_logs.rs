@@ -12,20 +12,17 @@
 
 mod support;
 
+use testkit::agent::JsonAgent;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use chrono::Utc;
 use domain::task::{Task, TaskCommand};
 use domain::Actor;
-use futures::{SinkExt, StreamExt};
 use ingress::LogLimits;
 use serde_json::{json, Value};
 use store::Store;
-use tokio::net::TcpStream;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use uuid::Uuid;
 
 use support::{base_image, repo, spawn_agent, Agents, BASE};
@@ -320,9 +317,19 @@ fn parse(block: &str) -> Option<Sse> {
 // ---------------------------------------------------------------- agent
 
 /// A node agent played over a real WebSocket, speaking JSON frames.
-struct Agent {
-    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
-    next_id: u64,
+struct Agent(JsonAgent);
+
+impl std::ops::Deref for Agent {
+    type Target = JsonAgent;
+    fn deref(&self) -> &JsonAgent {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Agent {
+    fn deref_mut(&mut self) -> &mut JsonAgent {
+        &mut self.0
+    }
 }
 
 impl Agent {
@@ -332,70 +339,7 @@ impl Agent {
 
     /// Joins saying it still runs `running` (`[{"task_id", "attempt"}]`).
     async fn join_running(addr: SocketAddr, token: &str, running: Value) -> Self {
-        let mut request = format!("ws://{addr}{}", protocol::PATH)
-            .into_client_request()
-            .unwrap();
-        request
-            .headers_mut()
-            .insert("authorization", format!("Bearer {token}").parse().unwrap());
-        let (ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
-        let mut agent = Agent { ws, next_id: 1 };
-        agent
-            .send(json!({"type": "hello", "agent_version": "0.1.0-test",
-                         "resources": {"cpus": 4.0, "memory_mb": 4096, "gpus": []},
-                         "labels": {}, "running": running, "cache": {"images": [], "commits": []}}))
-            .await;
-        loop {
-            let frame = agent.recv().await;
-            if frame["type"] == "welcome" {
-                return agent;
-            }
-        }
-    }
-
-    async fn send(&mut self, mut message: Value) {
-        message["protocol"] = json!(protocol::VERSION);
-        self.ws
-            .send(Message::Text(message.to_string().into()))
-            .await
-            .unwrap();
-    }
-
-    async fn recv(&mut self) -> Value {
-        loop {
-            let frame = tokio::time::timeout(PATIENCE, self.ws.next())
-                .await
-                .expect("a frame in time")
-                .expect("the connection is open")
-                .unwrap();
-            match frame {
-                Message::Text(text) => return serde_json::from_str(text.as_str()).unwrap(),
-                Message::Ping(_) | Message::Pong(_) => continue,
-                other => panic!("unexpected frame {other:?}"),
-            }
-        }
-    }
-
-    /// Sends a report without waiting for its answer; returns its id.
-    async fn send_report(&mut self, mut report: Value) -> u64 {
-        let id = self.next_id;
-        self.next_id += 1;
-        report["id"] = json!(id);
-        self.send(report).await;
-        id
-    }
-
-    /// Sends a report and waits until the server has stored it.
-    async fn report(&mut self, report: Value) {
-        let id = self.send_report(report).await;
-        loop {
-            let frame = self.recv().await;
-            if frame["type"] == "received" {
-                assert_eq!(frame["id"], id, "{frame}");
-                assert!(frame.get("error").is_none(), "{frame}");
-                return;
-            }
-        }
+        Agent(JsonAgent::join(addr, token, running).await)
     }
 
     async fn status(&mut self, task: Uuid, state: &str) {
@@ -408,8 +352,8 @@ impl Agent {
         self.report(log(task, offset, data)).await;
     }
 
-    async fn close(mut self) {
-        let _ = self.ws.close(None).await;
+    async fn close(self) {
+        self.0.close().await;
     }
 }
 
@@ -549,7 +493,7 @@ async fn a_chunk_resent_after_an_agent_reconnect_reaches_a_follower_once() {
 
     let running = json!([{"task_id": task, "attempt": 1}]);
     let mut agent = Agent::join_running(p.addr, &token, running).await;
-    agent.next_id = 100;
+    agent.number_reports_from(100);
     agent.log(task, 16, "in flight\n").await;
     agent.log(task, 26, "after the reconnect\n").await;
     agent.status(task, "succeeded").await;

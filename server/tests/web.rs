@@ -13,7 +13,7 @@ mod support;
 use std::time::Duration;
 
 use chrono::Utc;
-use domain::node::{HostSshOutcome, Node, NodeCommand, NodeResources};
+use domain::node::{Node, NodeCommand, NodeResources};
 use domain::Actor;
 use fantoccini::Locator;
 use serde_json::{json, Value};
@@ -326,54 +326,7 @@ impl Server {
     /// An admin's host command on `node`, then a drain and an undrain, as
     /// the API and the ingress record them.
     async fn host_command(&self, node: &str, command: &str) {
-        let request_id = Uuid::now_v7();
-        let admin = Actor::User("admin".into());
-        let at = Utc::now();
-        let steps = [
-            (
-                NodeCommand::RequestHostSsh {
-                    request_id,
-                    command: command.into(),
-                    timeout_s: 30,
-                    by: admin.clone(),
-                    at,
-                },
-                admin.clone(),
-            ),
-            (
-                NodeCommand::FinishHostSsh {
-                    request_id,
-                    result: HostSshOutcome {
-                        exit_code: Some(0),
-                        output: "marker-output\n".into(),
-                        duration_ms: 7,
-                        ..HostSshOutcome::default()
-                    },
-                    at,
-                },
-                Actor::Node(node.to_string()),
-            ),
-            (
-                NodeCommand::Drain {
-                    by: admin.clone(),
-                    at,
-                },
-                admin.clone(),
-            ),
-            (
-                NodeCommand::Undrain {
-                    by: admin.clone(),
-                    at,
-                },
-                admin,
-            ),
-        ];
-        for (command, actor) in steps {
-            self.store
-                .execute::<Node>(node, command, &actor, at)
-                .await
-                .unwrap();
-        }
+        testkit::scenes::host_command_then_drain(&self.store, node, command).await;
     }
 }
 

@@ -28,8 +28,10 @@
 //! Only strings live in the process-wide state: each `#[tokio::test]` runs
 //! its own runtime, and a pool made in one runtime breaks in the next.
 
+pub mod agent;
 pub mod browser;
 pub mod process;
+pub mod scenes;
 mod wait;
 
 pub use wait::{eventually, free_port, stays, try_eventually};

@@ -13,12 +13,9 @@ use domain::task::{Task, TaskCommand};
 use domain::Actor;
 use ingress::Ingress;
 use store::{tokens, Store};
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use uuid::Uuid;
 
-/// The agent's end of one WebSocket.
-pub type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+pub use testkit::agent::{dial, Ws};
 
 /// The admin every platform-side command is made by.
 pub fn admin() -> Actor {
@@ -119,31 +116,6 @@ pub async fn submit_and_assign(store: &Store, node_id: Uuid) -> Uuid {
     let task_id = submit(store).await;
     assign(store, task_id, node_id).await;
     task_id
-}
-
-/// Dials the ingress with `token` as the bearer, if any; `Err` holds the
-/// HTTP status and body of a refusal.
-pub async fn dial(addr: SocketAddr, token: Option<&str>) -> Result<Ws, (u16, String)> {
-    let mut request = format!("ws://{addr}{}", protocol::PATH)
-        .into_client_request()
-        .unwrap();
-    if let Some(token) = token {
-        request
-            .headers_mut()
-            .insert("authorization", format!("Bearer {token}").parse().unwrap());
-    }
-    match tokio_tungstenite::connect_async(request).await {
-        Ok((ws, _)) => Ok(ws),
-        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
-            let body = response
-                .body()
-                .as_ref()
-                .map(|b| String::from_utf8_lossy(b).into_owned())
-                .unwrap_or_default();
-            Err((response.status().as_u16(), body))
-        }
-        Err(e) => panic!("dialling the ingress failed: {e}"),
-    }
 }
 
 /// Dials with a token that must be accepted.
