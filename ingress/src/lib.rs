@@ -27,7 +27,8 @@
 //!
 //! The ingress never decides that a task is lost: a closed session only
 //! records `NodeDisconnected`. The scheduler decides from
-//! `node_liveness.last_seen`, which heartbeats keep fresh.
+//! `node_liveness.last_seen`, which heartbeats keep fresh, and from
+//! `ingress_liveness`, which says since when nodes could be heard at all.
 
 mod auth;
 mod commands;
@@ -57,6 +58,7 @@ use crate::registry::Registry;
 pub const CATCH_UP_WAIT: Duration = Duration::from_secs(10);
 
 pub use crate::commands::PendingError;
+pub use crate::liveness::{ALIVE_EVERY, ALIVE_WITHIN};
 pub use crate::logs::{cut_marker, LogLimits, CHUNK_COST, MIN_BYTES_PER_S};
 
 /// How the ingress behaves, fixed at start-up.
@@ -163,16 +165,21 @@ impl Ingress {
     }
 
     /// Delivers commands from the outbox to the sessions of this process,
-    /// and sends the wake-ups of log followers, until `shutdown` completes, then closes every session (close code
+    /// sends the wake-ups of log followers and records that this ingress is
+    /// alive (`ingress_liveness`, every [`ALIVE_EVERY`]), until `shutdown`
+    /// completes, then closes every session (close code
     /// 1001, "going away") and waits up to [`SHUTDOWN_WAIT`] for them to
     /// end. Database errors are logged and retried; this never fails.
     pub async fn run(&self, shutdown: impl Future<Output = ()>) {
         tokio::pin!(shutdown);
+        let ingress_id = &self.config.ingress_id;
         tokio::select! {
             () = fanout::follow(self) => {}
             () = self.log_notifier.run(self.store.pool()) => {}
+            () = liveness::keep_alive(self.store.pool(), ingress_id) => {}
             () = &mut shutdown => {}
         }
+        liveness::gone(self.store.pool(), ingress_id).await;
         self.registry.close_all();
         let deadline = tokio::time::Instant::now() + SHUTDOWN_WAIT;
         while self.registry.len() > 0 && tokio::time::Instant::now() < deadline {

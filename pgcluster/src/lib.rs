@@ -209,6 +209,8 @@ pub struct LocalCluster {
     port: u16,
     password: String,
     watchdog: Option<Watchdog>,
+    /// The options it was started with, to start it again the same way.
+    options: ClusterOptions,
 }
 
 impl fmt::Debug for LocalCluster {
@@ -338,6 +340,44 @@ impl LocalCluster {
         Ok(())
     }
 
+    /// Stops the server and keeps the cluster, as an outage of the
+    /// database would: open sessions are ended, and nothing can connect
+    /// until [`LocalCluster::resume`]. For tests of what survives that.
+    ///
+    /// # Errors
+    /// A [`ClusterError::Command`] when `pg_ctl` fails and the server still
+    /// runs.
+    pub async fn halt(&mut self) -> Result<(), ClusterError> {
+        let mut stop = self.pg_ctl();
+        stop.arg("stop").arg("-D").arg(&self.data).args([
+            "-m",
+            "fast",
+            "-w",
+            "-t",
+            PG_CTL_TIMEOUT_SECS,
+        ]);
+        let (command, output) = run(stop).await?;
+        if !output.status.success() && self.running_port().await?.is_some() {
+            return Err(command_failed(command, &output));
+        }
+        info!(dir = %self.root.display(), "halted PostgreSQL");
+        Ok(())
+    }
+
+    /// Starts the server again after [`LocalCluster::halt`], on the same
+    /// port when it is still free (check [`LocalCluster::port`]).
+    ///
+    /// # Errors
+    /// As [`LocalCluster::start`].
+    pub async fn resume(&mut self) -> Result<(), ClusterError> {
+        if let Some(port) = self.running_port().await? {
+            self.port = port;
+            return Ok(());
+        }
+        let options = self.options.clone();
+        self.launch(&options).await
+    }
+
     async fn start_in(
         root: PathBuf,
         options: &ClusterOptions,
@@ -369,6 +409,7 @@ impl LocalCluster {
             port: 0,
             password: String::new(),
             watchdog,
+            options: options.clone(),
         };
         if data_version.is_none() {
             cluster.init(options).await?;

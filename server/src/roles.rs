@@ -44,6 +44,12 @@ pub struct ServerArgs {
     /// given up and the task requeued, in seconds.
     #[arg(long, env = "UNIDESK_ACCEPT_TIMEOUT_S", default_value_t = 120)]
     pub accept_timeout_s: u64,
+    /// How long the scheduler leader's lease lasts unless renewed, in
+    /// seconds: a standby scheduler takes over at most this long after the
+    /// leader stopped (the leader renews it every third of this).
+    #[arg(long, env = "UNIDESK_LEADER_LEASE_S", default_value_t = 10,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub leader_lease_s: u64,
     /// The most output kept per task attempt, in MiB: past it the output
     /// is cut and ends with a marker line.
     #[arg(long, env = "UNIDESK_MAX_LOG_MB", default_value_t = 64,
@@ -95,6 +101,7 @@ impl ServerArgs {
             offline_after_s: 90,
             timeout_grace_s: 30,
             accept_timeout_s: 120,
+            leader_lease_s: 10,
             max_log_mb: 64,
             log_rate_kb: 1024,
             max_tokens_per_user: api::limits::DEFAULT_MAX_TOKENS_PER_USER,
@@ -271,6 +278,7 @@ pub fn start(
                 offline_after: Duration::from_secs(args.offline_after_s),
                 timeout_grace: Duration::from_secs(args.timeout_grace_s),
                 accept_timeout: Duration::from_secs(args.accept_timeout_s),
+                lease: Duration::from_secs(args.leader_lease_s),
                 poll: poll.max(Duration::from_millis(100)),
                 ..crate::scheduler::Config::default()
             },

@@ -1,5 +1,6 @@
 //! The scheduler against a real PostgreSQL: placement, liveness, timeouts
-//! and leadership.
+//! and leadership. The tests play the ingress: they write the heartbeats
+//! (`node_liveness`) and the ingress's own record (`ingress_liveness`).
 
 #![expect(
     clippy::unwrap_used,
@@ -48,6 +49,14 @@ async fn world() -> World {
         )
         .await
         .unwrap();
+    // An ingress alive for a day already: nodes have been heard all along.
+    sqlx::query(
+        "INSERT INTO ingress_liveness (ingress, alive_since, last_seen) \
+         VALUES ('test', now() - interval '1 day', now())",
+    )
+    .execute(store.pool())
+    .await
+    .unwrap();
     World { store, project }
 }
 
@@ -160,6 +169,14 @@ impl World {
         id
     }
 
+    /// The test's ingress records that it is alive.
+    async fn ingress_alive(&self) {
+        sqlx::query("UPDATE ingress_liveness SET last_seen = now() WHERE ingress = 'test'")
+            .execute(self.store.pool())
+            .await
+            .unwrap();
+    }
+
     async fn beat(&self, node: Uuid, session: Uuid, at: DateTime<Utc>) {
         sqlx::query(
             "INSERT INTO node_liveness (node_id, session, ingress, connected_at, last_seen) \
@@ -268,22 +285,30 @@ impl World {
 
 /// One scheduling round once every event committed so far is visible: other
 /// tests share the PostgreSQL server, and an open transaction of theirs can
-/// hold back what the scheduler's read models see.
+/// hold back what the scheduler's read models see. The test's ingress
+/// records that it is alive first.
 async fn round(w: &World, s: &Scheduler, now: DateTime<Utc>) -> unidesk::scheduler::Outcome {
+    w.ingress_alive().await;
     projections::Projector::new(w.store.pool().clone())
         .catch_up()
         .await
         .unwrap();
-    s.run_once(now).await.unwrap()
+    let outcome = s.run_once(now).await.unwrap();
+    assert!(outcome.term.is_some(), "the scheduler does not lead");
+    outcome
 }
 
-fn scheduler(w: &World) -> Scheduler {
-    Scheduler::new(w.store.clone(), Config::default())
+/// A scheduler leading already (before the test's clock starts).
+async fn scheduler(w: &World) -> Scheduler {
+    let s = Scheduler::new(w.store.clone(), Config::default());
+    round(w, &s, Utc::now()).await;
+    s
 }
 
 #[tokio::test]
 async fn tasks_go_only_where_labels_and_free_resources_fit() {
     let w = world().await;
+    let s = scheduler(&w).await;
     let now = Utc::now();
     let small = w.node("small", 2.0, &[], now).await;
     let gpu = w.node("gpu-1", 8.0, &[("gpu", "a100")], now).await;
@@ -291,7 +316,6 @@ async fn tasks_go_only_where_labels_and_free_resources_fit() {
     let big = w.submit(6.0, &[], 0, None).await;
     let too_big = w.submit(9.0, &[], 0, None).await;
     let unmatched = w.submit(1.0, &[("gpu", "h100")], 0, None).await;
-    let s = scheduler(&w);
     let outcome = round(&w, &s, Utc::now()).await;
     assert_eq!(outcome.assigned, 2);
     assert_eq!(w.task(needs_gpu_label).await.node_id, Some(gpu));
@@ -332,7 +356,7 @@ async fn a_projects_max_running_is_never_exceeded() {
         w.submit(1.0, &[], 0, None).await,
         w.submit(1.0, &[], 0, None).await,
     ];
-    let s = scheduler(&w);
+    let s = scheduler(&w).await;
     round(&w, &s, Utc::now()).await;
     round(&w, &s, Utc::now()).await;
     let mut states = Vec::new();
@@ -352,10 +376,10 @@ async fn a_projects_max_running_is_never_exceeded() {
 #[tokio::test]
 async fn a_silent_node_goes_offline_and_its_task_runs_elsewhere() {
     let w = world().await;
+    let s = scheduler(&w).await;
     let now = Utc::now();
     let first = w.node("first", 4.0, &[], now).await;
     let task = w.submit(1.0, &[], 1, None).await;
-    let s = scheduler(&w);
     round(&w, &s, now).await;
     assert_eq!(w.task(task).await.node_id, Some(first));
     w.run(first, task).await;
@@ -395,7 +419,7 @@ async fn gpu_devices_are_never_given_to_two_attempts_at_once() {
     let two = w.submit_gpus(1.0, &[], 0, None, 2).await;
     let one = w.submit_gpus(1.0, &[], 0, None, 1).await;
     let waits = w.submit_gpus(1.0, &[], 0, None, 1).await;
-    let s = scheduler(&w);
+    let s = scheduler(&w).await;
     round(&w, &s, Utc::now()).await;
     round(&w, &s, Utc::now()).await;
     let (a, b) = (w.task(two).await, w.task(one).await);
@@ -468,7 +492,7 @@ async fn an_agent_declaring_a_label_gets_no_task_requiring_it_until_an_admin_acc
     )
     .await;
     let task = w.submit(1.0, &[("gpu", "a100")], 0, None).await;
-    let s = scheduler(&w);
+    let s = scheduler(&w).await;
     assert_eq!(round(&w, &s, Utc::now()).await.assigned, 0);
     assert_eq!(w.task(task).await.state, TaskState::Queued);
     // An admin accepts the declared label: now it counts.
@@ -504,7 +528,7 @@ async fn a_node_claiming_more_than_its_maximum_is_given_at_most_its_maximum() {
     for _ in 0..6 {
         tasks.push(w.submit(1.0, &[], 0, None).await);
     }
-    let s = scheduler(&w);
+    let s = scheduler(&w).await;
     round(&w, &s, Utc::now()).await;
     round(&w, &s, Utc::now()).await;
     let mut cpus = 0;
@@ -528,7 +552,7 @@ async fn lowering_a_maximum_below_what_runs_stops_nothing_and_places_nothing_unt
     let w = world().await;
     let node = claiming_node(&w, "n", ResourceLimits::default(), 8.0, &[], &[]).await;
     let big = w.submit(3.0, &[], 0, None).await;
-    let s = scheduler(&w);
+    let s = scheduler(&w).await;
     round(&w, &s, Utc::now()).await;
     assert_eq!(w.task(big).await.node_id, Some(node));
     w.run(node, big).await;
@@ -576,12 +600,12 @@ async fn lowering_a_maximum_below_what_runs_stops_nothing_and_places_nothing_unt
 #[tokio::test]
 async fn an_attempt_its_node_never_accepts_is_given_up_and_retried() {
     let w = world().await;
+    let s = scheduler(&w).await;
     let now = Utc::now();
     let node = w
         .node("stuck", 4.0, &[], now + chrono::Duration::hours(1))
         .await;
     let task = w.submit(1.0, &[], 1, None).await;
-    let s = scheduler(&w);
     round(&w, &s, now).await;
     assert_eq!(w.task(task).await.state, TaskState::Assigned);
     assert_eq!(
@@ -604,10 +628,10 @@ async fn an_attempt_its_node_never_accepts_is_given_up_and_retried() {
 #[tokio::test]
 async fn an_overdue_task_on_a_dead_node_times_out_rather_than_retrying() {
     let w = world().await;
+    let s = scheduler(&w).await;
     let now = Utc::now();
     let node = w.node("n", 4.0, &[], now).await;
     let task = w.submit(1.0, &[], 3, Some(80)).await;
-    let s = scheduler(&w);
     round(&w, &s, now).await;
     w.run(node, task).await;
     // No heartbeat since `now`: the node is gone after 90 s, and the
@@ -623,10 +647,10 @@ async fn an_overdue_task_on_a_dead_node_times_out_rather_than_retrying() {
 #[tokio::test]
 async fn a_task_whose_retries_are_spent_fails_when_its_node_is_lost() {
     let w = world().await;
+    let s = scheduler(&w).await;
     let now = Utc::now();
     let node = w.node("only", 4.0, &[], now).await;
     let task = w.submit(1.0, &[], 0, None).await;
-    let s = scheduler(&w);
     round(&w, &s, now).await;
     w.run(node, task).await;
     round(&w, &s, now + chrono::Duration::seconds(120)).await;
@@ -638,10 +662,10 @@ async fn a_task_whose_retries_are_spent_fails_when_its_node_is_lost() {
 #[tokio::test]
 async fn the_watchdog_times_out_a_task_whose_node_never_reports() {
     let w = world().await;
+    let s = scheduler(&w).await;
     let now = Utc::now();
     let node = w.node("n", 4.0, &[], now).await;
     let task = w.submit(1.0, &[], 0, Some(60)).await;
-    let s = scheduler(&w);
     round(&w, &s, now).await;
     w.run(node, task).await;
     // The node keeps beating but never reports the timeout itself.

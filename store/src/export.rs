@@ -35,7 +35,8 @@
 //! the database's copy ends. In every case each aggregate's events are
 //! numbered 1, 2, 3, … without gaps. Events keep their order, payload,
 //! metadata and recording time; outbox positions and transaction ids are
-//! the target's own. Node and project names are claimed as on the source.
+//! the target's own. Node and project names are claimed as on the source,
+//! and what attempts hold on nodes ([`crate::holds`]) follows the events.
 
 use std::collections::HashMap;
 use std::io::{self, BufRead, Write};
@@ -729,6 +730,12 @@ fn read_header(input: &mut impl BufRead) -> Result<(Header, Chain), ImportError>
 /// are.
 async fn claim_target(tx: &mut PgConnection, header: &Header) -> Result<(), ImportError> {
     sqlx::query("LOCK TABLE events IN SHARE ROW EXCLUSIVE MODE")
+        .execute(&mut *tx)
+        .await?;
+    // History is put back as it was: the holds of attempts follow the
+    // imported events without the checks a scheduler's assignment passes
+    // (its leader's term belongs to the source's log).
+    sqlx::query("SET LOCAL unidesk.restoring = 'on'")
         .execute(&mut *tx)
         .await?;
     let holds_events: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM events)")

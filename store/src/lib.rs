@@ -6,6 +6,8 @@
 
 mod error;
 pub mod export;
+pub mod holds;
+pub mod leader;
 pub mod names;
 pub mod outbox;
 pub mod task_log;
@@ -22,7 +24,7 @@ use cqrs_es::persist::PersistedEventStore;
 use cqrs_es::{Aggregate, AggregateContext, AggregateError, EventEnvelope, EventStore};
 use domain::node::Node;
 use domain::project::Project;
-use domain::task::Task;
+use domain::task::{Task, TaskError};
 use domain::user::User;
 use domain::Actor;
 use postgres_es::PostgresEventRepository;
@@ -99,6 +101,39 @@ where
 {
     /// This aggregate's event store inside `store`.
     fn event_store(store: &Store) -> &EsStore<Self>;
+
+    /// This aggregate's refusal for a refusal of the database's own
+    /// (a trigger's), if the aggregate has one; otherwise the error stays
+    /// a database error.
+    fn refusal(_refused: Refused) -> Option<Self::Error> {
+        None
+    }
+}
+
+/// Why the database itself refused to append an event: its triggers guard
+/// what no single aggregate can see, such as the scheduler leader's term
+/// and what other attempts hold on a node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refused {
+    /// The event names a scheduler leader's term that is no longer the
+    /// current one, or none while a leader holds the lease
+    /// (SQLSTATE [`leader::FENCED`]).
+    Fenced(String),
+    /// What the event reserves on a node is held already or exceeds the
+    /// node (SQLSTATE [`holds::NOT_RESERVED`]).
+    NotReserved(String),
+}
+
+impl Refused {
+    /// The refusal `e` carries, when it is one of the database's own.
+    fn of(e: &(dyn std::error::Error + 'static)) -> Option<Refused> {
+        let db = e.downcast_ref::<sqlx::Error>()?.as_database_error()?;
+        match db.code().as_deref()? {
+            leader::FENCED => Some(Refused::Fenced(db.message().to_string())),
+            holds::NOT_RESERVED => Some(Refused::NotReserved(db.message().to_string())),
+            _ => None,
+        }
+    }
 }
 
 macro_rules! stored {
@@ -110,7 +145,19 @@ macro_rules! stored {
         }
     };
 }
-stored!(Task, tasks);
+
+impl Stored for Task {
+    fn event_store(store: &Store) -> &EsStore<Self> {
+        &store.tasks
+    }
+
+    fn refusal(refused: Refused) -> Option<TaskError> {
+        Some(match refused {
+            Refused::Fenced(m) => TaskError::Fenced(m),
+            Refused::NotReserved(m) => TaskError::NotReserved(m),
+        })
+    }
+}
 stored!(Node, nodes);
 stored!(Project, projects);
 stored!(User, users);
@@ -215,9 +262,10 @@ impl Store {
     /// The actor and time are stored as the events' metadata.
     ///
     /// # Errors
-    /// [`StoreError::Rejected`] when the aggregate refuses the command
-    /// (nothing is appended), [`StoreError::Conflict`] when writers kept
-    /// colliding, or a database error.
+    /// [`StoreError::Rejected`] when the aggregate refuses the command, or
+    /// the database refuses its events ([`Refused`], for a task such as
+    /// `TaskError::Fenced`); nothing is appended. [`StoreError::Conflict`]
+    /// when writers kept colliding, or a database error.
     pub async fn execute<A>(
         &self,
         id: &str,
@@ -273,6 +321,12 @@ impl Store {
                     let backoff = 1u64 << round.min(7);
                     tokio::time::sleep(Duration::from_millis(rand::random::<u64>() % backoff + 1))
                         .await;
+                }
+                Err(AggregateError::UnexpectedError(e)) => {
+                    return Err(match Refused::of(e.as_ref()).and_then(A::refusal) {
+                        Some(refusal) => StoreError::Rejected(refusal),
+                        None => StoreError::from_aggregate(AggregateError::UnexpectedError(e)),
+                    })
                 }
                 Err(e) => return Err(StoreError::from_aggregate(e)),
             }

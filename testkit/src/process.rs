@@ -103,6 +103,7 @@ pub struct Launch {
     stdout: bool,
     log: Option<PathBuf>,
     ready_within: Duration,
+    port: Option<u16>,
 }
 
 impl Launch {
@@ -126,7 +127,15 @@ impl Launch {
             stdout: false,
             log: None,
             ready_within: Duration::from_secs(120),
+            port: None,
         }
+    }
+
+    /// Listens on `port` of 127.0.0.1 instead of a free one: a server
+    /// started again where its agents will dial it.
+    pub fn port(mut self, port: u16) -> Launch {
+        self.port = Some(port);
+        self
     }
 
     /// Adds one flag or value.
@@ -187,14 +196,15 @@ impl Launch {
         self
     }
 
-    /// Starts the process on a free port of 127.0.0.1 and waits until
+    /// Starts the process on a free port of 127.0.0.1 (or the one given
+    /// with [`Launch::port`]) and waits until
     /// `/readyz` answers 200 and the admin token is known.
     ///
     /// # Errors
     /// When the process cannot start, exits, or is not ready in time; it
     /// is stopped before the error returns.
     pub async fn start(self) -> Result<ServerProcess, ProcessError> {
-        let port = free_port();
+        let port = self.port.unwrap_or_else(free_port);
         let files = tempfile::tempdir().map_err(ProcessError::Token)?;
         let token_file = files.path().join("admin.token");
         let mut command = Command::new(&self.exe);

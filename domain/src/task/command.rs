@@ -4,7 +4,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::{Task, TaskError, TaskEvent, TaskState};
+use super::{Capacity, Task, TaskError, TaskEvent, TaskState};
 use crate::aggregate::decided_by;
 use crate::spec::TaskSpec;
 use crate::Actor;
@@ -46,7 +46,10 @@ pub enum TaskCommand {
         /// When.
         at: DateTime<Utc>,
     },
-    /// Place the next attempt on a node (the scheduler).
+    /// Place the next attempt on a node, outside a scheduler leader's term
+    /// (tools and tests): the store accepts it only while no scheduler
+    /// holds the leader's lease. The scheduler uses
+    /// [`TaskCommand::AssignAsLeader`].
     Assign {
         /// The node.
         node_id: Uuid,
@@ -55,6 +58,25 @@ pub enum TaskCommand {
         gpus: Vec<u32>,
         /// Why this node, for the timeline.
         reason: String,
+        /// When.
+        at: DateTime<Utc>,
+    },
+    /// Place the next attempt on a node as the scheduler leader of `term`,
+    /// which saw the node able to give `capacity`. The store appends it
+    /// only while `term` is the current leader's and the node can hold the
+    /// attempt (its GPU devices free, CPU and memory within `capacity`).
+    AssignAsLeader {
+        /// The node.
+        node_id: Uuid,
+        /// The node's GPU device indices given to the attempt: exactly as
+        /// many as the task asks for, each once.
+        gpus: Vec<u32>,
+        /// Why this node, for the timeline.
+        reason: String,
+        /// The leader's term.
+        term: u64,
+        /// What the node could give, as the leader saw it.
+        capacity: Capacity,
         /// When.
         at: DateTime<Utc>,
     },
@@ -308,6 +330,39 @@ impl Task {
         }
     }
 
+    /// The event of placing the next attempt on `node_id` with `gpus`,
+    /// under a leader's term and the capacity it saw when `fence` is given.
+    fn assign(
+        &self,
+        node_id: Uuid,
+        gpus: Vec<u32>,
+        reason: String,
+        fence: Option<(u64, Capacity)>,
+        at: DateTime<Utc>,
+    ) -> Result<Vec<TaskEvent>, TaskError> {
+        if self.state != TaskState::Queued {
+            return Err(self.transition_error("assign"));
+        }
+        let wanted = self.spec.as_ref().map_or(0, |s| s.resources.gpus);
+        let mut distinct = gpus.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        if gpus.len() != wanted as usize || distinct.len() != gpus.len() {
+            return Err(TaskError::InvalidAssignment(format!(
+                "the task needs {wanted} distinct GPU device(s), the placement names {gpus:?}"
+            )));
+        }
+        Ok(vec![TaskEvent::Assigned {
+            node_id,
+            attempt: self.attempt + 1,
+            gpus,
+            reason,
+            term: fence.map(|(t, _)| t),
+            capacity: fence.map(|(_, c)| c),
+            at,
+        }])
+    }
+
     /// Decides which events `command` produces, without changing anything.
     ///
     /// # Errors
@@ -337,27 +392,15 @@ impl Task {
                 gpus,
                 reason,
                 at,
-            } => {
-                if self.state != TaskState::Queued {
-                    return Err(self.transition_error("assign"));
-                }
-                let wanted = self.spec.as_ref().map_or(0, |s| s.resources.gpus);
-                let mut distinct = gpus.clone();
-                distinct.sort_unstable();
-                distinct.dedup();
-                if gpus.len() != wanted as usize || distinct.len() != gpus.len() {
-                    return Err(TaskError::InvalidAssignment(format!(
-                        "the task needs {wanted} distinct GPU device(s), the placement names {gpus:?}"
-                    )));
-                }
-                Ok(vec![E::Assigned {
-                    node_id,
-                    attempt: self.attempt + 1,
-                    gpus,
-                    reason,
-                    at,
-                }])
-            }
+            } => self.assign(node_id, gpus, reason, None, at),
+            C::AssignAsLeader {
+                node_id,
+                gpus,
+                reason,
+                term,
+                capacity,
+                at,
+            } => self.assign(node_id, gpus, reason, Some((term, capacity)), at),
             C::Accept {
                 node_id,
                 attempt,

@@ -40,6 +40,17 @@ pub enum TaskError {
     /// A placement that does not fit the task (the scheduler's mistake).
     #[error("invalid assignment: {0}")]
     InvalidAssignment(String),
+    /// The store refused an assignment: it names a scheduler leader's term
+    /// that is no longer current (another scheduler took over), or names
+    /// none while a leader holds the lease. The scheduler that made it
+    /// must stand down.
+    #[error("assignment fenced off: {0}")]
+    Fenced(String),
+    /// The store could not reserve what the assignment needs on its node:
+    /// a GPU device is held by another attempt, or the node's CPU or memory
+    /// would be exceeded.
+    #[error("resources not reserved: {0}")]
+    NotReserved(String),
     /// A report contradicts one already recorded for the same attempt.
     #[error("attempt {attempt} already ended differently: {outcome}")]
     ConflictingReport {

@@ -8,6 +8,16 @@ use uuid::Uuid;
 use crate::spec::TaskSpec;
 use crate::Actor;
 
+/// The CPU and memory a node could give when the scheduler placed an
+/// attempt on it (what its agent declared, capped by an admin's maximum).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Capacity {
+    /// CPU in thousandths of a core.
+    pub millicpus: u64,
+    /// Memory in MiB.
+    pub memory_mb: u64,
+}
+
 /// The events of a task, past tense; stored ones are never edited.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum TaskEvent {
@@ -34,6 +44,17 @@ pub enum TaskEvent {
         gpus: Vec<u32>,
         /// Why this node, for the timeline.
         reason: String,
+        /// The term of the scheduler leader that made the assignment: the
+        /// store refuses it once another leader has taken over. Absent in
+        /// assignments made outside a leader's term (tools, tests) and in
+        /// events written before leaders had terms.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        term: Option<u64>,
+        /// What the node could give, as the scheduler saw it: the store
+        /// refuses the assignment when the node's attempts would hold more.
+        /// Absent where `term` is.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        capacity: Option<Capacity>,
         /// When.
         at: DateTime<Utc>,
     },

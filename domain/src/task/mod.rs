@@ -17,7 +17,7 @@ mod state;
 
 pub use command::{retry_backoff, Outcome, TaskCommand};
 pub use error::TaskError;
-pub use event::TaskEvent;
+pub use event::{Capacity, TaskEvent};
 pub use state::{Artifact, Attempt, Task, TaskState};
 
 #[cfg(test)]

@@ -60,6 +60,8 @@ fn assigned(attempt: u32, node_id: Uuid) -> TaskEvent {
         attempt,
         gpus: vec![],
         reason: "fits".into(),
+        term: None,
+        capacity: None,
         at: at(1),
     }
 }
@@ -486,6 +488,8 @@ fn an_assignment_names_exactly_the_gpus_the_task_asks_for() {
             attempt: 1,
             gpus: vec![1, 3],
             reason: "fits".into(),
+            term: None,
+            capacity: None,
             at: at(1),
         }]);
     for bad in [vec![], vec![1], vec![1, 1], vec![0, 1, 2]] {
@@ -650,4 +654,66 @@ fn retries_left_counts_the_attempts_used() {
         t.apply_event(e);
     }
     assert_eq!(t.retries_left(), 1);
+}
+
+#[test]
+fn a_leaders_assignment_carries_its_term_and_the_capacity_it_saw() {
+    let capacity = Capacity {
+        millicpus: 8000,
+        memory_mb: 16384,
+    };
+    F::with(())
+        .given(vec![gpu_spec(1)])
+        .when(TaskCommand::AssignAsLeader {
+            node_id: node(),
+            gpus: vec![2],
+            reason: "fits".into(),
+            term: 7,
+            capacity,
+            at: at(1),
+        })
+        .then_expect_events(vec![TaskEvent::Assigned {
+            node_id: node(),
+            attempt: 1,
+            gpus: vec![2],
+            reason: "fits".into(),
+            term: Some(7),
+            capacity: Some(capacity),
+            at: at(1),
+        }]);
+    // The same rules as any assignment: GPUs as asked, a queued task only.
+    F::with(())
+        .given(vec![gpu_spec(1), assigned(1, node())])
+        .when(TaskCommand::AssignAsLeader {
+            node_id: node(),
+            gpus: vec![2],
+            reason: "fits".into(),
+            term: 7,
+            capacity,
+            at: at(1),
+        })
+        .then_expect_error(TaskError::InvalidTransition {
+            state: TaskState::Assigned,
+            action: "assign",
+        });
+}
+
+#[test]
+fn an_assignment_stored_before_terms_existed_still_reads() {
+    let stored = serde_json::json!({"Assigned": {
+        "node_id": node(), "attempt": 1, "gpus": [0], "reason": "fits",
+        "at": "2024-01-01T00:00:00Z"
+    }});
+    let event: TaskEvent = serde_json::from_value(stored).unwrap();
+    assert!(matches!(
+        event,
+        TaskEvent::Assigned {
+            term: None,
+            capacity: None,
+            ..
+        }
+    ));
+    // And one without a term is written as before.
+    let written = serde_json::to_value(assigned(1, node())).unwrap();
+    assert!(written["Assigned"].get("term").is_none(), "{written}");
 }

@@ -1,15 +1,27 @@
 //! The scheduler role: placement, liveness and run timeouts.
 //!
-//! One scheduler leads at a time: it holds a PostgreSQL advisory lock on a
-//! connection of its own, and standbys wait on the same lock and take over
-//! when the leader's session ends. Every decision is a command on an
-//! aggregate with optimistic concurrency, so even two leaders for a moment
-//! could never assign one task twice.
+//! One scheduler leads at a time, holding a lease in the database
+//! ([`store::leader`]) that it renews every few seconds; a standby takes
+//! over once the lease has expired, with a new term. The leader checks
+//! that it surely still holds its lease before every decision, and every
+//! assignment names its term: the store refuses one whose term is no
+//! longer current, so a leader that was frozen or cut off and comes back
+//! cannot place anything next to its successor. The store also reserves
+//! each assignment's GPU devices, CPU and memory in the same transaction
+//! ([`store::holds`]), and the leader places from those reservations.
+//!
+//! A node is gone when the platform could hear it and it stayed silent for
+//! `offline_after`: silence counts only from when this scheduler began to
+//! lead, from its recovery after the database was out of reach, and from
+//! when an ingress has been alive without a break ([`heard_since`]), so a
+//! restart or an outage never makes every node look gone.
+//!
+//! [`heard_since`]: Scheduler::heard_since
 
+mod lease;
 pub mod placement;
 mod round;
 
-use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -18,14 +30,12 @@ use domain::node::{Node, NodeCommand, NodeResources};
 use domain::task::{Task, TaskCommand};
 use domain::Actor;
 use projections::{read, Projector};
-use sqlx::{Connection, PgConnection, PgPool};
+use sqlx::PgPool;
 use store::{Store, Wakeup};
 use uuid::Uuid;
 
-use placement::{Candidate, Queued};
-
-/// The advisory lock the leader holds ("UniDesk1" in ASCII).
-pub const LEADER_LOCK: i64 = 0x556e_6944_6573_6b31;
+use lease::Leadership;
+use placement::Candidate;
 
 /// Scheduler settings.
 #[derive(Debug, Clone)]
@@ -43,6 +53,10 @@ pub struct Config {
     /// An attempt assigned this long ago that its (connected) node has not
     /// accepted is given up and the task requeued.
     pub accept_timeout: Duration,
+    /// How long the leader's lease lasts unless renewed: a standby takes
+    /// over this long (at most) after the leader stops renewing it. The
+    /// leader renews it every third of this.
+    pub lease: Duration,
 }
 
 impl Default for Config {
@@ -53,6 +67,7 @@ impl Default for Config {
             poll: Duration::from_millis(500),
             batch: 2000,
             accept_timeout: Duration::from_secs(120),
+            lease: Duration::from_secs(10),
         }
     }
 }
@@ -68,16 +83,25 @@ pub struct Outcome {
     pub lost: usize,
     /// Tasks timed out by the watchdog.
     pub timed_out: usize,
+    /// The leader's term the round ran under; `None` when another
+    /// scheduler leads and this one did nothing.
+    pub term: Option<u64>,
 }
 
-/// A placement made but maybe not yet visible in the read models.
-#[derive(Debug, Clone)]
-struct Pending {
-    node: Uuid,
-    project: Uuid,
-    task: Queued,
-    gpus: Vec<u32>,
-    at: DateTime<Utc>,
+impl Outcome {
+    /// Whether the round decided anything.
+    pub fn decided(&self) -> bool {
+        self.assigned + self.offline + self.lost + self.timed_out > 0
+    }
+}
+
+/// Whether the database was out of reach, and when it came back.
+#[derive(Debug, Default, Clone, Copy)]
+struct Reach {
+    /// The last round failed.
+    failing: bool,
+    /// When a round first succeeded again after failing ones.
+    recovered_at: Option<DateTime<Utc>>,
 }
 
 /// The scheduler.
@@ -85,7 +109,8 @@ pub struct Scheduler {
     store: Store,
     config: Config,
     projector: Projector,
-    pending: Mutex<HashMap<Uuid, Pending>>,
+    leadership: Leadership,
+    reach: Mutex<Reach>,
 }
 
 fn actor() -> Actor {
@@ -93,15 +118,19 @@ fn actor() -> Actor {
 }
 
 impl Scheduler {
-    /// A scheduler on `store`.
+    /// A scheduler on `store`'s database. It works on connections of its
+    /// own ([`lease::pool`]), so that a vanished leader's sessions end
+    /// within seconds. Call inside a Tokio runtime.
     pub fn new(store: Store, config: Config) -> Self {
-        let projector = Projector::only(store.pool().clone(), &["tasks", "nodes", "projects"])
+        let pool = lease::pool(&store.pool().connect_options(), config.lease);
+        let projector = Projector::only(pool.clone(), &["tasks", "nodes", "projects"])
             .unwrap_or_else(|_| unreachable!("these read models exist"));
         Self {
-            store,
+            store: Store::new(pool.clone()),
+            leadership: Leadership::new(pool, config.lease),
             config,
             projector,
-            pending: Mutex::new(HashMap::new()),
+            reach: Mutex::new(Reach::default()),
         }
     }
 
@@ -109,80 +138,151 @@ impl Scheduler {
         self.store.pool()
     }
 
-    /// Runs until `shutdown`: waits to lead, then schedules on every wake-up
-    /// until the lock's connection is lost (then waits to lead again).
+    /// Runs until `shutdown`: stands by until the lease can be taken, then
+    /// schedules on every wake-up, renewing the lease, until it is lost
+    /// (then stands by again). At shutdown the lease is given up, so a
+    /// standby takes over at once.
     pub async fn run(&self, shutdown: impl std::future::Future<Output = ()>) {
         tokio::pin!(shutdown);
+        let mut wake: Option<Wakeup> = None;
         loop {
-            let lock = tokio::select! {
-                _ = &mut shutdown => return,
-                lock = self.lead() => lock,
-            };
-            let mut lock = match lock {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot take the scheduler lock; retrying");
-                    tokio::select! {
-                        _ = &mut shutdown => return,
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
-                    }
-                }
-            };
-            tracing::info!("scheduler is leading");
-            let mut wake = Wakeup::new(self.pool().clone(), self.config.poll).await;
-            loop {
-                if let Err(e) = sqlx::query("SELECT 1").execute(&mut lock).await {
-                    tracing::warn!(error = %e, "lost the scheduler lock's connection; standing by");
-                    break;
-                }
-                match self.run_once(Utc::now()).await {
-                    Ok(o) if o != Outcome::default() => tracing::debug!(?o, "scheduled"),
-                    Ok(_) => {}
-                    Err(e) => tracing::error!(error = %e, "scheduling round failed"),
-                }
+            match self.while_renewing(self.run_once(Utc::now())).await {
+                Ok(o) if o.decided() => tracing::debug!(?o, "scheduled"),
+                Ok(_) => {}
+                Err(e) => tracing::error!(error = %e, "scheduling round failed"),
+            }
+            if self.leadership.term().is_none() {
+                wake = None;
                 tokio::select! {
-                    _ = &mut shutdown => {
-                        let _ = lock.close().await;
-                        return;
+                    _ = &mut shutdown => return,
+                    _ = tokio::time::sleep(self.leadership.standby_poll()) => continue,
+                }
+            }
+            let wake = match &mut wake {
+                Some(w) => w,
+                None => wake.insert(Wakeup::new(self.pool().clone(), self.config.poll).await),
+            };
+            tokio::select! {
+                _ = &mut shutdown => {
+                    self.leadership.release().await;
+                    return;
+                }
+                _ = wake.wait() => {}
+                _ = tokio::time::sleep(self.leadership.renew_every()) => {}
+            }
+        }
+    }
+
+    /// Runs `work`, renewing the lease whenever a renewal is due meanwhile
+    /// (a round placing thousands of tasks outlasts a lease).
+    async fn while_renewing<T>(&self, work: impl std::future::Future<Output = T>) -> T {
+        tokio::pin!(work);
+        loop {
+            tokio::select! {
+                out = &mut work => return out,
+                () = tokio::time::sleep(self.leadership.renew_every()) => {
+                    if let Some(term) = self.leadership.term() {
+                        self.leadership.renew_if_due(term).await;
                     }
-                    _ = wake.wait() => {}
                 }
             }
         }
     }
 
-    /// Opens a connection of its own and blocks on the leader lock.
-    async fn lead(&self) -> Result<PgConnection, sqlx::Error> {
-        let options = self.pool().connect_options();
-        let mut conn = PgConnection::connect_with(&options).await?;
-        sqlx::query("SELECT pg_advisory_lock($1)")
-            .bind(LEADER_LOCK)
-            .execute(&mut conn)
-            .await?;
-        Ok(conn)
-    }
-
-    /// One round: liveness, timeouts, then placement, as of `now`.
+    /// One round as the leader, as of `now`: takes or renews the lease
+    /// first, then liveness, timeouts and placement, each decision made
+    /// only while the lease is surely held. When another scheduler leads,
+    /// does nothing and says so (`term` is `None`).
     ///
     /// # Errors
     /// A database error; a refused command is logged and skipped.
     #[tracing::instrument(name = "scheduler_round", skip_all, fields(%now))]
     pub async fn run_once(&self, now: DateTime<Utc>) -> Result<Outcome, sqlx::Error> {
+        let Some(term) = self.leadership.keep().await else {
+            return Ok(Outcome::default());
+        };
+        let round = self.round(term, now).await;
+        let mut reach = self.reach.lock().unwrap_or_else(|e| e.into_inner());
+        match &round {
+            Err(_) => reach.failing = true,
+            Ok(_) if reach.failing => {
+                reach.failing = false;
+                reach.recovered_at = Some(now);
+            }
+            Ok(_) => {}
+        }
+        round
+    }
+
+    async fn round(&self, term: u64, now: DateTime<Utc>) -> Result<Outcome, sqlx::Error> {
         if let Err(e) = self.projector.drain().await {
             tracing::warn!(error = %e, "read models could not catch up");
         }
-        let mut outcome = Outcome::default();
+        let mut outcome = Outcome {
+            term: Some(term),
+            ..Outcome::default()
+        };
         // Timeouts first: an attempt past its time limit on a node that
         // went away ends timed out, not lost and retried.
-        self.timeouts(now, &mut outcome).await?;
-        self.liveness(now, &mut outcome).await?;
-        self.placement(now, &mut outcome).await?;
+        self.timeouts(term, now, &mut outcome).await?;
+        self.liveness(term, now, &mut outcome).await?;
+        self.placement(term, now, &mut outcome).await?;
         Ok(outcome)
     }
 
-    async fn liveness(&self, now: DateTime<Utc>, outcome: &mut Outcome) -> Result<(), sqlx::Error> {
-        let cutoff =
-            now - chrono::Duration::from_std(self.config.offline_after).unwrap_or_default();
+    /// Since when this scheduler could hear every node, as of `now`: the
+    /// latest of when its term began, when it reached the database again
+    /// after losing it, and since when an ingress has been alive without a
+    /// break (`now` when none is alive: nothing is heard). A node's silence
+    /// counts from no earlier, so after a restart, a change of leader or an
+    /// outage every node gets a full window to be heard again.
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn heard_since(&self, now: DateTime<Utc>) -> Result<DateTime<Utc>, sqlx::Error> {
+        let ingress: Option<DateTime<Utc>> = sqlx::query_scalar(
+            "SELECT min(alive_since) FROM ingress_liveness \
+             WHERE last_seen >= now() - make_interval(secs => $1)",
+        )
+        .bind(ingress::ALIVE_WITHIN.as_secs_f64())
+        .fetch_one(self.pool())
+        .await?;
+        let recovered = self
+            .reach
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .recovered_at;
+        Ok([
+            Some(ingress.unwrap_or(now)),
+            self.leadership.since(),
+            recovered,
+        ]
+        .into_iter()
+        .flatten()
+        .max()
+        .unwrap_or(now))
+    }
+
+    /// The cutoff for a silence of `window` as of `now`, heard since
+    /// `heard`: `now - window` once a whole window has been heard, else a
+    /// time before anything (nothing has been silent that long yet).
+    fn silent_before(now: DateTime<Utc>, heard: DateTime<Utc>, window: Duration) -> DateTime<Utc> {
+        let cutoff = now - chrono::Duration::from_std(window).unwrap_or_default();
+        if heard < cutoff {
+            cutoff
+        } else {
+            DateTime::UNIX_EPOCH
+        }
+    }
+
+    async fn liveness(
+        &self,
+        term: u64,
+        now: DateTime<Utc>,
+        outcome: &mut Outcome,
+    ) -> Result<(), sqlx::Error> {
+        let heard = self.heard_since(now).await?;
+        let cutoff = Self::silent_before(now, heard, self.config.offline_after);
         // Online nodes whose heartbeats stopped.
         let silent = read::nodes::silent_online(self.pool(), cutoff).await?;
         for read::nodes::Silent {
@@ -190,6 +290,9 @@ impl Scheduler {
             last_seen,
         } in silent
         {
+            if !self.leadership.sure(term) {
+                return Ok(());
+            }
             let cmd = NodeCommand::MarkOffline { last_seen, at: now };
             match self
                 .store
@@ -214,7 +317,8 @@ impl Scheduler {
         } in lost
         {
             if overdue {
-                self.time_out(task, attempt as u32, now, outcome).await;
+                self.time_out(term, task, attempt as u32, now, outcome)
+                    .await;
                 continue;
             }
             let reason = if status == "revoked" {
@@ -231,24 +335,31 @@ impl Scheduler {
                 reason,
                 at: now,
             };
-            if self.command_task(task, cmd, now, "mark attempt lost").await {
+            if self
+                .command_task(term, task, cmd, now, "mark attempt lost")
+                .await
+            {
                 outcome.lost += 1;
             }
         }
-        self.unaccepted(now, outcome).await
+        self.unaccepted(term, now, heard, outcome).await
     }
 
     /// Attempts assigned to a node that never took them on: the agent is
     /// connected but stuck, or the command cannot reach it. The attempt is
     /// given up like a lost one, so the task runs elsewhere (retries and
-    /// backoff apply).
+    /// backoff apply). As with silence, the wait counts only from `heard`:
+    /// an attempt the platform could not deliver during an outage is not
+    /// given up for it.
     async fn unaccepted(
         &self,
+        term: u64,
         now: DateTime<Utc>,
+        heard: DateTime<Utc>,
         outcome: &mut Outcome,
     ) -> Result<(), sqlx::Error> {
         let limit = self.config.accept_timeout;
-        let cutoff = now - chrono::Duration::from_std(limit).unwrap_or_default();
+        let cutoff = Self::silent_before(now, heard, limit);
         let stuck = read::tasks::unaccepted(self.pool(), cutoff).await?;
         for read::tasks::Unaccepted {
             task,
@@ -267,7 +378,7 @@ impl Scheduler {
                 at: now,
             };
             if self
-                .command_task(task, cmd, now, "give up an unaccepted attempt")
+                .command_task(term, task, cmd, now, "give up an unaccepted attempt")
                 .await
             {
                 outcome.lost += 1;
@@ -276,38 +387,55 @@ impl Scheduler {
         Ok(())
     }
 
-    async fn timeouts(&self, now: DateTime<Utc>, outcome: &mut Outcome) -> Result<(), sqlx::Error> {
+    async fn timeouts(
+        &self,
+        term: u64,
+        now: DateTime<Utc>,
+        outcome: &mut Outcome,
+    ) -> Result<(), sqlx::Error> {
         let grace = self.config.timeout_grace.as_secs_f64();
         let overdue = read::tasks::overdue(self.pool(), now, grace).await?;
         for read::tasks::Attempt { task, attempt } in overdue {
-            self.time_out(task, attempt as u32, now, outcome).await;
+            self.time_out(term, task, attempt as u32, now, outcome)
+                .await;
         }
         Ok(())
     }
 
     /// Times out an attempt past its limit; the ingress then asks its node
     /// to stop the container, if the node is still there.
-    async fn time_out(&self, task: Uuid, attempt: u32, now: DateTime<Utc>, outcome: &mut Outcome) {
+    async fn time_out(
+        &self,
+        term: u64,
+        task: Uuid,
+        attempt: u32,
+        now: DateTime<Utc>,
+        outcome: &mut Outcome,
+    ) {
         let cmd = TaskCommand::TimeOut {
             attempt,
             by: actor(),
             at: now,
         };
-        if self.command_task(task, cmd, now, "time out").await {
+        if self.command_task(term, task, cmd, now, "time out").await {
             outcome.timed_out += 1;
         }
     }
 
-    /// Runs `cmd` on `task` as the scheduler; whether it appended
-    /// anything. A refusal (the task moved on meanwhile) is logged as
-    /// "cannot `what`".
+    /// Runs `cmd` on `task` as the leader of `term`, while it surely
+    /// leads; whether it appended anything. A refusal (the task moved on
+    /// meanwhile) is logged as "cannot `what`".
     async fn command_task(
         &self,
+        term: u64,
         task: Uuid,
         cmd: TaskCommand,
         now: DateTime<Utc>,
         what: &str,
     ) -> bool {
+        if !self.leadership.sure(term) {
+            return false;
+        }
         match self
             .store
             .execute::<Task>(&task.to_string(), cmd, &actor(), now)

@@ -1,91 +1,68 @@
-//! One placement round: the queue, what nodes and projects already hold
-//! (read models plus this scheduler's own placements they do not show
-//! yet), [`placement::place`], and the assignments committed as commands.
+//! One placement round: the queue, what nodes and projects hold (the
+//! store's reservations, exact at every commit), [`placement::place`], and
+//! the assignments committed as commands under the leader's term.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
-use domain::task::{Task, TaskCommand, TaskError};
-use projections::read::{self, tasks::Holding, tasks::QueuedTask};
+use domain::task::{Capacity, Task, TaskCommand, TaskError};
+use projections::read::{self, tasks::QueuedTask};
+use store::holds::Hold;
 use store::StoreError;
 use uuid::Uuid;
 
 use super::placement::{self, Candidate, Placement, Queued};
-use super::{actor, Outcome, Pending, Scheduler};
+use super::{actor, Outcome, Scheduler};
 
-/// How long a placement of ours may stay unseen by the read models before
-/// it is no longer counted.
-const PENDING_FOR_S: i64 = 60;
+/// Whether a round goes on after an assignment.
+enum Next {
+    /// Assign the next placement.
+    Continue,
+    /// This scheduler no longer surely leads: decide nothing more.
+    Stop,
+}
 
 impl Scheduler {
-    /// Places as many queued tasks as fit, in order, and assigns them.
+    /// Places as many queued tasks as fit, in order, and assigns them as
+    /// the leader of `term`.
     pub(super) async fn placement(
         &self,
+        term: u64,
         now: DateTime<Utc>,
         outcome: &mut Outcome,
     ) -> Result<(), sqlx::Error> {
-        // Our own placements the read model does not show yet: skipped in
-        // the query (so the queue behind them is seen), counted as held.
-        let pending = self.recent_placements(now);
-        let pending_ids: Vec<Uuid> = pending.iter().map(|p| p.task.id).collect();
-        let queued_rows = self.queued(now, &pending_ids).await?;
-        let holding = self.holding().await?;
-        let pending = self.still_pending(pending, &pending_ids).await?;
+        let holds = store::holds::all(self.pool()).await?;
+        // A task holding a node is not queued, whatever a read model that
+        // has not caught up yet says.
+        let holding: Vec<Uuid> = holds.iter().map(|h| h.task).collect();
+        let queued_rows =
+            read::tasks::queued(self.pool(), self.config.batch, &holding, now).await?;
         if queued_rows.is_empty() {
             return Ok(());
         }
         let mut nodes = self.candidates().await?;
-        let mut running = occupy(&mut nodes, &holding, &pending);
+        let capacity: HashMap<Uuid, Capacity> = nodes
+            .iter()
+            .map(|n| {
+                let c = Capacity {
+                    millicpus: n.millicpus,
+                    memory_mb: n.memory_mb,
+                };
+                (n.id, c)
+            })
+            .collect();
+        let mut running = occupy(&mut nodes, &holds);
         let queue = queue(queued_rows);
         let quota = self.quotas(&queue).await?;
-        let tasks: HashMap<Uuid, Queued> = queue.iter().map(|t| (t.id, t.clone())).collect();
         for p in placement::place(queue, &mut nodes, &mut running, &quota) {
-            self.commit(p, &tasks, now, outcome).await;
+            let Some(&c) = capacity.get(&p.node) else {
+                continue;
+            };
+            if let Next::Stop = self.commit(term, p, c, now, outcome).await {
+                break;
+            }
         }
         Ok(())
-    }
-
-    /// Our placements of the last minute; older ones are forgotten.
-    fn recent_placements(&self, now: DateTime<Utc>) -> Vec<Pending> {
-        let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-        p.retain(|_, x| now - x.at < chrono::Duration::seconds(PENDING_FOR_S));
-        p.values().cloned().collect()
-    }
-
-    /// The queue, highest priority and oldest first, without `pending` and
-    /// without tasks waiting out a retry backoff; at most a batch.
-    async fn queued(
-        &self,
-        now: DateTime<Utc>,
-        pending: &[Uuid],
-    ) -> Result<Vec<QueuedTask>, sqlx::Error> {
-        read::tasks::queued(self.pool(), self.config.batch, pending, now).await
-    }
-
-    /// The tasks holding a node.
-    async fn holding(&self) -> Result<Vec<Holding>, sqlx::Error> {
-        read::tasks::holding(self.pool()).await
-    }
-
-    /// Of `pending`, the placements the read model still shows queued; the
-    /// others are forgotten. Once the read model no longer shows a
-    /// placement queued, it counts there (holding its node) or it has
-    /// already ended.
-    async fn still_pending(
-        &self,
-        pending: Vec<Pending>,
-        pending_ids: &[Uuid],
-    ) -> Result<Vec<Pending>, sqlx::Error> {
-        let lagging: HashSet<Uuid> = read::tasks::still_queued(self.pool(), pending_ids)
-            .await?
-            .into_iter()
-            .collect();
-        let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-        p.retain(|id, _| lagging.contains(id));
-        Ok(pending
-            .into_iter()
-            .filter(|x| lagging.contains(&x.task.id))
-            .collect())
     }
 
     /// The most running tasks of each project of `queue` that has a limit.
@@ -98,20 +75,28 @@ impl Scheduler {
             .collect())
     }
 
-    /// Assigns the task of placement `p`, counting it and remembering it
-    /// as pending until the read models show it; a task no longer queued
-    /// is passed over.
+    /// Assigns the task of placement `p` as the leader of `term`, for a
+    /// node that could give `capacity`, if this scheduler surely still
+    /// leads. A task no longer queued is passed over, and so is a
+    /// reservation the store refuses; a fenced assignment ends the
+    /// leadership.
     async fn commit(
         &self,
+        term: u64,
         p: Placement,
-        tasks: &HashMap<Uuid, Queued>,
+        capacity: Capacity,
         now: DateTime<Utc>,
         outcome: &mut Outcome,
-    ) {
-        let cmd = TaskCommand::Assign {
+    ) -> Next {
+        if !self.leadership.sure(term) {
+            return Next::Stop;
+        }
+        let cmd = TaskCommand::AssignAsLeader {
             node_id: p.node,
-            gpus: p.gpus.clone(),
+            gpus: p.gpus,
             reason: p.reason,
+            term,
+            capacity,
             at: now,
         };
         match self
@@ -119,45 +104,35 @@ impl Scheduler {
             .execute::<Task>(&p.task.to_string(), cmd, &actor(), now)
             .await
         {
-            Ok(_) => {
-                outcome.assigned += 1;
-                if let Some(t) = tasks.get(&p.task) {
-                    self.pending
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .insert(
-                            p.task,
-                            Pending {
-                                node: p.node,
-                                project: t.project,
-                                task: t.clone(),
-                                gpus: p.gpus,
-                                at: now,
-                            },
-                        );
-                }
-            }
+            Ok(_) => outcome.assigned += 1,
             Err(StoreError::Rejected(TaskError::InvalidTransition { .. })) => {}
+            Err(StoreError::Rejected(TaskError::Fenced(why))) => {
+                tracing::warn!(task = %p.task, term, %why, "the store refused an assignment");
+                self.leadership.step_down(&format!(
+                    "the store refused an assignment of term {term}: {why}"
+                ));
+                return Next::Stop;
+            }
+            Err(StoreError::Rejected(TaskError::NotReserved(why))) => {
+                tracing::warn!(task = %p.task, node = %p.node, %why, "cannot reserve; moving on");
+            }
             Err(e) => tracing::warn!(task = %p.task, error = %e, "cannot assign"),
         }
+        Next::Continue
     }
 }
 
-/// Marks on `nodes` what the `holding` tasks and our `pending` placements
-/// use; returns how many tasks each project runs.
-fn occupy(nodes: &mut [Candidate], holding: &[Holding], pending: &[Pending]) -> HashMap<Uuid, u32> {
+/// Marks on `nodes` what `holds` reserve; returns how many tasks each
+/// project runs.
+fn occupy(nodes: &mut [Candidate], holds: &[Hold]) -> HashMap<Uuid, u32> {
     let mut running: HashMap<Uuid, u32> = HashMap::new();
     let by_id: HashMap<Uuid, usize> = nodes.iter().enumerate().map(|(i, n)| (n.id, i)).collect();
-    for h in holding {
-        *running.entry(h.project).or_default() += 1;
-        if let (Some(&i), Some(r)) = (by_id.get(&h.node), &h.resources) {
-            nodes[i].hold(r.millicpus(), r.memory_mb, &h.gpus);
+    for h in holds {
+        if let Some(project) = h.project {
+            *running.entry(project).or_default() += 1;
         }
-    }
-    for p in pending {
-        *running.entry(p.project).or_default() += 1;
-        if let Some(&i) = by_id.get(&p.node) {
-            nodes[i].hold(p.task.millicpus, p.task.memory_mb, &p.gpus);
+        if let Some(&i) = by_id.get(&h.node) {
+            nodes[i].hold(h.millicpus, h.memory_mb, &h.gpus);
         }
     }
     running
