@@ -177,6 +177,31 @@ impl World {
             .unwrap();
     }
 
+    /// The test's ingress was restarted at `at`: nodes are heard through
+    /// it since then.
+    async fn ingress_restarted(&self, at: DateTime<Utc>) {
+        sqlx::query("UPDATE ingress_liveness SET alive_since = $1 WHERE ingress = 'test'")
+            .bind(at)
+            .execute(self.store.pool())
+            .await
+            .unwrap();
+    }
+
+    /// Places `task`'s next attempt on `node` directly, with no scheduler
+    /// leading.
+    async fn assign(&self, task: Uuid, node: Uuid) {
+        let cmd = TaskCommand::Assign {
+            node_id: node,
+            gpus: vec![],
+            reason: "test".into(),
+            at: Utc::now(),
+        };
+        self.store
+            .execute::<Task>(&task.to_string(), cmd, &admin(), Utc::now())
+            .await
+            .unwrap();
+    }
+
     async fn beat(&self, node: Uuid, session: Uuid, at: DateTime<Utc>) {
         sqlx::query(
             "INSERT INTO node_liveness (node_id, session, ingress, connected_at, last_seen) \
@@ -683,7 +708,7 @@ async fn the_watchdog_times_out_a_task_whose_node_never_reports() {
 }
 
 #[tokio::test]
-async fn a_standby_takes_over_when_the_leader_dies() {
+async fn a_standby_takes_over_when_the_leader_stops() {
     let w = world().await;
     w.node("n", 64.0, &[], Utc::now() + chrono::Duration::hours(1))
         .await;
@@ -707,7 +732,7 @@ async fn a_standby_takes_over_when_the_leader_dies() {
     wait_assigned(&w, first).await;
     let s = standby.clone();
     let standby_task = tokio::spawn(async move { s.run(std::future::pending()).await });
-    // The leader dies; its lock's session ends and the standby leads.
+    // The leader stops and gives its lease up; the standby leads.
     let _ = stop_leader.send(());
     leader_task.await.unwrap();
     let second = w.submit(1.0, &[], 0, None).await;
@@ -722,4 +747,121 @@ async fn wait_assigned(w: &World, task: Uuid) {
         || async { (w.task(task).await.state == TaskState::Assigned).then_some(()) },
     )
     .await;
+}
+
+#[tokio::test]
+async fn a_node_silent_since_before_the_scheduler_led_gets_a_whole_window() {
+    let w = world().await;
+    // The server was down: the node's last heartbeat is old when a
+    // scheduler starts leading.
+    let node = w
+        .node("n", 4.0, &[], Utc::now() - chrono::Duration::seconds(200))
+        .await;
+    let task = w.submit(1.0, &[], 1, None).await;
+    w.assign(task, node).await;
+    w.run(node, task).await;
+    let s = Scheduler::new(w.store.clone(), Config::default());
+    let now = Utc::now();
+    let o = round(&w, &s, now).await;
+    assert_eq!((o.offline, o.lost), (0, 0));
+    let o = round(&w, &s, now + chrono::Duration::seconds(60)).await;
+    assert_eq!((o.offline, o.lost), (0, 0));
+    assert_eq!(w.task(task).await.state, TaskState::Running);
+    // Still silent a whole window after the scheduler began to hear: gone.
+    let o = round(&w, &s, now + chrono::Duration::seconds(91)).await;
+    assert_eq!((o.offline, o.lost), (1, 1));
+}
+
+#[tokio::test]
+async fn silence_counts_only_while_an_ingress_is_heard() {
+    let w = world().await;
+    let s = scheduler(&w).await;
+    let now = Utc::now();
+    let node = w.node("n", 4.0, &[], now).await;
+    let task = w.submit(1.0, &[], 1, None).await;
+    round(&w, &s, now).await;
+    w.run(node, task).await;
+    // No ingress is alive: nothing can be heard, nothing is gone.
+    sqlx::query("UPDATE ingress_liveness SET last_seen = now() - interval '1 hour'")
+        .execute(w.store.pool())
+        .await
+        .unwrap();
+    let o = s
+        .run_once(now + chrono::Duration::seconds(120))
+        .await
+        .unwrap();
+    assert_eq!((o.offline, o.lost), (0, 0));
+    // The ingress comes back at +150 s: the node has until +240 s.
+    w.ingress_restarted(now + chrono::Duration::seconds(150))
+        .await;
+    let o = round(&w, &s, now + chrono::Duration::seconds(200)).await;
+    assert_eq!((o.offline, o.lost), (0, 0));
+    assert_eq!(w.task(task).await.state, TaskState::Running);
+    let o = round(&w, &s, now + chrono::Duration::seconds(241)).await;
+    assert_eq!((o.offline, o.lost), (1, 1));
+}
+
+#[tokio::test]
+async fn an_attempt_assigned_before_an_outage_is_not_given_up_for_it() {
+    let w = world().await;
+    let s = scheduler(&w).await;
+    let now = Utc::now();
+    w.node("n", 4.0, &[], now + chrono::Duration::hours(1))
+        .await;
+    let task = w.submit(1.0, &[], 1, None).await;
+    round(&w, &s, now).await;
+    assert_eq!(w.task(task).await.state, TaskState::Assigned);
+    // Nothing was heard until +100 s: the node has until +220 s to accept.
+    w.ingress_restarted(now + chrono::Duration::seconds(100))
+        .await;
+    let o = round(&w, &s, now + chrono::Duration::seconds(150)).await;
+    assert_eq!(o.lost, 0);
+    let o = round(&w, &s, now + chrono::Duration::seconds(221)).await;
+    assert_eq!(o.lost, 1);
+}
+
+#[tokio::test]
+async fn a_leader_whose_lease_was_taken_over_is_refused_by_the_store_and_stands_down() {
+    let w = world().await;
+    w.node("n", 64.0, &[], Utc::now() + chrono::Duration::hours(1))
+        .await;
+    // A long lease: the old leader renews nothing during the test, so it
+    // still believes it leads when it next assigns.
+    let long = Config {
+        lease: Duration::from_secs(600),
+        ..Config::default()
+    };
+    let old = Scheduler::new(w.store.clone(), long.clone());
+    let old_term = round(&w, &old, Utc::now()).await.term.unwrap();
+    // Its lease runs out while it is frozen; another scheduler takes over.
+    sqlx::query("UPDATE scheduler_leader SET expires_at = clock_timestamp()")
+        .execute(w.store.pool())
+        .await
+        .unwrap();
+    let new = Scheduler::new(w.store.clone(), long);
+    let new_term = round(&w, &new, Utc::now()).await.term.unwrap();
+    assert_eq!(new_term, old_term + 1);
+
+    let task = w.submit(1.0, &[], 0, None).await;
+    projections::Projector::new(w.store.pool().clone())
+        .catch_up()
+        .await
+        .unwrap();
+    let o = old.run_once(Utc::now()).await.unwrap();
+    assert_eq!((o.term, o.assigned), (Some(old_term), 0));
+    assert_eq!(w.task(task).await.state, TaskState::Queued);
+    // It stood down: the next round does nothing.
+    let o = old.run_once(Utc::now()).await.unwrap();
+    assert_eq!(o.term, None);
+    let o = round(&w, &new, Utc::now()).await;
+    assert_eq!(o.assigned, 1);
+    let terms: Vec<Option<i64>> = sqlx::query_scalar(
+        "SELECT (payload -> 'Assigned' ->> 'term')::bigint FROM events \
+         WHERE event_type = 'TaskAssigned' AND aggregate_id = $1",
+    )
+    .bind(task.to_string())
+    .fetch_all(w.store.pool())
+    .await
+    .unwrap();
+    assert_eq!(terms, [Some(new_term as i64)]);
 }
