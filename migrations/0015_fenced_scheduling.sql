@@ -160,17 +160,24 @@ CREATE TRIGGER events_to_task_holds
           ('TaskAssigned', 'TaskSucceeded', 'TaskFailed', 'TaskTimedOut', 'TaskCancelled', 'TaskLost'))
     EXECUTE FUNCTION events_to_task_holds();
 
--- The holds of the attempts already in the log.
+-- The holds of the attempts already in the log: each task's last
+-- assignment that nothing ended since. Where old logs had two attempts on
+-- one GPU device, one of them keeps it.
 DO
 $$
 DECLARE
     e record;
 BEGIN
     FOR e IN
-        SELECT event_type, aggregate_id, payload FROM events
-        WHERE aggregate_type = 'task' AND event_type IN
-              ('TaskAssigned', 'TaskSucceeded', 'TaskFailed', 'TaskTimedOut', 'TaskCancelled', 'TaskLost')
-        ORDER BY aggregate_id, sequence
+        SELECT a.event_type, a.aggregate_id, a.payload FROM events a
+        WHERE a.aggregate_type = 'task' AND a.event_type = 'TaskAssigned'
+          AND NOT EXISTS (
+              SELECT 1 FROM events b
+              WHERE b.aggregate_type = 'task' AND b.aggregate_id = a.aggregate_id
+                AND b.sequence > a.sequence
+                AND b.event_type IN ('TaskAssigned', 'TaskSucceeded', 'TaskFailed', 'TaskTimedOut',
+                                     'TaskCancelled', 'TaskLost'))
+        ORDER BY a.aggregate_id
     LOOP
         PERFORM task_holds_apply(e.event_type, e.aggregate_id, e.payload, true);
     END LOOP;

@@ -9,12 +9,14 @@
     reason = "a test fails loudly at the first surprise"
 )]
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use chrono::Utc;
 use domain::spec::{ResourcesDraft, TaskSpecDraft, UrlPolicy};
 use domain::task::{Capacity, Outcome, Task, TaskCommand, TaskError, TaskState};
 use domain::Actor;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{Connection, PgConnection, PgPool};
 use store::{Store, StoreError};
 use uuid::Uuid;
 
@@ -323,4 +325,75 @@ async fn an_imported_log_brings_its_holds_along() {
         .unwrap();
     let held = store::holds::gpus_on(&target.pool, node).await.unwrap();
     assert_eq!(held.into_iter().collect::<Vec<_>>(), [(0, running)]);
+}
+
+/// A database of its own with the migrations before the holds applied.
+async fn before_holds() -> PgPool {
+    let admin_url = testkit::server_url().await;
+    let mut admin = PgConnection::connect(&admin_url).await.unwrap();
+    let unix = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let name = format!("test_{unix}_{}", Uuid::new_v4().simple());
+    sqlx::query(&format!(r#"CREATE DATABASE "{name}""#))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    let options: PgConnectOptions = admin_url.parse().unwrap();
+    let pool = PgPoolOptions::new()
+        .max_connections(4)
+        .connect_with(options.database(&name))
+        .await
+        .unwrap();
+    let earlier = tempfile::tempdir().unwrap();
+    let all = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../migrations");
+    for file in std::fs::read_dir(all).unwrap() {
+        let path = file.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().to_string();
+        if name.as_str() < "0015" {
+            std::fs::copy(&path, earlier.path().join(&name)).unwrap();
+        }
+    }
+    sqlx::migrate::Migrator::new(earlier.path())
+        .await
+        .unwrap()
+        .run(&pool)
+        .await
+        .unwrap();
+    pool
+}
+
+#[tokio::test]
+async fn holds_of_attempts_already_in_the_log_are_taken_on_by_the_migration() {
+    let pool = before_holds().await;
+    let store = Store::new(pool.clone());
+    let node = Uuid::new_v4();
+    let ended = submit(&store, 1.0, 1).await;
+    run(&store, ended, assign(node, vec![0])).await.unwrap();
+    finish(&store, ended, node).await;
+    let running = submit(&store, 2.0, 2).await;
+    run(&store, running, assign(node, vec![0, 1]))
+        .await
+        .unwrap();
+    let queued = submit(&store, 1.0, 0).await;
+
+    store::migrate(&pool).await.unwrap();
+    let held = store::holds::all(&pool).await.unwrap();
+    assert_eq!(held.len(), 1, "{held:?}");
+    assert_eq!(
+        (held[0].task, held[0].node, held[0].millicpus, &held[0].gpus),
+        (running, node, 2000, &vec![0, 1])
+    );
+    // From now on the store holds them: device 1 is not given again.
+    run(&store, queued, assign(node, vec![])).await.unwrap();
+    let gpu = submit(&store, 1.0, 1).await;
+    let refused = run(&store, gpu, assign(node, vec![1])).await;
+    assert!(
+        matches!(
+            refused,
+            Err(StoreError::Rejected(TaskError::NotReserved(_)))
+        ),
+        "{refused:?}"
+    );
 }
