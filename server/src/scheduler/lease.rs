@@ -12,7 +12,9 @@
 //!
 //! The lease's connections ask the database to drop them when their peer
 //! vanishes ([`pool`]), so a leader whose host is gone leaves no session
-//! (and no lock) behind for more than a few seconds.
+//! (and no lock) behind for more than a few seconds. On this side (sqlx
+//! sets no TCP keepalive of its own) every request about the lease is
+//! bounded by a timeout instead, and one that runs out ends the leadership.
 
 use std::sync::Mutex;
 use std::time::Duration;

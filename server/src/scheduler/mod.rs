@@ -180,7 +180,7 @@ impl Scheduler {
         loop {
             tokio::select! {
                 out = &mut work => return out,
-                () = tokio::time::sleep(self.leadership.renew_every()) => {
+                () = tokio::time::sleep(self.leadership.renew_every() / 2) => {
                     if let Some(term) = self.leadership.term() {
                         self.leadership.renew_if_due(term).await;
                     }
