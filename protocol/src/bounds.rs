@@ -332,10 +332,16 @@ impl Status {
     ///
     /// # Errors
     /// [`Invalid`] when `container` is empty, longer than
-    /// [`MAX_CONTAINER_BYTES`] or holds a control character or white space.
+    /// [`MAX_CONTAINER_BYTES`] or anything but printable ASCII.
     pub fn bounded(mut self) -> Result<Self, Invalid> {
         if let Some(container) = &self.container {
             identifier("container", container, MAX_CONTAINER_BYTES, false)?;
+            if !container.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(Invalid::new(
+                    "container",
+                    "must be printable ASCII, as a Docker container id is",
+                ));
+            }
         }
         if let Some(stage) = self.stage.as_mut() {
             *stage = line(stage, MAX_STAGE_BYTES);
