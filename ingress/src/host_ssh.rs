@@ -194,7 +194,7 @@ pub(crate) async fn finish(store: &Store, node_id: Uuid, result: HostSshResult) 
         )),
         Err(StoreError::Rejected(e)) => Answer::Refused(e.to_string()),
         Err(StoreError::Unstorable { sqlstate, message }) => {
-            tracing::warn!(%node_id, %request_id, sqlstate, message, "the database refused a host SSH result");
+            tracing::warn!(%node_id, %request_id, sqlstate, error = %message, "the database refused a host SSH result");
             Answer::Unstorable(crate::reports::unstorable(&sqlstate))
         }
         Err(e) => Answer::Later(e.to_string()),

@@ -149,7 +149,7 @@ pub(crate) async fn report(store: &Store, node_id: Uuid, status: &Status) -> Ans
         Ok(_) => Answer::Stored,
         Err(StoreError::Rejected(e)) => Answer::Refused(refusal(&e, status.attempt)),
         Err(StoreError::Unstorable { sqlstate, message }) => {
-            tracing::warn!(%node_id, task_id = %status.task_id, sqlstate, message, "the database refused a report");
+            tracing::warn!(%node_id, task_id = %status.task_id, sqlstate, error = %message, "the database refused a report");
             Answer::Unstorable(unstorable(&sqlstate))
         }
         Err(e) => Answer::Later(e.to_string()),

@@ -388,7 +388,7 @@ impl Session {
                 return Err(End::refused("unauthorized", e.to_string()))
             }
             Err(StoreError::Unstorable { sqlstate, message }) => {
-                tracing::warn!(%node_id, sqlstate, message, "the database refused an agent's hello");
+                tracing::warn!(%node_id, sqlstate, error = %message, "the database refused an agent's hello");
                 return Err(End::refused(
                     "bad_frame",
                     format!("hello: {}", crate::reports::unstorable(&sqlstate)),

@@ -37,8 +37,9 @@ use support::Ws;
 /// How long a test waits for something that should happen.
 const PATIENCE: Duration = Duration::from_secs(15);
 
-/// The largest payload any event of a hostile node may have: a
-/// `NodeConnected` of a full hello is about 30 KiB, anything else far less.
+/// The largest payload an event may have when the node's hello is an
+/// ordinary one, whatever else it sends (the largest hello allowed makes a
+/// `NodeConnected` under 32 KiB).
 const SMALL_EVENT: i64 = 4 * 1024;
 
 // ---------------------------------------------------------------- logs

@@ -33,7 +33,7 @@
 //! The limits are far above what a real node sends (the agent lists at most
 //! 1,000 cached images and commits, a large machine has 8 or 16 GPUs, and
 //! runs a few dozen attempts at once) and far below what would bloat an
-//! event: the largest `NodeConnected` a hello can produce is about 30 KiB.
+//! event: the largest `NodeConnected` a hello can produce is under 32 KiB.
 
 use std::borrow::Cow;
 use std::fmt;
