@@ -286,6 +286,7 @@ fn from_store<E: std::error::Error>(
             "the resource was changed by others at the same moment too often; try again",
         ),
         StoreError::Corrupt(m) => ApiError::internal(format!("corrupt stored data: {m}")),
+        e @ StoreError::Unstorable { .. } => ApiError::internal(e.to_string()),
         StoreError::Database(m) => ApiError::internal(format!("database: {m}")),
     }
 }

@@ -651,3 +651,55 @@ fn retries_left_counts_the_attempts_used() {
     }
     assert_eq!(t.retries_left(), 1);
 }
+
+#[test]
+fn a_refused_report_is_recorded_once_for_its_own_node_and_leaves_the_task_as_it_was() {
+    let refuse = |node_id, report| TaskCommand::RecordRefusedReport {
+        node_id,
+        attempt: 1,
+        report,
+        state: "running".into(),
+        reason: "container: holds a control character".into(),
+        at: at(8),
+    };
+    let refused = |report| TaskEvent::ReportRefused {
+        node_id: node(),
+        attempt: 1,
+        report,
+        state: "running".into(),
+        reason: "container: holds a control character".into(),
+        at: at(8),
+    };
+    F::with(())
+        .given(running())
+        .when(refuse(node(), 5))
+        .then_expect_events(vec![refused(5)]);
+    let mut given = running();
+    given.push(refused(5));
+    F::with(())
+        .given(given.clone())
+        .when(refuse(node(), 5))
+        .then_expect_events(vec![]);
+    F::with(())
+        .given(running())
+        .when(refuse(other_node(), 5))
+        .then_expect_error(TaskError::WrongNode {
+            assigned: node(),
+            reporter: other_node(),
+        });
+    // A bounded number per task.
+    let mut full = running();
+    full.extend((0..MAX_REFUSED_REPORTS as u64).map(refused));
+    F::with(())
+        .given(full)
+        .when(refuse(node(), 1000))
+        .then_expect_events(vec![]);
+    let mut before = Task::default();
+    for e in running() {
+        before.apply_event(e);
+    }
+    let mut after = before.clone();
+    after.apply_event(refused(5));
+    after.refused_reports.clear();
+    assert_eq!(after, before);
+}
