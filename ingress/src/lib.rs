@@ -56,7 +56,7 @@ use crate::registry::Registry;
 /// events it was asked to deliver.
 pub const CATCH_UP_WAIT: Duration = Duration::from_secs(10);
 
-pub use crate::commands::PendingError;
+pub use crate::commands::{check_run_task_fits, run_task_message, PendingError, TooLargeForFrame};
 pub use crate::logs::{cut_marker, LogLimits, CHUNK_COST, MIN_BYTES_PER_S};
 
 /// How the ingress behaves, fixed at start-up.
