@@ -8,13 +8,13 @@
 //! user with the same key and the same request (method, path and body, as
 //! canonical JSON) gets that answer (same status and body, with
 //! `Idempotent-Replayed: true`) and changes nothing. The same key with
-//! another request is refused with 422. A request arriving while the first
-//! is still working waits for its answer (at most [`WAIT_FOR_FIRST`], then
-//! 409). Only successes are stored: a refused request appended nothing and
-//! leaves the key unused; one that failed with a server error leaves the
-//! key bound to its request for the next retry to take over
-//! ([`store::idempotency`]). Keys expire after [`store::idempotency::KEY_TTL`]
-//! (a day).
+//! another request is refused with 409 (a malformed key with 422). A
+//! request arriving while the first is still working waits for its answer
+//! (at most [`WAIT_FOR_FIRST`], then 409). Only successes are stored: a
+//! refused request appended nothing and leaves the key unused; one that
+//! failed with a server error leaves the key bound to its request for the
+//! next retry to take over ([`store::idempotency`]). Keys expire after
+//! [`store::idempotency::KEY_TTL`] (a day).
 //!
 //! Without the header nothing changes.
 
@@ -101,7 +101,7 @@ pub struct IdempotencyKeyHeader {
     /// A key of the client's choosing (a UUID, say) that makes the request
     /// safe to send again: the same request with the same key within 24
     /// hours gets the first answer, with `Idempotent-Replayed: true`, and
-    /// changes nothing; the same key with another request answers 422.
+    /// changes nothing; the same key with another request answers 409.
     /// Printable ASCII, not starting or ending with a space (which HTTP
     /// would strip).
     #[param(
@@ -241,8 +241,8 @@ impl IntoResponse for Answer {
 /// `work` and stores its answer when it succeeded.
 ///
 /// # Errors
-/// 422 when the key was used for another request, 409 when an earlier
-/// request with it is still working after [`WAIT_FOR_FIRST`], 503 when the
+/// 409 when the key was used for another request, or when an earlier
+/// request with it is still working after [`WAIT_FOR_FIRST`]; 503 when the
 /// database cannot be reached, and whatever `work` fails with.
 pub async fn once<F, Fut>(
     state: &AppState,
@@ -284,11 +284,11 @@ where
                 return Ok(response);
             }
             Begun::Mismatch => {
-                return Err(ApiError::Invalid(vec![Problem::field(
+                return Err(ApiError::Conflict(Problem::field(
                     HEADER,
                     "this key was used for another request (another body or path) in the \
                      last 24 hours; send a new key with a new request",
-                )]))
+                )))
             }
             Begun::InProgress if Instant::now() >= deadline => {
                 return Err(ApiError::conflict(

@@ -302,7 +302,7 @@ async fn a_key_sent_again_with_another_request_is_refused_and_changes_nothing() 
     let mut other = body.clone();
     other["command"] = json!(["python", "eval.py"]);
     let refused = app.submit(Some("k"), &other).await;
-    refused.expect(422);
+    refused.expect(409);
     assert_eq!(refused.fields(), ["Idempotency-Key"]);
     assert!(
         refused.details().contains("another request"),
@@ -311,7 +311,7 @@ async fn a_key_sent_again_with_another_request_is_refused_and_changes_nothing() 
     );
     // The same key on another path is another request too.
     let elsewhere = app.cancel(task["id"].as_str().unwrap(), Some("k")).await;
-    elsewhere.expect(422);
+    elsewhere.expect(409);
     assert_eq!(elsewhere.fields(), ["Idempotency-Key"]);
     assert_eq!(app.events().await, events, "nothing appended");
 

@@ -40,8 +40,8 @@ pub fn router() -> OpenApiRouter<AppState> {
         (status = 401, description = "No valid token", body = ErrorBody),
         (status = 403, description = "A viewer of the project", body = ErrorBody),
         (status = 404, description = "No such task, or not in one of the caller's projects", body = ErrorBody),
-        (status = 409, description = "The task has already ended; or an earlier request with the same `Idempotency-Key` is still being worked on", body = ErrorBody),
-        (status = 422, description = "An `Idempotency-Key` that is malformed or was used for another request", body = ErrorBody)
+        (status = 409, description = "The task has already ended; or the `Idempotency-Key` was used for another request, or an earlier request with it is still being worked on", body = ErrorBody),
+        (status = 422, description = "A malformed `Idempotency-Key`", body = ErrorBody)
     ),
     security(("bearer" = []))
 )]

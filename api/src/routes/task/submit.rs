@@ -43,10 +43,10 @@ pub fn router() -> OpenApiRouter<AppState> {
         (status = 401, description = "No valid token", body = ErrorBody),
         (status = 403, description = "A viewer of the project", body = ErrorBody),
         (status = 404, description = "No such project, or not one of the caller's", body = ErrorBody),
-        (status = 409, description = "The project is archived; or an earlier request with the same `Idempotency-Key` is still being worked on", body = ErrorBody),
+        (status = 409, description = "The project is archived; or the `Idempotency-Key` was used for another request, or an earlier request with it is still being worked on", body = ErrorBody),
         (status = 413, description = "Body too large", body = ErrorBody),
         (status = 415, description = "Body is not JSON", body = ErrorBody),
-        (status = 422, description = "Invalid fields, each named; an input naming an object with no completed, verified upload; a specification whose command to its node would not fit in one frame (the size and the limit named); an `Idempotency-Key` that is malformed or was used for another request", body = ErrorBody)
+        (status = 422, description = "Invalid fields, each named; an input naming an object with no completed, verified upload; a specification whose command to its node would not fit in one frame (the size and the limit named); a malformed `Idempotency-Key`", body = ErrorBody)
     ),
     security(("bearer" = []))
 )]
