@@ -146,7 +146,10 @@ pub struct TooLargeForFrame {
 /// # Errors
 /// [`TooLargeForFrame`] naming the size and the limit.
 pub fn check_run_task_fits(task_id: Uuid, spec: &TaskSpec) -> Result<usize, TooLargeForFrame> {
-    let gpus = vec![u32::MAX; spec.resources.gpus as usize];
+    // More GPU indices than a frame has bytes can never fit: building
+    // that many already measures too large.
+    let wanted = usize::try_from(spec.resources.gpus).unwrap_or(usize::MAX);
+    let gpus = vec![u32::MAX; wanted.min(protocol::MAX_FRAME_BYTES)];
     let bytes = protocol::encode(&run_task_message(task_id, u32::MAX, spec, &gpus)).len();
     if bytes > protocol::MAX_FRAME_BYTES {
         return Err(TooLargeForFrame {
@@ -338,4 +341,59 @@ pub(crate) fn assigned_node(body: &serde_json::Value) -> Option<Uuid> {
     body.get("node_id")
         .and_then(|n| n.as_str())
         .and_then(|n| Uuid::try_parse(n).ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use domain::spec::{TaskSpecDraft, UrlPolicy};
+
+    use super::*;
+
+    fn spec(env_bytes: usize, gpus: i64) -> TaskSpec {
+        let value = "v".repeat(domain::spec::limits::MAX_ENV_VALUE_BYTES);
+        let vars = env_bytes / value.len();
+        TaskSpecDraft {
+            project_id: Some(Uuid::from_u128(1)),
+            code_repo_url: Some("https://example.com/code.git".into()),
+            code_commit_id: Some("a".repeat(40)),
+            env_repo_url: Some("https://example.com/env.git".into()),
+            env_commit_id: Some("b".repeat(40)),
+            dockerfile_path: Some("Dockerfile".into()),
+            env: Some(
+                (0..vars)
+                    .map(|i| (format!("V{i}"), value.clone()))
+                    .collect(),
+            ),
+            resources: Some(domain::spec::ResourcesDraft {
+                gpus: Some(gpus),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+        .validate(UrlPolicy::default())
+        .expect("a valid spec")
+    }
+
+    #[test]
+    fn a_spec_that_passes_the_check_fits_a_frame_for_every_attempt_and_placement() {
+        let task_id = Uuid::now_v7();
+        let spec = spec(224 * 1024, 8);
+        let measured = check_run_task_fits(task_id, &spec).expect("fits");
+        for (attempt, gpus) in [(1, vec![0, 1, 2, 3, 4, 5, 6, 7]), (101, vec![7; 8])] {
+            let sent = protocol::encode(&run_task_message(task_id, attempt, &spec, &gpus)).len();
+            assert!(sent <= measured, "{sent} > {measured}");
+        }
+    }
+
+    #[test]
+    fn a_spec_too_large_for_a_frame_is_named_with_its_size_and_the_limit() {
+        let e = check_run_task_fits(Uuid::now_v7(), &spec(640 * 1024, 0)).expect_err("too large");
+        assert!(e.bytes > 640 * 1024);
+        assert_eq!(e.limit, protocol::MAX_FRAME_BYTES);
+        let text = e.to_string();
+        assert!(
+            text.contains(&e.bytes.to_string()) && text.contains("262144"),
+            "{text}"
+        );
+    }
 }
