@@ -26,7 +26,11 @@ pub enum StoreError<E: std::error::Error> {
         /// PostgreSQL's message.
         message: String,
     },
-    /// The database failed or could not be reached.
+    /// The database cannot be reached now (see [`is_unavailable`]); the
+    /// same command may succeed later.
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    /// The database failed.
     #[error("database error: {0}")]
     Database(String),
 }
@@ -37,11 +41,15 @@ impl<E: std::error::Error> StoreError<E> {
             AggregateError::UserError(e) => Self::Rejected(e),
             AggregateError::AggregateConflict => Self::Conflict,
             AggregateError::DeserializationError(e) => Self::Corrupt(e.to_string()),
-            AggregateError::UnexpectedError(e) => match unstorable(e.as_ref()) {
-                Some((sqlstate, message)) => Self::Unstorable { sqlstate, message },
-                None => Self::Database(e.to_string()),
-            },
-            AggregateError::DatabaseConnectionError(e) => Self::Database(e.to_string()),
+            AggregateError::UnexpectedError(e) | AggregateError::DatabaseConnectionError(e) => {
+                if let Some((sqlstate, message)) = unstorable(e.as_ref()) {
+                    return Self::Unstorable { sqlstate, message };
+                }
+                match e.downcast_ref::<sqlx::Error>() {
+                    Some(sqlx) if is_unavailable(sqlx) => Self::Unavailable(e.to_string()),
+                    _ => Self::Database(e.to_string()),
+                }
+            }
         }
     }
 
@@ -60,4 +68,23 @@ fn unstorable(e: &(dyn std::error::Error + 'static)) -> Option<(String, String)>
     let code = db.code()?;
     (code.starts_with("22") || code.starts_with("23"))
         .then(|| (code.into_owned(), db.message().to_string()))
+}
+
+/// Whether `e` says the database cannot be reached now rather than that a
+/// statement failed: no connection was free or could be made within the
+/// pool's acquire timeout, the connection broke, or the server is
+/// shutting down, starting up or refusing connections (SQLSTATE classes
+/// 08 and 57P). Callers answer these with "try again later".
+pub fn is_unavailable(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => db
+            .code()
+            .is_some_and(|code| code.starts_with("08") || code.starts_with("57P")),
+        _ => false,
+    }
 }

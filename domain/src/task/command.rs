@@ -129,6 +129,18 @@ pub enum TaskCommand {
         /// When.
         at: DateTime<Utc>,
     },
+    /// The platform cannot hand the assigned attempt to its node: its
+    /// command is larger than any frame the agent takes. The task fails
+    /// with `reason` instead of waiting for a delivery that can never
+    /// happen; retrying would meet the same limit.
+    FailUndeliverable {
+        /// The attempt that could not be delivered.
+        attempt: u32,
+        /// Why, naming the size and the limit.
+        reason: String,
+        /// When.
+        at: DateTime<Utc>,
+    },
     /// An output of the attempt was stored.
     RecordArtifact {
         /// The reporting node.
@@ -482,6 +494,33 @@ impl Task {
                     TaskState::TimedOut => Ok(vec![]),
                     s if s.holds_node() => Ok(vec![E::TimedOut { attempt, by, at }]),
                     _ => Err(self.transition_error("time out")),
+                }
+            }
+            C::FailUndeliverable {
+                attempt,
+                reason,
+                at,
+            } => {
+                if self.state == TaskState::New {
+                    return Err(TaskError::NotFound);
+                }
+                if attempt != self.attempt {
+                    return Err(TaskError::StaleAttempt {
+                        current: self.attempt,
+                        reported: attempt,
+                    });
+                }
+                match self.state {
+                    TaskState::Assigned => Ok(vec![E::Failed {
+                        attempt: Some(attempt),
+                        exit_code: None,
+                        reason,
+                        at,
+                    }]),
+                    TaskState::Failed if self.reason.as_deref() == Some(reason.as_str()) => {
+                        Ok(vec![])
+                    }
+                    _ => Err(self.transition_error("fail as undeliverable")),
                 }
             }
             C::RecordArtifact {

@@ -703,3 +703,51 @@ fn a_refused_report_is_recorded_once_for_its_own_node_and_leaves_the_task_as_it_
     after.refused_reports.clear();
     assert_eq!(after, before);
 }
+
+fn undeliverable(attempt: u32) -> TaskCommand {
+    TaskCommand::FailUndeliverable {
+        attempt,
+        reason: "run_task is 300000 bytes, more than the 262144 of a frame".into(),
+        at: at(4),
+    }
+}
+
+#[test]
+fn an_undeliverable_attempt_fails_the_task_without_a_retry_and_once() {
+    let failed = TaskEvent::Failed {
+        attempt: Some(1),
+        exit_code: None,
+        reason: "run_task is 300000 bytes, more than the 262144 of a frame".into(),
+        at: at(4),
+    };
+    F::with(())
+        .given(vec![submitted(2), assigned(1, node())])
+        .when(undeliverable(1))
+        .then_expect_events(vec![failed.clone()]);
+    F::with(())
+        .given(vec![submitted(2), assigned(1, node()), failed])
+        .when(undeliverable(1))
+        .then_expect_events(vec![]);
+}
+
+#[test]
+fn only_an_assigned_current_attempt_can_be_undeliverable() {
+    F::with(())
+        .given(running())
+        .when(undeliverable(1))
+        .then_expect_error(TaskError::InvalidTransition {
+            state: TaskState::Running,
+            action: "fail as undeliverable",
+        });
+    F::with(())
+        .given(vec![submitted(2), assigned(1, node())])
+        .when(undeliverable(2))
+        .then_expect_error(TaskError::StaleAttempt {
+            current: 1,
+            reported: 2,
+        });
+    F::with(())
+        .given_no_previous_events()
+        .when(undeliverable(1))
+        .then_expect_error(TaskError::NotFound);
+}
