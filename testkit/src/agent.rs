@@ -89,7 +89,11 @@ impl JsonAgent {
     /// When the connection is gone.
     pub async fn send(&mut self, mut message: Value) {
         message["protocol"] = json!(protocol::VERSION);
-        if let Err(e) = self.ws.send(Message::Text(message.to_string().into())).await {
+        if let Err(e) = self
+            .ws
+            .send(Message::Text(message.to_string().into()))
+            .await
+        {
             panic!("sending a frame: {e}");
         }
     }
