@@ -101,7 +101,8 @@ pub enum ApiError {
         /// Whole seconds to wait before trying again, at least 1.
         retry_after_s: u64,
     },
-    /// A dependency (the database) is not ready; try again later.
+    /// A dependency (the database, the object store) is not ready; try
+    /// again later (answered with `Retry-After:` [`RETRY_UNAVAILABLE_S`]).
     #[error("unavailable: {0}")]
     Unavailable(String),
     /// Something the request waits for (a node's answer) did not come in
@@ -114,7 +115,22 @@ pub enum ApiError {
     Internal(String),
 }
 
+/// Seconds a client is told to wait (`Retry-After`) after a 503.
+pub const RETRY_UNAVAILABLE_S: u64 = 2;
+
+/// What a client is told when the database cannot be reached.
+pub const DATABASE_UNAVAILABLE: &str =
+    "the database cannot be reached now (the server's log says why); try again after Retry-After";
+
 impl ApiError {
+    /// The database cannot be reached: its error can name its address, so
+    /// it goes to the server's log and the client gets a 503 saying to try
+    /// again.
+    pub fn database_unavailable(error: impl std::fmt::Display) -> Self {
+        tracing::warn!(%error, "database unreachable");
+        Self::Unavailable(DATABASE_UNAVAILABLE.into())
+    }
+
     /// A malformed `field` (query or path parameter, JSON syntax).
     pub fn bad_request(field: impl Into<String>, detail: impl Into<String>) -> Self {
         Self::BadRequest(vec![Problem::field(field, detail)])
@@ -223,6 +239,7 @@ impl IntoResponse for ApiError {
         let unauthorized = matches!(self, Self::Unauthorized(_));
         let retry_after = match &self {
             Self::TooManyRequests { retry_after_s, .. } => Some((*retry_after_s).max(1)),
+            Self::Unavailable(_) => Some(RETRY_UNAVAILABLE_S),
             _ => None,
         };
         let body = Json(ErrorBody {
@@ -250,6 +267,9 @@ pub async fn method_not_allowed() -> ApiError {
 
 impl From<sqlx::Error> for ApiError {
     fn from(e: sqlx::Error) -> Self {
+        if store::is_unavailable(&e) {
+            return Self::database_unavailable(e);
+        }
         Self::internal(format!("database: {e}"))
     }
 }
@@ -286,6 +306,8 @@ fn from_store<E: std::error::Error>(
             "the resource was changed by others at the same moment too often; try again",
         ),
         StoreError::Corrupt(m) => ApiError::internal(format!("corrupt stored data: {m}")),
+        e @ StoreError::Unstorable { .. } => ApiError::internal(e.to_string()),
+        StoreError::Unavailable(m) => ApiError::database_unavailable(m),
         StoreError::Database(m) => ApiError::internal(format!("database: {m}")),
     }
 }
@@ -364,6 +386,33 @@ mod tests {
             problems[0].detail
         );
         assert!(problems[0].detail.contains("object store"));
+    }
+
+    #[test]
+    fn an_unreachable_database_is_a_503_that_names_no_address() {
+        for e in [
+            ApiError::from(sqlx::Error::PoolTimedOut),
+            ApiError::from(sqlx::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::ConnectionRefused,
+                "connect to 10.0.3.7:5432 refused",
+            ))),
+            ApiError::from(StoreError::<TaskError>::Unavailable(
+                "pool timed out at 10.0.3.7".into(),
+            )),
+        ] {
+            assert_eq!(e.status(), StatusCode::SERVICE_UNAVAILABLE);
+            let response = e.into_response();
+            assert_eq!(
+                response.headers()[header::RETRY_AFTER],
+                RETRY_UNAVAILABLE_S.to_string()
+            );
+        }
+        let problems = ApiError::from(sqlx::Error::PoolTimedOut).into_problems();
+        assert_eq!(problems[0].detail, DATABASE_UNAVAILABLE);
+        assert_eq!(
+            ApiError::from(sqlx::Error::RowNotFound).status(),
+            StatusCode::INTERNAL_SERVER_ERROR
+        );
     }
 
     #[test]

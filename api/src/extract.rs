@@ -127,8 +127,11 @@ fn parse_value(bytes: &[u8]) -> Result<serde_json::Value, ApiError> {
     Ok(value)
 }
 
-/// `value`, a JSON object, as `T`.
-fn from_value<T: DeserializeOwned>(value: serde_json::Value) -> Result<T, ApiError> {
+/// `value`, a JSON object, as `T`, naming the field of any error.
+///
+/// # Errors
+/// 422 when `value` is not an object or not of `T`'s shape.
+pub fn from_value<T: DeserializeOwned>(value: serde_json::Value) -> Result<T, ApiError> {
     if !value.is_object() {
         return Err(ApiError::invalid("body", "must be a JSON object"));
     }

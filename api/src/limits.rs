@@ -177,8 +177,11 @@ pub(crate) async fn rate_limit(
             Err(ApiError::Unauthorized(detail)) => {
                 request.extensions_mut().insert(Authenticated(Err(detail)));
             }
-            // The database failed: the handler's extractor tries again and
-            // answers for it.
+            // The database cannot be reached: asking again in the
+            // handler's extractor would only make the caller wait twice.
+            Err(unavailable @ ApiError::Unavailable(_)) => return unavailable.into_response(),
+            // The database failed otherwise: the handler's extractor tries
+            // again and answers for it.
             Err(_) => {}
         }
     }

@@ -5,11 +5,12 @@
 //! the document cannot forget a route.
 
 use serde_json::{json, Value};
+use utoipa::openapi::header::HeaderBuilder;
 use utoipa::openapi::path::{Operation, PathItem};
 use utoipa::openapi::schema::SchemaType;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::openapi::{
-    ContentBuilder, ObjectBuilder, Ref, RefOr, Response, ResponseBuilder, Schema, Type,
+    ContentBuilder, Object, ObjectBuilder, Ref, RefOr, Response, ResponseBuilder, Schema, Type,
 };
 use utoipa::{Modify, OpenApi};
 
@@ -83,7 +84,10 @@ pub fn finish(doc: utoipa::openapi::OpenApi) -> Value {
 /// - with a JSON body: 400 (malformed JSON), 413 (too large), 415 (not
 ///   JSON) and 422 (the wrong shape or an invalid value, named);
 /// - changing state (POST, PUT, DELETE) under `/api/v1`: 409 (the state
-///   does not allow it, or others changed it at the same moment).
+///   does not allow it, or others changed it at the same moment);
+/// - with the bearer scheme (every such request reads the database): 503
+///   (the database cannot be reached now). Every 503, these and the
+///   routes' own, names its `Retry-After` header.
 ///
 /// The `cursor` parameter of every list gets the pattern of its cursors
 /// ([`crate::page::cursor_pattern`]).
@@ -160,6 +164,23 @@ pub fn complete(doc: &mut utoipa::openapi::OpenApi) {
                     "409",
                     "The current state does not allow this, or others changed it at the same moment; try again",
                 );
+            }
+            if operation.security.is_some() {
+                add(
+                    "503",
+                    "The database cannot be reached now; try again after Retry-After",
+                );
+            }
+            if let Some(RefOr::T(unavailable)) = responses.get_mut("503") {
+                unavailable
+                    .headers
+                    .entry("Retry-After".into())
+                    .or_insert_with(|| {
+                        HeaderBuilder::new()
+                            .schema(Object::with_type(Type::Integer))
+                            .description(Some("Whole seconds to wait before trying again"))
+                            .build()
+                    });
             }
         }
     }

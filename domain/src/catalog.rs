@@ -148,7 +148,7 @@ mod tests {
     fn the_catalog_holds_every_variant_of_every_event_enum_once() {
         let all = event_types();
         let count = |aggregate: &str| all.iter().filter(|t| t.aggregate == aggregate).count();
-        assert_eq!(count("task"), 13);
+        assert_eq!(count("task"), 14);
         assert_eq!(count("node"), 12);
         assert_eq!(count("project"), 6);
         assert_eq!(count("user"), 3);

@@ -10,11 +10,14 @@
 
 use std::collections::{BTreeSet, HashSet};
 
-use domain::task::{Task, TaskState};
+use chrono::Utc;
+use domain::spec::TaskSpec;
+use domain::task::{Task, TaskCommand, TaskState};
+use domain::Actor;
 use protocol::{Command, RunTask, ServerMessage};
 use sqlx::PgPool;
 use store::outbox::{self, Checkpoint, Filter};
-use store::Store;
+use store::{Store, StoreError};
 use uuid::Uuid;
 
 /// The checkpoint name of the read model that fills `task_view`. Events
@@ -71,17 +74,21 @@ pub(crate) fn cancel_task(task_id: Uuid, attempt: u32, grace_s: u64) -> Encoded 
     }
 }
 
-/// The `run_task` frame for a task's current attempt; `None` for a task
-/// without a spec or one whose frame would exceed
-/// [`protocol::MAX_FRAME_BYTES`].
-pub(crate) fn run_task(task: &Task) -> Option<Encoded> {
-    let task_id = task.id?;
-    let spec = task.spec.as_ref()?;
-    let message = ServerMessage::Command {
-        command_id: protocol::command_id("run_task", task_id, task.attempt),
+/// The `run_task` message for attempt `attempt` of task `task_id`, run
+/// with `spec` on the node's GPUs `gpus`: the one conversion of a task into
+/// what its agent is sent, used to deliver it and, at submission, to
+/// measure it ([`check_run_task_fits`]).
+pub fn run_task_message(
+    task_id: Uuid,
+    attempt: u32,
+    spec: &TaskSpec,
+    gpus: &[u32],
+) -> ServerMessage {
+    ServerMessage::Command {
+        command_id: protocol::command_id("run_task", task_id, attempt),
         command: Command::RunTask(RunTask {
             task_id,
-            attempt: task.attempt,
+            attempt,
             code_repo_url: spec.code_repo_url.as_str().to_string(),
             code_commit_id: spec.code_commit_id.as_str().to_string(),
             env_repo_url: spec.env_repo_url.as_str().to_string(),
@@ -91,7 +98,7 @@ pub(crate) fn run_task(task: &Task) -> Option<Encoded> {
             env: spec.env.clone(),
             cpus: spec.resources.cpus,
             memory_mb: spec.resources.memory_mb,
-            gpus: task.gpus().to_vec(),
+            gpus: gpus.to_vec(),
             timeout_s: spec.timeout_s,
             inputs: spec
                 .inputs
@@ -114,23 +121,69 @@ pub(crate) fn run_task(task: &Task) -> Option<Encoded> {
                 domain::spec::TaskNetwork::None => protocol::TaskNetwork::None,
             },
         }),
+    }
+}
+
+/// A task's `run_task` does not fit in one frame to its agent.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "the task's run_task command to its agent would be {bytes} bytes, more than the \
+     {limit} bytes one frame may carry; shorten its command or environment"
+)]
+pub struct TooLargeForFrame {
+    /// The encoded command's size in bytes.
+    pub bytes: usize,
+    /// [`protocol::MAX_FRAME_BYTES`].
+    pub limit: usize,
+}
+
+/// Checks that every `run_task` a task with `spec` can ever be sent fits
+/// in one frame, whatever attempt and GPUs the scheduler later gives it:
+/// the command is encoded with the widest values those can take (attempt
+/// and GPU indices of `u32::MAX`, as many GPUs as the spec asks for).
+/// Returns that size.
+///
+/// # Errors
+/// [`TooLargeForFrame`] naming the size and the limit.
+pub fn check_run_task_fits(task_id: Uuid, spec: &TaskSpec) -> Result<usize, TooLargeForFrame> {
+    // More GPU indices than a frame has bytes can never fit: building
+    // that many already measures too large.
+    let wanted = usize::try_from(spec.resources.gpus).unwrap_or(usize::MAX);
+    let gpus = vec![u32::MAX; wanted.min(protocol::MAX_FRAME_BYTES)];
+    let bytes = protocol::encode(&run_task_message(task_id, u32::MAX, spec, &gpus)).len();
+    if bytes > protocol::MAX_FRAME_BYTES {
+        return Err(TooLargeForFrame {
+            bytes,
+            limit: protocol::MAX_FRAME_BYTES,
+        });
+    }
+    Ok(bytes)
+}
+
+/// The `run_task` frame for a task's current attempt; `None` for a task
+/// without a spec.
+///
+/// # Errors
+/// [`TooLargeForFrame`] when the frame would exceed
+/// [`protocol::MAX_FRAME_BYTES`] (the agent would refuse it);
+/// [`load_task`] fails such a task before it gets here.
+pub(crate) fn run_task(task: &Task) -> Result<Option<Encoded>, TooLargeForFrame> {
+    let (Some(task_id), Some(spec)) = (task.id, task.spec.as_ref()) else {
+        return Ok(None);
     };
+    let message = run_task_message(task_id, task.attempt, spec, task.gpus());
     let frame = protocol::encode(&message);
     if frame.len() > protocol::MAX_FRAME_BYTES {
-        // The agent would refuse it; the task stays assigned until the
-        // scheduler gives up on it.
-        tracing::error!(
-            %task_id,
-            bytes = frame.len(),
-            "run_task is larger than a frame and cannot be delivered"
-        );
-        return None;
+        return Err(TooLargeForFrame {
+            bytes: frame.len(),
+            limit: protocol::MAX_FRAME_BYTES,
+        });
     }
-    Some(Encoded {
+    Ok(Some(Encoded {
         task_id,
         kind: "run_task",
         frame,
-    })
+    }))
 }
 
 /// What `task` wants of node `node_id` right now, in the order to send it.
@@ -158,7 +211,11 @@ pub(crate) fn wanted(
         wanted.push(cancel_task(task_id, task.attempt, grace_s));
     }
     if task.state == TaskState::Assigned && !running.contains(&(task_id, task.attempt)) {
-        wanted.extend(run_task(task));
+        match run_task(task) {
+            Ok(run) => wanted.extend(run),
+            // Not loaded through `load_task`, which fails such a task.
+            Err(e) => tracing::error!(%task_id, error = %e, "run_task cannot be delivered"),
+        }
     }
     wanted
 }
@@ -176,17 +233,50 @@ pub(crate) fn stop_given_up(task: &Task, attempt: u32, grace_s: u64) -> Option<(
 
 /// Loads task `task_id`; `None` when it does not exist.
 ///
+/// An assigned task whose `run_task` cannot fit a frame (one submitted
+/// before the API measured commands at submission) is failed here with
+/// the reason, and returned failed: every path that delivers commands
+/// loads its tasks through this, so no command is ever left undeliverable
+/// in silence with its task holding a node.
+///
 /// # Errors
-/// [`PendingError::Load`] when the log cannot be read.
+/// [`PendingError::Load`] when the log cannot be read or written.
 pub(crate) async fn load_task(store: &Store, task_id: Uuid) -> Result<Option<Task>, PendingError> {
-    store
+    let load_error = |reason: String| PendingError::Load { task_id, reason };
+    let task = store
         .load::<Task>(&task_id.to_string())
         .await
         .map(|loaded| loaded.map(|l| l.state))
-        .map_err(|e| PendingError::Load {
-            task_id,
-            reason: e.to_string(),
-        })
+        .map_err(|e| load_error(e.to_string()))?;
+    let Some(task) = task else { return Ok(None) };
+    if task.state != TaskState::Assigned {
+        return Ok(Some(task));
+    }
+    let Err(too_large) = run_task(&task) else {
+        return Ok(Some(task));
+    };
+    tracing::warn!(%task_id, attempt = task.attempt, error = %too_large, "failing a task whose run_task cannot be delivered");
+    let at = Utc::now();
+    let command = TaskCommand::FailUndeliverable {
+        attempt: task.attempt,
+        reason: format!("cannot be delivered to its node: {too_large}"),
+        at,
+    };
+    let actor = Actor::System("ingress".into());
+    match store
+        .execute::<Task>(&task_id.to_string(), command, &actor, at)
+        .await
+    {
+        Ok(executed) => Ok(Some(executed.state)),
+        // Its state moved on meanwhile (cancelled, lost, failed by another
+        // replica): whatever it is now decides.
+        Err(StoreError::Rejected(_)) => store
+            .load::<Task>(&task_id.to_string())
+            .await
+            .map(|loaded| loaded.map(|l| l.state))
+            .map_err(|e| load_error(e.to_string())),
+        Err(e) => Err(load_error(e.to_string())),
+    }
 }
 
 /// The tasks that may want something of node `node_id`: those `task_view`
@@ -251,4 +341,59 @@ pub(crate) fn assigned_node(body: &serde_json::Value) -> Option<Uuid> {
     body.get("node_id")
         .and_then(|n| n.as_str())
         .and_then(|n| Uuid::try_parse(n).ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use domain::spec::{TaskSpecDraft, UrlPolicy};
+
+    use super::*;
+
+    fn spec(env_bytes: usize, gpus: i64) -> TaskSpec {
+        let value = "v".repeat(domain::spec::limits::MAX_ENV_VALUE_BYTES);
+        let vars = env_bytes / value.len();
+        TaskSpecDraft {
+            project_id: Some(Uuid::from_u128(1)),
+            code_repo_url: Some("https://example.com/code.git".into()),
+            code_commit_id: Some("a".repeat(40)),
+            env_repo_url: Some("https://example.com/env.git".into()),
+            env_commit_id: Some("b".repeat(40)),
+            dockerfile_path: Some("Dockerfile".into()),
+            env: Some(
+                (0..vars)
+                    .map(|i| (format!("V{i}"), value.clone()))
+                    .collect(),
+            ),
+            resources: Some(domain::spec::ResourcesDraft {
+                gpus: Some(gpus),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+        .validate(UrlPolicy::default())
+        .expect("a valid spec")
+    }
+
+    #[test]
+    fn a_spec_that_passes_the_check_fits_a_frame_for_every_attempt_and_placement() {
+        let task_id = Uuid::now_v7();
+        let spec = spec(224 * 1024, 8);
+        let measured = check_run_task_fits(task_id, &spec).expect("fits");
+        for (attempt, gpus) in [(1, vec![0, 1, 2, 3, 4, 5, 6, 7]), (101, vec![7; 8])] {
+            let sent = protocol::encode(&run_task_message(task_id, attempt, &spec, &gpus)).len();
+            assert!(sent <= measured, "{sent} > {measured}");
+        }
+    }
+
+    #[test]
+    fn a_spec_too_large_for_a_frame_is_named_with_its_size_and_the_limit() {
+        let e = check_run_task_fits(Uuid::now_v7(), &spec(640 * 1024, 0)).expect_err("too large");
+        assert!(e.bytes > 640 * 1024);
+        assert_eq!(e.limit, protocol::MAX_FRAME_BYTES);
+        let text = e.to_string();
+        assert!(
+            text.contains(&e.bytes.to_string()) && text.contains("262144"),
+            "{text}"
+        );
+    }
 }

@@ -19,8 +19,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use domain::node::{
-    HostSshOutcome, Node, NodeCommand, NodeError, NodeEvent, OpenHostSsh, MAX_HOST_SSH_ERROR_BYTES,
-    MAX_HOST_SSH_OUTPUT_BYTES,
+    HostSshOutcome, Node, NodeCommand, NodeError, NodeEvent, OpenHostSsh, MAX_HOST_SSH_OUTPUT_BYTES,
 };
 use domain::Actor;
 use protocol::{Command, HostSsh, HostSshResult, ServerMessage};
@@ -159,46 +158,28 @@ pub(crate) async fn refuse(store: &Store, node_id: Uuid, request_id: Uuid, error
     }
 }
 
-/// The outcome to record for a result from an agent: output and error cut
-/// to their limits on character boundaries, NUL characters (which the log
-/// cannot hold everywhere) replaced.
-pub(crate) fn outcome(result: &HostSshResult) -> HostSshOutcome {
-    let (output, cut) = bounded(&result.output, MAX_HOST_SSH_OUTPUT_BYTES);
+/// The outcome to record for a result from an agent, bounded by
+/// [`HostSshResult::bounded`] (its limits are the aggregate's).
+pub(crate) fn outcome(result: HostSshResult) -> HostSshOutcome {
+    let result = result.bounded();
     HostSshOutcome {
         exit_code: result.exit_code,
-        output,
-        truncated: result.truncated || cut,
+        output: result.output,
+        truncated: result.truncated,
         timed_out: result.timed_out,
         duration_ms: result.duration_ms,
-        error: result
-            .error
-            .as_deref()
-            .map(|e| bounded(e, MAX_HOST_SSH_ERROR_BYTES).0),
+        error: result.error,
     }
-}
-
-/// `text` without NUL characters and cut to `max` bytes; whether it was
-/// cut.
-fn bounded(text: &str, max: usize) -> (String, bool) {
-    let mut text = text.replace('\0', "\u{fffd}");
-    if text.len() <= max {
-        return (text, false);
-    }
-    let mut end = max;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    text.truncate(end);
-    (text, true)
 }
 
 /// Records the result of a host command that node `node_id` reports. The
 /// request must be one of this node's own that still waits; a late answer
 /// (the API already recorded that none came) is refused for good.
-pub(crate) async fn finish(store: &Store, node_id: Uuid, result: &HostSshResult) -> Answer {
+pub(crate) async fn finish(store: &Store, node_id: Uuid, result: HostSshResult) -> Answer {
     let at = Utc::now();
+    let request_id = result.request_id;
     let command = NodeCommand::FinishHostSsh {
-        request_id: result.request_id,
+        request_id,
         result: outcome(result),
         at,
     };
@@ -212,6 +193,10 @@ pub(crate) async fn finish(store: &Store, node_id: Uuid, result: &HostSshResult)
             "host SSH request {id} is not waiting for a result from this node (it ended, or the answer came too late)"
         )),
         Err(StoreError::Rejected(e)) => Answer::Refused(e.to_string()),
+        Err(StoreError::Unstorable { sqlstate, message }) => {
+            tracing::warn!(%node_id, %request_id, sqlstate, error = %message, "the database refused a host SSH result");
+            Answer::Unstorable(crate::reports::unstorable(&sqlstate))
+        }
         Err(e) => Answer::Later(e.to_string()),
     }
 }
@@ -219,6 +204,7 @@ pub(crate) async fn finish(store: &Store, node_id: Uuid, result: &HostSshResult)
 #[cfg(test)]
 mod tests {
     use chrono::TimeZone;
+    use domain::node::MAX_HOST_SSH_ERROR_BYTES;
 
     use super::*;
 
@@ -273,10 +259,19 @@ mod tests {
             duration_ms: 3,
             error: Some("x".repeat(MAX_HOST_SSH_ERROR_BYTES * 2)),
         };
-        let o = outcome(&result);
+        let o = outcome(result);
         assert!(o.truncated);
         assert!(o.output.len() <= MAX_HOST_SSH_OUTPUT_BYTES);
         assert!(o.output.starts_with("a\u{fffd}é"));
-        assert_eq!(o.error.unwrap().len(), MAX_HOST_SSH_ERROR_BYTES);
+        assert!(o.error.unwrap().len() <= MAX_HOST_SSH_ERROR_BYTES);
+        // The wire's limits are the aggregate's.
+        assert_eq!(
+            protocol::bounds::MAX_HOST_SSH_ERROR_BYTES,
+            MAX_HOST_SSH_ERROR_BYTES
+        );
+        assert_eq!(
+            protocol::MAX_HOST_SSH_OUTPUT_BYTES,
+            MAX_HOST_SSH_OUTPUT_BYTES
+        );
     }
 }

@@ -21,6 +21,14 @@
 //! size cap per attempt, a rate per session) and announces itself to log
 //! followers; see [`LogLimits`].
 //!
+//! Nothing an agent sends is trusted to be storable: every message passes
+//! [`protocol::bounds`] right after it is decoded (texts cleaned and cut,
+//! lists capped, identifiers checked), agent text reaches a log line only
+//! quoted, and a report that can never be stored is answered
+//! `received{id, error}` and shown on its task's timeline instead of
+//! ending the session. How often a node may connect, and how often its
+//! refusals are told, is bounded per node ([`ConnectLimits`]).
+//!
 //! Several ingress processes may serve one database side by side: each
 //! delivers only to its own sessions, and a command stays wanted in the log
 //! until the agent reports on it, so a reconnect anywhere resends it.
@@ -30,6 +38,7 @@
 //! `node_liveness.last_seen`, which heartbeats keep fresh, and from
 //! `ingress_liveness`, which says since when nodes could be heard at all.
 
+mod admission;
 mod auth;
 mod commands;
 mod fanout;
@@ -50,6 +59,7 @@ use store::outbox::Checkpoint;
 use store::Store;
 use tokio::sync::{Mutex, OnceCell};
 
+use crate::admission::Admission;
 use crate::logs::LogNotifier;
 use crate::registry::Registry;
 
@@ -57,7 +67,8 @@ use crate::registry::Registry;
 /// events it was asked to deliver.
 pub const CATCH_UP_WAIT: Duration = Duration::from_secs(10);
 
-pub use crate::commands::PendingError;
+pub use crate::admission::{ConnectLimits, NOTICE_BURST, NOTICE_EVERY};
+pub use crate::commands::{check_run_task_fits, run_task_message, PendingError, TooLargeForFrame};
 pub use crate::liveness::{ALIVE_EVERY, ALIVE_WITHIN};
 pub use crate::logs::{cut_marker, LogLimits, CHUNK_COST, MIN_BYTES_PER_S};
 
@@ -122,6 +133,8 @@ pub struct Ingress {
     log_notifier: LogNotifier,
     /// Signs URLs for the nodes' transfers, when the server has a store.
     objects: Option<objects::ObjectStore>,
+    /// How often each node may connect and have its refusals told.
+    admission: Admission,
 }
 
 impl Ingress {
@@ -137,7 +150,15 @@ impl Ingress {
             log_limits: LogLimits::default(),
             log_notifier: LogNotifier::default(),
             objects: None,
+            admission: Admission::new(ConnectLimits::default()),
         }
+    }
+
+    /// The same ingress with other limits on how often a node may connect
+    /// (the default is [`ConnectLimits::default`]). Call before serving.
+    pub fn with_connect_limits(mut self, limits: ConnectLimits) -> Self {
+        self.admission = Admission::new(limits);
+        self
     }
 
     /// The same ingress signing URLs for the nodes' task inputs and outputs
@@ -272,5 +293,9 @@ impl Ingress {
 
     fn objects(&self) -> Option<&objects::ObjectStore> {
         self.objects.as_ref()
+    }
+
+    fn admission(&self) -> &Admission {
+        &self.admission
     }
 }

@@ -169,7 +169,8 @@ pub(crate) async fn place(
 }
 
 /// Stores one chunk that continues the chain; a concurrent writer of the
-/// same chunk makes this a no-op.
+/// same chunk makes this a no-op. `data` is bounded by
+/// [`protocol::bounds::output`]: no NUL, which PostgreSQL text cannot hold.
 pub(crate) async fn insert(
     pool: &PgPool,
     task_id: Uuid,
@@ -177,12 +178,6 @@ pub(crate) async fn insert(
     offset: i64,
     data: &str,
 ) -> Result<(), sqlx::Error> {
-    // PostgreSQL text cannot hold NUL; a space keeps every byte offset.
-    let data = if data.contains('\0') {
-        std::borrow::Cow::Owned(data.replace('\0', " "))
-    } else {
-        std::borrow::Cow::Borrowed(data)
-    };
     sqlx::query(
         "INSERT INTO task_log (task_id, attempt, \"offset\", data) VALUES ($1, $2, $3, $4) \
          ON CONFLICT DO NOTHING",
@@ -190,7 +185,7 @@ pub(crate) async fn insert(
     .bind(task_id)
     .bind(attempt)
     .bind(offset)
-    .bind(data.as_ref())
+    .bind(data)
     .execute(pool)
     .await?;
     Ok(())

@@ -4,6 +4,13 @@
 //! The reporting node is always the session's node, never one a frame
 //! names, so an agent can only ever speak for itself; the Task aggregate
 //! then refuses reports for attempts that are not this node's current one.
+//!
+//! Reports and chunks arrive here already bounded by
+//! [`protocol::bounds`]. A report that can never be stored (it fails a
+//! check, or the database refuses its data) is [`Answer::Unstorable`]:
+//! the agent is told so and drops it, and the task's timeline says so
+//! ([`record_refusal`]); only a failure that may pass (the database is
+//! unreachable) is [`Answer::Later`].
 
 use std::collections::HashMap;
 
@@ -16,12 +23,6 @@ use uuid::Uuid;
 
 use crate::logs::{self, Capped, LogLimits, LogNotifier, Pace, Place};
 
-/// The longest `stage` or `container` a report may carry.
-pub(crate) const MAX_FIELD_BYTES: usize = 256;
-
-/// The longest failure message kept; longer ones are cut.
-pub(crate) const MAX_MESSAGE_BYTES: usize = 4096;
-
 /// How many (task, attempt) answers a session remembers for log chunks
 /// before it forgets them all and asks again.
 pub(crate) const LOG_PERMISSIONS: usize = 256;
@@ -33,6 +34,10 @@ pub(crate) enum Answer {
     Stored,
     /// Refused for good: answer `received{id, error}`.
     Refused(String),
+    /// Refused for good because it can never be stored (it fails a check,
+    /// or the database refuses its data): answer `received{id, error}`
+    /// and, for a report, say so on its task's timeline.
+    Unstorable(String),
     /// Not stored this time (the database failed): answer nothing, the
     /// agent sends it again.
     Later(String),
@@ -48,11 +53,8 @@ pub(crate) fn command(
     at: DateTime<Utc>,
 ) -> Result<TaskCommand, String> {
     let attempt = status.attempt;
-    let bounded = |name: &str, value: &Option<String>| match value.as_deref() {
+    let bounded = |name: &str, value: &Option<String>| match value.as_deref().map(str::trim) {
         None | Some("") => Err(format!("a {} report needs its {name}", state_name(status))),
-        Some(v) if v.len() > MAX_FIELD_BYTES => {
-            Err(format!("{name} is longer than {MAX_FIELD_BYTES} bytes"))
-        }
         Some(v) => Ok(v.to_string()),
     };
     let exited = |outcome| TaskCommand::ReportExited {
@@ -95,7 +97,8 @@ pub(crate) fn command(
     })
 }
 
-fn state_name(status: &Status) -> &'static str {
+/// The reported state's name as the protocol writes it.
+pub(crate) fn state_name(status: &Status) -> &'static str {
     match status.state {
         ReportedState::Accepted => "accepted",
         ReportedState::Preparing => "preparing",
@@ -107,19 +110,11 @@ fn state_name(status: &Status) -> &'static str {
     }
 }
 
-/// The agent's message, cut to [`MAX_MESSAGE_BYTES`] on a character
-/// boundary, or `failed`.
+/// The agent's message (bounded already), or `failed`.
 fn failure_reason(message: Option<&str>) -> String {
     match message.map(str::trim).filter(|m| !m.is_empty()) {
         None => "failed".into(),
-        Some(m) if m.len() <= MAX_MESSAGE_BYTES => m.into(),
-        Some(m) => {
-            let mut end = MAX_MESSAGE_BYTES;
-            while !m.is_char_boundary(end) {
-                end -= 1;
-            }
-            format!("{}…", &m[..end])
-        }
+        Some(m) => m.into(),
     }
 }
 
@@ -139,12 +134,12 @@ fn not_ours(attempt: u32) -> String {
     format!("attempt {attempt} of this task is not assigned to this node")
 }
 
-/// Executes a report from `node_id`.
+/// Executes a report from `node_id`, bounded by [`protocol::bounds`].
 pub(crate) async fn report(store: &Store, node_id: Uuid, status: &Status) -> Answer {
     let at = Utc::now();
     let command = match command(node_id, status, at) {
         Ok(c) => c,
-        Err(reason) => return Answer::Refused(reason),
+        Err(reason) => return Answer::Unstorable(reason),
     };
     let actor = Actor::Node(node_id.to_string());
     match store
@@ -153,7 +148,46 @@ pub(crate) async fn report(store: &Store, node_id: Uuid, status: &Status) -> Ans
     {
         Ok(_) => Answer::Stored,
         Err(StoreError::Rejected(e)) => Answer::Refused(refusal(&e, status.attempt)),
+        Err(StoreError::Unstorable { sqlstate, message }) => {
+            tracing::warn!(%node_id, task_id = %status.task_id, sqlstate, error = %message, "the database refused a report");
+            Answer::Unstorable(unstorable(&sqlstate))
+        }
         Err(e) => Answer::Later(e.to_string()),
+    }
+}
+
+/// What an agent is told when the database refused its data; the
+/// database's own message goes to the server's log only.
+pub(crate) fn unstorable(sqlstate: &str) -> String {
+    format!("the server's database refused to store it (SQLSTATE {sqlstate}); it never will")
+}
+
+/// Says on the task's timeline that `status` of node `node_id` was refused
+/// for good because of `reason`. The Task aggregate records it once per
+/// report and only for an attempt placed on this node, so a report about
+/// another node's task leaves nothing; a failure here is only logged.
+pub(crate) async fn record_refusal(store: &Store, node_id: Uuid, status: &Status, reason: &str) {
+    let at = Utc::now();
+    let command = TaskCommand::RecordRefusedReport {
+        node_id,
+        attempt: status.attempt,
+        report: status.id,
+        state: state_name(status).into(),
+        reason: protocol::bounds::line(reason, protocol::bounds::MAX_REASON_BYTES),
+        at,
+    };
+    let actor = Actor::Node(node_id.to_string());
+    match store
+        .execute::<Task>(&status.task_id.to_string(), command, &actor, at)
+        .await
+    {
+        Ok(_) => {}
+        Err(StoreError::Rejected(e)) => {
+            tracing::debug!(%node_id, task_id = %status.task_id, error = %e, "a refused report of another node's attempt is not recorded");
+        }
+        Err(e) => {
+            tracing::warn!(%node_id, task_id = %status.task_id, error = %e, "recording a refused report failed");
+        }
     }
 }
 
@@ -242,16 +276,10 @@ impl LogPermissions {
         }
     }
 
-    /// Stores a chunk from node `node_id` once, within the attempt's cap;
-    /// a chunk sent again changes nothing. Returns after the rate bound's
-    /// wait, if any.
+    /// Stores a chunk from node `node_id`, bounded by [`protocol::bounds`],
+    /// once, within the attempt's cap; a chunk sent again changes nothing.
+    /// Returns after the rate bound's wait, if any.
     pub(crate) async fn store(&mut self, store: &Store, node_id: Uuid, chunk: &LogChunk) -> Answer {
-        if chunk.data.len() > protocol::MAX_LOG_CHUNK_BYTES {
-            return Answer::Refused(format!(
-                "a log chunk holds at most {} bytes",
-                protocol::MAX_LOG_CHUNK_BYTES
-            ));
-        }
         let Ok(offset) = i64::try_from(chunk.offset) else {
             return Answer::Refused("offset is out of range".into());
         };
@@ -396,15 +424,14 @@ mod tests {
         assert!(command(node, &status(ReportedState::Preparing), at).is_err());
         assert!(command(node, &status(ReportedState::Running), at).is_err());
         let mut s = status(ReportedState::Running);
-        s.container = Some("x".repeat(MAX_FIELD_BYTES + 1));
+        s.container = Some(" ".into());
         assert!(command(node, &s, at).is_err());
     }
 
     #[test]
-    fn long_failure_messages_are_cut_on_a_character_boundary() {
-        let long = "é".repeat(MAX_MESSAGE_BYTES);
-        let reason = failure_reason(Some(&long));
-        assert!(reason.len() <= MAX_MESSAGE_BYTES + '…'.len_utf8());
+    fn an_empty_failure_message_reads_failed() {
         assert_eq!(failure_reason(Some("  ")), "failed");
+        assert_eq!(failure_reason(None), "failed");
+        assert_eq!(failure_reason(Some(" out of memory\n")), "out of memory");
     }
 }

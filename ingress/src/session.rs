@@ -1,11 +1,18 @@
 //! One agent's session, from the upgrade to the goodbye.
 //!
 //! ```text
-//! upgrade ─ token ok ─► awaiting hello ─ hello ─► connecting ─► live ─► closing
-//!    │ 401                 │ timeout, bad frame      │ revoked,       │ bad frame, replaced,
-//!    ▼                     ▼ error + close           ▼ db down        ▼ revoked, idle, gone,
-//!  (no socket)          (nothing appended)        error + close    shutdown → NodeDisconnected
+//! upgrade ─ token ok ─► awaiting hello ─ hello ─► admitted ─► connecting ─► live ─► closing
+//!    │ 401                 │ timeout, bad frame,    │ too often   │ revoked,       │ bad frame, replaced,
+//!    ▼                     ▼ hello out of bounds    ▼             ▼ db down        ▼ revoked, idle, gone,
+//!  (no socket)          error + close            rate_limited  error + close    shutdown → NodeDisconnected
+//!                       (nothing appended)       (nothing appended)
 //! ```
+//!
+//! A valid hello must also be admitted ([`crate::admission`]): a node that
+//! connects too often is told when to come back, and the hellos of one
+//! node are handled one at a time until the agent is welcomed. Every
+//! message is bounded by [`protocol::bounds`] as it is read; agent text
+//! reaches a reason or a log line only cleaned, cut and Debug-quoted.
 //!
 //! A session is one Tokio task (the one axum spawns for the upgrade) that
 //! owns its socket and selects over the socket, a small queue of frames
@@ -31,7 +38,8 @@ use axum::response::{IntoResponse, Response};
 use chrono::Utc;
 use domain::node::{Gpu, Node, NodeCommand, NodeError, NodeResources, NodeStatus};
 use domain::Actor;
-use protocol::{AgentMessage, DecodeError, Hello, ServerMessage};
+use protocol::bounds::{self, MAX_REASON_BYTES};
+use protocol::{AgentMessage, DecodeError, Hello, ServerMessage, TransferGrant};
 use store::StoreError;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, Sleep};
@@ -50,12 +58,6 @@ pub(crate) const SOCKET_BUFFER: usize = 4096;
 
 /// How long a closing session waits for the agent's close frame.
 pub(crate) const CLOSE_WAIT: Duration = Duration::from_secs(1);
-
-/// The most attempts a `hello` may say are running.
-pub(crate) const MAX_RUNNING: usize = 1024;
-
-/// The longest `agent_version`.
-pub(crate) const MAX_VERSION_BYTES: usize = 128;
 
 /// `GET /agent/v1/ws`: checks the node token, then upgrades.
 pub(crate) async fn upgrade(
@@ -96,11 +98,16 @@ enum End {
     ShuttingDown,
 }
 
+/// A reason that may quote the agent, made one short line.
+fn reason_text(text: &str) -> String {
+    bounds::line(text, MAX_REASON_BYTES)
+}
+
 impl End {
-    fn refused(code: &'static str, message: impl Into<String>) -> Self {
+    fn refused(code: &'static str, message: impl AsRef<str>) -> Self {
         End::Refused {
             code,
-            message: message.into(),
+            message: reason_text(message.as_ref()),
             close: close_code::POLICY,
         }
     }
@@ -108,7 +115,7 @@ impl End {
     fn bad_frame(e: &DecodeError) -> Self {
         End::Refused {
             code: e.code(),
-            message: e.to_string(),
+            message: reason_text(&e.to_string()),
             close: match e {
                 DecodeError::TooLarge(_) => close_code::SIZE,
                 _ => close_code::POLICY,
@@ -129,7 +136,7 @@ impl End {
             Some(tungstenite::Error::Utf8(_)) => {
                 End::refused("bad_frame", "text frame is not UTF-8")
             }
-            _ => End::Gone(format!("connection failed: {e}")),
+            _ => End::Gone(reason_text(&format!("connection failed: {e}"))),
         }
     }
 
@@ -150,11 +157,12 @@ impl End {
         }
     }
 
-    /// The reason recorded in `NodeDisconnected`.
+    /// The reason recorded in `NodeDisconnected`: one line, at most
+    /// [`MAX_REASON_BYTES`].
     fn reason(&self) -> String {
         match self {
-            End::Gone(why) => why.clone(),
-            End::Refused { code, message, .. } => format!("{code}: {message}"),
+            End::Gone(why) => reason_text(why),
+            End::Refused { code, message, .. } => reason_text(&format!("{code}: {message}")),
             End::ShuttingDown => "the ingress shut down".into(),
         }
     }
@@ -167,7 +175,23 @@ async fn serve(ingress: Ingress, node_id: Uuid, mut socket: WebSocket) {
     let hello = match Box::pin(await_hello(&mut socket, ingress.config().hello_timeout)).await {
         Ok(hello) => hello,
         Err(end) => {
-            log_end(node_id, None, &end);
+            // Nothing is written for a session that never said hello: its
+            // log line is the only trace, and a loop of them is told
+            // within the node's notices.
+            if ingress.admission().notice(node_id).is_some() {
+                log_end(node_id, None, &end);
+            }
+            Box::pin(close(&mut socket, end)).await;
+            return;
+        }
+    };
+    // Admitted before anything is written; the turn is held until the
+    // agent is welcomed, so the hellos of one node never race.
+    let turn = match ingress.admission().admit(node_id) {
+        Ok(turn) => turn.lock_owned().await,
+        Err(wait) => {
+            let end = rate_limited(wait);
+            tracing::debug!(%node_id, ?wait, "agent connects too often; refused");
             Box::pin(close(&mut socket, end)).await;
             return;
         }
@@ -181,18 +205,22 @@ async fn serve(ingress: Ingress, node_id: Uuid, mut socket: WebSocket) {
         }
     };
     tracing::Span::current().record("session", tracing::field::display(session.id));
-    let end = session.live(&mut socket, hello).await;
+    let end = session.live(&mut socket, hello, turn).await;
     log_end(node_id, Some(session.id), &end);
     Box::pin(session.end(&end)).await;
     Box::pin(close(&mut socket, end)).await;
 }
 
+/// Logs how a session ended; the reason may quote the agent, so it is
+/// written Debug-quoted.
 fn log_end(node_id: Uuid, session: Option<Uuid>, end: &End) {
     match end {
         End::Refused { code, message, .. } => {
-            tracing::warn!(%node_id, ?session, code, message, "agent session refused")
+            tracing::warn!(%node_id, ?session, code, reason = ?message, "agent session refused")
         }
-        End::Gone(why) => tracing::info!(%node_id, ?session, why, "agent session ended"),
+        End::Gone(why) => {
+            tracing::info!(%node_id, ?session, reason = ?why, "agent session ended")
+        }
         End::ShuttingDown => {
             tracing::debug!(%node_id, ?session, "agent session closed at shutdown")
         }
@@ -264,8 +292,7 @@ async fn await_hello(socket: &mut WebSocket, timeout: Duration) -> Result<Hello,
             Message::Text(text) => {
                 return match protocol::decode::<AgentMessage>(text.as_str()) {
                     Ok(AgentMessage::Hello(hello)) => {
-                        check_hello(&hello).map_err(|m| End::refused("bad_frame", m))?;
-                        Ok(hello)
+                        check_hello(hello).map_err(|m| End::refused("bad_frame", m))
                     }
                     Ok(_) => Err(expected()),
                     Err(e) => Err(End::bad_frame(&e)),
@@ -285,23 +312,22 @@ fn binary() -> End {
     )
 }
 
-/// Checks what `hello` declares before it goes into an event.
-fn check_hello(hello: &Hello) -> Result<(), String> {
-    let version = hello.agent_version.trim();
-    if version.is_empty() || version.len() > MAX_VERSION_BYTES {
-        return Err(format!(
-            "agent_version must be 1 to {MAX_VERSION_BYTES} bytes"
-        ));
-    }
-    let r = &hello.resources;
-    if !r.cpus.is_finite() || r.cpus < 0.0 {
-        return Err("resources.cpus must be a number of cores, 0 or more".into());
-    }
+/// What of `hello` may go into an event ([`Hello::bounded`]), its labels
+/// checked as an admin's would be.
+fn check_hello(hello: Hello) -> Result<Hello, String> {
+    let hello = hello.bounded().map_err(|e| e.to_string())?;
     domain::spec::validate_labels("labels", &hello.labels).map_err(|e| e.to_string())?;
-    if hello.running.len() > MAX_RUNNING {
-        return Err(format!("running lists more than {MAX_RUNNING} attempts"));
+    Ok(hello)
+}
+
+/// The refusal of a node that connects too often.
+fn rate_limited(wait: Duration) -> End {
+    let after_s = wait.as_secs_f64().ceil().max(1.0);
+    End::Refused {
+        code: "rate_limited",
+        message: format!("this node connected too often; connect again in {after_s} s"),
+        close: close_code::AGAIN,
     }
-    Ok(())
 }
 
 fn resources(hello: &Hello) -> NodeResources {
@@ -361,6 +387,13 @@ impl Session {
             Err(StoreError::Rejected(e)) => {
                 return Err(End::refused("unauthorized", e.to_string()))
             }
+            Err(StoreError::Unstorable { sqlstate, message }) => {
+                tracing::warn!(%node_id, sqlstate, error = %message, "the database refused an agent's hello");
+                return Err(End::refused(
+                    "bad_frame",
+                    format!("hello: {}", crate::reports::unstorable(&sqlstate)),
+                ));
+            }
             Err(e) => {
                 tracing::error!(%node_id, error = %e, "recording an agent connection failed");
                 return Err(unavailable());
@@ -396,10 +429,17 @@ impl Session {
     }
 
     /// Welcomes the agent, sends what is pending, then serves it until the
-    /// session ends.
-    async fn live(&mut self, socket: &mut WebSocket, hello: Hello) -> End {
+    /// session ends. `turn` is the node's, given back once welcomed.
+    async fn live(
+        &mut self,
+        socket: &mut WebSocket,
+        hello: Hello,
+        turn: tokio::sync::OwnedMutexGuard<()>,
+    ) -> End {
         // The hello (its cache lists may be large) is dropped once stored.
-        if let Err(end) = Box::pin(self.start(socket, hello)).await {
+        let started = Box::pin(self.start(socket, hello)).await;
+        drop(turn);
+        if let Err(end) = started {
             return end;
         }
         let idle_after =
@@ -665,35 +705,48 @@ impl Session {
                 tracing::debug!(node_id = %self.node_id, %command_id, "command acknowledged");
                 Ok(())
             }
-            AgentMessage::Status(status) => {
-                let answer = reports::report(self.ingress.store(), self.node_id, &status).await;
-                if answer == Answer::Stored {
-                    self.logs.reported(&status);
-                }
-                self.answer(socket, status.id, answer, "report").await
-            }
+            AgentMessage::Status(status) => self.status(socket, status).await,
             AgentMessage::Log(chunk) => {
-                let answer = self
-                    .logs
-                    .store(self.ingress.store(), self.node_id, &chunk)
-                    .await;
-                self.answer(socket, chunk.id, answer, "log chunk").await
+                let id = chunk.id;
+                let answer = match chunk.bounded() {
+                    Ok(chunk) => {
+                        self.logs
+                            .store(self.ingress.store(), self.node_id, &chunk)
+                            .await
+                    }
+                    Err(invalid) => Answer::Refused(invalid.to_string()),
+                };
+                self.tell_refusal(id, "log chunk", &answer);
+                self.answer(socket, id, answer, "log chunk").await
             }
             AgentMessage::Cache(cache) => {
                 let pool = self.ingress.store().pool();
-                if let Err(e) = liveness::cache(pool, self.node_id, &cache).await {
+                if let Err(e) = liveness::cache(pool, self.node_id, &cache.bounded()).await {
                     tracing::warn!(node_id = %self.node_id, error = %e, "recording the node's cache failed");
                 }
                 Ok(())
             }
             AgentMessage::TransferRequest(request) => {
-                let grant = crate::transfers::answer(
-                    self.ingress.store(),
-                    self.ingress.objects(),
-                    self.node_id,
-                    request,
-                )
-                .await;
+                let id = request.id;
+                let grant = match request.bounded() {
+                    Ok(request) => {
+                        crate::transfers::answer(
+                            self.ingress.store(),
+                            self.ingress.objects(),
+                            self.node_id,
+                            request,
+                        )
+                        .await
+                    }
+                    Err(invalid) => TransferGrant {
+                        id,
+                        error: Some(invalid.to_string()),
+                        ..TransferGrant::default()
+                    },
+                };
+                if let Some(error) = &grant.error {
+                    self.refusal_notice(id, "transfer request", error);
+                }
                 send(
                     socket,
                     &protocol::encode(&ServerMessage::TransferUrl(grant)),
@@ -701,9 +754,10 @@ impl Session {
                 .await
             }
             AgentMessage::HostSshResult(result) => {
-                let answer = host_ssh::finish(self.ingress.store(), self.node_id, &result).await;
-                self.answer(socket, result.id, answer, "host SSH result")
-                    .await
+                let id = result.id;
+                let answer = host_ssh::finish(self.ingress.store(), self.node_id, result).await;
+                self.tell_refusal(id, "host SSH result", &answer);
+                self.answer(socket, id, answer, "host SSH result").await
             }
         }
     }
@@ -732,6 +786,61 @@ impl Session {
         }
     }
 
+    /// Handles a report: bounded, then executed; one that can never be
+    /// stored is refused for good and, within the node's notices, shown on
+    /// its task's timeline.
+    async fn status(
+        &mut self,
+        socket: &mut WebSocket,
+        status: protocol::Status,
+    ) -> Result<(), End> {
+        let id = status.id;
+        let (status, answer) = match status.clone().bounded() {
+            Ok(bounded) => {
+                let answer = reports::report(self.ingress.store(), self.node_id, &bounded).await;
+                (bounded, answer)
+            }
+            Err(invalid) => (status, Answer::Unstorable(invalid.to_string())),
+        };
+        match &answer {
+            Answer::Stored => self.logs.reported(&status),
+            Answer::Unstorable(reason) => {
+                if self.refusal_notice(id, "report", reason) {
+                    reports::record_refusal(self.ingress.store(), self.node_id, &status, reason)
+                        .await;
+                }
+            }
+            Answer::Refused(reason) => {
+                self.refusal_notice(id, "report", reason);
+            }
+            Answer::Later(_) => {}
+        }
+        self.answer(socket, id, answer, "report").await
+    }
+
+    /// [`Session::refusal_notice`] for a refused `answer`.
+    fn tell_refusal(&self, id: u64, what: &str, answer: &Answer) {
+        if let Answer::Refused(reason) | Answer::Unstorable(reason) = answer {
+            self.refusal_notice(id, what, reason);
+        }
+    }
+
+    /// Logs that frame `id` was refused for `reason`, unless the node's
+    /// refusals were told too often (see [`crate::admission`]); returns
+    /// whether it was told.
+    fn refusal_notice(&self, id: u64, what: &str, reason: &str) -> bool {
+        match self.ingress.admission().notice(self.node_id) {
+            Some(untold) => {
+                tracing::info!(node_id = %self.node_id, id, reason = ?reason, untold_before = untold, "{what} refused");
+                true
+            }
+            None => {
+                tracing::debug!(node_id = %self.node_id, id, reason = ?reason, "{what} refused");
+                false
+            }
+        }
+    }
+
     async fn answer(
         &self,
         socket: &mut WebSocket,
@@ -741,16 +850,13 @@ impl Session {
     ) -> Result<(), End> {
         let error = match answer {
             Answer::Stored => None,
-            Answer::Refused(reason) => {
-                tracing::info!(node_id = %self.node_id, id, reason, "{what} refused");
-                Some(reason)
-            }
+            Answer::Refused(reason) | Answer::Unstorable(reason) => Some(reason),
             Answer::Later(reason) => {
                 // Frames after this one must not be handled before it (a
                 // final report must never overtake the output before it):
                 // end the session, and the agent sends every unanswered
                 // report again, in order, when it is back.
-                tracing::warn!(node_id = %self.node_id, id, reason, "{what} not stored; the agent will send it again");
+                tracing::warn!(node_id = %self.node_id, id, reason = ?reason, "{what} not stored; the agent will send it again");
                 return Err(unavailable());
             }
         };
@@ -818,16 +924,29 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_hello_with_nonsense_resources_is_refused() {
+    fn a_hello_with_nonsense_resources_or_labels_is_refused() {
         let mut hello = Hello {
             agent_version: "0.1.0".into(),
             ..Hello::default()
         };
-        assert!(check_hello(&hello).is_ok());
+        assert!(check_hello(hello.clone()).is_ok());
         hello.resources.cpus = f64::NAN;
-        assert!(check_hello(&hello).is_err());
+        assert!(check_hello(hello.clone()).is_err());
         hello.resources.cpus = 1.0;
         hello.agent_version = " ".into();
-        assert!(check_hello(&hello).is_err());
+        assert!(check_hello(hello.clone()).is_err());
+        hello.agent_version = "0.1.0".into();
+        hello.labels = [("gpu".to_string(), "a100!".to_string())].into();
+        let error = check_hello(hello).unwrap_err();
+        assert!(error.contains("labels.gpu"), "{error}");
+    }
+
+    #[test]
+    fn a_rate_limited_connect_is_told_when_to_come_back() {
+        let End::Refused { code, message, .. } = rate_limited(Duration::from_millis(6200)) else {
+            panic!("not refused")
+        };
+        assert_eq!(code, "rate_limited");
+        assert!(message.contains("again in 7 s"), "{message}");
     }
 }

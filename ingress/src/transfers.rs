@@ -38,14 +38,12 @@ pub(crate) async fn answer(
     };
     match result {
         Ok(grant) => TransferGrant { id, ..grant },
-        Err(error) => {
-            tracing::info!(%node_id, id, %error, "transfer refused");
-            TransferGrant {
-                id,
-                error: Some(error),
-                ..TransferGrant::default()
-            }
-        }
+        // The session tells the refusal, within the node's notices.
+        Err(error) => TransferGrant {
+            id,
+            error: Some(error),
+            ..TransferGrant::default()
+        },
     }
 }
 

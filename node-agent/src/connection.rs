@@ -5,8 +5,8 @@
 //! <token>`. A 401 answer means the token is wrong or revoked: [`Agent::run`]
 //! returns [`Refused`] and the binary exits. Any other failure, and every
 //! dropped session, is followed by a reconnect after a [`backoff`] delay
-//! (reset after a session that got a `welcome`); nothing from the network
-//! makes the agent exit or panic.
+//! (reset only after a session that lived [`backoff::SETTLED_AFTER`] past
+//! its `welcome`); nothing from the network makes the agent exit or panic.
 //!
 //! A session sends `hello` (resources, labels, running attempts, cache),
 //! waits for `welcome`, sends every unanswered report again (see
@@ -360,9 +360,8 @@ impl Link {
         loop {
             match self.dial().await {
                 Ok(ws) => {
-                    if self.session(ws).await {
-                        backoff.reset();
-                    }
+                    let lived = self.session(ws).await;
+                    backoff.session_ended(lived);
                 }
                 Err(DialError::Refused) => return Refused,
                 Err(e) => {
@@ -409,31 +408,33 @@ impl Link {
         }
     }
 
-    /// Runs one session; returns whether it got a `welcome`.
-    async fn session(&self, ws: Ws) -> bool {
+    /// Runs one session; returns how long it lived after its `welcome`,
+    /// `None` when it got none.
+    async fn session(&self, ws: Ws) -> Option<Duration> {
         let (mut sink, mut stream) = ws.split();
         let hello = self.hello().await;
         if let Err(e) = sink.send(frame(&AgentMessage::Hello(hello))).await {
             tracing::warn!(error = %e, "could not send hello");
-            return false;
+            return None;
         }
         let heartbeat_s = match tokio::time::timeout(WELCOME_TIMEOUT, welcome(&mut stream)).await {
             Ok(Ok(heartbeat_s)) => heartbeat_s,
             Ok(Err(end)) => {
                 tracing::warn!(reason = %end, "session ended before welcome");
-                return false;
+                return None;
             }
             Err(_) => {
                 tracing::warn!(reason = %SessionEnd::NoWelcome(WELCOME_TIMEOUT), "session ended");
-                return false;
+                return None;
             }
         };
+        let welcomed = Instant::now();
         self.queue().rewind();
         self.host_results().rewind();
         self.ctx.files().broker().rewind();
         let end = self.serve(&mut sink, &mut stream, heartbeat_s).await;
         tracing::warn!(reason = %end, "session ended");
-        true
+        Some(welcomed.elapsed())
     }
 
     async fn hello(&self) -> Hello {

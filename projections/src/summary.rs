@@ -15,7 +15,9 @@ pub fn node_of(event: &RecordedEvent) -> Option<Uuid> {
     match event.aggregate_type.as_str() {
         "node" => event.aggregate_id.parse().ok(),
         "task" => match serde_json::from_value::<TaskEvent>(event.payload.clone()).ok()? {
-            TaskEvent::Assigned { node_id, .. } | TaskEvent::Lost { node_id, .. } => Some(node_id),
+            TaskEvent::Assigned { node_id, .. }
+            | TaskEvent::Lost { node_id, .. }
+            | TaskEvent::ReportRefused { node_id, .. } => Some(node_id),
             _ => None,
         },
         _ => None,
@@ -102,7 +104,7 @@ pub fn task(e: &TaskEvent, actor: &str, node_name: Option<&str>) -> String {
             attempt, container, ..
         } => format!(
             "attempt {attempt} started in container {}",
-            &container[..container.len().min(12)]
+            container.chars().take(12).collect::<String>()
         ),
         TaskEvent::Succeeded { attempt, .. } => format!("attempt {attempt} succeeded (exit 0)"),
         TaskEvent::Failed {
@@ -156,7 +158,18 @@ pub fn task(e: &TaskEvent, actor: &str, node_name: Option<&str>) -> String {
             ..
         } => format!(
             "attempt {attempt} stored output {name}: {size} bytes, sha256 {}",
-            &sha256[..sha256.len().min(12)]
+            sha256.chars().take(12).collect::<String>()
+        ),
+        TaskEvent::ReportRefused {
+            node_id,
+            attempt,
+            report,
+            state,
+            reason,
+            ..
+        } => format!(
+            "{} sent a {state} report (#{report}) for attempt {attempt} that was refused for good: {reason}",
+            node_label(node_id, node_name)
         ),
     }
 }
@@ -428,6 +441,37 @@ mod tests {
             }),
             "user:alice provisioned node gpu-3 with labels gpu=a100, at most 4 CPU, 1 GPU"
         );
+    }
+
+    #[test]
+    fn a_refused_report_names_its_node_and_why_and_odd_container_ids_do_not_panic() {
+        let text = task(
+            &TaskEvent::ReportRefused {
+                node_id: Uuid::nil(),
+                attempt: 2,
+                report: 9,
+                state: "running".into(),
+                reason: "container: holds a control character or white space at byte 3".into(),
+                at: Utc::now(),
+            },
+            "node:x",
+            Some("gpu-3"),
+        );
+        assert_eq!(
+            text,
+            "node gpu-3 sent a running report (#9) for attempt 2 that was refused for good: \
+             container: holds a control character or white space at byte 3"
+        );
+        let text = task(
+            &TaskEvent::Started {
+                attempt: 1,
+                container: "abcdefghijk€€".into(),
+                at: Utc::now(),
+            },
+            "node:x",
+            None,
+        );
+        assert_eq!(text, "attempt 1 started in container abcdefghijk€");
     }
 
     #[test]

@@ -23,8 +23,13 @@
 //! so the server resends it only while that admin's window is open, with
 //! its time limit cut to what is left of the window.
 //!
+//! What the server keeps of each message (storable text, caps on every
+//! text and list) is decided in [`bounds`].
+//!
 //! This crate depends on no other crate of the project, so the agent links
 //! nothing of the server.
+
+pub mod bounds;
 
 use std::collections::BTreeMap;
 
@@ -556,6 +561,10 @@ pub struct Frame<M> {
     pub message: M,
 }
 
+/// The longest text of a [`DecodeError::Malformed`]: the JSON parser
+/// quotes what it could not read, and that is the sender's text.
+pub const MAX_DECODE_ERROR_BYTES: usize = 256;
+
 /// Why a frame could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum DecodeError {
@@ -565,7 +574,9 @@ pub enum DecodeError {
     /// Written for another protocol version.
     #[error("protocol version {0} is not supported (this side speaks {VERSION})")]
     Version(u32),
-    /// Not JSON, a `type` this side does not know, or a missing field.
+    /// Not JSON, a `type` this side does not know, or a missing field. The
+    /// parser's text, made one line of at most [`MAX_DECODE_ERROR_BYTES`]
+    /// (see [`bounds::line`]).
     #[error("malformed frame: {0}")]
     Malformed(String),
 }
@@ -610,15 +621,16 @@ pub fn decode<M: for<'de> Deserialize<'de>>(text: &str) -> Result<M, DecodeError
     struct Version {
         protocol: Option<u32>,
     }
-    let v: Version =
-        serde_json::from_str(text).map_err(|e| DecodeError::Malformed(e.to_string()))?;
+    let malformed = |e: serde_json::Error| {
+        DecodeError::Malformed(bounds::line(&e.to_string(), MAX_DECODE_ERROR_BYTES))
+    };
+    let v: Version = serde_json::from_str(text).map_err(malformed)?;
     match v.protocol {
         Some(VERSION) => {}
         Some(other) => return Err(DecodeError::Version(other)),
         None => return Err(DecodeError::Malformed("missing field `protocol`".into())),
     }
-    let frame: Frame<M> =
-        serde_json::from_str(text).map_err(|e| DecodeError::Malformed(e.to_string()))?;
+    let frame: Frame<M> = serde_json::from_str(text).map_err(malformed)?;
     Ok(frame.message)
 }
 
@@ -755,6 +767,27 @@ mod tests {
         );
         let missing = decode::<AgentMessage>(r#"{"protocol":1,"type":"heartbeat"}"#);
         assert_eq!(missing.unwrap_err().code(), "bad_frame");
+    }
+
+    #[test]
+    fn a_decode_error_quotes_the_frame_on_one_short_line() {
+        let hostile = format!(
+            r#"{{"protocol":1,"type":"x\n2026-01-01 ERROR forged\u0000{}"}}"#,
+            "y".repeat(200_000)
+        );
+        let e = decode::<AgentMessage>(&hostile).unwrap_err();
+        assert_eq!(e.code(), "unknown_type");
+        let DecodeError::Malformed(text) = &e else {
+            panic!("{e:?}")
+        };
+        assert!(text.len() <= MAX_DECODE_ERROR_BYTES, "{}", text.len());
+        assert!(!text.contains(['\n', '\0']), "{text:?}");
+        let seq = format!(
+            r#"{{"protocol":1,"type":"heartbeat","seq":"{}\n"}}"#,
+            "z".repeat(100_000)
+        );
+        let e = decode::<AgentMessage>(&seq).unwrap_err();
+        assert!(e.to_string().len() < 300, "{e}");
     }
 
     #[test]

@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
-use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
 
 use crate::{dev, replay, roles};
@@ -151,14 +150,28 @@ struct ServeArgs {
     admin_token_file: Option<PathBuf>,
 }
 
-/// Connects to `url` with a pool sized for a server process.
+/// How long start-up waits for the database to accept a connection.
+const CONNECT_WAIT: Duration = Duration::from_secs(10);
+
+/// Connects to `url` with a server process's pool
+/// ([`store::pool_options`]: requests wait little for a connection), waiting
+/// up to [`CONNECT_WAIT`] at start-up for a database that is still coming
+/// up.
 pub async fn connect(url: &str) -> anyhow::Result<PgPool> {
-    PgPoolOptions::new()
-        .max_connections(32)
-        .acquire_timeout(Duration::from_secs(10))
-        .connect(url)
-        .await
-        .context("connecting to PostgreSQL")
+    let pool = store::pool_options()
+        .connect_lazy(url)
+        .context("reading the database URL")?;
+    let deadline = tokio::time::Instant::now() + CONNECT_WAIT;
+    loop {
+        match pool.acquire().await {
+            Ok(_) => return Ok(pool),
+            Err(e) if store::is_unavailable(&e) && tokio::time::Instant::now() < deadline => {
+                tracing::debug!(error = %e, "waiting for PostgreSQL");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => return Err(e).context("connecting to PostgreSQL"),
+        }
+    }
 }
 
 /// The database URL from the flag, the environment, or a `unidesk dev`

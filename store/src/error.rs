@@ -14,7 +14,23 @@ pub enum StoreError<E: std::error::Error> {
     /// A stored event or snapshot could not be read by this version.
     #[error("stored data could not be read: {0}")]
     Corrupt(String),
-    /// The database failed or could not be reached.
+    /// The database refused the events themselves: SQLSTATE class 22
+    /// (data exception, such as a NUL in `jsonb`) or 23 (integrity
+    /// constraint; a unique violation of the log's key is a
+    /// [`StoreError::Conflict`] instead). Executing the same command again
+    /// fails the same way.
+    #[error("the database refused the data (SQLSTATE {sqlstate}): {message}")]
+    Unstorable {
+        /// The five-character SQLSTATE.
+        sqlstate: String,
+        /// PostgreSQL's message.
+        message: String,
+    },
+    /// The database cannot be reached now (see [`is_unavailable`]); the
+    /// same command may succeed later.
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    /// The database failed.
     #[error("database error: {0}")]
     Database(String),
 }
@@ -25,9 +41,50 @@ impl<E: std::error::Error> StoreError<E> {
             AggregateError::UserError(e) => Self::Rejected(e),
             AggregateError::AggregateConflict => Self::Conflict,
             AggregateError::DeserializationError(e) => Self::Corrupt(e.to_string()),
-            AggregateError::DatabaseConnectionError(e) | AggregateError::UnexpectedError(e) => {
-                Self::Database(e.to_string())
+            AggregateError::UnexpectedError(e) | AggregateError::DatabaseConnectionError(e) => {
+                if let Some((sqlstate, message)) = unstorable(e.as_ref()) {
+                    return Self::Unstorable { sqlstate, message };
+                }
+                match e.downcast_ref::<sqlx::Error>() {
+                    Some(sqlx) if is_unavailable(sqlx) => Self::Unavailable(e.to_string()),
+                    _ => Self::Database(e.to_string()),
+                }
             }
         }
+    }
+
+    /// Whether trying again can help: not when the aggregate refused the
+    /// command, nor when the database refused its data.
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, Self::Rejected(_) | Self::Unstorable { .. })
+    }
+}
+
+/// The SQLSTATE and message of a database error of class 22 or 23.
+fn unstorable(e: &(dyn std::error::Error + 'static)) -> Option<(String, String)> {
+    let sqlx::Error::Database(db) = e.downcast_ref::<sqlx::Error>()? else {
+        return None;
+    };
+    let code = db.code()?;
+    (code.starts_with("22") || code.starts_with("23"))
+        .then(|| (code.into_owned(), db.message().to_string()))
+}
+
+/// Whether `e` says the database cannot be reached now rather than that a
+/// statement failed: no connection was free or could be made within the
+/// pool's acquire timeout, the connection broke, or the server is
+/// shutting down, starting up or refusing connections (SQLSTATE classes
+/// 08 and 57P). Callers answer these with "try again later".
+pub fn is_unavailable(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => db
+            .code()
+            .is_some_and(|code| code.starts_with("08") || code.starts_with("57P")),
+        _ => false,
     }
 }

@@ -7,6 +7,7 @@
 mod error;
 pub mod export;
 pub mod holds;
+pub mod idempotency;
 pub mod leader;
 pub mod names;
 pub mod outbox;
@@ -28,13 +29,35 @@ use domain::task::{Task, TaskError};
 use domain::user::User;
 use domain::Actor;
 use postgres_es::PostgresEventRepository;
+use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
 
-pub use error::StoreError;
+pub use error::{is_unavailable, StoreError};
 pub use outbox::{Checkpoint, Notifier, RecordedEvent, Wakeup};
 
 /// The embedded migrations from `migrations/`, the only DDL of the project.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
+
+/// How long a request waits for a database connection before it is
+/// answered "unavailable, try again" instead: short, so that while the
+/// database is unreachable callers hear so within seconds rather than
+/// waiting on a connection that will not come.
+pub const ACQUIRE_TIMEOUT: Duration = Duration::from_millis(1500);
+
+/// The connections of a server process's pool.
+pub const POOL_SIZE: u32 = 32;
+
+/// The pool settings of a server process: [`POOL_SIZE`] connections,
+/// each checked before use, and at most [`ACQUIRE_TIMEOUT`] to get one
+/// (a free one, or a new one when the server accepts connections). A
+/// pool timeout or a broken connection is told apart by
+/// [`is_unavailable`].
+pub fn pool_options() -> PgPoolOptions {
+    PgPoolOptions::new()
+        .max_connections(POOL_SIZE)
+        .acquire_timeout(ACQUIRE_TIMEOUT)
+        .test_before_acquire(true)
+}
 
 /// Applies every migration not yet applied.
 ///

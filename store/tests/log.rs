@@ -311,6 +311,58 @@ async fn a_refused_command_appends_nothing() {
 }
 
 #[tokio::test]
+async fn an_event_the_database_cannot_hold_is_unstorable_for_good_and_appends_nothing() {
+    let db = testkit::fresh_db().await;
+    let store = Store::new(db.pool.clone());
+    let node_id = Uuid::now_v7();
+    let now = Utc::now();
+    store
+        .execute::<Node>(
+            &node_id.to_string(),
+            NodeCommand::Provision {
+                node_id,
+                name: "n1".into(),
+                labels: BTreeMap::new(),
+                token_fingerprint: "f".into(),
+                max_resources: Default::default(),
+                by: admin(),
+                at: now,
+            },
+            &admin(),
+            now,
+        )
+        .await
+        .unwrap();
+    // jsonb cannot hold NUL: SQLSTATE 22P05.
+    let err = store
+        .execute::<Node>(
+            &node_id.to_string(),
+            NodeCommand::Connect {
+                session: Uuid::now_v7(),
+                agent_version: "1.0\0".into(),
+                resources: Default::default(),
+                labels: BTreeMap::new(),
+                at: now,
+            },
+            &admin(),
+            now,
+        )
+        .await
+        .unwrap_err();
+    let StoreError::Unstorable { sqlstate, .. } = &err else {
+        panic!("expected unstorable, got {err:?}")
+    };
+    assert_eq!(sqlstate, "22P05");
+    assert!(err.is_permanent());
+    assert!(!StoreError::<ProjectError>::Database("down".into()).is_permanent());
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+}
+
+#[tokio::test]
 async fn events_carry_their_actor_and_time_as_metadata() {
     let db = testkit::fresh_db().await;
     let store = Store::new(db.pool.clone());

@@ -151,6 +151,18 @@ pub enum TaskCommand {
         /// When.
         at: DateTime<Utc>,
     },
+    /// The platform cannot hand the assigned attempt to its node: its
+    /// command is larger than any frame the agent takes. The task fails
+    /// with `reason` instead of waiting for a delivery that can never
+    /// happen; retrying would meet the same limit.
+    FailUndeliverable {
+        /// The attempt that could not be delivered.
+        attempt: u32,
+        /// Why, naming the size and the limit.
+        reason: String,
+        /// When.
+        at: DateTime<Utc>,
+    },
     /// An output of the attempt was stored.
     RecordArtifact {
         /// The reporting node.
@@ -168,7 +180,28 @@ pub enum TaskCommand {
         /// When.
         at: DateTime<Utc>,
     },
+    /// The platform refused a report of the attempt's node for good (it
+    /// could never be stored); say so on the task's timeline.
+    RecordRefusedReport {
+        /// The reporting node.
+        node_id: Uuid,
+        /// The attempt the report was about.
+        attempt: u32,
+        /// The report's id on the node.
+        report: u64,
+        /// The state it reported, such as `failed`.
+        state: String,
+        /// Why it was refused, written by the platform (never the report's
+        /// own text).
+        reason: String,
+        /// When.
+        at: DateTime<Utc>,
+    },
 }
+
+/// The most refused reports a task records; later ones are answered but
+/// leave no event, so a node cannot flood a task's timeline.
+pub const MAX_REFUSED_REPORTS: usize = 16;
 
 /// The pause before attempt `previous_attempt + 1` after attempt
 /// `previous_attempt` was lost: 5 s, doubling with every further attempt,
@@ -506,6 +539,33 @@ impl Task {
                     _ => Err(self.transition_error("time out")),
                 }
             }
+            C::FailUndeliverable {
+                attempt,
+                reason,
+                at,
+            } => {
+                if self.state == TaskState::New {
+                    return Err(TaskError::NotFound);
+                }
+                if attempt != self.attempt {
+                    return Err(TaskError::StaleAttempt {
+                        current: self.attempt,
+                        reported: attempt,
+                    });
+                }
+                match self.state {
+                    TaskState::Assigned => Ok(vec![E::Failed {
+                        attempt: Some(attempt),
+                        exit_code: None,
+                        reason,
+                        at,
+                    }]),
+                    TaskState::Failed if self.reason.as_deref() == Some(reason.as_str()) => {
+                        Ok(vec![])
+                    }
+                    _ => Err(self.transition_error("fail as undeliverable")),
+                }
+            }
             C::RecordArtifact {
                 node_id,
                 attempt,
@@ -556,7 +616,58 @@ impl Task {
                     at,
                 }])
             }
+            C::RecordRefusedReport {
+                node_id,
+                attempt,
+                report,
+                state,
+                reason,
+                at,
+            } => self.record_refused_report(node_id, attempt, report, state, reason, at),
         }
+    }
+
+    /// One `ReportRefused` per report of the attempt's own node, up to
+    /// [`MAX_REFUSED_REPORTS`]; the same report again appends nothing.
+    fn record_refused_report(
+        &self,
+        node_id: Uuid,
+        attempt: u32,
+        report: u64,
+        state: String,
+        reason: String,
+        at: DateTime<Utc>,
+    ) -> Result<Vec<TaskEvent>, TaskError> {
+        if self.state == TaskState::New {
+            return Err(TaskError::NotFound);
+        }
+        let Some(a) = self.attempts.iter().find(|a| a.number == attempt) else {
+            return Err(TaskError::StaleAttempt {
+                current: self.attempt,
+                reported: attempt,
+            });
+        };
+        if a.node_id != node_id {
+            return Err(TaskError::WrongNode {
+                assigned: a.node_id,
+                reporter: node_id,
+            });
+        }
+        let seen = self
+            .refused_reports
+            .iter()
+            .any(|r| r.attempt == attempt && r.report == report);
+        if seen || self.refused_reports.len() >= MAX_REFUSED_REPORTS {
+            return Ok(vec![]);
+        }
+        Ok(vec![TaskEvent::ReportRefused {
+            node_id,
+            attempt,
+            report,
+            state,
+            reason,
+            at,
+        }])
     }
 }
 

@@ -165,6 +165,22 @@ pub enum TaskEvent {
         /// When.
         at: DateTime<Utc>,
     },
+    /// A report of the attempt's node was refused for good: it could never
+    /// be stored. The node was told and will not send it again.
+    ReportRefused {
+        /// The reporting node.
+        node_id: Uuid,
+        /// The attempt the report was about.
+        attempt: u32,
+        /// The report's id on the node.
+        report: u64,
+        /// The state it reported, such as `failed`.
+        state: String,
+        /// Why, written by the platform.
+        reason: String,
+        /// When.
+        at: DateTime<Utc>,
+    },
 }
 
 impl DomainEvent for TaskEvent {
@@ -183,6 +199,7 @@ impl DomainEvent for TaskEvent {
             TaskEvent::Lost { .. } => "TaskLost",
             TaskEvent::Requeued { .. } => "TaskRequeued",
             TaskEvent::ArtifactRecorded { .. } => "TaskArtifactRecorded",
+            TaskEvent::ReportRefused { .. } => "TaskReportRefused",
         }
         .to_string()
     }

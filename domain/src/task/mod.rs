@@ -15,10 +15,10 @@ mod error;
 mod event;
 mod state;
 
-pub use command::{retry_backoff, Outcome, TaskCommand};
+pub use command::{retry_backoff, Outcome, TaskCommand, MAX_REFUSED_REPORTS};
 pub use error::TaskError;
 pub use event::{Capacity, TaskEvent};
-pub use state::{Artifact, Attempt, Task, TaskState};
+pub use state::{Artifact, Attempt, RefusedReport, Task, TaskState};
 
 #[cfg(test)]
 mod tests;

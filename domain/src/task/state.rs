@@ -146,6 +146,15 @@ impl Artifact {
     }
 }
 
+/// A report of a node that was refused for good, recorded once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefusedReport {
+    /// The attempt it was about.
+    pub attempt: u32,
+    /// Its id on the node.
+    pub report: u64,
+}
+
 /// The Task aggregate's state.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Task {
@@ -181,6 +190,11 @@ pub struct Task {
     pub attempts: Vec<Attempt>,
     /// Stored outputs.
     pub artifacts: Vec<Artifact>,
+    /// Reports refused for good and recorded, at most
+    /// [`super::MAX_REFUSED_REPORTS`]. Defaulted so states stored before
+    /// the field still load.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub refused_reports: Vec<RefusedReport>,
     /// When it was submitted.
     pub submitted_at: Option<DateTime<Utc>>,
     /// When its current attempt's container started.
@@ -318,6 +332,11 @@ impl Task {
                 });
                 self.updated_at = Some(at);
             }
+            // Says something about a report, not about the task: the task
+            // is as it was.
+            TaskEvent::ReportRefused {
+                attempt, report, ..
+            } => self.refused_reports.push(RefusedReport { attempt, report }),
         }
     }
 

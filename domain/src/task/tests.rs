@@ -657,6 +657,106 @@ fn retries_left_counts_the_attempts_used() {
 }
 
 #[test]
+fn a_refused_report_is_recorded_once_for_its_own_node_and_leaves_the_task_as_it_was() {
+    let refuse = |node_id, report| TaskCommand::RecordRefusedReport {
+        node_id,
+        attempt: 1,
+        report,
+        state: "running".into(),
+        reason: "container: holds a control character".into(),
+        at: at(8),
+    };
+    let refused = |report| TaskEvent::ReportRefused {
+        node_id: node(),
+        attempt: 1,
+        report,
+        state: "running".into(),
+        reason: "container: holds a control character".into(),
+        at: at(8),
+    };
+    F::with(())
+        .given(running())
+        .when(refuse(node(), 5))
+        .then_expect_events(vec![refused(5)]);
+    let mut given = running();
+    given.push(refused(5));
+    F::with(())
+        .given(given.clone())
+        .when(refuse(node(), 5))
+        .then_expect_events(vec![]);
+    F::with(())
+        .given(running())
+        .when(refuse(other_node(), 5))
+        .then_expect_error(TaskError::WrongNode {
+            assigned: node(),
+            reporter: other_node(),
+        });
+    // A bounded number per task.
+    let mut full = running();
+    full.extend((0..MAX_REFUSED_REPORTS as u64).map(refused));
+    F::with(())
+        .given(full)
+        .when(refuse(node(), 1000))
+        .then_expect_events(vec![]);
+    let mut before = Task::default();
+    for e in running() {
+        before.apply_event(e);
+    }
+    let mut after = before.clone();
+    after.apply_event(refused(5));
+    after.refused_reports.clear();
+    assert_eq!(after, before);
+}
+
+fn undeliverable(attempt: u32) -> TaskCommand {
+    TaskCommand::FailUndeliverable {
+        attempt,
+        reason: "run_task is 300000 bytes, more than the 262144 of a frame".into(),
+        at: at(4),
+    }
+}
+
+#[test]
+fn an_undeliverable_attempt_fails_the_task_without_a_retry_and_once() {
+    let failed = TaskEvent::Failed {
+        attempt: Some(1),
+        exit_code: None,
+        reason: "run_task is 300000 bytes, more than the 262144 of a frame".into(),
+        at: at(4),
+    };
+    F::with(())
+        .given(vec![submitted(2), assigned(1, node())])
+        .when(undeliverable(1))
+        .then_expect_events(vec![failed.clone()]);
+    F::with(())
+        .given(vec![submitted(2), assigned(1, node()), failed])
+        .when(undeliverable(1))
+        .then_expect_events(vec![]);
+}
+
+#[test]
+fn only_an_assigned_current_attempt_can_be_undeliverable() {
+    F::with(())
+        .given(running())
+        .when(undeliverable(1))
+        .then_expect_error(TaskError::InvalidTransition {
+            state: TaskState::Running,
+            action: "fail as undeliverable",
+        });
+    F::with(())
+        .given(vec![submitted(2), assigned(1, node())])
+        .when(undeliverable(2))
+        .then_expect_error(TaskError::StaleAttempt {
+            current: 1,
+            reported: 2,
+        });
+    F::with(())
+        .given_no_previous_events()
+        .when(undeliverable(1))
+        .then_expect_error(TaskError::NotFound);
+}
+
+#[test]
 fn a_leaders_assignment_carries_its_term_and_the_capacity_it_saw() {
     let capacity = Capacity {
         millicpus: 8000,

@@ -2,12 +2,19 @@
 //!
 //! The n-th retry sleeps a uniformly random time in
 //! `[0, min(max, min_delay · 2ⁿ)]`, so agents that lost a restarted server
-//! together do not come back together. A session that got a `welcome`
-//! resets the count.
+//! together do not come back together. Only a session that lived
+//! [`SETTLED_AFTER`] past its `welcome` resets the count: a server (or
+//! something in between) that welcomes and then drops the session at once
+//! sees the agent back off as if the connection had failed, not a storm of
+//! reconnects.
 
 use std::time::Duration;
 
 use rand::Rng;
+
+/// How long a session must have lived after its `welcome` for the next
+/// reconnect to start over from the shortest delay.
+pub const SETTLED_AFTER: Duration = Duration::from_secs(30);
 
 /// The state of the backoff between connection attempts.
 #[derive(Debug, Clone)]
@@ -45,6 +52,16 @@ impl Backoff {
     /// Starts over from `min`, after a good session.
     pub fn reset(&mut self) {
         self.failures = 0;
+    }
+
+    /// A session ended that was welcomed `lived` before (`None`: never
+    /// welcomed). It starts the backoff over only when it lived at least
+    /// [`SETTLED_AFTER`]; a shorter one counts as a failure like any other
+    /// when [`Backoff::next_delay`] is drawn.
+    pub fn session_ended(&mut self, lived: Option<Duration>) {
+        if lived.is_some_and(|l| l >= SETTLED_AFTER) {
+            self.reset();
+        }
     }
 }
 
@@ -94,6 +111,25 @@ mod tests {
         // Full jitter: each quarter of [0, 8 s] gets about a quarter.
         assert!((350..650).contains(&low), "low {low}");
         assert!((350..650).contains(&high), "high {high}");
+    }
+
+    #[test]
+    fn only_a_session_that_settled_starts_the_backoff_over() {
+        let mut rng = StdRng::seed_from_u64(5);
+        let mut b = Backoff::new(ms(100), ms(10_000));
+        // Welcomed, then dropped at once, again and again: the delay keeps
+        // growing as if the connections had failed.
+        for _ in 0..4 {
+            b.session_ended(Some(ms(50)));
+            b.next_delay(&mut rng);
+        }
+        assert_eq!(b.ceiling(), ms(1600));
+        b.session_ended(None);
+        assert_eq!(b.ceiling(), ms(1600));
+        b.session_ended(Some(SETTLED_AFTER - ms(1)));
+        assert_eq!(b.ceiling(), ms(1600));
+        b.session_ended(Some(SETTLED_AFTER));
+        assert_eq!(b.ceiling(), ms(100));
     }
 
     #[test]

@@ -368,7 +368,7 @@ impl History for Task {
         };
         let ended = self.state.is_terminal();
         match event {
-            E::ArtifactRecorded { attempt, .. } => {
+            E::ArtifactRecorded { attempt, .. } | E::ReportRefused { attempt, .. } => {
                 (!self.attempts.iter().any(|a| a.number == *attempt))
                     .then(|| format!("no attempt {attempt} was ever assigned"))
             }

@@ -20,7 +20,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::postgres::PgConnectOptions;
 use sqlx::PgPool;
 use tokio::time::Instant;
 use uuid::Uuid;
@@ -224,8 +224,7 @@ pub(super) fn pool(options: &PgConnectOptions, lease: Duration) -> PgPool {
         ("tcp_user_timeout", gone_ms.to_string()),
         ("idle_in_transaction_session_timeout", gone_ms.to_string()),
     ]);
-    PgPoolOptions::new()
+    store::pool_options()
         .max_connections(8)
-        .acquire_timeout(lease.max(Duration::from_secs(1)))
         .connect_lazy_with(options)
 }

@@ -1,19 +1,21 @@
 //! `POST /api/v1/tasks`: validate a task specification and queue it.
 
 use axum::extract::State;
-use axum::http::{header, StatusCode};
-use axum::Json;
+use axum::http::StatusCode;
+use axum::response::Response;
 use chrono::Utc;
 use domain::project::Role;
-use domain::spec::TaskSpecDraft;
-use domain::task::TaskCommand;
+use domain::spec::{TaskSpec, TaskSpecDraft};
+use domain::task::{TaskCommand, TaskError};
+use store::StoreError;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use uuid::Uuid;
 
 use crate::auth::Caller;
 use crate::error::{ApiError, ErrorBody, Problem};
-use crate::extract::JsonBody;
+use crate::extract::{self, JsonBody};
+use crate::idempotency::{self, Answer, IdempotencyKey, IdempotencyKeyHeader, Reserved};
 use crate::schema::task::{SubmitTask, Task};
 use crate::{access, AppState};
 
@@ -23,30 +25,53 @@ pub fn router() -> OpenApiRouter<AppState> {
 }
 
 /// Queues a task. Every invalid field is reported at once and nothing is
-/// appended unless the whole request is valid.
+/// appended unless the whole request is valid. Sent with an
+/// `Idempotency-Key`, the request is safe to send again.
 #[utoipa::path(
     post,
     path = "/tasks",
     tag = "tasks",
+    params(IdempotencyKeyHeader),
     request_body = SubmitTask,
     responses(
-        (status = 201, description = "Queued", body = Task),
+        (status = 201, description = "Queued; the same answer again, with `Idempotent-Replayed: true`, to a repeated request with the same `Idempotency-Key`", body = Task,
+            headers(
+                ("Location" = String, description = "The task's URL"),
+                ("Idempotent-Replayed" = String, description = "`true` on an answer given before to the same request with the same `Idempotency-Key`")
+            )),
         (status = 400, description = "Malformed JSON", body = ErrorBody),
         (status = 401, description = "No valid token", body = ErrorBody),
         (status = 403, description = "A viewer of the project", body = ErrorBody),
         (status = 404, description = "No such project, or not one of the caller's", body = ErrorBody),
-        (status = 409, description = "The project is archived", body = ErrorBody),
+        (status = 409, description = "The project is archived; or the `Idempotency-Key` was used for another request, or an earlier request with it is still being worked on", body = ErrorBody),
         (status = 413, description = "Body too large", body = ErrorBody),
         (status = 415, description = "Body is not JSON", body = ErrorBody),
-        (status = 422, description = "Invalid fields, each named; an input naming an object with no completed, verified upload", body = ErrorBody)
+        (status = 422, description = "Invalid fields, each named; an input naming an object with no completed, verified upload; a specification whose command to its node would not fit in one frame (the size and the limit named); a malformed `Idempotency-Key`", body = ErrorBody)
     ),
     security(("bearer" = []))
 )]
 async fn submit(
     State(state): State<AppState>,
     caller: Caller,
-    JsonBody(body): JsonBody<SubmitTask>,
-) -> Result<(StatusCode, [(header::HeaderName, String); 1], Json<Task>), ApiError> {
+    key: Option<IdempotencyKey>,
+    JsonBody(body): JsonBody<serde_json::Value>,
+) -> Result<Response, ApiError> {
+    let path = format!("{}/tasks", crate::routes::API_PREFIX);
+    let request = idempotency::request_sha256("POST", &path, Some(&body));
+    let body: SubmitTask = extract::from_value(body)?;
+    idempotency::once(&state, &caller, key, request, |reserved| {
+        queue(&state, &caller, body, reserved)
+    })
+    .await
+}
+
+/// Validates `body` and queues it as task `reserved.task_id`.
+async fn queue(
+    state: &AppState,
+    caller: &Caller,
+    body: SubmitTask,
+    reserved: Reserved,
+) -> Result<Answer, ApiError> {
     let spec = TaskSpecDraft::from(body)
         .validate(state.config().url_policy)
         .map_err(|errors| {
@@ -60,6 +85,8 @@ async fn submit(
             }
             ApiError::Invalid(errors.into_iter().map(Problem::from).collect())
         })?;
+    let id = reserved.task_id;
+    deliverable(id, &spec)?;
     if state.objects().is_err() {
         let mut problems = Vec::new();
         if !spec.inputs.is_empty() {
@@ -72,7 +99,7 @@ async fn submit(
             return Err(ApiError::Invalid(problems));
         }
     }
-    let access = access::project(&state, &caller, spec.project_id, Some("project_id")).await?;
+    let access = access::project(state, caller, spec.project_id, Some("project_id")).await?;
     access.require(Role::Member, "submit tasks")?;
     if access.project.archived {
         return Err(ApiError::Conflict(Problem::field(
@@ -80,8 +107,7 @@ async fn submit(
             "the project is archived and takes no new tasks",
         )));
     }
-    crate::routes::object::require_verified_inputs(&state, &spec).await?;
-    let id = Uuid::now_v7();
+    crate::routes::object::require_verified_inputs(state, &spec).await?;
     let now = Utc::now();
     let command = TaskCommand::Submit {
         task_id: id,
@@ -89,14 +115,33 @@ async fn submit(
         by: caller.actor(),
         at: now,
     };
-    let executed = state
+    let task = match state
         .store()
         .execute::<domain::task::Task>(&id.to_string(), command, &caller.actor(), now)
-        .await?;
+        .await
+    {
+        Ok(executed) => executed.state,
+        // An earlier request with the same key submitted it and gave no
+        // answer: this is that task.
+        Err(StoreError::Rejected(TaskError::AlreadyExists)) if reserved.taken_over => {
+            state
+                .store()
+                .load::<domain::task::Task>(&id.to_string())
+                .await?
+                .ok_or_else(|| ApiError::internal("a task that exists could not be loaded"))?
+                .state
+        }
+        Err(e) => return Err(e.into()),
+    };
     let location = format!("{}/tasks/{id}", crate::routes::API_PREFIX);
-    Ok((
-        StatusCode::CREATED,
-        [(header::LOCATION, location)],
-        Json(executed.state.try_into()?),
-    ))
+    Ok(Answer::json(StatusCode::CREATED, &Task::try_from(task)?)?.with_location(location))
+}
+
+/// Refuses a specification whose `run_task` could never be delivered to
+/// a node: measured with the ingress's own conversion, so what is
+/// accepted here always fits in a frame there.
+fn deliverable(task_id: Uuid, spec: &TaskSpec) -> Result<(), ApiError> {
+    ingress::check_run_task_fits(task_id, spec)
+        .map(drop)
+        .map_err(|e| ApiError::Invalid(vec![Problem::new(e.to_string())]))
 }
