@@ -1,7 +1,7 @@
 //! The tasks read model, `task_view`.
 
 use chrono::{DateTime, Utc};
-use domain::spec::{Resources, TaskSpec};
+use domain::spec::TaskSpec;
 use domain::task::{Task, TaskState};
 use sqlx::PgExecutor;
 use uuid::Uuid;
@@ -241,22 +241,6 @@ pub async fn queued(
         .collect())
 }
 
-/// A task holding a node, with what it uses there.
-#[derive(Debug, Clone)]
-pub struct Holding {
-    /// The task.
-    pub id: Uuid,
-    /// Its project.
-    pub project: Uuid,
-    /// The node it holds.
-    pub node: Uuid,
-    /// The resources its spec asks for; `None` when they do not decode.
-    pub resources: Option<Resources>,
-    /// The GPU devices of its latest attempt; empty when none are recorded
-    /// or they do not decode.
-    pub gpus: Vec<u32>,
-}
-
 /// The name of the checkpoint of the read model `task_view` belongs to:
 /// events after it are not in `task_view` yet.
 pub const CHECKPOINT: &str = "tasks";
@@ -272,34 +256,4 @@ pub async fn held_by(db: impl PgExecutor<'_>, node_id: Uuid) -> Result<Vec<Uuid>
     .bind(node_id)
     .fetch_all(db)
     .await
-}
-
-/// The tasks holding a node.
-pub async fn holding(db: impl PgExecutor<'_>) -> Result<Vec<Holding>, sqlx::Error> {
-    let rows: Vec<(Uuid, Uuid, Uuid, serde_json::Value, serde_json::Value)> =
-        sqlx::query_as(&format!(
-            "SELECT id, project_id, node_id, doc->'spec'->'resources', \
-                    coalesce(doc->'attempts'->-1->'gpus', '[]'::jsonb) FROM task_view \
-             WHERE state IN {HOLDING} AND node_id IS NOT NULL"
-        ))
-        .fetch_all(db)
-        .await?;
-    Ok(rows
-        .into_iter()
-        .map(|(id, project, node, resources, gpus)| Holding {
-            id,
-            project,
-            node,
-            resources: serde_json::from_value(resources).ok(),
-            gpus: serde_json::from_value(gpus).unwrap_or_default(),
-        })
-        .collect())
-}
-
-/// Of `ids`, the tasks still queued.
-pub async fn still_queued(db: impl PgExecutor<'_>, ids: &[Uuid]) -> Result<Vec<Uuid>, sqlx::Error> {
-    sqlx::query_scalar("SELECT id FROM task_view WHERE id = ANY($1) AND state = 'queued'")
-        .bind(ids)
-        .fetch_all(db)
-        .await
 }
