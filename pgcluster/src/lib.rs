@@ -160,6 +160,10 @@ pub enum ClusterError {
         /// Its last lines.
         tail: String,
     },
+    /// A halted server could not have its port back: something else took
+    /// it while the server was down.
+    #[error("port {0} of the halted PostgreSQL was taken while it was down")]
+    PortTaken(u16),
     /// The server runs but does not accept our connection.
     #[error("connecting to the local cluster on 127.0.0.1:{port}: {source}")]
     Connect {
@@ -194,6 +198,17 @@ impl Default for ClusterOptions {
     }
 }
 
+/// How [`LocalCluster::halt`] stops the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopMode {
+    /// `pg_ctl stop -m fast`: open sessions are ended and the server shuts
+    /// down cleanly, as an operator's restart does.
+    Fast,
+    /// `pg_ctl stop -m immediate`: the server stops at once, as in a
+    /// crash, and the next start recovers from the write-ahead log.
+    Immediate,
+}
+
 /// A running private PostgreSQL cluster.
 ///
 /// Dropping a cluster made by [`LocalCluster::start`] leaves the server
@@ -208,6 +223,7 @@ pub struct LocalCluster {
     run_as: Option<RunAs>,
     port: u16,
     password: String,
+    options: ClusterOptions,
     watchdog: Option<Watchdog>,
 }
 
@@ -338,6 +354,64 @@ impl LocalCluster {
         Ok(())
     }
 
+    /// Stops the server and keeps the cluster, to be started again by
+    /// [`LocalCluster::resume`]: a database outage as its clients see it,
+    /// for tests of how they ride one out. An ephemeral cluster still
+    /// vanishes when dropped or when this process exits.
+    ///
+    /// # Errors
+    /// A [`ClusterError::Command`] when `pg_ctl` fails and the server still
+    /// runs.
+    pub async fn halt(&self, mode: StopMode) -> Result<(), ClusterError> {
+        let mode = match mode {
+            StopMode::Fast => "fast",
+            StopMode::Immediate => "immediate",
+        };
+        let mut stop = self.pg_ctl();
+        stop.arg("stop").arg("-D").arg(&self.data).args([
+            "-m",
+            mode,
+            "-w",
+            "-t",
+            PG_CTL_TIMEOUT_SECS,
+        ]);
+        let (command, output) = run(stop).await?;
+        if !output.status.success() && self.running_port().await?.is_some() {
+            return Err(command_failed(command, &output));
+        }
+        info!(dir = %self.root.display(), mode, "halted PostgreSQL");
+        Ok(())
+    }
+
+    /// Starts a server stopped by [`LocalCluster::halt`] again, with the
+    /// same settings and on the same port, so its clients' URLs work again.
+    /// Does nothing when the server runs.
+    ///
+    /// # Errors
+    /// [`ClusterError::PortTaken`] when the port stays taken for 30 s, or
+    /// why the server did not start.
+    pub async fn resume(&mut self) -> Result<(), ClusterError> {
+        if self.running_port().await?.is_some() {
+            return Ok(());
+        }
+        let port = self.port;
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !port_is_free(port) {
+            if std::time::Instant::now() > deadline {
+                return Err(ClusterError::PortTaken(port));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let options = self.options.clone();
+        self.launch(&options).await?;
+        if self.port != port {
+            let _ = self.halt(StopMode::Immediate).await;
+            self.port = port;
+            return Err(ClusterError::PortTaken(port));
+        }
+        Ok(())
+    }
+
     async fn start_in(
         root: PathBuf,
         options: &ClusterOptions,
@@ -368,6 +442,7 @@ impl LocalCluster {
             run_as,
             port: 0,
             password: String::new(),
+            options: options.clone(),
             watchdog,
         };
         if data_version.is_none() {
@@ -1179,6 +1254,48 @@ mod tests {
             "{} or port {port} remains",
             dir.display()
         );
+    }
+
+    #[tokio::test]
+    async fn a_halted_cluster_resumes_on_its_port_with_its_data() {
+        let mut cluster = LocalCluster::start_ephemeral().await.expect("start");
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(1)
+            .connect(&cluster.url())
+            .await
+            .expect("connect");
+        sqlx::query("CREATE TABLE kept (n int); INSERT INTO kept VALUES (7)")
+            .execute(&pool)
+            .await
+            .expect("write");
+        let port = cluster.port();
+        for mode in [StopMode::Immediate, StopMode::Fast] {
+            cluster.halt(mode).await.expect("halt");
+            assert!(
+                TcpStream::connect((Ipv4Addr::LOCALHOST, port)).is_err(),
+                "still listening after {mode:?}"
+            );
+            cluster.resume().await.expect("resume");
+            assert_eq!(cluster.port(), port);
+            // The pool's old connection died with the server; a new one
+            // reaches the same data.
+            let mut kept = None;
+            for _ in 0..50 {
+                match sqlx::query_scalar::<_, i32>("SELECT n FROM kept")
+                    .fetch_one(&pool)
+                    .await
+                {
+                    Ok(n) => {
+                        kept = Some(n);
+                        break;
+                    }
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+            assert_eq!(kept, Some(7), "after {mode:?}");
+        }
+        pool.close().await;
+        cluster.stop().await.expect("stop");
     }
 
     #[tokio::test]
