@@ -1174,14 +1174,17 @@ async fn rounds(
             .await
         {
             Ok(()) => println!(
-                "round {round}/{}: {what}; whole again {:.1} s after the fault began",
+                "round {round}/{} at {}: {what}; whole again {:.1} s after the fault began",
                 cli.rounds,
+                at.format("%H:%M:%S%.3f"),
                 started.elapsed().as_secs_f64()
             ),
             Err(unwell) => {
                 println!(
-                    "round {round}/{}: {what}; NOT whole after {} s: {unwell}",
-                    cli.rounds, cli.recover_s
+                    "round {round}/{} at {}: {what}; NOT whole after {} s: {unwell}",
+                    cli.rounds,
+                    at.format("%H:%M:%S%.3f"),
+                    cli.recover_s
                 );
                 out.violations.push(Violation {
                     kind: "no_recovery",
@@ -1435,6 +1438,19 @@ async fn finish(
     if out.violations.is_empty() {
         println!("faults: violations: none");
     } else {
+        let export = cluster.dir.join("events.jsonl");
+        let exported = tokio::process::Command::new(&cluster.unidesk)
+            .args(["events", "export", "--output"])
+            .arg(&export)
+            .env("DATABASE_URL", cluster.pg.url())
+            .output()
+            .await;
+        if exported.is_ok_and(|o| o.status.success()) {
+            println!(
+                "faults: the whole log is in {} (`unidesk events import` loads it into an empty database)",
+                export.display()
+            );
+        }
         println!(
             "faults: violations: {} ({})",
             out.violations.len(),

@@ -152,6 +152,7 @@ struct Attempt {
     node: Option<Uuid>,
     gpus: Vec<u32>,
     assigned_pos: Option<i64>,
+    assigned_at: Option<DateTime<Utc>>,
     ends: Vec<(String, Option<i64>)>,
 }
 
@@ -320,6 +321,7 @@ fn audit_task(
                         .and_then(|g| serde_json::from_value(g.clone()).ok())
                         .unwrap_or_default(),
                     assigned_pos: e.position,
+                    assigned_at: e.at(),
                     ends: Vec::new(),
                 });
             }
@@ -474,11 +476,13 @@ fn gpu_holds(attempts: &[Attempt], violations: &mut Vec<Violation>) {
                 violations.push(Violation::new(
                     "gpu_double_hold",
                     format!(
-                        "node {node} GPU {gpu}: attempt {} of task {} assigned (outbox position {start}) while attempt {} of task {} held it (assigned at {}, ended at {:?})",
+                        "node {node} GPU {gpu}: attempt {} of task {} assigned at {} (outbox position {start}) while attempt {} of task {} held it (assigned at {}, position {}; ended at position {:?})",
                         a.number,
                         a.task,
+                        a.assigned_at.map_or("?".into(), |t| t.to_rfc3339()),
                         o.number,
                         o.task,
+                        o.assigned_at.map_or("?".into(), |t| t.to_rfc3339()),
                         o.assigned_pos.unwrap_or_default(),
                         o.ends.iter().filter_map(|(_, p)| *p).min()
                     ),
