@@ -359,6 +359,12 @@ impl LocalCluster {
     /// for tests of how they ride one out. An ephemeral cluster still
     /// vanishes when dropped or when this process exits.
     ///
+    /// A cluster without sync (an ephemeral one) also commits without
+    /// waiting for its log (`synchronous_commit` off), so an
+    /// [`StopMode::Immediate`] halt loses what was committed in the last
+    /// moments, as a crash of a server set up so would; turn
+    /// `synchronous_commit` on (`ALTER SYSTEM`) when that matters.
+    ///
     /// # Errors
     /// A [`ClusterError::Command`] when `pg_ctl` fails and the server still
     /// runs.
@@ -1264,10 +1270,15 @@ mod tests {
             .connect(&cluster.url())
             .await
             .expect("connect");
-        sqlx::query("CREATE TABLE kept (n int); INSERT INTO kept VALUES (7)")
-            .execute(&pool)
-            .await
-            .expect("write");
+        // CHECKPOINT: the cluster commits without waiting for the log
+        // (synchronous_commit off), so a crash may lose the last commits.
+        for statement in [
+            "CREATE TABLE kept (n int)",
+            "INSERT INTO kept VALUES (7)",
+            "CHECKPOINT",
+        ] {
+            sqlx::query(statement).execute(&pool).await.expect("write");
+        }
         let port = cluster.port();
         for mode in [StopMode::Immediate, StopMode::Fast] {
             cluster.halt(mode).await.expect("halt");

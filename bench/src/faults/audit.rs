@@ -21,6 +21,11 @@
 //! | `event_not_in_outbox` | an event has no outbox row |
 //! | `replay_check` | `unidesk replay --check` finds a problem |
 //! | `read_model_differs` | a read model differs from a rebuild from the log |
+//!
+//! The harness itself adds `no_recovery` (the cluster was not whole again
+//! in time after a fault) and `duplicate_submission` (a `POST /tasks`
+//! retried with the same idempotency key made two tasks; judged only when
+//! the API documents such a key).
 
 use std::collections::{BTreeMap, HashMap};
 
