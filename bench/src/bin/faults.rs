@@ -17,7 +17,8 @@
 //! Tasks are submitted all along (sim, GPU and Docker tasks, each command
 //! naming how it ends) while each round injects one fault chosen by the
 //! seed: `kill -9` of an agent (then started again), of the ingress, of the
-//! scheduler leader or of the projector; a PostgreSQL restart with an
+//! scheduler leader or of the projector; SIGTERM to the ingress (which must
+//! exit within 10 s) and a start again; a PostgreSQL restart with an
 //! outage; a node cut off for longer or shorter than the offline window;
 //! the leader frozen with SIGSTOP past its lease, then SIGCONT. After each
 //! fault the harness waits until the cluster is whole again.
@@ -154,6 +155,7 @@ async fn main() -> std::process::ExitCode {
 enum Fault {
     KillAgent,
     KillIngress,
+    StopIngress,
     KillLeader,
     KillProjector,
     RestartPostgres,
@@ -163,9 +165,10 @@ enum Fault {
 }
 
 impl Fault {
-    const ALL: [Fault; 8] = [
+    const ALL: [Fault; 9] = [
         Fault::KillAgent,
         Fault::KillIngress,
+        Fault::StopIngress,
         Fault::KillLeader,
         Fault::KillProjector,
         Fault::RestartPostgres,
@@ -178,6 +181,7 @@ impl Fault {
         match self {
             Fault::KillAgent => "kill_agent",
             Fault::KillIngress => "kill_ingress",
+            Fault::StopIngress => "stop_ingress",
             Fault::KillLeader => "kill_leader",
             Fault::KillProjector => "kill_projector",
             Fault::RestartPostgres => "restart_postgres",
@@ -1056,6 +1060,7 @@ async fn inject(
     fault: Fault,
     rng: &mut StdRng,
     freeze: Duration,
+    violations: &mut Vec<Violation>,
 ) -> anyhow::Result<String> {
     let offline = cluster.offline_after;
     Ok(match fault {
@@ -1094,6 +1099,26 @@ async fn inject(
             format!(
                 "ingress killed, started again after {:.1} s",
                 pause.as_secs_f64()
+            )
+        }
+        Fault::StopIngress => {
+            // An operator's restart: SIGTERM, which must end within 10 s
+            // and say goodbye to every agent.
+            let (took, status) = cluster.ingress.terminate(Duration::from_secs(30)).await?;
+            cluster.ingress.start()?;
+            cluster.ingress_ready(Duration::from_secs(60)).await?;
+            if took > Duration::from_secs(10) || !status.success() {
+                violations.push(Violation {
+                    kind: "slow_shutdown",
+                    detail: format!(
+                        "the ingress took {:.1} s to stop on SIGTERM ({status})",
+                        took.as_secs_f64()
+                    ),
+                });
+            }
+            format!(
+                "ingress stopped (SIGTERM, exited in {:.2} s) and started again",
+                took.as_secs_f64()
             )
         }
         Fault::KillLeader => {
@@ -1194,7 +1219,7 @@ async fn rounds(
         let fault = faults[rng.gen_range(0..faults.len())];
         let started = Instant::now();
         let at = Utc::now();
-        let what = inject(cluster, fault, rng, freeze)
+        let what = inject(cluster, fault, rng, freeze, &mut out.violations)
             .await
             .with_context(|| format!("round {round}: {}", fault.name()))?;
         *out.by_fault.entry(fault.name()).or_default() += 1;

@@ -23,7 +23,8 @@
 //! | `read_model_differs` | a read model differs from a rebuild from the log |
 //!
 //! The harness itself adds `no_recovery` (the cluster was not whole again
-//! in time after a fault) and `duplicate_submission` (a `POST /tasks`
+//! in time after a fault), `slow_shutdown` (an ingress took more than 10 s
+//! to exit on SIGTERM) and `duplicate_submission` (a `POST /tasks`
 //! retried with the same idempotency key made two tasks; judged only when
 //! the API documents such a key).
 
