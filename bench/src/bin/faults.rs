@@ -408,7 +408,19 @@ impl Cluster {
         if cli.real_agents > 0 {
             build_base_image().await?;
             cluster.repos = Some(make_repos(&dir.join("repos"))?);
+            cluster.start_real_agents(cli, &agent_exe).await?;
         }
+        cluster.start_sims(cli).await?;
+        if let Err(unwell) = cluster.await_whole(Duration::from_secs(180)).await {
+            bail!("the cluster did not come up whole: {unwell}");
+        }
+        Ok(cluster)
+    }
+
+    /// Starts `--real-agents` real agents, the first `--netns-agents` of
+    /// them in network namespaces of their own.
+    async fn start_real_agents(&mut self, cli: &Cli, agent_exe: &Path) -> anyhow::Result<()> {
+        let port = self.ingress_port;
         let block = if cli.netns_agents > 0 && cli.real_agents > 0 {
             netns::free_block((std::process::id() % 200) as u8)?
         } else {
@@ -417,7 +429,7 @@ impl Cluster {
         let tag = format!("uf{}", std::process::id() % 100_000);
         for i in 0..cli.real_agents {
             let name = format!("real-{i}");
-            let token = cluster.provision(&name, "real").await?;
+            let token = self.provision(&name, "real").await?;
             let netns = if i < cli.netns_agents {
                 Some(Netns::create(&tag, block, (i + 1) as u8)?)
             } else {
@@ -426,12 +438,12 @@ impl Cluster {
             let host = netns
                 .as_ref()
                 .map_or("127.0.0.1".to_string(), |n| n.host_ip.to_string());
-            let work = dir.join(&name);
+            let work = self.dir.join(&name);
             std::fs::create_dir_all(&work)?;
             let agent_args: Vec<String> = vec![
                 agent_exe.display().to_string(),
                 "--server".into(),
-                format!("ws://{host}:{ingress_port}"),
+                format!("ws://{host}:{port}"),
                 "--work-dir".into(),
                 work.display().to_string(),
                 "--cpus".into(),
@@ -454,15 +466,21 @@ impl Cluster {
                 }
                 None => (agent_args[0].clone(), agent_args[1..].to_vec()),
             };
-            let mut proc = Proc::new(&name, program, args, &dir.join(format!("{name}.log")))
+            let mut proc = Proc::new(&name, program, args, &self.dir.join(format!("{name}.log")))
                 .env("UNIDESK_NODE_TOKEN", token)
                 .env("RUST_LOG", "info");
             proc.start()?;
-            cluster.reals.push(RealAgent { proc, netns });
+            self.reals.push(RealAgent { proc, netns });
         }
+        Ok(())
+    }
+
+    /// Starts the simulated agents, those with GPUs last.
+    async fn start_sims(&mut self, cli: &Cli) -> anyhow::Result<()> {
+        let port = self.ingress_port;
         let endpoint = Endpoint {
-            addr: SocketAddr::from(([127, 0, 0, 1], ingress_port)),
-            ws_url: format!("ws://127.0.0.1:{ingress_port}{}", protocol::PATH),
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            ws_url: format!("ws://127.0.0.1:{port}{}", protocol::PATH),
         };
         for i in 0..cli.sim_agents + cli.gpu_agents {
             let gpu = i >= cli.sim_agents;
@@ -471,7 +489,7 @@ impl Cluster {
             } else {
                 format!("sim-{i}")
             };
-            let token = cluster
+            let token = self
                 .provision(&name, if gpu { "gpu" } else { "sim" })
                 .await?;
             let mut sim = SimAgent::new(SimConfig {
@@ -483,12 +501,9 @@ impl Cluster {
                 memory_mb: 64 * 1024,
             });
             sim.start();
-            cluster.sims.push(sim);
+            self.sims.push(sim);
         }
-        if let Err(unwell) = cluster.await_whole(Duration::from_secs(180)).await {
-            bail!("the cluster did not come up whole: {unwell}");
-        }
-        Ok(cluster)
+        Ok(())
     }
 
     async fn start_scheduler(&mut self, i: usize) -> anyhow::Result<()> {
