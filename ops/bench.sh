@@ -6,8 +6,9 @@
 # script measures the references and UniDesk one after the other, on the same
 # machine, and prints every figure, then all of them again as a summary:
 #
-#   1. cargo build --release -p unidesk -p bench (the server and the
-#      benchmark binaries of bench/, side by side in target/release)
+#   1. cargo build --release -p unidesk -p node-agent -p bench (the server,
+#      the agent and the benchmark binaries of bench/, side by side in
+#      target/release)
 #   2. references, on a throw-away PostgreSQL with the same settings as the
 #      clusters the benchmarks start themselves (no fsync):
 #      - bench/reference/ceiling.sh: what PostgreSQL alone can do for our work;
@@ -23,7 +24,14 @@
 #      (needs Docker, `git daemon` and /bin/busybox);
 #   6. unidesk-replay-bench: `projections rebuild` over a log of a million
 #      events, next to a plain SELECT scan of the same rows, on a private
-#      PostgreSQL of its own.
+#      PostgreSQL of its own;
+#   7. unidesk-loadgen shutdown: SIGTERM to an ingress holding 10,000
+#      agents, reports in flight: time to exit, close frames, nothing
+#      acknowledged lost;
+#   8. unidesk-faults: a long fault run (100 rounds of kills, partitions,
+#      a frozen leader and database outages on a real cluster with real
+#      and simulated agents), then an audit of the log; needs Docker and
+#      root (network namespaces).
 #
 #   bash ops/bench.sh
 #
@@ -38,6 +46,9 @@
 #   SKIP_EXEC [0]               1 skips unidesk-exec-bench (no Docker)
 #   REPLAY_EVENTS [1000000]     events in the log unidesk-replay-bench rebuilds
 #   SKIP_REPLAY [0]             1 skips unidesk-replay-bench
+#   SHUTDOWN_AGENTS [10000]  SHUTDOWN_PROCS [5]  SHUTDOWN_TASKS [1000]
+#   FAULT_ROUNDS [100]  FAULT_SEED [random, printed]
+#   SKIP_FAULTS [0]             1 skips unidesk-faults
 #
 # Run it as root or as an ordinary user; as root, PostgreSQL runs as the
 # `postgres` user (it refuses to run as root). Server logs of the loadgen
@@ -61,6 +72,12 @@ EXEC_FETCH_RUNS=${EXEC_FETCH_RUNS:-5}
 SKIP_EXEC=${SKIP_EXEC:-0}
 REPLAY_EVENTS=${REPLAY_EVENTS:-1000000}
 SKIP_REPLAY=${SKIP_REPLAY:-0}
+SHUTDOWN_AGENTS=${SHUTDOWN_AGENTS:-10000}
+SHUTDOWN_PROCS=${SHUTDOWN_PROCS:-5}
+SHUTDOWN_TASKS=${SHUTDOWN_TASKS:-1000}
+FAULT_ROUNDS=${FAULT_ROUNDS:-100}
+FAULT_SEED=${FAULT_SEED:-}
+SKIP_FAULTS=${SKIP_FAULTS:-0}
 
 STEP="setup"
 PG_PID=""
@@ -162,8 +179,8 @@ check_tools
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/unidesk-bench.XXXXXX")
 say "work directory: $WORK"
 
-begin "cargo build --release -p unidesk -p bench"
-cargo build --release -p unidesk -p bench
+begin "cargo build --release -p unidesk -p node-agent -p bench"
+cargo build --release -p unidesk -p node-agent -p bench
 BIN=${CARGO_TARGET_DIR:-$PWD/target}/release
 [[ -x $BIN/unidesk-loadgen ]] || die "$BIN/unidesk-loadgen was not built"
 
@@ -211,6 +228,24 @@ fi
 if ((SKIP_REPLAY == 0)); then
     begin "unidesk-replay-bench: projections rebuild vs a plain SELECT scan"
     run replay "$BIN/unidesk-replay-bench" --events "$REPLAY_EVENTS"
+fi
+# -----------------------------------------------------------------------------
+
+begin "unidesk-loadgen shutdown"
+run shutdown "$BIN/unidesk-loadgen" shutdown --agents "$SHUTDOWN_AGENTS" --procs "$SHUTDOWN_PROCS" \
+    --tasks "$SHUTDOWN_TASKS" --log-dir "$WORK/shutdown-logs"
+
+# --- faults ------------------------------------------------------------------
+# A real cluster through FAULT_ROUNDS randomised faults, then an audit of its
+# log; every violation is printed with how to replay it. Its `faults:` lines
+# join the summary.
+if ((SKIP_FAULTS == 0)); then
+    begin "unidesk-faults: $FAULT_ROUNDS rounds"
+    command -v docker >/dev/null 2>&1 || die "docker not found: unidesk-faults runs real agents (or set SKIP_FAULTS=1)"
+    seed=()
+    [[ -n $FAULT_SEED ]] && seed=(--seed "$FAULT_SEED")
+    run faults "$BIN/unidesk-faults" --rounds "$FAULT_ROUNDS" "${seed[@]}" --work-dir "$WORK/faults" ||
+        say "unidesk-faults found violations or failed: see above; its logs are in $WORK/faults"
 fi
 # -----------------------------------------------------------------------------
 

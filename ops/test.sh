@@ -11,6 +11,13 @@
 #   bash ops/test.sh -p store             # one crate
 #   bash ops/test.sh -- --nocapture       # arguments for the test binaries
 #
+# The full run then puts a real cluster through randomised faults
+# (bench/src/bin/faults.rs: kills, partitions, a frozen leader, database
+# outages) and audits its event log; UNIDESK_FAULT_ROUNDS (10) and
+# UNIDESK_FAULT_SEED (fixed, so a finding can be replayed) change the run.
+# It needs Docker, and root for its network namespaces (without root its
+# real agents run without them).
+#
 # The full run ends by checking the API against its own OpenAPI document:
 # schemathesis (a pinned version, in a virtualenv under
 # ${XDG_CACHE_HOME:-~/.cache}/unidesk) fuzzes every operation of a fresh
@@ -37,6 +44,10 @@ APT_PACKAGES=(pkg-config libssl-dev busybox-static git openssh-server openssh-cl
 SCHEMATHESIS_VERSION=4.32.5
 SCHEMATHESIS_SEED=${UNIDESK_SCHEMATHESIS_SEED:-20261204}
 SCHEMATHESIS_EXAMPLES=30
+
+# The fault harness's rounds and seed.
+FAULT_ROUNDS=${UNIDESK_FAULT_ROUNDS:-10}
+FAULT_SEED=${UNIDESK_FAULT_SEED:-20261204}
 
 STEP="setup"
 PG_DIR=""
@@ -305,6 +316,21 @@ check_api_document() {
     stop_dev
 }
 
+# Runs the fault harness for FAULT_ROUNDS rounds: a real cluster (split
+# roles, a scheduler leader and standby, real agents running Docker tasks,
+# simulated agents) through kills, partitions, a frozen leader and database
+# outages, then an audit of its log. Any violation fails the run; the
+# harness prints how to replay it and keeps every process's log.
+run_fault_harness() {
+    local netns=()
+    cargo build -p unidesk -p node-agent -p bench --bin unidesk --bin unidesk-agent --bin unidesk-faults
+    if ((EUID != 0)); then
+        say "not root: the fault harness's real agents run without network namespaces"
+        netns=(--netns-agents 0)
+    fi
+    "$PWD/target/debug/unidesk-faults" --rounds "$FAULT_ROUNDS" --seed "$FAULT_SEED" "${netns[@]}"
+}
+
 # The -p/--package arguments among the ones for cargo test.
 PACKAGES=()
 args=("$@")
@@ -346,6 +372,9 @@ else
 
     begin "cargo test --workspace $*"
     cargo test --workspace "$@"
+
+    begin "fault harness: $FAULT_ROUNDS rounds, seed $FAULT_SEED"
+    run_fault_harness
 
     begin "schemathesis: the API against its OpenAPI document"
     check_api_document

@@ -1,6 +1,8 @@
-//! What UniDesk's benchmark binaries share: the database they measure on.
-//! Servers are started through [`testkit::process`], as the end-to-end
-//! tests start them.
+//! What UniDesk's benchmark binaries share: the database they measure on,
+//! and the parts of the fault harness ([`faults`]). Servers are started
+//! through [`testkit::process`], as the end-to-end tests start them.
+
+pub mod faults;
 
 /// The database a benchmark measures on: the one given, or a private
 /// PostgreSQL cluster started for this run (fsync off, like the test

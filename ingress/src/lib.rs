@@ -48,6 +48,7 @@ mod logs;
 mod registry;
 mod reports;
 mod session;
+mod shutdown;
 mod transfers;
 
 use std::future::Future;
@@ -106,8 +107,8 @@ impl Default for Config {
 /// closed as dead (a half-open TCP connection never says goodbye).
 pub const IDLE_HEARTBEATS: u64 = 4;
 
-/// How long [`Ingress::run`] waits, at shutdown, for its sessions to say
-/// goodbye before it returns.
+/// How long [`Ingress::run`] takes at most, at shutdown, for its sessions
+/// to say goodbye and for recording their ends before it returns.
 pub const SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
 
 /// The agent ingress: a router for the WebSocket endpoint and the outbox
@@ -188,9 +189,12 @@ impl Ingress {
     /// Delivers commands from the outbox to the sessions of this process,
     /// sends the wake-ups of log followers and records that this ingress is
     /// alive (`ingress_liveness`, every [`ALIVE_EVERY`]), until `shutdown`
-    /// completes, then closes every session (close code
-    /// 1001, "going away") and waits up to [`SHUTDOWN_WAIT`] for them to
-    /// end. Database errors are logged and retried; this never fails.
+    /// completes. Then every session says goodbye at once (close code 1001,
+    /// "going away": its agent reconnects elsewhere), and their ends are
+    /// recorded as `NodeDisconnected` a few at a time, for at most
+    /// [`SHUTDOWN_WAIT`] in all; an end left unrecorded is what a crash
+    /// would leave (see `shutdown.rs`). Database errors are logged and
+    /// retried; this never fails.
     pub async fn run(&self, shutdown: impl Future<Output = ()>) {
         tokio::pin!(shutdown);
         let ingress_id = &self.config.ingress_id;
@@ -201,12 +205,23 @@ impl Ingress {
             () = &mut shutdown => {}
         }
         liveness::gone(self.store.pool(), ingress_id).await;
-        self.registry.close_all();
-        let deadline = tokio::time::Instant::now() + SHUTDOWN_WAIT;
-        while self.registry.len() > 0 && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        tracing::info!(left = self.registry.len(), "ingress stopped");
+        let asked = self.registry.close_all();
+        let began = tokio::time::Instant::now();
+        let deadline = began + SHUTDOWN_WAIT;
+        let goodbyes = async {
+            while self.registry.len() > 0 && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        let (ends, ()) = tokio::join!(shutdown::record_ends(self, asked, deadline), goodbyes);
+        tracing::info!(
+            left = self.registry.len(),
+            ends_recorded = ends.recorded,
+            nodes_moved = ends.moved,
+            ends_unrecorded = ends.left,
+            secs = began.elapsed().as_secs_f64(),
+            "ingress stopped"
+        );
     }
 
     /// One step of the outbox consumer that [`Ingress::run`] repeats:

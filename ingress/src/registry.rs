@@ -172,17 +172,25 @@ impl Registry {
 
     /// Refuses new sessions from now on and asks every current one to
     /// close. Each stays registered until its task has said goodbye, so
-    /// [`Registry::len`] tells when all are gone.
-    pub(crate) fn close_all(&self) {
+    /// [`Registry::len`] tells when all are gone. Returns the sessions
+    /// asked, as (node, session): their ends are for the caller to record.
+    pub(crate) fn close_all(&self) -> Vec<(Uuid, Uuid)> {
         let mut state = self.lock();
         state.closing = true;
-        state.sessions.retain(|_, entry| {
-            // A session too busy to take the request is dropped instead.
-            entry
+        let mut asked = Vec::with_capacity(state.sessions.len());
+        state.sessions.retain(|node_id, entry| {
+            // A session too busy to take the request is dropped instead
+            // (and records its own end).
+            let taken = entry
                 .tx
                 .try_send(Outgoing::Close(Ending::ShuttingDown))
-                .is_ok()
+                .is_ok();
+            if taken {
+                asked.push((*node_id, entry.session));
+            }
+            taken
         });
+        asked
     }
 }
 
@@ -250,7 +258,8 @@ mod tests {
         let mut rx = registry
             .register(Uuid::from_u128(1), Uuid::from_u128(10), 1)
             .unwrap();
-        registry.close_all();
+        let asked = registry.close_all();
+        assert_eq!(asked, vec![(Uuid::from_u128(1), Uuid::from_u128(10))]);
         assert_eq!(closed_with(&mut rx), Some(Ending::ShuttingDown));
         // Still counted until the session itself has gone.
         assert_eq!(registry.len(), 1);

@@ -207,6 +207,12 @@ async fn serve(ingress: Ingress, node_id: Uuid, mut socket: WebSocket) {
     tracing::Span::current().record("session", tracing::field::display(session.id));
     let end = session.live(&mut socket, hello, turn).await;
     log_end(node_id, Some(session.id), &end);
+    if matches!(end, End::ShuttingDown) {
+        // Goodbye first; `Ingress::run` records the end (shutdown.rs).
+        Box::pin(close(&mut socket, end)).await;
+        session.ingress.registry.unregister(node_id, session.id);
+        return;
+    }
     Box::pin(session.end(&end)).await;
     Box::pin(close(&mut socket, end)).await;
 }

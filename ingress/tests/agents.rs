@@ -1272,3 +1272,34 @@ async fn shutting_down_closes_every_session_cleanly() {
         "NodeDisconnected"
     );
 }
+
+#[tokio::test]
+async fn shutting_down_says_goodbye_to_every_agent_and_records_each_end() {
+    let p = platform().await;
+    let server = Server::start(&p.store, "ingress-a").await;
+    let mut agents = Vec::new();
+    for _ in 0..40 {
+        let (node_id, token) = p.provision().await;
+        let (agent, _) = Agent::join(server.addr, &token, vec![]).await;
+        agents.push((node_id, agent));
+    }
+    server.wait_connected(agents.len()).await;
+    let ingress = server.ingress.clone();
+    server.shut_down().await;
+    assert_eq!(ingress.connected(), 0);
+    for (node_id, agent) in &mut agents {
+        match agent.next(PATIENCE).await {
+            Some(Incoming::Closed(Some(frame))) => assert_eq!(u16::from(frame.code), 1001),
+            other => panic!("node {node_id}: expected a close frame, got {other:?}"),
+        }
+        let reason: String = sqlx::query_scalar(
+            "SELECT payload->'Disconnected'->>'reason' FROM events \
+             WHERE aggregate_type = 'node' AND aggregate_id = $1 AND event_type = 'NodeDisconnected'",
+        )
+        .bind(node_id.to_string())
+        .fetch_one(&p.pool)
+        .await
+        .unwrap();
+        assert_eq!(reason, "the ingress shut down");
+    }
+}

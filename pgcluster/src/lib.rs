@@ -160,6 +160,10 @@ pub enum ClusterError {
         /// Its last lines.
         tail: String,
     },
+    /// A halted server could not have its port back: something else took
+    /// it while the server was down.
+    #[error("port {0} of the halted PostgreSQL was taken while it was down")]
+    PortTaken(u16),
     /// The server runs but does not accept our connection.
     #[error("connecting to the local cluster on 127.0.0.1:{port}: {source}")]
     Connect {
@@ -192,6 +196,17 @@ impl Default for ClusterOptions {
             max_connections: 200,
         }
     }
+}
+
+/// How [`LocalCluster::halt`] stops the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopMode {
+    /// `pg_ctl stop -m fast`: open sessions are ended and the server shuts
+    /// down cleanly, as an operator's restart does.
+    Fast,
+    /// `pg_ctl stop -m immediate`: the server stops at once, as in a
+    /// crash, and the next start recovers from the write-ahead log.
+    Immediate,
 }
 
 /// A running private PostgreSQL cluster.
@@ -340,18 +355,29 @@ impl LocalCluster {
         Ok(())
     }
 
-    /// Stops the server and keeps the cluster, as an outage of the
-    /// database would: open sessions are ended, and nothing can connect
-    /// until [`LocalCluster::resume`]. For tests of what survives that.
+    /// Stops the server and keeps the cluster, to be started again by
+    /// [`LocalCluster::resume`]: a database outage as its clients see it,
+    /// for tests of how they ride one out. An ephemeral cluster still
+    /// vanishes when dropped or when this process exits.
+    ///
+    /// A cluster without sync (an ephemeral one) also commits without
+    /// waiting for its log (`synchronous_commit` off), so an
+    /// [`StopMode::Immediate`] halt loses what was committed in the last
+    /// moments, as a crash of a server set up so would; turn
+    /// `synchronous_commit` on (`ALTER SYSTEM`) when that matters.
     ///
     /// # Errors
     /// A [`ClusterError::Command`] when `pg_ctl` fails and the server still
     /// runs.
-    pub async fn halt(&mut self) -> Result<(), ClusterError> {
+    pub async fn halt(&self, mode: StopMode) -> Result<(), ClusterError> {
+        let mode = match mode {
+            StopMode::Fast => "fast",
+            StopMode::Immediate => "immediate",
+        };
         let mut stop = self.pg_ctl();
         stop.arg("stop").arg("-D").arg(&self.data).args([
             "-m",
-            "fast",
+            mode,
             "-w",
             "-t",
             PG_CTL_TIMEOUT_SECS,
@@ -360,22 +386,37 @@ impl LocalCluster {
         if !output.status.success() && self.running_port().await?.is_some() {
             return Err(command_failed(command, &output));
         }
-        info!(dir = %self.root.display(), "halted PostgreSQL");
+        info!(dir = %self.root.display(), mode, "halted PostgreSQL");
         Ok(())
     }
 
-    /// Starts the server again after [`LocalCluster::halt`], on the same
-    /// port when it is still free (check [`LocalCluster::port`]).
+    /// Starts a server stopped by [`LocalCluster::halt`] again, with the
+    /// same settings and on the same port, so its clients' URLs work again.
+    /// Does nothing when the server runs.
     ///
     /// # Errors
-    /// As [`LocalCluster::start`].
+    /// [`ClusterError::PortTaken`] when the port stays taken for 30 s, or
+    /// why the server did not start.
     pub async fn resume(&mut self) -> Result<(), ClusterError> {
-        if let Some(port) = self.running_port().await? {
-            self.port = port;
+        if self.running_port().await?.is_some() {
             return Ok(());
         }
+        let port = self.port;
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !port_is_free(port) {
+            if std::time::Instant::now() > deadline {
+                return Err(ClusterError::PortTaken(port));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         let options = self.options.clone();
-        self.launch(&options).await
+        self.launch(&options).await?;
+        if self.port != port {
+            let _ = self.halt(StopMode::Immediate).await;
+            self.port = port;
+            return Err(ClusterError::PortTaken(port));
+        }
+        Ok(())
     }
 
     async fn start_in(
@@ -1220,6 +1261,53 @@ mod tests {
             "{} or port {port} remains",
             dir.display()
         );
+    }
+
+    #[tokio::test]
+    async fn a_halted_cluster_resumes_on_its_port_with_its_data() {
+        let mut cluster = LocalCluster::start_ephemeral().await.expect("start");
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(1)
+            .connect(&cluster.url())
+            .await
+            .expect("connect");
+        // CHECKPOINT: the cluster commits without waiting for the log
+        // (synchronous_commit off), so a crash may lose the last commits.
+        for statement in [
+            "CREATE TABLE kept (n int)",
+            "INSERT INTO kept VALUES (7)",
+            "CHECKPOINT",
+        ] {
+            sqlx::query(statement).execute(&pool).await.expect("write");
+        }
+        let port = cluster.port();
+        for mode in [StopMode::Immediate, StopMode::Fast] {
+            cluster.halt(mode).await.expect("halt");
+            assert!(
+                TcpStream::connect((Ipv4Addr::LOCALHOST, port)).is_err(),
+                "still listening after {mode:?}"
+            );
+            cluster.resume().await.expect("resume");
+            assert_eq!(cluster.port(), port);
+            // The pool's old connection died with the server; a new one
+            // reaches the same data.
+            let mut kept = None;
+            for _ in 0..50 {
+                match sqlx::query_scalar::<_, i32>("SELECT n FROM kept")
+                    .fetch_one(&pool)
+                    .await
+                {
+                    Ok(n) => {
+                        kept = Some(n);
+                        break;
+                    }
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+            assert_eq!(kept, Some(7), "after {mode:?}");
+        }
+        pool.close().await;
+        cluster.stop().await.expect("stop");
     }
 
     #[tokio::test]

@@ -186,7 +186,7 @@ async fn a_task_outlives_a_database_outage_longer_than_the_offline_window() {
     // the container run on, and the agent is heard again a little after
     // PostgreSQL is back.
     work.agent(Signal::SIGSTOP);
-    cluster.halt().await.unwrap();
+    cluster.halt(pgcluster::StopMode::Fast).await.unwrap();
     tokio::time::sleep(OUTAGE).await;
     cluster.resume().await.unwrap();
     assert_eq!(cluster.port(), port, "PostgreSQL came back elsewhere");

@@ -6,6 +6,7 @@
 //! unidesk-loadgen lifecycle --agents 100 --tasks 5000   # submit → succeeded, tasks/s
 //! unidesk-loadgen latency --rate 20 --seconds 30 --agents 10   # submit → run_task, ms
 //! unidesk-loadgen idle --agents 10000 --procs 5   # server memory per idle agent
+//! unidesk-loadgen shutdown --agents 10000 --procs 5   # SIGTERM → exit of a busy ingress
 //! unidesk-loadgen postgres   # a throw-away PostgreSQL for ops/bench.sh, until SIGTERM
 //! ```
 //!
@@ -65,12 +66,18 @@ enum Mode {
     Latency(LatencyArgs),
     /// Server memory per idle connected agent.
     Idle(IdleArgs),
+    /// How fast an ingress with thousands of agents stops on SIGTERM, and
+    /// that it loses nothing it acknowledged.
+    Shutdown(ShutdownArgs),
     /// Start a throw-away PostgreSQL cluster, print its URLs and keep it
     /// running until SIGTERM or Ctrl-C (for ops/bench.sh).
     Postgres(PostgresArgs),
     /// One process's share of `idle`'s agents (started by `idle` itself).
     #[command(hide = true)]
     IdleWorker(IdleWorkerArgs),
+    /// One process's share of `shutdown`'s agents (started by `shutdown`).
+    #[command(hide = true)]
+    ShutdownWorker(ShutdownWorkerArgs),
 }
 
 /// Which server to drive.
@@ -152,6 +159,46 @@ struct IdleArgs {
     provisioners: usize,
 }
 
+/// Flags of `shutdown`.
+#[derive(Debug, Args)]
+struct ShutdownArgs {
+    /// Agents connected to the ingress when it gets SIGTERM.
+    #[arg(long, default_value_t = 10_000)]
+    agents: usize,
+    /// Processes to spread them over (each may hold at most 20,000 files).
+    #[arg(long, default_value_t = 5)]
+    procs: usize,
+    /// Tasks running on the agents; their agents report them succeeded
+    /// right before the SIGTERM, so reports are in flight during it.
+    #[arg(long, default_value_t = 1000)]
+    tasks: usize,
+    /// Milliseconds between telling the agents to report and the SIGTERM.
+    #[arg(long, default_value_t = 20)]
+    lead_ms: u64,
+    /// Seconds the ingress may take to exit; longer fails the run.
+    #[arg(long, default_value_t = 10.0)]
+    budget_s: f64,
+    /// Nodes provisioned concurrently through the API.
+    #[arg(long, default_value_t = 32)]
+    provisioners: usize,
+    /// Where to keep the servers' logs; by default a temporary directory,
+    /// summarised and deleted at the end.
+    #[arg(long)]
+    log_dir: Option<PathBuf>,
+}
+
+/// Flags of the hidden `shutdown-worker`: like `idle-worker`, and where to
+/// write the reports the server answered.
+#[derive(Debug, Args)]
+struct ShutdownWorkerArgs {
+    #[command(flatten)]
+    idle: IdleWorkerArgs,
+    /// The file to write `<task> <attempt> <state>` to, one line for each
+    /// report answered `received` without an error.
+    #[arg(long)]
+    acked: PathBuf,
+}
+
 /// Flags of `postgres`.
 #[derive(Debug, Args)]
 struct PostgresArgs {
@@ -187,6 +234,8 @@ async fn main() -> std::process::ExitCode {
         Mode::Idle(args) => idle(args).await,
         Mode::Postgres(args) => postgres(args).await,
         Mode::IdleWorker(args) => idle_worker(args).await,
+        Mode::Shutdown(args) => shutdown(args).await,
+        Mode::ShutdownWorker(args) => shutdown_worker(args).await,
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -1462,9 +1511,19 @@ impl Worker {
         offset: usize,
         tokens: &[String],
     ) -> anyhow::Result<Worker> {
+        Worker::start_as(&["idle-worker"], endpoint, offset, tokens).await
+    }
+
+    /// Starts `unidesk-loadgen <mode…>` as a worker and hands it `tokens`.
+    async fn start_as(
+        mode: &[&str],
+        endpoint: &Endpoint,
+        offset: usize,
+        tokens: &[String],
+    ) -> anyhow::Result<Worker> {
         let exe = std::env::current_exe().context("locating this executable")?;
         let mut child = tokio::process::Command::new(exe)
-            .arg("idle-worker")
+            .args(mode)
             .arg("--connect")
             .arg(endpoint.addr.to_string())
             .arg("--ws-url")
@@ -1511,6 +1570,27 @@ impl Worker {
         }
         let _ = tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await;
         Ok(still)
+    }
+
+    /// Writes one line to the worker.
+    async fn say(&mut self, line: &str) -> anyhow::Result<()> {
+        let stdin = self
+            .stdin
+            .as_mut()
+            .context("the worker's stdin is closed")?;
+        stdin
+            .write_all(format!("{line}\n").as_bytes())
+            .await
+            .context("writing to a worker")?;
+        stdin.flush().await.context("writing to a worker")
+    }
+
+    /// Waits for `<word> <a> <b>` and for the worker to exit.
+    async fn finish_with(mut self, word: &str) -> anyhow::Result<(usize, usize)> {
+        let said = self.expect(word).await?;
+        drop(self.stdin.take());
+        let _ = tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await;
+        Ok(said)
     }
 
     /// Reads lines until one reads `<word> <a> <b>`.
@@ -1579,6 +1659,470 @@ async fn idle_worker(args: IdleWorkerArgs) -> anyhow::Result<()> {
 /// address has its own ~28,000 ephemeral ports.
 fn source_address(i: usize) -> Ipv4Addr {
     Ipv4Addr::new(127, 0, 0, 2 + (i % 253) as u8)
+}
+
+// ---------------------------------------------------------------------------
+// shutdown
+// ---------------------------------------------------------------------------
+
+/// `shutdown`: an ingress process of its own with `--agents` agents from
+/// `--procs` worker processes, `--tasks` of them running a task; the agents
+/// report their tasks succeeded and the ingress gets SIGTERM `--lead-ms`
+/// later. Measures SIGTERM → exit, counts the agents that got a close
+/// frame, and checks that every report answered `received` is in the log.
+async fn shutdown(args: ShutdownArgs) -> anyhow::Result<()> {
+    ensure!(
+        args.agents > 0 && args.procs > 0 && args.tasks <= args.agents * 8,
+        "--agents and --procs must be positive, and --tasks at most 8 per agent"
+    );
+    raise_open_files();
+    let exe = std::env::current_exe()
+        .context("locating this executable")?
+        .with_file_name("unidesk");
+    ensure!(
+        exe.is_file(),
+        "{} not found: build it next to this binary (cargo build --release -p unidesk)",
+        exe.display()
+    );
+    let dir = tempfile::Builder::new()
+        .prefix("unidesk-loadgen-shutdown-")
+        .tempdir()
+        .context("creating a temporary directory")?;
+    let logs = args
+        .log_dir
+        .clone()
+        .unwrap_or_else(|| dir.path().to_path_buf());
+    std::fs::create_dir_all(&logs).context("creating the log directory")?;
+    let cluster = pgcluster::LocalCluster::start_ephemeral()
+        .await
+        .context("starting a private PostgreSQL")?;
+    // Everything but the ingress in one process; the ingress alone in
+    // another, so SIGTERM stops exactly the agents' side.
+    let api_log = logs.join("api.log");
+    let rest = Launch::serve(&exe)
+        .args(["--roles", "api,projector,scheduler"])
+        .args(["--rate-limit-per-s", "0"])
+        .env("DATABASE_URL", cluster.url())
+        .log_to(&api_log)
+        .ready_within(Duration::from_secs(60))
+        .start()
+        .await
+        .with_context(|| format!("starting the api; its log:\n{}", tail(&api_log, 20)))?;
+    let port = testkit::free_port();
+    let ingress_log = logs.join("ingress.log");
+    let mut ingress = bench::faults::process::Proc::new(
+        "ingress",
+        &exe,
+        [
+            "serve".to_string(),
+            "--roles".into(),
+            "ingress".into(),
+            "--listen".into(),
+            format!("127.0.0.1:{port}"),
+        ],
+        &ingress_log,
+    )
+    .env("DATABASE_URL", cluster.url());
+    ingress.start()?;
+    let outcome = measure_shutdown(&args, &rest, &mut ingress, port, &cluster).await;
+    if ingress.running() {
+        let _ = ingress.kill9().await;
+    }
+    drop(rest);
+    println!("{}", summarise_log(&ingress_log));
+    cluster
+        .stop()
+        .await
+        .context("stopping the private PostgreSQL")?;
+    if args.log_dir.is_none() {
+        drop(dir);
+    }
+    outcome
+}
+
+/// The body of `shutdown`, between starting and stopping the servers.
+async fn measure_shutdown(
+    args: &ShutdownArgs,
+    rest: &ServerProcess,
+    ingress: &mut bench::faults::process::Proc,
+    port: u16,
+    cluster: &pgcluster::LocalCluster,
+) -> anyhow::Result<()> {
+    let http = reqwest::Client::new();
+    let ws_probe = format!("http://127.0.0.1:{port}{}", protocol::PATH);
+    let ready = testkit::try_eventually(Duration::from_secs(60), || async {
+        http.get(&ws_probe).send().await.ok().map(|_| ())
+    })
+    .await;
+    ensure!(ready.is_some(), "the ingress did not answer within 60 s");
+    let server = Server {
+        base: rest.base().to_string(),
+        admin_token: rest.token().to_string(),
+        pid: None,
+        own: None,
+    };
+    let api = server.api()?;
+    let run = Run::create(&api).await?;
+    let tokens = run.provision(&api, args.agents, args.provisioners).await?;
+    let endpoint = Endpoint {
+        addr: SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+        ws_url: format!("ws://127.0.0.1:{port}{}", protocol::PATH),
+    };
+    let files = tempfile::tempdir().context("creating a temporary directory")?;
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    let per = args.agents.div_ceil(args.procs);
+    for (k, share) in tokens.chunks(per).enumerate() {
+        let acked = files.path().join(format!("acked-{k}"));
+        let acked = acked.display().to_string();
+        workers.push(
+            Worker::start_as(
+                &["shutdown-worker", "--acked", &acked],
+                &endpoint,
+                k * per,
+                share,
+            )
+            .await?,
+        );
+    }
+    let mut connected = 0;
+    for w in &mut workers {
+        connected += w.ready().await?;
+    }
+    println!(
+        "shutdown: {connected} of {} agents connected to the ingress from {} processes in {:.1} s",
+        args.agents,
+        workers.len(),
+        started.elapsed().as_secs_f64()
+    );
+    ensure!(connected == args.agents, "not every agent connected");
+    let online = run
+        .await_online(&api, args.agents, Duration::from_secs(300))
+        .await?;
+    ensure!(online == args.agents, "only {online} nodes are online");
+
+    for _ in 0..args.tasks {
+        api.submit(run.project, &run.id).await?;
+    }
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let states = api.task_states(run.project).await?;
+        if states.get("running").copied().unwrap_or(0) == args.tasks {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "after 300 s the tasks are {states:?}, not all running"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    println!("shutdown: {} tasks running on the agents", args.tasks);
+
+    for w in &mut workers {
+        w.say("finish").await?;
+    }
+    tokio::time::sleep(Duration::from_millis(args.lead_ms)).await;
+    let (took, status) = ingress.terminate(Duration::from_secs(120)).await?;
+    let mut close_frames = 0;
+    let mut abrupt = 0;
+    for w in workers {
+        let (closed, cut) = w.finish_with("final").await?;
+        close_frames += closed;
+        abrupt += cut;
+    }
+
+    // Every report answered `received` is in the log.
+    let pool = sqlx::PgPool::connect(&cluster.url())
+        .await
+        .context("connecting to the database")?;
+    let mut acked = Vec::new();
+    for entry in std::fs::read_dir(files.path()).context("reading the acked files")? {
+        let text = std::fs::read_to_string(entry?.path()).context("reading an acked file")?;
+        for line in text.lines() {
+            let parts: Vec<&str> = line.split_whitespace().collect();
+            if let [task, attempt, state] = parts[..] {
+                acked.push((task.to_string(), attempt.parse::<i64>()?, state.to_string()));
+            }
+        }
+    }
+    let stored: HashSet<(String, i64, String)> = sqlx::query_as(
+        "SELECT aggregate_id, (payload->(json_object_keys(payload))->>'attempt')::bigint, event_type \
+         FROM events WHERE aggregate_type = 'task' \
+         AND event_type IN ('TaskAccepted', 'TaskStarted', 'TaskSucceeded')",
+    )
+    .fetch_all(&pool)
+    .await
+    .context("reading the task events")?
+    .into_iter()
+    .collect();
+    let wanted = |state: &str| match state {
+        "accepted" => "TaskAccepted",
+        "running" => "TaskStarted",
+        _ => "TaskSucceeded",
+    };
+    let missing: Vec<&(String, i64, String)> = acked
+        .iter()
+        .filter(|(t, a, s)| !stored.contains(&(t.clone(), *a, wanted(s).to_string())))
+        .collect();
+    let succeeded_acked = acked.iter().filter(|(_, _, s)| s == "succeeded").count();
+    let disconnected: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM events WHERE aggregate_type = 'node' AND event_type = 'NodeDisconnected'",
+    )
+    .fetch_one(&pool)
+    .await?;
+    pool.close().await;
+
+    println!(
+        "shutdown: SIGTERM → exit in {:.2} s ({status}) with {connected} agents connected and {} tasks reporting `succeeded` {} ms before",
+        took.as_secs_f64(),
+        args.tasks,
+        args.lead_ms
+    );
+    println!(
+        "shutdown: {close_frames} of {connected} agents got a close frame, {abrupt} saw the connection end without one"
+    );
+    println!(
+        "shutdown: {} reports answered `received` ({succeeded_acked} of {} `succeeded`; the rest are sent again on reconnect), {} of them missing from the log",
+        acked.len(),
+        args.tasks,
+        missing.len()
+    );
+    println!("shutdown: {disconnected} NodeDisconnected events in the log");
+    for m in missing.iter().take(5) {
+        println!("  missing: task {} attempt {} {}", m.0, m.1, m.2);
+    }
+    ensure!(
+        missing.is_empty(),
+        "reports answered `received` are missing from the log"
+    );
+    ensure!(
+        close_frames == connected,
+        "{} agents got no close frame",
+        connected - close_frames
+    );
+    ensure!(
+        took.as_secs_f64() <= args.budget_s,
+        "the ingress took {:.1} s to stop, more than {} s",
+        took.as_secs_f64(),
+        args.budget_s
+    );
+    Ok(())
+}
+
+/// Raises the soft limit of open files to the hard one, for this process
+/// and the servers and workers it starts.
+fn raise_open_files() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
+}
+
+/// What a shutdown worker's agents saw.
+#[derive(Default)]
+struct Ending {
+    /// Sessions the server ended with a close frame.
+    close_frames: AtomicUsize,
+    /// Sessions that ended without one.
+    abrupt: AtomicUsize,
+    /// Reports answered `received` without an error.
+    acked: Mutex<Vec<(Uuid, u32, ReportedState)>>,
+}
+
+/// `shutdown-worker`: connects its agents, says `ready`, runs the tasks it
+/// gets until stdin says `finish`, then reports them all succeeded and
+/// waits for the server to end every session; writes the answered reports
+/// and says `final <close frames> <ended without>`.
+async fn shutdown_worker(args: ShutdownWorkerArgs) -> anyhow::Result<()> {
+    let mut lines = BufReader::new(tokio::io::stdin()).lines();
+    let mut tokens = Vec::new();
+    while let Some(line) = lines.next_line().await.context("reading tokens")? {
+        match line.trim() {
+            "go" => break,
+            "" => {}
+            token => tokens.push(token.to_string()),
+        }
+    }
+    let endpoint = Endpoint {
+        addr: args.idle.connect,
+        ws_url: args.idle.ws_url,
+    };
+    let ending = Arc::new(Ending::default());
+    let (finish, finishing) = watch::channel(false);
+    let gate = Arc::new(Semaphore::new(args.idle.concurrency.max(1)));
+    let (mut connected, mut failed) = (0, 0);
+    let mut agents = JoinSet::new();
+    let mut joins = JoinSet::new();
+    for (i, token) in tokens.into_iter().enumerate() {
+        let (endpoint, gate) = (endpoint.clone(), gate.clone());
+        let source = Some(source_address(args.idle.offset + i));
+        joins.spawn(async move {
+            let permit = gate.acquire_owned().await;
+            let joined = join(&endpoint, &token, source).await;
+            drop(permit);
+            (i, joined)
+        });
+    }
+    while let Some(joined) = joins.join_next().await {
+        match joined.context("an agent panicked")? {
+            (i, Ok((ws, heartbeat))) => {
+                connected += 1;
+                let first = heartbeat.mul_f64((i % 1000) as f64 / 1000.0);
+                agents.spawn(hold(
+                    ws,
+                    heartbeat,
+                    first,
+                    finishing.clone(),
+                    ending.clone(),
+                ));
+            }
+            (i, Err(e)) => {
+                failed += 1;
+                if failed <= 5 {
+                    eprintln!("shutdown-worker: agent {i} did not connect: {e:#}");
+                }
+            }
+        }
+    }
+    println!("ready {connected} {failed}");
+    while let Some(line) = lines.next_line().await.ok().flatten() {
+        if line.trim() == "finish" {
+            break;
+        }
+    }
+    let _ = finish.send(true);
+    let all = async { while agents.join_next().await.is_some() {} };
+    if tokio::time::timeout(Duration::from_secs(150), all)
+        .await
+        .is_err()
+    {
+        eprintln!("shutdown-worker: sessions still open 150 s after finish");
+    }
+    let text: String = ending
+        .acked
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .map(|(task, attempt, state)| {
+            let state = match state {
+                ReportedState::Accepted => "accepted",
+                ReportedState::Running => "running",
+                _ => "succeeded",
+            };
+            format!("{task} {attempt} {state}\n")
+        })
+        .collect();
+    std::fs::write(&args.acked, text).context("writing the acked reports")?;
+    println!(
+        "final {} {}",
+        ending.close_frames.load(Ordering::Relaxed),
+        ending.abrupt.load(Ordering::Relaxed)
+    );
+    Ok(())
+}
+
+/// One agent of `shutdown`: runs the tasks it gets until `finish`, then
+/// reports them succeeded, and serves until the server ends the session.
+async fn hold(
+    mut ws: Ws,
+    heartbeat: Duration,
+    first_beat: Duration,
+    mut finish: watch::Receiver<bool>,
+    ending: Arc<Ending>,
+) {
+    let mut beat = tokio::time::interval_at(Instant::now() + first_beat, heartbeat);
+    beat.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let (mut seq, mut next_id) = (0, 0);
+    let mut held: Vec<(Uuid, u32)> = Vec::new();
+    let mut unanswered: HashMap<u64, (Uuid, u32, ReportedState)> = HashMap::new();
+    let mut seen: HashSet<Uuid> = HashSet::new();
+    let mut finished = false;
+    let mut report = |unanswered: &mut HashMap<u64, (Uuid, u32, ReportedState)>,
+                      task: Uuid,
+                      attempt: u32,
+                      state: ReportedState| {
+        next_id += 1;
+        unanswered.insert(next_id, (task, attempt, state));
+        AgentMessage::Status(Status {
+            id: next_id,
+            task_id: task,
+            attempt,
+            state,
+            stage: None,
+            container: (state == ReportedState::Running).then(|| "sim".to_string()),
+            exit_code: None,
+            message: None,
+        })
+    };
+    loop {
+        let frames: Vec<AgentMessage> = tokio::select! {
+            changed = finish.changed(), if !finished => {
+                if changed.is_err() {
+                    return;
+                }
+                finished = true;
+                held.drain(..)
+                    .map(|(t, a)| report(&mut unanswered, t, a, ReportedState::Succeeded))
+                    .collect()
+            }
+            _ = beat.tick() => {
+                seq += 1;
+                vec![AgentMessage::Heartbeat { seq }]
+            }
+            message = ws.next() => match message {
+                Some(Ok(Message::Text(text))) => {
+                    match protocol::decode::<ServerMessage>(text.as_str()) {
+                        Ok(ServerMessage::Command { command_id, command }) => {
+                            let mut out = vec![AgentMessage::Ack { command_id }];
+                            if let (true, Command::RunTask(run)) = (seen.insert(command_id), command) {
+                                for state in [ReportedState::Accepted, ReportedState::Running] {
+                                    out.push(report(&mut unanswered, run.task_id, run.attempt, state));
+                                }
+                                held.push((run.task_id, run.attempt));
+                            }
+                            out
+                        }
+                        Ok(ServerMessage::Received { id, error }) => {
+                            if let (Some(r), None) = (unanswered.remove(&id), error) {
+                                ending.acked.lock().unwrap_or_else(|e| e.into_inner()).push(r);
+                            }
+                            Vec::new()
+                        }
+                        _ => Vec::new(),
+                    }
+                }
+                Some(Ok(Message::Close(_))) => {
+                    ending.close_frames.fetch_add(1, Ordering::Relaxed);
+                    // Answer the close and wait for the server to hang up.
+                    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+                        let _ = ws.close(None).await;
+                        while ws.next().await.is_some() {}
+                    })
+                    .await;
+                    return;
+                }
+                Some(Ok(_)) => Vec::new(),
+                Some(Err(_)) | None => {
+                    ending.abrupt.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+            },
+        };
+        for frame in &frames {
+            if ws
+                .feed(Message::text(protocol::encode(frame)))
+                .await
+                .is_err()
+            {
+                ending.abrupt.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        }
+        if !frames.is_empty() && ws.flush().await.is_err() {
+            ending.abrupt.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------
