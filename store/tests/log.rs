@@ -367,9 +367,20 @@ async fn events_carry_their_actor_and_time_as_metadata() {
     let db = testkit::fresh_db().await;
     let store = Store::new(db.pool.clone());
     create_project(&store, Uuid::new_v4(), "meta").await;
-    let events = outbox::read_after(&db.pool, Checkpoint::default(), 10, &Filter::default())
-        .await
-        .unwrap();
+    // Readers see a commit once every older transaction on the server has
+    // ended, and other tests share the server.
+    let events = testkit::eventually(
+        "the committed event visible to outbox readers",
+        Duration::from_secs(30),
+        || async {
+            let events =
+                outbox::read_after(&db.pool, Checkpoint::default(), 10, &Filter::default())
+                    .await
+                    .unwrap();
+            (!events.is_empty()).then_some(events)
+        },
+    )
+    .await;
     assert_eq!(events.len(), 1);
     assert_eq!(events[0].actor(), "user:admin");
     assert!(events[0].metadata.get("at").is_some());
