@@ -314,6 +314,10 @@ impl Projection for Timeline {
     fn name(&self) -> &'static str {
         "timeline"
     }
+    /// Each event is a row of its own.
+    fn per_aggregate(&self) -> bool {
+        false
+    }
     fn tables(&self) -> &'static [&'static str] {
         &["timeline"]
     }
