@@ -49,8 +49,15 @@ fn seconds<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> 
 pub async fn oldest_transaction<'e>(
     db: impl PgExecutor<'e>,
 ) -> Result<Option<OldestTransaction>, sqlx::Error> {
-    let row: Option<(Option<i32>, f64, Option<String>, Option<String>, Option<String>)> =
-        sqlx::query_as(
+    #[derive(sqlx::FromRow)]
+    struct Row {
+        pid: Option<i32>,
+        age_s: f64,
+        database: Option<String>,
+        application: Option<String>,
+        state: Option<String>,
+    }
+    let row: Option<Row> = sqlx::query_as(
             "SELECT pid, age_s, database, application, state FROM ( \
                SELECT pid, extract(epoch FROM clock_timestamp() - xact_start)::float8 AS age_s, \
                       datname::text AS database, application_name::text AS application, \
@@ -65,15 +72,13 @@ pub async fn oldest_transaction<'e>(
         )
         .fetch_optional(db)
         .await?;
-    Ok(row.map(
-        |(pid, age_s, database, application, state)| OldestTransaction {
-            pid,
-            age: Duration::from_secs_f64(age_s.max(0.0)),
-            database,
-            application,
-            state,
-        },
-    ))
+    Ok(row.map(|r| OldestTransaction {
+        pid: r.pid,
+        age: Duration::from_secs_f64(r.age_s.max(0.0)),
+        database: r.database,
+        application: r.application,
+        state: r.state,
+    }))
 }
 
 /// The size of the current database on disk, in bytes.
