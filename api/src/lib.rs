@@ -16,6 +16,7 @@ pub mod auth;
 pub mod bootstrap;
 pub mod error;
 pub mod extract;
+pub mod health;
 pub mod idempotency;
 pub mod limits;
 pub mod live_logs;
@@ -74,6 +75,9 @@ pub struct Config {
     /// The request rate allowed per token (and per client address for
     /// requests without a valid token); `None` for no limit.
     pub rate_limit: Option<RateLimit>,
+    /// What `/readyz` calls degraded: the database's size budget and how
+    /// old an open transaction may get.
+    pub health: store::health::Limits,
 }
 
 impl Default for Config {
@@ -85,6 +89,7 @@ impl Default for Config {
             max_tokens_per_user: limits::DEFAULT_MAX_TOKENS_PER_USER,
             max_streams_per_user: limits::DEFAULT_MAX_STREAMS_PER_USER,
             rate_limit: Some(RateLimit::default()),
+            health: store::health::Limits::default(),
         }
     }
 }
@@ -102,6 +107,7 @@ pub struct AppState {
     limiter: Option<Arc<limits::Limiter>>,
     stream_slots: StreamSlots,
     limit_counters: Arc<limits::LimitCounters>,
+    health: Arc<health::HealthChecks>,
 }
 
 impl AppState {
@@ -115,6 +121,10 @@ impl AppState {
             limiter: config.rate_limit.map(|l| Arc::new(limits::Limiter::new(l))),
             stream_slots: StreamSlots::new(config.max_streams_per_user),
             limit_counters: Arc::default(),
+            health: Arc::new(health::HealthChecks::new(
+                store.pool().clone(),
+                config.health,
+            )),
             store,
             config: Arc::new(config),
         }
@@ -180,6 +190,11 @@ impl AppState {
     /// How often the limits refused something, for `/metrics`.
     pub fn limit_counters(&self) -> &limits::LimitCounters {
         &self.limit_counters
+    }
+
+    /// The platform's health as `/readyz` and `/metrics` report it.
+    pub fn health(&self) -> &health::HealthChecks {
+        &self.health
     }
 
     pub(crate) fn limiter(&self) -> Option<&limits::Limiter> {

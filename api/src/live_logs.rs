@@ -284,6 +284,9 @@ struct EndData<'a> {
     state: &'a str,
     /// The end of its output.
     next_offset: u64,
+    /// What of its output is no longer (or was never) stored, and why.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    removed: Option<crate::schema::task::OutputRemoved>,
 }
 
 fn event(kind: &'static str, data: &impl Serialize) -> Event {
@@ -402,10 +405,14 @@ impl Follow {
                         continue;
                     }
                     self.done = true;
+                    let removed =
+                        crate::routes::task::logs::removed(&self.state, self.task_id, attempt)
+                            .await?;
                     let end = EndData {
                         attempt,
                         state: outcome,
                         next_offset: self.offset,
+                        removed,
                     };
                     return Ok(Some(event("end", &end).id(event_id(attempt, self.offset))));
                 }
@@ -423,6 +430,7 @@ impl Follow {
                         attempt: 0,
                         state: task.state.as_str(),
                         next_offset: 0,
+                        removed: None,
                     };
                     return Ok(Some(event("end", &end)));
                 }

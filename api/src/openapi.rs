@@ -348,7 +348,8 @@ fn describe_streams(doc: &mut Value) {
                     "properties": {
                         "attempt": {"type": "integer", "minimum": 0},
                         "state": {"type": "string", "enum": ["succeeded", "failed", "timed_out", "cancelled", "lost"]},
-                        "next_offset": position
+                        "next_offset": position,
+                        "removed": {"$ref": "#/components/schemas/OutputRemoved"}
                     },
                     "additionalProperties": false
                 }),

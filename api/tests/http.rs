@@ -1424,7 +1424,7 @@ async fn health_and_readiness_answer_in_json() {
     let health = app.call(Method::GET, "/healthz", None, None).await;
     assert_eq!(health.expect(200), &json!({"status": "ok"}));
     let ready = app.call(Method::GET, "/readyz", None, None).await;
-    assert_eq!(ready.expect(200), &json!({"status": "ready"}));
+    assert_eq!(ready.expect(200)["status"], "ready");
     sqlx::query(
         "DELETE FROM _sqlx_migrations WHERE version = (SELECT max(version) FROM _sqlx_migrations)",
     )

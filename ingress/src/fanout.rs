@@ -19,13 +19,20 @@
 //! - `NodeConnected` with another session than ours, and
 //!   `NodeMarkedOffline`, newer than our session's `NodeConnected`: ours is
 //!   stale and is closed (the agent reconnects if it is still there).
+//!
+//! A task whose events this version cannot read (its aggregate does not
+//! load) cannot be delivered: the event that asked for it is recorded as a
+//! dead letter of the consumer [`CONSUMER`] and passed over, so the other
+//! tasks' commands still go out. A database that cannot be reached fails
+//! the batch, which is tried again.
 
 use std::collections::HashSet;
 use std::time::Duration;
 
+use domain::task::Task;
 use futures::StreamExt;
 use store::outbox::{self, Checkpoint, Filter, RecordedEvent};
-use store::Wakeup;
+use store::{StoreError, Wakeup};
 use uuid::Uuid;
 
 use crate::commands::{self, PendingError};
@@ -34,6 +41,9 @@ use crate::Ingress;
 
 /// Events read per batch.
 pub(crate) const BATCH: i64 = 500;
+
+/// The consumer name of the ingress's dead letters.
+pub const CONSUMER: &str = "ingress";
 
 /// Tasks loaded at once while delivering one batch.
 pub(crate) const LOADS_IN_FLIGHT: usize = 8;
@@ -75,17 +85,17 @@ pub(crate) async fn run_once(
     let mut tasks = Vec::new();
     let mut seen = HashSet::new();
     let mut given_up = Vec::new();
-    for event in &events {
+    for (i, event) in events.iter().enumerate() {
         if let Some(task_id) = handle(ingress, event) {
             if seen.insert(task_id) {
-                tasks.push(task_id);
+                tasks.push((task_id, i));
             }
         }
-        if let Some(stop) = given_up_attempt(ingress, event) {
-            given_up.push(stop);
+        if let Some((task_id, attempt)) = given_up_attempt(ingress, event) {
+            given_up.push((task_id, attempt, event));
         }
     }
-    deliver(ingress, tasks).await?;
+    deliver(ingress, &events, tasks).await?;
     stop(ingress, given_up).await?;
     Ok(Some((last, events.len())))
 }
@@ -104,11 +114,45 @@ fn given_up_attempt(ingress: &Ingress, event: &RecordedEvent) -> Option<(Uuid, u
     Some((task_id, u32::try_from(attempt).ok()?))
 }
 
+/// Whether loading `task_id` failed for good: its stored events do not
+/// fit this version. Then the `event` that asked for it is recorded as a
+/// dead letter and passed over; otherwise the error fails the batch.
+async fn unreadable(
+    ingress: &Ingress,
+    task_id: Uuid,
+    event: &RecordedEvent,
+    error: PendingError,
+) -> Result<(), PendingError> {
+    let store = ingress.store();
+    let Err(StoreError::Corrupt(why)) = store.load::<Task>(&task_id.to_string()).await else {
+        return Err(error);
+    };
+    tracing::error!(
+        %task_id,
+        position = event.position,
+        event_type = %event.event_type,
+        error = %why,
+        "a task's events cannot be read; its commands cannot be delivered"
+    );
+    store::dead_letters::record(store.pool(), CONSUMER, event, &error.to_string()).await?;
+    Ok(())
+}
+
 /// Sends `cancel_task` for given-up attempts to their nodes connected here.
-async fn stop(ingress: &Ingress, attempts: Vec<(Uuid, u32)>) -> Result<(), PendingError> {
+async fn stop(
+    ingress: &Ingress,
+    attempts: Vec<(Uuid, u32, &RecordedEvent)>,
+) -> Result<(), PendingError> {
     let grace_s = ingress.config().cancel_grace_s;
-    for (task_id, attempt) in attempts {
-        let Some(task) = commands::load_task(ingress.store(), task_id).await? else {
+    for (task_id, attempt, event) in attempts {
+        let task = match commands::load_task(ingress.store(), task_id).await {
+            Ok(task) => task,
+            Err(e) => {
+                unreadable(ingress, task_id, event, e).await?;
+                continue;
+            }
+        };
+        let Some(task) = task else {
             continue;
         };
         if let Some((node_id, command)) = commands::stop_given_up(&task, attempt, grace_s) {
@@ -168,14 +212,30 @@ fn handle(ingress: &Ingress, event: &RecordedEvent) -> Option<Uuid> {
 
 /// Sends what each task's current state wants of its node, if that node is
 /// connected here.
-async fn deliver(ingress: &Ingress, tasks: Vec<Uuid>) -> Result<(), PendingError> {
+/// `tasks` are task ids with the index in `events` of the first event
+/// that named them.
+async fn deliver(
+    ingress: &Ingress,
+    events: &[RecordedEvent],
+    tasks: Vec<(Uuid, usize)>,
+) -> Result<(), PendingError> {
     let store = ingress.store();
     let mut loaded = futures::stream::iter(tasks)
-        .map(|task_id| commands::load_task(store, task_id))
+        .map(|(task_id, i)| async move { (task_id, i, commands::load_task(store, task_id).await) })
         .buffered(LOADS_IN_FLIGHT);
     let none_running = HashSet::new();
-    while let Some(task) = loaded.next().await {
-        let Some(task) = task? else { continue };
+    while let Some((task_id, i, task)) = loaded.next().await {
+        let task = match task {
+            Ok(task) => task,
+            Err(e) => match events.get(i) {
+                Some(event) => {
+                    unreadable(ingress, task_id, event, e).await?;
+                    continue;
+                }
+                None => return Err(e),
+            },
+        };
+        let Some(task) = task else { continue };
         let Some(node_id) = task.node_id.filter(|n| ingress.registry.contains(*n)) else {
             continue;
         };

@@ -70,6 +70,7 @@ pub const CATCH_UP_WAIT: Duration = Duration::from_secs(10);
 
 pub use crate::admission::{ConnectLimits, NOTICE_BURST, NOTICE_EVERY};
 pub use crate::commands::{check_run_task_fits, run_task_message, PendingError, TooLargeForFrame};
+pub use crate::fanout::CONSUMER as DEAD_LETTER_CONSUMER;
 pub use crate::liveness::{ALIVE_EVERY, ALIVE_WITHIN};
 pub use crate::logs::{cut_marker, LogLimits, CHUNK_COST, MIN_BYTES_PER_S};
 

@@ -356,6 +356,19 @@ impl LogPermissions {
             if let Some(Ok(tail)) = self.known.get_mut(&key) {
                 tail.end = None;
             }
+            if store::task_log::is_refused(&e) {
+                // Over the database's budget: this attempt's output ends
+                // here, and readers are told where and why.
+                let refused = store::task_log::REFUSED.to_string();
+                self.known.insert(key, Err(refused.clone()));
+                if let Err(e) =
+                    store::task_log::record_refused(store.pool(), chunk.task_id, attempt, offset)
+                        .await
+                {
+                    tracing::warn!(task_id = %chunk.task_id, error = %e, "cannot record refused output");
+                }
+                return Answer::Refused(refused);
+            }
             return Answer::Later(e.to_string());
         }
         if let Some(Ok(tail)) = self.known.get_mut(&key) {

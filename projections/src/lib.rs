@@ -8,6 +8,20 @@
 //! models while the server keeps running, then switches them in at once:
 //! readers keep seeing the old content until the new one is complete.
 //! [`replay`] explains the log aggregate by aggregate, for people.
+//!
+//! An event a read model cannot apply for good (its payload does not fit,
+//! the model's table refuses it, the model's code fails or panics on it)
+//! stops only that model, and only for that event's aggregate: the event
+//! is recorded as a dead letter ([`store::dead_letters`]) and skipped. A
+//! model that builds state per aggregate (tasks, nodes, projects, users)
+//! also records and skips the later events of that aggregate, since
+//! applying them to a state missing one would show a state that never
+//! was; the timeline, which writes each event on its own, skips only the
+//! bad one. Every other aggregate and every other model goes on. A model
+//! with dead letters is inconsistent ([`Status::consistent`]) until
+//! [`Projector::retry`] applies them (once the cause is fixed) or
+//! [`Projector::rebuild`] rebuilds it. A failure that may pass by itself
+//! (a lost connection, a timeout) is retried as before and never recorded.
 
 mod models;
 pub mod read;
@@ -15,11 +29,15 @@ mod rebuild;
 pub mod replay;
 pub mod summary;
 
+use std::collections::HashMap;
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
+use futures::FutureExt;
 use sqlx::{Connection, PgConnection, PgPool};
+use store::dead_letters;
 use store::outbox::{self, Checkpoint, Filter, RecordedEvent};
 use store::Wakeup;
 
@@ -50,6 +68,18 @@ pub enum ProjectionError {
     Rebuild(String),
 }
 
+impl ProjectionError {
+    /// Whether the failure may pass by itself (the database unreachable, a
+    /// timeout, a deadlock), so the event is tried again rather than
+    /// recorded as a dead letter.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ProjectionError::Database(e) => store::is_transient(e),
+            _ => false,
+        }
+    }
+}
+
 /// One read model.
 pub trait Projection: Send + Sync {
     /// Its name, also its checkpoint's name.
@@ -63,6 +93,84 @@ pub trait Projection: Send + Sync {
         conn: &'a mut PgConnection,
         event: &'a RecordedEvent,
     ) -> BoxFuture<'a, Result<(), ProjectionError>>;
+    /// Whether the model builds state per aggregate, event after event:
+    /// then an event it cannot apply holds back the later events of its
+    /// aggregate too. A model that writes each event on its own says
+    /// `false`, and skips only the event that failed.
+    fn per_aggregate(&self) -> bool {
+        true
+    }
+}
+
+/// Applies `event` to `p`, turning a panic of the model's code into an
+/// error like any other, so that it is recorded rather than killing the
+/// projector.
+async fn apply_guarded(
+    p: &dyn Projection,
+    conn: &mut PgConnection,
+    event: &RecordedEvent,
+) -> Result<(), ProjectionError> {
+    match AssertUnwindSafe(p.apply(conn, event)).catch_unwind().await {
+        Ok(result) => result,
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            Err(ProjectionError::Undecodable {
+                position: event.position,
+                event_type: event.event_type.clone(),
+                reason: format!("the read model's code panicked: {what}"),
+            })
+        }
+    }
+}
+
+/// The dead-letter error of an event held back behind an earlier one of
+/// its aggregate.
+fn held_back(event: &RecordedEvent, first: Checkpoint) -> String {
+    format!(
+        "held back: event at position {} of {} {} could not be applied before it",
+        first.position, event.aggregate_type, event.aggregate_id
+    )
+}
+
+/// What a model does with one event of a batch, given the events found
+/// unappliable (`failed`, by position) and the aggregates held back
+/// (`held`, with the place of their first dead letter).
+enum Verdict {
+    /// Apply it.
+    Apply,
+    /// Record it as a dead letter with this error, and skip it.
+    Record(String),
+}
+
+fn verdict(
+    p: &dyn Projection,
+    event: &RecordedEvent,
+    failed: &HashMap<i64, String>,
+    held: &mut HashMap<(String, String), Checkpoint>,
+) -> Verdict {
+    let key = (event.aggregate_type.clone(), event.aggregate_id.clone());
+    if let Some(first) = held.get(&key).filter(|first| event.checkpoint() > **first) {
+        return Verdict::Record(held_back(event, *first));
+    }
+    match failed.get(&event.position) {
+        Some(error) => {
+            if p.per_aggregate() {
+                held.entry(key).or_insert(event.checkpoint());
+            }
+            Verdict::Record(error.clone())
+        }
+        None => Verdict::Apply,
+    }
+}
+
+/// One model's batch failed on `event` for good.
+struct Poisoned<'e> {
+    event: &'e RecordedEvent,
+    error: ProjectionError,
 }
 
 /// Where one projection stands.
@@ -74,6 +182,21 @@ pub struct Status {
     pub checkpoint: Checkpoint,
     /// How many visible events it has not applied yet.
     pub lag: i64,
+    /// How many events it skipped because it could not apply them.
+    pub dead_letters: i64,
+    /// Whether it reflects every event up to its checkpoint: no dead
+    /// letters.
+    pub consistent: bool,
+}
+
+/// What [`Projector::retry`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Retried {
+    /// Dead letters whose events applied now, and that are gone.
+    pub cleared: usize,
+    /// Dead letters left: their events still fail, or wait behind one
+    /// that does.
+    pub remaining: usize,
 }
 
 /// Applies the log to every read model.
@@ -147,27 +270,57 @@ impl Projector {
         fields(projection = p.name(), events = tracing::field::Empty)
     )]
     async fn advance(&self, p: &dyn Projection, limit: i64) -> Result<usize, ProjectionError> {
-        // Ended explicitly on every path: a dropped transaction is only
-        // rolled back when its connection is next used, and until then its
-        // transaction id (taken by the checkpoint's row lock) holds back
-        // every outbox reader on the server.
-        let mut tx = self.pool.begin().await?;
-        let Some(from) = outbox::try_lock_checkpoint(&mut tx, p.name()).await? else {
-            tx.rollback().await?;
-            return Ok(0);
-        };
-        let events = outbox::read_after(&mut *tx, from, limit, &Filter::default()).await?;
-        let Some(last) = events.last().map(RecordedEvent::checkpoint) else {
-            tx.rollback().await?;
-            return Ok(0);
-        };
-        for event in &events {
-            p.apply(&mut tx, event).await?;
+        // Events found unappliable in this round, by position: the batch is
+        // applied again from its start, recording them instead.
+        let mut failed: HashMap<i64, String> = HashMap::new();
+        loop {
+            // Ended explicitly on every path: a dropped transaction is only
+            // rolled back when its connection is next used, and until then
+            // its transaction id (taken by the checkpoint's row lock) holds
+            // back every outbox reader on the server.
+            let mut tx = self.pool.begin().await?;
+            let Some(from) = outbox::try_lock_checkpoint(&mut tx, p.name()).await? else {
+                tx.rollback().await?;
+                return Ok(0);
+            };
+            let events = outbox::read_after(&mut *tx, from, limit, &Filter::default()).await?;
+            let Some(last) = events.last().map(RecordedEvent::checkpoint) else {
+                tx.rollback().await?;
+                return Ok(0);
+            };
+            let mut held = if p.per_aggregate() {
+                dead_letters::held(&mut *tx, p.name()).await?
+            } else {
+                HashMap::new()
+            };
+            match apply_batch(p, &mut tx, &events, &failed, &mut held).await {
+                Ok(()) => {
+                    outbox::save_checkpoint(&mut tx, p.name(), last).await?;
+                    tx.commit().await?;
+                    tracing::Span::current().record("events", events.len());
+                    return Ok(events.len());
+                }
+                Err(Poisoned { event, error })
+                    if !error.is_transient() && !failed.contains_key(&event.position) =>
+                {
+                    tx.rollback().await?;
+                    tracing::error!(
+                        projection = p.name(),
+                        position = event.position,
+                        event_type = %event.event_type,
+                        aggregate_type = %event.aggregate_type,
+                        aggregate_id = %event.aggregate_id,
+                        error = %error,
+                        "a read model cannot apply an event; recording it as a dead letter and going on"
+                    );
+                    failed.insert(event.position, error.to_string());
+                }
+                Err(Poisoned { error, .. }) => {
+                    let _ = tx.rollback().await;
+                    return Err(error);
+                }
+            }
         }
-        outbox::save_checkpoint(&mut tx, p.name(), last).await?;
-        tx.commit().await?;
-        tracing::Span::current().record("events", events.len());
-        Ok(events.len())
     }
 
     /// Applies everything visible now, without waiting.
@@ -278,12 +431,16 @@ impl Projector {
         rebuilt
     }
 
-    /// Each read model's checkpoint and lag.
+    /// Each read model's checkpoint, lag and dead letters.
     ///
     /// # Errors
     /// A database error.
     pub async fn status(&self) -> Result<Vec<Status>, ProjectionError> {
         let mut conn = self.pool.acquire().await?;
+        let counts: HashMap<String, i64> = dead_letters::counts(&mut *conn)
+            .await?
+            .into_iter()
+            .collect();
         let mut out = Vec::new();
         for p in &self.projections {
             let checkpoint = outbox::load_checkpoint(&mut conn, p.name(), false).await?;
@@ -295,12 +452,147 @@ impl Projector {
             .bind(checkpoint.position)
             .fetch_one(&mut *conn)
             .await?;
+            let dead = counts.get(p.name()).copied().unwrap_or(0);
             out.push(Status {
                 name: p.name(),
                 checkpoint,
                 lag,
+                dead_letters: dead,
+                consistent: dead == 0,
             });
         }
         Ok(out)
     }
+
+    /// Tries the dead letters of the named read model (of all of them with
+    /// `None`) again, in the log's order, once their cause is fixed (a
+    /// version that reads the payload, a constraint corrected): each event
+    /// that applies now is applied and its dead letter removed. An event
+    /// that still fails keeps its dead letter (one more attempt, the new
+    /// error), and so do the later ones of its aggregate in a model that
+    /// builds state per aggregate.
+    ///
+    /// Each aggregate's letters are applied in short transactions holding
+    /// the model's checkpoint, so the running projector neither applies
+    /// newer events of that aggregate meanwhile nor is held back long.
+    ///
+    /// # Errors
+    /// [`ProjectionError::Unknown`] for a name that is no read model, or a
+    /// database error.
+    pub async fn retry(&self, name: Option<&str>) -> Result<Retried, ProjectionError> {
+        let chosen: Vec<&dyn Projection> = self
+            .projections
+            .iter()
+            .map(AsRef::as_ref)
+            .filter(|p| name.is_none_or(|n| n == p.name()))
+            .collect();
+        if chosen.is_empty() {
+            return Err(ProjectionError::Unknown(name.unwrap_or_default().into()));
+        }
+        let mut done = Retried::default();
+        for p in chosen {
+            let mut aggregates: Vec<(String, String)> = Vec::new();
+            for letter in dead_letters::list(&self.pool, Some(p.name())).await? {
+                let key = (letter.aggregate_type, letter.aggregate_id);
+                if !aggregates.contains(&key) {
+                    aggregates.push(key);
+                }
+            }
+            for (aggregate_type, aggregate_id) in aggregates {
+                let r = self
+                    .retry_aggregate(p, (&aggregate_type, &aggregate_id))
+                    .await?;
+                done.cleared += r.cleared;
+                done.remaining += r.remaining;
+            }
+        }
+        Ok(done)
+    }
+
+    /// Retries one aggregate's dead letters of `p`, in order, a few per
+    /// transaction. The letters are read under the checkpoint's lock, so
+    /// ones the projector added meanwhile are seen too.
+    async fn retry_aggregate(
+        &self,
+        p: &dyn Projection,
+        aggregate: (&str, &str),
+    ) -> Result<Retried, ProjectionError> {
+        const PER_TX: i64 = 100;
+        let mut done = Retried::default();
+        let mut after = Checkpoint::default();
+        loop {
+            let mut tx = self.pool.begin().await?;
+            outbox::load_checkpoint(&mut tx, p.name(), true).await?;
+            let letters =
+                dead_letters::of_aggregate(&mut *tx, p.name(), aggregate, after, PER_TX).await?;
+            if letters.is_empty() {
+                tx.commit().await?;
+                return Ok(done);
+            }
+            for letter in &letters {
+                after = letter.checkpoint();
+                let Some(event) = outbox::read_at(&mut *tx, letter.position).await? else {
+                    // Nothing to apply any more.
+                    dead_letters::remove(&mut *tx, p.name(), letter.position).await?;
+                    done.cleared += 1;
+                    continue;
+                };
+                let mut attempt = tx.begin().await?;
+                match apply_guarded(p, &mut attempt, &event).await {
+                    Ok(()) => {
+                        attempt.commit().await?;
+                        dead_letters::remove(&mut *tx, p.name(), letter.position).await?;
+                        done.cleared += 1;
+                    }
+                    Err(e) if e.is_transient() => {
+                        let _ = attempt.rollback().await;
+                        let _ = tx.rollback().await;
+                        return Err(e);
+                    }
+                    Err(e) => {
+                        attempt.rollback().await?;
+                        dead_letters::record(&mut *tx, p.name(), &event, &e.to_string()).await?;
+                        done.remaining += 1;
+                        if p.per_aggregate() {
+                            // The rest waits behind this one.
+                            let rest = dead_letters::of_aggregate(
+                                &mut *tx,
+                                p.name(),
+                                aggregate,
+                                after,
+                                i64::MAX,
+                            )
+                            .await?;
+                            done.remaining += rest.len();
+                            tx.commit().await?;
+                            return Ok(done);
+                        }
+                    }
+                }
+            }
+            tx.commit().await?;
+        }
+    }
+}
+
+/// Applies `events` to `p` in its transaction, recording the ones found
+/// unappliable (and those held back behind them) as dead letters instead.
+/// Returns the first event that fails, with why.
+async fn apply_batch<'e>(
+    p: &dyn Projection,
+    conn: &mut PgConnection,
+    events: &'e [RecordedEvent],
+    failed: &HashMap<i64, String>,
+    held: &mut HashMap<(String, String), Checkpoint>,
+) -> Result<(), Poisoned<'e>> {
+    for event in events {
+        let result = match verdict(p, event, failed, held) {
+            Verdict::Apply => apply_guarded(p, conn, event).await,
+            Verdict::Record(error) => dead_letters::record(&mut *conn, p.name(), event, &error)
+                .await
+                .map_err(ProjectionError::from),
+        };
+        result.map_err(|error| Poisoned { event, error })?;
+    }
+    Ok(())
 }

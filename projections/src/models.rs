@@ -314,6 +314,10 @@ impl Projection for Timeline {
     fn name(&self) -> &'static str {
         "timeline"
     }
+    /// Each event is a row of its own.
+    fn per_aggregate(&self) -> bool {
+        false
+    }
     fn tables(&self) -> &'static [&'static str] {
         &["timeline"]
     }
@@ -325,13 +329,20 @@ impl Projection for Timeline {
         Box::pin(async move {
             let project_id: Option<Uuid> = match ev.aggregate_type.as_str() {
                 "project" => ev.aggregate_id.parse().ok(),
-                "task" => first_event(conn, "task", &ev.aggregate_id)
-                    .await?
-                    .and_then(|p| {
-                        p.pointer("/Submitted/spec/project_id")
+                // Who may see the row depends on it: a task whose first
+                // event cannot be read has no row until it can.
+                "task" => match first_event(conn, "task", &ev.aggregate_id).await? {
+                    None => None,
+                    Some(first) => Some(
+                        first
+                            .pointer("/Submitted/spec/project_id")
                             .and_then(|v| v.as_str())
                             .and_then(|s| s.parse().ok())
-                    }),
+                            .ok_or_else(|| {
+                                undecodable(ev, "the task's first event names no project")
+                            })?,
+                    ),
+                },
                 _ => None,
             };
             let node_id = summary::node_of(ev);

@@ -27,6 +27,13 @@
 //!    which gives up after [`LOCK_WAIT`] and tries again, rather than
 //!    queueing every other reader behind it.
 //!
+//! An event a model cannot apply is handled as the projector handles it
+//! (see the crate's documentation): recorded and skipped, with the later
+//! events of its aggregate for a model that builds state per aggregate.
+//! The dead letters found are kept apart until the switch, which replaces
+//! the chosen models' dead letters by them: a rebuild after the cause was
+//! fixed clears them, one before finds them again.
+//!
 //! A live table that something else depends on (a view, a foreign key, a
 //! trigger) cannot be dropped and recreated without losing that: its rows
 //! are replaced instead, in the same switch transaction, which then takes
@@ -36,9 +43,10 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use sqlx::{Connection, PgConnection};
+use store::dead_letters;
 use store::outbox::{self, Checkpoint, Filter, RecordedEvent};
 
-use crate::{Projection, ProjectionError};
+use crate::{apply_guarded, verdict, Projection, ProjectionError, Verdict};
 
 /// The schema the new tables are built in.
 pub const SCHEMA: &str = "unidesk_rebuild";
@@ -78,6 +86,68 @@ pub struct Rebuilt {
     /// The switch: the transaction that catches up and swaps the tables
     /// in, the only time outbox consumers wait for the rebuild.
     pub switch: Duration,
+}
+
+/// The dead letters a rebuild finds, kept apart until the switch.
+#[derive(Default)]
+struct Letters {
+    /// Per model: the events it could not apply, by position, with why.
+    failed: HashMap<&'static str, HashMap<i64, String>>,
+    /// Per model: the aggregates held back, from their first dead letter.
+    held: HashMap<&'static str, HashMap<(String, String), Checkpoint>>,
+    /// What committed transactions recorded: model, event (without its
+    /// payload), error.
+    found: Vec<Found>,
+}
+
+type Found = (&'static str, RecordedEvent, String);
+
+/// Why applying events in a rebuild transaction stopped.
+enum Stop {
+    /// `model` cannot apply the event at `position`, for good.
+    Poison {
+        model: &'static str,
+        position: i64,
+        error: String,
+    },
+    /// Anything else: the rebuild fails.
+    Failed(ProjectionError),
+}
+
+impl From<sqlx::Error> for Stop {
+    fn from(e: sqlx::Error) -> Self {
+        Stop::Failed(e.into())
+    }
+}
+
+impl Letters {
+    /// Notes a poisoned event so that the next try records it instead;
+    /// an event that fails again the same way stops the rebuild.
+    fn poisoned(&mut self, stop: Stop) -> Result<(), ProjectionError> {
+        match stop {
+            Stop::Poison {
+                model,
+                position,
+                error,
+            } => {
+                let failed = self.failed.entry(model).or_default();
+                if failed.contains_key(&position) {
+                    return Err(ProjectionError::Rebuild(format!(
+                        "read model {model} failed twice on the event at position {position}: {error}"
+                    )));
+                }
+                tracing::error!(
+                    projection = model,
+                    position,
+                    error = %error,
+                    "a read model cannot apply an event; recording it as a dead letter and going on"
+                );
+                failed.insert(position, error);
+                Ok(())
+            }
+            Stop::Failed(e) => Err(e),
+        }
+    }
 }
 
 /// A live table and the one built to replace it.
@@ -159,15 +229,28 @@ async fn rebuild(
 
     let mut at = Checkpoint::default();
     let mut read = 0;
+    let mut letters = Letters::default();
     loop {
         let events = outbox::read_after(&mut *conn, at, READ, &Filter::default()).await?;
         let Some(last) = events.last().map(RecordedEvent::checkpoint) else {
             break;
         };
         for slice in events.chunks(TX_EVENTS) {
-            let mut tx = conn.begin().await?;
-            apply(&mut tx, chosen, slice).await?;
-            tx.commit().await?;
+            loop {
+                let mut tx = conn.begin().await?;
+                let mut pending = Vec::new();
+                match apply(&mut tx, chosen, slice, &mut letters, &mut pending).await {
+                    Ok(()) => {
+                        tx.commit().await?;
+                        letters.found.extend(pending);
+                        break;
+                    }
+                    Err(stop) => {
+                        tx.rollback().await?;
+                        letters.poisoned(stop)?;
+                    }
+                }
+            }
         }
         if (read + events.len()) / PROGRESS_EVERY > read / PROGRESS_EVERY {
             tracing::info!(events = read + events.len(), "rebuilding read models");
@@ -189,9 +272,10 @@ async fn rebuild(
     let mut tries = 0;
     let (caught_up, switch) = loop {
         let switching = Instant::now();
-        match switch(conn, chosen, &tables, &names, at).await {
+        match switch(conn, chosen, &tables, &names, at, &mut letters).await {
             Ok(n) => break (n, switching.elapsed()),
-            Err(ProjectionError::Database(sqlx::Error::Database(e)))
+            Err(stop @ Stop::Poison { .. }) => letters.poisoned(stop)?,
+            Err(Stop::Failed(ProjectionError::Database(sqlx::Error::Database(e))))
                 if e.code().as_deref() == Some("55P03") =>
             {
                 tries += 1;
@@ -204,7 +288,7 @@ async fn rebuild(
                 tracing::info!(tries, "a reader held a read model; trying the swap again");
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
-            Err(e) => return Err(e),
+            Err(Stop::Failed(e)) => return Err(e),
         }
     };
     read += caught_up;
@@ -217,40 +301,73 @@ async fn rebuild(
     })
 }
 
-/// Applies `events` to every chosen model.
+/// Applies `events` to every chosen model, recording in `pending` the
+/// dead letters of events [`Letters`] knows to be unappliable (and of
+/// those held back behind them).
 async fn apply(
     conn: &mut PgConnection,
     chosen: &[&dyn Projection],
     events: &[RecordedEvent],
-) -> Result<(), ProjectionError> {
+    letters: &mut Letters,
+    pending: &mut Vec<Found>,
+) -> Result<(), Stop> {
+    let none = HashMap::new();
     for event in events {
         for p in chosen {
-            p.apply(conn, event).await?;
+            let failed = letters.failed.get(p.name()).unwrap_or(&none);
+            let held = letters.held.entry(p.name()).or_default();
+            match verdict(*p, event, failed, held) {
+                Verdict::Apply => match apply_guarded(*p, conn, event).await {
+                    Ok(()) => {}
+                    Err(e) if e.is_transient() => return Err(Stop::Failed(e)),
+                    Err(e) => {
+                        return Err(Stop::Poison {
+                            model: p.name(),
+                            position: event.position,
+                            error: e.to_string(),
+                        })
+                    }
+                },
+                Verdict::Record(error) => {
+                    let key = RecordedEvent {
+                        payload: serde_json::Value::Null,
+                        metadata: serde_json::Value::Null,
+                        ..event.clone()
+                    };
+                    pending.push((p.name(), key, error));
+                }
+            }
         }
     }
     Ok(())
 }
 
 /// The switch transaction: catches the new tables up from `at`, swaps them
-/// in and stores the checkpoints. Returns the events caught up.
+/// in, replaces the models' dead letters by the ones this rebuild found
+/// and stores the checkpoints. Returns the events caught up.
 async fn switch(
     conn: &mut PgConnection,
     chosen: &[&dyn Projection],
     tables: &[Table],
     names: &[&'static str],
     mut at: Checkpoint,
-) -> Result<usize, ProjectionError> {
+    letters: &mut Letters,
+) -> Result<usize, Stop> {
     let mut tx = conn.begin().await?;
     for name in names {
         outbox::load_checkpoint(&mut tx, name, true).await?;
     }
     let mut caught_up = 0;
+    let mut pending = Vec::new();
     loop {
         let events = outbox::read_after(&mut *tx, at, READ, &Filter::default()).await?;
         let Some(last) = events.last().map(RecordedEvent::checkpoint) else {
             break;
         };
-        apply(&mut tx, chosen, &events).await?;
+        if let Err(stop) = apply(&mut tx, chosen, &events, letters, &mut pending).await {
+            let _ = tx.rollback().await;
+            return Err(stop);
+        }
         caught_up += events.len();
         at = last;
     }
@@ -273,6 +390,22 @@ async fn switch(
         } else {
             swap(&mut tx, t).await?;
         }
+    }
+    let found: Vec<&Found> = letters.found.iter().chain(&pending).collect();
+    for name in names {
+        let positions: Vec<i64> = found
+            .iter()
+            .filter(|(model, _, _)| model == name)
+            .map(|(_, event, _)| event.position)
+            .collect();
+        sqlx::query("DELETE FROM dead_letters WHERE consumer = $1 AND position <> ALL($2)")
+            .bind(name)
+            .bind(&positions)
+            .execute(&mut *tx)
+            .await?;
+    }
+    for (model, event, error) in &found {
+        dead_letters::record(&mut *tx, model, event, error).await?;
     }
     for name in names {
         outbox::save_checkpoint(&mut tx, name, at).await?;

@@ -94,8 +94,23 @@ enum ProjectionsCommand {
         #[command(flatten)]
         db: DbArgs,
     },
-    /// Show each read model's checkpoint and lag.
+    /// Show each read model's checkpoint, lag and dead letters (events an
+    /// outbox consumer could not apply), the oldest open transaction and
+    /// the database's size against its budget.
     Status {
+        /// Print one JSON object instead of tables.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        db: DbArgs,
+    },
+    /// Try dead letters again once their cause is fixed: events that apply
+    /// now are applied and their dead letters removed. Exits with status 1
+    /// while some remain.
+    Retry {
+        /// Only this consumer (tasks, nodes, projects, users, timeline,
+        /// ingress).
+        name: Option<String>,
         #[command(flatten)]
         db: DbArgs,
     },
@@ -158,7 +173,22 @@ const CONNECT_WAIT: Duration = Duration::from_secs(10);
 /// up to [`CONNECT_WAIT`] at start-up for a database that is still coming
 /// up.
 pub async fn connect(url: &str) -> anyhow::Result<PgPool> {
-    let pool = store::pool_options()
+    connect_with(url, store::pool_options()).await
+}
+
+/// [`connect`] for `serve` and `dev`: every connection of the pool also
+/// gets `timeouts` ([`store::with_session_timeouts`]), so that nothing of
+/// the server's own can hold the outbox consumers back for long.
+pub async fn connect_server(url: &str, timeouts: store::SessionTimeouts) -> anyhow::Result<PgPool> {
+    connect_with(
+        url,
+        store::with_session_timeouts(store::pool_options(), timeouts),
+    )
+    .await
+}
+
+async fn connect_with(url: &str, options: sqlx::postgres::PgPoolOptions) -> anyhow::Result<PgPool> {
+    let pool = options
         .connect_lazy(url)
         .context("reading the database URL")?;
     let deadline = tokio::time::Instant::now() + CONNECT_WAIT;
@@ -194,7 +224,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Dev(args) => dev::run(args).await,
         Command::Serve(args) => {
-            let pool = connect(&database_url(&args.db)?).await?;
+            let pool =
+                connect_server(&database_url(&args.db)?, args.server.session_timeouts()).await?;
             store::migrate(&pool).await.context("applying migrations")?;
             let listener = tokio::net::TcpListener::bind(args.listen)
                 .await
@@ -284,20 +315,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 );
                 Ok(())
             }
-            ProjectionsCommand::Status { db } => {
+            ProjectionsCommand::Status { json, db } => {
                 let pool = connect(&database_url(&db)?).await?;
-                let projector = projections::Projector::new(pool);
-                println!(
-                    "{:<10} {:>12} {:>12} {:>8}",
-                    "name", "txid", "position", "lag"
-                );
-                for s in projector.status().await? {
-                    println!(
-                        "{:<10} {:>12} {:>12} {:>8}",
-                        s.name, s.checkpoint.txid, s.checkpoint.position, s.lag
-                    );
-                }
-                Ok(())
+                crate::status::print(&pool, json).await
+            }
+            ProjectionsCommand::Retry { name, db } => {
+                let pool = connect(&database_url(&db)?).await?;
+                crate::status::retry(&pool, name.as_deref()).await
             }
         },
     }

@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use clap::Args;
 
-use crate::cli::{connect, Role};
+use crate::cli::{connect_server, Role};
 use crate::roles::{self, ServerArgs};
 
 /// Where `dev` keeps its state, relative to the working directory.
@@ -293,7 +293,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
 }
 
 async fn serve(args: &DevArgs, listener: tokio::net::TcpListener, url: &str) -> anyhow::Result<()> {
-    let pool = connect(url).await?;
+    let pool = connect_server(url, ServerArgs::defaults().session_timeouts()).await?;
     store::migrate(&pool).await.context("applying migrations")?;
     let store = store::Store::new(pool.clone());
     let token_file = args.dir.join("admin.token");

@@ -3,7 +3,9 @@
 
 pub mod cli;
 pub mod dev;
+pub mod janitor;
 pub mod objects;
 pub mod replay;
 pub mod roles;
 pub mod scheduler;
+pub mod status;

@@ -80,6 +80,34 @@ pub struct ServerArgs {
     #[arg(long, env = "UNIDESK_RATE_LIMIT_BURST", default_value_t = api::limits::DEFAULT_RATE_BURST,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub rate_limit_burst: u32,
+    /// Output of tasks that finished longer ago than this many days is
+    /// removed (by the scheduler role); 0 keeps it forever.
+    #[arg(long, env = "UNIDESK_LOG_RETENTION_DAYS", default_value_t = 90)]
+    pub log_retention_days: u32,
+    /// The most task output kept in the database, in GiB (fractions
+    /// allowed): past it the output of the oldest finished tasks is
+    /// removed. 0 for no bound.
+    #[arg(long, env = "UNIDESK_LOG_BUDGET_GB", default_value_t = 20.0, value_parser = parse_gb)]
+    pub log_budget_gb: f64,
+    /// The database's size budget in GiB (fractions allowed): a warning
+    /// from 80%, `/readyz` degraded and task output refused from 95%
+    /// (events are never refused). 0 turns it off.
+    #[arg(long, env = "UNIDESK_DB_BUDGET_GB", default_value_t = 0.0, value_parser = parse_gb)]
+    pub db_budget_gb: f64,
+    /// PostgreSQL ends a session of this server idle inside a transaction
+    /// for this long, in seconds (an open transaction holds every outbox
+    /// consumer back). 0 turns it off.
+    #[arg(long, env = "UNIDESK_DB_IDLE_TX_TIMEOUT_S", default_value_t = 30)]
+    pub db_idle_tx_timeout_s: u64,
+    /// PostgreSQL cancels a statement of this server running this long, in
+    /// seconds. 0 turns it off.
+    #[arg(long, env = "UNIDESK_DB_STATEMENT_TIMEOUT_S", default_value_t = 60)]
+    pub db_statement_timeout_s: u64,
+    /// A transaction open this long, anywhere on the database server, is
+    /// warned about and makes `/readyz` say degraded, in seconds.
+    #[arg(long, env = "UNIDESK_STALL_WARN_S", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub stall_warn_s: u64,
     /// The object store for task inputs and outputs (the `--s3-*` flags).
     #[command(flatten)]
     pub s3: crate::objects::S3Args,
@@ -108,6 +136,12 @@ impl ServerArgs {
             max_streams_per_user: api::limits::DEFAULT_MAX_STREAMS_PER_USER,
             rate_limit_per_s: api::limits::DEFAULT_RATE_PER_S,
             rate_limit_burst: api::limits::DEFAULT_RATE_BURST,
+            log_retention_days: 90,
+            log_budget_gb: 20.0,
+            db_budget_gb: 0.0,
+            db_idle_tx_timeout_s: 30,
+            db_statement_timeout_s: 60,
+            stall_warn_s: 30,
             s3: crate::objects::S3Args::defaults(),
             objects: None,
         }
@@ -125,7 +159,48 @@ fn parse_log_rate(s: &str) -> Result<u64, String> {
     }
 }
 
+/// A size in GiB: a finite number, 0 or more.
+fn parse_gb(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(gb) if gb.is_finite() && gb >= 0.0 => Ok(gb),
+        _ => Err(format!(
+            "expected a size in GiB, 0 or more (such as 20 or 0.5), got {s:?}"
+        )),
+    }
+}
+
+/// `gb` GiB in bytes.
+fn gib(gb: f64) -> u64 {
+    (gb * 1024.0 * 1024.0 * 1024.0).round() as u64
+}
+
 impl ServerArgs {
+    /// The timeouts set on every connection of the server's pool.
+    pub fn session_timeouts(&self) -> store::SessionTimeouts {
+        store::SessionTimeouts {
+            idle_in_transaction: Duration::from_secs(self.db_idle_tx_timeout_s),
+            statement: Duration::from_secs(self.db_statement_timeout_s),
+        }
+    }
+
+    /// What `/readyz` and the janitor call degraded.
+    pub fn health_limits(&self) -> store::health::Limits {
+        store::health::Limits {
+            db_budget_bytes: gib(self.db_budget_gb),
+            stall_after: Duration::from_secs(self.stall_warn_s),
+        }
+    }
+
+    /// What the janitor keeps within bounds.
+    pub fn janitor(&self) -> crate::janitor::Config {
+        crate::janitor::Config {
+            retention: (self.log_retention_days > 0)
+                .then(|| Duration::from_secs(u64::from(self.log_retention_days) * 24 * 3600)),
+            log_budget_bytes: gib(self.log_budget_gb),
+            limits: self.health_limits(),
+        }
+    }
+
     /// The API's request rate limit; `None` when turned off.
     pub fn rate_limit(&self) -> Option<api::RateLimit> {
         Some(api::RateLimit {
@@ -212,6 +287,7 @@ pub fn start(
             max_tokens_per_user: args.max_tokens_per_user,
             max_streams_per_user: args.max_streams_per_user,
             rate_limit: args.rate_limit(),
+            health: args.health_limits(),
         };
         let state = api::AppState::new(store.clone(), config)
             .with_objects(args.objects.clone(), args.s3.part_bytes());
@@ -285,6 +361,11 @@ pub fn start(
         );
         let shutdown = stopped(rx.clone());
         tasks.push(tokio::spawn(async move { scheduler.run(shutdown).await }));
+        // Output retention and budgets, and the database watch: one
+        // process at a time.
+        let janitor = crate::janitor::Janitor::new(store.clone(), args.janitor());
+        let shutdown = stopped(rx.clone());
+        tasks.push(tokio::spawn(async move { janitor.run(shutdown).await }));
         // Uploads nobody completed: every scheduler replica sweeps, each
         // upload is claimed by one of them.
         if let Some(objects) = args.objects.clone() {

@@ -88,3 +88,24 @@ pub fn is_unavailable(e: &sqlx::Error) -> bool {
         _ => false,
     }
 }
+
+/// Whether `e` may pass by itself, so the same work should be tried again
+/// later rather than given up: [`is_unavailable`], or a failure of the
+/// moment rather than of the statement (SQLSTATE classes 40: a
+/// serialization failure or deadlock; 53: out of disk, memory or
+/// connections; 55: a lock not available; 57: cancelled, such as by
+/// `statement_timeout`, or the server shutting down; 58: an I/O error).
+/// Anything else (bad data, a constraint, a bug) fails the same way again.
+pub fn is_transient(e: &sqlx::Error) -> bool {
+    if is_unavailable(e) {
+        return true;
+    }
+    match e {
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            ["40", "53", "55", "57", "58"]
+                .iter()
+                .any(|c| code.starts_with(c))
+        }),
+        _ => false,
+    }
+}

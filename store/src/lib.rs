@@ -4,8 +4,10 @@
 //! clusters of `unidesk dev`, the tests and the benchmarks are the
 //! `pgcluster` crate's.
 
+pub mod dead_letters;
 mod error;
 pub mod export;
+pub mod health;
 pub mod holds;
 pub mod idempotency;
 pub mod leader;
@@ -32,7 +34,7 @@ use postgres_es::PostgresEventRepository;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
 
-pub use error::{is_unavailable, StoreError};
+pub use error::{is_transient, is_unavailable, StoreError};
 pub use outbox::{Checkpoint, Notifier, RecordedEvent, Wakeup};
 
 /// The embedded migrations from `migrations/`, the only DDL of the project.
@@ -59,13 +61,73 @@ pub fn pool_options() -> PgPoolOptions {
         .test_before_acquire(true)
 }
 
-/// Applies every migration not yet applied.
+/// Timeouts a server sets on each connection of its pool, so that
+/// neither a transaction of its own left open nor a runaway statement can
+/// hold the platform back: every outbox consumer waits for the oldest open
+/// transaction on the database server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionTimeouts {
+    /// `idle_in_transaction_session_timeout`: a session idle inside a
+    /// transaction this long is ended by PostgreSQL (its transaction rolls
+    /// back, the pool replaces the connection). Zero turns it off.
+    pub idle_in_transaction: Duration,
+    /// `statement_timeout`: a statement running this long is cancelled.
+    /// Zero turns it off.
+    pub statement: Duration,
+}
+
+impl Default for SessionTimeouts {
+    /// 30 s idle in a transaction and 60 s per statement: far above
+    /// anything the server does, far below what would stall the platform
+    /// unseen.
+    fn default() -> Self {
+        Self {
+            idle_in_transaction: Duration::from_secs(30),
+            statement: Duration::from_secs(60),
+        }
+    }
+}
+
+/// `options` with `timeouts` set on every new connection of the pool.
+/// Connections opened apart from the pool (a leader lock held for hours,
+/// a rebuild, `LISTEN`) keep PostgreSQL's defaults.
+pub fn with_session_timeouts(options: PgPoolOptions, timeouts: SessionTimeouts) -> PgPoolOptions {
+    let idle = timeouts.idle_in_transaction.as_millis().to_string();
+    let statement = timeouts.statement.as_millis().to_string();
+    options.after_connect(move |conn, _| {
+        let (idle, statement) = (idle.clone(), statement.clone());
+        Box::pin(async move {
+            sqlx::query(
+                "SELECT set_config('idle_in_transaction_session_timeout', $1, false), \
+                        set_config('statement_timeout', $2, false)",
+            )
+            .bind(idle)
+            .bind(statement)
+            .execute(conn)
+            .await?;
+            Ok(())
+        })
+    })
+}
+
+/// Applies every migration not yet applied, on a connection without
+/// [`SessionTimeouts`] (a migration may take long, and waits for another
+/// process's), which is closed afterwards rather than going back to the
+/// pool.
 ///
 /// # Errors
 /// The migrator's error when a migration fails or the applied ones differ
 /// from the embedded ones.
 pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
-    MIGRATOR.run(pool).await
+    let mut conn = pool.acquire().await?;
+    conn.close_on_drop();
+    sqlx::query(
+        "SELECT set_config('idle_in_transaction_session_timeout', '0', false), \
+                set_config('statement_timeout', '0', false)",
+    )
+    .execute(&mut *conn)
+    .await?;
+    MIGRATOR.run(&mut *conn).await
 }
 
 /// Whether every embedded migration has been applied to the database.

@@ -349,6 +349,40 @@ pub struct Task {
     pub attempts: Vec<Attempt>,
     /// Stored outputs.
     pub artifacts: Vec<Artifact>,
+    /// Output of its attempts that is no longer (or was never) stored, and
+    /// why: retention, the output budget, or the database's size budget.
+    /// Only `GET /tasks/{id}` says; absent when nothing is missing.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub output_removed: Vec<OutputRemoved>,
+}
+
+/// Output of one attempt that is not, or no longer, stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
+pub struct OutputRemoved {
+    /// The attempt.
+    pub attempt: u32,
+    /// Where the missing output starts: 0 when all of it was removed.
+    pub from_offset: u64,
+    /// `retention` (the task finished longer ago than the server keeps
+    /// output), `log_budget` (stored output passed its budget and this
+    /// task's was among the oldest) or `db_budget` (the database was over
+    /// its size budget when the output came, and the rest of the attempt's
+    /// output was refused).
+    #[schema(example = "retention")]
+    pub reason: String,
+    /// When.
+    pub removed_at: DateTime<Utc>,
+}
+
+impl From<store::task_log::Removed> for OutputRemoved {
+    fn from(r: store::task_log::Removed) -> Self {
+        Self {
+            attempt: r.attempt,
+            from_offset: r.from_offset,
+            reason: r.reason.as_str().to_string(),
+            removed_at: r.at,
+        }
+    }
 }
 
 impl TryFrom<domain::task::Task> for Task {
@@ -401,6 +435,7 @@ impl TryFrom<domain::task::Task> for Task {
                     sha256: a.sha256,
                 })
                 .collect(),
+            output_removed: Vec::new(),
         })
     }
 }

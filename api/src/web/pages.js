@@ -118,6 +118,16 @@ export function renderArtifacts(panel, t) {
       : h('p', { class: 'empty' }, 'No artifacts stored.'));
 }
 
+/** Why output of an attempt is missing, as the logs API says. */
+function removedNote(r) {
+  const why = {
+    retention: 'removed: the server keeps the output of finished tasks for a limited time',
+    log_budget: 'removed: stored output passed its budget and this was among the oldest',
+    db_budget: 'not stored: the server\'s database was over its size budget',
+  }[r.reason] || `removed (${r.reason})`;
+  return r.from_offset ? `— output from byte ${r.from_offset} on ${why} —` : `— output ${why} —`;
+}
+
 /** The task's output, followed live while its attempt runs. */
 export function taskLog(panel, id, signal) {
   const pre = h('pre', { class: 'log', tabindex: '0', 'aria-label': 'Output', 'aria-live': 'off' });
@@ -150,6 +160,7 @@ export function taskLog(panel, id, signal) {
         }
         if (type === 'end') {
           ended = d.attempt;
+          if (d.removed) note(removedNote(d.removed));
           note(d.attempt ? `— attempt ${d.attempt} ended: ${d.state.replace('_', ' ')} —` : `— the task ended without running: ${d.state.replace('_', ' ')} —`);
           return true;
         }

@@ -21,7 +21,5 @@ pub fn router() -> OpenApiRouter<AppState> {
     responses((status = 200, description = "Serving", body = Health))
 )]
 async fn healthz() -> Json<Health> {
-    Json(Health {
-        status: "ok".into(),
-    })
+    Json(Health::status("ok"))
 }

@@ -38,5 +38,12 @@ async fn get(
     Path(id): Path<Uuid>,
 ) -> Result<Json<Task>, ApiError> {
     let access = access::task(&state, &caller, id).await?;
-    Ok(Json(access.task.try_into()?))
+    let mut task: Task = access.task.try_into()?;
+    task.output_removed = store::task_log::removed(state.pool(), id)
+        .await
+        .map_err(|e| ApiError::internal(format!("reading task_log_removed: {e}")))?
+        .into_iter()
+        .map(Into::into)
+        .collect();
+    Ok(Json(task))
 }

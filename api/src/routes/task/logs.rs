@@ -16,6 +16,7 @@ use crate::auth::Caller;
 use crate::error::{ApiError, ErrorBody};
 use crate::extract::{Path, Query};
 use crate::live_logs::{self, Start};
+use crate::schema::task::OutputRemoved;
 use crate::{access, AppState};
 
 /// The most bytes returned by one call.
@@ -63,6 +64,11 @@ pub struct TaskLog {
     /// Whether the attempt has ended and `next_offset` is its end: no more
     /// output will come.
     pub complete: bool,
+    /// The part of this attempt's output that is no longer (or was never)
+    /// stored, and why; absent when nothing is missing. Output removed by
+    /// retention reads as empty and complete, with this saying so.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub removed: Option<OutputRemoved>,
 }
 
 /// A whole number from 0 to `i64::MAX`, as the document's `int64` says.
@@ -121,7 +127,10 @@ fn flag(field: &str, v: Option<&str>) -> Result<bool, ApiError> {
 /// (64 MiB by default); output past it ends with the line
 /// `[unidesk: output cut at …; the rest of this attempt's output was
 /// dropped]`. Output a node could not send fast enough is replaced by a
-/// line `[unidesk: N bytes of output dropped …]`.
+/// line `[unidesk: N bytes of output dropped …]`. Output of finished tasks
+/// is removed after a configured retention or past an output budget, and
+/// output is refused while the database is over its size budget: then
+/// `removed` (and the `end` event's `removed`) says from where and why.
 #[utoipa::path(
     get,
     path = "/tasks/{id}/logs",
@@ -209,6 +218,7 @@ async fn logs(
             .await
             .map_err(|e| ApiError::internal(format!("reading task_log: {e}")))?
             .is_none_or(|end| next_offset >= end);
+    let removed = removed(&state, id, attempt).await?;
     Ok(Json(TaskLog {
         task_id: id,
         attempt,
@@ -216,8 +226,23 @@ async fn logs(
         next_offset,
         data,
         complete,
+        removed,
     })
     .into_response())
+}
+
+/// What is missing of `attempt`'s output, if anything.
+pub(crate) async fn removed(
+    state: &AppState,
+    task_id: Uuid,
+    attempt: u32,
+) -> Result<Option<OutputRemoved>, ApiError> {
+    Ok(store::task_log::removed(state.pool(), task_id)
+        .await
+        .map_err(|e| ApiError::internal(format!("reading task_log_removed: {e}")))?
+        .into_iter()
+        .find(|r| r.attempt == attempt)
+        .map(Into::into))
 }
 
 /// Attempt `a` of `task`, when it has one.
