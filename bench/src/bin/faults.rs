@@ -635,7 +635,9 @@ impl Cluster {
     async fn idempotency_header(&self) -> Option<String> {
         let url = format!("http://127.0.0.1:{}/api/v1/openapi.json", self.api_port);
         let doc: Value = self.http.get(&url).send().await.ok()?.json().await.ok()?;
-        let params = doc.pointer("/paths/~1tasks/post/parameters")?.as_array()?;
+        let params = doc
+            .pointer("/paths/~1api~1v1~1tasks/post/parameters")?
+            .as_array()?;
         params
             .iter()
             .filter(|p| p.get("in").and_then(Value::as_str) == Some("header"))
