@@ -1021,6 +1021,10 @@ pub struct Leftover {
     pub memory_mb: u64,
     /// How long ago it started; `None` if it never did.
     pub running_for: Option<Duration>,
+    /// Whether it already ended (it started and is no longer running):
+    /// then its recorded exit is how the attempt ended, whatever time
+    /// limit a count from now would find passed.
+    pub finished: bool,
     /// Whether its writable layer has a size limit of its own.
     pub layer_limited: bool,
 }
@@ -1087,6 +1091,11 @@ async fn inspect_leftover(docker: &Docker, id: &str) -> Result<Option<Leftover>,
             .to_std()
             .unwrap_or_default()
     });
+    let finished = started.is_some()
+        && info
+            .state
+            .as_ref()
+            .is_some_and(|s| s.running == Some(false) && s.restarting != Some(true));
     let memory = info
         .host_config
         .as_ref()
@@ -1104,6 +1113,7 @@ async fn inspect_leftover(docker: &Docker, id: &str) -> Result<Option<Leftover>,
         timeout_s: labels.get(LABEL_TIMEOUT).and_then(|t| t.parse().ok()),
         memory_mb: u64::try_from(memory).unwrap_or(0) / (1024 * 1024),
         running_for,
+        finished,
         layer_limited,
     }))
 }

@@ -32,8 +32,10 @@ pub async fn discard(found: &docker::Leftover, ctx: &Context) {
 /// (see [`discard`] for one that never started): reports
 /// it running (again), follows its output from the start (the server keeps
 /// only what it does not have yet), and reports how it ended, also when it
-/// ended while no agent watched. The rest of its time limit still applies,
-/// and a cancel stops it as for any attempt.
+/// ended while no agent watched. A container still running is held to the
+/// rest of its time limit; one that already ended reports the exit Docker
+/// recorded, however long ago its limit passed. A cancel stops it as for
+/// any attempt.
 #[tracing::instrument(skip_all, fields(task_id = %found.task_id, attempt = found.attempt, container = %found.id))]
 pub async fn adopt(
     found: docker::Leftover,
@@ -48,11 +50,15 @@ pub async fn adopt(
     })
     .await;
     let elapsed = found.running_for.unwrap_or_default();
+    // A container that already ended ended as Docker recorded it: the time
+    // limit is for one still running, not for how long no agent watched.
+    let left = match found.timeout_s {
+        Some(t) if !found.finished => Some(Duration::from_secs(t).saturating_sub(elapsed)),
+        _ => None,
+    };
     let limits = Limits {
         timeout_s: found.timeout_s,
-        left: found
-            .timeout_s
-            .map(|t| Duration::from_secs(t).saturating_sub(elapsed)),
+        left,
         memory_mb: found.memory_mb,
         disk: DiskWatch {
             workspace: ctx

@@ -196,6 +196,66 @@ async fn a_restarted_agent_adopts_its_containers_and_reports_their_end() {
 }
 
 #[tokio::test]
+async fn an_adopted_container_that_ended_before_its_time_limit_reports_its_real_exit() {
+    support::base_image().await;
+    let (ctx, work) = context().await;
+    let (code, env) = (repo(&[("a", "a")]), env_repo(""));
+    let mut quick = spec(&code, &env, "echo done");
+    quick.timeout_s = Some(1);
+    let (_canceller, signal) = executor::cancel_pair();
+    let (tx, mut rx) = mpsc::channel(64);
+    let handle = tokio::spawn(executor::run(quick.clone(), Arc::clone(&ctx), tx, signal));
+    let id = until_running(&mut rx).await;
+    // The agent dies; the container ends by itself well within its limit.
+    handle.abort();
+    let docker = support::docker().await;
+    let started = support::eventually("the container to exit", Duration::from_secs(60), || async {
+        let state = docker
+            .inspect_container(&id, None)
+            .await
+            .unwrap()
+            .state
+            .unwrap_or_default();
+        (state.running != Some(true)).then(|| state.started_at.unwrap_or_default())
+    })
+    .await;
+    // The new agent comes after the limit has passed since the start, as
+    // one restarted after a crash does.
+    let started = chrono::DateTime::parse_from_rfc3339(&started).unwrap();
+    let past_limit = started + chrono::Duration::milliseconds(2500);
+    let wait = (past_limit.with_timezone(&chrono::Utc) - chrono::Utc::now())
+        .to_std()
+        .unwrap_or_default();
+    tokio::time::sleep(wait).await;
+
+    let again = Arc::new(
+        Context::new(support::docker().await, work.path())
+            .unwrap()
+            .with_timeout_grace(Duration::from_secs(1)),
+    );
+    let (tx, mut rx) = mpsc::channel(256);
+    let supervisor = Supervisor::new(Arc::clone(&again), tx);
+    supervisor.adopt_leftovers().await;
+    let mut reports = Vec::new();
+    while !matches!(reports.last(), Some(Report::Status(s)) if s.is_final()) {
+        let report = tokio::time::timeout(Duration::from_secs(60), rx.recv())
+            .await
+            .expect("the adopted attempt did not end")
+            .unwrap();
+        reports.push(report);
+    }
+    let end = last_status(&reports);
+    assert_eq!(
+        (end.state, end.exit_code),
+        (ReportedState::Succeeded, None),
+        "the recorded exit, not a time limit counted from now: {:?}",
+        end.message
+    );
+    assert_eq!(output(&reports), "done\n");
+    support::remove_env_image(&again, &env).await;
+}
+
+#[tokio::test]
 async fn a_task_cannot_see_another_tasks_workspace() {
     support::base_image().await;
     let (ctx, _work) = context().await;
