@@ -1,6 +1,7 @@
 //! The run pipeline of one attempt: accepted, prepared, inputs in place,
-//! container started and followed, outputs uploaded, workspace removed,
-//! final state reported.
+//! container started and followed, outputs uploaded, final state
+//! reported. The container and the workspace stay until
+//! [`release`](super::release()).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -18,7 +19,6 @@ use super::prepare::{explain, prepare};
 use super::report::{Ending, Report, Reporter};
 use super::task_files::{download_inputs, note_outputs, upload_outputs};
 use super::watch::{watch, DiskWatch, Limits};
-use super::workspace::remove_workspace;
 
 /// Runs one attempt to its end, sending every report to `reports`; see the
 /// module documentation for the sequence. `cancel` stops it at any point.
@@ -32,7 +32,6 @@ pub async fn run(
     let out = Reporter::new(spec.task_id, spec.attempt, reports);
     out.status(ReportedState::Accepted, |_| {}).await;
     let ending = attempt(&spec, &ctx, &out, &mut cancel).await;
-    remove_workspace(&ctx, spec.task_id, spec.attempt).await;
     tracing::info!(state = ?ending.state, message = ending.message.as_deref(), "attempt ended");
     out.ended(ending).await;
 }
@@ -79,7 +78,8 @@ async fn attempt(
     .await
 }
 
-/// Creates, starts and follows the container until it ends, then removes it.
+/// Creates, starts and follows the container until it ends; it is kept,
+/// stopped, until the server has the attempt's end.
 async fn run_container(
     spec: &RunTask,
     ctx: &Context,
@@ -128,11 +128,7 @@ async fn run_container(
         workspace: code.to_owned(),
         count_layer: !layer_limited,
     };
-    let ending = follow_container(spec, ctx, out, cancel, &id, disk).await;
-    if let Err(e) = docker::remove_container(&ctx.docker, &id).await {
-        tracing::warn!(container = %id, error = %e, "could not remove the container");
-    }
-    ending
+    follow_container(spec, ctx, out, cancel, &id, disk).await
 }
 
 /// Starts the container, streams its output, and waits for the first of:

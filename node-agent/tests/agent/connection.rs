@@ -150,7 +150,7 @@ async fn answer(ws: &mut Ws, id: u64, error: Option<&str>) {
 async fn a_refused_token_makes_the_agent_stop_with_a_clear_message() {
     let (addr, _sessions) = server().await;
     let (ctx, _work) = context().await;
-    let agent = Agent::new(config(addr, "revoked-token"), ctx);
+    let agent = Agent::new(config(addr, "revoked-token"), ctx).unwrap();
     let refused = tokio::time::timeout(WAIT, agent.run())
         .await
         .expect("the agent must stop on 401");
@@ -166,7 +166,7 @@ async fn a_refused_token_makes_the_agent_stop_with_a_clear_message() {
 async fn the_agent_says_hello_heartbeats_and_acks_every_command() {
     let (addr, mut sessions) = server().await;
     let (ctx, _work) = context().await;
-    tokio::spawn(Agent::new(config(addr, TOKEN), ctx).run());
+    tokio::spawn(Agent::new(config(addr, TOKEN), ctx).unwrap().run());
     let mut ws = next_session(&mut sessions).await;
     let hello = welcome(&mut ws, 1).await;
     assert_eq!(hello.agent_version, env!("CARGO_PKG_VERSION"));
@@ -211,7 +211,7 @@ async fn the_agent_says_hello_heartbeats_and_acks_every_command() {
 async fn unanswered_reports_are_resent_in_order_after_a_reconnect() {
     let (addr, mut sessions) = server().await;
     let (ctx, _work) = context().await;
-    let agent = Agent::new(config(addr, TOKEN), ctx);
+    let agent = Agent::new(config(addr, TOKEN), ctx).unwrap();
     let reports = agent.reports();
     let task = Uuid::new_v4();
     for state in [
@@ -272,7 +272,11 @@ async fn a_run_task_command_runs_and_survives_a_reconnect() {
     support::base_image().await;
     let (addr, mut sessions) = server().await;
     let (ctx, _work) = context().await;
-    tokio::spawn(Agent::new(config(addr, TOKEN), Arc::clone(&ctx)).run());
+    tokio::spawn(
+        Agent::new(config(addr, TOKEN), Arc::clone(&ctx))
+            .unwrap()
+            .run(),
+    );
     let (code, env) = (repo(&[("a", "a")]), env_repo(""));
     let spec = spec(&code, &env, "echo start; sleep 3; echo done");
     let command_id = protocol::command_id("run_task", spec.task_id, spec.attempt);
