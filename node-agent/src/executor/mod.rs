@@ -12,7 +12,9 @@
 //! server has stored the final report: [`release()`] removes them then (the
 //! connection calls it). An agent killed in between finds either the
 //! report in its journal or the container with Docker's record of its
-//! end, never neither. The git mirror and the image stay cached.
+//! end, never neither. An attempt that never got a container has its
+//! directory removed before its final report. The git mirror and the image
+//! stay cached.
 //!
 //! Every file of an attempt is reached through [`Root`](crate::beneath::Root) handles
 //! ([`crate::beneath`]): the attempt's directory `<work dir>/tasks/<task>-<n>`

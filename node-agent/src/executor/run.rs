@@ -1,7 +1,8 @@
 //! The run pipeline of one attempt: accepted, prepared, inputs in place,
 //! container started and followed, outputs uploaded, final state
-//! reported. The container and the workspace stay until
-//! [`release`](super::release()).
+//! reported. Once a container exists, it and the workspace stay until
+//! [`release`](super::release()); an attempt that never got one has its
+//! workspace removed before its final report.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -19,6 +20,7 @@ use super::prepare::{explain, prepare};
 use super::report::{Ending, Report, Reporter};
 use super::task_files::{download_inputs, note_outputs, upload_outputs};
 use super::watch::{watch, DiskWatch, Limits};
+use super::workspace::remove_workspace;
 
 /// Runs one attempt to its end, sending every report to `reports`; see the
 /// module documentation for the sequence. `cancel` stops it at any point.
@@ -31,16 +33,25 @@ pub async fn run(
 ) {
     let out = Reporter::new(spec.task_id, spec.attempt, reports);
     out.status(ReportedState::Accepted, |_| {}).await;
-    let ending = attempt(&spec, &ctx, &out, &mut cancel).await;
+    let mut made_container = false;
+    let ending = attempt(&spec, &ctx, &out, &mut cancel, &mut made_container).await;
+    if !made_container {
+        // Nothing to adopt after a restart: the directory goes now, not
+        // once the server has the report.
+        remove_workspace(&ctx, spec.task_id, spec.attempt).await;
+    }
     tracing::info!(state = ?ending.state, message = ending.message.as_deref(), "attempt ended");
     out.ended(ending).await;
 }
 
+/// The attempt from preparation to outputs; `made_container` is set once
+/// its container exists.
 async fn attempt(
     spec: &RunTask,
     ctx: &Context,
     out: &Reporter,
     cancel: &mut CancelSignal,
+    made_container: &mut bool,
 ) -> Ending {
     let (workspace, image) = tokio::select! {
         prepared = prepare(spec, ctx, out) => match prepared {
@@ -67,7 +78,7 @@ async fn attempt(
     if !spec.outputs.is_empty() {
         note_outputs(&workspace.dir, &spec.outputs).await;
     }
-    let ending = run_container(spec, ctx, out, cancel, code.path(), &image).await;
+    let ending = run_container(spec, ctx, out, cancel, code.path(), &image, made_container).await;
     upload_outputs(
         ctx,
         (spec.task_id, spec.attempt),
@@ -87,6 +98,7 @@ async fn run_container(
     cancel: &mut CancelSignal,
     code: &Path,
     image: &str,
+    made_container: &mut bool,
 ) -> Ending {
     let labels = HashMap::from([
         (docker::LABEL_TASK.to_owned(), spec.task_id.to_string()),
@@ -124,6 +136,7 @@ async fn run_container(
         Ok(created) => created,
         Err(e) => return Ending::failed(e),
     };
+    *made_container = true;
     let disk = DiskWatch {
         workspace: code.to_owned(),
         count_layer: !layer_limited,
