@@ -37,8 +37,11 @@ struct Setup {
     server: ServerProcess,
     api: Api,
     db: testkit::TestDb,
+    /// Holds the repositories and the agent's work directory.
     dir: tempfile::TempDir,
     project: String,
+    code: (String, String),
+    env: (String, String),
     token: String,
     work: PathBuf,
     agent: Option<Child>,
@@ -56,8 +59,16 @@ impl Setup {
             .to_string();
         let node = api.post("/nodes", json!({"name": name})).await;
         let dir = tempfile::tempdir().unwrap();
+        let code = repo(dir.path(), "code", &[("a.txt", "a")]);
+        let env = repo(
+            dir.path(),
+            "env",
+            &[("Dockerfile", &format!("FROM {BASE}\n"))],
+        );
         let mut setup = Setup {
             work: dir.path().join("agent"),
+            code,
+            env,
             token: node["token"].as_str().unwrap().to_string(),
             server,
             api,
@@ -72,11 +83,17 @@ impl Setup {
     }
 
     fn start_agent(&mut self) {
+        self.start_agent_with(&[]);
+    }
+
+    fn start_agent_with(&mut self, flags: &[&str]) {
+        let mut all = vec!["--cpus", "2", "--memory-mb", "2048", "--no-gpus"];
+        all.extend_from_slice(flags);
         self.agent = Some(spawn_agent(
             &self.server.ws(),
             &self.token,
             &self.work,
-            &["--cpus", "2", "--memory-mb", "2048", "--no-gpus"],
+            &all,
         ));
     }
 
@@ -91,19 +108,14 @@ impl Setup {
     /// Submits `script` (run by `sh -c`) with `extra` fields; returns the
     /// task id.
     async fn submit(&self, script: &str, extra: Value) -> String {
-        let code = repo(self.dir.path(), "code", &[("a.txt", "a")]);
-        let env = repo(
-            self.dir.path(),
-            "env",
-            &[("Dockerfile", &format!("FROM {BASE}\n"))],
-        );
+        let (code, env) = (&self.code, &self.env);
         let mut task = json!({
             "project_id": self.project,
             "code_repo_url": code.0, "code_commit_id": code.1,
             "env_repo_url": env.0, "env_commit_id": env.1,
             "dockerfile_path": "Dockerfile",
             "command": ["sh", "-c", script],
-            "resources": {"cpus": 1, "memory_mb": 128},
+            "resources": {"cpus": 0.25, "memory_mb": 64},
             "max_retries": 1
         });
         for (k, v) in extra.as_object().unwrap() {
@@ -178,6 +190,44 @@ impl Drop for RemoveContainers {
             ))
             .output();
     }
+}
+
+/// A way to the Docker daemon that answers slowly, as a busy daemon does:
+/// every piece of every answer waits `delay`. Returns its address for
+/// `--docker-host`.
+fn slow_docker(dir: &Path, delay: Duration) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let path = dir.join("slow-docker.sock");
+    let listener = tokio::net::UnixListener::bind(&path).unwrap();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(daemon) = tokio::net::UnixStream::connect("/var/run/docker.sock").await
+                else {
+                    return;
+                };
+                let (mut from_client, mut to_client) = client.into_split();
+                let (mut from_daemon, mut to_daemon) = daemon.into_split();
+                let up = tokio::io::copy(&mut from_client, &mut to_daemon);
+                let down = async {
+                    let mut buf = vec![0; 64 * 1024];
+                    loop {
+                        let n = from_daemon.read(&mut buf).await?;
+                        if n == 0 {
+                            return Ok::<(), std::io::Error>(());
+                        }
+                        tokio::time::sleep(delay).await;
+                        to_client.write_all(&buf[..n]).await?;
+                    }
+                };
+                tokio::select! {
+                    _ = up => {}
+                    _ = down => {}
+                }
+            });
+        }
+    });
+    format!("unix://{}", path.display())
 }
 
 /// The agent's report journal, as text.
@@ -264,44 +314,59 @@ async fn an_end_the_server_never_stored_is_reported_by_the_restarted_agent_as_at
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn an_adopted_container_that_ended_before_its_time_limit_reports_its_real_exit() {
+async fn adopted_containers_that_ended_before_their_time_limit_report_their_real_exits() {
     let mut s = Setup::start("journal-limit").await;
-    let task = s
-        .submit("echo hi; sleep 2; exit 5", json!({"timeout_s": 6}))
-        .await;
-    let _cleanup = RemoveContainers(task.clone());
-    s.logs_are(&task, "hi\n").await;
-
-    // The agent dies; the container ends within its limit while no agent
-    // watches, and the next agent starts after the limit has passed.
-    s.kill_agent();
-    testkit::eventually(
-        "the container to end and its time limit to pass",
-        support::PATIENCE,
-        || async {
-            let (status, started) = container_state(&task)?;
-            let since = chrono::Utc::now() - started;
-            (status == "exited" && since > chrono::Duration::seconds(7)).then_some(())
-        },
-    )
-    .await;
-    s.start_agent();
-    let done = task_in(
-        &s.api,
-        &task,
-        &["succeeded", "failed", "timed_out", "queued"],
-    )
-    .await;
-    assert_eq!(
-        (&done["state"], &done["exit_code"], &done["attempt"]),
-        (&json!("failed"), &json!(5), &json!(1)),
-        "{done}"
-    );
-    let events = s.events(&task).await;
-    let ends: Vec<&String> = events
+    // Several at once: each is judged on its own record.
+    let mut tasks = Vec::new();
+    for code in 5..8 {
+        let script = format!("echo hi; sleep 2; exit {code}");
+        tasks.push((s.submit(&script, json!({"timeout_s": 6})).await, code));
+    }
+    let _cleanup: Vec<RemoveContainers> = tasks
         .iter()
-        .filter(|e| ENDS.contains(&e.as_str()))
+        .map(|(task, _)| RemoveContainers(task.clone()))
         .collect();
-    assert_eq!(ends, ["TaskFailed"], "{events:?}");
-    s.logs_are(&task, "hi\n").await;
+    for (task, _) in &tasks {
+        s.logs_are(task, "hi\n").await;
+    }
+
+    // The agent dies; the containers end within their limit while no
+    // agent watches, and the next agent starts after the limit passed,
+    // with a Docker daemon that is slow to answer (a busy one): how long
+    // Docker takes must not decide how an attempt ended.
+    s.kill_agent();
+    for (task, _) in &tasks {
+        testkit::eventually(
+            "the container to end and its time limit to pass",
+            support::PATIENCE,
+            || async {
+                let (status, started) = container_state(task)?;
+                let since = chrono::Utc::now() - started;
+                (status == "exited" && since > chrono::Duration::seconds(7)).then_some(())
+            },
+        )
+        .await;
+    }
+    let docker = slow_docker(s.dir.path(), Duration::from_millis(20));
+    s.start_agent_with(&["--docker-host", &docker]);
+    for (task, code) in &tasks {
+        let done = task_in(
+            &s.api,
+            task,
+            &["succeeded", "failed", "timed_out", "queued"],
+        )
+        .await;
+        assert_eq!(
+            (&done["state"], &done["exit_code"], &done["attempt"]),
+            (&json!("failed"), &json!(code), &json!(1)),
+            "{done}"
+        );
+        let events = s.events(task).await;
+        let ends: Vec<&String> = events
+            .iter()
+            .filter(|e| ENDS.contains(&e.as_str()))
+            .collect();
+        assert_eq!(ends, ["TaskFailed"], "{events:?}");
+        s.logs_are(task, "hi\n").await;
+    }
 }
