@@ -13,8 +13,17 @@
 //! [`queue`]), then heartbeats every `heartbeat_s`, acknowledges every
 //! command as it arrives and passes it to the [`Supervisor`] (or, for an
 //! admin's host command, to the [`host_ssh::Runner`]).
+//!
+//! Reports survive the agent: unanswered ones are kept in a [`journal`]
+//! under the work directory and sent again by the next start. Once the
+//! server stored an attempt's final status (or refused it for good), the
+//! attempt's container and directory are removed, and only then is the
+//! report dropped from the journal. A server that refuses a connect as
+//! `rate_limited` ("connect again in N s") is not dialled again before
+//! that time.
 
 pub mod backoff;
+pub mod journal;
 pub mod queue;
 
 use std::collections::BTreeMap;
@@ -50,6 +59,9 @@ const WELCOME_TIMEOUT: Duration = Duration::from_secs(30);
 const REPORT_CHANNEL: usize = 256;
 /// Host command results waiting between the runner and its outbox.
 const HOST_SSH_CHANNEL: usize = 16;
+/// The longest a `rate_limited` refusal can make the agent wait: a
+/// server's word is taken, within reason.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
@@ -217,27 +229,36 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// An agent with this configuration, running tasks with `ctx`.
-    pub fn new(config: Config, ctx: Arc<Context>) -> Self {
+    /// An agent with this configuration, running tasks with `ctx`; its
+    /// report journal is `<work dir>/journal`, and what it holds is sent
+    /// again first.
+    ///
+    /// # Errors
+    /// The I/O error when the journal cannot be created, read or written.
+    pub fn new(config: Config, ctx: Arc<Context>) -> std::io::Result<Self> {
         Agent::with_limits(config, ctx, Limits::default())
     }
 
     /// Like [`Agent::new`], with other report queue bounds.
-    pub fn with_limits(config: Config, ctx: Arc<Context>, limits: Limits) -> Self {
+    ///
+    /// # Errors
+    /// As [`Agent::new`].
+    pub fn with_limits(config: Config, ctx: Arc<Context>, limits: Limits) -> std::io::Result<Self> {
+        let queue = ReportQueue::open(limits, &ctx.work_dir().join(journal::DIR))?;
         let (reports_tx, reports_rx) = mpsc::channel(REPORT_CHANNEL);
         let (host_results_tx, host_results_rx) = mpsc::channel(HOST_SSH_CHANNEL);
-        Agent {
+        Ok(Agent {
             host_ssh: host_ssh::Runner::new(None, host_results_tx.clone()),
             host_results_tx,
             host_results_rx,
             supervisor: Supervisor::new(Arc::clone(&ctx), reports_tx.clone()),
             config,
             ctx,
-            queue: Arc::new(Mutex::new(ReportQueue::new(limits))),
+            queue: Arc::new(Mutex::new(queue)),
             wake: Arc::new(Notify::new()),
             reports_tx,
             reports_rx,
-        }
+        })
     }
 
     /// Lets admins run commands on this machine's host over SSH to
@@ -274,8 +295,14 @@ impl Agent {
             Arc::clone(&host_results),
             Arc::clone(&wake),
         ));
-        // Containers of a previous run are taken over before the first
-        // hello, which lists them.
+        // Attempts whose end the journal holds are reported from it, not
+        // adopted; containers of other attempts of a previous run are
+        // taken over before the first hello, which lists them.
+        let ended = queue
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .ended_attempts();
+        supervisor.note_ended(ended);
         supervisor.adopt_leftovers().await;
         tokio::spawn(collect_reports(
             reports_rx,
@@ -358,17 +385,21 @@ impl Link {
         let mut backoff = Backoff::new(self.config.reconnect_min, self.config.reconnect_max);
         let mut rng = rand::rngs::StdRng::from_entropy();
         loop {
+            let mut retry_after = None;
             match self.dial().await {
                 Ok(ws) => {
-                    let lived = self.session(ws).await;
-                    backoff.session_ended(lived);
+                    let ended = self.session(ws).await;
+                    backoff.session_ended(ended.lived);
+                    retry_after = ended.retry_after;
                 }
                 Err(DialError::Refused) => return Refused,
                 Err(e) => {
                     tracing::warn!(server = %self.config.server, error = %e, "could not connect")
                 }
             }
-            let delay = backoff.next_delay(&mut rng);
+            let delay = backoff
+                .next_delay(&mut rng)
+                .max(retry_after.unwrap_or_default());
             tracing::info!(
                 delay_ms = delay.as_millis() as u64,
                 "reconnecting after a pause"
@@ -408,24 +439,28 @@ impl Link {
         }
     }
 
-    /// Runs one session; returns how long it lived after its `welcome`,
-    /// `None` when it got none.
-    async fn session(&self, ws: Ws) -> Option<Duration> {
+    /// Runs one session; returns how long it lived after its `welcome`
+    /// and how long the server asked the agent to stay away.
+    async fn session(&self, ws: Ws) -> Ended {
         let (mut sink, mut stream) = ws.split();
         let hello = self.hello().await;
         if let Err(e) = sink.send(frame(&AgentMessage::Hello(hello))).await {
             tracing::warn!(error = %e, "could not send hello");
-            return None;
+            return Ended::default();
         }
         let heartbeat_s = match tokio::time::timeout(WELCOME_TIMEOUT, welcome(&mut stream)).await {
             Ok(Ok(heartbeat_s)) => heartbeat_s,
             Ok(Err(end)) => {
-                tracing::warn!(reason = %end, "session ended before welcome");
-                return None;
+                let retry_after = end.retry_after();
+                tracing::warn!(reason = %end, retry_after_s = retry_after.map(|d| d.as_secs()), "session ended before welcome");
+                return Ended {
+                    lived: None,
+                    retry_after,
+                };
             }
             Err(_) => {
                 tracing::warn!(reason = %SessionEnd::NoWelcome(WELCOME_TIMEOUT), "session ended");
-                return None;
+                return Ended::default();
             }
         };
         let welcomed = Instant::now();
@@ -434,7 +469,10 @@ impl Link {
         self.ctx.files().broker().rewind();
         let end = self.serve(&mut sink, &mut stream, heartbeat_s).await;
         tracing::warn!(reason = %end, "session ended");
-        Some(welcomed.elapsed())
+        Ended {
+            lived: Some(welcomed.elapsed()),
+            retry_after: end.retry_after(),
+        }
     }
 
     async fn hello(&self) -> Hello {
@@ -516,10 +554,12 @@ impl Link {
             sink.send(frame(&AgentMessage::Cache(cache))).await?;
         }
         loop {
-            let next = self.queue().next_message();
-            match next {
-                Some(message) => sink.send(frame(&message)).await?,
-                None => break,
+            let batch = self.queue().next_batch();
+            if batch.is_empty() {
+                break;
+            }
+            for message in &batch {
+                sink.send(frame(message)).await?;
             }
         }
         loop {
@@ -579,16 +619,7 @@ impl Link {
                     command => self.supervisor.handle(command_id, command),
                 }
             }
-            ServerMessage::Received { id, error } => {
-                if let Some(error) = error {
-                    tracing::warn!(id, %error, "the server refused a report for good");
-                }
-                if Outbox::owns(id) {
-                    self.host_results().answer(id);
-                } else {
-                    self.queue().answer(id);
-                }
-            }
+            ServerMessage::Received { id, error } => self.on_received(id, error),
             ServerMessage::Error { code, message } => {
                 tracing::warn!(%code, %message, "the server reported an error");
                 if matches!(code.as_str(), "revoked" | "replaced") {
@@ -600,6 +631,105 @@ impl Link {
         }
         Ok(())
     }
+
+    /// The server stored report `id`, or refused it for good (`error`):
+    /// either way it is dropped from the queue and the journal and never
+    /// sent again. An attempt's final status first releases the attempt's
+    /// container and directory.
+    fn on_received(&self, id: u64, error: Option<String>) {
+        if Outbox::owns(id) {
+            if let Some(error) = error {
+                tracing::warn!(id, reason = %protocol::bounds::quoted(&error), "the server refused a host command result for good");
+            }
+            self.host_results().answer(id);
+            return;
+        }
+        let answered = self.queue().answer(id);
+        match (&answered, &error) {
+            (Some(a), Some(error)) => tracing::warn!(
+                id,
+                task_id = %a.task_id,
+                attempt = a.attempt,
+                report = %a.what,
+                reason = %protocol::bounds::quoted(error),
+                "the server refused a report for good; dropped, it is not sent again"
+            ),
+            (None, Some(error)) => tracing::warn!(
+                id,
+                reason = %protocol::bounds::quoted(error),
+                "the server refused a report this agent no longer holds"
+            ),
+            _ => {}
+        }
+        if let Some(answered) = answered.filter(|a| a.ends_attempt) {
+            tokio::spawn(settle(
+                Arc::clone(&self.ctx),
+                Arc::clone(&self.queue),
+                answered,
+            ));
+        }
+    }
+}
+
+/// Removes what an attempt left here once the server has its end, then
+/// drops its final status from the journal. If removing fails the report
+/// stays in the journal, so the next start sends it again and retries.
+async fn settle(ctx: Arc<Context>, queue: Arc<Mutex<ReportQueue>>, answered: queue::Answered) {
+    let (task_id, attempt) = (answered.task_id, answered.attempt);
+    match crate::executor::release(&ctx, task_id, attempt).await {
+        Ok(()) => {
+            tracing::debug!(%task_id, attempt, "attempt released");
+            queue
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .settled(answered.id);
+        }
+        Err(e) => tracing::warn!(
+            %task_id,
+            attempt,
+            error = %e,
+            "could not remove what the attempt left; its final report stays journaled and the next start tries again"
+        ),
+    }
+}
+
+/// How a session ended, for the reconnect.
+#[derive(Debug, Default)]
+struct Ended {
+    /// How long it lived after its `welcome`; `None` without one.
+    lived: Option<Duration>,
+    /// How long the server asked the agent to stay away.
+    retry_after: Option<Duration>,
+}
+
+impl SessionEnd {
+    /// For a `rate_limited` refusal: the time it names ("connect again in
+    /// N s"), at most [`MAX_RETRY_AFTER`].
+    fn retry_after(&self) -> Option<Duration> {
+        match self {
+            SessionEnd::ServerError { code, message } if code == "rate_limited" => {
+                Some(retry_after(message).unwrap_or(Duration::from_secs(10)))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// The wait a `rate_limited` message names: the number of seconds after
+/// "again in".
+fn retry_after(message: &str) -> Option<Duration> {
+    let (_, rest) = message.split_once("again in ")?;
+    let number: String = rest
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || *c == '.')
+        .collect();
+    let secs: f64 = number.parse().ok()?;
+    if !secs.is_finite() || secs < 0.0 {
+        return None;
+    }
+    Some(Duration::from_secs_f64(
+        secs.min(MAX_RETRY_AFTER.as_secs_f64()),
+    ))
 }
 
 /// Reads frames until `welcome`; returns its heartbeat period.
@@ -669,6 +799,34 @@ mod tests {
         assert_eq!(server_address("wss://h").unwrap(), "wss://h");
         assert!(server_address("http://h").is_err());
         assert!(server_address("ws://").is_err());
+    }
+
+    #[test]
+    fn a_rate_limited_refusal_names_the_wait() {
+        let end = |code: &str, message: &str| SessionEnd::ServerError {
+            code: code.into(),
+            message: message.into(),
+        };
+        let limited = end(
+            "rate_limited",
+            "this node connected too often; connect again in 7 s",
+        );
+        assert_eq!(limited.retry_after(), Some(Duration::from_secs(7)));
+        assert_eq!(
+            end("rate_limited", "connect again in 2.5 s").retry_after(),
+            Some(Duration::from_millis(2500))
+        );
+        assert_eq!(
+            end("rate_limited", "connect again in 99999999 s").retry_after(),
+            Some(MAX_RETRY_AFTER)
+        );
+        assert_eq!(
+            end("rate_limited", "later").retry_after(),
+            Some(Duration::from_secs(10)),
+            "a wait it cannot read is a short one"
+        );
+        assert_eq!(end("revoked", "connect again in 7 s").retry_after(), None);
+        assert_eq!(SessionEnd::Silent(Duration::ZERO).retry_after(), None);
     }
 
     #[test]

@@ -1005,6 +1005,85 @@ pub async fn remove_container(docker: &Docker, id: &str) -> Result<(), DockerErr
     }
 }
 
+/// How a stopped container ended, as Docker recorded it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordedExit {
+    /// Its exit status and whether it ran out of memory.
+    pub exit: Exit,
+    /// How long it ran: from its start to its end (`FinishedAt` minus
+    /// `StartedAt`), whenever anyone looked.
+    pub ran_for: Duration,
+}
+
+/// How a container ended, from Docker's record of it (`State.ExitCode`,
+/// `OOMKilled`, `StartedAt`, `FinishedAt`); `None` while it runs or if it
+/// never ran.
+///
+/// # Errors
+/// [`DockerError::Api`] when Docker cannot tell.
+pub async fn recorded_exit(docker: &Docker, id: &str) -> Result<Option<RecordedExit>, DockerError> {
+    let info = docker
+        .inspect_container(id, None)
+        .await
+        .map_err(|e| DockerError::api("inspecting the container failed", &e))?;
+    Ok(info.state.as_ref().and_then(exit_of))
+}
+
+/// A stopped container's recorded end.
+fn exit_of(state: &bollard::models::ContainerState) -> Option<RecordedExit> {
+    if state.running == Some(true) {
+        return None;
+    }
+    let started = docker_time(state.started_at.as_deref())?;
+    let finished = docker_time(state.finished_at.as_deref())?;
+    Some(RecordedExit {
+        exit: Exit {
+            code: state.exit_code?,
+            oom_killed: state.oom_killed.unwrap_or(false),
+        },
+        ran_for: (finished - started).to_std().unwrap_or_default(),
+    })
+}
+
+/// A time of a container's state; `None` for Docker's zero time
+/// (0001-01-01: it never happened).
+fn docker_time(text: Option<&str>) -> Option<chrono::DateTime<chrono::Utc>> {
+    chrono::DateTime::parse_from_rfc3339(text?)
+        .ok()
+        .filter(|t| t.timestamp() > 0)
+        .map(|t| t.with_timezone(&chrono::Utc))
+}
+
+/// The containers of attempt `attempt` of `task_id` made by the agent with
+/// `agent_label`, running or not.
+///
+/// # Errors
+/// [`DockerError::Api`] when Docker cannot list them.
+pub async fn attempt_containers(
+    docker: &Docker,
+    agent_label: &str,
+    task_id: uuid::Uuid,
+    attempt: u32,
+) -> Result<Vec<String>, DockerError> {
+    let filters = HashMap::from([(
+        "label",
+        vec![
+            format!("{LABEL_AGENT}={agent_label}"),
+            format!("{LABEL_TASK}={task_id}"),
+            format!("{LABEL_ATTEMPT}={attempt}"),
+        ],
+    )]);
+    let options = ListContainersOptionsBuilder::default()
+        .all(true)
+        .filters(&filters)
+        .build();
+    let containers = docker
+        .list_containers(Some(options))
+        .await
+        .map_err(|e| DockerError::api("listing the attempt's containers failed", &e))?;
+    Ok(containers.into_iter().filter_map(|c| c.id).collect())
+}
+
 /// A task container a previous run of this agent (same `agent_label`) left
 /// behind, running or stopped.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -1021,10 +1100,9 @@ pub struct Leftover {
     pub memory_mb: u64,
     /// How long ago it started; `None` if it never did.
     pub running_for: Option<Duration>,
-    /// Whether it already ended (it started and is no longer running):
-    /// then its recorded exit is how the attempt ended, whatever time
-    /// limit a count from now would find passed.
-    pub finished: bool,
+    /// How it ended, when it has stopped: this, not the time since,
+    /// says whether it ended within its time limit.
+    pub exit: Option<RecordedExit>,
     /// Whether its writable layer has a size limit of its own.
     pub layer_limited: bool,
 }
@@ -1079,23 +1157,10 @@ async fn inspect_leftover(docker: &Docker, id: &str) -> Result<Option<Leftover>,
     let (Some(task_id), Some(attempt)) = (task_id, attempt) else {
         return Ok(None);
     };
-    let started = info
-        .state
-        .as_ref()
-        .and_then(|s| s.started_at.as_deref())
-        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
-        // Docker writes 0001-01-01 for a container that never started.
-        .filter(|t| t.timestamp() > 0);
-    let running_for = started.map(|t| {
-        (chrono::Utc::now() - t.with_timezone(&chrono::Utc))
-            .to_std()
-            .unwrap_or_default()
-    });
-    let finished = started.is_some()
-        && info
-            .state
-            .as_ref()
-            .is_some_and(|s| s.running == Some(false) && s.restarting != Some(true));
+    // Docker writes 0001-01-01 for a container that never started.
+    let started = docker_time(info.state.as_ref().and_then(|s| s.started_at.as_deref()));
+    let running_for = started.map(|t| (chrono::Utc::now() - t).to_std().unwrap_or_default());
+    let exit = started.and(info.state.as_ref().and_then(exit_of));
     let memory = info
         .host_config
         .as_ref()
@@ -1113,7 +1178,7 @@ async fn inspect_leftover(docker: &Docker, id: &str) -> Result<Option<Leftover>,
         timeout_s: labels.get(LABEL_TIMEOUT).and_then(|t| t.parse().ok()),
         memory_mb: u64::try_from(memory).unwrap_or(0) / (1024 * 1024),
         running_for,
-        finished,
+        exit,
         layer_limited,
     }))
 }

@@ -8,6 +8,12 @@
 //!
 //! Exit status 2 means the server refused the token; the agent never exits
 //! because of a network error.
+//!
+//! The work directory holds `git/` (bare mirrors of repositories),
+//! `tasks/<task>-<attempt>/` (each attempt's checkout, build context and
+//! notes, kept until the server has the attempt's end) and `journal/`
+//! (reports the server has not acknowledged yet, sent again after a
+//! restart). Keep it on a local disk that survives a reboot.
 
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
@@ -57,9 +63,17 @@ struct Cli {
     /// Declare no GPUs.
     #[arg(long)]
     no_gpus: bool,
-    /// Git cache, image build contexts and task workspaces.
+    /// Git mirrors (git/), task workspaces and build contexts (tasks/),
+    /// and the journal of reports the server has not acknowledged yet
+    /// (journal/, sent again after a restart). Keep it across reboots.
     #[arg(long, env = "UNIDESK_WORK_DIR", default_value = "./.unidesk-agent")]
     work_dir: PathBuf,
+    /// The most the report journal holds, in MiB: past it the oldest
+    /// unacknowledged output is forgotten first; final statuses are always
+    /// kept.
+    #[arg(long, env = "UNIDESK_JOURNAL_MAX_MB", default_value_t = 64,
+          value_parser = clap::value_parser!(u64).range(1..=1024 * 1024))]
+    journal_max_mb: u64,
     /// Part size of multipart uploads of task outputs, in MiB (5 or more):
     /// a part that fails is sent again alone.
     #[arg(long, env = "UNIDESK_PART_MB", default_value_t = 64,
@@ -187,7 +201,13 @@ async fn start(cli: Cli) -> anyhow::Result<ExitCode> {
         "unidesk-agent starting"
     );
     let host = host_ssh_config(&cli, ctx.work_dir())?;
-    let mut agent = Agent::new(config, Arc::new(ctx));
+    let limits = connection::queue::Limits {
+        journal_bytes: cli.journal_max_mb * 1024 * 1024,
+        ..Default::default()
+    };
+    let journal = ctx.work_dir().join(connection::journal::DIR);
+    let mut agent = Agent::with_limits(config, Arc::new(ctx), limits)
+        .with_context(|| format!("opening the report journal in {}", journal.display()))?;
     if let Some(host) = host {
         tracing::info!(target = %host.target, "admins may run commands on this host over SSH");
         agent = agent.with_host_ssh(host);

@@ -160,12 +160,32 @@ impl Supervisor {
         }
     }
 
+    /// Notes attempts that ended here before a restart (their final
+    /// reports were read back from the journal): they are neither adopted
+    /// nor run again; their containers go once the server has their end.
+    pub fn note_ended(&self, ended: impl IntoIterator<Item = AttemptKey>) {
+        let mut state = self.state();
+        for key in ended {
+            state.finished.insert(key);
+        }
+    }
+
     /// Takes over the containers a previous run of this agent left behind
     /// (found by their labels), before the first hello lists them: started
-    /// ones are followed to their end like any attempt, never-started ones
-    /// are removed. The server then keeps or cancels each.
+    /// ones are followed to their end like any attempt (one that ended
+    /// meanwhile is reported as it ended), never-started ones are removed.
+    /// The server then keeps or cancels each. Attempts noted as ended
+    /// ([`Supervisor::note_ended`]) are left alone.
     pub async fn adopt_leftovers(&self) {
         for found in self.ctx.leftovers().await {
+            if self
+                .state()
+                .finished
+                .contains(&(found.task_id, found.attempt))
+            {
+                tracing::info!(task_id = %found.task_id, attempt = found.attempt, container = %found.id, "keeping the container of an attempt whose end is journaled until the server has it");
+                continue;
+            }
             if found.running_for.is_none() {
                 executor::discard(&found, &self.ctx).await;
                 continue;

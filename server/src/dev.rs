@@ -161,7 +161,8 @@ async fn start_local_agent(
         reconnect_min: std::time::Duration::from_millis(200),
         reconnect_max: std::time::Duration::from_secs(5),
     };
-    let agent = Agent::new(config, std::sync::Arc::new(ctx));
+    let agent = Agent::new(config, std::sync::Arc::new(ctx))
+        .context("opening the local agent's report journal")?;
     Ok(tokio::spawn(async move {
         let refused = agent.run().await;
         eprintln!("the local agent stopped: {refused}");

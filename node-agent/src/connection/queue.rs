@@ -17,11 +17,22 @@
 //! server still sees a stream without gaps (`offset + len` of each chunk is
 //! the next chunk's `offset`). A chunk that was ever sent is never changed:
 //! the server may have stored it.
+//!
+//! A queue opened on a directory ([`ReportQueue::open`]) keeps a
+//! [`Journal`] there: a final status is journaled (with the attempt's
+//! output not sent yet) as it is queued, a log chunk at the latest when it
+//! is sent, and either is fsynced before it counts as sent. What the
+//! journal holds is queued again, before anything new, when the agent
+//! starts. A final status stays in the journal after its `received` until
+//! the attempt's container and directory are gone ([`ReportQueue::settled`]),
+//! so a restart in between finds the report, not an orphaned container.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::path::Path;
 
 use protocol::{AgentMessage, LogChunk, Status};
 
+use super::journal::{self, Journal, Record, Replayed};
 use crate::executor::{LogReport, Report, StatusReport};
 use crate::supervisor::AttemptKey;
 
@@ -35,6 +46,9 @@ pub struct Limits {
     pub in_flight: usize,
     /// Most log bytes (plus a small cost per chunk) queued for one attempt.
     pub log_bytes_per_attempt: usize,
+    /// Most bytes of live records in the journal; past it the oldest log
+    /// chunks are forgotten by the journal, never final statuses.
+    pub journal_bytes: u64,
 }
 
 impl Default for Limits {
@@ -42,6 +56,7 @@ impl Default for Limits {
         Limits {
             in_flight: 128,
             log_bytes_per_attempt: 4 * 1024 * 1024,
+            journal_bytes: journal::DEFAULT_MAX_BYTES,
         }
     }
 }
@@ -63,6 +78,8 @@ struct Entry {
     id: u64,
     /// Sent in some session; such an entry is never changed or dropped.
     sent: bool,
+    /// In the journal; such an entry is never changed either.
+    journaled: bool,
     item: Item,
 }
 
@@ -77,6 +94,39 @@ impl Entry {
     fn log_of(&self, key: AttemptKey) -> bool {
         matches!(&self.item, Item::Log { key: k, .. } if *k == key)
     }
+
+    fn is_final(&self) -> bool {
+        matches!(&self.item, Item::Status(s) if s.is_final())
+    }
+
+    /// Whether it may still change: never sent nor journaled.
+    fn open(&self) -> bool {
+        !self.sent && !self.journaled
+    }
+
+    fn key(&self) -> AttemptKey {
+        match &self.item {
+            Item::Status(s) => (s.task_id, s.attempt),
+            Item::Log { key, .. } => *key,
+        }
+    }
+}
+
+/// A report the server answered, as [`ReportQueue::answer`] tells it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answered {
+    /// The report's id.
+    pub id: u64,
+    /// Its task.
+    pub task_id: uuid::Uuid,
+    /// Its attempt.
+    pub attempt: u32,
+    /// What it was, for a log line: `log chunk` or the state it reported.
+    pub what: String,
+    /// Whether it was the attempt's final status: the attempt's container
+    /// and directory may go now, and then [`ReportQueue::settled`] drops it
+    /// from the journal.
+    pub ends_attempt: bool,
 }
 
 /// Per attempt: queued log bytes and the offset correction after drops.
@@ -96,6 +146,7 @@ pub struct ReportQueue {
     next_id: u64,
     logs: HashMap<AttemptKey, AttemptLog>,
     limits: Limits,
+    journal: Option<Journal>,
 }
 
 impl ReportQueue {
@@ -106,6 +157,58 @@ impl ReportQueue {
             next_id: 1,
             ..ReportQueue::default()
         }
+    }
+
+    /// A queue journaled in `dir` (see the module documentation), holding
+    /// first what the journal held.
+    ///
+    /// # Errors
+    /// The I/O error when the journal cannot be created, read or written.
+    pub fn open(limits: Limits, dir: &Path) -> std::io::Result<Self> {
+        let (journal, replay) = Journal::open(dir, limits.journal_bytes)?;
+        let mut queue = ReportQueue::new(limits);
+        queue.next_id = replay.next_id;
+        for report in replay.reports {
+            let (id, item) = match report {
+                Replayed::Status(s) => (s.id, Item::Status(status_report(s))),
+                Replayed::Log(l) => (
+                    l.id,
+                    Item::Log {
+                        key: (l.task_id, l.attempt),
+                        offset: l.offset,
+                        data: l.data,
+                        dropped: None,
+                    },
+                ),
+            };
+            let entry = Entry {
+                id,
+                sent: true,
+                journaled: true,
+                item,
+            };
+            if let Item::Log { key, .. } = entry.item {
+                queue.logs.entry(key).or_default().queued += entry.cost();
+            }
+            queue.entries.push_back(entry);
+        }
+        queue.journal = Some(journal);
+        Ok(queue)
+    }
+
+    /// The attempts whose final status waits for an answer: they ended
+    /// here, so they are neither adopted nor run again.
+    pub fn ended_attempts(&self) -> BTreeSet<AttemptKey> {
+        self.entries
+            .iter()
+            .filter(|e| e.is_final())
+            .map(Entry::key)
+            .collect()
+    }
+
+    /// How many reports the journal holds (0 without one).
+    pub fn journaled(&self) -> usize {
+        self.journal.as_ref().map_or(0, Journal::len)
     }
 
     /// How many reports wait for an answer (sent or not).
@@ -134,8 +237,15 @@ impl ReportQueue {
         let entry = Entry {
             id,
             sent: false,
+            journaled: false,
             item,
         };
+        if entry.is_final() {
+            let key = entry.key();
+            self.entries.push_back(entry);
+            self.journal_end(key);
+            return;
+        }
         if let Item::Log { key, .. } = entry.item {
             let over = {
                 let state = self.logs.entry(key).or_default();
@@ -162,36 +272,92 @@ impl ReportQueue {
         }
     }
 
-    /// The next report to send in this session, if the in-flight window
-    /// allows one; it counts as sent from now on.
-    pub fn next_message(&mut self) -> Option<AgentMessage> {
-        if self.cursor >= self.limits.in_flight {
-            return None;
-        }
-        let entry = self.entries.get_mut(self.cursor)?;
-        self.cursor += 1;
-        entry.sent = true;
-        Some(message(entry))
+    /// Journals an attempt's final status, just queued, with the output
+    /// of the attempt not journaled yet: none of it changes any more.
+    fn journal_end(&mut self, key: AttemptKey) {
+        let Some(journal) = self.journal.as_mut() else {
+            return;
+        };
+        let records: Vec<(usize, Record)> = self
+            .entries
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| !e.journaled && (e.log_of(key) || (e.is_final() && e.key() == key)))
+            .map(|(i, e)| (i, record(e)))
+            .collect();
+        write(journal, &mut self.entries, records);
     }
 
-    /// The server answered `received{id}`: forget that report. Returns
-    /// whether it was queued.
-    pub fn answer(&mut self, id: u64) -> bool {
-        let Ok(at) = self.entries.binary_search_by_key(&id, |e| e.id) else {
-            return false;
-        };
-        let Some(entry) = self.entries.remove(at) else {
-            return false;
-        };
+    /// The next reports to send in this session, as many as the in-flight
+    /// window allows; they count as sent from now on. Log chunks among
+    /// them are journaled (one fsync) before they are returned.
+    pub fn next_batch(&mut self) -> Vec<AgentMessage> {
+        let end = self.entries.len().min(self.limits.in_flight);
+        if self.cursor >= end {
+            return Vec::new();
+        }
+        let batch = self.cursor..end;
+        self.cursor = end;
+        if let Some(journal) = self.journal.as_mut() {
+            let records: Vec<(usize, Record)> = batch
+                .clone()
+                .filter(|&i| {
+                    let e = &self.entries[i];
+                    !e.journaled && matches!(e.item, Item::Log { .. })
+                })
+                .map(|i| (i, record(&self.entries[i])))
+                .collect();
+            write(journal, &mut self.entries, records);
+        }
+        batch
+            .map(|i| {
+                let entry = &mut self.entries[i];
+                entry.sent = true;
+                message(entry)
+            })
+            .collect()
+    }
+
+    /// The server answered `received{id}` (stored, or refused for good):
+    /// forget that report, and drop it from the journal unless it ended
+    /// its attempt (see [`ReportQueue::settled`]). Returns what it was;
+    /// `None` when it was not queued.
+    pub fn answer(&mut self, id: u64) -> Option<Answered> {
+        let at = self.entries.binary_search_by_key(&id, |e| e.id).ok()?;
+        let entry = self.entries.remove(at)?;
         if at < self.cursor {
             self.cursor -= 1;
         }
+        let (task_id, attempt) = entry.key();
+        let answered = Answered {
+            id,
+            task_id,
+            attempt,
+            what: match &entry.item {
+                Item::Status(s) => format!("status {}", state_name(s.state)),
+                Item::Log { .. } => "log chunk".into(),
+            },
+            ends_attempt: entry.is_final(),
+        };
         if let Item::Log { key, .. } = entry.item {
             if let Some(state) = self.logs.get_mut(&key) {
                 state.queued = state.queued.saturating_sub(entry.cost());
             }
         }
-        true
+        if entry.journaled && !answered.ends_attempt {
+            self.settled(id);
+        }
+        Some(answered)
+    }
+
+    /// Drops an answered final status from the journal, once its attempt's
+    /// container and directory are gone.
+    pub fn settled(&mut self, id: u64) {
+        if let Some(journal) = self.journal.as_mut() {
+            if let Err(e) = journal.done(&[id]) {
+                tracing::warn!(id, error = %e, "could not update the report journal");
+            }
+        }
     }
 
     /// The attempts with status reports still waiting for an answer (an
@@ -217,7 +383,7 @@ impl ReportQueue {
     fn shed(&mut self, key: AttemptKey) {
         let limit = self.limits.log_bytes_per_attempt;
         let unsent: Vec<usize> = (0..self.entries.len())
-            .filter(|&i| !self.entries[i].sent && self.entries[i].log_of(key))
+            .filter(|&i| self.entries[i].open() && self.entries[i].log_of(key))
             .collect();
         let Some(marker) = self.marker_position(&unsent, limit / 4) else {
             return;
@@ -329,6 +495,58 @@ pub fn marker_text(dropped: u64) -> String {
     )
 }
 
+/// Appends `records` (each with its entry's index) to the journal and
+/// marks their entries journaled; a failure is logged and leaves them in
+/// memory only.
+fn write(journal: &mut Journal, entries: &mut VecDeque<Entry>, records: Vec<(usize, Record)>) {
+    if records.is_empty() {
+        return;
+    }
+    let (at, records): (Vec<usize>, Vec<Record>) = records.into_iter().unzip();
+    match journal.append(&records) {
+        Ok(()) => {
+            for i in at {
+                entries[i].journaled = true;
+            }
+        }
+        Err(e) => tracing::warn!(
+            reports = records.len(),
+            error = %e,
+            "could not write the report journal; these reports would not survive a restart"
+        ),
+    }
+}
+
+/// An entry as its journal record.
+fn record(entry: &Entry) -> Record {
+    match message(entry) {
+        AgentMessage::Status(s) => Record::Status(s),
+        AgentMessage::Log(l) => Record::Log(l),
+        _ => Record::Done { id: entry.id },
+    }
+}
+
+/// A status read back from the journal.
+fn status_report(s: Status) -> StatusReport {
+    StatusReport {
+        task_id: s.task_id,
+        attempt: s.attempt,
+        state: s.state,
+        stage: s.stage,
+        container: s.container,
+        exit_code: s.exit_code,
+        message: s.message,
+    }
+}
+
+/// A state's name on the wire.
+fn state_name(state: protocol::ReportedState) -> String {
+    serde_json::to_value(state)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_else(|| format!("{state:?}"))
+}
+
 fn message(entry: &Entry) -> AgentMessage {
     match &entry.item {
         Item::Status(s) => AgentMessage::Status(Status {
@@ -381,7 +599,9 @@ mod tests {
     }
 
     fn drain(q: &mut ReportQueue) -> Vec<AgentMessage> {
-        std::iter::from_fn(|| q.next_message()).collect()
+        std::iter::from_fn(|| Some(q.next_batch()).filter(|b| !b.is_empty()))
+            .flatten()
+            .collect()
     }
 
     #[test]
@@ -393,8 +613,8 @@ mod tests {
         q.push(status(task, ReportedState::Running));
         let first: Vec<u64> = drain(&mut q).iter().map(id).collect();
         assert_eq!(first, vec![1, 2, 3]);
-        assert!(q.answer(2));
-        assert!(!q.answer(2), "an id is answered once");
+        assert!(q.answer(2).is_some());
+        assert!(q.answer(2).is_none(), "an id is answered once");
         q.push(status(task, ReportedState::Succeeded));
         q.rewind();
         let again: Vec<u64> = drain(&mut q).iter().map(id).collect();
@@ -404,7 +624,7 @@ mod tests {
         }
         q.rewind();
         assert!(q.is_empty());
-        assert!(q.next_message().is_none());
+        assert!(q.next_batch().is_empty());
     }
 
     #[test]
@@ -429,6 +649,7 @@ mod tests {
         let mut q = ReportQueue::new(Limits {
             in_flight: 1000,
             log_bytes_per_attempt: limit,
+            ..Limits::default()
         });
         q.push(log(task, 0, "first line sent before the disconnect\n"));
         drain(&mut q);
@@ -558,6 +779,7 @@ mod tests {
         let mut q = ReportQueue::new(Limits {
             in_flight: 1000,
             log_bytes_per_attempt: 1000,
+            ..Limits::default()
         });
         for i in 0..100 {
             q.push(status(task, ReportedState::Preparing));
@@ -568,5 +790,72 @@ mod tests {
             .filter(|m| matches!(m, AgentMessage::Status(_)))
             .count();
         assert_eq!(statuses, 100);
+    }
+
+    fn ids(messages: &[AgentMessage]) -> Vec<u64> {
+        messages.iter().map(id).collect()
+    }
+
+    #[test]
+    fn a_final_status_and_the_output_before_it_survive_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let task = Uuid::new_v4();
+        let mut q = ReportQueue::open(Limits::default(), dir.path()).unwrap();
+        q.push(status(task, ReportedState::Running));
+        q.push(log(task, 0, "sent\n"));
+        assert_eq!(ids(&drain(&mut q)), vec![1, 2]);
+        // Never sent: the server was gone when the attempt ended.
+        q.push(log(task, 5, "tail\n"));
+        let mut end = StatusReport::new(task, 1, ReportedState::Failed);
+        end.exit_code = Some(3);
+        q.push(Report::Status(end));
+        assert_eq!(q.journaled(), 3, "running is not journaled");
+        drop(q);
+
+        let mut q = ReportQueue::open(Limits::default(), dir.path()).unwrap();
+        assert_eq!(q.ended_attempts(), BTreeSet::from([(task, 1)]));
+        assert_eq!(q.attempts(), BTreeSet::from([(task, 1)]));
+        q.push(status(Uuid::new_v4(), ReportedState::Accepted));
+        let again = drain(&mut q);
+        assert_eq!(ids(&again), vec![2, 3, 4, 5], "in order, new ids after");
+        let AgentMessage::Log(tail) = &again[1] else {
+            panic!("{again:?}")
+        };
+        assert_eq!((tail.offset, tail.data.as_str()), (5, "tail\n"));
+        let AgentMessage::Status(s) = &again[2] else {
+            panic!("{again:?}")
+        };
+        assert_eq!((s.state, s.exit_code), (ReportedState::Failed, Some(3)));
+    }
+
+    #[test]
+    fn answered_reports_leave_the_journal_and_a_final_one_once_settled() {
+        let dir = tempfile::tempdir().unwrap();
+        let task = Uuid::new_v4();
+        let mut q = ReportQueue::open(Limits::default(), dir.path()).unwrap();
+        q.push(log(task, 0, "a\n"));
+        q.push(log(task, 2, "b\n"));
+        q.push(status(task, ReportedState::Succeeded));
+        drain(&mut q);
+        let refused = q.answer(1).unwrap();
+        assert_eq!(
+            (refused.task_id, refused.attempt, refused.what.as_str()),
+            (task, 1, "log chunk")
+        );
+        assert!(!refused.ends_attempt);
+        let end = q.answer(3).unwrap();
+        assert!(end.ends_attempt);
+        assert_eq!(end.what, "status succeeded");
+        assert_eq!(q.journaled(), 2, "the final status waits to be settled");
+        drop(q);
+        let mut q = ReportQueue::open(Limits::default(), dir.path()).unwrap();
+        assert_eq!(ids(&drain(&mut q)), vec![2, 3], "refused chunk not resent");
+        q.answer(2);
+        q.answer(3);
+        q.settled(3);
+        assert_eq!(q.journaled(), 0);
+        drop(q);
+        let q = ReportQueue::open(Limits::default(), dir.path()).unwrap();
+        assert!(q.is_empty());
     }
 }

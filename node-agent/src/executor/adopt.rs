@@ -1,5 +1,6 @@
 //! Containers a previous run of this agent left behind: one that never
-//! started is discarded, one that started is taken over to its end.
+//! started is discarded, one that started is taken over to its end, and
+//! one that ended meanwhile is reported as Docker recorded its end.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,8 +15,8 @@ use super::cancel::CancelSignal;
 use super::context::Context;
 use super::report::{Ending, Report, Reporter};
 use super::task_files::{clone_error, noted_outputs, upload_outputs};
-use super::watch::{watch, DiskWatch, Limits};
-use super::workspace::{attempt_dir, remove_workspace};
+use super::watch::{recorded_ending, watch, DiskWatch, Limits};
+use super::workspace::{attempt_dir, noted_stop, remove_workspace};
 
 /// Removes a container a previous run of this agent created but never
 /// started, and its workspace: the attempt did not get to run, and the
@@ -32,10 +33,15 @@ pub async fn discard(found: &docker::Leftover, ctx: &Context) {
 /// (see [`discard`] for one that never started): reports
 /// it running (again), follows its output from the start (the server keeps
 /// only what it does not have yet), and reports how it ended, also when it
-/// ended while no agent watched. A container still running is held to the
-/// rest of its time limit; one that already ended reports the exit Docker
-/// recorded, however long ago its limit passed. A cancel stops it as for
-/// any attempt.
+/// ended while no agent watched. The rest of its time limit still applies,
+/// and a cancel stops it as for any attempt.
+///
+/// How it ended is, in order: why the previous agent stopped it, if it
+/// noted that; Docker's record of its end (`ExitCode`, `FinishedAt` and
+/// `StartedAt`), so a container that ended within its time limit is
+/// reported with its exit however long ago that was; and for one still
+/// running, how it ends now. The container and the attempt's directory
+/// stay until the server has the report ([`release`](super::release())).
 #[tracing::instrument(skip_all, fields(task_id = %found.task_id, attempt = found.attempt, container = %found.id))]
 pub async fn adopt(
     found: docker::Leftover,
@@ -44,21 +50,23 @@ pub async fn adopt(
     mut cancel: CancelSignal,
 ) {
     let out = Reporter::new(found.task_id, found.attempt, reports);
-    tracing::info!("adopting a container left by a previous run");
+    tracing::info!(
+        ended = found.exit.is_some(),
+        "adopting a container left by a previous run"
+    );
     out.status(ReportedState::Running, |s| {
         s.container = Some(found.id.clone())
     })
     .await;
     let elapsed = found.running_for.unwrap_or_default();
-    // A container that already ended ended as Docker recorded it: the time
-    // limit is for one still running, not for how long no agent watched.
-    let left = match found.timeout_s {
-        Some(t) if !found.finished => Some(Duration::from_secs(t).saturating_sub(elapsed)),
-        _ => None,
-    };
     let limits = Limits {
         timeout_s: found.timeout_s,
-        left,
+        // A container that has ended is judged by its record, not by the
+        // time since it started.
+        left: found
+            .timeout_s
+            .filter(|_| found.exit.is_none())
+            .map(|t| Duration::from_secs(t).saturating_sub(elapsed)),
         memory_mb: found.memory_mb,
         disk: DiskWatch {
             workspace: ctx
@@ -69,12 +77,13 @@ pub async fn adopt(
             count_layer: !found.layer_limited,
         },
     };
-    let ending = watch(&ctx, &out, &mut cancel, &found.id, limits).await;
-    if let Err(e) = docker::remove_container(&ctx.docker, &found.id).await {
-        tracing::warn!(error = %e, "could not remove the container");
-    }
+    let watched = watch(&ctx, &out, &mut cancel, &found.id, limits).await;
+    let ending = match (noted_stop(&ctx, out.key()).await, found.exit) {
+        (Some(noted), _) => noted,
+        (None, Some(recorded)) => recorded_ending(recorded, found.timeout_s, found.memory_mb),
+        (None, None) => watched,
+    };
     let ending = upload_adopted_outputs(&ctx, &found, ending).await;
-    remove_workspace(&ctx, found.task_id, found.attempt).await;
     tracing::info!(state = ?ending.state, message = ending.message.as_deref(), "adopted attempt ended");
     out.ended(ending).await;
 }

@@ -8,8 +8,13 @@
 //! ends the attempt `failed` with a message a person can act on; nothing
 //! here panics or returns an error to the caller.
 //!
-//! Afterwards the container and the attempt's workspace are removed; the git
-//! mirror and the image stay cached.
+//! The stopped container and the attempt's directory are kept until the
+//! server has stored the final report: [`release()`] removes them then (the
+//! connection calls it). An agent killed in between finds either the
+//! report in its journal or the container with Docker's record of its
+//! end, never neither. An attempt that never got a container has its
+//! directory removed before its final report. The git mirror and the image
+//! stay cached.
 //!
 //! Every file of an attempt is reached through [`Root`](crate::beneath::Root) handles
 //! ([`crate::beneath`]): the attempt's directory `<work dir>/tasks/<task>-<n>`
@@ -23,14 +28,16 @@
 //! `workspace` and `prepare` the directory, checkouts and image it needs,
 //! `task_files` its inputs and outputs, `run` the pipeline from start to
 //! final state, `watch` how a started container is held to its limits,
-//! `output` how its output becomes log chunks, and `adopt` how a container
-//! left by a previous run is taken over.
+//! `output` how its output becomes log chunks, `adopt` how a container
+//! left by a previous run is taken over, and `release` what is removed
+//! once the server has the attempt's end.
 
 mod adopt;
 mod cancel;
 mod context;
 mod output;
 mod prepare;
+mod release;
 mod report;
 mod run;
 mod task_files;
@@ -40,6 +47,7 @@ mod workspace;
 pub use adopt::{adopt, discard};
 pub use cancel::{cancel_pair, CancelSignal, Canceller};
 pub use context::Context;
+pub use release::release;
 pub use report::{LogReport, Report, StatusReport};
 pub use run::run;
 

@@ -81,7 +81,7 @@ pub struct LogReport {
 }
 
 /// How an attempt ended.
-#[derive(Debug)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub(super) struct Ending {
     pub(super) state: ReportedState,
     pub(super) exit_code: Option<i64>,
@@ -122,6 +122,11 @@ impl Reporter {
             attempt,
             tx,
         }
+    }
+
+    /// The attempt it reports on.
+    pub(super) fn key(&self) -> (uuid::Uuid, u32) {
+        (self.task_id, self.attempt)
     }
 
     /// Reports the final state.

@@ -1,6 +1,8 @@
 //! The run pipeline of one attempt: accepted, prepared, inputs in place,
-//! container started and followed, outputs uploaded, workspace removed,
-//! final state reported.
+//! container started and followed, outputs uploaded, final state
+//! reported. Once a container exists, it and the workspace stay until
+//! [`release`](super::release()); an attempt that never got one has its
+//! workspace removed before its final report.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -31,17 +33,25 @@ pub async fn run(
 ) {
     let out = Reporter::new(spec.task_id, spec.attempt, reports);
     out.status(ReportedState::Accepted, |_| {}).await;
-    let ending = attempt(&spec, &ctx, &out, &mut cancel).await;
-    remove_workspace(&ctx, spec.task_id, spec.attempt).await;
+    let mut made_container = false;
+    let ending = attempt(&spec, &ctx, &out, &mut cancel, &mut made_container).await;
+    if !made_container {
+        // Nothing to adopt after a restart: the directory goes now, not
+        // once the server has the report.
+        remove_workspace(&ctx, spec.task_id, spec.attempt).await;
+    }
     tracing::info!(state = ?ending.state, message = ending.message.as_deref(), "attempt ended");
     out.ended(ending).await;
 }
 
+/// The attempt from preparation to outputs; `made_container` is set once
+/// its container exists.
 async fn attempt(
     spec: &RunTask,
     ctx: &Context,
     out: &Reporter,
     cancel: &mut CancelSignal,
+    made_container: &mut bool,
 ) -> Ending {
     let (workspace, image) = tokio::select! {
         prepared = prepare(spec, ctx, out) => match prepared {
@@ -68,7 +78,7 @@ async fn attempt(
     if !spec.outputs.is_empty() {
         note_outputs(&workspace.dir, &spec.outputs).await;
     }
-    let ending = run_container(spec, ctx, out, cancel, code.path(), &image).await;
+    let ending = run_container(spec, ctx, out, cancel, code.path(), &image, made_container).await;
     upload_outputs(
         ctx,
         (spec.task_id, spec.attempt),
@@ -79,7 +89,8 @@ async fn attempt(
     .await
 }
 
-/// Creates, starts and follows the container until it ends, then removes it.
+/// Creates, starts and follows the container until it ends; it is kept,
+/// stopped, until the server has the attempt's end.
 async fn run_container(
     spec: &RunTask,
     ctx: &Context,
@@ -87,6 +98,7 @@ async fn run_container(
     cancel: &mut CancelSignal,
     code: &Path,
     image: &str,
+    made_container: &mut bool,
 ) -> Ending {
     let labels = HashMap::from([
         (docker::LABEL_TASK.to_owned(), spec.task_id.to_string()),
@@ -124,15 +136,12 @@ async fn run_container(
         Ok(created) => created,
         Err(e) => return Ending::failed(e),
     };
+    *made_container = true;
     let disk = DiskWatch {
         workspace: code.to_owned(),
         count_layer: !layer_limited,
     };
-    let ending = follow_container(spec, ctx, out, cancel, &id, disk).await;
-    if let Err(e) = docker::remove_container(&ctx.docker, &id).await {
-        tracing::warn!(container = %id, error = %e, "could not remove the container");
-    }
-    ending
+    follow_container(spec, ctx, out, cancel, &id, disk).await
 }
 
 /// Starts the container, streams its output, and waits for the first of:

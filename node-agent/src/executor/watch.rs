@@ -1,6 +1,12 @@
 //! Holding a started container to its limits: it runs until the first of
 //! its exit, a cancel, the time limit or a disk limit breach, and its
 //! output is drained before the ending is known.
+//!
+//! Before the agent stops a container it notes why in the attempt's
+//! directory, so a restart after the stop reports the cause. When the
+//! time limit comes, Docker's record of the container's end decides: one
+//! that ended within its limit (while nobody watched, or at the last
+//! moment) is reported as it ended, not as timed out.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -15,6 +21,7 @@ use super::cancel::CancelSignal;
 use super::context::Context;
 use super::output::pump_output;
 use super::report::{Ending, Reporter};
+use super::workspace::note_stop;
 
 /// How long to wait for the rest of the output once the container stopped.
 const LOG_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -60,13 +67,22 @@ pub(super) async fn watch(
     let ending = tokio::select! {
         exit = docker::wait_exit(&ctx.docker, id) => ended(exit, limits.memory_mb),
         grace = cancel.cancelled() => {
+            let ending = Ending::plain(ReportedState::Cancelled, None);
+            note_stop(ctx, out.key(), &ending).await;
             stop(ctx, id, grace).await;
-            Ending::plain(ReportedState::Cancelled, None)
+            ending
         }
         _ = sleep_or_forever(limits.left) => {
-            stop(ctx, id, ctx.timeout_grace).await;
-            let secs = limits.timeout_s.unwrap_or_default();
-            Ending::plain(ReportedState::TimedOut, Some(format!("stopped at the time limit of {secs} s")))
+            match ended_within(ctx, id, limits.timeout_s).await {
+                Some(exit) => ended(Ok(exit), limits.memory_mb),
+                None => {
+                    let secs = limits.timeout_s.unwrap_or_default();
+                    let ending = Ending::plain(ReportedState::TimedOut, Some(format!("stopped at the time limit of {secs} s")));
+                    note_stop(ctx, out.key(), &ending).await;
+                    stop(ctx, id, ctx.timeout_grace).await;
+                    ending
+                }
+            }
         }
         breach = disk::watch(
             ctx.docker.clone(),
@@ -76,8 +92,10 @@ pub(super) async fn watch(
             ctx.confinement.workspace,
         ) => {
             tracing::warn!(%breach, "stopping the container for its disk use");
+            let ending = Ending::failed(breach);
+            note_stop(ctx, out.key(), &ending).await;
             stop(ctx, id, ctx.timeout_grace).await;
-            Ending::failed(breach)
+            ending
         }
     };
     // The receiver is gone if the output reader already stopped.
@@ -88,6 +106,39 @@ pub(super) async fn watch(
         Err(_) => tracing::warn!("the container's output did not end; some may be missing"),
     }
     ending
+}
+
+/// How the container ended, if Docker recorded an end within
+/// `timeout_s` of its start.
+async fn ended_within(ctx: &Context, id: &str, timeout_s: Option<u64>) -> Option<Exit> {
+    let recorded = match docker::recorded_exit(&ctx.docker, id).await {
+        Ok(recorded) => recorded?,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot tell how the container ended");
+            return None;
+        }
+    };
+    let limit = Duration::from_secs(timeout_s?);
+    (recorded.ran_for < limit).then_some(recorded.exit)
+}
+
+/// The ending of a container found stopped after a restart, from Docker's
+/// record: within its time limit it is its exit; past it, it timed out.
+pub(super) fn recorded_ending(
+    recorded: docker::RecordedExit,
+    timeout_s: Option<u64>,
+    memory_mb: u64,
+) -> Ending {
+    match timeout_s {
+        Some(secs) if recorded.ran_for >= Duration::from_secs(secs) => Ending::plain(
+            ReportedState::TimedOut,
+            Some(format!(
+                "ran past the time limit of {secs} s while no agent watched (exit status {})",
+                recorded.exit.code
+            )),
+        ),
+        _ => ended(Ok(recorded.exit), memory_mb),
+    }
 }
 
 fn ended(exit: Result<Exit, DockerError>, memory_mb: u64) -> Ending {
@@ -156,5 +207,27 @@ mod tests {
             oom.message.as_deref(),
             Some("killed: out of memory (limit 64 MiB)")
         );
+    }
+
+    #[test]
+    fn a_recorded_exit_within_the_limit_is_the_ending_and_one_past_it_timed_out() {
+        let recorded = |secs, code| docker::RecordedExit {
+            exit: Exit {
+                code,
+                oom_killed: false,
+            },
+            ran_for: Duration::from_secs(secs),
+        };
+        let within = recorded_ending(recorded(2, 5), Some(10), 64);
+        assert_eq!(
+            (within.state, within.exit_code),
+            (ReportedState::Failed, Some(5))
+        );
+        let ok = recorded_ending(recorded(2, 0), Some(10), 64);
+        assert_eq!(ok.state, ReportedState::Succeeded);
+        let past = recorded_ending(recorded(11, 137), Some(10), 64);
+        assert_eq!(past.state, ReportedState::TimedOut);
+        let unlimited = recorded_ending(recorded(100_000, 1), None, 64);
+        assert_eq!(unlimited.exit_code, Some(1));
     }
 }

@@ -1,10 +1,19 @@
 //! An attempt's directory under `<work dir>/tasks`: made empty before the
-//! attempt, removed with everything in it afterwards.
+//! attempt, removed with everything in it once the server has the
+//! attempt's end ([`release`](super::release())). Beside the workspace the
+//! container sees, it holds the agent's notes on the attempt: its outputs,
+//! and why the agent stopped its container (cancel, time limit, disk), so
+//! an agent that restarts after the stop reports that cause rather than
+//! the exit status the stop caused.
 
 use crate::beneath::{blocking, PathError, Root};
 
 use super::context::Context;
 use super::prepare::PrepareError;
+use super::report::Ending;
+
+/// The note of why the agent stopped an attempt's container.
+const STOP_NOTE: &str = "stopped.json";
 
 /// The name of an attempt's directory under `<work dir>/tasks`.
 pub(super) fn attempt_dir(task_id: uuid::Uuid, attempt: u32) -> String {
@@ -58,5 +67,59 @@ pub(super) async fn remove_workspace(ctx: &Context, task_id: uuid::Uuid, attempt
     let name = attempt_dir(task_id, attempt);
     if let Err(e) = blocking(move || tasks.remove(&name)).await {
         tracing::warn!(error = %e, "could not remove the workspace");
+    }
+}
+
+/// Notes, durably, why the agent is about to stop the attempt's container.
+pub(super) async fn note_stop(
+    ctx: &Context,
+    (task_id, attempt): (uuid::Uuid, u32),
+    ending: &Ending,
+) {
+    let Ok(json) = serde_json::to_vec(ending) else {
+        return;
+    };
+    let written = match ctx.tasks.try_clone() {
+        Ok(tasks) => {
+            let name = attempt_dir(task_id, attempt);
+            blocking(move || {
+                tasks
+                    .sub_dir(&name, "the attempt's directory")?
+                    .write(STOP_NOTE, &json)
+            })
+            .await
+        }
+        Err(source) => Err(PathError::Io {
+            path: STOP_NOTE.into(),
+            source,
+        }),
+    };
+    if let Err(e) = written {
+        tracing::warn!(error = %e, "could not note why the container is stopped");
+    }
+}
+
+/// Why the agent stopped the attempt's container, if it noted it.
+pub(super) async fn noted_stop(
+    ctx: &Context,
+    (task_id, attempt): (uuid::Uuid, u32),
+) -> Option<Ending> {
+    let tasks = ctx.tasks.try_clone().ok()?;
+    let name = attempt_dir(task_id, attempt);
+    let read = blocking(move || {
+        tasks
+            .sub_dir(&name, "the attempt's directory")?
+            .read_small(STOP_NOTE)
+    })
+    .await;
+    match read {
+        Ok(json) => serde_json::from_slice(&json)
+            .inspect_err(|e| tracing::warn!(error = %e, "ignoring an unreadable stop note"))
+            .ok(),
+        Err(PathError::Missing { .. }) => None,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not read the stop note");
+            None
+        }
     }
 }

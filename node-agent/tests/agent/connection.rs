@@ -19,14 +19,14 @@ use uuid::Uuid;
 
 use crate::support::{self, context, env_repo, repo, spec};
 
-const TOKEN: &str = "node-token-for-tests";
-const WAIT: Duration = Duration::from_secs(15);
+pub(crate) const TOKEN: &str = "node-token-for-tests";
+pub(crate) const WAIT: Duration = Duration::from_secs(15);
 
-type Ws = WebSocketStream<TcpStream>;
+pub(crate) type Ws = WebSocketStream<TcpStream>;
 
 /// Accepts agents presenting [`TOKEN`] on [`protocol::PATH`] and hands each
 /// session to the test; answers 401 to anything else.
-async fn server() -> (SocketAddr, mpsc::Receiver<Ws>) {
+pub(crate) async fn server() -> (SocketAddr, mpsc::Receiver<Ws>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = mpsc::channel(8);
@@ -59,7 +59,7 @@ fn check_token(req: &Request, res: Response) -> Result<Response, ErrorResponse> 
     }
 }
 
-fn config(addr: SocketAddr, token: &str) -> Config {
+pub(crate) fn config(addr: SocketAddr, token: &str) -> Config {
     Config {
         server: format!("ws://{addr}"),
         token: Token::new(token),
@@ -76,7 +76,7 @@ fn config(addr: SocketAddr, token: &str) -> Config {
 }
 
 /// The next protocol message from the agent, skipping pings.
-async fn recv(ws: &mut Ws) -> AgentMessage {
+pub(crate) async fn recv(ws: &mut Ws) -> AgentMessage {
     loop {
         let frame = tokio::time::timeout(WAIT, ws.next())
             .await
@@ -90,7 +90,7 @@ async fn recv(ws: &mut Ws) -> AgentMessage {
 }
 
 /// The next status or log from the agent, skipping heartbeats and acks.
-async fn recv_report(ws: &mut Ws) -> AgentMessage {
+pub(crate) async fn recv_report(ws: &mut Ws) -> AgentMessage {
     loop {
         let message = recv(ws).await;
         if matches!(message, AgentMessage::Status(_) | AgentMessage::Log(_)) {
@@ -99,13 +99,13 @@ async fn recv_report(ws: &mut Ws) -> AgentMessage {
     }
 }
 
-async fn send(ws: &mut Ws, message: &ServerMessage) {
+pub(crate) async fn send(ws: &mut Ws, message: &ServerMessage) {
     ws.send(Message::text(protocol::encode(message)))
         .await
         .unwrap();
 }
 
-async fn next_session(sessions: &mut mpsc::Receiver<Ws>) -> Ws {
+pub(crate) async fn next_session(sessions: &mut mpsc::Receiver<Ws>) -> Ws {
     tokio::time::timeout(WAIT, sessions.recv())
         .await
         .expect("the agent did not connect")
@@ -113,7 +113,7 @@ async fn next_session(sessions: &mut mpsc::Receiver<Ws>) -> Ws {
 }
 
 /// Reads the hello and answers with a welcome.
-async fn welcome(ws: &mut Ws, heartbeat_s: u64) -> Hello {
+pub(crate) async fn welcome(ws: &mut Ws, heartbeat_s: u64) -> Hello {
     let AgentMessage::Hello(hello) = recv(ws).await else {
         panic!("the first message must be hello");
     };
@@ -130,7 +130,7 @@ fn status_report(task_id: Uuid, state: ReportedState) -> Report {
     Report::Status(StatusReport::new(task_id, 1, state))
 }
 
-fn report_id(message: &AgentMessage) -> u64 {
+pub(crate) fn report_id(message: &AgentMessage) -> u64 {
     match message {
         AgentMessage::Status(s) => s.id,
         AgentMessage::Log(l) => l.id,
@@ -138,7 +138,7 @@ fn report_id(message: &AgentMessage) -> u64 {
     }
 }
 
-async fn answer(ws: &mut Ws, id: u64, error: Option<&str>) {
+pub(crate) async fn answer(ws: &mut Ws, id: u64, error: Option<&str>) {
     let received = ServerMessage::Received {
         id,
         error: error.map(str::to_owned),
@@ -150,7 +150,7 @@ async fn answer(ws: &mut Ws, id: u64, error: Option<&str>) {
 async fn a_refused_token_makes_the_agent_stop_with_a_clear_message() {
     let (addr, _sessions) = server().await;
     let (ctx, _work) = context().await;
-    let agent = Agent::new(config(addr, "revoked-token"), ctx);
+    let agent = Agent::new(config(addr, "revoked-token"), ctx).unwrap();
     let refused = tokio::time::timeout(WAIT, agent.run())
         .await
         .expect("the agent must stop on 401");
@@ -166,7 +166,7 @@ async fn a_refused_token_makes_the_agent_stop_with_a_clear_message() {
 async fn the_agent_says_hello_heartbeats_and_acks_every_command() {
     let (addr, mut sessions) = server().await;
     let (ctx, _work) = context().await;
-    tokio::spawn(Agent::new(config(addr, TOKEN), ctx).run());
+    tokio::spawn(Agent::new(config(addr, TOKEN), ctx).unwrap().run());
     let mut ws = next_session(&mut sessions).await;
     let hello = welcome(&mut ws, 1).await;
     assert_eq!(hello.agent_version, env!("CARGO_PKG_VERSION"));
@@ -208,10 +208,40 @@ async fn the_agent_says_hello_heartbeats_and_acks_every_command() {
 }
 
 #[tokio::test]
+async fn a_rate_limited_agent_waits_the_time_the_server_names_before_it_connects_again() {
+    let (addr, mut sessions) = server().await;
+    let (ctx, _work) = context().await;
+    tokio::spawn(Agent::new(config(addr, TOKEN), ctx).unwrap().run());
+    let mut ws = next_session(&mut sessions).await;
+    let AgentMessage::Hello(_) = recv(&mut ws).await else {
+        panic!("the first message must be hello");
+    };
+    let refusal = ServerMessage::Error {
+        code: "rate_limited".into(),
+        message: "this node connected too often; connect again in 2 s".into(),
+    };
+    send(&mut ws, &refusal).await;
+    let refused = std::time::Instant::now();
+    drop(ws);
+    // Its reconnect delays are at most 200 ms; the server said 2 s.
+    let mut ws = next_session(&mut sessions).await;
+    let waited = refused.elapsed();
+    assert!(
+        waited >= Duration::from_secs(2),
+        "came back after {waited:?}"
+    );
+    assert!(
+        waited < Duration::from_secs(10),
+        "came back after {waited:?}"
+    );
+    welcome(&mut ws, 30).await;
+}
+
+#[tokio::test]
 async fn unanswered_reports_are_resent_in_order_after_a_reconnect() {
     let (addr, mut sessions) = server().await;
     let (ctx, _work) = context().await;
-    let agent = Agent::new(config(addr, TOKEN), ctx);
+    let agent = Agent::new(config(addr, TOKEN), ctx).unwrap();
     let reports = agent.reports();
     let task = Uuid::new_v4();
     for state in [
@@ -272,7 +302,11 @@ async fn a_run_task_command_runs_and_survives_a_reconnect() {
     support::base_image().await;
     let (addr, mut sessions) = server().await;
     let (ctx, _work) = context().await;
-    tokio::spawn(Agent::new(config(addr, TOKEN), Arc::clone(&ctx)).run());
+    tokio::spawn(
+        Agent::new(config(addr, TOKEN), Arc::clone(&ctx))
+            .unwrap()
+            .run(),
+    );
     let (code, env) = (repo(&[("a", "a")]), env_repo(""));
     let spec = spec(&code, &env, "echo start; sleep 3; echo done");
     let command_id = protocol::command_id("run_task", spec.task_id, spec.attempt);

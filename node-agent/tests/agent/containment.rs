@@ -49,7 +49,7 @@ async fn confined(confinement: Confinement) -> (Arc<Context>, tempfile::TempDir)
 async fn run(ctx: &Arc<Context>, spec: RunTask) -> Vec<Report> {
     let (_canceller, signal) = executor::cancel_pair();
     let (tx, mut rx) = mpsc::channel(256);
-    let run = executor::run(spec, Arc::clone(ctx), tx, signal);
+    let run = executor::run(spec.clone(), Arc::clone(ctx), tx, signal);
     tokio::time::timeout(Duration::from_secs(300), run)
         .await
         .expect("the attempt did not end within 5 minutes");
@@ -57,6 +57,7 @@ async fn run(ctx: &Arc<Context>, spec: RunTask) -> Vec<Report> {
     while let Some(report) = rx.recv().await {
         reports.push(report);
     }
+    support::release(ctx, &spec).await;
     reports
 }
 
@@ -533,6 +534,7 @@ async fn an_adopted_container_is_still_held_to_the_workspace_limit() {
         message.starts_with("the task's workspace grew past its limit of 5 MiB ("),
         "{message}"
     );
+    support::release(&again, &task).await;
     support::remove_env_image(&again, &env).await;
 }
 
@@ -601,12 +603,8 @@ async fn the_container_is_created_with_the_nodes_confinement() {
     let (code, env) = (repo(&[("a", "a")]), env_repo(""));
     let (canceller, signal) = executor::cancel_pair();
     let (tx, mut rx) = mpsc::channel(64);
-    let handle = tokio::spawn(executor::run(
-        spec(&code, &env, "sleep 300"),
-        Arc::clone(&ctx),
-        tx,
-        signal,
-    ));
+    let task = spec(&code, &env, "sleep 300");
+    let handle = tokio::spawn(executor::run(task.clone(), Arc::clone(&ctx), tx, signal));
     let id = loop {
         let report = tokio::time::timeout(Duration::from_secs(120), rx.recv())
             .await
@@ -624,6 +622,7 @@ async fn the_container_is_created_with_the_nodes_confinement() {
     let inspected = ctx.docker().inspect_container(&id, None).await.unwrap();
     canceller.cancel(Duration::from_secs(0));
     handle.await.unwrap();
+    support::release(&ctx, &task).await;
     let host = inspected.host_config.unwrap();
     assert_eq!(host.pids_limit, Some(99));
     assert_eq!(host.privileged, Some(false));

@@ -185,6 +185,13 @@ async fn a_restarted_agent_adopts_its_containers_and_reports_their_end() {
     assert_eq!(output(short_reports), "done\n");
     let end = last_status(short_reports);
     assert_eq!((end.state, end.exit_code), (ReportedState::Failed, Some(4)));
+    // Stopped, they stay until the server has their ends.
+    for id in &ids {
+        let state = again.docker().inspect_container(id, None).await.unwrap();
+        assert_eq!(state.state.unwrap().running, Some(false));
+    }
+    support::release(&again, &long).await;
+    support::release(&again, &short).await;
     for id in &ids {
         assert!(
             again.docker().inspect_container(id, None).await.is_err(),
@@ -195,63 +202,92 @@ async fn a_restarted_agent_adopts_its_containers_and_reports_their_end() {
     support::remove_env_image(&again, &env).await;
 }
 
-#[tokio::test]
-async fn an_adopted_container_that_ended_before_its_time_limit_reports_its_real_exit() {
-    support::base_image().await;
-    let (ctx, work) = context().await;
-    let (code, env) = (repo(&[("a", "a")]), env_repo(""));
-    let mut quick = spec(&code, &env, "echo done");
-    quick.timeout_s = Some(1);
-    let (_canceller, signal) = executor::cancel_pair();
-    let (tx, mut rx) = mpsc::channel(64);
-    let handle = tokio::spawn(executor::run(quick.clone(), Arc::clone(&ctx), tx, signal));
-    let id = until_running(&mut rx).await;
-    // The agent dies; the container ends by itself well within its limit.
-    handle.abort();
-    let docker = support::docker().await;
-    let started = support::eventually("the container to exit", Duration::from_secs(60), || async {
-        let state = docker
-            .inspect_container(&id, None)
-            .await
-            .unwrap()
-            .state
-            .unwrap_or_default();
-        (state.running != Some(true)).then(|| state.started_at.unwrap_or_default())
-    })
-    .await;
-    // The new agent comes after the limit has passed since the start, as
-    // one restarted after a crash does.
-    let started = chrono::DateTime::parse_from_rfc3339(&started).unwrap();
-    let past_limit = started + chrono::Duration::milliseconds(2500);
-    let wait = (past_limit.with_timezone(&chrono::Utc) - chrono::Utc::now())
-        .to_std()
-        .unwrap_or_default();
-    tokio::time::sleep(wait).await;
-
+/// A new agent process on `work`: a fresh context and supervisor, which
+/// adopts what the previous one left.
+async fn restarted(work: &Path) -> (Arc<Context>, Supervisor, mpsc::Receiver<Report>) {
     let again = Arc::new(
-        Context::new(support::docker().await, work.path())
+        Context::new(support::docker().await, work)
             .unwrap()
             .with_timeout_grace(Duration::from_secs(1)),
     );
-    let (tx, mut rx) = mpsc::channel(256);
+    let (tx, rx) = mpsc::channel(256);
     let supervisor = Supervisor::new(Arc::clone(&again), tx);
     supervisor.adopt_leftovers().await;
-    let mut reports = Vec::new();
-    while !matches!(reports.last(), Some(Report::Status(s)) if s.is_final()) {
-        let report = tokio::time::timeout(Duration::from_secs(60), rx.recv())
-            .await
-            .expect("the adopted attempt did not end")
-            .unwrap();
-        reports.push(report);
-    }
+    (again, supervisor, rx)
+}
+
+#[tokio::test]
+async fn an_adopted_container_that_ended_within_its_limit_reports_its_exit_however_late() {
+    support::base_image().await;
+    let (ctx, work) = context().await;
+    let (code, env) = (repo(&[("a", "a")]), env_repo(""));
+    let mut task = spec(&code, &env, "echo hi; sleep 1; exit 5");
+    task.timeout_s = Some(3);
+    let (_canceller, signal) = executor::cancel_pair();
+    let (tx, mut rx) = mpsc::channel(64);
+    let handle = tokio::spawn(executor::run(task.clone(), Arc::clone(&ctx), tx, signal));
+    let id = until_running(&mut rx).await;
+    handle.abort();
+    // It ends within its limit while no agent runs; the next agent comes
+    // after the limit has passed.
+    let docker = support::docker().await;
+    support::eventually(
+        "the container to end and its time limit to pass",
+        Duration::from_secs(60),
+        || async {
+            let state = docker
+                .inspect_container(&id, None)
+                .await
+                .unwrap()
+                .state
+                .unwrap_or_default();
+            let started =
+                chrono::DateTime::parse_from_rfc3339(state.started_at.as_deref()?).ok()?;
+            let since = chrono::Utc::now() - started.with_timezone(&chrono::Utc);
+            (state.running == Some(false) && since > chrono::Duration::seconds(4)).then_some(())
+        },
+    )
+    .await;
+    let (again, _supervisor, mut rx) = restarted(work.path()).await;
+    let reports = until_final(&mut rx, Duration::from_secs(60)).await;
     let end = last_status(&reports);
     assert_eq!(
         (end.state, end.exit_code),
-        (ReportedState::Succeeded, None),
-        "the recorded exit, not a time limit counted from now: {:?}",
-        end.message
+        (ReportedState::Failed, Some(5)),
+        "{reports:?}"
     );
-    assert_eq!(output(&reports), "done\n");
+    assert_eq!(output(&reports), "hi\n");
+    support::release(&again, &task).await;
+    support::remove_env_image(&again, &env).await;
+}
+
+#[tokio::test]
+async fn an_agent_restarted_after_it_stopped_a_container_reports_why_it_stopped_it() {
+    support::base_image().await;
+    let (ctx, work) = context().await;
+    let (code, env) = (repo(&[("a", "a")]), env_repo(""));
+    let mut task = spec(&code, &env, "echo started; sleep 300");
+    task.timeout_s = Some(2);
+    let (_canceller, signal) = executor::cancel_pair();
+    let (tx, mut rx) = mpsc::channel(64);
+    executor::run(task.clone(), Arc::clone(&ctx), tx, signal).await;
+    let first = last_status(&until_final(&mut rx, Duration::from_secs(60)).await);
+    assert_eq!(first.state, ReportedState::TimedOut);
+    // The agent dies before its report is stored: the stopped container
+    // (exit status 137 or 143) is all the next one finds.
+    let (again, _supervisor, mut rx) = restarted(work.path()).await;
+    let reports = until_final(&mut rx, Duration::from_secs(60)).await;
+    let end = last_status(&reports);
+    assert_eq!(
+        (end.state, end.exit_code, end.message.as_deref()),
+        (
+            ReportedState::TimedOut,
+            None,
+            Some("stopped at the time limit of 2 s")
+        ),
+        "{reports:?}"
+    );
+    support::release(&again, &task).await;
     support::remove_env_image(&again, &env).await;
 }
 
@@ -269,7 +305,7 @@ async fn a_task_cannot_see_another_tasks_workspace() {
         &env,
         "echo hidden > /workspace/secret-of-theirs.txt; sleep 300",
     );
-    let handle = tokio::spawn(executor::run(other, Arc::clone(&ctx), tx, signal));
+    let handle = tokio::spawn(executor::run(other.clone(), Arc::clone(&ctx), tx, signal));
     until_running(&mut rx).await;
     let (_c, signal) = executor::cancel_pair();
     let (tx, mut looking) = mpsc::channel(256);
@@ -278,10 +314,12 @@ async fn a_task_cannot_see_another_tasks_workspace() {
         &env,
         "find / -name 'secret-of-*' -o -name 'theirs.txt' 2>/dev/null; ls /workspace; ls /workspace/..",
     );
-    executor::run(probe, Arc::clone(&ctx), tx, signal).await;
+    executor::run(probe.clone(), Arc::clone(&ctx), tx, signal).await;
     let reports = until_final(&mut looking, Duration::from_secs(60)).await;
     canceller.cancel(Duration::from_secs(0));
     handle.await.unwrap();
+    support::release(&ctx, &probe).await;
+    support::release(&ctx, &other).await;
     let seen = output(&reports);
     assert!(!seen.contains("secret-of-theirs"), "{seen}");
     assert!(!seen.contains("theirs.txt"), "{seen}");
@@ -397,13 +435,9 @@ async fn a_full_disk_fails_the_task_with_a_clear_reason_and_the_agent_goes_on() 
     let small = repo(&[("a", "a")]);
     let (_c, signal) = executor::cancel_pair();
     let (tx, mut rx) = mpsc::channel(64);
-    executor::run(
-        spec(&small, &env, "cat /workspace/a"),
-        Arc::clone(&ctx),
-        tx,
-        signal,
-    )
-    .await;
+    let task = spec(&small, &env, "cat /workspace/a");
+    executor::run(task.clone(), Arc::clone(&ctx), tx, signal).await;
+    support::release(&ctx, &task).await;
     let reports = until_final(&mut rx, Duration::from_secs(120)).await;
     assert_eq!(
         last_status(&reports).state,

@@ -10,8 +10,9 @@ use tokio::task::JoinHandle;
 
 use crate::support::{self, context, env_repo, output, repo, spec, statuses, tag_of};
 
-/// Runs an attempt to its end and returns every report.
-async fn run(ctx: &Arc<Context>, spec: RunTask) -> Vec<Report> {
+/// Runs an attempt to its end and returns every report; its container and
+/// directory are kept, as until the server has the attempt's end.
+async fn run_kept(ctx: &Arc<Context>, spec: RunTask) -> Vec<Report> {
     let (_canceller, signal) = executor::cancel_pair();
     let (tx, mut rx) = mpsc::channel(64);
     executor::run(spec, Arc::clone(ctx), tx, signal).await;
@@ -19,6 +20,14 @@ async fn run(ctx: &Arc<Context>, spec: RunTask) -> Vec<Report> {
     while let Some(report) = rx.recv().await {
         reports.push(report);
     }
+    reports
+}
+
+/// Runs an attempt to its end, releases what it left, and returns every
+/// report.
+async fn run(ctx: &Arc<Context>, spec: RunTask) -> Vec<Report> {
+    let reports = run_kept(ctx, spec.clone()).await;
+    support::release(ctx, &spec).await;
     reports
 }
 
@@ -98,7 +107,7 @@ async fn a_task_that_prints_and_exits_0_succeeds_with_its_output_in_order() {
         "cat /workspace/hello.txt; echo out; echo err >&2; cat /built.txt; echo \"$GREETING\"",
     );
     spec.env.insert("GREETING".into(), "hi there".into());
-    let reports = run(&ctx, spec.clone()).await;
+    let reports = run_kept(&ctx, spec.clone()).await;
 
     let stage = |s: &str| (ReportedState::Preparing, Some(s.to_owned()));
     assert_eq!(
@@ -145,13 +154,30 @@ async fn a_task_that_prints_and_exits_0_succeeds_with_its_output_in_order() {
         matches!(reports.last(), Some(Report::Status(s)) if s.state == ReportedState::Succeeded),
         "all output comes before the final state"
     );
-    assert_container_gone(&ctx, &container).await;
+    // Until the server has the end, the stopped container keeps Docker's
+    // record of it, and the directory stays.
+    let kept = ctx
+        .docker()
+        .inspect_container(&container, None)
+        .await
+        .unwrap()
+        .state
+        .unwrap();
+    assert_eq!((kept.running, kept.exit_code), (Some(false), Some(0)));
     let tasks = work.path().join("tasks");
+    assert_eq!(std::fs::read_dir(&tasks).unwrap().count(), 1);
+    executor::release(&ctx, spec.task_id, spec.attempt)
+        .await
+        .unwrap();
+    assert_container_gone(&ctx, &container).await;
     assert_eq!(
         std::fs::read_dir(tasks).unwrap().count(),
         0,
         "workspace removed"
     );
+    executor::release(&ctx, spec.task_id, spec.attempt)
+        .await
+        .expect("releasing twice is fine");
     // The same task again: code and image come from the node's caches.
     let mut again = spec.clone();
     again.attempt += 1;
@@ -298,7 +324,13 @@ async fn cancelling_a_running_task_stops_it_within_seconds() {
     );
     assert_eq!(end.exit_code, None);
     attempt.handle.await.unwrap();
-    assert_container_gone(&ctx, &running.container.unwrap()).await;
+    let id = running.container.unwrap();
+    let stopped = ctx.docker().inspect_container(&id, None).await.unwrap();
+    assert_eq!(stopped.state.unwrap().running, Some(false));
+    executor::release(&ctx, end.task_id, end.attempt)
+        .await
+        .unwrap();
+    assert_container_gone(&ctx, &id).await;
     support::remove_env_image(&ctx, &env).await;
 }
 
@@ -351,6 +383,7 @@ async fn the_container_has_the_limits_labels_and_workspace_mount() {
         .until(ReportedState::Cancelled, Duration::from_secs(15))
         .await;
     attempt.handle.await.unwrap();
+    support::release(&ctx, &spec).await;
     assert_container_gone(&ctx, &id).await;
     support::remove_env_image(&ctx, &env).await;
 }

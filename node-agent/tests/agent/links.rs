@@ -82,7 +82,8 @@ async fn run(ctx: &Arc<Context>, spec: RunTask) -> Vec<Report> {
         }
         reports
     });
-    executor::run(spec, Arc::clone(ctx), tx, signal).await;
+    executor::run(spec.clone(), Arc::clone(ctx), tx, signal).await;
+    support::release(ctx, &spec).await;
     collect.await.unwrap()
 }
 

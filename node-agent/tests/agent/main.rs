@@ -13,4 +13,5 @@ mod containment;
 mod depth;
 mod executor;
 mod links;
+mod restart;
 mod support;

@@ -220,6 +220,14 @@ pub fn output(reports: &[Report]) -> String {
     text
 }
 
+/// Removes what an attempt left on the node (its container and its
+/// directory), as the agent does once the server has the attempt's end.
+pub async fn release(ctx: &Context, spec: &RunTask) {
+    node_agent::executor::release(ctx, spec.task_id, spec.attempt)
+        .await
+        .unwrap();
+}
+
 /// Removes the image built from `env`'s `Dockerfile`, so tests leave no
 /// images behind.
 pub async fn remove_env_image(ctx: &Context, env: &Repo) {
