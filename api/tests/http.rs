@@ -1437,6 +1437,22 @@ async fn health_and_readiness_answer_in_json() {
 }
 
 #[tokio::test]
+async fn users_see_the_server_version_and_the_agent_protocols_it_accepts() {
+    let app = start().await;
+    app.get("/api/v1/version", "udu~not-a-token")
+        .await
+        .expect(401);
+    let version = app.get("/api/v1/version", &app.admin).await;
+    let version = version.expect(200);
+    assert_eq!(version["server"], env!("CARGO_PKG_VERSION"));
+    let (oldest, newest) = (
+        version["agent_protocol"]["oldest"].as_u64().unwrap(),
+        version["agent_protocol"]["newest"].as_u64().unwrap(),
+    );
+    assert!(oldest >= 1 && oldest <= newest, "{version}");
+}
+
+#[tokio::test]
 async fn unknown_routes_and_methods_answer_in_the_json_envelope() {
     let app = start().await;
     let missing = app.get("/api/v1/nothing-here", &app.admin).await;
@@ -1493,6 +1509,7 @@ const EXPECTED_ROUTES: &[(&str, &str)] = &[
     ("get", "/api/v1/event-types"),
     ("get", "/api/v1/timeline"),
     ("get", "/api/v1/timeline/stream"),
+    ("get", "/api/v1/version"),
 ];
 
 #[tokio::test]

@@ -451,6 +451,14 @@ impl Link {
         let heartbeat_s = match tokio::time::timeout(WELCOME_TIMEOUT, welcome(&mut stream)).await {
             Ok(Ok(heartbeat_s)) => heartbeat_s,
             Ok(Err(end)) => {
+                if matches!(&end, SessionEnd::ServerError { code, .. } if code == "protocol_version")
+                {
+                    tracing::error!(
+                        agent_protocol = protocol::VERSION,
+                        "the server does not accept this agent's protocol version: \
+                         upgrade this agent (or, if it is newer than the server, the server first)"
+                    );
+                }
                 let retry_after = end.retry_after();
                 tracing::warn!(reason = %end, retry_after_s = retry_after.map(|d| d.as_secs()), "session ended before welcome");
                 return Ended {
@@ -601,7 +609,7 @@ impl Link {
         text: &str,
         sink: &mut (impl SinkExt<Message, Error = WsError> + Unpin),
     ) -> Result<(), SessionEnd> {
-        let message = match protocol::decode::<ServerMessage>(text) {
+        let message = match protocol::decode_newer::<ServerMessage>(text) {
             Ok(message) => message,
             Err(e) => {
                 tracing::warn!(code = e.code(), error = %e, "ignoring a frame this agent cannot read");
@@ -738,22 +746,23 @@ async fn welcome(
 ) -> Result<u64, SessionEnd> {
     loop {
         match stream.next().await {
-            Some(Ok(Message::Text(text))) => match protocol::decode::<ServerMessage>(text.as_str())
-            {
-                Ok(ServerMessage::Welcome {
-                    node_id,
-                    session,
-                    heartbeat_s,
-                }) => {
-                    tracing::info!(%node_id, %session, heartbeat_s, "connected");
-                    return Ok(heartbeat_s);
+            Some(Ok(Message::Text(text))) => {
+                match protocol::decode_newer::<ServerMessage>(text.as_str()) {
+                    Ok(ServerMessage::Welcome {
+                        node_id,
+                        session,
+                        heartbeat_s,
+                    }) => {
+                        tracing::info!(%node_id, %session, heartbeat_s, "connected");
+                        return Ok(heartbeat_s);
+                    }
+                    Ok(ServerMessage::Error { code, message }) => {
+                        return Err(SessionEnd::ServerError { code, message })
+                    }
+                    Ok(other) => tracing::debug!(?other, "ignoring a message before welcome"),
+                    Err(e) => tracing::warn!(error = %e, "ignoring a frame this agent cannot read"),
                 }
-                Ok(ServerMessage::Error { code, message }) => {
-                    return Err(SessionEnd::ServerError { code, message })
-                }
-                Ok(other) => tracing::debug!(?other, "ignoring a message before welcome"),
-                Err(e) => tracing::warn!(error = %e, "ignoring a frame this agent cannot read"),
-            },
+            }
             Some(Ok(Message::Close(close))) => {
                 return Err(SessionEnd::Closed(
                     close

@@ -36,8 +36,23 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-/// The protocol version this build speaks.
+/// The protocol version this build speaks: the `protocol` of every frame
+/// it writes.
 pub const VERSION: u32 = 1;
+
+/// The oldest protocol version this build still reads. The server accepts
+/// agents whose frames carry a version from `OLDEST_VERSION` to
+/// [`VERSION`] (refusing others with `protocol_version`, naming the range),
+/// so agents can be upgraded one by one after the server.
+///
+/// Within that range the protocol only grows: a new version may add
+/// optional fields (absent ones read as their default) and new messages,
+/// and the server sends a new message only to agents whose hello says they
+/// speak it. A change an older agent could not read raises
+/// `OLDEST_VERSION`. An agent reads frames of any version from
+/// `OLDEST_VERSION` up, newer ones included ([`decode_newer`]), since the
+/// server is upgraded first.
+pub const OLDEST_VERSION: u32 = 1;
 
 /// The WebSocket path on the server.
 pub const PATH: &str = "/agent/v1/ws";
@@ -571,8 +586,10 @@ pub enum DecodeError {
     /// Larger than [`MAX_FRAME_BYTES`].
     #[error("frame of {0} bytes is larger than the limit of {MAX_FRAME_BYTES}")]
     TooLarge(usize),
-    /// Written for another protocol version.
-    #[error("protocol version {0} is not supported (this side speaks {VERSION})")]
+    /// Written for a protocol version outside what this side reads.
+    #[error(
+        "protocol version {0} is not supported: this side reads versions {OLDEST_VERSION} to {VERSION}"
+    )]
     Version(u32),
     /// Not JSON, a `type` this side does not know, or a missing field. The
     /// parser's text, made one line of at most [`MAX_DECODE_ERROR_BYTES`]
@@ -609,11 +626,28 @@ pub fn encode<M: Serialize>(message: &M) -> String {
     .unwrap_or_default()
 }
 
-/// Decodes a frame, checking its size and version.
+/// Decodes a frame, checking its size and that its version is one this
+/// side reads ([`OLDEST_VERSION`] to [`VERSION`]): how the server reads
+/// agents.
 ///
 /// # Errors
 /// A [`DecodeError`] saying what is wrong with the frame.
 pub fn decode<M: for<'de> Deserialize<'de>>(text: &str) -> Result<M, DecodeError> {
+    decode_within(text, VERSION)
+}
+
+/// Decodes a frame like [`decode`], but also one of a newer version than
+/// this side's: how an agent reads a server that was upgraded before it
+/// (see [`OLDEST_VERSION`]).
+///
+/// # Errors
+/// A [`DecodeError`] saying what is wrong with the frame.
+pub fn decode_newer<M: for<'de> Deserialize<'de>>(text: &str) -> Result<M, DecodeError> {
+    decode_within(text, u32::MAX)
+}
+
+/// Decodes a frame of a version from [`OLDEST_VERSION`] to `newest`.
+fn decode_within<M: for<'de> Deserialize<'de>>(text: &str, newest: u32) -> Result<M, DecodeError> {
     if text.len() > MAX_FRAME_BYTES {
         return Err(DecodeError::TooLarge(text.len()));
     }
@@ -626,7 +660,7 @@ pub fn decode<M: for<'de> Deserialize<'de>>(text: &str) -> Result<M, DecodeError
     };
     let v: Version = serde_json::from_str(text).map_err(malformed)?;
     match v.protocol {
-        Some(VERSION) => {}
+        Some(v) if (OLDEST_VERSION..=newest).contains(&v) => {}
         Some(other) => return Err(DecodeError::Version(other)),
         None => return Err(DecodeError::Malformed("missing field `protocol`".into())),
     }
@@ -748,11 +782,38 @@ mod tests {
     }
 
     #[test]
+    fn an_agent_reads_a_newer_server_and_ignores_what_it_added() {
+        let newer = r#"{"protocol":2,"type":"received","id":7,"since_v2":"ignored"}"#;
+        assert_eq!(
+            decode_newer::<ServerMessage>(newer).unwrap(),
+            ServerMessage::Received { id: 7, error: None }
+        );
+        assert_eq!(
+            decode::<ServerMessage>(newer).unwrap_err().code(),
+            "protocol_version",
+            "the server side refuses versions past its own"
+        );
+        assert_eq!(
+            decode_newer::<ServerMessage>(r#"{"protocol":0,"type":"received","id":7}"#)
+                .unwrap_err()
+                .code(),
+            "protocol_version"
+        );
+    }
+
+    #[test]
     fn bad_frames_are_named() {
         let unknown = decode::<AgentMessage>(r#"{"protocol":1,"type":"launch_missiles"}"#);
         assert_eq!(unknown.unwrap_err().code(), "unknown_type");
         let version = decode::<AgentMessage>(r#"{"protocol":9,"type":"heartbeat","seq":1}"#);
-        assert_eq!(version.unwrap_err().code(), "protocol_version");
+        let version = version.unwrap_err();
+        assert_eq!(version.code(), "protocol_version");
+        assert!(
+            version.to_string().contains("reads versions 1 to 1"),
+            "the refusal names the range: {version}"
+        );
+        let older = decode::<AgentMessage>(r#"{"protocol":0,"type":"heartbeat","seq":1}"#);
+        assert_eq!(older.unwrap_err().code(), "protocol_version");
         assert_eq!(
             decode::<AgentMessage>("not json").unwrap_err().code(),
             "bad_frame"

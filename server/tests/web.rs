@@ -453,7 +453,7 @@ async fn a_node_page_shows_what_its_agent_claims_apart_from_what_counts() {
     let at = Utc::now();
     let connect = NodeCommand::Connect {
         session: Uuid::now_v7(),
-        agent_version: "0.1.0".into(),
+        agent_version: "0.9.7-wsl".into(),
         resources: NodeResources {
             cpus: 32.0,
             memory_mb: 4096,
@@ -471,6 +471,24 @@ async fn a_node_page_shows_what_its_agent_claims_apart_from_what_counts() {
     let b = Browser::start().await.unwrap();
     b.client.goto(&server.base).await.unwrap();
     sign_in(&b, &server.admin).await;
+    // The dashboard lists each node's agent version, and every page says
+    // which server answers.
+    let row = format!("tr[data-node-id=\"{id}\"]");
+    testkit::eventually("the node's agent version in its row", PATIENCE, || async {
+        let shown = match b.client.find(Locator::Css(&row)).await {
+            Ok(element) => element.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        };
+        shown.contains("0.9.7-wsl").then_some(())
+    })
+    .await;
+    testkit::eventually("the server's version in the footer", PATIENCE, || async {
+        let shown = text(&b, "#server-version").await;
+        shown
+            .contains(&format!("server {}", env!("CARGO_PKG_VERSION")))
+            .then_some(())
+    })
+    .await;
     b.client
         .goto(&format!("{}/#/nodes/{id}", server.base))
         .await

@@ -11,6 +11,7 @@ pub mod project;
 pub mod task;
 pub mod timeline;
 pub mod user;
+pub mod version;
 
 use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
@@ -31,6 +32,7 @@ pub fn all() -> OpenApiRouter<AppState> {
         .merge(object::router())
         .merge(artifact::router())
         .merge(timeline::router())
+        .merge(version::router())
         .merge(openapi::router());
     let mut all = OpenApiRouter::with_openapi(crate::openapi::ApiDoc::openapi())
         .merge(health::router())

@@ -112,13 +112,14 @@ export function renderNodes(panel, nodes, active) {
       h('td', {}, gpus),
       h('td', {}, work || h('span', { class: 'faint' }, 'idle')),
       h('td', {}, h('div', { class: 'labels' }, Object.entries(n.labels).map(([k, v]) => h('span', { class: 'label' }, `${k}=${v}`)))),
+      h('td', { class: 'mono' }, n.agent_version || '—'),
       h('td', {}, when(n.updated_at)));
   });
   panel.replaceChildren(
     h('h2', { id: 'nodes-title' }, 'Nodes', h('span', { class: 'count' }, nodes.length)),
     rows.length
       ? h('div', { class: 'table-wrap' }, h('table', {},
-        h('thead', {}, h('tr', {}, ['Node', 'Status', 'CPUs', 'Memory', 'GPUs', 'Tasks', 'Labels', 'Changed'].map((t, i) => h('th', { class: i === 2 || i === 3 ? 'num' : null, scope: 'col' }, t)))),
+        h('thead', {}, h('tr', {}, ['Node', 'Status', 'CPUs', 'Memory', 'GPUs', 'Tasks', 'Labels', 'Agent', 'Changed'].map((t, i) => h('th', { class: i === 2 || i === 3 ? 'num' : null, scope: 'col' }, t)))),
         h('tbody', {}, rows)))
       : h('p', { class: 'empty' }, 'No nodes yet. An admin adds one with unidesk node add <name>.'));
 }

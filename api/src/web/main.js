@@ -88,6 +88,11 @@ export async function signIn(token, remember) {
   );
   $('#nav').hidden = false;
   $('#who').hidden = false;
+  // Which server answers, for operators upgrading it and its agents; the
+  // page works the same without it.
+  api('/version').then((v) => {
+    $('#server-version').textContent = `server ${v.server} · agent protocol ${v.agent_protocol.oldest}–${v.agent_protocol.newest}`;
+  }).catch(() => {});
 }
 // ---------------------------------------------------------------- start
 
