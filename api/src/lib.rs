@@ -108,6 +108,7 @@ pub struct AppState {
     stream_slots: StreamSlots,
     limit_counters: Arc<limits::LimitCounters>,
     health: Arc<health::HealthChecks>,
+    secrets_key: Option<store::secrets::SecretsKey>,
 }
 
 impl AppState {
@@ -125,6 +126,7 @@ impl AppState {
                 store.pool().clone(),
                 config.health,
             )),
+            secrets_key: None,
             store,
             config: Arc::new(config),
         }
@@ -159,6 +161,25 @@ impl AppState {
         self.objects = objects;
         self.part_bytes = part_bytes.max(objects::MIN_PART_BYTES);
         self
+    }
+
+    /// The same state sealing project secrets with `key`. Without a key,
+    /// secrets cannot be set (409 naming `--secrets-key-file`).
+    pub fn with_secrets_key(mut self, key: Option<store::secrets::SecretsKey>) -> Self {
+        self.secrets_key = key;
+        self
+    }
+
+    /// The key that seals project secrets.
+    ///
+    /// # Errors
+    /// 409 when the server has none.
+    pub fn secrets_key(&self) -> Result<&store::secrets::SecretsKey, ApiError> {
+        self.secrets_key.as_ref().ok_or_else(|| {
+            ApiError::conflict(
+                "this server has no secrets key: start it with --secrets-key-file to keep project secrets",
+            )
+        })
     }
 
     /// The object store.

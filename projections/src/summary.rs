@@ -337,6 +337,16 @@ pub fn project(e: &ProjectEvent) -> String {
             Some(n) => format!("{by} limited the project to {n} running tasks"),
             None => format!("{by} removed the project's running-task limit"),
         },
+        ProjectEvent::SecretSet {
+            name,
+            version: 1,
+            by,
+            ..
+        } => format!("{by} set secret {name}"),
+        ProjectEvent::SecretSet {
+            name, version, by, ..
+        } => format!("{by} rotated secret {name} (version {version})"),
+        ProjectEvent::SecretDeleted { name, by, .. } => format!("{by} deleted secret {name}"),
         ProjectEvent::Archived { by, .. } => format!("{by} archived the project"),
     }
 }

@@ -239,6 +239,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             let mut server = args.server.clone();
             server.objects = crate::objects::connect(&server.s3).await?;
+            if let Some(file) = &server.secrets_key_file {
+                let key = store::secrets::SecretsKey::load(file)?;
+                tracing::info!(key_id = key.id(), "project secrets sealed with this key");
+                server.secrets_key = Some(key);
+            }
             let services = roles::start(store, listener, &args.roles, &server)?;
             tracing::info!(listen = %args.listen, roles = ?args.roles, "serving");
             roles::shutdown_signal().await;

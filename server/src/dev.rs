@@ -307,7 +307,9 @@ async fn serve(args: &DevArgs, listener: tokio::net::TcpListener, url: &str) -> 
     })
     .await?;
     let objects_endpoint = objects.public_url();
+    let secrets_key = store::secrets::SecretsKey::create(&args.dir.join("secrets.key"))?;
     let server = ServerArgs {
+        secrets_key: Some(secrets_key),
         allow_file_urls: !args.no_file_urls,
         users_create_projects: args.users_create_projects,
         poll_ms: args.poll_ms,

@@ -115,6 +115,16 @@ pub struct ServerArgs {
     /// of `dev`); `None` without one.
     #[arg(skip)]
     pub objects: Option<objects::ObjectStore>,
+    /// The file holding the key that seals project secrets (64 hex digits;
+    /// `unidesk dev` makes one). The API needs it to set secrets, the
+    /// ingress to hand them to running tasks; without it, projects have no
+    /// secrets.
+    #[arg(long, env = "UNIDESK_SECRETS_KEY_FILE")]
+    pub secrets_key_file: Option<std::path::PathBuf>,
+    /// The key itself, once read from `secrets_key_file` (or made by
+    /// `dev`).
+    #[arg(skip)]
+    pub secrets_key: Option<store::secrets::SecretsKey>,
 }
 
 impl ServerArgs {
@@ -144,6 +154,8 @@ impl ServerArgs {
             stall_warn_s: 30,
             s3: crate::objects::S3Args::defaults(),
             objects: None,
+            secrets_key_file: None,
+            secrets_key: None,
         }
     }
 }
@@ -290,7 +302,8 @@ pub fn start(
             health: args.health_limits(),
         };
         let state = api::AppState::new(store.clone(), config)
-            .with_objects(args.objects.clone(), args.s3.part_bytes());
+            .with_objects(args.objects.clone(), args.s3.part_bytes())
+            .with_secrets_key(args.secrets_key.clone());
         followers = Some(state.log_followers().clone());
         timeline = Some(state.timeline().clone());
         app = app.merge(api::router(state));

@@ -13,6 +13,7 @@ pub mod idempotency;
 pub mod leader;
 pub mod names;
 pub mod outbox;
+pub mod secrets;
 pub mod task_log;
 pub mod tokens;
 

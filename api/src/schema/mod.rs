@@ -11,6 +11,7 @@ pub mod host_ssh;
 pub mod node;
 pub mod object;
 pub mod project;
+pub mod secret;
 pub mod task;
 pub mod timeline;
 pub mod user;

@@ -159,7 +159,8 @@ impl App {
             .await
             .expect("bootstrap admin");
         let objects_root = dir.path().join("objects");
-        let mut state = AppState::new(store.clone(), config);
+        let mut state = AppState::new(store.clone(), config)
+            .with_secrets_key(Some(store::secrets::SecretsKey::from_bytes(rand::random())));
         let mut object_store = None;
         if let Some(o) = objects {
             let (access, secret) = fresh_credentials();

@@ -4,7 +4,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::{Project, ProjectError, ProjectEvent, Role};
+use super::{Project, ProjectError, ProjectEvent, Role, MAX_SECRETS};
 use crate::aggregate::decided_by;
 use crate::{Actor, Name};
 
@@ -62,6 +62,32 @@ pub enum ProjectCommand {
         /// When.
         at: DateTime<Utc>,
     },
+    /// Set a secret's value (a new version of it): the value itself is
+    /// never part of a command or an event, only the id under which the
+    /// server keeps it sealed, outside the log.
+    SetSecret {
+        /// The secret's name.
+        name: String,
+        /// The version this value becomes: one past the secret's last
+        /// version (a deleted secret's versions count too), so two
+        /// concurrent sets cannot both win.
+        version: u32,
+        /// Where the sealed value is kept.
+        value_id: Uuid,
+        /// Who asks.
+        by: Actor,
+        /// When.
+        at: DateTime<Utc>,
+    },
+    /// Delete a secret.
+    DeleteSecret {
+        /// The secret's name.
+        name: String,
+        /// Who asks.
+        by: Actor,
+        /// When.
+        at: DateTime<Utc>,
+    },
     /// Archive it.
     Archive {
         /// Who asks.
@@ -110,12 +136,12 @@ impl Project {
             return Err(ProjectError::NotFound);
         }
         // An archived project is read-only, except that people can still be
-        // taken off it: archiving must not leave someone with access that a
-        // maintainer can no longer withdraw.
+        // taken off it and its secrets deleted: archiving must not leave
+        // access that a maintainer can no longer withdraw.
         if self.archived {
             match command {
                 C::Archive { .. } => return Ok(vec![]),
-                C::RemoveMember { .. } => {}
+                C::RemoveMember { .. } | C::DeleteSecret { .. } => {}
                 _ => return Err(ProjectError::Archived),
             }
         }
@@ -164,6 +190,42 @@ impl Project {
                         by,
                         at,
                     }]
+                }
+            }
+            C::SetSecret {
+                name,
+                version,
+                value_id,
+                by,
+                at,
+            } => {
+                let name = Name::parse(&name)?;
+                let live = self.live_secrets();
+                if !self.secrets.contains_key(&name) && live >= MAX_SECRETS {
+                    return Err(ProjectError::TooManySecrets(MAX_SECRETS));
+                }
+                let next = self.secrets.get(&name).map_or(1, |s| s.version + 1);
+                if version != next {
+                    return Err(ProjectError::SecretChanged { name, next });
+                }
+                vec![E::SecretSet {
+                    name,
+                    version,
+                    value_id,
+                    by,
+                    at,
+                }]
+            }
+            C::DeleteSecret { name, by, at } => {
+                let name = Name::parse(&name)?;
+                match self.secret(&name) {
+                    Some(secret) => vec![E::SecretDeleted {
+                        name,
+                        version: secret.version,
+                        by,
+                        at,
+                    }],
+                    None => return Err(ProjectError::NoSuchSecret(name.to_string())),
                 }
             }
             C::Archive { by, at } => vec![E::Archived { by, at }],

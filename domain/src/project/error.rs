@@ -20,6 +20,20 @@ pub enum ProjectError {
     /// The change would leave the project without a maintainer.
     #[error("a project needs at least one maintainer")]
     LastMaintainer,
+    /// The project has no secret of this name.
+    #[error("the project has no secret {0:?}")]
+    NoSuchSecret(String),
+    /// The secret changed meanwhile: its next version is another.
+    #[error("secret {name} changed meanwhile (its next version is {next}); try again")]
+    SecretChanged {
+        /// The secret.
+        name: crate::Name,
+        /// Its next version now.
+        next: u32,
+    },
+    /// The project holds as many secrets as it may.
+    #[error("a project holds at most {0} secrets; delete one first")]
+    TooManySecrets(usize),
     /// The name does not fit the rules of a name.
     #[error("{0}")]
     InvalidName(#[from] NameError),

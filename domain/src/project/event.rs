@@ -63,6 +63,31 @@ pub enum ProjectEvent {
         /// When.
         at: DateTime<Utc>,
     },
+    /// A secret got a value: its first (`version` 1) or a new one. The
+    /// value is kept sealed outside the log under `value_id`.
+    SecretSet {
+        /// The secret's name.
+        name: Name,
+        /// Its version, counting every value it ever had.
+        version: u32,
+        /// Where the sealed value is kept.
+        value_id: Uuid,
+        /// Who set it.
+        by: Actor,
+        /// When.
+        at: DateTime<Utc>,
+    },
+    /// A secret was deleted; its value is gone.
+    SecretDeleted {
+        /// The secret's name.
+        name: Name,
+        /// The version it had.
+        version: u32,
+        /// Who deleted it.
+        by: Actor,
+        /// When.
+        at: DateTime<Utc>,
+    },
     /// The project was archived: read-only, no new tasks; members can
     /// still be removed.
     Archived {
@@ -81,6 +106,8 @@ impl DomainEvent for ProjectEvent {
             ProjectEvent::MemberAdded { .. } => "ProjectMemberAdded",
             ProjectEvent::MemberRemoved { .. } => "ProjectMemberRemoved",
             ProjectEvent::QuotaSet { .. } => "ProjectQuotaSet",
+            ProjectEvent::SecretSet { .. } => "ProjectSecretSet",
+            ProjectEvent::SecretDeleted { .. } => "ProjectSecretDeleted",
             ProjectEvent::Archived { .. } => "ProjectArchived",
         }
         .to_string()

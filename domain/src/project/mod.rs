@@ -1,4 +1,5 @@
-//! The Project aggregate: a named group of tasks, its members and its quota.
+//! The Project aggregate: a named group of tasks, its members, its quota
+//! and its secrets (their names and versions; values never enter the log).
 //!
 //! Split as the Task's is: [`ProjectCommand`] and the decisions in
 //! `command`, [`ProjectEvent`] in `event`, [`Project`] and how events change
@@ -15,7 +16,10 @@ pub use command::ProjectCommand;
 pub use error::ProjectError;
 pub use event::ProjectEvent;
 pub use role::Role;
-pub use state::Project;
+pub use state::{Project, Secret};
+
+/// The most secrets one project holds.
+pub const MAX_SECRETS: usize = 100;
 
 #[cfg(test)]
 mod tests;

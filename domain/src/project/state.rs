@@ -7,6 +7,20 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::{ProjectEvent, Role};
+use crate::{Actor, Name};
+
+/// What the log says of one secret of a project; never its value.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Secret {
+    /// Its last version.
+    pub version: u32,
+    /// Where its sealed value is kept; `None` once deleted.
+    pub value_id: Option<Uuid>,
+    /// Who last set or deleted it.
+    pub by: Actor,
+    /// When.
+    pub at: DateTime<Utc>,
+}
 
 /// The Project aggregate's state.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -23,6 +37,10 @@ pub struct Project {
     pub members: BTreeMap<String, Role>,
     /// The running-task limit.
     pub max_running: Option<u32>,
+    /// Its secrets by name, deleted ones included (their versions go on
+    /// counting when one is set again).
+    #[serde(default)]
+    pub secrets: BTreeMap<Name, Secret>,
     /// Whether it is archived.
     pub archived: bool,
     /// When it was created.
@@ -35,6 +53,19 @@ impl Project {
     /// The role of `user`, if a member.
     pub fn role_of(&self, user: &str) -> Option<Role> {
         self.members.get(user).copied()
+    }
+
+    /// The secret `name`, unless it does not exist or was deleted.
+    pub fn secret(&self, name: &Name) -> Option<&Secret> {
+        self.secrets.get(name).filter(|s| s.value_id.is_some())
+    }
+
+    /// How many secrets the project has (deleted ones not counted).
+    pub fn live_secrets(&self) -> usize {
+        self.secrets
+            .values()
+            .filter(|s| s.value_id.is_some())
+            .count()
     }
 
     /// Applies one event.
@@ -71,6 +102,41 @@ impl Project {
                 max_running, at, ..
             } => {
                 self.max_running = max_running;
+                self.updated_at = Some(at);
+            }
+            ProjectEvent::SecretSet {
+                name,
+                version,
+                value_id,
+                by,
+                at,
+            } => {
+                self.secrets.insert(
+                    name,
+                    Secret {
+                        version,
+                        value_id: Some(value_id),
+                        by,
+                        at,
+                    },
+                );
+                self.updated_at = Some(at);
+            }
+            ProjectEvent::SecretDeleted {
+                name,
+                version,
+                by,
+                at,
+            } => {
+                self.secrets.insert(
+                    name,
+                    Secret {
+                        version,
+                        value_id: None,
+                        by,
+                        at,
+                    },
+                );
                 self.updated_at = Some(at);
             }
             ProjectEvent::Archived { at, .. } => {

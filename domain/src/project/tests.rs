@@ -268,3 +268,119 @@ fn an_archived_project_refuses_every_other_change() {
         })
         .then_expect_error(ProjectError::Archived);
 }
+
+fn set_secret(name: &str, version: u32) -> ProjectCommand {
+    ProjectCommand::SetSecret {
+        name: name.into(),
+        version,
+        value_id: Uuid::from_u128(u128::from(version)),
+        by: alice(),
+        at: at(3),
+    }
+}
+fn secret_set(name_: &str, version: u32) -> ProjectEvent {
+    ProjectEvent::SecretSet {
+        name: name(name_),
+        version,
+        value_id: Uuid::from_u128(u128::from(version)),
+        by: alice(),
+        at: at(3),
+    }
+}
+fn secret_deleted(name_: &str, version: u32) -> ProjectEvent {
+    ProjectEvent::SecretDeleted {
+        name: name(name_),
+        version,
+        by: alice(),
+        at: at(4),
+    }
+}
+fn delete_secret(name: &str) -> ProjectCommand {
+    ProjectCommand::DeleteSecret {
+        name: name.into(),
+        by: alice(),
+        at: at(4),
+    }
+}
+
+#[test]
+fn a_secret_is_set_then_rotated_with_growing_versions() {
+    F::with(())
+        .given_no_previous_events()
+        .when(set_secret("wandb", 1))
+        .then_expect_error(ProjectError::NotFound);
+    F::with(())
+        .given(vec![created()])
+        .when(set_secret("wandb", 1))
+        .then_expect_events(vec![secret_set("wandb", 1)]);
+    F::with(())
+        .given(vec![created(), secret_set("wandb", 1)])
+        .when(set_secret("wandb", 2))
+        .then_expect_events(vec![secret_set("wandb", 2)]);
+}
+
+#[test]
+fn a_set_that_raced_another_is_refused_naming_the_next_version() {
+    F::with(())
+        .given(vec![created(), secret_set("wandb", 1)])
+        .when(set_secret("wandb", 1))
+        .then_expect_error(ProjectError::SecretChanged {
+            name: name("wandb"),
+            next: 2,
+        });
+}
+
+#[test]
+fn a_deleted_secret_is_gone_and_its_versions_go_on_counting() {
+    let given = vec![
+        created(),
+        secret_set("wandb", 1),
+        secret_deleted("wandb", 1),
+    ];
+    let mut p = Project::default();
+    for e in given.clone() {
+        p.apply_event(e);
+    }
+    assert_eq!(p.secret(&name("wandb")), None);
+    assert_eq!(p.live_secrets(), 0);
+    F::with(())
+        .given(given.clone())
+        .when(delete_secret("wandb"))
+        .then_expect_error(ProjectError::NoSuchSecret("wandb".into()));
+    F::with(())
+        .given(given)
+        .when(set_secret("wandb", 2))
+        .then_expect_events(vec![secret_set("wandb", 2)]);
+}
+
+#[test]
+fn secret_names_are_checked_and_their_number_is_bounded() {
+    F::with(())
+        .given(vec![created()])
+        .when(set_secret("WANDB KEY", 1))
+        .then_expect_error(ProjectError::InvalidName(NameError));
+    let mut given = vec![created()];
+    given.extend((0..MAX_SECRETS).map(|i| secret_set(&format!("s{i}"), 1)));
+    F::with(())
+        .given(given.clone())
+        .when(set_secret("one-more", 1))
+        .then_expect_error(ProjectError::TooManySecrets(MAX_SECRETS));
+    // A new value of an existing one is no more secrets.
+    F::with(())
+        .given(given)
+        .when(set_secret("s0", 2))
+        .then_expect_events(vec![secret_set("s0", 2)]);
+}
+
+#[test]
+fn an_archived_project_keeps_its_secrets_but_they_can_still_be_deleted() {
+    let given = vec![created(), secret_set("wandb", 1), archived()];
+    F::with(())
+        .given(given.clone())
+        .when(set_secret("wandb", 2))
+        .then_expect_error(ProjectError::Archived);
+    F::with(())
+        .given(given)
+        .when(delete_secret("wandb"))
+        .then_expect_events(vec![secret_deleted("wandb", 1)]);
+}

@@ -1,4 +1,4 @@
-//! Projects: create, list, get, members, quota and archive.
+//! Projects: create, list, get, members, quota, secrets and archive.
 
 pub mod add_member;
 pub mod archive;
@@ -6,6 +6,9 @@ pub mod create;
 pub mod get;
 pub mod list;
 pub mod remove_member;
+pub mod secret_delete;
+pub mod secret_list;
+pub mod secret_set;
 pub mod set_quota;
 
 use chrono::Utc;
@@ -27,6 +30,9 @@ pub fn router() -> OpenApiRouter<AppState> {
         .merge(add_member::router())
         .merge(remove_member::router())
         .merge(set_quota::router())
+        .merge(secret_set::router())
+        .merge(secret_list::router())
+        .merge(secret_delete::router())
         .merge(archive::router())
 }
 
