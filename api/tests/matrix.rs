@@ -155,6 +155,9 @@ const TABLE: &[Row] = &[
     Row("delete", "/api/v1/projects/{id}/members/{user}",     [200, 200, 403, 403, 404, 401, 401, 401, 401, 401]),
     Row("put", "/api/v1/projects/{id}/quota",                 [200, 403, 403, 403, 403, 401, 401, 401, 401, 401]),
     Row("post", "/api/v1/projects/{id}/archive",              [200, 200, 403, 403, 404, 401, 401, 401, 401, 401]),
+    Row("get", "/api/v1/projects/{id}/secrets",               [200, 200, 200, 200, 404, 401, 401, 401, 401, 401]),
+    Row("put", "/api/v1/projects/{id}/secrets/{name}",        [200, 200, 403, 403, 404, 401, 401, 401, 401, 401]),
+    Row("delete", "/api/v1/projects/{id}/secrets/{name}",     [204, 204, 403, 403, 404, 401, 401, 401, 401, 401]),
     Row("post", "/api/v1/projects/{id}/objects",              [201, 201, 201, 403, 404, 401, 401, 401, 401, 401]),
     Row("post", "/api/v1/projects/{id}/objects/complete",     [200, 200, 200, 403, 404, 401, 401, 401, 401, 401]),
     Row("post", "/api/v1/tasks",                              [201, 201, 201, 403, 404, 401, 401, 401, 401, 401]),
@@ -180,6 +183,7 @@ const TABLE: &[Row] = &[
     Row("get", "/api/v1/event-types",                         [200, 200, 200, 200, 200, 401, 401, 401, 401, 401]),
     Row("get", "/api/v1/timeline",                            [200, 200, 200, 200, 200, 401, 401, 401, 401, 401]),
     Row("get", "/api/v1/timeline/stream",                     [200, 200, 200, 200, 200, 401, 401, 401, 401, 401]),
+    Row("get", "/api/v1/version",                             [200, 200, 200, 200, 200, 401, 401, 401, 401, 401]),
 ];
 
 /// A user in no project and in no column, whose user routes are called.
@@ -721,6 +725,24 @@ impl World {
                 format!("/api/v1/projects/{p}/quota"),
                 json!({"max_running": 8}),
             ),
+            ("get", "/api/v1/projects/{id}/secrets") => {
+                Call::to(format!("/api/v1/projects/{p}/secrets"))
+            }
+            ("put", "/api/v1/projects/{id}/secrets/{name}") => Call::with(
+                format!("/api/v1/projects/{p}/secrets/{}", self.fresh("set")),
+                json!({"value": "a-secret-value"}),
+            ),
+            ("delete", "/api/v1/projects/{id}/secrets/{name}") => {
+                let name = self.fresh("gone");
+                self.admin(
+                    "put",
+                    &format!("/api/v1/projects/{p}/secrets/{name}"),
+                    Some(json!({"value": "a-secret-value"})),
+                )
+                .await;
+                Call::to(format!("/api/v1/projects/{p}/secrets/{name}"))
+            }
+            ("get", "/api/v1/version") => Call::to(path.into()),
             ("post", "/api/v1/projects/{id}/archive") => {
                 let id = self
                     .project(

@@ -158,3 +158,53 @@ async fn bad_secret_names_and_values_are_refused_naming_the_field() {
         .expect("a database answer");
     assert_eq!(rows, 0);
 }
+
+#[tokio::test]
+async fn a_task_names_secrets_that_exist_in_its_project_and_shows_only_their_names() {
+    let app = start().await;
+    let alice = app.user("alice").await;
+    let project = app.project_as(&alice, "vision").await;
+    let other = app.project_as(&alice, "other").await;
+    app.put(
+        &format!("/api/v1/projects/{other}/secrets/deploy-key"),
+        &alice,
+        json!({"value": VALUE}),
+    )
+    .await
+    .expect(200);
+    app.put(
+        &format!("/api/v1/projects/{project}/secrets/wandb"),
+        &alice,
+        json!({"value": VALUE}),
+    )
+    .await
+    .expect(200);
+
+    // Another project's secret is not this one's.
+    let mut task = support::minimal_task(&project);
+    task["env_secrets"] = json!({"WANDB_API_KEY": "wandb"});
+    task["git_credentials"] = json!({"code": "deploy-key"});
+    app.post("/api/v1/tasks", &alice, task.clone())
+        .await
+        .expect_error(422, "git_credentials.code");
+    task["env_secrets"] = json!({"WANDB_API_KEY": "missing"});
+    task["git_credentials"] = json!({"env": "wandb"});
+    app.post("/api/v1/tasks", &alice, task.clone())
+        .await
+        .expect_error(422, "env_secrets.WANDB_API_KEY");
+    task["env_secrets"] = json!({"WANDB_API_KEY": "wandb"});
+    task["git_credentials"] = json!({"env": "wandb", "ssh": "x"});
+    app.post("/api/v1/tasks", &alice, task.clone())
+        .await
+        .expect(422);
+
+    task["git_credentials"] = json!({"env": "wandb"});
+    let created = app.post("/api/v1/tasks", &alice, task).await;
+    let created = created.expect(201).clone();
+    assert_eq!(
+        created["spec"]["env_secrets"],
+        json!({"WANDB_API_KEY": "wandb"})
+    );
+    assert_eq!(created["spec"]["git_credentials"], json!({"env": "wandb"}));
+    assert!(!created.to_string().contains(VALUE));
+}

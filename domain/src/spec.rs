@@ -10,6 +10,8 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use crate::Name;
+
 /// Kept here too, where callers have long found it.
 pub use crate::name::validate_name;
 
@@ -539,6 +541,59 @@ pub struct TaskSpec {
     /// before the field existed, which get the node's choice.
     #[serde(default, skip_serializing_if = "TaskNetwork::is_node_default")]
     pub network: TaskNetwork,
+    /// Environment variables whose values are secrets of the task's
+    /// project, by variable: the spec (and so the log) holds only the
+    /// secret's name; the node fetches the value for the running attempt.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env_secrets: BTreeMap<String, Name>,
+    /// The secrets git fetches the repositories with.
+    #[serde(default, skip_serializing_if = "GitCredentials::is_empty")]
+    pub git_credentials: GitCredentials,
+}
+
+/// Which project secrets git uses for a task's two repositories: an SSH
+/// private key for `ssh://` and `user@host:path` URLs, a token (or
+/// `user:token`) for `https://` ones.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GitCredentials {
+    /// For `code_repo_url`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<Name>,
+    /// For `env_repo_url`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub env: Option<Name>,
+}
+
+impl GitCredentials {
+    /// Whether neither repository has any.
+    pub fn is_empty(&self) -> bool {
+        self.code.is_none() && self.env.is_none()
+    }
+}
+
+impl TaskSpec {
+    /// Every project secret the task names, each once, with the first
+    /// field naming it (`env_secrets.VAR`, `git_credentials.code`).
+    pub fn secrets(&self) -> BTreeMap<&Name, String> {
+        let mut named = BTreeMap::new();
+        for (var, secret) in &self.env_secrets {
+            named
+                .entry(secret)
+                .or_insert_with(|| format!("env_secrets.{var}"));
+        }
+        for (field, secret) in [
+            ("code", &self.git_credentials.code),
+            ("env", &self.git_credentials.env),
+        ] {
+            if let Some(secret) = secret {
+                named
+                    .entry(secret)
+                    .or_insert_with(|| format!("git_credentials.{field}"));
+            }
+        }
+        named
+    }
 }
 
 /// The network a task's container gets.
@@ -643,6 +698,20 @@ pub struct TaskSpecDraft {
     /// See [`TaskSpec::network`]: `"none"`, or absent for the node's
     /// choice.
     pub network: Option<String>,
+    /// See [`TaskSpec::env_secrets`]: variable to secret name.
+    pub env_secrets: Option<BTreeMap<String, String>>,
+    /// See [`TaskSpec::git_credentials`]: `code` and `env` to secret name.
+    pub git_credentials: Option<GitCredentialsDraft>,
+}
+
+/// The raw form of [`GitCredentials`].
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GitCredentialsDraft {
+    /// See [`GitCredentials::code`].
+    pub code: Option<String>,
+    /// See [`GitCredentials::env`].
+    pub env: Option<String>,
 }
 
 /// Limits on a task specification.
@@ -826,25 +895,7 @@ impl TaskSpecDraft {
             ));
         }
         for (k, v) in &env {
-            let name_ok = k
-                .bytes()
-                .next()
-                .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
-                && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
-                && k.len() <= 256;
-            if !name_ok {
-                e.push(FieldError::new(
-                    format!("env.{k}"),
-                    "names are letters, digits and '_', not starting with a digit",
-                ));
-            }
-            if is_gpu_visibility_variable(k) {
-                e.push(FieldError::new(
-                    format!("env.{k}"),
-                    "NVIDIA_VISIBLE_DEVICES, CUDA_VISIBLE_DEVICES and NVIDIA_* are set by the node \
-                     from the GPUs assigned to the task; ask for GPUs with resources.gpus",
-                ));
-            }
+            check_variable(&mut e, "env", k);
             if v.contains('\0') || v.len() > limits::MAX_ENV_VALUE_BYTES {
                 e.push(FieldError::new(
                     format!("env.{k}"),
@@ -852,6 +903,49 @@ impl TaskSpecDraft {
                 ));
             }
         }
+        let mut env_secrets = BTreeMap::new();
+        let drafted = self.env_secrets.unwrap_or_default();
+        if env.len() + drafted.len() > limits::MAX_ENV {
+            e.push(FieldError::new(
+                "env_secrets",
+                format!("at most {} variables, with those of env", limits::MAX_ENV),
+            ));
+        }
+        for (k, secret) in drafted {
+            check_variable(&mut e, "env_secrets", &k);
+            if env.contains_key(&k) {
+                e.push(FieldError::new(
+                    format!("env_secrets.{k}"),
+                    "is also set in env; a variable has one value",
+                ));
+            }
+            match Name::parse(&secret) {
+                Ok(name) => {
+                    env_secrets.insert(k, name);
+                }
+                Err(err) => e.push(FieldError::new(
+                    format!("env_secrets.{k}"),
+                    format!("a secret's name {err}"),
+                )),
+            }
+        }
+        let drafted = self.git_credentials.unwrap_or_default();
+        let mut credential = |field: &str, name: Option<String>| {
+            name.and_then(|n| match Name::parse(&n) {
+                Ok(name) => Some(name),
+                Err(err) => {
+                    e.push(FieldError::new(
+                        format!("git_credentials.{field}"),
+                        format!("a secret's name {err}"),
+                    ));
+                    None
+                }
+            })
+        };
+        let git_credentials = GitCredentials {
+            code: credential("code", drafted.code),
+            env: credential("env", drafted.env),
+        };
         let resources = self.resources.unwrap_or_default().validate(&mut e);
         let labels = self.labels.unwrap_or_default();
         if let Err(err) = validate_labels("labels", &labels) {
@@ -907,10 +1001,36 @@ impl TaskSpecDraft {
                     inputs,
                     outputs,
                     network,
+                    env_secrets,
+                    git_credentials,
                 })
             }
             _ => Err(e),
         }
+    }
+}
+
+/// Checks the name of an environment variable set through `field`
+/// (`env` or `env_secrets`).
+fn check_variable(e: &mut Vec<FieldError>, field: &str, k: &str) {
+    let name_ok = k
+        .bytes()
+        .next()
+        .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+        && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        && k.len() <= 256;
+    if !name_ok {
+        e.push(FieldError::new(
+            format!("{field}.{k}"),
+            "names are letters, digits and '_', not starting with a digit",
+        ));
+    }
+    if is_gpu_visibility_variable(k) {
+        e.push(FieldError::new(
+            format!("{field}.{k}"),
+            "NVIDIA_VISIBLE_DEVICES, CUDA_VISIBLE_DEVICES and NVIDIA_* are set by the node \
+             from the GPUs assigned to the task; ask for GPUs with resources.gpus",
+        ));
     }
 }
 
@@ -1547,6 +1667,68 @@ mod tests {
         assert!(json.get("network").is_none(), "the default is not written");
         let back: TaskSpec = serde_json::from_value(json).unwrap();
         assert_eq!(back.network, TaskNetwork::Node);
+        assert_eq!(back, spec);
+    }
+
+    #[test]
+    fn secrets_are_named_by_variable_and_repository_and_checked() {
+        let mut d = draft();
+        d.env = Some(BTreeMap::from([("MODE".into(), "fast".into())]));
+        d.env_secrets = Some(BTreeMap::from([
+            ("WANDB_API_KEY".into(), "wandb".into()),
+            ("HF_TOKEN".into(), "hf".into()),
+        ]));
+        d.git_credentials = Some(GitCredentialsDraft {
+            code: Some("deploy-key".into()),
+            env: Some("wandb".into()),
+        });
+        let spec = d.validate(UrlPolicy::default()).unwrap();
+        let named: Vec<(String, String)> = spec
+            .secrets()
+            .into_iter()
+            .map(|(n, f)| (n.to_string(), f))
+            .collect();
+        assert_eq!(
+            named,
+            [
+                ("deploy-key".into(), "git_credentials.code".into()),
+                ("hf".into(), "env_secrets.HF_TOKEN".into()),
+                ("wandb".into(), "env_secrets.WANDB_API_KEY".into()),
+            ]
+        );
+
+        let mut d = draft();
+        d.env = Some(BTreeMap::from([("TOKEN".into(), "plain".into())]));
+        d.env_secrets = Some(BTreeMap::from([
+            ("TOKEN".into(), "tok".into()),
+            ("1BAD".into(), "tok".into()),
+            ("CUDA_VISIBLE_DEVICES".into(), "tok".into()),
+            ("GOOD".into(), "Not A Name".into()),
+        ]));
+        d.git_credentials = Some(GitCredentialsDraft {
+            code: Some("../key".into()),
+            env: None,
+        });
+        let errs = d.validate(UrlPolicy::default()).unwrap_err();
+        let fields: Vec<&str> = errs.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "env_secrets.1BAD",
+                "env_secrets.CUDA_VISIBLE_DEVICES",
+                "env_secrets.GOOD",
+                "env_secrets.TOKEN",
+                "git_credentials.code"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_spec_without_secrets_is_stored_as_before() {
+        let spec = draft().validate(UrlPolicy::default()).unwrap();
+        let json = serde_json::to_value(&spec).unwrap();
+        assert!(json.get("env_secrets").is_none() && json.get("git_credentials").is_none());
+        let back: TaskSpec = serde_json::from_value(json).unwrap();
         assert_eq!(back, spec);
     }
 }

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
-use domain::spec::{InputDraft, OutputDraft, ResourcesDraft, TaskSpecDraft};
+use domain::spec::{GitCredentialsDraft, InputDraft, OutputDraft, ResourcesDraft, TaskSpecDraft};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
@@ -75,6 +75,29 @@ pub struct SubmitTask {
     /// bridge network unless its admin chose none for all.
     #[schema(value_type = Option<String>, example = "none", pattern = "^none$")]
     pub network: Option<String>,
+    /// Environment variables whose values are secrets of the project, by
+    /// variable: `{"WANDB_API_KEY": "wandb"}`. Each secret must exist; its
+    /// value never enters the task, the log or any answer, and is masked
+    /// as `***` in the task's output.
+    #[schema(example = json!({"WANDB_API_KEY": "wandb"}))]
+    pub env_secrets: Option<BTreeMap<String, String>>,
+    /// The secrets git fetches the repositories with: an SSH private key
+    /// for `ssh://` or `user@host:path` URLs, a token (or `user:token`)
+    /// for `https://` ones.
+    pub git_credentials: Option<SubmitGitCredentials>,
+}
+
+/// Which project secrets git uses for the task's repositories.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SubmitGitCredentials {
+    /// The secret for `code_repo_url`.
+    #[schema(example = "deploy-key")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
+    /// The secret for `env_repo_url`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub env: Option<String>,
 }
 
 /// An object to download into the workspace.
@@ -154,6 +177,11 @@ impl From<SubmitTask> for TaskSpecDraft {
                     .collect()
             }),
             network: s.network,
+            env_secrets: s.env_secrets,
+            git_credentials: s.git_credentials.map(|g| GitCredentialsDraft {
+                code: g.code,
+                env: g.env,
+            }),
         }
     }
 }
@@ -207,6 +235,13 @@ pub struct TaskSpec {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(example = "none")]
     pub network: Option<String>,
+    /// Environment variables set from project secrets: variable to the
+    /// secret's name (never its value).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub env_secrets: BTreeMap<String, String>,
+    /// The secrets git fetches the repositories with, by name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub git_credentials: Option<SubmitGitCredentials>,
 }
 
 /// An input of a task.
@@ -264,6 +299,15 @@ impl From<domain::spec::TaskSpec> for TaskSpec {
                 })
                 .collect(),
             network: s.network.as_submitted().map(str::to_owned),
+            env_secrets: s
+                .env_secrets
+                .into_iter()
+                .map(|(var, secret)| (var, secret.to_string()))
+                .collect(),
+            git_credentials: (!s.git_credentials.is_empty()).then(|| SubmitGitCredentials {
+                code: s.git_credentials.code.map(|n| n.to_string()),
+                env: s.git_credentials.env.map(|n| n.to_string()),
+            }),
         }
     }
 }

@@ -43,6 +43,8 @@ fn spec(max_retries: u32) -> TaskSpec {
         inputs: Vec::new(),
         outputs: Vec::new(),
         network: Default::default(),
+        env_secrets: Default::default(),
+        git_credentials: Default::default(),
     }
 }
 

@@ -107,6 +107,15 @@ async fn queue(
             "the project is archived and takes no new tasks",
         )));
     }
+    let missing: Vec<Problem> = spec
+        .secrets()
+        .into_iter()
+        .filter(|(name, _)| access.project.secret(name).is_none())
+        .map(|(name, field)| Problem::field(field, format!("the project has no secret {name}")))
+        .collect();
+    if !missing.is_empty() {
+        return Err(ApiError::Invalid(missing));
+    }
     crate::routes::object::require_verified_inputs(state, &spec).await?;
     let now = Utc::now();
     let command = TaskCommand::Submit {
