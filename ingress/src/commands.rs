@@ -120,6 +120,13 @@ pub fn run_task_message(
                 domain::spec::TaskNetwork::Node => protocol::TaskNetwork::Node,
                 domain::spec::TaskNetwork::None => protocol::TaskNetwork::None,
             },
+            env_secrets: spec
+                .env_secrets
+                .iter()
+                .map(|(var, secret)| (var.clone(), secret.to_string()))
+                .collect(),
+            code_credential: spec.git_credentials.code.as_ref().map(|n| n.to_string()),
+            env_credential: spec.git_credentials.env.as_ref().map(|n| n.to_string()),
         }),
     }
 }

@@ -47,6 +47,7 @@ mod liveness;
 mod logs;
 mod registry;
 mod reports;
+mod secrets;
 mod session;
 mod shutdown;
 mod transfers;
@@ -135,6 +136,8 @@ pub struct Ingress {
     log_notifier: LogNotifier,
     /// Signs URLs for the nodes' transfers, when the server has a store.
     objects: Option<objects::ObjectStore>,
+    /// Opens the project secrets running attempts ask for.
+    secrets_key: Option<store::secrets::SecretsKey>,
     /// How often each node may connect and have its refusals told.
     admission: Admission,
 }
@@ -152,6 +155,7 @@ impl Ingress {
             log_limits: LogLimits::default(),
             log_notifier: LogNotifier::default(),
             objects: None,
+            secrets_key: None,
             admission: Admission::new(ConnectLimits::default()),
         }
     }
@@ -168,6 +172,14 @@ impl Ingress {
     /// message saying so. Call before serving.
     pub fn with_objects(mut self, objects: Option<objects::ObjectStore>) -> Self {
         self.objects = objects;
+        self
+    }
+
+    /// The same ingress handing running attempts the project secrets their
+    /// tasks name, opened with `key`; without one, such attempts fail
+    /// saying the server has no secrets key. Call before serving.
+    pub fn with_secrets_key(mut self, key: Option<store::secrets::SecretsKey>) -> Self {
+        self.secrets_key = key;
         self
     }
 
@@ -309,6 +321,10 @@ impl Ingress {
 
     fn objects(&self) -> Option<&objects::ObjectStore> {
         self.objects.as_ref()
+    }
+
+    fn secrets_key(&self) -> Option<&store::secrets::SecretsKey> {
+        self.secrets_key.as_ref()
     }
 
     fn admission(&self) -> &Admission {

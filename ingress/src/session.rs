@@ -739,6 +739,7 @@ impl Session {
                         crate::transfers::answer(
                             self.ingress.store(),
                             self.ingress.objects(),
+                            self.ingress.secrets_key(),
                             self.node_id,
                             request,
                         )

@@ -28,13 +28,17 @@ pub(crate) const NO_STORE: &str =
 pub(crate) async fn answer(
     store: &Store,
     objects: Option<&ObjectStore>,
+    secrets_key: Option<&store::secrets::SecretsKey>,
     node_id: Uuid,
     request: TransferRequest,
 ) -> TransferGrant {
     let id = request.id;
-    let result = match objects {
-        None => Err(NO_STORE.to_string()),
-        Some(objects) => grant(store, objects, node_id, request).await,
+    let result = match (&request.op, objects) {
+        (TransferOp::Secrets, _) => {
+            crate::secrets::grant(store, secrets_key, node_id, &request).await
+        }
+        (_, None) => Err(NO_STORE.to_string()),
+        (_, Some(objects)) => grant(store, objects, node_id, request).await,
     };
     match result {
         Ok(grant) => TransferGrant { id, ..grant },
@@ -61,14 +65,14 @@ fn store_failed(what: &str, error: &objects::ObjectError) -> String {
 
 /// What a node is told when the database failed for `what`; the error
 /// itself goes to the server's log.
-fn database_failed(what: &str, error: &dyn std::fmt::Display) -> String {
+pub(crate) fn database_failed(what: &str, error: &dyn std::fmt::Display) -> String {
     tracing::warn!(%error, what, "database request failed");
     format!("{what}: the server cannot read or write its records now; try again")
 }
 
 /// The task, when attempt `attempt` of it is placed on `node_id` and still
 /// holds the node.
-async fn live_attempt(
+pub(crate) async fn live_attempt(
     store: &Store,
     node_id: Uuid,
     task_id: Uuid,
@@ -107,6 +111,8 @@ async fn grant(
         spec,
     };
     match request.op {
+        // Answered by `answer`, before any store is needed.
+        TransferOp::Secrets => Err("secrets are not a transfer".into()),
         TransferOp::Download { input } => attempt.download(&input).await,
         TransferOp::Upload {
             output,

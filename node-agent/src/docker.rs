@@ -43,6 +43,9 @@ pub const LABEL_AGENT: &str = "unidesk.agent";
 /// Label holding the task's `timeout_s`, so an agent that restarts and
 /// adopts the container still enforces it.
 pub const LABEL_TIMEOUT: &str = "unidesk.timeout_s";
+/// Label saying the container's environment holds project secrets, so an
+/// agent adopting it asks for their values to mask its output.
+pub const LABEL_SECRETS: &str = "unidesk.secrets";
 
 /// How many build output lines a failed build reports.
 const BUILD_TAIL_LINES: usize = 20;
@@ -1103,6 +1106,8 @@ pub struct Leftover {
     /// How it ended, when it has stopped: this, not the time since,
     /// says whether it ended within its time limit.
     pub exit: Option<RecordedExit>,
+    /// Whether its environment holds project secrets ([`LABEL_SECRETS`]).
+    pub uses_secrets: bool,
     /// Whether its writable layer has a size limit of its own.
     pub layer_limited: bool,
 }
@@ -1176,6 +1181,7 @@ async fn inspect_leftover(docker: &Docker, id: &str) -> Result<Option<Leftover>,
         task_id,
         attempt,
         timeout_s: labels.get(LABEL_TIMEOUT).and_then(|t| t.parse().ok()),
+        uses_secrets: labels.contains_key(LABEL_SECRETS),
         memory_mb: u64::try_from(memory).unwrap_or(0) / (1024 * 1024),
         running_for,
         exit,

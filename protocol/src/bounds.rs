@@ -401,6 +401,7 @@ impl TransferRequest {
         let name = |field: &str, v: &str| identifier(field, v, MAX_TRANSFER_NAME_BYTES, true);
         let tag = |field: &str, v: &str| identifier(field, v, MAX_TAG_BYTES, false);
         match &self.op {
+            TransferOp::Secrets => {}
             TransferOp::Download { input } => name("input", input)?,
             TransferOp::Upload { output, sha256, .. } => {
                 name("output", output)?;

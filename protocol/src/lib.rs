@@ -108,6 +108,10 @@ pub enum AgentMessage {
 /// Everything the server sends.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "a message lives for one frame; boxing its commands buys nothing"
+)]
 pub enum ServerMessage {
     /// The answer to a valid [`Hello`].
     Welcome {
@@ -391,6 +395,26 @@ pub struct RunTask {
     /// The network the task asked for; the node's own choice when absent.
     #[serde(default, skip_serializing_if = "TaskNetwork::is_node_default")]
     pub network: TaskNetwork,
+    /// Environment variables set from project secrets: variable to the
+    /// secret's name. The values are asked for with
+    /// [`TransferOp::Secrets`] when the attempt needs them.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env_secrets: BTreeMap<String, String>,
+    /// The secret git fetches `code_repo_url` with, by name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code_credential: Option<String>,
+    /// The secret git fetches `env_repo_url` with, by name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub env_credential: Option<String>,
+}
+
+impl RunTask {
+    /// Whether the attempt needs any secret.
+    pub fn needs_secrets(&self) -> bool {
+        !self.env_secrets.is_empty()
+            || self.code_credential.is_some()
+            || self.env_credential.is_some()
+    }
 }
 
 /// The network of a [`RunTask`]'s container.
@@ -501,6 +525,10 @@ pub enum TransferOp {
         /// The file's SHA-256.
         sha256: String,
     },
+    /// The values of the project secrets the attempt's task names (its
+    /// `env_secrets` and `git_credentials`), asked right before they are
+    /// needed; the answer's `secrets` holds them.
+    Secrets,
 }
 
 /// One uploaded part of a multipart upload.
@@ -536,6 +564,32 @@ pub struct TransferGrant {
     /// Why the request was refused, for a person; the transfer fails.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// With [`TransferOp::Secrets`]: the values of the secrets the task
+    /// names, by secret name.
+    #[serde(default, skip_serializing_if = "SecretValues::is_empty")]
+    pub secrets: SecretValues,
+}
+
+/// Values of project secrets by secret name, as the server hands them to
+/// the node running an attempt. Their `Debug` shows names only, so no log
+/// line of either side can carry a value.
+#[derive(Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct SecretValues(pub BTreeMap<String, String>);
+
+impl SecretValues {
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl std::fmt::Debug for SecretValues {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_set()
+            .entries(self.0.keys().map(|k| format!("{k}=***")))
+            .finish()
+    }
 }
 
 /// The stable id of a command: the same request always gets the same id, so

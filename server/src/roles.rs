@@ -323,7 +323,8 @@ pub fn start(
             },
         )
         .with_log_limits(args.log_limits())
-        .with_objects(args.objects.clone());
+        .with_objects(args.objects.clone())
+        .with_secrets_key(args.secrets_key.clone());
         app = app.merge(ingress.router());
         let shutdown = stopped(rx.clone());
         tasks.push(tokio::spawn(async move { ingress.run(shutdown).await }));

@@ -5,15 +5,16 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use protocol::ReportedState;
+use protocol::{ReportedState, TransferOp};
 use tokio::sync::mpsc;
+use zeroize::Zeroizing;
 
 use crate::beneath::{blocking, PathError};
 use crate::docker;
 
 use super::cancel::CancelSignal;
 use super::context::Context;
-use super::report::{Ending, Report, Reporter};
+use super::report::{Ending, Mask, Report, Reporter};
 use super::task_files::{clone_error, noted_outputs, upload_outputs};
 use super::watch::{recorded_ending, watch, DiskWatch, Limits};
 use super::workspace::{attempt_dir, noted_stop, remove_workspace};
@@ -50,6 +51,25 @@ pub async fn adopt(
     mut cancel: CancelSignal,
 ) {
     let out = Reporter::new(found.task_id, found.attempt, reports);
+    let out = if found.uses_secrets {
+        // Its output may hold secrets: asked again to mask them, or none
+        // of it is shown.
+        let asked = ctx
+            .files()
+            .broker()
+            .ask(found.task_id, found.attempt, TransferOp::Secrets)
+            .await;
+        out.masking(match asked {
+            Ok(grant) => Mask::Values(Arc::new(
+                grant.secrets.0.into_values().map(Zeroizing::new).collect(),
+            )),
+            Err(e) => Mask::Withhold(format!(
+                "the secrets it may contain could not be fetched to mask them ({e})"
+            )),
+        })
+    } else {
+        out
+    };
     tracing::info!(
         ended = found.exit.is_some(),
         "adopting a container left by a previous run"

@@ -10,7 +10,7 @@ use tokio::sync::oneshot;
 use crate::docker;
 use crate::logs::LogChunker;
 
-use super::report::Reporter;
+use super::report::{Mask, Reporter};
 
 /// How long buffered output may wait before it is reported.
 const LOG_FLUSH_INTERVAL: Duration = Duration::from_millis(200);
@@ -28,7 +28,21 @@ pub(super) async fn pump_output(
     out: Reporter,
     exited: oneshot::Receiver<()>,
 ) {
-    let mut chunker = LogChunker::new();
+    let mut chunker = match out.mask() {
+        Mask::Values(values) => LogChunker::new().masking(values.iter().map(|v| v.to_string())),
+        Mask::Nothing => LogChunker::new(),
+        Mask::Withhold(why) => {
+            // Nothing of it goes out: say why, once.
+            let mut chunker = LogChunker::new();
+            chunker
+                .push(format!("[unidesk: this attempt's output is not shown: {why}]\n").as_bytes());
+            for chunk in chunker.finish() {
+                out.log(chunk).await;
+            }
+            let _ = exited.await;
+            return;
+        }
+    };
     let mut seen = Seen::default();
     let mut complete = follow_output(&docker, &id, &out, &mut chunker, &mut seen).await;
     if complete && exited.await.is_ok() {

@@ -112,6 +112,30 @@ pub(super) struct Reporter {
     task_id: uuid::Uuid,
     attempt: u32,
     tx: mpsc::Sender<Report>,
+    mask: Mask,
+}
+
+/// What of the attempt's output may be reported.
+#[derive(Clone, Default)]
+pub(super) enum Mask {
+    /// All of it, as it is.
+    #[default]
+    Nothing,
+    /// All of it, with these secrets' values masked.
+    Values(std::sync::Arc<Vec<zeroize::Zeroizing<String>>>),
+    /// None of it: the secrets it may hold are not known here, for this
+    /// reason.
+    Withhold(String),
+}
+
+impl std::fmt::Debug for Mask {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Mask::Nothing => f.write_str("Nothing"),
+            Mask::Values(v) => write!(f, "Values({} secrets)", v.len()),
+            Mask::Withhold(why) => write!(f, "Withhold({why:?})"),
+        }
+    }
 }
 
 impl Reporter {
@@ -121,6 +145,33 @@ impl Reporter {
             task_id,
             attempt,
             tx,
+            mask: Mask::Nothing,
+        }
+    }
+
+    /// The same reporter masking what `mask` says in the attempt's output
+    /// and messages.
+    pub(super) fn masking(mut self, mask: Mask) -> Self {
+        self.mask = mask;
+        self
+    }
+
+    /// What it masks.
+    pub(super) fn mask(&self) -> &Mask {
+        &self.mask
+    }
+
+    /// `text` with every secret's value masked.
+    fn masked(&self, text: String) -> String {
+        match &self.mask {
+            Mask::Values(values) => values.iter().fold(text, |t, v| {
+                if !v.is_empty() && t.contains(v.as_str()) {
+                    t.replace(v.as_str(), crate::logs::MASK)
+                } else {
+                    t
+                }
+            }),
+            Mask::Nothing | Mask::Withhold(_) => text,
         }
     }
 
@@ -147,6 +198,7 @@ impl Reporter {
     pub(super) async fn status(&self, state: ReportedState, fill: impl FnOnce(&mut StatusReport)) {
         let mut status = StatusReport::new(self.task_id, self.attempt, state);
         fill(&mut status);
+        status.message = status.message.map(|m| self.masked(m));
         self.send(Report::Status(status)).await;
     }
 

@@ -9,15 +9,16 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use protocol::{ReportedState, RunTask};
+use protocol::{ReportedState, RunTask, SecretValues, TransferOp};
 use tokio::sync::mpsc;
+use zeroize::Zeroizing;
 
 use crate::docker::{self, ContainerSpec};
 
 use super::cancel::CancelSignal;
 use super::context::Context;
 use super::prepare::{explain, prepare};
-use super::report::{Ending, Report, Reporter};
+use super::report::{Ending, Mask, Report, Reporter};
 use super::task_files::{download_inputs, note_outputs, upload_outputs};
 use super::watch::{watch, DiskWatch, Limits};
 use super::workspace::remove_workspace;
@@ -34,7 +35,22 @@ pub async fn run(
     let out = Reporter::new(spec.task_id, spec.attempt, reports);
     out.status(ReportedState::Accepted, |_| {}).await;
     let mut made_container = false;
-    let ending = attempt(&spec, &ctx, &out, &mut cancel, &mut made_container).await;
+    let ending = match secrets(&spec, &ctx, &mut cancel).await {
+        Ok(secrets) => {
+            let values = secrets.0.values().cloned().map(Zeroizing::new).collect();
+            let out = out.clone().masking(Mask::Values(Arc::new(values)));
+            attempt(
+                &spec,
+                &secrets,
+                &ctx,
+                &out,
+                &mut cancel,
+                &mut made_container,
+            )
+            .await
+        }
+        Err(ending) => ending,
+    };
     if !made_container {
         // Nothing to adopt after a restart: the directory goes now, not
         // once the server has the report.
@@ -44,10 +60,36 @@ pub async fn run(
     out.ended(ending).await;
 }
 
+/// The values of the secrets the task names, asked from the server right
+/// before the attempt needs them; none when it names none.
+async fn secrets(
+    spec: &RunTask,
+    ctx: &Context,
+    cancel: &mut CancelSignal,
+) -> Result<SecretValues, Ending> {
+    if !spec.needs_secrets() {
+        return Ok(SecretValues::default());
+    }
+    let asked = ctx
+        .files()
+        .broker()
+        .ask(spec.task_id, spec.attempt, TransferOp::Secrets);
+    tokio::select! {
+        answer = asked => match answer {
+            Ok(grant) => Ok(grant.secrets),
+            Err(e) => Err(Ending::failed(format!("the task's secrets: {e}"))),
+        },
+        _ = cancel.cancelled() => {
+            Err(Ending::plain(ReportedState::Cancelled, Some("cancelled while preparing".into())))
+        }
+    }
+}
+
 /// The attempt from preparation to outputs; `made_container` is set once
 /// its container exists.
 async fn attempt(
     spec: &RunTask,
+    secrets: &SecretValues,
     ctx: &Context,
     out: &Reporter,
     cancel: &mut CancelSignal,
@@ -78,7 +120,17 @@ async fn attempt(
     if !spec.outputs.is_empty() {
         note_outputs(&workspace.dir, &spec.outputs).await;
     }
-    let ending = run_container(spec, ctx, out, cancel, code.path(), &image, made_container).await;
+    let ending = run_container(
+        spec,
+        secrets,
+        ctx,
+        out,
+        cancel,
+        code.path(),
+        &image,
+        made_container,
+    )
+    .await;
     upload_outputs(
         ctx,
         (spec.task_id, spec.attempt),
@@ -91,8 +143,13 @@ async fn attempt(
 
 /// Creates, starts and follows the container until it ends; it is kept,
 /// stopped, until the server has the attempt's end.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the steps of one attempt, each needed"
+)]
 async fn run_container(
     spec: &RunTask,
+    secrets: &SecretValues,
     ctx: &Context,
     out: &Reporter,
     cancel: &mut CancelSignal,
@@ -111,14 +168,31 @@ async fn run_container(
     }
     // The server refuses such tasks; an older or misbehaving one must not
     // get them run either.
-    if let Some(refusal) = docker::refused_env(&spec.env) {
+    let mut env = spec.env.clone();
+    for (var, secret) in &spec.env_secrets {
+        match secrets.0.get(secret) {
+            Some(value) => {
+                env.insert(var.clone(), value.clone());
+            }
+            None => {
+                return Ending::failed(format!(
+                    "the server did not hand over secret {secret} for {var}"
+                ))
+            }
+        }
+    }
+    if !spec.env_secrets.is_empty() {
+        // A restarted agent asks for the values again to mask the output.
+        labels.insert(docker::LABEL_SECRETS.to_owned(), "1".to_owned());
+    }
+    if let Some(refusal) = docker::refused_env(&env) {
         return Ending::failed(refusal);
     }
     let confinement = &ctx.confinement;
     let container = ContainerSpec {
         image,
         command: &spec.command,
-        env: &spec.env,
+        env: &env,
         workspace: code,
         labels,
         cpus: spec.cpus,

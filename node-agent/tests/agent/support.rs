@@ -175,6 +175,9 @@ pub fn spec(code: &Repo, env: &Repo, script: &str) -> RunTask {
         inputs: Vec::new(),
         outputs: Vec::new(),
         network: Default::default(),
+        env_secrets: BTreeMap::new(),
+        code_credential: None,
+        env_credential: None,
     }
 }
 
