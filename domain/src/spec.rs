@@ -563,12 +563,16 @@ pub struct GitCredentials {
     /// For `env_repo_url`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub env: Option<Name>,
+    /// SSH host keys (`known_hosts` lines) the repositories' hosts must
+    /// show, besides those the node trusts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub known_hosts: Option<Name>,
 }
 
 impl GitCredentials {
-    /// Whether neither repository has any.
+    /// Whether it names no secret.
     pub fn is_empty(&self) -> bool {
-        self.code.is_none() && self.env.is_none()
+        self.code.is_none() && self.env.is_none() && self.known_hosts.is_none()
     }
 }
 
@@ -585,6 +589,7 @@ impl TaskSpec {
         for (field, secret) in [
             ("code", &self.git_credentials.code),
             ("env", &self.git_credentials.env),
+            ("known_hosts", &self.git_credentials.known_hosts),
         ] {
             if let Some(secret) = secret {
                 named
@@ -712,6 +717,8 @@ pub struct GitCredentialsDraft {
     pub code: Option<String>,
     /// See [`GitCredentials::env`].
     pub env: Option<String>,
+    /// See [`GitCredentials::known_hosts`].
+    pub known_hosts: Option<String>,
 }
 
 /// Limits on a task specification.
@@ -945,6 +952,7 @@ impl TaskSpecDraft {
         let git_credentials = GitCredentials {
             code: credential("code", drafted.code),
             env: credential("env", drafted.env),
+            known_hosts: credential("known_hosts", drafted.known_hosts),
         };
         let resources = self.resources.unwrap_or_default().validate(&mut e);
         let labels = self.labels.unwrap_or_default();
@@ -1681,6 +1689,7 @@ mod tests {
         d.git_credentials = Some(GitCredentialsDraft {
             code: Some("deploy-key".into()),
             env: Some("wandb".into()),
+            known_hosts: Some("hosts".into()),
         });
         let spec = d.validate(UrlPolicy::default()).unwrap();
         let named: Vec<(String, String)> = spec
@@ -1693,6 +1702,7 @@ mod tests {
             [
                 ("deploy-key".into(), "git_credentials.code".into()),
                 ("hf".into(), "env_secrets.HF_TOKEN".into()),
+                ("hosts".into(), "git_credentials.known_hosts".into()),
                 ("wandb".into(), "env_secrets.WANDB_API_KEY".into()),
             ]
         );
@@ -1708,6 +1718,7 @@ mod tests {
         d.git_credentials = Some(GitCredentialsDraft {
             code: Some("../key".into()),
             env: None,
+            known_hosts: None,
         });
         let errs = d.validate(UrlPolicy::default()).unwrap_err();
         let fields: Vec<&str> = errs.iter().map(|e| e.field.as_str()).collect();

@@ -127,6 +127,11 @@ pub fn run_task_message(
                 .collect(),
             code_credential: spec.git_credentials.code.as_ref().map(|n| n.to_string()),
             env_credential: spec.git_credentials.env.as_ref().map(|n| n.to_string()),
+            known_hosts: spec
+                .git_credentials
+                .known_hosts
+                .as_ref()
+                .map(|n| n.to_string()),
         }),
     }
 }

@@ -1,7 +1,10 @@
 //! The git cache: one bare mirror per repository URL, and checkouts of one
 //! commit into a task's workspace.
 //!
-//! A mirror lives in `<root>/<sha256(url)>`. A commit already in the mirror
+//! A mirror lives in `<root>/<sha256(url)>`, or, for a fetch with a
+//! credential, `<root>/<sha256(url)>-<credential identity>`
+//! ([`crate::git_auth`]): a task only ever reads what its own credential
+//! (or anonymous access) fetched. A commit already in the mirror
 //! is used without touching the network; otherwise only that commit is
 //! fetched (`+<sha>:refs/cache/<sha>`), falling back to all branches and tags
 //! when the server refuses to serve an object by id. Every commit handed out
@@ -28,6 +31,7 @@ use git2::{AutotagOption, FetchOptions, Oid, Repository};
 use sha2::{Digest, Sha256};
 
 use crate::beneath::Root;
+use crate::git_auth::{callbacks, AuthFailure, GitAuth};
 use crate::keyed_lock::KeyedLocks;
 
 /// Why a commit could not be checked out. The messages read well after a
@@ -127,9 +131,13 @@ impl GitCache {
         }
     }
 
-    /// Where the mirror of `url` lives.
-    pub fn mirror_path(&self, url: &str) -> PathBuf {
-        self.root.join(hex::encode(Sha256::digest(url.as_bytes())))
+    /// Where the mirror of `url` fetched with `auth` lives.
+    pub fn mirror_path(&self, url: &str, auth: &GitAuth) -> PathBuf {
+        let name = hex::encode(Sha256::digest(url.as_bytes()));
+        match auth.identity() {
+            id if id.is_empty() => self.root.join(name),
+            id => self.root.join(format!("{name}-{id}")),
+        }
     }
 
     /// Makes sure `commit` of `url` is in the cache, then writes its files
@@ -149,9 +157,10 @@ impl GitCache {
         url: &str,
         commit: &str,
         dest: &Root,
+        auth: &GitAuth,
     ) -> Result<Fetched, GitError> {
         let oid = parse_commit_id(commit)?;
-        let mirror = self.mirror_path(url);
+        let mirror = self.mirror_path(url, auth);
         let m = mirror.clone();
         let pinned = run_blocking(move || Ok(is_pinned(&m, oid))).await?;
         let fetched = if pinned {
@@ -162,10 +171,10 @@ impl GitCache {
             }
         } else {
             let guard = self.locks.lock(&mirror.to_string_lossy()).await;
-            let (m, u) = (mirror.clone(), url.to_owned());
+            let (m, u, a) = (mirror.clone(), url.to_owned(), auth.clone());
             run_blocking(move || {
                 let _held_until_the_fetch_ends = guard;
-                ensure_commit(&m, &u, oid)
+                ensure_commit(&m, &u, oid, &a)
             })
             .await?
         };
@@ -236,14 +245,14 @@ fn is_pinned(mirror: &Path, oid: Oid) -> bool {
 }
 
 /// Fetches `oid` into the mirror unless it is there already, and pins it.
-fn ensure_commit(mirror: &Path, url: &str, oid: Oid) -> Result<Fetched, GitError> {
+fn ensure_commit(mirror: &Path, url: &str, oid: Oid, auth: &GitAuth) -> Result<Fetched, GitError> {
     let repo = open_mirror(mirror)?;
     let mut fetched = Fetched::default();
     if has_commit(&repo, oid) {
         tracing::debug!("commit already cached");
         fetched.from_cache = true;
     } else {
-        fetched = fetch_commit(&repo, url, oid)?;
+        fetched = fetch_commit(&repo, url, oid, auth)?;
         if !has_commit(&repo, oid) {
             return Err(GitError::CommitNotFound {
                 commit: oid.to_string(),
@@ -259,10 +268,21 @@ fn ensure_commit(mirror: &Path, url: &str, oid: Oid) -> Result<Fetched, GitError
 /// Fetches `oid` and as little else as the server allows: the one branch
 /// or tag whose tip it is, else the commit by id (servers that allow it),
 /// else all branches and tags. Counts what was received.
-fn fetch_commit(repo: &Repository, url: &str, oid: Oid) -> Result<Fetched, GitError> {
-    let mut remote = repo
-        .remote_anonymous(url)
-        .map_err(|e| fetch_error(url, &e))?;
+fn fetch_commit(
+    repo: &Repository,
+    url: &str,
+    oid: Oid,
+    auth: &GitAuth,
+) -> Result<Fetched, GitError> {
+    let failure = AuthFailure::default();
+    let fail = |e: &git2::Error| match failure.take() {
+        Some(why) => GitError::Fetch {
+            url: redact_url(url),
+            message: why,
+        },
+        None => fetch_error(url, e),
+    };
+    let mut remote = repo.remote_anonymous(url).map_err(|e| fail(&e))?;
     let mut fetched = Fetched::default();
     let mut count = |remote: &git2::Remote<'_>| {
         let stats = remote.stats();
@@ -271,12 +291,17 @@ fn fetch_commit(repo: &Repository, url: &str, oid: Oid) -> Result<Fetched, GitEr
     };
     let pin = format!("+{oid}:refs/cache/{oid}");
     let mut tries = Vec::new();
-    if let Some(name) = tip_named(&mut remote, oid) {
-        tries.push(format!("+{name}:refs/cache/{oid}"));
+    match tip_named(&mut remote, oid, callbacks(url, auth, &failure)) {
+        Ok(Some(name)) => tries.push(format!("+{name}:refs/cache/{oid}")),
+        Ok(None) => {}
+        // Refused credentials or an unknown host key: no fetch goes on.
+        Err(e) if failure.0.borrow().is_some() => return Err(fail(&e)),
+        Err(e) => tracing::debug!(error = %e, "listing the remote's refs failed"),
     }
     tries.push(pin);
     for refspec in &tries {
-        match remote.fetch(&[refspec.as_str()], Some(&mut fetch_options()), None) {
+        let mut options = fetch_options(callbacks(url, auth, &failure));
+        match remote.fetch(&[refspec.as_str()], Some(&mut options), None) {
             Ok(()) => {
                 count(&remote);
                 if has_commit(repo, oid) {
@@ -287,13 +312,14 @@ fn fetch_commit(repo: &Repository, url: &str, oid: Oid) -> Result<Fetched, GitEr
         }
     }
     tracing::debug!("fetching all branches and tags");
+    let mut options = fetch_options(callbacks(url, auth, &failure));
     remote
         .fetch(
             &["+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*"],
-            Some(&mut fetch_options()),
+            Some(&mut options),
             None,
         )
-        .map_err(|e| fetch_error(url, &e))?;
+        .map_err(|e| fail(&e))?;
     count(&remote);
     fetched.fell_back = true;
     Ok(fetched)
@@ -303,24 +329,23 @@ fn fetch_commit(repo: &Repository, url: &str, oid: Oid) -> Result<Fetched, GitEr
 /// Most tasks name the commit a branch points at, and fetching that one
 /// ref works with every server, unlike a fetch by commit id, which needs
 /// the server's permission.
-fn tip_named(remote: &mut git2::Remote<'_>, oid: Oid) -> Option<String> {
-    if let Err(e) = remote.connect(git2::Direction::Fetch) {
-        tracing::debug!(error = %e, "listing the remote's refs failed");
-        return None;
-    }
-    let found = remote.list().ok().and_then(|heads| {
+fn tip_named(
+    remote: &mut git2::Remote<'_>,
+    oid: Oid,
+    callbacks: git2::RemoteCallbacks<'_>,
+) -> Result<Option<String>, git2::Error> {
+    let connection = remote.connect_auth(git2::Direction::Fetch, Some(callbacks), None)?;
+    let found = connection.list().ok().and_then(|heads| {
         heads
             .iter()
             .filter(|h| h.oid() == oid)
             .map(|h| h.name().trim_end_matches("^{}").to_owned())
             .find(|n| n.starts_with("refs/heads/") || n.starts_with("refs/tags/"))
     });
-    let _ = remote.disconnect();
-    found
+    Ok(found)
 }
 
-fn fetch_options() -> FetchOptions<'static> {
-    let mut callbacks = git2::RemoteCallbacks::new();
+fn fetch_options(mut callbacks: git2::RemoteCallbacks<'_>) -> FetchOptions<'_> {
     // libgit2 counts received bytes only while a progress callback is set.
     callbacks.transfer_progress(|_| true);
     let mut options = FetchOptions::new();

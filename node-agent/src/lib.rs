@@ -14,6 +14,7 @@ pub mod disk;
 pub mod docker;
 pub mod executor;
 pub mod git;
+pub mod git_auth;
 pub mod host_ssh;
 pub mod keyed_lock;
 pub mod logs;

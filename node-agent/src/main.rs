@@ -126,6 +126,11 @@ struct Cli {
     /// it, the first key seen is trusted and kept in the work directory.
     #[arg(long, env = "UNIDESK_HOST_SSH_KNOWN_HOSTS", requires = "host_ssh")]
     host_ssh_known_hosts: Option<PathBuf>,
+    /// A known_hosts file of SSH git hosts every task may fetch from
+    /// (plain or hashed names). A task's own `known_hosts` secret adds to
+    /// it; an SSH host whose key is in neither is refused.
+    #[arg(long, env = "UNIDESK_GIT_KNOWN_HOSTS")]
+    git_known_hosts: Option<PathBuf>,
 }
 
 /// Parses `KEY=VALUE` with the rules the server applies to node labels, so
@@ -186,7 +191,8 @@ async fn start(cli: Cli) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("preparing the work directory {}", cli.work_dir.display()))?
         .with_part_bytes(cli.part_mb * 1024 * 1024)
         .with_confinement(confinement)
-        .with_build_limits(build);
+        .with_build_limits(build)
+        .with_git_known_hosts(cli.git_known_hosts.clone());
     tracing::info!(
         server = %config.server,
         work_dir = %ctx.work_dir().display(),

@@ -406,6 +406,10 @@ pub struct RunTask {
     /// The secret git fetches `env_repo_url` with, by name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub env_credential: Option<String>,
+    /// The secret holding `known_hosts` lines the repositories' SSH hosts
+    /// are checked against, besides the node's own, by name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub known_hosts: Option<String>,
 }
 
 impl RunTask {
@@ -414,6 +418,7 @@ impl RunTask {
         !self.env_secrets.is_empty()
             || self.code_credential.is_some()
             || self.env_credential.is_some()
+            || self.known_hosts.is_some()
     }
 }
 

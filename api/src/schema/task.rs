@@ -98,6 +98,11 @@ pub struct SubmitGitCredentials {
     /// The secret for `env_repo_url`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub env: Option<String>,
+    /// A secret holding `known_hosts` lines: the SSH host keys the
+    /// repositories' hosts must show, besides those the node trusts. An
+    /// unknown or changed host key fails the task.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub known_hosts: Option<String>,
 }
 
 /// An object to download into the workspace.
@@ -181,6 +186,7 @@ impl From<SubmitTask> for TaskSpecDraft {
             git_credentials: s.git_credentials.map(|g| GitCredentialsDraft {
                 code: g.code,
                 env: g.env,
+                known_hosts: g.known_hosts,
             }),
         }
     }
@@ -307,6 +313,7 @@ impl From<domain::spec::TaskSpec> for TaskSpec {
             git_credentials: (!s.git_credentials.is_empty()).then(|| SubmitGitCredentials {
                 code: s.git_credentials.code.map(|n| n.to_string()),
                 env: s.git_credentials.env.map(|n| n.to_string()),
+                known_hosts: s.git_credentials.known_hosts.map(|n| n.to_string()),
             }),
         }
     }

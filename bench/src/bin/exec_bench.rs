@@ -1335,7 +1335,12 @@ async fn timed_checkout(
     let (down, up) = relay.counts();
     let began = Instant::now();
     let fetched = cache
-        .checkout(url, commit, &into)
+        .checkout(
+            url,
+            commit,
+            &into,
+            &node_agent::git_auth::GitAuth::default(),
+        )
         .await
         .with_context(|| format!("checking out {commit} of {url}"))?;
     let ms = began.elapsed().as_secs_f64() * 1000.0;

@@ -38,6 +38,8 @@ pub struct Context {
     pub(super) confinement: Confinement,
     /// Whether Docker limits containers' writable layers here.
     pub(super) layer_quota: LayerQuota,
+    /// The node's `known_hosts` for SSH repositories.
+    pub(super) git_known_hosts: Option<PathBuf>,
 }
 
 impl Context {
@@ -65,6 +67,7 @@ impl Context {
             files: Files::new(Arc::default(), transfer::PART_BYTES),
             confinement: Confinement::default(),
             layer_quota: LayerQuota::default(),
+            git_known_hosts: None,
         })
     }
 
@@ -104,6 +107,14 @@ impl Context {
     /// connection.
     pub fn files(&self) -> &Files {
         &self.files
+    }
+
+    /// Trusts the SSH host keys in `file` (a `known_hosts` file) for the
+    /// repositories of every task, besides those a task's own
+    /// `known_hosts` secret lists.
+    pub fn with_git_known_hosts(mut self, file: Option<PathBuf>) -> Self {
+        self.git_known_hosts = file;
+        self
     }
 
     /// Sets the grace period between SIGTERM and SIGKILL when an attempt

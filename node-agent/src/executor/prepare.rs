@@ -4,11 +4,13 @@
 
 use std::path::{Component, Path, PathBuf};
 
-use protocol::RunTask;
+use protocol::{RunTask, SecretValues};
+use zeroize::Zeroizing;
 
 use crate::beneath::{blocking, PathError, Root};
 use crate::docker::{self, DockerError, ImageSource};
 use crate::git::GitError;
+use crate::git_auth::GitAuth;
 
 use super::context::Context;
 use super::report::Reporter;
@@ -41,9 +43,22 @@ pub(super) enum PrepareError {
 /// or builds the image; returns the directory and the image's tag.
 pub(super) async fn prepare(
     spec: &RunTask,
+    secrets: &SecretValues,
     ctx: &Context,
     out: &Reporter,
 ) -> Result<(Workspace, String), PrepareError> {
+    let auth = |credential: &Option<String>| GitAuth {
+        credential: credential
+            .as_ref()
+            .and_then(|name| secrets.0.get(name))
+            .map(|v| Zeroizing::new(v.clone())),
+        known_hosts: spec
+            .known_hosts
+            .as_ref()
+            .and_then(|name| secrets.0.get(name))
+            .map(|v| Zeroizing::new(v.clone())),
+        node_known_hosts: ctx.git_known_hosts.clone(),
+    };
     checked_dockerfile_path(&spec.dockerfile_path)?;
     let (workspace, env) = fresh_workspace(ctx, spec.task_id, spec.attempt).await?;
     let code = &workspace.code;
@@ -53,6 +68,7 @@ pub(super) async fn prepare(
         url: &spec.code_repo_url,
         commit: &spec.code_commit_id,
         stages: (STAGE_CODE, STAGE_CODE_READY),
+        auth: auth(&spec.code_credential),
     };
     fetch(ctx, out, code_repo, code).await?;
     let env_repo = Repository {
@@ -60,6 +76,7 @@ pub(super) async fn prepare(
         url: &spec.env_repo_url,
         commit: &spec.env_commit_id,
         stages: (STAGE_ENV, STAGE_ENV_READY),
+        auth: auth(&spec.env_credential),
     };
     fetch(ctx, out, env_repo, &env).await?;
     check_dockerfile(spec, &env).await?;
@@ -76,6 +93,8 @@ struct Repository<'a> {
     commit: &'a str,
     /// The stage reported while it is fetched, and once it is checked out.
     stages: (&'static str, &'static str),
+    /// How git authenticates.
+    auth: GitAuth,
 }
 
 /// Checks `repo` out into `into`, reporting both stages and noting a cache
@@ -90,7 +109,7 @@ async fn fetch(
     out.stage(fetching).await;
     let fetched = ctx
         .git
-        .checkout(repo.url, repo.commit, into)
+        .checkout(repo.url, repo.commit, into, &repo.auth)
         .await
         .map_err(|source| PrepareError::Git {
             role: repo.role,

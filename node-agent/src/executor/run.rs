@@ -96,7 +96,7 @@ async fn attempt(
     made_container: &mut bool,
 ) -> Ending {
     let (workspace, image) = tokio::select! {
-        prepared = prepare(spec, ctx, out) => match prepared {
+        prepared = prepare(spec, secrets, ctx, out) => match prepared {
             Ok(prepared) => prepared,
             Err(e) => return Ending::failed(explain(&e, &ctx.work_dir)),
         },

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use node_agent::docker::{self, ContainerSpec};
 use node_agent::executor::{self, Context, Report, StatusReport};
+use node_agent::git_auth::GitAuth;
 use node_agent::supervisor::Supervisor;
 use protocol::ReportedState;
 use tokio::sync::mpsc;
@@ -529,7 +530,10 @@ async fn a_new_commit_fetches_only_what_is_missing_over_the_git_protocol() {
     let dest = |name: &str| root.create_dir(name, "a checkout").unwrap();
 
     // A fresh clone: every object, counted in bytes too.
-    let clone = cache.checkout(&url, &first, &dest("a")).await.unwrap();
+    let clone = cache
+        .checkout(&url, &first, &dest("a"), &GitAuth::default())
+        .await
+        .unwrap();
     assert!(!clone.from_cache && !clone.fell_back, "{clone:?}");
     assert_eq!(clone.objects, 22, "20 blobs, a tree and a commit");
     assert!(clone.bytes > 0, "{clone:?}");
@@ -538,7 +542,10 @@ async fn a_new_commit_fetches_only_what_is_missing_over_the_git_protocol() {
     std::fs::write(repo.join("file0.txt"), "changed\n").unwrap();
     git_in(&repo, &["commit", "-q", "-am", "second"]);
     let second = git_in(&repo, &["rev-parse", "HEAD"]);
-    let delta = cache.checkout(&url, &second, &dest("b")).await.unwrap();
+    let delta = cache
+        .checkout(&url, &second, &dest("b"), &GitAuth::default())
+        .await
+        .unwrap();
     assert_eq!(delta.objects, 3, "{delta:?}");
     assert!(
         delta.bytes > 0 && delta.bytes < clone.bytes,
@@ -550,7 +557,10 @@ async fn a_new_commit_fetches_only_what_is_missing_over_the_git_protocol() {
     );
 
     // Cached now: nothing fetched at all.
-    let again = cache.checkout(&url, &second, &dest("c")).await.unwrap();
+    let again = cache
+        .checkout(&url, &second, &dest("c"), &GitAuth::default())
+        .await
+        .unwrap();
     assert!(again.from_cache, "{again:?}");
 
     // A commit that is no branch tip any more: git daemon does not serve
@@ -560,7 +570,10 @@ async fn a_new_commit_fetches_only_what_is_missing_over_the_git_protocol() {
     let third = git_in(&repo, &["rev-parse", "HEAD"]);
     std::fs::write(repo.join("file2.txt"), "fourth\n").unwrap();
     git_in(&repo, &["commit", "-q", "-am", "fourth"]);
-    let old = cache.checkout(&url, &third, &dest("d")).await.unwrap();
+    let old = cache
+        .checkout(&url, &third, &dest("d"), &GitAuth::default())
+        .await
+        .unwrap();
     assert!(old.fell_back, "{old:?}");
     assert_eq!(
         std::fs::read_to_string(work.path().join("d/file1.txt")).unwrap(),

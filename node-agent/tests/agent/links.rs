@@ -16,6 +16,7 @@ use git2::{ObjectType, Oid, Repository};
 use node_agent::beneath::Root;
 use node_agent::executor::{self, Context, Report};
 use node_agent::git::{GitCache, GitError};
+use node_agent::git_auth::GitAuth;
 use protocol::{AgentMessage, ReportedState, RunTask, TaskInput, TaskOutput, TransferGrant};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -447,7 +448,10 @@ async fn a_crafted_tree_cannot_make_a_checkout_write_through_a_link() {
         let keep = tempfile::tempdir().unwrap();
         let (url, commit) = crafted(&keep, &[pwned_data, &link_data], &[&inner_raw], &entries);
         let dest = root.create_dir(&format!("c{i}"), "a checkout").unwrap();
-        let e = cache.checkout(&url, &commit, &dest).await.unwrap_err();
+        let e = cache
+            .checkout(&url, &commit, &dest, &GitAuth::default())
+            .await
+            .unwrap_err();
         assert!(matches!(e, GitError::BadTree(_)), "{what}: {e}");
         assert!(e.to_string().contains(says), "{what}: {e}");
         outside.is_untouched();
@@ -477,7 +481,7 @@ async fn committed_links_are_checked_out_as_links_and_never_followed() {
     let root = Root::open(work.path(), "the checkouts").unwrap();
     let dest = root.create_dir("code", "a checkout").unwrap();
     cache
-        .checkout(&repo.url, &repo.commit, &dest)
+        .checkout(&repo.url, &repo.commit, &dest, &GitAuth::default())
         .await
         .unwrap();
     let code = work.path().join("code");

@@ -178,6 +178,7 @@ pub fn spec(code: &Repo, env: &Repo, script: &str) -> RunTask {
         env_secrets: BTreeMap::new(),
         code_credential: None,
         env_credential: None,
+        known_hosts: None,
     }
 }
 
