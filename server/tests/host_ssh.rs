@@ -14,127 +14,13 @@
 
 mod support;
 
-use std::net::TcpStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+use support::sshd::Sshd;
 use support::{spawn_agent, Agents};
-use testkit::eventually;
-use testkit::free_port;
 use testkit::process::{Api, ServerProcess};
-
-fn run(program: &str, args: &[&str]) -> String {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| {
-            panic!("{program}: {e} (install openssh-server and openssh-client: ops/test.sh does)")
-        });
-    assert!(
-        out.status.success(),
-        "{program} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
-}
-
-/// A real `sshd` on 127.0.0.1 that lets the current user in with one key;
-/// stopped when dropped.
-struct Sshd {
-    child: Child,
-    port: u16,
-    user: String,
-    client_key: PathBuf,
-}
-
-impl Drop for Sshd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Sshd {
-    async fn start(dir: &Path) -> Sshd {
-        let sshd = Path::new("/usr/sbin/sshd");
-        assert!(
-            sshd.exists(),
-            "/usr/sbin/sshd is missing: install openssh-server (ops/test.sh does)"
-        );
-        let key = |name: &str| {
-            let path = dir.join(name);
-            run(
-                "ssh-keygen",
-                &[
-                    "-q",
-                    "-t",
-                    "ed25519",
-                    "-N",
-                    "",
-                    "-f",
-                    path.to_str().unwrap(),
-                ],
-            );
-            path
-        };
-        let host_key = key("host_key");
-        let client_key = key("client_key");
-        std::fs::copy(dir.join("client_key.pub"), dir.join("authorized_keys")).unwrap();
-        // sshd insists on its privilege separation directory.
-        let _ = std::fs::create_dir_all("/run/sshd");
-        let user = run("id", &["-un"]);
-        let port = free_port();
-        let config = dir.join("sshd_config");
-        std::fs::write(
-            &config,
-            format!(
-                "Port {port}\n\
-                 ListenAddress 127.0.0.1\n\
-                 HostKey {host_key}\n\
-                 AuthorizedKeysFile {keys}\n\
-                 PidFile {pid}\n\
-                 StrictModes no\n\
-                 UsePAM no\n\
-                 PasswordAuthentication no\n\
-                 KbdInteractiveAuthentication no\n\
-                 PubkeyAuthentication yes\n\
-                 PermitRootLogin prohibit-password\n\
-                 AllowUsers {user}\n",
-                host_key = host_key.display(),
-                keys = dir.join("authorized_keys").display(),
-                pid = dir.join("sshd.pid").display(),
-            ),
-        )
-        .unwrap();
-        let child = Command::new(sshd)
-            .args(["-D", "-e", "-f"])
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let sshd = Sshd {
-            child,
-            port,
-            user,
-            client_key,
-        };
-        eventually(
-            "sshd to listen on its port",
-            Duration::from_secs(20),
-            || async { TcpStream::connect(("127.0.0.1", port)).ok().map(drop) },
-        )
-        .await;
-        sshd
-    }
-
-    fn target(&self) -> String {
-        format!("{}@127.0.0.1:{}", self.user, self.port)
-    }
-}
 
 /// The server and its agents; stopped when dropped.
 struct Platform {
@@ -223,7 +109,7 @@ fn detail(v: &Value) -> String {
 #[tokio::test]
 async fn an_admin_runs_bounded_commands_on_a_nodes_host_over_real_ssh() {
     let keys = tempfile::tempdir().unwrap();
-    let sshd = Sshd::start(keys.path()).await;
+    let sshd = Sshd::start(keys.path(), "").await;
     let mut p = Platform::start().await;
     let host = p
         .agent(

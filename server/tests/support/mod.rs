@@ -5,6 +5,8 @@
 
 #![allow(dead_code, reason = "each test file uses a different part")]
 
+pub mod sshd;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
