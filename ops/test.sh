@@ -34,10 +34,11 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # Debian packages the build and the tests need. Add to this list when a
 # crate needs another system library or tool. The PostgreSQL server is
 # handled apart: it is installed only when no initdb is found. The OpenSSH
-# server and client are for the host SSH test, which starts its own sshd;
+# server and client are for the host SSH and private repository tests,
+# which start their own sshd (openssl makes their private CA);
 # Chromium and its WebDriver for the web view's browser test; Python's venv
 # for schemathesis, which checks the API against its OpenAPI document.
-APT_PACKAGES=(pkg-config libssl-dev busybox-static git openssh-server openssh-client chromium chromium-driver python3-venv)
+APT_PACKAGES=(pkg-config libssl-dev openssl busybox-static git openssh-server openssh-client chromium chromium-driver python3-venv)
 
 # The schemathesis release the API is checked with, the seed, and how many
 # cases per operation and phase: together about 3 minutes on 2 cores.
