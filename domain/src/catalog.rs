@@ -150,7 +150,7 @@ mod tests {
         let count = |aggregate: &str| all.iter().filter(|t| t.aggregate == aggregate).count();
         assert_eq!(count("task"), 14);
         assert_eq!(count("node"), 12);
-        assert_eq!(count("project"), 6);
+        assert_eq!(count("project"), 8);
         assert_eq!(count("user"), 3);
         let mut names: Vec<&str> = all.iter().map(|t| t.event_type.as_str()).collect();
         names.sort_unstable();
@@ -158,5 +158,6 @@ mod tests {
         assert_eq!(names.len(), all.len());
         assert!(names.contains(&"NodeHostSshRequested"));
         assert!(names.contains(&"TaskArtifactRecorded"));
+        assert!(names.contains(&"ProjectSecretSet"));
     }
 }
