@@ -220,6 +220,9 @@ const WORKSPACE_PATH: &str = r"^(?:\.(?:/\.?)*/(?:[A-Za-z0-9_+=@,-][A-Za-z0-9._+
 /// one neither empty nor `.`, the first such not `.git`.
 const DOCKERFILE_PATH: &str = r"^(?:\./(?:\.?/)*)?(?:[^\x00-\x1F\x7F-\x9F\\/.][^\x00-\x1F\x7F-\x9F\\/]*|\.(?:[^\x00-\x1F\x7F-\x9F\\/.g][^\x00-\x1F\x7F-\x9F\\/]*|g(?:[^\x00-\x1F\x7F-\x9F\\/i][^\x00-\x1F\x7F-\x9F\\/]*|i(?:[^\x00-\x1F\x7F-\x9F\\/t][^\x00-\x1F\x7F-\x9F\\/]*|t[^\x00-\x1F\x7F-\x9F\\/]+)?)?)|\.\.[^\x00-\x1F\x7F-\x9F\\/]+)(?:/(?:\.|[^\x00-\x1F\x7F-\x9F\\/.][^\x00-\x1F\x7F-\x9F\\/]*|\.[^\x00-\x1F\x7F-\x9F\\/.][^\x00-\x1F\x7F-\x9F\\/]*|\.\.[^\x00-\x1F\x7F-\x9F\\/]+)?)*$";
 
+/// A secret's name, as [`domain::Name`] checks it.
+pub const SECRET_NAME: &str = "^[a-z0-9][a-z0-9._-]{0,62}$";
+
 /// Adds what utoipa's types cannot carry: that a token takes one expiry
 /// at most, and the events of the live streams.
 ///
@@ -258,6 +261,10 @@ fn describe_streams(doc: &mut Value) {
         },
         "additionalProperties": {"type": "string", "pattern": no_nul}
     });
+    // [`domain::spec::TaskSpec::env_secrets`]: variables as in `env`, each
+    // naming a secret by its name.
+    let mut env_secrets = env.clone();
+    env_secrets["additionalProperties"] = json!({"type": "string", "pattern": SECRET_NAME});
     let command = json!({
         "type": ["array", "null"],
         "maxItems": domain::spec::limits::MAX_ARGS,
@@ -266,6 +273,10 @@ fn describe_streams(doc: &mut Value) {
     for (pointer, schema) in [
         ("/components/schemas/SubmitTask/properties/env", env),
         ("/components/schemas/SubmitTask/properties/command", command),
+        (
+            "/components/schemas/SubmitTask/properties/env_secrets",
+            env_secrets,
+        ),
         (
             "/components/schemas/SubmitInput/properties/name",
             workspace.clone(),

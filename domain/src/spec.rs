@@ -912,20 +912,16 @@ impl TaskSpecDraft {
         }
         let mut env_secrets = BTreeMap::new();
         let drafted = self.env_secrets.unwrap_or_default();
-        if env.len() + drafted.len() > limits::MAX_ENV {
+        if drafted.len() > limits::MAX_ENV {
             e.push(FieldError::new(
                 "env_secrets",
-                format!("at most {} variables, with those of env", limits::MAX_ENV),
+                format!("at most {} variables", limits::MAX_ENV),
             ));
         }
+        // A variable also in `env` gets the secret's value (the agent sets
+        // secrets last).
         for (k, secret) in drafted {
             check_variable(&mut e, "env_secrets", &k);
-            if env.contains_key(&k) {
-                e.push(FieldError::new(
-                    format!("env_secrets.{k}"),
-                    "is also set in env; a variable has one value",
-                ));
-            }
             match Name::parse(&secret) {
                 Ok(name) => {
                     env_secrets.insert(k, name);
@@ -1728,7 +1724,6 @@ mod tests {
                 "env_secrets.1BAD",
                 "env_secrets.CUDA_VISIBLE_DEVICES",
                 "env_secrets.GOOD",
-                "env_secrets.TOKEN",
                 "git_credentials.code"
             ]
         );

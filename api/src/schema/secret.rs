@@ -9,10 +9,15 @@ use utoipa::ToSchema;
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SetSecret {
-    /// The value: 4 bytes to 64 KiB of text without NUL (an API token, an
-    /// SSH private key, a `known_hosts` file). It is sealed at once, never
-    /// shown again, and masked as `***` in task output.
-    #[schema(example = "wandb-0123456789abcdef", min_length = 4, max_length = 65536)]
+    /// The value: 4 to 16384 characters of text without NUL (an API
+    /// token, an SSH private key, a `known_hosts` file). It is sealed at
+    /// once, never shown again, and masked as `***` in task output.
+    #[schema(
+        example = "wandb-0123456789abcdef",
+        min_length = 4,
+        max_length = 16384,
+        pattern = "^[^\\u0000]*$"
+    )]
     pub value: String,
 }
 

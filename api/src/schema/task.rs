@@ -78,7 +78,8 @@ pub struct SubmitTask {
     /// Environment variables whose values are secrets of the project, by
     /// variable: `{"WANDB_API_KEY": "wandb"}`. Each secret must exist; its
     /// value never enters the task, the log or any answer, and is masked
-    /// as `***` in the task's output.
+    /// as `***` in the task's output. A variable also given in `env` gets
+    /// the secret's value.
     #[schema(example = json!({"WANDB_API_KEY": "wandb"}))]
     pub env_secrets: Option<BTreeMap<String, String>>,
     /// The secrets git fetches the repositories with: an SSH private key
@@ -92,15 +93,17 @@ pub struct SubmitTask {
 #[serde(deny_unknown_fields)]
 pub struct SubmitGitCredentials {
     /// The secret for `code_repo_url`.
-    #[schema(example = "deploy-key")]
+    #[schema(example = "deploy-key", pattern = "^[a-z0-9][a-z0-9._-]{0,62}$")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub code: Option<String>,
     /// The secret for `env_repo_url`.
+    #[schema(pattern = "^[a-z0-9][a-z0-9._-]{0,62}$")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub env: Option<String>,
     /// A secret holding `known_hosts` lines: the SSH host keys the
     /// repositories' hosts must show, besides those the node trusts. An
     /// unknown or changed host key fails the task.
+    #[schema(pattern = "^[a-z0-9][a-z0-9._-]{0,62}$")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub known_hosts: Option<String>,
 }

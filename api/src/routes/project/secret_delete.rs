@@ -29,7 +29,7 @@ pub fn router() -> OpenApiRouter<AppState> {
     tag = "projects",
     params(
         ("id" = Uuid, Path, description = "The project's id"),
-        ("name" = String, Path, description = "The secret's name")
+        ("name" = String, Path, description = "The secret's name", pattern = "^[a-z0-9][a-z0-9._-]{0,62}$")
     ),
     responses(
         (status = 204, description = "Deleted"),

@@ -24,8 +24,11 @@ pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new().routes(routes!(set_secret))
 }
 
-/// The shortest value: shorter ones would mask ordinary words in output.
-pub const MIN_VALUE_BYTES: usize = 4;
+/// The shortest value, in characters: shorter ones would mask ordinary
+/// words in output.
+pub const MIN_VALUE_CHARS: usize = 4;
+/// The longest value, in characters (and so at most 64 KiB).
+pub const MAX_VALUE_CHARS: usize = 16 * 1024;
 
 /// Sets the secret `name` of the project to a new value (a new version).
 /// Maintainers only. The value is never shown again.
@@ -35,7 +38,7 @@ pub const MIN_VALUE_BYTES: usize = 4;
     tag = "projects",
     params(
         ("id" = Uuid, Path, description = "The project's id"),
-        ("name" = String, Path, description = "The secret's name: 1-63 lower-case letters, digits, '.', '_' or '-'")
+        ("name" = String, Path, description = "The secret's name: 1-63 lower-case letters, digits, '.', '_' or '-', starting with a letter or digit", pattern = "^[a-z0-9][a-z0-9._-]{0,62}$")
     ),
     request_body = SetSecret,
     responses(
@@ -119,17 +122,17 @@ async fn set_secret(
 /// Refuses values that cannot be kept or used: too short to mask, too
 /// long, or holding NUL (no environment variable or file can carry it).
 fn check_value(value: &str) -> Result<(), ApiError> {
-    let len = value.len();
-    if len < MIN_VALUE_BYTES {
+    let chars = value.chars().count();
+    if chars < MIN_VALUE_CHARS {
         return Err(ApiError::invalid(
             "value",
-            format!("must be at least {MIN_VALUE_BYTES} bytes (shorter values would be masked wherever they appear in output); got {len}"),
+            format!("must be at least {MIN_VALUE_CHARS} characters (shorter values would be masked wherever they appear in output); got {chars}"),
         ));
     }
-    if len > MAX_VALUE_BYTES {
+    if chars > MAX_VALUE_CHARS || value.len() > MAX_VALUE_BYTES {
         return Err(ApiError::invalid(
             "value",
-            format!("must be at most {MAX_VALUE_BYTES} bytes; got {len}"),
+            format!("must be at most {MAX_VALUE_CHARS} characters; got {chars}"),
         ));
     }
     if value.contains('\0') {

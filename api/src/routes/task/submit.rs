@@ -42,7 +42,7 @@ pub fn router() -> OpenApiRouter<AppState> {
         (status = 400, description = "Malformed JSON", body = ErrorBody),
         (status = 401, description = "No valid token", body = ErrorBody),
         (status = 403, description = "A viewer of the project", body = ErrorBody),
-        (status = 404, description = "No such project, or not one of the caller's", body = ErrorBody),
+        (status = 404, description = "No such project, or not one of the caller's; a secret the task names that the project does not have", body = ErrorBody),
         (status = 409, description = "The project is archived; or the `Idempotency-Key` was used for another request, or an earlier request with it is still being worked on", body = ErrorBody),
         (status = 413, description = "Body too large", body = ErrorBody),
         (status = 415, description = "Body is not JSON", body = ErrorBody),
@@ -107,14 +107,17 @@ async fn queue(
             "the project is archived and takes no new tasks",
         )));
     }
-    let missing: Vec<Problem> = spec
+    // Like a project that does not exist: what the task refers to is not
+    // there (now), so 404 naming the field.
+    if let Some((name, field)) = spec
         .secrets()
         .into_iter()
-        .filter(|(name, _)| access.project.secret(name).is_none())
-        .map(|(name, field)| Problem::field(field, format!("the project has no secret {name}")))
-        .collect();
-    if !missing.is_empty() {
-        return Err(ApiError::Invalid(missing));
+        .find(|(name, _)| access.project.secret(name).is_none())
+    {
+        return Err(ApiError::not_found_field(
+            &field,
+            format!("the project has no secret {name}"),
+        ));
     }
     crate::routes::object::require_verified_inputs(state, &spec).await?;
     let now = Utc::now();
