@@ -134,6 +134,8 @@ binaries() {
     trap "rm -rf -- '$CONTEXT'" EXIT
     mkdir -p "$CONTEXT/bin"
     cp -r ops/docker/. "$CONTEXT/"
+    chmod 0755 "$CONTEXT"/*.sh
+    chmod 0644 "$CONTEXT"/Caddyfile
     ((${#bins[@]})) || return 0
     if [[ $PROFILE == debug ]]; then dir=target/debug; fi
     if ((CARGO)); then

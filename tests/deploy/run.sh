@@ -18,8 +18,8 @@
 #      the README (wss with --ca-file), and sees it online;
 #   4. upgrades the node's agent (the agent image under a second tag) while
 #      a task runs; the task completes as attempt 1, adopted;
-#   5. takes a backup, `down` (volumes kept) and `up`: everything is still
-#      there; restores the backup with ops/restore.sh into a new volume:
+#   5. takes a backup, `down` (volumes kept) and `up` with two server
+#      replicas: everything is still there; restores the backup with ops/restore.sh into a new volume:
 #      the same event count and final hash.
 # Everything it made is removed at the end, also on failure
 # (DEPLOY_KEEP=1 keeps the project running for a look after a failure;
@@ -382,14 +382,26 @@ say "$(basename "$dump"): $(stat -c %s "$TMP/backup.dump") bytes; events: $BEFOR
 step "down (volumes kept), up: everything still there"
 t=$SECONDS
 compose down -t 20 2>&1 | grep -v -e '^Stopping' -e '^Removing' >&2 || true
-compose up -d 2>&1 | grep -v -e '^Creating' -e '^Starting' >&2 || true
+# Back with two server replicas: the gateway finds both through Docker's DNS.
+compose up -d --scale server=2 2>&1 | grep -v -e '^Creating' -e '^Starting' >&2 || true
 until_ok 180 "the API after up" healthy
+servers_healthy() {
+    local ids
+    ids=$(compose ps -q server)
+    (($(wc -l <<<"$ids") == 2)) || return 1
+    for c in $ids; do [[ $(docker inspect -f '{{.State.Health.Status}}' "$c") == healthy ]] || return 1; done
+}
+until_ok 60 "two healthy server replicas" servers_healthy
+for _ in $(seq 1 20); do
+    [[ $("${CURL[@]}" -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $ADMIN" "$API/projects/$PROJECT_ID") == 200 ]] ||
+        fail "a request through the gateway to two replicas failed"
+done
 [[ $(admin_token | tr -d '\r\n') == "$ADMIN" ]] || fail "the admin token changed"
 api GET /users/alice >/dev/null || fail "alice is gone"
 [[ $(api GET "/projects/$PROJECT_ID" | jq -r .name) == deploy ]] || fail "the project is gone"
 [[ $(state_of "$TASK1") == succeeded && $(state_of "$TASK2") == succeeded ]] || fail "the tasks are not as they were"
 until_ok 60 "the built-in node online again with its kept token" node_up_again
-say "back in $((SECONDS - t)) s with the same users, project, tasks, tokens"
+say "back in $((SECONDS - t)) s, two server replicas, with the same users, project, tasks, tokens"
 
 # ---------------------------------------------------------------------------
 step "restore the backup into a new volume"
