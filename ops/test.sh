@@ -18,11 +18,17 @@
 # It needs Docker, and root for its network namespaces (without root its
 # real agents run without them).
 #
-# The full run ends by checking the API against its own OpenAPI document:
+# The full run then checks the API against its own OpenAPI document:
 # schemathesis (a pinned version, in a virtualenv under
 # ${XDG_CACHE_HOME:-~/.cache}/unidesk) fuzzes every operation of a fresh
 # `unidesk dev` and fails the run on any finding. UNIDESK_SCHEMATHESIS_SEED
 # picks its seed (fixed by default, so a finding can be replayed).
+#
+# Last, the deployment's system test (tests/deploy/run.sh) builds the
+# images with debug binaries and puts compose.yml through TLS, a task from a
+# git daemon, an agent upgrade during a task, a backup, down/up and a
+# restore (about 5 minutes once the images' layers are cached).
+# UNIDESK_SKIP_DEPLOY=1 leaves it out, for quicker runs.
 #
 # To test against a server of your own instead of a private cluster, set
 # UNIDESK_TEST_DATABASE_URL to a URL of a user who may CREATE DATABASE,
@@ -37,8 +43,10 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # server and client are for the host SSH and private repository tests,
 # which start their own sshd (openssl makes their private CA);
 # Chromium and its WebDriver for the web view's browser test; Python's venv
-# for schemathesis, which checks the API against its OpenAPI document.
-APT_PACKAGES=(pkg-config libssl-dev openssl busybox-static git openssh-server openssh-client chromium chromium-driver python3-venv)
+# for schemathesis, which checks the API against its OpenAPI document;
+# debootstrap, docker-compose, jq, curl and openssl for the deployment test.
+APT_PACKAGES=(pkg-config libssl-dev busybox-static git openssh-server openssh-client chromium chromium-driver python3-venv
+    debootstrap docker-compose jq curl openssl binutils)
 
 # The schemathesis release the API is checked with, the seed, and how many
 # cases per operation and phase: together about 3 minutes on 2 cores.
@@ -379,6 +387,13 @@ else
 
     begin "schemathesis: the API against its OpenAPI document"
     check_api_document
+
+    begin "deployment: compose.yml end to end (tests/deploy/run.sh)"
+    if [[ ${UNIDESK_SKIP_DEPLOY:-0} == 1 ]]; then
+        say "skipped (UNIDESK_SKIP_DEPLOY=1)"
+    else
+        bash tests/deploy/run.sh
+    fi
 fi
 
 STEP="done"

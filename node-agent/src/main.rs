@@ -45,7 +45,8 @@ struct Cli {
     /// A file holding the node token (wins over --token).
     #[arg(long, env = "UNIDESK_NODE_TOKEN_FILE")]
     token_file: Option<PathBuf>,
-    /// PEM file of the private CA that signed the server's certificate (wss).
+    /// PEM file of the private CA that signed the server's certificate
+    /// (wss); object transfers trust it too, besides the public roots.
     #[arg(long, env = "UNIDESK_CA_FILE")]
     ca_file: Option<PathBuf>,
     /// A label KEY=VALUE the node declares; repeatable.
@@ -187,12 +188,19 @@ async fn start(cli: Cli) -> anyhow::Result<ExitCode> {
         .await
         .context("connecting to Docker")?;
     let (confinement, build) = task_limits(&cli, config.resources.cpus)?;
-    let ctx = Context::new(docker, &cli.work_dir)
+    let mut ctx = Context::new(docker, &cli.work_dir)
         .with_context(|| format!("preparing the work directory {}", cli.work_dir.display()))?
         .with_part_bytes(cli.part_mb * 1024 * 1024)
         .with_confinement(confinement)
         .with_build_limits(build)
         .with_git_known_hosts(cli.git_known_hosts.clone());
+    if let Some(ca_file) = &cli.ca_file {
+        // The object store is often behind the same gateway, with a
+        // certificate of the same private CA.
+        ctx = ctx
+            .with_ca_file(ca_file)
+            .map_err(|e| anyhow::anyhow!("--ca-file for object transfers: {e}"))?;
+    }
     tracing::info!(
         server = %config.server,
         work_dir = %ctx.work_dir().display(),

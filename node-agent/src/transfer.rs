@@ -169,12 +169,16 @@ pub struct Moved {
     pub sha256: String,
 }
 
-fn client() -> reqwest::Client {
-    reqwest::Client::builder()
+/// The HTTP client of transfers: the public roots, and the certificates
+/// in `extra_roots` besides.
+fn client(extra_roots: &[reqwest::Certificate]) -> reqwest::Client {
+    let mut builder = reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(30))
-        .read_timeout(Duration::from_secs(120))
-        .build()
-        .unwrap_or_default()
+        .read_timeout(Duration::from_secs(120));
+    for cert in extra_roots {
+        builder = builder.add_root_certificate(cert.clone());
+    }
+    builder.build().unwrap_or_default()
 }
 
 impl Files {
@@ -183,9 +187,27 @@ impl Files {
     pub fn new(broker: Arc<Broker>, part_bytes: u64) -> Self {
         Files {
             broker,
-            client: client(),
+            client: client(&[]),
             part_bytes: part_bytes.max(5 * 1024 * 1024),
         }
+    }
+
+    /// The same transfers, trusting the certificates of the PEM file
+    /// `ca_file` (the private CA of `--ca-file`) besides the public roots:
+    /// an object store behind the same gateway as the server has a
+    /// certificate that CA signed.
+    ///
+    /// # Errors
+    /// The file cannot be read or holds no certificate.
+    pub fn with_ca_file(mut self, ca_file: &std::path::Path) -> Result<Self, String> {
+        let pem = std::fs::read(ca_file).map_err(|e| format!("{}: {e}", ca_file.display()))?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem)
+            .map_err(|e| format!("{}: {e}", ca_file.display()))?;
+        if certs.is_empty() {
+            return Err(format!("{}: no certificate in it", ca_file.display()));
+        }
+        self.client = client(&certs);
+        Ok(self)
     }
 
     /// The broker the connection serves.
@@ -643,6 +665,19 @@ pub fn summary(n: u64, files: usize, started: Instant) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_ca_file_without_certificates_or_missing_is_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = Files::new(Arc::default(), PART_BYTES);
+        let missing = dir.path().join("missing.pem");
+        let err = files.clone().with_ca_file(&missing).unwrap_err();
+        assert!(err.contains("missing.pem"), "{err}");
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "not a certificate\n").unwrap();
+        let err = files.with_ca_file(&empty).unwrap_err();
+        assert!(err.contains("no certificate"), "{err}");
+    }
 
     #[test]
     fn huge_files_get_larger_parts_so_the_completion_fits_a_frame() {

@@ -50,6 +50,9 @@ enum Command {
         #[command(subcommand)]
         command: replay::EventsCommand,
     },
+    /// Serve the S3-compatible object store alone (the one `dev` embeds),
+    /// keeping objects under --dir.
+    Objects(crate::objects_server::ObjectsArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -223,6 +226,7 @@ fn database_url(db: &DbArgs) -> anyhow::Result<String> {
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Dev(args) => dev::run(args).await,
+        Command::Objects(args) => crate::objects_server::run(args).await,
         Command::Serve(args) => {
             let pool =
                 connect_server(&database_url(&args.db)?, args.server.session_timeouts()).await?;

@@ -5,6 +5,7 @@ pub mod cli;
 pub mod dev;
 pub mod janitor;
 pub mod objects;
+pub mod objects_server;
 pub mod replay;
 pub mod roles;
 pub mod scheduler;

@@ -103,6 +103,16 @@ impl Context {
         self
     }
 
+    /// Trusts the private CA in `ca_file` for transfers too (call after
+    /// [`Context::with_part_bytes`]).
+    ///
+    /// # Errors
+    /// The file cannot be read or holds no certificate.
+    pub fn with_ca_file(mut self, ca_file: &Path) -> Result<Self, String> {
+        self.files = self.files.with_ca_file(ca_file)?;
+        Ok(self)
+    }
+
     /// What moves task inputs and outputs; its broker is served by the
     /// connection.
     pub fn files(&self) -> &Files {
