@@ -4,6 +4,8 @@
 #   DIR/db_password     the database password (hex: safe in a URL)
 #   DIR/s3_access_key   the object store's access key id
 #   DIR/s3_secret_key   the object store's secret key
+#   DIR/secrets_key     the key that seals project secrets (64 hex digits);
+#                       keep a copy apart from the backups
 #
 #   bash ops/secrets.sh [DIR]        # DIR: UNIDESK_SECRETS_DIR, else ./secrets
 #
@@ -34,3 +36,4 @@ make() {
 make db_password "$(openssl rand -hex 24)"
 make s3_access_key "unidesk-$(openssl rand -hex 6)"
 make s3_secret_key "$(openssl rand -hex 24)"
+make secrets_key "$(openssl rand -hex 32)"

@@ -257,6 +257,9 @@ ALICE=$(api POST /users/alice/tokens '{"label":"deploy test"}' | jq -r .token)
 [[ -n $ALICE && $ALICE != null ]] || fail "no token for alice"
 PROJECT_ID=$(api POST /projects '{"name":"deploy","description":"the deployment test"}' | jq -r .id)
 api POST "/projects/$PROJECT_ID/members" '{"user":"alice","role":"member"}' >/dev/null
+# The server has its secrets key: a project secret can be set.
+[[ $(api PUT "/projects/$PROJECT_ID/secrets/deploy-check" '{"value":"check-Hh4Jj6Kk8Ll0"}' | jq -r .version) == 1 ]] ||
+    fail "a project secret could not be set: the server has no secrets key"
 ADMIN=$TOKEN
 TOKEN=$ALICE
 task_json() {
