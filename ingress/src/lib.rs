@@ -137,6 +137,8 @@ pub struct Ingress {
     objects: Option<objects::ObjectStore>,
     /// How often each node may connect and have its refusals told.
     admission: Admission,
+    /// What the ingress counts for `/metrics`.
+    metrics: telemetry::IngressMetrics,
 }
 
 impl Ingress {
@@ -153,7 +155,22 @@ impl Ingress {
             log_notifier: LogNotifier::default(),
             objects: None,
             admission: Admission::new(ConnectLimits::default()),
+            metrics: telemetry::IngressMetrics::default(),
         }
+    }
+
+    /// The same ingress counting into the process's `metrics` (sessions,
+    /// heartbeats, reports, output stored, its outbox lag). Call before
+    /// serving.
+    pub fn with_metrics(mut self, metrics: &telemetry::Metrics) -> Self {
+        self.metrics = metrics.ingress().clone();
+        let registry = self.registry.clone();
+        let counts = self.metrics.clone();
+        metrics.on_scrape(move || {
+            counts.set_connected(registry.len());
+            std::future::ready(())
+        });
+        self
     }
 
     /// The same ingress with other limits on how often a node may connect
@@ -244,10 +261,12 @@ impl Ingress {
             None => self.start_point().await?,
         };
         let mut events = 0;
+        self.metrics.delivered(at);
         while let Some((next, read)) = fanout::run_once(self, at).await? {
             at = next;
             events += read;
             *delivered = Some(at);
+            self.metrics.delivered(at);
         }
         *delivered = Some(at);
         tracing::Span::current().record("events", events);
@@ -301,6 +320,10 @@ impl Ingress {
 
     fn log_limits(&self) -> LogLimits {
         self.log_limits
+    }
+
+    fn metrics(&self) -> &telemetry::IngressMetrics {
+        &self.metrics
     }
 
     fn log_notifier(&self) -> &LogNotifier {

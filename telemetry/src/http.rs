@@ -26,7 +26,7 @@ const BUCKETS: [f64; 12] = [
 
 /// The HTTP families of a process. Cheap to clone; clones share the
 /// counts.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct HttpMetrics {
     requests: IntCounterVec,
     duration: HistogramVec,

@@ -57,7 +57,7 @@ impl ReportOutcome {
 /// The ingress's families. Cheap to clone; clones share the counts. One
 /// made with [`IngressMetrics::default`] counts for nobody (an ingress
 /// built without a process's [`crate::Metrics`]).
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct IngressMetrics {
     connected: IntGauge,
     heartbeats: IntCounter,

@@ -30,6 +30,9 @@ use prometheus::{Encoder, IntCounterVec, Opts, Registry, TextEncoder};
 use store::Store;
 
 pub use ingress::IngressMetrics;
+/// The metrics library, for the families other crates define and
+/// [`Metrics::register`].
+pub use prometheus;
 
 /// The content type of a scrape's answer: the Prometheus text format 0.0.4.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";

@@ -30,7 +30,7 @@ pub const BUCKETS: [f64; 15] = [
 ];
 
 /// The two histograms. Cheap to clone; clones share the counts.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct TaskLatencies {
     submit_to_assign: Histogram,
     assign_to_running: Histogram,
