@@ -36,8 +36,9 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # handled apart: it is installed only when no initdb is found. The OpenSSH
 # server and client are for the host SSH test, which starts its own sshd;
 # Chromium and its WebDriver for the web view's browser test; Python's venv
-# for schemathesis, which checks the API against its OpenAPI document.
-APT_PACKAGES=(pkg-config libssl-dev busybox-static git openssh-server openssh-client chromium chromium-driver python3-venv)
+# for schemathesis, which checks the API against its OpenAPI document;
+# Prometheus for promtool, which checks the text every /metrics serves.
+APT_PACKAGES=(pkg-config libssl-dev busybox-static git openssh-server openssh-client chromium chromium-driver python3-venv prometheus)
 
 # The schemathesis release the API is checked with, the seed, and how many
 # cases per operation and phase: together about 3 minutes on 2 cores.
