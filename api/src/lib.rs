@@ -107,7 +107,6 @@ pub struct AppState {
     limiter: Option<Arc<limits::Limiter>>,
     stream_slots: StreamSlots,
     limit_counters: Arc<limits::LimitCounters>,
-    health: Arc<health::HealthChecks>,
     metrics: telemetry::Metrics,
 }
 
@@ -132,18 +131,15 @@ impl AppState {
             limiter: config.rate_limit.map(|l| Arc::new(limits::Limiter::new(l))),
             stream_slots: StreamSlots::new(config.max_streams_per_user),
             limit_counters: Arc::default(),
-            health: Arc::new(health::HealthChecks::new(
-                store.pool().clone(),
-                config.health,
-            )),
             store,
             config: Arc::new(config),
         }
     }
 
     /// The same state counting into the process's `metrics`, which its
-    /// `/metrics` serves: the API's own counters (rate limit and stream
-    /// refusals, open streams) are registered there.
+    /// `/metrics` serves and whose health figures its `/readyz` reports:
+    /// the API's own counters (rate limit and stream refusals, open
+    /// streams) are registered there.
     pub fn with_metrics(mut self, metrics: telemetry::Metrics) -> Self {
         self.register_metrics(&metrics);
         self.metrics = metrics;
@@ -233,7 +229,7 @@ impl AppState {
 
     /// The platform's health as `/readyz` and `/metrics` report it.
     pub fn health(&self) -> &health::HealthChecks {
-        &self.health
+        self.metrics.health()
     }
 
     pub(crate) fn limiter(&self) -> Option<&limits::Limiter> {

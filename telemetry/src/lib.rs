@@ -15,6 +15,7 @@
 //! only on the private listener ([`Scope::Private`]), at most
 //! [`platform::MAX_PROJECTS`] of them.
 
+pub mod health;
 pub mod http;
 pub mod ingress;
 pub mod platform;
@@ -61,6 +62,7 @@ pub struct Metrics {
 
 struct Inner {
     registry: Registry,
+    health: health::HealthChecks,
     hooks: Mutex<Vec<Hook>>,
     platform: platform::Platform,
     http: http::HttpMetrics,
@@ -89,6 +91,7 @@ impl Metrics {
         let metrics = Self {
             inner: Arc::new(Inner {
                 registry,
+                health: health::HealthChecks::new(store.pool().clone(), limits),
                 hooks: Mutex::new(Vec::new()),
                 platform: platform::Platform::new(store.pool().clone(), limits),
                 http,
@@ -98,6 +101,11 @@ impl Metrics {
         };
         metrics.count_aggregate_loads(store);
         metrics
+    }
+
+    /// The platform's health figures, shared by `/readyz` and `/metrics`.
+    pub fn health(&self) -> &health::HealthChecks {
+        &self.inner.health
     }
 
     /// Registers `collector` (a counter, gauge or histogram, or a family of
@@ -173,7 +181,12 @@ impl Metrics {
             hook().await;
         }
         let mut families = self.inner.registry.gather();
-        families.extend(self.inner.platform.families(scope).await);
+        families.extend(
+            self.inner
+                .platform
+                .families(&self.inner.health, scope)
+                .await,
+        );
         encode(families)
     }
 

@@ -7,8 +7,11 @@
 //! the same values (except the ingress's lag, which is its own): aggregate
 //! them with `max` across instances, not `sum`. One measurement answers
 //! every scrape for [`FRESH_FOR`], so scrapes arriving together cost the
-//! database one. When the database cannot be read, `unidesk_database_up`
-//! is 0 and the other platform gauges are left out rather than shown stale.
+//! database one; the health figures (dead letters, the oldest transaction,
+//! the database's size, degraded) are the ones `/readyz` reports at the
+//! same moment ([`crate::health::HealthChecks`]). When the database cannot
+//! be read, `unidesk_database_up` is 0 and the other platform gauges are
+//! left out rather than shown stale.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex as SyncMutex;
@@ -26,7 +29,7 @@ use tokio::sync::Mutex;
 use crate::IngressMetrics;
 
 /// How long one measurement answers every scrape.
-pub const FRESH_FOR: Duration = Duration::from_secs(2);
+pub const FRESH_FOR: Duration = crate::health::FRESH_FOR;
 
 /// The most projects named in `unidesk_project_tasks`: the ones with the
 /// most unfinished tasks (then the most tasks, then by name); the others
@@ -47,7 +50,6 @@ struct Figures {
     tasks: Vec<StateCount>,
     ready: i64,
     lags: Vec<(String, i64)>,
-    report: Report,
     output_bytes: i64,
 }
 
@@ -85,8 +87,18 @@ impl Platform {
     }
 
     /// The families for a scrape for `scope`.
-    pub(crate) async fn families(&self, scope: crate::Scope) -> Vec<MetricFamily> {
-        let figures = self.figures().await;
+    pub(crate) async fn families(
+        &self,
+        health: &crate::health::HealthChecks,
+        scope: crate::Scope,
+    ) -> Vec<MetricFamily> {
+        let figures = match health.report().await {
+            Ok(report) => self.figures().await.map(|f| (f, report)),
+            Err(e) => {
+                tracing::warn!(error = %e, "metrics: cannot measure the database's health");
+                None
+            }
+        };
         let registry = Registry::new();
         let up = IntGauge::new(
             "unidesk_database_up",
@@ -95,8 +107,8 @@ impl Platform {
         .expect("a valid gauge definition");
         up.set(i64::from(figures.is_some()));
         crate::register(&registry, up);
-        if let Some(figures) = figures {
-            self.fill(&registry, &figures, scope);
+        if let Some((figures, report)) = figures {
+            self.fill(&registry, &figures, &report, scope);
         }
         registry.gather()
     }
@@ -124,7 +136,6 @@ impl Platform {
 
     async fn measure(&self) -> Result<Figures, String> {
         let pool = &self.pool;
-        let report = Report::measure(pool).await.map_err(|e| e.to_string())?;
         let tasks = projections::read::tasks::counts(pool)
             .await
             .map_err(|e| e.to_string())?;
@@ -162,12 +173,11 @@ impl Platform {
             tasks,
             ready,
             lags,
-            report,
             output_bytes,
         })
     }
 
-    fn fill(&self, registry: &Registry, f: &Figures, scope: crate::Scope) {
+    fn fill(&self, registry: &Registry, f: &Figures, report: &Report, scope: crate::Scope) {
         let gauge = |name: &str, help: &str, value: i64| {
             let g = IntGauge::new(name, help).expect("a valid gauge definition");
             g.set(value);
@@ -226,7 +236,7 @@ impl Platform {
         for (consumer, _) in &f.lags {
             dead.with_label_values(&[consumer.as_str()]).set(0);
         }
-        for (consumer, n) in &f.report.dead_letters {
+        for (consumer, n) in &report.dead_letters {
             dead.with_label_values(&[consumer.as_str()]).set(*n);
         }
         crate::register(registry, dead);
@@ -237,7 +247,7 @@ impl Platform {
         )
         .expect("a valid gauge definition");
         age.set(
-            f.report
+            report
                 .oldest_transaction
                 .as_ref()
                 .map_or(0.0, |t| (t.age.as_secs_f64() * 1000.0).round() / 1000.0),
@@ -245,11 +255,11 @@ impl Platform {
         crate::register(registry, age);
 
         let budget = self.limits.db_budget_bytes;
-        let used = budget_used(f.report.database_bytes, budget);
+        let used = budget_used(report.database_bytes, budget);
         gauge(
             "unidesk_database_bytes",
             "Size of the database on disk.",
-            f.report.database_bytes,
+            report.database_bytes,
         );
         gauge(
             "unidesk_database_budget_bytes",
@@ -264,12 +274,12 @@ impl Platform {
         gauge(
             "unidesk_task_output_refused",
             "1 while task output is refused because the database is over its budget.",
-            i64::from(f.report.output_refused),
+            i64::from(report.output_refused),
         );
         gauge(
             "unidesk_degraded",
             "1 when /readyz says degraded.",
-            i64::from(!f.report.problems(&self.limits).is_empty()),
+            i64::from(!report.problems(&self.limits).is_empty()),
         );
         gauge(
             "unidesk_task_output_bytes",
