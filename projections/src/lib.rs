@@ -106,9 +106,10 @@ pub trait Projection: Send + Sync {
 /// Told of every batch a read model committed, once the commit is done:
 /// for figures computed from the events as the projector sees them, such as
 /// how long tasks waited for a node. Each batch is committed by one
-/// projector process (the read model's checkpoint row is locked), so every
-/// event reaches one observer once, except after a crash between the
-/// commit and the call. A rebuild tells no observer: it replays history.
+/// projector (the read model's checkpoint row is locked), so when every
+/// projector that applies a model has the observer, every event reaches
+/// one observer once, except after a crash between the commit and the
+/// call. A rebuild tells no observer: it replays history.
 pub trait Observer: Send + Sync {
     /// Read model `projection` has just committed `events`.
     fn committed<'a>(

@@ -413,7 +413,8 @@ pub fn start(
                 poll: poll.max(Duration::from_millis(100)),
                 ..crate::scheduler::Config::default()
             },
-        );
+        )
+        .with_observer(metrics.projector_observer());
         let shutdown = stopped(rx.clone());
         tasks.push(tokio::spawn(async move { scheduler.run(shutdown).await }));
         // Output retention and budgets, and the database watch: one

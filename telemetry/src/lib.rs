@@ -150,7 +150,10 @@ impl Metrics {
     }
 
     /// The observer that fills [`Metrics::task_latencies`] from the batches
-    /// the projector commits, for [`projections::Projector::with_observer`].
+    /// a projector of this process commits, for
+    /// [`projections::Projector::with_observer`]: give it to every
+    /// projector that applies the tasks read model (the projector role's
+    /// and the scheduler's).
     pub fn projector_observer(&self) -> Arc<dyn projections::Observer> {
         Arc::new(tasks::LatencyObserver::new(
             self.inner.platform.pool().clone(),

@@ -1,17 +1,18 @@
 //! How long tasks wait: from submission to their first assignment, and
 //! from an attempt's assignment until its container runs.
 //!
-//! Both are computed from the events, by the projector, once the tasks
-//! read model has committed them ([`LatencyObserver`]): the times are the
-//! ones the events record (the API's when the task was submitted, the
-//! scheduler's when it assigned, the ingress's when the agent said
-//! running), not when some process happened to notice, so they are right
-//! whichever processes run the roles, however many there are, and however
-//! late the projector catches up. Each batch of events is committed by one
-//! projector process, so each transition is observed once across all of
-//! them: sum the histograms across instances. A rebuild observes nothing
-//! (it replays history), and neither does a projector that crashed
-//! between a commit and its observation.
+//! Both are computed from the events once the tasks read model has
+//! committed them ([`LatencyObserver`]), by whichever process applied the
+//! batch: the projector role, or a scheduler catching the read models up
+//! before its round. The times are the ones the events record (the API's
+//! when the task was submitted, the scheduler's when it assigned, the
+//! ingress's when the agent said running), not when some process happened
+//! to notice, so they are right whichever processes run the roles, however
+//! many there are, and however late the read model catches up. Each batch
+//! is committed once, under its checkpoint's row lock, so each transition
+//! is observed once across all processes: sum the histograms across
+//! instances. A rebuild observes nothing (it replays history), and neither
+//! does a process that crashed between a commit and its observation.
 
 use std::collections::{HashMap, HashSet};
 
@@ -45,11 +46,11 @@ impl TaskLatencies {
         Self {
             submit_to_assign: histogram(
                 "unidesk_task_submit_to_assign_seconds",
-                "Time from a task's submission to its first assignment to a node (from the events' own times; observed by the projector).",
+                "Time from a task's submission to its first assignment to a node (from the events' own times; observed where the tasks read model applied them).",
             ),
             assign_to_running: histogram(
                 "unidesk_task_assign_to_running_seconds",
-                "Time from an attempt's assignment to its container running (from the events' own times; observed by the projector).",
+                "Time from an attempt's assignment to its container running (from the events' own times; observed where the tasks read model applied them).",
             ),
         }
     }
