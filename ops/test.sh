@@ -44,9 +44,10 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # which start their own sshd (openssl makes their private CA);
 # Chromium and its WebDriver for the web view's browser test; Python's venv
 # for schemathesis, which checks the API against its OpenAPI document;
-# debootstrap, docker-compose, jq, curl and openssl for the deployment test.
+# debootstrap, docker-compose, jq, curl and openssl for the deployment test;
+# Prometheus for promtool, which checks the text every /metrics serves.
 APT_PACKAGES=(pkg-config libssl-dev busybox-static git openssh-server openssh-client chromium chromium-driver python3-venv
-    debootstrap docker-compose jq curl openssl binutils)
+    debootstrap docker-compose jq curl openssl binutils prometheus)
 
 # The schemathesis release the API is checked with, the seed, and how many
 # cases per operation and phase: together about 3 minutes on 2 cores.

@@ -1,54 +1,6 @@
-//! The figures `/readyz` and `/metrics` report about the platform as a
-//! whole (dead letters, the oldest open transaction, the database's size),
-//! measured on demand and shared for a moment, so that probes and scrapes
-//! arriving together cost the database one measurement.
+//! The figures `/readyz` reports about the platform as a whole, measured on
+//! demand and shared for a moment with `/metrics` (the process's
+//! [`telemetry::Metrics`] holds them), so that probes and scrapes arriving
+//! together cost the database one measurement and never disagree.
 
-use std::time::{Duration, Instant};
-
-use sqlx::PgPool;
-use store::health::{Limits, Report};
-use tokio::sync::Mutex;
-
-/// How long one measurement answers every probe.
-pub const FRESH_FOR: Duration = Duration::from_secs(1);
-
-/// Measurements of this process, one at a time.
-#[derive(Debug)]
-pub struct HealthChecks {
-    pool: PgPool,
-    limits: Limits,
-    last: Mutex<Option<(Instant, Report)>>,
-}
-
-impl HealthChecks {
-    /// Checks on `pool` judged by `limits`.
-    pub fn new(pool: PgPool, limits: Limits) -> Self {
-        Self {
-            pool,
-            limits,
-            last: Mutex::new(None),
-        }
-    }
-
-    /// The thresholds the report is judged by.
-    pub fn limits(&self) -> &Limits {
-        &self.limits
-    }
-
-    /// A report at most [`FRESH_FOR`] old; callers arriving while one is
-    /// measured wait for it.
-    ///
-    /// # Errors
-    /// A database error.
-    pub async fn report(&self) -> Result<Report, sqlx::Error> {
-        let mut last = self.last.lock().await;
-        if let Some((at, report)) = last.as_ref() {
-            if at.elapsed() < FRESH_FOR {
-                return Ok(report.clone());
-            }
-        }
-        let report = Report::measure(&self.pool).await?;
-        *last = Some((Instant::now(), report.clone()));
-        Ok(report)
-    }
-}
+pub use telemetry::health::{HealthChecks, FRESH_FOR};

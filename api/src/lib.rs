@@ -107,14 +107,24 @@ pub struct AppState {
     limiter: Option<Arc<limits::Limiter>>,
     stream_slots: StreamSlots,
     limit_counters: Arc<limits::LimitCounters>,
-    health: Arc<health::HealthChecks>,
     secrets_key: Option<store::secrets::SecretsKey>,
+    metrics: telemetry::Metrics,
 }
 
 impl AppState {
-    /// State for a router over `store`.
+    /// State for a router over `store`, with metrics of its own (see
+    /// [`AppState::with_metrics`] to share the process's).
     pub fn new(store: Store, config: Config) -> Self {
+        let metrics = telemetry::Metrics::new(&store, config.health);
+        let state = Self::unregistered(store, config, metrics.clone());
+        state.register_metrics(&metrics);
+        state
+    }
+
+    /// State whose API counters are not (yet) in `metrics`.
+    fn unregistered(store: Store, config: Config, metrics: telemetry::Metrics) -> Self {
         Self {
+            metrics,
             followers: LogFollowers::new(store.pool().clone()),
             objects: None,
             part_bytes: DEFAULT_PART_BYTES,
@@ -122,14 +132,39 @@ impl AppState {
             limiter: config.rate_limit.map(|l| Arc::new(limits::Limiter::new(l))),
             stream_slots: StreamSlots::new(config.max_streams_per_user),
             limit_counters: Arc::default(),
-            health: Arc::new(health::HealthChecks::new(
-                store.pool().clone(),
-                config.health,
-            )),
             secrets_key: None,
             store,
             config: Arc::new(config),
         }
+    }
+
+    /// The same state counting into the process's `metrics`, which its
+    /// `/metrics` serves and whose health figures its `/readyz` reports:
+    /// the API's own counters (rate limit and stream refusals, open
+    /// streams) are registered there.
+    pub fn with_metrics(mut self, metrics: telemetry::Metrics) -> Self {
+        self.register_metrics(&metrics);
+        self.metrics = metrics;
+        self
+    }
+
+    fn register_metrics(&self, metrics: &telemetry::Metrics) {
+        metrics.register(self.limit_counters.rate_limited.clone());
+        metrics.register(self.limit_counters.streams_refused.clone());
+        let slots = self.stream_slots.clone();
+        match telemetry::prometheus::PullingGauge::new(
+            "unidesk_streams_open",
+            "Live streams (log follows and timeline streams) open on this process.",
+            Box::new(move || slots.total() as f64),
+        ) {
+            Ok(gauge) => metrics.register(gauge),
+            Err(e) => tracing::error!(error = %e, "the open streams gauge could not be made"),
+        }
+    }
+
+    /// The metrics of this process, which `/metrics` serves.
+    pub fn metrics(&self) -> &telemetry::Metrics {
+        &self.metrics
     }
 
     /// The event log.
@@ -215,7 +250,7 @@ impl AppState {
 
     /// The platform's health as `/readyz` and `/metrics` report it.
     pub fn health(&self) -> &health::HealthChecks {
-        &self.health
+        self.metrics.health()
     }
 
     pub(crate) fn limiter(&self) -> Option<&limits::Limiter> {
@@ -245,6 +280,30 @@ pub fn router(state: AppState) -> axum::Router {
             state.clone(),
             limits::rate_limit,
         ))
+        .layer(TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+/// Only `/healthz`, `/readyz` and `/metrics`, answered with `store`'s
+/// database judged by `limits` and this process's `metrics`, as a scrape
+/// for `scope` answers: for a process without the API, and for the
+/// metrics listener of any process. Unknown routes answer 404.
+pub fn probes(
+    store: Store,
+    limits: store::health::Limits,
+    metrics: telemetry::Metrics,
+    scope: telemetry::Scope,
+) -> axum::Router {
+    let config = Config {
+        health: limits,
+        ..Config::default()
+    };
+    let state = AppState::unregistered(store, config, metrics);
+    let (router, _) = routes::health::router().split_for_parts();
+    router
+        .fallback(error::no_route)
+        .method_not_allowed_fallback(error::method_not_allowed)
+        .layer(axum::Extension(scope))
         .layer(TraceLayer::new_for_http())
         .with_state(state)
 }

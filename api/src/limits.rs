@@ -21,7 +21,6 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -32,6 +31,7 @@ use axum::response::{IntoResponse, Response};
 use governor::clock::{Clock, DefaultClock};
 use governor::state::keyed::DefaultKeyedStateStore;
 use governor::{Quota, RateLimiter};
+use telemetry::prometheus::IntCounter;
 use uuid::Uuid;
 
 use crate::auth::{self, Authenticated, Caller};
@@ -126,12 +126,30 @@ impl Limiter {
 }
 
 /// Counters of refusals by the limits, for `/metrics`.
-#[derive(Debug, Default)]
+#[derive(Debug, Clone)]
 pub struct LimitCounters {
     /// Requests refused by the rate limit.
-    pub rate_limited: AtomicU64,
+    pub rate_limited: IntCounter,
     /// Streams refused because their user held too many.
-    pub streams_refused: AtomicU64,
+    pub streams_refused: IntCounter,
+}
+
+impl Default for LimitCounters {
+    fn default() -> Self {
+        let counter = |name: &str, help: &str| {
+            IntCounter::new(name, help).expect("a valid counter definition")
+        };
+        Self {
+            rate_limited: counter(
+                "unidesk_rate_limited_total",
+                "Requests refused with 429 by the request rate limit.",
+            ),
+            streams_refused: counter(
+                "unidesk_streams_refused_total",
+                "Live streams refused with 429 because their user held the most allowed.",
+            ),
+        }
+    }
 }
 
 /// Whole seconds to wait, rounded up and at least 1: a client that waits
@@ -188,10 +206,7 @@ pub(crate) async fn rate_limit(
     match limiter.check(&key) {
         Ok(()) => next.run(request).await,
         Err(wait) => {
-            state
-                .limit_counters()
-                .rate_limited
-                .fetch_add(1, Ordering::Relaxed);
+            state.limit_counters().rate_limited.inc();
             let seconds = whole_seconds(wait);
             let whom = match key {
                 Key::Token(_) => "this token",
@@ -297,12 +312,10 @@ impl Drop for StreamSlot {
 /// # Errors
 /// 429 when the caller holds the most streams already.
 pub(crate) fn stream_slot(state: &AppState, caller: &Caller) -> Result<StreamSlot, ApiError> {
-    state.stream_slots().take(&caller.user).inspect_err(|_| {
-        state
-            .limit_counters()
-            .streams_refused
-            .fetch_add(1, Ordering::Relaxed);
-    })
+    state
+        .stream_slots()
+        .take(&caller.user)
+        .inspect_err(|_| state.limit_counters().streams_refused.inc())
 }
 
 /// Documents the rate limit's 429 on every operation of `doc` it applies

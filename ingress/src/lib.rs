@@ -140,6 +140,8 @@ pub struct Ingress {
     secrets_key: Option<store::secrets::SecretsKey>,
     /// How often each node may connect and have its refusals told.
     admission: Admission,
+    /// What the ingress counts for `/metrics`.
+    metrics: telemetry::IngressMetrics,
 }
 
 impl Ingress {
@@ -157,7 +159,22 @@ impl Ingress {
             objects: None,
             secrets_key: None,
             admission: Admission::new(ConnectLimits::default()),
+            metrics: telemetry::IngressMetrics::default(),
         }
+    }
+
+    /// The same ingress counting into the process's `metrics` (sessions,
+    /// heartbeats, reports, output stored, its outbox lag). Call before
+    /// serving.
+    pub fn with_metrics(mut self, metrics: &telemetry::Metrics) -> Self {
+        self.metrics = metrics.ingress().clone();
+        let registry = self.registry.clone();
+        let counts = self.metrics.clone();
+        metrics.on_scrape(move || {
+            counts.set_connected(registry.len());
+            std::future::ready(())
+        });
+        self
     }
 
     /// The same ingress with other limits on how often a node may connect
@@ -256,10 +273,12 @@ impl Ingress {
             None => self.start_point().await?,
         };
         let mut events = 0;
+        self.metrics.delivered(at);
         while let Some((next, read)) = fanout::run_once(self, at).await? {
             at = next;
             events += read;
             *delivered = Some(at);
+            self.metrics.delivered(at);
         }
         *delivered = Some(at);
         tracing::Span::current().record("events", events);
@@ -313,6 +332,10 @@ impl Ingress {
 
     fn log_limits(&self) -> LogLimits {
         self.log_limits
+    }
+
+    fn metrics(&self) -> &telemetry::IngressMetrics {
+        &self.metrics
     }
 
     fn log_notifier(&self) -> &LogNotifier {

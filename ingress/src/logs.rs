@@ -168,8 +168,8 @@ pub(crate) async fn place(
     })
 }
 
-/// Stores one chunk that continues the chain; a concurrent writer of the
-/// same chunk makes this a no-op. `data` is bounded by
+/// Stores one chunk that continues the chain, and says whether it did: a
+/// concurrent writer of the same chunk makes this a no-op. `data` is bounded by
 /// [`protocol::bounds::output`]: no NUL, which PostgreSQL text cannot hold.
 pub(crate) async fn insert(
     pool: &PgPool,
@@ -177,8 +177,8 @@ pub(crate) async fn insert(
     attempt: i32,
     offset: i64,
     data: &str,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
+) -> Result<bool, sqlx::Error> {
+    let done = sqlx::query(
         "INSERT INTO task_log (task_id, attempt, \"offset\", data) VALUES ($1, $2, $3, $4) \
          ON CONFLICT DO NOTHING",
     )
@@ -188,7 +188,7 @@ pub(crate) async fn insert(
     .bind(data)
     .execute(pool)
     .await?;
-    Ok(())
+    Ok(done.rows_affected() > 0)
 }
 
 /// A token bucket: how long a session should wait after storing output.

@@ -201,6 +201,7 @@ pub(crate) struct LogPermissions {
     limits: LogLimits,
     pace: Pace,
     notifier: LogNotifier,
+    metrics: telemetry::IngressMetrics,
 }
 
 /// What a session knows of an attempt's stored output.
@@ -213,13 +214,18 @@ struct Tail {
 
 impl LogPermissions {
     /// A writer bounded by `limits` that wakes followers through
-    /// `notifier`.
-    pub(crate) fn new(limits: LogLimits, notifier: LogNotifier) -> Self {
+    /// `notifier` and counts the bytes it stores in `metrics`.
+    pub(crate) fn new(
+        limits: LogLimits,
+        notifier: LogNotifier,
+        metrics: telemetry::IngressMetrics,
+    ) -> Self {
         Self {
             known: HashMap::new(),
             pace: Pace::new(&limits),
             limits,
             notifier,
+            metrics,
         }
     }
 
@@ -352,11 +358,12 @@ impl LogPermissions {
             return Answer::Refused("offset is out of range".into());
         };
         let key = (chunk.task_id, chunk.attempt);
-        if let Err(e) = logs::insert(store.pool(), chunk.task_id, attempt, offset, data).await {
+        let inserted = logs::insert(store.pool(), chunk.task_id, attempt, offset, data).await;
+        if let Err(e) = &inserted {
             if let Some(Ok(tail)) = self.known.get_mut(&key) {
                 tail.end = None;
             }
-            if store::task_log::is_refused(&e) {
+            if store::task_log::is_refused(e) {
                 // Over the database's budget: this attempt's output ends
                 // here, and readers are told where and why.
                 let refused = store::task_log::REFUSED.to_string();
@@ -373,6 +380,9 @@ impl LogPermissions {
         }
         if let Some(Ok(tail)) = self.known.get_mut(&key) {
             tail.end = Some(at + data.len() as u64);
+        }
+        if matches!(inserted, Ok(true)) {
+            self.metrics.log_stored(data.len());
         }
         self.notifier.poke(chunk.task_id);
         if let Some(wait) = self.pace.charge(data.len() as u64 + logs::CHUNK_COST) {

@@ -41,6 +41,7 @@ use domain::Actor;
 use protocol::bounds::{self, MAX_REASON_BYTES};
 use protocol::{AgentMessage, DecodeError, Hello, ServerMessage, TransferGrant};
 use store::StoreError;
+use telemetry::ingress::{ReportKind, ReportOutcome};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, Sleep};
 use tokio_tungstenite::tungstenite;
@@ -366,6 +367,9 @@ struct Session {
     logs: LogPermissions,
     /// Whether the agent declared a host SSH target in its hello.
     host_ssh: bool,
+    /// When the last heartbeat came (at first, when the session began),
+    /// to tell late ones.
+    last_beat: Instant,
 }
 
 impl Session {
@@ -417,7 +421,11 @@ impl Session {
                 return Err(End::ShuttingDown);
             }
         };
-        let logs = LogPermissions::new(ingress.log_limits(), ingress.log_notifier().clone());
+        let logs = LogPermissions::new(
+            ingress.log_limits(),
+            ingress.log_notifier().clone(),
+            ingress.metrics().clone(),
+        );
         Ok(Self {
             ingress,
             node_id,
@@ -431,6 +439,7 @@ impl Session {
                 .collect(),
             logs,
             host_ssh: hello.host_ssh,
+            last_beat: Instant::now(),
         })
     }
 
@@ -722,6 +731,7 @@ impl Session {
                     }
                     Err(invalid) => Answer::Refused(invalid.to_string()),
                 };
+                self.count(ReportKind::Log, &answer);
                 self.tell_refusal(id, "log chunk", &answer);
                 self.answer(socket, id, answer, "log chunk").await
             }
@@ -763,13 +773,20 @@ impl Session {
             AgentMessage::HostSshResult(result) => {
                 let id = result.id;
                 let answer = host_ssh::finish(self.ingress.store(), self.node_id, result).await;
+                self.count(ReportKind::HostSsh, &answer);
                 self.tell_refusal(id, "host SSH result", &answer);
                 self.answer(socket, id, answer, "host SSH result").await
             }
         }
     }
 
-    async fn heartbeat(&self, seq: u64) -> Result<(), End> {
+    async fn heartbeat(&mut self, seq: u64) -> Result<(), End> {
+        let now = Instant::now();
+        let gap = now.duration_since(self.last_beat);
+        self.last_beat = now;
+        self.ingress
+            .metrics()
+            .heartbeat(gap.as_secs_f64(), self.ingress.config().heartbeat_s as f64);
         let pool = self.ingress.store().pool();
         match liveness::heartbeat(pool, self.node_id, self.id).await {
             Ok(true) => Ok(()),
@@ -809,6 +826,7 @@ impl Session {
             }
             Err(invalid) => (status, Answer::Unstorable(invalid.to_string())),
         };
+        self.count(ReportKind::Status, &answer);
         match &answer {
             Answer::Stored => self.logs.reported(&status),
             Answer::Unstorable(reason) => {
@@ -823,6 +841,16 @@ impl Session {
             Answer::Later(_) => {}
         }
         self.answer(socket, id, answer, "report").await
+    }
+
+    /// Counts a report of `kind` answered `answer`.
+    fn count(&self, kind: ReportKind, answer: &Answer) {
+        let outcome = match answer {
+            Answer::Stored => ReportOutcome::Stored,
+            Answer::Refused(_) | Answer::Unstorable(_) => ReportOutcome::Refused,
+            Answer::Later(_) => ReportOutcome::Retry,
+        };
+        self.ingress.metrics().report(kind, outcome);
     }
 
     /// [`Session::refusal_notice`] for a refused `answer`.

@@ -32,6 +32,7 @@ pub mod summary;
 use std::collections::HashMap;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
@@ -100,6 +101,22 @@ pub trait Projection: Send + Sync {
     fn per_aggregate(&self) -> bool {
         true
     }
+}
+
+/// Told of every batch a read model committed, once the commit is done:
+/// for figures computed from the events as the projector sees them, such as
+/// how long tasks waited for a node. Each batch is committed by one
+/// projector (the read model's checkpoint row is locked), so when every
+/// projector that applies a model has the observer, every event reaches
+/// one observer once, except after a crash between the commit and the
+/// call. A rebuild tells no observer: it replays history.
+pub trait Observer: Send + Sync {
+    /// Read model `projection` has just committed `events`.
+    fn committed<'a>(
+        &'a self,
+        projection: &'static str,
+        events: &'a [RecordedEvent],
+    ) -> BoxFuture<'a, ()>;
 }
 
 /// Applies `event` to `p`, turning a panic of the model's code into an
@@ -204,6 +221,7 @@ pub struct Projector {
     pool: PgPool,
     projections: Vec<Box<dyn Projection>>,
     batch: i64,
+    observer: Option<Arc<dyn Observer>>,
 }
 
 /// The longest [`Projector::catch_up`] waits for events hidden behind an
@@ -220,7 +238,14 @@ impl Projector {
             pool,
             projections: all(),
             batch: BATCH,
+            observer: None,
         }
+    }
+
+    /// The same projector telling `observer` of every batch it commits.
+    pub fn with_observer(mut self, observer: Arc<dyn Observer>) -> Self {
+        self.observer = Some(observer);
+        self
     }
 
     /// A projector for the named read models only, such as the ones a
@@ -242,6 +267,7 @@ impl Projector {
                 .filter(|p| names.contains(&p.name()))
                 .collect(),
             batch: BATCH,
+            observer: None,
         })
     }
 
@@ -298,6 +324,9 @@ impl Projector {
                     outbox::save_checkpoint(&mut tx, p.name(), last).await?;
                     tx.commit().await?;
                     tracing::Span::current().record("events", events.len());
+                    if let Some(observer) = &self.observer {
+                        observer.committed(p.name(), &events).await;
+                    }
                     return Ok(events.len());
                 }
                 Err(Poisoned { event, error })
@@ -444,14 +473,7 @@ impl Projector {
         let mut out = Vec::new();
         for p in &self.projections {
             let checkpoint = outbox::load_checkpoint(&mut conn, p.name(), false).await?;
-            let lag: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM outbox WHERE (txid, position) > ($1::text::xid8, $2) \
-                 AND txid < pg_snapshot_xmin(pg_current_snapshot())",
-            )
-            .bind(checkpoint.txid.to_string())
-            .bind(checkpoint.position)
-            .fetch_one(&mut *conn)
-            .await?;
+            let lag = outbox::behind(&mut *conn, checkpoint).await?;
             let dead = counts.get(p.name()).copied().unwrap_or(0);
             out.push(Status {
                 name: p.name(),

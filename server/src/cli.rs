@@ -158,7 +158,8 @@ struct ServeArgs {
         default_value = "api,projector,ingress,scheduler"
     )]
     roles: Vec<Role>,
-    /// Where the API listens.
+    /// Where the API and the agents' WebSocket listen, and `/healthz`,
+    /// `/readyz` and `/metrics` whatever the roles.
     #[arg(long, env = "UNIDESK_LISTEN", default_value = "0.0.0.0:8080")]
     listen: SocketAddr,
     #[command(flatten)]

@@ -108,6 +108,11 @@ pub struct ServerArgs {
     #[arg(long, env = "UNIDESK_STALL_WARN_S", default_value_t = 30,
           value_parser = clap::value_parser!(u64).range(1..))]
     pub stall_warn_s: u64,
+    /// Also serve `/metrics`, `/healthz` and `/readyz` on this address,
+    /// for the monitoring network only: its `/metrics` adds tasks per
+    /// project, by project name. Off by default; any roles.
+    #[arg(long, env = "UNIDESK_METRICS_LISTEN")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// The object store for task inputs and outputs (the `--s3-*` flags).
     #[command(flatten)]
     pub s3: crate::objects::S3Args,
@@ -152,6 +157,7 @@ impl ServerArgs {
             db_idle_tx_timeout_s: 30,
             db_statement_timeout_s: 60,
             stall_warn_s: 30,
+            metrics_listen: None,
             s3: crate::objects::S3Args::defaults(),
             objects: None,
             secrets_key_file: None,
@@ -276,16 +282,65 @@ async fn stopped(mut rx: watch::Receiver<bool>) {
     let _ = rx.wait_for(|s| *s).await;
 }
 
-/// Starts `roles` on `store`; the API serves on `listener`.
+/// Serves `app` on `listener` until `shutdown` completes.
+fn serve(
+    listener: TcpListener,
+    app: axum::Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        // With each connection's address, by which the rate limit counts
+        // requests that carry no valid token.
+        let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
+        if let Err(e) = axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await
+        {
+            tracing::error!(error = %e, "http server failed");
+        }
+    })
+}
+
+/// A listener on `addr`, bound now.
+fn bind(addr: std::net::SocketAddr) -> anyhow::Result<TcpListener> {
+    let listener = std::net::TcpListener::bind(addr)?;
+    listener.set_nonblocking(true)?;
+    Ok(TcpListener::from_std(listener)?)
+}
+
+/// Starts `roles` on `store`; the API and the ingress serve on `listener`,
+/// and so do `/healthz`, `/readyz` and `/metrics` whatever the roles. Every
+/// role of the process counts into one set of metrics, which
+/// `--metrics-listen` also serves.
 pub fn start(
     store: store::Store,
     listener: TcpListener,
     roles: &[Role],
     args: &ServerArgs,
 ) -> anyhow::Result<Services> {
+    if roles.is_empty() {
+        return Err(anyhow::anyhow!("no roles chosen")).context("--roles");
+    }
     let (stop, rx) = watch::channel(false);
     let mut tasks = Vec::new();
     let poll = Duration::from_millis(args.poll_ms);
+    let metrics = telemetry::Metrics::new(&store, args.health_limits());
+    if let Some(addr) = args.metrics_listen {
+        let listener = bind(addr)
+            .with_context(|| format!("listening on {addr}"))
+            .context("--metrics-listen")?;
+        let probes = api::probes(
+            store.clone(),
+            args.health_limits(),
+            metrics.clone(),
+            telemetry::Scope::Private,
+        );
+        tasks.push(serve(
+            listener,
+            metrics.track_http(probes),
+            stopped(rx.clone()),
+        ));
+    }
     let mut app = axum::Router::new();
     let mut followers = None;
     let mut timeline = None;
@@ -303,7 +358,8 @@ pub fn start(
         };
         let state = api::AppState::new(store.clone(), config)
             .with_objects(args.objects.clone(), args.s3.part_bytes())
-            .with_secrets_key(args.secrets_key.clone());
+            .with_secrets_key(args.secrets_key.clone())
+            .with_metrics(metrics.clone());
         followers = Some(state.log_followers().clone());
         timeline = Some(state.timeline().clone());
         app = app.merge(api::router(state));
@@ -324,38 +380,37 @@ pub fn start(
         )
         .with_log_limits(args.log_limits())
         .with_objects(args.objects.clone())
-        .with_secrets_key(args.secrets_key.clone());
+        .with_secrets_key(args.secrets_key.clone())
+        .with_metrics(&metrics);
         app = app.merge(ingress.router());
         let shutdown = stopped(rx.clone());
         tasks.push(tokio::spawn(async move { ingress.run(shutdown).await }));
     }
-    if roles.contains(&Role::Api) || roles.contains(&Role::Ingress) {
-        let stop_http = stopped(rx.clone());
-        // Live log and timeline streams never end by themselves: end them,
-        // or the graceful shutdown would wait for their clients to leave.
-        let shutdown = async move {
-            stop_http.await;
-            if let Some(followers) = followers {
-                followers.stop();
-            }
-            if let Some(timeline) = timeline {
-                timeline.stop();
-            }
-        };
-        tasks.push(tokio::spawn(async move {
-            // With each connection's address, by which the rate limit counts
-            // requests that carry no valid token.
-            let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
-            if let Err(e) = axum::serve(listener, app)
-                .with_graceful_shutdown(shutdown)
-                .await
-            {
-                tracing::error!(error = %e, "http server failed");
-            }
-        }));
+    if !roles.contains(&Role::Api) {
+        // The probes and the metrics, which the API serves among its routes.
+        app = app.merge(api::probes(
+            store.clone(),
+            args.health_limits(),
+            metrics.clone(),
+            telemetry::Scope::Public,
+        ));
     }
+    let stop_http = stopped(rx.clone());
+    // Live log and timeline streams never end by themselves: end them,
+    // or the graceful shutdown would wait for their clients to leave.
+    let shutdown = async move {
+        stop_http.await;
+        if let Some(followers) = followers {
+            followers.stop();
+        }
+        if let Some(timeline) = timeline {
+            timeline.stop();
+        }
+    };
+    tasks.push(serve(listener, metrics.track_http(app), shutdown));
     if roles.contains(&Role::Projector) {
-        let projector = projections::Projector::new(store.pool().clone());
+        let projector = projections::Projector::new(store.pool().clone())
+            .with_observer(metrics.projector_observer());
         let shutdown = stopped(rx.clone());
         tasks.push(tokio::spawn(async move {
             projector.run(poll, shutdown).await;
@@ -372,7 +427,8 @@ pub fn start(
                 poll: poll.max(Duration::from_millis(100)),
                 ..crate::scheduler::Config::default()
             },
-        );
+        )
+        .with_observer(metrics.projector_observer());
         let shutdown = stopped(rx.clone());
         tasks.push(tokio::spawn(async move { scheduler.run(shutdown).await }));
         // Output retention and budgets, and the database watch: one
@@ -393,9 +449,6 @@ pub fn start(
                 sweeper.run(SWEEP_EVERY, shutdown).await;
             }));
         }
-    }
-    if tasks.is_empty() {
-        return Err(anyhow::anyhow!("no roles chosen")).context("--roles");
     }
     Ok(Services { stop, tasks })
 }

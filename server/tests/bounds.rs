@@ -254,7 +254,17 @@ async fn a_poison_event_is_shown_by_status_readyz_and_metrics_until_a_retry_clea
     })
     .await;
     let text = get_plain(&base, "/metrics").await;
-    assert!(!text.contains("unidesk_dead_letters{"), "{text}");
+    // Every consumer is listed, with none left.
+    assert_eq!(
+        metric(&text, "unidesk_dead_letters{consumer=\"tasks\"}"),
+        Some(0.0)
+    );
+    assert!(
+        text.lines()
+            .filter(|l| l.starts_with("unidesk_dead_letters{"))
+            .all(|l| l.ends_with(" 0")),
+        "{text}"
+    );
     assert_eq!(metric(&text, "unidesk_degraded"), Some(0.0));
     let s = status(&db.url);
     assert_eq!(s["dead_letters"], json!([]));

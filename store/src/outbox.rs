@@ -220,6 +220,22 @@ pub async fn head<'e>(db: impl PgExecutor<'e>) -> Result<Checkpoint, sqlx::Error
     newest(db, "WHERE txid < pg_snapshot_xmin(pg_current_snapshot())").await
 }
 
+/// How many events readers may already see that come after `at`: how far
+/// a consumer standing at `at` is behind the head.
+///
+/// # Errors
+/// A database error.
+pub async fn behind<'e>(db: impl PgExecutor<'e>, at: Checkpoint) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM outbox WHERE (txid, position) > ($1::text::xid8, $2) \
+         AND txid < pg_snapshot_xmin(pg_current_snapshot())",
+    )
+    .bind(at.txid.to_string())
+    .bind(at.position)
+    .fetch_one(db)
+    .await
+}
+
 /// The checkpoint of the newest committed event, visible to readers or not
 /// yet (an older transaction still open holds readers back). A consumer
 /// that reaches it has seen everything committed before this call.

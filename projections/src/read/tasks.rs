@@ -257,3 +257,75 @@ pub async fn held_by(db: impl PgExecutor<'_>, node_id: Uuid) -> Result<Vec<Uuid>
     .fetch_all(db)
     .await
 }
+
+/// How many tasks of one project are in one state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StateCount {
+    /// The project's name; `None` when the projects read model does not
+    /// know the project (yet).
+    pub project: Option<String>,
+    /// The state.
+    pub state: TaskState,
+    /// How many tasks.
+    pub tasks: i64,
+}
+
+/// How many tasks are in each state, per project: one row per project and
+/// state that has any. A state this version does not know is left out.
+///
+/// # Errors
+/// A database error.
+pub async fn counts(db: impl PgExecutor<'_>) -> Result<Vec<StateCount>, sqlx::Error> {
+    let rows: Vec<(Option<String>, String, i64)> = sqlx::query_as(
+        "SELECT p.name, c.state, c.n FROM \
+           (SELECT project_id, state, count(*) AS n FROM task_view GROUP BY project_id, state) c \
+         LEFT JOIN project_view p ON p.id = c.project_id \
+         ORDER BY p.name, c.state",
+    )
+    .fetch_all(db)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|(project, state, tasks)| {
+            let state = TaskState::ALL.into_iter().find(|s| s.as_str() == state)?;
+            Some(StateCount {
+                project,
+                state,
+                tasks,
+            })
+        })
+        .collect())
+}
+
+/// How many queued tasks the scheduler may place at `now`: queued, their
+/// retry backoff (if any) over.
+///
+/// # Errors
+/// A database error.
+pub async fn ready_to_place(
+    db: impl PgExecutor<'_>,
+    now: DateTime<Utc>,
+) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM task_view WHERE state = 'queued' \
+           AND (doc->>'not_before' IS NULL OR (doc->>'not_before')::timestamptz <= $1)",
+    )
+    .bind(now)
+    .fetch_one(db)
+    .await
+}
+
+/// The tasks with these ids that the read model holds, in no order.
+///
+/// # Errors
+/// A database error, or a stored document that does not decode.
+pub async fn by_ids(db: impl PgExecutor<'_>, ids: &[Uuid]) -> Result<Vec<Task>, ReadError> {
+    let docs: Vec<serde_json::Value> =
+        sqlx::query_scalar("SELECT doc FROM task_view WHERE id = ANY($1)")
+            .bind(ids)
+            .fetch_all(db)
+            .await?;
+    docs.into_iter()
+        .map(|doc| decode("task_view", doc))
+        .collect()
+}

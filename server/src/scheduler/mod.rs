@@ -134,6 +134,15 @@ impl Scheduler {
         }
     }
 
+    /// The same scheduler telling `observer` of the read-model batches its
+    /// catch-up commits before a round, as the projector role does: either
+    /// may apply a batch, so both must tell (the task latencies of
+    /// `/metrics` are observed this way).
+    pub fn with_observer(mut self, observer: std::sync::Arc<dyn projections::Observer>) -> Self {
+        self.projector = self.projector.with_observer(observer);
+        self
+    }
+
     fn pool(&self) -> &PgPool {
         self.store.pool()
     }
