@@ -110,7 +110,8 @@ pub struct ServerArgs {
     pub stall_warn_s: u64,
     /// Also serve `/metrics`, `/healthz` and `/readyz` on this address,
     /// for the monitoring network only: its `/metrics` adds tasks per
-    /// project, by project name. Off by default; any roles.
+    /// project, by project name. Off by default; any roles (`serve` only:
+    /// `dev` serves `/metrics` on its `--listen`).
     #[arg(long, env = "UNIDESK_METRICS_LISTEN")]
     pub metrics_listen: Option<std::net::SocketAddr>,
     /// The object store for task inputs and outputs (the `--s3-*` flags).
