@@ -305,6 +305,17 @@ NODE_ID=$(TOKEN=$ADMIN api GET /nodes | jq -r '.items[] | select(.name == "local
 say "task 1 succeeded on the built-in node in $((SECONDS - t)) s; its output came back from the store: $result"
 
 # ---------------------------------------------------------------------------
+step "metrics through the gateway"
+scraped=$("${CURL[@]}" --fail "$BASE/metrics") || fail "no /metrics through the gateway"
+grep -Eq '^unidesk_tasks\{state="succeeded"\} [1-9]' <<<"$scraped" ||
+    fail "/metrics does not count the succeeded task"
+grep -q '^unidesk_http_requests_total{' <<<"$scraped" || fail "/metrics counts no HTTP request"
+if command -v promtool >/dev/null; then
+    promtool check metrics <<<"$scraped" >&2 || fail "promtool refuses the metrics"
+fi
+say "$(grep -c '^unidesk_' <<<"$scraped") unidesk_ samples, the succeeded task counted"
+
+# ---------------------------------------------------------------------------
 step "a node joins from outside: docker run, wss, --ca-file"
 TOKEN=$ADMIN
 EXT_TOKEN=$(api POST /nodes '{"name":"outside","labels":{"where":"outside"}}' | jq -r .token)
