@@ -149,25 +149,7 @@ impl Setup {
         base_image();
         let db = testkit::fresh_db().await;
         let dir = tempfile::tempdir().unwrap();
-        let key = dir.path().join("secrets.key");
-        let random = format!(
-            "{}{}",
-            uuid::Uuid::new_v4().simple(),
-            uuid::Uuid::new_v4().simple()
-        );
-        std::fs::write(&key, random).unwrap();
-        let server = support::serve_with(
-            &db.url,
-            &[
-                "--allow-file-urls",
-                "--heartbeat-s",
-                "1",
-                "--poll-ms",
-                "100",
-            ],
-            |launch| launch.arg("--secrets-key-file").arg(&key),
-        )
-        .await;
+        let server = support::serve_with_secrets(&db.url, dir.path()).await;
         let api = server.api();
         let repos = dir.path().join("repos");
         let (_, commit) = repo(&repos, "code", &[("secret.txt", "private code\n")]);

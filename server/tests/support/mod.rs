@@ -115,6 +115,30 @@ pub async fn serve_with(
         .unwrap_or_else(|e| panic!("{e}"))
 }
 
+/// `unidesk serve` for tasks with project secrets: a fresh random secrets
+/// key in `dir`, file repository URLs, quick heartbeats and polls.
+pub async fn serve_with_secrets(db_url: &str, dir: &Path) -> ServerProcess {
+    let key = dir.join("secrets.key");
+    let random = format!(
+        "{}{}",
+        uuid::Uuid::new_v4().simple(),
+        uuid::Uuid::new_v4().simple()
+    );
+    std::fs::write(&key, random).unwrap();
+    serve_with(
+        db_url,
+        &[
+            "--allow-file-urls",
+            "--heartbeat-s",
+            "1",
+            "--poll-ms",
+            "100",
+        ],
+        |launch| launch.arg("--secrets-key-file").arg(&key),
+    )
+    .await
+}
+
 /// Agent processes of a test, killed when the test ends however it ends.
 #[derive(Default)]
 pub struct Agents(pub Vec<Child>);
