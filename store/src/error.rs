@@ -1,7 +1,5 @@
 //! The errors of executing commands and reading the log.
 
-use cqrs_es::AggregateError;
-
 /// Why a command could not be executed or the log not read.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError<E: std::error::Error> {
@@ -36,20 +34,22 @@ pub enum StoreError<E: std::error::Error> {
 }
 
 impl<E: std::error::Error> StoreError<E> {
-    pub(crate) fn from_aggregate(e: AggregateError<E>) -> Self {
+    pub(crate) fn from_log(e: crate::log::LogError) -> Self {
         match e {
-            AggregateError::UserError(e) => Self::Rejected(e),
-            AggregateError::AggregateConflict => Self::Conflict,
-            AggregateError::DeserializationError(e) => Self::Corrupt(e.to_string()),
-            AggregateError::UnexpectedError(e) | AggregateError::DatabaseConnectionError(e) => {
-                if let Some((sqlstate, message)) = unstorable(e.as_ref()) {
-                    return Self::Unstorable { sqlstate, message };
-                }
-                match e.downcast_ref::<sqlx::Error>() {
-                    Some(sqlx) if is_unavailable(sqlx) => Self::Unavailable(e.to_string()),
-                    _ => Self::Database(e.to_string()),
-                }
-            }
+            crate::log::LogError::Conflict => Self::Conflict,
+            crate::log::LogError::Corrupt(e) => Self::Corrupt(e),
+            crate::log::LogError::Database(e) => Self::from_sqlx(e),
+        }
+    }
+
+    pub(crate) fn from_sqlx(e: sqlx::Error) -> Self {
+        if let Some((sqlstate, message)) = unstorable(&e) {
+            return Self::Unstorable { sqlstate, message };
+        }
+        if is_unavailable(&e) {
+            Self::Unavailable(e.to_string())
+        } else {
+            Self::Database(e.to_string())
         }
     }
 
@@ -61,8 +61,8 @@ impl<E: std::error::Error> StoreError<E> {
 }
 
 /// The SQLSTATE and message of a database error of class 22 or 23.
-fn unstorable(e: &(dyn std::error::Error + 'static)) -> Option<(String, String)> {
-    let sqlx::Error::Database(db) = e.downcast_ref::<sqlx::Error>()? else {
+fn unstorable(e: &sqlx::Error) -> Option<(String, String)> {
+    let sqlx::Error::Database(db) = e else {
         return None;
     };
     let code = db.code()?;

@@ -11,6 +11,7 @@ pub mod health;
 pub mod holds;
 pub mod idempotency;
 pub mod leader;
+mod log;
 pub mod names;
 pub mod outbox;
 pub mod secrets;
@@ -24,14 +25,14 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use cqrs_es::event_sink::EventSink;
-use cqrs_es::persist::PersistedEventStore;
-use cqrs_es::{Aggregate, AggregateContext, AggregateError, EventEnvelope, EventStore};
+use cqrs_es::{Aggregate, EventEnvelope};
 use domain::node::Node;
 use domain::project::Project;
 use domain::task::{Task, TaskError};
 use domain::user::User;
 use domain::Actor;
-use postgres_es::PostgresEventRepository;
+pub use log::Cache;
+use log::{Current, LogError};
 use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
 
@@ -50,16 +51,31 @@ pub const ACQUIRE_TIMEOUT: Duration = Duration::from_millis(1500);
 /// The connections of a server process's pool.
 pub const POOL_SIZE: u32 = 32;
 
-/// The pool settings of a server process: [`POOL_SIZE`] connections,
-/// each checked before use, and at most [`ACQUIRE_TIMEOUT`] to get one
-/// (a free one, or a new one when the server accepts connections). A
-/// pool timeout or a broken connection is told apart by
+/// A connection idle for longer than this is checked before it is handed
+/// out; one in use moments ago is not (a check is a round trip, and the
+/// busy path would pay it on every statement).
+pub const CHECK_IDLE_AFTER: Duration = Duration::from_millis(1000);
+
+/// The pool settings of a server process: [`POOL_SIZE`] connections, each
+/// checked before use when it has been idle for [`CHECK_IDLE_AFTER`] (so a
+/// database restart is noticed on the first request after it, not
+/// answered with a dead connection), and at most [`ACQUIRE_TIMEOUT`] to
+/// get one (a free one, or a new one when the server accepts connections).
+/// A pool timeout or a broken connection is told apart by
 /// [`is_unavailable`].
 pub fn pool_options() -> PgPoolOptions {
     PgPoolOptions::new()
         .max_connections(POOL_SIZE)
         .acquire_timeout(ACQUIRE_TIMEOUT)
-        .test_before_acquire(true)
+        .test_before_acquire(false)
+        .before_acquire(|conn, meta| {
+            Box::pin(async move {
+                if meta.idle_for < CHECK_IDLE_AFTER {
+                    return Ok(true);
+                }
+                Ok(sqlx::Connection::ping(conn).await.is_ok())
+            })
+        })
 }
 
 /// Timeouts a server sets on each connection of its pool, so that
@@ -150,15 +166,16 @@ pub async fn migrations_current(pool: &PgPool) -> Result<bool, sqlx::Error> {
     Ok(applied == wanted)
 }
 
-/// Nodes gather events for months: their state is snapshotted every this
-/// many events so loading one never replays its whole history.
-pub const NODE_SNAPSHOT_EVERY: usize = 50;
+pub use log::SNAPSHOT_EVERY;
 
 /// How often a command is retried when another writer changed the same
 /// aggregate between our load and our commit.
 const CONFLICT_RETRIES: usize = 25;
 
-type EsStore<A> = PersistedEventStore<PostgresEventRepository, A>;
+/// How many aggregates of each type a process remembers (least recently
+/// used first out): tasks in flight, every node and project and user of
+/// an ordinary installation.
+const CACHED: usize = 8192;
 
 /// The result of a command that was accepted.
 #[derive(Debug)]
@@ -185,8 +202,9 @@ pub trait Stored: Aggregate<Services = ()> + Clone + 'static
 where
     Self::Command: Clone + Send,
 {
-    /// This aggregate's event store inside `store`.
-    fn event_store(store: &Store) -> &EsStore<Self>;
+    /// What `store` remembers of this aggregate type.
+    #[doc(hidden)]
+    fn cache(store: &Store) -> &Cache<Self>;
 
     /// This aggregate's refusal for a refusal of the database's own
     /// (a trigger's), if the aggregate has one; otherwise the error stays
@@ -212,8 +230,8 @@ pub enum Refused {
 
 impl Refused {
     /// The refusal `e` carries, when it is one of the database's own.
-    fn of(e: &(dyn std::error::Error + 'static)) -> Option<Refused> {
-        let db = e.downcast_ref::<sqlx::Error>()?.as_database_error()?;
+    fn of(e: &sqlx::Error) -> Option<Refused> {
+        let db = e.as_database_error()?;
         match db.code().as_deref()? {
             leader::FENCED => Some(Refused::Fenced(db.message().to_string())),
             holds::NOT_RESERVED => Some(Refused::NotReserved(db.message().to_string())),
@@ -225,16 +243,16 @@ impl Refused {
 macro_rules! stored {
     ($a:ty, $field:ident) => {
         impl Stored for $a {
-            fn event_store(store: &Store) -> &EsStore<Self> {
-                &store.$field
+            fn cache(store: &Store) -> &Cache<Self> {
+                &store.caches.$field
             }
         }
     };
 }
 
 impl Stored for Task {
-    fn event_store(store: &Store) -> &EsStore<Self> {
-        &store.tasks
+    fn cache(store: &Store) -> &Cache<Self> {
+        &store.caches.tasks
     }
 
     fn refusal(refused: Refused) -> Option<TaskError> {
@@ -295,31 +313,37 @@ impl AggregateLoads {
     }
 }
 
+/// What a process remembers of each aggregate type.
+struct Caches {
+    tasks: Cache<Task>,
+    nodes: Cache<Node>,
+    projects: Cache<Project>,
+    users: Cache<User>,
+}
+
 /// The event log: executes commands on aggregates and wakes outbox
 /// consumers after each commit. Cheap to clone; clones share their
-/// [`AggregateLoads`].
+/// [`AggregateLoads`] and the aggregates they remember.
 #[derive(Clone)]
 pub struct Store {
     pool: PgPool,
     notifier: Notifier,
     loads: Arc<AggregateLoads>,
-    tasks: std::sync::Arc<EsStore<Task>>,
-    nodes: std::sync::Arc<EsStore<Node>>,
-    projects: std::sync::Arc<EsStore<Project>>,
-    users: std::sync::Arc<EsStore<User>>,
+    caches: Arc<Caches>,
 }
 
 impl Store {
     /// A store on `pool`. Spawns the coalescing notifier, so call it inside
     /// a Tokio runtime.
     pub fn new(pool: PgPool) -> Self {
-        let repo = || PostgresEventRepository::new(pool.clone());
         Self {
-            notifier: Notifier::spawn(pool.clone(), outbox::NOTIFY_EVERY),
-            tasks: PersistedEventStore::new_event_store(repo()).into(),
-            nodes: PersistedEventStore::new_snapshot_store(repo(), NODE_SNAPSHOT_EVERY).into(),
-            projects: PersistedEventStore::new_event_store(repo()).into(),
-            users: PersistedEventStore::new_event_store(repo()).into(),
+            notifier: Notifier::spawn(pool.clone()),
+            caches: Arc::new(Caches {
+                tasks: Cache::new(CACHED),
+                nodes: Cache::new(CACHED),
+                projects: Cache::new(CACHED),
+                users: Cache::new(CACHED),
+            }),
             loads: Arc::default(),
             pool,
         }
@@ -340,12 +364,31 @@ impl Store {
         &self.notifier
     }
 
+    /// Loads `id` from the log and remembers it.
+    async fn fetch<A>(&self, id: &str) -> Result<Current<A>, StoreError<A::Error>>
+    where
+        A: Stored,
+        A::Command: Clone + Send,
+    {
+        self.loads.count(A::TYPE);
+        let current = log::load::<A>(&self.pool, id)
+            .await
+            .map_err(StoreError::from_log)?;
+        if current.sequence > 0 {
+            A::cache(self).put(id, current.clone());
+        }
+        Ok(current)
+    }
+
     /// Executes `command` on aggregate `id` on behalf of `actor` at `at`.
     ///
-    /// The command is decided against the current state and its events are
-    /// appended with optimistic concurrency; when another writer got there
-    /// first the command is decided again on the new state, a few times.
-    /// The actor and time are stored as the events' metadata.
+    /// The command is decided against the aggregate's current state (as
+    /// this process remembers it, when it does) and its events are appended
+    /// in one statement with optimistic concurrency; when another writer got
+    /// there first the aggregate is loaded afresh and the command decided
+    /// again, a few times. A refusal, or a command that changes nothing,
+    /// is only answered once decided on a fresh load. The actor and time are
+    /// stored as the events' metadata.
     ///
     /// # Errors
     /// [`StoreError::Rejected`] when the aggregate refuses the command, or
@@ -363,7 +406,6 @@ impl Store {
         A: Stored,
         A::Command: Clone + Send,
     {
-        let es = A::event_store(self);
         let metadata = HashMap::from([
             ("actor".to_string(), actor.to_string()),
             (
@@ -371,56 +413,74 @@ impl Store {
                 at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
             ),
         ]);
+        let cache = A::cache(self);
+        let mut known = cache.get(id);
         for round in 0..CONFLICT_RETRIES {
-            self.loads.count(A::TYPE);
-            let mut context = es
-                .load_aggregate(id)
-                .await
-                .map_err(StoreError::from_aggregate)?;
-            // Decide on a copy: the context must keep the state as loaded, because
-            // committing a snapshot applies the new events to it once more.
-            let mut state = context.aggregate().clone();
+            let (current, fresh) = match known.take() {
+                Some(c) => (c, false),
+                None => (self.fetch::<A>(id).await?, true),
+            };
+            let mut state = current.state.clone();
             let sink = EventSink::default();
-            state
-                .handle(command.clone(), &(), &sink)
-                .await
-                .map_err(StoreError::Rejected)?;
+            let decided = state.handle(command.clone(), &(), &sink).await;
             let events = sink.collect().await;
-            if events.is_empty() {
-                return Ok(Executed {
-                    state,
-                    events: vec![],
-                    sequence: context.current_sequence,
-                });
+            match decided {
+                Err(_) if !fresh => continue,
+                Err(e) => return Err(StoreError::Rejected(e)),
+                Ok(()) if events.is_empty() && !fresh => continue,
+                Ok(()) if events.is_empty() => {
+                    return Ok(Executed {
+                        state,
+                        events: vec![],
+                        sequence: current.sequence,
+                    })
+                }
+                Ok(()) => {}
             }
-            match es.commit(events, context, metadata.clone()).await {
+            match log::append::<A>(&self.pool, id, current.sequence, events, &state, &metadata)
+                .await
+            {
                 Ok(events) => {
                     self.notifier.poke();
-                    let sequence = events.last().map_or(0, |e| e.sequence);
+                    let sequence = events.last().map_or(current.sequence, |e| e.sequence);
+                    cache.put(
+                        id,
+                        Current {
+                            state: state.clone(),
+                            sequence,
+                        },
+                    );
                     return Ok(Executed {
                         state,
                         events,
                         sequence,
                     });
                 }
-                Err(AggregateError::AggregateConflict) => {
-                    let backoff = 1u64 << round.min(7);
-                    tokio::time::sleep(Duration::from_millis(rand::random::<u64>() % backoff + 1))
+                Err(LogError::Conflict) => {
+                    cache.forget(id);
+                    if fresh {
+                        let backoff = 1u64 << round.min(7);
+                        tokio::time::sleep(Duration::from_millis(
+                            rand::random::<u64>() % backoff + 1,
+                        ))
                         .await;
+                    }
                 }
-                Err(AggregateError::UnexpectedError(e)) => {
-                    return Err(match Refused::of(e.as_ref()).and_then(A::refusal) {
+                Err(LogError::Database(e)) => {
+                    cache.forget(id);
+                    return Err(match Refused::of(&e).and_then(A::refusal) {
                         Some(refusal) => StoreError::Rejected(refusal),
-                        None => StoreError::from_aggregate(AggregateError::UnexpectedError(e)),
-                    })
+                        None => StoreError::from_sqlx(e),
+                    });
                 }
-                Err(e) => return Err(StoreError::from_aggregate(e)),
+                Err(e) => return Err(StoreError::from_log(e)),
             }
         }
         Err(StoreError::Conflict)
     }
 
-    /// Loads aggregate `id`, or `None` when it has no events.
+    /// Loads aggregate `id` from the log (its latest snapshot and the
+    /// events after it), or `None` when it has no events.
     ///
     /// # Errors
     /// A database or deserialisation error.
@@ -429,18 +489,37 @@ impl Store {
         A: Stored,
         A::Command: Clone + Send,
     {
-        self.loads.count(A::TYPE);
-        let context = A::event_store(self)
-            .load_aggregate(id)
-            .await
-            .map_err(StoreError::from_aggregate)?;
-        if context.current_sequence == 0 {
+        let current = self.fetch::<A>(id).await?;
+        if current.sequence == 0 {
             return Ok(None);
         }
         Ok(Some(Loaded {
-            state: context.aggregate,
-            sequence: context.current_sequence,
+            state: current.state,
+            sequence: current.sequence,
         }))
+    }
+
+    /// Aggregate `id`'s state before its event `sequence` (`None` before
+    /// its first), that event, and the state after it; `None` when it has
+    /// no such event. Read from the nearest snapshot ([`SNAPSHOT_EVERY`]),
+    /// so the cost does not grow with the aggregate's history.
+    ///
+    /// # Errors
+    /// A database or deserialisation error.
+    #[allow(clippy::type_complexity)]
+    pub async fn around<A>(
+        &self,
+        id: &str,
+        sequence: usize,
+    ) -> Result<Option<(Option<A>, EventEnvelope<A>, A)>, StoreError<A::Error>>
+    where
+        A: Stored,
+        A::Command: Clone + Send,
+    {
+        self.loads.count(A::TYPE);
+        log::around::<A>(&self.pool, id, sequence)
+            .await
+            .map_err(StoreError::from_log)
     }
 
     /// Replays aggregate `id` from its first event up to and including
@@ -460,16 +539,20 @@ impl Store {
         A::Command: Clone + Send,
     {
         self.loads.count(A::TYPE);
-        let events = A::event_store(self)
-            .load_events(id)
-            .await
-            .map_err(StoreError::from_aggregate)?;
+        let rows = sqlx::query(
+            "SELECT sequence, payload, metadata FROM events \
+              WHERE aggregate_type = $1 AND aggregate_id = $2 AND sequence <= $3 ORDER BY sequence",
+        )
+        .bind(A::TYPE)
+        .bind(id)
+        .bind(until.map_or(i64::MAX, |u| u as i64))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(StoreError::from_sqlx)?;
         let mut state = A::default();
-        let mut out = Vec::with_capacity(events.len());
-        for envelope in events {
-            if until.is_some_and(|u| envelope.sequence > u) {
-                break;
-            }
+        let mut out = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let envelope = log::envelope::<A>(row, id).map_err(StoreError::from_log)?;
             state.apply(envelope.payload.clone());
             out.push((envelope, state.clone()));
         }

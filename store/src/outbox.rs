@@ -9,10 +9,15 @@
 //! (`txid < pg_snapshot_xmin(pg_current_snapshot())`) and order them by
 //! `(txid, position)`: that prefix of the log never changes once seen.
 //!
-//! Wake-ups are coalesced: writers poke a [`Notifier`], which sends at most
-//! one `NOTIFY` per [`NOTIFY_EVERY`], and every consumer also polls on a
-//! bounded interval ([`Wakeup`]), so a lost notification delays nothing by
-//! more than that interval.
+//! Wake-ups: writers poke a [`Notifier`] after each commit, which sends a
+//! `NOTIFY` at once, with at most one in flight (pokes while one is in
+//! flight make exactly one more). Consumers in the same process are woken
+//! straight away as well, without the round trip through the database.
+//! A consumer drains every notification pending when it wakes, re-reads
+//! soon when events committed but still held back by an older open
+//! transaction exist ([`held_back`], [`Wakeup::soon`]), and also polls on a
+//! bounded interval, so a lost notification delays nothing by more than
+//! that interval.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,8 +31,9 @@ use tokio::sync::Notify;
 /// The channel consumers LISTEN on.
 pub const CHANNEL: &str = "unidesk_outbox";
 
-/// The least time between two NOTIFYs from one process.
-pub const NOTIFY_EVERY: Duration = Duration::from_millis(3);
+/// Commits of this process, counted, for consumers in the same process.
+static COMMITS: std::sync::LazyLock<tokio::sync::watch::Sender<u64>> =
+    std::sync::LazyLock::new(|| tokio::sync::watch::Sender::new(0));
 
 /// A place in the global order of the log: the last `(txid, position)` read.
 #[derive(
@@ -327,9 +333,9 @@ pub async fn save_checkpoint(
     Ok(())
 }
 
-/// Sends coalesced NOTIFYs after commits: however many writers poke it, at
-/// most one NOTIFY goes out per interval, outside any event transaction
-/// (a NOTIFY inside each one would serialise all commits on a global lock).
+/// Sends NOTIFYs after commits: at once, with at most one in flight
+/// however many writers poke it, outside any event transaction (a NOTIFY
+/// inside each one would serialise all commits on a global lock).
 #[derive(Clone)]
 pub struct Notifier {
     wake: Arc<Notify>,
@@ -337,7 +343,7 @@ pub struct Notifier {
 
 impl Notifier {
     /// Starts the notifier's task on `pool`.
-    pub fn spawn(pool: PgPool, every: Duration) -> Self {
+    pub fn spawn(pool: PgPool) -> Self {
         let wake = Arc::new(Notify::new());
         let w = wake.clone();
         tokio::spawn(async move {
@@ -354,25 +360,51 @@ impl Notifier {
                 {
                     tracing::debug!(error = %e, "outbox notify failed; consumers will poll");
                 }
-                tokio::time::sleep(every).await;
             }
         });
         Self { wake }
     }
 
-    /// Asks for a NOTIFY soon. Never blocks.
+    /// Wakes this process's consumers and asks for a NOTIFY for everyone
+    /// else's. Never blocks.
     pub fn poke(&self) {
+        COMMITS.send_modify(|n| *n = n.wrapping_add(1));
         self.wake.notify_one();
     }
 }
 
-/// Waits for new events: returns when a NOTIFY arrives or after the poll
-/// interval, whichever comes first.
+/// Whether events have committed that readers in the global order may not
+/// see yet, held back by an older transaction still open: a consumer that
+/// caught up should read again soon rather than wait for the next
+/// notification (the transaction holding them back may write no event and
+/// notify nobody when it ends).
+///
+/// # Errors
+/// A database error.
+pub async fn held_back<'e>(db: impl PgExecutor<'e>) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT COALESCE(max(txid) >= pg_snapshot_xmin(pg_current_snapshot()), false) FROM outbox",
+    )
+    .fetch_one(db)
+    .await
+}
+
+/// Waits for new events: returns when a NOTIFY arrives, a commit of this
+/// process lands, or after the poll interval, whichever comes first.
 pub struct Wakeup {
     pool: PgPool,
     listener: Option<PgListener>,
     poll: Duration,
+    commits: tokio::sync::watch::Receiver<u64>,
+    /// The short wait [`Wakeup::soon`] asked for, for the next wait only.
+    armed: Option<Duration>,
+    /// The last short wait, doubled by the next [`Wakeup::soon`].
+    last: Option<Duration>,
 }
+
+/// The first wait after [`Wakeup::soon`]; each further one doubles, up to
+/// the poll interval.
+const SOON: Duration = Duration::from_millis(1);
 
 impl Wakeup {
     /// A waker on `pool` that polls at least every `poll`.
@@ -381,6 +413,9 @@ impl Wakeup {
             pool,
             listener: None,
             poll,
+            commits: COMMITS.subscribe(),
+            armed: None,
+            last: None,
         };
         w.listen().await;
         w
@@ -396,22 +431,56 @@ impl Wakeup {
         }
     }
 
-    /// Waits for a notification or the poll interval.
+    /// Makes the next [`Wakeup::wait`] return after a short while even
+    /// without a notification: 1 ms, doubling each time it is asked for
+    /// again right after, up to the poll interval. For a consumer that
+    /// knows events are held back ([`held_back`]).
+    pub fn soon(&mut self) {
+        let next = self.last.map_or(SOON, |d| (d * 2).min(self.poll));
+        self.armed = Some(next);
+        self.last = Some(next);
+    }
+
+    /// Waits for a notification, a commit of this process or the poll
+    /// interval (or the short wait [`Wakeup::soon`] asked for), then takes
+    /// every notification already received: one read answers them all.
     pub async fn wait(&mut self) {
-        let Some(listener) = self.listener.as_mut() else {
-            tokio::time::sleep(self.poll).await;
-            self.listen().await;
-            return;
+        let limit = match self.armed.take() {
+            Some(d) => d,
+            None => {
+                self.last = None;
+                self.poll
+            }
         };
-        match tokio::time::timeout(self.poll, listener.try_recv()).await {
-            Err(_) | Ok(Ok(Some(_))) => {}
-            // The connection dropped: notifications may have been lost; the
-            // caller reads anyway, and we reconnect.
-            Ok(Ok(None)) => {}
-            Ok(Err(e)) => {
-                tracing::debug!(error = %e, "LISTEN connection failed; reconnecting");
-                self.listener = None;
+        match self.listener.as_mut() {
+            None => {
+                tokio::select! {
+                    _ = tokio::time::sleep(limit) => {}
+                    _ = self.commits.changed() => {}
+                }
+                if self.last.is_none() {
+                    self.listen().await;
+                }
+            }
+            Some(listener) => {
+                tokio::select! {
+                    r = tokio::time::timeout(limit, listener.try_recv()) => match r {
+                        // A notification, the interval, or a dropped
+                        // connection (notifications may have been lost: the
+                        // caller reads anyway, and we reconnect).
+                        Err(_) | Ok(Ok(_)) => {}
+                        Ok(Err(e)) => {
+                            tracing::debug!(error = %e, "LISTEN connection failed; reconnecting");
+                            self.listener = None;
+                        }
+                    },
+                    _ = self.commits.changed() => {}
+                }
             }
         }
+        if let Some(l) = self.listener.as_mut() {
+            while l.next_buffered().is_some() {}
+        }
+        self.commits.borrow_and_update();
     }
 }

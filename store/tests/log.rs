@@ -255,7 +255,7 @@ async fn a_snapshotted_node_loads_the_same_state_as_a_full_replay() {
         )
         .await
         .unwrap();
-    for i in 0..(store::NODE_SNAPSHOT_EVERY * 2 + 7) {
+    for i in 0..(store::SNAPSHOT_EVERY * 2 + 7) {
         let cmd = if i % 2 == 0 {
             NodeCommand::Drain {
                 by: admin(),
@@ -277,7 +277,10 @@ async fn a_snapshotted_node_loads_the_same_state_as_a_full_replay() {
             .fetch_one(&db.pool)
             .await
             .unwrap();
-    assert_eq!(snapshots, 1, "the node should be snapshotted");
+    assert_eq!(
+        snapshots, 2,
+        "the node should be snapshotted every 50 events"
+    );
     let loaded = store.load::<Node>(&id.to_string()).await.unwrap().unwrap();
     let replayed = store.replay::<Node>(&id.to_string(), None).await.unwrap();
     let (last, full) = replayed.last().unwrap();
@@ -426,4 +429,181 @@ async fn a_name_claim_is_exclusive_until_its_aggregate_fails_to_appear() {
             .unwrap(),
         Some(second)
     );
+}
+
+/// Provisions node `n1` as `id` through `store`.
+async fn provision(store: &Store, id: Uuid) {
+    store
+        .execute::<Node>(
+            &id.to_string(),
+            NodeCommand::Provision {
+                node_id: id,
+                name: "n1".into(),
+                labels: Default::default(),
+                token_fingerprint: "ff".into(),
+                max_resources: Default::default(),
+                by: admin(),
+                at: Utc::now(),
+            },
+            &admin(),
+            Utc::now(),
+        )
+        .await
+        .unwrap();
+}
+
+fn drain(drain: bool) -> NodeCommand {
+    if drain {
+        NodeCommand::Drain {
+            by: admin(),
+            at: Utc::now(),
+        }
+    } else {
+        NodeCommand::Undrain {
+            by: admin(),
+            at: Utc::now(),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_process_deciding_on_an_old_copy_decides_again_on_the_log() {
+    let db = testkit::fresh_db().await;
+    // Two processes: each remembers the aggregates it decided on.
+    let a = Store::new(db.pool.clone());
+    let b = Store::new(db.pool.clone());
+    let id = Uuid::now_v7();
+    provision(&a, id).await;
+    let loads = a.aggregate_loads().get("node");
+
+    // b drains the node; a still remembers it undrained.
+    b.execute::<Node>(&id.to_string(), drain(true), &admin(), Utc::now())
+        .await
+        .unwrap();
+    // Undrain is nothing to do on a's old copy, but not on the log: a must
+    // not answer "nothing to do" without looking.
+    let undrained = a
+        .execute::<Node>(&id.to_string(), drain(false), &admin(), Utc::now())
+        .await
+        .unwrap();
+    assert_eq!(undrained.events.len(), 1, "the undrain was appended");
+    assert_eq!(undrained.sequence, 3);
+    assert!(!undrained.state.drained);
+    assert_eq!(a.aggregate_loads().get("node"), loads + 1, "one fresh load");
+
+    // b's copy is old now: its drain collides with a's undrain on the log's
+    // key, and is decided again on the log's state.
+    let drained = b
+        .execute::<Node>(&id.to_string(), drain(true), &admin(), Utc::now())
+        .await
+        .unwrap();
+    assert_eq!(drained.sequence, 4);
+    assert!(drained.state.drained);
+
+    // Decided on a copy that is current, a command costs no load at all.
+    let loads = b.aggregate_loads().get("node");
+    let again = b
+        .execute::<Node>(&id.to_string(), drain(false), &admin(), Utc::now())
+        .await
+        .unwrap();
+    assert_eq!(again.sequence, 5);
+    assert_eq!(b.aggregate_loads().get("node"), loads);
+
+    let replayed = a.replay::<Node>(&id.to_string(), None).await.unwrap();
+    let sequences: Vec<usize> = replayed.iter().map(|(e, _)| e.sequence).collect();
+    assert_eq!(sequences, vec![1, 2, 3, 4, 5], "no gap, no duplicate");
+    assert_eq!(&again.state, &replayed.last().unwrap().1);
+}
+
+#[tokio::test]
+async fn concurrent_writers_in_many_processes_lose_no_command() {
+    let db = testkit::fresh_db().await;
+    let stores: Vec<Store> = (0..4).map(|_| Store::new(db.pool.clone())).collect();
+    let id = Uuid::now_v7();
+    provision(&stores[0], id).await;
+    // 4 processes x 3 tasks each toggle the same node 10 times.
+    let mut writers = Vec::new();
+    for (i, store) in stores.iter().enumerate() {
+        for j in 0..3 {
+            let store = store.clone();
+            writers.push(tokio::spawn(async move {
+                let mut appended = 0;
+                for k in 0..10 {
+                    let r = store
+                        .execute::<Node>(
+                            &id.to_string(),
+                            drain((i + j + k) % 2 == 0),
+                            &admin(),
+                            Utc::now(),
+                        )
+                        .await
+                        .unwrap();
+                    appended += r.events.len();
+                }
+                appended
+            }));
+        }
+    }
+    let mut appended = 0;
+    for w in writers {
+        appended += w.await.unwrap();
+    }
+    let replayed = stores[0]
+        .replay::<Node>(&id.to_string(), None)
+        .await
+        .unwrap();
+    assert_eq!(
+        replayed.len(),
+        1 + appended,
+        "every appended event is in the log"
+    );
+    for (i, (e, _)) in replayed.iter().enumerate() {
+        assert_eq!(e.sequence, i + 1);
+    }
+    // Each toggle that was appended changed the state: no event decided on
+    // a copy the log had moved past.
+    for pair in replayed.windows(2).skip(1) {
+        assert_ne!(pair[0].1.drained, pair[1].1.drained);
+    }
+    let loaded = stores[3]
+        .load::<Node>(&id.to_string())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&loaded.state, &replayed.last().unwrap().1);
+}
+
+#[tokio::test]
+async fn the_state_around_any_event_of_a_long_history_matches_a_full_replay() {
+    let db = testkit::fresh_db().await;
+    let store = Store::new(db.pool.clone());
+    let id = Uuid::now_v7();
+    provision(&store, id).await;
+    for i in 0..(store::SNAPSHOT_EVERY * 3) {
+        store
+            .execute::<Node>(&id.to_string(), drain(i % 2 == 0), &admin(), Utc::now())
+            .await
+            .unwrap();
+    }
+    let replayed = store.replay::<Node>(&id.to_string(), None).await.unwrap();
+    for sequence in [1, 2, 49, 50, 51, 100, 101, 150, 151] {
+        let (before, event, after) = store
+            .around::<Node>(&id.to_string(), sequence)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(event.sequence, sequence);
+        assert_eq!(event.payload, replayed[sequence - 1].0.payload);
+        assert_eq!(after, replayed[sequence - 1].1, "after #{sequence}");
+        assert_eq!(
+            before.as_ref(),
+            (sequence > 1).then(|| &replayed[sequence - 2].1),
+            "before #{sequence}"
+        );
+    }
+    assert!(store
+        .around::<Node>(&id.to_string(), 152)
+        .await
+        .unwrap()
+        .is_none());
 }

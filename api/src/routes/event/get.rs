@@ -1,6 +1,8 @@
 //! `GET /api/v1/events/{position}`: one event in full, with its
-//! aggregate's state right before and right after it, replayed from the
-//! log (never from snapshots or read models).
+//! aggregate's state right before and right after it, folded from the log
+//! (from the aggregate's nearest snapshot, so a node with a long history
+//! answers as fast as a new one; never from read models). `unidesk replay
+//! --check` compares snapshots with full replays.
 
 use axum::extract::State;
 use axum::Json;
@@ -122,19 +124,14 @@ where
     S: Serialize,
     ApiError: From<StoreError<A::Error>>,
 {
-    let mut replayed = state.store().replay::<A>(id, Some(sequence)).await?;
+    let Some((before, _, after)) = state.store().around::<A>(id, sequence).await? else {
+        return Err(ApiError::internal(format!(
+            "{id} has no event {sequence} in the log"
+        )));
+    };
     let encode = |s: A| -> Result<Value, ApiError> {
         serde_json::to_value(show(s)?)
             .map_err(|e| ApiError::internal(format!("a state does not serialise: {e}")))
     };
-    let after = match replayed.pop() {
-        Some((envelope, after)) if envelope.sequence == sequence => after,
-        _ => {
-            return Err(ApiError::internal(format!(
-                "{id} replayed without its event {sequence}"
-            )))
-        }
-    };
-    let before = replayed.pop().map(|(_, s)| encode(s)).transpose()?;
-    Ok((before, encode(after)?))
+    Ok((before.map(encode).transpose()?, encode(after)?))
 }
