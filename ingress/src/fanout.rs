@@ -62,6 +62,13 @@ pub(crate) async fn follow(ingress: &Ingress) {
         if let Err(e) = ingress.deliver_once().await {
             tracing::warn!(error = %e, "delivering commands failed; retrying");
             tokio::time::sleep(Duration::from_secs(1)).await;
+        } else if outbox::held_back(ingress.store().pool())
+            .await
+            .unwrap_or(false)
+        {
+            // Committed events wait behind an older transaction, which may
+            // end without notifying anyone: look again shortly.
+            wake.soon();
         }
         wake.wait().await;
     }

@@ -20,6 +20,7 @@
 
 mod lease;
 pub mod placement;
+mod queue;
 mod round;
 
 use std::sync::Mutex;
@@ -95,6 +96,15 @@ impl Outcome {
     }
 }
 
+/// What a round does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Round {
+    /// The read models' catch-up, timeouts, liveness, then placement.
+    Full,
+    /// Placement only: what a commit wakes the leader for.
+    Placement,
+}
+
 /// Whether the database was out of reach, and when it came back.
 #[derive(Debug, Default, Clone, Copy)]
 struct Reach {
@@ -111,6 +121,7 @@ pub struct Scheduler {
     projector: Projector,
     leadership: Leadership,
     reach: Mutex<Reach>,
+    queue: tokio::sync::Mutex<queue::Queue>,
 }
 
 fn actor() -> Actor {
@@ -131,6 +142,7 @@ impl Scheduler {
             config,
             projector,
             reach: Mutex::new(Reach::default()),
+            queue: tokio::sync::Mutex::default(),
         }
     }
 
@@ -154,8 +166,18 @@ impl Scheduler {
     pub async fn run(&self, shutdown: impl std::future::Future<Output = ()>) {
         tokio::pin!(shutdown);
         let mut wake: Option<Wakeup> = None;
+        let mut housekept: Option<std::time::Instant> = None;
         loop {
-            match self.while_renewing(self.run_once(Utc::now())).await {
+            // Every wake-up places; liveness, timeouts and the read models'
+            // catch-up run once per poll interval, not on every commit.
+            let full = housekept.is_none_or(|t| t.elapsed() >= self.config.poll);
+            let work = if full {
+                housekept = Some(std::time::Instant::now());
+                Round::Full
+            } else {
+                Round::Placement
+            };
+            match self.while_renewing(self.lead(work, Utc::now())).await {
                 Ok(o) if o.decided() => tracing::debug!(?o, "scheduled"),
                 Ok(_) => {}
                 Err(e) => tracing::error!(error = %e, "scheduling round failed"),
@@ -171,6 +193,11 @@ impl Scheduler {
                 Some(w) => w,
                 None => wake.insert(Wakeup::new(self.pool().clone(), self.config.poll).await),
             };
+            if store::outbox::held_back(self.pool()).await.unwrap_or(false) {
+                // Committed events wait behind an older transaction, which
+                // may end without notifying anyone: look again shortly.
+                wake.soon();
+            }
             tokio::select! {
                 _ = &mut shutdown => {
                     self.leadership.release().await;
@@ -207,10 +234,27 @@ impl Scheduler {
     /// A database error; a refused command is logged and skipped.
     #[tracing::instrument(name = "scheduler_round", skip_all, fields(%now))]
     pub async fn run_once(&self, now: DateTime<Utc>) -> Result<Outcome, sqlx::Error> {
+        self.lead(Round::Full, now).await
+    }
+
+    /// A round of `work` as the leader, as of `now` (see
+    /// [`Scheduler::run_once`]).
+    async fn lead(&self, work: Round, now: DateTime<Utc>) -> Result<Outcome, sqlx::Error> {
         let Some(term) = self.leadership.keep().await else {
             return Ok(Outcome::default());
         };
-        let round = self.round(term, now).await;
+        let round = match work {
+            Round::Full => self.round(term, now).await,
+            Round::Placement => {
+                let mut outcome = Outcome {
+                    term: Some(term),
+                    ..Outcome::default()
+                };
+                self.placement(term, now, &mut outcome)
+                    .await
+                    .map(|()| outcome)
+            }
+        };
         let mut reach = self.reach.lock().unwrap_or_else(|e| e.into_inner());
         match &round {
             Err(_) => reach.failing = true,

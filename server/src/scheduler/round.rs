@@ -1,8 +1,9 @@
-//! One placement round: the queue, what nodes and projects hold (the
-//! store's reservations, exact at every commit), [`placement::place`], and
-//! the assignments committed as commands under the leader's term.
+//! One placement round: the queue (in memory, [`super::queue`]), what
+//! nodes and projects hold (the store's reservations, exact at every
+//! commit), [`placement::place`], and the assignments committed as commands
+//! under the leader's term.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 use domain::task::{Capacity, Task, TaskCommand, TaskError};
@@ -31,12 +32,17 @@ impl Scheduler {
         now: DateTime<Utc>,
         outcome: &mut Outcome,
     ) -> Result<(), sqlx::Error> {
+        let mut known = self.queue.lock().await;
+        known.follow(&self.store, term).await?;
+        if !known.any_queued() {
+            return Ok(());
+        }
         let holds = store::holds::all(self.pool()).await?;
-        // A task holding a node is not queued, whatever a read model that
-        // has not caught up yet says.
-        let holding: Vec<Uuid> = holds.iter().map(|h| h.task).collect();
-        let queued_rows =
-            read::tasks::queued(self.pool(), self.config.batch, &holding, now).await?;
+        // A task holding a node is not queued, whatever the queue has not
+        // folded in yet.
+        let holding: HashSet<Uuid> = holds.iter().map(|h| h.task).collect();
+        let queued_rows = known.queued(self.config.batch.max(0) as usize, &holding, now);
+        drop(known);
         if queued_rows.is_empty() {
             return Ok(());
         }

@@ -1,0 +1,214 @@
+//! The leader's queue, in memory: every task not yet ended, as the task
+//! aggregate itself folds its events, loaded from one consistent snapshot
+//! of the `tasks` read model when leadership begins and folded forward
+//! from the outbox before each placement. A submission reaches placement
+//! without waiting for the read model, and a round reads no queue from the
+//! database; the read model stays for the API.
+//!
+//! The snapshot is the read model's rows of unfinished tasks together with
+//! the read model's own checkpoint, read in one repeatable-read
+//! transaction, so the rows reflect exactly the events up to the
+//! checkpoint; folding goes on from there. An event that does not follow
+//! the sequence this queue knows for its task (a task the snapshot left out
+//! as ended, or one the read model could not apply) makes the queue load
+//! that task from the log instead. A new term loads the queue afresh.
+
+use std::collections::{HashMap, HashSet};
+
+use chrono::{DateTime, Utc};
+use cqrs_es::Aggregate;
+use domain::task::{Task, TaskEvent, TaskState};
+use projections::read::tasks::QueuedTask;
+use sqlx::PgPool;
+use store::outbox::{self, Checkpoint, Filter, RecordedEvent};
+use store::Store;
+use uuid::Uuid;
+
+/// Events read from the outbox at once.
+const READ: i64 = 5000;
+
+/// A task and the sequence of its last event folded in.
+struct Known {
+    task: Task,
+    sequence: i64,
+}
+
+/// The unfinished tasks, as of `at`.
+#[derive(Default)]
+pub(super) struct Queue {
+    /// Where in the outbox the queue stands; `None` until loaded.
+    at: Option<Checkpoint>,
+    /// The leader's term it was loaded under: a new term loads afresh.
+    term: Option<u64>,
+    tasks: HashMap<Uuid, Known>,
+}
+
+impl Queue {
+    /// Loads the queue when it was not loaded under leader's `term`, then
+    /// folds in every task event committed since.
+    ///
+    /// # Errors
+    /// A database error; the queue stays where it was.
+    pub async fn follow(&mut self, store: &Store, term: u64) -> Result<(), sqlx::Error> {
+        if self.at.is_none() || self.term != Some(term) {
+            self.load(store.pool()).await?;
+            self.term = Some(term);
+        }
+        let filter = Filter {
+            aggregate_type: Some(Task::TYPE.to_string()),
+            aggregate_id: None,
+        };
+        loop {
+            let Some(at) = self.at else { return Ok(()) };
+            let events = outbox::read_after(store.pool(), at, READ, &filter).await?;
+            let Some(last) = events.last().map(RecordedEvent::checkpoint) else {
+                return Ok(());
+            };
+            for event in &events {
+                self.fold(store, event).await;
+            }
+            self.at = Some(last);
+            if (events.len() as i64) < READ {
+                return Ok(());
+            }
+        }
+    }
+
+    /// The read model's unfinished tasks and its checkpoint, consistent
+    /// with each other.
+    async fn load(&mut self, pool: &PgPool) -> Result<(), sqlx::Error> {
+        let mut tx = pool.begin().await?;
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            .execute(&mut *tx)
+            .await?;
+        let at: Option<(i64, i64)> =
+            sqlx::query_as("SELECT txid, position FROM checkpoints WHERE name = $1")
+                .bind(projections::read::tasks::CHECKPOINT)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let rows: Vec<(Uuid, i64, serde_json::Value)> = sqlx::query_as(
+            "SELECT id, last_sequence, doc FROM task_view \
+             WHERE state NOT IN ('succeeded', 'failed', 'timed_out', 'cancelled')",
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        self.tasks.clear();
+        for (id, sequence, doc) in rows {
+            match serde_json::from_value::<Task>(doc) {
+                Ok(task) => {
+                    self.tasks.insert(id, Known { task, sequence });
+                }
+                // Loaded from the log when its next event comes.
+                Err(e) => tracing::error!(task = %id, error = %e, "unreadable task in task_view"),
+            }
+        }
+        self.at = Some(
+            at.map_or_else(Checkpoint::default, |(txid, position)| Checkpoint {
+                txid,
+                position,
+            }),
+        );
+        Ok(())
+    }
+
+    /// Folds `event` into its task.
+    async fn fold(&mut self, store: &Store, event: &RecordedEvent) {
+        let Ok(id) = Uuid::try_parse(&event.aggregate_id) else {
+            tracing::error!(aggregate_id = %event.aggregate_id, "a task event with a malformed id");
+            return;
+        };
+        let follows = match self.tasks.get(&id) {
+            Some(k) if event.sequence <= k.sequence => return,
+            Some(k) => event.sequence == k.sequence + 1,
+            None => event.sequence == 1,
+        };
+        let decoded = if follows {
+            serde_json::from_value::<TaskEvent>(event.payload.clone()).ok()
+        } else {
+            None
+        };
+        match decoded {
+            Some(e) => {
+                let known = self.tasks.entry(id).or_insert_with(|| Known {
+                    task: Task::default(),
+                    sequence: 0,
+                });
+                known.task.apply(e);
+                known.sequence = event.sequence;
+            }
+            None => match store.load::<Task>(&id.to_string()).await {
+                Ok(Some(loaded)) => {
+                    self.tasks.insert(
+                        id,
+                        Known {
+                            task: loaded.state,
+                            sequence: loaded.sequence as i64,
+                        },
+                    );
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    // Placement passes the task over until it can be read.
+                    tracing::error!(task = %id, error = %e, "cannot load a task for the queue");
+                    self.tasks.remove(&id);
+                }
+            },
+        }
+        if self
+            .tasks
+            .get(&id)
+            .is_some_and(|k| k.task.state.is_terminal())
+        {
+            self.tasks.remove(&id);
+        }
+    }
+
+    /// Whether any task waits for a node.
+    pub fn any_queued(&self) -> bool {
+        self.tasks
+            .values()
+            .any(|k| k.task.state == TaskState::Queued)
+    }
+
+    /// Up to `limit` queued tasks, highest priority and oldest first,
+    /// without those in `skip` and those whose retry backoff lasts past
+    /// `now`: what placement considers.
+    pub fn queued(
+        &self,
+        limit: usize,
+        skip: &HashSet<Uuid>,
+        now: DateTime<Utc>,
+    ) -> Vec<QueuedTask> {
+        let mut queued: Vec<(&Uuid, &Task)> = self
+            .tasks
+            .iter()
+            .filter(|(id, k)| {
+                k.task.state == TaskState::Queued
+                    && k.task.not_before.is_none_or(|t| t <= now)
+                    && !skip.contains(id)
+            })
+            .filter_map(|(id, k)| k.task.spec.as_ref().map(|_| (id, &k.task)))
+            .collect();
+        let key = |t: &Task| t.spec.as_ref().map_or(0, |s| s.priority);
+        queued.sort_by(|(a_id, a), (b_id, b)| {
+            key(b)
+                .cmp(&key(a))
+                .then(a.submitted_at.cmp(&b.submitted_at))
+                .then(a_id.cmp(b_id))
+        });
+        queued
+            .into_iter()
+            .take(limit)
+            .filter_map(|(id, t)| {
+                let spec = t.spec.clone()?;
+                Some(QueuedTask {
+                    id: *id,
+                    project: spec.project_id,
+                    priority: spec.priority,
+                    spec: Ok(spec),
+                })
+            })
+            .collect()
+    }
+}
