@@ -101,6 +101,48 @@ pub trait Projection: Send + Sync {
     fn per_aggregate(&self) -> bool {
         true
     }
+    /// Applies `events`, in order, in a few statements for the whole batch
+    /// rather than a few per event; `None` when the model applies one
+    /// event at a time ([`Projection::apply`]). It must leave the model
+    /// exactly as applying the events one by one would.
+    fn apply_set<'a>(
+        &'a self,
+        _conn: &'a mut PgConnection,
+        _events: &'a [&'a RecordedEvent],
+    ) -> Option<BoxFuture<'a, Result<(), SetError>>> {
+        None
+    }
+}
+
+/// Why [`Projection::apply_set`] failed.
+#[derive(Debug)]
+pub struct SetError {
+    /// The outbox position of the event to blame, when one is: it is then
+    /// recorded as a dead letter and the batch applied again without it.
+    /// `None` (a statement for the whole batch failed) applies the batch
+    /// again one event at a time, to find the event to blame.
+    pub position: Option<i64>,
+    /// What went wrong.
+    pub error: ProjectionError,
+}
+
+impl SetError {
+    /// An error to blame on `event`.
+    pub fn at(event: &RecordedEvent, error: ProjectionError) -> Self {
+        Self {
+            position: Some(event.position),
+            error,
+        }
+    }
+}
+
+impl From<sqlx::Error> for SetError {
+    fn from(e: sqlx::Error) -> Self {
+        Self {
+            position: None,
+            error: e.into(),
+        }
+    }
 }
 
 /// Told of every batch a read model committed, once the commit is done:
@@ -186,7 +228,9 @@ fn verdict(
 
 /// One model's batch failed on `event` for good.
 struct Poisoned<'e> {
-    event: &'e RecordedEvent,
+    /// The event to blame; `None` when a set-based application failed as
+    /// a whole (the batch is then applied again one event at a time).
+    event: Option<&'e RecordedEvent>,
     error: ProjectionError,
 }
 
@@ -299,6 +343,7 @@ impl Projector {
         // Events found unappliable in this round, by position: the batch is
         // applied again from its start, recording them instead.
         let mut failed: HashMap<i64, String> = HashMap::new();
+        let mut one_by_one = false;
         loop {
             // Ended explicitly on every path: a dropped transaction is only
             // rolled back when its connection is next used, and until then
@@ -319,7 +364,7 @@ impl Projector {
             } else {
                 HashMap::new()
             };
-            match apply_batch(p, &mut tx, &events, &failed, &mut held).await {
+            match apply_batch(p, &mut tx, &events, &failed, &mut held, one_by_one).await {
                 Ok(()) => {
                     outbox::save_checkpoint(&mut tx, p.name(), last).await?;
                     tx.commit().await?;
@@ -329,9 +374,19 @@ impl Projector {
                     }
                     return Ok(events.len());
                 }
-                Err(Poisoned { event, error })
-                    if !error.is_transient() && !failed.contains_key(&event.position) =>
-                {
+                Err(Poisoned { event: None, error }) if !error.is_transient() && !one_by_one => {
+                    tx.rollback().await?;
+                    tracing::warn!(
+                        projection = p.name(),
+                        error = %error,
+                        "a batch failed as a whole; applying it one event at a time"
+                    );
+                    one_by_one = true;
+                }
+                Err(Poisoned {
+                    event: Some(event),
+                    error,
+                }) if !error.is_transient() && !failed.contains_key(&event.position) => {
                     tx.rollback().await?;
                     tracing::error!(
                         projection = p.name(),
@@ -606,15 +661,45 @@ async fn apply_batch<'e>(
     events: &'e [RecordedEvent],
     failed: &HashMap<i64, String>,
     held: &mut HashMap<(String, String), Checkpoint>,
+    one_by_one: bool,
 ) -> Result<(), Poisoned<'e>> {
+    let mut apply = Vec::with_capacity(events.len());
     for event in events {
-        let result = match verdict(p, event, failed, held) {
-            Verdict::Apply => apply_guarded(p, conn, event).await,
+        match verdict(p, event, failed, held) {
+            Verdict::Apply => apply.push(event),
             Verdict::Record(error) => dead_letters::record(&mut *conn, p.name(), event, &error)
                 .await
-                .map_err(ProjectionError::from),
-        };
-        result.map_err(|error| Poisoned { event, error })?;
+                .map_err(|e| Poisoned {
+                    event: Some(event),
+                    error: e.into(),
+                })?,
+        }
+    }
+    if apply.is_empty() {
+        return Ok(());
+    }
+    if !one_by_one {
+        if let Some(set) = p.apply_set(conn, &apply) {
+            return match AssertUnwindSafe(set).catch_unwind().await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(SetError { position, error })) => Err(Poisoned {
+                    event: position.and_then(|at| apply.iter().find(|e| e.position == at).copied()),
+                    error,
+                }),
+                Err(_) => Err(Poisoned {
+                    event: None,
+                    error: ProjectionError::Rebuild("the read model's code panicked".into()),
+                }),
+            };
+        }
+    }
+    for event in apply {
+        apply_guarded(p, conn, event)
+            .await
+            .map_err(|error| Poisoned {
+                event: Some(event),
+                error,
+            })?;
     }
     Ok(())
 }

@@ -9,7 +9,9 @@ use sqlx::PgConnection;
 use store::outbox::RecordedEvent;
 use uuid::Uuid;
 
-use crate::{summary, Projection, ProjectionError};
+use std::collections::HashMap;
+
+use crate::{summary, Projection, ProjectionError, SetError};
 use cqrs_es::Aggregate;
 use domain::node::Node;
 use domain::project::Project;
@@ -39,38 +41,96 @@ fn decode<E: DeserializeOwned>(event: &RecordedEvent) -> Result<E, ProjectionErr
     serde_json::from_value(event.payload.clone()).map_err(|e| undecodable(event, e))
 }
 
-/// For an event of aggregate `A`: loads its row of `table` (keyed by the
-/// aggregate's uuid `id`), applies the event when it is newer than the row,
-/// and returns the new state. `None` for other aggregates' events and for
-/// events the row already reflects.
-async fn advance_doc<A>(
+/// One aggregate's row of a model after a batch.
+struct Folded<'e, A> {
+    id: Uuid,
+    state: A,
+    /// The first event applied: its position orders a new row.
+    first: &'e RecordedEvent,
+    /// The last event applied.
+    last: &'e RecordedEvent,
+}
+
+/// For a batch: loads the rows of `table` of every aggregate of type `A`
+/// the batch names, in one statement, applies each newer event in order,
+/// and returns the rows that changed, in the order of their first event.
+async fn fold_docs<'e, A>(
     conn: &mut PgConnection,
     table: &str,
-    event: &RecordedEvent,
-) -> Result<Option<A>, ProjectionError>
+    events: &[&'e RecordedEvent],
+) -> Result<Vec<Folded<'e, A>>, SetError>
 where
     A: Aggregate,
 {
-    if event.aggregate_type != A::TYPE {
-        return Ok(None);
+    let mut ids = Vec::new();
+    let mut mine = Vec::new();
+    for &ev in events.iter().filter(|e| e.aggregate_type == A::TYPE) {
+        let id: Uuid = ev
+            .aggregate_id
+            .parse()
+            .map_err(|e| SetError::at(ev, undecodable(ev, e)))?;
+        ids.push(id);
+        mine.push((id, ev));
     }
-    let id: Uuid = event
-        .aggregate_id
-        .parse()
-        .map_err(|e| undecodable(event, e))?;
-    let row: Option<(i64, serde_json::Value)> = sqlx::query_as(&format!(
-        "SELECT last_sequence, doc FROM {table} WHERE id = $1 FOR UPDATE"
+    if mine.is_empty() {
+        return Ok(Vec::new());
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    let rows: Vec<(Uuid, i64, serde_json::Value)> = sqlx::query_as(&format!(
+        "SELECT id, last_sequence, doc FROM {table} WHERE id = ANY($1) ORDER BY id FOR UPDATE"
     ))
-    .bind(id)
-    .fetch_optional(&mut *conn)
+    .bind(&ids)
+    .fetch_all(&mut *conn)
     .await?;
-    let mut state = match row {
-        Some((last, _)) if event.sequence <= last => return Ok(None),
-        Some((_, doc)) => serde_json::from_value(doc).map_err(|e| undecodable(event, e))?,
-        None => A::default(),
-    };
-    state.apply(decode(event)?);
-    Ok(Some(state))
+    let mut stored: HashMap<Uuid, (i64, serde_json::Value)> = rows
+        .into_iter()
+        .map(|(id, last, doc)| (id, (last, doc)))
+        .collect();
+    // Per aggregate: its state and last sequence, and its index in `out`
+    // once changed.
+    let mut states: HashMap<Uuid, (A, i64, Option<usize>)> = HashMap::new();
+    let mut out: Vec<Folded<'e, A>> = Vec::new();
+    for (id, ev) in mine {
+        let entry = match states.entry(id) {
+            std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+            std::collections::hash_map::Entry::Vacant(v) => {
+                let (state, last) = match stored.remove(&id) {
+                    Some((last, doc)) => (
+                        serde_json::from_value(doc)
+                            .map_err(|e| SetError::at(ev, undecodable(ev, e)))?,
+                        last,
+                    ),
+                    None => (A::default(), 0),
+                };
+                v.insert((state, last, None))
+            }
+        };
+        if ev.sequence <= entry.1 {
+            continue;
+        }
+        entry.0.apply(decode(ev).map_err(|e| SetError::at(ev, e))?);
+        entry.1 = ev.sequence;
+        match entry.2 {
+            Some(i) => out[i].last = ev,
+            None => {
+                entry.2 = Some(out.len());
+                out.push(Folded {
+                    id,
+                    state: A::default(),
+                    first: ev,
+                    last: ev,
+                });
+            }
+        }
+    }
+    for (id, (state, _, index)) in states {
+        if let Some(i) = index {
+            debug_assert_eq!(out[i].id, id);
+            out[i].state = state;
+        }
+    }
+    Ok(out)
 }
 
 fn doc<T: Serialize>(v: &T, event: &RecordedEvent) -> Result<serde_json::Value, ProjectionError> {
@@ -91,41 +151,102 @@ impl Projection for Tasks {
     fn tables(&self) -> &'static [&'static str] {
         &["task_view"]
     }
+    fn apply_set<'a>(
+        &'a self,
+        conn: &'a mut PgConnection,
+        events: &'a [&'a RecordedEvent],
+    ) -> Option<BoxFuture<'a, Result<(), SetError>>> {
+        Some(Box::pin(Self::apply_all(conn, events)))
+    }
     fn apply<'a>(
         &'a self,
         conn: &'a mut PgConnection,
         ev: &'a RecordedEvent,
     ) -> BoxFuture<'a, Result<(), ProjectionError>> {
-        Box::pin(async move {
-            let Some(task) = advance_doc::<Task>(conn, "task_view", ev).await? else {
-                return Ok(());
-            };
+        Box::pin(async move { Self::apply_all(conn, &[ev]).await.map_err(|e| e.error) })
+    }
+}
+
+impl Tasks {
+    async fn apply_all(conn: &mut PgConnection, events: &[&RecordedEvent]) -> Result<(), SetError> {
+        let folded = fold_docs::<Task>(conn, "task_view", events).await?;
+        if folded.is_empty() {
+            return Ok(());
+        }
+        let n = folded.len();
+        let (mut ids, mut projects, mut states, mut priorities) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        let (mut nodes, mut attempts, mut by, mut submitted) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        let (mut updated, mut positions, mut sequences, mut docs) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        for Folded {
+            state: task,
+            first,
+            last,
+            ..
+        } in &folded
+        {
             let (Some(id), Some(spec)) = (task.id, task.spec.as_ref()) else {
-                return Err(undecodable(ev, "task event before TaskSubmitted"));
+                return Err(SetError::at(
+                    first,
+                    undecodable(first, "task event before TaskSubmitted"),
+                ));
             };
-            sqlx::query(
-                "INSERT INTO task_view (id, project_id, state, priority, node_id, attempt, submitted_by, \
-                   submitted_at, updated_at, list_position, last_sequence, doc) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) \
-                 ON CONFLICT (id) DO UPDATE SET state = $3, node_id = $5, attempt = $6, \
-                   updated_at = $9, last_sequence = $11, doc = $12",
-            )
-            .bind(id)
-            .bind(spec.project_id)
-            .bind(task.state.as_str())
-            .bind(spec.priority)
-            .bind(task.node_id)
-            .bind(task.attempt as i32)
-            .bind(task.submitted_by.as_ref().map(ToString::to_string).unwrap_or_default())
-            .bind(at_or(task.submitted_at, ev))
-            .bind(at_or(task.updated_at, ev))
-            .bind(ev.position)
-            .bind(ev.sequence)
-            .bind(doc(&task, ev)?)
-            .execute(&mut *conn)
-            .await?;
-            Ok(())
-        })
+            ids.push(id);
+            projects.push(spec.project_id);
+            states.push(task.state.as_str());
+            priorities.push(spec.priority);
+            nodes.push(task.node_id);
+            attempts.push(task.attempt as i32);
+            by.push(
+                task.submitted_by
+                    .as_ref()
+                    .map(ToString::to_string)
+                    .unwrap_or_default(),
+            );
+            submitted.push(at_or(task.submitted_at, last));
+            updated.push(at_or(task.updated_at, last));
+            positions.push(first.position);
+            sequences.push(last.sequence);
+            docs.push(doc(task, last).map_err(|e| SetError::at(last, e))?);
+        }
+        sqlx::query(
+            "INSERT INTO task_view (id, project_id, state, priority, node_id, attempt, submitted_by, \
+               submitted_at, updated_at, list_position, last_sequence, doc) \
+             SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::int[], $5::uuid[], $6::int[], \
+               $7::text[], $8::timestamptz[], $9::timestamptz[], $10::bigint[], $11::bigint[], $12::jsonb[]) \
+             ON CONFLICT (id) DO UPDATE SET state = EXCLUDED.state, node_id = EXCLUDED.node_id, \
+               attempt = EXCLUDED.attempt, updated_at = EXCLUDED.updated_at, \
+               last_sequence = EXCLUDED.last_sequence, doc = EXCLUDED.doc",
+        )
+        .bind(&ids)
+        .bind(&projects)
+        .bind(&states)
+        .bind(&priorities)
+        .bind(&nodes)
+        .bind(&attempts)
+        .bind(&by)
+        .bind(&submitted)
+        .bind(&updated)
+        .bind(&positions)
+        .bind(&sequences)
+        .bind(&docs)
+        .execute(&mut *conn)
+        .await?;
+        Ok(())
     }
 }
 
@@ -139,36 +260,82 @@ impl Projection for Nodes {
     fn tables(&self) -> &'static [&'static str] {
         &["node_view"]
     }
+    fn apply_set<'a>(
+        &'a self,
+        conn: &'a mut PgConnection,
+        events: &'a [&'a RecordedEvent],
+    ) -> Option<BoxFuture<'a, Result<(), SetError>>> {
+        Some(Box::pin(Self::apply_all(conn, events)))
+    }
     fn apply<'a>(
         &'a self,
         conn: &'a mut PgConnection,
         ev: &'a RecordedEvent,
     ) -> BoxFuture<'a, Result<(), ProjectionError>> {
-        Box::pin(async move {
-            let Some(node) = advance_doc::<Node>(conn, "node_view", ev).await? else {
-                return Ok(());
-            };
+        Box::pin(async move { Self::apply_all(conn, &[ev]).await.map_err(|e| e.error) })
+    }
+}
+
+impl Nodes {
+    async fn apply_all(conn: &mut PgConnection, events: &[&RecordedEvent]) -> Result<(), SetError> {
+        let folded = fold_docs::<Node>(conn, "node_view", events).await?;
+        if folded.is_empty() {
+            return Ok(());
+        }
+        let n = folded.len();
+        let (mut ids, mut names, mut statuses, mut drained) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        let (mut provisioned, mut updated, mut sequences, mut docs) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        for Folded {
+            state: node,
+            first,
+            last,
+            ..
+        } in &folded
+        {
             let Some(id) = node.id else {
-                return Err(undecodable(ev, "node event before NodeProvisioned"));
+                return Err(SetError::at(
+                    first,
+                    undecodable(first, "node event before NodeProvisioned"),
+                ));
             };
-            sqlx::query(
-                "INSERT INTO node_view (id, name, status, drained, provisioned_at, updated_at, last_sequence, doc) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
-                 ON CONFLICT (id) DO UPDATE SET name = $2, status = $3, drained = $4, \
-                   updated_at = $6, last_sequence = $7, doc = $8",
-            )
-            .bind(id)
-            .bind(&node.name)
-            .bind(node.status.as_str())
-            .bind(node.drained)
-            .bind(at_or(node.provisioned_at, ev))
-            .bind(at_or(node.updated_at, ev))
-            .bind(ev.sequence)
-            .bind(doc(&node, ev)?)
-            .execute(&mut *conn)
-            .await?;
-            Ok(())
-        })
+            ids.push(id);
+            names.push(node.name.clone());
+            statuses.push(node.status.as_str());
+            drained.push(node.drained);
+            provisioned.push(at_or(node.provisioned_at, last));
+            updated.push(at_or(node.updated_at, last));
+            sequences.push(last.sequence);
+            docs.push(doc(node, last).map_err(|e| SetError::at(last, e))?);
+        }
+        sqlx::query(
+            "INSERT INTO node_view (id, name, status, drained, provisioned_at, updated_at, last_sequence, doc) \
+             SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::bool[], $5::timestamptz[], \
+               $6::timestamptz[], $7::bigint[], $8::jsonb[]) \
+             ON CONFLICT (id) DO UPDATE SET name = EXCLUDED.name, status = EXCLUDED.status, \
+               drained = EXCLUDED.drained, updated_at = EXCLUDED.updated_at, \
+               last_sequence = EXCLUDED.last_sequence, doc = EXCLUDED.doc",
+        )
+        .bind(&ids)
+        .bind(&names)
+        .bind(&statuses)
+        .bind(&drained)
+        .bind(&provisioned)
+        .bind(&updated)
+        .bind(&sequences)
+        .bind(&docs)
+        .execute(&mut *conn)
+        .await?;
+        Ok(())
     }
 }
 
@@ -188,7 +355,10 @@ impl Projection for Projects {
         ev: &'a RecordedEvent,
     ) -> BoxFuture<'a, Result<(), ProjectionError>> {
         Box::pin(async move {
-            let Some(project) = advance_doc::<Project>(conn, "project_view", ev).await? else {
+            let folded = fold_docs::<Project>(conn, "project_view", &[ev])
+                .await
+                .map_err(|e| e.error)?;
+            let Some(Folded { state: project, .. }) = folded.into_iter().next() else {
                 return Ok(());
             };
             let Some(id) = project.id else {
@@ -295,19 +465,106 @@ impl Projection for Users {
 /// Every event with its actor and a one-line summary.
 struct Timeline;
 
-/// The first event of an aggregate, straight from the log.
-async fn first_event(
-    conn: &mut PgConnection,
-    aggregate_type: &str,
-    id: &str,
-) -> Result<Option<serde_json::Value>, sqlx::Error> {
-    sqlx::query_scalar(
-        "SELECT payload FROM events WHERE aggregate_type = $1 AND aggregate_id = $2 AND sequence = 1",
-    )
-    .bind(aggregate_type)
-    .bind(id)
-    .fetch_optional(conn)
-    .await
+/// The project a task's first event names, as the timeline keeps it.
+fn task_project(ev: &RecordedEvent, first: &serde_json::Value) -> Result<Uuid, ProjectionError> {
+    first
+        .pointer("/Submitted/spec/project_id")
+        .and_then(|v| v.as_str())
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| undecodable(ev, "the task's first event names no project"))
+}
+
+/// The name a node's first event gives it.
+fn node_name(first: &serde_json::Value) -> Option<String> {
+    first
+        .pointer("/Provisioned/name")
+        .and_then(|v| v.as_str())
+        .map(str::to_string)
+}
+
+impl Timeline {
+    async fn apply_all(conn: &mut PgConnection, events: &[&RecordedEvent]) -> Result<(), SetError> {
+        let tasks: Vec<&str> = events
+            .iter()
+            .filter(|e| e.aggregate_type == "task")
+            .map(|e| e.aggregate_id.as_str())
+            .collect();
+        let node_ids: Vec<Option<Uuid>> = events.iter().map(|e| summary::node_of(e)).collect();
+        let nodes: Vec<String> = node_ids.iter().flatten().map(Uuid::to_string).collect();
+        let firsts: Vec<(String, String, serde_json::Value)> = sqlx::query_as(
+            "SELECT aggregate_type, aggregate_id, payload FROM events WHERE sequence = 1 AND \
+               ((aggregate_type = 'task' AND aggregate_id = ANY($1)) \
+                OR (aggregate_type = 'node' AND aggregate_id = ANY($2)))",
+        )
+        .bind(&tasks)
+        .bind(&nodes)
+        .fetch_all(&mut *conn)
+        .await?;
+        let firsts: HashMap<(String, String), serde_json::Value> =
+            firsts.into_iter().map(|(t, i, p)| ((t, i), p)).collect();
+        let first = |t: &str, id: &str| firsts.get(&(t.to_string(), id.to_string()));
+        let n = events.len();
+        let mut rows = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        let mut more = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        for (&ev, node_id) in events.iter().zip(node_ids) {
+            let project_id: Option<Uuid> = match ev.aggregate_type.as_str() {
+                "project" => ev.aggregate_id.parse().ok(),
+                "task" => match first("task", &ev.aggregate_id) {
+                    None => None,
+                    Some(f) => Some(task_project(ev, f).map_err(|e| SetError::at(ev, e))?),
+                },
+                _ => None,
+            };
+            let name = node_id.and_then(|n| first("node", &n.to_string()).and_then(node_name));
+            let text = summary::summarize(ev, name.as_deref())
+                .map_err(|e| SetError::at(ev, undecodable(ev, e)))?;
+            rows.0.push(ev.position);
+            rows.1.push(ev.txid);
+            rows.2.push(ev.aggregate_type.as_str());
+            rows.3.push(ev.aggregate_id.as_str());
+            rows.4.push(ev.sequence);
+            rows.5.push(ev.event_type.as_str());
+            more.0.push(ev.actor());
+            more.1.push(ev.recorded_at);
+            more.2.push(project_id);
+            more.3.push(text);
+            more.4.push(node_id);
+        }
+        sqlx::query(
+            "INSERT INTO timeline (position, txid, aggregate_type, aggregate_id, sequence, event_type, \
+               actor, recorded_at, project_id, summary, node_id) \
+             SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::bigint[], \
+               $6::text[], $7::text[], $8::timestamptz[], $9::uuid[], $10::text[], $11::uuid[]) \
+             ON CONFLICT (position) DO NOTHING",
+        )
+        .bind(&rows.0)
+        .bind(&rows.1)
+        .bind(&rows.2)
+        .bind(&rows.3)
+        .bind(&rows.4)
+        .bind(&rows.5)
+        .bind(&more.0)
+        .bind(&more.1)
+        .bind(&more.2)
+        .bind(&more.3)
+        .bind(&more.4)
+        .execute(&mut *conn)
+        .await?;
+        Ok(())
+    }
 }
 
 impl Projection for Timeline {
@@ -321,62 +578,18 @@ impl Projection for Timeline {
     fn tables(&self) -> &'static [&'static str] {
         &["timeline"]
     }
+    fn apply_set<'a>(
+        &'a self,
+        conn: &'a mut PgConnection,
+        events: &'a [&'a RecordedEvent],
+    ) -> Option<BoxFuture<'a, Result<(), SetError>>> {
+        Some(Box::pin(Self::apply_all(conn, events)))
+    }
     fn apply<'a>(
         &'a self,
         conn: &'a mut PgConnection,
         ev: &'a RecordedEvent,
     ) -> BoxFuture<'a, Result<(), ProjectionError>> {
-        Box::pin(async move {
-            let project_id: Option<Uuid> = match ev.aggregate_type.as_str() {
-                "project" => ev.aggregate_id.parse().ok(),
-                // Who may see the row depends on it: a task whose first
-                // event cannot be read has no row until it can.
-                "task" => match first_event(conn, "task", &ev.aggregate_id).await? {
-                    None => None,
-                    Some(first) => Some(
-                        first
-                            .pointer("/Submitted/spec/project_id")
-                            .and_then(|v| v.as_str())
-                            .and_then(|s| s.parse().ok())
-                            .ok_or_else(|| {
-                                undecodable(ev, "the task's first event names no project")
-                            })?,
-                    ),
-                },
-                _ => None,
-            };
-            let node_id = summary::node_of(ev);
-            let node_name = match node_id {
-                Some(n) => first_event(conn, "node", &n.to_string())
-                    .await?
-                    .and_then(|p| {
-                        p.pointer("/Provisioned/name")
-                            .and_then(|v| v.as_str())
-                            .map(str::to_string)
-                    }),
-                None => None,
-            };
-            let text =
-                summary::summarize(ev, node_name.as_deref()).map_err(|e| undecodable(ev, e))?;
-            sqlx::query(
-                "INSERT INTO timeline (position, txid, aggregate_type, aggregate_id, sequence, event_type, \
-                   actor, recorded_at, project_id, summary, node_id) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) ON CONFLICT (position) DO NOTHING",
-            )
-            .bind(ev.position)
-            .bind(ev.txid)
-            .bind(&ev.aggregate_type)
-            .bind(&ev.aggregate_id)
-            .bind(ev.sequence)
-            .bind(&ev.event_type)
-            .bind(ev.actor())
-            .bind(ev.recorded_at)
-            .bind(project_id)
-            .bind(text)
-            .bind(node_id)
-            .execute(&mut *conn)
-            .await?;
-            Ok(())
-        })
+        Box::pin(async move { Self::apply_all(conn, &[ev]).await.map_err(|e| e.error) })
     }
 }

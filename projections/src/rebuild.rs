@@ -46,7 +46,11 @@ use sqlx::{Connection, PgConnection};
 use store::dead_letters;
 use store::outbox::{self, Checkpoint, Filter, RecordedEvent};
 
-use crate::{apply_guarded, verdict, Projection, ProjectionError, Verdict};
+use std::panic::AssertUnwindSafe;
+
+use futures::FutureExt;
+
+use crate::{apply_guarded, verdict, Projection, ProjectionError, SetError, Verdict};
 
 /// The schema the new tables are built in.
 pub const SCHEMA: &str = "unidesk_rebuild";
@@ -59,7 +63,7 @@ const READ: i64 = 2000;
 
 /// Events applied per transaction while building: small, because every
 /// outbox consumer waits for the oldest open transaction.
-pub const TX_EVENTS: usize = 100;
+pub const TX_EVENTS: usize = 1000;
 
 /// How long the swap waits for a live table's readers before it gives up
 /// and tries again.
@@ -98,6 +102,9 @@ struct Letters {
     /// What committed transactions recorded: model, event (without its
     /// payload), error.
     found: Vec<Found>,
+    /// A batch failed as a whole: apply one event at a time from now on,
+    /// to find the event to blame.
+    one_by_one: bool,
 }
 
 type Found = (&'static str, RecordedEvent, String);
@@ -110,6 +117,9 @@ enum Stop {
         position: i64,
         error: String,
     },
+    /// A model's statement for a whole batch failed, blaming no event:
+    /// the batch is applied again one event at a time.
+    Whole,
     /// Anything else: the rebuild fails.
     Failed(ProjectionError),
 }
@@ -143,6 +153,11 @@ impl Letters {
                     "a read model cannot apply an event; recording it as a dead letter and going on"
                 );
                 failed.insert(position, error);
+                Ok(())
+            }
+            Stop::Whole => {
+                tracing::warn!("a batch failed as a whole; applying it one event at a time");
+                self.one_by_one = true;
                 Ok(())
             }
             Stop::Failed(e) => Err(e),
@@ -274,7 +289,7 @@ async fn rebuild(
         let switching = Instant::now();
         match switch(conn, chosen, &tables, &names, at, &mut letters).await {
             Ok(n) => break (n, switching.elapsed()),
-            Err(stop @ Stop::Poison { .. }) => letters.poisoned(stop)?,
+            Err(stop @ (Stop::Poison { .. } | Stop::Whole)) => letters.poisoned(stop)?,
             Err(Stop::Failed(ProjectionError::Database(sqlx::Error::Database(e))))
                 if e.code().as_deref() == Some("55P03") =>
             {
@@ -312,22 +327,13 @@ async fn apply(
     pending: &mut Vec<Found>,
 ) -> Result<(), Stop> {
     let none = HashMap::new();
-    for event in events {
-        for p in chosen {
-            let failed = letters.failed.get(p.name()).unwrap_or(&none);
-            let held = letters.held.entry(p.name()).or_default();
+    for p in chosen {
+        let failed = letters.failed.get(p.name()).unwrap_or(&none);
+        let held = letters.held.entry(p.name()).or_default();
+        let mut to_apply = Vec::with_capacity(events.len());
+        for event in events {
             match verdict(*p, event, failed, held) {
-                Verdict::Apply => match apply_guarded(*p, conn, event).await {
-                    Ok(()) => {}
-                    Err(e) if e.is_transient() => return Err(Stop::Failed(e)),
-                    Err(e) => {
-                        return Err(Stop::Poison {
-                            model: p.name(),
-                            position: event.position,
-                            error: e.to_string(),
-                        })
-                    }
-                },
+                Verdict::Apply => to_apply.push(event),
                 Verdict::Record(error) => {
                     let key = RecordedEvent {
                         payload: serde_json::Value::Null,
@@ -335,6 +341,46 @@ async fn apply(
                         ..event.clone()
                     };
                     pending.push((p.name(), key, error));
+                }
+            }
+        }
+        if to_apply.is_empty() {
+            continue;
+        }
+        let whole = match (letters.one_by_one, p.apply_set(conn, &to_apply)) {
+            (false, Some(set)) => Some(AssertUnwindSafe(set).catch_unwind().await),
+            _ => None,
+        };
+        if let Some(whole) = whole {
+            match whole {
+                Ok(Ok(())) => {}
+                Ok(Err(SetError { error, .. })) if error.is_transient() => {
+                    return Err(Stop::Failed(error))
+                }
+                Ok(Err(SetError {
+                    position: Some(position),
+                    error,
+                })) => {
+                    return Err(Stop::Poison {
+                        model: p.name(),
+                        position,
+                        error: error.to_string(),
+                    })
+                }
+                Ok(Err(SetError { position: None, .. })) | Err(_) => return Err(Stop::Whole),
+            }
+            continue;
+        }
+        for event in to_apply {
+            match apply_guarded(*p, conn, event).await {
+                Ok(()) => {}
+                Err(e) if e.is_transient() => return Err(Stop::Failed(e)),
+                Err(e) => {
+                    return Err(Stop::Poison {
+                        model: p.name(),
+                        position: event.position,
+                        error: e.to_string(),
+                    })
                 }
             }
         }

@@ -383,7 +383,8 @@ impl Store {
     /// Executes `command` on aggregate `id` on behalf of `actor` at `at`.
     ///
     /// The command is decided against the aggregate's current state (as
-    /// this process remembers it, when it does) and its events are appended
+    /// this process remembers it; one it does not remember is assumed
+    /// new) and its events are appended
     /// in one statement with optimistic concurrency; when another writer got
     /// there first the aggregate is loaded afresh and the command decided
     /// again, a few times. A refusal, or a command that changes nothing,
@@ -414,7 +415,15 @@ impl Store {
             ),
         ]);
         let cache = A::cache(self);
-        let mut known = cache.get(id);
+        // An aggregate this process does not remember is first assumed new:
+        // a command creating it then costs one statement, and if it exists
+        // after all, its first sequence is taken and it is loaded.
+        let mut known = cache.get(id).or_else(|| {
+            Some(Current {
+                state: A::default(),
+                sequence: 0,
+            })
+        });
         for round in 0..CONFLICT_RETRIES {
             let (current, fresh) = match known.take() {
                 Some(c) => (c, false),
