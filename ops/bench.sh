@@ -25,6 +25,9 @@
 #   6. unidesk-replay-bench: `projections rebuild` over a log of a million
 #      events, next to a plain SELECT scan of the same rows, on a private
 #      PostgreSQL of its own;
+#   6b. unidesk-loadgen event-view: GET /events/{position} on a node
+#      whose history holds 100,000 events (state before and after, from the
+#      nearest snapshot);
 #   7. unidesk-loadgen shutdown: SIGTERM to an ingress holding 10,000
 #      agents, reports in flight: time to exit, close frames, nothing
 #      acknowledged lost;
@@ -46,6 +49,7 @@
 #   SKIP_EXEC [0]               1 skips unidesk-exec-bench (no Docker)
 #   REPLAY_EVENTS [1000000]     events in the log unidesk-replay-bench rebuilds
 #   SKIP_REPLAY [0]             1 skips unidesk-replay-bench
+#   EVENT_VIEW_EVENTS [100000]  events of the node event-view reads
 #   SHUTDOWN_AGENTS [10000]  SHUTDOWN_PROCS [5]  SHUTDOWN_TASKS [1000]
 #   FAULT_ROUNDS [100]  FAULT_SEED [random, printed]
 #   SKIP_FAULTS [0]             1 skips unidesk-faults
@@ -72,6 +76,7 @@ EXEC_FETCH_RUNS=${EXEC_FETCH_RUNS:-5}
 SKIP_EXEC=${SKIP_EXEC:-0}
 REPLAY_EVENTS=${REPLAY_EVENTS:-1000000}
 SKIP_REPLAY=${SKIP_REPLAY:-0}
+EVENT_VIEW_EVENTS=${EVENT_VIEW_EVENTS:-100000}
 SHUTDOWN_AGENTS=${SHUTDOWN_AGENTS:-10000}
 SHUTDOWN_PROCS=${SHUTDOWN_PROCS:-5}
 SHUTDOWN_TASKS=${SHUTDOWN_TASKS:-1000}
@@ -230,6 +235,10 @@ if ((SKIP_REPLAY == 0)); then
     run replay "$BIN/unidesk-replay-bench" --events "$REPLAY_EVENTS"
 fi
 # -----------------------------------------------------------------------------
+
+begin "unidesk-loadgen event-view"
+run event-view "$BIN/unidesk-loadgen" event-view --events "$EVENT_VIEW_EVENTS" \
+    --server-log "$WORK/event-view-server.log"
 
 begin "unidesk-loadgen shutdown"
 run shutdown "$BIN/unidesk-loadgen" shutdown --agents "$SHUTDOWN_AGENTS" --procs "$SHUTDOWN_PROCS" \

@@ -345,20 +345,35 @@ impl Projector {
         let mut failed: HashMap<i64, String> = HashMap::new();
         let mut one_by_one = false;
         loop {
-            // Ended explicitly on every path: a dropped transaction is only
-            // rolled back when its connection is next used, and until then
-            // its transaction id (taken by the checkpoint's row lock) holds
-            // back every outbox reader on the server.
-            let mut tx = self.pool.begin().await?;
-            let Some(from) = outbox::try_lock_checkpoint(&mut tx, p.name()).await? else {
-                tx.rollback().await?;
-                return Ok(0);
+            // The batch is read before the transaction that applies it: from
+            // its checkpoint's row lock on, that transaction has an id, and
+            // while it is open it holds back every outbox reader on the
+            // server, so it should only write.
+            let from = {
+                let mut conn = self.pool.acquire().await?;
+                outbox::load_checkpoint(&mut conn, p.name(), false).await?
             };
-            let events = outbox::read_after(&mut *tx, from, limit, &Filter::default()).await?;
+            let events = outbox::read_after(&self.pool, from, limit, &Filter::default()).await?;
             let Some(last) = events.last().map(RecordedEvent::checkpoint) else {
-                tx.rollback().await?;
                 return Ok(0);
             };
+            // Ended explicitly on every path: a dropped transaction is only
+            // rolled back when its connection is next used.
+            let mut tx = self.pool.begin().await?;
+            match outbox::try_lock_checkpoint(&mut tx, p.name()).await? {
+                Some(locked) if locked == from => {}
+                // Another copy of the projector applied the batch
+                // meanwhile: read on from where it got.
+                Some(_) => {
+                    tx.rollback().await?;
+                    continue;
+                }
+                // Another copy of the projector applies this model now.
+                None => {
+                    tx.rollback().await?;
+                    return Ok(0);
+                }
+            }
             let mut held = if p.per_aggregate() {
                 dead_letters::held(&mut *tx, p.name()).await?
             } else {

@@ -52,7 +52,8 @@ struct Folded<'e, A> {
 }
 
 /// For a batch: loads the rows of `table` of every aggregate of type `A`
-/// the batch names, in one statement, applies each newer event in order,
+/// the batch names, in one statement (no row locks: the model's
+/// checkpoint, locked by the caller, keeps every other writer out), applies each newer event in order,
 /// and returns the rows that changed, in the order of their first event.
 async fn fold_docs<'e, A>(
     conn: &mut PgConnection,
@@ -78,7 +79,7 @@ where
     ids.sort_unstable();
     ids.dedup();
     let rows: Vec<(Uuid, i64, serde_json::Value)> = sqlx::query_as(&format!(
-        "SELECT id, last_sequence, doc FROM {table} WHERE id = ANY($1) ORDER BY id FOR UPDATE"
+        "SELECT id, last_sequence, doc FROM {table} WHERE id = ANY($1)"
     ))
     .bind(&ids)
     .fetch_all(&mut *conn)

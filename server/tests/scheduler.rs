@@ -865,3 +865,75 @@ async fn a_leader_whose_lease_was_taken_over_is_refused_by_the_store_and_stands_
     .unwrap();
     assert_eq!(terms, [Some(new_term as i64)]);
 }
+
+#[tokio::test]
+async fn tasks_are_placed_from_the_log_while_the_read_models_stand_still() {
+    let w = world().await;
+    let node = w.node("n1", 64.0, &[], Utc::now()).await;
+    // One queued before the scheduler leads, placed by its first (full)
+    // round, which also brings the read models up to date.
+    let before = w.submit(0.5, &[], 0, None).await;
+    let config = Config {
+        // After the first round only placement runs: no read model is
+        // advanced by anyone from here on.
+        poll: Duration::from_secs(3600),
+        ..Config::default()
+    };
+    let s = std::sync::Arc::new(Scheduler::new(w.store.clone(), config));
+    w.ingress_alive().await;
+    projections::Projector::new(w.store.pool().clone())
+        .catch_up()
+        .await
+        .unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = {
+        let s = s.clone();
+        tokio::spawn(async move {
+            s.run(async {
+                let _ = stopped.await;
+            })
+            .await
+        })
+    };
+    eventually(
+        "the task queued before leadership assigned",
+        Duration::from_secs(30),
+        || async { (w.task(before).await.state == TaskState::Assigned).then_some(()) },
+    )
+    .await;
+
+    // Submitted by another process (a store of its own), after leadership
+    // began: only the log knows them.
+    let other = World {
+        store: Store::new(w.store.pool().clone()),
+        project: w.project,
+    };
+    let mut later = Vec::new();
+    for _ in 0..10 {
+        later.push(other.submit(0.5, &[], 0, None).await);
+    }
+    for id in &later {
+        eventually(
+            "a task submitted after leadership assigned",
+            Duration::from_secs(30),
+            || async {
+                let t = w.task(*id).await;
+                (t.state == TaskState::Assigned && t.node_id == Some(node)).then_some(())
+            },
+        )
+        .await;
+    }
+    let in_read_model: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM task_view WHERE id = ANY($1)")
+            .bind(&later)
+            .fetch_one(w.store.pool())
+            .await
+            .unwrap();
+    assert_eq!(
+        in_read_model, 0,
+        "the read model was not needed to place them"
+    );
+
+    stop.send(()).unwrap();
+    running.await.unwrap();
+}

@@ -72,6 +72,9 @@ enum Mode {
     /// Start a throw-away PostgreSQL cluster, print its URLs and keep it
     /// running until SIGTERM or Ctrl-C (for ops/bench.sh).
     Postgres(PostgresArgs),
+    /// `GET /events/{position}` on a node with a long history: its state
+    /// before and after one event, read from the nearest snapshot.
+    EventView(EventViewArgs),
     /// One process's share of `idle`'s agents (started by `idle` itself).
     #[command(hide = true)]
     IdleWorker(IdleWorkerArgs),
@@ -201,6 +204,20 @@ struct ShutdownWorkerArgs {
 
 /// Flags of `postgres`.
 #[derive(Debug, Args)]
+struct EventViewArgs {
+    /// Events of the one node, appended through the event store before
+    /// measuring.
+    #[arg(long, default_value_t = 100_000)]
+    events: usize,
+    /// Requests timed, spread over the node's history.
+    #[arg(long, default_value_t = 200)]
+    samples: usize,
+    /// The server's log, kept.
+    #[arg(long)]
+    server_log: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
 struct PostgresArgs {
     /// A second, empty database to create, for tools that want one.
     #[arg(long, default_value = "scratch")]
@@ -233,6 +250,7 @@ async fn main() -> std::process::ExitCode {
         Mode::Latency(args) => latency(args).await,
         Mode::Idle(args) => idle(args).await,
         Mode::Postgres(args) => postgres(args).await,
+        Mode::EventView(args) => event_view(args).await,
         Mode::IdleWorker(args) => idle_worker(args).await,
         Mode::Shutdown(args) => shutdown(args).await,
         Mode::ShutdownWorker(args) => shutdown_worker(args).await,
@@ -2131,6 +2149,129 @@ async fn hold(
 
 /// `postgres`: a throw-away cluster for the reference scripts, on the same
 /// settings as the clusters the benchmarks start (no fsync).
+/// Appends `events` events to one node through the event store (as the
+/// API and ingress do, snapshots included), then times `GET
+/// /api/v1/events/{position}` on events spread over its history.
+async fn event_view(args: EventViewArgs) -> anyhow::Result<()> {
+    ensure!(
+        args.events > 1 && args.samples > 0,
+        "--events must exceed 1, --samples be positive"
+    );
+    let target = Target {
+        server: None,
+        admin_token: None,
+        server_pid: None,
+        server_log: args.server_log.clone(),
+        heartbeat_s: 15,
+        serve_args: Vec::new(),
+    };
+    let server = Server::start(&target).await?;
+    let outcome = measure_event_view(&server, &args).await;
+    server.finish().await?;
+    outcome
+}
+
+/// The body of `event-view`, between starting and stopping the server.
+async fn measure_event_view(server: &Server, args: &EventViewArgs) -> anyhow::Result<()> {
+    use domain::node::{Node, NodeCommand};
+    let url = server
+        .own
+        .as_ref()
+        .map(|o| o.cluster.url())
+        .context("event-view runs its own server")?;
+    let pool = sqlx::PgPool::connect(&url).await.context("connecting")?;
+    let store = store::Store::new(pool.clone());
+    let admin = domain::Actor::User("admin".into());
+    let node = Uuid::now_v7();
+    let id = node.to_string();
+    let seeding = Instant::now();
+    store
+        .execute::<Node>(
+            &id,
+            NodeCommand::Provision {
+                node_id: node,
+                name: "long-history".parse().context("a node name")?,
+                labels: Default::default(),
+                token_fingerprint: "00".into(),
+                max_resources: Default::default(),
+                by: admin.clone(),
+                at: chrono::Utc::now(),
+            },
+            &admin,
+            chrono::Utc::now(),
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("provisioning: {e}"))?;
+    for i in 1..args.events {
+        let at = chrono::Utc::now();
+        let cmd = if i % 2 == 1 {
+            NodeCommand::Drain {
+                by: admin.clone(),
+                at,
+            }
+        } else {
+            NodeCommand::Undrain {
+                by: admin.clone(),
+                at,
+            }
+        };
+        store
+            .execute::<Node>(&id, cmd, &admin, at)
+            .await
+            .map_err(|e| anyhow::anyhow!("appending event {}: {e}", i + 1))?;
+    }
+    let seeded = seeding.elapsed();
+    let positions: Vec<(i64, i64)> = sqlx::query_as(
+        "SELECT sequence, position FROM outbox WHERE aggregate_type = 'node' AND aggregate_id = $1 \
+         ORDER BY sequence",
+    )
+    .bind(&id)
+    .fetch_all(&pool)
+    .await?;
+    ensure!(
+        positions.len() == args.events,
+        "{} events in the outbox",
+        positions.len()
+    );
+    let api = server.api()?;
+    let mut times = Vec::with_capacity(args.samples);
+    for k in 0..args.samples {
+        // Spread over the history, the last event and the first included.
+        let (_, position) = positions[k * (positions.len() - 1) / (args.samples - 1).max(1)];
+        let started = Instant::now();
+        let detail: serde_json::Value = api
+            .call(
+                "reading an event",
+                api.http.get(format!("{}/events/{position}", api.base)),
+            )
+            .await?;
+        times.push(started.elapsed());
+        ensure!(
+            detail.get("after").is_some(),
+            "no state after event {position}"
+        );
+    }
+    times.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let pick = |q: f64| times[((times.len() - 1) as f64 * q).round() as usize];
+    println!(
+        "event-view: node with {} events (appended in {:.1} s, {:.0}/s, snapshot every {})",
+        args.events,
+        seeded.as_secs_f64(),
+        args.events as f64 / seeded.as_secs_f64(),
+        store::SNAPSHOT_EVERY
+    );
+    println!(
+        "event-view: GET /events/{{position}} x{}: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        times.len(),
+        ms(pick(0.5)),
+        ms(pick(0.99)),
+        ms(*times.last().unwrap_or(&Duration::ZERO))
+    );
+    pool.close().await;
+    Ok(())
+}
+
 async fn postgres(args: PostgresArgs) -> anyhow::Result<()> {
     let cluster = pgcluster::LocalCluster::start_ephemeral()
         .await
