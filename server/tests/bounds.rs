@@ -194,10 +194,17 @@ async fn a_poison_event_is_shown_by_status_readyz_and_metrics_until_a_retry_clea
     .await;
 
     // Shown in all three places.
-    let ready = testkit::eventually("readyz to say degraded", PATIENCE, || async {
-        let r = readyz(&base).await;
-        (r["status"] == "degraded").then_some(r)
-    })
+    // The read models advance one after the other: wait for both letters.
+    let ready = testkit::eventually(
+        "readyz to say degraded by both letters",
+        PATIENCE,
+        || async {
+            let r = readyz(&base).await;
+            (r["status"] == "degraded"
+                && r["checks"]["dead_letters"].as_array().map(Vec::len) == Some(2))
+            .then_some(r)
+        },
+    )
     .await;
     assert_eq!(
         ready["checks"]["dead_letters"],
