@@ -1,6 +1,7 @@
-//! UniDesk's persistence: the event log on PostgreSQL through cqrs-es and
-//! postgres-es, the ordered outbox that gives the log a global order, consumer
-//! checkpoints, unique names and schema migrations. The private PostgreSQL
+//! UniDesk's persistence: the event log of cqrs-es aggregates on PostgreSQL
+//! (one statement per command, see [`Store::execute`]), the ordered outbox
+//! that gives the log a global order, consumer checkpoints, unique names
+//! and schema migrations. The private PostgreSQL
 //! clusters of `unidesk dev`, the tests and the benchmarks are the
 //! `pgcluster` crate's.
 
