@@ -103,6 +103,8 @@ enum Round {
     Full,
     /// Placement only: what a commit wakes the leader for.
     Placement,
+    /// Everything but placement, once per poll interval beside it.
+    Housekeeping,
 }
 
 /// Whether the database was out of reach, and when it came back.
@@ -160,34 +162,36 @@ impl Scheduler {
     }
 
     /// Runs until `shutdown`: stands by until the lease can be taken, then
-    /// schedules on every wake-up, renewing the lease, until it is lost
-    /// (then stands by again). At shutdown the lease is given up, so a
-    /// standby takes over at once.
+    /// places on every wake-up, renewing the lease, until it is lost (then
+    /// stands by again). Liveness, timeouts and the read models' catch-up
+    /// run beside placement, once per poll interval, so a placement never
+    /// waits for them. At shutdown the lease is given up, so a standby
+    /// takes over at once.
     pub async fn run(&self, shutdown: impl std::future::Future<Output = ()>) {
-        tokio::pin!(shutdown);
-        let mut wake: Option<Wakeup> = None;
-        let mut housekept: Option<std::time::Instant> = None;
-        loop {
-            // Every wake-up places; liveness, timeouts and the read models'
-            // catch-up run once per poll interval, not on every commit.
-            let full = housekept.is_none_or(|t| t.elapsed() >= self.config.poll);
-            let work = if full {
-                housekept = Some(std::time::Instant::now());
-                Round::Full
-            } else {
-                Round::Placement
-            };
-            match self.while_renewing(self.lead(work, Utc::now())).await {
-                Ok(o) if o.decided() => tracing::debug!(?o, "scheduled"),
-                Ok(_) => {}
-                Err(e) => tracing::error!(error = %e, "scheduling round failed"),
+        tokio::select! {
+            _ = shutdown => {
+                if self.leadership.term().is_some() {
+                    self.leadership.release().await;
+                }
             }
+            _ = self.place_on_wake() => {}
+            _ = self.keep_house() => {}
+        }
+    }
+
+    /// Placement rounds, one per wake-up, for as long as this runs;
+    /// leadership is taken and renewed here.
+    async fn place_on_wake(&self) {
+        let mut wake: Option<Wakeup> = None;
+        loop {
+            self.logged(
+                self.while_renewing(self.lead(Round::Placement, Utc::now()))
+                    .await,
+            );
             if self.leadership.term().is_none() {
                 wake = None;
-                tokio::select! {
-                    _ = &mut shutdown => return,
-                    _ = tokio::time::sleep(self.leadership.standby_poll()) => continue,
-                }
+                tokio::time::sleep(self.leadership.standby_poll()).await;
+                continue;
             }
             let wake = match &mut wake {
                 Some(w) => w,
@@ -199,13 +203,31 @@ impl Scheduler {
                 wake.soon();
             }
             tokio::select! {
-                _ = &mut shutdown => {
-                    self.leadership.release().await;
-                    return;
-                }
                 _ = wake.wait() => {}
                 _ = tokio::time::sleep(self.leadership.renew_every()) => {}
             }
+        }
+    }
+
+    /// The read models' catch-up, timeouts and liveness once per poll
+    /// interval while this scheduler leads.
+    async fn keep_house(&self) {
+        loop {
+            if self.leadership.term().is_some() {
+                self.logged(
+                    self.while_renewing(self.lead(Round::Housekeeping, Utc::now()))
+                        .await,
+                );
+            }
+            tokio::time::sleep(self.config.poll).await;
+        }
+    }
+
+    fn logged(&self, round: Result<Outcome, sqlx::Error>) {
+        match round {
+            Ok(o) if o.decided() => tracing::debug!(?o, "scheduled"),
+            Ok(_) => {}
+            Err(e) => tracing::error!(error = %e, "scheduling round failed"),
         }
     }
 
@@ -244,7 +266,8 @@ impl Scheduler {
             return Ok(Outcome::default());
         };
         let round = match work {
-            Round::Full => self.round(term, now).await,
+            Round::Full => self.round(term, now, true).await,
+            Round::Housekeeping => self.round(term, now, false).await,
             Round::Placement => {
                 let mut outcome = Outcome {
                     term: Some(term),
@@ -267,7 +290,12 @@ impl Scheduler {
         round
     }
 
-    async fn round(&self, term: u64, now: DateTime<Utc>) -> Result<Outcome, sqlx::Error> {
+    async fn round(
+        &self,
+        term: u64,
+        now: DateTime<Utc>,
+        place: bool,
+    ) -> Result<Outcome, sqlx::Error> {
         if let Err(e) = self.projector.drain().await {
             tracing::warn!(error = %e, "read models could not catch up");
         }
@@ -279,7 +307,9 @@ impl Scheduler {
         // went away ends timed out, not lost and retried.
         self.timeouts(term, now, &mut outcome).await?;
         self.liveness(term, now, &mut outcome).await?;
-        self.placement(term, now, &mut outcome).await?;
+        if place {
+            self.placement(term, now, &mut outcome).await?;
+        }
         Ok(outcome)
     }
 
