@@ -54,8 +54,10 @@ use crate::reports::{self, Answer, LogPermissions};
 use crate::{auth, liveness, Ingress, IDLE_HEARTBEATS};
 
 /// tungstenite's read and write buffers per connection. Its default read
-/// buffer (128 KiB) would cost ~135 KiB per idle agent; 4 KiB costs ~7 KiB.
-pub(crate) const SOCKET_BUFFER: usize = 4096;
+/// buffer (128 KiB) would cost ~135 KiB per idle agent; idle sessions are
+/// what one ingress holds by the ten thousand (BENCHMARKS.md). A larger
+/// frame is read in more chunks, never refused for it.
+pub(crate) const SOCKET_BUFFER: usize = 2048;
 
 /// How long a closing session waits for the agent's close frame.
 pub(crate) const CLOSE_WAIT: Duration = Duration::from_secs(1);

@@ -286,6 +286,13 @@ impl Projector {
         }
     }
 
+    /// The same projector reading at most `events` events per batch
+    /// ([`BATCH`] by default; at least 1).
+    pub fn with_batch(mut self, events: i64) -> Self {
+        self.batch = events.max(1);
+        self
+    }
+
     /// The same projector telling `observer` of every batch it commits.
     pub fn with_observer(mut self, observer: Arc<dyn Observer>) -> Self {
         self.observer = Some(observer);
@@ -327,9 +334,40 @@ impl Projector {
     /// A database error or an event this code cannot apply; the failing
     /// batch is rolled back whole.
     pub async fn run_once(&self) -> Result<usize, ProjectionError> {
+        // Read models standing at the same checkpoint (the usual case)
+        // share one read of the batch: a wake-up with nothing new costs two
+        // statements, not a few per model.
+        let names: Vec<&str> = self.projections.iter().map(|p| p.name()).collect();
+        let stored: Vec<(String, i64, i64)> =
+            sqlx::query_as("SELECT name, txid, position FROM checkpoints WHERE name = ANY($1)")
+                .bind(&names)
+                .fetch_all(&self.pool)
+                .await?;
+        let at: HashMap<String, Checkpoint> = stored
+            .into_iter()
+            .map(|(name, txid, position)| (name, Checkpoint { txid, position }))
+            .collect();
+        let mut read: HashMap<Checkpoint, Arc<Vec<RecordedEvent>>> = HashMap::new();
         let mut applied = 0;
         for p in &self.projections {
-            applied += self.advance(p.as_ref(), self.batch).await?;
+            let from = at.get(p.name()).copied().unwrap_or_default();
+            let events = match read.get(&from) {
+                Some(events) => events.clone(),
+                None => {
+                    let events = Arc::new(
+                        outbox::read_after(&self.pool, from, self.batch, &Filter::default())
+                            .await?,
+                    );
+                    read.insert(from, events.clone());
+                    events
+                }
+            };
+            if events.is_empty() {
+                continue;
+            }
+            applied += self
+                .advance(p.as_ref(), self.batch, Some((from, events)))
+                .await?;
         }
         Ok(applied)
     }
@@ -339,21 +377,33 @@ impl Projector {
         skip_all,
         fields(projection = p.name(), events = tracing::field::Empty)
     )]
-    async fn advance(&self, p: &dyn Projection, limit: i64) -> Result<usize, ProjectionError> {
+    async fn advance(
+        &self,
+        p: &dyn Projection,
+        limit: i64,
+        mut read: Option<(Checkpoint, Arc<Vec<RecordedEvent>>)>,
+    ) -> Result<usize, ProjectionError> {
         // Events found unappliable in this round, by position: the batch is
         // applied again from its start, recording them instead.
         let mut failed: HashMap<i64, String> = HashMap::new();
         let mut one_by_one = false;
         loop {
-            // The batch is read before the transaction that applies it: from
-            // its checkpoint's row lock on, that transaction has an id, and
-            // while it is open it holds back every outbox reader on the
-            // server, so it should only write.
-            let from = {
-                let mut conn = self.pool.acquire().await?;
-                outbox::load_checkpoint(&mut conn, p.name(), false).await?
+            // The batch is read before the transaction that applies it (or
+            // was, by the caller): from its checkpoint's row lock on, that
+            // transaction has an id, and while it is open it holds back
+            // every outbox reader on the server, so it should only write.
+            let (from, events) = match read.take() {
+                Some(given) => given,
+                None => {
+                    let from = {
+                        let mut conn = self.pool.acquire().await?;
+                        outbox::load_checkpoint(&mut conn, p.name(), false).await?
+                    };
+                    let events =
+                        outbox::read_after(&self.pool, from, limit, &Filter::default()).await?;
+                    (from, Arc::new(events))
+                }
             };
-            let events = outbox::read_after(&self.pool, from, limit, &Filter::default()).await?;
             let Some(last) = events.last().map(RecordedEvent::checkpoint) else {
                 return Ok(0);
             };

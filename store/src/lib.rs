@@ -426,11 +426,15 @@ impl Store {
             })
         });
         for round in 0..CONFLICT_RETRIES {
+            // A copy: the cache keeps its own.
             let (current, fresh) = match known.take() {
                 Some(c) => (c, false),
                 None => (self.fetch::<A>(id).await?, true),
             };
-            let mut state = current.state.clone();
+            let Current {
+                mut state,
+                sequence: after,
+            } = current;
             let sink = EventSink::default();
             let decided = state.handle(command.clone(), &(), &sink).await;
             let events = sink.collect().await;
@@ -442,17 +446,15 @@ impl Store {
                     return Ok(Executed {
                         state,
                         events: vec![],
-                        sequence: current.sequence,
+                        sequence: after,
                     })
                 }
                 Ok(()) => {}
             }
-            match log::append::<A>(&self.pool, id, current.sequence, events, &state, &metadata)
-                .await
-            {
+            match log::append::<A>(&self.pool, id, after, events, &state, &metadata).await {
                 Ok(events) => {
                     self.notifier.poke();
-                    let sequence = events.last().map_or(current.sequence, |e| e.sequence);
+                    let sequence = events.last().map_or(after, |e| e.sequence);
                     cache.put(
                         id,
                         Current {

@@ -7,9 +7,9 @@
 //!   transaction: one `INSERT … SELECT FROM unnest(…)` of all of them (the
 //!   outbox row is written by trigger in the same statement), with the
 //!   aggregate's snapshot beside them in the same statement when one is due.
-//!   Payloads go through `jsonb` on their way into the `json` columns, so
-//!   what `jsonb` cannot hold (a NUL) is refused here, not by a reader
-//!   later. The primary key `(aggregate_type, aggregate_id, sequence)` is
+//!   A payload that may hold what `jsonb` cannot (a NUL) goes through
+//!   `jsonb` on its way into the `json` column, so it is refused here, not
+//!   by a reader later. The primary key `(aggregate_type, aggregate_id, sequence)` is
 //!   the fence: a writer that decided on an old state finds its sequence taken.
 //! - Every aggregate is **snapshotted** every [`SNAPSHOT_EVERY`] events and
 //!   every snapshot is kept, so the state at any point of a long history
@@ -288,32 +288,37 @@ pub(crate) async fn append<A: Aggregate>(
     let meta = serde_json::to_string(metadata).map_err(corrupt)?;
     let last = after + n;
     let snapshot_due = last / SNAPSHOT_EVERY > after / SNAPSHOT_EVERY;
-    const INSERT: &str = "INSERT INTO events \
+    // `json` keeps the text as sent; only a payload that may hold a NUL
+    // (`\u0000`, which `jsonb` and so every reader refuses) goes through
+    // `jsonb` first, to be refused here.
+    let nul = payloads.iter().any(|p| p.contains("\\u0000")) || meta.contains("\\u0000");
+    let cast = if nul { "::jsonb::json" } else { "::json" };
+    let insert = format!(
+        "INSERT INTO events \
             (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) \
-         SELECT $1, $2, s, t, v, p::jsonb::json, $7::jsonb::json \
-           FROM unnest($3::bigint[], $4::text[], $5::text[], $6::text[]) AS u(s, t, v, p)";
+         SELECT $1, $2, s, t, v, p{cast}, $7{cast} \
+           FROM unnest($3::bigint[], $4::text[], $5::text[], $6::text[]) AS u(s, t, v, p)"
+    );
+    let with_snapshot;
     let query = if snapshot_due {
         let snapshot = serde_json::to_string(state).map_err(corrupt)?;
-        sqlx::query(
-            "WITH e AS (INSERT INTO events \
-                (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) \
-              SELECT $1, $2, s, t, v, p::jsonb::json, $7::jsonb::json \
-                FROM unnest($3::bigint[], $4::text[], $5::text[], $6::text[]) AS u(s, t, v, p) \
-              RETURNING sequence) \
+        with_snapshot = format!(
+            "WITH e AS ({insert} RETURNING sequence) \
              INSERT INTO snapshots (aggregate_type, aggregate_id, last_sequence, current_snapshot, payload) \
-             SELECT $1, $2, max(sequence), $8, $9::jsonb::json FROM e",
-        )
-        .bind(A::TYPE)
-        .bind(id)
-        .bind(&sequences)
-        .bind(&types)
-        .bind(&versions)
-        .bind(&payloads)
-        .bind(&meta)
-        .bind((last / SNAPSHOT_EVERY) as i64)
-        .bind(snapshot)
+             SELECT $1, $2, max(sequence), $8, $9::json FROM e"
+        );
+        sqlx::query(&with_snapshot)
+            .bind(A::TYPE)
+            .bind(id)
+            .bind(&sequences)
+            .bind(&types)
+            .bind(&versions)
+            .bind(&payloads)
+            .bind(&meta)
+            .bind((last / SNAPSHOT_EVERY) as i64)
+            .bind(snapshot)
     } else {
-        sqlx::query(INSERT)
+        sqlx::query(&insert)
             .bind(A::TYPE)
             .bind(id)
             .bind(&sequences)
