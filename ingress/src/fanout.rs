@@ -27,12 +27,14 @@
 //! the batch, which is tried again.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use domain::task::Task;
 use futures::StreamExt;
-use store::outbox::{self, Checkpoint, Filter, RecordedEvent};
+use store::outbox::{self, Checkpoint, Committed, Filter, RecordedEvent};
 use store::{StoreError, Wakeup};
+use tokio::sync::broadcast;
 use uuid::Uuid;
 
 use crate::commands::{self, PendingError};
@@ -57,8 +59,10 @@ pub(crate) async fn follow(ingress: &Ingress) {
         tracing::warn!(error = %e, "reading the outbox head failed; retrying");
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
+    let mut local = outbox::local_events();
     let mut wake = Wakeup::new(pool, ingress.config().poll).await;
     loop {
+        deliver_local(ingress, &mut local).await;
         if let Err(e) = ingress.deliver_once().await {
             tracing::warn!(error = %e, "delivering commands failed; retrying");
             tokio::time::sleep(Duration::from_secs(1)).await;
@@ -72,6 +76,80 @@ pub(crate) async fn follow(ingress: &Ingress) {
         }
         wake.wait().await;
     }
+}
+
+/// The most assignments remembered as delivered early; past it the
+/// memory is dropped (the outbox's copies are then sent again, which
+/// agents ignore).
+const SENT_EARLY: usize = 10_000;
+
+/// Delivers the assignments this process just committed (a scheduler
+/// leading here) to nodes connected here, before the outbox shows them,
+/// and remembers them so the outbox's copies are not sent again. Anything
+/// that fails here is left to the outbox path.
+async fn deliver_local(ingress: &Ingress, local: &mut broadcast::Receiver<Arc<Committed>>) {
+    let mut assigned = Vec::new();
+    loop {
+        let event = match local.try_recv() {
+            Ok(e) => e,
+            Err(broadcast::error::TryRecvError::Lagged(_)) => continue,
+            Err(_) => break,
+        };
+        if event.aggregate_type != "task" || event.event_type != "TaskAssigned" {
+            continue;
+        }
+        let Ok(task_id) = Uuid::try_parse(&event.aggregate_id) else {
+            continue;
+        };
+        let node = serde_json::from_str::<serde_json::Value>(&event.payload)
+            .ok()
+            .and_then(|p| p.get("Assigned").and_then(commands::assigned_node));
+        if let Some(node) = node.filter(|n| ingress.registry.contains(*n)) {
+            assigned.push((task_id, event.sequence, node));
+        }
+    }
+    let grace_s = ingress.config().cancel_grace_s;
+    let none_running = HashSet::new();
+    for (task_id, sequence, node) in assigned {
+        let key = (task_id, sequence);
+        if ingress
+            .sent_early
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&key)
+        {
+            // The outbox path got there first.
+            continue;
+        }
+        // Anything failing here is left unmarked, for the outbox path.
+        let Ok(Some(task)) = commands::load_task(ingress.store(), task_id).await else {
+            continue;
+        };
+        if task.node_id != Some(node) {
+            continue;
+        }
+        for command in commands::wanted(&task, node, &none_running, grace_s) {
+            ingress.registry.send(node, &command.frame);
+        }
+        first_to_deliver(ingress, task_id, sequence);
+    }
+}
+
+/// Whether assignment `sequence` of `task_id` is met here for the first
+/// time, by the outbox path or the local one: the second to meet it leaves
+/// it (its commands were sent by the first). An assignment only one path
+/// meets (committed by another process, or missed locally) stays
+/// remembered until [`SENT_EARLY`] are, then all are forgotten.
+fn first_to_deliver(ingress: &Ingress, task_id: Uuid, sequence: i64) -> bool {
+    let mut met = ingress.sent_early.lock().unwrap_or_else(|e| e.into_inner());
+    if met.remove(&(task_id, sequence)) {
+        return false;
+    }
+    if met.len() >= SENT_EARLY {
+        met.clear();
+    }
+    met.insert((task_id, sequence));
+    true
 }
 
 /// Reads and handles one batch after `after`; returns where it ended and
@@ -178,6 +256,7 @@ fn handle(ingress: &Ingress, event: &RecordedEvent) -> Option<Uuid> {
     match (event.aggregate_type.as_str(), event.event_type.as_str()) {
         ("task", "TaskAssigned") => commands::assigned_node(event.body())
             .filter(|node| registry.contains(*node))
+            .filter(|_| first_to_deliver(ingress, id, event.sequence))
             .map(|_| id),
         ("task", "TaskCancelRequested") => (registry.len() > 0).then_some(id),
         ("node", "NodeTokenRevoked") => {

@@ -52,6 +52,7 @@ mod session;
 mod shutdown;
 mod transfers;
 
+use std::collections::HashSet;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -60,6 +61,7 @@ use axum::routing::get;
 use store::outbox::Checkpoint;
 use store::Store;
 use tokio::sync::{Mutex, OnceCell};
+use uuid::Uuid;
 
 use crate::admission::Admission;
 use crate::logs::LogNotifier;
@@ -130,6 +132,10 @@ pub struct Ingress {
     /// step, which starts at `start`. Held through a whole step, so two
     /// steps never deliver the same events side by side.
     delivered: Arc<Mutex<Option<Checkpoint>>>,
+    /// Assignments delivered from this process's own commits before the
+    /// outbox showed them, by task and sequence: the outbox's copy of each
+    /// is not sent again.
+    sent_early: Arc<std::sync::Mutex<HashSet<(Uuid, i64)>>>,
     /// Bounds on stored task output.
     log_limits: LogLimits,
     /// Wakes log followers after output is stored.
@@ -154,6 +160,7 @@ impl Ingress {
             registry: Registry::default(),
             start: Arc::new(OnceCell::new()),
             delivered: Arc::new(Mutex::new(None)),
+            sent_early: Arc::default(),
             log_limits: LogLimits::default(),
             log_notifier: LogNotifier::default(),
             objects: None,

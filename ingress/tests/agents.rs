@@ -640,6 +640,31 @@ async fn a_task_assigned_while_connected_reaches_its_node_only() {
 }
 
 #[tokio::test]
+async fn an_assignment_committed_here_reaches_its_node_at_once_and_once_while_the_outbox_is_held_back(
+) {
+    let p = platform().await;
+    let server = Server::start(&p.store, "ingress-a").await;
+    let (node, token) = p.provision().await;
+    let (mut a, _) = Agent::join(server.addr, &token, vec![]).await;
+    // An open transaction with an id holds back every outbox reader until
+    // it ends: only this process's own hand-off can deliver meanwhile.
+    let mut blocker = p.pool.begin().await.unwrap();
+    sqlx::query("INSERT INTO checkpoints (name) VALUES ('held-open')")
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+    let task_id = p.submit_and_assign(node).await;
+    let Command::RunTask(run) = a.command().await else {
+        panic!("expected run_task")
+    };
+    assert_eq!((run.task_id, run.attempt), (task_id, 1));
+    // Once the outbox shows the assignment, it is not sent a second time.
+    blocker.rollback().await.unwrap();
+    server.deliver().await;
+    a.expect_quiet().await;
+}
+
+#[tokio::test]
 async fn pending_commands_are_sent_when_the_agent_connects() {
     let p = platform().await;
     let server = Server::start(&p.store, "ingress-a").await;

@@ -328,6 +328,15 @@ pub(crate) async fn append<A: Aggregate>(
             .bind(&meta)
     };
     query.execute(pool).await?;
+    crate::outbox::publish(sequences.iter().zip(types).zip(payloads).map(
+        |((&sequence, event_type), payload)| crate::outbox::Committed {
+            aggregate_type: A::TYPE,
+            aggregate_id: id.to_string(),
+            sequence,
+            event_type,
+            payload,
+        },
+    ));
     Ok(events
         .into_iter()
         .enumerate()

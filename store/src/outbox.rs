@@ -35,6 +35,51 @@ pub const CHANNEL: &str = "unidesk_outbox";
 static COMMITS: std::sync::LazyLock<tokio::sync::watch::Sender<u64>> =
     std::sync::LazyLock::new(|| tokio::sync::watch::Sender::new(0));
 
+/// How many committed events a consumer of this process may fall behind
+/// on before it misses some ([`Local`]); it reads them from the outbox then.
+const LOCAL_EVENTS: usize = 4096;
+
+/// The events this process committed, handed to its consumers at once.
+static LOCAL: std::sync::LazyLock<tokio::sync::broadcast::Sender<Arc<Committed>>> =
+    std::sync::LazyLock::new(|| tokio::sync::broadcast::channel(LOCAL_EVENTS).0);
+
+/// An event this process just committed, as its consumers see it before
+/// they can read it from the outbox: the fast path between the API, the
+/// scheduler and the ingress of one process. The outbox stays the source of
+/// truth: a consumer must handle the same event again from there (its
+/// sequence tells it has), and anything it missed here (it fell behind, or
+/// another process committed it) it reads there.
+#[derive(Debug)]
+pub struct Committed {
+    /// `task`, `node`, `project` or `user`.
+    pub aggregate_type: &'static str,
+    /// The aggregate's id.
+    pub aggregate_id: String,
+    /// Its number within the aggregate.
+    pub sequence: i64,
+    /// Such as `TaskAssigned`.
+    pub event_type: String,
+    /// The event as stored, JSON text.
+    pub payload: String,
+}
+
+/// Hands `events`, just committed, to this process's consumers, if it has
+/// any.
+pub(crate) fn publish(events: impl IntoIterator<Item = Committed>) {
+    if LOCAL.receiver_count() == 0 {
+        return;
+    }
+    for e in events {
+        // No receiver left is fine: nobody here consumes.
+        let _ = LOCAL.send(Arc::new(e));
+    }
+}
+
+/// Events this process commits from now on, in commit order per aggregate.
+pub fn local_events() -> tokio::sync::broadcast::Receiver<Arc<Committed>> {
+    LOCAL.subscribe()
+}
+
 /// A place in the global order of the log: the last `(txid, position)` read.
 #[derive(
     Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,

@@ -14,13 +14,14 @@
 //! that task from the log instead. A new term loads the queue afresh.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use cqrs_es::Aggregate;
 use domain::task::{Task, TaskEvent, TaskState};
 use projections::read::tasks::QueuedTask;
 use sqlx::PgPool;
-use store::outbox::{self, Checkpoint, Filter, RecordedEvent};
+use store::outbox::{self, Checkpoint, Committed, Filter, RecordedEvent};
 use store::Store;
 use uuid::Uuid;
 
@@ -34,8 +35,10 @@ struct Known {
 }
 
 /// The unfinished tasks, as of `at`.
-#[derive(Default)]
 pub(super) struct Queue {
+    /// Task events this process commits (the API's submissions, this
+    /// scheduler's own assignments), folded in before the outbox is read.
+    local: tokio::sync::broadcast::Receiver<Arc<Committed>>,
     /// Where in the outbox the queue stands; `None` until loaded.
     at: Option<Checkpoint>,
     /// The leader's term it was loaded under: a new term loads afresh.
@@ -43,7 +46,60 @@ pub(super) struct Queue {
     tasks: HashMap<Uuid, Known>,
 }
 
+impl Default for Queue {
+    fn default() -> Self {
+        Self {
+            local: outbox::local_events(),
+            at: None,
+            term: None,
+            tasks: HashMap::new(),
+        }
+    }
+}
+
 impl Queue {
+    /// Folds in the task events this process committed since the last
+    /// call, straight away: a submission is placed without waiting to be
+    /// readable in the outbox (an older transaction may hold it back
+    /// there). Each is folded only when it follows what the queue knows of
+    /// its task; the outbox brings everything else, and these again.
+    fn take_local(&mut self) {
+        use tokio::sync::broadcast::error::TryRecvError;
+        loop {
+            let event = match self.local.try_recv() {
+                Ok(e) => e,
+                // Missed some: the outbox has them.
+                Err(TryRecvError::Lagged(_)) => continue,
+                Err(TryRecvError::Empty | TryRecvError::Closed) => return,
+            };
+            if event.aggregate_type != Task::TYPE {
+                continue;
+            }
+            let Ok(id) = Uuid::try_parse(&event.aggregate_id) else {
+                continue;
+            };
+            let follows = match self.tasks.get(&id) {
+                Some(k) => event.sequence == k.sequence + 1,
+                None => event.sequence == 1,
+            };
+            if !follows {
+                continue;
+            }
+            let Ok(e) = serde_json::from_str::<TaskEvent>(&event.payload) else {
+                continue;
+            };
+            let known = self.tasks.entry(id).or_insert_with(|| Known {
+                task: Task::default(),
+                sequence: 0,
+            });
+            known.task.apply(e);
+            known.sequence = event.sequence;
+            if known.task.state.is_terminal() {
+                self.tasks.remove(&id);
+            }
+        }
+    }
+
     /// Loads the queue when it was not loaded under leader's `term`, then
     /// folds in every task event committed since.
     ///
@@ -54,6 +110,7 @@ impl Queue {
             self.load(store.pool()).await?;
             self.term = Some(term);
         }
+        self.take_local();
         let filter = Filter {
             aggregate_type: Some(Task::TYPE.to_string()),
             aggregate_id: None,
