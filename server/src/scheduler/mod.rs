@@ -18,9 +18,11 @@
 //!
 //! [`heard_since`]: Scheduler::heard_since
 
+mod explain;
 mod lease;
 pub mod placement;
 mod queue;
+mod reasons;
 mod round;
 
 use std::sync::Mutex;
@@ -124,6 +126,7 @@ pub struct Scheduler {
     leadership: Leadership,
     reach: Mutex<Reach>,
     queue: tokio::sync::Mutex<queue::Queue>,
+    reasons: tokio::sync::Mutex<reasons::Recorded>,
 }
 
 fn actor() -> Actor {
@@ -145,6 +148,7 @@ impl Scheduler {
             projector,
             reach: Mutex::new(Reach::default()),
             queue: tokio::sync::Mutex::default(),
+            reasons: tokio::sync::Mutex::default(),
         }
     }
 
@@ -310,6 +314,7 @@ impl Scheduler {
         if place {
             self.placement(term, now, &mut outcome).await?;
         }
+        self.explain_queue(term, now).await;
         Ok(outcome)
     }
 
