@@ -60,6 +60,10 @@ pub struct Config {
     /// over this long (at most) after the leader stops renewing it. The
     /// leader renews it every third of this.
     pub lease: Duration,
+    /// The least time between two explanations of why queued tasks wait
+    /// (`task_queue_reasons`): they follow the cluster this much behind at
+    /// most, and a busy cluster rewrites them no more often.
+    pub explain_every: Duration,
 }
 
 impl Default for Config {
@@ -71,6 +75,7 @@ impl Default for Config {
             batch: 2000,
             accept_timeout: Duration::from_secs(120),
             lease: Duration::from_secs(10),
+            explain_every: Duration::from_secs(2),
         }
     }
 }

@@ -1,7 +1,10 @@
 //! Keeping `task_queue_reasons` current: after each full round the leader
 //! explains every queued task ([`explain`]) and writes only what changed
 //! since it last wrote ([`store::queue_reasons::record`]), in one
-//! statement, so a long queue that stays as it is costs no writes.
+//! statement, so a long queue that stays as it is costs no writes. It
+//! does so at most once per `explain_every`, so a busy cluster, whose
+//! free room changes with every task placed or ended, rewrites the
+//! explanations of a long queue no more often than that.
 //!
 //! What was recorded is kept in memory under the leader's term; a new term
 //! starts from the table (after removing the rows of tasks no longer
@@ -25,12 +28,15 @@ pub(super) struct Recorded {
     term: Option<u64>,
     /// Each task's attempt and explanation, as stored.
     tasks: HashMap<Uuid, (u32, Explanation)>,
+    /// When the queue was last explained.
+    at: Option<DateTime<Utc>>,
 }
 
 impl Scheduler {
     /// Explains the queue as the leader of `term` at `now` and records
-    /// what changed. A failure is logged: explanations wait for the next
-    /// round, placement does not.
+    /// what changed, unless it was explained less than `explain_every`
+    /// ago under the same term. A failure is logged: explanations wait for
+    /// the next round, placement does not.
     pub(super) async fn explain_queue(&self, term: u64, now: DateTime<Utc>) {
         if let Err(e) = self.record_reasons(term, now).await {
             tracing::warn!(error = %e, "cannot record why queued tasks wait");
@@ -46,7 +52,13 @@ impl Scheduler {
                 .map(|r| (r.task, (r.attempt, r.explanation)))
                 .collect();
             recorded.term = Some(term);
+            recorded.at = None;
         }
+        let every = chrono::Duration::from_std(self.config.explain_every).unwrap_or_default();
+        if recorded.at.is_some_and(|at| now >= at && now - at < every) {
+            return Ok(());
+        }
+        recorded.at = Some(now);
         let holds = store::holds::all(self.pool()).await?;
         let holding: HashSet<Uuid> = holds.iter().map(|h| h.task).collect();
         let (rows, waits) = {
