@@ -425,7 +425,7 @@ pub struct QueueStatus {
     /// What holds the task, as data, most telling first; empty while the
     /// scheduler has not looked at the task yet.
     pub reasons: Vec<QueueReason>,
-    /// Since when this explanation holds; absent while the scheduler has
+    /// Since when this explanation holds; `null` while the scheduler has
     /// not looked at the task yet.
     pub since: Option<DateTime<Utc>>,
     /// The task's place in the queue, from 1: how many queued tasks of a
