@@ -1,4 +1,4 @@
-//! Keeping `task_queue_reasons` current: after each full round the leader
+//! Keeping `task_queue_reasons` current: once per poll interval the leader
 //! explains every queued task ([`explain`]) and writes only what changed
 //! since it last wrote ([`store::queue_reasons::record`]), in one
 //! statement, so a long queue that stays as it is costs no writes. It
