@@ -109,7 +109,15 @@ async fn the_full_happy_path_from_bootstrap_to_the_state_at_a_sequence() {
     );
 
     let fetched = app.get(&format!("/api/v1/tasks/{id}"), &alice).await;
-    assert_eq!(fetched.expect(200), task);
+    let mut fetched = fetched.expect(200).clone();
+    // Only GET says why a queued task waits.
+    let queue = fetched
+        .as_object_mut()
+        .expect("an object")
+        .remove("queue")
+        .expect("why it waits");
+    assert_eq!(&fetched, task);
+    assert_eq!(queue["summary"], "waiting for the scheduler to look at it");
 
     let second = app.submit(&alice, &project).await;
     let third = app.submit(&bob, &project).await;

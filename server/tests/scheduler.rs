@@ -937,3 +937,83 @@ async fn tasks_are_placed_from_the_log_while_the_read_models_stand_still() {
     stop.send(()).unwrap();
     running.await.unwrap();
 }
+
+/// The recorded explanation of why `task` waits: its reasons, since when
+/// it holds and when it was last written; `None` when there is none.
+async fn why_waiting(
+    w: &World,
+    task: Uuid,
+) -> Option<(serde_json::Value, DateTime<Utc>, DateTime<Utc>)> {
+    sqlx::query_as(
+        "SELECT reason->'reasons', since, updated_at FROM task_queue_reasons WHERE task_id = $1",
+    )
+    .bind(task)
+    .fetch_optional(w.store.pool())
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn why_a_task_waits_is_written_only_when_it_changes_and_goes_once_it_is_placed() {
+    let w = world().await;
+    let s = Scheduler::new(
+        w.store.clone(),
+        Config {
+            explain_every: Duration::ZERO,
+            ..Config::default()
+        },
+    );
+    w.node("plain", 4.0, &[], Utc::now()).await;
+    let mut tasks = Vec::new();
+    for _ in 0..20 {
+        tasks.push(w.submit_gpus(1.0, &[("gpu", "a100")], 0, None, 2).await);
+    }
+    round(&w, &s, Utc::now()).await;
+    let mut first = Vec::new();
+    for &t in &tasks {
+        first.push(why_waiting(&w, t).await.unwrap());
+    }
+    assert_eq!(
+        first[0].0,
+        serde_json::json!([{"kind": "label", "label": "gpu=a100", "nodes_filtered": 1}])
+    );
+    // Rounds that find the same reasons write nothing.
+    round(&w, &s, Utc::now()).await;
+    round(&w, &s, Utc::now()).await;
+    for (i, &t) in tasks.iter().enumerate() {
+        assert_eq!(why_waiting(&w, t).await.unwrap(), first[i]);
+    }
+    // A node with the label but one GPU: new reasons, holding since the
+    // round that found them.
+    w.node_with_gpus("a100-1", 4.0, &[("gpu", "a100")], Utc::now(), &[0])
+        .await;
+    let at = Utc::now();
+    round(&w, &s, at).await;
+    let (reasons, since, _) = why_waiting(&w, tasks[0]).await.unwrap();
+    assert_eq!(
+        reasons[1],
+        serde_json::json!({"kind": "gpus", "nodes_filtered": 1, "need": 2, "most_free": 1,
+                           "largest": 1})
+    );
+    assert_eq!(since.timestamp_micros(), at.timestamp_micros());
+    // Placed tasks have no explanation left; the others learn that the
+    // room went to the tasks placed before them.
+    w.node_with_gpus("a100-2", 4.0, &[("gpu", "a100")], Utc::now(), &[0, 1])
+        .await;
+    assert_eq!(round(&w, &s, Utc::now()).await.assigned, 1);
+    let mut placed = 0;
+    for &t in &tasks {
+        if w.task(t).await.state == TaskState::Assigned {
+            placed += 1;
+            assert_eq!(why_waiting(&w, t).await, None);
+        } else {
+            let (reasons, _, _) = why_waiting(&w, t).await.unwrap();
+            assert_eq!(
+                reasons[0],
+                serde_json::json!({"kind": "taken"}),
+                "{reasons}"
+            );
+        }
+    }
+    assert_eq!(placed, 1);
+}

@@ -17,6 +17,7 @@ use domain::node::{Node, NodeCommand, NodeResources};
 use domain::Actor;
 use fantoccini::Locator;
 use serde_json::{json, Value};
+use store::queue_reasons::{Explanation, Reason};
 use store::Store;
 use testkit::browser::Browser;
 use testkit::process::Api;
@@ -222,6 +223,28 @@ async fn a_user_follows_a_task_live_and_sees_what_an_event_changed_and_outsiders
         .await
         .unwrap();
 
+    // No scheduler runs here: the queued task says it waits for one. Once
+    // the scheduler records why it waits, the page shows that, unasked.
+    let waiting = text(&b, ".queue .queue-summary").await;
+    assert_eq!(waiting, "waiting for the scheduler to look at it");
+    let position = text(&b, ".queue .queue-position").await;
+    assert!(position.contains("Position 1 in the queue"), "{position}");
+    let why = Explanation {
+        summary: "no online node carries label gpu=h100 (of 1 node: 1 lacks label gpu=h100)".into(),
+        reasons: vec![Reason::Label {
+            label: "gpu=h100".into(),
+            nodes_filtered: 1,
+        }],
+    };
+    let id: Uuid = task.parse().unwrap();
+    store::queue_reasons::record(server.store.pool(), 1, Utc::now(), &[(id, 0, &why)], &[])
+        .await
+        .unwrap();
+    let reason = text(&b, ".queue .queue-reasons li[data-kind=\"label\"]").await;
+    assert_eq!(reason, "1 node without label gpu=h100.");
+    let summary = text(&b, ".queue .queue-summary").await;
+    assert_eq!(summary, why.summary);
+
     // A change made elsewhere appears without a reload.
     server
         .post(&server.admin, &format!("/tasks/{task}/cancel"), json!({}))
@@ -246,8 +269,9 @@ async fn a_user_follows_a_task_live_and_sees_what_an_event_changed_and_outsiders
         .await
         .unwrap();
     assert_eq!(newest.as_deref(), Some("TaskCancelled"), "newest first");
-    // The task's own header follows too.
+    // The task's own header follows too, and it no longer waits.
     b.wait_for("h1 .badge.cancelled", PATIENCE).await.unwrap();
+    b.wait_for(".queue[hidden]", PATIENCE).await.unwrap();
 
     // Clicking the event shows the state it left next to the one before.
     b.client

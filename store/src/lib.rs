@@ -15,6 +15,7 @@ pub mod leader;
 mod log;
 pub mod names;
 pub mod outbox;
+pub mod queue_reasons;
 pub mod secrets;
 pub mod task_log;
 pub mod tokens;

@@ -69,11 +69,20 @@ impl JsonAgent {
     /// # Panics
     /// When the ingress refuses the session or answers anything else.
     pub async fn join(addr: SocketAddr, token: &str, running: Value) -> JsonAgent {
+        JsonAgent::join_with(addr, token, hello(running)).await
+    }
+
+    /// Like [`JsonAgent::join`], saying `hello` (a node declaring other
+    /// resources or labels than [`hello`]'s).
+    ///
+    /// # Panics
+    /// When the ingress refuses the session or answers anything else.
+    pub async fn join_with(addr: SocketAddr, token: &str, hello: Value) -> JsonAgent {
         let ws = dial(addr, Some(token))
             .await
             .unwrap_or_else(|(status, body)| panic!("the ingress refused: {status} {body}"));
         let mut agent = JsonAgent { ws, next_id: 1 };
-        agent.send(hello(running)).await;
+        agent.send(hello).await;
         loop {
             let frame = agent.recv().await;
             if frame["type"] == "welcome" {

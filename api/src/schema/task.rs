@@ -408,6 +408,186 @@ pub struct Task {
     /// Only `GET /tasks/{id}` says; absent when nothing is missing.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub output_removed: Vec<OutputRemoved>,
+    /// Why the task waits, while it is queued. Only `GET /tasks/{id}`
+    /// says; absent when the task is not queued.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub queue: Option<QueueStatus>,
+}
+
+/// Why a queued task waits, as the scheduler last explained it.
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct QueueStatus {
+    /// One line for people.
+    #[schema(
+        example = "no online node carries label gpu=a100 (of 3 nodes: 1 offline, 2 lack label gpu=a100)"
+    )]
+    pub summary: String,
+    /// What holds the task, as data, most telling first; empty while the
+    /// scheduler has not looked at the task yet.
+    pub reasons: Vec<QueueReason>,
+    /// Since when this explanation holds; `null` while the scheduler has
+    /// not looked at the task yet.
+    pub since: Option<DateTime<Utc>>,
+    /// The task's place in the queue, from 1: how many queued tasks of a
+    /// higher priority, or of its priority and submitted before it, come
+    /// first, plus one. Projects take turns within a priority, so it may
+    /// be placed sooner.
+    #[schema(minimum = 1)]
+    pub position: u64,
+}
+
+/// One thing that holds a queued task. Nodes are counted once each, under
+/// the first rule they break, in this order: offline, drained, label, cpu,
+/// memory, gpus.
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum QueueReason {
+    /// No node has joined (or every one was revoked).
+    NoNodes,
+    /// Nodes offline or whose agent never connected.
+    Offline {
+        /// How many.
+        nodes_filtered: u32,
+        /// How many of them carry all the task's labels.
+        with_labels: u32,
+    },
+    /// Online nodes an admin drained.
+    Drained {
+        /// How many.
+        nodes_filtered: u32,
+        /// How many of them carry all the task's labels.
+        with_labels: u32,
+    },
+    /// Online, undrained nodes lacking a label the task needs.
+    Label {
+        /// The label, `key=value`.
+        #[schema(example = "gpu=a100")]
+        label: String,
+        /// How many nodes lack it.
+        nodes_filtered: u32,
+    },
+    /// Nodes with the task's labels but too little free CPU.
+    Cpu {
+        /// How many.
+        nodes_filtered: u32,
+        /// Cores the task needs.
+        need: f64,
+        /// The most free cores among those nodes.
+        most_free: f64,
+        /// The most cores any of them has at all.
+        largest: f64,
+    },
+    /// Nodes with the task's labels but too little free memory.
+    Memory {
+        /// How many.
+        nodes_filtered: u32,
+        /// MiB the task needs.
+        need_mb: u64,
+        /// The most free MiB among those nodes.
+        most_free_mb: u64,
+        /// The most MiB any of them has at all.
+        largest_mb: u64,
+    },
+    /// Nodes with the task's labels but too few free GPUs.
+    Gpus {
+        /// How many.
+        nodes_filtered: u32,
+        /// GPUs the task needs.
+        need: u32,
+        /// The most free GPUs among those nodes.
+        most_free: u32,
+        /// The most GPUs any of them has at all.
+        largest: u32,
+    },
+    /// The task fitted a node, but tasks placed before it took the room.
+    Taken,
+    /// The project runs as many tasks as its `max_running` allows.
+    Quota {
+        /// The project's limit.
+        max_running: u32,
+        /// Its tasks holding nodes.
+        running: u32,
+    },
+    /// A retried task waits out its backoff.
+    Backoff {
+        /// When the backoff ends.
+        until: DateTime<Utc>,
+    },
+    /// The task fits a node and waits for its turn.
+    InLine,
+}
+
+impl From<store::queue_reasons::Reason> for QueueReason {
+    fn from(r: store::queue_reasons::Reason) -> Self {
+        use store::queue_reasons::Reason as R;
+        match r {
+            R::NoNodes => Self::NoNodes,
+            R::Offline {
+                nodes_filtered,
+                with_labels,
+            } => Self::Offline {
+                nodes_filtered,
+                with_labels,
+            },
+            R::Drained {
+                nodes_filtered,
+                with_labels,
+            } => Self::Drained {
+                nodes_filtered,
+                with_labels,
+            },
+            R::Label {
+                label,
+                nodes_filtered,
+            } => Self::Label {
+                label,
+                nodes_filtered,
+            },
+            R::Cpu {
+                nodes_filtered,
+                need,
+                most_free,
+                largest,
+            } => Self::Cpu {
+                nodes_filtered,
+                need,
+                most_free,
+                largest,
+            },
+            R::Memory {
+                nodes_filtered,
+                need_mb,
+                most_free_mb,
+                largest_mb,
+            } => Self::Memory {
+                nodes_filtered,
+                need_mb,
+                most_free_mb,
+                largest_mb,
+            },
+            R::Gpus {
+                nodes_filtered,
+                need,
+                most_free,
+                largest,
+            } => Self::Gpus {
+                nodes_filtered,
+                need,
+                most_free,
+                largest,
+            },
+            R::Taken => Self::Taken,
+            R::Quota {
+                max_running,
+                running,
+            } => Self::Quota {
+                max_running,
+                running,
+            },
+            R::Backoff { until } => Self::Backoff { until },
+            R::InLine => Self::InLine,
+        }
+    }
 }
 
 /// Output of one attempt that is not, or no longer, stored.
@@ -490,6 +670,7 @@ impl TryFrom<domain::task::Task> for Task {
                 })
                 .collect(),
             output_removed: Vec::new(),
+            queue: None,
         })
     }
 }

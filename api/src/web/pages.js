@@ -19,17 +19,25 @@ export async function taskPage(view, id, signal) {
     throw e;
   }
   const head = h('div', { class: 'page-head' });
+  const waiting = h('section', { class: 'panel queue', 'aria-labelledby': 'queue-title', hidden: true });
   const facts = h('section', { class: 'panel', 'aria-label': 'Task' });
   const attempts = h('section', { class: 'panel', 'aria-labelledby': 'attempts-title' });
   const artifacts = h('section', { class: 'panel', 'aria-labelledby': 'artifacts-title' });
   const logPanel = h('section', { class: 'panel', 'aria-labelledby': 'log-title' });
   const timelineRoot = h('div');
-  view.replaceChildren(head, h('div', { class: 'cols' }, facts, h('div', {}, attempts, artifacts)), logPanel, timelineRoot);
+  view.replaceChildren(head, waiting, h('div', { class: 'cols' }, facts, h('div', {}, attempts, artifacts)), logPanel, timelineRoot);
 
   const log = taskLog(logPanel, id, signal);
+  let recheck = null;
+  signal.addEventListener('abort', () => clearTimeout(recheck));
   const show = (t) => {
     task = t;
     renderTaskHead(head, t, signal, () => refresh());
+    renderQueue(waiting, t);
+    // Why a queued task waits changes with the cluster, without an event
+    // of the task: look again now and then while it waits.
+    clearTimeout(recheck);
+    if (t.state === 'queued') recheck = setTimeout(() => { if (!signal.aborted) refresh(); }, QUEUE_RECHECK_MS);
     renderTaskFacts(facts, t);
     renderAttempts(attempts, t);
     renderArtifacts(artifacts, t);
@@ -67,6 +75,47 @@ export function renderTaskHead(head, t, signal, refresh) {
       h('p', { class: 'sub' }, 'in ', projectLink(t.project_id), t.node_id ? [' on ', nodeLink(t.node_id)] : '',
         ' · submitted ', when(t.submitted_at), ' by ', h('span', { class: 'mono' }, t.submitted_by || '—'))),
     h('div', {}, cancel, ' ', error));
+}
+
+/** How often the page of a queued task asks again why it waits. */
+const QUEUE_RECHECK_MS = 3000;
+
+/** Why a queued task waits, as the scheduler explains it; hidden otherwise. */
+export function renderQueue(panel, t) {
+  const q = t.queue;
+  panel.hidden = !q;
+  if (!q) {
+    panel.replaceChildren();
+    return;
+  }
+  panel.replaceChildren(
+    h('h2', { id: 'queue-title' }, 'Why it waits'),
+    h('p', { class: 'queue-summary' }, q.summary),
+    h('p', { class: 'faint queue-position' }, `Position ${q.position} in the queue`,
+      q.since ? [' · explained so since ', when(q.since)] : ''),
+    q.reasons.length
+      ? h('ul', { class: 'queue-reasons' }, q.reasons.map((r) => h('li', { 'data-kind': r.kind }, reasonText(r))))
+      : null);
+}
+
+/** One reason of `queue.reasons` in words. */
+export function reasonText(r) {
+  const nodes = (n) => `${n} node${n === 1 ? '' : 's'}`;
+  const labelled = (r2) => (r2.with_labels ? `, ${r2.with_labels} of them with the task's labels` : '');
+  switch (r.kind) {
+    case 'no_nodes': return 'No node has joined.';
+    case 'offline': return `${nodes(r.nodes_filtered)} offline or not connected${labelled(r)}.`;
+    case 'drained': return `${nodes(r.nodes_filtered)} drained${labelled(r)}.`;
+    case 'label': return `${nodes(r.nodes_filtered)} without label ${r.label}.`;
+    case 'cpu': return `${nodes(r.nodes_filtered)} short of CPU: need ${r.need}, most free ${r.most_free}, largest ${r.largest}.`;
+    case 'memory': return `${nodes(r.nodes_filtered)} short of memory: need ${memory(r.need_mb)}, most free ${memory(r.most_free_mb)}, largest ${memory(r.largest_mb)}.`;
+    case 'gpus': return `${nodes(r.nodes_filtered)} short of GPUs: need ${r.need}, most free ${r.most_free}, largest ${r.largest}.`;
+    case 'taken': return 'It fitted, but tasks placed before it took the room.';
+    case 'quota': return `The project runs ${r.running} of its max_running ${r.max_running}.`;
+    case 'backoff': return [`Retry backoff until `, when(r.until), '.'];
+    case 'in_line': return 'It fits a node and waits for its turn.';
+    default: return r.kind;
+  }
 }
 
 export function renderTaskFacts(panel, t) {

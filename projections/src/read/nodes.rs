@@ -95,6 +95,37 @@ type PlaceableRow = (
     Option<Vec<String>>,
 );
 
+/// A node work may not be placed on now: offline, never connected, or
+/// drained. Revoked nodes are not counted: they are gone for good.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Unplaceable {
+    /// Whether it is online (and so drained).
+    pub online: bool,
+    /// The labels an admin set.
+    pub labels: std::collections::BTreeMap<String, String>,
+}
+
+/// Nodes that could take work once they are online and undrained, with
+/// their labels: what explains a queued task besides the nodes it could
+/// be placed on. A node whose labels do not decode counts without labels.
+pub async fn unplaceable(db: impl PgExecutor<'_>) -> Result<Vec<Unplaceable>, sqlx::Error> {
+    let rows: Vec<(String, Option<serde_json::Value>)> = sqlx::query_as(
+        "SELECT status, doc->'labels' FROM node_view \
+         WHERE status IN ('provisioned', 'offline') OR (status = 'online' AND drained)",
+    )
+    .fetch_all(db)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(status, labels)| Unplaceable {
+            online: status == "online",
+            labels: labels
+                .and_then(|l| serde_json::from_value(l).ok())
+                .unwrap_or_default(),
+        })
+        .collect())
+}
+
 /// Online, undrained nodes and their caches.
 pub async fn placeable(db: impl PgExecutor<'_>) -> Result<Vec<Placeable>, sqlx::Error> {
     let rows: Vec<PlaceableRow> = sqlx::query_as(

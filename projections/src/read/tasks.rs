@@ -241,6 +241,30 @@ pub async fn queued(
         .collect())
 }
 
+/// How many queued tasks come before a task of `priority` submitted at
+/// `submitted_at` with id `id`, in the order the scheduler takes them
+/// (highest priority, then oldest, first; projects take turns within a
+/// priority, so this is the most that are ahead of it in its priority).
+///
+/// # Errors
+/// A database error.
+pub async fn queued_ahead(
+    db: impl PgExecutor<'_>,
+    priority: i32,
+    submitted_at: DateTime<Utc>,
+    id: Uuid,
+) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM task_view WHERE state = 'queued' AND id <> $3 \
+           AND (priority > $1 OR (priority = $1 AND (submitted_at, id) < ($2, $3)))",
+    )
+    .bind(priority)
+    .bind(submitted_at)
+    .bind(id)
+    .fetch_one(db)
+    .await
+}
+
 /// The name of the checkpoint of the read model `task_view` belongs to:
 /// events after it are not in `task_view` yet.
 pub const CHECKPOINT: &str = "tasks";

@@ -18,9 +18,11 @@
 //!
 //! [`heard_since`]: Scheduler::heard_since
 
+mod explain;
 mod lease;
 pub mod placement;
 mod queue;
+mod reasons;
 mod round;
 
 use std::sync::Mutex;
@@ -58,6 +60,10 @@ pub struct Config {
     /// over this long (at most) after the leader stops renewing it. The
     /// leader renews it every third of this.
     pub lease: Duration,
+    /// The least time between two explanations of why queued tasks wait
+    /// (`task_queue_reasons`): they follow the cluster this much behind at
+    /// most, and a busy cluster rewrites them no more often.
+    pub explain_every: Duration,
 }
 
 impl Default for Config {
@@ -69,6 +75,7 @@ impl Default for Config {
             batch: 2000,
             accept_timeout: Duration::from_secs(120),
             lease: Duration::from_secs(10),
+            explain_every: Duration::from_secs(2),
         }
     }
 }
@@ -124,6 +131,7 @@ pub struct Scheduler {
     leadership: Leadership,
     reach: Mutex<Reach>,
     queue: tokio::sync::Mutex<queue::Queue>,
+    reasons: tokio::sync::Mutex<reasons::Recorded>,
 }
 
 fn actor() -> Actor {
@@ -145,6 +153,7 @@ impl Scheduler {
             projector,
             reach: Mutex::new(Reach::default()),
             queue: tokio::sync::Mutex::default(),
+            reasons: tokio::sync::Mutex::default(),
         }
     }
 
@@ -310,6 +319,7 @@ impl Scheduler {
         if place {
             self.placement(term, now, &mut outcome).await?;
         }
+        self.explain_queue(term, now).await;
         Ok(outcome)
     }
 

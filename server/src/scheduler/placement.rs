@@ -74,12 +74,53 @@ pub struct Candidate {
     pub commits: HashSet<String>,
 }
 
+/// The first rule a node breaks for a task, in the order they are checked:
+/// what keeps the task off that node. Placement and the queue's
+/// explanation ([`super::explain`]) both decide by it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Misfit<'a> {
+    /// The node lacks the task's label `key=value`.
+    Label(&'a str, &'a str),
+    /// Its free CPU is less than the task needs.
+    Cpu,
+    /// Its free memory is less than the task needs.
+    Memory,
+    /// It has fewer free GPUs than the task needs.
+    Gpus,
+}
+
 impl Candidate {
     fn fits(&self, t: &Queued) -> bool {
-        t.labels.iter().all(|(k, v)| self.labels.get(k) == Some(v))
-            && self.used_millicpus + t.millicpus <= self.millicpus
-            && self.used_memory_mb + t.memory_mb <= self.memory_mb
-            && self.free_gpus().count() >= t.gpus as usize
+        self.misfit(t).is_none()
+    }
+
+    /// The first rule of placement this node breaks for `t`, or `None`
+    /// when `t` fits it.
+    pub fn misfit<'t>(&self, t: &'t Queued) -> Option<Misfit<'t>> {
+        if let Some((k, v)) = t
+            .labels
+            .iter()
+            .find(|(k, v)| self.labels.get(*k) != Some(v))
+        {
+            Some(Misfit::Label(k, v))
+        } else if self.used_millicpus + t.millicpus > self.millicpus {
+            Some(Misfit::Cpu)
+        } else if self.used_memory_mb + t.memory_mb > self.memory_mb {
+            Some(Misfit::Memory)
+        } else if self.free_gpus().count() < t.gpus as usize {
+            Some(Misfit::Gpus)
+        } else {
+            None
+        }
+    }
+
+    /// Free CPU in thousandths, free memory in MiB and free GPUs.
+    pub fn free(&self) -> (u64, u64, u32) {
+        (
+            self.millicpus.saturating_sub(self.used_millicpus),
+            self.memory_mb.saturating_sub(self.used_memory_mb),
+            self.free_gpus().count() as u32,
+        )
     }
 
     /// Devices no attempt holds, lowest index first, and no more than

@@ -228,6 +228,15 @@ impl Queue {
             .any(|k| k.task.state == TaskState::Queued)
     }
 
+    /// The attempt queued task `id` waits after (0 before its first) and
+    /// the end of its retry backoff; `None` when it is not queued.
+    pub fn wait_of(&self, id: &Uuid) -> Option<(u32, Option<DateTime<Utc>>)> {
+        self.tasks
+            .get(id)
+            .filter(|k| k.task.state == TaskState::Queued)
+            .map(|k| (k.task.attempt, k.task.not_before))
+    }
+
     /// Up to `limit` queued tasks, highest priority and oldest first,
     /// without those in `skip` and those whose retry backoff lasts past
     /// `now`: what placement considers.

@@ -130,7 +130,7 @@ impl Scheduler {
 
 /// Marks on `nodes` what `holds` reserve; returns how many tasks each
 /// project runs.
-fn occupy(nodes: &mut [Candidate], holds: &[Hold]) -> HashMap<Uuid, u32> {
+pub(super) fn occupy(nodes: &mut [Candidate], holds: &[Hold]) -> HashMap<Uuid, u32> {
     let mut running: HashMap<Uuid, u32> = HashMap::new();
     let by_id: HashMap<Uuid, usize> = nodes.iter().enumerate().map(|(i, n)| (n.id, i)).collect();
     for h in holds {
@@ -146,7 +146,7 @@ fn occupy(nodes: &mut [Candidate], holds: &[Hold]) -> HashMap<Uuid, u32> {
 
 /// The queued tasks as placement sees them; one whose spec cannot be read
 /// is logged and left out.
-fn queue(rows: Vec<QueuedTask>) -> Vec<Queued> {
+pub(super) fn queue(rows: Vec<QueuedTask>) -> Vec<Queued> {
     let mut queue = Vec::with_capacity(rows.len());
     for QueuedTask {
         id,
