@@ -108,23 +108,30 @@ async fn deliver_local(ingress: &Ingress, local: &mut broadcast::Receiver<Arc<Co
             assigned.push((task_id, event.sequence, node));
         }
     }
-    let grace_s = ingress.config().cancel_grace_s;
-    let none_running = HashSet::new();
-    for (task_id, sequence, node) in assigned {
-        let key = (task_id, sequence);
-        if ingress
+    // The outbox path got to some first.
+    assigned.retain(|(task_id, sequence, _)| {
+        !ingress
             .sent_early
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .remove(&key)
-        {
-            // The outbox path got there first.
-            continue;
-        }
+            .remove(&(*task_id, *sequence))
+    });
+    let grace_s = ingress.config().cancel_grace_s;
+    let none_running = HashSet::new();
+    let store = ingress.store();
+    let mut loaded = futures::stream::iter(assigned)
+        .map(|(task_id, sequence, node)| async move {
+            (
+                task_id,
+                sequence,
+                node,
+                commands::load_task(store, task_id).await,
+            )
+        })
+        .buffered(LOADS_IN_FLIGHT);
+    while let Some((task_id, sequence, node, task)) = loaded.next().await {
         // Anything failing here is left unmarked, for the outbox path.
-        let Ok(Some(task)) = commands::load_task(ingress.store(), task_id).await else {
-            continue;
-        };
+        let Ok(Some(task)) = task else { continue };
         if task.node_id != Some(node) {
             continue;
         }
