@@ -103,6 +103,11 @@ impl Outcome {
     }
 }
 
+/// How long candidate nodes read for one placement round may serve the
+/// next ones (when no node event went by): what nodes report of their
+/// caches is not an event.
+const CANDIDATES_FOR: Duration = Duration::from_millis(1000);
+
 /// What a round does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Round {
@@ -131,6 +136,12 @@ pub struct Scheduler {
     leadership: Leadership,
     reach: Mutex<Reach>,
     queue: tokio::sync::Mutex<queue::Queue>,
+    /// The nodes read model alone, brought up to date before placing when
+    /// a node event went by.
+    nodes_projector: Projector,
+    /// The candidates last read while current, when, and where the nodes
+    /// read model stood.
+    candidates: Mutex<Option<(std::time::Instant, store::Checkpoint, Vec<Candidate>)>>,
     reasons: tokio::sync::Mutex<reasons::Recorded>,
 }
 
@@ -146,6 +157,8 @@ impl Scheduler {
         let pool = lease::pool(&store.pool().connect_options(), config.lease);
         let projector = Projector::only(pool.clone(), &["tasks", "nodes", "projects"])
             .unwrap_or_else(|_| unreachable!("these read models exist"));
+        let nodes_projector = Projector::only(pool.clone(), &["nodes"])
+            .unwrap_or_else(|_| unreachable!("this read model exists"));
         Self {
             store: Store::new(pool.clone()),
             leadership: Leadership::new(pool, config.lease),
@@ -153,6 +166,8 @@ impl Scheduler {
             projector,
             reach: Mutex::new(Reach::default()),
             queue: tokio::sync::Mutex::default(),
+            nodes_projector,
+            candidates: Mutex::new(None),
             reasons: tokio::sync::Mutex::default(),
         }
     }
@@ -540,6 +555,53 @@ impl Scheduler {
                 false
             }
         }
+    }
+
+    /// [`Scheduler::candidates`] for a placement round, only once the
+    /// nodes read model reflects every node event the queue has seen (so a
+    /// task submitted after a node was drained, here or elsewhere, is never
+    /// placed on it): the ones last read while they are current and younger
+    /// than [`CANDIDATES_FOR`] (what nodes report of their caches is not an
+    /// event), else read again after bringing the nodes read model up to
+    /// date. `None` when it cannot be yet (the event is still held back in
+    /// the outbox): placement waits for the next round. A busy leader places
+    /// many times a second and its nodes rarely change meanwhile; what the
+    /// nodes hold is read fresh every round ([`store::holds`]).
+    async fn current_candidates(&self) -> Result<Option<Vec<Candidate>>, sqlx::Error> {
+        let cached = self
+            .candidates
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let Some((when, at, nodes)) = cached {
+            if when.elapsed() < CANDIDATES_FOR && self.queue.lock().await.nodes_current_at(Some(at))
+            {
+                return Ok(Some(nodes));
+            }
+        }
+        let mut at = self.nodes_at().await?;
+        if !self.queue.lock().await.nodes_current_at(at) {
+            if let Err(e) = self.nodes_projector.drain().await {
+                tracing::warn!(error = %e, "the nodes read model could not catch up");
+            }
+            at = self.nodes_at().await?;
+            if !self.queue.lock().await.nodes_current_at(at) {
+                return Ok(None);
+            }
+        }
+        let nodes = self.candidates().await?;
+        *self.candidates.lock().unwrap_or_else(|e| e.into_inner()) =
+            at.map(|at| (std::time::Instant::now(), at, nodes.clone()));
+        Ok(Some(nodes))
+    }
+
+    /// Where the nodes read model stands.
+    async fn nodes_at(&self) -> Result<Option<store::Checkpoint>, sqlx::Error> {
+        let at: Option<(i64, i64)> =
+            sqlx::query_as("SELECT txid, position FROM checkpoints WHERE name = 'nodes'")
+                .fetch_optional(self.pool())
+                .await?;
+        Ok(at.map(|(txid, position)| store::Checkpoint { txid, position }))
     }
 
     /// Online, undrained nodes with a recent heartbeat, and their caches.

@@ -43,6 +43,11 @@ pub(super) struct Queue {
     at: Option<Checkpoint>,
     /// The leader's term it was loaded under: a new term loads afresh.
     term: Option<u64>,
+    /// Where in the outbox the nodes read model must stand for candidates
+    /// read from it to reflect every node event the queue has seen: the
+    /// last node event folded, the snapshot it was loaded from, or the
+    /// log's head when this process committed a node event.
+    node_event: Option<Checkpoint>,
     tasks: HashMap<Uuid, Known>,
 }
 
@@ -52,6 +57,7 @@ impl Default for Queue {
             local: outbox::local_events(),
             at: None,
             term: None,
+            node_event: None,
             tasks: HashMap::new(),
         }
     }
@@ -63,16 +69,19 @@ impl Queue {
     /// readable in the outbox (an older transaction may hold it back
     /// there). Each is folded only when it follows what the queue knows of
     /// its task; the outbox brings everything else, and these again.
-    fn take_local(&mut self) {
+    /// Returns whether a node event was among them.
+    fn take_local(&mut self) -> bool {
         use tokio::sync::broadcast::error::TryRecvError;
+        let mut nodes = false;
         loop {
             let event = match self.local.try_recv() {
                 Ok(e) => e,
                 // Missed some: the outbox has them.
                 Err(TryRecvError::Lagged(_)) => continue,
-                Err(TryRecvError::Empty | TryRecvError::Closed) => return,
+                Err(TryRecvError::Empty | TryRecvError::Closed) => return nodes,
             };
             if event.aggregate_type != Task::TYPE {
+                nodes |= event.aggregate_type == "node";
                 continue;
             }
             let Ok(id) = Uuid::try_parse(&event.aggregate_id) else {
@@ -109,12 +118,17 @@ impl Queue {
         if self.at.is_none() || self.term != Some(term) {
             self.load(store.pool()).await?;
             self.term = Some(term);
+            self.node_event = self.at;
         }
-        self.take_local();
-        let filter = Filter {
-            aggregate_type: Some(Task::TYPE.to_string()),
-            aggregate_id: None,
-        };
+        if self.take_local() {
+            // Committed, so at or before the log's head: the nodes read
+            // model must get there first.
+            let head = outbox::committed_head(store.pool()).await?;
+            self.node_event = self.node_event.max(Some(head));
+        }
+        // Every event: where node events go by tells placement whether the
+        // nodes it read are current.
+        let filter = Filter::default();
         loop {
             let Some(at) = self.at else { return Ok(()) };
             let events = outbox::read_after(store.pool(), at, READ, &filter).await?;
@@ -169,8 +183,25 @@ impl Queue {
         Ok(())
     }
 
+    /// Whether nodes read from the nodes read model when it stood at
+    /// `at` (`None`: not known) reflect every node event this queue has
+    /// seen.
+    pub fn nodes_current_at(&self, at: Option<Checkpoint>) -> bool {
+        match (self.node_event, at) {
+            (None, _) => true,
+            (Some(event), Some(at)) => at >= event,
+            (Some(event), None) => event == Checkpoint::default(),
+        }
+    }
+
     /// Folds `event` into its task.
     async fn fold(&mut self, store: &Store, event: &RecordedEvent) {
+        if event.aggregate_type != Task::TYPE {
+            if event.aggregate_type == "node" {
+                self.node_event = self.node_event.max(Some(event.checkpoint()));
+            }
+            return;
+        }
         let Ok(id) = Uuid::try_parse(&event.aggregate_id) else {
             tracing::error!(aggregate_id = %event.aggregate_id, "a task event with a malformed id");
             return;

@@ -46,7 +46,9 @@ impl Scheduler {
         if queued_rows.is_empty() {
             return Ok(());
         }
-        let mut nodes = self.candidates().await?;
+        let Some(mut nodes) = self.current_candidates().await? else {
+            return Ok(());
+        };
         let capacity: HashMap<Uuid, Capacity> = nodes
             .iter()
             .map(|n| {
