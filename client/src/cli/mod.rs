@@ -168,7 +168,10 @@ fn finish(result: Result<u8>) -> ExitCode {
 /// Prints completions for `shell` of the command line `command`, whose
 /// binary is called `name`.
 pub fn completions(shell: clap_complete::Shell, command: &mut clap::Command, name: &str) {
-    clap_complete::generate(shell, command, name, &mut std::io::stdout());
+    // Into a buffer first: a closed pipe (`| head`) is no panic.
+    let mut script = Vec::new();
+    clap_complete::generate(shell, command, name, &mut script);
+    let _ = std::io::Write::write_all(&mut std::io::stdout(), &script);
 }
 
 /// Prints `value` as pretty JSON on standard output.
