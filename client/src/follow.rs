@@ -235,7 +235,10 @@ pub async fn logs(
                     break serde_json::from_str::<EndData>(&event.data).ok();
                 }
                 Ok(Some(_)) => {}
-                Ok(None) => break None,
+                Ok(None) => {
+                    outage.lost("the server closed the stream")?;
+                    break None;
+                }
                 Err(why) => {
                     outage.lost(&why)?;
                     break None;
@@ -321,7 +324,10 @@ pub async fn timeline(
                     }
                 }
                 Ok(Some(_)) => {}
-                Ok(None) => break,
+                Ok(None) => {
+                    outage.lost("the server closed the stream")?;
+                    break;
+                }
                 Err(why) => {
                     outage.lost(&why)?;
                     break;

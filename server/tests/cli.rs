@@ -469,8 +469,18 @@ async fn a_user_signs_in_submits_from_a_checkout_follows_and_fetches_what_it_mad
 #[tokio::test(flavor = "multi_thread")]
 async fn logs_follow_goes_on_after_the_server_restarts_without_a_gap_or_a_repeat() {
     support::base_image();
-    let p = Platform::start(&[]).await;
+    // The agent runs on its own, as on any real node: the server restarts
+    // under it.
+    let p = Platform::start(&["--no-agent"]).await;
     let here = p.dir.path().to_path_buf();
+    let node = p.dev.api().post("/nodes", json!({"name": "worker"})).await;
+    let _agent = Killed(support::spawn_agent(
+        &p.dev.ws(),
+        node["token"].as_str().unwrap(),
+        &here.join("agent"),
+        &["--cpus", "2", "--memory-mb", "2048", "--no-gpus"],
+    ));
+    support::node_online(&p.dev.api(), node["id"].as_str().unwrap()).await;
     let user = User::new();
     p.login(&user).await;
     let work = pushed_checkout(
@@ -519,10 +529,20 @@ async fn logs_follow_goes_on_after_the_server_restarts_without_a_gap_or_a_repeat
     let out = std::fs::read_to_string(&out_file).unwrap();
     let err = std::fs::read_to_string(&err_file).unwrap();
     let expected: String = (1..=40).map(|i| format!("line {i}\n")).collect();
-    assert_eq!(out, expected, "stderr: {err}");
+    assert_eq!(out, expected, "status {status:?}, stderr: {err}");
     assert_eq!(status.code(), Some(0), "stderr: {err}");
     assert!(err.contains("reconnect"), "{err}");
     restarted.stop().await.unwrap();
+}
+
+/// A child process killed when dropped.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// A TCP relay in front of the object store that, while `cut` is set,
