@@ -132,7 +132,7 @@ impl Client {
         let mut last = None;
         for n in 0..tries {
             if n > 0 {
-                tokio::time::sleep(Duration::from_millis(500 << n.min(4))).await;
+                tokio::time::sleep(Duration::from_millis(250 << (n - 1).min(4))).await;
             }
             let Some(attempt) = request.try_clone() else {
                 return self.answer(request.send().await).await;

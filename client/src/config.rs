@@ -220,10 +220,6 @@ pub fn normalise_server(server: &str) -> Result<String> {
 
 #[cfg(test)]
 mod tests {
-    #![expect(
-        clippy::unwrap_used,
-        reason = "a test fails loudly at the first surprise"
-    )]
     use super::*;
 
     #[test]

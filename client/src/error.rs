@@ -93,7 +93,10 @@ impl Error {
         match self {
             Error::Usage(_) => EXIT_USAGE,
             Error::Unreachable { .. } => EXIT_UNREACHABLE,
-            Error::Refused { status, .. } if matches!(status, 401 | 403 | 404) => EXIT_NOT_FOUND,
+            Error::Refused {
+                status: 401 | 403 | 404,
+                ..
+            } => EXIT_NOT_FOUND,
             _ => EXIT_FAILED,
         }
     }

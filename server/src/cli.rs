@@ -95,14 +95,14 @@ impl Cli {
     ///
     /// # Errors
     /// `self`, when it is not a user command.
-    pub fn into_user(self) -> Result<UserCommand, Cli> {
+    pub fn into_user(self) -> Result<UserCommand, Box<Cli>> {
         match self.command {
             Command::User(c) => Ok(UserCommand::Client(c)),
             Command::Objects {
                 command: ObjectsCommand::Put(args),
             } => Ok(UserCommand::Put(args)),
             Command::Completions { shell } => Ok(UserCommand::Completions(shell)),
-            command => Err(Cli { command }),
+            command => Err(Box::new(Cli { command })),
         }
     }
 }

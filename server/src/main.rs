@@ -11,7 +11,7 @@ use unidesk::cli;
 async fn main() -> std::process::ExitCode {
     let cli = match cli::Cli::parse().into_user() {
         Ok(user) => return cli::run_user(user).await,
-        Err(cli) => cli,
+        Err(cli) => *cli,
     };
     tracing_subscriber::fmt()
         .with_env_filter(

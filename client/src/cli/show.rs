@@ -72,10 +72,10 @@ pub(super) async fn login(args: LoginArgs) -> Result<u8> {
             "the token is empty or holds white space: paste it as it was issued".into(),
         ));
     }
-    let ca_file = match args.ca_file.or(saved.ca_file.clone()) {
-        Some(f) => Some(std::path::absolute(&f).unwrap_or(f)),
-        None => None,
-    };
+    let ca_file = args
+        .ca_file
+        .or(saved.ca_file.clone())
+        .map(|f| std::path::absolute(&f).unwrap_or(f));
     let settings = Settings {
         server: server.clone(),
         token: Some(token.clone()),
