@@ -88,11 +88,15 @@ pub const EXIT_UNREACHABLE: u8 = 4;
 
 impl Error {
     /// The exit status this failure means: 2 usage, 3 not found or
-    /// forbidden (401, 403, 404), 4 unreachable, 1 otherwise.
+    /// forbidden (401, 403, 404), 4 unreachable (also a server that kept
+    /// answering 502, 503 or 504), 1 otherwise.
     pub fn exit_status(&self) -> u8 {
         match self {
             Error::Usage(_) => EXIT_USAGE,
-            Error::Unreachable { .. } => EXIT_UNREACHABLE,
+            Error::Unreachable { .. }
+            | Error::Refused {
+                status: 502..=504, ..
+            } => EXIT_UNREACHABLE,
             Error::Refused {
                 status: 401 | 403 | 404,
                 ..

@@ -435,6 +435,20 @@ async fn a_user_signs_in_submits_from_a_checkout_follows_and_fetches_what_it_mad
     })
     .await;
     assert!(shown.contains("waiting:"), "{shown}");
+    // The timeline, followed live, shows the cancel as it happens.
+    let live = here.join("timeline.jsonl");
+    let mut timeline_follow = user
+        .command(here, &["timeline", "-f", "--task", &id, "--json"])
+        .stdout(std::fs::File::create(&live).unwrap())
+        .spawn()
+        .unwrap();
+    testkit::eventually("the live timeline to show the past", PATIENCE, || async {
+        std::fs::read_to_string(&live)
+            .unwrap()
+            .contains("TaskSubmitted")
+            .then_some(())
+    })
+    .await;
     let cancelled = user.run(here, &["cancel", &id]).await.expect(0);
     assert!(
         cancelled.out().contains("cancel requested"),
@@ -447,6 +461,31 @@ async fn a_user_signs_in_submits_from_a_checkout_follows_and_fetches_what_it_mad
         .expect(0)
         .json();
     assert_eq!(state["state"], "cancelled");
+    let events = testkit::eventually("the live timeline to show the cancel", PATIENCE, || async {
+        let text = std::fs::read_to_string(&live).unwrap();
+        text.contains("TaskCancelled").then_some(text)
+    })
+    .await;
+    timeline_follow.kill().await.unwrap();
+    let types: Vec<String> = events
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["event_type"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(
+        types.first().map(String::as_str),
+        Some("TaskSubmitted"),
+        "{types:?}"
+    );
+    assert_eq!(
+        types.iter().filter(|t| *t == "TaskCancelled").count(),
+        1,
+        "{types:?}"
+    );
     // Cancelling a task that ended is refused with the server's words.
     let again = user
         .run(here, &["cancel", &second, "--json"])
