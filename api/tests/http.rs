@@ -1482,6 +1482,7 @@ const EXPECTED_ROUTES: &[(&str, &str)] = &[
     ("post", "/api/v1/users"),
     ("get", "/api/v1/users"),
     ("get", "/api/v1/users/{name}"),
+    ("get", "/api/v1/me"),
     ("post", "/api/v1/users/{name}/tokens"),
     ("get", "/api/v1/users/{name}/tokens"),
     ("delete", "/api/v1/users/{name}/tokens/{token_id}"),

@@ -145,6 +145,7 @@ const TABLE: &[Row] = &[
     Row("post", "/api/v1/users",                              [201, 403, 403, 403, 403, 401, 401, 401, 401, 401]),
     Row("get", "/api/v1/users",                               [200, 403, 403, 403, 403, 401, 401, 401, 401, 401]),
     Row("get", "/api/v1/users/{name}",                        [200, 403, 403, 403, 403, 401, 401, 401, 401, 401]),
+    Row("get", "/api/v1/me",                                  [200, 200, 200, 200, 200, 401, 401, 401, 401, 401]),
     Row("post", "/api/v1/users/{name}/tokens",                [201, 403, 403, 403, 403, 401, 401, 401, 401, 401]),
     Row("get", "/api/v1/users/{name}/tokens",                 [200, 403, 403, 403, 403, 401, 401, 401, 401, 401]),
     Row("delete", "/api/v1/users/{name}/tokens/{token_id}",   [204, 403, 403, 403, 403, 401, 401, 401, 401, 401]),
@@ -681,7 +682,7 @@ impl World {
         match (method, path) {
             ("get", "/healthz" | "/readyz" | "/metrics" | "/api/v1/openapi.json")
             | ("get", "/" | "/app.css" | "/favicon.svg")
-            | ("get", "/api/v1/users" | "/api/v1/nodes") => Call::to(path.into()),
+            | ("get", "/api/v1/users" | "/api/v1/nodes" | "/api/v1/me") => Call::to(path.into()),
             ("post", "/api/v1/users") => {
                 Call::with(path.into(), json!({ "name": self.fresh("new-user") }))
             }

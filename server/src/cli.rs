@@ -50,9 +50,75 @@ enum Command {
         #[command(subcommand)]
         command: replay::EventsCommand,
     },
+    /// Files in a project's store (`put`), or the S3-compatible object
+    /// store itself served alone (`serve`).
+    Objects {
+        /// Which.
+        #[command(subcommand)]
+        command: ObjectsCommand,
+    },
+    /// The user commands: sign in, submit, follow, fetch.
+    #[command(flatten)]
+    User(unidesk_client::cli::Command),
+    /// Print shell completions: bash, zsh, fish, elvish or powershell.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ObjectsCommand {
+    /// Upload a file into a project's store through presigned URLs:
+    /// multipart, resumable, checked by SHA-256.
+    Put(unidesk_client::cli::PutArgs),
     /// Serve the S3-compatible object store alone (the one `dev` embeds),
     /// keeping objects under --dir.
-    Objects(crate::objects_server::ObjectsArgs),
+    Serve(crate::objects_server::ObjectsArgs),
+}
+
+/// A user command, which talks to a server over its API rather than to a
+/// database, and ends with an exit status of its own.
+#[derive(Debug)]
+pub enum UserCommand {
+    /// One of the client's commands.
+    Client(unidesk_client::cli::Command),
+    /// `objects put`.
+    Put(unidesk_client::cli::PutArgs),
+    /// `completions SHELL`.
+    Completions(clap_complete::Shell),
+}
+
+impl Cli {
+    /// The user command this is, or the command line back when it is an
+    /// admin or server command.
+    ///
+    /// # Errors
+    /// `self`, when it is not a user command.
+    pub fn into_user(self) -> Result<UserCommand, Box<Cli>> {
+        match self.command {
+            Command::User(c) => Ok(UserCommand::Client(c)),
+            Command::Objects {
+                command: ObjectsCommand::Put(args),
+            } => Ok(UserCommand::Put(args)),
+            Command::Completions { shell } => Ok(UserCommand::Completions(shell)),
+            command => Err(Box::new(Cli { command })),
+        }
+    }
+}
+
+/// Runs a user command; its exit status says how it went (0 ok, 1 the
+/// task failed, 2 usage, 3 not found or forbidden, 4 unreachable).
+pub async fn run_user(command: UserCommand) -> std::process::ExitCode {
+    match command {
+        UserCommand::Client(c) => unidesk_client::cli::run(c).await,
+        UserCommand::Put(args) => unidesk_client::cli::run_put(args).await,
+        UserCommand::Completions(shell) => {
+            use clap::CommandFactory;
+            unidesk_client::cli::completions(shell, &mut Cli::command(), "unidesk");
+            std::process::ExitCode::SUCCESS
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -227,7 +293,14 @@ fn database_url(db: &DbArgs) -> anyhow::Result<String> {
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Dev(args) => dev::run(args).await,
-        Command::Objects(args) => crate::objects_server::run(args).await,
+        Command::Objects {
+            command: ObjectsCommand::Serve(args),
+        } => crate::objects_server::run(args).await,
+        Command::User(_)
+        | Command::Completions { .. }
+        | Command::Objects {
+            command: ObjectsCommand::Put(_),
+        } => bail!("a user command: run it with run_user"),
         Command::Serve(args) => {
             let pool =
                 connect_server(&database_url(&args.db)?, args.server.session_timeouts()).await?;

@@ -58,6 +58,11 @@ pub struct DevArgs {
     /// URLs name this address, so nodes and users must reach it.
     #[arg(long, env = "UNIDESK_OBJECTS_LISTEN", default_value = "127.0.0.1:0")]
     objects_listen: SocketAddr,
+    /// The address presigned URLs name instead of --objects-listen, such
+    /// as http://my-laptop.lan:9000, when users and nodes reach the store
+    /// through another name, a port forward or a proxy.
+    #[arg(long, env = "UNIDESK_OBJECTS_PUBLIC_URL", value_name = "URL")]
+    objects_public_url: Option<String>,
 }
 
 /// The bucket of the embedded object store.
@@ -68,6 +73,7 @@ pub const DEV_BUCKET: &str = "unidesk";
 async fn embedded_objects(
     dir: &Path,
     listen: SocketAddr,
+    public_url: Option<&str>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<(objects::ObjectStore, tokio::task::JoinHandle<()>)> {
     let (access, secret) = objects::embedded::fresh_credentials();
@@ -86,7 +92,9 @@ async fn embedded_objects(
         bound.ip()
     };
     let endpoint = format!("http://{}", SocketAddr::new(host, bound.port()));
-    let config = embedded.client_config(&endpoint, crate::objects::S3Args::defaults().url_ttl());
+    let mut config =
+        embedded.client_config(&endpoint, crate::objects::S3Args::defaults().url_ttl());
+    config.public_endpoint = public_url.map(|u| u.trim_end_matches('/').to_string());
     let store = objects::ObjectStore::new(&config).context("the embedded object store")?;
     let handle = tokio::spawn(async move {
         if let Err(e) = embedded.run(listener, shutdown).await {
@@ -302,9 +310,14 @@ async fn serve(args: &DevArgs, listener: tokio::net::TcpListener, url: &str) -> 
         .await
         .context("creating the bootstrap admin token")?;
     let (stop_objects, objects_stopped) = tokio::sync::oneshot::channel::<()>();
-    let (objects, objects_task) = embedded_objects(&args.dir, args.objects_listen, async {
-        let _ = objects_stopped.await;
-    })
+    let (objects, objects_task) = embedded_objects(
+        &args.dir,
+        args.objects_listen,
+        args.objects_public_url.as_deref(),
+        async {
+            let _ = objects_stopped.await;
+        },
+    )
     .await?;
     let objects_endpoint = objects.public_url();
     let secrets_key = store::secrets::SecretsKey::create(&args.dir.join("secrets.key"))?;

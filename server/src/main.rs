@@ -9,7 +9,10 @@ use unidesk::cli;
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    let cli = cli::Cli::parse();
+    let cli = match cli::Cli::parse().into_user() {
+        Ok(user) => return cli::run_user(user).await,
+        Err(cli) => *cli,
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

@@ -1,4 +1,4 @@
-//! `unidesk objects`: the S3-compatible object store of `unidesk dev`
+//! `unidesk objects serve`: the S3-compatible object store of `unidesk dev`
 //! ([`objects::embedded`], s3s over plain files) served alone, for a
 //! deployment that keeps its objects on a volume of its own rather than in
 //! MinIO, Garage or AWS S3.
@@ -101,7 +101,7 @@ pub async fn serve(
     Ok(())
 }
 
-/// `unidesk objects`: serves the store until Ctrl-C or SIGTERM.
+/// `unidesk objects serve`: serves the store until Ctrl-C or SIGTERM.
 pub async fn run(args: ObjectsArgs) -> anyhow::Result<()> {
     // Checked before binding, so that a bad key is the error shown.
     args.store()?;

@@ -5,6 +5,7 @@ pub mod get;
 pub mod issue_token;
 pub mod list;
 pub mod list_tokens;
+pub mod me;
 pub mod revoke_token;
 
 use utoipa_axum::router::OpenApiRouter;
@@ -22,6 +23,7 @@ pub fn router() -> OpenApiRouter<AppState> {
         .merge(issue_token::router())
         .merge(list_tokens::router())
         .merge(revoke_token::router())
+        .merge(me::router())
 }
 
 /// Refuses callers who are neither `name` nor an admin.

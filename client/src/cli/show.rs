@@ -1,0 +1,558 @@
+//! Signing in and the read commands: whoami, tasks, task, logs, cancel,
+//! timeline, nodes.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use clap::Args;
+use serde_json::Value;
+use uuid::Uuid;
+
+use super::{print_json, print_table, task_exit_status, Conn, Output};
+use crate::api::Client;
+use crate::config::{self, Config, Settings};
+use crate::error::{Error, Result};
+use crate::follow;
+use crate::types::{Page, Task, TimelineEntry, TimelinePage};
+
+/// Flags of `unidesk login`.
+#[derive(Debug, Args)]
+pub struct LoginArgs {
+    /// The server's address, such as https://unidesk.example.org (default:
+    /// UNIDESK_SERVER, else the one saved before).
+    #[arg(long, value_name = "URL")]
+    server: Option<String>,
+    /// The token; without it, it is read from standard input (prompted
+    /// for on a terminal). An admin issues tokens with
+    /// POST /api/v1/users/NAME/tokens.
+    #[arg(long)]
+    token: Option<String>,
+    /// A PEM file of the private CA that signed the server's certificate;
+    /// saved with the rest.
+    #[arg(long, value_name = "FILE")]
+    ca_file: Option<PathBuf>,
+    #[command(flatten)]
+    out: Output,
+}
+
+fn read_token() -> Result<String> {
+    let stdin = std::io::stdin();
+    if std::io::IsTerminal::is_terminal(&stdin) {
+        eprint!("token: ");
+        let _ = std::io::stderr().flush();
+    }
+    let mut line = String::new();
+    stdin
+        .read_line(&mut line)
+        .map_err(|e| Error::Io(format!("reading the token: {e}")))?;
+    Ok(line.trim().to_string())
+}
+
+/// `unidesk login`.
+pub(super) async fn login(args: LoginArgs) -> Result<u8> {
+    let path = config::path()?;
+    let saved = Config::load(&path)?;
+    let server = args
+        .server
+        .or_else(|| {
+            std::env::var("UNIDESK_SERVER")
+                .ok()
+                .filter(|s| !s.is_empty())
+        })
+        .or(saved.server.clone())
+        .ok_or_else(|| Error::Usage("which server? pass --server URL".into()))?;
+    let server = config::normalise_server(&server)?;
+    let token = match args.token {
+        Some(t) => t,
+        None => read_token()?,
+    };
+    let token = token.trim().to_string();
+    if token.is_empty() || token.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(Error::Usage(
+            "the token is empty or holds white space: paste it as it was issued".into(),
+        ));
+    }
+    let ca_file = args
+        .ca_file
+        .or(saved.ca_file.clone())
+        .map(|f| std::path::absolute(&f).unwrap_or(f));
+    let settings = Settings {
+        server: server.clone(),
+        token: Some(token.clone()),
+        ca_file: ca_file.clone(),
+    };
+    let me = Client::new(&settings)?.me().await?;
+    Config {
+        server: Some(server.clone()),
+        token: Some(token),
+        ca_file,
+    }
+    .save(&path)?;
+    if args.out.json {
+        print_json(&me)?;
+    } else {
+        println!(
+            "signed in to {server} as {}{} (saved in {})",
+            me.name,
+            if me.admin { ", an admin" } else { "" },
+            path.display()
+        );
+    }
+    Ok(0)
+}
+
+/// `unidesk whoami`.
+pub(super) async fn whoami(conn: &Conn, out: Output) -> Result<u8> {
+    let client = conn.client()?;
+    let me = client.me().await?;
+    if out.json {
+        print_json(&me)?;
+    } else {
+        println!(
+            "{} on {}{}",
+            me.name,
+            client.server(),
+            if me.admin { " (admin)" } else { "" }
+        );
+    }
+    Ok(0)
+}
+
+/// Flags of `unidesk tasks`.
+#[derive(Debug, Args)]
+pub struct TasksArgs {
+    /// Only this project's tasks (a name or an id).
+    #[arg(long, short)]
+    project: Option<String>,
+    /// Only tasks in this state (queued, running, succeeded, failed…).
+    #[arg(long, short)]
+    state: Option<String>,
+    /// At most this many.
+    #[arg(long, default_value_t = 50)]
+    limit: u32,
+    #[command(flatten)]
+    conn: Conn,
+    #[command(flatten)]
+    out: Output,
+}
+
+/// A time as `2026-01-02 03:04:05` (UTC), from RFC 3339.
+fn when(v: &Value) -> String {
+    v.as_str()
+        .and_then(|s| chrono::DateTime::parse_from_rfc3339(s).ok())
+        .map(|t| {
+            t.with_timezone(&chrono::Utc)
+                .format("%Y-%m-%d %H:%M:%S")
+                .to_string()
+        })
+        .unwrap_or_else(|| "-".into())
+}
+
+fn text(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn command_line(task: &Value) -> String {
+    let words: Vec<String> = task["spec"]["command"]
+        .as_array()
+        .map(|a| a.iter().map(text).collect())
+        .unwrap_or_default();
+    let line = words.join(" ");
+    if line.chars().count() > 60 {
+        format!("{}…", line.chars().take(59).collect::<String>())
+    } else {
+        line
+    }
+}
+
+/// `unidesk tasks`.
+pub(super) async fn tasks(args: TasksArgs) -> Result<u8> {
+    let client = args.conn.client()?;
+    let mut query = vec![("limit", args.limit.clamp(1, 500).to_string())];
+    if let Some(p) = &args.project {
+        query.push(("project", client.project(p).await?.id.to_string()));
+    }
+    if let Some(s) = &args.state {
+        query.push(("state", s.clone()));
+    }
+    let page: Page<Value> = client.get("/tasks", &query).await?;
+    if args.out.json {
+        print_json(&page.items)?;
+        return Ok(0);
+    }
+    let rows: Vec<Vec<String>> = page
+        .items
+        .iter()
+        .map(|t| {
+            vec![
+                text(&t["id"]),
+                text(&t["state"]),
+                text(&t["attempt"]),
+                when(&t["submitted_at"]),
+                command_line(t),
+            ]
+        })
+        .collect();
+    print_table(&["ID", "STATE", "ATTEMPT", "SUBMITTED", "COMMAND"], &rows);
+    Ok(0)
+}
+
+/// `unidesk task ID`.
+pub(super) async fn task(conn: &Conn, id: Uuid, out: Output) -> Result<u8> {
+    let client = conn.client()?;
+    let t: Value = client.get(&format!("/tasks/{id}"), &[]).await?;
+    if out.json {
+        print_json(&t)?;
+        return Ok(0);
+    }
+    let spec = &t["spec"];
+    let mut lines = vec![
+        ("task", text(&t["id"])),
+        ("state", text(&t["state"])),
+        ("project", text(&t["project_id"])),
+        ("attempt", text(&t["attempt"])),
+    ];
+    let optional = [
+        ("node", &t["node_id"]),
+        ("stage", &t["stage"]),
+        ("detail", &t["stage_detail"]),
+        ("exit code", &t["exit_code"]),
+        ("reason", &t["reason"]),
+        ("not before", &t["not_before"]),
+    ];
+    for (k, v) in optional {
+        if !v.is_null() {
+            lines.push((k, text(v)));
+        }
+    }
+    lines.push(("command", command_line(&t)));
+    lines.push((
+        "code",
+        format!(
+            "{} @ {}",
+            text(&spec["code_repo_url"]),
+            text(&spec["code_commit_id"])
+        ),
+    ));
+    lines.push((
+        "env",
+        format!(
+            "{} @ {} : {}",
+            text(&spec["env_repo_url"]),
+            text(&spec["env_commit_id"]),
+            text(&spec["dockerfile_path"])
+        ),
+    ));
+    lines.push((
+        "submitted",
+        format!(
+            "{} by {}",
+            when(&t["submitted_at"]),
+            text(&t["submitted_by"])
+        ),
+    ));
+    if !t["finished_at"].is_null() {
+        lines.push(("finished", when(&t["finished_at"])));
+    }
+    if t["cancel_requested"] == Value::Bool(true) {
+        lines.push(("cancel", "requested".into()));
+    }
+    for (k, v) in lines {
+        println!("{:<11}{v}", format!("{k}:"));
+    }
+    // Why a queued task waits, when the server says.
+    if let Some(queue) = t.get("queue").filter(|q| q.is_object()) {
+        println!("{:<11}{}", "waiting:", text(&queue["summary"]));
+        if let Some(position) = queue.get("position").filter(|p| !p.is_null()) {
+            println!("{:<11}{}", "in line:", text(position));
+        }
+        for reason in queue["reasons"].as_array().into_iter().flatten() {
+            let fields: Vec<String> = reason
+                .as_object()
+                .into_iter()
+                .flatten()
+                .filter(|(k, _)| *k != "kind")
+                .map(|(k, v)| format!("{k}={}", text(v)))
+                .collect();
+            println!("  - {} {}", text(&reason["kind"]), fields.join(" "));
+        }
+    }
+    if let Some(attempts) = t["attempts"].as_array().filter(|a| !a.is_empty()) {
+        println!("attempts:");
+        for a in attempts {
+            println!(
+                "  #{} node {} assigned {} ended {} {}",
+                text(&a["number"]),
+                text(&a["node_id"]),
+                when(&a["assigned_at"]),
+                when(&a["ended_at"]),
+                text(&a["outcome"])
+            );
+        }
+    }
+    if let Some(artifacts) = t["artifacts"].as_array().filter(|a| !a.is_empty()) {
+        println!("artifacts:");
+        for a in artifacts {
+            println!(
+                "  {} ({} bytes, attempt {}) sha256 {}",
+                text(&a["name"]),
+                text(&a["size"]),
+                text(&a["attempt"]),
+                text(&a["sha256"])
+            );
+        }
+    }
+    if let Some(removed) = t["output_removed"].as_array().filter(|a| !a.is_empty()) {
+        for r in removed {
+            println!("output removed: {r}");
+        }
+    }
+    Ok(0)
+}
+
+/// Flags of `unidesk logs`.
+#[derive(Debug, Args)]
+pub struct LogsArgs {
+    /// The task's id.
+    id: Uuid,
+    /// Follow the output as it is produced until the task ends, then exit
+    /// with the task's status; reconnects after a dropped connection.
+    #[arg(long, short)]
+    follow: bool,
+    /// The attempt, from 1 (default: the current one); not with -f.
+    #[arg(long, conflicts_with = "follow")]
+    attempt: Option<u32>,
+    #[command(flatten)]
+    conn: Conn,
+    #[command(flatten)]
+    out: Output,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct LogPage {
+    #[serde(default)]
+    next_offset: u64,
+    #[serde(default)]
+    data: String,
+    #[serde(default)]
+    complete: bool,
+}
+
+/// Writes `data` to standard output at once.
+fn emit(data: &str) {
+    let mut stdout = std::io::stdout().lock();
+    let _ = stdout.write_all(data.as_bytes());
+    let _ = stdout.flush();
+}
+
+/// `unidesk logs ID [-f]`.
+pub(super) async fn logs(args: LogsArgs) -> Result<u8> {
+    let client = args.conn.client()?;
+    if args.follow {
+        let json = args.out.json;
+        let task = follow::logs(&client, args.id, false, |data| {
+            if json {
+                println!("{}", serde_json::json!({ "data": data }));
+            } else {
+                emit(data);
+            }
+        })
+        .await?;
+        report_end(&task);
+        return Ok(task_exit_status(&task));
+    }
+    let mut offset = 0u64;
+    let mut all = String::new();
+    loop {
+        let mut query = vec![("offset", offset.to_string())];
+        if let Some(a) = args.attempt {
+            query.push(("attempt", a.to_string()));
+        }
+        let page: LogPage = client
+            .get(&format!("/tasks/{}/logs", args.id), &query)
+            .await?;
+        if args.out.json {
+            all.push_str(&page.data);
+        } else {
+            emit(&page.data);
+        }
+        if page.complete || page.next_offset <= offset || page.data.is_empty() {
+            break;
+        }
+        offset = page.next_offset;
+    }
+    if args.out.json {
+        print_json(&serde_json::json!({"task_id": args.id, "data": all}))?;
+    }
+    Ok(0)
+}
+
+/// Says on standard error how a followed task ended, unless it succeeded.
+pub(super) fn report_end(task: &Task) {
+    if task.state != "succeeded" {
+        let mut line = format!("unidesk: task {} {}", task.id, task.state);
+        if let Some(code) = task.exit_code {
+            line.push_str(&format!(" with exit code {code}"));
+        }
+        if let Some(reason) = &task.reason {
+            line.push_str(&format!(": {reason}"));
+        }
+        eprintln!("{line}");
+    }
+}
+
+/// `unidesk cancel ID`.
+pub(super) async fn cancel(conn: &Conn, id: Uuid, out: Output) -> Result<u8> {
+    let client = conn.client()?;
+    let task = client.cancel(id).await?;
+    if out.json {
+        print_json(&task)?;
+    } else {
+        println!("cancel requested for task {id} (now {})", task.state);
+    }
+    Ok(0)
+}
+
+/// Flags of `unidesk timeline`.
+#[derive(Debug, Args)]
+pub struct TimelineArgs {
+    /// Keep printing new events as they are committed.
+    #[arg(long, short)]
+    follow: bool,
+    /// Only this task's events.
+    #[arg(long)]
+    task: Option<Uuid>,
+    /// Only this node's events (a name or an id).
+    #[arg(long)]
+    node: Option<String>,
+    /// Only this project's events (a name or an id).
+    #[arg(long)]
+    project: Option<String>,
+    /// How many past events to show first.
+    #[arg(long, default_value_t = 20)]
+    limit: u32,
+    #[command(flatten)]
+    conn: Conn,
+    #[command(flatten)]
+    out: Output,
+}
+
+fn print_entry(e: &TimelineEntry, json: bool) {
+    if json {
+        if let Ok(line) = serde_json::to_string(e) {
+            println!("{line}");
+        }
+    } else {
+        println!(
+            "{:>8}  {}  {:<24} {}",
+            e.position,
+            when(&Value::String(e.recorded_at.clone())),
+            e.event_type,
+            e.summary
+        );
+    }
+    let _ = std::io::stdout().flush();
+}
+
+/// The id of node `name_or_id`.
+async fn node_id(client: &Client, name_or_id: &str) -> Result<Uuid> {
+    if let Ok(id) = Uuid::parse_str(name_or_id) {
+        return Ok(id);
+    }
+    let nodes: Vec<Value> = client.all("/nodes", &[]).await?;
+    nodes
+        .iter()
+        .find(|n| n["name"] == name_or_id)
+        .and_then(|n| n["id"].as_str())
+        .and_then(|id| Uuid::parse_str(id).ok())
+        .ok_or_else(|| Error::Refused {
+            status: 404,
+            problems: vec![crate::error::Problem {
+                detail: format!("there is no node named {name_or_id:?}"),
+                field: Some("node".into()),
+            }],
+        })
+}
+
+/// `unidesk timeline [-f]`.
+pub(super) async fn timeline(args: TimelineArgs) -> Result<u8> {
+    let client = args.conn.client()?;
+    let mut query: follow::TimelineQuery = Vec::new();
+    if let Some(t) = args.task {
+        query.push(("task", t.to_string()));
+    }
+    if let Some(n) = &args.node {
+        query.push(("node", node_id(&client, n).await?.to_string()));
+    }
+    if let Some(p) = &args.project {
+        query.push(("project", client.project(p).await?.id.to_string()));
+    }
+    let mut page_query = query.clone();
+    page_query.push(("limit", args.limit.clamp(1, 500).to_string()));
+    let page: TimelinePage = client.get("/timeline", &page_query).await?;
+    if args.out.json && !args.follow {
+        let oldest_first: Vec<&TimelineEntry> = page.items.iter().rev().collect();
+        print_json(&oldest_first)?;
+        return Ok(0);
+    }
+    for e in page.items.iter().rev() {
+        print_entry(e, args.out.json);
+    }
+    if args.follow {
+        let json = args.out.json;
+        follow::timeline(&client, &query, page.live_after, false, |e| {
+            print_entry(e, json)
+        })
+        .await?;
+    }
+    Ok(0)
+}
+
+/// `unidesk nodes`.
+pub(super) async fn nodes(conn: &Conn, out: Output) -> Result<u8> {
+    let client = conn.client()?;
+    let nodes: Vec<Value> = client.all("/nodes", &[]).await?;
+    if out.json {
+        print_json(&nodes)?;
+        return Ok(0);
+    }
+    let rows: Vec<Vec<String>> = nodes
+        .iter()
+        .map(|n| {
+            let r = &n["resources"];
+            let labels: Vec<String> = n["labels"]
+                .as_object()
+                .into_iter()
+                .flatten()
+                .map(|(k, v)| format!("{k}={}", text(v)))
+                .collect();
+            let mut status = text(&n["status"]);
+            if n["drained"] == Value::Bool(true) {
+                status.push_str(",drained");
+            }
+            vec![
+                text(&n["name"]),
+                status,
+                text(&r["cpus"]),
+                r["memory_mb"]
+                    .as_u64()
+                    .map(|m| format!("{:.1}G", m as f64 / 1024.0))
+                    .unwrap_or_else(|| "-".into()),
+                r["gpus"]
+                    .as_array()
+                    .map(|g| g.len().to_string())
+                    .unwrap_or_else(|| "-".into()),
+                labels.join(","),
+            ]
+        })
+        .collect();
+    print_table(
+        &["NAME", "STATUS", "CPUS", "MEMORY", "GPUS", "LABELS"],
+        &rows,
+    );
+    Ok(0)
+}
