@@ -247,6 +247,41 @@ async fn a_user_signs_in_submits_from_a_checkout_follows_and_fetches_what_it_mad
         "alice"
     );
 
+    // Projects: a member lists the ones it is in; making one is for admins.
+    let listed = user
+        .run(here, &["projects", "--json"])
+        .await
+        .expect(0)
+        .json();
+    assert!(
+        listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["name"] == "vision"),
+        "{listed}"
+    );
+    user.run(here, &["projects", "create", "nlp"])
+        .await
+        .expect(3);
+    let admin = User::new();
+    admin
+        .run_with_stdin(
+            here,
+            &["login", "--server", p.dev.base()],
+            &format!("{}\n", p.dev.token()),
+        )
+        .await
+        .expect(0);
+    let made = admin
+        .run(here, &["projects", "create", "nlp", "--json"])
+        .await
+        .expect(0)
+        .json();
+    assert_eq!(made["name"], "nlp");
+    let table = admin.run(here, &["projects"]).await.expect(0).out();
+    assert!(table.contains("nlp") && table.contains("vision"), "{table}");
+
     // Exit statuses a shell can act on.
     user.run(here, &["submit", "--cpus", "lots"])
         .await

@@ -114,6 +114,8 @@ pub enum Command {
     },
     /// The events of the log, oldest first; with -f, live.
     Timeline(show::TimelineArgs),
+    /// Your projects; `projects create NAME` makes one (admins only).
+    Projects(show::ProjectsArgs),
     /// The compute nodes.
     Nodes {
         /// Where the server is.
@@ -143,6 +145,7 @@ pub async fn run(command: Command) -> ExitCode {
         Command::Logs(args) => show::logs(args).await,
         Command::Cancel { id, conn, out } => show::cancel(&conn, id, out).await,
         Command::Timeline(args) => show::timeline(args).await,
+        Command::Projects(args) => show::projects(args).await,
         Command::Nodes { conn, out } => show::nodes(&conn, out).await,
         Command::Artifacts { command } => files::artifacts(command).await,
     };

@@ -513,6 +513,68 @@ pub(super) async fn timeline(args: TimelineArgs) -> Result<u8> {
 }
 
 /// `unidesk nodes`.
+/// Flags of `unidesk projects`.
+#[derive(Debug, Args)]
+pub struct ProjectsArgs {
+    /// Make a project instead of listing them.
+    #[command(subcommand)]
+    command: Option<ProjectsCommand>,
+    #[command(flatten)]
+    conn: Conn,
+    #[command(flatten)]
+    out: Output,
+}
+
+/// What `unidesk projects` does besides listing.
+#[derive(Debug, clap::Subcommand)]
+pub enum ProjectsCommand {
+    /// Make a project (admins only); you become its owner.
+    Create {
+        /// Its unique name.
+        name: String,
+        /// What it is for.
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+}
+
+/// `unidesk projects [create NAME]`.
+pub(super) async fn projects(args: ProjectsArgs) -> Result<u8> {
+    let client = args.conn.client()?;
+    if let Some(ProjectsCommand::Create { name, description }) = args.command {
+        let made: Value = client
+            .post(
+                "/projects",
+                &serde_json::json!({"name": name, "description": description}),
+                None,
+            )
+            .await?;
+        if args.out.json {
+            print_json(&made)?;
+        } else {
+            println!("project {} {}", text(&made["name"]), text(&made["id"]));
+        }
+        return Ok(0);
+    }
+    let projects = client.projects().await?;
+    if args.out.json {
+        print_json(&projects)?;
+        return Ok(0);
+    }
+    let rows: Vec<Vec<String>> = projects
+        .iter()
+        .map(|p| {
+            vec![
+                p.name.clone(),
+                p.id.to_string(),
+                if p.archived { "archived" } else { "" }.to_string(),
+            ]
+        })
+        .collect();
+    print_table(&["NAME", "ID", ""], &rows);
+    Ok(0)
+}
+
 pub(super) async fn nodes(conn: &Conn, out: Output) -> Result<u8> {
     let client = conn.client()?;
     let nodes: Vec<Value> = client.all("/nodes", &[]).await?;
