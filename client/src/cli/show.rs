@@ -535,28 +535,38 @@ pub enum ProjectsCommand {
         /// What it is for.
         #[arg(long, default_value = "")]
         description: String,
+        #[command(flatten)]
+        conn: Conn,
+        #[command(flatten)]
+        out: Output,
     },
 }
 
 /// `unidesk projects [create NAME]`.
 pub(super) async fn projects(args: ProjectsArgs) -> Result<u8> {
-    let client = args.conn.client()?;
-    if let Some(ProjectsCommand::Create { name, description }) = args.command {
-        let made: Value = client
+    if let Some(ProjectsCommand::Create {
+        name,
+        description,
+        conn,
+        out,
+    }) = args.command
+    {
+        let made: Value = conn
+            .client()?
             .post(
                 "/projects",
                 &serde_json::json!({"name": name, "description": description}),
                 None,
             )
             .await?;
-        if args.out.json {
+        if out.json {
             print_json(&made)?;
         } else {
             println!("project {} {}", text(&made["name"]), text(&made["id"]));
         }
         return Ok(0);
     }
-    let projects = client.projects().await?;
+    let projects = args.conn.client()?.projects().await?;
     if args.out.json {
         print_json(&projects)?;
         return Ok(0);
