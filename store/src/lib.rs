@@ -420,12 +420,7 @@ impl Store {
         // An aggregate this process does not remember is first assumed new:
         // a command creating it then costs one statement, and if it exists
         // after all, its first sequence is taken and it is loaded.
-        let mut known = cache.get(id).or_else(|| {
-            Some(Current {
-                state: A::default(),
-                sequence: 0,
-            })
-        });
+        let mut known = cache.get(id).or_else(|| Some(Current::empty()));
         for round in 0..CONFLICT_RETRIES {
             // A copy: the cache keeps its own.
             let (current, fresh) = match known.take() {

@@ -67,6 +67,16 @@ pub(crate) struct Current<A> {
     pub sequence: usize,
 }
 
+impl<A: Default> Current<A> {
+    /// The state of an aggregate without events.
+    pub fn empty() -> Self {
+        Self {
+            state: A::default(),
+            sequence: 0,
+        }
+    }
+}
+
 /// What one process remembers of one aggregate type: the latest state
 /// it saw of each aggregate it decided on or loaded lately.
 pub struct Cache<A> {
@@ -145,10 +155,7 @@ where
     .bind(until)
     .fetch_all(pool)
     .await?;
-    let mut current = Current {
-        state: A::default(),
-        sequence: 0,
-    };
+    let mut current = Current::<A>::empty();
     let mut rows = rows.into_iter().peekable();
     if let Some(row) = rows.next_if(|r| r.get::<i32, _>("part") == 0) {
         let sequence: i64 = row.get("sequence");
@@ -189,10 +196,7 @@ async fn replay_all<A: Aggregate>(
     .bind(until)
     .fetch_all(pool)
     .await?;
-    let mut current = Current {
-        state: A::default(),
-        sequence: 0,
-    };
+    let mut current = Current::<A>::empty();
     for row in &rows {
         fold(&mut current, row, id)?;
     }

@@ -238,37 +238,10 @@ async fn a_snapshotted_node_loads_the_same_state_as_a_full_replay() {
     let db = testkit::fresh_db().await;
     let store = Store::new(db.pool.clone());
     let id = Uuid::new_v4();
-    store
-        .execute::<Node>(
-            &id.to_string(),
-            NodeCommand::Provision {
-                node_id: id,
-                name: "n1".into(),
-                labels: Default::default(),
-                token_fingerprint: "ff".into(),
-                max_resources: Default::default(),
-                by: admin(),
-                at: Utc::now(),
-            },
-            &admin(),
-            Utc::now(),
-        )
-        .await
-        .unwrap();
+    provision(&store, id).await;
     for i in 0..(store::SNAPSHOT_EVERY * 2 + 7) {
-        let cmd = if i % 2 == 0 {
-            NodeCommand::Drain {
-                by: admin(),
-                at: Utc::now(),
-            }
-        } else {
-            NodeCommand::Undrain {
-                by: admin(),
-                at: Utc::now(),
-            }
-        };
         store
-            .execute::<Node>(&id.to_string(), cmd, &admin(), Utc::now())
+            .execute::<Node>(&id.to_string(), drain(i % 2 == 0), &admin(), Utc::now())
             .await
             .unwrap();
     }
