@@ -160,6 +160,28 @@ impl Outage {
         }
     }
 
+    /// Sends `request` for a stream: the response, or `None` after an
+    /// outage that may pass (counted, and waited out) so the caller asks
+    /// again.
+    async fn connect(
+        &mut self,
+        client: &Client,
+        request: reqwest::RequestBuilder,
+    ) -> Result<Option<reqwest::Response>> {
+        match client.send(request, false).await {
+            Ok(r) => {
+                self.found();
+                Ok(Some(r))
+            }
+            Err(e) if passing(&e) => {
+                self.lost(&e.to_string())?;
+                self.pause().await;
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     async fn pause(&self) {
         let waited = self.since.map_or(Duration::ZERO, |s| s.elapsed());
         let pause = if waited < Duration::from_secs(5) {
@@ -203,16 +225,9 @@ pub async fn logs(
         if let Some(a) = attempt {
             request = request.header("Last-Event-ID", format!("{a}:{offset}"));
         }
-        let response = match client.send(request, false).await {
-            Ok(r) => r,
-            Err(e) if passing(&e) => {
-                outage.lost(&e.to_string())?;
-                outage.pause().await;
-                continue;
-            }
-            Err(e) => return Err(e),
+        let Some(response) = outage.connect(client, request).await? else {
+            continue;
         };
-        outage.found();
         let mut events = SseReader::new(response);
         let ended = loop {
             match events.next().await {
@@ -302,16 +317,9 @@ pub async fn timeline(
         if let Some(position) = last {
             request = request.header("Last-Event-ID", position.to_string());
         }
-        let response = match client.send(request, false).await {
-            Ok(r) => r,
-            Err(e) if passing(&e) => {
-                outage.lost(&e.to_string())?;
-                outage.pause().await;
-                continue;
-            }
-            Err(e) => return Err(e),
+        let Some(response) = outage.connect(client, request).await? else {
+            continue;
         };
-        outage.found();
         let mut events = SseReader::new(response);
         loop {
             match events.next().await {

@@ -279,8 +279,16 @@ async fn a_user_signs_in_submits_from_a_checkout_follows_and_fetches_what_it_mad
         .expect(0)
         .json();
     assert_eq!(made["name"], "nlp");
-    let table = admin.run(here, &["projects"]).await.expect(0).out();
-    assert!(table.contains("nlp") && table.contains("vision"), "{table}");
+    // Lists are read models: the new project shows once it is applied.
+    testkit::eventually(
+        "the new project listed",
+        Duration::from_secs(30),
+        || async {
+            let table = admin.run(here, &["projects"]).await.expect(0).out();
+            (table.contains("nlp") && table.contains("vision")).then_some(())
+        },
+    )
+    .await;
 
     // Exit statuses a shell can act on.
     user.run(here, &["submit", "--cpus", "lots"])
