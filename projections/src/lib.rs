@@ -575,7 +575,7 @@ impl Projector {
         // Never a pooled connection: its search path finds the new tables
         // before the live ones, and must not outlive the rebuild.
         let mut conn = PgConnection::connect_with(&self.pool.connect_options()).await?;
-        let rebuilt = rebuild::run(&mut conn, &chosen).await;
+        let rebuilt = rebuild::run(&mut conn, &self.pool, &chosen).await;
         let _ = conn.close().await;
         rebuilt
     }

@@ -25,7 +25,7 @@ pub fn all() -> Vec<Box<dyn Projection>> {
         Box::new(Nodes),
         Box::new(Projects),
         Box::new(Users),
-        Box::new(Timeline),
+        Box::new(Timeline::new()),
     ]
 }
 
@@ -38,7 +38,8 @@ fn undecodable(event: &RecordedEvent, reason: impl ToString) -> ProjectionError 
 }
 
 fn decode<E: DeserializeOwned>(event: &RecordedEvent) -> Result<E, ProjectionError> {
-    serde_json::from_value(event.payload.clone()).map_err(|e| undecodable(event, e))
+    // Decoded from the borrowed value: no copy of the payload.
+    E::deserialize(&event.payload).map_err(|e| undecodable(event, e))
 }
 
 /// One aggregate's row of a model after a batch.
@@ -464,15 +465,40 @@ impl Projection for Users {
 }
 
 /// Every event with its actor and a one-line summary.
-struct Timeline;
+struct Timeline {
+    /// What the rows take from an aggregate's first event (a task's
+    /// project, a node's name), remembered: a first event never changes,
+    /// and reading it again for every later event would cost a query and
+    /// the decoding of a whole task spec each time.
+    firsts: std::sync::Mutex<hashlink::LruCache<(Kind, Uuid), First>>,
+}
+
+/// How many aggregates' first facts the timeline remembers.
+const FIRSTS_KEPT: usize = 65_536;
+
+/// The aggregates whose first event the timeline reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Kind {
+    Task,
+    Node,
+}
+
+/// What a first event tells the timeline.
+#[derive(Debug, Clone)]
+enum First {
+    /// A task's project; none when its first event names none, which
+    /// makes its events unappliable.
+    Project(Option<Uuid>),
+    /// A node's name, if its first event gives one.
+    Name(Option<String>),
+}
 
 /// The project a task's first event names, as the timeline keeps it.
-fn task_project(ev: &RecordedEvent, first: &serde_json::Value) -> Result<Uuid, ProjectionError> {
+fn task_project(first: &serde_json::Value) -> Option<Uuid> {
     first
         .pointer("/Submitted/spec/project_id")
         .and_then(|v| v.as_str())
         .and_then(|s| s.parse().ok())
-        .ok_or_else(|| undecodable(ev, "the task's first event names no project"))
 }
 
 /// The name a node's first event gives it.
@@ -484,15 +510,48 @@ fn node_name(first: &serde_json::Value) -> Option<String> {
 }
 
 impl Timeline {
-    async fn apply_all(conn: &mut PgConnection, events: &[&RecordedEvent]) -> Result<(), SetError> {
-        let tasks: Vec<&str> = events
+    fn new() -> Self {
+        let kept = hashlink::LruCache::new(FIRSTS_KEPT);
+        Timeline {
+            firsts: std::sync::Mutex::new(kept),
+        }
+    }
+
+    /// The first facts of the tasks and nodes `events` refer to: from
+    /// memory, the rest in one query. A task whose first event is not in
+    /// the log is absent.
+    async fn firsts(
+        &self,
+        conn: &mut PgConnection,
+        events: &[&RecordedEvent],
+        node_ids: &[Option<Uuid>],
+    ) -> Result<HashMap<(Kind, Uuid), First>, sqlx::Error> {
+        let mut wanted: Vec<(Kind, Uuid)> = events
             .iter()
             .filter(|e| e.aggregate_type == "task")
-            .map(|e| e.aggregate_id.as_str())
+            .filter_map(|e| e.aggregate_id.parse().ok().map(|id| (Kind::Task, id)))
+            .chain(node_ids.iter().flatten().map(|&id| (Kind::Node, id)))
             .collect();
-        let node_ids: Vec<Option<Uuid>> = events.iter().map(|e| summary::node_of(e)).collect();
-        let nodes: Vec<String> = node_ids.iter().flatten().map(Uuid::to_string).collect();
-        let firsts: Vec<(String, String, serde_json::Value)> = sqlx::query_as(
+        wanted.sort_unstable_by_key(|&(k, id)| (k as u8, id));
+        wanted.dedup();
+        let mut known = HashMap::with_capacity(wanted.len());
+        let (mut tasks, mut nodes) = (Vec::new(), Vec::new());
+        {
+            let mut kept = self.firsts.lock().unwrap_or_else(|e| e.into_inner());
+            for key in wanted {
+                match kept.get(&key) {
+                    Some(first) => {
+                        known.insert(key, first.clone());
+                    }
+                    None if key.0 == Kind::Task => tasks.push(key.1.to_string()),
+                    None => nodes.push(key.1.to_string()),
+                }
+            }
+        }
+        if tasks.is_empty() && nodes.is_empty() {
+            return Ok(known);
+        }
+        let read: Vec<(String, String, serde_json::Value)> = sqlx::query_as(
             "SELECT aggregate_type, aggregate_id, payload FROM events WHERE sequence = 1 AND \
                ((aggregate_type = 'task' AND aggregate_id = ANY($1)) \
                 OR (aggregate_type = 'node' AND aggregate_id = ANY($2)))",
@@ -501,9 +560,26 @@ impl Timeline {
         .bind(&nodes)
         .fetch_all(&mut *conn)
         .await?;
-        let firsts: HashMap<(String, String), serde_json::Value> =
-            firsts.into_iter().map(|(t, i, p)| ((t, i), p)).collect();
-        let first = |t: &str, id: &str| firsts.get(&(t.to_string(), id.to_string()));
+        let mut kept = self.firsts.lock().unwrap_or_else(|e| e.into_inner());
+        for (kind, id, payload) in read {
+            let Ok(id) = id.parse::<Uuid>() else { continue };
+            let fact = match kind.as_str() {
+                "task" => (Kind::Task, First::Project(task_project(&payload))),
+                _ => (Kind::Node, First::Name(node_name(&payload))),
+            };
+            kept.insert((fact.0, id), fact.1.clone());
+            known.insert((fact.0, id), fact.1);
+        }
+        Ok(known)
+    }
+
+    async fn apply_all(
+        &self,
+        conn: &mut PgConnection,
+        events: &[&RecordedEvent],
+    ) -> Result<(), SetError> {
+        let node_ids: Vec<Option<Uuid>> = events.iter().map(|e| summary::node_of(e)).collect();
+        let firsts = self.firsts(conn, events, &node_ids).await?;
         let n = events.len();
         let mut rows = (
             Vec::with_capacity(n),
@@ -523,13 +599,25 @@ impl Timeline {
         for (&ev, node_id) in events.iter().zip(node_ids) {
             let project_id: Option<Uuid> = match ev.aggregate_type.as_str() {
                 "project" => ev.aggregate_id.parse().ok(),
-                "task" => match first("task", &ev.aggregate_id) {
-                    None => None,
-                    Some(f) => Some(task_project(ev, f).map_err(|e| SetError::at(ev, e))?),
-                },
+                "task" => {
+                    let id = ev.aggregate_id.parse().ok();
+                    match id.and_then(|id| firsts.get(&(Kind::Task, id))) {
+                        Some(First::Project(Some(project))) => Some(*project),
+                        Some(_) => {
+                            return Err(SetError::at(
+                                ev,
+                                undecodable(ev, "the task's first event names no project"),
+                            ))
+                        }
+                        None => None,
+                    }
+                }
                 _ => None,
             };
-            let name = node_id.and_then(|n| first("node", &n.to_string()).and_then(node_name));
+            let name = node_id.and_then(|n| match firsts.get(&(Kind::Node, n)) {
+                Some(First::Name(name)) => name.clone(),
+                _ => None,
+            });
             let text = summary::summarize(ev, name.as_deref())
                 .map_err(|e| SetError::at(ev, undecodable(ev, e)))?;
             rows.0.push(ev.position);
@@ -584,13 +672,13 @@ impl Projection for Timeline {
         conn: &'a mut PgConnection,
         events: &'a [&'a RecordedEvent],
     ) -> Option<BoxFuture<'a, Result<(), SetError>>> {
-        Some(Box::pin(Self::apply_all(conn, events)))
+        Some(Box::pin(self.apply_all(conn, events)))
     }
     fn apply<'a>(
         &'a self,
         conn: &'a mut PgConnection,
         ev: &'a RecordedEvent,
     ) -> BoxFuture<'a, Result<(), ProjectionError>> {
-        Box::pin(async move { Self::apply_all(conn, &[ev]).await.map_err(|e| e.error) })
+        Box::pin(async move { self.apply_all(conn, &[ev]).await.map_err(|e| e.error) })
     }
 }

@@ -12,11 +12,14 @@
 //!
 //! 1. Under an advisory lock (one rebuild at a time), the rebuild creates
 //!    the schema [`SCHEMA`] and in it a table `LIKE` each live table of the
-//!    chosen models, with its keys and indexes and the same name. Its own
-//!    connection puts that schema first on its `search_path`, so the
-//!    projections' own statements fill the new tables unchanged.
+//!    chosen models, with its keys and unique indexes and the same name.
+//!    Its own connection puts that schema first on its `search_path`, so
+//!    the projections' own statements fill the new tables unchanged.
 //! 2. It replays the log into them, [`TX_EVENTS`] events per transaction,
-//!    while the running projector keeps the live tables fresh.
+//!    while the running projector keeps the live tables fresh; a second
+//!    connection reads the next events meanwhile. Then it builds the
+//!    live tables' other indexes on the new ones, each in one sort rather
+//!    than one update per row.
 //! 3. One short transaction locks the models' checkpoints (the running
 //!    projector skips a locked checkpoint), applies the events that
 //!    arrived since step 2, drops each live table and moves the new one
@@ -187,9 +190,11 @@ impl Table {
 }
 
 /// Runs a rebuild of `chosen` on `conn`, a connection nobody else uses
-/// and that is closed afterwards (which also ends the advisory lock).
+/// and that is closed afterwards (which also ends the advisory lock); the
+/// log is read ahead through `pool`.
 pub(crate) async fn run(
     conn: &mut PgConnection,
+    pool: &sqlx::PgPool,
     chosen: &[&dyn Projection],
 ) -> Result<Rebuilt, ProjectionError> {
     let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
@@ -201,7 +206,7 @@ pub(crate) async fn run(
             "another rebuild is running on this database; try again when it has finished".into(),
         ));
     }
-    let result = rebuild(conn, chosen).await;
+    let result = rebuild(conn, pool, chosen).await;
     // Whatever happened, nothing of the build is left behind.
     let dropped = sqlx::query(&format!("DROP SCHEMA IF EXISTS {} CASCADE", quote(SCHEMA)))
         .execute(&mut *conn)
@@ -213,6 +218,7 @@ pub(crate) async fn run(
 
 async fn rebuild(
     conn: &mut PgConnection,
+    pool: &sqlx::PgPool,
     chosen: &[&dyn Projection],
 ) -> Result<Rebuilt, ProjectionError> {
     let started = Instant::now();
@@ -245,8 +251,12 @@ async fn rebuild(
     let mut at = Checkpoint::default();
     let mut read = 0;
     let mut letters = Letters::default();
+    let mut ahead = read_ahead(pool.clone());
     loop {
-        let events = outbox::read_after(&mut *conn, at, READ, &Filter::default()).await?;
+        let events = match ahead.recv().await {
+            Some(batch) => batch?,
+            None => return Err(ProjectionError::Rebuild("the log's reader stopped".into())),
+        };
         let Some(last) = events.last().map(RecordedEvent::checkpoint) else {
             break;
         };
@@ -273,9 +283,13 @@ async fn rebuild(
         read += events.len();
         at = last;
     }
-    // Fresh statistics, so that queries on the new tables are planned well
-    // from the start.
+    // The indexes left out while filling, then fresh statistics, so that
+    // queries on the new tables are planned well from the start.
+    sqlx::query("SET maintenance_work_mem = '256MB'")
+        .execute(&mut *conn)
+        .await?;
     for t in &tables {
+        index(conn, t).await?;
         sqlx::query(&format!("ANALYZE {}", t.built()))
             .execute(&mut *conn)
             .await?;
@@ -314,6 +328,36 @@ async fn rebuild(
         build,
         switch,
     })
+}
+
+/// Reads the log from its start in batches of [`READ`], on a connection
+/// of its own, a batch or two ahead of the rebuild applying them: reading
+/// and decoding the next batch overlaps with writing this one. Ends with
+/// an empty batch, or an error; stops when the receiver is dropped.
+fn read_ahead(
+    pool: sqlx::PgPool,
+) -> tokio::sync::mpsc::Receiver<Result<Vec<RecordedEvent>, ProjectionError>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(2);
+    tokio::spawn(async move {
+        let mut at = Checkpoint::default();
+        loop {
+            let batch = outbox::read_after(&pool, at, READ, &Filter::default())
+                .await
+                .map_err(ProjectionError::from);
+            let next = match &batch {
+                Ok(events) => events.last().map(RecordedEvent::checkpoint),
+                Err(_) => None,
+            };
+            if tx.send(batch).await.is_err() {
+                return;
+            }
+            match next {
+                Some(last) => at = last,
+                None => return,
+            }
+        }
+    });
+    rx
 }
 
 /// Applies `events` to every chosen model, recording in `pending` the
@@ -579,13 +623,52 @@ async fn prepare(conn: &mut PgConnection, name: &'static str) -> Result<Table, s
     .await?;
     let t = Table { name, schema, copy };
     sqlx::query(&format!(
-        "CREATE TABLE {} (LIKE {} INCLUDING ALL)",
+        "CREATE TABLE {} (LIKE {} INCLUDING ALL EXCLUDING INDEXES)",
         t.built(),
         t.live()
     ))
     .execute(&mut *conn)
     .await?;
+    // Keys and unique indexes now: the projections' upserts need them.
+    // The other indexes once the rows are in (see `index`).
+    for (definition,) in live_indexes(conn, &t, true).await? {
+        sqlx::query(&definition).execute(&mut *conn).await?;
+    }
     Ok(t)
+}
+
+/// Builds the new table's remaining indexes, those that were left out
+/// while it was filled: one sort per index instead of an index update per
+/// row.
+async fn index(conn: &mut PgConnection, t: &Table) -> Result<(), sqlx::Error> {
+    for (definition,) in live_indexes(conn, t, false).await? {
+        sqlx::query(&definition).execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
+/// The statements that give the new table the live table's keys and
+/// unique indexes (`unique`), or its other indexes: a constraint as a
+/// constraint, an index as an index, unnamed (the swap names them).
+async fn live_indexes(
+    conn: &mut PgConnection,
+    t: &Table,
+    unique: bool,
+) -> Result<Vec<(String,)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT CASE WHEN con.oid IS NOT NULL \
+             THEN format('ALTER TABLE %s ADD %s', $2::text, pg_get_constraintdef(con.oid)) \
+             ELSE format('CREATE %sINDEX ON %s %s', CASE WHEN i.indisunique THEN 'UNIQUE ' ELSE '' END, \
+               $2::text, substring(pg_get_indexdef(i.indexrelid) FROM ' USING .*$')) END \
+         FROM pg_index i LEFT JOIN pg_constraint con ON con.conindid = i.indexrelid AND con.contype IN ('p', 'u', 'x') \
+         WHERE i.indrelid = $1::text::regclass AND (i.indisunique OR con.oid IS NOT NULL) = $3 \
+         ORDER BY i.indexrelid",
+    )
+    .bind(t.live())
+    .bind(t.built())
+    .bind(unique)
+    .fetch_all(conn)
+    .await
 }
 
 /// `name` as a quoted SQL identifier.

@@ -7,6 +7,7 @@ use domain::project::ProjectEvent;
 use domain::task::TaskEvent;
 use domain::user::UserEvent;
 use domain::Actor;
+use serde::Deserialize;
 use store::outbox::RecordedEvent;
 use uuid::Uuid;
 
@@ -14,7 +15,7 @@ use uuid::Uuid;
 pub fn node_of(event: &RecordedEvent) -> Option<Uuid> {
     match event.aggregate_type.as_str() {
         "node" => event.aggregate_id.parse().ok(),
-        "task" => match serde_json::from_value::<TaskEvent>(event.payload.clone()).ok()? {
+        "task" => match TaskEvent::deserialize(&event.payload).ok()? {
             TaskEvent::Assigned { node_id, .. }
             | TaskEvent::Lost { node_id, .. }
             | TaskEvent::ReportRefused { node_id, .. } => Some(node_id),
@@ -33,13 +34,13 @@ pub fn summarize(
     event: &RecordedEvent,
     node_name: Option<&str>,
 ) -> Result<String, serde_json::Error> {
-    let p = event.payload.clone();
+    let p = &event.payload;
     let actor = event.actor();
     Ok(match event.aggregate_type.as_str() {
-        "task" => task(&serde_json::from_value(p)?, actor, node_name),
-        "node" => node(&serde_json::from_value(p)?, node_name),
-        "project" => project(&serde_json::from_value(p)?),
-        "user" => user(&serde_json::from_value(p)?, &event.aggregate_id),
+        "task" => task(&Deserialize::deserialize(p)?, actor, node_name),
+        "node" => node(&Deserialize::deserialize(p)?, node_name),
+        "project" => project(&Deserialize::deserialize(p)?),
+        "user" => user(&Deserialize::deserialize(p)?, &event.aggregate_id),
         other => format!("{} on {other} {}", event.event_type, event.aggregate_id),
     })
 }
