@@ -370,7 +370,7 @@ async fn a_multipart_upload_names_the_whole_hash_at_completion_and_each_part_is_
         size,
         sha256,
     };
-    let e = ask(&mut ws, task_id, complete("not a hash".into()))
+    let e = ask(&mut ws, task_id, complete("A".repeat(64)))
         .await
         .error
         .unwrap();

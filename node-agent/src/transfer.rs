@@ -565,7 +565,7 @@ struct Sink {
 impl Sink {
     fn start(file: std::fs::File) -> Self {
         let (tx, rx) = tokio::sync::mpsc::channel(SINK_CHUNKS);
-        let done = tokio::task::spawn_blocking(move || write_all(file, rx));
+        let done = tokio::task::spawn_blocking(move || write_download(file, rx));
         Sink {
             tx,
             done: Some(done),
@@ -624,7 +624,7 @@ impl Sink {
 
 /// The writer of a [`Sink`], on a blocking thread: writes and hashes what
 /// `rx` hands it until it closes, then flushes the file to disk.
-fn write_all(
+fn write_download(
     file: std::fs::File,
     mut rx: tokio::sync::mpsc::Receiver<Write>,
 ) -> Result<(u64, String), TransferError> {
