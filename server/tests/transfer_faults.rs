@@ -27,6 +27,9 @@ use uuid::Uuid;
 const KEY: &str = "faults/object";
 const PART: u64 = 5 * 1024 * 1024;
 
+/// Something done to the file while it is uploaded.
+type Hook = Box<dyn FnOnce() + Send>;
+
 /// What the proxy saw and what it should break.
 #[derive(Default)]
 struct Faults {
@@ -38,7 +41,7 @@ struct Faults {
     refuse_part: Option<u32>,
     /// At the first PUT of this part number (`None`: a one-part upload),
     /// run this, then refuse the PUT.
-    on_put: Option<(Option<u32>, Box<dyn FnOnce() + Send>)>,
+    on_put: Option<(Option<u32>, Hook)>,
     /// How many completions the signer was asked for.
     completions: usize,
 }
