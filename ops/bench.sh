@@ -25,6 +25,10 @@
 #   6. unidesk-replay-bench: `projections rebuild` over a log of a million
 #      events, next to a plain SELECT scan of the same rows, on a private
 #      PostgreSQL of its own;
+#   6a. unidesk-s3-bench: a large file up and down through presigned URLs
+#      to the embedded object store, with plain `curl` (a multipart upload
+#      of the same parts, a download) and with the agent's transfer code,
+#      in the same run; the ratio agent/curl each way;
 #   6b. unidesk-loadgen event-view: GET /events/{position} on a node
 #      whose history holds 100,000 events (state before and after, from the
 #      nearest snapshot);
@@ -49,6 +53,8 @@
 #   SKIP_EXEC [0]               1 skips unidesk-exec-bench (no Docker)
 #   REPLAY_EVENTS [1000000]     events in the log unidesk-replay-bench rebuilds
 #   SKIP_REPLAY [0]             1 skips unidesk-replay-bench
+#   S3_MIB [1024]  S3_PART_MIB [64]  size of unidesk-s3-bench's file, of its parts
+#   SKIP_S3 [0]                 1 skips unidesk-s3-bench (no curl)
 #   EVENT_VIEW_EVENTS [100000]  events of the node event-view reads
 #   SHUTDOWN_AGENTS [10000]  SHUTDOWN_PROCS [5]  SHUTDOWN_TASKS [1000]
 #   FAULT_ROUNDS [100]  FAULT_SEED [random, printed]
@@ -76,6 +82,9 @@ EXEC_FETCH_RUNS=${EXEC_FETCH_RUNS:-5}
 SKIP_EXEC=${SKIP_EXEC:-0}
 REPLAY_EVENTS=${REPLAY_EVENTS:-1000000}
 SKIP_REPLAY=${SKIP_REPLAY:-0}
+S3_MIB=${S3_MIB:-1024}
+S3_PART_MIB=${S3_PART_MIB:-64}
+SKIP_S3=${SKIP_S3:-0}
 EVENT_VIEW_EVENTS=${EVENT_VIEW_EVENTS:-100000}
 SHUTDOWN_AGENTS=${SHUTDOWN_AGENTS:-10000}
 SHUTDOWN_PROCS=${SHUTDOWN_PROCS:-5}
@@ -233,6 +242,17 @@ fi
 if ((SKIP_REPLAY == 0)); then
     begin "unidesk-replay-bench: projections rebuild vs a plain SELECT scan"
     run replay "$BIN/unidesk-replay-bench" --events "$REPLAY_EVENTS"
+fi
+# -----------------------------------------------------------------------------
+
+# --- large files through the object store -------------------------------------
+# The same file up and down with curl and with the agent's transfer code,
+# against the embedded store, in the work directory; its `s3:` lines join
+# the summary.
+if ((SKIP_S3 == 0)); then
+    begin "unidesk-s3-bench: $S3_MIB MiB with curl and with the agent's code"
+    command -v curl >/dev/null 2>&1 || die "curl not found: unidesk-s3-bench measures against it (or set SKIP_S3=1)"
+    run s3 "$BIN/unidesk-s3-bench" --mib "$S3_MIB" --part-mib "$S3_PART_MIB" --dir "$WORK"
 fi
 # -----------------------------------------------------------------------------
 

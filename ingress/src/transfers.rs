@@ -8,8 +8,15 @@
 //! task's spec, never taken from the node. An input is granted only when
 //! its object was verified by a completed upload through the API, and the
 //! node is given the verified size and SHA-256 to check. A completed upload
-//! is checked at the store (its size and SHA-256) before it is recorded as
-//! an artifact.
+//! is checked at the store (its size, and its SHA-256 when the store keeps
+//! one) before it is recorded as an artifact.
+//!
+//! Every body a node sends is bound to a SHA-256 in its URL, which the store
+//! checks. A one-part upload names the file's SHA-256 at its start; a
+//! multipart upload names each part's with its URL and the whole file's only
+//! at completion, as the node hashes the parts and the whole in one pass
+//! while it sends: the object the store assembles is exactly the bytes that
+//! pass hashed, and it is recorded under that hash.
 
 use chrono::Utc;
 use domain::task::{Task, TaskCommand};
@@ -119,7 +126,11 @@ async fn grant(
             size,
             sha256,
             parts,
-        } => attempt.upload(&output, size, &sha256, parts).await,
+        } => {
+            attempt
+                .upload(&output, size, sha256.as_deref(), parts)
+                .await
+        }
         TransferOp::UploadPart {
             output,
             upload_id,
@@ -200,16 +211,19 @@ impl Attempt<'_> {
     }
 
     /// A URL for a one-part upload of output `output`, or the id of a
-    /// multipart upload whose parts are asked for one by one.
+    /// multipart upload whose parts are asked for one by one. A one-part
+    /// upload needs the file's SHA-256 (`sha256`); a multipart upload may
+    /// name it (the store keeps it with the object) or leave it to the
+    /// completion.
     async fn upload(
         &self,
         output: &str,
         size: u64,
-        sha256: &str,
+        sha256: Option<&str>,
         parts: u32,
     ) -> Result<TransferGrant, String> {
         let key = self.output_key(output)?;
-        if !is_sha256(sha256) {
+        if sha256.is_some_and(|s| !is_sha256(s)) {
             return Err("sha256 must be 64 lower-case hex digits".into());
         }
         if size > MAX_OBJECT_BYTES {
@@ -222,6 +236,11 @@ impl Attempt<'_> {
         }
         let failed = |e: objects::ObjectError| store_failed(&format!("output {output}"), &e);
         if parts == 1 {
+            let Some(sha256) = sha256 else {
+                return Err(format!(
+                    "output {output}: a one-part upload names the file's sha256 at its start"
+                ));
+            };
             let p = self
                 .objects
                 .presign_put(&key, Some(sha256))
@@ -235,7 +254,7 @@ impl Attempt<'_> {
         } else {
             let upload_id = self
                 .objects
-                .start_multipart(&key, Some(sha256))
+                .start_multipart(&key, sha256)
                 .await
                 .map_err(failed)?;
             Ok(TransferGrant {
@@ -277,6 +296,9 @@ impl Attempt<'_> {
         upload_id: Option<&str>,
         parts: &[UploadedPart],
     ) -> Result<TransferGrant, String> {
+        if !is_sha256(done.sha256) {
+            return Err("sha256 must be 64 lower-case hex digits".into());
+        }
         done.check(self.objects, upload_id, parts).await?;
         let output = done.output;
         let at = Utc::now();

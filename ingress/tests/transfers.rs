@@ -21,7 +21,9 @@ use ingress::{Config, Ingress};
 use objects::embedded::{fresh_credentials, Embedded};
 use objects::uploads::{Completion, NewUpload, Uploads};
 use objects::ObjectStore;
-use protocol::{AgentMessage, Hello, ServerMessage, TransferGrant, TransferOp, TransferRequest};
+use protocol::{
+    AgentMessage, Hello, ServerMessage, TransferGrant, TransferOp, TransferRequest, UploadedPart,
+};
 use sha2::{Digest, Sha256};
 use store::Store;
 use tokio_tungstenite::tungstenite::Message;
@@ -245,7 +247,7 @@ async fn a_node_gets_urls_only_for_its_own_running_attempts_named_files() {
     let upload = TransferOp::Upload {
         output: "model".into(),
         size: data.len() as u64,
-        sha256: sha(&data),
+        sha256: Some(sha(&data)),
         parts: 1,
     };
 
@@ -259,7 +261,7 @@ async fn a_node_gets_urls_only_for_its_own_running_attempts_named_files() {
     let other = TransferOp::Upload {
         output: "secrets".into(),
         size: 1,
-        sha256: sha(b"x"),
+        sha256: Some(sha(b"x")),
         parts: 1,
     };
     let g = ask(&mut a, task_id, other).await;
@@ -297,4 +299,159 @@ async fn a_node_gets_urls_only_for_its_own_running_attempts_named_files() {
     assert!(e.contains("the object was deleted"), "{e}");
     let task = store.load::<Task>(&task_id.to_string()).await.unwrap();
     assert!(task.unwrap().state.artifacts.is_empty());
+}
+
+/// PUTs `body` to a granted URL with its signed headers.
+async fn put_granted(g: &TransferGrant, body: Vec<u8>) -> reqwest::Response {
+    let mut put = reqwest::Client::new()
+        .put(g.url.as_deref().unwrap())
+        .body(body);
+    for (k, v) in &g.headers {
+        put = put.header(k, v);
+    }
+    put.send().await.unwrap()
+}
+
+#[tokio::test]
+async fn a_multipart_upload_names_the_whole_hash_at_completion_and_each_part_is_checked() {
+    let p = platform().await;
+    let (node, token) = provision(&p.store).await;
+    let project_id = Uuid::new_v4();
+    let task_id = assigned_task(&p.store, project_id, "any/in.txt", node).await;
+    let mut ws = join(p.addr, &token).await;
+    let part = 5 * 1024 * 1024;
+    let data: Vec<u8> = (0..part + 1000).map(|i| (i * 7 % 251) as u8).collect();
+    let size = data.len() as u64;
+    let start = |sha256: Option<String>, parts: u32| TransferOp::Upload {
+        output: "model".into(),
+        size,
+        sha256,
+        parts,
+    };
+
+    // One PUT is bound to the file's hash, so it must come first.
+    let e = ask(&mut ws, task_id, start(None, 1)).await.error.unwrap();
+    assert_eq!(
+        e,
+        "output model: a one-part upload names the file's sha256 at its start"
+    );
+
+    let g = ask(&mut ws, task_id, start(None, 2)).await;
+    assert_eq!(g.error, None);
+    let upload_id = g.upload_id.unwrap();
+    let mut uploaded = Vec::new();
+    for (i, body) in data.chunks(part).enumerate() {
+        let number = i as u32 + 1;
+        let op = TransferOp::UploadPart {
+            output: "model".into(),
+            upload_id: upload_id.clone(),
+            part_number: number,
+            sha256: sha(body),
+        };
+        let g = ask(&mut ws, task_id, op).await;
+        assert_eq!(g.error, None);
+        // The store takes no other body than the one the part was hashed as.
+        let mut changed = body.to_vec();
+        changed[body.len() / 2] ^= 1;
+        let refused = put_granted(&g, changed).await;
+        assert!(!refused.status().is_success(), "{}", refused.status());
+        let sent = put_granted(&g, body.to_vec()).await;
+        assert!(sent.status().is_success(), "{}", sent.status());
+        let etag = sent.headers()["etag"].to_str().unwrap().to_string();
+        uploaded.push(UploadedPart {
+            part_number: number,
+            etag,
+        });
+    }
+    let complete = |sha256: String| TransferOp::Complete {
+        output: "model".into(),
+        upload_id: Some(upload_id.clone()),
+        parts: uploaded.clone(),
+        size,
+        sha256,
+    };
+    let e = ask(&mut ws, task_id, complete("A".repeat(64)))
+        .await
+        .error
+        .unwrap();
+    assert_eq!(e, "sha256 must be 64 lower-case hex digits");
+    let g = ask(&mut ws, task_id, complete(sha(&data))).await;
+    assert_eq!(g.error, None);
+
+    let task = p.store.load::<Task>(&task_id.to_string()).await.unwrap();
+    let artifacts = task.unwrap().state.artifacts;
+    assert_eq!(artifacts.len(), 1);
+    assert_eq!(
+        (artifacts[0].size, artifacts[0].sha256.as_str()),
+        (size, sha(&data).as_str())
+    );
+    let stored = p
+        .objects
+        .read_back(&artifacts[0].key, size)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        stored,
+        objects::ReadBack::Whole {
+            size,
+            sha256: sha(&data)
+        },
+        "the store holds exactly what was recorded"
+    );
+}
+
+#[tokio::test]
+async fn a_multipart_upload_naming_its_hash_at_the_start_is_still_accepted() {
+    let p = platform().await;
+    let (node, token) = provision(&p.store).await;
+    let task_id = assigned_task(&p.store, Uuid::new_v4(), "any/in.txt", node).await;
+    let mut ws = join(p.addr, &token).await;
+    let part = 5 * 1024 * 1024;
+    let data: Vec<u8> = (0..part + 10).map(|i| (i % 13) as u8).collect();
+    let size = data.len() as u64;
+    // What agents sent before the hash could wait for the completion.
+    let start = TransferOp::Upload {
+        output: "model".into(),
+        size,
+        sha256: Some(sha(&data)),
+        parts: 2,
+    };
+    let g = ask(&mut ws, task_id, start).await;
+    assert_eq!(g.error, None);
+    let upload_id = g.upload_id.unwrap();
+    let mut uploaded = Vec::new();
+    for (i, body) in data.chunks(part).enumerate() {
+        let number = i as u32 + 1;
+        let op = TransferOp::UploadPart {
+            output: "model".into(),
+            upload_id: upload_id.clone(),
+            part_number: number,
+            sha256: sha(body),
+        };
+        let g = ask(&mut ws, task_id, op).await;
+        let sent = put_granted(&g, body.to_vec()).await;
+        assert!(sent.status().is_success(), "{}", sent.status());
+        let etag = sent.headers()["etag"].to_str().unwrap().to_string();
+        uploaded.push(UploadedPart {
+            part_number: number,
+            etag,
+        });
+    }
+    let complete = TransferOp::Complete {
+        output: "model".into(),
+        upload_id: Some(upload_id),
+        parts: uploaded,
+        size,
+        sha256: sha(&data),
+    };
+    assert_eq!(ask(&mut ws, task_id, complete).await.error, None);
+    let task = p.store.load::<Task>(&task_id.to_string()).await.unwrap();
+    let artifacts = task.unwrap().state.artifacts;
+    let info = p.objects.head(&artifacts[0].key).await.unwrap().unwrap();
+    assert_eq!(
+        (info.size, info.sha256),
+        (size, Some(sha(&data))),
+        "the store keeps the hash named at the start"
+    );
 }

@@ -7,20 +7,26 @@
 //! object and method, valid for minutes. Files are read and written in
 //! small buffers, so memory stays flat whatever their size:
 //!
-//! - a download is written to a temporary file next to its destination and
-//!   renamed into place only once its size and SHA-256 match what the
-//!   server said; a broken connection resumes from the bytes already
+//! - a download is written to a temporary file next to its destination (on
+//!   a blocking thread that hashes it too, while the connection is read,
+//!   and has it flushed to disk as it goes) and renamed into place only
+//!   once its size and SHA-256 match what the server said; a broken connection resumes from the bytes already
 //!   written (a `Range` request on a fresh URL);
 //! - every file is reached through a [`Root`] handle on the workspace
 //!   ([`crate::beneath`]): a destination, its directories or its temporary
 //!   file, and an output, are never reached through a link out of the
 //!   workspace, and an output is read from the very handle whose type was
 //!   checked;
-//! - an upload is hashed first (the whole file and each part), then sent in
-//!   one PUT up to the part size, or in parts; each body carries its SHA-256
-//!   in a signed header, so the store refuses a corrupted part, and a failed
-//!   part is sent again alone. The server completes the upload, checks the
-//!   stored size and SHA-256 and records the output.
+//! - an upload up to the part size is hashed, then sent in one PUT; a
+//!   larger one goes in parts, hashed on a blocking thread one part ahead
+//!   of the part being sent (the whole file's SHA-256 folded in the same
+//!   pass, in order). Each body carries its SHA-256 in a signed header, so
+//!   the store refuses a part that differs from what was hashed, and a
+//!   failed part is sent again alone, unless the file changed under it:
+//!   then the upload fails at once. The server completes the upload with
+//!   the whole file's SHA-256, checks the stored size and records the
+//!   output: the stored object is exactly the bytes the whole hash was
+//!   computed over, as every part was checked against the same pass.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -29,7 +35,6 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use protocol::{AgentMessage, TaskInput, TaskOutput, TransferGrant, TransferOp, TransferRequest};
 use sha2::{Digest, Sha256};
-use tokio::io::{AsyncSeekExt, AsyncWriteExt};
 use tokio::sync::{oneshot, Notify};
 use uuid::Uuid;
 
@@ -43,8 +48,15 @@ const ASK_TIMEOUT: Duration = Duration::from_secs(60);
 const TRIES: u32 = 5;
 /// The read buffer: what one transfer holds in memory at a time.
 const BUFFER: usize = 256 * 1024;
+/// The read buffer of the hashing thread.
+const HASH_BUFFER: usize = 1024 * 1024;
 /// The write buffer of a download.
 const WRITE_BUFFER: usize = 1024 * 1024;
+/// How many received chunks may wait for the download's writer.
+const SINK_CHUNKS: usize = 16;
+/// How many bytes a download writes between flushes to disk in the
+/// background.
+const SYNC_EVERY: u64 = 64 * 1024 * 1024;
 
 /// Why a transfer failed, for the task's reason.
 pub type TransferError = String;
@@ -234,7 +246,6 @@ impl Files {
         let (new, file) = blocking(move || root.new_file(&rel))
             .await
             .map_err(|e| format!("input {name}: {e}"))?;
-        let file = tokio::fs::File::from_std(file);
         let moved = self
             .fetch(task_id, attempt, input, file)
             .await
@@ -250,13 +261,9 @@ impl Files {
         task_id: Uuid,
         attempt: u32,
         input: &TaskInput,
-        file: tokio::fs::File,
+        file: std::fs::File,
     ) -> Result<Moved, TransferError> {
-        // Network reads come in small pieces; each write to a Tokio file is
-        // a trip to a blocking thread, so they are gathered first.
-        let mut file = tokio::io::BufWriter::with_capacity(WRITE_BUFFER, file);
-        let mut hasher = Sha256::new();
-        let mut written: u64 = 0;
+        let mut sink = Sink::start(file);
         let mut expected = None;
         let mut last_error = String::new();
         for _ in 0..TRIES {
@@ -268,12 +275,13 @@ impl Files {
                 return Err("the server sent no URL".into());
             };
             expected = Some((size, grant.sha256));
-            match self
-                .get_from(&url, written, &mut file, &mut hasher, &mut written)
-                .await
-            {
-                Ok(()) if written == size => break,
-                Ok(()) if written > size => break,
+            let got = self.get_from(&url, &mut sink).await;
+            if let Some(e) = sink.broken.clone() {
+                return Err(e);
+            }
+            let written = sink.written;
+            match got {
+                Ok(()) if written >= size => break,
                 Ok(()) => {
                     tracing::warn!(input = %input.name, written, size, "download ended early; resuming");
                     last_error = "the connection ended early".into();
@@ -285,8 +293,7 @@ impl Files {
                 }
             }
         }
-        file.flush().await.map_err(|e| e.to_string())?;
-        file.get_ref().sync_all().await.map_err(|e| e.to_string())?;
+        let (written, got) = sink.finish().await?;
         let Some((size, sha256)) = expected else {
             return Err("no download was possible".into());
         };
@@ -296,7 +303,6 @@ impl Files {
                 input.object
             ));
         }
-        let got = hex::encode(hasher.finalize());
         if let Some(want) = sha256 {
             if got != want {
                 return Err(format!(
@@ -308,15 +314,9 @@ impl Files {
         Ok(Moved { size, sha256: got })
     }
 
-    /// Appends the object from byte `from` on to `file`.
-    async fn get_from(
-        &self,
-        url: &str,
-        from: u64,
-        file: &mut tokio::io::BufWriter<tokio::fs::File>,
-        hasher: &mut Sha256,
-        written: &mut u64,
-    ) -> Result<(), TransferError> {
+    /// Appends the object from the bytes `sink` holds on.
+    async fn get_from(&self, url: &str, sink: &mut Sink) -> Result<(), TransferError> {
+        let from = sink.written;
         let mut request = self.client.get(url);
         if from > 0 {
             request = request.header(reqwest::header::RANGE, format!("bytes={from}-"));
@@ -328,14 +328,7 @@ impl Files {
         let status = response.status();
         if from > 0 && status == reqwest::StatusCode::OK {
             // The store ignored the range: start over.
-            file.flush().await.map_err(|e| e.to_string())?;
-            file.get_ref().set_len(0).await.map_err(|e| e.to_string())?;
-            file.get_mut()
-                .seek(std::io::SeekFrom::Start(0))
-                .await
-                .map_err(|e| e.to_string())?;
-            *hasher = Sha256::new();
-            *written = 0;
+            sink.restart().await?;
         } else if !status.is_success() {
             let body = response.text().await.unwrap_or_default();
             return Err(store_refusal(status, &body));
@@ -343,11 +336,7 @@ impl Files {
         let mut body = response.bytes_stream();
         while let Some(chunk) = body.next().await {
             let chunk = chunk.map_err(|e| format!("the connection broke: {}", without_url(e)))?;
-            file.write_all(&chunk)
-                .await
-                .map_err(|e| format!("writing the file: {e}"))?;
-            hasher.update(&chunk);
-            *written += chunk.len() as u64;
+            sink.write(chunk).await?;
         }
         Ok(())
     }
@@ -389,78 +378,125 @@ impl Files {
         size: u64,
     ) -> Result<Moved, TransferError> {
         let part_bytes = part_size(size, self.part_bytes);
-        let hashes = hash_parts(&file, size, part_bytes).await?;
-        let parts = hashes.parts.len().max(1) as u32;
+        if size <= part_bytes {
+            // One PUT: its SHA-256 is signed into the URL, so it comes first.
+            let sha256 = hash_range(Arc::clone(&file), 0, size).await?;
+            let start = TransferOp::Upload {
+                output: output.name.clone(),
+                size,
+                sha256: Some(sha256.clone()),
+                parts: 1,
+            };
+            let body = Body {
+                file: &file,
+                offset: 0,
+                len: size,
+                sha256: &sha256,
+            };
+            self.put_with_retries(task_id, attempt, &start, body)
+                .await?;
+            let complete = TransferOp::Complete {
+                output: output.name.clone(),
+                upload_id: None,
+                parts: Vec::new(),
+                size,
+                sha256: sha256.clone(),
+            };
+            self.broker.ask(task_id, attempt, complete).await?;
+            return Ok(Moved { size, sha256 });
+        }
+        let parts = u32::try_from(size.div_ceil(part_bytes))
+            .map_err(|_| "the file needs too many parts".to_string())?;
+        // The whole file's SHA-256 is known only once every part is hashed:
+        // it comes with the completion.
         let start = TransferOp::Upload {
             output: output.name.clone(),
             size,
-            sha256: hashes.whole.clone(),
+            sha256: None,
             parts,
         };
-        let mut uploaded = Vec::new();
-        let mut upload_id = None;
-        if parts == 1 {
-            self.with_retries(|| async {
-                let grant = self.broker.ask(task_id, attempt, start.clone()).await?;
-                self.put(&grant, &file, 0, size).await.map(|_| ())
-            })
-            .await?;
-        } else {
-            let grant = self.broker.ask(task_id, attempt, start).await?;
-            let id = grant.upload_id.ok_or("the server sent no upload id")?;
-            for (i, sha) in hashes.parts.iter().enumerate() {
-                let number = i as u32 + 1;
-                let offset = i as u64 * part_bytes;
-                let len = part_bytes.min(size - offset);
-                let op = TransferOp::UploadPart {
-                    output: output.name.clone(),
-                    upload_id: id.clone(),
-                    part_number: number,
-                    sha256: sha.clone(),
-                };
-                let etag = self
-                    .with_retries(|| async {
-                        let grant = self.broker.ask(task_id, attempt, op.clone()).await?;
-                        self.put(&grant, &file, offset, len).await
-                    })
-                    .await
-                    .map_err(|e| format!("part {number} of {parts}: {e}"))?;
-                uploaded.push(protocol::UploadedPart {
-                    part_number: number,
-                    etag,
-                });
-            }
-            upload_id = Some(id);
+        let grant = self.broker.ask(task_id, attempt, start).await?;
+        let id = grant.upload_id.ok_or("the server sent no upload id")?;
+        let mut hashes = hash_ahead(Arc::clone(&file), size, part_bytes);
+        let mut uploaded = Vec::with_capacity(parts as usize);
+        for number in 1..=parts {
+            let sha256 = hashes
+                .recv()
+                .await
+                .unwrap_or_else(|| Err("hashing the file stopped early".into()))?;
+            let offset = u64::from(number - 1) * part_bytes;
+            let op = TransferOp::UploadPart {
+                output: output.name.clone(),
+                upload_id: id.clone(),
+                part_number: number,
+                sha256: sha256.clone(),
+            };
+            let body = Body {
+                file: &file,
+                offset,
+                len: part_bytes.min(size - offset),
+                sha256: &sha256,
+            };
+            let etag = self
+                .put_with_retries(task_id, attempt, &op, body)
+                .await
+                .map_err(|e| format!("part {number} of {parts}: {e}"))?;
+            uploaded.push(protocol::UploadedPart {
+                part_number: number,
+                etag,
+            });
         }
+        let whole = hashes
+            .recv()
+            .await
+            .unwrap_or_else(|| Err("hashing the file stopped early".into()))?;
         let complete = TransferOp::Complete {
             output: output.name.clone(),
-            upload_id,
+            upload_id: Some(id),
             parts: uploaded,
             size,
-            sha256: hashes.whole.clone(),
+            sha256: whole.clone(),
         };
         self.broker.ask(task_id, attempt, complete).await?;
         Ok(Moved {
             size,
-            sha256: hashes.whole,
+            sha256: whole,
         })
     }
 
-    /// Runs `once` until it succeeds, at most [`TRIES`] times, pausing a
-    /// little longer each time.
-    async fn with_retries<T, F, Fut>(&self, mut once: F) -> Result<T, TransferError>
-    where
-        F: FnMut() -> Fut,
-        Fut: std::future::Future<Output = Result<T, TransferError>>,
-    {
+    /// Asks for a URL with `op` and PUTs `body` to it until the store takes
+    /// it, at most [`TRIES`] times, pausing a little longer each time; returns
+    /// the ETag. After a failed try the bytes are hashed again: when they no
+    /// longer match (the file changed or shrank while it was sent), trying
+    /// again cannot help and the upload fails at once.
+    async fn put_with_retries(
+        &self,
+        task_id: Uuid,
+        attempt: u32,
+        op: &TransferOp,
+        body: Body<'_>,
+    ) -> Result<String, TransferError> {
         let mut last = String::new();
         for i in 0..TRIES {
-            match once().await {
-                Ok(v) => return Ok(v),
+            let tried = match self.broker.ask(task_id, attempt, op.clone()).await {
+                Ok(grant) => self.put(&grant, body.file, body.offset, body.len).await,
+                Err(e) => Err(e),
+            };
+            match tried {
+                Ok(etag) => return Ok(etag),
                 Err(e) => {
                     tracing::warn!(try_ = i + 1, error = %e, "transfer failed; trying again");
                     last = e;
                 }
+            }
+            let now = hash_range(Arc::clone(body.file), body.offset, body.len).await?;
+            if now != body.sha256 {
+                return Err(format!(
+                    "the file changed while it was uploaded: bytes {} to {} no longer have \
+                     the SHA-256 they were hashed with ({last})",
+                    body.offset,
+                    body.offset + body.len
+                ));
             }
             tokio::time::sleep(Duration::from_millis(200 << i)).await;
         }
@@ -504,6 +540,136 @@ impl Files {
     }
 }
 
+/// What the download's writer is handed.
+enum Write {
+    /// The next bytes.
+    Chunk(bytes::Bytes),
+    /// Empty the file and start again.
+    Restart,
+}
+
+/// Where a download goes: a blocking thread writes the chunks to the file
+/// and hashes them, so the connection is read while the disk is written,
+/// and has the file flushed to disk in the background every
+/// [`SYNC_EVERY`] bytes, so little is left to flush at the end. At most
+/// [`SINK_CHUNKS`] chunks wait for it.
+struct Sink {
+    tx: tokio::sync::mpsc::Sender<Write>,
+    done: Option<tokio::task::JoinHandle<Result<(u64, String), TransferError>>>,
+    /// Bytes handed to the writer.
+    written: u64,
+    /// Why the writer stopped, once it did.
+    broken: Option<TransferError>,
+}
+
+impl Sink {
+    fn start(file: std::fs::File) -> Self {
+        let (tx, rx) = tokio::sync::mpsc::channel(SINK_CHUNKS);
+        let done = tokio::task::spawn_blocking(move || write_download(file, rx));
+        Sink {
+            tx,
+            done: Some(done),
+            written: 0,
+            broken: None,
+        }
+    }
+
+    async fn send(&mut self, w: Write) -> Result<(), TransferError> {
+        if self.tx.send(w).await.is_ok() {
+            return Ok(());
+        }
+        let e = match self.done.take() {
+            Some(done) => match done.await {
+                Ok(Err(e)) => e,
+                Ok(Ok(_)) => "writing the file stopped".to_string(),
+                Err(e) => format!("writing the file: {e}"),
+            },
+            None => "writing the file stopped".to_string(),
+        };
+        self.broken = Some(e.clone());
+        Err(e)
+    }
+
+    async fn write(&mut self, chunk: bytes::Bytes) -> Result<(), TransferError> {
+        let n = chunk.len() as u64;
+        self.send(Write::Chunk(chunk)).await?;
+        self.written += n;
+        Ok(())
+    }
+
+    async fn restart(&mut self) -> Result<(), TransferError> {
+        self.send(Write::Restart).await?;
+        self.written = 0;
+        Ok(())
+    }
+
+    /// Waits for the writer to flush the file to disk; returns how many
+    /// bytes it wrote and their SHA-256.
+    async fn finish(self) -> Result<(u64, String), TransferError> {
+        let Sink {
+            tx, done, broken, ..
+        } = self;
+        drop(tx);
+        if let Some(e) = broken {
+            return Err(e);
+        }
+        match done {
+            Some(done) => done
+                .await
+                .unwrap_or_else(|e| Err(format!("writing the file: {e}"))),
+            None => Err("writing the file stopped".into()),
+        }
+    }
+}
+
+/// The writer of a [`Sink`], on a blocking thread: writes and hashes what
+/// `rx` hands it until it closes, then flushes the file to disk.
+fn write_download(
+    file: std::fs::File,
+    mut rx: tokio::sync::mpsc::Receiver<Write>,
+) -> Result<(u64, String), TransferError> {
+    use std::io::{Seek, Write as _};
+    let writing = |e: std::io::Error| format!("writing the file: {e}");
+    let mut file = std::io::BufWriter::with_capacity(WRITE_BUFFER, file);
+    let mut hasher = Sha256::new();
+    let (mut written, mut synced) = (0u64, 0u64);
+    let mut syncing: Option<std::thread::JoinHandle<()>> = None;
+    while let Some(w) = rx.blocking_recv() {
+        match w {
+            Write::Chunk(chunk) => {
+                file.write_all(&chunk).map_err(writing)?;
+                hasher.update(&chunk);
+                written += chunk.len() as u64;
+            }
+            Write::Restart => {
+                file.flush().map_err(writing)?;
+                file.get_ref().set_len(0).map_err(writing)?;
+                file.rewind().map_err(writing)?;
+                hasher = Sha256::new();
+                (written, synced) = (0, 0);
+            }
+        }
+        let idle = syncing.as_ref().is_none_or(|s| s.is_finished());
+        if written - synced >= SYNC_EVERY && idle {
+            // Written back while more arrives; a failure shows at the end.
+            let clone = file.get_ref().try_clone().map_err(writing)?;
+            syncing = std::thread::Builder::new()
+                .name("download-sync".into())
+                .spawn(move || {
+                    let _ = clone.sync_data();
+                })
+                .ok();
+            synced = written;
+        }
+    }
+    if let Some(s) = syncing {
+        let _ = s.join();
+    }
+    file.flush().map_err(writing)?;
+    file.get_ref().sync_all().map_err(writing)?;
+    Ok((written, hex::encode(hasher.finalize())))
+}
+
 /// A transport error in words, with its causes, never the URL (a presigned
 /// URL is a credential while it lives).
 fn without_url(e: reqwest::Error) -> String {
@@ -543,51 +709,84 @@ fn part_size(size: u64, preferred: u64) -> u64 {
     preferred.max(needed.div_ceil(mib) * mib)
 }
 
-/// The SHA-256 of a whole file and of each of its parts.
-struct Hashes {
-    whole: String,
-    /// Empty when the file fits in one part.
-    parts: Vec<String>,
+/// What one PUT sends: `len` bytes of `file` from `offset`, whose SHA-256
+/// is `sha256`.
+#[derive(Clone, Copy)]
+struct Body<'a> {
+    file: &'a Arc<std::fs::File>,
+    offset: u64,
+    len: u64,
+    sha256: &'a str,
 }
 
-/// Hashes the first `size` bytes of `file`, whole and in parts.
-async fn hash_parts(
-    file: &Arc<std::fs::File>,
+/// Why hashing stopped when the file ended before `size` bytes.
+const SHORTER: &str = "the file became shorter while it was uploaded";
+
+/// Hashes `len` bytes of `file` from `offset` on a blocking thread, each
+/// buffer read passed to `each`, and returns their SHA-256.
+fn hash_blocking(
+    file: &std::fs::File,
+    offset: u64,
+    len: u64,
+    mut each: impl FnMut(&[u8]),
+) -> Result<String, TransferError> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; HASH_BUFFER.min(usize::try_from(len).unwrap_or(HASH_BUFFER))];
+    let mut hasher = Sha256::new();
+    let mut done = 0u64;
+    while done < len {
+        let want = usize::try_from(len - done).map_or(buf.len(), |l| l.min(buf.len()));
+        match file.read_at(&mut buf[..want], offset + done) {
+            Ok(0) => return Err(SHORTER.into()),
+            Ok(n) => {
+                hasher.update(&buf[..n]);
+                each(&buf[..n]);
+                done += n as u64;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(format!("reading the file: {e}")),
+        }
+    }
+    Ok(hex::encode(hasher.finalize()))
+}
+
+/// The SHA-256 of `len` bytes of `file` from `offset`, hashed on the
+/// blocking pool.
+async fn hash_range(
+    file: Arc<std::fs::File>,
+    offset: u64,
+    len: u64,
+) -> Result<String, TransferError> {
+    tokio::task::spawn_blocking(move || hash_blocking(&file, offset, len, |_| {}))
+        .await
+        .unwrap_or_else(|e| Err(format!("hashing the file: {e}")))
+}
+
+/// Hashes the first `size` bytes of `file` in parts of `part_bytes` on a
+/// blocking thread: the answer yields each part's SHA-256 in order, then the
+/// whole file's, or the error that stopped it. The thread keeps at most one
+/// part ahead of the reader and stops when the answer is dropped.
+fn hash_ahead(
+    file: Arc<std::fs::File>,
     size: u64,
     part_bytes: u64,
-) -> Result<Hashes, TransferError> {
-    let mut whole = Sha256::new();
-    let mut part = Sha256::new();
-    let mut parts = Vec::new();
-    let mut in_part = 0u64;
-    let mut offset = 0u64;
-    while offset < size {
-        let want = (part_bytes - in_part).min(BUFFER as u64).min(size - offset);
-        let buf = read_at(Arc::clone(file), offset, want)
-            .await
-            .map_err(|e| format!("reading the file: {e}"))?;
-        if buf.is_empty() {
-            return Err("the file became shorter while it was read".into());
+) -> tokio::sync::mpsc::Receiver<Result<String, TransferError>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tokio::task::spawn_blocking(move || {
+        let mut whole = Sha256::new();
+        let mut offset = 0;
+        while offset < size {
+            let len = part_bytes.min(size - offset);
+            let part = hash_blocking(&file, offset, len, |buf| whole.update(buf));
+            let failed = part.is_err();
+            if tx.blocking_send(part).is_err() || failed {
+                return;
+            }
+            offset += len;
         }
-        whole.update(&buf);
-        part.update(&buf);
-        offset += buf.len() as u64;
-        in_part += buf.len() as u64;
-        if in_part == part_bytes {
-            parts.push(hex::encode(std::mem::take(&mut part).finalize()));
-            in_part = 0;
-        }
-    }
-    if in_part > 0 {
-        parts.push(hex::encode(part.finalize()));
-    }
-    if size <= part_bytes {
-        parts.clear();
-    }
-    Ok(Hashes {
-        whole: hex::encode(whole.finalize()),
-        parts,
-    })
+        let _ = tx.blocking_send(Ok(hex::encode(whole.finalize())));
+    });
+    rx
 }
 
 /// Up to `len` bytes of `file` from `offset` (fewer at its end), read on
@@ -628,7 +827,7 @@ fn read_range(
             if buf.is_empty() {
                 return Err(std::io::Error::new(
                     std::io::ErrorKind::UnexpectedEof,
-                    "the file became shorter while it was sent",
+                    SHORTER,
                 ));
             }
             let n = buf.len() as u64;
@@ -689,7 +888,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn parts_are_hashed_alongside_the_whole_file() {
+    async fn parts_are_hashed_in_order_then_the_whole_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f");
         let data: Vec<u8> = (0..(11 * 1024 * 1024)).map(|i| (i % 253) as u8).collect();
@@ -697,15 +896,27 @@ mod tests {
         let part = 5 * 1024 * 1024;
         let file = Arc::new(std::fs::File::open(&path).unwrap());
         let size = data.len() as u64;
-        let h = hash_parts(&file, size, part).await.unwrap();
-        assert_eq!(h.whole, hex::encode(Sha256::digest(&data)));
-        assert_eq!(h.parts.len(), 3);
+        let mut hashes = hash_ahead(Arc::clone(&file), size, part);
+        let mut got = Vec::new();
+        while let Some(h) = hashes.recv().await {
+            got.push(h.unwrap());
+        }
+        let want: Vec<String> = data
+            .chunks(part as usize)
+            .chain([&data[..]])
+            .map(|c| hex::encode(Sha256::digest(c)))
+            .collect();
+        assert_eq!(got, want, "three parts, then the whole file");
         assert_eq!(
-            h.parts[2],
-            hex::encode(Sha256::digest(&data[2 * part as usize..]))
+            hash_range(Arc::clone(&file), part, part).await.unwrap(),
+            want[1]
         );
-        let small = hash_parts(&file, size, 64 * 1024 * 1024).await.unwrap();
-        assert!(small.parts.is_empty());
+        // Asked for more than the file holds: the file became shorter.
+        let mut hashes = hash_ahead(file, size + 1, part);
+        assert!(hashes.recv().await.unwrap().is_ok());
+        assert!(hashes.recv().await.unwrap().is_ok());
+        assert_eq!(hashes.recv().await.unwrap().unwrap_err(), SHORTER);
+        assert!(hashes.recv().await.is_none(), "nothing after the error");
     }
 
     #[tokio::test]

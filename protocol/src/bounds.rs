@@ -405,7 +405,9 @@ impl TransferRequest {
             TransferOp::Download { input } => name("input", input)?,
             TransferOp::Upload { output, sha256, .. } => {
                 name("output", output)?;
-                tag("sha256", sha256)?;
+                if let Some(sha256) = sha256 {
+                    tag("sha256", sha256)?;
+                }
             }
             TransferOp::UploadPart {
                 output,

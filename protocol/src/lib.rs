@@ -496,8 +496,14 @@ pub enum TransferOp {
         output: String,
         /// The file's size.
         size: u64,
-        /// The file's SHA-256, lower-case hex.
-        sha256: String,
+        /// The file's SHA-256, lower-case hex: required when `parts` is 1
+        /// (the URL binds the body to it). A multipart upload leaves it out,
+        /// so the file need not be read before its first part is sent: each
+        /// part names its own, and [`TransferOp::Complete`] the whole file's.
+        /// (Agents before this was optional send it for every upload; it is
+        /// still accepted.)
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        sha256: Option<String>,
         /// Into how many parts it is cut, 1 to [`MAX_UPLOAD_PARTS`].
         parts: u32,
     },
@@ -527,7 +533,8 @@ pub enum TransferOp {
         parts: Vec<UploadedPart>,
         /// The file's size.
         size: u64,
-        /// The file's SHA-256.
+        /// The file's SHA-256, lower-case hex, the one the output is
+        /// recorded with.
         sha256: String,
     },
     /// The values of the project secrets the attempt's task names (its

@@ -1,7 +1,9 @@
 //! The agent's transfer code against faults: the embedded S3 store behind a
 //! proxy that breaks connections and refuses requests on purpose. A broken
-//! download resumes where it stopped; a failed part is sent again alone.
-//! URLs are signed before each request as the ingress signs them.
+//! download resumes where it stopped; a failed part is sent again alone; a
+//! file that changes or shrinks while it is sent fails its upload and
+//! nothing is stored. URLs are signed before each request as the ingress
+//! signs them.
 
 #![expect(
     clippy::unwrap_used,
@@ -25,6 +27,9 @@ use uuid::Uuid;
 const KEY: &str = "faults/object";
 const PART: u64 = 5 * 1024 * 1024;
 
+/// Something done to the file while it is uploaded.
+type Hook = Box<dyn FnOnce() + Send>;
+
 /// What the proxy saw and what it should break.
 #[derive(Default)]
 struct Faults {
@@ -34,6 +39,11 @@ struct Faults {
     cut_first_get_after: Option<usize>,
     /// Refuse the first PUT of this part number.
     refuse_part: Option<u32>,
+    /// At the first PUT of this part number (`None`: a one-part upload),
+    /// run this, then refuse the PUT.
+    on_put: Option<(Option<u32>, Hook)>,
+    /// How many completions the signer was asked for.
+    completions: usize,
 }
 
 #[derive(Clone)]
@@ -54,7 +64,7 @@ async fn forward(State(p): State<Proxy>, req: Request) -> Response {
     let (parts, body) = req.into_parts();
     let ranged = parts.headers.contains_key("range");
     let part = part_number(parts.uri.query().unwrap_or_default());
-    let (cut, refuse) = {
+    let (cut, refuse, hook) = {
         let mut f = p.faults.lock().unwrap();
         f.seen.push((parts.method.to_string(), ranged, part));
         let gets = f.seen.iter().filter(|s| s.0 == "GET").count();
@@ -63,12 +73,20 @@ async fn forward(State(p): State<Proxy>, req: Request) -> Response {
         } else {
             None
         };
-        let refuse = parts.method == "PUT" && part.is_some() && f.refuse_part == part;
+        let mut refuse = parts.method == "PUT" && part.is_some() && f.refuse_part == part;
         if refuse {
             f.refuse_part = None;
         }
-        (cut, refuse)
+        let mut hook = None;
+        if parts.method == "PUT" && f.on_put.as_ref().is_some_and(|(n, _)| *n == part) {
+            hook = f.on_put.take().map(|(_, hook)| hook);
+            refuse = true;
+        }
+        (cut, refuse, hook)
     };
+    if let Some(hook) = hook {
+        hook();
+    }
     if refuse {
         return Response::builder().status(503).body(Body::empty()).unwrap();
     }
@@ -98,7 +116,7 @@ async fn forward(State(p): State<Proxy>, req: Request) -> Response {
 }
 
 /// Signs as the ingress does, for one object.
-async fn sign(store: &ObjectStore, op: TransferOp) -> TransferGrant {
+async fn sign(store: &ObjectStore, faults: &Mutex<Faults>, op: TransferOp) -> TransferGrant {
     match op {
         TransferOp::Secrets => TransferGrant {
             error: Some("these tasks name no secrets".into()),
@@ -116,7 +134,7 @@ async fn sign(store: &ObjectStore, op: TransferOp) -> TransferGrant {
         TransferOp::Upload {
             sha256, parts: 1, ..
         } => {
-            let p = store.presign_put(KEY, Some(&sha256)).await.unwrap();
+            let p = store.presign_put(KEY, sha256.as_deref()).await.unwrap();
             TransferGrant {
                 url: Some(p.url),
                 headers: p.headers,
@@ -124,7 +142,7 @@ async fn sign(store: &ObjectStore, op: TransferOp) -> TransferGrant {
             }
         }
         TransferOp::Upload { sha256, .. } => TransferGrant {
-            upload_id: Some(store.start_multipart(KEY, Some(&sha256)).await.unwrap()),
+            upload_id: Some(store.start_multipart(KEY, sha256.as_deref()).await.unwrap()),
             ..TransferGrant::default()
         },
         TransferOp::UploadPart {
@@ -146,6 +164,7 @@ async fn sign(store: &ObjectStore, op: TransferOp) -> TransferGrant {
         TransferOp::Complete {
             upload_id, parts, ..
         } => {
+            faults.lock().unwrap().completions += 1;
             if let Some(id) = upload_id {
                 let parts: Vec<_> = parts.into_iter().map(|p| (p.part_number, p.etag)).collect();
                 store.complete_multipart(KEY, &id, &parts).await.unwrap();
@@ -158,6 +177,7 @@ async fn sign(store: &ObjectStore, op: TransferOp) -> TransferGrant {
 struct Rig {
     files: Files,
     faults: Arc<Mutex<Faults>>,
+    store: ObjectStore,
     root: tempfile::TempDir,
 }
 
@@ -188,11 +208,12 @@ async fn rig() -> Rig {
 
     let broker = Arc::new(Broker::default());
     let signer = Arc::clone(&broker);
+    let (signing, seen) = (store.clone(), Arc::clone(&faults));
     tokio::spawn(async move {
         loop {
             signer.wanted().await;
             while let Some(AgentMessage::TransferRequest(r)) = signer.next_message() {
-                let grant = sign(&store, r.op).await;
+                let grant = sign(&signing, &seen, r.op).await;
                 signer.answer(TransferGrant { id: r.id, ..grant });
             }
         }
@@ -201,6 +222,7 @@ async fn rig() -> Rig {
     Rig {
         files: Files::new(broker, PART),
         faults,
+        store,
         root,
     }
 }
@@ -304,6 +326,97 @@ async fn a_part_refused_every_time_fails_the_upload_saying_which() {
         "{e}"
     );
     assert!(e.contains("503"), "{e}");
+}
+
+/// Uploads `content` as `name`, running `hook` at the first PUT of part
+/// `part` (`None`: a one-part upload) and refusing that PUT; returns the
+/// upload's error and the parts PUT, in order.
+async fn upload_changing(
+    content: &[u8],
+    part: Option<u32>,
+    hook: impl FnOnce(&std::path::Path) + Send + 'static,
+) -> (String, Vec<Option<u32>>, Rig) {
+    let rig = rig().await;
+    let work = rig.root.path().join("work");
+    let path = work.join("out.bin");
+    std::fs::write(&path, content).unwrap();
+    rig.faults.lock().unwrap().on_put = Some((part, Box::new(move || hook(&path))));
+    let output = TaskOutput {
+        name: "out".into(),
+        path: "out.bin".into(),
+    };
+    let e = rig
+        .files
+        .upload(Uuid::nil(), 1, &output, &workspace(&work))
+        .await
+        .unwrap_err();
+    let puts = {
+        let f = rig.faults.lock().unwrap();
+        f.seen
+            .iter()
+            .filter(|s| s.0 == "PUT")
+            .map(|s| s.2)
+            .collect()
+    };
+    (e, puts, rig)
+}
+
+/// Flips the byte at `offset` of the file at `path`, keeping its size.
+fn flip(path: &std::path::Path, offset: u64) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let mut b = [0u8];
+    f.read_exact_at(&mut b, offset).unwrap();
+    f.write_all_at(&[b[0] ^ 0xff], offset).unwrap();
+}
+
+/// Nothing was completed, and the store holds no object.
+async fn nothing_stored(rig: &Rig) {
+    assert_eq!(rig.faults.lock().unwrap().completions, 0, "no completion");
+    assert_eq!(rig.store.head(KEY).await.unwrap(), None, "no object");
+}
+
+#[tokio::test]
+async fn a_file_changed_while_its_parts_are_sent_fails_at_once_and_nothing_is_stored() {
+    let content = data(2 * PART + 4321);
+    let (e, puts, rig) = upload_changing(&content, Some(2), |path| flip(path, PART + 77)).await;
+    assert!(
+        e.starts_with("output out: part 2 of 3: the file changed while it was uploaded"),
+        "{e}"
+    );
+    assert_eq!(puts, [Some(1), Some(2)], "part 2 was not tried again");
+    nothing_stored(&rig).await;
+}
+
+#[tokio::test]
+async fn a_file_changed_while_it_is_sent_in_one_put_fails_and_nothing_is_stored() {
+    let content = data(PART / 2);
+    let (e, puts, rig) = upload_changing(&content, None, |path| flip(path, 12345)).await;
+    assert!(
+        e.starts_with("output out: the file changed while it was uploaded"),
+        "{e}"
+    );
+    assert_eq!(puts, [None]);
+    nothing_stored(&rig).await;
+}
+
+#[tokio::test]
+async fn a_file_that_shrinks_while_it_is_sent_fails_and_nothing_is_stored() {
+    let content = data(2 * PART + 4321);
+    let (e, _, rig) = upload_changing(&content, Some(2), |path| {
+        let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+        f.set_len(PART + 10).unwrap();
+    })
+    .await;
+    assert!(
+        e.starts_with("output out: part 2 of 3: the file became shorter while it was uploaded"),
+        "{e}"
+    );
+    nothing_stored(&rig).await;
 }
 
 /// The work directory, held open as the agent holds a workspace.

@@ -1,13 +1,19 @@
 //! `unidesk-s3-bench`: how fast a large file moves through presigned URLs
-//! to and from the embedded object store, next to a plain `cp` of the same
-//! file on the same disk in the same run, and how much memory the agent's
-//! transfer code needs meanwhile.
+//! to and from the embedded object store with the agent's code, next to
+//! plain `curl` transfers of the same file to the same store and a plain
+//! `cp` on the same disk, all in the same run, and how much memory the
+//! agent's transfer code needs meanwhile.
 //!
-//! The store (s3s over s3s-fs) runs in this process. Each transfer runs in
-//! a child process of its own (this binary again, `transfer …`) using the
-//! agent's own code (`node_agent::transfer::Files`): it asks for a URL
-//! before each request exactly as an agent does, answered by a signer with
-//! the server's logic, and reports its peak resident memory (`VmHWM`).
+//! The store (s3s over s3s-fs) runs in this process. Each agent transfer
+//! runs in a child process of its own (this binary again, `transfer …`)
+//! using the agent's own code (`node_agent::transfer::Files`): it asks for
+//! a URL before each request exactly as an agent does, answered by a
+//! signer with the server's logic, and reports its peak resident memory
+//! (`VmHWM`). The reference is `curl`: a multipart upload whose parts are
+//! each one `curl -T -` of that byte range to a presigned URL (the upload
+//! created and completed by the server's own calls, as for the agent), and
+//! a `curl -o` download; curl hashes nothing and the store checks no
+//! SHA-256 of its bodies.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -34,7 +40,7 @@ struct Cli {
     #[command(subcommand)]
     command: Option<Step>,
     /// Size of the test file in MiB.
-    #[arg(long, default_value_t = 2048)]
+    #[arg(long, default_value_t = 1024)]
     mib: u64,
     /// Where to write the test file and the store's objects (one disk).
     #[arg(long)]
@@ -74,6 +80,8 @@ struct Measured {
 }
 
 const KEY: &str = "bench/big.bin";
+/// Where the reference upload goes.
+const CURL_KEY: &str = "bench/curl.bin";
 
 fn vmhwm_kib() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
@@ -118,7 +126,7 @@ async fn sign(store: &ObjectStore, op: TransferOp) -> Result<TransferGrant, Stri
         TransferOp::Upload {
             sha256, parts: 1, ..
         } => {
-            let p = store.presign_put(KEY, Some(&sha256)).await.map_err(e)?;
+            let p = store.presign_put(KEY, sha256.as_deref()).await.map_err(e)?;
             TransferGrant {
                 url: Some(p.url),
                 headers: p.headers,
@@ -126,7 +134,12 @@ async fn sign(store: &ObjectStore, op: TransferOp) -> Result<TransferGrant, Stri
             }
         }
         TransferOp::Upload { sha256, .. } => TransferGrant {
-            upload_id: Some(store.start_multipart(KEY, Some(&sha256)).await.map_err(e)?),
+            upload_id: Some(
+                store
+                    .start_multipart(KEY, sha256.as_deref())
+                    .await
+                    .map_err(e)?,
+            ),
             ..TransferGrant::default()
         },
         TransferOp::UploadPart {
@@ -273,6 +286,100 @@ fn child(
     Ok(serde_json::from_slice(&out.stdout)?)
 }
 
+/// PUTs `len` bytes of `file` from `offset` to `url` with `curl -T -`,
+/// the bytes fed through its standard input; returns the ETag the store
+/// answered.
+fn curl_put(url: &str, file: &Path, offset: u64, len: u64) -> anyhow::Result<String> {
+    use std::io::Write;
+    use std::os::unix::fs::FileExt;
+    use std::process::Stdio;
+    let mut curl = Command::new("curl")
+        .args(["-sS", "--fail-with-body", "-X", "PUT", "-T", "-"])
+        .args(["-H", &format!("Content-Length: {len}"), "-H", "Expect:"])
+        .args(["-o", "/dev/null", "-w", "%header{etag}", url])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("running curl")?;
+    let mut stdin = curl.stdin.take().context("curl's standard input")?;
+    let source = std::fs::File::open(file)?;
+    let mut buf = vec![0u8; 1024 * 1024];
+    let mut sent = 0u64;
+    while sent < len {
+        let want = (len - sent).min(buf.len() as u64) as usize;
+        let n = source.read_at(&mut buf[..want], offset + sent)?;
+        if n == 0 {
+            bail!("{} ended early", file.display());
+        }
+        stdin.write_all(&buf[..n])?;
+        sent += n as u64;
+    }
+    drop(stdin);
+    let out = curl.wait_with_output()?;
+    if !out.status.success() {
+        bail!("curl PUT: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// The reference upload: a multipart upload of `file` whose parts are each
+/// sent by one `curl`, one after the other. Returns the seconds it took.
+async fn curl_up(store: &ObjectStore, file: &Path, size: u64, part: u64) -> anyhow::Result<f64> {
+    let started = Instant::now();
+    let id = store.start_multipart(CURL_KEY, None).await?;
+    let mut parts = Vec::new();
+    let mut offset = 0;
+    while offset < size {
+        let number = parts.len() as u32 + 1;
+        let len = part.min(size - offset);
+        let url = store.presign_part(CURL_KEY, &id, number, None).await?.url;
+        let file = file.to_path_buf();
+        let etag =
+            tokio::task::spawn_blocking(move || curl_put(&url, &file, offset, len)).await??;
+        parts.push((number, etag));
+        offset += len;
+    }
+    store.complete_multipart(CURL_KEY, &id, &parts).await?;
+    let seconds = started.elapsed().as_secs_f64();
+    let info = store
+        .head(CURL_KEY)
+        .await?
+        .context("curl's upload is missing")?;
+    if info.size != size {
+        bail!("curl's upload stored {} of {size} bytes", info.size);
+    }
+    Ok(seconds)
+}
+
+/// The reference download: `curl -o` of object `key` into `dest`. Returns
+/// the seconds it took.
+async fn curl_down(store: &ObjectStore, key: &str, dest: &Path) -> anyhow::Result<f64> {
+    let started = Instant::now();
+    let url = store.presign_get(key, None).await?;
+    let dest = dest.to_path_buf();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("curl")
+            .args(["-sS", "--fail", "-o"])
+            .arg(&dest)
+            .arg(&url)
+            .output()
+    })
+    .await??;
+    if !out.status.success() {
+        bail!("curl GET: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(started.elapsed().as_secs_f64())
+}
+
+/// The SHA-256 of the file at `path`, lower-case hex.
+fn sha256_of(path: &Path) -> anyhow::Result<String> {
+    let mut f = std::fs::File::open(path)?;
+    let mut hash = Sha256::new();
+    std::io::copy(&mut f, &mut hash)?;
+    Ok(hex::encode(hash.finalize()))
+}
+
 fn mib_s(bytes: u64, seconds: f64) -> f64 {
     bytes as f64 / (1024.0 * 1024.0) / seconds.max(1e-9)
 }
@@ -312,11 +419,34 @@ async fn bench(cli: &Cli) -> anyhow::Result<()> {
     tokio::spawn(embedded.run(listener, std::future::pending()));
 
     let part = cli.part_mib * 1024 * 1024;
-    let up = child("up", &endpoint, &root, "big.bin", part, &keys)?;
+    let signer = ObjectStore::new(&Config {
+        endpoint: Some(endpoint.clone()),
+        public_endpoint: None,
+        bucket: "unidesk".into(),
+        region: "us-east-1".into(),
+        access_key: keys.0.clone(),
+        secret_key: keys.1.clone(),
+        url_ttl: Duration::from_secs(900),
+    })?;
+    let agent = |direction: &'static str, file: &'static str| {
+        let (endpoint, root, keys) = (endpoint.clone(), root.clone(), keys.clone());
+        tokio::task::spawn_blocking(move || child(direction, &endpoint, &root, file, part, &keys))
+    };
+
+    eprintln!("upload: curl, then the agent's code");
+    let curl_up_s = curl_up(&signer, &file, bytes, part).await?;
+    let up = agent("up", "big.bin").await??;
     if up.sha256 != sha {
         bail!("the upload hashed {} but the file is {sha}", up.sha256);
     }
-    let down = child("down", &endpoint, &root, "down.bin", part, &keys)?;
+    eprintln!("download: curl, then the agent's code");
+    let curl_file = root.join("curl.bin");
+    let curl_down_s = curl_down(&signer, KEY, &curl_file).await?;
+    if sha256_of(&curl_file)? != sha {
+        bail!("curl's download does not match the file");
+    }
+    std::fs::remove_file(&curl_file)?;
+    let down = agent("down", "down.bin").await??;
     if down.sha256 != sha || down.bytes != bytes {
         bail!("the download does not match the file");
     }
@@ -328,9 +458,20 @@ async fn bench(cli: &Cli) -> anyhow::Result<()> {
         cli.mib,
         mib_s(bytes, cp_s)
     );
+    println!(
+        "| `curl` upload, parts of {} MiB | {} | {curl_up_s:.2} | {:.0} | | |",
+        cli.part_mib,
+        cli.mib,
+        mib_s(bytes, curl_up_s)
+    );
+    println!(
+        "| `curl` download | {} | {curl_down_s:.2} | {:.0} | | |",
+        cli.mib,
+        mib_s(bytes, curl_down_s)
+    );
     for (what, m) in [
-        ("upload (hash, then parts of {part} MiB)", &up),
-        ("download (streamed, hashed)", &down),
+        ("agent upload, parts of {part} MiB", &up),
+        ("agent download", &down),
     ] {
         println!(
             "| {} | {} | {:.2} | {:.0} | {:.1} MiB (at start {:.1} MiB) | {:.1} s |",
@@ -343,10 +484,19 @@ async fn bench(cli: &Cli) -> anyhow::Result<()> {
             m.cpu_seconds
         );
     }
+    for (way, curl_s, m) in [("up", curl_up_s, &up), ("down", curl_down_s, &down)] {
+        println!(
+            "s3: {way:<4} {} MiB: curl {:.0} MiB/s, agent {:.0} MiB/s, agent/curl {:.2}",
+            cli.mib,
+            mib_s(bytes, curl_s),
+            mib_s(bytes, m.seconds),
+            curl_s / m.seconds
+        );
+    }
     println!(
-        "ratios: upload {:.2}x and download {:.2}x the time of cp",
-        up.seconds / cp_s,
-        down.seconds / cp_s
+        "s3: peak RSS of the agent's transfer process: up {:.1} MiB, down {:.1} MiB",
+        up.vmhwm_kib as f64 / 1024.0,
+        down.vmhwm_kib as f64 / 1024.0
     );
     Ok(())
 }
