@@ -567,7 +567,12 @@ impl Timeline {
                 "task" => (Kind::Task, First::Project(task_project(&payload))),
                 _ => (Kind::Node, First::Name(node_name(&payload))),
             };
-            kept.insert((fact.0, id), fact.1.clone());
+            // Only what a first event does say is remembered: one that
+            // says nothing may be an undecodable event an operator mends,
+            // and is read again until then.
+            if matches!(fact.1, First::Project(Some(_)) | First::Name(Some(_))) {
+                kept.insert((fact.0, id), fact.1.clone());
+            }
             known.insert((fact.0, id), fact.1);
         }
         Ok(known)

@@ -402,13 +402,17 @@ async fn assert_nothing_left(pool: &PgPool) {
 }
 
 /// The read models' tables as the catalog describes them: indexes with
-/// their names, owners, grants, and a view's definition.
+/// their names, keys and other constraints, owners, grants, and a view's
+/// definition.
 async fn catalog(pool: &PgPool) -> String {
     let rows: Vec<String> = sqlx::query_scalar(
         "SELECT format('%s %s', tablename, indexdef) FROM pg_indexes \
            WHERE tablename IN ('task_view', 'node_view', 'project_view', 'project_member_view', 'user_view', 'timeline') \
          UNION ALL SELECT format('%s owner %s acl %s', c.relname, pg_get_userbyid(c.relowner), c.relacl) \
            FROM pg_class c WHERE c.relname IN ('task_view', 'node_view', 'project_view', 'project_member_view', 'user_view', 'timeline') \
+         UNION ALL SELECT format('%s constraint %s %s', c.relname, k.conname, pg_get_constraintdef(k.oid)) \
+           FROM pg_constraint k JOIN pg_class c ON c.oid = k.conrelid \
+           WHERE c.relname IN ('task_view', 'node_view', 'project_view', 'project_member_view', 'user_view', 'timeline') \
          ORDER BY 1",
     )
     .fetch_all(pool)
@@ -437,6 +441,10 @@ async fn a_rebuild_keeps_index_names_grants_and_whatever_depends_on_a_model() {
         .unwrap();
     let (before, rows) = (catalog(&db.pool).await, dump(&db.pool).await);
     assert!(before.contains("timeline_order"), "{before}");
+    assert!(
+        before.contains("task_view constraint task_view_pkey PRIMARY KEY (id)"),
+        "{before}"
+    );
     projector.rebuild(None).await.unwrap();
     assert_eq!(catalog(&db.pool).await, before);
     assert_eq!(dump(&db.pool).await, rows);
