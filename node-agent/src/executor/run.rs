@@ -300,7 +300,13 @@ async fn container_side(
             return Err(stop);
         }
     };
-    if halt.is_raised() || cancel.is_cancelled() {
+    if cancel.is_cancelled() {
+        return Err(Stop::Ended(Ending::plain(
+            ReportedState::Cancelled,
+            Some("cancelled while preparing".to_owned()),
+        )));
+    }
+    if halt.is_raised() {
         // The code side has ended the attempt: no container for it.
         return Err(Stop::Halted);
     }
