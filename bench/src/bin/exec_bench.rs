@@ -847,7 +847,8 @@ struct Phases {
     env: f64,
     /// Building or finding the image.
     image: f64,
-    /// Image ready → container started.
+    /// The last preparing stage → container started: the start, and the
+    /// create when it did not happen beside the code checkout.
     container: f64,
 }
 
@@ -859,7 +860,7 @@ impl Phases {
         "  code fetch + checkout",
         "  env fetch + checkout",
         "  image build or lookup",
-        "  container create + start",
+        "  prepared → running (container)",
     ];
 
     /// The steps, in the order of [`Phases::NAMES`].
@@ -950,18 +951,37 @@ impl Timeline {
         }
     }
 
-    /// The start split into its steps.
+    /// The start split into its steps. The code and the image are
+    /// prepared side by side from the first stage on: an image found on
+    /// the node reports no `building image` stage (its lookup is timed
+    /// from the first stage) and an env not checked out no `fetching
+    /// environment` stage (0 ms).
     fn phases(&self) -> anyhow::Result<Phases> {
         let span = |from: &str, to: &str| -> anyhow::Result<f64> {
             Ok(ms(self.stage(from)?.at, self.stage(to)?.at))
+        };
+        let first = self.stages.first().context("no TaskPreparing event")?.at;
+        let prepared = self
+            .stages
+            .iter()
+            .map(|s| s.at)
+            .max()
+            .context("no TaskPreparing event")?;
+        let env = match self.stage(STAGE_ENV) {
+            Ok(_) => span(STAGE_ENV, STAGE_ENV_READY)?,
+            Err(_) => 0.0,
+        };
+        let image = match self.stage(STAGE_IMAGE) {
+            Ok(_) => span(STAGE_IMAGE, STAGE_IMAGE_READY)?,
+            Err(_) => ms(first, self.stage(STAGE_IMAGE_READY)?.at),
         };
         Ok(Phases {
             total: ms(self.assigned, self.started),
             delivery: ms(self.assigned, self.accepted),
             code: span(STAGE_CODE, STAGE_CODE_READY)?,
-            env: span(STAGE_ENV, STAGE_ENV_READY)?,
-            image: span(STAGE_IMAGE, STAGE_IMAGE_READY)?,
-            container: ms(self.stage(STAGE_IMAGE_READY)?.at, self.started),
+            env,
+            image,
+            container: ms(prepared, self.started),
         })
     }
 }
@@ -1015,12 +1035,70 @@ async fn start_bench(
     let dev = Dev::start(&exe, &dev_dir).await?;
     let mut images = Vec::new();
     let trials = start_trials(cli, &dev, repos, daemon, history, &mut images).await;
+    let alone = match (&trials, images.last()) {
+        (Ok(_), Some(image)) => container_alone(cli.runs, image, dir).await.map(Some),
+        _ => Ok(None),
+    };
     let removed = remove_images(&images).await;
     let stopped = dev.stop().await;
     let trials = trials?;
+    let alone = alone?;
     stopped?;
     removed?;
-    Ok(start_report(&trials))
+    Ok(start_report(&trials, alone))
+}
+
+/// The reference: `runs` containers of `image` created and started
+/// straight through Docker's API, with the same settings as a task's
+/// container (the same create body, a directory bind-mounted at
+/// `/workspace`, `true` as the command) but nothing around them: no
+/// checkout, no reports. Returns the spread of create + start in ms.
+async fn container_alone(runs: usize, image: &str, dir: &Path) -> anyhow::Result<Spread> {
+    use node_agent::docker::{self, Confinement, ContainerSpec};
+    let docker = docker::connect(None)
+        .await
+        .context("connecting to Docker")?;
+    let workspace = dir.join("alone");
+    std::fs::create_dir_all(&workspace).context("creating the reference's workspace")?;
+    let confinement = Confinement::default();
+    let command = vec!["true".to_owned()];
+    let env = std::collections::BTreeMap::new();
+    let mut times = Vec::new();
+    for _ in 0..runs {
+        let spec = ContainerSpec {
+            image,
+            command: &command,
+            env: &env,
+            workspace: &workspace,
+            labels: std::collections::HashMap::new(),
+            cpus: 1.0,
+            memory_mb: 256,
+            gpus: &[],
+            pids_limit: confinement.pids_limit,
+            network: confinement.network,
+            layer_limit_mb: None,
+        };
+        let began = Instant::now();
+        let id = docker::create_container(&docker, &spec)
+            .await
+            .context("creating the reference container")?;
+        let started = docker::start_container(&docker, &id).await;
+        let took = began.elapsed().as_secs_f64() * 1000.0;
+        let exited = match started {
+            Ok(()) => docker::wait_exit(&docker, &id).await.map(drop),
+            Err(e) => Err(e),
+        };
+        let removed = docker::remove_container(&docker, &id).await;
+        exited.context("running the reference container")?;
+        removed.context("removing the reference container")?;
+        times.push(took);
+    }
+    let spread = Spread::of(times);
+    println!(
+        "container alone (create + start of {image}, straight through Docker): {} ms",
+        spread.show()
+    );
+    Ok(spread)
 }
 
 /// One measured start.
@@ -1155,8 +1233,9 @@ impl Spread {
     }
 }
 
-/// Prints the start summary; returns its lines for scripts.
-fn start_report(trials: &[Trial]) -> Vec<String> {
+/// Prints the start summary, with the container-alone reference when it
+/// was measured; returns its lines for scripts.
+fn start_report(trials: &[Trial], alone: Option<Spread>) -> Vec<String> {
     let spreads = |cache: Cache| -> Vec<Spread> {
         (0..Phases::NAMES.len())
             .map(|i| {
@@ -1178,6 +1257,14 @@ fn start_report(trials: &[Trial]) -> Vec<String> {
     for (i, name) in Phases::NAMES.iter().enumerate() {
         println!("{name:<34} {:>28} {:>28}", cold[i].show(), cached[i].show());
     }
+    if let Some(alone) = &alone {
+        println!(
+            "{:<34} {:>28} {:>28}",
+            "reference: container alone",
+            "",
+            alone.show()
+        );
+    }
     let mut lines = Vec::new();
     for (cache, s) in [(Cache::Cold, &cold), (Cache::Cached, &cached)] {
         lines.push(format!(
@@ -1195,6 +1282,12 @@ fn start_report(trials: &[Trial]) -> Vec<String> {
             s[3].median,
             s[4].median,
             s[5].median
+        ));
+    }
+    if let Some(alone) = alone {
+        lines.push(format!(
+            "exec: container_alone_ms {} runs={runs}",
+            alone.pairs("")
         ));
     }
     lines

@@ -28,6 +28,11 @@ impl Canceller {
 }
 
 impl CancelSignal {
+    /// Whether the attempt has been cancelled already.
+    pub(super) fn is_cancelled(&self) -> bool {
+        self.0.borrow().is_some()
+    }
+
     /// Resolves with the grace period once the attempt is cancelled; never
     /// resolves if the [`Canceller`] is dropped without cancelling.
     pub async fn cancelled(&mut self) -> Duration {

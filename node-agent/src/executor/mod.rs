@@ -1,10 +1,15 @@
 //! Running one attempt of a task, from checkout to cleanup.
 //!
-//! [`run()`] reports, in order: `accepted`; `preparing` with the stages
-//! `fetching code`, `fetching environment` and `building image`; `running`
-//! with the container id; the container's output as log chunks; and exactly
-//! one final state: `succeeded`, `failed`, `cancelled` or `timed_out`. All
-//! log chunks are reported before the final state. A failure at any step
+//! [`run()`] reports, in order: `accepted`; `preparing` with its stages;
+//! `running` with the container id; the container's output as log chunks;
+//! and exactly one final state: `succeeded`, `failed`, `cancelled` or
+//! `timed_out`. All log chunks are reported before the final state. The
+//! stages come from two sides that run side by side, so the two sides'
+//! stages interleave: the code (`fetching code`, `code ready`, then any
+//! inputs) and the image (`fetching environment`, `environment ready`,
+//! `building image`, `image ready`; only the two `ready` stages, saying
+//! so, when the image is on the node already and the env repository is
+//! not needed). A failure at any step
 //! ends the attempt `failed` with a message a person can act on; nothing
 //! here panics or returns an error to the caller.
 //!
@@ -12,8 +17,9 @@
 //! server has stored the final report: [`release()`] removes them then (the
 //! connection calls it). An agent killed in between finds either the
 //! report in its journal or the container with Docker's record of its
-//! end, never neither. An attempt that never got a container has its
-//! directory removed before its final report. The git mirror and the image
+//! end, never neither. An attempt that never started a container has its
+//! directory (and a container created for it) removed before its final
+//! report. The git mirror and the image
 //! stay cached.
 //!
 //! Every file of an attempt is reached through [`Root`](crate::beneath::Root) handles

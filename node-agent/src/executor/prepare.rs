@@ -1,6 +1,7 @@
-//! Getting an attempt ready to run: its workspace, the code and env
-//! checkouts, a Dockerfile that stays inside the env repository, and the
-//! image.
+//! Getting an attempt ready to run: its workspace, the code checkout, and
+//! the image (found by its tag, or built from an env checkout whose
+//! Dockerfile stays inside the env repository). The code and the image are
+//! two independent halves: the run pipeline does them side by side.
 
 use std::path::{Component, Path, PathBuf};
 
@@ -39,15 +40,15 @@ pub(super) enum PrepareError {
     Workspace(#[source] PathError),
 }
 
-/// Makes the attempt's directory, fetches code and env into it and finds
-/// or builds the image; returns the directory and the image's tag.
-pub(super) async fn prepare(
+/// How git authenticates for a repository whose credential secret is
+/// `credential`, with the task's and the node's known hosts.
+fn auth(
     spec: &RunTask,
     secrets: &SecretValues,
     ctx: &Context,
-    out: &Reporter,
-) -> Result<(Workspace, String), PrepareError> {
-    let auth = |credential: &Option<String>| GitAuth {
+    credential: &Option<String>,
+) -> GitAuth {
+    GitAuth {
         credential: credential
             .as_ref()
             .and_then(|name| secrets.0.get(name))
@@ -58,31 +59,85 @@ pub(super) async fn prepare(
             .and_then(|name| secrets.0.get(name))
             .map(|v| Zeroizing::new(v.clone())),
         node_known_hosts: ctx.git_known_hosts.clone(),
-    };
-    checked_dockerfile_path(&spec.dockerfile_path)?;
-    let (workspace, env) = fresh_workspace(ctx, spec.task_id, spec.attempt).await?;
-    let code = &workspace.code;
+    }
+}
 
+/// Makes the attempt's directory, empty, with `code/` and `env/` in it,
+/// once the spec's Dockerfile path is known to stay inside the env
+/// repository; returns the workspace and the env checkout's directory.
+pub(super) async fn make_workspace(
+    spec: &RunTask,
+    ctx: &Context,
+) -> Result<(Workspace, Root), PrepareError> {
+    checked_dockerfile_path(&spec.dockerfile_path)?;
+    fresh_workspace(ctx, spec.task_id, spec.attempt).await
+}
+
+/// Checks the code out into `code`, reporting [`STAGE_CODE`] and
+/// [`STAGE_CODE_READY`].
+pub(super) async fn fetch_code(
+    spec: &RunTask,
+    secrets: &SecretValues,
+    ctx: &Context,
+    out: &Reporter,
+    code: &Root,
+) -> Result<(), PrepareError> {
     let code_repo = Repository {
         role: "code",
         url: &spec.code_repo_url,
         commit: &spec.code_commit_id,
         stages: (STAGE_CODE, STAGE_CODE_READY),
-        auth: auth(&spec.code_credential),
+        auth: auth(spec, secrets, ctx, &spec.code_credential),
     };
-    fetch(ctx, out, code_repo, code).await?;
+    fetch(ctx, out, code_repo, code).await
+}
+
+/// Finds the attempt's image, or checks the env repository out into `env`
+/// and builds it there; returns the image's tag.
+///
+/// The tag is a function of the env URL, commit and Dockerfile path
+/// ([`docker::image_tag`]), so an image with that tag on the node is the
+/// one the checkout would build: then the env repository is not checked
+/// out (nor reached at all), and [`STAGE_ENV_READY`] and
+/// [`STAGE_IMAGE_READY`] say so. Otherwise the stages are reported as the
+/// env is fetched and the image built.
+pub(super) async fn env_image(
+    spec: &RunTask,
+    secrets: &SecretValues,
+    ctx: &Context,
+    out: &Reporter,
+    env: &Root,
+) -> Result<String, PrepareError> {
+    let tag = docker::image_tag(
+        &spec.env_repo_url,
+        &spec.env_commit_id,
+        &spec.dockerfile_path,
+    );
+    if docker::image_exists(&ctx.docker, &tag).await? {
+        tracing::info!(image = %tag, "image cached; env not checked out");
+        out.stage_done(
+            STAGE_ENV_READY,
+            format!(
+                "commit {}: image cached; env not checked out",
+                short(&spec.env_commit_id)
+            ),
+        )
+        .await;
+        out.stage_done(STAGE_IMAGE_READY, format!("{tag} cached"))
+            .await;
+        return Ok(tag);
+    }
     let env_repo = Repository {
         role: "env",
         url: &spec.env_repo_url,
         commit: &spec.env_commit_id,
         stages: (STAGE_ENV, STAGE_ENV_READY),
-        auth: auth(&spec.env_credential),
+        auth: auth(spec, secrets, ctx, &spec.env_credential),
     };
-    fetch(ctx, out, env_repo, &env).await?;
-    check_dockerfile(spec, &env).await?;
-
-    let tag = ensure_image(spec, ctx, out, &env).await?;
-    Ok((workspace, tag))
+    fetch(ctx, out, env_repo, env).await?;
+    check_dockerfile(spec, env).await?;
+    ensure_image(spec, ctx, out, env, &tag).await?;
+    Ok(tag)
 }
 
 /// One repository an attempt checks out, and the stages that report it.
@@ -123,22 +178,18 @@ async fn fetch(
     Ok(())
 }
 
-/// Finds or builds the attempt's image from the env checkout, reporting the
-/// stage; returns the image's tag.
+/// Finds or builds image `tag` from the env checkout, reporting the
+/// stage.
 async fn ensure_image(
     spec: &RunTask,
     ctx: &Context,
     out: &Reporter,
     env: &Root,
-) -> Result<String, PrepareError> {
+    tag: &str,
+) -> Result<(), PrepareError> {
     out.stage(STAGE_IMAGE).await;
-    let tag = docker::image_tag(
-        &spec.env_repo_url,
-        &spec.env_commit_id,
-        &spec.dockerfile_path,
-    );
     let started = std::time::Instant::now();
-    let source = ctx.images.ensure(&tag, env, &spec.dockerfile_path).await?;
+    let source = ctx.images.ensure(tag, env, &spec.dockerfile_path).await?;
     tracing::info!(image = %tag, ?source, "image ready");
     let detail = match source {
         ImageSource::Reused => format!("{tag} cached"),
@@ -148,7 +199,7 @@ async fn ensure_image(
         }
     };
     out.stage_done(STAGE_IMAGE_READY, detail).await;
-    Ok(tag)
+    Ok(())
 }
 
 /// Checks that the Dockerfile is a regular file inside the env checkout,

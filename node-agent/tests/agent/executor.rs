@@ -77,6 +77,17 @@ fn states(reports: &[Report]) -> Vec<(ReportedState, Option<String>)> {
         .collect()
 }
 
+/// The preparing stages among `reports` that are one of `names`, in the
+/// order they were reported.
+fn stages_among<'a>(reports: &'a [Report], names: &[&str]) -> Vec<&'a str> {
+    statuses(reports)
+        .into_iter()
+        .filter(|s| s.state == ReportedState::Preparing)
+        .filter_map(|s| s.stage.as_deref())
+        .filter(|stage| names.contains(stage))
+        .collect()
+}
+
 fn last(reports: &[Report]) -> &StatusReport {
     statuses(reports).last().copied().unwrap()
 }
@@ -109,37 +120,65 @@ async fn a_task_that_prints_and_exits_0_succeeds_with_its_output_in_order() {
     spec.env.insert("GREETING".into(), "hi there".into());
     let reports = run_kept(&ctx, spec.clone()).await;
 
-    let stage = |s: &str| (ReportedState::Preparing, Some(s.to_owned()));
+    // The code and the image are prepared side by side: each side's stages
+    // come in order, all of them between accepted and running.
+    let seen = states(&reports);
+    assert_eq!(seen.first(), Some(&(ReportedState::Accepted, None)));
     assert_eq!(
-        states(&reports),
-        vec![
-            (ReportedState::Accepted, None),
-            stage(executor::STAGE_CODE),
-            stage(executor::STAGE_CODE_READY),
-            stage(executor::STAGE_ENV),
-            stage(executor::STAGE_ENV_READY),
-            stage(executor::STAGE_IMAGE),
-            stage(executor::STAGE_IMAGE_READY),
+        seen[seen.len() - 2..],
+        [
             (ReportedState::Running, None),
-            (ReportedState::Succeeded, None),
+            (ReportedState::Succeeded, None)
         ]
     );
-    let details = |reports: &[Report]| -> Vec<String> {
+    assert!(seen[1..seen.len() - 2]
+        .iter()
+        .all(|(s, _)| *s == ReportedState::Preparing));
+    assert_eq!(
+        stages_among(
+            &reports,
+            &[executor::STAGE_CODE, executor::STAGE_CODE_READY]
+        ),
+        [executor::STAGE_CODE, executor::STAGE_CODE_READY]
+    );
+    let image_stages = [
+        executor::STAGE_ENV,
+        executor::STAGE_ENV_READY,
+        executor::STAGE_IMAGE,
+        executor::STAGE_IMAGE_READY,
+    ];
+    assert_eq!(stages_among(&reports, &image_stages), image_stages);
+    assert_eq!(seen.len(), 9, "{seen:?}");
+    let details = |reports: &[Report]| -> Vec<(String, String)> {
         statuses(reports)
             .iter()
             .filter(|s| s.state == ReportedState::Preparing)
-            .filter_map(|s| s.message.clone())
+            .filter_map(|s| Some((s.stage.clone()?, s.message.clone()?)))
             .collect()
+    };
+    let detail = |found: &[(String, String)], stage: &str| -> String {
+        found
+            .iter()
+            .find(|(s, _)| s == stage)
+            .map(|(_, d)| d.clone())
+            .unwrap_or_else(|| panic!("no detail for {stage}: {found:?}"))
     };
     let first = details(&reports);
     assert_eq!(first.len(), 3, "{first:?}");
+    let code_ready = detail(&first, executor::STAGE_CODE_READY);
     assert!(
-        first[0].starts_with(&format!("commit {}: fetched ", &code.commit[..12])),
+        code_ready.starts_with(&format!("commit {}: fetched ", &code.commit[..12])),
         "{first:?}"
     );
-    assert!(first[1].contains(": fetched "), "{first:?}");
-    assert!(first[2].contains(" built in "), "{first:?}");
-    let running = statuses(&reports)[7];
+    assert!(
+        detail(&first, executor::STAGE_ENV_READY).contains(": fetched "),
+        "{first:?}"
+    );
+    assert!(
+        detail(&first, executor::STAGE_IMAGE_READY).contains(" built in "),
+        "{first:?}"
+    );
+    let running = statuses(&reports)[seen.len() - 2];
     let container = running.container.clone().unwrap();
     // Docker copies stdout and stderr through separate pipes: each stream
     // keeps its order, but not their interleaving.
@@ -182,14 +221,32 @@ async fn a_task_that_prints_and_exits_0_succeeds_with_its_output_in_order() {
     let mut again = spec.clone();
     again.attempt += 1;
     let reports = run(&ctx, again).await;
-    let second = details(&reports);
-    assert_eq!(
-        second,
-        vec![
+    assert_eq!(last(&reports).state, ReportedState::Succeeded);
+    let mut second = details(&reports);
+    second.sort();
+    let mut expected = vec![
+        (
+            executor::STAGE_CODE_READY.to_owned(),
             format!("commit {}: from cache", &code.commit[..12]),
-            format!("commit {}: from cache", &env.commit[..12]),
+        ),
+        (
+            executor::STAGE_ENV_READY.to_owned(),
+            format!(
+                "commit {}: image cached; env not checked out",
+                &env.commit[..12]
+            ),
+        ),
+        (
+            executor::STAGE_IMAGE_READY.to_owned(),
             format!("{} cached", tag_of(&spec)),
-        ]
+        ),
+    ];
+    expected.sort();
+    assert_eq!(second, expected);
+    assert!(
+        stages_among(&reports, &[executor::STAGE_ENV, executor::STAGE_IMAGE]).is_empty(),
+        "nothing is fetched or built for a cached image: {:?}",
+        states(&reports)
     );
     support::remove_image(ctx.docker(), &tag_of(&spec)).await;
 }
@@ -426,4 +483,186 @@ async fn running_out_of_memory_is_named_in_the_failure() {
         Some("killed: out of memory (limit 16 MiB)")
     );
     support::remove_env_image(&ctx, &env).await;
+}
+
+/// Runs a first attempt of `code` in `env` so that its image is on the
+/// node; returns its spec.
+async fn image_on_node(ctx: &Arc<Context>, code: &support::Repo, env: &support::Repo) -> RunTask {
+    let first = spec(code, env, "true");
+    let reports = run(ctx, first.clone()).await;
+    assert_eq!(
+        last(&reports).state,
+        ReportedState::Succeeded,
+        "{reports:?}"
+    );
+    first
+}
+
+/// A spec of a new task on `env`'s cached image whose code is fetched from
+/// `stalled`, so its checkout hangs until the test releases it.
+fn stalled_spec(
+    code: &support::Repo,
+    env: &support::Repo,
+    stalled: &support::StalledGit,
+) -> RunTask {
+    let mut task = spec(code, env, "echo the command ran");
+    task.code_repo_url = stalled.url("code.git");
+    task
+}
+
+#[tokio::test]
+async fn a_checkout_that_fails_after_the_container_was_created_leaves_no_container() {
+    support::base_image().await;
+    let (ctx, work) = context().await;
+    let (code, env) = (repo(&[("a", "a")]), env_repo(""));
+    image_on_node(&ctx, &code, &env).await;
+    let mut stalled = support::StalledGit::start();
+    let task = stalled_spec(&code, &env, &stalled);
+    let mut attempt = start(&ctx, task.clone());
+    // The image is cached: the container is made while the code is still
+    // being fetched, and not started.
+    let id = support::created_container(&ctx, &task).await;
+    stalled.release();
+    let end = attempt
+        .until(ReportedState::Failed, Duration::from_secs(60))
+        .await;
+    attempt.handle.await.unwrap();
+    let message = end.message.unwrap();
+    assert!(
+        message.starts_with(&format!(
+            "code repository {} could not be fetched: ",
+            stalled.url("code.git")
+        )),
+        "{message}"
+    );
+    assert!(
+        !states(&attempt.seen)
+            .iter()
+            .any(|(s, _)| *s == ReportedState::Running),
+        "{:?}",
+        attempt.seen
+    );
+    assert_container_gone(&ctx, &id).await;
+    assert!(support::attempt_containers(&ctx, &task).await.is_empty());
+    assert_eq!(
+        std::fs::read_dir(work.path().join("tasks"))
+            .unwrap()
+            .count(),
+        0,
+        "the workspace is removed with the container"
+    );
+    support::remove_env_image(&ctx, &env).await;
+}
+
+#[tokio::test]
+async fn a_cancel_while_the_code_is_fetched_beside_a_created_container_leaves_no_container() {
+    support::base_image().await;
+    let (ctx, work) = context().await;
+    let (code, env) = (repo(&[("a", "a")]), env_repo(""));
+    image_on_node(&ctx, &code, &env).await;
+    let stalled = support::StalledGit::start();
+    let task = stalled_spec(&code, &env, &stalled);
+    let mut attempt = start(&ctx, task.clone());
+    let id = support::created_container(&ctx, &task).await;
+    attempt.canceller.cancel(Duration::from_secs(1));
+    let end = attempt
+        .until(ReportedState::Cancelled, Duration::from_secs(60))
+        .await;
+    attempt.handle.await.unwrap();
+    assert_eq!(end.message.as_deref(), Some("cancelled while preparing"));
+    assert_container_gone(&ctx, &id).await;
+    assert!(support::attempt_containers(&ctx, &task).await.is_empty());
+    assert_eq!(
+        std::fs::read_dir(work.path().join("tasks"))
+            .unwrap()
+            .count(),
+        0
+    );
+    drop(stalled);
+    support::remove_env_image(&ctx, &env).await;
+}
+
+#[tokio::test]
+async fn a_container_an_agent_created_but_never_started_is_removed_not_adopted() {
+    support::base_image().await;
+    let (ctx, work) = context().await;
+    let (code, env) = (repo(&[("a", "a")]), env_repo(""));
+    image_on_node(&ctx, &code, &env).await;
+    let stalled = support::StalledGit::start();
+    let task = stalled_spec(&code, &env, &stalled);
+    let attempt = start(&ctx, task.clone());
+    let id = support::created_container(&ctx, &task).await;
+    // The agent dies while the code is still being fetched.
+    attempt.handle.abort();
+    let _ = attempt.handle.await;
+
+    let again = Arc::new(Context::new(support::docker().await, work.path()).unwrap());
+    let (tx, mut rx) = mpsc::channel(64);
+    let supervisor = node_agent::supervisor::Supervisor::new(Arc::clone(&again), tx);
+    supervisor.adopt_leftovers().await;
+    assert!(supervisor.running().is_empty(), "nothing was adopted");
+    assert!(rx.try_recv().is_err(), "nothing is reported for it");
+    assert_container_gone(&again, &id).await;
+    assert_eq!(
+        std::fs::read_dir(work.path().join("tasks"))
+            .unwrap()
+            .count(),
+        0,
+        "its workspace is removed too"
+    );
+    drop(stalled);
+    support::remove_env_image(&again, &env).await;
+}
+
+#[tokio::test]
+async fn a_cached_image_needs_no_env_repository_and_an_unknown_one_still_fails_clearly() {
+    support::base_image().await;
+    let (ctx, _work) = context().await;
+    let code = repo(&[("a", "a")]);
+    let env = env_repo("RUN echo from-the-cached-image > /cached.txt");
+    let mut task = spec(&code, &env, "cat /cached.txt");
+    let reports = run(&ctx, task.clone()).await;
+    assert_eq!(
+        last(&reports).state,
+        ReportedState::Succeeded,
+        "{reports:?}"
+    );
+    let (env_url, env_commit) = (env.url.clone(), env.commit.clone());
+    // The env repository is gone: nothing can fetch from it any more.
+    drop(env);
+
+    task.task_id = uuid::Uuid::new_v4();
+    let reports = run(&ctx, task.clone()).await;
+    assert_eq!(
+        last(&reports).state,
+        ReportedState::Succeeded,
+        "{reports:?}"
+    );
+    assert_eq!(output(&reports), "from-the-cached-image\n");
+    let env_ready = statuses(&reports)
+        .into_iter()
+        .find(|s| s.stage.as_deref() == Some(executor::STAGE_ENV_READY))
+        .and_then(|s| s.message.clone());
+    assert_eq!(
+        env_ready,
+        Some(format!(
+            "commit {}: image cached; env not checked out",
+            &env_commit[..12]
+        ))
+    );
+
+    // Another env commit: its image is not on the node, and the repository
+    // cannot be reached to build it.
+    let mut unknown = task.clone();
+    unknown.task_id = uuid::Uuid::new_v4();
+    unknown.env_commit_id = "0123456789abcdef0123456789abcdef01234567".into();
+    let reports = run(&ctx, unknown).await;
+    let end = last(&reports);
+    assert_eq!(end.state, ReportedState::Failed);
+    let message = end.message.clone().unwrap();
+    assert!(
+        message.starts_with(&format!("env repository {env_url} could not be fetched: ")),
+        "{message}"
+    );
+    support::remove_image(ctx.docker(), &tag_of(&task)).await;
 }

@@ -263,3 +263,90 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A `git://` server on 127.0.0.1 that takes every connection and answers
+/// nothing until [`StalledGit::release`], which closes them all and stops
+/// listening: a repository whose fetch hangs for as long as a test wants
+/// and then fails.
+pub struct StalledGit {
+    addr: std::net::SocketAddr,
+    released: Arc<std::sync::atomic::AtomicBool>,
+    server: Option<std::thread::JoinHandle<()>>,
+}
+
+impl StalledGit {
+    /// Starts listening on a free port.
+    pub fn start() -> StalledGit {
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let released = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = Arc::clone(&released);
+        let server = std::thread::spawn(move || {
+            let mut held = Vec::new();
+            while !flag.load(Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((stream, _)) => held.push(stream),
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        });
+        StalledGit {
+            addr,
+            released,
+            server: Some(server),
+        }
+    }
+
+    /// The URL of repository `name` on it.
+    pub fn url(&self, name: &str) -> String {
+        format!("git://{}/{name}", self.addr)
+    }
+
+    /// Closes every connection and stops listening: fetches fail from now.
+    pub fn release(&mut self) {
+        self.released
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(server) = self.server.take() {
+            server.join().unwrap();
+        }
+    }
+}
+
+impl Drop for StalledGit {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+/// The containers of `spec`'s attempt on `ctx`'s agent, started or not.
+pub async fn attempt_containers(ctx: &Context, spec: &RunTask) -> Vec<String> {
+    docker::attempt_containers(ctx.docker(), ctx.agent_label(), spec.task_id, spec.attempt)
+        .await
+        .unwrap()
+}
+
+/// Waits until `spec`'s attempt has a container and returns its id,
+/// checking it was created and not started.
+pub async fn created_container(ctx: &Context, spec: &RunTask) -> String {
+    let id = eventually(
+        "the attempt's container to be created",
+        Duration::from_secs(120),
+        || async { attempt_containers(ctx, spec).await.into_iter().next() },
+    )
+    .await;
+    let state = ctx
+        .docker()
+        .inspect_container(&id, None)
+        .await
+        .unwrap()
+        .state
+        .unwrap();
+    assert_eq!(
+        state.status,
+        Some(bollard::models::ContainerStateStatusEnum::CREATED),
+        "{state:?}"
+    );
+    id
+}
