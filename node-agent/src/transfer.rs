@@ -498,7 +498,9 @@ impl Files {
                     body.offset + body.len
                 ));
             }
-            tokio::time::sleep(Duration::from_millis(200 << i)).await;
+            if i + 1 < TRIES {
+                tokio::time::sleep(Duration::from_millis(200 << i)).await;
+            }
         }
         Err(format!("failed {TRIES} times, last: {last}"))
     }
