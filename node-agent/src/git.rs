@@ -24,6 +24,7 @@
 //! and never followed.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use cap_fs_ext::{DirExt, FollowSymlinks, OpenOptionsFollowExt};
 use cap_std::fs::Dir;
@@ -33,6 +34,7 @@ use sha2::{Digest, Sha256};
 use crate::beneath::Root;
 use crate::git_auth::{callbacks, AuthFailure, GitAuth};
 use crate::keyed_lock::KeyedLocks;
+use crate::prepared::PreparedTrees;
 
 /// Why a commit could not be checked out. The messages read well after a
 /// word naming the repository's role ("code …", "env …").
@@ -115,20 +117,44 @@ pub fn human_bytes(n: u64) -> String {
     format!("{value:.1} {}", UNITS[unit])
 }
 
-/// The cache of bare mirrors under one directory.
+/// The bytes the prepared trees of a node hold together unless told
+/// otherwise: 2 GiB.
+pub const DEFAULT_PREPARED_BYTES: u64 = 2 << 30;
+
+/// The cache of bare mirrors under one directory, and the prepared trees
+/// of the commits checked out of them lately ([`crate::prepared`]).
 #[derive(Debug)]
 pub struct GitCache {
     root: PathBuf,
     locks: KeyedLocks,
+    trees: Arc<PreparedTrees>,
 }
 
 impl GitCache {
-    /// A cache keeping its mirrors under `root` (created on first use).
+    /// A cache keeping its mirrors under `root` (created on first use) and
+    /// up to [`DEFAULT_PREPARED_BYTES`] of prepared trees beside it, in
+    /// `<root>-trees`.
     pub fn new(root: PathBuf) -> Self {
+        Self::with_prepared_bytes(root, DEFAULT_PREPARED_BYTES)
+    }
+
+    /// As [`GitCache::new`], the prepared trees holding at most `budget`
+    /// bytes together (0: no tree is kept, every checkout reads the
+    /// mirror).
+    pub fn with_prepared_bytes(root: PathBuf, budget: u64) -> Self {
+        let mut name = root.file_name().unwrap_or_default().to_owned();
+        name.push("-trees");
+        let trees = PreparedTrees::open(root.with_file_name(name), budget);
         GitCache {
             root,
             locks: KeyedLocks::default(),
+            trees: Arc::new(trees),
         }
+    }
+
+    /// The prepared trees: their budget and what they hold.
+    pub fn prepared(&self) -> &PreparedTrees {
+        &self.trees
     }
 
     /// Where the mirror of `url` fetched with `auth` lives.
@@ -161,6 +187,32 @@ impl GitCache {
     ) -> Result<Fetched, GitError> {
         let oid = parse_commit_id(commit)?;
         let mirror = self.mirror_path(url, auth);
+        let key = PreparedTrees::key(&mirror, oid);
+        let dest = dest
+            .dir()
+            .try_clone()
+            .map_err(|e| local("opening the checkout directory", e))?;
+        // A commit this mirror gave before, its tree kept: copied, and
+        // neither the mirror nor the network is read.
+        let (trees, k, d) = (self.trees.clone(), key.clone(), dest.try_clone());
+        let copied = run_blocking(move || {
+            let d = d.map_err(|e| local("opening the checkout directory", e))?;
+            match trees.get(&k) {
+                Some(tree) => tree
+                    .copy_into(&d)
+                    .map(|()| true)
+                    .map_err(|e| local("writing the checkout from its prepared tree", e)),
+                None => Ok(false),
+            }
+        })
+        .await?;
+        if copied {
+            tracing::debug!("commit copied from its prepared tree");
+            return Ok(Fetched {
+                from_cache: true,
+                ..Fetched::default()
+            });
+        }
         let m = mirror.clone();
         let pinned = run_blocking(move || Ok(is_pinned(&m, oid))).await?;
         let fetched = if pinned {
@@ -178,11 +230,8 @@ impl GitCache {
             })
             .await?
         };
-        let dest = dest
-            .dir()
-            .try_clone()
-            .map_err(|e| local("opening the checkout directory", e))?;
-        run_blocking(move || export_commit(&mirror, oid, &dest)).await?;
+        let trees = self.trees.clone();
+        run_blocking(move || export_and_keep(&trees, &key, &mirror, oid, &dest)).await?;
         Ok(fetched)
     }
 
@@ -371,19 +420,93 @@ const MAX_TREE_DEPTH: usize = 256;
 /// written as links, with their target as committed; nothing here ever
 /// follows one. Content is written as committed: no filters or line-ending
 /// conversions.
-fn export_commit(mirror: &Path, oid: Oid, dest: &Dir) -> Result<(), GitError> {
+///
+/// When `spare` is given, every entry is written there too, from the same
+/// blob, while the tree's bytes fit `spare`'s room: that copy becomes the
+/// commit's prepared tree. A failure to write the spare copy only ends it;
+/// the checkout goes on.
+fn export_commit(
+    mirror: &Path,
+    oid: Oid,
+    dest: &Dir,
+    spare: Option<&Dir>,
+    room: &mut Room,
+) -> Result<(), GitError> {
     let repo = Repository::open_bare(mirror).map_err(|e| local("opening the mirror", e))?;
     let commit = repo
         .find_commit(oid)
         .map_err(|e| local("reading the commit", e))?;
     let tree = commit.tree().map_err(|e| local("reading the tree", e))?;
-    export_tree(&repo, &tree, dest, "", 0)
+    export_tree(&repo, &tree, (dest, spare), room, "", 0)
 }
+
+/// Writes the checkout of `oid` into `dest`, keeping a prepared tree of it
+/// when the trees' budget allows one.
+fn export_and_keep(
+    trees: &PreparedTrees,
+    key: &str,
+    mirror: &Path,
+    oid: Oid,
+    dest: &Dir,
+) -> Result<(), GitError> {
+    let draft = trees.draft().unwrap_or_else(|e| {
+        tracing::debug!(error = %e, "no prepared tree: its directory cannot be made");
+        None
+    });
+    let mut room = Room {
+        left: trees.budget(),
+        written: 0,
+        over: draft.is_none(),
+    };
+    export_commit(
+        mirror,
+        oid,
+        dest,
+        draft.as_ref().map(|d| d.dir()),
+        &mut room,
+    )?;
+    if let (Some(draft), false) = (draft, room.over) {
+        trees.keep(draft, key, room.written);
+    }
+    Ok(())
+}
+
+/// The bytes a prepared tree may still take while it is written.
+#[derive(Debug)]
+struct Room {
+    left: u64,
+    written: u64,
+    /// The spare copy was given up: too large, or it could not be written.
+    over: bool,
+}
+
+impl Room {
+    /// Whether `n` more bytes go into the spare copy.
+    fn take(&mut self, n: u64) -> bool {
+        if self.over || n > self.left {
+            self.over = true;
+            return false;
+        }
+        self.left -= n;
+        self.written += n;
+        true
+    }
+
+    /// Gives the spare copy up after `e`.
+    fn failed(&mut self, shown: &str, e: std::io::Error) {
+        tracing::debug!(entry = shown, error = %e, "the prepared tree could not be written");
+        self.over = true;
+    }
+}
+
+/// Where an export writes: the checkout, and the spare copy if any.
+type Sinks<'a> = (&'a Dir, Option<&'a Dir>);
 
 fn export_tree(
     repo: &Repository,
     tree: &git2::Tree<'_>,
-    dir: &Dir,
+    (dir, spare): Sinks<'_>,
+    room: &mut Room,
     at: &str,
     depth: usize,
 ) -> Result<(), GitError> {
@@ -402,18 +525,40 @@ fn export_tree(
                 let sub = repo
                     .find_tree(entry.id())
                     .map_err(|e| local(&format!("reading {shown}"), e))?;
+                let sub_spare = match spare {
+                    Some(s) if !room.over => {
+                        match s.create_dir(name).and_then(|()| s.open_dir_nofollow(name)) {
+                            Ok(d) => Some(d),
+                            Err(e) => {
+                                room.failed(&shown, e);
+                                None
+                            }
+                        }
+                    }
+                    _ => None,
+                };
                 dir.create_dir(name)
                     .and_then(|()| dir.open_dir_nofollow(name))
                     .map_err(|e| write_error(&shown, e))
-                    .and_then(|d| export_tree(repo, &sub, &d, &format!("{shown}/"), depth + 1))
+                    .and_then(|d| {
+                        let sinks = (&d, sub_spare.as_ref());
+                        export_tree(repo, &sub, sinks, room, &format!("{shown}/"), depth + 1)
+                    })
             }
             mode @ (0o100644 | 0o100755 | 0o100664) => {
                 let blob = repo
                     .find_blob(entry.id())
                     .map_err(|e| local(&format!("reading {shown}"), e))?;
                 let executable = mode == 0o100755;
-                write_file(dir, name, blob.content(), executable)
-                    .map_err(|e| write_error(&shown, e))
+                let content = blob.content();
+                if let Some(s) = spare {
+                    if room.take(content.len() as u64) {
+                        if let Err(e) = write_file(s, name, content, executable) {
+                            room.failed(&shown, e);
+                        }
+                    }
+                }
+                write_file(dir, name, content, executable).map_err(|e| write_error(&shown, e))
             }
             0o120000 => {
                 let blob = repo
@@ -422,11 +567,23 @@ fn export_tree(
                 let target = link_target(blob.content()).ok_or_else(|| {
                     GitError::BadTree(format!("{shown} is a link with an unusable target"))
                 })?;
+                if let Some(s) = spare {
+                    if room.take(blob.content().len() as u64) {
+                        if let Err(e) = s.symlink_contents(target, name) {
+                            room.failed(&shown, e);
+                        }
+                    }
+                }
                 dir.symlink_contents(target, name)
                     .map_err(|e| write_error(&shown, e))
             }
             // A submodule: like git, an empty directory.
-            0o160000 => dir.create_dir(name).map_err(|e| write_error(&shown, e)),
+            0o160000 => {
+                if let Some(Err(e)) = spare.filter(|_| !room.over).map(|s| s.create_dir(name)) {
+                    room.failed(&shown, e);
+                }
+                dir.create_dir(name).map_err(|e| write_error(&shown, e))
+            }
             mode => Err(GitError::BadTree(format!(
                 "{shown} has the unknown file mode {mode:o}"
             ))),

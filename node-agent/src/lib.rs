@@ -18,6 +18,7 @@ pub mod git_auth;
 pub mod host_ssh;
 pub mod keyed_lock;
 pub mod logs;
+pub mod prepared;
 pub mod resources;
 pub mod supervisor;
 pub mod transfer;

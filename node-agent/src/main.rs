@@ -112,6 +112,12 @@ struct Cli {
     #[arg(long, env = "UNIDESK_WORKSPACE_CHECK_S", default_value_t = 30,
           value_parser = clap::value_parser!(u64).range(1..=3600))]
     workspace_check_s: u64,
+    /// MiB the prepared trees of recently checked-out commits may hold
+    /// together in the work directory: a task on a commit the node checked
+    /// out lately gets a copy of its files instead of a new read of the
+    /// repository. 0 keeps none.
+    #[arg(long, env = "UNIDESK_PREPARED_TREES_MB", default_value_t = 2048)]
+    prepared_trees_mb: u64,
     /// Docker daemon address (unix:///… or tcp://…); the local socket by default.
     #[arg(long, env = "DOCKER_HOST")]
     docker_host: Option<String>,
@@ -193,6 +199,7 @@ async fn start(cli: Cli) -> anyhow::Result<ExitCode> {
         .with_part_bytes(cli.part_mb * 1024 * 1024)
         .with_confinement(confinement)
         .with_build_limits(build)
+        .with_prepared_bytes(cli.prepared_trees_mb.saturating_mul(1024 * 1024))
         .with_git_known_hosts(cli.git_known_hosts.clone());
     if let Some(ca_file) = &cli.ca_file {
         // The object store is often behind the same gateway, with a
@@ -212,6 +219,7 @@ async fn start(cli: Cli) -> anyhow::Result<ExitCode> {
         workspace_limit_mb = confinement.workspace.limit_mb,
         build_memory_mb = build.memory_mb,
         build_cpus = build.cpus,
+        prepared_trees_mb = cli.prepared_trees_mb,
         "unidesk-agent starting"
     );
     let host = host_ssh_config(&cli, ctx.work_dir())?;

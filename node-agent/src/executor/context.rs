@@ -119,6 +119,20 @@ impl Context {
         &self.files
     }
 
+    /// Keeps prepared trees of recently checked-out commits up to `bytes`
+    /// together (2 GiB by default; 0 keeps none), so a warm checkout
+    /// copies files instead of reading the mirror; see
+    /// [`crate::prepared`].
+    pub fn with_prepared_bytes(mut self, bytes: u64) -> Self {
+        self.git = GitCache::with_prepared_bytes(self.work_dir.join("git"), bytes);
+        self
+    }
+
+    /// The git cache the attempts check out through.
+    pub fn git(&self) -> &GitCache {
+        &self.git
+    }
+
     /// Trusts the SSH host keys in `file` (a `known_hosts` file) for the
     /// repositories of every task, besides those a task's own
     /// `known_hosts` secret lists.

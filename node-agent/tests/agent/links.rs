@@ -505,3 +505,179 @@ async fn committed_links_are_checked_out_as_links_and_never_followed() {
     assert!(!code.join(".git").exists());
     outside.is_untouched();
 }
+
+/// Every entry under `dir`, never following a link: its kind, mode and
+/// content or target.
+fn listing(dir: &Path) -> std::collections::BTreeMap<String, String> {
+    fn walk(dir: &Path, at: &str, out: &mut std::collections::BTreeMap<String, String>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let entry = entry.unwrap();
+            let name = format!("{at}{}", entry.file_name().to_string_lossy());
+            let meta = std::fs::symlink_metadata(entry.path()).unwrap();
+            let mode = meta.permissions().mode() & 0o777;
+            let what = if meta.file_type().is_symlink() {
+                format!(
+                    "link -> {}",
+                    std::fs::read_link(entry.path()).unwrap().display()
+                )
+            } else if meta.is_dir() {
+                walk(&entry.path(), &format!("{name}/"), out);
+                format!("dir {mode:o}")
+            } else {
+                let content = std::fs::read(entry.path()).unwrap();
+                format!("file {mode:o} {}", hex::encode(Sha256::digest(content)))
+            };
+            out.insert(name, what);
+        }
+    }
+    let mut out = Default::default();
+    walk(dir, "", &mut out);
+    out
+}
+
+#[tokio::test]
+async fn a_prepared_tree_gives_the_commit_as_committed_whatever_a_task_did_to_its_copy() {
+    let outside = Outside::new();
+    let mut repo = support::repo_with_links(
+        &[
+            ("tool.sh", "#!/bin/sh\n"),
+            ("notes/a.txt", "a\n"),
+            ("deep/er/still/b.txt", "b\n"),
+        ],
+        &[
+            ("abs", outside.secret().to_str().unwrap()),
+            ("dir", outside.path().to_str().unwrap()),
+            ("rel", "notes/a.txt"),
+            ("notes/up", "../../../.."),
+        ],
+    );
+    std::fs::set_permissions(
+        repo.path().join("tool.sh"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    repo.commit_all();
+    let cache_dir = tempfile::tempdir().unwrap();
+    let cache = GitCache::new(cache_dir.path().join("git"));
+    let work = tempfile::tempdir().unwrap();
+    let root = Root::open(work.path(), "the checkouts").unwrap();
+    let checkout = |name: &str| {
+        let dest = root.create_dir(name, "a checkout").unwrap();
+        let cache = &cache;
+        let repo = &repo;
+        async move {
+            cache
+                .checkout(&repo.url, &repo.commit, &dest, &GitAuth::default())
+                .await
+                .unwrap()
+        }
+    };
+
+    // The first checkout reads the mirror and keeps the tree beside it.
+    assert!(!checkout("first").await.from_cache);
+    let (bytes, trees) = cache.prepared().usage();
+    assert_eq!(trees, 1);
+    assert!(bytes > 0);
+    let committed = listing(&work.path().join("first"));
+
+    // A task changes everything it can in its copy, through its links too
+    // (they point outside only on the node, so the agent's own copy is
+    // what would show a leak).
+    let first = work.path().join("first");
+    std::fs::write(first.join("tool.sh"), "rm -rf /\n").unwrap();
+    std::fs::set_permissions(
+        first.join("notes/a.txt"),
+        std::fs::Permissions::from_mode(0o777),
+    )
+    .unwrap();
+    std::fs::remove_file(first.join("rel")).unwrap();
+    std::os::unix::fs::symlink("/etc/passwd", first.join("rel")).unwrap();
+    std::fs::remove_dir_all(first.join("deep")).unwrap();
+    std::fs::write(first.join("new.txt"), "new\n").unwrap();
+
+    // The mirror goes: the next checkout of the commit is the kept tree,
+    // exactly as committed.
+    for mirror in std::fs::read_dir(cache_dir.path().join("git")).unwrap() {
+        std::fs::remove_dir_all(mirror.unwrap().path()).unwrap();
+    }
+    for name in ["second", "third"] {
+        assert!(checkout(name).await.from_cache);
+        assert_eq!(listing(&work.path().join(name)), committed, "{name}");
+    }
+    assert_eq!(
+        std::fs::read_link(work.path().join("second/abs")).unwrap(),
+        outside.secret()
+    );
+    outside.is_untouched();
+
+    // A new agent on the same work directory finds the tree again.
+    let again = GitCache::new(cache_dir.path().join("git"));
+    assert_eq!(again.prepared().usage(), (bytes, 1));
+    let dest = root.create_dir("fourth", "a checkout").unwrap();
+    let fourth = again
+        .checkout(&repo.url, &repo.commit, &dest, &GitAuth::default())
+        .await
+        .unwrap();
+    assert!(fourth.from_cache);
+    assert_eq!(listing(&work.path().join("fourth")), committed);
+}
+
+#[tokio::test]
+async fn a_tree_no_checkout_may_write_or_one_past_the_budget_is_not_kept() {
+    let outside = Outside::new();
+    let pwned_data = b"pwned\n".as_slice();
+    let link_data = outside.path().to_str().unwrap().as_bytes().to_vec();
+    let pwned = Oid::hash_object(ObjectType::Blob, pwned_data).unwrap();
+    let to_outside = Oid::hash_object(ObjectType::Blob, &link_data).unwrap();
+    let cache_dir = tempfile::tempdir().unwrap();
+    let cache = GitCache::new(cache_dir.path().join("git"));
+    let work = tempfile::tempdir().unwrap();
+    let root = Root::open(work.path(), "the checkouts").unwrap();
+    let trees_dir = cache_dir.path().join("git-trees");
+    let keep = tempfile::tempdir().unwrap();
+    // A link, then a file of the same name: refused part way through.
+    let (url, commit) = crafted(
+        &keep,
+        &[pwned_data, &link_data],
+        &[],
+        &[
+            (0o100644, b"a", pwned),
+            (0o120000, b"f", to_outside),
+            (0o100644, b"f", pwned),
+        ],
+    );
+    for i in 0..2 {
+        let dest = root.create_dir(&format!("bad{i}"), "a checkout").unwrap();
+        let e = cache
+            .checkout(&url, &commit, &dest, &GitAuth::default())
+            .await
+            .unwrap_err();
+        assert!(matches!(e, GitError::BadTree(_)), "{e}");
+        assert_eq!(cache.prepared().usage(), (0, 0));
+        let left: Vec<_> = std::fs::read_dir(&trees_dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert!(left.is_empty(), "nothing half-written is left: {left:?}");
+    }
+    outside.is_untouched();
+
+    // A commit larger than the budget is checked out, and not kept.
+    let repo = support::repo_with_links(&[("big.bin", &"x".repeat(4096))], &[]);
+    let small = GitCache::with_prepared_bytes(cache_dir.path().join("git"), 1000);
+    for name in ["big0", "big1"] {
+        let dest = root.create_dir(name, "a checkout").unwrap();
+        small
+            .checkout(&repo.url, &repo.commit, &dest, &GitAuth::default())
+            .await
+            .unwrap();
+        assert_eq!(
+            std::fs::read_to_string(work.path().join(name).join("big.bin"))
+                .unwrap()
+                .len(),
+            4096
+        );
+        assert_eq!(small.prepared().usage(), (0, 0));
+    }
+    assert_eq!(std::fs::read_dir(&trees_dir).unwrap().count(), 0);
+}
