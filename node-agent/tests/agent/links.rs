@@ -458,23 +458,37 @@ async fn a_crafted_tree_cannot_make_a_checkout_write_through_a_link() {
     }
 }
 
-#[tokio::test]
-async fn committed_links_are_checked_out_as_links_and_never_followed() {
-    let outside = Outside::new();
-    let mut repo = support::repo_with_links(
-        &[("tool.sh", "#!/bin/sh\n"), ("notes/a.txt", "a\n")],
-        &[
-            ("abs", outside.secret().to_str().unwrap()),
-            ("dir", outside.path().to_str().unwrap()),
-            ("rel", "notes/a.txt"),
-        ],
-    );
+/// A repository holding an executable `tool.sh`, `notes/a.txt` and links
+/// `abs` (to the secret outside), `dir` (to the outside directory) and
+/// `rel` (to `notes/a.txt`), and `files` and `links` besides.
+fn tool_and_links(
+    outside: &Outside,
+    files: &[(&str, &str)],
+    links: &[(&str, &str)],
+) -> support::Repo {
+    let secret = outside.secret();
+    let mut all_files = vec![("tool.sh", "#!/bin/sh\n"), ("notes/a.txt", "a\n")];
+    all_files.extend_from_slice(files);
+    let mut all_links = vec![
+        ("abs", secret.to_str().unwrap()),
+        ("dir", outside.path().to_str().unwrap()),
+        ("rel", "notes/a.txt"),
+    ];
+    all_links.extend_from_slice(links);
+    let mut repo = support::repo_with_links(&all_files, &all_links);
     std::fs::set_permissions(
         repo.path().join("tool.sh"),
         std::fs::Permissions::from_mode(0o755),
     )
     .unwrap();
     repo.commit_all();
+    repo
+}
+
+#[tokio::test]
+async fn committed_links_are_checked_out_as_links_and_never_followed() {
+    let outside = Outside::new();
+    let repo = tool_and_links(&outside, &[], &[]);
     let cache_dir = tempfile::tempdir().unwrap();
     let cache = GitCache::new(cache_dir.path().join("git"));
     let work = tempfile::tempdir().unwrap();
@@ -538,25 +552,11 @@ fn listing(dir: &Path) -> std::collections::BTreeMap<String, String> {
 #[tokio::test]
 async fn a_prepared_tree_gives_the_commit_as_committed_whatever_a_task_did_to_its_copy() {
     let outside = Outside::new();
-    let mut repo = support::repo_with_links(
-        &[
-            ("tool.sh", "#!/bin/sh\n"),
-            ("notes/a.txt", "a\n"),
-            ("deep/er/still/b.txt", "b\n"),
-        ],
-        &[
-            ("abs", outside.secret().to_str().unwrap()),
-            ("dir", outside.path().to_str().unwrap()),
-            ("rel", "notes/a.txt"),
-            ("notes/up", "../../../.."),
-        ],
+    let repo = tool_and_links(
+        &outside,
+        &[("deep/er/still/b.txt", "b\n")],
+        &[("notes/up", "../../../..")],
     );
-    std::fs::set_permissions(
-        repo.path().join("tool.sh"),
-        std::fs::Permissions::from_mode(0o755),
-    )
-    .unwrap();
-    repo.commit_all();
     let cache_dir = tempfile::tempdir().unwrap();
     let cache = GitCache::new(cache_dir.path().join("git"));
     let work = tempfile::tempdir().unwrap();
