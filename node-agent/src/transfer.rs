@@ -54,6 +54,10 @@ const HASH_BUFFER: usize = 1024 * 1024;
 const WRITE_BUFFER: usize = 1024 * 1024;
 /// How many received chunks may wait for the download's writer.
 const SINK_CHUNKS: usize = 16;
+/// What a download gathers from the network before handing it to its
+/// writer: the network gives a few KiB at a time, and waking the writer's
+/// thread for each would cost more than the bytes.
+const SINK_CHUNK_BYTES: usize = 256 * 1024;
 /// How many bytes a download writes between flushes to disk in the
 /// background.
 const SYNC_EVERY: u64 = 64 * 1024 * 1024;
@@ -334,11 +338,31 @@ impl Files {
             return Err(store_refusal(status, &body));
         }
         let mut body = response.bytes_stream();
-        while let Some(chunk) = body.next().await {
-            let chunk = chunk.map_err(|e| format!("the connection broke: {}", without_url(e)))?;
-            sink.write(chunk).await?;
+        let mut gathered = bytes::BytesMut::new();
+        let ended = loop {
+            match body.next().await {
+                None => break Ok(()),
+                Some(Err(e)) => break Err(format!("the connection broke: {}", without_url(e))),
+                Some(Ok(chunk)) if gathered.is_empty() && chunk.len() >= SINK_CHUNK_BYTES => {
+                    sink.write(chunk).await?;
+                }
+                Some(Ok(chunk)) => {
+                    if gathered.is_empty() {
+                        gathered.reserve(SINK_CHUNK_BYTES);
+                    }
+                    gathered.extend_from_slice(&chunk);
+                    if gathered.len() >= SINK_CHUNK_BYTES {
+                        sink.write(gathered.split().freeze()).await?;
+                    }
+                }
+            }
+        };
+        // What arrived before the end or a break is written too, so a
+        // resumed download asks only for the bytes after it.
+        if !gathered.is_empty() {
+            sink.write(gathered.freeze()).await?;
         }
-        Ok(())
+        ended
     }
 
     /// Uploads output `output` of the attempt from `root/<output.path>`;
