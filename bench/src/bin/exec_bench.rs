@@ -1405,7 +1405,7 @@ struct Checkout {
 const FETCH_CASES: [(&str, &str); 4] = [
     ("fetch_clone", "fresh clone (empty cache)"),
     ("fetch_incremental", "new commit, one file changed"),
-    ("checkout_cached", "same commit again (its prepared tree copied)"),
+    ("checkout_cached", "same commit again (prepared tree)"),
     ("fetch_not_tip", "new commit, no longer a branch tip"),
 ];
 
