@@ -128,11 +128,6 @@ impl Context {
         self
     }
 
-    /// The git cache the attempts check out through.
-    pub fn git(&self) -> &GitCache {
-        &self.git
-    }
-
     /// Trusts the SSH host keys in `file` (a `known_hosts` file) for the
     /// repositories of every task, besides those a task's own
     /// `known_hosts` secret lists.
