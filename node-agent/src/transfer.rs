@@ -50,8 +50,6 @@ const TRIES: u32 = 5;
 const BUFFER: usize = 256 * 1024;
 /// The read buffer of the hashing thread.
 const HASH_BUFFER: usize = 1024 * 1024;
-/// The write buffer of a download.
-const WRITE_BUFFER: usize = 1024 * 1024;
 /// How many received chunks may wait for the download's writer.
 const SINK_CHUNKS: usize = 16;
 /// What a download gathers from the network before handing it to its
@@ -651,12 +649,13 @@ impl Sink {
 /// The writer of a [`Sink`], on a blocking thread: writes and hashes what
 /// `rx` hands it until it closes, then flushes the file to disk.
 fn write_download(
-    file: std::fs::File,
+    mut file: std::fs::File,
     mut rx: tokio::sync::mpsc::Receiver<Write>,
 ) -> Result<(u64, String), TransferError> {
     use std::io::{Seek, Write as _};
     let writing = |e: std::io::Error| format!("writing the file: {e}");
-    let mut file = std::io::BufWriter::with_capacity(WRITE_BUFFER, file);
+    // The chunks come gathered (SINK_CHUNK_BYTES) and are written as they
+    // are: no buffer copies them once more.
     let mut hasher = Sha256::new();
     let (mut written, mut synced) = (0u64, 0u64);
     let mut syncing: Option<std::thread::JoinHandle<()>> = None;
@@ -668,8 +667,7 @@ fn write_download(
                 written += chunk.len() as u64;
             }
             Write::Restart => {
-                file.flush().map_err(writing)?;
-                file.get_ref().set_len(0).map_err(writing)?;
+                file.set_len(0).map_err(writing)?;
                 file.rewind().map_err(writing)?;
                 hasher = Sha256::new();
                 (written, synced) = (0, 0);
@@ -678,7 +676,7 @@ fn write_download(
         let idle = syncing.as_ref().is_none_or(|s| s.is_finished());
         if written - synced >= SYNC_EVERY && idle {
             // Written back while more arrives; a failure shows at the end.
-            let clone = file.get_ref().try_clone().map_err(writing)?;
+            let clone = file.try_clone().map_err(writing)?;
             syncing = std::thread::Builder::new()
                 .name("download-sync".into())
                 .spawn(move || {
@@ -691,8 +689,7 @@ fn write_download(
     if let Some(s) = syncing {
         let _ = s.join();
     }
-    file.flush().map_err(writing)?;
-    file.get_ref().sync_all().map_err(writing)?;
+    file.sync_all().map_err(writing)?;
     Ok((written, hex::encode(hasher.finalize())))
 }
 
