@@ -254,13 +254,46 @@ pub(crate) fn stop_given_up(task: &Task, attempt: u32, grace_s: u64) -> Option<(
 /// # Errors
 /// [`PendingError::Load`] when the log cannot be read or written.
 pub(crate) async fn load_task(store: &Store, task_id: Uuid) -> Result<Option<Task>, PendingError> {
-    let load_error = |reason: String| PendingError::Load { task_id, reason };
     let task = store
         .load::<Task>(&task_id.to_string())
         .await
         .map(|loaded| loaded.map(|l| l.state))
-        .map_err(|e| load_error(e.to_string()))?;
+        .map_err(|e| PendingError::Load {
+            task_id,
+            reason: e.to_string(),
+        })?;
     let Some(task) = task else { return Ok(None) };
+    deliverable(store, task_id, task).await
+}
+
+/// Task `task_id` as of its event `sequence` or later: as this process
+/// remembers it when it remembers it that far (it appended that event
+/// itself, so no load is needed), else as [`load_task`] loads it. Checked
+/// for a `run_task` that cannot be delivered like [`load_task`]'s.
+///
+/// # Errors
+/// As [`load_task`].
+pub(crate) async fn task_since(
+    store: &Store,
+    task_id: Uuid,
+    sequence: i64,
+) -> Result<Option<Task>, PendingError> {
+    match store.remembered::<Task>(&task_id.to_string()) {
+        Some(known) if known.sequence as i64 >= sequence => {
+            deliverable(store, task_id, known.state).await
+        }
+        _ => load_task(store, task_id).await,
+    }
+}
+
+/// `task` itself, or, when it is assigned and its `run_task` cannot fit a
+/// frame, the task failed for it (see [`load_task`]).
+async fn deliverable(
+    store: &Store,
+    task_id: Uuid,
+    task: Task,
+) -> Result<Option<Task>, PendingError> {
+    let load_error = |reason: String| PendingError::Load { task_id, reason };
     if task.state != TaskState::Assigned {
         return Ok(Some(task));
     }

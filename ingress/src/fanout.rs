@@ -125,7 +125,7 @@ async fn deliver_local(ingress: &Ingress, local: &mut broadcast::Receiver<Arc<Co
                 task_id,
                 sequence,
                 node,
-                commands::load_task(store, task_id).await,
+                commands::task_since(store, task_id, sequence).await,
             )
         })
         .buffered(LOADS_IN_FLIGHT);

@@ -275,6 +275,14 @@ pub const CATCH_UP_WAIT: Duration = Duration::from_secs(30);
 /// Events applied per projection per transaction.
 pub const BATCH: i64 = 500;
 
+/// How long the projector lets a wake-up settle before it reads the log.
+/// The read models are not on the path from a submission to its node (the
+/// scheduler and the ingress follow the log themselves), so the projector
+/// gives way to that path on a commit instead of contending with it for
+/// the database and the cores, and each of its batches takes in what
+/// arrived meanwhile.
+const SETTLE: Duration = Duration::from_millis(5);
+
 impl Projector {
     /// A projector for every read model on `pool`.
     pub fn new(pool: PgPool) -> Self {
@@ -528,7 +536,10 @@ impl Projector {
             }
             tokio::select! {
                 _ = &mut shutdown => return,
-                _ = wake.wait() => {}
+                _ = async {
+                    wake.wait().await;
+                    tokio::time::sleep(SETTLE).await;
+                } => {}
             }
         }
     }

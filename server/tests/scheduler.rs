@@ -398,6 +398,61 @@ async fn a_projects_max_running_is_never_exceeded() {
     );
 }
 
+/// How many of `tasks` are assigned.
+async fn assigned(w: &World, tasks: &[Uuid]) -> usize {
+    let mut n = 0;
+    for t in tasks {
+        n += usize::from(w.task(*t).await.state == TaskState::Assigned);
+    }
+    n
+}
+
+/// The leader remembers projects' limits between rounds; a change of
+/// limit must count from the next round, not once the memory expires.
+#[tokio::test]
+async fn a_projects_new_max_running_counts_from_the_next_round() {
+    let w = world().await;
+    w.node("n", 64.0, &[], Utc::now()).await;
+    let quota = |max_running| {
+        let store = w.store.clone();
+        let project = w.project;
+        async move {
+            store
+                .execute::<Project>(
+                    &project.to_string(),
+                    ProjectCommand::SetQuota {
+                        max_running,
+                        by: admin(),
+                        at: Utc::now(),
+                    },
+                    &admin(),
+                    Utc::now(),
+                )
+                .await
+                .unwrap();
+        }
+    };
+    quota(Some(1)).await;
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        tasks.push(w.submit(1.0, &[], 0, None).await);
+    }
+    let s = scheduler(&w).await;
+    round(&w, &s, Utc::now()).await;
+    round(&w, &s, Utc::now()).await;
+    assert_eq!(assigned(&w, &tasks).await, 1);
+    quota(Some(3)).await;
+    round(&w, &s, Utc::now()).await;
+    assert_eq!(
+        assigned(&w, &tasks).await,
+        3,
+        "the raised limit counts at once"
+    );
+    quota(None).await;
+    round(&w, &s, Utc::now()).await;
+    assert_eq!(assigned(&w, &tasks).await, 4, "no limit, none waits");
+}
+
 #[tokio::test]
 async fn a_silent_node_goes_offline_and_its_task_runs_elsewhere() {
     let w = world().await;

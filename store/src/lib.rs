@@ -351,6 +351,35 @@ impl Store {
         }
     }
 
+    /// The same store working on `pool`, another pool of the same
+    /// database: it and its clones share with this one what they remember
+    /// of aggregates, their load counts and the notifier. A role that needs
+    /// connections of its own (the scheduler's, which end soon after their
+    /// peer vanishes) still decides on what the other roles of the process
+    /// just appended, without loading it again.
+    pub fn on_pool(&self, pool: PgPool) -> Self {
+        Self {
+            pool,
+            notifier: self.notifier.clone(),
+            loads: self.loads.clone(),
+            caches: self.caches.clone(),
+        }
+    }
+
+    /// What this process remembers of aggregate `id`: its state and
+    /// sequence as last appended or loaded here, or `None`. It may be
+    /// behind the log (another process appended since), never ahead of it.
+    pub fn remembered<A>(&self, id: &str) -> Option<Loaded<A>>
+    where
+        A: Stored,
+        A::Command: Clone + Send,
+    {
+        A::cache(self).get(id).map(|c| Loaded {
+            state: c.state,
+            sequence: c.sequence,
+        })
+    }
+
     /// How many aggregates this store (and its clones) loaded so far.
     pub fn aggregate_loads(&self) -> &AggregateLoads {
         &self.loads

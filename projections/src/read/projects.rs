@@ -74,3 +74,35 @@ pub async fn running_limits(
     .fetch_all(db)
     .await
 }
+
+/// [`running_limits`] and where the projects read model stood when they
+/// were read (`None` before its first batch), in one statement, so the
+/// two agree.
+pub async fn running_limits_at(
+    db: impl PgExecutor<'_>,
+    ids: &[Uuid],
+) -> Result<(Vec<(Uuid, i64)>, Option<store::Checkpoint>), sqlx::Error> {
+    /// A project's limit, or the checkpoint.
+    type Row = (Option<Uuid>, Option<i64>, Option<i64>, Option<i64>);
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT NULL::uuid, NULL::bigint, txid, position FROM checkpoints WHERE name = 'projects' \
+         UNION ALL \
+         SELECT id, (doc->>'max_running')::bigint, NULL, NULL FROM project_view \
+         WHERE id = ANY($1) AND doc->>'max_running' IS NOT NULL",
+    )
+    .bind(ids)
+    .fetch_all(db)
+    .await?;
+    let mut at = None;
+    let mut limits = Vec::with_capacity(rows.len());
+    for row in rows {
+        match row {
+            (Some(id), Some(limit), _, _) => limits.push((id, limit)),
+            (None, _, Some(txid), Some(position)) => {
+                at = Some(store::Checkpoint { txid, position });
+            }
+            _ => {}
+        }
+    }
+    Ok((limits, at))
+}

@@ -142,6 +142,16 @@ pub struct Scheduler {
     /// The candidates last read while current, when, and where the nodes
     /// read model stood.
     candidates: Mutex<Option<(std::time::Instant, store::Checkpoint, Vec<Candidate>)>>,
+    /// Projects' running limits as last read while current (`None`: no
+    /// limit), when, and where the projects read model stood.
+    #[allow(clippy::type_complexity)]
+    limits: Mutex<
+        Option<(
+            std::time::Instant,
+            store::Checkpoint,
+            std::collections::HashMap<Uuid, Option<u32>>,
+        )>,
+    >,
     reasons: tokio::sync::Mutex<reasons::Recorded>,
 }
 
@@ -160,7 +170,7 @@ impl Scheduler {
         let nodes_projector = Projector::only(pool.clone(), &["nodes"])
             .unwrap_or_else(|_| unreachable!("this read model exists"));
         Self {
-            store: Store::new(pool.clone()),
+            store: store.on_pool(pool.clone()),
             leadership: Leadership::new(pool, config.lease),
             config,
             projector,
@@ -168,6 +178,7 @@ impl Scheduler {
             queue: tokio::sync::Mutex::default(),
             nodes_projector,
             candidates: Mutex::new(None),
+            limits: Mutex::new(None),
             reasons: tokio::sync::Mutex::default(),
         }
     }

@@ -48,6 +48,9 @@ pub(super) struct Queue {
     /// last node event folded, the snapshot it was loaded from, or the
     /// log's head when this process committed a node event.
     node_event: Option<Checkpoint>,
+    /// The same for project events and the projects read model (the
+    /// projects' running limits placement reads).
+    project_event: Option<Checkpoint>,
     tasks: HashMap<Uuid, Known>,
 }
 
@@ -58,6 +61,7 @@ impl Default for Queue {
             at: None,
             term: None,
             node_event: None,
+            project_event: None,
             tasks: HashMap::new(),
         }
     }
@@ -69,19 +73,21 @@ impl Queue {
     /// readable in the outbox (an older transaction may hold it back
     /// there). Each is folded only when it follows what the queue knows of
     /// its task; the outbox brings everything else, and these again.
-    /// Returns whether a node event was among them.
-    fn take_local(&mut self) -> bool {
+    /// Returns whether a node event and whether a project event was among
+    /// them.
+    fn take_local(&mut self) -> (bool, bool) {
         use tokio::sync::broadcast::error::TryRecvError;
-        let mut nodes = false;
+        let (mut nodes, mut projects) = (false, false);
         loop {
             let event = match self.local.try_recv() {
                 Ok(e) => e,
                 // Missed some: the outbox has them.
                 Err(TryRecvError::Lagged(_)) => continue,
-                Err(TryRecvError::Empty | TryRecvError::Closed) => return nodes,
+                Err(TryRecvError::Empty | TryRecvError::Closed) => return (nodes, projects),
             };
             if event.aggregate_type != Task::TYPE {
                 nodes |= event.aggregate_type == "node";
+                projects |= event.aggregate_type == "project";
                 continue;
             }
             let Ok(id) = Uuid::try_parse(&event.aggregate_id) else {
@@ -119,12 +125,19 @@ impl Queue {
             self.load(store.pool()).await?;
             self.term = Some(term);
             self.node_event = self.at;
+            self.project_event = self.at;
         }
-        if self.take_local() {
-            // Committed, so at or before the log's head: the nodes read
-            // model must get there first.
-            let head = outbox::committed_head(store.pool()).await?;
-            self.node_event = self.node_event.max(Some(head));
+        let (nodes, projects) = self.take_local();
+        if nodes || projects {
+            // Committed, so at or before the log's head: the read model
+            // must get there first.
+            let head = Some(outbox::committed_head(store.pool()).await?);
+            if nodes {
+                self.node_event = self.node_event.max(head);
+            }
+            if projects {
+                self.project_event = self.project_event.max(head);
+            }
         }
         // Every event: where node events go by tells placement whether the
         // nodes it read are current.
@@ -187,18 +200,22 @@ impl Queue {
     /// `at` (`None`: not known) reflect every node event this queue has
     /// seen.
     pub fn nodes_current_at(&self, at: Option<Checkpoint>) -> bool {
-        match (self.node_event, at) {
-            (None, _) => true,
-            (Some(event), Some(at)) => at >= event,
-            (Some(event), None) => event == Checkpoint::default(),
-        }
+        reflects(self.node_event, at)
+    }
+
+    /// Whether projects read from the projects read model when it stood
+    /// at `at` reflect every project event this queue has seen.
+    pub fn projects_current_at(&self, at: Option<Checkpoint>) -> bool {
+        reflects(self.project_event, at)
     }
 
     /// Folds `event` into its task.
     async fn fold(&mut self, store: &Store, event: &RecordedEvent) {
         if event.aggregate_type != Task::TYPE {
-            if event.aggregate_type == "node" {
-                self.node_event = self.node_event.max(Some(event.checkpoint()));
+            match event.aggregate_type.as_str() {
+                "node" => self.node_event = self.node_event.max(Some(event.checkpoint())),
+                "project" => self.project_event = self.project_event.max(Some(event.checkpoint())),
+                _ => {}
             }
             return;
         }
@@ -307,5 +324,15 @@ impl Queue {
                 })
             })
             .collect()
+    }
+}
+
+/// Whether a read model standing at `at` (`None`: not known) reflects the
+/// event at `event` (`None`: none seen).
+fn reflects(event: Option<Checkpoint>, at: Option<Checkpoint>) -> bool {
+    match (event, at) {
+        (None, _) => true,
+        (Some(event), Some(at)) => at >= event,
+        (Some(event), None) => event == Checkpoint::default(),
     }
 }

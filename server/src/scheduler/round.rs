@@ -4,6 +4,7 @@
 //! under the leader's term.
 
 use std::collections::{HashMap, HashSet};
+use std::time::Instant;
 
 use chrono::{DateTime, Utc};
 use domain::task::{Capacity, Task, TaskCommand, TaskError};
@@ -13,7 +14,7 @@ use store::StoreError;
 use uuid::Uuid;
 
 use super::placement::{self, Candidate, Placement, Queued};
-use super::{actor, Outcome, Scheduler};
+use super::{actor, Outcome, Scheduler, CANDIDATES_FOR};
 
 /// Whether a round goes on after an assignment.
 enum Next {
@@ -73,14 +74,65 @@ impl Scheduler {
         Ok(())
     }
 
-    /// The most running tasks of each project of `queue` that has a limit.
+    /// The most running tasks of each project of `queue` that has a limit,
+    /// from the projects read model. Limits read while the read model
+    /// reflected every project event the queue has seen are remembered for
+    /// [`CANDIDATES_FOR`] and serve the next rounds until a project event
+    /// goes by: a busy leader places many times a second and limits rarely
+    /// change, so a round usually reads none.
     async fn quotas(&self, queue: &[Queued]) -> Result<HashMap<Uuid, u32>, sqlx::Error> {
-        let projects: Vec<Uuid> = queue.iter().map(|t| t.project).collect();
-        Ok(read::projects::running_limits(self.pool(), &projects)
-            .await?
-            .into_iter()
-            .map(|(id, n)| (id, n.max(0) as u32))
-            .collect())
+        let mut projects: Vec<Uuid> = queue.iter().map(|t| t.project).collect();
+        projects.sort_unstable();
+        projects.dedup();
+        let limit_of = |known: &HashMap<Uuid, Option<u32>>| -> HashMap<Uuid, u32> {
+            projects
+                .iter()
+                .filter_map(|p| Some((*p, (*known.get(p)?)?)))
+                .collect()
+        };
+        let remembered = self
+            .limits
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .filter(|(when, _, limits)| {
+                when.elapsed() < CANDIDATES_FOR && projects.iter().all(|p| limits.contains_key(p))
+            })
+            .map(|(_, at, limits)| (*at, limit_of(limits)));
+        if let Some((at, limits)) = remembered {
+            if self.queue.lock().await.projects_current_at(Some(at)) {
+                return Ok(limits);
+            }
+        }
+        let fresh = {
+            let (rows, at) = read::projects::running_limits_at(self.pool(), &projects).await?;
+            let read: HashMap<Uuid, u32> = rows
+                .into_iter()
+                .map(|(id, n)| (id, n.max(0) as u32))
+                .collect();
+            let mut fresh: HashMap<Uuid, Option<u32>> = projects
+                .iter()
+                .map(|p| (*p, read.get(p).copied()))
+                .collect();
+            if self.queue.lock().await.projects_current_at(at) {
+                if let Some(at) = at {
+                    let mut known = self.limits.lock().unwrap_or_else(|e| e.into_inner());
+                    // What is remembered and still current joins what was
+                    // just read, so a round with a new project reads only
+                    // until the next expiry.
+                    if let Some((when, kept_at, kept)) = known.take() {
+                        if when.elapsed() < CANDIDATES_FOR && kept_at <= at {
+                            for (p, l) in kept {
+                                fresh.entry(p).or_insert(l);
+                            }
+                        }
+                    }
+                    *known = Some((Instant::now(), at, fresh.clone()));
+                }
+            }
+            fresh
+        };
+        Ok(limit_of(&fresh))
     }
 
     /// Assigns the task of placement `p` as the leader of `term`, for a
