@@ -34,11 +34,17 @@ impl Scheduler {
         outcome: &mut Outcome,
     ) -> Result<(), sqlx::Error> {
         let mut known = self.queue.lock().await;
-        known.follow(&self.store, term).await?;
+        // Side by side: the store refuses an assignment the holds read
+        // here would not have allowed, whichever of the two is older.
+        let (followed, holds) = tokio::join!(
+            known.follow(&self.store, term),
+            store::holds::all(self.pool())
+        );
+        followed?;
         if !known.any_queued() {
             return Ok(());
         }
-        let holds = store::holds::all(self.pool()).await?;
+        let holds = holds?;
         // A task holding a node is not queued, whatever the queue has not
         // folded in yet.
         let holding: HashSet<Uuid> = holds.iter().map(|h| h.task).collect();
