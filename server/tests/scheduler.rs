@@ -78,6 +78,23 @@ struct Joining<'a> {
 }
 
 impl World {
+    /// Sets the project's most running tasks.
+    async fn set_quota(&self, max_running: Option<u32>) {
+        self.store
+            .execute::<Project>(
+                &self.project.to_string(),
+                ProjectCommand::SetQuota {
+                    max_running,
+                    by: admin(),
+                    at: Utc::now(),
+                },
+                &admin(),
+                Utc::now(),
+            )
+            .await
+            .unwrap();
+    }
+
     /// A provisioned node whose agent is connected and beat at `seen`.
     async fn node(
         &self,
@@ -363,19 +380,7 @@ async fn tasks_go_only_where_labels_and_free_resources_fit() {
 async fn a_projects_max_running_is_never_exceeded() {
     let w = world().await;
     w.node("n", 64.0, &[], Utc::now()).await;
-    w.store
-        .execute::<Project>(
-            &w.project.to_string(),
-            ProjectCommand::SetQuota {
-                max_running: Some(2),
-                by: admin(),
-                at: Utc::now(),
-            },
-            &admin(),
-            Utc::now(),
-        )
-        .await
-        .unwrap();
+    w.set_quota(Some(2)).await;
     let tasks = [
         w.submit(1.0, &[], 0, None).await,
         w.submit(1.0, &[], 0, None).await,
@@ -413,26 +418,7 @@ async fn assigned(w: &World, tasks: &[Uuid]) -> usize {
 async fn a_projects_new_max_running_counts_from_the_next_round() {
     let w = world().await;
     w.node("n", 64.0, &[], Utc::now()).await;
-    let quota = |max_running| {
-        let store = w.store.clone();
-        let project = w.project;
-        async move {
-            store
-                .execute::<Project>(
-                    &project.to_string(),
-                    ProjectCommand::SetQuota {
-                        max_running,
-                        by: admin(),
-                        at: Utc::now(),
-                    },
-                    &admin(),
-                    Utc::now(),
-                )
-                .await
-                .unwrap();
-        }
-    };
-    quota(Some(1)).await;
+    w.set_quota(Some(1)).await;
     let mut tasks = Vec::new();
     for _ in 0..4 {
         tasks.push(w.submit(1.0, &[], 0, None).await);
@@ -441,14 +427,14 @@ async fn a_projects_new_max_running_counts_from_the_next_round() {
     round(&w, &s, Utc::now()).await;
     round(&w, &s, Utc::now()).await;
     assert_eq!(assigned(&w, &tasks).await, 1);
-    quota(Some(3)).await;
+    w.set_quota(Some(3)).await;
     round(&w, &s, Utc::now()).await;
     assert_eq!(
         assigned(&w, &tasks).await,
         3,
         "the raised limit counts at once"
     );
-    quota(None).await;
+    w.set_quota(None).await;
     round(&w, &s, Utc::now()).await;
     assert_eq!(assigned(&w, &tasks).await, 4, "no limit, none waits");
 }
