@@ -463,19 +463,21 @@ impl Session {
             Duration::from_secs(self.ingress.config().heartbeat_s.max(1) * IDLE_HEARTBEATS);
         let idle = tokio::time::sleep(idle_after);
         tokio::pin!(idle);
+        // Taken out of the session, so commands can go out while a frame
+        // the agent sent is being handled.
+        let (_, closed) = mpsc::channel(1);
+        let mut outgoing = std::mem::replace(&mut self.outgoing, closed);
         loop {
             let event = tokio::select! {
-                out = self.outgoing.recv() => Event::Outgoing(out),
+                out = outgoing.recv() => Event::Outgoing(out),
                 incoming = socket.recv() => Event::Incoming(incoming),
                 () = &mut idle => Event::Idle,
             };
             let step = match event {
-                Event::Outgoing(Some(out)) => Box::pin(self.outgoing(socket, out)).await,
-                // Dropped from the registry without a word: it fell behind.
-                Event::Outgoing(None) => Err(unavailable()),
+                Event::Outgoing(out) => Box::pin(self.outgoing(socket, out)).await,
                 Event::Incoming(incoming) => {
                     reset(idle.as_mut(), idle_after);
-                    Box::pin(self.incoming(socket, incoming)).await
+                    self.handle(socket, &mut outgoing, incoming).await
                 }
                 Event::Idle => Err(End::Gone(format!(
                     "nothing received for {} s",
@@ -689,25 +691,76 @@ impl Session {
         }
     }
 
-    async fn outgoing(&mut self, socket: &mut WebSocket, out: Outgoing) -> Result<(), End> {
+    /// Sends `out` from the registry; `None`: the session was dropped from
+    /// the registry without a word (it fell behind).
+    async fn outgoing(&mut self, socket: &mut WebSocket, out: Option<Outgoing>) -> Result<(), End> {
         match out {
-            Outgoing::Frame(frame) => send(socket, &frame).await,
-            Outgoing::HostSsh(pending) => self.host_ssh(socket, &pending).await,
-            Outgoing::Close(why) => Err(End::from_ending(why)),
+            Some(Outgoing::Frame(frame)) => send(socket, &frame).await,
+            Some(Outgoing::HostSsh(pending)) => self.host_ssh(socket, &pending).await,
+            Some(Outgoing::Close(why)) => Err(End::from_ending(why)),
+            None => Err(unavailable()),
         }
     }
 
-    async fn incoming(
+    /// Handles a frame the agent sent and sends its answer. Meanwhile
+    /// (storing a report or a log chunk takes a round trip to the
+    /// database, and a node may send many) the commands the registry
+    /// queues for the node still go out, in their order: a `run_task` or
+    /// a `cancel_task` never waits behind the node's own traffic. The
+    /// first queued item that needs the session itself (a host SSH request,
+    /// a close) waits for the frame's answer, and so does everything
+    /// queued after it. Frames from the agent are still handled one at a
+    /// time, in order.
+    async fn handle(
         &mut self,
         socket: &mut WebSocket,
+        outgoing: &mut mpsc::Receiver<Outgoing>,
         incoming: Option<Result<Message, axum::Error>>,
     ) -> Result<(), End> {
+        let mut held: Option<Option<Outgoing>> = None;
+        let mut broken = None;
+        let answer = {
+            let mut work = Box::pin(self.incoming(incoming));
+            loop {
+                tokio::select! {
+                    biased;
+                    answer = &mut work => break answer,
+                    out = outgoing.recv(), if held.is_none() && broken.is_none() => match out {
+                        Some(Outgoing::Frame(frame)) => {
+                            // The frame's handling is let finish: what it
+                            // stores is stored whether or not it is answered.
+                            if let Err(end) = send(socket, &frame).await {
+                                broken = Some(end);
+                            }
+                        }
+                        other => held = Some(other),
+                    },
+                }
+            }
+        };
+        if let Some(end) = broken {
+            return Err(end);
+        }
+        if let Some(frame) = answer? {
+            send(socket, &frame).await?;
+        }
+        match held {
+            Some(out) => Box::pin(self.outgoing(socket, out)).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Handles a frame the agent sent; returns the frame to answer with.
+    async fn incoming(
+        &mut self,
+        incoming: Option<Result<Message, axum::Error>>,
+    ) -> Result<Option<String>, End> {
         let text = match incoming {
             None => return Err(End::Gone("connection closed".into())),
             Some(Err(e)) => return Err(End::from_socket_error(&e)),
             Some(Ok(Message::Text(text))) => text,
             Some(Ok(Message::Binary(_))) => return Err(binary()),
-            Some(Ok(Message::Ping(_) | Message::Pong(_))) => return Ok(()),
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => return Ok(None),
             Some(Ok(Message::Close(_))) => return Err(End::Gone("closed by the agent".into())),
         };
         let message =
@@ -717,12 +770,12 @@ impl Session {
                 "bad_frame",
                 "hello is only valid as the first message",
             )),
-            AgentMessage::Heartbeat { seq } => self.heartbeat(seq).await,
+            AgentMessage::Heartbeat { seq } => self.heartbeat(seq).await.map(|()| None),
             AgentMessage::Ack { command_id } => {
                 tracing::debug!(node_id = %self.node_id, %command_id, "command acknowledged");
-                Ok(())
+                Ok(None)
             }
-            AgentMessage::Status(status) => self.status(socket, status).await,
+            AgentMessage::Status(status) => self.status(status).await,
             AgentMessage::Log(chunk) => {
                 let id = chunk.id;
                 let answer = match chunk.bounded() {
@@ -735,14 +788,14 @@ impl Session {
                 };
                 self.count(ReportKind::Log, &answer);
                 self.tell_refusal(id, "log chunk", &answer);
-                self.answer(socket, id, answer, "log chunk").await
+                self.answer(id, answer, "log chunk")
             }
             AgentMessage::Cache(cache) => {
                 let pool = self.ingress.store().pool();
                 if let Err(e) = liveness::cache(pool, self.node_id, &cache.bounded()).await {
                     tracing::warn!(node_id = %self.node_id, error = %e, "recording the node's cache failed");
                 }
-                Ok(())
+                Ok(None)
             }
             AgentMessage::TransferRequest(request) => {
                 let id = request.id;
@@ -766,18 +819,14 @@ impl Session {
                 if let Some(error) = &grant.error {
                     self.refusal_notice(id, "transfer request", error);
                 }
-                send(
-                    socket,
-                    &protocol::encode(&ServerMessage::TransferUrl(grant)),
-                )
-                .await
+                Ok(Some(protocol::encode(&ServerMessage::TransferUrl(grant))))
             }
             AgentMessage::HostSshResult(result) => {
                 let id = result.id;
                 let answer = host_ssh::finish(self.ingress.store(), self.node_id, result).await;
                 self.count(ReportKind::HostSsh, &answer);
                 self.tell_refusal(id, "host SSH result", &answer);
-                self.answer(socket, id, answer, "host SSH result").await
+                self.answer(id, answer, "host SSH result")
             }
         }
     }
@@ -815,11 +864,7 @@ impl Session {
     /// Handles a report: bounded, then executed; one that can never be
     /// stored is refused for good and, within the node's notices, shown on
     /// its task's timeline.
-    async fn status(
-        &mut self,
-        socket: &mut WebSocket,
-        status: protocol::Status,
-    ) -> Result<(), End> {
+    async fn status(&mut self, status: protocol::Status) -> Result<Option<String>, End> {
         let id = status.id;
         let (status, answer) = match status.clone().bounded() {
             Ok(bounded) => {
@@ -842,7 +887,7 @@ impl Session {
             }
             Answer::Later(_) => {}
         }
-        self.answer(socket, id, answer, "report").await
+        self.answer(id, answer, "report")
     }
 
     /// Counts a report of `kind` answered `answer`.
@@ -878,13 +923,9 @@ impl Session {
         }
     }
 
-    async fn answer(
-        &self,
-        socket: &mut WebSocket,
-        id: u64,
-        answer: Answer,
-        what: &str,
-    ) -> Result<(), End> {
+    /// The `received` frame answering frame `id` with `answer`; a frame
+    /// not stored for now ends the session.
+    fn answer(&self, id: u64, answer: Answer, what: &str) -> Result<Option<String>, End> {
         let error = match answer {
             Answer::Stored => None,
             Answer::Refused(reason) | Answer::Unstorable(reason) => Some(reason),
@@ -897,11 +938,10 @@ impl Session {
                 return Err(unavailable());
             }
         };
-        send(
-            socket,
-            &protocol::encode(&ServerMessage::Received { id, error }),
-        )
-        .await
+        Ok(Some(protocol::encode(&ServerMessage::Received {
+            id,
+            error,
+        })))
     }
 
     /// Records the end of the session and forgets it.

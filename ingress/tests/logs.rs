@@ -287,3 +287,70 @@ async fn notified(listener: &mut PgListener) -> String {
         .payload()
         .to_string()
 }
+
+/// A node's commands go out while a frame of that node is still being
+/// stored: a node streaming output (or a database slow to store it) never
+/// keeps its next `run_task` waiting, and the frame is still answered and
+/// stored once.
+#[tokio::test]
+async fn commands_go_out_while_the_nodes_own_frame_is_being_stored() {
+    let p = platform(LogLimits::default()).await;
+    let (node_id, token) = support::provision(&p.store).await;
+    let first = support::submit_and_assign(&p.store, node_id).await;
+    let mut agent = Agent::join(p.addr, &token).await;
+    let run_task = |frame: &serde_json::Value| {
+        (frame["type"] == "command" && frame["command"]["kind"] == "run_task").then(|| {
+            frame["command"]["task_id"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string()
+        })
+    };
+
+    // Storing output waits for the table, held by another transaction.
+    let mut blocker = p.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE task_log IN EXCLUSIVE MODE")
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+    agent
+        .send(
+            json!({"type": "log", "id": 1, "task_id": first, "attempt": 1,
+                     "offset": 0, "data": "one\n"}),
+        )
+        .await;
+    let pool = p.pool.clone();
+    testkit::eventually("the chunk's insert to wait for the lock", PATIENCE, || {
+        let pool = pool.clone();
+        async move {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_locks \
+                 WHERE relation = 'task_log'::regclass AND NOT granted",
+            )
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+            (waiting > 0).then_some(())
+        }
+    })
+    .await;
+
+    let second = support::submit_and_assign(&p.store, node_id).await;
+    loop {
+        // The first task's `run_task` may come again (agents ignore it).
+        let frame = agent.recv().await;
+        if run_task(&frame) == Some(first.to_string()) {
+            continue;
+        }
+        assert_eq!(
+            run_task(&frame),
+            Some(second.to_string()),
+            "the next task's run_task comes while the chunk waits: {frame}"
+        );
+        break;
+    }
+
+    blocker.commit().await.unwrap();
+    assert_eq!(agent.received(1).await, None);
+    assert_eq!(p.output(first).await, "one\n");
+}
