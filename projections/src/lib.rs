@@ -211,14 +211,20 @@ fn verdict(
     failed: &HashMap<i64, String>,
     held: &mut HashMap<(String, String), Checkpoint>,
 ) -> Verdict {
-    let key = (event.aggregate_type.clone(), event.aggregate_id.clone());
-    if let Some(first) = held.get(&key).filter(|first| event.checkpoint() > **first) {
-        return Verdict::Record(held_back(event, *first));
+    // Nearly always both are empty: no key is built for them.
+    let key = || (event.aggregate_type.clone(), event.aggregate_id.clone());
+    if !held.is_empty() {
+        if let Some(first) = held
+            .get(&key())
+            .filter(|first| event.checkpoint() > **first)
+        {
+            return Verdict::Record(held_back(event, *first));
+        }
     }
     match failed.get(&event.position) {
         Some(error) => {
             if p.per_aggregate() {
-                held.entry(key).or_insert(event.checkpoint());
+                held.entry(key()).or_insert(event.checkpoint());
             }
             Verdict::Record(error.clone())
         }
@@ -263,7 +269,7 @@ pub struct Retried {
 /// Applies the log to every read model.
 pub struct Projector {
     pool: PgPool,
-    projections: Vec<Box<dyn Projection>>,
+    projections: Vec<Arc<dyn Projection>>,
     batch: i64,
     observer: Option<Arc<dyn Observer>>,
 }
@@ -574,11 +580,11 @@ impl Projector {
     /// # Errors
     /// As [`Projector::rebuild`].
     pub async fn rebuild_report(&self, name: Option<&str>) -> Result<Rebuilt, ProjectionError> {
-        let chosen: Vec<&dyn Projection> = self
+        let chosen: Vec<Arc<dyn Projection>> = self
             .projections
             .iter()
-            .map(AsRef::as_ref)
             .filter(|p| name.is_none_or(|n| n == p.name()))
+            .cloned()
             .collect();
         if chosen.is_empty() {
             return Err(ProjectionError::Unknown(name.unwrap_or_default().into()));

@@ -10,6 +10,7 @@ use store::outbox::RecordedEvent;
 use uuid::Uuid;
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use crate::{summary, Projection, ProjectionError, SetError};
 use cqrs_es::Aggregate;
@@ -19,13 +20,13 @@ use domain::task::Task;
 use domain::user::UserEvent;
 
 /// Every read model, in the order the projector advances them.
-pub fn all() -> Vec<Box<dyn Projection>> {
+pub fn all() -> Vec<Arc<dyn Projection>> {
     vec![
-        Box::new(Tasks),
-        Box::new(Nodes),
-        Box::new(Projects),
-        Box::new(Users),
-        Box::new(Timeline::new()),
+        Arc::new(Tasks),
+        Arc::new(Nodes),
+        Arc::new(Projects),
+        Arc::new(Users),
+        Arc::new(Timeline::new()),
     ]
 }
 
@@ -79,13 +80,15 @@ where
     }
     ids.sort_unstable();
     ids.dedup();
-    let rows: Vec<(Uuid, i64, serde_json::Value)> = sqlx::query_as(&format!(
-        "SELECT id, last_sequence, doc FROM {table} WHERE id = ANY($1)"
+    // The documents as text, decoded straight into the aggregate: no JSON
+    // tree built and dropped per row.
+    let rows: Vec<(Uuid, i64, String)> = sqlx::query_as(&format!(
+        "SELECT id, last_sequence, doc::text FROM {table} WHERE id = ANY($1)"
     ))
     .bind(&ids)
     .fetch_all(&mut *conn)
     .await?;
-    let mut stored: HashMap<Uuid, (i64, serde_json::Value)> = rows
+    let mut stored: HashMap<Uuid, (i64, String)> = rows
         .into_iter()
         .map(|(id, last, doc)| (id, (last, doc)))
         .collect();
@@ -99,7 +102,7 @@ where
             std::collections::hash_map::Entry::Vacant(v) => {
                 let (state, last) = match stored.remove(&id) {
                     Some((last, doc)) => (
-                        serde_json::from_value(doc)
+                        serde_json::from_str(&doc)
                             .map_err(|e| SetError::at(ev, undecodable(ev, e)))?,
                         last,
                     ),
@@ -135,8 +138,9 @@ where
     Ok(out)
 }
 
-fn doc<T: Serialize>(v: &T, event: &RecordedEvent) -> Result<serde_json::Value, ProjectionError> {
-    serde_json::to_value(v).map_err(|e| undecodable(event, e))
+/// A row's document, as the text of its JSON (written as `$n::jsonb`).
+fn doc<T: Serialize>(v: &T, event: &RecordedEvent) -> Result<String, ProjectionError> {
+    serde_json::to_string(v).map_err(|e| undecodable(event, e))
 }
 
 fn at_or(t: Option<DateTime<Utc>>, event: &RecordedEvent) -> DateTime<Utc> {
@@ -229,7 +233,7 @@ impl Tasks {
             "INSERT INTO task_view (id, project_id, state, priority, node_id, attempt, submitted_by, \
                submitted_at, updated_at, list_position, last_sequence, doc) \
              SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::int[], $5::uuid[], $6::int[], \
-               $7::text[], $8::timestamptz[], $9::timestamptz[], $10::bigint[], $11::bigint[], $12::jsonb[]) \
+               $7::text[], $8::timestamptz[], $9::timestamptz[], $10::bigint[], $11::bigint[], $12::text[]::jsonb[]) \
              ON CONFLICT (id) DO UPDATE SET state = EXCLUDED.state, node_id = EXCLUDED.node_id, \
                attempt = EXCLUDED.attempt, updated_at = EXCLUDED.updated_at, \
                last_sequence = EXCLUDED.last_sequence, doc = EXCLUDED.doc",
@@ -322,7 +326,7 @@ impl Nodes {
         sqlx::query(
             "INSERT INTO node_view (id, name, status, drained, provisioned_at, updated_at, last_sequence, doc) \
              SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::bool[], $5::timestamptz[], \
-               $6::timestamptz[], $7::bigint[], $8::jsonb[]) \
+               $6::timestamptz[], $7::bigint[], $8::text[]::jsonb[]) \
              ON CONFLICT (id) DO UPDATE SET name = EXCLUDED.name, status = EXCLUDED.status, \
                drained = EXCLUDED.drained, updated_at = EXCLUDED.updated_at, \
                last_sequence = EXCLUDED.last_sequence, doc = EXCLUDED.doc",
@@ -368,9 +372,9 @@ impl Projection for Projects {
             };
             sqlx::query(
                 "INSERT INTO project_view (id, name, archived, created_at, updated_at, last_sequence, doc) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb) \
                  ON CONFLICT (id) DO UPDATE SET name = $2, archived = $3, updated_at = $5, \
-                   last_sequence = $6, doc = $7",
+                   last_sequence = $6, doc = $7::jsonb",
             )
             .bind(id)
             .bind(&project.name)
@@ -509,6 +513,15 @@ fn node_name(first: &serde_json::Value) -> Option<String> {
         .map(str::to_string)
 }
 
+/// Keeps what the first event of aggregate `id` says. Only what it does
+/// say: one that says nothing may be an undecodable event an operator
+/// mends, and is read again until then.
+fn remember(kept: &mut hashlink::LruCache<(Kind, Uuid), First>, id: Uuid, fact: &(Kind, First)) {
+    if matches!(fact.1, First::Project(Some(_)) | First::Name(Some(_))) {
+        kept.insert((fact.0, id), fact.1.clone());
+    }
+}
+
 impl Timeline {
     fn new() -> Self {
         let kept = hashlink::LruCache::new(FIRSTS_KEPT);
@@ -538,6 +551,19 @@ impl Timeline {
         let (mut tasks, mut nodes) = (Vec::new(), Vec::new());
         {
             let mut kept = self.firsts.lock().unwrap_or_else(|e| e.into_inner());
+            // A first event in the batch is the one the query below would
+            // read: a rebuild, and a burst of new tasks, find theirs here.
+            for ev in events.iter().filter(|e| e.sequence == 1) {
+                let Ok(id) = ev.aggregate_id.parse::<Uuid>() else {
+                    continue;
+                };
+                let fact = match ev.aggregate_type.as_str() {
+                    "task" => (Kind::Task, First::Project(task_project(&ev.payload))),
+                    "node" => (Kind::Node, First::Name(node_name(&ev.payload))),
+                    _ => continue,
+                };
+                remember(&mut kept, id, &fact);
+            }
             for key in wanted {
                 match kept.get(&key) {
                     Some(first) => {
@@ -567,12 +593,7 @@ impl Timeline {
                 "task" => (Kind::Task, First::Project(task_project(&payload))),
                 _ => (Kind::Node, First::Name(node_name(&payload))),
             };
-            // Only what a first event does say is remembered: one that
-            // says nothing may be an undecodable event an operator mends,
-            // and is read again until then.
-            if matches!(fact.1, First::Project(Some(_)) | First::Name(Some(_))) {
-                kept.insert((fact.0, id), fact.1.clone());
-            }
+            remember(&mut kept, id, &fact);
             known.insert((fact.0, id), fact.1);
         }
         Ok(known)

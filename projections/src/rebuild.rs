@@ -13,13 +13,14 @@
 //! 1. Under an advisory lock (one rebuild at a time), the rebuild creates
 //!    the schema [`SCHEMA`] and in it a table `LIKE` each live table of the
 //!    chosen models, with its keys and unique indexes and the same name.
-//!    Its own connection puts that schema first on its `search_path`, so
+//!    Its connections put that schema first on their `search_path`, so
 //!    the projections' own statements fill the new tables unchanged.
 //! 2. It replays the log into them, [`TX_EVENTS`] events per transaction,
-//!    while the running projector keeps the live tables fresh; a second
-//!    connection reads the next events meanwhile. Then it builds the
-//!    live tables' other indexes on the new ones, each in one sort rather
-//!    than one update per row.
+//!    while the running projector keeps the live tables fresh: one
+//!    connection reads the log, and each model fills its tables on a
+//!    connection of its own from the same batches, beside the others.
+//!    Then it builds the live tables' other indexes on the new ones, each
+//!    in one sort rather than one update per row, [`INDEXERS`] at a time.
 //! 3. One short transaction locks the models' checkpoints (the running
 //!    projector skips a locked checkpoint), applies the events that
 //!    arrived since step 2, drops each live table and moves the new one
@@ -43,6 +44,7 @@
 //! as long as copying them.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sqlx::{Connection, PgConnection};
@@ -191,11 +193,12 @@ impl Table {
 
 /// Runs a rebuild of `chosen` on `conn`, a connection nobody else uses
 /// and that is closed afterwards (which also ends the advisory lock); the
-/// log is read ahead through `pool`.
+/// log is read through `pool`, and the models fill their tables on
+/// connections opened with its options.
 pub(crate) async fn run(
     conn: &mut PgConnection,
     pool: &sqlx::PgPool,
-    chosen: &[&dyn Projection],
+    chosen: &[Arc<dyn Projection>],
 ) -> Result<Rebuilt, ProjectionError> {
     let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
         .bind(LOCK)
@@ -219,14 +222,9 @@ pub(crate) async fn run(
 async fn rebuild(
     conn: &mut PgConnection,
     pool: &sqlx::PgPool,
-    chosen: &[&dyn Projection],
+    chosen: &[Arc<dyn Projection>],
 ) -> Result<Rebuilt, ProjectionError> {
     let started = Instant::now();
-    // The new tables need no durability until they are swapped in, and
-    // their many small commits should not each wait for a disk flush.
-    sqlx::query("SET synchronous_commit = off")
-        .execute(&mut *conn)
-        .await?;
     // Left over by a rebuild that died (the lock says none is running).
     for statement in ["DROP SCHEMA IF EXISTS {} CASCADE", "CREATE SCHEMA {}"] {
         sqlx::query(&statement.replace("{}", &quote(SCHEMA)))
@@ -248,60 +246,76 @@ async fn rebuild(
     .execute(&mut *conn)
     .await?;
 
-    let mut at = Checkpoint::default();
-    let mut read = 0;
+    // Each model fills its tables on a connection of its own, beside the
+    // others: the two cores are busy with every model at once instead of
+    // taking the models one after the other.
+    let mut senders = Vec::with_capacity(chosen.len());
+    let mut builders = tokio::task::JoinSet::new();
+    for p in chosen {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Batch>(2);
+        senders.push(tx);
+        builders.spawn(fill(builder(pool).await?, p.clone(), rx));
+    }
+    let filling = async {
+        let mut filled = Vec::with_capacity(chosen.len());
+        while let Some(done) = builders.join_next().await {
+            let done = done.map_err(|e| {
+                ProjectionError::Rebuild(format!("a read model's builder stopped: {e}"))
+            })?;
+            filled.push(done?);
+        }
+        Ok(filled)
+    };
+    // Should either fail, dropping `builders` stops the rest.
+    let ((at, mut read), filled) = tokio::try_join!(dispatch(pool.clone(), senders), filling)?;
     let mut letters = Letters::default();
-    let mut ahead = read_ahead(pool.clone());
-    loop {
-        let events = match ahead.recv().await {
-            Some(batch) => batch?,
-            None => return Err(ProjectionError::Rebuild("the log's reader stopped".into())),
-        };
-        let Some(last) = events.last().map(RecordedEvent::checkpoint) else {
-            break;
-        };
-        for slice in events.chunks(TX_EVENTS) {
-            loop {
-                let mut tx = conn.begin().await?;
-                let mut pending = Vec::new();
-                match apply(&mut tx, chosen, slice, &mut letters, &mut pending).await {
-                    Ok(()) => {
-                        tx.commit().await?;
-                        letters.found.extend(pending);
-                        break;
-                    }
-                    Err(stop) => {
-                        tx.rollback().await?;
-                        letters.poisoned(stop)?;
-                    }
-                }
-            }
-        }
-        if (read + events.len()) / PROGRESS_EVERY > read / PROGRESS_EVERY {
-            tracing::info!(events = read + events.len(), "rebuilding read models");
-        }
-        read += events.len();
-        at = last;
+    let mut conns = Vec::with_capacity(filled.len());
+    for (conn, found) in filled {
+        letters.failed.extend(found.failed);
+        letters.held.extend(found.held);
+        letters.found.extend(found.found);
+        letters.one_by_one |= found.one_by_one;
+        conns.push(conn);
     }
     // The indexes left out while filling, then fresh statistics, so that
-    // queries on the new tables are planned well from the start.
-    sqlx::query("SET maintenance_work_mem = '256MB'")
-        .execute(&mut *conn)
-        .await?;
+    // queries on the new tables are planned well from the start: shared
+    // out between the builders' connections.
+    let mut work = Vec::new();
     for t in &tables {
-        index(conn, t).await?;
-        sqlx::query(&format!("ANALYZE {}", t.built()))
-            .execute(&mut *conn)
-            .await?;
+        for (definition,) in live_indexes(conn, t, false).await? {
+            work.push(definition);
+        }
+    }
+    work.extend(tables.iter().map(|t| format!("ANALYZE {}", t.built())));
+    let work = std::sync::Mutex::new(work.into_iter());
+    futures::future::try_join_all(conns.iter_mut().take(INDEXERS).map(|conn| {
+        let work = &work;
+        async move {
+            sqlx::query("SET maintenance_work_mem = '256MB'")
+                .execute(&mut *conn)
+                .await?;
+            loop {
+                let next = work.lock().unwrap_or_else(|e| e.into_inner()).next();
+                let Some(statement) = next else {
+                    return Ok::<_, sqlx::Error>(());
+                };
+                sqlx::query(&statement).execute(&mut *conn).await?;
+            }
+        }
+    }))
+    .await?;
+    for conn in conns {
+        let _ = conn.close().await;
     }
     let build = started.elapsed();
 
+    let chosen: Vec<&dyn Projection> = chosen.iter().map(AsRef::as_ref).collect();
     let mut names: Vec<&'static str> = chosen.iter().map(|p| p.name()).collect();
     names.sort_unstable();
     let mut tries = 0;
     let (caught_up, switch) = loop {
         let switching = Instant::now();
-        match switch(conn, chosen, &tables, &names, at, &mut letters).await {
+        match switch(conn, &chosen, &tables, &names, at, &mut letters).await {
             Ok(n) => break (n, switching.elapsed()),
             Err(stop @ (Stop::Poison { .. } | Stop::Whole)) => letters.poisoned(stop)?,
             Err(Stop::Failed(ProjectionError::Database(sqlx::Error::Database(e))))
@@ -358,6 +372,95 @@ fn read_ahead(
         }
     });
     rx
+}
+
+/// A batch of the log, shared by every model's builder.
+type Batch = Arc<Vec<RecordedEvent>>;
+
+/// Statements building indexes at once, at most: one per core of the
+/// machines UniDesk is measured on, and few enough to leave the running
+/// platform its share of the database.
+pub const INDEXERS: usize = 2;
+
+/// A connection for a model's builder: its search path finds the new
+/// tables first, and its many small commits wait for no disk flush (the
+/// new tables need no durability until they are swapped in).
+async fn builder(pool: &sqlx::PgPool) -> Result<PgConnection, ProjectionError> {
+    // Never a pooled connection: its search path must not outlive the
+    // rebuild.
+    let mut conn = PgConnection::connect_with(&pool.connect_options()).await?;
+    sqlx::query("SET synchronous_commit = off")
+        .execute(&mut conn)
+        .await?;
+    sqlx::query(&format!(
+        "SELECT set_config('search_path', '{}, ' || current_setting('search_path'), false)",
+        quote(SCHEMA)
+    ))
+    .execute(&mut conn)
+    .await?;
+    Ok(conn)
+}
+
+/// Reads the whole log and hands every batch to each builder. Returns
+/// where the log ended and how many events it held.
+async fn dispatch(
+    pool: sqlx::PgPool,
+    builders: Vec<tokio::sync::mpsc::Sender<Batch>>,
+) -> Result<(Checkpoint, usize), ProjectionError> {
+    let mut ahead = read_ahead(pool);
+    let (mut at, mut read) = (Checkpoint::default(), 0);
+    loop {
+        let events = match ahead.recv().await {
+            Some(batch) => batch?,
+            None => return Err(ProjectionError::Rebuild("the log's reader stopped".into())),
+        };
+        let Some(last) = events.last().map(RecordedEvent::checkpoint) else {
+            return Ok((at, read));
+        };
+        if (read + events.len()) / PROGRESS_EVERY > read / PROGRESS_EVERY {
+            tracing::info!(events = read + events.len(), "rebuilding read models");
+        }
+        read += events.len();
+        let events = Arc::new(events);
+        for b in &builders {
+            // A builder that stopped has failed: its error ends the rebuild.
+            if b.send(events.clone()).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+        at = last;
+    }
+}
+
+/// Fills model `p`'s new tables from the batches it is handed, in
+/// transactions of [`TX_EVENTS`] events. Returns its connection and the
+/// dead letters it found.
+async fn fill(
+    mut conn: PgConnection,
+    p: Arc<dyn Projection>,
+    mut batches: tokio::sync::mpsc::Receiver<Batch>,
+) -> Result<(PgConnection, Letters), ProjectionError> {
+    let mut letters = Letters::default();
+    while let Some(events) = batches.recv().await {
+        for slice in events.chunks(TX_EVENTS) {
+            loop {
+                let mut tx = conn.begin().await?;
+                let mut pending = Vec::new();
+                match apply(&mut tx, &[p.as_ref()], slice, &mut letters, &mut pending).await {
+                    Ok(()) => {
+                        tx.commit().await?;
+                        letters.found.extend(pending);
+                        break;
+                    }
+                    Err(stop) => {
+                        tx.rollback().await?;
+                        letters.poisoned(stop)?;
+                    }
+                }
+            }
+        }
+    }
+    Ok((conn, letters))
 }
 
 /// Applies `events` to every chosen model, recording in `pending` the
@@ -635,16 +738,6 @@ async fn prepare(conn: &mut PgConnection, name: &'static str) -> Result<Table, s
         sqlx::query(&definition).execute(&mut *conn).await?;
     }
     Ok(t)
-}
-
-/// Builds the new table's remaining indexes, those that were left out
-/// while it was filled: one sort per index instead of an index update per
-/// row.
-async fn index(conn: &mut PgConnection, t: &Table) -> Result<(), sqlx::Error> {
-    for (definition,) in live_indexes(conn, t, false).await? {
-        sqlx::query(&definition).execute(&mut *conn).await?;
-    }
-    Ok(())
 }
 
 /// The statements that give the new table the live table's keys and
