@@ -20,7 +20,8 @@
 //!    connection reads the log, and each model fills its tables on a
 //!    connection of its own from the same batches, beside the others.
 //!    Then it builds the live tables' other indexes on the new ones, each
-//!    in one sort rather than one update per row.
+//!    in one sort rather than one update per row, and concurrently: no
+//!    transaction stays open while they sort.
 //! 3. One short transaction locks the models' checkpoints (the running
 //!    projector skips a locked checkpoint), applies the events that
 //!    arrived since step 2, drops each live table and moves the new one
@@ -269,43 +270,25 @@ async fn rebuild(
     // Should either fail, dropping `builders` stops the rest.
     let ((at, mut read), filled) = tokio::try_join!(dispatch(pool.clone(), senders), filling)?;
     let mut letters = Letters::default();
-    let mut conns = Vec::with_capacity(filled.len());
-    for (conn, found) in filled {
+    for found in filled {
         letters.failed.extend(found.failed);
         letters.held.extend(found.held);
         letters.found.extend(found.found);
         letters.one_by_one |= found.one_by_one;
-        conns.push(conn);
     }
-    // The indexes left out while filling, then fresh statistics, so that
-    // queries on the new tables are planned well from the start, on
-    // [`INDEXERS`] of the builders' connections.
-    let mut work = Vec::new();
+    // The indexes left out while filling, one at a time (two concurrent
+    // builds wait for each other), then fresh statistics, so that queries
+    // on the new tables are planned well from the start.
+    sqlx::query("SET maintenance_work_mem = '256MB'")
+        .execute(&mut *conn)
+        .await?;
     for t in &tables {
         for (definition,) in live_indexes(conn, t, false).await? {
-            work.push(definition);
+            sqlx::query(&definition).execute(&mut *conn).await?;
         }
-    }
-    work.extend(tables.iter().map(|t| format!("ANALYZE {}", t.built())));
-    let work = std::sync::Mutex::new(work.into_iter());
-    futures::future::try_join_all(conns.iter_mut().take(INDEXERS).map(|conn| {
-        let work = &work;
-        async move {
-            sqlx::query("SET maintenance_work_mem = '256MB'")
-                .execute(&mut *conn)
-                .await?;
-            loop {
-                let next = work.lock().unwrap_or_else(|e| e.into_inner()).next();
-                let Some(statement) = next else {
-                    return Ok::<_, sqlx::Error>(());
-                };
-                sqlx::query(&statement).execute(&mut *conn).await?;
-            }
-        }
-    }))
-    .await?;
-    for conn in conns {
-        let _ = conn.close().await;
+        sqlx::query(&format!("ANALYZE {}", t.built()))
+            .execute(&mut *conn)
+            .await?;
     }
     let build = started.elapsed();
 
@@ -377,14 +360,6 @@ fn read_ahead(
 /// A batch of the log, shared by every model's builder.
 type Batch = Arc<Vec<RecordedEvent>>;
 
-/// Index builds at once. Each is one transaction that every outbox
-/// consumer waits behind while it runs (they read only events older than
-/// the oldest transaction running), and two side by side each take
-/// longer: over a million events, two at a time were 5% faster in all but
-/// made new events wait up to 2.6 s for the scheduler and the ingress
-/// instead of 2.0 s.
-pub const INDEXERS: usize = 1;
-
 /// A connection for a model's builder: its search path finds the new
 /// tables first, and its many small commits wait for no disk flush (the
 /// new tables need no durability until they are swapped in).
@@ -436,13 +411,13 @@ async fn dispatch(
 }
 
 /// Fills model `p`'s new tables from the batches it is handed, in
-/// transactions of [`TX_EVENTS`] events. Returns its connection and the
-/// dead letters it found.
+/// transactions of [`TX_EVENTS`] events, and closes its connection.
+/// Returns the dead letters it found.
 async fn fill(
     mut conn: PgConnection,
     p: Arc<dyn Projection>,
     mut batches: tokio::sync::mpsc::Receiver<Batch>,
-) -> Result<(PgConnection, Letters), ProjectionError> {
+) -> Result<Letters, ProjectionError> {
     let mut letters = Letters::default();
     while let Some(events) = batches.recv().await {
         for slice in events.chunks(TX_EVENTS) {
@@ -463,7 +438,8 @@ async fn fill(
             }
         }
     }
-    Ok((conn, letters))
+    let _ = conn.close().await;
+    Ok(letters)
 }
 
 /// Applies `events` to every chosen model, recording in `pending` the
@@ -745,7 +721,10 @@ async fn prepare(conn: &mut PgConnection, name: &'static str) -> Result<Table, s
 
 /// The statements that give the new table the live table's keys and
 /// unique indexes (`unique`), or its other indexes: a constraint as a
-/// constraint, an index as an index, unnamed (the swap names them).
+/// constraint, an index as an index, unnamed (the swap names them). The
+/// other indexes are built `CONCURRENTLY`: a plain `CREATE INDEX` holds
+/// its transaction open while it sorts, seconds on a large table, and
+/// every outbox consumer waits behind the oldest transaction running.
 async fn live_indexes(
     conn: &mut PgConnection,
     t: &Table,
@@ -754,7 +733,8 @@ async fn live_indexes(
     sqlx::query_as(
         "SELECT CASE WHEN con.oid IS NOT NULL \
              THEN format('ALTER TABLE %s ADD %s', $2::text, pg_get_constraintdef(con.oid)) \
-             ELSE format('CREATE %sINDEX ON %s %s', CASE WHEN i.indisunique THEN 'UNIQUE ' ELSE '' END, \
+             ELSE format('CREATE %sINDEX %sON %s %s', CASE WHEN i.indisunique THEN 'UNIQUE ' ELSE '' END, \
+               CASE WHEN $3 THEN '' ELSE 'CONCURRENTLY ' END, \
                $2::text, substring(pg_get_indexdef(i.indexrelid) FROM ' USING .*$')) END \
          FROM pg_index i LEFT JOIN pg_constraint con ON con.conindid = i.indexrelid AND con.contype IN ('p', 'u', 'x') \
          WHERE i.indrelid = $1::text::regclass AND (i.indisunique OR con.oid IS NOT NULL) = $3 \

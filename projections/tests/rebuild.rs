@@ -410,6 +410,9 @@ async fn catalog(pool: &PgPool) -> String {
            WHERE tablename IN ('task_view', 'node_view', 'project_view', 'project_member_view', 'user_view', 'timeline') \
          UNION ALL SELECT format('%s owner %s acl %s', c.relname, pg_get_userbyid(c.relowner), c.relacl) \
            FROM pg_class c WHERE c.relname IN ('task_view', 'node_view', 'project_view', 'project_member_view', 'user_view', 'timeline') \
+         UNION ALL SELECT format('%s index %s valid %s ready %s', c.relname, x.relname, i.indisvalid, i.indisready) \
+           FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid JOIN pg_class x ON x.oid = i.indexrelid \
+           WHERE c.relname IN ('task_view', 'node_view', 'project_view', 'project_member_view', 'user_view', 'timeline') \
          UNION ALL SELECT format('%s constraint %s %s', c.relname, k.conname, pg_get_constraintdef(k.oid)) \
            FROM pg_constraint k JOIN pg_class c ON c.oid = k.conrelid \
            WHERE c.relname IN ('task_view', 'node_view', 'project_view', 'project_member_view', 'user_view', 'timeline') \
@@ -441,6 +444,10 @@ async fn a_rebuild_keeps_index_names_grants_and_whatever_depends_on_a_model() {
         .unwrap();
     let (before, rows) = (catalog(&db.pool).await, dump(&db.pool).await);
     assert!(before.contains("timeline_order"), "{before}");
+    assert!(
+        before.contains("timeline index timeline_order valid t ready t"),
+        "{before}"
+    );
     assert!(
         before.contains("task_view constraint task_view_pkey PRIMARY KEY (id)"),
         "{before}"
@@ -551,5 +558,62 @@ async fn one_rebuild_runs_at_a_time() {
     }
     first.await.unwrap().unwrap();
     assert_eq!(count(&db.pool, "task_view").await, 300);
+    assert_nothing_left(&db.pool).await;
+}
+
+#[tokio::test]
+async fn new_events_reach_their_consumers_while_a_rebuild_builds_its_indexes() {
+    let db = testkit::fresh_db().await;
+    let store = Store::new(db.pool.clone());
+    let (project, _) = big_history(&store, 100).await;
+    let projector = Projector::new(db.pool.clone());
+    projector.catch_up().await.unwrap();
+    // One more index on the timeline, slow to build (10 ms a row, some
+    // four seconds for the rebuild's copy), as a large table's are.
+    for statement in [
+        "CREATE FUNCTION slow_key(p bigint) RETURNS bigint IMMUTABLE LANGUAGE plpgsql AS \
+           'BEGIN PERFORM pg_sleep(0.01); RETURN p; END'",
+        "CREATE INDEX timeline_slow ON timeline (slow_key(position))",
+    ] {
+        sqlx::query(statement).execute(&db.pool).await.unwrap();
+    }
+    let rebuilding = {
+        let projector = Projector::new(db.pool.clone());
+        tokio::spawn(async move { projector.rebuild(None).await })
+    };
+    let building = || async {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE pid <> pg_backend_pid() \
+               AND state = 'active' AND query LIKE 'CREATE INDEX%slow_key%'",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        n > 0
+    };
+    eventually(
+        "the rebuild to build its copy of the slow index",
+        Duration::from_secs(60),
+        || async { building().await.then_some(()) },
+    )
+    .await;
+    // A task submitted meanwhile is visible to the scheduler, the ingress
+    // and the projector while that index is still being built: nothing
+    // of the rebuild holds a transaction open that long.
+    submit(&store, project).await;
+    visible(&db.pool).await;
+    assert!(
+        building().await,
+        "the new event became visible only once the index was built"
+    );
+    rebuilding.await.unwrap().unwrap();
+    let valid: bool = sqlx::query_scalar(
+        "SELECT i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid \
+         WHERE c.relname = 'timeline_slow'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert!(valid, "the rebuilt index is not valid");
     assert_nothing_left(&db.pool).await;
 }
