@@ -240,12 +240,7 @@ async fn rebuild(
         // The checkpoint row exists before the switch locks it.
         outbox::load_checkpoint(conn, p.name(), false).await?;
     }
-    sqlx::query(&format!(
-        "SELECT set_config('search_path', '{}, ' || current_setting('search_path'), false)",
-        quote(SCHEMA)
-    ))
-    .execute(&mut *conn)
-    .await?;
+    new_tables_first(conn).await?;
 
     // Each model fills its tables on a connection of its own, beside the
     // others: the two cores are busy with every model at once instead of
@@ -267,7 +262,8 @@ async fn rebuild(
         }
         Ok(filled)
     };
-    // Should either fail, dropping `builders` stops the rest.
+    // Should either side fail, returning drops `builders`, which stops
+    // the builders still running.
     let ((at, mut read), filled) = tokio::try_join!(dispatch(pool.clone(), senders), filling)?;
     let mut letters = Letters::default();
     for found in filled {
@@ -370,13 +366,20 @@ async fn builder(pool: &sqlx::PgPool) -> Result<PgConnection, ProjectionError> {
     sqlx::query("SET synchronous_commit = off")
         .execute(&mut conn)
         .await?;
+    new_tables_first(&mut conn).await?;
+    Ok(conn)
+}
+
+/// Puts [`SCHEMA`] first on `conn`'s search path, so that the
+/// projections' own statements find the new tables before the live ones.
+async fn new_tables_first(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
     sqlx::query(&format!(
         "SELECT set_config('search_path', '{}, ' || current_setting('search_path'), false)",
         quote(SCHEMA)
     ))
-    .execute(&mut conn)
+    .execute(conn)
     .await?;
-    Ok(conn)
+    Ok(())
 }
 
 /// Reads the whole log and hands every batch to each builder. Returns
