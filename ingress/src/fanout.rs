@@ -26,7 +26,8 @@
 //! tasks' commands still go out. A database that cannot be reached fails
 //! the batch, which is tried again.
 
-use std::collections::HashSet;
+use std::collections::hash_map::Entry;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -174,13 +175,17 @@ pub(crate) async fn run_once(
     let Some(last) = events.last().map(RecordedEvent::checkpoint) else {
         return Ok(None);
     };
-    let mut tasks = Vec::new();
-    let mut seen = HashSet::new();
+    let mut tasks: Vec<(Uuid, usize, i64)> = Vec::new();
+    let mut seen: HashMap<Uuid, usize> = HashMap::new();
     let mut given_up = Vec::new();
     for (i, event) in events.iter().enumerate() {
         if let Some(task_id) = handle(ingress, event) {
-            if seen.insert(task_id) {
-                tasks.push((task_id, i));
+            match seen.entry(task_id) {
+                Entry::Occupied(at) => tasks[*at.get()].2 = event.sequence,
+                Entry::Vacant(at) => {
+                    at.insert(tasks.len());
+                    tasks.push((task_id, i, event.sequence));
+                }
             }
         }
         if let Some((task_id, attempt)) = given_up_attempt(ingress, event) {
@@ -306,15 +311,23 @@ fn handle(ingress: &Ingress, event: &RecordedEvent) -> Option<Uuid> {
 /// Sends what each task's current state wants of its node, if that node is
 /// connected here.
 /// `tasks` are task ids with the index in `events` of the first event
-/// that named them.
+/// that named them and the sequence of the last: each task's state is
+/// taken as of that event or later, as this process remembers it when it
+/// appended that far itself (see [`commands::task_since`]), else loaded.
 async fn deliver(
     ingress: &Ingress,
     events: &[RecordedEvent],
-    tasks: Vec<(Uuid, usize)>,
+    tasks: Vec<(Uuid, usize, i64)>,
 ) -> Result<(), PendingError> {
     let store = ingress.store();
     let mut loaded = futures::stream::iter(tasks)
-        .map(|(task_id, i)| async move { (task_id, i, commands::load_task(store, task_id).await) })
+        .map(|(task_id, i, sequence)| async move {
+            (
+                task_id,
+                i,
+                commands::task_since(store, task_id, sequence).await,
+            )
+        })
         .buffered(LOADS_IN_FLIGHT);
     let none_running = HashSet::new();
     while let Some((task_id, i, task)) = loaded.next().await {

@@ -665,6 +665,46 @@ async fn an_assignment_committed_here_reaches_its_node_at_once_and_once_while_th
 }
 
 #[tokio::test]
+async fn a_cancel_another_process_commits_reaches_the_agent_of_an_assignment_this_one_delivered() {
+    let p = platform().await;
+    let server = Server::start(&p.store, "ingress-a").await;
+    let (node, token) = p.provision().await;
+    let (mut a, _) = Agent::join(server.addr, &token, vec![]).await;
+    // The outbox held back: the assignment goes by this process's own
+    // hand-off, and this process remembers the task as assigned.
+    let mut blocker = p.pool.begin().await.unwrap();
+    sqlx::query("INSERT INTO checkpoints (name) VALUES ('held-open')")
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+    let task_id = p.submit_and_assign(node).await;
+    assert_eq!(run_task_for(&a.command().await), task_id);
+    // Another process (a store of its own) asks to cancel it: what this
+    // one remembers of the task is now behind the log.
+    let other = Store::new(p.pool.clone());
+    let now = Utc::now();
+    let cancel = TaskCommand::RequestCancel {
+        by: admin(),
+        at: now,
+    };
+    other
+        .execute::<Task>(&task_id.to_string(), cancel, &admin(), now)
+        .await
+        .unwrap();
+    blocker.rollback().await.unwrap();
+    server.deliver().await;
+    // The outbox brings the assignment (already delivered) and the cancel,
+    // which must be decided on the task as the log has it.
+    let commands = a.commands().await;
+    assert!(
+        commands.iter().any(
+            |c| matches!(c, Command::CancelTask { task_id: t, attempt: 1, .. } if *t == task_id)
+        ),
+        "no cancel_task reached the agent: {commands:?}"
+    );
+}
+
+#[tokio::test]
 async fn pending_commands_are_sent_when_the_agent_connects() {
     let p = platform().await;
     let server = Server::start(&p.store, "ingress-a").await;

@@ -544,6 +544,30 @@ struct NodeItem {
 }
 
 impl Api {
+    /// The server's `unidesk_aggregate_loads_total` by aggregate type, read
+    /// from `{base}/metrics`.
+    async fn aggregate_loads(&self, base: &str) -> anyhow::Result<BTreeMap<String, f64>> {
+        let text = self
+            .http
+            .get(format!("{base}/metrics"))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .and_then(reqwest::Response::error_for_status)
+            .context("reading the server's metrics")?
+            .text()
+            .await
+            .context("reading the server's metrics")?;
+        let prefix = "unidesk_aggregate_loads_total{aggregate_type=\"";
+        Ok(text
+            .lines()
+            .filter_map(|line| {
+                let (kind, value) = line.strip_prefix(prefix)?.split_once("\"} ")?;
+                Some((kind.to_string(), value.trim().parse().ok()?))
+            })
+            .collect())
+    }
+
     /// Sends `request` with the admin token and decodes a 2xx answer.
     async fn call<T: DeserializeOwned>(
         &self,
@@ -1197,6 +1221,7 @@ async fn measure_lifecycle(server: &Server, args: &LifecycleArgs) -> anyhow::Res
     let run = Run::create(&api).await?;
     let fleet = ready_fleet(server, &api, &run, args.agents).await?;
     let probe = fleet.probe.clone();
+    let loads_before = api.aggregate_loads(&server.base).await?;
 
     let next = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
@@ -1263,6 +1288,7 @@ async fn measure_lifecycle(server: &Server, args: &LifecycleArgs) -> anyhow::Res
         probe.resent.load(Ordering::Relaxed),
         probe.refused.load(Ordering::Relaxed),
     );
+    let loads_after = api.aggregate_loads(&server.base).await?;
     fleet.stop().await;
 
     let rate = args.tasks as f64 / secs;
@@ -1285,6 +1311,17 @@ async fn measure_lifecycle(server: &Server, args: &LifecycleArgs) -> anyhow::Res
         "lifecycle: GET /tasks showed all {} succeeded {:.0} ms after the last received; 50 checked one by one ({resent} run_task resent, {refused} reports refused)",
         args.tasks,
         projected.as_secs_f64() * 1000.0
+    );
+    let loads: Vec<String> = loads_after
+        .iter()
+        .map(|(kind, after)| {
+            let before = loads_before.get(kind).copied().unwrap_or(0.0);
+            format!("{kind} {:.2}", (after - before) / args.tasks as f64)
+        })
+        .collect();
+    println!(
+        "lifecycle: aggregates the server loaded from the log, per task: {}",
+        loads.join(", ")
     );
     Ok(())
 }

@@ -11,9 +11,12 @@
 //! checkpoint; folding goes on from there. An event that does not follow
 //! the sequence this queue knows for its task (a task the snapshot left out
 //! as ended, or one the read model could not apply) makes the queue load
-//! that task from the log instead. A new term loads the queue afresh.
+//! that task from the log instead. A task seen ending is remembered as
+//! ended (a bounded number of them), so the events the outbox brings of it
+//! after this process's own commits ended it are passed over, not loaded.
+//! A new term loads the queue afresh.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
@@ -27,6 +30,11 @@ use uuid::Uuid;
 
 /// Events read from the outbox at once.
 const READ: i64 = 5000;
+
+/// Ended tasks remembered, so that their later events (which the outbox
+/// brings after the process's own commits were folded) are passed over
+/// without loading them; one forgotten is loaded once more, no more.
+const ENDED: usize = 65_536;
 
 /// A task and the sequence of its last event folded in.
 struct Known {
@@ -52,6 +60,34 @@ pub(super) struct Queue {
     /// projects' running limits placement reads).
     project_event: Option<Checkpoint>,
     tasks: HashMap<Uuid, Known>,
+    /// Tasks seen ending, the oldest leaving first: an ended task never
+    /// waits for a node again, whatever events follow.
+    ended: Ended,
+}
+
+/// A bounded set of the ids of tasks the queue saw end.
+#[derive(Default)]
+struct Ended {
+    ids: HashSet<Uuid>,
+    order: VecDeque<Uuid>,
+}
+
+impl Ended {
+    fn contains(&self, id: &Uuid) -> bool {
+        self.ids.contains(id)
+    }
+
+    fn insert(&mut self, id: Uuid) {
+        if !self.ids.insert(id) {
+            return;
+        }
+        self.order.push_back(id);
+        if self.order.len() > ENDED {
+            if let Some(oldest) = self.order.pop_front() {
+                self.ids.remove(&oldest);
+            }
+        }
+    }
 }
 
 impl Default for Queue {
@@ -63,6 +99,7 @@ impl Default for Queue {
             node_event: None,
             project_event: None,
             tasks: HashMap::new(),
+            ended: Ended::default(),
         }
     }
 }
@@ -93,6 +130,9 @@ impl Queue {
             let Ok(id) = Uuid::try_parse(&event.aggregate_id) else {
                 continue;
             };
+            if self.ended.contains(&id) {
+                continue;
+            }
             let follows = match self.tasks.get(&id) {
                 Some(k) => event.sequence == k.sequence + 1,
                 None => event.sequence == 1,
@@ -110,9 +150,15 @@ impl Queue {
             known.task.apply(e);
             known.sequence = event.sequence;
             if known.task.state.is_terminal() {
-                self.tasks.remove(&id);
+                self.end(id);
             }
         }
+    }
+
+    /// Forgets task `id`, which ended, and remembers that it did.
+    fn end(&mut self, id: Uuid) {
+        self.tasks.remove(&id);
+        self.ended.insert(id);
     }
 
     /// Loads the queue when it was not loaded under leader's `term`, then
@@ -223,6 +269,9 @@ impl Queue {
             tracing::error!(aggregate_id = %event.aggregate_id, "a task event with a malformed id");
             return;
         };
+        if self.ended.contains(&id) {
+            return;
+        }
         let follows = match self.tasks.get(&id) {
             Some(k) if event.sequence <= k.sequence => return,
             Some(k) => event.sequence == k.sequence + 1,
@@ -265,7 +314,7 @@ impl Queue {
             .get(&id)
             .is_some_and(|k| k.task.state.is_terminal())
         {
-            self.tasks.remove(&id);
+            self.end(id);
         }
     }
 
