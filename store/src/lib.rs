@@ -395,16 +395,20 @@ impl Store {
         &self.notifier
     }
 
-    /// Loads `id` from the log and remembers it.
+    /// Loads `id` from the log and remembers it: from what this process
+    /// remembers of it and the events after that when it remembers it,
+    /// else from its latest snapshot and the events after that.
     async fn fetch<A>(&self, id: &str) -> Result<Current<A>, StoreError<A::Error>>
     where
         A: Stored,
         A::Command: Clone + Send,
     {
         self.loads.count(A::TYPE);
-        let current = log::load::<A>(&self.pool, id)
-            .await
-            .map_err(StoreError::from_log)?;
+        let current = match A::cache(self).get(id) {
+            Some(known) => log::catch_up::<A>(&self.pool, id, known).await,
+            None => log::load::<A>(&self.pool, id).await,
+        }
+        .map_err(StoreError::from_log)?;
         if current.sequence > 0 {
             A::cache(self).put(id, current.clone());
         }
@@ -516,8 +520,10 @@ impl Store {
         Err(StoreError::Conflict)
     }
 
-    /// Loads aggregate `id` from the log (its latest snapshot and the
-    /// events after it), or `None` when it has no events.
+    /// Loads aggregate `id` as the log has it now, or `None` when it has
+    /// no events: the events after what this process remembers of it, or
+    /// when it remembers nothing, its latest snapshot and the events after
+    /// that; one statement either way.
     ///
     /// # Errors
     /// A database or deserialisation error.

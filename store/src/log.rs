@@ -129,6 +129,33 @@ where
     load_until(pool, id, None).await
 }
 
+/// `current`, a state of aggregate `id` this process remembers, brought
+/// up to the log's head: only the events after it are read, in one
+/// statement. What is remembered is never ahead of the log, and the
+/// events after it are all there, so the result is what [`load`] gives.
+pub(crate) async fn catch_up<A>(
+    pool: &PgPool,
+    id: &str,
+    mut current: Current<A>,
+) -> Result<Current<A>, LogError>
+where
+    A: Aggregate,
+{
+    let rows = sqlx::query(
+        "SELECT sequence, payload, metadata FROM events \
+          WHERE aggregate_type = $1 AND aggregate_id = $2 AND sequence > $3 ORDER BY sequence",
+    )
+    .bind(A::TYPE)
+    .bind(id)
+    .bind(current.sequence as i64)
+    .fetch_all(pool)
+    .await?;
+    for row in &rows {
+        fold(&mut current, row, id)?;
+    }
+    Ok(current)
+}
+
 /// As [`load`], up to and including event `until` when given.
 async fn load_until<A>(
     pool: &PgPool,

@@ -489,6 +489,49 @@ async fn a_process_deciding_on_an_old_copy_decides_again_on_the_log() {
 }
 
 #[tokio::test]
+async fn a_process_loading_what_it_remembers_gets_the_log_as_it_is_now() {
+    let db = testkit::fresh_db().await;
+    let a = Store::new(db.pool.clone());
+    let b = Store::new(db.pool.clone());
+    let id = Uuid::now_v7();
+    // a remembers the node at its first event; b labels it, then appends
+    // past two snapshots.
+    provision(&a, id).await;
+    let labels = NodeCommand::SetLabels {
+        labels: [("site".to_string(), "b".to_string())].into(),
+        by: admin(),
+        at: Utc::now(),
+    };
+    b.execute::<Node>(&id.to_string(), labels, &admin(), Utc::now())
+        .await
+        .unwrap();
+    for i in 0..(store::SNAPSHOT_EVERY * 2 + 2) {
+        b.execute::<Node>(&id.to_string(), drain(i % 2 == 0), &admin(), Utc::now())
+            .await
+            .unwrap();
+    }
+    assert_eq!(a.remembered::<Node>(&id.to_string()).unwrap().sequence, 1);
+    let loaded = a.load::<Node>(&id.to_string()).await.unwrap().unwrap();
+    let replayed = a.replay::<Node>(&id.to_string(), None).await.unwrap();
+    let (last, full) = replayed.last().unwrap();
+    assert_eq!(loaded.sequence, last.sequence);
+    assert_eq!(loaded.sequence, store::SNAPSHOT_EVERY * 2 + 4);
+    assert_eq!(&loaded.state, full);
+    assert!(!loaded.state.drained, "undrained last");
+    assert_eq!(
+        loaded.state.labels.get("site").map(String::as_str),
+        Some("b")
+    );
+    // And a decides on it from there: nothing to do is answered as such.
+    let again = a
+        .execute::<Node>(&id.to_string(), drain(false), &admin(), Utc::now())
+        .await
+        .unwrap();
+    assert!(again.events.is_empty(), "already undrained");
+    assert_eq!(again.sequence, loaded.sequence);
+}
+
+#[tokio::test]
 async fn concurrent_writers_in_many_processes_lose_no_command() {
     let db = testkit::fresh_db().await;
     let stores: Vec<Store> = (0..4).map(|_| Store::new(db.pool.clone())).collect();
