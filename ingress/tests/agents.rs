@@ -169,6 +169,17 @@ impl Platform {
             .unwrap();
     }
 
+    /// An open transaction with an id, which holds back every outbox
+    /// reader until it ends.
+    async fn hold_outbox_back(&self) -> sqlx::Transaction<'static, sqlx::Postgres> {
+        let mut blocker = self.pool.begin().await.unwrap();
+        sqlx::query("INSERT INTO checkpoints (name) VALUES ('held-open')")
+            .execute(&mut *blocker)
+            .await
+            .unwrap();
+        blocker
+    }
+
     async fn event_count(&self) -> i64 {
         sqlx::query_scalar("SELECT count(*) FROM events")
             .fetch_one(&self.pool)
@@ -646,13 +657,8 @@ async fn an_assignment_committed_here_reaches_its_node_at_once_and_once_while_th
     let server = Server::start(&p.store, "ingress-a").await;
     let (node, token) = p.provision().await;
     let (mut a, _) = Agent::join(server.addr, &token, vec![]).await;
-    // An open transaction with an id holds back every outbox reader until
-    // it ends: only this process's own hand-off can deliver meanwhile.
-    let mut blocker = p.pool.begin().await.unwrap();
-    sqlx::query("INSERT INTO checkpoints (name) VALUES ('held-open')")
-        .execute(&mut *blocker)
-        .await
-        .unwrap();
+    // Only this process's own hand-off can deliver meanwhile.
+    let blocker = p.hold_outbox_back().await;
     let task_id = p.submit_and_assign(node).await;
     let Command::RunTask(run) = a.command().await else {
         panic!("expected run_task")
@@ -672,11 +678,7 @@ async fn a_cancel_another_process_commits_reaches_the_agent_of_an_assignment_thi
     let (mut a, _) = Agent::join(server.addr, &token, vec![]).await;
     // The outbox held back: the assignment goes by this process's own
     // hand-off, and this process remembers the task as assigned.
-    let mut blocker = p.pool.begin().await.unwrap();
-    sqlx::query("INSERT INTO checkpoints (name) VALUES ('held-open')")
-        .execute(&mut *blocker)
-        .await
-        .unwrap();
+    let blocker = p.hold_outbox_back().await;
     let task_id = p.submit_and_assign(node).await;
     assert_eq!(run_task_for(&a.command().await), task_id);
     // Another process (a store of its own) asks to cancel it: what this
