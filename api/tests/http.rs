@@ -1986,6 +1986,35 @@ async fn a_maintainer_still_removes_members_of_an_archived_project() {
     assert_eq!(app.events().await, before);
 }
 
+#[tokio::test]
+async fn a_member_removed_through_another_server_submits_nothing_more_through_this_one() {
+    let a = start().await;
+    let gina = a.user("gina").await;
+    let hank = a.user("hank").await;
+    let project = a.project(&gina, "shared").await;
+    a.add_member(&project, "hank", "member").await;
+    // `a` has decided on the project and remembers hank in it.
+    a.submit(&hank, &project).await;
+    // A second server on the same database removes him.
+    let b = App::start_on(a.pool.clone(), Config::default(), None).await;
+    b.call(
+        Method::DELETE,
+        &format!("/api/v1/projects/{project}/members/hank"),
+        Some(&gina),
+        None,
+    )
+    .await
+    .expect(200);
+    let before = a.events().await;
+    a.post("/api/v1/tasks", &hank, task_body(&project))
+        .await
+        .expect_error(404, "project_id");
+    a.get(&format!("/api/v1/projects/{project}"), &hank)
+        .await
+        .expect(404);
+    assert_eq!(a.events().await, before, "nothing was appended");
+}
+
 /// Repository URLs that would put a credential into the event log.
 const URLS_WITH_CREDENTIALS: &[&str] = &[
     "https://alice:hunter2@git.example.com/lab/code.git",
