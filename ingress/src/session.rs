@@ -19,12 +19,12 @@
 //! from the outbox consumer ([`crate::registry`]) and an idle timer.
 //! Frames are handled one at a time, in order, which is also the back
 //! pressure: an agent that floods waits for its own answers. Buffers are
-//! small (4 KiB) so tens of thousands of idle agents fit in one process,
-//! and the handlers of each step are boxed (`Box::pin`) so the session's
-//! own future stays about 2 KiB while it waits: a handler's database
-//! futures take memory only while it runs. Measured with 3,000 idle
-//! agents in one process, server and client side together: ~26 KiB each,
-//! against ~23 KiB for a bare axum WebSocket with the same buffers.
+//! small ([`SOCKET_BUFFER`]) so tens of thousands of idle agents fit in one
+//! process, and everything but the wait for the next frame runs boxed
+//! (see [`serve`]): an idle session is a task of about 1.1 KiB and one box
+//! of about 1.1 KiB beside its socket's buffers, and a handler's database
+//! futures take memory only while it runs. `unidesk-loadgen idle` measures
+//! the whole: 7.5 KiB of server memory per idle agent with 10,000.
 
 use std::collections::HashSet;
 use std::error::Error as _;
@@ -45,6 +45,7 @@ use telemetry::ingress::{ReportKind, ReportOutcome};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, Sleep};
 use tokio_tungstenite::tungstenite;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::commands::{self, Encoded};
@@ -83,7 +84,17 @@ pub(crate) async fn upgrade(
         .on_failed_upgrade(move |e| {
             tracing::info!(%node_id, error = %e, "agent WebSocket upgrade failed");
         })
-        .on_upgrade(move |socket| serve(ingress, node_id, socket))
+        .on_upgrade(move |socket| {
+            // Instrumented here rather than with `#[instrument]`, whose
+            // wrapper keeps the session's future twice in every idle
+            // session's task.
+            let span = tracing::info_span!(
+                "agent_session",
+                %node_id,
+                session = tracing::field::Empty
+            );
+            serve(ingress, node_id, socket).instrument(span)
+        })
 }
 
 /// How a session ends.
@@ -171,10 +182,33 @@ impl End {
     }
 }
 
-/// Runs a session on an upgraded socket until it ends, in a span naming
-/// the node and, once connected, the session.
-#[tracing::instrument(name = "agent_session", skip_all, fields(%node_id, session = tracing::field::Empty))]
-async fn serve(ingress: Ingress, node_id: Uuid, mut socket: WebSocket) {
+/// Runs a session on an upgraded socket until it ends, in the span
+/// [`upgrade`] opened naming the node and, once connected, the session.
+///
+/// Tens of thousands of sessions sit idle in one process, each as one
+/// task, and a task keeps room for the largest state its future can be in.
+/// So the opening is built and boxed here, in a plain function (an async
+/// body keeps its arguments, and each value it moves on, in fields of
+/// their own), what the session holds while it lives is one box
+/// ([`Opened`]), and every step that needs more than the wait for the next
+/// frame runs boxed.
+fn serve(
+    ingress: Ingress,
+    node_id: Uuid,
+    socket: WebSocket,
+) -> impl std::future::Future<Output = ()> + Send {
+    let opening = Box::pin(open(ingress, node_id, socket));
+    async move {
+        if let Some(mut opened) = opening.await {
+            opened.run().await;
+        }
+    }
+}
+
+/// From the upgrade to a registered session: the hello, the admission and
+/// `NodeConnected`. `None` when the session ended there; the agent was
+/// told why.
+async fn open(ingress: Ingress, node_id: Uuid, mut socket: WebSocket) -> Option<Box<Opened>> {
     let hello = match Box::pin(await_hello(&mut socket, ingress.config().hello_timeout)).await {
         Ok(hello) => hello,
         Err(end) => {
@@ -185,7 +219,7 @@ async fn serve(ingress: Ingress, node_id: Uuid, mut socket: WebSocket) {
                 log_end(node_id, None, &end);
             }
             Box::pin(close(&mut socket, end)).await;
-            return;
+            return None;
         }
     };
     // Admitted before anything is written; the turn is held until the
@@ -196,28 +230,73 @@ async fn serve(ingress: Ingress, node_id: Uuid, mut socket: WebSocket) {
             let end = rate_limited(wait);
             tracing::debug!(%node_id, ?wait, "agent connects too often; refused");
             Box::pin(close(&mut socket, end)).await;
-            return;
+            return None;
         }
     };
-    let mut session = match Box::pin(Session::connect(ingress, node_id, &hello)).await {
-        Ok(session) => session,
+    let (session, outgoing) = match Box::pin(Session::connect(ingress, node_id, &hello)).await {
+        Ok(connected) => connected,
         Err(end) => {
             log_end(node_id, None, &end);
             Box::pin(close(&mut socket, end)).await;
-            return;
+            return None;
         }
     };
     tracing::Span::current().record("session", tracing::field::display(session.id));
-    let end = session.live(&mut socket, hello, turn).await;
-    log_end(node_id, Some(session.id), &end);
-    if matches!(end, End::ShuttingDown) {
-        // Goodbye first; `Ingress::run` records the end (shutdown.rs).
-        Box::pin(close(&mut socket, end)).await;
-        session.ingress.registry.unregister(node_id, session.id);
-        return;
+    Some(Box::new(Opened {
+        socket,
+        session,
+        outgoing,
+        hello: Some(Box::new(hello)),
+        turn: Some(turn),
+    }))
+}
+
+/// A connected session and its socket: what it holds while it lives.
+struct Opened {
+    socket: WebSocket,
+    session: Session,
+    /// What others send the session ([`crate::registry`]).
+    outgoing: mpsc::Receiver<Outgoing>,
+    /// The hello, until the agent is welcomed.
+    hello: Option<Box<Hello>>,
+    /// The node's turn ([`crate::admission`]), until the agent is welcomed.
+    turn: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl Opened {
+    /// Welcomes the agent, serves it until the session ends, records the
+    /// end and closes the socket.
+    async fn run(&mut self) {
+        let end = match Box::pin(self.start()).await {
+            Ok(()) => {
+                self.session
+                    .live(&mut self.socket, &mut self.outgoing)
+                    .await
+            }
+            Err(end) => end,
+        };
+        let (node_id, session) = (self.session.node_id, self.session.id);
+        log_end(node_id, Some(session), &end);
+        if matches!(end, End::ShuttingDown) {
+            // Goodbye first; `Ingress::run` records the end (shutdown.rs).
+            Box::pin(close(&mut self.socket, end)).await;
+            self.session.ingress.registry.unregister(node_id, session);
+            return;
+        }
+        Box::pin(self.session.end(&end)).await;
+        Box::pin(close(&mut self.socket, end)).await;
     }
-    Box::pin(session.end(&end)).await;
-    Box::pin(close(&mut socket, end)).await;
+
+    /// [`Session::start`]; the hello (its cache lists may be large) is
+    /// dropped once stored, and the node's turn given back.
+    async fn start(&mut self) -> Result<(), End> {
+        let Some(hello) = self.hello.take() else {
+            return Ok(());
+        };
+        let started = Box::pin(self.session.start(&mut self.socket, *hello)).await;
+        self.turn = None;
+        started
+    }
 }
 
 /// Logs how a session ended; the reason may quote the agent, so it is
@@ -363,7 +442,6 @@ struct Session {
     node_id: Uuid,
     id: Uuid,
     actor: Actor,
-    outgoing: mpsc::Receiver<Outgoing>,
     /// The attempts the agent said it runs, which never get `run_task`.
     running: HashSet<(Uuid, u32)>,
     logs: LogPermissions,
@@ -375,8 +453,13 @@ struct Session {
 }
 
 impl Session {
-    /// Records the connection and registers the session.
-    async fn connect(ingress: Ingress, node_id: Uuid, hello: &Hello) -> Result<Self, End> {
+    /// Records the connection and registers the session; returns it with
+    /// the queue of what others send it.
+    async fn connect(
+        ingress: Ingress,
+        node_id: Uuid,
+        hello: &Hello,
+    ) -> Result<(Self, mpsc::Receiver<Outgoing>), End> {
         let id = Uuid::now_v7();
         let actor = Actor::Node(node_id.to_string());
         let at = Utc::now();
@@ -428,12 +511,11 @@ impl Session {
             ingress.log_notifier().clone(),
             ingress.metrics().clone(),
         );
-        Ok(Self {
+        let session = Self {
             ingress,
             node_id,
             id,
             actor,
-            outgoing,
             running: hello
                 .running
                 .iter()
@@ -442,31 +524,21 @@ impl Session {
             logs,
             host_ssh: hello.host_ssh,
             last_beat: Instant::now(),
-        })
+        };
+        Ok((session, outgoing))
     }
 
-    /// Welcomes the agent, sends what is pending, then serves it until the
-    /// session ends. `turn` is the node's, given back once welcomed.
+    /// Serves a welcomed agent until the session ends: the frames it sends
+    /// and what others send it, in their order.
     async fn live(
         &mut self,
         socket: &mut WebSocket,
-        hello: Hello,
-        turn: tokio::sync::OwnedMutexGuard<()>,
+        outgoing: &mut mpsc::Receiver<Outgoing>,
     ) -> End {
-        // The hello (its cache lists may be large) is dropped once stored.
-        let started = Box::pin(self.start(socket, hello)).await;
-        drop(turn);
-        if let Err(end) = started {
-            return end;
-        }
         let idle_after =
             Duration::from_secs(self.ingress.config().heartbeat_s.max(1) * IDLE_HEARTBEATS);
         let idle = tokio::time::sleep(idle_after);
         tokio::pin!(idle);
-        // Taken out of the session, so commands can go out while a frame
-        // the agent sent is being handled.
-        let (_, closed) = mpsc::channel(1);
-        let mut outgoing = std::mem::replace(&mut self.outgoing, closed);
         loop {
             let event = tokio::select! {
                 out = outgoing.recv() => Event::Outgoing(out),
@@ -477,7 +549,9 @@ impl Session {
                 Event::Outgoing(out) => Box::pin(self.outgoing(socket, out)).await,
                 Event::Incoming(incoming) => {
                     reset(idle.as_mut(), idle_after);
-                    self.handle(socket, &mut outgoing, incoming).await
+                    // Boxed: what handling a frame needs is held only
+                    // while it runs, not by every idle session.
+                    Box::pin(self.handle(socket, outgoing, incoming)).await
                 }
                 Event::Idle => Err(End::Gone(format!(
                     "nothing received for {} s",
