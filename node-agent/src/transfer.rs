@@ -18,15 +18,17 @@
 //!   workspace, and an output is read from the very handle whose type was
 //!   checked;
 //! - an upload up to the part size is hashed, then sent in one PUT; a
-//!   larger one goes in parts, hashed on a blocking thread one part ahead
-//!   of the part being sent (the whole file's SHA-256 folded in the same
-//!   pass, in order). Each body carries its SHA-256 in a signed header, so
-//!   the store refuses a part that differs from what was hashed, and a
-//!   failed part is sent again alone, unless the file changed under it:
-//!   then the upload fails at once. The server completes the upload with
-//!   the whole file's SHA-256, checks the stored size and records the
-//!   output: the stored object is exactly the bytes the whole hash was
-//!   computed over, as every part was checked against the same pass.
+//!   larger one goes in parts, [`PARTS_IN_FLIGHT`] at a time (one is sent
+//!   while the store finishes the one before), hashed on a blocking thread
+//!   one part ahead of the parts being sent (the whole file's SHA-256
+//!   folded in the same pass, in order). Each body carries its SHA-256 in
+//!   a signed header, so the store refuses a part that differs from what
+//!   was hashed, and a failed part is sent again alone, unless the file
+//!   changed under it: then the upload fails at once. The server completes
+//!   the upload with the whole file's SHA-256, checks the stored size and
+//!   records the output: the stored object is exactly the bytes the whole
+//!   hash was computed over, as every part was checked against the same
+//!   pass.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -42,6 +44,11 @@ use crate::beneath::{blocking, Root};
 
 /// The default part size of multipart uploads.
 pub const PART_BYTES: u64 = 64 * 1024 * 1024;
+/// How many parts of one upload are sent at once. With one, the
+/// connection idles while the store takes in the end of each part and
+/// while the next URL is asked for; two keep it busy. Each part is read
+/// from the file as it is sent, so memory does not grow with it.
+const PARTS_IN_FLIGHT: usize = 2;
 /// How long the server may take to answer a request for a URL.
 const ASK_TIMEOUT: Duration = Duration::from_secs(60);
 /// How often one transfer (one part) is tried before the output fails.
@@ -440,34 +447,53 @@ impl Files {
         let grant = self.broker.ask(task_id, attempt, start).await?;
         let id = grant.upload_id.ok_or("the server sent no upload id")?;
         let mut hashes = hash_ahead(Arc::clone(&file), size, part_bytes);
+        let mut sending = futures::stream::FuturesOrdered::new();
         let mut uploaded = Vec::with_capacity(parts as usize);
-        for number in 1..=parts {
-            let sha256 = hashes
-                .recv()
-                .await
-                .unwrap_or_else(|| Err("hashing the file stopped early".into()))?;
-            let offset = u64::from(number - 1) * part_bytes;
-            let op = TransferOp::UploadPart {
-                output: output.name.clone(),
-                upload_id: id.clone(),
-                part_number: number,
-                sha256: sha256.clone(),
-            };
-            let body = Body {
-                file: &file,
-                offset,
-                len: part_bytes.min(size - offset),
-                sha256: &sha256,
-            };
-            let etag = self
-                .put_with_retries(task_id, attempt, &op, body)
-                .await
-                .map_err(|e| format!("part {number} of {parts}: {e}"))?;
-            uploaded.push(protocol::UploadedPart {
-                part_number: number,
-                etag,
-            });
+        let mut next = 1;
+        while uploaded.len() < parts as usize {
+            let room = next <= parts && sending.len() < PARTS_IN_FLIGHT;
+            tokio::select! {
+                // A part's end first: its failure ends the upload before
+                // another part starts.
+                biased;
+                sent = sending.next(), if !sending.is_empty() => {
+                    let Some(sent) = sent else { continue };
+                    uploaded.push(sent?);
+                }
+                sha256 = hashes.recv(), if room => {
+                    let sha256 = sha256
+                        .unwrap_or_else(|| Err("hashing the file stopped early".into()))?;
+                    let number = next;
+                    next += 1;
+                    let (output, id, file) = (&output.name, &id, &file);
+                    sending.push_back(async move {
+                        let offset = u64::from(number - 1) * part_bytes;
+                        let op = TransferOp::UploadPart {
+                            output: output.clone(),
+                            upload_id: id.clone(),
+                            part_number: number,
+                            sha256: sha256.clone(),
+                        };
+                        let body = Body {
+                            file,
+                            offset,
+                            len: part_bytes.min(size - offset),
+                            sha256: &sha256,
+                        };
+                        let etag = self
+                            .put_with_retries(task_id, attempt, &op, body)
+                            .await
+                            .map_err(|e| format!("part {number} of {parts}: {e}"))?;
+                        Ok::<_, TransferError>(protocol::UploadedPart {
+                            part_number: number,
+                            etag,
+                        })
+                    });
+                }
+                else => return Err("the upload's parts stopped early".into()),
+            }
         }
+        drop(sending);
         let whole = hashes
             .recv()
             .await
