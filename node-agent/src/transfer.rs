@@ -18,7 +18,7 @@
 //!   workspace, and an output is read from the very handle whose type was
 //!   checked;
 //! - an upload up to the part size is hashed, then sent in one PUT; a
-//!   larger one goes in parts, [`PARTS_IN_FLIGHT`] at a time (one is sent
+//!   larger one goes in parts, two at a time (one is sent
 //!   while the store finishes the one before), hashed on a blocking thread
 //!   one part ahead of the parts being sent (the whole file's SHA-256
 //!   folded in the same pass, in order). Each body carries its SHA-256 in
