@@ -275,6 +275,9 @@ impl Opened {
             }
             Err(end) => end,
         };
+        // Nothing more is taken: from here on, what others send finds the
+        // queue closed (and the agent gets it again when it comes back).
+        self.outgoing.close();
         let (node_id, session) = (self.session.node_id, self.session.id);
         log_end(node_id, Some(session), &end);
         if matches!(end, End::ShuttingDown) {
@@ -290,10 +293,10 @@ impl Opened {
     /// [`Session::start`]; the hello (its cache lists may be large) is
     /// dropped once stored, and the node's turn given back.
     async fn start(&mut self) -> Result<(), End> {
-        let Some(hello) = self.hello.take() else {
-            return Ok(());
+        let started = match self.hello.take() {
+            Some(hello) => Box::pin(self.session.start(&mut self.socket, *hello)).await,
+            None => Ok(()),
         };
-        let started = Box::pin(self.session.start(&mut self.socket, *hello)).await;
         self.turn = None;
         started
     }
