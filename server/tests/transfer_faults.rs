@@ -101,6 +101,13 @@ async fn forward(State(p): State<Proxy>, req: Request) -> Response {
     if refuse {
         return Response::builder().status(503).body(Body::empty()).unwrap();
     }
+    // A PUT is open from its arrival, held or not, to the store's answer.
+    let put = parts.method == "PUT";
+    if put {
+        let mut f = p.faults.lock().unwrap();
+        f.puts_open += 1;
+        f.most_puts_open = f.most_puts_open.max(f.puts_open);
+    }
     let held_for = {
         let mut f = p.faults.lock().unwrap();
         match f.hold_part {
@@ -127,12 +134,6 @@ async fn forward(State(p): State<Proxy>, req: Request) -> Response {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-    }
-    let put = parts.method == "PUT";
-    if put {
-        let mut f = p.faults.lock().unwrap();
-        f.puts_open += 1;
-        f.most_puts_open = f.most_puts_open.max(f.puts_open);
     }
     // Every header goes on unchanged, `Host` included: it is signed.
     let mut out = p
