@@ -31,7 +31,10 @@ struct Platform {
 impl Platform {
     async fn start() -> Platform {
         let db = testkit::fresh_db().await;
-        let server = support::serve(&db.url, &["--heartbeat-s", "1", "--poll-ms", "100"]).await;
+        // The test's agents never beat, and a session silent for four
+        // heartbeat periods is closed: at the default period every node
+        // stays online through the test however slow the machine.
+        let server = support::serve(&db.url, &["--heartbeat-s", "15", "--poll-ms", "100"]).await;
         Platform {
             api: server.api(),
             addr: format!("127.0.0.1:{}", server.port()).parse().unwrap(),
