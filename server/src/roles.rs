@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use anyhow::Context;
+use axum::serve::ListenerExt;
 use clap::Args;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -293,6 +294,15 @@ fn serve(
         // With each connection's address, by which the rate limit counts
         // requests that carry no valid token.
         let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
+        // Frames go out as written: with Nagle's algorithm a command
+        // written while the agent has not acknowledged the last frame
+        // waits for that acknowledgement, which the agent's side may hold
+        // back for tens of milliseconds.
+        let listener = listener.tap_io(|tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %e, "TCP_NODELAY not set on a connection");
+            }
+        });
         if let Err(e) = axum::serve(listener, app)
             .with_graceful_shutdown(shutdown)
             .await

@@ -141,6 +141,11 @@ struct LatencyArgs {
     /// Simulated agents.
     #[arg(long, default_value_t = 10)]
     agents: usize,
+    /// Also list this many of the slowest deliveries, each with when it
+    /// was submitted (from the first submit) and its POST's round trip,
+    /// to match stalls against what the server did then.
+    #[arg(long, default_value_t = 0)]
+    slowest: usize,
 }
 
 /// Flags of `idle`.
@@ -1365,9 +1370,11 @@ async fn measure_latency(server: &Server, args: &LatencyArgs) -> anyhow::Result<
     }
     let mut submitted_at = HashMap::with_capacity(n);
     let mut round_trips = Vec::with_capacity(n);
+    let mut posts = HashMap::with_capacity(n);
     while let Some(joined) = submits.join_next().await {
         let (id, at, rtt) = joined.context("a submitter panicked")??;
         submitted_at.insert(id, at);
+        posts.insert(id, rtt);
         round_trips.push(rtt);
     }
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -1383,6 +1390,7 @@ async fn measure_latency(server: &Server, args: &LatencyArgs) -> anyhow::Result<
     let sample: Vec<Uuid> = submitted_at.keys().take(50).copied().collect();
     run.await_succeeded(&api, n, &sample).await?;
     let delivery = delays(&submitted_at, &probe);
+    let slowest = slowest(&submitted_at, &posts, &probe, args.slowest);
     fleet.stop().await;
 
     println!(
@@ -1397,7 +1405,44 @@ async fn measure_latency(server: &Server, args: &LatencyArgs) -> anyhow::Result<
         Percentiles::of(round_trips).line()
     );
     println!("latency: all {n} tasks succeeded (checked through GET /tasks)");
+    for line in slowest {
+        println!("latency: slow: {line}");
+    }
     Ok(())
+}
+
+/// The `count` slowest deliveries, slowest first: when each was submitted
+/// (seconds from the first submit), its delivery and its POST round trip.
+fn slowest(
+    submitted_at: &HashMap<Uuid, Instant>,
+    posts: &HashMap<Uuid, Duration>,
+    probe: &Probe,
+    count: usize,
+) -> Vec<String> {
+    let Some(first) = submitted_at.values().min().copied() else {
+        return vec![];
+    };
+    let received = probe.run_task_at.lock().unwrap_or_else(|e| e.into_inner());
+    let mut all: Vec<(Duration, Duration, Duration)> = submitted_at
+        .iter()
+        .filter_map(|(id, at)| {
+            let delivered = received.get(id)?.saturating_duration_since(*at);
+            Some((delivered, at.duration_since(first), posts.get(id).copied()?))
+        })
+        .collect();
+    all.sort_by_key(|d| std::cmp::Reverse(d.0));
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    all.into_iter()
+        .take(count)
+        .map(|(delivered, since, post)| {
+            format!(
+                "submitted at {:.3} s, delivered after {:.1} ms (POST {:.1} ms)",
+                since.as_secs_f64(),
+                ms(delivered),
+                ms(post)
+            )
+        })
+        .collect()
 }
 
 /// Submit-start → `run_task` received, for each task seen by both sides.
