@@ -47,6 +47,9 @@
 #   BENCH_SECONDS [10]          seconds per unidesk-bench figure
 #   LIFECYCLE_AGENTS [100]  LIFECYCLE_TASKS [5000]
 #   LATENCY_RATE [20]  LATENCY_SECONDS [30]  LATENCY_AGENTS [10]
+#   LATENCY_WARMUP_S [3]        seconds of submissions at the same rate before
+#                               the measured ones, left out of the figures, for
+#                               procrastinate and UniDesk alike
 #   IDLE_AGENTS [10000]  IDLE_PROCS [5]
 #   SKIP_PEER [0]               1 skips procrastinate (no PyPI access)
 #   EXEC_RUNS [5]  EXEC_FETCH_RUNS [5]
@@ -74,6 +77,7 @@ LIFECYCLE_TASKS=${LIFECYCLE_TASKS:-5000}
 LATENCY_RATE=${LATENCY_RATE:-20}
 LATENCY_SECONDS=${LATENCY_SECONDS:-30}
 LATENCY_AGENTS=${LATENCY_AGENTS:-10}
+LATENCY_WARMUP_S=${LATENCY_WARMUP_S:-3}
 IDLE_AGENTS=${IDLE_AGENTS:-10000}
 IDLE_PROCS=${IDLE_PROCS:-5}
 SKIP_PEER=${SKIP_PEER:-0}
@@ -206,7 +210,8 @@ run ceiling bash "$BENCH_DIR/ceiling.sh" "$DB_URL"
 
 if ((SKIP_PEER == 0)); then
     begin "reference: peer-procrastinate.sh"
-    run procrastinate bash "$BENCH_DIR/peer-procrastinate.sh" "$PEER_URL"
+    run procrastinate env LAT_RATE="$LATENCY_RATE" LAT_WARMUP_S="$LATENCY_WARMUP_S" \
+        bash "$BENCH_DIR/peer-procrastinate.sh" "$PEER_URL"
 fi
 stop_reference_db
 
@@ -219,7 +224,8 @@ run lifecycle "$BIN/unidesk-loadgen" lifecycle --agents "$LIFECYCLE_AGENTS" \
 
 begin "unidesk-loadgen latency"
 run latency "$BIN/unidesk-loadgen" latency --rate "$LATENCY_RATE" \
-    --seconds "$LATENCY_SECONDS" --agents "$LATENCY_AGENTS" --server-log "$WORK/latency-server.log"
+    --seconds "$LATENCY_SECONDS" --agents "$LATENCY_AGENTS" --warmup-s "$LATENCY_WARMUP_S" \
+    --server-log "$WORK/latency-server.log"
 
 begin "unidesk-loadgen idle"
 run idle "$BIN/unidesk-loadgen" idle --agents "$IDLE_AGENTS" --procs "$IDLE_PROCS" \

@@ -141,6 +141,12 @@ struct LatencyArgs {
     /// Simulated agents.
     #[arg(long, default_value_t = 10)]
     agents: usize,
+    /// Seconds of submissions at the same rate before the measured ones,
+    /// run to success but counted apart: a freshly started server's first
+    /// requests open its pool's connections and prepare its statements,
+    /// which says nothing of the steady state.
+    #[arg(long, default_value_t = 0)]
+    warmup_s: u64,
     /// Also list this many of the slowest deliveries, each with when it
     /// was submitted (from the first submit) and its POST's round trip,
     /// to match stalls against what the server did then.
@@ -1356,40 +1362,50 @@ async fn measure_latency(server: &Server, args: &LatencyArgs) -> anyhow::Result<
     let probe = fleet.probe.clone();
 
     let n = (args.rate * args.seconds as f64).round() as usize;
+    let warmup = (args.rate * args.warmup_s as f64).round() as usize;
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / args.rate));
     tick.set_missed_tick_behavior(MissedTickBehavior::Burst);
+    // One steady rate throughout: the warm-up's submissions are the first
+    // `warmup` ticks.
     let mut submits = JoinSet::new();
-    for _ in 0..n {
+    for i in 0..warmup + n {
         tick.tick().await;
         let (api, project, label) = (api.clone(), run.project, run.id.clone());
         submits.spawn(async move {
             let at = Instant::now();
             let id = api.submit(project, &label).await?;
-            anyhow::Ok((id, at, at.elapsed()))
+            anyhow::Ok((i < warmup, id, at, at.elapsed()))
         });
     }
     let mut submitted_at = HashMap::with_capacity(n);
+    let mut warmed_at = HashMap::with_capacity(warmup);
     let mut round_trips = Vec::with_capacity(n);
     let mut posts = HashMap::with_capacity(n);
     while let Some(joined) = submits.join_next().await {
-        let (id, at, rtt) = joined.context("a submitter panicked")??;
+        let (warming, id, at, rtt) = joined.context("a submitter panicked")??;
+        if warming {
+            warmed_at.insert(id, at);
+            continue;
+        }
         submitted_at.insert(id, at);
         posts.insert(id, rtt);
         round_trips.push(rtt);
     }
+    let total = warmup + n;
     let deadline = Instant::now() + Duration::from_secs(60);
-    while probe.succeeded.load(Ordering::Acquire) < n {
+    while probe.succeeded.load(Ordering::Acquire) < total {
         ensure!(
             Instant::now() < deadline,
-            "60 s after the last submit only {} of {n} tasks succeeded:\n  {}",
+            "60 s after the last submit only {} of {total} tasks succeeded:\n  {}",
             probe.succeeded.load(Ordering::Acquire),
             probe.problems()
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let sample: Vec<Uuid> = submitted_at.keys().take(50).copied().collect();
-    run.await_succeeded(&api, n, &sample).await?;
+    run.await_succeeded(&api, total, &sample).await?;
     let delivery = delays(&submitted_at, &probe);
+    let warm = delays(&warmed_at, &probe);
     let slowest = slowest(&submitted_at, &posts, &probe, args.slowest);
     fleet.stop().await;
 
@@ -1404,7 +1420,14 @@ async fn measure_latency(server: &Server, args: &LatencyArgs) -> anyhow::Result<
         "latency: POST /tasks round trip: {}",
         Percentiles::of(round_trips).line()
     );
-    println!("latency: all {n} tasks succeeded (checked through GET /tasks)");
+    if warmup > 0 {
+        println!(
+            "latency: the {warmup} tasks of the {} s warm-up before them, not counted above: {}",
+            args.warmup_s,
+            warm.line()
+        );
+    }
+    println!("latency: all {total} tasks succeeded (checked through GET /tasks)");
     for line in slowest {
         println!("latency: slow: {line}");
     }
