@@ -144,6 +144,11 @@ check_tools() {
         python3 -c 'import venv' 2>/dev/null ||
             die "python3 with venv not found (Debian/Ubuntu: apt-get install python3-venv), or set SKIP_PEER=1"
     fi
+    if ((SKIP_EXEC == 0)); then
+        [[ -x /bin/busybox ]] ||
+            die "/bin/busybox not found: unidesk-exec-bench builds its images from it (Debian/Ubuntu: apt-get install busybox-static), or set SKIP_EXEC=1"
+        command -v docker >/dev/null 2>&1 || die "docker not found: unidesk-exec-bench needs it, or set SKIP_EXEC=1"
+    fi
     if ((EUID == 0)); then
         id postgres >/dev/null 2>&1 ||
             die "no postgres user: PostgreSQL refuses to run as root and runs as postgres; install the PostgreSQL server"

@@ -13,7 +13,10 @@
 //! each one `curl -T -` of that byte range to a presigned URL (the upload
 //! created and completed by the server's own calls, as for the agent), and
 //! a `curl -o` download; curl hashes nothing and the store checks no
-//! SHA-256 of its bodies.
+//! SHA-256 of its bodies. Each figure is the median of a few rounds, the
+//! agent going first every other round and the disk flushed before each
+//! transfer: otherwise whoever went second paid for writing back the
+//! gigabyte the first had just stored.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -48,6 +51,11 @@ struct Cli {
     /// Part size of the upload, in MiB.
     #[arg(long, default_value_t = 64)]
     part_mib: u64,
+    /// Rounds of the four transfers; the figures are each one's median.
+    /// Every other round the agent goes first, and the disk is flushed
+    /// before each transfer, so neither side pays for the other's writes.
+    #[arg(long, default_value_t = 3)]
+    rounds: u32,
 }
 
 #[derive(Debug, Subcommand)]
@@ -372,6 +380,42 @@ async fn curl_down(store: &ObjectStore, key: &str, dest: &Path) -> anyhow::Resul
     Ok(started.elapsed().as_secs_f64())
 }
 
+/// Flushes every dirty page to disk, so that the next transfer does not
+/// pay for writing back what the one before it stored.
+fn settle() -> anyhow::Result<()> {
+    let status = Command::new("sync").status().context("running sync")?;
+    if !status.success() {
+        bail!("sync failed");
+    }
+    Ok(())
+}
+
+/// The median of `values` (the mean of the middle two for an even count).
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    match n {
+        0 => 0.0,
+        _ if n % 2 == 1 => values[n / 2],
+        _ => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+    }
+}
+
+impl Measured {
+    /// The rounds' median time and CPU time, their largest peak memory.
+    fn median(rounds: &[Measured]) -> Measured {
+        let first = &rounds[0];
+        Measured {
+            seconds: median(rounds.iter().map(|m| m.seconds).collect()),
+            bytes: first.bytes,
+            sha256: first.sha256.clone(),
+            vmhwm_kib: rounds.iter().map(|m| m.vmhwm_kib).max().unwrap_or(0),
+            baseline_kib: first.baseline_kib,
+            cpu_seconds: median(rounds.iter().map(|m| m.cpu_seconds).collect()),
+        }
+    }
+}
+
 /// The SHA-256 of the file at `path`, lower-case hex.
 fn sha256_of(path: &Path) -> anyhow::Result<String> {
     let mut f = std::fs::File::open(path)?;
@@ -433,24 +477,55 @@ async fn bench(cli: &Cli) -> anyhow::Result<()> {
         tokio::task::spawn_blocking(move || child(direction, &endpoint, &root, file, part, &keys))
     };
 
-    eprintln!("upload: curl, then the agent's code");
-    let curl_up_s = curl_up(&signer, &file, bytes, part).await?;
-    let up = agent("up", "big.bin").await??;
-    if up.sha256 != sha {
-        bail!("the upload hashed {} but the file is {sha}", up.sha256);
+    let rounds = cli.rounds.max(1);
+    let (mut curl_ups, mut curl_downs) = (Vec::new(), Vec::new());
+    let (mut ups, mut downs) = (Vec::new(), Vec::new());
+    for round in 0..rounds {
+        let agent_first = round % 2 == 1;
+        eprintln!(
+            "round {} of {rounds}: upload and download, {} first",
+            round + 1,
+            if agent_first { "the agent" } else { "curl" }
+        );
+        for agent_turn in [agent_first, !agent_first] {
+            settle()?;
+            if agent_turn {
+                let up = agent("up", "big.bin").await??;
+                if up.sha256 != sha {
+                    bail!("the upload hashed {} but the file is {sha}", up.sha256);
+                }
+                ups.push(up);
+            } else {
+                curl_ups.push(curl_up(&signer, &file, bytes, part).await?);
+            }
+        }
+        for agent_turn in [agent_first, !agent_first] {
+            settle()?;
+            if agent_turn {
+                let down = agent("down", "down.bin").await??;
+                if down.sha256 != sha || down.bytes != bytes {
+                    bail!("the download does not match the file");
+                }
+                std::fs::remove_file(root.join("down.bin"))?;
+                downs.push(down);
+            } else {
+                let curl_file = root.join("curl.bin");
+                curl_downs.push(curl_down(&signer, KEY, &curl_file).await?);
+                if sha256_of(&curl_file)? != sha {
+                    bail!("curl's download does not match the file");
+                }
+                std::fs::remove_file(&curl_file)?;
+            }
+        }
     }
-    eprintln!("download: curl, then the agent's code");
-    let curl_file = root.join("curl.bin");
-    let curl_down_s = curl_down(&signer, KEY, &curl_file).await?;
-    if sha256_of(&curl_file)? != sha {
-        bail!("curl's download does not match the file");
-    }
-    std::fs::remove_file(&curl_file)?;
-    let down = agent("down", "down.bin").await??;
-    if down.sha256 != sha || down.bytes != bytes {
-        bail!("the download does not match the file");
-    }
+    let curl_up_s = median(curl_ups.clone());
+    let curl_down_s = median(curl_downs.clone());
+    let up = Measured::median(&ups);
+    let down = Measured::median(&downs);
 
+    println!(
+        "medians of {rounds} round(s); peak RSS is the largest of the rounds, CPU time the median"
+    );
     println!("| what | MiB | seconds | MiB/s | peak RSS of the transfer process | its CPU time |");
     println!("|---|---:|---:|---:|---:|---:|");
     println!(
@@ -484,13 +559,22 @@ async fn bench(cli: &Cli) -> anyhow::Result<()> {
             m.cpu_seconds
         );
     }
-    for (way, curl_s, m) in [("up", curl_up_s, &up), ("down", curl_down_s, &down)] {
+    for (way, curl_s, m, curls, agents) in [
+        ("up", curl_up_s, &up, &curl_ups, &ups),
+        ("down", curl_down_s, &down, &curl_downs, &downs),
+    ] {
+        let each: Vec<String> = curls
+            .iter()
+            .zip(agents.iter())
+            .map(|(c, a)| format!("{:.2}", c / a.seconds))
+            .collect();
         println!(
-            "s3: {way:<4} {} MiB: curl {:.0} MiB/s, agent {:.0} MiB/s, agent/curl {:.2}",
+            "s3: {way:<4} {} MiB: curl {:.0} MiB/s, agent {:.0} MiB/s, agent/curl {:.2} (rounds: {})",
             cli.mib,
             mib_s(bytes, curl_s),
             mib_s(bytes, m.seconds),
-            curl_s / m.seconds
+            curl_s / m.seconds,
+            each.join(", ")
         );
     }
     println!(
