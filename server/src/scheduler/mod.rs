@@ -253,8 +253,29 @@ impl Scheduler {
                     self.while_renewing(self.lead(Round::Housekeeping, Utc::now()))
                         .await,
                 );
+                self.refresh_candidates().await;
+                self.refresh_limits().await;
             }
             tokio::time::sleep(self.config.poll).await;
+        }
+    }
+
+    /// Reads the candidate nodes again once half of [`CANDIDATES_FOR`] has
+    /// gone by since they were, beside placement: a placement round then
+    /// seldom waits for the two reads (only after a node event, which
+    /// makes what was read stale at once).
+    async fn refresh_candidates(&self) {
+        let fresh = self
+            .candidates
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .is_some_and(|(when, _, _)| when.elapsed() < CANDIDATES_FOR / 2);
+        if fresh {
+            return;
+        }
+        if let Err(e) = self.read_candidates().await {
+            tracing::debug!(error = %e, "reading the candidate nodes failed; placement reads them");
         }
     }
 
@@ -590,6 +611,12 @@ impl Scheduler {
                 return Ok(Some(nodes));
             }
         }
+        self.read_candidates().await
+    }
+
+    /// The uncached half of [`Scheduler::current_candidates`]: reads the
+    /// candidates when the nodes read model is current, and remembers them.
+    async fn read_candidates(&self) -> Result<Option<Vec<Candidate>>, sqlx::Error> {
         let mut at = self.nodes_at().await?;
         if !self.queue.lock().await.nodes_current_at(at) {
             if let Err(e) = self.nodes_projector.drain().await {

@@ -90,6 +90,38 @@ impl Scheduler {
         let mut projects: Vec<Uuid> = queue.iter().map(|t| t.project).collect();
         projects.sort_unstable();
         projects.dedup();
+        self.limits_of(&projects, false).await
+    }
+
+    /// Reads the remembered projects' limits again once half of
+    /// [`CANDIDATES_FOR`] has gone by since they were, beside placement, so
+    /// that a placement round seldom waits for the read.
+    pub(super) async fn refresh_limits(&self) {
+        let projects: Vec<Uuid> = match self
+            .limits
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            Some((when, _, limits)) if when.elapsed() >= CANDIDATES_FOR / 2 => {
+                let mut projects: Vec<Uuid> = limits.keys().copied().collect();
+                projects.sort_unstable();
+                projects
+            }
+            _ => return,
+        };
+        if let Err(e) = self.limits_of(&projects, true).await {
+            tracing::debug!(error = %e, "reading the projects' limits failed; placement reads them");
+        }
+    }
+
+    /// The most running tasks of each of `projects` that has a limit:
+    /// remembered ones while current (unless `reread`), else read.
+    async fn limits_of(
+        &self,
+        projects: &[Uuid],
+        reread: bool,
+    ) -> Result<HashMap<Uuid, u32>, sqlx::Error> {
         let limit_of = |known: &HashMap<Uuid, Option<u32>>| -> HashMap<Uuid, u32> {
             projects
                 .iter()
@@ -101,6 +133,7 @@ impl Scheduler {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .as_ref()
+            .filter(|_| !reread)
             .filter(|(when, _, limits)| {
                 when.elapsed() < CANDIDATES_FOR && projects.iter().all(|p| limits.contains_key(p))
             })
@@ -111,7 +144,7 @@ impl Scheduler {
             }
         }
         let fresh = {
-            let (rows, at) = read::projects::running_limits_at(self.pool(), &projects).await?;
+            let (rows, at) = read::projects::running_limits_at(self.pool(), projects).await?;
             let read: HashMap<Uuid, u32> = rows
                 .into_iter()
                 .map(|(id, n)| (id, n.max(0) as u32))
