@@ -108,6 +108,13 @@ impl Outcome {
 /// caches is not an event.
 const CANDIDATES_FOR: Duration = Duration::from_millis(1000);
 
+/// How old remembered candidates and limits are when housekeeping reads
+/// them again while placement is busy, so that it finds them current.
+const REFRESH_AFTER: Duration = Duration::from_millis(750);
+
+/// How long after placement last had tasks to place it counts as busy.
+const PLACING_WITHIN: Duration = Duration::from_secs(5);
+
 /// What a round does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Round {
@@ -142,6 +149,9 @@ pub struct Scheduler {
     /// The candidates last read while current, when, and where the nodes
     /// read model stood.
     candidates: Mutex<Option<(std::time::Instant, store::Checkpoint, Vec<Candidate>)>>,
+    /// When placement last had tasks to place: while it has lately,
+    /// housekeeping keeps the candidates and limits current for it.
+    placed_at: Mutex<Option<std::time::Instant>>,
     /// Projects' running limits as last read while current (`None`: no
     /// limit), when, and where the projects read model stood.
     #[allow(clippy::type_complexity)]
@@ -179,6 +189,7 @@ impl Scheduler {
             nodes_projector,
             candidates: Mutex::new(None),
             limits: Mutex::new(None),
+            placed_at: Mutex::new(None),
             reasons: tokio::sync::Mutex::default(),
         }
     }
@@ -260,18 +271,30 @@ impl Scheduler {
         }
     }
 
-    /// Reads the candidate nodes again once half of [`CANDIDATES_FOR`] has
-    /// gone by since they were, beside placement: a placement round then
-    /// seldom waits for the two reads (only after a node event, which
-    /// makes what was read stale at once).
+    /// While placement is busy ([`Scheduler::placing`]), reads the
+    /// candidate nodes again once they are [`REFRESH_AFTER`] old, beside
+    /// placement: a placement round then seldom waits for the two reads
+    /// (only after a node event, which makes what was read stale at once),
+    /// and they are read about as often as before. Otherwise nothing is
+    /// read: an idle cluster of thousands of nodes is not read over and
+    /// over for no placement.
+    /// Whether placement had tasks to place within the last
+    /// [`PLACING_WITHIN`].
+    pub(super) fn placing(&self) -> bool {
+        self.placed_at
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some_and(|at| at.elapsed() < PLACING_WITHIN)
+    }
+
     async fn refresh_candidates(&self) {
-        let fresh = self
+        let due = self
             .candidates
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .as_ref()
-            .is_some_and(|(when, _, _)| when.elapsed() < CANDIDATES_FOR / 2);
-        if fresh {
+            .is_some_and(|(when, _, _)| when.elapsed() >= REFRESH_AFTER);
+        if !due || !self.placing() {
             return;
         }
         if let Err(e) = self.read_candidates().await {

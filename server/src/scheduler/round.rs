@@ -14,7 +14,7 @@ use store::StoreError;
 use uuid::Uuid;
 
 use super::placement::{self, Candidate, Placement, Queued};
-use super::{actor, Outcome, Scheduler, CANDIDATES_FOR};
+use super::{actor, Outcome, Scheduler, CANDIDATES_FOR, REFRESH_AFTER};
 
 /// Whether a round goes on after an assignment.
 enum Next {
@@ -53,6 +53,7 @@ impl Scheduler {
         if queued_rows.is_empty() {
             return Ok(());
         }
+        *self.placed_at.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
         let Some(mut nodes) = self.current_candidates().await? else {
             return Ok(());
         };
@@ -93,9 +94,10 @@ impl Scheduler {
         self.limits_of(&projects, false).await
     }
 
-    /// Reads the remembered projects' limits again once half of
-    /// [`CANDIDATES_FOR`] has gone by since they were, beside placement, so
-    /// that a placement round seldom waits for the read.
+    /// While placement is busy ([`Scheduler::placing`]), reads the
+    /// remembered projects' limits again once they are [`REFRESH_AFTER`]
+    /// old, beside placement, so that a placement round seldom waits for
+    /// the read.
     pub(super) async fn refresh_limits(&self) {
         let projects: Vec<Uuid> = match self
             .limits
@@ -103,13 +105,16 @@ impl Scheduler {
             .unwrap_or_else(|e| e.into_inner())
             .as_ref()
         {
-            Some((when, _, limits)) if when.elapsed() >= CANDIDATES_FOR / 2 => {
+            Some((when, _, limits)) if when.elapsed() >= REFRESH_AFTER => {
                 let mut projects: Vec<Uuid> = limits.keys().copied().collect();
                 projects.sort_unstable();
                 projects
             }
             _ => return,
         };
+        if !self.placing() {
+            return;
+        }
         if let Err(e) = self.limits_of(&projects, true).await {
             tracing::debug!(error = %e, "reading the projects' limits failed; placement reads them");
         }
