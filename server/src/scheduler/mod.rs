@@ -271,13 +271,6 @@ impl Scheduler {
         }
     }
 
-    /// While placement is busy ([`Scheduler::placing`]), reads the
-    /// candidate nodes again once they are [`REFRESH_AFTER`] old, beside
-    /// placement: a placement round then seldom waits for the two reads
-    /// (only after a node event, which makes what was read stale at once),
-    /// and they are read about as often as before. Otherwise nothing is
-    /// read: an idle cluster of thousands of nodes is not read over and
-    /// over for no placement.
     /// Whether placement had tasks to place within the last
     /// [`PLACING_WITHIN`].
     pub(super) fn placing(&self) -> bool {
@@ -287,6 +280,13 @@ impl Scheduler {
             .is_some_and(|at| at.elapsed() < PLACING_WITHIN)
     }
 
+    /// While placement is busy ([`Scheduler::placing`]), reads the
+    /// candidate nodes again once they are [`REFRESH_AFTER`] old, beside
+    /// placement: a placement round then seldom waits for the two reads
+    /// (only after a node event, which makes what was read stale at once),
+    /// and they are read about as often as before. Otherwise nothing is
+    /// read: an idle cluster of thousands of nodes is not read over and
+    /// over for no placement.
     async fn refresh_candidates(&self) {
         let due = self
             .candidates
