@@ -4,9 +4,9 @@
 use std::time::Duration;
 
 use anyhow::Context;
-use axum::serve::ListenerExt;
+use axum::serve::{ListenerExt, TapIo};
 use clap::Args;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -294,22 +294,26 @@ fn serve(
         // With each connection's address, by which the rate limit counts
         // requests that carry no valid token.
         let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
-        // Frames go out as written: with Nagle's algorithm a command
-        // written while the agent has not acknowledged the last frame
-        // waits for that acknowledgement, which the agent's side may hold
-        // back for tens of milliseconds.
-        let listener = listener.tap_io(|tcp| {
-            if let Err(e) = tcp.set_nodelay(true) {
-                tracing::debug!(error = %e, "TCP_NODELAY not set on a connection");
-            }
-        });
-        if let Err(e) = axum::serve(listener, app)
+        if let Err(e) = axum::serve(without_delay(listener), app)
             .with_graceful_shutdown(shutdown)
             .await
         {
             tracing::error!(error = %e, "http server failed");
         }
     })
+}
+
+/// `listener`, with Nagle's algorithm off on every connection it accepts:
+/// frames go out as written. With it on, a command written while the agent
+/// has not acknowledged the frame before waits for that acknowledgement,
+/// which the agent's side may hold back for tens of milliseconds.
+fn without_delay(listener: TcpListener) -> TapIo<TcpListener, fn(&mut TcpStream)> {
+    fn no_delay(tcp: &mut TcpStream) {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "TCP_NODELAY not set on a connection");
+        }
+    }
+    listener.tap_io(no_delay as fn(&mut TcpStream))
 }
 
 /// A listener on `addr`, bound now.
@@ -462,4 +466,33 @@ pub fn start(
         }
     }
     Ok(Services { stop, tasks })
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::serve::Listener;
+
+    use super::*;
+
+    /// Accepts one connection from a client of `listener`.
+    async fn accepted<L>(mut listener: L) -> TcpStream
+    where
+        L: Listener<Io = TcpStream, Addr = std::net::SocketAddr>,
+    {
+        let addr = listener.local_addr().expect("the listener's address");
+        let (client, (io, _)) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        drop(client.expect("connecting"));
+        io
+    }
+
+    #[tokio::test]
+    async fn the_server_sends_without_waiting_for_acknowledgements() {
+        let any = || bind("127.0.0.1:0".parse().expect("an address")).expect("binding");
+        // What accepting alone gives: Nagle's algorithm on.
+        let plain = accepted(any()).await;
+        assert!(!plain.nodelay().expect("reading TCP_NODELAY"));
+        // What the server serves with.
+        let served = accepted(without_delay(any())).await;
+        assert!(served.nodelay().expect("reading TCP_NODELAY"));
+    }
 }
