@@ -295,6 +295,26 @@ async fn upload_model(rig: &Rig, content: &[u8]) {
     );
 }
 
+/// Downloads output `model` to `copy/model.bin` in the workspace; checks
+/// that the file there is `content` and that the download hashed it so.
+async fn download_model(rig: &Rig, content: &[u8]) {
+    let work = rig.root.path().join("work");
+    let input = TaskInput {
+        name: "copy/model.bin".into(),
+        object: "model".into(),
+    };
+    let down = rig
+        .files
+        .download(Uuid::nil(), 1, &input, &workspace(&work))
+        .await
+        .unwrap();
+    assert_eq!(down.sha256, sha(content));
+    assert!(
+        std::fs::read(work.join("copy/model.bin")).unwrap() == content,
+        "the stored object is the file"
+    );
+}
+
 /// The part numbers of the PUTs the proxy saw (`None`: a one-part upload),
 /// in the order they arrived.
 fn puts(rig: &Rig) -> Vec<Option<u32>> {
@@ -317,7 +337,6 @@ fn data(len: u64) -> Vec<u8> {
 #[tokio::test]
 async fn a_failed_part_is_sent_again_alone_and_a_broken_download_resumes_where_it_stopped() {
     let rig = rig().await;
-    let work = rig.root.path().join("work");
     let content = data(2 * PART + 4321);
     rig.faults.lock().unwrap().refuse_part = Some(2);
     upload_model(&rig, &content).await;
@@ -331,17 +350,7 @@ async fn a_failed_part_is_sent_again_alone_and_a_broken_download_resumes_where_i
     );
 
     rig.faults.lock().unwrap().cut_first_get_after = Some(3 * 1024 * 1024);
-    let input = TaskInput {
-        name: "copy/model.bin".into(),
-        object: "model".into(),
-    };
-    let down = rig
-        .files
-        .download(Uuid::nil(), 1, &input, &workspace(&work))
-        .await
-        .unwrap();
-    assert_eq!(down.sha256, sha(&content));
-    assert_eq!(std::fs::read(work.join("copy/model.bin")).unwrap(), content);
+    download_model(&rig, &content).await;
     let gets: Vec<_> = {
         let f = rig.faults.lock().unwrap();
         f.seen
@@ -360,7 +369,6 @@ async fn a_failed_part_is_sent_again_alone_and_a_broken_download_resumes_where_i
 #[tokio::test]
 async fn an_upload_sends_two_parts_at_a_time_never_more_and_stores_them_whole() {
     let rig = rig().await;
-    let work = rig.root.path().join("work");
     let content = data(5 * PART + 99);
     // Part 1 is held at the store's door until part 2 arrives: an agent
     // sending one part at a time would wait out the hold instead.
@@ -378,18 +386,7 @@ async fn an_upload_sends_two_parts_at_a_time_never_more_and_stores_them_whole() 
         (1..=6).map(Some).collect::<Vec<_>>(),
         "each part once"
     );
-    let input = TaskInput {
-        name: "copy/model.bin".into(),
-        object: "model".into(),
-    };
-    rig.files
-        .download(Uuid::nil(), 1, &input, &workspace(&work))
-        .await
-        .unwrap();
-    assert!(
-        std::fs::read(work.join("copy/model.bin")).unwrap() == content,
-        "the stored object is the file"
-    );
+    download_model(&rig, &content).await;
 }
 
 #[tokio::test]
