@@ -12,6 +12,11 @@ pub mod tasks;
 pub mod timeline;
 pub mod users;
 
+use std::time::Duration;
+
+use sqlx::PgPool;
+use store::outbox::{self, Checkpoint};
+
 /// Why a read-model query failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ReadError {
@@ -37,4 +42,39 @@ pub(crate) fn decode<T: serde::de::DeserializeOwned>(
         table,
         reason: e.to_string(),
     })
+}
+
+/// How often [`caught_up`] looks at a read model's checkpoint.
+const CAUGHT_UP_POLL: Duration = Duration::from_millis(10);
+
+/// Waits until read model `name` reflects every event committed before
+/// this call, for at most `within`; whether it does. A request that found
+/// nothing in a read model though the caller has seen the thing in the log
+/// (an artifact listed from its task's aggregate, say) asks again once
+/// this returns `true`, so the answer no longer depends on how far the
+/// projector had come.
+///
+/// # Errors
+/// A database error.
+pub async fn caught_up(pool: &PgPool, name: &str, within: Duration) -> Result<bool, ReadError> {
+    let target = outbox::committed_head(pool).await?;
+    if target == Checkpoint::default() {
+        return Ok(true);
+    }
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let at: Option<(i64, i64)> =
+            sqlx::query_as("SELECT txid, position FROM checkpoints WHERE name = $1")
+                .bind(name)
+                .fetch_optional(pool)
+                .await?;
+        let at = at.map(|(txid, position)| Checkpoint { txid, position });
+        if at.is_some_and(|at| at >= target) {
+            return Ok(true);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Ok(false);
+        }
+        tokio::time::sleep(CAUGHT_UP_POLL).await;
+    }
 }

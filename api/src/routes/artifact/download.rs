@@ -1,6 +1,8 @@
 //! `GET /api/v1/artifacts/{id}/download`: a redirect to a presigned URL of
 //! one stored output.
 
+use std::time::Duration;
+
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use utoipa_axum::router::OpenApiRouter;
@@ -17,9 +19,26 @@ pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new().routes(routes!(download))
 }
 
-/// The task holding artifact `id`, from the tasks read model.
+/// How long a download waits for the tasks read model to take in an
+/// artifact stored just before.
+const CATCH_UP: Duration = Duration::from_secs(5);
+
+/// The task holding artifact `id`, from the tasks read model. An artifact
+/// is listed from its task's aggregate as soon as it is stored, and the
+/// read model takes it in a moment later; so an id the model does not know
+/// is looked up once more when the model has applied everything committed
+/// before, and only then is it unknown.
 async fn task_of(state: &AppState, id: Uuid) -> Result<Option<Uuid>, ApiError> {
-    Ok(projections::read::tasks::holding_artifact(state.pool(), id).await?)
+    use projections::read::{caught_up, tasks};
+    if let Some(task) = tasks::holding_artifact(state.pool(), id).await? {
+        return Ok(Some(task));
+    }
+    if !caught_up(state.pool(), tasks::CHECKPOINT, CATCH_UP).await? {
+        return Err(ApiError::Unavailable(
+            "the task list is behind the event log; try again shortly".into(),
+        ));
+    }
+    Ok(tasks::holding_artifact(state.pool(), id).await?)
 }
 
 /// Redirects (302) to a presigned URL that downloads the output, valid for
@@ -36,7 +55,7 @@ async fn task_of(state: &AppState, id: Uuid) -> Result<Option<Uuid>, ApiError> {
         (status = 401, description = "No valid token", body = ErrorBody),
         (status = 404, description = "No such artifact, or not in one of the caller's projects", body = ErrorBody),
         (status = 409, description = "No object store configured", body = ErrorBody),
-        (status = 503, description = "The object store cannot be reached", body = ErrorBody)
+        (status = 503, description = "The object store cannot be reached, or the task list is behind the event log", body = ErrorBody)
     ),
     security(("bearer" = []))
 )]
