@@ -8,8 +8,8 @@
 //! small buffers, so memory stays flat whatever their size:
 //!
 //! - a download is written to a temporary file next to its destination (on
-//!   a blocking thread that hashes it too, while the connection is read,
-//!   and has it flushed to disk as it goes) and renamed into place only
+//!   a blocking thread that hashes it too, while the connection is read)
+//!   and renamed into place only
 //!   once its size and SHA-256 match what the server said; a broken connection resumes from the bytes already
 //!   written (a `Range` request on a fresh URL);
 //! - every file is reached through a [`Root`] handle on the workspace
@@ -63,9 +63,6 @@ const SINK_CHUNKS: usize = 16;
 /// writer: the network gives a few KiB at a time, and waking the writer's
 /// thread for each would cost more than the bytes.
 const SINK_CHUNK_BYTES: usize = 256 * 1024;
-/// How many bytes a download writes between flushes to disk in the
-/// background.
-const SYNC_EVERY: u64 = 64 * 1024 * 1024;
 
 /// Why a transfer failed, for the task's reason.
 pub type TransferError = String;
@@ -599,10 +596,17 @@ enum Write {
 }
 
 /// Where a download goes: a blocking thread writes the chunks to the file
-/// and hashes them, so the connection is read while the disk is written,
-/// and has the file flushed to disk in the background every
-/// [`SYNC_EVERY`] bytes, so little is left to flush at the end. At most
-/// [`SINK_CHUNKS`] chunks wait for it.
+/// and hashes them, so the connection is read while the disk is written.
+/// At most [`SINK_CHUNKS`] chunks wait for it.
+///
+/// The file is not flushed to disk. An input lives in its attempt's
+/// workspace, which no crash of the machine hands to anything again: an
+/// attempt whose container never started is discarded with its workspace,
+/// and one that started is reported as Docker recorded its end, a new
+/// attempt downloading afresh. Flushing would only make the download wait
+/// for the disk to write what the page cache already holds (a plain
+/// `curl -o` does not wait for it either); what the task reads is checked
+/// against the SHA-256 as it arrives.
 struct Sink {
     tx: tokio::sync::mpsc::Sender<Write>,
     done: Option<tokio::task::JoinHandle<Result<(u64, String), TransferError>>>,
@@ -653,7 +657,7 @@ impl Sink {
         Ok(())
     }
 
-    /// Waits for the writer to flush the file to disk; returns how many
+    /// Waits for the writer to write the last chunk; returns how many
     /// bytes it wrote and their SHA-256.
     async fn finish(self) -> Result<(u64, String), TransferError> {
         let Sink {
@@ -673,7 +677,7 @@ impl Sink {
 }
 
 /// The writer of a [`Sink`], on a blocking thread: writes and hashes what
-/// `rx` hands it until it closes, then flushes the file to disk.
+/// `rx` hands it until it closes.
 fn write_download(
     mut file: std::fs::File,
     mut rx: tokio::sync::mpsc::Receiver<Write>,
@@ -683,8 +687,7 @@ fn write_download(
     // The chunks come gathered (SINK_CHUNK_BYTES) and are written as they
     // are: no buffer copies them once more.
     let mut hasher = Sha256::new();
-    let (mut written, mut synced) = (0u64, 0u64);
-    let mut syncing: Option<std::thread::JoinHandle<()>> = None;
+    let mut written = 0u64;
     while let Some(w) = rx.blocking_recv() {
         match w {
             Write::Chunk(chunk) => {
@@ -696,26 +699,10 @@ fn write_download(
                 file.set_len(0).map_err(writing)?;
                 file.rewind().map_err(writing)?;
                 hasher = Sha256::new();
-                (written, synced) = (0, 0);
+                written = 0;
             }
         }
-        let idle = syncing.as_ref().is_none_or(|s| s.is_finished());
-        if written - synced >= SYNC_EVERY && idle {
-            // Written back while more arrives; a failure shows at the end.
-            let clone = file.try_clone().map_err(writing)?;
-            syncing = std::thread::Builder::new()
-                .name("download-sync".into())
-                .spawn(move || {
-                    let _ = clone.sync_data();
-                })
-                .ok();
-            synced = written;
-        }
     }
-    if let Some(s) = syncing {
-        let _ = s.join();
-    }
-    file.sync_all().map_err(writing)?;
     Ok((written, hex::encode(hasher.finalize())))
 }
 
