@@ -14,8 +14,8 @@ use testkit::eventually;
 use chrono::{DateTime, Utc};
 use domain::node::{Node, NodeCommand, NodeResources, ResourceLimits};
 use domain::project::{Project, ProjectCommand};
-use domain::spec::{ResourcesDraft, TaskSpecDraft, UrlPolicy};
-use domain::task::{Task, TaskCommand, TaskState};
+use domain::spec::{ResourcesDraft, TaskSpec, TaskSpecDraft, UrlPolicy};
+use domain::task::{Task, TaskCommand, TaskEvent, TaskState};
 use domain::Actor;
 use store::Store;
 use unidesk::scheduler::{Config, Scheduler};
@@ -250,7 +250,35 @@ impl World {
         timeout: Option<i64>,
         gpus: i64,
     ) -> Uuid {
-        let spec = TaskSpecDraft {
+        let spec = self.spec(cpus, labels, retries, timeout, gpus);
+        let id = Uuid::now_v7();
+        self.store
+            .execute::<Task>(
+                &id.to_string(),
+                TaskCommand::Submit {
+                    task_id: id,
+                    spec,
+                    by: admin(),
+                    at: Utc::now(),
+                },
+                &admin(),
+                Utc::now(),
+            )
+            .await
+            .unwrap();
+        id
+    }
+
+    /// The spec of a task of the world's project.
+    fn spec(
+        &self,
+        cpus: f64,
+        labels: &[(&str, &str)],
+        retries: i64,
+        timeout: Option<i64>,
+        gpus: i64,
+    ) -> TaskSpec {
+        TaskSpecDraft {
             project_id: Some(self.project),
             code_repo_url: Some("https://example.com/c.git".into()),
             code_commit_id: Some("a".repeat(40)),
@@ -273,23 +301,29 @@ impl World {
             ..Default::default()
         }
         .validate(UrlPolicy::default())
+        .unwrap()
+    }
+
+    /// Appends `event` to task `id`'s log as another process would:
+    /// straight into the table, so this process hears of it only through
+    /// the outbox.
+    async fn append_elsewhere(&self, id: Uuid, sequence: i64, event: &TaskEvent) {
+        use cqrs_es::DomainEvent;
+        let metadata = serde_json::json!({"actor": admin().to_string(), "at": Utc::now()});
+        sqlx::query(
+            "INSERT INTO events \
+               (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) \
+             VALUES ('task', $1, $2, $3, $4, $5::json, $6::json)",
+        )
+        .bind(id.to_string())
+        .bind(sequence)
+        .bind(event.event_type())
+        .bind(event.event_version())
+        .bind(serde_json::to_string(event).unwrap())
+        .bind(metadata.to_string())
+        .execute(self.store.pool())
+        .await
         .unwrap();
-        let id = Uuid::now_v7();
-        self.store
-            .execute::<Task>(
-                &id.to_string(),
-                TaskCommand::Submit {
-                    task_id: id,
-                    spec,
-                    by: admin(),
-                    at: Utc::now(),
-                },
-                &admin(),
-                Utc::now(),
-            )
-            .await
-            .unwrap();
-        id
     }
 
     async fn task(&self, id: Uuid) -> Task {
@@ -373,6 +407,45 @@ async fn tasks_go_only_where_labels_and_free_resources_fit() {
     assert_eq!(w.task(a).await.node_id, Some(small));
     assert_eq!(w.task(b).await.state, TaskState::Queued);
     // Running again changes nothing: nothing is ever assigned twice.
+    assert_eq!(round(&w, &s, Utc::now()).await.assigned, 0);
+}
+
+/// A round places what this process committed before it reads the
+/// outbox, then reads it: what another process committed still decides. A
+/// task cancelled elsewhere is not assigned, and a task submitted
+/// elsewhere is placed in the same round.
+#[tokio::test]
+async fn a_round_placing_before_it_reads_the_outbox_still_follows_the_log() {
+    let w = world().await;
+    let s = scheduler(&w).await;
+    let now = Utc::now();
+    let node = w.node("n", 4.0, &[], now).await;
+    round(&w, &s, Utc::now()).await;
+
+    // Submitted here, cancelled elsewhere before the round.
+    let cancelled = w.submit(1.0, &[], 0, None).await;
+    let cancel = TaskEvent::Cancelled {
+        attempt: None,
+        at: Utc::now(),
+    };
+    w.append_elsewhere(cancelled, 2, &cancel).await;
+    // One submitted here, one elsewhere.
+    let here = w.submit(1.0, &[], 0, None).await;
+    let elsewhere = Uuid::now_v7();
+    let submitted = TaskEvent::Submitted {
+        task_id: elsewhere,
+        spec: Box::new(w.spec(1.0, &[], 0, None, 0)),
+        by: admin(),
+        at: Utc::now(),
+    };
+    w.append_elsewhere(elsewhere, 1, &submitted).await;
+
+    let outcome = round(&w, &s, Utc::now()).await;
+    assert_eq!(outcome.assigned, 2, "{outcome:?}");
+    assert_eq!(w.task(here).await.node_id, Some(node));
+    assert_eq!(w.task(elsewhere).await.node_id, Some(node));
+    let t = w.task(cancelled).await;
+    assert_eq!((t.state, t.attempt), (TaskState::Cancelled, 0));
     assert_eq!(round(&w, &s, Utc::now()).await.assigned, 0);
 }
 

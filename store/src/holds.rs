@@ -7,8 +7,9 @@
 //! device already held or CPU and memory beyond the capacity the
 //! assignment was made for; `TaskSucceeded`, `TaskFailed`, `TaskTimedOut`,
 //! `TaskCancelled` and `TaskLost` release. So they are exact at every
-//! commit, unlike read models, which follow the log a moment later; the
-//! scheduler places from them.
+//! commit, unlike read models, which follow the log a moment later: the
+//! scheduler places from its own view of the tasks, and these refuse what
+//! that view got wrong.
 
 use std::collections::HashMap;
 

@@ -1,9 +1,10 @@
 //! The leader's queue, in memory: every task not yet ended, as the task
 //! aggregate itself folds its events, loaded from one consistent snapshot
 //! of the `tasks` read model when leadership begins and folded forward
-//! from the outbox before each placement. A submission reaches placement
-//! without waiting for the read model, and a round reads no queue from the
-//! database; the read model stays for the API.
+//! from the events this process commits and from the outbox. A submission
+//! reaches placement without waiting for the read model or the outbox, and
+//! a round reads neither the queue nor what nodes hold from the database
+//! ([`Queue::holds`]); the read model stays for the API.
 //!
 //! The snapshot is the read model's rows of unfinished tasks together with
 //! the read model's own checkpoint, read in one repeatable-read
@@ -40,6 +41,17 @@ const ENDED: usize = 65_536;
 struct Known {
     task: Task,
     sequence: i64,
+}
+
+/// What kinds of event [`Queue::take_local`] folded in or noted.
+#[derive(Debug, Default, Clone, Copy)]
+struct Local {
+    /// A node event went by.
+    nodes: bool,
+    /// A project event went by.
+    projects: bool,
+    /// A task event was folded in.
+    tasks: bool,
 }
 
 /// The unfinished tasks, as of `at`.
@@ -110,21 +122,20 @@ impl Queue {
     /// readable in the outbox (an older transaction may hold it back
     /// there). Each is folded only when it follows what the queue knows of
     /// its task; the outbox brings everything else, and these again.
-    /// Returns whether a node event and whether a project event was among
-    /// them.
-    fn take_local(&mut self) -> (bool, bool) {
+    /// Returns what kinds of event were among them.
+    fn take_local(&mut self) -> Local {
         use tokio::sync::broadcast::error::TryRecvError;
-        let (mut nodes, mut projects) = (false, false);
+        let mut local = Local::default();
         loop {
             let event = match self.local.try_recv() {
                 Ok(e) => e,
                 // Missed some: the outbox has them.
                 Err(TryRecvError::Lagged(_)) => continue,
-                Err(TryRecvError::Empty | TryRecvError::Closed) => return (nodes, projects),
+                Err(TryRecvError::Empty | TryRecvError::Closed) => return local,
             };
             if event.aggregate_type != Task::TYPE {
-                nodes |= event.aggregate_type == "node";
-                projects |= event.aggregate_type == "project";
+                local.nodes |= event.aggregate_type == "node";
+                local.projects |= event.aggregate_type == "project";
                 continue;
             }
             let Ok(id) = Uuid::try_parse(&event.aggregate_id) else {
@@ -149,10 +160,43 @@ impl Queue {
             });
             known.task.apply(e);
             known.sequence = event.sequence;
+            local.tasks = true;
             if known.task.state.is_terminal() {
                 self.end(id);
             }
         }
+    }
+
+    /// What the tasks holding a node hold there, as folded so far. It may
+    /// still count an attempt another process ended a moment ago, until
+    /// the outbox brings that, and counts this leader's own assignments as
+    /// soon as they commit.
+    pub fn holds(&self) -> Vec<store::holds::Hold> {
+        self.tasks
+            .iter()
+            .filter(|(_, k)| k.task.state.holds_node())
+            .filter_map(|(id, k)| {
+                let t = &k.task;
+                let spec = t.spec.as_ref()?;
+                let node = t.node_id?;
+                let gpus = t
+                    .attempts
+                    .iter()
+                    .rev()
+                    .find(|a| a.number == t.attempt)
+                    .map(|a| a.gpus.clone())
+                    .unwrap_or_default();
+                Some(store::holds::Hold {
+                    task: *id,
+                    attempt: t.attempt,
+                    node,
+                    project: Some(spec.project_id),
+                    millicpus: spec.resources.millicpus(),
+                    memory_mb: spec.resources.memory_mb,
+                    gpus,
+                })
+            })
+            .collect()
     }
 
     /// Forgets task `id`, which ended, and remembers that it did.
@@ -162,18 +206,27 @@ impl Queue {
     }
 
     /// Loads the queue when it was not loaded under leader's `term`, then
-    /// folds in every task event committed since.
+    /// folds in the task events this process committed since the last
+    /// call ([`Queue::take_local`]); whether there were any, on a queue
+    /// that was loaded already. What other processes committed waits for
+    /// [`Queue::follow_outbox`].
     ///
     /// # Errors
     /// A database error; the queue stays where it was.
-    pub async fn follow(&mut self, store: &Store, term: u64) -> Result<(), sqlx::Error> {
+    pub async fn follow_local(&mut self, store: &Store, term: u64) -> Result<bool, sqlx::Error> {
+        let mut loaded = false;
         if self.at.is_none() || self.term != Some(term) {
             self.load(store.pool()).await?;
             self.term = Some(term);
             self.node_event = self.at;
             self.project_event = self.at;
+            loaded = true;
         }
-        let (nodes, projects) = self.take_local();
+        let Local {
+            nodes,
+            projects,
+            tasks,
+        } = self.take_local();
         if nodes || projects {
             // Committed, so at or before the log's head: the read model
             // must get there first.
@@ -185,21 +238,32 @@ impl Queue {
                 self.project_event = self.project_event.max(head);
             }
         }
+        Ok(tasks && !loaded)
+    }
+
+    /// Folds in every event the outbox shows after where the queue stands;
+    /// whether any told the queue something new (a task event it had not
+    /// folded in, a node or project event).
+    ///
+    /// # Errors
+    /// A database error; the queue stays where it was.
+    pub async fn follow_outbox(&mut self, store: &Store) -> Result<bool, sqlx::Error> {
         // Every event: where node events go by tells placement whether the
         // nodes it read are current.
         let filter = Filter::default();
+        let mut news = false;
         loop {
-            let Some(at) = self.at else { return Ok(()) };
+            let Some(at) = self.at else { return Ok(news) };
             let events = outbox::read_after(store.pool(), at, READ, &filter).await?;
             let Some(last) = events.last().map(RecordedEvent::checkpoint) else {
-                return Ok(());
+                return Ok(news);
             };
             for event in &events {
-                self.fold(store, event).await;
+                news |= self.fold(store, event).await;
             }
             self.at = Some(last);
             if (events.len() as i64) < READ {
-                return Ok(());
+                return Ok(news);
             }
         }
     }
@@ -256,24 +320,24 @@ impl Queue {
     }
 
     /// Folds `event` into its task.
-    async fn fold(&mut self, store: &Store, event: &RecordedEvent) {
+    async fn fold(&mut self, store: &Store, event: &RecordedEvent) -> bool {
         if event.aggregate_type != Task::TYPE {
             match event.aggregate_type.as_str() {
                 "node" => self.node_event = self.node_event.max(Some(event.checkpoint())),
                 "project" => self.project_event = self.project_event.max(Some(event.checkpoint())),
-                _ => {}
+                _ => return false,
             }
-            return;
+            return true;
         }
         let Ok(id) = Uuid::try_parse(&event.aggregate_id) else {
             tracing::error!(aggregate_id = %event.aggregate_id, "a task event with a malformed id");
-            return;
+            return false;
         };
         if self.ended.contains(&id) {
-            return;
+            return false;
         }
         let follows = match self.tasks.get(&id) {
-            Some(k) if event.sequence <= k.sequence => return,
+            Some(k) if event.sequence <= k.sequence => return false,
             Some(k) => event.sequence == k.sequence + 1,
             None => event.sequence == 1,
         };
@@ -316,6 +380,7 @@ impl Queue {
         {
             self.end(id);
         }
+        true
     }
 
     /// Whether any task waits for a node.
@@ -335,21 +400,14 @@ impl Queue {
     }
 
     /// Up to `limit` queued tasks, highest priority and oldest first,
-    /// without those in `skip` and those whose retry backoff lasts past
-    /// `now`: what placement considers.
-    pub fn queued(
-        &self,
-        limit: usize,
-        skip: &HashSet<Uuid>,
-        now: DateTime<Utc>,
-    ) -> Vec<QueuedTask> {
+    /// without those whose retry backoff lasts past `now`: what placement
+    /// considers.
+    pub fn queued(&self, limit: usize, now: DateTime<Utc>) -> Vec<QueuedTask> {
         let mut queued: Vec<(&Uuid, &Task)> = self
             .tasks
             .iter()
-            .filter(|(id, k)| {
-                k.task.state == TaskState::Queued
-                    && k.task.not_before.is_none_or(|t| t <= now)
-                    && !skip.contains(id)
+            .filter(|(_, k)| {
+                k.task.state == TaskState::Queued && k.task.not_before.is_none_or(|t| t <= now)
             })
             .filter_map(|(id, k)| k.task.spec.as_ref().map(|_| (id, &k.task)))
             .collect();

@@ -63,7 +63,10 @@ impl Scheduler {
         let holding: HashSet<Uuid> = holds.iter().map(|h| h.task).collect();
         let (rows, waits) = {
             let known = self.queue.lock().await;
-            let rows = known.queued(usize::MAX, &holding, DateTime::<Utc>::MAX_UTC);
+            let mut rows = known.queued(usize::MAX, DateTime::<Utc>::MAX_UTC);
+            // A task holding a node is not waiting, whatever the queue has
+            // not folded in yet.
+            rows.retain(|r| !holding.contains(&r.id));
             let waits: HashMap<Uuid, (u32, Option<DateTime<Utc>>)> = rows
                 .iter()
                 .filter_map(|r| known.wait_of(&r.id).map(|w| (r.id, w)))

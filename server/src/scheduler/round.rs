@@ -1,9 +1,10 @@
-//! One placement round: the queue (in memory, [`super::queue`]), what
-//! nodes and projects hold (the store's reservations, exact at every
-//! commit), [`placement::place`], and the assignments committed as commands
-//! under the leader's term.
+//! One placement round: the queue (in memory, [`super::queue`]) and what
+//! its tasks hold on nodes and count against projects, [`placement::place`],
+//! and the assignments committed as commands under the leader's term (the
+//! store's reservations, exact at every commit, refuse one the queue's
+//! view got wrong).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::time::Instant;
 
 use chrono::{DateTime, Utc};
@@ -27,28 +28,58 @@ enum Next {
 impl Scheduler {
     /// Places as many queued tasks as fit, in order, and assigns them as
     /// the leader of `term`.
+    ///
+    /// Task events this process committed (the API's submissions, an
+    /// agent's report that freed a node) are placed on at once, and the
+    /// outbox, which brings what other processes committed, is read after
+    /// the round's assignments, and placed on again if it brought anything
+    /// new: a submission reaches its node without waiting for that read.
+    /// What a round places on is checked where it matters:
+    /// the task's own log refuses an assignment of a task no longer
+    /// queued, and the store's reservations one beyond a node's capacity
+    /// or on a GPU device already held.
     pub(super) async fn placement(
         &self,
         term: u64,
         now: DateTime<Utc>,
         outcome: &mut Outcome,
     ) -> Result<(), sqlx::Error> {
-        let mut known = self.queue.lock().await;
-        // Side by side: the store refuses an assignment the holds read
-        // here would not have allowed, whichever of the two is older.
-        let (followed, holds) = tokio::join!(
-            known.follow(&self.store, term),
-            store::holds::all(self.pool())
-        );
-        followed?;
+        let quick = {
+            let mut known = self.queue.lock().await;
+            let quick = known.follow_local(&self.store, term).await?;
+            if !quick {
+                known.follow_outbox(&self.store).await?;
+            }
+            quick
+        };
+        self.place(term, now, outcome).await?;
+        if quick {
+            let news = self.queue.lock().await.follow_outbox(&self.store).await?;
+            if news {
+                // Another process's submission, or a node it freed or
+                // brought: placed now, not at the next wake-up.
+                self.place(term, now, outcome).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Places the queued tasks the queue knows of on the nodes, and
+    /// assigns them as the leader of `term`.
+    async fn place(
+        &self,
+        term: u64,
+        now: DateTime<Utc>,
+        outcome: &mut Outcome,
+    ) -> Result<(), sqlx::Error> {
+        let known = self.queue.lock().await;
         if !known.any_queued() {
             return Ok(());
         }
-        let holds = holds?;
-        // A task holding a node is not queued, whatever the queue has not
-        // folded in yet.
-        let holding: HashSet<Uuid> = holds.iter().map(|h| h.task).collect();
-        let queued_rows = known.queued(self.config.batch.max(0) as usize, &holding, now);
+        // What the queue's tasks hold: the store refuses an assignment
+        // that would reserve more than a node has, however late this is.
+        let holds = known.holds();
+        let queued_rows = known.queued(self.config.batch.max(0) as usize, now);
         drop(known);
         if queued_rows.is_empty() {
             return Ok(());
