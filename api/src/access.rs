@@ -58,6 +58,44 @@ pub async fn project(
     id: Uuid,
     field: Option<&str>,
 ) -> Result<ProjectAccess, ApiError> {
+    Ok(project_at(state, caller, id, field).await?.0)
+}
+
+/// [`project`], with the sequence of the project's last event it saw.
+///
+/// # Errors
+/// As [`project`].
+pub async fn project_at(
+    state: &AppState,
+    caller: &Caller,
+    id: Uuid,
+    field: Option<&str>,
+) -> Result<(ProjectAccess, usize), ApiError> {
+    let loaded = state.store().load::<Project>(&id.to_string()).await?;
+    seen_by(caller, id, loaded, field)
+}
+
+/// Project `id` as this process remembers it (it may be behind the log),
+/// if the caller may see it there: for a decision whose events are
+/// appended only while the project has no event after the returned
+/// sequence (`store::Store::execute_guarded`). `None` when it remembers
+/// no such thing; a refusal is only ever decided on [`project_at`].
+pub fn remembered_project(
+    state: &AppState,
+    caller: &Caller,
+    id: Uuid,
+) -> Option<(ProjectAccess, usize)> {
+    let loaded = state.store().remembered::<Project>(&id.to_string());
+    seen_by(caller, id, loaded, None).ok()
+}
+
+/// The caller's access to `loaded`, project `id`.
+fn seen_by(
+    caller: &Caller,
+    id: Uuid,
+    loaded: Option<store::Loaded<Project>>,
+    field: Option<&str>,
+) -> Result<(ProjectAccess, usize), ApiError> {
     let hidden = || {
         let detail = format!("project {id} not found");
         match field {
@@ -65,18 +103,19 @@ pub async fn project(
             None => ApiError::not_found(detail),
         }
     };
-    let Some(loaded) = state.store().load::<Project>(&id.to_string()).await? else {
+    let Some(loaded) = loaded else {
         return Err(hidden());
     };
     let role = loaded.state.role_of(&caller.user);
     if role.is_none() && !caller.admin {
         return Err(hidden());
     }
-    Ok(ProjectAccess {
+    let access = ProjectAccess {
         project: loaded.state,
         role,
         admin: caller.admin,
-    })
+    };
+    Ok((access, loaded.sequence))
 }
 
 /// A task the caller may see, with their access to its project.

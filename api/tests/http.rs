@@ -2145,3 +2145,49 @@ async fn the_document_names_every_status_an_operation_answers_and_describes_the_
         ["text/event-stream"]["schema"]["oneOf"];
     assert_eq!(logs.as_array().map(Vec::len), Some(2));
 }
+
+/// A submission is decided on the project as the server remembers it, and
+/// guarded by it: a membership another process changed since counts.
+#[tokio::test]
+async fn a_membership_changed_by_another_process_counts_for_the_next_submission() {
+    use domain::project::{Project, ProjectCommand, Role};
+    let app = start().await;
+    let alice = app.user("alice").await;
+    let bob = app.user("bob").await;
+    let project = app.project(&app.admin, "shared").await;
+    app.add_member(&project, "alice", "member").await;
+    // The server now remembers the project with alice in it.
+    app.submit(&alice, &project).await;
+
+    let elsewhere = store::Store::new(app.pool.clone());
+    let admin = domain::Actor::User("admin".into());
+    let change = |command: ProjectCommand| {
+        let (elsewhere, admin, project) = (&elsewhere, &admin, &project);
+        async move {
+            elsewhere
+                .execute::<Project>(project, command, admin, chrono::Utc::now())
+                .await
+                .expect("the other process changes the project");
+        }
+    };
+    change(ProjectCommand::RemoveMember {
+        user: "alice".into(),
+        by: admin.clone(),
+        at: chrono::Utc::now(),
+    })
+    .await;
+    let before = app.events().await;
+    app.post("/api/v1/tasks", &alice, task_body(&project))
+        .await
+        .expect_error(404, "project_id");
+    assert_eq!(app.events().await, before, "a task was appended");
+
+    change(ProjectCommand::AddMember {
+        user: "bob".into(),
+        role: Role::Member,
+        by: admin.clone(),
+        at: chrono::Utc::now(),
+    })
+    .await;
+    app.submit(&bob, &project).await;
+}

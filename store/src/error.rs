@@ -36,7 +36,7 @@ pub enum StoreError<E: std::error::Error> {
 impl<E: std::error::Error> StoreError<E> {
     pub(crate) fn from_log(e: crate::log::LogError) -> Self {
         match e {
-            crate::log::LogError::Conflict => Self::Conflict,
+            crate::log::LogError::Conflict | crate::log::LogError::Stale => Self::Conflict,
             crate::log::LogError::Corrupt(e) => Self::Corrupt(e),
             crate::log::LogError::Database(e) => Self::from_sqlx(e),
         }

@@ -216,6 +216,33 @@ where
     }
 }
 
+/// An aggregate a command was decided with besides its own, at the
+/// sequence the decision saw: see [`Store::execute_guarded`].
+#[derive(Debug, Clone, Copy)]
+pub struct Guard<'a> {
+    /// Its type, such as `project`.
+    pub aggregate_type: &'static str,
+    /// Its id.
+    pub id: &'a str,
+    /// The sequence of its last event the decision saw.
+    pub sequence: usize,
+}
+
+impl<'a> Guard<'a> {
+    /// A guard on aggregate `id` of type `A` whose last event the decision
+    /// saw is `sequence`.
+    pub fn on<A: Stored>(id: &'a str, sequence: usize) -> Self
+    where
+        A::Command: Clone + Send,
+    {
+        Guard {
+            aggregate_type: A::TYPE,
+            id,
+            sequence,
+        }
+    }
+}
+
 /// Why the database itself refused to append an event: its triggers guard
 /// what no single aggregate can see, such as the scheduler leader's term
 /// and what other attempts hold on a node.
@@ -442,6 +469,52 @@ impl Store {
         A: Stored,
         A::Command: Clone + Send,
     {
+        match self.execute_with(id, command, actor, at, None).await {
+            Ok(Some(executed)) => Ok(executed),
+            // Only a guarded append comes back without events.
+            Ok(None) => Err(StoreError::Conflict),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Executes `command` on aggregate `id` as [`Store::execute`] does,
+    /// provided `guard`'s aggregate, which the caller decided with besides
+    /// (a project's membership for a task's submission, say), still has no
+    /// event after `guard.sequence` when the events are appended: checked
+    /// in the appending statement itself, so deciding on a remembered
+    /// guard costs no statement of its own. `None` when it has one:
+    /// nothing was appended, and the caller loads the guard and decides
+    /// again.
+    ///
+    /// # Errors
+    /// As [`Store::execute`].
+    pub async fn execute_guarded<A>(
+        &self,
+        id: &str,
+        command: A::Command,
+        actor: &Actor,
+        at: DateTime<Utc>,
+        guard: &Guard<'_>,
+    ) -> Result<Option<Executed<A>>, StoreError<A::Error>>
+    where
+        A: Stored,
+        A::Command: Clone + Send,
+    {
+        self.execute_with(id, command, actor, at, Some(guard)).await
+    }
+
+    async fn execute_with<A>(
+        &self,
+        id: &str,
+        command: A::Command,
+        actor: &Actor,
+        at: DateTime<Utc>,
+        guard: Option<&Guard<'_>>,
+    ) -> Result<Option<Executed<A>>, StoreError<A::Error>>
+    where
+        A: Stored,
+        A::Command: Clone + Send,
+    {
         let metadata = HashMap::from([
             ("actor".to_string(), actor.to_string()),
             (
@@ -472,15 +545,15 @@ impl Store {
                 Err(e) => return Err(StoreError::Rejected(e)),
                 Ok(()) if events.is_empty() && !fresh => continue,
                 Ok(()) if events.is_empty() => {
-                    return Ok(Executed {
+                    return Ok(Some(Executed {
                         state,
                         events: vec![],
                         sequence: after,
-                    })
+                    }))
                 }
                 Ok(()) => {}
             }
-            match log::append::<A>(&self.pool, id, after, events, &state, &metadata).await {
+            match log::append::<A>(&self.pool, id, after, events, &state, &metadata, guard).await {
                 Ok(events) => {
                     self.notifier.poke();
                     let sequence = events.last().map_or(after, |e| e.sequence);
@@ -491,12 +564,13 @@ impl Store {
                             sequence,
                         },
                     );
-                    return Ok(Executed {
+                    return Ok(Some(Executed {
                         state,
                         events,
                         sequence,
-                    });
+                    }));
                 }
+                Err(LogError::Stale) => return Ok(None),
                 Err(LogError::Conflict) => {
                     cache.forget(id);
                     if fresh {

@@ -40,6 +40,9 @@ pub const SNAPSHOT_EVERY: usize = 50;
 pub(crate) enum LogError {
     /// The sequence the append wanted was taken: decide again.
     Conflict,
+    /// The aggregate the append was guarded by has events after the
+    /// guard's sequence: nothing was appended.
+    Stale,
     /// An event or snapshot could not be read, or a state not written.
     Corrupt(String),
     /// The database failed or refused.
@@ -302,6 +305,7 @@ pub(crate) async fn append<A: Aggregate>(
     events: Vec<A::Event>,
     state: &A,
     metadata: &HashMap<String, String>,
+    guard: Option<&crate::Guard<'_>>,
 ) -> Result<Vec<EventEnvelope<A>>, LogError> {
     let n = events.len();
     let mut sequences = Vec::with_capacity(n);
@@ -324,41 +328,62 @@ pub(crate) async fn append<A: Aggregate>(
     // `jsonb` first, to be refused here.
     let nul = payloads.iter().any(|p| p.contains("\\u0000")) || meta.contains("\\u0000");
     let cast = if nul { "::jsonb::json" } else { "::json" };
+    // A guarded append inserts nothing once the guarding aggregate has an
+    // event after the sequence the command was decided with; its three
+    // parameters come after the snapshot's two, if any.
+    let first = if snapshot_due { 10 } else { 8 };
+    let unless = if guard.is_some() {
+        format!(
+            " WHERE NOT EXISTS (SELECT 1 FROM events g \
+               WHERE g.aggregate_type = ${first} AND g.aggregate_id = ${} AND g.sequence > ${})",
+            first + 1,
+            first + 2
+        )
+    } else {
+        String::new()
+    };
     let insert = format!(
         "INSERT INTO events \
             (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) \
          SELECT $1, $2, s, t, v, p{cast}, $7{cast} \
-           FROM unnest($3::bigint[], $4::text[], $5::text[], $6::text[]) AS u(s, t, v, p)"
+           FROM unnest($3::bigint[], $4::text[], $5::text[], $6::text[]) AS u(s, t, v, p){unless}"
     );
     let with_snapshot;
-    let query = if snapshot_due {
-        let snapshot = serde_json::to_string(state).map_err(corrupt)?;
+    let state_json;
+    let (sql, snapshot) = if snapshot_due {
+        state_json = serde_json::to_string(state).map_err(corrupt)?;
+        // Without `HAVING`, an append that inserted nothing would still
+        // make one row here (of NULLs).
         with_snapshot = format!(
             "WITH e AS ({insert} RETURNING sequence) \
              INSERT INTO snapshots (aggregate_type, aggregate_id, last_sequence, current_snapshot, payload) \
-             SELECT $1, $2, max(sequence), $8, $9::json FROM e"
+             SELECT $1, $2, max(sequence), $8, $9::json FROM e HAVING count(*) > 0"
         );
-        sqlx::query(&with_snapshot)
-            .bind(A::TYPE)
-            .bind(id)
-            .bind(&sequences)
-            .bind(&types)
-            .bind(&versions)
-            .bind(&payloads)
-            .bind(&meta)
-            .bind((last / SNAPSHOT_EVERY) as i64)
-            .bind(snapshot)
+        (with_snapshot.as_str(), Some(state_json.as_str()))
     } else {
-        sqlx::query(&insert)
-            .bind(A::TYPE)
-            .bind(id)
-            .bind(&sequences)
-            .bind(&types)
-            .bind(&versions)
-            .bind(&payloads)
-            .bind(&meta)
+        (insert.as_str(), None)
     };
-    query.execute(pool).await?;
+    let mut query = sqlx::query(sql)
+        .bind(A::TYPE)
+        .bind(id)
+        .bind(&sequences)
+        .bind(&types)
+        .bind(&versions)
+        .bind(&payloads)
+        .bind(&meta);
+    if let Some(snapshot) = snapshot {
+        query = query.bind((last / SNAPSHOT_EVERY) as i64).bind(snapshot);
+    }
+    if let Some(g) = guard {
+        query = query
+            .bind(g.aggregate_type)
+            .bind(g.id)
+            .bind(g.sequence as i64);
+    }
+    let done = query.execute(pool).await?;
+    if guard.is_some() && done.rows_affected() == 0 {
+        return Err(LogError::Stale);
+    }
     crate::outbox::publish(sequences.iter().zip(types).zip(payloads).map(
         |((&sequence, event_type), payload)| crate::outbox::Committed {
             aggregate_type: A::TYPE,

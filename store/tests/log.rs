@@ -623,3 +623,88 @@ async fn the_state_around_any_event_of_a_long_history_matches_a_full_replay() {
         .unwrap()
         .is_none());
 }
+
+#[tokio::test]
+async fn a_guarded_command_appends_nothing_once_its_guard_moved_on() {
+    let db = testkit::fresh_db().await;
+    // Two processes: this one decides, the other changes the guard.
+    let here = Store::new(db.pool.clone());
+    let there = Store::new(db.pool.clone());
+    let (guard, target) = (Uuid::new_v4(), Uuid::new_v4());
+    provision(&here, guard).await;
+    provision(&here, target).await;
+    let (g, t) = (guard.to_string(), target.to_string());
+    let events = |id: String| {
+        let pool = db.pool.clone();
+        async move {
+            let n: i64 = sqlx::query_scalar("SELECT count(*) FROM events WHERE aggregate_id = $1")
+                .bind(id)
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+            n
+        }
+    };
+    let seen = here.remembered::<Node>(&g).unwrap().sequence;
+    let executed = here
+        .execute_guarded::<Node>(
+            &t,
+            drain(true),
+            &admin(),
+            Utc::now(),
+            &store::Guard::on::<Node>(&g, seen),
+        )
+        .await
+        .unwrap();
+    assert_eq!(executed.map(|e| e.sequence), Some(2));
+
+    // The guard moves on elsewhere: a command decided on what was seen of
+    // it before appends nothing, also when a snapshot would be due.
+    there
+        .execute::<Node>(&g, drain(true), &admin(), Utc::now())
+        .await
+        .unwrap();
+    for i in 3..store::SNAPSHOT_EVERY {
+        here.execute::<Node>(&t, drain(i % 2 == 0), &admin(), Utc::now())
+            .await
+            .unwrap();
+    }
+    let before = events(t.clone()).await;
+    assert_eq!(before, store::SNAPSHOT_EVERY as i64 - 1);
+    let stale = store::Guard::on::<Node>(&g, seen);
+    let next = drain(store::SNAPSHOT_EVERY.is_multiple_of(2));
+    let refused = here
+        .execute_guarded::<Node>(&t, next.clone(), &admin(), Utc::now(), &stale)
+        .await
+        .unwrap();
+    assert!(refused.is_none());
+    assert_eq!(events(t.clone()).await, before);
+    let snapshots: i64 = sqlx::query_scalar("SELECT count(*) FROM snapshots")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(snapshots, 0);
+    // What this process remembers of the target is still right.
+    let loaded = here.load::<Node>(&t).await.unwrap().unwrap();
+    assert_eq!(loaded.sequence, before as usize);
+
+    // Decided again on the guard as it is now, the command goes through.
+    let now_seen = here.load::<Node>(&g).await.unwrap().unwrap().sequence;
+    assert_eq!(now_seen, seen + 1);
+    let executed = here
+        .execute_guarded::<Node>(
+            &t,
+            next,
+            &admin(),
+            Utc::now(),
+            &store::Guard::on::<Node>(&g, now_seen),
+        )
+        .await
+        .unwrap();
+    assert_eq!(executed.map(|e| e.sequence), Some(store::SNAPSHOT_EVERY));
+    let snapshots: i64 = sqlx::query_scalar("SELECT count(*) FROM snapshots")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(snapshots, 1);
+}

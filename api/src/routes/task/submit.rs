@@ -99,7 +99,74 @@ async fn queue(
             return Err(ApiError::Invalid(problems));
         }
     }
-    let access = access::project(state, caller, spec.project_id, Some("project_id")).await?;
+    // Decided on the project as this process remembers it, the task's
+    // event appended only while the project has no newer event: one
+    // statement in all. A refusal, or a project that moved on, is decided
+    // again on the project loaded afresh.
+    let project = spec.project_id.to_string();
+    let mut remembered = access::remembered_project(state, caller, spec.project_id);
+    let mut inputs_checked = false;
+    for _ in 0..GUARD_TRIES {
+        let (access, sequence) = match remembered.take() {
+            Some(seen) if may_submit(&seen.0, &spec).is_ok() => seen,
+            _ => {
+                let seen =
+                    access::project_at(state, caller, spec.project_id, Some("project_id")).await?;
+                may_submit(&seen.0, &spec)?;
+                seen
+            }
+        };
+        drop(access);
+        if !inputs_checked {
+            crate::routes::object::require_verified_inputs(state, &spec).await?;
+            inputs_checked = true;
+        }
+        let now = Utc::now();
+        let command = TaskCommand::Submit {
+            task_id: id,
+            spec: spec.clone(),
+            by: caller.actor(),
+            at: now,
+        };
+        let guard = store::Guard::on::<domain::project::Project>(&project, sequence);
+        let task = match state
+            .store()
+            .execute_guarded::<domain::task::Task>(
+                &id.to_string(),
+                command,
+                &caller.actor(),
+                now,
+                &guard,
+            )
+            .await
+        {
+            Ok(Some(executed)) => executed.state,
+            // The project changed since: decide again on what it is now.
+            Ok(None) => continue,
+            // An earlier request with the same key submitted it and gave
+            // no answer: this is that task.
+            Err(StoreError::Rejected(TaskError::AlreadyExists)) if reserved.taken_over => {
+                state
+                    .store()
+                    .load::<domain::task::Task>(&id.to_string())
+                    .await?
+                    .ok_or_else(|| ApiError::internal("a task that exists could not be loaded"))?
+                    .state
+            }
+            Err(e) => return Err(e.into()),
+        };
+        return answer(id, task);
+    }
+    Err(StoreError::<TaskError>::Conflict.into())
+}
+
+/// How many times a submission is decided again because its project
+/// changed meanwhile.
+const GUARD_TRIES: usize = 4;
+
+/// Whether the caller, with `access` to the task's project, may submit
+/// `spec` there.
+fn may_submit(access: &access::ProjectAccess, spec: &TaskSpec) -> Result<(), ApiError> {
     access.require(Role::Member, "submit tasks")?;
     if access.project.archived {
         return Err(ApiError::Conflict(Problem::field(
@@ -119,32 +186,11 @@ async fn queue(
             format!("the project has no secret {name}"),
         ));
     }
-    crate::routes::object::require_verified_inputs(state, &spec).await?;
-    let now = Utc::now();
-    let command = TaskCommand::Submit {
-        task_id: id,
-        spec,
-        by: caller.actor(),
-        at: now,
-    };
-    let task = match state
-        .store()
-        .execute::<domain::task::Task>(&id.to_string(), command, &caller.actor(), now)
-        .await
-    {
-        Ok(executed) => executed.state,
-        // An earlier request with the same key submitted it and gave no
-        // answer: this is that task.
-        Err(StoreError::Rejected(TaskError::AlreadyExists)) if reserved.taken_over => {
-            state
-                .store()
-                .load::<domain::task::Task>(&id.to_string())
-                .await?
-                .ok_or_else(|| ApiError::internal("a task that exists could not be loaded"))?
-                .state
-        }
-        Err(e) => return Err(e.into()),
-    };
+    Ok(())
+}
+
+/// The answer to a submission of task `id`, now `task`.
+fn answer(id: Uuid, task: domain::task::Task) -> Result<Answer, ApiError> {
     let location = format!("{}/tasks/{id}", crate::routes::API_PREFIX);
     Ok(Answer::json(StatusCode::CREATED, &Task::try_from(task)?)?.with_location(location))
 }
