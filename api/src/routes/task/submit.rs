@@ -107,16 +107,15 @@ async fn queue(
     let mut remembered = access::remembered_project(state, caller, spec.project_id);
     let mut inputs_checked = false;
     for _ in 0..GUARD_TRIES {
-        let (access, sequence) = match remembered.take() {
-            Some(seen) if may_submit(&seen.0, &spec).is_ok() => seen,
+        let sequence = match remembered.take() {
+            Some((access, sequence)) if may_submit(&access, &spec).is_ok() => sequence,
             _ => {
-                let seen =
+                let (access, sequence) =
                     access::project_at(state, caller, spec.project_id, Some("project_id")).await?;
-                may_submit(&seen.0, &spec)?;
-                seen
+                may_submit(&access, &spec)?;
+                sequence
             }
         };
-        drop(access);
         if !inputs_checked {
             crate::routes::object::require_verified_inputs(state, &spec).await?;
             inputs_checked = true;
