@@ -28,12 +28,11 @@
 
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
 use std::time::Duration;
 
 use domain::task::Task;
 use futures::StreamExt;
-use store::outbox::{self, Checkpoint, Committed, Filter, RecordedEvent};
+use store::outbox::{self, Checkpoint, Filter, RecordedEvent};
 use store::{StoreError, Wakeup};
 use tokio::sync::broadcast;
 use uuid::Uuid;
@@ -60,7 +59,7 @@ pub(crate) async fn follow(ingress: &Ingress) {
         tracing::warn!(error = %e, "reading the outbox head failed; retrying");
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
-    let mut local = outbox::local_events();
+    let mut local = outbox::local_events(ingress.store().pool());
     let mut wake = Wakeup::new(pool, ingress.config().poll).await;
     loop {
         deliver_local(ingress, &mut local).await;
@@ -88,7 +87,7 @@ const SENT_EARLY: usize = 10_000;
 /// leading here) to nodes connected here, before the outbox shows them,
 /// and remembers them so the outbox's copies are not sent again. Anything
 /// that fails here is left to the outbox path.
-async fn deliver_local(ingress: &Ingress, local: &mut broadcast::Receiver<Arc<Committed>>) {
+async fn deliver_local(ingress: &Ingress, local: &mut outbox::LocalEvents) {
     let mut assigned = Vec::new();
     loop {
         let event = match local.try_recv() {

@@ -384,6 +384,7 @@ pub(crate) async fn append<A: Aggregate>(
     if guard.is_some() && done.rows_affected() == 0 {
         return Err(LogError::Stale);
     }
+    let database = crate::outbox::database_of(pool);
     crate::outbox::publish(sequences.iter().zip(types).zip(payloads).map(
         |((&sequence, event_type), payload)| crate::outbox::Committed {
             aggregate_type: A::TYPE,
@@ -391,6 +392,7 @@ pub(crate) async fn append<A: Aggregate>(
             sequence,
             event_type,
             payload,
+            database,
         },
     ));
     Ok(events

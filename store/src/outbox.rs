@@ -61,6 +61,22 @@ pub struct Committed {
     pub event_type: String,
     /// The event as stored, JSON text.
     pub payload: String,
+    /// The database it was committed to ([`database_of`]).
+    pub database: u64,
+}
+
+/// Which database a pool writes to, as local events name it: a hash of its
+/// host (or socket), port and database name. Two pools of one process on
+/// one database (the scheduler's own, say) name it alike.
+pub fn database_of(pool: &PgPool) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let options = pool.connect_options();
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    options.get_host().hash(&mut hasher);
+    options.get_socket().hash(&mut hasher);
+    options.get_port().hash(&mut hasher);
+    options.get_database().hash(&mut hasher);
+    hasher.finish()
 }
 
 /// Hands `events`, just committed, to this process's consumers, if it has
@@ -75,9 +91,40 @@ pub(crate) fn publish(events: impl IntoIterator<Item = Committed>) {
     }
 }
 
-/// Events this process commits from now on, in commit order per aggregate.
-pub fn local_events() -> tokio::sync::broadcast::Receiver<Arc<Committed>> {
-    LOCAL.subscribe()
+/// Events this process commits from now on to the database of `pool`, in
+/// commit order per aggregate.
+pub fn local_events(pool: &PgPool) -> LocalEvents {
+    LocalEvents {
+        rx: LOCAL.subscribe(),
+        database: database_of(pool),
+    }
+}
+
+/// The events this process commits to one database ([`local_events`]);
+/// those it commits to others (a process may hold pools on several, as a
+/// test binary does) are passed over.
+#[derive(Debug)]
+pub struct LocalEvents {
+    rx: tokio::sync::broadcast::Receiver<Arc<Committed>>,
+    database: u64,
+}
+
+impl LocalEvents {
+    /// The next event, if one is waiting.
+    ///
+    /// # Errors
+    /// As [`tokio::sync::broadcast::Receiver::try_recv`]: none waiting,
+    /// or some missed (the outbox has them).
+    pub fn try_recv(
+        &mut self,
+    ) -> Result<Arc<Committed>, tokio::sync::broadcast::error::TryRecvError> {
+        loop {
+            let event = self.rx.try_recv()?;
+            if event.database == self.database {
+                return Ok(event);
+            }
+        }
+    }
 }
 
 /// A place in the global order of the log: the last `(txid, position)` read.

@@ -708,3 +708,24 @@ async fn a_guarded_command_appends_nothing_once_its_guard_moved_on() {
         .unwrap();
     assert_eq!(snapshots, 1);
 }
+
+#[tokio::test]
+async fn a_process_hears_of_its_own_commits_only_on_the_database_they_went_to() {
+    use tokio::sync::broadcast::error::TryRecvError;
+    let (a, b) = (testkit::fresh_db().await, testkit::fresh_db().await);
+    let (on_a, on_b) = (Store::new(a.pool.clone()), Store::new(b.pool.clone()));
+    let mut heard = outbox::local_events(&a.pool);
+    let (x, y) = (Uuid::new_v4(), Uuid::new_v4());
+    provision(&on_b, y).await;
+    provision(&on_a, x).await;
+    // Other tests commit meanwhile, each to a database of its own.
+    let event = loop {
+        match heard.try_recv() {
+            Ok(e) => break e,
+            Err(TryRecvError::Lagged(_)) => continue,
+            Err(e) => panic!("the commit to database a was not heard: {e}"),
+        }
+    };
+    assert_eq!(event.aggregate_id, x.to_string());
+    assert!(matches!(heard.try_recv(), Err(TryRecvError::Empty)));
+}

@@ -185,7 +185,7 @@ impl Scheduler {
             config,
             projector,
             reach: Mutex::new(Reach::default()),
-            queue: tokio::sync::Mutex::default(),
+            queue: tokio::sync::Mutex::new(queue::Queue::new(store.pool())),
             nodes_projector,
             candidates: Mutex::new(None),
             limits: Mutex::new(None),

@@ -18,14 +18,13 @@
 //! A new term loads the queue afresh.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use cqrs_es::Aggregate;
 use domain::task::{Task, TaskEvent, TaskState};
 use projections::read::tasks::QueuedTask;
 use sqlx::PgPool;
-use store::outbox::{self, Checkpoint, Committed, Filter, RecordedEvent};
+use store::outbox::{self, Checkpoint, Filter, RecordedEvent};
 use store::Store;
 use uuid::Uuid;
 
@@ -58,7 +57,7 @@ struct Local {
 pub(super) struct Queue {
     /// Task events this process commits (the API's submissions, this
     /// scheduler's own assignments), folded in before the outbox is read.
-    local: tokio::sync::broadcast::Receiver<Arc<Committed>>,
+    local: outbox::LocalEvents,
     /// Where in the outbox the queue stands; `None` until loaded.
     at: Option<Checkpoint>,
     /// The leader's term it was loaded under: a new term loads afresh.
@@ -102,10 +101,12 @@ impl Ended {
     }
 }
 
-impl Default for Queue {
-    fn default() -> Self {
+impl Queue {
+    /// An empty queue, loaded at its first round, following the events
+    /// this process commits to the database of `pool`.
+    pub fn new(pool: &PgPool) -> Self {
         Self {
-            local: outbox::local_events(),
+            local: outbox::local_events(pool),
             at: None,
             term: None,
             node_event: None,
