@@ -68,7 +68,7 @@ impl Decide for Task {
     }
 }
 
-/// Writes `rows` straight into the log (the outbox trigger fires).
+/// Writes `rows` straight into the log (each takes its position as an append does).
 async fn insert(pool: &PgPool, rows: &[Row]) {
     for chunk in rows.chunks(2000) {
         let col = |f: fn(&Row) -> String| chunk.iter().map(f).collect::<Vec<_>>();

@@ -233,9 +233,9 @@ impl Chain {
     }
 }
 
-const SELECT: &str = "SELECT o.position, o.txid::text::bigint AS txid, o.recorded_at, \
+const SELECT: &str = "SELECT e.position, e.txid::text::bigint AS txid, e.recorded_at, \
     e.aggregate_type, e.aggregate_id, e.sequence, e.event_type, e.event_version, e.payload, e.metadata \
-    FROM outbox o JOIN events e USING (aggregate_type, aggregate_id, sequence)";
+    FROM events e";
 
 fn exported(row: &PgRow) -> Result<ExportedEvent, sqlx::Error> {
     Ok(ExportedEvent {
@@ -292,11 +292,11 @@ pub async fn export(
     let mut events = 0;
     let mut last_position = None;
     let sql = format!(
-        "{SELECT} WHERE (o.txid, o.position) > ($1::text::xid8, $2) \
-         AND (o.txid, o.position) <= ($6::text::xid8, $7) \
-         AND ($4::text IS NULL OR o.aggregate_type = $4) \
-         AND ($5::text IS NULL OR o.aggregate_id = $5) \
-         ORDER BY o.txid, o.position LIMIT $3"
+        "{SELECT} WHERE (e.txid, e.position) > ($1::text::xid8, $2) \
+         AND (e.txid, e.position) <= ($6::text::xid8, $7) \
+         AND ($4::text IS NULL OR e.aggregate_type = $4) \
+         AND ($5::text IS NULL OR e.aggregate_id = $5) \
+         ORDER BY e.txid, e.position LIMIT $3"
     );
     loop {
         let batch = sqlx::query(&sql)
@@ -508,13 +508,15 @@ impl Importer<'_> {
             recorded.push(e.recorded_at);
         }
         self.new_in_chunk.clear();
-        // Inserted one by one in file order, so the outbox trigger gives
-        // them positions in that order.
+        // Inserted one by one in file order, so the events take positions
+        // in that order; each keeps the time it was first recorded.
         sqlx::query(
-            "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) \
-             SELECT t, i, s, et, v, p::json, m::json \
-             FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::text[], $7::text[]) \
-               WITH ORDINALITY AS u(t, i, s, et, v, p, m, n) ORDER BY n",
+            "INSERT INTO events \
+                (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata, recorded_at) \
+             SELECT t, i, s, et, v, p::json, m::json, r \
+             FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::text[], $7::text[], \
+                         $8::timestamptz[]) \
+               WITH ORDINALITY AS u(t, i, s, et, v, p, m, r, n) ORDER BY n",
         )
         .bind(&types)
         .bind(&ids)
@@ -523,16 +525,6 @@ impl Importer<'_> {
         .bind(&versions)
         .bind(&payloads)
         .bind(&metadata)
-        .execute(&mut *self.tx)
-        .await?;
-        sqlx::query(
-            "UPDATE outbox o SET recorded_at = u.r \
-             FROM unnest($1::text[], $2::text[], $3::bigint[], $4::timestamptz[]) AS u(t, i, s, r) \
-             WHERE o.aggregate_type = u.t AND o.aggregate_id = u.i AND o.sequence = u.s",
-        )
-        .bind(&types)
-        .bind(&ids)
-        .bind(&sequences)
         .bind(&recorded)
         .execute(&mut *self.tx)
         .await?;

@@ -4,8 +4,8 @@
 //! - **Loading** an aggregate is one statement: its latest snapshot, if it
 //!   has one, and the events after it.
 //! - **Appending** a command's events is one statement, outside any explicit
-//!   transaction: one `INSERT … SELECT FROM unnest(…)` of all of them (the
-//!   outbox row is written by trigger in the same statement), with the
+//!   transaction: one `INSERT … SELECT FROM unnest(…)` of all of them (each
+//!   row takes its global position and transaction id from column defaults), with the
 //!   aggregate's snapshot beside them in the same statement when one is due.
 //!   A payload that may hold what `jsonb` cannot (a NUL) goes through
 //!   `jsonb` on its way into the `json` column, so it is refused here, not

@@ -1,8 +1,10 @@
 //! The outbox: the event log in one global order, and how consumers are
 //! woken.
 //!
-//! A trigger copies each event's key into `outbox` in the event's own
-//! transaction. Positions are taken before commit, so a lower position can
+//! Each event row carries its place in that order, written by the events
+//! table's column defaults as the row is inserted: `position` from a
+//! sequence and `txid`, the writing transaction's id (the view `outbox`
+//! shows those columns). Positions are taken before commit, so a lower position can
 //! become visible after a higher one; a reader that only asked for
 //! `position > checkpoint` would skip it forever. Readers here only see rows
 //! whose transaction is older than every transaction still running
@@ -224,9 +226,9 @@ pub struct Filter {
     pub aggregate_id: Option<String>,
 }
 
-const SELECT: &str = "SELECT o.position, o.txid::text::bigint AS txid, o.recorded_at, \
+const SELECT: &str = "SELECT e.position, e.txid::text::bigint AS txid, e.recorded_at, \
     e.aggregate_type, e.aggregate_id, e.sequence, e.event_type, e.event_version, e.payload, e.metadata \
-    FROM outbox o JOIN events e USING (aggregate_type, aggregate_id, sequence)";
+    FROM events e";
 
 /// Reads up to `limit` events after `after` in the global order, only from
 /// transactions that have all finished, so nothing read later can sort
@@ -257,12 +259,12 @@ pub async fn read_after_except<'e>(
     except: &[&str],
 ) -> Result<Vec<RecordedEvent>, sqlx::Error> {
     let sql = format!(
-        "{SELECT} WHERE (o.txid, o.position) > ($1::text::xid8, $2) \
-         AND o.txid < pg_snapshot_xmin(pg_current_snapshot()) \
-         AND ($4::text IS NULL OR o.aggregate_type = $4) \
-         AND ($5::text IS NULL OR o.aggregate_id = $5) \
+        "{SELECT} WHERE (e.txid, e.position) > ($1::text::xid8, $2) \
+         AND e.txid < pg_snapshot_xmin(pg_current_snapshot()) \
+         AND ($4::text IS NULL OR e.aggregate_type = $4) \
+         AND ($5::text IS NULL OR e.aggregate_id = $5) \
          AND NOT (e.event_type = ANY($6)) \
-         ORDER BY o.txid, o.position LIMIT $3"
+         ORDER BY e.txid, e.position LIMIT $3"
     );
     sqlx::query(&sql)
         .bind(after.txid.to_string())
@@ -285,7 +287,7 @@ pub async fn read_at<'e>(
     db: impl PgExecutor<'e>,
     position: i64,
 ) -> Result<Option<RecordedEvent>, sqlx::Error> {
-    sqlx::query(&format!("{SELECT} WHERE o.position = $1"))
+    sqlx::query(&format!("{SELECT} WHERE e.position = $1"))
         .bind(position)
         .try_map(|row: PgRow| RecordedEvent::from_row(&row))
         .fetch_optional(db)
@@ -302,7 +304,7 @@ pub async fn checkpoint_of<'e>(
     position: i64,
 ) -> Result<Option<Checkpoint>, sqlx::Error> {
     let txid: Option<i64> =
-        sqlx::query_scalar("SELECT txid::text::bigint FROM outbox WHERE position = $1")
+        sqlx::query_scalar("SELECT txid::text::bigint FROM events WHERE position = $1")
             .bind(position)
             .fetch_optional(db)
             .await?;
@@ -325,7 +327,7 @@ pub async fn head<'e>(db: impl PgExecutor<'e>) -> Result<Checkpoint, sqlx::Error
 /// A database error.
 pub async fn behind<'e>(db: impl PgExecutor<'e>, at: Checkpoint) -> Result<i64, sqlx::Error> {
     sqlx::query_scalar(
-        "SELECT count(*) FROM outbox WHERE (txid, position) > ($1::text::xid8, $2) \
+        "SELECT count(*) FROM events WHERE (txid, position) > ($1::text::xid8, $2) \
          AND txid < pg_snapshot_xmin(pg_current_snapshot())",
     )
     .bind(at.txid.to_string())
@@ -346,7 +348,7 @@ pub async fn committed_head<'e>(db: impl PgExecutor<'e>) -> Result<Checkpoint, s
 
 async fn newest<'e>(db: impl PgExecutor<'e>, filter: &str) -> Result<Checkpoint, sqlx::Error> {
     let row: Option<(i64, i64)> = sqlx::query_as(&format!(
-        "SELECT txid::text::bigint, position FROM outbox {filter} \
+        "SELECT txid::text::bigint, position FROM events {filter} \
          ORDER BY txid DESC, position DESC LIMIT 1"
     ))
     .fetch_optional(db)
@@ -475,7 +477,7 @@ impl Notifier {
 /// A database error.
 pub async fn held_back<'e>(db: impl PgExecutor<'e>) -> Result<bool, sqlx::Error> {
     sqlx::query_scalar(
-        "SELECT COALESCE(max(txid) >= pg_snapshot_xmin(pg_current_snapshot()), false) FROM outbox",
+        "SELECT COALESCE(max(txid) >= pg_snapshot_xmin(pg_current_snapshot()), false) FROM events",
     )
     .fetch_one(db)
     .await

@@ -9,14 +9,12 @@
     reason = "a test fails loudly at the first surprise"
 )]
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use chrono::Utc;
 use domain::spec::{ResourcesDraft, TaskSpecDraft, UrlPolicy};
 use domain::task::{Capacity, Outcome, Task, TaskCommand, TaskError, TaskState};
 use domain::Actor;
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{Connection, PgConnection, PgPool};
 use store::{Store, StoreError};
 use uuid::Uuid;
 
@@ -327,46 +325,9 @@ async fn an_imported_log_brings_its_holds_along() {
     assert_eq!(held.into_iter().collect::<Vec<_>>(), [(0, running)]);
 }
 
-/// A database of its own with the migrations before the holds applied.
-async fn before_holds() -> PgPool {
-    let admin_url = testkit::server_url().await;
-    let mut admin = PgConnection::connect(&admin_url).await.unwrap();
-    let unix = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    let name = format!("test_{unix}_{}", Uuid::new_v4().simple());
-    sqlx::query(&format!(r#"CREATE DATABASE "{name}""#))
-        .execute(&mut admin)
-        .await
-        .unwrap();
-    let options: PgConnectOptions = admin_url.parse().unwrap();
-    let pool = PgPoolOptions::new()
-        .max_connections(4)
-        .connect_with(options.database(&name))
-        .await
-        .unwrap();
-    let earlier = tempfile::tempdir().unwrap();
-    let all = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../migrations");
-    for file in std::fs::read_dir(all).unwrap() {
-        let path = file.unwrap().path();
-        let name = path.file_name().unwrap().to_string_lossy().to_string();
-        if name.as_str() < "0015" {
-            std::fs::copy(&path, earlier.path().join(&name)).unwrap();
-        }
-    }
-    sqlx::migrate::Migrator::new(earlier.path())
-        .await
-        .unwrap()
-        .run(&pool)
-        .await
-        .unwrap();
-    pool
-}
-
 #[tokio::test]
 async fn holds_of_attempts_already_in_the_log_are_taken_on_by_the_migration() {
-    let pool = before_holds().await;
+    let pool = testkit::db_migrated_before("0015").await.pool;
     let store = Store::new(pool.clone());
     let node = Uuid::new_v4();
     let ended = submit(&store, 1.0, 1).await;

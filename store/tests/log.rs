@@ -369,7 +369,12 @@ async fn stored_events_cannot_be_edited_or_deleted() {
     let db = testkit::fresh_db().await;
     let store = Store::new(db.pool.clone());
     create_project(&store, Uuid::new_v4(), "immutable").await;
-    for sql in ["UPDATE events SET payload = '{}'", "DELETE FROM events"] {
+    for sql in [
+        "UPDATE events SET payload = '{}'",
+        "UPDATE events SET position = position + 1000",
+        "UPDATE outbox SET recorded_at = now()",
+        "DELETE FROM events",
+    ] {
         let err = sqlx::query(sql).execute(&db.pool).await.unwrap_err();
         assert!(err.to_string().contains("immutable"), "{err}");
     }
@@ -728,4 +733,81 @@ async fn a_process_hears_of_its_own_commits_only_on_the_database_they_went_to() 
     };
     assert_eq!(event.aggregate_id, x.to_string());
     assert!(matches!(heard.try_recv(), Err(TryRecvError::Empty)));
+}
+
+/// Each event's place in the global order, as consumers see it: its key
+/// with (txid, position, recorded_at), in the order they read.
+async fn order_of(pool: &sqlx::PgPool) -> Vec<(String, String, i64, String, i64, String)> {
+    sqlx::query_as(
+        "SELECT aggregate_type, aggregate_id, sequence, txid::text, position, recorded_at::text \
+         FROM outbox ORDER BY txid, position",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
+/// What a consumer at `after` reads once `n` events are visible to it: an
+/// open transaction anywhere on the server (another test's) holds readers
+/// back for a moment.
+async fn read_all_after(
+    pool: &sqlx::PgPool,
+    after: Checkpoint,
+    n: usize,
+) -> Vec<store::RecordedEvent> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let read = outbox::read_after(pool, after, 100, &Filter::default())
+            .await
+            .unwrap();
+        if read.len() >= n || Instant::now() > deadline {
+            return read;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_log_written_with_an_outbox_table_keeps_its_order_once_the_events_carry_it() {
+    let db = testkit::db_migrated_before("0020").await;
+    let store = Store::new(db.pool.clone());
+    for i in 0..3 {
+        create_project(&store, Uuid::new_v4(), &format!("before-{i}")).await;
+    }
+    // Transaction ids and positions in opposite orders, as concurrent
+    // commits leave them.
+    inverted_pair(&db.pool).await;
+    let before = order_of(&db.pool).await;
+    assert_eq!(before.len(), 5);
+    let inverted: Vec<_> = before.iter().filter(|e| e.0 == "probe").collect();
+    assert_eq!(inverted[0].1, "inverted-first");
+    assert!(inverted[0].4 > inverted[1].4, "{inverted:?}");
+
+    store::migrate(&db.pool).await.unwrap();
+    assert_eq!(order_of(&db.pool).await, before);
+    let read = read_all_after(&db.pool, Checkpoint::default(), before.len()).await;
+    let keys: Vec<_> = read
+        .iter()
+        .map(|e| (e.aggregate_type.clone(), e.aggregate_id.clone(), e.position))
+        .collect();
+    let expected: Vec<_> = before
+        .iter()
+        .map(|e| (e.0.clone(), e.1.clone(), e.4))
+        .collect();
+    assert_eq!(keys, expected);
+
+    // What comes after continues the sequence, after everything before.
+    let next = Uuid::new_v4();
+    create_project(&store, next, "after").await;
+    let after = order_of(&db.pool).await;
+    assert_eq!(after.len(), 6);
+    let last = after.last().unwrap();
+    assert_eq!(last.1, next.to_string());
+    assert!(
+        before.iter().all(|e| e.4 < last.4 && e.3 != last.3),
+        "{after:?}"
+    );
+    let tail = read_all_after(&db.pool, read.last().unwrap().checkpoint(), 1).await;
+    assert_eq!(tail.len(), 1);
+    assert_eq!(tail[0].aggregate_id, next.to_string());
 }

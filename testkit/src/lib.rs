@@ -121,6 +121,52 @@ pub async fn fresh_db() -> TestDb {
     TestDb { pool, url, name }
 }
 
+/// A fresh database with only the migrations whose file names sort before
+/// `before` applied (`"0015"`: up to `0014_…`), for a test of what a later
+/// migration does to a log written under the earlier schema. The test
+/// applies the rest with `store::migrate`.
+///
+/// # Panics
+/// As [`fresh_db`], or when the earlier migrations fail.
+pub async fn db_migrated_before(before: &str) -> TestDb {
+    let server = server().await;
+    let name = format!("test_{}_{}", unix_time(), Uuid::new_v4().simple());
+    let mut admin = admin_connection(&server.admin_url)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    sqlx::query(&format!(r#"CREATE DATABASE "{name}""#))
+        .execute(&mut admin)
+        .await
+        .unwrap_or_else(|e| panic!("creating test database {name}: {e}"));
+    let _ = admin.close().await;
+    let url = with_database(&server.admin_url, &name);
+    let pool = PgPoolOptions::new()
+        .max_connections(POOL_SIZE)
+        .connect(&url)
+        .await
+        .unwrap_or_else(|e| panic!("connecting to test database {name}: {e}"));
+    let earlier = tempfile::tempdir().unwrap_or_else(|e| panic!("a temporary directory: {e}"));
+    let all = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../migrations");
+    let files = std::fs::read_dir(&all).unwrap_or_else(|e| panic!("{}: {e}", all.display()));
+    for file in files {
+        let path = file
+            .unwrap_or_else(|e| panic!("{}: {e}", all.display()))
+            .path();
+        let file_name = path.file_name().map(|n| n.to_string_lossy().to_string());
+        if let Some(file_name) = file_name.filter(|n| n.as_str() < before) {
+            std::fs::copy(&path, earlier.path().join(&file_name))
+                .unwrap_or_else(|e| panic!("copying {}: {e}", path.display()));
+        }
+    }
+    sqlx::migrate::Migrator::new(earlier.path())
+        .await
+        .unwrap_or_else(|e| panic!("reading the migrations before {before}: {e}"))
+        .run(&pool)
+        .await
+        .unwrap_or_else(|e| panic!("applying the migrations before {before}: {e}"));
+    TestDb { pool, url, name }
+}
+
 /// The URL of the test server's maintenance database (`postgres`, or the
 /// one named in `UNIDESK_TEST_DATABASE_URL`), as a user who may create
 /// databases, for tests that make databases of their own.

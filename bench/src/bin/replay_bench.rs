@@ -12,10 +12,10 @@
 //!    members, nodes that connect and drop, and tasks whose lifecycles are
 //!    decided by the real domain code (succeeded, failed, lost and retried,
 //!    cancelled), many in flight at once so their events interleave as in
-//!    production. The outbox trigger fires for every row, as for real
-//!    appends;
-//! 2. scans the same rows with a plain `SELECT` (the outbox joined to the
-//!    events in the log's order, every column decoded), once as one query
+//!    production. Each row takes its position and transaction id from the
+//!    events table's defaults, as for real appends;
+//! 2. scans the same rows with a plain `SELECT` (the events in the log's
+//!    order, every column decoded), once as one query
 //!    and once in the rebuild's own batches;
 //! 3. runs `Projector::rebuild_report(None)`, what `unidesk projections
 //!    rebuild` runs, into empty read models and then again over full ones,
@@ -488,9 +488,9 @@ async fn seed(pool: &PgPool, events: usize) -> anyhow::Result<usize> {
 /// query; returns the rows read.
 async fn scan_one_query(pool: &PgPool) -> anyhow::Result<usize> {
     let mut rows = sqlx::query(
-        "SELECT o.position, o.txid::text::bigint AS txid, o.recorded_at, e.aggregate_type, e.aggregate_id, \
+        "SELECT e.position, e.txid::text::bigint AS txid, e.recorded_at, e.aggregate_type, e.aggregate_id, \
            e.sequence, e.event_type, e.event_version, e.payload, e.metadata \
-         FROM outbox o JOIN events e USING (aggregate_type, aggregate_id, sequence) ORDER BY o.txid, o.position",
+         FROM events e ORDER BY e.txid, e.position",
     )
     .fetch(pool);
     let mut n = 0;
@@ -552,7 +552,7 @@ async fn probe(store: Store, stop: Arc<AtomicBool>) -> anyhow::Result<Vec<Durati
         let committed = Instant::now();
         loop {
             let visible: bool = sqlx::query_scalar(
-                "SELECT EXISTS (SELECT 1 FROM outbox WHERE aggregate_type = 'task' AND aggregate_id = $1 \
+                "SELECT EXISTS (SELECT 1 FROM events WHERE aggregate_type = 'task' AND aggregate_id = $1 \
                  AND txid < pg_snapshot_xmin(pg_current_snapshot()))",
             )
             .bind(id.to_string())
@@ -616,11 +616,10 @@ async fn main() -> anyhow::Result<()> {
     let seeded = seed(&pool, args.events).await.context("seeding the log")?;
     let seed_s = started.elapsed().as_secs_f64();
     println!(
-        "seeded {seeded} events by COPY in {seed_s:.1} s ({:.0} events/s, outbox trigger included)",
+        "seeded {seeded} events by COPY in {seed_s:.1} s ({:.0} events/s, positions included)",
         seeded as f64 / seed_s
     );
     sqlx::query("VACUUM ANALYZE events").execute(&pool).await?;
-    sqlx::query("VACUUM ANALYZE outbox").execute(&pool).await?;
 
     let mut figures = Vec::new();
     for (what, scan) in [

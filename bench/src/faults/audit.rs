@@ -18,7 +18,6 @@
 //! | `acked_report_missing` | a report the agent got `received` for is not in the log |
 //! | `wrong_outcome` | a task ended other than its command does (exit code) |
 //! | `false_offline` | a simulated node that was heartbeating throughout was taken for silent |
-//! | `event_not_in_outbox` | an event has no outbox row |
 //! | `replay_check` | `unidesk replay --check` finds a problem |
 //! | `read_model_differs` | a read model differs from a rebuild from the log |
 //!
@@ -80,8 +79,8 @@ struct Event {
     event_type: String,
     /// The payload's body (inside its variant's name).
     body: Value,
-    /// Its outbox position, if it has one.
-    position: Option<i64>,
+    /// Its position in the log's global order.
+    position: i64,
 }
 
 impl Event {
@@ -119,9 +118,9 @@ pub struct SimView<'a> {
 
 /// Reads the whole log.
 async fn load(pool: &PgPool) -> Result<BTreeMap<(String, String), Vec<Event>>, sqlx::Error> {
-    let rows: Vec<(String, String, i64, String, String, Option<i64>)> = sqlx::query_as(
-        "SELECT e.aggregate_type, e.aggregate_id, e.sequence, e.event_type, e.payload::text, o.position \
-         FROM events e LEFT JOIN outbox o USING (aggregate_type, aggregate_id, sequence) \
+    let rows: Vec<(String, String, i64, String, String, i64)> = sqlx::query_as(
+        "SELECT e.aggregate_type, e.aggregate_id, e.sequence, e.event_type, e.payload::text, e.position \
+         FROM events e \
          ORDER BY e.aggregate_type, e.aggregate_id, e.sequence",
     )
     .fetch_all(pool)
@@ -157,9 +156,9 @@ struct Attempt {
     number: u32,
     node: Option<Uuid>,
     gpus: Vec<u32>,
-    assigned_pos: Option<i64>,
+    assigned_pos: i64,
     assigned_at: Option<DateTime<Utc>>,
-    ends: Vec<(String, Option<i64>)>,
+    ends: Vec<(String, i64)>,
 }
 
 /// The expected end of a task, from its command.
@@ -227,17 +226,6 @@ pub async fn audit_log(
                 }
             }
             _ => {}
-        }
-        for e in events {
-            if e.position.is_none() {
-                violations.push(Violation::new(
-                    "event_not_in_outbox",
-                    format!(
-                        "{aggregate_type} {id} event {} ({}) has no outbox row",
-                        e.sequence, e.event_type
-                    ),
-                ));
-            }
         }
     }
     figures.attempts = attempts.len();
@@ -464,33 +452,24 @@ fn gpu_holds(attempts: &[Attempt], violations: &mut Vec<Violation>) {
         }
     }
     for ((node, gpu), mut holders) in by_gpu {
-        holders.sort_by_key(|a| a.assigned_pos.unwrap_or(i64::MAX));
+        holders.sort_by_key(|a| a.assigned_pos);
         let mut open: Vec<&Attempt> = Vec::new();
         for a in holders {
-            let Some(start) = a.assigned_pos else {
-                continue;
-            };
-            open.retain(|o| {
-                o.ends
-                    .iter()
-                    .filter_map(|(_, p)| *p)
-                    .min()
-                    .unwrap_or(i64::MAX)
-                    > start
-            });
+            let start = a.assigned_pos;
+            open.retain(|o| o.ends.iter().map(|(_, p)| *p).min().unwrap_or(i64::MAX) > start);
             for o in &open {
                 violations.push(Violation::new(
                     "gpu_double_hold",
                     format!(
-                        "node {node} GPU {gpu}: attempt {} of task {} assigned at {} (outbox position {start}) while attempt {} of task {} held it (assigned at {}, position {}; ended at position {:?})",
+                        "node {node} GPU {gpu}: attempt {} of task {} assigned at {} (position {start}) while attempt {} of task {} held it (assigned at {}, position {}; ended at position {:?})",
                         a.number,
                         a.task,
                         a.assigned_at.map_or("?".into(), |t| t.to_rfc3339()),
                         o.number,
                         o.task,
                         o.assigned_at.map_or("?".into(), |t| t.to_rfc3339()),
-                        o.assigned_pos.unwrap_or_default(),
-                        o.ends.iter().filter_map(|(_, p)| *p).min()
+                        o.assigned_pos,
+                        o.ends.iter().map(|(_, p)| *p).min()
                     ),
                 ));
             }

@@ -87,7 +87,7 @@ pub async fn check(pool: &PgPool) -> Result<CheckReport, sqlx::Error> {
         ..CheckReport::default()
     };
     let sql = format!(
-        "SELECT {COLUMNS} FROM events e LEFT JOIN outbox o USING (aggregate_type, aggregate_id, sequence) \
+        "SELECT {COLUMNS} FROM events e \
          ORDER BY e.aggregate_type, e.aggregate_id, e.sequence"
     );
     let mut rows = sqlx::query(&sql)

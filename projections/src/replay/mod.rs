@@ -246,14 +246,14 @@ pub(crate) fn recorded(row: &PgRow) -> Result<RecordedEvent, sqlx::Error> {
     })
 }
 
-/// The columns [`recorded`] reads, from `events e LEFT JOIN outbox o`.
-pub(crate) const COLUMNS: &str = "o.position, o.txid::text::bigint AS txid, o.recorded_at, \
+/// The columns [`recorded`] reads, from `events e`.
+pub(crate) const COLUMNS: &str = "e.position, e.txid::text::bigint AS txid, e.recorded_at, \
     e.aggregate_type, e.aggregate_id, e.sequence, e.event_type, e.event_version, e.payload, e.metadata";
 
 /// One aggregate's events in sequence order.
 async fn load(pool: &PgPool, kind: &str, id: &str) -> Result<Vec<RecordedEvent>, sqlx::Error> {
     sqlx::query(&format!(
-        "SELECT {COLUMNS} FROM events e LEFT JOIN outbox o USING (aggregate_type, aggregate_id, sequence) \
+        "SELECT {COLUMNS} FROM events e \
          WHERE e.aggregate_type = $1 AND e.aggregate_id = $2 ORDER BY e.sequence"
     ))
     .bind(kind)
