@@ -100,7 +100,7 @@ docker exec -i "$DB" pg_restore --exit-on-error --no-owner --role=unidesk -U uni
 say "restored in $((SECONDS - start)) s"
 
 # A fresh cluster counts transactions from the start, but the restored
-# outbox keeps the transaction ids (xid8) of the source: events whose txid
+# events keep the transaction ids (xid8) of the source: events whose txid
 # is not below every running transaction are invisible to outbox readers
 # and exports, and new events would sort before old ones. So the cluster's
 # next transaction id is moved past the largest restored one, as pg_upgrade
