@@ -156,6 +156,65 @@ pub(crate) async fn report(store: &Store, node_id: Uuid, status: &Status) -> Ans
     }
 }
 
+/// Stores reports from `node_id` that arrived together, as [`report`]
+/// would one by one and answered the same, each task's decided together
+/// and appended in one statement. Returns each report's answer, in order.
+/// A task's reports whose append fails (the database refused some event,
+/// or is unreachable) are executed one by one instead, so each gets its
+/// own answer.
+pub(crate) async fn report_each(store: &Store, node_id: Uuid, statuses: &[Status]) -> Vec<Answer> {
+    let at = Utc::now();
+    let actor = Actor::Node(node_id.to_string());
+    let mut answers: Vec<Option<Answer>> = vec![None; statuses.len()];
+    let mut tasks: Vec<(Uuid, Vec<usize>)> = Vec::new();
+    for (i, status) in statuses.iter().enumerate() {
+        match tasks.iter_mut().find(|(task, _)| *task == status.task_id) {
+            Some((_, reports)) => reports.push(i),
+            None => tasks.push((status.task_id, vec![i])),
+        }
+    }
+    for (task_id, reports) in tasks {
+        let mut commands = Vec::with_capacity(reports.len());
+        let mut decided = Vec::with_capacity(reports.len());
+        for &i in &reports {
+            match command(node_id, &statuses[i], at) {
+                Ok(c) => {
+                    commands.push(c);
+                    decided.push(i);
+                }
+                Err(reason) => answers[i] = Some(Answer::Unstorable(reason)),
+            }
+        }
+        let outcomes = match decided.len() {
+            0 => continue,
+            1 => None,
+            _ => store
+                .execute_each::<Task>(&task_id.to_string(), &commands, &actor, at)
+                .await
+                .ok(),
+        };
+        match outcomes {
+            Some(outcomes) => {
+                for (&i, outcome) in decided.iter().zip(outcomes) {
+                    answers[i] = Some(match outcome {
+                        Ok(()) => Answer::Stored,
+                        Err(e) => Answer::Refused(refusal(&e, statuses[i].attempt)),
+                    });
+                }
+            }
+            None => {
+                for &i in &decided {
+                    answers[i] = Some(report(store, node_id, &statuses[i]).await);
+                }
+            }
+        }
+    }
+    answers
+        .into_iter()
+        .map(|a| a.unwrap_or_else(|| Answer::Later("not handled".into())))
+        .collect()
+}
+
 /// What an agent is told when the database refused its data; the
 /// database's own message goes to the server's log only.
 pub(crate) fn unstorable(sqlstate: &str) -> String {

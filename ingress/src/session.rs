@@ -38,6 +38,7 @@ use axum::response::{IntoResponse, Response};
 use chrono::Utc;
 use domain::node::{Gpu, Node, NodeCommand, NodeError, NodeResources, NodeStatus};
 use domain::Actor;
+use futures::FutureExt as _;
 use protocol::bounds::{self, MAX_REASON_BYTES};
 use protocol::{AgentMessage, DecodeError, Hello, ServerMessage, TransferGrant};
 use store::StoreError;
@@ -554,7 +555,7 @@ impl Session {
                     reset(idle.as_mut(), idle_after);
                     // Boxed: what handling a frame needs is held only
                     // while it runs, not by every idle session.
-                    Box::pin(self.handle(socket, outgoing, incoming)).await
+                    Box::pin(self.received(socket, outgoing, incoming)).await
                 }
                 Event::Idle => Err(End::Gone(format!(
                     "nothing received for {} s",
@@ -779,6 +780,44 @@ impl Session {
         }
     }
 
+    /// Handles a frame the agent sent, with the reports that arrived right
+    /// behind a report: those are stored together ([`reports::report_each`]),
+    /// and the first other frame behind them is handled after them.
+    async fn received(
+        &mut self,
+        socket: &mut WebSocket,
+        outgoing: &mut mpsc::Receiver<Outgoing>,
+        incoming: Option<Result<Message, axum::Error>>,
+    ) -> Result<(), End> {
+        let mut reports = match decode_frame(incoming)? {
+            Some(AgentMessage::Status(status)) => vec![status],
+            other => return self.handle(socket, outgoing, Work::One(other)).await,
+        };
+        let mut behind = None;
+        while reports.len() < REPORTS_TOGETHER {
+            // Only what has arrived already: no report waits for another.
+            let Some(next) = socket.recv().now_or_never() else {
+                break;
+            };
+            match decode_frame(next) {
+                Ok(Some(AgentMessage::Status(status))) => reports.push(status),
+                other => {
+                    behind = Some(other);
+                    break;
+                }
+            }
+        }
+        let work = match <[_; 1]>::try_from(reports) {
+            Ok([one]) => Work::One(Some(AgentMessage::Status(one))),
+            Err(many) => Work::Reports(many),
+        };
+        self.handle(socket, outgoing, work).await?;
+        match behind {
+            Some(message) => self.handle(socket, outgoing, Work::One(message?)).await,
+            None => Ok(()),
+        }
+    }
+
     /// Handles a frame the agent sent and sends its answer. Meanwhile
     /// (storing a report or a log chunk takes a round trip to the
     /// database, and a node may send many) the commands the registry
@@ -792,12 +831,12 @@ impl Session {
         &mut self,
         socket: &mut WebSocket,
         outgoing: &mut mpsc::Receiver<Outgoing>,
-        incoming: Option<Result<Message, axum::Error>>,
+        work: Work,
     ) -> Result<(), End> {
         let mut held: Option<Option<Outgoing>> = None;
         let mut broken = None;
-        let answer = {
-            let mut work = Box::pin(self.incoming(incoming));
+        let answers = {
+            let mut work = Box::pin(self.work(work));
             loop {
                 tokio::select! {
                     biased;
@@ -818,7 +857,7 @@ impl Session {
         if let Some(end) = broken {
             return Err(end);
         }
-        if let Some(frame) = answer? {
+        for frame in answers? {
             send(socket, &frame).await?;
         }
         match held {
@@ -827,21 +866,17 @@ impl Session {
         }
     }
 
-    /// Handles a frame the agent sent; returns the frame to answer with.
-    async fn incoming(
-        &mut self,
-        incoming: Option<Result<Message, axum::Error>>,
-    ) -> Result<Option<String>, End> {
-        let text = match incoming {
-            None => return Err(End::Gone("connection closed".into())),
-            Some(Err(e)) => return Err(End::from_socket_error(&e)),
-            Some(Ok(Message::Text(text))) => text,
-            Some(Ok(Message::Binary(_))) => return Err(binary()),
-            Some(Ok(Message::Ping(_) | Message::Pong(_))) => return Ok(None),
-            Some(Ok(Message::Close(_))) => return Err(End::Gone("closed by the agent".into())),
-        };
-        let message =
-            protocol::decode::<AgentMessage>(text.as_str()).map_err(|e| End::bad_frame(&e))?;
+    /// Does `work`; returns the frames to answer with.
+    async fn work(&mut self, work: Work) -> Result<Vec<String>, End> {
+        match work {
+            Work::One(None) => Ok(vec![]),
+            Work::One(Some(message)) => Ok(self.message(message).await?.into_iter().collect()),
+            Work::Reports(statuses) => self.statuses(statuses).await,
+        }
+    }
+
+    /// Handles a message the agent sent; returns the frame to answer with.
+    async fn message(&mut self, message: AgentMessage) -> Result<Option<String>, End> {
         match message {
             AgentMessage::Hello(_) => Err(End::refused(
                 "bad_frame",
@@ -942,7 +977,6 @@ impl Session {
     /// stored is refused for good and, within the node's notices, shown on
     /// its task's timeline.
     async fn status(&mut self, status: protocol::Status) -> Result<Option<String>, End> {
-        let id = status.id;
         let (status, answer) = match status.clone().bounded() {
             Ok(bounded) => {
                 let answer = reports::report(self.ingress.store(), self.node_id, &bounded).await;
@@ -950,12 +984,24 @@ impl Session {
             }
             Err(invalid) => (status, Answer::Unstorable(invalid.to_string())),
         };
+        self.answered(&status, answer).await
+    }
+
+    /// Counts, notes and answers `status` with `answer`; a report that
+    /// can never be stored is, within the node's notices, shown on its
+    /// task's timeline.
+    async fn answered(
+        &mut self,
+        status: &protocol::Status,
+        answer: Answer,
+    ) -> Result<Option<String>, End> {
+        let id = status.id;
         self.count(ReportKind::Status, &answer);
         match &answer {
-            Answer::Stored => self.logs.reported(&status),
+            Answer::Stored => self.logs.reported(status),
             Answer::Unstorable(reason) => {
                 if self.refusal_notice(id, "report", reason) {
-                    reports::record_refusal(self.ingress.store(), self.node_id, &status, reason)
+                    reports::record_refusal(self.ingress.store(), self.node_id, status, reason)
                         .await;
                 }
             }
@@ -965,6 +1011,41 @@ impl Session {
             Answer::Later(_) => {}
         }
         self.answer(id, answer, "report")
+    }
+
+    /// Handles reports that arrived together: each bounded, then all
+    /// stored together, then each answered as [`Session::status`] answers.
+    async fn statuses(&mut self, statuses: Vec<protocol::Status>) -> Result<Vec<String>, End> {
+        let mut bounded = Vec::with_capacity(statuses.len());
+        let mut answers: Vec<Option<Answer>> = Vec::with_capacity(statuses.len());
+        let mut checked = Vec::with_capacity(statuses.len());
+        for status in statuses {
+            match status.clone().bounded() {
+                Ok(ok) => {
+                    checked.push(ok.clone());
+                    bounded.push(ok);
+                    answers.push(None);
+                }
+                Err(invalid) => {
+                    bounded.push(status);
+                    answers.push(Some(Answer::Unstorable(invalid.to_string())));
+                }
+            }
+        }
+        let mut stored = reports::report_each(self.ingress.store(), self.node_id, &checked)
+            .await
+            .into_iter();
+        let mut frames = Vec::with_capacity(bounded.len());
+        for (status, answer) in bounded.into_iter().zip(answers) {
+            let answer = match answer.or_else(|| stored.next()) {
+                Some(answer) => answer,
+                None => Answer::Later("not handled".into()),
+            };
+            if let Some(frame) = self.answered(&status, answer).await? {
+                frames.push(frame);
+            }
+        }
+        Ok(frames)
     }
 
     /// Counts a report of `kind` answered `answer`.
@@ -1052,6 +1133,35 @@ enum Event {
     Outgoing(Option<Outgoing>),
     Incoming(Option<Result<Message, axum::Error>>),
     Idle,
+}
+
+/// The most reports that arrived together stored together.
+const REPORTS_TOGETHER: usize = 32;
+
+/// What to do with what the agent sent.
+enum Work {
+    /// One message (`None`: a ping or pong, nothing to do).
+    One(Option<AgentMessage>),
+    /// Reports that arrived together, in their order.
+    Reports(Vec<protocol::Status>),
+}
+
+/// The message in a frame from the agent: `None` for a ping or pong; the
+/// session ends on anything but a text frame that decodes.
+fn decode_frame(
+    incoming: Option<Result<Message, axum::Error>>,
+) -> Result<Option<AgentMessage>, End> {
+    let text = match incoming {
+        None => return Err(End::Gone("connection closed".into())),
+        Some(Err(e)) => return Err(End::from_socket_error(&e)),
+        Some(Ok(Message::Text(text))) => text,
+        Some(Ok(Message::Binary(_))) => return Err(binary()),
+        Some(Ok(Message::Ping(_) | Message::Pong(_))) => return Ok(None),
+        Some(Ok(Message::Close(_))) => return Err(End::Gone("closed by the agent".into())),
+    };
+    protocol::decode::<AgentMessage>(text.as_str())
+        .map(Some)
+        .map_err(|e| End::bad_frame(&e))
 }
 
 fn reset(idle: std::pin::Pin<&mut Sleep>, after: Duration) {

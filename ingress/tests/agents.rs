@@ -382,6 +382,16 @@ impl Agent {
         }
     }
 
+    /// Sends `messages` in one write, as an agent with several reports
+    /// ready does.
+    async fn send_together(&mut self, messages: &[AgentMessage]) {
+        for message in messages {
+            let text = protocol::encode(message);
+            self.ws.feed(Message::Text(text.into())).await.unwrap();
+        }
+        self.ws.flush().await.unwrap();
+    }
+
     async fn log(&mut self, chunk: LogChunk) -> Option<String> {
         let id = chunk.id;
         self.send(&AgentMessage::Log(chunk)).await;
@@ -903,6 +913,133 @@ async fn reports_append_the_task_events_and_each_is_received_once_stored() {
         .await
         .unwrap()
         .contains("container"));
+}
+
+#[tokio::test]
+async fn reports_arriving_together_are_stored_together_and_each_answered_in_order() {
+    let p = platform().await;
+    let server = Server::start(&p.store, "ingress-a").await;
+    let (node_id, token) = p.provision().await;
+    let (mut agent, _) = Agent::join(server.addr, &token, vec![]).await;
+    let first = p.submit_and_assign(node_id).await;
+    agent.command().await;
+    let second = p.submit_and_assign(node_id).await;
+    agent.command().await;
+
+    let mut running = status(3, first, ReportedState::Running);
+    running.container = Some("c0ffee".into());
+    let mut stale = status(5, first, ReportedState::Accepted);
+    stale.attempt = 2;
+    let sent = [
+        AgentMessage::Status(status(1, first, ReportedState::Accepted)),
+        // Malformed: a running report names its container.
+        AgentMessage::Status(status(2, first, ReportedState::Running)),
+        AgentMessage::Status(running),
+        AgentMessage::Status(status(4, second, ReportedState::Accepted)),
+        // Not this node's current attempt.
+        AgentMessage::Status(stale),
+        AgentMessage::Status(status(6, first, ReportedState::Succeeded)),
+        AgentMessage::Heartbeat { seq: 1 },
+        AgentMessage::Status(status(7, second, ReportedState::Accepted)),
+    ];
+    agent.send_together(&sent).await;
+    let mut answers = Vec::new();
+    for _ in 1..=7 {
+        match agent.recv().await {
+            ServerMessage::Received { id, error } => answers.push((id, error.is_some())),
+            other => panic!("expected received, got {other:?}"),
+        }
+    }
+    assert_eq!(
+        answers,
+        [
+            (1, false),
+            (2, true),
+            (3, false),
+            (4, false),
+            (5, true),
+            (6, false),
+            (7, false)
+        ]
+    );
+    assert_eq!(
+        p.events_of("task", first).await,
+        [
+            "TaskSubmitted",
+            "TaskAssigned",
+            "TaskAccepted",
+            "TaskStarted",
+            "TaskSucceeded",
+            // The malformed report, shown on the task's timeline.
+            "TaskReportRefused"
+        ]
+    );
+    assert_eq!(
+        p.events_of("task", second).await,
+        ["TaskSubmitted", "TaskAssigned", "TaskAccepted"]
+    );
+    // The first task's three reports went in one statement.
+    let txids: Vec<String> = sqlx::query_scalar(
+        "SELECT DISTINCT txid::text FROM events \
+         WHERE aggregate_type = 'task' AND aggregate_id = $1 AND sequence BETWEEN 3 AND 5",
+    )
+    .bind(first.to_string())
+    .fetch_all(&p.pool)
+    .await
+    .unwrap();
+    assert_eq!(txids.len(), 1, "{txids:?}");
+
+    // A batch the database refuses part of is stored one by one: the good
+    // report is stored, the one it cannot hold refused for good. (Reports
+    // are bounded before they reach the database, so a trigger plays a
+    // database refusing the data.)
+    sqlx::query(
+        "CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$ \
+         BEGIN \
+           IF NEW.payload::text LIKE '%poison-message%' THEN \
+             RAISE EXCEPTION USING ERRCODE = '22023', MESSAGE = 'poison'; \
+           END IF; \
+           RETURN NEW; \
+         END $$",
+    )
+    .execute(&p.pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "CREATE TRIGGER refuse_poison BEFORE INSERT ON events \
+         FOR EACH ROW EXECUTE FUNCTION refuse_poison()",
+    )
+    .execute(&p.pool)
+    .await
+    .unwrap();
+    let mut bad = status(9, second, ReportedState::Failed);
+    bad.exit_code = Some(1);
+    bad.message = Some("poison-message".into());
+    let mut running = status(8, second, ReportedState::Running);
+    running.container = Some("c0ffee".into());
+    agent
+        .send_together(&[AgentMessage::Status(running), AgentMessage::Status(bad)])
+        .await;
+    let mut answers = Vec::new();
+    for _ in 0..2 {
+        match agent.recv().await {
+            ServerMessage::Received { id, error } => answers.push((id, error)),
+            other => panic!("expected received, got {other:?}"),
+        }
+    }
+    assert_eq!(answers[0], (8, None));
+    assert_eq!(answers[1].0, 9);
+    assert!(answers[1].1.is_some(), "{answers:?}");
+    assert_eq!(
+        p.events_of("task", second).await,
+        [
+            "TaskSubmitted",
+            "TaskAssigned",
+            "TaskAccepted",
+            "TaskStarted",
+            "TaskReportRefused"
+        ]
+    );
 }
 
 #[tokio::test]

@@ -174,6 +174,34 @@ pub use log::SNAPSHOT_EVERY;
 /// aggregate between our load and our commit.
 const CONFLICT_RETRIES: usize = 25;
 
+/// The metadata stored with a command's events: who and when.
+fn metadata(actor: &Actor, at: DateTime<Utc>) -> HashMap<String, String> {
+    HashMap::from([
+        ("actor".to_string(), actor.to_string()),
+        (
+            "at".to_string(),
+            at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+        ),
+    ])
+}
+
+/// What a failed append (other than a conflict) means to the caller: the
+/// aggregate's refusal when the database refused its events for a reason
+/// it names (a fenced assignment), else the database's error.
+fn append_failed<A>(e: LogError) -> StoreError<A::Error>
+where
+    A: Stored,
+    A::Command: Clone + Send,
+{
+    match e {
+        LogError::Database(e) => match Refused::of(&e).and_then(A::refusal) {
+            Some(refusal) => StoreError::Rejected(refusal),
+            None => StoreError::from_sqlx(e),
+        },
+        e => StoreError::from_log(e),
+    }
+}
+
 /// How many aggregates of each type a process remembers (least recently
 /// used first out): tasks in flight, every node and project and user of
 /// an ordinary installation.
@@ -515,13 +543,7 @@ impl Store {
         A: Stored,
         A::Command: Clone + Send,
     {
-        let metadata = HashMap::from([
-            ("actor".to_string(), actor.to_string()),
-            (
-                "at".to_string(),
-                at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
-            ),
-        ]);
+        let metadata = metadata(actor, at);
         let cache = A::cache(self);
         // An aggregate this process does not remember is first assumed new:
         // a command creating it then costs one statement, and if it exists
@@ -581,14 +603,96 @@ impl Store {
                         .await;
                     }
                 }
-                Err(LogError::Database(e)) => {
+                Err(e) => {
                     cache.forget(id);
-                    return Err(match Refused::of(&e).and_then(A::refusal) {
-                        Some(refusal) => StoreError::Rejected(refusal),
-                        None => StoreError::from_sqlx(e),
-                    });
+                    return Err(append_failed::<A>(e));
                 }
-                Err(e) => return Err(StoreError::from_log(e)),
+            }
+        }
+        Err(StoreError::Conflict)
+    }
+
+    /// Executes `commands` on aggregate `id` one after another, as
+    /// [`Store::execute`] would one by one, and appends the events of all
+    /// those accepted in one statement: each is decided on the state the
+    /// ones before it left, and one refused leaves the state as it was for
+    /// the next. A refusal, or a command that changes nothing, decided on a
+    /// remembered state has them all decided again on a fresh load, and a
+    /// conflict with another writer does too. Returns each command's
+    /// outcome, in order; nothing of a refused one is appended.
+    ///
+    /// # Errors
+    /// When the append fails for anything but a conflict (the database
+    /// refused some event, or is unreachable), nothing was appended: the
+    /// caller executes the commands one by one to learn which. Otherwise
+    /// as [`Store::execute`].
+    pub async fn execute_each<A>(
+        &self,
+        id: &str,
+        commands: &[A::Command],
+        actor: &Actor,
+        at: DateTime<Utc>,
+    ) -> Result<Vec<Result<(), A::Error>>, StoreError<A::Error>>
+    where
+        A: Stored,
+        A::Command: Clone + Send,
+    {
+        let metadata = metadata(actor, at);
+        let cache = A::cache(self);
+        let mut known = cache.get(id).or_else(|| Some(Current::empty()));
+        'rounds: for round in 0..CONFLICT_RETRIES {
+            let (current, fresh) = match known.take() {
+                Some(c) => (c, false),
+                None => (self.fetch::<A>(id).await?, true),
+            };
+            let Current {
+                mut state,
+                sequence: after,
+            } = current;
+            let mut events = Vec::new();
+            let mut outcomes = Vec::with_capacity(commands.len());
+            for command in commands {
+                // A refused command may have changed its copy before it
+                // failed: the state goes on from the last accepted one.
+                let mut next = state.clone();
+                let sink = EventSink::default();
+                let decided = next.handle(command.clone(), &(), &sink).await;
+                let decided_events = sink.collect().await;
+                match decided {
+                    Err(_) if !fresh => continue 'rounds,
+                    Ok(()) if decided_events.is_empty() && !fresh => continue 'rounds,
+                    Err(e) => outcomes.push(Err(e)),
+                    Ok(()) => {
+                        state = next;
+                        events.extend(decided_events);
+                        outcomes.push(Ok(()));
+                    }
+                }
+            }
+            if events.is_empty() {
+                return Ok(outcomes);
+            }
+            match log::append::<A>(&self.pool, id, after, events, &state, &metadata, None).await {
+                Ok(events) => {
+                    self.notifier.poke();
+                    let sequence = events.last().map_or(after, |e| e.sequence);
+                    cache.put(id, Current { state, sequence });
+                    return Ok(outcomes);
+                }
+                Err(LogError::Conflict) => {
+                    cache.forget(id);
+                    if fresh {
+                        let backoff = 1u64 << round.min(7);
+                        tokio::time::sleep(Duration::from_millis(
+                            rand::random::<u64>() % backoff + 1,
+                        ))
+                        .await;
+                    }
+                }
+                Err(e) => {
+                    cache.forget(id);
+                    return Err(append_failed::<A>(e));
+                }
             }
         }
         Err(StoreError::Conflict)

@@ -811,3 +811,76 @@ async fn a_log_written_with_an_outbox_table_keeps_its_order_once_the_events_carr
     assert_eq!(tail.len(), 1);
     assert_eq!(tail[0].aggregate_id, next.to_string());
 }
+
+#[tokio::test]
+async fn commands_executed_together_are_decided_in_turn_and_appended_at_once() {
+    let db = testkit::fresh_db().await;
+    let a = Store::new(db.pool.clone());
+    let b = Store::new(db.pool.clone());
+    let id = Uuid::now_v7();
+    provision(&a, id).await;
+    // b drains the node: a's copy is old, so a's first decision on it
+    // conflicts on the log's key and all are decided again.
+    b.execute::<Node>(&id.to_string(), drain(true), &admin(), Utc::now())
+        .await
+        .unwrap();
+    let provision_again = NodeCommand::Provision {
+        node_id: id,
+        name: "n1".into(),
+        labels: Default::default(),
+        token_fingerprint: "ff".into(),
+        max_resources: Default::default(),
+        by: admin(),
+        at: Utc::now(),
+    };
+    let outcomes = a
+        .execute_each::<Node>(
+            &id.to_string(),
+            &[drain(false), provision_again, drain(true), drain(false)],
+            &admin(),
+            Utc::now(),
+        )
+        .await
+        .unwrap();
+    let accepted: Vec<bool> = outcomes.iter().map(Result::is_ok).collect();
+    assert_eq!(accepted, [true, false, true, true], "{outcomes:?}");
+
+    // The three accepted, after b's drain, in one transaction.
+    let rows: Vec<(i64, String, String)> = sqlx::query_as(
+        "SELECT sequence, event_type, txid::text FROM events \
+         WHERE aggregate_type = 'node' AND aggregate_id = $1 ORDER BY sequence",
+    )
+    .bind(id.to_string())
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    let kinds: Vec<&str> = rows.iter().map(|r| r.1.as_str()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "NodeProvisioned",
+            "NodeDrained",
+            "NodeUndrained",
+            "NodeDrained",
+            "NodeUndrained"
+        ]
+    );
+    assert_eq!(
+        rows.iter().map(|r| r.0).collect::<Vec<_>>(),
+        [1, 2, 3, 4, 5]
+    );
+    assert!(rows[2..].iter().all(|r| r.2 == rows[2].2), "{rows:?}");
+    assert_ne!(rows[1].2, rows[2].2);
+
+    // Nothing accepted appends nothing; a's copy is current, so a repeated
+    // undrain is nothing to do only once decided on the log.
+    let outcomes = a
+        .execute_each::<Node>(&id.to_string(), &[drain(false)], &admin(), Utc::now())
+        .await
+        .unwrap();
+    assert_eq!(outcomes.len(), 1);
+    assert!(outcomes[0].is_ok());
+    let replayed = a.replay::<Node>(&id.to_string(), None).await.unwrap();
+    assert_eq!(replayed.len(), 5);
+    assert!(!replayed.last().unwrap().1.drained);
+}
