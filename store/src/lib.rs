@@ -185,6 +185,18 @@ fn metadata(actor: &Actor, at: DateTime<Utc>) -> HashMap<String, String> {
     ])
 }
 
+/// After another writer appended to `id` first: forgets what this process
+/// remembered of it and, when the lost decision was already on a fresh
+/// load, waits a moment (random, growing with `round`) so that writers
+/// colliding on one aggregate spread out.
+async fn lost_race<A: Clone>(cache: &Cache<A>, id: &str, fresh: bool, round: usize) {
+    cache.forget(id);
+    if fresh {
+        let backoff = 1u64 << round.min(7);
+        tokio::time::sleep(Duration::from_millis(rand::random::<u64>() % backoff + 1)).await;
+    }
+}
+
 /// What a failed append (other than a conflict) means to the caller: the
 /// aggregate's refusal when the database refused its events for a reason
 /// it names (a fenced assignment), else the database's error.
@@ -593,16 +605,7 @@ impl Store {
                     }));
                 }
                 Err(LogError::Stale) => return Ok(None),
-                Err(LogError::Conflict) => {
-                    cache.forget(id);
-                    if fresh {
-                        let backoff = 1u64 << round.min(7);
-                        tokio::time::sleep(Duration::from_millis(
-                            rand::random::<u64>() % backoff + 1,
-                        ))
-                        .await;
-                    }
-                }
+                Err(LogError::Conflict) => lost_race(cache, id, fresh, round).await,
                 Err(e) => {
                     cache.forget(id);
                     return Err(append_failed::<A>(e));
@@ -679,16 +682,7 @@ impl Store {
                     cache.put(id, Current { state, sequence });
                     return Ok(outcomes);
                 }
-                Err(LogError::Conflict) => {
-                    cache.forget(id);
-                    if fresh {
-                        let backoff = 1u64 << round.min(7);
-                        tokio::time::sleep(Duration::from_millis(
-                            rand::random::<u64>() % backoff + 1,
-                        ))
-                        .await;
-                    }
-                }
+                Err(LogError::Conflict) => lost_race(cache, id, fresh, round).await,
                 Err(e) => {
                     cache.forget(id);
                     return Err(append_failed::<A>(e));

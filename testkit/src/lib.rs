@@ -100,17 +100,20 @@ static SERVER: OnceCell<Result<Server, String>> = OnceCell::const_new();
 /// migrations fail: the message says which and what to do.
 pub async fn fresh_db() -> TestDb {
     let server = server().await;
+    new_database(server, &format!(r#"TEMPLATE "{}""#, server.template)).await
+}
+
+/// A new database on `server`, made with `options` (`TEMPLATE "t"`, or
+/// nothing for an empty one).
+async fn new_database(server: &Server, options: &str) -> TestDb {
     let name = format!("test_{}_{}", unix_time(), Uuid::new_v4().simple());
     let mut admin = admin_connection(&server.admin_url)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    sqlx::query(&format!(
-        r#"CREATE DATABASE "{name}" TEMPLATE "{}""#,
-        server.template
-    ))
-    .execute(&mut admin)
-    .await
-    .unwrap_or_else(|e| panic!("creating test database {name}: {e}"));
+    sqlx::query(&format!(r#"CREATE DATABASE "{name}" {options}"#))
+        .execute(&mut admin)
+        .await
+        .unwrap_or_else(|e| panic!("creating test database {name}: {e}"));
     let _ = admin.close().await;
     let url = with_database(&server.admin_url, &name);
     let pool = PgPoolOptions::new()
@@ -129,22 +132,7 @@ pub async fn fresh_db() -> TestDb {
 /// # Panics
 /// As [`fresh_db`], or when the earlier migrations fail.
 pub async fn db_migrated_before(before: &str) -> TestDb {
-    let server = server().await;
-    let name = format!("test_{}_{}", unix_time(), Uuid::new_v4().simple());
-    let mut admin = admin_connection(&server.admin_url)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    sqlx::query(&format!(r#"CREATE DATABASE "{name}""#))
-        .execute(&mut admin)
-        .await
-        .unwrap_or_else(|e| panic!("creating test database {name}: {e}"));
-    let _ = admin.close().await;
-    let url = with_database(&server.admin_url, &name);
-    let pool = PgPoolOptions::new()
-        .max_connections(POOL_SIZE)
-        .connect(&url)
-        .await
-        .unwrap_or_else(|e| panic!("connecting to test database {name}: {e}"));
+    let db = new_database(server().await, "").await;
     let earlier = tempfile::tempdir().unwrap_or_else(|e| panic!("a temporary directory: {e}"));
     let all = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../migrations");
     let files = std::fs::read_dir(&all).unwrap_or_else(|e| panic!("{}: {e}", all.display()));
@@ -161,10 +149,10 @@ pub async fn db_migrated_before(before: &str) -> TestDb {
     sqlx::migrate::Migrator::new(earlier.path())
         .await
         .unwrap_or_else(|e| panic!("reading the migrations before {before}: {e}"))
-        .run(&pool)
+        .run(&db.pool)
         .await
         .unwrap_or_else(|e| panic!("applying the migrations before {before}: {e}"));
-    TestDb { pool, url, name }
+    db
 }
 
 /// The URL of the test server's maintenance database (`postgres`, or the
