@@ -230,6 +230,19 @@ pub struct Executed<A: Aggregate> {
     pub sequence: usize,
 }
 
+/// What [`Store::decide_and_append`] decided and appended.
+struct Decided<A: Aggregate> {
+    /// The state after the accepted commands.
+    state: A,
+    /// Each command's outcome, in order.
+    outcomes: Vec<Result<(), A::Error>>,
+    /// The events appended, empty when none was accepted or none changed
+    /// anything.
+    events: Vec<EventEnvelope<A>>,
+    /// The aggregate's last sequence number after them.
+    sequence: usize,
+}
+
 /// An aggregate's current state as loaded from the log.
 #[derive(Debug)]
 pub struct Loaded<A> {
@@ -555,64 +568,26 @@ impl Store {
         A: Stored,
         A::Command: Clone + Send,
     {
-        let metadata = metadata(actor, at);
-        let cache = A::cache(self);
-        // An aggregate this process does not remember is first assumed new:
-        // a command creating it then costs one statement, and if it exists
-        // after all, its first sequence is taken and it is loaded.
-        let mut known = cache.get(id).or_else(|| Some(Current::empty()));
-        for round in 0..CONFLICT_RETRIES {
-            // A copy: the cache keeps its own.
-            let (current, fresh) = match known.take() {
-                Some(c) => (c, false),
-                None => (self.fetch::<A>(id).await?, true),
-            };
-            let Current {
-                mut state,
-                sequence: after,
-            } = current;
-            let sink = EventSink::default();
-            let decided = state.handle(command.clone(), &(), &sink).await;
-            let events = sink.collect().await;
-            match decided {
-                Err(_) if !fresh => continue,
-                Err(e) => return Err(StoreError::Rejected(e)),
-                Ok(()) if events.is_empty() && !fresh => continue,
-                Ok(()) if events.is_empty() => {
-                    return Ok(Some(Executed {
-                        state,
-                        events: vec![],
-                        sequence: after,
-                    }))
-                }
-                Ok(()) => {}
-            }
-            match log::append::<A>(&self.pool, id, after, events, &state, &metadata, guard).await {
-                Ok(events) => {
-                    self.notifier.poke();
-                    let sequence = events.last().map_or(after, |e| e.sequence);
-                    cache.put(
-                        id,
-                        Current {
-                            state: state.clone(),
-                            sequence,
-                        },
-                    );
-                    return Ok(Some(Executed {
-                        state,
-                        events,
-                        sequence,
-                    }));
-                }
-                Err(LogError::Stale) => return Ok(None),
-                Err(LogError::Conflict) => lost_race(cache, id, fresh, round).await,
-                Err(e) => {
-                    cache.forget(id);
-                    return Err(append_failed::<A>(e));
-                }
-            }
+        let decided = self
+            .decide_and_append::<A>(id, std::slice::from_ref(&command), actor, at, guard)
+            .await?;
+        let Some(Decided {
+            state,
+            mut outcomes,
+            events,
+            sequence,
+        }) = decided
+        else {
+            return Ok(None);
+        };
+        match outcomes.pop() {
+            Some(Err(refusal)) => Err(StoreError::Rejected(refusal)),
+            _ => Ok(Some(Executed {
+                state,
+                events,
+                sequence,
+            })),
         }
-        Err(StoreError::Conflict)
     }
 
     /// Executes `commands` on aggregate `id` one after another, as
@@ -640,10 +615,41 @@ impl Store {
         A: Stored,
         A::Command: Clone + Send,
     {
+        match self
+            .decide_and_append::<A>(id, commands, actor, at, None)
+            .await?
+        {
+            Some(decided) => Ok(decided.outcomes),
+            // Only a guarded append comes back without a decision.
+            None => Err(StoreError::Conflict),
+        }
+    }
+
+    /// What [`Store::execute`] and [`Store::execute_each`] share: decides
+    /// `commands` in turn on what this process remembers of `id` (one it
+    /// does not remember is first assumed new: a command creating it then
+    /// costs one statement, and if it exists after all, its first sequence
+    /// is taken and it is loaded) and appends the accepted ones' events in
+    /// one statement, guarded by `guard` when given. A refusal or a no-op
+    /// decided on a remembered state, or a conflict, decides them all again
+    /// on a fresh load. `None` when the guard's aggregate moved on.
+    async fn decide_and_append<A>(
+        &self,
+        id: &str,
+        commands: &[A::Command],
+        actor: &Actor,
+        at: DateTime<Utc>,
+        guard: Option<&Guard<'_>>,
+    ) -> Result<Option<Decided<A>>, StoreError<A::Error>>
+    where
+        A: Stored,
+        A::Command: Clone + Send,
+    {
         let metadata = metadata(actor, at);
         let cache = A::cache(self);
         let mut known = cache.get(id).or_else(|| Some(Current::empty()));
         'rounds: for round in 0..CONFLICT_RETRIES {
+            // A copy: the cache keeps its own.
             let (current, fresh) = match known.take() {
                 Some(c) => (c, false),
                 None => (self.fetch::<A>(id).await?, true),
@@ -656,8 +662,11 @@ impl Store {
             let mut outcomes = Vec::with_capacity(commands.len());
             for command in commands {
                 // A refused command may have changed its copy before it
-                // failed: the state goes on from the last accepted one.
-                let mut next = state.clone();
+                // failed: with more than one, the state goes on from the
+                // last accepted one. A single command needs no copy: when
+                // it is refused nothing is appended.
+                let mut copy = (commands.len() > 1).then(|| state.clone());
+                let next = copy.as_mut().unwrap_or(&mut state);
                 let sink = EventSink::default();
                 let decided = next.handle(command.clone(), &(), &sink).await;
                 let decided_events = sink.collect().await;
@@ -666,22 +675,41 @@ impl Store {
                     Ok(()) if decided_events.is_empty() && !fresh => continue 'rounds,
                     Err(e) => outcomes.push(Err(e)),
                     Ok(()) => {
-                        state = next;
+                        if let Some(copy) = copy {
+                            state = copy;
+                        }
                         events.extend(decided_events);
                         outcomes.push(Ok(()));
                     }
                 }
             }
             if events.is_empty() {
-                return Ok(outcomes);
+                return Ok(Some(Decided {
+                    state,
+                    outcomes,
+                    events: vec![],
+                    sequence: after,
+                }));
             }
-            match log::append::<A>(&self.pool, id, after, events, &state, &metadata, None).await {
+            match log::append::<A>(&self.pool, id, after, events, &state, &metadata, guard).await {
                 Ok(events) => {
                     self.notifier.poke();
                     let sequence = events.last().map_or(after, |e| e.sequence);
-                    cache.put(id, Current { state, sequence });
-                    return Ok(outcomes);
+                    cache.put(
+                        id,
+                        Current {
+                            state: state.clone(),
+                            sequence,
+                        },
+                    );
+                    return Ok(Some(Decided {
+                        state,
+                        outcomes,
+                        events,
+                        sequence,
+                    }));
                 }
+                Err(LogError::Stale) => return Ok(None),
                 Err(LogError::Conflict) => lost_race(cache, id, fresh, round).await,
                 Err(e) => {
                     cache.forget(id);
