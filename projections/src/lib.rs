@@ -348,10 +348,33 @@ impl Projector {
     /// A database error or an event this code cannot apply; the failing
     /// batch is rolled back whole.
     pub async fn run_once(&self) -> Result<usize, ProjectionError> {
-        // Read models standing at the same checkpoint (the usual case)
-        // share one read of the batch: a wake-up with nothing new costs two
-        // statements, not a few per model.
-        let names: Vec<&str> = self.projections.iter().map(|p| p.name()).collect();
+        // One read of the log per round, from the read model furthest
+        // behind: each model applies the part of the batch after its own
+        // checkpoint (the batch is in checkpoint order). Models standing
+        // apart (one held by another copy of the projector for a round, one
+        // that failed) so cost no second read of events the first already
+        // brought, and a wake-up with nothing new costs two statements.
+        let at = self.checkpoints().await?;
+        let Some(&earliest) = at.iter().min() else {
+            return Ok(0);
+        };
+        let events =
+            outbox::read_after(&self.pool, earliest, self.batch, &Filter::default()).await?;
+        let mut applied = 0;
+        for (p, &from) in self.projections.iter().zip(&at) {
+            let after = events.partition_point(|e| e.checkpoint() <= from);
+            applied += self.advance(p.as_ref(), from, &events[after..]).await?;
+        }
+        Ok(applied)
+    }
+
+    /// Where each read model stands, in the order of [`Projector::names`],
+    /// in one statement.
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn checkpoints(&self) -> Result<Vec<Checkpoint>, ProjectionError> {
+        let names = self.names();
         let stored: Vec<(String, i64, i64)> =
             sqlx::query_as("SELECT name, txid, position FROM checkpoints WHERE name = ANY($1)")
                 .bind(&names)
@@ -361,28 +384,35 @@ impl Projector {
             .into_iter()
             .map(|(name, txid, position)| (name, Checkpoint { txid, position }))
             .collect();
-        let mut read: HashMap<Checkpoint, Arc<Vec<RecordedEvent>>> = HashMap::new();
-        let mut applied = 0;
-        for p in &self.projections {
-            let from = at.get(p.name()).copied().unwrap_or_default();
-            let events = match read.get(&from) {
-                Some(events) => events.clone(),
-                None => {
-                    let events = Arc::new(
-                        outbox::read_after(&self.pool, from, self.batch, &Filter::default())
-                            .await?,
-                    );
-                    read.insert(from, events.clone());
-                    events
-                }
-            };
-            if events.is_empty() {
-                continue;
-            }
-            applied += self
-                .advance(p.as_ref(), self.batch, Some((from, events)))
-                .await?;
+        Ok(names
+            .iter()
+            .map(|name| at.get(*name).copied().unwrap_or_default())
+            .collect())
+    }
+
+    /// Applies everything visible now, as [`Projector::drain`] does, unless
+    /// the read models moved since `seen`, where this call left them last
+    /// time: then another projector keeps them current (the projector role
+    /// beside a scheduler that drains before its housekeeping), and this
+    /// reads no events, which that one reads anyway. `seen` is updated.
+    ///
+    /// # Errors
+    /// As [`Projector::run_once`].
+    pub async fn drain_unless_moved(
+        &self,
+        seen: &mut Option<Vec<Checkpoint>>,
+    ) -> Result<usize, ProjectionError> {
+        let now = self.checkpoints().await?;
+        if seen.as_ref().is_some_and(|s| *s != now) {
+            *seen = Some(now);
+            return Ok(0);
         }
+        let applied = self.drain().await?;
+        *seen = Some(if applied == 0 {
+            now
+        } else {
+            self.checkpoints().await?
+        });
         Ok(applied)
     }
 
@@ -394,30 +424,18 @@ impl Projector {
     async fn advance(
         &self,
         p: &dyn Projection,
-        limit: i64,
-        mut read: Option<(Checkpoint, Arc<Vec<RecordedEvent>>)>,
+        from: Checkpoint,
+        events: &[RecordedEvent],
     ) -> Result<usize, ProjectionError> {
         // Events found unappliable in this round, by position: the batch is
         // applied again from its start, recording them instead.
         let mut failed: HashMap<i64, String> = HashMap::new();
         let mut one_by_one = false;
         loop {
-            // The batch is read before the transaction that applies it (or
-            // was, by the caller): from its checkpoint's row lock on, that
-            // transaction has an id, and while it is open it holds back
-            // every outbox reader on the server, so it should only write.
-            let (from, events) = match read.take() {
-                Some(given) => given,
-                None => {
-                    let from = {
-                        let mut conn = self.pool.acquire().await?;
-                        outbox::load_checkpoint(&mut conn, p.name(), false).await?
-                    };
-                    let events =
-                        outbox::read_after(&self.pool, from, limit, &Filter::default()).await?;
-                    (from, Arc::new(events))
-                }
-            };
+            // The batch was read before the transaction that applies it:
+            // from its checkpoint's row lock on, that transaction has an
+            // id, and while it is open it holds back every outbox reader on
+            // the server, so it should only write.
             let Some(last) = events.last().map(RecordedEvent::checkpoint) else {
                 return Ok(0);
             };
@@ -426,14 +444,10 @@ impl Projector {
             let mut tx = self.pool.begin().await?;
             match outbox::try_lock_checkpoint(&mut tx, p.name()).await? {
                 Some(locked) if locked == from => {}
-                // Another copy of the projector applied the batch
-                // meanwhile: read on from where it got.
-                Some(_) => {
-                    tx.rollback().await?;
-                    continue;
-                }
-                // Another copy of the projector applies this model now.
-                None => {
+                // Another copy of the projector applied the batch meanwhile
+                // (the next round reads on from where it got), or applies
+                // this model now.
+                _ => {
                     tx.rollback().await?;
                     return Ok(0);
                 }
@@ -443,13 +457,13 @@ impl Projector {
             } else {
                 HashMap::new()
             };
-            match apply_batch(p, &mut tx, &events, &failed, &mut held, one_by_one).await {
+            match apply_batch(p, &mut tx, events, &failed, &mut held, one_by_one).await {
                 Ok(()) => {
                     outbox::save_checkpoint(&mut tx, p.name(), last).await?;
                     tx.commit().await?;
                     tracing::Span::current().record("events", events.len());
                     if let Some(observer) = &self.observer {
-                        observer.committed(p.name(), &events).await;
+                        observer.committed(p.name(), events).await;
                     }
                     return Ok(events.len());
                 }

@@ -163,6 +163,9 @@ pub struct Scheduler {
         )>,
     >,
     reasons: tokio::sync::Mutex<reasons::Recorded>,
+    /// Where the read models stood after the last housekeeping round's
+    /// catch-up: moved since, another projector keeps them current.
+    read_models_at: tokio::sync::Mutex<Option<Vec<store::Checkpoint>>>,
 }
 
 fn actor() -> Actor {
@@ -191,6 +194,7 @@ impl Scheduler {
             limits: Mutex::new(None),
             placed_at: Mutex::new(None),
             reasons: tokio::sync::Mutex::default(),
+            read_models_at: tokio::sync::Mutex::default(),
         }
     }
 
@@ -375,7 +379,11 @@ impl Scheduler {
         now: DateTime<Utc>,
         place: bool,
     ) -> Result<Outcome, sqlx::Error> {
-        if let Err(e) = self.projector.drain().await {
+        let drained = {
+            let mut seen = self.read_models_at.lock().await;
+            self.projector.drain_unless_moved(&mut seen).await
+        };
+        if let Err(e) = drained {
             tracing::warn!(error = %e, "read models could not catch up");
         }
         let mut outcome = Outcome {
