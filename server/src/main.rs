@@ -7,6 +7,13 @@
 use clap::Parser;
 use unidesk::cli;
 
+/// The server allocates and frees many small buffers per request, event
+/// and frame (JSON documents, rows, protocol messages); mimalloc does that
+/// in a fraction of the time glibc's allocator took under load (see
+/// BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = match cli::Cli::parse().into_user() {

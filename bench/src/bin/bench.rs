@@ -22,6 +22,10 @@ use sqlx::PgPool;
 use store::Store;
 use uuid::Uuid;
 
+/// The allocator of the `unidesk` binary, whose store this measures.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Benchmark the event-sourced core.
 #[derive(Debug, Parser)]
 struct Args {
