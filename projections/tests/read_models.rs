@@ -93,85 +93,93 @@ async fn history(store: &Store) -> (Uuid, Uuid) {
         .await
         .unwrap();
     for i in 0..5 {
-        let spec = TaskSpecDraft {
-            project_id: Some(project),
-            code_repo_url: Some("https://example.com/c.git".into()),
-            code_commit_id: Some("a".repeat(40)),
-            env_repo_url: Some("https://example.com/e.git".into()),
-            env_commit_id: Some("b".repeat(40)),
-            dockerfile_path: Some("Dockerfile".into()),
-            command: Some(vec!["echo".into(), i.to_string()]),
-            ..Default::default()
-        }
-        .validate(UrlPolicy::default())
-        .unwrap();
-        let id = Uuid::new_v4();
-        let t = id.to_string();
-        let user = Actor::User("alice".into());
-        store
-            .execute::<Task>(
-                &t,
-                TaskCommand::Submit {
-                    task_id: id,
-                    spec,
-                    by: user.clone(),
-                    at: now(),
-                },
-                &user,
-                now(),
-            )
-            .await
-            .unwrap();
-        if i == 0 {
-            continue;
-        }
-        store
-            .execute::<Task>(
-                &t,
-                TaskCommand::Assign {
-                    node_id: node,
-                    gpus: vec![],
-                    reason: "fits".into(),
-                    at: now(),
-                },
-                &Actor::System("scheduler".into()),
-                now(),
-            )
-            .await
-            .unwrap();
-        if i >= 2 {
-            let n = Actor::Node(node.to_string());
-            for cmd in [
-                TaskCommand::Accept {
-                    node_id: node,
-                    attempt: 1,
-                    at: now(),
-                },
-                TaskCommand::ReportStarted {
-                    node_id: node,
-                    attempt: 1,
-                    container: "c".into(),
-                    at: now(),
-                },
-                TaskCommand::ReportExited {
-                    node_id: node,
-                    attempt: 1,
-                    outcome: if i == 3 {
-                        Outcome::Failed {
-                            exit_code: Some(2),
-                            reason: "exit 2".into(),
-                        }
-                    } else {
-                        Outcome::Succeeded
-                    },
-                    at: now(),
-                },
-            ] {
-                store.execute::<Task>(&t, cmd, &n, now()).await.unwrap();
-            }
-        }
+        task_history(store, project, node, i).await;
     }
     (project, node)
+}
+
+/// Task `i` of a history on `project` and `node`: submitted; assigned
+/// unless it is the first; accepted, started and ended from the third on
+/// (the fourth failing).
+async fn task_history(store: &Store, project: Uuid, node: Uuid, i: usize) {
+    let now = Utc::now;
+    let spec = TaskSpecDraft {
+        project_id: Some(project),
+        code_repo_url: Some("https://example.com/c.git".into()),
+        code_commit_id: Some("a".repeat(40)),
+        env_repo_url: Some("https://example.com/e.git".into()),
+        env_commit_id: Some("b".repeat(40)),
+        dockerfile_path: Some("Dockerfile".into()),
+        command: Some(vec!["echo".into(), i.to_string()]),
+        ..Default::default()
+    }
+    .validate(UrlPolicy::default())
+    .unwrap();
+    let id = Uuid::new_v4();
+    let t = id.to_string();
+    let user = Actor::User("alice".into());
+    store
+        .execute::<Task>(
+            &t,
+            TaskCommand::Submit {
+                task_id: id,
+                spec,
+                by: user.clone(),
+                at: now(),
+            },
+            &user,
+            now(),
+        )
+        .await
+        .unwrap();
+    if i == 0 {
+        return;
+    }
+    store
+        .execute::<Task>(
+            &t,
+            TaskCommand::Assign {
+                node_id: node,
+                gpus: vec![],
+                reason: "fits".into(),
+                at: now(),
+            },
+            &Actor::System("scheduler".into()),
+            now(),
+        )
+        .await
+        .unwrap();
+    if i >= 2 {
+        let n = Actor::Node(node.to_string());
+        for cmd in [
+            TaskCommand::Accept {
+                node_id: node,
+                attempt: 1,
+                at: now(),
+            },
+            TaskCommand::ReportStarted {
+                node_id: node,
+                attempt: 1,
+                container: "c".into(),
+                at: now(),
+            },
+            TaskCommand::ReportExited {
+                node_id: node,
+                attempt: 1,
+                outcome: if i == 3 {
+                    Outcome::Failed {
+                        exit_code: Some(2),
+                        reason: "exit 2".into(),
+                    }
+                } else {
+                    Outcome::Succeeded
+                },
+                at: now(),
+            },
+        ] {
+            store.execute::<Task>(&t, cmd, &n, now()).await.unwrap();
+        }
+    }
 }
 
 #[tokio::test]
@@ -291,4 +299,83 @@ async fn a_rebuild_reproduces_every_read_model_byte_for_byte() {
         projector.rebuild(Some("nope")).await,
         Err(projections::ProjectionError::Unknown(_))
     ));
+}
+
+/// Where each model of `projector` stands, by name.
+async fn standing(projector: &Projector) -> Vec<(&'static str, store::Checkpoint)> {
+    projector
+        .names()
+        .into_iter()
+        .zip(projector.checkpoints().await.unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn models_standing_apart_each_apply_what_they_lack_from_one_read_of_the_log() {
+    let db = testkit::fresh_db().await;
+    let store = Store::new(db.pool.clone());
+    let (project, node) = history(&store).await;
+    // The models end up at three different places: tasks at the head,
+    // the timeline a few events in, the others at the start.
+    Projector::only(db.pool.clone(), &["tasks"])
+        .unwrap()
+        .catch_up()
+        .await
+        .unwrap();
+    let timeline = Projector::only(db.pool.clone(), &["timeline"])
+        .unwrap()
+        .with_batch(4);
+    assert_eq!(timeline.run_once().await.unwrap(), 4);
+    let projector = Projector::new(db.pool.clone()).with_batch(3);
+    let apart = standing(&projector).await;
+    let at = |all: &[(&str, store::Checkpoint)], name: &str| {
+        all.iter().find(|(n, _)| *n == name).unwrap().1
+    };
+    assert!(at(&apart, "tasks") > at(&apart, "timeline"));
+    assert!(at(&apart, "timeline") > at(&apart, "nodes"));
+    for i in 0..5 {
+        task_history(&store, project, node, i).await;
+    }
+    // Small batches, read from the model furthest behind: each model takes
+    // only the events after its own checkpoint, none twice, none skipped.
+    assert!(projector.catch_up().await.unwrap() > 0);
+    let head = store::outbox::committed_head(&db.pool).await.unwrap();
+    for (name, checkpoint) in standing(&projector).await {
+        assert_eq!(checkpoint, head, "{name} stopped short of the head");
+    }
+    let followed = dump(&db.pool).await;
+    projector.rebuild(None).await.unwrap();
+    assert_eq!(dump(&db.pool).await, followed);
+}
+
+#[tokio::test]
+async fn a_catch_up_that_another_projector_keeps_current_reads_nothing_until_that_one_stops() {
+    let db = testkit::fresh_db().await;
+    let store = Store::new(db.pool.clone());
+    let (project, node) = history(&store).await;
+    // The scheduler's own catch-up, before its housekeeping.
+    let beside = Projector::only(db.pool.clone(), &["tasks", "nodes", "projects"]).unwrap();
+    let mut seen = None;
+    assert!(beside.drain_unless_moved(&mut seen).await.unwrap() > 0);
+    let caught_up = standing(&beside).await;
+    // Another projector moves one model on: this one leaves the others
+    // behind to it rather than reading the log again.
+    task_history(&store, project, node, 2).await;
+    Projector::only(db.pool.clone(), &["nodes"])
+        .unwrap()
+        .catch_up()
+        .await
+        .unwrap();
+    assert_eq!(beside.drain_unless_moved(&mut seen).await.unwrap(), 0);
+    let skipped = standing(&beside).await;
+    assert_eq!(skipped[0], caught_up[0], "tasks moved without a read");
+    assert_ne!(skipped[1], caught_up[1]);
+    // Nobody moved them since: this one catches them up itself.
+    assert!(beside.drain_unless_moved(&mut seen).await.unwrap() > 0);
+    let head = store::outbox::committed_head(&db.pool).await.unwrap();
+    for (name, checkpoint) in standing(&beside).await {
+        assert_eq!(checkpoint, head, "{name} stopped short of the head");
+    }
+    // And once all stand still at the head, a call reads nothing new.
+    assert_eq!(beside.drain_unless_moved(&mut seen).await.unwrap(), 0);
 }
