@@ -28,11 +28,12 @@
 
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use domain::task::Task;
 use futures::StreamExt;
-use store::outbox::{self, Checkpoint, Filter, RecordedEvent};
+use store::outbox::{self, Checkpoint, RecordedEvent};
 use store::{StoreError, Wakeup};
 use tokio::sync::broadcast;
 use uuid::Uuid;
@@ -66,10 +67,7 @@ pub(crate) async fn follow(ingress: &Ingress) {
         if let Err(e) = ingress.deliver_once().await {
             tracing::warn!(error = %e, "delivering commands failed; retrying");
             tokio::time::sleep(Duration::from_secs(1)).await;
-        } else if outbox::held_back(ingress.store().pool())
-            .await
-            .unwrap_or(false)
-        {
+        } else if ingress.held_back.load(Ordering::Relaxed) {
             // Committed events wait behind an older transaction, which may
             // end without notifying anyone: look again shortly.
             wake.soon();
@@ -169,8 +167,8 @@ pub(crate) async fn run_once(
     ingress: &Ingress,
     after: Checkpoint,
 ) -> Result<Option<(Checkpoint, usize)>, PendingError> {
-    let events =
-        outbox::read_after(ingress.store().pool(), after, BATCH, &Filter::default()).await?;
+    let (events, held) = outbox::read_after_held(ingress.store().pool(), after, BATCH).await?;
+    ingress.held_back.store(held, Ordering::Relaxed);
     let Some(last) = events.last().map(RecordedEvent::checkpoint) else {
         return Ok(None);
     };

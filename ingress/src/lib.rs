@@ -132,6 +132,10 @@ pub struct Ingress {
     /// step, which starts at `start`. Held through a whole step, so two
     /// steps never deliver the same events side by side.
     delivered: Arc<Mutex<Option<Checkpoint>>>,
+    /// Whether the last read of the outbox found events committed but held
+    /// back by an older open transaction: the consumer then looks again
+    /// soon.
+    held_back: Arc<std::sync::atomic::AtomicBool>,
     /// Assignments delivered from this process's own commits before the
     /// outbox showed them, by task and sequence: the outbox's copy of each
     /// is not sent again.
@@ -160,6 +164,7 @@ impl Ingress {
             registry: Registry::default(),
             start: Arc::new(OnceCell::new()),
             delivered: Arc::new(Mutex::new(None)),
+            held_back: Arc::default(),
             sent_early: Arc::default(),
             log_limits: LogLimits::default(),
             log_notifier: LogNotifier::default(),

@@ -278,6 +278,47 @@ pub async fn read_after_except<'e>(
         .await
 }
 
+/// As [`read_after`] with the default filter, and whether events have
+/// committed that it could not return yet, held back by an older open
+/// transaction ([`held_back`]), from the same snapshot: a consumer that
+/// follows the log learns both in one statement after every wake-up.
+///
+/// # Errors
+/// A database error.
+pub async fn read_after_held<'e>(
+    db: impl PgExecutor<'e>,
+    after: Checkpoint,
+    limit: i64,
+) -> Result<(Vec<RecordedEvent>, bool), sqlx::Error> {
+    let sql = format!(
+        "SELECT h.held, r.* FROM \
+           (SELECT COALESCE(max(txid) >= pg_snapshot_xmin(pg_current_snapshot()), false) AS held \
+              FROM events) h \
+         LEFT JOIN LATERAL ({SELECT} WHERE (e.txid, e.position) > ($1::text::xid8, $2) \
+              AND e.txid < pg_snapshot_xmin(pg_current_snapshot()) \
+            ORDER BY e.txid, e.position LIMIT $3) r ON true \
+         ORDER BY r.txid, r.position"
+    );
+    let rows = sqlx::query(&sql)
+        .bind(after.txid.to_string())
+        .bind(after.position)
+        .bind(limit)
+        .fetch_all(db)
+        .await?;
+    let held = match rows.first() {
+        Some(row) => row.try_get("held")?,
+        None => false,
+    };
+    let mut events = Vec::with_capacity(rows.len());
+    for row in &rows {
+        // The one row of an empty read has no event.
+        if row.try_get::<Option<i64>, _>("position")?.is_some() {
+            events.push(RecordedEvent::from_row(row)?);
+        }
+    }
+    Ok((events, held))
+}
+
 /// The event at outbox `position`, whether or not readers in the global
 /// order may see it yet; `None` when there is none.
 ///

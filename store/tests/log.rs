@@ -884,3 +884,53 @@ async fn commands_executed_together_are_decided_in_turn_and_appended_at_once() {
     assert_eq!(replayed.len(), 5);
     assert!(!replayed.last().unwrap().1.drained);
 }
+
+#[tokio::test]
+async fn a_read_tells_in_the_same_statement_whether_events_wait_behind_an_older_transaction() {
+    let db = testkit::fresh_db().await;
+    let store = Store::new(db.pool.clone());
+    create_project(&store, Uuid::new_v4(), "first").await;
+    let first = read_all_after(&db.pool, Checkpoint::default(), 1).await;
+    assert_eq!(first.len(), 1);
+    let (read, _) = outbox::read_after_held(&db.pool, Checkpoint::default(), 100)
+        .await
+        .unwrap();
+    assert_eq!(
+        read.iter().map(|e| e.position).collect::<Vec<_>>(),
+        first.iter().map(|e| e.position).collect::<Vec<_>>()
+    );
+    // A transaction older than the next event stays open: the event is
+    // committed but no reader may show it yet, and the read says so, with
+    // no events and with the events before it alike.
+    let mut older = db.pool.begin().await.unwrap();
+    sqlx::query("SELECT pg_current_xact_id()")
+        .execute(&mut *older)
+        .await
+        .unwrap();
+    late_append(&db.pool, "behind", 1, Duration::ZERO).await;
+    let after_first = first[0].checkpoint();
+    let (read, held) = outbox::read_after_held(&db.pool, after_first, 100)
+        .await
+        .unwrap();
+    assert!(read.is_empty(), "{read:?}");
+    assert!(held, "an event waits behind the open transaction");
+    let (read, held) = outbox::read_after_held(&db.pool, Checkpoint::default(), 100)
+        .await
+        .unwrap();
+    assert_eq!(read.len(), 1);
+    assert!(held);
+    // It ends without an event of its own: the event shows.
+    older.commit().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let read = loop {
+        let (read, _) = outbox::read_after_held(&db.pool, after_first, 100)
+            .await
+            .unwrap();
+        if !read.is_empty() || Instant::now() > deadline {
+            break read;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(read.len(), 1);
+    assert_eq!(read[0].aggregate_id, "behind");
+}

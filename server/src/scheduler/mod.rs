@@ -247,7 +247,7 @@ impl Scheduler {
                 Some(w) => w,
                 None => wake.insert(Wakeup::new(self.pool().clone(), self.config.poll).await),
             };
-            if store::outbox::held_back(self.pool()).await.unwrap_or(false) {
+            if self.queue.lock().await.held_back() {
                 // Committed events wait behind an older transaction, which
                 // may end without notifying anyone: look again shortly.
                 wake.soon();

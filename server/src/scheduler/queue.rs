@@ -24,7 +24,7 @@ use cqrs_es::Aggregate;
 use domain::task::{Task, TaskEvent, TaskState};
 use projections::read::tasks::QueuedTask;
 use sqlx::PgPool;
-use store::outbox::{self, Checkpoint, Filter, RecordedEvent};
+use store::outbox::{self, Checkpoint, RecordedEvent};
 use store::Store;
 use uuid::Uuid;
 
@@ -74,6 +74,9 @@ pub(super) struct Queue {
     /// Tasks seen ending, the oldest leaving first: an ended task never
     /// waits for a node again, whatever events follow.
     ended: Ended,
+    /// Whether the last read of the outbox found events committed but held
+    /// back by an older open transaction ([`outbox::held_back`]).
+    held_back: bool,
 }
 
 /// A bounded set of the ids of tasks the queue saw end.
@@ -113,6 +116,7 @@ impl Queue {
             project_event: None,
             tasks: HashMap::new(),
             ended: Ended::default(),
+            held_back: false,
         }
     }
 }
@@ -251,11 +255,11 @@ impl Queue {
     pub async fn follow_outbox(&mut self, store: &Store) -> Result<bool, sqlx::Error> {
         // Every event: where node events go by tells placement whether the
         // nodes it read are current.
-        let filter = Filter::default();
         let mut news = false;
         loop {
             let Some(at) = self.at else { return Ok(news) };
-            let events = outbox::read_after(store.pool(), at, READ, &filter).await?;
+            let (events, held) = outbox::read_after_held(store.pool(), at, READ).await?;
+            self.held_back = held;
             let Some(last) = events.last().map(RecordedEvent::checkpoint) else {
                 return Ok(news);
             };
@@ -267,6 +271,13 @@ impl Queue {
                 return Ok(news);
             }
         }
+    }
+
+    /// Whether the last read of the outbox found events it could not show
+    /// yet, held back by an older open transaction that may end without
+    /// notifying anyone: the caller should look again soon.
+    pub fn held_back(&self) -> bool {
+        self.held_back
     }
 
     /// The read model's unfinished tasks and its checkpoint, consistent
