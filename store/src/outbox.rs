@@ -433,16 +433,22 @@ pub async fn try_lock_checkpoint(
     conn: &mut sqlx::PgConnection,
     name: &str,
 ) -> Result<Option<Checkpoint>, sqlx::Error> {
+    let lock = || {
+        sqlx::query_as::<_, (i64, i64)>(
+            "SELECT txid, position FROM checkpoints WHERE name = $1 FOR UPDATE SKIP LOCKED",
+        )
+        .bind(name)
+    };
+    // The row exists but for a consumer's very first step: one statement.
+    if let Some((txid, position)) = lock().fetch_optional(&mut *conn).await? {
+        return Ok(Some(Checkpoint { txid, position }));
+    }
+    // Locked by another consumer, or not there yet.
     sqlx::query("INSERT INTO checkpoints (name) VALUES ($1) ON CONFLICT DO NOTHING")
         .bind(name)
         .execute(&mut *conn)
         .await?;
-    let row: Option<(i64, i64)> = sqlx::query_as(
-        "SELECT txid, position FROM checkpoints WHERE name = $1 FOR UPDATE SKIP LOCKED",
-    )
-    .bind(name)
-    .fetch_optional(conn)
-    .await?;
+    let row = lock().fetch_optional(conn).await?;
     Ok(row.map(|(txid, position)| Checkpoint { txid, position }))
 }
 
