@@ -230,6 +230,15 @@ const SELECT: &str = "SELECT e.position, e.txid::text::bigint AS txid, e.recorde
     e.aggregate_type, e.aggregate_id, e.sequence, e.event_type, e.event_version, e.payload, e.metadata \
     FROM events e";
 
+/// The events after the checkpoint `($1, $2)` that readers may see: only
+/// those of transactions older than every one still running.
+const READABLE_AFTER: &str = "(e.txid, e.position) > ($1::text::xid8, $2) \
+    AND e.txid < pg_snapshot_xmin(pg_current_snapshot())";
+
+/// Over `events`: whether some committed event is not readable yet, held
+/// back by an older transaction still running ([`held_back`]).
+const HELD_BACK: &str = "COALESCE(max(txid) >= pg_snapshot_xmin(pg_current_snapshot()), false)";
+
 /// Reads up to `limit` events after `after` in the global order, only from
 /// transactions that have all finished, so nothing read later can sort
 /// before what was read now.
@@ -259,8 +268,7 @@ pub async fn read_after_except<'e>(
     except: &[&str],
 ) -> Result<Vec<RecordedEvent>, sqlx::Error> {
     let sql = format!(
-        "{SELECT} WHERE (e.txid, e.position) > ($1::text::xid8, $2) \
-         AND e.txid < pg_snapshot_xmin(pg_current_snapshot()) \
+        "{SELECT} WHERE {READABLE_AFTER} \
          AND ($4::text IS NULL OR e.aggregate_type = $4) \
          AND ($5::text IS NULL OR e.aggregate_id = $5) \
          AND NOT (e.event_type = ANY($6)) \
@@ -291,11 +299,8 @@ pub async fn read_after_held<'e>(
     limit: i64,
 ) -> Result<(Vec<RecordedEvent>, bool), sqlx::Error> {
     let sql = format!(
-        "SELECT h.held, r.* FROM \
-           (SELECT COALESCE(max(txid) >= pg_snapshot_xmin(pg_current_snapshot()), false) AS held \
-              FROM events) h \
-         LEFT JOIN LATERAL ({SELECT} WHERE (e.txid, e.position) > ($1::text::xid8, $2) \
-              AND e.txid < pg_snapshot_xmin(pg_current_snapshot()) \
+        "SELECT h.held, r.* FROM (SELECT {HELD_BACK} AS held FROM events) h \
+         LEFT JOIN LATERAL ({SELECT} WHERE {READABLE_AFTER} \
             ORDER BY e.txid, e.position LIMIT $3) r ON true \
          ORDER BY r.txid, r.position"
     );
@@ -523,11 +528,9 @@ impl Notifier {
 /// # Errors
 /// A database error.
 pub async fn held_back<'e>(db: impl PgExecutor<'e>) -> Result<bool, sqlx::Error> {
-    sqlx::query_scalar(
-        "SELECT COALESCE(max(txid) >= pg_snapshot_xmin(pg_current_snapshot()), false) FROM events",
-    )
-    .fetch_one(db)
-    .await
+    sqlx::query_scalar(&format!("SELECT {HELD_BACK} FROM events"))
+        .fetch_one(db)
+        .await
 }
 
 /// Waits for new events: returns when a NOTIFY arrives, a commit of this
