@@ -112,6 +112,17 @@ pub trait Projection: Send + Sync {
     ) -> Option<BoxFuture<'a, Result<(), SetError>>> {
         None
     }
+    /// Applies `events` while a rebuild fills the model's new tables,
+    /// which hold no row of any of them yet and only their keys and
+    /// unique indexes; by default as [`Projection::apply_set`]. A model
+    /// that writes one row per event may write them by `COPY` here.
+    fn fill_set<'a>(
+        &'a self,
+        conn: &'a mut PgConnection,
+        events: &'a [&'a RecordedEvent],
+    ) -> Option<BoxFuture<'a, Result<(), SetError>>> {
+        self.apply_set(conn, events)
+    }
 }
 
 /// Why [`Projection::apply_set`] failed.

@@ -599,29 +599,15 @@ impl Timeline {
         Ok(known)
     }
 
-    async fn apply_all(
+    /// The timeline's rows of `events`, one per event, in their order.
+    async fn rows<'e>(
         &self,
         conn: &mut PgConnection,
-        events: &[&RecordedEvent],
-    ) -> Result<(), SetError> {
+        events: &[&'e RecordedEvent],
+    ) -> Result<Vec<Line<'e>>, SetError> {
         let node_ids: Vec<Option<Uuid>> = events.iter().map(|e| summary::node_of(e)).collect();
         let firsts = self.firsts(conn, events, &node_ids).await?;
-        let n = events.len();
-        let mut rows = (
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-        );
-        let mut more = (
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-        );
+        let mut rows = Vec::with_capacity(events.len());
         for (&ev, node_id) in events.iter().zip(node_ids) {
             let project_id: Option<Uuid> = match ev.aggregate_type.as_str() {
                 "project" => ev.aggregate_id.parse().ok(),
@@ -644,19 +630,53 @@ impl Timeline {
                 Some(First::Name(name)) => name.clone(),
                 _ => None,
             });
-            let text = summary::summarize(ev, name.as_deref())
+            let summary = summary::summarize(ev, name.as_deref())
                 .map_err(|e| SetError::at(ev, undecodable(ev, e)))?;
-            rows.0.push(ev.position);
-            rows.1.push(ev.txid);
-            rows.2.push(ev.aggregate_type.as_str());
-            rows.3.push(ev.aggregate_id.as_str());
-            rows.4.push(ev.sequence);
-            rows.5.push(ev.event_type.as_str());
+            rows.push(Line {
+                event: ev,
+                project_id,
+                summary,
+                node_id,
+            });
+        }
+        Ok(rows)
+    }
+
+    async fn apply_all(
+        &self,
+        conn: &mut PgConnection,
+        events: &[&RecordedEvent],
+    ) -> Result<(), SetError> {
+        let rows = self.rows(conn, events).await?;
+        let n = rows.len();
+        let mut cols = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        let mut more = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        for row in &rows {
+            let ev = row.event;
+            cols.0.push(ev.position);
+            cols.1.push(ev.txid);
+            cols.2.push(ev.aggregate_type.as_str());
+            cols.3.push(ev.aggregate_id.as_str());
+            cols.4.push(ev.sequence);
+            cols.5.push(ev.event_type.as_str());
             more.0.push(ev.actor());
             more.1.push(ev.recorded_at);
-            more.2.push(project_id);
-            more.3.push(text);
-            more.4.push(node_id);
+            more.2.push(row.project_id);
+            more.3.push(row.summary.as_str());
+            more.4.push(row.node_id);
         }
         sqlx::query(
             "INSERT INTO timeline (position, txid, aggregate_type, aggregate_id, sequence, event_type, \
@@ -665,12 +685,12 @@ impl Timeline {
                $6::text[], $7::text[], $8::timestamptz[], $9::uuid[], $10::text[], $11::uuid[]) \
              ON CONFLICT (position) DO NOTHING",
         )
-        .bind(&rows.0)
-        .bind(&rows.1)
-        .bind(&rows.2)
-        .bind(&rows.3)
-        .bind(&rows.4)
-        .bind(&rows.5)
+        .bind(&cols.0)
+        .bind(&cols.1)
+        .bind(&cols.2)
+        .bind(&cols.3)
+        .bind(&cols.4)
+        .bind(&cols.5)
         .bind(&more.0)
         .bind(&more.1)
         .bind(&more.2)
@@ -680,6 +700,89 @@ impl Timeline {
         .await?;
         Ok(())
     }
+
+    /// Writes the rows of `events` by `COPY`: for a rebuild's new table,
+    /// which holds none of them yet.
+    async fn copy_all(
+        &self,
+        conn: &mut PgConnection,
+        events: &[&RecordedEvent],
+    ) -> Result<(), SetError> {
+        let rows = self.rows(conn, events).await?;
+        let mut text = String::with_capacity(rows.len() * 256);
+        for row in &rows {
+            row.copy_text(&mut text);
+        }
+        let mut copy = conn
+            .copy_in_raw(
+                "COPY timeline (position, txid, aggregate_type, aggregate_id, sequence, event_type, \
+                   actor, recorded_at, project_id, summary, node_id) FROM STDIN",
+            )
+            .await?;
+        if let Err(e) = copy.send(text.as_bytes()).await {
+            let _ = copy.abort("the rows could not be sent").await;
+            return Err(e.into());
+        }
+        copy.finish().await?;
+        Ok(())
+    }
+}
+
+/// One event's row of the timeline.
+struct Line<'e> {
+    event: &'e RecordedEvent,
+    project_id: Option<Uuid>,
+    summary: String,
+    node_id: Option<Uuid>,
+}
+
+impl Line<'_> {
+    /// Appends the row as a line of `COPY`'s text format.
+    fn copy_text(&self, out: &mut String) {
+        use std::fmt::Write;
+        let ev = self.event;
+        // Writing to a String cannot fail.
+        let _ = write!(out, "{}\t{}\t", ev.position, ev.txid);
+        copy_field(out, &ev.aggregate_type);
+        copy_field(out, &ev.aggregate_id);
+        let _ = write!(out, "{}\t", ev.sequence);
+        copy_field(out, &ev.event_type);
+        copy_field(out, ev.actor());
+        let _ = write!(
+            out,
+            "{}\t",
+            ev.recorded_at
+                .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
+        );
+        match self.project_id {
+            Some(id) => {
+                let _ = write!(out, "{id}\t");
+            }
+            None => out.push_str("\\N\t"),
+        }
+        copy_field(out, &self.summary);
+        match self.node_id {
+            Some(id) => {
+                let _ = writeln!(out, "{id}");
+            }
+            None => out.push_str("\\N\n"),
+        }
+    }
+}
+
+/// Appends `value` as a field of `COPY`'s text format and a tab: the
+/// backslash and the characters that separate fields and rows escaped.
+fn copy_field(out: &mut String, value: &str) {
+    for c in value.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\t' => out.push_str("\\t"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            c => out.push(c),
+        }
+    }
+    out.push('\t');
 }
 
 impl Projection for Timeline {
@@ -699,6 +802,13 @@ impl Projection for Timeline {
         events: &'a [&'a RecordedEvent],
     ) -> Option<BoxFuture<'a, Result<(), SetError>>> {
         Some(Box::pin(self.apply_all(conn, events)))
+    }
+    fn fill_set<'a>(
+        &'a self,
+        conn: &'a mut PgConnection,
+        events: &'a [&'a RecordedEvent],
+    ) -> Option<BoxFuture<'a, Result<(), SetError>>> {
+        Some(Box::pin(self.copy_all(conn, events)))
     }
     fn apply<'a>(
         &'a self,

@@ -18,10 +18,13 @@
 //! 2. It replays the log into them, [`TX_EVENTS`] events per transaction,
 //!    while the running projector keeps the live tables fresh: one
 //!    connection reads the log, and each model fills its tables on a
-//!    connection of its own from the same batches, beside the others.
-//!    Then it builds the live tables' other indexes on the new ones, each
-//!    in one sort rather than one update per row, and concurrently: no
-//!    transaction stays open while they sort.
+//!    connection of its own from the same batches, beside the others
+//!    ([`Projection::fill_set`]: the timeline, a row per event, by
+//!    `COPY`). Then it builds the live tables' other indexes on the new
+//!    ones, each in one sort rather than one update per row, and
+//!    concurrently: no transaction stays open while they sort. Autovacuum
+//!    stays off the new tables until then, as its analyze of a table
+//!    being filled holds a snapshot those builds would wait for.
 //! 3. One short transaction locks the models' checkpoints (the running
 //!    projector skips a locked checkpoint), applies the events that
 //!    arrived since step 2, drops each live table and moves the new one
@@ -93,9 +96,16 @@ pub struct Rebuilt {
     pub applications: usize,
     /// Building the new tables, while everything else ran on.
     pub build: Duration,
+    /// The part of `build` spent building the new tables' indexes after
+    /// their rows were in.
+    pub indexes: Duration,
     /// The switch: the transaction that catches up and swaps the tables
     /// in, the only time outbox consumers wait for the rebuild.
     pub switch: Duration,
+    /// Whether a model's statement for a whole batch failed without
+    /// blaming an event, so that it applied its later events one at a
+    /// time (slower, the same result).
+    pub one_by_one: bool,
 }
 
 /// The dead letters a rebuild finds, kept apart until the switch.
@@ -275,6 +285,7 @@ async fn rebuild(
     // The indexes left out while filling, one at a time (two concurrent
     // builds wait for each other), then fresh statistics, so that queries
     // on the new tables are planned well from the start.
+    let indexing = Instant::now();
     sqlx::query("SET maintenance_work_mem = '256MB'")
         .execute(&mut *conn)
         .await?;
@@ -282,10 +293,15 @@ async fn rebuild(
         for (definition,) in live_indexes(conn, t, false).await? {
             sqlx::query(&definition).execute(&mut *conn).await?;
         }
-        sqlx::query(&format!("ANALYZE {}", t.built()))
-            .execute(&mut *conn)
-            .await?;
     }
+    for t in &tables {
+        for statement in ["ANALYZE {}", "ALTER TABLE {} RESET (autovacuum_enabled)"] {
+            sqlx::query(&statement.replace("{}", &t.built()))
+                .execute(&mut *conn)
+                .await?;
+        }
+    }
+    let indexes = indexing.elapsed();
     let build = started.elapsed();
 
     let chosen: Vec<&dyn Projection> = chosen.iter().map(AsRef::as_ref).collect();
@@ -319,7 +335,9 @@ async fn rebuild(
         events: read,
         applications: read * chosen.len(),
         build,
+        indexes,
         switch,
+        one_by_one: letters.one_by_one,
     })
 }
 
@@ -422,12 +440,24 @@ async fn fill(
     mut batches: tokio::sync::mpsc::Receiver<Batch>,
 ) -> Result<Letters, ProjectionError> {
     let mut letters = Letters::default();
+    let mut busy = Duration::ZERO;
     while let Some(events) = batches.recv().await {
+        let applying = Instant::now();
+        let events: Vec<&RecordedEvent> = events.iter().collect();
         for slice in events.chunks(TX_EVENTS) {
             loop {
                 let mut tx = conn.begin().await?;
                 let mut pending = Vec::new();
-                match apply(&mut tx, &[p.as_ref()], slice, &mut letters, &mut pending).await {
+                let applied = apply(
+                    &mut tx,
+                    &[p.as_ref()],
+                    slice,
+                    &mut letters,
+                    &mut pending,
+                    Target::Filling,
+                )
+                .await;
+                match applied {
                     Ok(()) => {
                         tx.commit().await?;
                         letters.found.extend(pending);
@@ -440,9 +470,25 @@ async fn fill(
                 }
             }
         }
+        busy += applying.elapsed();
     }
+    tracing::info!(
+        projection = p.name(),
+        seconds = busy.as_secs_f64(),
+        "a read model's new tables are filled"
+    );
     let _ = conn.close().await;
     Ok(letters)
+}
+
+/// What the events are applied into.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Target {
+    /// New tables being filled, in log order ([`Projection::fill_set`]).
+    Filling,
+    /// Tables with every index, which may hold some of the rows
+    /// ([`Projection::apply_set`]).
+    Live,
 }
 
 /// Applies `events` to every chosen model, recording in `pending` the
@@ -451,16 +497,17 @@ async fn fill(
 async fn apply(
     conn: &mut PgConnection,
     chosen: &[&dyn Projection],
-    events: &[RecordedEvent],
+    events: &[&RecordedEvent],
     letters: &mut Letters,
     pending: &mut Vec<Found>,
+    into: Target,
 ) -> Result<(), Stop> {
     let none = HashMap::new();
     for p in chosen {
         let failed = letters.failed.get(p.name()).unwrap_or(&none);
         let held = letters.held.entry(p.name()).or_default();
         let mut to_apply = Vec::with_capacity(events.len());
-        for event in events {
+        for &event in events {
             match verdict(*p, event, failed, held) {
                 Verdict::Apply => to_apply.push(event),
                 Verdict::Record(error) => {
@@ -476,7 +523,11 @@ async fn apply(
         if to_apply.is_empty() {
             continue;
         }
-        let whole = match (letters.one_by_one, p.apply_set(conn, &to_apply)) {
+        let set = match into {
+            Target::Filling => p.fill_set(conn, &to_apply),
+            Target::Live => p.apply_set(conn, &to_apply),
+        };
+        let whole = match (letters.one_by_one, set) {
             (false, Some(set)) => Some(AssertUnwindSafe(set).catch_unwind().await),
             _ => None,
         };
@@ -539,7 +590,17 @@ async fn switch(
         let Some(last) = events.last().map(RecordedEvent::checkpoint) else {
             break;
         };
-        if let Err(stop) = apply(&mut tx, chosen, &events, letters, &mut pending).await {
+        let events: Vec<&RecordedEvent> = events.iter().collect();
+        let applied = apply(
+            &mut tx,
+            chosen,
+            &events,
+            letters,
+            &mut pending,
+            Target::Live,
+        )
+        .await;
+        if let Err(stop) = applied {
             let _ = tx.rollback().await;
             return Err(stop);
         }
@@ -711,6 +772,15 @@ async fn prepare(conn: &mut PgConnection, name: &'static str) -> Result<Table, s
         "CREATE TABLE {} (LIKE {} INCLUDING ALL EXCLUDING INDEXES)",
         t.built(),
         t.live()
+    ))
+    .execute(&mut *conn)
+    .await?;
+    // Autovacuum's analyze of a table being filled would hold a snapshot
+    // the concurrent index builds wait for; the build analyzes the new
+    // tables itself once their rows are in.
+    sqlx::query(&format!(
+        "ALTER TABLE {} SET (autovacuum_enabled = false)",
+        t.built()
     ))
     .execute(&mut *conn)
     .await?;

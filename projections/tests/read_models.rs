@@ -169,7 +169,10 @@ async fn task_history(store: &Store, project: Uuid, node: Uuid, i: usize) {
                 outcome: if i == 3 {
                     Outcome::Failed {
                         exit_code: Some(2),
-                        reason: "exit 2".into(),
+                        // As an agent may report it: what separates the
+                        // fields and rows of COPY's text, its escapes and
+                        // its NULL, quotes and characters beyond ASCII.
+                        reason: "exit 2\tcol\nrow\r\\N \\t back\\slash \"q\" 'q' é 😀".into(),
                     }
                 } else {
                     Outcome::Succeeded
@@ -289,8 +292,21 @@ async fn a_rebuild_reproduces_every_read_model_byte_for_byte() {
     projector.catch_up().await.unwrap();
     let before = dump(&db.pool).await;
     assert!(before.contains("gpu-3"));
-    let applied = projector.rebuild(None).await.unwrap();
-    assert!(applied > 0);
+    let reason: String =
+        sqlx::query_scalar("SELECT summary FROM timeline WHERE event_type = 'TaskFailed'")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert!(
+        reason.contains("exit 2\tcol\nrow\r\\N \\t back\\slash"),
+        "{reason:?}"
+    );
+    let rebuilt = projector.rebuild_report(None).await.unwrap();
+    assert!(rebuilt.events > 0);
+    // Every batch written as a whole (the timeline's by COPY), not one
+    // event at a time after a batch failed, which would hide a mistake
+    // in the batch's statement behind the same result.
+    assert!(!rebuilt.one_by_one);
     assert_eq!(dump(&db.pool).await, before);
     // One model alone, too.
     projector.rebuild(Some("timeline")).await.unwrap();

@@ -388,12 +388,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 let projector = projections::Projector::new(pool);
                 let r = projector.rebuild_report(name.as_deref()).await?;
                 println!(
-                    "rebuilt {} from {} events ({} event applications) in {:.2} s; \
-                     readers switched to the new content in {:.3} s",
+                    "rebuilt {} from {} events ({} event applications) in {:.2} s \
+                     (indexes {:.2} s); readers switched to the new content in {:.3} s",
                     name.as_deref().unwrap_or("all read models"),
                     r.events,
                     r.applications,
                     (r.build + r.switch).as_secs_f64(),
+                    r.indexes.as_secs_f64(),
                     r.switch.as_secs_f64()
                 );
                 Ok(())

@@ -48,6 +48,10 @@ use store::outbox::{self, Checkpoint, Filter};
 use store::Store;
 use uuid::Uuid;
 
+/// The allocator of the `unidesk` binary, whose rebuild this measures.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Measure rebuilding read models from the log.
 #[derive(Debug, Parser)]
 struct Args {
@@ -669,7 +673,7 @@ async fn main() -> anyhow::Result<()> {
             seconds,
         };
         println!(
-            "{:<44} {:>9} events in {:>7.1} s = {:>9.0} events/s ({:.1}% of the one-query SELECT; {} models, {:.0} applications/s; switch {:.2} s)",
+            "{:<44} {:>9} events in {:>7.1} s = {:>9.0} events/s ({:.1}% of the one-query SELECT; {} models, {:.0} applications/s; indexes {:.2} s; switch {:.2} s)",
             f.what,
             f.events,
             f.seconds,
@@ -677,6 +681,7 @@ async fn main() -> anyhow::Result<()> {
             100.0 * f.per_second() / scan_rate,
             r.models.len(),
             r.applications as f64 / seconds,
+            r.indexes.as_secs_f64(),
             r.switch.as_secs_f64()
         );
         let mut sorted = delays.clone();
