@@ -751,8 +751,7 @@ impl Line<'_> {
         let _ = write!(
             out,
             "{}\t",
-            ev.recorded_at
-                .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
+            as_bound(ev.recorded_at).to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
         );
         match self.project_id {
             Some(id) => {
@@ -767,6 +766,21 @@ impl Line<'_> {
             }
             None => out.push_str("\\N\n"),
         }
+    }
+}
+
+/// `t` as the database stores it when it is bound as a parameter (as
+/// [`Timeline::apply_all`] binds it): whole microseconds since
+/// 2000-01-01, the rest dropped toward that date. Written as text, the
+/// database would round the nanoseconds instead, and a rebuild's row
+/// would differ from the projector's by a microsecond.
+fn as_bound(t: DateTime<Utc>) -> DateTime<Utc> {
+    let Some(epoch) = DateTime::from_timestamp(946_684_800, 0) else {
+        return t;
+    };
+    match (t - epoch).num_microseconds() {
+        Some(us) => epoch + chrono::Duration::microseconds(us),
+        None => t,
     }
 }
 
@@ -816,5 +830,38 @@ impl Projection for Timeline {
         ev: &'a RecordedEvent,
     ) -> BoxFuture<'a, Result<(), ProjectionError>> {
         Box::pin(async move { self.apply_all(conn, &[ev]).await.map_err(|e| e.error) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(t: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(t)
+            .map(|t| t.with_timezone(&Utc))
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn a_time_is_written_as_binding_it_would_store_it() {
+        // Whole microseconds, the rest dropped toward 2000-01-01: down
+        // after it, up before it; what has no rest stays.
+        for (given, stored) in [
+            (
+                "2026-01-02T03:04:05.520177696Z",
+                "2026-01-02T03:04:05.520177Z",
+            ),
+            (
+                "1999-12-31T23:59:59.123456789Z",
+                "1999-12-31T23:59:59.123457Z",
+            ),
+            ("2026-01-02T03:04:05.5Z", "2026-01-02T03:04:05.500000Z"),
+        ] {
+            assert_eq!(
+                as_bound(at(given)).to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+                stored
+            );
+        }
     }
 }
