@@ -522,6 +522,14 @@ fn remember(kept: &mut hashlink::LruCache<(Kind, Uuid), First>, id: Uuid, fact: 
     }
 }
 
+/// The timeline's columns, in the order its writes give them.
+macro_rules! timeline_columns {
+    () => {
+        "position, txid, aggregate_type, aggregate_id, sequence, event_type, \
+         actor, recorded_at, project_id, summary, node_id"
+    };
+}
+
 impl Timeline {
     fn new() -> Self {
         let kept = hashlink::LruCache::new(FIRSTS_KEPT);
@@ -679,11 +687,10 @@ impl Timeline {
             more.4.push(row.node_id);
         }
         sqlx::query(
-            "INSERT INTO timeline (position, txid, aggregate_type, aggregate_id, sequence, event_type, \
-               actor, recorded_at, project_id, summary, node_id) \
+            concat!("INSERT INTO timeline (", timeline_columns!(), ") \
              SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::bigint[], \
                $6::text[], $7::text[], $8::timestamptz[], $9::uuid[], $10::text[], $11::uuid[]) \
-             ON CONFLICT (position) DO NOTHING",
+             ON CONFLICT (position) DO NOTHING"),
         )
         .bind(&cols.0)
         .bind(&cols.1)
@@ -714,10 +721,11 @@ impl Timeline {
             row.copy_text(&mut text);
         }
         let mut copy = conn
-            .copy_in_raw(
-                "COPY timeline (position, txid, aggregate_type, aggregate_id, sequence, event_type, \
-                   actor, recorded_at, project_id, summary, node_id) FROM STDIN",
-            )
+            .copy_in_raw(concat!(
+                "COPY timeline (",
+                timeline_columns!(),
+                ") FROM STDIN"
+            ))
             .await?;
         if let Err(e) = copy.send(text.as_bytes()).await {
             let _ = copy.abort("the rows could not be sent").await;
