@@ -121,6 +121,10 @@ pub fn human_bytes(n: u64) -> String {
 /// otherwise: 2 GiB.
 pub const DEFAULT_PREPARED_BYTES: u64 = 2 << 30;
 
+/// How long after a checkout its tree's next spare is made: a warm start
+/// spends about this long from its checkout to its container running.
+const SPARE_DELAY: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// The cache of bare mirrors under one directory, and the prepared trees
 /// of the commits checked out of them lately ([`crate::prepared`]).
 #[derive(Debug)]
@@ -192,22 +196,28 @@ impl GitCache {
             .dir()
             .try_clone()
             .map_err(|e| local("opening the checkout directory", e))?;
-        // A commit this mirror gave before, its tree kept: copied, and
-        // neither the mirror nor the network is read.
+        // A commit this mirror gave before, its tree kept: its spare moved
+        // in, or the tree copied, and neither the mirror nor the network
+        // is read.
         let (trees, k, d) = (self.trees.clone(), key.clone(), dest.try_clone());
         let copied = run_blocking(move || {
             let d = d.map_err(|e| local("opening the checkout directory", e))?;
-            match trees.get(&k) {
-                Some(tree) => tree
-                    .copy_into(&d)
-                    .map(|()| true)
-                    .map_err(|e| local("writing the checkout from its prepared tree", e)),
-                None => Ok(false),
+            let Some(tree) = trees.get(&k) else {
+                return Ok(false);
+            };
+            let moved = trees
+                .move_spare_into(&tree, &d)
+                .map_err(|e| local("moving the checkout's spare tree in", e))?;
+            if !moved {
+                tree.copy_into(&d)
+                    .map_err(|e| local("writing the checkout from its prepared tree", e))?;
             }
+            tracing::debug!(spare = moved, "commit written from its prepared tree");
+            Ok(true)
         })
         .await?;
         if copied {
-            tracing::debug!("commit copied from its prepared tree");
+            self.replenish(key);
             return Ok(Fetched {
                 from_cache: true,
                 ..Fetched::default()
@@ -230,9 +240,29 @@ impl GitCache {
             })
             .await?
         };
-        let trees = self.trees.clone();
-        run_blocking(move || export_and_keep(&trees, &key, &mirror, oid, &dest)).await?;
+        let (trees, k) = (self.trees.clone(), key.clone());
+        run_blocking(move || export_and_keep(&trees, &k, &mirror, oid, &dest)).await?;
+        self.replenish(key);
         Ok(fetched)
+    }
+
+    /// Makes a spare of the prepared tree `key` in the background, for the
+    /// next checkout of its commit, once this one's container has had
+    /// [`SPARE_DELAY`] to start: the copy then does not compete with it
+    /// for the machine.
+    fn replenish(&self, key: String) {
+        let trees = self.trees.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(SPARE_DELAY).await;
+            let made = tokio::task::spawn_blocking(move || {
+                if let Some(tree) = trees.peek(&key) {
+                    trees.make_spare(&tree);
+                }
+            });
+            if let Err(e) = made.await {
+                tracing::warn!(error = %e, "making a spare tree stopped");
+            }
+        });
     }
 
     /// The commits this cache holds (its `refs/cache/*` refs), at most

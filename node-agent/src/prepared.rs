@@ -19,11 +19,21 @@
 //! leave first, and a commit larger than the whole budget is not kept. A
 //! tree that leaves while a checkout still copies from it is removed when
 //! that copy is done.
+//!
+//! A tree checked out lately may also have a spare: one more copy of it,
+//! made in the background after a checkout, that the next checkout of the
+//! same commit moves into its workspace entry by entry (a rename each, the
+//! files themselves never touched) instead of copying, then replaced in
+//! the background again. A spare is as private as its tree (nothing but
+//! the agent ever sees it before it is moved), is registered only once it
+//! is whole, and uses only room the budget has left: it never makes a tree
+//! leave, and spares leave before any tree does. Spares are not kept
+//! across restarts.
 
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use cap_fs_ext::{DirExt, FollowSymlinks, OpenOptionsFollowExt};
 use cap_std::ambient_authority;
@@ -32,6 +42,9 @@ use git2::Oid;
 
 /// The most trees kept at once, whatever their size.
 pub const MAX_TREES: usize = 256;
+
+/// How a spare tree's directory is named, followed by a random id.
+const SPARE_PREFIX: &str = ".spare-";
 
 /// How deep a copied tree may nest (the checkouts that wrote it were held
 /// to the same bound).
@@ -60,6 +73,45 @@ pub(crate) struct Tree {
     bytes: u64,
     /// Left the budget: removed from disk when the last copy from it ends.
     retired: AtomicBool,
+    /// Its spare copy, once whole. Taken with the trees' state locked
+    /// first, as the budget counts it.
+    spare: Mutex<Option<Spare>>,
+    /// A spare is being made.
+    making: AtomicBool,
+}
+
+impl Tree {
+    fn new(key: String, path: PathBuf, bytes: u64) -> Self {
+        Tree {
+            key,
+            path,
+            bytes,
+            retired: AtomicBool::new(false),
+            spare: Mutex::new(None),
+            making: AtomicBool::new(false),
+        }
+    }
+
+    fn spare(&self) -> MutexGuard<'_, Option<Spare>> {
+        self.spare.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A whole spare copy of a tree, removed from disk when dropped (once
+/// moved into a workspace, only its empty directory is left).
+#[derive(Debug)]
+struct Spare {
+    path: PathBuf,
+}
+
+impl Drop for Spare {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.path) {
+            if e.kind() != io::ErrorKind::NotFound {
+                tracing::warn!(spare = %self.path.display(), error = %e, "removing a spare tree failed");
+            }
+        }
+    }
 }
 
 impl Drop for Tree {
@@ -113,15 +165,10 @@ impl PreparedTrees {
             let name = entry.file_name();
             let Some(name) = name.to_str() else { continue };
             let path = entry.path();
-            if name.starts_with(".new-") {
+            if name.starts_with(".new-") || name.starts_with(SPARE_PREFIX) {
                 let _ = std::fs::remove_dir_all(&path);
             } else if let Some((key, bytes)) = parse_name(name) {
-                left.push(Tree {
-                    key: key.to_owned(),
-                    path,
-                    bytes,
-                    retired: AtomicBool::new(false),
-                });
+                left.push(Tree::new(key.to_owned(), path, bytes));
             }
         }
         for tree in left {
@@ -137,13 +184,14 @@ impl PreparedTrees {
         self.budget
     }
 
-    /// The bytes the trees hold now, and how many there are.
+    /// The bytes the trees and their spares hold now (or are being
+    /// written), and how many trees there are.
     pub fn usage(&self) -> (u64, usize) {
         let state = self.lock();
         (state.bytes, state.trees.len())
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+    fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -164,6 +212,12 @@ impl PreparedTrees {
         let tree = state.trees.remove(at);
         state.trees.push(tree.clone());
         Some(tree)
+    }
+
+    /// The tree named `key`, if it is kept, leaving the order of use as
+    /// it is.
+    pub(crate) fn peek(&self, key: &str) -> Option<Arc<Tree>> {
+        self.lock().trees.iter().find(|t| t.key == key).cloned()
     }
 
     /// A new tree to write, or `None` when no tree is kept at all.
@@ -207,36 +261,145 @@ impl PreparedTrees {
             return;
         }
         draft.kept = true;
-        let tree = Arc::new(Tree {
-            key: key.to_owned(),
-            path,
-            bytes,
-            retired: AtomicBool::new(false),
-        });
-        drop(self.admit(tree));
+        drop(self.admit(Arc::new(Tree::new(key.to_owned(), path, bytes))));
+    }
+
+    /// Moves the spare of `tree`, when it has one ready, into `dest`, an
+    /// empty directory on the same file system, entry by entry, never
+    /// replacing anything there. Returns `false`, with `dest` untouched,
+    /// when there is no spare or it cannot be moved there (another file
+    /// system): then the caller copies the tree.
+    ///
+    /// # Errors
+    /// The system's error, naming the entry, when a move fails after
+    /// others were made.
+    pub(crate) fn move_spare_into(&self, tree: &Tree, dest: &Dir) -> io::Result<bool> {
+        let spare = {
+            let mut state = self.lock();
+            let Some(spare) = tree.spare().take() else {
+                return Ok(false);
+            };
+            state.bytes -= tree.bytes;
+            spare
+        };
+        let from = Dir::open_ambient_dir(&spare.path, ambient_authority())?;
+        let names = from
+            .entries()?
+            .map(|entry| entry.map(|e| e.file_name()))
+            .collect::<io::Result<Vec<_>>>()?;
+        for (i, name) in names.iter().enumerate() {
+            let moved = rustix::fs::renameat_with(
+                &from,
+                name.as_os_str(),
+                dest,
+                name.as_os_str(),
+                rustix::fs::RenameFlags::NOREPLACE,
+            );
+            match moved {
+                Ok(()) => {}
+                Err(rustix::io::Errno::XDEV) if i == 0 => {
+                    tracing::debug!("spare trees live on another file system than workspaces");
+                    return Ok(false);
+                }
+                Err(e) => {
+                    return Err(io::Error::new(
+                        io::Error::from(e).kind(),
+                        format!("moving {}: {e}", name.to_string_lossy()),
+                    ))
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    /// Makes a spare of `tree` (on the calling thread; it copies the whole
+    /// tree) unless it has one, one is being made, the tree left, or the
+    /// budget has no room for it.
+    pub(crate) fn make_spare(&self, tree: &Tree) {
+        {
+            let mut state = self.lock();
+            let busy = tree.retired.load(Ordering::Acquire)
+                || tree.spare().is_some()
+                || tree.making.load(Ordering::Acquire);
+            if busy || state.bytes + tree.bytes > self.budget {
+                return;
+            }
+            tree.making.store(true, Ordering::Release);
+            state.bytes += tree.bytes;
+        }
+        let made = self.write_spare(tree);
+        let mut state = self.lock();
+        tree.making.store(false, Ordering::Release);
+        match made {
+            Ok(spare) if !tree.retired.load(Ordering::Acquire) => *tree.spare() = Some(spare),
+            Ok(spare) => {
+                state.bytes -= tree.bytes;
+                drop(state);
+                drop(spare);
+            }
+            Err(e) => {
+                state.bytes -= tree.bytes;
+                tracing::debug!(tree = %tree.key, error = %e, "no spare tree");
+            }
+        }
+    }
+
+    /// Writes a copy of `tree` under a spare's name.
+    fn write_spare(&self, tree: &Tree) -> io::Result<Spare> {
+        let spare = Spare {
+            path: self
+                .dir
+                .join(format!("{SPARE_PREFIX}{}", uuid::Uuid::new_v4().simple())),
+        };
+        std::fs::create_dir(&spare.path)?;
+        let to = Dir::open_ambient_dir(&spare.path, ambient_authority())?;
+        tree.copy_into(&to)?;
+        Ok(spare)
+    }
+
+    /// How many trees have a spare ready.
+    pub fn spares(&self) -> usize {
+        let state = self.lock();
+        state.trees.iter().filter(|t| t.spare().is_some()).count()
     }
 
     /// Adds `tree` as the most recently used, and returns the trees that
-    /// left to make room (or `tree` itself, when it cannot fit), to be
-    /// dropped outside the lock.
-    fn admit(&self, tree: Arc<Tree>) -> Vec<Arc<Tree>> {
+    /// left to make room (or `tree` itself, when it cannot fit) and the
+    /// spares that did, to be dropped outside the lock.
+    fn admit(&self, tree: Arc<Tree>) -> (Vec<Arc<Tree>>, Vec<Spare>) {
         let mut state = self.lock();
-        let mut gone = Vec::new();
+        let mut gone = (Vec::new(), Vec::new());
         if self.budget == 0
             || tree.bytes > self.budget
             || state.trees.iter().any(|t| t.key == tree.key)
         {
             tree.retired.store(true, Ordering::Release);
-            gone.push(tree);
+            gone.0.push(tree);
             return gone;
+        }
+        // Spares make room first, the least recently used tree's first.
+        while state.bytes + tree.bytes > self.budget {
+            let Some((bytes, spare)) = state
+                .trees
+                .iter()
+                .find_map(|t| t.spare().take().map(|s| (t.bytes, s)))
+            else {
+                break;
+            };
+            state.bytes -= bytes;
+            gone.1.push(spare);
         }
         while !state.trees.is_empty()
             && (state.bytes + tree.bytes > self.budget || state.trees.len() >= MAX_TREES)
         {
             let old = state.trees.remove(0);
             state.bytes -= old.bytes;
+            if let Some(spare) = old.spare().take() {
+                state.bytes -= old.bytes;
+                gone.1.push(spare);
+            }
             old.retired.store(true, Ordering::Release);
-            gone.push(old);
+            gone.0.push(old);
         }
         state.bytes += tree.bytes;
         state.trees.push(tree);
@@ -390,6 +553,134 @@ mod tests {
         assert!(!path.exists(), "removed with the last copy");
     }
 
+    /// The files under `dir`, with their contents, in order.
+    fn files_under(dir: &Path) -> Vec<(String, Vec<u8>)> {
+        let mut found = Vec::new();
+        let mut stack = vec![dir.to_owned()];
+        while let Some(at) = stack.pop() {
+            for entry in std::fs::read_dir(&at).unwrap() {
+                let path = entry.unwrap().path();
+                let kind = std::fs::symlink_metadata(&path).unwrap().file_type();
+                let shown = path.strip_prefix(dir).unwrap().display().to_string();
+                if kind.is_dir() {
+                    stack.push(path);
+                } else if kind.is_symlink() {
+                    let target = std::fs::read_link(&path).unwrap();
+                    found.push((shown, target.into_os_string().into_encoded_bytes()));
+                } else {
+                    found.push((shown, std::fs::read(&path).unwrap()));
+                }
+            }
+        }
+        found.sort();
+        found
+    }
+
+    fn names_in(dir: &Path) -> Vec<String> {
+        let mut names: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn a_spare_is_moved_in_whole_and_the_tree_stays_as_it_was() {
+        let dir = tempfile::tempdir().unwrap();
+        let trees = PreparedTrees::open(dir.path().join("trees"), 1000);
+        let draft = trees.draft().unwrap().unwrap();
+        draft.dir().write("f", b"committed").unwrap();
+        draft.dir().create_dir_all("sub/deeper").unwrap();
+        draft.dir().write("sub/deeper/g", b"deep").unwrap();
+        draft
+            .dir()
+            .symlink_contents("/etc/passwd", "outside")
+            .unwrap();
+        trees.keep(draft, &key(1), 13);
+        let tree = trees.get(&key(1)).unwrap();
+        let pristine = files_under(&tree.path);
+
+        let work = tempfile::tempdir().unwrap();
+        let dest_of = |name: &str| {
+            std::fs::create_dir(work.path().join(name)).unwrap();
+            Dir::open_ambient_dir(work.path().join(name), ambient_authority()).unwrap()
+        };
+        assert!(!trees.move_spare_into(&tree, &dest_of("none")).unwrap());
+        assert!(names_in(&work.path().join("none")).is_empty());
+
+        trees.make_spare(&tree);
+        assert_eq!((trees.spares(), trees.usage()), (1, (26, 1)));
+        assert!(trees.move_spare_into(&tree, &dest_of("a")).unwrap());
+        assert_eq!(files_under(&work.path().join("a")), pristine);
+        assert_eq!(
+            std::fs::read_link(work.path().join("a/outside")).unwrap(),
+            Path::new("/etc/passwd"),
+            "a link is moved as a link"
+        );
+        assert_eq!((trees.spares(), trees.usage()), (0, (13, 1)));
+        assert_eq!(
+            names_in(&dir.path().join("trees")),
+            [format!("{}.13", key(1))],
+            "the spare's directory went with it"
+        );
+
+        // What the task does to its copy reaches neither the tree nor the
+        // next spare.
+        std::fs::write(work.path().join("a/f"), "changed").unwrap();
+        std::fs::write(work.path().join("a/sub/deeper/g"), "changed").unwrap();
+        std::fs::remove_file(work.path().join("a/outside")).unwrap();
+        trees.make_spare(&tree);
+        assert_eq!(files_under(&tree.path), pristine);
+        assert!(trees.move_spare_into(&tree, &dest_of("b")).unwrap());
+        assert_eq!(files_under(&work.path().join("b")), pristine);
+
+        // A spare never replaces what its destination holds.
+        trees.make_spare(&tree);
+        let taken = dest_of("taken");
+        taken.write("f", b"mine").unwrap();
+        let e = trees.move_spare_into(&tree, &taken).unwrap_err();
+        assert!(e.to_string().contains("moving f"), "{e}");
+        assert_eq!(std::fs::read(work.path().join("taken/f")).unwrap(), b"mine");
+        assert_eq!(trees.usage(), (13, 1));
+    }
+
+    #[test]
+    fn spares_use_only_room_the_trees_leave_and_leave_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let trees = PreparedTrees::open(dir.path().join("trees"), 100);
+        tree_of(&trees, &key(1), 60);
+        let first = trees.get(&key(1)).unwrap();
+        trees.make_spare(&first);
+        assert_eq!(trees.spares(), 0, "no room for a second copy");
+        assert_eq!(trees.usage(), (60, 1));
+
+        let trees = PreparedTrees::open(dir.path().join("trees"), 130);
+        let first = trees.get(&key(1)).unwrap();
+        trees.make_spare(&first);
+        trees.make_spare(&first);
+        assert_eq!((trees.spares(), trees.usage()), (1, (120, 1)));
+
+        // A new tree needs the room: the spare goes, both trees stay.
+        tree_of(&trees, &key(2), 60);
+        assert_eq!((trees.spares(), trees.usage()), (0, (120, 2)));
+        assert!(trees.get(&key(1)).is_some());
+        assert_eq!(names_in(&dir.path().join("trees")).len(), 2);
+
+        // A tree that leaves takes its spare with it.
+        let trees = PreparedTrees::open(dir.path().join("trees"), 200);
+        let second = trees.get(&key(2)).unwrap();
+        trees.make_spare(&second);
+        assert_eq!(trees.usage(), (180, 2));
+        tree_of(&trees, &key(3), 150);
+        assert_eq!((trees.spares(), trees.usage()), (0, (150, 1)));
+        drop(second);
+        assert_eq!(
+            names_in(&dir.path().join("trees")),
+            [format!("{}.150", key(3))]
+        );
+    }
+
     #[test]
     fn a_restart_takes_up_whole_trees_and_removes_half_written_ones() {
         let dir = tempfile::tempdir().unwrap();
@@ -398,10 +689,15 @@ mod tests {
             let trees = PreparedTrees::open(at.clone(), 100);
             tree_of(&trees, &key(1), 30);
             tree_of(&trees, &key(2), 30);
-            // A crash in the middle of writing a third.
+            // A crash in the middle of writing a third, with a spare made.
             let draft = trees.draft().unwrap().unwrap();
             draft.dir().write("f", b"half").unwrap();
             std::mem::forget(draft);
+            let tree = trees.get(&key(1)).unwrap();
+            trees.make_spare(&tree);
+            assert_eq!(trees.spares(), 1);
+            std::mem::forget(tree);
+            std::mem::forget(trees);
         }
         let again = PreparedTrees::open(at.clone(), 100);
         assert_eq!(again.usage(), (60, 2));

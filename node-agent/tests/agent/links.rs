@@ -610,6 +610,28 @@ async fn a_prepared_tree_gives_the_commit_as_committed_whatever_a_task_did_to_it
     );
     outside.is_untouched();
 
+    // Soon after a checkout a spare copy of the tree is ready: the next
+    // checkout moves it in, as committed; the task vandalises that copy
+    // too, and the one after is again as committed.
+    for name in ["spared", "spared again"] {
+        let waited = std::time::Instant::now();
+        while cache.prepared().spares() == 0 {
+            assert!(
+                waited.elapsed() < std::time::Duration::from_secs(30),
+                "no spare tree was made"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        assert!(checkout(name).await.from_cache);
+        assert_eq!(cache.prepared().spares(), 0, "the spare was taken");
+        let spared = work.path().join(name);
+        assert_eq!(listing(&spared), committed, "{name}");
+        std::fs::write(spared.join("tool.sh"), "rm -rf /\n").unwrap();
+        std::fs::remove_dir_all(spared.join("deep")).unwrap();
+        std::fs::remove_file(spared.join("abs")).unwrap();
+    }
+    outside.is_untouched();
+
     // A new agent on the same work directory finds the tree again.
     let again = GitCache::new(cache_dir.path().join("git"));
     assert_eq!(again.prepared().usage(), (bytes, 1));
