@@ -121,9 +121,9 @@ pub fn human_bytes(n: u64) -> String {
 /// otherwise: 2 GiB.
 pub const DEFAULT_PREPARED_BYTES: u64 = 2 << 30;
 
-/// How long after a checkout its tree's next spare is made: a warm start
-/// spends about this long from its checkout to its container running.
-const SPARE_DELAY: std::time::Duration = std::time::Duration::from_millis(500);
+/// How long after a checkout its tree's next spare is made at the latest,
+/// when no container start ([`GitCache::make_spares`]) came first.
+const SPARE_DELAY: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// The cache of bare mirrors under one directory, and the prepared trees
 /// of the commits checked out of them lately ([`crate::prepared`]).
@@ -242,23 +242,33 @@ impl GitCache {
         };
         let (trees, k) = (self.trees.clone(), key.clone());
         run_blocking(move || export_and_keep(&trees, &k, &mirror, oid, &dest)).await?;
+        self.trees.want(&key);
         self.replenish(key);
         Ok(fetched)
     }
 
-    /// Makes a spare of the prepared tree `key` in the background, for the
-    /// next checkout of its commit, once this one's container has had
-    /// [`SPARE_DELAY`] to start: the copy then does not compete with it
-    /// for the machine.
+    /// Makes, in the background, a spare of each prepared tree checked out
+    /// since its last one, for the next checkout of its commit. The agent
+    /// calls this once an attempt's container has started, so the copies
+    /// do not compete with the start for the machine.
+    pub fn make_spares(&self) {
+        let trees = self.trees.clone();
+        tokio::spawn(async move {
+            let made = tokio::task::spawn_blocking(move || trees.make_wanted(None));
+            if let Err(e) = made.await {
+                tracing::warn!(error = %e, "making spare trees stopped");
+            }
+        });
+    }
+
+    /// Makes a spare of the prepared tree `key` in the background
+    /// [`SPARE_DELAY`] after its checkout, unless
+    /// [`GitCache::make_spares`] made it first.
     fn replenish(&self, key: String) {
         let trees = self.trees.clone();
         tokio::spawn(async move {
             tokio::time::sleep(SPARE_DELAY).await;
-            let made = tokio::task::spawn_blocking(move || {
-                if let Some(tree) = trees.peek(&key) {
-                    trees.make_spare(&tree);
-                }
-            });
+            let made = tokio::task::spawn_blocking(move || trees.make_wanted(Some(&key)));
             if let Err(e) = made.await {
                 tracing::warn!(error = %e, "making a spare tree stopped");
             }

@@ -33,7 +33,7 @@
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use cap_fs_ext::{DirExt, FollowSymlinks, OpenOptionsFollowExt};
 use cap_std::ambient_authority;
@@ -45,6 +45,10 @@ pub const MAX_TREES: usize = 256;
 
 /// How a spare tree's directory is named, followed by a random id.
 const SPARE_PREFIX: &str = ".spare-";
+
+/// The longest a checkout waits for a spare being made before it copies
+/// the tree itself.
+const SPARE_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// How deep a copied tree may nest (the checkouts that wrote it were held
 /// to the same bound).
@@ -63,6 +67,8 @@ struct State {
     /// Least recently used first.
     trees: Vec<Arc<Tree>>,
     bytes: u64,
+    /// The keys of trees checked out since their spare was last made.
+    wanted: Vec<String>,
 }
 
 /// One whole tree on disk.
@@ -73,11 +79,18 @@ pub(crate) struct Tree {
     bytes: u64,
     /// Left the budget: removed from disk when the last copy from it ends.
     retired: AtomicBool,
-    /// Its spare copy, once whole. Taken with the trees' state locked
-    /// first, as the budget counts it.
-    spare: Mutex<Option<Spare>>,
-    /// A spare is being made.
-    making: AtomicBool,
+    /// Its spare copy. Changed with the trees' state locked first, as the
+    /// budget counts it.
+    spare: Mutex<SpareSlot>,
+    /// Signalled when a spare being made is done (or given up).
+    spare_made: Condvar,
+}
+
+/// A tree's spare: whole and ready, or being made.
+#[derive(Debug, Default)]
+struct SpareSlot {
+    ready: Option<Spare>,
+    making: bool,
 }
 
 impl Tree {
@@ -87,13 +100,22 @@ impl Tree {
             path,
             bytes,
             retired: AtomicBool::new(false),
-            spare: Mutex::new(None),
-            making: AtomicBool::new(false),
+            spare: Mutex::default(),
+            spare_made: Condvar::new(),
         }
     }
 
-    fn spare(&self) -> MutexGuard<'_, Option<Spare>> {
+    fn spare(&self) -> MutexGuard<'_, SpareSlot> {
         self.spare.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Waits, at most `limit`, while a spare of this tree is being made.
+    fn await_spare(&self, limit: std::time::Duration) {
+        let slot = self.spare();
+        let waited = self
+            .spare_made
+            .wait_timeout_while(slot, limit, |slot| slot.making);
+        drop(waited.unwrap_or_else(|e| e.into_inner()));
     }
 }
 
@@ -214,12 +236,6 @@ impl PreparedTrees {
         Some(tree)
     }
 
-    /// The tree named `key`, if it is kept, leaving the order of use as
-    /// it is.
-    pub(crate) fn peek(&self, key: &str) -> Option<Arc<Tree>> {
-        self.lock().trees.iter().find(|t| t.key == key).cloned()
-    }
-
     /// A new tree to write, or `None` when no tree is kept at all.
     ///
     /// # Errors
@@ -266,17 +282,22 @@ impl PreparedTrees {
 
     /// Moves the spare of `tree`, when it has one ready, into `dest`, an
     /// empty directory on the same file system, entry by entry, never
-    /// replacing anything there. Returns `false`, with `dest` untouched,
-    /// when there is no spare or it cannot be moved there (another file
-    /// system): then the caller copies the tree.
+    /// replacing anything there; a spare being made is waited for (the
+    /// rest of its copy is never longer than a whole copy). Returns
+    /// `false`, with `dest` untouched, when there is no spare or it cannot
+    /// be moved there (another file system): then the caller copies the
+    /// tree. Either way the tree is wanted for a new spare
+    /// ([`PreparedTrees::make_wanted`]).
     ///
     /// # Errors
     /// The system's error, naming the entry, when a move fails after
     /// others were made.
     pub(crate) fn move_spare_into(&self, tree: &Tree, dest: &Dir) -> io::Result<bool> {
+        self.want(&tree.key);
+        tree.await_spare(SPARE_WAIT);
         let spare = {
             let mut state = self.lock();
-            let Some(spare) = tree.spare().take() else {
+            let Some(spare) = tree.spare().ready.take() else {
                 return Ok(false);
             };
             state.bytes -= tree.bytes;
@@ -312,36 +333,73 @@ impl PreparedTrees {
         Ok(true)
     }
 
+    /// Notes that the tree `key` was checked out: its next spare is
+    /// wanted.
+    pub(crate) fn want(&self, key: &str) {
+        let mut state = self.lock();
+        if self.budget > 0 && !state.wanted.iter().any(|k| k == key) {
+            state.wanted.push(key.to_owned());
+        }
+    }
+
+    /// Makes a spare of every tree checked out since its last one (on the
+    /// calling thread: each is a whole copy), or only of `key` when given
+    /// and still wanted.
+    pub(crate) fn make_wanted(&self, key: Option<&str>) {
+        let wanted = {
+            let mut state = self.lock();
+            let keys = match key {
+                None => std::mem::take(&mut state.wanted),
+                Some(key) => match state.wanted.iter().position(|k| k == key) {
+                    Some(at) => vec![state.wanted.remove(at)],
+                    None => Vec::new(),
+                },
+            };
+            keys.iter()
+                .filter_map(|k| state.trees.iter().find(|t| &t.key == k).cloned())
+                .collect::<Vec<_>>()
+        };
+        for tree in wanted {
+            self.make_spare(&tree);
+        }
+    }
+
     /// Makes a spare of `tree` (on the calling thread; it copies the whole
     /// tree) unless it has one, one is being made, the tree left, or the
     /// budget has no room for it.
     pub(crate) fn make_spare(&self, tree: &Tree) {
         {
             let mut state = self.lock();
-            let busy = tree.retired.load(Ordering::Acquire)
-                || tree.spare().is_some()
-                || tree.making.load(Ordering::Acquire);
+            let mut slot = tree.spare();
+            let busy = tree.retired.load(Ordering::Acquire) || slot.ready.is_some() || slot.making;
             if busy || state.bytes + tree.bytes > self.budget {
                 return;
             }
-            tree.making.store(true, Ordering::Release);
+            slot.making = true;
             state.bytes += tree.bytes;
         }
         let made = self.write_spare(tree);
         let mut state = self.lock();
-        tree.making.store(false, Ordering::Release);
-        match made {
-            Ok(spare) if !tree.retired.load(Ordering::Acquire) => *tree.spare() = Some(spare),
-            Ok(spare) => {
-                state.bytes -= tree.bytes;
-                drop(state);
-                drop(spare);
+        let mut slot = tree.spare();
+        slot.making = false;
+        let unused = match made {
+            Ok(spare) if !tree.retired.load(Ordering::Acquire) => {
+                slot.ready = Some(spare);
+                None
             }
+            Ok(spare) => Some(spare),
             Err(e) => {
-                state.bytes -= tree.bytes;
                 tracing::debug!(tree = %tree.key, error = %e, "no spare tree");
+                None
             }
+        };
+        if slot.ready.is_none() {
+            state.bytes -= tree.bytes;
         }
+        drop(slot);
+        drop(state);
+        tree.spare_made.notify_all();
+        drop(unused);
     }
 
     /// Writes a copy of `tree` under a spare's name.
@@ -360,7 +418,11 @@ impl PreparedTrees {
     /// How many trees have a spare ready.
     pub fn spares(&self) -> usize {
         let state = self.lock();
-        state.trees.iter().filter(|t| t.spare().is_some()).count()
+        state
+            .trees
+            .iter()
+            .filter(|t| t.spare().ready.is_some())
+            .count()
     }
 
     /// Adds `tree` as the most recently used, and returns the trees that
@@ -382,7 +444,7 @@ impl PreparedTrees {
             let Some((bytes, spare)) = state
                 .trees
                 .iter()
-                .find_map(|t| t.spare().take().map(|s| (t.bytes, s)))
+                .find_map(|t| t.spare().ready.take().map(|s| (t.bytes, s)))
             else {
                 break;
             };
@@ -394,7 +456,7 @@ impl PreparedTrees {
         {
             let old = state.trees.remove(0);
             state.bytes -= old.bytes;
-            if let Some(spare) = old.spare().take() {
+            if let Some(spare) = old.spare().ready.take() {
                 state.bytes -= old.bytes;
                 gone.1.push(spare);
             }
@@ -643,6 +705,33 @@ mod tests {
         assert!(e.to_string().contains("moving f"), "{e}");
         assert_eq!(std::fs::read(work.path().join("taken/f")).unwrap(), b"mine");
         assert_eq!(trees.usage(), (13, 1));
+    }
+
+    #[test]
+    fn a_checkout_waits_for_a_spare_being_made_rather_than_copying_beside_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let trees = Arc::new(PreparedTrees::open(dir.path().join("trees"), 1 << 30));
+        let draft = trees.draft().unwrap().unwrap();
+        for i in 0..2000 {
+            draft.dir().write(format!("f{i}"), b"x").unwrap();
+        }
+        trees.keep(draft, &key(1), 2000);
+        let tree = trees.get(&key(1)).unwrap();
+        let making = std::thread::spawn({
+            let (trees, tree) = (trees.clone(), tree.clone());
+            move || trees.make_spare(&tree)
+        });
+        while !tree.spare().making {
+            assert!(!making.is_finished(), "the spare was made before it was seen");
+            std::thread::yield_now();
+        }
+        let work = tempfile::tempdir().unwrap();
+        let dest = Dir::open_ambient_dir(work.path(), ambient_authority()).unwrap();
+        assert!(trees.move_spare_into(&tree, &dest).unwrap());
+        making.join().unwrap();
+        assert_eq!(names_in(work.path()).len(), 2000);
+        assert_eq!(trees.usage(), (2000, 1));
+        assert_eq!(names_in(&dir.path().join("trees")).len(), 1);
     }
 
     #[test]

@@ -430,6 +430,9 @@ async fn follow_container(
     if let Err(e) = docker::start_container(&ctx.docker, id).await {
         return Ending::failed(e);
     }
+    // The start no longer needs the machine: the next checkout's copy can
+    // be made now.
+    ctx.git.make_spares();
     out.status(ReportedState::Running, |s| {
         s.container = Some(id.to_owned())
     })
