@@ -308,6 +308,7 @@ impl PreparedTrees {
             .entries()?
             .map(|entry| entry.map(|e| e.file_name()))
             .collect::<io::Result<Vec<_>>>()?;
+        use rustix::io::Errno;
         for (i, name) in names.iter().enumerate() {
             let moved = rustix::fs::renameat_with(
                 &from,
@@ -318,8 +319,12 @@ impl PreparedTrees {
             );
             match moved {
                 Ok(()) => {}
-                Err(rustix::io::Errno::XDEV) if i == 0 => {
-                    tracing::debug!("spare trees live on another file system than workspaces");
+                Err(e @ (Errno::XDEV | Errno::INVAL | Errno::NOSYS | Errno::OPNOTSUPP))
+                    if i == 0 =>
+                {
+                    // Another file system, or one that cannot refuse to
+                    // replace: nothing moved, the tree is copied.
+                    tracing::debug!(error = %e, "a spare tree cannot be moved into a workspace");
                     return Ok(false);
                 }
                 Err(e) => {
@@ -722,7 +727,10 @@ mod tests {
             move || trees.make_spare(&tree)
         });
         while !tree.spare().making {
-            assert!(!making.is_finished(), "the spare was made before it was seen");
+            assert!(
+                !making.is_finished(),
+                "the spare was made before it was seen"
+            );
             std::thread::yield_now();
         }
         let work = tempfile::tempdir().unwrap();
