@@ -242,8 +242,11 @@ impl GitCache {
         };
         let (trees, k) = (self.trees.clone(), key.clone());
         run_blocking(move || export_and_keep(&trees, &k, &mirror, oid, &dest)).await?;
+        // A commit checked out for the first time is often checked out
+        // again soon (a sweep, a retry), and its tree was just written:
+        // its spare is copied now, while the first start takes its time.
         self.trees.want(&key);
-        self.replenish(key);
+        self.make_spares();
         Ok(fetched)
     }
 

@@ -633,8 +633,11 @@ async fn a_prepared_tree_gives_the_commit_as_committed_whatever_a_task_did_to_it
     outside.is_untouched();
 
     // A new agent on the same work directory finds the tree again.
+    // (The first cache may have counted a spare in its bytes already.)
     let again = GitCache::new(cache_dir.path().join("git"));
-    assert_eq!(again.prepared().usage(), (bytes, 1));
+    let (kept, trees) = again.prepared().usage();
+    assert_eq!(trees, 1);
+    assert!(kept > 0 && kept <= bytes, "{kept} of {bytes}");
     let dest = root.create_dir("fourth", "a checkout").unwrap();
     let fourth = again
         .checkout(&repo.url, &repo.commit, &dest, &GitAuth::default())
