@@ -252,16 +252,11 @@ impl GitCache {
 
     /// Makes, in the background, a spare of each prepared tree checked out
     /// since its last one, for the next checkout of its commit. The agent
-    /// calls this once an attempt's container has started, so the copies
-    /// do not compete with the start for the machine.
+    /// calls this once an attempt's container has started and the start
+    /// is reported; the copies run at the lowest CPU priority, so they
+    /// take what the machine leaves.
     pub fn make_spares(&self) {
-        let trees = self.trees.clone();
-        tokio::spawn(async move {
-            let made = tokio::task::spawn_blocking(move || trees.make_wanted(None));
-            if let Err(e) = made.await {
-                tracing::warn!(error = %e, "making spare trees stopped");
-            }
-        });
+        spare_maker(self.trees.clone(), None);
     }
 
     /// Makes a spare of the prepared tree `key` in the background
@@ -271,10 +266,7 @@ impl GitCache {
         let trees = self.trees.clone();
         tokio::spawn(async move {
             tokio::time::sleep(SPARE_DELAY).await;
-            let made = tokio::task::spawn_blocking(move || trees.make_wanted(Some(&key)));
-            if let Err(e) = made.await {
-                tracing::warn!(error = %e, "making a spare tree stopped");
-            }
+            spare_maker(trees, Some(key));
         });
     }
 
@@ -285,6 +277,24 @@ impl GitCache {
         run_blocking(move || Ok(list_cached_commits(&root, limit)))
             .await
             .unwrap_or_default()
+    }
+}
+
+/// Starts a thread of the lowest CPU priority making the spares `trees`
+/// want (only `key`'s when given).
+fn spare_maker(trees: Arc<PreparedTrees>, key: Option<String>) {
+    let started = std::thread::Builder::new()
+        .name("spare-trees".into())
+        .spawn(move || {
+            // On Linux a thread id names that thread alone.
+            let tid = rustix::thread::gettid();
+            if let Err(e) = rustix::process::setpriority_process(Some(tid), 19) {
+                tracing::debug!(error = %e, "spare trees are made at the usual priority");
+            }
+            trees.make_wanted(key.as_deref());
+        });
+    if let Err(e) = started {
+        tracing::warn!(error = %e, "no thread to make spare trees");
     }
 }
 

@@ -430,13 +430,13 @@ async fn follow_container(
     if let Err(e) = docker::start_container(&ctx.docker, id).await {
         return Ending::failed(e);
     }
-    // The start no longer needs the machine: the next checkout's copy can
-    // be made now.
-    ctx.git.make_spares();
     out.status(ReportedState::Running, |s| {
         s.container = Some(id.to_owned())
     })
     .await;
+    // The start no longer needs the machine: the next checkout's copy can
+    // be made now.
+    ctx.git.make_spares();
     let limits = Limits {
         timeout_s: spec.timeout_s,
         left: spec.timeout_s.map(Duration::from_secs),
