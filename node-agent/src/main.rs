@@ -112,10 +112,11 @@ struct Cli {
     #[arg(long, env = "UNIDESK_WORKSPACE_CHECK_S", default_value_t = 30,
           value_parser = clap::value_parser!(u64).range(1..=3600))]
     workspace_check_s: u64,
-    /// MiB the prepared trees of recently checked-out commits may hold
-    /// together in the work directory: a task on a commit the node checked
-    /// out lately gets a copy of its files instead of a new read of the
-    /// repository. 0 keeps none.
+    /// MiB the prepared trees of recently checked-out commits, and their
+    /// spare copies, may hold together in the work directory: a task on a
+    /// commit the node checked out lately gets a copy of its files (its
+    /// spare, moved in) instead of a new read of the repository. 0 keeps
+    /// none.
     #[arg(long, env = "UNIDESK_PREPARED_TREES_MB", default_value_t = 2048)]
     prepared_trees_mb: u64,
     /// Docker daemon address (unix:///… or tcp://…); the local socket by default.
