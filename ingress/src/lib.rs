@@ -152,6 +152,11 @@ pub struct Ingress {
     admission: Admission,
     /// What the ingress counts for `/metrics`.
     metrics: telemetry::IngressMetrics,
+    /// Permits to record a session's end ([`shutdown::RECORDERS`]): ends
+    /// recorded at once, so that thousands of sessions ending together
+    /// queue here rather than on the pool, where they would time out and
+    /// keep every other query waiting.
+    end_recorders: Arc<tokio::sync::Semaphore>,
 }
 
 impl Ingress {
@@ -172,6 +177,7 @@ impl Ingress {
             secrets_key: None,
             admission: Admission::new(ConnectLimits::default()),
             metrics: telemetry::IngressMetrics::default(),
+            end_recorders: Arc::new(tokio::sync::Semaphore::new(shutdown::RECORDERS)),
         }
     }
 

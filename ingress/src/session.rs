@@ -53,7 +53,7 @@ use crate::commands::{self, Encoded};
 use crate::host_ssh;
 use crate::registry::{Ending, Outgoing};
 use crate::reports::{self, Answer, LogPermissions};
-use crate::{auth, liveness, Ingress, IDLE_HEARTBEATS};
+use crate::{auth, liveness, shutdown, Ingress, IDLE_HEARTBEATS};
 
 /// tungstenite's read and write buffers per connection. Its default read
 /// buffer (128 KiB) would cost ~135 KiB per idle agent; idle sessions are
@@ -1111,20 +1111,10 @@ impl Session {
     }
 }
 
-/// Appends `NodeDisconnected` for `session`, unless the node has moved on
-/// to a newer session (then the aggregate appends nothing).
+/// Appends `NodeDisconnected` for `session` ([`shutdown::record_end`]),
+/// saying so when it cannot.
 async fn record_end(ingress: &Ingress, node_id: Uuid, session: Uuid, actor: &Actor, end: &End) {
-    let at = Utc::now();
-    let command = NodeCommand::Disconnect {
-        session,
-        reason: end.reason(),
-        at,
-    };
-    if let Err(e) = ingress
-        .store()
-        .execute::<Node>(&node_id.to_string(), command, actor, at)
-        .await
-    {
+    if let Err(e) = shutdown::record_end(ingress, (node_id, session), end.reason(), actor).await {
         tracing::warn!(%node_id, error = %e, "recording the disconnection failed");
     }
 }

@@ -24,8 +24,9 @@ use uuid::Uuid;
 
 use crate::Ingress;
 
-/// Ends recorded at once at shutdown: enough to use the pool, few enough
-/// that each command's queries do not queue behind the others'.
+/// Ends recorded at once, at shutdown as while serving: enough to use the
+/// pool, few enough that each command's queries do not queue behind the
+/// others'.
 pub(crate) const RECORDERS: usize = 16;
 
 /// The reason every end recorded at shutdown gives.
@@ -96,22 +97,37 @@ async fn still_current(ingress: &Ingress, sessions: Vec<(Uuid, Uuid)>) -> Vec<(U
 /// Appends `NodeDisconnected` for `session` unless the node moved on;
 /// whether it appended.
 async fn record(ingress: &Ingress, node_id: Uuid, session: Uuid) -> bool {
-    let at = Utc::now();
-    let command = NodeCommand::Disconnect {
-        session,
-        reason: REASON.into(),
-        at,
-    };
     let actor = Actor::Node(node_id.to_string());
-    match ingress
-        .store()
-        .execute::<Node>(&node_id.to_string(), command, &actor, at)
-        .await
-    {
-        Ok(executed) => !executed.events.is_empty(),
+    match record_end(ingress, (node_id, session), REASON.into(), &actor).await {
+        Ok(appended) => appended,
         Err(e) => {
             tracing::warn!(%node_id, error = %e, "recording the disconnection at shutdown failed");
             false
         }
     }
+}
+
+/// Appends `NodeDisconnected` for `session` of `node_id` with `reason`,
+/// unless the node has moved on to a newer session (then the aggregate
+/// appends nothing); whether it appended. At most [`RECORDERS`] ends are
+/// recorded at once in one ingress; the others wait their turn.
+pub(crate) async fn record_end(
+    ingress: &Ingress,
+    (node_id, session): (Uuid, Uuid),
+    reason: String,
+    actor: &Actor,
+) -> Result<bool, store::StoreError<domain::node::NodeError>> {
+    // The semaphore is never closed.
+    let _turn = ingress.end_recorders.acquire().await.ok();
+    let at = Utc::now();
+    let command = NodeCommand::Disconnect {
+        session,
+        reason,
+        at,
+    };
+    let executed = ingress
+        .store()
+        .execute::<Node>(&node_id.to_string(), command, actor, at)
+        .await?;
+    Ok(!executed.events.is_empty())
 }

@@ -1507,3 +1507,54 @@ async fn shutting_down_says_goodbye_to_every_agent_and_records_each_end() {
         assert_eq!(reason, "the ingress shut down");
     }
 }
+
+/// Sessions that end together (a site's gateway restarting, a load test
+/// stopping) each have their end recorded, even on a pool far smaller
+/// than their number: the ends queue for the ingress's few recorders, not
+/// all at once for the pool's connections, where most would time out and
+/// leave their node online in the log until liveness noticed.
+#[tokio::test]
+async fn sessions_ending_together_each_have_their_end_recorded() {
+    const AGENTS: usize = 400;
+    let db = testkit::fresh_db().await;
+    let small = store::pool_options()
+        .max_connections(2)
+        .acquire_timeout(Duration::from_secs(1))
+        .connect(&db.url)
+        .await
+        .unwrap();
+    let p = Platform {
+        store: Store::new(small),
+        pool: db.pool.clone(),
+    };
+    let server = Server::start(&p.store, "ingress-a").await;
+    let mut agents = Vec::new();
+    let mut nodes = Vec::new();
+    for _ in 0..AGENTS {
+        let (node_id, token) = p.provision().await;
+        let (agent, _) = Agent::join(server.addr, &token, vec![]).await;
+        agents.push(agent);
+        nodes.push(node_id);
+    }
+    server.wait_connected(AGENTS).await;
+    drop(agents);
+    let pool = &p.pool;
+    wait_until("every end to be recorded", || async move {
+        let ended: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM events \
+             WHERE aggregate_type = 'node' AND event_type = 'NodeDisconnected'",
+        )
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        ended == AGENTS as i64
+    })
+    .await;
+    for node_id in nodes {
+        assert_eq!(
+            p.events_of("node", node_id).await,
+            ["NodeProvisioned", "NodeConnected", "NodeDisconnected"]
+        );
+    }
+    assert_eq!(server.ingress.connected(), 0);
+}
