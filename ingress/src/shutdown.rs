@@ -9,6 +9,11 @@
 //! recorded before the process must exit, and the goodbyes waited behind
 //! them.
 //!
+//! The same few recorders serve sessions that end while the ingress
+//! serves ([`record_end`]): a thousand agents dropping together (a site's
+//! gateway restarting) wait their turn here, where before most timed out
+//! on the pool, their nodes left online in the log until liveness noticed.
+//!
 //! Ends are recorded until [`crate::SHUTDOWN_WAIT`] has passed; a session
 //! whose node already connected elsewhere has nothing to record. An end
 //! left unrecorded is what a crash of the ingress leaves too: the node

@@ -1515,11 +1515,11 @@ async fn shutting_down_says_goodbye_to_every_agent_and_records_each_end() {
 /// leave their node online in the log until liveness noticed.
 #[tokio::test]
 async fn sessions_ending_together_each_have_their_end_recorded() {
-    const AGENTS: usize = 400;
+    const AGENTS: usize = 1000;
     let db = testkit::fresh_db().await;
     let small = store::pool_options()
         .max_connections(2)
-        .acquire_timeout(Duration::from_secs(1))
+        .acquire_timeout(Duration::from_millis(250))
         .connect(&db.url)
         .await
         .unwrap();
@@ -1538,17 +1538,23 @@ async fn sessions_ending_together_each_have_their_end_recorded() {
     }
     server.wait_connected(AGENTS).await;
     drop(agents);
+    // A thousand ends take a second or two here; a loaded machine may
+    // take several times that, and an end that timed out never comes.
     let pool = &p.pool;
-    wait_until("every end to be recorded", || async move {
-        let ended: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM events \
+    testkit::eventually(
+        "every end to be recorded",
+        Duration::from_secs(60),
+        || async move {
+            let ended: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM events \
              WHERE aggregate_type = 'node' AND event_type = 'NodeDisconnected'",
-        )
-        .fetch_one(pool)
-        .await
-        .unwrap();
-        ended == AGENTS as i64
-    })
+            )
+            .fetch_one(pool)
+            .await
+            .unwrap();
+            (ended == AGENTS as i64).then_some(())
+        },
+    )
     .await;
     for node_id in nodes {
         assert_eq!(
