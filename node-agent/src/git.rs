@@ -283,6 +283,10 @@ impl GitCache {
 /// Starts a thread of the lowest CPU priority making the spares `trees`
 /// want (only `key`'s when given).
 fn spare_maker(trees: Arc<PreparedTrees>, key: Option<String>) {
+    // Every container start asks: no thread when nothing is wanted.
+    if !trees.wants(key.as_deref()) {
+        return;
+    }
     let started = std::thread::Builder::new()
         .name("spare-trees".into())
         .spawn(move || {

@@ -347,6 +347,15 @@ impl PreparedTrees {
         }
     }
 
+    /// Whether any tree (or `key`, when given) is wanted for a spare.
+    pub(crate) fn wants(&self, key: Option<&str>) -> bool {
+        let state = self.lock();
+        match key {
+            None => !state.wanted.is_empty(),
+            Some(key) => state.wanted.iter().any(|k| k == key),
+        }
+    }
+
     /// Makes a spare of every tree checked out since its last one (on the
     /// calling thread: each is a whole copy), or only of `key` when given
     /// and still wanted.
