@@ -20,10 +20,19 @@
 //! place within its directory's handle, which replaces a link at the final
 //! name rather than writing through it.
 //!
+//! A workspace is *shared* ([`Root::shared`]): the task's container may
+//! run as any user (an image's `USER`, or an entrypoint that drops root),
+//! and that user reads and writes its workspace as the agent does. What
+//! the agent makes there gets the modes of [`shared_mode`] whatever the
+//! process's umask (`unidesk dev` runs with 077); what keeps everyone else
+//! on the node out is the directory above it, `tasks/`, which is the
+//! agent's alone ([`private`]).
+//!
 //! All of it is blocking: call it from `spawn_blocking`.
 
 use std::ffi::OsString;
 use std::io;
+use std::os::fd::AsFd;
 use std::path::{Component, Path, PathBuf};
 
 use cap_fs_ext::{DirExt, FollowSymlinks, OpenOptionsFollowExt, OpenOptionsSyncExt};
@@ -94,6 +103,74 @@ pub struct Root {
     path: PathBuf,
     /// What it is, for messages: "the workspace", "the env repository".
     what: &'static str,
+    /// Whether what is made in it is for the task's container, whatever
+    /// user that runs as ([`shared_mode`]).
+    shared: bool,
+}
+
+/// The mode of a directory the agent makes in a workspace.
+pub const SHARED_DIR: u32 = 0o777;
+
+/// The mode the agent gives a file it writes into a workspace: readable
+/// and writable by every user, and executable by every user when the
+/// file (as committed, or as kept) is executable by its owner. The
+/// private directory above the workspace ([`private`]) keeps everyone
+/// but the task's container out.
+pub fn shared_mode(executable: bool) -> u32 {
+    if executable {
+        0o777
+    } else {
+        0o666
+    }
+}
+
+/// Sets exactly `mode` on the open file `fd`, whatever the process's
+/// umask; nothing is resolved by name, so no link is ever followed.
+///
+/// # Errors
+/// The system's refusal.
+pub fn set_mode(fd: impl AsFd, mode: u32) -> io::Result<()> {
+    rustix::fs::fchmod(fd, rustix::fs::Mode::from_raw_mode(mode)).map_err(io::Error::from)
+}
+
+/// As [`set_mode`], for the directory `dir`: its handle may be one that
+/// only names it (`O_PATH`, which takes no mode), so the directory is
+/// opened again through it (`.`, never a link) and changed there.
+///
+/// # Errors
+/// The system's refusal.
+pub fn set_dir_mode(dir: &Dir, mode: u32) -> io::Result<()> {
+    use rustix::fs::{openat, OFlags};
+    let opened = openat(
+        dir,
+        ".",
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )?;
+    set_mode(opened, mode)
+}
+
+/// Makes the directory `dir` its owner's alone (0700): what lies below,
+/// shared with task containers, is then out of every other user's reach
+/// on the node.
+///
+/// # Errors
+/// The system's refusal.
+pub fn private(dir: &Dir) -> io::Result<()> {
+    set_dir_mode(dir, 0o700)
+}
+
+/// Creates directory `name` in `parent` with [`SHARED_DIR`] and returns it
+/// opened without following a link.
+///
+/// # Errors
+/// The system's refusal, "exists" when anything is there already.
+pub fn shared_dir(parent: &Dir, name: impl AsRef<Path>) -> io::Result<Dir> {
+    let name = name.as_ref();
+    parent.create_dir(name)?;
+    let dir = parent.open_dir_nofollow(name)?;
+    set_dir_mode(&dir, SHARED_DIR)?;
+    Ok(dir)
 }
 
 impl Root {
@@ -108,7 +185,20 @@ impl Root {
             dir,
             path: path.to_owned(),
             what,
+            shared: false,
         })
+    }
+
+    /// This root, shared with the task's container: it and every
+    /// directory and file made in it from now on get [`shared_mode`]'s
+    /// modes (so do the roots below it).
+    ///
+    /// # Errors
+    /// The system's refusal to change the directory's mode.
+    pub fn shared(mut self) -> io::Result<Root> {
+        set_dir_mode(&self.dir, SHARED_DIR)?;
+        self.shared = true;
+        Ok(self)
     }
 
     /// Where the directory was when it was opened.
@@ -135,6 +225,7 @@ impl Root {
             dir: self.dir.try_clone()?,
             path: self.path.clone(),
             what: self.what,
+            shared: self.shared,
         })
     }
 
@@ -147,11 +238,12 @@ impl Root {
     /// system's refusal otherwise.
     pub fn create_dir(&self, rel: &str, what: &'static str) -> Result<Root, PathError> {
         let path = plain(rel)?;
-        ensure_dir(&self.dir, path)
+        ensure_dir(&self.dir, path, self.shared)
             .map(|dir| Root {
                 dir,
                 path: self.path.join(path),
                 what,
+                shared: self.shared,
             })
             .map_err(|e| self.error(rel, e))
     }
@@ -169,6 +261,7 @@ impl Root {
                 dir,
                 path: self.path.join(path),
                 what,
+                shared: self.shared,
             })
             .map_err(|e| self.error(rel, e))
     }
@@ -186,10 +279,17 @@ impl Root {
         self.dir
             .create_dir(name)
             .and_then(|()| self.dir.open_dir_nofollow(name))
+            .and_then(|dir| {
+                if self.shared {
+                    set_dir_mode(&dir, SHARED_DIR)?;
+                }
+                Ok(dir)
+            })
             .map(|dir| Root {
                 dir,
                 path: self.path.join(name),
                 what,
+                shared: self.shared,
             })
             .map_err(|e| self.error(name, e))
     }
@@ -273,7 +373,7 @@ impl Root {
             .map(OsString::from)
             .ok_or_else(|| PathError::NotPlain(rel.to_owned()))?;
         let parent = match path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            Some(p) => ensure_dir(&self.dir, p),
+            Some(p) => ensure_dir(&self.dir, p, self.shared),
             None => self.dir.try_clone(),
         }
         .map_err(|e| self.error(rel, e))?;
@@ -300,17 +400,19 @@ impl Root {
                 Err(e) => return Err(self.error(rel, e)),
             }
         };
-        Ok((
-            NewFile {
-                parent,
-                temp,
-                name,
-                rel: rel.to_owned(),
-                what: self.what,
-                persisted: false,
-            },
-            file.into_std(),
-        ))
+        let new = NewFile {
+            parent,
+            temp,
+            name,
+            rel: rel.to_owned(),
+            what: self.what,
+            persisted: false,
+        };
+        if self.shared {
+            // Dropping `new` on failure removes the temporary file.
+            set_mode(&file, shared_mode(false)).map_err(|e| self.error(rel, e))?;
+        }
+        Ok((new, file.into_std()))
     }
 
     /// Writes `data` to `rel` whole: readers see the old content or the
@@ -410,12 +512,41 @@ fn plain(rel: &str) -> Result<&Path, PathError> {
 /// The directory `path` below `dir`, created with its parents when
 /// missing. Opening decides: a link on the way that leads out makes
 /// creating fail with "exists", and opening says why.
-fn ensure_dir(dir: &Dir, path: &Path) -> io::Result<Dir> {
+fn ensure_dir(dir: &Dir, path: &Path, shared: bool) -> io::Result<Dir> {
+    if shared {
+        return ensure_shared_dir(dir, path);
+    }
     let created = dir.create_dir_all(path);
     match dir.open_dir(path) {
         Ok(opened) => Ok(opened),
         Err(e) if is_escape(&e) => Err(e),
         Err(e) => Err(created.err().unwrap_or(e)),
+    }
+}
+
+/// As [`ensure_dir`], one directory at a time from the top, giving each
+/// directory it creates [`SHARED_DIR`] (one that was there keeps its
+/// mode). Every prefix is resolved from `dir`, as the whole path is: a
+/// link that stays inside `dir` is followed, one leading out never is.
+fn ensure_shared_dir(dir: &Dir, path: &Path) -> io::Result<Dir> {
+    let mut prefix = PathBuf::new();
+    let mut at = None;
+    for component in path.components() {
+        prefix.push(component);
+        let created = dir.create_dir(&prefix);
+        let opened = match dir.open_dir(&prefix) {
+            Ok(opened) => opened,
+            Err(e) if is_escape(&e) => return Err(e),
+            Err(e) => return Err(created.err().unwrap_or(e)),
+        };
+        if created.is_ok() {
+            set_dir_mode(&opened, SHARED_DIR)?;
+        }
+        at = Some(opened);
+    }
+    match at {
+        Some(at) => Ok(at),
+        None => dir.try_clone(),
     }
 }
 

@@ -506,15 +506,22 @@ fn pack_dir(
         }
         let path = at.join(&name);
         let meta = dir.symlink_metadata(&name)?;
-        // Only the permission bits are kept, and a fixed time and owner,
-        // so the same commit gives the same context (and Docker's cache
-        // its hits) on every checkout.
+        // The modes git records (0644, or 0755 when executable;
+        // directories 0755), a fixed time and owner: the same commit gives
+        // the same context (and Docker's cache its hits) whatever the
+        // checkout's modes or the agent's umask, and what an image copies
+        // from it is as committed.
         let mut header = tar::Header::new_gnu();
-        header.set_mode(cap_std::fs::PermissionsExt::mode(&meta.permissions()) & 0o7777);
+        let kind = meta.file_type();
+        let executable = cap_std::fs::PermissionsExt::mode(&meta.permissions()) & 0o100 != 0;
+        header.set_mode(match () {
+            () if kind.is_symlink() => 0o777,
+            () if kind.is_dir() || executable => 0o755,
+            () => 0o644,
+        });
         header.set_mtime(0);
         header.set_uid(0);
         header.set_gid(0);
-        let kind = meta.file_type();
         if kind.is_symlink() {
             let target = dir.read_link_contents(&name)?;
             header.set_entry_type(tar::EntryType::Symlink);

@@ -26,12 +26,12 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use cap_fs_ext::{DirExt, FollowSymlinks, OpenOptionsFollowExt};
+use cap_fs_ext::{FollowSymlinks, OpenOptionsFollowExt};
 use cap_std::fs::Dir;
 use git2::{AutotagOption, FetchOptions, Oid, Repository};
 use sha2::{Digest, Sha256};
 
-use crate::beneath::Root;
+use crate::beneath::{set_mode, shared_dir, shared_mode, Root};
 use crate::git_auth::{callbacks, AuthFailure, GitAuth};
 use crate::keyed_lock::KeyedLocks;
 use crate::prepared::PreparedTrees;
@@ -476,7 +476,9 @@ const MAX_TREE_DEPTH: usize = 256;
 /// of following the first, as do names no checkout may hold. Links are
 /// written as links, with their target as committed; nothing here ever
 /// follows one. Content is written as committed: no filters or line-ending
-/// conversions.
+/// conversions. Modes are [`shared_mode`]'s (directories
+/// [`SHARED_DIR`](crate::beneath::SHARED_DIR)), set on each handle
+/// whatever the umask: the task's container may run as any user.
 ///
 /// When `spare` is given, every entry is written there too, from the same
 /// blob, while the tree's bytes fit `spare`'s room: that copy becomes the
@@ -583,19 +585,16 @@ fn export_tree(
                     .find_tree(entry.id())
                     .map_err(|e| local(&format!("reading {shown}"), e))?;
                 let sub_spare = match spare {
-                    Some(s) if !room.over => {
-                        match s.create_dir(name).and_then(|()| s.open_dir_nofollow(name)) {
-                            Ok(d) => Some(d),
-                            Err(e) => {
-                                room.failed(&shown, e);
-                                None
-                            }
+                    Some(s) if !room.over => match shared_dir(s, name) {
+                        Ok(d) => Some(d),
+                        Err(e) => {
+                            room.failed(&shown, e);
+                            None
                         }
-                    }
+                    },
                     _ => None,
                 };
-                dir.create_dir(name)
-                    .and_then(|()| dir.open_dir_nofollow(name))
+                shared_dir(dir, name)
                     .map_err(|e| write_error(&shown, e))
                     .and_then(|d| {
                         let sinks = (&d, sub_spare.as_ref());
@@ -636,10 +635,12 @@ fn export_tree(
             }
             // A submodule: like git, an empty directory.
             0o160000 => {
-                if let Some(Err(e)) = spare.filter(|_| !room.over).map(|s| s.create_dir(name)) {
+                if let Some(Err(e)) = spare.filter(|_| !room.over).map(|s| shared_dir(s, name)) {
                     room.failed(&shown, e);
                 }
-                dir.create_dir(name).map_err(|e| write_error(&shown, e))
+                shared_dir(dir, name)
+                    .map(drop)
+                    .map_err(|e| write_error(&shown, e))
             }
             mode => Err(GitError::BadTree(format!(
                 "{shown} has the unknown file mode {mode:o}"
@@ -683,8 +684,10 @@ fn write_file(
         .write(true)
         .create_new(true)
         .follow(FollowSymlinks::No)
-        .mode(if executable { 0o755 } else { 0o644 });
-    dir.open_with(name, &options)?.write_all(content)
+        .mode(shared_mode(executable));
+    let mut file = dir.open_with(name, &options)?;
+    set_mode(&file, shared_mode(executable))?;
+    file.write_all(content)
 }
 
 fn write_error(shown: &str, e: std::io::Error) -> GitError {

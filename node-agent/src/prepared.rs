@@ -9,7 +9,11 @@
 //!
 //! The trees live in a directory of their own, never mounted into a
 //! container: a task only ever gets a copy, so nothing it does to its
-//! workspace reaches the next task. A tree is written under a temporary
+//! workspace reaches the next task. Their files have a workspace's modes
+//! (readable and writable by every user, see
+//! [`shared_mode`]), so that a copy or a move is ready for a container
+//! of any user; the directory holding them is the agent's alone (0700),
+//! so no other user on the node reaches them. A tree is written under a temporary
 //! name (`.new-…`), during the first checkout of its commit and from the
 //! same blobs, and renamed to `<key>.<bytes>` only once it is whole, so a
 //! tree under its final name is complete, across agent restarts too.
@@ -39,6 +43,8 @@ use cap_fs_ext::{DirExt, FollowSymlinks, OpenOptionsFollowExt};
 use cap_std::ambient_authority;
 use cap_std::fs::{Dir, PermissionsExt};
 use git2::Oid;
+
+use crate::beneath::{private, set_mode, shared_dir, shared_mode};
 
 /// The most trees kept at once, whatever their size.
 pub const MAX_TREES: usize = 256;
@@ -182,6 +188,10 @@ impl PreparedTrees {
         let Ok(entries) = std::fs::read_dir(&trees.dir) else {
             return trees;
         };
+        // Made before trees' files were shared: closed now.
+        if let Err(e) = private_dir(&trees.dir) {
+            tracing::warn!(error = %e, dir = %trees.dir.display(), "the prepared trees' directory could not be made private");
+        }
         let mut left = Vec::new();
         for entry in entries.flatten() {
             let name = entry.file_name();
@@ -244,7 +254,7 @@ impl PreparedTrees {
         if self.budget == 0 {
             return Ok(None);
         }
-        std::fs::create_dir_all(&self.dir)?;
+        private_dir(&self.dir)?;
         let path = self
             .dir
             .join(format!(".new-{}", uuid::Uuid::new_v4().simple()));
@@ -496,6 +506,12 @@ impl Tree {
     }
 }
 
+/// Makes `dir` (with its parents) when missing, and its owner's alone.
+fn private_dir(dir: &Path) -> io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    private(&Dir::open_ambient_dir(dir, ambient_authority())?)
+}
+
 /// `<key>.<bytes>` as (key, bytes).
 fn parse_name(name: &str) -> Option<(&str, u64)> {
     let (key, bytes) = name.rsplit_once('.')?;
@@ -520,9 +536,8 @@ fn copy_dir(from: &Dir, to: &Dir, at: &str, depth: usize) -> io::Result<()> {
         let name = entry.file_name();
         let kind = entry.file_type().map_err(|e| named(e, &name))?;
         if kind.is_dir() {
-            to.create_dir(&name).map_err(|e| named(e, &name))?;
+            let sub_to = shared_dir(to, &name).map_err(|e| named(e, &name))?;
             let sub_from = from.open_dir_nofollow(&name).map_err(|e| named(e, &name))?;
-            let sub_to = to.open_dir_nofollow(&name).map_err(|e| named(e, &name))?;
             let at = format!("{at}{}/", name.to_string_lossy());
             copy_dir(&sub_from, &sub_to, &at, depth + 1)?;
         } else if kind.is_symlink() {
@@ -544,7 +559,10 @@ fn copy_file(from: &Dir, to: &Dir, name: &std::ffi::OsStr) -> io::Result<()> {
     let mut read = cap_std::fs::OpenOptions::new();
     read.read(true).follow(FollowSymlinks::No);
     let source = from.open_with(name, &read)?;
-    let mode = source.metadata()?.permissions().mode() & 0o777;
+    // A tree written before modes were shared (0644 and 0755) is copied as
+    // one written since.
+    let executable = source.metadata()?.permissions().mode() & 0o100 != 0;
+    let mode = shared_mode(executable);
     let mut write = cap_std::fs::OpenOptions::new();
     write
         .write(true)
@@ -552,6 +570,7 @@ fn copy_file(from: &Dir, to: &Dir, name: &std::ffi::OsStr) -> io::Result<()> {
         .follow(FollowSymlinks::No)
         .mode(mode);
     let target = to.open_with(name, &write)?;
+    set_mode(&target, mode)?;
     io::copy(&mut source.into_std(), &mut target.into_std())?;
     Ok(())
 }

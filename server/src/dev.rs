@@ -11,7 +11,12 @@
 //! with umask 077, so whatever it (or PostgreSQL, or the object store)
 //! creates later is too, and at start the permissions of a directory left
 //! by an older version are narrowed to directories 0700 and files 0600
-//! (executable bits of the owner kept). Run as root, PostgreSQL runs as
+//! (executable bits of the owner kept). The agent's directory,
+//! `./.unidesk/agent`, is narrowed itself but not walked: the agent sets
+//! the modes below it (a task's workspace is open to its container,
+//! whatever user that runs as, inside directories that are the agent's
+//! alone), and a task's files are not for this walk to follow or change.
+//! Run as root, PostgreSQL runs as
 //! the `postgres` user and must reach `./.unidesk/pg`: the top directory
 //! then belongs to the `postgres` group with mode 0710 (enter, not list or
 //! read), and stays closed to everybody else.
@@ -27,6 +32,9 @@ use crate::roles::{self, ServerArgs};
 
 /// Where `dev` keeps its state, relative to the working directory.
 pub const DEFAULT_DIR: &str = ".unidesk";
+
+/// The embedded agent's work directory, in `dev`'s.
+const AGENT_DIR: &str = "agent";
 
 /// Flags of `unidesk dev`.
 #[derive(Debug, Args)]
@@ -150,7 +158,7 @@ async fn start_local_agent(
             token
         }
     };
-    let ctx = node_agent::executor::Context::new(docker, &dir.join("agent"))
+    let ctx = node_agent::executor::Context::new(docker, &dir.join(AGENT_DIR))
         .context("preparing the local agent's work directory")?;
     let host = if listen.ip().is_unspecified() {
         std::net::IpAddr::from([127, 0, 0, 1])
@@ -204,7 +212,7 @@ pub fn running_url(dir: &Path) -> anyhow::Result<Option<String>> {
 /// but its owner (see the module's documentation for root).
 fn ensure_private_dir(dir: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    make_private(dir)
+    make_private(dir, &dir.join(AGENT_DIR))
         .with_context(|| format!("restricting the permissions under {}", dir.display()))?;
     #[cfg(unix)]
     if nix::unistd::geteuid().is_root() {
@@ -224,10 +232,11 @@ fn ensure_private_dir(dir: &Path) -> anyhow::Result<()> {
 }
 
 /// Removes every group and other permission from `path` and everything
-/// under it, and gives directories back their owner's full access.
-/// Symbolic links are neither followed nor changed; entries that vanish
-/// meanwhile (a running PostgreSQL removes files as it likes) are skipped.
-fn make_private(path: &Path) -> std::io::Result<()> {
+/// under it but what is under `unwalked`, and gives directories back their
+/// owner's full access. Symbolic links are neither followed nor changed;
+/// entries that vanish meanwhile (a running PostgreSQL removes files as it
+/// likes) are skipped.
+fn make_private(path: &Path, unwalked: &Path) -> std::io::Result<()> {
     #[cfg(unix)]
     {
         use std::io::ErrorKind::NotFound;
@@ -248,14 +257,14 @@ fn make_private(path: &Path) -> std::io::Result<()> {
                 _ => {}
             }
         }
-        if meta.is_dir() {
+        if meta.is_dir() && path != unwalked {
             let entries = match std::fs::read_dir(path) {
                 Ok(entries) => entries,
                 Err(e) if e.kind() == NotFound => return Ok(()),
                 Err(e) => return Err(e),
             };
             for entry in entries {
-                make_private(&entry?.path())?;
+                make_private(&entry?.path(), unwalked)?;
             }
         }
     }

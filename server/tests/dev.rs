@@ -159,7 +159,10 @@ async fn dev_starts_stops_on_ctrl_c_and_finds_its_data_again() {
 
 /// Every entry under `dir` that is open to anyone but its owner: the top
 /// directory may only be entered (not read) by the `postgres` group when
-/// the test runs as root, since PostgreSQL then runs as that user.
+/// the test runs as root, since PostgreSQL then runs as that user. The
+/// agent's directory must be closed itself; the modes below it are the
+/// agent's to set (a task's workspace is open to its container, inside
+/// directories closed to everyone else), checked by the agent's tests.
 fn open_to_others(dir: &Path) -> Vec<String> {
     use std::os::unix::fs::MetadataExt;
     let postgres_gid = nix::unistd::User::from_name("postgres")
@@ -187,7 +190,7 @@ fn open_to_others(dir: &Path) -> Vec<String> {
         if mode & 0o077 & !allowed != 0 {
             open.push(format!("{} {mode:o}", path.display()));
         }
-        if meta.is_dir() {
+        if meta.is_dir() && path != dir.join("agent") {
             for entry in std::fs::read_dir(&path).into_iter().flatten().flatten() {
                 stack.push(entry.path());
             }
@@ -213,6 +216,19 @@ async fn dev_keeps_its_directory_and_everything_in_it_for_its_owner_only() {
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
     }
     std::os::unix::fs::symlink("/etc/hostname", state.join("link")).unwrap();
+    // The workspace of an attempt whose container outlives the restart,
+    // run as another user: it keeps its modes (the container keeps its
+    // access), while the agent's directory above it is closed.
+    let workspace = state.join("agent").join("tasks").join("t-1").join("code");
+    std::fs::create_dir_all(&workspace).unwrap();
+    std::fs::write(workspace.join("f"), b"task").unwrap();
+    for (path, mode) in [
+        (state.join("agent"), 0o755),
+        (workspace.clone(), 0o777),
+        (workspace.join("f"), 0o666),
+    ] {
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
 
     let dev = start(dir.path()).await;
     let api = dev.api();
@@ -226,6 +242,14 @@ async fn dev_keeps_its_directory_and_everything_in_it_for_its_owner_only() {
     assert!(stored >= 2, "the object is under .unidesk/objects");
 
     assert_eq!(open_to_others(&state), Vec::<String>::new());
+    for (path, mode) in [
+        (state.join("agent").join("tasks"), 0o700),
+        (workspace.clone(), 0o777),
+        (workspace.join("f"), 0o666),
+    ] {
+        let now = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(now, mode, "{}", path.display());
+    }
     // The link was left alone, and what it points to too.
     assert!(std::fs::symlink_metadata(state.join("link"))
         .unwrap()

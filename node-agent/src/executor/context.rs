@@ -54,6 +54,9 @@ impl Context {
         let tasks = Root::open(&work_dir, "the work directory")?
             .create_dir("tasks", "the attempts' directory")
             .map_err(std::io::Error::other)?;
+        // Workspaces below are shared with their containers, whatever
+        // user those run as; this keeps every other user on the node out.
+        crate::beneath::private(tasks.dir())?;
         let digest = Sha256::digest(work_dir.to_string_lossy().as_bytes());
         Ok(Context {
             tasks,

@@ -30,8 +30,9 @@ pub(super) struct Workspace {
     pub(super) code: Root,
 }
 
-/// An empty directory for the attempt, with `code/` and `env/` in it;
-/// returns the workspace and the env checkout's directory.
+/// An empty directory for the attempt, with `code/` (shared with the
+/// container, [`Root::shared`]) and `env/` in it; returns the workspace
+/// and the env checkout's directory.
 pub(super) async fn fresh_workspace(
     ctx: &Context,
     task_id: uuid::Uuid,
@@ -47,6 +48,12 @@ pub(super) async fn fresh_workspace(
     blocking(move || {
         let dir = tasks.fresh_dir(&name, "the attempt's directory")?;
         let code = dir.create_dir("code", "the workspace")?;
+        // The container may run as any user: the workspace is its to
+        // read and write (`tasks/` above keeps everyone else out).
+        let code = code.shared().map_err(|source| PathError::Io {
+            path: "code".into(),
+            source,
+        })?;
         let env = dir.create_dir("env", "the env repository")?;
         Ok((Workspace { dir, code }, env))
     })

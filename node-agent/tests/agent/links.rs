@@ -27,14 +27,14 @@ use crate::support::{self, context, env_repo, output, spec, statuses};
 const SECRET: &str = "the node's secret\n";
 
 /// A directory outside every work directory, with a secret file in it.
-struct Outside {
+pub(crate) struct Outside {
     dir: tempfile::TempDir,
     /// Every file in it, with its content.
     files: std::collections::BTreeMap<String, String>,
 }
 
 impl Outside {
-    fn new() -> Outside {
+    pub(crate) fn new() -> Outside {
         let dir = tempfile::tempdir().unwrap();
         let mut outside = Outside {
             dir,
@@ -50,16 +50,16 @@ impl Outside {
         self.files.insert(name.into(), content.into());
     }
 
-    fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         self.dir.path()
     }
 
-    fn secret(&self) -> PathBuf {
+    pub(crate) fn secret(&self) -> PathBuf {
         self.dir.path().join("secret")
     }
 
     /// Nothing was added, removed or changed.
-    fn is_untouched(&self) {
+    pub(crate) fn is_untouched(&self) {
         let names: BTreeSet<_> = std::fs::read_dir(self.path())
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())
@@ -96,7 +96,7 @@ fn ending(reports: &[Report]) -> (ReportedState, String) {
 
 /// Serves `body` to every GET over plain HTTP, as an object store does
 /// behind a presigned URL; returns the URL.
-async fn serve(body: Vec<u8>) -> String {
+pub(crate) async fn serve(body: Vec<u8>) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}/object", listener.local_addr().unwrap());
     tokio::spawn(async move {
@@ -125,7 +125,7 @@ async fn serve(body: Vec<u8>) -> String {
 
 /// Plays the server's part in transfers: every download is granted `url`
 /// holding `body`; uploads are refused and counted.
-fn grant_downloads(ctx: &Arc<Context>, url: String, body: &[u8]) -> Arc<AtomicUsize> {
+pub(crate) fn grant_downloads(ctx: &Arc<Context>, url: String, body: &[u8]) -> Arc<AtomicUsize> {
     let broker = Arc::clone(ctx.files().broker());
     let (size, sha) = (body.len() as u64, hex::encode(Sha256::digest(body)));
     let uploads = Arc::new(AtomicUsize::new(0));
@@ -158,7 +158,7 @@ fn grant_downloads(ctx: &Arc<Context>, url: String, body: &[u8]) -> Arc<AtomicUs
     uploads
 }
 
-fn input(name: &str) -> TaskInput {
+pub(crate) fn input(name: &str) -> TaskInput {
     TaskInput {
         name: name.into(),
         object: "datasets/payload".into(),

@@ -15,3 +15,4 @@ mod executor;
 mod links;
 mod restart;
 mod support;
+mod users;
