@@ -8,20 +8,7 @@ use protocol::{ReportedState, RunTask};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use crate::support::{self, context, env_repo, output, repo, spec, statuses, tag_of};
-
-/// Runs an attempt to its end and returns every report; its container and
-/// directory are kept, as until the server has the attempt's end.
-async fn run_kept(ctx: &Arc<Context>, spec: RunTask) -> Vec<Report> {
-    let (_canceller, signal) = executor::cancel_pair();
-    let (tx, mut rx) = mpsc::channel(64);
-    executor::run(spec, Arc::clone(ctx), tx, signal).await;
-    let mut reports = Vec::new();
-    while let Some(report) = rx.recv().await {
-        reports.push(report);
-    }
-    reports
-}
+use crate::support::{self, context, env_repo, output, repo, run_kept, spec, statuses, tag_of};
 
 /// Runs an attempt to its end, releases what it left, and returns every
 /// report.

@@ -14,13 +14,12 @@ use std::sync::Arc;
 
 use git2::{ObjectType, Oid, Repository};
 use node_agent::beneath::Root;
-use node_agent::executor::{self, Context, Report};
+use node_agent::executor::{Context, Report};
 use node_agent::git::{GitCache, GitError};
 use node_agent::git_auth::GitAuth;
 use protocol::{AgentMessage, ReportedState, RunTask, TaskInput, TaskOutput, TransferGrant};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::mpsc;
 
 use crate::support::{self, context, env_repo, output, spec, statuses};
 
@@ -72,20 +71,12 @@ impl Outside {
     }
 }
 
-/// Runs an attempt to its end, reading its reports as they come.
+/// Runs an attempt to its end and releases what it left; returns every
+/// report.
 async fn run(ctx: &Arc<Context>, spec: RunTask) -> Vec<Report> {
-    let (_canceller, signal) = executor::cancel_pair();
-    let (tx, mut rx) = mpsc::channel(16);
-    let collect = tokio::spawn(async move {
-        let mut reports = Vec::new();
-        while let Some(report) = rx.recv().await {
-            reports.push(report);
-        }
-        reports
-    });
-    executor::run(spec.clone(), Arc::clone(ctx), tx, signal).await;
+    let reports = support::run_kept(ctx, spec.clone()).await;
     support::release(ctx, &spec).await;
-    collect.await.unwrap()
+    reports
 }
 
 /// The final state and reason of an attempt's reports.

@@ -224,6 +224,23 @@ pub fn output(reports: &[Report]) -> String {
     text
 }
 
+/// Runs an attempt to its end, reading its reports as they come, and
+/// returns every one; its container and directory are kept, as until the
+/// server has the attempt's end.
+pub async fn run_kept(ctx: &Arc<Context>, spec: RunTask) -> Vec<Report> {
+    let (_canceller, signal) = node_agent::executor::cancel_pair();
+    let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+    let collect = tokio::spawn(async move {
+        let mut reports = Vec::new();
+        while let Some(report) = rx.recv().await {
+            reports.push(report);
+        }
+        reports
+    });
+    node_agent::executor::run(spec, Arc::clone(ctx), tx, signal).await;
+    collect.await.unwrap()
+}
+
 /// Removes what an attempt left on the node (its container and its
 /// directory), as the agent does once the server has the attempt's end.
 pub async fn release(ctx: &Context, spec: &RunTask) {

@@ -7,14 +7,11 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::sync::Arc;
 
-use node_agent::executor::{self, Context, Report};
 use protocol::ReportedState;
-use tokio::sync::mpsc;
 
 use crate::links::{grant_downloads, input, serve, Outside};
-use crate::support::{self, context, output, spec, statuses};
+use crate::support::{self, context, output, run_kept, spec, statuses};
 
 /// The permission bits of `path` itself (a link is not followed).
 fn mode(path: &Path) -> u32 {
@@ -23,22 +20,6 @@ fn mode(path: &Path) -> u32 {
         .permissions()
         .mode()
         & 0o7777
-}
-
-/// Runs an attempt to its end and returns every report; its directory is
-/// kept, as until the server has the attempt's end.
-async fn run_kept(ctx: &Arc<Context>, spec: protocol::RunTask) -> Vec<Report> {
-    let (_canceller, signal) = executor::cancel_pair();
-    let (tx, mut rx) = mpsc::channel(64);
-    let collect = tokio::spawn(async move {
-        let mut reports = Vec::new();
-        while let Some(report) = rx.recv().await {
-            reports.push(report);
-        }
-        reports
-    });
-    executor::run(spec, Arc::clone(ctx), tx, signal).await;
-    collect.await.unwrap()
 }
 
 /// Commits `name` in `repo` as an executable file holding `content`.
