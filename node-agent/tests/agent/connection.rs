@@ -362,5 +362,15 @@ async fn a_run_task_command_runs_and_survives_a_reconnect() {
     };
     assert_eq!(end.state, ReportedState::Succeeded, "{end:?}");
     assert_eq!(output, "start\ndone\n");
+    // The end answered, the agent removes the container: the test waits
+    // for that rather than leave it half removed.
+    support::eventually("the container removed", Duration::from_secs(30), || async {
+        ctx.docker()
+            .inspect_container(&container, None)
+            .await
+            .is_err()
+            .then_some(())
+    })
+    .await;
     support::remove_image(ctx.docker(), &support::tag_of(&spec)).await;
 }
