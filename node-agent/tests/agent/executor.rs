@@ -271,6 +271,7 @@ async fn a_commit_that_does_not_exist_fails_with_a_clear_message() {
     assert!(!states(&reports)
         .iter()
         .any(|(s, _)| *s == ReportedState::Running));
+    support::remove_env_image(&ctx, &env).await;
 }
 
 #[tokio::test]
