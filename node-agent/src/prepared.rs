@@ -10,13 +10,13 @@
 //! The trees live in a directory of their own, never mounted into a
 //! container: a task only ever gets a copy, so nothing it does to its
 //! workspace reaches the next task. Their files have a workspace's modes
-//! (readable and writable by every user, see
-//! [`shared_mode`]), so that a copy or a move is ready for a container
-//! of any user; the directory holding them is the agent's alone (0700),
-//! so no other user on the node reaches them. A tree is written under a temporary
-//! name (`.new-…`), during the first checkout of its commit and from the
-//! same blobs, and renamed to `<key>.<bytes>` only once it is whole, so a
-//! tree under its final name is complete, across agent restarts too.
+//! (readable and writable by every user, see [`shared_mode`]), so that a
+//! copy or a move is ready for a container of any user; the directory
+//! holding them is the agent's alone (0700), so no other user on the node
+//! reaches them. A tree is written under a temporary name (`.new-…`),
+//! during the first checkout of its commit and from the same blobs, and
+//! renamed to `<key>.<bytes>` only once it is whole, so a tree under its
+//! final name is complete, across agent restarts too.
 //!
 //! The trees together hold at most a budget of bytes (file contents and
 //! link targets) and at most [`MAX_TREES`] trees; the least recently used

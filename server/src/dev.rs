@@ -16,10 +16,10 @@
 //! the modes below it (a task's workspace is open to its container,
 //! whatever user that runs as, inside directories that are the agent's
 //! alone), and a task's files are not for this walk to follow or change.
-//! Run as root, PostgreSQL runs as
-//! the `postgres` user and must reach `./.unidesk/pg`: the top directory
-//! then belongs to the `postgres` group with mode 0710 (enter, not list or
-//! read), and stays closed to everybody else.
+//! Run as root, PostgreSQL runs as the `postgres` user and must reach
+//! `./.unidesk/pg`: the top directory then belongs to the `postgres` group
+//! with mode 0710 (enter, not list or read), and stays closed to
+//! everybody else.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
