@@ -615,6 +615,71 @@ mod tests {
         );
     }
 
+    fn mode(path: &Path) -> u32 {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::symlink_metadata(path)
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o7777
+    }
+
+    fn new_file(root: &Root, rel: &str) -> Result<(), PathError> {
+        let (new, _file) = root.new_file(rel)?;
+        new.persist()
+    }
+
+    #[test]
+    fn a_shared_root_opens_what_it_makes_to_every_user_and_nothing_through_a_link() {
+        use std::os::unix::fs::PermissionsExt;
+        let (dir, root, outside) = setup();
+        let inside = dir.path().join("root");
+        let (outside_mode, secret_mode) = (mode(&outside), mode(&outside.join("secret")));
+        std::fs::create_dir(inside.join("kept")).unwrap();
+        std::fs::set_permissions(inside.join("kept"), std::fs::Permissions::from_mode(0o750))
+            .unwrap();
+        symlink("kept", inside.join("in")).unwrap();
+        symlink(&outside, inside.join("out")).unwrap();
+        let root = root.shared().unwrap();
+        assert_eq!(mode(&inside), SHARED_DIR);
+
+        // Every directory made on the way, and the file, whatever the
+        // umask (the test process's leaves 0755 and 0644 otherwise).
+        new_file(&root, "a/b/c.txt").unwrap();
+        assert_eq!(mode(&inside.join("a")), 0o777);
+        assert_eq!(mode(&inside.join("a/b")), 0o777);
+        assert_eq!(mode(&inside.join("a/b/c.txt")), 0o666);
+        let sub = root.create_dir("d/e", "a directory").unwrap();
+        assert_eq!(mode(&inside.join("d")), 0o777);
+        assert_eq!(mode(&inside.join("d/e")), 0o777);
+        new_file(&sub, "f").unwrap();
+        assert_eq!(mode(&inside.join("d/e/f")), 0o666, "roots below are shared");
+
+        // A directory that was there keeps its mode; a link that stays
+        // inside is followed, one leading out is refused and nothing
+        // outside changes, its mode included.
+        new_file(&root, "kept/x").unwrap();
+        new_file(&root, "in/y").unwrap();
+        assert_eq!(mode(&inside.join("kept")), 0o750);
+        assert_eq!(mode(&inside.join("kept/x")), 0o666);
+        assert_eq!(mode(&inside.join("kept/y")), 0o666);
+        for rel in ["out/z", "out/new/z"] {
+            let e = new_file(&root, rel).unwrap_err();
+            assert!(matches!(e, PathError::Escapes { .. }), "{rel}: {e}");
+        }
+        assert!(matches!(
+            root.create_dir("out/g", "a directory"),
+            Err(PathError::Escapes { .. })
+        ));
+        outside_is_untouched(&outside);
+        assert_eq!(mode(&outside), outside_mode);
+        assert_eq!(mode(&outside.join("secret")), secret_mode);
+
+        // A directory made its owner's alone.
+        private(root.dir()).unwrap();
+        assert_eq!(mode(&inside), 0o700);
+    }
+
     #[test]
     fn a_new_file_is_never_written_through_a_link_to_a_directory_outside() {
         let (_d, root, outside) = setup();
