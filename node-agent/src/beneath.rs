@@ -160,17 +160,60 @@ pub fn private(dir: &Dir) -> io::Result<()> {
     set_dir_mode(dir, 0o700)
 }
 
-/// Creates directory `name` in `parent` with [`SHARED_DIR`] and returns it
-/// opened without following a link.
+/// Creates directory `name` (one component) in `parent` with
+/// [`SHARED_DIR`] and returns it, opened without following a link. It is
+/// opened for reading rather than only named (`O_PATH`), so its mode is
+/// set on that same handle: no second open.
 ///
 /// # Errors
-/// The system's refusal, "exists" when anything is there already.
+/// The system's refusal, "exists" when anything is there already, and
+/// `InvalidInput` for a name of more than one component.
 pub fn shared_dir(parent: &Dir, name: impl AsRef<Path>) -> io::Result<Dir> {
+    use rustix::fs::{openat, OFlags};
     let name = name.as_ref();
+    let mut components = name.components();
+    if !matches!(
+        (components.next(), components.next()),
+        (Some(Component::Normal(_)), None)
+    ) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{} is not one name", name.display()),
+        ));
+    }
     parent.create_dir(name)?;
-    let dir = parent.open_dir_nofollow(name)?;
-    set_dir_mode(&dir, SHARED_DIR)?;
-    Ok(dir)
+    let opened = openat(
+        parent,
+        name,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )?;
+    set_mode(&opened, SHARED_DIR)?;
+    Ok(Dir::from_std_file(std::fs::File::from(opened)))
+}
+
+/// Creates file `name` in `dir` for writing, with [`shared_mode`]'s mode
+/// whatever the umask; a link or anything else already at `name` makes
+/// it fail ("exists"), never followed.
+///
+/// # Errors
+/// The system's refusal.
+pub fn shared_file(
+    dir: &Dir,
+    name: impl AsRef<Path>,
+    executable: bool,
+) -> io::Result<cap_std::fs::File> {
+    use cap_std::fs::OpenOptionsExt;
+    let mode = shared_mode(executable);
+    let mut options = OpenOptions::new();
+    options
+        .write(true)
+        .create_new(true)
+        .follow(FollowSymlinks::No)
+        .mode(mode);
+    let file = dir.open_with(name, &options)?;
+    set_mode(&file, mode)?;
+    Ok(file)
 }
 
 impl Root {

@@ -514,10 +514,12 @@ fn pack_dir(
         let mut header = tar::Header::new_gnu();
         let kind = meta.file_type();
         let executable = cap_std::fs::PermissionsExt::mode(&meta.permissions()) & 0o100 != 0;
-        header.set_mode(match () {
-            () if kind.is_symlink() => 0o777,
-            () if kind.is_dir() || executable => 0o755,
-            () => 0o644,
+        header.set_mode(if kind.is_symlink() {
+            0o777
+        } else if kind.is_dir() || executable {
+            0o755
+        } else {
+            0o644
         });
         header.set_mtime(0);
         header.set_uid(0);

@@ -26,12 +26,11 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use cap_fs_ext::{FollowSymlinks, OpenOptionsFollowExt};
 use cap_std::fs::Dir;
 use git2::{AutotagOption, FetchOptions, Oid, Repository};
 use sha2::{Digest, Sha256};
 
-use crate::beneath::{set_mode, shared_dir, shared_mode, Root};
+use crate::beneath::{shared_dir, shared_file, Root};
 use crate::git_auth::{callbacks, AuthFailure, GitAuth};
 use crate::keyed_lock::KeyedLocks;
 use crate::prepared::PreparedTrees;
@@ -677,17 +676,8 @@ fn write_file(
     content: &[u8],
     executable: bool,
 ) -> std::io::Result<()> {
-    use cap_std::fs::OpenOptionsExt;
     use std::io::Write;
-    let mut options = cap_std::fs::OpenOptions::new();
-    options
-        .write(true)
-        .create_new(true)
-        .follow(FollowSymlinks::No)
-        .mode(shared_mode(executable));
-    let mut file = dir.open_with(name, &options)?;
-    set_mode(&file, shared_mode(executable))?;
-    file.write_all(content)
+    shared_file(dir, name, executable)?.write_all(content)
 }
 
 fn write_error(shown: &str, e: std::io::Error) -> GitError {

@@ -44,7 +44,7 @@ use cap_std::ambient_authority;
 use cap_std::fs::{Dir, PermissionsExt};
 use git2::Oid;
 
-use crate::beneath::{private, set_mode, shared_dir, shared_mode};
+use crate::beneath::{private, shared_dir, shared_file};
 
 /// The most trees kept at once, whatever their size.
 pub const MAX_TREES: usize = 256;
@@ -555,22 +555,13 @@ fn copy_dir(from: &Dir, to: &Dir, at: &str, depth: usize) -> io::Result<()> {
 }
 
 fn copy_file(from: &Dir, to: &Dir, name: &std::ffi::OsStr) -> io::Result<()> {
-    use cap_std::fs::OpenOptionsExt;
     let mut read = cap_std::fs::OpenOptions::new();
     read.read(true).follow(FollowSymlinks::No);
     let source = from.open_with(name, &read)?;
     // A tree written before modes were shared (0644 and 0755) is copied as
     // one written since.
     let executable = source.metadata()?.permissions().mode() & 0o100 != 0;
-    let mode = shared_mode(executable);
-    let mut write = cap_std::fs::OpenOptions::new();
-    write
-        .write(true)
-        .create_new(true)
-        .follow(FollowSymlinks::No)
-        .mode(mode);
-    let target = to.open_with(name, &write)?;
-    set_mode(&target, mode)?;
+    let target = shared_file(to, name, executable)?;
     io::copy(&mut source.into_std(), &mut target.into_std())?;
     Ok(())
 }
