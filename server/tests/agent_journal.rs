@@ -18,7 +18,7 @@ use nix::sys::signal::Signal;
 use serde_json::{json, Value};
 use testkit::process::{Api, ServerProcess};
 
-use support::{base_image, repo, spawn_agent, task_in, BASE};
+use support::{base_image, repo, spawn_agent, task_in, EnvImage, BASE};
 
 /// The server's flags: file URLs for the test repositories, quick
 /// heartbeats, and an offline window longer than any agent is down here.
@@ -45,6 +45,7 @@ struct Setup {
     token: String,
     work: PathBuf,
     agent: Option<Child>,
+    _image: EnvImage,
 }
 
 impl Setup {
@@ -66,6 +67,7 @@ impl Setup {
             &[("Dockerfile", &format!("FROM {BASE}\n"))],
         );
         let mut setup = Setup {
+            _image: EnvImage::of(&env, "Dockerfile"),
             work: dir.path().join("agent"),
             code,
             env,

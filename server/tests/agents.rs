@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use testkit::process::{Api, ServerProcess};
 
-use support::{base_image, repo, spawn_agent, task_in, Agents, BASE};
+use support::{base_image, repo, spawn_agent, task_in, Agents, EnvImage, BASE};
 
 struct Platform {
     api: Api,
@@ -119,16 +119,26 @@ fn agent(ws: &str, token: &str, work: &Path) -> Child {
 struct Repos {
     code: (String, String),
     env: (String, String),
+    _image: EnvImage,
 }
 
 fn repos(root: &Path) -> Repos {
+    let env = repo(
+        root,
+        "env",
+        &[(
+            "images/base/Dockerfile",
+            &format!("FROM {BASE}\nRUN echo built > /built\n"),
+        )],
+    );
     Repos {
+        _image: EnvImage::of(&env, "images/base/Dockerfile"),
+        env,
         code: repo(
             root,
             "code",
             &[("run.sh", "echo \"hello from $(cat greeting.txt)\"\necho to-stderr >&2\nexit ${EXIT:-0}\n"), ("greeting.txt", "the task\n")],
         ),
-        env: repo(root, "env", &[("images/base/Dockerfile", &format!("FROM {BASE}\nRUN echo built > /built\n"))]),
     }
 }
 

@@ -343,6 +343,7 @@ async fn a_user_signs_in_submits_from_a_checkout_follows_and_fetches_what_it_mad
         .await
         .expect(0)
         .json();
+    let _first_image = support::EnvImage::of_spec(&task["spec"]);
     assert_eq!(task["spec"]["code_commit_id"], head.as_str());
     assert_eq!(task["spec"]["env_commit_id"], head.as_str());
     assert_eq!(task["state"], "succeeded");
@@ -396,6 +397,7 @@ async fn a_user_signs_in_submits_from_a_checkout_follows_and_fetches_what_it_mad
         .await
         .expect(0)
         .json();
+    let _second_image = support::EnvImage::of_spec(&task["spec"]);
     assert_eq!(task["spec"]["code_commit_id"], unpushed.as_str());
 
     // Its artifact, downloaded and checked.
@@ -580,6 +582,12 @@ async fn logs_follow_goes_on_after_the_server_restarts_without_a_gap_or_a_repeat
         .out()
         .trim()
         .to_string();
+    let spec = user
+        .run(&here, &["task", &id, "--json"])
+        .await
+        .expect(0)
+        .json();
+    let _image = support::EnvImage::of_spec(&spec["spec"]);
     let out_file = here.join("followed.txt");
     let err_file = here.join("followed.err");
     let mut follower = user

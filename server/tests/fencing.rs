@@ -26,7 +26,7 @@ use testkit::eventually;
 use testkit::process::{Api, ServerProcess};
 use uuid::Uuid;
 
-use support::{base_image, repo, spawn_agent, task_in, Agents, BASE};
+use support::{base_image, repo, spawn_agent, task_in, Agents, EnvImage, BASE};
 
 /// The flags of a platform whose windows are scaled down: a node silent
 /// for 8 s is offline; a leader's lease lasts 2 s.
@@ -57,6 +57,7 @@ struct Work {
     task: String,
     agents: Agents,
     _dir: tempfile::TempDir,
+    _image: EnvImage,
 }
 
 impl Work {
@@ -114,6 +115,7 @@ impl Work {
             task,
             agents,
             _dir: dir,
+            _image: EnvImage::of(&env, "Dockerfile"),
         }
     }
 

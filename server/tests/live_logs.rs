@@ -25,7 +25,7 @@ use serde_json::{json, Value};
 use store::Store;
 use uuid::Uuid;
 
-use support::{base_image, repo, spawn_agent, Agents, BASE};
+use support::{base_image, repo, spawn_agent, Agents, EnvImage, BASE};
 use testkit::process::Api;
 
 /// How long a test waits for something that should happen.
@@ -732,6 +732,7 @@ async fn a_real_task_is_followed_live_through_unidesk_serve_and_a_real_agent() {
         "env",
         &[("Dockerfile", &format!("FROM {BASE}\n"))],
     );
+    let _image = EnvImage::of(&env, "Dockerfile");
     let task = post(
         "/tasks",
         json!({

@@ -19,7 +19,7 @@ use std::process::{Command, Stdio};
 use serde_json::json;
 use testkit::process::ServerProcess;
 
-use support::{base_image, repo, spawn_agent, task_in, Agents, BASE, PATIENCE};
+use support::{base_image, repo, spawn_agent, task_in, Agents, EnvImage, BASE, PATIENCE};
 
 /// One sample of a scrape: its name, labels and value.
 #[derive(Debug, Clone, PartialEq)]
@@ -180,6 +180,7 @@ async fn every_role_serves_metrics_that_say_what_happened_and_promtool_accepts()
         "env",
         &[("Dockerfile", &format!("FROM {BASE}\n"))],
     );
+    let _image = EnvImage::of(&env, "Dockerfile");
     let project = api.post("/projects", json!({"name": "metered"})).await["id"]
         .as_str()
         .unwrap()

@@ -18,7 +18,7 @@ use objects::embedded::{fresh_credentials, Embedded};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-use support::{base_image, repo, repo_with_links, spawn_agent, Agents, BASE};
+use support::{base_image, repo, repo_with_links, spawn_agent, Agents, EnvImage, BASE};
 use testkit::process::{Api, Launch, ServerProcess};
 
 fn sha(data: &[u8]) -> String {
@@ -40,6 +40,7 @@ struct Platform {
     env: (String, String),
     _agent: Agents,
     _server: ServerProcess,
+    _image: EnvImage,
 }
 
 impl Platform {
@@ -121,6 +122,7 @@ impl Platform {
             stop_store: Some(stop_store),
             project,
             code,
+            _image: EnvImage::of(&env, "Dockerfile"),
             env,
             _agent: Agents(vec![agent]),
             _server: server,

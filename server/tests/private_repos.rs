@@ -22,7 +22,7 @@ use reqwest::Method;
 use serde_json::{json, Value};
 
 use support::sshd::{run, Sshd};
-use support::{agent_binary, base_image, repo, task_in, Agents, BASE};
+use support::{agent_binary, base_image, repo, task_in, Agents, EnvImage, BASE};
 
 /// The token the HTTPS server asks for.
 const TOKEN: &str = "ghp_private-Token-4f2a9c";
@@ -142,6 +142,7 @@ struct Setup {
     sshd: Sshd,
     https: GitHttps,
     _agents: Agents,
+    _image: EnvImage,
 }
 
 impl Setup {
@@ -184,6 +185,7 @@ impl Setup {
             _server: server,
             api,
             _db: db,
+            _image: EnvImage::of(&env, "Dockerfile"),
             env,
             code: (commit, repos.join("code")),
             sshd,

@@ -17,7 +17,7 @@ use std::time::Duration;
 use reqwest::Method;
 use serde_json::{json, Value};
 
-use support::{base_image, repo, spawn_agent, task_in, Agents, BASE};
+use support::{base_image, repo, spawn_agent, task_in, Agents, EnvImage, BASE};
 
 /// Values that would be found wherever they leaked.
 const WANDB: &str = "wandb-Zq8vN3kLp0xR7tY2uW";
@@ -33,6 +33,7 @@ struct Setup {
     env: (String, String),
     token: String,
     agents: Agents,
+    _image: EnvImage,
 }
 
 impl Setup {
@@ -71,6 +72,7 @@ impl Setup {
             dir,
             project,
             code,
+            _image: EnvImage::of(&env, "Dockerfile"),
             env,
             agents: Agents::default(),
         };

@@ -65,6 +65,37 @@ pub fn repo(root: &Path, name: &str, files: &[(&str, &str)]) -> (String, String)
     (format!("file://{}", dir.display()), sha)
 }
 
+/// The image an agent builds for the environment `env` (a [`repo`]) from
+/// `dockerfile`, removed when this is dropped: a test that runs a task
+/// keeps one for each environment it uses, so the suite leaves no
+/// `unidesk-env` tags behind.
+pub struct EnvImage(String);
+
+impl EnvImage {
+    /// The guard of the image the agent tags for `env` and `dockerfile`.
+    pub fn of(env: &(String, String), dockerfile: &str) -> EnvImage {
+        EnvImage(node_agent::docker::image_tag(&env.0, &env.1, dockerfile))
+    }
+
+    /// The guard of the image for a task's `spec`, as the API shows it.
+    pub fn of_spec(spec: &serde_json::Value) -> EnvImage {
+        let field = |name: &str| spec[name].as_str().unwrap_or_default().to_string();
+        EnvImage::of(
+            &(field("env_repo_url"), field("env_commit_id")),
+            &field("dockerfile_path"),
+        )
+    }
+}
+
+impl Drop for EnvImage {
+    fn drop(&mut self) {
+        // Absent when the task never got as far as its build.
+        let _ = Command::new("docker")
+            .args(["image", "rm", "--force", &self.0])
+            .output();
+    }
+}
+
 /// Like [`repo`], with symbolic `links` (name, target) committed as links.
 pub fn repo_with_links(
     root: &Path,
