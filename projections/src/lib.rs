@@ -23,6 +23,7 @@
 //! [`Projector::rebuild`] rebuilds it. A failure that may pass by itself
 //! (a lost connection, a timeout) is retried as before and never recorded.
 
+mod fill;
 mod models;
 pub mod read;
 mod rebuild;
@@ -123,6 +124,44 @@ pub trait Projection: Send + Sync {
     ) -> Option<BoxFuture<'a, Result<(), SetError>>> {
         self.apply_set(conn, events)
     }
+    /// What fills the model's new tables in a rebuild in place of
+    /// [`Projection::fill_set`], keeping rows in memory between batches
+    /// instead of reading them back, at most `rows_held` of them; `None`
+    /// (the default) when the model has nothing to keep.
+    fn filler(&self, _rows_held: usize) -> Option<Box<dyn Filler>> {
+        None
+    }
+}
+
+/// Fills one model's new tables in a rebuild, batch after batch of the
+/// log, holding the rows it builds in memory and writing each once it
+/// lets go of it, rather than reading it back and writing it again for
+/// every batch that changes it. Each batch runs in a transaction of the
+/// rebuild's; the filler's memory follows that transaction: a batch's
+/// changes are kept when it commits ([`Filler::committed`]) and forgotten
+/// when it is rolled back ([`Filler::rolled_back`]), so a batch applied
+/// again without an event it could not apply starts from where the last
+/// committed one left off.
+pub trait Filler: Send {
+    /// Applies `events` (in log order) to the rows held, writing on
+    /// `conn`, inside the caller's transaction, those it lets go of to
+    /// make room. What it held before does not change until
+    /// [`Filler::committed`]. An error blames an event as
+    /// [`Projection::apply_set`]'s does.
+    fn fill<'a>(
+        &'a mut self,
+        conn: &'a mut PgConnection,
+        events: &'a [&'a RecordedEvent],
+    ) -> BoxFuture<'a, Result<(), SetError>>;
+    /// Writes every row still held, inside the caller's transaction; the
+    /// rows are let go of once it commits ([`Filler::committed`]).
+    fn finish<'a>(&'a mut self, conn: &'a mut PgConnection) -> BoxFuture<'a, Result<(), SetError>>;
+    /// The transaction of the last [`Filler::fill`] or
+    /// [`Filler::finish`] committed: its changes are kept.
+    fn committed(&mut self);
+    /// The transaction of the last [`Filler::fill`] or
+    /// [`Filler::finish`] was rolled back: its changes are forgotten.
+    fn rolled_back(&mut self);
 }
 
 /// Why [`Projection::apply_set`] failed.
@@ -283,6 +322,7 @@ pub struct Projector {
     projections: Vec<Arc<dyn Projection>>,
     batch: i64,
     observer: Option<Arc<dyn Observer>>,
+    rows_held: usize,
 }
 
 /// The longest [`Projector::catch_up`] waits for events hidden behind an
@@ -291,6 +331,11 @@ pub const CATCH_UP_WAIT: Duration = Duration::from_secs(30);
 
 /// Events applied per projection per transaction.
 pub const BATCH: i64 = 500;
+
+/// How many rows of a read model with a row per aggregate (tasks, nodes)
+/// a rebuild holds in memory while it fills the model's new table (see
+/// [`Filler`]): a task's is a few kilobytes.
+pub const ROWS_HELD: usize = 10_000;
 
 /// How long the projector lets a wake-up settle before it reads the log.
 /// The read models are not on the path from a submission to its node (the
@@ -308,6 +353,7 @@ impl Projector {
             projections: all(),
             batch: BATCH,
             observer: None,
+            rows_held: ROWS_HELD,
         }
     }
 
@@ -315,6 +361,14 @@ impl Projector {
     /// ([`BATCH`] by default; at least 1).
     pub fn with_batch(mut self, events: i64) -> Self {
         self.batch = events.max(1);
+        self
+    }
+
+    /// The same projector holding at most `rows` rows per read model in
+    /// memory while it rebuilds ([`ROWS_HELD`] by default; at least 1):
+    /// fewer take less memory, and write and read back more rows.
+    pub fn with_rows_held(mut self, rows: usize) -> Self {
+        self.rows_held = rows.max(1);
         self
     }
 
@@ -344,6 +398,7 @@ impl Projector {
                 .collect(),
             batch: BATCH,
             observer: None,
+            rows_held: ROWS_HELD,
         })
     }
 
@@ -617,7 +672,7 @@ impl Projector {
         // Never a pooled connection: its search path finds the new tables
         // before the live ones, and must not outlive the rebuild.
         let mut conn = PgConnection::connect_with(&self.pool.connect_options()).await?;
-        let rebuilt = rebuild::run(&mut conn, &self.pool, &chosen).await;
+        let rebuilt = rebuild::run(&mut conn, &self.pool, &chosen, self.rows_held).await;
         let _ = conn.close().await;
         rebuilt
     }

@@ -12,7 +12,8 @@ use uuid::Uuid;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::{summary, Projection, ProjectionError, SetError};
+use crate::fill::DocFiller;
+use crate::{summary, Filler, Projection, ProjectionError, SetError};
 use cqrs_es::Aggregate;
 use domain::node::Node;
 use domain::project::Project;
@@ -30,7 +31,7 @@ pub fn all() -> Vec<Arc<dyn Projection>> {
     ]
 }
 
-fn undecodable(event: &RecordedEvent, reason: impl ToString) -> ProjectionError {
+pub(crate) fn undecodable(event: &RecordedEvent, reason: impl ToString) -> ProjectionError {
     ProjectionError::Undecodable {
         position: event.position,
         event_type: event.event_type.clone(),
@@ -38,7 +39,7 @@ fn undecodable(event: &RecordedEvent, reason: impl ToString) -> ProjectionError 
     }
 }
 
-fn decode<E: DeserializeOwned>(event: &RecordedEvent) -> Result<E, ProjectionError> {
+pub(crate) fn decode<E: DeserializeOwned>(event: &RecordedEvent) -> Result<E, ProjectionError> {
     // Decoded from the borrowed value: no copy of the payload.
     E::deserialize(&event.payload).map_err(|e| undecodable(event, e))
 }
@@ -51,6 +52,60 @@ struct Folded<'e, A> {
     first: &'e RecordedEvent,
     /// The last event applied.
     last: &'e RecordedEvent,
+}
+
+impl<'e, A> Folded<'e, A> {
+    fn row(&self) -> Row<'_, A> {
+        Row {
+            state: &self.state,
+            first: self.first,
+            last: self.last,
+        }
+    }
+}
+
+/// One aggregate's row of a [`DocModel`], to be written.
+pub(crate) struct Row<'r, A> {
+    /// Its state after `last`.
+    pub state: &'r A,
+    /// The first event applied since the row was last written: its
+    /// position orders a row written for the first time.
+    pub first: &'r RecordedEvent,
+    /// The last event applied.
+    pub last: &'r RecordedEvent,
+}
+
+/// A read model with one row per aggregate of one type, holding the
+/// aggregate's state as a JSON document beside the columns lists filter
+/// and sort on.
+pub(crate) trait DocModel: Send + Sync + 'static {
+    /// The aggregate, whose state is the document.
+    type State: Aggregate + Clone;
+    /// The model's table.
+    const TABLE: &'static str;
+    /// Why `state` cannot be written as a row, if it cannot (its events
+    /// began without the one that creates the aggregate).
+    fn unfit(state: &Self::State) -> Option<&'static str>;
+    /// Writes `rows`: each a new row or a later state of a row written
+    /// before, which it replaces.
+    fn write<'a>(
+        conn: &'a mut PgConnection,
+        rows: &'a [Row<'a, Self::State>],
+    ) -> BoxFuture<'a, Result<(), SetError>>;
+}
+
+/// Applies `events` to doc model `M` on `conn`: the batch's rows read,
+/// folded and written back, one statement each.
+async fn apply_docs<M: DocModel>(
+    conn: &mut PgConnection,
+    events: &[&RecordedEvent],
+) -> Result<(), SetError> {
+    let folded = fold_docs::<M::State>(conn, M::TABLE, events).await?;
+    if folded.is_empty() {
+        return Ok(());
+    }
+    let rows: Vec<Row<'_, M::State>> = folded.iter().map(Folded::row).collect();
+    M::write(conn, &rows).await
 }
 
 /// For a batch: loads the rows of `table` of every aggregate of type `A`
@@ -162,24 +217,40 @@ impl Projection for Tasks {
         conn: &'a mut PgConnection,
         events: &'a [&'a RecordedEvent],
     ) -> Option<BoxFuture<'a, Result<(), SetError>>> {
-        Some(Box::pin(Self::apply_all(conn, events)))
+        Some(Box::pin(apply_docs::<Self>(conn, events)))
     }
     fn apply<'a>(
         &'a self,
         conn: &'a mut PgConnection,
         ev: &'a RecordedEvent,
     ) -> BoxFuture<'a, Result<(), ProjectionError>> {
-        Box::pin(async move { Self::apply_all(conn, &[ev]).await.map_err(|e| e.error) })
+        Box::pin(async move { apply_docs::<Self>(conn, &[ev]).await.map_err(|e| e.error) })
+    }
+    fn filler(&self, rows_held: usize) -> Option<Box<dyn Filler>> {
+        Some(Box::new(DocFiller::<Self>::new(rows_held)))
+    }
+}
+
+/// Why a task's state cannot be a row.
+const TASK_UNFIT: &str = "task event before TaskSubmitted";
+
+impl DocModel for Tasks {
+    type State = Task;
+    const TABLE: &'static str = "task_view";
+    fn unfit(task: &Task) -> Option<&'static str> {
+        (task.id.is_none() || task.spec.is_none()).then_some(TASK_UNFIT)
+    }
+    fn write<'a>(
+        conn: &'a mut PgConnection,
+        rows: &'a [Row<'a, Task>],
+    ) -> BoxFuture<'a, Result<(), SetError>> {
+        Box::pin(Self::write_all(conn, rows))
     }
 }
 
 impl Tasks {
-    async fn apply_all(conn: &mut PgConnection, events: &[&RecordedEvent]) -> Result<(), SetError> {
-        let folded = fold_docs::<Task>(conn, "task_view", events).await?;
-        if folded.is_empty() {
-            return Ok(());
-        }
-        let n = folded.len();
+    async fn write_all(conn: &mut PgConnection, rows: &[Row<'_, Task>]) -> Result<(), SetError> {
+        let n = rows.len();
         let (mut ids, mut projects, mut states, mut priorities) = (
             Vec::with_capacity(n),
             Vec::with_capacity(n),
@@ -198,18 +269,15 @@ impl Tasks {
             Vec::with_capacity(n),
             Vec::with_capacity(n),
         );
-        for Folded {
-            state: task,
-            first,
-            last,
-            ..
-        } in &folded
-        {
+        for row in rows {
+            let Row {
+                state: task,
+                first,
+                last,
+                ..
+            } = row;
             let (Some(id), Some(spec)) = (task.id, task.spec.as_ref()) else {
-                return Err(SetError::at(
-                    first,
-                    undecodable(first, "task event before TaskSubmitted"),
-                ));
+                return Err(SetError::at(first, undecodable(first, TASK_UNFIT)));
             };
             ids.push(id);
             projects.push(spec.project_id);
@@ -271,24 +339,40 @@ impl Projection for Nodes {
         conn: &'a mut PgConnection,
         events: &'a [&'a RecordedEvent],
     ) -> Option<BoxFuture<'a, Result<(), SetError>>> {
-        Some(Box::pin(Self::apply_all(conn, events)))
+        Some(Box::pin(apply_docs::<Self>(conn, events)))
     }
     fn apply<'a>(
         &'a self,
         conn: &'a mut PgConnection,
         ev: &'a RecordedEvent,
     ) -> BoxFuture<'a, Result<(), ProjectionError>> {
-        Box::pin(async move { Self::apply_all(conn, &[ev]).await.map_err(|e| e.error) })
+        Box::pin(async move { apply_docs::<Self>(conn, &[ev]).await.map_err(|e| e.error) })
+    }
+    fn filler(&self, rows_held: usize) -> Option<Box<dyn Filler>> {
+        Some(Box::new(DocFiller::<Self>::new(rows_held)))
+    }
+}
+
+/// Why a node's state cannot be a row.
+const NODE_UNFIT: &str = "node event before NodeProvisioned";
+
+impl DocModel for Nodes {
+    type State = Node;
+    const TABLE: &'static str = "node_view";
+    fn unfit(node: &Node) -> Option<&'static str> {
+        node.id.is_none().then_some(NODE_UNFIT)
+    }
+    fn write<'a>(
+        conn: &'a mut PgConnection,
+        rows: &'a [Row<'a, Node>],
+    ) -> BoxFuture<'a, Result<(), SetError>> {
+        Box::pin(Self::write_all(conn, rows))
     }
 }
 
 impl Nodes {
-    async fn apply_all(conn: &mut PgConnection, events: &[&RecordedEvent]) -> Result<(), SetError> {
-        let folded = fold_docs::<Node>(conn, "node_view", events).await?;
-        if folded.is_empty() {
-            return Ok(());
-        }
-        let n = folded.len();
+    async fn write_all(conn: &mut PgConnection, rows: &[Row<'_, Node>]) -> Result<(), SetError> {
+        let n = rows.len();
         let (mut ids, mut names, mut statuses, mut drained) = (
             Vec::with_capacity(n),
             Vec::with_capacity(n),
@@ -301,18 +385,15 @@ impl Nodes {
             Vec::with_capacity(n),
             Vec::with_capacity(n),
         );
-        for Folded {
-            state: node,
-            first,
-            last,
-            ..
-        } in &folded
-        {
+        for row in rows {
+            let Row {
+                state: node,
+                first,
+                last,
+                ..
+            } = row;
             let Some(id) = node.id else {
-                return Err(SetError::at(
-                    first,
-                    undecodable(first, "node event before NodeProvisioned"),
-                ));
+                return Err(SetError::at(first, undecodable(first, NODE_UNFIT)));
             };
             ids.push(id);
             names.push(node.name.clone());

@@ -57,9 +57,9 @@ use store::outbox::{self, Checkpoint, Filter, RecordedEvent};
 
 use std::panic::AssertUnwindSafe;
 
-use futures::FutureExt;
+use futures::{FutureExt, TryFutureExt};
 
-use crate::{apply_guarded, verdict, Projection, ProjectionError, SetError, Verdict};
+use crate::{apply_guarded, verdict, Filler, Projection, ProjectionError, SetError, Verdict};
 
 /// The schema the new tables are built in.
 pub const SCHEMA: &str = "unidesk_rebuild";
@@ -210,6 +210,7 @@ pub(crate) async fn run(
     conn: &mut PgConnection,
     pool: &sqlx::PgPool,
     chosen: &[Arc<dyn Projection>],
+    rows_held: usize,
 ) -> Result<Rebuilt, ProjectionError> {
     let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
         .bind(LOCK)
@@ -220,21 +221,57 @@ pub(crate) async fn run(
             "another rebuild is running on this database; try again when it has finished".into(),
         ));
     }
-    let result = rebuild(conn, pool, chosen).await;
+    let mut result = rebuild(conn, pool, chosen, Some(rows_held)).await;
+    if let Ok(None) = result {
+        tracing::warn!(
+            "a read model's rows held in memory failed as a whole; building the new tables \
+             again, applying the log as the running projector does"
+        );
+        result = rebuild(conn, pool, chosen, None).await;
+    }
     // Whatever happened, nothing of the build is left behind.
     let dropped = sqlx::query(&format!("DROP SCHEMA IF EXISTS {} CASCADE", quote(SCHEMA)))
         .execute(&mut *conn)
         .await;
-    let rebuilt = result?;
+    let rebuilt = result?.ok_or_else(|| {
+        ProjectionError::Rebuild("the read models could not be built without held rows".into())
+    })?;
     dropped?;
     Ok(rebuilt)
 }
 
+/// Why filling the new tables stopped.
+enum FillStop {
+    /// The rebuild fails.
+    Failed(ProjectionError),
+    /// A model's [`Filler`] failed as a whole (a row its table refused, a
+    /// panic in the model's code): the event to blame is found by
+    /// building again without held rows, one event at a time where a
+    /// batch fails, as the running projector does.
+    Refused,
+}
+
+impl From<ProjectionError> for FillStop {
+    fn from(e: ProjectionError) -> Self {
+        FillStop::Failed(e)
+    }
+}
+
+impl From<sqlx::Error> for FillStop {
+    fn from(e: sqlx::Error) -> Self {
+        FillStop::Failed(e.into())
+    }
+}
+
+/// Builds the new tables and swaps them in, the models with a [`Filler`]
+/// holding at most `rows_held` rows each (`None`: none held). `None` when
+/// a filler failed as a whole ([`FillStop::Refused`]), nothing swapped.
 async fn rebuild(
     conn: &mut PgConnection,
     pool: &sqlx::PgPool,
     chosen: &[Arc<dyn Projection>],
-) -> Result<Rebuilt, ProjectionError> {
+    rows_held: Option<usize>,
+) -> Result<Option<Rebuilt>, ProjectionError> {
     let started = Instant::now();
     // Left over by a rebuild that died (the lock says none is running).
     for statement in ["DROP SCHEMA IF EXISTS {} CASCADE", "CREATE SCHEMA {}"] {
@@ -260,7 +297,7 @@ async fn rebuild(
     for p in chosen {
         let (tx, rx) = tokio::sync::mpsc::channel::<Batch>(2);
         senders.push(tx);
-        builders.spawn(fill(builder(pool).await?, p.clone(), rx));
+        builders.spawn(fill(builder(pool).await?, p.clone(), rx, rows_held));
     }
     let filling = async {
         let mut filled = Vec::with_capacity(chosen.len());
@@ -274,7 +311,12 @@ async fn rebuild(
     };
     // Should either side fail, returning drops `builders`, which stops
     // the builders still running.
-    let ((at, mut read), filled) = tokio::try_join!(dispatch(pool.clone(), senders), filling)?;
+    let reading = dispatch(pool.clone(), senders).map_err(FillStop::Failed);
+    let ((at, mut read), filled) = match tokio::try_join!(reading, filling) {
+        Ok(done) => done,
+        Err(FillStop::Failed(e)) => return Err(e),
+        Err(FillStop::Refused) => return Ok(None),
+    };
     let mut letters = Letters::default();
     for found in filled {
         letters.failed.extend(found.failed);
@@ -330,7 +372,7 @@ async fn rebuild(
         }
     };
     read += caught_up;
-    Ok(Rebuilt {
+    Ok(Some(Rebuilt {
         models: names,
         events: read,
         applications: read * chosen.len(),
@@ -338,7 +380,7 @@ async fn rebuild(
         indexes,
         switch,
         one_by_one: letters.one_by_one,
-    })
+    }))
 }
 
 /// Reads the log from its start in batches of [`READ`], on a connection
@@ -432,20 +474,29 @@ async fn dispatch(
 }
 
 /// Fills model `p`'s new tables from the batches it is handed, in
-/// transactions of [`TX_EVENTS`] events, and closes its connection.
-/// Returns the dead letters it found.
+/// transactions of [`TX_EVENTS`] events, through the model's
+/// [`Filler`] (holding at most `rows_held` rows) when it has one and
+/// `rows_held` is given, and closes its connection. Returns the dead
+/// letters it found.
 async fn fill(
     mut conn: PgConnection,
     p: Arc<dyn Projection>,
     mut batches: tokio::sync::mpsc::Receiver<Batch>,
-) -> Result<Letters, ProjectionError> {
+    rows_held: Option<usize>,
+) -> Result<Letters, FillStop> {
     let mut letters = Letters::default();
     let mut busy = Duration::ZERO;
+    let mut filler = rows_held.and_then(|rows| p.filler(rows));
     while let Some(events) = batches.recv().await {
         let applying = Instant::now();
         let events: Vec<&RecordedEvent> = events.iter().collect();
         for slice in events.chunks(TX_EVENTS) {
             loop {
+                if letters.one_by_one && filler.is_some() {
+                    // The held rows cannot be applied one event at a
+                    // time: the model is built again without them.
+                    return Err(FillStop::Refused);
+                }
                 let mut tx = conn.begin().await?;
                 let mut pending = Vec::new();
                 let applied = apply(
@@ -454,23 +505,34 @@ async fn fill(
                     slice,
                     &mut letters,
                     &mut pending,
-                    Target::Filling,
+                    Target::Filling(filler.as_deref_mut()),
                 )
                 .await;
                 match applied {
                     Ok(()) => {
                         tx.commit().await?;
+                        if let Some(f) = filler.as_deref_mut() {
+                            f.committed();
+                        }
                         letters.found.extend(pending);
                         break;
                     }
                     Err(stop) => {
                         tx.rollback().await?;
+                        if let Some(f) = filler.as_deref_mut() {
+                            f.rolled_back();
+                        }
                         letters.poisoned(stop)?;
                     }
                 }
             }
         }
         busy += applying.elapsed();
+    }
+    if let Some(held) = filler.take() {
+        let writing = Instant::now();
+        write_held(&mut conn, held).await?;
+        busy += writing.elapsed();
     }
     tracing::info!(
         projection = p.name(),
@@ -481,11 +543,27 @@ async fn fill(
     Ok(letters)
 }
 
+/// Writes every row `filler` still holds, in a transaction of its own.
+async fn write_held(conn: &mut PgConnection, mut filler: Box<dyn Filler>) -> Result<(), FillStop> {
+    let mut tx = conn.begin().await?;
+    let finished = AssertUnwindSafe(filler.finish(&mut tx))
+        .catch_unwind()
+        .await;
+    match finished {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) if e.error.is_transient() => return Err(FillStop::Failed(e.error)),
+        Ok(Err(_)) | Err(_) => return Err(FillStop::Refused),
+    }
+    tx.commit().await?;
+    filler.committed();
+    Ok(())
+}
+
 /// What the events are applied into.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Target {
-    /// New tables being filled, in log order ([`Projection::fill_set`]).
-    Filling,
+enum Target<'f> {
+    /// New tables being filled, in log order: through the model's
+    /// [`Filler`] when it has one, else [`Projection::fill_set`].
+    Filling(Option<&'f mut (dyn Filler + 'static)>),
     /// Tables with every index, which may hold some of the rows
     /// ([`Projection::apply_set`]).
     Live,
@@ -500,7 +578,7 @@ async fn apply(
     events: &[&RecordedEvent],
     letters: &mut Letters,
     pending: &mut Vec<Found>,
-    into: Target,
+    mut into: Target<'_>,
 ) -> Result<(), Stop> {
     let none = HashMap::new();
     for p in chosen {
@@ -523,8 +601,9 @@ async fn apply(
         if to_apply.is_empty() {
             continue;
         }
-        let set = match into {
-            Target::Filling => p.fill_set(conn, &to_apply),
+        let set = match &mut into {
+            Target::Filling(Some(filler)) => Some(filler.fill(conn, &to_apply)),
+            Target::Filling(None) => p.fill_set(conn, &to_apply),
             Target::Live => p.apply_set(conn, &to_apply),
         };
         let whole = match (letters.one_by_one, set) {

@@ -104,8 +104,17 @@ fn spec(project: Uuid) -> domain::spec::TaskSpec {
     .unwrap()
 }
 
-/// A project, a node and `tasks` whole task lifecycles, written fast.
+/// A project, a node and `tasks` whole task lifecycles, written fast,
+/// each task's events together.
 async fn big_history(store: &Store, tasks: usize) -> (Uuid, Uuid) {
+    history_of(store, tasks, None).await
+}
+
+/// As [`big_history`]; with `waves` of `n` tasks, the tasks in groups of
+/// `n`, and in the log the first group's first events, the next group's
+/// first events and so on, then every group's second events, and so
+/// on: a task's events lie a whole wave apart.
+async fn history_of(store: &Store, tasks: usize, waves: Option<usize>) -> (Uuid, Uuid) {
     let admin = Actor::User("admin".into());
     // The log's times as a raw write may leave them: with nanoseconds
     // beyond the microsecond that rounding and truncating part on (the
@@ -150,7 +159,7 @@ async fn big_history(store: &Store, tasks: usize) -> (Uuid, Uuid) {
         .await
         .unwrap();
     let agent = Actor::Node(node.to_string());
-    let mut rows = Vec::new();
+    let mut lifecycles = Vec::new();
     for _ in 0..tasks {
         let id = Uuid::new_v4();
         let commands = vec![
@@ -195,8 +204,25 @@ async fn big_history(store: &Store, tasks: usize) -> (Uuid, Uuid) {
                 now,
             ),
         ];
-        decided::<Task>(&id.to_string(), commands, &mut rows);
+        let mut task = Vec::new();
+        decided::<Task>(&id.to_string(), commands, &mut task);
+        lifecycles.push(task);
     }
+    let rows: Vec<Row> = match waves {
+        Some(n) => {
+            let longest = lifecycles.iter().map(Vec::len).max().unwrap_or(0);
+            let groups: Vec<&[Vec<Row>]> = lifecycles.chunks(n.max(1)).collect();
+            (0..longest)
+                .flat_map(|i| {
+                    groups
+                        .iter()
+                        .flat_map(move |group| group.iter().filter_map(move |t| t.get(i)))
+                })
+                .cloned()
+                .collect()
+        }
+        None => lifecycles.concat(),
+    };
     insert(store.pool(), &rows).await;
     visible(store.pool()).await;
     (project, node)
@@ -344,6 +370,33 @@ async fn a_rebuild_while_the_server_runs_never_shows_a_half_built_model_nor_hold
         assert_eq!(s.lag, 0, "{} lags", s.name);
     }
     assert_nothing_left(&db.pool).await;
+}
+
+#[tokio::test]
+async fn a_rebuild_holding_few_rows_writes_those_it_lets_go_and_reads_them_back_when_named_again() {
+    let db = testkit::fresh_db().await;
+    let store = Store::new(db.pool.clone());
+    // Two groups of a thousand tasks, 8,000 events: each group's first
+    // events fill one of the rebuild's transactions of a thousand, the
+    // other group's the next, and so on; a task's events lie two
+    // transactions apart.
+    history_of(&store, 2000, Some(1000)).await;
+    let projector = Projector::new(db.pool.clone());
+    projector.catch_up().await.unwrap();
+    let live = dump(&db.pool).await;
+    assert_eq!(count(&db.pool, "task_view").await, 2000);
+    // Seven rows held: each transaction lets go of the rows of the group
+    // it did not touch, and the next reads them back to apply their
+    // tasks' next events.
+    for held in [7, projections::ROWS_HELD] {
+        let rebuilt = Projector::new(db.pool.clone())
+            .with_rows_held(held)
+            .rebuild_report(None)
+            .await
+            .unwrap();
+        assert!(!rebuilt.one_by_one, "{held} rows held");
+        assert_eq!(dump(&db.pool).await, live, "{held} rows held");
+    }
 }
 
 #[tokio::test]

@@ -1,0 +1,303 @@
+//! Filling a doc model's new table in a rebuild from rows held in memory
+//! (see [`Filler`]).
+//!
+//! Applied batch by batch as the live projector applies them
+//! ([`crate::models`]'s `apply_docs`), a rebuild reads back from the new
+//! table, decodes, encodes and writes again the row of every aggregate
+//! whose events straddle two batches (most of a busy log's tasks), and
+//! every later state of a node, in every batch that names it. Here the
+//! rows stay in memory (a bounded number of them, the most recently
+//! changed); each is written when it is let go of, to make room or at
+//! the end, and read back only if a later event names it again.
+
+use std::collections::hash_map::Entry;
+use std::collections::{HashMap, HashSet};
+
+use cqrs_es::Aggregate;
+use futures::future::BoxFuture;
+use hashlink::LinkedHashMap;
+use sqlx::PgConnection;
+use store::outbox::RecordedEvent;
+use uuid::Uuid;
+
+use crate::models::{decode, undecodable, DocModel, Row};
+use crate::{Filler, SetError};
+
+/// Rows written per statement.
+const WRITE_ROWS: usize = 1_000;
+
+/// An aggregate's row held in memory.
+struct Held<A> {
+    state: A,
+    /// The sequence of the last event applied.
+    sequence: i64,
+    /// The first event applied since the row was last read or written
+    /// (without its payload): it orders a row written for the first time.
+    first: RecordedEvent,
+    /// The last event applied, without its payload.
+    last: RecordedEvent,
+}
+
+impl<A> Held<A> {
+    fn row(&self) -> Row<'_, A> {
+        Row {
+            state: &self.state,
+            first: &self.first,
+            last: &self.last,
+        }
+    }
+}
+
+/// What the last fill or finish changed, kept once its transaction
+/// commits.
+struct Staged<A> {
+    /// The rows the batch changed, in their new state, in the order of
+    /// their first event in it.
+    changed: Vec<(Uuid, Held<A>)>,
+    /// The rows written and let go of.
+    let_go: Vec<Uuid>,
+}
+
+/// The [`Filler`] of doc model `M`.
+pub(crate) struct DocFiller<M: DocModel> {
+    /// The rows held, the least recently changed first.
+    held: LinkedHashMap<Uuid, Held<M::State>>,
+    /// The most rows held; beyond it, the least recently changed quarter
+    /// is written and let go of.
+    most: usize,
+    /// The aggregates whose rows were written and let go of: the table
+    /// holds them.
+    written: HashSet<Uuid>,
+    staged: Option<Staged<M::State>>,
+}
+
+impl<M: DocModel> DocFiller<M> {
+    /// A filler holding at most `most` rows (at least one).
+    pub(crate) fn new(most: usize) -> Self {
+        DocFiller {
+            held: LinkedHashMap::new(),
+            most: most.max(1),
+            written: HashSet::new(),
+            staged: None,
+        }
+    }
+
+    async fn fill_batch(
+        &mut self,
+        conn: &mut PgConnection,
+        events: &[&RecordedEvent],
+    ) -> Result<(), SetError> {
+        self.staged = None;
+        let mut mine = Vec::new();
+        for &ev in events
+            .iter()
+            .filter(|e| e.aggregate_type == <M::State as Aggregate>::TYPE)
+        {
+            let id: Uuid = ev
+                .aggregate_id
+                .parse()
+                .map_err(|e| SetError::at(ev, undecodable(ev, e)))?;
+            mine.push((id, ev));
+        }
+        // Rows let go of earlier that the batch names again: read back.
+        let mut back: Vec<Uuid> = mine
+            .iter()
+            .map(|(id, _)| *id)
+            .filter(|id| !self.held.contains_key(id) && self.written.contains(id))
+            .collect();
+        back.sort_unstable();
+        back.dedup();
+        let mut stored: HashMap<Uuid, (i64, String)> = if back.is_empty() {
+            HashMap::new()
+        } else {
+            sqlx::query_as::<_, (Uuid, i64, String)>(&format!(
+                "SELECT id, last_sequence, doc::text FROM {} WHERE id = ANY($1)",
+                M::TABLE
+            ))
+            .bind(&back)
+            .fetch_all(&mut *conn)
+            .await?
+            .into_iter()
+            .map(|(id, sequence, doc)| (id, (sequence, doc)))
+            .collect()
+        };
+
+        // Each aggregate's state is folded on a copy, so that what is held
+        // stays as it was should the transaction be rolled back.
+        let mut folds: HashMap<Uuid, Fold<'_, M::State>> = HashMap::new();
+        for (id, ev) in mine {
+            let fold = match folds.entry(id) {
+                Entry::Occupied(o) => o.into_mut(),
+                Entry::Vacant(v) => {
+                    let fold = match self.held.get(&id) {
+                        Some(h) => Fold::new(h.state.clone(), h.sequence, Some(h.first.clone())),
+                        None => match stored.remove(&id) {
+                            Some((sequence, doc)) => Fold::new(
+                                serde_json::from_str(&doc)
+                                    .map_err(|e| SetError::at(ev, undecodable(ev, e)))?,
+                                sequence,
+                                None,
+                            ),
+                            None => Fold::new(M::State::default(), 0, None),
+                        },
+                    };
+                    v.insert(fold)
+                }
+            };
+            if ev.sequence <= fold.sequence {
+                continue;
+            }
+            fold.state
+                .apply(decode(ev).map_err(|e| SetError::at(ev, e))?);
+            fold.sequence = ev.sequence;
+            fold.batch_first.get_or_insert(ev);
+            fold.last = Some(ev);
+        }
+        let mut changed: Vec<(&RecordedEvent, Uuid, Fold<'_, M::State>)> = folds
+            .into_iter()
+            .filter_map(|(id, fold)| Some((fold.batch_first?, id, fold)))
+            .collect();
+        changed.sort_unstable_by_key(|(first, _, _)| first.position);
+        let mut staged = Staged {
+            changed: Vec::with_capacity(changed.len()),
+            let_go: Vec::new(),
+        };
+        for (batch_first, id, fold) in changed {
+            // As writing the row would find, blaming the same event.
+            if let Some(why) = M::unfit(&fold.state) {
+                return Err(SetError::at(batch_first, undecodable(batch_first, why)));
+            }
+            let last = fold.last.unwrap_or(batch_first);
+            staged.changed.push((
+                id,
+                Held {
+                    state: fold.state,
+                    sequence: fold.sequence,
+                    first: fold.first.unwrap_or_else(|| mark(batch_first)),
+                    last: mark(last),
+                },
+            ));
+        }
+
+        let fresh = staged
+            .changed
+            .iter()
+            .filter(|(id, _)| !self.held.contains_key(id))
+            .count();
+        if self.held.len() + fresh > self.most {
+            let keep = self.most - self.most / 4;
+            let excess = (self.held.len() + fresh).saturating_sub(keep);
+            let changing: HashSet<Uuid> = staged.changed.iter().map(|(id, _)| *id).collect();
+            staged.let_go = self
+                .held
+                .keys()
+                .filter(|id| !changing.contains(id))
+                .take(excess)
+                .copied()
+                .collect();
+            let rows: Vec<Row<'_, M::State>> = staged
+                .let_go
+                .iter()
+                .filter_map(|id| self.held.get(id).map(Held::row))
+                .collect();
+            write::<M>(conn, &rows).await?;
+        }
+        self.staged = Some(staged);
+        Ok(())
+    }
+
+    async fn finish_all(&mut self, conn: &mut PgConnection) -> Result<(), SetError> {
+        self.staged = None;
+        let rows: Vec<Row<'_, M::State>> = self.held.values().map(Held::row).collect();
+        write::<M>(conn, &rows).await?;
+        self.staged = Some(Staged {
+            changed: Vec::new(),
+            let_go: self.held.keys().copied().collect(),
+        });
+        Ok(())
+    }
+}
+
+/// One aggregate's state while a batch is folded.
+struct Fold<'e, A> {
+    state: A,
+    sequence: i64,
+    /// The held row's first event, when the row was held.
+    first: Option<RecordedEvent>,
+    /// The first event of the batch applied.
+    batch_first: Option<&'e RecordedEvent>,
+    /// The last event of the batch applied.
+    last: Option<&'e RecordedEvent>,
+}
+
+impl<A> Fold<'_, A> {
+    fn new(state: A, sequence: i64, first: Option<RecordedEvent>) -> Self {
+        Fold {
+            state,
+            sequence,
+            first,
+            batch_first: None,
+            last: None,
+        }
+    }
+}
+
+/// `rows`, a statement per [`WRITE_ROWS`].
+async fn write<M: DocModel>(
+    conn: &mut PgConnection,
+    rows: &[Row<'_, M::State>],
+) -> Result<(), SetError> {
+    for chunk in rows.chunks(WRITE_ROWS) {
+        M::write(conn, chunk).await?;
+    }
+    Ok(())
+}
+
+/// `ev` without its payload and metadata, which a held row does not need.
+fn mark(ev: &RecordedEvent) -> RecordedEvent {
+    RecordedEvent {
+        position: ev.position,
+        txid: ev.txid,
+        aggregate_type: ev.aggregate_type.clone(),
+        aggregate_id: ev.aggregate_id.clone(),
+        sequence: ev.sequence,
+        event_type: ev.event_type.clone(),
+        event_version: ev.event_version.clone(),
+        payload: serde_json::Value::Null,
+        metadata: serde_json::Value::Null,
+        recorded_at: ev.recorded_at,
+    }
+}
+
+impl<M: DocModel> Filler for DocFiller<M> {
+    fn fill<'a>(
+        &'a mut self,
+        conn: &'a mut PgConnection,
+        events: &'a [&'a RecordedEvent],
+    ) -> BoxFuture<'a, Result<(), SetError>> {
+        Box::pin(self.fill_batch(conn, events))
+    }
+
+    fn finish<'a>(&'a mut self, conn: &'a mut PgConnection) -> BoxFuture<'a, Result<(), SetError>> {
+        Box::pin(self.finish_all(conn))
+    }
+
+    fn committed(&mut self) {
+        let Some(staged) = self.staged.take() else {
+            return;
+        };
+        for id in staged.let_go {
+            self.held.remove(&id);
+            self.written.insert(id);
+        }
+        for (id, held) in staged.changed {
+            // Removed first, so that it moves to the most recent end.
+            self.held.remove(&id);
+            self.held.insert(id, held);
+        }
+    }
+
+    fn rolled_back(&mut self) {
+        self.staged = None;
+    }
+}
