@@ -195,21 +195,43 @@ impl<M: DocModel> DocFiller<M> {
                 .take(excess)
                 .copied()
                 .collect();
-            let rows: Vec<Row<'_, M::State>> = staged
+            let rows = staged
                 .let_go
                 .iter()
-                .filter_map(|id| self.held.get(id).map(Held::row))
-                .collect();
-            write::<M>(conn, &rows).await?;
+                .filter_map(|id| self.held.get(id).map(|h| (*id, h)));
+            self.write(conn, rows).await?;
         }
         self.staged = Some(staged);
         Ok(())
     }
 
+    /// Writes `rows`, a statement per [`WRITE_ROWS`]: the ones never
+    /// written as new rows, the others over the rows the table holds.
+    async fn write<'h>(
+        &self,
+        conn: &mut PgConnection,
+        rows: impl Iterator<Item = (Uuid, &'h Held<M::State>)>,
+    ) -> Result<(), SetError>
+    where
+        M::State: 'h,
+    {
+        let (again, new): (Vec<_>, Vec<_>) = rows.partition(|(id, _)| self.written.contains(id));
+        let rows = |part: Vec<(Uuid, &'h Held<M::State>)>| -> Vec<Row<'h, M::State>> {
+            part.into_iter().map(|(_, h)| h.row()).collect()
+        };
+        for chunk in rows(new).chunks(WRITE_ROWS) {
+            M::write_new(conn, chunk).await?;
+        }
+        for chunk in rows(again).chunks(WRITE_ROWS) {
+            M::write(conn, chunk).await?;
+        }
+        Ok(())
+    }
+
     async fn finish_all(&mut self, conn: &mut PgConnection) -> Result<(), SetError> {
         self.staged = None;
-        let rows: Vec<Row<'_, M::State>> = self.held.values().map(Held::row).collect();
-        write::<M>(conn, &rows).await?;
+        self.write(conn, self.held.iter().map(|(id, h)| (*id, h)))
+            .await?;
         self.staged = Some(Staged {
             changed: Vec::new(),
             let_go: self.held.keys().copied().collect(),
@@ -240,17 +262,6 @@ impl<A> Fold<'_, A> {
             last: None,
         }
     }
-}
-
-/// `rows`, a statement per [`WRITE_ROWS`].
-async fn write<M: DocModel>(
-    conn: &mut PgConnection,
-    rows: &[Row<'_, M::State>],
-) -> Result<(), SetError> {
-    for chunk in rows.chunks(WRITE_ROWS) {
-        M::write(conn, chunk).await?;
-    }
-    Ok(())
 }
 
 /// `ev` without its payload and metadata, which a held row does not need.

@@ -92,6 +92,14 @@ pub(crate) trait DocModel: Send + Sync + 'static {
         conn: &'a mut PgConnection,
         rows: &'a [Row<'a, Self::State>],
     ) -> BoxFuture<'a, Result<(), SetError>>;
+    /// Writes `rows`, none of which the table holds yet: by `COPY` where
+    /// the model can, else as [`DocModel::write`].
+    fn write_new<'a>(
+        conn: &'a mut PgConnection,
+        rows: &'a [Row<'a, Self::State>],
+    ) -> BoxFuture<'a, Result<(), SetError>> {
+        Self::write(conn, rows)
+    }
 }
 
 /// Applies `events` to doc model `M` on `conn`: the batch's rows read,
@@ -246,9 +254,89 @@ impl DocModel for Tasks {
     ) -> BoxFuture<'a, Result<(), SetError>> {
         Box::pin(Self::write_all(conn, rows))
     }
+    fn write_new<'a>(
+        conn: &'a mut PgConnection,
+        rows: &'a [Row<'a, Task>],
+    ) -> BoxFuture<'a, Result<(), SetError>> {
+        Box::pin(Self::copy_all(conn, rows))
+    }
+}
+
+/// A task's row of `task_view`, column by column.
+struct TaskColumns<'r> {
+    id: Uuid,
+    project_id: Uuid,
+    state: &'r str,
+    priority: i32,
+    node_id: Option<Uuid>,
+    attempt: i32,
+    submitted_by: String,
+    submitted_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+    list_position: i64,
+    last_sequence: i64,
+    doc: String,
+}
+
+impl<'r> TaskColumns<'r> {
+    fn of(row: &Row<'r, Task>) -> Result<Self, SetError> {
+        let Row {
+            state: task,
+            first,
+            last,
+        } = *row;
+        let (Some(id), Some(spec)) = (task.id, task.spec.as_ref()) else {
+            return Err(SetError::at(first, undecodable(first, TASK_UNFIT)));
+        };
+        Ok(TaskColumns {
+            id,
+            project_id: spec.project_id,
+            state: task.state.as_str(),
+            priority: spec.priority,
+            node_id: task.node_id,
+            attempt: task.attempt as i32,
+            submitted_by: task
+                .submitted_by
+                .as_ref()
+                .map(ToString::to_string)
+                .unwrap_or_default(),
+            submitted_at: at_or(task.submitted_at, last),
+            updated_at: at_or(task.updated_at, last),
+            list_position: first.position,
+            last_sequence: last.sequence,
+            doc: doc(task, last).map_err(|e| SetError::at(last, e))?,
+        })
+    }
 }
 
 impl Tasks {
+    /// New rows, by `COPY`: none of them is in the table.
+    async fn copy_all(conn: &mut PgConnection, rows: &[Row<'_, Task>]) -> Result<(), SetError> {
+        let mut line = CopyLine(String::with_capacity(rows.len() * 2048));
+        for row in rows {
+            let t = TaskColumns::of(row)?;
+            line.value(t.id);
+            line.value(t.project_id);
+            line.text(t.state);
+            line.value(t.priority);
+            line.maybe(t.node_id);
+            line.value(t.attempt);
+            line.text(&t.submitted_by);
+            line.time(t.submitted_at);
+            line.time(t.updated_at);
+            line.value(t.list_position);
+            line.value(t.last_sequence);
+            line.text(&t.doc);
+            line.end();
+        }
+        line.send(
+            conn,
+            "COPY task_view (id, project_id, state, priority, node_id, attempt, submitted_by, \
+               submitted_at, updated_at, list_position, last_sequence, doc) FROM STDIN",
+        )
+        .await
+    }
+
     async fn write_all(conn: &mut PgConnection, rows: &[Row<'_, Task>]) -> Result<(), SetError> {
         let n = rows.len();
         let (mut ids, mut projects, mut states, mut priorities) = (
@@ -270,32 +358,19 @@ impl Tasks {
             Vec::with_capacity(n),
         );
         for row in rows {
-            let Row {
-                state: task,
-                first,
-                last,
-                ..
-            } = row;
-            let (Some(id), Some(spec)) = (task.id, task.spec.as_ref()) else {
-                return Err(SetError::at(first, undecodable(first, TASK_UNFIT)));
-            };
-            ids.push(id);
-            projects.push(spec.project_id);
-            states.push(task.state.as_str());
-            priorities.push(spec.priority);
-            nodes.push(task.node_id);
-            attempts.push(task.attempt as i32);
-            by.push(
-                task.submitted_by
-                    .as_ref()
-                    .map(ToString::to_string)
-                    .unwrap_or_default(),
-            );
-            submitted.push(at_or(task.submitted_at, last));
-            updated.push(at_or(task.updated_at, last));
-            positions.push(first.position);
-            sequences.push(last.sequence);
-            docs.push(doc(task, last).map_err(|e| SetError::at(last, e))?);
+            let t = TaskColumns::of(row)?;
+            ids.push(t.id);
+            projects.push(t.project_id);
+            states.push(t.state);
+            priorities.push(t.priority);
+            nodes.push(t.node_id);
+            attempts.push(t.attempt);
+            by.push(t.submitted_by);
+            submitted.push(t.submitted_at);
+            updated.push(t.updated_at);
+            positions.push(t.list_position);
+            sequences.push(t.last_sequence);
+            docs.push(t.doc);
         }
         sqlx::query(
             "INSERT INTO task_view (id, project_id, state, priority, node_id, attempt, submitted_by, \
@@ -801,19 +876,12 @@ impl Timeline {
         for row in &rows {
             row.copy_text(&mut text);
         }
-        let mut copy = conn
-            .copy_in_raw(concat!(
-                "COPY timeline (",
-                timeline_columns!(),
-                ") FROM STDIN"
-            ))
-            .await?;
-        if let Err(e) = copy.send(text.as_bytes()).await {
-            let _ = copy.abort("the rows could not be sent").await;
-            return Err(e.into());
-        }
-        copy.finish().await?;
-        Ok(())
+        CopyLine(text)
+            .send(
+                conn,
+                concat!("COPY timeline (", timeline_columns!(), ") FROM STDIN"),
+            )
+            .await
     }
 }
 
@@ -870,6 +938,58 @@ fn as_bound(t: DateTime<Utc>) -> DateTime<Utc> {
     match (t - epoch).num_microseconds() {
         Some(us) => epoch + chrono::Duration::microseconds(us),
         None => t,
+    }
+}
+
+/// Rows in `COPY`'s text format, built field by field.
+struct CopyLine(String);
+
+impl CopyLine {
+    /// A field of text.
+    fn text(&mut self, value: &str) {
+        copy_field(&mut self.0, value);
+    }
+
+    /// A field that is written as it displays.
+    fn value(&mut self, value: impl std::fmt::Display) {
+        use std::fmt::Write;
+        // Writing to a String cannot fail.
+        let _ = write!(self.0, "{value}\t");
+    }
+
+    /// A field that may be NULL.
+    fn maybe(&mut self, value: Option<impl std::fmt::Display>) {
+        match value {
+            Some(v) => self.value(v),
+            None => self.0.push_str("\\N\t"),
+        }
+    }
+
+    /// A time, as binding it would store it ([`as_bound`]).
+    fn time(&mut self, t: DateTime<Utc>) {
+        self.value(as_bound(t).to_rfc3339_opts(chrono::SecondsFormat::Micros, true));
+    }
+
+    /// Ends the row.
+    fn end(&mut self) {
+        if self.0.ends_with('\t') {
+            self.0.pop();
+        }
+        self.0.push('\n');
+    }
+
+    /// Sends the rows by `statement`, a `COPY … FROM STDIN`.
+    async fn send(self, conn: &mut PgConnection, statement: &str) -> Result<(), SetError> {
+        if self.0.is_empty() {
+            return Ok(());
+        }
+        let mut copy = conn.copy_in_raw(statement).await?;
+        if let Err(e) = copy.send(self.0.as_bytes()).await {
+            let _ = copy.abort("the rows could not be sent").await;
+            return Err(e.into());
+        }
+        copy.finish().await?;
+        Ok(())
     }
 }
 
