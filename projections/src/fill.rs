@@ -6,8 +6,8 @@
 //! table, decodes, encodes and writes again the row of every aggregate
 //! whose events straddle two batches (most of a busy log's tasks), and
 //! every later state of a node, in every batch that names it. Here the
-//! rows stay in memory (a bounded number of them, the most recently
-//! changed); each is written when it is let go of, to make room or at
+//! rows stay in memory (the most recently changed, bounded in number and
+//! in bytes); each is written when it is let go of, to make room or at
 //! the end, and read back only if a later event names it again.
 
 use std::collections::hash_map::Entry;
@@ -23,8 +23,9 @@ use uuid::Uuid;
 use crate::models::{decode, undecodable, DocModel, Row};
 use crate::{Filler, SetError};
 
-/// Rows written per statement.
-const WRITE_ROWS: usize = 1_000;
+/// The most rows written in one transaction: every outbox consumer
+/// waits for the oldest transaction open, so each stays short.
+const WRITE_ROWS: usize = 500;
 
 /// An aggregate's row held in memory.
 struct Held<A> {
@@ -36,6 +37,8 @@ struct Held<A> {
     first: RecordedEvent,
     /// The last event applied, without its payload.
     last: RecordedEvent,
+    /// About how many bytes `state` takes ([`DocModel::weight`]).
+    weight: usize,
 }
 
 impl<A> Held<A> {
@@ -62,9 +65,13 @@ struct Staged<A> {
 pub(crate) struct DocFiller<M: DocModel> {
     /// The rows held, the least recently changed first.
     held: LinkedHashMap<Uuid, Held<M::State>>,
-    /// The most rows held; beyond it, the least recently changed quarter
-    /// is written and let go of.
+    /// The most rows held, and the most bytes they may take; beyond
+    /// either, the least recently changed rows are written and let go of
+    /// until a quarter of each is free.
     most: usize,
+    budget: usize,
+    /// What the rows held take, by [`DocModel::weight`].
+    bytes: usize,
     /// The aggregates whose rows were written and let go of: the table
     /// holds them.
     written: HashSet<Uuid>,
@@ -72,11 +79,15 @@ pub(crate) struct DocFiller<M: DocModel> {
 }
 
 impl<M: DocModel> DocFiller<M> {
-    /// A filler holding at most `most` rows (at least one).
+    /// A filler holding at most `most` rows (at least one) of
+    /// [`crate::ROW_BYTES`] each on average.
     pub(crate) fn new(most: usize) -> Self {
+        let most = most.max(1);
         DocFiller {
             held: LinkedHashMap::new(),
-            most: most.max(1),
+            most,
+            budget: most.saturating_mul(crate::ROW_BYTES),
+            bytes: 0,
             written: HashSet::new(),
             staged: None,
         }
@@ -171,6 +182,7 @@ impl<M: DocModel> DocFiller<M> {
             staged.changed.push((
                 id,
                 Held {
+                    weight: M::weight(&fold.state),
                     state: fold.state,
                     sequence: fold.sequence,
                     first: fold.first.unwrap_or_else(|| mark(batch_first)),
@@ -179,22 +191,30 @@ impl<M: DocModel> DocFiller<M> {
             ));
         }
 
-        let fresh = staged
-            .changed
-            .iter()
-            .filter(|(id, _)| !self.held.contains_key(id))
-            .count();
-        if self.held.len() + fresh > self.most {
-            let keep = self.most - self.most / 4;
-            let excess = (self.held.len() + fresh).saturating_sub(keep);
+        // What would be held once the batch commits.
+        let mut count = self.held.len();
+        let mut bytes = self.bytes;
+        for (id, new) in &staged.changed {
+            match self.held.get(id) {
+                Some(old) => bytes = bytes.saturating_sub(old.weight),
+                None => count += 1,
+            }
+            bytes += new.weight;
+        }
+        if count > self.most || bytes > self.budget {
+            let (keep, keep_bytes) = (self.most - self.most / 4, self.budget - self.budget / 4);
             let changing: HashSet<Uuid> = staged.changed.iter().map(|(id, _)| *id).collect();
-            staged.let_go = self
-                .held
-                .keys()
-                .filter(|id| !changing.contains(id))
-                .take(excess)
-                .copied()
-                .collect();
+            for (id, held) in &self.held {
+                if (count <= keep && bytes <= keep_bytes) || staged.let_go.len() >= WRITE_ROWS {
+                    break;
+                }
+                if changing.contains(id) {
+                    continue;
+                }
+                staged.let_go.push(*id);
+                count -= 1;
+                bytes = bytes.saturating_sub(held.weight);
+            }
             let rows = staged
                 .let_go
                 .iter()
@@ -205,7 +225,7 @@ impl<M: DocModel> DocFiller<M> {
         Ok(())
     }
 
-    /// Writes `rows`, a statement per [`WRITE_ROWS`]: the ones never
+    /// Writes `rows`, at most [`WRITE_ROWS`] of them: the ones never
     /// written as new rows, the others over the rows the table holds.
     async fn write<'h>(
         &self,
@@ -228,15 +248,22 @@ impl<M: DocModel> DocFiller<M> {
         Ok(())
     }
 
-    async fn finish_all(&mut self, conn: &mut PgConnection) -> Result<(), SetError> {
+    async fn finish_some(&mut self, conn: &mut PgConnection) -> Result<bool, SetError> {
         self.staged = None;
-        self.write(conn, self.held.iter().map(|(id, h)| (*id, h)))
-            .await?;
+        let let_go: Vec<Uuid> = self.held.keys().take(WRITE_ROWS).copied().collect();
+        self.write(
+            conn,
+            let_go
+                .iter()
+                .filter_map(|id| self.held.get(id).map(|h| (*id, h))),
+        )
+        .await?;
+        let done = let_go.len() == self.held.len();
         self.staged = Some(Staged {
             changed: Vec::new(),
-            let_go: self.held.keys().copied().collect(),
+            let_go,
         });
-        Ok(())
+        Ok(done)
     }
 }
 
@@ -289,8 +316,11 @@ impl<M: DocModel> Filler for DocFiller<M> {
         Box::pin(self.fill_batch(conn, events))
     }
 
-    fn finish<'a>(&'a mut self, conn: &'a mut PgConnection) -> BoxFuture<'a, Result<(), SetError>> {
-        Box::pin(self.finish_all(conn))
+    fn finish<'a>(
+        &'a mut self,
+        conn: &'a mut PgConnection,
+    ) -> BoxFuture<'a, Result<bool, SetError>> {
+        Box::pin(self.finish_some(conn))
     }
 
     fn committed(&mut self) {
@@ -298,12 +328,17 @@ impl<M: DocModel> Filler for DocFiller<M> {
             return;
         };
         for id in staged.let_go {
-            self.held.remove(&id);
+            if let Some(gone) = self.held.remove(&id) {
+                self.bytes = self.bytes.saturating_sub(gone.weight);
+            }
             self.written.insert(id);
         }
         for (id, held) in staged.changed {
             // Removed first, so that it moves to the most recent end.
-            self.held.remove(&id);
+            if let Some(old) = self.held.remove(&id) {
+                self.bytes = self.bytes.saturating_sub(old.weight);
+            }
+            self.bytes += held.weight;
             self.held.insert(id, held);
         }
     }

@@ -144,8 +144,8 @@ pub trait Projection: Send + Sync {
 /// committed one left off.
 pub trait Filler: Send {
     /// Applies `events` (in log order) to the rows held, writing on
-    /// `conn`, inside the caller's transaction, those it lets go of to
-    /// make room. What it held before does not change until
+    /// `conn`, inside the caller's transaction, some it lets go of to
+    /// make room (as many as one short transaction should). What it held before does not change until
     /// [`Filler::committed`]. An error blames an event as
     /// [`Projection::apply_set`]'s does.
     fn fill<'a>(
@@ -153,9 +153,14 @@ pub trait Filler: Send {
         conn: &'a mut PgConnection,
         events: &'a [&'a RecordedEvent],
     ) -> BoxFuture<'a, Result<(), SetError>>;
-    /// Writes every row still held, inside the caller's transaction; the
-    /// rows are let go of once it commits ([`Filler::committed`]).
-    fn finish<'a>(&'a mut self, conn: &'a mut PgConnection) -> BoxFuture<'a, Result<(), SetError>>;
+    /// Writes some of the rows still held (as many as one short
+    /// transaction should), inside the caller's transaction; they are
+    /// let go of once it commits ([`Filler::committed`]). `true` when no
+    /// other row is left.
+    fn finish<'a>(
+        &'a mut self,
+        conn: &'a mut PgConnection,
+    ) -> BoxFuture<'a, Result<bool, SetError>>;
     /// The transaction of the last [`Filler::fill`] or
     /// [`Filler::finish`] committed: its changes are kept.
     fn committed(&mut self);
@@ -334,8 +339,14 @@ pub const BATCH: i64 = 500;
 
 /// How many rows of a read model with a row per aggregate (tasks, nodes)
 /// a rebuild holds in memory while it fills the model's new table (see
-/// [`Filler`]): a task's is a few kilobytes.
+/// [`Filler`]), and, in [`ROW_BYTES`] each, how much memory they may take
+/// together: a task's row is a few kilobytes, a large one up to a
+/// megabyte.
 pub const ROWS_HELD: usize = 10_000;
+
+/// The bytes each of [`ROWS_HELD`] rows may take on average; a row whose
+/// size is not estimated counts as this much.
+pub const ROW_BYTES: usize = 8 * 1024;
 
 /// How long the projector lets a wake-up settle before it reads the log.
 /// The read models are not on the path from a submission to its node (the
@@ -365,8 +376,9 @@ impl Projector {
     }
 
     /// The same projector holding at most `rows` rows per read model in
-    /// memory while it rebuilds ([`ROWS_HELD`] by default; at least 1):
-    /// fewer take less memory, and write and read back more rows.
+    /// memory while it rebuilds, of at most [`ROW_BYTES`] each on average
+    /// ([`ROWS_HELD`] by default; at least 1): fewer take less memory, and
+    /// write and read back more rows.
     pub fn with_rows_held(mut self, rows: usize) -> Self {
         self.rows_held = rows.max(1);
         self

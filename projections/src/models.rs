@@ -86,6 +86,11 @@ pub(crate) trait DocModel: Send + Sync + 'static {
     /// Why `state` cannot be written as a row, if it cannot (its events
     /// began without the one that creates the aggregate).
     fn unfit(state: &Self::State) -> Option<&'static str>;
+    /// About how many bytes `state` takes in memory: what a rebuild
+    /// counts against the rows it may hold ([`crate::ROWS_HELD`]).
+    fn weight(_state: &Self::State) -> usize {
+        crate::ROW_BYTES
+    }
     /// Writes `rows`: each a new row or a later state of a row written
     /// before, which it replaces.
     fn write<'a>(
@@ -247,6 +252,24 @@ impl DocModel for Tasks {
     const TABLE: &'static str = "task_view";
     fn unfit(task: &Task) -> Option<&'static str> {
         (task.id.is_none() || task.spec.is_none()).then_some(TASK_UNFIT)
+    }
+    fn weight(task: &Task) -> usize {
+        // What may be large, counted; the rest a fixed share. A spec is
+        // bounded only by the request's size, a megabyte by default.
+        let map = |m: &std::collections::BTreeMap<String, String>| -> usize {
+            m.iter().map(|(k, v)| k.len() + v.len() + 64).sum()
+        };
+        let spec = task.spec.as_ref().map_or(0, |s| {
+            s.command.iter().map(|a| a.len() + 32).sum::<usize>()
+                + map(&s.env)
+                + map(&s.labels)
+                + (s.inputs.len() + s.outputs.len() + s.env_secrets.len()) * 256
+        });
+        let text = |t: &Option<String>| t.as_ref().map_or(0, String::len);
+        2048 + spec
+            + text(&task.reason)
+            + text(&task.stage_detail)
+            + (task.attempts.len() + task.artifacts.len() + task.refused_reports.len()) * 512
     }
     fn write<'a>(
         conn: &'a mut PgConnection,

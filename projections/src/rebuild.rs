@@ -543,20 +543,24 @@ async fn fill(
     Ok(letters)
 }
 
-/// Writes every row `filler` still holds, in a transaction of its own.
+/// Writes every row `filler` still holds, in short transactions.
 async fn write_held(conn: &mut PgConnection, mut filler: Box<dyn Filler>) -> Result<(), FillStop> {
-    let mut tx = conn.begin().await?;
-    let finished = AssertUnwindSafe(filler.finish(&mut tx))
-        .catch_unwind()
-        .await;
-    match finished {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) if e.error.is_transient() => return Err(FillStop::Failed(e.error)),
-        Ok(Err(_)) | Err(_) => return Err(FillStop::Refused),
+    loop {
+        let mut tx = conn.begin().await?;
+        let finished = AssertUnwindSafe(filler.finish(&mut tx))
+            .catch_unwind()
+            .await;
+        let done = match finished {
+            Ok(Ok(done)) => done,
+            Ok(Err(e)) if e.error.is_transient() => return Err(FillStop::Failed(e.error)),
+            Ok(Err(_)) | Err(_) => return Err(FillStop::Refused),
+        };
+        tx.commit().await?;
+        filler.committed();
+        if done {
+            return Ok(());
+        }
     }
-    tx.commit().await?;
-    filler.committed();
-    Ok(())
 }
 
 /// What the events are applied into.
