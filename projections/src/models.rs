@@ -23,8 +23,8 @@ use domain::user::UserEvent;
 /// Every read model, in the order the projector advances them.
 pub fn all() -> Vec<Arc<dyn Projection>> {
     vec![
-        Arc::new(Tasks),
-        Arc::new(Nodes),
+        Arc::new(Docs::<Tasks>::new()),
+        Arc::new(Docs::<Nodes>::new()),
         Arc::new(Projects),
         Arc::new(Users),
         Arc::new(Timeline::new()),
@@ -81,6 +81,8 @@ pub(crate) struct Row<'r, A> {
 pub(crate) trait DocModel: Send + Sync + 'static {
     /// The aggregate, whose state is the document.
     type State: Aggregate + Clone;
+    /// The model's name, also its checkpoint's.
+    const NAME: &'static str;
     /// The model's table.
     const TABLE: &'static str;
     /// Why `state` cannot be written as a row, if it cannot (its events
@@ -104,6 +106,41 @@ pub(crate) trait DocModel: Send + Sync + 'static {
         rows: &'a [Row<'a, Self::State>],
     ) -> BoxFuture<'a, Result<(), SetError>> {
         Self::write(conn, rows)
+    }
+}
+
+/// The projection of doc model `M`.
+struct Docs<M>(std::marker::PhantomData<fn() -> M>);
+
+impl<M> Docs<M> {
+    fn new() -> Self {
+        Docs(std::marker::PhantomData)
+    }
+}
+
+impl<M: DocModel> Projection for Docs<M> {
+    fn name(&self) -> &'static str {
+        M::NAME
+    }
+    fn tables(&self) -> &'static [&'static str] {
+        const { &[M::TABLE] }
+    }
+    fn apply_set<'a>(
+        &'a self,
+        conn: &'a mut PgConnection,
+        events: &'a [&'a RecordedEvent],
+    ) -> Option<BoxFuture<'a, Result<(), SetError>>> {
+        Some(Box::pin(apply_docs::<M>(conn, events)))
+    }
+    fn apply<'a>(
+        &'a self,
+        conn: &'a mut PgConnection,
+        ev: &'a RecordedEvent,
+    ) -> BoxFuture<'a, Result<(), ProjectionError>> {
+        Box::pin(async move { apply_docs::<M>(conn, &[ev]).await.map_err(|e| e.error) })
+    }
+    fn filler(&self, rows_held: usize) -> Option<Box<dyn Filler>> {
+        Some(Box::new(DocFiller::<M>::new(rows_held)))
     }
 }
 
@@ -218,37 +255,12 @@ fn at_or(t: Option<DateTime<Utc>>, event: &RecordedEvent) -> DateTime<Utc> {
 /// Tasks with their state, for lists and the scheduler's queue.
 struct Tasks;
 
-impl Projection for Tasks {
-    fn name(&self) -> &'static str {
-        crate::read::tasks::CHECKPOINT
-    }
-    fn tables(&self) -> &'static [&'static str] {
-        &["task_view"]
-    }
-    fn apply_set<'a>(
-        &'a self,
-        conn: &'a mut PgConnection,
-        events: &'a [&'a RecordedEvent],
-    ) -> Option<BoxFuture<'a, Result<(), SetError>>> {
-        Some(Box::pin(apply_docs::<Self>(conn, events)))
-    }
-    fn apply<'a>(
-        &'a self,
-        conn: &'a mut PgConnection,
-        ev: &'a RecordedEvent,
-    ) -> BoxFuture<'a, Result<(), ProjectionError>> {
-        Box::pin(async move { apply_docs::<Self>(conn, &[ev]).await.map_err(|e| e.error) })
-    }
-    fn filler(&self, rows_held: usize) -> Option<Box<dyn Filler>> {
-        Some(Box::new(DocFiller::<Self>::new(rows_held)))
-    }
-}
-
 /// Why a task's state cannot be a row.
 const TASK_UNFIT: &str = "task event before TaskSubmitted";
 
 impl DocModel for Tasks {
     type State = Task;
+    const NAME: &'static str = crate::read::tasks::CHECKPOINT;
     const TABLE: &'static str = "task_view";
     fn unfit(task: &Task) -> Option<&'static str> {
         (task.id.is_none() || task.spec.is_none()).then_some(TASK_UNFIT)
@@ -425,37 +437,12 @@ impl Tasks {
 /// Nodes with their status.
 struct Nodes;
 
-impl Projection for Nodes {
-    fn name(&self) -> &'static str {
-        "nodes"
-    }
-    fn tables(&self) -> &'static [&'static str] {
-        &["node_view"]
-    }
-    fn apply_set<'a>(
-        &'a self,
-        conn: &'a mut PgConnection,
-        events: &'a [&'a RecordedEvent],
-    ) -> Option<BoxFuture<'a, Result<(), SetError>>> {
-        Some(Box::pin(apply_docs::<Self>(conn, events)))
-    }
-    fn apply<'a>(
-        &'a self,
-        conn: &'a mut PgConnection,
-        ev: &'a RecordedEvent,
-    ) -> BoxFuture<'a, Result<(), ProjectionError>> {
-        Box::pin(async move { apply_docs::<Self>(conn, &[ev]).await.map_err(|e| e.error) })
-    }
-    fn filler(&self, rows_held: usize) -> Option<Box<dyn Filler>> {
-        Some(Box::new(DocFiller::<Self>::new(rows_held)))
-    }
-}
-
 /// Why a node's state cannot be a row.
 const NODE_UNFIT: &str = "node event before NodeProvisioned";
 
 impl DocModel for Nodes {
     type State = Node;
+    const NAME: &'static str = "nodes";
     const TABLE: &'static str = "node_view";
     fn unfit(node: &Node) -> Option<&'static str> {
         node.id.is_none().then_some(NODE_UNFIT)
