@@ -347,3 +347,101 @@ impl<M: DocModel> Filler for DocFiller<M> {
         self.staged = None;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::Tasks;
+    use chrono::Utc;
+    use cqrs_es::DomainEvent;
+    use domain::spec::{TaskSpecDraft, UrlPolicy};
+    use domain::task::{Task, TaskCommand};
+    use domain::Actor;
+    use sqlx::Connection;
+
+    /// A task's submission with an environment variable of `env_bytes`,
+    /// at the next position.
+    fn submitted(project: Uuid, position: &mut i64, env_bytes: usize) -> RecordedEvent {
+        let id = Uuid::new_v4();
+        let spec = TaskSpecDraft {
+            project_id: Some(project),
+            code_repo_url: Some("https://example.com/c.git".into()),
+            code_commit_id: Some("a".repeat(40)),
+            env_repo_url: Some("https://example.com/e.git".into()),
+            env_commit_id: Some("b".repeat(40)),
+            dockerfile_path: Some("Dockerfile".into()),
+            command: Some(vec!["true".into()]),
+            env: Some([("BIG".to_string(), "x".repeat(env_bytes))].into()),
+            ..Default::default()
+        }
+        .validate(UrlPolicy::default())
+        .unwrap();
+        let (now, by) = (Utc::now(), Actor::User("admin".into()));
+        let events = Task::default()
+            .decide(TaskCommand::Submit {
+                task_id: id,
+                spec,
+                by: by.clone(),
+                at: now,
+            })
+            .unwrap();
+        *position += 1;
+        RecordedEvent {
+            position: *position,
+            txid: 1,
+            aggregate_type: "task".into(),
+            aggregate_id: id.to_string(),
+            sequence: 1,
+            event_type: events[0].event_type(),
+            event_version: events[0].event_version(),
+            payload: serde_json::to_value(&events[0]).unwrap(),
+            metadata: serde_json::json!({"actor": by.to_string(), "at": now}),
+            recorded_at: now,
+        }
+    }
+
+    #[tokio::test]
+    async fn large_rows_are_let_go_of_for_their_bytes_before_their_number_and_all_are_written() {
+        let db = testkit::fresh_db().await;
+        let mut conn = db.pool.acquire().await.unwrap();
+        let project = Uuid::new_v4();
+        // Seven rows of 8 KiB on average may be held; rows of 30 KB.
+        let mut filler = DocFiller::<Tasks>::new(7);
+        let mut position = 0;
+        for batch in 0..5 {
+            let events: Vec<RecordedEvent> = (0..3)
+                .map(|_| submitted(project, &mut position, 30_000))
+                .collect();
+            let events: Vec<&RecordedEvent> = events.iter().collect();
+            let mut tx = conn.begin().await.unwrap();
+            filler.fill_batch(&mut tx, &events).await.unwrap();
+            tx.commit().await.unwrap();
+            filler.committed();
+            // Six rows are fewer than seven, yet their bytes are over:
+            // every row the batch did not change is let go of.
+            assert_eq!(filler.held.len(), 3, "after batch {batch}");
+            assert!(
+                filler.bytes > 90_000 && filler.bytes < 110_000,
+                "{}",
+                filler.bytes
+            );
+        }
+        loop {
+            let mut tx = conn.begin().await.unwrap();
+            let done = filler.finish_some(&mut tx).await.unwrap();
+            tx.commit().await.unwrap();
+            filler.committed();
+            if done {
+                break;
+            }
+        }
+        assert!(filler.held.is_empty());
+        assert_eq!(filler.bytes, 0);
+        let written: Vec<i32> =
+            sqlx::query_scalar("SELECT length(doc->'spec'->'env'->>'BIG') FROM task_view")
+                .fetch_all(&db.pool)
+                .await
+                .unwrap();
+        assert_eq!(written, vec![30_000; 15]);
+    }
+}

@@ -253,7 +253,7 @@ fn at_or(t: Option<DateTime<Utc>>, event: &RecordedEvent) -> DateTime<Utc> {
 }
 
 /// Tasks with their state, for lists and the scheduler's queue.
-struct Tasks;
+pub(crate) struct Tasks;
 
 /// Why a task's state cannot be a row.
 const TASK_UNFIT: &str = "task event before TaskSubmitted";
