@@ -145,9 +145,9 @@ pub trait Projection: Send + Sync {
 pub trait Filler: Send {
     /// Applies `events` (in log order) to the rows held, writing on
     /// `conn`, inside the caller's transaction, some it lets go of to
-    /// make room (as many as one short transaction should). What it held before does not change until
-    /// [`Filler::committed`]. An error blames an event as
-    /// [`Projection::apply_set`]'s does.
+    /// make room (as many as one short transaction should). What it held
+    /// before does not change until [`Filler::committed`]. An error
+    /// blames an event as [`Projection::apply_set`]'s does.
     fn fill<'a>(
         &'a mut self,
         conn: &'a mut PgConnection,
