@@ -26,13 +26,12 @@ use bollard::query_parameters::{
 use bollard::{BollardRequest, Docker};
 use cap_std::fs::Dir;
 use futures::{Stream, StreamExt};
-use sha2::{Digest, Sha256};
 
 use crate::beneath::Root;
 use crate::keyed_lock::KeyedLocks;
 
 /// The repository part of every env image tag.
-pub const IMAGE_REPOSITORY: &str = "unidesk-env";
+pub const IMAGE_REPOSITORY: &str = protocol::ENV_IMAGE_REPOSITORY;
 
 /// Label naming the task a container runs.
 pub const LABEL_TASK: &str = "unidesk.task_id";
@@ -178,12 +177,11 @@ pub async fn connect(host: Option<&str>) -> Result<Docker, DockerError> {
 }
 
 /// The tag of the env image built from `dockerfile_path` in `env_repo_url`
-/// at `env_commit_id`: equal inputs give equal tags on every node.
+/// at `env_commit_id`: equal inputs give equal tags on every node, and the
+/// scheduler, which knows which nodes hold which image, computes the same
+/// ([`protocol::env_image_tag`]).
 pub fn image_tag(env_repo_url: &str, env_commit_id: &str, dockerfile_path: &str) -> String {
-    let digest = Sha256::digest(format!(
-        "{env_repo_url}\n{env_commit_id}\n{dockerfile_path}"
-    ));
-    format!("{IMAGE_REPOSITORY}:{}", &hex::encode(digest)[..24])
+    protocol::env_image_tag(env_repo_url, env_commit_id, dockerfile_path)
 }
 
 /// Whether [`Images::ensure`] built the image or found it.

@@ -622,6 +622,9 @@ pub fn host_ssh_command_id(request_id: Uuid) -> Uuid {
     )
 }
 
+/// The repository part of every environment's image tag.
+pub const ENV_IMAGE_REPOSITORY: &str = "unidesk-env";
+
 /// The Docker image tag of an environment: the same on every node, so the
 /// scheduler can tell which nodes already hold a task's image.
 pub fn env_image_tag(env_repo_url: &str, env_commit_id: &str, dockerfile_path: &str) -> String {
@@ -629,7 +632,7 @@ pub fn env_image_tag(env_repo_url: &str, env_commit_id: &str, dockerfile_path: &
     let digest = sha2::Sha256::digest(format!(
         "{env_repo_url}\n{env_commit_id}\n{dockerfile_path}"
     ));
-    format!("unidesk-env:{}", &hex::encode(digest)[..24])
+    format!("{ENV_IMAGE_REPOSITORY}:{}", &hex::encode(digest)[..24])
 }
 
 /// A frame as it travels: the message plus the protocol version.
