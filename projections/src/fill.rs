@@ -185,8 +185,8 @@ impl<M: DocModel> DocFiller<M> {
                     weight: M::weight(&fold.state),
                     state: fold.state,
                     sequence: fold.sequence,
-                    first: fold.first.unwrap_or_else(|| mark(batch_first)),
-                    last: mark(last),
+                    first: fold.first.unwrap_or_else(|| batch_first.without_payload()),
+                    last: last.without_payload(),
                 },
             ));
         }
@@ -288,22 +288,6 @@ impl<A> Fold<'_, A> {
             batch_first: None,
             last: None,
         }
-    }
-}
-
-/// `ev` without its payload and metadata, which a held row does not need.
-fn mark(ev: &RecordedEvent) -> RecordedEvent {
-    RecordedEvent {
-        position: ev.position,
-        txid: ev.txid,
-        aggregate_type: ev.aggregate_type.clone(),
-        aggregate_id: ev.aggregate_id.clone(),
-        sequence: ev.sequence,
-        event_type: ev.event_type.clone(),
-        event_version: ev.event_version.clone(),
-        payload: serde_json::Value::Null,
-        metadata: serde_json::Value::Null,
-        recorded_at: ev.recorded_at,
     }
 }
 

@@ -593,12 +593,7 @@ async fn apply(
             match verdict(*p, event, failed, held) {
                 Verdict::Apply => to_apply.push(event),
                 Verdict::Record(error) => {
-                    let key = RecordedEvent {
-                        payload: serde_json::Value::Null,
-                        metadata: serde_json::Value::Null,
-                        ..event.clone()
-                    };
-                    pending.push((p.name(), key, error));
+                    pending.push((p.name(), event.without_payload(), error));
                 }
             }
         }

@@ -166,6 +166,23 @@ pub struct RecordedEvent {
 }
 
 impl RecordedEvent {
+    /// The event without its payload and metadata (both `null`): what
+    /// names it, for a record that must not keep the event's content.
+    pub fn without_payload(&self) -> RecordedEvent {
+        RecordedEvent {
+            position: self.position,
+            txid: self.txid,
+            aggregate_type: self.aggregate_type.clone(),
+            aggregate_id: self.aggregate_id.clone(),
+            sequence: self.sequence,
+            event_type: self.event_type.clone(),
+            event_version: self.event_version.clone(),
+            payload: serde_json::Value::Null,
+            metadata: serde_json::Value::Null,
+            recorded_at: self.recorded_at,
+        }
+    }
+
     /// Where this event stands in the global order.
     pub fn checkpoint(&self) -> Checkpoint {
         Checkpoint {
