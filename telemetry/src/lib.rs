@@ -68,6 +68,7 @@ struct Inner {
     http: http::HttpMetrics,
     ingress: OnceLock<IngressMetrics>,
     tasks: OnceLock<tasks::TaskLatencies>,
+    observer: OnceLock<Arc<tasks::LatencyObserver>>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -97,6 +98,7 @@ impl Metrics {
                 http,
                 ingress: OnceLock::new(),
                 tasks: OnceLock::new(),
+                observer: OnceLock::new(),
             }),
         };
         metrics.count_aggregate_loads(store);
@@ -153,12 +155,18 @@ impl Metrics {
     /// a projector of this process commits, for
     /// [`projections::Projector::with_observer`]: give it to every
     /// projector that applies the tasks read model (the projector role's
-    /// and the scheduler's).
+    /// and the scheduler's). One observer serves them all, so the earlier
+    /// times one of them committed serve the transitions another commits.
     pub fn projector_observer(&self) -> Arc<dyn projections::Observer> {
-        Arc::new(tasks::LatencyObserver::new(
-            self.inner.platform.pool().clone(),
-            self.task_latencies().clone(),
-        ))
+        self.inner
+            .observer
+            .get_or_init(|| {
+                Arc::new(tasks::LatencyObserver::new(
+                    self.inner.platform.pool().clone(),
+                    self.task_latencies().clone(),
+                ))
+            })
+            .clone()
     }
 
     /// `router` with every request counted and timed by route template,

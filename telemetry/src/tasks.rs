@@ -13,13 +13,22 @@
 //! is observed once across all processes: sum the histograms across
 //! instances. A rebuild observes nothing (it replays history), and neither
 //! does a process that crashed between a commit and its observation.
+//!
+//! The earlier time of a transition (the submission's, the attempt's
+//! assignment) usually lies in a batch the same observer committed a
+//! moment before: it is remembered from there ([`Earlier`]), and the read
+//! model is read only for the transitions whose earlier time this process
+//! did not see or no longer remembers.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
 
 use chrono::{DateTime, Utc};
 use domain::task::{Task, TaskEvent};
 use futures::future::BoxFuture;
+use hashlink::LruCache;
 use prometheus::{Histogram, HistogramOpts, Registry};
+use serde::Deserialize;
 use sqlx::PgPool;
 use store::outbox::RecordedEvent;
 use uuid::Uuid;
@@ -29,6 +38,13 @@ use uuid::Uuid;
 pub const BUCKETS: [f64; 15] = [
     0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 14400.0,
 ];
+
+/// How many earlier times an observer remembers: the submissions of tasks
+/// still waiting for their first assignment and the assignments of
+/// attempts whose containers have not started yet. Beyond that the least
+/// recently noted is forgotten, and read back from the read model if its
+/// transition comes.
+pub const REMEMBERED: usize = 10_000;
 
 /// The two histograms. Cheap to clone; clones share the counts.
 #[derive(Debug, Clone)]
@@ -76,18 +92,100 @@ enum Transition {
     Started(u32, DateTime<Utc>),
 }
 
-/// The transition `event` records, if the histograms count it.
-fn transition(event: &RecordedEvent) -> Option<(Uuid, Transition)> {
+/// What a task event records about the histograms' transitions.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Noted {
+    /// The task was submitted at this time.
+    Submitted(DateTime<Utc>),
+    /// Attempt `.0` was assigned at this time.
+    Assigned(u32, DateTime<Utc>),
+    /// Attempt `.0`'s container started at this time.
+    Started(u32, DateTime<Utc>),
+}
+
+/// What `event` records about the histograms' transitions, if anything.
+fn noted(event: &RecordedEvent) -> Option<(Uuid, Noted)> {
     if event.aggregate_type != "task"
-        || !matches!(event.event_type.as_str(), "TaskAssigned" | "TaskStarted")
+        || !matches!(
+            event.event_type.as_str(),
+            "TaskSubmitted" | "TaskAssigned" | "TaskStarted"
+        )
     {
         return None;
     }
     let task: Uuid = event.aggregate_id.parse().ok()?;
-    match serde_json::from_value::<TaskEvent>(event.payload.clone()).ok()? {
-        TaskEvent::Assigned { attempt: 1, at, .. } => Some((task, Transition::FirstAssigned(at))),
-        TaskEvent::Started { attempt, at, .. } => Some((task, Transition::Started(attempt, at))),
+    match TaskEvent::deserialize(&event.payload).ok()? {
+        TaskEvent::Submitted { at, .. } => Some((task, Noted::Submitted(at))),
+        TaskEvent::Assigned { attempt, at, .. } => Some((task, Noted::Assigned(attempt, at))),
+        TaskEvent::Started { attempt, at, .. } => Some((task, Noted::Started(attempt, at))),
         _ => None,
+    }
+}
+
+/// The transition `event` records, if the histograms count it.
+#[cfg(test)]
+fn transition(event: &RecordedEvent) -> Option<(Uuid, Transition)> {
+    let (task, noted) = noted(event)?;
+    match noted {
+        Noted::Assigned(1, at) => Some((task, Transition::FirstAssigned(at))),
+        Noted::Started(attempt, at) => Some((task, Transition::Started(attempt, at))),
+        _ => None,
+    }
+}
+
+/// The earlier times of transitions to come, as the events an observer
+/// committed recorded them: keyed by task and attempt, attempt 0 being the
+/// submission. Each is forgotten once its transition is observed (each
+/// happens once), and the least recently noted beyond the bound.
+struct Earlier {
+    times: LruCache<(Uuid, u32), DateTime<Utc>>,
+}
+
+impl Earlier {
+    fn new(most: usize) -> Self {
+        Self {
+            times: LruCache::new(most.max(1)),
+        }
+    }
+
+    /// Notes the earlier times `events` record and returns the transitions
+    /// they record, in order, each with its latency when its earlier time
+    /// was noted here (in this batch or an earlier one), else `None`.
+    fn read(&mut self, events: &[RecordedEvent]) -> Vec<(Uuid, Transition, Option<f64>)> {
+        let mut found = Vec::new();
+        for (task, noted) in events.iter().filter_map(noted) {
+            match noted {
+                Noted::Submitted(at) => self.note(task, 0, at),
+                Noted::Assigned(attempt, at) => {
+                    if attempt == 1 {
+                        let since = self.times.remove(&(task, 0));
+                        found.push((
+                            task,
+                            Transition::FirstAssigned(at),
+                            since.map(|s| seconds(s, at)),
+                        ));
+                    }
+                    self.note(task, attempt, at);
+                }
+                Noted::Started(attempt, at) => {
+                    let since = self.times.remove(&(task, attempt));
+                    found.push((
+                        task,
+                        Transition::Started(attempt, at),
+                        since.map(|s| seconds(s, at)),
+                    ));
+                }
+            }
+        }
+        found
+    }
+
+    /// Remembers `at` for `task`'s `attempt`; the first time noted stays,
+    /// as the task's state keeps the first attempt of a number.
+    fn note(&mut self, task: Uuid, attempt: u32, at: DateTime<Utc>) {
+        if !self.times.contains_key(&(task, attempt)) {
+            self.times.insert((task, attempt), at);
+        }
     }
 }
 
@@ -106,26 +204,50 @@ fn latency(task: &Task, t: Transition) -> Option<f64> {
 pub(crate) struct LatencyObserver {
     pool: PgPool,
     latencies: TaskLatencies,
+    earlier: Mutex<Earlier>,
 }
 
 impl LatencyObserver {
     pub(crate) fn new(pool: PgPool, latencies: TaskLatencies) -> Self {
-        Self { pool, latencies }
+        Self {
+            pool,
+            latencies,
+            earlier: Mutex::new(Earlier::new(REMEMBERED)),
+        }
+    }
+
+    fn count(&self, t: Transition, seconds: f64) {
+        match t {
+            Transition::FirstAssigned(_) => self.latencies.submit_to_assign.observe(seconds),
+            Transition::Started(..) => self.latencies.assign_to_running.observe(seconds),
+        }
     }
 
     async fn observe(&self, events: &[RecordedEvent]) {
-        let found: Vec<(Uuid, Transition)> = events.iter().filter_map(transition).collect();
-        if found.is_empty() {
+        let found = self
+            .earlier
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .read(events);
+        let mut unknown = Vec::new();
+        for (id, t, seconds) in found {
+            match seconds {
+                Some(seconds) => self.count(t, seconds),
+                None => unknown.push((id, t)),
+            }
+        }
+        if unknown.is_empty() {
             return;
         }
-        let ids: Vec<Uuid> = found
+        let ids: Vec<Uuid> = unknown
             .iter()
             .map(|(id, _)| *id)
             .collect::<HashSet<_>>()
             .into_iter()
             .collect();
-        // The earlier times (submission, assignment) may lie in an older
-        // batch: the read model has them all.
+        // The earlier times (submission, assignment) lie in a batch this
+        // process did not commit, or has forgotten: the read model has
+        // them all.
         let tasks: HashMap<Uuid, Task> = match projections::read::tasks::by_ids(&self.pool, &ids)
             .await
         {
@@ -135,13 +257,9 @@ impl LatencyObserver {
                 return;
             }
         };
-        for (id, t) in found {
-            let Some(seconds) = tasks.get(&id).and_then(|task| latency(task, t)) else {
-                continue;
-            };
-            match t {
-                Transition::FirstAssigned(_) => self.latencies.submit_to_assign.observe(seconds),
-                Transition::Started(..) => self.latencies.assign_to_running.observe(seconds),
+        for (id, t) in unknown {
+            if let Some(seconds) = tasks.get(&id).and_then(|task| latency(task, t)) {
+                self.count(t, seconds);
             }
         }
     }
@@ -234,5 +352,130 @@ mod tests {
         });
         assert_eq!(latency(&task, Transition::Started(1, at(50))), Some(30.0));
         assert_eq!(latency(&task, Transition::Started(2, at(50))), None);
+    }
+
+    fn submitted(task: Uuid, s: i64) -> TaskEvent {
+        TaskEvent::Submitted {
+            task_id: task,
+            spec: Box::new(
+                domain::spec::TaskSpecDraft {
+                    project_id: Some(Uuid::new_v4()),
+                    code_repo_url: Some("https://example.com/code.git".into()),
+                    code_commit_id: Some("a".repeat(40)),
+                    env_repo_url: Some("https://example.com/env.git".into()),
+                    env_commit_id: Some("b".repeat(40)),
+                    dockerfile_path: Some("Dockerfile".into()),
+                    command: Some(vec!["true".into()]),
+                    ..Default::default()
+                }
+                .validate(domain::spec::UrlPolicy::default())
+                .unwrap(),
+            ),
+            by: domain::Actor::User("alice".into()),
+            at: at(s),
+        }
+    }
+
+    fn assigned(attempt: u32, s: i64) -> TaskEvent {
+        TaskEvent::Assigned {
+            node_id: Uuid::new_v4(),
+            attempt,
+            gpus: vec![],
+            reason: "fits".into(),
+            term: None,
+            capacity: None,
+            at: at(s),
+        }
+    }
+
+    fn started(attempt: u32, s: i64) -> TaskEvent {
+        TaskEvent::Started {
+            attempt,
+            container: "c".into(),
+            at: at(s),
+        }
+    }
+
+    #[test]
+    fn earlier_times_noted_in_past_batches_give_the_latencies_the_task_state_would() {
+        let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+        let mut earlier = Earlier::new(REMEMBERED);
+        // Batch 1: both submitted; a assigned in the same batch.
+        let found = earlier.read(&[
+            recorded(a, &submitted(a, 10)),
+            recorded(b, &submitted(b, 11)),
+            recorded(a, &assigned(1, 13)),
+        ]);
+        assert_eq!(
+            found,
+            vec![(a, Transition::FirstAssigned(at(13)), Some(3.0))]
+        );
+        // Batch 2: b assigned, a started, a retried as attempt 2.
+        let found = earlier.read(&[
+            recorded(b, &assigned(1, 21)),
+            recorded(a, &started(1, 30)),
+            recorded(a, &assigned(2, 40)),
+            recorded(a, &started(2, 45)),
+        ]);
+        assert_eq!(
+            found,
+            vec![
+                (b, Transition::FirstAssigned(at(21)), Some(10.0)),
+                (a, Transition::Started(1, at(30)), Some(17.0)),
+                (a, Transition::Started(2, at(45)), Some(5.0)),
+            ]
+        );
+        // What the task's own state gives for the same transitions.
+        let mut task = Task::default();
+        for e in [
+            submitted(a, 10),
+            assigned(1, 13),
+            started(1, 30),
+            assigned(2, 40),
+        ] {
+            cqrs_es::Aggregate::apply(&mut task, e);
+        }
+        assert_eq!(latency(&task, Transition::FirstAssigned(at(13))), Some(3.0));
+        assert_eq!(latency(&task, Transition::Started(1, at(30))), Some(17.0));
+        assert_eq!(latency(&task, Transition::Started(2, at(45))), Some(5.0));
+        // Each transition happens once: what it used is forgotten, and
+        // only b's assignment, whose container has not started, remains.
+        assert_eq!(earlier.times.len(), 1);
+        assert_eq!(earlier.times.get(&(b, 1)), Some(&at(21)));
+    }
+
+    #[test]
+    fn a_transition_whose_earlier_time_was_not_seen_or_was_forgotten_is_left_to_the_read_model() {
+        let (a, b, c) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+        let mut earlier = Earlier::new(2);
+        // a's submission was committed by another process; b's is
+        // forgotten once two later ones are noted.
+        earlier.read(&[
+            recorded(b, &submitted(b, 1)),
+            recorded(c, &submitted(c, 2)),
+            recorded(c, &assigned(1, 3)),
+            recorded(c, &assigned(2, 4)),
+        ]);
+        let found = earlier.read(&[
+            recorded(c, &started(2, 9)),
+            recorded(a, &assigned(1, 5)),
+            recorded(b, &assigned(1, 6)),
+            recorded(a, &started(7, 9)),
+        ]);
+        assert_eq!(
+            found,
+            vec![
+                (c, Transition::Started(2, at(9)), Some(5.0)),
+                (a, Transition::FirstAssigned(at(5)), None),
+                (b, Transition::FirstAssigned(at(6)), None),
+                (a, Transition::Started(7, at(9)), None),
+            ]
+        );
+        // Neither undecodable payloads nor other aggregates count.
+        let mut odd = recorded(a, &started(1, 9));
+        odd.payload = serde_json::json!({"Started": {"attempt": "one"}});
+        let mut node = recorded(a, &started(1, 9));
+        node.aggregate_type = "node".into();
+        assert!(earlier.read(&[odd, node]).is_empty());
     }
 }
