@@ -338,7 +338,7 @@ mod tests {
     use crate::models::Tasks;
     use chrono::Utc;
     use cqrs_es::DomainEvent;
-    use domain::spec::{TaskSpecDraft, UrlPolicy};
+    use domain::spec::TaskSpecDraft;
     use domain::task::{Task, TaskCommand};
     use domain::Actor;
     use sqlx::Connection;
@@ -347,19 +347,11 @@ mod tests {
     /// at the next position.
     fn submitted(project: Uuid, position: &mut i64, env_bytes: usize) -> RecordedEvent {
         let id = Uuid::new_v4();
-        let spec = TaskSpecDraft {
-            project_id: Some(project),
-            code_repo_url: Some("https://example.com/c.git".into()),
-            code_commit_id: Some("a".repeat(40)),
-            env_repo_url: Some("https://example.com/e.git".into()),
-            env_commit_id: Some("b".repeat(40)),
-            dockerfile_path: Some("Dockerfile".into()),
+        let spec = testkit::spec(TaskSpecDraft {
             command: Some(vec!["true".into()]),
             env: Some([("BIG".to_string(), "x".repeat(env_bytes))].into()),
-            ..Default::default()
-        }
-        .validate(UrlPolicy::default())
-        .unwrap();
+            ..testkit::spec_draft(project)
+        });
         let (now, by) = (Utc::now(), Actor::User("admin".into()));
         let events = Task::default()
             .decide(TaskCommand::Submit {

@@ -16,7 +16,7 @@ use chrono::Utc;
 use cqrs_es::{Aggregate, DomainEvent};
 use domain::node::{Node, NodeCommand};
 use domain::project::{Project, ProjectCommand};
-use domain::spec::{TaskSpecDraft, UrlPolicy};
+use domain::spec::TaskSpecDraft;
 use domain::task::{Task, TaskCommand, TaskEvent};
 use domain::Actor;
 use projections::{Projector, Retried};
@@ -51,18 +51,10 @@ async fn project(store: &Store, name: &str) -> Uuid {
 }
 
 fn submit(task_id: Uuid, project: Uuid) -> TaskCommand {
-    let spec = TaskSpecDraft {
-        project_id: Some(project),
-        code_repo_url: Some("https://example.com/c.git".into()),
-        code_commit_id: Some("a".repeat(40)),
-        env_repo_url: Some("https://example.com/e.git".into()),
-        env_commit_id: Some("b".repeat(40)),
-        dockerfile_path: Some("Dockerfile".into()),
+    let spec = testkit::spec(TaskSpecDraft {
         command: Some(vec!["echo".into(), "hi".into()]),
-        ..Default::default()
-    }
-    .validate(UrlPolicy::default())
-    .unwrap();
+        ..testkit::spec_draft(project)
+    });
     TaskCommand::Submit {
         task_id,
         spec,

@@ -11,7 +11,7 @@ mod support;
 use chrono::Utc;
 use domain::node::{Node, NodeCommand};
 use domain::project::{Project, ProjectCommand, Role};
-use domain::spec::{TaskSpecDraft, UrlPolicy};
+use domain::spec::TaskSpecDraft;
 use domain::task::{Outcome, Task, TaskCommand};
 use domain::user::{User, UserCommand};
 use domain::Actor;
@@ -103,18 +103,10 @@ async fn history(store: &Store) -> (Uuid, Uuid) {
 /// (the fourth failing).
 async fn task_history(store: &Store, project: Uuid, node: Uuid, i: usize) {
     let now = Utc::now;
-    let spec = TaskSpecDraft {
-        project_id: Some(project),
-        code_repo_url: Some("https://example.com/c.git".into()),
-        code_commit_id: Some("a".repeat(40)),
-        env_repo_url: Some("https://example.com/e.git".into()),
-        env_commit_id: Some("b".repeat(40)),
-        dockerfile_path: Some("Dockerfile".into()),
+    let spec = testkit::spec(TaskSpecDraft {
         command: Some(vec!["echo".into(), i.to_string()]),
-        ..Default::default()
-    }
-    .validate(UrlPolicy::default())
-    .unwrap();
+        ..testkit::spec_draft(project)
+    });
     let id = Uuid::new_v4();
     let t = id.to_string();
     let user = Actor::User("alice".into());

@@ -11,7 +11,6 @@
 
 use chrono::Utc;
 use domain::project::{Project, ProjectCommand};
-use domain::spec::{TaskSpecDraft, UrlPolicy};
 use domain::task::{Task, TaskCommand, TaskState};
 use domain::Actor;
 use store::Store;
@@ -23,17 +22,7 @@ fn admin() -> Actor {
 }
 
 async fn submit(store: &Store, project: Uuid) -> Uuid {
-    let spec = TaskSpecDraft {
-        project_id: Some(project),
-        code_repo_url: Some("https://example.com/c.git".into()),
-        code_commit_id: Some("a".repeat(40)),
-        env_repo_url: Some("https://example.com/e.git".into()),
-        env_commit_id: Some("b".repeat(40)),
-        dockerfile_path: Some("Dockerfile".into()),
-        ..Default::default()
-    }
-    .validate(UrlPolicy::default())
-    .unwrap();
+    let spec = testkit::spec(testkit::spec_draft(project));
     let id = Uuid::now_v7();
     let command = TaskCommand::Submit {
         task_id: id,

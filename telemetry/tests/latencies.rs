@@ -8,7 +8,6 @@
 )]
 
 use chrono::{DateTime, Duration, TimeZone, Utc};
-use domain::spec::{TaskSpecDraft, UrlPolicy};
 use domain::task::{Task, TaskCommand};
 use domain::Actor;
 use projections::Projector;
@@ -49,18 +48,7 @@ async fn a_process_reads_the_earlier_times_it_did_not_commit_from_the_read_model
     let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
     let node = Uuid::new_v4();
     for task in [a, b] {
-        let spec = TaskSpecDraft {
-            project_id: Some(Uuid::new_v4()),
-            code_repo_url: Some("https://example.com/code.git".into()),
-            code_commit_id: Some("a".repeat(40)),
-            env_repo_url: Some("https://example.com/env.git".into()),
-            env_commit_id: Some("b".repeat(40)),
-            dockerfile_path: Some("Dockerfile".into()),
-            command: Some(vec!["true".into()]),
-            ..Default::default()
-        }
-        .validate(UrlPolicy::default())
-        .unwrap();
+        let spec = testkit::spec(testkit::spec_draft(Uuid::new_v4()));
         let by = Actor::User("alice".into());
         execute(
             &store,

@@ -349,6 +349,32 @@ fn with_database(url: &str, db: &str) -> String {
     }
 }
 
+/// A task specification for `project` with every required field and
+/// nothing else (repositories on `example.com`, the default Dockerfile,
+/// the image's own command): what a test sets its own fields on, as
+/// `TaskSpecDraft { command: …, ..testkit::spec_draft(project) }`.
+pub fn spec_draft(project: Uuid) -> domain::spec::TaskSpecDraft {
+    domain::spec::TaskSpecDraft {
+        project_id: Some(project),
+        code_repo_url: Some("https://example.com/c.git".into()),
+        code_commit_id: Some("a".repeat(40)),
+        env_repo_url: Some("https://example.com/e.git".into()),
+        env_commit_id: Some("b".repeat(40)),
+        dockerfile_path: Some("Dockerfile".into()),
+        ..Default::default()
+    }
+}
+
+/// `draft` validated under the default URL policy.
+///
+/// # Panics
+/// When the draft is not a valid specification: the test is wrong.
+pub fn spec(draft: domain::spec::TaskSpecDraft) -> domain::spec::TaskSpec {
+    draft
+        .validate(domain::spec::UrlPolicy::default())
+        .unwrap_or_else(|e| panic!("a test's task specification is invalid: {e:?}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
