@@ -380,7 +380,7 @@ pub async fn checkpoint_of<'e>(
 /// # Errors
 /// A database error.
 pub async fn head<'e>(db: impl PgExecutor<'e>) -> Result<Checkpoint, sqlx::Error> {
-    newest(db, "WHERE txid < pg_snapshot_xmin(pg_current_snapshot())").await
+    newest(db, VISIBLE).await
 }
 
 /// How many events readers may already see that come after `at`: how far
@@ -409,13 +409,25 @@ pub async fn committed_head<'e>(db: impl PgExecutor<'e>) -> Result<Checkpoint, s
     newest(db, "").await
 }
 
+/// `head`'s filter: events readers may already see.
+const VISIBLE: &str = "WHERE e.txid < pg_snapshot_xmin(pg_current_snapshot())";
+
+/// The newest event's checkpoint among those `filter` (a `WHERE` clause
+/// over `events e`, or nothing) keeps. The order names the table's own
+/// columns: a bare `txid` in `ORDER BY` would be the output column, the
+/// `bigint` cast, which no index holds, and every call would read and sort
+/// the whole log.
+fn newest_sql(filter: &str) -> String {
+    format!(
+        "SELECT e.txid::text::bigint AS txid, e.position FROM events e {filter} \
+         ORDER BY e.txid DESC, e.position DESC LIMIT 1"
+    )
+}
+
 async fn newest<'e>(db: impl PgExecutor<'e>, filter: &str) -> Result<Checkpoint, sqlx::Error> {
-    let row: Option<(i64, i64)> = sqlx::query_as(&format!(
-        "SELECT txid::text::bigint, position FROM events {filter} \
-         ORDER BY txid DESC, position DESC LIMIT 1"
-    ))
-    .fetch_optional(db)
-    .await?;
+    let row: Option<(i64, i64)> = sqlx::query_as(&newest_sql(filter))
+        .fetch_optional(db)
+        .await?;
     Ok(row
         .map(|(txid, position)| Checkpoint { txid, position })
         .unwrap_or_default())
@@ -643,5 +655,55 @@ impl Wakeup {
             while l.next_buffered().is_some() {}
         }
         self.commits.borrow_and_update();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What the head's queries cost does not grow with the log: each is
+    /// one step down the `(txid, position)` index, never a sort of every
+    /// event (as when its order named the `bigint` cast).
+    #[tokio::test]
+    async fn the_heads_are_read_from_the_index_not_by_sorting_the_log() {
+        let db = testkit::fresh_db().await;
+        sqlx::query(
+            "INSERT INTO events \
+                (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) \
+             SELECT 'node', 'n' || (i % 100), i / 100 + 1, 'NodeRenamed', '1', '{}', '{}' \
+             FROM generate_series(0, 19999) AS i",
+        )
+        .execute(&db.pool)
+        .await
+        .unwrap();
+        sqlx::query("ANALYZE events")
+            .execute(&db.pool)
+            .await
+            .unwrap();
+        let (newest_txid, newest_position): (i64, i64) = sqlx::query_as(
+            "SELECT txid::text::bigint, position FROM events ORDER BY position DESC LIMIT 1",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        let newest = Checkpoint {
+            txid: newest_txid,
+            position: newest_position,
+        };
+        assert_eq!(committed_head(&db.pool).await.unwrap(), newest);
+        assert_eq!(head(&db.pool).await.unwrap(), newest);
+        for filter in ["", VISIBLE] {
+            let (plan,): (serde_json::Value,) =
+                sqlx::query_as(&format!("EXPLAIN (FORMAT JSON) {}", newest_sql(filter)))
+                    .fetch_one(&db.pool)
+                    .await
+                    .unwrap();
+            let plan = plan.to_string();
+            assert!(
+                !plan.contains("Sort") && plan.contains("events_order"),
+                "{filter:?}: {plan}"
+            );
+        }
     }
 }
