@@ -424,7 +424,7 @@ impl Queue {
             .filter_map(|(id, k)| k.task.spec.as_ref().map(|_| (id, &k.task)))
             .collect();
         let key = |t: &Task| t.spec.as_ref().map_or(0, |s| s.priority);
-        queued.sort_by(|(a_id, a), (b_id, b)| {
+        first_in_order(&mut queued, limit, |(a_id, a), (b_id, b)| {
             key(b)
                 .cmp(&key(a))
                 .then(a.submitted_at.cmp(&b.submitted_at))
@@ -432,7 +432,6 @@ impl Queue {
         });
         queued
             .into_iter()
-            .take(limit)
             .filter_map(|(id, t)| {
                 let spec = t.spec.clone()?;
                 Some(QueuedTask {
@@ -446,6 +445,25 @@ impl Queue {
     }
 }
 
+/// Leaves in `items` the first `limit` of them in `order` (a total order),
+/// sorted: only those are sorted, after a linear selection, as a round
+/// takes a batch from a queue that may hold many thousands.
+fn first_in_order<T>(
+    items: &mut Vec<T>,
+    limit: usize,
+    mut order: impl FnMut(&T, &T) -> std::cmp::Ordering,
+) {
+    if limit == 0 {
+        items.clear();
+        return;
+    }
+    if limit < items.len() {
+        items.select_nth_unstable_by(limit - 1, &mut order);
+        items.truncate(limit);
+    }
+    items.sort_by(order);
+}
+
 /// Whether a read model standing at `at` (`None`: not known) reflects the
 /// event at `event` (`None`: none seen).
 fn reflects(event: Option<Checkpoint>, at: Option<Checkpoint>) -> bool {
@@ -453,5 +471,32 @@ fn reflects(event: Option<Checkpoint>, at: Option<Checkpoint>) -> bool {
         (None, _) => true,
         (Some(event), Some(at)) => at >= event,
         (Some(event), None) => event == Checkpoint::default(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::first_in_order;
+
+    #[test]
+    fn the_first_in_order_are_those_a_whole_sort_puts_first() {
+        // Ties on the first key, broken by the second, as priorities and
+        // submission times are by task ids.
+        let items: Vec<(u8, u32)> = (0..500u32)
+            .map(|i| {
+                (
+                    (i.wrapping_mul(7919) % 5) as u8,
+                    i.wrapping_mul(2_654_435_761) % 1000,
+                )
+            })
+            .collect();
+        let order = |a: &(u8, u32), b: &(u8, u32)| b.0.cmp(&a.0).then(a.1.cmp(&b.1));
+        let mut sorted = items.clone();
+        sorted.sort_by(order);
+        for limit in [0, 1, 2, 17, 499, 500, 501, usize::MAX] {
+            let mut first = items.clone();
+            first_in_order(&mut first, limit, order);
+            assert_eq!(first, sorted[..limit.min(sorted.len())], "limit {limit}");
+        }
     }
 }
