@@ -292,12 +292,10 @@ impl Queue {
                 .bind(projections::read::tasks::CHECKPOINT)
                 .fetch_optional(&mut *tx)
                 .await?;
-        let rows: Vec<(Uuid, i64, serde_json::Value)> = sqlx::query_as(
-            "SELECT id, last_sequence, doc FROM task_view \
-             WHERE state NOT IN ('succeeded', 'failed', 'timed_out', 'cancelled')",
-        )
-        .fetch_all(&mut *tx)
-        .await?;
+        let rows: Vec<(Uuid, i64, serde_json::Value)> = sqlx::query_as(LIVE_TASKS)
+            .bind(live_states())
+            .fetch_all(&mut *tx)
+            .await?;
         tx.commit().await?;
         self.tasks.clear();
         for (id, sequence, doc) in rows {
@@ -445,6 +443,19 @@ impl Queue {
     }
 }
 
+/// The tasks the queue starts from: those not ended, by the states index
+/// (`NOT IN` the ended states would read every task ever run).
+const LIVE_TASKS: &str = "SELECT id, last_sequence, doc FROM task_view WHERE state = ANY($1)";
+
+/// The states of a task that has not ended, as `task_view` stores them.
+fn live_states() -> Vec<&'static str> {
+    TaskState::ALL
+        .into_iter()
+        .filter(|s| !s.is_terminal())
+        .map(TaskState::as_str)
+        .collect()
+}
+
 /// Leaves in `items` the first `limit` of them in `order` (a total order),
 /// sorted: only those are sorted, after a linear selection, as a round
 /// takes a batch from a queue that may hold many thousands.
@@ -476,7 +487,65 @@ fn reflects(event: Option<Checkpoint>, at: Option<Checkpoint>) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::first_in_order;
+    use super::{first_in_order, live_states, LIVE_TASKS};
+
+    /// Taking the lead reads the tasks not ended through the states index,
+    /// whatever the number of tasks that ended before: with 20,000 of them,
+    /// the plan scans no table and the live ones are all found.
+    #[tokio::test]
+    async fn the_queue_loads_the_live_tasks_by_index_not_by_reading_every_task() {
+        let db = testkit::fresh_db().await;
+        sqlx::query(
+            "INSERT INTO task_view (id, project_id, state, priority, node_id, attempt, \
+                submitted_by, submitted_at, updated_at, list_position, last_sequence, doc) \
+             SELECT gen_random_uuid(), gen_random_uuid(), \
+                    (ARRAY['succeeded', 'failed', 'timed_out', 'cancelled', 'queued', 'running'])[1 + i % 6], \
+                    0, NULL, 1, 'u', now(), now(), i, 1, '{}' \
+             FROM generate_series(1, 20000) AS i",
+        )
+        .execute(&db.pool)
+        .await
+        .unwrap();
+        // Fewer live ones, as in a log with a long history.
+        sqlx::query(
+            "DELETE FROM task_view WHERE state IN ('queued', 'running') AND list_position > 60",
+        )
+        .execute(&db.pool)
+        .await
+        .unwrap();
+        sqlx::query("ANALYZE task_view")
+            .execute(&db.pool)
+            .await
+            .unwrap();
+        let live: Vec<(uuid::Uuid, i64, serde_json::Value)> = sqlx::query_as(LIVE_TASKS)
+            .bind(live_states())
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+        assert_eq!(live.len(), 20);
+        let (plan,): (serde_json::Value,) =
+            sqlx::query_as(&format!("EXPLAIN (FORMAT JSON) {LIVE_TASKS}"))
+                .bind(live_states())
+                .fetch_one(&db.pool)
+                .await
+                .unwrap();
+        let plan = plan.to_string();
+        assert!(
+            !plan.contains("Seq Scan") && plan.contains("task_view_state"),
+            "{plan}"
+        );
+        assert_eq!(
+            live_states(),
+            [
+                "new",
+                "queued",
+                "assigned",
+                "accepted",
+                "preparing",
+                "running"
+            ]
+        );
+    }
 
     #[test]
     fn the_first_in_order_are_those_a_whole_sort_puts_first() {
