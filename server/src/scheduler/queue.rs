@@ -549,8 +549,8 @@ mod tests {
 
     #[test]
     fn the_first_in_order_are_those_a_whole_sort_puts_first() {
-        // Ties on the first key, broken by the second, as priorities and
-        // submission times are by task ids.
+        // Many ties on the first key, each broken by the second, as the
+        // queue breaks ties of priority and submission time by task id.
         let items: Vec<(u8, u32)> = (0..500u32)
             .map(|i| {
                 (
