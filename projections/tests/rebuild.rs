@@ -17,7 +17,7 @@ use chrono::{DateTime, Timelike, Utc};
 use cqrs_es::{Aggregate, DomainEvent};
 use domain::node::{Node, NodeCommand};
 use domain::project::{Project, ProjectCommand};
-use domain::spec::{TaskSpecDraft, UrlPolicy};
+use domain::spec::TaskSpecDraft;
 use domain::task::{Outcome, Task, TaskCommand};
 use domain::Actor;
 use projections::Projector;
@@ -90,18 +90,10 @@ async fn insert(pool: &PgPool, rows: &[Row]) {
 }
 
 fn spec(project: Uuid) -> domain::spec::TaskSpec {
-    TaskSpecDraft {
-        project_id: Some(project),
-        code_repo_url: Some("https://example.com/c.git".into()),
-        code_commit_id: Some("a".repeat(40)),
-        env_repo_url: Some("https://example.com/e.git".into()),
-        env_commit_id: Some("b".repeat(40)),
-        dockerfile_path: Some("Dockerfile".into()),
+    testkit::spec(TaskSpecDraft {
         command: Some(vec!["python".into(), "train.py".into()]),
-        ..Default::default()
-    }
-    .validate(UrlPolicy::default())
-    .unwrap()
+        ..testkit::spec_draft(project)
+    })
 }
 
 /// A project, a node and `tasks` whole task lifecycles, written fast,
