@@ -14,7 +14,9 @@
 //! Wake-ups: writers poke a [`Notifier`] after each commit, which sends a
 //! `NOTIFY` at once, with at most one in flight (pokes while one is in
 //! flight make exactly one more). Consumers in the same process are woken
-//! straight away as well, without the round trip through the database.
+//! straight away as well, without the round trip through the database, and
+//! skip the notifications their own process sent (each carries a random id
+//! of the process): those would only have them read again what they read.
 //! A consumer drains every notification pending when it wakes, re-reads
 //! soon when events committed but still held back by an older open
 //! transaction exist ([`held_back`], [`Wakeup::soon`]), and also polls on a
@@ -32,6 +34,12 @@ use tokio::sync::Notify;
 
 /// The channel consumers LISTEN on.
 pub const CHANNEL: &str = "unidesk_outbox";
+
+/// What this process's NOTIFYs carry: its consumers are woken by
+/// [`COMMITS`] already, so a notification carrying it is skipped, and only
+/// other processes' commits wake them through the database.
+static SENDER: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| uuid::Uuid::new_v4().to_string());
 
 /// Commits of this process, counted, for consumers in the same process.
 static COMMITS: std::sync::LazyLock<tokio::sync::watch::Sender<u64>> =
@@ -528,8 +536,9 @@ impl Notifier {
                     _ = w.notified() => {}
                     _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
                 }
-                if let Err(e) = sqlx::query("SELECT pg_notify($1, '')")
+                if let Err(e) = sqlx::query("SELECT pg_notify($1, $2)")
                     .bind(CHANNEL)
+                    .bind(SENDER.as_str())
                     .execute(&pool)
                     .await
                 {
@@ -636,18 +645,26 @@ impl Wakeup {
                 }
             }
             Some(listener) => {
-                tokio::select! {
-                    r = tokio::time::timeout(limit, listener.try_recv()) => match r {
-                        // A notification, the interval, or a dropped
-                        // connection (notifications may have been lost: the
-                        // caller reads anyway, and we reconnect).
-                        Err(_) | Ok(Ok(_)) => {}
-                        Ok(Err(e)) => {
-                            tracing::debug!(error = %e, "LISTEN connection failed; reconnecting");
-                            self.listener = None;
-                        }
-                    },
-                    _ = self.commits.changed() => {}
+                let deadline = tokio::time::Instant::now() + limit;
+                loop {
+                    tokio::select! {
+                        r = tokio::time::timeout_at(deadline, listener.try_recv()) => match r {
+                            // This process's own commit: its poke of
+                            // `commits` woke this consumer already.
+                            Ok(Ok(Some(n))) if n.payload() == SENDER.as_str() => continue,
+                            // Another process's commit, the interval, or a
+                            // dropped connection (notifications may have been
+                            // lost: the caller reads anyway, and we
+                            // reconnect).
+                            Err(_) | Ok(Ok(_)) => {}
+                            Ok(Err(e)) => {
+                                tracing::debug!(error = %e, "LISTEN connection failed; reconnecting");
+                                self.listener = None;
+                            }
+                        },
+                        _ = self.commits.changed() => {}
+                    }
+                    break;
                 }
             }
         }
