@@ -623,6 +623,16 @@ impl Projector {
     /// or the poll interval. Errors are logged and retried after a pause.
     pub async fn run(&self, poll: Duration, shutdown: impl Future<Output = ()>) {
         let mut wake = Wakeup::new(self.pool.clone(), poll).await;
+        if self.names().contains(&read::tasks::CHECKPOINT) {
+            match models::recount_tasks(&self.pool).await {
+                Ok(0) => {}
+                Ok(wrong) => tracing::warn!(
+                    wrong,
+                    "task counts did not match the tasks read model (written without them); counted again"
+                ),
+                Err(e) => tracing::warn!(error = %e, "counting the tasks again failed; the counts stay as they were"),
+            }
+        }
         tokio::pin!(shutdown);
         loop {
             if let Err(e) = self.drain().await {

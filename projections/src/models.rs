@@ -83,8 +83,11 @@ pub(crate) trait DocModel: Send + Sync + 'static {
     type State: Aggregate + Clone;
     /// The model's name, also its checkpoint's.
     const NAME: &'static str;
-    /// The model's table.
+    /// The model's table, the one holding its rows.
     const TABLE: &'static str;
+    /// Every table the model writes, [`DocModel::TABLE`] and those it keeps
+    /// beside it: a rebuild builds and swaps them all.
+    const TABLES: &'static [&'static str] = &[Self::TABLE];
     /// Why `state` cannot be written as a row, if it cannot (its events
     /// began without the one that creates the aggregate).
     fn unfit(state: &Self::State) -> Option<&'static str>;
@@ -123,7 +126,7 @@ impl<M: DocModel> Projection for Docs<M> {
         M::NAME
     }
     fn tables(&self) -> &'static [&'static str] {
-        const { &[M::TABLE] }
+        M::TABLES
     }
     fn apply_set<'a>(
         &'a self,
@@ -262,6 +265,7 @@ impl DocModel for Tasks {
     type State = Task;
     const NAME: &'static str = crate::read::tasks::CHECKPOINT;
     const TABLE: &'static str = "task_view";
+    const TABLES: &'static [&'static str] = &["task_view", "task_counts"];
     fn unfit(task: &Task) -> Option<&'static str> {
         (task.id.is_none() || task.spec.is_none()).then_some(TASK_UNFIT)
     }
@@ -295,6 +299,55 @@ impl DocModel for Tasks {
     ) -> BoxFuture<'a, Result<(), SetError>> {
         Box::pin(Self::copy_all(conn, rows))
     }
+}
+
+/// Adds `delta` (`project_id`, `state`, `n`: a change of the number of
+/// tasks, never zero) to `task_counts`, leaving no row at zero. Every part
+/// sees the table as it was before the statement, and only one writer
+/// writes a model's tables at a time (the projector holding the model's
+/// checkpoint, or a rebuild on its own tables), so the three parts touch
+/// separate rows: those kept, those going to zero and those new.
+const COUNT_DELTA: &str = ", kept AS (UPDATE task_counts c SET tasks = c.tasks + d.n FROM delta d \
+       WHERE c.project_id = d.project_id AND c.state = d.state AND c.tasks + d.n <> 0), \
+     gone AS (DELETE FROM task_counts c USING delta d \
+       WHERE c.project_id = d.project_id AND c.state = d.state AND c.tasks + d.n = 0) \
+     INSERT INTO task_counts (project_id, state, tasks) \
+     SELECT d.project_id, d.state, d.n FROM delta d WHERE NOT EXISTS \
+       (SELECT 1 FROM task_counts c WHERE c.project_id = d.project_id AND c.state = d.state)";
+
+/// Counts the tasks of `task_view` again and puts the counts right in
+/// `task_counts` where they differ, with the tasks model's checkpoint
+/// locked so that no projector writes either meanwhile. Returns how many
+/// (project, state) counts were wrong: none unless something wrote
+/// `task_view` without its counts, such as a server of an earlier version
+/// still projecting while the migration that added them ran.
+///
+/// # Errors
+/// A database error.
+pub(crate) async fn recount_tasks(pool: &sqlx::PgPool) -> Result<i64, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    store::outbox::load_checkpoint(&mut tx, Tasks::NAME, true).await?;
+    let wrong: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT project_id, state, count(*) AS tasks FROM task_view \
+           GROUP BY project_id, state) a \
+         FULL JOIN task_counts c ON c.project_id = a.project_id AND c.state = a.state \
+         WHERE a.tasks IS DISTINCT FROM c.tasks",
+    )
+    .fetch_one(&mut *tx)
+    .await?;
+    if wrong > 0 {
+        sqlx::query("DELETE FROM task_counts")
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "INSERT INTO task_counts (project_id, state, tasks) \
+             SELECT project_id, state, count(*) FROM task_view GROUP BY project_id, state",
+        )
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(wrong)
 }
 
 /// A task's row of `task_view`, column by column.
@@ -348,8 +401,12 @@ impl Tasks {
     /// New rows, by `COPY`: none of them is in the table.
     async fn copy_all(conn: &mut PgConnection, rows: &[Row<'_, Task>]) -> Result<(), SetError> {
         let mut line = CopyLine(String::with_capacity(rows.len() * 2048));
+        let mut projects = Vec::with_capacity(rows.len());
+        let mut states = Vec::with_capacity(rows.len());
         for row in rows {
             let t = TaskColumns::of(row)?;
+            projects.push(t.project_id);
+            states.push(t.state);
             line.value(t.id);
             line.value(t.project_id);
             line.text(t.state);
@@ -369,7 +426,17 @@ impl Tasks {
             "COPY task_view (id, project_id, state, priority, node_id, attempt, submitted_by, \
                submitted_at, updated_at, list_position, last_sequence, doc) FROM STDIN",
         )
-        .await
+        .await?;
+        // The rows are new: each adds one to its project's and state's count.
+        sqlx::query(&format!(
+            "WITH delta AS (SELECT project_id, state, count(*) AS n FROM unnest($1::uuid[], $2::text[]) \
+               AS r(project_id, state) GROUP BY project_id, state) {COUNT_DELTA}"
+        ))
+        .bind(&projects)
+        .bind(&states)
+        .execute(&mut *conn)
+        .await?;
+        Ok(())
     }
 
     async fn write_all(conn: &mut PgConnection, rows: &[Row<'_, Task>]) -> Result<(), SetError> {
@@ -407,15 +474,25 @@ impl Tasks {
             sequences.push(t.last_sequence);
             docs.push(t.doc);
         }
-        sqlx::query(
-            "INSERT INTO task_view (id, project_id, state, priority, node_id, attempt, submitted_by, \
+        // Every part of the statement sees the table as it was before it:
+        // `before` holds the rows' old states, which the counts lose, and
+        // `after` their new ones, which they gain.
+        sqlx::query(&format!(
+            "WITH before AS (SELECT project_id, state FROM task_view WHERE id = ANY($1)), \
+             after AS (INSERT INTO task_view (id, project_id, state, priority, node_id, attempt, submitted_by, \
                submitted_at, updated_at, list_position, last_sequence, doc) \
              SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::int[], $5::uuid[], $6::int[], \
                $7::text[], $8::timestamptz[], $9::timestamptz[], $10::bigint[], $11::bigint[], $12::text[]::jsonb[]) \
              ON CONFLICT (id) DO UPDATE SET state = EXCLUDED.state, node_id = EXCLUDED.node_id, \
                attempt = EXCLUDED.attempt, updated_at = EXCLUDED.updated_at, \
-               last_sequence = EXCLUDED.last_sequence, doc = EXCLUDED.doc",
-        )
+               last_sequence = EXCLUDED.last_sequence, doc = EXCLUDED.doc \
+             RETURNING project_id, state), \
+             delta AS (SELECT project_id, state, sum(n) AS n FROM \
+               (SELECT project_id, state, 1 AS n FROM after \
+                UNION ALL SELECT project_id, state, -1 FROM before) c \
+               GROUP BY project_id, state HAVING sum(n) <> 0) \
+             {COUNT_DELTA}"
+        ))
         .bind(&ids)
         .bind(&projects)
         .bind(&states)

@@ -593,8 +593,9 @@ pub async fn audit_replay(pool: &PgPool) -> Result<Vec<Violation>, sqlx::Error> 
 
 /// The read models the projector writes, by table, and how to key a row
 /// in a report.
-pub const READ_MODELS: [(&str, &str); 6] = [
+pub const READ_MODELS: [(&str, &str); 7] = [
     ("task_view", "id"),
+    ("task_counts", "project_id"),
     ("node_view", "id"),
     ("project_view", "id"),
     ("project_member_view", "user_name"),

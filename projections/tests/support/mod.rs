@@ -8,6 +8,7 @@ pub async fn dump(pool: &PgPool) -> String {
     let mut out = String::new();
     for (table, key) in [
         ("task_view", "id"),
+        ("task_counts", "project_id, state"),
         ("node_view", "id"),
         ("project_view", "id"),
         ("project_member_view", "project_id, user_name"),
