@@ -157,6 +157,21 @@ pub struct Ingress {
     /// queue here rather than on the pool, where they would time out and
     /// keep every other query waiting.
     end_recorders: Arc<tokio::sync::Semaphore>,
+    /// Sessions over that have not recorded their end yet
+    /// ([`Ingress::ending`]). Such a session may have left the registry
+    /// already (at shutdown one that no longer takes a goodbye is dropped
+    /// from it), so [`Ingress::run`] waits for these too before it returns
+    /// and the process closes its pool.
+    ending: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// Counts one session in [`Ingress::ending`] until dropped.
+pub(crate) struct Ending(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for Ending {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 impl Ingress {
@@ -178,7 +193,16 @@ impl Ingress {
             admission: Admission::new(ConnectLimits::default()),
             metrics: telemetry::IngressMetrics::default(),
             end_recorders: Arc::new(tokio::sync::Semaphore::new(shutdown::RECORDERS)),
+            ending: Arc::default(),
         }
+    }
+
+    /// Counts a session that is over in [`Ingress::run`]'s wait at
+    /// shutdown until the guard is dropped, once its end is recorded.
+    pub(crate) fn ending(&self) -> Ending {
+        self.ending
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Ending(self.ending.clone())
     }
 
     /// The same ingress counting into the process's `metrics` (sessions,
@@ -256,8 +280,14 @@ impl Ingress {
         let asked = self.registry.close_all();
         let began = tokio::time::Instant::now();
         let deadline = began + SHUTDOWN_WAIT;
+        // Every session asked has said goodbye, and every session over
+        // (asked or not: one that ended just before may be recording its
+        // own end outside the registry) has recorded its end.
         let goodbyes = async {
-            while self.registry.len() > 0 && tokio::time::Instant::now() < deadline {
+            while (self.registry.len() > 0
+                || self.ending.load(std::sync::atomic::Ordering::SeqCst) > 0)
+                && tokio::time::Instant::now() < deadline
+            {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         };

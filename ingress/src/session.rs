@@ -276,6 +276,10 @@ impl Opened {
             }
             Err(end) => end,
         };
+        // Counted before the queue closes: from then on a shutdown no
+        // longer finds this session taking a goodbye, and waits for it
+        // here instead, until its end is recorded.
+        let _ending = self.session.ingress.ending();
         // Nothing more is taken: from here on, what others send finds the
         // queue closed (and the agent gets it again when it comes back).
         self.outgoing.close();

@@ -1508,6 +1508,56 @@ async fn shutting_down_says_goodbye_to_every_agent_and_records_each_end() {
     }
 }
 
+/// A session whose agent left just before the ingress stops may still be
+/// recording its end, outside the sessions the stop says goodbye to (it no
+/// longer takes a goodbye). The stop waits for that end too: the process
+/// closes its pool right after, and the end would be lost, the node left
+/// online in the log until liveness noticed.
+#[tokio::test]
+async fn stopping_waits_for_the_ends_sessions_are_still_recording() {
+    let p = platform().await;
+    let mut server = Server::start(&p.store, "ingress-a").await;
+    let (node_id, token) = p.provision().await;
+    let (agent, _) = Agent::join(server.addr, &token, vec![]).await;
+    server.wait_connected(1).await;
+    // Appends wait while this transaction holds the log in share mode: the
+    // end the session records once its agent leaves cannot land yet.
+    let mut hold = p.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE events IN SHARE MODE")
+        .execute(&mut *hold)
+        .await
+        .unwrap();
+    drop(agent);
+    let pool = &p.pool;
+    wait_until("the session's end to wait on the log", || async move {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_locks WHERE relation = 'events'::regclass AND NOT granted",
+        )
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        waiting > 0
+    })
+    .await;
+
+    let _ = server.stop.take().unwrap().send(());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !server.runner.is_finished(),
+        "the ingress stopped while a session was still recording its end"
+    );
+    hold.rollback().await.unwrap();
+    tokio::time::timeout(PATIENCE, &mut server.runner)
+        .await
+        .expect("the ingress did not stop once the end was recorded")
+        .unwrap();
+    assert_eq!(
+        p.events_of("node", node_id).await,
+        ["NodeProvisioned", "NodeConnected", "NodeDisconnected"]
+    );
+    assert_eq!(server.ingress.connected(), 0);
+}
+
 /// Sessions that end together (a site's gateway restarting, a load test
 /// stopping) each have their end recorded, even on a pool far smaller
 /// than their number: the ends queue for the ingress's few recorders, not
