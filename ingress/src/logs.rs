@@ -128,20 +128,24 @@ pub(crate) fn capped(offset: u64, data: &str, cap: u64) -> Capped<'_> {
 pub(crate) enum Place {
     /// It continues the chain: store it.
     Next,
-    /// A chunk starting at its offset is stored: it is a resend. `end` is
-    /// where that stored chunk ends.
+    /// A chunk starting at its offset and reaching at least as far is
+    /// stored: it is a resend. `end` is where that stored chunk ends.
     Stored { end: u64 },
     /// It would leave a gap or overlap the chain, which ends at `end`.
     Wrong { end: u64 },
 }
 
-/// Where a chunk at `offset` stands, from the stored chunk with the
-/// greatest offset at or before it.
+/// Where a chunk of `len` bytes at `offset` stands, from the stored chunk
+/// with the greatest offset at or before it. A chunk starting where a stored
+/// one starts is a resend only when it ends within it: one reaching further
+/// (the output read again after a restart, gathered into larger chunks)
+/// overlaps the chain, and its new part is kept.
 pub(crate) async fn place(
     pool: &PgPool,
     task_id: Uuid,
     attempt: i32,
     offset: i64,
+    len: u64,
 ) -> Result<Place, sqlx::Error> {
     let before: Option<(i64, i64)> = sqlx::query_as(
         "SELECT \"offset\", \"offset\" + octet_length(data) FROM task_log \
@@ -153,10 +157,13 @@ pub(crate) async fn place(
     .bind(offset)
     .fetch_optional(pool)
     .await?;
+    let reach = (offset as u64).saturating_add(len);
     Ok(match before {
         None if offset == 0 => Place::Next,
         None => Place::Wrong { end: 0 },
-        Some((start, end)) if start == offset => Place::Stored { end: end as u64 },
+        Some((start, end)) if start == offset && reach <= end as u64 => {
+            Place::Stored { end: end as u64 }
+        }
         Some((_, end)) if end == offset => Place::Next,
         Some((_, end)) => {
             // The chain may go on past the chunk found: report its end.

@@ -367,7 +367,7 @@ impl LogPermissions {
             Capped::Dropped => return Answer::Stored,
         };
         if tail.end != Some(chunk.offset) {
-            match logs::place(pool, chunk.task_id, attempt, offset).await {
+            match logs::place(pool, chunk.task_id, attempt, offset, data.len() as u64).await {
                 Ok(Place::Next) => {}
                 Ok(Place::Stored { end }) => {
                     tail.end = Some(end);

@@ -158,6 +158,39 @@ async fn a_chunk_sent_again_after_a_reconnect_is_stored_once() {
 }
 
 #[tokio::test]
+async fn output_read_again_in_larger_chunks_after_a_restart_adds_only_what_is_new() {
+    let p = platform(LogLimits::default()).await;
+    let (token, task_id) = p.node_with_task().await;
+    let agent = {
+        let mut agent = Agent::join(p.addr, &token).await;
+        assert_eq!(agent.log(1, task_id, 0, "start\n").await, None);
+        assert_eq!(agent.log(2, task_id, 6, "two\n").await, None);
+        agent
+    };
+    agent.close().await;
+    // The agent restarted and adopted its container: it reads the output
+    // from the start, and what was printed while no agent ran arrives in
+    // the same chunk as what the server has. Its first chunk starts where
+    // the first stored one does and reaches past the stored end.
+    let mut agent = Agent::join(p.addr, &token).await;
+    assert_eq!(agent.log(1, task_id, 0, "start\ntwo\nthree\n").await, None);
+    assert_eq!(agent.log(2, task_id, 16, "four\n").await, None);
+    // The same from a later stored chunk's start.
+    assert_eq!(
+        agent.log(3, task_id, 6, "two\nthree\nfour\nfive\n").await,
+        None
+    );
+    // A resend within what is stored adds nothing.
+    assert_eq!(agent.log(4, task_id, 0, "start\n").await, None);
+    assert_eq!(agent.log(5, task_id, 6, "two\nth").await, None);
+    assert_eq!(p.output(task_id).await, "start\ntwo\nthree\nfour\nfive\n");
+    assert_eq!(
+        p.rows(task_id).await.last(),
+        Some(&(21, "five\n".to_string()))
+    );
+}
+
+#[tokio::test]
 async fn chunks_that_would_leave_a_gap_are_refused_and_overlaps_keep_only_their_new_part() {
     let p = platform(LogLimits::default()).await;
     let (token, task_id) = p.node_with_task().await;
