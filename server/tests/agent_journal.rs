@@ -372,3 +372,51 @@ async fn adopted_containers_that_ended_before_their_time_limit_report_their_real
         s.logs_are(task, "hi\n").await;
     }
 }
+
+/// What the container's own log (`docker logs`) holds.
+fn container_output(task: &str) -> String {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "docker ps -aq --filter label=unidesk.task_id={task} | head -n1 | xargs -r docker logs"
+        ))
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn output_printed_while_no_agent_watched_is_kept_when_the_container_is_adopted() {
+    let mut s = Setup::start("journal-output").await;
+    let task = s
+        .submit(
+            "echo start; sleep 2; echo while-down; echo still-down; sleep 4; echo after",
+            json!({}),
+        )
+        .await;
+    let _cleanup = RemoveContainers(task.clone());
+    s.logs_are(&task, "start\n").await;
+
+    // The agent dies after the first line was stored; the container goes
+    // on printing with no agent to read it.
+    s.kill_agent();
+    testkit::eventually(
+        "the container to print while no agent runs",
+        support::PATIENCE,
+        || async { container_output(&task).contains("still-down").then_some(()) },
+    )
+    .await;
+
+    // The next agent adopts it and reads its output again from the start,
+    // gathered into larger chunks than the first agent sent: what the
+    // server already has is skipped, nothing else.
+    s.start_agent();
+    let done = task_in(&s.api, &task, &["succeeded", "failed", "queued"]).await;
+    assert_eq!(
+        (&done["state"], &done["attempt"]),
+        (&json!("succeeded"), &json!(1)),
+        "{done}"
+    );
+    s.logs_are(&task, "start\nwhile-down\nstill-down\nafter\n")
+        .await;
+}
