@@ -15,6 +15,7 @@ use s3s::auth::SimpleAuth;
 use s3s::service::S3ServiceBuilder;
 use tokio::net::TcpListener;
 
+use crate::served::Served;
 use crate::store::{Config, ObjectError, Secret};
 
 /// Credentials for the embedded store: an access key and a fresh random
@@ -107,7 +108,7 @@ impl Embedded {
     pub fn router(&self) -> Result<axum::Router, ObjectError> {
         let fs = s3s_fs::FileSystem::new(&self.root)
             .map_err(|e| ObjectError::Config(format!("{}: {e:?}", self.root.display())))?;
-        let mut builder = S3ServiceBuilder::new(fs);
+        let mut builder = S3ServiceBuilder::new(Served::new(fs, self.root.clone()));
         builder.set_auth(SimpleAuth::from_single(
             self.access_key.clone(),
             self.secret_key.expose().to_string(),

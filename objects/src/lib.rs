@@ -31,6 +31,7 @@
 
 pub mod embedded;
 pub mod keys;
+mod served;
 mod store;
 pub mod uploads;
 

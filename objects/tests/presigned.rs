@@ -237,3 +237,72 @@ async fn a_refused_multipart_completion_is_an_error_and_an_aborted_upload_takes_
     let part = s.store.presign_part("p/n.bin", &id, 1, None).await.unwrap();
     assert!(!put(&part, vec![1; 10]).await.status().is_success());
 }
+
+#[tokio::test]
+async fn an_object_is_served_whole_and_by_ranges_across_its_pieces() {
+    let s = embedded(Duration::from_secs(60)).await;
+    // Several of the store's read pieces (256 KiB) and a bit.
+    let data: Vec<u8> = (0..1024 * 1024 + 1001)
+        .map(|i| (i * 7 % 251) as u8)
+        .collect();
+    let url = s
+        .store
+        .presign_put("p/pieces.bin", Some(&sha(&data)))
+        .await
+        .unwrap();
+    assert!(put(&url, data.clone()).await.status().is_success());
+    let get = s.store.presign_get("p/pieces.bin", None).await.unwrap();
+    let client = reqwest::Client::new();
+    let whole = client.get(&get).send().await.unwrap();
+    assert_eq!(whole.status(), 200);
+    assert_eq!(whole.content_length(), Some(data.len() as u64));
+    assert!(whole.headers().contains_key("etag"));
+    assert_eq!(sha(&whole.bytes().await.unwrap()), sha(&data));
+    let n = data.len();
+    for (range, want) in [
+        ("bytes=300000-", &data[300_000..]),
+        ("bytes=5-262200", &data[5..=262_200]),
+        ("bytes=262144-524288", &data[262_144..=524_288]),
+        ("bytes=-777", &data[n - 777..]),
+        ("bytes=0-0", &data[..1]),
+        ("bytes=1000-99999999", &data[1000..]),
+    ] {
+        let part = client
+            .get(&get)
+            .header("range", range)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(part.status(), 206, "{range}");
+        let total = format!("/{n}");
+        let content_range = part.headers()["content-range"].to_str().unwrap().to_owned();
+        assert!(content_range.ends_with(&total), "{range}: {content_range}");
+        let body = part.bytes().await.unwrap();
+        assert_eq!(body.len(), want.len(), "{range}");
+        assert!(body.as_ref() == want, "{range}: other bytes");
+    }
+    let past = client
+        .get(&get)
+        .header("range", format!("bytes={n}-"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(past.status(), 416);
+    // Replaced by another upload: the next read serves the new bytes.
+    let other = b"smaller now".to_vec();
+    let url = s
+        .store
+        .presign_put("p/pieces.bin", Some(&sha(&other)))
+        .await
+        .unwrap();
+    assert!(put(&url, other.clone()).await.status().is_success());
+    let body = client
+        .get(&get)
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(body.as_ref(), other.as_slice());
+}
