@@ -57,6 +57,7 @@
 #   REPLAY_EVENTS [1000000]     events in the log unidesk-replay-bench rebuilds
 #   SKIP_REPLAY [0]             1 skips unidesk-replay-bench
 #   S3_MIB [1024]  S3_PART_MIB [64]  size of unidesk-s3-bench's file, of its parts
+#   S3_ROUNDS [5]               rounds of unidesk-s3-bench (each figure their median)
 #   SKIP_S3 [0]                 1 skips unidesk-s3-bench (no curl)
 #   EVENT_VIEW_EVENTS [100000]  events of the node event-view reads
 #   SHUTDOWN_AGENTS [10000]  SHUTDOWN_PROCS [5]  SHUTDOWN_TASKS [1000]
@@ -88,6 +89,7 @@ REPLAY_EVENTS=${REPLAY_EVENTS:-1000000}
 SKIP_REPLAY=${SKIP_REPLAY:-0}
 S3_MIB=${S3_MIB:-1024}
 S3_PART_MIB=${S3_PART_MIB:-64}
+S3_ROUNDS=${S3_ROUNDS:-5}
 SKIP_S3=${SKIP_S3:-0}
 EVENT_VIEW_EVENTS=${EVENT_VIEW_EVENTS:-100000}
 SHUTDOWN_AGENTS=${SHUTDOWN_AGENTS:-10000}
@@ -263,7 +265,7 @@ fi
 if ((SKIP_S3 == 0)); then
     begin "unidesk-s3-bench: $S3_MIB MiB with curl and with the agent's code"
     command -v curl >/dev/null 2>&1 || die "curl not found: unidesk-s3-bench measures against it (or set SKIP_S3=1)"
-    run s3 "$BIN/unidesk-s3-bench" --mib "$S3_MIB" --part-mib "$S3_PART_MIB" --dir "$WORK"
+    run s3 "$BIN/unidesk-s3-bench" --mib "$S3_MIB" --part-mib "$S3_PART_MIB" --rounds "$S3_ROUNDS" --dir "$WORK"
 fi
 # -----------------------------------------------------------------------------
 
