@@ -102,7 +102,7 @@ impl FileBody {
         .await
         .ok()??;
         let (tx, pieces) = mpsc::channel(AHEAD);
-        tokio::task::spawn_blocking(move || read_pieces(opened, length, &tx));
+        tokio::spawn(read_pieces(opened, length, tx));
         Some(FileBody {
             pieces,
             left: length,
@@ -110,38 +110,63 @@ impl FileBody {
     }
 }
 
-/// Sends `left` bytes of `file` to `tx` a piece at a time; stops early when
-/// the body is dropped (the client went away) or the file ends short.
-fn read_pieces(mut file: std::fs::File, mut left: u64, tx: &mpsc::Sender<std::io::Result<Bytes>>) {
+/// Sends `left` bytes of `file` to `tx` a piece at a time, each read on a
+/// blocking thread that is given back between pieces: a client reading
+/// slowly holds no thread of the process's blocking pool, which the rest
+/// of the server shares. Stops early when the body is dropped (the client
+/// went away) or the file ends short.
+async fn read_pieces(file: std::fs::File, mut left: u64, tx: mpsc::Sender<std::io::Result<Bytes>>) {
+    let mut file = Some(file);
     while left > 0 {
         let want = usize::try_from(left.min(PIECE as u64)).unwrap_or(PIECE);
-        let mut piece = vec![0; want];
-        let mut got = 0;
-        while got < want {
-            match file.read(&mut piece[got..]) {
-                Ok(0) => break,
-                Ok(n) => got += n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    let _ = tx.blocking_send(Err(e));
-                    return;
-                }
-            }
-        }
-        if got == 0 {
-            let short = std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                "the object became shorter while it was read",
-            );
-            let _ = tx.blocking_send(Err(short));
+        let Some(mut f) = file.take() else { return };
+        let Ok((f, read)) = tokio::task::spawn_blocking(move || {
+            let read = read_piece(&mut f, want);
+            (f, read)
+        })
+        .await
+        else {
             return;
-        }
-        piece.truncate(got);
-        left -= got as u64;
-        if tx.blocking_send(Ok(Bytes::from(piece))).is_err() {
+        };
+        file = Some(f);
+        let sent = match read {
+            Ok(piece) if piece.is_empty() => {
+                let short = std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "the object became shorter while it was read",
+                );
+                let _ = tx.send(Err(short)).await;
+                return;
+            }
+            Ok(piece) => {
+                left -= piece.len() as u64;
+                tx.send(Ok(piece)).await
+            }
+            Err(e) => {
+                let _ = tx.send(Err(e)).await;
+                return;
+            }
+        };
+        if sent.is_err() {
             return;
         }
     }
+}
+
+/// Up to `want` bytes of `file` from where it stands; fewer only at its end.
+fn read_piece(file: &mut std::fs::File, want: usize) -> std::io::Result<Bytes> {
+    let mut piece = vec![0; want];
+    let mut got = 0;
+    while got < want {
+        match file.read(&mut piece[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    piece.truncate(got);
+    Ok(Bytes::from(piece))
 }
 
 impl futures::Stream for FileBody {

@@ -306,3 +306,56 @@ async fn an_object_is_served_whole_and_by_ranges_across_its_pieces() {
         .unwrap();
     assert_eq!(body.as_ref(), other.as_slice());
 }
+
+/// Clients that stop reading hold no thread of the blocking pool, which
+/// the store shares with the rest of the server (s3s-fs's file operations
+/// among others): with a pool of two threads and three downloads stalled,
+/// another download and an upload still go through.
+#[test]
+fn downloads_a_client_stopped_reading_do_not_hold_the_blocking_threads() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let outcome = runtime.block_on(async {
+        let s = embedded(Duration::from_secs(60)).await;
+        // Far more than the sockets' buffers hold.
+        let data: Vec<u8> = (0..64 * 1024 * 1024).map(|i| (i % 253) as u8).collect();
+        let url = s
+            .store
+            .presign_put("p/stalled.bin", Some(&sha(&data)))
+            .await
+            .unwrap();
+        assert!(put(&url, data.clone()).await.status().is_success());
+        let get = s.store.presign_get("p/stalled.bin", None).await.unwrap();
+        let answered = tokio::time::timeout(Duration::from_secs(60), async {
+            let mut stalled = Vec::new();
+            for _ in 0..3 {
+                // A fresh client each: its own connection, never read.
+                let response = reqwest::Client::new().get(&get).send().await.unwrap();
+                assert_eq!(response.status(), 200);
+                stalled.push(response);
+            }
+            // Time for the store to fill the stalled connections.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let body = reqwest::get(&get).await.unwrap().bytes().await.unwrap();
+            assert_eq!(sha(&body), sha(&data));
+            let small = b"still taken".to_vec();
+            let url = s
+                .store
+                .presign_put("p/after.bin", Some(&sha(&small)))
+                .await
+                .unwrap();
+            assert!(put(&url, small).await.status().is_success());
+            drop(stalled);
+        })
+        .await;
+        answered.map_err(|_| "the store stopped answering while downloads were stalled")
+    });
+    // Threads stuck in the pool would make dropping the runtime wait for
+    // ever: it is given a second.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    outcome.unwrap();
+}
