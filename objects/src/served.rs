@@ -66,8 +66,8 @@ impl Served {
     }
 }
 
-/// An object's bytes from `start`, `left` of them, read on a blocking
-/// thread a piece at a time.
+/// The body of an answer: the pieces [`read_pieces`] sends, `left` bytes
+/// of them still to come.
 struct FileBody {
     pieces: mpsc::Receiver<std::io::Result<Bytes>>,
     left: u64,
