@@ -110,51 +110,38 @@ impl FileBody {
     }
 }
 
-/// Sends `left` bytes of `file` to `tx` a piece at a time, each read on a
-/// blocking thread that is given back between pieces: a client reading
-/// slowly holds no thread of the process's blocking pool, which the rest
-/// of the server shares. Stops early when the body is dropped (the client
-/// went away) or the file ends short.
+/// Sends `left` bytes of `file`, from where it stands, to `tx` a piece at
+/// a time, each read on a blocking thread that is given back between
+/// pieces: a client reading slowly holds no thread of the process's
+/// blocking pool, which the rest of the server shares. Stops early when the
+/// body is dropped (the client went away) or the file ends short.
 async fn read_pieces(file: std::fs::File, mut left: u64, tx: mpsc::Sender<std::io::Result<Bytes>>) {
-    let mut file = Some(file);
+    let file = std::sync::Arc::new(file);
     while left > 0 {
         let want = usize::try_from(left.min(PIECE as u64)).unwrap_or(PIECE);
-        let Some(mut f) = file.take() else { return };
-        let Ok((f, read)) = tokio::task::spawn_blocking(move || {
-            let read = read_piece(&mut f, want);
-            (f, read)
-        })
-        .await
-        else {
+        let reader = std::sync::Arc::clone(&file);
+        let Ok(read) = tokio::task::spawn_blocking(move || read_piece(&reader, want)).await else {
             return;
         };
-        file = Some(f);
-        let sent = match read {
-            Ok(piece) if piece.is_empty() => {
-                let short = std::io::Error::new(
-                    std::io::ErrorKind::UnexpectedEof,
-                    "the object became shorter while it was read",
-                );
-                let _ = tx.send(Err(short)).await;
-                return;
-            }
-            Ok(piece) => {
-                left -= piece.len() as u64;
-                tx.send(Ok(piece)).await
-            }
-            Err(e) => {
-                let _ = tx.send(Err(e)).await;
-                return;
-            }
+        let piece = match read {
+            Ok(piece) if piece.is_empty() => Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "the object became shorter while it was read",
+            )),
+            other => other,
         };
-        if sent.is_err() {
+        let last = piece.is_err();
+        if let Ok(piece) = &piece {
+            left -= piece.len() as u64;
+        }
+        if tx.send(piece).await.is_err() || last {
             return;
         }
     }
 }
 
 /// Up to `want` bytes of `file` from where it stands; fewer only at its end.
-fn read_piece(file: &mut std::fs::File, want: usize) -> std::io::Result<Bytes> {
+fn read_piece(mut file: &std::fs::File, want: usize) -> std::io::Result<Bytes> {
     let mut piece = vec![0; want];
     let mut got = 0;
     while got < want {

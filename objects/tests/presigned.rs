@@ -57,6 +57,14 @@ async fn put(p: &Presigned, body: Vec<u8>) -> reqwest::Response {
     req.send().await.unwrap()
 }
 
+/// Stores `data` as `key` through a presigned PUT, as a client does, and
+/// checks the store took it.
+async fn stored(s: &Running, key: &str, data: &[u8]) {
+    let url = s.store.presign_put(key, Some(&sha(data))).await.unwrap();
+    let r = put(&url, data.to_vec()).await;
+    assert!(r.status().is_success(), "{key}: {}", r.status());
+}
+
 #[tokio::test]
 async fn an_upload_and_a_download_through_presigned_urls_keep_size_and_sha256() {
     let s = embedded(Duration::from_secs(60)).await;
@@ -245,12 +253,7 @@ async fn an_object_is_served_whole_and_by_ranges_across_its_pieces() {
     let data: Vec<u8> = (0..1024 * 1024 + 1001)
         .map(|i| (i * 7 % 251) as u8)
         .collect();
-    let url = s
-        .store
-        .presign_put("p/pieces.bin", Some(&sha(&data)))
-        .await
-        .unwrap();
-    assert!(put(&url, data.clone()).await.status().is_success());
+    stored(&s, "p/pieces.bin", &data).await;
     let get = s.store.presign_get("p/pieces.bin", None).await.unwrap();
     let client = reqwest::Client::new();
     let whole = client.get(&get).send().await.unwrap();
@@ -290,12 +293,7 @@ async fn an_object_is_served_whole_and_by_ranges_across_its_pieces() {
     assert_eq!(past.status(), 416);
     // Replaced by another upload: the next read serves the new bytes.
     let other = b"smaller now".to_vec();
-    let url = s
-        .store
-        .presign_put("p/pieces.bin", Some(&sha(&other)))
-        .await
-        .unwrap();
-    assert!(put(&url, other.clone()).await.status().is_success());
+    stored(&s, "p/pieces.bin", &other).await;
     let body = client
         .get(&get)
         .send()
@@ -323,12 +321,7 @@ fn downloads_a_client_stopped_reading_do_not_hold_the_blocking_threads() {
         let s = embedded(Duration::from_secs(60)).await;
         // Far more than the sockets' buffers hold.
         let data: Vec<u8> = (0..64 * 1024 * 1024).map(|i| (i % 253) as u8).collect();
-        let url = s
-            .store
-            .presign_put("p/stalled.bin", Some(&sha(&data)))
-            .await
-            .unwrap();
-        assert!(put(&url, data.clone()).await.status().is_success());
+        stored(&s, "p/stalled.bin", &data).await;
         let get = s.store.presign_get("p/stalled.bin", None).await.unwrap();
         let answered = tokio::time::timeout(Duration::from_secs(60), async {
             let mut stalled = Vec::new();
@@ -343,12 +336,7 @@ fn downloads_a_client_stopped_reading_do_not_hold_the_blocking_threads() {
             let body = reqwest::get(&get).await.unwrap().bytes().await.unwrap();
             assert_eq!(sha(&body), sha(&data));
             let small = b"still taken".to_vec();
-            let url = s
-                .store
-                .presign_put("p/after.bin", Some(&sha(&small)))
-                .await
-                .unwrap();
-            assert!(put(&url, small).await.status().is_success());
+            stored(&s, "p/after.bin", &small).await;
             drop(stalled);
         })
         .await;
