@@ -277,10 +277,53 @@ fn private_umask() {
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
 }
 
+/// Takes the directory for this process until the returned file is
+/// dropped. A second `unidesk dev` on the same directory would share its
+/// database, run a second agent under the same node token, and stop the
+/// database under the first when it ends: it is refused, naming the
+/// process that holds the directory.
+fn hold_dir(dir: &std::path::Path) -> anyhow::Result<std::fs::File> {
+    use std::io::{Read, Seek, Write};
+    let path = dir.join("dev.lock");
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            let holder = holder.trim();
+            let by = if holder.is_empty() {
+                String::new()
+            } else {
+                format!(" (process {holder})")
+            };
+            anyhow::bail!(
+                "another unidesk dev is running in {}{by}: stop it first, or start this one in another directory",
+                dir.display()
+            );
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            return Err(e).with_context(|| format!("locking {}", path.display()));
+        }
+    }
+    file.set_len(0)
+        .and_then(|()| file.rewind())
+        .and_then(|()| writeln!(file, "{}", std::process::id()))
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(file)
+}
+
 /// Runs the platform until Ctrl-C.
 pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     private_umask();
     ensure_private_dir(&args.dir)?;
+    let _only_one = hold_dir(&args.dir)?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| {

@@ -266,3 +266,52 @@ async fn dev_keeps_its_directory_and_everything_in_it_for_its_owner_only() {
     interrupt(dev).await;
     assert_eq!(open_to_others(&state), Vec::<String>::new());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_dev_in_the_same_directory_is_refused_and_leaves_the_first_running() {
+    let dir = workdir();
+    let dev = start(dir.path()).await;
+    let (status, created) = dev
+        .api()
+        .call(
+            reqwest::Method::POST,
+            "/projects",
+            Some(json!({"name": "first"})),
+        )
+        .await;
+    assert_eq!(status, 201, "{created}");
+
+    // The same directory from a second terminal, on another port.
+    let mut second = Command::new(env!("CARGO_BIN_EXE_unidesk"))
+        .args(["dev", "--listen", "127.0.0.1:0"])
+        .current_dir(dir.path())
+        .env_remove("DATABASE_URL")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let given_up = std::time::Instant::now() + Duration::from_secs(60);
+    let ended = loop {
+        if let Some(status) = second.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > given_up {
+            second.kill().unwrap();
+            panic!("a second dev in the same directory kept running");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let out = second.wait_with_output().unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!ended.success(), "the second dev started: {said}");
+    assert!(
+        said.contains("another unidesk dev is running in")
+            && said.contains(&format!("process {}", dev.pid().unwrap())),
+        "{said}"
+    );
+
+    // The first still has its database and everything in it.
+    assert!(postmaster_running(&dir.path().join(".unidesk/pg/data")));
+    assert_eq!(projects(&dev).await, ["first"]);
+    interrupt(dev).await;
+}
