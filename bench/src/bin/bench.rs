@@ -15,9 +15,8 @@ use anyhow::Context;
 use chrono::Utc;
 use clap::Parser;
 use domain::spec::{TaskSpecDraft, UrlPolicy};
-use domain::task::{Outcome, Task, TaskCommand};
+use domain::task::{Capacity, Outcome, Task, TaskCommand};
 use domain::Actor;
-use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
 use store::Store;
 use uuid::Uuid;
@@ -75,9 +74,18 @@ where
     Ok(count.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64())
 }
 
+/// What every node of the bench can give: room for every writer's tasks at
+/// once, so the store's capacity check passes and is still made.
+const CAPACITY: Capacity = Capacity {
+    millicpus: 1_000_000,
+    memory_mb: 1 << 30,
+};
+
 /// One task's life through the cqrs framework: five commands, each loading
-/// the aggregate and appending one event in its own transaction.
-async fn lifecycle(store: &Store, node: Uuid, project: Uuid) -> anyhow::Result<u64> {
+/// the aggregate and appending one event in its own transaction. The
+/// assignment is made as the scheduler leader makes it, in `term` and for
+/// the node's capacity, so the store fences and reserves it.
+async fn lifecycle(store: &Store, node: Uuid, project: Uuid, term: u64) -> anyhow::Result<u64> {
     let id = Uuid::now_v7();
     let t = id.to_string();
     let now = Utc::now;
@@ -106,10 +114,12 @@ async fn lifecycle(store: &Store, node: Uuid, project: Uuid) -> anyhow::Result<u
             user,
         ),
         (
-            TaskCommand::Assign {
+            TaskCommand::AssignAsLeader {
                 node_id: node,
                 gpus: vec![],
                 reason: "bench".into(),
+                term,
+                capacity: CAPACITY,
                 at: now(),
             },
             Actor::System("scheduler".into()),
@@ -150,8 +160,11 @@ async fn lifecycle(store: &Store, node: Uuid, project: Uuid) -> anyhow::Result<u
     Ok(5)
 }
 
+/// A pool set as a server's is ([`store::pool_options`]): a connection used
+/// moments ago is not checked again before use, so neither the plain
+/// INSERTs nor the commands pay a round trip the server does not.
 async fn pool(url: &str, size: u32) -> anyhow::Result<PgPool> {
-    PgPoolOptions::new()
+    store::pool_options()
         .max_connections(size)
         .connect(url)
         .await
@@ -170,6 +183,12 @@ async fn main() -> anyhow::Result<()> {
     )
     .execute(&setup)
     .await?;
+    // Assignments name the term of a leader holding the lease, as the
+    // scheduler's do.
+    let holder = "unidesk-bench";
+    let term = store::leader::take(&setup, holder, Duration::from_secs(3600))
+        .await?
+        .context("another scheduler holds the leader's lease on this database")?;
     println!("unidesk-bench: {} s per figure", args.seconds);
     println!("{:<44} {:>8} {:>14}", "what", "writers", "commits/s");
     for &w in &args.writers {
@@ -210,7 +229,7 @@ async fn main() -> anyhow::Result<()> {
             let cqrs = measure(w, args.seconds, move |writer| {
                 let store = store.clone();
                 let node = if spread { nodes[writer] } else { one };
-                async move { lifecycle(&store, node, project).await }
+                async move { lifecycle(&store, node, project, term as u64).await }
             })
             .await?;
             println!(
@@ -234,6 +253,7 @@ async fn main() -> anyhow::Result<()> {
             .context("running ceiling.sh")?;
         anyhow::ensure!(status.success(), "ceiling.sh failed");
     }
+    store::leader::release(&setup, holder, term).await?;
     setup.close().await;
     database.stop().await?;
     Ok(())
