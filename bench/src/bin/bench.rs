@@ -29,6 +29,8 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[derive(Debug, Parser)]
 struct Args {
     /// Database to measure on; a private cluster is started when absent.
+    /// Never one a server uses: the bench writes tasks into it and holds
+    /// the scheduler leader's lease while it measures.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     database_url: Option<String>,
     /// Seconds per measurement.
@@ -184,11 +186,13 @@ async fn main() -> anyhow::Result<()> {
     .execute(&setup)
     .await?;
     // Assignments name the term of a leader holding the lease, as the
-    // scheduler's do.
+    // scheduler's do: held for every measurement (three per writer count)
+    // and a minute more, then let go.
     let holder = "unidesk-bench";
-    let term = store::leader::take(&setup, holder, Duration::from_secs(3600))
+    let measuring = args.seconds * 3 * args.writers.len() as u64 + 60;
+    let term = store::leader::take(&setup, holder, Duration::from_secs(measuring))
         .await?
-        .context("another scheduler holds the leader's lease on this database")?;
+        .context("a scheduler holds the leader's lease on this database: measure on another")?;
     println!("unidesk-bench: {} s per figure", args.seconds);
     println!("{:<44} {:>8} {:>14}", "what", "writers", "commits/s");
     for &w in &args.writers {
