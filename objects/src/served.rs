@@ -141,18 +141,11 @@ async fn read_pieces(file: std::fs::File, mut left: u64, tx: mpsc::Sender<std::i
 }
 
 /// Up to `want` bytes of `file` from where it stands; fewer only at its end.
-fn read_piece(mut file: &std::fs::File, want: usize) -> std::io::Result<Bytes> {
-    let mut piece = vec![0; want];
-    let mut got = 0;
-    while got < want {
-        match file.read(&mut piece[got..]) {
-            Ok(0) => break,
-            Ok(n) => got += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    piece.truncate(got);
+fn read_piece(file: &std::fs::File, want: usize) -> std::io::Result<Bytes> {
+    // `read_to_end` fills the capacity without zeroing it first and goes
+    // on after a short or interrupted read.
+    let mut piece = Vec::with_capacity(want);
+    file.take(want as u64).read_to_end(&mut piece)?;
     Ok(Bytes::from(piece))
 }
 

@@ -282,26 +282,20 @@ async fn a_second_dev_in_the_same_directory_is_refused_and_leaves_the_first_runn
     assert_eq!(status, 201, "{created}");
 
     // The same directory from a second terminal, on another port.
-    let mut second = Command::new(env!("CARGO_BIN_EXE_unidesk"))
+    let second = tokio::process::Command::new(env!("CARGO_BIN_EXE_unidesk"))
         .args(["dev", "--listen", "127.0.0.1:0"])
         .current_dir(dir.path())
         .env_remove("DATABASE_URL")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
         .spawn()
         .unwrap();
-    let given_up = std::time::Instant::now() + Duration::from_secs(60);
-    let ended = loop {
-        if let Some(status) = second.try_wait().unwrap() {
-            break status;
-        }
-        if std::time::Instant::now() > given_up {
-            second.kill().unwrap();
-            panic!("a second dev in the same directory kept running");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    let out = second.wait_with_output().unwrap();
+    let out = tokio::time::timeout(Duration::from_secs(60), second.wait_with_output())
+        .await
+        .expect("a second dev in the same directory kept running")
+        .unwrap();
+    let ended = out.status;
     let said = String::from_utf8_lossy(&out.stderr);
     assert!(!ended.success(), "the second dev started: {said}");
     assert!(
