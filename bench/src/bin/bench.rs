@@ -189,7 +189,10 @@ async fn main() -> anyhow::Result<()> {
     // scheduler's do: held for every measurement (three per writer count)
     // and a minute more, then let go.
     let holder = "unidesk-bench";
-    let measuring = args.seconds * 3 * args.writers.len() as u64 + 60;
+    let measuring = args
+        .seconds
+        .saturating_mul(3 * args.writers.len() as u64)
+        .saturating_add(60);
     let term = store::leader::take(&setup, holder, Duration::from_secs(measuring))
         .await?
         .context("a scheduler holds the leader's lease on this database: measure on another")?;
