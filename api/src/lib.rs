@@ -16,6 +16,7 @@ pub mod auth;
 pub mod bootstrap;
 pub mod error;
 pub mod extract;
+pub mod fresh;
 pub mod health;
 pub mod idempotency;
 pub mod limits;

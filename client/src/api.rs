@@ -19,6 +19,35 @@ use crate::types::{Artifact, Page, Project, StoredObject, Task, Upload, User};
 /// answers 502, 503 or 504.
 const TRIES: u32 = 4;
 
+/// The lists the server reads from read models, a moment behind the event
+/// log. They are asked for with `Prefer: fresh`, so that they show
+/// everything committed before the request: a project created by the
+/// previous command is in the next command's list.
+const FRESH_LISTS: [&str; 5] = ["/projects", "/nodes", "/users", "/tasks", "/timeline"];
+
+/// Whether an answer says it honoured `Prefer: fresh`.
+fn applied_fresh(headers: &reqwest::header::HeaderMap) -> bool {
+    headers
+        .get_all("Preference-Applied")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|p| p.trim().eq_ignore_ascii_case("fresh"))
+}
+
+/// Tells the user, once per process, that a list may lack the newest
+/// changes: the server's read models had not caught up with its event log
+/// within the time it waits for them.
+fn warn_stale(path: &str) {
+    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        eprintln!(
+            "warning: the list at {path} may be missing the newest changes: \
+             the server's read models are behind its event log"
+        );
+    }
+}
+
 /// A signed-in connection to one UniDesk server. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Client {
@@ -178,9 +207,15 @@ impl Client {
         path: &str,
         query: &[(&str, String)],
     ) -> Result<T> {
-        let response = self
-            .send(self.request(Method::GET, path).query(query), true)
-            .await?;
+        let mut request = self.request(Method::GET, path).query(query);
+        let fresh = FRESH_LISTS.contains(&path);
+        if fresh {
+            request = request.header("Prefer", "fresh");
+        }
+        let response = self.send(request, true).await?;
+        if fresh && !applied_fresh(response.headers()) {
+            warn_stale(path);
+        }
         json(response).await
     }
 

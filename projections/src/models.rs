@@ -519,7 +519,7 @@ const NODE_UNFIT: &str = "node event before NodeProvisioned";
 
 impl DocModel for Nodes {
     type State = Node;
-    const NAME: &'static str = "nodes";
+    const NAME: &'static str = crate::read::nodes::CHECKPOINT;
     const TABLE: &'static str = "node_view";
     fn unfit(node: &Node) -> Option<&'static str> {
         node.id.is_none().then_some(NODE_UNFIT)
@@ -593,7 +593,7 @@ struct Projects;
 
 impl Projection for Projects {
     fn name(&self) -> &'static str {
-        "projects"
+        crate::read::projects::CHECKPOINT
     }
     fn tables(&self) -> &'static [&'static str] {
         &["project_member_view", "project_view"]
@@ -656,7 +656,7 @@ struct Users;
 
 impl Projection for Users {
     fn name(&self) -> &'static str {
-        "users"
+        crate::read::users::CHECKPOINT
     }
     fn tables(&self) -> &'static [&'static str] {
         &["user_view"]
@@ -1097,7 +1097,7 @@ fn copy_field(out: &mut String, value: &str) {
 
 impl Projection for Timeline {
     fn name(&self) -> &'static str {
-        "timeline"
+        crate::read::timeline::CHECKPOINT
     }
     /// Each event is a row of its own.
     fn per_aggregate(&self) -> bool {

@@ -62,6 +62,10 @@ export function errorOf(status, body) {
 export async function api(path, { method = 'GET', body, signal } = {}) {
   const headers = { Authorization: `Bearer ${session.token}`, Accept: 'application/json' };
   if (body !== undefined) headers['Content-Type'] = 'application/json';
+  // Lists wait (briefly) until they show everything committed before the
+  // request, so a page opened right after a change shows it; other
+  // routes read the log itself and ignore the preference.
+  if (method === 'GET') headers.Prefer = 'fresh';
   const response = await fetch(`/api/v1${path}`, {
     method, headers, signal, cache: 'no-store',
     body: body === undefined ? undefined : JSON.stringify(body),

@@ -57,19 +57,41 @@ const CAUGHT_UP_POLL: Duration = Duration::from_millis(10);
 /// # Errors
 /// A database error.
 pub async fn caught_up(pool: &PgPool, name: &str, within: Duration) -> Result<bool, ReadError> {
+    all_caught_up(pool, &[name], within).await
+}
+
+/// Waits until every read model of `names` reflects every event committed
+/// before this call, for at most `within`; whether they all do. A model
+/// that has no checkpoint yet has applied nothing, so it has not caught up
+/// with a log that holds anything.
+///
+/// # Errors
+/// A database error.
+pub async fn all_caught_up(
+    pool: &PgPool,
+    names: &[&str],
+    within: Duration,
+) -> Result<bool, ReadError> {
     let target = outbox::committed_head(pool).await?;
     if target == Checkpoint::default() {
         return Ok(true);
     }
+    let mut names = names.to_vec();
+    names.sort_unstable();
+    names.dedup();
     let deadline = tokio::time::Instant::now() + within;
     loop {
-        let at: Option<(i64, i64)> =
-            sqlx::query_as("SELECT txid, position FROM checkpoints WHERE name = $1")
-                .bind(name)
-                .fetch_optional(pool)
+        let at: Vec<(i64, i64)> =
+            sqlx::query_as("SELECT txid, position FROM checkpoints WHERE name = ANY($1)")
+                .bind(&names)
+                .fetch_all(pool)
                 .await?;
-        let at = at.map(|(txid, position)| Checkpoint { txid, position });
-        if at.is_some_and(|at| at >= target) {
+        let all_there = at.len() == names.len();
+        if all_there
+            && at
+                .iter()
+                .all(|&(txid, position)| Checkpoint { txid, position } >= target)
+        {
             return Ok(true);
         }
         if tokio::time::Instant::now() >= deadline {

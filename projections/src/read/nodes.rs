@@ -7,6 +7,10 @@ use uuid::Uuid;
 
 use super::{decode, ReadError};
 
+/// The name of the checkpoint of the read model `node_view` belong to:
+/// events after it are not in them yet.
+pub const CHECKPOINT: &str = "nodes";
+
 /// One node of a page, with the key it is ordered by.
 #[derive(Debug, Clone)]
 pub struct NodeRow {

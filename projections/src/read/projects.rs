@@ -6,6 +6,10 @@ use uuid::Uuid;
 
 use super::{decode, ReadError};
 
+/// The name of the checkpoint of the read model `project_view` and `project_member_view` belong to:
+/// events after it are not in them yet.
+pub const CHECKPOINT: &str = "projects";
+
 /// One project of a page, with the key it is ordered by.
 #[derive(Debug, Clone)]
 pub struct ProjectRow {

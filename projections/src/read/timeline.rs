@@ -6,6 +6,10 @@ use uuid::Uuid;
 
 use super::ReadError;
 
+/// The name of the timeline's checkpoint: events after it are not in
+/// `timeline` yet.
+pub const CHECKPOINT: &str = "timeline";
+
 /// Which events a page of the timeline holds; every field that is given
 /// narrows it.
 #[derive(Debug, Clone, Copy, Default)]
@@ -73,7 +77,8 @@ pub struct TimelineRow {
 /// the first event.
 pub async fn projected_up_to(db: impl PgExecutor<'_>) -> Result<i64, ReadError> {
     let position: Option<i64> =
-        sqlx::query_scalar("SELECT position FROM checkpoints WHERE name = 'timeline'")
+        sqlx::query_scalar("SELECT position FROM checkpoints WHERE name = $1")
+            .bind(CHECKPOINT)
             .fetch_optional(db)
             .await?;
     Ok(position.unwrap_or(0))

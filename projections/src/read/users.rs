@@ -5,6 +5,10 @@ use sqlx::PgExecutor;
 
 use super::ReadError;
 
+/// The name of the checkpoint of the read model `user_view` belong to:
+/// events after it are not in them yet.
+pub const CHECKPOINT: &str = "users";
+
 /// One user as the users read model holds it.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct UserRow {

@@ -13,6 +13,7 @@ use uuid::Uuid;
 use crate::auth::Caller;
 use crate::error::{ApiError, ErrorBody};
 use crate::extract::Query;
+use crate::fresh::{Applied, Prefer};
 use crate::page;
 use crate::schema::node::{Node, NodeList};
 use crate::AppState;
@@ -42,9 +43,9 @@ struct ListNodes {
     get,
     path = "/nodes",
     tag = "nodes",
-    params(ListNodes),
+    params(ListNodes, ("Prefer" = Option<String>, Header, description = "`fresh`: wait, at most 5 s, until the list shows everything committed before this request")),
     responses(
-        (status = 200, description = "One page of nodes", body = NodeList),
+        (status = 200, description = "One page of nodes", body = NodeList, headers(("Preference-Applied" = String, description = "`fresh` when the list shows everything committed before the request"))),
         (status = 400, description = "A bad limit or cursor, named", body = ErrorBody),
         (status = 401, description = "No valid token", body = ErrorBody),
         (status = 429, description = "Too many requests; see Retry-After", body = ErrorBody)
@@ -54,8 +55,9 @@ struct ListNodes {
 async fn list(
     State(state): State<AppState>,
     _caller: Caller,
+    prefer: Prefer,
     Query(q): Query<ListNodes>,
-) -> Result<Json<NodeList>, ApiError> {
+) -> Result<(Applied, Json<NodeList>), ApiError> {
     let limit = page::limit(q.limit.as_deref())?;
     let (name, id) = match q.cursor.as_deref() {
         Some(c) => {
@@ -65,11 +67,14 @@ async fn list(
         None => (None, None),
     };
     let after = name.as_deref().zip(id);
+    let applied = prefer
+        .wait_for(&state, &[projections::read::nodes::CHECKPOINT])
+        .await?;
     let rows = projections::read::nodes::page(state.pool(), after, limit + 1).await?;
     let (rows, next_cursor) = page::split(LIST, rows, limit, |r| (r.name.clone(), r.id));
     let items = rows
         .into_iter()
         .map(|r| Node::try_from(r.node))
         .collect::<Result<_, _>>()?;
-    Ok(Json(NodeList { items, next_cursor }))
+    Ok((applied, Json(NodeList { items, next_cursor })))
 }

@@ -14,6 +14,7 @@ use uuid::Uuid;
 use crate::auth::Caller;
 use crate::error::{ApiError, ErrorBody};
 use crate::extract::Query;
+use crate::fresh::{Applied, Prefer};
 use crate::page;
 use crate::schema::project::{Project, ProjectList};
 use crate::AppState;
@@ -43,9 +44,9 @@ struct ListProjects {
     get,
     path = "/projects",
     tag = "projects",
-    params(ListProjects),
+    params(ListProjects, ("Prefer" = Option<String>, Header, description = "`fresh`: wait, at most 5 s, until the list shows everything committed before this request")),
     responses(
-        (status = 200, description = "One page of projects", body = ProjectList),
+        (status = 200, description = "One page of projects", body = ProjectList, headers(("Preference-Applied" = String, description = "`fresh` when the list shows everything committed before the request"))),
         (status = 400, description = "A bad limit or cursor, named", body = ErrorBody),
         (status = 401, description = "No valid token", body = ErrorBody),
         (status = 429, description = "Too many requests; see Retry-After", body = ErrorBody)
@@ -55,8 +56,9 @@ struct ListProjects {
 async fn list(
     State(state): State<AppState>,
     caller: Caller,
+    prefer: Prefer,
     Query(q): Query<ListProjects>,
-) -> Result<Json<ProjectList>, ApiError> {
+) -> Result<(Applied, Json<ProjectList>), ApiError> {
     let limit = page::limit(q.limit.as_deref())?;
     let (name, id) = match q.cursor.as_deref() {
         Some(c) => {
@@ -67,11 +69,14 @@ async fn list(
     };
     let member = (!caller.admin).then_some(caller.user.as_str());
     let after = name.as_deref().zip(id);
+    let applied = prefer
+        .wait_for(&state, &[projections::read::projects::CHECKPOINT])
+        .await?;
     let rows = projections::read::projects::page(state.pool(), after, member, limit + 1).await?;
     let (rows, next_cursor) = page::split(LIST, rows, limit, |r| (r.name.clone(), r.id));
     let items = rows
         .into_iter()
         .map(|r| Project::try_from(r.project))
         .collect::<Result<_, _>>()?;
-    Ok(Json(ProjectList { items, next_cursor }))
+    Ok((applied, Json(ProjectList { items, next_cursor })))
 }

@@ -17,6 +17,7 @@ use utoipa_axum::routes;
 use crate::auth::Caller;
 use crate::error::{ApiError, ErrorBody};
 use crate::extract::{parse_limit, parse_uuid, Query};
+use crate::fresh::{Applied, Prefer};
 use crate::schema::task::{Task, TaskPage};
 use crate::{access, page, AppState};
 
@@ -60,9 +61,9 @@ const LIST: &str = "tasks";
     get,
     path = "/tasks",
     tag = "tasks",
-    params(ListTasks),
+    params(ListTasks, ("Prefer" = Option<String>, Header, description = "`fresh`: wait, at most 5 s, until the list shows everything committed before this request")),
     responses(
-        (status = 200, description = "One page of tasks", body = TaskPage),
+        (status = 200, description = "One page of tasks", body = TaskPage, headers(("Preference-Applied" = String, description = "`fresh` when the list shows everything committed before the request"))),
         (status = 400, description = "A bad parameter, named", body = ErrorBody),
         (status = 401, description = "No valid token", body = ErrorBody),
         (status = 404, description = "The project filter names a project that is not the caller's", body = ErrorBody)
@@ -72,8 +73,9 @@ const LIST: &str = "tasks";
 async fn list(
     State(state): State<AppState>,
     caller: Caller,
+    prefer: Prefer,
     Query(q): Query<ListTasks>,
-) -> Result<Json<TaskPage>, ApiError> {
+) -> Result<(Applied, Json<TaskPage>), ApiError> {
     let project = q
         .project
         .as_deref()
@@ -117,6 +119,15 @@ async fn list(
         before,
         member,
     };
+    let applied = prefer
+        .wait_for(
+            &state,
+            &[
+                projections::read::tasks::CHECKPOINT,
+                projections::read::projects::CHECKPOINT,
+            ],
+        )
+        .await?;
     let rows = projections::read::tasks::page(state.pool(), &filter, limit + 1).await?;
     let more = rows.len() as i64 > limit;
     let mut items = Vec::with_capacity(rows.len());
@@ -125,8 +136,11 @@ async fn list(
         items.push(Task::try_from(row.task)?);
         last = Some(row.list_position);
     }
-    Ok(Json(TaskPage {
-        items,
-        next_cursor: last.filter(|_| more).map(|p| page::encode(LIST, &p)),
-    }))
+    Ok((
+        applied,
+        Json(TaskPage {
+            items,
+            next_cursor: last.filter(|_| more).map(|p| page::encode(LIST, &p)),
+        }),
+    ))
 }

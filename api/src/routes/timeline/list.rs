@@ -12,6 +12,7 @@ use utoipa_axum::routes;
 use crate::auth::Caller;
 use crate::error::{ApiError, ErrorBody};
 use crate::extract::{parse_limit, Query};
+use crate::fresh::{Applied, Prefer};
 use crate::page;
 use crate::schema::timeline::{TimelineEntry, TimelinePage};
 use crate::timeline::{RawFilter, TimelineFilter};
@@ -82,9 +83,9 @@ struct ListTimeline {
     get,
     path = "/timeline",
     tag = "events",
-    params(ListTimeline),
+    params(ListTimeline, ("Prefer" = Option<String>, Header, description = "`fresh`: wait, at most 5 s, until the list shows everything committed before this request")),
     responses(
-        (status = 200, description = "One page of the timeline, newest first", body = TimelinePage),
+        (status = 200, description = "One page of the timeline, newest first", body = TimelinePage, headers(("Preference-Applied" = String, description = "`fresh` when the list shows everything committed before the request"))),
         (status = 400, description = "A bad parameter, named", body = ErrorBody),
         (status = 401, description = "No valid token", body = ErrorBody),
         (status = 404, description = "The task, project or node filtered on does not exist or is not the caller's", body = ErrorBody),
@@ -95,8 +96,9 @@ struct ListTimeline {
 async fn list(
     State(state): State<AppState>,
     caller: Caller,
+    prefer: Prefer,
     Query(q): Query<ListTimeline>,
-) -> Result<Json<TimelinePage>, ApiError> {
+) -> Result<(Applied, Json<TimelinePage>), ApiError> {
     let filter = TimelineFilter::parse(&RawFilter {
         task: q.task.as_deref(),
         node: q.node.as_deref(),
@@ -136,8 +138,18 @@ async fn list(
     };
     super::check_filter(&state, &caller, &filter).await?;
     let member = (!caller.admin).then_some(caller.user.as_str());
-    Ok(Json(
-        read_page(&state, &filter, member, before, limit).await?,
+    let applied = prefer
+        .wait_for(
+            &state,
+            &[
+                projections::read::timeline::CHECKPOINT,
+                projections::read::projects::CHECKPOINT,
+            ],
+        )
+        .await?;
+    Ok((
+        applied,
+        Json(read_page(&state, &filter, member, before, limit).await?),
     ))
 }
 

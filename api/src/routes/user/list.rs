@@ -11,6 +11,7 @@ use utoipa_axum::routes;
 use crate::auth::Caller;
 use crate::error::{ApiError, ErrorBody};
 use crate::extract::Query;
+use crate::fresh::{Applied, Prefer};
 use crate::page;
 use crate::schema::user::{UserList, UserSummary};
 use crate::AppState;
@@ -40,9 +41,9 @@ struct ListUsers {
     get,
     path = "/users",
     tag = "users",
-    params(ListUsers),
+    params(ListUsers, ("Prefer" = Option<String>, Header, description = "`fresh`: wait, at most 5 s, until the list shows everything committed before this request")),
     responses(
-        (status = 200, description = "One page of users", body = UserList),
+        (status = 200, description = "One page of users", body = UserList, headers(("Preference-Applied" = String, description = "`fresh` when the list shows everything committed before the request"))),
         (status = 400, description = "A bad limit or cursor, named", body = ErrorBody),
         (status = 401, description = "No valid token", body = ErrorBody),
         (status = 403, description = "Not an admin", body = ErrorBody),
@@ -53,8 +54,9 @@ struct ListUsers {
 async fn list(
     State(state): State<AppState>,
     caller: Caller,
+    prefer: Prefer,
     Query(q): Query<ListUsers>,
-) -> Result<Json<UserList>, ApiError> {
+) -> Result<(Applied, Json<UserList>), ApiError> {
     caller.require_admin("list users")?;
     let limit = page::limit(q.limit.as_deref())?;
     let after: Option<String> = q
@@ -62,6 +64,9 @@ async fn list(
         .as_deref()
         .map(|c| page::decode(LIST, c))
         .transpose()?;
+    let applied = prefer
+        .wait_for(&state, &[projections::read::users::CHECKPOINT])
+        .await?;
     let rows = projections::read::users::page(state.pool(), after.as_deref(), limit + 1).await?;
     let (rows, next_cursor) = page::split(LIST, rows, limit, |r| r.name.clone());
     let items = rows
@@ -73,5 +78,5 @@ async fn list(
             tokens: r.tokens,
         })
         .collect();
-    Ok(Json(UserList { items, next_cursor }))
+    Ok((applied, Json(UserList { items, next_cursor })))
 }
