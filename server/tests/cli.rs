@@ -79,6 +79,19 @@ impl User {
         Run(self.command(dir, args).output().await.unwrap())
     }
 
+    /// Runs a command whose standard output nobody reads: the reading end
+    /// is closed before the command can write (`unidesk tasks | head -0`).
+    async fn run_into_closed_pipe(&self, dir: &Path, args: &[&str]) -> Run {
+        let mut child = self
+            .command(dir, args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take());
+        Run(child.wait_with_output().await.unwrap())
+    }
+
     async fn run_with_stdin(&self, dir: &Path, args: &[&str], input: &str) -> Run {
         let mut child = self
             .command(dir, args)
@@ -296,6 +309,17 @@ async fn a_user_signs_in_submits_from_a_checkout_follows_and_fetches_what_it_mad
             .expect(0);
         let table = admin.run(here, &["projects"]).await.expect(0).out();
         assert!(table.contains(&name), "{name} missing from\n{table}");
+    }
+    // A reader that goes away (`| head`) ends a command quietly, as it
+    // ends other tools: no panic, no error.
+    for args in [
+        &["projects"][..],
+        &["tasks"],
+        &["timeline"],
+        &["projects", "--json"],
+    ] {
+        let gone = admin.run_into_closed_pipe(here, args).await.expect(0);
+        assert!(gone.err().is_empty(), "{args:?}: {}", gone.err());
     }
 
     // Exit statuses a shell can act on.

@@ -65,9 +65,11 @@ pub(super) async fn put(args: PutArgs) -> Result<u8> {
         } else {
             String::new()
         };
-        println!(
+        outln!(
             "{} stored: {} bytes, sha256 {}{resumed}",
-            done.object.name, done.object.size, done.object.sha256
+            done.object.name,
+            done.object.size,
+            done.object.sha256
         );
     }
     Ok(0)
@@ -171,7 +173,7 @@ pub(super) async fn artifacts(command: ArtifactsCommand) -> Result<u8> {
                 let url = client.download_url(&a.download).await?;
                 transfer::download(&client, &url, &dest, a.size, &a.sha256, bar.as_ref()).await?;
                 if !out.json {
-                    println!("{} ({} bytes, sha256 {})", dest.display(), a.size, a.sha256);
+                    outln!("{} ({} bytes, sha256 {})", dest.display(), a.size, a.sha256);
                 }
                 done.push(serde_json::json!({
                     "name": a.name, "path": dest, "size": a.size, "sha256": a.sha256,

@@ -3,6 +3,14 @@
 //! into the server binary's own command line; [`run`] runs one and
 //! returns the exit status it means ([`crate::error`]).
 
+/// `println!` that ends the command quietly when standard output's reader
+/// has gone ([`out`]).
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        $crate::cli::out(format!("{}\n", format_args!($($arg)*)).as_bytes())
+    };
+}
+
 mod files;
 mod show;
 mod submit;
@@ -174,13 +182,30 @@ pub fn completions(shell: clap_complete::Shell, command: &mut clap::Command, nam
     // Into a buffer first: a closed pipe (`| head`) is no panic.
     let mut script = Vec::new();
     clap_complete::generate(shell, command, name, &mut script);
-    let _ = std::io::Write::write_all(&mut std::io::stdout(), &script);
+    out(&script);
+}
+
+/// Writes `bytes` to standard output at once. When its reader has gone
+/// (`unidesk tasks | head`, `unidesk logs -f | grep -m1 done`), the command
+/// ends quietly with status 0, as other command-line tools end, instead of
+/// panicking or following a task for output nobody reads; any other
+/// failure to write ends it with the error.
+pub(crate) fn out(bytes: &[u8]) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    if let Err(e) = stdout.write_all(bytes).and_then(|()| stdout.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("error: writing to standard output: {e}");
+        std::process::exit(1);
+    }
 }
 
 /// Prints `value` as pretty JSON on standard output.
 pub(crate) fn print_json(value: &impl serde::Serialize) -> Result<()> {
     let text = serde_json::to_string_pretty(value).map_err(|e| Error::Other(e.to_string()))?;
-    println!("{text}");
+    outln!("{text}");
     Ok(())
 }
 
@@ -208,7 +233,7 @@ pub(crate) fn print_table(heading: &[&str], rows: &[Vec<String>]) {
                 }
             })
             .collect();
-        println!("{}", text.join("  ").trim_end());
+        outln!("{}", text.join("  ").trim_end());
     };
     line(heading.iter().map(|h| h.to_string()).collect());
     for row in rows {

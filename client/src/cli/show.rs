@@ -91,7 +91,7 @@ pub(super) async fn login(args: LoginArgs) -> Result<u8> {
     if args.out.json {
         print_json(&me)?;
     } else {
-        println!(
+        outln!(
             "signed in to {server} as {}{} (saved in {})",
             me.name,
             if me.admin { ", an admin" } else { "" },
@@ -108,7 +108,7 @@ pub(super) async fn whoami(conn: &Conn, out: Output) -> Result<u8> {
     if out.json {
         print_json(&me)?;
     } else {
-        println!(
+        outln!(
             "{} on {}{}",
             me.name,
             client.server(),
@@ -262,13 +262,13 @@ pub(super) async fn task(conn: &Conn, id: Uuid, out: Output) -> Result<u8> {
         lines.push(("cancel", "requested".into()));
     }
     for (k, v) in lines {
-        println!("{:<11}{v}", format!("{k}:"));
+        outln!("{:<11}{v}", format!("{k}:"));
     }
     // Why a queued task waits, when the server says.
     if let Some(queue) = t.get("queue").filter(|q| q.is_object()) {
-        println!("{:<11}{}", "waiting:", text(&queue["summary"]));
+        outln!("{:<11}{}", "waiting:", text(&queue["summary"]));
         if let Some(position) = queue.get("position").filter(|p| !p.is_null()) {
-            println!("{:<11}{}", "in line:", text(position));
+            outln!("{:<11}{}", "in line:", text(position));
         }
         for reason in queue["reasons"].as_array().into_iter().flatten() {
             let fields: Vec<String> = reason
@@ -278,13 +278,13 @@ pub(super) async fn task(conn: &Conn, id: Uuid, out: Output) -> Result<u8> {
                 .filter(|(k, _)| *k != "kind")
                 .map(|(k, v)| format!("{k}={}", text(v)))
                 .collect();
-            println!("  - {} {}", text(&reason["kind"]), fields.join(" "));
+            outln!("  - {} {}", text(&reason["kind"]), fields.join(" "));
         }
     }
     if let Some(attempts) = t["attempts"].as_array().filter(|a| !a.is_empty()) {
-        println!("attempts:");
+        outln!("attempts:");
         for a in attempts {
-            println!(
+            outln!(
                 "  #{} node {} assigned {} ended {} {}",
                 text(&a["number"]),
                 text(&a["node_id"]),
@@ -295,9 +295,9 @@ pub(super) async fn task(conn: &Conn, id: Uuid, out: Output) -> Result<u8> {
         }
     }
     if let Some(artifacts) = t["artifacts"].as_array().filter(|a| !a.is_empty()) {
-        println!("artifacts:");
+        outln!("artifacts:");
         for a in artifacts {
-            println!(
+            outln!(
                 "  {} ({} bytes, attempt {}) sha256 {}",
                 text(&a["name"]),
                 text(&a["size"]),
@@ -308,7 +308,7 @@ pub(super) async fn task(conn: &Conn, id: Uuid, out: Output) -> Result<u8> {
     }
     if let Some(removed) = t["output_removed"].as_array().filter(|a| !a.is_empty()) {
         for r in removed {
-            println!("output removed: {r}");
+            outln!("output removed: {r}");
         }
     }
     Ok(0)
@@ -342,13 +342,6 @@ struct LogPage {
     complete: bool,
 }
 
-/// Writes `data` to standard output at once.
-fn emit(data: &str) {
-    let mut stdout = std::io::stdout().lock();
-    let _ = stdout.write_all(data.as_bytes());
-    let _ = stdout.flush();
-}
-
 /// `unidesk logs ID [-f]`.
 pub(super) async fn logs(args: LogsArgs) -> Result<u8> {
     let client = args.conn.client()?;
@@ -356,9 +349,9 @@ pub(super) async fn logs(args: LogsArgs) -> Result<u8> {
         let json = args.out.json;
         let task = follow::logs(&client, args.id, false, |data| {
             if json {
-                println!("{}", serde_json::json!({ "data": data }));
+                outln!("{}", serde_json::json!({ "data": data }));
             } else {
-                emit(data);
+                super::out(data.as_bytes());
             }
         })
         .await?;
@@ -378,7 +371,7 @@ pub(super) async fn logs(args: LogsArgs) -> Result<u8> {
         if args.out.json {
             all.push_str(&page.data);
         } else {
-            emit(&page.data);
+            super::out(page.data.as_bytes());
         }
         if page.complete || page.next_offset <= offset || page.data.is_empty() {
             break;
@@ -412,7 +405,7 @@ pub(super) async fn cancel(conn: &Conn, id: Uuid, out: Output) -> Result<u8> {
     if out.json {
         print_json(&task)?;
     } else {
-        println!("cancel requested for task {id} (now {})", task.state);
+        outln!("cancel requested for task {id} (now {})", task.state);
     }
     Ok(0)
 }
@@ -444,10 +437,10 @@ pub struct TimelineArgs {
 fn print_entry(e: &TimelineEntry, json: bool) {
     if json {
         if let Ok(line) = serde_json::to_string(e) {
-            println!("{line}");
+            outln!("{line}");
         }
     } else {
-        println!(
+        outln!(
             "{:>8}  {}  {:<24} {}",
             e.position,
             when(&Value::String(e.recorded_at.clone())),
@@ -455,7 +448,6 @@ fn print_entry(e: &TimelineEntry, json: bool) {
             e.summary
         );
     }
-    let _ = std::io::stdout().flush();
 }
 
 /// The id of node `name_or_id`.
@@ -562,7 +554,7 @@ pub(super) async fn projects(args: ProjectsArgs) -> Result<u8> {
         if out.json {
             print_json(&made)?;
         } else {
-            println!("project {} {}", text(&made["name"]), text(&made["id"]));
+            outln!("project {} {}", text(&made["name"]), text(&made["id"]));
         }
         return Ok(0);
     }

@@ -307,7 +307,7 @@ pub(super) async fn run(args: SubmitArgs) -> Result<u8> {
             code.url
         );
     } else {
-        println!("{}", task.id);
+        outln!("{}", task.id);
         eprintln!(
             "unidesk: task {} queued: commit {} of {}; follow it with `unidesk logs -f {}`",
             task.id,
@@ -322,12 +322,9 @@ pub(super) async fn run(args: SubmitArgs) -> Result<u8> {
     let json = args.out.json;
     let ended = crate::follow::logs(&client, task.id, false, |data| {
         if json {
-            println!("{}", json!({ "data": data }));
+            outln!("{}", json!({ "data": data }));
         } else {
-            use std::io::Write;
-            let mut out = std::io::stdout().lock();
-            let _ = out.write_all(data.as_bytes());
-            let _ = out.flush();
+            super::out(data.as_bytes());
         }
     })
     .await?;
