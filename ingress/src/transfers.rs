@@ -206,6 +206,7 @@ impl Attempt<'_> {
             url: Some(url),
             size: Some(verified.size),
             sha256: Some(verified.sha256),
+            blake3: verified.blake3,
             ..TransferGrant::default()
         })
     }

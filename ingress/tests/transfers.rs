@@ -198,9 +198,23 @@ async fn an_input_is_granted_only_while_the_store_holds_what_a_completed_upload_
     assert_eq!(g.error, None);
     assert!(g.url.unwrap().contains("/objects/data/in.txt?"));
     assert_eq!(
-        (g.size, g.sha256),
-        (Some(data.len() as u64), Some(sha(&data)))
+        (g.size, g.sha256, g.blake3),
+        (
+            Some(data.len() as u64),
+            Some(sha(&data)),
+            Some(blake3::hash(&data).to_hex().to_string())
+        ),
+        "the grant names the digests of the bytes the server read back"
     );
+
+    // Verified before BLAKE3 was recorded: the grant names the SHA-256
+    // alone, which the agent checks as before.
+    sqlx::query("UPDATE project_objects SET blake3 = NULL WHERE name = 'data/in.txt'")
+        .execute(p.store.pool())
+        .await
+        .unwrap();
+    let g = ask(&mut ws, task, download()).await;
+    assert_eq!((g.sha256, g.blake3), (Some(sha(&data)), None));
 
     // Replaced by bytes nobody completed: refused again.
     put_object(&p.objects, &key, b"something else").await;
@@ -395,7 +409,8 @@ async fn a_multipart_upload_names_the_whole_hash_at_completion_and_each_part_is_
         stored,
         objects::ReadBack::Whole {
             size,
-            sha256: sha(&data)
+            sha256: sha(&data),
+            blake3: blake3::hash(&data).to_hex().to_string(),
         },
         "the store holds exactly what was recorded"
     );

@@ -124,12 +124,15 @@ pub struct ObjectInfo {
 /// What reading an object back found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReadBack {
-    /// The whole object: its size and SHA-256 (lower-case hex).
+    /// The whole object: its size, SHA-256 and BLAKE3 (lower-case hex).
     Whole {
         /// Bytes read.
         size: u64,
         /// The SHA-256 of those bytes.
         sha256: String,
+        /// The BLAKE3 of the same bytes, which agents check downloads
+        /// against.
+        blake3: String,
     },
     /// More bytes than the reader would take; reading stopped there.
     Longer {
@@ -503,7 +506,7 @@ impl ObjectStore {
     }
 
     /// Reads object `key` back from the store in a stream and returns its
-    /// size and SHA-256, never holding more than one network read in
+    /// size, SHA-256 and BLAKE3, never holding more than one network read in
     /// memory. Reading stops as soon as the object proves longer than
     /// `max_bytes` ([`ReadBack::Longer`]), so a wrong size costs no more
     /// than the size expected. `None` when there is no such object.
@@ -535,6 +538,7 @@ impl ObjectStore {
             }
         }
         let mut hasher = Sha256::new();
+        let mut blake3 = blake3::Hasher::new();
         let mut size: u64 = 0;
         let stream = response.bytes();
         loop {
@@ -550,10 +554,12 @@ impl ObjectStore {
                 return Ok(Some(ReadBack::Longer { than: max_bytes }));
             }
             hasher.update(&chunk);
+            blake3.update(&chunk);
         }
         Ok(Some(ReadBack::Whole {
             size,
             sha256: hex::encode(hasher.finalize()),
+            blake3: blake3.finalize().to_hex().to_string(),
         }))
     }
 

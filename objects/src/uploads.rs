@@ -237,6 +237,9 @@ pub struct VerifiedObject {
     pub size: u64,
     /// SHA-256 of the bytes read back, lower-case hex.
     pub sha256: String,
+    /// BLAKE3 of the same bytes, lower-case hex; `None` for objects
+    /// verified before it was recorded.
+    pub blake3: Option<String>,
     /// The upload that verified it.
     pub upload: Uuid,
     /// When.
@@ -380,22 +383,31 @@ impl Uploads {
         project_id: Uuid,
         name: &str,
     ) -> Result<Option<VerifiedObject>, UploadError> {
-        let row: Option<(i64, String, Uuid, DateTime<Utc>)> = sqlx::query_as(
-            "SELECT size, sha256, upload, verified_at FROM project_objects \
+        #[derive(sqlx::FromRow)]
+        struct Row {
+            size: i64,
+            sha256: String,
+            blake3: Option<String>,
+            upload: Uuid,
+            verified_at: DateTime<Utc>,
+        }
+        let row: Option<Row> = sqlx::query_as(
+            "SELECT size, sha256, blake3, upload, verified_at FROM project_objects \
              WHERE project_id = $1 AND name = $2",
         )
         .bind(project_id)
         .bind(name)
         .fetch_optional(&self.pool)
         .await?;
-        row.map(|(size, sha256, upload, verified_at)| {
+        row.map(|r| {
             Ok(VerifiedObject {
                 name: name.to_string(),
-                size: u64::try_from(size)
-                    .map_err(|_| UploadError::Corrupt(format!("size {size}")))?,
-                sha256,
-                upload,
-                verified_at,
+                size: u64::try_from(r.size)
+                    .map_err(|_| UploadError::Corrupt(format!("size {}", r.size)))?,
+                sha256: r.sha256,
+                blake3: r.blake3,
+                upload: r.upload,
+                verified_at: r.verified_at,
             })
         })
         .transpose()
@@ -548,6 +560,7 @@ impl Uploads {
         claim: Uuid,
         size: u64,
         sha256: &str,
+        blake3: &str,
     ) -> Result<VerifiedObject, UploadError> {
         let now = Utc::now();
         let mut tx = self.pool.begin().await?;
@@ -566,10 +579,11 @@ impl Uploads {
         }
         let size_i = i64::try_from(size).map_err(|_| UploadError::Corrupt(format!("{size}")))?;
         sqlx::query(
-            "INSERT INTO project_objects (project_id, name, size, sha256, upload, verified_at) \
-             VALUES ($1, $2, $3, $4, $5, $6) \
+            "INSERT INTO project_objects \
+                (project_id, name, size, sha256, upload, verified_at, blake3) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7) \
              ON CONFLICT (project_id, name) DO UPDATE SET size = $3, sha256 = $4, upload = $5, \
-                verified_at = $6",
+                verified_at = $6, blake3 = $7",
         )
         .bind(upload.project_id)
         .bind(&upload.name)
@@ -577,6 +591,7 @@ impl Uploads {
         .bind(sha256)
         .bind(upload.id)
         .bind(now)
+        .bind(blake3)
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -584,6 +599,7 @@ impl Uploads {
             name: upload.name.clone(),
             size,
             sha256: sha256.to_string(),
+            blake3: Some(blake3.to_string()),
             upload: upload.id,
             verified_at: now,
         })
@@ -687,10 +703,14 @@ impl Completer<'_> {
                     size: Some((size.to_string(), upload.size)),
                     sha256: None,
                 },
-                Some(ReadBack::Whole { size, sha256 }) if sha256 == upload.sha256 => {
+                Some(ReadBack::Whole {
+                    size,
+                    sha256,
+                    blake3,
+                }) if sha256 == upload.sha256 => {
                     let v = self
                         .uploads
-                        .verified(upload, self.claim, size, &sha256)
+                        .verified(upload, self.claim, size, &sha256, &blake3)
                         .await?;
                     tracing::info!(upload = %upload.id, %key, size, "upload verified");
                     return Ok(Completion::Verified(v));

@@ -197,7 +197,7 @@ async fn a_multipart_upload_checks_each_part_and_assembles_them_in_order() {
 }
 
 #[tokio::test]
-async fn an_object_read_back_gives_its_size_and_sha256_and_stops_past_the_bytes_expected() {
+async fn an_object_read_back_gives_its_size_sha256_and_blake3_and_stops_past_the_bytes_expected() {
     use objects::ReadBack;
     let s = embedded(Duration::from_secs(60)).await;
     // Larger than one network read, so the hash runs over many chunks.
@@ -211,6 +211,7 @@ async fn an_object_read_back_gives_its_size_and_sha256_and_stops_past_the_bytes_
     let whole = ReadBack::Whole {
         size: data.len() as u64,
         sha256: sha(&data),
+        blake3: blake3::hash(&data).to_hex().to_string(),
     };
     let n = data.len() as u64;
     assert_eq!(s.store.read_back("p/r.bin", n).await.unwrap(), Some(whole));

@@ -47,6 +47,9 @@ struct Faults {
     /// Hold the first PUT of part `.0` until a PUT of part `.1` arrives
     /// (at most [`HOLD`]).
     hold_part: Option<(u32, u32)>,
+    /// The SHA-256 and BLAKE3 download grants name, as the ingress names
+    /// those the server recorded when it verified the object.
+    digests: Option<(String, String)>,
     /// Whether that PUT arrived while the first was held.
     overlapped: bool,
     /// PUTs between their arrival and the store's answer, now and at most.
@@ -172,10 +175,15 @@ async fn sign(store: &ObjectStore, faults: &Mutex<Faults>, op: TransferOp) -> Tr
         },
         TransferOp::Download { .. } => {
             let info = store.head(KEY).await.unwrap().unwrap();
+            let (sha256, blake3) = match faults.lock().unwrap().digests.clone() {
+                Some((sha256, blake3)) => (Some(sha256), Some(blake3)),
+                None => (info.sha256, None),
+            };
             TransferGrant {
                 url: Some(store.presign_get(KEY, None).await.unwrap()),
                 size: Some(info.size),
-                sha256: info.sha256,
+                sha256,
+                blake3,
                 ..TransferGrant::default()
             }
         }
@@ -295,19 +303,24 @@ async fn upload_model(rig: &Rig, content: &[u8]) {
     );
 }
 
-/// Downloads output `model` to `copy/model.bin` in the workspace; checks
-/// that the file there is `content` and that the download hashed it so.
-async fn download_model(rig: &Rig, content: &[u8]) {
+/// Downloads output `model` to `copy/model.bin` in the workspace: what
+/// the download reported, or why it failed.
+async fn try_download_model(rig: &Rig) -> Result<node_agent::transfer::Moved, String> {
     let work = rig.root.path().join("work");
     let input = TaskInput {
         name: "copy/model.bin".into(),
         object: "model".into(),
     };
-    let down = rig
-        .files
+    rig.files
         .download(Uuid::nil(), 1, &input, &workspace(&work))
         .await
-        .unwrap();
+}
+
+/// Downloads output `model` to `copy/model.bin` in the workspace; checks
+/// that the file there is `content` and that the download hashed it so.
+async fn download_model(rig: &Rig, content: &[u8]) {
+    let work = rig.root.path().join("work");
+    let down = try_download_model(rig).await.unwrap();
     assert_eq!(down.sha256, sha(content));
     assert!(
         std::fs::read(work.join("copy/model.bin")).unwrap() == content,
@@ -363,6 +376,32 @@ async fn a_failed_part_is_sent_again_alone_and_a_broken_download_resumes_where_i
         gets,
         [false, true],
         "the second GET asked for the rest only"
+    );
+}
+
+#[tokio::test]
+async fn a_download_checked_by_its_blake3_resumes_where_it_stopped_and_refuses_other_bytes() {
+    let rig = rig().await;
+    let content = data(2 * PART + 777);
+    upload_model(&rig, &content).await;
+    rig.faults.lock().unwrap().digests =
+        Some((sha(&content), blake3::hash(&content).to_hex().to_string()));
+    rig.faults.lock().unwrap().cut_first_get_after = Some(3 * 1024 * 1024);
+    // Checked against the BLAKE3 across both GETs; the SHA-256 reported
+    // is the one the grant names for those bytes.
+    download_model(&rig, &content).await;
+
+    // The grant names the BLAKE3 of other bytes: the bytes the store
+    // sends are refused, naming the digest that did not match.
+    let mut other = content.clone();
+    other[PART as usize] ^= 1;
+    let wrong = blake3::hash(&other).to_hex().to_string();
+    rig.faults.lock().unwrap().digests = Some((sha(&content), wrong.clone()));
+    let e = try_download_model(&rig).await.unwrap_err();
+    assert!(
+        e.contains("arrived corrupted: its BLAKE3 is")
+            && e.contains(&format!("the server verified {wrong}")),
+        "{e}"
     );
 }
 

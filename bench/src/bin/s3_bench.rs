@@ -13,7 +13,9 @@
 //! each one `curl -T -` of that byte range to a presigned URL (the upload
 //! created and completed by the server's own calls, as for the agent), and
 //! a `curl -o` download; curl hashes nothing and the store checks no
-//! SHA-256 of its bodies. Each figure is the median of a few rounds, the
+//! SHA-256 of its bodies. The agent checks its download against the
+//! file's BLAKE3, which the signer names as the ingress names the one the
+//! server computed when it read the upload back. Each figure is the median of a few rounds, the
 //! agent going first every other round and the disk flushed before each
 //! transfer: otherwise whoever went second paid for writing back the
 //! gigabyte the first had just stored.
@@ -117,8 +119,14 @@ fn cpu_seconds() -> f64 {
     (ticks(11) + ticks(12)) as f64 / 100.0
 }
 
-/// Answers the agent's requests for URLs as the server does.
-async fn sign(store: &ObjectStore, op: TransferOp) -> Result<TransferGrant, String> {
+/// Answers the agent's requests for URLs as the server does; a download's
+/// grant names `blake3`, the object's BLAKE3 the server would have
+/// recorded.
+async fn sign(
+    store: &ObjectStore,
+    op: TransferOp,
+    blake3: Option<&str>,
+) -> Result<TransferGrant, String> {
     let e = |e: objects::ObjectError| e.to_string();
     Ok(match op {
         TransferOp::Secrets => return Err("this benchmark's tasks name no secrets".into()),
@@ -128,6 +136,7 @@ async fn sign(store: &ObjectStore, op: TransferOp) -> Result<TransferGrant, Stri
                 url: Some(store.presign_get(KEY, None).await.map_err(e)?),
                 size: Some(info.size),
                 sha256: info.sha256,
+                blake3: blake3.map(str::to_string),
                 ..TransferGrant::default()
             }
         }
@@ -205,13 +214,14 @@ async fn transfer(
         secret_key: Secret::new(std::env::var("BENCH_SECRET_KEY")?),
         url_ttl: Duration::from_secs(900),
     })?;
+    let blake3 = std::env::var("BENCH_BLAKE3").ok();
     let broker = Arc::new(Broker::default());
     let signer = Arc::clone(&broker);
     tokio::spawn(async move {
         loop {
             signer.wanted().await;
             while let Some(AgentMessage::TransferRequest(r)) = signer.next_message() {
-                let grant = match sign(&store, r.op).await {
+                let grant = match sign(&store, r.op, blake3.as_deref()).await {
                     Ok(g) => TransferGrant { id: r.id, ..g },
                     Err(error) => TransferGrant {
                         id: r.id,
@@ -256,20 +266,26 @@ async fn transfer(
     })
 }
 
-/// Writes `mib` MiB of incompressible bytes; returns their SHA-256.
-async fn make_file(path: &Path, mib: u64) -> anyhow::Result<String> {
+/// Writes `mib` MiB of incompressible bytes; returns their SHA-256 and
+/// BLAKE3.
+async fn make_file(path: &Path, mib: u64) -> anyhow::Result<(String, String)> {
     use rand::RngCore;
     let mut f = tokio::fs::File::create(path).await?;
     let mut rng = rand::thread_rng();
     let mut buf = vec![0u8; 1024 * 1024];
     let mut hash = Sha256::new();
+    let mut b3 = blake3::Hasher::new();
     for _ in 0..mib {
         rng.fill_bytes(&mut buf);
         hash.update(&buf);
+        b3.update(&buf);
         f.write_all(&buf).await?;
     }
     f.sync_all().await?;
-    Ok(hex::encode(hash.finalize()))
+    Ok((
+        hex::encode(hash.finalize()),
+        b3.finalize().to_hex().to_string(),
+    ))
 }
 
 fn child(
@@ -279,11 +295,13 @@ fn child(
     file: &str,
     part_bytes: u64,
     keys: &(String, Secret),
+    blake3: &str,
 ) -> anyhow::Result<Measured> {
     let out = Command::new(std::env::current_exe()?)
         .args(["transfer", direction, endpoint])
         .arg(root)
         .args([file, &part_bytes.to_string()])
+        .env("BENCH_BLAKE3", blake3)
         .env("BENCH_ACCESS_KEY", &keys.0)
         .env("BENCH_SECRET_KEY", keys.1.expose())
         .output()
@@ -437,7 +455,7 @@ async fn bench(cli: &Cli) -> anyhow::Result<()> {
     std::fs::create_dir_all(&root)?;
     let file = root.join("big.bin");
     eprintln!("writing {} MiB to {}", cli.mib, file.display());
-    let sha = make_file(&file, cli.mib).await?;
+    let (sha, blake3) = make_file(&file, cli.mib).await?;
     let bytes = cli.mib * 1024 * 1024;
 
     let started = Instant::now();
@@ -473,8 +491,11 @@ async fn bench(cli: &Cli) -> anyhow::Result<()> {
         url_ttl: Duration::from_secs(900),
     })?;
     let agent = |direction: &'static str, file: &'static str| {
-        let (endpoint, root, keys) = (endpoint.clone(), root.clone(), keys.clone());
-        tokio::task::spawn_blocking(move || child(direction, &endpoint, &root, file, part, &keys))
+        let (endpoint, root, keys, blake3) =
+            (endpoint.clone(), root.clone(), keys.clone(), blake3.clone());
+        tokio::task::spawn_blocking(move || {
+            child(direction, &endpoint, &root, file, part, &keys, &blake3)
+        })
     };
 
     let rounds = cli.rounds.max(1);
