@@ -120,12 +120,12 @@ fn cpu_seconds() -> f64 {
 }
 
 /// Answers the agent's requests for URLs as the server does; a download's
-/// grant names `blake3`, the object's BLAKE3 the server would have
-/// recorded.
+/// grant names `verified`, the object's SHA-256 and BLAKE3 as the server
+/// would have recorded them when it read the upload back.
 async fn sign(
     store: &ObjectStore,
     op: TransferOp,
-    blake3: Option<&str>,
+    verified: Option<&(String, String)>,
 ) -> Result<TransferGrant, String> {
     let e = |e: objects::ObjectError| e.to_string();
     Ok(match op {
@@ -135,8 +135,8 @@ async fn sign(
             TransferGrant {
                 url: Some(store.presign_get(KEY, None).await.map_err(e)?),
                 size: Some(info.size),
-                sha256: info.sha256,
-                blake3: blake3.map(str::to_string),
+                sha256: verified.map(|v| v.0.clone()).or(info.sha256),
+                blake3: verified.map(|v| v.1.clone()),
                 ..TransferGrant::default()
             }
         }
@@ -214,14 +214,16 @@ async fn transfer(
         secret_key: Secret::new(std::env::var("BENCH_SECRET_KEY")?),
         url_ttl: Duration::from_secs(900),
     })?;
-    let blake3 = std::env::var("BENCH_BLAKE3").ok();
+    let verified = std::env::var("BENCH_SHA256")
+        .ok()
+        .zip(std::env::var("BENCH_BLAKE3").ok());
     let broker = Arc::new(Broker::default());
     let signer = Arc::clone(&broker);
     tokio::spawn(async move {
         loop {
             signer.wanted().await;
             while let Some(AgentMessage::TransferRequest(r)) = signer.next_message() {
-                let grant = match sign(&store, r.op, blake3.as_deref()).await {
+                let grant = match sign(&store, r.op, verified.as_ref()).await {
                     Ok(g) => TransferGrant { id: r.id, ..g },
                     Err(error) => TransferGrant {
                         id: r.id,
@@ -295,12 +297,13 @@ fn child(
     file: &str,
     part_bytes: u64,
     keys: &(String, Secret),
-    blake3: &str,
+    (sha256, blake3): (&str, &str),
 ) -> anyhow::Result<Measured> {
     let out = Command::new(std::env::current_exe()?)
         .args(["transfer", direction, endpoint])
         .arg(root)
         .args([file, &part_bytes.to_string()])
+        .env("BENCH_SHA256", sha256)
         .env("BENCH_BLAKE3", blake3)
         .env("BENCH_ACCESS_KEY", &keys.0)
         .env("BENCH_SECRET_KEY", keys.1.expose())
@@ -491,10 +494,18 @@ async fn bench(cli: &Cli) -> anyhow::Result<()> {
         url_ttl: Duration::from_secs(900),
     })?;
     let agent = |direction: &'static str, file: &'static str| {
-        let (endpoint, root, keys, blake3) =
-            (endpoint.clone(), root.clone(), keys.clone(), blake3.clone());
+        let (endpoint, root, keys) = (endpoint.clone(), root.clone(), keys.clone());
+        let (sha, blake3) = (sha.clone(), blake3.clone());
         tokio::task::spawn_blocking(move || {
-            child(direction, &endpoint, &root, file, part, &keys, &blake3)
+            child(
+                direction,
+                &endpoint,
+                &root,
+                file,
+                part,
+                &keys,
+                (&sha, &blake3),
+            )
         })
     };
 
