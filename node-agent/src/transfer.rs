@@ -288,9 +288,10 @@ impl Files {
             let sink = match (&mut sink, file.take()) {
                 (Some(sink), _) if sink.check == want.check() => sink,
                 (Some(_), _) => {
-                    return Err("the server changed how the download is checked midway; \
-                                it starts again with the next attempt"
-                        .into())
+                    return Err(
+                        "the server changed how the download is checked while it was under way"
+                            .into(),
+                    )
                 }
                 (None, Some(file)) => sink.insert(Sink::start(file, want.check())),
                 (None, None) => return Err("no file to download into".into()),
