@@ -616,9 +616,9 @@ enum Check {
     /// Their SHA-256, as the server verified it.
     Sha256,
     /// Their BLAKE3, which the server computed beside the SHA-256 it
-    /// verified: a third of SHA-256's CPU here, which on two cores is the
-    /// difference between a download at `curl`'s speed and one at 0.6 of
-    /// it (see BENCHMARKS.md).
+    /// verified: a third of SHA-256's CPU here, which on two cores took a
+    /// download from 0.6 of `curl`'s speed to about 0.9 of it (see
+    /// BENCHMARKS.md).
     Blake3,
 }
 
