@@ -826,6 +826,14 @@ impl Hasher {
         }
     }
 
+    /// Starts over, as a new hasher of the same kind.
+    fn restart(&mut self) {
+        *self = match self {
+            Hasher::Sha256(_) => Hasher::new(Check::Sha256),
+            Hasher::Blake3(_) => Hasher::new(Check::Blake3),
+        };
+    }
+
     /// The digest in lower-case hex.
     fn finish(self) -> String {
         match self {
@@ -845,7 +853,7 @@ enum Hashing {
         digest: std::thread::JoinHandle<String>,
     },
     /// Hashed where they are handed over.
-    Here(Check, Hasher),
+    Here(Hasher),
 }
 
 impl Hashing {
@@ -858,7 +866,7 @@ impl Hashing {
                 for chunk in rx {
                     match chunk {
                         Some(chunk) => hasher.update(&chunk),
-                        None => hasher = Hasher::new(check),
+                        None => hasher.restart(),
                     }
                 }
                 hasher.finish()
@@ -867,7 +875,7 @@ impl Hashing {
             Ok(digest) => Hashing::Thread { chunks, digest },
             Err(e) => {
                 tracing::debug!(error = %e, "no thread to hash the download on; hashing as it is written");
-                Hashing::Here(check, Hasher::new(check))
+                Hashing::Here(Hasher::new(check))
             }
         }
     }
@@ -879,7 +887,7 @@ impl Hashing {
             Hashing::Thread { chunks, .. } => {
                 let _ = chunks.send(Some(chunk));
             }
-            Hashing::Here(_, hasher) => hasher.update(&chunk),
+            Hashing::Here(hasher) => hasher.update(&chunk),
         }
     }
 
@@ -888,7 +896,7 @@ impl Hashing {
             Hashing::Thread { chunks, .. } => {
                 let _ = chunks.send(None);
             }
-            Hashing::Here(check, hasher) => *hasher = Hasher::new(*check),
+            Hashing::Here(hasher) => hasher.restart(),
         }
     }
 
@@ -901,7 +909,7 @@ impl Hashing {
                     .join()
                     .map_err(|_| "hashing the download failed".to_string())
             }
-            Hashing::Here(_, hasher) => Ok(hasher.finish()),
+            Hashing::Here(hasher) => Ok(hasher.finish()),
         }
     }
 }
