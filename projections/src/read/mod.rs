@@ -44,8 +44,22 @@ pub(crate) fn decode<T: serde::de::DeserializeOwned>(
     })
 }
 
-/// How often [`caught_up`] looks at a read model's checkpoint.
-const CAUGHT_UP_POLL: Duration = Duration::from_millis(10);
+/// How soon [`all_caught_up`] looks at the checkpoints again after the
+/// first look found them behind. The projector usually applies a commit
+/// within a few milliseconds, so the first looks come quickly; each wait
+/// after that is twice the one before, up to [`CAUGHT_UP_POLL_MAX`], so a
+/// stopped projector costs a waiting request a few dozen queries, not one
+/// every few milliseconds for the whole wait.
+const CAUGHT_UP_POLL_FIRST: Duration = Duration::from_millis(1);
+/// The longest wait between two looks of [`all_caught_up`].
+const CAUGHT_UP_POLL_MAX: Duration = Duration::from_millis(100);
+
+/// The waits between the looks of [`all_caught_up`], first to last.
+fn poll_waits() -> impl Iterator<Item = Duration> {
+    std::iter::successors(Some(CAUGHT_UP_POLL_FIRST), |&wait| {
+        Some((wait * 2).min(CAUGHT_UP_POLL_MAX))
+    })
+}
 
 /// Waits until read model `name` reflects every event committed before
 /// this call, for at most `within`; whether it does. A request that found
@@ -80,6 +94,7 @@ pub async fn all_caught_up(
     names.sort_unstable();
     names.dedup();
     let deadline = tokio::time::Instant::now() + within;
+    let mut waits = poll_waits();
     loop {
         let at: Vec<(i64, i64)> =
             sqlx::query_as("SELECT txid, position FROM checkpoints WHERE name = ANY($1)")
@@ -94,9 +109,36 @@ pub async fn all_caught_up(
         {
             return Ok(true);
         }
-        if tokio::time::Instant::now() >= deadline {
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
             return Ok(false);
         }
-        tokio::time::sleep(CAUGHT_UP_POLL).await;
+        // The last look comes at the deadline, not a wait past it.
+        let wait = waits.next().unwrap_or(CAUGHT_UP_POLL_MAX);
+        tokio::time::sleep(wait.min(deadline - now)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn looks_come_quickly_then_back_off_to_the_cap() {
+        let waits: Vec<u64> = poll_waits()
+            .take(10)
+            .map(|w| w.as_millis() as u64)
+            .collect();
+        assert_eq!(waits, [1, 2, 4, 8, 16, 32, 64, 100, 100, 100]);
+        // Five seconds of a stopped projector: a few dozen looks.
+        let mut spent = Duration::ZERO;
+        let looks = poll_waits()
+            .take_while(|&w| {
+                spent += w;
+                spent <= Duration::from_secs(5)
+            })
+            .count()
+            + 1;
+        assert!((50..=60).contains(&looks), "{looks} looks in 5 s");
     }
 }
