@@ -1,11 +1,21 @@
 //! A container's output, reported as log chunks: followed while it runs,
 //! and caught up once it stopped for what the follow missed.
+//!
+//! The attempt's end is reported only after its output: the watcher
+//! waits for the reader ([`Draining::wait`]) as long as it keeps reading.
+//! When it reads nothing for [`DRAIN_STALL`], or is still reading
+//! [`DRAIN_MOST`] after the container stopped, it is told to stop, and
+//! the output then ends with a line saying what is missing and why; so
+//! does output that Docker stopped giving. Nothing is lost without a word.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bollard::Docker;
 use futures::StreamExt;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
 
 use crate::docker;
 use crate::logs::LogChunker;
@@ -15,18 +25,117 @@ use super::report::{Mask, Reporter};
 /// How long buffered output may wait before it is reported.
 const LOG_FLUSH_INTERVAL: Duration = Duration::from_millis(200);
 
+/// How long the reader may read nothing, once the container stopped,
+/// before it is told to give up.
+pub(super) const DRAIN_STALL: Duration = Duration::from_secs(10);
+
+/// How long the reader may go on reading after the container stopped (a
+/// task that printed gigabytes), before it is told to give up.
+pub(super) const DRAIN_MOST: Duration = Duration::from_secs(300);
+
+/// The line that ends output the reader could not read to its end.
+pub fn missing_marker(why: &str) -> String {
+    format!("\n[unidesk: the rest of this attempt's output could not be read, if there was more: {why}]\n")
+}
+
+/// The reader of a container's output, as the watcher holds it.
+pub(super) struct Draining {
+    pump: JoinHandle<()>,
+    /// Bytes read from Docker so far.
+    read: Arc<AtomicU64>,
+    /// Set to why the reader must give up.
+    stop: watch::Sender<Option<String>>,
+}
+
+/// Starts reading the container's output into `out`; `exited` fires once
+/// the container stopped.
+pub(super) fn start(
+    docker: Docker,
+    id: String,
+    out: Reporter,
+    exited: oneshot::Receiver<()>,
+) -> Draining {
+    let read = Arc::new(AtomicU64::new(0));
+    let (stop, stopped) = watch::channel(None);
+    let pump = tokio::spawn(pump_output(
+        docker,
+        id,
+        out,
+        exited,
+        Arc::clone(&read),
+        stopped,
+    ));
+    Draining { pump, read, stop }
+}
+
+impl Draining {
+    /// Waits for the reader to report all the output, once the container
+    /// stopped: as long as it keeps reading, for at most [`DRAIN_MOST`].
+    /// Past either bound it is told to give up, and it ends the output
+    /// with [`missing_marker`].
+    pub(super) async fn wait(self) {
+        self.wait_within(DRAIN_STALL, DRAIN_MOST).await;
+    }
+
+    async fn wait_within(self, stall: Duration, most: Duration) {
+        let Draining {
+            mut pump,
+            read,
+            stop,
+        } = self;
+        let started = tokio::time::Instant::now();
+        let mut before = read.load(Ordering::Relaxed);
+        let why = loop {
+            match tokio::time::timeout(stall, &mut pump).await {
+                Ok(Ok(())) => return,
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "output reader stopped");
+                    return;
+                }
+                Err(_) => {}
+            }
+            let now = read.load(Ordering::Relaxed);
+            if now == before {
+                break format!(
+                    "none was read for {} s after the container stopped",
+                    stall.as_secs()
+                );
+            }
+            if started.elapsed() >= most {
+                break format!(
+                    "it was still being read {} s after the container stopped",
+                    most.as_secs()
+                );
+            }
+            before = now;
+        };
+        tracing::warn!(%why, "giving up on the rest of the container's output");
+        let _ = stop.send(Some(why));
+        // It stops at its next read, says so in the output and ends.
+        if tokio::time::timeout(stall, pump).await.is_err() {
+            tracing::warn!(
+                "the output reader did not stop; its last output may come after the end"
+            );
+        }
+    }
+}
+
 /// Reports the container's output as log chunks until it ends.
 ///
 /// Docker sometimes ends a follow before it has written the container's
 /// last, unterminated line (the line is logged when the output pipe
 /// closes, racing the follower). So once `exited` fires, the entries of
 /// the last seconds are read again without following, and those the
-/// follow did not see are added.
-pub(super) async fn pump_output(
+/// follow did not see are added. Output it could not read to its end
+/// (Docker failed, or `stop` said why to give up) ends with
+/// [`missing_marker`].
+async fn pump_output(
     docker: Docker,
     id: String,
     out: Reporter,
     exited: oneshot::Receiver<()>,
+    read: Arc<AtomicU64>,
+    mut stop: watch::Receiver<Option<String>>,
 ) {
     let mut chunker = match out.mask() {
         Mask::Values(values) => LogChunker::new().masking(values.iter().map(|v| v.to_string())),
@@ -44,15 +153,51 @@ pub(super) async fn pump_output(
         }
     };
     let mut seen = Seen::default();
-    let mut complete = follow_output(&docker, &id, &out, &mut chunker, &mut seen).await;
-    if complete && exited.await.is_ok() {
-        complete = catch_up(&docker, &id, &mut chunker, &seen).await;
+    let mut reading = Reading {
+        chunker: &mut chunker,
+        read: &read,
+        stop: &mut stop,
+    };
+    let mut done = follow_output(&docker, &id, &out, &mut reading, &mut seen).await;
+    if done.is_ok() && exited.await.is_ok() {
+        done = catch_up(&docker, &id, &mut reading, &seen).await;
     }
-    if !complete {
-        tracing::warn!("the container's output could not be read to its end");
+    if let Err(why) = done {
+        tracing::warn!(%why, "the container's output could not be read to its end");
+        chunker.push(missing_marker(&why).as_bytes());
     }
     for chunk in chunker.finish() {
         out.log(chunk).await;
+    }
+}
+
+/// What a read of the output adds to, counts and listens to.
+struct Reading<'a> {
+    chunker: &'a mut LogChunker,
+    /// Bytes read, for the watcher.
+    read: &'a AtomicU64,
+    /// Why to give up, once told.
+    stop: &'a mut watch::Receiver<Option<String>>,
+}
+
+impl Reading<'_> {
+    fn push(&mut self, data: &[u8]) {
+        self.read.fetch_add(data.len() as u64, Ordering::Relaxed);
+        self.chunker.push(data);
+    }
+
+    /// Why to give up, once told; never returns before.
+    async fn stopped(&mut self) -> String {
+        loop {
+            if let Some(why) = self.stop.borrow_and_update().clone() {
+                return why;
+            }
+            if self.stop.changed().await.is_err() {
+                // The watcher is gone without a word: nothing will say
+                // stop.
+                std::future::pending::<()>().await;
+            }
+        }
     }
 }
 
@@ -89,36 +234,41 @@ impl Seen {
     }
 }
 
-/// Follows the output until the container stops; false if reading failed.
+/// Follows the output until the container stops; why not, if reading
+/// failed or was told to stop.
 async fn follow_output(
     docker: &Docker,
     id: &str,
     out: &Reporter,
-    chunker: &mut LogChunker,
+    reading: &mut Reading<'_>,
     seen: &mut Seen,
-) -> bool {
+) -> Result<(), String> {
     let mut output = std::pin::pin!(docker::output(docker, id, true, 0));
     let mut flush = tokio::time::interval(LOG_FLUSH_INTERVAL);
     loop {
+        // Sends happen in the branches' bodies, never raced: a chunk taken
+        // from the chunker is always reported, so offsets have no gap.
         tokio::select! {
+            biased;
+            why = reading.stopped() => return Err(why),
             item = output.next() => match item {
                 Some(Ok(entry)) => {
                     seen.note(entry.at);
-                    chunker.push(&entry.data);
-                    while chunker.has_full_chunk() {
-                        if let Some(chunk) = chunker.take() {
+                    reading.push(&entry.data);
+                    while reading.chunker.has_full_chunk() {
+                        if let Some(chunk) = reading.chunker.take() {
                             out.log(chunk).await;
                         }
                     }
                 }
                 Some(Err(e)) => {
                     tracing::warn!(error = %e, "reading the output failed");
-                    return false;
+                    return Err(e.to_string());
                 }
-                None => return true,
+                None => return Ok(()),
             },
             _ = flush.tick() => {
-                if let Some(chunk) = chunker.take() {
+                if let Some(chunk) = reading.chunker.take() {
                     out.log(chunk).await;
                 }
             }
@@ -127,16 +277,27 @@ async fn follow_output(
 }
 
 /// Adds the entries of a stopped container the follow did not see.
-async fn catch_up(docker: &Docker, id: &str, chunker: &mut LogChunker, seen: &Seen) -> bool {
+async fn catch_up(
+    docker: &Docker,
+    id: &str,
+    reading: &mut Reading<'_>,
+    seen: &Seen,
+) -> Result<(), String> {
     if seen.unstamped {
-        return true;
+        return Ok(());
     }
     let horizon = seen.newest.map(|n| n - CATCH_UP_WINDOW);
     let since = horizon.map_or(0, |t| i32::try_from(t.timestamp()).unwrap_or(0));
     let mut output = std::pin::pin!(docker::output(docker, id, false, since));
-    while let Some(item) = output.next().await {
+    loop {
+        let item = tokio::select! {
+            biased;
+            why = reading.stopped() => return Err(why),
+            item = output.next() => item,
+        };
         match item {
-            Ok(entry) => {
+            None => return Ok(()),
+            Some(Ok(entry)) => {
                 let missed = match (entry.at, horizon) {
                     (Some(at), Some(horizon)) => at >= horizon && !seen.recent.contains(&at),
                     (_, None) => true,
@@ -144,21 +305,111 @@ async fn catch_up(docker: &Docker, id: &str, chunker: &mut LogChunker, seen: &Se
                 };
                 if missed {
                     tracing::debug!(bytes = entry.data.len(), "output the follow missed");
-                    chunker.push(&entry.data);
+                    reading.push(&entry.data);
                 }
             }
-            Err(e) => {
+            Some(Err(e)) => {
                 tracing::warn!(error = %e, "reading the rest of the output failed");
-                return false;
+                return Err(e.to_string());
             }
         }
     }
-    true
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A reader doing `work` with the counter and the stop signal a real
+    /// one has; the receiver is a copy to read what it was told.
+    fn reader<F, Fut>(work: F) -> (Draining, watch::Receiver<Option<String>>)
+    where
+        F: FnOnce(Arc<AtomicU64>, watch::Receiver<Option<String>>) -> Fut,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let read = Arc::new(AtomicU64::new(0));
+        let (stop, stopped) = watch::channel(None);
+        let told = stopped.clone();
+        let pump = tokio::spawn(work(Arc::clone(&read), stopped));
+        (Draining { pump, read, stop }, told)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reader_that_keeps_reading_is_waited_for_past_the_stall() {
+        let (draining, told) = reader(|read, _| async move {
+            for _ in 0..50 {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                read.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+        let started = tokio::time::Instant::now();
+        draining
+            .wait_within(Duration::from_secs(10), DRAIN_MOST)
+            .await;
+        assert!(started.elapsed() >= Duration::from_secs(50));
+        assert_eq!(*told.borrow(), None);
+    }
+
+    /// A reader that reads until told to stop, then returns why.
+    fn stoppable(
+        every: Option<Duration>,
+    ) -> (
+        Draining,
+        watch::Receiver<Option<String>>,
+        oneshot::Receiver<String>,
+    ) {
+        let (gave_up, why) = oneshot::channel();
+        let (draining, told) = reader(move |read, mut stop| async move {
+            loop {
+                tokio::select! {
+                    _ = stop.changed() => break,
+                    _ = tokio::time::sleep(every.unwrap_or(Duration::MAX)) => {
+                        read.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            let _ = gave_up.send(stop.borrow().clone().unwrap_or_default());
+        });
+        (draining, told, why)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reader_that_reads_nothing_for_the_stall_is_told_why_and_ends() {
+        let (draining, told, why) = stoppable(None);
+        let started = tokio::time::Instant::now();
+        draining
+            .wait_within(Duration::from_secs(10), Duration::from_secs(300))
+            .await;
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_secs(10) && waited < Duration::from_secs(20),
+            "{waited:?}"
+        );
+        let why = why.await.expect("the reader was told");
+        assert_eq!(why, "none was read for 10 s after the container stopped");
+        assert_eq!(told.borrow().as_deref(), Some(why.as_str()));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reader_still_reading_at_the_most_is_told_why_and_ends() {
+        let (draining, _, why) = stoppable(Some(Duration::from_secs(1)));
+        let started = tokio::time::Instant::now();
+        draining
+            .wait_within(Duration::from_secs(10), Duration::from_secs(60))
+            .await;
+        assert!(started.elapsed() >= Duration::from_secs(60));
+        assert_eq!(
+            why.await.expect("the reader was told"),
+            "it was still being read 60 s after the container stopped"
+        );
+    }
+
+    #[test]
+    fn the_marker_is_a_line_of_its_own_saying_why() {
+        let line = missing_marker("Docker went away");
+        assert!(line.starts_with("\n[unidesk: ") && line.ends_with("Docker went away]\n"));
+        assert_eq!(line.trim().lines().count(), 1);
+    }
 
     fn at(ms: i64) -> chrono::DateTime<chrono::Utc> {
         chrono::DateTime::from_timestamp_millis(1_800_000_000_000 + ms).unwrap_or_default()

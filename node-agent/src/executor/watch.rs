@@ -19,12 +19,9 @@ use crate::docker::{self, DockerError, Exit};
 
 use super::cancel::CancelSignal;
 use super::context::Context;
-use super::output::pump_output;
+use super::output;
 use super::report::{Ending, Reporter};
 use super::workspace::note_stop;
-
-/// How long to wait for the rest of the output once the container stopped.
-const LOG_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What a started container is held to.
 #[derive(Debug, Clone)]
@@ -58,12 +55,7 @@ pub(super) async fn watch(
     limits: Limits,
 ) -> Ending {
     let (exited, on_exit) = oneshot::channel();
-    let pump = tokio::spawn(pump_output(
-        ctx.docker.clone(),
-        id.to_owned(),
-        out.clone(),
-        on_exit,
-    ));
+    let draining = output::start(ctx.docker.clone(), id.to_owned(), out.clone(), on_exit);
     let ending = tokio::select! {
         exit = docker::wait_exit(&ctx.docker, id) => ended(exit, limits.memory_mb),
         grace = cancel.cancelled() => {
@@ -100,11 +92,7 @@ pub(super) async fn watch(
     };
     // The receiver is gone if the output reader already stopped.
     let _ = exited.send(());
-    match tokio::time::timeout(LOG_DRAIN_TIMEOUT, pump).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::warn!(error = %e, "output reader stopped"),
-        Err(_) => tracing::warn!("the container's output did not end; some may be missing"),
-    }
+    draining.wait().await;
     ending
 }
 

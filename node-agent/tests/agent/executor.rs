@@ -348,6 +348,61 @@ async fn attempts_on_the_same_repositories_run_side_by_side() {
     support::remove_env_image(&ctx, &env).await;
 }
 
+/// Output read more slowly than the container wrote it (behind a slow
+/// server, on a busy node) is all reported, and the end only after it:
+/// the end does not wait a fixed time for the output and leave the rest to
+/// be cut off when the container is removed.
+#[tokio::test]
+async fn output_read_slowly_is_all_reported_before_the_end() {
+    support::base_image().await;
+    let (ctx, _work) = context().await;
+    let (code, env) = (repo(&[("a", "a")]), env_repo(""));
+    // 8 MB of 64-byte lines, then a last one: over a hundred chunks, far
+    // more than the reports channel holds, so the output is read at the
+    // pace this test takes the reports.
+    let line = "0123456789".repeat(6) + "abc";
+    let script = format!("yes {line} | head -n 125000; echo LAST-LINE");
+    let mut attempt = start(&ctx, spec(&code, &env, &script));
+    attempt
+        .until(ReportedState::Running, Duration::from_secs(120))
+        .await;
+    let reading = Instant::now();
+    let end = loop {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let report = tokio::time::timeout(Duration::from_secs(60), attempt.rx.recv())
+            .await
+            .expect("a report within a minute")
+            .expect("the attempt ended without a final state");
+        attempt.seen.push(report.clone());
+        if let Report::Status(s) = report {
+            if s.state != ReportedState::Running {
+                break s;
+            }
+        }
+    };
+    // The reader lagged the container's exit by far more than the ten
+    // seconds the end used to wait for it.
+    let took = reading.elapsed();
+    assert!(took > Duration::from_secs(15), "read in {took:?}");
+    assert_eq!(end.state, ReportedState::Succeeded, "{end:?}");
+    attempt.handle.await.unwrap();
+    if let Ok(late) = attempt.rx.try_recv() {
+        let what = match late {
+            Report::Log(log) => format!("output at offset {}", log.offset),
+            Report::Status(s) => format!("{:?}", s.state),
+        };
+        panic!("a report after the end: {what}");
+    }
+    let text = output(&attempt.seen);
+    assert!(!text.contains("[unidesk:"), "{}", &text[text.len() - 300..]);
+    assert!(text.ends_with(&format!("{line}\nLAST-LINE\n")));
+    assert_eq!(text.lines().filter(|l| *l == line).count(), 125_000);
+    executor::release(&ctx, end.task_id, end.attempt)
+        .await
+        .unwrap();
+    support::remove_env_image(&ctx, &env).await;
+}
+
 #[tokio::test]
 async fn cancelling_a_running_task_stops_it_within_seconds() {
     support::base_image().await;
