@@ -160,7 +160,7 @@ async fn pump_output(
     };
     let mut done = follow_output(&docker, &id, &out, &mut reading, &mut seen).await;
     if done.is_ok() && exited.await.is_ok() {
-        done = catch_up(&docker, &id, &mut reading, &seen).await;
+        done = catch_up(&docker, &id, &out, &mut reading, &seen).await;
     }
     if let Err(why) = done {
         tracing::warn!(%why, "the container's output could not be read to its end");
@@ -184,6 +184,16 @@ impl Reading<'_> {
     fn push(&mut self, data: &[u8]) {
         self.read.fetch_add(data.len() as u64, Ordering::Relaxed);
         self.chunker.push(data);
+    }
+
+    /// Reports every full chunk waiting, so memory stays flat however
+    /// much is read.
+    async fn report_full(&mut self, out: &Reporter) {
+        while self.chunker.has_full_chunk() {
+            if let Some(chunk) = self.chunker.take() {
+                out.log(chunk).await;
+            }
+        }
     }
 
     /// Why to give up, once told; never returns before.
@@ -255,11 +265,7 @@ async fn follow_output(
                 Some(Ok(entry)) => {
                     seen.note(entry.at);
                     reading.push(&entry.data);
-                    while reading.chunker.has_full_chunk() {
-                        if let Some(chunk) = reading.chunker.take() {
-                            out.log(chunk).await;
-                        }
-                    }
+                    reading.report_full(out).await;
                 }
                 Some(Err(e)) => {
                     tracing::warn!(error = %e, "reading the output failed");
@@ -276,10 +282,14 @@ async fn follow_output(
     }
 }
 
-/// Adds the entries of a stopped container the follow did not see.
+/// Adds the entries of a stopped container the follow did not see,
+/// reporting full chunks as they come: when Docker rotated its log files
+/// under a follow that lagged behind, the follow ends early and this is
+/// the rest of the output, hundreds of megabytes of it.
 async fn catch_up(
     docker: &Docker,
     id: &str,
+    out: &Reporter,
     reading: &mut Reading<'_>,
     seen: &Seen,
 ) -> Result<(), String> {
@@ -306,6 +316,7 @@ async fn catch_up(
                 if missed {
                     tracing::debug!(bytes = entry.data.len(), "output the follow missed");
                     reading.push(&entry.data);
+                    reading.report_full(out).await;
                 }
             }
             Some(Err(e)) => {
