@@ -70,11 +70,14 @@ pub(super) fn start(
 
 impl Draining {
     /// Waits for the reader to report all the output, once the container
-    /// stopped: as long as it keeps reading, for at most [`DRAIN_MOST`].
-    /// Past either bound it is told to give up, and it ends the output
-    /// with [`missing_marker`].
-    pub(super) async fn wait(self) {
-        self.wait_within(DRAIN_STALL, DRAIN_MOST).await;
+    /// stopped: as long as it keeps reading, for at most [`DRAIN_MOST`],
+    /// or [`DRAIN_STALL`] in all for an attempt the user cancelled (they
+    /// asked for it to end, not for the rest of its output). Past either
+    /// bound it is told to give up, and it ends the output with
+    /// [`missing_marker`].
+    pub(super) async fn wait(self, cancelled: bool) {
+        let most = if cancelled { DRAIN_STALL } else { DRAIN_MOST };
+        self.wait_within(DRAIN_STALL, most).await;
     }
 
     async fn wait_within(self, stall: Duration, most: Duration) {
@@ -412,6 +415,22 @@ mod tests {
         assert_eq!(
             why.await.expect("the reader was told"),
             "it was still being read 60 s after the container stopped"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cancelled_attempt_waits_for_its_output_only_as_long_as_the_stall() {
+        let (draining, _, why) = stoppable(Some(Duration::from_secs(1)));
+        let started = tokio::time::Instant::now();
+        draining.wait(true).await;
+        let waited = started.elapsed();
+        assert!(
+            waited >= DRAIN_STALL && waited < 2 * DRAIN_STALL,
+            "{waited:?}"
+        );
+        assert_eq!(
+            why.await.expect("the reader was told"),
+            "it was still being read 10 s after the container stopped"
         );
     }
 

@@ -92,7 +92,9 @@ pub(super) async fn watch(
     };
     // The receiver is gone if the output reader already stopped.
     let _ = exited.send(());
-    draining.wait().await;
+    draining
+        .wait(ending.state == ReportedState::Cancelled)
+        .await;
     ending
 }
 
