@@ -4,7 +4,8 @@
 //! The attempt's end is reported only after its output: the watcher
 //! waits for the reader ([`Draining::wait`]) as long as it keeps reading.
 //! When it reads nothing for [`DRAIN_STALL`], or is still reading
-//! [`DRAIN_MOST`] after the container stopped, it is told to stop, and
+//! [`DRAIN_MOST`] after the container stopped ([`DRAIN_STALL`] after a
+//! cancel), it is told to stop, and
 //! the output then ends with a line saying what is missing and why; so
 //! does output that Docker stopped giving. Nothing is lost without a word.
 
