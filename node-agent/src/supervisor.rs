@@ -175,7 +175,10 @@ impl Supervisor {
     /// ones are followed to their end like any attempt (one that ended
     /// meanwhile is reported as it ended), never-started ones are removed.
     /// The server then keeps or cancels each. Attempts noted as ended
-    /// ([`Supervisor::note_ended`]) are left alone.
+    /// ([`Supervisor::note_ended`]) are left alone. Last, the directories
+    /// of attempts left with no container at all (the agent stopped while
+    /// one was prepared) are removed
+    /// ([`sweep_workspaces`](executor::sweep_workspaces)).
     pub async fn adopt_leftovers(&self) {
         for found in self.ctx.leftovers().await {
             if self
@@ -206,6 +209,11 @@ impl Supervisor {
             let (ctx, reports) = (Arc::clone(&self.ctx), self.reports.clone());
             self.spawn_attempt(key, executor::adopt(found, ctx, reports, signal));
         }
+        executor::sweep_workspaces(&self.ctx, |key| {
+            let state = self.state();
+            state.running.contains_key(&key) || state.finished.contains(&key)
+        })
+        .await;
     }
 
     fn start(&self, spec: RunTask) {

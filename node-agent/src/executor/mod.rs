@@ -56,6 +56,7 @@ pub use context::Context;
 pub use release::release;
 pub use report::{LogReport, Report, StatusReport};
 pub use run::run;
+pub use workspace::sweep_workspaces;
 
 /// The stage reported while the code is fetched.
 pub const STAGE_CODE: &str = "fetching code";

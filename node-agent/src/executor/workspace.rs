@@ -7,6 +7,7 @@
 //! the exit status the stop caused.
 
 use crate::beneath::{blocking, PathError, Root};
+use crate::docker;
 
 use super::context::Context;
 use super::prepare::PrepareError;
@@ -77,6 +78,74 @@ pub(super) async fn remove_workspace(ctx: &Context, task_id: uuid::Uuid, attempt
     }
 }
 
+/// The attempt an attempt's directory name is for, if it is one
+/// ([`attempt_dir`]'s format).
+fn attempt_of(name: &str) -> Option<(uuid::Uuid, u32)> {
+    let (task, attempt) = name.rsplit_once('-')?;
+    let key = (uuid::Uuid::try_parse(task).ok()?, attempt.parse().ok()?);
+    // Only the name the agent writes: not `+1` or `01` for attempt 1.
+    (attempt_dir(key.0, key.1) == name).then_some(key)
+}
+
+/// Removes the directories a previous run of this agent left in
+/// `<work dir>/tasks` for attempts that have no container and that `keep`
+/// does not name: an agent that stopped while an attempt was being
+/// prepared (its code fetched, its image built) left its directory before
+/// any container existed, and nothing else would remove it. An attempt
+/// whose containers Docker cannot list keeps its directory; names that
+/// are no attempt's are left alone. Called once, when the agent starts,
+/// after the leftover containers were adopted or discarded and before any
+/// attempt runs; returns the attempts whose directories were removed.
+pub async fn sweep_workspaces(
+    ctx: &Context,
+    keep: impl Fn((uuid::Uuid, u32)) -> bool,
+) -> Vec<(uuid::Uuid, u32)> {
+    let listed = match ctx.tasks.try_clone() {
+        Ok(tasks) => {
+            blocking(move || {
+                let entries = tasks.dir().entries().map_err(|source| PathError::Io {
+                    path: tasks.path().display().to_string(),
+                    source,
+                })?;
+                Ok(entries
+                    .filter_map(|entry| entry.ok()?.file_name().into_string().ok())
+                    .filter_map(|name| attempt_of(&name))
+                    .collect::<Vec<_>>())
+            })
+            .await
+        }
+        Err(source) => Err(PathError::Io {
+            path: ctx.tasks.path().display().to_string(),
+            source,
+        }),
+    };
+    let attempts = match listed {
+        Ok(attempts) => attempts,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not list the attempts' directories");
+            return Vec::new();
+        }
+    };
+    let mut removed = Vec::new();
+    for (task_id, attempt) in attempts {
+        if keep((task_id, attempt)) {
+            continue;
+        }
+        match docker::attempt_containers(&ctx.docker, &ctx.agent_label, task_id, attempt).await {
+            Ok(containers) if containers.is_empty() => {
+                tracing::info!(%task_id, attempt, "removing the directory of an attempt a previous run left without a container");
+                remove_workspace(ctx, task_id, attempt).await;
+                removed.push((task_id, attempt));
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(%task_id, attempt, error = %e, "keeping an attempt's directory: its containers could not be listed");
+            }
+        }
+    }
+    removed
+}
+
 /// Notes, durably, why the agent is about to stop the attempt's container.
 pub(super) async fn note_stop(
     ctx: &Context,
@@ -127,6 +196,31 @@ pub(super) async fn noted_stop(
         Err(e) => {
             tracing::warn!(error = %e, "could not read the stop note");
             None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_names_the_agent_writes_are_attempts() {
+        let task = uuid::Uuid::new_v4();
+        assert_eq!(attempt_of(&attempt_dir(task, 3)), Some((task, 3)));
+        assert_eq!(attempt_of(&attempt_dir(task, 0)), Some((task, 0)));
+        for other in [
+            format!("{task}"),
+            format!("{task}-"),
+            format!("{task}-+3"),
+            format!("{task}-03"),
+            format!("{task}-x"),
+            format!("{}-3", task.simple()),
+            format!("{}-3", task.to_string().to_uppercase()),
+            "lost+found".to_owned(),
+            ".tmp-3".to_owned(),
+        ] {
+            assert_eq!(attempt_of(&other), None, "{other}");
         }
     }
 }

@@ -646,15 +646,52 @@ async fn a_container_an_agent_created_but_never_started_is_removed_not_adopted()
     assert!(supervisor.running().is_empty(), "nothing was adopted");
     assert!(rx.try_recv().is_err(), "nothing is reported for it");
     assert_container_gone(&again, &id).await;
-    assert_eq!(
-        std::fs::read_dir(work.path().join("tasks"))
-            .unwrap()
-            .count(),
-        0,
-        "its workspace is removed too"
-    );
+    let left = everything_in(&work.path().join("tasks"));
+    assert!(left.is_empty(), "its workspace is removed too: {left:?}");
     drop(stalled);
     support::remove_env_image(&again, &env).await;
+}
+
+#[tokio::test]
+async fn the_directory_of_an_attempt_stopped_before_it_had_a_container_goes_at_the_next_start() {
+    let (ctx, work) = context().await;
+    let stalled = support::StalledGit::start();
+    let mut task = stalled_spec(&repo(&[("a", "a")]), &env_repo(""), &stalled);
+    // Neither the code nor the image can be had: no container is made.
+    task.env_repo_url = stalled.url("env.git");
+    let attempt = start(&ctx, task.clone());
+    let tasks = work.path().join("tasks");
+    let dir = tasks.join(format!("{}-{}", task.task_id, task.attempt));
+    support::eventually("the attempt's directory", Duration::from_secs(60), || {
+        let made = dir.join("code").is_dir();
+        async move { made.then_some(()) }
+    })
+    .await;
+    // The agent dies while both are still being fetched.
+    attempt.handle.abort();
+    let _ = attempt.handle.await;
+    assert!(support::attempt_containers(&ctx, &task).await.is_empty());
+    // What is not an attempt's directory is no business of the sweep.
+    std::fs::create_dir(tasks.join("kept-by-someone")).unwrap();
+    std::fs::write(tasks.join(format!("{}-01", task.task_id)), "x").unwrap();
+
+    let again = Arc::new(Context::new(support::docker().await, work.path()).unwrap());
+    let (tx, mut rx) = mpsc::channel(64);
+    let supervisor = node_agent::supervisor::Supervisor::new(Arc::clone(&again), tx);
+    supervisor.adopt_leftovers().await;
+    assert!(supervisor.running().is_empty(), "nothing was adopted");
+    assert!(rx.try_recv().is_err(), "nothing is reported for it");
+    assert!(!dir.exists(), "the attempt's directory is removed");
+    let mut left: Vec<_> = std::fs::read_dir(&tasks)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    left.sort();
+    assert_eq!(
+        left,
+        [format!("{}-01", task.task_id), "kept-by-someone".to_owned()]
+    );
+    drop(stalled);
 }
 
 #[tokio::test]
@@ -708,4 +745,17 @@ async fn a_cached_image_needs_no_env_repository_and_an_unknown_one_still_fails_c
         "{message}"
     );
     support::remove_image(ctx.docker(), &tag_of(&task)).await;
+}
+
+/// Every path under `dir`, for a failure's message.
+fn everything_in(dir: &std::path::Path) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let entry = entry.unwrap();
+        found.push(entry.path().display().to_string());
+        if entry.file_type().unwrap().is_dir() {
+            found.extend(everything_in(&entry.path()));
+        }
+    }
+    found
 }
