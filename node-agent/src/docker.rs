@@ -50,10 +50,11 @@ pub const LABEL_SECRETS: &str = "unidesk.secrets";
 const BUILD_TAIL_LINES: usize = 20;
 
 /// How much output Docker keeps per log file of a task container (two
-/// files): a task printing without end cannot fill the node's disk. Far
-/// above what the server stores per attempt, so the agent (and an agent
-/// adopting the container after a restart) still reads all it will send.
-pub const CONTAINER_LOG_MAX_SIZE: &str = "256m";
+/// files), in bytes: a task printing without end cannot fill the node's
+/// disk. Far above what the server stores per attempt, so the agent (and
+/// an agent adopting the container after a restart) still reads all it
+/// will send, unless its reading lags the task by more than that.
+pub const CONTAINER_LOG_FILE_BYTES: u64 = 256 * 1024 * 1024;
 
 /// The default limit on processes (threads included) in a task container,
 /// against fork bombs; the agent's `--task-pids-limit` sets another.
@@ -692,6 +693,9 @@ pub struct ContainerSpec<'a> {
     /// The size limit of the container's own writable layer in MiB, on
     /// storage drivers that support one (see [`LayerQuota`]).
     pub layer_limit_mb: Option<u64>,
+    /// The size of each of the two files Docker keeps the container's
+    /// output in ([`CONTAINER_LOG_FILE_BYTES`] unless told otherwise).
+    pub log_file_bytes: u64,
 }
 
 /// The body of the create call for `spec`. Nothing in `spec` can add a
@@ -726,7 +730,10 @@ pub fn container_body(spec: &ContainerSpec<'_>) -> ContainerCreateBody {
         log_config: Some(HostConfigLogConfig {
             typ: Some("json-file".into()),
             config: Some(HashMap::from([
-                ("max-size".to_owned(), CONTAINER_LOG_MAX_SIZE.to_owned()),
+                (
+                    "max-size".to_owned(),
+                    spec.log_file_bytes.max(1).to_string(),
+                ),
                 ("max-file".to_owned(), "2".to_owned()),
             ])),
         }),
@@ -1314,6 +1321,7 @@ mod tests {
             pids_limit: 77,
             network: NetworkMode::None,
             layer_limit_mb: Some(3),
+            log_file_bytes: CONTAINER_LOG_FILE_BYTES,
         };
         let body = container_body(&spec);
         let host = body.host_config.unwrap();
@@ -1339,7 +1347,7 @@ mod tests {
         assert_eq!(body.env.unwrap(), vec!["A=1", "NVIDIA_VISIBLE_DEVICES=0,2"]);
         let logs = host.log_config.unwrap();
         assert_eq!(logs.typ.as_deref(), Some("json-file"));
-        assert_eq!(logs.config.unwrap()["max-size"], CONTAINER_LOG_MAX_SIZE);
+        assert_eq!(logs.config.unwrap()["max-size"], "268435456");
         assert_eq!(body.working_dir.as_deref(), Some("/workspace"));
     }
 }

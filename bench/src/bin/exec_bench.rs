@@ -1077,6 +1077,7 @@ async fn container_alone(runs: usize, image: &str, dir: &Path) -> anyhow::Result
             pids_limit: confinement.pids_limit,
             network: confinement.network,
             layer_limit_mb: None,
+            log_file_bytes: docker::CONTAINER_LOG_FILE_BYTES,
         };
         let began = Instant::now();
         let id = docker::create_container(&docker, &spec)

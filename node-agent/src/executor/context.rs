@@ -40,6 +40,9 @@ pub struct Context {
     pub(super) layer_quota: LayerQuota,
     /// The node's `known_hosts` for SSH repositories.
     pub(super) git_known_hosts: Option<PathBuf>,
+    /// The size of each of the two files Docker keeps a task container's
+    /// output in.
+    pub(super) container_log_bytes: u64,
 }
 
 impl Context {
@@ -71,7 +74,18 @@ impl Context {
             confinement: Confinement::default(),
             layer_quota: LayerQuota::default(),
             git_known_hosts: None,
+            container_log_bytes: docker::CONTAINER_LOG_FILE_BYTES,
         })
+    }
+
+    /// Keeps each task container's output in two files of `bytes` each
+    /// ([`docker::CONTAINER_LOG_FILE_BYTES`] by default, at least 1 MiB):
+    /// the most a node's disk holds of one task's output, and how far the
+    /// agent's reading may lag the task before Docker discards output it
+    /// has not read (the output then says so where it is missing).
+    pub fn with_container_log_bytes(mut self, bytes: u64) -> Self {
+        self.container_log_bytes = bytes.max(1024 * 1024);
+        self
     }
 
     /// Confines task containers as `confinement` says (by default: 4096

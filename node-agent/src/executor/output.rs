@@ -39,6 +39,13 @@ pub fn missing_marker(why: &str) -> String {
     format!("\n[unidesk: the rest of this attempt's output could not be read, if there was more: {why}]\n")
 }
 
+/// The line put where Docker may have discarded output before the agent
+/// read it: a follow that lagged more than Docker's two log files behind
+/// the task lost the file it was reading.
+pub const ROTATED_MARKER: &str =
+    "\n[unidesk: output may be missing here: Docker rotated it out of \
+     the container's log files before the agent could read it]\n";
+
 /// The reader of a container's output, as the watcher holds it.
 pub(super) struct Draining {
     pump: JoinHandle<()>,
@@ -226,6 +233,8 @@ const CATCH_UP_WINDOW: chrono::Duration = chrono::Duration::seconds(2);
 #[derive(Debug, Default)]
 struct Seen {
     newest: Option<chrono::DateTime<chrono::Utc>>,
+    /// The time of the last entry read, in the log's order.
+    last: Option<chrono::DateTime<chrono::Utc>>,
     recent: std::collections::BTreeSet<chrono::DateTime<chrono::Utc>>,
     /// Whether an entry without a time was seen: a catch-up could not
     /// tell it apart, so there is none.
@@ -238,6 +247,7 @@ impl Seen {
             self.unstamped = true;
             return;
         };
+        self.last = Some(at);
         let newest = self.newest.map_or(at, |n| n.max(at));
         self.newest = Some(newest);
         self.recent.insert(at);
@@ -290,6 +300,11 @@ async fn follow_output(
 /// reporting full chunks as they come: when Docker rotated its log files
 /// under a follow that lagged behind, the follow ends early and this is
 /// the rest of the output, hundreds of megabytes of it.
+///
+/// The log files hold a run of the output up to its end. When that run
+/// no longer starts at or before the last entry the follow read (no
+/// entry carries its time, to the nanosecond), Docker discarded what came
+/// right after it: [`ROTATED_MARKER`] goes before the rest.
 async fn catch_up(
     docker: &Docker,
     id: &str,
@@ -303,6 +318,9 @@ async fn catch_up(
     let horizon = seen.newest.map(|n| n - CATCH_UP_WINDOW);
     let since = horizon.map_or(0, |t| i32::try_from(t.timestamp()).unwrap_or(0));
     let mut output = std::pin::pin!(docker::output(docker, id, false, since));
+    // Whether the entry the follow read last is still there; nothing to
+    // look for when it read none.
+    let mut joined = seen.last.is_none();
     loop {
         let item = tokio::select! {
             biased;
@@ -312,12 +330,18 @@ async fn catch_up(
         match item {
             None => return Ok(()),
             Some(Ok(entry)) => {
+                joined |= entry.at.is_some() && entry.at == seen.last;
                 let missed = match (entry.at, horizon) {
                     (Some(at), Some(horizon)) => at >= horizon && !seen.recent.contains(&at),
                     (_, None) => true,
                     (None, Some(_)) => false,
                 };
                 if missed {
+                    if !joined {
+                        tracing::warn!("Docker rotated out output the follow had not read");
+                        reading.push(ROTATED_MARKER.as_bytes());
+                        joined = true;
+                    }
                     tracing::debug!(bytes = entry.data.len(), "output the follow missed");
                     reading.push(&entry.data);
                     reading.report_full(out).await;

@@ -408,6 +408,7 @@ impl<'a> Recipe<'a> {
             pids_limit: confinement.pids_limit,
             network: confinement.network.for_task(spec.network),
             layer_limit_mb: None,
+            log_file_bytes: ctx.container_log_bytes,
         };
         let (id, layer_limited) = ctx
             .layer_quota

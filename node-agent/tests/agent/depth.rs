@@ -76,6 +76,7 @@ async fn gpus_are_requested_by_device_index() {
         pids_limit: docker::PIDS_LIMIT,
         network: docker::NetworkMode::Bridge,
         layer_limit_mb: None,
+        log_file_bytes: docker::CONTAINER_LOG_FILE_BYTES,
     };
     // Created, not started: this machine has no GPUs, but the request is
     // what Docker hands to the NVIDIA runtime on one that does.

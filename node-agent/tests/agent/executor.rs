@@ -404,6 +404,74 @@ async fn output_read_slowly_is_all_reported_before_the_end() {
 }
 
 #[tokio::test]
+async fn output_docker_rotated_away_unread_is_named_where_it_is_missing() {
+    support::base_image().await;
+    let (ctx, _work) = context().await;
+    let ctx = Arc::new(
+        Arc::into_inner(ctx)
+            .unwrap()
+            .with_container_log_bytes(1024 * 1024),
+    );
+    let (code, env) = (repo(&[("a", "a")]), env_repo(""));
+    // 16 MB in 64-byte lines, then a last one; Docker keeps the newest
+    // 2 MiB of it, and the agent's reading is held back (the reports are
+    // not taken) until the container has exited, so far more than that
+    // waits to be read when it does.
+    let line = "0123456789".repeat(6) + "abc";
+    let script = format!("yes {line} | head -n 250000; echo LAST-LINE");
+    let mut attempt = start(&ctx, spec(&code, &env, &script));
+    let running = attempt
+        .until(ReportedState::Running, Duration::from_secs(120))
+        .await;
+    let id = running.container.unwrap();
+    support::eventually("the container's exit", Duration::from_secs(120), || async {
+        let state = ctx
+            .docker()
+            .inspect_container(&id, None)
+            .await
+            .ok()?
+            .state?;
+        (state.running == Some(false)).then_some(())
+    })
+    .await;
+    let end = attempt
+        .until(ReportedState::Succeeded, Duration::from_secs(120))
+        .await;
+    attempt.handle.await.unwrap();
+    assert!(attempt.rx.try_recv().is_err(), "nothing after the end");
+    let text = output(&attempt.seen);
+    assert!(
+        !text.contains("[unidesk: the rest"),
+        "{}",
+        &text[text.len() - 300..]
+    );
+    let (before, after) = text
+        .split_once(executor::ROTATED_MARKER)
+        .unwrap_or_else(|| panic!("no marker in {} bytes", text.len()));
+    assert!(!after.contains("[unidesk:"), "one marker");
+    // Whole lines on both sides, from the first to the last.
+    assert!(
+        before.len() >= 64 * 1024,
+        "the follow read {} bytes",
+        before.len()
+    );
+    assert!(before.lines().all(|l| l == line));
+    let mut rest: Vec<&str> = after.lines().collect();
+    assert_eq!(rest.pop(), Some("LAST-LINE"));
+    assert!(rest.len() > 1000, "the kept tail: {} lines", rest.len());
+    assert!(rest.iter().all(|l| *l == line));
+    let kept = before.lines().count() + rest.len();
+    assert!(
+        kept < 250_000,
+        "all {kept} lines were read: nothing was missing"
+    );
+    executor::release(&ctx, end.task_id, end.attempt)
+        .await
+        .unwrap();
+    support::remove_env_image(&ctx, &env).await;
+}
+
+#[tokio::test]
 async fn cancelling_a_running_task_stops_it_within_seconds() {
     support::base_image().await;
     let (ctx, _work) = context().await;
