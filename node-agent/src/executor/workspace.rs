@@ -95,11 +95,8 @@ fn attempt_of(name: &str) -> Option<(uuid::Uuid, u32)> {
 /// whose containers Docker cannot list keeps its directory; names that
 /// are no attempt's are left alone. Called once, when the agent starts,
 /// after the leftover containers were adopted or discarded and before any
-/// attempt runs; returns the attempts whose directories were removed.
-pub async fn sweep_workspaces(
-    ctx: &Context,
-    keep: impl Fn((uuid::Uuid, u32)) -> bool,
-) -> Vec<(uuid::Uuid, u32)> {
+/// attempt runs.
+pub async fn sweep_workspaces(ctx: &Context, keep: impl Fn((uuid::Uuid, u32)) -> bool) {
     let listed = match ctx.tasks.try_clone() {
         Ok(tasks) => {
             blocking(move || {
@@ -123,10 +120,9 @@ pub async fn sweep_workspaces(
         Ok(attempts) => attempts,
         Err(e) => {
             tracing::warn!(error = %e, "could not list the attempts' directories");
-            return Vec::new();
+            return;
         }
     };
-    let mut removed = Vec::new();
     for (task_id, attempt) in attempts {
         if keep((task_id, attempt)) {
             continue;
@@ -135,7 +131,6 @@ pub async fn sweep_workspaces(
             Ok(containers) if containers.is_empty() => {
                 tracing::info!(%task_id, attempt, "removing the directory of an attempt a previous run left without a container");
                 remove_workspace(ctx, task_id, attempt).await;
-                removed.push((task_id, attempt));
             }
             Ok(_) => {}
             Err(e) => {
@@ -143,7 +138,6 @@ pub async fn sweep_workspaces(
             }
         }
     }
-    removed
 }
 
 /// Notes, durably, why the agent is about to stop the attempt's container.
