@@ -226,15 +226,46 @@ pub struct Agent {
     host_ssh: host_ssh::Runner,
     host_results_tx: mpsc::Sender<protocol::HostSshResult>,
     host_results_rx: mpsc::Receiver<protocol::HostSshResult>,
+    /// The work directory's lock, held while the agent lives.
+    work_dir_lock: Option<std::fs::File>,
+}
+
+/// The lock file that keeps a second agent off a work directory.
+const WORK_DIR_LOCK: &str = "agent.lock";
+
+/// Holds the work directory for this agent; `None`, with a warning, where
+/// its file system cannot lock files.
+fn hold_work_dir(work_dir: &Path) -> std::io::Result<Option<std::fs::File>> {
+    use crate::dir_lock::{by_process, hold, HoldError};
+    match hold(work_dir, WORK_DIR_LOCK) {
+        Ok(held) => Ok(Some(held)),
+        Err(e) if e.cannot_lock() => {
+            tracing::warn!(error = %e, "the work directory cannot be locked: make sure no other agent uses it");
+            Ok(None)
+        }
+        Err(HoldError::Held { holder, .. }) => Err(std::io::Error::new(
+            std::io::ErrorKind::ResourceBusy,
+            format!(
+                "another agent is running on the work directory {}{}: \
+                 stop it first, or give this one a work directory of its own",
+                work_dir.display(),
+                by_process(holder)
+            ),
+        )),
+        Err(e) => Err(std::io::Error::other(e)),
+    }
 }
 
 impl Agent {
     /// An agent with this configuration, running tasks with `ctx`; its
     /// report journal is `<work dir>/journal`, and what it holds is sent
-    /// again first.
+    /// again first. It holds the work directory: a second agent on it is
+    /// refused until this one is dropped (or its process ends).
     ///
     /// # Errors
-    /// The I/O error when the journal cannot be created, read or written.
+    /// The I/O error when the journal cannot be created, read or written,
+    /// and one naming the other agent's process when one holds the work
+    /// directory.
     pub fn new(config: Config, ctx: Arc<Context>) -> std::io::Result<Self> {
         Agent::with_limits(config, ctx, Limits::default())
     }
@@ -244,6 +275,7 @@ impl Agent {
     /// # Errors
     /// As [`Agent::new`].
     pub fn with_limits(config: Config, ctx: Arc<Context>, limits: Limits) -> std::io::Result<Self> {
+        let work_dir_lock = hold_work_dir(ctx.work_dir())?;
         let queue = ReportQueue::open(limits, &ctx.work_dir().join(journal::DIR))?;
         let (reports_tx, reports_rx) = mpsc::channel(REPORT_CHANNEL);
         let (host_results_tx, host_results_rx) = mpsc::channel(HOST_SSH_CHANNEL);
@@ -258,6 +290,7 @@ impl Agent {
             wake: Arc::new(Notify::new()),
             reports_tx,
             reports_rx,
+            work_dir_lock,
         })
     }
 
@@ -288,6 +321,7 @@ impl Agent {
             host_ssh,
             host_results_tx: _,
             host_results_rx,
+            work_dir_lock: _held_until_the_agent_stops,
         } = self;
         let host_results = Arc::new(Mutex::new(Outbox::default()));
         tokio::spawn(collect_host_results(

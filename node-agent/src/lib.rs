@@ -10,6 +10,7 @@
 
 pub mod beneath;
 pub mod connection;
+pub mod dir_lock;
 pub mod disk;
 pub mod docker;
 pub mod executor;

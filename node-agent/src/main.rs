@@ -229,8 +229,12 @@ async fn start(cli: Cli) -> anyhow::Result<ExitCode> {
         ..Default::default()
     };
     let journal = ctx.work_dir().join(connection::journal::DIR);
-    let mut agent = Agent::with_limits(config, Arc::new(ctx), limits)
-        .with_context(|| format!("opening the report journal in {}", journal.display()))?;
+    let mut agent = Agent::with_limits(config, Arc::new(ctx), limits).with_context(|| {
+        format!(
+            "starting the agent (its report journal: {})",
+            journal.display()
+        )
+    })?;
     if let Some(host) = host {
         tracing::info!(target = %host.target, "admins may run commands on this host over SSH");
         agent = agent.with_host_ssh(host);

@@ -177,8 +177,7 @@ async fn start_local_agent(
         reconnect_min: std::time::Duration::from_millis(200),
         reconnect_max: std::time::Duration::from_secs(5),
     };
-    let agent = Agent::new(config, std::sync::Arc::new(ctx))
-        .context("opening the local agent's report journal")?;
+    let agent = Agent::new(config, std::sync::Arc::new(ctx)).context("starting the local agent")?;
     Ok(tokio::spawn(async move {
         let refused = agent.run().await;
         eprintln!("the local agent stopped: {refused}");
@@ -283,40 +282,15 @@ fn private_umask() {
 /// database under the first when it ends: it is refused, naming the
 /// process that holds the directory.
 fn hold_dir(dir: &std::path::Path) -> anyhow::Result<std::fs::File> {
-    use std::io::{Read, Seek, Write};
-    let path = dir.join("dev.lock");
-    let mut file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&path)
-        .with_context(|| format!("opening {}", path.display()))?;
-    match file.try_lock() {
-        Ok(()) => {}
-        Err(std::fs::TryLockError::WouldBlock) => {
-            let mut holder = String::new();
-            let _ = file.read_to_string(&mut holder);
-            let holder = holder.trim();
-            let by = if holder.is_empty() {
-                String::new()
-            } else {
-                format!(" (process {holder})")
-            };
-            anyhow::bail!(
-                "another unidesk dev is running in {}{by}: stop it first, or start this one in another directory",
-                dir.display()
-            );
-        }
-        Err(std::fs::TryLockError::Error(e)) => {
-            return Err(e).with_context(|| format!("locking {}", path.display()));
-        }
-    }
-    file.set_len(0)
-        .and_then(|()| file.rewind())
-        .and_then(|()| writeln!(file, "{}", std::process::id()))
-        .with_context(|| format!("writing {}", path.display()))?;
-    Ok(file)
+    use node_agent::dir_lock::{by_process, hold, HoldError};
+    hold(dir, "dev.lock").map_err(|e| match e {
+        HoldError::Held { holder, .. } => anyhow::anyhow!(
+            "another unidesk dev is running in {}{}: stop it first, or start this one in another directory",
+            dir.display(),
+            by_process(holder)
+        ),
+        e @ HoldError::Io { .. } => anyhow::Error::new(e).context("locking the directory"),
+    })
 }
 
 /// Runs the platform until Ctrl-C.

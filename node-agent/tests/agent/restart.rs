@@ -254,3 +254,46 @@ async fn a_killed_agent_sends_what_it_journaled_again_once_and_a_refused_report_
     assert_eq!(reports_before_probe(&mut ws).await, Vec::new());
     support::remove_image(&support::docker().await, &support::tag_of(&task)).await;
 }
+
+#[tokio::test]
+async fn a_second_agent_on_a_work_directory_in_use_is_refused_and_takes_it_once_free() {
+    let (addr, mut sessions) = server().await;
+    let work = tempfile::tempdir().unwrap();
+    let logs = tempfile::tempdir().unwrap();
+    let mut first = AgentProcess::start(addr, work.path(), &logs.path().join("1.log"));
+    let mut ws = next_session(&mut sessions).await;
+    welcome(&mut ws, 30).await;
+
+    let mut second = AgentProcess::start(addr, work.path(), &logs.path().join("2.log"));
+    let status = tokio::time::timeout(
+        RUN_WAIT,
+        tokio::task::spawn_blocking(move || second.0.wait().unwrap()),
+    )
+    .await
+    .expect("the second agent exits")
+    .unwrap();
+    assert!(!status.success(), "the second agent exits with an error");
+    let said = log_of(&logs.path().join("2.log"));
+    let expected = format!(
+        "another agent is running on the work directory {} (process {})",
+        work.path().canonicalize().unwrap().display(),
+        first.0.id()
+    );
+    assert!(said.contains(&expected), "{said}");
+    // It never reached the server, and the first one is still connected.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), sessions.recv())
+            .await
+            .is_err(),
+        "no second session"
+    );
+    assert!(first.0.try_wait().unwrap().is_none());
+
+    // Once the first is gone (kill -9: nothing released by hand), the
+    // next one starts.
+    first.kill();
+    drop(ws);
+    let _third = AgentProcess::start(addr, work.path(), &logs.path().join("3.log"));
+    let mut ws = next_session(&mut sessions).await;
+    welcome(&mut ws, 30).await;
+}
