@@ -707,12 +707,7 @@ async fn a_container_an_agent_created_but_never_started_is_removed_not_adopted()
     attempt.handle.abort();
     let _ = attempt.handle.await;
 
-    let again = Arc::new(Context::new(support::docker().await, work.path()).unwrap());
-    let (tx, mut rx) = mpsc::channel(64);
-    let supervisor = node_agent::supervisor::Supervisor::new(Arc::clone(&again), tx);
-    supervisor.adopt_leftovers().await;
-    assert!(supervisor.running().is_empty(), "nothing was adopted");
-    assert!(rx.try_recv().is_err(), "nothing is reported for it");
+    let again = start_again_adopting_nothing(work.path()).await;
     assert_container_gone(&again, &id).await;
     let left = everything_in(&work.path().join("tasks"));
     assert!(left.is_empty(), "its workspace is removed too: {left:?}");
@@ -743,12 +738,7 @@ async fn the_directory_of_an_attempt_stopped_before_it_had_a_container_goes_at_t
     std::fs::create_dir(tasks.join("kept-by-someone")).unwrap();
     std::fs::write(tasks.join(format!("{}-01", task.task_id)), "x").unwrap();
 
-    let again = Arc::new(Context::new(support::docker().await, work.path()).unwrap());
-    let (tx, mut rx) = mpsc::channel(64);
-    let supervisor = node_agent::supervisor::Supervisor::new(Arc::clone(&again), tx);
-    supervisor.adopt_leftovers().await;
-    assert!(supervisor.running().is_empty(), "nothing was adopted");
-    assert!(rx.try_recv().is_err(), "nothing is reported for it");
+    start_again_adopting_nothing(work.path()).await;
     assert!(!dir.exists(), "the attempt's directory is removed");
     let mut left: Vec<_> = std::fs::read_dir(&tasks)
         .unwrap()
@@ -813,6 +803,18 @@ async fn a_cached_image_needs_no_env_repository_and_an_unknown_one_still_fails_c
         "{message}"
     );
     support::remove_image(ctx.docker(), &tag_of(&task)).await;
+}
+
+/// Starts the agent again on `work`, as after a crash, and takes over
+/// what it left: checks nothing is adopted or reported.
+async fn start_again_adopting_nothing(work: &std::path::Path) -> Arc<Context> {
+    let again = Arc::new(Context::new(support::docker().await, work).unwrap());
+    let (tx, mut rx) = mpsc::channel(64);
+    let supervisor = node_agent::supervisor::Supervisor::new(Arc::clone(&again), tx);
+    supervisor.adopt_leftovers().await;
+    assert!(supervisor.running().is_empty(), "nothing was adopted");
+    assert!(rx.try_recv().is_err(), "nothing is reported for it");
+    again
 }
 
 /// Every path under `dir`, for a failure's message.
