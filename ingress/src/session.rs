@@ -602,6 +602,7 @@ impl Session {
             node_id: self.node_id,
             session: self.id,
             heartbeat_s: self.ingress.config().heartbeat_s,
+            output_limit_bytes: Some(self.ingress.log_limits().max_bytes_per_attempt),
         };
         send(socket, &protocol::encode(&welcome)).await?;
         for command in commands {

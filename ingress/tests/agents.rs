@@ -490,11 +490,17 @@ async fn hello_records_the_connection_and_is_welcomed() {
         node_id: welcomed,
         session,
         heartbeat_s,
+        output_limit_bytes,
     } = agent.recv().await
     else {
         panic!("expected welcome")
     };
     assert_eq!((welcomed, heartbeat_s), (node_id, 15));
+    assert_eq!(
+        output_limit_bytes,
+        Some(64 * 1024 * 1024),
+        "the default limit"
+    );
     assert_eq!(
         p.events_of("node", node_id).await,
         ["NodeProvisioned", "NodeConnected"]

@@ -483,7 +483,10 @@ impl Link {
             return Ended::default();
         }
         let heartbeat_s = match tokio::time::timeout(WELCOME_TIMEOUT, welcome(&mut stream)).await {
-            Ok(Ok(heartbeat_s)) => heartbeat_s,
+            Ok(Ok((heartbeat_s, output_limit))) => {
+                self.ctx.set_output_limit(output_limit);
+                heartbeat_s
+            }
             Ok(Err(end)) => {
                 if matches!(&end, SessionEnd::ServerError { code, .. } if code == "protocol_version")
                 {
@@ -774,10 +777,11 @@ fn retry_after(message: &str) -> Option<Duration> {
     ))
 }
 
-/// Reads frames until `welcome`; returns its heartbeat period.
+/// Reads frames until `welcome`; returns its heartbeat period and the
+/// server's limit on an attempt's output.
 async fn welcome(
     stream: &mut (impl StreamExt<Item = Result<Message, WsError>> + Unpin),
-) -> Result<u64, SessionEnd> {
+) -> Result<(u64, Option<u64>), SessionEnd> {
     loop {
         match stream.next().await {
             Some(Ok(Message::Text(text))) => {
@@ -786,9 +790,10 @@ async fn welcome(
                         node_id,
                         session,
                         heartbeat_s,
+                        output_limit_bytes,
                     }) => {
-                        tracing::info!(%node_id, %session, heartbeat_s, "connected");
-                        return Ok(heartbeat_s);
+                        tracing::info!(%node_id, %session, heartbeat_s, output_limit_bytes, "connected");
+                        return Ok((heartbeat_s, output_limit_bytes));
                     }
                     Ok(ServerMessage::Error { code, message }) => {
                         return Err(SessionEnd::ServerError { code, message })

@@ -106,6 +106,12 @@ impl LogChunker {
         }
     }
 
+    /// How many bytes of text were taken as chunks: the next chunk's
+    /// offset.
+    pub fn taken(&self) -> u64 {
+        self.offset
+    }
+
     /// Whether enough text is waiting to fill a chunk (besides what may be
     /// held back as the start of a secret).
     pub fn has_full_chunk(&self) -> bool {

@@ -121,6 +121,11 @@ pub enum ServerMessage {
         session: Uuid,
         /// How often to send heartbeats.
         heartbeat_s: u64,
+        /// The most output bytes the server stores per attempt; past it,
+        /// one marker line and nothing more. An agent reads a container's
+        /// output no further than that. Absent from older servers.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        output_limit_bytes: Option<u64>,
     },
     /// Something to do.
     Command {

@@ -2,6 +2,7 @@
 //! image builder, the work directory and how containers are confined.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -43,6 +44,9 @@ pub struct Context {
     /// The size of each of the two files Docker keeps a task container's
     /// output in.
     pub(super) container_log_bytes: u64,
+    /// The most output bytes the server stores per attempt, as its last
+    /// welcome said; [`u64::MAX`] while unknown.
+    pub(super) output_limit: Arc<AtomicU64>,
 }
 
 impl Context {
@@ -75,7 +79,16 @@ impl Context {
             layer_quota: LayerQuota::default(),
             git_known_hosts: None,
             container_log_bytes: docker::CONTAINER_LOG_FILE_BYTES,
+            output_limit: Arc::new(AtomicU64::new(u64::MAX)),
         })
+    }
+
+    /// Notes the most output bytes the server stores per attempt (`None`:
+    /// no limit known): a container's output is read no further, also that
+    /// of attempts already running.
+    pub fn set_output_limit(&self, bytes: Option<u64>) {
+        self.output_limit
+            .store(bytes.unwrap_or(u64::MAX), Ordering::Relaxed);
     }
 
     /// Keeps each task container's output in two files of `bytes` each

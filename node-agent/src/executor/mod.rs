@@ -53,7 +53,7 @@ mod workspace;
 pub use adopt::{adopt, discard};
 pub use cancel::{cancel_pair, CancelSignal, Canceller};
 pub use context::Context;
-pub use output::ROTATED_MARKER;
+pub use output::{past_limit_marker, ROTATED_MARKER};
 pub use release::release;
 pub use report::{LogReport, Report, StatusReport};
 pub use run::run;

@@ -46,6 +46,18 @@ pub const ROTATED_MARKER: &str =
     "\n[unidesk: output may be missing here: Docker rotated it out of \
      the container's log files before the agent could read it]\n";
 
+/// The line that ends output the agent stopped reading because the server
+/// keeps no more of an attempt's output than `limit` bytes. Past the
+/// limit the server stores its own marker and drops this one; it shows
+/// where output was dropped before (the agent's reports could not keep up)
+/// and the server's limit was not reached.
+pub fn past_limit_marker(limit: u64) -> String {
+    format!(
+        "\n[unidesk: output past {} was not read: the server keeps no more of an attempt's output]\n",
+        crate::git::human_bytes(limit)
+    )
+}
+
 /// The reader of a container's output, as the watcher holds it.
 pub(super) struct Draining {
     pump: JoinHandle<()>,
@@ -62,6 +74,7 @@ pub(super) fn start(
     id: String,
     out: Reporter,
     exited: oneshot::Receiver<()>,
+    limit: Arc<AtomicU64>,
 ) -> Draining {
     let read = Arc::new(AtomicU64::new(0));
     let (stop, stopped) = watch::channel(None);
@@ -71,7 +84,7 @@ pub(super) fn start(
         out,
         exited,
         Arc::clone(&read),
-        stopped,
+        (stopped, limit),
     ));
     Draining { pump, read, stop }
 }
@@ -139,14 +152,17 @@ impl Draining {
 /// the last seconds are read again without following, and those the
 /// follow did not see are added. Output it could not read to its end
 /// (Docker failed, or `stop` said why to give up) ends with
-/// [`missing_marker`].
+/// [`missing_marker`]. Once more was reported than the server keeps of
+/// an attempt (`limit`, read as it changes), reading stops, whether the
+/// container runs on or not, and the output ends with
+/// [`past_limit_marker`].
 async fn pump_output(
     docker: Docker,
     id: String,
     out: Reporter,
     exited: oneshot::Receiver<()>,
     read: Arc<AtomicU64>,
-    mut stop: watch::Receiver<Option<String>>,
+    (mut stop, limit): (watch::Receiver<Option<String>>, Arc<AtomicU64>),
 ) {
     let mut chunker = match out.mask() {
         Mask::Values(values) => LogChunker::new().masking(values.iter().map(|v| v.to_string())),
@@ -168,18 +184,38 @@ async fn pump_output(
         chunker: &mut chunker,
         read: &read,
         stop: &mut stop,
+        limit: &limit,
     };
     let mut done = follow_output(&docker, &id, &out, &mut reading, &mut seen).await;
-    if done.is_ok() && exited.await.is_ok() {
+    if done == Ok(Read::All) && exited.await.is_ok() {
         done = catch_up(&docker, &id, &out, &mut reading, &seen).await;
     }
-    if let Err(why) = done {
-        tracing::warn!(%why, "the container's output could not be read to its end");
-        chunker.push(missing_marker(&why).as_bytes());
+    match done {
+        Ok(Read::All) => {}
+        Ok(Read::PastLimit(limit)) => {
+            tracing::info!(
+                limit,
+                "stopped reading the container's output past the server's limit"
+            );
+            chunker.push(past_limit_marker(limit).as_bytes());
+        }
+        Err(why) => {
+            tracing::warn!(%why, "the container's output could not be read to its end");
+            chunker.push(missing_marker(&why).as_bytes());
+        }
     }
     for chunk in chunker.finish() {
         out.log(chunk).await;
     }
+}
+
+/// How far a read of the output went, when nothing failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Read {
+    /// To the end.
+    All,
+    /// Past the server's limit on an attempt's output, this one.
+    PastLimit(u64),
 }
 
 /// What a read of the output adds to, counts and listens to.
@@ -189,6 +225,8 @@ struct Reading<'a> {
     read: &'a AtomicU64,
     /// Why to give up, once told.
     stop: &'a mut watch::Receiver<Option<String>>,
+    /// The server's limit on an attempt's output.
+    limit: &'a AtomicU64,
 }
 
 impl Reading<'_> {
@@ -205,6 +243,12 @@ impl Reading<'_> {
                 out.log(chunk).await;
             }
         }
+    }
+
+    /// The server's limit, once more than it was reported.
+    fn past_limit(&self) -> Option<u64> {
+        let limit = self.limit.load(Ordering::Relaxed);
+        (self.chunker.taken() > limit).then_some(limit)
     }
 
     /// Why to give up, once told; never returns before.
@@ -258,15 +302,16 @@ impl Seen {
     }
 }
 
-/// Follows the output until the container stops; why not, if reading
-/// failed or was told to stop.
+/// Follows the output until the container stops, or until more than the
+/// server's limit was reported; why not, if reading failed or was told to
+/// stop.
 async fn follow_output(
     docker: &Docker,
     id: &str,
     out: &Reporter,
     reading: &mut Reading<'_>,
     seen: &mut Seen,
-) -> Result<(), String> {
+) -> Result<Read, String> {
     let mut output = std::pin::pin!(docker::output(docker, id, true, 0));
     let mut flush = tokio::time::interval(LOG_FLUSH_INTERVAL);
     loop {
@@ -285,13 +330,16 @@ async fn follow_output(
                     tracing::warn!(error = %e, "reading the output failed");
                     return Err(e.to_string());
                 }
-                None => return Ok(()),
+                None => return Ok(Read::All),
             },
             _ = flush.tick() => {
                 if let Some(chunk) = reading.chunker.take() {
                     out.log(chunk).await;
                 }
             }
+        }
+        if let Some(limit) = reading.past_limit() {
+            return Ok(Read::PastLimit(limit));
         }
     }
 }
@@ -311,9 +359,9 @@ async fn catch_up(
     out: &Reporter,
     reading: &mut Reading<'_>,
     seen: &Seen,
-) -> Result<(), String> {
+) -> Result<Read, String> {
     if seen.unstamped {
-        return Ok(());
+        return Ok(Read::All);
     }
     let horizon = seen.newest.map(|n| n - CATCH_UP_WINDOW);
     let since = horizon.map_or(0, |t| i32::try_from(t.timestamp()).unwrap_or(0));
@@ -328,7 +376,7 @@ async fn catch_up(
             item = output.next() => item,
         };
         match item {
-            None => return Ok(()),
+            None => return Ok(Read::All),
             Some(Ok(entry)) => {
                 joined |= entry.at.is_some() && entry.at == seen.last;
                 let missed = match (entry.at, horizon) {
@@ -345,6 +393,9 @@ async fn catch_up(
                     tracing::debug!(bytes = entry.data.len(), "output the follow missed");
                     reading.push(&entry.data);
                     reading.report_full(out).await;
+                    if let Some(limit) = reading.past_limit() {
+                        return Ok(Read::PastLimit(limit));
+                    }
                 }
             }
             Some(Err(e)) => {

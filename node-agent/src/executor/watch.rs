@@ -9,6 +9,7 @@
 //! moment) is reported as it ended, not as timed out.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use protocol::ReportedState;
@@ -55,7 +56,13 @@ pub(super) async fn watch(
     limits: Limits,
 ) -> Ending {
     let (exited, on_exit) = oneshot::channel();
-    let draining = output::start(ctx.docker.clone(), id.to_owned(), out.clone(), on_exit);
+    let draining = output::start(
+        ctx.docker.clone(),
+        id.to_owned(),
+        out.clone(),
+        on_exit,
+        Arc::clone(&ctx.output_limit),
+    );
     let ending = tokio::select! {
         exit = docker::wait_exit(&ctx.docker, id) => ended(exit, limits.memory_mb),
         grace = cancel.cancelled() => {

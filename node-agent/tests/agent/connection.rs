@@ -19,6 +19,9 @@ use uuid::Uuid;
 
 use crate::support::{self, context, env_repo, repo, spec};
 
+/// How long an attempt may take to build its image and run.
+pub(crate) const RUN_WAIT: Duration = Duration::from_secs(120);
+
 pub(crate) const TOKEN: &str = "node-token-for-tests";
 pub(crate) const WAIT: Duration = Duration::from_secs(15);
 
@@ -90,6 +93,31 @@ pub(crate) async fn recv(ws: &mut Ws) -> AgentMessage {
 }
 
 /// The next status or log from the agent, skipping heartbeats and acks.
+/// Reads the agent's reports, answering none, until `task`'s final status.
+pub(crate) async fn until_final(ws: &mut Ws, task: Uuid) -> Vec<AgentMessage> {
+    let deadline = tokio::time::Instant::now() + RUN_WAIT;
+    let mut seen = Vec::new();
+    loop {
+        let message = tokio::time::timeout_at(deadline, recv(ws))
+            .await
+            .unwrap_or_else(|_| panic!("no final status within {RUN_WAIT:?}: {seen:?}"));
+        match &message {
+            AgentMessage::Status(s) if s.task_id == task => {
+                let done = !matches!(
+                    s.state,
+                    ReportedState::Accepted | ReportedState::Preparing | ReportedState::Running
+                );
+                seen.push(message);
+                if done {
+                    return seen;
+                }
+            }
+            AgentMessage::Log(_) => seen.push(message),
+            _ => {}
+        }
+    }
+}
+
 pub(crate) async fn recv_report(ws: &mut Ws) -> AgentMessage {
     loop {
         let message = recv(ws).await;
@@ -114,6 +142,11 @@ pub(crate) async fn next_session(sessions: &mut mpsc::Receiver<Ws>) -> Ws {
 
 /// Reads the hello and answers with a welcome.
 pub(crate) async fn welcome(ws: &mut Ws, heartbeat_s: u64) -> Hello {
+    welcome_limiting(ws, heartbeat_s, None).await
+}
+
+/// Like [`welcome`], with a limit on each attempt's output.
+async fn welcome_limiting(ws: &mut Ws, heartbeat_s: u64, output_limit_bytes: Option<u64>) -> Hello {
     let AgentMessage::Hello(hello) = recv(ws).await else {
         panic!("the first message must be hello");
     };
@@ -121,6 +154,7 @@ pub(crate) async fn welcome(ws: &mut Ws, heartbeat_s: u64) -> Hello {
         node_id: Uuid::new_v4(),
         session: Uuid::new_v4(),
         heartbeat_s,
+        output_limit_bytes,
     };
     send(ws, &welcome).await;
     hello
@@ -373,4 +407,71 @@ async fn a_run_task_command_runs_and_survives_a_reconnect() {
     })
     .await;
     support::remove_image(ctx.docker(), &support::tag_of(&spec)).await;
+}
+
+#[tokio::test]
+async fn output_past_the_servers_limit_is_not_read_and_the_end_says_so() {
+    support::base_image().await;
+    let (addr, mut sessions) = server().await;
+    let (ctx, _work) = context().await;
+    tokio::spawn(
+        Agent::new(config(addr, TOKEN), Arc::clone(&ctx))
+            .unwrap()
+            .run(),
+    );
+    let mut ws = next_session(&mut sessions).await;
+    let limit = 1024 * 1024;
+    welcome_limiting(&mut ws, 30, Some(limit)).await;
+    let (code, env) = (repo(&[("a", "a")]), env_repo(""));
+    // 64 MB, then a last line the agent does not get to.
+    let line = "0123456789".repeat(6) + "abc";
+    let task = spec(
+        &code,
+        &env,
+        &format!("yes {line} | head -n 1000000; echo LAST-LINE"),
+    );
+    let run = ServerMessage::Command {
+        command_id: protocol::command_id("run_task", task.task_id, task.attempt),
+        command: Command::RunTask(task.clone()),
+    };
+    send(&mut ws, &run).await;
+    let seen = until_final(&mut ws, task.task_id).await;
+    let Some(AgentMessage::Status(end)) = seen.last() else {
+        panic!("{seen:?}")
+    };
+    assert_eq!(end.state, ReportedState::Succeeded, "{end:?}");
+    let mut text = String::new();
+    for message in &seen {
+        if let AgentMessage::Log(chunk) = message {
+            assert_eq!(chunk.offset, text.len() as u64, "offsets without gaps");
+            text.push_str(&chunk.data);
+        }
+    }
+    let marker = node_agent::executor::past_limit_marker(limit);
+    assert_eq!(marker, "\n[unidesk: output past 1.0 MiB was not read: the server keeps no more of an attempt's output]\n");
+    let read = text
+        .strip_suffix(marker.as_str())
+        .unwrap_or_else(|| panic!("no marker at the end: {:?}", &text[text.len() - 200..]));
+    // Past the limit by less than a chunk: the agent read no further.
+    assert!(read.len() as u64 > limit);
+    assert!(
+        read.len() as u64 <= limit + protocol::MAX_LOG_CHUNK_BYTES as u64,
+        "{}",
+        read.len()
+    );
+    assert!(
+        read.lines().all(|l| line.starts_with(l)),
+        "only whole lines, the last maybe cut"
+    );
+    assert!(!text.contains("LAST-LINE"));
+    // The end answered, the agent removes the container.
+    answer(&mut ws, report_id(&seen[seen.len() - 1]), None).await;
+    support::eventually("the container removed", Duration::from_secs(30), || async {
+        support::attempt_containers(&ctx, &task)
+            .await
+            .is_empty()
+            .then_some(())
+    })
+    .await;
+    support::remove_env_image(&ctx, &env).await;
 }

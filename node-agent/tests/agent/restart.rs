@@ -10,11 +10,10 @@ use node_agent::connection::journal;
 use protocol::{AgentMessage, Command as AgentCommand, ReportedState, ServerMessage};
 use uuid::Uuid;
 
-use crate::connection::{answer, next_session, recv, report_id, send, server, welcome, Ws, TOKEN};
+use crate::connection::{
+    answer, next_session, recv, report_id, send, server, until_final, welcome, Ws, RUN_WAIT, TOKEN,
+};
 use crate::support::{self, env_repo, repo, spec};
-
-/// How long an attempt may take to build its image and run.
-const RUN_WAIT: Duration = Duration::from_secs(120);
 
 /// An agent process, killed with SIGKILL when dropped.
 struct AgentProcess(Child);
@@ -83,31 +82,6 @@ async fn containers_of(task: Uuid) -> Vec<String> {
         .into_iter()
         .filter_map(|c| c.id)
         .collect()
-}
-
-/// Reads the agent's reports, answering none, until `task`'s final status.
-async fn until_final(ws: &mut Ws, task: Uuid) -> Vec<AgentMessage> {
-    let deadline = tokio::time::Instant::now() + RUN_WAIT;
-    let mut seen = Vec::new();
-    loop {
-        let message = tokio::time::timeout_at(deadline, recv(ws))
-            .await
-            .unwrap_or_else(|_| panic!("no final status within {RUN_WAIT:?}: {seen:?}"));
-        match &message {
-            AgentMessage::Status(s) if s.task_id == task => {
-                let done = !matches!(
-                    s.state,
-                    ReportedState::Accepted | ReportedState::Preparing | ReportedState::Running
-                );
-                seen.push(message);
-                if done {
-                    return seen;
-                }
-            }
-            AgentMessage::Log(_) => seen.push(message),
-            _ => {}
-        }
-    }
 }
 
 /// Sends a command the agent acknowledges, and returns the reports it sent
