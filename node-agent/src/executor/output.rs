@@ -40,11 +40,14 @@ pub fn missing_marker(why: &str) -> String {
 }
 
 /// The line put where Docker may have discarded output before the agent
-/// read it: a follow that lagged more than Docker's two log files behind
-/// the task lost the file it was reading.
+/// read it. A follow that lags behind Docker's rotation of the log files
+/// skips the rest of the file it was reading (and may read the next one
+/// twice); the agent says so where it can tell: when the entry the follow
+/// read last is gone from the files, or when the files hold, before it,
+/// entries the follow never read.
 pub const ROTATED_MARKER: &str =
     "\n[unidesk: output may be missing here: Docker rotated it out of \
-     the container's log files before the agent could read it]\n";
+     the container's log files before the agent read it; what follows may be out of order]\n";
 
 /// The line that ends output the agent stopped reading because the server
 /// keeps no more of an attempt's output than `limit` bytes. Past the
@@ -366,9 +369,7 @@ async fn catch_up(
     let horizon = seen.newest.map(|n| n - CATCH_UP_WINDOW);
     let since = horizon.map_or(0, |t| i32::try_from(t.timestamp()).unwrap_or(0));
     let mut output = std::pin::pin!(docker::output(docker, id, false, since));
-    // Whether the entry the follow read last is still there; nothing to
-    // look for when it read none.
-    let mut joined = seen.last.is_none();
+    let mut joining = Joining::new(seen);
     loop {
         let item = tokio::select! {
             biased;
@@ -378,18 +379,16 @@ async fn catch_up(
         match item {
             None => return Ok(Read::All),
             Some(Ok(entry)) => {
-                joined |= entry.at.is_some() && entry.at == seen.last;
                 let missed = match (entry.at, horizon) {
                     (Some(at), Some(horizon)) => at >= horizon && !seen.recent.contains(&at),
                     (_, None) => true,
                     (None, Some(_)) => false,
                 };
+                if joining.marker_before(entry.at, missed) {
+                    tracing::warn!("Docker rotated out output the follow had not read");
+                    reading.push(ROTATED_MARKER.as_bytes());
+                }
                 if missed {
-                    if !joined {
-                        tracing::warn!("Docker rotated out output the follow had not read");
-                        reading.push(ROTATED_MARKER.as_bytes());
-                        joined = true;
-                    }
                     tracing::debug!(bytes = entry.data.len(), "output the follow missed");
                     reading.push(&entry.data);
                     reading.report_full(out).await;
@@ -406,9 +405,87 @@ async fn catch_up(
     }
 }
 
+/// Tells, entry by entry of a catch-up in the log's order, whether
+/// [`ROTATED_MARKER`] goes before the next entry the follow missed. The
+/// log files hold a run of the output up to its end, so they hold the
+/// entry the follow read last, unless Docker discarded what came after
+/// it; and an entry the follow missed before that one is one it skipped.
+/// The marker goes in once.
+struct Joining {
+    /// The time of the entry the follow read last, to the nanosecond.
+    last: Option<chrono::DateTime<chrono::Utc>>,
+    /// Whether that entry was met, or the marker is in.
+    joined: bool,
+}
+
+impl Joining {
+    fn new(seen: &Seen) -> Self {
+        Joining {
+            last: seen.last,
+            // Nothing to look for when the follow read nothing.
+            joined: seen.last.is_none(),
+        }
+    }
+
+    /// Notes the next entry (at `at`, `missed` by the follow); whether the
+    /// marker goes before it.
+    fn marker_before(&mut self, at: Option<chrono::DateTime<chrono::Utc>>, missed: bool) -> bool {
+        self.joined |= at.is_some() && at == self.last;
+        let marker = missed && !self.joined;
+        self.joined |= marker;
+        marker
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn seen_up_to(last: i64) -> Seen {
+        let mut seen = Seen::default();
+        for t in 1..=last {
+            seen.note(Some(at(t)));
+        }
+        seen
+    }
+
+    /// Where markers go in a catch-up of `entries` (time, missed).
+    fn markers(seen: &Seen, entries: &[(i64, bool)]) -> Vec<i64> {
+        let mut joining = Joining::new(seen);
+        entries
+            .iter()
+            .filter(|(t, missed)| joining.marker_before(Some(at(*t)), *missed))
+            .map(|(t, _)| *t)
+            .collect()
+    }
+
+    #[test]
+    fn a_catch_up_that_meets_the_last_entry_read_adds_no_marker() {
+        let seen = seen_up_to(5);
+        assert!(markers(&seen, &[(4, false), (5, false), (6, true), (7, true)]).is_empty());
+    }
+
+    #[test]
+    fn a_catch_up_without_the_last_entry_read_says_where_output_is_missing_once() {
+        let seen = seen_up_to(5);
+        assert_eq!(markers(&seen, &[(8, true), (9, true)]), [8]);
+    }
+
+    #[test]
+    fn entries_the_follow_skipped_before_its_last_one_are_marked() {
+        // The follow jumped from 2 to 5: 3 and 4 are still in the files.
+        let mut seen = seen_up_to(2);
+        seen.note(Some(at(5)));
+        assert_eq!(
+            markers(&seen, &[(3, true), (4, true), (5, false), (6, true)]),
+            [3]
+        );
+    }
+
+    #[test]
+    fn a_follow_that_read_nothing_has_nothing_missing_to_name() {
+        assert!(markers(&Seen::default(), &[(1, true), (2, true)]).is_empty());
+    }
 
     /// A reader doing `work` with the counter and the stop signal a real
     /// one has; the receiver is a copy to read what it was told.
