@@ -1143,9 +1143,23 @@ pub async fn leftovers(docker: &Docker, agent_label: &str) -> Result<Vec<Leftove
         .map_err(|e| DockerError::api("listing leftover containers failed", &e))?;
     let mut found = Vec::new();
     for id in containers.into_iter().filter_map(|c| c.id) {
-        match inspect_leftover(docker, &id).await {
-            Ok(Some(leftover)) => found.push(leftover),
-            Ok(None) => {
+        // Docker lists a container it is still creating before it can be
+        // inspected (a create the previous run asked for just before it
+        // died): one listed but not found is looked at again for a moment.
+        let mut inspected = inspect_leftover(docker, &id).await;
+        for _ in 1..LISTED_NOT_FOUND_LOOKS {
+            if !matches!(inspected, Ok(Inspected::NotFound)) {
+                break;
+            }
+            tokio::time::sleep(LISTED_NOT_FOUND_PAUSE).await;
+            inspected = inspect_leftover(docker, &id).await;
+        }
+        match inspected {
+            Ok(Inspected::Task(leftover)) => found.push(*leftover),
+            Ok(Inspected::NotFound) => {
+                tracing::info!(container = %id, "a listed container is gone");
+            }
+            Ok(Inspected::Unlabelled) => {
                 tracing::warn!(container = %id, "removing a container without readable task labels");
                 if let Err(e) = remove_container(docker, &id).await {
                     tracing::warn!(container = %id, error = %e, "could not remove it");
@@ -1159,11 +1173,28 @@ pub async fn leftovers(docker: &Docker, agent_label: &str) -> Result<Vec<Leftove
     Ok(found)
 }
 
-async fn inspect_leftover(docker: &Docker, id: &str) -> Result<Option<Leftover>, DockerError> {
-    let info = docker
-        .inspect_container(id, None)
-        .await
-        .map_err(|e| DockerError::api("inspecting the container failed", &e))?;
+/// How many times a listed container Docker does not find is looked at.
+const LISTED_NOT_FOUND_LOOKS: u32 = 10;
+
+/// How long apart those looks are.
+const LISTED_NOT_FOUND_PAUSE: Duration = Duration::from_millis(200);
+
+/// What inspecting a listed container found.
+enum Inspected {
+    /// A task container of this agent.
+    Task(Box<Leftover>),
+    /// A container without readable task labels.
+    Unlabelled,
+    /// Nothing: it is gone, or not made yet.
+    NotFound,
+}
+
+async fn inspect_leftover(docker: &Docker, id: &str) -> Result<Inspected, DockerError> {
+    let info = match docker.inspect_container(id, None).await {
+        Ok(info) => info,
+        Err(e) if is_not_found(&e) => return Ok(Inspected::NotFound),
+        Err(e) => return Err(DockerError::api("inspecting the container failed", &e)),
+    };
     let labels = info
         .config
         .as_ref()
@@ -1174,7 +1205,7 @@ async fn inspect_leftover(docker: &Docker, id: &str) -> Result<Option<Leftover>,
         .and_then(|t| uuid::Uuid::try_parse(t).ok());
     let attempt = labels.get(LABEL_ATTEMPT).and_then(|a| a.parse().ok());
     let (Some(task_id), Some(attempt)) = (task_id, attempt) else {
-        return Ok(None);
+        return Ok(Inspected::Unlabelled);
     };
     // Docker writes 0001-01-01 for a container that never started.
     let started = docker_time(info.state.as_ref().and_then(|s| s.started_at.as_deref()));
@@ -1190,7 +1221,7 @@ async fn inspect_leftover(docker: &Docker, id: &str) -> Result<Option<Leftover>,
         .as_ref()
         .and_then(|h| h.storage_opt.as_ref())
         .is_some_and(|opts| opts.contains_key("size"));
-    Ok(Some(Leftover {
+    Ok(Inspected::Task(Box::new(Leftover {
         id: id.to_owned(),
         task_id,
         attempt,
@@ -1200,7 +1231,7 @@ async fn inspect_leftover(docker: &Docker, id: &str) -> Result<Option<Leftover>,
         running_for,
         exit,
         layer_limited,
-    }))
+    })))
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@
 use crate::beneath::{blocking, PathError, Root};
 use crate::docker;
 
+use super::adopt::{DISCARD_PAUSE, DISCARD_ROUNDS};
 use super::context::Context;
 use super::prepare::PrepareError;
 use super::report::Ending;
@@ -92,8 +93,9 @@ fn attempt_of(name: &str) -> Option<(uuid::Uuid, u32)> {
 /// does not name: an agent that stopped while an attempt was being
 /// prepared (its code fetched, its image built) left its directory before
 /// any container existed, and nothing else would remove it. An attempt
-/// whose containers Docker cannot list keeps its directory; names that
-/// are no attempt's are left alone. Called once, when the agent starts,
+/// whose containers Docker cannot list, or still lists after about two
+/// seconds, keeps its directory; names that are no attempt's are left
+/// alone. Called once, when the agent starts,
 /// after the leftover containers were adopted or discarded and before any
 /// attempt runs.
 pub async fn sweep_workspaces(ctx: &Context, keep: impl Fn((uuid::Uuid, u32)) -> bool) {
@@ -127,7 +129,19 @@ pub async fn sweep_workspaces(ctx: &Context, keep: impl Fn((uuid::Uuid, u32)) ->
         if keep((task_id, attempt)) {
             continue;
         }
-        match docker::attempt_containers(&ctx.docker, &ctx.agent_label, task_id, attempt).await {
+        let list = || docker::attempt_containers(&ctx.docker, &ctx.agent_label, task_id, attempt);
+        let mut listed = list().await;
+        // A container listed here was neither adopted nor discarded: one
+        // whose create or removal Docker was still finishing. A moment
+        // settles which.
+        for _ in 1..DISCARD_ROUNDS {
+            if !matches!(&listed, Ok(containers) if !containers.is_empty()) {
+                break;
+            }
+            tokio::time::sleep(DISCARD_PAUSE).await;
+            listed = list().await;
+        }
+        match listed {
             Ok(containers) if containers.is_empty() => {
                 tracing::info!(%task_id, attempt, "removing the directory of an attempt a previous run left without a container");
                 remove_workspace(ctx, task_id, attempt).await;
