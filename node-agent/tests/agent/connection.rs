@@ -331,16 +331,27 @@ async fn unanswered_reports_are_resent_in_order_after_a_reconnect() {
     assert_eq!(*state, ReportedState::Preparing);
 }
 
-#[tokio::test]
-async fn a_run_task_command_runs_and_survives_a_reconnect() {
-    support::base_image().await;
-    let (addr, mut sessions) = server().await;
-    let (ctx, _work) = context().await;
+/// An agent running tasks in Docker, connected to an in-test server whose
+/// sessions come out of the receiver.
+async fn agent_with_docker() -> (
+    Arc<node_agent::executor::Context>,
+    tempfile::TempDir,
+    mpsc::Receiver<Ws>,
+) {
+    let (addr, sessions) = server().await;
+    let (ctx, work) = context().await;
     tokio::spawn(
         Agent::new(config(addr, TOKEN), Arc::clone(&ctx))
             .unwrap()
             .run(),
     );
+    (ctx, work, sessions)
+}
+
+#[tokio::test]
+async fn a_run_task_command_runs_and_survives_a_reconnect() {
+    support::base_image().await;
+    let (ctx, _work, mut sessions) = agent_with_docker().await;
     let (code, env) = (repo(&[("a", "a")]), env_repo(""));
     let spec = spec(&code, &env, "echo start; sleep 3; echo done");
     let command_id = protocol::command_id("run_task", spec.task_id, spec.attempt);
@@ -412,13 +423,7 @@ async fn a_run_task_command_runs_and_survives_a_reconnect() {
 #[tokio::test]
 async fn output_past_the_servers_limit_is_not_read_and_the_end_says_so() {
     support::base_image().await;
-    let (addr, mut sessions) = server().await;
-    let (ctx, _work) = context().await;
-    tokio::spawn(
-        Agent::new(config(addr, TOKEN), Arc::clone(&ctx))
-            .unwrap()
-            .run(),
-    );
+    let (ctx, _work, mut sessions) = agent_with_docker().await;
     let mut ws = next_session(&mut sessions).await;
     let limit = 1024 * 1024;
     welcome_limiting(&mut ws, 30, Some(limit)).await;
