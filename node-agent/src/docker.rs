@@ -1146,14 +1146,11 @@ pub async fn leftovers(docker: &Docker, agent_label: &str) -> Result<Vec<Leftove
         // Docker lists a container it is still creating before it can be
         // inspected (a create the previous run asked for just before it
         // died): one listed but not found is looked at again for a moment.
-        let mut inspected = inspect_leftover(docker, &id).await;
-        for _ in 1..LISTED_NOT_FOUND_LOOKS {
-            if !matches!(inspected, Ok(Inspected::NotFound)) {
-                break;
-            }
-            tokio::time::sleep(LISTED_NOT_FOUND_PAUSE).await;
-            inspected = inspect_leftover(docker, &id).await;
-        }
+        let inspected = until_settled(
+            || inspect_leftover(docker, &id),
+            |inspected| !matches!(inspected, Ok(Inspected::NotFound)),
+        )
+        .await;
         match inspected {
             Ok(Inspected::Task(leftover)) => found.push(*leftover),
             Ok(Inspected::NotFound) => {
@@ -1173,11 +1170,30 @@ pub async fn leftovers(docker: &Docker, agent_label: &str) -> Result<Vec<Leftove
     Ok(found)
 }
 
-/// How many times a listed container Docker does not find is looked at.
-const LISTED_NOT_FOUND_LOOKS: u32 = 10;
+/// How many times the agent looks at something Docker may still be
+/// finishing (a container's create or removal) before it takes what it
+/// sees.
+pub const SETTLE_LOOKS: u32 = 10;
 
-/// How long apart those looks are.
-const LISTED_NOT_FOUND_PAUSE: Duration = Duration::from_millis(200);
+/// How long apart those looks are: about two seconds in all.
+pub const SETTLE_PAUSE: Duration = Duration::from_millis(200);
+
+/// Runs `look` until what it returns is `settled`, at most
+/// [`SETTLE_LOOKS`] times, [`SETTLE_PAUSE`] apart; returns the last look.
+pub async fn until_settled<T, Fut>(mut look: impl FnMut() -> Fut, settled: impl Fn(&T) -> bool) -> T
+where
+    Fut: std::future::Future<Output = T>,
+{
+    let mut seen = look().await;
+    for _ in 1..SETTLE_LOOKS {
+        if settled(&seen) {
+            break;
+        }
+        tokio::time::sleep(SETTLE_PAUSE).await;
+        seen = look().await;
+    }
+    seen
+}
 
 /// What inspecting a listed container found.
 enum Inspected {

@@ -19,51 +19,43 @@ use super::task_files::{clone_error, noted_outputs, upload_outputs};
 use super::watch::{recorded_ending, watch, DiskWatch, Limits};
 use super::workspace::{attempt_dir, noted_stop, remove_workspace};
 
-/// How many times [`discard`] removes what Docker lists for the attempt,
-/// and how many times the start-up sweep looks for a container Docker is
-/// still removing.
-pub(super) const DISCARD_ROUNDS: u32 = 10;
-
-/// How long [`discard`] and the sweep wait before they look again.
-pub(super) const DISCARD_PAUSE: Duration = Duration::from_millis(200);
-
 /// Removes a container a previous run of this agent created but never
 /// started, and its workspace: the attempt did not get to run, and the
 /// server gives it up (and retries it) when the agent does not list it.
 ///
 /// A run that died while Docker was still creating the container (or a
 /// second one, made when the first create was refused) can leave Docker
-/// finishing that create after this one starts: the attempt's containers
-/// are listed again after each removal, and removed, until none is left
-/// (at most [`DISCARD_ROUNDS`] times, [`DISCARD_PAUSE`] apart). The
-/// workspace goes once none is; else the next start finds what is left.
+/// finishing that create after this one starts: every container Docker
+/// lists for the attempt is removed, and they are listed again, until
+/// none is left ([`docker::until_settled`]). The workspace goes once none
+/// is; else the next start finds what is left.
 pub async fn discard(found: &docker::Leftover, ctx: &Context) {
     tracing::info!(task_id = %found.task_id, attempt = found.attempt, "removing a container a previous run never started");
-    let mut left = vec![found.id.clone()];
-    for round in 1..=DISCARD_ROUNDS {
-        for id in &left {
-            if let Err(e) = docker::remove_container(&ctx.docker, id).await {
-                tracing::warn!(container = %id, error = %e, "could not remove the container");
+    let list =
+        || docker::attempt_containers(&ctx.docker, &ctx.agent_label, found.task_id, found.attempt);
+    let left = docker::until_settled(
+        || async {
+            let listed = list().await;
+            let ids = listed.as_deref().unwrap_or(std::slice::from_ref(&found.id));
+            for id in ids {
+                if let Err(e) = docker::remove_container(&ctx.docker, id).await {
+                    tracing::warn!(container = %id, error = %e, "could not remove the container");
+                }
             }
+            list().await
+        },
+        |left| matches!(left, Ok(ids) if ids.is_empty()),
+    )
+    .await;
+    match left {
+        Ok(ids) if ids.is_empty() => remove_workspace(ctx, found.task_id, found.attempt).await,
+        Ok(ids) => {
+            tracing::warn!(task_id = %found.task_id, attempt = found.attempt, containers = ?ids, "the attempt's containers are still there; the next start removes them");
         }
-        let listed =
-            docker::attempt_containers(&ctx.docker, &ctx.agent_label, found.task_id, found.attempt)
-                .await;
-        match listed {
-            Ok(listed) if listed.is_empty() => {
-                remove_workspace(ctx, found.task_id, found.attempt).await;
-                return;
-            }
-            Ok(listed) => left = listed,
-            Err(e) => {
-                tracing::warn!(error = %e, "could not list the attempt's containers");
-            }
-        }
-        if round < DISCARD_ROUNDS {
-            tokio::time::sleep(DISCARD_PAUSE).await;
+        Err(e) => {
+            tracing::warn!(error = %e, "could not list the attempt's containers; the next start removes what is left");
         }
     }
-    tracing::warn!(task_id = %found.task_id, attempt = found.attempt, containers = ?left, "the attempt's containers are still there; the next start removes them");
 }
 
 /// Takes over a started container a previous run of this agent left behind

@@ -87,7 +87,8 @@ pub(super) fn start(
         out,
         exited,
         Arc::clone(&read),
-        (stopped, limit),
+        stopped,
+        limit,
     ));
     Draining { pump, read, stop }
 }
@@ -165,7 +166,8 @@ async fn pump_output(
     out: Reporter,
     exited: oneshot::Receiver<()>,
     read: Arc<AtomicU64>,
-    (mut stop, limit): (watch::Receiver<Option<String>>, Arc<AtomicU64>),
+    mut stop: watch::Receiver<Option<String>>,
+    limit: Arc<AtomicU64>,
 ) {
     let mut chunker = match out.mask() {
         Mask::Values(values) => LogChunker::new().masking(values.iter().map(|v| v.to_string())),

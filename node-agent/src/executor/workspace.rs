@@ -9,7 +9,6 @@
 use crate::beneath::{blocking, PathError, Root};
 use crate::docker;
 
-use super::adopt::{DISCARD_PAUSE, DISCARD_ROUNDS};
 use super::context::Context;
 use super::prepare::PrepareError;
 use super::report::Ending;
@@ -129,18 +128,14 @@ pub async fn sweep_workspaces(ctx: &Context, keep: impl Fn((uuid::Uuid, u32)) ->
         if keep((task_id, attempt)) {
             continue;
         }
-        let list = || docker::attempt_containers(&ctx.docker, &ctx.agent_label, task_id, attempt);
-        let mut listed = list().await;
         // A container listed here was neither adopted nor discarded: one
         // whose create or removal Docker was still finishing. A moment
         // settles which.
-        for _ in 1..DISCARD_ROUNDS {
-            if !matches!(&listed, Ok(containers) if !containers.is_empty()) {
-                break;
-            }
-            tokio::time::sleep(DISCARD_PAUSE).await;
-            listed = list().await;
-        }
+        let listed = docker::until_settled(
+            || docker::attempt_containers(&ctx.docker, &ctx.agent_label, task_id, attempt),
+            |listed| !matches!(listed, Ok(containers) if !containers.is_empty()),
+        )
+        .await;
         match listed {
             Ok(containers) if containers.is_empty() => {
                 tracing::info!(%task_id, attempt, "removing the directory of an attempt a previous run left without a container");
