@@ -357,7 +357,7 @@ impl Images {
         if steps.is_empty() {
             return failure;
         }
-        let killed = out_of_memory_since(&self.docker, started).await;
+        let killed = out_of_memory_since(&self.docker, started, None, Duration::from_secs(1)).await;
         if killed
             .iter()
             .any(|id| steps.iter().any(|step| id.starts_with(step.as_str())))
@@ -372,15 +372,40 @@ impl Images {
     }
 }
 
-/// The ids of containers Docker saw run out of memory since `since`.
-async fn out_of_memory_since(docker: &Docker, since: chrono::DateTime<chrono::Utc>) -> Vec<String> {
+/// How long after a container's exit Docker's word that the kernel killed
+/// it for memory may still come. Docker records the exit and the kill as
+/// they reach it, in either order; when the exit comes first, `OOMKilled`
+/// stays false for good and only the `oom` event says what happened (seen
+/// up to 0.8 s after the exit on a loaded machine). A kill in a
+/// container's first moments, before containerd watches its memory, is
+/// never reported at all (containerd 1.6, cgroup v1).
+pub const OOM_EVENT_GRACE: Duration = Duration::from_secs(3);
+
+/// The ids of containers Docker saw run out of memory from `since` until
+/// `grace` from now; of container `only` when given, and then no later
+/// than its first.
+async fn out_of_memory_since(
+    docker: &Docker,
+    since: chrono::DateTime<chrono::Utc>,
+    only: Option<&str>,
+    grace: Duration,
+) -> Vec<String> {
+    let until = chrono::Utc::now() + grace;
+    let mut filters = HashMap::from([
+        ("type".to_owned(), vec!["container".to_owned()]),
+        ("event".to_owned(), vec!["oom".to_owned()]),
+    ]);
+    if let Some(id) = only {
+        filters.insert("container".to_owned(), vec![id.to_owned()]);
+    }
     let options = EventsOptions {
         since: Some((since.timestamp() - 1).to_string()),
-        until: Some((chrono::Utc::now().timestamp() + 1).to_string()),
-        filters: Some(HashMap::from([
-            ("type".to_owned(), vec!["container".to_owned()]),
-            ("event".to_owned(), vec!["oom".to_owned()]),
-        ])),
+        until: Some(format!(
+            "{}.{:09}",
+            until.timestamp(),
+            until.timestamp_subsec_nanos()
+        )),
+        filters: Some(filters),
     };
     let mut events = std::pin::pin!(docker.events(Some(options)));
     let mut ids = Vec::new();
@@ -392,9 +417,42 @@ async fn out_of_memory_since(docker: &Docker, since: chrono::DateTime<chrono::Ut
                 break;
             }
         }
+        if only.is_some() && !ids.is_empty() {
+            break;
+        }
     }
     ids
 }
+
+/// `exit` of container `id`, which started at `started`, with
+/// `oom_killed` set when Docker's events say the kernel killed it for
+/// memory though its record does not (see [`OOM_EVENT_GRACE`]). Only a
+/// SIGKILL (status 137) is looked into: it is how the kernel kills.
+async fn confirm_out_of_memory(
+    docker: &Docker,
+    id: &str,
+    started: Option<chrono::DateTime<chrono::Utc>>,
+    exit: Exit,
+) -> Exit {
+    if exit.oom_killed || exit.code != KILLED_STATUS {
+        return exit;
+    }
+    let Some(started) = started else {
+        return exit;
+    };
+    let killed = out_of_memory_since(docker, started, Some(id), OOM_EVENT_GRACE).await;
+    if !killed.is_empty() {
+        tracing::debug!(container = %id, "Docker said out of memory after the exit");
+    }
+    Exit {
+        oom_killed: !killed.is_empty(),
+        ..exit
+    }
+}
+
+/// The status Docker records for a container whose process a SIGKILL
+/// ended: 128 + 9.
+pub const KILLED_STATUS: i64 = 137;
 
 /// Reads a build's output, keeping the last lines for an error message and
 /// the (short) ids of the containers its steps ran in.
@@ -979,10 +1037,12 @@ pub async fn wait_exit(docker: &Docker, id: &str) -> Result<Exit, DockerError> {
             .state
             .unwrap_or_default();
         if state.running != Some(true) {
-            return Ok(Exit {
+            let exit = Exit {
                 code: state.exit_code.unwrap_or(-1),
                 oom_killed: state.oom_killed.unwrap_or(false),
-            });
+            };
+            let started = docker_time(state.started_at.as_deref());
+            return Ok(confirm_out_of_memory(docker, id, started, exit).await);
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
@@ -1043,7 +1103,14 @@ pub async fn recorded_exit(docker: &Docker, id: &str) -> Result<Option<RecordedE
         .inspect_container(id, None)
         .await
         .map_err(|e| DockerError::api("inspecting the container failed", &e))?;
-    Ok(info.state.as_ref().and_then(exit_of))
+    let Some(recorded) = info.state.as_ref().and_then(exit_of) else {
+        return Ok(None);
+    };
+    let started = docker_time(info.state.as_ref().and_then(|s| s.started_at.as_deref()));
+    Ok(Some(RecordedExit {
+        exit: confirm_out_of_memory(docker, id, started, recorded.exit).await,
+        ..recorded
+    }))
 }
 
 /// A stopped container's recorded end.
@@ -1226,7 +1293,10 @@ async fn inspect_leftover(docker: &Docker, id: &str) -> Result<Inspected, Docker
     // Docker writes 0001-01-01 for a container that never started.
     let started = docker_time(info.state.as_ref().and_then(|s| s.started_at.as_deref()));
     let running_for = started.map(|t| (chrono::Utc::now() - t).to_std().unwrap_or_default());
-    let exit = started.and(info.state.as_ref().and_then(exit_of));
+    let mut exit = started.and(info.state.as_ref().and_then(exit_of));
+    if let Some(recorded) = &mut exit {
+        recorded.exit = confirm_out_of_memory(docker, id, started, recorded.exit).await;
+    }
     let memory = info
         .host_config
         .as_ref()

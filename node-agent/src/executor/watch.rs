@@ -146,6 +146,14 @@ fn ended(exit: Result<Exit, DockerError>, memory_mb: u64) -> Ending {
             exit_code: Some(code),
             message: Some(if oom_killed {
                 format!("killed: out of memory (limit {memory_mb} MiB)")
+            } else if code == docker::KILLED_STATUS {
+                // The kernel's kill of a process that ran out of memory
+                // in its first moments can reach no one (see
+                // `docker::OOM_EVENT_GRACE`): say what is known.
+                format!(
+                    "killed by SIGKILL (exit status {code}); Docker reported no out-of-memory \
+                     kill (limit {memory_mb} MiB)"
+                )
             } else {
                 format!("exited with status {code}")
             }),
@@ -203,6 +211,20 @@ mod tests {
         assert_eq!(
             oom.message.as_deref(),
             Some("killed: out of memory (limit 64 MiB)")
+        );
+        let killed = ended(
+            Ok(Exit {
+                code: 137,
+                oom_killed: false,
+            }),
+            64,
+        );
+        assert_eq!(
+            killed.message.as_deref(),
+            Some(
+                "killed by SIGKILL (exit status 137); Docker reported no out-of-memory kill \
+                 (limit 64 MiB)"
+            )
         );
     }
 

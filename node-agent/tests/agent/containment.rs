@@ -308,7 +308,9 @@ async fn a_build_step_past_the_build_memory_limit_fails_the_build_saying_so() {
             }),
     );
     let code = repo(&[("a", "a")]);
-    let env = env_repo("RUN x=$(head -c 200000000 /dev/zero | tr '\\0' a); echo ${#x}");
+    // After a moment: containerd does not yet watch the memory of a step
+    // in its first moments, and no one hears of a kill then.
+    let env = env_repo("RUN sleep 2; x=$(head -c 200000000 /dev/zero | tr '\\0' a); echo ${#x}");
     let reports = run(&ctx, spec(&code, &env, "true")).await;
     let end = last(&reports);
     assert_eq!(end.state, ReportedState::Failed, "{reports:?}");
