@@ -106,6 +106,10 @@ pub enum DockerError {
         action: &'static str,
         /// Docker's message.
         message: String,
+        /// Whether Docker gave no answer (the connection failed or timed
+        /// out, or the daemon failed inside), so that asking again later
+        /// may succeed; false when it answered no.
+        unanswered: bool,
     },
     /// The image build failed; `tail` holds the last lines of its output.
     #[error("building the image failed:\n{tail}")]
@@ -135,6 +139,79 @@ impl DockerError {
         DockerError::Api {
             action,
             message: docker_message(e),
+            unanswered: unanswered(e),
+        }
+    }
+
+    /// Whether Docker gave no answer, so that asking again later may
+    /// succeed (see [`Outage`]).
+    pub fn is_unanswered(&self) -> bool {
+        matches!(
+            self,
+            DockerError::Api {
+                unanswered: true,
+                ..
+            }
+        )
+    }
+}
+
+/// Whether `e` says Docker did not answer: the connection failed, broke
+/// or timed out, its socket is gone, or the daemon failed inside (5xx).
+fn unanswered(e: &BollardError) -> bool {
+    match e {
+        BollardError::DockerResponseServerError { status_code, .. } => *status_code >= 500,
+        BollardError::RequestTimeoutError
+        | BollardError::IOError { .. }
+        | BollardError::HyperResponseError { .. }
+        | BollardError::HyperLegacyError { .. }
+        | BollardError::HttpClientError { .. }
+        | BollardError::SocketNotFoundError(_) => true,
+        _ => false,
+    }
+}
+
+/// How long the agent keeps asking a Docker that does not answer while it
+/// watches a running container, before it gives up on the container's end
+/// or output: Docker Desktop takes about a minute to restart, and a
+/// daemon restarted with `live-restore` keeps its containers running.
+pub const DOCKER_OUTAGE_MOST: Duration = Duration::from_secs(300);
+
+/// The first and the longest pause between two questions to a Docker
+/// that does not answer.
+const OUTAGE_PAUSES: (Duration, Duration) = (Duration::from_millis(250), Duration::from_secs(5));
+
+/// A run of questions Docker did not answer: how long to pause before the
+/// next, and when to give up.
+#[derive(Debug, Default)]
+pub struct Outage {
+    since: Option<tokio::time::Instant>,
+    pause: Duration,
+}
+
+impl Outage {
+    /// Notes that Docker did not answer (`error`) and pauses before the
+    /// next question, a little longer each time; `false`, without a
+    /// pause, once it has not answered for [`DOCKER_OUTAGE_MOST`].
+    pub async fn pause(&mut self, error: &(dyn std::fmt::Display + Sync)) -> bool {
+        let now = tokio::time::Instant::now();
+        let since = *self.since.get_or_insert(now);
+        if since == now {
+            tracing::warn!(%error, "Docker does not answer; asking again until it does");
+            self.pause = OUTAGE_PAUSES.0;
+        } else if now - since >= DOCKER_OUTAGE_MOST {
+            tracing::warn!(%error, secs = DOCKER_OUTAGE_MOST.as_secs(), "Docker did not answer; giving up");
+            return false;
+        }
+        tokio::time::sleep(self.pause).await;
+        self.pause = (self.pause * 2).min(OUTAGE_PAUSES.1);
+        true
+    }
+
+    /// Notes that Docker answered: the next failure starts a new outage.
+    pub fn over(&mut self) {
+        if let Some(since) = self.since.take() {
+            tracing::info!(secs = since.elapsed().as_secs_f64(), "Docker answers again");
         }
     }
 }
@@ -1016,26 +1093,36 @@ pub struct Exit {
     pub oom_killed: bool,
 }
 
-/// Waits until the container has stopped and says how it ended.
+/// Waits until the container has stopped and says how it ended, asking
+/// again while Docker does not answer, for up to [`DOCKER_OUTAGE_MOST`].
 ///
 /// # Errors
 /// [`DockerError::Api`] when Docker cannot tell.
 pub async fn wait_exit(docker: &Docker, id: &str) -> Result<Exit, DockerError> {
+    let mut outage = Outage::default();
     loop {
         let mut wait = std::pin::pin!(docker.wait_container(id, None));
         match wait.next().await {
             Some(Ok(_)) | Some(Err(BollardError::DockerContainerWaitError { .. })) => {}
+            Some(Err(e)) if unanswered(&e) => {}
             Some(Err(e)) => {
                 tracing::warn!(error = %docker_message(&e), "waiting for the container")
             }
             None => {}
         }
-        let state = docker
-            .inspect_container(id, None)
-            .await
-            .map_err(|e| DockerError::api("inspecting the container failed", &e))?
-            .state
-            .unwrap_or_default();
+        let state = match docker.inspect_container(id, None).await {
+            Ok(info) => {
+                outage.over();
+                info.state.unwrap_or_default()
+            }
+            Err(e) => {
+                let e = DockerError::api("inspecting the container failed", &e);
+                if e.is_unanswered() && outage.pause(&e).await {
+                    continue;
+                }
+                return Err(e);
+            }
+        };
         if state.running != Some(true) {
             let exit = Exit {
                 code: state.exit_code.unwrap_or(-1),
@@ -1323,6 +1410,50 @@ async fn inspect_leftover(docker: &Docker, id: &str) -> Result<Inspected, Docker
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn an_outage_pauses_longer_each_time_gives_up_at_its_bound_and_starts_over_once_answered()
+    {
+        let mut outage = Outage::default();
+        let started = tokio::time::Instant::now();
+        let mut pauses = Vec::new();
+        let mut at = started;
+        while outage.pause(&"refused").await {
+            pauses.push(at.elapsed());
+            at = tokio::time::Instant::now();
+        }
+        assert_eq!(
+            pauses[..6],
+            [250, 500, 1000, 2000, 4000, 5000].map(Duration::from_millis)
+        );
+        assert!(pauses[6..].iter().all(|p| *p == OUTAGE_PAUSES.1));
+        let asked_for = started.elapsed();
+        assert!(
+            asked_for >= DOCKER_OUTAGE_MOST && asked_for < DOCKER_OUTAGE_MOST + OUTAGE_PAUSES.1,
+            "{asked_for:?}"
+        );
+        // Once Docker answered, a new failure is a new outage.
+        outage.over();
+        let again = tokio::time::Instant::now();
+        assert!(outage.pause(&"refused").await);
+        assert_eq!(again.elapsed(), OUTAGE_PAUSES.0);
+    }
+
+    #[test]
+    fn only_failures_to_answer_are_asked_again() {
+        let server = |status_code| BollardError::DockerResponseServerError {
+            status_code,
+            message: "m".into(),
+        };
+        assert!(unanswered(&server(500)));
+        assert!(unanswered(&server(503)));
+        assert!(unanswered(&BollardError::RequestTimeoutError));
+        assert!(!unanswered(&server(404)));
+        assert!(!unanswered(&server(409)));
+        assert!(!unanswered(&BollardError::DockerStreamError {
+            error: "e".into()
+        }));
+    }
 
     #[test]
     fn colour_sequences_are_removed_from_build_output() {

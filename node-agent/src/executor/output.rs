@@ -1,5 +1,7 @@
 //! A container's output, reported as log chunks: followed while it runs,
-//! and caught up once it stopped for what the follow missed.
+//! followed on from where it was when Docker breaks the follow off (or
+//! stops answering for a while), and caught up once it stopped for what
+//! the follow missed.
 //!
 //! The attempt's end is reported only after its output: the watcher
 //! waits for the reader ([`Draining::wait`]) as long as it keeps reading.
@@ -25,6 +27,12 @@ use super::report::{Mask, Reporter};
 
 /// How long buffered output may wait before it is reported.
 const LOG_FLUSH_INTERVAL: Duration = Duration::from_millis(200);
+
+/// How long after a follow ends the watcher may take to say the container
+/// stopped (it looks into a SIGKILL for up to
+/// [`docker::OOM_EVENT_GRACE`]) before the follow is taken to have ended
+/// early and is followed on.
+const FOLLOW_END_GRACE: Duration = Duration::from_secs(5);
 
 /// How long the reader may read nothing, once the container stopped,
 /// before it is told to give up.
@@ -191,11 +199,43 @@ async fn pump_output(
         stop: &mut stop,
         limit: &limit,
     };
-    let mut done = follow_output(&docker, &id, &out, &mut reading, &mut seen).await;
-    if done == Ok(Read::All) && exited.await.is_ok() {
-        done = catch_up(&docker, &id, &out, &mut reading, &seen).await;
+    let mut exited = exited;
+    let mut outage = docker::Outage::default();
+    let mut done = read_output(&docker, &id, &out, &mut reading, &mut seen, true).await;
+    loop {
+        match &done {
+            // Docker ends a follow when the container stops. One it ended
+            // otherwise, or broke off, is followed on from what was read.
+            Ok(Read::All) => match tokio::time::timeout(FOLLOW_END_GRACE, &mut exited).await {
+                Ok(Ok(())) => {
+                    done = read_output(&docker, &id, &out, &mut reading, &mut seen, false).await;
+                    break;
+                }
+                Ok(Err(_)) => break,
+                Err(_) => tracing::info!("Docker ended the follow of a running container"),
+            },
+            Err(Unread::Unanswered(e)) if !seen.unstamped => {
+                let e = e.clone();
+                tokio::select! {
+                    biased;
+                    why = reading.stopped() => {
+                        done = Err(Unread::Told(why));
+                        break;
+                    }
+                    asking = outage.pause(&e) => if !asking {
+                        break;
+                    }
+                }
+            }
+            _ => break,
+        }
+        let before = read.load(Ordering::Relaxed);
+        done = read_output(&docker, &id, &out, &mut reading, &mut seen, true).await;
+        if read.load(Ordering::Relaxed) > before || done.is_ok() {
+            outage.over();
+        }
     }
-    match done {
+    match done.map_err(Unread::why) {
         Ok(Read::All) => {}
         Ok(Read::PastLimit(limit)) => {
             tracing::info!(
@@ -221,6 +261,33 @@ enum Read {
     All,
     /// Past the server's limit on an attempt's output, this one.
     PastLimit(u64),
+}
+
+/// Why a read of the output ended before the output did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Unread {
+    /// The watcher said to give up, and why.
+    Told(String),
+    /// Docker did not answer (asking again may succeed).
+    Unanswered(String),
+    /// Docker failed the read.
+    Failed(String),
+}
+
+impl Unread {
+    fn why(self) -> String {
+        match self {
+            Unread::Told(why) | Unread::Unanswered(why) | Unread::Failed(why) => why,
+        }
+    }
+
+    fn of(e: &docker::DockerError) -> Self {
+        if e.is_unanswered() {
+            Unread::Unanswered(e.to_string())
+        } else {
+            Unread::Failed(e.to_string())
+        }
+    }
 }
 
 /// What a read of the output adds to, counts and listens to.
@@ -279,7 +346,7 @@ const CATCH_UP_WINDOW: chrono::Duration = chrono::Duration::seconds(2);
 
 /// The entries a follow saw: the newest time, and every time within
 /// [`CATCH_UP_WINDOW`] of it, so that a catch-up adds each entry once.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 struct Seen {
     newest: Option<chrono::DateTime<chrono::Utc>>,
     /// The time of the last entry read, in the log's order.
@@ -307,101 +374,82 @@ impl Seen {
     }
 }
 
-/// Follows the output until the container stops, or until more than the
-/// server's limit was reported; why not, if reading failed or was told to
-/// stop.
-async fn follow_output(
+/// Reads the container's output after the entries `seen` holds, noting
+/// each entry it adds there and reporting full chunks as they come:
+/// following it until the container stops (`follow`), or what the log
+/// holds now. Ends early once more than the server's limit was reported.
+///
+/// With nothing seen yet it reads from the start. Otherwise it reads
+/// again from [`CATCH_UP_WINDOW`] before the newest entry seen and adds
+/// the entries not seen: after a follow that Docker ended before the
+/// container's last line (see [`pump_output`]), that Docker broke off,
+/// or that lagged behind Docker's rotation of the log files (the follow
+/// ends early and this is the rest of the output, hundreds of megabytes
+/// of it).
+///
+/// The log files hold a run of the output up to its end. When that run
+/// no longer starts at or before the last entry read (no entry carries
+/// its time, to the nanosecond), Docker discarded what came right after
+/// it: [`ROTATED_MARKER`] goes before the rest.
+async fn read_output(
     docker: &Docker,
     id: &str,
     out: &Reporter,
     reading: &mut Reading<'_>,
     seen: &mut Seen,
-) -> Result<Read, String> {
-    let mut output = std::pin::pin!(docker::output(docker, id, true, 0));
+    follow: bool,
+) -> Result<Read, Unread> {
+    let first = seen.last.is_none() && !seen.unstamped;
+    if !first && seen.unstamped {
+        // Entries without a time cannot be told apart: none is read twice.
+        return Ok(Read::All);
+    }
+    let before = seen.clone();
+    let horizon = before.newest.map(|n| n - CATCH_UP_WINDOW);
+    let since = horizon.map_or(0, |t| i32::try_from(t.timestamp()).unwrap_or(0));
+    let mut output = std::pin::pin!(docker::output(docker, id, follow, since));
+    let mut joining = Joining::new(&before);
     let mut flush = tokio::time::interval(LOG_FLUSH_INTERVAL);
     loop {
         // Sends happen in the branches' bodies, never raced: a chunk taken
         // from the chunker is always reported, so offsets have no gap.
-        tokio::select! {
+        let item = tokio::select! {
             biased;
-            why = reading.stopped() => return Err(why),
-            item = output.next() => match item {
-                Some(Ok(entry)) => {
-                    seen.note(entry.at);
-                    reading.push(&entry.data);
-                    reading.report_full(out).await;
-                }
-                Some(Err(e)) => {
-                    tracing::warn!(error = %e, "reading the output failed");
-                    return Err(e.to_string());
-                }
-                None => return Ok(Read::All),
-            },
-            _ = flush.tick() => {
+            why = reading.stopped() => return Err(Unread::Told(why)),
+            item = output.next() => item,
+            _ = flush.tick(), if follow => {
                 if let Some(chunk) = reading.chunker.take() {
                     out.log(chunk).await;
                 }
+                continue;
             }
-        }
-        if let Some(limit) = reading.past_limit() {
-            return Ok(Read::PastLimit(limit));
-        }
-    }
-}
-
-/// Adds the entries of a stopped container the follow did not see,
-/// reporting full chunks as they come: when Docker rotated its log files
-/// under a follow that lagged behind, the follow ends early and this is
-/// the rest of the output, hundreds of megabytes of it.
-///
-/// The log files hold a run of the output up to its end. When that run
-/// no longer starts at or before the last entry the follow read (no
-/// entry carries its time, to the nanosecond), Docker discarded what came
-/// right after it: [`ROTATED_MARKER`] goes before the rest.
-async fn catch_up(
-    docker: &Docker,
-    id: &str,
-    out: &Reporter,
-    reading: &mut Reading<'_>,
-    seen: &Seen,
-) -> Result<Read, String> {
-    if seen.unstamped {
-        return Ok(Read::All);
-    }
-    let horizon = seen.newest.map(|n| n - CATCH_UP_WINDOW);
-    let since = horizon.map_or(0, |t| i32::try_from(t.timestamp()).unwrap_or(0));
-    let mut output = std::pin::pin!(docker::output(docker, id, false, since));
-    let mut joining = Joining::new(seen);
-    loop {
-        let item = tokio::select! {
-            biased;
-            why = reading.stopped() => return Err(why),
-            item = output.next() => item,
         };
-        match item {
+        let entry = match item {
             None => return Ok(Read::All),
-            Some(Ok(entry)) => {
-                let missed = match (entry.at, horizon) {
-                    (Some(at), Some(horizon)) => at >= horizon && !seen.recent.contains(&at),
-                    (_, None) => true,
-                    (None, Some(_)) => false,
-                };
-                if joining.marker_before(entry.at, missed) {
-                    tracing::warn!("Docker rotated out output the follow had not read");
-                    reading.push(ROTATED_MARKER.as_bytes());
-                }
-                if missed {
-                    tracing::debug!(bytes = entry.data.len(), "output the follow missed");
-                    reading.push(&entry.data);
-                    reading.report_full(out).await;
-                    if let Some(limit) = reading.past_limit() {
-                        return Ok(Read::PastLimit(limit));
-                    }
-                }
-            }
+            Some(Ok(entry)) => entry,
             Some(Err(e)) => {
-                tracing::warn!(error = %e, "reading the rest of the output failed");
-                return Err(e.to_string());
+                tracing::warn!(error = %e, follow, "reading the output failed");
+                return Err(Unread::of(&e));
+            }
+        };
+        let missed = match (entry.at, horizon) {
+            (Some(at), Some(horizon)) => at >= horizon && !before.recent.contains(&at),
+            (_, None) => true,
+            (None, Some(_)) => false,
+        };
+        if joining.marker_before(entry.at, missed) {
+            tracing::warn!("Docker rotated out output the follow had not read");
+            reading.push(ROTATED_MARKER.as_bytes());
+        }
+        if missed {
+            if !first {
+                tracing::debug!(bytes = entry.data.len(), "output the follow missed");
+            }
+            seen.note(entry.at);
+            reading.push(&entry.data);
+            reading.report_full(out).await;
+            if let Some(limit) = reading.past_limit() {
+                return Ok(Read::PastLimit(limit));
             }
         }
     }

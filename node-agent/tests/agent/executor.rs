@@ -656,6 +656,44 @@ async fn a_process_killed_by_anything_but_the_memory_limit_is_not_said_to_be_out
     );
 }
 
+#[tokio::test]
+async fn a_task_lives_through_docker_not_answering_for_a_while_and_its_output_is_whole() {
+    support::base_image().await;
+    let link = support::DockerLink::start();
+    let work = tempfile::tempdir().unwrap();
+    let docker = node_agent::docker::connect(Some(link.host()))
+        .await
+        .unwrap();
+    let ctx = Arc::new(Context::new(docker, work.path()).unwrap());
+    let (code, env) = (repo(&[("a", "a")]), env_repo(""));
+    let task = spec(
+        &code,
+        &env,
+        "for i in $(seq 1 14); do echo line $i; sleep 0.5; done",
+    );
+    let mut attempt = start(&ctx, task.clone());
+    attempt
+        .until(ReportedState::Running, Duration::from_secs(120))
+        .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Every connection to Docker drops, and none gets through for 3 s: the
+    // follow of the output and the wait for the exit break off mid-run.
+    link.cut();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    link.mend();
+    attempt
+        .until(ReportedState::Succeeded, Duration::from_secs(60))
+        .await;
+    attempt.handle.await.unwrap();
+    while let Ok(report) = attempt.rx.try_recv() {
+        attempt.seen.push(report);
+    }
+    let expected: String = (1..=14).map(|i| format!("line {i}\n")).collect();
+    assert_eq!(output(&attempt.seen), expected);
+    support::release(&ctx, &task).await;
+    support::remove_env_image(&ctx, &env).await;
+}
+
 /// Runs a first attempt of `code` in `env` so that its image is on the
 /// node; returns its spec.
 async fn image_on_node(ctx: &Arc<Context>, code: &support::Repo, env: &support::Repo) -> RunTask {

@@ -371,3 +371,73 @@ pub async fn created_container(ctx: &Context, spec: &RunTask) -> String {
     );
     id
 }
+
+/// A Unix socket in front of Docker's whose connections a test can cut,
+/// and refuse until it mends them, as a daemon restart or a socket that
+/// breaks does to an agent.
+pub struct DockerLink {
+    host: String,
+    down: tokio::sync::watch::Sender<bool>,
+    accepting: tokio::task::JoinHandle<()>,
+    _dir: TempDir,
+}
+
+impl DockerLink {
+    /// Listens beside Docker's own socket (`DOCKER_HOST` when it names a
+    /// Unix socket, else `/var/run/docker.sock`).
+    pub fn start() -> Self {
+        let upstream = std::env::var("DOCKER_HOST")
+            .ok()
+            .and_then(|h| h.strip_prefix("unix://").map(str::to_owned))
+            .unwrap_or_else(|| "/var/run/docker.sock".to_owned());
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("docker.sock");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let (down, watching) = tokio::sync::watch::channel(false);
+        let accepting = tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                if *watching.borrow() {
+                    continue;
+                }
+                let mut cut = watching.clone();
+                let upstream = upstream.clone();
+                tokio::spawn(async move {
+                    let Ok(mut docker) = tokio::net::UnixStream::connect(&upstream).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut docker) => {}
+                        _ = cut.wait_for(|down| *down) => {}
+                    }
+                });
+            }
+        });
+        DockerLink {
+            host: format!("unix://{}", path.display()),
+            down,
+            accepting,
+            _dir: dir,
+        }
+    }
+
+    /// The address to give the agent.
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    /// Drops every connection through the link and refuses new ones.
+    pub fn cut(&self) {
+        self.down.send_replace(true);
+    }
+
+    /// Lets connections through again.
+    pub fn mend(&self) {
+        self.down.send_replace(false);
+    }
+}
+
+impl Drop for DockerLink {
+    fn drop(&mut self) {
+        self.accepting.abort();
+    }
+}
