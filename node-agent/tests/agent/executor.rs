@@ -694,6 +694,43 @@ async fn a_task_lives_through_docker_not_answering_for_a_while_and_its_output_is
     support::remove_env_image(&ctx, &env).await;
 }
 
+#[tokio::test]
+async fn a_cancel_while_docker_does_not_answer_stops_the_container_once_it_does() {
+    support::base_image().await;
+    let link = support::DockerLink::start();
+    let work = tempfile::tempdir().unwrap();
+    let docker = node_agent::docker::connect(Some(link.host()))
+        .await
+        .unwrap();
+    let ctx = Arc::new(Context::new(docker, work.path()).unwrap());
+    let (code, env) = (repo(&[("a", "a")]), env_repo(""));
+    let task = spec(&code, &env, "sleep 120");
+    let mut attempt = start(&ctx, task.clone());
+    let running = attempt
+        .until(ReportedState::Running, Duration::from_secs(120))
+        .await;
+    let id = running.container.clone().unwrap();
+    link.cut();
+    attempt.canceller.cancel(Duration::from_secs(1));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    link.mend();
+    attempt
+        .until(ReportedState::Cancelled, Duration::from_secs(60))
+        .await;
+    attempt.handle.await.unwrap();
+    // Stopped, not left running until the attempt is released.
+    let state = support::docker()
+        .await
+        .inspect_container(&id, None)
+        .await
+        .unwrap()
+        .state
+        .unwrap();
+    assert_eq!(state.running, Some(false), "{state:?}");
+    support::release(&ctx, &task).await;
+    support::remove_env_image(&ctx, &env).await;
+}
+
 /// Runs a first attempt of `code` in `env` so that its image is on the
 /// node; returns its spec.
 async fn image_on_node(ctx: &Arc<Context>, code: &support::Repo, env: &support::Repo) -> RunTask {
