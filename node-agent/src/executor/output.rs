@@ -428,7 +428,12 @@ async fn read_output(
             None => return Ok(Read::All),
             Some(Ok(entry)) => entry,
             Some(Err(e)) => {
-                tracing::warn!(error = %e, follow, "reading the output failed");
+                // One Docker did not answer is told of once, by the outage.
+                if e.is_unanswered() {
+                    tracing::debug!(error = %e, follow, "reading the output failed");
+                } else {
+                    tracing::warn!(error = %e, follow, "reading the output failed");
+                }
                 return Err(Unread::of(&e));
             }
         };
