@@ -434,7 +434,8 @@ impl Images {
         if steps.is_empty() {
             return failure;
         }
-        let killed = out_of_memory_since(&self.docker, started, None, Duration::from_secs(1)).await;
+        let until = chrono::Utc::now() + Duration::from_secs(1);
+        let killed = out_of_memory_since(&self.docker, started, None, until).await;
         if killed
             .iter()
             .any(|id| steps.iter().any(|step| id.starts_with(step.as_str())))
@@ -459,15 +460,14 @@ impl Images {
 pub const OOM_EVENT_GRACE: Duration = Duration::from_secs(3);
 
 /// The ids of containers Docker saw run out of memory from `since` until
-/// `grace` from now; of container `only` when given, and then no later
-/// than its first.
+/// `until` (waiting for it when it is ahead); of container `only` when
+/// given, and then no later than its first.
 async fn out_of_memory_since(
     docker: &Docker,
     since: chrono::DateTime<chrono::Utc>,
     only: Option<&str>,
-    grace: Duration,
+    until: chrono::DateTime<chrono::Utc>,
 ) -> Vec<String> {
-    let until = chrono::Utc::now() + grace;
     let mut filters = HashMap::from([
         ("type".to_owned(), vec!["container".to_owned()]),
         ("event".to_owned(), vec!["oom".to_owned()]),
@@ -501,23 +501,26 @@ async fn out_of_memory_since(
     ids
 }
 
-/// `exit` of container `id`, which started at `started`, with
+/// `exit` of container `id` (as Docker's `state` of it records), with
 /// `oom_killed` set when Docker's events say the kernel killed it for
-/// memory though its record does not (see [`OOM_EVENT_GRACE`]). Only a
-/// SIGKILL (status 137) is looked into: it is how the kernel kills.
+/// memory though its record does not: waiting for that word until
+/// [`OOM_EVENT_GRACE`] after the exit. Only a SIGKILL (status 137) is
+/// looked into: it is how the kernel kills.
 async fn confirm_out_of_memory(
     docker: &Docker,
     id: &str,
-    started: Option<chrono::DateTime<chrono::Utc>>,
+    state: &bollard::models::ContainerState,
     exit: Exit,
 ) -> Exit {
     if exit.oom_killed || exit.code != KILLED_STATUS {
         return exit;
     }
-    let Some(started) = started else {
+    let Some(started) = docker_time(state.started_at.as_deref()) else {
         return exit;
     };
-    let killed = out_of_memory_since(docker, started, Some(id), OOM_EVENT_GRACE).await;
+    let finished = docker_time(state.finished_at.as_deref()).unwrap_or_else(chrono::Utc::now);
+    let until = (finished + OOM_EVENT_GRACE).max(chrono::Utc::now());
+    let killed = out_of_memory_since(docker, started, Some(id), until).await;
     if !killed.is_empty() {
         tracing::debug!(container = %id, "Docker said out of memory after the exit");
     }
@@ -1128,8 +1131,7 @@ pub async fn wait_exit(docker: &Docker, id: &str) -> Result<Exit, DockerError> {
                 code: state.exit_code.unwrap_or(-1),
                 oom_killed: state.oom_killed.unwrap_or(false),
             };
-            let started = docker_time(state.started_at.as_deref());
-            return Ok(confirm_out_of_memory(docker, id, started, exit).await);
+            return Ok(confirm_out_of_memory(docker, id, &state, exit).await);
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
@@ -1190,14 +1192,24 @@ pub async fn recorded_exit(docker: &Docker, id: &str) -> Result<Option<RecordedE
         .inspect_container(id, None)
         .await
         .map_err(|e| DockerError::api("inspecting the container failed", &e))?;
-    let Some(recorded) = info.state.as_ref().and_then(exit_of) else {
-        return Ok(None);
-    };
-    let started = docker_time(info.state.as_ref().and_then(|s| s.started_at.as_deref()));
-    Ok(Some(RecordedExit {
-        exit: confirm_out_of_memory(docker, id, started, recorded.exit).await,
+    Ok(match &info.state {
+        Some(state) => recorded_end(docker, id, state).await,
+        None => None,
+    })
+}
+
+/// A stopped container's recorded end, its out-of-memory kill confirmed
+/// (see [`confirm_out_of_memory`]); `None` while it runs.
+async fn recorded_end(
+    docker: &Docker,
+    id: &str,
+    state: &bollard::models::ContainerState,
+) -> Option<RecordedExit> {
+    let recorded = exit_of(state)?;
+    Some(RecordedExit {
+        exit: confirm_out_of_memory(docker, id, state, recorded.exit).await,
         ..recorded
-    }))
+    })
 }
 
 /// A stopped container's recorded end.
@@ -1380,10 +1392,10 @@ async fn inspect_leftover(docker: &Docker, id: &str) -> Result<Inspected, Docker
     // Docker writes 0001-01-01 for a container that never started.
     let started = docker_time(info.state.as_ref().and_then(|s| s.started_at.as_deref()));
     let running_for = started.map(|t| (chrono::Utc::now() - t).to_std().unwrap_or_default());
-    let mut exit = started.and(info.state.as_ref().and_then(exit_of));
-    if let Some(recorded) = &mut exit {
-        recorded.exit = confirm_out_of_memory(docker, id, started, recorded.exit).await;
-    }
+    let exit = match (started, &info.state) {
+        (Some(_), Some(state)) => recorded_end(docker, id, state).await,
+        _ => None,
+    };
     let memory = info
         .host_config
         .as_ref()
