@@ -88,6 +88,17 @@ pub(crate) fn command(
             at,
         },
         ReportedState::Succeeded => exited(Outcome::Succeeded),
+        // The node kept the attempt from its end: given up as lost, it is
+        // retried while the task's retries allow.
+        ReportedState::Failed if status.node_fault => TaskCommand::MarkLost {
+            node_id,
+            attempt,
+            reason: format!(
+                "the node could not run attempt {attempt}: {}",
+                failure_reason(status.message.as_deref())
+            ),
+            at,
+        },
         ReportedState::Failed => exited(Outcome::Failed {
             exit_code: status.exit_code,
             reason: failure_reason(status.message.as_deref()),
@@ -465,6 +476,7 @@ mod tests {
             container: None,
             exit_code: None,
             message: None,
+            node_fault: false,
         }
     }
 
@@ -497,6 +509,26 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn a_failure_the_node_caused_gives_the_attempt_up_as_lost() {
+        let node = Uuid::from_u128(7);
+        let at = Utc::now();
+        let mut s = status(ReportedState::Failed);
+        s.node_fault = true;
+        s.message = Some("creating the container failed: connection refused".into());
+        assert_eq!(
+            command(node, &s, at),
+            Ok(TaskCommand::MarkLost {
+                node_id: node,
+                attempt: 2,
+                reason: "the node could not run attempt 2: creating the container failed: \
+                         connection refused"
+                    .into(),
+                at
+            })
+        );
     }
 
     #[test]

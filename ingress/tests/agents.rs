@@ -382,6 +382,24 @@ impl Agent {
         }
     }
 
+    /// Sends a report and returns the server's answer, and the commands
+    /// that came before it.
+    async fn report_amid_commands(&mut self, status: Status) -> (Option<String>, Vec<Command>) {
+        let id = status.id;
+        self.send(&AgentMessage::Status(status)).await;
+        let mut commands = Vec::new();
+        loop {
+            match self.recv().await {
+                ServerMessage::Received { id: got, error } => {
+                    assert_eq!(got, id);
+                    return (error, commands);
+                }
+                ServerMessage::Command { command, .. } => commands.push(command),
+                other => panic!("expected received, got {other:?}"),
+            }
+        }
+    }
+
     /// Sends `messages` in one write, as an agent with several reports
     /// ready does.
     async fn send_together(&mut self, messages: &[AgentMessage]) {
@@ -415,6 +433,7 @@ fn status(id: u64, task_id: Uuid, state: ReportedState) -> Status {
         container: None,
         exit_code: None,
         message: None,
+        node_fault: false,
     }
 }
 
@@ -1069,6 +1088,72 @@ async fn a_failure_report_records_its_exit_code_and_message() {
         .state;
     assert_eq!(task.exit_code, Some(137));
     assert_eq!(task.reason.as_deref(), Some("out of memory"));
+}
+
+#[tokio::test]
+async fn a_failure_the_node_caused_is_a_lost_attempt_retried_and_its_repeat_changes_nothing() {
+    let p = platform().await;
+    let server = Server::start(&p.store, "ingress-a").await;
+    let (node_id, token) = p.provision().await;
+    let (mut agent, _) = Agent::join(server.addr, &token, vec![]).await;
+    let spec = domain::spec::TaskSpecDraft {
+        max_retries: Some(1),
+        command: Some(vec!["python".into(), "train.py".into()]),
+        ..testkit::spec_draft(Uuid::new_v4())
+    };
+    let task_id = support::submit_spec(&p.store, testkit::spec(spec)).await;
+    support::assign(&p.store, task_id, node_id).await;
+    agent.command().await;
+    assert_eq!(
+        agent
+            .report(status(1, task_id, ReportedState::Accepted))
+            .await,
+        None
+    );
+    let mut failed = status(2, task_id, ReportedState::Failed);
+    failed.node_fault = true;
+    failed.message =
+        Some("looking up the image: Docker did not answer (connection refused)".into());
+    // The ingress also tells the node to stop the lost attempt, should it
+    // run on: harmless to an agent that ended it.
+    let (answer, commands) = agent.report_amid_commands(failed.clone()).await;
+    assert_eq!(answer, None);
+    assert!(
+        commands.iter().all(
+            |c| matches!(c, Command::CancelTask { task_id: t, attempt: 1, .. } if *t == task_id)
+        ),
+        "{commands:?}"
+    );
+    let lost = [
+        "TaskSubmitted",
+        "TaskAssigned",
+        "TaskAccepted",
+        "TaskLost",
+        "TaskRequeued",
+    ];
+    assert_eq!(p.events_of("task", task_id).await, lost);
+    let task = p
+        .store
+        .load::<Task>(&task_id.to_string())
+        .await
+        .unwrap()
+        .unwrap()
+        .state;
+    assert_eq!(task.state, domain::task::TaskState::Queued);
+    assert_eq!(task.attempts[0].outcome.as_deref(), Some("lost"));
+    // The agent sends it again, as after a reconnect: acknowledged, and
+    // nothing is appended.
+    failed.id = 3;
+    assert_eq!(agent.report_amid_commands(failed).await.0, None);
+    assert_eq!(p.events_of("task", task_id).await, lost);
+    // Only a failed report may say so.
+    let mut odd = status(4, task_id, ReportedState::Succeeded);
+    odd.node_fault = true;
+    let error = agent.report_amid_commands(odd).await.0.unwrap();
+    assert!(error.contains("node_fault"), "{error}");
+    let mut refused = lost.to_vec();
+    refused.push("TaskReportRefused");
+    assert_eq!(p.events_of("task", task_id).await, refused);
 }
 
 #[tokio::test]

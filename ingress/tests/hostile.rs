@@ -319,6 +319,7 @@ fn status(id: u64, task_id: Uuid, state: ReportedState) -> Status {
         container: None,
         exit_code: None,
         message: None,
+        node_fault: false,
     }
 }
 

@@ -136,10 +136,16 @@ pub enum DockerError {
 
 impl DockerError {
     fn api(action: &'static str, e: &BollardError) -> Self {
+        let unanswered = unanswered(e);
+        let message = if unanswered {
+            format!("Docker did not answer ({})", docker_message(e))
+        } else {
+            docker_message(e)
+        };
         DockerError::Api {
             action,
-            message: docker_message(e),
-            unanswered: unanswered(e),
+            message,
+            unanswered,
         }
     }
 
@@ -567,6 +573,10 @@ async fn follow_build(
                         keep(line);
                     }
                 }
+            }
+            // Docker stopped answering mid-build: the build did not fail.
+            Err(e) if unanswered(&e) => {
+                return Err(DockerError::api("building the image failed", &e));
             }
             Err(e) => {
                 keep(&docker_message(&e));

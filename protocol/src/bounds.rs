@@ -332,8 +332,15 @@ impl Status {
     ///
     /// # Errors
     /// [`Invalid`] when `container` is empty, longer than
-    /// [`MAX_CONTAINER_BYTES`] or anything but printable ASCII.
+    /// [`MAX_CONTAINER_BYTES`] or anything but printable ASCII, or when a
+    /// report other than `failed` says `node_fault`.
     pub fn bounded(mut self) -> Result<Self, Invalid> {
+        if self.node_fault && self.state != crate::ReportedState::Failed {
+            return Err(Invalid::new(
+                "node_fault",
+                "only a failed report may say the node kept the attempt from its end",
+            ));
+        }
         if let Some(container) = &self.container {
             identifier("container", container, MAX_CONTAINER_BYTES, false)?;
             if !container.bytes().all(|b| b.is_ascii_graphic()) {
@@ -585,6 +592,7 @@ mod tests {
             container: container.map(Into::into),
             exit_code: Some(1),
             message: Some(format!("error\0\x1b[31m\r\n{}", "x".repeat(10_000))),
+            node_fault: false,
         };
         let b = status(Some("abc123")).bounded().unwrap();
         assert_eq!(b.stage.as_deref(), Some("build\u{fffd}ing "));
@@ -604,6 +612,46 @@ mod tests {
             assert_eq!(e.field, "container", "{bad:?}");
             assert!(!e.to_string().contains('\0'));
         }
+        let mut fault = status(None);
+        fault.node_fault = true;
+        assert!(fault.clone().bounded().unwrap().node_fault);
+        for state in [
+            ReportedState::Accepted,
+            ReportedState::Preparing,
+            ReportedState::Running,
+            ReportedState::Succeeded,
+            ReportedState::Cancelled,
+            ReportedState::TimedOut,
+        ] {
+            fault.state = state;
+            let e = fault.clone().bounded().unwrap_err();
+            assert_eq!(e.field, "node_fault", "{state:?}");
+        }
+    }
+
+    #[test]
+    fn node_fault_is_left_out_of_a_report_without_it_and_read_as_false_when_absent() {
+        let status = Status {
+            id: 1,
+            task_id: Uuid::nil(),
+            attempt: 1,
+            state: ReportedState::Failed,
+            stage: None,
+            container: None,
+            exit_code: None,
+            message: None,
+            node_fault: false,
+        };
+        let text = serde_json::to_string(&status).unwrap();
+        assert!(!text.contains("node_fault"), "{text}");
+        assert_eq!(serde_json::from_str::<Status>(&text).unwrap(), status);
+        let fault = Status {
+            node_fault: true,
+            ..status
+        };
+        let text = serde_json::to_string(&fault).unwrap();
+        assert!(text.contains(r#""node_fault":true"#), "{text}");
+        assert_eq!(serde_json::from_str::<Status>(&text).unwrap(), fault);
     }
 
     #[test]

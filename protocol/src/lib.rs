@@ -270,6 +270,12 @@ pub struct Status {
     /// found (`from cache`, `fetched 12 objects`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// With `failed`: the node, not the task, kept the attempt from its
+    /// end (its Docker did not answer), so the server gives the attempt up
+    /// as lost and retries the task while `max_retries` allows. Only a
+    /// `failed` report may carry it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub node_fault: bool,
 }
 
 /// A piece of an attempt's output (stdout and stderr interleaved).

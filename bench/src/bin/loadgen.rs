@@ -1079,6 +1079,7 @@ impl Agent {
             container: (state == ReportedState::Running).then(|| "sim".to_string()),
             exit_code: None,
             message: None,
+            node_fault: false,
         };
         self.feed(&AgentMessage::Status(status)).await
     }
@@ -2173,6 +2174,7 @@ async fn hold(
             container: (state == ReportedState::Running).then(|| "sim".to_string()),
             exit_code: None,
             message: None,
+            node_fault: false,
         })
     };
     loop {

@@ -287,6 +287,7 @@ impl Node {
             exit_code: exit.filter(|_| state == ReportedState::Failed),
             message: (state == ReportedState::Failed)
                 .then(|| "the simulated command failed".into()),
+            node_fault: false,
         };
         self.unanswered.insert(status.id, status.clone());
         status

@@ -519,9 +519,15 @@ impl Task {
                 attempt,
                 reason,
                 at,
-            } => match self.check_report(node_id, attempt)? {
-                Report::Live => Ok(self.lose(node_id, attempt, reason, at)),
-                Report::Ended => Ok(vec![]),
+            } => match self.check_report(node_id, attempt) {
+                Ok(Report::Live) => Ok(self.lose(node_id, attempt, reason, at)),
+                Ok(Report::Ended) => Ok(vec![]),
+                // Lost already: an agent's report that its node failed the
+                // attempt, sent again after a reconnect.
+                Err(TaskError::ConflictingReport { outcome, .. }) if outcome == "lost" => {
+                    Ok(vec![])
+                }
+                Err(e) => Err(e),
             },
             C::TimeOut { attempt, by, at } => {
                 if self.state == TaskState::New {

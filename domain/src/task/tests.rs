@@ -444,6 +444,47 @@ fn a_lost_attempt_is_requeued_while_retries_remain() {
 }
 
 #[test]
+fn losing_an_attempt_lost_already_changes_nothing_but_other_nodes_and_attempts_are_refused() {
+    let mut history = running();
+    history.push(TaskEvent::Lost {
+        node_id: node(),
+        attempt: 1,
+        reason: "the node could not run attempt 1: Docker did not answer".into(),
+        at: at(5),
+    });
+    history.push(TaskEvent::Requeued {
+        previous_attempt: 1,
+        not_before: Some(at(10)),
+        at: at(5),
+    });
+    // The agent sends its report again after a reconnect.
+    F::with(())
+        .given(history.clone())
+        .when(lost(1))
+        .then_expect_events(vec![]);
+    F::with(())
+        .given(history.clone())
+        .when(TaskCommand::MarkLost {
+            node_id: other_node(),
+            attempt: 1,
+            reason: "not its attempt".into(),
+            at: at(6),
+        })
+        .then_expect_error(TaskError::WrongNode {
+            assigned: node(),
+            reporter: other_node(),
+        });
+    history.push(assigned(2, other_node()));
+    F::with(())
+        .given(history)
+        .when(lost(1))
+        .then_expect_error(TaskError::StaleAttempt {
+            current: 2,
+            reported: 1,
+        });
+}
+
+#[test]
 fn retries_back_off_exponentially_up_to_a_cap() {
     assert_eq!(retry_backoff(1).num_seconds(), 5);
     assert_eq!(retry_backoff(2).num_seconds(), 10);

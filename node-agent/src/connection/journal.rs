@@ -502,6 +502,7 @@ mod tests {
             container: None,
             exit_code: Some(3),
             message: Some("exited with status 3".into()),
+            node_fault: false,
         })
     }
 

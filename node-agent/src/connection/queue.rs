@@ -536,6 +536,7 @@ fn status_report(s: Status) -> StatusReport {
         container: s.container,
         exit_code: s.exit_code,
         message: s.message,
+        node_fault: s.node_fault,
     }
 }
 
@@ -558,6 +559,7 @@ fn message(entry: &Entry) -> AgentMessage {
             container: s.container.clone(),
             exit_code: s.exit_code,
             message: s.message.clone(),
+            node_fault: s.node_fault,
         }),
         Item::Log {
             key, offset, data, ..

@@ -14,7 +14,7 @@ use crate::git::GitError;
 use crate::git_auth::GitAuth;
 
 use super::context::Context;
-use super::report::Reporter;
+use super::report::{Ending, Reporter};
 use super::workspace::{fresh_workspace, Workspace};
 use super::{
     STAGE_CODE, STAGE_CODE_READY, STAGE_ENV, STAGE_ENV_READY, STAGE_IMAGE, STAGE_IMAGE_READY,
@@ -248,6 +248,15 @@ pub(super) fn explain(e: &PrepareError, work_dir: &Path) -> String {
         )
     } else {
         text
+    }
+}
+
+/// The ending of an attempt whose preparation failed with `e`: the node's
+/// fault when Docker did not answer (see [`Ending::docker`]).
+pub(super) fn prepare_failed(e: &PrepareError, work_dir: &Path) -> Ending {
+    Ending {
+        node_fault: matches!(e, PrepareError::Docker(d) if d.is_unanswered()),
+        ..Ending::failed(explain(e, work_dir))
     }
 }
 

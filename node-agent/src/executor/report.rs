@@ -42,6 +42,9 @@ pub struct StatusReport {
     pub exit_code: Option<i64>,
     /// Why, for a person.
     pub message: Option<String>,
+    /// With `failed`: the node, not the task, kept the attempt from its
+    /// end; see [`protocol::Status::node_fault`].
+    pub node_fault: bool,
 }
 
 impl StatusReport {
@@ -55,6 +58,7 @@ impl StatusReport {
             container: None,
             exit_code: None,
             message: None,
+            node_fault: false,
         }
     }
 
@@ -86,6 +90,10 @@ pub(super) struct Ending {
     pub(super) state: ReportedState,
     pub(super) exit_code: Option<i64>,
     pub(super) message: Option<String>,
+    /// The node, not the task, kept the attempt from its end (absent in
+    /// endings noted before it existed).
+    #[serde(default)]
+    pub(super) node_fault: bool,
 }
 
 impl Ending {
@@ -94,6 +102,17 @@ impl Ending {
             state: ReportedState::Failed,
             exit_code: None,
             message: Some(message.to_string()),
+            node_fault: false,
+        }
+    }
+
+    /// The failure Docker's `error` caused: the node's fault when Docker
+    /// did not answer, the task's otherwise (Docker refused what it asked
+    /// for: a bad image, a command that does not exist).
+    pub(super) fn docker(error: &crate::docker::DockerError) -> Self {
+        Ending {
+            node_fault: error.is_unanswered(),
+            ..Ending::failed(error)
         }
     }
 
@@ -102,6 +121,7 @@ impl Ending {
             state,
             exit_code: None,
             message,
+            node_fault: false,
         }
     }
 }
@@ -185,6 +205,7 @@ impl Reporter {
         self.status(ending.state, |s| {
             s.exit_code = ending.exit_code;
             s.message = ending.message;
+            s.node_fault = ending.node_fault;
         })
         .await;
     }

@@ -29,7 +29,7 @@ use crate::docker::{self, ContainerSpec};
 
 use super::cancel::CancelSignal;
 use super::context::Context;
-use super::prepare::{env_image, explain, fetch_code, make_workspace};
+use super::prepare::{env_image, fetch_code, make_workspace, prepare_failed};
 use super::report::{Ending, Mask, Report, Reporter};
 use super::task_files::{download_inputs, note_outputs, upload_outputs};
 use super::watch::{watch, DiskWatch, Limits};
@@ -113,7 +113,7 @@ async fn attempt(
     };
     let (workspace, env) = match make_workspace(spec, ctx).await {
         Ok(made) => made,
-        Err(e) => return Ending::failed(explain(&e, &ctx.work_dir)),
+        Err(e) => return prepare_failed(&e, &ctx.work_dir),
     };
     let code = &workspace.code;
     let halt = Halt::default();
@@ -239,7 +239,7 @@ async fn code_side(
         let fetched = fetch_code(spec, secrets, ctx, out, code);
         guarded(fetched, &mut cancel, halt, "cancelled while preparing")
             .await?
-            .map_err(|e| Stop::Ended(Ending::failed(explain(&e, &ctx.work_dir))))?;
+            .map_err(|e| Stop::Ended(prepare_failed(&e, &ctx.work_dir)))?;
         if !spec.inputs.is_empty() {
             let fetched = download_inputs(spec, ctx, out, code);
             guarded(
@@ -288,9 +288,7 @@ async fn container_side(
     let image = env_image(spec, secrets, ctx, out, env);
     let image = guarded(image, &mut cancel, halt, "cancelled while preparing")
         .await
-        .and_then(|found| {
-            found.map_err(|e| Stop::Ended(Ending::failed(explain(&e, &ctx.work_dir))))
-        });
+        .and_then(|found| found.map_err(|e| Stop::Ended(prepare_failed(&e, &ctx.work_dir))));
     let image = match image {
         Ok(image) => image,
         Err(stop) => {
@@ -314,7 +312,7 @@ async fn container_side(
         Ok(created) => Ok(created),
         Err(e) => {
             halt.raise();
-            Err(Stop::Ended(Ending::failed(e)))
+            Err(Stop::Ended(Ending::docker(&e)))
         }
     }
 }
@@ -429,7 +427,7 @@ async fn follow_container(
     disk: DiskWatch,
 ) -> Ending {
     if let Err(e) = docker::start_container(&ctx.docker, id).await {
-        return Ending::failed(e);
+        return Ending::docker(&e);
     }
     out.status(ReportedState::Running, |s| {
         s.container = Some(id.to_owned())

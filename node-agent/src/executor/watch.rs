@@ -157,8 +157,9 @@ fn ended(exit: Result<Exit, DockerError>, memory_mb: u64) -> Ending {
             } else {
                 format!("exited with status {code}")
             }),
+            node_fault: false,
         },
-        Err(e) => Ending::failed(e),
+        Err(e) => Ending::docker(&e),
     }
 }
 

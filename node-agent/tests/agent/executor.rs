@@ -572,6 +572,10 @@ async fn a_command_that_cannot_start_fails_with_dockers_message() {
         "{message}"
     );
     assert!(message.contains("/no/such/program"), "{message}");
+    assert!(
+        !end.node_fault,
+        "Docker refused the task's command: {end:?}"
+    );
     support::remove_env_image(&ctx, &env).await;
 }
 
@@ -595,6 +599,7 @@ async fn running_out_of_memory_is_named_in_the_failure() {
         end.message.as_deref(),
         Some("killed: out of memory (limit 16 MiB)")
     );
+    assert!(!end.node_fault);
     support::remove_env_image(&ctx, &env).await;
 }
 
@@ -692,6 +697,28 @@ async fn a_task_lives_through_docker_not_answering_for_a_while_and_its_output_is
     assert_eq!(output(&attempt.seen), expected);
     support::release(&ctx, &task).await;
     support::remove_env_image(&ctx, &env).await;
+}
+
+#[tokio::test]
+async fn an_attempt_docker_does_not_answer_for_fails_as_the_nodes_fault() {
+    support::base_image().await;
+    let link = support::DockerLink::start();
+    let work = tempfile::tempdir().unwrap();
+    let docker = node_agent::docker::connect(Some(link.host()))
+        .await
+        .unwrap();
+    let ctx = Arc::new(Context::new(docker, work.path()).unwrap());
+    let (code, env) = (repo(&[("a", "a")]), env_repo(""));
+    let task = spec(&code, &env, "true");
+    link.cut();
+    let reports = run_kept(&ctx, task.clone()).await;
+    let end = last(&reports);
+    assert_eq!(end.state, ReportedState::Failed, "{reports:?}");
+    assert!(end.node_fault, "{end:?}");
+    let message = end.message.clone().unwrap();
+    assert!(message.contains("Docker did not answer"), "{message}");
+    link.mend();
+    support::release(&ctx, &task).await;
 }
 
 #[tokio::test]
