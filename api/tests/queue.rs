@@ -89,6 +89,105 @@ async fn a_queued_task_shows_the_explanation_of_its_current_wait_and_no_other() 
 }
 
 #[tokio::test]
+async fn a_task_requeued_after_a_lost_attempt_says_why_until_it_succeeds() {
+    use domain::task::{Outcome, Task, TaskCommand};
+    use domain::Actor;
+    let app = App::start(Config::default()).await;
+    let project = app.project_as(&app.admin, "vision").await;
+    let task = app.submit_as(&app.admin, minimal_task(&project)).await;
+    let admin = Actor::User("admin".into());
+    let (node, _) = api::provision_node(&app.store, "gpu-1", Default::default(), &admin)
+        .await
+        .expect("a node");
+    let node = node.id.expect("its id");
+    let on_node = Actor::Node(node.to_string());
+    let scheduler = Actor::System("scheduler".into());
+    let run = |attempt| {
+        [
+            (
+                TaskCommand::Assign {
+                    node_id: node,
+                    gpus: vec![],
+                    reason: "test".into(),
+                    at: Utc::now(),
+                },
+                &scheduler,
+            ),
+            (
+                TaskCommand::Accept {
+                    node_id: node,
+                    attempt,
+                    at: Utc::now(),
+                },
+                &on_node,
+            ),
+        ]
+    };
+    let lose = (
+        TaskCommand::MarkLost {
+            node_id: node,
+            attempt: 1,
+            reason: "the node could not run attempt 1: Docker did not answer".into(),
+            at: Utc::now(),
+        },
+        &on_node,
+    );
+    let succeed = (
+        TaskCommand::ReportExited {
+            node_id: node,
+            attempt: 2,
+            outcome: Outcome::Succeeded,
+            at: Utc::now(),
+        },
+        &on_node,
+    );
+    let execute = |(command, actor): (TaskCommand, &Actor)| {
+        let (store, task) = (app.store.clone(), task.clone());
+        let actor = actor.clone();
+        async move {
+            store
+                .execute::<Task>(&task, command, &actor, Utc::now())
+                .await
+                .expect("the command is accepted");
+        }
+    };
+    for step in run(1).into_iter().chain([lose]) {
+        execute(step).await;
+    }
+    app.settle().await;
+    app.catch_up().await;
+    let shown = app
+        .get(&format!("/api/v1/tasks/{task}"), &app.admin)
+        .await
+        .expect(200)
+        .clone();
+    assert_eq!(shown["state"], "queued");
+    assert_eq!(
+        shown["reason"],
+        "the node could not run attempt 1: Docker did not answer"
+    );
+    for step in run(2).into_iter().chain([succeed]) {
+        execute(step).await;
+    }
+    app.settle().await;
+    app.catch_up().await;
+    let shown = app
+        .get(&format!("/api/v1/tasks/{task}"), &app.admin)
+        .await
+        .expect(200)
+        .clone();
+    assert_eq!(shown["state"], "succeeded");
+    assert!(shown["reason"].is_null(), "{shown}");
+    let outcomes: Vec<&Value> = shown["attempts"]
+        .as_array()
+        .expect("attempts")
+        .iter()
+        .map(|a| &a["outcome"])
+        .collect();
+    assert_eq!(outcomes, [&json!("lost"), &json!("succeeded")]);
+}
+
+#[tokio::test]
 async fn the_document_describes_the_queue_and_every_kind_of_reason() {
     let app = App::start(Config::default()).await;
     let doc = app

@@ -641,7 +641,11 @@ impl TryFrom<domain::task::Task> for Task {
             container: t.container,
             cancel_requested: t.cancel_requested,
             exit_code: t.exit_code,
-            reason: t.reason,
+            // A task that succeeded after a lost attempt keeps that loss's
+            // reason in its state; the attempts say what became of each.
+            reason: t
+                .reason
+                .filter(|_| t.state != domain::task::TaskState::Succeeded),
             started_at: t.started_at,
             finished_at: t.finished_at,
             updated_at: t.updated_at,
