@@ -88,6 +88,17 @@ async fn a_queued_task_shows_the_explanation_of_its_current_wait_and_no_other() 
     assert!(shown.get("queue").is_none(), "{shown}");
 }
 
+/// The task as the API shows it once the read models have everything
+/// committed.
+async fn caught_up(app: &App, task: &str) -> Value {
+    app.settle().await;
+    app.catch_up().await;
+    app.get(&format!("/api/v1/tasks/{task}"), &app.admin)
+        .await
+        .expect(200)
+        .clone()
+}
+
 #[tokio::test]
 async fn a_task_requeued_after_a_lost_attempt_says_why_until_it_succeeds() {
     use domain::task::{Outcome, Task, TaskCommand};
@@ -154,13 +165,7 @@ async fn a_task_requeued_after_a_lost_attempt_says_why_until_it_succeeds() {
     for step in run(1).into_iter().chain([lose]) {
         execute(step).await;
     }
-    app.settle().await;
-    app.catch_up().await;
-    let shown = app
-        .get(&format!("/api/v1/tasks/{task}"), &app.admin)
-        .await
-        .expect(200)
-        .clone();
+    let shown = caught_up(&app, &task).await;
     assert_eq!(shown["state"], "queued");
     assert_eq!(
         shown["reason"],
@@ -169,13 +174,7 @@ async fn a_task_requeued_after_a_lost_attempt_says_why_until_it_succeeds() {
     for step in run(2).into_iter().chain([succeed]) {
         execute(step).await;
     }
-    app.settle().await;
-    app.catch_up().await;
-    let shown = app
-        .get(&format!("/api/v1/tasks/{task}"), &app.admin)
-        .await
-        .expect(200)
-        .clone();
+    let shown = caught_up(&app, &task).await;
     assert_eq!(shown["state"], "succeeded");
     assert!(shown["reason"].is_null(), "{shown}");
     let outcomes: Vec<&Value> = shown["attempts"]

@@ -661,15 +661,22 @@ async fn a_process_killed_by_anything_but_the_memory_limit_is_not_said_to_be_out
     );
 }
 
-#[tokio::test]
-async fn a_task_lives_through_docker_not_answering_for_a_while_and_its_output_is_whole() {
-    support::base_image().await;
+/// An executor context on a fresh work directory whose Docker is reached
+/// through a [`support::DockerLink`] the test can cut.
+async fn linked_context() -> (support::DockerLink, Arc<Context>, tempfile::TempDir) {
     let link = support::DockerLink::start();
     let work = tempfile::tempdir().unwrap();
     let docker = node_agent::docker::connect(Some(link.host()))
         .await
         .unwrap();
     let ctx = Arc::new(Context::new(docker, work.path()).unwrap());
+    (link, ctx, work)
+}
+
+#[tokio::test]
+async fn a_task_lives_through_docker_not_answering_for_a_while_and_its_output_is_whole() {
+    support::base_image().await;
+    let (link, ctx, _work) = linked_context().await;
     let (code, env) = (repo(&[("a", "a")]), env_repo(""));
     let task = spec(
         &code,
@@ -702,12 +709,7 @@ async fn a_task_lives_through_docker_not_answering_for_a_while_and_its_output_is
 #[tokio::test]
 async fn an_attempt_docker_does_not_answer_for_fails_as_the_nodes_fault() {
     support::base_image().await;
-    let link = support::DockerLink::start();
-    let work = tempfile::tempdir().unwrap();
-    let docker = node_agent::docker::connect(Some(link.host()))
-        .await
-        .unwrap();
-    let ctx = Arc::new(Context::new(docker, work.path()).unwrap());
+    let (link, ctx, _work) = linked_context().await;
     let (code, env) = (repo(&[("a", "a")]), env_repo(""));
     let task = spec(&code, &env, "true");
     link.cut();
@@ -724,12 +726,7 @@ async fn an_attempt_docker_does_not_answer_for_fails_as_the_nodes_fault() {
 #[tokio::test]
 async fn a_cancel_while_docker_does_not_answer_stops_the_container_once_it_does() {
     support::base_image().await;
-    let link = support::DockerLink::start();
-    let work = tempfile::tempdir().unwrap();
-    let docker = node_agent::docker::connect(Some(link.host()))
-        .await
-        .unwrap();
-    let ctx = Arc::new(Context::new(docker, work.path()).unwrap());
+    let (link, ctx, _work) = linked_context().await;
     let (code, env) = (repo(&[("a", "a")]), env_repo(""));
     let task = spec(&code, &env, "sleep 120");
     let mut attempt = start(&ctx, task.clone());
