@@ -222,6 +222,33 @@ impl Outage {
     }
 }
 
+/// What `ask` gets from Docker, asked again while Docker does not answer,
+/// for up to [`DOCKER_OUTAGE_MOST`].
+///
+/// # Errors
+/// What Docker answered, or why it did not, once it had not answered for
+/// that long.
+pub async fn until_answered<T, Ask, Fut>(mut ask: Ask) -> Result<T, DockerError>
+where
+    Ask: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, DockerError>>,
+{
+    let mut outage = Outage::default();
+    loop {
+        match ask().await {
+            Err(e) if e.is_unanswered() => {
+                if !outage.pause(&e).await {
+                    return Err(e);
+                }
+            }
+            answer => {
+                outage.over();
+                return answer;
+            }
+        }
+    }
+}
+
 /// Docker's own message for an error, without bollard's wrapping.
 fn docker_message(e: &BollardError) -> String {
     match e {
@@ -1112,7 +1139,6 @@ pub struct Exit {
 /// # Errors
 /// [`DockerError::Api`] when Docker cannot tell.
 pub async fn wait_exit(docker: &Docker, id: &str) -> Result<Exit, DockerError> {
-    let mut outage = Outage::default();
     loop {
         let mut wait = std::pin::pin!(docker.wait_container(id, None));
         match wait.next().await {
@@ -1123,19 +1149,15 @@ pub async fn wait_exit(docker: &Docker, id: &str) -> Result<Exit, DockerError> {
             }
             None => {}
         }
-        let state = match docker.inspect_container(id, None).await {
-            Ok(info) => {
-                outage.over();
-                info.state.unwrap_or_default()
-            }
-            Err(e) => {
-                let e = DockerError::api("inspecting the container failed", &e);
-                if e.is_unanswered() && outage.pause(&e).await {
-                    continue;
-                }
-                return Err(e);
-            }
-        };
+        let state = until_answered(|| async {
+            docker
+                .inspect_container(id, None)
+                .await
+                .map_err(|e| DockerError::api("inspecting the container failed", &e))
+        })
+        .await?
+        .state
+        .unwrap_or_default();
         if state.running != Some(true) {
             let exit = Exit {
                 code: state.exit_code.unwrap_or(-1),

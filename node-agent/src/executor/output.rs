@@ -399,8 +399,7 @@ async fn read_output(
     seen: &mut Seen,
     follow: bool,
 ) -> Result<Read, Unread> {
-    let first = seen.last.is_none() && !seen.unstamped;
-    if !first && seen.unstamped {
+    if seen.unstamped {
         // Entries without a time cannot be told apart: none is read twice.
         return Ok(Read::All);
     }
@@ -447,7 +446,7 @@ async fn read_output(
             reading.push(ROTATED_MARKER.as_bytes());
         }
         if missed {
-            if !first {
+            if horizon.is_some() {
                 tracing::debug!(bytes = entry.data.len(), "output the follow missed");
             }
             seen.note(entry.at);

@@ -167,18 +167,11 @@ fn ended(exit: Result<Exit, DockerError>, memory_mb: u64) -> Ending {
 /// to [`docker::DOCKER_OUTAGE_MOST`]); one Docker refuses to stop is
 /// removed.
 async fn stop(ctx: &Context, id: &str, grace: Duration) {
-    let mut outage = docker::Outage::default();
-    loop {
-        match docker::stop_container(&ctx.docker, id, grace).await {
-            Ok(()) => return,
-            Err(e) if e.is_unanswered() && outage.pause(&e).await => {}
-            Err(e) => {
-                tracing::warn!(container = %id, error = %e, "stop failed; removing the container");
-                if let Err(e) = docker::remove_container(&ctx.docker, id).await {
-                    tracing::warn!(container = %id, error = %e, "could not remove the container");
-                }
-                return;
-            }
+    let stopped = docker::until_answered(|| docker::stop_container(&ctx.docker, id, grace)).await;
+    if let Err(e) = stopped {
+        tracing::warn!(container = %id, error = %e, "stop failed; removing the container");
+        if let Err(e) = docker::remove_container(&ctx.docker, id).await {
+            tracing::warn!(container = %id, error = %e, "could not remove the container");
         }
     }
 }
