@@ -193,6 +193,8 @@ const OUTAGE_PAUSES: (Duration, Duration) = (Duration::from_millis(250), Duratio
 pub struct Outage {
     since: Option<tokio::time::Instant>,
     pause: Duration,
+    /// Whether Docker failed to answer at least once.
+    happened: bool,
 }
 
 impl Outage {
@@ -201,6 +203,7 @@ impl Outage {
     /// pause, once it has not answered for [`DOCKER_OUTAGE_MOST`].
     pub async fn pause(&mut self, error: &(dyn std::fmt::Display + Sync)) -> bool {
         let now = tokio::time::Instant::now();
+        self.happened = true;
         let since = *self.since.get_or_insert(now);
         if since == now {
             tracing::warn!(%error, "Docker does not answer; asking again until it does");
@@ -220,6 +223,12 @@ impl Outage {
             tracing::info!(secs = since.elapsed().as_secs_f64(), "Docker answers again");
         }
     }
+
+    /// Whether Docker failed to answer at least once, even if it answers
+    /// again now.
+    pub fn happened(&self) -> bool {
+        self.happened
+    }
 }
 
 /// What `ask` gets from Docker, asked again while Docker does not answer,
@@ -228,12 +237,23 @@ impl Outage {
 /// # Errors
 /// What Docker answered, or why it did not, once it had not answered for
 /// that long.
-pub async fn until_answered<T, Ask, Fut>(mut ask: Ask) -> Result<T, DockerError>
+pub async fn until_answered<T, Ask, Fut>(ask: Ask) -> Result<T, DockerError>
 where
     Ask: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, DockerError>>,
 {
-    let mut outage = Outage::default();
+    until_answered_within(&mut Outage::default(), ask).await
+}
+
+/// [`until_answered`], noting in `outage` whether Docker failed to answer.
+async fn until_answered_within<T, Ask, Fut>(
+    outage: &mut Outage,
+    mut ask: Ask,
+) -> Result<T, DockerError>
+where
+    Ask: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, DockerError>>,
+{
     loop {
         match ask().await {
             Err(e) if e.is_unanswered() => {
@@ -1131,6 +1151,11 @@ pub struct Exit {
     pub code: i64,
     /// Whether the kernel killed it for running out of memory.
     pub oom_killed: bool,
+    /// Whether Docker stopped answering between the last time the agent
+    /// saw the container running and the moment it learnt of its end: the
+    /// end came while Docker itself was going away or coming back, as when
+    /// a daemon restarted without `live-restore` stops its containers.
+    pub amid_outage: bool,
 }
 
 /// Waits until the container has stopped and says how it ended, asking
@@ -1140,16 +1165,19 @@ pub struct Exit {
 /// [`DockerError::Api`] when Docker cannot tell.
 pub async fn wait_exit(docker: &Docker, id: &str) -> Result<Exit, DockerError> {
     loop {
+        let mut outage = Outage::default();
         let mut wait = std::pin::pin!(docker.wait_container(id, None));
-        match wait.next().await {
-            Some(Ok(_)) | Some(Err(BollardError::DockerContainerWaitError { .. })) => {}
-            Some(Err(e)) if unanswered(&e) => {}
+        let told = match wait.next().await {
+            Some(Ok(_)) | Some(Err(BollardError::DockerContainerWaitError { .. })) => true,
+            Some(Err(e)) if unanswered(&e) => false,
             Some(Err(e)) => {
-                tracing::warn!(error = %docker_message(&e), "waiting for the container")
+                tracing::warn!(error = %docker_message(&e), "waiting for the container");
+                true
             }
-            None => {}
-        }
-        let state = until_answered(|| async {
+            // The answer ended before it said anything.
+            None => false,
+        };
+        let state = until_answered_within(&mut outage, || async {
             docker
                 .inspect_container(id, None)
                 .await
@@ -1159,9 +1187,13 @@ pub async fn wait_exit(docker: &Docker, id: &str) -> Result<Exit, DockerError> {
         .state
         .unwrap_or_default();
         if state.running != Some(true) {
+            // Docker shuts its API before it stops its containers: the
+            // wait is either cut or answered just before the inspection
+            // finds Docker gone.
             let exit = Exit {
                 code: state.exit_code.unwrap_or(-1),
                 oom_killed: state.oom_killed.unwrap_or(false),
+                amid_outage: !told || outage.happened(),
             };
             return Ok(confirm_out_of_memory(docker, id, &state, exit).await);
         }
@@ -1255,6 +1287,7 @@ fn exit_of(state: &bollard::models::ContainerState) -> Option<RecordedExit> {
         exit: Exit {
             code: state.exit_code?,
             oom_killed: state.oom_killed.unwrap_or(false),
+            amid_outage: false,
         },
         ran_for: (finished - started).to_std().unwrap_or_default(),
     })

@@ -141,7 +141,25 @@ pub(super) fn recorded_ending(
 fn ended(exit: Result<Exit, DockerError>, memory_mb: u64) -> Ending {
     match exit {
         Ok(Exit { code: 0, .. }) => Ending::plain(ReportedState::Succeeded, None),
-        Ok(Exit { code, oom_killed }) => Ending {
+        // A daemon restarted without `live-restore` stops its containers
+        // (SIGTERM, then SIGKILL; a task may answer the SIGTERM with any
+        // status): an end Docker's own outage framed is the node's.
+        Ok(Exit {
+            code,
+            oom_killed: false,
+            amid_outage: true,
+        }) => Ending {
+            state: ReportedState::Failed,
+            exit_code: Some(code),
+            message: Some(format!(
+                "ended with exit status {code} while Docker was not answering (a Docker restart \
+                 stops its containers)"
+            )),
+            node_fault: true,
+        },
+        Ok(Exit {
+            code, oom_killed, ..
+        }) => Ending {
             state: ReportedState::Failed,
             exit_code: Some(code),
             message: Some(if oom_killed {
@@ -193,6 +211,7 @@ mod tests {
             Ok(Exit {
                 code: 0,
                 oom_killed: false,
+                amid_outage: false,
             }),
             64,
         );
@@ -201,6 +220,7 @@ mod tests {
             Ok(Exit {
                 code: 3,
                 oom_killed: false,
+                amid_outage: false,
             }),
             64,
         );
@@ -210,6 +230,7 @@ mod tests {
             Ok(Exit {
                 code: 137,
                 oom_killed: true,
+                amid_outage: false,
             }),
             64,
         );
@@ -221,6 +242,7 @@ mod tests {
             Ok(Exit {
                 code: 137,
                 oom_killed: false,
+                amid_outage: false,
             }),
             64,
         );
@@ -234,11 +256,46 @@ mod tests {
     }
 
     #[test]
+    fn an_end_amid_a_docker_outage_is_the_nodes_unless_it_succeeded_or_ran_out_of_memory() {
+        let amid = |code, oom_killed| {
+            ended(
+                Ok(Exit {
+                    code,
+                    oom_killed,
+                    amid_outage: true,
+                }),
+                64,
+            )
+        };
+        let stopped = amid(143, false);
+        assert_eq!(
+            (stopped.state, stopped.exit_code, stopped.node_fault),
+            (ReportedState::Failed, Some(143), true)
+        );
+        assert_eq!(
+            stopped.message.as_deref(),
+            Some(
+                "ended with exit status 143 while Docker was not answering (a Docker restart \
+                 stops its containers)"
+            )
+        );
+        assert!(amid(1, false).node_fault);
+        let ok = amid(0, false);
+        assert_eq!((ok.state, ok.node_fault), (ReportedState::Succeeded, false));
+        let oom = amid(137, true);
+        assert_eq!(
+            (oom.node_fault, oom.message.as_deref()),
+            (false, Some("killed: out of memory (limit 64 MiB)"))
+        );
+    }
+
+    #[test]
     fn a_recorded_exit_within_the_limit_is_the_ending_and_one_past_it_timed_out() {
         let recorded = |secs, code| docker::RecordedExit {
             exit: Exit {
                 code,
                 oom_killed: false,
+                amid_outage: false,
             },
             ran_for: Duration::from_secs(secs),
         };

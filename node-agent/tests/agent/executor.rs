@@ -656,7 +656,8 @@ async fn a_process_killed_by_anything_but_the_memory_limit_is_not_said_to_be_out
         exit,
         node_agent::docker::Exit {
             code: 137,
-            oom_killed: false
+            oom_killed: false,
+            amid_outage: false,
         }
     );
 }
@@ -721,6 +722,115 @@ async fn an_attempt_docker_does_not_answer_for_fails_as_the_nodes_fault() {
     assert!(message.contains("Docker did not answer"), "{message}");
     link.mend();
     support::release(&ctx, &task).await;
+}
+
+#[tokio::test]
+async fn a_container_docker_stops_while_it_does_not_answer_is_the_nodes_failure_not_the_tasks() {
+    stopped_by_a_docker_restart(DockerGoes::BeforeTheStop).await;
+}
+
+#[tokio::test]
+async fn a_container_docker_stops_as_it_shuts_its_api_is_the_nodes_failure_not_the_tasks() {
+    stopped_by_a_docker_restart(DockerGoes::AsTheWaitIsAnswered).await;
+}
+
+/// When a Docker restarting stops the agent's answers, relative to its
+/// stop of the task's container.
+enum DockerGoes {
+    /// The daemon died: every connection is cut, then its containers are
+    /// stopped when it comes back.
+    BeforeTheStop,
+    /// The daemon shuts its API, answers the requests it still holds (the
+    /// agent's wait for the container's end among them) as it stops its
+    /// containers, and answers nothing after.
+    AsTheWaitIsAnswered,
+}
+
+/// What a daemon restarted without `live-restore` does to a running task:
+/// its API goes away, it stops its containers (SIGTERM, then SIGKILL) and
+/// it answers again once it is back. The attempt fails as the node's
+/// fault, with its output whole.
+async fn stopped_by_a_docker_restart(goes: DockerGoes) {
+    support::base_image().await;
+    let (link, ctx, _work) = linked_context().await;
+    let (code, env) = (repo(&[("a", "a")]), env_repo(""));
+    let task = spec(
+        &code,
+        &env,
+        "trap 'echo stopped by docker; exit 143' TERM; echo working; \
+         while true; do sleep 0.2; done",
+    );
+    let mut attempt = start(&ctx, task.clone());
+    let running = attempt
+        .until(ReportedState::Running, Duration::from_secs(120))
+        .await;
+    let id = running.container.clone().unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    match goes {
+        DockerGoes::BeforeTheStop => link.cut(),
+        DockerGoes::AsTheWaitIsAnswered => link.cut_after(b"\"StatusCode\""),
+    }
+    let docker = support::docker().await;
+    docker
+        .stop_container(
+            &id,
+            Some(
+                bollard::query_parameters::StopContainerOptionsBuilder::default()
+                    .t(5)
+                    .build(),
+            ),
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    link.mend();
+    let end = attempt
+        .until(ReportedState::Failed, Duration::from_secs(60))
+        .await;
+    attempt.handle.await.unwrap();
+    while let Ok(report) = attempt.rx.try_recv() {
+        attempt.seen.push(report);
+    }
+    assert!(end.node_fault, "{end:?}");
+    assert_eq!(end.exit_code, Some(143), "{end:?}");
+    assert_eq!(
+        end.message.as_deref(),
+        Some(
+            "ended with exit status 143 while Docker was not answering (a Docker restart stops \
+             its containers)"
+        )
+    );
+    // The output up to its end is whole, the last words included.
+    assert_eq!(output(&attempt.seen), "working\nstopped by docker\n");
+    support::release(&ctx, &task).await;
+    support::remove_env_image(&ctx, &env).await;
+}
+
+#[tokio::test]
+async fn a_task_that_fails_after_docker_answers_again_fails_as_its_own() {
+    // An outage long over says nothing of a later end.
+    support::base_image().await;
+    let (link, ctx, _work) = linked_context().await;
+    let (code, env) = (repo(&[("a", "a")]), env_repo(""));
+    let task = spec(&code, &env, "sleep 4; echo giving up; exit 3");
+    let mut attempt = start(&ctx, task.clone());
+    attempt
+        .until(ReportedState::Running, Duration::from_secs(120))
+        .await;
+    link.cut();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    link.mend();
+    let end = attempt
+        .until(ReportedState::Failed, Duration::from_secs(60))
+        .await;
+    attempt.handle.await.unwrap();
+    assert!(!end.node_fault, "{end:?}");
+    assert_eq!(
+        (end.exit_code, end.message.as_deref()),
+        (Some(3), Some("exited with status 3"))
+    );
+    support::release(&ctx, &task).await;
+    support::remove_env_image(&ctx, &env).await;
 }
 
 #[tokio::test]

@@ -377,7 +377,8 @@ pub async fn created_container(ctx: &Context, spec: &RunTask) -> String {
 /// breaks does to an agent.
 pub struct DockerLink {
     host: String,
-    down: tokio::sync::watch::Sender<bool>,
+    down: Arc<tokio::sync::watch::Sender<bool>>,
+    trip: Arc<std::sync::Mutex<Option<Vec<u8>>>>,
     accepting: tokio::task::JoinHandle<()>,
     _dir: TempDir,
 }
@@ -394,27 +395,28 @@ impl DockerLink {
         let path = dir.path().join("docker.sock");
         let listener = tokio::net::UnixListener::bind(&path).unwrap();
         let (down, watching) = tokio::sync::watch::channel(false);
-        let accepting = tokio::spawn(async move {
-            while let Ok((mut client, _)) = listener.accept().await {
-                if *watching.borrow() {
-                    continue;
-                }
-                let mut cut = watching.clone();
-                let upstream = upstream.clone();
-                tokio::spawn(async move {
-                    let Ok(mut docker) = tokio::net::UnixStream::connect(&upstream).await else {
-                        return;
-                    };
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut client, &mut docker) => {}
-                        _ = cut.wait_for(|down| *down) => {}
+        let down = Arc::new(down);
+        let trip = Arc::new(std::sync::Mutex::new(None));
+        let accepting = {
+            let (down, trip) = (Arc::clone(&down), Arc::clone(&trip));
+            tokio::spawn(async move {
+                while let Ok((client, _)) = listener.accept().await {
+                    if *watching.borrow() {
+                        continue;
                     }
-                });
-            }
-        });
+                    let link = Link {
+                        cut: watching.clone(),
+                        down: Arc::clone(&down),
+                        trip: Arc::clone(&trip),
+                    };
+                    tokio::spawn(link.carry(client, upstream.clone()));
+                }
+            })
+        };
         DockerLink {
             host: format!("unix://{}", path.display()),
             down,
+            trip,
             accepting,
             _dir: dir,
         }
@@ -430,9 +432,60 @@ impl DockerLink {
         self.down.send_replace(true);
     }
 
+    /// Cuts the link (as [`DockerLink::cut`]) the moment an answer of
+    /// Docker's holding `marker` has passed through it: a daemon that
+    /// shuts its API as it answers a last request.
+    pub fn cut_after(&self, marker: &[u8]) {
+        *self.trip.lock().unwrap() = Some(marker.to_vec());
+    }
+
     /// Lets connections through again.
     pub fn mend(&self) {
         self.down.send_replace(false);
+    }
+}
+
+/// One connection through a [`DockerLink`].
+struct Link {
+    cut: tokio::sync::watch::Receiver<bool>,
+    down: Arc<tokio::sync::watch::Sender<bool>>,
+    trip: Arc<std::sync::Mutex<Option<Vec<u8>>>>,
+}
+
+impl Link {
+    async fn carry(mut self, client: tokio::net::UnixStream, upstream: String) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let Ok(docker) = tokio::net::UnixStream::connect(&upstream).await else {
+            return;
+        };
+        let (mut from_client, mut to_client) = client.into_split();
+        let (mut from_docker, mut to_docker) = docker.into_split();
+        let asking = tokio::io::copy(&mut from_client, &mut to_docker);
+        let answering = async {
+            let mut buf = vec![0; 64 * 1024];
+            loop {
+                let n = from_docker.read(&mut buf).await?;
+                if n == 0 {
+                    return Ok::<_, std::io::Error>(());
+                }
+                to_client.write_all(&buf[..n]).await?;
+                let tripped = {
+                    let mut trip = self.trip.lock().unwrap();
+                    let hit = trip
+                        .as_deref()
+                        .is_some_and(|m| buf[..n].windows(m.len()).any(|w| w == m));
+                    hit && trip.take().is_some()
+                };
+                if tripped {
+                    self.down.send_replace(true);
+                }
+            }
+        };
+        tokio::select! {
+            biased;
+            _ = self.cut.wait_for(|down| *down) => {}
+            _ = async { tokio::join!(asking, answering) } => {}
+        }
     }
 }
 
