@@ -137,10 +137,14 @@ pub enum DockerError {
 impl DockerError {
     fn api(action: &'static str, e: &BollardError) -> Self {
         let unanswered = unanswered(e);
-        let message = if unanswered {
-            format!("Docker did not answer ({})", docker_message(e))
-        } else {
-            docker_message(e)
+        let message = match e {
+            // Docker answered, but with a failure of its own: a daemon
+            // starting or stopping, a full disk, a broken runtime.
+            BollardError::DockerResponseServerError { status_code, .. } if unanswered => {
+                format!("Docker failed (HTTP {status_code}: {})", docker_message(e))
+            }
+            _ if unanswered => format!("Docker did not answer ({})", docker_message(e)),
+            _ => docker_message(e),
         };
         DockerError::Api {
             action,
@@ -1530,6 +1534,32 @@ mod tests {
         assert!(!unanswered(&BollardError::DockerStreamError {
             error: "e".into()
         }));
+    }
+
+    #[test]
+    fn a_failure_inside_docker_is_not_said_to_be_no_answer() {
+        let message =
+            |e: &BollardError| DockerError::api("starting the container failed", e).to_string();
+        assert_eq!(
+            message(&BollardError::DockerResponseServerError {
+                status_code: 500,
+                message: "write /var/lib/docker/x: no space left on device\n".into(),
+            }),
+            "starting the container failed: Docker failed (HTTP 500: write /var/lib/docker/x: no \
+             space left on device)"
+        );
+        assert_eq!(
+            message(&BollardError::RequestTimeoutError),
+            "starting the container failed: Docker did not answer (Timeout error)"
+        );
+        let refused = BollardError::DockerResponseServerError {
+            status_code: 404,
+            message: "No such image: x".into(),
+        };
+        assert_eq!(
+            message(&refused),
+            "starting the container failed: No such image: x"
+        );
     }
 
     #[test]
