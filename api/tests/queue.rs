@@ -177,13 +177,24 @@ async fn a_task_requeued_after_a_lost_attempt_says_why_until_it_succeeds() {
     let shown = caught_up(&app, &task).await;
     assert_eq!(shown["state"], "succeeded");
     assert!(shown["reason"].is_null(), "{shown}");
-    let outcomes: Vec<&Value> = shown["attempts"]
+    // Each attempt keeps why it ended: the lost one its loss, the one
+    // that succeeded nothing.
+    let ends: Vec<(&Value, &Value)> = shown["attempts"]
         .as_array()
         .expect("attempts")
         .iter()
-        .map(|a| &a["outcome"])
+        .map(|a| (&a["outcome"], &a["reason"]))
         .collect();
-    assert_eq!(outcomes, [&json!("lost"), &json!("succeeded")]);
+    assert_eq!(
+        ends,
+        [
+            (
+                &json!("lost"),
+                &json!("the node could not run attempt 1: Docker did not answer")
+            ),
+            (&json!("succeeded"), &Value::Null)
+        ]
+    );
 }
 
 #[tokio::test]

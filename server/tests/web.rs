@@ -346,6 +346,130 @@ async fn a_user_follows_a_task_live_and_sees_what_an_event_changed_and_outsiders
     server.services.stop().await;
 }
 
+#[tokio::test]
+async fn a_task_page_says_why_each_attempt_ended() {
+    use domain::task::{Outcome, Task, TaskCommand};
+    let server = Server::start().await;
+    let project = server
+        .post(&server.admin, "/projects", json!({"name": "vision"}))
+        .await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let node: Uuid = server.node("gpu-3").await.parse().unwrap();
+    let task = server
+        .post(
+            &server.admin,
+            "/tasks",
+            json!({
+                "project_id": project,
+                "code_repo_url": "https://git.example.com/lab/code.git",
+                "code_commit_id": SHA,
+                "env_repo_url": "https://git.example.com/lab/env.git",
+                "env_commit_id": SHA,
+                "dockerfile_path": "Dockerfile",
+                "command": ["python", "train.py"],
+                "max_retries": 1,
+            }),
+        )
+        .await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let lost = "the node could not run attempt 1: ended with exit status 143 while Docker was \
+                not answering (a Docker restart stops its containers)";
+    let failed = "building the image failed:\nStep 1/3 : FROM scratch\n<b>COPY failed</b>";
+    let (scheduler, on_node) = (
+        Actor::System("scheduler".into()),
+        Actor::Node(node.to_string()),
+    );
+    let placed = |attempt| {
+        [
+            (
+                TaskCommand::Assign {
+                    node_id: node,
+                    gpus: vec![],
+                    reason: "test".into(),
+                    at: Utc::now(),
+                },
+                &scheduler,
+            ),
+            (
+                TaskCommand::Accept {
+                    node_id: node,
+                    attempt,
+                    at: Utc::now(),
+                },
+                &on_node,
+            ),
+        ]
+    };
+    let ends = [
+        (
+            TaskCommand::MarkLost {
+                node_id: node,
+                attempt: 1,
+                reason: lost.into(),
+                at: Utc::now(),
+            },
+            &on_node,
+        ),
+        (
+            TaskCommand::ReportExited {
+                node_id: node,
+                attempt: 2,
+                outcome: Outcome::Failed {
+                    exit_code: None,
+                    reason: failed.into(),
+                },
+                at: Utc::now(),
+            },
+            &on_node,
+        ),
+    ];
+    let [lose, fail] = ends;
+    for (command, actor) in placed(1)
+        .into_iter()
+        .chain([lose])
+        .chain(placed(2))
+        .chain([fail])
+    {
+        server
+            .store
+            .execute::<Task>(&task, command, actor, Utc::now())
+            .await
+            .unwrap();
+    }
+
+    let b = Browser::start().await.unwrap();
+    b.client.goto(&server.base).await.unwrap();
+    sign_in(&b, &server.admin).await;
+    b.client
+        .goto(&format!("{}/#/tasks/{task}", server.base))
+        .await
+        .unwrap();
+    b.wait_for("h1 .badge.failed", PATIENCE).await.unwrap();
+    let mut shown = Vec::new();
+    for cell in b.client.find_all(Locator::Css("td.why")).await.unwrap() {
+        let title = cell.attr("title").await.unwrap();
+        shown.push((cell.text().await.unwrap(), title));
+    }
+    // A reason of many lines shows its first there, whole when pointed at,
+    // as text, never as markup.
+    assert_eq!(
+        shown,
+        [
+            (lost.to_string(), Some(lost.to_string())),
+            (
+                "building the image failed: …".to_string(),
+                Some(failed.to_string())
+            ),
+        ]
+    );
+    b.close().await;
+    server.services.stop().await;
+}
+
 impl Server {
     /// An admin's host command on `node`, then a drain and an undrain, as
     /// the API and the ingress record them.

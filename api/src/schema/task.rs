@@ -337,6 +337,11 @@ pub struct Attempt {
     pub ended_at: Option<DateTime<Utc>>,
     /// How it ended: a task state or `lost`.
     pub outcome: Option<String>,
+    /// Why it ended, when it ended other than `succeeded`: the failure,
+    /// or why the attempt was lost (its node went offline, its Docker did
+    /// not answer…). Null for attempts that ended before attempts kept
+    /// their reason, until the read models are rebuilt.
+    pub reason: Option<String>,
     /// The node's GPU device indices it holds (or held).
     pub gpus: Vec<u32>,
 }
@@ -659,6 +664,7 @@ impl TryFrom<domain::task::Task> for Task {
                     started_at: a.started_at,
                     ended_at: a.ended_at,
                     outcome: a.outcome,
+                    reason: a.reason,
                     gpus: a.gpus,
                 })
                 .collect(),

@@ -137,19 +137,27 @@ export function renderTaskFacts(panel, t) {
     t.finished_at ? fact('Finished', when(t.finished_at)) : null));
 }
 
+// The first line of a text, with `…` when more follow (a failed build's
+// reason holds its last lines; the task's own reason shows them whole).
+function firstLine(text) {
+  const lines = text.trim().split('\n');
+  return lines.length > 1 ? `${lines[0].trimEnd()} …` : lines[0];
+}
+
 export function renderAttempts(panel, t) {
   panel.replaceChildren(
     h('h2', { id: 'attempts-title' }, 'Attempts', h('span', { class: 'count' }, t.attempts.length)),
     t.attempts.length
       ? h('div', { class: 'table-wrap' }, h('table', {},
-        h('thead', {}, h('tr', {}, ['#', 'Node', 'Assigned', 'Started', 'Ended', 'Outcome'].map((c) => h('th', { scope: 'col' }, c)))),
+        h('thead', {}, h('tr', {}, ['#', 'Node', 'Assigned', 'Started', 'Ended', 'Outcome', 'Why'].map((c) => h('th', { scope: 'col' }, c)))),
         h('tbody', {}, t.attempts.map((a) => h('tr', {},
           h('td', {}, a.number),
           h('td', {}, nodeLink(a.node_id), a.gpus.length ? h('span', { class: 'faint' }, ` GPU ${a.gpus.join(', ')}`) : ''),
           h('td', {}, when(a.assigned_at)),
           h('td', {}, a.started_at ? when(a.started_at) : '—'),
           h('td', {}, a.ended_at ? when(a.ended_at) : '—'),
-          h('td', {}, a.outcome ? badge(a.outcome) : (TERMINAL.has(t.state) ? '—' : badge(t.state))))))))
+          h('td', {}, a.outcome ? badge(a.outcome) : (TERMINAL.has(t.state) ? '—' : badge(t.state))),
+          h('td', { class: 'why', title: a.reason || null }, a.reason ? firstLine(a.reason) : '—'))))))
       : h('p', { class: 'empty' }, 'Not placed on a node yet.'));
 }
 

@@ -148,6 +148,19 @@ fn when(v: &Value) -> String {
         .unwrap_or_else(|| "-".into())
 }
 
+/// `: ` and the first line of an attempt's reason (`…` when it has more,
+/// such as a build's last lines, which the task's own reason shows whole);
+/// nothing when it has none.
+fn attempt_reason(v: &Value) -> String {
+    let Some(reason) = v.as_str().map(str::trim).filter(|r| !r.is_empty()) else {
+        return String::new();
+    };
+    match reason.split_once('\n') {
+        Some((first, _)) => format!(": {} …", first.trim_end()),
+        None => format!(": {reason}"),
+    }
+}
+
 fn text(v: &Value) -> String {
     match v {
         Value::Null => "-".into(),
@@ -285,12 +298,13 @@ pub(super) async fn task(conn: &Conn, id: Uuid, out: Output) -> Result<u8> {
         outln!("attempts:");
         for a in attempts {
             outln!(
-                "  #{} node {} assigned {} ended {} {}",
+                "  #{} node {} assigned {} ended {} {}{}",
                 text(&a["number"]),
                 text(&a["node_id"]),
                 when(&a["assigned_at"]),
                 when(&a["ended_at"]),
-                text(&a["outcome"])
+                text(&a["outcome"]),
+                attempt_reason(&a["reason"])
             );
         }
     }
@@ -619,4 +633,24 @@ pub(super) async fn nodes(conn: &Conn, out: Output) -> Result<u8> {
         &rows,
     );
     Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn an_attempts_reason_shows_its_first_line_and_says_when_more_follow() {
+        assert_eq!(attempt_reason(&Value::Null), "");
+        assert_eq!(attempt_reason(&json!("  ")), "");
+        assert_eq!(
+            attempt_reason(&json!("the node went offline")),
+            ": the node went offline"
+        );
+        assert_eq!(
+            attempt_reason(&json!("building the image failed:\nStep 1/3\nCOPY failed")),
+            ": building the image failed: …"
+        );
+    }
 }

@@ -111,6 +111,10 @@ pub struct Attempt {
     pub ended_at: Option<DateTime<Utc>>,
     /// How it ended: a task state name or `lost`.
     pub outcome: Option<String>,
+    /// Why it ended, when it did not succeed (absent in states stored
+    /// before attempts kept it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
     /// The node's GPU device indices it holds.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub gpus: Vec<u32>,
@@ -244,6 +248,7 @@ impl Task {
                     started_at: None,
                     ended_at: None,
                     outcome: None,
+                    reason: None,
                     gpus,
                 });
                 self.updated_at = Some(at);
@@ -299,8 +304,8 @@ impl Task {
                 self.finish(TaskState::Cancelled, at);
             }
             TaskEvent::Lost { reason, at, .. } => {
-                self.end_attempt("lost", at);
                 self.reason = Some(reason);
+                self.end_attempt("lost", at);
                 self.node_id = None;
                 self.updated_at = Some(at);
             }
@@ -340,11 +345,17 @@ impl Task {
         }
     }
 
+    /// Ends the current attempt, if it has not ended, with `outcome` and
+    /// the task's reason (set first by the caller; none for a success).
     fn end_attempt(&mut self, outcome: &str, at: DateTime<Utc>) {
+        let reason = (outcome != TaskState::Succeeded.as_str())
+            .then(|| self.reason.clone())
+            .flatten();
         if let Some(a) = self.attempts.last_mut() {
             if a.ended_at.is_none() {
                 a.ended_at = Some(at);
                 a.outcome = Some(outcome.to_string());
+                a.reason = reason;
             }
         }
     }

@@ -311,6 +311,10 @@ fn a_failed_exit_keeps_the_exit_code_and_reason() {
     assert_eq!(task.exit_code, Some(3));
     assert_eq!(task.reason.as_deref(), Some("exited with status 3"));
     assert_eq!(task.attempts[0].outcome.as_deref(), Some("failed"));
+    assert_eq!(
+        task.attempts[0].reason.as_deref(),
+        Some("exited with status 3")
+    );
 }
 
 #[test]
