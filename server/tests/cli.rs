@@ -477,6 +477,13 @@ async fn a_user_signs_in_submits_from_a_checkout_follows_and_fetches_what_it_mad
     let shown = user.run(here, &["task", &second]).await.expect(0).out();
     assert!(shown.contains("state:     failed"), "{shown}");
     assert!(shown.contains("exit code: 7"), "{shown}");
+    // Named for people, with the ids beside; each attempt says why it ended.
+    assert!(shown.contains("project:   vision ("), "{shown}");
+    assert!(shown.contains("node:      local ("), "{shown}");
+    assert!(
+        shown.contains(" node local assigned ") && shown.contains(" failed: exited with status 7"),
+        "{shown}"
+    );
     let timeline = user
         .run(here, &["timeline", "--task", &first])
         .await

@@ -148,6 +148,73 @@ fn when(v: &Value) -> String {
         .unwrap_or_else(|| "-".into())
 }
 
+/// The names of the project and the nodes a task names, for people; an id
+/// whose name cannot be had (a node since removed, the server refusing)
+/// shows alone.
+struct Names {
+    project: Option<String>,
+    nodes: std::collections::HashMap<String, String>,
+}
+
+impl Names {
+    async fn of(client: &Client, t: &Value) -> Names {
+        let name = |path: String| async move {
+            let found: Option<Value> = client.get(&path, &[]).await.ok();
+            found.and_then(|v| v["name"].as_str().map(str::to_owned))
+        };
+        let project = match t["project_id"].as_str() {
+            Some(id) => name(format!("/projects/{id}")).await,
+            None => None,
+        };
+        let mut ids: Vec<&str> = t["attempts"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|a| &a["node_id"])
+            .chain([&t["node_id"]])
+            .filter_map(Value::as_str)
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let mut nodes = std::collections::HashMap::new();
+        for id in ids {
+            if let Some(n) = name(format!("/nodes/{id}")).await {
+                nodes.insert(id.to_owned(), n);
+            }
+        }
+        Names { project, nodes }
+    }
+
+    fn project(&self, id: &Value) -> String {
+        named(self.project.as_deref(), id)
+    }
+
+    fn node(&self, id: &Value) -> String {
+        named(
+            id.as_str()
+                .and_then(|i| self.nodes.get(i))
+                .map(String::as_str),
+            id,
+        )
+    }
+
+    /// The node's name alone, or its id without one.
+    fn node_name(&self, id: &Value) -> String {
+        match id.as_str().and_then(|i| self.nodes.get(i)) {
+            Some(name) => name.clone(),
+            None => text(id),
+        }
+    }
+}
+
+/// `name (id)`, or the id alone without a name.
+fn named(name: Option<&str>, id: &Value) -> String {
+    match name {
+        Some(name) => format!("{name} ({})", text(id)),
+        None => text(id),
+    }
+}
+
 /// `: ` and the first line of an attempt's reason (`…` when it has more,
 /// such as a build's last lines, which the task's own reason shows whole);
 /// nothing when it has none.
@@ -223,14 +290,17 @@ pub(super) async fn task(conn: &Conn, id: Uuid, out: Output) -> Result<u8> {
         return Ok(0);
     }
     let spec = &t["spec"];
+    let names = Names::of(&client, &t).await;
     let mut lines = vec![
         ("task", text(&t["id"])),
         ("state", text(&t["state"])),
-        ("project", text(&t["project_id"])),
+        ("project", names.project(&t["project_id"])),
         ("attempt", text(&t["attempt"])),
     ];
+    if !t["node_id"].is_null() {
+        lines.push(("node", names.node(&t["node_id"])));
+    }
     let optional = [
-        ("node", &t["node_id"]),
         ("stage", &t["stage"]),
         ("detail", &t["stage_detail"]),
         ("exit code", &t["exit_code"]),
@@ -300,7 +370,7 @@ pub(super) async fn task(conn: &Conn, id: Uuid, out: Output) -> Result<u8> {
             outln!(
                 "  #{} node {} assigned {} ended {} {}{}",
                 text(&a["number"]),
-                text(&a["node_id"]),
+                names.node_name(&a["node_id"]),
                 when(&a["assigned_at"]),
                 when(&a["ended_at"]),
                 text(&a["outcome"]),
