@@ -293,7 +293,8 @@ fn is_not_found(e: &BollardError) -> bool {
 }
 
 /// Connects to Docker at `host` (`unix:///…`, `tcp://…`), or the local
-/// default socket, and agrees on an API version with the daemon.
+/// default socket, and agrees on an API version with the daemon, asking
+/// again while Docker does not answer, for up to [`DOCKER_OUTAGE_MOST`].
 ///
 /// # Errors
 /// [`DockerError::Api`] when the address is unusable or the daemon does not
@@ -305,10 +306,16 @@ pub async fn connect(host: Option<&str>) -> Result<Docker, DockerError> {
     }
     .map_err(|e| DockerError::api("connecting to Docker", &e))?
     .with_timeout(REQUEST_TIMEOUT);
-    docker
-        .negotiate_version()
-        .await
-        .map_err(|e| DockerError::api("asking Docker for its API version", &e))
+    // An agent started with the machine may come up before Docker does
+    // (Docker Desktop takes a minute): it waits as for any outage.
+    until_answered(|| async {
+        docker
+            .clone()
+            .negotiate_version()
+            .await
+            .map_err(|e| DockerError::api("asking Docker for its API version", &e))
+    })
+    .await
 }
 
 /// The tag of the env image built from `dockerfile_path` in `env_repo_url`

@@ -675,6 +675,25 @@ async fn linked_context() -> (support::DockerLink, Arc<Context>, tempfile::TempD
 }
 
 #[tokio::test]
+async fn an_agent_that_starts_before_docker_answers_waits_for_it() {
+    let link = support::DockerLink::start();
+    link.cut();
+    let connecting = tokio::spawn({
+        let host = link.host().to_owned();
+        async move { node_agent::docker::connect(Some(&host)).await }
+    });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(!connecting.is_finished(), "it gave up at once");
+    link.mend();
+    let docker = tokio::time::timeout(Duration::from_secs(30), connecting)
+        .await
+        .expect("it connects once Docker answers")
+        .unwrap()
+        .expect("a client");
+    docker.ping().await.unwrap();
+}
+
+#[tokio::test]
 async fn a_task_lives_through_docker_not_answering_for_a_while_and_its_output_is_whole() {
     support::base_image().await;
     let (link, ctx, _work) = linked_context().await;
