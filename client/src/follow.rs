@@ -280,8 +280,13 @@ pub async fn logs(
             }
             if task.attempt > end.attempt {
                 if !quiet && end.attempt > 0 {
+                    let why = task
+                        .attempt_reason(end.attempt)
+                        .and_then(|r| r.lines().next())
+                        .map(|r| format!(": {r}"))
+                        .unwrap_or_default();
                     eprintln!(
-                        "unidesk: attempt {} ended ({}); following attempt {}",
+                        "unidesk: attempt {} ended ({}{why}); following attempt {}",
                         end.attempt, end.state, task.attempt
                     );
                 }

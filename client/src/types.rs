@@ -112,6 +112,16 @@ impl Task {
     pub fn is_terminal(&self) -> bool {
         is_terminal(&self.state)
     }
+
+    /// Why attempt `number` ended, when the server says.
+    pub fn attempt_reason(&self, number: u32) -> Option<&str> {
+        self.other
+            .get("attempts")?
+            .as_array()?
+            .iter()
+            .find(|a| a["number"].as_u64() == Some(u64::from(number)))?["reason"]
+            .as_str()
+    }
 }
 
 /// Whether a task in `state` has ended for good.
@@ -226,4 +236,26 @@ pub struct TimelinePage {
     /// Where a live stream goes on from without a gap.
     #[serde(default)]
     pub live_after: Option<i64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_attempts_reason_is_found_by_its_number() {
+        let task: Task = serde_json::from_value(serde_json::json!({
+            "id": "01a2538d-4445-7620-b854-a1edf190d874",
+            "state": "running",
+            "attempt": 2,
+            "attempts": [
+                {"number": 1, "outcome": "lost", "reason": "the node went offline"},
+                {"number": 2, "outcome": null, "reason": null},
+            ],
+        }))
+        .unwrap();
+        assert_eq!(task.attempt_reason(1), Some("the node went offline"));
+        assert_eq!(task.attempt_reason(2), None);
+        assert_eq!(task.attempt_reason(3), None);
+    }
 }
