@@ -357,6 +357,7 @@ mod tests {
             started_at: None,
             ended_at: None,
             outcome: None,
+            reason: None,
             gpus: vec![],
         });
         assert_eq!(latency(&task, Transition::Started(1, at(50))), Some(30.0));
