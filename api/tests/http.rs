@@ -448,6 +448,32 @@ async fn every_bad_task_input_is_refused_with_its_field_named_and_nothing_append
 }
 
 #[tokio::test]
+async fn a_task_cannot_set_the_variables_the_node_sets() {
+    let app = start().await;
+    let project = app.project(&app.admin, "vars").await;
+    let before = app.events().await;
+    for name in ["UNIDESK_ATTEMPT", "UNIDESK_TASK_ID", "unidesk_anything"] {
+        let body = with(
+            task_body(&project),
+            &format!("/env/{name}"),
+            Some(json!("1")),
+        );
+        let answer = app.post("/api/v1/tasks", &app.admin, body).await;
+        answer.expect_error(422, &format!("env.{name}"));
+        assert!(
+            answer.details().contains("set by the node"),
+            "{:?}",
+            answer.body
+        );
+    }
+    assert_eq!(
+        app.events().await,
+        before,
+        "a refused submission appended events"
+    );
+}
+
+#[tokio::test]
 async fn gpu_visibility_cannot_be_set_through_a_tasks_env() {
     let app = start().await;
     let project = app.project(&app.admin, "gpus").await;

@@ -653,6 +653,25 @@ pub fn is_gpu_visibility_variable(name: &str) -> bool {
     upper.starts_with("NVIDIA_") || upper == "CUDA_VISIBLE_DEVICES"
 }
 
+/// The prefix of the environment variables the node sets in every task
+/// container ([`TASK_ID_VARIABLE`], [`ATTEMPT_VARIABLE`]); a task may set
+/// none of its own.
+pub const PLATFORM_VARIABLE_PREFIX: &str = "UNIDESK_";
+
+/// The variable that holds the task's id in its container.
+pub const TASK_ID_VARIABLE: &str = "UNIDESK_TASK_ID";
+
+/// The variable that holds the attempt's number (from 1) in its container:
+/// a command can tell a retry from a first run, to resume from what an
+/// earlier attempt saved.
+pub const ATTEMPT_VARIABLE: &str = "UNIDESK_ATTEMPT";
+
+/// Whether `name` is in the platform's namespace (`UNIDESK_*`, in any case).
+pub fn is_platform_variable(name: &str) -> bool {
+    name.get(..PLATFORM_VARIABLE_PREFIX.len())
+        .is_some_and(|p| p.eq_ignore_ascii_case(PLATFORM_VARIABLE_PREFIX))
+}
+
 /// The raw, unvalidated form of a resources request.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -1034,6 +1053,15 @@ fn check_variable(e: &mut Vec<FieldError>, field: &str, k: &str) {
             format!("{field}.{k}"),
             "NVIDIA_VISIBLE_DEVICES, CUDA_VISIBLE_DEVICES and NVIDIA_* are set by the node \
              from the GPUs assigned to the task; ask for GPUs with resources.gpus",
+        ));
+    }
+    if is_platform_variable(k) {
+        e.push(FieldError::new(
+            format!("{field}.{k}"),
+            format!(
+                "UNIDESK_* are set by the node ({TASK_ID_VARIABLE}, {ATTEMPT_VARIABLE}); \
+                 name the variable otherwise"
+            ),
         ));
     }
 }
@@ -1613,6 +1641,36 @@ mod tests {
         json.as_object_mut().unwrap().remove("outputs");
         let back: TaskSpec = serde_json::from_value(json).unwrap();
         assert!(back.inputs.is_empty() && back.outputs.is_empty());
+    }
+
+    #[test]
+    fn the_platforms_variables_cannot_be_set_by_a_task() {
+        for (field, name) in [
+            ("env", "UNIDESK_ATTEMPT"),
+            ("env", "unidesk_task_id"),
+            ("env", "UNIDESK_"),
+            ("env_secrets", "Unidesk_Token"),
+        ] {
+            let mut d = draft();
+            let vars = Some(BTreeMap::from([(name.to_owned(), "x".to_owned())]));
+            if field == "env" {
+                d.env = vars;
+            } else {
+                d.env_secrets = vars;
+            }
+            let errs = d.validate(UrlPolicy::default()).unwrap_err();
+            assert_eq!(errs.len(), 1, "{name}: {errs:?}");
+            assert_eq!(errs[0].field, format!("{field}.{name}"));
+            assert!(errs[0].reason.contains("UNIDESK_ATTEMPT"), "{errs:?}");
+        }
+        let mut d = draft();
+        d.env = Some(BTreeMap::from([(
+            "MY_UNIDESK_X".to_owned(),
+            "x".to_owned(),
+        )]));
+        d.validate(UrlPolicy::default()).unwrap();
+        assert!(!is_platform_variable("UNIDESK"));
+        assert!(!is_platform_variable("Ü"));
     }
 
     #[test]

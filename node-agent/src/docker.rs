@@ -92,6 +92,15 @@ pub const TASK_CAPABILITIES: [&str; 7] = [
 /// GPUs a container sees. The agent always sets it itself.
 pub const NVIDIA_VISIBLE_DEVICES: &str = "NVIDIA_VISIBLE_DEVICES";
 
+/// The variable that holds the task's id in its container; the server
+/// refuses tasks that set any `UNIDESK_*` of their own
+/// (`domain::spec::TASK_ID_VARIABLE`).
+pub const TASK_ID_VARIABLE: &str = "UNIDESK_TASK_ID";
+
+/// The variable that holds the attempt's number, from 1
+/// (`domain::spec::ATTEMPT_VARIABLE`).
+pub const ATTEMPT_VARIABLE: &str = "UNIDESK_ATTEMPT";
+
 /// How long one request to Docker may wait for its response to begin. Stop
 /// requests wait for the grace period, so this is generous.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(15 * 60);

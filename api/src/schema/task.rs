@@ -46,7 +46,8 @@ pub struct SubmitTask {
     pub command: Option<Vec<String>>,
     /// Environment variables. `NVIDIA_VISIBLE_DEVICES`,
     /// `CUDA_VISIBLE_DEVICES` and `NVIDIA_*` (in any case) are refused: the
-    /// node sets them from the GPUs assigned to the task.
+    /// node sets them from the GPUs assigned to the task; so is `UNIDESK_*`:
+    /// the node sets `UNIDESK_TASK_ID` and `UNIDESK_ATTEMPT` (from 1).
     pub env: Option<BTreeMap<String, String>>,
     /// What the task needs; defaults to 1 CPU, 1024 MiB, no GPU.
     pub resources: Option<SubmitResources>,

@@ -381,6 +381,16 @@ impl<'a> Recipe<'a> {
         if let Some(refusal) = docker::refused_env(&env) {
             return Err(Ending::failed(refusal));
         }
+        // The node's word on which task and attempt this is, whatever a
+        // server that did not refuse such variables let through.
+        env.insert(
+            docker::TASK_ID_VARIABLE.to_owned(),
+            spec.task_id.to_string(),
+        );
+        env.insert(
+            docker::ATTEMPT_VARIABLE.to_owned(),
+            spec.attempt.to_string(),
+        );
         Ok(Recipe { spec, labels, env })
     }
 

@@ -94,6 +94,32 @@ async fn assert_container_gone(ctx: &Context, id: &str) {
 }
 
 #[tokio::test]
+async fn a_task_knows_which_task_and_attempt_it_is_whatever_its_env_says() {
+    support::base_image().await;
+    let (ctx, _work) = context().await;
+    let (code, env) = (repo(&[("a", "a")]), env_repo(""));
+    let mut task = spec(
+        &code,
+        &env,
+        "echo \"$UNIDESK_TASK_ID $UNIDESK_ATTEMPT $KEPT\"",
+    );
+    task.attempt = 3;
+    // What a server that did not refuse them could pass on.
+    task.env.insert("UNIDESK_ATTEMPT".into(), "99".into());
+    task.env
+        .insert("UNIDESK_TASK_ID".into(), "someone-else".into());
+    task.env.insert("KEPT".into(), "kept".into());
+    let reports = run(&ctx, task.clone()).await;
+    assert_eq!(
+        last(&reports).state,
+        ReportedState::Succeeded,
+        "{reports:?}"
+    );
+    assert_eq!(output(&reports), format!("{} 3 kept\n", task.task_id));
+    support::remove_env_image(&ctx, &env).await;
+}
+
+#[tokio::test]
 async fn a_task_that_prints_and_exits_0_succeeds_with_its_output_in_order() {
     support::base_image().await;
     let (ctx, work) = context().await;
