@@ -121,22 +121,44 @@ async fn ended_within(ctx: &Context, id: &str, timeout_s: Option<u64>) -> Option
 
 /// The ending of a container found stopped after a restart, from Docker's
 /// record: within its time limit it is its exit; past it, it timed out.
+///
+/// A container stopped the way Docker stops its containers when it, or
+/// the machine, goes down (SIGTERM, then SIGKILL: status 143 or 137 with
+/// no out-of-memory kill) or finds gone when it comes back (255) is taken
+/// as stopped by the node: an agent running in Docker goes down with them,
+/// so no agent saw Docker go.
 pub(super) fn recorded_ending(
     recorded: docker::RecordedExit,
     timeout_s: Option<u64>,
     memory_mb: u64,
 ) -> Ending {
+    let exit = recorded.exit;
     match timeout_s {
         Some(secs) if recorded.ran_for >= Duration::from_secs(secs) => Ending::plain(
             ReportedState::TimedOut,
             Some(format!(
                 "ran past the time limit of {secs} s while no agent watched (exit status {})",
-                recorded.exit.code
+                exit.code
             )),
         ),
-        _ => ended(Ok(recorded.exit), memory_mb),
+        _ if !exit.oom_killed && RESTART_STATUSES.contains(&exit.code) => Ending {
+            state: ReportedState::Failed,
+            exit_code: Some(exit.code),
+            message: Some(format!(
+                "ended with exit status {} while no agent watched it, as containers do when \
+                 Docker or the machine restarts",
+                exit.code
+            )),
+            node_fault: true,
+        },
+        _ => ended(Ok(exit), memory_mb),
     }
 }
+
+/// The statuses Docker records for a container it stopped as it went down
+/// (143: SIGTERM; 137: SIGKILL, after the stop timeout) or found without
+/// its process when it came back (255).
+const RESTART_STATUSES: [i64; 3] = [143, docker::KILLED_STATUS, 255];
 
 fn ended(exit: Result<Exit, DockerError>, memory_mb: u64) -> Ending {
     match exit {
@@ -310,5 +332,26 @@ mod tests {
         assert_eq!(past.state, ReportedState::TimedOut);
         let unlimited = recorded_ending(recorded(100_000, 1), None, 64);
         assert_eq!(unlimited.exit_code, Some(1));
+        assert!(!unlimited.node_fault);
+        for code in [143, 137, 255] {
+            let stopped = recorded_ending(recorded(2, code), Some(10), 64);
+            assert_eq!(
+                (stopped.state, stopped.exit_code, stopped.node_fault),
+                (ReportedState::Failed, Some(code), true)
+            );
+        }
+        let oom = recorded_ending(
+            docker::RecordedExit {
+                exit: Exit {
+                    code: 137,
+                    oom_killed: true,
+                    amid_outage: false,
+                },
+                ran_for: Duration::from_secs(2),
+            },
+            None,
+            64,
+        );
+        assert!(!oom.node_fault, "{oom:?}");
     }
 }

@@ -187,6 +187,7 @@ async fn a_restarted_agent_adopts_its_containers_and_reports_their_end() {
     assert_eq!(output(short_reports), "done\n");
     let end = last_status(short_reports);
     assert_eq!((end.state, end.exit_code), (ReportedState::Failed, Some(4)));
+    assert!(!end.node_fault, "its own exit is the task's: {end:?}");
     // Stopped, they stay until the server has their ends.
     for id in &ids {
         let state = again.docker().inspect_container(id, None).await.unwrap();
@@ -260,6 +261,70 @@ async fn an_adopted_container_that_ended_within_its_limit_reports_its_exit_howev
     );
     assert_eq!(output(&reports), "hi\n");
     support::release(&again, &task).await;
+    support::remove_env_image(&again, &env).await;
+}
+
+#[tokio::test]
+async fn a_container_docker_stopped_while_no_agent_ran_is_the_nodes_failure() {
+    // An agent in a container goes down with Docker: when Docker restarts
+    // without `live-restore`, the agent and the task are stopped together,
+    // and the next agent finds the task's container stopped.
+    support::base_image().await;
+    let (ctx, work) = context().await;
+    let (code, env) = (repo(&[("a", "a")]), env_repo(""));
+    // A shell that handles SIGTERM ends 143; one that does not (PID 1
+    // ignores it) is killed when the stop's timeout runs out: 137.
+    let answers = spec(
+        &code,
+        &env,
+        "trap 'exit 143' TERM; echo up; while true; do sleep 0.2; done",
+    );
+    let ignores = spec(&code, &env, "echo up; sleep 300");
+    let mut ids = Vec::new();
+    for s in [answers.clone(), ignores.clone()] {
+        let (_canceller, signal) = executor::cancel_pair();
+        let (tx, mut rx) = mpsc::channel(64);
+        let handle = tokio::spawn(executor::run(s, Arc::clone(&ctx), tx, signal));
+        ids.push(until_running(&mut rx).await);
+        handle.abort();
+    }
+    let docker = support::docker().await;
+    for id in &ids {
+        docker
+            .stop_container(
+                id,
+                Some(
+                    bollard::query_parameters::StopContainerOptionsBuilder::default()
+                        .t(1)
+                        .build(),
+                ),
+            )
+            .await
+            .unwrap();
+    }
+    let (again, _supervisor, mut rx) = restarted(work.path()).await;
+    let mut ends = HashMap::new();
+    while ends.len() < 2 {
+        let reports = until_final(&mut rx, Duration::from_secs(60)).await;
+        let end = last_status(&reports).clone();
+        ends.insert(end.task_id, end);
+    }
+    for (task, code) in [(&answers, 143), (&ignores, 137)] {
+        let end = &ends[&task.task_id];
+        assert_eq!(
+            (end.state, end.exit_code, end.node_fault),
+            (ReportedState::Failed, Some(code), true),
+            "{end:?}"
+        );
+        assert_eq!(
+            end.message.clone().unwrap(),
+            format!(
+                "ended with exit status {code} while no agent watched it, as containers do when \
+                 Docker or the machine restarts"
+            )
+        );
+        support::release(&again, task).await;
+    }
     support::remove_env_image(&again, &env).await;
 }
 
