@@ -101,7 +101,7 @@ async fn caught_up(app: &App, task: &str) -> Value {
 
 #[tokio::test]
 async fn a_task_requeued_after_a_lost_attempt_says_why_until_it_succeeds() {
-    use domain::task::{Outcome, Task, TaskCommand};
+    use domain::task::{Outcome, TaskCommand};
     use domain::Actor;
     let app = App::start(Config::default()).await;
     let project = app.project_as(&app.admin, "vision").await;
@@ -111,69 +111,26 @@ async fn a_task_requeued_after_a_lost_attempt_says_why_until_it_succeeds() {
         .await
         .expect("a node");
     let node = node.id.expect("its id");
-    let on_node = Actor::Node(node.to_string());
-    let scheduler = Actor::System("scheduler".into());
-    let run = |attempt| {
-        [
-            (
-                TaskCommand::Assign {
-                    node_id: node,
-                    gpus: vec![],
-                    reason: "test".into(),
-                    at: Utc::now(),
-                },
-                &scheduler,
-            ),
-            (
-                TaskCommand::Accept {
-                    node_id: node,
-                    attempt,
-                    at: Utc::now(),
-                },
-                &on_node,
-            ),
-        ]
+    let lose = TaskCommand::MarkLost {
+        node_id: node,
+        attempt: 1,
+        reason: "the node could not run attempt 1: Docker did not answer".into(),
+        at: Utc::now(),
     };
-    let lose = (
-        TaskCommand::MarkLost {
-            node_id: node,
-            attempt: 1,
-            reason: "the node could not run attempt 1: Docker did not answer".into(),
-            at: Utc::now(),
-        },
-        &on_node,
-    );
-    let succeed = (
-        TaskCommand::ReportExited {
-            node_id: node,
-            attempt: 2,
-            outcome: Outcome::Succeeded,
-            at: Utc::now(),
-        },
-        &on_node,
-    );
-    let execute = |(command, actor): (TaskCommand, &Actor)| {
-        let (store, task) = (app.store.clone(), task.clone());
-        let actor = actor.clone();
-        async move {
-            store
-                .execute::<Task>(&task, command, &actor, Utc::now())
-                .await
-                .expect("the command is accepted");
-        }
-    };
-    for step in run(1).into_iter().chain([lose]) {
-        execute(step).await;
-    }
+    testkit::scenes::attempt_ended(&app.store, &task, node, 1, lose).await;
     let shown = caught_up(&app, &task).await;
     assert_eq!(shown["state"], "queued");
     assert_eq!(
         shown["reason"],
         "the node could not run attempt 1: Docker did not answer"
     );
-    for step in run(2).into_iter().chain([succeed]) {
-        execute(step).await;
-    }
+    let succeed = TaskCommand::ReportExited {
+        node_id: node,
+        attempt: 2,
+        outcome: Outcome::Succeeded,
+        at: Utc::now(),
+    };
+    testkit::scenes::attempt_ended(&app.store, &task, node, 2, succeed).await;
     let shown = caught_up(&app, &task).await;
     assert_eq!(shown["state"], "succeeded");
     assert!(shown["reason"].is_null(), "{shown}");

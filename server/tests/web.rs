@@ -348,7 +348,7 @@ async fn a_user_follows_a_task_live_and_sees_what_an_event_changed_and_outsiders
 
 #[tokio::test]
 async fn a_task_page_says_why_each_attempt_ended() {
-    use domain::task::{Outcome, Task, TaskCommand};
+    use domain::task::{Outcome, TaskCommand};
     let server = Server::start().await;
     let project = server
         .post(&server.admin, "/projects", json!({"name": "vision"}))
@@ -379,67 +379,23 @@ async fn a_task_page_says_why_each_attempt_ended() {
     let lost = "the node could not run attempt 1: ended with exit status 143 while Docker was \
                 not answering (a Docker restart stops its containers)";
     let failed = "building the image failed:\nStep 1/3 : FROM scratch\n<b>COPY failed</b>";
-    let (scheduler, on_node) = (
-        Actor::System("scheduler".into()),
-        Actor::Node(node.to_string()),
-    );
-    let placed = |attempt| {
-        [
-            (
-                TaskCommand::Assign {
-                    node_id: node,
-                    gpus: vec![],
-                    reason: "test".into(),
-                    at: Utc::now(),
-                },
-                &scheduler,
-            ),
-            (
-                TaskCommand::Accept {
-                    node_id: node,
-                    attempt,
-                    at: Utc::now(),
-                },
-                &on_node,
-            ),
-        ]
+    let lose = TaskCommand::MarkLost {
+        node_id: node,
+        attempt: 1,
+        reason: lost.into(),
+        at: Utc::now(),
     };
-    let ends = [
-        (
-            TaskCommand::MarkLost {
-                node_id: node,
-                attempt: 1,
-                reason: lost.into(),
-                at: Utc::now(),
-            },
-            &on_node,
-        ),
-        (
-            TaskCommand::ReportExited {
-                node_id: node,
-                attempt: 2,
-                outcome: Outcome::Failed {
-                    exit_code: None,
-                    reason: failed.into(),
-                },
-                at: Utc::now(),
-            },
-            &on_node,
-        ),
-    ];
-    let [lose, fail] = ends;
-    for (command, actor) in placed(1)
-        .into_iter()
-        .chain([lose])
-        .chain(placed(2))
-        .chain([fail])
-    {
-        server
-            .store
-            .execute::<Task>(&task, command, actor, Utc::now())
-            .await
-            .unwrap();
-    }
+    testkit::scenes::attempt_ended(&server.store, &task, node, 1, lose).await;
+    let fail = TaskCommand::ReportExited {
+        node_id: node,
+        attempt: 2,
+        outcome: Outcome::Failed {
+            exit_code: None,
+            reason: failed.into(),
+        },
+        at: Utc::now(),
+    };
+    testkit::scenes::attempt_ended(&server.store, &task, node, 2, fail).await;
 
     let b = Browser::start().await.unwrap();
     b.client.goto(&server.base).await.unwrap();

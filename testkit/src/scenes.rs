@@ -66,3 +66,50 @@ pub async fn host_command_then_drain(store: &Store, node: &str, command: &str) {
         }
     }
 }
+
+/// On task `task`: the scheduler assigns its next attempt (number
+/// `attempt`) to `node` and the node accepts it, then `end` (issued by
+/// the node: an exit report or a loss) ends the attempt. Three events or
+/// more, as the commands make them.
+///
+/// # Panics
+/// When the log refuses one of the commands.
+pub async fn attempt_ended(
+    store: &Store,
+    task: &str,
+    node: Uuid,
+    attempt: u32,
+    end: domain::task::TaskCommand,
+) {
+    use domain::task::{Task, TaskCommand};
+    let (scheduler, on_node) = (
+        Actor::System("scheduler".into()),
+        Actor::Node(node.to_string()),
+    );
+    let steps = [
+        (
+            TaskCommand::Assign {
+                node_id: node,
+                gpus: vec![],
+                reason: "test".into(),
+                at: Utc::now(),
+            },
+            &scheduler,
+        ),
+        (
+            TaskCommand::Accept {
+                node_id: node,
+                attempt,
+                at: Utc::now(),
+            },
+            &on_node,
+        ),
+        (end, &on_node),
+    ];
+    for (command, actor) in steps {
+        store
+            .execute::<Task>(task, command, actor, Utc::now())
+            .await
+            .expect("the command is accepted");
+    }
+}
