@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use api::Config;
 use chrono::Utc;
-use domain::task::{Outcome, Task, TaskCommand};
+use domain::task::{Outcome, TaskCommand};
 use domain::Actor;
 use serde_json::{json, Value};
 use sqlx::{Connection, PgConnection};
@@ -223,50 +223,21 @@ async fn the_logs_api_says_when_retention_removed_the_output() {
         .await
         .unwrap();
     let node = node.id.unwrap();
-    let scheduler = Actor::System("scheduler".into());
-    let on_node = Actor::Node(node.to_string());
-    for (command, actor) in [
-        (
-            TaskCommand::Assign {
-                node_id: node,
-                gpus: vec![],
-                reason: "test".into(),
-                at: Utc::now(),
-            },
-            &scheduler,
-        ),
-        (
-            TaskCommand::Accept {
-                node_id: node,
-                attempt: 1,
-                at: Utc::now(),
-            },
-            &on_node,
-        ),
-        (
-            TaskCommand::ReportStarted {
-                node_id: node,
-                attempt: 1,
-                container: "c0ffee".into(),
-                at: Utc::now(),
-            },
-            &on_node,
-        ),
-        (
-            TaskCommand::ReportExited {
-                node_id: node,
-                attempt: 1,
-                outcome: Outcome::Succeeded,
-                at: Utc::now(),
-            },
-            &on_node,
-        ),
-    ] {
-        app.store
-            .execute::<Task>(&task.to_string(), command, actor, Utc::now())
-            .await
-            .unwrap();
-    }
+    let ran = [
+        TaskCommand::ReportStarted {
+            node_id: node,
+            attempt: 1,
+            container: "c0ffee".into(),
+            at: Utc::now(),
+        },
+        TaskCommand::ReportExited {
+            node_id: node,
+            attempt: 1,
+            outcome: Outcome::Succeeded,
+            at: Utc::now(),
+        },
+    ];
+    testkit::scenes::attempt_on(&app.store, &task.to_string(), node, 1, ran).await;
     sqlx::query(
         "INSERT INTO task_log (task_id, attempt, \"offset\", data) VALUES ($1, 1, 0, 'epoch 1\n')",
     )

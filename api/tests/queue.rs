@@ -117,7 +117,7 @@ async fn a_task_requeued_after_a_lost_attempt_says_why_until_it_succeeds() {
         reason: "the node could not run attempt 1: Docker did not answer".into(),
         at: Utc::now(),
     };
-    testkit::scenes::attempt_ended(&app.store, &task, node, 1, lose).await;
+    testkit::scenes::attempt_on(&app.store, &task, node, 1, [lose]).await;
     let shown = caught_up(&app, &task).await;
     assert_eq!(shown["state"], "queued");
     assert_eq!(
@@ -130,7 +130,7 @@ async fn a_task_requeued_after_a_lost_attempt_says_why_until_it_succeeds() {
         outcome: Outcome::Succeeded,
         at: Utc::now(),
     };
-    testkit::scenes::attempt_ended(&app.store, &task, node, 2, succeed).await;
+    testkit::scenes::attempt_on(&app.store, &task, node, 2, [succeed]).await;
     let shown = caught_up(&app, &task).await;
     assert_eq!(shown["state"], "succeeded");
     assert!(shown["reason"].is_null(), "{shown}");

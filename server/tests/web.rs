@@ -385,7 +385,7 @@ async fn a_task_page_says_why_each_attempt_ended() {
         reason: lost.into(),
         at: Utc::now(),
     };
-    testkit::scenes::attempt_ended(&server.store, &task, node, 1, lose).await;
+    testkit::scenes::attempt_on(&server.store, &task, node, 1, [lose]).await;
     let fail = TaskCommand::ReportExited {
         node_id: node,
         attempt: 2,
@@ -395,7 +395,7 @@ async fn a_task_page_says_why_each_attempt_ended() {
         },
         at: Utc::now(),
     };
-    testkit::scenes::attempt_ended(&server.store, &task, node, 2, fail).await;
+    testkit::scenes::attempt_on(&server.store, &task, node, 2, [fail]).await;
 
     let b = Browser::start().await.unwrap();
     b.client.goto(&server.base).await.unwrap();

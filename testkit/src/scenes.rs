@@ -68,25 +68,24 @@ pub async fn host_command_then_drain(store: &Store, node: &str, command: &str) {
 }
 
 /// On task `task`: the scheduler assigns its next attempt (number
-/// `attempt`) to `node` and the node accepts it, then `end` (issued by
-/// the node: an exit report or a loss) ends the attempt. Three events or
-/// more, as the commands make them.
+/// `attempt`) to `node` and the node accepts it, then issues `then` (its
+/// reports, a loss) in order.
 ///
 /// # Panics
 /// When the log refuses one of the commands.
-pub async fn attempt_ended(
+pub async fn attempt_on(
     store: &Store,
     task: &str,
     node: Uuid,
     attempt: u32,
-    end: domain::task::TaskCommand,
+    then: impl IntoIterator<Item = domain::task::TaskCommand>,
 ) {
     use domain::task::{Task, TaskCommand};
     let (scheduler, on_node) = (
         Actor::System("scheduler".into()),
         Actor::Node(node.to_string()),
     );
-    let steps = [
+    let placed = [
         (
             TaskCommand::Assign {
                 node_id: node,
@@ -104,8 +103,10 @@ pub async fn attempt_ended(
             },
             &on_node,
         ),
-        (end, &on_node),
     ];
+    let steps = placed
+        .into_iter()
+        .chain(then.into_iter().map(|command| (command, &on_node)));
     for (command, actor) in steps {
         store
             .execute::<Task>(task, command, actor, Utc::now())
