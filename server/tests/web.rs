@@ -89,6 +89,31 @@ impl Server {
         support::user(&admin, name).await
     }
 
+    /// The admin's task running `command` (retried once) in a new project
+    /// `vision`; its id.
+    async fn task_in_a_new_project(&self, command: Value) -> String {
+        let project = self
+            .post(&self.admin, "/projects", json!({"name": "vision"}))
+            .await["id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let task = json!({
+            "project_id": project,
+            "code_repo_url": "https://git.example.com/lab/code.git",
+            "code_commit_id": SHA,
+            "env_repo_url": "https://git.example.com/lab/env.git",
+            "env_commit_id": SHA,
+            "dockerfile_path": "Dockerfile",
+            "command": command,
+            "max_retries": 1,
+        });
+        self.post(&self.admin, "/tasks", task).await["id"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+
     /// A node whose agent connected, as the ingress records it.
     async fn node(&self, name: &str) -> String {
         let id = self
@@ -158,31 +183,10 @@ async fn detail(b: &Browser) -> String {
 async fn a_user_follows_a_task_live_and_sees_what_an_event_changed_and_outsiders_see_nothing() {
     let server = Server::start().await;
     let bob = server.user("bob").await;
-    let project = server
-        .post(&server.admin, "/projects", json!({"name": "vision"}))
-        .await["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
     let node = server.node("gpu-3").await;
     let task = server
-        .post(
-            &server.admin,
-            "/tasks",
-            json!({
-                "project_id": project,
-                "code_repo_url": "https://git.example.com/lab/code.git",
-                "code_commit_id": SHA,
-                "env_repo_url": "https://git.example.com/lab/env.git",
-                "env_commit_id": SHA,
-                "dockerfile_path": "Dockerfile",
-                "command": ["python", "train.py", "--epochs", "10"],
-            }),
-        )
-        .await["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+        .task_in_a_new_project(json!(["python", "train.py", "--epochs", "10"]))
+        .await;
 
     let b = Browser::start().await.unwrap();
     b.client.goto(&server.base).await.unwrap();
@@ -350,32 +354,10 @@ async fn a_user_follows_a_task_live_and_sees_what_an_event_changed_and_outsiders
 async fn a_task_page_says_why_each_attempt_ended() {
     use domain::task::{Outcome, TaskCommand};
     let server = Server::start().await;
-    let project = server
-        .post(&server.admin, "/projects", json!({"name": "vision"}))
-        .await["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
     let node: Uuid = server.node("gpu-3").await.parse().unwrap();
     let task = server
-        .post(
-            &server.admin,
-            "/tasks",
-            json!({
-                "project_id": project,
-                "code_repo_url": "https://git.example.com/lab/code.git",
-                "code_commit_id": SHA,
-                "env_repo_url": "https://git.example.com/lab/env.git",
-                "env_commit_id": SHA,
-                "dockerfile_path": "Dockerfile",
-                "command": ["python", "train.py"],
-                "max_retries": 1,
-            }),
-        )
-        .await["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+        .task_in_a_new_project(json!(["python", "train.py"]))
+        .await;
     let lost = "the node could not run attempt 1: ended with exit status 143 while Docker was \
                 not answering (a Docker restart stops its containers)";
     let failed = "building the image failed:\nStep 1/3 : FROM scratch\n<b>COPY failed</b>";
