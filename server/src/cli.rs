@@ -369,8 +369,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 node.id.unwrap_or_default()
             );
             println!("token (shown once): {token}");
+            // The token goes in a file: on a command line every user of
+            // the node could read it in the process list.
             println!(
-                "run on the node: unidesk-agent --server ws://<this server>:8080 --token <token>"
+                "run on the node, with the token in a file only its agent reads: \
+                 unidesk-agent --server <the server's ws:// or wss:// address> --token-file <file>"
             );
             Ok(())
         }
