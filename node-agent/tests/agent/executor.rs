@@ -853,11 +853,13 @@ async fn stopped_by_a_docker_restart(goes: DockerGoes) {
 
 #[tokio::test]
 async fn a_task_that_fails_after_docker_answers_again_fails_as_its_own() {
-    // An outage long over says nothing of a later end.
+    // An outage long over says nothing of a later end: the container ends
+    // seconds after the agent saw it running again, however loaded the
+    // machine.
     support::base_image().await;
     let (link, ctx, _work) = linked_context().await;
     let (code, env) = (repo(&[("a", "a")]), env_repo(""));
-    let task = spec(&code, &env, "sleep 4; echo giving up; exit 3");
+    let task = spec(&code, &env, "sleep 8; echo giving up; exit 3");
     let mut attempt = start(&ctx, task.clone());
     attempt
         .until(ReportedState::Running, Duration::from_secs(120))
